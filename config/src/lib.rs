@@ -1,0 +1,206 @@
+//! Outrider's policy: the YAML schema shared by the proxy and the control plane, its parsing
+//! and its validation. Pure data: no I/O runtime, no HTTP.
+//!
+//! [`load`] turns policy text into a [`LoadedPolicy`] or a [`PolicyError`] whose every
+//! diagnostic names the path, file, line and column of the problem.
+
+mod duration;
+mod error;
+mod position;
+mod schema;
+mod validate;
+
+pub use duration::{Duration, DurationError};
+pub use error::{Diagnostic, PolicyError};
+pub use position::Position;
+pub use schema::{
+    Inbound, LoadBalancing, Policy, Protocol, Route, RouteMatch, Service, Timeouts, WeightedService,
+};
+
+use sha2::{Digest, Sha256};
+
+/// A policy that parsed and validated, with the hash of the text it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedPolicy {
+    /// The policy itself.
+    pub policy: Policy,
+    /// Hex SHA-256 of the source text: identifies a policy across proxies and reloads.
+    pub content_hash: String,
+}
+
+/// Parses and validates policy `text`; `file` names it in error messages.
+pub fn load(file: &str, text: &str) -> Result<LoadedPolicy, PolicyError> {
+    let policy: Policy = if text.trim().is_empty() {
+        // An empty file is an empty policy, not a syntax error.
+        Policy::default()
+    } else {
+        serde_yaml::from_str(text).map_err(|e| PolicyError {
+            file: file.to_string(),
+            diagnostics: vec![syntax_diagnostic(&e)],
+        })?
+    };
+    let findings = validate::validate(&policy);
+    if !findings.is_empty() {
+        let index = position::PositionIndex::build(text);
+        let mut diagnostics: Vec<Diagnostic> = findings
+            .into_iter()
+            .map(|(path, message)| Diagnostic {
+                position: index.find(&path),
+                path,
+                message,
+            })
+            .collect();
+        diagnostics.sort_by_key(|d| d.position.map(|p| (p.line, p.column)));
+        return Err(PolicyError {
+            file: file.to_string(),
+            diagnostics,
+        });
+    }
+    Ok(LoadedPolicy {
+        policy,
+        content_hash: content_hash(text),
+    })
+}
+
+/// Hex SHA-256 of `text`.
+pub fn content_hash(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    let mut hex = String::with_capacity(64);
+    for byte in digest {
+        use std::fmt::Write;
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
+}
+
+/// serde_yaml appends " at line L column C" to its messages; the position is reported in our
+/// own `file:line:column` form instead, so the suffix is cut.
+fn syntax_diagnostic(e: &serde_yaml::Error) -> Diagnostic {
+    let mut message = e.to_string();
+    if let Some(cut) = message.rfind(" at line ") {
+        message.truncate(cut);
+    }
+    Diagnostic {
+        path: String::new(),
+        message,
+        position: e.location().map(|l| Position {
+            line: l.line(),
+            column: l.column(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_text(text: &str) -> String {
+        match load("policy.yaml", text) {
+            Ok(p) => panic!("expected an error, got {p:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn loads_the_example_shape() {
+        let text = r#"
+services:
+  payments:
+    endpoints: [127.0.0.1:9101, 127.0.0.1:9102]
+    listen: 127.0.0.1:9001
+    protocol: http1
+    load_balancing: round_robin
+    timeouts: { connect: 1s }
+  reviews-v1: { endpoints: [127.0.0.1:9201] }
+  reviews-v2: { dns: "reviews.default.svc.cluster.local:8080", protocol: http2 }
+routes:
+  - match: { authority: payments, path_prefix: /v1/ }
+    service: payments
+  - match: { authority: reviews }
+    split: [ { service: reviews-v1, weight: 90 }, { service: reviews-v2, weight: 10 } ]
+inbound:
+  app: 127.0.0.1:8080
+"#;
+        let loaded = load("policy.yaml", text).expect("valid");
+        assert_eq!(loaded.policy.services.len(), 3);
+        assert_eq!(loaded.policy.routes.len(), 2);
+        assert_eq!(loaded.content_hash.len(), 64);
+        assert_eq!(
+            loaded.policy.services["reviews-v2"].protocol,
+            Protocol::Http2
+        );
+    }
+
+    #[test]
+    fn semantic_error_names_path_line_and_column() {
+        let text = "services:
+  reviews-v1: { endpoints: [127.0.0.1:9201] }
+  payments: { endpoints: [127.0.0.1:9101] }
+routes:
+  - match: { authority: payments }
+    service: payments
+  - match: { authority: reviews }
+    split:
+      - service: reviews-v1
+        weight: 0
+";
+        assert_eq!(
+            error_text(text),
+            "routes[1].split[0].weight: must be > 0 at policy.yaml:10:17"
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_with_position() {
+        let text = "services:\n  payments:\n    endpoint: [127.0.0.1:1]\n";
+        let msg = error_text(text);
+        assert!(msg.contains("unknown field `endpoint`"), "{msg}");
+        assert!(msg.ends_with("at policy.yaml:3:5"), "{msg}");
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let msg = error_text("services:\n  a: [unclosed\n");
+        assert!(msg.contains("at policy.yaml:"), "{msg}");
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let text = "services:
+  a: {}
+  b: { endpoints: [127.0.0.1:1], dns: 'x:1' }
+routes:
+  - match: { path_prefix: v1 }
+    service: nope
+";
+        let e = load("p.yaml", text).expect_err("invalid");
+        let paths: Vec<&str> = e.diagnostics.iter().map(|d| d.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "services.a",
+                "services.b.dns",
+                "routes[0].match.path_prefix",
+                "routes[0].service"
+            ]
+        );
+    }
+
+    #[test]
+    fn bare_number_duration_is_rejected() {
+        let msg = error_text("services:\n  a:\n    endpoints: []\n    timeouts: { connect: 5 }\n");
+        assert!(msg.contains("needs a unit"), "{msg}");
+    }
+
+    #[test]
+    fn duplicate_listen_names_both_services() {
+        let text = "services:
+  a: { endpoints: [127.0.0.1:1], listen: 127.0.0.1:9001 }
+  b: { endpoints: [127.0.0.1:2], listen: 127.0.0.1:9001 }
+";
+        assert_eq!(
+            error_text(text),
+            "services.b.listen: 127.0.0.1:9001 is already the listen address of service `a` at policy.yaml:3:42"
+        );
+    }
+}
