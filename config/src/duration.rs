@@ -101,13 +101,13 @@ impl fmt::Display for Duration {
         if nanos == 0 {
             return f.write_str("0s");
         }
-        if nanos % 3_600_000_000_000 == 0 {
+        if nanos.is_multiple_of(3_600_000_000_000) {
             write!(f, "{}h", nanos / 3_600_000_000_000)
-        } else if nanos % 60_000_000_000 == 0 {
+        } else if nanos.is_multiple_of(60_000_000_000) {
             write!(f, "{}m", nanos / 60_000_000_000)
-        } else if nanos % 1_000_000_000 == 0 {
+        } else if nanos.is_multiple_of(1_000_000_000) {
             write!(f, "{}s", nanos / 1_000_000_000)
-        } else if nanos % 1_000_000 == 0 {
+        } else if nanos.is_multiple_of(1_000_000) {
             write!(f, "{}ms", nanos / 1_000_000)
         } else {
             write!(f, "{}us", nanos / 1_000)

@@ -97,10 +97,9 @@ fn check_dns_target(target: &str) -> Result<(), String> {
     let (host, port) = target
         .rsplit_once(':')
         .ok_or_else(|| format!("`{target}` must be host:port"))?;
-    if host.is_empty() || !is_valid_name(host.trim_start_matches('[').trim_end_matches(']')) {
-        if host.parse::<std::net::IpAddr>().is_err() {
-            return Err(format!("`{host}` is not a valid host name"));
-        }
+    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+    if !is_valid_name(bare_host) && bare_host.parse::<std::net::IpAddr>().is_err() {
+        return Err(format!("`{host}` is not a valid host name"));
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),
