@@ -1,0 +1,81 @@
+//! The admin port: `/live`, `/ready`, `/metrics` and `/config`.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::body::ProxyBody;
+use crate::forward::text_plain;
+use crate::Shared;
+
+/// Serves the admin endpoints until `stop` turns true.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let shared = Arc::clone(&shared);
+                let service = service_fn(move |req| {
+                    let shared = Arc::clone(&shared);
+                    async move { Ok::<_, Infallible>(respond(&shared, &req)) }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            () = crate::stopped(&mut stop) => return,
+        }
+    }
+}
+
+fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<ProxyBody> {
+    let get = req.method() == Method::GET || req.method() == Method::HEAD;
+    match (get, req.uri().path()) {
+        (true, "/live") => text(StatusCode::OK, "live\n"),
+        (true, "/ready") => {
+            if shared.draining.load(Ordering::Acquire) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if shared.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        (true, "/metrics") => with_type(
+            StatusCode::OK,
+            Bytes::from(shared.metrics.encode()),
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        ),
+        (true, "/config") => with_type(
+            StatusCode::OK,
+            shared.snapshot.load().config_json.clone(),
+            HeaderValue::from_static("application/json"),
+        ),
+        (false, "/live" | "/ready" | "/metrics" | "/config") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    with_type(status, Bytes::from_static(body.as_bytes()), text_plain())
+}
+
+fn with_type(status: StatusCode, body: Bytes, content_type: HeaderValue) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, content_type);
+    response
+}

@@ -1,0 +1,151 @@
+//! Connecting to one upstream endpoint: TCP with a timeout, `TCP_NODELAY`, and connection
+//! counting. Each endpoint has its own connector (and pool), so the URI the request carries
+//! keeps the caller's authority while the socket goes to the endpoint the balancer chose.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::metrics::{ConnectionGuard, ConnectionMetrics};
+
+/// Why a connection to an endpoint failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Nothing listens there.
+    #[error("connect refused to {0}")]
+    Refused(SocketAddr),
+    /// No answer within the connect timeout.
+    #[error("connect timeout to {addr} after {after:?}")]
+    Timeout {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The timeout that expired.
+        after: Duration,
+    },
+    /// Any other OS error.
+    #[error("connect error to {addr}: {source}")]
+    Io {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Opens connections to one endpoint.
+#[derive(Clone)]
+pub struct EndpointConnector {
+    addr: SocketAddr,
+    timeout: Duration,
+    metrics: ConnectionMetrics,
+}
+
+impl EndpointConnector {
+    /// A connector to `addr` that gives up after `timeout`.
+    pub fn new(addr: SocketAddr, timeout: Duration, metrics: ConnectionMetrics) -> Self {
+        Self {
+            addr,
+            timeout,
+            metrics,
+        }
+    }
+}
+
+impl tower_service::Service<http::Uri> for EndpointConnector {
+    type Response = TokioIo<CountedStream>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: http::Uri) -> Self::Future {
+        let Self {
+            addr,
+            timeout,
+            metrics,
+        } = self.clone();
+        Box::pin(async move {
+            let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                Err(_) => {
+                    return Err(ConnectError::Timeout {
+                        addr,
+                        after: timeout,
+                    })
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    return Err(ConnectError::Refused(addr))
+                }
+                Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
+                Ok(Ok(stream)) => stream,
+            };
+            // Small request/response writes must not wait for Nagle.
+            let _ = stream.set_nodelay(true);
+            Ok(TokioIo::new(CountedStream {
+                stream,
+                _guard: metrics.opened(),
+            }))
+        })
+    }
+}
+
+/// A TCP stream that is counted in the connection metrics while it lives.
+pub struct CountedStream {
+    stream: TcpStream,
+    _guard: ConnectionGuard,
+}
+
+impl Connection for CountedStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for CountedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CountedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}

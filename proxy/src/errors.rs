@@ -1,0 +1,124 @@
+//! The proxy's own failures and the one place ("rescue") that turns them into responses: the
+//! status, the `x-outrider-error` reason header, and for gRPC callers the matching
+//! `grpc-status`, so a client always learns why the proxy answered instead of the upstream.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
+
+use crate::body::ProxyBody;
+
+/// The reason header on every response the proxy itself produces.
+pub const ERROR_HEADER: &str = "x-outrider-error";
+
+/// Why the proxy could not deliver a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request is malformed; it is never forwarded.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// The listener has nothing to send to in the policy in force (no `inbound.app`, or a
+    /// dedicated port whose service was removed).
+    #[error("{0}")]
+    NotConfigured(String),
+    /// No outbound route matches the request's authority and path.
+    #[error("no route for authority {0:?}")]
+    NoRoute(String),
+    /// The service has no endpoints (an empty list, or DNS returned nothing yet).
+    #[error("no endpoints for {0}")]
+    NoEndpoints(std::sync::Arc<str>),
+    /// The endpoint refused the TCP connection.
+    #[error("connect refused to {0}")]
+    ConnectRefused(SocketAddr),
+    /// The TCP connection did not complete in time.
+    #[error("connect timeout to {addr} after {after:?}")]
+    ConnectTimeout {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The configured connect timeout.
+        after: Duration,
+    },
+    /// Another connection failure (unreachable network, reset during handshake...).
+    #[error("connect error to {addr}: {reason}")]
+    Connect {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The OS error.
+        reason: std::io::Error,
+    },
+    /// The upstream closed or reset the connection before a complete response.
+    #[error("upstream {0} reset the connection")]
+    UpstreamReset(SocketAddr),
+    /// Any other failure talking to the upstream.
+    #[error("upstream {addr} failed: {reason}")]
+    Upstream {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// What hyper reported.
+        reason: String,
+    },
+}
+
+impl ProxyError {
+    /// The HTTP status this failure is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::NoEndpoints(_) | Self::NotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::ConnectRefused(_)
+            | Self::Connect { .. }
+            | Self::UpstreamReset(_)
+            | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// The gRPC status code a gRPC caller gets for an HTTP status the proxy produced.
+fn grpc_status_for(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "13",      // INTERNAL
+        StatusCode::NOT_FOUND => "12",        // UNIMPLEMENTED
+        StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
+        StatusCode::GATEWAY_TIMEOUT => "4",   // DEADLINE_EXCEEDED
+        _ => "14",                            // UNAVAILABLE (502, 503)
+    }
+}
+
+/// Turns a failure into the response the caller sees.
+pub fn rescue(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
+    let status = error.status();
+    let reason = error.to_string();
+    // Reasons are built from addresses and fixed text; the fallback only guards against an OS
+    // error message with bytes a header cannot carry.
+    let reason_value =
+        HeaderValue::from_str(&reason).unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
+    let mut response = if grpc {
+        // A trailers-only gRPC response: the status travels in the headers.
+        let mut r = Response::new(ProxyBody::empty());
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        r.headers_mut().insert(
+            "grpc-status",
+            HeaderValue::from_static(grpc_status_for(status)),
+        );
+        r.headers_mut().insert("grpc-message", reason_value.clone());
+        r
+    } else {
+        let mut body = reason.into_bytes();
+        body.push(b'\n');
+        let mut r = Response::new(ProxyBody::full(Bytes::from(body)));
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    *response.status_mut() = status;
+    response.headers_mut().insert(ERROR_HEADER, reason_value);
+    response
+}

@@ -1,0 +1,231 @@
+//! Outrider's data plane: a sidecar proxy that routes an app's outbound HTTP calls to named
+//! upstream services and fronts the app's inbound traffic, by a YAML policy.
+//!
+//! [`run`] binds every listener and serves until [`Running::shutdown`]; `main.rs` is a thin
+//! wrapper that parses flags, loads the policy and waits for SIGTERM. Tests start the proxy
+//! either as the binary or in-process through [`run`].
+
+pub mod admin;
+pub mod body;
+pub mod connect;
+pub mod demo;
+pub mod errors;
+pub mod forward;
+pub mod headers;
+pub mod metrics;
+pub mod server;
+pub mod snapshot;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use outrider_config::LoadedPolicy;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::forward::ListenerKind;
+use crate::metrics::{Metrics, MetricsError};
+use crate::snapshot::Snapshot;
+
+/// Settings that are not policy: where to listen and how to stop. From flags or env vars.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    /// The shared outbound port.
+    pub outbound: SocketAddr,
+    /// The inbound port.
+    pub inbound: SocketAddr,
+    /// The admin port.
+    pub admin: SocketAddr,
+    /// The longest a shutdown waits for in-flight requests.
+    pub drain_timeout: Duration,
+    /// This workload's name (metrics label; control-plane subscription later).
+    pub workload: String,
+    /// Where the policy came from, for `/config`.
+    pub policy_source: String,
+}
+
+/// State shared by every listener: the policy in force and the proxy's lifecycle flags.
+pub struct Shared {
+    /// The compiled policy; replaced whole on reload.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Every exported metric.
+    pub metrics: Metrics,
+    /// Every listener is bound and a policy is loaded.
+    pub ready: AtomicBool,
+    /// A shutdown has begun.
+    pub draining: AtomicBool,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Metrics could not be registered.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+}
+
+/// A started proxy: its bound addresses and a handle to stop it.
+pub struct Running {
+    /// The shared outbound port as bound (useful with port 0).
+    pub outbound: SocketAddr,
+    /// The inbound port as bound.
+    pub inbound: SocketAddr,
+    /// The admin port as bound.
+    pub admin: SocketAddr,
+    /// Dedicated service ports as bound, by service name.
+    pub dedicated: Vec<(String, SocketAddr)>,
+    /// The shared state (policy, metrics, flags).
+    pub shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<DrainOutcome>,
+}
+
+/// How a shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every connection finished.
+    Drained,
+    /// The drain timeout ended first; remaining connections were cut.
+    TimedOut,
+}
+
+impl Running {
+    /// Begins a graceful shutdown: `/ready` turns 503, listeners stop accepting, in-flight
+    /// requests finish.
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until the shutdown has finished.
+    pub async fn wait(self) -> DrainOutcome {
+        self.done.await.unwrap_or(DrainOutcome::TimedOut)
+    }
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send; drop it here, not across a select.
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: what.to_string(),
+            addr,
+            source,
+        })
+}
+
+/// Binds every listener for `policy` and starts serving. Must be called inside a Tokio runtime.
+pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, StartError> {
+    let metrics = Metrics::new(&bootstrap.workload)?;
+    let snapshot = Snapshot::build(policy, 1, &bootstrap.policy_source, &metrics);
+    metrics.policy_version.set(1);
+    let dedicated_config = snapshot.dedicated_listeners();
+    let shared = Arc::new(Shared {
+        snapshot: ArcSwap::from_pointee(snapshot),
+        metrics,
+        ready: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+    });
+
+    let admin = bind("admin", bootstrap.admin).await?;
+    let outbound = bind("outbound", bootstrap.outbound).await?;
+    let inbound = bind("inbound", bootstrap.inbound).await?;
+    let mut dedicated = Vec::with_capacity(dedicated_config.len());
+    for (service, listen) in dedicated_config {
+        let listener = bind(&format!("service {service}"), listen).await?;
+        dedicated.push((service, listen, listener));
+    }
+
+    let (stop, stop_rx) = watch::channel(false);
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
+    let addr_of = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+    let mut running_dedicated = Vec::with_capacity(dedicated.len());
+    let mut data = JoinSet::new();
+    let outbound_addr = addr_of(&outbound, bootstrap.outbound);
+    let inbound_addr = addr_of(&inbound, bootstrap.inbound);
+    let admin_addr = addr_of(&admin, bootstrap.admin);
+    data.spawn(server::serve(
+        outbound,
+        ListenerKind::Outbound,
+        Arc::clone(&shared),
+        stop_rx.clone(),
+    ));
+    data.spawn(server::serve(
+        inbound,
+        ListenerKind::Inbound,
+        Arc::clone(&shared),
+        stop_rx.clone(),
+    ));
+    for (service, listen, listener) in dedicated {
+        let bound = addr_of(&listener, listen);
+        tracing::info!(%service, listen = %bound, "service listener bound");
+        running_dedicated.push((service, bound));
+        data.spawn(server::serve(
+            listener,
+            ListenerKind::Dedicated(listen),
+            Arc::clone(&shared),
+            stop_rx.clone(),
+        ));
+    }
+    let admin_task = tokio::spawn(admin::serve(admin, Arc::clone(&shared), admin_stop_rx));
+    shared.ready.store(true, Ordering::Release);
+    tracing::info!(
+        outbound = %outbound_addr,
+        inbound = %inbound_addr,
+        admin = %admin_addr,
+        workload = %bootstrap.workload,
+        "listening"
+    );
+
+    let supervisor_shared = Arc::clone(&shared);
+    let mut stop_signal = stop_rx;
+    let drain_timeout = bootstrap.drain_timeout;
+    let done = tokio::spawn(async move {
+        stopped(&mut stop_signal).await;
+        supervisor_shared.draining.store(true, Ordering::Release);
+        tracing::info!(drain_timeout = ?drain_timeout, "draining");
+        let drained = tokio::time::timeout(drain_timeout, async {
+            while data.join_next().await.is_some() {}
+        })
+        .await;
+        let outcome = if drained.is_ok() {
+            DrainOutcome::Drained
+        } else {
+            data.abort_all();
+            DrainOutcome::TimedOut
+        };
+        tracing::info!(?outcome, "shutdown complete");
+        let _ = admin_stop.send(true);
+        let _ = admin_task.await;
+        outcome
+    });
+
+    Ok(Running {
+        outbound: outbound_addr,
+        inbound: inbound_addr,
+        admin: admin_addr,
+        dedicated: running_dedicated,
+        shared,
+        stop,
+        done,
+    })
+}

@@ -1,0 +1,215 @@
+//! The policy in force, compiled for the request path: routes with their targets resolved to
+//! upstreams and metric handles. Built once per policy version and swapped in whole through
+//! one `ArcSwap`, so a request sees one consistent policy from start to finish.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use outrider_config::{LoadedPolicy, Policy};
+
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::upstream::{Upstream, UpstreamSpec};
+
+/// Where a matched request goes: an upstream, and the metrics it is counted in.
+pub struct Target {
+    /// The service.
+    pub upstream: Arc<Upstream>,
+    /// Counters for this direction/service/route.
+    pub metrics: RouteMetrics,
+}
+
+enum Backends {
+    One(Arc<Target>),
+    /// Legs with the running total of weights at their end; a random number below `total`
+    /// picks the first leg whose end exceeds it.
+    Split {
+        legs: Vec<(u64, Arc<Target>)>,
+        total: u64,
+    },
+}
+
+impl Backends {
+    fn pick(&self) -> &Arc<Target> {
+        match self {
+            Self::One(t) => t,
+            Self::Split { legs, total } => {
+                let ticket = fastrand::u64(..*total);
+                let i = legs.partition_point(|(end, _)| *end <= ticket);
+                &legs[i.min(legs.len() - 1)].1
+            }
+        }
+    }
+}
+
+struct CompiledRoute {
+    authority: Option<Box<str>>,
+    path_prefix: Option<Box<str>>,
+    backends: Backends,
+}
+
+/// The compiled policy.
+pub struct Snapshot {
+    /// Monotonic version of this policy in this proxy.
+    pub version: u64,
+    /// Hash of the policy text.
+    pub content_hash: String,
+    /// The policy as written (validated).
+    pub policy: Policy,
+    /// `/config` body, rendered once.
+    pub config_json: Bytes,
+    /// Metrics of requests no route matched.
+    pub unrouted: RouteMetrics,
+    routes: Vec<CompiledRoute>,
+    dedicated: HashMap<SocketAddr, Arc<Target>>,
+    inbound: Option<Arc<Target>>,
+    upstreams: BTreeMap<String, Arc<Upstream>>,
+}
+
+/// Label of the direction of outbound requests.
+pub const OUTBOUND: &str = "outbound";
+/// Label of the direction of inbound requests.
+pub const INBOUND: &str = "inbound";
+
+impl Snapshot {
+    /// Compiles `loaded` as version `version`. Must run inside the Tokio runtime (DNS services
+    /// start their resolver task).
+    pub fn build(loaded: LoadedPolicy, version: u64, source: &str, metrics: &Metrics) -> Self {
+        let LoadedPolicy {
+            policy,
+            content_hash,
+        } = loaded;
+        let mut upstreams = BTreeMap::new();
+        for (name, service) in &policy.services {
+            let spec = UpstreamSpec {
+                name: Arc::from(name.as_str()),
+                protocol: service.protocol,
+                balancing: service.load_balancing,
+                connect_timeout: service.timeouts.connect.get(),
+            };
+            let static_endpoints = service.endpoints.as_deref().unwrap_or(&[]);
+            let upstream = Upstream::new(spec, static_endpoints, metrics);
+            if let Some(dns) = &service.dns {
+                upstream.spawn_dns_refresh(dns.clone());
+            }
+            upstreams.insert(name.clone(), upstream);
+        }
+        let target = |service: &str, route: &str, direction: &str| -> Option<Arc<Target>> {
+            let upstream = upstreams.get(service)?;
+            Some(Arc::new(Target {
+                upstream: Arc::clone(upstream),
+                metrics: metrics.route(direction, service, route),
+            }))
+        };
+        let mut routes = Vec::with_capacity(policy.routes.len());
+        for (i, route) in policy.routes.iter().enumerate() {
+            let name = route.name.clone().unwrap_or_else(|| format!("route-{i}"));
+            // Validation guarantees every referenced service exists and weights are > 0.
+            let backends = match (&route.service, &route.split) {
+                (Some(service), _) => match target(service, &name, OUTBOUND) {
+                    Some(t) => Backends::One(t),
+                    None => continue,
+                },
+                (None, Some(split)) => {
+                    let mut total = 0u64;
+                    let mut legs = Vec::with_capacity(split.len());
+                    for leg in split {
+                        if let Some(t) = target(&leg.service, &name, OUTBOUND) {
+                            total += u64::from(leg.weight);
+                            legs.push((total, t));
+                        }
+                    }
+                    if legs.is_empty() || total == 0 {
+                        continue;
+                    }
+                    Backends::Split { legs, total }
+                }
+                (None, None) => continue,
+            };
+            routes.push(CompiledRoute {
+                authority: route
+                    .matches
+                    .authority
+                    .as_deref()
+                    .map(|a| a.to_ascii_lowercase().into_boxed_str()),
+                path_prefix: route.matches.path_prefix.as_deref().map(Box::from),
+                backends,
+            });
+        }
+        let dedicated = policy
+            .services
+            .iter()
+            .filter_map(|(name, s)| Some((s.listen?, target(name, "listen", OUTBOUND)?)))
+            .collect();
+        let inbound = policy.inbound.as_ref().map(|inbound| {
+            let spec = UpstreamSpec {
+                name: Arc::from("app"),
+                protocol: inbound.protocol,
+                balancing: outrider_config::LoadBalancing::RoundRobin,
+                connect_timeout: inbound.timeouts.connect.get(),
+            };
+            Arc::new(Target {
+                upstream: Upstream::new(spec, &[inbound.app], metrics),
+                metrics: metrics.route(INBOUND, "app", "inbound"),
+            })
+        });
+        let config_json = serde_json::to_vec_pretty(&serde_json::json!({
+            "version": version,
+            "content_hash": content_hash,
+            "source": source,
+            "policy": policy,
+        }))
+        .map(Bytes::from)
+        .unwrap_or_default();
+        Self {
+            version,
+            content_hash,
+            policy,
+            config_json,
+            unrouted: metrics.route(OUTBOUND, "none", "none"),
+            routes,
+            dedicated,
+            inbound,
+            upstreams,
+        }
+    }
+
+    /// The target of an outbound request to `host` (no port) and `path`, by the first matching
+    /// route.
+    pub fn route(&self, host: &str, path: &str) -> Option<&Arc<Target>> {
+        self.routes
+            .iter()
+            .find(|r| {
+                r.authority
+                    .as_deref()
+                    .is_none_or(|a| a.eq_ignore_ascii_case(host))
+                    && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+            })
+            .map(|r| r.backends.pick())
+    }
+
+    /// The target of the dedicated listener configured at `listen`.
+    pub fn dedicated(&self, listen: SocketAddr) -> Option<&Arc<Target>> {
+        self.dedicated.get(&listen)
+    }
+
+    /// The local app behind the inbound listener.
+    pub fn inbound(&self) -> Option<&Arc<Target>> {
+        self.inbound.as_ref()
+    }
+
+    /// Dedicated listen addresses, by service name.
+    pub fn dedicated_listeners(&self) -> Vec<(String, SocketAddr)> {
+        self.policy
+            .services
+            .iter()
+            .filter_map(|(name, s)| Some((name.clone(), s.listen?)))
+            .collect()
+    }
+
+    /// The upstream of a service, by name.
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.get(name)
+    }
+}

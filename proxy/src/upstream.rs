@@ -1,0 +1,180 @@
+//! An upstream service at run time: its endpoints (static or re-resolved from DNS), one
+//! connection pool per endpoint, and the load balancer that picks an endpoint per request.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use outrider_config::{LoadBalancing, Protocol};
+
+use crate::connect::EndpointConnector;
+use crate::errors::ProxyError;
+use crate::metrics::Metrics;
+
+/// How often a `dns:` service is resolved again.
+const DNS_REFRESH: Duration = Duration::from_secs(5);
+/// How long an unused pooled connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The HTTP client of one endpoint: pools connections (HTTP/1.1 keep-alive or one multiplexed
+/// HTTP/2 connection) to exactly that endpoint.
+pub type EndpointClient = Client<EndpointConnector, Incoming>;
+
+/// One address of a service, with its pool and load.
+pub struct Endpoint {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its connection pool.
+    pub client: EndpointClient,
+    in_flight: AtomicUsize,
+}
+
+impl Endpoint {
+    /// Marks a request in flight until the guard drops (for least-request balancing).
+    pub fn start_request(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight)
+    }
+}
+
+/// A request counted against an endpoint's load.
+pub struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Settings an [`Upstream`] is built from.
+pub struct UpstreamSpec {
+    /// Service name (also the metrics label).
+    pub name: Arc<str>,
+    /// Protocol spoken to the endpoints.
+    pub protocol: Protocol,
+    /// Endpoint selection.
+    pub balancing: LoadBalancing,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+}
+
+/// A service's endpoints and balancer.
+pub struct Upstream {
+    /// Settings it was built from.
+    pub spec: UpstreamSpec,
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    next: AtomicUsize,
+    metrics: Metrics,
+}
+
+impl Upstream {
+    /// An upstream with the given static endpoints.
+    pub fn new(spec: UpstreamSpec, addrs: &[SocketAddr], metrics: &Metrics) -> Arc<Self> {
+        let upstream = Arc::new(Self {
+            spec,
+            endpoints: ArcSwap::from_pointee(Vec::new()),
+            next: AtomicUsize::new(0),
+            metrics: metrics.clone(),
+        });
+        upstream.set_endpoints(addrs);
+        upstream
+    }
+
+    /// Replaces the endpoint set; endpoints that stay keep their pools and load counters.
+    pub fn set_endpoints(&self, addrs: &[SocketAddr]) {
+        let current = self.endpoints.load();
+        let next: Vec<Arc<Endpoint>> = addrs
+            .iter()
+            .map(|addr| {
+                current
+                    .iter()
+                    .find(|e| e.addr == *addr)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(self.new_endpoint(*addr)))
+            })
+            .collect();
+        self.endpoints.store(Arc::new(next));
+    }
+
+    fn new_endpoint(&self, addr: SocketAddr) -> Endpoint {
+        let connector = EndpointConnector::new(
+            addr,
+            self.spec.connect_timeout,
+            self.metrics.connections(&self.spec.name, &addr.to_string()),
+        );
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .http2_only(self.spec.protocol == Protocol::Http2);
+        Endpoint {
+            addr,
+            client: builder.build(connector),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    /// The addresses currently in the set.
+    pub fn endpoint_addrs(&self) -> Vec<SocketAddr> {
+        self.endpoints.load().iter().map(|e| e.addr).collect()
+    }
+
+    /// Picks the endpoint for one request.
+    pub fn pick(&self) -> Result<Arc<Endpoint>, ProxyError> {
+        let endpoints = self.endpoints.load();
+        let n = endpoints.len();
+        let index = match (n, self.spec.balancing) {
+            (0, _) => return Err(ProxyError::NoEndpoints(self.spec.name.clone())),
+            (1, _) => 0,
+            (_, LoadBalancing::RoundRobin) => self.next.fetch_add(1, Ordering::Relaxed) % n,
+            (_, LoadBalancing::LeastRequest) => {
+                // Power of two choices: two distinct random endpoints, the less loaded wins.
+                let a = fastrand::usize(..n);
+                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+                let load = |i: usize| endpoints[i].in_flight.load(Ordering::Relaxed);
+                if load(b) < load(a) {
+                    b
+                } else {
+                    a
+                }
+            }
+        };
+        Ok(Arc::clone(&endpoints[index]))
+    }
+
+    /// Resolves `target` (host:port) now and every few seconds while the upstream lives.
+    /// A failed lookup keeps the previous endpoints: a DNS blip must not empty a service.
+    pub fn spawn_dns_refresh(self: &Arc<Self>, target: String) {
+        let weak: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let result = tokio::net::lookup_host(target.as_str()).await;
+                let Some(upstream) = weak.upgrade() else {
+                    return;
+                };
+                match result {
+                    Ok(addrs) => {
+                        let mut addrs: Vec<SocketAddr> = addrs.collect();
+                        addrs.sort();
+                        addrs.dedup();
+                        if addrs != upstream.endpoint_addrs() {
+                            tracing::info!(service = %upstream.spec.name, endpoints = ?addrs, "dns endpoints changed");
+                            upstream.set_endpoints(&addrs);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(service = %upstream.spec.name, %target, %error, "dns lookup failed; keeping previous endpoints");
+                    }
+                }
+                drop(upstream);
+                tokio::time::sleep(DNS_REFRESH).await;
+            }
+        });
+    }
+}
