@@ -1,0 +1,432 @@
+//! Test fixtures for end-to-end tests: the real `outrider-proxy` binary started on port 0 with a
+//! policy, real upstream servers on 127.0.0.1, and clients. Nothing here is a mock: every byte
+//! crosses loopback sockets through the binary users run.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestBody = BoxBody<Bytes, BoxError>;
+
+/// A body holding `bytes`.
+pub fn full(bytes: impl Into<Bytes>) -> TestBody {
+    Full::new(bytes.into()).map_err(|e| match e {}).boxed()
+}
+
+/// An empty body.
+pub fn empty() -> TestBody {
+    full(Bytes::new())
+}
+
+/// Path of the proxy binary, built once per test process so tests never run a stale binary.
+pub fn proxy_binary() -> PathBuf {
+    static BUILD: Once = Once::new();
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    if let Ok(bin) = std::env::var("OUTRIDER_PROXY_BIN") {
+        return PathBuf::from(bin);
+    }
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&workspace)
+            .args(["build", "-q", "-p", "outrider-proxy", "--bin", "outrider-proxy"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building outrider-proxy failed");
+    });
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace.join("target"));
+    target.join("debug").join("outrider-proxy")
+}
+
+/// A running `outrider-proxy` process.
+pub struct Proxy {
+    child: Child,
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub dedicated: Vec<(String, SocketAddr)>,
+    logs: Arc<Mutex<Vec<String>>>,
+    _dir: TempDir,
+}
+
+/// Writes `policy` to a temporary file and starts the proxy on port 0 everywhere.
+pub fn start_proxy(policy: &str) -> Proxy {
+    start_proxy_with(policy, &[])
+}
+
+/// Like [`start_proxy`], with extra flags.
+pub fn start_proxy_with(policy: &str, extra: &[&str]) -> Proxy {
+    let dir = TempDir::new();
+    let path = dir.path.join("policy.yaml");
+    std::fs::write(&path, policy).unwrap();
+    let mut child = Command::new(proxy_binary())
+        .arg("--policy")
+        .arg(&path)
+        .args([
+            "--outbound",
+            "127.0.0.1:0",
+            "--inbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--log",
+            "info",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn outrider-proxy");
+    let stderr = child.stderr.take().unwrap();
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let sink = Arc::clone(&logs);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push(line.clone());
+            let _ = tx.send(line);
+        }
+    });
+    let mut dedicated = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let line = match rx.recv_timeout(remaining) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "proxy did not start; logs:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let field = |name: &str| -> SocketAddr {
+            event[name].as_str().unwrap().parse().unwrap()
+        };
+        match event["message"].as_str() {
+            Some("service listener bound") => dedicated.push((
+                event["service"].as_str().unwrap().to_string(),
+                field("listen"),
+            )),
+            Some("listening") => {
+                return Proxy {
+                    outbound: field("outbound"),
+                    inbound: field("inbound"),
+                    admin: field("admin"),
+                    dedicated,
+                    child,
+                    logs,
+                    _dir: dir,
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Proxy {
+    /// The bound address of `service`'s dedicated listener.
+    pub fn dedicated(&self, service: &str) -> SocketAddr {
+        self.dedicated
+            .iter()
+            .find(|(s, _)| s == service)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no dedicated listener for {service}"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Resident set size in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// GET on the admin port: status and body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let client = http1_client();
+        let res = client
+            .request(
+                Request::get(format!("http://{}{}", self.admin, path))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// The value of the Prometheus sample named exactly `series` (`name{labels}`), or 0.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (_, text) = self.admin_get("/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "outrider-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        Self { path }
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Which protocol a test server accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Http1,
+    Http2,
+}
+
+/// A real upstream HTTP server on 127.0.0.1:0 that counts the requests it receives.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Starts a server answering each request with `handler`.
+    pub async fn start<H, F>(proto: Proto, handler: H) -> Self
+    where
+        H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&hits);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let handler = handler.clone();
+                let counter = Arc::clone(&counter);
+                let service = service_fn(move |req| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                tokio::spawn(async move {
+                    let io = TokioIo::new(stream);
+                    let _ = match proto {
+                        Proto::Http1 => {
+                            hyper::server::conn::http1::Builder::new()
+                                .serve_connection(io, service)
+                                .with_upgrades()
+                                .await
+                        }
+                        Proto::Http2 => {
+                            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(io, service)
+                                .await
+                        }
+                    };
+                });
+            }
+        });
+        Self { addr, hits, task }
+    }
+
+    /// A server that answers every request with a JSON description of what it received:
+    /// its own name, method, path, version and headers, and the request body's length.
+    pub async fn echo(proto: Proto, name: &'static str) -> Self {
+        Self::start(proto, move |req: Request<Incoming>| async move {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let headers: serde_json::Map<String, serde_json::Value> = parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        serde_json::Value::String(v.to_str().unwrap_or("").to_string()),
+                    )
+                })
+                .collect();
+            let json = serde_json::json!({
+                "server": name,
+                "method": parts.method.as_str(),
+                "uri": parts.uri.to_string(),
+                "path": parts.uri.path(),
+                "version": format!("{:?}", parts.version),
+                "headers": headers,
+                "body_len": body.len(),
+            });
+            Response::new(full(json.to_string()))
+        })
+        .await
+    }
+
+    /// Requests received so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An HTTP/1.1 client (keep-alive pool).
+pub fn http1_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A prior-knowledge HTTP/2 (h2c) client.
+pub fn http2_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A response read whole.
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Sends `req` with `client` and reads the whole response.
+pub async fn send(client: &Client<HttpConnector, TestBody>, req: Request<TestBody>) -> Reply {
+    let res = client.request(req).await.expect("request failed");
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.expect("read body").to_bytes();
+    Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// GET `path` on `addr` with the given Host header over HTTP/1.1.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Reply {
+    send(
+        &http1_client(),
+        Request::get(format!("http://{addr}{path}"))
+            .header("host", host)
+            .body(empty())
+            .unwrap(),
+    )
+    .await
+}
+
+/// Writes raw bytes to `addr` and returns everything read until the peer closes or `timeout`.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(timeout, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
