@@ -120,5 +120,12 @@ pub fn rescue(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
     };
     *response.status_mut() = status;
     response.headers_mut().insert(ERROR_HEADER, reason_value);
+    if matches!(error, ProxyError::BadRequest(_)) {
+        // A client that sent one malformed request cannot be trusted to frame the next one.
+        // (hyper drops this header on HTTP/2, where it is not allowed.)
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }

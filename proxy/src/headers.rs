@@ -22,14 +22,9 @@ pub fn check_request<B>(req: &Request<B>) -> Result<(), ProxyError> {
         return Err(ProxyError::BadRequest("CONNECT tunnels are not supported"));
     }
     let headers = req.headers();
-    // A body framed two ways is how request smuggling starts (RFC 9112 §6.3).
-    if headers.contains_key(header::TRANSFER_ENCODING)
-        && headers.contains_key(header::CONTENT_LENGTH)
-    {
-        return Err(ProxyError::BadRequest(
-            "both transfer-encoding and content-length",
-        ));
-    }
+    // Content-Length with Transfer-Encoding needs no check here: hyper's parser applies RFC
+    // 9112 §6.3 (chunked wins, Content-Length removed, connection closed after the request),
+    // which leaves nothing to smuggle.
     let mut hosts = headers.get_all(header::HOST).iter();
     if hosts.next().is_some() && hosts.next().is_some() {
         return Err(ProxyError::BadRequest("more than one host header"));

@@ -52,7 +52,14 @@ pub fn proxy_binary() -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(&workspace)
-            .args(["build", "-q", "-p", "outrider-proxy", "--bin", "outrider-proxy"])
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "outrider-proxy",
+                "--bin",
+                "outrider-proxy",
+            ])
             .status()
             .expect("run cargo build");
         assert!(status.success(), "building outrider-proxy failed");
@@ -130,9 +137,7 @@ pub fn start_proxy_with(policy: &str, extra: &[&str]) -> Proxy {
         let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
-        let field = |name: &str| -> SocketAddr {
-            event[name].as_str().unwrap().parse().unwrap()
-        };
+        let field = |name: &str| -> SocketAddr { event[name].as_str().unwrap().parse().unwrap() };
         match event["message"].as_str() {
             Some("service listener bound") => dedicated.push((
                 event["service"].as_str().unwrap().to_string(),
@@ -330,7 +335,11 @@ impl Upstream {
     pub async fn echo(proto: Proto, name: &'static str) -> Self {
         Self::start(proto, move |req: Request<Incoming>| async move {
             let (parts, body) = req.into_parts();
-            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             let headers: serde_json::Map<String, serde_json::Value> = parts
                 .headers
                 .iter()
@@ -429,4 +438,101 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> 
     let mut out = Vec::new();
     let _ = tokio::time::timeout(timeout, stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A body of `remaining` zero bytes produced in 64 KiB chunks as it is polled, so a test can
+/// send or serve gigabytes without holding them.
+pub struct ZeroBody {
+    remaining: u64,
+    chunk: Bytes,
+}
+
+impl ZeroBody {
+    pub fn new(total: u64) -> Self {
+        Self {
+            remaining: total,
+            chunk: Bytes::from(vec![0u8; 64 * 1024]),
+        }
+    }
+}
+
+impl http_body::Body for ZeroBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        if self.remaining == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.remaining.min(self.chunk.len() as u64) as usize;
+        self.remaining -= n as u64;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.chunk.slice(..n)))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// A body fed chunk by chunk through a channel; ends when the sender is dropped.
+pub fn channel_body() -> (tokio::sync::mpsc::Sender<Bytes>, TestBody) {
+    struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+    impl http_body::Body for ChannelBody {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|b| Ok(http_body::Frame::data(b))))
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    (tx, ChannelBody(rx).boxed())
+}
+
+/// Counts the bytes of a body as it streams, without keeping them.
+pub async fn drain_body<B>(mut body: B) -> u64
+where
+    B: http_body::Body + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("body frame").into_data() {
+            total += bytes::Buf::remaining(&data) as u64;
+        }
+    }
+    total
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+impl Proxy {
+    /// Peak resident set size (VmHWM) in KiB, from /proc.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
 }
