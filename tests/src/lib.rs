@@ -536,3 +536,24 @@ impl Proxy {
             .unwrap()
     }
 }
+
+/// Sends an HTTP/2 request to `addr` over a fresh h2c connection, keeping the request's own
+/// URI authority as :authority.
+pub async fn send_h2_via(addr: std::net::SocketAddr, req: Request<TestBody>) -> Reply {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let res = sender.send_request(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
