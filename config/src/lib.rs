@@ -8,14 +8,18 @@ mod duration;
 mod error;
 mod position;
 mod schema;
+mod size;
 mod validate;
 
 pub use duration::{Duration, DurationError};
 pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
-    Inbound, LoadBalancing, Policy, Protocol, Route, RouteMatch, Service, Timeouts, WeightedService,
+    Backoff, CircuitBreaker, FailureRate, Inbound, LoadBalancing, Policy, Protocol, RateLimit,
+    RateLimitMode, Retries, RetryBudget, RetryOn, Route, RouteMatch, RouteTimeouts, Service,
+    Timeouts, WeightedService,
 };
+pub use size::{ByteSize, ByteSizeError};
 
 use sha2::{Digest, Sha256};
 
@@ -190,6 +194,68 @@ routes:
     fn bare_number_duration_is_rejected() {
         let msg = error_text("services:\n  a:\n    endpoints: []\n    timeouts: { connect: 5 }\n");
         assert!(msg.contains("needs a unit"), "{msg}");
+    }
+
+    #[test]
+    fn loads_resilience_policies() {
+        let text = r#"
+services:
+  payments:
+    endpoints: [127.0.0.1:9101]
+    timeouts: { connect: 500ms, request: 2s, per_try: 500ms, idle: 30s }
+    retries:
+      attempts: 2
+      on: [connect-failure, reset, gateway-error, 5xx, retriable-status]
+      status: [409, 429]
+      grpc: [unavailable, resource-exhausted]
+      backoff: { base: 25ms, max: 250ms }
+      budget: { ratio: 0.2, min_per_second: 10 }
+      body_limit: 64KiB
+    rate_limit: { requests_per_second: 100, burst: 200, mode: shadow }
+    circuit_breaker:
+      consecutive_failures: 5
+      failure_rate: { threshold: 0.5, min_requests: 20, window: 10s }
+      open_for: 5s
+      half_open_requests: 1
+      max_open_for: 1m
+      max_concurrent_requests: 1000
+routes:
+  - match: { authority: payments }
+    service: payments
+    retry_non_idempotent: true
+    timeouts: { request: 1s }
+    rate_limit: { requests_per_second: 10 }
+"#;
+        let p = load("policy.yaml", text).expect("valid").policy;
+        let s = &p.services["payments"];
+        let retries = s.retries.as_ref().expect("retries");
+        assert_eq!(retries.body_limit, ByteSize(65536));
+        assert_eq!(retries.on.len(), 5);
+        assert_eq!(
+            s.rate_limit.as_ref().map(|r| r.mode),
+            Some(RateLimitMode::Shadow)
+        );
+        assert!(p.routes[0].retry_non_idempotent);
+    }
+
+    #[test]
+    fn rejects_bad_resilience_values() {
+        let text = "services:
+  a:
+    endpoints: []
+    retries: { attempts: 2, grpc: [unavaliable], backoff: { base: 100ms, max: 10ms } }
+    circuit_breaker: { open_for: 5s }
+";
+        let e = load("p.yaml", text).expect_err("invalid");
+        let paths: Vec<&str> = e.diagnostics.iter().map(|d| d.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "services.a.retries.grpc[0]",
+                "services.a.retries.backoff.max",
+                "services.a.circuit_breaker"
+            ]
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Duration;
+use crate::{ByteSize, Duration};
 
 /// A whole policy document: upstream services, outbound routes and the inbound side.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -42,9 +42,18 @@ pub struct Service {
     /// How an endpoint is picked for each request.
     #[serde(default)]
     pub load_balancing: LoadBalancing,
-    /// Connection-level timeouts.
+    /// Timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Retries of failed attempts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    /// A token-bucket limit on requests to this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Fail fast when the service is failing or saturated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
 }
 
 /// The protocol spoken to an upstream (or to the local app).
@@ -69,13 +78,23 @@ pub enum LoadBalancing {
     LeastRequest,
 }
 
-/// Timeouts of a service.
+/// Timeouts of a service. Only `connect` has a default: a request timeout that nobody chose
+/// would cut long streams (gRPC watches, downloads).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
     /// Bound on establishing a TCP connection to an endpoint.
     #[serde(default = "Timeouts::default_connect")]
     pub connect: Duration,
+    /// Bound on the whole exchange until response headers, every retry and backoff included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<Duration>,
+    /// Bound on one attempt until its response headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try: Option<Duration>,
+    /// Bound on silence while a response body streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<Duration>,
 }
 
 impl Timeouts {
@@ -88,6 +107,9 @@ impl Default for Timeouts {
     fn default() -> Self {
         Self {
             connect: Self::default_connect(),
+            request: None,
+            per_try: None,
+            idle: None,
         }
     }
 }
@@ -108,6 +130,202 @@ pub struct Route {
     /// A weighted traffic split across services.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<Vec<WeightedService>>,
+    /// Overrides the service's timeouts for this route (each field that is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<RouteTimeouts>,
+    /// Overrides the service's retries for this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    /// A rate limit for this route, applied before the service's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Retry POST/PATCH and other non-idempotent methods after the request was sent. Off by
+    /// default: a retried payment is a double payment.
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+}
+
+/// Route-level timeout overrides; unset fields keep the service's values.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTimeouts {
+    /// See [`Timeouts::request`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<Duration>,
+    /// See [`Timeouts::per_try`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try: Option<Duration>,
+    /// See [`Timeouts::idle`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<Duration>,
+}
+
+/// What makes a failed attempt worth retrying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    /// The connection could not be made (nothing was sent: safe for every method).
+    ConnectFailure,
+    /// The connection was reset or closed before a response.
+    Reset,
+    /// 502, 503 or 504 from the upstream.
+    GatewayError,
+    /// Any 5xx from the upstream.
+    #[serde(rename = "5xx")]
+    FiveXx,
+    /// A status listed in `status`.
+    RetriableStatus,
+}
+
+/// Retry policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retries {
+    /// Retries after the first try.
+    pub attempts: u32,
+    /// What counts as retryable.
+    #[serde(default = "Retries::default_on")]
+    pub on: Vec<RetryOn>,
+    /// Statuses retried with `retriable-status`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub status: Vec<u16>,
+    /// gRPC status names retried (`unavailable`, `resource-exhausted`, ...), read from response
+    /// headers (trailers-only responses).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grpc: Vec<String>,
+    /// Backoff between attempts (full jitter).
+    #[serde(default)]
+    pub backoff: Backoff,
+    /// Cap on the extra load retries may add.
+    #[serde(default)]
+    pub budget: RetryBudget,
+    /// Request bodies larger than this are not retried (they are buffered for replay up to it).
+    #[serde(default = "Retries::default_body_limit")]
+    pub body_limit: ByteSize,
+}
+
+impl Retries {
+    fn default_on() -> Vec<RetryOn> {
+        vec![
+            RetryOn::ConnectFailure,
+            RetryOn::Reset,
+            RetryOn::GatewayError,
+        ]
+    }
+    fn default_body_limit() -> ByteSize {
+        ByteSize(64 * 1024)
+    }
+}
+
+/// Full-jitter exponential backoff: attempt N waits U[0, min(max, base * 2^N)).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    /// The first attempt's ceiling.
+    pub base: Duration,
+    /// The largest ceiling.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(25),
+            max: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Retries may add at most `ratio` of the request rate plus `min_per_second`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudget {
+    /// Extra load as a fraction of requests, 0..=1.
+    pub ratio: f64,
+    /// Retries always allowed per second, whatever the ratio.
+    pub min_per_second: u32,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            ratio: 0.2,
+            min_per_second: 10,
+        }
+    }
+}
+
+/// A token bucket: `requests_per_second` refill, up to `burst` at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained rate.
+    pub requests_per_second: u32,
+    /// Bucket size; defaults to one second's worth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// `enforce` rejects over the limit; `shadow` only counts.
+    #[serde(default)]
+    pub mode: RateLimitMode,
+}
+
+/// Whether a rate limit rejects or only counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitMode {
+    /// Over the limit: 429.
+    #[default]
+    Enforce,
+    /// Over the limit: counted, let through.
+    Shadow,
+}
+
+/// Circuit breaker and concurrency limits of a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreaker {
+    /// Trip after this many failures in a row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_failures: Option<u32>,
+    /// Trip when the failure rate over a window crosses a threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_rate: Option<FailureRate>,
+    /// How long the breaker stays open before letting probes through.
+    #[serde(default = "CircuitBreaker::default_open_for")]
+    pub open_for: Duration,
+    /// Real requests let through while half-open.
+    #[serde(default = "CircuitBreaker::default_half_open_requests")]
+    pub half_open_requests: u32,
+    /// Ceiling of the open time, which doubles each time a probe fails.
+    #[serde(default = "CircuitBreaker::default_max_open_for")]
+    pub max_open_for: Duration,
+    /// Requests in flight above this fail fast with 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u32>,
+}
+
+impl CircuitBreaker {
+    fn default_open_for() -> Duration {
+        Duration::from_secs(5)
+    }
+    fn default_half_open_requests() -> u32 {
+        1
+    }
+    fn default_max_open_for() -> Duration {
+        Duration::from_secs(60)
+    }
+}
+
+/// Failure-rate trip condition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureRate {
+    /// Fraction of failures, 0..=1, at or above which the breaker opens.
+    pub threshold: f64,
+    /// No decision below this many requests in the window.
+    pub min_requests: u32,
+    /// The sliding window.
+    pub window: Duration,
 }
 
 /// Conditions a request must meet to take a route; all that are set must hold.
@@ -144,4 +362,7 @@ pub struct Inbound {
     /// Bound on connecting to the local app.
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Protects the local app from more than this rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }

@@ -3,7 +3,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::schema::{Policy, Route, Service};
+use crate::schema::{CircuitBreaker, Policy, RateLimit, Retries, Route, Service};
+use crate::Duration;
 
 /// A problem found by validation: the path of the offending value and what is wrong.
 pub type Finding = (String, String);
@@ -20,11 +21,13 @@ pub fn validate(policy: &Policy) -> Vec<Finding> {
         check_route(policy, i, route, &mut route_names, &mut findings);
     }
     if let Some(inbound) = &policy.inbound {
-        if inbound.timeouts.connect.get().is_zero() {
-            findings.push((
-                "inbound.timeouts.connect".into(),
-                "must be greater than 0".into(),
-            ));
+        check_positive(
+            "inbound.timeouts.connect",
+            inbound.timeouts.connect,
+            &mut findings,
+        );
+        if let Some(limit) = &inbound.rate_limit {
+            check_rate_limit("inbound.rate_limit", limit, &mut findings);
         }
     }
     findings
@@ -85,10 +88,148 @@ fn check_service<'a>(
             ));
         }
     }
-    if service.timeouts.connect.get().is_zero() {
+    let t = &service.timeouts;
+    check_positive(&format!("{at}.timeouts.connect"), t.connect, findings);
+    for (name, value) in [
+        ("request", t.request),
+        ("per_try", t.per_try),
+        ("idle", t.idle),
+    ] {
+        if let Some(value) = value {
+            check_positive(&format!("{at}.timeouts.{name}"), value, findings);
+        }
+    }
+    if let Some(retries) = &service.retries {
+        check_retries(&format!("{at}.retries"), retries, findings);
+    }
+    if let Some(limit) = &service.rate_limit {
+        check_rate_limit(&format!("{at}.rate_limit"), limit, findings);
+    }
+    if let Some(breaker) = &service.circuit_breaker {
+        check_breaker(&format!("{at}.circuit_breaker"), breaker, findings);
+    }
+}
+
+fn check_positive(at: &str, value: Duration, findings: &mut Vec<Finding>) {
+    if value.get().is_zero() {
+        findings.push((at.to_string(), "must be greater than 0".into()));
+    }
+}
+
+/// gRPC status names accepted in `retries.grpc`, in their kebab-case spelling.
+pub const GRPC_STATUS_NAMES: [&str; 16] = [
+    "cancelled",
+    "unknown",
+    "invalid-argument",
+    "deadline-exceeded",
+    "not-found",
+    "already-exists",
+    "permission-denied",
+    "resource-exhausted",
+    "failed-precondition",
+    "aborted",
+    "out-of-range",
+    "unimplemented",
+    "internal",
+    "unavailable",
+    "data-loss",
+    "unauthenticated",
+];
+
+fn check_retries(at: &str, retries: &Retries, findings: &mut Vec<Finding>) {
+    if retries.attempts > 10 {
+        findings.push((format!("{at}.attempts"), "must be at most 10".into()));
+    }
+    for (i, status) in retries.status.iter().enumerate() {
+        if !(100..=599).contains(status) {
+            findings.push((format!("{at}.status[{i}]"), "must be an HTTP status".into()));
+        }
+    }
+    if !retries.status.is_empty() && !retries.on.contains(&crate::RetryOn::RetriableStatus) {
         findings.push((
-            format!("{at}.timeouts.connect"),
-            "must be greater than 0".into(),
+            format!("{at}.status"),
+            "has no effect unless `on` includes retriable-status".into(),
+        ));
+    }
+    for (i, name) in retries.grpc.iter().enumerate() {
+        if !GRPC_STATUS_NAMES.contains(&name.as_str()) {
+            findings.push((
+                format!("{at}.grpc[{i}]"),
+                format!("unknown gRPC status `{name}` (e.g. unavailable, resource-exhausted)"),
+            ));
+        }
+    }
+    check_positive(
+        &format!("{at}.backoff.base"),
+        retries.backoff.base,
+        findings,
+    );
+    if retries.backoff.max < retries.backoff.base {
+        findings.push((
+            format!("{at}.backoff.max"),
+            "must be at least backoff.base".into(),
+        ));
+    }
+    let ratio = retries.budget.ratio;
+    if !(0.0..=1.0).contains(&ratio) {
+        findings.push((
+            format!("{at}.budget.ratio"),
+            "must be between 0 and 1".into(),
+        ));
+    }
+}
+
+fn check_rate_limit(at: &str, limit: &RateLimit, findings: &mut Vec<Finding>) {
+    if limit.requests_per_second == 0 {
+        findings.push((format!("{at}.requests_per_second"), "must be > 0".into()));
+    }
+    if limit.burst == Some(0) {
+        findings.push((format!("{at}.burst"), "must be > 0".into()));
+    }
+}
+
+fn check_breaker(at: &str, breaker: &CircuitBreaker, findings: &mut Vec<Finding>) {
+    if breaker.consecutive_failures.is_none()
+        && breaker.failure_rate.is_none()
+        && breaker.max_concurrent_requests.is_none()
+    {
+        findings.push((
+            at.to_string(),
+            "needs consecutive_failures, failure_rate or max_concurrent_requests".into(),
+        ));
+    }
+    if breaker.consecutive_failures == Some(0) {
+        findings.push((format!("{at}.consecutive_failures"), "must be > 0".into()));
+    }
+    if let Some(rate) = &breaker.failure_rate {
+        if !(rate.threshold > 0.0 && rate.threshold <= 1.0) {
+            findings.push((
+                format!("{at}.failure_rate.threshold"),
+                "must be in (0, 1]".into(),
+            ));
+        }
+        if rate.min_requests == 0 {
+            findings.push((
+                format!("{at}.failure_rate.min_requests"),
+                "must be > 0".into(),
+            ));
+        }
+        check_positive(&format!("{at}.failure_rate.window"), rate.window, findings);
+    }
+    check_positive(&format!("{at}.open_for"), breaker.open_for, findings);
+    if breaker.half_open_requests == 0 {
+        findings.push((format!("{at}.half_open_requests"), "must be > 0".into()));
+    }
+    if breaker.max_open_for < breaker.open_for {
+        findings.push((
+            format!("{at}.max_open_for"),
+            "must be at least open_for".into(),
+        ));
+    }
+    if breaker.max_concurrent_requests == Some(0) {
+        findings.push((
+            format!("{at}.max_concurrent_requests"),
+            "must be > 0".into(),
         ));
     }
 }
@@ -144,6 +285,23 @@ fn check_route(
                 "must start with `/`".into(),
             ));
         }
+    }
+    if let Some(t) = &route.timeouts {
+        for (name, value) in [
+            ("request", t.request),
+            ("per_try", t.per_try),
+            ("idle", t.idle),
+        ] {
+            if let Some(value) = value {
+                check_positive(&format!("{at}.timeouts.{name}"), value, findings);
+            }
+        }
+    }
+    if let Some(retries) = &route.retries {
+        check_retries(&format!("{at}.retries"), retries, findings);
+    }
+    if let Some(limit) = &route.rate_limit {
+        check_rate_limit(&format!("{at}.rate_limit"), limit, findings);
     }
     let known = |service: &str| policy.services.contains_key(service);
     match (&route.service, &route.split) {
