@@ -20,6 +20,7 @@ pub use schema::{
     Timeouts, WeightedService,
 };
 pub use size::{ByteSize, ByteSizeError};
+pub use validate::GRPC_STATUS_NAMES;
 
 use sha2::{Digest, Sha256};
 

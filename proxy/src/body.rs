@@ -1,19 +1,45 @@
-//! The response body type: either the upstream's streamed body, passed through frame by frame
-//! (trailers included), or a small body the proxy made itself. An enum rather than a boxed
-//! trait object so the request path does not allocate for it.
+//! Body types on both sides of the proxy. Enums rather than boxed trait objects, so the request
+//! path does not allocate for them.
+//!
+//! - [`ProxyBody`]: the response to the caller: the upstream's body passed through frame by frame
+//!   (trailers included), optionally bounded by an idle timeout, or a small body the proxy made.
+//! - [`RequestBody`]: the request to the upstream: the caller's body as is, or a replayable view
+//!   of it when retries are on.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::policy::retry::ReplayBody;
+
+/// Boxed body error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A streaming response body went silent for longer than the idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("response body idle for more than {0:?}")]
+pub struct IdleTimeout(pub Duration);
 
 /// A response body sent to the downstream caller.
 #[derive(Debug)]
 pub enum ProxyBody {
     /// Streamed from the upstream as it arrives.
     Upstream(Incoming),
+    /// Streamed from the upstream; cut if no frame arrives within `idle`.
+    UpstreamIdle {
+        /// The upstream body.
+        body: Incoming,
+        /// The longest silence allowed.
+        idle: Duration,
+        /// Fires when the silence is too long; reset on every frame.
+        timer: Pin<Box<Sleep>>,
+    },
     /// Produced by the proxy; `None` once sent.
     Full(Option<Bytes>),
 }
@@ -28,34 +54,97 @@ impl ProxyBody {
     pub fn full(bytes: Bytes) -> Self {
         Self::Full(Some(bytes))
     }
+
+    /// The upstream's body, bounded by `idle` when set.
+    pub fn upstream(body: Incoming, idle: Option<Duration>) -> Self {
+        match idle {
+            None => Self::Upstream(body),
+            Some(idle) => Self::UpstreamIdle {
+                body,
+                idle,
+                timer: Box::pin(tokio::time::sleep(idle)),
+            },
+        }
+    }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            Self::Upstream(incoming) => Pin::new(incoming).poll_frame(cx),
+            Self::Upstream(incoming) => Pin::new(incoming)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+            Self::UpstreamIdle { body, idle, timer } => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    timer.as_mut().reset(Instant::now() + *idle);
+                    Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as BoxError)))
+                }
+                Poll::Pending => match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeout(*idle))))),
+                    Poll::Pending => Poll::Pending,
+                },
+            },
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Upstream(incoming) => incoming.is_end_stream(),
+            Self::Upstream(body) | Self::UpstreamIdle { body, .. } => body.is_end_stream(),
             Self::Full(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Upstream(incoming) => incoming.size_hint(),
+            Self::Upstream(body) | Self::UpstreamIdle { body, .. } => body.size_hint(),
             Self::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Self::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// A request body sent to an upstream.
+pub enum RequestBody {
+    /// The caller's body, streamed once.
+    Direct(Incoming),
+    /// A replayable view of the caller's body (retries on).
+    Replay(ReplayBody),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Direct(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+            Self::Replay(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Direct(body) => body.is_end_stream(),
+            Self::Replay(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Direct(body) => body.size_hint(),
+            Self::Replay(body) => body.size_hint(),
         }
     }
 }

@@ -52,6 +52,12 @@ pub enum ProxyError {
     /// The upstream closed or reset the connection before a complete response.
     #[error("upstream {0} reset the connection")]
     UpstreamReset(SocketAddr),
+    /// The request timeout (all attempts and backoff) expired before response headers.
+    #[error("request timeout after {}", outrider_config::Duration(*.0))]
+    RequestTimeout(Duration),
+    /// One attempt's timeout expired before its response headers, with no retry left.
+    #[error("per-try timeout after {}", outrider_config::Duration(*.0))]
+    PerTryTimeout(Duration),
     /// Any other failure talking to the upstream.
     #[error("upstream {addr} failed: {reason}")]
     Upstream {
@@ -69,7 +75,9 @@ impl ProxyError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::NoEndpoints(_) | Self::NotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::ConnectTimeout { .. } | Self::RequestTimeout(_) | Self::PerTryTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             Self::ConnectRefused(_)
             | Self::Connect { .. }
             | Self::UpstreamReset(_)

@@ -5,9 +5,11 @@
 use std::convert::Infallible;
 use std::error::Error as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -15,11 +17,13 @@ use hyper_util::rt::TokioIo;
 use outrider_config::Protocol;
 use tokio::time::Instant;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, RequestBody};
 use crate::connect::ConnectError;
 use crate::errors::{rescue, ProxyError};
 use crate::headers;
+use crate::policy::retry::{self, AttemptFailure, ReplayHandle, RetryPolicy};
 use crate::snapshot::{Snapshot, Target};
+use crate::upstream::Endpoint;
 use crate::Shared;
 
 /// Which listener a request arrived on; decides how its target is found.
@@ -59,13 +63,7 @@ pub async fn handle(
         Ok(routed) => routed,
         Err(response) => return Ok(response),
     };
-    let response = match forward(&target, authority, peer, req).await {
-        Ok(response) => response,
-        Err(error) => {
-            tracing::debug!(service = %target.upstream.spec.name, %error, "request failed");
-            rescue(&error, grpc)
-        }
-    };
+    let response = forward(&target, authority, peer, req, grpc).await;
     target
         .metrics
         .record(response.status(), started.elapsed().as_secs_f64());
@@ -97,18 +95,85 @@ fn select_target<'s>(
     Ok((target, authority))
 }
 
+/// The attempt counter the upstream sees (1-based).
+static ATTEMPT: HeaderName = HeaderName::from_static("x-outrider-attempt");
+/// How many attempts the exchange took, on the response to the caller.
+static ATTEMPTS: HeaderName = HeaderName::from_static("x-outrider-attempts");
+
 async fn forward(
     target: &Target,
     authority: Option<Authority>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let upstream = &target.upstream;
-    let endpoint = upstream.pick()?;
+    grpc: bool,
+) -> Response<ProxyBody> {
+    let policy = &target.policy;
     let upgrade = headers::is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let parts = match prepare(target, parts, authority, peer) {
+        Ok(parts) => parts,
+        Err(error) => return rescue(&error, grpc),
+    };
 
-    let (mut parts, body) = req.into_parts();
+    let attempts = AtomicU32::new(1);
+    let deadline = policy.request_timeout.map(|limit| Instant::now() + limit);
+    let exchange = async {
+        match policy.retry.as_ref().filter(|_| !upgrade) {
+            None => {
+                let endpoint = target.upstream.pick(None)?;
+                let req = Request::from_parts(parts, RequestBody::Direct(body));
+                send_once(&endpoint, req, policy.per_try_timeout)
+                    .await
+                    .map_err(|(error, _)| error)
+            }
+            Some(retry) => {
+                exchange_with_retries(target, retry, parts, body, deadline, &attempts).await
+            }
+        }
+    };
+    let result = match policy.request_timeout {
+        None => exchange.await,
+        Some(limit) => tokio::time::timeout(limit, exchange)
+            .await
+            .unwrap_or(Err(ProxyError::RequestTimeout(limit))),
+    };
+    let mut response = match result {
+        Ok(mut response) => {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(downstream) = downstream_upgrade {
+                    let upstream_upgrade = hyper::upgrade::on(&mut response);
+                    tokio::spawn(tunnel(downstream, upstream_upgrade));
+                }
+            } else {
+                headers::strip_hop_by_hop(response.headers_mut(), false);
+            }
+            response.map(|body| ProxyBody::upstream(body, policy.idle_timeout))
+        }
+        Err(error) => {
+            tracing::debug!(service = %target.upstream.spec.name, %error, "request failed");
+            rescue(&error, grpc)
+        }
+    };
+    if policy.retry.is_some() {
+        response.headers_mut().insert(
+            ATTEMPTS.clone(),
+            HeaderValue::from(attempts.load(Ordering::Relaxed)),
+        );
+    }
+    response
+}
+
+/// Rewrites the caller's request head for the upstream: hop-by-hop headers out, forwarding
+/// headers in, the URI in absolute form with the caller's authority, the upstream's version.
+fn prepare(
+    target: &Target,
+    mut parts: http::request::Parts,
+    authority: Option<Authority>,
+    peer: SocketAddr,
+) -> Result<http::request::Parts, ProxyError> {
+    let upstream = &target.upstream;
+    let upgrade = parts.headers.contains_key(header::UPGRADE) && parts.version == Version::HTTP_11;
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     // The downstream's 100-continue is answered by our server when the body is first read;
     // passing Expect on would make the upstream wait for an interim response we never relay.
@@ -142,23 +207,125 @@ async fn forward(
             parts.headers.remove(header::HOST);
         }
     }
+    Ok(parts)
+}
 
+/// Sends one attempt to `endpoint`, bounded by the per-try timeout until response headers.
+async fn send_once(
+    endpoint: &Endpoint,
+    req: Request<RequestBody>,
+    per_try: Option<Duration>,
+) -> Result<Response<Incoming>, (ProxyError, AttemptFailure)> {
     let _in_flight = endpoint.start_request();
-    let mut response = endpoint
-        .client
-        .request(Request::from_parts(parts, body))
-        .await
-        .map_err(|e| classify(&e, endpoint.addr))?;
+    let sent = endpoint.client.request(req);
+    let result = match per_try {
+        None => sent.await,
+        Some(limit) => match tokio::time::timeout(limit, sent).await {
+            Ok(result) => result,
+            Err(_) => return Err((ProxyError::PerTryTimeout(limit), AttemptFailure::Reset)),
+        },
+    };
+    result.map_err(|e| {
+        let error = classify(&e, endpoint.addr);
+        let failure = match error {
+            ProxyError::ConnectRefused(_)
+            | ProxyError::ConnectTimeout { .. }
+            | ProxyError::Connect { .. } => AttemptFailure::Connect,
+            _ => AttemptFailure::Reset,
+        };
+        (error, failure)
+    })
+}
 
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(downstream) = downstream_upgrade {
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(downstream, upstream_upgrade));
-        }
-    } else {
-        headers::strip_hop_by_hop(response.headers_mut(), false);
+/// What, if anything, is wrong with a response, for the retry decision.
+fn response_failure(response: &Response<Incoming>) -> Option<AttemptFailure> {
+    let status = response.status();
+    if status.is_server_error() || status.is_client_error() {
+        return Some(AttemptFailure::Status(status));
     }
-    Ok(response.map(ProxyBody::Upstream))
+    // A trailers-only gRPC response carries its status in the headers.
+    let code = response
+        .headers()
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<u8>()
+        .ok()?;
+    (code != 0).then_some(AttemptFailure::Grpc(code))
+}
+
+/// The attempt loop: retries what the policy allows, on a different endpoint when there is one,
+/// after a jittered backoff (or the upstream's Retry-After), within the retry budget.
+async fn exchange_with_retries(
+    target: &Target,
+    retry: &RetryPolicy,
+    parts: http::request::Parts,
+    body: Incoming,
+    deadline: Option<Instant>,
+    attempts: &AtomicU32,
+) -> Result<Response<Incoming>, ProxyError> {
+    let metrics = &target.metrics.retries;
+    retry.budget.deposit();
+    let replay = ReplayHandle::new(body, retry.body_limit);
+    let mut previous = None;
+    let mut attempt: u32 = 1;
+    loop {
+        attempts.store(attempt, Ordering::Relaxed);
+        let endpoint = target.upstream.pick(previous)?;
+        let mut req = Request::new(RequestBody::Replay(replay.body()));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        req.headers_mut()
+            .insert(ATTEMPT.clone(), HeaderValue::from(attempt));
+        let outcome = send_once(&endpoint, req, target.policy.per_try_timeout).await;
+        let failure = match &outcome {
+            Ok(response) => match response_failure(response) {
+                Some(failure) if retry.retries_on(failure) => failure,
+                _ => {
+                    if attempt > 1 && !response.status().is_server_error() {
+                        metrics.success.inc();
+                    }
+                    return outcome.map_err(|(error, _)| error);
+                }
+            },
+            Err((_, failure)) if retry.retries_on(*failure) => *failure,
+            Err(_) => return outcome.map_err(|(error, _)| error),
+        };
+        let verdict = if !retry.method_allows(&parts.method, failure) || !replay.is_replayable() {
+            Some(&metrics.not_retryable)
+        } else if attempt > retry.attempts {
+            Some(&metrics.exhausted)
+        } else if !retry.budget.withdraw() {
+            Some(&metrics.budget_denied)
+        } else {
+            None
+        };
+        if let Some(counter) = verdict {
+            counter.inc();
+            return outcome.map_err(|(error, _)| error);
+        }
+        let mut delay = retry.backoff(attempt);
+        if let Ok(response) = &outcome {
+            if matches!(response.status().as_u16(), 429 | 503) {
+                if let Some(asked) = retry::retry_after(response.headers()) {
+                    // The caller's request timeout still bounds the wait; a Retry-After beyond
+                    // it cannot be honoured, so the response goes back as it is.
+                    let fits = deadline.is_none_or(|d| Instant::now() + asked < d);
+                    if !fits {
+                        metrics.exhausted.inc();
+                        return outcome.map_err(|(error, _)| error);
+                    }
+                    delay = asked;
+                }
+            }
+        }
+        drop(outcome);
+        tokio::time::sleep(delay).await;
+        previous = Some(endpoint.addr);
+        attempt += 1;
+    }
 }
 
 /// Copies bytes both ways between an upgraded downstream and upstream connection.

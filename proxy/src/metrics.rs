@@ -21,6 +21,7 @@ pub struct Metrics {
     duration: HistogramVec,
     connections_opened: IntCounterVec,
     connections_active: IntGaugeVec,
+    retries: IntCounterVec,
     /// The version of the policy in force.
     pub policy_version: IntGauge,
 }
@@ -29,6 +30,20 @@ pub struct Metrics {
 pub struct RouteMetrics {
     by_status_class: [IntCounter; 5],
     duration: Histogram,
+    /// Retry outcomes of this route and service.
+    pub retries: RetryMetrics,
+}
+
+/// How requests that met a retryable failure ended.
+pub struct RetryMetrics {
+    /// A retry produced the final, successful response.
+    pub success: IntCounter,
+    /// Every attempt was used and the last one failed.
+    pub exhausted: IntCounter,
+    /// The retry budget refused a retry.
+    pub budget_denied: IntCounter,
+    /// The failure was retryable but the method or body size forbade a retry.
+    pub not_retryable: IntCounter,
 }
 
 impl RouteMetrics {
@@ -107,6 +122,13 @@ impl Metrics {
             ),
             &["service", "endpoint"],
         )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "outrider_retries_total",
+                "Requests that met a retryable failure, by how they ended.",
+            ),
+            &["service", "route", "outcome"],
+        )?;
         let policy_version =
             IntGauge::new("outrider_policy_version", "Version of the policy in force.")?;
         let build_info = IntGaugeVec::new(
@@ -120,6 +142,7 @@ impl Metrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(connections_opened.clone()))?;
         registry.register(Box::new(connections_active.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(policy_version.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(Self {
@@ -128,6 +151,7 @@ impl Metrics {
             duration,
             connections_opened,
             connections_active,
+            retries,
             policy_version,
         })
     }
@@ -142,6 +166,18 @@ impl Metrics {
             duration: self
                 .duration
                 .with_label_values(&[direction, service, route]),
+            retries: RetryMetrics {
+                success: self.retries.with_label_values(&[service, route, "success"]),
+                exhausted: self
+                    .retries
+                    .with_label_values(&[service, route, "exhausted"]),
+                budget_denied: self
+                    .retries
+                    .with_label_values(&[service, route, "budget-denied"]),
+                not_retryable: self
+                    .retries
+                    .with_label_values(&[service, route, "not-retryable"]),
+            },
         }
     }
 

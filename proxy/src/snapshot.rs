@@ -10,6 +10,7 @@ use bytes::Bytes;
 use outrider_config::{LoadedPolicy, Policy};
 
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::policy::RoutePolicy;
 use crate::upstream::{Upstream, UpstreamSpec};
 
 /// Where a matched request goes: an upstream, and the metrics it is counted in.
@@ -18,6 +19,8 @@ pub struct Target {
     pub upstream: Arc<Upstream>,
     /// Counters for this direction/service/route.
     pub metrics: RouteMetrics,
+    /// Timeouts, retries and limits for this service on this route.
+    pub policy: RoutePolicy,
 }
 
 enum Backends {
@@ -95,11 +98,15 @@ impl Snapshot {
             }
             upstreams.insert(name.clone(), upstream);
         }
-        let target = |service: &str, route: &str, direction: &str| -> Option<Arc<Target>> {
+        let target = |service: &str,
+                      route: Option<&outrider_config::Route>,
+                      label: &str|
+         -> Option<Arc<Target>> {
             let upstream = upstreams.get(service)?;
             Some(Arc::new(Target {
                 upstream: Arc::clone(upstream),
-                metrics: metrics.route(direction, service, route),
+                metrics: metrics.route(OUTBOUND, service, label),
+                policy: RoutePolicy::new(policy.services.get(service), route),
             }))
         };
         let mut routes = Vec::with_capacity(policy.routes.len());
@@ -107,7 +114,7 @@ impl Snapshot {
             let name = route.name.clone().unwrap_or_else(|| format!("route-{i}"));
             // Validation guarantees every referenced service exists and weights are > 0.
             let backends = match (&route.service, &route.split) {
-                (Some(service), _) => match target(service, &name, OUTBOUND) {
+                (Some(service), _) => match target(service, Some(route), &name) {
                     Some(t) => Backends::One(t),
                     None => continue,
                 },
@@ -115,7 +122,7 @@ impl Snapshot {
                     let mut total = 0u64;
                     let mut legs = Vec::with_capacity(split.len());
                     for leg in split {
-                        if let Some(t) = target(&leg.service, &name, OUTBOUND) {
+                        if let Some(t) = target(&leg.service, Some(route), &name) {
                             total += u64::from(leg.weight);
                             legs.push((total, t));
                         }
@@ -140,7 +147,7 @@ impl Snapshot {
         let dedicated = policy
             .services
             .iter()
-            .filter_map(|(name, s)| Some((s.listen?, target(name, "listen", OUTBOUND)?)))
+            .filter_map(|(name, s)| Some((s.listen?, target(name, None, "listen")?)))
             .collect();
         let inbound = policy.inbound.as_ref().map(|inbound| {
             let spec = UpstreamSpec {
@@ -152,6 +159,7 @@ impl Snapshot {
             Arc::new(Target {
                 upstream: Upstream::new(spec, &[inbound.app], metrics),
                 metrics: metrics.route(INBOUND, "app", "inbound"),
+                policy: RoutePolicy::default(),
             })
         });
         let config_json = serde_json::to_vec_pretty(&serde_json::json!({

@@ -7,11 +7,11 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use outrider_config::{LoadBalancing, Protocol};
 
+use crate::body::RequestBody;
 use crate::connect::EndpointConnector;
 use crate::errors::ProxyError;
 use crate::metrics::Metrics;
@@ -23,7 +23,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The HTTP client of one endpoint: pools connections (HTTP/1.1 keep-alive or one multiplexed
 /// HTTP/2 connection) to exactly that endpoint.
-pub type EndpointClient = Client<EndpointConnector, Incoming>;
+pub type EndpointClient = Client<EndpointConnector, RequestBody>;
 
 /// One address of a service, with its pool and load.
 pub struct Endpoint {
@@ -125,11 +125,12 @@ impl Upstream {
         self.endpoints.load().iter().map(|e| e.addr).collect()
     }
 
-    /// Picks the endpoint for one request.
-    pub fn pick(&self) -> Result<Arc<Endpoint>, ProxyError> {
+    /// Picks the endpoint for one attempt; a retry passes the endpoint that just failed, and
+    /// gets a different one whenever there is one.
+    pub fn pick(&self, avoid: Option<SocketAddr>) -> Result<Arc<Endpoint>, ProxyError> {
         let endpoints = self.endpoints.load();
         let n = endpoints.len();
-        let index = match (n, self.spec.balancing) {
+        let mut index = match (n, self.spec.balancing) {
             (0, _) => return Err(ProxyError::NoEndpoints(self.spec.name.clone())),
             (1, _) => 0,
             (_, LoadBalancing::RoundRobin) => self.next.fetch_add(1, Ordering::Relaxed) % n,
@@ -145,6 +146,9 @@ impl Upstream {
                 }
             }
         };
+        if n > 1 && avoid == Some(endpoints[index].addr) {
+            index = (index + 1) % n;
+        }
         Ok(Arc::clone(&endpoints[index]))
     }
 

@@ -1,0 +1,464 @@
+//! Retries: which failures are retried, for which methods, how long to back off, how much extra
+//! load retries may add (the budget), and the request body that can be replayed.
+//!
+//! Safety first: only idempotent methods are retried after the request may have reached the
+//! upstream; POST/PATCH are retried only when the connection never opened (nothing was sent),
+//! unless the route opts in. A body larger than `body_limit` is never retried, and a replayed
+//! body is the exact bytes of the first, never duplicated or cut.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use outrider_config::{Retries, RetryOn};
+use tokio::time::Instant;
+
+use crate::body::BoxError;
+
+/// How an attempt failed, as far as retrying is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptFailure {
+    /// The connection never opened: nothing was sent.
+    Connect,
+    /// The connection broke before a response, or the attempt timed out.
+    Reset,
+    /// The upstream answered with this status.
+    Status(StatusCode),
+    /// The upstream answered with this gRPC status code in its headers (trailers-only).
+    Grpc(u8),
+}
+
+/// A compiled retry policy (built once per reload).
+#[derive(Debug)]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub attempts: u32,
+    on_connect: bool,
+    on_reset: bool,
+    on_gateway: bool,
+    on_5xx: bool,
+    statuses: Vec<u16>,
+    grpc_codes: Vec<u8>,
+    backoff_base: Duration,
+    backoff_max: Duration,
+    /// Largest request body buffered for replay.
+    pub body_limit: u64,
+    /// The route allows retrying non-idempotent methods after they were sent.
+    pub non_idempotent: bool,
+    /// The shared retry budget of the route.
+    pub budget: RetryBudget,
+}
+
+/// The gRPC code of a status name in `retries.grpc`.
+fn grpc_code(name: &str) -> Option<u8> {
+    let index = outrider_config::GRPC_STATUS_NAMES
+        .iter()
+        .position(|n| *n == name)?;
+    // The list is in code order starting at CANCELLED (1).
+    u8::try_from(index + 1).ok()
+}
+
+impl RetryPolicy {
+    /// Compiles `config`; `non_idempotent` comes from the route.
+    pub fn new(config: &Retries, non_idempotent: bool) -> Self {
+        let on = |r| config.on.contains(&r);
+        Self {
+            attempts: config.attempts,
+            on_connect: on(RetryOn::ConnectFailure),
+            on_reset: on(RetryOn::Reset),
+            on_gateway: on(RetryOn::GatewayError),
+            on_5xx: on(RetryOn::FiveXx),
+            statuses: if on(RetryOn::RetriableStatus) {
+                config.status.clone()
+            } else {
+                Vec::new()
+            },
+            grpc_codes: config.grpc.iter().filter_map(|n| grpc_code(n)).collect(),
+            backoff_base: config.backoff.base.get(),
+            backoff_max: config.backoff.max.get(),
+            body_limit: config.body_limit.0,
+            non_idempotent,
+            budget: RetryBudget::new(config.budget.ratio, config.budget.min_per_second),
+        }
+    }
+
+    /// Whether this failure kind is listed as retryable, regardless of method.
+    pub fn retries_on(&self, failure: AttemptFailure) -> bool {
+        match failure {
+            AttemptFailure::Connect => self.on_connect,
+            AttemptFailure::Reset => self.on_reset || self.on_gateway || self.on_5xx,
+            AttemptFailure::Status(status) => {
+                let code = status.as_u16();
+                (self.on_5xx && status.is_server_error())
+                    || (self.on_gateway && matches!(code, 502..=504))
+                    || self.statuses.contains(&code)
+            }
+            AttemptFailure::Grpc(code) => self.grpc_codes.contains(&code),
+        }
+    }
+
+    /// Whether `method` may be retried after `failure`. A connect failure sent nothing, so any
+    /// method is safe; otherwise only idempotent methods, unless the route opted in.
+    pub fn method_allows(&self, method: &Method, failure: AttemptFailure) -> bool {
+        failure == AttemptFailure::Connect || self.non_idempotent || is_idempotent(method)
+    }
+
+    /// Full-jitter backoff before retry number `retry` (1-based): U[0, min(max, base·2^(retry-1))).
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let exp = self
+            .backoff_base
+            .saturating_mul(1u32 << (retry.saturating_sub(1)).min(20));
+        let ceiling = exp.min(self.backoff_max);
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        if nanos == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(fastrand::u64(..nanos))
+    }
+}
+
+/// RFC 9110 idempotent methods.
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// The delay a `Retry-After` header asks for, in its delta-seconds form. (The HTTP-date form is
+/// ignored: clocks between pods cannot be trusted to agree.)
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Caps retries at `ratio` of requests plus `min_per_second`, over a sliding 10 s window, so a
+/// failing upstream sees at most that much extra load (Linkerd's and Finagle's retry budget).
+#[derive(Debug)]
+pub struct RetryBudget {
+    ratio: f64,
+    min_per_second: u32,
+    window: Mutex<BudgetWindow>,
+}
+
+const BUDGET_SLOTS: usize = 10;
+
+#[derive(Debug)]
+struct BudgetWindow {
+    /// Per-second slots of (requests, retries), newest last.
+    slots: VecDeque<(u64, u64)>,
+    slot_start: Instant,
+}
+
+impl RetryBudget {
+    /// A budget allowing `ratio` extra load plus `min_per_second` retries.
+    pub fn new(ratio: f64, min_per_second: u32) -> Self {
+        let mut slots = VecDeque::with_capacity(BUDGET_SLOTS);
+        slots.push_back((0, 0));
+        Self {
+            ratio,
+            min_per_second,
+            window: Mutex::new(BudgetWindow {
+                slots,
+                slot_start: Instant::now(),
+            }),
+        }
+    }
+
+    fn with_window<T>(&self, f: impl FnOnce(&mut BudgetWindow) -> T) -> T {
+        // The lock guards a few integer updates; a poisoned lock still holds valid counters.
+        let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        while now.duration_since(window.slot_start) >= Duration::from_secs(1) {
+            window.slot_start += Duration::from_secs(1);
+            window.slots.push_back((0, 0));
+            if window.slots.len() > BUDGET_SLOTS {
+                window.slots.pop_front();
+            }
+            if now.duration_since(window.slot_start) > Duration::from_secs(BUDGET_SLOTS as u64) {
+                // Idle for longer than the window: start afresh.
+                window.slots.clear();
+                window.slots.push_back((0, 0));
+                window.slot_start = now;
+            }
+        }
+        f(&mut window)
+    }
+
+    /// Counts one original request.
+    pub fn deposit(&self) {
+        self.with_window(|w| {
+            if let Some(last) = w.slots.back_mut() {
+                last.0 += 1;
+            }
+        });
+    }
+
+    /// Takes one retry from the budget, or returns false when it is spent.
+    pub fn withdraw(&self) -> bool {
+        let (ratio, min) = (self.ratio, self.min_per_second);
+        self.with_window(|w| {
+            let (requests, retries) = w
+                .slots
+                .iter()
+                .fold((0u64, 0u64), |(r, t), (a, b)| (r + a, t + b));
+            let seconds = w.slots.len() as f64;
+            let allowed = ratio * requests as f64 + f64::from(min) * seconds;
+            if (retries as f64) < allowed {
+                if let Some(last) = w.slots.back_mut() {
+                    last.1 += 1;
+                }
+                true
+            } else {
+                false
+            }
+        })
+    }
+}
+
+/// Hands out the request body of each attempt of an exchange that may be retried: the first
+/// attempt streams the caller's body while a copy of up to `limit` bytes is kept; later attempts
+/// replay the copy and then continue with whatever the caller has not sent yet.
+pub struct ReplayHandle {
+    shared: Arc<Mutex<ReplayState>>,
+}
+
+/// One attempt's view of a replayable request body. Starting a new attempt fences off the
+/// previous one: if its connection still polls it, it gets an error instead of bytes, so an
+/// abandoned attempt can never complete with a cut body.
+pub struct ReplayBody {
+    shared: Arc<Mutex<ReplayState>>,
+    generation: u64,
+    /// Index of the next buffered chunk this attempt sends.
+    position: usize,
+    trailers_sent: bool,
+}
+
+/// An abandoned attempt's body was polled after a retry started.
+#[derive(Debug, thiserror::Error)]
+#[error("request body superseded by a retry")]
+pub struct Superseded;
+
+struct ReplayState {
+    source: Option<Incoming>,
+    chunks: Vec<Bytes>,
+    buffered: u64,
+    limit: u64,
+    /// More than `limit` bytes went through: no further attempt can be made.
+    overflowed: bool,
+    trailers: Option<HeaderMap>,
+    complete: bool,
+    size_hint: SizeHint,
+    generation: u64,
+}
+
+impl ReplayHandle {
+    /// Wraps the caller's body, keeping up to `limit` bytes for replay.
+    pub fn new(source: Incoming, limit: u64) -> Self {
+        let size_hint = source.size_hint();
+        let complete = source.is_end_stream();
+        // A body declared larger than the limit can never be replayed: don't copy any of it.
+        let overflowed = size_hint.lower() > limit;
+        Self {
+            shared: Arc::new(Mutex::new(ReplayState {
+                source: Some(source),
+                chunks: Vec::new(),
+                buffered: 0,
+                limit,
+                overflowed,
+                trailers: None,
+                complete,
+                size_hint,
+                generation: 0,
+            })),
+        }
+    }
+
+    /// The body of the next attempt. Only call it for a retry when [`Self::is_replayable`].
+    pub fn body(&self) -> ReplayBody {
+        let mut state = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        state.generation += 1;
+        ReplayBody {
+            shared: Arc::clone(&self.shared),
+            generation: state.generation,
+            position: 0,
+            trailers_sent: false,
+        }
+    }
+
+    /// Whether a further attempt could still be given the whole body.
+    pub fn is_replayable(&self) -> bool {
+        !self.shared.lock().map(|s| s.overflowed).unwrap_or(true)
+    }
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let mut state = this.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if state.generation != this.generation {
+            return Poll::Ready(Some(Err(Box::new(Superseded))));
+        }
+        if !state.overflowed && this.position < state.chunks.len() {
+            let chunk = state.chunks[this.position].clone();
+            this.position += 1;
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if state.complete {
+            if !this.trailers_sent {
+                this.trailers_sent = true;
+                if let Some(trailers) = state.trailers.clone() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        let Some(source) = state.source.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(source).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                state.complete = true;
+                this.trailers_sent = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Ok(frame))) => {
+                let frame = match frame.into_data() {
+                    Ok(data) => {
+                        if !state.overflowed {
+                            state.buffered += data.len() as u64;
+                            if state.buffered > state.limit {
+                                state.overflowed = true;
+                                state.chunks = Vec::new();
+                            } else {
+                                state.chunks.push(data.clone());
+                                this.position = state.chunks.len();
+                            }
+                        }
+                        Frame::data(data)
+                    }
+                    Err(frame) => {
+                        if let Some(trailers) = frame.trailers_ref() {
+                            state.trailers = Some(trailers.clone());
+                            state.complete = true;
+                            this.trailers_sent = true;
+                        }
+                        frame
+                    }
+                };
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let state = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        state.complete
+            && (state.overflowed || self.position >= state.chunks.len())
+            && (self.trailers_sent || state.trailers.is_none())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.shared
+            .lock()
+            .map(|s| s.size_hint.clone())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(on: &[RetryOn], non_idempotent: bool) -> RetryPolicy {
+        let config = Retries {
+            attempts: 2,
+            on: on.to_vec(),
+            status: vec![409],
+            grpc: vec!["unavailable".into()],
+            backoff: outrider_config::Backoff::default(),
+            budget: outrider_config::RetryBudget::default(),
+            body_limit: outrider_config::ByteSize(1024),
+        };
+        RetryPolicy::new(&config, non_idempotent)
+    }
+
+    #[test]
+    fn post_is_retried_only_when_nothing_was_sent() {
+        let p = policy(&[RetryOn::ConnectFailure, RetryOn::FiveXx], false);
+        assert!(p.method_allows(&Method::POST, AttemptFailure::Connect));
+        assert!(!p.method_allows(&Method::POST, AttemptFailure::Reset));
+        assert!(!p.method_allows(
+            &Method::PATCH,
+            AttemptFailure::Status(StatusCode::BAD_GATEWAY)
+        ));
+        assert!(p.method_allows(&Method::PUT, AttemptFailure::Reset));
+        let opted_in = policy(&[RetryOn::FiveXx], true);
+        assert!(opted_in.method_allows(&Method::POST, AttemptFailure::Reset));
+    }
+
+    #[test]
+    fn classifies_statuses() {
+        let p = policy(&[RetryOn::GatewayError, RetryOn::RetriableStatus], false);
+        assert!(p.retries_on(AttemptFailure::Status(StatusCode::SERVICE_UNAVAILABLE)));
+        assert!(!p.retries_on(AttemptFailure::Status(StatusCode::INTERNAL_SERVER_ERROR)));
+        assert!(p.retries_on(AttemptFailure::Status(StatusCode::CONFLICT)));
+        assert!(!p.retries_on(AttemptFailure::Connect));
+        assert!(p.retries_on(AttemptFailure::Grpc(14)));
+        assert!(!p.retries_on(AttemptFailure::Grpc(13)));
+    }
+
+    #[test]
+    fn backoff_is_jittered_under_a_growing_capped_ceiling() {
+        let p = policy(&[], false);
+        for _ in 0..1000 {
+            assert!(p.backoff(1) < Duration::from_millis(25));
+            assert!(p.backoff(2) < Duration::from_millis(50));
+            assert!(p.backoff(9) < Duration::from_millis(250));
+        }
+    }
+
+    #[test]
+    fn retry_after_seconds() {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::RETRY_AFTER, "2".parse().expect("header"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert(
+            http::header::RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().expect("header"),
+        );
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_caps_retries_at_ratio_plus_minimum() {
+        let budget = RetryBudget::new(0.2, 1);
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        // 20% of 100 plus 1 per second over the one second seen so far.
+        let granted = (0..100).filter(|_| budget.withdraw()).count();
+        assert_eq!(granted, 21);
+        // Time passing adds the per-second minimum, not more.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(budget.withdraw());
+        assert!(!budget.withdraw());
+        // After a quiet window the budget starts afresh.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(budget.withdraw());
+    }
+}
