@@ -13,6 +13,7 @@ pub mod errors;
 pub mod forward;
 pub mod headers;
 pub mod metrics;
+pub mod policy;
 pub mod server;
 pub mod snapshot;
 pub mod upstream;

@@ -373,10 +373,7 @@ impl Body for ReplayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.shared
-            .lock()
-            .map(|s| s.size_hint.clone())
-            .unwrap_or_default()
+        self.shared.lock().map(|s| s.size_hint).unwrap_or_default()
     }
 }
 
