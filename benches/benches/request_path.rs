@@ -1,0 +1,166 @@
+//! Criterion micro-benchmarks of Outrider's per-request CPU work, without any I/O: policy
+//! loading, route matching in a compiled [`Snapshot`], and the header rewrites every forwarded
+//! request gets. Run: `cargo bench -p outrider-benches --bench request_path`.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion};
+use http::header::{self, HeaderMap, HeaderValue};
+use outrider_proxy::headers;
+use outrider_proxy::metrics::Metrics;
+use outrider_proxy::snapshot::Snapshot;
+
+/// The example policy shipped with the repository.
+const DEMO_POLICY: &str = include_str!("../../deploy/examples/demo.yaml");
+/// How many routes (and services) the route-matching policy has.
+const ROUTES: usize = 20;
+
+/// A policy with [`ROUTES`] services and one route each, `svc-NN` + `/api/vNN/`, in order.
+fn many_routes_policy() -> String {
+    let mut yaml = String::from("services:\n");
+    for i in 0..ROUTES {
+        yaml.push_str(&format!(
+            "  svc-{i:02}:\n    endpoints: [127.0.0.1:{}]\n",
+            20000 + i
+        ));
+    }
+    yaml.push_str("routes:\n");
+    for i in 0..ROUTES {
+        yaml.push_str(&format!(
+            "  - name: r{i:02}\n    match: {{ authority: svc-{i:02}.default.svc, path_prefix: /api/v{i}/ }}\n    service: svc-{i:02}\n"
+        ));
+    }
+    yaml
+}
+
+fn bench_config_load(c: &mut Criterion) {
+    c.bench_function("config/load_demo_yaml", |b| {
+        b.iter(|| outrider_config::load(black_box("demo.yaml"), black_box(DEMO_POLICY)))
+    });
+}
+
+fn bench_route(c: &mut Criterion) {
+    // Snapshot::build creates connection pools with Tokio timers: give it a runtime context.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime for building the snapshot");
+    let _guard = rt.enter();
+    let loaded = outrider_config::load("routes.yaml", &many_routes_policy())
+        .expect("the generated 20-route policy is valid");
+    let metrics = Metrics::new("bench").expect("metrics register in a fresh registry");
+    let snapshot = Snapshot::build(loaded, 1, "bench", &metrics);
+    let last = ROUTES - 1;
+    let last_host = format!("svc-{last:02}.default.svc");
+    let last_path = format!("/api/v{last}/items/42");
+
+    let mut group = c.benchmark_group("route");
+    group.bench_function("first_match", |b| {
+        b.iter(|| {
+            snapshot
+                .route(
+                    black_box("svc-00.default.svc"),
+                    black_box("/api/v0/items/42"),
+                )
+                .is_some()
+        })
+    });
+    group.bench_function("last_match_of_20", |b| {
+        b.iter(|| {
+            snapshot
+                .route(black_box(&last_host), black_box(&last_path))
+                .is_some()
+        })
+    });
+    group.bench_function("no_match_of_20", |b| {
+        b.iter(|| {
+            snapshot
+                .route(black_box("unknown.default.svc"), black_box("/api/v0/"))
+                .is_some()
+        })
+    });
+    group.finish();
+}
+
+/// A typical 10-header HTTP/1.1 request from an app to a service.
+fn typical_request_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let mut set = |name: header::HeaderName, value: &'static str| {
+        h.insert(name, HeaderValue::from_static(value));
+    };
+    set(header::HOST, "payments.default.svc");
+    set(header::USER_AGENT, "checkout/2.3.1 (okhttp)");
+    set(header::ACCEPT, "application/json");
+    set(header::ACCEPT_ENCODING, "gzip, deflate, br");
+    set(header::ACCEPT_LANGUAGE, "en-US,en;q=0.9");
+    set(header::CONTENT_TYPE, "application/json");
+    set(header::CONTENT_LENGTH, "128");
+    set(header::AUTHORIZATION, "Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig");
+    set(header::CONNECTION, "keep-alive");
+    set(
+        header::HeaderName::from_static("traceparent"),
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    );
+    h
+}
+
+fn bench_headers(c: &mut Criterion) {
+    let template = typical_request_headers();
+    let peer = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3));
+    let mut group = c.benchmark_group("headers");
+    group.bench_function("clone_10_headers_baseline", |b| {
+        b.iter(|| black_box(&template).clone())
+    });
+    group.bench_function("strip_forwarded_request_id_10_headers", |b| {
+        b.iter_batched_ref(
+            || template.clone(),
+            |h| {
+                headers::strip_hop_by_hop(h, false);
+                headers::append_forwarded(h, peer);
+                headers::ensure_request_id(h);
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("strip_hop_by_hop", |b| {
+        b.iter_batched_ref(
+            || template.clone(),
+            |h| headers::strip_hop_by_hop(h, false),
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("append_forwarded", |b| {
+        b.iter_batched_ref(
+            || template.clone(),
+            |h| headers::append_forwarded(h, peer),
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("ensure_request_id", |b| {
+        b.iter_batched_ref(
+            || template.clone(),
+            headers::ensure_request_id,
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn config() -> Criterion {
+    // Short defaults keep a full run near a minute; `--quick` shortens it further.
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+}
+
+fn main() {
+    // What `criterion_group!`/`criterion_main!` expand to, written out so every item is
+    // private and documented.
+    let mut c = config().configure_from_args();
+    bench_config_load(&mut c);
+    bench_route(&mut c);
+    bench_headers(&mut c);
+    c.final_summary();
+}

@@ -1,0 +1,611 @@
+#!/usr/bin/env bash
+# benches/load.sh: Outrider's load benchmark. Direct-to-upstream vs through Outrider vs through
+# nginx, HTTP/1.1 and h2c, on 127.0.0.1 only, pinned like a 1-CPU pod. Not part of the tests.
+#
+# Usage: bash benches/load.sh [--quick] [--rounds N] [--duration SECS] [--rate RPS]
+#                             [--out FILE] [--keep-tmp]
+#   --quick        1 round of 3 s runs (smoke run); writes benches/results/quick.md
+#   --rounds N     rounds; medians are reported (default 3)
+#   --duration S   length of each measured run in seconds (default 10)
+#   --rate RPS     request rate of the open-loop latency runs (default 2000)
+#   --out FILE     markdown report (default benches/results/latest.md)
+#   --keep-tmp     keep the temp dir (configs, logs, raw generator output)
+#
+# Layout: CPU 0 runs the load generator; CPU 1 runs bench-upstream and the proxy under test
+# (outrider-proxy --workers 1, or nginx with one worker). Generators: wrk (HTTP/1.1) and h2load
+# (h2c) for closed-loop max throughput, oha for open-loop latency at a fixed rate.
+set -euo pipefail
+shopt -s inherit_errexit
+
+INVOCATION=${*:+ $*}   # the flags, for the report
+ROUNDS=3
+DURATION=10
+RATE=2000
+QUICK=0
+KEEP_TMP=0
+OUT=""
+while (($#)); do
+    case "$1" in
+    --quick) QUICK=1 ROUNDS=1 DURATION=3 ;;
+    --rounds) ROUNDS=${2:?--rounds needs a number}; shift ;;
+    --duration) DURATION=${2:?--duration needs seconds}; shift ;;
+    --rate) RATE=${2:?--rate needs requests/s}; shift ;;
+    --out) OUT=${2:?--out needs a file}; shift ;;
+    --keep-tmp) KEEP_TMP=1 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "load.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
+    esac
+    shift
+done
+for n in "$ROUNDS" "$DURATION" "$RATE"; do
+    [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "load.sh: $n is not a positive integer" >&2; exit 64; }
+done
+
+# ---- fixed parameters -------------------------------------------------------------------
+LOADGEN_CPU=0          # the load generator
+SERVER_CPU=1           # bench-upstream + the proxy under test
+H1_CONNS=64            # HTTP/1.1: keep-alive connections
+H2_CONNS=4             # h2c: connections ...
+H2_STREAMS=16          # ... times concurrent streams each = 64 requests in flight
+WARMUP=1               # seconds of unmeasured load before each target's runs
+HOST=127.0.0.1
+PORT_UPSTREAM=18080
+PORT_OUTBOUND=18081
+PORT_INBOUND=18082
+PORT_ADMIN=18083
+PORT_NGINX_H1=18090
+PORT_NGINX_H2=18091
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+[[ -n $OUT ]] || { ((QUICK)) && OUT=benches/results/quick.md || OUT=benches/results/latest.md; }
+export PATH="$PATH:/usr/sbin:/sbin:${CARGO_HOME:-$HOME/.cargo}/bin"
+
+log() { printf '[load.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ---- processes we start, and cleanup ----------------------------------------------------
+PIDS=()     # every background process this script started (or nginx workers it caused)
+TMP=""
+cleanup() {
+    local status=$? pid
+    set +e
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+    for _ in $(seq 30); do
+        local alive=0
+        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+    wait 2>/dev/null
+    if [[ -n $TMP && -d $TMP ]]; then
+        if ((KEEP_TMP)) || ((status != 0)); then
+            log "logs and configs kept in $TMP"
+        else
+            rm -rf "$TMP"
+        fi
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Starts "$@" in the background with output to log file $1; sets LAST_PID.
+LAST_PID=""
+start_bg() {
+    local logfile=$1
+    shift
+    "$@" >"$logfile" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+}
+
+# Stops one process we started: TERM, up to 5 s, then KILL.
+stop_pid() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# Waits until something accepts on 127.0.0.1:$2 while process $1 lives (log in $3).
+wait_port() {
+    local pid=$1 port=$2 logfile=$3
+    for _ in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || die "process $pid exited before listening on $port: $(tail -5 "$logfile")"
+        if (exec 3<>"/dev/tcp/$HOST/$port") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    die "nothing listens on $HOST:$port after 5 s (pid $pid): $(tail -5 "$logfile")"
+}
+
+# ---- tools ------------------------------------------------------------------------------
+as_root() {
+    if [[ $(id -u) == 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null; then
+        sudo "$@"
+    else
+        die "need root (or sudo) to run: $*"
+    fi
+}
+
+APT_UPDATED=0
+apt_install() {
+    ((APT_UPDATED)) || { as_root apt-get update -qq; APT_UPDATED=1; }
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >&2
+}
+
+ensure_tools() {
+    local missing=()
+    command -v taskset >/dev/null || missing+=(util-linux)
+    command -v jq >/dev/null || missing+=(jq)
+    command -v wrk >/dev/null || missing+=(wrk)
+    command -v h2load >/dev/null || missing+=(nghttp2-client)
+    local need_nginx=0
+    command -v nginx >/dev/null || need_nginx=1
+    ((need_nginx)) && missing+=(nginx)
+    if ((${#missing[@]})); then
+        log "installing Debian packages: ${missing[*]}"
+        apt_install "${missing[@]}"
+    fi
+    if ((need_nginx)); then
+        # The package may start and enable a system nginx; we run our own, so stop it.
+        if [[ -d /run/systemd/system ]]; then
+            as_root systemctl disable --now nginx >/dev/null 2>&1 || true
+        elif [[ -s /run/nginx.pid ]]; then
+            as_root nginx -s stop >/dev/null 2>&1 || true
+        fi
+    fi
+    if ! command -v oha >/dev/null; then
+        log "installing oha (cargo install oha --locked; several minutes on 2 cores)"
+        cargo install oha --locked >&2
+    fi
+}
+
+check_ports_free() {
+    local port
+    for port in $PORT_UPSTREAM $PORT_OUTBOUND $PORT_INBOUND $PORT_ADMIN $PORT_NGINX_H1 $PORT_NGINX_H2; do
+        if (exec 3<>"/dev/tcp/$HOST/$port") 2>/dev/null; then
+            die "port $HOST:$port is already in use"
+        fi
+    done
+}
+
+# ---- measurement helpers ----------------------------------------------------------------
+CLK_TCK=$(getconf CLK_TCK)
+
+# utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat).
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+
+# A field of /proc/PID/status in kB (VmRSS, VmHWM).
+status_kb() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"; }
+
+RESULTS=""   # lines: proto target metric round value
+record() { printf '%s %s %s %s %s\n' "$1" "$2" "$3" "$ROUND" "$4" >>"$RESULTS"; }
+
+COMMANDS=""  # every distinct command line, for the report
+note_cmd() { printf '%s\n' "$*" >>"$COMMANDS"; }
+
+# Runs a generator, bounded in time, pinned to the load-generator CPU.
+gen() {
+    note_cmd "taskset -c $LOADGEN_CPU $*"
+    timeout --foreground -k 5 $((DURATION + WARMUP + 60)) taskset -c "$LOADGEN_CPU" "$@"
+}
+
+WRK_LUA=""   # set up in main
+# Closed loop, HTTP/1.1: wrk, one thread, $H1_CONNS connections. Prints "requests rps errors".
+run_wrk() {
+    local port=$1 secs=$2 out=$3
+    gen wrk -t1 -c"$H1_CONNS" -d"${secs}s" -H "Host: bench" -s "$WRK_LUA" "http://$HOST:$port/" >"$out" 2>&1 ||
+        die "wrk failed: $(tail -5 "$out")"
+    awk '/^WRK / {
+        for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        printf "%d %.1f %d\n", v["requests"], v["requests"] / (v["duration_us"] / 1e6),
+            v["status"] + v["connect"] + v["read"] + v["write"] + v["timeout"]
+    }' "$out"
+}
+
+# Closed loop, h2c: h2load, $H2_CONNS connections x $H2_STREAMS streams. Same output.
+run_h2load() {
+    local port=$1 secs=$2 out=$3
+    gen h2load -c "$H2_CONNS" -m "$H2_STREAMS" -D "$secs" -H ":authority: bench" "http://$HOST:$port/" >"$out" 2>&1 ||
+        die "h2load failed: $(tail -5 "$out")"
+    awk '
+        /^finished in/ { rps = $4 }
+        /^requests:/ { done = $6; failed = $10; errored = $12; timeout = $14 }
+        /^status codes:/ { non2xx = $5 + $7 + $9 }
+        END { if (rps == "") exit 1; printf "%d %.1f %d\n", done, rps, failed + errored + timeout + non2xx }
+    ' "$out" || die "cannot parse h2load output: $(tail -5 "$out")"
+}
+
+# Open loop at $RATE req/s with coordinated-omission correction: oha. Prints
+# "requests p50_ms p99_ms errors".
+run_oha() {
+    local proto=$1 port=$2 secs=$3 out=$4
+    local args=(-c "$H1_CONNS" -w)
+    [[ $proto == h2 ]] && args=(--http2 -c "$H2_CONNS" -p "$H2_STREAMS")
+    gen oha --no-tui --worker-threads 1 "${args[@]}" -z "${secs}s" -q "$RATE" --latency-correction \
+        --connect-to "bench:$port:$HOST:$port" --output-format json "http://bench:$port/" >"$out" 2>"$out.err" ||
+        die "oha failed: $(tail -5 "$out.err")"
+    jq -r '[
+        ([.statusCodeDistribution[]] | add // 0),
+        (.latencyPercentiles.p50 * 1000),
+        (.latencyPercentiles.p99 * 1000),
+        (([.statusCodeDistribution | to_entries[] | select(.key | test("^2") | not) | .value] | add // 0)
+            + ([.errorDistribution[]] | add // 0))
+    ] | @tsv' "$out" || die "cannot parse oha output $out"
+}
+
+# Measures one target: warm-up, closed-loop max throughput, open-loop latency at $RATE.
+# $1 proto (h1|h2), $2 target label, $3 port, $4 pid whose CPU is charged.
+measure() {
+    local proto=$1 target=$2 port=$3 pid=$4 base="$TMP/r$ROUND-$1-$2"
+    local closed=run_wrk
+    [[ $proto == h2 ]] && closed=run_h2load
+    log "round $ROUND $proto $target: warm-up ${WARMUP}s, max ${DURATION}s, ${RATE} req/s ${DURATION}s"
+    "$closed" "$port" "$WARMUP" "$base-warmup.txt" >/dev/null
+
+    local t0 t1 out requests rps errors
+    t0=$(cpu_ticks "$pid")
+    out=$("$closed" "$port" "$DURATION" "$base-max.txt")
+    t1=$(cpu_ticks "$pid")
+    read -r requests rps errors <<<"$out"
+    record "$proto" "$target" max_rps "$rps"
+    record "$proto" "$target" cpu_us_max "$(awk -v d=$((t1 - t0)) -v n="$requests" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", n ? d * 1e6 / hz / n : 0 }')"
+    record "$proto" "$target" errors_max "$errors"
+
+    local p50 p99
+    t0=$(cpu_ticks "$pid")
+    out=$(run_oha "$proto" "$port" "$DURATION" "$base-rate.json")
+    t1=$(cpu_ticks "$pid")
+    read -r requests p50 p99 errors <<<"$out"
+    record "$proto" "$target" p50_ms "$p50"
+    record "$proto" "$target" p99_ms "$p99"
+    record "$proto" "$target" cpu_us_rate "$(awk -v d=$((t1 - t0)) -v n="$requests" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", n ? d * 1e6 / hz / n : 0 }')"
+    record "$proto" "$target" errors_rate "$errors"
+    log "  max $rps req/s; p50 ${p50} ms, p99 ${p99} ms at $RATE req/s"
+}
+
+# ---- the processes under test -----------------------------------------------------------
+UPSTREAM_PID=""
+start_upstream() {
+    local cmd=(taskset -c "$SERVER_CPU" target/release/bench-upstream --listen "$HOST:$PORT_UPSTREAM")
+    note_cmd "${cmd[*]}"
+    start_bg "$TMP/upstream.log" "${cmd[@]}"
+    UPSTREAM_PID=$LAST_PID
+    wait_port "$UPSTREAM_PID" "$PORT_UPSTREAM" "$TMP/upstream.log"
+}
+
+# $1: upstream protocol (http1|http2).
+PROXY_PID=""
+start_proxy() {
+    local policy="$TMP/policy-$1.yaml"
+    cat >"$policy" <<EOF
+# Generated by benches/load.sh: Host \`bench\` -> bench-upstream over $1.
+services:
+  bench:
+    endpoints: [$HOST:$PORT_UPSTREAM]
+    protocol: $1
+routes:
+  - name: bench
+    match: { authority: bench }
+    service: bench
+EOF
+    local cmd=(taskset -c "$SERVER_CPU" target/release/outrider-proxy --policy "$policy" --workers 1
+        --outbound "$HOST:$PORT_OUTBOUND" --inbound "$HOST:$PORT_INBOUND" --admin "$HOST:$PORT_ADMIN"
+        --drain-timeout 2s)
+    note_cmd "${cmd[*]}"
+    start_bg "$TMP/proxy-$1.log" "${cmd[@]}"
+    PROXY_PID=$LAST_PID
+    wait_port "$PROXY_PID" "$PORT_OUTBOUND" "$TMP/proxy-$1.log"
+    curl -fsS -o /dev/null "http://$HOST:$PORT_ADMIN/ready" || die "outrider-proxy is not ready"
+    local got
+    got=$(curl -fsS -H "Host: bench" "http://$HOST:$PORT_OUTBOUND/") || die "no 200 through outrider-proxy"
+    [[ $got == "hello, world" ]] || die "unexpected body through outrider-proxy: $got"
+}
+
+write_nginx_conf() {
+    local dir=$TMP/nginx user_line=""
+    mkdir -p "$dir/logs" "$dir/tmp"
+    # As root, nginx would switch its worker to `nobody`; keep it as the current user.
+    [[ $(id -u) == 0 ]] && user_line="user $(id -un);"
+    cat >"$dir/nginx.conf" <<EOF
+# Generated by benches/load.sh: one worker, HTTP/1.1 on $PORT_NGINX_H1, h2c (prior knowledge) on
+# $PORT_NGINX_H2, keep-alive HTTP/1.1 to bench-upstream.
+$user_line
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+events {
+    worker_connections 4096;
+}
+http {
+    access_log off;
+    # Outrider has no per-connection request limit; nginx's default (1000) would close
+    # client and upstream connections mid-run (and h2load does not reconnect).
+    keepalive_requests 1000000;
+    client_body_temp_path $dir/tmp/client_body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    upstream bench_upstream {
+        server $HOST:$PORT_UPSTREAM;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen $HOST:$PORT_NGINX_H1;
+        listen $HOST:$PORT_NGINX_H2 http2;
+        location / {
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # The same per-request work Outrider does: keep Host, add forwarded-for and an id.
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Request-Id \$request_id;
+        }
+    }
+}
+EOF
+}
+
+NGINX_PID=""         # master
+NGINX_WORKER_PID=""  # the one worker: the process measured
+start_nginx() {
+    local dir=$TMP/nginx
+    local cmd=(taskset -c "$SERVER_CPU" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log")
+    note_cmd "${cmd[*]}"
+    start_bg "$TMP/nginx.log" "${cmd[@]}"
+    NGINX_PID=$LAST_PID
+    wait_port "$NGINX_PID" "$PORT_NGINX_H1" "$TMP/nginx.log"
+    wait_port "$NGINX_PID" "$PORT_NGINX_H2" "$TMP/nginx.log"
+    NGINX_WORKER_PID=""
+    for _ in $(seq 50); do
+        read -r NGINX_WORKER_PID _ <"/proc/$NGINX_PID/task/$NGINX_PID/children" || true
+        [[ -n $NGINX_WORKER_PID ]] && break
+        sleep 0.05
+    done
+    [[ -n $NGINX_WORKER_PID ]] || die "nginx started no worker: $(tail -5 "$dir/logs/error.log")"
+    PIDS+=("$NGINX_WORKER_PID")
+    local got
+    got=$(curl -fsS -H "Host: bench" "http://$HOST:$PORT_NGINX_H1/") || die "no 200 through nginx"
+    [[ $got == "hello, world" ]] || die "unexpected body through nginx: $got"
+}
+
+stop_nginx() {
+    stop_pid "$NGINX_PID"
+    stop_pid "$NGINX_WORKER_PID"
+}
+
+# ---- one round --------------------------------------------------------------------------
+run_round() {
+    local proto up_kb
+    for proto in h1 h2; do
+        start_upstream
+        up_kb=$(status_kb "$UPSTREAM_PID" VmRSS)
+        record "$proto" direct idle_rss_kb "$up_kb"
+        measure "$proto" direct "$PORT_UPSTREAM" "$UPSTREAM_PID"
+        record "$proto" direct peak_rss_kb "$(status_kb "$UPSTREAM_PID" VmHWM)"
+
+        # Outrider; for h2c also with an HTTP/1.1 upstream (what nginx does).
+        local variants=(http1) variant target
+        [[ $proto == h2 ]] && variants=(http2 http1)
+        for variant in "${variants[@]}"; do
+            target=outrider
+            [[ $proto == h2 && $variant == http1 ]] && target=outrider-h1up
+            start_proxy "$variant"
+            record "$proto" "$target" idle_rss_kb "$(status_kb "$PROXY_PID" VmRSS)"
+            measure "$proto" "$target" "$PORT_OUTBOUND" "$PROXY_PID"
+            record "$proto" "$target" peak_rss_kb "$(status_kb "$PROXY_PID" VmHWM)"
+            stop_pid "$PROXY_PID"
+        done
+
+        start_nginx
+        record "$proto" nginx idle_rss_kb "$(status_kb "$NGINX_WORKER_PID" VmRSS)"
+        local nginx_port=$PORT_NGINX_H1
+        [[ $proto == h2 ]] && nginx_port=$PORT_NGINX_H2
+        measure "$proto" nginx "$nginx_port" "$NGINX_WORKER_PID"
+        record "$proto" nginx peak_rss_kb "$(status_kb "$NGINX_WORKER_PID" VmHWM)"
+        stop_nginx
+        stop_pid "$UPSTREAM_PID"
+    done
+}
+
+# ---- report -----------------------------------------------------------------------------
+# Median of metric $3 for proto $1, target $2 over all rounds.
+median() {
+    awk -v p="$1" -v t="$2" -v m="$3" '$1 == p && $2 == t && $3 == m { print $5 }' "$RESULTS" |
+        sort -g | awk '{ v[NR] = $1 } END {
+            if (NR == 0) { print "nan"; exit }
+            print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+# Sum of metric $3 for proto $1, target $2 over all rounds.
+total() {
+    awk -v p="$1" -v t="$2" -v m="$3" '$1 == p && $2 == t && $3 == m { s += $5 } END { print s + 0 }' "$RESULTS"
+}
+mib() { awk -v v="$1" 'BEGIN { if (v == "nan") print "n/a"; else printf "%.1f", v / 1024 }'; }
+fmt() { awk -v v="$1" -v f="$2" 'BEGIN { if (v == "nan") print "n/a"; else printf f, v }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "n/a"; else printf "%.2f", a / b }'; }
+diff_ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.3f", a - b }'; }
+
+label() {
+    case "$1/$2" in
+    h1/direct) echo "(a) direct to bench-upstream" ;;
+    h1/outrider) echo "(b) through Outrider (HTTP/1.1 upstream)" ;;
+    h1/nginx) echo "(c) through nginx (HTTP/1.1 upstream)" ;;
+    h2/direct) echo "(a) direct to bench-upstream (h2c)" ;;
+    h2/outrider) echo "(b) through Outrider, h2c upstream" ;;
+    h2/outrider-h1up) echo "(b') through Outrider, HTTP/1.1 upstream" ;;
+    h2/nginx) echo "(c) through nginx (HTTP/1.1 upstream)" ;;
+    esac
+}
+
+report() {
+    local errors_total=0 proto target
+    {
+        echo "# Outrider load benchmark: latest figures"
+        echo
+        echo "Measured $(date -u '+%Y-%m-%d %H:%M UTC') by \`bash benches/load.sh$INVOCATION\`:" \
+            "$ROUNDS round(s), medians shown; each run ${DURATION} s after a ${WARMUP} s warm-up."
+        echo
+        echo "- Machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)," \
+            "$(awk '/^MemTotal/ { printf "%.0f GiB RAM", $2 / 1048576 }' /proc/meminfo), Linux $(uname -r)"
+        echo "- Pinning (a 1-CPU pod): load generator on CPU $LOADGEN_CPU; bench-upstream and the proxy" \
+            "under test on CPU $SERVER_CPU (they share it). All traffic on 127.0.0.1."
+        echo "- Outrider: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- proxy config 2>/dev/null || echo ' (+ uncommitted changes)'), release build, \`--workers 1\`," \
+            "default log level; $(nginx -v 2>&1 | sed 's/^nginx version: //'), 1 worker;" \
+            "$(wrk -v 2>&1 | awk 'NR == 1 { print $1, $2 }'); $(h2load --version | head -1); $(oha --version)"
+        echo "- HTTP/1.1: $H1_CONNS keep-alive connections. h2c (prior knowledge): $H2_CONNS connections x" \
+            "$H2_STREAMS concurrent streams = 64 in flight."
+        echo "- Max req/s: closed loop (wrk for HTTP/1.1, h2load for h2c). Latency: open loop at $RATE req/s" \
+            "(oha \`-q $RATE --latency-correction\`, so queueing delay counts)."
+        echo "- CPU µs/req: utime+stime of the process under test (/proc/PID/stat) over the run, divided by" \
+            "the requests completed. Process under test: outrider-proxy; the nginx worker; for (a) bench-upstream itself."
+        echo "- RSS: VmRSS right after start (idle) and VmHWM after all runs (peak) of that process."
+        echo
+        printf '| %-44s | %9s | %8s | %8s | %9s | %9s | %8s | %8s | %6s |\n' \
+            "Target" "Max req/s" "p50 ms" "p99 ms" "CPU µs/req" "CPU µs/req" "Idle RSS" "Peak RSS" "Errors"
+        printf '| %-44s | %9s | %8s | %8s | %9s | %9s | %8s | %8s | %6s |\n' \
+            "" "" "@$RATE/s" "@$RATE/s" "@max" "@$RATE/s" "MiB" "MiB" ""
+        printf '|%s|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s:|\n' "$(printf -- '-%.0s' {1..46})" "-----------" \
+            "---------" "---------" "----------" "----------" "---------" "---------" "-------"
+        for proto in h1 h2; do
+            local targets=(direct outrider nginx) name="HTTP/1.1"
+            [[ $proto == h2 ]] && targets=(direct outrider outrider-h1up nginx) name="h2c"
+            printf '| %-44s | %9s | %8s | %8s | %9s | %9s | %8s | %8s | %6s |\n' "**$name**" "" "" "" "" "" "" "" ""
+            for target in "${targets[@]}"; do
+                local errs
+                errs=$(($(total "$proto" "$target" errors_max) + $(total "$proto" "$target" errors_rate)))
+                errors_total=$((errors_total + errs))
+                printf '| %-44s | %9s | %8s | %8s | %9s | %9s | %8s | %8s | %6s |\n' \
+                    "$(label "$proto" "$target")" \
+                    "$(fmt "$(median "$proto" "$target" max_rps)" '%.0f')" \
+                    "$(fmt "$(median "$proto" "$target" p50_ms)" '%.3f')" \
+                    "$(fmt "$(median "$proto" "$target" p99_ms)" '%.3f')" \
+                    "$(fmt "$(median "$proto" "$target" cpu_us_max)" '%.1f')" \
+                    "$(fmt "$(median "$proto" "$target" cpu_us_rate)" '%.1f')" \
+                    "$(mib "$(median "$proto" "$target" idle_rss_kb)")" \
+                    "$(mib "$(median "$proto" "$target" peak_rss_kb)")" \
+                    "$errs"
+            done
+        done
+        echo
+        echo "Errors: non-2xx responses + connect/read/write/timeout errors, summed over all rounds and runs."
+        echo
+        echo "## Ratios (medians)"
+        echo
+        echo "| Comparison | HTTP/1.1 | h2c, Outrider h2c upstream | h2c, Outrider HTTP/1.1 upstream |"
+        echo "|---|---:|---:|---:|"
+        local b row
+        row="| Throughput (b)/(a) |"
+        for b in h1:outrider h2:outrider h2:outrider-h1up; do
+            row+=" $(ratio "$(median "${b%%:*}" "${b#*:}" max_rps)" "$(median "${b%%:*}" direct max_rps)") |"
+        done
+        echo "$row"
+        row="| Throughput (b)/(c) |"
+        for b in h1:outrider h2:outrider h2:outrider-h1up; do
+            row+=" $(ratio "$(median "${b%%:*}" "${b#*:}" max_rps)" "$(median "${b%%:*}" nginx max_rps)") |"
+        done
+        echo "$row"
+        row="| Added p50 latency (b)−(a), ms @$RATE/s |"
+        for b in h1:outrider h2:outrider h2:outrider-h1up; do
+            row+=" $(diff_ms "$(median "${b%%:*}" "${b#*:}" p50_ms)" "$(median "${b%%:*}" direct p50_ms)") |"
+        done
+        echo "$row"
+        row="| Added p50 latency (c)−(a), ms @$RATE/s (nginx, for reference) |"
+        for b in h1:nginx h2:nginx h2:nginx; do
+            row+=" $(diff_ms "$(median "${b%%:*}" "${b#*:}" p50_ms)" "$(median "${b%%:*}" direct p50_ms)") |"
+        done
+        echo "$row"
+        row="| CPU/request (b)/(c) at max load |"
+        for b in h1:outrider h2:outrider h2:outrider-h1up; do
+            row+=" $(ratio "$(median "${b%%:*}" "${b#*:}" cpu_us_max)" "$(median "${b%%:*}" nginx cpu_us_max)") |"
+        done
+        echo "$row"
+        row="| CPU/request (b)/(c) at $RATE/s |"
+        for b in h1:outrider h2:outrider h2:outrider-h1up; do
+            row+=" $(ratio "$(median "${b%%:*}" "${b#*:}" cpu_us_rate)" "$(median "${b%%:*}" nginx cpu_us_rate)") |"
+        done
+        echo "$row"
+        echo
+        echo "(b)/(a) cannot reach 1: the upstream and the proxy share CPU $SERVER_CPU, as in a pod."
+        echo
+        echo "## Per-round values"
+        echo
+        echo '```'
+        echo "proto target metric round value"
+        sort -k1,1 -k2,2 -k3,3 -k4,4n "$RESULTS"
+        echo '```'
+        echo
+        echo "## Commands"
+        echo
+        echo '```sh'
+        echo "cargo build --release -p outrider-proxy -p outrider-benches --bins"
+        awk '!seen[$0]++' "$COMMANDS" | sed "s|$TMP|\$TMP|g"
+        echo '```'
+        echo
+        echo "<details><summary>Outrider policy (HTTP/1.1 upstream; the h2c-upstream one says <code>protocol: http2</code>)</summary>"
+        echo
+        echo '```yaml'
+        cat "$TMP/policy-http1.yaml"
+        echo '```'
+        echo "</details>"
+        echo
+        echo "<details><summary>nginx.conf</summary>"
+        echo
+        echo '```nginx'
+        sed "s|$TMP|\$TMP|g" "$TMP/nginx/nginx.conf"
+        echo '```'
+        echo "</details>"
+    } >"$TMP/report.md"
+    mkdir -p "$(dirname "$OUT")"
+    cp "$TMP/report.md" "$OUT"
+    cat "$TMP/report.md"
+    log "report written to $OUT"
+    ((errors_total == 0)) || log "WARNING: $errors_total errors/non-2xx responses; see the per-round values"
+}
+
+# ---- main -------------------------------------------------------------------------------
+main() {
+    ensure_tools
+    log "building release binaries"
+    cargo build --release -p outrider-proxy -p outrider-benches --bins >&2
+    [[ $(nproc) -ge 2 ]] || die "needs at least 2 CPUs (generator on CPU $LOADGEN_CPU, servers on CPU $SERVER_CPU)"
+    check_ports_free
+
+    TMP=$(mktemp -d "${TMPDIR:-/tmp}/outrider-load.XXXXXX")
+    RESULTS=$TMP/results.txt
+    COMMANDS=$TMP/commands.txt
+    : >"$RESULTS"
+    : >"$COMMANDS"
+    WRK_LUA=$TMP/report.lua
+    # Only done() is defined, so wrk keeps its fast path (no per-response Lua).
+    cat >"$WRK_LUA" <<'EOF'
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK requests=%d duration_us=%d status=%d connect=%d read=%d write=%d timeout=%d\n",
+    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout))
+end
+EOF
+    write_nginx_conf
+
+    local started=$SECONDS
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        run_round
+    done
+    log "measured in $((SECONDS - started)) s"
+    report
+}
+
+ROUND=0
+main
