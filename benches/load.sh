@@ -4,7 +4,7 @@
 #
 # Usage: bash benches/load.sh [--quick] [--rounds N] [--duration SECS] [--rate RPS]
 #                             [--out FILE] [--keep-tmp]
-#   --quick        1 round of 3 s runs (smoke run); writes benches/results/quick.md
+#   --quick        1 round of 3 s runs (smoke run); writes benches/results/quick.md (git-ignored)
 #   --rounds N     rounds; medians are reported (default 3)
 #   --duration S   length of each measured run in seconds (default 10)
 #   --rate RPS     request rate of the open-loop latency runs (default 2000)
@@ -58,6 +58,7 @@ PORT_NGINX_H2=18091
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+# Smoke runs go to a git-ignored file, so they never replace the committed figures.
 [[ -n $OUT ]] || { ((QUICK)) && OUT=benches/results/quick.md || OUT=benches/results/latest.md; }
 export PATH="$PATH:/usr/sbin:/sbin:${CARGO_HOME:-$HOME/.cargo}/bin"
 
@@ -191,11 +192,19 @@ RESULTS=""   # lines: proto target metric round value
 record() { printf '%s %s %s %s %s\n' "$1" "$2" "$3" "$ROUND" "$4" >>"$RESULTS"; }
 
 COMMANDS=""  # every distinct command line, for the report
-note_cmd() { printf '%s\n' "$*" >>"$COMMANDS"; }
+# Records a command line, single-quoting the words that need it, so it can be pasted.
+note_cmd() {
+    local word line=""
+    for word in "$@"; do
+        [[ $word =~ ^[][A-Za-z0-9_./:=@,+%-]+$ ]] || word="'$word'"
+        line+="${line:+ }$word"
+    done
+    printf '%s\n' "$line" >>"$COMMANDS"
+}
 
 # Runs a generator, bounded in time, pinned to the load-generator CPU.
 gen() {
-    note_cmd "taskset -c $LOADGEN_CPU $*"
+    note_cmd taskset -c "$LOADGEN_CPU" "$@"
     timeout --foreground -k 5 $((DURATION + WARMUP + 60)) taskset -c "$LOADGEN_CPU" "$@"
 }
 
@@ -229,15 +238,17 @@ run_h2load() {
 # "requests p50_ms p99_ms errors".
 run_oha() {
     local proto=$1 port=$2 secs=$3 out=$4
-    local args=(-c "$H1_CONNS" -w)
+    local args=(-c "$H1_CONNS")
     [[ $proto == h2 ]] && args=(--http2 -c "$H2_CONNS" -p "$H2_STREAMS")
-    gen oha --no-tui --worker-threads 1 "${args[@]}" -z "${secs}s" -q "$RATE" --latency-correction \
+    # A request count (-n) rather than a duration (-z): at a deadline oha aborts the requests
+    # in flight and counts them as errors; with -n every request runs to completion.
+    gen oha --no-tui --worker-threads 1 "${args[@]}" -n $((RATE * secs)) -q "$RATE" --latency-correction \
         --connect-to "bench:$port:$HOST:$port" --output-format json "http://bench:$port/" >"$out" 2>"$out.err" ||
         die "oha failed: $(tail -5 "$out.err")"
     jq -r '[
         ([.statusCodeDistribution[]] | add // 0),
-        (.latencyPercentiles.p50 * 1000),
-        (.latencyPercentiles.p99 * 1000),
+        (.latencyPercentiles.p50 * 1e7 | round / 1e4),
+        (.latencyPercentiles.p99 * 1e7 | round / 1e4),
         (([.statusCodeDistribution | to_entries[] | select(.key | test("^2") | not) | .value] | add // 0)
             + ([.errorDistribution[]] | add // 0))
     ] | @tsv' "$out" || die "cannot parse oha output $out"
@@ -277,7 +288,7 @@ measure() {
 UPSTREAM_PID=""
 start_upstream() {
     local cmd=(taskset -c "$SERVER_CPU" target/release/bench-upstream --listen "$HOST:$PORT_UPSTREAM")
-    note_cmd "${cmd[*]}"
+    note_cmd "${cmd[@]}"
     start_bg "$TMP/upstream.log" "${cmd[@]}"
     UPSTREAM_PID=$LAST_PID
     wait_port "$UPSTREAM_PID" "$PORT_UPSTREAM" "$TMP/upstream.log"
@@ -301,7 +312,7 @@ EOF
     local cmd=(taskset -c "$SERVER_CPU" target/release/outrider-proxy --policy "$policy" --workers 1
         --outbound "$HOST:$PORT_OUTBOUND" --inbound "$HOST:$PORT_INBOUND" --admin "$HOST:$PORT_ADMIN"
         --drain-timeout 2s)
-    note_cmd "${cmd[*]}"
+    note_cmd "${cmd[@]}"
     start_bg "$TMP/proxy-$1.log" "${cmd[@]}"
     PROXY_PID=$LAST_PID
     wait_port "$PROXY_PID" "$PORT_OUTBOUND" "$TMP/proxy-$1.log"
@@ -364,7 +375,7 @@ NGINX_WORKER_PID=""  # the one worker: the process measured
 start_nginx() {
     local dir=$TMP/nginx
     local cmd=(taskset -c "$SERVER_CPU" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log")
-    note_cmd "${cmd[*]}"
+    note_cmd "${cmd[@]}"
     start_bg "$TMP/nginx.log" "${cmd[@]}"
     NGINX_PID=$LAST_PID
     wait_port "$NGINX_PID" "$PORT_NGINX_H1" "$TMP/nginx.log"
@@ -468,27 +479,40 @@ report() {
         echo "- HTTP/1.1: $H1_CONNS keep-alive connections. h2c (prior knowledge): $H2_CONNS connections x" \
             "$H2_STREAMS concurrent streams = 64 in flight."
         echo "- Max req/s: closed loop (wrk for HTTP/1.1, h2load for h2c). Latency: open loop at $RATE req/s" \
-            "(oha \`-q $RATE --latency-correction\`, so queueing delay counts)."
+            "(oha \`-n $((RATE * DURATION)) -q $RATE --latency-correction\`, so queueing delay counts)."
         echo "- CPU µs/req: utime+stime of the process under test (/proc/PID/stat) over the run, divided by" \
             "the requests completed. Process under test: outrider-proxy; the nginx worker; for (a) bench-upstream itself."
         echo "- RSS: VmRSS right after start (idle) and VmHWM after all runs (peak) of that process."
         echo
-        printf '| %-44s | %9s | %8s | %8s | %9s | %9s | %8s | %8s | %6s |\n' \
-            "Target" "Max req/s" "p50 ms" "p99 ms" "CPU µs/req" "CPU µs/req" "Idle RSS" "Peak RSS" "Errors"
-        printf '| %-44s | %9s | %8s | %8s | %9s | %9s | %8s | %8s | %6s |\n' \
-            "" "" "@$RATE/s" "@$RATE/s" "@max" "@$RATE/s" "MiB" "MiB" ""
-        printf '|%s|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s:|\n' "$(printf -- '-%.0s' {1..46})" "-----------" \
-            "---------" "---------" "----------" "----------" "---------" "---------" "-------"
+        local w=(44 9 14 14 15 18 12 12 6)
+        # One table row from its cells, padded to the column widths in `w`.
+        row() {
+            local i out="|" cells=("$@")
+            for ((i = 0; i < $#; i++)); do
+                if ((i == 0)); then
+                    out+=$(printf ' %-*s |' "${w[i]}" "${cells[i]}")
+                else
+                    out+=$(printf ' %*s |' "${w[i]}" "${cells[i]}")
+                fi
+            done
+            echo "$out"
+        }
+        row "Target" "Max req/s" "p50 ms @${RATE}/s" "p99 ms @${RATE}/s" "CPU us/req @max" \
+            "CPU us/req @${RATE}/s" "Idle RSS MiB" "Peak RSS MiB" "Errors"
+        local sep="|" i
+        for ((i = 0; i < ${#w[@]}; i++)); do
+            if ((i == 0)); then sep+=$(printf -- '-%.0s' $(seq $((w[i] + 2))))"|"; else sep+=$(printf -- '-%.0s' $(seq $((w[i] + 1))))":|"; fi
+        done
+        echo "$sep"
         for proto in h1 h2; do
             local targets=(direct outrider nginx) name="HTTP/1.1"
             [[ $proto == h2 ]] && targets=(direct outrider outrider-h1up nginx) name="h2c"
-            printf '| %-44s | %9s | %8s | %8s | %9s | %9s | %8s | %8s | %6s |\n' "**$name**" "" "" "" "" "" "" "" ""
+            row "**$name**" "" "" "" "" "" "" "" ""
             for target in "${targets[@]}"; do
                 local errs
                 errs=$(($(total "$proto" "$target" errors_max) + $(total "$proto" "$target" errors_rate)))
                 errors_total=$((errors_total + errs))
-                printf '| %-44s | %9s | %8s | %8s | %9s | %9s | %8s | %8s | %6s |\n' \
-                    "$(label "$proto" "$target")" \
+                row "$(label "$proto" "$target")" \
                     "$(fmt "$(median "$proto" "$target" max_rps)" '%.0f')" \
                     "$(fmt "$(median "$proto" "$target" p50_ms)" '%.3f')" \
                     "$(fmt "$(median "$proto" "$target" p99_ms)" '%.3f')" \
@@ -572,7 +596,10 @@ report() {
     cp "$TMP/report.md" "$OUT"
     cat "$TMP/report.md"
     log "report written to $OUT"
-    ((errors_total == 0)) || log "WARNING: $errors_total errors/non-2xx responses; see the per-round values"
+    if ((errors_total)); then
+        KEEP_TMP=1
+        log "WARNING: $errors_total errors/non-2xx responses; see the per-round values and the raw output in $TMP"
+    fi
 }
 
 # ---- main -------------------------------------------------------------------------------

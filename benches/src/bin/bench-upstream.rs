@@ -24,7 +24,15 @@ const BODY: &[u8] = b"hello, world\n";
 const DEFAULT_LISTEN: &str = "127.0.0.1:18080";
 const USAGE: &str = "usage: bench-upstream [--listen ADDR]";
 
-fn parse_args() -> Result<SocketAddr, String> {
+/// What the command line asks for.
+enum Command {
+    /// Serve on this address.
+    Serve(SocketAddr),
+    /// Print the usage and exit.
+    Help,
+}
+
+fn parse_args() -> Result<Command, String> {
     let mut listen = DEFAULT_LISTEN.to_string();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -35,12 +43,13 @@ fn parse_args() -> Result<SocketAddr, String> {
                     .ok_or_else(|| format!("--listen needs an address\n{USAGE}"))?;
             }
             s if s.starts_with("--listen=") => listen = s["--listen=".len()..].to_string(),
-            "-h" | "--help" => return Err(USAGE.to_string()),
+            "-h" | "--help" => return Ok(Command::Help),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
     listen
         .parse()
+        .map(Command::Serve)
         .map_err(|e| format!("invalid --listen address {listen:?}: {e}"))
 }
 
@@ -76,7 +85,11 @@ async fn serve(listener: TcpListener) {
 
 fn main() -> ExitCode {
     let listen = match parse_args() {
-        Ok(listen) => listen,
+        Ok(Command::Serve(listen)) => listen,
+        Ok(Command::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Err(message) => {
             eprintln!("{message}");
             return ExitCode::from(64);
