@@ -90,15 +90,7 @@ fn check_service<'a>(
     }
     let t = &service.timeouts;
     check_positive(&format!("{at}.timeouts.connect"), t.connect, findings);
-    for (name, value) in [
-        ("request", t.request),
-        ("per_try", t.per_try),
-        ("idle", t.idle),
-    ] {
-        if let Some(value) = value {
-            check_positive(&format!("{at}.timeouts.{name}"), value, findings);
-        }
-    }
+    check_optional_timeouts(&at, [t.request, t.per_try, t.idle], findings);
     if let Some(retries) = &service.retries {
         check_retries(&format!("{at}.retries"), retries, findings);
     }
@@ -107,6 +99,15 @@ fn check_service<'a>(
     }
     if let Some(breaker) = &service.circuit_breaker {
         check_breaker(&format!("{at}.circuit_breaker"), breaker, findings);
+    }
+}
+
+/// Checks `request`, `per_try` and `idle` under `{at}.timeouts`, shared by services and routes.
+fn check_optional_timeouts(at: &str, values: [Option<Duration>; 3], findings: &mut Vec<Finding>) {
+    for (name, value) in ["request", "per_try", "idle"].into_iter().zip(values) {
+        if let Some(value) = value {
+            check_positive(&format!("{at}.timeouts.{name}"), value, findings);
+        }
     }
 }
 
@@ -287,15 +288,7 @@ fn check_route(
         }
     }
     if let Some(t) = &route.timeouts {
-        for (name, value) in [
-            ("request", t.request),
-            ("per_try", t.per_try),
-            ("idle", t.idle),
-        ] {
-            if let Some(value) = value {
-                check_positive(&format!("{at}.timeouts.{name}"), value, findings);
-            }
-        }
+        check_optional_timeouts(&at, [t.request, t.per_try, t.idle], findings);
     }
     if let Some(retries) = &route.retries {
         check_retries(&format!("{at}.retries"), retries, findings);

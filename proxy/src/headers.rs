@@ -113,15 +113,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// Appends the caller's address to `x-forwarded-for` and the scheme to `x-forwarded-proto`.
 pub fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
     append_list(headers, &X_FORWARDED_FOR, &peer.to_string());
-    append_list(headers, &X_FORWARDED_PROTO, "http");
+    if headers.contains_key(&X_FORWARDED_PROTO) {
+        append_list(headers, &X_FORWARDED_PROTO, "http");
+    } else {
+        // The common case, no proxy before us: a static value, no allocation.
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
 }
 
 fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &str) {
     let value = match headers.get(name).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.is_empty() => format!("{existing}, {item}"),
-        _ => item.to_string(),
+        Some(existing) if !existing.is_empty() => {
+            HeaderValue::from_str(&format!("{existing}, {item}"))
+        }
+        // One copy into the header value, not two.
+        _ => HeaderValue::from_str(item),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    if let Ok(v) = value {
         headers.insert(name.clone(), v);
     }
 }

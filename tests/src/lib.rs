@@ -194,12 +194,12 @@ impl Proxy {
         None
     }
 
-    /// Resident set size in KiB, from /proc.
-    pub fn rss_kib(&self) -> u64 {
+    /// A `kB` field of /proc/PID/status, such as `VmRSS:`.
+    fn proc_status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
     }
@@ -528,12 +528,7 @@ pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
 impl Proxy {
     /// Peak resident set size (VmHWM) in KiB, from /proc.
     pub fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        self.proc_status_kib("VmHWM:")
     }
 }
 
