@@ -164,6 +164,16 @@ routes:
     }
 
     #[test]
+    fn workload_is_a_name_or_star() {
+        let ok = load("p.yaml", "workload: checkout\n").expect("valid");
+        assert_eq!(ok.policy.workload.as_deref(), Some("checkout"));
+        load("p.yaml", "workload: \"*\"\n").expect("star is valid");
+        let msg = error_text("services: {}\nworkload: \"check out\"\n");
+        assert!(msg.starts_with("workload: "), "{msg}");
+        assert!(msg.ends_with("at policy.yaml:2:11"), "{msg}");
+    }
+
+    #[test]
     fn syntax_error_has_position() {
         let msg = error_text("services:\n  a: [unclosed\n");
         assert!(msg.contains("at policy.yaml:"), "{msg}");

@@ -12,6 +12,11 @@ use crate::{ByteSize, Duration};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
+    /// The workloads this document applies to when served by the control plane: a workload
+    /// name, or `"*"` for defaults shared by every workload. A proxy reading a local file
+    /// ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
     /// Named upstream services, by name.
     #[serde(default)]
     pub services: BTreeMap<String, Service>,

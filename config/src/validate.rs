@@ -12,6 +12,15 @@ pub type Finding = (String, String);
 /// Checks a deserialised policy; an empty result means it is valid.
 pub fn validate(policy: &Policy) -> Vec<Finding> {
     let mut findings = Vec::new();
+    if let Some(workload) = &policy.workload {
+        if workload != "*" && !is_valid_name(workload) {
+            findings.push((
+                "workload".into(),
+                "a workload name (letters, digits, '-', '.', '_') or \"*\" for every workload"
+                    .into(),
+            ));
+        }
+    }
     let mut listeners: HashMap<std::net::SocketAddr, &str> = HashMap::new();
     for (name, service) in &policy.services {
         check_service(name, service, &mut listeners, &mut findings);
