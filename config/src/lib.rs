@@ -10,6 +10,7 @@ mod position;
 mod schema;
 mod size;
 mod validate;
+pub mod wire;
 
 pub use duration::{Duration, DurationError};
 pub use error::{Diagnostic, PolicyError};

@@ -1,0 +1,83 @@
+//! The control-plane wire protocol, shared by `outrider-control` (server) and `outrider-proxy`
+//! (subscriber). Plain serde data, encoded as JSON by both sides.
+//!
+//! - Subscribe: `GET /v1/subscribe?workload=W&proxy=ID&have_version=N&have_hash=H` with
+//!   `Authorization: Bearer <token>`, over HTTP/2 (h2c, prior knowledge) or HTTP/1.1. The
+//!   response (200, `content-type: application/x-ndjson`) is a body that never ends on its own:
+//!   one [`ServerMessage`] per line. The server first sends the workload's current
+//!   [`PolicyUpdate`] unless `have_hash` already equals its hash (a reconnecting proxy resumes
+//!   without a re-push), then one update per accepted change that alters the workload's merged
+//!   policy, and a [`ServerMessage::Heartbeat`] every [`HEARTBEAT_SECS`] seconds so a dead
+//!   stream is noticed.
+//! - Acknowledge: `POST /v1/ack` with a JSON [`Ack`] body, same token; 204 on success.
+//! - A missing or wrong token gets 401 on every endpoint.
+
+use serde::{Deserialize, Serialize};
+
+/// Path of the subscription stream.
+pub const SUBSCRIBE_PATH: &str = "/v1/subscribe";
+/// Path proxies post their ACK/NACK to.
+pub const ACK_PATH: &str = "/v1/ack";
+/// Seconds between heartbeats on an idle subscription; a subscriber that hears nothing for
+/// three times this long reconnects.
+pub const HEARTBEAT_SECS: u64 = 10;
+
+/// One line of the subscription stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// A new merged policy for the subscriber's workload.
+    Update(PolicyUpdate),
+    /// Nothing changed; the stream is alive.
+    Heartbeat,
+}
+
+/// A workload's merged policy at one control-plane version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyUpdate {
+    /// Control-plane version this policy was merged at; increases with every accepted change.
+    pub version: u64,
+    /// Hex SHA-256 of `policy` (see [`crate::content_hash`]).
+    pub content_hash: String,
+    /// The merged policy as YAML, loadable with [`crate::load`].
+    pub policy: String,
+}
+
+/// A proxy's answer to a [`PolicyUpdate`], like xDS's ACK/NACK.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The proxy's id, as given when subscribing.
+    pub proxy: String,
+    /// The proxy's workload.
+    pub workload: String,
+    /// The version answered.
+    pub version: u64,
+    /// Hash of the policy answered.
+    pub content_hash: String,
+    /// `None`: applied (ACK). `Some(reason)`: rejected and the previous policy kept (NACK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_tagged() {
+        let json = serde_json::to_string(&ServerMessage::Heartbeat).expect("encode");
+        assert_eq!(json, r#"{"type":"heartbeat"}"#);
+        let update = ServerMessage::Update(PolicyUpdate {
+            version: 3,
+            content_hash: "ab".into(),
+            policy: "services: {}\n".into(),
+        });
+        let json = serde_json::to_string(&update).expect("encode");
+        assert!(
+            json.starts_with(r#"{"type":"update","version":3"#),
+            "{json}"
+        );
+        let back: ServerMessage = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back, update);
+    }
+}

@@ -1,0 +1,57 @@
+//! `outriderctl`: the operator's CLI. Exit codes: 0 success, 1 the policy or the request was
+//! rejected, 64 bad usage, 66 unreadable input.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+const EX_REJECTED: u8 = 1;
+const EX_NOINPUT: u8 = 66;
+
+/// Outrider's command-line client.
+#[derive(Debug, Parser)]
+#[command(name = "outriderctl", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Checks policy files offline; prints each problem with file, line, column and a caret.
+    Validate {
+        /// Policy files (YAML).
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { files } => validate(&files),
+    }
+}
+
+fn validate(files: &[PathBuf]) -> ExitCode {
+    let mut code = ExitCode::SUCCESS;
+    for path in files {
+        let name = path.display().to_string();
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                eprintln!("outriderctl: cannot read {name}: {e}");
+                return ExitCode::from(EX_NOINPUT);
+            }
+        };
+        match outrider_config::load(&name, &text) {
+            Ok(loaded) => println!("{name}: valid (sha256 {})", loaded.content_hash),
+            Err(error) => {
+                eprint!("{}", outrider_control::diagnose::render(&error, &text));
+                code = ExitCode::from(EX_REJECTED);
+            }
+        }
+    }
+    code
+}

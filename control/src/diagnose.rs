@@ -1,0 +1,67 @@
+//! Renders a [`PolicyError`] for a terminal: each problem with its position, the offending
+//! line of the file and a caret under the spot, like a compiler does.
+
+use std::fmt::Write;
+
+use outrider_config::PolicyError;
+
+/// Every diagnostic of `error` against `text` (the file it came from), one block each.
+pub fn render(error: &PolicyError, text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = String::new();
+    for d in &error.diagnostics {
+        let what = if d.path.is_empty() {
+            d.message.clone()
+        } else {
+            format!("{}: {}", d.path, d.message)
+        };
+        match d.position {
+            Some(p) => {
+                let _ = writeln!(
+                    out,
+                    "error: {what}\n  --> {}:{}:{}",
+                    error.file, p.line, p.column
+                );
+                if let Some(line) = p.line.checked_sub(1).and_then(|i| lines.get(i)) {
+                    let gutter = p.line.to_string();
+                    let pad = " ".repeat(gutter.len());
+                    let _ = writeln!(out, "{pad} |\n{gutter} | {line}");
+                    let _ = writeln!(out, "{pad} | {}^", " ".repeat(p.column.saturating_sub(1)));
+                }
+            }
+            None => {
+                let _ = writeln!(out, "error: {what}\n  --> {}", error.file);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caret_sits_under_the_column() {
+        let text = "services:\n  a:\n    endpoints: [127.0.0.1:1]\nroutes:\n  - service: nope\n";
+        let error = outrider_config::load("p.yaml", text).expect_err("unknown service");
+        let rendered = render(&error, text);
+        assert!(rendered.contains("--> p.yaml:5:"), "{rendered}");
+        let caret_line = rendered
+            .lines()
+            .find(|l| l.trim_end().ends_with('^'))
+            .expect("a caret line");
+        let source_line = rendered
+            .lines()
+            .find(|l| l.contains("- service: nope"))
+            .expect("the source line");
+        let column = error.diagnostics[0].position.expect("position").column;
+        // Both lines share the gutter, so the caret's offset is the column's.
+        let gutter = source_line.find("| ").expect("gutter") + 2;
+        assert_eq!(
+            caret_line.find('^'),
+            Some(gutter + column - 1),
+            "{rendered}"
+        );
+    }
+}
