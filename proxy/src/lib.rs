@@ -137,7 +137,7 @@ async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
 /// Binds every listener for `policy` and starts serving. Must be called inside a Tokio runtime.
 pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, StartError> {
     let metrics = Metrics::new(&bootstrap.workload)?;
-    let snapshot = Snapshot::build(policy, 1, &bootstrap.policy_source, &metrics);
+    let snapshot = Snapshot::build(policy, 1, &bootstrap.policy_source, &metrics, None);
     metrics.policy_version.set(1);
     let dedicated_config = snapshot.dedicated_listeners();
     let shared = Arc::new(Shared {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use outrider_config::{LoadedPolicy, Policy};
+use outrider_config::{LoadedPolicy, Policy, Service};
 
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::policy::RoutePolicy;
@@ -78,13 +78,31 @@ pub const INBOUND: &str = "inbound";
 impl Snapshot {
     /// Compiles `loaded` as version `version`. Must run inside the Tokio runtime (DNS services
     /// start their resolver task).
-    pub fn build(loaded: LoadedPolicy, version: u64, source: &str, metrics: &Metrics) -> Self {
+    ///
+    /// `previous` is the snapshot being replaced, if any: a service whose settings did not
+    /// change keeps its upstream (connection pools, DNS task, endpoint health) and its policy
+    /// state, so a reload neither drops warm connections nor resets an open breaker.
+    pub fn build(
+        loaded: LoadedPolicy,
+        version: u64,
+        source: &str,
+        metrics: &Metrics,
+        previous: Option<&Snapshot>,
+    ) -> Self {
         let LoadedPolicy {
             policy,
             content_hash,
         } = loaded;
         let mut upstreams = BTreeMap::new();
         for (name, service) in &policy.services {
+            let kept = previous.and_then(|p| {
+                let before = p.policy.services.get(name)?;
+                same_upstream(before, service).then(|| p.upstreams.get(name).cloned())?
+            });
+            if let Some(upstream) = kept {
+                upstreams.insert(name.clone(), upstream);
+                continue;
+            }
             let spec = UpstreamSpec {
                 name: Arc::from(name.as_str()),
                 protocol: service.protocol,
@@ -150,14 +168,24 @@ impl Snapshot {
             .filter_map(|(name, s)| Some((s.listen?, target(name, None, "listen")?)))
             .collect();
         let inbound = policy.inbound.as_ref().map(|inbound| {
-            let spec = UpstreamSpec {
-                name: Arc::from("app"),
-                protocol: inbound.protocol,
-                balancing: outrider_config::LoadBalancing::RoundRobin,
-                connect_timeout: inbound.timeouts.connect.get(),
-            };
+            let kept = previous.and_then(|p| {
+                let before = p.policy.inbound.as_ref()?;
+                let same = before.app == inbound.app
+                    && before.protocol == inbound.protocol
+                    && before.timeouts.connect == inbound.timeouts.connect;
+                same.then(|| p.inbound.as_ref().map(|t| Arc::clone(&t.upstream)))?
+            });
+            let upstream = kept.unwrap_or_else(|| {
+                let spec = UpstreamSpec {
+                    name: Arc::from("app"),
+                    protocol: inbound.protocol,
+                    balancing: outrider_config::LoadBalancing::RoundRobin,
+                    connect_timeout: inbound.timeouts.connect.get(),
+                };
+                Upstream::new(spec, &[inbound.app], metrics)
+            });
             Arc::new(Target {
-                upstream: Upstream::new(spec, &[inbound.app], metrics),
+                upstream,
                 metrics: metrics.route(INBOUND, "app", "inbound"),
                 policy: RoutePolicy::default(),
             })
@@ -219,5 +247,61 @@ impl Snapshot {
     /// The upstream of a service, by name.
     pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.upstreams.get(name)
+    }
+}
+
+/// Whether two versions of a service can share one [`Upstream`]: same endpoints (or DNS name),
+/// protocol, balancing and connect timeout. Everything else is per-request policy.
+fn same_upstream(before: &Service, after: &Service) -> bool {
+    before.endpoints == after.endpoints
+        && before.dns == after.dns
+        && before.protocol == after.protocol
+        && before.load_balancing == after.load_balancing
+        && before.timeouts.connect == after.timeouts.connect
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(text: &str, previous: Option<&Snapshot>, metrics: &Metrics) -> Snapshot {
+        let loaded = outrider_config::load("p.yaml", text).expect("valid policy");
+        Snapshot::build(loaded, 1, "test", metrics, previous)
+    }
+
+    #[tokio::test]
+    async fn unchanged_services_keep_their_upstream_across_a_rebuild() {
+        let metrics = Metrics::new("test").expect("metrics");
+        let before = build(
+            "services:\n  a: { endpoints: [127.0.0.1:1] }\n  b: { endpoints: [127.0.0.1:2] }\ninbound: { app: 127.0.0.1:3 }\n",
+            None,
+            &metrics,
+        );
+        // `a` gains a retry policy only (per-request policy); `b` moves to another endpoint.
+        let after = build(
+            "services:\n  a: { endpoints: [127.0.0.1:1], retries: { attempts: 1 } }\n  b: { endpoints: [127.0.0.1:4] }\ninbound: { app: 127.0.0.1:3 }\n",
+            Some(&before),
+            &metrics,
+        );
+        let same = |name: &str| {
+            Arc::ptr_eq(
+                before.upstream(name).expect("before"),
+                after.upstream(name).expect("after"),
+            )
+        };
+        assert!(same("a"), "an unchanged upstream must be kept");
+        assert!(!same("b"), "a changed endpoint list needs a new upstream");
+        let inbound = |s: &Snapshot| Arc::clone(&s.inbound().expect("inbound").upstream);
+        assert!(Arc::ptr_eq(&inbound(&before), &inbound(&after)));
+        // Without a previous snapshot everything is new.
+        let fresh = build(
+            "services:\n  a: { endpoints: [127.0.0.1:1] }\n",
+            None,
+            &metrics,
+        );
+        assert!(!Arc::ptr_eq(
+            before.upstream("a").expect("before"),
+            fresh.upstream("a").expect("fresh")
+        ));
     }
 }
