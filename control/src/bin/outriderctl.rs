@@ -25,12 +25,18 @@ enum Command {
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
     },
+    /// Adds the sidecar to Kubernetes manifests (files, `-` or stdin) and prints them.
+    Inject(Box<outrider_control::inject::InjectArgs>),
+    /// Waits until the proxy's /ready answers 200 (the legacy sidecar's postStart hook).
+    WaitReady(outrider_control::wait::WaitArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { files } => validate(&files),
+        Command::Inject(args) => outrider_control::inject::main(*args),
+        Command::WaitReady(args) => outrider_control::wait::main(&args),
     }
 }
 

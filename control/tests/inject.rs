@@ -1,0 +1,243 @@
+//! `outriderctl inject` on fixture manifests, compared with golden files: the real binary, fed
+//! by files, `-` and standard input. Injecting a golden file again must give it back unchanged
+//! (idempotence); kinds that are not workloads and opted-out workloads come back byte for byte.
+//! `UPDATE_GOLDEN=1 cargo test -p outrider-control --test inject` rewrites the golden files.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures/inject").join(name)
+}
+
+/// Runs `outriderctl inject ARGS`, with `stdin` on its standard input.
+fn inject(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outriderctl"))
+        .arg("inject")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A run that fails before reading its input closes the pipe early: not an error here.
+    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+    child.wait_with_output().unwrap()
+}
+
+fn stdout_ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// Compares `actual` with the golden file `path` (or rewrites it with UPDATE_GOLDEN=1), then
+/// checks that injecting it again with the same `args` changes nothing.
+fn golden(path: &Path, actual: &str, args: &[&str]) {
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
+    assert_eq!(actual, expected, "{} differs", path.display());
+    let again = stdout_ok(&inject(args, actual));
+    assert_eq!(
+        again,
+        actual,
+        "injecting {} again changed it",
+        path.display()
+    );
+}
+
+fn golden_path(name: &str) -> PathBuf {
+    root().join("tests/golden/inject").join(name)
+}
+
+#[test]
+fn deployment_gets_a_native_sidecar() {
+    let file = fixture("deployment.yaml");
+    let out = stdout_ok(&inject(&["-f", file.to_str().unwrap()], ""));
+    golden(&golden_path("deployment.native.yaml"), &out, &[]);
+    let doc: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+    let spec = &doc["spec"]["template"]["spec"];
+    let sidecar = &spec["initContainers"][0];
+    assert_eq!(sidecar["name"], "outrider-proxy");
+    assert_eq!(sidecar["restartPolicy"], "Always");
+    assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(sidecar["livenessProbe"]["httpGet"]["path"], "/live");
+    assert_eq!(sidecar["securityContext"]["runAsUser"], 65532);
+    assert_eq!(sidecar["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(sidecar["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert_eq!(sidecar["ports"][0]["name"], "admin");
+    // The sidecar is not among the app containers; both app containers point at it, and the
+    // app's own HTTP_PROXY is replaced in place rather than duplicated.
+    let containers = spec["containers"].as_sequence().unwrap();
+    assert_eq!(containers.len(), 2);
+    for c in containers {
+        let env = c["env"].as_sequence().unwrap();
+        let proxies: Vec<_> = env.iter().filter(|e| e["name"] == "HTTP_PROXY").collect();
+        assert_eq!(proxies.len(), 1);
+        assert_eq!(proxies[0]["value"], "http://127.0.0.1:15001");
+    }
+    let annotations = &doc["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "15000");
+}
+
+#[test]
+fn legacy_sidecar_is_a_container_that_holds_the_app_until_ready() {
+    let file = fixture("deployment.yaml");
+    let out = stdout_ok(&inject(&["--legacy", file.to_str().unwrap()], ""));
+    golden(&golden_path("deployment.legacy.yaml"), &out, &["--legacy"]);
+    let doc: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+    let spec = &doc["spec"]["template"]["spec"];
+    assert!(spec.get("initContainers").is_none());
+    let first = &spec["containers"][0];
+    assert_eq!(first["name"], "outrider-proxy");
+    assert!(first.get("restartPolicy").is_none());
+    let hook = &first["lifecycle"]["postStart"]["exec"]["command"];
+    assert_eq!(hook[0], "/usr/local/bin/outriderctl");
+    assert_eq!(hook[1], "wait-ready");
+
+    // Switching back to native moves the sidecar instead of adding a second one.
+    let native = stdout_ok(&inject(&[], &out));
+    let expected = std::fs::read_to_string(golden_path("deployment.native.yaml")).unwrap();
+    assert_eq!(native, expected);
+}
+
+#[test]
+fn every_workload_kind_from_stdin_with_policy_env_and_annotations() {
+    let text = std::fs::read_to_string(fixture("mixed.yaml")).unwrap();
+    let policy = fixture("policy.yaml");
+    let args = ["--policy", policy.to_str().unwrap()];
+    // No file: standard input. `-`: standard input too; both give the same.
+    let out = stdout_ok(&inject(&args, &text));
+    let dash = stdout_ok(&inject(&[args[0], args[1], "-"], &text));
+    assert_eq!(out, dash);
+    golden(&golden_path("mixed.yaml"), &out, &args);
+
+    // Passed through byte for byte: the Service (with its comment), the ConfigMap, and the
+    // opted-out Deployment.
+    let input_docs: Vec<&str> = text.split("\n---\n").collect();
+    let output_docs: Vec<&str> = out.split("\n---\n").collect();
+    assert_eq!(input_docs.len(), output_docs.len());
+    for i in 0..3 {
+        assert_eq!(input_docs[i], output_docs[i], "document {i} changed");
+    }
+
+    let docs: Vec<serde_yaml::Value> = output_docs
+        .iter()
+        .map(|d| serde_yaml::from_str(d).unwrap())
+        .collect();
+    let pod_spec = |doc: &serde_yaml::Value| -> serde_yaml::Value {
+        match doc["kind"].as_str().unwrap() {
+            "Pod" => doc["spec"].clone(),
+            "CronJob" => doc["spec"]["jobTemplate"]["spec"]["template"]["spec"].clone(),
+            "List" => doc["items"][0]["spec"]["template"]["spec"].clone(),
+            _ => doc["spec"]["template"]["spec"].clone(),
+        }
+    };
+    for doc in &docs[3..] {
+        let spec = pod_spec(doc);
+        let sidecar = &spec["initContainers"][0];
+        assert_eq!(sidecar["name"], "outrider-proxy", "{:?}", doc["kind"]);
+        let env = spec["containers"][0]["env"].as_sequence().unwrap();
+        let var = |name: &str| {
+            env.iter()
+                .find(|e| e["name"] == name)
+                .map(|e| e["value"].as_str().unwrap().to_string())
+        };
+        // Services with a listen port get an address; the wildcard becomes loopback; a
+        // service without one gets nothing.
+        assert_eq!(var("PAYMENTS_ADDR").as_deref(), Some("127.0.0.1:9001"));
+        assert_eq!(var("LEDGER_V2_ADDR").as_deref(), Some("127.0.0.1:9002"));
+        assert_eq!(var("REVIEWS_ADDR"), None);
+    }
+
+    // The StatefulSet's annotations override resources and drain, and the grace period grows
+    // to cover the drain; its own init container stays, after the sidecar.
+    let ledger = pod_spec(&docs[3]);
+    let sidecar = &ledger["initContainers"][0];
+    assert_eq!(sidecar["resources"]["requests"]["cpu"], "250m");
+    assert_eq!(sidecar["resources"]["requests"]["memory"], "256Mi");
+    assert_eq!(sidecar["resources"]["limits"]["memory"], "256Mi");
+    let args = sidecar["args"].as_sequence().unwrap();
+    let drain = args.iter().position(|a| a == "--drain-timeout").unwrap();
+    assert_eq!(args[drain + 1], "90s");
+    assert_eq!(ledger["terminationGracePeriodSeconds"], 95);
+    assert_eq!(ledger["initContainers"][1]["name"], "migrate");
+
+    // The Job's workload annotation names the subscription.
+    let job = pod_spec(&docs[5]);
+    let args = job["initContainers"][0]["args"].as_sequence().unwrap();
+    assert_eq!(args[0], "--workload");
+    assert_eq!(args[1], "reporting");
+}
+
+#[test]
+fn several_files_are_joined_as_documents() {
+    let a = fixture("deployment.yaml");
+    let b = fixture("mixed.yaml");
+    let both = stdout_ok(&inject(
+        &["-f", a.to_str().unwrap(), b.to_str().unwrap()],
+        "",
+    ));
+    let first = stdout_ok(&inject(&[a.to_str().unwrap()], ""));
+    let second = stdout_ok(&inject(&[b.to_str().unwrap()], ""));
+    assert_eq!(both, format!("{first}---\n{second}"));
+}
+
+#[test]
+fn bad_input_is_refused_with_its_reason() {
+    let bad_annotation = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations:\n    outrider.dev/drain-timeout: \"30\"\nspec:\n  containers: [{ name: a, image: a }]\n";
+    let out = inject(&[], bad_annotation);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Pod/p: outrider.dev/drain-timeout `30` is not a duration"),
+        "{stderr}"
+    );
+
+    let out = inject(&["--proxy-memory", "lots"], bad_annotation);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--proxy-memory `lots`"));
+
+    let out = inject(&[], "kind: Pod\nspec: [unclosed\n");
+    assert_eq!(out.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("<stdin>: document 1"));
+
+    let out = inject(&["/nonexistent/manifest.yaml"], "");
+    assert_eq!(out.status.code(), Some(66));
+
+    // An invalid policy is reported with its position, as `validate` does.
+    let dir = std::env::temp_dir().join(format!("outrider-inject-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, "services:\n  a:\n    endpoint: [127.0.0.1:1]\n").unwrap();
+    let out = inject(&["--policy", policy.to_str().unwrap()], bad_annotation);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:3:5", policy.display())),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn opted_out_and_non_workloads_are_identical_bytes() {
+    let text = "# just a comment\n---\napiVersion: v1\nkind: Secret   # odd spacing kept\nmetadata: {name: s}\nstringData: {token: x}\n";
+    assert_eq!(stdout_ok(&inject(&[], text)), text);
+}
