@@ -141,7 +141,8 @@ pub struct Route {
     /// Overrides the service's retries for this route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<Retries>,
-    /// A rate limit for this route, applied before the service's.
+    /// A rate limit with its own bucket for this route; it replaces the service's limit for
+    /// requests taking this route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
     /// Retry POST/PATCH and other non-idempotent methods after the request was sent. Off by

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::body::ProxyBody;
@@ -58,6 +58,18 @@ pub enum ProxyError {
     /// One attempt's timeout expired before its response headers, with no retry left.
     #[error("per-try timeout after {}", outrider_config::Duration(*.0))]
     PerTryTimeout(Duration),
+    /// A rate limit refused the request; it never reached the upstream.
+    #[error("rate limited by {scope}")]
+    RateLimited {
+        /// What the limit protects (`service payments`, `route checkout`, `inbound`).
+        scope: std::sync::Arc<str>,
+        /// The bucket size.
+        limit: u32,
+        /// Time until one token is available.
+        retry_after: Duration,
+        /// Time until the bucket is full again.
+        reset: Duration,
+    },
     /// Any other failure talking to the upstream.
     #[error("upstream {addr} failed: {reason}")]
     Upstream {
@@ -73,6 +85,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::NoEndpoints(_) | Self::NotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::ConnectTimeout { .. } | Self::RequestTimeout(_) | Self::PerTryTimeout(_) => {
@@ -95,6 +108,13 @@ fn grpc_status_for(status: StatusCode) -> &'static str {
         StatusCode::GATEWAY_TIMEOUT => "4",   // DEADLINE_EXCEEDED
         _ => "14",                            // UNAVAILABLE (502, 503)
     }
+}
+
+/// Seconds for Retry-After and x-ratelimit-reset: rounded up, so a client that waits that long
+/// finds a token, and at least 1 (`Retry-After: 0` invites an immediate retry storm).
+fn whole_seconds(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
 }
 
 /// Turns a failure into the response the caller sees.
@@ -128,6 +148,22 @@ pub fn rescue(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
     };
     *response.status_mut() = status;
     response.headers_mut().insert(ERROR_HEADER, reason_value);
+    if let ProxyError::RateLimited {
+        limit,
+        retry_after,
+        reset,
+        ..
+    } = error
+    {
+        let headers = response.headers_mut();
+        headers.insert(RETRY_AFTER, HeaderValue::from(whole_seconds(*retry_after)));
+        headers.insert("x-ratelimit-limit", HeaderValue::from(*limit));
+        headers.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
+        headers.insert(
+            "x-ratelimit-reset",
+            HeaderValue::from(whole_seconds(*reset)),
+        );
+    }
     if matches!(error, ProxyError::BadRequest(_)) {
         // A client that sent one malformed request cannot be trusted to frame the next one.
         // (hyper drops this header on HTTP/2, where it is not allowed.)

@@ -21,6 +21,7 @@ use crate::body::{ProxyBody, RequestBody};
 use crate::connect::ConnectError;
 use crate::errors::{rescue, ProxyError};
 use crate::headers;
+use crate::policy::ratelimit::RateDecision;
 use crate::policy::retry::{self, AttemptFailure, ReplayHandle, RetryPolicy};
 use crate::snapshot::{Snapshot, Target};
 use crate::upstream::Endpoint;
@@ -108,6 +109,27 @@ async fn forward(
     grpc: bool,
 ) -> Response<ProxyBody> {
     let policy = &target.policy;
+    if let Some(limit) = &policy.limit {
+        let decisions = &target.metrics.rate_limit;
+        match limit.limiter.check() {
+            RateDecision::Allowed { .. } => decisions.allowed.inc(),
+            RateDecision::ShadowLimited { .. } => decisions.shadow_rejected.inc(),
+            RateDecision::Limited {
+                limit: burst,
+                retry_after,
+                reset,
+            } => {
+                decisions.rejected.inc();
+                let error = ProxyError::RateLimited {
+                    scope: Arc::clone(&limit.scope),
+                    limit: burst,
+                    retry_after,
+                    reset,
+                };
+                return rescue(&error, grpc);
+            }
+        }
+    }
     let upgrade = headers::is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();

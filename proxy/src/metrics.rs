@@ -22,6 +22,7 @@ pub struct Metrics {
     connections_opened: IntCounterVec,
     connections_active: IntGaugeVec,
     retries: IntCounterVec,
+    rate_limit: IntCounterVec,
     /// The version of the policy in force.
     pub policy_version: IntGauge,
 }
@@ -32,6 +33,18 @@ pub struct RouteMetrics {
     duration: Histogram,
     /// Retry outcomes of this route and service.
     pub retries: RetryMetrics,
+    /// Rate-limit decisions on requests of this route and service.
+    pub rate_limit: RateLimitMetrics,
+}
+
+/// What rate limits decided.
+pub struct RateLimitMetrics {
+    /// Under the limit.
+    pub allowed: IntCounter,
+    /// Over the limit: answered 429.
+    pub rejected: IntCounter,
+    /// Over a `mode: shadow` limit: counted and let through.
+    pub shadow_rejected: IntCounter,
 }
 
 /// How requests that met a retryable failure ended.
@@ -129,6 +142,14 @@ impl Metrics {
             ),
             &["service", "route", "outcome"],
         )?;
+        let rate_limit = IntCounterVec::new(
+            Opts::new(
+                "outrider_rate_limit_decisions_total",
+                "Rate-limit decisions, by service, route and decision (allowed, rejected, \
+                 shadow-rejected: over a shadow-mode limit and let through).",
+            ),
+            &["service", "route", "decision"],
+        )?;
         let policy_version =
             IntGauge::new("outrider_policy_version", "Version of the policy in force.")?;
         let build_info = IntGaugeVec::new(
@@ -143,6 +164,7 @@ impl Metrics {
         registry.register(Box::new(connections_opened.clone()))?;
         registry.register(Box::new(connections_active.clone()))?;
         registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(rate_limit.clone()))?;
         registry.register(Box::new(policy_version.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(Self {
@@ -152,6 +174,7 @@ impl Metrics {
             connections_opened,
             connections_active,
             retries,
+            rate_limit,
             policy_version,
         })
     }
@@ -177,6 +200,19 @@ impl Metrics {
                 not_retryable: self
                     .retries
                     .with_label_values(&[service, route, "not-retryable"]),
+            },
+            rate_limit: RateLimitMetrics {
+                allowed: self
+                    .rate_limit
+                    .with_label_values(&[service, route, "allowed"]),
+                rejected: self
+                    .rate_limit
+                    .with_label_values(&[service, route, "rejected"]),
+                shadow_rejected: self.rate_limit.with_label_values(&[
+                    service,
+                    route,
+                    "shadow-rejected",
+                ]),
             },
         }
     }

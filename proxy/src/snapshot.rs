@@ -7,10 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use outrider_config::{LoadedPolicy, Policy, Service};
+use outrider_config::{LoadedPolicy, Policy, RateLimit, Service};
 
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::policy::RoutePolicy;
+use crate::policy::ratelimit::RateLimiter;
+use crate::policy::{Limit, RoutePolicy, Stateful};
 use crate::upstream::{Upstream, UpstreamSpec};
 
 /// Where a matched request goes: an upstream, and the metrics it is counted in.
@@ -68,6 +69,10 @@ pub struct Snapshot {
     dedicated: HashMap<SocketAddr, Arc<Target>>,
     inbound: Option<Arc<Target>>,
     upstreams: BTreeMap<String, Arc<Upstream>>,
+    /// Limiters and breakers by service, route name and for inbound, kept for the next reload.
+    service_state: BTreeMap<String, Stateful>,
+    route_state: HashMap<String, Stateful>,
+    inbound_state: Stateful,
 }
 
 /// Label of the direction of outbound requests.
@@ -116,23 +121,54 @@ impl Snapshot {
             }
             upstreams.insert(name.clone(), upstream);
         }
+        let service_state: BTreeMap<String, Stateful> = policy
+            .services
+            .iter()
+            .map(|(name, service)| {
+                let before = previous.and_then(|p| p.service_state.get(name));
+                let state = Stateful {
+                    limit: limit(
+                        service.rate_limit.as_ref(),
+                        || format!("service {name}"),
+                        before,
+                    ),
+                };
+                (name.clone(), state)
+            })
+            .collect();
+        let no_state = Stateful::default();
         let target = |service: &str,
                       route: Option<&outrider_config::Route>,
+                      route_state: &Stateful,
                       label: &str|
          -> Option<Arc<Target>> {
             let upstream = upstreams.get(service)?;
             Some(Arc::new(Target {
                 upstream: Arc::clone(upstream),
                 metrics: metrics.route(OUTBOUND, service, label),
-                policy: RoutePolicy::new(policy.services.get(service), route),
+                policy: RoutePolicy::new(
+                    policy.services.get(service),
+                    route,
+                    service_state.get(service).unwrap_or(&no_state),
+                    route_state,
+                ),
             }))
         };
         let mut routes = Vec::with_capacity(policy.routes.len());
+        let mut route_state = HashMap::with_capacity(policy.routes.len());
         for (i, route) in policy.routes.iter().enumerate() {
             let name = route.name.clone().unwrap_or_else(|| format!("route-{i}"));
+            let before = previous.and_then(|p| p.route_state.get(&name));
+            let state = Stateful {
+                limit: limit(
+                    route.rate_limit.as_ref(),
+                    || format!("route {name}"),
+                    before,
+                ),
+            };
             // Validation guarantees every referenced service exists and weights are > 0.
             let backends = match (&route.service, &route.split) {
-                (Some(service), _) => match target(service, Some(route), &name) {
+                (Some(service), _) => match target(service, Some(route), &state, &name) {
                     Some(t) => Backends::One(t),
                     None => continue,
                 },
@@ -140,7 +176,7 @@ impl Snapshot {
                     let mut total = 0u64;
                     let mut legs = Vec::with_capacity(split.len());
                     for leg in split {
-                        if let Some(t) = target(&leg.service, Some(route), &name) {
+                        if let Some(t) = target(&leg.service, Some(route), &state, &name) {
                             total += u64::from(leg.weight);
                             legs.push((total, t));
                         }
@@ -161,12 +197,20 @@ impl Snapshot {
                 path_prefix: route.matches.path_prefix.as_deref().map(Box::from),
                 backends,
             });
+            route_state.insert(name, state);
         }
         let dedicated = policy
             .services
             .iter()
-            .filter_map(|(name, s)| Some((s.listen?, target(name, None, "listen")?)))
+            .filter_map(|(name, s)| Some((s.listen?, target(name, None, &no_state, "listen")?)))
             .collect();
+        let inbound_state = Stateful {
+            limit: limit(
+                policy.inbound.as_ref().and_then(|i| i.rate_limit.as_ref()),
+                || "inbound".to_string(),
+                previous.map(|p| &p.inbound_state),
+            ),
+        };
         let inbound = policy.inbound.as_ref().map(|inbound| {
             let kept = previous.and_then(|p| {
                 let before = p.policy.inbound.as_ref()?;
@@ -187,7 +231,10 @@ impl Snapshot {
             Arc::new(Target {
                 upstream,
                 metrics: metrics.route(INBOUND, "app", "inbound"),
-                policy: RoutePolicy::default(),
+                policy: RoutePolicy {
+                    limit: inbound_state.limit.clone(),
+                    ..RoutePolicy::default()
+                },
             })
         });
         let config_json = serde_json::to_vec_pretty(&serde_json::json!({
@@ -208,6 +255,9 @@ impl Snapshot {
             dedicated,
             inbound,
             upstreams,
+            service_state,
+            route_state,
+            inbound_state,
         }
     }
 
@@ -248,6 +298,23 @@ impl Snapshot {
     pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.upstreams.get(name)
     }
+}
+
+/// The limiter for `config`: the one in `before` when its settings are the same (a drained
+/// bucket stays drained across a reload), a full new one otherwise.
+fn limit(
+    config: Option<&RateLimit>,
+    scope: impl FnOnce() -> String,
+    before: Option<&Stateful>,
+) -> Option<Limit> {
+    let config = config?;
+    let kept = before
+        .and_then(|b| b.limit.as_ref())
+        .filter(|l| l.limiter.config() == config);
+    Some(kept.cloned().unwrap_or_else(|| Limit {
+        limiter: Arc::new(RateLimiter::new(config)),
+        scope: Arc::from(scope()),
+    }))
 }
 
 /// Whether two versions of a service can share one [`Upstream`]: same endpoints (or DNS name),
@@ -303,5 +370,32 @@ mod tests {
             before.upstream("a").expect("before"),
             fresh.upstream("a").expect("fresh")
         ));
+    }
+
+    #[tokio::test]
+    async fn limiters_carry_over_only_when_their_settings_are_unchanged() {
+        let metrics = Metrics::new("test").expect("metrics");
+        let policy = |service_rps: u32, route_rps: u32| {
+            format!(
+                "services:\n  a: {{ endpoints: [127.0.0.1:1], rate_limit: {{ requests_per_second: {service_rps} }} }}\nroutes:\n  - name: r\n    match: {{ path_prefix: /r }}\n    service: a\n    rate_limit: {{ requests_per_second: {route_rps} }}\n  - match: {{ path_prefix: / }}\n    service: a\n"
+            )
+        };
+        let limiter = |s: &Snapshot, path: &str| {
+            let target = s.route("a", path).expect("route");
+            Arc::clone(&target.policy.limit.as_ref().expect("limit").limiter)
+        };
+        let before = build(&policy(5, 7), None, &metrics);
+        // The route's own limit overrides the service's.
+        assert_eq!(limiter(&before, "/r").config().requests_per_second, 7);
+        assert_eq!(limiter(&before, "/x").config().requests_per_second, 5);
+        let same = build(&policy(5, 7), Some(&before), &metrics);
+        assert!(Arc::ptr_eq(&limiter(&before, "/r"), &limiter(&same, "/r")));
+        assert!(Arc::ptr_eq(&limiter(&before, "/x"), &limiter(&same, "/x")));
+        let changed = build(&policy(5, 8), Some(&same), &metrics);
+        assert!(!Arc::ptr_eq(
+            &limiter(&same, "/r"),
+            &limiter(&changed, "/r")
+        ));
+        assert!(Arc::ptr_eq(&limiter(&same, "/x"), &limiter(&changed, "/x")));
     }
 }

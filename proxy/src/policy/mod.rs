@@ -1,21 +1,39 @@
 //! Resilience policies, each in its own module with a small interface, compiled once per policy
 //! load into a [`RoutePolicy`] per route target. The order they apply in is written once, in
-//! `forward.rs`: the attempt loop (retries with per-try and request timeouts), then the idle
-//! timeout on the response body.
+//! `forward.rs`: the rate limit, then the attempt loop (retries with per-try and request
+//! timeouts), then the idle timeout on the response body.
 //!
-//! `ratelimit` (GCRA token bucket) and `breaker` (circuit breaker with concurrency limit) are
-//! complete and unit-tested on paused time, but not yet placed on the request path: they will
-//! go in front of the attempt loop, built per service and route in `RoutePolicy`.
+//! Stateful policies (rate limiters, breakers) are shared through `Arc`s: one per service, route
+//! or inbound listener, built by `Snapshot::build` and carried over a reload when their settings
+//! did not change.
 
 pub mod breaker;
 pub mod ratelimit;
 pub mod retry;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use outrider_config::{Route, Service};
 
+use self::ratelimit::RateLimiter;
 use self::retry::RetryPolicy;
+
+/// A rate limiter and what it protects, for the reason a rejected caller reads.
+#[derive(Debug, Clone)]
+pub struct Limit {
+    /// The bucket, shared by every request in its scope.
+    pub limiter: Arc<RateLimiter>,
+    /// `service payments`, `route checkout` or `inbound`.
+    pub scope: Arc<str>,
+}
+
+/// The stateful policies of one scope, built once and shared by every target in it.
+#[derive(Debug, Clone, Default)]
+pub struct Stateful {
+    /// The rate limit, when configured.
+    pub limit: Option<Limit>,
+}
 
 /// Everything the request path needs to apply policy to one target of one route.
 #[derive(Debug, Default)]
@@ -28,12 +46,21 @@ pub struct RoutePolicy {
     pub idle_timeout: Option<Duration>,
     /// Retries, when configured.
     pub retry: Option<RetryPolicy>,
+    /// The rate limit in force: the route's when it has one, else the service's.
+    pub limit: Option<Limit>,
 }
 
 impl RoutePolicy {
     /// Compiles the policy of `service`, with `route`'s overrides when the target belongs to
     /// a route (dedicated and inbound listeners have none).
-    pub fn new(service: Option<&Service>, route: Option<&Route>) -> Self {
+    /// `service_state` and `route_state` hold the limiters of the service and the route; the
+    /// route's, when set, overrides the service's.
+    pub fn new(
+        service: Option<&Service>,
+        route: Option<&Route>,
+        service_state: &Stateful,
+        route_state: &Stateful,
+    ) -> Self {
         let timeouts = service.map(|s| &s.timeouts);
         let overrides = route.and_then(|r| r.timeouts.as_ref());
         let pick = |over: Option<outrider_config::Duration>,
@@ -60,6 +87,10 @@ impl RoutePolicy {
             retry: retries
                 .filter(|r| r.attempts > 0)
                 .map(|r| RetryPolicy::new(r, non_idempotent)),
+            limit: route_state
+                .limit
+                .clone()
+                .or_else(|| service_state.limit.clone()),
         }
     }
 }
