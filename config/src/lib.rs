@@ -16,9 +16,9 @@ pub use duration::{Duration, DurationError};
 pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
-    Backoff, CircuitBreaker, FailureRate, Inbound, LoadBalancing, Policy, Protocol, RateLimit,
-    RateLimitMode, Retries, RetryBudget, RetryOn, Route, RouteMatch, RouteTimeouts, Service,
-    Timeouts, WeightedService,
+    AccessLog, Backoff, CircuitBreaker, FailureRate, Inbound, LoadBalancing, Otlp, OtlpProtocol,
+    Policy, Protocol, RateLimit, RateLimitMode, Retries, RetryBudget, RetryOn, Route, RouteMatch,
+    RouteTimeouts, Sampling, Service, Timeouts, Tracing, WeightedService,
 };
 pub use size::{ByteSize, ByteSizeError};
 pub use validate::GRPC_STATUS_NAMES;
@@ -280,5 +280,40 @@ routes:
             error_text(text),
             "services.b.listen: 127.0.0.1:9001 is already the listen address of service `a` at policy.yaml:3:42"
         );
+    }
+
+    #[test]
+    fn loads_tracing_and_access_log() {
+        let text = "tracing: { sampling: parent_based, ratio: 0.1, otlp: { endpoint: 'http://otel-collector:4317', protocol: grpc } }
+access_log: json
+";
+        let p = load("p.yaml", text).expect("valid").policy;
+        let tracing = p.tracing.expect("tracing");
+        assert_eq!(tracing.sampling, Sampling::ParentBased);
+        assert_eq!(tracing.ratio, 0.1);
+        let otlp = tracing.otlp.expect("otlp");
+        assert_eq!(otlp.endpoint, "http://otel-collector:4317");
+        assert_eq!(otlp.protocol, OtlpProtocol::Grpc);
+        assert_eq!(p.access_log, AccessLog::Json);
+        let p = load("p.yaml", "tracing: { otlp: { endpoint: 'http://c:4318', protocol: http } }")
+            .expect("valid")
+            .policy;
+        let tracing = p.tracing.expect("tracing");
+        assert_eq!(tracing.ratio, 1.0);
+        assert_eq!(tracing.otlp.expect("otlp").protocol, OtlpProtocol::Http);
+        assert_eq!(p.access_log, AccessLog::Off);
+    }
+
+    #[test]
+    fn rejects_bad_tracing_values() {
+        let text = "tracing: { sampling: always, ratio: 0.5 }";
+        assert!(error_text(text).contains("unknown variant `always`"), "{}", error_text(text));
+        let text = "tracing: { ratio: 1.5, otlp: { endpoint: 'otel:4317' } }\naccess_log: text\n";
+        let e = load("p.yaml", text).expect_err("invalid");
+        assert!(e.to_string().contains("access_log"), "{e}");
+        let text = "tracing: { ratio: 1.5, otlp: { endpoint: 'otel:4317' } }";
+        let e = load("p.yaml", text).expect_err("invalid");
+        let paths: Vec<&str> = e.diagnostics.iter().map(|d| d.path.as_str()).collect();
+        assert_eq!(paths, ["tracing.ratio", "tracing.otlp.endpoint"]);
     }
 }

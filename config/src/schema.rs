@@ -26,6 +26,86 @@ pub struct Policy {
     /// The inbound listener's settings (the local app it fronts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbound: Option<Inbound>,
+    /// Trace sampling and span export. Trace context is propagated whether or not it is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Tracing>,
+    /// One JSON line per request on stdout, or nothing.
+    #[serde(default)]
+    pub access_log: AccessLog,
+}
+
+/// Tracing: how traces are sampled and where spans go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tracing {
+    /// The sampling rule.
+    #[serde(default)]
+    pub sampling: Sampling,
+    /// Share of new traces sampled, 0..=1 (a caller's decision is always followed).
+    #[serde(default = "Tracing::default_ratio")]
+    pub ratio: f64,
+    /// Where sampled spans are exported; none are recorded without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp: Option<Otlp>,
+}
+
+impl Tracing {
+    fn default_ratio() -> f64 {
+        1.0
+    }
+}
+
+impl Default for Tracing {
+    fn default() -> Self {
+        Self {
+            sampling: Sampling::default(),
+            ratio: Self::default_ratio(),
+            otlp: None,
+        }
+    }
+}
+
+/// How a trace is chosen for recording.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampling {
+    /// Follow the caller's sampled flag; sample new traces at `ratio`.
+    #[default]
+    ParentBased,
+}
+
+/// An OTLP collector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Otlp {
+    /// The collector's URL, e.g. `http://otel-collector:4317` (gRPC) or
+    /// `http://otel-collector:4318` (HTTP; `/v1/traces` is appended when there is no path).
+    pub endpoint: String,
+    /// `grpc` or `http` (protobuf over HTTP).
+    #[serde(default)]
+    pub protocol: OtlpProtocol,
+}
+
+/// The OTLP transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    /// OTLP/gRPC.
+    #[default]
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies.
+    Http,
+}
+
+/// Whether requests are logged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    /// No access log.
+    #[default]
+    Off,
+    /// One JSON object per request, one per line, on stdout.
+    Json,
 }
 
 /// An upstream service and how to reach it.

@@ -39,7 +39,31 @@ pub fn validate(policy: &Policy) -> Vec<Finding> {
             check_rate_limit("inbound.rate_limit", limit, &mut findings);
         }
     }
+    if let Some(tracing) = &policy.tracing {
+        check_tracing(tracing, &mut findings);
+    }
     findings
+}
+
+fn check_tracing(tracing: &crate::Tracing, findings: &mut Vec<Finding>) {
+    if !(0.0..=1.0).contains(&tracing.ratio) {
+        findings.push(("tracing.ratio".into(), "must be between 0 and 1".into()));
+    }
+    if let Some(otlp) = &tracing.otlp {
+        let endpoint = otlp.endpoint.as_str();
+        // Plain http only: the proxy is built without TLS to the collector (a node-local
+        // collector or the mesh's own mTLS carries the spans).
+        let valid = endpoint
+            .strip_prefix("http://")
+            .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+            && !endpoint.bytes().any(|b| b.is_ascii_whitespace());
+        if !valid {
+            findings.push((
+                "tracing.otlp.endpoint".into(),
+                "must be an http:// URL such as http://otel-collector:4317".into(),
+            ));
+        }
+    }
 }
 
 fn is_valid_name(name: &str) -> bool {

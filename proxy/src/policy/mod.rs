@@ -10,6 +10,7 @@
 pub mod breaker;
 pub mod ratelimit;
 pub mod retry;
+pub mod trace;
 
 use std::sync::Arc;
 use std::time::Duration;
