@@ -295,9 +295,12 @@ access_log: json
         assert_eq!(otlp.endpoint, "http://otel-collector:4317");
         assert_eq!(otlp.protocol, OtlpProtocol::Grpc);
         assert_eq!(p.access_log, AccessLog::Json);
-        let p = load("p.yaml", "tracing: { otlp: { endpoint: 'http://c:4318', protocol: http } }")
-            .expect("valid")
-            .policy;
+        let p = load(
+            "p.yaml",
+            "tracing: { otlp: { endpoint: 'http://c:4318', protocol: http } }",
+        )
+        .expect("valid")
+        .policy;
         let tracing = p.tracing.expect("tracing");
         assert_eq!(tracing.ratio, 1.0);
         assert_eq!(tracing.otlp.expect("otlp").protocol, OtlpProtocol::Http);
@@ -307,7 +310,11 @@ access_log: json
     #[test]
     fn rejects_bad_tracing_values() {
         let text = "tracing: { sampling: always, ratio: 0.5 }";
-        assert!(error_text(text).contains("unknown variant `always`"), "{}", error_text(text));
+        assert!(
+            error_text(text).contains("unknown variant `always`"),
+            "{}",
+            error_text(text)
+        );
         let text = "tracing: { ratio: 1.5, otlp: { endpoint: 'otel:4317' } }\naccess_log: text\n";
         let e = load("p.yaml", text).expect_err("invalid");
         assert!(e.to_string().contains("access_log"), "{e}");

@@ -23,6 +23,7 @@ use crate::errors::{rescue, ProxyError};
 use crate::headers;
 use crate::policy::ratelimit::RateDecision;
 use crate::policy::retry::{self, AttemptFailure, ReplayHandle, RetryPolicy};
+use crate::policy::trace::{SpanId, TraceContext};
 use crate::snapshot::{Snapshot, Target};
 use crate::upstream::Endpoint;
 use crate::Shared;
@@ -50,7 +51,11 @@ pub async fn handle(
     let routed = {
         let snapshot = shared.snapshot.load();
         match select_target(&snapshot, kind, &req) {
-            Ok((target, authority)) => Ok((Arc::clone(target), authority)),
+            Ok((target, authority)) => Ok((
+                Arc::clone(target),
+                authority,
+                TraceContext::extract(req.headers(), &snapshot.sampler),
+            )),
             Err(error) => {
                 let response = rescue(&error, grpc);
                 snapshot
@@ -60,11 +65,11 @@ pub async fn handle(
             }
         }
     };
-    let (target, authority) = match routed {
+    let (target, authority, trace) = match routed {
         Ok(routed) => routed,
         Err(response) => return Ok(response),
     };
-    let response = forward(&target, authority, peer, req, grpc).await;
+    let response = forward(&target, authority, peer, req, grpc, &trace).await;
     target
         .metrics
         .record(response.status(), started.elapsed().as_secs_f64());
@@ -107,6 +112,7 @@ async fn forward(
     peer: SocketAddr,
     mut req: Request<Incoming>,
     grpc: bool,
+    trace: &TraceContext,
 ) -> Response<ProxyBody> {
     let policy = &target.policy;
     if let Some(limit) = &policy.limit {
@@ -133,7 +139,7 @@ async fn forward(
     let upgrade = headers::is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let parts = match prepare(target, parts, authority, peer) {
+    let parts = match prepare(target, parts, authority, peer, trace) {
         Ok(parts) => parts,
         Err(error) => return rescue(&error, grpc),
     };
@@ -150,7 +156,7 @@ async fn forward(
                     .map_err(|(error, _)| error)
             }
             Some(retry) => {
-                exchange_with_retries(target, retry, parts, body, deadline, &attempts).await
+                exchange_with_retries(target, retry, parts, body, deadline, &attempts, trace).await
             }
         }
     };
@@ -193,6 +199,7 @@ fn prepare(
     mut parts: http::request::Parts,
     authority: Option<Authority>,
     peer: SocketAddr,
+    trace: &TraceContext,
 ) -> Result<http::request::Parts, ProxyError> {
     let upstream = &target.upstream;
     let upgrade = parts.headers.contains_key(header::UPGRADE) && parts.version == Version::HTTP_11;
@@ -202,6 +209,9 @@ fn prepare(
     parts.headers.remove(header::EXPECT);
     headers::append_forwarded(&mut parts.headers, peer.ip());
     headers::ensure_request_id(&mut parts.headers);
+    // The next hop's parent is this proxy's span; under retries each attempt re-injects its
+    // own child span id.
+    trace.inject(&mut parts.headers, trace.span_id);
 
     let authority = match authority {
         Some(a) => a,
@@ -285,6 +295,7 @@ async fn exchange_with_retries(
     body: Incoming,
     deadline: Option<Instant>,
     attempts: &AtomicU32,
+    trace: &TraceContext,
 ) -> Result<Response<Incoming>, ProxyError> {
     let metrics = &target.metrics.retries;
     retry.budget.deposit();
@@ -301,6 +312,8 @@ async fn exchange_with_retries(
         *req.headers_mut() = parts.headers.clone();
         req.headers_mut()
             .insert(ATTEMPT.clone(), HeaderValue::from(attempt));
+        let attempt_span = SpanId::random();
+        trace.inject(req.headers_mut(), attempt_span);
         let outcome = send_once(&endpoint, req, target.policy.per_try_timeout).await;
         let failure = match &outcome {
             Ok(response) => match response_failure(response) {

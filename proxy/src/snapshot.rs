@@ -11,6 +11,7 @@ use outrider_config::{LoadedPolicy, Policy, RateLimit, Service};
 
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::policy::ratelimit::RateLimiter;
+use crate::policy::trace::Sampler;
 use crate::policy::{Limit, RoutePolicy, Stateful};
 use crate::upstream::{Upstream, UpstreamSpec};
 
@@ -65,6 +66,8 @@ pub struct Snapshot {
     pub config_json: Bytes,
     /// Metrics of requests no route matched.
     pub unrouted: RouteMetrics,
+    /// How new traces are sampled.
+    pub sampler: Sampler,
     routes: Vec<CompiledRoute>,
     dedicated: HashMap<SocketAddr, Arc<Target>>,
     inbound: Option<Arc<Target>>,
@@ -245,12 +248,14 @@ impl Snapshot {
         }))
         .map(Bytes::from)
         .unwrap_or_default();
+        let sampler = Sampler::parent_based(policy.tracing.as_ref().map_or(1.0, |t| t.ratio));
         Self {
             version,
             content_hash,
             policy,
             config_json,
             unrouted: metrics.route(OUTBOUND, "none", "none"),
+            sampler,
             routes,
             dedicated,
             inbound,

@@ -336,7 +336,9 @@ pub fn sanitize_tracestate(headers: &HeaderMap) -> Option<HeaderValue> {
                 let key = &member[..eq];
                 valid_key(key)
                     && valid_value(&member[eq + 1..])
-                    && !kept.iter().any(|k| k.split(|&c| c == b'=').next() == Some(key))
+                    && !kept
+                        .iter()
+                        .any(|k| k.split(|&c| c == b'=').next() == Some(key))
             });
             if !valid || kept.len() == TRACESTATE_MAX_MEMBERS {
                 changed = true;
@@ -348,8 +350,7 @@ pub fn sanitize_tracestate(headers: &HeaderMap) -> Option<HeaderValue> {
     if kept.is_empty() {
         return None;
     }
-    if !changed && first.as_bytes().len() == kept.iter().map(|m| m.len() + 1).sum::<usize>() - 1
-    {
+    if !changed && first.as_bytes().len() == kept.iter().map(|m| m.len() + 1).sum::<usize>() - 1 {
         return Some(first.clone());
     }
     Some(header_value(&kept.join(&b","[..])))
@@ -626,29 +627,37 @@ mod tests {
         let p = tp(&format!("00-{TRACE}-{PARENT}-00")).expect("valid");
         assert!(!p.sampled);
         // Unknown flag bits are ignored; only bit 0 means sampled.
-        assert!(!tp(&format!("00-{TRACE}-{PARENT}-02")).expect("valid").sampled);
-        assert!(tp(&format!("00-{TRACE}-{PARENT}-03")).expect("valid").sampled);
+        assert!(
+            !tp(&format!("00-{TRACE}-{PARENT}-02"))
+                .expect("valid")
+                .sampled
+        );
+        assert!(
+            tp(&format!("00-{TRACE}-{PARENT}-03"))
+                .expect("valid")
+                .sampled
+        );
     }
 
     #[test]
     fn version_00_is_strict() {
         for bad in [
-            format!("00-{TRACE}-{PARENT}-01-"),            // longer than 55
-            format!("00-{TRACE}-{PARENT}-01-extra"),       // future fields in version 00
-            format!("00-{TRACE}-{PARENT}-1"),              // short flags
-            format!("00-{}-{PARENT}-01", &TRACE[1..]),     // short trace id
-            format!("00-{TRACE}0-{PARENT}-01"),            // long trace id
-            format!("00-{TRACE}-{}-01", &PARENT[1..]),     // short parent id
+            format!("00-{TRACE}-{PARENT}-01-"),        // longer than 55
+            format!("00-{TRACE}-{PARENT}-01-extra"),   // future fields in version 00
+            format!("00-{TRACE}-{PARENT}-1"),          // short flags
+            format!("00-{}-{PARENT}-01", &TRACE[1..]), // short trace id
+            format!("00-{TRACE}0-{PARENT}-01"),        // long trace id
+            format!("00-{TRACE}-{}-01", &PARENT[1..]), // short parent id
             format!("00-{}-{PARENT}-01", TRACE.to_uppercase()), // uppercase hex
             format!("00-{TRACE}-{}-01", PARENT.to_uppercase()),
             format!("00-{TRACE}-{PARENT}-0A"),
-            format!("00-{}-{PARENT}-01", "0".repeat(32)),  // all-zero trace id
-            format!("00-{TRACE}-{}-01", "0".repeat(16)),   // all-zero parent id
-            format!("00_{TRACE}-{PARENT}-01"),             // wrong separator
+            format!("00-{}-{PARENT}-01", "0".repeat(32)), // all-zero trace id
+            format!("00-{TRACE}-{}-01", "0".repeat(16)),  // all-zero parent id
+            format!("00_{TRACE}-{PARENT}-01"),            // wrong separator
             format!("00-{TRACE}_{PARENT}-01"),
             format!("00-{TRACE}-{PARENT}_01"),
-            format!("0g-{TRACE}-{PARENT}-01"),             // non-hex version
-            format!("00-{}g-{PARENT}-01", &TRACE[1..]),    // non-hex trace id
+            format!("0g-{TRACE}-{PARENT}-01"), // non-hex version
+            format!("00-{}g-{PARENT}-01", &TRACE[1..]), // non-hex trace id
             format!(" 00-{TRACE}-{PARENT}-01"),
             String::new(),
         ] {
@@ -681,7 +690,13 @@ mod tests {
         assert_eq!(v, format!("00-{TRACE}-{PARENT}-01").as_str());
         let v = format_traceparent(p.trace_id, p.parent_id, false);
         assert_eq!(v, format!("00-{TRACE}-{PARENT}-00").as_str());
-        assert_eq!(tp(v.to_str().expect("ascii")), Some(TraceParent { sampled: false, ..p }));
+        assert_eq!(
+            tp(v.to_str().expect("ascii")),
+            Some(TraceParent {
+                sampled: false,
+                ..p
+            })
+        );
     }
 
     #[test]
@@ -711,7 +726,10 @@ mod tests {
             (None, Origin::New),
             (Some(format!("00-{TRACE}-{PARENT}")), Origin::Invalid),
             (Some(format!("ff-{TRACE}-{PARENT}-01")), Origin::Invalid),
-            (Some(format!("00-{}-{PARENT}-01", "0".repeat(32))), Origin::Invalid),
+            (
+                Some(format!("00-{}-{PARENT}-01", "0".repeat(32))),
+                Origin::Invalid,
+            ),
         ] {
             let mut h = headers(&[("tracestate", "congo=t61rcWkgMzE")]);
             if let Some(v) = &value {
@@ -774,15 +792,15 @@ mod tests {
     #[test]
     fn invalid_tracestate_members_are_dropped_not_the_header() {
         for bad in [
-            "Upper=1",           // uppercase key
-            "1abc=1",            // simple key must start with a letter
-            "novalue=",          // empty value
-            "noequals",          // no '='
-            "k=a=b",             // '=' in value
-            "k=\u{7f}",          // control character
-            "@sys=1",            // empty tenant
-            "tenant@=1",         // empty system
-            "tenant@1sys=1",     // system must start with a letter
+            "Upper=1",                  // uppercase key
+            "1abc=1",                   // simple key must start with a letter
+            "novalue=",                 // empty value
+            "noequals",                 // no '='
+            "k=a=b",                    // '=' in value
+            "k=\u{7f}",                 // control character
+            "@sys=1",                   // empty tenant
+            "tenant@=1",                // empty system
+            "tenant@1sys=1",            // system must start with a letter
             "tenant@abcdefghijklmno=1", // system longer than 14
         ] {
             let Ok(_) = HeaderValue::from_str(bad) else {
@@ -792,9 +810,15 @@ mod tests {
             assert_eq!(got.as_deref(), Some("rojo=1,congo=2"), "{bad:?}");
         }
         let long_key = format!("k{}", "a".repeat(256));
-        assert_eq!(state(&[&format!("{long_key}=1,ok=2")]).as_deref(), Some("ok=2"));
+        assert_eq!(
+            state(&[&format!("{long_key}=1,ok=2")]).as_deref(),
+            Some("ok=2")
+        );
         let long_value = "v".repeat(257);
-        assert_eq!(state(&[&format!("a=1,b={long_value}")]).as_deref(), Some("a=1"));
+        assert_eq!(
+            state(&[&format!("a=1,b={long_value}")]).as_deref(),
+            Some("a=1")
+        );
         let max_value = "v".repeat(256);
         assert!(state(&[&format!("a={max_value}")]).is_some());
         // A repeated key keeps its first occurrence.
@@ -853,15 +877,20 @@ mod tests {
         assert!(!c.sampled);
         let mut out = HeaderMap::new();
         c.inject(&mut out, c.span_id);
-        assert!(out["b3"].to_str().expect("ascii").starts_with(&format!("{PARENT}-")));
+        assert!(out["b3"]
+            .to_str()
+            .expect("ascii")
+            .starts_with(&format!("{PARENT}-")));
         // Debug means sampled; no sampling state defers to our sampler.
         assert!(ctx(&format!("{TRACE}-{PARENT}-d")).sampled);
         assert!(ctx(&format!("{TRACE}-{PARENT}")).sampled);
-        assert!(!TraceContext::extract(
-            &headers(&[("b3", &format!("{TRACE}-{PARENT}"))]),
-            &Sampler::parent_based(0.0)
-        )
-        .sampled);
+        assert!(
+            !TraceContext::extract(
+                &headers(&[("b3", &format!("{TRACE}-{PARENT}"))]),
+                &Sampler::parent_based(0.0)
+            )
+            .sampled
+        );
         // A bare decision: new trace, decision kept.
         let c = ctx("0");
         assert_eq!(c.origin, Origin::New);
@@ -903,13 +932,24 @@ mod tests {
         assert!(out.contains_key("traceparent"));
         assert!(!out.contains_key("b3"));
         // Debug flag implies sampled; legacy "false" is a decision.
-        let h = headers(&[("x-b3-traceid", TRACE), ("x-b3-spanid", PARENT), ("x-b3-flags", "1")]);
+        let h = headers(&[
+            ("x-b3-traceid", TRACE),
+            ("x-b3-spanid", PARENT),
+            ("x-b3-flags", "1"),
+        ]);
         assert!(TraceContext::extract(&h, &Sampler::parent_based(0.0)).sampled);
-        let h = headers(&[("x-b3-traceid", TRACE), ("x-b3-spanid", PARENT), ("x-b3-sampled", "false")]);
+        let h = headers(&[
+            ("x-b3-traceid", TRACE),
+            ("x-b3-spanid", PARENT),
+            ("x-b3-sampled", "false"),
+        ]);
         assert!(!TraceContext::extract(&h, &Sampler::parent_based(1.0)).sampled);
         // A trace id without a span id is invalid.
         let h = headers(&[("x-b3-traceid", TRACE)]);
-        assert_eq!(TraceContext::extract(&h, &Sampler::default()).origin, Origin::Invalid);
+        assert_eq!(
+            TraceContext::extract(&h, &Sampler::default()).origin,
+            Origin::Invalid
+        );
     }
 
     #[test]
@@ -932,7 +972,10 @@ mod tests {
         let sampled = (0..20_000)
             .filter(|_| s.sample_new(TraceId::random()))
             .count();
-        assert!((1_600..=2_400).contains(&sampled), "{sampled} of 20000 at 0.1");
+        assert!(
+            (1_600..=2_400).contains(&sampled),
+            "{sampled} of 20000 at 0.1"
+        );
         let id = TraceId::random();
         assert_eq!(s.sample_new(id), s.sample_new(id));
         assert!(Sampler::parent_based(1.0).sample_new(TraceId([0xff; 16])));
