@@ -54,7 +54,10 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<ProxyBody> {
         }
         (true, "/metrics") => with_type(
             StatusCode::OK,
-            Bytes::from(shared.metrics.encode()),
+            {
+                shared.snapshot.load().refresh_breakers();
+                Bytes::from(shared.metrics.encode())
+            },
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         ),
         (true, "/config") => with_type(

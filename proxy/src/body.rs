@@ -16,6 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::policy::outcome::Watch;
 use crate::policy::retry::ReplayBody;
 
 /// Boxed body error.
@@ -30,18 +31,42 @@ pub struct IdleTimeout(pub Duration);
 #[derive(Debug)]
 pub enum ProxyBody {
     /// Streamed from the upstream as it arrives.
-    Upstream(Incoming),
-    /// Streamed from the upstream; cut if no frame arrives within `idle`.
-    UpstreamIdle {
+    Upstream {
         /// The upstream body.
         body: Incoming,
-        /// The longest silence allowed.
-        idle: Duration,
-        /// Fires when the silence is too long; reset on every frame.
-        timer: Pin<Box<Sleep>>,
+        /// Cuts the body if no frame arrives in time.
+        idle: Option<IdleTimer>,
+        /// Reports the exchange's outcome to the circuit breaker when the body ends.
+        watch: Option<Watch>,
     },
     /// Produced by the proxy; `None` once sent.
     Full(Option<Bytes>),
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        // A body that was complete before anyone polled it (no content) still ends the
+        // exchange cleanly.
+        if let Self::Upstream {
+            body,
+            watch: Some(watch),
+            ..
+        } = self
+        {
+            if body.is_end_stream() {
+                watch.end();
+            }
+        }
+    }
+}
+
+/// The idle timeout of a streaming body.
+#[derive(Debug)]
+pub struct IdleTimer {
+    /// The longest silence allowed.
+    limit: Duration,
+    /// Fires when the silence is too long; reset on every frame.
+    timer: Pin<Box<Sleep>>,
 }
 
 impl ProxyBody {
@@ -55,15 +80,15 @@ impl ProxyBody {
         Self::Full(Some(bytes))
     }
 
-    /// The upstream's body, bounded by `idle` when set.
-    pub fn upstream(body: Incoming, idle: Option<Duration>) -> Self {
-        match idle {
-            None => Self::Upstream(body),
-            Some(idle) => Self::UpstreamIdle {
-                body,
-                idle,
-                timer: Box::pin(tokio::time::sleep(idle)),
-            },
+    /// The upstream's body, bounded by `idle` when set, its end reported to `watch` if any.
+    pub fn upstream(body: Incoming, idle: Option<Duration>, watch: Option<Watch>) -> Self {
+        Self::Upstream {
+            body,
+            idle: idle.map(|limit| IdleTimer {
+                limit,
+                timer: Box::pin(tokio::time::sleep(limit)),
+            }),
+            watch,
         }
     }
 }
@@ -77,33 +102,56 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            Self::Upstream(incoming) => Pin::new(incoming)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as BoxError),
-            Self::UpstreamIdle { body, idle, timer } => match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(frame) => {
-                    timer.as_mut().reset(Instant::now() + *idle);
-                    Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as BoxError)))
+            Self::Upstream { body, idle, watch } => {
+                let polled = match Pin::new(&mut *body).poll_frame(cx) {
+                    Poll::Ready(frame) => {
+                        if let Some(idle) = idle {
+                            idle.timer.as_mut().reset(Instant::now() + idle.limit);
+                        }
+                        frame.map(|f| f.map_err(|e| Box::new(e) as BoxError))
+                    }
+                    Poll::Pending => match idle {
+                        Some(idle) => match idle.timer.as_mut().poll(cx) {
+                            Poll::Ready(()) => {
+                                Some(Err(Box::new(IdleTimeout(idle.limit)) as BoxError))
+                            }
+                            Poll::Pending => return Poll::Pending,
+                        },
+                        None => return Poll::Pending,
+                    },
+                };
+                if let Some(watch) = watch {
+                    match &polled {
+                        Some(Ok(frame)) => {
+                            if let Some(trailers) = frame.trailers_ref() {
+                                watch.trailers(trailers);
+                            }
+                            // hyper stops polling a body whose length is reached, so the end
+                            // is seen here rather than as a final `None`.
+                            if body.is_end_stream() {
+                                watch.end();
+                            }
+                        }
+                        Some(Err(_)) => watch.fail(),
+                        None => watch.end(),
+                    }
                 }
-                Poll::Pending => match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeout(*idle))))),
-                    Poll::Pending => Poll::Pending,
-                },
-            },
+                Poll::Ready(polled)
+            }
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Upstream(body) | Self::UpstreamIdle { body, .. } => body.is_end_stream(),
+            Self::Upstream { body, .. } => body.is_end_stream(),
             Self::Full(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Upstream(body) | Self::UpstreamIdle { body, .. } => body.size_hint(),
+            Self::Upstream { body, .. } => body.size_hint(),
             Self::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Self::Full(None) => SizeHint::with_exact(0),
         }

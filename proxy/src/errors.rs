@@ -70,6 +70,12 @@ pub enum ProxyError {
         /// Time until the bucket is full again.
         reset: Duration,
     },
+    /// The service's circuit breaker is open; the request never reached the upstream.
+    #[error("circuit open for {0}")]
+    CircuitOpen(std::sync::Arc<str>),
+    /// The service has `max_concurrent_requests` requests in flight already.
+    #[error("too many concurrent requests for {0}")]
+    ConcurrencyLimit(std::sync::Arc<str>),
     /// Any other failure talking to the upstream.
     #[error("upstream {addr} failed: {reason}")]
     Upstream {
@@ -87,7 +93,10 @@ impl ProxyError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
-            Self::NoEndpoints(_) | Self::NotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoEndpoints(_)
+            | Self::NotConfigured(_)
+            | Self::CircuitOpen(_)
+            | Self::ConcurrencyLimit(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::ConnectTimeout { .. } | Self::RequestTimeout(_) | Self::PerTryTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }

@@ -21,6 +21,8 @@ use crate::body::{ProxyBody, RequestBody};
 use crate::connect::ConnectError;
 use crate::errors::{rescue, ProxyError};
 use crate::headers;
+use crate::policy::breaker::BreakerRejection;
+use crate::policy::outcome::{self, Watch};
 use crate::policy::ratelimit::RateDecision;
 use crate::policy::retry::{self, AttemptFailure, ReplayHandle, RetryPolicy};
 use crate::policy::trace::{SpanId, TraceContext};
@@ -136,6 +138,20 @@ async fn forward(
             }
         }
     }
+    let permit = match &policy.breaker {
+        None => None,
+        Some(breaker) => match breaker.try_acquire() {
+            Ok(permit) => Some(permit),
+            Err(rejection) => {
+                let service = Arc::clone(breaker.name());
+                let error = match rejection {
+                    BreakerRejection::Open => ProxyError::CircuitOpen(service),
+                    BreakerRejection::ConcurrencyLimit => ProxyError::ConcurrencyLimit(service),
+                };
+                return rescue(&error, grpc);
+            }
+        },
+    };
     let upgrade = headers::is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
@@ -176,10 +192,14 @@ async fn forward(
             } else {
                 headers::strip_hop_by_hop(response.headers_mut(), false);
             }
-            response.map(|body| ProxyBody::upstream(body, policy.idle_timeout))
+            let watch = permit.map(|permit| Watch::new(permit, outcome::of_head(&response)));
+            response.map(|body| ProxyBody::upstream(body, policy.idle_timeout, watch))
         }
         Err(error) => {
             tracing::debug!(service = %target.upstream.spec.name, %error, "request failed");
+            if let (Some(permit), Some(outcome)) = (permit, outcome::of_error(&error)) {
+                permit.record(outcome);
+            }
             rescue(&error, grpc)
         }
     };

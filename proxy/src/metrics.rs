@@ -6,6 +6,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::policy::breaker::BreakerState;
+
 /// Latency buckets for a sidecar hop: sub-millisecond up to ten seconds.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -23,6 +25,8 @@ pub struct Metrics {
     connections_active: IntGaugeVec,
     retries: IntCounterVec,
     rate_limit: IntCounterVec,
+    breaker_state: IntGaugeVec,
+    breaker_transitions: IntCounterVec,
     /// The version of the policy in force.
     pub policy_version: IntGauge,
 }
@@ -65,6 +69,38 @@ impl RouteMetrics {
         let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
         self.by_status_class[class].inc();
         self.duration.observe(seconds);
+    }
+}
+
+/// The exported state of one service's circuit breaker.
+#[derive(Debug, Clone)]
+pub struct BreakerMetrics {
+    /// 1 for the current state, 0 for the others: closed, open, half-open.
+    state: [IntGauge; 3],
+    /// Transitions into each state.
+    transitions: [IntCounter; 3],
+}
+
+impl BreakerMetrics {
+    fn index(state: BreakerState) -> usize {
+        match state {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        }
+    }
+
+    /// Sets the state gauge to `state`.
+    pub fn show(&self, state: BreakerState) {
+        let current = Self::index(state);
+        for (i, gauge) in self.state.iter().enumerate() {
+            gauge.set(i64::from(i == current));
+        }
+    }
+
+    /// Counts a transition into `to`.
+    pub fn count(&self, to: BreakerState) {
+        self.transitions[Self::index(to)].inc();
     }
 }
 
@@ -150,6 +186,20 @@ impl Metrics {
             ),
             &["service", "route", "decision"],
         )?;
+        let breaker_state = IntGaugeVec::new(
+            Opts::new(
+                "outrider_circuit_breaker_state",
+                "1 for the state each service's circuit breaker is in (closed, open, half_open).",
+            ),
+            &["service", "state"],
+        )?;
+        let breaker_transitions = IntCounterVec::new(
+            Opts::new(
+                "outrider_circuit_breaker_transitions_total",
+                "Circuit breaker state changes, by service and the state entered.",
+            ),
+            &["service", "to"],
+        )?;
         let policy_version =
             IntGauge::new("outrider_policy_version", "Version of the policy in force.")?;
         let build_info = IntGaugeVec::new(
@@ -165,6 +215,8 @@ impl Metrics {
         registry.register(Box::new(connections_active.clone()))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(rate_limit.clone()))?;
+        registry.register(Box::new(breaker_state.clone()))?;
+        registry.register(Box::new(breaker_transitions.clone()))?;
         registry.register(Box::new(policy_version.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(Self {
@@ -175,6 +227,8 @@ impl Metrics {
             connections_active,
             retries,
             rate_limit,
+            breaker_state,
+            breaker_transitions,
             policy_version,
         })
     }
@@ -214,6 +268,15 @@ impl Metrics {
                     "shadow-rejected",
                 ]),
             },
+        }
+    }
+
+    /// Handles for the circuit breaker of `service`.
+    pub fn breaker(&self, service: &str) -> BreakerMetrics {
+        let states = ["closed", "open", "half_open"];
+        BreakerMetrics {
+            state: states.map(|s| self.breaker_state.with_label_values(&[service, s])),
+            transitions: states.map(|s| self.breaker_transitions.with_label_values(&[service, s])),
         }
     }
 

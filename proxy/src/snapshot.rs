@@ -10,6 +10,7 @@ use bytes::Bytes;
 use outrider_config::{LoadedPolicy, Policy, RateLimit, Service};
 
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::policy::breaker::CircuitBreaker;
 use crate::policy::ratelimit::RateLimiter;
 use crate::policy::trace::Sampler;
 use crate::policy::{Limit, RoutePolicy, Stateful};
@@ -129,12 +130,23 @@ impl Snapshot {
             .iter()
             .map(|(name, service)| {
                 let before = previous.and_then(|p| p.service_state.get(name));
+                let breaker = service.circuit_breaker.as_ref().map(|config| {
+                    let kept = before
+                        .and_then(|b| b.breaker.as_ref())
+                        .filter(|b| b.config() == config);
+                    kept.cloned().unwrap_or_else(|| {
+                        let breaker = CircuitBreaker::new(Arc::from(name.as_str()), config)
+                            .with_metrics(metrics.breaker(name));
+                        Arc::new(breaker)
+                    })
+                });
                 let state = Stateful {
                     limit: limit(
                         service.rate_limit.as_ref(),
                         || format!("service {name}"),
                         before,
                     ),
+                    breaker,
                 };
                 (name.clone(), state)
             })
@@ -168,6 +180,7 @@ impl Snapshot {
                     || format!("route {name}"),
                     before,
                 ),
+                breaker: None,
             };
             // Validation guarantees every referenced service exists and weights are > 0.
             let backends = match (&route.service, &route.split) {
@@ -213,6 +226,7 @@ impl Snapshot {
                 || "inbound".to_string(),
                 previous.map(|p| &p.inbound_state),
             ),
+            breaker: None,
         };
         let inbound = policy.inbound.as_ref().map(|inbound| {
             let kept = previous.and_then(|p| {
@@ -297,6 +311,18 @@ impl Snapshot {
             .iter()
             .filter_map(|(name, s)| Some((name.clone(), s.listen?)))
             .collect()
+    }
+
+    /// Brings every breaker's exported state up to date (an open breaker whose time is up
+    /// turns half-open when next looked at); the admin port calls it before a scrape.
+    pub fn refresh_breakers(&self) {
+        for breaker in self
+            .service_state
+            .values()
+            .filter_map(|s| s.breaker.as_ref())
+        {
+            let _ = breaker.state();
+        }
     }
 
     /// The upstream of a service, by name.
@@ -402,5 +428,35 @@ mod tests {
             &limiter(&changed, "/r")
         ));
         assert!(Arc::ptr_eq(&limiter(&same, "/x"), &limiter(&changed, "/x")));
+    }
+
+    #[tokio::test]
+    async fn breakers_carry_over_only_when_their_settings_are_unchanged() {
+        let metrics = Metrics::new("test").expect("metrics");
+        let policy = |failures: u32, timeout: &str| {
+            format!(
+                "services:\n  a:\n    endpoints: [127.0.0.1:1]\n    timeouts: {{ request: {timeout} }}\n    circuit_breaker: {{ consecutive_failures: {failures} }}\nroutes:\n  - match: {{ authority: a }}\n    service: a\n"
+            )
+        };
+        let breaker = |s: &Snapshot| {
+            let target = s.route("a", "/").expect("route");
+            Arc::clone(target.policy.breaker.as_ref().expect("breaker"))
+        };
+        let before = build(&policy(1, "1s"), None, &metrics);
+        // Trip it: an open breaker must stay open across a reload that does not touch it,
+        // even when other settings of the service change.
+        if let Ok(permit) = breaker(&before).try_acquire() {
+            permit.record(crate::policy::breaker::Outcome::Failure);
+        }
+        let open = crate::policy::breaker::BreakerState::Open;
+        assert_eq!(breaker(&before).state(), open);
+        let same = build(&policy(1, "2s"), Some(&before), &metrics);
+        assert!(Arc::ptr_eq(&breaker(&before), &breaker(&same)));
+        assert_eq!(breaker(&same).state(), open);
+        let changed = build(&policy(2, "2s"), Some(&same), &metrics);
+        assert_eq!(
+            breaker(&changed).state(),
+            crate::policy::breaker::BreakerState::Closed
+        );
     }
 }

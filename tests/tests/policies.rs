@@ -4,9 +4,13 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::Request;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use outrider_e2e::*;
 
 fn get_req(addr: std::net::SocketAddr, host: &str, path: &str) -> Request<TestBody> {
@@ -182,4 +186,192 @@ async fn inbound_limit_protects_the_local_app() {
     };
     assert_eq!(statuses, [200, 200, 429, 429]);
     assert_eq!(app.hits(), 2);
+}
+
+/// An upstream answering 503 while `failing` is set, 200 otherwise.
+async fn switchable(failing: Arc<AtomicBool>) -> Upstream {
+    Upstream::start(Proto::Http1, move |_req| {
+        let failing = Arc::clone(&failing);
+        async move {
+            let mut res = Response::new(full("x"));
+            if failing.load(Ordering::SeqCst) {
+                *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            res
+        }
+    })
+    .await
+}
+
+fn breaker_policy(addr: std::net::SocketAddr, breaker: &str) -> String {
+    format!(
+        "services:\n  svc:\n    endpoints: [{addr}]\n    circuit_breaker: {breaker}\nroutes:\n  - name: r\n    match: {{ authority: svc }}\n    service: svc\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_half_opens_and_closes() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let upstream = switchable(Arc::clone(&failing)).await;
+    let proxy = start_proxy(&breaker_policy(
+        upstream.addr,
+        "{ consecutive_failures: 3, open_for: 300ms, max_open_for: 2s }",
+    ));
+    let client = http1_client();
+    let call = || send(&client, get_req(proxy.outbound, "svc", "/"));
+    let state =
+        |s: &str| format!("outrider_circuit_breaker_state{{service=\"svc\",state=\"{s}\"}}");
+    assert_eq!(proxy.metric(&state("closed")).await, 1.0);
+    for _ in 0..3 {
+        let reply = call().await;
+        assert_eq!(
+            (reply.status, reply.header("x-outrider-error")),
+            (503, None)
+        );
+    }
+    // Open: answered at once by the proxy, the upstream untouched.
+    let opened_at = Instant::now();
+    for _ in 0..5 {
+        let reply = call().await;
+        assert_eq!(reply.status, 503);
+        assert_eq!(
+            reply.header("x-outrider-error"),
+            Some("circuit open for svc")
+        );
+    }
+    assert_eq!(upstream.hits(), 3);
+    assert_eq!(proxy.metric(&state("open")).await, 1.0);
+
+    // After open_for, one probe goes through; it fails, so the breaker reopens for twice as
+    // long (600 ms) without the upstream seeing anything else.
+    tokio::time::sleep(Duration::from_millis(300).saturating_sub(opened_at.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(proxy.metric(&state("half_open")).await, 1.0);
+    assert_eq!(call().await.header("x-outrider-error"), None, "probe");
+    let reopened_at = Instant::now();
+    assert_eq!(upstream.hits(), 4);
+    assert_eq!(
+        call().await.header("x-outrider-error"),
+        Some("circuit open for svc")
+    );
+    assert_eq!(upstream.hits(), 4);
+
+    // The upstream recovers; still open at 400 ms (the doubled time), then a probe closes it.
+    failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400).saturating_sub(reopened_at.elapsed())).await;
+    if reopened_at.elapsed() < Duration::from_millis(550) {
+        assert_eq!(
+            call().await.header("x-outrider-error"),
+            Some("circuit open for svc")
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(650).saturating_sub(reopened_at.elapsed())).await;
+    assert_eq!(call().await.status, 200, "probe after recovery");
+    for _ in 0..3 {
+        assert_eq!(call().await.status, 200);
+    }
+    assert_eq!(upstream.hits(), 8);
+    assert_eq!(proxy.metric(&state("closed")).await, 1.0);
+    let transitions = |to: &str| {
+        format!("outrider_circuit_breaker_transitions_total{{service=\"svc\",to=\"{to}\"}}")
+    };
+    assert_eq!(proxy.metric(&transitions("open")).await, 2.0);
+    assert_eq!(proxy.metric(&transitions("half_open")).await, 2.0);
+    assert_eq!(proxy.metric(&transitions("closed")).await, 1.0);
+    let logged = proxy
+        .logs()
+        .iter()
+        .filter(|l| l.contains("circuit breaker transition") && l.contains("\"svc\""))
+        .count();
+    assert_eq!(logged, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_failure_in_trailers_counts_and_4xx_does_not() {
+    // 200 OK whose trailers say UNAVAILABLE: a failure, though the head looked fine.
+    let grpc = Upstream::start(Proto::Http2, |req: Request<Incoming>| async move {
+        let code = if req.uri().path() == "/fail" {
+            "14"
+        } else {
+            "5"
+        };
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", code.parse().unwrap());
+        let body = full(&b"\0\0\0\0\0"[..])
+            .with_trailers(async move { Some(Ok(trailers)) })
+            .boxed();
+        let mut res = Response::new(body);
+        res.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        res
+    })
+    .await;
+    let proxy = start_proxy(&format!(
+        "services:\n  svc:\n    endpoints: [{}]\n    protocol: http2\n    circuit_breaker: {{ consecutive_failures: 2, open_for: 1m }}\nroutes:\n  - match: {{ authority: svc }}\n    service: svc\n",
+        grpc.addr
+    ));
+    let call = |path: &'static str| {
+        let req = Request::post(format!("http://svc{path}"))
+            .header("content-type", "application/grpc")
+            .body(empty())
+            .unwrap();
+        send_h2_via(proxy.outbound, req)
+    };
+    // NOT_FOUND (5) is the caller's problem: any number of them leaves the breaker closed.
+    for _ in 0..5 {
+        assert_eq!(call("/missing").await.status, 200);
+    }
+    let first = call("/fail").await;
+    assert_eq!(first.header("x-outrider-error"), None);
+    let _ = call("/fail").await;
+    let rejected = call("/missing").await;
+    assert_eq!(
+        rejected.header("x-outrider-error"),
+        Some("circuit open for svc")
+    );
+    assert_eq!(rejected.header("grpc-status"), Some("14"));
+    assert_eq!(grpc.hits(), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limit_fails_fast_while_requests_are_in_flight() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = Arc::clone(&gate);
+    let slow = Upstream::start(Proto::Http1, move |_req| {
+        let gate = Arc::clone(&held);
+        async move {
+            let _ = gate.acquire().await.unwrap();
+            Response::new(full("done"))
+        }
+    })
+    .await;
+    let proxy = start_proxy(&breaker_policy(slow.addr, "{ max_concurrent_requests: 2 }"));
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| {
+            let outbound = proxy.outbound;
+            tokio::spawn(async move { send(&http1_client(), get_req(outbound, "svc", "/")).await })
+        })
+        .collect();
+    assert!(eventually(Duration::from_secs(5), || slow.hits() == 2).await);
+    let started = Instant::now();
+    let reply = send(&http1_client(), get_req(proxy.outbound, "svc", "/")).await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(
+        reply.header("x-outrider-error"),
+        Some("too many concurrent requests for svc")
+    );
+    assert!(started.elapsed() < Duration::from_secs(1), "must fail fast");
+    assert_eq!(slow.hits(), 2);
+    gate.add_permits(2);
+    for request in in_flight {
+        assert_eq!(request.await.unwrap().status, 200);
+    }
+    // The slots came back when the responses ended.
+    gate.add_permits(1);
+    assert_eq!(
+        send(&http1_client(), get_req(proxy.outbound, "svc", "/"))
+            .await
+            .status,
+        200
+    );
 }

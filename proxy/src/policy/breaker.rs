@@ -22,6 +22,8 @@ use std::time::Duration;
 use outrider_config::CircuitBreaker as BreakerConfig;
 use tokio::time::Instant;
 
+use crate::metrics::BreakerMetrics;
+
 /// Buckets of the failure-rate window: the window slides in steps of `window / BUCKETS`.
 const BUCKETS: usize = 10;
 
@@ -71,6 +73,8 @@ pub struct CircuitBreaker {
     /// State transitions so far, readable without the lock.
     transitions: AtomicU64,
     inner: Mutex<Inner>,
+    /// State gauge and transition counters, when exported.
+    metrics: Option<BreakerMetrics>,
 }
 
 #[derive(Debug)]
@@ -146,7 +150,20 @@ impl CircuitBreaker {
                 consecutive: 0,
                 window: [Bucket::default(); BUCKETS],
             }),
+            metrics: None,
         }
+    }
+
+    /// Exports this breaker's state and transitions through `metrics` from now on.
+    pub fn with_metrics(mut self, metrics: BreakerMetrics) -> Self {
+        metrics.show(BreakerState::Closed);
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The service this breaker protects.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
     }
 
     /// The settings this breaker was built from, so a reload can keep the breaker (and its
@@ -271,6 +288,10 @@ impl CircuitBreaker {
     fn log(&self, transition: Option<Transition>) {
         if let Some(Transition { from, to }) = transition {
             tracing::info!(service = %self.name, from = ?from, to = ?to, "circuit breaker transition");
+            if let Some(metrics) = &self.metrics {
+                metrics.show(to);
+                metrics.count(to);
+            }
         }
     }
 

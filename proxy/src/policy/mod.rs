@@ -1,6 +1,6 @@
 //! Resilience policies, each in its own module with a small interface, compiled once per policy
 //! load into a [`RoutePolicy`] per route target. The order they apply in is written once, in
-//! `forward.rs`: the rate limit, then the attempt loop (retries with per-try and request
+//! `forward.rs`: the rate limit, then the circuit breaker, then the attempt loop (retries with per-try and request
 //! timeouts), then the idle timeout on the response body.
 //!
 //! Stateful policies (rate limiters, breakers) are shared through `Arc`s: one per service, route
@@ -8,6 +8,7 @@
 //! did not change.
 
 pub mod breaker;
+pub mod outcome;
 pub mod ratelimit;
 pub mod retry;
 pub mod trace;
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use outrider_config::{Route, Service};
 
+use self::breaker::CircuitBreaker;
 use self::ratelimit::RateLimiter;
 use self::retry::RetryPolicy;
 
@@ -34,6 +36,8 @@ pub struct Limit {
 pub struct Stateful {
     /// The rate limit, when configured.
     pub limit: Option<Limit>,
+    /// The circuit breaker and concurrency limit (services only).
+    pub breaker: Option<Arc<CircuitBreaker>>,
 }
 
 /// Everything the request path needs to apply policy to one target of one route.
@@ -49,6 +53,8 @@ pub struct RoutePolicy {
     pub retry: Option<RetryPolicy>,
     /// The rate limit in force: the route's when it has one, else the service's.
     pub limit: Option<Limit>,
+    /// The service's circuit breaker.
+    pub breaker: Option<Arc<CircuitBreaker>>,
 }
 
 impl RoutePolicy {
@@ -92,6 +98,7 @@ impl RoutePolicy {
                 .limit
                 .clone()
                 .or_else(|| service_state.limit.clone()),
+            breaker: service_state.breaker.clone(),
         }
     }
 }

@@ -1,0 +1,103 @@
+//! How an exchange ended, as the circuit breaker counts it. A failure is a connect failure, a
+//! reset, a timeout, a 5xx, or a gRPC UNAVAILABLE, INTERNAL or DEADLINE_EXCEEDED status, in the
+//! response headers (trailers-only responses) or in the trailers at the end of the body. 4xx
+//! and other gRPC statuses are the caller's problem, not the upstream's, and count as success.
+//!
+//! A verdict that needs the body (gRPC trailers, a reset mid-stream) is reached by a
+//! [`Watch`] that travels inside the response body and holds the breaker permit, so the
+//! request also counts against the concurrency limit until its body is done.
+
+use http::{HeaderMap, Response};
+use hyper::body::Incoming;
+
+use super::breaker::{BreakerPermit, Outcome};
+use crate::errors::ProxyError;
+
+/// gRPC codes that mean the upstream failed: DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE.
+const GRPC_FAILURES: [u8; 3] = [4, 13, 14];
+
+/// The outcome of an exchange that ended in a proxy error, or `None` when the error says
+/// nothing about the upstream's health (no endpoint to try).
+pub fn of_error(error: &ProxyError) -> Option<Outcome> {
+    match error {
+        ProxyError::ConnectRefused(_)
+        | ProxyError::ConnectTimeout { .. }
+        | ProxyError::Connect { .. }
+        | ProxyError::UpstreamReset(_)
+        | ProxyError::RequestTimeout(_)
+        | ProxyError::PerTryTimeout(_)
+        | ProxyError::Upstream { .. } => Some(Outcome::Failure),
+        _ => None,
+    }
+}
+
+/// The outcome as far as the response head tells: a 5xx or a failing gRPC status in the
+/// headers is a failure; a gRPC status in the headers ends the exchange (trailers-only); else
+/// `None`: the body decides (its trailers, or whether it ends cleanly).
+pub fn of_head(response: &Response<Incoming>) -> Option<Outcome> {
+    if response.status().is_server_error() {
+        return Some(Outcome::Failure);
+    }
+    grpc(response.headers())
+}
+
+/// The outcome a `grpc-status` in `headers` (headers or trailers) gives, if there is one.
+pub fn grpc(headers: &HeaderMap) -> Option<Outcome> {
+    let code: u8 = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    Some(if GRPC_FAILURES.contains(&code) {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    })
+}
+
+/// Carries a breaker permit through the response body until the exchange's outcome is known.
+#[derive(Debug)]
+pub struct Watch {
+    permit: Option<BreakerPermit>,
+    verdict: Option<Outcome>,
+}
+
+impl Watch {
+    /// Watches an exchange admitted with `permit`, whose head gave `verdict`.
+    pub fn new(permit: BreakerPermit, verdict: Option<Outcome>) -> Self {
+        Self {
+            permit: Some(permit),
+            verdict,
+        }
+    }
+
+    /// The body delivered trailers: a gRPC status there decides, unless the head already did.
+    pub fn trailers(&mut self, trailers: &HeaderMap) {
+        if self.verdict.is_none() {
+            self.verdict = grpc(trailers);
+        }
+    }
+
+    /// The body ended cleanly: the verdict so far, else success.
+    pub fn end(&mut self) {
+        let outcome = self.verdict.unwrap_or(Outcome::Success);
+        self.settle(outcome);
+    }
+
+    /// The body broke (reset, idle timeout): a failure whatever the head said.
+    pub fn fail(&mut self) {
+        self.settle(Outcome::Failure);
+    }
+
+    fn settle(&mut self, outcome: Outcome) {
+        if let Some(permit) = self.permit.take() {
+            permit.record(outcome);
+        }
+    }
+}
+
+impl Drop for Watch {
+    /// A body dropped before its end (the caller went away) keeps a verdict already reached;
+    /// with none, the permit is released without an outcome.
+    fn drop(&mut self) {
+        if let Some(outcome) = self.verdict {
+            self.settle(outcome);
+        }
+    }
+}
