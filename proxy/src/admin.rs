@@ -1,6 +1,7 @@
-//! The admin port: `/live`, `/ready`, `/metrics` and `/config`.
+//! The admin port: `/live`, `/ready`, `/metrics`, `/config`, and `POST /shutdown` when enabled.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -22,11 +23,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, peer)) = accepted else { continue };
                 let shared = Arc::clone(&shared);
                 let service = service_fn(move |req| {
                     let shared = Arc::clone(&shared);
-                    async move { Ok::<_, Infallible>(respond(&shared, &req)) }
+                    async move { Ok::<_, Infallible>(respond(&shared, peer, &req)) }
                 });
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -39,8 +40,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
     }
 }
 
-fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<ProxyBody> {
+fn respond(shared: &Shared, peer: SocketAddr, req: &Request<Incoming>) -> Response<ProxyBody> {
     let get = req.method() == Method::GET || req.method() == Method::HEAD;
+    if req.uri().path() == "/shutdown" && shared.shutdown_endpoint {
+        return shutdown(shared, peer, req.method());
+    }
     match (get, req.uri().path()) {
         (true, "/live") => text(StatusCode::OK, "live\n"),
         (true, "/ready") => {
@@ -70,6 +74,22 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<ProxyBody> {
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `POST /shutdown`: for Jobs on clusters without native sidecars, whose app tells its proxy
+/// it is done. The admin port listens on every address in a pod (probes, scraping), so only
+/// callers inside the pod's own network namespace, on loopback, may stop the proxy.
+fn shutdown(shared: &Shared, peer: SocketAddr, method: &Method) -> Response<ProxyBody> {
+    if method != Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    if !peer.ip().is_loopback() {
+        tracing::warn!(%peer, "POST /shutdown refused: not a loopback caller");
+        return text(StatusCode::FORBIDDEN, "loopback callers only\n");
+    }
+    tracing::info!(%peer, "shutdown requested on the admin port");
+    shared.shutdown();
+    text(StatusCode::ACCEPTED, "shutting down\n")
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {

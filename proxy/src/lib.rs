@@ -12,6 +12,7 @@ pub mod demo;
 pub mod errors;
 pub mod forward;
 pub mod headers;
+pub mod lifecycle;
 pub mod metrics;
 pub mod policy;
 pub mod server;
@@ -30,6 +31,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::forward::ListenerKind;
+use crate::lifecycle::{AppActivity, APP_QUIET_PERIOD};
 use crate::metrics::{Metrics, MetricsError};
 use crate::snapshot::Snapshot;
 
@@ -48,6 +50,8 @@ pub struct Bootstrap {
     pub workload: String,
     /// Where the policy came from, for `/config`.
     pub policy_source: String,
+    /// Serve `POST /shutdown` on the admin port (loopback callers only).
+    pub shutdown_endpoint: bool,
 }
 
 /// State shared by every listener: the policy in force and the proxy's lifecycle flags.
@@ -60,6 +64,18 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// A shutdown has begun.
     pub draining: AtomicBool,
+    /// The app's open outbound connections: a shutdown serves them until the app has gone.
+    pub app: Arc<AppActivity>,
+    /// `POST /shutdown` is enabled.
+    pub shutdown_endpoint: bool,
+    stop: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// Begins a graceful shutdown (SIGTERM, `POST /shutdown`, [`Running::shutdown`]).
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
 }
 
 /// Why the proxy could not start.
@@ -92,7 +108,6 @@ pub struct Running {
     pub dedicated: Vec<(String, SocketAddr)>,
     /// The shared state (policy, metrics, flags).
     pub shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<DrainOutcome>,
 }
 
@@ -106,10 +121,10 @@ pub enum DrainOutcome {
 }
 
 impl Running {
-    /// Begins a graceful shutdown: `/ready` turns 503, listeners stop accepting, in-flight
-    /// requests finish.
+    /// Begins a graceful shutdown: `/ready` turns 503, the inbound listener stops accepting
+    /// and drains, outbound listeners serve the app until it has gone, then drain.
     pub fn shutdown(&self) {
-        let _ = self.stop.send(true);
+        self.shared.shutdown();
     }
 
     /// Waits until the shutdown has finished.
@@ -140,11 +155,15 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
     let snapshot = Snapshot::build(policy, 1, &bootstrap.policy_source, &metrics, None);
     metrics.policy_version.set(1);
     let dedicated_config = snapshot.dedicated_listeners();
+    let (stop, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         metrics,
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
+        app: Arc::new(AppActivity::default()),
+        shutdown_endpoint: bootstrap.shutdown_endpoint,
+        stop,
     });
 
     let admin = bind("admin", bootstrap.admin).await?;
@@ -156,7 +175,8 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
         dedicated.push((service, listen, listener));
     }
 
-    let (stop, stop_rx) = watch::channel(false);
+    // Outbound listeners stop later than inbound: once the app has gone.
+    let (outbound_stop, outbound_stop_rx) = watch::channel(false);
     let (admin_stop, admin_stop_rx) = watch::channel(false);
     let addr_of = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
     let mut running_dedicated = Vec::with_capacity(dedicated.len());
@@ -168,7 +188,7 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
         outbound,
         ListenerKind::Outbound,
         Arc::clone(&shared),
-        stop_rx.clone(),
+        outbound_stop_rx.clone(),
     ));
     data.spawn(server::serve(
         inbound,
@@ -184,7 +204,7 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
             listener,
             ListenerKind::Dedicated(listen),
             Arc::clone(&shared),
-            stop_rx.clone(),
+            outbound_stop_rx.clone(),
         ));
     }
     let admin_task = tokio::spawn(admin::serve(admin, Arc::clone(&shared), admin_stop_rx));
@@ -204,7 +224,16 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
         stopped(&mut stop_signal).await;
         supervisor_shared.draining.store(true, Ordering::Release);
         tracing::info!(drain_timeout = ?drain_timeout, "draining");
-        let drained = tokio::time::timeout(drain_timeout, async {
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        let app = Arc::clone(&supervisor_shared.app);
+        let gone = tokio::time::timeout_at(deadline, app.gone(APP_QUIET_PERIOD)).await;
+        tracing::info!(
+            app_gone = gone.is_ok(),
+            open_connections = app.open_connections(),
+            "closing outbound listeners"
+        );
+        let _ = outbound_stop.send(true);
+        let drained = tokio::time::timeout_at(deadline, async {
             while data.join_next().await.is_some() {}
         })
         .await;
@@ -226,7 +255,6 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
         admin: admin_addr,
         dedicated: running_dedicated,
         shared,
-        stop,
         done,
     })
 }

@@ -42,6 +42,10 @@ struct Cli {
     /// Runtime worker threads; 1 runs a single-threaded runtime, like a 1-CPU pod wants.
     #[arg(long, env = "OUTRIDER_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     workers: u16,
+    /// Serve `POST /shutdown` on the admin port (loopback callers only): lets a Job's app stop
+    /// its sidecar on clusters without native sidecars.
+    #[arg(long, env = "OUTRIDER_SHUTDOWN_ENDPOINT")]
+    shutdown_endpoint: bool,
     /// Log filter (tracing env-filter syntax), e.g. `info` or `outrider_proxy=debug`.
     #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
     log: String,
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
         drain_timeout: cli.drain_timeout.get(),
         workload: cli.workload,
         policy_source: source,
+        shutdown_endpoint: cli.shutdown_endpoint,
     };
     runtime.block_on(async move {
         if cli.demo {
@@ -117,8 +122,12 @@ fn main() -> ExitCode {
                 return ExitCode::from(EX_UNAVAILABLE);
             }
         };
-        wait_for_signal().await;
-        running.shutdown();
+        // A signal or `POST /shutdown` starts the drain; either way the run ends when it does.
+        let shared = std::sync::Arc::clone(&running.shared);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            shared.shutdown();
+        });
         running.wait().await;
         ExitCode::SUCCESS
     })

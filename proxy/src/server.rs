@@ -45,6 +45,8 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    // The app's outbound connections tell a shutdown when the app has gone.
+                    let app_connection = (kind != ListenerKind::Inbound).then(|| shared.app.open());
                     let shared = Arc::clone(&shared);
                     let service = service_fn(move |req| {
                         forward::handle(Arc::clone(&shared), kind, peer, req)
@@ -57,6 +59,7 @@ pub async fn serve(
                         if let Err(error) = conn.await {
                             tracing::debug!(%error, "connection ended with an error");
                         }
+                        drop(app_connection);
                     });
                 }
                 Err(error) => {

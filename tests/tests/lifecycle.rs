@@ -1,6 +1,7 @@
 //! The proxy's lifecycle and admin port: refusing an invalid policy with file, line and column
-//! (exit 64), readiness, `/config`, exact metrics after known traffic, and graceful drain on
-//! SIGTERM with requests in flight losing none.
+//! (exit 64), readiness, `/config`, exact metrics after known traffic, graceful drain on
+//! SIGTERM with requests in flight losing none, outbound calls an app makes during its own
+//! shutdown served until it has gone, `POST /shutdown`, and `outriderctl wait-ready`.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -159,6 +160,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         server.addr
     ));
     let outbound = proxy.outbound;
+    let inbound = proxy.inbound;
     // Four HTTP/1.1 requests on their own connections and two HTTP/2 ones.
     let mut in_flight = Vec::new();
     for _ in 0..4 {
@@ -186,9 +188,10 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(saw_not_ready, "/ready never turned 503");
+    // Inbound stops accepting at once; outbound serves on while the app has calls open.
     assert!(
-        tokio::net::TcpStream::connect(outbound).await.is_err(),
-        "outbound still accepting while draining"
+        tokio::net::TcpStream::connect(inbound).await.is_err(),
+        "inbound still accepting while draining"
     );
 
     release.notify_waiters();
@@ -250,4 +253,206 @@ async fn drain_timeout_bounds_shutdown() {
         .unwrap()
         .unwrap()
         .is_err());
+}
+
+/// Sends GET `path` with `host` over an already open HTTP/1.1 connection.
+async fn get_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<TestBody>,
+    host: &str,
+    path: &str,
+) -> u16 {
+    let res = sender
+        .send_request(
+            Request::get(path)
+                .header("host", host)
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let _ = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_calls_the_app_makes_while_shutting_down_are_served_until_it_has_gone() {
+    let server = Upstream::echo(Proto::Http1, "up").await;
+    let app = Upstream::echo(Proto::Http1, "app").await;
+    let mut proxy = start_proxy_with(
+        &format!(
+            "services:\n  svc: {{ endpoints: [{up}], listen: 127.0.0.1:0 }}\nroutes:\n  - match: {{ authority: svc }}\n    service: svc\ninbound:\n  app: {app}\n",
+            up = server.addr,
+            app = app.addr
+        ),
+        &["--drain-timeout", "30s"],
+    );
+    let (outbound, inbound, dedicated) = (proxy.outbound, proxy.inbound, proxy.dedicated("svc"));
+    assert_eq!(get(inbound, "anything", "/").await.status, 200);
+
+    // The app holds a keep-alive connection to the outbound port, as a pooled client does.
+    let stream = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    let (mut pooled, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    assert_eq!(get_on(&mut pooled, "svc", "/before").await, 200);
+
+    let signalled = std::time::Instant::now();
+    proxy.terminate();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            std::net::TcpStream::connect(inbound).is_err()
+        })
+        .await,
+        "inbound still accepting after SIGTERM"
+    );
+    assert_eq!(proxy.admin_get("/ready").await.0, 503);
+
+    // The app shuts down over 1.5 s and keeps calling out meanwhile: on its pooled connection,
+    // on new connections to the shared port and to the dedicated one. Each gap is shorter
+    // than the quiet period, and the pooled connection stays open the whole time anyway.
+    let mut served = 0;
+    for i in 0..15 {
+        assert_eq!(
+            get_on(&mut pooled, "svc", &format!("/pooled/{i}")).await,
+            200
+        );
+        assert_eq!(get(outbound, "svc", &format!("/new/{i}")).await.status, 200);
+        assert_eq!(
+            get(dedicated, "any", &format!("/dedicated/{i}"))
+                .await
+                .status,
+            200
+        );
+        served += 3;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(served, 45);
+    // Still up a full second after SIGTERM, far past the quiet period, because the app's
+    // pooled connection is open.
+    assert!(signalled.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(proxy.wait_exit(Duration::from_millis(300)), None);
+    assert_eq!(get_on(&mut pooled, "svc", "/last").await, 200);
+
+    // The app exits: its connection closes. The proxy follows after the quiet period, long
+    // before the 30 s drain timeout.
+    let gone = std::time::Instant::now();
+    drop(pooled);
+    let _ = conn.await;
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    let after_app = gone.elapsed();
+    assert!(
+        after_app >= Duration::from_millis(900) && after_app < Duration::from_secs(5),
+        "exited {after_app:?} after the app had gone"
+    );
+    assert_eq!(server.hits(), 1 + 15 * 3 + 1);
+    let logs = proxy.logs();
+    assert!(
+        logs.iter().any(|l| l.contains("\"app_gone\":true")),
+        "{logs:?}"
+    );
+    assert!(logs.iter().any(|l| l.contains("\"outcome\":\"Drained\"")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_shutdown_stops_the_proxy_only_when_enabled() {
+    let policy = "services:\n  svc: { endpoints: [127.0.0.1:9] }\n";
+    let post = |admin: std::net::SocketAddr| async move {
+        send(
+            &http1_client(),
+            Request::post(format!("http://{admin}/shutdown"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .status
+    };
+
+    // Off by default: the path does not exist.
+    let mut proxy = start_proxy(policy);
+    assert_eq!(post(proxy.admin).await, 404);
+    assert_eq!(proxy.wait_exit(Duration::from_millis(300)), None);
+    assert_eq!(proxy.admin_get("/ready").await.0, 200);
+
+    let mut proxy = start_proxy_with(policy, &["--shutdown-endpoint"]);
+    assert_eq!(proxy.admin_get("/shutdown").await.0, 405);
+    assert_eq!(proxy.admin_get("/ready").await.0, 200);
+    let started = std::time::Instant::now();
+    assert_eq!(post(proxy.admin).await, 202);
+    // No app connections: it exits after the quiet period, with a clean drain.
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(proxy
+        .logs()
+        .iter()
+        .any(|l| l.contains("shutdown requested on the admin port")));
+}
+
+/// `target/debug/outriderctl`, built once per test process.
+fn outriderctl() -> std::path::PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&workspace)
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "outrider-control",
+                "--bin",
+                "outriderctl",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    });
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| workspace.join("target"));
+    target.join("debug").join("outriderctl")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_ready_returns_once_the_proxy_is_ready_and_gives_up_on_timeout() {
+    let proxy = start_proxy("services:\n  svc: { endpoints: [127.0.0.1:9] }\n");
+    let out = Command::new(outriderctl())
+        .args([
+            "wait-ready",
+            "--admin",
+            &proxy.admin.to_string(),
+            "--timeout",
+            "10s",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    // Nothing listens there: it gives up after the timeout with exit 1.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let out = Command::new(outriderctl())
+        .args([
+            "wait-ready",
+            "--admin",
+            &closed.to_string(),
+            "--timeout",
+            "300ms",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not ready after"));
 }
