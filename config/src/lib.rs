@@ -17,8 +17,8 @@ pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
     AccessLog, Backoff, CircuitBreaker, FailureRate, Inbound, LoadBalancing, Otlp, OtlpProtocol,
-    Policy, Protocol, RateLimit, RateLimitMode, Retries, RetryBudget, RetryOn, Route, RouteMatch,
-    RouteTimeouts, Sampling, Service, Timeouts, Tracing, WeightedService,
+    OutlierDetection, Policy, Protocol, RateLimit, RateLimitMode, Retries, RetryBudget, RetryOn,
+    Route, RouteMatch, RouteTimeouts, Sampling, Service, Timeouts, Tracing, WeightedService,
 };
 pub use size::{ByteSize, ByteSizeError};
 pub use validate::GRPC_STATUS_NAMES;
@@ -266,6 +266,46 @@ routes:
                 "services.a.retries.grpc[0]",
                 "services.a.retries.backoff.max",
                 "services.a.circuit_breaker"
+            ]
+        );
+    }
+
+    #[test]
+    fn outlier_detection_defaults_and_bad_values_with_positions() {
+        let ok = load(
+            "p.yaml",
+            "services:\n  a:\n    endpoints: [127.0.0.1:1]\n    outlier_detection: { consecutive_failures: 3 }\n",
+        )
+        .expect("valid");
+        let outlier = ok.policy.services["a"]
+            .outlier_detection
+            .clone()
+            .expect("outlier");
+        assert_eq!(outlier.consecutive_failures, 3);
+        assert_eq!(outlier.base_ejection, Duration::from_secs(30));
+        assert_eq!(outlier.max_ejection, Duration::from_secs(300));
+        assert_eq!(outlier.max_ejected_percent, 50);
+        let text = "services:
+  a:
+    endpoints: [127.0.0.1:1]
+    outlier_detection:
+      consecutive_failures: 0
+      base_ejection: 1m
+      max_ejection: 30s
+      max_ejected_percent: 101
+";
+        let e = load("p.yaml", text).expect_err("invalid");
+        let found: Vec<String> = e
+            .diagnostics
+            .iter()
+            .map(|d| format!("{} {:?}", d.path, d.position.map(|p| (p.line, p.column))))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "services.a.outlier_detection.consecutive_failures Some((5, 29))",
+                "services.a.outlier_detection.max_ejection Some((7, 21))",
+                "services.a.outlier_detection.max_ejected_percent Some((8, 28))",
             ]
         );
     }

@@ -139,6 +139,9 @@ pub struct Service {
     /// Fail fast when the service is failing or saturated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
+    /// Take failing endpoints out of the rotation for a while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
 }
 
 /// The protocol spoken to an upstream (or to the local app).
@@ -399,6 +402,41 @@ impl CircuitBreaker {
     }
     fn default_max_open_for() -> Duration {
         Duration::from_secs(60)
+    }
+}
+
+/// Per-endpoint ejection: an endpoint that fails `consecutive_failures` times in a row gets no
+/// traffic for `base_ejection` times the number of times it has been ejected, up to
+/// `max_ejection`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Failures in a row that eject an endpoint.
+    #[serde(default = "OutlierDetection::default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// The first ejection's length; the n-th lasts n times as long.
+    #[serde(default = "OutlierDetection::default_base_ejection")]
+    pub base_ejection: Duration,
+    /// The longest ejection.
+    #[serde(default = "OutlierDetection::default_max_ejection")]
+    pub max_ejection: Duration,
+    /// At most this share of the endpoints (rounded down) is ejected at once.
+    #[serde(default = "OutlierDetection::default_max_ejected_percent")]
+    pub max_ejected_percent: u32,
+}
+
+impl OutlierDetection {
+    fn default_consecutive_failures() -> u32 {
+        5
+    }
+    fn default_base_ejection() -> Duration {
+        Duration::from_secs(30)
+    }
+    fn default_max_ejection() -> Duration {
+        Duration::from_secs(300)
+    }
+    fn default_max_ejected_percent() -> u32 {
+        50
     }
 }
 

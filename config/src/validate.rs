@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::schema::{CircuitBreaker, Policy, RateLimit, Retries, Route, Service};
+use crate::schema::{CircuitBreaker, OutlierDetection, Policy, RateLimit, Retries, Route, Service};
 use crate::Duration;
 
 /// A problem found by validation: the path of the offending value and what is wrong.
@@ -132,6 +132,32 @@ fn check_service<'a>(
     }
     if let Some(breaker) = &service.circuit_breaker {
         check_breaker(&format!("{at}.circuit_breaker"), breaker, findings);
+    }
+    if let Some(outlier) = &service.outlier_detection {
+        check_outlier(&format!("{at}.outlier_detection"), outlier, findings);
+    }
+}
+
+fn check_outlier(at: &str, outlier: &OutlierDetection, findings: &mut Vec<Finding>) {
+    if outlier.consecutive_failures == 0 {
+        findings.push((format!("{at}.consecutive_failures"), "must be > 0".into()));
+    }
+    check_positive(
+        &format!("{at}.base_ejection"),
+        outlier.base_ejection,
+        findings,
+    );
+    if outlier.max_ejection < outlier.base_ejection {
+        findings.push((
+            format!("{at}.max_ejection"),
+            "must be at least base_ejection".into(),
+        ));
+    }
+    if !(1..=100).contains(&outlier.max_ejected_percent) {
+        findings.push((
+            format!("{at}.max_ejected_percent"),
+            "must be between 1 and 100".into(),
+        ));
     }
 }
 

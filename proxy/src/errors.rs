@@ -70,6 +70,9 @@ pub enum ProxyError {
         /// Time until the bucket is full again.
         reset: Duration,
     },
+    /// Every endpoint of the service is ejected by outlier detection.
+    #[error("all endpoints of {0} are ejected")]
+    AllEjected(std::sync::Arc<str>),
     /// The service's circuit breaker is open; the request never reached the upstream.
     #[error("circuit open for {0}")]
     CircuitOpen(std::sync::Arc<str>),
@@ -94,6 +97,7 @@ impl ProxyError {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::NoEndpoints(_)
+            | Self::AllEjected(_)
             | Self::NotConfigured(_)
             | Self::CircuitOpen(_)
             | Self::ConcurrencyLimit(_) => StatusCode::SERVICE_UNAVAILABLE,

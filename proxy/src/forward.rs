@@ -21,13 +21,13 @@ use crate::body::{ProxyBody, RequestBody};
 use crate::connect::ConnectError;
 use crate::errors::{rescue, ProxyError};
 use crate::headers;
-use crate::policy::breaker::BreakerRejection;
+use crate::policy::breaker::{BreakerRejection, Outcome};
 use crate::policy::outcome::{self, Watch};
 use crate::policy::ratelimit::RateDecision;
 use crate::policy::retry::{self, AttemptFailure, ReplayHandle, RetryPolicy};
 use crate::policy::trace::{SpanId, TraceContext};
 use crate::snapshot::{Snapshot, Target};
-use crate::upstream::Endpoint;
+use crate::upstream::{Endpoint, Upstream};
 use crate::Shared;
 
 /// Which listener a request arrived on; decides how its target is found.
@@ -167,7 +167,7 @@ async fn forward(
             None => {
                 let endpoint = target.upstream.pick(None)?;
                 let req = Request::from_parts(parts, RequestBody::Direct(body));
-                send_once(&endpoint, req, policy.per_try_timeout)
+                send_once(&target.upstream, &endpoint, req, policy.per_try_timeout)
                     .await
                     .map_err(|(error, _)| error)
             }
@@ -262,8 +262,26 @@ fn prepare(
     Ok(parts)
 }
 
-/// Sends one attempt to `endpoint`, bounded by the per-try timeout until response headers.
+/// Sends one attempt to `endpoint` of `upstream`, bounded by the per-try timeout until
+/// response headers, and reports the attempt's outcome to outlier detection.
 async fn send_once(
+    upstream: &Upstream,
+    endpoint: &Endpoint,
+    req: Request<RequestBody>,
+    per_try: Option<Duration>,
+) -> Result<Response<Incoming>, (ProxyError, AttemptFailure)> {
+    let result = attempt(endpoint, req, per_try).await;
+    if upstream.detects_outliers() {
+        let outcome = match &result {
+            Ok(response) => outcome::of_head(response),
+            Err((error, _)) => outcome::of_error(error),
+        };
+        upstream.report(endpoint, outcome.unwrap_or(Outcome::Success));
+    }
+    result
+}
+
+async fn attempt(
     endpoint: &Endpoint,
     req: Request<RequestBody>,
     per_try: Option<Duration>,
@@ -334,7 +352,13 @@ async fn exchange_with_retries(
             .insert(ATTEMPT.clone(), HeaderValue::from(attempt));
         let attempt_span = SpanId::random();
         trace.inject(req.headers_mut(), attempt_span);
-        let outcome = send_once(&endpoint, req, target.policy.per_try_timeout).await;
+        let outcome = send_once(
+            &target.upstream,
+            &endpoint,
+            req,
+            target.policy.per_try_timeout,
+        )
+        .await;
         let failure = match &outcome {
             Ok(response) => match response_failure(response) {
                 Some(failure) if retry.retries_on(failure) => failure,

@@ -27,6 +27,7 @@ pub struct Metrics {
     rate_limit: IntCounterVec,
     breaker_state: IntGaugeVec,
     breaker_transitions: IntCounterVec,
+    ejections: IntCounterVec,
     /// The version of the policy in force.
     pub policy_version: IntGauge,
 }
@@ -200,6 +201,13 @@ impl Metrics {
             ),
             &["service", "to"],
         )?;
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "outrider_outlier_ejections_total",
+                "Endpoints ejected by outlier detection, by service.",
+            ),
+            &["service"],
+        )?;
         let policy_version =
             IntGauge::new("outrider_policy_version", "Version of the policy in force.")?;
         let build_info = IntGaugeVec::new(
@@ -217,6 +225,7 @@ impl Metrics {
         registry.register(Box::new(rate_limit.clone()))?;
         registry.register(Box::new(breaker_state.clone()))?;
         registry.register(Box::new(breaker_transitions.clone()))?;
+        registry.register(Box::new(ejections.clone()))?;
         registry.register(Box::new(policy_version.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(Self {
@@ -229,6 +238,7 @@ impl Metrics {
             rate_limit,
             breaker_state,
             breaker_transitions,
+            ejections,
             policy_version,
         })
     }
@@ -269,6 +279,11 @@ impl Metrics {
                 ]),
             },
         }
+    }
+
+    /// The ejection counter of `service`.
+    pub fn ejections(&self, service: &str) -> IntCounter {
+        self.ejections.with_label_values(&[service])
     }
 
     /// Handles for the circuit breaker of `service`.

@@ -117,6 +117,7 @@ impl Snapshot {
                 protocol: service.protocol,
                 balancing: service.load_balancing,
                 connect_timeout: service.timeouts.connect.get(),
+                outlier: service.outlier_detection.clone(),
             };
             let static_endpoints = service.endpoints.as_deref().unwrap_or(&[]);
             let upstream = Upstream::new(spec, static_endpoints, metrics);
@@ -242,6 +243,7 @@ impl Snapshot {
                     protocol: inbound.protocol,
                     balancing: outrider_config::LoadBalancing::RoundRobin,
                     connect_timeout: inbound.timeouts.connect.get(),
+                    outlier: None,
                 };
                 Upstream::new(spec, &[inbound.app], metrics)
             });
@@ -349,13 +351,15 @@ fn limit(
 }
 
 /// Whether two versions of a service can share one [`Upstream`]: same endpoints (or DNS name),
-/// protocol, balancing and connect timeout. Everything else is per-request policy.
+/// protocol, balancing, connect timeout and outlier detection (endpoint health lives in the
+/// upstream). Everything else is per-request policy.
 fn same_upstream(before: &Service, after: &Service) -> bool {
     before.endpoints == after.endpoints
         && before.dns == after.dns
         && before.protocol == after.protocol
         && before.load_balancing == after.load_balancing
         && before.timeouts.connect == after.timeouts.connect
+        && before.outlier_detection == after.outlier_detection
 }
 
 #[cfg(test)]

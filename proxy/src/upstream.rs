@@ -9,12 +9,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use outrider_config::{LoadBalancing, Protocol};
+use outrider_config::{LoadBalancing, OutlierDetection, Protocol};
 
 use crate::body::RequestBody;
 use crate::connect::EndpointConnector;
 use crate::errors::ProxyError;
 use crate::metrics::Metrics;
+use crate::policy::breaker::Outcome;
+use crate::policy::outlier::{EndpointHealth, OutlierDetector};
 
 /// How often a `dns:` service is resolved again.
 const DNS_REFRESH: Duration = Duration::from_secs(5);
@@ -32,6 +34,8 @@ pub struct Endpoint {
     /// Its connection pool.
     pub client: EndpointClient,
     in_flight: AtomicUsize,
+    /// Its record for outlier detection.
+    health: EndpointHealth,
 }
 
 impl Endpoint {
@@ -61,6 +65,8 @@ pub struct UpstreamSpec {
     pub balancing: LoadBalancing,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
+    /// Ejection of failing endpoints, when configured.
+    pub outlier: Option<OutlierDetection>,
 }
 
 /// A service's endpoints and balancer.
@@ -70,16 +76,22 @@ pub struct Upstream {
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     next: AtomicUsize,
     metrics: Metrics,
+    outlier: Option<OutlierDetector>,
 }
 
 impl Upstream {
     /// An upstream with the given static endpoints.
     pub fn new(spec: UpstreamSpec, addrs: &[SocketAddr], metrics: &Metrics) -> Arc<Self> {
+        let outlier = spec
+            .outlier
+            .as_ref()
+            .map(|config| OutlierDetector::new(config, Some(metrics.ejections(&spec.name))));
         let upstream = Arc::new(Self {
             spec,
             endpoints: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
             metrics: metrics.clone(),
+            outlier,
         });
         upstream.set_endpoints(addrs);
         upstream
@@ -117,6 +129,7 @@ impl Upstream {
             addr,
             client: builder.build(connector),
             in_flight: AtomicUsize::new(0),
+            health: EndpointHealth::default(),
         }
     }
 
@@ -126,30 +139,71 @@ impl Upstream {
     }
 
     /// Picks the endpoint for one attempt; a retry passes the endpoint that just failed, and
-    /// gets a different one whenever there is one.
+    /// gets a different one whenever there is one. Ejected endpoints are skipped; when every
+    /// endpoint is ejected the request fails with 503.
     pub fn pick(&self, avoid: Option<SocketAddr>) -> Result<Arc<Endpoint>, ProxyError> {
         let endpoints = self.endpoints.load();
         let n = endpoints.len();
-        let mut index = match (n, self.spec.balancing) {
-            (0, _) => return Err(ProxyError::NoEndpoints(self.spec.name.clone())),
+        if n == 0 {
+            return Err(ProxyError::NoEndpoints(self.spec.name.clone()));
+        }
+        let now = self.outlier.as_ref().map(OutlierDetector::now);
+        let usable = |i: usize| match (&self.outlier, now) {
+            (Some(outlier), Some(now)) => outlier.available(&endpoints[i].health, now),
+            _ => true,
+        };
+        let avoided = |i: usize| n > 1 && avoid == Some(endpoints[i].addr);
+        let first = match (n, self.spec.balancing) {
             (1, _) => 0,
-            (_, LoadBalancing::RoundRobin) => self.next.fetch_add(1, Ordering::Relaxed) % n,
+            (_, LoadBalancing::RoundRobin) => {
+                // A skipped endpoint uses up its turn, so the others share its traffic evenly
+                // rather than all of it going to the next one in line.
+                let mut i = self.next.fetch_add(1, Ordering::Relaxed) % n;
+                for _ in 1..n {
+                    if usable(i) && !avoided(i) {
+                        break;
+                    }
+                    i = self.next.fetch_add(1, Ordering::Relaxed) % n;
+                }
+                i
+            }
             (_, LoadBalancing::LeastRequest) => {
                 // Power of two choices: two distinct random endpoints, the less loaded wins.
                 let a = fastrand::usize(..n);
                 let b = (a + 1 + fastrand::usize(..n - 1)) % n;
                 let load = |i: usize| endpoints[i].in_flight.load(Ordering::Relaxed);
-                if load(b) < load(a) {
-                    b
-                } else {
-                    a
+                match (usable(a), usable(b)) {
+                    (true, true) if load(b) < load(a) => b,
+                    (false, true) => b,
+                    _ => a,
                 }
             }
         };
-        if n > 1 && avoid == Some(endpoints[index].addr) {
-            index = (index + 1) % n;
-        }
+        // From the balancer's choice on, the first usable endpoint that is not the one to avoid;
+        // failing that, the avoided one if it is usable.
+        let index = (0..n)
+            .map(|k| (first + k) % n)
+            .find(|&i| usable(i) && !avoided(i))
+            .or_else(|| (0..n).find(|&i| usable(i)))
+            .ok_or_else(|| ProxyError::AllEjected(self.spec.name.clone()))?;
         Ok(Arc::clone(&endpoints[index]))
+    }
+
+    /// Whether outcomes should be reported (outlier detection is on).
+    pub fn detects_outliers(&self) -> bool {
+        self.outlier.is_some()
+    }
+
+    /// Records an attempt's outcome on `endpoint`; may eject it.
+    pub fn report(&self, endpoint: &Endpoint, outcome: Outcome) {
+        let Some(outlier) = &self.outlier else {
+            return;
+        };
+        let endpoints = self.endpoints.load();
+        let all = endpoints.iter().map(|e| &e.health);
+        if let Some(length) = outlier.record(&endpoint.health, outcome, all) {
+            tracing::info!(service = %self.spec.name, endpoint = %endpoint.addr, ejected_for = ?length, "endpoint ejected");
+        }
     }
 
     /// Resolves `target` (host:port) now and every few seconds while the upstream lives.

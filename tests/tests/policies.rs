@@ -375,3 +375,62 @@ async fn concurrency_limit_fails_fast_while_requests_are_in_flight() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejection_moves_traffic_to_healthy_endpoints() {
+    let broken = switchable(Arc::new(AtomicBool::new(true))).await;
+    let healthy_a = Upstream::echo(Proto::Http1, "a").await;
+    let healthy_b = Upstream::echo(Proto::Http1, "b").await;
+    let proxy = start_proxy(&format!(
+        "services:\n  svc:\n    endpoints: [{}, {}, {}]\n    outlier_detection: {{ consecutive_failures: 2, base_ejection: 1m }}\nroutes:\n  - match: {{ authority: svc }}\n    service: svc\n",
+        broken.addr, healthy_a.addr, healthy_b.addr
+    ));
+    let client = http1_client();
+    let mut failed = 0;
+    for _ in 0..30 {
+        if send(&client, get_req(proxy.outbound, "svc", "/"))
+            .await
+            .status
+            != 200
+        {
+            failed += 1;
+        }
+    }
+    // Round robin sends every third request to `broken` until its second failure ejects it;
+    // from then on the healthy endpoints take everything.
+    assert_eq!(broken.hits(), 2);
+    assert_eq!(failed, 2);
+    assert_eq!(healthy_a.hits() + healthy_b.hits(), 28);
+    assert!(healthy_a.hits() >= 13 && healthy_b.hits() >= 13);
+    assert_eq!(
+        proxy
+            .metric("outrider_outlier_ejections_total{service=\"svc\"}")
+            .await,
+        1.0
+    );
+    assert!(proxy
+        .logs()
+        .iter()
+        .any(|l| l.contains("endpoint ejected") && l.contains(&broken.addr.to_string())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_endpoints_ejected_is_503_without_an_upstream_call() {
+    let broken = switchable(Arc::new(AtomicBool::new(true))).await;
+    let proxy = start_proxy(&format!(
+        "services:\n  svc:\n    endpoints: [{}]\n    outlier_detection: {{ consecutive_failures: 1, max_ejected_percent: 100 }}\nroutes:\n  - match: {{ authority: svc }}\n    service: svc\n",
+        broken.addr
+    ));
+    let first = get(proxy.outbound, "svc", "/").await;
+    assert_eq!(
+        (first.status, first.header("x-outrider-error")),
+        (503, None)
+    );
+    let second = get(proxy.outbound, "svc", "/").await;
+    assert_eq!(second.status, 503);
+    assert_eq!(
+        second.header("x-outrider-error"),
+        Some("all endpoints of svc are ejected")
+    );
+    assert_eq!(broken.hits(), 1);
+}

@@ -9,6 +9,7 @@
 
 pub mod breaker;
 pub mod outcome;
+pub mod outlier;
 pub mod ratelimit;
 pub mod retry;
 pub mod trace;
