@@ -16,9 +16,10 @@ pub use duration::{Duration, DurationError};
 pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
-    AccessLog, Backoff, CircuitBreaker, FailureRate, Inbound, LoadBalancing, Otlp, OtlpProtocol,
-    OutlierDetection, Policy, Protocol, RateLimit, RateLimitMode, Retries, RetryBudget, RetryOn,
-    Route, RouteMatch, RouteTimeouts, Sampling, Service, Timeouts, Tracing, WeightedService,
+    AccessLog, Backoff, CircuitBreaker, FailureRate, Fault, FaultAbort, FaultDelay, Inbound,
+    LoadBalancing, Otlp, OtlpProtocol, OutlierDetection, Policy, Protocol, RateLimit,
+    RateLimitMode, Retries, RetryBudget, RetryOn, Route, RouteMatch, RouteTimeouts, Sampling,
+    Service, Timeouts, Tracing, WeightedService,
 };
 pub use size::{ByteSize, ByteSizeError};
 pub use validate::GRPC_STATUS_NAMES;
@@ -308,6 +309,41 @@ routes:
                 "services.a.outlier_detection.max_ejected_percent Some((8, 28))",
             ]
         );
+    }
+
+    #[test]
+    fn fault_values_are_checked_with_positions() {
+        let route = |fault: &str| {
+            format!("services:\n  a: {{ endpoints: [127.0.0.1:1] }}\nroutes:\n  - match: {{ authority: a }}\n    service: a\n    fault: {fault}\n")
+        };
+        let ok = load(
+            "p.yaml",
+            &route(
+                "{ delay: { duration: 2s, percent: 10 }, abort: { status: 503, percent: 0.5 } }",
+            ),
+        )
+        .expect("valid");
+        let fault = ok.policy.routes[0].fault.clone().expect("fault");
+        assert_eq!(fault.abort.map(|a| (a.status, a.percent)), Some((503, 0.5)));
+        let e = load(
+            "p.yaml",
+            &route("{ delay: { duration: 2s, percent: 110 }, abort: { status: 200, percent: 1 } }"),
+        )
+        .expect_err("invalid");
+        let found: Vec<String> = e
+            .diagnostics
+            .iter()
+            .map(|d| format!("{} {:?}", d.path, d.position.map(|p| (p.line, p.column))))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "routes[0].fault.delay.percent Some((6, 46))",
+                "routes[0].fault.abort.status Some((6, 70))",
+            ]
+        );
+        let e = load("p.yaml", &route("{}")).expect_err("empty fault");
+        assert_eq!(e.diagnostics[0].path, "routes[0].fault");
     }
 
     #[test]

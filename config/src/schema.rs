@@ -232,6 +232,41 @@ pub struct Route {
     /// default: a retried payment is a double payment.
     #[serde(default)]
     pub retry_non_idempotent: bool,
+    /// Injected delays and aborts, for testing resilience in staging.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+/// Fault injection on a route: each request independently may be delayed and may be aborted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// Hold some requests before forwarding them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    /// Answer some requests with an error instead of forwarding them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+/// An injected delay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultDelay {
+    /// How long.
+    pub duration: Duration,
+    /// Share of requests delayed, 0..=100.
+    pub percent: f64,
+}
+
+/// An injected error response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultAbort {
+    /// The status answered (400..=599).
+    pub status: u16,
+    /// Share of requests aborted, 0..=100.
+    pub percent: f64,
 }
 
 /// Route-level timeout overrides; unset fields keep the service's values.

@@ -3,7 +3,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::schema::{CircuitBreaker, OutlierDetection, Policy, RateLimit, Retries, Route, Service};
+use crate::schema::{
+    CircuitBreaker, Fault, OutlierDetection, Policy, RateLimit, Retries, Route, Service,
+};
 use crate::Duration;
 
 /// A problem found by validation: the path of the offending value and what is wrong.
@@ -135,6 +137,34 @@ fn check_service<'a>(
     }
     if let Some(outlier) = &service.outlier_detection {
         check_outlier(&format!("{at}.outlier_detection"), outlier, findings);
+    }
+}
+
+fn check_fault(at: &str, fault: &Fault, findings: &mut Vec<Finding>) {
+    let mut check_percent = |at: String, percent: f64| {
+        if !(0.0..=100.0).contains(&percent) {
+            findings.push((at, "must be between 0 and 100".into()));
+        }
+    };
+    if let Some(delay) = &fault.delay {
+        check_percent(format!("{at}.delay.percent"), delay.percent);
+    }
+    if let Some(abort) = &fault.abort {
+        check_percent(format!("{at}.abort.percent"), abort.percent);
+    }
+    if let Some(delay) = &fault.delay {
+        check_positive(&format!("{at}.delay.duration"), delay.duration, findings);
+    }
+    if let Some(abort) = &fault.abort {
+        if !(400..=599).contains(&abort.status) {
+            findings.push((
+                format!("{at}.abort.status"),
+                "must be an error status (400..=599)".into(),
+            ));
+        }
+    }
+    if fault.delay.is_none() && fault.abort.is_none() {
+        findings.push((at.to_string(), "needs `delay` or `abort`".into()));
     }
 }
 
@@ -354,6 +384,9 @@ fn check_route(
     }
     if let Some(limit) = &route.rate_limit {
         check_rate_limit(&format!("{at}.rate_limit"), limit, findings);
+    }
+    if let Some(fault) = &route.fault {
+        check_fault(&format!("{at}.fault"), fault, findings);
     }
     let known = |service: &str| policy.services.contains_key(service);
     match (&route.service, &route.split) {

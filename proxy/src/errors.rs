@@ -70,6 +70,9 @@ pub enum ProxyError {
         /// Time until the bucket is full again.
         reset: Duration,
     },
+    /// Fault injection answered the request with this status instead of forwarding it.
+    #[error("fault injected")]
+    FaultAbort(StatusCode),
     /// Every endpoint of the service is ejected by outlier detection.
     #[error("all endpoints of {0} are ejected")]
     AllEjected(std::sync::Arc<str>),
@@ -95,6 +98,7 @@ impl ProxyError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::FaultAbort(status) => *status,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::NoEndpoints(_)
             | Self::AllEjected(_)

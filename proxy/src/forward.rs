@@ -138,6 +138,15 @@ async fn forward(
             }
         }
     }
+    if let Some(fault) = &policy.fault {
+        let faults = fault.decide();
+        if let Some(delay) = faults.delay {
+            tokio::time::sleep(delay).await;
+        }
+        if let Some(status) = faults.abort {
+            return rescue(&ProxyError::FaultAbort(status), grpc);
+        }
+    }
     let permit = match &policy.breaker {
         None => None,
         Some(breaker) => match breaker.try_acquire() {

@@ -434,3 +434,46 @@ async fn all_endpoints_ejected_is_503_without_an_upstream_call() {
     );
     assert_eq!(broken.hits(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_injection_at_100_percent_delays_and_aborts() {
+    let upstream = Upstream::echo(Proto::Http1, "svc").await;
+    let proxy = start_proxy(&format!(
+        "services:\n  svc:\n    endpoints: [{}]\nroutes:\n  - match: {{ authority: svc, path_prefix: /abort }}\n    service: svc\n    fault: {{ abort: {{ status: 503, percent: 100 }} }}\n  - match: {{ authority: svc, path_prefix: /slow }}\n    service: svc\n    fault: {{ delay: {{ duration: 300ms, percent: 100 }} }}\n  - match: {{ authority: svc }}\n    service: svc\n",
+        upstream.addr
+    ));
+    for _ in 0..5 {
+        let reply = get(proxy.outbound, "svc", "/abort").await;
+        assert_eq!(reply.status, 503);
+        assert_eq!(reply.header("x-outrider-error"), Some("fault injected"));
+    }
+    let grpc = Request::post(format!("http://{}/abort/pkg.Svc/Call", proxy.outbound))
+        .header("host", "svc")
+        .header("content-type", "application/grpc")
+        .body(empty())
+        .unwrap();
+    assert_eq!(
+        send(&http1_client(), grpc).await.header("grpc-status"),
+        Some("14")
+    );
+    assert_eq!(
+        upstream.hits(),
+        0,
+        "an aborted request must not be forwarded"
+    );
+
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert_eq!(get(proxy.outbound, "svc", "/slow").await.status, 200);
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(upstream.hits(), 3);
+    // Other routes are untouched.
+    let started = Instant::now();
+    assert_eq!(get(proxy.outbound, "svc", "/").await.status, 200);
+    assert!(started.elapsed() < Duration::from_millis(300));
+}

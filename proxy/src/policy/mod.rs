@@ -1,6 +1,6 @@
 //! Resilience policies, each in its own module with a small interface, compiled once per policy
 //! load into a [`RoutePolicy`] per route target. The order they apply in is written once, in
-//! `forward.rs`: the rate limit, then the circuit breaker, then the attempt loop (retries with per-try and request
+//! `forward.rs`: the rate limit, then injected faults, then the circuit breaker, then the attempt loop (retries with per-try and request
 //! timeouts), then the idle timeout on the response body.
 //!
 //! Stateful policies (rate limiters, breakers) are shared through `Arc`s: one per service, route
@@ -8,6 +8,7 @@
 //! did not change.
 
 pub mod breaker;
+pub mod fault;
 pub mod outcome;
 pub mod outlier;
 pub mod ratelimit;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use outrider_config::{Route, Service};
 
 use self::breaker::CircuitBreaker;
+use self::fault::FaultPolicy;
 use self::ratelimit::RateLimiter;
 use self::retry::RetryPolicy;
 
@@ -56,6 +58,8 @@ pub struct RoutePolicy {
     pub limit: Option<Limit>,
     /// The service's circuit breaker.
     pub breaker: Option<Arc<CircuitBreaker>>,
+    /// The route's injected faults.
+    pub fault: Option<FaultPolicy>,
 }
 
 impl RoutePolicy {
@@ -100,6 +104,7 @@ impl RoutePolicy {
                 .clone()
                 .or_else(|| service_state.limit.clone()),
             breaker: service_state.breaker.clone(),
+            fault: route.and_then(|r| r.fault.as_ref()).map(FaultPolicy::new),
         }
     }
 }
