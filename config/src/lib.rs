@@ -19,7 +19,7 @@ pub use schema::{
     AccessLog, Backoff, CircuitBreaker, FailureRate, Fault, FaultAbort, FaultDelay, Inbound,
     LoadBalancing, Otlp, OtlpProtocol, OutlierDetection, Policy, Protocol, RateLimit,
     RateLimitMode, Retries, RetryBudget, RetryOn, Route, RouteMatch, RouteTimeouts, Sampling,
-    Service, Timeouts, Tracing, WeightedService,
+    Service, Timeouts, Tracing, WeightedService, WorkloadSelector,
 };
 pub use size::{ByteSize, ByteSizeError};
 pub use validate::GRPC_STATUS_NAMES;
@@ -168,11 +168,24 @@ routes:
     #[test]
     fn workload_is_a_name_or_star() {
         let ok = load("p.yaml", "workload: checkout\n").expect("valid");
-        assert_eq!(ok.policy.workload.as_deref(), Some("checkout"));
+        let selector = ok.policy.workload.expect("workload");
+        assert_eq!(selector.names(), ["checkout"]);
+        assert!(!selector.is_all());
+        let list = load("p.yaml", "workload: [checkout, cart]\n").expect("valid");
+        assert_eq!(
+            list.policy.workload.expect("workload").names(),
+            ["checkout", "cart"]
+        );
         load("p.yaml", "workload: \"*\"\n").expect("star is valid");
         let msg = error_text("services: {}\nworkload: \"check out\"\n");
         assert!(msg.starts_with("workload: "), "{msg}");
         assert!(msg.ends_with("at policy.yaml:2:11"), "{msg}");
+        let msg = error_text("workload: [a, \"*\", a]\n");
+        assert!(
+            msg.starts_with("workload[1]: \"*\" must stand alone"),
+            "{msg}"
+        );
+        assert!(msg.contains("workload[2]: duplicate workload `a`"), "{msg}");
     }
 
     #[test]

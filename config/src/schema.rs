@@ -13,10 +13,10 @@ use crate::{ByteSize, Duration};
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// The workloads this document applies to when served by the control plane: a workload
-    /// name, or `"*"` for defaults shared by every workload. A proxy reading a local file
-    /// ignores it.
+    /// name, a list of names, or `"*"` for defaults shared by every workload. A proxy reading
+    /// a local file ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workload: Option<String>,
+    pub workload: Option<WorkloadSelector>,
     /// Named upstream services, by name.
     #[serde(default)]
     pub services: BTreeMap<String, Service>,
@@ -106,6 +106,32 @@ pub enum AccessLog {
     Off,
     /// One JSON object per request, one per line, on stdout.
     Json,
+}
+
+/// The `workload:` field of a document: one name (`checkout`, or `"*"` for every workload) or
+/// a list of names. Written back as a plain string when it holds one name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WorkloadSelector {
+    /// A single workload name, or `"*"`.
+    One(String),
+    /// Several workload names.
+    Many(Vec<String>),
+}
+
+impl WorkloadSelector {
+    /// The names listed, in order.
+    pub fn names(&self) -> &[String] {
+        match self {
+            Self::One(name) => std::slice::from_ref(name),
+            Self::Many(names) => names,
+        }
+    }
+
+    /// Whether this selects every workload (`"*"`): the document holds defaults.
+    pub fn is_all(&self) -> bool {
+        self.names().iter().any(|n| n == "*")
+    }
 }
 
 /// An upstream service and how to reach it.

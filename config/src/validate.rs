@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::schema::{
     CircuitBreaker, Fault, OutlierDetection, Policy, RateLimit, Retries, Route, Service,
+    WorkloadSelector,
 };
 use crate::Duration;
 
@@ -14,14 +15,8 @@ pub type Finding = (String, String);
 /// Checks a deserialised policy; an empty result means it is valid.
 pub fn validate(policy: &Policy) -> Vec<Finding> {
     let mut findings = Vec::new();
-    if let Some(workload) = &policy.workload {
-        if workload != "*" && !is_valid_name(workload) {
-            findings.push((
-                "workload".into(),
-                "a workload name (letters, digits, '-', '.', '_') or \"*\" for every workload"
-                    .into(),
-            ));
-        }
+    if let Some(selector) = &policy.workload {
+        check_workloads(selector, &mut findings);
     }
     let mut listeners: HashMap<std::net::SocketAddr, &str> = HashMap::new();
     for (name, service) in &policy.services {
@@ -64,6 +59,39 @@ fn check_tracing(tracing: &crate::Tracing, findings: &mut Vec<Finding>) {
                 "tracing.otlp.endpoint".into(),
                 "must be an http:// URL such as http://otel-collector:4317".into(),
             ));
+        }
+    }
+}
+
+fn check_workloads(selector: &WorkloadSelector, findings: &mut Vec<Finding>) {
+    const WHAT: &str =
+        "a workload name (letters, digits, '-', '.', '_') or \"*\" for every workload";
+    match selector {
+        WorkloadSelector::One(name) => {
+            if name != "*" && !is_valid_name(name) {
+                findings.push(("workload".into(), WHAT.into()));
+            }
+        }
+        WorkloadSelector::Many(names) => {
+            if names.is_empty() {
+                findings.push((
+                    "workload".into(),
+                    "an empty list selects no workload; name at least one".into(),
+                ));
+            }
+            let mut seen = HashSet::new();
+            for (i, name) in names.iter().enumerate() {
+                let at = format!("workload[{i}]");
+                if name == "*" {
+                    // A list names specific workloads; mixing in "*" would make the document
+                    // both a default and an override, which the merge cannot order.
+                    findings.push((at, "\"*\" must stand alone, not in a list".into()));
+                } else if !is_valid_name(name) {
+                    findings.push((at, WHAT.into()));
+                } else if !seen.insert(name) {
+                    findings.push((at, format!("duplicate workload `{name}`")));
+                }
+            }
         }
     }
 }
