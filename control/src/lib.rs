@@ -1,9 +1,21 @@
 //! Outrider's control plane: validates, versions, persists and pushes YAML policy to proxies,
 //! and `outriderctl`, the operator's CLI.
 //!
-//! Each concern is a module: `diagnose` renders policy errors for people, `inject` adds the
-//! sidecar to Kubernetes manifests, `wait` holds a legacy sidecar's pod until the proxy is ready.
+//! - [`merge`]: the documents that apply to a workload, merged into the policy it runs.
+//! - [`store`]: versions and history, persisted atomically in the state directory.
+//! - [`engine`]: accepting or rejecting changes, per-workload push channels, proxy tracking.
+//! - [`watcher`]: the watched policy directory (ConfigMap volumes included).
+//! - [`server`]: the HTTP server (subscriptions, ACKs, the management API).
+//! - [`api`]: the management API's JSON bodies; [`diagnose`]: policy errors for terminals.
+//! - [`inject`] adds the sidecar to Kubernetes manifests, [`wait`] holds a legacy sidecar's pod
+//!   until the proxy is ready.
 
+pub mod api;
 pub mod diagnose;
+pub mod engine;
 pub mod inject;
+pub mod merge;
+pub mod server;
+pub mod store;
 pub mod wait;
+pub mod watcher;

@@ -25,6 +25,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
+pub mod control;
+pub use control::{
+    start_control, start_control_with, Control, ControlDirs, Subscription, CONTROL_TOKEN,
+};
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type TestBody = BoxBody<Bytes, BoxError>;
 
@@ -68,6 +73,44 @@ pub fn proxy_binary() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|_| workspace.join("target"));
     target.join("debug").join("outrider-proxy")
+}
+
+/// Path of the control-plane binary (`outrider-control`), built once per test process along
+/// with `outriderctl` so tests never run a stale binary. `OUTRIDER_CONTROL_BIN` overrides it.
+pub fn control_binary() -> PathBuf {
+    if let Ok(bin) = std::env::var("OUTRIDER_CONTROL_BIN") {
+        return PathBuf::from(bin);
+    }
+    control_bins().join("outrider-control")
+}
+
+/// Path of `outriderctl`, built like [`control_binary`]. `OUTRIDER_CTL_BIN` overrides it.
+pub fn ctl_binary() -> PathBuf {
+    if let Ok(bin) = std::env::var("OUTRIDER_CTL_BIN") {
+        return PathBuf::from(bin);
+    }
+    control_bins().join("outriderctl")
+}
+
+fn control_bins() -> PathBuf {
+    static BUILD: Once = Once::new();
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&workspace)
+            .args(["build", "-q", "-p", "outrider-control", "--bins"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building outrider-control failed");
+    });
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace.join("target"))
+        .join("debug")
 }
 
 /// A running `outrider-proxy` process.

@@ -1,0 +1,213 @@
+//! The JSON bodies of the control plane's management API, shared by the server and
+//! `outriderctl`. (The proxies' protocol is [`outrider_config::wire`].)
+//!
+//! | request | token | answer |
+//! |---|---|---|
+//! | `POST /v1/apply?name=N` (YAML body) | yes | 200 [`Applied`], 422 [`Rejected`] |
+//! | `GET /v1/history` | yes | 200 `[`[`HistoryEntry`]`]` newest first |
+//! | `POST /v1/rollback?to=N` | yes | 200 [`Applied`], 404 when N is not kept |
+//! | `GET /v1/policy?workload=W` | yes | 200 [`WorkloadPolicy`] |
+//! | `GET /v1/status` | from loopback: no | 200 [`Status`] |
+//! | `GET /live`, `GET /ready` | no | 200 |
+//!
+//! Every other failure is an [`ErrorBody`] with a 4xx/5xx status.
+
+use serde::{Deserialize, Serialize};
+
+/// Path of `apply`.
+pub const APPLY_PATH: &str = "/v1/apply";
+/// Path of `history`.
+pub const HISTORY_PATH: &str = "/v1/history";
+/// Path of `rollback`.
+pub const ROLLBACK_PATH: &str = "/v1/rollback";
+/// Path of `policy`.
+pub const POLICY_PATH: &str = "/v1/policy";
+/// Path of `status`.
+pub const STATUS_PATH: &str = "/v1/status";
+
+/// An accepted change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// The version in force after the change.
+    pub version: u64,
+    /// True when the document was identical to the one in force: no new version.
+    pub unchanged: bool,
+    /// Unified diff of the document against the one in force (empty when unchanged or for a
+    /// rollback).
+    pub diff: String,
+    /// Workloads whose merged policy changed, with their new hashes.
+    pub workloads: Vec<WorkloadVersion>,
+}
+
+/// A workload's merged policy identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadVersion {
+    /// The workload (`*`: workloads no document names).
+    pub workload: String,
+    /// Version it was merged at.
+    pub version: u64,
+    /// Hash of the merged YAML.
+    pub content_hash: String,
+}
+
+/// A rejected document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// The document (file name or applied name).
+    pub document: String,
+    /// Every problem on one line each (`path: message at file:line:column`).
+    pub message: String,
+    /// For terminals: each problem with the source line and a caret under the spot.
+    pub rendered: String,
+    /// The problems, structured.
+    pub diagnostics: Vec<ApiDiagnostic>,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// One problem of a rejected document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiDiagnostic {
+    /// Path of the offending value; empty for syntax errors and conflicts.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+}
+
+/// One kept version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The version.
+    pub version: u64,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// What made it.
+    pub cause: String,
+    /// The documents in force at that version.
+    pub documents: Vec<String>,
+}
+
+/// A workload's merged policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadPolicy {
+    /// The workload.
+    pub workload: String,
+    /// Version it was merged at.
+    pub version: u64,
+    /// Hash of `policy`.
+    pub content_hash: String,
+    /// The merged policy as YAML.
+    pub policy: String,
+}
+
+/// The control plane's state at a glance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The version in force.
+    pub version: u64,
+    /// Documents in force or rejected.
+    pub documents: Vec<DocumentStatus>,
+    /// Every proxy seen since the control plane started.
+    pub proxies: Vec<ProxyStatus>,
+}
+
+/// One document's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocumentStatus {
+    /// Its name.
+    pub name: String,
+    /// `file` or `api`; `None` when no version of it was ever accepted.
+    pub source: Option<String>,
+    /// Version at which the text in force was accepted.
+    pub changed_at: Option<u64>,
+    /// The last rejection of a newer text, if the text in force is not the newest submitted.
+    pub rejected: Option<Rejected>,
+}
+
+/// One proxy's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyStatus {
+    /// Its id.
+    pub proxy: String,
+    /// Its workload.
+    pub workload: String,
+    /// Whether its stream is open.
+    pub connected: bool,
+    /// When its current (or last) stream opened, in ms since the Unix epoch.
+    pub connected_since_ms: u64,
+    /// The last version sent to it.
+    pub version_sent: Option<u64>,
+    /// The last version it ACKed.
+    pub version_applied: Option<u64>,
+    /// When it ACKed that, in ms since the Unix epoch.
+    pub applied_at_ms: Option<u64>,
+    /// Its last NACK.
+    pub last_nack: Option<Nack>,
+    /// `in-sync`, `pending`, `nack` or `disconnected`.
+    pub state: String,
+}
+
+/// A proxy's refusal of a version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nack {
+    /// The version refused.
+    pub version: u64,
+    /// The proxy's reason.
+    pub error: String,
+    /// When, in ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// Any other failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+pub fn format_utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc() {
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(format_utc(1_795_000_000_000), "2026-11-18T11:06:40Z");
+    }
+}

@@ -1,0 +1,200 @@
+//! `outrider-control`: the control-plane server. Exit codes: 0 after SIGTERM/SIGINT, 64
+//! (EX_USAGE) bad flags or no token, 66 (EX_NOINPUT) unreadable policy directory or token
+//! file, 69 (EX_UNAVAILABLE) the listen address cannot be bound, 73 (EX_CANTCREAT) the state
+//! directory cannot be used.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use outrider_control::engine::Engine;
+use outrider_control::server::{serve, App};
+use outrider_control::store::Store;
+use outrider_control::watcher;
+
+const EX_USAGE: u8 = 64;
+const EX_NOINPUT: u8 = 66;
+const EX_UNAVAILABLE: u8 = 69;
+const EX_SOFTWARE: u8 = 70;
+const EX_CANTCREAT: u8 = 73;
+
+/// Outrider control plane.
+#[derive(Debug, Parser)]
+#[command(name = "outrider-control", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serves policy: watches a directory of YAML documents and pushes each workload's merged
+    /// policy to its proxies.
+    Serve(Serve),
+}
+
+#[derive(Debug, clap::Args)]
+struct Serve {
+    /// Directory of policy documents (`*.yaml`, `*.yml`), watched; a ConfigMap volume works.
+    #[arg(long, env = "OUTRIDER_CONTROL_POLICIES")]
+    policies: PathBuf,
+    /// Directory for versions and history (created if missing).
+    #[arg(long, env = "OUTRIDER_CONTROL_STATE")]
+    state: PathBuf,
+    /// Address to serve proxies and `outriderctl` on (HTTP/1.1 and h2c).
+    #[arg(
+        long,
+        env = "OUTRIDER_CONTROL_LISTEN",
+        default_value = "127.0.0.1:15010"
+    )]
+    listen: SocketAddr,
+    /// File holding the token proxies and operators present; or set OUTRIDER_CONTROL_TOKEN.
+    #[arg(long, env = "OUTRIDER_CONTROL_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Seconds between heartbeats on an idle subscription.
+    #[arg(long, env = "OUTRIDER_CONTROL_HEARTBEAT", default_value_t = outrider_config::wire::HEARTBEAT_SECS)]
+    heartbeat_secs: u64,
+    /// Runtime worker threads (0: one per CPU).
+    #[arg(long, env = "OUTRIDER_CONTROL_WORKERS", default_value_t = 0)]
+    workers: usize,
+    /// Log filter (tracing env-filter syntax).
+    #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EX_USAGE } else { 0 });
+        }
+    };
+    let Command::Serve(args) = cli.command;
+    init_logging(&args.log);
+    let token = match read_token(args.token_file.as_deref()) {
+        Ok(token) => token,
+        Err((code, message)) => {
+            eprintln!("outrider-control: {message}");
+            return ExitCode::from(code);
+        }
+    };
+    if !args.policies.is_dir() {
+        eprintln!(
+            "outrider-control: {} is not a readable directory",
+            args.policies.display()
+        );
+        return ExitCode::from(EX_NOINPUT);
+    }
+    let engine = match Store::open(&args.state).map(Engine::open) {
+        Ok(Ok(engine)) => Arc::new(engine),
+        Ok(Err(e)) => {
+            eprintln!("outrider-control: {e}");
+            return ExitCode::from(EX_CANTCREAT);
+        }
+        Err(e) => {
+            eprintln!("outrider-control: {e}");
+            return ExitCode::from(EX_CANTCREAT);
+        }
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if args.workers > 0 {
+        runtime.worker_threads(args.workers);
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outrider-control: cannot start runtime: {e}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    runtime.block_on(async move {
+        // Watch first, then scan: an edit between the two is seen by the watcher.
+        let _watcher = match watcher::start(args.policies.clone(), Arc::clone(&engine)) {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!(
+                    "outrider-control: cannot watch {}: {e}",
+                    args.policies.display()
+                );
+                return ExitCode::from(EX_NOINPUT);
+            }
+        };
+        watcher::sync(&args.policies, &engine);
+        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("outrider-control: cannot listen on {}: {e}", args.listen);
+                return ExitCode::from(EX_UNAVAILABLE);
+            }
+        };
+        let listen = listener.local_addr().unwrap_or(args.listen);
+        tracing::info!(
+            listen = %listen,
+            version = engine.version(),
+            policies = %args.policies.display(),
+            "listening"
+        );
+        let app = Arc::new(App {
+            engine,
+            token,
+            heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
+        });
+        tokio::select! {
+            () = serve(listener, app) => {}
+            () = wait_for_signal() => {}
+        }
+        // Every accepted version is already durable; open streams just end and proxies
+        // reconnect to the next instance.
+        ExitCode::SUCCESS
+    })
+}
+
+fn read_token(file: Option<&std::path::Path>) -> Result<String, (u8, String)> {
+    let token = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| (EX_NOINPUT, format!("cannot read {}: {e}", path.display())))?,
+        None => std::env::var("OUTRIDER_CONTROL_TOKEN").map_err(|_| {
+            (
+                EX_USAGE,
+                "a token is required: --token-file, OUTRIDER_CONTROL_TOKEN_FILE or OUTRIDER_CONTROL_TOKEN"
+                    .to_string(),
+            )
+        })?,
+    };
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        return Err((EX_USAGE, "the token is empty".into()));
+    }
+    Ok(token)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

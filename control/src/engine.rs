@@ -1,0 +1,968 @@
+//! The control plane's core: the documents in force, accepting or rejecting changes, versions,
+//! the merged policy each workload's proxies receive, and what each proxy reported.
+//!
+//! One mutex guards it all: changes are rare and small, and the only frequent callers
+//! (subscriptions opening and closing, ACKs) hold it for a map update. Pushing is not done under
+//! it by iterating proxies: each workload has a [`watch`] channel whose value is the
+//! pre-encoded update line, and every subscription task waits on its receiver, so an accepted
+//! change costs one encode per workload whatever the number of proxies.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use outrider_config::wire::{Ack, PolicyUpdate, ServerMessage};
+use outrider_config::{Policy, PolicyError};
+use tokio::sync::watch;
+
+use crate::api::{
+    now_ms, ApiDiagnostic, Applied, DocumentStatus, HistoryEntry, Nack, ProxyStatus, Rejected,
+    Status, WorkloadPolicy, WorkloadVersion,
+};
+use crate::merge;
+use crate::store::{Source, State, Store, StoreError, StoredDoc, VersionRecord};
+
+/// The pseudo-workload of workloads that no document names: defaults only.
+pub const DEFAULTS: &str = "*";
+
+/// A workload's merged policy as pushed.
+#[derive(Debug)]
+pub struct Published {
+    /// Version it was merged at.
+    pub version: u64,
+    /// Hash of `policy`.
+    pub content_hash: String,
+    /// The merged YAML.
+    pub policy: String,
+    /// The [`ServerMessage::Update`] line (JSON and `\n`), encoded once for every subscriber.
+    pub line: Bytes,
+}
+
+/// A change to the set of documents.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Add or replace a document.
+    Upsert {
+        /// Its name (file name or applied name).
+        name: String,
+        /// Its YAML.
+        text: String,
+        /// Where it came from.
+        source: Source,
+    },
+    /// Remove a document (its file was deleted).
+    Remove {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// What became of a batch of changes.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// The version in force afterwards (new when anything was accepted).
+    pub version: u64,
+    /// Documents accepted (changed or removed).
+    pub accepted: Vec<String>,
+    /// Documents identical to the ones in force.
+    pub unchanged: Vec<String>,
+    /// Documents rejected; the previous version of each stays in force.
+    pub rejected: Vec<Rejected>,
+    /// Unified diff of each accepted upsert against the text it replaced.
+    pub diffs: BTreeMap<String, String>,
+    /// Workloads whose merged policy changed.
+    pub workloads: Vec<WorkloadVersion>,
+}
+
+impl Outcome {
+    /// The API answer for a single applied document.
+    pub fn applied(&self, name: &str) -> Applied {
+        Applied {
+            version: self.version,
+            unchanged: self.unchanged.iter().any(|n| n == name),
+            diff: self.diffs.get(name).cloned().unwrap_or_default(),
+            workloads: self.workloads.clone(),
+        }
+    }
+}
+
+/// Failures that are not a document's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The state could not be persisted; nothing changed.
+    #[error("cannot persist the new version: {0}")]
+    Store(#[from] StoreError),
+    /// Rollback to a version no longer (or never) kept.
+    #[error("version {0} is not in the kept history")]
+    NotKept(u64),
+    /// A kept version no longer loads (written by another build).
+    #[error("stored document {name} no longer loads: {error}")]
+    Stored {
+        /// The document.
+        name: String,
+        /// Why.
+        error: PolicyError,
+    },
+}
+
+/// A file of the policy directory as read by a scan.
+#[derive(Debug, Clone)]
+pub struct ScannedFile {
+    /// Its content.
+    pub text: String,
+    /// Its modification time, to order changes (the later-changed document loses a conflict).
+    pub modified: std::time::SystemTime,
+}
+
+#[derive(Debug)]
+struct ProxyRecord {
+    workload: String,
+    connection: u64,
+    connected: bool,
+    peer: Option<SocketAddr>,
+    connected_since_ms: u64,
+    version_sent: Option<u64>,
+    version_applied: Option<u64>,
+    hash_applied: Option<String>,
+    applied_at_ms: Option<u64>,
+    last_nack: Option<Nack>,
+}
+
+/// Proxies remembered after they disconnect, at most; beyond it the disconnected are dropped.
+const MAX_PROXY_RECORDS: usize = 50_000;
+
+struct Inner {
+    state: State,
+    docs: BTreeMap<String, StoredDoc>,
+    parsed: BTreeMap<String, Policy>,
+    rejected: BTreeMap<String, Rejected>,
+    published: BTreeMap<String, watch::Sender<Arc<Published>>>,
+    proxies: BTreeMap<String, ProxyRecord>,
+    next_connection: u64,
+}
+
+/// The control plane's state; share it as `Arc<Engine>`.
+pub struct Engine {
+    store: Store,
+    inner: Mutex<Inner>,
+}
+
+impl Engine {
+    /// Loads the persisted state (documents in force, history) from `store`.
+    pub fn open(store: Store) -> Result<Self, EngineError> {
+        let state = store.load()?;
+        let docs = state.current();
+        let mut parsed = BTreeMap::new();
+        for (name, doc) in &docs {
+            let loaded =
+                outrider_config::load(name, &doc.text).map_err(|error| EngineError::Stored {
+                    name: name.clone(),
+                    error,
+                })?;
+            parsed.insert(name.clone(), loaded.policy);
+        }
+        let mut inner = Inner {
+            state,
+            docs,
+            parsed,
+            rejected: BTreeMap::new(),
+            published: BTreeMap::new(),
+            proxies: BTreeMap::new(),
+            next_connection: 0,
+        };
+        let version = inner.state.version;
+        republish(&mut inner, version);
+        Ok(Self {
+            store,
+            inner: Mutex::new(inner),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (every update is a whole
+        // replacement), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The version in force.
+    pub fn version(&self) -> u64 {
+        self.lock().state.version
+    }
+
+    /// Validates and applies `changes` as one version (when any is accepted), persists it, and
+    /// pushes the workloads whose merged policy changed.
+    pub fn apply(&self, changes: Vec<Change>, cause: &str) -> Result<Outcome, EngineError> {
+        let mut inner = self.lock();
+        self.apply_locked(&mut inner, changes, cause, None)
+    }
+
+    /// Brings the documents from files in line with a scan of the policy directory: changed
+    /// files (oldest modification first) are upserted, deleted files removed. `unreadable`
+    /// files are left as they are.
+    pub fn sync_files(
+        &self,
+        scan: BTreeMap<String, ScannedFile>,
+        unreadable: &BTreeSet<String>,
+    ) -> Result<Option<Outcome>, EngineError> {
+        let mut inner = self.lock();
+        let mut upserts: Vec<(&String, &ScannedFile, String)> = scan
+            .iter()
+            .map(|(name, file)| (name, file, outrider_config::content_hash(&file.text)))
+            .filter(|(name, _, hash)| inner.state.seen_files.get(*name) != Some(hash))
+            .collect();
+        upserts.sort_by(|a, b| (a.1.modified, a.0).cmp(&(b.1.modified, b.0)));
+        let mut seen = inner.state.seen_files.clone();
+        // Removals first: a file deleted in the same burst cannot conflict with the others.
+        let mut changes = Vec::new();
+        let gone: BTreeSet<String> = inner
+            .state
+            .seen_files
+            .keys()
+            .chain(
+                inner
+                    .docs
+                    .iter()
+                    .filter(|(_, d)| d.source == Source::File)
+                    .map(|(n, _)| n),
+            )
+            .filter(|n| !scan.contains_key(*n) && !unreadable.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            seen.remove(&name);
+            if inner
+                .docs
+                .get(&name)
+                .is_some_and(|d| d.source == Source::File)
+            {
+                changes.push(Change::Remove { name });
+            }
+        }
+        changes.extend(upserts.iter().map(|(name, file, _)| Change::Upsert {
+            name: (*name).clone(),
+            text: file.text.clone(),
+            source: Source::File,
+        }));
+        if changes.is_empty() {
+            inner.state.seen_files = seen;
+            return Ok(None);
+        }
+        let names: Vec<&str> = changes
+            .iter()
+            .map(|c| match c {
+                Change::Upsert { name, .. } | Change::Remove { name } => name.as_str(),
+            })
+            .collect();
+        let cause = format!("files changed: {}", names.join(", "));
+        let hashes: BTreeMap<String, String> = upserts
+            .iter()
+            .map(|(name, _, hash)| ((*name).clone(), hash.clone()))
+            .collect();
+        self.apply_locked(&mut inner, changes, &cause, Some((seen, hashes)))
+            .map(Some)
+    }
+
+    /// `seen`: the files' hashes after this scan (without the upserted ones) and the upserted
+    /// ones' hashes, recorded only when accepted or unchanged so a rejected file is retried on
+    /// the next scan (it may be accepted once the document it conflicts with is gone).
+    fn apply_locked(
+        &self,
+        inner: &mut Inner,
+        changes: Vec<Change>,
+        cause: &str,
+        seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
+    ) -> Result<Outcome, EngineError> {
+        let version = inner.state.version + 1;
+        let mut docs = inner.docs.clone();
+        let mut parsed = inner.parsed.clone();
+        let mut outcome = Outcome::default();
+        for change in changes {
+            match change {
+                Change::Upsert { name, text, source } => {
+                    if docs.get(&name).is_some_and(|d| d.text == text) {
+                        outcome.unchanged.push(name);
+                        continue;
+                    }
+                    let policy = match outrider_config::load(&name, &text) {
+                        Ok(loaded) => loaded.policy,
+                        Err(error) => {
+                            outcome.rejected.push(rejection(&name, &text, &error));
+                            continue;
+                        }
+                    };
+                    let old = parsed.insert(name.clone(), policy);
+                    if let Err(message) = check_merges(&name, old.as_ref(), &parsed) {
+                        match old {
+                            Some(old) => parsed.insert(name.clone(), old),
+                            None => parsed.remove(&name),
+                        };
+                        outcome.rejected.push(Rejected {
+                            document: name.clone(),
+                            rendered: format!("error: {message}\n  --> {name}\n"),
+                            diagnostics: vec![ApiDiagnostic {
+                                path: String::new(),
+                                message: message.clone(),
+                                line: None,
+                                column: None,
+                            }],
+                            message,
+                            at_ms: now_ms(),
+                        });
+                        continue;
+                    }
+                    let previous = docs.get(&name);
+                    let diff = similar::TextDiff::from_lines(
+                        previous.map_or("", |d| d.text.as_str()),
+                        text.as_str(),
+                    )
+                    .unified_diff()
+                    .header(
+                        &previous.map_or_else(
+                            || format!("{name} (none)"),
+                            |d| format!("{name} (version {})", d.changed_at),
+                        ),
+                        &format!("{name} (version {version})"),
+                    )
+                    .to_string();
+                    outcome.diffs.insert(name.clone(), diff);
+                    docs.insert(
+                        name.clone(),
+                        StoredDoc {
+                            text,
+                            source,
+                            changed_at: version,
+                        },
+                    );
+                    outcome.accepted.push(name);
+                }
+                Change::Remove { name } => {
+                    if docs.remove(&name).is_some() {
+                        parsed.remove(&name);
+                        outcome.accepted.push(name);
+                    }
+                }
+            }
+        }
+        for name in outcome.accepted.iter().chain(&outcome.unchanged) {
+            inner.rejected.remove(name);
+        }
+        for rejected in &outcome.rejected {
+            tracing::warn!(document = %rejected.document, error = %rejected.message, "document rejected; its previous version stays in force");
+            inner
+                .rejected
+                .insert(rejected.document.clone(), rejected.clone());
+        }
+        let seen = seen.map(|(mut seen, hashes)| {
+            for name in outcome.accepted.iter().chain(&outcome.unchanged) {
+                if let Some(hash) = hashes.get(name) {
+                    seen.insert(name.clone(), hash.clone());
+                }
+            }
+            seen
+        });
+        if outcome.accepted.is_empty() {
+            if let Some(seen) = seen {
+                inner.state.seen_files = seen;
+            }
+            outcome.version = inner.state.version;
+            return Ok(outcome);
+        }
+        let mut state = inner.state.clone();
+        if let Some(seen) = seen {
+            state.seen_files = seen;
+        }
+        state.push(VersionRecord {
+            version,
+            at_ms: now_ms(),
+            cause: cause.to_string(),
+            documents: docs.clone(),
+        });
+        // Durable before anyone sees it: a version a proxy applied must survive a restart.
+        self.store.save(&state)?;
+        inner.state = state;
+        inner.docs = docs;
+        inner.parsed = parsed;
+        outcome.version = version;
+        outcome.workloads = republish(inner, version);
+        tracing::info!(version, cause, accepted = ?outcome.accepted, workloads = outcome.workloads.len(), "version accepted");
+        Ok(outcome)
+    }
+
+    /// Makes a kept version's documents the ones in force again, as a new version.
+    pub fn rollback(&self, to: u64) -> Result<Outcome, EngineError> {
+        let mut inner = self.lock();
+        let record = inner
+            .state
+            .history
+            .iter()
+            .find(|r| r.version == to)
+            .cloned()
+            .ok_or(EngineError::NotKept(to))?;
+        let version = inner.state.version + 1;
+        let mut parsed = BTreeMap::new();
+        let mut docs = BTreeMap::new();
+        for (name, mut doc) in record.documents {
+            let loaded =
+                outrider_config::load(&name, &doc.text).map_err(|error| EngineError::Stored {
+                    name: name.clone(),
+                    error,
+                })?;
+            parsed.insert(name.clone(), loaded.policy);
+            if inner.docs.get(&name).map(|d| &d.text) != Some(&doc.text) {
+                doc.changed_at = version;
+            }
+            docs.insert(name, doc);
+        }
+        let mut state = inner.state.clone();
+        let cause = format!("rollback to {to}");
+        state.push(VersionRecord {
+            version,
+            at_ms: now_ms(),
+            cause: cause.clone(),
+            documents: docs.clone(),
+        });
+        self.store.save(&state)?;
+        inner.state = state;
+        inner.docs = docs;
+        inner.parsed = parsed;
+        let workloads = republish(&mut inner, version);
+        tracing::info!(version, to, "rolled back");
+        Ok(Outcome {
+            version,
+            workloads,
+            ..Outcome::default()
+        })
+    }
+
+    /// The kept versions, newest first.
+    pub fn history(&self) -> Vec<HistoryEntry> {
+        let inner = self.lock();
+        inner
+            .state
+            .history
+            .iter()
+            .rev()
+            .map(|r| HistoryEntry {
+                version: r.version,
+                at_ms: r.at_ms,
+                cause: r.cause.clone(),
+                documents: r.documents.keys().cloned().collect(),
+            })
+            .collect()
+    }
+
+    /// The channel carrying `workload`'s merged policy, created on first use (a workload no
+    /// document names gets the defaults).
+    pub fn subscribe(&self, workload: &str) -> watch::Receiver<Arc<Published>> {
+        let mut inner = self.lock();
+        if let Some(sender) = inner.published.get(workload) {
+            return sender.subscribe();
+        }
+        let version = inner.state.version;
+        let published = publication(workload, &inner.parsed, version).unwrap_or_else(|e| {
+            // Cannot happen for a workload no document names (it gets the validated
+            // defaults); logged and served empty rather than refusing the proxy.
+            tracing::error!(workload, error = %e, "merged policy invalid");
+            encode(version, String::new())
+        });
+        let (sender, receiver) = watch::channel(Arc::new(published));
+        inner.published.insert(workload.to_string(), sender);
+        receiver
+    }
+
+    /// `workload`'s merged policy in force.
+    pub fn policy(&self, workload: &str) -> WorkloadPolicy {
+        let receiver = self.subscribe(workload);
+        let published = receiver.borrow();
+        WorkloadPolicy {
+            workload: workload.to_string(),
+            version: published.version,
+            content_hash: published.content_hash.clone(),
+            policy: published.policy.clone(),
+        }
+    }
+
+    /// Records that `proxy` opened a stream; the returned id closes it in [`Self::disconnected`].
+    pub fn connected(&self, proxy: &str, workload: &str, peer: Option<SocketAddr>) -> u64 {
+        let mut inner = self.lock();
+        inner.next_connection += 1;
+        let connection = inner.next_connection;
+        if inner.proxies.len() >= MAX_PROXY_RECORDS {
+            inner.proxies.retain(|_, p| p.connected);
+        }
+        let record = inner
+            .proxies
+            .entry(proxy.to_string())
+            .or_insert_with(|| ProxyRecord {
+                workload: workload.to_string(),
+                connection,
+                connected: true,
+                peer,
+                connected_since_ms: 0,
+                version_sent: None,
+                version_applied: None,
+                hash_applied: None,
+                applied_at_ms: None,
+                last_nack: None,
+            });
+        record.workload = workload.to_string();
+        record.connection = connection;
+        record.connected = true;
+        record.peer = peer;
+        record.connected_since_ms = now_ms();
+        tracing::info!(proxy, workload, peer = ?peer, "proxy subscribed");
+        connection
+    }
+
+    /// Records that `version` was written to `proxy`'s stream.
+    pub fn sent(&self, proxy: &str, connection: u64, version: u64) {
+        let mut inner = self.lock();
+        if let Some(record) = inner.proxies.get_mut(proxy) {
+            if record.connection == connection {
+                record.version_sent = Some(version);
+            }
+        }
+    }
+
+    /// Records that a stream closed (unless the proxy already opened a newer one).
+    pub fn disconnected(&self, proxy: &str, connection: u64) {
+        let mut inner = self.lock();
+        if let Some(record) = inner.proxies.get_mut(proxy) {
+            if record.connection == connection {
+                record.connected = false;
+                tracing::info!(proxy, "proxy stream closed");
+            }
+        }
+    }
+
+    /// Records a proxy's ACK or NACK.
+    pub fn ack(&self, ack: Ack) {
+        let mut inner = self.lock();
+        let now = now_ms();
+        let record = inner
+            .proxies
+            .entry(ack.proxy.clone())
+            .or_insert_with(|| ProxyRecord {
+                workload: ack.workload.clone(),
+                connection: 0,
+                connected: false,
+                peer: None,
+                connected_since_ms: now,
+                version_sent: None,
+                version_applied: None,
+                hash_applied: None,
+                applied_at_ms: None,
+                last_nack: None,
+            });
+        match ack.error {
+            None => {
+                record.version_applied = Some(ack.version);
+                record.hash_applied = Some(ack.content_hash);
+                record.applied_at_ms = Some(now);
+                tracing::info!(proxy = %ack.proxy, version = ack.version, "ACK");
+            }
+            Some(error) => {
+                tracing::warn!(proxy = %ack.proxy, version = ack.version, error, "NACK: the proxy kept its previous policy");
+                record.last_nack = Some(Nack {
+                    version: ack.version,
+                    error,
+                    at_ms: now,
+                });
+            }
+        }
+    }
+
+    /// Documents, rejections and proxies.
+    pub fn status(&self) -> Status {
+        let inner = self.lock();
+        let mut names: BTreeSet<&String> = inner.docs.keys().collect();
+        names.extend(inner.rejected.keys());
+        let documents = names
+            .into_iter()
+            .map(|name| {
+                let doc = inner.docs.get(name);
+                DocumentStatus {
+                    name: name.clone(),
+                    source: doc.map(|d| {
+                        match d.source {
+                            Source::File => "file",
+                            Source::Api => "api",
+                        }
+                        .to_string()
+                    }),
+                    changed_at: doc.map(|d| d.changed_at),
+                    rejected: inner.rejected.get(name).cloned(),
+                }
+            })
+            .collect();
+        let proxies = inner
+            .proxies
+            .iter()
+            .map(|(id, p)| {
+                let current = inner
+                    .published
+                    .get(&p.workload)
+                    .map(|s| s.borrow().content_hash.clone());
+                let nack_pending = p
+                    .last_nack
+                    .as_ref()
+                    .is_some_and(|n| Some(n.version) > p.version_applied);
+                let state = if !p.connected {
+                    "disconnected"
+                } else if p.hash_applied.is_some() && p.hash_applied == current {
+                    "in-sync"
+                } else if nack_pending {
+                    "nack"
+                } else {
+                    "pending"
+                };
+                ProxyStatus {
+                    proxy: id.clone(),
+                    workload: p.workload.clone(),
+                    connected: p.connected,
+                    connected_since_ms: p.connected_since_ms,
+                    version_sent: p.version_sent,
+                    version_applied: p.version_applied,
+                    applied_at_ms: p.applied_at_ms,
+                    last_nack: p.last_nack.clone(),
+                    state: state.to_string(),
+                }
+            })
+            .collect();
+        Status {
+            version: inner.state.version,
+            documents,
+            proxies,
+        }
+    }
+}
+
+/// Checks every workload the changed document `name` touches (before or after) still merges
+/// and validates; the error names both documents of a conflict.
+fn check_merges(
+    name: &str,
+    old: Option<&Policy>,
+    parsed: &BTreeMap<String, Policy>,
+) -> Result<(), String> {
+    let new = &parsed[name];
+    let touches_all = [Some(new), old]
+        .into_iter()
+        .flatten()
+        .any(|p| merge::tier(p, DEFAULTS).is_some());
+    let workloads: BTreeSet<String> = if touches_all {
+        let mut all = named_workloads(parsed);
+        all.insert(DEFAULTS.to_string());
+        all
+    } else {
+        [Some(new), old]
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.workload.as_ref())
+            .flat_map(|s| s.names().iter().cloned())
+            .collect()
+    };
+    for workload in workloads {
+        match merged_yaml(&workload, parsed) {
+            Ok(_) => {}
+            // A conflict between two other documents predates this change (it can only arise
+            // from a removal); it is not this document's to answer for.
+            Err(MergeFailure::Conflict(c)) if !c.involves(name) => {}
+            Err(e) => return Err(format!("{name}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+enum MergeFailure {
+    #[error("{0}")]
+    Conflict(Box<merge::Conflict>),
+    #[error("the merged policy for workload `{workload}` is invalid: {error}")]
+    Invalid {
+        workload: String,
+        error: PolicyError,
+    },
+    #[error("cannot encode the merged policy: {0}")]
+    Encode(serde_yaml::Error),
+}
+
+fn named_workloads(parsed: &BTreeMap<String, Policy>) -> BTreeSet<String> {
+    parsed
+        .values()
+        .filter_map(|p| p.workload.as_ref())
+        .filter(|s| !s.is_all())
+        .flat_map(|s| s.names().iter().cloned())
+        .collect()
+}
+
+fn merged_yaml(workload: &str, parsed: &BTreeMap<String, Policy>) -> Result<String, MergeFailure> {
+    let policy = merge::merge(workload, parsed.iter().map(|(n, p)| (n.as_str(), p)))
+        .map_err(MergeFailure::Conflict)?;
+    let yaml = serde_yaml::to_string(&policy).map_err(MergeFailure::Encode)?;
+    // Validated exactly as the proxy will load it.
+    outrider_config::load(&format!("merged policy for {workload}"), &yaml).map_err(|error| {
+        MergeFailure::Invalid {
+            workload: workload.to_string(),
+            error,
+        }
+    })?;
+    Ok(yaml)
+}
+
+fn publication(
+    workload: &str,
+    parsed: &BTreeMap<String, Policy>,
+    version: u64,
+) -> Result<Published, MergeFailure> {
+    merged_yaml(workload, parsed).map(|yaml| encode(version, yaml))
+}
+
+fn encode(version: u64, policy: String) -> Published {
+    let content_hash = outrider_config::content_hash(&policy);
+    let message = ServerMessage::Update(PolicyUpdate {
+        version,
+        content_hash: content_hash.clone(),
+        policy: policy.clone(),
+    });
+    let mut line = serde_json::to_vec(&message).unwrap_or_default();
+    line.push(b'\n');
+    Published {
+        version,
+        content_hash,
+        policy,
+        line: Bytes::from(line),
+    }
+}
+
+/// Re-merges every known workload and pushes those whose merged policy changed.
+fn republish(inner: &mut Inner, version: u64) -> Vec<WorkloadVersion> {
+    let mut workloads = named_workloads(&inner.parsed);
+    workloads.insert(DEFAULTS.to_string());
+    workloads.extend(inner.published.keys().cloned());
+    let mut changed = Vec::new();
+    for workload in workloads {
+        let published = match publication(&workload, &inner.parsed, version) {
+            Ok(p) => p,
+            Err(e) => {
+                // Only reachable through a removal; the workload keeps what it has.
+                tracing::error!(workload, error = %e, "merged policy invalid; workload keeps its previous policy");
+                continue;
+            }
+        };
+        match inner.published.get(&workload) {
+            Some(sender) if sender.borrow().content_hash == published.content_hash => {}
+            Some(sender) => {
+                changed.push(identity(&workload, &published));
+                sender.send_replace(Arc::new(published));
+            }
+            None => {
+                changed.push(identity(&workload, &published));
+                let (sender, _) = watch::channel(Arc::new(published));
+                inner.published.insert(workload, sender);
+            }
+        }
+    }
+    changed
+}
+
+fn identity(workload: &str, published: &Published) -> WorkloadVersion {
+    WorkloadVersion {
+        workload: workload.to_string(),
+        version: published.version,
+        content_hash: published.content_hash.clone(),
+    }
+}
+
+fn rejection(name: &str, text: &str, error: &PolicyError) -> Rejected {
+    Rejected {
+        document: name.to_string(),
+        message: error.to_string(),
+        rendered: crate::diagnose::render(error, text),
+        diagnostics: error
+            .diagnostics
+            .iter()
+            .map(|d| ApiDiagnostic {
+                path: d.path.clone(),
+                message: d.message.clone(),
+                line: d.position.map(|p| p.line),
+                column: d.position.map(|p| p.column),
+            })
+            .collect(),
+        at_ms: now_ms(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn engine(tag: &str) -> (Engine, Dir) {
+        let dir =
+            std::env::temp_dir().join(format!("outrider-engine-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).expect("store");
+        (Engine::open(store).expect("engine"), Dir(dir))
+    }
+
+    fn upsert(name: &str, text: &str) -> Change {
+        Change::Upsert {
+            name: name.into(),
+            text: text.into(),
+            source: Source::Api,
+        }
+    }
+
+    #[test]
+    fn bad_document_is_rejected_and_the_others_go_out() {
+        let (engine, dir) = engine("reject");
+        let checkout = engine.subscribe("checkout");
+        let good = "workload: checkout\nservices: { a: { endpoints: [127.0.0.1:1] } }\n";
+        let out = engine
+            .apply(
+                vec![
+                    upsert("good", good),
+                    upsert("bad", "routes:\n  - service: nope\n"),
+                ],
+                "t",
+            )
+            .expect("applied");
+        assert_eq!(out.version, 1);
+        assert_eq!(out.accepted, ["good"]);
+        assert_eq!(out.rejected.len(), 1);
+        assert!(
+            out.rejected[0].message.contains("at bad:2:"),
+            "{:?}",
+            out.rejected
+        );
+        assert_eq!(checkout.borrow().version, 1);
+        assert!(checkout.borrow().policy.contains("127.0.0.1:1"));
+
+        // The same text again: no version.
+        let out = engine
+            .apply(vec![upsert("good", good)], "t")
+            .expect("applied");
+        assert_eq!((out.version, out.unchanged.len()), (1, 1));
+
+        // Restart: everything kept.
+        drop(engine);
+        let engine = Engine::open(Store::open(&dir.0).expect("store")).expect("reopen");
+        assert_eq!(engine.version(), 1);
+        assert!(engine.policy("checkout").policy.contains("127.0.0.1:1"));
+    }
+
+    #[test]
+    fn conflict_rejects_the_later_document_naming_both() {
+        let (engine, _dir) = engine("conflict");
+        let a = "workload: w\nservices: { x: { endpoints: [127.0.0.1:1] } }\n";
+        let b = "workload: [v, w]\nservices: { x: { endpoints: [127.0.0.1:2] } }\n";
+        engine.apply(vec![upsert("a", a)], "t").expect("a");
+        let out = engine.apply(vec![upsert("b", b)], "t").expect("b");
+        assert!(out.accepted.is_empty());
+        let message = &out.rejected[0].message;
+        assert!(
+            message.contains("`a`") && message.contains("`b`"),
+            "{message}"
+        );
+        assert_eq!(engine.version(), 1);
+    }
+
+    #[test]
+    fn a_default_change_reaches_every_workload_and_rollback_restores() {
+        let (engine, _dir) = engine("rollback");
+        let w = engine.subscribe("w");
+        let other = engine.subscribe("unnamed");
+        let d1 = "services: { x: { endpoints: [127.0.0.1:1] } }\n";
+        let d2 = "services: { x: { endpoints: [127.0.0.1:2] } }\n";
+        let specific = "workload: w\nservices: { y: { endpoints: [127.0.0.1:3] } }\n";
+        engine
+            .apply(vec![upsert("d", d1), upsert("s", specific)], "t")
+            .expect("1");
+        let h1 = w.borrow().content_hash.clone();
+        let out = engine.apply(vec![upsert("d", d2)], "t").expect("2");
+        assert_eq!(out.version, 2);
+        let names: Vec<&str> = out.workloads.iter().map(|w| w.workload.as_str()).collect();
+        assert_eq!(names, ["*", "unnamed", "w"]);
+        assert!(out.diffs["d"].contains("-services: { x: { endpoints: [127.0.0.1:1] } }"));
+        assert!(other.borrow().policy.contains("127.0.0.1:2"));
+        let out = engine.rollback(1).expect("rollback");
+        assert_eq!(out.version, 3);
+        assert_eq!(w.borrow().content_hash, h1);
+        assert_eq!(w.borrow().version, 3);
+        assert!(matches!(engine.rollback(99), Err(EngineError::NotKept(99))));
+        let history = engine.history();
+        assert_eq!(history[0].cause, "rollback to 1");
+        assert_eq!(history.len(), 3);
+    }
+
+    #[test]
+    fn files_sync_removes_deleted_and_retries_rejected() {
+        let (engine, _dir) = engine("files");
+        let file = |text: &str| ScannedFile {
+            text: text.into(),
+            modified: std::time::SystemTime::UNIX_EPOCH,
+        };
+        let mut scan = BTreeMap::new();
+        scan.insert(
+            "a.yaml".to_string(),
+            file("services: { x: { endpoints: [127.0.0.1:1] } }\n"),
+        );
+        scan.insert(
+            "b.yaml".to_string(),
+            file("services: { x: { endpoints: [127.0.0.1:2] } }\n"),
+        );
+        let out = engine
+            .sync_files(scan.clone(), &BTreeSet::new())
+            .expect("sync")
+            .expect("changes");
+        assert_eq!(out.accepted, ["a.yaml"]);
+        assert_eq!(out.rejected[0].document, "b.yaml");
+        scan.remove("a.yaml");
+        let out = engine
+            .sync_files(scan, &BTreeSet::new())
+            .expect("sync")
+            .expect("changes");
+        // a.yaml deleted, and b.yaml no longer conflicts.
+        assert_eq!(out.accepted, ["a.yaml", "b.yaml"]);
+        assert!(engine.policy("*").policy.contains("127.0.0.1:2"));
+        assert!(engine
+            .status()
+            .documents
+            .iter()
+            .all(|d| d.rejected.is_none()));
+    }
+
+    #[test]
+    fn ack_and_nack_show_in_status() {
+        let (engine, _dir) = engine("ack");
+        engine
+            .apply(vec![upsert("d", "services: {}\n")], "t")
+            .expect("applied");
+        let current = engine.policy("w");
+        let conn = engine.connected("p1", "w", None);
+        engine.sent("p1", conn, current.version);
+        let ack = |error: Option<&str>, hash: &str| Ack {
+            proxy: "p1".into(),
+            workload: "w".into(),
+            version: current.version,
+            content_hash: hash.into(),
+            error: error.map(String::from),
+        };
+        assert_eq!(engine.status().proxies[0].state, "pending");
+        engine.ack(ack(Some("port taken"), "x"));
+        assert_eq!(engine.status().proxies[0].state, "nack");
+        engine.ack(ack(None, &current.content_hash));
+        let status = engine.status();
+        assert_eq!(status.proxies[0].state, "in-sync");
+        assert_eq!(status.proxies[0].version_applied, Some(current.version));
+        engine.disconnected("p1", conn);
+        assert_eq!(engine.status().proxies[0].state, "disconnected");
+    }
+}

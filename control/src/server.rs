@@ -1,0 +1,429 @@
+//! The control plane's HTTP server: HTTP/1.1 and prior-knowledge HTTP/2 (h2c) on one port.
+//! Proxies subscribe and ACK ([`outrider_config::wire`]); `outriderctl` uses the management API
+//! ([`crate::api`]). Every endpoint but `/live`, `/ready` and (from loopback) `/v1/status`
+//! needs `Authorization: Bearer <token>`; anything else gets 401 and a log line.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use outrider_config::wire::{self, Ack};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::api::{self, ErrorBody};
+use crate::engine::{Change, Engine, EngineError, Published};
+use crate::store::Source;
+
+/// Response body type of every endpoint.
+pub type ResBody = BoxBody<Bytes, Infallible>;
+
+/// Largest document `apply` takes.
+const MAX_DOCUMENT: usize = 1024 * 1024;
+/// Largest ACK body.
+const MAX_ACK: usize = 64 * 1024;
+
+/// What the server needs: the engine and the token clients must present.
+pub struct App {
+    /// The control plane's state.
+    pub engine: Arc<Engine>,
+    /// The shared secret of proxies and operators.
+    pub token: String,
+    /// Seconds between heartbeats on idle subscriptions.
+    pub heartbeat: Duration,
+}
+
+/// Accepts connections on `listener` forever, each served as HTTP/1.1 or h2c.
+pub async fn serve(listener: TcpListener, app: Arc<App>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning while descriptors are short.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Pushes are small and latency matters more than packet count.
+        let _ = stream.set_nodelay(true);
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let app = Arc::clone(&app);
+                async move { Ok::<_, Infallible>(handle(req, peer, &app).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response<ResBody> {
+    let path = req.uri().path().to_string();
+    let open = match path.as_str() {
+        "/live" | "/ready" => true,
+        // Read-only status, open to the machine itself (an operator on the node).
+        api::STATUS_PATH => peer.ip().is_loopback(),
+        _ => false,
+    };
+    if !open && !authorized(&req, &app.token) {
+        tracing::warn!(%peer, path, "unauthorized request refused");
+        let mut res = json(
+            StatusCode::UNAUTHORIZED,
+            &ErrorBody {
+                error: "missing or wrong token".into(),
+            },
+        );
+        res.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return res;
+    }
+    let query = parse_query(req.uri().query().unwrap_or(""));
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/live" | "/ready") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, wire::SUBSCRIBE_PATH) => subscribe(&query, peer, app),
+        (&Method::POST, wire::ACK_PATH) => ack(req, app).await,
+        (&Method::POST, api::APPLY_PATH) => apply(req, &query, app).await,
+        (&Method::GET, api::HISTORY_PATH) => json(StatusCode::OK, &app.engine.history()),
+        (&Method::POST, api::ROLLBACK_PATH) => rollback(&query, app).await,
+        (&Method::GET, api::POLICY_PATH) => match query.get("workload") {
+            Some(w) if valid_workload(w) => json(StatusCode::OK, &app.engine.policy(w)),
+            _ => error(StatusCode::BAD_REQUEST, "`workload` query parameter needed"),
+        },
+        (&Method::GET, api::STATUS_PATH) => json(StatusCode::OK, &app.engine.status()),
+        (
+            _,
+            "/live"
+            | "/ready"
+            | wire::SUBSCRIBE_PATH
+            | wire::ACK_PATH
+            | api::APPLY_PATH
+            | api::HISTORY_PATH
+            | api::ROLLBACK_PATH
+            | api::POLICY_PATH
+            | api::STATUS_PATH,
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+fn subscribe(query: &HashMap<String, String>, peer: SocketAddr, app: &App) -> Response<ResBody> {
+    let Some(workload) = query.get("workload").filter(|w| valid_workload(w)) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`workload` query parameter needed (letters, digits, '-', '.', '_')",
+        );
+    };
+    let proxy = query
+        .get("proxy")
+        .cloned()
+        .unwrap_or_else(|| peer.to_string());
+    let have_hash = query.get("have_hash").filter(|h| !h.is_empty()).cloned();
+    let updates = app.engine.subscribe(workload);
+    let connection = app.engine.connected(&proxy, workload, Some(peer));
+    let (tx, rx) = mpsc::channel(2);
+    let stream = Stream {
+        engine: Arc::clone(&app.engine),
+        proxy,
+        connection,
+    };
+    tokio::spawn(stream.run(updates, tx, have_hash, app.heartbeat));
+    let mut res = Response::new(ChannelBody(rx).boxed());
+    let headers = res.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    res
+}
+
+/// One proxy's subscription; marks the proxy disconnected when dropped.
+struct Stream {
+    engine: Arc<Engine>,
+    proxy: String,
+    connection: u64,
+}
+
+impl Stream {
+    async fn run(
+        self,
+        mut updates: watch::Receiver<Arc<Published>>,
+        tx: mpsc::Sender<Bytes>,
+        mut sent_hash: Option<String>,
+        heartbeat: Duration,
+    ) {
+        static HEARTBEAT: &[u8] = b"{\"type\":\"heartbeat\"}\n";
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let current = Arc::clone(&updates.borrow_and_update());
+            // A proxy that already has this content (it said so when reconnecting) is not
+            // sent it again: a control-plane restart causes no re-push storm.
+            if sent_hash.as_deref() != Some(current.content_hash.as_str()) {
+                if tx.send(current.line.clone()).await.is_err() {
+                    return;
+                }
+                self.engine
+                    .sent(&self.proxy, self.connection, current.version);
+                sent_hash = Some(current.content_hash.clone());
+                ticker.reset();
+            }
+            tokio::select! {
+                changed = updates.changed() => if changed.is_err() { return },
+                _ = ticker.tick() => if tx.send(Bytes::from_static(HEARTBEAT)).await.is_err() { return },
+                () = tx.closed() => return,
+            }
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.engine.disconnected(&self.proxy, self.connection);
+    }
+}
+
+/// A response body fed by a channel: ends when the sender is dropped; dropping it (the client
+/// went away) closes the channel, which ends the subscription task.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+async fn ack(req: Request<Incoming>, app: &App) -> Response<ResBody> {
+    let body = match read_body(req, MAX_ACK).await {
+        Ok(body) => body,
+        Err(res) => return res,
+    };
+    match serde_json::from_slice::<Ack>(&body) {
+        Ok(ack) => {
+            app.engine.ack(ack);
+            Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(empty())
+                .unwrap_or_default()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, &format!("not an ACK: {e}")),
+    }
+}
+
+async fn apply(
+    req: Request<Incoming>,
+    query: &HashMap<String, String>,
+    app: &App,
+) -> Response<ResBody> {
+    let Some(name) = query.get("name").filter(|n| valid_name(n)).cloned() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`name` query parameter needed (letters, digits, '-', '.', '_')",
+        );
+    };
+    let body = match read_body(req, MAX_DOCUMENT).await {
+        Ok(body) => body,
+        Err(res) => return res,
+    };
+    let Ok(text) = String::from_utf8(body.to_vec()) else {
+        return error(StatusCode::BAD_REQUEST, "the document is not UTF-8");
+    };
+    let engine = Arc::clone(&app.engine);
+    let change = Change::Upsert {
+        name: name.clone(),
+        text,
+        source: Source::Api,
+    };
+    let cause = format!("apply {name}");
+    // Validation is quick but the new state is fsynced: off the reactor.
+    let result = tokio::task::spawn_blocking(move || engine.apply(vec![change], &cause)).await;
+    match result {
+        Ok(Ok(outcome)) => match outcome.rejected.first() {
+            Some(rejected) => json(StatusCode::UNPROCESSABLE_ENTITY, rejected),
+            None => json(StatusCode::OK, &outcome.applied(&name)),
+        },
+        Ok(Err(e)) => engine_error(&e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+async fn rollback(query: &HashMap<String, String>, app: &App) -> Response<ResBody> {
+    let Some(to) = query.get("to").and_then(|t| t.parse::<u64>().ok()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`to` query parameter needed (a version)",
+        );
+    };
+    let engine = Arc::clone(&app.engine);
+    match tokio::task::spawn_blocking(move || engine.rollback(to)).await {
+        Ok(Ok(outcome)) => json(StatusCode::OK, &outcome.applied("")),
+        Ok(Err(e)) => engine_error(&e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+fn engine_error(e: &EngineError) -> Response<ResBody> {
+    let status = match e {
+        EngineError::NotKept(_) => StatusCode::NOT_FOUND,
+        EngineError::Store(_) | EngineError::Stored { .. } => {
+            tracing::error!(error = %e, "change failed");
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    };
+    error(status, &e.to_string())
+}
+
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<ResBody>> {
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("cannot read the body (at most {limit} bytes): {e}"),
+        )),
+    }
+}
+
+/// Compares the bearer token without an early exit on the first differing byte, so response
+/// timing does not reveal how much of a guess was right.
+fn authorized(req: &Request<Incoming>, token: &str) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    given.len() == token.len()
+        && given
+            .iter()
+            .zip(token.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
+fn valid_workload(name: &str) -> bool {
+    name == crate::engine::DEFAULTS || valid_name(name)
+}
+
+/// `a=1&b=x%20y` into a map (last value wins).
+fn parse_query(query: &str) -> HashMap<String, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn empty() -> ResBody {
+    Full::new(Bytes::new()).boxed()
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<ResBody> {
+    let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed());
+    *res.status_mut() = status;
+    res
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ResBody> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut res = Response::new(Full::new(Bytes::from(body)).boxed());
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+fn error(status: StatusCode, message: &str) -> Response<ResBody> {
+    json(
+        status,
+        &ErrorBody {
+            error: message.to_string(),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_is_decoded() {
+        let q = parse_query("workload=check-out&proxy=pod%2F1&have_hash=&x");
+        assert_eq!(q["workload"], "check-out");
+        assert_eq!(q["proxy"], "pod/1");
+        assert_eq!(q["have_hash"], "");
+        assert_eq!(q["x"], "");
+        assert_eq!(percent_decode("a%zz%4"), "a%zz%4");
+    }
+}

@@ -1,0 +1,191 @@
+//! Watching the policy directory. The directory is watched, not the files: editors replace
+//! files by rename, and a Kubernetes ConfigMap volume swaps a `..data` symlink to a new
+//! timestamped directory, so the visible `name.yaml -> ..data/name.yaml` links change target
+//! without any event on the link itself. Any event therefore triggers a rescan of the whole
+//! directory after a quiet period ([`QUIET`]), and the scan's contents, not the events, decide
+//! what changed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::engine::{Engine, ScannedFile};
+
+/// Quiet period after the last event before the directory is rescanned: a burst of edits
+/// (an editor's write+rename, a ConfigMap swap of many files) becomes one version.
+pub const QUIET: Duration = Duration::from_millis(50);
+/// Longest a rescan waits behind a stream of events that never goes quiet.
+pub const MAX_DELAY: Duration = Duration::from_millis(500);
+
+/// A directory scan: readable policy files by name, and names that could not be read (left
+/// as they are rather than taken for deleted).
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// File name to content and modification time.
+    pub files: BTreeMap<String, ScannedFile>,
+    /// Files that exist but could not be read.
+    pub unreadable: BTreeSet<String>,
+}
+
+/// Reads every `*.yaml`/`*.yml` in `dir`, following symlinks and skipping hidden entries
+/// (`..data` and the timestamped directories of a ConfigMap volume).
+pub fn scan(dir: &Path) -> std::io::Result<Scan> {
+    let mut out = Scan::default();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+            continue;
+        }
+        let path = entry.path();
+        // metadata() follows symlinks: a ConfigMap file is a link into `..data`.
+        let read = std::fs::metadata(&path).and_then(|meta| {
+            if !meta.is_file() {
+                return Ok(None);
+            }
+            let text = std::fs::read_to_string(&path)?;
+            Ok(Some(ScannedFile {
+                text,
+                modified: meta.modified()?,
+            }))
+        });
+        match read {
+            Ok(Some(file)) => {
+                out.files.insert(name, file);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read policy file; keeping its previous version");
+                out.unreadable.insert(name);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Scans `dir` and hands the result to the engine.
+pub fn sync(dir: &Path, engine: &Engine) {
+    match scan(dir) {
+        Ok(scan) => {
+            if let Err(e) = engine.sync_files(scan.files, &scan.unreadable) {
+                tracing::error!(error = %e, "cannot apply policy file changes");
+            }
+        }
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot scan the policy directory")
+        }
+    }
+}
+
+/// Waits for a burst of signals on `rx` to end: returns after `quiet` without a signal, or
+/// `max` after the burst's first signal, whichever is first. `None` when the channel closed.
+pub async fn debounce(rx: &mut mpsc::Receiver<()>, quiet: Duration, max: Duration) -> Option<()> {
+    rx.recv().await?;
+    let deadline = Instant::now() + max;
+    loop {
+        let until = (Instant::now() + quiet).min(deadline);
+        match tokio::time::timeout_at(until, rx.recv()).await {
+            Ok(Some(())) if Instant::now() < deadline => continue,
+            Ok(Some(())) | Err(_) => return Some(()),
+            Ok(None) => return None,
+        }
+    }
+}
+
+/// Starts watching `dir`: every burst of changes is synced into `engine`. The returned
+/// watcher must be kept alive.
+pub fn start(dir: PathBuf, engine: Arc<Engine>) -> notify::Result<notify::RecommendedWatcher> {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        match event {
+            // Our own reads during a scan are not changes.
+            Ok(event) if matches!(event.kind, EventKind::Access(_)) => {}
+            // A full channel already holds a pending signal: this event is covered.
+            Ok(_) => {
+                let _ = tx.try_send(());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "policy directory watch error; rescanning");
+                let _ = tx.try_send(());
+            }
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    tokio::spawn(async move {
+        while debounce(&mut rx, QUIET, MAX_DELAY).await.is_some() {
+            let dir = dir.clone();
+            let engine = Arc::clone(&engine);
+            // File reads and the fsync of the new state are blocking work.
+            let _ = tokio::task::spawn_blocking(move || sync(&dir, &engine)).await;
+        }
+    });
+    Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_becomes_one_rescan_after_the_quiet_period() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let start = Instant::now();
+        let sender = tokio::spawn(async move {
+            for _ in 0..5 {
+                let _ = tx.try_send(());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Keep the channel open past the debounce.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        debounce(&mut rx, QUIET, MAX_DELAY).await.expect("signal");
+        // Last signal at 80 ms, then 50 ms of quiet.
+        assert_eq!(start.elapsed(), Duration::from_millis(130));
+        sender.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_that_never_ends_is_cut_at_max_delay() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let start = Instant::now();
+        let sender = tokio::spawn(async move {
+            loop {
+                let _ = tx.try_send(());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        debounce(&mut rx, QUIET, MAX_DELAY).await.expect("signal");
+        assert_eq!(start.elapsed(), MAX_DELAY);
+        sender.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closed_channel_ends() {
+        let (tx, mut rx) = mpsc::channel::<()>(1);
+        drop(tx);
+        assert_eq!(debounce(&mut rx, QUIET, MAX_DELAY).await, None);
+    }
+
+    #[test]
+    fn scan_follows_configmap_links_and_skips_hidden() {
+        let dir = std::env::temp_dir().join(format!("outrider-scan-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let data = dir.join("..2026_11_23_10_00_00.1");
+        std::fs::create_dir_all(&data).expect("mkdir");
+        std::fs::write(data.join("a.yaml"), "services: {}\n").expect("write");
+        std::os::unix::fs::symlink("..2026_11_23_10_00_00.1", dir.join("..data")).expect("link");
+        std::os::unix::fs::symlink("..data/a.yaml", dir.join("a.yaml")).expect("link");
+        std::fs::write(dir.join("notes.txt"), "x").expect("write");
+        let scan = scan(&dir).expect("scan");
+        assert_eq!(scan.files.keys().collect::<Vec<_>>(), ["a.yaml"]);
+        assert_eq!(scan.files["a.yaml"].text, "services: {}\n");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,420 @@
+//! The control plane end to end: the real `outrider-control` binary, a real watched directory
+//! and raw subscription streams over HTTP/1.1 and h2c on 127.0.0.1.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use outrider_config::wire::ServerMessage;
+use outrider_e2e::control::configmap_swap;
+use outrider_e2e::{start_control, start_control_with, ControlDirs, CONTROL_TOKEN};
+
+const DEFAULTS: &str = "workload: \"*\"
+services:
+  payments: { endpoints: [127.0.0.1:9101] }
+routes:
+  - { match: { authority: payments }, service: payments }
+";
+
+fn defaults_with(endpoint: &str) -> String {
+    DEFAULTS.replace("127.0.0.1:9101", endpoint)
+}
+
+/// Time for a file edit to reach a subscriber: 50 ms debounce + validation + fsync + push,
+/// with room for a loaded 2-core CI machine.
+const PUSH_BOUND: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn a_file_edit_is_pushed_to_every_subscription_within_the_bound() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control(&dirs);
+    let mut h2 = control.subscribe("checkout", "pod-h2", true).await;
+    let mut h1 = control.subscribe("checkout", "pod-h1", false).await;
+    let first = h2.next_update(PUSH_BOUND).await.expect("initial policy");
+    assert!(first.policy.contains("127.0.0.1:9101"), "{}", first.policy);
+    assert_eq!(
+        first.content_hash,
+        outrider_config::content_hash(&first.policy)
+    );
+    outrider_config::load("pushed", &first.policy).expect("pushed policy loads");
+    assert_eq!(h1.next_update(PUSH_BOUND).await.unwrap(), first);
+
+    let edited = Instant::now();
+    dirs.write("defaults.yaml", &defaults_with("127.0.0.1:9102"));
+    let update = h2.next_update(PUSH_BOUND).await.expect("pushed");
+    let latency = edited.elapsed();
+    assert!(update.version > first.version);
+    assert!(update.policy.contains("127.0.0.1:9102"));
+    assert_eq!(h1.next_update(PUSH_BOUND).await.unwrap(), update);
+    eprintln!("file edit -> update received over h2: {latency:?}");
+
+    // Both proxies are tracked, with the version sent.
+    let status = control.status().await;
+    let proxies = status["proxies"].as_array().unwrap();
+    assert_eq!(proxies.len(), 2);
+    for p in proxies {
+        assert_eq!(p["connected"], true);
+        assert_eq!(p["workload"], "checkout");
+        assert_eq!(p["version_sent"], update.version);
+    }
+}
+
+#[tokio::test]
+async fn invalid_document_is_rejected_with_position_and_the_others_still_go_out() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    dirs.write(
+        "checkout.yaml",
+        "workload: checkout\nservices: { cart: { endpoints: [127.0.0.1:9201] } }\n",
+    );
+    let control = start_control(&dirs);
+    let mut sub = control.subscribe("checkout", "pod-1", true).await;
+    let first = sub.next_update(PUSH_BOUND).await.unwrap();
+    assert!(first.policy.contains("127.0.0.1:9201"));
+
+    // One burst: a broken edit of checkout.yaml and a valid edit of defaults.yaml.
+    dirs.write(
+        "checkout.yaml",
+        "workload: checkout\nservices:\n  cart: { endpoints: [127.0.0.1:9202] }\nroutes:\n  - match: { authority: cart }\n    service: kart\n",
+    );
+    dirs.write("defaults.yaml", &defaults_with("127.0.0.1:9102"));
+    let update = sub
+        .next_update(PUSH_BOUND)
+        .await
+        .expect("valid change pushed");
+    assert!(
+        update.policy.contains("127.0.0.1:9102"),
+        "defaults went out"
+    );
+    assert!(
+        update.policy.contains("127.0.0.1:9201") && !update.policy.contains("127.0.0.1:9202"),
+        "the previous checkout.yaml stays in force: {}",
+        update.policy
+    );
+    let status = control.status().await;
+    let doc = status["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "checkout.yaml")
+        .unwrap();
+    let rejected = &doc["rejected"];
+    assert_eq!(doc["changed_at"], first.version, "old version in force");
+    assert_eq!(rejected["diagnostics"][0]["path"], "routes[0].service");
+    assert_eq!(rejected["diagnostics"][0]["line"], 6);
+    assert_eq!(rejected["diagnostics"][0]["column"], 14);
+    assert!(
+        rejected["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("at checkout.yaml:6:14"),
+        "{rejected}"
+    );
+    assert!(control
+        .logs()
+        .iter()
+        .any(|l| l.contains("document rejected") && l.contains("checkout.yaml:6:14")));
+
+    // A broken edit alone: nothing is pushed, the stream only beats.
+    dirs.write("checkout.yaml", "workload: checkout\nservices: [\n");
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_millis(1500) {
+        match sub.next(Duration::from_millis(1500)).await {
+            Some(ServerMessage::Heartbeat) => {}
+            other => panic!("nothing must be pushed for a rejected document, got {other:?}"),
+        }
+    }
+    assert_eq!(control.status().await["version"], update.version);
+}
+
+#[tokio::test]
+async fn a_conflict_rejects_the_later_document_naming_both() {
+    let dirs = ControlDirs::new();
+    dirs.write(
+        "a.yaml",
+        "workload: checkout\nservices: { cart: { endpoints: [127.0.0.1:9201] } }\n",
+    );
+    let control = start_control(&dirs);
+    let mut sub = control.subscribe("checkout", "pod-1", false).await;
+    let first = sub.next_update(PUSH_BOUND).await.unwrap();
+    dirs.write(
+        "b.yaml",
+        "workload: [search, checkout]\nservices: { cart: { endpoints: [127.0.0.1:9301] } }\n",
+    );
+    let deadline = Instant::now() + PUSH_BOUND;
+    let rejected = loop {
+        let status = control.status().await;
+        let doc = status["documents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == "b.yaml")
+            .cloned();
+        if let Some(doc) = doc {
+            break doc["rejected"]["message"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "b.yaml not processed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        rejected,
+        "b.yaml: service `cart` is defined for workload `checkout` by both `a.yaml` and `b.yaml`"
+    );
+    // Listen-port clash across documents, same treatment.
+    dirs.write(
+        "c.yaml",
+        "workload: checkout\nservices: { x: { endpoints: [127.0.0.1:1], listen: 127.0.0.1:9001 } }\n",
+    );
+    let second = sub.next_update(PUSH_BOUND).await.expect("c.yaml accepted");
+    dirs.write(
+        "d.yaml",
+        "workload: \"*\"\nservices: { y: { endpoints: [127.0.0.1:2], listen: 127.0.0.1:9001 } }\n",
+    );
+    let deadline = Instant::now() + PUSH_BOUND;
+    loop {
+        let status = control.status().await;
+        let message = status["documents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == "d.yaml")
+            .map(|d| d["rejected"]["message"].as_str().unwrap().to_string());
+        if let Some(message) = message {
+            assert!(
+                message.contains("127.0.0.1:9001")
+                    && message.contains("`c.yaml`")
+                    && message.contains("`d.yaml`"),
+                "{message}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "d.yaml not processed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(second.version > first.version);
+    assert!(
+        matches!(
+            sub.next(Duration::from_millis(1500)).await,
+            Some(ServerMessage::Heartbeat)
+        ),
+        "no push for a rejected conflict"
+    );
+}
+
+#[tokio::test]
+async fn a_configmap_symlink_swap_is_pushed() {
+    let dirs = ControlDirs::new();
+    configmap_swap(&dirs.policies, 1, &[("defaults.yaml", DEFAULTS)]);
+    let control = start_control(&dirs);
+    let mut sub = control.subscribe("checkout", "pod-1", true).await;
+    let first = sub.next_update(PUSH_BOUND).await.unwrap();
+    assert!(first.policy.contains("127.0.0.1:9101"));
+    configmap_swap(
+        &dirs.policies,
+        2,
+        &[("defaults.yaml", &defaults_with("127.0.0.1:9109"))],
+    );
+    let update = sub.next_update(PUSH_BOUND).await.expect("swap pushed");
+    assert!(
+        update.policy.contains("127.0.0.1:9109"),
+        "{}",
+        update.policy
+    );
+}
+
+#[tokio::test]
+async fn a_killed_control_plane_restarts_with_its_history_and_no_re_push() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control(&dirs);
+    let mut sub = control.subscribe("checkout", "pod-1", true).await;
+    sub.next_update(PUSH_BOUND).await.unwrap();
+    dirs.write("defaults.yaml", &defaults_with("127.0.0.1:9102"));
+    let latest = sub.next_update(PUSH_BOUND).await.unwrap();
+    let applied = control
+        .request(
+            "POST",
+            "/v1/apply?name=extra",
+            "workload: search\nservices: { s: { endpoints: [127.0.0.1:9500] } }\n",
+        )
+        .await;
+    assert_eq!(applied.status, 200, "{:?}", applied.body);
+    let history = control.request("GET", "/v1/history", "").await.json();
+    assert_eq!(history.as_array().unwrap().len(), 3);
+    control.kill();
+
+    let control = start_control(&dirs);
+    assert_eq!(
+        control.request("GET", "/v1/history", "").await.json(),
+        history,
+        "history survives a SIGKILL"
+    );
+    let search = control
+        .request("GET", "/v1/policy?workload=search", "")
+        .await;
+    assert!(search.json()["policy"]
+        .as_str()
+        .unwrap()
+        .contains("127.0.0.1:9500"));
+    // A proxy resuming with the hash it has gets no re-push, only heartbeats.
+    let mut resumed = control
+        .subscribe_with("checkout", "pod-1", Some(&latest.content_hash), true)
+        .await;
+    assert!(matches!(
+        resumed.next(Duration::from_secs(3)).await,
+        Some(ServerMessage::Heartbeat)
+    ));
+    // One with an old hash gets the current policy.
+    let mut stale = control
+        .subscribe_with("checkout", "pod-2", Some("0000"), false)
+        .await;
+    assert_eq!(
+        stale.next_update(PUSH_BOUND).await.unwrap().content_hash,
+        latest.content_hash
+    );
+}
+
+#[tokio::test]
+async fn rollback_pushes_the_old_content_as_a_new_version() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control(&dirs);
+    let mut sub = control.subscribe("checkout", "pod-1", true).await;
+    let v1 = sub.next_update(PUSH_BOUND).await.unwrap();
+    dirs.write("defaults.yaml", &defaults_with("127.0.0.1:9102"));
+    let v2 = sub.next_update(PUSH_BOUND).await.unwrap();
+    let reply = control
+        .request("POST", &format!("/v1/rollback?to={}", v1.version), "")
+        .await;
+    assert_eq!(reply.status, 200);
+    let v3 = sub.next_update(PUSH_BOUND).await.expect("rollback pushed");
+    assert!(v3.version > v2.version);
+    assert_eq!(v3.content_hash, v1.content_hash);
+    assert_eq!(v3.policy, v1.policy);
+    assert_eq!(reply.json()["version"], v3.version);
+    let missing = control.request("POST", "/v1/rollback?to=999", "").await;
+    assert_eq!(missing.status, 404);
+    // The rollback survives a restart: unchanged files are not re-applied over it.
+    control.kill();
+    let control = start_control(&dirs);
+    let policy = control
+        .request("GET", "/v1/policy?workload=checkout", "")
+        .await;
+    assert_eq!(policy.json()["content_hash"], v1.content_hash.as_str());
+}
+
+#[tokio::test]
+async fn a_wrong_token_is_refused_with_401_and_logged() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control(&dirs);
+    for (method, path) in [
+        ("GET", "/v1/subscribe?workload=checkout&proxy=x"),
+        ("POST", "/v1/ack"),
+        ("POST", "/v1/apply?name=x"),
+        ("GET", "/v1/history"),
+        ("POST", "/v1/rollback?to=1"),
+        ("GET", "/v1/policy?workload=checkout"),
+    ] {
+        for token in [None, Some("wrong"), Some(&CONTROL_TOKEN[1..])] {
+            let reply = control.request_with_token(method, path, "", token).await;
+            assert_eq!(reply.status, 401, "{method} {path} with {token:?}");
+            assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+        }
+    }
+    assert!(control
+        .logs()
+        .iter()
+        .any(|l| l.contains("unauthorized request refused") && l.contains("/v1/apply")));
+    // Read-only endpoints open on loopback.
+    assert_eq!(
+        control
+            .request_with_token("GET", "/v1/status", "", None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        control
+            .request_with_token("GET", "/ready", "", None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        control
+            .request_with_token("GET", "/live", "", None)
+            .await
+            .status,
+        200
+    );
+    // The proxy was never registered.
+    assert!(control.status().await["proxies"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn acks_and_nacks_show_in_status() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control(&dirs);
+    let mut sub = control.subscribe("checkout", "pod-1", true).await;
+    let update = sub.next_update(PUSH_BOUND).await.unwrap();
+    let ack = |error: Option<&str>| {
+        serde_json::json!({
+            "proxy": "pod-1",
+            "workload": "checkout",
+            "version": update.version,
+            "content_hash": update.content_hash,
+            "error": error,
+        })
+        .to_string()
+    };
+    let proxy = |status: &serde_json::Value| status["proxies"][0].clone();
+    assert_eq!(proxy(&control.status().await)["state"], "pending");
+    let reply = control
+        .request(
+            "POST",
+            "/v1/ack",
+            &ack(Some("listen 127.0.0.1:9001: address in use")),
+        )
+        .await;
+    assert_eq!(reply.status, 204);
+    let p = proxy(&control.status().await);
+    assert_eq!(p["state"], "nack");
+    assert_eq!(
+        p["last_nack"]["error"],
+        "listen 127.0.0.1:9001: address in use"
+    );
+    assert_eq!(p["last_nack"]["version"], update.version);
+    assert_eq!(
+        control.request("POST", "/v1/ack", &ack(None)).await.status,
+        204
+    );
+    let p = proxy(&control.status().await);
+    assert_eq!(p["state"], "in-sync");
+    assert_eq!(p["version_applied"], update.version);
+    assert!(p["applied_at_ms"].as_u64().unwrap() > 0);
+    drop(sub);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy(&control.status().await)["state"] != "disconnected" {
+        assert!(Instant::now() < deadline, "disconnect not noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bad = control.request("POST", "/v1/ack", "{\"proxy\":1}").await;
+    assert_eq!(bad.status, 400);
+}
+
+#[tokio::test]
+async fn the_listen_address_is_kept_across_a_restart_when_given() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control(&dirs);
+    let addr = control.addr.to_string();
+    control.kill();
+    let control = start_control_with(&dirs, &["--listen", &addr]);
+    assert_eq!(control.addr.to_string(), addr);
+}
