@@ -48,13 +48,20 @@ fn respond(shared: &Shared, peer: SocketAddr, req: &Request<Incoming>) -> Respon
     match (get, req.uri().path()) {
         (true, "/live") => text(StatusCode::OK, "live\n"),
         (true, "/ready") => {
-            if shared.draining.load(Ordering::Acquire) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            let (status, state) = if shared.draining.load(Ordering::Acquire) {
+                (StatusCode::SERVICE_UNAVAILABLE, "draining")
             } else if shared.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "ready\n")
+                (StatusCode::OK, "ready")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-            }
+                (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+            };
+            let body = format!(
+                "{state} source={} fresh={} version={}\n",
+                shared.status.source().as_str(),
+                shared.status.fresh(),
+                shared.snapshot.load().version,
+            );
+            with_type(status, Bytes::from(body), text_plain())
         }
         (true, "/metrics") => with_type(
             StatusCode::OK,
@@ -66,7 +73,7 @@ fn respond(shared: &Shared, peer: SocketAddr, req: &Request<Incoming>) -> Respon
         ),
         (true, "/config") => with_type(
             StatusCode::OK,
-            shared.snapshot.load().config_json.clone(),
+            config_json(shared),
             HeaderValue::from_static("application/json"),
         ),
         (false, "/live" | "/ready" | "/metrics" | "/config") => {
@@ -90,6 +97,31 @@ fn shutdown(shared: &Shared, peer: SocketAddr, method: &Method) -> Response<Prox
     tracing::info!(%peer, "shutdown requested on the admin port");
     shared.shutdown();
     text(StatusCode::ACCEPTED, "shutting down\n")
+}
+
+/// The policy in force with where it came from, whether it is current, and the dedicated
+/// listeners as bound. Rendered per admin request: it holds live state, and admin is not the
+/// request path.
+fn config_json(shared: &Shared) -> Bytes {
+    let snapshot = shared.snapshot.load();
+    let listeners: serde_json::Map<String, serde_json::Value> = shared
+        .dedicated
+        .load()
+        .iter()
+        .map(|(service, addr)| (service.clone(), addr.to_string().into()))
+        .collect();
+    let body = serde_json::json!({
+        "version": snapshot.version,
+        "content_hash": snapshot.content_hash,
+        "source": shared.status.source(),
+        "fresh": shared.status.fresh(),
+        "origin": shared.origin,
+        "listeners": listeners,
+        "policy": snapshot.policy,
+    });
+    serde_json::to_vec_pretty(&body)
+        .map(Bytes::from)
+        .unwrap_or_default()
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {

@@ -14,10 +14,14 @@ pub mod forward;
 pub mod headers;
 pub mod lifecycle;
 pub mod metrics;
+pub mod persist;
 pub mod policy;
+pub mod reload;
 pub mod server;
 pub mod snapshot;
+pub mod subscribe;
 pub mod upstream;
+pub mod watch_file;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +37,7 @@ use tokio::task::JoinSet;
 use crate::forward::ListenerKind;
 use crate::lifecycle::{AppActivity, APP_QUIET_PERIOD};
 use crate::metrics::{Metrics, MetricsError};
+use crate::reload::{PolicySource, PolicyStatus, ReloadError, Reloader, Update};
 use crate::snapshot::Snapshot;
 
 /// Settings that are not policy: where to listen and how to stop. From flags or env vars.
@@ -48,10 +53,20 @@ pub struct Bootstrap {
     pub drain_timeout: Duration,
     /// This workload's name (metrics label; control-plane subscription later).
     pub workload: String,
-    /// Where the policy came from, for `/config`.
+    /// Where the policy came from (a path or a URL), for `/config`.
     pub policy_source: String,
     /// Serve `POST /shutdown` on the admin port (loopback callers only).
     pub shutdown_endpoint: bool,
+}
+
+/// The policy a proxy starts with.
+pub struct Initial {
+    /// The validated policy.
+    pub loaded: LoadedPolicy,
+    /// Its version (the control plane's, for a persisted one).
+    pub version: u64,
+    /// Where it came from.
+    pub source: PolicySource,
 }
 
 /// State shared by every listener: the policy in force and the proxy's lifecycle flags.
@@ -68,6 +83,12 @@ pub struct Shared {
     pub app: Arc<AppActivity>,
     /// `POST /shutdown` is enabled.
     pub shutdown_endpoint: bool,
+    /// Where the policy in force came from and whether it is current (admin only).
+    pub status: PolicyStatus,
+    /// Dedicated listeners as bound, by service name (admin only).
+    pub dedicated: ArcSwap<Vec<(String, SocketAddr)>>,
+    /// Where the policy came from (a path or a URL), for `/config`.
+    pub origin: String,
     stop: watch::Sender<bool>,
 }
 
@@ -94,6 +115,9 @@ pub enum StartError {
     /// Metrics could not be registered.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// The initial policy could not be put in force.
+    #[error(transparent)]
+    Policy(ReloadError),
 }
 
 /// A started proxy: its bound addresses and a handle to stop it.
@@ -108,6 +132,8 @@ pub struct Running {
     pub dedicated: Vec<(String, SocketAddr)>,
     /// The shared state (policy, metrics, flags).
     pub shared: Arc<Shared>,
+    /// Puts new policies in force.
+    pub reloader: Arc<Reloader>,
     done: tokio::task::JoinHandle<DrainOutcome>,
 }
 
@@ -133,6 +159,15 @@ impl Running {
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Resolves once `stop` is true (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not Send; drop it here, not across a select.
@@ -149,12 +184,23 @@ async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
         })
 }
 
-/// Binds every listener for `policy` and starts serving. Must be called inside a Tokio runtime.
+/// Binds every listener for `policy` (from a file) and starts serving. Must be called inside a
+/// Tokio runtime.
 pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, StartError> {
+    let initial = Initial {
+        loaded: policy,
+        version: 1,
+        source: PolicySource::File,
+    };
+    start(bootstrap, Some(initial)).await
+}
+
+/// Binds every listener and starts serving `initial`; without one, the proxy serves an empty
+/// policy (nothing routes) and `/ready` stays 503 until a policy is applied through
+/// [`Running::reloader`]. Must be called inside a Tokio runtime.
+pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Running, StartError> {
     let metrics = Metrics::new(&bootstrap.workload)?;
-    let snapshot = Snapshot::build(policy, 1, &bootstrap.policy_source, &metrics, None);
-    metrics.policy_version.set(1);
-    let dedicated_config = snapshot.dedicated_listeners();
+    let snapshot = reload::empty_snapshot(&metrics);
     let (stop, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
@@ -163,23 +209,46 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
         draining: AtomicBool::new(false),
         app: Arc::new(AppActivity::default()),
         shutdown_endpoint: bootstrap.shutdown_endpoint,
+        status: PolicyStatus::default(),
+        dedicated: ArcSwap::from_pointee(Vec::new()),
+        origin: bootstrap.policy_source.clone(),
         stop,
     });
 
     let admin = bind("admin", bootstrap.admin).await?;
     let outbound = bind("outbound", bootstrap.outbound).await?;
     let inbound = bind("inbound", bootstrap.inbound).await?;
-    let mut dedicated = Vec::with_capacity(dedicated_config.len());
-    for (service, listen) in dedicated_config {
-        let listener = bind(&format!("service {service}"), listen).await?;
-        dedicated.push((service, listen, listener));
+    let reloader = Arc::new(Reloader::new(Arc::clone(&shared), bootstrap.drain_timeout));
+    if let Some(initial) = initial {
+        // A file or embedded policy is its own truth; a persisted one is stale until the
+        // control plane confirms it.
+        let fresh = matches!(initial.source, PolicySource::File | PolicySource::Embedded);
+        let update = Update {
+            loaded: initial.loaded,
+            version: Some(initial.version),
+            source: initial.source,
+        };
+        match reloader.apply(update).await {
+            Ok(_) => shared.status.set_fresh(fresh),
+            Err(ReloadError::Bind {
+                service,
+                addr,
+                source,
+            }) => {
+                return Err(StartError::Bind {
+                    what: format!("service {service}"),
+                    addr,
+                    source,
+                })
+            }
+            Err(e) => return Err(StartError::Policy(e)),
+        }
     }
 
     // Outbound listeners stop later than inbound: once the app has gone.
     let (outbound_stop, outbound_stop_rx) = watch::channel(false);
     let (admin_stop, admin_stop_rx) = watch::channel(false);
     let addr_of = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
-    let mut running_dedicated = Vec::with_capacity(dedicated.len());
     let mut data = JoinSet::new();
     let outbound_addr = addr_of(&outbound, bootstrap.outbound);
     let inbound_addr = addr_of(&inbound, bootstrap.inbound);
@@ -196,19 +265,7 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
         Arc::clone(&shared),
         stop_rx.clone(),
     ));
-    for (service, listen, listener) in dedicated {
-        let bound = addr_of(&listener, listen);
-        tracing::info!(%service, listen = %bound, "service listener bound");
-        running_dedicated.push((service, bound));
-        data.spawn(server::serve(
-            listener,
-            ListenerKind::Dedicated(listen),
-            Arc::clone(&shared),
-            outbound_stop_rx.clone(),
-        ));
-    }
     let admin_task = tokio::spawn(admin::serve(admin, Arc::clone(&shared), admin_stop_rx));
-    shared.ready.store(true, Ordering::Release);
     tracing::info!(
         outbound = %outbound_addr,
         inbound = %inbound_addr,
@@ -218,6 +275,7 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
     );
 
     let supervisor_shared = Arc::clone(&shared);
+    let supervisor_reloader = Arc::clone(&reloader);
     let mut stop_signal = stop_rx;
     let drain_timeout = bootstrap.drain_timeout;
     let done = tokio::spawn(async move {
@@ -233,6 +291,14 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
             "closing outbound listeners"
         );
         let _ = outbound_stop.send(true);
+        // Dedicated ports are outbound listeners too: they close with the others.
+        for task in supervisor_reloader.close().await {
+            // Aborting the waiter (drain timeout) must abort the listener's task too.
+            let mut task = AbortOnDrop(task);
+            data.spawn(async move {
+                let _ = (&mut task.0).await;
+            });
+        }
         let drained = tokio::time::timeout_at(deadline, async {
             while data.join_next().await.is_some() {}
         })
@@ -249,12 +315,14 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
         outcome
     });
 
+    let dedicated = shared.dedicated.load_full().to_vec();
     Ok(Running {
         outbound: outbound_addr,
         inbound: inbound_addr,
         admin: admin_addr,
-        dedicated: running_dedicated,
+        dedicated,
         shared,
+        reloader,
         done,
     })
 }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use outrider_proxy::{demo, run, Bootstrap};
+use outrider_proxy::reload::PolicySource;
+use outrider_proxy::subscribe::{self, ControlConfig, Token};
+use outrider_proxy::{demo, start, watch_file, Bootstrap, Initial};
 
 const EX_USAGE: u8 = 64;
 const EX_NOINPUT: u8 = 66;
@@ -18,12 +20,25 @@ const EX_SOFTWARE: u8 = 70;
 #[derive(Debug, Parser)]
 #[command(name = "outrider-proxy", version, about)]
 struct Cli {
-    /// Policy file (YAML).
-    #[arg(long, env = "OUTRIDER_POLICY", required_unless_present = "demo")]
+    /// Policy file (YAML), reloaded whenever it changes.
+    #[arg(long, env = "OUTRIDER_POLICY", required_unless_present_any = ["demo", "control"], conflicts_with = "control")]
     policy: Option<PathBuf>,
     /// Run the embedded example policy and start its example upstreams.
-    #[arg(long, conflicts_with = "policy")]
+    #[arg(long, conflicts_with_all = ["policy", "control"])]
     demo: bool,
+    /// Control plane to subscribe to for this workload's policy, e.g. http://outrider-control:15010.
+    #[arg(long, env = "OUTRIDER_CONTROL")]
+    control: Option<String>,
+    /// File holding the control-plane token (re-read at every reconnect); or set
+    /// OUTRIDER_CONTROL_TOKEN.
+    #[arg(long, env = "OUTRIDER_CONTROL_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// This proxy's id in the control plane's status (default: hostname/pid).
+    #[arg(long, env = "OUTRIDER_PROXY_ID")]
+    proxy_id: Option<String>,
+    /// Directory where the last good control-plane policy is persisted, and read at start.
+    #[arg(long, env = "OUTRIDER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Shared outbound listener (apps send here by Host or as HTTP_PROXY).
     #[arg(long, env = "OUTRIDER_OUTBOUND", default_value = "127.0.0.1:15001")]
     outbound: SocketAddr,
@@ -61,24 +76,50 @@ fn main() -> ExitCode {
     };
     init_logging(&cli.log);
 
-    let (source, text) = match &cli.policy {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(text) => (path.display().to_string(), text),
-            Err(e) => {
-                eprintln!("outrider-proxy: cannot read {}: {e}", path.display());
-                return ExitCode::from(EX_NOINPUT);
-            }
-        },
-        None => (
-            "embedded demo policy".to_string(),
-            demo::DEMO_POLICY.to_string(),
-        ),
-    };
-    let loaded = match outrider_config::load(&source, &text) {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            eprintln!("outrider-proxy: invalid policy:\n{e}");
+    let control = match control_config(&cli) {
+        Ok(control) => control,
+        Err(message) => {
+            eprintln!("outrider-proxy: {message}");
             return ExitCode::from(EX_USAGE);
+        }
+    };
+    let (origin, initial) = match (&cli.policy, &control) {
+        (Some(path), _) => {
+            let source = path.display().to_string();
+            let text = match std::fs::read_to_string(path) {
+                Ok(text) => text,
+                Err(e) => {
+                    eprintln!("outrider-proxy: cannot read {source}: {e}");
+                    return ExitCode::from(EX_NOINPUT);
+                }
+            };
+            match load(&source, &text, PolicySource::File) {
+                Ok(initial) => (source, Some(initial)),
+                Err(code) => return code,
+            }
+        }
+        (None, Some(control)) => {
+            // The last good policy, if any: served until the control plane says otherwise.
+            let persisted = control
+                .state_dir
+                .as_deref()
+                .and_then(|dir| subscribe::load_persisted(dir, &control.workload));
+            let initial = persisted.map(|(loaded, version)| {
+                tracing::info!(version, "starting with the persisted policy");
+                Initial {
+                    loaded,
+                    version,
+                    source: PolicySource::Disk,
+                }
+            });
+            (control.url.clone(), initial)
+        }
+        (None, None) => {
+            let source = "embedded demo policy".to_string();
+            match load(&source, demo::DEMO_POLICY, PolicySource::Embedded) {
+                Ok(initial) => (source, Some(initial)),
+                Err(code) => return code,
+            }
         }
     };
 
@@ -104,24 +145,33 @@ fn main() -> ExitCode {
         inbound: cli.inbound,
         admin: cli.admin,
         drain_timeout: cli.drain_timeout.get(),
-        workload: cli.workload,
-        policy_source: source,
+        workload: cli.workload.clone(),
+        policy_source: origin,
         shutdown_endpoint: cli.shutdown_endpoint,
     };
     runtime.block_on(async move {
-        if cli.demo {
-            if let Err(e) = demo::start_upstreams(&loaded.policy).await {
+        if let (true, Some(initial)) = (cli.demo, &initial) {
+            if let Err(e) = demo::start_upstreams(&initial.loaded.policy).await {
                 eprintln!("outrider-proxy: cannot start demo upstreams: {e}");
                 return ExitCode::from(EX_UNAVAILABLE);
             }
         }
-        let running = match run(bootstrap, loaded).await {
+        let running = match start(bootstrap, initial).await {
             Ok(running) => running,
             Err(e) => {
                 eprintln!("outrider-proxy: {e}");
                 return ExitCode::from(EX_UNAVAILABLE);
             }
         };
+        if let Some(path) = cli.policy.clone() {
+            if let Err(e) = watch_file::spawn(path, std::sync::Arc::clone(&running.reloader)) {
+                // Serving the policy that loaded matters more than reloading it.
+                tracing::error!(error = %e, "policy file changes will not be picked up");
+            }
+        }
+        if let Some(control) = control {
+            subscribe::spawn(control, std::sync::Arc::clone(&running.reloader));
+        }
         // A signal or `POST /shutdown` starts the drain; either way the run ends when it does.
         let shared = std::sync::Arc::clone(&running.shared);
         tokio::spawn(async move {
@@ -131,6 +181,60 @@ fn main() -> ExitCode {
         running.wait().await;
         ExitCode::SUCCESS
     })
+}
+
+/// Loads policy `text` (named `source` in diagnostics) as the initial policy.
+fn load(source: &str, text: &str, kind: PolicySource) -> Result<Initial, ExitCode> {
+    match outrider_config::load(source, text) {
+        Ok(loaded) => Ok(Initial {
+            loaded,
+            version: 1,
+            source: kind,
+        }),
+        Err(e) => {
+            eprintln!("outrider-proxy: invalid policy:\n{e}");
+            Err(ExitCode::from(EX_USAGE))
+        }
+    }
+}
+
+/// The control-plane settings, when `--control` is given.
+fn control_config(cli: &Cli) -> Result<Option<ControlConfig>, String> {
+    let Some(url) = &cli.control else {
+        return Ok(None);
+    };
+    let uri: http::Uri = url.parse().map_err(|e| format!("--control {url}: {e}"))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(format!("--control {url}: expected http://host:port"));
+    }
+    let token = match (&cli.token_file, std::env::var("OUTRIDER_CONTROL_TOKEN")) {
+        (Some(path), _) => Token::File(path.clone()),
+        (None, Ok(token)) if !token.trim().is_empty() => Token::Value(token),
+        _ => {
+            return Err(
+                "--control needs a token: --token-file FILE or OUTRIDER_CONTROL_TOKEN".into(),
+            )
+        }
+    };
+    let proxy_id = cli.proxy_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| "unknown".into());
+        format!("{host}/{}", std::process::id())
+    });
+    if cli.state_dir.is_none() {
+        tracing::warn!(
+            "no --state-dir: a restart while the control plane is down starts with no policy"
+        );
+    }
+    Ok(Some(ControlConfig {
+        url: url.clone(),
+        token,
+        proxy_id,
+        workload: cli.workload.clone(),
+        state_dir: cli.state_dir.clone(),
+    }))
 }
 
 async fn wait_for_signal() {

@@ -30,6 +30,17 @@ pub struct Metrics {
     ejections: IntCounterVec,
     /// The version of the policy in force.
     pub policy_version: IntGauge,
+    /// Policy reloads, by result (`ok` or `error`).
+    pub policy_reloads: PolicyReloadMetrics,
+}
+
+/// Counters of policy reloads (file changes and control-plane updates).
+#[derive(Clone)]
+pub struct PolicyReloadMetrics {
+    /// A new policy was built and swapped in.
+    pub ok: IntCounter,
+    /// A new policy was refused (invalid, or a listener could not bind); the old one stayed.
+    pub error: IntCounter,
 }
 
 /// Where a request was counted: by direction, service and route.
@@ -210,6 +221,13 @@ impl Metrics {
         )?;
         let policy_version =
             IntGauge::new("outrider_policy_version", "Version of the policy in force.")?;
+        let policy_reloads = IntCounterVec::new(
+            Opts::new(
+                "outrider_policy_reloads_total",
+                "Policy reloads, by result; an error keeps the policy in force.",
+            ),
+            &["result"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new("outrider_build_info", "Build information; always 1."),
             &["version", "workload"],
@@ -227,6 +245,7 @@ impl Metrics {
         registry.register(Box::new(breaker_transitions.clone()))?;
         registry.register(Box::new(ejections.clone()))?;
         registry.register(Box::new(policy_version.clone()))?;
+        registry.register(Box::new(policy_reloads.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(Self {
             registry,
@@ -240,6 +259,10 @@ impl Metrics {
             breaker_transitions,
             ejections,
             policy_version,
+            policy_reloads: PolicyReloadMetrics {
+                ok: policy_reloads.with_label_values(&["ok"]),
+                error: policy_reloads.with_label_values(&["error"]),
+            },
         })
     }
 

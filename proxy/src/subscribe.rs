@@ -1,0 +1,576 @@
+//! The control-plane subscriber (`--control URL`): one long-lived subscription stream per proxy
+//! (the protocol is in [`outrider_config::wire`]), over prior-knowledge HTTP/2 so the stream and
+//! the ACKs share one connection.
+//!
+//! Each [`PolicyUpdate`] is applied through the [`Reloader`] (build whole, bind, one store) and
+//! answered with an ACK, or a NACK with the reason while the previous policy stays. Applied
+//! policies are persisted in the state directory. When the stream ends, errors, or stays silent
+//! for three heartbeat periods, the subscriber reconnects after a capped, fully jittered
+//! backoff and resumes with the version and hash it has, so an unchanged policy is not pushed
+//! again.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use outrider_config::wire::{
+    Ack, PolicyUpdate, ServerMessage, ACK_PATH, HEARTBEAT_SECS, SUBSCRIBE_PATH,
+};
+
+use crate::persist::{self, Persisted};
+use crate::reload::{PolicySource, Reloader};
+
+/// First reconnect delay cap; doubles per failed attempt.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Largest reconnect delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A stream silent this long (three missed heartbeats) is taken as dead.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(3 * HEARTBEAT_SECS);
+/// Longest wait for a TCP connection to the control plane.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for the response head of a subscribe or an ACK.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest stream line accepted: a policy far larger than any sane one.
+const MAX_LINE: usize = 16 * 1024 * 1024;
+
+/// Where the bearer token comes from.
+#[derive(Debug, Clone)]
+pub enum Token {
+    /// Read from this file at every connection attempt, so a rotated token is picked up.
+    File(PathBuf),
+    /// Given directly (`OUTRIDER_CONTROL_TOKEN`).
+    Value(String),
+}
+
+/// How to reach the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Base URL, `http://host:port`.
+    pub url: String,
+    /// The bearer token.
+    pub token: Token,
+    /// This proxy's id in the control plane's status.
+    pub proxy_id: String,
+    /// The workload whose merged policy this proxy receives.
+    pub workload: String,
+    /// Where the last good policy is persisted; `None` persists nothing.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Why a subscription ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The token file could not be read.
+    #[error("cannot read the token file {path}: {source}")]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The request could not be built (bad URL).
+    #[error("bad control-plane URL: {0}")]
+    Url(#[from] http::Error),
+    /// Connecting or sending failed.
+    #[error("cannot reach the control plane: {0}")]
+    Connect(#[from] hyper_util::client::legacy::Error),
+    /// The control plane did not answer in time.
+    #[error("the control plane did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The token was refused.
+    #[error("the control plane refused the token (401)")]
+    Unauthorized,
+    /// Any other refusal.
+    #[error("the control plane answered {0}")]
+    Status(StatusCode),
+    /// The stream broke.
+    #[error("subscription stream failed: {0}")]
+    Stream(#[from] hyper::Error),
+    /// Nothing arrived for three heartbeat periods.
+    #[error("no heartbeat for {0:?}")]
+    Silent(Duration),
+    /// The server closed the stream.
+    #[error("the control plane closed the stream")]
+    Closed,
+    /// A line was not a [`ServerMessage`] or was too long.
+    #[error("bad message on the stream: {0}")]
+    Protocol(String),
+}
+
+/// Capped exponential backoff with full jitter: attempt `n` waits a uniformly random time in
+/// `[0, min(max, base * 2^n)]`, so a fleet reconnecting at once spreads out.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// A backoff from `base` up to `max`.
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The upper bound of the next delay.
+    pub fn cap(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.max)
+    }
+
+    /// The next delay.
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = self.cap();
+        self.attempt = self.attempt.saturating_add(1);
+        let cap_ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(fastrand::u64(0..=cap_ms))
+    }
+
+    /// Back to the first delay, after a successful connection.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+type ControlClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Starts the subscriber; it runs until the proxy drains.
+pub fn spawn(config: ControlConfig, reloader: Arc<Reloader>) {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .build(connector);
+    let subscriber = Subscriber {
+        config,
+        reloader,
+        client,
+    };
+    tokio::spawn(subscriber.run());
+}
+
+struct Subscriber {
+    config: ControlConfig,
+    reloader: Arc<Reloader>,
+    client: ControlClient,
+}
+
+impl Subscriber {
+    async fn run(self) {
+        let shared = Arc::clone(self.reloader.shared());
+        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+        while !shared.draining.load(std::sync::atomic::Ordering::Acquire) {
+            let mut connected = false;
+            let result = self.session(&mut connected).await;
+            if matches!(
+                shared.status.source(),
+                PolicySource::Control | PolicySource::Disk
+            ) {
+                shared.status.set_fresh(false);
+            }
+            if connected {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            match result {
+                Err(SessionError::Unauthorized) => {
+                    tracing::error!(url = %self.config.url, "the control plane refused the token (401); retrying in {delay:?}")
+                }
+                Err(error) => {
+                    tracing::warn!(url = %self.config.url, %error, ?delay, "control-plane subscription ended; reconnecting")
+                }
+                Ok(()) => {}
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    fn token(&self) -> Result<String, SessionError> {
+        match &self.config.token {
+            Token::Value(v) => Ok(v.trim().to_string()),
+            Token::File(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|source| SessionError::Token {
+                    path: path.clone(),
+                    source,
+                }),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.config.url.trim_end_matches('/'))
+    }
+
+    async fn session(&self, connected: &mut bool) -> Result<(), SessionError> {
+        let token = self.token()?;
+        let shared = self.reloader.shared();
+        let mut uri = self.url(SUBSCRIBE_PATH);
+        let _ = write!(
+            uri,
+            "?workload={}&proxy={}",
+            encode(&self.config.workload),
+            encode(&self.config.proxy_id)
+        );
+        let have = matches!(
+            shared.status.source(),
+            PolicySource::Control | PolicySource::Disk
+        );
+        if have {
+            let current = shared.snapshot.load();
+            let _ = write!(
+                uri,
+                "&have_version={}&have_hash={}",
+                current.version,
+                encode(&current.content_hash)
+            );
+        }
+        let request = Request::get(uri)
+            .header(AUTHORIZATION, format!("Bearer {token}"))
+            .body(Full::new(Bytes::new()))?;
+        let response = tokio::time::timeout(RESPONSE_TIMEOUT, self.client.request(request))
+            .await
+            .map_err(|_| SessionError::Timeout(RESPONSE_TIMEOUT))??;
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::UNAUTHORIZED => return Err(SessionError::Unauthorized),
+            status => return Err(SessionError::Status(status)),
+        }
+        *connected = true;
+        if have {
+            // The server stays silent only when our hash is its hash; otherwise its first
+            // message is the update, which replaces this one at once.
+            shared.status.set_source(PolicySource::Control);
+            shared.status.set_fresh(true);
+        }
+        tracing::info!(url = %self.config.url, workload = %self.config.workload, "subscribed to the control plane");
+        let mut lines = Lines::new(response.into_body(), SILENCE_LIMIT);
+        loop {
+            let line = lines.next_line().await?;
+            let message: ServerMessage =
+                serde_json::from_slice(&line).map_err(|e| SessionError::Protocol(e.to_string()))?;
+            match message {
+                ServerMessage::Heartbeat => {}
+                ServerMessage::Update(update) => {
+                    let ack = self.apply(update).await;
+                    self.send_ack(&token, &ack).await;
+                }
+            }
+        }
+    }
+
+    /// Applies `update` and returns the ACK or NACK to send.
+    async fn apply(&self, update: PolicyUpdate) -> Ack {
+        let PolicyUpdate {
+            version,
+            content_hash,
+            policy,
+        } = update;
+        let mut ack = Ack {
+            proxy: self.config.proxy_id.clone(),
+            workload: self.config.workload.clone(),
+            version,
+            content_hash: content_hash.clone(),
+            error: None,
+        };
+        let computed = outrider_config::content_hash(&policy);
+        if computed != content_hash {
+            ack.error = Some(format!(
+                "content hash mismatch: update says {content_hash}, policy hashes to {computed}"
+            ));
+            self.reloader.shared().metrics.policy_reloads.error.inc();
+            tracing::warn!(version, error = ?ack.error, "control-plane update rejected");
+            return ack;
+        }
+        let file = format!("control-plane version {version}");
+        match self
+            .reloader
+            .apply_text(&file, &policy, Some(version), PolicySource::Control)
+            .await
+        {
+            Ok(applied) => {
+                self.reloader.shared().status.set_fresh(true);
+                if applied.changed {
+                    self.persist(version, content_hash, policy).await;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(version, %error, "control-plane update rejected; keeping the policy in force");
+                ack.error = Some(error.to_string());
+            }
+        }
+        ack
+    }
+
+    async fn persist(&self, version: u64, content_hash: String, policy: String) {
+        let Some(dir) = self.config.state_dir.clone() else {
+            return;
+        };
+        let state = Persisted {
+            workload: self.config.workload.clone(),
+            version,
+            content_hash,
+            policy,
+        };
+        let saved = tokio::task::spawn_blocking(move || persist::save(&dir, &state)).await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "cannot persist the policy"),
+            Err(error) => tracing::warn!(%error, "cannot persist the policy"),
+        }
+    }
+
+    async fn send_ack(&self, token: &str, ack: &Ack) {
+        let body = match serde_json::to_vec(ack) {
+            Ok(body) => body,
+            Err(error) => {
+                tracing::warn!(%error, "cannot encode the ack");
+                return;
+            }
+        };
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(self.url(ACK_PATH))
+            .header(AUTHORIZATION, format!("Bearer {token}"))
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)));
+        let Ok(request) = request else { return };
+        match tokio::time::timeout(RESPONSE_TIMEOUT, self.client.request(request)).await {
+            Ok(Ok(response)) if response.status().is_success() => {
+                tracing::debug!(
+                    version = ack.version,
+                    nack = ack.error.is_some(),
+                    "ack sent"
+                );
+            }
+            Ok(Ok(response)) => {
+                tracing::warn!(status = %response.status(), version = ack.version, "ack refused")
+            }
+            Ok(Err(error)) => tracing::warn!(%error, version = ack.version, "cannot send the ack"),
+            Err(_) => tracing::warn!(version = ack.version, "ack timed out"),
+        }
+    }
+}
+
+/// Splits a streaming body into lines, failing when nothing arrives for `silence`.
+pub struct Lines<B> {
+    body: B,
+    buf: BytesMut,
+    silence: Duration,
+}
+
+impl<B> Lines<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    SessionError: From<B::Error>,
+{
+    /// Lines of `body`.
+    pub fn new(body: B, silence: Duration) -> Self {
+        Self {
+            body,
+            buf: BytesMut::new(),
+            silence,
+        }
+    }
+
+    /// The next non-empty line, without its newline.
+    pub async fn next_line(&mut self) -> Result<Bytes, SessionError> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+                let line = self.buf.split_to(end + 1).freeze();
+                let line = line.slice(..end);
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return Ok(line);
+            }
+            if self.buf.len() > MAX_LINE {
+                return Err(SessionError::Protocol(format!(
+                    "line longer than {MAX_LINE} bytes"
+                )));
+            }
+            let frame = tokio::time::timeout(self.silence, self.body.frame())
+                .await
+                .map_err(|_| SessionError::Silent(self.silence))?;
+            match frame {
+                None => return Err(SessionError::Closed),
+                Some(frame) => {
+                    if let Ok(mut data) = frame?.into_data() {
+                        while data.has_remaining() {
+                            let chunk = data.chunk();
+                            let n = chunk.len();
+                            self.buf.extend_from_slice(chunk);
+                            data.advance(n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Percent-encodes a query value (everything but RFC 3986 unreserved characters).
+pub fn encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
+}
+
+/// Reads the persisted policy for `workload` from `dir`, validated; `None` (with a log line)
+/// when there is none or it is unusable.
+pub fn load_persisted(
+    dir: &std::path::Path,
+    workload: &str,
+) -> Option<(outrider_config::LoadedPolicy, u64)> {
+    let state = match persist::load(dir) {
+        Ok(Some(state)) => state,
+        Ok(None) => return None,
+        Err(error) => {
+            tracing::warn!(%error, "ignoring the persisted policy");
+            return None;
+        }
+    };
+    if state.workload != workload {
+        tracing::warn!(persisted = %state.workload, %workload, "ignoring the persisted policy of another workload");
+        return None;
+    }
+    let file = dir.join(persist::FILE_NAME).display().to_string();
+    match outrider_config::load(&file, &state.policy) {
+        Ok(loaded) if loaded.content_hash == state.content_hash => Some((loaded, state.version)),
+        Ok(_) => {
+            tracing::warn!(file = %file, "ignoring the persisted policy: its hash does not match");
+            None
+        }
+        Err(error) => {
+            tracing::warn!(%error, "ignoring the persisted policy: invalid");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_full_jitter() {
+        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+        let caps: Vec<u64> = (0..10)
+            .map(|_| {
+                let cap = backoff.cap();
+                let delay = backoff.next_delay();
+                assert!(delay <= cap, "{delay:?} > {cap:?}");
+                u64::try_from(cap.as_millis()).unwrap_or(u64::MAX)
+            })
+            .collect();
+        assert_eq!(
+            caps,
+            [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]
+        );
+        for _ in 0..100 {
+            assert!(backoff.next_delay() <= BACKOFF_MAX);
+        }
+        backoff.reset();
+        assert_eq!(backoff.cap(), BACKOFF_BASE);
+    }
+
+    #[test]
+    fn backoff_spreads_delays() {
+        // Full jitter: many draws at one cap are not all equal.
+        let draws: std::collections::BTreeSet<Duration> = (0..50)
+            .map(|_| Backoff::new(Duration::from_secs(10), BACKOFF_MAX).next_delay())
+            .collect();
+        assert!(draws.len() > 10, "{draws:?}");
+    }
+
+    #[test]
+    fn query_values_are_encoded() {
+        assert_eq!(encode("host-1/42"), "host-1%2F42");
+        assert_eq!(encode("a b&c"), "a%20b%26c");
+    }
+
+    /// A body fed through a channel, like a subscription stream.
+    struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl Body for ChannelBody {
+        type Data = Bytes;
+        type Error = hyper::Error;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|b| Ok(http_body::Frame::data(b))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lines_split_across_frames() {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let mut lines = Lines::new(ChannelBody(rx), SILENCE_LIMIT);
+        for chunk in ["{\"type\":\"heart", "beat\"}\n\n{\"a\"", ":1}\n"] {
+            tx.send(Bytes::from(chunk)).await.expect("open");
+        }
+        assert_eq!(
+            &lines.next_line().await.expect("line")[..],
+            br#"{"type":"heartbeat"}"#
+        );
+        assert_eq!(&lines.next_line().await.expect("line")[..], br#"{"a":1}"#);
+        drop(tx);
+        assert!(matches!(lines.next_line().await, Err(SessionError::Closed)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stream_fails_after_three_heartbeats() {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let mut lines = Lines::new(ChannelBody(rx), SILENCE_LIMIT);
+        let started = tokio::time::Instant::now();
+        // Heartbeats every period keep it alive...
+        let feeder = tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_secs(HEARTBEAT_SECS)).await;
+                tx.send(Bytes::from_static(b"{\"type\":\"heartbeat\"}\n"))
+                    .await
+                    .expect("open");
+            }
+            // ...then silence, with the connection still open.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(tx);
+        });
+        for _ in 0..3 {
+            lines.next_line().await.expect("heartbeat");
+        }
+        assert_eq!(started.elapsed(), Duration::from_secs(3 * HEARTBEAT_SECS));
+        assert!(matches!(
+            lines.next_line().await,
+            Err(SessionError::Silent(_))
+        ));
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(3 * HEARTBEAT_SECS) + SILENCE_LIMIT
+        );
+        feeder.abort();
+    }
+}

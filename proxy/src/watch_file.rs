@@ -1,0 +1,137 @@
+//! `--policy FILE` hot reload. The file's parent directory is watched, not the file: editors
+//! save by writing a new file and renaming it over the old one, and a Kubernetes ConfigMap
+//! volume swaps a `..data` symlink, and a watch on the file itself would follow the old inode
+//! and miss both. Events are debounced (a save is several events), then the file is read and,
+//! if its content changed, applied through the [`Reloader`]. An invalid file is logged with its
+//! file:line:column diagnostics and the policy in force stays.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::reload::{PolicySource, ReloadError, Reloader};
+
+/// Quiet period after the last event before the file is read: an editor's save or a ConfigMap
+/// swap is a burst of events, and the file is read once at its end.
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// The watch could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot watch {dir}: {source}")]
+pub struct WatchError {
+    dir: PathBuf,
+    source: notify::Error,
+}
+
+/// Starts watching `path` and applying its changes; runs for the life of the process.
+pub fn spawn(path: PathBuf, reloader: Arc<Reloader>) -> Result<(), WatchError> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    // notify calls this on its own thread; an unbounded send never blocks it, and the
+    // debouncer collapses whatever piles up.
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|source| WatchError {
+        dir: dir.clone(),
+        source,
+    })?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|source| WatchError {
+            dir: dir.clone(),
+            source,
+        })?;
+    tracing::info!(file = %path.display(), dir = %dir.display(), "watching the policy file");
+    tokio::spawn(async move {
+        // The watcher stops when dropped: it lives as long as this task.
+        let _watcher = watcher;
+        let mut rx = rx;
+        while debounced(&mut rx, DEBOUNCE).await {
+            reload(&path, &reloader).await;
+        }
+    });
+    Ok(())
+}
+
+/// Waits for an event, then for `quiet` without one. False once the sender is gone.
+pub async fn debounced(rx: &mut mpsc::UnboundedReceiver<()>, quiet: Duration) -> bool {
+    if rx.recv().await.is_none() {
+        return false;
+    }
+    loop {
+        match tokio::time::timeout(quiet, rx.recv()).await {
+            Ok(Some(())) => continue,
+            Ok(None) | Err(_) => return true,
+        }
+    }
+}
+
+async fn reload(path: &Path, reloader: &Reloader) {
+    let owned = path.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(owned)).await;
+    let text = match read.unwrap_or_else(|e| Err(std::io::Error::other(e))) {
+        Ok(text) => text,
+        Err(error) => {
+            // Mid-swap the file can be briefly missing; the swap's last event brings us back.
+            tracing::warn!(file = %path.display(), %error, "cannot read the policy file; keeping the policy in force");
+            return;
+        }
+    };
+    let file = path.display().to_string();
+    match reloader
+        .apply_text(&file, &text, None, PolicySource::File)
+        .await
+    {
+        Ok(applied) if applied.changed => {
+            reloader.shared().status.set_fresh(true);
+        }
+        Ok(_) => {}
+        Err(ReloadError::Invalid(error)) => {
+            tracing::error!(file = %file, error = %error, "invalid policy file; keeping the policy in force");
+        }
+        Err(error) => {
+            tracing::error!(file = %file, %error, "policy file not applied; keeping the policy in force");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_is_one_reload_after_the_quiet_period() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let started = tokio::time::Instant::now();
+        let sender = tokio::spawn(async move {
+            for _ in 0..5 {
+                tx.send(()).expect("receiver alive");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Keep the channel open past the quiet period.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        });
+        assert!(debounced(&mut rx, DEBOUNCE).await);
+        // Last event at 80 ms, then 50 ms of quiet.
+        assert_eq!(started.elapsed(), Duration::from_millis(130));
+        // Nothing else was queued: the next wait ends only when the sender goes.
+        assert!(!debounced(&mut rx, DEBOUNCE).await);
+        sender.await.expect("sender task");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ends_when_the_watcher_is_gone() {
+        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        drop(tx);
+        assert!(!debounced(&mut rx, DEBOUNCE).await);
+    }
+}
