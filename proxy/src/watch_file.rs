@@ -33,6 +33,7 @@ pub fn spawn(path: PathBuf, reloader: Arc<Reloader>) -> Result<(), WatchError> {
         _ => PathBuf::from("."),
     };
     let (tx, rx) = mpsc::unbounded_channel();
+    let initial = tx.clone();
     // notify calls this on its own thread; an unbounded send never blocks it, and the
     // debouncer collapses whatever piles up.
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -50,6 +51,8 @@ pub fn spawn(path: PathBuf, reloader: Arc<Reloader>) -> Result<(), WatchError> {
             dir: dir.clone(),
             source,
         })?;
+    // The file may have changed between its first read and this watch: look once more.
+    let _ = initial.send(());
     tracing::info!(file = %path.display(), dir = %dir.display(), "watching the policy file");
     tokio::spawn(async move {
         // The watcher stops when dropped: it lives as long as this task.

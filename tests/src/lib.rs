@@ -134,9 +134,15 @@ pub fn start_proxy_with(policy: &str, extra: &[&str]) -> Proxy {
     let dir = TempDir::new();
     let path = dir.path.join("policy.yaml");
     std::fs::write(&path, policy).unwrap();
+    let mut args: Vec<std::ffi::OsString> = vec!["--policy".into(), path.into()];
+    args.extend(extra.iter().map(Into::into));
+    spawn_proxy(dir, &args)
+}
+
+/// Starts the proxy with `args` (plus port 0 everywhere and info logs) and waits until it
+/// listens. `dir` lives as long as the proxy.
+pub fn spawn_proxy(dir: TempDir, args: &[std::ffi::OsString]) -> Proxy {
     let mut child = Command::new(proxy_binary())
-        .arg("--policy")
-        .arg(&path)
         .args([
             "--outbound",
             "127.0.0.1:0",
@@ -147,7 +153,7 @@ pub fn start_proxy_with(policy: &str, extra: &[&str]) -> Proxy {
             "--log",
             "info",
         ])
-        .args(extra)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -210,6 +216,11 @@ impl Proxy {
             .find(|(s, _)| s == service)
             .map(|(_, a)| *a)
             .unwrap_or_else(|| panic!("no dedicated listener for {service}"))
+    }
+
+    /// The policy file [`start_proxy`] wrote (edit it to test hot reload).
+    pub fn policy_path(&self) -> PathBuf {
+        self._dir.path.join("policy.yaml")
     }
 
     pub fn pid(&self) -> u32 {
