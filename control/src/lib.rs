@@ -7,10 +7,12 @@
 //! - [`watcher`]: the watched policy directory (ConfigMap volumes included).
 //! - [`server`]: the HTTP server (subscriptions, ACKs, the management API).
 //! - [`api`]: the management API's JSON bodies; [`diagnose`]: policy errors for terminals.
+//! - [`cli`]: the `outriderctl` commands that talk to the control plane.
 //! - [`inject`] adds the sidecar to Kubernetes manifests, [`wait`] holds a legacy sidecar's pod
 //!   until the proxy is ready.
 
 pub mod api;
+pub mod cli;
 pub mod diagnose;
 pub mod engine;
 pub mod inject;

@@ -418,3 +418,176 @@ async fn the_listen_address_is_kept_across_a_restart_when_given() {
     let control = start_control_with(&dirs, &["--listen", &addr]);
     assert_eq!(control.addr.to_string(), addr);
 }
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn outriderctl_apply_shows_the_diff_pushes_and_rejects_with_a_caret() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control(&dirs);
+    let mut sub = control.subscribe("checkout", "pod-1", true).await;
+    let first = sub.next_update(PUSH_BOUND).await.unwrap();
+
+    let work = outrider_e2e::TempDir::new();
+    let file = work.path.join("checkout.yaml");
+    let file_arg = file.to_str().unwrap();
+    let v1 = "workload: checkout\nservices:\n  cart: { endpoints: [127.0.0.1:9201] }\nroutes:\n  - { match: { authority: cart }, service: cart }\n";
+    std::fs::write(&file, v1).unwrap();
+    let out = control.ctl(&["apply", "-f", file_arg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("+  cart: { endpoints: [127.0.0.1:9201] }"),
+        "{}",
+        stdout(&out)
+    );
+    let pushed = sub.next_update(PUSH_BOUND).await.expect("apply pushed");
+    assert!(pushed.version > first.version);
+    assert!(pushed.policy.contains("127.0.0.1:9201"));
+    assert!(stdout(&out).contains(&format!(
+        "checkout.yaml: applied as version {}; pushed to workloads checkout",
+        pushed.version
+    )));
+
+    // An edit: the diff is against the version in force.
+    std::fs::write(&file, v1.replace("9201", "9202")).unwrap();
+    let out = control.ctl(&["apply", "-f", file_arg]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("--- checkout.yaml (version {})", pushed.version))
+            && text.contains("-  cart: { endpoints: [127.0.0.1:9201] }")
+            && text.contains("+  cart: { endpoints: [127.0.0.1:9202] }"),
+        "{text}"
+    );
+    let second = sub.next_update(PUSH_BOUND).await.unwrap();
+
+    // Rejected: exit 1, the problem with file, line, column and a caret; nothing pushed.
+    std::fs::write(
+        &file,
+        "workload: checkout\nroutes:\n  - match: { authority: cart }\n    service: kart\n",
+    )
+    .unwrap();
+    let out = control.ctl(&["apply", "-f", file_arg]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("--> checkout.yaml:4:14"), "{err}");
+    assert!(
+        err.contains("4 |     service: kart\n  |              ^"),
+        "{err}"
+    );
+    assert!(err.contains("checkout.yaml rejected; the version in force is unchanged"));
+    assert!(matches!(
+        sub.next(Duration::from_millis(1500)).await,
+        Some(ServerMessage::Heartbeat)
+    ));
+    let get = control.ctl(&["get", "checkout"]);
+    assert!(get.status.success());
+    assert!(stdout(&get).contains("127.0.0.1:9202"));
+    assert!(stdout(&get).starts_with(&format!(
+        "# workload checkout, version {}, sha256 {}\n",
+        second.version, second.content_hash
+    )));
+    // What `get` prints is the pushed policy, loadable as is.
+    outrider_config::load("get", &stdout(&get)).expect("valid YAML policy");
+}
+
+#[tokio::test]
+async fn outriderctl_status_history_and_rollback() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control(&dirs);
+    let mut sub = control.subscribe("checkout", "pod-7", true).await;
+    let v1 = sub.next_update(PUSH_BOUND).await.unwrap();
+    dirs.write("defaults.yaml", &defaults_with("127.0.0.1:9102"));
+    let v2 = sub.next_update(PUSH_BOUND).await.unwrap();
+    let ack = serde_json::json!({
+        "proxy": "pod-7", "workload": "checkout", "version": v2.version,
+        "content_hash": v2.content_hash, "error": "listen 127.0.0.1:9001: address in use",
+    });
+    assert_eq!(
+        control
+            .request("POST", "/v1/ack", &ack.to_string())
+            .await
+            .status,
+        204
+    );
+
+    let out = control.ctl(&["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let header = text.lines().find(|l| l.starts_with("PROXY")).unwrap();
+    assert!(
+        header.contains("WORKLOAD")
+            && header.contains("VERSION")
+            && header.contains("APPLIED AT")
+            && header.contains("STATE"),
+        "{text}"
+    );
+    let row = text.lines().find(|l| l.starts_with("pod-7")).unwrap();
+    assert!(row.contains("checkout") && row.contains("nack"), "{text}");
+    assert!(
+        row.contains("listen 127.0.0.1:9001: address in use"),
+        "{text}"
+    );
+
+    let out = control.ctl(&["history"]);
+    let text = stdout(&out);
+    let versions: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(versions, [v2.version.to_string(), v1.version.to_string()]);
+    assert!(text.contains("files changed: defaults.yaml"));
+
+    let out = control.ctl(&["rollback", "--to", &v1.version.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v3 = sub.next_update(PUSH_BOUND).await.expect("rollback pushed");
+    assert_eq!(v3.content_hash, v1.content_hash);
+    assert!(stdout(&out).contains(&format!(
+        "rolled back to version {} as version {}",
+        v1.version, v3.version
+    )));
+    let out = control.ctl(&["rollback", "--to", "999"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("version 999 is not in the kept history"));
+}
+
+#[tokio::test]
+async fn outriderctl_says_clearly_when_the_server_is_down_or_the_token_wrong() {
+    let dirs = ControlDirs::new();
+    let control = start_control(&dirs);
+    let url = control.url();
+    let out = outrider_e2e::control::ctl(&url, Some("wrong"), &["history"]);
+    assert_eq!(out.status.code(), Some(77));
+    assert!(
+        stderr(&out).contains(&format!(
+            "the control plane at {url} refused the token (401)"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    let out = outrider_e2e::control::ctl(&url, None, &["history"]);
+    assert_eq!(out.status.code(), Some(77));
+    assert!(stderr(&out).contains("no token given"), "{}", stderr(&out));
+    // Status is open from loopback: no token needed.
+    assert!(outrider_e2e::control::ctl(&url, None, &["status"])
+        .status
+        .success());
+    control.kill();
+    let out = outrider_e2e::control::ctl(&url, Some(CONTROL_TOKEN), &["status"]);
+    assert_eq!(out.status.code(), Some(69));
+    assert!(
+        stderr(&out).contains(&format!("cannot reach the control plane at {url}"))
+            && stderr(&out).contains("is outrider-control running?"),
+        "{}",
+        stderr(&out)
+    );
+}

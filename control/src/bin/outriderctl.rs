@@ -1,5 +1,6 @@
 //! `outriderctl`: the operator's CLI. Exit codes: 0 success, 1 the policy or the request was
-//! rejected, 64 bad usage, 66 unreadable input.
+//! rejected, 64 bad usage, 66 unreadable input, 69 control plane unreachable, 70 unexpected
+//! answer, 77 token refused.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,17 @@ enum Command {
     Inject(Box<outrider_control::inject::InjectArgs>),
     /// Waits until the proxy's /ready answers 200 (the legacy sidecar's postStart hook).
     WaitReady(outrider_control::wait::WaitArgs),
+    /// Applies policy documents on the control plane: shows each one's diff against the
+    /// version in force and pushes it; exits 1 if one is rejected.
+    Apply(outrider_control::cli::ApplyArgs),
+    /// Proxies (workload, version applied, when, state, last NACK) and rejected documents.
+    Status(outrider_control::cli::Remote),
+    /// The kept versions, newest first.
+    History(outrider_control::cli::Remote),
+    /// Makes a kept version's documents current again, as a new version.
+    Rollback(outrider_control::cli::RollbackArgs),
+    /// Prints a workload's merged policy as YAML.
+    Get(outrider_control::cli::GetArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +49,11 @@ fn main() -> ExitCode {
         Command::Validate { files } => validate(&files),
         Command::Inject(args) => outrider_control::inject::main(*args),
         Command::WaitReady(args) => outrider_control::wait::main(&args),
+        Command::Apply(args) => outrider_control::cli::apply(args),
+        Command::Status(remote) => outrider_control::cli::status(remote),
+        Command::History(remote) => outrider_control::cli::history(remote),
+        Command::Rollback(args) => outrider_control::cli::rollback(args),
+        Command::Get(args) => outrider_control::cli::get(args),
     }
 }
 
