@@ -245,6 +245,7 @@ services:
       half_open_requests: 1
       max_open_for: 1m
       max_concurrent_requests: 1000
+      max_pending_requests: 100
 routes:
   - match: { authority: payments }
     service: payments

@@ -452,6 +452,9 @@ pub struct CircuitBreaker {
     /// Requests in flight above this fail fast with 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_requests: Option<u32>,
+    /// Requests waiting for a new connection to the service above this fail fast with 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
 }
 
 impl CircuitBreaker {

@@ -310,10 +310,13 @@ fn check_breaker(at: &str, breaker: &CircuitBreaker, findings: &mut Vec<Finding>
     if breaker.consecutive_failures.is_none()
         && breaker.failure_rate.is_none()
         && breaker.max_concurrent_requests.is_none()
+        && breaker.max_pending_requests.is_none()
     {
         findings.push((
             at.to_string(),
-            "needs consecutive_failures, failure_rate or max_concurrent_requests".into(),
+            "needs consecutive_failures, failure_rate, max_concurrent_requests or \
+             max_pending_requests"
+                .into(),
         ));
     }
     if breaker.consecutive_failures == Some(0) {
@@ -349,6 +352,9 @@ fn check_breaker(at: &str, breaker: &CircuitBreaker, findings: &mut Vec<Finding>
             format!("{at}.max_concurrent_requests"),
             "must be > 0".into(),
         ));
+    }
+    if breaker.max_pending_requests == Some(0) {
+        findings.push((format!("{at}.max_pending_requests"), "must be > 0".into()));
     }
 }
 

@@ -6,6 +6,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -38,6 +40,48 @@ pub enum ConnectError {
         /// The OS error.
         source: io::Error,
     },
+    /// `max_pending_requests` connections to the service are already being opened.
+    #[error("too many pending requests for {0}")]
+    PendingLimit(Arc<str>),
+}
+
+/// The service-wide bound on connections being opened at once: each is a request waiting for
+/// a connection (`circuit_breaker.max_pending_requests`). Shared by every endpoint's connector.
+#[derive(Debug, Clone)]
+pub struct PendingLimit {
+    service: Arc<str>,
+    max: u32,
+    pending: Arc<AtomicU32>,
+}
+
+impl PendingLimit {
+    /// A limit of `max` pending connects for `service`.
+    pub fn new(service: Arc<str>, max: u32) -> Self {
+        Self {
+            service,
+            max,
+            pending: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    fn enter(&self) -> Result<PendingSlot, ConnectError> {
+        // Relaxed: the counter guards no other data.
+        self.pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .map(|_| PendingSlot(Arc::clone(&self.pending)))
+            .map_err(|_| ConnectError::PendingLimit(Arc::clone(&self.service)))
+    }
+}
+
+/// One connect in progress; released when the connect ends either way.
+struct PendingSlot(Arc<AtomicU32>);
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Opens connections to one endpoint.
@@ -46,15 +90,23 @@ pub struct EndpointConnector {
     addr: SocketAddr,
     timeout: Duration,
     metrics: ConnectionMetrics,
+    pending: Option<PendingLimit>,
 }
 
 impl EndpointConnector {
-    /// A connector to `addr` that gives up after `timeout`.
-    pub fn new(addr: SocketAddr, timeout: Duration, metrics: ConnectionMetrics) -> Self {
+    /// A connector to `addr` that gives up after `timeout`, refusing to open more than
+    /// `pending` allows at once.
+    pub fn new(
+        addr: SocketAddr,
+        timeout: Duration,
+        metrics: ConnectionMetrics,
+        pending: Option<PendingLimit>,
+    ) -> Self {
         Self {
             addr,
             timeout,
             metrics,
+            pending,
         }
     }
 }
@@ -73,8 +125,10 @@ impl tower_service::Service<http::Uri> for EndpointConnector {
             addr,
             timeout,
             metrics,
+            pending,
         } = self.clone();
         Box::pin(async move {
+            let _slot = pending.as_ref().map(PendingLimit::enter).transpose()?;
             let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
                 Err(_) => {
                     return Err(ConnectError::Timeout {

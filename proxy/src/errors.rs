@@ -73,6 +73,9 @@ pub enum ProxyError {
     /// Fault injection answered the request with this status instead of forwarding it.
     #[error("fault injected")]
     FaultAbort(StatusCode),
+    /// The service has `max_pending_requests` connections being opened already.
+    #[error("too many pending requests for {0}")]
+    PendingLimit(std::sync::Arc<str>),
     /// Every endpoint of the service is ejected by outlier detection.
     #[error("all endpoints of {0} are ejected")]
     AllEjected(std::sync::Arc<str>),
@@ -102,6 +105,7 @@ impl ProxyError {
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::NoEndpoints(_)
             | Self::AllEjected(_)
+            | Self::PendingLimit(_)
             | Self::NotConfigured(_)
             | Self::CircuitOpen(_)
             | Self::ConcurrencyLimit(_) => StatusCode::SERVICE_UNAVAILABLE,

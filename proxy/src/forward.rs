@@ -310,6 +310,8 @@ async fn attempt(
             ProxyError::ConnectRefused(_)
             | ProxyError::ConnectTimeout { .. }
             | ProxyError::Connect { .. } => AttemptFailure::Connect,
+            // Load shedding: the limit is service-wide, another endpoint would not help.
+            ProxyError::PendingLimit(_) => AttemptFailure::Shed,
             _ => AttemptFailure::Reset,
         };
         (error, failure)
@@ -447,6 +449,7 @@ fn classify(error: &hyper_util::client::legacy::Error, addr: SocketAddr) -> Prox
                     addr: *addr,
                     reason: std::io::Error::new(source.kind(), source.to_string()),
                 },
+                ConnectError::PendingLimit(service) => ProxyError::PendingLimit(service.clone()),
             };
         }
         if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {

@@ -118,6 +118,10 @@ impl Snapshot {
                 balancing: service.load_balancing,
                 connect_timeout: service.timeouts.connect.get(),
                 outlier: service.outlier_detection.clone(),
+                max_pending: service
+                    .circuit_breaker
+                    .as_ref()
+                    .and_then(|b| b.max_pending_requests),
             };
             let static_endpoints = service.endpoints.as_deref().unwrap_or(&[]);
             let upstream = Upstream::new(spec, static_endpoints, metrics);
@@ -244,6 +248,7 @@ impl Snapshot {
                     balancing: outrider_config::LoadBalancing::RoundRobin,
                     connect_timeout: inbound.timeouts.connect.get(),
                     outlier: None,
+                    max_pending: None,
                 };
                 Upstream::new(spec, &[inbound.app], metrics)
             });
@@ -351,8 +356,8 @@ fn limit(
 }
 
 /// Whether two versions of a service can share one [`Upstream`]: same endpoints (or DNS name),
-/// protocol, balancing, connect timeout and outlier detection (endpoint health lives in the
-/// upstream). Everything else is per-request policy.
+/// protocol, balancing, connect timeout, outlier detection (endpoint health lives in the
+/// upstream) and the pending-connection bound (its counter is shared by the connectors). Everything else is per-request policy.
 fn same_upstream(before: &Service, after: &Service) -> bool {
     before.endpoints == after.endpoints
         && before.dns == after.dns
@@ -360,6 +365,14 @@ fn same_upstream(before: &Service, after: &Service) -> bool {
         && before.load_balancing == after.load_balancing
         && before.timeouts.connect == after.timeouts.connect
         && before.outlier_detection == after.outlier_detection
+        && max_pending(before) == max_pending(after)
+}
+
+fn max_pending(service: &Service) -> Option<u32> {
+    service
+        .circuit_breaker
+        .as_ref()
+        .and_then(|b| b.max_pending_requests)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use outrider_config::{LoadBalancing, OutlierDetection, Protocol};
 
 use crate::body::RequestBody;
-use crate::connect::EndpointConnector;
+use crate::connect::{EndpointConnector, PendingLimit};
 use crate::errors::ProxyError;
 use crate::metrics::Metrics;
 use crate::policy::breaker::Outcome;
@@ -67,6 +67,8 @@ pub struct UpstreamSpec {
     pub connect_timeout: Duration,
     /// Ejection of failing endpoints, when configured.
     pub outlier: Option<OutlierDetection>,
+    /// Bound on connections being opened at once, service-wide.
+    pub max_pending: Option<u32>,
 }
 
 /// A service's endpoints and balancer.
@@ -77,6 +79,7 @@ pub struct Upstream {
     next: AtomicUsize,
     metrics: Metrics,
     outlier: Option<OutlierDetector>,
+    pending: Option<PendingLimit>,
 }
 
 impl Upstream {
@@ -87,11 +90,14 @@ impl Upstream {
             .as_ref()
             .map(|config| OutlierDetector::new(config, Some(metrics.ejections(&spec.name))));
         let upstream = Arc::new(Self {
-            spec,
             endpoints: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
             metrics: metrics.clone(),
             outlier,
+            pending: spec
+                .max_pending
+                .map(|max| PendingLimit::new(spec.name.clone(), max)),
+            spec,
         });
         upstream.set_endpoints(addrs);
         upstream
@@ -118,6 +124,7 @@ impl Upstream {
             addr,
             self.spec.connect_timeout,
             self.metrics.connections(&self.spec.name, &addr.to_string()),
+            self.pending.clone(),
         );
         let mut builder = Client::builder(TokioExecutor::new());
         builder

@@ -477,3 +477,49 @@ async fn fault_injection_at_100_percent_delays_and_aborts() {
     assert_eq!(get(proxy.outbound, "svc", "/").await.status, 200);
     assert!(started.elapsed() < Duration::from_millis(300));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_limit_fails_fast_while_connections_are_being_opened() {
+    // A listener that never accepts, its accept queue filled: the kernel drops further SYNs,
+    // so every new connection to it stays pending until the connect timeout.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => queued.push(stream),
+            _ => break,
+        }
+    }
+    assert!(queued.len() < 16, "the accept queue never filled");
+    let proxy = start_proxy(&format!(
+        "services:\n  svc:\n    endpoints: [{addr}]\n    timeouts: {{ connect: 2s }}\n    circuit_breaker: {{ max_pending_requests: 2, consecutive_failures: 1 }}\nroutes:\n  - match: {{ authority: svc }}\n    service: svc\n"
+    ));
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let outbound = proxy.outbound;
+            tokio::spawn(async move { get(outbound, "svc", "/").await })
+        })
+        .collect();
+    // Give both time to reach the connector.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let reply = get(proxy.outbound, "svc", "/").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(
+        reply.header("x-outrider-error"),
+        Some("too many pending requests for svc")
+    );
+    assert!(started.elapsed() < Duration::from_secs(1), "must fail fast");
+    for request in waiting {
+        assert_eq!(request.await.unwrap().status, 504);
+    }
+    drop((queued, listener));
+}

@@ -466,6 +466,7 @@ mod tests {
             half_open_requests: 1,
             max_open_for: ConfigDuration::from_secs(60),
             max_concurrent_requests: None,
+            max_pending_requests: None,
         }
     }
 

@@ -32,6 +32,8 @@ pub enum AttemptFailure {
     Status(StatusCode),
     /// The upstream answered with this gRPC status code in its headers (trailers-only).
     Grpc(u8),
+    /// The proxy shed the attempt (a service-wide limit); never retried.
+    Shed,
 }
 
 /// A compiled retry policy (built once per reload).
@@ -100,6 +102,7 @@ impl RetryPolicy {
                     || self.statuses.contains(&code)
             }
             AttemptFailure::Grpc(code) => self.grpc_codes.contains(&code),
+            AttemptFailure::Shed => false,
         }
     }
 
