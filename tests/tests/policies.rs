@@ -523,3 +523,71 @@ async fn pending_limit_fails_fast_while_connections_are_being_opened() {
     }
     drop((queued, listener));
 }
+
+/// Saves a new policy over the proxy's file the way editors do, and waits until the proxy
+/// reports `version`.
+async fn reload(proxy: &Proxy, text: &str, version: u64) {
+    let path = proxy.policy_path();
+    let tmp = path.with_extension("yaml.swp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = proxy.admin_get("/config").await;
+        let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if config["version"].as_u64() == Some(version) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "version {version} never applied");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_keeps_breaker_and_bucket_state_unless_their_settings_change() {
+    let broken = switchable(Arc::new(AtomicBool::new(true))).await;
+    let echo = Upstream::echo(Proto::Http1, "lim").await;
+    let policy = |failures: u32, burst: u32, request_timeout: &str| {
+        format!(
+            "services:\n  brk:\n    endpoints: [{}]\n    timeouts: {{ request: {request_timeout} }}\n    circuit_breaker: {{ consecutive_failures: {failures}, open_for: 1m }}\n  lim:\n    endpoints: [{}]\n    timeouts: {{ request: {request_timeout} }}\n    rate_limit: {{ requests_per_second: 1, burst: {burst} }}\nroutes:\n  - match: {{ authority: brk }}\n    service: brk\n  - match: {{ authority: lim }}\n    service: lim\n",
+            broken.addr, echo.addr
+        )
+    };
+    let proxy = start_proxy(&policy(1, 5, "5s"));
+    let circuit_open = |r: &Reply| r.header("x-outrider-error") == Some("circuit open for brk");
+    assert!(!circuit_open(&get(proxy.outbound, "brk", "/").await));
+    assert!(circuit_open(&get(proxy.outbound, "brk", "/").await));
+    let drained_at = Instant::now();
+    let mut admitted = 0;
+    for _ in 0..5 {
+        admitted += usize::from(get(proxy.outbound, "lim", "/").await.status == 200);
+    }
+    assert_eq!(admitted, 5);
+    assert_eq!(get(proxy.outbound, "lim", "/").await.status, 429);
+
+    // Other settings of both services change; the breaker and the bucket do not.
+    reload(&proxy, &policy(1, 5, "6s"), 2).await;
+    assert!(circuit_open(&get(proxy.outbound, "brk", "/").await));
+    assert_eq!(broken.hits(), 1, "the open breaker was reset by the reload");
+    let mut admitted = 0;
+    for _ in 0..5 {
+        admitted += usize::from(get(proxy.outbound, "lim", "/").await.status == 200);
+    }
+    // A fresh bucket would admit all five; the kept one only what refilled since it drained.
+    let refilled = drained_at.elapsed().as_secs() as usize;
+    assert!(refilled < 4, "too slow to tell: {refilled} s");
+    assert!(
+        admitted <= refilled + 1,
+        "{admitted} admitted after {refilled} s"
+    );
+
+    // Changed settings start fresh: a closed breaker, a full bucket.
+    reload(&proxy, &policy(2, 4, "6s"), 3).await;
+    assert!(!circuit_open(&get(proxy.outbound, "brk", "/").await));
+    assert_eq!(broken.hits(), 2);
+    let mut admitted = 0;
+    for _ in 0..4 {
+        admitted += usize::from(get(proxy.outbound, "lim", "/").await.status == 200);
+    }
+    assert_eq!(admitted, 4);
+}
