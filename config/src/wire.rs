@@ -9,7 +9,9 @@
 //!   without a re-push), then one update per accepted change that alters the workload's merged
 //!   policy, and a [`ServerMessage::Heartbeat`] every [`HEARTBEAT_SECS`] seconds so a dead
 //!   stream is noticed.
-//! - Acknowledge: `POST /v1/ack` with a JSON [`Ack`] body, same token; 204 on success.
+//! - Acknowledge: `POST /v1/ack` with a JSON [`Ack`] body, same token; 204 on success. A proxy
+//!   that resumed with `have_hash` also ACKs the version it runs once the stream is open, so a
+//!   restarted server knows it without pushing anything.
 //! - A missing or wrong token gets 401 on every endpoint.
 
 use serde::{Deserialize, Serialize};

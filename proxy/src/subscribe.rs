@@ -230,15 +230,13 @@ impl Subscriber {
         let have = matches!(
             shared.status.source(),
             PolicySource::Control | PolicySource::Disk
-        );
-        if have {
+        )
+        .then(|| {
             let current = shared.snapshot.load();
-            let _ = write!(
-                uri,
-                "&have_version={}&have_hash={}",
-                current.version,
-                encode(&current.content_hash)
-            );
+            (current.version, current.content_hash.clone())
+        });
+        if let Some((version, hash)) = &have {
+            let _ = write!(uri, "&have_version={version}&have_hash={}", encode(hash));
         }
         let request = Request::get(uri)
             .header(AUTHORIZATION, format!("Bearer {token}"))
@@ -252,13 +250,22 @@ impl Subscriber {
             status => return Err(SessionError::Status(status)),
         }
         *connected = true;
-        if have {
+        tracing::info!(url = %self.config.url, workload = %self.config.workload, "subscribed to the control plane");
+        if let Some((version, content_hash)) = have {
             // The server stays silent only when our hash is its hash; otherwise its first
             // message is the update, which replaces this one at once.
             shared.status.set_source(PolicySource::Control);
             shared.status.set_fresh(true);
+            // Tell it what we run: a restarted control plane has no record of this proxy.
+            let ack = Ack {
+                proxy: self.config.proxy_id.clone(),
+                workload: self.config.workload.clone(),
+                version,
+                content_hash,
+                error: None,
+            };
+            self.send_ack(&token, &ack).await;
         }
-        tracing::info!(url = %self.config.url, workload = %self.config.workload, "subscribed to the control plane");
         let mut lines = Lines::new(response.into_body(), SILENCE_LIMIT);
         loop {
             let line = lines.next_line().await?;
