@@ -18,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::policy::outcome::Watch;
 use crate::policy::retry::ReplayBody;
+use crate::telemetry::Finish;
 
 /// Boxed body error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -41,6 +42,49 @@ pub enum ProxyBody {
     },
     /// Produced by the proxy; `None` once sent.
     Full(Option<Bytes>),
+    /// Any of the above, counted, and reported (metrics, access log, spans) when it ends.
+    Observed(Box<Observed>),
+}
+
+/// A response body that reports its request when it ends, fails, or is dropped unfinished.
+pub struct Observed {
+    /// The body sent.
+    pub body: ProxyBody,
+    /// Data bytes sent so far.
+    pub bytes: u64,
+    /// The report; taken when it is made.
+    pub finish: Option<Finish>,
+}
+
+impl Observed {
+    /// Wraps `body` to report with `finish`.
+    pub fn wrap(body: ProxyBody, finish: Finish) -> ProxyBody {
+        ProxyBody::Observed(Box::new(Self {
+            body,
+            bytes: 0,
+            finish: Some(finish),
+        }))
+    }
+}
+
+impl std::fmt::Debug for Observed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observed")
+            .field("body", &self.body)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        if let Some(finish) = self.finish.take() {
+            // A body dropped before its end: the caller went away (or the connection broke).
+            let error = (!self.body.is_end_stream())
+                .then(|| "response body not finished: the caller went away".to_string());
+            finish.end(self.bytes, error);
+        }
+    }
 }
 
 impl Drop for ProxyBody {
@@ -139,6 +183,28 @@ impl Body for ProxyBody {
                 Poll::Ready(polled)
             }
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Observed(observed) => {
+                let polled = Pin::new(&mut observed.body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            observed.bytes += data.len() as u64;
+                        }
+                    }
+                    Poll::Ready(Some(Err(error))) => {
+                        if let Some(finish) = observed.finish.take() {
+                            finish.end(observed.bytes, Some(error.to_string()));
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        if let Some(finish) = observed.finish.take() {
+                            finish.end(observed.bytes, None);
+                        }
+                    }
+                    Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
@@ -146,6 +212,7 @@ impl Body for ProxyBody {
         match self {
             Self::Upstream { body, .. } => body.is_end_stream(),
             Self::Full(bytes) => bytes.is_none(),
+            Self::Observed(observed) => observed.body.is_end_stream(),
         }
     }
 
@@ -154,6 +221,7 @@ impl Body for ProxyBody {
             Self::Upstream { body, .. } => body.size_hint(),
             Self::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Self::Full(None) => SizeHint::with_exact(0),
+            Self::Observed(observed) => observed.body.size_hint(),
         }
     }
 }

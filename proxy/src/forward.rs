@@ -6,18 +6,18 @@ use std::convert::Infallible;
 use std::error::Error as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use outrider_config::Protocol;
+use outrider_config::{AccessLog as AccessLogSetting, Protocol};
 use tokio::time::Instant;
 
-use crate::body::{ProxyBody, RequestBody};
+use crate::body::{Observed, ProxyBody, RequestBody};
 use crate::connect::ConnectError;
 use crate::errors::{rescue, ProxyError};
 use crate::headers;
@@ -27,6 +27,7 @@ use crate::policy::ratelimit::RateDecision;
 use crate::policy::retry::{self, AttemptFailure, ReplayHandle, RetryPolicy};
 use crate::policy::trace::{SpanId, TraceContext};
 use crate::snapshot::{Snapshot, Target};
+use crate::telemetry::{AttemptSpan, ExchangeReport, Finish};
 use crate::upstream::{Endpoint, Upstream};
 use crate::Shared;
 
@@ -46,9 +47,10 @@ pub async fn handle(
     shared: Arc<Shared>,
     kind: ListenerKind,
     peer: SocketAddr,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
+    let started_wall = SystemTime::now();
     let grpc = headers::is_grpc(&req);
     let routed = {
         let snapshot = shared.snapshot.load();
@@ -57,6 +59,7 @@ pub async fn handle(
                 Arc::clone(target),
                 authority,
                 TraceContext::extract(req.headers(), &snapshot.sampler),
+                snapshot.policy.access_log == AccessLogSetting::Json,
             )),
             Err(error) => {
                 let response = rescue(&error, grpc);
@@ -67,15 +70,41 @@ pub async fn handle(
             }
         }
     };
-    let (target, authority, trace) = match routed {
+    let (target, authority, trace, log) = match routed {
         Ok(routed) => routed,
         Err(response) => return Ok(response),
     };
-    let response = forward(&target, authority, peer, req, grpc, &trace).await;
+    // Set here rather than when the upstream request is prepared, so the access log has it.
+    headers::ensure_request_id(req.headers_mut());
+    let record_spans = trace.sampled && shared.spans.is_some();
+    Finish::begin(&target.metrics);
+    let mut finish = Finish {
+        target: Arc::clone(&target),
+        spans: shared.spans.clone().filter(|_| record_spans),
+        access_log: log.then(|| Arc::clone(&shared.access_log)),
+        server: kind == ListenerKind::Inbound,
+        started,
+        started_wall,
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        authority: authority.clone(),
+        peer,
+        request_id: req.headers().get(&headers::REQUEST_ID).cloned(),
+        request_bytes: req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0),
+        status: StatusCode::OK,
+        report: ExchangeReport::default(),
+        trace,
+    };
+    let response = forward(&target, authority, peer, req, grpc, &mut finish).await;
     target
         .metrics
         .record(response.status(), started.elapsed().as_secs_f64());
-    Ok(response)
+    finish.status = response.status();
+    Ok(response.map(|body| Observed::wrap(body, finish)))
 }
 
 /// Checks the request and finds its target and authority in the policy in force.
@@ -114,8 +143,11 @@ async fn forward(
     peer: SocketAddr,
     mut req: Request<Incoming>,
     grpc: bool,
-    trace: &TraceContext,
+    finish: &mut Finish,
 ) -> Response<ProxyBody> {
+    let record_spans = finish.spans.is_some();
+    let trace = &finish.trace;
+    let report = &mut finish.report;
     let policy = &target.policy;
     if let Some(limit) = &policy.limit {
         let decisions = &target.metrics.rate_limit;
@@ -134,6 +166,7 @@ async fn forward(
                     retry_after,
                     reset,
                 };
+                report.error = Some(error.to_string());
                 return rescue(&error, grpc);
             }
         }
@@ -166,22 +199,40 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let parts = match prepare(target, parts, authority, peer, trace) {
         Ok(parts) => parts,
-        Err(error) => return rescue(&error, grpc),
+        Err(error) => {
+            report.error = Some(error.to_string());
+            return rescue(&error, grpc);
+        }
     };
 
     let attempts = AtomicU32::new(1);
+    // Filled by the exchange, which a timeout may drop midway: hence shared, not returned.
+    let log = Mutex::new(AttemptLog {
+        endpoint: None,
+        spans: Vec::new(),
+        record: record_spans,
+    });
     let deadline = policy.request_timeout.map(|limit| Instant::now() + limit);
     let exchange = async {
         match policy.retry.as_ref().filter(|_| !upgrade) {
             None => {
                 let endpoint = target.upstream.pick(None)?;
+                if let Ok(mut log) = log.lock() {
+                    log.endpoint = Some(endpoint.addr);
+                }
                 let req = Request::from_parts(parts, RequestBody::Direct(body));
                 send_once(&target.upstream, &endpoint, req, policy.per_try_timeout)
                     .await
                     .map_err(|(error, _)| error)
             }
             Some(retry) => {
-                exchange_with_retries(target, retry, parts, body, deadline, &attempts, trace).await
+                let exchange = Exchange {
+                    deadline,
+                    attempts: &attempts,
+                    trace,
+                    log: &log,
+                };
+                exchange_with_retries(target, retry, parts, body, exchange).await
             }
         }
     };
@@ -209,9 +260,15 @@ async fn forward(
             if let (Some(permit), Some(outcome)) = (permit, outcome::of_error(&error)) {
                 permit.record(outcome);
             }
+            report.error = Some(error.to_string());
             rescue(&error, grpc)
         }
     };
+    report.attempts = attempts.load(Ordering::Relaxed);
+    if let Ok(mut log) = log.lock() {
+        report.endpoint = log.endpoint;
+        report.spans = std::mem::take(&mut log.spans);
+    }
     if policy.retry.is_some() {
         response.headers_mut().insert(
             ATTEMPTS.clone(),
@@ -335,6 +392,23 @@ fn response_failure(response: &Response<Incoming>) -> Option<AttemptFailure> {
     (code != 0).then_some(AttemptFailure::Grpc(code))
 }
 
+/// What the attempt loop reports back besides its result.
+struct AttemptLog {
+    /// The endpoint of the latest attempt.
+    endpoint: Option<SocketAddr>,
+    /// Attempt spans, when `record`.
+    spans: Vec<AttemptSpan>,
+    record: bool,
+}
+
+/// The per-request state the attempt loop works with.
+struct Exchange<'a> {
+    deadline: Option<Instant>,
+    attempts: &'a AtomicU32,
+    trace: &'a TraceContext,
+    log: &'a Mutex<AttemptLog>,
+}
+
 /// The attempt loop: retries what the policy allows, on a different endpoint when there is one,
 /// after a jittered backoff (or the upstream's Retry-After), within the retry budget.
 async fn exchange_with_retries(
@@ -342,10 +416,14 @@ async fn exchange_with_retries(
     retry: &RetryPolicy,
     parts: http::request::Parts,
     body: Incoming,
-    deadline: Option<Instant>,
-    attempts: &AtomicU32,
-    trace: &TraceContext,
+    exchange: Exchange<'_>,
 ) -> Result<Response<Incoming>, ProxyError> {
+    let Exchange {
+        deadline,
+        attempts,
+        trace,
+        log,
+    } = exchange;
     let metrics = &target.metrics.retries;
     retry.budget.deposit();
     let replay = ReplayHandle::new(body, retry.body_limit);
@@ -363,6 +441,7 @@ async fn exchange_with_retries(
             .insert(ATTEMPT.clone(), HeaderValue::from(attempt));
         let attempt_span = SpanId::random();
         trace.inject(req.headers_mut(), attempt_span);
+        let attempt_started = Instant::now();
         let outcome = send_once(
             &target.upstream,
             &endpoint,
@@ -370,6 +449,20 @@ async fn exchange_with_retries(
             target.policy.per_try_timeout,
         )
         .await;
+        if let Ok(mut log) = log.lock() {
+            log.endpoint = Some(endpoint.addr);
+            if log.record {
+                log.spans.push(AttemptSpan {
+                    span_id: attempt_span,
+                    number: attempt,
+                    endpoint: endpoint.addr,
+                    started: attempt_started,
+                    ended: Instant::now(),
+                    status: outcome.as_ref().ok().map(Response::status),
+                    error: outcome.as_ref().err().map(|(error, _)| error.to_string()),
+                });
+            }
+        }
         let failure = match &outcome {
             Ok(response) => match response_failure(response) {
                 Some(failure) if retry.retries_on(failure) => failure,

@@ -20,6 +20,7 @@ pub mod reload;
 pub mod server;
 pub mod snapshot;
 pub mod subscribe;
+pub mod telemetry;
 pub mod upstream;
 pub mod watch_file;
 
@@ -39,6 +40,10 @@ use crate::lifecycle::{AppActivity, APP_QUIET_PERIOD};
 use crate::metrics::{Metrics, MetricsError};
 use crate::reload::{PolicySource, PolicyStatus, ReloadError, Reloader, Update};
 use crate::snapshot::Snapshot;
+use crate::telemetry::{AccessLog, ExporterError, SpanSink};
+
+/// The longest a shutdown waits for queued spans to reach the collector.
+const SPAN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Settings that are not policy: where to listen and how to stop. From flags or env vars.
 #[derive(Debug, Clone)]
@@ -90,6 +95,10 @@ pub struct Shared {
     /// Where the policy came from (a path or a URL), for `/config`.
     pub origin: String,
     stop: watch::Sender<bool>,
+    /// The span exporter, when the policy names an OTLP collector (fixed at start).
+    pub spans: Option<Arc<SpanSink>>,
+    /// The access-log writer (used while the policy says `access_log: json`).
+    pub access_log: Arc<AccessLog>,
 }
 
 impl Shared {
@@ -118,6 +127,12 @@ pub enum StartError {
     /// The initial policy could not be put in force.
     #[error(transparent)]
     Policy(ReloadError),
+    /// The access-log writer thread could not start.
+    #[error("cannot start the access-log writer: {0}")]
+    AccessLog(std::io::Error),
+    /// The span exporter could not be built.
+    #[error(transparent)]
+    Exporter(#[from] ExporterError),
 }
 
 /// A started proxy: its bound addresses and a handle to stop it.
@@ -202,6 +217,22 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
     let metrics = Metrics::new(&bootstrap.workload)?;
     let snapshot = reload::empty_snapshot(&metrics);
     let (stop, stop_rx) = watch::channel(false);
+    // The exporter is set up from the first policy; a later policy's `tracing.otlp` takes
+    // effect on restart (sampling ratio and access log follow every reload).
+    let spans = match initial
+        .as_ref()
+        .and_then(|i| i.loaded.policy.tracing.as_ref())
+        .and_then(|t| t.otlp.as_ref())
+    {
+        Some(otlp) => Some(Arc::new(SpanSink::start(
+            otlp,
+            &bootstrap.workload,
+            metrics.telemetry.clone(),
+        )?)),
+        None => None,
+    };
+    let access_log =
+        Arc::new(AccessLog::start(metrics.telemetry.clone()).map_err(StartError::AccessLog)?);
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         metrics,
@@ -213,6 +244,8 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         dedicated: ArcSwap::from_pointee(Vec::new()),
         origin: bootstrap.policy_source.clone(),
         stop,
+        spans,
+        access_log,
     });
 
     let admin = bind("admin", bootstrap.admin).await?;
@@ -309,6 +342,11 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
             data.abort_all();
             DrainOutcome::TimedOut
         };
+        if let Some(spans) = &supervisor_shared.spans {
+            // Flush what the drained requests produced; bounded so a dead collector cannot
+            // hold the exit.
+            spans.shutdown(SPAN_FLUSH_TIMEOUT).await;
+        }
         tracing::info!(?outcome, "shutdown complete");
         let _ = admin_stop.send(true);
         let _ = admin_task.await;

@@ -1,6 +1,8 @@
 //! Prometheus metrics. Label sets are resolved once per reload into [`RouteMetrics`] handles,
 //! so the request path only touches atomics: no label hashing, no registry lock.
 
+use std::sync::Arc;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -28,6 +30,10 @@ pub struct Metrics {
     breaker_state: IntGaugeVec,
     breaker_transitions: IntCounterVec,
     ejections: IntCounterVec,
+    traffic: TrafficVecs,
+    /// Span export and access-log counters.
+    pub telemetry: TelemetryMetrics,
+    process: ProcessGauges,
     /// The version of the policy in force.
     pub policy_version: IntGauge,
     /// Policy reloads, by result (`ok` or `error`).
@@ -51,6 +57,176 @@ pub struct RouteMetrics {
     pub retries: RetryMetrics,
     /// Rate-limit decisions on requests of this route and service.
     pub rate_limit: RateLimitMetrics,
+    /// Bytes, requests in flight, time to end of stream.
+    pub traffic: TrafficMetrics,
+    /// The labels these handles were made for (access log and span attributes).
+    pub labels: RouteLabels,
+}
+
+/// Direction, service and route of a target, as in its metric labels.
+#[derive(Debug, Clone)]
+pub struct RouteLabels {
+    /// `inbound` or `outbound`.
+    pub direction: Arc<str>,
+    /// The service (`app` for inbound).
+    pub service: Arc<str>,
+    /// The route name.
+    pub route: Arc<str>,
+}
+
+/// Traffic of one direction, service and route beyond request counts.
+pub struct TrafficMetrics {
+    /// Request body bytes received from callers.
+    pub request_bytes: IntCounter,
+    /// Response body bytes sent to callers.
+    pub response_bytes: IntCounter,
+    /// Requests in flight (until their response body ends).
+    pub active: IntGauge,
+    /// Time from request received to the end of the response body.
+    pub stream_duration: Histogram,
+}
+
+#[derive(Clone)]
+struct TrafficVecs {
+    request_bytes: IntCounterVec,
+    response_bytes: IntCounterVec,
+    active: IntGaugeVec,
+    stream_duration: HistogramVec,
+}
+
+/// Counters of the telemetry pipelines themselves.
+#[derive(Clone)]
+pub struct TelemetryMetrics {
+    /// Spans the collector accepted.
+    pub spans_exported: IntCounter,
+    /// Spans dropped: queue full, or the collector failed or was unreachable.
+    pub spans_dropped: IntCounter,
+    /// Access-log lines written.
+    pub access_log_lines: IntCounter,
+    /// Access-log lines dropped because the writer fell behind.
+    pub access_log_dropped: IntCounter,
+}
+
+#[derive(Clone)]
+struct ProcessGauges {
+    resident_memory: IntGauge,
+    open_fds: IntGauge,
+}
+
+impl ProcessGauges {
+    /// Reads the process's resident memory and open descriptors from /proc (Linux); on a
+    /// scrape only, never on the request path.
+    fn update(&self) {
+        if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
+            if let Some(pages) = statm
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<i64>().ok())
+            {
+                // The kernel's page size is 4 KiB on every platform this proxy targets.
+                self.resident_memory.set(pages * 4096);
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(fds.count() as i64);
+        }
+    }
+}
+
+impl TrafficVecs {
+    fn new(registry: &Registry) -> Result<Self, MetricsError> {
+        let labels = &["direction", "service", "route"];
+        let vecs = Self {
+            request_bytes: IntCounterVec::new(
+                Opts::new(
+                    "outrider_request_bytes_total",
+                    "Request body bytes received from callers.",
+                ),
+                labels,
+            )?,
+            response_bytes: IntCounterVec::new(
+                Opts::new(
+                    "outrider_response_bytes_total",
+                    "Response body bytes sent to callers.",
+                ),
+                labels,
+            )?,
+            active: IntGaugeVec::new(
+                Opts::new(
+                    "outrider_requests_active",
+                    "Requests in flight, until their response body ends.",
+                ),
+                labels,
+            )?,
+            stream_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "outrider_response_stream_duration_seconds",
+                    "Time from request received to the end of the response body.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                labels,
+            )?,
+        };
+        registry.register(Box::new(vecs.request_bytes.clone()))?;
+        registry.register(Box::new(vecs.response_bytes.clone()))?;
+        registry.register(Box::new(vecs.active.clone()))?;
+        registry.register(Box::new(vecs.stream_duration.clone()))?;
+        Ok(vecs)
+    }
+
+    fn handles(&self, direction: &str, service: &str, route: &str) -> TrafficMetrics {
+        let labels = [direction, service, route];
+        TrafficMetrics {
+            request_bytes: self.request_bytes.with_label_values(&labels),
+            response_bytes: self.response_bytes.with_label_values(&labels),
+            active: self.active.with_label_values(&labels),
+            stream_duration: self.stream_duration.with_label_values(&labels),
+        }
+    }
+}
+
+impl TelemetryMetrics {
+    fn new(registry: &Registry) -> Result<Self, MetricsError> {
+        let counter = |name: &str, help: &str| -> Result<IntCounter, MetricsError> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        Ok(Self {
+            spans_exported: counter(
+                "outrider_spans_exported_total",
+                "Spans the OTLP collector accepted.",
+            )?,
+            spans_dropped: counter(
+                "outrider_spans_dropped_total",
+                "Spans dropped: export queue full, or the collector failed or was unreachable.",
+            )?,
+            access_log_lines: counter(
+                "outrider_access_log_lines_total",
+                "Access-log lines written to stdout.",
+            )?,
+            access_log_dropped: counter(
+                "outrider_access_log_dropped_total",
+                "Access-log lines dropped because the writer fell behind.",
+            )?,
+        })
+    }
+}
+
+impl ProcessGauges {
+    fn new(registry: &Registry) -> Result<Self, MetricsError> {
+        let resident_memory = IntGauge::new(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+        )?;
+        let open_fds = IntGauge::new("process_open_fds", "Number of open file descriptors.")?;
+        registry.register(Box::new(resident_memory.clone()))?;
+        registry.register(Box::new(open_fds.clone()))?;
+        Ok(Self {
+            resident_memory,
+            open_fds,
+        })
+    }
 }
 
 /// What rate limits decided.
@@ -247,7 +423,13 @@ impl Metrics {
         registry.register(Box::new(policy_version.clone()))?;
         registry.register(Box::new(policy_reloads.clone()))?;
         registry.register(Box::new(build_info))?;
+        let traffic = TrafficVecs::new(&registry)?;
+        let telemetry = TelemetryMetrics::new(&registry)?;
+        let process = ProcessGauges::new(&registry)?;
         Ok(Self {
+            traffic,
+            telemetry,
+            process,
             registry,
             requests,
             duration,
@@ -301,6 +483,12 @@ impl Metrics {
                     "shadow-rejected",
                 ]),
             },
+            traffic: self.traffic.handles(direction, service, route),
+            labels: RouteLabels {
+                direction: Arc::from(direction),
+                service: Arc::from(service),
+                route: Arc::from(route),
+            },
         }
     }
 
@@ -332,6 +520,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
+        self.process.update();
         let mut out = Vec::with_capacity(8 * 1024);
         // Encoding into a Vec cannot fail for I/O reasons; an error would mean a malformed
         // metric, which registration already rules out.

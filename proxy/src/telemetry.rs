@@ -1,0 +1,634 @@
+//! What the proxy reports about each request once its response body has ended: metrics (bytes,
+//! time to end of stream, requests in flight), the JSON access-log line and the OTLP spans.
+//!
+//! Neither sink can slow the request path down: each is a bounded channel fed with
+//! `try_send` and drained by its own task. When a channel is full the item is dropped and
+//! counted (`outrider_spans_dropped_total`, `outrider_access_log_dropped_total`); nothing is
+//! ever queued without bound or awaited by a request.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::header::HeaderValue;
+use http::uri::Authority;
+use http::{Method, StatusCode, Uri};
+use opentelemetry::trace::{
+    SpanContext, SpanId as OtelSpanId, SpanKind, Status, TraceFlags, TraceId as OtelTraceId,
+    TraceState,
+};
+use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
+use outrider_config::{Otlp, OtlpProtocol};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::metrics::{RouteMetrics, TelemetryMetrics};
+use crate::policy::trace::{SpanId, TraceContext};
+use crate::snapshot::Target;
+
+/// Spans waiting for export at most; beyond it spans are dropped (and counted).
+pub const SPAN_QUEUE: usize = 4096;
+/// Spans per export request.
+const SPAN_BATCH: usize = 512;
+/// The longest a span waits for its batch to fill.
+const SPAN_BATCH_DELAY: Duration = Duration::from_millis(500);
+/// Bound on one export call; a slow collector costs spans, never memory.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Access-log lines waiting for the writer at most.
+pub const ACCESS_LOG_QUEUE: usize = 8192;
+
+/// The span exporter could not be built from the policy.
+#[derive(Debug, thiserror::Error)]
+#[error("tracing.otlp: {0}")]
+pub struct ExporterError(String);
+
+/// Where sampled spans go: a bounded queue drained by a task that exports in batches through
+/// opentelemetry-otlp (gRPC or HTTP/protobuf).
+pub struct SpanSink {
+    queue: mpsc::Sender<SpanData>,
+    metrics: TelemetryMetrics,
+    scope: InstrumentationScope,
+    done: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl SpanSink {
+    /// Starts the export task for `otlp`; spans carry the resource `service.name` =
+    /// `workload` plus whatever `OTEL_RESOURCE_ATTRIBUTES` sets. Must run inside the runtime.
+    pub fn start(
+        otlp: &Otlp,
+        workload: &str,
+        metrics: TelemetryMetrics,
+    ) -> Result<Self, ExporterError> {
+        let mut exporter = match otlp.protocol {
+            OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(otlp.endpoint.clone())
+                .with_timeout(EXPORT_TIMEOUT)
+                .build(),
+            OtlpProtocol::Http => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(http_traces_url(&otlp.endpoint))
+                .with_timeout(EXPORT_TIMEOUT)
+                .with_http_client(
+                    opentelemetry_http::hyper::HyperClient::with_default_connector(
+                        EXPORT_TIMEOUT,
+                        None,
+                    ),
+                )
+                .build(),
+        }
+        .map_err(|e| ExporterError(e.to_string()))?;
+        // The builder reads OTEL_RESOURCE_ATTRIBUTES (and OTEL_SERVICE_NAME); the workload
+        // name is set last so it wins for service.name.
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name(workload.to_string())
+            .build();
+        exporter.set_resource(&resource);
+        let (queue, rx) = mpsc::channel(SPAN_QUEUE);
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(export_loop(exporter, rx, stop_rx, metrics.clone()));
+        Ok(Self {
+            queue,
+            metrics,
+            scope: InstrumentationScope::builder("outrider-proxy")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build(),
+            done: std::sync::Mutex::new(Some(task)),
+            stop,
+        })
+    }
+
+    /// Queues a finished span, or drops and counts it when the queue is full.
+    pub fn record(&self, span: SpanData) {
+        if self.queue.try_send(span).is_err() {
+            self.metrics.spans_dropped.inc();
+        }
+    }
+
+    /// Exports what is queued and stops the exporter; bounded by `timeout`.
+    pub async fn shutdown(&self, timeout: Duration) {
+        let _ = self.stop.send(true);
+        let task = self.done.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            if tokio::time::timeout(timeout, task).await.is_err() {
+                tracing::warn!("span export did not finish before shutdown");
+            }
+        }
+    }
+}
+
+/// OTLP/HTTP posts to `/v1/traces`; an endpoint given without a path gets it appended (the
+/// exporter uses a programmatic endpoint as is).
+fn http_traces_url(endpoint: &str) -> String {
+    let after_scheme = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    match after_scheme.find('/') {
+        None => format!("{endpoint}/v1/traces"),
+        Some(i) if after_scheme[i..] == *"/" => format!("{}v1/traces", endpoint),
+        Some(_) => endpoint.to_string(),
+    }
+}
+
+async fn export_loop(
+    exporter: opentelemetry_otlp::SpanExporter,
+    mut rx: mpsc::Receiver<SpanData>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    metrics: TelemetryMetrics,
+) {
+    let mut batch = Vec::with_capacity(SPAN_BATCH);
+    loop {
+        tokio::select! {
+            span = rx.recv() => match span {
+                Some(span) => batch.push(span),
+                None => break,
+            },
+            () = crate::stopped(&mut stop) => break,
+        }
+        let deadline = Instant::now() + SPAN_BATCH_DELAY;
+        while batch.len() < SPAN_BATCH {
+            tokio::select! {
+                span = rx.recv() => match span {
+                    Some(span) => batch.push(span),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        export(&exporter, &mut batch, &metrics).await;
+    }
+    // Shutdown: flush whatever is queued.
+    rx.close();
+    while let Some(span) = rx.recv().await {
+        batch.push(span);
+        if batch.len() == SPAN_BATCH {
+            export(&exporter, &mut batch, &metrics).await;
+        }
+    }
+    export(&exporter, &mut batch, &metrics).await;
+}
+
+async fn export(
+    exporter: &opentelemetry_otlp::SpanExporter,
+    batch: &mut Vec<SpanData>,
+    metrics: &TelemetryMetrics,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let n = batch.len() as u64;
+    let spans = std::mem::replace(batch, Vec::with_capacity(SPAN_BATCH));
+    match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(spans)).await {
+        Ok(Ok(())) => metrics.spans_exported.inc_by(n),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, spans = n, "span export failed");
+            metrics.spans_dropped.inc_by(n);
+        }
+        Err(_) => {
+            tracing::debug!(spans = n, "span export timed out");
+            metrics.spans_dropped.inc_by(n);
+        }
+    }
+}
+
+/// One access-log line.
+#[derive(Debug, Serialize)]
+pub struct AccessRecord {
+    /// RFC 3339 time the request arrived (UTC).
+    pub time: String,
+    /// Trace id (32 hex).
+    pub trace_id: String,
+    /// This proxy's span id for the request (16 hex).
+    pub span_id: String,
+    /// `x-request-id`.
+    pub request_id: Option<String>,
+    /// `inbound` or `outbound`.
+    #[serde(serialize_with = "arc_str")]
+    pub direction: Arc<str>,
+    /// The service.
+    #[serde(serialize_with = "arc_str")]
+    pub service: Arc<str>,
+    /// The route.
+    #[serde(serialize_with = "arc_str")]
+    pub route: Arc<str>,
+    /// HTTP method.
+    pub method: String,
+    /// Host / :authority.
+    pub authority: Option<String>,
+    /// Path and query.
+    pub path: String,
+    /// Status sent to the caller.
+    pub status: u16,
+    /// The endpoint of the last attempt.
+    pub upstream: Option<SocketAddr>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Seconds from request received to end of response body.
+    pub duration_seconds: f64,
+    /// Request body bytes.
+    pub request_bytes: u64,
+    /// Response body bytes.
+    pub response_bytes: u64,
+    /// Why the request failed, if it did.
+    pub error: Option<String>,
+}
+
+fn arc_str<S: serde::Serializer>(value: &Arc<str>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(value)
+}
+
+/// Writes access-log lines to stdout from its own thread (stdout is a blocking file; a slow
+/// reader of it must stall that thread, never the runtime); the request path only
+/// `try_send`s into a bounded channel.
+pub struct AccessLog {
+    queue: std::sync::mpsc::SyncSender<AccessRecord>,
+    metrics: TelemetryMetrics,
+}
+
+impl AccessLog {
+    /// Starts the writer thread.
+    pub fn start(metrics: TelemetryMetrics) -> std::io::Result<Self> {
+        let (queue, rx) = std::sync::mpsc::sync_channel(ACCESS_LOG_QUEUE);
+        let lines = metrics.access_log_lines.clone();
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_access_log(&rx, &lines))?;
+        Ok(Self { queue, metrics })
+    }
+
+    /// Queues a line, or drops and counts it when the writer is behind.
+    pub fn record(&self, record: AccessRecord) {
+        if self.queue.try_send(record).is_err() {
+            self.metrics.access_log_dropped.inc();
+        }
+    }
+}
+
+fn write_access_log(rx: &std::sync::mpsc::Receiver<AccessRecord>, lines: &prometheus::IntCounter) {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    while let Ok(record) = rx.recv() {
+        let mut next = Some(record);
+        // Write everything already queued, then flush once.
+        while let Some(record) = next.take() {
+            if serde_json::to_writer(&mut out, &record).is_err() || out.write_all(b"\n").is_err() {
+                return;
+            }
+            lines.inc();
+            next = rx.try_recv().ok();
+        }
+        if out.flush().is_err() {
+            return;
+        }
+    }
+}
+
+/// One attempt of an exchange, kept for its span when the trace is sampled and exported.
+#[derive(Debug, Clone)]
+pub struct AttemptSpan {
+    /// The attempt's span id (the parent the upstream saw).
+    pub span_id: SpanId,
+    /// 1-based.
+    pub number: u32,
+    /// The endpoint tried.
+    pub endpoint: SocketAddr,
+    /// When it started and ended (response headers or failure).
+    pub started: Instant,
+    /// End of the attempt.
+    pub ended: Instant,
+    /// Response status, if one came back.
+    pub status: Option<StatusCode>,
+    /// Failure, if the attempt failed without a response.
+    pub error: Option<String>,
+}
+
+/// What the exchange did, filled in by the forwarding code.
+#[derive(Debug, Default)]
+pub struct ExchangeReport {
+    /// The endpoint of the last attempt.
+    pub endpoint: Option<SocketAddr>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Why the exchange failed, when the proxy answered for the upstream.
+    pub error: Option<String>,
+    /// Attempt spans (only when they are exported).
+    pub spans: Vec<AttemptSpan>,
+}
+
+/// Everything needed to report a request when its response body ends. Built once per
+/// request; dropped (with the report) when the body finishes or the caller goes away.
+pub struct Finish {
+    /// The target (metrics and labels).
+    pub target: Arc<Target>,
+    /// Span sink, when the request is sampled and spans are exported.
+    pub spans: Option<Arc<SpanSink>>,
+    /// Access log, when on.
+    pub access_log: Option<Arc<AccessLog>>,
+    /// Server span (inbound) or client span (outbound).
+    pub server: bool,
+    /// Trace context of the request.
+    pub trace: TraceContext,
+    /// Arrival time, monotonic and wall-clock.
+    pub started: Instant,
+    /// Arrival time, wall-clock.
+    pub started_wall: SystemTime,
+    /// Method.
+    pub method: Method,
+    /// Request target as received.
+    pub uri: Uri,
+    /// Authority as routed.
+    pub authority: Option<Authority>,
+    /// The caller's address.
+    pub peer: SocketAddr,
+    /// `x-request-id`.
+    pub request_id: Option<HeaderValue>,
+    /// Request body bytes (from Content-Length).
+    pub request_bytes: u64,
+    /// Status sent.
+    pub status: StatusCode,
+    /// What the exchange did.
+    pub report: ExchangeReport,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        // Here rather than in `end`, so a request whose handler was dropped (caller gone
+        // before the response) is not counted in flight forever.
+        self.target.metrics.traffic.active.dec();
+    }
+}
+
+impl Finish {
+    /// Counts a request to `target` as in flight until its `Finish` is dropped.
+    pub fn begin(metrics: &RouteMetrics) {
+        metrics.traffic.active.inc();
+    }
+
+    /// Reports the request: the response body ended after `bytes` bytes, with `error` when it
+    /// did not end cleanly.
+    pub fn end(self, bytes: u64, error: Option<String>) {
+        let elapsed = self.started.elapsed();
+        let traffic = &self.target.metrics.traffic;
+        traffic.response_bytes.inc_by(bytes);
+        traffic.request_bytes.inc_by(self.request_bytes);
+        traffic.stream_duration.observe(elapsed.as_secs_f64());
+        let error = self.report.error.clone().or(error);
+        if let Some(spans) = &self.spans {
+            self.export_spans(spans, elapsed, error.as_deref());
+        }
+        if let Some(log) = &self.access_log {
+            let labels = &self.target.metrics.labels;
+            log.record(AccessRecord {
+                time: rfc3339(self.started_wall),
+                trace_id: self.trace.trace_id.to_hex(),
+                span_id: self.trace.span_id.to_hex(),
+                request_id: self
+                    .request_id
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+                direction: Arc::clone(&labels.direction),
+                service: Arc::clone(&labels.service),
+                route: Arc::clone(&labels.route),
+                method: self.method.as_str().to_string(),
+                authority: self.authority.as_ref().map(|a| a.as_str().to_string()),
+                path: self
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+                status: self.status.as_u16(),
+                upstream: self.report.endpoint,
+                attempts: self.report.attempts,
+                duration_seconds: elapsed.as_secs_f64(),
+                request_bytes: self.request_bytes,
+                response_bytes: bytes,
+                error,
+            });
+        }
+    }
+
+    fn export_spans(&self, sink: &SpanSink, elapsed: Duration, error: Option<&str>) {
+        let trace_id = OtelTraceId::from_bytes(self.trace.trace_id.0);
+        let context = |span: SpanId| {
+            SpanContext::new(
+                trace_id,
+                OtelSpanId::from_bytes(span.0),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::NONE,
+            )
+        };
+        let wall = |at: Instant| self.started_wall + at.saturating_duration_since(self.started);
+        let method = method_name(&self.method);
+        let labels = &self.target.metrics.labels;
+        let host = self.authority.as_ref().map(|a| a.host().to_string());
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", method),
+            KeyValue::new("http.route", labels.route.to_string()),
+            KeyValue::new("http.response.status_code", i64::from(self.status.as_u16())),
+            KeyValue::new("url.scheme", "http"),
+            KeyValue::new("url.path", self.uri.path().to_string()),
+            KeyValue::new("outrider.service", labels.service.to_string()),
+            KeyValue::new("outrider.attempts", i64::from(self.report.attempts)),
+        ];
+        if let Some(host) = &host {
+            attributes.push(KeyValue::new("server.address", host.clone()));
+        }
+        if let Some(port) = self.authority.as_ref().and_then(Authority::port_u16) {
+            attributes.push(KeyValue::new("server.port", i64::from(port)));
+        }
+        if self.server {
+            attributes.push(KeyValue::new("client.address", self.peer.ip().to_string()));
+        } else if let Some(endpoint) = self.report.endpoint {
+            attributes.push(KeyValue::new(
+                "network.peer.address",
+                endpoint.ip().to_string(),
+            ));
+            attributes.push(KeyValue::new(
+                "network.peer.port",
+                i64::from(endpoint.port()),
+            ));
+        }
+        // Semantic conventions: 5xx is an error on both sides, 4xx only on the server.
+        let failed =
+            self.status.is_server_error() || (self.server && self.status.is_client_error());
+        let status = match error {
+            Some(reason) => {
+                attributes.push(KeyValue::new("error.type", error_type(reason, self.status)));
+                Status::error(reason.to_string())
+            }
+            None if failed => {
+                attributes.push(KeyValue::new(
+                    "error.type",
+                    self.status.as_str().to_string(),
+                ));
+                Status::error("")
+            }
+            None => Status::Unset,
+        };
+        sink.record(SpanData {
+            span_context: context(self.trace.span_id),
+            parent_span_id: self
+                .trace
+                .parent_id
+                .map_or(OtelSpanId::INVALID, |p| OtelSpanId::from_bytes(p.0)),
+            parent_span_is_remote: self.trace.parent_id.is_some(),
+            span_kind: if self.server {
+                SpanKind::Server
+            } else {
+                SpanKind::Client
+            },
+            name: Cow::Borrowed(method),
+            start_time: self.started_wall,
+            end_time: self.started_wall + elapsed,
+            attributes,
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status,
+            instrumentation_scope: sink.scope.clone(),
+        });
+        for attempt in &self.report.spans {
+            let mut attributes = vec![
+                KeyValue::new("http.request.method", method),
+                KeyValue::new("network.peer.address", attempt.endpoint.ip().to_string()),
+                KeyValue::new("network.peer.port", i64::from(attempt.endpoint.port())),
+            ];
+            if let Some(host) = &host {
+                attributes.push(KeyValue::new("server.address", host.clone()));
+            }
+            if attempt.number > 1 {
+                attributes.push(KeyValue::new(
+                    "http.request.resend_count",
+                    i64::from(attempt.number - 1),
+                ));
+            }
+            let status = match (attempt.status, &attempt.error) {
+                (_, Some(reason)) => {
+                    attributes.push(KeyValue::new(
+                        "error.type",
+                        error_type(reason, StatusCode::BAD_GATEWAY),
+                    ));
+                    Status::error(reason.clone())
+                }
+                (Some(code), None) => {
+                    attributes.push(KeyValue::new(
+                        "http.response.status_code",
+                        i64::from(code.as_u16()),
+                    ));
+                    if code.is_server_error() {
+                        attributes.push(KeyValue::new("error.type", code.as_str().to_string()));
+                        Status::error("")
+                    } else {
+                        Status::Unset
+                    }
+                }
+                (None, None) => Status::Unset,
+            };
+            sink.record(SpanData {
+                span_context: context(attempt.span_id),
+                parent_span_id: OtelSpanId::from_bytes(self.trace.span_id.0),
+                parent_span_is_remote: false,
+                span_kind: SpanKind::Client,
+                name: Cow::Borrowed(method),
+                start_time: wall(attempt.started),
+                end_time: wall(attempt.ended),
+                attributes,
+                dropped_attributes_count: 0,
+                events: SpanEvents::default(),
+                links: SpanLinks::default(),
+                status,
+                instrumentation_scope: sink.scope.clone(),
+            });
+        }
+    }
+}
+
+/// A low-cardinality `error.type`: the proxy's error kind, from its message.
+fn error_type(reason: &str, status: StatusCode) -> String {
+    let kind = if reason.contains("timed out") || reason.contains("timeout") {
+        "timeout"
+    } else if reason.contains("refused") {
+        "connection_refused"
+    } else if reason.contains("reset") || reason.contains("closed") {
+        "connection_reset"
+    } else {
+        return status.as_str().to_string();
+    };
+    kind.to_string()
+}
+
+/// Standard methods as static strings (span names need `'static` to avoid an allocation).
+fn method_name(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        // Semantic conventions: unknown methods are reported as _OTHER.
+        _ => "_OTHER",
+    }
+}
+
+/// RFC 3339 UTC with microseconds, without a date crate: civil-from-days (H. Hinnant).
+pub fn rfc3339(at: SystemTime) -> String {
+    let since = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs() as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_micros()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        assert_eq!(rfc3339(at), "2023-11-14T22:13:20.123456Z");
+        assert_eq!(
+            rfc3339(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000Z"
+        );
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn http_endpoint_gets_the_traces_path() {
+        assert_eq!(http_traces_url("http://c:4318"), "http://c:4318/v1/traces");
+        assert_eq!(http_traces_url("http://c:4318/"), "http://c:4318/v1/traces");
+        assert_eq!(
+            http_traces_url("http://c:4318/custom"),
+            "http://c:4318/custom"
+        );
+    }
+}

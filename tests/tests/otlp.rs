@@ -1,0 +1,444 @@
+//! OTLP export end to end: test collectors built on the opentelemetry-proto types (gRPC through
+//! tonic, HTTP/protobuf through hyper) receive the proxies' spans with the right parent/child
+//! links, kinds, attributes and resource; with the collector down requests still succeed and
+//! the spans are counted as dropped; spans are flushed on graceful shutdown.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::Request;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use outrider_e2e::*;
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT: &str = "00f067aa0ba902b7";
+
+/// A span as received, with the resource it came under.
+#[derive(Debug, Clone)]
+struct Got {
+    service: String,
+    resource: Vec<KeyValue>,
+    trace_id: String,
+    span_id: String,
+    parent_id: String,
+    kind: i32,
+    name: String,
+    attributes: Vec<KeyValue>,
+    error: bool,
+}
+
+impl Got {
+    fn attr(&self, key: &str) -> Option<String> {
+        attr(&self.attributes, key)
+    }
+}
+
+fn attr(list: &[KeyValue], key: &str) -> Option<String> {
+    list.iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+        .map(|v| match v {
+            Value::StringValue(s) => s.clone(),
+            Value::IntValue(i) => i.to_string(),
+            Value::BoolValue(b) => b.to_string(),
+            Value::DoubleValue(d) => d.to_string(),
+            other => format!("{other:?}"),
+        })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Got>>>,
+}
+
+impl Collector {
+    fn take(&self, request: ExportTraceServiceRequest) {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in request.resource_spans {
+            let resource = rs.resource.map(|r| r.attributes).unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    spans.push(Got {
+                        service: attr(&resource, "service.name").unwrap_or_default(),
+                        resource: resource.clone(),
+                        trace_id: hex(&s.trace_id),
+                        span_id: hex(&s.span_id),
+                        parent_id: hex(&s.parent_span_id),
+                        kind: s.kind,
+                        name: s.name,
+                        attributes: s.attributes,
+                        error: s.status.is_some_and(|st| st.code == 2),
+                    });
+                }
+            }
+        }
+    }
+
+    fn spans(&self) -> Vec<Got> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    async fn wait_for(&self, n: usize) -> Vec<Got> {
+        assert!(
+            eventually(Duration::from_secs(10), || self.spans.lock().unwrap().len()
+                >= n)
+            .await,
+            "expected {n} spans, got {:?}",
+            self.spans()
+        );
+        self.spans()
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.take(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// An OTLP/gRPC collector on 127.0.0.1:0.
+async fn grpc_collector() -> (SocketAddr, Collector) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let collector = Collector::default();
+    let service = TraceServiceServer::new(collector.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    (addr, collector)
+}
+
+/// An OTLP/HTTP (protobuf) collector on 127.0.0.1:0, answering POST /v1/traces.
+async fn http_collector() -> (SocketAddr, Collector) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let collector = Collector::default();
+    let c = collector.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let c = c.clone();
+            let service = service_fn(move |req: Request<Incoming>| {
+                let c = c.clone();
+                async move {
+                    assert_eq!(req.uri().path(), "/v1/traces");
+                    assert_eq!(req.headers()["content-type"], "application/x-protobuf");
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    c.take(ExportTraceServiceRequest::decode(body).unwrap());
+                    let reply = ExportTraceServiceResponse {
+                        partial_success: None,
+                    }
+                    .encode_to_vec();
+                    let mut res = http::Response::new(full(reply));
+                    res.headers_mut().insert(
+                        "content-type",
+                        http::HeaderValue::from_static("application/x-protobuf"),
+                    );
+                    Ok::<_, Infallible>(res)
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, collector)
+}
+
+fn tracing_section(collector: SocketAddr, protocol: &str) -> String {
+    format!("tracing: {{ sampling: parent_based, ratio: 1.0, otlp: {{ endpoint: 'http://{collector}', protocol: {protocol} }} }}\n")
+}
+
+async fn traced_get(proxy: &Proxy, host: &str, traceparent: &str) -> Reply {
+    send(
+        &http1_client(),
+        Request::get(format!("http://{}/items/7?q=1", proxy.outbound))
+            .header("host", host)
+            .header("traceparent", traceparent)
+            .body(empty())
+            .unwrap(),
+    )
+    .await
+}
+
+/// app -> A (client span) -> B (server span) -> app, both exporting over `protocol`.
+async fn chain_exports_linked_spans(protocol: &str) {
+    let (collector_addr, collector) = match protocol {
+        "grpc" => grpc_collector().await,
+        _ => http_collector().await,
+    };
+    let tracing = tracing_section(collector_addr, protocol);
+    let app = Upstream::echo(Proto::Http1, "app").await;
+    let proxy_b = start_proxy_with(
+        &format!("inbound: {{ app: {} }}\n{tracing}", app.addr),
+        &["--workload", "svc-b"],
+    );
+    let proxy_a = start_proxy_with(
+        &format!(
+            "services:\n  b: {{ endpoints: [{}] }}\nroutes:\n  - name: to-b\n    match: {{ authority: b }}\n    service: b\n{tracing}",
+            proxy_b.inbound
+        ),
+        &["--workload", "svc-a"],
+    );
+    let reply = traced_get(&proxy_a, "b:8080", &format!("00-{TRACE}-{PARENT}-01")).await;
+    assert_eq!(reply.status, 200);
+    let at_app = reply.json()["headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let spans = collector.wait_for(2).await;
+    assert_eq!(spans.len(), 2, "{spans:?}");
+    let a = spans
+        .iter()
+        .find(|s| s.service == "svc-a")
+        .expect("span of A");
+    let b = spans
+        .iter()
+        .find(|s| s.service == "svc-b")
+        .expect("span of B");
+    for s in [a, b] {
+        assert_eq!(s.trace_id, TRACE);
+        assert_eq!(s.name, "GET");
+        assert_eq!(s.attr("http.request.method").as_deref(), Some("GET"));
+        assert_eq!(s.attr("http.response.status_code").as_deref(), Some("200"));
+        assert_eq!(s.attr("url.path").as_deref(), Some("/items/7"));
+        assert_eq!(s.attr("server.address").as_deref(), Some("b"));
+        assert_eq!(s.attr("server.port").as_deref(), Some("8080"));
+        assert_eq!(s.attr("outrider.attempts").as_deref(), Some("1"));
+        assert!(!s.error);
+        assert_eq!(
+            attr(&s.resource, "deployment.environment").as_deref(),
+            Some("e2e"),
+            "OTEL_RESOURCE_ATTRIBUTES reaches the resource"
+        );
+    }
+    assert_eq!(a.kind, SpanKind::Client as i32);
+    assert_eq!(a.parent_id, PARENT, "A's span is a child of the caller's");
+    assert_eq!(a.attr("http.route").as_deref(), Some("to-b"));
+    assert_eq!(b.kind, SpanKind::Server as i32);
+    assert_eq!(b.parent_id, a.span_id, "B's span is a child of A's");
+    assert_eq!(b.attr("http.route").as_deref(), Some("inbound"));
+    assert_eq!(
+        at_app,
+        format!("00-{TRACE}-{}-01", b.span_id),
+        "the app's parent is B's span"
+    );
+    // Exactly the spans received are counted as exported (once the export call has
+    // returned to the proxy), none dropped.
+    for proxy in [&proxy_a, &proxy_b] {
+        assert_eq!(
+            metric_settled(proxy, "outrider_spans_exported_total", 1.0).await,
+            1.0
+        );
+        assert_eq!(proxy.metric("outrider_spans_dropped_total").await, 0.0);
+    }
+}
+
+/// The metric once it reaches `expected` (or its value after 10 s): counters that the export
+/// task updates after the collector answered.
+async fn metric_settled(proxy: &Proxy, series: &str, expected: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let value = proxy.metric(series).await;
+        if value == expected || Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn set_resource_env() {
+    // Each test runs in its own process under nextest; the proxies inherit the variable.
+    std::env::set_var("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=e2e");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_collector_receives_linked_client_and_server_spans() {
+    set_resource_env();
+    chain_exports_linked_spans("grpc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_collector_receives_linked_client_and_server_spans() {
+    set_resource_env();
+    chain_exports_linked_spans("http").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_attempts_are_child_spans_of_the_request_span() {
+    let (collector_addr, collector) = grpc_collector().await;
+    let hits = Arc::new(Mutex::new(Vec::<String>::new()));
+    let record = Arc::clone(&hits);
+    let flaky = Upstream::start(Proto::Http1, move |req: Request<Incoming>| {
+        let record = Arc::clone(&record);
+        async move {
+            let mut seen = record.lock().unwrap();
+            seen.push(req.headers()["traceparent"].to_str().unwrap().to_string());
+            let mut res = http::Response::new(empty());
+            if seen.len() == 1 {
+                *res.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            }
+            res
+        }
+    })
+    .await;
+    let proxy = start_proxy(&format!(
+        "services:\n  svc:\n    endpoints: [{}]\n    retries: {{ attempts: 2, on: [5xx], backoff: {{ base: 1ms, max: 2ms }} }}\nroutes:\n  - name: r\n    match: {{ authority: svc }}\n    service: svc\n{}",
+        flaky.addr,
+        tracing_section(collector_addr, "grpc")
+    ));
+    let reply = traced_get(&proxy, "svc", &format!("00-{TRACE}-{PARENT}-01")).await;
+    assert_eq!(reply.status, 200);
+    let spans = collector.wait_for(3).await;
+    assert_eq!(spans.len(), 3, "{spans:?}");
+    let request = spans.iter().find(|s| s.parent_id == PARENT).unwrap();
+    assert_eq!(request.attr("outrider.attempts").as_deref(), Some("2"));
+    assert_eq!(
+        request.attr("http.response.status_code").as_deref(),
+        Some("200")
+    );
+    let mut attempts: Vec<&Got> = spans
+        .iter()
+        .filter(|s| s.parent_id == request.span_id)
+        .collect();
+    attempts.sort_by_key(|s| s.attr("http.request.resend_count"));
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0].attr("http.request.resend_count"), None);
+    assert_eq!(
+        attempts[0].attr("http.response.status_code").as_deref(),
+        Some("503")
+    );
+    assert!(attempts[0].error);
+    assert_eq!(
+        attempts[1].attr("http.request.resend_count").as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        attempts[1].attr("http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert!(!attempts[1].error);
+    assert_eq!(
+        attempts[0].attr("network.peer.port"),
+        Some(flaky.addr.port().to_string())
+    );
+    // The upstream saw each attempt's own span as its parent.
+    let seen = hits.lock().unwrap().clone();
+    assert_eq!(seen[0], format!("00-{TRACE}-{}-01", attempts[0].span_id));
+    assert_eq!(seen[1], format!("00-{TRACE}-{}-01", attempts[1].span_id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_down_requests_succeed_and_spans_are_counted_dropped() {
+    // A port that was bound and released: connections to it are refused.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let app = Upstream::echo(Proto::Http1, "app").await;
+    let proxy = start_proxy(&format!(
+        "services:\n  svc: {{ endpoints: [{}] }}\nroutes:\n  - match: {{ authority: svc }}\n    service: svc\n{}",
+        app.addr,
+        tracing_section(dead, "grpc")
+    ));
+    const N: usize = 300;
+    let client = http1_client();
+    let started = Instant::now();
+    for _ in 0..N {
+        let one = Instant::now();
+        let reply = send(
+            &client,
+            Request::get(format!("http://{}/", proxy.outbound))
+                .header("host", "svc")
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+        assert!(
+            one.elapsed() < Duration::from_millis(500),
+            "a request waited on export"
+        );
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "{N} requests took {took:?}");
+    let dropped = metric_settled(&proxy, "outrider_spans_dropped_total", N as f64).await;
+    assert_eq!(dropped, N as f64, "every span counted as dropped");
+    assert_eq!(proxy.metric("outrider_spans_exported_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_flushed_on_graceful_shutdown() {
+    let (collector_addr, collector) = grpc_collector().await;
+    let app = Upstream::echo(Proto::Http1, "app").await;
+    let mut proxy = start_proxy(&format!(
+        "services:\n  svc: {{ endpoints: [{}] }}\nroutes:\n  - match: {{ authority: svc }}\n    service: svc\n{}",
+        app.addr,
+        tracing_section(collector_addr, "grpc")
+    ));
+    for _ in 0..3 {
+        assert_eq!(get(proxy.outbound, "svc", "/").await.status, 200);
+    }
+    // Well inside the batch delay: only the shutdown flush can deliver them this early.
+    proxy.terminate();
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_eq!(collector.spans().len(), 3, "{:?}", collector.spans());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsampled_requests_export_nothing() {
+    let (collector_addr, collector) = grpc_collector().await;
+    let app = Upstream::echo(Proto::Http1, "app").await;
+    let proxy = start_proxy(&format!(
+        "services:\n  svc: {{ endpoints: [{}] }}\nroutes:\n  - match: {{ authority: svc }}\n    service: svc\n{}",
+        app.addr,
+        tracing_section(collector_addr, "grpc")
+    ));
+    for _ in 0..5 {
+        traced_get(&proxy, "svc", &format!("00-{TRACE}-{PARENT}-00")).await;
+    }
+    traced_get(&proxy, "svc", &format!("00-{TRACE}-{PARENT}-01")).await;
+    // Spans leave the queue in order: had the unsampled requests produced any, they would
+    // have arrived no later than the sampled one.
+    let spans = collector.wait_for(1).await;
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    assert_eq!(spans[0].parent_id, PARENT);
+}
