@@ -121,6 +121,7 @@ pub struct Proxy {
     pub admin: SocketAddr,
     pub dedicated: Vec<(String, SocketAddr)>,
     logs: Arc<Mutex<Vec<String>>>,
+    stdout: Arc<Mutex<Vec<String>>>,
     _dir: TempDir,
 }
 
@@ -154,11 +155,21 @@ pub fn spawn_proxy(dir: TempDir, args: &[std::ffi::OsString]) -> Proxy {
             "info",
         ])
         .args(args)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn outrider-proxy");
     let stderr = child.stderr.take().unwrap();
+    // Stdout carries the access log; read it always, so a full pipe never stalls the writer.
+    let stdout_pipe = child.stdout.take().unwrap();
+    let stdout = Arc::new(Mutex::new(Vec::new()));
+    let out_sink = Arc::clone(&stdout);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout_pipe).lines() {
+            let Ok(line) = line else { break };
+            out_sink.lock().unwrap().push(line);
+        }
+    });
     let logs = Arc::new(Mutex::new(Vec::new()));
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let sink = Arc::clone(&logs);
@@ -200,6 +211,7 @@ pub fn spawn_proxy(dir: TempDir, args: &[std::ffi::OsString]) -> Proxy {
                     dedicated,
                     child,
                     logs,
+                    stdout,
                     _dir: dir,
                 }
             }
@@ -256,6 +268,11 @@ impl Proxy {
             .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
+    }
+
+    /// Every stdout line so far (the access log).
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
     }
 
     /// Every log line so far.

@@ -1,0 +1,296 @@
+//! Access log and metrics end to end: one JSON line per request on stdout with the fields an
+//! operator searches by; a `/metrics` scrape after known traffic with exact counts, validated
+//! by `promtool check metrics` (installed by `.ci/run`).
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use http::Request;
+use outrider_e2e::*;
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT: &str = "00f067aa0ba902b7";
+
+fn policy(echo: std::net::SocketAddr, dead: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        "services:\n  svc: {{ endpoints: [{echo}] }}\n  dead: {{ endpoints: [{dead}] }}\nroutes:\n  - name: r\n    match: {{ authority: svc }}\n    service: svc\n  - name: d\n    match: {{ authority: dead }}\n    service: dead\n{extra}"
+    )
+}
+
+async fn closed_port() -> std::net::SocketAddr {
+    tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Waits until the metric equals `expected` (counters updated when a response body ends,
+/// which can be just after the client has read it), then returns its value.
+async fn settled(proxy: &Proxy, series: &str, expected: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let value = proxy.metric(series).await;
+        if value == expected || Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_one_json_line_per_request() {
+    let echo = Upstream::echo(Proto::Http1, "echo").await;
+    let dead = closed_port().await;
+    let proxy = start_proxy(&policy(echo.addr, dead, "access_log: json\n"));
+    let client = http1_client();
+
+    let traced = send(
+        &client,
+        Request::get(format!("http://{}/a?x=1", proxy.outbound))
+            .header("host", "svc")
+            .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let posted = send(
+        &client,
+        Request::post(format!("http://{}/b", proxy.outbound))
+            .header("host", "svc:8080")
+            .header("x-request-id", "req-42")
+            .body(full("hello"))
+            .unwrap(),
+    )
+    .await;
+    let failed = get(proxy.outbound, "dead", "/c").await;
+    assert_eq!(
+        (traced.status, posted.status, failed.status),
+        (200, 200, 502)
+    );
+
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.stdout_lines().len() >= 3).await,
+        "{:?}",
+        proxy.stdout_lines()
+    );
+    let lines: Vec<serde_json::Value> = proxy
+        .stdout_lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    let by_path = |path: &str| lines.iter().find(|l| l["path"] == path).unwrap().clone();
+
+    let a = by_path("/a?x=1");
+    let seen = traced.json()["headers"].clone();
+    assert_eq!(a["trace_id"], TRACE);
+    assert_eq!(
+        seen["traceparent"],
+        format!("00-{TRACE}-{}-01", a["span_id"].as_str().unwrap()).as_str(),
+        "the logged span id is the parent the upstream saw"
+    );
+    assert_eq!(
+        a["request_id"], seen["x-request-id"],
+        "generated request id logged"
+    );
+    assert_eq!(a["direction"], "outbound");
+    assert_eq!(a["service"], "svc");
+    assert_eq!(a["route"], "r");
+    assert_eq!(a["method"], "GET");
+    assert_eq!(a["authority"], "svc");
+    assert_eq!(a["status"], 200);
+    assert_eq!(a["upstream"], echo.addr.to_string());
+    assert_eq!(a["attempts"], 1);
+    assert_eq!(a["request_bytes"], 0);
+    assert_eq!(a["response_bytes"], traced.body.len());
+    assert!(a["error"].is_null());
+    let duration = a["duration_seconds"].as_f64().unwrap();
+    assert!(duration > 0.0 && duration < 5.0, "{duration}");
+    let time = a["time"].as_str().unwrap();
+    assert!(
+        time.len() == 27 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+        "{time}"
+    );
+
+    let b = by_path("/b");
+    assert_eq!(b["method"], "POST");
+    assert_eq!(b["request_id"], "req-42");
+    assert_eq!(b["authority"], "svc:8080");
+    assert_eq!(b["request_bytes"], 5);
+    assert_eq!(b["response_bytes"], posted.body.len());
+    assert_eq!(posted.json()["body_len"], 5);
+
+    let c = by_path("/c");
+    assert_eq!(c["status"], 502);
+    assert_eq!(c["service"], "dead");
+    assert_eq!(c["upstream"], dead.to_string());
+    assert!(
+        c["error"].as_str().unwrap().contains("refused"),
+        "{}",
+        c["error"]
+    );
+    assert_eq!(proxy.metric("outrider_access_log_lines_total").await, 3.0);
+    assert_eq!(proxy.metric("outrider_access_log_dropped_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_off_writes_nothing() {
+    let echo = Upstream::echo(Proto::Http1, "echo").await;
+    let proxy = start_proxy(&policy(echo.addr, closed_port().await, "access_log: off\n"));
+    for _ in 0..3 {
+        assert_eq!(get(proxy.outbound, "svc", "/").await.status, 200);
+    }
+    // The requests were counted (so they were reported) and nothing reached the log.
+    let series = "outrider_response_stream_duration_seconds_count{direction=\"outbound\",route=\"r\",service=\"svc\"}";
+    assert_eq!(settled(&proxy, series, 3.0).await, 3.0);
+    assert_eq!(proxy.metric("outrider_access_log_lines_total").await, 0.0);
+    assert!(
+        proxy.stdout_lines().is_empty(),
+        "{:?}",
+        proxy.stdout_lines()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
+    let echo = Upstream::echo(Proto::Http1, "echo").await;
+    let dead = closed_port().await;
+    let proxy = start_proxy_with(&policy(echo.addr, dead, ""), &["--workload", "checkout"]);
+    let client = http1_client();
+    let mut response_bytes = 0;
+    for i in 0..5 {
+        let reply = get(proxy.outbound, "svc", &format!("/get/{i}")).await;
+        assert_eq!(reply.status, 200);
+        response_bytes += reply.body.len();
+    }
+    for _ in 0..2 {
+        let reply = send(
+            &client,
+            Request::post(format!("http://{}/post", proxy.outbound))
+                .header("host", "svc")
+                .body(full("0123456789"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+        response_bytes += reply.body.len();
+    }
+    assert_eq!(get(proxy.outbound, "dead", "/").await.status, 502);
+    assert_eq!(get(proxy.outbound, "nowhere", "/").await.status, 404);
+
+    let labels = "direction=\"outbound\",route=\"r\",service=\"svc\"";
+    let m = |name: &str, extra: &str| format!("{name}{{{labels}{extra}}}");
+    assert_eq!(
+        settled(
+            &proxy,
+            &m("outrider_response_bytes_total", ""),
+            response_bytes as f64
+        )
+        .await,
+        response_bytes as f64
+    );
+    assert_eq!(
+        proxy
+            .metric(&m("outrider_requests_total", ",status_class=\"2xx\""))
+            .await,
+        7.0
+    );
+    assert_eq!(
+        proxy.metric(&m("outrider_request_bytes_total", "")).await,
+        20.0
+    );
+    assert_eq!(proxy.metric(&m("outrider_requests_active", "")).await, 0.0);
+    assert_eq!(
+        proxy
+            .metric(&m("outrider_response_duration_seconds_count", ""))
+            .await,
+        7.0
+    );
+    assert_eq!(
+        settled(
+            &proxy,
+            &m("outrider_response_stream_duration_seconds_count", ""),
+            7.0
+        )
+        .await,
+        7.0
+    );
+    assert_eq!(
+        proxy
+            .metric("outrider_requests_total{direction=\"outbound\",route=\"d\",service=\"dead\",status_class=\"5xx\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric("outrider_requests_total{direction=\"outbound\",route=\"none\",service=\"none\",status_class=\"4xx\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric(&format!(
+                "outrider_upstream_connections_opened_total{{endpoint=\"{}\",service=\"svc\"}}",
+                echo.addr
+            ))
+            .await,
+        1.0,
+        "one keep-alive connection carried all seven requests"
+    );
+    assert_eq!(proxy.metric("outrider_policy_version").await, 1.0);
+    let (_, text) = proxy.admin_get("/metrics").await;
+    assert!(
+        text.contains(&format!(
+            "outrider_build_info{{version=\"{}\",workload=\"checkout\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+    assert!(proxy.metric("process_resident_memory_bytes").await > 1_000_000.0);
+    assert!(proxy.metric("process_open_fds").await >= 5.0);
+    // Bounded cardinality: no raw path or peer port appears in any label.
+    for path in ["/get/0", "/post"] {
+        assert!(!text.contains(path), "raw path {path} in metrics");
+    }
+
+    promtool_check(&text);
+}
+
+/// Runs `promtool check metrics` on an exposition. `.ci/run` installs promtool and sets
+/// OUTRIDER_REQUIRE_PROMTOOL=1, so there a missing promtool fails the test.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => {
+            assert!(
+                std::env::var_os("OUTRIDER_REQUIRE_PROMTOOL").is_none(),
+                "promtool required but not runnable: {e}"
+            );
+            eprintln!("promtool not installed; exposition not validated");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
