@@ -51,7 +51,7 @@ fn bench_route(c: &mut Criterion) {
     let loaded = outrider_config::load("routes.yaml", &many_routes_policy())
         .expect("the generated 20-route policy is valid");
     let metrics = Metrics::new("bench").expect("metrics register in a fresh registry");
-    let snapshot = Snapshot::build(loaded, 1, "bench", &metrics, None);
+    let snapshot = Snapshot::build(loaded, 1, &metrics, None);
     let last = ROUTES - 1;
     let last_host = format!("svc-{last:02}.default.svc");
     let last_path = format!("/api/v{last}/items/42");

@@ -173,11 +173,10 @@ pub struct Reloader {
 fn build(
     loaded: LoadedPolicy,
     version: u64,
-    source: PolicySource,
     metrics: &Metrics,
     previous: Option<&Snapshot>,
 ) -> Snapshot {
-    Snapshot::build(loaded, version, source.as_str(), metrics, previous)
+    Snapshot::build(loaded, version, metrics, previous)
 }
 
 /// The snapshot of a proxy that has no policy yet: nothing routes, version 0.
@@ -186,7 +185,7 @@ pub(crate) fn empty_snapshot(metrics: &Metrics) -> Snapshot {
         policy: outrider_config::Policy::default(),
         content_hash: String::new(),
     };
-    build(empty, 0, PolicySource::None, metrics, None)
+    build(empty, 0, metrics, None)
 }
 
 impl Reloader {
@@ -269,13 +268,7 @@ impl Reloader {
             });
         }
         let version = version.unwrap_or(current.version + 1);
-        let snapshot = build(
-            loaded,
-            version,
-            source,
-            &self.shared.metrics,
-            Some(&current),
-        );
+        let snapshot = build(loaded, version, &self.shared.metrics, Some(&current));
 
         // Bind what is new before anything is swapped, so a taken port changes nothing.
         let wanted = snapshot.dedicated_listeners();

@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use outrider_config::{LoadedPolicy, Policy, RateLimit, Service};
 
 use crate::metrics::{Metrics, RouteMetrics};
@@ -63,8 +62,6 @@ pub struct Snapshot {
     pub content_hash: String,
     /// The policy as written (validated).
     pub policy: Policy,
-    /// `/config` body, rendered once.
-    pub config_json: Bytes,
     /// Metrics of requests no route matched.
     pub unrouted: RouteMetrics,
     /// How new traces are sampled.
@@ -94,7 +91,6 @@ impl Snapshot {
     pub fn build(
         loaded: LoadedPolicy,
         version: u64,
-        source: &str,
         metrics: &Metrics,
         previous: Option<&Snapshot>,
     ) -> Self {
@@ -261,20 +257,11 @@ impl Snapshot {
                 },
             })
         });
-        let config_json = serde_json::to_vec_pretty(&serde_json::json!({
-            "version": version,
-            "content_hash": content_hash,
-            "source": source,
-            "policy": policy,
-        }))
-        .map(Bytes::from)
-        .unwrap_or_default();
         let sampler = Sampler::parent_based(policy.tracing.as_ref().map_or(1.0, |t| t.ratio));
         Self {
             version,
             content_hash,
             policy,
-            config_json,
             unrouted: metrics.route(OUTBOUND, "none", "none"),
             sampler,
             routes,
@@ -381,7 +368,7 @@ mod tests {
 
     fn build(text: &str, previous: Option<&Snapshot>, metrics: &Metrics) -> Snapshot {
         let loaded = outrider_config::load("p.yaml", text).expect("valid policy");
-        Snapshot::build(loaded, 1, "test", metrics, previous)
+        Snapshot::build(loaded, 1, metrics, previous)
     }
 
     #[tokio::test]
