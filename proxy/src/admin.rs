@@ -1,4 +1,5 @@
-//! The admin port: `/live`, `/ready`, `/metrics`, `/config`, and `POST /shutdown` when enabled.
+//! The admin port: `/live`, `/ready`, `/metrics`, `/config`, `/log-level` (GET, PUT), and
+//! `POST /shutdown` when enabled.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -16,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::body::ProxyBody;
 use crate::forward::text_plain;
+use crate::logging::LogLevelError;
 use crate::Shared;
 
 /// Serves the admin endpoints until `stop` turns true.
@@ -25,9 +28,14 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
             accepted = listener.accept() => {
                 let Ok((stream, peer)) = accepted else { continue };
                 let shared = Arc::clone(&shared);
-                let service = service_fn(move |req| {
+                let service = service_fn(move |req: Request<Incoming>| {
                     let shared = Arc::clone(&shared);
-                    async move { Ok::<_, Infallible>(respond(&shared, peer, &req)) }
+                    async move {
+                        if req.uri().path() == "/log-level" {
+                            return Ok::<_, Infallible>(log_level(peer, req).await);
+                        }
+                        Ok::<_, Infallible>(respond(&shared, peer, &req))
+                    }
                 });
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -80,6 +88,61 @@ fn respond(shared: &Shared, peer: SocketAddr, req: &Request<Incoming>) -> Respon
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Longest `PUT /log-level` body read.
+const LOG_LEVEL_BODY_LIMIT: usize = 1024;
+
+/// `GET /log-level` shows the filter in force; `PUT /log-level` with a `tracing` filter as the
+/// body (`debug`, `outrider_proxy=debug,info`) replaces it. Loopback callers only, like
+/// `/shutdown`: a `trace` filter set from outside the pod could flood its logs.
+async fn log_level(peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+    match *req.method() {
+        Method::GET | Method::HEAD => {
+            return match crate::logging::current_filter() {
+                Some(filter) => with_type(
+                    StatusCode::OK,
+                    Bytes::from(format!("{filter}\n")),
+                    text_plain(),
+                ),
+                None => text(StatusCode::NOT_IMPLEMENTED, "log level is not adjustable\n"),
+            };
+        }
+        Method::PUT => {}
+        _ => return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+    }
+    if !peer.ip().is_loopback() {
+        tracing::warn!(%peer, "PUT /log-level refused: not a loopback caller");
+        return text(StatusCode::FORBIDDEN, "loopback callers only\n");
+    }
+    let body = match Limited::new(req.into_body(), LOG_LEVEL_BODY_LIMIT)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "filter too long\n"),
+    };
+    let Ok(filter) = std::str::from_utf8(&body) else {
+        return text(StatusCode::BAD_REQUEST, "filter is not UTF-8\n");
+    };
+    match crate::logging::set_filter(filter) {
+        Ok(shown) => {
+            tracing::info!(%peer, filter = %shown, "log filter changed");
+            with_type(
+                StatusCode::OK,
+                Bytes::from(format!("{shown}\n")),
+                text_plain(),
+            )
+        }
+        Err(error @ LogLevelError::Invalid(_)) => with_type(
+            StatusCode::BAD_REQUEST,
+            Bytes::from(format!("{error}\n")),
+            text_plain(),
+        ),
+        Err(LogLevelError::NotInstalled) => {
+            text(StatusCode::NOT_IMPLEMENTED, "log level is not adjustable\n")
+        }
     }
 }
 

@@ -99,12 +99,31 @@ pub async fn handle(
         report: ExchangeReport::default(),
         trace,
     };
+    // A guard, so a request whose caller left before the response is not pending forever.
+    let pending = GaugeGuard::inc(&target.metrics.traffic.pending);
     let response = forward(&target, authority, peer, req, grpc, &mut finish).await;
+    drop(pending);
     target
         .metrics
         .record(response.status(), started.elapsed().as_secs_f64());
     finish.status = response.status();
     Ok(response.map(|body| Observed::wrap(body, finish)))
+}
+
+/// Holds a gauge incremented until dropped.
+struct GaugeGuard<'a>(&'a prometheus::IntGauge);
+
+impl<'a> GaugeGuard<'a> {
+    fn inc(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Checks the request and finds its target and authority in the policy in force.

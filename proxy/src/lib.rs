@@ -13,6 +13,7 @@ pub mod errors;
 pub mod forward;
 pub mod headers;
 pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
 pub mod persist;
 pub mod policy;

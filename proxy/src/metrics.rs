@@ -82,6 +82,8 @@ pub struct TrafficMetrics {
     pub response_bytes: IntCounter,
     /// Requests in flight (until their response body ends).
     pub active: IntGauge,
+    /// Requests waiting for their response headers (from the upstream or the proxy).
+    pub pending: IntGauge,
     /// Time from request received to the end of the response body.
     pub stream_duration: Histogram,
 }
@@ -91,7 +93,9 @@ struct TrafficVecs {
     request_bytes: IntCounterVec,
     response_bytes: IntCounterVec,
     active: IntGaugeVec,
+    pending: IntGaugeVec,
     stream_duration: HistogramVec,
+    connections_closed: IntCounterVec,
 }
 
 /// Counters of the telemetry pipelines themselves.
@@ -158,6 +162,20 @@ impl TrafficVecs {
                 ),
                 labels,
             )?,
+            pending: IntGaugeVec::new(
+                Opts::new(
+                    "outrider_requests_pending",
+                    "Requests waiting for their response headers.",
+                ),
+                labels,
+            )?,
+            connections_closed: IntCounterVec::new(
+                Opts::new(
+                    "outrider_upstream_connections_closed_total",
+                    "TCP connections to upstream endpoints closed.",
+                ),
+                &["service", "endpoint"],
+            )?,
             stream_duration: HistogramVec::new(
                 HistogramOpts::new(
                     "outrider_response_stream_duration_seconds",
@@ -170,6 +188,8 @@ impl TrafficVecs {
         registry.register(Box::new(vecs.request_bytes.clone()))?;
         registry.register(Box::new(vecs.response_bytes.clone()))?;
         registry.register(Box::new(vecs.active.clone()))?;
+        registry.register(Box::new(vecs.pending.clone()))?;
+        registry.register(Box::new(vecs.connections_closed.clone()))?;
         registry.register(Box::new(vecs.stream_duration.clone()))?;
         Ok(vecs)
     }
@@ -180,6 +200,7 @@ impl TrafficVecs {
             request_bytes: self.request_bytes.with_label_values(&labels),
             response_bytes: self.response_bytes.with_label_values(&labels),
             active: self.active.with_label_values(&labels),
+            pending: self.pending.with_label_values(&labels),
             stream_duration: self.stream_duration.with_label_values(&labels),
         }
     }
@@ -296,6 +317,7 @@ impl BreakerMetrics {
 #[derive(Clone)]
 pub struct ConnectionMetrics {
     opened: IntCounter,
+    closed: IntCounter,
     active: IntGauge,
 }
 
@@ -306,6 +328,7 @@ impl ConnectionMetrics {
         self.active.inc();
         ConnectionGuard {
             active: self.active.clone(),
+            closed: self.closed.clone(),
         }
     }
 }
@@ -313,10 +336,12 @@ impl ConnectionMetrics {
 /// Decrements the active-connection gauge when the connection is dropped.
 pub struct ConnectionGuard {
     active: IntGauge,
+    closed: IntCounter,
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
+        self.closed.inc();
         self.active.dec();
     }
 }
@@ -511,6 +536,10 @@ impl Metrics {
         ConnectionMetrics {
             opened: self
                 .connections_opened
+                .with_label_values(&[service, endpoint]),
+            closed: self
+                .traffic
+                .connections_closed
                 .with_label_values(&[service, endpoint]),
             active: self
                 .connections_active

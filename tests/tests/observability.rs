@@ -202,6 +202,7 @@ async fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
         20.0
     );
     assert_eq!(proxy.metric(&m("outrider_requests_active", "")).await, 0.0);
+    assert_eq!(proxy.metric(&m("outrider_requests_pending", "")).await, 0.0);
     assert_eq!(
         proxy
             .metric(&m("outrider_response_duration_seconds_count", ""))
@@ -293,4 +294,67 @@ fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+async fn admin_put(proxy: &Proxy, path: &str, body: &str) -> Reply {
+    send(
+        &http1_client(),
+        Request::put(format!("http://{}{path}", proxy.admin))
+            .body(full(body.to_string()))
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_level_changes_at_run_time() {
+    let echo = Upstream::echo(Proto::Http1, "echo").await;
+    let proxy = start_proxy(&policy(echo.addr, closed_port().await, ""));
+    let failed_logged = |proxy: &Proxy| {
+        proxy
+            .logs()
+            .iter()
+            .filter(|l| l.contains("\"request failed\""))
+            .count()
+    };
+    assert_eq!(proxy.admin_get("/log-level").await, (200, "info\n".into()));
+    assert_eq!(get(proxy.outbound, "dead", "/").await.status, 502);
+    // The admin answer below is logged after the request's debug line would have been.
+    let reply = admin_put(&proxy, "/log-level", "debug").await;
+    assert_eq!((reply.status, &reply.body[..]), (200, &b"debug\n"[..]));
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .logs()
+            .iter()
+            .any(|l| l.contains("log filter changed")))
+        .await
+    );
+    assert_eq!(failed_logged(&proxy), 0, "debug lines before the change");
+    assert_eq!(proxy.admin_get("/log-level").await, (200, "debug\n".into()));
+
+    assert_eq!(get(proxy.outbound, "dead", "/").await.status, 502);
+    assert!(
+        eventually(Duration::from_secs(5), || failed_logged(&proxy) == 1).await,
+        "debug line after the change"
+    );
+    let line = proxy
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("\"request failed\""))
+        .unwrap();
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["level"], "DEBUG");
+    assert_eq!(event["service"], "dead");
+
+    let bad = admin_put(&proxy, "/log-level", "outrider_proxy=notalevel").await;
+    assert_eq!(bad.status, 400, "{:?}", bad.body);
+    assert_eq!(proxy.admin_get("/log-level").await, (200, "debug\n".into()));
+    let reply = send(
+        &http1_client(),
+        Request::post(format!("http://{}/log-level", proxy.admin))
+            .body(full("info"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 405);
 }
