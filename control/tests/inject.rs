@@ -241,3 +241,28 @@ fn opted_out_and_non_workloads_are_identical_bytes() {
     let text = "# just a comment\n---\napiVersion: v1\nkind: Secret   # odd spacing kept\nmetadata: {name: s}\nstringData: {token: x}\n";
     assert_eq!(stdout_ok(&inject(&[], text)), text);
 }
+
+#[test]
+fn kubernetes_example_app_is_the_injected_source() {
+    // The README's command, run the way the README shows it (from the workspace root).
+    let workspace = root().parent().unwrap().to_path_buf();
+    let out = Command::new(env!("CARGO_BIN_EXE_outriderctl"))
+        .current_dir(&workspace)
+        .args([
+            "inject",
+            "-f",
+            "deploy/examples/kubernetes-app.yaml",
+            "--policy",
+            "deploy/kubernetes/policies/checkout.yaml",
+        ])
+        .output()
+        .unwrap();
+    let generated = stdout_ok(&out);
+    let committed =
+        std::fs::read_to_string(workspace.join("deploy/kubernetes/example-app.yaml")).unwrap();
+    assert_eq!(
+        generated, committed,
+        "deploy/kubernetes/example-app.yaml is stale: regenerate it with the command in deploy/examples/kubernetes-app.yaml"
+    );
+    assert!(generated.contains("- name: REVIEWS_ADDR\n          value: 127.0.0.1:9002"));
+}

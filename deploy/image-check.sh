@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# The image's runtime stage, proven without a Docker engine: builds the static release
+# binaries exactly as deploy/Dockerfile's build stage does, checks that they are static and
+# small enough for the 25 MB image goal, then runs them the way the image runs them: as uid
+# and gid 65532 with no supplementary groups and no new privileges, from a read-only root
+# (a read-only bind mount in a private mount namespace), with an empty environment and no
+# shell in between; the proxy and the control plane must answer /ready, the proxy must route,
+# and both must exit 0 on SIGTERM. Needs root (mount namespace, setpriv).
+#
+# A release build (fat LTO) takes minutes on this machine, so .ci/run does not run this on
+# every change; run it after touching the Dockerfile, the release profile or the binaries'
+# flags: `bash deploy/image-check.sh`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target=x86_64-unknown-linux-musl
+# The binaries the Dockerfile copies, read from it so the two cannot drift apart.
+mapfile -t bins < <(grep -o "$target/release/[a-z-]*" deploy/Dockerfile | sed 's|.*/||' | sort -u)
+[ "${#bins[@]}" -ge 3 ] || { echo "image-check: binaries not found in deploy/Dockerfile" >&2; exit 1; }
+
+if ! rustup target list --installed | grep -qx "$target"; then
+  rustup target add "$target"
+fi
+echo "== cargo build --release --target $target (as deploy/Dockerfile)"
+time cargo build --locked --release --target "$target" -p outrider-proxy -p outrider-control --bins
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "== static and small"
+root="$work/root"
+mkdir -p "$root/usr/local/bin" "$root/etc/outrider/policies"
+total=0
+for bin in "${bins[@]}"; do
+  path="target/$target/release/$bin"
+  ldd_out=$(ldd "$path" 2>&1 || true)
+  if ! grep -qE "not a dynamic executable|statically linked" <<<"$ldd_out"; then
+    echo "image-check: $bin is dynamically linked: $ldd_out" >&2
+    exit 1
+  fi
+  size=$(stat -c %s "$path")
+  total=$((total + size))
+  printf '%-18s %8d KiB  static\n' "$bin" $((size / 1024))
+  cp "$path" "$root/usr/local/bin/"
+done
+# distroless/static-debian12 is about 2 MiB; the binaries get the rest of the 25 MB goal.
+budget=$((23 * 1000 * 1000))
+echo "binaries total: $((total / 1024)) KiB (budget $((budget / 1024)) KiB + ~2 MiB base image)"
+[ "$total" -le "$budget" ] || { echo "image-check: binaries exceed the size budget" >&2; exit 1; }
+
+# The read-only root: policies and token as Kubernetes would mount them; the control plane's
+# state is its own writable volume.
+cat > "$root/etc/outrider/policy.yaml" <<'POLICY'
+services:
+  nowhere: { endpoints: [127.0.0.1:9] }
+routes:
+  - match: { authority: nowhere }
+    service: nowhere
+POLICY
+cp deploy/kubernetes/policies/*.yaml "$root/etc/outrider/policies/"
+printf 'image-check-token' > "$root/etc/outrider/token"
+chmod -R a+rX,go-w "$root"
+state="$work/state"
+mkdir -p "$state"
+chown 65532:65532 "$state"
+
+# Runs ARGS as the image would: uid/gid 65532, read-only root, empty environment, no shell.
+as_image() {
+  unshare --mount --propagation private -- bash -c '
+    root=$1; shift
+    mount --bind "$root" "$root" && mount -o remount,bind,ro "$root"
+    cd "$root"
+    exec env -i /usr/bin/setpriv --reuid 65532 --regid 65532 --clear-groups --no-new-privs "$@"
+  ' as_image "$root" "$@"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_exit_zero() { # pid name
+  local code=0
+  wait "$1" || code=$?
+  if [ "$code" -ne 0 ]; then echo "image-check: $2 exited $code" >&2; exit 1; fi
+  echo "$2: exit 0 after SIGTERM"
+}
+
+echo "== outrider-proxy as uid 65532 on a read-only root"
+as_image "$root/usr/local/bin/outrider-proxy" --policy "$root/etc/outrider/policy.yaml" \
+  --outbound 127.0.0.1:0 --inbound 127.0.0.1:0 --admin 127.0.0.1:0 2> "$work/proxy.log" &
+proxy=$!
+pids+=("$proxy")
+admin=""
+outbound=""
+for _ in $(seq 100); do
+  line=$(grep -m1 '"message":"listening"' "$work/proxy.log" || true)
+  if [ -n "$line" ]; then
+    admin=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["admin"])' "$line")
+    outbound=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["outbound"])' "$line")
+    break
+  fi
+  sleep 0.1
+done
+[ -n "$admin" ] || { cat "$work/proxy.log" >&2; echo "image-check: proxy did not start" >&2; exit 1; }
+as_image "$root/usr/local/bin/outriderctl" wait-ready --admin "$admin" --timeout 10s
+echo "proxy /ready: 200 (outriderctl wait-ready, itself run as the image would)"
+status=$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: nowhere' "http://$outbound/")
+[ "$status" = 502 ] || { echo "image-check: proxy answered $status, expected 502" >&2; exit 1; }
+echo "proxy routed a request: 502 from a refused endpoint, as expected"
+if grep -qi "read-only\|permission denied" "$work/proxy.log"; then
+  echo "image-check: the proxy tried to write:" >&2; cat "$work/proxy.log" >&2; exit 1
+fi
+kill -TERM "$proxy"
+wait_exit_zero "$proxy" outrider-proxy
+
+echo "== outrider-control as uid 65532 on a read-only root"
+port=$(free_port)
+as_image "$root/usr/local/bin/outrider-control" serve --policies "$root/etc/outrider/policies" \
+  --state "$state" --listen "127.0.0.1:$port" --token-file "$root/etc/outrider/token" \
+  2> "$work/control.log" &
+control=$!
+pids+=("$control")
+if ! as_image "$root/usr/local/bin/outriderctl" wait-ready --admin "127.0.0.1:$port" --timeout 10s; then
+  cat "$work/control.log" >&2
+  exit 1
+fi
+echo "control plane /ready: 200"
+[ -n "$(ls -A "$state")" ] || { echo "image-check: no state written" >&2; exit 1; }
+echo "control plane wrote its state: $(ls "$state" | tr '\n' ' ')"
+kill -TERM "$control"
+wait_exit_zero "$control" outrider-control
+echo "image checks passed"
