@@ -32,6 +32,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== static and small"
+chmod 755 "$work"  # mktemp's 0700 would keep uid 65532 out
 root="$work/root"
 mkdir -p "$root/usr/local/bin" "$root/etc/outrider/policies"
 total=0
@@ -68,15 +69,15 @@ state="$work/state"
 mkdir -p "$state"
 chown 65532:65532 "$state"
 
-# Runs ARGS as the image would: uid/gid 65532, read-only root, empty environment, no shell.
-as_image() {
-  unshare --mount --propagation private -- bash -c '
+# Prefix that runs a command as the image would: uid/gid 65532, read-only root, empty
+# environment; the launcher's bash execs away, so no shell is left in the process (and a
+# background job's $! is the binary's own pid, for SIGTERM).
+as_image=(unshare --mount --propagation private -- bash -c '
     root=$1; shift
     mount --bind "$root" "$root" && mount -o remount,bind,ro "$root"
     cd "$root"
     exec env -i /usr/bin/setpriv --reuid 65532 --regid 65532 --clear-groups --no-new-privs "$@"
-  ' as_image "$root" "$@"
-}
+  ' as_image "$root")
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
@@ -90,8 +91,9 @@ wait_exit_zero() { # pid name
 }
 
 echo "== outrider-proxy as uid 65532 on a read-only root"
-as_image "$root/usr/local/bin/outrider-proxy" --policy "$root/etc/outrider/policy.yaml" \
-  --outbound 127.0.0.1:0 --inbound 127.0.0.1:0 --admin 127.0.0.1:0 2> "$work/proxy.log" &
+"${as_image[@]}" "$root/usr/local/bin/outrider-proxy" --policy "$root/etc/outrider/policy.yaml" \
+  --outbound 127.0.0.1:0 --inbound 127.0.0.1:0 --admin 127.0.0.1:0 \
+  > "$work/proxy.out" 2> "$work/proxy.log" &
 proxy=$!
 pids+=("$proxy")
 admin=""
@@ -103,10 +105,11 @@ for _ in $(seq 100); do
     outbound=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["outbound"])' "$line")
     break
   fi
+  kill -0 "$proxy" 2>/dev/null || break
   sleep 0.1
 done
 [ -n "$admin" ] || { cat "$work/proxy.log" >&2; echo "image-check: proxy did not start" >&2; exit 1; }
-as_image "$root/usr/local/bin/outriderctl" wait-ready --admin "$admin" --timeout 10s
+"${as_image[@]}" "$root/usr/local/bin/outriderctl" wait-ready --admin "$admin" --timeout 10s
 echo "proxy /ready: 200 (outriderctl wait-ready, itself run as the image would)"
 status=$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: nowhere' "http://$outbound/")
 [ "$status" = 502 ] || { echo "image-check: proxy answered $status, expected 502" >&2; exit 1; }
@@ -119,12 +122,12 @@ wait_exit_zero "$proxy" outrider-proxy
 
 echo "== outrider-control as uid 65532 on a read-only root"
 port=$(free_port)
-as_image "$root/usr/local/bin/outrider-control" serve --policies "$root/etc/outrider/policies" \
+"${as_image[@]}" "$root/usr/local/bin/outrider-control" serve --policies "$root/etc/outrider/policies" \
   --state "$state" --listen "127.0.0.1:$port" --token-file "$root/etc/outrider/token" \
-  2> "$work/control.log" &
+  > "$work/control.out" 2> "$work/control.log" &
 control=$!
 pids+=("$control")
-if ! as_image "$root/usr/local/bin/outriderctl" wait-ready --admin "127.0.0.1:$port" --timeout 10s; then
+if ! "${as_image[@]}" "$root/usr/local/bin/outriderctl" wait-ready --admin "127.0.0.1:$port" --timeout 10s; then
   cat "$work/control.log" >&2
   exit 1
 fi
