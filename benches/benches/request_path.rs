@@ -1,6 +1,6 @@
 //! Criterion micro-benchmarks of Outrider's per-request CPU work, without any I/O: policy
-//! loading, route matching in a compiled [`Snapshot`], and the header rewrites every forwarded
-//! request gets. Run: `cargo bench -p outrider-benches --bench request_path`.
+//! loading, route matching in a compiled [`Snapshot`], the header rewrites every forwarded
+//! request gets, and the per-request work of the resilience policies when none triggers. Run: `cargo bench -p outrider-benches --bench request_path`.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
@@ -148,6 +148,74 @@ fn bench_headers(c: &mut Criterion) {
     group.finish();
 }
 
+/// One service with every resilience policy on and limits nothing here reaches.
+const ALL_POLICIES: &str = "services:
+  bench:
+    endpoints: [127.0.0.1:20001, 127.0.0.1:20002, 127.0.0.1:20003]
+    rate_limit: { requests_per_second: 100000000, burst: 100000000 }
+    circuit_breaker: { consecutive_failures: 1000, failure_rate: { threshold: 0.9, min_requests: 1000, window: 10s }, max_concurrent_requests: 100000 }
+    outlier_detection: { consecutive_failures: 1000 }
+  plain:
+    endpoints: [127.0.0.1:20001, 127.0.0.1:20002, 127.0.0.1:20003]
+routes:
+  - match: { authority: bench }
+    service: bench
+    fault: { delay: { duration: 1s, percent: 0 }, abort: { status: 503, percent: 0 } }
+  - match: { authority: plain }
+    service: plain
+";
+
+fn bench_policies(c: &mut Criterion) {
+    use outrider_proxy::policy::breaker::Outcome;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime for building the snapshot");
+    let _guard = rt.enter();
+    let loaded = outrider_config::load("policies.yaml", ALL_POLICIES).expect("valid policy");
+    let metrics = Metrics::new("bench").expect("metrics register in a fresh registry");
+    let snapshot = Snapshot::build(loaded, 1, &metrics, None);
+    let target = snapshot.route("bench", "/").expect("bench route");
+    let plain = snapshot.route("plain", "/").expect("plain route");
+    let limit = target.policy.limit.as_ref().expect("rate limit");
+    let breaker = target.policy.breaker.as_ref().expect("breaker");
+    let fault = target.policy.fault.as_ref().expect("fault");
+
+    let mut group = c.benchmark_group("policies");
+    group.bench_function("rate_limit_check", |b| b.iter(|| limit.limiter.check()));
+    group.bench_function("breaker_acquire_record_success", |b| {
+        b.iter(|| {
+            if let Ok(permit) = breaker.try_acquire() {
+                permit.record(Outcome::Success);
+            }
+        })
+    });
+    group.bench_function("fault_decide_at_0_percent", |b| b.iter(|| fault.decide()));
+    group.bench_function("pick_round_robin_baseline", |b| {
+        b.iter(|| plain.upstream.pick(None).is_ok())
+    });
+    group.bench_function("pick_with_outlier_detection_and_report", |b| {
+        b.iter(|| {
+            if let Ok(endpoint) = target.upstream.pick(None) {
+                target.upstream.report(&endpoint, Outcome::Success);
+            }
+        })
+    });
+    group.bench_function("all_policies_per_request", |b| {
+        b.iter(|| {
+            let _ = limit.limiter.check();
+            let _ = fault.decide();
+            if let Ok(permit) = breaker.try_acquire() {
+                if let Ok(endpoint) = target.upstream.pick(None) {
+                    target.upstream.report(&endpoint, Outcome::Success);
+                }
+                permit.record(Outcome::Success);
+            }
+        })
+    });
+    group.finish();
+}
+
 fn config() -> Criterion {
     // Short defaults keep a full run near a minute; `--quick` shortens it further.
     Criterion::default()
@@ -162,5 +230,6 @@ fn main() {
     bench_config_load(&mut c);
     bench_route(&mut c);
     bench_headers(&mut c);
+    bench_policies(&mut c);
     c.final_summary();
 }

@@ -22,7 +22,7 @@ use crate::connect::ConnectError;
 use crate::errors::{rescue, ProxyError};
 use crate::headers;
 use crate::policy::breaker::{BreakerRejection, Outcome};
-use crate::policy::outcome::{self, Watch};
+use crate::policy::outcome::{self, Deferred, Watch};
 use crate::policy::ratelimit::RateDecision;
 use crate::policy::retry::{self, AttemptFailure, ReplayHandle, RetryPolicy};
 use crate::policy::trace::{SpanId, TraceContext};
@@ -271,7 +271,11 @@ async fn forward(
             } else {
                 headers::strip_hop_by_hop(response.headers_mut(), false);
             }
-            let watch = permit.map(|permit| Watch::new(permit, outcome::of_head(&response)));
+            let deferred = response
+                .extensions_mut()
+                .remove::<Deferred>()
+                .map(|Deferred(endpoint)| (Arc::clone(&target.upstream), endpoint));
+            let watch = Watch::new(permit, outcome::of_head(&response), deferred);
             response.map(|body| ProxyBody::upstream(body, policy.idle_timeout, watch))
         }
         Err(error) => {
@@ -351,17 +355,29 @@ fn prepare(
 /// response headers, and reports the attempt's outcome to outlier detection.
 async fn send_once(
     upstream: &Upstream,
-    endpoint: &Endpoint,
+    endpoint: &Arc<Endpoint>,
     req: Request<RequestBody>,
     per_try: Option<Duration>,
 ) -> Result<Response<Incoming>, (ProxyError, AttemptFailure)> {
-    let result = attempt(endpoint, req, per_try).await;
+    let mut result = attempt(endpoint, req, per_try).await;
     if upstream.detects_outliers() {
-        let outcome = match &result {
-            Ok(response) => outcome::of_head(response),
-            Err((error, _)) => outcome::of_error(error),
-        };
-        upstream.report(endpoint, outcome.unwrap_or(Outcome::Success));
+        match &mut result {
+            Ok(response) => match outcome::of_head(response) {
+                Some(outcome) => upstream.report(endpoint, outcome),
+                // A gRPC status still to come in the trailers: the body reports it.
+                None if outcome::is_grpc(response) => {
+                    response
+                        .extensions_mut()
+                        .insert(Deferred(Arc::clone(endpoint)));
+                }
+                None => upstream.report(endpoint, Outcome::Success),
+            },
+            Err((error, _)) => {
+                if let Some(outcome) = outcome::of_error(error) {
+                    upstream.report(endpoint, outcome);
+                }
+            }
+        }
     }
     result
 }

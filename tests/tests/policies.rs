@@ -286,11 +286,11 @@ async fn breaker_opens_half_opens_and_closes() {
     assert_eq!(logged, 5);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_failure_in_trailers_counts_and_4xx_does_not() {
-    // 200 OK whose trailers say UNAVAILABLE: a failure, though the head looked fine.
-    let grpc = Upstream::start(Proto::Http2, |req: Request<Incoming>| async move {
-        let code = if req.uri().path() == "/fail" {
+/// A gRPC (h2c) upstream answering 200 with one empty message and its status in the trailers:
+/// UNAVAILABLE for path `/fail` or when `fail_all`, NOT_FOUND otherwise.
+async fn grpc_upstream(fail_all: bool) -> Upstream {
+    Upstream::start(Proto::Http2, move |req: Request<Incoming>| async move {
+        let code = if fail_all || req.uri().path() == "/fail" {
             "14"
         } else {
             "5"
@@ -305,18 +305,42 @@ async fn grpc_failure_in_trailers_counts_and_4xx_does_not() {
             .insert("content-type", "application/grpc".parse().unwrap());
         res
     })
-    .await;
+    .await
+}
+
+fn grpc_call(path: &str) -> Request<TestBody> {
+    Request::post(format!("http://svc{path}"))
+        .header("content-type", "application/grpc")
+        .body(empty())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_failure_in_trailers_ejects_the_endpoint() {
+    let failing = grpc_upstream(true).await;
+    let healthy = grpc_upstream(false).await;
+    let proxy = start_proxy(&format!(
+        "services:\n  svc:\n    endpoints: [{}, {}]\n    protocol: http2\n    outlier_detection: {{ consecutive_failures: 2, base_ejection: 1m }}\nroutes:\n  - match: {{ authority: svc }}\n    service: svc\n",
+        failing.addr, healthy.addr
+    ));
+    for _ in 0..10 {
+        let reply = send_h2_via(proxy.outbound, grpc_call("/x")).await;
+        assert_eq!(reply.status, 200);
+    }
+    // Round robin: `failing` got requests 1 and 3; the UNAVAILABLE in their trailers ejected it.
+    assert_eq!(failing.hits(), 2);
+    assert_eq!(healthy.hits(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_failure_in_trailers_counts_and_4xx_does_not() {
+    // 200 OK whose trailers say UNAVAILABLE: a failure, though the head looked fine.
+    let grpc = grpc_upstream(false).await;
     let proxy = start_proxy(&format!(
         "services:\n  svc:\n    endpoints: [{}]\n    protocol: http2\n    circuit_breaker: {{ consecutive_failures: 2, open_for: 1m }}\nroutes:\n  - match: {{ authority: svc }}\n    service: svc\n",
         grpc.addr
     ));
-    let call = |path: &'static str| {
-        let req = Request::post(format!("http://svc{path}"))
-            .header("content-type", "application/grpc")
-            .body(empty())
-            .unwrap();
-        send_h2_via(proxy.outbound, req)
-    };
+    let call = |path: &'static str| send_h2_via(proxy.outbound, grpc_call(path));
     // NOT_FOUND (5) is the caller's problem: any number of them leaves the breaker closed.
     for _ in 0..5 {
         assert_eq!(call("/missing").await.status, 200);

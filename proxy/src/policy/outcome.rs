@@ -5,13 +5,18 @@
 //!
 //! A verdict that needs the body (gRPC trailers, a reset mid-stream) is reached by a
 //! [`Watch`] that travels inside the response body and holds the breaker permit, so the
-//! request also counts against the concurrency limit until its body is done.
+//! request also counts against the concurrency limit until its body is done. With outlier
+//! detection, a gRPC response whose status is still to come also reports to its endpoint from
+//! there.
+
+use std::sync::Arc;
 
 use http::{HeaderMap, Response};
 use hyper::body::Incoming;
 
 use super::breaker::{BreakerPermit, Outcome};
 use crate::errors::ProxyError;
+use crate::upstream::{Endpoint, Upstream};
 
 /// gRPC codes that mean the upstream failed: DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE.
 const GRPC_FAILURES: [u8; 3] = [4, 13, 14];
@@ -51,20 +56,51 @@ pub fn grpc(headers: &HeaderMap) -> Option<Outcome> {
     })
 }
 
-/// Carries a breaker permit through the response body until the exchange's outcome is known.
-#[derive(Debug)]
+/// Whether a response is gRPC (its status may come in the trailers).
+pub fn is_grpc(response: &Response<Incoming>) -> bool {
+    response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Marks a response whose endpoint awaits its outcome for outlier detection (a gRPC response
+/// without a status in its headers); carried in the response's extensions.
+#[derive(Clone)]
+pub struct Deferred(pub Arc<Endpoint>);
+
+/// Carries a breaker permit, and an endpoint awaiting its outcome, through the response body
+/// until the exchange's outcome is known.
 pub struct Watch {
     permit: Option<BreakerPermit>,
+    endpoint: Option<(Arc<Upstream>, Arc<Endpoint>)>,
     verdict: Option<Outcome>,
 }
 
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch")
+            .field("permit", &self.permit)
+            .field("endpoint", &self.endpoint.as_ref().map(|(_, e)| e.addr))
+            .field("verdict", &self.verdict)
+            .finish()
+    }
+}
+
 impl Watch {
-    /// Watches an exchange admitted with `permit`, whose head gave `verdict`.
-    pub fn new(permit: BreakerPermit, verdict: Option<Outcome>) -> Self {
-        Self {
-            permit: Some(permit),
+    /// Watches an exchange admitted with `permit` (if a breaker is configured), whose head
+    /// gave `verdict`, and whose `endpoint` awaits the outcome (if deferred). `None` when
+    /// there is nothing to watch for.
+    pub fn new(
+        permit: Option<BreakerPermit>,
+        verdict: Option<Outcome>,
+        endpoint: Option<(Arc<Upstream>, Arc<Endpoint>)>,
+    ) -> Option<Self> {
+        (permit.is_some() || endpoint.is_some()).then_some(Self {
+            permit,
+            endpoint,
             verdict,
-        }
+        })
     }
 
     /// The body delivered trailers: a gRPC status there decides, unless the head already did.
@@ -88,6 +124,9 @@ impl Watch {
     fn settle(&mut self, outcome: Outcome) {
         if let Some(permit) = self.permit.take() {
             permit.record(outcome);
+        }
+        if let Some((upstream, endpoint)) = self.endpoint.take() {
+            upstream.report(&endpoint, outcome);
         }
     }
 }

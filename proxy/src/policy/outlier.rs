@@ -6,7 +6,8 @@
 //! starts over once an endpoint has stayed in the rotation for `max_ejection`. At most
 //! `max_ejected_percent` of the endpoints (rounded down) are out at once, so a single-endpoint
 //! service at the default 50% is never ejected (that would only turn its errors into 503s).
-//! A failure is what the circuit breaker counts as one, read from the attempt's response head.
+//! A failure is what the circuit breaker counts as one: read from the attempt's response head,
+//! or for a gRPC response without a status there, from its trailers (see `outcome.rs`).
 //!
 //! Time is [`tokio::time::Instant`], so tests run on paused time.
 
