@@ -63,6 +63,9 @@ pub struct Rejected {
     pub diagnostics: Vec<ApiDiagnostic>,
     /// When, in milliseconds since the Unix epoch.
     pub at_ms: u64,
+    /// Whether the rejected text came from the policy directory (rather than `apply`).
+    #[serde(default)]
+    pub from_file: bool,
 }
 
 /// One problem of a rejected document.

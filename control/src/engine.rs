@@ -206,6 +206,16 @@ impl Engine {
         unreadable: &BTreeSet<String>,
     ) -> Result<Option<Outcome>, EngineError> {
         let mut inner = self.lock();
+        // A rejected file that was deleted is no longer anyone's problem.
+        let gone_rejections: Vec<String> = inner
+            .rejected
+            .iter()
+            .filter(|(name, r)| r.from_file && !scan.contains_key(*name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone_rejections {
+            inner.rejected.remove(&name);
+        }
         let mut upserts: Vec<(&String, &ScannedFile, String)> = scan
             .iter()
             .map(|(name, file)| (name, file, outrider_config::content_hash(&file.text)))
@@ -287,7 +297,9 @@ impl Engine {
                     let policy = match outrider_config::load(&name, &text) {
                         Ok(loaded) => loaded.policy,
                         Err(error) => {
-                            outcome.rejected.push(rejection(&name, &text, &error));
+                            outcome
+                                .rejected
+                                .push(rejection(&name, &text, &error, source));
                             continue;
                         }
                     };
@@ -308,6 +320,7 @@ impl Engine {
                             }],
                             message,
                             at_ms: now_ms(),
+                            from_file: source == Source::File,
                         });
                         continue;
                     }
@@ -774,7 +787,7 @@ fn identity(workload: &str, published: &Published) -> WorkloadVersion {
     }
 }
 
-fn rejection(name: &str, text: &str, error: &PolicyError) -> Rejected {
+fn rejection(name: &str, text: &str, error: &PolicyError, source: Source) -> Rejected {
     Rejected {
         document: name.to_string(),
         message: error.to_string(),
@@ -790,6 +803,7 @@ fn rejection(name: &str, text: &str, error: &PolicyError) -> Rejected {
             })
             .collect(),
         at_ms: now_ms(),
+        from_file: source == Source::File,
     }
 }
 
@@ -937,6 +951,20 @@ mod tests {
             .documents
             .iter()
             .all(|d| d.rejected.is_none()));
+
+        // A rejected file that is deleted leaves status.
+        let mut scan = BTreeMap::new();
+        scan.insert("c.yaml".to_string(), file("services: [\n"));
+        engine.sync_files(scan, &BTreeSet::new()).expect("sync");
+        assert!(engine
+            .status()
+            .documents
+            .iter()
+            .any(|d| d.rejected.is_some()));
+        engine
+            .sync_files(BTreeMap::new(), &BTreeSet::new())
+            .expect("sync");
+        assert!(engine.status().documents.iter().all(|d| d.name != "c.yaml"));
     }
 
     #[test]

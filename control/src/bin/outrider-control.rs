@@ -75,6 +75,11 @@ fn main() -> ExitCode {
     };
     let Command::Serve(args) = cli.command;
     init_logging(&args.log);
+    // One descriptor per connected proxy: lift the soft limit to the hard one, as a server
+    // meant to hold thousands of streams must.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE");
+    }
     let token = match read_token(args.token_file.as_deref()) {
         Ok(token) => token,
         Err((code, message)) => {
