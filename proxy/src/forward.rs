@@ -76,11 +76,16 @@ pub async fn handle(
     };
     // Set here rather than when the upstream request is prepared, so the access log has it.
     headers::ensure_request_id(req.headers_mut());
-    let record_spans = trace.sampled && shared.spans.is_some();
+    // Loaded only for sampled requests: the sink is behind an ArcSwap (reloads replace it).
+    let spans = if trace.sampled {
+        shared.spans.sink()
+    } else {
+        None
+    };
     Finish::begin(&target.metrics);
     let mut finish = Finish {
         target: Arc::clone(&target),
-        spans: shared.spans.clone().filter(|_| record_spans),
+        spans,
         access_log: log.then(|| Arc::clone(&shared.access_log)),
         server: kind == ListenerKind::Inbound,
         started,

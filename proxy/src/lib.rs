@@ -41,7 +41,7 @@ use crate::lifecycle::{AppActivity, APP_QUIET_PERIOD};
 use crate::metrics::{Metrics, MetricsError};
 use crate::reload::{PolicySource, PolicyStatus, ReloadError, Reloader, Update};
 use crate::snapshot::Snapshot;
-use crate::telemetry::{AccessLog, ExporterError, SpanSink};
+use crate::telemetry::{AccessLog, ExporterError, Spans};
 
 /// The longest a shutdown waits for queued spans to reach the collector.
 const SPAN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -96,8 +96,8 @@ pub struct Shared {
     /// Where the policy came from (a path or a URL), for `/config`.
     pub origin: String,
     stop: watch::Sender<bool>,
-    /// The span exporter, when the policy names an OTLP collector (fixed at start).
-    pub spans: Option<Arc<SpanSink>>,
+    /// The span exporter for the policy's `tracing.otlp`, if any.
+    pub spans: Spans,
     /// The access-log writer (used while the policy says `access_log: json`).
     pub access_log: Arc<AccessLog>,
 }
@@ -218,20 +218,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
     let metrics = Metrics::new(&bootstrap.workload)?;
     let snapshot = reload::empty_snapshot(&metrics);
     let (stop, stop_rx) = watch::channel(false);
-    // The exporter is set up from the first policy; a later policy's `tracing.otlp` takes
-    // effect on restart (sampling ratio and access log follow every reload).
-    let spans = match initial
-        .as_ref()
-        .and_then(|i| i.loaded.policy.tracing.as_ref())
-        .and_then(|t| t.otlp.as_ref())
-    {
-        Some(otlp) => Some(Arc::new(SpanSink::start(
-            otlp,
-            &bootstrap.workload,
-            metrics.telemetry.clone(),
-        )?)),
-        None => None,
-    };
+    let spans = Spans::new(&bootstrap.workload, metrics.telemetry.clone());
     let access_log =
         Arc::new(AccessLog::start(metrics.telemetry.clone()).map_err(StartError::AccessLog)?);
     let shared = Arc::new(Shared {
@@ -343,11 +330,9 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
             data.abort_all();
             DrainOutcome::TimedOut
         };
-        if let Some(spans) = &supervisor_shared.spans {
-            // Flush what the drained requests produced; bounded so a dead collector cannot
-            // hold the exit.
-            spans.shutdown(SPAN_FLUSH_TIMEOUT).await;
-        }
+        // Flush what the drained requests produced; bounded so a dead collector cannot hold
+        // the exit.
+        supervisor_shared.spans.shutdown(SPAN_FLUSH_TIMEOUT).await;
         tracing::info!(?outcome, "shutdown complete");
         let _ = admin_stop.send(true);
         let _ = admin_task.await;

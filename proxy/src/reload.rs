@@ -290,6 +290,14 @@ impl Reloader {
         }
 
         let content_hash = snapshot.content_hash.clone();
+        // A new collector (or none) takes over from here; the old one is flushed aside.
+        self.shared.spans.configure(
+            snapshot
+                .policy
+                .tracing
+                .as_ref()
+                .and_then(|t| t.otlp.as_ref()),
+        );
         self.shared.snapshot.store(Arc::new(snapshot));
         self.shared.metrics.policy_version.set(
             i64::try_from(version).unwrap_or(i64::MAX), // a gauge is an i64; versions never get there

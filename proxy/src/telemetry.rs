@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwapOption;
 use http::header::HeaderValue;
 use http::uri::Authority;
 use http::{Method, StatusCode, Uri};
@@ -46,9 +47,63 @@ pub const ACCESS_LOG_QUEUE: usize = 8192;
 #[error("tracing.otlp: {0}")]
 pub struct ExporterError(String);
 
+/// The span exporter in force: none, or one [`SpanSink`] for the policy's `tracing.otlp`.
+/// Replaced when a reload changes the collector settings; the old sink is flushed in the
+/// background.
+pub struct Spans {
+    current: ArcSwapOption<SpanSink>,
+    workload: String,
+    metrics: TelemetryMetrics,
+}
+
+impl Spans {
+    /// No exporter until [`Spans::configure`].
+    pub fn new(workload: &str, metrics: TelemetryMetrics) -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            workload: workload.to_string(),
+            metrics,
+        }
+    }
+
+    /// The sink spans go to, if any.
+    pub fn sink(&self) -> Option<Arc<SpanSink>> {
+        self.current.load_full()
+    }
+
+    /// Puts the policy's collector settings in force (a no-op when unchanged). Must run inside
+    /// the runtime.
+    pub fn configure(&self, otlp: Option<&Otlp>) {
+        let current = self.current.load();
+        if current.as_ref().map(|sink| &sink.otlp) == otlp {
+            return;
+        }
+        let next =
+            match otlp.map(|otlp| SpanSink::start(otlp, &self.workload, self.metrics.clone())) {
+                None => None,
+                Some(Ok(sink)) => Some(Arc::new(sink)),
+                Some(Err(error)) => {
+                    tracing::error!(%error, "span export disabled");
+                    None
+                }
+            };
+        if let Some(old) = self.current.swap(next) {
+            tokio::spawn(async move { old.shutdown(EXPORT_TIMEOUT).await });
+        }
+    }
+
+    /// Flushes and stops the exporter in force; bounded by `timeout`.
+    pub async fn shutdown(&self, timeout: Duration) {
+        if let Some(sink) = self.current.swap(None) {
+            sink.shutdown(timeout).await;
+        }
+    }
+}
+
 /// Where sampled spans go: a bounded queue drained by a task that exports in batches through
 /// opentelemetry-otlp (gRPC or HTTP/protobuf).
 pub struct SpanSink {
+    otlp: Otlp,
     queue: mpsc::Sender<SpanData>,
     metrics: TelemetryMetrics,
     scope: InstrumentationScope,
@@ -93,6 +148,7 @@ impl SpanSink {
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(export_loop(exporter, rx, stop_rx, metrics.clone()));
         Ok(Self {
+            otlp: otlp.clone(),
             queue,
             metrics,
             scope: InstrumentationScope::builder("outrider-proxy")

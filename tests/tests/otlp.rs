@@ -442,3 +442,62 @@ async fn unsampled_requests_export_nothing() {
     assert_eq!(spans.len(), 1, "{spans:?}");
     assert_eq!(spans[0].parent_id, PARENT);
 }
+
+/// Replaces the policy file the way an editor does (write aside, rename over).
+fn save(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("yaml.swp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn wait_version(proxy: &Proxy, version: f64) {
+    assert_eq!(
+        metric_settled(proxy, "outrider_policy_version", version).await,
+        version,
+        "policy version {version} never applied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_switches_the_collector() {
+    let (first_addr, first) = grpc_collector().await;
+    let (second_addr, second) = http_collector().await;
+    let app = Upstream::echo(Proto::Http1, "app").await;
+    let routes = format!(
+        "services:\n  svc: {{ endpoints: [{}] }}\nroutes:\n  - match: {{ authority: svc }}\n    service: svc\n",
+        app.addr
+    );
+    let proxy = start_proxy(&routes);
+    let path = proxy.policy_path();
+    let traceparent = format!("00-{TRACE}-{PARENT}-01");
+    traced_get(&proxy, "svc", &traceparent).await;
+
+    save(
+        &path,
+        &format!("{routes}{}", tracing_section(first_addr, "grpc")),
+    );
+    wait_version(&proxy, 2.0).await;
+    traced_get(&proxy, "svc", &traceparent).await;
+    assert_eq!(first.wait_for(1).await.len(), 1);
+
+    save(
+        &path,
+        &format!("{routes}{}", tracing_section(second_addr, "http")),
+    );
+    wait_version(&proxy, 3.0).await;
+    traced_get(&proxy, "svc", &traceparent).await;
+    assert_eq!(second.wait_for(1).await.len(), 1);
+
+    save(&path, &routes);
+    wait_version(&proxy, 4.0).await;
+    traced_get(&proxy, "svc", &traceparent).await;
+    // Spans leave in order and the last collector got exactly its one: nothing after the
+    // tracing section went away, and nothing before it was added.
+    assert_eq!(
+        metric_settled(&proxy, "outrider_spans_exported_total", 2.0).await,
+        2.0
+    );
+    assert_eq!(first.spans().len(), 1);
+    assert_eq!(second.spans().len(), 1);
+    assert_eq!(proxy.metric("outrider_spans_dropped_total").await, 0.0);
+}
