@@ -27,7 +27,7 @@ use outrider_config::wire::{
 };
 
 use crate::persist::{self, Persisted};
-use crate::reload::{PolicySource, Reloader};
+use crate::reload::{PolicySource, ReloadError, Reloader};
 
 /// First reconnect delay cap; doubles per failed attempt.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -273,16 +273,18 @@ impl Subscriber {
                 serde_json::from_slice(&line).map_err(|e| SessionError::Protocol(e.to_string()))?;
             match message {
                 ServerMessage::Heartbeat => {}
-                ServerMessage::Update(update) => {
-                    let ack = self.apply(update).await;
-                    self.send_ack(&token, &ack).await;
-                }
+                ServerMessage::Update(update) => match self.apply(update).await {
+                    Some(ack) => self.send_ack(&token, &ack).await,
+                    // Draining: the update is neither applied nor refused; a restarted
+                    // proxy will be sent it again.
+                    None => return Ok(()),
+                },
             }
         }
     }
 
-    /// Applies `update` and returns the ACK or NACK to send.
-    async fn apply(&self, update: PolicyUpdate) -> Ack {
+    /// Applies `update` and returns the ACK or NACK to send; `None` once the proxy drains.
+    async fn apply(&self, update: PolicyUpdate) -> Option<Ack> {
         let PolicyUpdate {
             version,
             content_hash,
@@ -302,7 +304,7 @@ impl Subscriber {
             ));
             self.reloader.shared().metrics.policy_reloads.error.inc();
             tracing::warn!(version, error = ?ack.error, "control-plane update rejected");
-            return ack;
+            return Some(ack);
         }
         let file = format!("control-plane version {version}");
         match self
@@ -316,12 +318,13 @@ impl Subscriber {
                     self.persist(version, content_hash, policy).await;
                 }
             }
+            Err(ReloadError::ShuttingDown) => return None,
             Err(error) => {
                 tracing::warn!(version, %error, "control-plane update rejected; keeping the policy in force");
                 ack.error = Some(error.to_string());
             }
         }
-        ack
+        Some(ack)
     }
 
     async fn persist(&self, version: u64, content_hash: String, policy: String) {

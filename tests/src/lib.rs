@@ -143,6 +143,11 @@ pub fn start_proxy_with(policy: &str, extra: &[&str]) -> Proxy {
 /// Starts the proxy with `args` (plus port 0 everywhere and info logs) and waits until it
 /// listens. `dir` lives as long as the proxy.
 pub fn spawn_proxy(dir: TempDir, args: &[std::ffi::OsString]) -> Proxy {
+    spawn_proxy_env(dir, args, &[])
+}
+
+/// Like [`spawn_proxy`], with extra environment variables.
+pub fn spawn_proxy_env(dir: TempDir, args: &[std::ffi::OsString], env: &[(&str, &str)]) -> Proxy {
     let mut child = Command::new(proxy_binary())
         .args([
             "--outbound",
@@ -155,6 +160,7 @@ pub fn spawn_proxy(dir: TempDir, args: &[std::ffi::OsString]) -> Proxy {
             "info",
         ])
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

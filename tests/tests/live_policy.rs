@@ -362,6 +362,8 @@ async fn a_proxy_restarted_while_the_control_plane_is_down_serves_the_persisted_
         APPLY_BOUND * 5,
     )
     .await;
+    // The ACK follows the fsync of the persisted copy.
+    wait_state(&control, "pod-1", "in-sync").await;
     control.kill();
     drop(proxy); // SIGKILL: nothing flushed on the way out
 
@@ -441,6 +443,28 @@ async fn a_wrong_token_is_refused_and_the_proxy_stays_unready() {
         .iter()
         .any(|l| l.contains("unauthorized request refused")));
     assert_eq!(control.status().await["proxies"], serde_json::json!([]));
+
+    // The right token from the environment instead of a file is accepted.
+    let proxy = spawn_proxy_env(
+        TempDir::new(),
+        &[
+            "--control".into(),
+            control.url().into(),
+            "--workload".into(),
+            "checkout".into(),
+            "--proxy-id".into(),
+            "pod-env".into(),
+        ],
+        &[("OUTRIDER_CONTROL_TOKEN", CONTROL_TOKEN)],
+    );
+    let v = control.status().await["version"].as_u64().unwrap();
+    wait_ready(
+        &proxy,
+        &format!("ready source=control fresh=true version={v}\n"),
+        APPLY_BOUND * 5,
+    )
+    .await;
+    wait_state(&control, "pod-env", "in-sync").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
