@@ -106,6 +106,21 @@ async fn wait_state(control: &Control, id: &str, state: &str) -> serde_json::Val
     }
 }
 
+/// Runs `outriderctl apply -f file` off the async threads.
+async fn ctl_apply(control: &Control, file: &Path) -> std::process::Output {
+    let url = control.url();
+    let file = file.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        outrider_e2e::control::ctl(
+            &url,
+            Some(CONTROL_TOKEN),
+            &["apply", "-f", file.to_str().unwrap()],
+        )
+    })
+    .await
+    .unwrap()
+}
+
 fn applied_count(proxy: &Proxy) -> usize {
     proxy
         .logs()
@@ -134,17 +149,22 @@ async fn an_applied_change_reaches_the_proxy_within_the_bound() {
     let synced = wait_state(&control, "pod-1", "in-sync").await;
     assert_eq!(synced["version_applied"], v1);
 
-    // A workload-specific document sends checkout's `svc` to b (each document is validated
-    // alone, so it names the service it routes to).
+    // `outriderctl apply` of a workload-specific document sends checkout's `svc` to b (each
+    // document is validated alone, so it names the service it routes to).
+    let docs = TempDir::new();
+    let file = docs.path.join("checkout.yaml");
     let doc = format!(
         "workload: checkout\nservices:\n  b: {{ endpoints: [{}] }}\nroutes:\n  - match: {{ authority: svc }}\n    service: b\n",
         b.addr
     );
+    std::fs::write(&file, &doc).unwrap();
     let started = Instant::now();
-    let reply = control
-        .request("POST", "/v1/apply?name=checkout", &doc)
-        .await;
-    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let out = ctl_apply(&control, &file).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut took = None;
     while started.elapsed() < APPLY_BOUND * 5 {
         if server_of(proxy.outbound).await == "b" {
@@ -153,7 +173,7 @@ async fn an_applied_change_reaches_the_proxy_within_the_bound() {
         }
     }
     let took = took.expect("the proxy never routed to b");
-    eprintln!("apply -> proxy routes by the new policy: {took:?}");
+    eprintln!("outriderctl apply (route change) -> proxy routes by it: {took:?}");
     assert!(took < APPLY_BOUND, "{took:?}");
     let v2 = control.status().await["version"].as_u64().unwrap();
     assert!(v2 > v1);
@@ -162,11 +182,52 @@ async fn an_applied_change_reaches_the_proxy_within_the_bound() {
         wait_state(&control, "pod-1", "in-sync").await["version_applied"],
         v2
     );
+    let status = control.ctl(&["status"]);
+    let table = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("pod-1") && l.contains("in-sync") && l.contains(&v2.to_string())),
+        "{table}"
+    );
+
+    // A rate limit on that route: one request a second, the second in a row gets 429.
+    std::fs::write(
+        &file,
+        format!("{doc}    rate_limit: {{ requests_per_second: 1, burst: 1 }}\n"),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = ctl_apply(&control, &file).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut took = None;
+    while started.elapsed() < APPLY_BOUND * 5 {
+        let first = get(proxy.outbound, "svc", "/").await.status;
+        let second = get(proxy.outbound, "svc", "/").await.status;
+        if second == 429 {
+            assert!(first == 200 || first == 429);
+            took = Some(started.elapsed());
+            break;
+        }
+        assert_eq!((first, second), (200, 200));
+    }
+    let took = took.expect("the rate limit never applied");
+    eprintln!("outriderctl apply (rate limit) -> proxy limits: {took:?}");
+    assert!(took < APPLY_BOUND, "{took:?}");
+    let v3 = control.status().await["version"].as_u64().unwrap();
+    assert_eq!(
+        wait_state(&control, "pod-1", "in-sync").await["version_applied"],
+        v3
+    );
 
     // Persisted exactly as pushed.
     let persisted: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state.path.join("policy.json")).unwrap()).unwrap();
-    assert_eq!(persisted["version"], v2);
+    assert_eq!(persisted["version"], v3);
     assert_eq!(persisted["workload"], "checkout");
 }
 
