@@ -27,7 +27,7 @@ use crate::policy::ratelimit::RateDecision;
 use crate::policy::retry::{self, AttemptFailure, ReplayHandle, RetryPolicy};
 use crate::policy::trace::{SpanId, TraceContext};
 use crate::snapshot::{Snapshot, Target};
-use crate::telemetry::{AttemptSpan, ExchangeReport, Finish};
+use crate::telemetry::{AccessRecord, AttemptSpan, ExchangeReport, Finish};
 use crate::upstream::{Endpoint, Upstream};
 use crate::Shared;
 
@@ -66,6 +66,19 @@ pub async fn handle(
                 snapshot
                     .unrouted
                     .record(response.status(), started.elapsed().as_secs_f64());
+                if snapshot.policy.access_log == AccessLogSetting::Json {
+                    // Requests the proxy refused before routing are logged too: an operator
+                    // looks for a 404 or 400 by its trace or request id like any other.
+                    let trace = TraceContext::extract(req.headers(), &snapshot.sampler);
+                    shared.access_log.record(AccessRecord::refused(
+                        &req,
+                        &trace,
+                        &snapshot.unrouted.labels,
+                        (started, started_wall),
+                        &response,
+                        error.to_string(),
+                    ));
+                }
                 Err(response)
             }
         }

@@ -294,6 +294,51 @@ pub struct AccessRecord {
     pub error: Option<String>,
 }
 
+impl AccessRecord {
+    /// The line of a request the proxy answered itself before routing (no route, bad
+    /// request): no upstream, no attempt.
+    pub fn refused<B>(
+        req: &http::Request<B>,
+        trace: &TraceContext,
+        labels: &crate::metrics::RouteLabels,
+        (started, started_wall): (Instant, SystemTime),
+        response: &http::Response<crate::body::ProxyBody>,
+        error: String,
+    ) -> Self {
+        use http_body::Body as _;
+        let text = |v: &HeaderValue| v.to_str().ok().map(str::to_string);
+        Self {
+            time: rfc3339(started_wall),
+            trace_id: trace.trace_id.to_hex(),
+            span_id: trace.span_id.to_hex(),
+            request_id: req
+                .headers()
+                .get(&crate::headers::REQUEST_ID)
+                .and_then(text),
+            direction: Arc::clone(&labels.direction),
+            service: Arc::clone(&labels.service),
+            route: Arc::clone(&labels.route),
+            method: req.method().as_str().to_string(),
+            authority: req
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .or_else(|| req.headers().get(http::header::HOST).and_then(text)),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+            status: response.status().as_u16(),
+            upstream: None,
+            attempts: 0,
+            duration_seconds: started.elapsed().as_secs_f64(),
+            request_bytes: 0,
+            response_bytes: response.body().size_hint().exact().unwrap_or(0),
+            error: Some(error),
+        }
+    }
+}
+
 fn arc_str<S: serde::Serializer>(value: &Arc<str>, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(value)
 }

@@ -65,13 +65,23 @@ async fn access_log_has_one_json_line_per_request() {
     )
     .await;
     let failed = get(proxy.outbound, "dead", "/c").await;
+    let unrouted = send(
+        &client,
+        Request::get(format!("http://{}/d", proxy.outbound))
+            .header("host", "nowhere")
+            .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
+            .header("x-request-id", "req-404")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(
-        (traced.status, posted.status, failed.status),
-        (200, 200, 502)
+        (traced.status, posted.status, failed.status, unrouted.status),
+        (200, 200, 502, 404)
     );
 
     assert!(
-        eventually(Duration::from_secs(5), || proxy.stdout_lines().len() >= 3).await,
+        eventually(Duration::from_secs(5), || proxy.stdout_lines().len() >= 4).await,
         "{:?}",
         proxy.stdout_lines()
     );
@@ -80,7 +90,7 @@ async fn access_log_has_one_json_line_per_request() {
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
-    assert_eq!(lines.len(), 3);
+    assert_eq!(lines.len(), 4);
     let by_path = |path: &str| lines.iter().find(|l| l["path"] == path).unwrap().clone();
 
     let a = by_path("/a?x=1");
@@ -131,7 +141,21 @@ async fn access_log_has_one_json_line_per_request() {
         "{}",
         c["error"]
     );
-    assert_eq!(proxy.metric("outrider_access_log_lines_total").await, 3.0);
+    let d = by_path("/d");
+    assert_eq!(d["status"], 404);
+    assert_eq!(d["trace_id"], TRACE);
+    assert_eq!(d["request_id"], "req-404");
+    assert_eq!(d["authority"], "nowhere");
+    assert_eq!(d["service"], "none");
+    assert_eq!(d["attempts"], 0);
+    assert!(d["upstream"].is_null());
+    assert_eq!(d["response_bytes"], unrouted.body.len());
+    assert!(
+        d["error"].as_str().unwrap().contains("no route"),
+        "{}",
+        d["error"]
+    );
+    assert_eq!(proxy.metric("outrider_access_log_lines_total").await, 4.0);
     assert_eq!(proxy.metric("outrider_access_log_dropped_total").await, 0.0);
 }
 
