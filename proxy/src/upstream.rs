@@ -243,3 +243,77 @@ impl Upstream {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use outrider_config::Duration as ConfigDuration;
+
+    use super::*;
+
+    fn upstream(balancing: LoadBalancing, addrs: &[SocketAddr]) -> Arc<Upstream> {
+        let metrics = Metrics::new("test").expect("metrics");
+        let spec = UpstreamSpec {
+            name: Arc::from("svc"),
+            protocol: Protocol::Http1,
+            balancing,
+            connect_timeout: Duration::from_secs(1),
+            outlier: Some(OutlierDetection {
+                consecutive_failures: 1,
+                base_ejection: ConfigDuration::from_secs(60),
+                max_ejection: ConfigDuration::from_secs(60),
+                max_ejected_percent: 100,
+            }),
+            max_pending: None,
+        };
+        Upstream::new(spec, addrs, &metrics)
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn both_balancers_skip_ejected_endpoints_and_fail_when_all_are_out() {
+        let addrs = [addr(1), addr(2), addr(3)];
+        for balancing in [LoadBalancing::RoundRobin, LoadBalancing::LeastRequest] {
+            let u = upstream(balancing, &addrs);
+            let first = u.pick(None).expect("pick");
+            u.report(&first, Outcome::Failure);
+            for _ in 0..100 {
+                let picked = u.pick(None).expect("pick");
+                assert_ne!(
+                    picked.addr, first.addr,
+                    "{balancing:?} picked an ejected endpoint"
+                );
+                // Avoiding the only other healthy endpoint still never yields the ejected one.
+                let again = u.pick(Some(picked.addr)).expect("pick");
+                assert_ne!(again.addr, first.addr);
+            }
+            for a in addrs {
+                if let Some(e) = u.endpoints.load().iter().find(|e| e.addr == a) {
+                    u.report(e, Outcome::Failure);
+                }
+            }
+            assert!(matches!(u.pick(None), Err(ProxyError::AllEjected(_))));
+            // Ejections end: traffic comes back.
+            tokio::time::advance(Duration::from_secs(60)).await;
+            assert!(u.pick(None).is_ok());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn round_robin_shares_an_ejected_endpoints_turns_evenly() {
+        let addrs = [addr(1), addr(2), addr(3)];
+        let u = upstream(LoadBalancing::RoundRobin, &addrs);
+        if let Some(e) = u.endpoints.load().first() {
+            u.report(e, Outcome::Failure);
+        }
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..300 {
+            *counts.entry(u.pick(None).expect("pick").addr).or_insert(0) += 1;
+        }
+        assert_eq!(counts.get(&addr(1)), None);
+        assert_eq!(counts.get(&addr(2)), Some(&150));
+        assert_eq!(counts.get(&addr(3)), Some(&150));
+    }
+}
