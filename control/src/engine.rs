@@ -173,6 +173,7 @@ impl Engine {
         };
         let version = inner.state.version;
         republish(&mut inner, version);
+        settle_versions(&mut inner);
         Ok(Self {
             store,
             inner: Mutex::new(inner),
@@ -471,6 +472,13 @@ impl Engine {
         let mut inner = self.lock();
         if let Some(sender) = inner.published.get(workload) {
             return sender.subscribe();
+        }
+        // Every workload some document names is published already; any other one receives
+        // the defaults, exactly as published for "*" (same version, same hash).
+        if let Some(defaults) = inner.published.get(DEFAULTS) {
+            let (sender, receiver) = watch::channel(Arc::clone(&defaults.borrow()));
+            inner.published.insert(workload.to_string(), sender);
+            return receiver;
         }
         let version = inner.state.version;
         let published = publication(workload, &inner.parsed, version).unwrap_or_else(|e| {
@@ -779,6 +787,46 @@ fn republish(inner: &mut Inner, version: u64) -> Vec<WorkloadVersion> {
     changed
 }
 
+/// After a restart, gives each workload the version at which its merged policy last changed
+/// (as it had before the restart) rather than the latest version: walking the kept history
+/// back while the workload's merged policy stays the same.
+fn settle_versions(inner: &mut Inner) {
+    let older: Vec<(u64, Option<BTreeMap<String, Policy>>)> = inner
+        .state
+        .history
+        .iter()
+        .rev()
+        .skip(1)
+        .map(|record| {
+            let parsed = record
+                .documents
+                .iter()
+                .map(|(name, doc)| {
+                    outrider_config::load(name, &doc.text).map(|l| (name.clone(), l.policy))
+                })
+                .collect::<Result<BTreeMap<_, _>, _>>()
+                .ok();
+            (record.version, parsed)
+        })
+        .collect();
+    for (workload, sender) in &inner.published {
+        let current = Arc::clone(&sender.borrow());
+        let mut version = current.version;
+        for (record_version, parsed) in &older {
+            let same = parsed.as_ref().is_some_and(|parsed| {
+                merged_yaml(workload, parsed).is_ok_and(|yaml| yaml == current.policy)
+            });
+            if !same {
+                break;
+            }
+            version = *record_version;
+        }
+        if version != current.version {
+            sender.send_replace(Arc::new(encode(version, current.policy.clone())));
+        }
+    }
+}
+
 fn identity(workload: &str, published: &Published) -> WorkloadVersion {
     WorkloadVersion {
         workload: workload.to_string(),
@@ -865,11 +913,22 @@ mod tests {
             .expect("applied");
         assert_eq!((out.version, out.unchanged.len()), (1, 1));
 
-        // Restart: everything kept.
+        // A change that does not touch checkout: version 2, checkout stays at 1.
+        let other = "workload: search\nservices: { s: { endpoints: [127.0.0.1:5] } }\n";
+        engine
+            .apply(vec![upsert("other", other)], "t")
+            .expect("applied");
+        assert_eq!(engine.policy("checkout").version, 1);
+        assert_eq!(engine.policy("search").version, 2);
+
+        // Restart: everything kept, each workload at the version its policy last changed.
         drop(engine);
         let engine = Engine::open(Store::open(&dir.0).expect("store")).expect("reopen");
-        assert_eq!(engine.version(), 1);
-        assert!(engine.policy("checkout").policy.contains("127.0.0.1:1"));
+        assert_eq!(engine.version(), 2);
+        let checkout = engine.policy("checkout");
+        assert!(checkout.policy.contains("127.0.0.1:1"));
+        assert_eq!(checkout.version, 1);
+        assert_eq!(engine.policy("search").version, 2);
     }
 
     #[test]

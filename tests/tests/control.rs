@@ -250,6 +250,13 @@ async fn a_killed_control_plane_restarts_with_its_history_and_no_re_push() {
         history,
         "history survives a SIGKILL"
     );
+    // Each workload keeps the version its policy last changed at, not the latest.
+    let checkout = control
+        .request("GET", "/v1/policy?workload=checkout", "")
+        .await
+        .json();
+    assert_eq!(checkout["version"], latest.version);
+    assert_eq!(checkout["content_hash"], latest.content_hash.as_str());
     let search = control
         .request("GET", "/v1/policy?workload=search", "")
         .await;
