@@ -113,15 +113,22 @@ pub struct Backoff {
     base: Duration,
     max: Duration,
     attempt: u32,
+    rng: fastrand::Rng,
 }
 
 impl Backoff {
     /// A backoff from `base` up to `max`.
     pub fn new(base: Duration, max: Duration) -> Self {
+        Self::with_rng(base, max, fastrand::Rng::new())
+    }
+
+    /// Like [`Backoff::new`] with a given random source (tests replay a seed).
+    pub fn with_rng(base: Duration, max: Duration, rng: fastrand::Rng) -> Self {
         Self {
             base,
             max,
             attempt: 0,
+            rng,
         }
     }
 
@@ -136,12 +143,53 @@ impl Backoff {
         let cap = self.cap();
         self.attempt = self.attempt.saturating_add(1);
         let cap_ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
-        Duration::from_millis(fastrand::u64(0..=cap_ms))
+        Duration::from_millis(self.rng.u64(0..=cap_ms))
     }
 
     /// Back to the first delay, after a successful connection.
     pub fn reset(&mut self) {
         self.attempt = 0;
+    }
+}
+
+/// How one subscription attempt ended.
+pub struct Attempt {
+    /// The control plane accepted the subscription (200) before it ended.
+    pub connected: bool,
+    /// Why it ended.
+    pub result: Result<(), SessionError>,
+}
+
+/// Runs `session` again and again until `stopped()`, waiting `backoff`'s next delay after
+/// each; an attempt that connected resets the backoff, so a stream that breaks after working
+/// is retried at once (within the first, shortest delay).
+pub async fn reconnect_loop<F, Fut>(
+    mut backoff: Backoff,
+    mut session: F,
+    stopped: impl Fn() -> bool,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Attempt>,
+{
+    while !stopped() {
+        let attempt = session().await;
+        if attempt.connected {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        match attempt.result {
+            Err(SessionError::Unauthorized) => {
+                tracing::error!(
+                    ?delay,
+                    "the control plane refused the token (401); retrying"
+                )
+            }
+            Err(error) => {
+                tracing::warn!(%error, ?delay, "control-plane subscription ended; reconnecting")
+            }
+            Ok(()) => {}
+        }
+        tokio::time::sleep(delay).await;
     }
 }
 
@@ -174,31 +222,18 @@ struct Subscriber {
 impl Subscriber {
     async fn run(self) {
         let shared = Arc::clone(self.reloader.shared());
-        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
-        while !shared.draining.load(std::sync::atomic::Ordering::Acquire) {
+        let this = &self;
+        let session = || async move {
             let mut connected = false;
-            let result = self.session(&mut connected).await;
-            if matches!(
-                shared.status.source(),
-                PolicySource::Control | PolicySource::Disk
-            ) {
-                shared.status.set_fresh(false);
+            let result = this.session(&mut connected).await;
+            let status = &this.reloader.shared().status;
+            if matches!(status.source(), PolicySource::Control | PolicySource::Disk) {
+                status.set_fresh(false);
             }
-            if connected {
-                backoff.reset();
-            }
-            let delay = backoff.next_delay();
-            match result {
-                Err(SessionError::Unauthorized) => {
-                    tracing::error!(url = %self.config.url, "the control plane refused the token (401); retrying in {delay:?}")
-                }
-                Err(error) => {
-                    tracing::warn!(url = %self.config.url, %error, ?delay, "control-plane subscription ended; reconnecting")
-                }
-                Ok(()) => {}
-            }
-            tokio::time::sleep(delay).await;
-        }
+            Attempt { connected, result }
+        };
+        let stopped = || shared.draining.load(std::sync::atomic::Ordering::Acquire);
+        reconnect_loop(Backoff::new(BACKOFF_BASE, BACKOFF_MAX), session, stopped).await;
     }
 
     fn token(&self) -> Result<String, SessionError> {
@@ -512,6 +547,49 @@ mod tests {
             .map(|_| Backoff::new(Duration::from_secs(10), BACKOFF_MAX).next_delay())
             .collect();
         assert!(draws.len() > 10, "{draws:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_back_off_and_a_connection_resets_the_backoff() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Mutex;
+        const SEED: u64 = 7;
+        let calls = AtomicUsize::new(0);
+        let at = Mutex::new(Vec::new());
+        let started = tokio::time::Instant::now();
+        // Attempts 1-3 fail to connect, 4 connects then breaks, 5-6 fail again.
+        let session = || {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            at.lock().expect("lock").push(started.elapsed());
+            async move {
+                Attempt {
+                    connected: n == 4,
+                    result: Err(SessionError::Closed),
+                }
+            }
+        };
+        let backoff =
+            |seed| Backoff::with_rng(BACKOFF_BASE, BACKOFF_MAX, fastrand::Rng::with_seed(seed));
+        reconnect_loop(backoff(SEED), session, || calls.load(Ordering::SeqCst) >= 6).await;
+
+        // The same seed replayed: delays drawn under caps 100, 200, 400 ms; reset; 100, 200.
+        let mut replay = backoff(SEED);
+        let mut expected = vec![Duration::ZERO];
+        let mut t = Duration::ZERO;
+        for i in 1..6 {
+            if i == 4 {
+                replay.reset();
+            }
+            let cap = replay.cap();
+            let delay = replay.next_delay();
+            assert!(delay <= cap);
+            t += delay;
+            expected.push(t);
+        }
+        assert_eq!(*at.lock().expect("lock"), expected);
+        // The fifth attempt waited under the first cap again, not under 800 ms.
+        let gaps: Vec<Duration> = expected.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps[3] <= BACKOFF_BASE, "{gaps:?}");
     }
 
     #[test]
