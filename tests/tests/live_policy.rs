@@ -472,7 +472,12 @@ async fn a_proxy_restarted_while_the_control_plane_is_down_serves_the_persisted_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_is_refused_and_the_proxy_stays_unready() {
     let dirs = ControlDirs::new();
-    dirs.write("defaults.yaml", "workload: \"*\"\nservices: {}\n");
+    // Not an empty policy: the control plane versions a workload by when its merged policy
+    // last changed, and an empty one never changed (version 0).
+    dirs.write(
+        "defaults.yaml",
+        "workload: \"*\"\nservices: { s: { endpoints: [127.0.0.1:9] } }\n",
+    );
     let control = start_control(&dirs);
     let wrong = TempDir::new();
     let token_file = wrong.path.join("token");
