@@ -4,6 +4,7 @@
 //! | request | token | answer |
 //! |---|---|---|
 //! | `POST /v1/apply?name=N` (YAML body) | yes | 200 [`Applied`], 422 [`Rejected`] |
+//! | `POST /v1/apply?name=N&dry_run=1` | yes | the same answers; nothing changes, nothing is pushed |
 //! | `GET /v1/history` | yes | 200 `[`[`HistoryEntry`]`]` newest first |
 //! | `POST /v1/rollback?to=N` | yes | 200 [`Applied`], 404 when N is not kept |
 //! | `GET /v1/policy?workload=W` | yes | 200 [`WorkloadPolicy`] |

@@ -53,6 +53,10 @@ pub struct ApplyArgs {
     /// The document's name (one file only); applying a name again replaces that document.
     #[arg(long)]
     pub name: Option<String>,
+    /// Validate on the server and show the diff and the workloads it would change, without
+    /// applying or pushing anything.
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub remote: Remote,
@@ -299,16 +303,25 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         |api| async move {
             let mut code = ExitCode::SUCCESS;
             for (name, text) in documents {
-                let path = format!("{}?name={}", api::APPLY_PATH, encode(&name));
+                let mut path = format!("{}?name={}", api::APPLY_PATH, encode(&name));
+                if args.dry_run {
+                    path.push_str("&dry_run=1");
+                }
                 let (status, body) = api.call(Method::POST, &path, Bytes::from(text)).await?;
                 match status {
-                    StatusCode::OK => print_applied(&name, &decode::<Applied>(status, &body)?),
+                    StatusCode::OK => {
+                        print_applied(&name, &decode::<Applied>(status, &body)?, args.dry_run)
+                    }
                     StatusCode::UNPROCESSABLE_ENTITY => {
                         let rejected: Rejected = decode(status, &body)?;
                         eprint!("{}", rejected.rendered);
-                        eprintln!(
-                            "outriderctl: {name} rejected; the version in force is unchanged"
-                        );
+                        if args.dry_run {
+                            eprintln!("outriderctl: {name} would be rejected");
+                        } else {
+                            eprintln!(
+                                "outriderctl: {name} rejected; the version in force is unchanged"
+                            );
+                        }
                         code = ExitCode::from(EX_REJECTED);
                     }
                     _ => return Err(unexpected(status, &body)),
@@ -320,7 +333,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
     )
 }
 
-fn print_applied(name: &str, applied: &Applied) {
+fn print_applied(name: &str, applied: &Applied, dry_run: bool) {
     if applied.unchanged {
         println!(
             "{name}: unchanged (identical to the version in force, {})",
@@ -329,16 +342,24 @@ fn print_applied(name: &str, applied: &Applied) {
         return;
     }
     print!("{}", applied.diff);
-    println!(
-        "{name}: applied as version {}; pushed to {}",
-        applied.version,
-        workloads(applied)
-    );
+    if dry_run {
+        println!(
+            "{name}: valid; would be version {} and change {} (dry run: nothing applied)",
+            applied.version,
+            workloads(applied)
+        );
+    } else {
+        println!(
+            "{name}: applied as version {}; pushed to {}",
+            applied.version,
+            workloads(applied)
+        );
+    }
 }
 
 fn workloads(applied: &Applied) -> String {
     if applied.workloads.is_empty() {
-        return "no workload (no merged policy changed)".into();
+        return "no workload (no merged policy changes)".into();
     }
     let names: Vec<&str> = applied
         .workloads

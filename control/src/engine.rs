@@ -195,7 +195,14 @@ impl Engine {
     /// pushes the workloads whose merged policy changed.
     pub fn apply(&self, changes: Vec<Change>, cause: &str) -> Result<Outcome, EngineError> {
         let mut inner = self.lock();
-        self.apply_locked(&mut inner, changes, cause, None)
+        self.apply_locked(&mut inner, changes, cause, None, false)
+    }
+
+    /// What [`Self::apply`] would do (diffs, rejections, workloads that would change, the
+    /// version it would make), changing nothing and pushing nothing.
+    pub fn dry_run(&self, changes: Vec<Change>) -> Result<Outcome, EngineError> {
+        let mut inner = self.lock();
+        self.apply_locked(&mut inner, changes, "dry run", None, true)
     }
 
     /// Brings the documents from files in line with a scan of the policy directory: changed
@@ -270,7 +277,7 @@ impl Engine {
             .iter()
             .map(|(name, _, hash)| ((*name).clone(), hash.clone()))
             .collect();
-        self.apply_locked(&mut inner, changes, &cause, Some((seen, hashes)))
+        self.apply_locked(&mut inner, changes, &cause, Some((seen, hashes)), false)
             .map(Some)
     }
 
@@ -283,6 +290,7 @@ impl Engine {
         changes: Vec<Change>,
         cause: &str,
         seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
+        dry_run: bool,
     ) -> Result<Outcome, EngineError> {
         let version = inner.state.version + 1;
         let mut docs = inner.docs.clone();
@@ -357,6 +365,18 @@ impl Engine {
                     }
                 }
             }
+        }
+        if dry_run {
+            if outcome.accepted.is_empty() {
+                outcome.version = inner.state.version;
+            } else {
+                outcome.version = version;
+                outcome.workloads = remerge(&inner.published, &parsed, version)
+                    .iter()
+                    .map(|(workload, published)| identity(workload, published))
+                    .collect();
+            }
+            return Ok(outcome);
         }
         for name in outcome.accepted.iter().chain(&outcome.unchanged) {
             inner.rejected.remove(name);
@@ -758,12 +778,34 @@ fn encode(version: u64, policy: String) -> Published {
 
 /// Re-merges every known workload and pushes those whose merged policy changed.
 fn republish(inner: &mut Inner, version: u64) -> Vec<WorkloadVersion> {
-    let mut workloads = named_workloads(&inner.parsed);
+    let mut changed = Vec::new();
+    for (workload, published) in remerge(&inner.published, &inner.parsed, version) {
+        changed.push(identity(&workload, &published));
+        match inner.published.get(&workload) {
+            Some(sender) => {
+                sender.send_replace(Arc::new(published));
+            }
+            None => {
+                let (sender, _) = watch::channel(Arc::new(published));
+                inner.published.insert(workload, sender);
+            }
+        }
+    }
+    changed
+}
+
+/// Every known workload whose merged policy under `parsed` differs from what is published.
+fn remerge(
+    published: &BTreeMap<String, watch::Sender<Arc<Published>>>,
+    parsed: &BTreeMap<String, Policy>,
+    version: u64,
+) -> Vec<(String, Published)> {
+    let mut workloads = named_workloads(parsed);
     workloads.insert(DEFAULTS.to_string());
-    workloads.extend(inner.published.keys().cloned());
+    workloads.extend(published.keys().cloned());
     let mut changed = Vec::new();
     for workload in workloads {
-        let published = match publication(&workload, &inner.parsed, version) {
+        let merged = match publication(&workload, parsed, version) {
             Ok(p) => p,
             Err(e) => {
                 // Only reachable through a removal; the workload keeps what it has.
@@ -771,17 +813,11 @@ fn republish(inner: &mut Inner, version: u64) -> Vec<WorkloadVersion> {
                 continue;
             }
         };
-        match inner.published.get(&workload) {
-            Some(sender) if sender.borrow().content_hash == published.content_hash => {}
-            Some(sender) => {
-                changed.push(identity(&workload, &published));
-                sender.send_replace(Arc::new(published));
-            }
-            None => {
-                changed.push(identity(&workload, &published));
-                let (sender, _) = watch::channel(Arc::new(published));
-                inner.published.insert(workload, sender);
-            }
+        let same = published
+            .get(&workload)
+            .is_some_and(|s| s.borrow().content_hash == merged.content_hash);
+        if !same {
+            changed.push((workload, merged));
         }
     }
     changed

@@ -267,8 +267,18 @@ async fn apply(
         source: Source::Api,
     };
     let cause = format!("apply {name}");
+    let dry_run = query
+        .get("dry_run")
+        .is_some_and(|v| v == "1" || v == "true");
     // Validation is quick but the new state is fsynced: off the reactor.
-    let result = tokio::task::spawn_blocking(move || engine.apply(vec![change], &cause)).await;
+    let result = tokio::task::spawn_blocking(move || {
+        if dry_run {
+            engine.dry_run(vec![change])
+        } else {
+            engine.apply(vec![change], &cause)
+        }
+    })
+    .await;
     match result {
         Ok(Ok(outcome)) => match outcome.rejected.first() {
             Some(rejected) => json(StatusCode::UNPROCESSABLE_ENTITY, rejected),

@@ -447,6 +447,23 @@ async fn outriderctl_apply_shows_the_diff_pushes_and_rejects_with_a_caret() {
     let file_arg = file.to_str().unwrap();
     let v1 = "workload: checkout\nservices:\n  cart: { endpoints: [127.0.0.1:9201] }\nroutes:\n  - { match: { authority: cart }, service: cart }\n";
     std::fs::write(&file, v1).unwrap();
+    // A dry run shows the diff and what would change, and changes nothing.
+    let out = control.ctl(&["apply", "--dry-run", "-f", file_arg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("+  cart: { endpoints: [127.0.0.1:9201] }")
+            && stdout(&out).contains(&format!(
+                "checkout.yaml: valid; would be version {} and change workloads checkout (dry run: nothing applied)",
+                first.version + 1
+            )),
+        "{}",
+        stdout(&out)
+    );
+    assert!(matches!(
+        sub.next(Duration::from_millis(1500)).await,
+        Some(ServerMessage::Heartbeat)
+    ));
+    assert_eq!(control.status().await["version"], first.version);
     let out = control.ctl(&["apply", "-f", file_arg]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
