@@ -186,11 +186,12 @@ impl Stream {
             // A proxy that already has this content (it said so when reconnecting) is not
             // sent it again: a control-plane restart causes no re-push storm.
             if sent_hash.as_deref() != Some(current.content_hash.as_str()) {
+                // Recorded first, so whoever reads the line can already see it in status.
+                self.engine
+                    .sent(&self.proxy, self.connection, current.version);
                 if tx.send(current.line.clone()).await.is_err() {
                     return;
                 }
-                self.engine
-                    .sent(&self.proxy, self.connection, current.version);
                 sent_hash = Some(current.content_hash.clone());
                 ticker.reset();
             }

@@ -141,6 +141,21 @@ impl Control {
         self.logs.lock().unwrap().clone()
     }
 
+    /// Whether a log line matching `pred` shows up within `timeout` (lines reach the test
+    /// through a reader thread, a moment after the server wrote them).
+    pub fn wait_log(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.logs().iter().any(|l| pred(l)) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// SIGKILL and reap: a crash, nothing flushed on the way out.
     pub fn kill(mut self) {
         let _ = self.child.kill();

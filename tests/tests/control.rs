@@ -111,10 +111,10 @@ async fn invalid_document_is_rejected_with_position_and_the_others_still_go_out(
             .ends_with("at checkout.yaml:6:14"),
         "{rejected}"
     );
-    assert!(control
-        .logs()
-        .iter()
-        .any(|l| l.contains("document rejected") && l.contains("checkout.yaml:6:14")));
+    assert!(
+        control.wait_log(Duration::from_secs(2), |l| l.contains("document rejected")
+            && l.contains("checkout.yaml:6:14"))
+    );
 
     // A broken edit alone: nothing is pushed, the stream only beats.
     dirs.write("checkout.yaml", "workload: checkout\nservices: [\n");
@@ -330,10 +330,9 @@ async fn a_wrong_token_is_refused_with_401_and_logged() {
             assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
         }
     }
-    assert!(control
-        .logs()
-        .iter()
-        .any(|l| l.contains("unauthorized request refused") && l.contains("/v1/apply")));
+    assert!(control.wait_log(Duration::from_secs(2), |l| l
+        .contains("unauthorized request refused")
+        && l.contains("/v1/apply")));
     // Read-only endpoints open on loopback.
     assert_eq!(
         control
