@@ -33,6 +33,8 @@ pub type ResBody = BoxBody<Bytes, Infallible>;
 
 /// Largest document `apply` takes.
 const MAX_DOCUMENT: usize = 1024 * 1024;
+/// Bound on receiving a request head over HTTP/1.1.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest ACK body.
 const MAX_ACK: usize = 64 * 1024;
 
@@ -66,7 +68,12 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
                 let app = Arc::clone(&app);
                 async move { Ok::<_, Infallible>(handle(req, peer, &app).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // A client that never finishes its request head must not hold a descriptor forever.
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
             if let Err(e) = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await
