@@ -2,11 +2,14 @@
 # benches/load.sh: Outrider's load benchmark. Direct-to-upstream vs through Outrider vs through
 # nginx, HTTP/1.1 and h2c, on 127.0.0.1 only, pinned like a 1-CPU pod. Not part of the tests.
 #
-# Usage: bash benches/load.sh [--quick] [--policies] [--rounds N] [--duration SECS] [--rate RPS]
-#                             [--out FILE] [--keep-tmp]
+# Usage: bash benches/load.sh [--quick] [--policies] [--observability] [--rounds N]
+#                             [--duration SECS] [--rate RPS] [--out FILE] [--keep-tmp]
 #   --quick        1 round of 3 s runs (smoke run); writes benches/results/quick.md (git-ignored)
 #   --policies     only Outrider without and with every resilience policy enabled but never
 #                  triggering (the policy-cost comparison; no direct or nginx runs)
+#   --observability  only Outrider without and with (t) tracing at ratio 1.0 exporting every
+#                  span over OTLP/HTTP to a sink, and (l) the JSON access log on (to a file), the
+#                  cost of observability (no direct or nginx runs)
 #   --rounds N     rounds; medians are reported (default 3)
 #   --duration S   length of each measured run in seconds (default 10)
 #   --rate RPS     request rate of the open-loop latency runs (default 2000)
@@ -25,12 +28,15 @@ DURATION=10
 RATE=2000
 QUICK=0
 POLICIES_ONLY=0
+OBSERVABILITY=0
 KEEP_TMP=0
 OUT=""
 while (($#)); do
     case "$1" in
     --quick) QUICK=1 ROUNDS=1 DURATION=3 ;;
     --policies) POLICIES_ONLY=1 ;;
+    # Shares --policies' shape: Outrider variants only.
+    --observability) POLICIES_ONLY=1 OBSERVABILITY=1 ;;
     --rounds) ROUNDS=${2:?--rounds needs a number}; shift ;;
     --duration) DURATION=${2:?--duration needs seconds}; shift ;;
     --rate) RATE=${2:?--rate needs requests/s}; shift ;;
@@ -57,6 +63,7 @@ PORT_UPSTREAM=18080
 PORT_OUTBOUND=18081
 PORT_INBOUND=18082
 PORT_ADMIN=18083
+PORT_COLLECTOR=18084   # --observability: a bench-upstream answering OTLP/HTTP posts with 200
 PORT_NGINX_H1=18090
 PORT_NGINX_H2=18091
 
@@ -176,7 +183,7 @@ ensure_tools() {
 
 check_ports_free() {
     local port
-    for port in $PORT_UPSTREAM $PORT_OUTBOUND $PORT_INBOUND $PORT_ADMIN $PORT_NGINX_H1 $PORT_NGINX_H2; do
+    for port in $PORT_UPSTREAM $PORT_OUTBOUND $PORT_INBOUND $PORT_ADMIN $PORT_COLLECTOR $PORT_NGINX_H1 $PORT_NGINX_H2; do
         if (exec 3<>"/dev/tcp/$HOST/$port") 2>/dev/null; then
             die "port $HOST:$port is already in use"
         fi
@@ -298,12 +305,36 @@ start_upstream() {
     wait_port "$UPSTREAM_PID" "$PORT_UPSTREAM" "$TMP/upstream.log"
 }
 
+# The OTLP sink of --observability: another bench-upstream, on the load generator's CPU (a
+# collector runs elsewhere in a cluster). The exporter only checks the HTTP status.
+COLLECTOR_PID=""
+start_collector() {
+    local cmd=(taskset -c "$LOADGEN_CPU" target/release/bench-upstream --listen "$HOST:$PORT_COLLECTOR")
+    note_cmd "${cmd[@]}"
+    start_bg "$TMP/collector.log" "${cmd[@]}"
+    COLLECTOR_PID=$LAST_PID
+    wait_port "$COLLECTOR_PID" "$PORT_COLLECTOR" "$TMP/collector.log"
+}
+
+# Value of an unlabelled sample on the proxy's /metrics.
+proxy_metric() {
+    curl -fsS "http://$HOST:$PORT_ADMIN/metrics" | awk -v m="$1" '$1 == m { print $2 }'
+}
+
 # $1: upstream protocol (http1|http2); $2: "policies" to enable every resilience policy with
-# limits the benchmark never reaches, so each is evaluated on every request but none triggers.
+# limits the benchmark never reaches, so each is evaluated on every request but none triggers;
+# "tracing" for ratio-1.0 tracing exported over OTLP/HTTP; "accesslog" for the JSON access log.
 PROXY_PID=""
 start_proxy() {
     local policy="$TMP/policy-$1${2:+-$2}.yaml"
-    local service_extra="" route_extra=""
+    local service_extra="" route_extra="" top_extra=""
+    if [[ ${2:-} == tracing ]]; then
+        top_extra="
+tracing: { sampling: parent_based, ratio: 1.0, otlp: { endpoint: 'http://$HOST:$PORT_COLLECTOR', protocol: http } }"
+    elif [[ ${2:-} == accesslog ]]; then
+        top_extra="
+access_log: json"
+    fi
     if [[ ${2:-} == policies ]]; then
         service_extra='
     timeouts: { connect: 1s, request: 30s, per_try: 10s, idle: 30s }
@@ -324,7 +355,7 @@ services:
 routes:
   - name: bench
     match: { authority: bench }
-    service: bench$route_extra
+    service: bench$route_extra$top_extra
 EOF
     local cmd=(taskset -c "$SERVER_CPU" target/release/outrider-proxy --policy "$policy" --workers 1
         --outbound "$HOST:$PORT_OUTBOUND" --inbound "$HOST:$PORT_INBOUND" --admin "$HOST:$PORT_ADMIN"
@@ -432,15 +463,38 @@ run_round() {
         local variants=(http1:outrider http1:outrider-policies) variant target
         [[ $proto == h2 ]] && variants=(http2:outrider http2:outrider-policies http1:outrider-h1up)
         ((POLICIES_ONLY)) && variants=("${variants[@]:0:2}")
+        if ((OBSERVABILITY)); then
+            local up=http1
+            [[ $proto == h2 ]] && up=http2
+            variants=("$up:outrider" "$up:outrider-tracing" "$up:outrider-accesslog")
+            [[ -n $COLLECTOR_PID ]] || start_collector
+        fi
         for variant in "${variants[@]}"; do
             target=${variant#*:}
             variant=${variant%%:*}
             local with=""
             [[ $target == outrider-policies ]] && with=policies
+            [[ $target == outrider-tracing ]] && with=tracing
+            [[ $target == outrider-accesslog ]] && with=accesslog
             start_proxy "$variant" $with
             record "$proto" "$target" idle_rss_kb "$(status_kb "$PROXY_PID" VmRSS)"
             measure "$proto" "$target" "$PORT_OUTBOUND" "$PROXY_PID"
             record "$proto" "$target" peak_rss_kb "$(status_kb "$PROXY_PID" VmHWM)"
+            if [[ $with == tracing ]]; then
+                local exported dropped
+                exported=$(proxy_metric outrider_spans_exported_total)
+                dropped=$(proxy_metric outrider_spans_dropped_total)
+                record "$proto" "$target" spans_exported "${exported:-0}"
+                record "$proto" "$target" spans_dropped "${dropped:-0}"
+                log "  spans exported ${exported:-?}, dropped ${dropped:-?}"
+            elif [[ $with == accesslog ]]; then
+                local lines dropped
+                lines=$(proxy_metric outrider_access_log_lines_total)
+                dropped=$(proxy_metric outrider_access_log_dropped_total)
+                record "$proto" "$target" log_lines "${lines:-0}"
+                record "$proto" "$target" log_dropped "${dropped:-0}"
+                log "  access-log lines ${lines:-?}, dropped ${dropped:-?}"
+            fi
             stop_pid "$PROXY_PID"
         done
 
@@ -481,6 +535,8 @@ label() {
     h1/direct) echo "(a) direct to bench-upstream" ;;
     h1/outrider) echo "(b) through Outrider (HTTP/1.1 upstream)" ;;
     h1/outrider-policies) echo "(p) (b) with every policy on, none triggering" ;;
+    */outrider-tracing) echo "(t) (b) with tracing ratio 1.0, OTLP/HTTP export" ;;
+    */outrider-accesslog) echo "(l) (b) with the JSON access log on" ;;
     h1/nginx) echo "(c) through nginx (HTTP/1.1 upstream)" ;;
     h2/direct) echo "(a) direct to bench-upstream (h2c)" ;;
     h2/outrider) echo "(b) through Outrider, h2c upstream" ;;
@@ -534,8 +590,8 @@ report() {
         done
         echo "$sep"
         for proto in h1 h2; do
-            local targets=(direct outrider outrider-policies nginx) name="HTTP/1.1"
-            [[ $proto == h2 ]] && targets=(direct outrider outrider-policies outrider-h1up nginx) name="h2c"
+            local targets=(direct outrider outrider-policies outrider-tracing outrider-accesslog nginx) name="HTTP/1.1"
+            [[ $proto == h2 ]] && targets=(direct outrider outrider-policies outrider-tracing outrider-accesslog outrider-h1up nginx) name="h2c"
             row "**$name**" "" "" "" "" "" "" "" ""
             for target in "${targets[@]}"; do
                 # Targets a --policies run skipped.
@@ -597,6 +653,22 @@ report() {
             row+=" $(ratio "$(median "$b" outrider-policies max_rps)" "$(median "$b" outrider max_rps)") |"
         done
         echo "$row n/a |"
+        if ((OBSERVABILITY)); then
+            for b in tracing:"(t)/(b): tracing ratio 1.0, every span exported" accesslog:"(l)/(b): JSON access log on"; do
+                row="| Throughput ${b#*:} |"
+                for p in h1 h2; do
+                    row+=" $(ratio "$(median "$p" "outrider-${b%%:*}" max_rps)" "$(median "$p" outrider max_rps)") |"
+                done
+                echo "$row n/a |"
+            done
+            echo
+            echo "Spans exported / dropped, access-log lines / dropped (sum over rounds, whole run incl. warm-up):"
+            echo
+            for p in h1 h2; do
+                echo "- $p: spans $(total "$p" outrider-tracing spans_exported) / $(total "$p" outrider-tracing spans_dropped);" \
+                    "log lines $(total "$p" outrider-accesslog log_lines) / $(total "$p" outrider-accesslog log_dropped)"
+            done
+        fi
         echo
         echo "(b)/(a) cannot reach 1: the upstream and the proxy share CPU $SERVER_CPU, as in a pod."
         echo
@@ -621,12 +693,23 @@ report() {
         echo '```'
         echo "</details>"
         echo
-        echo "<details><summary>Outrider policy of the (p) runs: every policy on, none triggering</summary>"
-        echo
-        echo '```yaml'
-        cat "$TMP/policy-http1-policies.yaml"
-        echo '```'
-        echo "</details>"
+        if [[ -f $TMP/policy-http1-policies.yaml ]]; then
+            echo "<details><summary>Outrider policy of the (p) runs: every policy on, none triggering</summary>"
+            echo
+            echo '```yaml'
+            cat "$TMP/policy-http1-policies.yaml"
+            echo '```'
+            echo "</details>"
+        fi
+        if [[ -f $TMP/policy-http1-tracing.yaml ]]; then
+            echo
+            echo "<details><summary>Outrider policy of the (t) runs</summary>"
+            echo
+            echo '```yaml'
+            cat "$TMP/policy-http1-tracing.yaml"
+            echo '```'
+            echo "</details>"
+        fi
         if ((!POLICIES_ONLY)); then
             echo
             echo "<details><summary>nginx.conf</summary>"
