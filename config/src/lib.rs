@@ -16,10 +16,11 @@ pub use duration::{Duration, DurationError};
 pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
-    AccessLog, Backoff, CircuitBreaker, FailureRate, Fault, FaultAbort, FaultDelay, Inbound,
-    LoadBalancing, Otlp, OtlpProtocol, OutlierDetection, Policy, Protocol, RateLimit,
-    RateLimitMode, Retries, RetryBudget, RetryOn, Route, RouteMatch, RouteTimeouts, Sampling,
-    Service, Timeouts, Tracing, WeightedService, WorkloadSelector,
+    AccessLog, Authorization, Backoff, CircuitBreaker, FailureRate, Fault, FaultAbort, FaultDelay,
+    Inbound, InboundMtls, LoadBalancing, MeshTls, Otlp, OtlpProtocol, OutlierDetection, Policy,
+    Protocol, RateLimit, RateLimitMode, Retries, RetryBudget, RetryOn, Route, RouteMatch,
+    RouteTimeouts, Sampling, Service, ServiceTls, Timeouts, Tracing, WeightedService,
+    WorkloadSelector,
 };
 pub use size::{ByteSize, ByteSizeError};
 pub use validate::GRPC_STATUS_NAMES;
@@ -154,6 +155,44 @@ routes:
         assert_eq!(
             error_text(text),
             "routes[1].split[0].weight: must be > 0 at policy.yaml:10:17"
+        );
+    }
+
+    #[test]
+    fn mesh_tls_settings_load_and_bad_identities_are_named() {
+        let text = "mesh_tls: strict
+services:
+  payments:
+    endpoints: [127.0.0.1:9101]
+    tls: mesh
+    identity: spiffe://cluster.local/ns/shop/sa/payments
+inbound:
+  app: 127.0.0.1:8080
+  mtls: strict
+  authorization: { allow: [spiffe://cluster.local/ns/shop/sa/checkout] }
+";
+        let loaded = load("p.yaml", text).expect("valid");
+        assert_eq!(loaded.policy.mesh_tls, MeshTls::Strict);
+        assert_eq!(
+            loaded.policy.services["payments"].tls,
+            Some(ServiceTls::Mesh)
+        );
+        let inbound = loaded.policy.inbound.expect("inbound");
+        assert_eq!(inbound.mtls, InboundMtls::Strict);
+        assert_eq!(inbound.authorization.expect("authz").allow.len(), 1);
+
+        let msg = error_text(
+            "services:\n  p:\n    endpoints: [127.0.0.1:1]\n    identity: spiffe://x/ns/a/sa/b\n",
+        );
+        assert!(
+            msg.contains("services.p.identity: only checked over mesh TLS"),
+            "{msg}"
+        );
+        let msg =
+            error_text("inbound:\n  app: 127.0.0.1:1\n  authorization: { allow: [checkout] }\n");
+        assert!(
+            msg.starts_with("inbound.authorization.allow[0]: must be a SPIFFE id"),
+            "{msg}"
         );
     }
 

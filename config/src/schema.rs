@@ -32,6 +32,54 @@ pub struct Policy {
     /// One JSON line per request on stdout, or nothing.
     #[serde(default)]
     pub access_log: AccessLog,
+    /// `strict`: every service is reached over mesh mTLS, as if each had `tls: mesh`.
+    #[serde(default, skip_serializing_if = "MeshTls::is_off")]
+    pub mesh_tls: MeshTls,
+}
+
+/// The policy-wide mesh TLS setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeshTls {
+    /// Only services marked `tls: mesh` use mTLS.
+    #[default]
+    Off,
+    /// Every service is reached over mesh mTLS.
+    Strict,
+}
+
+impl MeshTls {
+    /// Whether this is the default (for serialisation).
+    pub fn is_off(&self) -> bool {
+        *self == MeshTls::Off
+    }
+}
+
+/// How a service is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceTls {
+    /// mTLS to the upstream's sidecar with this proxy's workload certificate.
+    Mesh,
+}
+
+/// Whether the inbound listener also takes plaintext once mesh TLS is on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundMtls {
+    /// mTLS and plaintext (callers outside the mesh); the first byte tells them apart.
+    #[default]
+    Permissive,
+    /// mTLS only; plaintext connections are closed.
+    Strict,
+}
+
+/// Which verified callers the inbound side lets through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Authorization {
+    /// SPIFFE ids allowed; every other caller (plaintext ones included) gets 403.
+    pub allow: Vec<String>,
 }
 
 /// Tracing: how traces are sampled and where spans go.
@@ -168,6 +216,13 @@ pub struct Service {
     /// Take failing endpoints out of the rotation for a while.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
+    /// `mesh`: the endpoints are sidecars' inbound ports, reached over mTLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServiceTls>,
+    /// The SPIFFE id the upstream sidecar must present (mesh TLS); without it any workload
+    /// certified by the mesh CA is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// The protocol spoken to an upstream (or to the local app).
@@ -553,4 +608,10 @@ pub struct Inbound {
     /// Protects the local app from more than this rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Whether plaintext is still accepted once this proxy holds a mesh certificate.
+    #[serde(default)]
+    pub mtls: InboundMtls,
+    /// Only these verified callers reach the app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<Authorization>,
 }

@@ -35,11 +35,42 @@ pub fn validate(policy: &Policy) -> Vec<Finding> {
         if let Some(limit) = &inbound.rate_limit {
             check_rate_limit("inbound.rate_limit", limit, &mut findings);
         }
+        if let Some(authorization) = &inbound.authorization {
+            for (i, id) in authorization.allow.iter().enumerate() {
+                check_spiffe(
+                    &format!("inbound.authorization.allow[{i}]"),
+                    id,
+                    &mut findings,
+                );
+            }
+        }
+    }
+    for (name, service) in &policy.services {
+        if let Some(id) = &service.identity {
+            let path = format!("services.{name}.identity");
+            check_spiffe(&path, id, &mut findings);
+            if service.tls.is_none() && policy.mesh_tls == crate::MeshTls::Off {
+                findings.push((
+                    path,
+                    "only checked over mesh TLS: add `tls: mesh` (or `mesh_tls: strict`)".into(),
+                ));
+            }
+        }
     }
     if let Some(tracing) = &policy.tracing {
         check_tracing(tracing, &mut findings);
     }
     findings
+}
+
+fn check_spiffe(path: &str, id: &str, findings: &mut Vec<Finding>) {
+    if crate::wire::parse_spiffe_id(id).is_none() {
+        findings.push((
+            path.to_string(),
+            "must be a SPIFFE id: spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+                .into(),
+        ));
+    }
 }
 
 fn check_tracing(tracing: &crate::Tracing, findings: &mut Vec<Finding>) {

@@ -12,6 +12,9 @@
 //! - Acknowledge: `POST /v1/ack` with a JSON [`Ack`] body, same token; 204 on success. A proxy
 //!   that resumed with `have_hash` also ACKs the version it runs once the stream is open, so a
 //!   restarted server knows it without pushing anything.
+//! - Certificate: `POST /v1/certificate` with a JSON [`CertificateRequest`] (a CSR made with a
+//!   key that never leaves the proxy, and the namespace and service account it asks to be),
+//!   same token; 200 with a [`CertificateResponse`] (leaf chain and trust bundle, PEM).
 //! - A missing or wrong token gets 401 on every endpoint.
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +26,62 @@ pub const ACK_PATH: &str = "/v1/ack";
 /// Seconds between heartbeats on an idle subscription; a subscriber that hears nothing for
 /// three times this long reconnects.
 pub const HEARTBEAT_SECS: u64 = 10;
+
+/// Path proxies post their certificate signing requests to.
+pub const CERTIFICATE_PATH: &str = "/v1/certificate";
+
+/// A proxy asking for its workload certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateRequest {
+    /// PKCS#10 certificate signing request, PEM. Only its public key is used: the names in
+    /// the certificate are the control plane's choice.
+    pub csr: String,
+    /// Kubernetes namespace of the workload.
+    pub namespace: String,
+    /// Service account of the workload.
+    pub service_account: String,
+}
+
+/// An issued workload certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateResponse {
+    /// The SPIFFE id in the certificate's URI SAN.
+    pub identity: String,
+    /// Leaf first, then any intermediates, PEM.
+    pub chain: String,
+    /// The roots a peer's certificate must chain to, PEM.
+    pub trust_bundle: String,
+    /// Start of validity, Unix seconds.
+    pub not_before: u64,
+    /// End of validity, Unix seconds.
+    pub not_after: u64,
+}
+
+/// `spiffe://<trust_domain>/ns/<namespace>/sa/<service_account>`.
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+}
+
+/// Splits a workload SPIFFE id into trust domain, namespace and service account; `None` when
+/// it is not of the form [`spiffe_id`] makes or a part is not a DNS-label-like name.
+pub fn parse_spiffe_id(id: &str) -> Option<(&str, &str, &str)> {
+    let rest = id.strip_prefix("spiffe://")?;
+    let (domain, path) = rest.split_once('/')?;
+    let path = path.strip_prefix("ns/")?;
+    let (namespace, sa) = path.split_once("/sa/")?;
+    let ok = valid_identity_part;
+    (ok(domain) && ok(namespace) && ok(sa)).then_some((domain, namespace, sa))
+}
+
+/// Whether `name` may be a trust domain, namespace or service account: 1 to 253 letters,
+/// digits, `-`, `.` or `_`.
+pub fn valid_identity_part(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
 
 /// One line of the subscription stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +123,28 @@ pub struct Ack {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spiffe_ids_round_trip_and_reject_other_forms() {
+        let id = spiffe_id("cluster.local", "shop", "checkout");
+        assert_eq!(id, "spiffe://cluster.local/ns/shop/sa/checkout");
+        assert_eq!(
+            parse_spiffe_id(&id),
+            Some(("cluster.local", "shop", "checkout"))
+        );
+        for bad in [
+            "https://cluster.local/ns/a/sa/b",
+            "spiffe://cluster.local/ns/a/sa/",
+            "spiffe://cluster.local/ns/a/sa/b/c",
+            "spiffe://cluster.local/a/b",
+            "spiffe:///ns/a/sa/b",
+        ] {
+            assert_eq!(parse_spiffe_id(bad), None, "{bad}");
+        }
+        assert!(valid_identity_part("checkout"));
+        assert!(!valid_identity_part("a/sa/b"));
+        assert!(!valid_identity_part(""));
+    }
 
     #[test]
     fn messages_are_tagged() {

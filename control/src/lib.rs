@@ -5,6 +5,7 @@
 //! - [`store`]: versions and history, persisted atomically in the state directory.
 //! - [`engine`]: accepting or rejecting changes, per-workload push channels, proxy tracking.
 //! - [`watcher`]: the watched policy directory (ConfigMap volumes included).
+//! - [`ca`]: the mesh CA issuing short-lived SPIFFE workload certificates.
 //! - [`server`]: the HTTP server (subscriptions, ACKs, the management API).
 //! - [`api`]: the management API's JSON bodies; [`diagnose`]: policy errors for terminals.
 //! - [`cli`]: the `outriderctl` commands that talk to the control plane.
@@ -12,6 +13,7 @@
 //!   until the proxy is ready.
 
 pub mod api;
+pub mod ca;
 pub mod cli;
 pub mod diagnose;
 pub mod engine;

@@ -150,6 +150,7 @@ where
             .access_log
             .or(defaults.access_log)
             .unwrap_or_default(),
+        mesh_tls: specific.mesh_tls.or(defaults.mesh_tls).unwrap_or_default(),
     })
 }
 
@@ -161,6 +162,7 @@ struct Layer<'a> {
     inbound: Option<(Inbound, &'a str)>,
     tracing: Option<(Tracing, &'a str)>,
     access_log: Option<AccessLog>,
+    mesh_tls: Option<outrider_config::MeshTls>,
 }
 
 impl<'a> Layer<'a> {
@@ -199,6 +201,9 @@ impl<'a> Layer<'a> {
         )?;
         if policy.access_log != AccessLog::default() {
             self.access_log = Some(policy.access_log);
+        }
+        if !policy.mesh_tls.is_off() {
+            self.mesh_tls = Some(policy.mesh_tls);
         }
         Ok(())
     }

@@ -19,12 +19,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use outrider_config::wire::{self, Ack};
+use outrider_config::wire::{self, Ack, CertificateRequest};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, ErrorBody};
+use crate::ca::Ca;
 use crate::engine::{Change, Engine, EngineError, Published};
 use crate::store::Source;
 
@@ -46,6 +47,8 @@ pub struct App {
     pub token: String,
     /// Seconds between heartbeats on idle subscriptions.
     pub heartbeat: Duration,
+    /// The mesh CA behind `POST /v1/certificate`; `None` answers it with 404.
+    pub ca: Option<Arc<Ca>>,
 }
 
 /// Accepts connections on `listener` forever, each served as HTTP/1.1 or h2c.
@@ -111,6 +114,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
         (&Method::GET, "/live" | "/ready") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, wire::SUBSCRIBE_PATH) => subscribe(&query, peer, app),
         (&Method::POST, wire::ACK_PATH) => ack(req, app).await,
+        (&Method::POST, wire::CERTIFICATE_PATH) => certificate(req, peer, app).await,
         (&Method::POST, api::APPLY_PATH) => apply(req, &query, app).await,
         (&Method::GET, api::HISTORY_PATH) => json(StatusCode::OK, &app.engine.history()),
         (&Method::POST, api::ROLLBACK_PATH) => rollback(&query, app).await,
@@ -125,6 +129,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
             | "/ready"
             | wire::SUBSCRIBE_PATH
             | wire::ACK_PATH
+            | wire::CERTIFICATE_PATH
             | api::APPLY_PATH
             | api::HISTORY_PATH
             | api::ROLLBACK_PATH
@@ -247,6 +252,37 @@ async fn ack(req: Request<Incoming>, app: &App) -> Response<ResBody> {
                 .unwrap_or_default()
         }
         Err(e) => error(StatusCode::BAD_REQUEST, &format!("not an ACK: {e}")),
+    }
+}
+
+/// Issues a workload certificate. The token was checked already; what it entitles to is in
+/// [`crate::ca`]'s trust model.
+async fn certificate(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response<ResBody> {
+    let Some(ca) = &app.ca else {
+        return error(StatusCode::NOT_FOUND, "this control plane runs no CA");
+    };
+    let body = match read_body(req, MAX_ACK).await {
+        Ok(body) => body,
+        Err(res) => return res,
+    };
+    let request: CertificateRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("not a certificate request: {e}"),
+            )
+        }
+    };
+    match ca.issue(&request) {
+        Ok(issued) => {
+            tracing::info!(%peer, identity = %issued.identity, not_after = issued.not_after, "certificate issued");
+            json(StatusCode::OK, &issued)
+        }
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "certificate refused");
+            error(StatusCode::BAD_REQUEST, &e.to_string())
+        }
     }
 }
 

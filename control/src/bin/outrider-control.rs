@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use outrider_control::ca::Ca;
 use outrider_control::engine::Engine;
 use outrider_control::server::{serve, App};
 use outrider_control::store::Store;
@@ -60,6 +61,19 @@ struct Serve {
     /// Runtime worker threads (0: one per CPU).
     #[arg(long, env = "OUTRIDER_CONTROL_WORKERS", default_value_t = 0)]
     workers: usize,
+    /// Mesh CA certificate (PEM; the first certificate signs, any others go in the trust
+    /// bundle). Without it, a CA is generated in the state directory at first start.
+    #[arg(long, env = "OUTRIDER_CONTROL_CA_CERT", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// Private key of `--ca-cert` (PEM).
+    #[arg(long, env = "OUTRIDER_CONTROL_CA_KEY", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// SPIFFE trust domain of issued identities.
+    #[arg(long, env = "OUTRIDER_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Lifetime of issued workload certificates (proxies renew at about 70% of it).
+    #[arg(long, env = "OUTRIDER_CONTROL_CERT_TTL", default_value = "24h")]
+    cert_ttl: outrider_config::Duration,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
     log: String,
@@ -105,6 +119,18 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CANTCREAT);
         }
     };
+    let ttl = args.cert_ttl.get();
+    let ca = match (&args.ca_cert, &args.ca_key) {
+        (Some(cert), Some(key)) => Ca::from_files(cert, key, &args.trust_domain, ttl),
+        _ => Ca::open_or_generate(&args.state, &args.trust_domain, ttl),
+    };
+    let ca = match ca {
+        Ok(ca) => Arc::new(ca),
+        Err(e) => {
+            eprintln!("outrider-control: mesh CA: {e}");
+            return ExitCode::from(EX_CANTCREAT);
+        }
+    };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if args.workers > 0 {
         runtime.worker_threads(args.workers);
@@ -147,6 +173,7 @@ fn main() -> ExitCode {
             engine,
             token,
             heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
+            ca: Some(ca),
         });
         tokio::select! {
             () = serve(listener, app) => {}

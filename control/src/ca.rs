@@ -1,0 +1,390 @@
+//! The mesh certificate authority: issues short-lived workload certificates whose only name is a
+//! SPIFFE URI SAN, `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+//!
+//! The root comes from files (`--ca-cert`, `--ca-key`: an operator's root or an intermediate
+//! signed by it) or is generated at first start and kept in the state directory (`ca.crt`,
+//! `ca.key` with mode 0600), so a restart keeps the trust bundle every proxy holds.
+//!
+//! Trust model, plainly: the control plane authenticates proxies with one shared bearer token.
+//! Whoever holds it may ask for ANY namespace and service account in the trust domain; the CA
+//! checks the form of the names and that the CSR is signed by the key it certifies (proof of
+//! possession), not that the caller runs as that service account. Binding identities to callers
+//! (per-workload tokens, Kubernetes TokenReview) is future work; until then the token is as
+//! sensitive as the CA key.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use outrider_config::wire::{self, CertificateRequest, CertificateResponse};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+
+/// Default lifetime of a workload certificate.
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Lifetime of a generated root.
+const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Backdating of `not_before`, so a peer whose clock is a little behind accepts a fresh leaf.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// File names in the state directory.
+const CERT_FILE: &str = "ca.crt";
+const KEY_FILE: &str = "ca.key";
+
+/// Why the CA could not start or refused to issue.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// A CA file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Only one of the two CA files exists in the state directory.
+    #[error("{0}: found without its pair (ca.crt and ca.key go together); remove it or restore the other")]
+    Half(PathBuf),
+    /// The CA certificate or key is unusable.
+    #[error("CA {what}: {source}")]
+    Load {
+        /// Which part.
+        what: &'static str,
+        /// Why.
+        source: rcgen::Error,
+    },
+    /// The trust domain is not a valid name.
+    #[error("trust domain `{0}` must be letters, digits, '-', '.', '_'")]
+    TrustDomain(String),
+    /// The request names a bad namespace or service account.
+    #[error("bad identity: {0}")]
+    Identity(String),
+    /// The CSR does not parse or is not signed by its own key.
+    #[error("bad CSR: {0}")]
+    Csr(rcgen::Error),
+    /// Signing failed.
+    #[error("cannot sign: {0}")]
+    Sign(rcgen::Error),
+}
+
+/// The certificate authority of one trust domain.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate(s), PEM: the trust bundle handed to proxies.
+    bundle: String,
+    trust_domain: String,
+    ttl: Duration,
+    serial: AtomicU64,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.trust_domain)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(path: &Path) -> Result<String, CaError> {
+    std::fs::read_to_string(path).map_err(|source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl Ca {
+    /// A CA from an operator's certificate and key (PEM files).
+    pub fn from_files(
+        cert: &Path,
+        key: &Path,
+        trust_domain: &str,
+        ttl: Duration,
+    ) -> Result<Self, CaError> {
+        Self::from_pem(read(cert)?, &read(key)?, trust_domain, ttl)
+    }
+
+    /// The CA kept in `state_dir`, generated (and written, key mode 0600) on first start.
+    pub fn open_or_generate(
+        state_dir: &Path,
+        trust_domain: &str,
+        ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let cert_path = state_dir.join(CERT_FILE);
+        let key_path = state_dir.join(KEY_FILE);
+        match (cert_path.exists(), key_path.exists()) {
+            (true, true) => return Self::from_files(&cert_path, &key_path, trust_domain, ttl),
+            (true, false) => return Err(CaError::Half(cert_path)),
+            (false, true) => return Err(CaError::Half(key_path)),
+            (false, false) => {}
+        }
+        check_trust_domain(trust_domain)?;
+        let key = KeyPair::generate().map_err(|source| CaError::Load {
+            what: "key generation",
+            source,
+        })?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::OrganizationName, "Outrider mesh");
+        name.push(DnType::CommonName, format!("Outrider CA {trust_domain}"));
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + ROOT_TTL;
+        params.serial_number = Some(random_serial(0));
+        let cert = params.self_signed(&key).map_err(|source| CaError::Load {
+            what: "self-signing",
+            source,
+        })?;
+        // Key first, created 0600 from the start (never world-readable, not even briefly);
+        // the certificate last, so a crash in between leaves a key alone, which is reported.
+        write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
+        tracing::info!(trust_domain, path = %cert_path.display(), "generated a new mesh CA");
+        Self::from_pem(cert.pem(), &key.serialize_pem(), trust_domain, ttl)
+    }
+
+    fn from_pem(
+        bundle: String,
+        key_pem: &str,
+        trust_domain: &str,
+        ttl: Duration,
+    ) -> Result<Self, CaError> {
+        check_trust_domain(trust_domain)?;
+        let key = KeyPair::from_pem(key_pem).map_err(|source| CaError::Load {
+            what: "key",
+            source,
+        })?;
+        // The first certificate of the file is the issuer; the rest (a root above an
+        // intermediate) only travel in the bundle.
+        let issuer = Issuer::from_ca_cert_pem(&bundle, key).map_err(|source| CaError::Load {
+            what: "certificate",
+            source,
+        })?;
+        Ok(Self {
+            issuer,
+            bundle,
+            trust_domain: trust_domain.to_string(),
+            ttl,
+            serial: AtomicU64::new(1),
+        })
+    }
+
+    /// The trust domain certificates are issued in.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The trust bundle (PEM).
+    pub fn bundle(&self) -> &str {
+        &self.bundle
+    }
+
+    /// Issues a leaf for `request`'s CSR key, naming only the identity asked for.
+    pub fn issue(&self, request: &CertificateRequest) -> Result<CertificateResponse, CaError> {
+        for (what, part) in [
+            ("namespace", &request.namespace),
+            ("service_account", &request.service_account),
+        ] {
+            if !wire::valid_identity_part(part) {
+                return Err(CaError::Identity(format!(
+                    "{what} `{part}` must be 1 to 253 letters, digits, '-', '.', '_'"
+                )));
+            }
+        }
+        // Parsing verifies the CSR's signature: the caller holds the key it wants certified.
+        let csr = CertificateSigningRequestParams::from_pem(&request.csr).map_err(CaError::Csr)?;
+        let identity = wire::spiffe_id(
+            &self.trust_domain,
+            &request.namespace,
+            &request.service_account,
+        );
+        // Nothing from the CSR but its key: names, usages and lifetime are the CA's choice.
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        let uri = identity
+            .clone()
+            .try_into()
+            .map_err(|e: rcgen::Error| CaError::Identity(e.to_string()))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + self.ttl;
+        params.serial_number = Some(random_serial(self.serial.fetch_add(1, Ordering::Relaxed)));
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(CaError::Sign)?;
+        let unix = |t: OffsetDateTime| u64::try_from(t.unix_timestamp()).unwrap_or(0);
+        Ok(CertificateResponse {
+            identity,
+            chain: cert.pem(),
+            trust_bundle: self.bundle.clone(),
+            not_before: unix(params.not_before),
+            not_after: unix(params.not_after),
+        })
+    }
+}
+
+fn check_trust_domain(trust_domain: &str) -> Result<(), CaError> {
+    if wire::valid_identity_part(trust_domain) {
+        Ok(())
+    } else {
+        Err(CaError::TrustDomain(trust_domain.to_string()))
+    }
+}
+
+/// A positive 16-byte serial, unique per CA process: the clock in nanoseconds and a counter.
+/// Serials need uniqueness, not secrecy (RFC 5280 4.1.2.2).
+fn random_serial(counter: u64) -> SerialNumber {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&nanos.to_be_bytes());
+    bytes[8..].copy_from_slice(&counter.to_be_bytes());
+    // A leading 1 bit would make the DER integer negative.
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+/// Writes a file that must not exist yet, with `mode`, and syncs it.
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io)?;
+    file.write_all(contents).map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::PublicKeyData as _;
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+    fn request(ns: &str, sa: &str) -> (KeyPair, CertificateRequest) {
+        let key = KeyPair::generate().expect("key");
+        let csr = CertificateParams::default()
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        let request = CertificateRequest {
+            csr,
+            namespace: ns.into(),
+            service_account: sa.into(),
+        };
+        (key, request)
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("outrider-ca-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        dir
+    }
+
+    #[test]
+    fn issues_a_leaf_with_only_the_spiffe_uri_for_the_csr_key() {
+        let dir = temp_dir("issue");
+        let ca =
+            Ca::open_or_generate(&dir, "cluster.local", Duration::from_secs(3600)).expect("ca");
+        let (key, request) = request("shop", "checkout");
+        let issued = ca.issue(&request).expect("issued");
+        assert_eq!(
+            issued.identity,
+            "spiffe://cluster.local/ns/shop/sa/checkout"
+        );
+        assert_eq!(issued.trust_bundle, ca.bundle());
+        assert_eq!(issued.not_after - issued.not_before, 3600 + 60);
+
+        let der = pem::parse(&issued.chain).expect("pem");
+        let (_, cert) = X509Certificate::from_der(der.contents()).expect("x509");
+        let sans: Vec<String> = cert
+            .subject_alternative_name()
+            .expect("ext")
+            .expect("san")
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::URI(u) => format!("uri:{u}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sans, ["uri:spiffe://cluster.local/ns/shop/sa/checkout"]);
+        assert_eq!(
+            cert.public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
+        assert!(!cert.is_ca());
+        // Signed by the CA.
+        let root = pem::parse(ca.bundle()).expect("root pem");
+        let (_, root) = X509Certificate::from_der(root.contents()).expect("root");
+        cert.verify_signature(Some(root.public_key()))
+            .expect("signed by the CA");
+    }
+
+    #[test]
+    fn a_restart_keeps_the_root_and_the_key_is_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = temp_dir("persist");
+        let first = Ca::open_or_generate(&dir, "td", DEFAULT_CERT_TTL).expect("first");
+        let second = Ca::open_or_generate(&dir, "td", DEFAULT_CERT_TTL).expect("second");
+        assert_eq!(first.bundle(), second.bundle());
+        let mode = std::fs::metadata(dir.join(KEY_FILE))
+            .expect("key file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_file(dir.join(CERT_FILE)).expect("rm");
+        assert!(matches!(
+            Ca::open_or_generate(&dir, "td", DEFAULT_CERT_TTL),
+            Err(CaError::Half(_))
+        ));
+    }
+
+    #[test]
+    fn refuses_bad_names_and_forged_csrs() {
+        let dir = temp_dir("refuse");
+        let ca = Ca::open_or_generate(&dir, "td", DEFAULT_CERT_TTL).expect("ca");
+        let (_, bad) = request("shop", "a/sa/admin");
+        assert!(matches!(ca.issue(&bad), Err(CaError::Identity(_))));
+        let (_, mut forged) = request("shop", "checkout");
+        // Flip a byte inside the signature (near the end of the DER).
+        let mut der = pem::parse(&forged.csr).expect("pem").into_contents();
+        let n = der.len();
+        der[n - 3] ^= 0x01;
+        forged.csr = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
+        assert!(matches!(ca.issue(&forged), Err(CaError::Csr(_))));
+        assert!(matches!(
+            Ca::open_or_generate(&temp_dir("td"), "bad/domain", DEFAULT_CERT_TTL),
+            Err(CaError::TrustDomain(_))
+        ));
+    }
+}
