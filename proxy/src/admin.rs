@@ -1,5 +1,5 @@
-//! The admin port: `/live`, `/ready`, `/metrics`, `/config`, `/log-level` (GET, PUT), and
-//! `POST /shutdown` when enabled.
+//! The admin port: `/live`, `/ready`, `/metrics`, `/config`, `/identity`, `/log-level` (GET,
+//! PUT), and `POST /shutdown` when enabled.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -58,6 +58,10 @@ fn respond(shared: &Shared, peer: SocketAddr, req: &Request<Incoming>) -> Respon
         (true, "/ready") => {
             let (status, state) = if shared.draining.load(Ordering::Acquire) {
                 (StatusCode::SERVICE_UNAVAILABLE, "draining")
+            } else if shared.mesh.as_ref().is_some_and(|mesh| !mesh.ready()) {
+                // Mesh TLS is configured: without a certificate no peer can be reached or
+                // accepted, so the pod must not get traffic yet.
+                (StatusCode::SERVICE_UNAVAILABLE, "no workload certificate")
             } else if shared.ready.load(Ordering::Acquire) {
                 (StatusCode::OK, "ready")
             } else {
@@ -84,7 +88,12 @@ fn respond(shared: &Shared, peer: SocketAddr, req: &Request<Incoming>) -> Respon
             config_json(shared),
             HeaderValue::from_static("application/json"),
         ),
-        (false, "/live" | "/ready" | "/metrics" | "/config") => {
+        (true, "/identity") => with_type(
+            StatusCode::OK,
+            identity_json(shared),
+            HeaderValue::from_static("application/json"),
+        ),
+        (false, "/live" | "/ready" | "/metrics" | "/config" | "/identity") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -182,6 +191,26 @@ fn config_json(shared: &Shared) -> Bytes {
         "listeners": listeners,
         "policy": snapshot.policy,
     });
+    serde_json::to_vec_pretty(&body)
+        .map(Bytes::from)
+        .unwrap_or_default()
+}
+
+/// The workload identity in force: `{"mesh": false}` without mesh TLS, `"identity": null`
+/// until the first certificate arrives.
+fn identity_json(shared: &Shared) -> Bytes {
+    let body = match &shared.mesh {
+        None => serde_json::json!({ "mesh": false }),
+        Some(mesh) => match mesh.held() {
+            None => serde_json::json!({ "mesh": true, "identity": null }),
+            Some(held) => serde_json::json!({
+                "mesh": true,
+                "identity": &*held.identity,
+                "not_before": held.not_before,
+                "not_after": held.not_after,
+            }),
+        },
+    };
     serde_json::to_vec_pretty(&body)
         .map(Bytes::from)
         .unwrap_or_default()

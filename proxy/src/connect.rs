@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::metrics::{ConnectionGuard, ConnectionMetrics};
+use crate::tls::{Io, UpstreamTls};
 
 /// Why a connection to an endpoint failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,16 @@ pub enum ConnectError {
         addr: SocketAddr,
         /// The OS error.
         source: io::Error,
+    },
+    /// The mesh TLS handshake failed (untrusted or wrong peer, no identity, timeout).
+    #[error("mesh TLS handshake with {addr} failed ({reason}): {message}")]
+    Tls {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// Short label, as in the handshake-failure metric.
+        reason: &'static str,
+        /// rustls's error.
+        message: String,
     },
     /// `max_pending_requests` connections to the service are already being opened.
     #[error("too many pending requests for {0}")]
@@ -91,6 +102,7 @@ pub struct EndpointConnector {
     timeout: Duration,
     metrics: ConnectionMetrics,
     pending: Option<PendingLimit>,
+    tls: Option<UpstreamTls>,
 }
 
 impl EndpointConnector {
@@ -107,7 +119,14 @@ impl EndpointConnector {
             timeout,
             metrics,
             pending,
+            tls: None,
         }
+    }
+
+    /// Secures every connection with `tls` (mesh mTLS).
+    pub fn with_tls(mut self, tls: Option<UpstreamTls>) -> Self {
+        self.tls = tls;
+        self
     }
 }
 
@@ -126,6 +145,7 @@ impl tower_service::Service<http::Uri> for EndpointConnector {
             timeout,
             metrics,
             pending,
+            tls,
         } = self.clone();
         Box::pin(async move {
             let _slot = pending.as_ref().map(PendingLimit::enter).transpose()?;
@@ -144,7 +164,19 @@ impl tower_service::Service<http::Uri> for EndpointConnector {
             };
             // Small request/response writes must not wait for Nagle.
             let _ = stream.set_nodelay(true);
+            let stream =
+                match &tls {
+                    None => Io::Plain(stream),
+                    Some(tls) => crate::tls::connect(tls, addr, stream).await.map_err(|e| {
+                        ConnectError::Tls {
+                            addr,
+                            reason: e.reason,
+                            message: e.message,
+                        }
+                    })?,
+                };
             Ok(TokioIo::new(CountedStream {
+                h2: stream.negotiated_h2(),
                 stream,
                 _guard: metrics.opened(),
             }))
@@ -152,15 +184,21 @@ impl tower_service::Service<http::Uri> for EndpointConnector {
     }
 }
 
-/// A TCP stream that is counted in the connection metrics while it lives.
+/// A connection (TCP, or mesh TLS over it) counted in the connection metrics while it lives.
 pub struct CountedStream {
-    stream: TcpStream,
+    stream: Io,
+    h2: bool,
     _guard: ConnectionGuard,
 }
 
 impl Connection for CountedStream {
     fn connected(&self) -> Connected {
-        Connected::new()
+        // ALPN's answer tells the pool to speak HTTP/2 on this connection.
+        if self.h2 {
+            Connected::new().negotiated_h2()
+        } else {
+            Connected::new()
+        }
     }
 }
 

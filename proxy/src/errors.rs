@@ -85,6 +85,10 @@ pub enum ProxyError {
     /// The service has `max_concurrent_requests` requests in flight already.
     #[error("too many concurrent requests for {0}")]
     ConcurrencyLimit(std::sync::Arc<str>),
+    /// `inbound.authorization` does not allow the caller (`None`: a plaintext caller, who has
+    /// no verified identity).
+    #[error("caller {} is not allowed by inbound.authorization", .0.as_deref().unwrap_or("without a mesh identity"))]
+    Forbidden(Option<String>),
     /// Any other failure talking to the upstream.
     #[error("upstream {addr} failed: {reason}")]
     Upstream {
@@ -103,6 +107,7 @@ impl ProxyError {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::FaultAbort(status) => *status,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NoEndpoints(_)
             | Self::AllEjected(_)
             | Self::PendingLimit(_)
@@ -125,6 +130,7 @@ fn grpc_status_for(status: StatusCode) -> &'static str {
     match status {
         StatusCode::BAD_REQUEST => "13",      // INTERNAL
         StatusCode::NOT_FOUND => "12",        // UNIMPLEMENTED
+        StatusCode::FORBIDDEN => "7",         // PERMISSION_DENIED
         StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
         StatusCode::GATEWAY_TIMEOUT => "4",   // DEADLINE_EXCEEDED
         _ => "14",                            // UNAVAILABLE (502, 503)

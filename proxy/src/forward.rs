@@ -596,6 +596,10 @@ fn classify(error: &hyper_util::client::legacy::Error, addr: SocketAddr) -> Prox
                     reason: std::io::Error::new(source.kind(), source.to_string()),
                 },
                 ConnectError::PendingLimit(service) => ProxyError::PendingLimit(service.clone()),
+                ConnectError::Tls { .. } => ProxyError::Upstream {
+                    addr,
+                    reason: connect.to_string(),
+                },
             };
         }
         if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {

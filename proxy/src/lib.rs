@@ -12,6 +12,7 @@ pub mod demo;
 pub mod errors;
 pub mod forward;
 pub mod headers;
+pub mod identity;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
@@ -22,6 +23,7 @@ pub mod server;
 pub mod snapshot;
 pub mod subscribe;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 pub mod watch_file;
 
@@ -63,6 +65,8 @@ pub struct Bootstrap {
     pub policy_source: String,
     /// Serve `POST /shutdown` on the admin port (loopback callers only).
     pub shutdown_endpoint: bool,
+    /// The workload identity to get from the control plane, for mesh mTLS.
+    pub identity: Option<identity::IdentityConfig>,
 }
 
 /// The policy a proxy starts with.
@@ -95,6 +99,8 @@ pub struct Shared {
     pub dedicated: ArcSwap<Vec<(String, SocketAddr)>>,
     /// Where the policy came from (a path or a URL), for `/config`.
     pub origin: String,
+    /// This proxy's mesh identity, when it has one configured.
+    pub mesh: Option<Arc<identity::Mesh>>,
     stop: watch::Sender<bool>,
     /// The span exporter for the policy's `tracing.otlp`, if any.
     pub spans: Spans,
@@ -216,6 +222,10 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
 /// [`Running::reloader`]. Must be called inside a Tokio runtime.
 pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Running, StartError> {
     let metrics = Metrics::new(&bootstrap.workload)?;
+    let mesh = match &bootstrap.identity {
+        Some(_) => Some(identity::Mesh::new(&metrics)?),
+        None => None,
+    };
     let snapshot = reload::empty_snapshot(&metrics);
     let (stop, stop_rx) = watch::channel(false);
     let spans = Spans::new(&bootstrap.workload, metrics.telemetry.clone());
@@ -231,10 +241,14 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         status: PolicyStatus::default(),
         dedicated: ArcSwap::from_pointee(Vec::new()),
         origin: bootstrap.policy_source.clone(),
+        mesh,
         stop,
         spans,
         access_log,
     });
+    if let (Some(config), Some(mesh)) = (bootstrap.identity.clone(), &shared.mesh) {
+        identity::spawn(config, Arc::clone(mesh));
+    }
 
     let admin = bind("admin", bootstrap.admin).await?;
     let outbound = bind("outbound", bootstrap.outbound).await?;

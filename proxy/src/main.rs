@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use outrider_proxy::identity::IdentityConfig;
 use outrider_proxy::reload::PolicySource;
 use outrider_proxy::subscribe::{self, ControlConfig, Token};
 use outrider_proxy::{demo, start, watch_file, Bootstrap, Initial};
@@ -61,6 +62,13 @@ struct Cli {
     /// its sidecar on clusters without native sidecars.
     #[arg(long, env = "OUTRIDER_SHUTDOWN_ENDPOINT")]
     shutdown_endpoint: bool,
+    /// This workload's Kubernetes namespace, for its mesh identity.
+    #[arg(long, env = "OUTRIDER_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// This workload's service account: turns mesh mTLS on, with the identity
+    /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> certified by the control plane.
+    #[arg(long, env = "OUTRIDER_SERVICE_ACCOUNT", requires = "control")]
+    service_account: Option<String>,
     /// Log filter (tracing env-filter syntax), e.g. `info` or `outrider_proxy=debug`.
     #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
     log: String,
@@ -140,6 +148,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_SOFTWARE);
         }
     };
+    let identity = match (&cli.service_account, &control) {
+        (Some(service_account), Some(control)) => Some(IdentityConfig {
+            control: control.clone(),
+            namespace: cli.namespace.clone(),
+            service_account: service_account.clone(),
+        }),
+        _ => None,
+    };
     let bootstrap = Bootstrap {
         outbound: cli.outbound,
         inbound: cli.inbound,
@@ -148,6 +164,7 @@ fn main() -> ExitCode {
         workload: cli.workload.clone(),
         policy_source: origin,
         shutdown_endpoint: cli.shutdown_endpoint,
+        identity,
     };
     runtime.block_on(async move {
         if let (true, Some(initial)) = (cli.demo, &initial) {

@@ -473,6 +473,14 @@ impl Metrics {
         })
     }
 
+    /// Registers a collector owned by another module (mesh TLS) in the one registry.
+    pub fn register(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), MetricsError> {
+        Ok(self.registry.register(collector)?)
+    }
+
     /// Handles for requests in `direction` to `service` through `route`.
     pub fn route(&self, direction: &str, service: &str, route: &str) -> RouteMetrics {
         RouteMetrics {

@@ -20,6 +20,7 @@ use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::forward::ListenerKind;
+use crate::identity::Mesh;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
 use crate::{server, Shared};
@@ -175,8 +176,9 @@ fn build(
     version: u64,
     metrics: &Metrics,
     previous: Option<&Snapshot>,
+    mesh: Option<&Arc<Mesh>>,
 ) -> Snapshot {
-    Snapshot::build(loaded, version, metrics, previous)
+    Snapshot::build_with_mesh(loaded, version, metrics, previous, mesh)
 }
 
 /// The snapshot of a proxy that has no policy yet: nothing routes, version 0.
@@ -185,7 +187,7 @@ pub(crate) fn empty_snapshot(metrics: &Metrics) -> Snapshot {
         policy: outrider_config::Policy::default(),
         content_hash: String::new(),
     };
-    build(empty, 0, metrics, None)
+    build(empty, 0, metrics, None, None)
 }
 
 impl Reloader {
@@ -268,7 +270,13 @@ impl Reloader {
             });
         }
         let version = version.unwrap_or(current.version + 1);
-        let snapshot = build(loaded, version, &self.shared.metrics, Some(&current));
+        let snapshot = build(
+            loaded,
+            version,
+            &self.shared.metrics,
+            Some(&current),
+            self.shared.mesh.as_ref(),
+        );
 
         // Bind what is new before anything is swapped, so a taken port changes nothing.
         let wanted = snapshot.dedicated_listeners();

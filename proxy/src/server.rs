@@ -11,8 +11,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::errors::{self, ProxyError};
 use crate::forward::{self, ListenerKind};
-use crate::Shared;
+use crate::identity::PEER_IDENTITY_HEADER;
+use crate::{headers, tls, Shared};
 
 /// Largest request head accepted; larger ones are answered 431 (HTTP/1.1) or refused by
 /// HTTP/2 with 431. Envoy's default is 60 KiB.
@@ -48,15 +50,42 @@ pub async fn serve(
                     // The app's outbound connections tell a shutdown when the app has gone.
                     let app_connection = (kind != ListenerKind::Inbound).then(|| shared.app.open());
                     let shared = Arc::clone(&shared);
-                    let service = service_fn(move |req| {
-                        forward::handle(Arc::clone(&shared), kind, peer, req)
-                    });
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    let conn = graceful.watch(conn);
+                    let builder = builder.clone();
+                    let watcher = graceful.watcher();
                     tokio::spawn(async move {
-                        if let Err(error) = conn.await {
+                        // Inbound: sniff plaintext from mTLS and handshake, off the accept loop.
+                        let accepted = if kind == ListenerKind::Inbound {
+                            let mode = shared
+                                .snapshot
+                                .load()
+                                .policy
+                                .inbound
+                                .as_ref()
+                                .map(|i| i.mtls)
+                                .unwrap_or_default();
+                            tls::accept_inbound(stream, peer, shared.mesh.as_ref(), mode).await
+                        } else {
+                            Some(tls::Accepted { io: tls::Io::Plain(stream), peer_identity: None })
+                        };
+                        let Some(tls::Accepted { io, peer_identity }) = accepted else {
+                            return;
+                        };
+                        let service = service_fn(move |mut req| {
+                            let shared = Arc::clone(&shared);
+                            let denied = (kind == ListenerKind::Inbound)
+                                .then(|| inbound_identity(&shared, &mut req, peer_identity.as_ref()))
+                                .flatten();
+                            async move {
+                                match denied {
+                                    Some(error) => Ok(errors::rescue(&error, headers::is_grpc(&req))),
+                                    None => forward::handle(shared, kind, peer, req).await,
+                                }
+                            }
+                        });
+                        let conn = builder
+                            .serve_connection_with_upgrades(TokioIo::new(io), service)
+                            .into_owned();
+                        if let Err(error) = watcher.watch(conn).await {
                             tracing::debug!(%error, "connection ended with an error");
                         }
                         drop(app_connection);
@@ -73,4 +102,36 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// On the inbound port: replaces any caller-sent identity header with the verified one (none
+/// for plaintext callers) and applies `inbound.authorization`; `Some` is the refusal.
+fn inbound_identity<B>(
+    shared: &Shared,
+    req: &mut http::Request<B>,
+    verified: Option<&http::HeaderValue>,
+) -> Option<ProxyError> {
+    let headers = req.headers_mut();
+    headers.remove(PEER_IDENTITY_HEADER);
+    if let Some(id) = verified {
+        headers.insert(PEER_IDENTITY_HEADER, id.clone());
+    }
+    let snapshot = shared.snapshot.load();
+    let allow = &snapshot
+        .policy
+        .inbound
+        .as_ref()?
+        .authorization
+        .as_ref()?
+        .allow;
+    let caller = verified.map(http::HeaderValue::as_bytes);
+    if caller.is_some_and(|c| allow.iter().any(|a| a.as_bytes() == c)) {
+        return None;
+    }
+    let caller = caller.map(|c| String::from_utf8_lossy(c).into_owned());
+    tracing::debug!(
+        caller = caller.as_deref().unwrap_or("plaintext"),
+        "inbound request refused by authorization"
+    );
+    Some(ProxyError::Forbidden(caller))
 }

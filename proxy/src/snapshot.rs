@@ -6,13 +6,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use outrider_config::{LoadedPolicy, Policy, RateLimit, Service};
+use outrider_config::{LoadedPolicy, MeshTls, Policy, Protocol, RateLimit, Service, ServiceTls};
 
+use crate::identity::{Mesh, ALPN_H2, ALPN_HTTP1};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::policy::breaker::CircuitBreaker;
 use crate::policy::ratelimit::RateLimiter;
 use crate::policy::trace::Sampler;
 use crate::policy::{Limit, RoutePolicy, Stateful};
+use crate::tls::UpstreamTls;
 use crate::upstream::{Upstream, UpstreamSpec};
 
 /// Where a matched request goes: an upstream, and the metrics it is counted in.
@@ -94,15 +96,32 @@ impl Snapshot {
         metrics: &Metrics,
         previous: Option<&Snapshot>,
     ) -> Self {
+        Self::build_with_mesh(loaded, version, metrics, previous, None)
+    }
+
+    /// [`Snapshot::build`] for a proxy with a mesh identity: services marked `tls: mesh` (all
+    /// of them under `mesh_tls: strict`) get their client TLS config here, once per load.
+    pub fn build_with_mesh(
+        loaded: LoadedPolicy,
+        version: u64,
+        metrics: &Metrics,
+        previous: Option<&Snapshot>,
+        mesh: Option<&Arc<Mesh>>,
+    ) -> Self {
         let LoadedPolicy {
             policy,
             content_hash,
         } = loaded;
         let mut upstreams = BTreeMap::new();
         for (name, service) in &policy.services {
+            let meshed =
+                service.tls == Some(ServiceTls::Mesh) || policy.mesh_tls == MeshTls::Strict;
             let kept = previous.and_then(|p| {
                 let before = p.policy.services.get(name)?;
-                same_upstream(before, service).then(|| p.upstreams.get(name).cloned())?
+                let was_meshed =
+                    before.tls == Some(ServiceTls::Mesh) || p.policy.mesh_tls == MeshTls::Strict;
+                (same_upstream(before, service) && was_meshed == meshed)
+                    .then(|| p.upstreams.get(name).cloned())?
             });
             if let Some(upstream) = kept {
                 upstreams.insert(name.clone(), upstream);
@@ -118,6 +137,7 @@ impl Snapshot {
                     .circuit_breaker
                     .as_ref()
                     .and_then(|b| b.max_pending_requests),
+                tls: meshed.then(|| upstream_tls(name, service, mesh)),
             };
             let static_endpoints = service.endpoints.as_deref().unwrap_or(&[]);
             let upstream = Upstream::new(spec, static_endpoints, metrics);
@@ -245,6 +265,7 @@ impl Snapshot {
                     connect_timeout: inbound.timeouts.connect.get(),
                     outlier: None,
                     max_pending: None,
+                    tls: None,
                 };
                 Upstream::new(spec, &[inbound.app], metrics)
             });
@@ -345,8 +366,34 @@ fn limit(
 /// Whether two versions of a service can share one [`Upstream`]: same endpoints (or DNS name),
 /// protocol, balancing, connect timeout, outlier detection (endpoint health lives in the
 /// upstream) and the pending-connection bound (its counter is shared by the connectors). Everything else is per-request policy.
+/// The TLS of a meshed service: ALPN offers the service's own protocol, so the peer's inbound
+/// side needs no prior knowledge; the peer must be `identity` when the policy names one.
+fn upstream_tls(name: &str, service: &Service, mesh: Option<&Arc<Mesh>>) -> UpstreamTls {
+    let Some(mesh) = mesh else {
+        tracing::error!(service = name, "mesh TLS asked for but this proxy has no workload identity (--service-account); its requests will fail");
+        return UpstreamTls::NoIdentity;
+    };
+    let alpn = match service.protocol {
+        Protocol::Http2 => vec![ALPN_H2.to_vec()],
+        Protocol::Http1 => vec![ALPN_HTTP1.to_vec()],
+    };
+    let expected = service.identity.as_deref().map(Arc::from);
+    match mesh.client_config(expected, alpn) {
+        Ok(config) => UpstreamTls::Mesh {
+            config,
+            mesh: Arc::clone(mesh),
+        },
+        Err(error) => {
+            // Only a provider without TLS 1.3 could get here; fail closed.
+            tracing::error!(service = name, %error, "cannot build the mesh TLS config");
+            UpstreamTls::NoIdentity
+        }
+    }
+}
+
 fn same_upstream(before: &Service, after: &Service) -> bool {
-    before.endpoints == after.endpoints
+    before.identity == after.identity
+        && before.endpoints == after.endpoints
         && before.dns == after.dns
         && before.protocol == after.protocol
         && before.load_balancing == after.load_balancing

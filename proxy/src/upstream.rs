@@ -17,6 +17,7 @@ use crate::errors::ProxyError;
 use crate::metrics::Metrics;
 use crate::policy::breaker::Outcome;
 use crate::policy::outlier::{EndpointHealth, OutlierDetector};
+use crate::tls::UpstreamTls;
 
 /// How often a `dns:` service is resolved again.
 const DNS_REFRESH: Duration = Duration::from_secs(5);
@@ -69,6 +70,8 @@ pub struct UpstreamSpec {
     pub outlier: Option<OutlierDetection>,
     /// Bound on connections being opened at once, service-wide.
     pub max_pending: Option<u32>,
+    /// Mesh mTLS to the endpoints, when the policy asks for it.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// A service's endpoints and balancer.
@@ -125,7 +128,8 @@ impl Upstream {
             self.spec.connect_timeout,
             self.metrics.connections(&self.spec.name, &addr.to_string()),
             self.pending.clone(),
-        );
+        )
+        .with_tls(self.spec.tls.clone());
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_timer(TokioTimer::new())
@@ -264,6 +268,7 @@ mod tests {
                 max_ejected_percent: 100,
             }),
             max_pending: None,
+            tls: None,
         };
         Upstream::new(spec, addrs, &metrics)
     }

@@ -1,0 +1,610 @@
+//! The proxy's workload identity for mesh mTLS: a key made here (it never leaves the process),
+//! a CSR sent to the control plane with the proxy's token, and the short-lived certificate that
+//! comes back, renewed at about 70% of its lifetime without a restart.
+//!
+//! The certificate in force is one [`Held`] in an `ArcSwap`. New handshakes read it; a
+//! connection already established keeps the certificate it was made with, so a renewal never
+//! disturbs traffic. Peers are verified against the trust bundle of the certificate in force,
+//! and a peer's identity is the SPIFFE URI SAN of its certificate.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use outrider_config::wire::{CertificateRequest, CertificateResponse, CERTIFICATE_PATH};
+use prometheus::{IntCounterVec, IntGauge, Opts};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::metrics::{Metrics, MetricsError};
+use crate::subscribe::{Backoff, ControlConfig, Token};
+
+/// Header carrying the verified caller identity to the local app; removed from every request
+/// arriving on the inbound port first, so a caller cannot claim one.
+pub const PEER_IDENTITY_HEADER: &str = "x-outrider-peer-identity";
+/// Fraction of a certificate's lifetime after which it is renewed.
+const RENEW_AT: f64 = 0.7;
+/// Longest wait for the control plane's answer to a CSR.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest certificate response accepted.
+const MAX_RESPONSE: usize = 256 * 1024;
+
+/// ALPN ids offered on mesh connections, preferred first.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN id of HTTP/1.1.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// Why a certificate could not be obtained or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The token file could not be read.
+    #[error("cannot read the token file: {0}")]
+    Token(std::io::Error),
+    /// The key or CSR could not be made.
+    #[error("cannot make the key or CSR: {0}")]
+    Key(#[from] rcgen::Error),
+    /// The request could not be sent or the answer read.
+    #[error("cannot reach the control plane: {0}")]
+    Control(String),
+    /// The control plane refused.
+    #[error("the control plane answered {status}: {body}")]
+    Refused {
+        /// Its status.
+        status: StatusCode,
+        /// Its reason.
+        body: String,
+    },
+    /// The answer was not usable.
+    #[error("bad certificate response: {0}")]
+    Response(String),
+    /// rustls refused the certificate, key or bundle.
+    #[error("cannot use the certificate: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// The certificate in force, with everything built from it once.
+pub struct Held {
+    /// This proxy's SPIFFE id.
+    pub identity: Arc<str>,
+    /// Chain and signing key, for client and server handshakes.
+    pub certified: Arc<CertifiedKey>,
+    /// The trust bundle peers must chain to.
+    pub roots: Arc<RootCertStore>,
+    /// The inbound listener's TLS config (client certificates required, TLS 1.3).
+    pub server: Arc<ServerConfig>,
+    /// Validity start, Unix seconds.
+    pub not_before: u64,
+    /// Validity end, Unix seconds.
+    pub not_after: u64,
+}
+
+/// Metrics of mesh TLS.
+#[derive(Clone)]
+pub struct TlsMetrics {
+    expiry: IntGauge,
+    handshake_failures: IntCounterVec,
+    renewals: IntCounterVec,
+}
+
+impl TlsMetrics {
+    fn new(metrics: &Metrics) -> Result<Self, MetricsError> {
+        let expiry = IntGauge::new(
+            "outrider_mesh_certificate_expiry_timestamp_seconds",
+            "Unix time at which the workload certificate in force expires (0: none held).",
+        )
+        .map_err(MetricsError::from)?;
+        let handshake_failures = IntCounterVec::new(
+            Opts::new(
+                "outrider_tls_handshake_failures_total",
+                "Failed mesh TLS handshakes, by direction and reason.",
+            ),
+            &["direction", "reason"],
+        )
+        .map_err(MetricsError::from)?;
+        let renewals = IntCounterVec::new(
+            Opts::new(
+                "outrider_mesh_certificate_fetches_total",
+                "Workload certificate requests to the control plane, by result.",
+            ),
+            &["result"],
+        )
+        .map_err(MetricsError::from)?;
+        metrics.register(Box::new(expiry.clone()))?;
+        metrics.register(Box::new(handshake_failures.clone()))?;
+        metrics.register(Box::new(renewals.clone()))?;
+        Ok(Self {
+            expiry,
+            handshake_failures,
+            renewals,
+        })
+    }
+
+    /// Counts a failed handshake.
+    pub fn handshake_failed(&self, direction: &str, reason: &str) {
+        self.handshake_failures
+            .with_label_values(&[direction, reason])
+            .inc();
+    }
+}
+
+/// This proxy's mesh identity: the certificate in force and how to get the next one.
+pub struct Mesh {
+    held: ArcSwapOption<Held>,
+    provider: Arc<CryptoProvider>,
+    /// Its metrics.
+    pub metrics: TlsMetrics,
+}
+
+impl Mesh {
+    /// A mesh identity with no certificate yet.
+    pub fn new(metrics: &Metrics) -> Result<Arc<Self>, MetricsError> {
+        Ok(Arc::new(Self {
+            held: ArcSwapOption::empty(),
+            provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+            metrics: TlsMetrics::new(metrics)?,
+        }))
+    }
+
+    /// The certificate in force, if one is held.
+    pub fn held(&self) -> Option<Arc<Held>> {
+        self.held.load_full()
+    }
+
+    /// Whether a certificate is held (readiness).
+    pub fn ready(&self) -> bool {
+        self.held.load().is_some()
+    }
+
+    /// The crypto provider (aws-lc-rs; X25519MLKEM768 offered first).
+    pub fn provider(&self) -> &Arc<CryptoProvider> {
+        &self.provider
+    }
+
+    /// Puts an issued certificate in force with the key it was issued for.
+    pub fn install(
+        &self,
+        issued: &CertificateResponse,
+        key_der: Vec<u8>,
+    ) -> Result<Arc<Held>, IdentityError> {
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(issued.chain.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| IdentityError::Response(format!("chain: {e}")))?;
+        let Some(leaf) = chain.first() else {
+            return Err(IdentityError::Response("empty chain".into()));
+        };
+        let identity = spiffe_id_of(leaf)
+            .ok_or_else(|| IdentityError::Response("no SPIFFE URI in the certificate".into()))?;
+        if identity != issued.identity {
+            return Err(IdentityError::Response(format!(
+                "certificate names {identity}, response says {}",
+                issued.identity
+            )));
+        }
+        let mut roots = RootCertStore::empty();
+        for root in CertificateDer::pem_slice_iter(issued.trust_bundle.as_bytes()) {
+            let root = root.map_err(|e| IdentityError::Response(format!("bundle: {e}")))?;
+            roots.add(root)?;
+        }
+        if roots.is_empty() {
+            return Err(IdentityError::Response("empty trust bundle".into()));
+        }
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der));
+        let certified = Arc::new(CertifiedKey::from_der(chain, key, &self.provider)?);
+        let roots = Arc::new(roots);
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            Arc::clone(&roots),
+            Arc::clone(&self.provider),
+        )
+        .build()
+        .map_err(|e| IdentityError::Response(format!("client verifier: {e}")))?;
+        let mut server = ServerConfig::builder_with_provider(Arc::clone(&self.provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(Fixed(Arc::clone(&certified))));
+        server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+        let held = Arc::new(Held {
+            identity: Arc::from(identity.as_str()),
+            certified,
+            roots,
+            server: Arc::new(server),
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+        });
+        self.held.store(Some(Arc::clone(&held)));
+        self.metrics
+            .expiry
+            .set(i64::try_from(issued.not_after).unwrap_or(i64::MAX));
+        Ok(held)
+    }
+
+    /// The client config for one upstream service: this proxy's certificate, TLS 1.3, the peer
+    /// verified against the trust bundle and, when given, `expected` as its SPIFFE id. Built
+    /// once per policy load; renewals are picked up without rebuilding it.
+    pub fn client_config(
+        self: &Arc<Self>,
+        expected: Option<Arc<str>>,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<Arc<ClientConfig>, rustls::Error> {
+        let verifier = Arc::new(PeerVerifier {
+            mesh: Arc::clone(self),
+            expected,
+        });
+        let mut config = ClientConfig::builder_with_provider(Arc::clone(&self.provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(Arc::new(ClientCert(Arc::clone(self))));
+        config.alpn_protocols = alpn;
+        // Every connection verifies the peer against the bundle and identity in force now;
+        // a resumed session would skip that.
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(Arc::new(config))
+    }
+}
+
+/// The server side's certificate: the one the config was built with.
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+}
+
+/// The client side's certificate: whichever is in force when the handshake starts.
+struct ClientCert(Arc<Mesh>);
+
+impl std::fmt::Debug for ClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientCert")
+    }
+}
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.0.held().map(|h| Arc::clone(&h.certified))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The peer presented a certificate for another workload.
+#[derive(Debug, thiserror::Error)]
+#[error("peer identity {presented} is not the expected {expected}")]
+pub struct WrongIdentity {
+    /// Whom the policy expects.
+    pub expected: Arc<str>,
+    /// Whom the certificate names (`none` without a SPIFFE URI).
+    pub presented: String,
+}
+
+/// Verifies an upstream sidecar: chain to the bundle in force, then its SPIFFE id.
+struct PeerVerifier {
+    mesh: Arc<Mesh>,
+    expected: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for PeerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerVerifier")
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let held = self
+            .mesh
+            .held()
+            .ok_or_else(|| rustls::Error::General("no mesh certificate held yet".into()))?;
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &held.roots,
+            intermediates,
+            now,
+            self.mesh.provider.signature_verification_algorithms.all,
+        )?;
+        // The peer's names are SPIFFE URIs, not DNS names: the identity check replaces the
+        // hostname check.
+        let presented = spiffe_id_of(end_entity);
+        match (&self.expected, presented) {
+            (None, Some(_)) => Ok(ServerCertVerified::assertion()),
+            (Some(expected), Some(presented)) if **expected == *presented => {
+                Ok(ServerCertVerified::assertion())
+            }
+            (expected, presented) => Err(rustls::Error::InvalidCertificate(
+                CertificateError::Other(rustls::OtherError(Arc::new(WrongIdentity {
+                    expected: expected.clone().unwrap_or_else(|| Arc::from("a SPIFFE id")),
+                    presented: presented.unwrap_or_else(|| "none".into()),
+                }))),
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.mesh.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.mesh.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.mesh
+            .provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The SPIFFE id in a certificate's URI SANs.
+pub fn spiffe_id_of(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some((*uri).to_string()),
+        _ => None,
+    })
+}
+
+/// A short label for a handshake failure, for metrics and logs.
+pub fn failure_reason(error: &std::io::Error) -> &'static str {
+    let Some(tls) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return match error.kind() {
+            std::io::ErrorKind::UnexpectedEof => "peer_closed",
+            std::io::ErrorKind::TimedOut => "timeout",
+            _ => "io",
+        };
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(e) => match e {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => "untrusted",
+            CertificateError::Other(other) if other.0.downcast_ref::<WrongIdentity>().is_some() => {
+                "wrong_identity"
+            }
+            _ => "bad_certificate",
+        },
+        rustls::Error::NoCertificatesPresented => "no_client_certificate",
+        rustls::Error::AlertReceived(_) => "alert_received",
+        rustls::Error::General(_) => "no_certificate_held",
+        _ => "protocol",
+    }
+}
+
+/// A handshake failure in words: rustls shows a custom verifier's error with `Debug`, so a
+/// wrong identity is spelled out here instead.
+pub fn describe(error: &std::io::Error) -> String {
+    let wrong = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .and_then(|e| match e {
+            rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+                other.0.downcast_ref::<WrongIdentity>()
+            }
+            _ => None,
+        });
+    match wrong {
+        Some(wrong) => format!("invalid peer certificate: {wrong}"),
+        None => error.to_string(),
+    }
+}
+
+/// When to renew a certificate valid from `not_before` to `not_after` (Unix seconds), counted
+/// from `now`: at 70% of its lifetime, at once if that is past.
+pub fn renew_in(now: u64, not_before: u64, not_after: u64) -> Duration {
+    let lifetime = not_after.saturating_sub(not_before) as f64;
+    let at = not_before as f64 + lifetime * RENEW_AT;
+    Duration::from_secs_f64((at - now as f64).max(0.0))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Who this proxy asks to be.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// The control plane (URL and token).
+    pub control: ControlConfig,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Service account.
+    pub service_account: String,
+}
+
+/// Fetches the first certificate and renews it at ~70% of each lifetime, forever; failures are
+/// retried with backoff while the certificate in force stays.
+pub fn spawn(config: IdentityConfig, mesh: Arc<Mesh>) {
+    tokio::spawn(async move {
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            match fetch(&client, &config).await {
+                Ok((issued, key)) => match mesh.install(&issued, key) {
+                    Ok(held) => {
+                        backoff.reset();
+                        mesh.metrics.renewals.with_label_values(&["ok"]).inc();
+                        let wait = renew_in(unix_now(), held.not_before, held.not_after);
+                        tracing::info!(identity = %held.identity, not_after = held.not_after, renew_in = ?wait, "workload certificate in force");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    Err(error) => {
+                        mesh.metrics.renewals.with_label_values(&["error"]).inc();
+                        tracing::error!(%error, "issued certificate unusable");
+                    }
+                },
+                Err(error) => {
+                    mesh.metrics.renewals.with_label_values(&["error"]).inc();
+                    tracing::warn!(%error, "cannot get a workload certificate; retrying");
+                }
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    });
+}
+
+/// One CSR round trip: a fresh key (kept here), its CSR, the control plane's answer.
+async fn fetch(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    config: &IdentityConfig,
+) -> Result<(CertificateResponse, Vec<u8>), IdentityError> {
+    let key = rcgen::KeyPair::generate()?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)?
+        .pem()?;
+    let request = CertificateRequest {
+        csr,
+        namespace: config.namespace.clone(),
+        service_account: config.service_account.clone(),
+    };
+    let token = match &config.control.token {
+        Token::Value(v) => v.trim().to_string(),
+        Token::File(path) => std::fs::read_to_string(path)
+            .map_err(IdentityError::Token)?
+            .trim()
+            .to_string(),
+    };
+    let body = serde_json::to_vec(&request).map_err(|e| IdentityError::Response(e.to_string()))?;
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!(
+            "{}{CERTIFICATE_PATH}",
+            config.control.url.trim_end_matches('/')
+        ))
+        .header(AUTHORIZATION, format!("Bearer {token}"))
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| IdentityError::Control(e.to_string()))?;
+    let exchange = async {
+        let response = client
+            .request(req)
+            .await
+            .map_err(|e| IdentityError::Control(e.to_string()))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| IdentityError::Control(e.to_string()))?
+            .to_bytes();
+        Ok::<_, IdentityError>((status, body))
+    };
+    let (status, body) = tokio::time::timeout(FETCH_TIMEOUT, exchange)
+        .await
+        .map_err(|_| IdentityError::Control(format!("no answer within {FETCH_TIMEOUT:?}")))??;
+    if status != StatusCode::OK {
+        return Err(IdentityError::Refused {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
+    }
+    let issued: CertificateResponse =
+        serde_json::from_slice(&body).map_err(|e| IdentityError::Response(e.to_string()))?;
+    Ok((issued, key.serialize_der()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_at_seventy_percent_of_the_lifetime() {
+        // A 24 h certificate issued (backdated 60 s) at t=1000.
+        let (nb, na) = (940, 940 + 86_400);
+        assert_eq!(renew_in(1000, nb, na), Duration::from_secs(60_420));
+        // A 10 s certificate: renewed 7 s after its start.
+        assert_eq!(renew_in(100, 100, 110), Duration::from_secs(7));
+        // Past the renewal point (a slow start, a suspended machine): at once.
+        assert_eq!(renew_in(109, 100, 110), Duration::ZERO);
+        assert_eq!(renew_in(500, 100, 110), Duration::ZERO);
+    }
+
+    #[test]
+    fn key_exchange_offers_the_hybrid_post_quantum_group_first() {
+        let metrics = Metrics::new("test").expect("metrics");
+        let mesh = Mesh::new(&metrics).expect("mesh");
+        let groups: Vec<_> = mesh.provider().kx_groups.iter().map(|g| g.name()).collect();
+        assert_eq!(groups.first(), Some(&rustls::NamedGroup::X25519MLKEM768));
+        assert!(groups.contains(&rustls::NamedGroup::X25519));
+    }
+
+    #[test]
+    fn spiffe_id_is_read_from_the_uri_san() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["example.com".to_string()]).expect("params");
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://td/ns/a/sa/b".try_into().expect("ia5"),
+        ));
+        let cert = params.self_signed(&key).expect("cert");
+        assert_eq!(
+            spiffe_id_of(cert.der()).as_deref(),
+            Some("spiffe://td/ns/a/sa/b")
+        );
+        let plain = rcgen::CertificateParams::new(vec!["example.com".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        assert_eq!(spiffe_id_of(plain.der()), None);
+    }
+}

@@ -1,0 +1,254 @@
+//! Mesh TLS on the wire: the one stream type for plaintext and TLS connections (both
+//! directions), the inbound side's first-byte sniffing and handshake, and the outbound
+//! handshake done by the endpoint connector.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::HeaderValue;
+use outrider_config::InboundMtls;
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::identity::{self, Mesh, ALPN_H2};
+
+/// First byte of a TLS record carrying a handshake (a ClientHello starts with it).
+const TLS_HANDSHAKE: u8 = 0x16;
+/// Longest wait for a caller's first byte and its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A data-plane connection: plaintext, or TLS as client or server.
+pub enum Io {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS to an upstream sidecar.
+    Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// TLS from a peer sidecar.
+    Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Io {
+    /// Whether ALPN settled on HTTP/2.
+    pub fn negotiated_h2(&self) -> bool {
+        let alpn = match self {
+            Io::Plain(_) => None,
+            Io::Client(s) => s.get_ref().1.alpn_protocol(),
+            Io::Server(s) => s.get_ref().1.alpn_protocol(),
+        };
+        alpn == Some(ALPN_H2)
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Io::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Io::Client($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+            Io::Server($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Client(s) => s.is_write_vectored(),
+            Io::Server(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+/// How a service's connections are secured.
+#[derive(Clone)]
+pub enum UpstreamTls {
+    /// Mesh mTLS with this config (built once per policy load).
+    Mesh {
+        /// Client certificate, peer verification, ALPN.
+        config: Arc<ClientConfig>,
+        /// For handshake-failure metrics.
+        mesh: Arc<Mesh>,
+    },
+    /// The policy asks for mesh TLS but this proxy has no identity configured: every
+    /// connection fails rather than going out in plaintext.
+    NoIdentity,
+}
+
+/// Why an outbound TLS handshake failed.
+#[derive(Debug)]
+pub struct HandshakeError {
+    /// Short label (metrics).
+    pub reason: &'static str,
+    /// The full error.
+    pub message: String,
+}
+
+/// Runs the client handshake over `stream` to `addr`.
+pub async fn connect(
+    tls: &UpstreamTls,
+    addr: SocketAddr,
+    stream: TcpStream,
+) -> Result<Io, HandshakeError> {
+    let (config, mesh) = match tls {
+        UpstreamTls::Mesh { config, mesh } => (config, mesh),
+        UpstreamTls::NoIdentity => {
+            return Err(HandshakeError {
+                reason: "no_identity",
+                message: "the policy asks for mesh TLS but this proxy has no workload identity (--service-account)".into(),
+            })
+        }
+    };
+    // The peer is checked by SPIFFE id, not by name: the address only keys the (disabled)
+    // session cache and SNI, which is not sent for IP addresses.
+    let name = ServerName::IpAddress(addr.ip().into());
+    let handshake = TlsConnector::from(Arc::clone(config)).connect(name, stream);
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(stream)) => Ok(Io::Client(Box::new(stream))),
+        Ok(Err(error)) => {
+            let reason = identity::failure_reason(&error);
+            let message = identity::describe(&error);
+            mesh.metrics.handshake_failed("outbound", reason);
+            tracing::warn!(%addr, reason, error = %message, "mesh TLS handshake to upstream failed");
+            Err(HandshakeError { reason, message })
+        }
+        Err(_) => {
+            mesh.metrics.handshake_failed("outbound", "timeout");
+            Err(HandshakeError {
+                reason: "timeout",
+                message: format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+            })
+        }
+    }
+}
+
+/// An accepted inbound connection, ready to serve.
+pub struct Accepted {
+    /// The stream.
+    pub io: Io,
+    /// The verified caller identity as the header value given to the app (mTLS only).
+    pub peer_identity: Option<HeaderValue>,
+}
+
+/// Decides what an inbound connection is. Without a mesh identity everything is plaintext.
+/// With one: a first byte of 0x16 is a TLS ClientHello and gets the mTLS handshake (client
+/// certificate required); anything else is plaintext, served when `mode` is permissive and
+/// closed when strict. `None`: the connection is to be closed (the reason is logged here).
+pub async fn accept_inbound(
+    stream: TcpStream,
+    peer: SocketAddr,
+    mesh: Option<&Arc<Mesh>>,
+    mode: InboundMtls,
+) -> Option<Accepted> {
+    let Some(mesh) = mesh else {
+        return Some(Accepted {
+            io: Io::Plain(stream),
+            peer_identity: None,
+        });
+    };
+    let mut first = [0u8; 1];
+    let is_tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
+        // Closed before a byte, an error, or silence: nothing to serve.
+        _ => return None,
+    };
+    if !is_tls {
+        if mode == InboundMtls::Strict {
+            mesh.metrics
+                .handshake_failed("inbound", "plaintext_refused");
+            tracing::warn!(%peer, "plaintext connection refused: inbound mTLS is strict");
+            return None;
+        }
+        return Some(Accepted {
+            io: Io::Plain(stream),
+            peer_identity: None,
+        });
+    }
+    let Some(held) = mesh.held() else {
+        mesh.metrics
+            .handshake_failed("inbound", "no_certificate_held");
+        tracing::warn!(%peer, "mTLS connection refused: no workload certificate held yet");
+        return None;
+    };
+    let acceptor = TlsAcceptor::from(Arc::clone(&held.server));
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            let reason = identity::failure_reason(&error);
+            mesh.metrics.handshake_failed("inbound", reason);
+            tracing::warn!(%peer, reason, error = %identity::describe(&error), "mesh TLS handshake from peer failed");
+            return None;
+        }
+        Err(_) => {
+            mesh.metrics.handshake_failed("inbound", "timeout");
+            tracing::warn!(%peer, "mesh TLS handshake from peer timed out");
+            return None;
+        }
+    };
+    let peer_identity = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(identity::spiffe_id_of)
+        .and_then(|id| HeaderValue::from_str(&id).ok());
+    if peer_identity.is_none() {
+        // Chained to our CA but carries no SPIFFE id: not a workload of this mesh.
+        mesh.metrics.handshake_failed("inbound", "no_identity");
+        tracing::warn!(%peer, "mTLS peer certificate has no SPIFFE id; closed");
+        return None;
+    }
+    Some(Accepted {
+        io: Io::Server(Box::new(stream)),
+        peer_identity,
+    })
+}

@@ -1,0 +1,408 @@
+//! Mesh mTLS end to end: the real `outrider-control` (CA and policy) and two real
+//! `outrider-proxy` processes on 127.0.0.1. The caller's app talks plain HTTP to its proxy's
+//! outbound port; the caller proxy reaches the callee proxy's inbound port over mTLS with a
+//! certificate the control plane issued; the callee's app sees the caller's identity.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::Request;
+use outrider_e2e::control::{start_control_with, Control, ControlDirs};
+use outrider_e2e::{
+    empty, get, http1_client, raw_exchange, send, spawn_proxy, Proto, Proxy, TempDir, Upstream,
+};
+
+const CHECKOUT: &str = "spiffe://cluster.local/ns/shop/sa/checkout";
+const PAYMENTS: &str = "spiffe://cluster.local/ns/shop/sa/payments";
+const IDENTITY_HEADER: &str = "x-outrider-peer-identity";
+
+/// Starts a proxy for `workload` with service account `sa`, policy and certificate from
+/// `control`.
+fn start_meshed(control: &Control, dirs: &ControlDirs, workload: &str, sa: &str) -> Proxy {
+    let args: Vec<std::ffi::OsString> = vec![
+        "--control".into(),
+        control.url().into(),
+        "--token-file".into(),
+        dirs.token_file.clone().into(),
+        "--workload".into(),
+        workload.into(),
+        "--namespace".into(),
+        "shop".into(),
+        "--service-account".into(),
+        sa.into(),
+    ];
+    spawn_proxy(TempDir::new(), &args)
+}
+
+/// Polls the admin `/ready` of `proxy` until 200 (policy and certificate held).
+async fn wait_ready(proxy: &Proxy) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = proxy.admin_get("/ready").await;
+        if status == 200 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready: {body}\nlogs:\n{}",
+            proxy.logs().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `proxy` runs a policy whose `/config` contains `needle`.
+async fn wait_policy(proxy: &Proxy, needle: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, config) = proxy.admin_get("/config").await;
+        if config.contains(needle) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "policy with {needle} never arrived: {config}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn callee_doc(app: SocketAddr, mtls: &str, allow: &[&str]) -> String {
+    let authorization = if allow.is_empty() {
+        String::new()
+    } else {
+        format!("\n  authorization: {{ allow: [{}] }}", allow.join(", "))
+    };
+    format!("workload: payments\ninbound:\n  app: {app}\n  mtls: {mtls}{authorization}\n")
+}
+
+fn caller_doc(callee: SocketAddr, identity: &str, connect: &str) -> String {
+    format!(
+        "workload: checkout
+services:
+  payments:
+    endpoints: [{callee}]
+    tls: mesh
+    identity: {identity}
+    timeouts: {{ connect: {connect} }}
+routes:
+  - match: {{ authority: payments }}
+    service: payments
+"
+    )
+}
+
+/// A control plane, the callee (payments: echo app behind a strict, authorizing inbound) and
+/// the caller (checkout, expecting `expected` as the callee's identity).
+struct Mesh {
+    dirs: ControlDirs,
+    control: Control,
+    app: Upstream,
+    callee: Proxy,
+    caller: Proxy,
+}
+
+async fn start_mesh(expected: &str, ttl: &str, mtls: &str) -> Mesh {
+    let dirs = ControlDirs::new();
+    let control = start_control_with(&dirs, &["--cert-ttl", ttl]);
+    let app = Upstream::echo(Proto::Http1, "payments-app").await;
+    dirs.write("payments.yaml", &callee_doc(app.addr, mtls, &[CHECKOUT]));
+    let callee = start_meshed(&control, &dirs, "payments", "payments");
+    dirs.write("checkout.yaml", &caller_doc(callee.inbound, expected, "1s"));
+    let caller = start_meshed(&control, &dirs, "checkout", "checkout");
+    wait_ready(&callee).await;
+    wait_ready(&caller).await;
+    Mesh {
+        dirs,
+        control,
+        app,
+        callee,
+        caller,
+    }
+}
+
+async fn get_spoofing(addr: SocketAddr, spoof: &str) -> outrider_e2e::Reply {
+    send(
+        &http1_client(),
+        Request::get(format!("http://{addr}/charge"))
+            .header("host", "payments")
+            .header(IDENTITY_HEADER, spoof)
+            .body(empty())
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_request_crosses_mtls_and_the_callee_app_sees_the_verified_caller() {
+    let mesh = start_mesh(PAYMENTS, "1h", "strict").await;
+    // The app tries to claim another identity: the caller proxy passes the header on, and the
+    // callee proxy replaces it with the one it verified.
+    let reply = get_spoofing(
+        mesh.caller.outbound,
+        "spiffe://cluster.local/ns/shop/sa/admin",
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let echo = reply.json();
+    assert_eq!(echo["server"], "payments-app");
+    assert_eq!(echo["headers"][IDENTITY_HEADER], CHECKOUT);
+    assert_eq!(mesh.app.hits(), 1);
+
+    // Each proxy shows the identity in force; the expiry metric is set.
+    let (_, identity) = mesh.caller.admin_get("/identity").await;
+    let identity: serde_json::Value = serde_json::from_str(&identity).unwrap();
+    assert_eq!(identity["identity"], CHECKOUT);
+    let not_after = identity["not_after"].as_u64().unwrap();
+    assert_eq!(
+        mesh.caller
+            .metric("outrider_mesh_certificate_expiry_timestamp_seconds")
+            .await,
+        not_after as f64
+    );
+    // ~1 h from now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        (now + 3500..=now + 3600).contains(&not_after),
+        "{not_after} vs {now}"
+    );
+    let issued = mesh
+        .control
+        .logs()
+        .iter()
+        .filter(|l| l.contains("certificate issued"))
+        .count();
+    assert_eq!(issued, 2, "one certificate per proxy");
+}
+
+#[tokio::test]
+async fn plaintext_is_refused_by_a_strict_port_and_served_by_a_permissive_one() {
+    let mesh = start_mesh(PAYMENTS, "1h", "strict").await;
+    // A plain HTTP/1.1 client straight to the callee's inbound port: closed without a byte.
+    let answer = raw_exchange(
+        mesh.callee.inbound,
+        b"GET /charge HTTP/1.1\r\nhost: payments\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(answer, "", "strict port answered plaintext");
+    assert_eq!(mesh.app.hits(), 0);
+    assert_eq!(
+        mesh.callee
+            .metric("outrider_tls_handshake_failures_total{direction=\"inbound\",reason=\"plaintext_refused\"}")
+            .await,
+        1.0
+    );
+    assert!(mesh
+        .callee
+        .logs()
+        .iter()
+        .any(|l| l.contains("plaintext connection refused")));
+
+    // Permissive: plaintext is served, without an identity (and a claimed one is removed)...
+    mesh.dirs.write(
+        "payments.yaml",
+        &callee_doc(mesh.app.addr, "permissive", &[]),
+    );
+    wait_policy(&mesh.callee, "permissive").await;
+    let reply = get_spoofing(mesh.callee.inbound, CHECKOUT).await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.json()["headers"].get(IDENTITY_HEADER).is_none());
+    // ... and mTLS still is, with one.
+    let reply = get(mesh.caller.outbound, "payments", "/charge").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["headers"][IDENTITY_HEADER], CHECKOUT);
+}
+
+#[tokio::test]
+async fn authorization_allows_listed_callers_and_answers_others_403() {
+    let mesh = start_mesh(PAYMENTS, "1h", "permissive").await;
+    // checkout is allowed.
+    assert_eq!(
+        get(mesh.caller.outbound, "payments", "/charge")
+            .await
+            .status,
+        200
+    );
+    // A plaintext caller has no identity: 403, with the reason.
+    let reply = get(mesh.callee.inbound, "payments", "/charge").await;
+    assert_eq!(reply.status, 403);
+    assert_eq!(
+        reply.header("x-outrider-error"),
+        Some("caller without a mesh identity is not allowed by inbound.authorization")
+    );
+    // Only some other workload is allowed now: checkout gets 403 too.
+    mesh.dirs.write(
+        "payments.yaml",
+        &callee_doc(
+            mesh.app.addr,
+            "permissive",
+            &["spiffe://cluster.local/ns/shop/sa/orders"],
+        ),
+    );
+    wait_policy(&mesh.callee, "sa/orders").await;
+    let reply = get(mesh.caller.outbound, "payments", "/charge").await;
+    assert_eq!(reply.status, 403);
+    assert_eq!(
+        reply.header("x-outrider-error"),
+        Some(format!("caller {CHECKOUT} is not allowed by inbound.authorization").as_str())
+    );
+    assert_eq!(mesh.app.hits(), 1, "refused requests never reach the app");
+}
+
+#[tokio::test]
+async fn a_peer_with_another_identity_is_refused_with_the_reason_logged() {
+    // The caller expects orders at that address, but payments answers.
+    let mesh = start_mesh("spiffe://cluster.local/ns/shop/sa/orders", "1h", "strict").await;
+    let reply = get(mesh.caller.outbound, "payments", "/charge").await;
+    assert_eq!(reply.status, 502);
+    let error = reply.header("x-outrider-error").unwrap();
+    assert!(
+        error.contains("wrong_identity") && error.contains(PAYMENTS),
+        "{error}"
+    );
+    assert_eq!(mesh.app.hits(), 0);
+    let logs = mesh.caller.logs();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("mesh TLS handshake to upstream failed")
+                && l.contains("\"reason\":\"wrong_identity\"")
+                && l.contains("is not the expected spiffe://cluster.local/ns/shop/sa/orders")),
+        "{}",
+        logs.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn a_peer_certified_by_another_ca_is_refused_as_untrusted() {
+    let mesh = start_mesh(PAYMENTS, "1h", "strict").await;
+    // A second control plane, with its own CA, certifies an impostor checkout.
+    let other_dirs = ControlDirs::new();
+    let other = start_control_with(&other_dirs, &[]);
+    other_dirs.write(
+        "checkout.yaml",
+        &caller_doc(mesh.callee.inbound, PAYMENTS, "1s"),
+    );
+    let impostor = start_meshed(&other, &other_dirs, "checkout", "checkout");
+    wait_ready(&impostor).await;
+    let reply = get(impostor.outbound, "payments", "/charge").await;
+    assert_eq!(reply.status, 502);
+    assert!(reply
+        .header("x-outrider-error")
+        .unwrap()
+        .contains("untrusted"));
+    assert!(impostor
+        .logs()
+        .iter()
+        .any(|l| l.contains("\"reason\":\"untrusted\"")));
+    assert_eq!(mesh.app.hits(), 0);
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_refused() {
+    // 3 s certificates, and the control plane gone before the first renewal: both proxies
+    // keep certificates that expire.
+    let mesh = start_mesh(PAYMENTS, "3s", "strict").await;
+    let (_, identity) = mesh.caller.admin_get("/identity").await;
+    let not_after = serde_json::from_str::<serde_json::Value>(&identity).unwrap()["not_after"]
+        .as_u64()
+        .unwrap();
+    let Mesh {
+        dirs: _dirs,
+        control,
+        app,
+        callee: _callee,
+        caller,
+    } = mesh;
+    control.kill();
+    // Past the expiry (1 s of slack for the second boundary).
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        if now > not_after + 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reply = get(caller.outbound, "payments", "/charge").await;
+    assert_eq!(reply.status, 502);
+    assert!(
+        reply
+            .header("x-outrider-error")
+            .unwrap()
+            .contains("expired"),
+        "{:?}",
+        reply.header("x-outrider-error")
+    );
+    assert_eq!(app.hits(), 0);
+}
+
+#[tokio::test]
+async fn rotation_under_load_loses_no_request() {
+    // 3 s certificates: renewed about every 2.1 s. The load runs 8 s; every second the caller's
+    // policy changes its connect timeout, which rebuilds its pool, so new mTLS connections are
+    // made throughout, each with whatever certificate is in force.
+    let mesh = start_mesh(PAYMENTS, "3s", "strict").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let outbound = mesh.caller.outbound;
+        workers.push(tokio::spawn(async move {
+            let client = http1_client();
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while tokio::time::Instant::now() < deadline && ok < 5000 {
+                let req = Request::get(format!("http://{outbound}/charge"))
+                    .header("host", "payments")
+                    .body(empty())
+                    .unwrap();
+                match client.request(req).await {
+                    Ok(res) if res.status() == 200 => ok += 1,
+                    Ok(res) => failed.push(res.status().to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let mut flip = 0;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        flip += 1;
+        let connect = if flip % 2 == 0 { "1s" } else { "2s" };
+        mesh.dirs.write(
+            "checkout.yaml",
+            &caller_doc(mesh.callee.inbound, PAYMENTS, connect),
+        );
+    }
+    let (mut ok, mut failed) = (0, Vec::new());
+    for worker in workers {
+        let (o, f) = worker.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 100, "only {ok} requests");
+    for proxy in [&mesh.caller, &mesh.callee] {
+        let renewals = proxy
+            .metric("outrider_mesh_certificate_fetches_total{result=\"ok\"}")
+            .await;
+        assert!(renewals >= 3.0, "{renewals} certificates fetched");
+    }
+}
