@@ -20,6 +20,11 @@ mapfile -t bins < <(grep -o "$target/release/[a-z-]*" deploy/Dockerfile | sed 's
 if ! rustup target list --installed | grep -qx "$target"; then
   rustup target add "$target"
 fi
+# aws-lc-sys compiles C for the target, with musl's gcc wrapper (as deploy/Dockerfile).
+if ! command -v musl-gcc >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends musl-tools
+fi
+export CC_x86_64_unknown_linux_musl=musl-gcc
 echo "== cargo build --release --target $target (as deploy/Dockerfile)"
 time cargo build --locked --release --target "$target" -p outrider-proxy -p outrider-control --bins
 
