@@ -179,7 +179,8 @@ pub struct Accepted {
     pub peer_identity: Option<HeaderValue>,
 }
 
-/// Decides what an inbound connection is. Without a mesh identity everything is plaintext.
+/// Decides what an inbound connection is. Without a mesh identity everything is plaintext
+/// (and refused under `strict`).
 /// With one: a first byte of 0x16 is a TLS ClientHello and gets the mTLS handshake (client
 /// certificate required); anything else is plaintext, served when `mode` is permissive and
 /// closed when strict. `None`: the connection is to be closed (the reason is logged here).
@@ -190,6 +191,12 @@ pub async fn accept_inbound(
     mode: InboundMtls,
 ) -> Option<Accepted> {
     let Some(mesh) = mesh else {
+        if mode == InboundMtls::Strict {
+            // Strict without an identity cannot accept mTLS either; serving plaintext would
+            // silently ignore the policy.
+            tracing::warn!(%peer, "connection refused: inbound mTLS is strict but this proxy has no workload identity (--service-account)");
+            return None;
+        }
         return Some(Accepted {
             io: Io::Plain(stream),
             peer_identity: None,

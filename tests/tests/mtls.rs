@@ -69,6 +69,14 @@ async fn wait_policy(proxy: &Proxy, needle: &str) {
     }
 }
 
+/// Whether `proxy` logs a line matching `pred` within 5 s (its stderr is read by a thread).
+async fn logged(proxy: &Proxy, pred: impl Fn(&str) -> bool) -> bool {
+    outrider_e2e::eventually(Duration::from_secs(5), || {
+        proxy.logs().iter().any(|l| pred(l))
+    })
+    .await
+}
+
 fn callee_doc(app: SocketAddr, mtls: &str, allow: &[&str]) -> String {
     let authorization = if allow.is_empty() {
         String::new()
@@ -176,13 +184,15 @@ async fn a_request_crosses_mtls_and_the_callee_app_sees_the_verified_caller() {
         (now + 3500..=now + 3600).contains(&not_after),
         "{not_after} vs {now}"
     );
-    let issued = mesh
-        .control
-        .logs()
-        .iter()
-        .filter(|l| l.contains("certificate issued"))
-        .count();
-    assert_eq!(issued, 2, "one certificate per proxy");
+    let issued = || {
+        mesh.control
+            .logs()
+            .iter()
+            .filter(|l| l.contains("certificate issued"))
+            .count()
+    };
+    outrider_e2e::eventually(Duration::from_secs(5), || issued() >= 2).await;
+    assert_eq!(issued(), 2, "one certificate per proxy");
 }
 
 #[tokio::test]
@@ -203,11 +213,7 @@ async fn plaintext_is_refused_by_a_strict_port_and_served_by_a_permissive_one() 
             .await,
         1.0
     );
-    assert!(mesh
-        .callee
-        .logs()
-        .iter()
-        .any(|l| l.contains("plaintext connection refused")));
+    assert!(logged(&mesh.callee, |l| l.contains("plaintext connection refused")).await);
 
     // Permissive: plaintext is served, without an identity (and a claimed one is removed)...
     mesh.dirs.write(
@@ -272,15 +278,14 @@ async fn a_peer_with_another_identity_is_refused_with_the_reason_logged() {
         "{error}"
     );
     assert_eq!(mesh.app.hits(), 0);
-    let logs = mesh.caller.logs();
-    assert!(
-        logs.iter()
-            .any(|l| l.contains("mesh TLS handshake to upstream failed")
-                && l.contains("\"reason\":\"wrong_identity\"")
-                && l.contains("is not the expected spiffe://cluster.local/ns/shop/sa/orders")),
-        "{}",
-        logs.join("\n")
-    );
+    // stderr is read by another thread: the line may land just after the response.
+    let logged = logged(&mesh.caller, |l| {
+        l.contains("mesh TLS handshake to upstream failed")
+            && l.contains("\"reason\":\"wrong_identity\"")
+            && l.contains("is not the expected spiffe://cluster.local/ns/shop/sa/orders")
+    })
+    .await;
+    assert!(logged, "{}", mesh.caller.logs().join("\n"));
 }
 
 #[tokio::test]
@@ -301,10 +306,7 @@ async fn a_peer_certified_by_another_ca_is_refused_as_untrusted() {
         .header("x-outrider-error")
         .unwrap()
         .contains("untrusted"));
-    assert!(impostor
-        .logs()
-        .iter()
-        .any(|l| l.contains("\"reason\":\"untrusted\"")));
+    assert!(logged(&impostor, |l| l.contains("\"reason\":\"untrusted\"")).await);
     assert_eq!(mesh.app.hits(), 0);
 }
 
@@ -405,4 +407,25 @@ async fn rotation_under_load_loses_no_request() {
             .await;
         assert!(renewals >= 3.0, "{renewals} certificates fetched");
     }
+}
+
+#[tokio::test]
+async fn strict_inbound_without_an_identity_refuses_plaintext_instead_of_ignoring_it() {
+    let app = Upstream::echo(Proto::Http1, "app").await;
+    let proxy =
+        outrider_e2e::start_proxy(&format!("inbound:\n  app: {}\n  mtls: strict\n", app.addr));
+    let answer = raw_exchange(
+        proxy.inbound,
+        b"GET / HTTP/1.1\r\nhost: app\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(answer, "");
+    assert_eq!(app.hits(), 0);
+    assert!(
+        logged(&proxy, |l| l.contains(
+            "inbound mTLS is strict but this proxy has no workload identity"
+        ))
+        .await
+    );
 }
