@@ -392,39 +392,10 @@ async fn post_shutdown_stops_the_proxy_only_when_enabled() {
         .any(|l| l.contains("shutdown requested on the admin port")));
 }
 
-/// `target/debug/outriderctl`, built once per test process.
-fn outriderctl() -> std::path::PathBuf {
-    static BUILD: std::sync::Once = std::sync::Once::new();
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(&workspace)
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "outrider-control",
-                "--bin",
-                "outriderctl",
-            ])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    });
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| workspace.join("target"));
-    target.join("debug").join("outriderctl")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_ready_returns_once_the_proxy_is_ready_and_gives_up_on_timeout() {
     let proxy = start_proxy("services:\n  svc: { endpoints: [127.0.0.1:9] }\n");
-    let out = Command::new(outriderctl())
+    let out = Command::new(ctl_binary())
         .args([
             "wait-ready",
             "--admin",
@@ -442,7 +413,7 @@ async fn wait_ready_returns_once_the_proxy_is_ready_and_gives_up_on_timeout() {
         .local_addr()
         .unwrap();
     let started = std::time::Instant::now();
-    let out = Command::new(outriderctl())
+    let out = Command::new(ctl_binary())
         .args([
             "wait-ready",
             "--admin",

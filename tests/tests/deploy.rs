@@ -1,0 +1,148 @@
+//! The Kubernetes example, run for real without a cluster: the shipped policy documents
+//! (deploy/kubernetes/policies) served by the real `outrider-control`, and a real
+//! `outrider-proxy` started with exactly the command line `outriderctl inject` wrote into
+//! deploy/kubernetes/example-app.yaml. Only what a pod provides differs: the control-plane URL,
+//! the token and state paths, the pod name, the admin address (port 0 here, as every listener),
+//! and the services' cluster DNS names and fixed ports, replaced by local upstreams and port 0.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use outrider_e2e::*;
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The injected sidecar of the example Deployment: its command and args.
+fn injected_sidecar() -> Vec<String> {
+    let text =
+        std::fs::read_to_string(workspace().join("deploy/kubernetes/example-app.yaml")).unwrap();
+    let deployment = text
+        .split("\n---\n")
+        .map(|doc| serde_yaml::from_str::<serde_yaml::Value>(doc).unwrap())
+        .find(|doc| doc["kind"] == "Deployment")
+        .unwrap();
+    let sidecar = &deployment["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(sidecar["name"], "outrider-proxy");
+    let strings = |v: &serde_yaml::Value| -> Vec<String> {
+        v.as_sequence()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut line = strings(&sidecar["command"]);
+    line.extend(strings(&sidecar["args"]));
+    line
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_injected_sidecar_subscribes_to_the_control_plane_and_routes_by_the_shipped_policy() {
+    let payments = Upstream::echo(Proto::Http1, "payments").await;
+    let reviews = Upstream::echo(Proto::Http1, "reviews").await;
+
+    // The ConfigMap's documents, with cluster addresses made local.
+    let dirs = ControlDirs::new();
+    for (name, replacements) in [
+        (
+            "defaults.yaml",
+            vec![(
+                "dns: payments.outrider.svc.cluster.local:8080".to_string(),
+                format!("endpoints: [{}]", payments.addr),
+            )],
+        ),
+        (
+            "checkout.yaml",
+            vec![
+                (
+                    "dns: reviews.outrider.svc.cluster.local:8080".to_string(),
+                    format!("endpoints: [{}]", reviews.addr),
+                ),
+                (
+                    "listen: 127.0.0.1:9002".to_string(),
+                    "listen: 127.0.0.1:0".to_string(),
+                ),
+            ],
+        ),
+    ] {
+        let mut text =
+            std::fs::read_to_string(workspace().join("deploy/kubernetes/policies").join(name))
+                .unwrap();
+        for (from, to) in replacements {
+            assert!(text.contains(&from), "{name} no longer has `{from}`");
+            text = text.replace(&from, &to);
+        }
+        dirs.write(name, &text);
+    }
+    let control = start_control(&dirs);
+
+    // The injected command line, with the pod's parts made local.
+    let state = TempDir::new();
+    let line = injected_sidecar();
+    assert!(line[0].ends_with("/outrider-proxy"), "{line:?}");
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut words = line[1..].iter();
+    while let Some(flag) = words.next() {
+        let value = words
+            .next()
+            .unwrap_or_else(|| panic!("{flag} has no value"));
+        let value: std::ffi::OsString = match flag.as_str() {
+            "--control" => {
+                assert_eq!(
+                    value,
+                    "http://outrider-control.outrider.svc.cluster.local:15010"
+                );
+                control.url().into()
+            }
+            "--token-file" => dirs.token_file.clone().into(),
+            "--state-dir" => state.path.clone().into(),
+            "--proxy-id" => {
+                assert_eq!(value, "$(POD_NAME)");
+                "checkout-5d9f7-x2k4q".into()
+            }
+            // The harness binds every listener on 127.0.0.1:0.
+            "--admin" => continue,
+            _ => value.into(),
+        };
+        args.push(flag.into());
+        args.push(value);
+    }
+    let proxy = spawn_proxy(TempDir::new(), &args);
+
+    // Ready once the control plane's merged policy for `checkout` is applied.
+    let started = Instant::now();
+    while proxy.admin_get("/ready").await.0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "sidecar never ready; logs:\n{}",
+            proxy.logs().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, body) = proxy.admin_get("/config").await;
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let services = config["policy"]["services"].as_object().unwrap();
+    assert!(services.contains_key("payments") && services.contains_key("reviews"));
+
+    // The defaults' route and the workload's dedicated port both work through the sidecar.
+    let reply = get(proxy.outbound, "payments", "/charge").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["server"], "payments");
+    // The dedicated port came with the control plane's policy, after start: find it in the log.
+    let reviews_port: std::net::SocketAddr = proxy
+        .logs()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["message"] == "service listener bound" && e["service"] == "reviews")
+        .map(|e| e["listen"].as_str().unwrap().parse().unwrap())
+        .expect("no dedicated listener for reviews");
+    let reply = get(reviews_port, "anything", "/r").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["server"], "reviews");
+}
