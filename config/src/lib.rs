@@ -17,10 +17,10 @@ pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
     AccessLog, Authorization, Backoff, CircuitBreaker, FailureRate, Fault, FaultAbort, FaultDelay,
-    Inbound, InboundMtls, LoadBalancing, MeshTls, Otlp, OtlpProtocol, OutlierDetection, Policy,
-    Protocol, RateLimit, RateLimitMode, Retries, RetryBudget, RetryOn, Route, RouteMatch,
-    RouteTimeouts, Sampling, Service, ServiceTls, Timeouts, Tracing, WeightedService,
-    WorkloadSelector,
+    Inbound, InboundMtls, LoadBalancing, MeshTls, OriginationTls, Otlp, OtlpProtocol,
+    OutlierDetection, Policy, Protocol, RateLimit, RateLimitMode, Retries, RetryBudget, RetryOn,
+    Route, RouteMatch, RouteTimeouts, Sampling, Service, ServiceTls, Timeouts, Tracing,
+    WeightedService, WorkloadSelector,
 };
 pub use size::{ByteSize, ByteSizeError};
 pub use validate::GRPC_STATUS_NAMES;
@@ -192,6 +192,56 @@ inbound:
             error_text("inbound:\n  app: 127.0.0.1:1\n  authorization: { allow: [checkout] }\n");
         assert!(
             msg.starts_with("inbound.authorization.allow[0]: must be a SPIFFE id"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn tls_origination_loads_and_its_mistakes_are_positioned() {
+        let text = "services:
+  api:
+    endpoints: [127.0.0.1:443]
+    tls: { sni: api.example.com, ca: /etc/outrider/api-ca.pem }
+  open:
+    endpoints: [127.0.0.1:444]
+    tls:
+      sni: open.example.com
+";
+        let loaded = load("p.yaml", text).expect("valid");
+        assert_eq!(
+            loaded.policy.services["api"].tls,
+            Some(ServiceTls::Origination(OriginationTls {
+                sni: "api.example.com".into(),
+                ca: Some("/etc/outrider/api-ca.pem".into()),
+            }))
+        );
+        let open = loaded.policy.services["open"].tls.clone().expect("tls");
+        assert_eq!(open.origination().and_then(|t| t.ca.as_deref()), None);
+        // It round-trips: the control plane serialises policies it serves.
+        let yaml = serde_yaml::to_string(&loaded.policy).expect("serialise");
+        assert_eq!(
+            load("again.yaml", &yaml).expect("valid").policy,
+            loaded.policy
+        );
+
+        assert_eq!(
+            error_text("services:\n  a:\n    endpoints: [127.0.0.1:1]\n    tls: { sni: \"bad name\" }\n"),
+            "services.a.tls.sni: must be a DNS name such as api.example.com (or an IP address) at policy.yaml:4:17"
+        );
+        let msg = error_text(
+            "services:\n  a:\n    endpoints: [127.0.0.1:1]\n    tls: { sni: a.example, identity: x }\n",
+        );
+        assert!(msg.contains("unknown field `identity`"), "{msg}");
+        let msg = error_text("services:\n  a:\n    endpoints: [127.0.0.1:1]\n    tls: https\n");
+        assert!(
+            msg.contains("expected `mesh` or a map `{ sni: <name>, ca: <file> }`"),
+            "{msg}"
+        );
+        let msg = error_text(
+            "services:\n  a:\n    endpoints: [127.0.0.1:1]\n    tls: { sni: a.example }\n    identity: spiffe://x/ns/a/sa/b\n",
+        );
+        assert!(
+            msg.contains("services.a.identity: only checked over mesh TLS; an external service"),
             "{msg}"
         );
     }

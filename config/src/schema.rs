@@ -55,12 +55,80 @@ impl MeshTls {
     }
 }
 
-/// How a service is reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// How a service's connections are secured: `tls: mesh`, or `tls: { sni: ..., ca: ... }` for
+/// an external HTTPS service. One field, so the two are mutually exclusive by construction.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServiceTls {
     /// mTLS to the upstream's sidecar with this proxy's workload certificate.
     Mesh,
+    /// TLS origination: the app speaks plain HTTP, the proxy speaks HTTPS to the endpoints.
+    Origination(OriginationTls),
+}
+
+/// TLS to an external HTTPS service (no client certificate).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginationTls {
+    /// The name sent as SNI and that the server certificate must be valid for.
+    pub sni: String,
+    /// A PEM bundle of the CAs to trust instead of the system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+}
+
+impl Serialize for ServiceTls {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ServiceTls::Mesh => serializer.serialize_str("mesh"),
+            ServiceTls::Origination(tls) => tls.serialize(serializer),
+        }
+    }
+}
+
+// By hand rather than `untagged`: an untagged enum answers every mistake with "did not match
+// any variant"; this names what is accepted and keeps the map's own unknown-field errors.
+impl<'de> Deserialize<'de> for ServiceTls {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ServiceTls;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`mesh` or a map `{ sni: <name>, ca: <file> }`")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ServiceTls, E> {
+                match v {
+                    "mesh" => Ok(ServiceTls::Mesh),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ServiceTls, A::Error> {
+                OriginationTls::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(ServiceTls::Origination)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl ServiceTls {
+    /// Whether this is mesh mTLS.
+    pub fn is_mesh(&self) -> bool {
+        *self == ServiceTls::Mesh
+    }
+
+    /// The origination settings, if that is what this is.
+    pub fn origination(&self) -> Option<&OriginationTls> {
+        match self {
+            ServiceTls::Origination(tls) => Some(tls),
+            ServiceTls::Mesh => None,
+        }
+    }
 }
 
 /// Whether the inbound listener also takes plaintext once mesh TLS is on.
@@ -216,7 +284,9 @@ pub struct Service {
     /// Take failing endpoints out of the rotation for a while.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
-    /// `mesh`: the endpoints are sidecars' inbound ports, reached over mTLS.
+    /// `mesh`: the endpoints are sidecars' inbound ports, reached over mTLS;
+    /// `{ sni, ca }`: an external HTTPS service (TLS origination), which `mesh_tls: strict`
+    /// leaves alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServiceTls>,
     /// The SPIFFE id the upstream sidecar must present (mesh TLS); without it any workload

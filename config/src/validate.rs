@@ -49,18 +49,64 @@ pub fn validate(policy: &Policy) -> Vec<Finding> {
         if let Some(id) = &service.identity {
             let path = format!("services.{name}.identity");
             check_spiffe(&path, id, &mut findings);
-            if service.tls.is_none() && policy.mesh_tls == crate::MeshTls::Off {
-                findings.push((
+            match &service.tls {
+                Some(crate::ServiceTls::Origination(_)) => findings.push((
+                    path,
+                    "only checked over mesh TLS; an external service (`tls: { sni }`) is \
+                     verified by name"
+                        .into(),
+                )),
+                None if policy.mesh_tls == crate::MeshTls::Off => findings.push((
                     path,
                     "only checked over mesh TLS: add `tls: mesh` (or `mesh_tls: strict`)".into(),
-                ));
+                )),
+                _ => {}
             }
+        }
+        if let Some(tls) = service
+            .tls
+            .as_ref()
+            .and_then(crate::ServiceTls::origination)
+        {
+            check_origination(&format!("services.{name}.tls"), tls, &mut findings);
         }
     }
     if let Some(tracing) = &policy.tracing {
         check_tracing(tracing, &mut findings);
     }
     findings
+}
+
+/// The SNI must be a name a certificate can be valid for: a DNS name (no wildcard: it names
+/// one server) or an IP address.
+fn check_origination(path: &str, tls: &crate::OriginationTls, findings: &mut Vec<Finding>) {
+    if !is_dns_name(&tls.sni) && tls.sni.parse::<std::net::IpAddr>().is_err() {
+        findings.push((
+            format!("{path}.sni"),
+            "must be a DNS name such as api.example.com (or an IP address)".into(),
+        ));
+    }
+    if tls.ca.as_deref().is_some_and(|ca| ca.trim().is_empty()) {
+        findings.push((
+            format!("{path}.ca"),
+            "must be the path of a PEM CA bundle; leave it out for the system roots".into(),
+        ));
+    }
+}
+
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        // All digits would be a malformed IPv4 address, not a name.
+        && !name.bytes().all(|b| b.is_ascii_digit() || b == b'.')
 }
 
 fn check_spiffe(path: &str, id: &str, findings: &mut Vec<Finding>) {

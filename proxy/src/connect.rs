@@ -51,6 +51,14 @@ pub enum ConnectError {
         /// rustls's error.
         message: String,
     },
+    /// The TLS handshake with an external service failed (untrusted, wrong name, timeout).
+    #[error("tls handshake with {addr} failed: {message}")]
+    OriginationTls {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// rustls's error.
+        message: String,
+    },
     /// `max_pending_requests` connections to the service are already being opened.
     #[error("too many pending requests for {0}")]
     PendingLimit(Arc<str>),
@@ -123,7 +131,7 @@ impl EndpointConnector {
         }
     }
 
-    /// Secures every connection with `tls` (mesh mTLS).
+    /// Secures every connection with `tls` (mesh mTLS or TLS origination).
     pub fn with_tls(mut self, tls: Option<UpstreamTls>) -> Self {
         self.tls = tls;
         self
@@ -164,17 +172,23 @@ impl tower_service::Service<http::Uri> for EndpointConnector {
             };
             // Small request/response writes must not wait for Nagle.
             let _ = stream.set_nodelay(true);
-            let stream =
-                match &tls {
-                    None => Io::Plain(stream),
-                    Some(tls) => crate::tls::connect(tls, addr, stream).await.map_err(|e| {
+            let stream = match &tls {
+                None => Io::Plain(stream),
+                Some(tls) => crate::tls::connect(tls, addr, stream).await.map_err(|e| {
+                    if e.origination {
+                        ConnectError::OriginationTls {
+                            addr,
+                            message: e.message,
+                        }
+                    } else {
                         ConnectError::Tls {
                             addr,
                             reason: e.reason,
                             message: e.message,
                         }
-                    })?,
-                };
+                    }
+                })?,
+            };
             Ok(TokioIo::new(CountedStream {
                 h2: stream.negotiated_h2(),
                 stream,

@@ -89,6 +89,14 @@ pub enum ProxyError {
     /// no verified identity).
     #[error("caller {} is not allowed by inbound.authorization", .0.as_deref().unwrap_or("without a mesh identity"))]
     Forbidden(Option<String>),
+    /// The TLS handshake with an external service (`tls: { sni }`) failed.
+    #[error("tls handshake with {addr} failed: {message}")]
+    TlsHandshake {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// rustls's error (untrusted issuer, not valid for the name...).
+        message: String,
+    },
     /// Any other failure talking to the upstream.
     #[error("upstream {addr} failed: {reason}")]
     Upstream {
@@ -120,6 +128,7 @@ impl ProxyError {
             Self::ConnectRefused(_)
             | Self::Connect { .. }
             | Self::UpstreamReset(_)
+            | Self::TlsHandshake { .. }
             | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
     }

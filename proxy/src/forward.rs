@@ -596,6 +596,10 @@ fn classify(error: &hyper_util::client::legacy::Error, addr: SocketAddr) -> Prox
                     reason: std::io::Error::new(source.kind(), source.to_string()),
                 },
                 ConnectError::PendingLimit(service) => ProxyError::PendingLimit(service.clone()),
+                ConnectError::OriginationTls { addr, message } => ProxyError::TlsHandshake {
+                    addr: *addr,
+                    message: message.clone(),
+                },
                 ConnectError::Tls { .. } => ProxyError::Upstream {
                     addr,
                     reason: connect.to_string(),

@@ -114,12 +114,10 @@ impl Snapshot {
         } = loaded;
         let mut upstreams = BTreeMap::new();
         for (name, service) in &policy.services {
-            let meshed =
-                service.tls == Some(ServiceTls::Mesh) || policy.mesh_tls == MeshTls::Strict;
+            let meshed = is_meshed(service, policy.mesh_tls);
             let kept = previous.and_then(|p| {
                 let before = p.policy.services.get(name)?;
-                let was_meshed =
-                    before.tls == Some(ServiceTls::Mesh) || p.policy.mesh_tls == MeshTls::Strict;
+                let was_meshed = is_meshed(before, p.policy.mesh_tls);
                 (same_upstream(before, service) && was_meshed == meshed)
                     .then(|| p.upstreams.get(name).cloned())?
             });
@@ -137,7 +135,10 @@ impl Snapshot {
                     .circuit_breaker
                     .as_ref()
                     .and_then(|b| b.max_pending_requests),
-                tls: meshed.then(|| upstream_tls(name, service, mesh)),
+                tls: match service.tls.as_ref().and_then(ServiceTls::origination) {
+                    Some(tls) => Some(origination_tls(name, service.protocol, tls, mesh)),
+                    None => meshed.then(|| upstream_tls(name, service, mesh)),
+                },
             };
             let static_endpoints = service.endpoints.as_deref().unwrap_or(&[]);
             let upstream = Upstream::new(spec, static_endpoints, metrics);
@@ -391,8 +392,44 @@ fn upstream_tls(name: &str, service: &Service, mesh: Option<&Arc<Mesh>>) -> Upst
     }
 }
 
+/// Whether a service is reached over mesh mTLS: `tls: mesh`, or `mesh_tls: strict` for every
+/// service that is not an external one (`tls: { sni }` has no sidecar to talk mTLS to).
+fn is_meshed(service: &Service, mode: MeshTls) -> bool {
+    match &service.tls {
+        Some(ServiceTls::Mesh) => true,
+        Some(ServiceTls::Origination(_)) => false,
+        None => mode == MeshTls::Strict,
+    }
+}
+
+/// The TLS of an external service, built here once per policy load (the CA bundle is read
+/// now). A config that cannot be built fails the service's connections with the reason rather
+/// than sending its requests unverified or in plaintext.
+fn origination_tls(
+    name: &str,
+    protocol: Protocol,
+    tls: &outrider_config::OriginationTls,
+    mesh: Option<&Arc<Mesh>>,
+) -> UpstreamTls {
+    // The mesh's provider when there is one (one set of algorithms per process), else the same
+    // aws-lc-rs default.
+    let provider = mesh
+        .map(|m| Arc::clone(m.provider()))
+        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    match crate::tls::origination(tls, protocol, provider) {
+        Ok(tls) => tls,
+        Err(error) => {
+            tracing::error!(service = name, %error, "cannot build the TLS origination config; its requests will fail");
+            UpstreamTls::Unusable(Arc::from(format!(
+                "tls origination for service {name} unusable: {error}"
+            )))
+        }
+    }
+}
+
 fn same_upstream(before: &Service, after: &Service) -> bool {
     before.identity == after.identity
+        && before.tls == after.tls
         && before.endpoints == after.endpoints
         && before.dns == after.dns
         && before.protocol == after.protocol

@@ -1,23 +1,24 @@
-//! Mesh TLS on the wire: the one stream type for plaintext and TLS connections (both
-//! directions), the inbound side's first-byte sniffing and handshake, and the outbound
-//! handshake done by the endpoint connector.
+//! TLS on the wire: the one stream type for plaintext and TLS connections (both directions),
+//! the inbound side's first-byte sniffing and handshake, and the outbound handshake done by the
+//! endpoint connector (mesh mTLS, or TLS origination to an external HTTPS service).
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::HeaderValue;
-use outrider_config::InboundMtls;
+use outrider_config::{InboundMtls, OriginationTls, Protocol};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::ServerName;
-use rustls::ClientConfig;
+use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::identity::{self, Mesh, ALPN_H2};
+use crate::identity::{self, Mesh, ALPN_H2, ALPN_HTTP1};
 
 /// First byte of a TLS record carrying a handshake (a ClientHello starts with it).
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -122,6 +123,16 @@ pub enum UpstreamTls {
     /// The policy asks for mesh TLS but this proxy has no identity configured: every
     /// connection fails rather than going out in plaintext.
     NoIdentity,
+    /// TLS origination to an external HTTPS service (built once per policy load).
+    Origination {
+        /// Trust roots, TLS 1.3/1.2, ALPN of the service's protocol; no client certificate.
+        config: Arc<ClientConfig>,
+        /// Sent as SNI; the server certificate must be valid for it.
+        name: ServerName<'static>,
+    },
+    /// TLS origination whose config could not be built (unreadable CA bundle...): every
+    /// connection fails with this reason rather than going out unverified or in plaintext.
+    Unusable(Arc<str>),
 }
 
 /// Why an outbound TLS handshake failed.
@@ -131,6 +142,96 @@ pub struct HandshakeError {
     pub reason: &'static str,
     /// The full error.
     pub message: String,
+    /// TLS origination (an external service) rather than mesh mTLS.
+    pub origination: bool,
+}
+
+/// Why an origination config could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginationError {
+    /// The CA bundle could not be read.
+    #[error("cannot read CA bundle {path}: {source}")]
+    ReadCa {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The CA bundle holds no usable certificate.
+    #[error("CA bundle {0} holds no usable certificate")]
+    EmptyCa(String),
+    /// Neither a bundle was given nor the system has roots.
+    #[error("no system trust roots found (set `ca`, or SSL_CERT_FILE)")]
+    NoSystemRoots,
+    /// `sni` is not a name rustls accepts (validation should have caught it).
+    #[error("invalid sni {0:?}")]
+    Name(String),
+    /// rustls refused the settings.
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The system's trust roots, read once per process: the OS store changes with the image, not
+/// with the policy, and reading it costs milliseconds per call.
+fn system_roots() -> Arc<RootCertStore> {
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
+    Arc::clone(ROOTS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        for error in &found.errors {
+            tracing::warn!(%error, "error reading a system trust root");
+        }
+        let mut roots = RootCertStore::empty();
+        let (added, ignored) = roots.add_parsable_certificates(found.certs);
+        tracing::debug!(added, ignored, "system trust roots loaded");
+        Arc::new(roots)
+    }))
+}
+
+/// The TLS of a service with `tls: { sni, ca }`: verified against `ca` (read now, once per
+/// policy load) or the system roots, TLS 1.3 or 1.2, ALPN offering the service's protocol.
+pub fn origination(
+    tls: &OriginationTls,
+    protocol: Protocol,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<UpstreamTls, OriginationError> {
+    let name = ServerName::try_from(tls.sni.clone())
+        .map_err(|_| OriginationError::Name(tls.sni.clone()))?;
+    let roots = match &tls.ca {
+        Some(path) => {
+            let read = |source| OriginationError::ReadCa {
+                path: path.clone(),
+                source,
+            };
+            let pem = std::fs::read(path).map_err(read)?;
+            let mut roots = RootCertStore::empty();
+            let certs =
+                rustls::pki_types::CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok);
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(OriginationError::EmptyCa(path.clone()));
+            }
+            Arc::new(roots)
+        }
+        None => {
+            let roots = system_roots();
+            if roots.is_empty() {
+                return Err(OriginationError::NoSystemRoots);
+            }
+            roots
+        }
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = match protocol {
+        Protocol::Http2 => vec![ALPN_H2.to_vec()],
+        Protocol::Http1 => vec![ALPN_HTTP1.to_vec()],
+    };
+    Ok(UpstreamTls::Origination {
+        config: Arc::new(config),
+        name,
+    })
 }
 
 /// Runs the client handshake over `stream` to `addr`.
@@ -145,6 +246,17 @@ pub async fn connect(
             return Err(HandshakeError {
                 reason: "no_identity",
                 message: "the policy asks for mesh TLS but this proxy has no workload identity (--service-account)".into(),
+                origination: false,
+            })
+        }
+        UpstreamTls::Origination { config, name } => {
+            return originate(config, name, addr, stream).await
+        }
+        UpstreamTls::Unusable(why) => {
+            return Err(HandshakeError {
+                reason: "config",
+                message: why.to_string(),
+                origination: true,
             })
         }
     };
@@ -159,15 +271,48 @@ pub async fn connect(
             let message = identity::describe(&error);
             mesh.metrics.handshake_failed("outbound", reason);
             tracing::warn!(%addr, reason, error = %message, "mesh TLS handshake to upstream failed");
-            Err(HandshakeError { reason, message })
+            Err(HandshakeError {
+                reason,
+                message,
+                origination: false,
+            })
         }
         Err(_) => {
             mesh.metrics.handshake_failed("outbound", "timeout");
             Err(HandshakeError {
                 reason: "timeout",
                 message: format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+                origination: false,
             })
         }
+    }
+}
+
+/// The client handshake to an external HTTPS server, verified by name.
+async fn originate(
+    config: &Arc<ClientConfig>,
+    name: &ServerName<'static>,
+    addr: SocketAddr,
+    stream: TcpStream,
+) -> Result<Io, HandshakeError> {
+    let handshake = TlsConnector::from(Arc::clone(config)).connect(name.clone(), stream);
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(stream)) => Ok(Io::Client(Box::new(stream))),
+        Ok(Err(error)) => {
+            let reason = identity::failure_reason(&error);
+            let message = error.to_string();
+            tracing::warn!(%addr, sni = ?name, reason, error = %message, "TLS handshake to external service failed");
+            Err(HandshakeError {
+                reason,
+                message,
+                origination: true,
+            })
+        }
+        Err(_) => Err(HandshakeError {
+            reason: "timeout",
+            message: format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+            origination: true,
+        }),
     }
 }
 
