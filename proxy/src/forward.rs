@@ -63,9 +63,11 @@ pub async fn handle(
             )),
             Err(error) => {
                 let response = rescue(&error, grpc);
-                snapshot
-                    .unrouted
-                    .record(response.status(), started.elapsed().as_secs_f64());
+                snapshot.unrouted.record(
+                    req.method(),
+                    response.status(),
+                    started.elapsed().as_secs_f64(),
+                );
                 if snapshot.policy.access_log == AccessLogSetting::Json {
                     // Requests the proxy refused before routing are logged too: an operator
                     // looks for a 404 or 400 by its trace or request id like any other.
@@ -121,9 +123,11 @@ pub async fn handle(
     let pending = GaugeGuard::inc(&target.metrics.traffic.pending);
     let response = forward(&target, authority, peer, req, grpc, &mut finish).await;
     drop(pending);
-    target
-        .metrics
-        .record(response.status(), started.elapsed().as_secs_f64());
+    target.metrics.record(
+        &finish.method,
+        response.status(),
+        started.elapsed().as_secs_f64(),
+    );
     finish.status = response.status();
     Ok(response.map(|body| Observed::wrap(body, finish)))
 }

@@ -1,7 +1,7 @@
 //! Prometheus metrics. Label sets are resolved once per reload into [`RouteMetrics`] handles,
 //! so the request path only touches atomics: no label hashing, no registry lock.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -16,6 +16,64 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The `method` label values: the standard methods, and `other` for any extension method, so
+/// a caller cannot grow the series count with made-up methods.
+const METHODS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "other",
+];
+
+/// Status codes `http` accepts: 100 to 999.
+const FIRST_CODE: u16 = 100;
+const CODES: usize = 900;
+
+fn method_index(method: &http::Method) -> usize {
+    match method.as_str() {
+        "GET" => 0,
+        "HEAD" => 1,
+        "POST" => 2,
+        "PUT" => 3,
+        "DELETE" => 4,
+        "CONNECT" => 5,
+        "OPTIONS" => 6,
+        "TRACE" => 7,
+        "PATCH" => 8,
+        _ => 9,
+    }
+}
+
+/// Request counters of one direction, service and route, by method and status code.
+///
+/// The children are made lazily (a route sees few methods and codes, and eager series for all
+/// of them would be thousands of zeros) and then cached: a table per method, a slot per code,
+/// so after the first request with a given method and code, counting is one atomic add with no
+/// label hashing and no lock of the metric family.
+struct RequestCounters {
+    family: IntCounterVec,
+    labels: RouteLabels,
+    by_method: [OnceLock<Box<[OnceLock<IntCounter>]>>; METHODS.len()],
+}
+
+impl RequestCounters {
+    fn inc(&self, method: &http::Method, status: http::StatusCode) {
+        let m = method_index(method);
+        let codes = self.by_method[m].get_or_init(|| (0..CODES).map(|_| OnceLock::new()).collect());
+        let slot = usize::from(status.as_u16().saturating_sub(FIRST_CODE)).min(CODES - 1);
+        codes[slot]
+            .get_or_init(|| {
+                let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+                self.family.with_label_values(&[
+                    &self.labels.direction,
+                    &self.labels.service,
+                    &self.labels.route,
+                    METHODS[m],
+                    STATUS_CLASSES[class],
+                    status.as_str(),
+                ])
+            })
+            .inc();
+    }
+}
 
 /// Every metric the proxy exports, registered in one registry.
 #[derive(Clone)]
@@ -51,7 +109,7 @@ pub struct PolicyReloadMetrics {
 
 /// Where a request was counted: by direction, service and route.
 pub struct RouteMetrics {
-    by_status_class: [IntCounter; 5],
+    requests: RequestCounters,
     duration: Histogram,
     /// Retry outcomes of this route and service.
     pub retries: RetryMetrics,
@@ -273,10 +331,10 @@ pub struct RetryMetrics {
 }
 
 impl RouteMetrics {
-    /// Counts one response with `status` that took `seconds` to its headers.
-    pub fn record(&self, status: http::StatusCode, seconds: f64) {
-        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
-        self.by_status_class[class].inc();
+    /// Counts one response to a `method` request with `status` that took `seconds` to its
+    /// headers.
+    pub fn record(&self, method: &http::Method, status: http::StatusCode, seconds: f64) {
+        self.requests.inc(method, status);
         self.duration.observe(seconds);
     }
 }
@@ -358,9 +416,16 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "outrider_requests_total",
-                "Requests answered, by direction, service, route and status class.",
+                "Requests answered, by direction, service, route, method, status class and code.",
             ),
-            &["direction", "service", "route", "status_class"],
+            &[
+                "direction",
+                "service",
+                "route",
+                "method",
+                "status_class",
+                "code",
+            ],
         )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
@@ -484,10 +549,15 @@ impl Metrics {
     /// Handles for requests in `direction` to `service` through `route`.
     pub fn route(&self, direction: &str, service: &str, route: &str) -> RouteMetrics {
         RouteMetrics {
-            by_status_class: STATUS_CLASSES.map(|class| {
-                self.requests
-                    .with_label_values(&[direction, service, route, class])
-            }),
+            requests: RequestCounters {
+                family: self.requests.clone(),
+                labels: RouteLabels {
+                    direction: direction.into(),
+                    service: service.into(),
+                    route: route.into(),
+                },
+                by_method: Default::default(),
+            },
             duration: self
                 .duration
                 .with_label_values(&[direction, service, route]),

@@ -109,13 +109,19 @@ async fn metrics_count_known_traffic_exactly() {
     assert_eq!(get(proxy.outbound, "down", "/").await.status, 502);
     assert_eq!(get(proxy.outbound, "nowhere", "/").await.status, 404);
 
-    let series = |service: &str, route: &str, class: &str| {
-        format!("outrider_requests_total{{direction=\"outbound\",route=\"{route}\",service=\"{service}\",status_class=\"{class}\"}}")
+    let series = |service: &str, route: &str, class: &str, code: &str| {
+        format!("outrider_requests_total{{code=\"{code}\",direction=\"outbound\",method=\"GET\",route=\"{route}\",service=\"{service}\",status_class=\"{class}\"}}")
     };
-    assert_eq!(proxy.metric(&series("svc", "ok", "2xx")).await, 3.0);
-    assert_eq!(proxy.metric(&series("svc", "ok", "5xx")).await, 0.0);
-    assert_eq!(proxy.metric(&series("down", "broken", "5xx")).await, 1.0);
-    assert_eq!(proxy.metric(&series("none", "none", "4xx")).await, 1.0);
+    assert_eq!(proxy.metric(&series("svc", "ok", "2xx", "200")).await, 3.0);
+    assert_eq!(proxy.metric(&series("svc", "ok", "5xx", "502")).await, 0.0);
+    assert_eq!(
+        proxy.metric(&series("down", "broken", "5xx", "502")).await,
+        1.0
+    );
+    assert_eq!(
+        proxy.metric(&series("none", "none", "4xx", "404")).await,
+        1.0
+    );
     assert_eq!(
         proxy
             .metric("outrider_response_duration_seconds_count{direction=\"outbound\",route=\"ok\",service=\"svc\"}")

@@ -203,6 +203,17 @@ async fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
     }
     assert_eq!(get(proxy.outbound, "dead", "/").await.status, 502);
     assert_eq!(get(proxy.outbound, "nowhere", "/").await.status, 404);
+    let purge = send(
+        &client,
+        Request::builder()
+            .method("PURGE")
+            .uri(format!("http://{}/", proxy.outbound))
+            .header("host", "nowhere")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(purge.status, 404);
 
     let labels = "direction=\"outbound\",route=\"r\",service=\"svc\"";
     let m = |name: &str, extra: &str| format!("{name}{{{labels}{extra}}}");
@@ -215,11 +226,22 @@ async fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
         .await,
         response_bytes as f64
     );
+    // Labels come out sorted by name: code and direction before the route labels, method
+    // between them.
+    let requests = |code: &str, method: &str, route: &str, service: &str, class: &str| {
+        format!("outrider_requests_total{{code=\"{code}\",direction=\"outbound\",method=\"{method}\",route=\"{route}\",service=\"{service}\",status_class=\"{class}\"}}")
+    };
     assert_eq!(
         proxy
-            .metric(&m("outrider_requests_total", ",status_class=\"2xx\""))
+            .metric(&requests("200", "GET", "r", "svc", "2xx"))
             .await,
-        7.0
+        5.0
+    );
+    assert_eq!(
+        proxy
+            .metric(&requests("200", "POST", "r", "svc", "2xx"))
+            .await,
+        2.0
     );
     assert_eq!(
         proxy.metric(&m("outrider_request_bytes_total", "")).await,
@@ -244,16 +266,34 @@ async fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
     );
     assert_eq!(
         proxy
-            .metric("outrider_requests_total{direction=\"outbound\",route=\"d\",service=\"dead\",status_class=\"5xx\"}")
+            .metric(&requests("502", "GET", "d", "dead", "5xx"))
             .await,
         1.0
     );
     assert_eq!(
         proxy
-            .metric("outrider_requests_total{direction=\"outbound\",route=\"none\",service=\"none\",status_class=\"4xx\"}")
+            .metric(&requests("404", "GET", "none", "none", "4xx"))
             .await,
         1.0
     );
+    assert_eq!(
+        proxy
+            .metric(&requests("404", "other", "none", "none", "4xx"))
+            .await,
+        1.0,
+        "an extension method is counted as other, never under its own name"
+    );
+    let (_, text) = proxy.admin_get("/metrics").await;
+    let request_series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("outrider_requests_total{"))
+        .collect();
+    assert_eq!(
+        request_series.len(),
+        5,
+        "one series per method and code seen, no zero series: {request_series:#?}"
+    );
+    assert!(!text.contains("PURGE"));
     assert_eq!(
         proxy
             .metric(&format!(
