@@ -4,16 +4,20 @@
 //! - [`ProxyBody`]: the response to the caller: the upstream's body passed through frame by frame
 //!   (trailers included), optionally bounded by an idle timeout, or a small body the proxy made.
 //! - [`RequestBody`]: the request to the upstream: the caller's body as is, or a replayable view
-//!   of it when retries are on.
+//!   of it when retries are on; either way read through [`Counted`], which counts the bytes
+//!   that actually cross the proxy (a chunked or HTTP/2 body declares no length up front).
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use prometheus::IntCounter;
 use tokio::time::{Instant, Sleep};
 
 use crate::policy::outcome::Watch;
@@ -226,10 +230,92 @@ impl Body for ProxyBody {
     }
 }
 
+/// The caller's request body, its data bytes counted as they are read on their way to the
+/// upstream. Wraps the body as received, below any retry replay, so a retried request counts
+/// its bytes once, as the caller sent them, however many attempts replay them.
+pub struct Counted {
+    body: Incoming,
+    /// Data bytes read so far; shared with the request's [`Finish`] for the access log.
+    seen: Arc<AtomicU64>,
+    /// The route's `outrider_request_bytes_total`; taken when the total is added to it.
+    metric: Option<IntCounter>,
+}
+
+impl Counted {
+    /// Counts `body` into `seen` frame by frame, and into `metric` once, when the body ends,
+    /// fails or is dropped unfinished (then with what passed).
+    pub fn new(body: Incoming, seen: Arc<AtomicU64>, metric: IntCounter) -> Self {
+        Self {
+            body,
+            seen,
+            metric: Some(metric),
+        }
+    }
+
+    fn record(&mut self) {
+        if let Some(metric) = self.metric.take() {
+            // Only this body adds to `seen`, so the load is its own final total.
+            metric.inc_by(self.seen.load(Ordering::Relaxed));
+        }
+    }
+}
+
+impl std::fmt::Debug for Counted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counted")
+            .field("body", &self.body)
+            .field("seen", &self.seen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        // The exchange ended before the body did (upstream answered early, caller or upstream
+        // went away, timeout): count what passed.
+        self.record();
+    }
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &polled {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                // hyper stops polling a body whose declared length is reached: the end is
+                // seen here, not as a final `None`.
+                if this.body.is_end_stream() {
+                    this.record();
+                }
+            }
+            Some(Err(_)) | None => this.record(),
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A request body sent to an upstream.
 pub enum RequestBody {
     /// The caller's body, streamed once.
-    Direct(Incoming),
+    Direct(Counted),
     /// A replayable view of the caller's body (retries on).
     Replay(ReplayBody),
 }

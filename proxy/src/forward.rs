@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::error::Error as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use outrider_config::{AccessLog as AccessLogSetting, Protocol};
 use tokio::time::Instant;
 
-use crate::body::{Observed, ProxyBody, RequestBody};
+use crate::body::{Counted, Observed, ProxyBody, RequestBody};
 use crate::connect::ConnectError;
 use crate::errors::{rescue, ProxyError};
 use crate::headers;
@@ -110,11 +110,7 @@ pub async fn handle(
         authority: authority.clone(),
         peer,
         request_id: req.headers().get(&headers::REQUEST_ID).cloned(),
-        request_bytes: req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .unwrap_or(0),
+        request_bytes: Arc::new(AtomicU64::new(0)),
         status: StatusCode::OK,
         report: ExchangeReport::default(),
         trace,
@@ -238,6 +234,13 @@ async fn forward(
     let upgrade = headers::is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
+    // Counted as read for the upstream, below the retry replay: once per request, whatever
+    // its framing (Content-Length, chunked, HTTP/2 DATA frames).
+    let body = Counted::new(
+        body,
+        Arc::clone(&finish.request_bytes),
+        target.metrics.traffic.request_bytes.clone(),
+    );
     let parts = match prepare(target, parts, authority, peer, trace) {
         Ok(parts) => parts,
         Err(error) => {
@@ -472,7 +475,7 @@ async fn exchange_with_retries(
     target: &Target,
     retry: &RetryPolicy,
     parts: http::request::Parts,
-    body: Incoming,
+    body: Counted,
     exchange: Exchange<'_>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let Exchange {

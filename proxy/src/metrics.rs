@@ -134,9 +134,10 @@ pub struct RouteLabels {
 
 /// Traffic of one direction, service and route beyond request counts.
 pub struct TrafficMetrics {
-    /// Request body bytes received from callers.
+    /// Request body bytes received from callers and forwarded, once per request (not per
+    /// retry attempt); added when the request body ends.
     pub request_bytes: IntCounter,
-    /// Response body bytes sent to callers.
+    /// Response body bytes sent to callers, counted frame by frame.
     pub response_bytes: IntCounter,
     /// Requests in flight (until their response body ends).
     pub active: IntGauge,
@@ -202,7 +203,7 @@ impl TrafficVecs {
             request_bytes: IntCounterVec::new(
                 Opts::new(
                     "outrider_request_bytes_total",
-                    "Request body bytes received from callers.",
+                    "Request body bytes received from callers and forwarded upstream, counted as they pass (any framing), once per request however many retry attempts replay them.",
                 ),
                 labels,
             )?,

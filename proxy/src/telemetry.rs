@@ -8,6 +8,7 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -448,8 +449,9 @@ pub struct Finish {
     pub peer: SocketAddr,
     /// `x-request-id`.
     pub request_id: Option<HeaderValue>,
-    /// Request body bytes (from Content-Length).
-    pub request_bytes: u64,
+    /// Request body bytes forwarded so far, counted by the request body as it is read
+    /// ([`crate::body::Counted`]).
+    pub request_bytes: Arc<AtomicU64>,
     /// Status sent.
     pub status: StatusCode,
     /// What the exchange did.
@@ -475,8 +477,9 @@ impl Finish {
     pub fn end(self, bytes: u64, error: Option<String>) {
         let elapsed = self.started.elapsed();
         let traffic = &self.target.metrics.traffic;
+        // `outrider_request_bytes_total` is added to by the request body itself when it ends,
+        // which can be after this (an upstream answering before reading the whole body).
         traffic.response_bytes.inc_by(bytes);
-        traffic.request_bytes.inc_by(self.request_bytes);
         traffic.stream_duration.observe(elapsed.as_secs_f64());
         let error = self.report.error.clone().or(error);
         if let Some(spans) = &self.spans {
@@ -506,7 +509,12 @@ impl Finish {
                 upstream: self.report.endpoint,
                 attempts: self.report.attempts,
                 duration_seconds: elapsed.as_secs_f64(),
-                request_bytes: self.request_bytes,
+                // Final whenever the upstream read the whole request before its response
+                // ended (the usual order: a byte reaches the upstream only after it is
+                // counted). An upstream that answers early (a 413, a streaming reply cut
+                // short) leaves the request body unfinished: the line then has the bytes
+                // that passed so far, while the metric gets the rest when the body ends.
+                request_bytes: self.request_bytes.load(Ordering::Relaxed),
                 response_bytes: bytes,
                 error,
             });

@@ -422,3 +422,254 @@ async fn log_level_changes_at_run_time() {
     .await;
     assert_eq!(reply.status, 405);
 }
+
+/// Request chunks of the uploads below: 100,000 bytes in three chunks of unequal size.
+const UPLOAD: [usize; 3] = [40_000, 35_000, 25_000];
+/// Response chunks the upstreams stream back without a length: 50,000 bytes.
+const DOWNLOAD: [usize; 3] = [20_000, 20_000, 10_000];
+
+/// A body streamed chunk by chunk with no declared length: chunked on HTTP/1.1, DATA frames
+/// with no content-length on HTTP/2.
+fn streamed(chunks: [usize; 3], byte: u8) -> TestBody {
+    let (tx, body) = channel_body();
+    tokio::spawn(async move {
+        for n in chunks {
+            if tx.send(bytes::Bytes::from(vec![byte; n])).await.is_err() {
+                return;
+            }
+        }
+    });
+    body
+}
+
+/// An upstream that reads the request body to its end and answers with [`DOWNLOAD`] streamed
+/// without a length, telling in headers what it received: `x-received` (body bytes) and
+/// `x-content-length` (the header as it arrived, `none` when absent). With `fail_first`, the
+/// first request (body read all the same) is answered 503, to be retried.
+async fn sink(proto: Proto, fail_first: bool) -> Upstream {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    Upstream::start(proto, move |req: Request<hyper::body::Incoming>| {
+        let call = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            let length = req
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .map_or("none".to_string(), |v| v.to_str().unwrap().to_string());
+            let received = drain_body(req.into_body()).await;
+            let status = if fail_first && call == 0 { 503 } else { 200 };
+            http::Response::builder()
+                .status(status)
+                .header("x-received", received)
+                .header("x-content-length", length)
+                .body(streamed(DOWNLOAD, b'r'))
+                .unwrap()
+        }
+    })
+    .await
+}
+
+/// The request and response bytes of chunked HTTP/1.1 and HTTP/2 bodies are the bytes that
+/// crossed the proxy, on the outbound and inbound listeners, once per request under retries;
+/// the old Content-Length reading counted each of these uploads as 0 (and a
+/// per-attempt count would give the retried one 200,000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_are_counted_as_they_cross_whatever_the_framing() {
+    let h1 = sink(Proto::Http1, false).await;
+    let h2 = sink(Proto::Http2, false).await;
+    let flaky = sink(Proto::Http1, true).await;
+    let route = |name: &str, service: &str| {
+        format!("  - name: {name}\n    match: {{ authority: {name} }}\n    service: {service}\n")
+    };
+    let proxy = start_proxy(&format!(
+        "access_log: json\nservices:\n  h1: {{ endpoints: [{}] }}\n  h2: {{ endpoints: [{}], protocol: http2 }}\n  flaky:\n    endpoints: [{}]\n    retries: {{ attempts: 1, on: [5xx], body_limit: 256KiB, backoff: {{ base: 1ms, max: 5ms }} }}\nroutes:\n{}{}{}{}inbound: {{ app: {} }}\n",
+        h1.addr,
+        h2.addr,
+        flaky.addr,
+        route("chunked", "h1"),
+        route("sized", "h1"),
+        route("h2c", "h2"),
+        route("retried", "flaky"),
+        h1.addr,
+    ));
+    let client = http1_client();
+    let upload = |addr: std::net::SocketAddr, host: &str, path: &str, body: TestBody| {
+        Request::put(format!("http://{addr}{path}"))
+            .header("host", host)
+            .body(body)
+            .unwrap()
+    };
+    let total: usize = UPLOAD.iter().sum();
+    let downloaded: usize = DOWNLOAD.iter().sum();
+
+    let chunked = send(
+        &client,
+        upload(
+            proxy.outbound,
+            "chunked",
+            "/chunked",
+            streamed(UPLOAD, b'c'),
+        ),
+    )
+    .await;
+    let sized = send(
+        &client,
+        upload(proxy.outbound, "sized", "/sized", full(vec![b's'; total])),
+    )
+    .await;
+    let h2c = send_h2_via(
+        proxy.outbound,
+        Request::put("http://h2c/h2c")
+            .body(streamed(UPLOAD, b'h'))
+            .unwrap(),
+    )
+    .await;
+    let retried = send(
+        &client,
+        upload(
+            proxy.outbound,
+            "retried",
+            "/retried",
+            streamed(UPLOAD, b'r'),
+        ),
+    )
+    .await;
+    let inbound = send(
+        &client,
+        upload(proxy.inbound, "app", "/inbound", streamed(UPLOAD, b'i')),
+    )
+    .await;
+    let total_text = total.to_string();
+    for (name, reply, length) in [
+        ("chunked", &chunked, "none"),
+        ("sized", &sized, total_text.as_str()),
+        ("h2c", &h2c, "none"),
+        ("retried", &retried, "none"),
+        ("inbound", &inbound, "none"),
+    ] {
+        assert_eq!(reply.status, 200, "{name}");
+        assert_eq!(
+            reply.header("x-received"),
+            Some(total_text.as_str()),
+            "{name}: the upstream got the whole upload"
+        );
+        assert_eq!(
+            reply.header("x-content-length"),
+            Some(length),
+            "{name}: the upload's framing reached the upstream as sent"
+        );
+        assert_eq!(reply.body.len(), downloaded, "{name}");
+    }
+    assert_eq!(flaky.hits(), 2, "the retried upload was sent twice");
+
+    let series = |name: &str, direction: &str, route: &str, service: &str| {
+        format!("{name}{{direction=\"{direction}\",route=\"{route}\",service=\"{service}\"}}")
+    };
+    for (direction, route, service) in [
+        ("outbound", "chunked", "h1"),
+        ("outbound", "sized", "h1"),
+        ("outbound", "h2c", "h2"),
+        ("outbound", "retried", "flaky"),
+        ("inbound", "inbound", "app"),
+    ] {
+        let requests = series("outrider_request_bytes_total", direction, route, service);
+        assert_eq!(
+            settled(&proxy, &requests, total as f64).await,
+            total as f64,
+            "{requests}"
+        );
+        let responses = series("outrider_response_bytes_total", direction, route, service);
+        assert_eq!(
+            settled(&proxy, &responses, downloaded as f64).await,
+            downloaded as f64,
+            "{responses}"
+        );
+    }
+
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.stdout_lines().len() >= 5).await,
+        "{:?}",
+        proxy.stdout_lines()
+    );
+    let lines: Vec<serde_json::Value> = proxy
+        .stdout_lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 5, "{lines:#?}");
+    for (path, attempts) in [
+        ("/chunked", 1),
+        ("/sized", 1),
+        ("/h2c", 1),
+        ("/retried", 2),
+        ("/inbound", 1),
+    ] {
+        let line = lines.iter().find(|l| l["path"] == path).unwrap();
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["attempts"], attempts, "{line}");
+        assert_eq!(line["request_bytes"], total, "{line}");
+        assert_eq!(line["response_bytes"], downloaded, "{line}");
+    }
+}
+
+/// An upstream that answers 413 once it has read the first chunk of an upload, before the
+/// rest is sent: the access line (written when the response ends) has the bytes that passed
+/// by then, and the metric (added when the request body ends) the same, as nothing more crossed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_counts_the_bytes_that_passed() {
+    let first = UPLOAD[0];
+    let refuser = Upstream::start(Proto::Http1, move |req: Request<hyper::body::Incoming>| {
+        use http_body_util::BodyExt;
+        async move {
+            let mut body = req.into_body();
+            let mut read = 0;
+            while read < first {
+                match body.frame().await {
+                    Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
+                    _ => break,
+                }
+            }
+            http::Response::builder()
+                .status(413)
+                .header("x-received", read)
+                .body(full("too large"))
+                .unwrap()
+        }
+    })
+    .await;
+    let proxy = start_proxy(&format!(
+        "access_log: json\nservices:\n  refuser: {{ endpoints: [{}] }}\nroutes:\n  - name: early\n    match: {{ authority: early }}\n    service: refuser\n",
+        refuser.addr
+    ));
+    let (tx, body) = channel_body();
+    tx.send(bytes::Bytes::from(vec![b'e'; first]))
+        .await
+        .unwrap();
+    let reply = send(
+        &http1_client(),
+        Request::put(format!("http://{}/early", proxy.outbound))
+            .header("host", "early")
+            .body(body)
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 413);
+    assert_eq!(reply.header("x-received"), Some(first.to_string().as_str()));
+    assert!(
+        eventually(Duration::from_secs(5), || !proxy.stdout_lines().is_empty()).await,
+        "no access line"
+    );
+    // The upload is still open when the line is written: it has what passed so far.
+    let line: serde_json::Value = serde_json::from_str(&proxy.stdout_lines()[0]).unwrap();
+    assert_eq!(line["status"], 413, "{line}");
+    assert_eq!(line["request_bytes"], first, "{line}");
+    assert_eq!(line["response_bytes"], "too large".len(), "{line}");
+    // The caller ends its upload without sending more: the body ends, the metric is added.
+    drop(tx);
+    let series =
+        "outrider_request_bytes_total{direction=\"outbound\",route=\"early\",service=\"refuser\"}";
+    assert_eq!(
+        settled(&proxy, series, first as f64).await,
+        first as f64,
+        "{series}"
+    );
+}

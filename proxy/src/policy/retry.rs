@@ -15,11 +15,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use outrider_config::{Retries, RetryOn};
 use tokio::time::Instant;
 
-use crate::body::BoxError;
+use crate::body::{BoxError, Counted};
 
 /// How an attempt failed, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,7 +248,7 @@ pub struct ReplayBody {
 pub struct Superseded;
 
 struct ReplayState {
-    source: Option<Incoming>,
+    source: Option<Counted>,
     chunks: Vec<Bytes>,
     buffered: u64,
     limit: u64,
@@ -263,7 +262,7 @@ struct ReplayState {
 
 impl ReplayHandle {
     /// Wraps the caller's body, keeping up to `limit` bytes for replay.
-    pub fn new(source: Incoming, limit: u64) -> Self {
+    pub fn new(source: Counted, limit: u64) -> Self {
         let size_hint = source.size_hint();
         let complete = source.is_end_stream();
         // A body declared larger than the limit can never be replayed: don't copy any of it.
