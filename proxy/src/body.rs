@@ -254,8 +254,12 @@ impl Counted {
 
     fn record(&mut self) {
         if let Some(metric) = self.metric.take() {
-            // Only this body adds to `seen`, so the load is its own final total.
-            metric.inc_by(self.seen.load(Ordering::Relaxed));
+            // Only this body adds to `seen`, so the load is its own final total. Bodiless
+            // requests (most GETs) skip the add on the route's shared counter.
+            let total = self.seen.load(Ordering::Relaxed);
+            if total > 0 {
+                metric.inc_by(total);
+            }
         }
     }
 }
