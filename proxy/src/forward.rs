@@ -68,11 +68,13 @@ pub async fn handle(
                     response.status(),
                     started.elapsed().as_secs_f64(),
                 );
-                if snapshot.policy.access_log == AccessLogSetting::Json {
+                // Set once a policy has said `access_log: json`.
+                let log = shared.access_log.get();
+                if let (AccessLogSetting::Json, Some(log)) = (snapshot.policy.access_log, log) {
                     // Requests the proxy refused before routing are logged too: an operator
                     // looks for a 404 or 400 by its trace or request id like any other.
                     let trace = TraceContext::extract(req.headers(), &snapshot.sampler);
-                    shared.access_log.record(AccessRecord::refused(
+                    log.record(AccessRecord::refused(
                         &req,
                         &trace,
                         &snapshot.unrouted.labels,
@@ -101,7 +103,11 @@ pub async fn handle(
     let mut finish = Finish {
         target: Arc::clone(&target),
         spans,
-        access_log: log.then(|| Arc::clone(&shared.access_log)),
+        access_log: if log {
+            shared.access_log.get().cloned()
+        } else {
+            None
+        },
         server: kind == ListenerKind::Inbound,
         started,
         started_wall,

@@ -29,7 +29,7 @@ pub mod watch_file;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -104,8 +104,9 @@ pub struct Shared {
     stop: watch::Sender<bool>,
     /// The span exporter for the policy's `tracing.otlp`, if any.
     pub spans: Spans,
-    /// The access-log writer (used while the policy says `access_log: json`).
-    pub access_log: Arc<AccessLog>,
+    /// The access-log writer, started by the first policy that says `access_log: json` (most
+    /// proxies never log; the writer is a thread and a queue).
+    pub access_log: OnceLock<Arc<AccessLog>>,
 }
 
 impl Shared {
@@ -134,9 +135,6 @@ pub enum StartError {
     /// The initial policy could not be put in force.
     #[error(transparent)]
     Policy(ReloadError),
-    /// The access-log writer thread could not start.
-    #[error("cannot start the access-log writer: {0}")]
-    AccessLog(std::io::Error),
     /// The span exporter could not be built.
     #[error(transparent)]
     Exporter(#[from] ExporterError),
@@ -229,8 +227,6 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
     let snapshot = reload::empty_snapshot(&metrics);
     let (stop, stop_rx) = watch::channel(false);
     let spans = Spans::new(&bootstrap.workload, metrics.telemetry.clone());
-    let access_log =
-        Arc::new(AccessLog::start(metrics.telemetry.clone()).map_err(StartError::AccessLog)?);
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         metrics,
@@ -244,7 +240,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         mesh,
         stop,
         spans,
-        access_log,
+        access_log: OnceLock::new(),
     });
     if let (Some(config), Some(mesh)) = (bootstrap.identity.clone(), &shared.mesh) {
         identity::spawn(config, Arc::clone(mesh));

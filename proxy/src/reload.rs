@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use outrider_config::{LoadedPolicy, PolicyError};
+use outrider_config::{AccessLog as AccessLogSetting, LoadedPolicy, PolicyError};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex};
@@ -23,6 +23,7 @@ use crate::forward::ListenerKind;
 use crate::identity::Mesh;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
+use crate::telemetry::AccessLog;
 use crate::{server, Shared};
 
 /// Where the policy in force came from.
@@ -134,6 +135,9 @@ pub enum ReloadError {
     /// The proxy is draining; no policy changes any more.
     #[error("the proxy is shutting down")]
     ShuttingDown,
+    /// The policy turns the access log on and its writer thread could not start.
+    #[error("cannot start the access-log writer: {0}")]
+    AccessLog(std::io::Error),
 }
 
 /// What a successful [`Reloader::apply`] did.
@@ -295,6 +299,16 @@ impl Reloader {
                     })
                 }
             }
+        }
+
+        if snapshot.policy.access_log == AccessLogSetting::Json
+            && self.shared.access_log.get().is_none()
+        {
+            // Started by the first policy that logs, and kept: a later policy may log again.
+            // Under the listeners lock, so only one reload gets here at a time.
+            let log = AccessLog::start(self.shared.metrics.telemetry.clone())
+                .map_err(ReloadError::AccessLog)?;
+            let _ = self.shared.access_log.set(Arc::new(log));
         }
 
         let content_hash = snapshot.content_hash.clone();

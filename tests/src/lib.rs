@@ -607,6 +607,15 @@ impl Proxy {
     pub fn peak_rss_kib(&self) -> u64 {
         self.proc_status_kib("VmHWM:")
     }
+
+    /// The names of the proxy's threads now (from /proc/PID/task/*/comm).
+    pub fn thread_names(&self) -> Vec<String> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).unwrap();
+        tasks
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .map(|name| name.trim_end().to_string())
+            .collect()
+    }
 }
 
 /// Sends an HTTP/2 request to `addr` over a fresh h2c connection, keeping the request's own

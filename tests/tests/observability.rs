@@ -159,6 +159,61 @@ async fn access_log_has_one_json_line_per_request() {
     assert_eq!(proxy.metric("outrider_access_log_dropped_total").await, 0.0);
 }
 
+/// Saves `text` the way editors do: a new file renamed over the old one.
+fn save(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("yaml.swp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_writer_starts_with_the_first_policy_that_logs() {
+    let echo = Upstream::echo(Proto::Http1, "echo").await;
+    let dead = closed_port().await;
+    let proxy = start_proxy(&policy(echo.addr, dead, "access_log: off\n"));
+    assert_eq!(get(proxy.outbound, "svc", "/quiet").await.status, 200);
+    // A proxy that does not log has no writer thread (nor its queue).
+    let writer = |proxy: &Proxy| proxy.thread_names().iter().any(|t| t == "access-log");
+    assert!(!writer(&proxy), "{:?}", proxy.thread_names());
+
+    save(
+        &proxy.policy_path(),
+        &policy(echo.addr, dead, "access_log: json\n"),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || writer(&proxy)).await,
+        "no writer after the reload; logs:\n{}",
+        proxy.logs().join("\n")
+    );
+    assert_eq!(get(proxy.outbound, "svc", "/loud").await.status, 200);
+    assert_eq!(get(proxy.outbound, "nowhere", "/refused").await.status, 404);
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.stdout_lines().len() == 2).await,
+        "{:?}",
+        proxy.stdout_lines()
+    );
+    let mut paths: Vec<String> = proxy
+        .stdout_lines()
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["path"].to_string())
+        .collect();
+    paths.sort();
+    assert_eq!(paths, ["\"/loud\"", "\"/refused\""]);
+
+    // Off again: the thread stays (a later policy may log again), nothing more is written.
+    save(
+        &proxy.policy_path(),
+        &policy(echo.addr, dead, "access_log: off\n"),
+    );
+    let reloads = "outrider_policy_reloads_total{result=\"ok\"}";
+    assert_eq!(settled(&proxy, reloads, 3.0).await, 3.0);
+    assert_eq!(get(proxy.outbound, "svc", "/quiet-again").await.status, 200);
+    let series = "outrider_response_stream_duration_seconds_count{direction=\"outbound\",route=\"r\",service=\"svc\"}";
+    assert_eq!(settled(&proxy, series, 3.0).await, 3.0);
+    assert_eq!(proxy.metric("outrider_access_log_lines_total").await, 2.0);
+    assert_eq!(proxy.stdout_lines().len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_off_writes_nothing() {
     let echo = Upstream::echo(Proto::Http1, "echo").await;
