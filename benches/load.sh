@@ -2,7 +2,7 @@
 # benches/load.sh: Outrider's load benchmark. Direct-to-upstream vs through Outrider vs through
 # nginx, HTTP/1.1 and h2c, on 127.0.0.1 only, pinned like a 1-CPU pod. Not part of the tests.
 #
-# Usage: bash benches/load.sh [--quick] [--policies] [--observability] [--rounds N]
+# Usage: bash benches/load.sh [--quick] [--policies] [--observability] [--mtls] [--rounds N]
 #                             [--duration SECS] [--rate RPS] [--out FILE] [--keep-tmp]
 #   --quick        1 round of 3 s runs (smoke run); writes benches/results/quick.md (git-ignored)
 #   --policies     only Outrider without and with every resilience policy enabled but never
@@ -10,10 +10,16 @@
 #   --observability  only Outrider without and with (t) tracing at ratio 1.0 exporting every
 #                  span over OTLP/HTTP to a sink, and (l) the JSON access log on (to a file), the
 #                  cost of observability (no direct or nginx runs)
+#   --mtls         only the sidecar-to-sidecar path, plaintext vs mesh mTLS: wrk -> proxy A
+#                  outbound -> proxy B inbound -> bench-upstream (keep-alive throughput, CPU of
+#                  A+B per request), and bench-connect opening a new connection per request to
+#                  B's inbound (connections/s, B's CPU per connection); certificates from a real
+#                  outrider-control. Writes benches/results/mtls.md
 #   --rounds N     rounds; medians are reported (default 3)
 #   --duration S   length of each measured run in seconds (default 10)
 #   --rate RPS     request rate of the open-loop latency runs (default 2000)
-#   --out FILE     markdown report (default benches/results/latest.md)
+#   --port-base P  first of the 127.0.0.1 ports used, P to P+11 (default 18080)
+#   --out FILE     markdown report (default benches/results/latest.md; mtls.md for --mtls)
 #   --keep-tmp     keep the temp dir (configs, logs, raw generator output)
 #
 # Layout: CPU 0 runs the load generator; CPU 1 runs bench-upstream and the proxy under test
@@ -26,9 +32,11 @@ INVOCATION=${*:+ $*}   # the flags, for the report
 ROUNDS=3
 DURATION=10
 RATE=2000
+PORT_BASE=18080
 QUICK=0
 POLICIES_ONLY=0
 OBSERVABILITY=0
+MTLS=0
 KEEP_TMP=0
 OUT=""
 while (($#)); do
@@ -37,9 +45,11 @@ while (($#)); do
     --policies) POLICIES_ONLY=1 ;;
     # Shares --policies' shape: Outrider variants only.
     --observability) POLICIES_ONLY=1 OBSERVABILITY=1 ;;
+    --mtls) MTLS=1 ;;
     --rounds) ROUNDS=${2:?--rounds needs a number}; shift ;;
     --duration) DURATION=${2:?--duration needs seconds}; shift ;;
     --rate) RATE=${2:?--rate needs requests/s}; shift ;;
+    --port-base) PORT_BASE=${2:?--port-base needs a port}; shift ;;
     --out) OUT=${2:?--out needs a file}; shift ;;
     --keep-tmp) KEEP_TMP=1 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -47,9 +57,17 @@ while (($#)); do
     esac
     shift
 done
-for n in "$ROUNDS" "$DURATION" "$RATE"; do
+for n in "$ROUNDS" "$DURATION" "$RATE" "$PORT_BASE"; do
     [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "load.sh: $n is not a positive integer" >&2; exit 64; }
 done
+if ((PORT_BASE < 1024 || PORT_BASE > 65524)); then
+    echo "load.sh: --port-base $PORT_BASE: the ports P to P+11 must be 1024-65535" >&2
+    exit 64
+fi
+if ((MTLS && POLICIES_ONLY)); then
+    echo "load.sh: --mtls runs on its own (not with --policies or --observability)" >&2
+    exit 64
+fi
 
 # ---- fixed parameters -------------------------------------------------------------------
 LOADGEN_CPU=0          # the load generator
@@ -59,18 +77,35 @@ H2_CONNS=4             # h2c: connections ...
 H2_STREAMS=16          # ... times concurrent streams each = 64 requests in flight
 WARMUP=1               # seconds of unmeasured load before each target's runs
 HOST=127.0.0.1
-PORT_UPSTREAM=18080
-PORT_OUTBOUND=18081
-PORT_INBOUND=18082
-PORT_ADMIN=18083
-PORT_COLLECTOR=18084   # --observability: a bench-upstream answering OTLP/HTTP posts with 200
-PORT_NGINX_H1=18090
-PORT_NGINX_H2=18091
+PORT_UPSTREAM=$PORT_BASE
+PORT_OUTBOUND=$((PORT_BASE + 1))
+PORT_INBOUND=$((PORT_BASE + 2))
+PORT_ADMIN=$((PORT_BASE + 3))
+PORT_COLLECTOR=$((PORT_BASE + 4))   # --observability: a bench-upstream answering OTLP/HTTP posts with 200
+PORT_NGINX_H1=$((PORT_BASE + 10))
+PORT_NGINX_H2=$((PORT_BASE + 11))
+# --mtls: proxy A (the caller's sidecar) uses the outbound/inbound/admin ports above; proxy B
+# (the callee's sidecar, in front of bench-upstream) and the control plane these.
+PORT_B_OUTBOUND=$((PORT_BASE + 5))
+PORT_B_INBOUND=$((PORT_BASE + 6))
+PORT_B_ADMIN=$((PORT_BASE + 7))
+PORT_CONTROL=$((PORT_BASE + 8))
+CONNECT_WORKERS=32     # --mtls: bench-connect's concurrent connections (one request each)
+MESH_NS=bench          # --mtls: namespace of both identities (service accounts client, server)
+SERVER_ID=spiffe://cluster.local/ns/$MESH_NS/sa/server
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 # Smoke runs go to a git-ignored file, so they never replace the committed figures.
-[[ -n $OUT ]] || { ((QUICK)) && OUT=benches/results/quick.md || OUT=benches/results/latest.md; }
+if [[ -z $OUT ]]; then
+    if ((QUICK)); then
+        OUT=benches/results/quick.md
+    elif ((MTLS)); then
+        OUT=benches/results/mtls.md
+    else
+        OUT=benches/results/latest.md
+    fi
+fi
 export PATH="$PATH:/usr/sbin:/sbin:${CARGO_HOME:-$HOME/.cargo}/bin"
 
 log() { printf '[load.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -159,9 +194,11 @@ ensure_tools() {
     command -v taskset >/dev/null || missing+=(util-linux)
     command -v jq >/dev/null || missing+=(jq)
     command -v wrk >/dev/null || missing+=(wrk)
-    command -v h2load >/dev/null || missing+=(nghttp2-client)
+    command -v curl >/dev/null || missing+=(curl)
+    # --mtls needs only wrk (and its own bench-connect).
+    ((MTLS)) || command -v h2load >/dev/null || missing+=(nghttp2-client)
     local need_nginx=0
-    ((POLICIES_ONLY)) || command -v nginx >/dev/null || need_nginx=1
+    ((POLICIES_ONLY || MTLS)) || command -v nginx >/dev/null || need_nginx=1
     ((need_nginx)) && missing+=(nginx)
     if ((${#missing[@]})); then
         log "installing Debian packages: ${missing[*]}"
@@ -175,7 +212,7 @@ ensure_tools() {
             as_root nginx -s stop >/dev/null 2>&1 || true
         fi
     fi
-    if ! command -v oha >/dev/null; then
+    if ((!MTLS)) && ! command -v oha >/dev/null; then
         log "installing oha (cargo install oha --locked; several minutes on 2 cores)"
         cargo install oha --locked >&2
     fi
@@ -183,7 +220,8 @@ ensure_tools() {
 
 check_ports_free() {
     local port
-    for port in $PORT_UPSTREAM $PORT_OUTBOUND $PORT_INBOUND $PORT_ADMIN $PORT_COLLECTOR $PORT_NGINX_H1 $PORT_NGINX_H2; do
+    for port in $PORT_UPSTREAM $PORT_OUTBOUND $PORT_INBOUND $PORT_ADMIN $PORT_COLLECTOR $PORT_NGINX_H1 $PORT_NGINX_H2 \
+        $PORT_B_OUTBOUND $PORT_B_INBOUND $PORT_B_ADMIN $PORT_CONTROL; do
         if (exec 3<>"/dev/tcp/$HOST/$port") 2>/dev/null; then
             die "port $HOST:$port is already in use"
         fi
@@ -513,6 +551,221 @@ run_round() {
     done
 }
 
+# ---- --mtls: two sidecars, the control plane, new connections -------------------------------
+# Layout: wrk -> proxy A outbound (plain HTTP/1.1) -> proxy B inbound -> bench-upstream, A, B
+# and the upstream on the server CPU; outrider-control (CA and policy) and the generators on
+# the load-generator CPU. Variants: `plain` (A's service without tls, B's inbound permissive)
+# and `mtls` (A's service `tls: mesh` expecting B's identity, B's inbound strict). Both
+# proxies hold a certificate in both variants; only the path's security differs.
+CONTROL_PID=""
+CONTROL_DIR=""
+PROXY_A_PID=""
+PROXY_B_PID=""
+
+# Writes the four workload documents (a workload per side and variant, so no proxy ever sees
+# another variant's policy) and starts the control plane; it generates the CA into its state
+# directory on first start.
+start_control() {
+    CONTROL_DIR=$TMP/control
+    mkdir -p "$CONTROL_DIR/policies"
+    (umask 077 && od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$CONTROL_DIR/token")
+    local variant mtls tls
+    for variant in plain mtls; do
+        mtls=permissive tls=""
+        [[ $variant == mtls ]] && mtls=strict tls="
+    tls: mesh
+    identity: $SERVER_ID"
+        cat >"$CONTROL_DIR/policies/server-$variant.yaml" <<YAML
+# Generated by benches/load.sh --mtls: proxy B, in front of bench-upstream.
+workload: server-$variant
+inbound:
+  app: $HOST:$PORT_UPSTREAM
+  protocol: http1
+  mtls: $mtls
+YAML
+        cat >"$CONTROL_DIR/policies/client-$variant.yaml" <<YAML
+# Generated by benches/load.sh --mtls: proxy A, Host \`bench\` -> proxy B's inbound port.
+workload: client-$variant
+services:
+  bench:
+    endpoints: [$HOST:$PORT_B_INBOUND]
+    protocol: http1$tls
+routes:
+  - name: bench
+    match: { authority: bench }
+    service: bench
+YAML
+    done
+    local cmd=(taskset -c "$LOADGEN_CPU" target/release/outrider-control serve
+        --policies "$CONTROL_DIR/policies" --state "$CONTROL_DIR/state" --listen "$HOST:$PORT_CONTROL"
+        --token-file "$CONTROL_DIR/token" --workers 1)
+    note_cmd "${cmd[@]}"
+    start_bg "$TMP/control.log" "${cmd[@]}"
+    CONTROL_PID=$LAST_PID
+    wait_port "$CONTROL_PID" "$PORT_CONTROL" "$TMP/control.log"
+    [[ -s $CONTROL_DIR/state/ca.crt ]] || die "outrider-control generated no CA in $CONTROL_DIR/state: $(tail -5 "$TMP/control.log")"
+}
+
+# Polls the admin /ready of process $1 on port $2 until 200 (policy and certificate held).
+wait_ready() {
+    local pid=$1 port=$2 logfile=$3
+    for _ in $(seq 150); do
+        kill -0 "$pid" 2>/dev/null || die "process $pid exited before ready: $(tail -5 "$logfile")"
+        curl -fsS -o /dev/null "http://$HOST:$port/ready" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    die "not ready after 15 s (pid $pid, admin $port): $(curl -sS "http://$HOST:$port/ready" 2>&1); $(tail -5 "$logfile")"
+}
+
+# Starts proxy $1 (A: the caller, service account `client`; B: the callee, `server`) for
+# variant $2 with its policy and certificate from the control plane; sets LAST_PID.
+start_mesh_proxy() {
+    local side=$1 variant=$2 sa out in admin
+    if [[ $side == A ]]; then
+        sa=client out=$PORT_OUTBOUND in=$PORT_INBOUND admin=$PORT_ADMIN
+    else
+        sa=server out=$PORT_B_OUTBOUND in=$PORT_B_INBOUND admin=$PORT_B_ADMIN
+    fi
+    local workload=$sa-$variant logfile=$TMP/proxy-$side-$variant.log
+    local cmd=(taskset -c "$SERVER_CPU" target/release/outrider-proxy --control "http://$HOST:$PORT_CONTROL"
+        --token-file "$CONTROL_DIR/token" --workload "$workload" --namespace "$MESH_NS" --service-account "$sa"
+        --workers 1 --outbound "$HOST:$out" --inbound "$HOST:$in" --admin "$HOST:$admin" --drain-timeout 2s)
+    note_cmd "${cmd[@]}"
+    start_bg "$logfile" "${cmd[@]}"
+    local pid=$LAST_PID
+    wait_port "$pid" "$admin" "$logfile"
+    wait_ready "$pid" "$admin" "$logfile"
+    LAST_PID=$pid
+}
+
+# The path works, and is what the variant says: a 200 through A; B's inbound serves plaintext
+# when permissive and refuses it when strict (so A's 200 in the mtls variant crossed mTLS).
+check_mesh_path() {
+    local variant=$1 got
+    got=$(curl -fsS -m 5 -H "Host: bench" "http://$HOST:$PORT_OUTBOUND/") ||
+        die "no 200 through proxy A -> proxy B ($variant): $(tail -3 "$TMP/proxy-A-$variant.log")"
+    [[ $got == "hello, world" ]] || die "unexpected body through A -> B ($variant): $got"
+    if [[ $variant == mtls ]]; then
+        if curl -fsS -m 5 -o /dev/null -H "Host: bench" "http://$HOST:$PORT_B_INBOUND/" 2>/dev/null; then
+            die "proxy B's inbound served plaintext although its policy says mtls: strict"
+        fi
+    else
+        curl -fsS -m 5 -o /dev/null -H "Host: bench" "http://$HOST:$PORT_B_INBOUND/" ||
+            die "proxy B's permissive inbound refused plaintext"
+    fi
+}
+
+# CPU µs per unit: $1 clock ticks over $2 units.
+per_unit() { awk -v d="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", n ? d * 1e6 / hz / n : 0 }'; }
+# Percent of one CPU: $1 clock ticks over $2 microseconds.
+busy_pct() { awk -v d="$1" -v us="$2" -v hz="$CLK_TCK" 'BEGIN { printf "%.1f", us ? d / hz * 1e8 / us : 0 }'; }
+
+# "busy total" jiffies of CPU $1 from /proc/stat, every process on it counted (busy excludes
+# idle and iowait).
+cpu_jiffies() {
+    awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat
+}
+# Percent busy of a CPU between two cpu_jiffies readings.
+cpu_busy_pct() {
+    local busy0 total0 busy1 total1
+    read -r busy0 total0 <<<"$1"
+    read -r busy1 total1 <<<"$2"
+    awk -v b=$((busy1 - busy0)) -v t=$((total1 - total0)) 'BEGIN { printf "%.1f", t ? b * 100 / t : 0 }'
+}
+
+# Sum of a labelled counter on the admin port $1 (every series of metric $2).
+metric_sum() {
+    curl -fsS "http://$HOST:$1/metrics" | awk -v m="$2" 'index($1, m "{") == 1 || $1 == m { s += $2 } END { print s + 0 }'
+}
+
+# Keep-alive: wrk's 64 connections to A's outbound, A pooling its connections to B.
+measure_keepalive() {
+    local variant=$1 base="$TMP/r$ROUND-ka-$1"
+    log "round $ROUND $variant keep-alive: warm-up ${WARMUP}s, max ${DURATION}s (wrk -> A -> B -> upstream)"
+    run_wrk "$PORT_OUTBOUND" "$WARMUP" "$base-warmup.txt" >/dev/null
+    local a0 b0 a1 b1 s0 s1 out requests rps errors
+    s0=$(cpu_jiffies "$SERVER_CPU")
+    a0=$(cpu_ticks "$PROXY_A_PID")
+    b0=$(cpu_ticks "$PROXY_B_PID")
+    out=$(run_wrk "$PORT_OUTBOUND" "$DURATION" "$base-max.txt")
+    a1=$(cpu_ticks "$PROXY_A_PID")
+    b1=$(cpu_ticks "$PROXY_B_PID")
+    s1=$(cpu_jiffies "$SERVER_CPU")
+    read -r requests rps errors <<<"$out"
+    ((requests > 0)) || die "wrk completed no request through A -> B ($variant): $(tail -5 "$base-max.txt")"
+    record ka "$variant" max_rps "$rps"
+    record ka "$variant" cpu_us_a "$(per_unit $((a1 - a0)) "$requests")"
+    record ka "$variant" cpu_us_b "$(per_unit $((b1 - b0)) "$requests")"
+    record ka "$variant" cpu_us_ab "$(per_unit $((a1 - a0 + b1 - b0)) "$requests")"
+    record ka "$variant" errors "$errors"
+    record ka "$variant" busy_server_cpu "$(cpu_busy_pct "$s0" "$s1")"
+    local conns
+    conns=$(metric_sum "$PORT_ADMIN" outrider_upstream_connections_opened_total)
+    record ka "$variant" a_to_b_conns "$conns"
+    log "  $rps req/s; A+B $(per_unit $((a1 - a0 + b1 - b0)) "$requests") CPU µs/req; A opened $conns connections to B"
+}
+
+# Runs bench-connect against B's inbound for variant $1 ($2 seconds, raw output in $3).
+# Prints "ok errors duration_us cpu_ticks tls group alpn peer".
+run_connect() {
+    local variant=$1 secs=$2 out=$3
+    local args=(--target "$HOST:$PORT_B_INBOUND" --duration "$secs" --concurrency "$CONNECT_WORKERS" --host bench)
+    [[ $variant == mtls ]] && args+=(--mtls --control "http://$HOST:$PORT_CONTROL" --token-file "$CONTROL_DIR/token"
+        --namespace "$MESH_NS" --service-account client --expect "$SERVER_ID")
+    gen target/release/bench-connect "${args[@]}" >"$out" 2>"$out.err" ||
+        die "bench-connect failed: $(tail -5 "$out.err")"
+    awk '/^CONNECT / {
+        for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        printf "%d %d %d %d %s %s %s %s\n", v["ok"], v["errors"], v["duration_us"], v["cpu_ticks"],
+            v["tls"], v["group"], v["alpn"], v["peer"]
+        found = 1
+    } END { if (!found) exit 1 }' "$out" || die "cannot parse bench-connect output: $(tail -5 "$out" "$out.err")"
+}
+
+NEGOTIATED=""   # file: what the mTLS handshakes negotiated, one line per run
+# New connections: bench-connect, one request per connection, straight to B's inbound.
+measure_connect() {
+    local variant=$1 base="$TMP/r$ROUND-conn-$1"
+    log "round $ROUND $variant new connections: warm-up ${WARMUP}s, ${DURATION}s of $CONNECT_WORKERS workers -> B inbound"
+    run_connect "$variant" "$WARMUP" "$base-warmup.txt" >/dev/null
+    local b0 b1 s0 s1 out ok errors us ticks tls group alpn peer
+    s0=$(cpu_jiffies "$SERVER_CPU")
+    b0=$(cpu_ticks "$PROXY_B_PID")
+    out=$(run_connect "$variant" "$DURATION" "$base.txt")
+    b1=$(cpu_ticks "$PROXY_B_PID")
+    s1=$(cpu_jiffies "$SERVER_CPU")
+    read -r ok errors us ticks tls group alpn peer <<<"$out"
+    ((ok > 0)) || die "bench-connect completed no connection to B's inbound ($variant): $(tail -5 "$base.txt.err")"
+    record conn "$variant" conns_per_s "$(awk -v n="$ok" -v us="$us" 'BEGIN { printf "%.1f", us ? n * 1e6 / us : 0 }')"
+    record conn "$variant" cpu_us_b "$(per_unit $((b1 - b0)) "$ok")"
+    record conn "$variant" busy_b "$(busy_pct $((b1 - b0)) "$us")"
+    record conn "$variant" busy_gen "$(busy_pct "$ticks" "$us")"
+    record conn "$variant" errors "$errors"
+    record conn "$variant" busy_server_cpu "$(cpu_busy_pct "$s0" "$s1")"
+    if [[ $variant == mtls ]]; then
+        echo "$tls $group $alpn $peer" >>"$NEGOTIATED"
+        [[ $peer == "$SERVER_ID" ]] || die "bench-connect's mTLS peer was $peer, not $SERVER_ID"
+    fi
+    log "  $(awk -v n="$ok" -v us="$us" 'BEGIN { printf "%.0f", us ? n * 1e6 / us : 0 }') conns/s, B $(per_unit $((b1 - b0)) "$ok") CPU µs/conn, $errors errors$([[ $variant == mtls ]] && echo ", $tls $group")"
+}
+
+run_round_mtls() {
+    local variant
+    for variant in plain mtls; do
+        start_upstream
+        start_mesh_proxy B "$variant"
+        PROXY_B_PID=$LAST_PID
+        start_mesh_proxy A "$variant"
+        PROXY_A_PID=$LAST_PID
+        check_mesh_path "$variant"
+        measure_keepalive "$variant"
+        measure_connect "$variant"
+        stop_pid "$PROXY_A_PID"
+        stop_pid "$PROXY_B_PID"
+        stop_pid "$UPSTREAM_PID"
+    done
+}
+
 # ---- report -----------------------------------------------------------------------------
 # Median of metric $3 for proto $1, target $2 over all rounds.
 median() {
@@ -529,6 +782,7 @@ mib() { awk -v v="$1" 'BEGIN { if (v == "nan") print "n/a"; else printf "%.1f", 
 fmt() { awk -v v="$1" -v f="$2" 'BEGIN { if (v == "nan") print "n/a"; else printf f, v }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "n/a"; else printf "%.2f", a / b }'; }
 diff_ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.3f", a - b }'; }
+diff_us() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || b == "nan") print "n/a"; else printf "%+.1f", a - b }'; }
 
 label() {
     case "$1/$2" in
@@ -730,11 +984,130 @@ report() {
     fi
 }
 
+# The --mtls report.
+report_mtls() {
+    local errors_total=0
+    {
+        echo "# Outrider load benchmark: mesh mTLS vs plaintext between two sidecars"
+        echo
+        echo "Measured $(date -u '+%Y-%m-%d %H:%M UTC') by \`bash benches/load.sh$INVOCATION\`:" \
+            "$ROUNDS round(s), medians shown; each run ${DURATION} s after a ${WARMUP} s warm-up."
+        echo
+        echo "- Machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)," \
+            "$(awk '/^MemTotal/ { printf "%.0f GiB RAM", $2 / 1048576 }' /proc/meminfo), Linux $(uname -r)"
+        echo "- Outrider: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- proxy config control benches/src 2>/dev/null || echo ' (+ uncommitted changes)'), release build," \
+            "both proxies \`--workers 1\`, default log level; $(wrk -v 2>&1 | awk 'NR == 1 { print $1, $2 }')"
+        echo "- Path: wrk -> proxy A outbound (plain HTTP/1.1, $H1_CONNS keep-alive connections) -> proxy B inbound" \
+            "-> bench-upstream; A -> B is HTTP/1.1 (\`protocol: http1\`), pooled by A."
+        echo "- Pinning: wrk, bench-connect and outrider-control on CPU $LOADGEN_CPU; proxy A, proxy B and" \
+            "bench-upstream share CPU $SERVER_CPU. All traffic on 127.0.0.1."
+        echo "- **plaintext**: A's service without \`tls\`, B's inbound \`mtls: permissive\`. **mTLS**: A's service" \
+            "\`tls: mesh\` with \`identity: $SERVER_ID\`, B's inbound \`mtls: strict\` (checked: B refuses" \
+            "plaintext, and a request through A gets 200). Both proxies hold a certificate from the real" \
+            "outrider-control (CA generated at its first start) in both variants."
+        local negotiated
+        negotiated=$(sort -u "$NEGOTIATED" | awk '{ printf "%s%s, key exchange %s, ALPN %s, peer %s", (NR > 1 ? "; " : ""), $1, $2, $3, $4 }')
+        echo "- Negotiated on the mTLS connections (bench-connect's first handshake of each run, the proxy's own" \
+            "mesh client config): **${negotiated:-none recorded}**."
+        echo "- Keep-alive: closed loop, wrk 1 thread. CPU µs/req: utime+stime of A and B (/proc/PID/stat) over" \
+            "the run over the requests completed."
+        echo "- New connections: \`bench-connect\` ($CONNECT_WORKERS workers, one thread) opens a connection per" \
+            "request straight to B's inbound port: TCP connect, for mTLS the full TLS 1.3 handshake with the" \
+            "client certificate from the control plane (no session resumption, as proxies do), one" \
+            "\`GET /\` with \`Connection: close\`, the whole response, close. B forwards each request to" \
+            "bench-upstream over its pooled keep-alive connection. B CPU µs/conn: B's CPU over the run over" \
+            "the connections completed (handshake + one proxied request). Busy: % of one CPU used by B, by" \
+            "the generator, and by everything on CPU $SERVER_CPU (/proc/stat). B's CPU per connection is" \
+            "the cost figure; the rate is a maximum only when CPU $SERVER_CPU is near 100% busy with the" \
+            "generator below it (other load on the machine shows as CPU $SERVER_CPU busy beyond B + bench-upstream)."
+        echo
+        echo "| Measure | plaintext | mTLS | mTLS / plaintext |"
+        echo "|---|---:|---:|---:|"
+        # One row: label, proto, metric, printf format.
+        mrow() {
+            local p m
+            p=$(median "$2" plain "$3")
+            m=$(median "$2" mtls "$3")
+            echo "| $1 | $(fmt "$p" "$4") | $(fmt "$m" "$4") | $(ratio "$m" "$p") |"
+        }
+        mrow "Keep-alive: max req/s through A -> B" ka max_rps '%.0f'
+        mrow "Keep-alive: CPU µs/req, A + B" ka cpu_us_ab '%.1f'
+        mrow "Keep-alive: CPU µs/req, A (client side)" ka cpu_us_a '%.1f'
+        mrow "Keep-alive: CPU µs/req, B (server side)" ka cpu_us_b '%.1f'
+        mrow "Keep-alive: CPU $SERVER_CPU busy, % (every process on it)" ka busy_server_cpu '%.1f'
+        mrow "Keep-alive: connections A opened to B (incl. warm-up and check)" ka a_to_b_conns '%.0f'
+        mrow "New connections/s to B's inbound" conn conns_per_s '%.0f'
+        mrow "New connections: B CPU µs per connection" conn cpu_us_b '%.1f'
+        mrow "New connections: B busy, % of a CPU" conn busy_b '%.1f'
+        mrow "New connections: generator busy, % of a CPU" conn busy_gen '%.1f'
+        mrow "New connections: CPU $SERVER_CPU busy, % (every process on it)" conn busy_server_cpu '%.1f'
+        local v e
+        for v in ka conn; do
+            for e in plain mtls; do
+                errors_total=$((errors_total + $(total "$v" "$e" errors)))
+            done
+        done
+        echo "| Errors (all rounds) | $(($(total ka plain errors) + $(total conn plain errors))) |" \
+            "$(($(total ka mtls errors) + $(total conn mtls errors))) | |"
+        echo
+        local ka_ratio cpu_plain cpu_mtls conn_ratio hs_plain hs_mtls
+        ka_ratio=$(ratio "$(median ka mtls max_rps)" "$(median ka plain max_rps)")
+        cpu_plain=$(median ka plain cpu_us_ab)
+        cpu_mtls=$(median ka mtls cpu_us_ab)
+        conn_ratio=$(ratio "$(median conn mtls conns_per_s)" "$(median conn plain conns_per_s)")
+        hs_plain=$(median conn plain cpu_us_b)
+        hs_mtls=$(median conn mtls cpu_us_b)
+        echo "**Cost of mTLS.** Keep-alive: mTLS keeps ${ka_ratio}x of plaintext throughput; A+B spend" \
+            "$(fmt "$cpu_mtls" '%.1f') instead of $(fmt "$cpu_plain" '%.1f') CPU µs per request" \
+            "($(diff_us "$cpu_mtls" "$cpu_plain") µs: record encryption and decryption on both sides)." \
+            "New connections: ${conn_ratio}x the plaintext rate; the accepting sidecar's CPU per connection" \
+            "goes from $(fmt "$hs_plain" '%.1f') to $(fmt "$hs_mtls" '%.1f') µs ($(diff_us "$hs_mtls" "$hs_plain") µs: the" \
+            "TLS 1.3 handshake, X25519MLKEM768 key exchange, client-certificate verification)."
+        echo
+        echo "## Per-round values"
+        echo
+        echo '```'
+        echo "run variant metric round value"
+        sort -k1,1 -k2,2 -k3,3 -k4,4n "$RESULTS"
+        echo '```'
+        echo
+        echo "## Commands"
+        echo
+        echo '```sh'
+        echo "cargo build --release -p outrider-proxy -p outrider-control -p outrider-benches --bins"
+        awk '!seen[$0]++' "$COMMANDS" | sed "s|$TMP|\$TMP|g"
+        echo '```'
+        echo
+        local f
+        for f in client-mtls server-mtls client-plain server-plain; do
+            echo "<details><summary>Policy document <code>$f.yaml</code></summary>"
+            echo
+            echo '```yaml'
+            cat "$CONTROL_DIR/policies/$f.yaml"
+            echo '```'
+            echo "</details>"
+            echo
+        done
+    } >"$TMP/report.md"
+    mkdir -p "$(dirname "$OUT")"
+    cp "$TMP/report.md" "$OUT"
+    cat "$TMP/report.md"
+    log "report written to $OUT"
+    if ((errors_total)); then
+        KEEP_TMP=1
+        die "$errors_total errors (report written anyway); see the per-round values and the raw output in $TMP"
+    fi
+}
+
 # ---- main -------------------------------------------------------------------------------
 main() {
     ensure_tools
     log "building release binaries"
-    cargo build --release -p outrider-proxy -p outrider-benches --bins >&2
+    if ((MTLS)); then
+        cargo build --release -p outrider-proxy -p outrider-control -p outrider-benches --bins >&2
+    else
+        cargo build --release -p outrider-proxy -p outrider-benches --bins >&2
+    fi
     [[ $(nproc) -ge 2 ]] || die "needs at least 2 CPUs (generator on CPU $LOADGEN_CPU, servers on CPU $SERVER_CPU)"
     check_ports_free
 
@@ -752,9 +1125,19 @@ done = function(summary, latency, requests)
     summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout))
 end
 EOF
-    write_nginx_conf
-
     local started=$SECONDS
+    if ((MTLS)); then
+        NEGOTIATED=$TMP/negotiated.txt
+        : >"$NEGOTIATED"
+        start_control
+        for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+            run_round_mtls
+        done
+        log "measured in $((SECONDS - started)) s"
+        report_mtls
+        return
+    fi
+    write_nginx_conf
     for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
         run_round
     done
