@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::{Event, EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::reload::{PolicySource, ReloadError, Reloader};
@@ -34,10 +34,11 @@ pub fn spawn(path: PathBuf, reloader: Arc<Reloader>) -> Result<(), WatchError> {
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let initial = tx.clone();
+    let name = path.file_name().map(|name| name.to_os_string());
     // notify calls this on its own thread; an unbounded send never blocks it, and the
     // debouncer collapses whatever piles up.
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
+        if event.is_ok_and(|event| concerns_policy(&event, name.as_deref())) {
             let _ = tx.send(());
         }
     })
@@ -63,6 +64,23 @@ pub fn spawn(path: PathBuf, reloader: Arc<Reloader>) -> Result<(), WatchError> {
         }
     });
     Ok(())
+}
+
+/// Whether `event` in the watched directory may have changed the policy file named `name`.
+/// Access events are not changes, and the proxy's own read of the file causes them: reacting
+/// to them would re-read the file forever. Other files in the directory (logs, say) are not
+/// the policy either; `..`-prefixed names are the ConfigMap volume's `..data` swap.
+fn concerns_policy(event: &Event, name: Option<&std::ffi::OsStr>) -> bool {
+    if matches!(event.kind, EventKind::Access(_)) {
+        return false;
+    }
+    // An event without paths (a queue overflow, say) may hide anything: look at the file.
+    event.paths.is_empty()
+        || event.paths.iter().any(|changed| {
+            changed.file_name().is_some_and(|changed| {
+                Some(changed) == name || changed.as_encoded_bytes().starts_with(b"..")
+            })
+        })
 }
 
 /// Waits for an event, then for `quiet` without one. False once the sender is gone.
@@ -129,6 +147,39 @@ mod tests {
         // Nothing else was queued: the next wait ends only when the sender goes.
         assert!(!debounced(&mut rx, DEBOUNCE).await);
         sender.await.expect("sender task");
+    }
+
+    #[test]
+    fn only_changes_to_the_policy_file_or_a_configmap_swap_count() {
+        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+        let name = Some(std::ffi::OsStr::new("policy.yaml"));
+        let event = |kind, path: &str| Event::new(kind).add_path(PathBuf::from(path));
+        let write = EventKind::Modify(ModifyKind::Any);
+        assert!(concerns_policy(&event(write, "/etc/o/policy.yaml"), name));
+        assert!(concerns_policy(
+            &event(EventKind::Create(CreateKind::File), "/etc/o/policy.yaml"),
+            name
+        ));
+        assert!(concerns_policy(
+            &event(
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+                "/etc/o/..data"
+            ),
+            name
+        ));
+        // The proxy's own read of the file.
+        let read = EventKind::Access(AccessKind::Close(AccessMode::Read));
+        assert!(!concerns_policy(&event(read, "/etc/o/policy.yaml"), name));
+        assert!(!concerns_policy(
+            &event(
+                EventKind::Access(AccessKind::Open(AccessMode::Any)),
+                "/etc/o/policy.yaml"
+            ),
+            name
+        ));
+        // A log file written next to the policy.
+        assert!(!concerns_policy(&event(write, "/etc/o/proxy.log"), name));
+        assert!(concerns_policy(&Event::new(write), name));
     }
 
     #[tokio::test(start_paused = true)]

@@ -141,6 +141,19 @@ async fn an_invalid_save_keeps_the_policy_in_force() {
     assert_eq!(server_of(proxy.outbound).await, "a");
     assert_eq!(config(&proxy).await["version"], 1);
 
+    // The file is read once per save: the proxy's own read of it, or another file written
+    // next to it, is not a change (a re-read here would count and log the error again).
+    std::fs::write(path.with_file_name("neighbour.log"), "a log line\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        proxy
+            .metric("outrider_policy_reloads_total{result=\"error\"}")
+            .await,
+        1.0,
+        "{}",
+        proxy.logs().join("\n")
+    );
+
     // A syntax error the same.
     save(&path, "services: [unclosed\n");
     assert!(
