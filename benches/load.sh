@@ -673,6 +673,15 @@ cpu_busy_pct() {
     awk -v b=$((busy1 - busy0)) -v t=$((total1 - total0)) 'BEGIN { printf "%.1f", t ? b * 100 / t : 0 }'
 }
 
+# Percent of the server CPU used by processes other than ours between two cpu_jiffies readings
+# $1 and $2, ours having used $3 clock ticks (/proc/stat counts in the same USER_HZ ticks).
+busy_other() {
+    local busy0 total0 busy1 total1
+    read -r busy0 total0 <<<"$1"
+    read -r busy1 total1 <<<"$2"
+    awk -v b=$((busy1 - busy0 - $3)) -v t=$((total1 - total0)) 'BEGIN { if (b < 0) b = 0; printf "%.1f", t ? b * 100 / t : 0 }'
+}
+
 # Sum of a labelled counter on the admin port $1 (every series of metric $2).
 metric_sum() {
     curl -fsS "http://$HOST:$1/metrics" | awk -v m="$2" 'index($1, m "{") == 1 || $1 == m { s += $2 } END { print s + 0 }'
@@ -683,13 +692,15 @@ measure_keepalive() {
     local variant=$1 base="$TMP/r$ROUND-ka-$1"
     log "round $ROUND $variant keep-alive: warm-up ${WARMUP}s, max ${DURATION}s (wrk -> A -> B -> upstream)"
     run_wrk "$PORT_OUTBOUND" "$WARMUP" "$base-warmup.txt" >/dev/null
-    local a0 b0 a1 b1 s0 s1 out requests rps errors
+    local a0 b0 u0 a1 b1 u1 s0 s1 out requests rps errors
     s0=$(cpu_jiffies "$SERVER_CPU")
     a0=$(cpu_ticks "$PROXY_A_PID")
     b0=$(cpu_ticks "$PROXY_B_PID")
+    u0=$(cpu_ticks "$UPSTREAM_PID")
     out=$(run_wrk "$PORT_OUTBOUND" "$DURATION" "$base-max.txt")
     a1=$(cpu_ticks "$PROXY_A_PID")
     b1=$(cpu_ticks "$PROXY_B_PID")
+    u1=$(cpu_ticks "$UPSTREAM_PID")
     s1=$(cpu_jiffies "$SERVER_CPU")
     read -r requests rps errors <<<"$out"
     ((requests > 0)) || die "wrk completed no request through A -> B ($variant): $(tail -5 "$base-max.txt")"
@@ -699,6 +710,7 @@ measure_keepalive() {
     record ka "$variant" cpu_us_ab "$(per_unit $((a1 - a0 + b1 - b0)) "$requests")"
     record ka "$variant" errors "$errors"
     record ka "$variant" busy_server_cpu "$(cpu_busy_pct "$s0" "$s1")"
+    record ka "$variant" busy_other "$(busy_other "$s0" "$s1" $((a1 - a0 + b1 - b0 + u1 - u0)))"
     local conns
     conns=$(metric_sum "$PORT_ADMIN" outrider_upstream_connections_opened_total)
     record ka "$variant" a_to_b_conns "$conns"
@@ -728,11 +740,15 @@ measure_connect() {
     local variant=$1 base="$TMP/r$ROUND-conn-$1"
     log "round $ROUND $variant new connections: warm-up ${WARMUP}s, ${DURATION}s of $CONNECT_WORKERS workers -> B inbound"
     run_connect "$variant" "$WARMUP" "$base-warmup.txt" >/dev/null
-    local b0 b1 s0 s1 out ok errors us ticks tls group alpn peer
+    local a0 b0 u0 a1 b1 u1 s0 s1 out ok errors us ticks tls group alpn peer
     s0=$(cpu_jiffies "$SERVER_CPU")
+    a0=$(cpu_ticks "$PROXY_A_PID")
     b0=$(cpu_ticks "$PROXY_B_PID")
+    u0=$(cpu_ticks "$UPSTREAM_PID")
     out=$(run_connect "$variant" "$DURATION" "$base.txt")
+    a1=$(cpu_ticks "$PROXY_A_PID")
     b1=$(cpu_ticks "$PROXY_B_PID")
+    u1=$(cpu_ticks "$UPSTREAM_PID")
     s1=$(cpu_jiffies "$SERVER_CPU")
     read -r ok errors us ticks tls group alpn peer <<<"$out"
     ((ok > 0)) || die "bench-connect completed no connection to B's inbound ($variant): $(tail -5 "$base.txt.err")"
@@ -742,6 +758,7 @@ measure_connect() {
     record conn "$variant" busy_gen "$(busy_pct "$ticks" "$us")"
     record conn "$variant" errors "$errors"
     record conn "$variant" busy_server_cpu "$(cpu_busy_pct "$s0" "$s1")"
+    record conn "$variant" busy_other "$(busy_other "$s0" "$s1" $((a1 - a0 + b1 - b0 + u1 - u0)))"
     if [[ $variant == mtls ]]; then
         echo "$tls $group $alpn $peer" >>"$NEGOTIATED"
         [[ $peer == "$SERVER_ID" ]] || die "bench-connect's mTLS peer was $peer, not $SERVER_ID"
@@ -1017,9 +1034,10 @@ report_mtls() {
             "\`GET /\` with \`Connection: close\`, the whole response, close. B forwards each request to" \
             "bench-upstream over its pooled keep-alive connection. B CPU µs/conn: B's CPU over the run over" \
             "the connections completed (handshake + one proxied request). Busy: % of one CPU used by B, by" \
-            "the generator, and by everything on CPU $SERVER_CPU (/proc/stat). B's CPU per connection is" \
-            "the cost figure; the rate is a maximum only when CPU $SERVER_CPU is near 100% busy with the" \
-            "generator below it (other load on the machine shows as CPU $SERVER_CPU busy beyond B + bench-upstream)."
+            "the generator, and by everything on CPU $SERVER_CPU (/proc/stat); \"other processes\" is CPU" \
+            "$SERVER_CPU's busy time minus A, B and bench-upstream: anything else on the machine competing. B's" \
+            "CPU per connection is the cost figure; the rate is a maximum only when CPU $SERVER_CPU is near 100%" \
+            "busy with A, B and bench-upstream alone and the generator below 100%."
         echo
         echo "| Measure | plaintext | mTLS | mTLS / plaintext |"
         echo "|---|---:|---:|---:|"
@@ -1035,12 +1053,14 @@ report_mtls() {
         mrow "Keep-alive: CPU µs/req, A (client side)" ka cpu_us_a '%.1f'
         mrow "Keep-alive: CPU µs/req, B (server side)" ka cpu_us_b '%.1f'
         mrow "Keep-alive: CPU $SERVER_CPU busy, % (every process on it)" ka busy_server_cpu '%.1f'
+        mrow "Keep-alive: CPU $SERVER_CPU busy with other processes, % (should be ~0)" ka busy_other '%.1f'
         mrow "Keep-alive: connections A opened to B (incl. warm-up and check)" ka a_to_b_conns '%.0f'
         mrow "New connections/s to B's inbound" conn conns_per_s '%.0f'
         mrow "New connections: B CPU µs per connection" conn cpu_us_b '%.1f'
         mrow "New connections: B busy, % of a CPU" conn busy_b '%.1f'
         mrow "New connections: generator busy, % of a CPU" conn busy_gen '%.1f'
         mrow "New connections: CPU $SERVER_CPU busy, % (every process on it)" conn busy_server_cpu '%.1f'
+        mrow "New connections: CPU $SERVER_CPU busy with other processes, % (should be ~0)" conn busy_other '%.1f'
         local v e
         for v in ka conn; do
             for e in plain mtls; do
