@@ -322,6 +322,9 @@ pub enum RequestBody {
     Direct(Counted),
     /// A replayable view of the caller's body (retries on).
     Replay(ReplayBody),
+    /// The caller's body had ended before the request was routed: nothing to send, again and
+    /// again across attempts.
+    Empty,
 }
 
 impl Body for RequestBody {
@@ -337,6 +340,7 @@ impl Body for RequestBody {
                 .poll_frame(cx)
                 .map_err(|e| Box::new(e) as BoxError),
             Self::Replay(body) => Pin::new(body).poll_frame(cx),
+            Self::Empty => Poll::Ready(None),
         }
     }
 
@@ -344,6 +348,7 @@ impl Body for RequestBody {
         match self {
             Self::Direct(body) => body.is_end_stream(),
             Self::Replay(body) => body.is_end_stream(),
+            Self::Empty => true,
         }
     }
 
@@ -351,6 +356,7 @@ impl Body for RequestBody {
         match self {
             Self::Direct(body) => body.size_hint(),
             Self::Replay(body) => body.size_hint(),
+            Self::Empty => SizeHint::with_exact(0),
         }
     }
 }

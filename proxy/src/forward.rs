@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use outrider_config::{AccessLog as AccessLogSetting, Protocol};
@@ -326,7 +327,7 @@ async fn forward(
     if policy.retry.is_some() {
         response.headers_mut().insert(
             ATTEMPTS.clone(),
-            HeaderValue::from(attempts.load(Ordering::Relaxed)),
+            attempt_value(attempts.load(Ordering::Relaxed)),
         );
     }
     response
@@ -467,6 +468,15 @@ struct AttemptLog {
     record: bool,
 }
 
+/// `x-outrider-attempt`'s value: the common small numbers without formatting one.
+fn attempt_value(attempt: u32) -> HeaderValue {
+    const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match SMALL.get(attempt as usize) {
+        Some(digit) => HeaderValue::from_static(digit),
+        None => HeaderValue::from(attempt),
+    }
+}
+
 /// The per-request state the attempt loop works with.
 struct Exchange<'a> {
     deadline: Option<Instant>,
@@ -480,7 +490,7 @@ struct Exchange<'a> {
 async fn exchange_with_retries(
     target: &Target,
     retry: &RetryPolicy,
-    parts: http::request::Parts,
+    mut parts: http::request::Parts,
     body: Counted,
     exchange: Exchange<'_>,
 ) -> Result<Response<Incoming>, ProxyError> {
@@ -492,21 +502,31 @@ async fn exchange_with_retries(
     } = exchange;
     let metrics = &target.metrics.retries;
     retry.budget.deposit();
-    let replay = ReplayHandle::new(body, retry.body_limit);
+    // A body that had ended before the request was routed (most GETs) needs no replay buffer:
+    // every attempt sends it empty.
+    let replay = (!body.is_end_stream()).then(|| ReplayHandle::new(body, retry.body_limit));
+    // In the head every attempt copies, so that each copy only replaces values in place
+    // (a clone has no spare room: an insert of a new name would grow it).
+    parts
+        .headers
+        .insert(ATTEMPT.clone(), HeaderValue::from_static("1"));
     let mut previous = None;
     let mut attempt: u32 = 1;
     loop {
         attempts.store(attempt, Ordering::Relaxed);
         let endpoint = target.upstream.pick(previous)?;
-        let mut req = Request::new(RequestBody::Replay(replay.body()));
+        let mut req = Request::new(match &replay {
+            Some(replay) => RequestBody::Replay(replay.body()),
+            None => RequestBody::Empty,
+        });
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = parts.uri.clone();
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
         req.headers_mut()
-            .insert(ATTEMPT.clone(), HeaderValue::from(attempt));
+            .insert(ATTEMPT.clone(), attempt_value(attempt));
         let attempt_span = SpanId::random();
-        trace.inject(req.headers_mut(), attempt_span);
+        trace.reinject(req.headers_mut(), attempt_span);
         let attempt_started = Instant::now();
         let outcome = send_once(
             &target.upstream,
@@ -542,7 +562,9 @@ async fn exchange_with_retries(
             Err((_, failure)) if retry.retries_on(*failure) => *failure,
             Err(_) => return outcome.map_err(|(error, _)| error),
         };
-        let verdict = if !retry.method_allows(&parts.method, failure) || !replay.is_replayable() {
+        let verdict = if !retry.method_allows(&parts.method, failure)
+            || !replay.as_ref().is_none_or(ReplayHandle::is_replayable)
+        {
             Some(&metrics.not_retryable)
         } else if attempt > retry.attempts {
             Some(&metrics.exhausted)

@@ -541,6 +541,13 @@ impl TraceContext {
         ] {
             headers.remove(name);
         }
+        self.reinject(headers, span_id);
+    }
+
+    /// Writes this context's headers with `span_id` as the parent over headers that
+    /// [`Self::inject`] already cleaned: each header is replaced in place, none removed, so a
+    /// retry attempt's copy of the request head is not rehashed or grown.
+    pub fn reinject(&self, headers: &mut HeaderMap, span_id: SpanId) {
         headers.insert(
             TRACEPARENT.clone(),
             format_traceparent(self.trace_id, span_id, self.sampled),
