@@ -11,13 +11,16 @@
 //!   connection of proxy B in `load.sh --mtls`.
 //! - `mesh_tls/server_side_x25519`: the same with a client offering only X25519, the cost
 //!   without the post-quantum half of the key exchange.
+//! - `mesh_tls/server_side_x25519mlkem768_no_tickets`: the proxy's server config sending no
+//!   TLS 1.3 session tickets (rustls sends 2 by default, which the proxy's clients, resumption
+//!   off, never use): what dropping them would save.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use outrider_config::wire::CertificateResponse;
-use outrider_proxy::identity::{spiffe_id_of, Held, Mesh, ALPN_HTTP1};
+use outrider_proxy::identity::{spiffe_id_of, Mesh, ALPN_HTTP1};
 use outrider_proxy::metrics::Metrics;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -25,7 +28,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{
-    ClientConfig, ClientConnection, DigitallySignedStruct, NamedGroup, RootCertStore,
+    ClientConfig, ClientConnection, DigitallySignedStruct, NamedGroup, RootCertStore, ServerConfig,
     ServerConnection, SignatureScheme,
 };
 
@@ -91,11 +94,14 @@ fn feed<D>(conn: &mut rustls::ConnectionCommon<D>, mut bytes: &[u8]) {
 
 /// One handshake between fresh connections; returns the time spent in the server's calls
 /// and the key exchange group negotiated.
-fn handshake(client: &Arc<ClientConfig>, server: &Held) -> (Duration, Option<NamedGroup>) {
+fn handshake(
+    client: &Arc<ClientConfig>,
+    server: &Arc<ServerConfig>,
+) -> (Duration, Option<NamedGroup>) {
     let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
     let mut client = ClientConnection::new(Arc::clone(client), name).expect("client connection");
     let started = Instant::now();
-    let mut server = ServerConnection::new(Arc::clone(&server.server)).expect("server connection");
+    let mut server = ServerConnection::new(Arc::clone(server)).expect("server connection");
     let mut in_server = started.elapsed();
     let mut wire = Vec::with_capacity(16 * 1024);
     // TLS 1.3 with a client certificate: ClientHello; the server's flight; the client's
@@ -237,6 +243,12 @@ fn bench_handshake(c: &mut Criterion) {
     let server = server_mesh
         .install(&issued, key)
         .expect("server certificate");
+    let server = Arc::clone(&server.server);
+    // The proxy's server config as it is, but sending no TLS 1.3 session tickets (rustls sends
+    // 2 by default; the proxy's clients turn resumption off and never use them).
+    let mut no_tickets = (*server).clone();
+    no_tickets.send_tls13_tickets = 0;
+    let no_tickets = Arc::new(no_tickets);
     let proxy_client = client_mesh
         .client_config(Some(Arc::from(SERVER_ID)), vec![ALPN_HTTP1.to_vec()])
         .expect("client config");
@@ -264,12 +276,17 @@ fn bench_handshake(c: &mut Criterion) {
             started.elapsed()
         })
     });
-    for (name, client) in [
-        ("server_side_x25519mlkem768", &proxy_client),
-        ("server_side_x25519", &x25519_client),
+    for (name, client, server) in [
+        ("server_side_x25519mlkem768", &proxy_client, &server),
+        ("server_side_x25519", &x25519_client, &server),
+        (
+            "server_side_x25519mlkem768_no_tickets",
+            &proxy_client,
+            &no_tickets,
+        ),
     ] {
         group.bench_function(name, |b| {
-            b.iter_custom(|iters| (0..iters).map(|_| handshake(client, &server).0).sum())
+            b.iter_custom(|iters| (0..iters).map(|_| handshake(client, server).0).sum())
         });
     }
     group.finish();
