@@ -78,6 +78,11 @@ fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` survives and `Connection:
 /// upgrade` is set again, so a WebSocket handshake reaches the upstream.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names present (cheap comparisons) spares
+    // six removes that would each hash a name and probe for nothing.
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         // Headers named in Connection are hop-by-hop too. Rare, so the allocation is fine.
         let named: Vec<String> = headers
@@ -110,15 +115,64 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// The headers [`strip_hop_by_hop`] always looks at (names listed in `Connection` are only
+/// there when `Connection` is).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::TE
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
+/// Removes each of `names`, looking first whether any is present at all: most requests carry
+/// none of them, and a remove hashes its name and probes even when the header is absent.
+pub fn remove_all(headers: &mut HeaderMap, names: &[&HeaderName]) {
+    if headers.keys().any(|present| names.contains(&present)) {
+        for name in names {
+            headers.remove(*name);
+        }
+    }
+}
+
 /// Appends the caller's address to `x-forwarded-for` and the scheme to `x-forwarded-proto`.
 pub fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
-    append_list(headers, &X_FORWARDED_FOR, &peer.to_string());
+    let mut buffer = [0u8; 15];
+    match peer {
+        // Every request formats its caller's address: IPv4 by hand, without fmt or a String.
+        IpAddr::V4(v4) => append_list(headers, &X_FORWARDED_FOR, ipv4_text(v4, &mut buffer)),
+        IpAddr::V6(_) => append_list(headers, &X_FORWARDED_FOR, &peer.to_string()),
+    }
     if headers.contains_key(&X_FORWARDED_PROTO) {
         append_list(headers, &X_FORWARDED_PROTO, "http");
     } else {
         // The common case, no proxy before us: a static value, no allocation.
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
+}
+
+/// `addr` in dotted-decimal form, written into `buffer`.
+fn ipv4_text(addr: std::net::Ipv4Addr, buffer: &mut [u8; 15]) -> &str {
+    let mut len = 0;
+    for (i, octet) in addr.octets().into_iter().enumerate() {
+        if i > 0 {
+            buffer[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            buffer[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            buffer[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        buffer[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    // Only ASCII digits and dots were written.
+    std::str::from_utf8(&buffer[..len]).unwrap_or("0.0.0.0")
 }
 
 fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &str) {
@@ -202,6 +256,35 @@ mod tests {
         append_forwarded(&mut h, "127.0.0.1".parse().expect("ip"));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn formats_ipv4_like_display() {
+        for text in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "1.100.9.250",
+        ] {
+            let addr: std::net::Ipv4Addr = text.parse().expect("ip");
+            assert_eq!(ipv4_text(addr, &mut [0; 15]), addr.to_string());
+        }
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_headers_is_left_alone() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
+        remove_all(&mut h, &[&KEEP_ALIVE, &header::TE]);
+        assert_eq!(h, before);
+        h.insert("keep-alive", HeaderValue::from_static("5"));
+        remove_all(&mut h, &[&header::TE, &KEEP_ALIVE]);
+        assert_eq!(h, before);
     }
 
     #[test]

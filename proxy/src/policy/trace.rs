@@ -529,18 +529,19 @@ impl TraceContext {
     /// Replaces every trace header in `headers` with this context, `span_id` as the parent the
     /// next hop sees (this proxy's request span, or the attempt's span under retries).
     pub fn inject(&self, headers: &mut HeaderMap, span_id: SpanId) {
-        for name in [
-            &TRACEPARENT,
-            &TRACESTATE,
-            &B3,
-            &X_B3_TRACEID,
-            &X_B3_SPANID,
-            &X_B3_PARENTSPANID,
-            &X_B3_SAMPLED,
-            &X_B3_FLAGS,
-        ] {
-            headers.remove(name);
-        }
+        crate::headers::remove_all(
+            headers,
+            &[
+                &TRACEPARENT,
+                &TRACESTATE,
+                &B3,
+                &X_B3_TRACEID,
+                &X_B3_SPANID,
+                &X_B3_PARENTSPANID,
+                &X_B3_SAMPLED,
+                &X_B3_FLAGS,
+            ],
+        );
         self.reinject(headers, span_id);
     }
 
