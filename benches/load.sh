@@ -718,7 +718,7 @@ measure_keepalive() {
 }
 
 # Runs bench-connect against B's inbound for variant $1 ($2 seconds, raw output in $3).
-# Prints "ok errors duration_us cpu_ticks tls group alpn peer".
+# Prints "ok errors duration_us cpu_ticks tls suite group alpn peer".
 run_connect() {
     local variant=$1 secs=$2 out=$3
     local args=(--target "$HOST:$PORT_B_INBOUND" --duration "$secs" --concurrency "$CONNECT_WORKERS" --host bench)
@@ -728,8 +728,8 @@ run_connect() {
         die "bench-connect failed: $(tail -5 "$out.err")"
     awk '/^CONNECT / {
         for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-        printf "%d %d %d %d %s %s %s %s\n", v["ok"], v["errors"], v["duration_us"], v["cpu_ticks"],
-            v["tls"], v["group"], v["alpn"], v["peer"]
+        printf "%d %d %d %d %s %s %s %s %s\n", v["ok"], v["errors"], v["duration_us"], v["cpu_ticks"],
+            v["tls"], v["suite"], v["group"], v["alpn"], v["peer"]
         found = 1
     } END { if (!found) exit 1 }' "$out" || die "cannot parse bench-connect output: $(tail -5 "$out" "$out.err")"
 }
@@ -740,7 +740,7 @@ measure_connect() {
     local variant=$1 base="$TMP/r$ROUND-conn-$1"
     log "round $ROUND $variant new connections: warm-up ${WARMUP}s, ${DURATION}s of $CONNECT_WORKERS workers -> B inbound"
     run_connect "$variant" "$WARMUP" "$base-warmup.txt" >/dev/null
-    local a0 b0 u0 a1 b1 u1 s0 s1 out ok errors us ticks tls group alpn peer
+    local a0 b0 u0 a1 b1 u1 s0 s1 out ok errors us ticks tls suite group alpn peer
     s0=$(cpu_jiffies "$SERVER_CPU")
     a0=$(cpu_ticks "$PROXY_A_PID")
     b0=$(cpu_ticks "$PROXY_B_PID")
@@ -750,7 +750,7 @@ measure_connect() {
     b1=$(cpu_ticks "$PROXY_B_PID")
     u1=$(cpu_ticks "$UPSTREAM_PID")
     s1=$(cpu_jiffies "$SERVER_CPU")
-    read -r ok errors us ticks tls group alpn peer <<<"$out"
+    read -r ok errors us ticks tls suite group alpn peer <<<"$out"
     ((ok > 0)) || die "bench-connect completed no connection to B's inbound ($variant): $(tail -5 "$base.txt.err")"
     record conn "$variant" conns_per_s "$(awk -v n="$ok" -v us="$us" 'BEGIN { printf "%.1f", us ? n * 1e6 / us : 0 }')"
     record conn "$variant" cpu_us_b "$(per_unit $((b1 - b0)) "$ok")"
@@ -760,10 +760,10 @@ measure_connect() {
     record conn "$variant" busy_server_cpu "$(cpu_busy_pct "$s0" "$s1")"
     record conn "$variant" busy_other "$(busy_other "$s0" "$s1" $((a1 - a0 + b1 - b0 + u1 - u0)))"
     if [[ $variant == mtls ]]; then
-        echo "$tls $group $alpn $peer" >>"$NEGOTIATED"
+        echo "$tls $suite $group $alpn $peer" >>"$NEGOTIATED"
         [[ $peer == "$SERVER_ID" ]] || die "bench-connect's mTLS peer was $peer, not $SERVER_ID"
     fi
-    log "  $(awk -v n="$ok" -v us="$us" 'BEGIN { printf "%.0f", us ? n * 1e6 / us : 0 }') conns/s, B $(per_unit $((b1 - b0)) "$ok") CPU µs/conn, $errors errors$([[ $variant == mtls ]] && echo ", $tls $group")"
+    log "  $(awk -v n="$ok" -v us="$us" 'BEGIN { printf "%.0f", us ? n * 1e6 / us : 0 }') conns/s, B $(per_unit $((b1 - b0)) "$ok") CPU µs/conn, $errors errors$([[ $variant == mtls ]] && echo ", $tls $suite $group")"
 }
 
 run_round_mtls() {
@@ -1023,7 +1023,7 @@ report_mtls() {
             "plaintext, and a request through A gets 200). Both proxies hold a certificate from the real" \
             "outrider-control (CA generated at its first start) in both variants."
         local negotiated
-        negotiated=$(sort -u "$NEGOTIATED" | awk '{ printf "%s%s, key exchange %s, ALPN %s, peer %s", (NR > 1 ? "; " : ""), $1, $2, $3, $4 }')
+        negotiated=$(sort -u "$NEGOTIATED" | awk '{ printf "%s%s, %s, key exchange %s, ALPN %s, peer %s", (NR > 1 ? "; " : ""), $1, $2, $3, $4, $5 }')
         echo "- Negotiated on the mTLS connections (bench-connect's first handshake of each run, the proxy's own" \
             "mesh client config): **${negotiated:-none recorded}**."
         echo "- Keep-alive: closed loop, wrk 1 thread. CPU µs/req: utime+stime of A and B (/proc/PID/stat) over" \

@@ -11,8 +11,9 @@
 //!
 //! Output: one line on stdout,
 //! `CONNECT ok=N errors=N connect=N handshake=N request=N status=N timeout=N duration_us=N
-//! cpu_ticks=N tls=... group=... alpn=... peer=...` (`cpu_ticks`: this process's CPU over the
-//! run, in /proc clock ticks; the last four from the first handshake, `-` in plaintext); the first few distinct errors on stderr. Exit 0 even with errors (the caller
+//! cpu_ticks=N tls=... suite=... group=... alpn=... peer=...` (`cpu_ticks`: this process's CPU
+//! over the run, in /proc clock ticks; the last five from the first handshake, `-` in
+//! plaintext); the first few distinct errors on stderr. Exit 0 even with errors (the caller
 //! decides); 64 on bad usage, 69 when no certificate arrives.
 //!
 //! ```sh
@@ -157,8 +158,9 @@ struct Counts {
     request: AtomicU64,
     status: AtomicU64,
     timeout: AtomicU64,
-    /// What the first mTLS handshake negotiated: TLS version, key exchange group, ALPN, peer.
-    negotiated: Mutex<Option<[String; 4]>>,
+    /// What the first mTLS handshake negotiated: TLS version, cipher suite, key exchange
+    /// group, ALPN, peer.
+    negotiated: Mutex<Option<[String; 5]>>,
     /// The first distinct error messages.
     errors: Mutex<Vec<String>>,
 }
@@ -212,6 +214,10 @@ async fn one(
                     let show = |v: Option<String>| v.unwrap_or_else(|| "-".into());
                     *negotiated = Some([
                         show(conn.protocol_version().map(|v| format!("{v:?}"))),
+                        show(
+                            conn.negotiated_cipher_suite()
+                                .map(|s| format!("{:?}", s.suite())),
+                        ),
                         show(
                             conn.negotiated_key_exchange_group()
                                 .map(|g| format!("{:?}", g.name())),
@@ -389,9 +395,9 @@ async fn run(args: Args) -> ExitCode {
         .lock()
         .ok()
         .and_then(|n| n.clone())
-        .unwrap_or_else(|| ["-".into(), "-".into(), "-".into(), "-".into()]);
+        .unwrap_or_else(|| std::array::from_fn(|_| "-".to_string()));
     println!(
-        "CONNECT ok={} errors={errors} connect={} handshake={} request={} status={} timeout={} duration_us={} cpu_ticks={ticks} tls={} group={} alpn={} peer={}",
+        "CONNECT ok={} errors={errors} connect={} handshake={} request={} status={} timeout={} duration_us={} cpu_ticks={ticks} tls={} suite={} group={} alpn={} peer={}",
         get(&counts.ok),
         get(&counts.connect),
         get(&counts.handshake),
@@ -403,6 +409,7 @@ async fn run(args: Args) -> ExitCode {
         negotiated[1],
         negotiated[2],
         negotiated[3],
+        negotiated[4],
     );
     if let Ok(errors) = counts.errors.lock() {
         for message in errors.iter() {
