@@ -215,6 +215,23 @@ async fn access_log_writer_starts_with_the_first_policy_that_logs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_proxy_runs_only_the_threads_it_needs() {
+    // Every thread costs a stack and a malloc arena; a feature the policy leaves off
+    // (access log, span export) must not start one. With --workers 1 the runtime is the main
+    // thread; the policy file watcher has its own, and reading the file briefly takes a
+    // blocking-pool thread.
+    let echo = Upstream::echo(Proto::Http1, "echo").await;
+    let proxy = start_proxy(&policy(echo.addr, closed_port().await, ""));
+    assert_eq!(get(proxy.outbound, "svc", "/").await.status, 200);
+    let names = proxy.thread_names();
+    let expected = |name: &str| {
+        name == "outrider-proxy" || name.starts_with("notify-rs") || name == "tokio-runtime-w"
+    };
+    assert!(names.iter().all(|n| expected(n)), "{names:?}");
+    assert!(names.len() <= 3, "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_off_writes_nothing() {
     let echo = Upstream::echo(Proto::Http1, "echo").await;
     let proxy = start_proxy(&policy(echo.addr, closed_port().await, "access_log: off\n"));
