@@ -22,6 +22,11 @@ use crate::{
 /// The token every fixture control plane is started with.
 pub const CONTROL_TOKEN: &str = "test-token-5f0c";
 
+/// Longest the fixture waits for the control plane to answer a request (a subscription: its
+/// response head). It answers in milliseconds; a control plane that stops answering fails the
+/// test with its logs instead of hanging it until nextest's timeout.
+pub const REQUEST_BOUND: Duration = Duration::from_secs(10);
+
 /// A control plane's directories: policies (watched), state, and the token file.
 pub struct ControlDirs {
     pub policies: PathBuf,
@@ -182,7 +187,21 @@ impl Control {
         if let Some(token) = token {
             req = req.header("authorization", format!("Bearer {token}"));
         }
-        send(&http1_client(), req.body(full(body.to_string())).unwrap()).await
+        let req = req.body(full(body.to_string())).unwrap();
+        self.bounded(&format!("{method} {path}"), send(&http1_client(), req))
+            .await
+    }
+
+    /// `fut` (a request to this control plane), or a panic with the control plane's logs when
+    /// it takes longer than [`REQUEST_BOUND`].
+    async fn bounded<T>(&self, what: &str, fut: impl std::future::Future<Output = T>) -> T {
+        match tokio::time::timeout(REQUEST_BOUND, fut).await {
+            Ok(out) => out,
+            Err(_) => panic!(
+                "the control plane did not answer {what} within {REQUEST_BOUND:?}; its logs:\n{}",
+                self.logs().join("\n")
+            ),
+        }
     }
 
     /// `GET /v1/status` (no token: open from loopback).
@@ -217,7 +236,10 @@ impl Control {
             .body(empty())
             .unwrap();
         let client = if h2 { http2_client() } else { http1_client() };
-        let res = client.request(req).await.expect("subscribe");
+        let res = self
+            .bounded(&format!("subscribe {workload}"), client.request(req))
+            .await
+            .expect("subscribe");
         assert_eq!(res.status(), 200, "subscribe refused");
         Subscription {
             body: res.into_body(),

@@ -44,35 +44,15 @@ pub fn empty() -> TestBody {
 }
 
 /// Path of the proxy binary, built once per test process so tests never run a stale binary.
+/// `OUTRIDER_PROXY_BIN` overrides it: nextest's setup script (`scripts/build-e2e-binaries`)
+/// builds the binaries before the first test and sets it, so no test compiles anything.
 pub fn proxy_binary() -> PathBuf {
     static BUILD: Once = Once::new();
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
     if let Ok(bin) = std::env::var("OUTRIDER_PROXY_BIN") {
         return PathBuf::from(bin);
     }
-    BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(&workspace)
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "outrider-proxy",
-                "--bin",
-                "outrider-proxy",
-            ])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building outrider-proxy failed");
-    });
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace.join("target"));
-    target.join("debug").join("outrider-proxy")
+    BUILD.call_once(|| cargo_build(&["-p", "outrider-proxy", "--bin", "outrider-proxy"]));
+    target_debug().join("outrider-proxy")
 }
 
 /// Path of the control-plane binary (`outrider-control`), built once per test process along
@@ -94,23 +74,45 @@ pub fn ctl_binary() -> PathBuf {
 
 fn control_bins() -> PathBuf {
     static BUILD: Once = Once::new();
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    BUILD.call_once(|| cargo_build(&["-p", "outrider-control", "--bins"]));
+    target_debug()
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
-        .to_path_buf();
-    BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(&workspace)
-            .args(["build", "-q", "-p", "outrider-control", "--bins"])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building outrider-control failed");
-    });
+        .to_path_buf()
+}
+
+fn target_debug() -> PathBuf {
     std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace.join("target"))
+        .unwrap_or_else(|_| workspace().join("target"))
         .join("debug")
+}
+
+/// `cargo build ARGS` in the workspace (the same commands as `scripts/build-e2e-binaries`).
+/// When the binary is stale this compiles inside the calling test and counts against its
+/// timeout, so the test's output says so: a test killed while building shows the first line
+/// without the second.
+fn cargo_build(args: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!(
+        "harness: cargo build {} (compiles here if the binary is stale; \
+         scripts/build-e2e-binaries builds it before the tests)",
+        args.join(" ")
+    );
+    let started = Instant::now();
+    let status = Command::new(cargo)
+        .current_dir(workspace())
+        .arg("build")
+        .arg("-q")
+        .args(args)
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build {} failed", args.join(" "));
+    eprintln!("harness: built in {:.1?}", started.elapsed());
 }
 
 /// A running `outrider-proxy` process.
