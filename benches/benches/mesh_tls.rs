@@ -20,17 +20,10 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use outrider_config::wire::CertificateResponse;
-use outrider_proxy::identity::{spiffe_id_of, Mesh, ALPN_HTTP1};
+use outrider_proxy::identity::{Mesh, ALPN_HTTP1};
 use outrider_proxy::metrics::Metrics;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::server::ParsedCertificate;
-use rustls::{
-    ClientConfig, ClientConnection, DigitallySignedStruct, NamedGroup, RootCertStore, ServerConfig,
-    ServerConnection, SignatureScheme,
-};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, NamedGroup, ServerConfig, ServerConnection};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/bench/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/bench/sa/server";
@@ -133,104 +126,6 @@ fn handshake(
     )
 }
 
-/// The proxy's peer check, for a client config with another provider: chain to the roots,
-/// then the SPIFFE id (the same work as the proxy's verifier).
-#[derive(Debug)]
-struct SpiffeVerifier {
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
-    expected: &'static str,
-}
-
-impl ServerCertVerifier for SpiffeVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        if spiffe_id_of(end_entity).as_deref() == Some(self.expected) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General("wrong identity".into()))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// A mesh client config like the proxy's, but offering only X25519.
-fn x25519_only_client(ca: &TestCa) -> Arc<ClientConfig> {
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-    provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
-    let provider = Arc::new(provider);
-    let mut roots = RootCertStore::empty();
-    for root in CertificateDer::pem_slice_iter(ca.pem.as_bytes()) {
-        roots.add(root.expect("CA PEM")).expect("CA root");
-    }
-    let (issued, key) = ca.issue(CLIENT_ID);
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(issued.chain.as_bytes())
-            .collect::<Result<_, _>>()
-            .expect("chain PEM");
-    let mut config = ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SpiffeVerifier {
-            roots: Arc::new(roots),
-            provider,
-            expected: SERVER_ID,
-        }))
-        .with_client_auth_cert(chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)))
-        .expect("client certificate");
-    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
-    config.resumption = rustls::client::Resumption::disabled();
-    Arc::new(config)
-}
-
 fn bench_handshake(c: &mut Criterion) {
     let ca = TestCa::new();
     let client_mesh = Mesh::new(&Metrics::new("client").expect("metrics")).expect("mesh");
@@ -252,7 +147,18 @@ fn bench_handshake(c: &mut Criterion) {
     let proxy_client = client_mesh
         .client_config(Some(Arc::from(SERVER_ID)), vec![ALPN_HTTP1.to_vec()])
         .expect("client config");
-    let x25519_client = x25519_only_client(&ca);
+    // The proxy's own client config (verifier, certificate, settings) offering only X25519.
+    let mut x25519 = rustls::crypto::aws_lc_rs::default_provider();
+    x25519.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    let x25519_mesh =
+        Mesh::with_provider(&Metrics::new("x25519").expect("metrics"), x25519).expect("mesh");
+    let (issued, key) = ca.issue(CLIENT_ID);
+    x25519_mesh
+        .install(&issued, key)
+        .expect("client certificate");
+    let x25519_client = x25519_mesh
+        .client_config(Some(Arc::from(SERVER_ID)), vec![ALPN_HTTP1.to_vec()])
+        .expect("client config");
 
     // What each client gets, checked once, so the names below are true.
     assert_eq!(

@@ -154,9 +154,18 @@ pub struct Mesh {
 impl Mesh {
     /// A mesh identity with no certificate yet.
     pub fn new(metrics: &Metrics) -> Result<Arc<Self>, MetricsError> {
+        Self::with_provider(metrics, rustls::crypto::aws_lc_rs::default_provider())
+    }
+
+    /// Like [`Self::new`] with another crypto provider (the benchmarks compare key-exchange
+    /// groups with it).
+    pub fn with_provider(
+        metrics: &Metrics,
+        provider: CryptoProvider,
+    ) -> Result<Arc<Self>, MetricsError> {
         Ok(Arc::new(Self {
             held: ArcSwapOption::empty(),
-            provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+            provider: Arc::new(provider),
             metrics: TlsMetrics::new(metrics)?,
         }))
     }
