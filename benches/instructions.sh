@@ -46,6 +46,8 @@ CONNS=16
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+# shellcheck source=benches/policy-variants.sh
+source benches/policy-variants.sh
 export PATH="$PATH:/usr/sbin:/sbin:${CARGO_HOME:-$HOME/.cargo}/bin"
 log() { printf '[instructions.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -96,22 +98,9 @@ PIDS+=($!)
 policy() {
     local service_extra="" route_extra="" top_extra=""
     case $2 in
-    p)
-        service_extra='
-    timeouts: { connect: 1s, request: 30s, per_try: 10s, idle: 30s }
-    retries: { attempts: 2, on: [connect-failure, reset, gateway-error], body_limit: 64KiB }
-    rate_limit: { requests_per_second: 100000000, burst: 100000000 }
-    circuit_breaker: { consecutive_failures: 1000, failure_rate: { threshold: 0.9, min_requests: 1000, window: 10s }, max_concurrent_requests: 100000 }
-    outlier_detection: { consecutive_failures: 1000 }'
-        route_extra='
-    rate_limit: { requests_per_second: 100000000, burst: 100000000 }
-    fault: { delay: { duration: 1s, percent: 0 }, abort: { status: 503, percent: 0 } }' ;;
-    t)
-        top_extra="
-tracing: { sampling: parent_based, ratio: 1.0, otlp: { endpoint: 'http://$HOST:$PORT_COLLECTOR', protocol: http } }" ;;
-    l)
-        top_extra="
-access_log: json" ;;
+    p) service_extra=$EVERY_POLICY_SERVICE route_extra=$EVERY_POLICY_ROUTE ;;
+    t) top_extra=$(tracing_fragment "$HOST:$PORT_COLLECTOR") ;;
+    l) top_extra=$ACCESS_LOG ;;
     esac
     cat <<EOF
 services:
