@@ -22,6 +22,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::policy::outcome::Watch;
 use crate::policy::retry::ReplayBody;
+use crate::pool::UpstreamBody;
 use crate::telemetry::Finish;
 
 /// Boxed body error.
@@ -38,7 +39,7 @@ pub enum ProxyBody {
     /// Streamed from the upstream as it arrives.
     Upstream {
         /// The upstream body.
-        body: Incoming,
+        body: UpstreamBody,
         /// Cuts the body if no frame arrives in time.
         idle: Option<IdleTimer>,
         /// Reports the exchange's outcome to the circuit breaker when the body ends.
@@ -129,7 +130,7 @@ impl ProxyBody {
     }
 
     /// The upstream's body, bounded by `idle` when set, its end reported to `watch` if any.
-    pub fn upstream(body: Incoming, idle: Option<Duration>, watch: Option<Watch>) -> Self {
+    pub fn upstream(body: UpstreamBody, idle: Option<Duration>, watch: Option<Watch>) -> Self {
         Self::Upstream {
             body,
             idle: idle.map(|limit| IdleTimer {

@@ -2,7 +2,6 @@
 //! counting. Each endpoint has its own connector (and pool), so the URI the request carries
 //! keeps the caller's authority while the socket goes to the endpoint the balancer chose.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -11,7 +10,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -138,82 +136,55 @@ impl EndpointConnector {
     }
 }
 
-impl tower_service::Service<http::Uri> for EndpointConnector {
-    type Response = TokioIo<CountedStream>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: http::Uri) -> Self::Future {
-        let Self {
-            addr,
-            timeout,
-            metrics,
-            pending,
-            tls,
-        } = self.clone();
-        Box::pin(async move {
-            let _slot = pending.as_ref().map(PendingLimit::enter).transpose()?;
-            let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-                Err(_) => {
-                    return Err(ConnectError::Timeout {
+impl EndpointConnector {
+    /// Opens one connection: TCP within the connect timeout, `TCP_NODELAY`, then TLS when the
+    /// service asks for it.
+    pub async fn connect(&self) -> Result<TokioIo<CountedStream>, ConnectError> {
+        let addr = self.addr;
+        let _slot = self.pending.as_ref().map(PendingLimit::enter).transpose()?;
+        let stream = match tokio::time::timeout(self.timeout, TcpStream::connect(addr)).await {
+            Err(_) => {
+                return Err(ConnectError::Timeout {
+                    addr,
+                    after: self.timeout,
+                })
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                return Err(ConnectError::Refused(addr))
+            }
+            Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
+            Ok(Ok(stream)) => stream,
+        };
+        // Small request/response writes must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let stream = match &self.tls {
+            None => Io::Plain(stream),
+            Some(tls) => crate::tls::connect(tls, addr, stream).await.map_err(|e| {
+                if e.origination {
+                    ConnectError::OriginationTls {
                         addr,
-                        after: timeout,
-                    })
-                }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    return Err(ConnectError::Refused(addr))
-                }
-                Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
-                Ok(Ok(stream)) => stream,
-            };
-            // Small request/response writes must not wait for Nagle.
-            let _ = stream.set_nodelay(true);
-            let stream = match &tls {
-                None => Io::Plain(stream),
-                Some(tls) => crate::tls::connect(tls, addr, stream).await.map_err(|e| {
-                    if e.origination {
-                        ConnectError::OriginationTls {
-                            addr,
-                            message: e.message,
-                        }
-                    } else {
-                        ConnectError::Tls {
-                            addr,
-                            reason: e.reason,
-                            message: e.message,
-                        }
+                        message: e.message,
                     }
-                })?,
-            };
-            Ok(TokioIo::new(CountedStream {
-                h2: stream.negotiated_h2(),
-                stream,
-                _guard: metrics.opened(),
-            }))
-        })
+                } else {
+                    ConnectError::Tls {
+                        addr,
+                        reason: e.reason,
+                        message: e.message,
+                    }
+                }
+            })?,
+        };
+        Ok(TokioIo::new(CountedStream {
+            stream,
+            _guard: self.metrics.opened(),
+        }))
     }
 }
 
 /// A connection (TCP, or mesh TLS over it) counted in the connection metrics while it lives.
 pub struct CountedStream {
     stream: Io,
-    h2: bool,
     _guard: ConnectionGuard,
-}
-
-impl Connection for CountedStream {
-    fn connected(&self) -> Connected {
-        // ALPN's answer tells the pool to speak HTTP/2 on this connection.
-        if self.h2 {
-            Connected::new().negotiated_h2()
-        } else {
-            Connected::new()
-        }
-    }
 }
 
 impl AsyncRead for CountedStream {

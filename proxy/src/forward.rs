@@ -3,7 +3,6 @@
 //! responses in one place ([`crate::errors::rescue`]).
 
 use std::convert::Infallible;
-use std::error::Error as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +26,7 @@ use crate::policy::outcome::{self, Deferred, Watch};
 use crate::policy::ratelimit::RateDecision;
 use crate::policy::retry::{self, AttemptFailure, ReplayHandle, RetryPolicy};
 use crate::policy::trace::{SpanId, TraceContext};
+use crate::pool::{SendError, UpstreamBody};
 use crate::snapshot::{Snapshot, Target};
 use crate::telemetry::{AccessRecord, AttemptSpan, ExchangeReport, Finish};
 use crate::upstream::{Endpoint, Upstream};
@@ -390,7 +390,7 @@ async fn send_once(
     endpoint: &Arc<Endpoint>,
     req: Request<RequestBody>,
     per_try: Option<Duration>,
-) -> Result<Response<Incoming>, (ProxyError, AttemptFailure)> {
+) -> Result<Response<UpstreamBody>, (ProxyError, AttemptFailure)> {
     let mut result = attempt(endpoint, req, per_try).await;
     if upstream.detects_outliers() {
         match &mut result {
@@ -418,9 +418,9 @@ async fn attempt(
     endpoint: &Endpoint,
     req: Request<RequestBody>,
     per_try: Option<Duration>,
-) -> Result<Response<Incoming>, (ProxyError, AttemptFailure)> {
+) -> Result<Response<UpstreamBody>, (ProxyError, AttemptFailure)> {
     let _in_flight = endpoint.start_request();
-    let sent = endpoint.client.request(req);
+    let sent = endpoint.pool.send(req);
     let result = match per_try {
         None => sent.await,
         Some(limit) => match tokio::time::timeout(limit, sent).await {
@@ -443,7 +443,7 @@ async fn attempt(
 }
 
 /// What, if anything, is wrong with a response, for the retry decision.
-fn response_failure(response: &Response<Incoming>) -> Option<AttemptFailure> {
+fn response_failure(response: &Response<UpstreamBody>) -> Option<AttemptFailure> {
     let status = response.status();
     if status.is_server_error() || status.is_client_error() {
         return Some(AttemptFailure::Status(status));
@@ -493,7 +493,7 @@ async fn exchange_with_retries(
     mut parts: http::request::Parts,
     body: Counted,
     exchange: Exchange<'_>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let Exchange {
         deadline,
         attempts,
@@ -615,46 +615,34 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
     }
 }
 
-/// Maps a client error to the proxy's own failure kinds.
-fn classify(error: &hyper_util::client::legacy::Error, addr: SocketAddr) -> ProxyError {
-    let mut source = error.source();
-    while let Some(cause) = source {
-        if let Some(connect) = cause.downcast_ref::<ConnectError>() {
-            return match connect {
-                ConnectError::Refused(addr) => ProxyError::ConnectRefused(*addr),
-                ConnectError::Timeout { addr, after } => ProxyError::ConnectTimeout {
-                    addr: *addr,
-                    after: *after,
-                },
-                ConnectError::Io { addr, source } => ProxyError::Connect {
-                    addr: *addr,
-                    reason: std::io::Error::new(source.kind(), source.to_string()),
-                },
-                ConnectError::PendingLimit(service) => ProxyError::PendingLimit(service.clone()),
-                ConnectError::OriginationTls { addr, message } => ProxyError::TlsHandshake {
-                    addr: *addr,
-                    message: message.clone(),
-                },
-                ConnectError::Tls { .. } => ProxyError::Upstream {
-                    addr,
-                    reason: connect.to_string(),
-                },
-            };
-        }
-        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
-            if hyper_error.is_parse() {
-                return ProxyError::Upstream {
-                    addr,
-                    reason: "invalid response".into(),
-                };
-            }
-            return ProxyError::UpstreamReset(addr);
-        }
-        source = cause.source();
-    }
-    ProxyError::Upstream {
-        addr,
-        reason: error.to_string(),
+/// Maps a failed send to the proxy's own failure kinds.
+fn classify(error: &SendError, addr: SocketAddr) -> ProxyError {
+    match error {
+        SendError::Connect(connect) => match connect {
+            ConnectError::Refused(addr) => ProxyError::ConnectRefused(*addr),
+            ConnectError::Timeout { addr, after } => ProxyError::ConnectTimeout {
+                addr: *addr,
+                after: *after,
+            },
+            ConnectError::Io { addr, source } => ProxyError::Connect {
+                addr: *addr,
+                reason: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            ConnectError::PendingLimit(service) => ProxyError::PendingLimit(service.clone()),
+            ConnectError::OriginationTls { addr, message } => ProxyError::TlsHandshake {
+                addr: *addr,
+                message: message.clone(),
+            },
+            ConnectError::Tls { .. } => ProxyError::Upstream {
+                addr,
+                reason: connect.to_string(),
+            },
+        },
+        SendError::Http(error) if error.is_parse() => ProxyError::Upstream {
+            addr,
+            reason: "invalid response".into(),
+        },
+        SendError::Http(_) => ProxyError::UpstreamReset(addr),
     }
 }
 

@@ -18,6 +18,7 @@ pub mod logging;
 pub mod metrics;
 pub mod persist;
 pub mod policy;
+pub mod pool;
 pub mod reload;
 pub mod server;
 pub mod snapshot;

@@ -35,18 +35,6 @@ pub enum Io {
     Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-impl Io {
-    /// Whether ALPN settled on HTTP/2.
-    pub fn negotiated_h2(&self) -> bool {
-        let alpn = match self {
-            Io::Plain(_) => None,
-            Io::Client(s) => s.get_ref().1.alpn_protocol(),
-            Io::Server(s) => s.get_ref().1.alpn_protocol(),
-        };
-        alpn == Some(ALPN_H2)
-    }
-}
-
 macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {

@@ -7,33 +7,24 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use outrider_config::{LoadBalancing, OutlierDetection, Protocol};
 
-use crate::body::RequestBody;
 use crate::connect::{EndpointConnector, PendingLimit};
 use crate::errors::ProxyError;
 use crate::metrics::Metrics;
 use crate::policy::breaker::Outcome;
 use crate::policy::outlier::{EndpointHealth, OutlierDetector};
+use crate::pool::EndpointPool;
 use crate::tls::UpstreamTls;
 
 /// How often a `dns:` service is resolved again.
 const DNS_REFRESH: Duration = Duration::from_secs(5);
-/// How long an unused pooled connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The HTTP client of one endpoint: pools connections (HTTP/1.1 keep-alive or one multiplexed
-/// HTTP/2 connection) to exactly that endpoint.
-pub type EndpointClient = Client<EndpointConnector, RequestBody>;
-
 /// One address of a service, with its pool and load.
 pub struct Endpoint {
     /// Where it listens.
     pub addr: SocketAddr,
-    /// Its connection pool.
-    pub client: EndpointClient,
+    /// Its connections.
+    pub pool: Arc<EndpointPool>,
     in_flight: AtomicUsize,
     /// Its record for outlier detection.
     health: EndpointHealth,
@@ -130,15 +121,9 @@ impl Upstream {
             self.pending.clone(),
         )
         .with_tls(self.spec.tls.clone());
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .http2_only(self.spec.protocol == Protocol::Http2);
         Endpoint {
             addr,
-            client: builder.build(connector),
+            pool: EndpointPool::new(connector, self.spec.protocol),
             in_flight: AtomicUsize::new(0),
             health: EndpointHealth::default(),
         }

@@ -12,7 +12,6 @@
 use std::sync::Arc;
 
 use http::{HeaderMap, Response};
-use hyper::body::Incoming;
 
 use super::breaker::{BreakerPermit, Outcome};
 use crate::errors::ProxyError;
@@ -39,7 +38,7 @@ pub fn of_error(error: &ProxyError) -> Option<Outcome> {
 /// The outcome as far as the response head tells: a 5xx or a failing gRPC status in the
 /// headers is a failure; a gRPC status in the headers ends the exchange (trailers-only); else
 /// `None`: the body decides (its trailers, or whether it ends cleanly).
-pub fn of_head(response: &Response<Incoming>) -> Option<Outcome> {
+pub fn of_head<B>(response: &Response<B>) -> Option<Outcome> {
     if response.status().is_server_error() {
         return Some(Outcome::Failure);
     }
@@ -57,7 +56,7 @@ pub fn grpc(headers: &HeaderMap) -> Option<Outcome> {
 }
 
 /// Whether a response is gRPC (its status may come in the trailers).
-pub fn is_grpc(response: &Response<Incoming>) -> bool {
+pub fn is_grpc<B>(response: &Response<B>) -> bool {
     response
         .headers()
         .get(http::header::CONTENT_TYPE)

@@ -1,0 +1,344 @@
+//! The connections to one endpoint: HTTP/1.1 keep-alive connections handed out one request at a
+//! time, or one multiplexed HTTP/2 connection.
+//!
+//! Each endpoint has its own pool, so unlike hyper-util's general client there is no key to hash
+//! per request, no connector to clone, and no task to spawn to return a connection: a response
+//! body gives its HTTP/1.1 connection back itself when it ends ([`UpstreamBody`]).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use outrider_config::Protocol;
+
+use crate::body::RequestBody;
+use crate::connect::{ConnectError, CountedStream, EndpointConnector};
+
+/// How long an unused HTTP/1.1 connection is kept.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a request could not be sent to an endpoint or got no response head.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be opened.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The connection failed: handshake, reset, closed mid-exchange, invalid response.
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+type Http1Sender = http1::SendRequest<RequestBody>;
+type Http2Sender = http2::SendRequest<RequestBody>;
+
+/// An HTTP/1.1 connection waiting for its next request.
+struct IdleConnection {
+    sender: Http1Sender,
+    since: Instant,
+}
+
+/// The connections to one endpoint.
+pub struct EndpointPool {
+    connector: EndpointConnector,
+    protocol: Protocol,
+    /// Idle HTTP/1.1 connections, most recently used at the back: reuse takes the warmest, and
+    /// the coldest age out at the front.
+    idle: Mutex<VecDeque<IdleConnection>>,
+    /// The HTTP/2 connection, while it is open.
+    multiplexed: Mutex<Option<Http2Sender>>,
+    /// Held while the HTTP/2 connection is being opened, so a burst of requests opens one.
+    opening: tokio::sync::Mutex<()>,
+    /// Whether the idle reaper runs (started with the first connection).
+    reaping: std::sync::Once,
+}
+
+impl EndpointPool {
+    /// A pool that opens its connections with `connector` and speaks `protocol` on them.
+    pub fn new(connector: EndpointConnector, protocol: Protocol) -> Arc<Self> {
+        Arc::new(Self {
+            connector,
+            protocol,
+            idle: Mutex::new(VecDeque::new()),
+            multiplexed: Mutex::new(None),
+            opening: tokio::sync::Mutex::new(()),
+            reaping: std::sync::Once::new(),
+        })
+    }
+
+    /// Sends `req` (its URI in absolute form) on a pooled or new connection and returns the
+    /// response head; the body streams on. A request that a reused connection closed under
+    /// before sending any of it goes out again on another one.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        match self.protocol {
+            Protocol::Http1 => self.send_http1(req).await,
+            Protocol::Http2 => self.send_http2(req).await,
+        }
+    }
+
+    async fn send_http1(
+        self: &Arc<Self>,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        to_origin_form(&mut req);
+        loop {
+            let (mut sender, reused) = match self.checkout_http1() {
+                Some(sender) => (sender, true),
+                None => (self.open_http1().await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    // After a protocol switch the connection belongs to the tunnel.
+                    let reuse = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
+                        .then(|| (Arc::clone(self), sender));
+                    return Ok(response.map(|body| UpstreamBody { body, reuse }));
+                }
+                Err(mut error) => match error.take_message() {
+                    // The upstream closed an idle connection as we picked it: nothing was
+                    // sent, so it is safe to send again. A new connection ends the loop.
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(SendError::Http(error.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn send_http2(
+        self: &Arc<Self>,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        loop {
+            let (mut sender, reused) = match self.shared_http2() {
+                Some(sender) => (sender, true),
+                None => self.open_http2().await?,
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => return Ok(response.map(|body| UpstreamBody { body, reuse: None })),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if reused => {
+                        self.forget_http2(&sender);
+                        req = unsent;
+                    }
+                    _ => return Err(SendError::Http(error.into_error())),
+                },
+            }
+        }
+    }
+
+    /// The warmest idle connection that can take a request; closed and expired ones are
+    /// dropped on the way.
+    fn checkout_http1(&self) -> Option<Http1Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(connection) = idle.pop_back() {
+            if connection.sender.is_ready() && connection.since.elapsed() < IDLE_TIMEOUT {
+                return Some(connection.sender);
+            }
+        }
+        None
+    }
+
+    /// Takes back an HTTP/1.1 connection whose exchange has ended.
+    fn check_in(self: Arc<Self>, mut sender: Http1Sender) {
+        if sender.is_ready() {
+            self.push_idle(sender);
+        } else if !sender.is_closed() {
+            // The connection task has not yet seen the end of the exchange (the request body
+            // may still be going out): take it back once it has.
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    self.push_idle(sender);
+                }
+            });
+        }
+    }
+
+    fn push_idle(&self, sender: Http1Sender) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while idle
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) >= IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
+        idle.push_back(IdleConnection { sender, since: now });
+    }
+
+    async fn open_http1(self: &Arc<Self>) -> Result<Http1Sender, SendError> {
+        let io = self.connect().await?;
+        let (mut sender, connection) = http1::handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "upstream connection ended with an error");
+            }
+        });
+        sender.ready().await?;
+        Ok(sender)
+    }
+
+    fn shared_http2(&self) -> Option<Http2Sender> {
+        let shared = self
+            .multiplexed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        shared.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    /// Opens the HTTP/2 connection unless another request just did; the flag says whether
+    /// the sender was already in use.
+    async fn open_http2(self: &Arc<Self>) -> Result<(Http2Sender, bool), SendError> {
+        let _opening = self.opening.lock().await;
+        if let Some(sender) = self.shared_http2() {
+            return Ok((sender, true));
+        }
+        let io = self.connect().await?;
+        let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "upstream connection ended with an error");
+            }
+        });
+        sender.ready().await?;
+        *self
+            .multiplexed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
+        Ok((sender, false))
+    }
+
+    /// Drops the shared HTTP/2 connection if it is still `closed` (not a newer one).
+    fn forget_http2(&self, closed: &Http2Sender) {
+        let mut shared = self
+            .multiplexed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if shared.as_ref().is_some_and(|s| s.is_closed()) || closed.is_closed() {
+            *shared = shared.take().filter(|s| !s.is_closed());
+        }
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<TokioIo<CountedStream>, ConnectError> {
+        self.reaping.call_once(|| {
+            tokio::spawn(reap_idle(Arc::downgrade(self)));
+        });
+        self.connector.connect().await
+    }
+
+    /// How many HTTP/1.1 connections wait idle.
+    pub fn idle_count(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// Closes idle HTTP/1.1 connections past their time, also when no traffic comes to do it, for
+/// as long as the pool lives.
+async fn reap_idle(pool: Weak<EndpointPool>) {
+    loop {
+        tokio::time::sleep(IDLE_TIMEOUT / 2).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.retain(|c| c.since.elapsed() < IDLE_TIMEOUT && !c.sender.is_closed());
+    }
+}
+
+/// HTTP/1.1 sends the path and query (origin form) and the authority in `Host`.
+fn to_origin_form(req: &mut Request<RequestBody>) {
+    if !req.headers().contains_key(header::HOST) {
+        // An HTTP/2 caller sent the authority as :authority only.
+        if let Some(value) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(header::HOST, value);
+        }
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(path);
+}
+
+/// A response body from an endpoint. An HTTP/1.1 body gives its connection back to the pool
+/// when it ends; one dropped before its end leaves the connection to close.
+pub struct UpstreamBody {
+    body: Incoming,
+    reuse: Option<(Arc<EndpointPool>, Http1Sender)>,
+}
+
+impl UpstreamBody {
+    fn release(&mut self) {
+        if let Some((pool, sender)) = self.reuse.take() {
+            pool.check_in(sender);
+        }
+    }
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("body", &self.body)
+            .field("pooled", &self.reuse.is_some())
+            .finish()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // A body complete before anyone read it (no content, HEAD) still frees its connection.
+        if self.body.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &polled {
+            // hyper stops polling a body whose length is reached: the end is seen here.
+            Some(Ok(_)) if this.body.is_end_stream() => this.release(),
+            Some(Ok(_)) => {}
+            None => this.release(),
+            // A broken body leaves a broken connection.
+            Some(Err(_)) => this.reuse = None,
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
