@@ -9,9 +9,10 @@
 # tracing, the access log) are seen exactly. It does not see cache misses or syscall time (the
 # kernel is not counted); load.sh stays the throughput and latency measurement.
 #
-# Usage: bash benches/instructions.sh [--requests N] [--out FILE]
-#   --requests N   measured requests per variant (default 5000, after 1000 unmeasured)
-#   --out FILE     markdown report (default benches/results/instructions.md)
+# Usage: bash benches/instructions.sh [--requests N] [--variants LETTERS] [--out FILE]
+#   --requests N        measured requests per variant (default 5000, after 1000 unmeasured)
+#   --variants LETTERS  which variants to run, e.g. bp (default bptl, all of them)
+#   --out FILE          markdown report (default benches/results/instructions.md)
 #
 # Variants, each over HTTP/1.1 and h2c (the upstream speaks the same protocol):
 #   (b) base: one service, one route;
@@ -24,10 +25,12 @@ shopt -s inherit_errexit
 
 REQUESTS=5000
 WARM=1000
+VARIANTS=bptl
 OUT=benches/results/instructions.md
 while (($#)); do
     case "$1" in
     --requests) REQUESTS=${2:?--requests needs a number}; shift ;;
+    --variants) VARIANTS=${2:?--variants needs letters}; shift ;;
     --out) OUT=${2:?--out needs a file}; shift ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "instructions.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
@@ -35,6 +38,7 @@ while (($#)); do
     shift
 done
 [[ $REQUESTS =~ ^[1-9][0-9]*$ ]] || { echo "instructions.sh: --requests $REQUESTS is not a positive integer" >&2; exit 64; }
+[[ $VARIANTS =~ ^[bptl]+$ && $VARIANTS == *b* ]] || { echo "instructions.sh: --variants $VARIANTS: letters among b, p, t, l, including b (the reference)" >&2; exit 64; }
 
 HOST=127.0.0.1
 PORT_UPSTREAM=18180
@@ -150,6 +154,7 @@ measure() {
 declare -A IR
 for proto in http1 http2; do
     for variant in b p t l; do
+        [[ $VARIANTS == *$variant* ]] || continue
         log "$proto ($variant): $REQUESTS requests under callgrind"
         IR[$proto-$variant]=$(measure "$proto" "$variant")
         log "  ${IR[$proto-$variant]} instructions/request"
@@ -170,6 +175,7 @@ mkdir -p "$(dirname "$OUT")"
     echo "| Variant | HTTP/1.1 instr/req | vs (b) | h2c instr/req | vs (b) |"
     echo "|---|---:|---:|---:|---:|"
     for variant in b p t l; do
+        [[ $VARIANTS == *$variant* ]] || continue
         case $variant in
         b) name="(b) base" ;;
         p) name="(p) every resilience policy on, none triggering" ;;
