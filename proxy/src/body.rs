@@ -18,10 +18,11 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use prometheus::IntCounter;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::policy::outcome::Watch;
 use crate::policy::retry::ReplayBody;
+use crate::policy::timeout::{self, Timer};
 use crate::pool::UpstreamBody;
 use crate::telemetry::Finish;
 
@@ -109,13 +110,28 @@ impl Drop for ProxyBody {
     }
 }
 
-/// The idle timeout of a streaming body.
+/// The idle timeout of a streaming body. The timer is armed only when the body has to wait for
+/// the upstream: a body whose frames are all there when asked for (most small responses) never
+/// puts one in the runtime's timer wheel. It is the exchange's timer when the request had one
+/// (already registered: moving it is cheaper than registering another).
 #[derive(Debug)]
 pub struct IdleTimer {
     /// The longest silence allowed.
     limit: Duration,
-    /// Fires when the silence is too long; reset on every frame.
-    timer: Pin<Box<Sleep>>,
+    /// When the body was made or last delivered a frame: the silence starts there.
+    since: Instant,
+    /// Armed at `since + limit` whenever the body waits. Between waits it may still be set
+    /// for an older deadline: firing then only polls the body once more.
+    timer: Timer,
+}
+
+impl IdleTimer {
+    /// The body has nothing to deliver yet: ready when the silence has lasted too long.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        timeout::arm(&mut self.timer, self.since + self.limit)
+            .as_mut()
+            .poll(cx)
+    }
 }
 
 impl ProxyBody {
@@ -130,12 +146,19 @@ impl ProxyBody {
     }
 
     /// The upstream's body, bounded by `idle` when set, its end reported to `watch` if any.
-    pub fn upstream(body: UpstreamBody, idle: Option<Duration>, watch: Option<Watch>) -> Self {
+    /// `timer` is the exchange's timer, if it made one: the idle timeout reuses it.
+    pub fn upstream(
+        body: UpstreamBody,
+        idle: Option<Duration>,
+        watch: Option<Watch>,
+        timer: Timer,
+    ) -> Self {
         Self::Upstream {
             body,
             idle: idle.map(|limit| IdleTimer {
                 limit,
-                timer: Box::pin(tokio::time::sleep(limit)),
+                since: Instant::now(),
+                timer,
             }),
             watch,
         }
@@ -155,12 +178,13 @@ impl Body for ProxyBody {
                 let polled = match Pin::new(&mut *body).poll_frame(cx) {
                     Poll::Ready(frame) => {
                         if let Some(idle) = idle {
-                            idle.timer.as_mut().reset(Instant::now() + idle.limit);
+                            // The silence starts again.
+                            idle.since = Instant::now();
                         }
                         frame.map(|f| f.map_err(|e| Box::new(e) as BoxError))
                     }
                     Poll::Pending => match idle {
-                        Some(idle) => match idle.timer.as_mut().poll(cx) {
+                        Some(idle) => match idle.poll_expired(cx) {
                             Poll::Ready(()) => {
                                 Some(Err(Box::new(IdleTimeout(idle.limit)) as BoxError))
                             }

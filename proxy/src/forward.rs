@@ -4,8 +4,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::header::{self, HeaderName, HeaderValue};
@@ -25,6 +25,7 @@ use crate::policy::breaker::{BreakerRejection, Outcome};
 use crate::policy::outcome::{self, Deferred, Watch};
 use crate::policy::ratelimit::RateDecision;
 use crate::policy::retry::{self, AttemptFailure, ReplayHandle, RetryPolicy};
+use crate::policy::timeout::{Deadlines, Expired, Timer};
 use crate::policy::trace::{SpanId, TraceContext};
 use crate::pool::{SendError, UpstreamBody};
 use crate::snapshot::{Snapshot, Target};
@@ -248,7 +249,14 @@ async fn forward(
         Arc::clone(&finish.request_bytes),
         target.metrics.traffic.request_bytes.clone(),
     );
-    let parts = match prepare(target, parts, authority, peer, trace) {
+    let retry = policy.retry.as_ref().filter(|_| !upgrade);
+    // Under retries the head carries the first attempt's own span from the start (later
+    // attempts replace it); without, the upstream's parent is this proxy's span.
+    let span = match retry {
+        Some(_) => SpanId::random(),
+        None => trace.span_id,
+    };
+    let parts = match prepare(target, parts, authority, peer, trace, span) {
         Ok(parts) => parts,
         Err(error) => {
             report.error = Some(error.to_string());
@@ -256,42 +264,36 @@ async fn forward(
         }
     };
 
-    let attempts = AtomicU32::new(1);
-    // Filled by the exchange, which a timeout may drop midway: hence shared, not returned.
-    let log = Mutex::new(AttemptLog {
+    let mut log = AttemptLog {
+        attempts: 1,
         endpoint: None,
         spans: Vec::new(),
         record: record_spans,
-    });
-    let deadline = policy.request_timeout.map(|limit| Instant::now() + limit);
-    let exchange = async {
-        match policy.retry.as_ref().filter(|_| !upgrade) {
-            None => {
-                let endpoint = target.upstream.pick(None)?;
-                if let Ok(mut log) = log.lock() {
-                    log.endpoint = Some(endpoint.addr);
-                }
-                let req = Request::from_parts(parts, RequestBody::Direct(body));
-                send_once(&target.upstream, &endpoint, req, policy.per_try_timeout)
-                    .await
-                    .map_err(|(error, _)| error)
-            }
-            Some(retry) => {
-                let exchange = Exchange {
-                    deadline,
-                    attempts: &attempts,
-                    trace,
-                    log: &log,
-                };
-                exchange_with_retries(target, retry, parts, body, exchange).await
-            }
-        }
     };
-    let result = match policy.request_timeout {
-        None => exchange.await,
-        Some(limit) => tokio::time::timeout(limit, exchange)
-            .await
-            .unwrap_or(Err(ProxyError::RequestTimeout(limit))),
+    // One timer for the request timeout, each attempt's per-try timeout and the backoffs.
+    let deadlines = Deadlines::start(policy.request_timeout, policy.per_try_timeout);
+    let mut timer: Timer = None;
+    let result = match retry {
+        None => match target.upstream.pick(None) {
+            Ok(endpoint) => {
+                log.endpoint = Some(endpoint.addr);
+                let req = Request::from_parts(parts, RequestBody::Direct(body));
+                send_once(&target.upstream, &endpoint, req, &deadlines, &mut timer)
+                    .await
+                    .and_then(|sent| sent.map_err(|(error, _)| error))
+            }
+            Err(error) => Err(error),
+        },
+        Some(retry) => {
+            let exchange = Exchange {
+                deadlines: &deadlines,
+                timer: &mut timer,
+                trace,
+                first_span: span,
+                log: &mut log,
+            };
+            exchange_with_retries(target, retry, parts, body, exchange).await
+        }
     };
     let mut response = match result {
         Ok(mut response) => {
@@ -308,7 +310,7 @@ async fn forward(
                 .remove::<Deferred>()
                 .map(|Deferred(endpoint)| (Arc::clone(&target.upstream), endpoint));
             let watch = Watch::new(permit, outcome::of_head(&response), deferred);
-            response.map(|body| ProxyBody::upstream(body, policy.idle_timeout, watch))
+            response.map(|body| ProxyBody::upstream(body, policy.idle_timeout, watch, timer))
         }
         Err(error) => {
             tracing::debug!(service = %target.upstream.spec.name, %error, "request failed");
@@ -319,28 +321,27 @@ async fn forward(
             rescue(&error, grpc)
         }
     };
-    report.attempts = attempts.load(Ordering::Relaxed);
-    if let Ok(mut log) = log.lock() {
-        report.endpoint = log.endpoint;
-        report.spans = std::mem::take(&mut log.spans);
-    }
+    report.attempts = log.attempts;
+    report.endpoint = log.endpoint;
+    report.spans = log.spans;
     if policy.retry.is_some() {
-        response.headers_mut().insert(
-            ATTEMPTS.clone(),
-            attempt_value(attempts.load(Ordering::Relaxed)),
-        );
+        response
+            .headers_mut()
+            .insert(ATTEMPTS.clone(), attempt_value(log.attempts));
     }
     response
 }
 
 /// Rewrites the caller's request head for the upstream: hop-by-hop headers out, forwarding
-/// headers in, the URI in absolute form with the caller's authority, the upstream's version.
+/// headers in (the trace context with `span` as the parent), the URI in absolute form with the
+/// caller's authority, the upstream's version.
 fn prepare(
     target: &Target,
     mut parts: http::request::Parts,
     authority: Option<Authority>,
     peer: SocketAddr,
     trace: &TraceContext,
+    span: SpanId,
 ) -> Result<http::request::Parts, ProxyError> {
     let upstream = &target.upstream;
     let upgrade = parts.headers.contains_key(header::UPGRADE) && parts.version == Version::HTTP_11;
@@ -350,9 +351,7 @@ fn prepare(
     parts.headers.remove(header::EXPECT);
     headers::append_forwarded(&mut parts.headers, peer.ip());
     headers::ensure_request_id(&mut parts.headers);
-    // The next hop's parent is this proxy's span; under retries each attempt re-injects its
-    // own child span id.
-    trace.inject(&mut parts.headers, trace.span_id);
+    trace.inject(&mut parts.headers, span);
 
     let authority = match authority {
         Some(a) => a,
@@ -383,15 +382,27 @@ fn prepare(
     Ok(parts)
 }
 
+/// One attempt's result: the response head, or what went wrong and how it counts for retries.
+type Attempted = Result<Response<UpstreamBody>, (ProxyError, AttemptFailure)>;
+
 /// Sends one attempt to `endpoint` of `upstream`, bounded by the per-try timeout until
-/// response headers, and reports the attempt's outcome to outlier detection.
+/// response headers, and reports the attempt's outcome to outlier detection. `Err` is the
+/// request timeout, which ends the exchange there (the attempt is not reported).
 async fn send_once(
     upstream: &Upstream,
     endpoint: &Arc<Endpoint>,
     req: Request<RequestBody>,
-    per_try: Option<Duration>,
-) -> Result<Response<UpstreamBody>, (ProxyError, AttemptFailure)> {
-    let mut result = attempt(endpoint, req, per_try).await;
+    deadlines: &Deadlines,
+    timer: &mut Timer,
+) -> Result<Attempted, ProxyError> {
+    // The per-try bound is applied here, on the exchange's one timer, not by `attempt`.
+    let mut result = match deadlines.attempt(timer, attempt(endpoint, req, None)).await {
+        Ok(result) => result,
+        Err(Expired::PerTry(limit)) => {
+            Err((ProxyError::PerTryTimeout(limit), AttemptFailure::Reset))
+        }
+        Err(Expired::Request(limit)) => return Err(ProxyError::RequestTimeout(limit)),
+    };
     if upstream.detects_outliers() {
         match &mut result {
             Ok(response) => match outcome::of_head(response) {
@@ -411,7 +422,7 @@ async fn send_once(
             }
         }
     }
-    result
+    Ok(result)
 }
 
 async fn attempt(
@@ -451,7 +462,7 @@ fn response_failure(response: &Response<UpstreamBody>) -> Option<AttemptFailure>
     // A trailers-only gRPC response carries its status in the headers.
     let code = response
         .headers()
-        .get("grpc-status")?
+        .get(&outcome::GRPC_STATUS)?
         .to_str()
         .ok()?
         .parse::<u8>()
@@ -459,8 +470,11 @@ fn response_failure(response: &Response<UpstreamBody>) -> Option<AttemptFailure>
     (code != 0).then_some(AttemptFailure::Grpc(code))
 }
 
-/// What the attempt loop reports back besides its result.
+/// What the attempt loop reports back besides its result; what it holds when the request
+/// timeout ends the exchange is reported too.
 struct AttemptLog {
+    /// Attempts made (the current one included).
+    attempts: u32,
     /// The endpoint of the latest attempt.
     endpoint: Option<SocketAddr>,
     /// Attempt spans, when `record`.
@@ -479,10 +493,12 @@ fn attempt_value(attempt: u32) -> HeaderValue {
 
 /// The per-request state the attempt loop works with.
 struct Exchange<'a> {
-    deadline: Option<Instant>,
-    attempts: &'a AtomicU32,
+    deadlines: &'a Deadlines,
+    timer: &'a mut Timer,
     trace: &'a TraceContext,
-    log: &'a Mutex<AttemptLog>,
+    /// The first attempt's span, already in the head.
+    first_span: SpanId,
+    log: &'a mut AttemptLog,
 }
 
 /// The attempt loop: retries what the policy allows, on a different endpoint when there is one,
@@ -495,9 +511,10 @@ async fn exchange_with_retries(
     exchange: Exchange<'_>,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let Exchange {
-        deadline,
-        attempts,
+        deadlines,
+        timer,
         trace,
+        first_span,
         log,
     } = exchange;
     let metrics = &target.metrics.retries;
@@ -505,15 +522,16 @@ async fn exchange_with_retries(
     // A body that had ended before the request was routed (most GETs) needs no replay buffer:
     // every attempt sends it empty.
     let replay = (!body.is_end_stream()).then(|| ReplayHandle::new(body, retry.body_limit));
-    // In the head every attempt copies, so that each copy only replaces values in place
-    // (a clone has no spare room: an insert of a new name would grow it).
+    // In the head every attempt copies (as the first attempt's), so that each later copy only
+    // replaces values in place (a clone has no spare room: an insert of a new name would grow
+    // it).
     parts
         .headers
         .insert(ATTEMPT.clone(), HeaderValue::from_static("1"));
     let mut previous = None;
     let mut attempt: u32 = 1;
     loop {
-        attempts.store(attempt, Ordering::Relaxed);
+        log.attempts = attempt;
         let endpoint = target.upstream.pick(previous)?;
         let mut req = Request::new(match &replay {
             Some(replay) => RequestBody::Replay(replay.body()),
@@ -523,31 +541,29 @@ async fn exchange_with_retries(
         *req.uri_mut() = parts.uri.clone();
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
-        req.headers_mut()
-            .insert(ATTEMPT.clone(), attempt_value(attempt));
-        let attempt_span = SpanId::random();
-        trace.reinject(req.headers_mut(), attempt_span);
-        let attempt_started = Instant::now();
-        let outcome = send_once(
-            &target.upstream,
-            &endpoint,
-            req,
-            target.policy.per_try_timeout,
-        )
-        .await;
-        if let Ok(mut log) = log.lock() {
-            log.endpoint = Some(endpoint.addr);
-            if log.record {
-                log.spans.push(AttemptSpan {
-                    span_id: attempt_span,
-                    number: attempt,
-                    endpoint: endpoint.addr,
-                    started: attempt_started,
-                    ended: Instant::now(),
-                    status: outcome.as_ref().ok().map(Response::status),
-                    error: outcome.as_ref().err().map(|(error, _)| error.to_string()),
-                });
-            }
+        let attempt_span = if attempt == 1 {
+            first_span
+        } else {
+            let span = SpanId::random();
+            req.headers_mut()
+                .insert(ATTEMPT.clone(), attempt_value(attempt));
+            trace.reinject(req.headers_mut(), span);
+            span
+        };
+        // Only a recorded span needs the time.
+        let attempt_started = log.record.then(Instant::now);
+        let outcome = send_once(&target.upstream, &endpoint, req, deadlines, timer).await?;
+        log.endpoint = Some(endpoint.addr);
+        if let Some(started) = attempt_started {
+            log.spans.push(AttemptSpan {
+                span_id: attempt_span,
+                number: attempt,
+                endpoint: endpoint.addr,
+                started,
+                ended: Instant::now(),
+                status: outcome.as_ref().ok().map(Response::status),
+                error: outcome.as_ref().err().map(|(error, _)| error.to_string()),
+            });
         }
         let failure = match &outcome {
             Ok(response) => match response_failure(response) {
@@ -583,7 +599,9 @@ async fn exchange_with_retries(
                 if let Some(asked) = retry::retry_after(response.headers()) {
                     // The caller's request timeout still bounds the wait; a Retry-After beyond
                     // it cannot be honoured, so the response goes back as it is.
-                    let fits = deadline.is_none_or(|d| Instant::now() + asked < d);
+                    let fits = deadlines
+                        .request_deadline()
+                        .is_none_or(|d| Instant::now() + asked < d);
                     if !fits {
                         metrics.exhausted.inc();
                         return outcome.map_err(|(error, _)| error);
@@ -593,7 +611,7 @@ async fn exchange_with_retries(
             }
         }
         drop(outcome);
-        tokio::time::sleep(delay).await;
+        deadlines.backoff(timer, delay).await?;
         previous = Some(endpoint.addr);
         attempt += 1;
     }

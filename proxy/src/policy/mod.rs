@@ -13,6 +13,7 @@ pub mod outcome;
 pub mod outlier;
 pub mod ratelimit;
 pub mod retry;
+pub mod timeout;
 pub mod trace;
 
 use std::sync::Arc;

@@ -11,11 +11,14 @@
 
 use std::sync::Arc;
 
-use http::{HeaderMap, Response};
+use http::{HeaderMap, HeaderName, Response};
 
 use super::breaker::{BreakerPermit, Outcome};
 use crate::errors::ProxyError;
 use crate::upstream::{Endpoint, Upstream};
+
+/// The gRPC status header (or trailer); named once rather than parsed from a string per lookup.
+pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// gRPC codes that mean the upstream failed: DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE.
 const GRPC_FAILURES: [u8; 3] = [4, 13, 14];
@@ -47,7 +50,7 @@ pub fn of_head<B>(response: &Response<B>) -> Option<Outcome> {
 
 /// The outcome a `grpc-status` in `headers` (headers or trailers) gives, if there is one.
 pub fn grpc(headers: &HeaderMap) -> Option<Outcome> {
-    let code: u8 = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    let code: u8 = headers.get(&GRPC_STATUS)?.to_str().ok()?.parse().ok()?;
     Some(if GRPC_FAILURES.contains(&code) {
         Outcome::Failure
     } else {

@@ -1,0 +1,250 @@
+//! The request and per-try timeouts of one exchange, kept on a single timer.
+//!
+//! `request` bounds the whole exchange (every attempt and backoff) until response headers;
+//! `per_try` bounds one attempt until its response headers. Rather than one timer for each (and
+//! one more per backoff), the exchange owns one [`Timer`], re-armed at the nearer of the bounds
+//! in force: each timer-wheel insert and removal takes the runtime's timer lock, while moving a
+//! registered timer later is a single atomic update. When the bounds fall due together, the
+//! attempt's goes first, as it did when the per-try timer sat inside the request timer. Once
+//! the response headers are in, the same timer serves the body's idle timeout.
+
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+
+use crate::errors::ProxyError;
+
+/// An exchange's timer: `None` until first needed. Boxed so that, registered in the runtime's
+/// timer wheel, it can still move on to the response body (for its idle timeout).
+pub type Timer = Option<Pin<Box<Sleep>>>;
+
+/// Which bound ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expired {
+    /// The request timeout, with its configured length: the exchange is over.
+    Request(Duration),
+    /// The per-try timeout, with its configured length: this attempt is over.
+    PerTry(Duration),
+}
+
+impl From<Expired> for ProxyError {
+    fn from(expired: Expired) -> Self {
+        match expired {
+            Expired::Request(limit) => Self::RequestTimeout(limit),
+            Expired::PerTry(limit) => Self::PerTryTimeout(limit),
+        }
+    }
+}
+
+/// The timeouts of one exchange, started when it was.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// When the exchange must have its response headers, and the configured length.
+    request: Option<(Instant, Duration)>,
+    per_try: Option<Duration>,
+}
+
+impl Deadlines {
+    /// Starts the request timeout now.
+    pub fn start(request: Option<Duration>, per_try: Option<Duration>) -> Self {
+        Self {
+            request: request.map(|limit| (Instant::now() + limit, limit)),
+            per_try,
+        }
+    }
+
+    /// When the request timeout runs out, if there is one.
+    pub fn request_deadline(&self) -> Option<Instant> {
+        self.request.map(|(deadline, _)| deadline)
+    }
+
+    /// Runs one attempt, starting now, until it is done or a bound runs out. `timer` is the
+    /// exchange's timer (`None` until first needed).
+    pub async fn attempt<F: Future>(
+        &self,
+        timer: &mut Timer,
+        attempt: F,
+    ) -> Result<F::Output, Expired> {
+        let per_try = self.per_try.map(|limit| (Instant::now() + limit, limit));
+        let (deadline, expired) = match (self.request, per_try) {
+            (None, None) => return Ok(attempt.await),
+            (Some((request, limit)), None) => (request, Expired::Request(limit)),
+            (None, Some((per_try, limit))) => (per_try, Expired::PerTry(limit)),
+            (Some((request, request_limit)), Some((per_try, per_try_limit))) => {
+                if per_try <= request {
+                    (per_try, Expired::PerTry(per_try_limit))
+                } else {
+                    (request, Expired::Request(request_limit))
+                }
+            }
+        };
+        race(timer, deadline, expired, attempt).await
+    }
+
+    /// Waits `delay` before a retry, unless the request timeout runs out first (the only
+    /// [`Expired`] it returns).
+    pub async fn backoff(&self, timer: &mut Timer, delay: Duration) -> Result<(), Expired> {
+        let until = Instant::now() + delay;
+        match self.request {
+            Some((request, limit)) if request <= until => {
+                race(
+                    timer,
+                    request,
+                    Expired::Request(limit),
+                    std::future::pending(),
+                )
+                .await
+            }
+            // Here the timer firing is the end of the wait, not an expiry.
+            _ => race(timer, until, (), std::future::pending::<()>())
+                .await
+                .or(Ok(())),
+        }
+    }
+}
+
+/// Runs `work` until it is done, or until `deadline`, then `expired`. The work is polled first,
+/// so work finished when the deadline passes still counts (as with `tokio::time::timeout`).
+async fn race<F: Future, E: Copy>(
+    timer: &mut Timer,
+    deadline: Instant,
+    expired: E,
+    work: F,
+) -> Result<F::Output, E> {
+    let sleep = arm(timer, deadline);
+    let mut work = pin!(work);
+    poll_fn(|cx| {
+        if let Poll::Ready(output) = work.as_mut().poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        sleep.as_mut().poll(cx).map(|()| Err(expired))
+    })
+    .await
+}
+
+/// Sets `timer` to fire at `deadline`, making it if there is none yet (it is registered on its
+/// first poll). Moving a registered timer later is an atomic update, without the timer lock.
+pub fn arm(timer: &mut Timer, deadline: Instant) -> &mut Pin<Box<Sleep>> {
+    match timer {
+        Some(sleep) => {
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
+            }
+            sleep
+        }
+        None => timer.insert(Box::pin(tokio::time::sleep_until(deadline))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Work that finishes after `after`, on its own timer.
+    async fn work(after: Duration) -> &'static str {
+        tokio::time::sleep(after).await;
+        "done"
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_bounds_waits_for_the_work() {
+        let deadlines = Deadlines::start(None, None);
+        let mut timer = None;
+        let done = deadlines.attempt(&mut timer, work(3600 * 1000 * MS)).await;
+        assert_eq!(done, Ok("done"));
+        assert!(
+            timer.is_none(),
+            "no timer is made when nothing bounds the attempt"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_done_in_time_is_not_cut() {
+        let deadlines = Deadlines::start(Some(300 * MS), Some(200 * MS));
+        let mut timer = None;
+        let done = deadlines.attempt(&mut timer, work(199 * MS)).await;
+        assert_eq!(done, Ok("done"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_try_cuts_each_attempt_and_request_cuts_the_exchange() {
+        let started = Instant::now();
+        let deadlines = Deadlines::start(Some(500 * MS), Some(200 * MS));
+        let mut timer = None;
+        // Attempts 1 and 2 each end at their own 200 ms bound.
+        for n in 1..=2 {
+            let cut = deadlines.attempt(&mut timer, work(1000 * MS)).await;
+            assert_eq!(cut, Err(Expired::PerTry(200 * MS)));
+            assert_eq!(started.elapsed(), n * 200 * MS);
+        }
+        // Attempt 3 starts at 400 ms: the request's 500 ms comes before its own 600 ms.
+        let cut = deadlines.attempt(&mut timer, work(1000 * MS)).await;
+        assert_eq!(cut, Err(Expired::Request(500 * MS)));
+        assert_eq!(started.elapsed(), 500 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn request_timeout_alone_cuts_at_its_deadline() {
+        let started = Instant::now();
+        let deadlines = Deadlines::start(Some(300 * MS), None);
+        let mut timer = None;
+        let first = deadlines.attempt(&mut timer, work(100 * MS)).await;
+        assert_eq!(first, Ok("done"));
+        let second = deadlines.attempt(&mut timer, work(1000 * MS)).await;
+        assert_eq!(second, Err(Expired::Request(300 * MS)));
+        assert_eq!(started.elapsed(), 300 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_try_wins_a_tie_with_the_request_timeout() {
+        let deadlines = Deadlines::start(Some(200 * MS), Some(200 * MS));
+        let mut timer = None;
+        let cut = deadlines.attempt(&mut timer, work(1000 * MS)).await;
+        assert_eq!(cut, Err(Expired::PerTry(200 * MS)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_waits_its_delay_within_the_request_timeout() {
+        let started = Instant::now();
+        let deadlines = Deadlines::start(Some(300 * MS), Some(100 * MS));
+        let mut timer = None;
+        let cut = deadlines.attempt(&mut timer, work(1000 * MS)).await;
+        assert_eq!(cut, Err(Expired::PerTry(100 * MS)));
+        assert_eq!(deadlines.backoff(&mut timer, 50 * MS).await, Ok(()));
+        assert_eq!(started.elapsed(), 150 * MS);
+        // A backoff reaching past the request deadline ends the exchange at the deadline.
+        let cut = deadlines.backoff(&mut timer, 500 * MS).await;
+        assert_eq!(cut, Err(Expired::Request(300 * MS)));
+        assert_eq!(started.elapsed(), 300 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_without_request_timeout_just_waits() {
+        let started = Instant::now();
+        let deadlines = Deadlines::start(None, None);
+        let mut timer = None;
+        assert_eq!(deadlines.backoff(&mut timer, 25 * MS).await, Ok(()));
+        assert_eq!(started.elapsed(), 25 * MS);
+        assert_eq!(deadlines.backoff(&mut timer, 10 * MS).await, Ok(()));
+        assert_eq!(started.elapsed(), 35 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_moved_earlier_still_fires_on_time() {
+        let started = Instant::now();
+        let deadlines = Deadlines::start(None, Some(1000 * MS));
+        let mut timer = None;
+        assert_eq!(
+            deadlines.attempt(&mut timer, work(10 * MS)).await,
+            Ok("done")
+        );
+        // The timer still waits for 1010 ms; the backoff moves it to 30 ms.
+        assert_eq!(deadlines.backoff(&mut timer, 20 * MS).await, Ok(()));
+        assert_eq!(started.elapsed(), 30 * MS);
+    }
+}
