@@ -74,6 +74,10 @@ struct Cli {
     log: String,
 }
 
+/// mimalloc: its thread-local free lists cut the allocator's share of the request path.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
