@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -395,8 +396,12 @@ async fn send_once(
     deadlines: &Deadlines,
     timer: &mut Timer,
 ) -> Result<Attempted, ProxyError> {
-    // The per-try bound is applied here, on the exchange's one timer, not by `attempt`.
-    let mut result = match deadlines.attempt(timer, attempt(endpoint, req, None)).await {
+    // The per-try bound is applied here, on the exchange's one timer, not by `attempt`. The
+    // attempt's future (the pool's, with connecting and handshakes: large) stays pinned here and
+    // the timeout code only borrows it: passed by value, each async layer above would hold its
+    // own copy, and the request's whole future grows by as many.
+    let work = pin!(attempt(endpoint, req, None));
+    let mut result = match deadlines.attempt(timer, work).await {
         Ok(result) => result,
         Err(Expired::PerTry(limit)) => {
             Err((ProxyError::PerTryTimeout(limit), AttemptFailure::Reset))

@@ -62,7 +62,8 @@ impl Deadlines {
     }
 
     /// Runs one attempt, starting now, until it is done or a bound runs out. `timer` is the
-    /// exchange's timer (`None` until first needed).
+    /// exchange's timer (`None` until first needed). Give a large future pinned by reference
+    /// (`Pin<&mut _>`): this future holds `attempt` by value more than once.
     pub async fn attempt<F: Future>(
         &self,
         timer: &mut Timer,
