@@ -126,7 +126,10 @@ pub async fn handle(
     };
     // A guard, so a request whose caller left before the response is not pending forever.
     let pending = GaugeGuard::inc(&target.metrics.traffic.pending);
-    let response = forward(&target, authority, peer, req, grpc, &mut finish).await;
+    // Boxed: the exchange's future is large (retries, timers, the pool), and hyper moves the
+    // request's future into place; a box makes that move a pointer copy. Measured: without
+    // it, callgrind counted 13k more instructions per request, nearly all in memcpy.
+    let response = Box::pin(forward(&target, authority, peer, req, grpc, &mut finish)).await;
     drop(pending);
     target.metrics.record(
         &finish.method,

@@ -95,7 +95,9 @@ impl EndpointPool {
         loop {
             let (mut sender, reused) = match self.checkout_http1() {
                 Some(sender) => (sender, true),
-                None => (self.open_http1().await?, false),
+                // Boxed: connecting (TCP, TLS) is a large future, and the rare path; inline it
+                // would make every request's future as large.
+                None => (Box::pin(self.open_http1()).await?, false),
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
@@ -121,7 +123,7 @@ impl EndpointPool {
         loop {
             let (mut sender, reused) = match self.shared_http2() {
                 Some(sender) => (sender, true),
-                None => self.open_http2().await?,
+                None => Box::pin(self.open_http2()).await?,
             };
             match sender.try_send_request(req).await {
                 Ok(response) => return Ok(response.map(|body| UpstreamBody { body, reuse: None })),
