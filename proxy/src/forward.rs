@@ -198,9 +198,12 @@ async fn forward(
     let trace = &finish.trace;
     let report = &mut finish.report;
     let policy = &target.policy;
+    // One clock reading for the policies below (rate limit, request timeout, first attempt,
+    // retry budget): they run back to back without waiting, except after an injected delay.
+    let mut now = Instant::now();
     if let Some(limit) = &policy.limit {
         let decisions = &target.metrics.rate_limit;
-        match limit.limiter.check() {
+        match limit.limiter.check_at(now) {
             RateDecision::Allowed { .. } => decisions.allowed.inc(),
             RateDecision::ShadowLimited { .. } => decisions.shadow_rejected.inc(),
             RateDecision::Limited {
@@ -224,6 +227,7 @@ async fn forward(
         let faults = fault.decide();
         if let Some(delay) = faults.delay {
             tokio::time::sleep(delay).await;
+            now = Instant::now();
         }
         if let Some(status) = faults.abort {
             return rescue(&ProxyError::FaultAbort(status), grpc);
@@ -275,16 +279,23 @@ async fn forward(
         record: record_spans,
     };
     // One timer for the request timeout, each attempt's per-try timeout and the backoffs.
-    let deadlines = Deadlines::start(policy.request_timeout, policy.per_try_timeout);
+    let deadlines = Deadlines::start(now, policy.request_timeout, policy.per_try_timeout);
     let mut timer: Timer = None;
     let result = match retry {
         None => match target.upstream.pick(None) {
             Ok(endpoint) => {
                 log.endpoint = Some(endpoint.addr);
                 let req = Request::from_parts(parts, RequestBody::Direct(body));
-                send_once(&target.upstream, &endpoint, req, &deadlines, &mut timer)
-                    .await
-                    .and_then(|sent| sent.map_err(|(error, _)| error))
+                send_once(
+                    &target.upstream,
+                    &endpoint,
+                    req,
+                    &deadlines,
+                    &mut timer,
+                    now,
+                )
+                .await
+                .and_then(|sent| sent.map_err(|(error, _)| error))
             }
             Err(error) => Err(error),
         },
@@ -294,6 +305,7 @@ async fn forward(
                 timer: &mut timer,
                 trace,
                 first_span: span,
+                now,
                 log: &mut log,
             };
             exchange_with_retries(target, retry, parts, body, exchange).await
@@ -398,13 +410,14 @@ async fn send_once(
     req: Request<RequestBody>,
     deadlines: &Deadlines,
     timer: &mut Timer,
+    now: Instant,
 ) -> Result<Attempted, ProxyError> {
     // The per-try bound is applied here, on the exchange's one timer, not by `attempt`. The
     // attempt's future (the pool's, with connecting and handshakes: large) stays pinned here and
     // the timeout code only borrows it: passed by value, each async layer above would hold its
     // own copy, and the request's whole future grows by as many.
     let work = pin!(attempt(endpoint, req, None));
-    let mut result = match deadlines.attempt(timer, work).await {
+    let mut result = match deadlines.attempt(timer, now, work).await {
         Ok(result) => result,
         Err(Expired::PerTry(limit)) => {
             Err((ProxyError::PerTryTimeout(limit), AttemptFailure::Reset))
@@ -506,6 +519,8 @@ struct Exchange<'a> {
     trace: &'a TraceContext,
     /// The first attempt's span, already in the head.
     first_span: SpanId,
+    /// When the exchange started (the first attempt starts then).
+    now: Instant,
     log: &'a mut AttemptLog,
 }
 
@@ -523,10 +538,11 @@ async fn exchange_with_retries(
         timer,
         trace,
         first_span,
+        now,
         log,
     } = exchange;
     let metrics = &target.metrics.retries;
-    retry.budget.deposit();
+    retry.budget.deposit_at(now);
     // A body that had ended before the request was routed (most GETs) needs no replay buffer:
     // every attempt sends it empty.
     let replay = (!body.is_end_stream()).then(|| ReplayHandle::new(body, retry.body_limit));
@@ -549,18 +565,26 @@ async fn exchange_with_retries(
         *req.uri_mut() = parts.uri.clone();
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
-        let attempt_span = if attempt == 1 {
-            first_span
+        let (attempt_span, attempt_start) = if attempt == 1 {
+            (first_span, now)
         } else {
             let span = SpanId::random();
             req.headers_mut()
                 .insert(ATTEMPT.clone(), attempt_value(attempt));
             trace.reinject(req.headers_mut(), span);
-            span
+            (span, Instant::now())
         };
         // Only a recorded span needs the time.
         let attempt_started = log.record.then(Instant::now);
-        let outcome = send_once(&target.upstream, &endpoint, req, deadlines, timer).await?;
+        let outcome = send_once(
+            &target.upstream,
+            &endpoint,
+            req,
+            deadlines,
+            timer,
+            attempt_start,
+        )
+        .await?;
         log.endpoint = Some(endpoint.addr);
         if let Some(started) = attempt_started {
             log.spans.push(AttemptSpan {

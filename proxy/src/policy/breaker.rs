@@ -180,8 +180,14 @@ impl CircuitBreaker {
         let holds_slot = self.take_slot()?;
         let (admitted, transition) = {
             let mut inner = self.lock();
-            let now = self.now();
-            let transition = self.refresh(&mut inner, now);
+            // Only an Open breaker looks at the clock (to half-open).
+            let transition = match inner.phase {
+                Phase::Closed => None,
+                _ => {
+                    let now = self.now();
+                    self.refresh(&mut inner, now)
+                }
+            };
             let probe_limit = self.config.half_open_requests.max(1);
             let admitted = match &mut inner.phase {
                 Phase::Closed => Ok(false),

@@ -91,9 +91,10 @@ impl RateLimiter {
         self.check_at(Instant::now())
     }
 
-    /// [`RateLimiter::check`] at a given instant (tests use it to make many threads arrive at
-    /// exactly the same time).
-    fn check_at(&self, now: Instant) -> RateDecision {
+    /// [`RateLimiter::check`] at a given instant: the request path's clock reading, shared with
+    /// the request's other policies (and tests make many threads arrive at exactly the same
+    /// time with it).
+    pub fn check_at(&self, now: Instant) -> RateDecision {
         let now = nanos(now.saturating_duration_since(self.base));
         // Relaxed is enough: `tat` is the only shared state, and compare-exchange on a single
         // atomic is totally ordered.

@@ -173,10 +173,9 @@ impl RetryBudget {
         }
     }
 
-    fn with_window<T>(&self, f: impl FnOnce(&mut BudgetWindow) -> T) -> T {
+    fn with_window<T>(&self, now: Instant, f: impl FnOnce(&mut BudgetWindow) -> T) -> T {
         // The lock guards a few integer updates; a poisoned lock still holds valid counters.
         let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
         while now.duration_since(window.slot_start) >= Duration::from_secs(1) {
             window.slot_start += Duration::from_secs(1);
             window.slots.push_back((0, 0));
@@ -195,7 +194,13 @@ impl RetryBudget {
 
     /// Counts one original request.
     pub fn deposit(&self) {
-        self.with_window(|w| {
+        self.deposit_at(Instant::now());
+    }
+
+    /// Counts one original request that arrived at `now` (a clock reading the caller already
+    /// has).
+    pub fn deposit_at(&self, now: Instant) {
+        self.with_window(now, |w| {
             if let Some(last) = w.slots.back_mut() {
                 last.0 += 1;
             }
@@ -205,7 +210,7 @@ impl RetryBudget {
     /// Takes one retry from the budget, or returns false when it is spent.
     pub fn withdraw(&self) -> bool {
         let (ratio, min) = (self.ratio, self.min_per_second);
-        self.with_window(|w| {
+        self.with_window(Instant::now(), |w| {
             let (requests, retries) = w
                 .slots
                 .iter()

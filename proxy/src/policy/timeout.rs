@@ -48,10 +48,11 @@ pub struct Deadlines {
 }
 
 impl Deadlines {
-    /// Starts the request timeout now.
-    pub fn start(request: Option<Duration>, per_try: Option<Duration>) -> Self {
+    /// Starts the request timeout at `now` (the caller's clock reading, shared with the other
+    /// policies of the request).
+    pub fn start(now: Instant, request: Option<Duration>, per_try: Option<Duration>) -> Self {
         Self {
-            request: request.map(|limit| (Instant::now() + limit, limit)),
+            request: request.map(|limit| (now + limit, limit)),
             per_try,
         }
     }
@@ -61,15 +62,16 @@ impl Deadlines {
         self.request.map(|(deadline, _)| deadline)
     }
 
-    /// Runs one attempt, starting now, until it is done or a bound runs out. `timer` is the
+    /// Runs one attempt, started at `now`, until it is done or a bound runs out. `timer` is the
     /// exchange's timer (`None` until first needed). Give a large future pinned by reference
     /// (`Pin<&mut _>`): this future holds `attempt` by value more than once.
     pub async fn attempt<F: Future>(
         &self,
         timer: &mut Timer,
+        now: Instant,
         attempt: F,
     ) -> Result<F::Output, Expired> {
-        let per_try = self.per_try.map(|limit| (Instant::now() + limit, limit));
+        let per_try = self.per_try.map(|limit| (now + limit, limit));
         let (deadline, expired) = match (self.request, per_try) {
             (None, None) => return Ok(attempt.await),
             (Some((request, limit)), None) => (request, Expired::Request(limit)),
@@ -154,9 +156,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn no_bounds_waits_for_the_work() {
-        let deadlines = Deadlines::start(None, None);
+        let deadlines = Deadlines::start(Instant::now(), None, None);
         let mut timer = None;
-        let done = deadlines.attempt(&mut timer, work(3600 * 1000 * MS)).await;
+        let done = deadlines
+            .attempt(&mut timer, Instant::now(), work(3600 * 1000 * MS))
+            .await;
         assert_eq!(done, Ok("done"));
         assert!(
             timer.is_none(),
@@ -166,25 +170,31 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn work_done_in_time_is_not_cut() {
-        let deadlines = Deadlines::start(Some(300 * MS), Some(200 * MS));
+        let deadlines = Deadlines::start(Instant::now(), Some(300 * MS), Some(200 * MS));
         let mut timer = None;
-        let done = deadlines.attempt(&mut timer, work(199 * MS)).await;
+        let done = deadlines
+            .attempt(&mut timer, Instant::now(), work(199 * MS))
+            .await;
         assert_eq!(done, Ok("done"));
     }
 
     #[tokio::test(start_paused = true)]
     async fn per_try_cuts_each_attempt_and_request_cuts_the_exchange() {
         let started = Instant::now();
-        let deadlines = Deadlines::start(Some(500 * MS), Some(200 * MS));
+        let deadlines = Deadlines::start(Instant::now(), Some(500 * MS), Some(200 * MS));
         let mut timer = None;
         // Attempts 1 and 2 each end at their own 200 ms bound.
         for n in 1..=2 {
-            let cut = deadlines.attempt(&mut timer, work(1000 * MS)).await;
+            let cut = deadlines
+                .attempt(&mut timer, Instant::now(), work(1000 * MS))
+                .await;
             assert_eq!(cut, Err(Expired::PerTry(200 * MS)));
             assert_eq!(started.elapsed(), n * 200 * MS);
         }
         // Attempt 3 starts at 400 ms: the request's 500 ms comes before its own 600 ms.
-        let cut = deadlines.attempt(&mut timer, work(1000 * MS)).await;
+        let cut = deadlines
+            .attempt(&mut timer, Instant::now(), work(1000 * MS))
+            .await;
         assert_eq!(cut, Err(Expired::Request(500 * MS)));
         assert_eq!(started.elapsed(), 500 * MS);
     }
@@ -192,29 +202,37 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn request_timeout_alone_cuts_at_its_deadline() {
         let started = Instant::now();
-        let deadlines = Deadlines::start(Some(300 * MS), None);
+        let deadlines = Deadlines::start(Instant::now(), Some(300 * MS), None);
         let mut timer = None;
-        let first = deadlines.attempt(&mut timer, work(100 * MS)).await;
+        let first = deadlines
+            .attempt(&mut timer, Instant::now(), work(100 * MS))
+            .await;
         assert_eq!(first, Ok("done"));
-        let second = deadlines.attempt(&mut timer, work(1000 * MS)).await;
+        let second = deadlines
+            .attempt(&mut timer, Instant::now(), work(1000 * MS))
+            .await;
         assert_eq!(second, Err(Expired::Request(300 * MS)));
         assert_eq!(started.elapsed(), 300 * MS);
     }
 
     #[tokio::test(start_paused = true)]
     async fn per_try_wins_a_tie_with_the_request_timeout() {
-        let deadlines = Deadlines::start(Some(200 * MS), Some(200 * MS));
+        let deadlines = Deadlines::start(Instant::now(), Some(200 * MS), Some(200 * MS));
         let mut timer = None;
-        let cut = deadlines.attempt(&mut timer, work(1000 * MS)).await;
+        let cut = deadlines
+            .attempt(&mut timer, Instant::now(), work(1000 * MS))
+            .await;
         assert_eq!(cut, Err(Expired::PerTry(200 * MS)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn backoff_waits_its_delay_within_the_request_timeout() {
         let started = Instant::now();
-        let deadlines = Deadlines::start(Some(300 * MS), Some(100 * MS));
+        let deadlines = Deadlines::start(Instant::now(), Some(300 * MS), Some(100 * MS));
         let mut timer = None;
-        let cut = deadlines.attempt(&mut timer, work(1000 * MS)).await;
+        let cut = deadlines
+            .attempt(&mut timer, Instant::now(), work(1000 * MS))
+            .await;
         assert_eq!(cut, Err(Expired::PerTry(100 * MS)));
         assert_eq!(deadlines.backoff(&mut timer, 50 * MS).await, Ok(()));
         assert_eq!(started.elapsed(), 150 * MS);
@@ -227,7 +245,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn backoff_without_request_timeout_just_waits() {
         let started = Instant::now();
-        let deadlines = Deadlines::start(None, None);
+        let deadlines = Deadlines::start(Instant::now(), None, None);
         let mut timer = None;
         assert_eq!(deadlines.backoff(&mut timer, 25 * MS).await, Ok(()));
         assert_eq!(started.elapsed(), 25 * MS);
@@ -238,10 +256,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_timer_moved_earlier_still_fires_on_time() {
         let started = Instant::now();
-        let deadlines = Deadlines::start(None, Some(1000 * MS));
+        let deadlines = Deadlines::start(Instant::now(), None, Some(1000 * MS));
         let mut timer = None;
         assert_eq!(
-            deadlines.attempt(&mut timer, work(10 * MS)).await,
+            deadlines
+                .attempt(&mut timer, Instant::now(), work(10 * MS))
+                .await,
             Ok("done")
         );
         // The timer still waits for 1010 ms; the backoff moves it to 30 ms.
