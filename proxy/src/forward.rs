@@ -366,7 +366,7 @@ fn prepare(
     // passing Expect on would make the upstream wait for an interim response we never relay.
     parts.headers.remove(header::EXPECT);
     headers::append_forwarded(&mut parts.headers, peer.ip());
-    headers::ensure_request_id(&mut parts.headers);
+    // x-request-id is already there: handle() set it for the access log.
     trace.inject(&mut parts.headers, span);
 
     let authority = match authority {

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Request, Version};
 
@@ -126,16 +126,6 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == PROXY_CONNECTION
 }
 
-/// Removes each of `names`, looking first whether any is present at all: most requests carry
-/// none of them, and a remove hashes its name and probes even when the header is absent.
-pub fn remove_all(headers: &mut HeaderMap, names: &[&HeaderName]) {
-    if headers.keys().any(|present| names.contains(&present)) {
-        for name in names {
-            headers.remove(*name);
-        }
-    }
-}
-
 /// Appends the caller's address to `x-forwarded-for` and the scheme to `x-forwarded-proto`.
 pub fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
     let mut buffer = [0u8; 15];
@@ -144,11 +134,12 @@ pub fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
         IpAddr::V4(v4) => append_list(headers, &X_FORWARDED_FOR, ipv4_text(v4, &mut buffer)),
         IpAddr::V6(_) => append_list(headers, &X_FORWARDED_FOR, &peer.to_string()),
     }
-    if headers.contains_key(&X_FORWARDED_PROTO) {
-        append_list(headers, &X_FORWARDED_PROTO, "http");
-    } else {
+    match headers.entry(&X_FORWARDED_PROTO) {
+        Entry::Occupied(_) => append_list(headers, &X_FORWARDED_PROTO, "http"),
         // The common case, no proxy before us: a static value, no allocation.
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        Entry::Vacant(absent) => {
+            absent.insert(HeaderValue::from_static("http"));
+        }
     }
 }
 
@@ -176,15 +167,25 @@ fn ipv4_text(addr: std::net::Ipv4Addr, buffer: &mut [u8; 15]) -> &str {
 }
 
 fn append_list(headers: &mut HeaderMap, name: &HeaderName, item: &str) {
-    let value = match headers.get(name).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.is_empty() => {
-            HeaderValue::from_str(&format!("{existing}, {item}"))
+    // One hash and probe for the name, whether or not the header is there.
+    match headers.entry(name) {
+        Entry::Occupied(mut present) => {
+            let value = match present.get().to_str() {
+                Ok(existing) if !existing.is_empty() => {
+                    HeaderValue::from_str(&format!("{existing}, {item}"))
+                }
+                _ => HeaderValue::from_str(item),
+            };
+            if let Ok(value) = value {
+                present.insert(value);
+            }
         }
-        // One copy into the header value, not two.
-        _ => HeaderValue::from_str(item),
-    };
-    if let Ok(v) = value {
-        headers.insert(name.clone(), v);
+        Entry::Vacant(absent) => {
+            // One copy into the header value, not two.
+            if let Ok(value) = HeaderValue::from_str(item) {
+                absent.insert(value);
+            }
+        }
     }
 }
 
@@ -198,19 +199,18 @@ pub fn ensure_request_id(headers: &mut HeaderMap) {
 /// A random UUID v4 as a header value.
 pub fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut bits = fastrand::u128(..);
+    /// Where each byte's two digits go in `8-4-4-4-12` form.
+    const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&fastrand::u64(..).to_be_bytes());
+    bytes[8..].copy_from_slice(&fastrand::u64(..).to_be_bytes());
     // Version 4, variant 10xx.
-    bits = (bits & !(0xf << 76)) | (0x4 << 76);
-    bits = (bits & !(0x3 << 62)) | (0x2 << 62);
-    let mut out = [0u8; 36];
-    let mut nibble = 32;
-    for (i, slot) in out.iter_mut().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            *slot = b'-';
-        } else {
-            nibble -= 1;
-            *slot = HEX[((bits >> (nibble * 4)) & 0xf) as usize];
-        }
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let mut out = [b'-'; 36];
+    for (byte, at) in bytes.into_iter().zip(AT) {
+        out[at] = HEX[usize::from(byte >> 4)];
+        out[at + 1] = HEX[usize::from(byte & 0xf)];
     }
     // Always valid: hex digits and dashes.
     HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
@@ -280,11 +280,6 @@ mod tests {
         let before = h.clone();
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h, before);
-        remove_all(&mut h, &[&KEEP_ALIVE, &header::TE]);
-        assert_eq!(h, before);
-        h.insert("keep-alive", HeaderValue::from_static("5"));
-        remove_all(&mut h, &[&header::TE, &KEEP_ALIVE]);
-        assert_eq!(h, before);
     }
 
     #[test]
@@ -296,5 +291,10 @@ mod tests {
         assert_eq!(s.len(), 36);
         assert_eq!(&s[14..15], "4");
         assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"), "{s}");
+        let groups: Vec<usize> = s.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{s}");
+        assert!(s
+            .bytes()
+            .all(|c| c == b'-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
     }
 }
