@@ -178,8 +178,11 @@ impl Body for ProxyBody {
                 let polled = match Pin::new(&mut *body).poll_frame(cx) {
                     Poll::Ready(frame) => {
                         if let Some(idle) = idle {
-                            // The silence starts again.
-                            idle.since = Instant::now();
+                            // The silence starts again, unless that was the last frame (most
+                            // small responses): nothing is waited for after it.
+                            if !body.is_end_stream() {
+                                idle.since = Instant::now();
+                            }
                         }
                         frame.map(|f| f.map_err(|e| Box::new(e) as BoxError))
                     }

@@ -312,7 +312,10 @@ async fn forward(
         }
     };
     let mut response = match result {
-        Ok(mut response) => {
+        Ok(Answer {
+            mut response,
+            grpc: grpc_code,
+        }) => {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 if let Some(downstream) = downstream_upgrade {
                     let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -325,7 +328,8 @@ async fn forward(
                 .extensions_mut()
                 .remove::<Deferred>()
                 .map(|Deferred(endpoint)| (Arc::clone(&target.upstream), endpoint));
-            let watch = Watch::new(permit, outcome::of_head(&response), deferred);
+            let verdict = outcome::of_status(response.status(), grpc_code);
+            let watch = Watch::new(permit, verdict, deferred);
             response.map(|body| ProxyBody::upstream(body, policy.idle_timeout, watch, timer))
         }
         Err(error) => {
@@ -398,8 +402,15 @@ fn prepare(
     Ok(parts)
 }
 
+/// A response head, with its `grpc-status` (a trailers-only gRPC response's) read once for
+/// outlier detection, the retry decision and the breaker.
+struct Answer {
+    response: Response<UpstreamBody>,
+    grpc: Option<u8>,
+}
+
 /// One attempt's result: the response head, or what went wrong and how it counts for retries.
-type Attempted = Result<Response<UpstreamBody>, (ProxyError, AttemptFailure)>;
+type Attempted = Result<Answer, (ProxyError, AttemptFailure)>;
 
 /// Sends one attempt to `endpoint` of `upstream`, bounded by the per-try timeout until
 /// response headers, and reports the attempt's outcome to outlier detection. `Err` is the
@@ -418,7 +429,10 @@ async fn send_once(
     // own copy, and the request's whole future grows by as many.
     let work = pin!(attempt(endpoint, req, None));
     let mut result = match deadlines.attempt(timer, now, work).await {
-        Ok(result) => result,
+        Ok(result) => result.map(|response| Answer {
+            grpc: outcome::grpc_code(response.headers()),
+            response,
+        }),
         Err(Expired::PerTry(limit)) => {
             Err((ProxyError::PerTryTimeout(limit), AttemptFailure::Reset))
         }
@@ -426,7 +440,7 @@ async fn send_once(
     };
     if upstream.detects_outliers() {
         match &mut result {
-            Ok(response) => match outcome::of_head(response) {
+            Ok(Answer { response, grpc }) => match outcome::of_status(response.status(), *grpc) {
                 Some(outcome) => upstream.report(endpoint, outcome),
                 // A gRPC status still to come in the trailers: the body reports it.
                 None if outcome::is_grpc(response) => {
@@ -475,19 +489,13 @@ async fn attempt(
 }
 
 /// What, if anything, is wrong with a response, for the retry decision.
-fn response_failure(response: &Response<UpstreamBody>) -> Option<AttemptFailure> {
-    let status = response.status();
+fn response_failure(answer: &Answer) -> Option<AttemptFailure> {
+    let status = answer.response.status();
     if status.is_server_error() || status.is_client_error() {
         return Some(AttemptFailure::Status(status));
     }
     // A trailers-only gRPC response carries its status in the headers.
-    let code = response
-        .headers()
-        .get(&outcome::GRPC_STATUS)?
-        .to_str()
-        .ok()?
-        .parse::<u8>()
-        .ok()?;
+    let code = answer.grpc?;
     (code != 0).then_some(AttemptFailure::Grpc(code))
 }
 
@@ -532,7 +540,7 @@ async fn exchange_with_retries(
     mut parts: http::request::Parts,
     body: Counted,
     exchange: Exchange<'_>,
-) -> Result<Response<UpstreamBody>, ProxyError> {
+) -> Result<Answer, ProxyError> {
     let Exchange {
         deadlines,
         timer,
@@ -593,15 +601,15 @@ async fn exchange_with_retries(
                 endpoint: endpoint.addr,
                 started,
                 ended: Instant::now(),
-                status: outcome.as_ref().ok().map(Response::status),
+                status: outcome.as_ref().ok().map(|answer| answer.response.status()),
                 error: outcome.as_ref().err().map(|(error, _)| error.to_string()),
             });
         }
         let failure = match &outcome {
-            Ok(response) => match response_failure(response) {
+            Ok(answer) => match response_failure(answer) {
                 Some(failure) if retry.retries_on(failure) => failure,
                 _ => {
-                    if attempt > 1 && !response.status().is_server_error() {
+                    if attempt > 1 && !answer.response.status().is_server_error() {
                         metrics.success.inc();
                     }
                     return outcome.map_err(|(error, _)| error);
@@ -626,7 +634,7 @@ async fn exchange_with_retries(
             return outcome.map_err(|(error, _)| error);
         }
         let mut delay = retry.backoff(attempt);
-        if let Ok(response) = &outcome {
+        if let Ok(Answer { response, .. }) = &outcome {
             if matches!(response.status().as_u16(), 429 | 503) {
                 if let Some(asked) = retry::retry_after(response.headers()) {
                     // The caller's request timeout still bounds the wait; a Retry-After beyond

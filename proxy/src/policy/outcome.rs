@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderName, Response};
+use http::{HeaderMap, HeaderName, Response, StatusCode};
 
 use super::breaker::{BreakerPermit, Outcome};
 use crate::errors::ProxyError;
@@ -48,14 +48,31 @@ pub fn of_head<B>(response: &Response<B>) -> Option<Outcome> {
     grpc(response.headers())
 }
 
+/// [`of_head`] for a head whose status is `status` and whose `grpc-status` was already read
+/// ([`grpc_code`]).
+pub fn of_status(status: StatusCode, grpc: Option<u8>) -> Option<Outcome> {
+    if status.is_server_error() {
+        return Some(Outcome::Failure);
+    }
+    grpc.map(of_grpc_code)
+}
+
+/// The code of a `grpc-status` in `headers` (headers or trailers), if there is a valid one.
+pub fn grpc_code(headers: &HeaderMap) -> Option<u8> {
+    headers.get(&GRPC_STATUS)?.to_str().ok()?.parse().ok()
+}
+
 /// The outcome a `grpc-status` in `headers` (headers or trailers) gives, if there is one.
 pub fn grpc(headers: &HeaderMap) -> Option<Outcome> {
-    let code: u8 = headers.get(&GRPC_STATUS)?.to_str().ok()?.parse().ok()?;
-    Some(if GRPC_FAILURES.contains(&code) {
+    grpc_code(headers).map(of_grpc_code)
+}
+
+fn of_grpc_code(code: u8) -> Outcome {
+    if GRPC_FAILURES.contains(&code) {
         Outcome::Failure
     } else {
         Outcome::Success
-    })
+    }
 }
 
 /// Whether a response is gRPC (its status may come in the trailers).
