@@ -156,12 +156,15 @@ impl EndpointPool {
             self.push_idle(sender);
         } else if !sender.is_closed() {
             // The connection task has not yet seen the end of the exchange (the request body
-            // may still be going out): take it back once it has.
-            tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
-                    self.push_idle(sender);
-                }
-            });
+            // may still be going out): take it back once it has. A body dropped outside the
+            // runtime (at shutdown) lets its connection go instead.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    if sender.ready().await.is_ok() {
+                        self.push_idle(sender);
+                    }
+                });
+            }
         }
     }
 
