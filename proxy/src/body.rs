@@ -175,12 +175,18 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Upstream { body, idle, watch } => {
+                // Whether the body ended with the frame polled, asked once: an HTTP/2 body
+                // answers under its connection's lock.
+                let mut ended = false;
                 let polled = match Pin::new(&mut *body).poll_frame(cx) {
                     Poll::Ready(frame) => {
+                        if idle.is_some() || watch.is_some() {
+                            ended = body.is_end_stream();
+                        }
                         if let Some(idle) = idle {
                             // The silence starts again, unless that was the last frame (most
                             // small responses): nothing is waited for after it.
-                            if !body.is_end_stream() {
+                            if !ended {
                                 idle.since = Instant::now();
                             }
                         }
@@ -204,7 +210,7 @@ impl Body for ProxyBody {
                             }
                             // hyper stops polling a body whose length is reached, so the end
                             // is seen here rather than as a final `None`.
-                            if body.is_end_stream() {
+                            if ended {
                                 watch.end();
                             }
                         }

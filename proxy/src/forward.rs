@@ -280,7 +280,7 @@ async fn forward(
     };
     // One timer for the request timeout, each attempt's per-try timeout and the backoffs.
     let deadlines = Deadlines::start(now, policy.request_timeout, policy.per_try_timeout);
-    let mut timer: Timer = None;
+    let mut timer = Timer::from_pool(policy.timers.as_ref());
     let result = match retry {
         None => match target.upstream.pick(None) {
             Ok(endpoint) => {

@@ -25,6 +25,7 @@ use self::breaker::CircuitBreaker;
 use self::fault::FaultPolicy;
 use self::ratelimit::RateLimiter;
 use self::retry::RetryPolicy;
+use self::timeout::TimerPool;
 
 /// A rate limiter and what it protects, for the reason a rejected caller reads.
 #[derive(Debug, Clone)]
@@ -61,6 +62,8 @@ pub struct RoutePolicy {
     pub breaker: Option<Arc<CircuitBreaker>>,
     /// The route's injected faults.
     pub fault: Option<FaultPolicy>,
+    /// Timers reused across exchanges, when any timeout is set.
+    pub timers: Option<Arc<TimerPool>>,
 }
 
 impl RoutePolicy {
@@ -106,6 +109,16 @@ impl RoutePolicy {
                 .or_else(|| service_state.limit.clone()),
             breaker: service_state.breaker.clone(),
             fault: route.and_then(|r| r.fault.as_ref()).map(FaultPolicy::new),
+            timers: None,
         }
+        .with_timers()
+    }
+
+    fn with_timers(mut self) -> Self {
+        let timed = self.request_timeout.is_some()
+            || self.per_try_timeout.is_some()
+            || self.idle_timeout.is_some();
+        self.timers = timed.then(Arc::default);
+        self
     }
 }

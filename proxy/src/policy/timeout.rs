@@ -10,6 +10,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -17,9 +18,75 @@ use tokio::time::{Instant, Sleep};
 
 use crate::errors::ProxyError;
 
-/// An exchange's timer: `None` until first needed. Boxed so that, registered in the runtime's
-/// timer wheel, it can still move on to the response body (for its idle timeout).
-pub type Timer = Option<Pin<Box<Sleep>>>;
+/// An exchange's timer: none until first needed. Boxed so that, registered in the runtime's
+/// timer wheel, it can still move on to the response body (for its idle timeout). When it came
+/// from a [`TimerPool`] it goes back there when dropped.
+#[derive(Debug, Default)]
+pub struct Timer {
+    sleep: Option<Pin<Box<Sleep>>>,
+    pool: Option<Arc<TimerPool>>,
+}
+
+impl Timer {
+    /// A timer from `pool` (a registered one when the pool has one), given back when dropped;
+    /// with no pool, one made when first needed.
+    pub fn from_pool(pool: Option<&Arc<TimerPool>>) -> Self {
+        match pool {
+            None => Self::default(),
+            Some(pool) => Self {
+                sleep: pool.take(),
+                pool: Some(Arc::clone(pool)),
+            },
+        }
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        if let (Some(sleep), Some(pool)) = (self.sleep.take(), &self.pool) {
+            pool.give(sleep);
+        }
+    }
+}
+
+/// Timers kept for reuse by the exchanges of one route target. A timer stays registered in the
+/// runtime's timer wheel between exchanges, so the next exchange only moves its deadline: later
+/// is one atomic update, where registering a new timer and removing it at the end each take
+/// the runtime's timer-driver lock (this pool's lock is per target). A pooled timer whose old
+/// deadline passes fires once, waking the task that last waited on it, which finds nothing to
+/// do.
+#[derive(Debug, Default)]
+pub struct TimerPool {
+    idle: Mutex<Vec<Pin<Box<Sleep>>>>,
+}
+
+/// Timers kept per target at most: about the requests in flight at once on it.
+const POOL_MAX: usize = 1024;
+
+impl TimerPool {
+    fn take(&self) -> Option<Pin<Box<Sleep>>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+    }
+
+    fn give(&self, sleep: Pin<Box<Sleep>>) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < POOL_MAX {
+            idle.push(sleep);
+        }
+    }
+
+    /// Timers waiting for reuse (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
 
 /// Which bound ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,14 +198,14 @@ async fn race<F: Future, E: Copy>(
 /// Sets `timer` to fire at `deadline`, making it if there is none yet (it is registered on its
 /// first poll). Moving a registered timer later is an atomic update, without the timer lock.
 pub fn arm(timer: &mut Timer, deadline: Instant) -> &mut Pin<Box<Sleep>> {
-    match timer {
+    match &mut timer.sleep {
         Some(sleep) => {
             if sleep.deadline() != deadline {
                 sleep.as_mut().reset(deadline);
             }
             sleep
         }
-        None => timer.insert(Box::pin(tokio::time::sleep_until(deadline))),
+        none => none.insert(Box::pin(tokio::time::sleep_until(deadline))),
     }
 }
 
@@ -157,13 +224,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn no_bounds_waits_for_the_work() {
         let deadlines = Deadlines::start(Instant::now(), None, None);
-        let mut timer = None;
+        let mut timer = Timer::default();
         let done = deadlines
             .attempt(&mut timer, Instant::now(), work(3600 * 1000 * MS))
             .await;
         assert_eq!(done, Ok("done"));
         assert!(
-            timer.is_none(),
+            timer.sleep.is_none(),
             "no timer is made when nothing bounds the attempt"
         );
     }
@@ -171,7 +238,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn work_done_in_time_is_not_cut() {
         let deadlines = Deadlines::start(Instant::now(), Some(300 * MS), Some(200 * MS));
-        let mut timer = None;
+        let mut timer = Timer::default();
         let done = deadlines
             .attempt(&mut timer, Instant::now(), work(199 * MS))
             .await;
@@ -182,7 +249,7 @@ mod tests {
     async fn per_try_cuts_each_attempt_and_request_cuts_the_exchange() {
         let started = Instant::now();
         let deadlines = Deadlines::start(Instant::now(), Some(500 * MS), Some(200 * MS));
-        let mut timer = None;
+        let mut timer = Timer::default();
         // Attempts 1 and 2 each end at their own 200 ms bound.
         for n in 1..=2 {
             let cut = deadlines
@@ -203,7 +270,7 @@ mod tests {
     async fn request_timeout_alone_cuts_at_its_deadline() {
         let started = Instant::now();
         let deadlines = Deadlines::start(Instant::now(), Some(300 * MS), None);
-        let mut timer = None;
+        let mut timer = Timer::default();
         let first = deadlines
             .attempt(&mut timer, Instant::now(), work(100 * MS))
             .await;
@@ -218,7 +285,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn per_try_wins_a_tie_with_the_request_timeout() {
         let deadlines = Deadlines::start(Instant::now(), Some(200 * MS), Some(200 * MS));
-        let mut timer = None;
+        let mut timer = Timer::default();
         let cut = deadlines
             .attempt(&mut timer, Instant::now(), work(1000 * MS))
             .await;
@@ -229,7 +296,7 @@ mod tests {
     async fn backoff_waits_its_delay_within_the_request_timeout() {
         let started = Instant::now();
         let deadlines = Deadlines::start(Instant::now(), Some(300 * MS), Some(100 * MS));
-        let mut timer = None;
+        let mut timer = Timer::default();
         let cut = deadlines
             .attempt(&mut timer, Instant::now(), work(1000 * MS))
             .await;
@@ -246,7 +313,7 @@ mod tests {
     async fn backoff_without_request_timeout_just_waits() {
         let started = Instant::now();
         let deadlines = Deadlines::start(Instant::now(), None, None);
-        let mut timer = None;
+        let mut timer = Timer::default();
         assert_eq!(deadlines.backoff(&mut timer, 25 * MS).await, Ok(()));
         assert_eq!(started.elapsed(), 25 * MS);
         assert_eq!(deadlines.backoff(&mut timer, 10 * MS).await, Ok(()));
@@ -257,7 +324,7 @@ mod tests {
     async fn a_timer_moved_earlier_still_fires_on_time() {
         let started = Instant::now();
         let deadlines = Deadlines::start(Instant::now(), None, Some(1000 * MS));
-        let mut timer = None;
+        let mut timer = Timer::default();
         assert_eq!(
             deadlines
                 .attempt(&mut timer, Instant::now(), work(10 * MS))
@@ -267,5 +334,46 @@ mod tests {
         // The timer still waits for 1010 ms; the backoff moves it to 30 ms.
         assert_eq!(deadlines.backoff(&mut timer, 20 * MS).await, Ok(()));
         assert_eq!(started.elapsed(), 30 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pooled_timer_goes_back_and_bounds_the_next_exchange() {
+        let pool = Arc::new(TimerPool::default());
+        let deadlines = Deadlines::start(Instant::now(), None, Some(100 * MS));
+        {
+            let mut timer = Timer::from_pool(Some(&pool));
+            let done = deadlines
+                .attempt(&mut timer, Instant::now(), work(10 * MS))
+                .await;
+            assert_eq!(done, Ok("done"));
+        }
+        assert_eq!(pool.len(), 1, "the timer went back to the pool");
+        // Taken again right away: its deadline moves later while it stays registered.
+        let started = Instant::now();
+        let mut timer = Timer::from_pool(Some(&pool));
+        assert_eq!(pool.len(), 0);
+        let cut = deadlines
+            .attempt(&mut timer, Instant::now(), work(1000 * MS))
+            .await;
+        assert_eq!(cut, Err(Expired::PerTry(100 * MS)));
+        assert_eq!(started.elapsed(), 100 * MS);
+        drop(timer);
+        // Its old deadline passed (it fired) while it waited in the pool: still a good timer.
+        tokio::time::sleep(500 * MS).await;
+        let started = Instant::now();
+        let mut timer = Timer::from_pool(Some(&pool));
+        let cut = deadlines
+            .attempt(&mut timer, Instant::now(), work(1000 * MS))
+            .await;
+        assert_eq!(cut, Err(Expired::PerTry(100 * MS)));
+        assert_eq!(started.elapsed(), 100 * MS);
+        let done = deadlines
+            .attempt(&mut timer, Instant::now(), work(50 * MS))
+            .await;
+        assert_eq!(
+            done,
+            Ok("done"),
+            "a fired timer moved on does not cut early"
+        );
     }
 }
