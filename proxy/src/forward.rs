@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -427,7 +427,7 @@ async fn send_once(
     // attempt's future (the pool's, with connecting and handshakes: large) stays pinned here and
     // the timeout code only borrows it: passed by value, each async layer above would hold its
     // own copy, and the request's whole future grows by as many.
-    let work = pin!(attempt(endpoint, req, None));
+    let work = pin!(attempt(endpoint, req));
     let mut result = match deadlines.attempt(timer, now, work).await {
         Ok(result) => result.map(|response| Answer {
             grpc: outcome::grpc_code(response.headers()),
@@ -460,20 +460,14 @@ async fn send_once(
     Ok(result)
 }
 
+/// Sends one attempt through `endpoint`'s pool, counted in its load while it waits; its
+/// timeouts are the caller's (one timer per exchange, see `policy::timeout`).
 async fn attempt(
     endpoint: &Endpoint,
     req: Request<RequestBody>,
-    per_try: Option<Duration>,
 ) -> Result<Response<UpstreamBody>, (ProxyError, AttemptFailure)> {
     let _in_flight = endpoint.start_request();
-    let sent = endpoint.pool.send(req);
-    let result = match per_try {
-        None => sent.await,
-        Some(limit) => match tokio::time::timeout(limit, sent).await {
-            Ok(result) => result,
-            Err(_) => return Err((ProxyError::PerTryTimeout(limit), AttemptFailure::Reset)),
-        },
-    };
+    let result = endpoint.pool.send(req).await;
     result.map_err(|e| {
         let error = classify(&e, endpoint.addr);
         let failure = match error {
