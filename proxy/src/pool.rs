@@ -46,6 +46,15 @@ struct IdleConnection {
     since: Instant,
 }
 
+/// The shared HTTP/2 connection, numbered so that a request that found it broken forgets
+/// that one and not a newer one opened meanwhile.
+#[derive(Default)]
+struct Multiplexed {
+    current: Option<(u64, Http2Sender)>,
+    /// Connections opened so far: the last one's number.
+    opened: u64,
+}
+
 /// The connections to one endpoint.
 pub struct EndpointPool {
     connector: EndpointConnector,
@@ -54,7 +63,7 @@ pub struct EndpointPool {
     /// the coldest age out at the front.
     idle: Mutex<VecDeque<IdleConnection>>,
     /// The HTTP/2 connection, while it is open.
-    multiplexed: Mutex<Option<Http2Sender>>,
+    multiplexed: Mutex<Multiplexed>,
     /// Held while the HTTP/2 connection is being opened, so a burst of requests opens one.
     opening: tokio::sync::Mutex<()>,
     /// Whether the idle reaper runs (started with the first connection).
@@ -68,7 +77,7 @@ impl EndpointPool {
             connector,
             protocol,
             idle: Mutex::new(VecDeque::new()),
-            multiplexed: Mutex::new(None),
+            multiplexed: Mutex::new(Multiplexed::default()),
             opening: tokio::sync::Mutex::new(()),
             reaping: std::sync::Once::new(),
         })
@@ -121,15 +130,17 @@ impl EndpointPool {
         mut req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         loop {
-            let (mut sender, reused) = match self.shared_http2() {
-                Some(sender) => (sender, true),
+            let ((number, mut sender), reused) = match self.shared_http2() {
+                Some(shared) => (shared, true),
                 None => Box::pin(self.open_http2()).await?,
             };
             match sender.try_send_request(req).await {
                 Ok(response) => return Ok(response.map(|body| UpstreamBody { body, reuse: None })),
                 Err(mut error) => match error.take_message() {
+                    // The connection went away under the request (GOAWAY, closed): forget it,
+                    // even if it does not say closed yet, so the next turn opens a new one.
                     Some(unsent) if reused => {
-                        self.forget_http2(&sender);
+                        self.forget_http2(number);
                         req = unsent;
                     }
                     _ => return Err(SendError::Http(error.into_error())),
@@ -192,20 +203,25 @@ impl EndpointPool {
         Ok(sender)
     }
 
-    fn shared_http2(&self) -> Option<Http2Sender> {
+    /// The open HTTP/2 connection's number and sender.
+    fn shared_http2(&self) -> Option<(u64, Http2Sender)> {
         let shared = self
             .multiplexed
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        shared.as_ref().filter(|s| !s.is_closed()).cloned()
+        shared
+            .current
+            .as_ref()
+            .filter(|(_, s)| !s.is_closed())
+            .cloned()
     }
 
     /// Opens the HTTP/2 connection unless another request just did; the flag says whether
     /// the sender was already in use.
-    async fn open_http2(self: &Arc<Self>) -> Result<(Http2Sender, bool), SendError> {
+    async fn open_http2(self: &Arc<Self>) -> Result<((u64, Http2Sender), bool), SendError> {
         let _opening = self.opening.lock().await;
-        if let Some(sender) = self.shared_http2() {
-            return Ok((sender, true));
+        if let Some(shared) = self.shared_http2() {
+            return Ok((shared, true));
         }
         let io = self.connect().await?;
         let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
@@ -218,21 +234,24 @@ impl EndpointPool {
             }
         });
         sender.ready().await?;
-        *self
-            .multiplexed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
-        Ok((sender, false))
-    }
-
-    /// Drops the shared HTTP/2 connection if it is still `closed` (not a newer one).
-    fn forget_http2(&self, closed: &Http2Sender) {
         let mut shared = self
             .multiplexed
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if shared.as_ref().is_some_and(|s| s.is_closed()) || closed.is_closed() {
-            *shared = shared.take().filter(|s| !s.is_closed());
+        shared.opened += 1;
+        let number = shared.opened;
+        shared.current = Some((number, sender.clone()));
+        Ok(((number, sender), false))
+    }
+
+    /// Drops HTTP/2 connection `number` if it is still the shared one (not a newer one).
+    fn forget_http2(&self, number: u64) {
+        let mut shared = self
+            .multiplexed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if shared.current.as_ref().is_some_and(|(n, _)| *n == number) {
+            shared.current = None;
         }
     }
 
@@ -241,14 +260,6 @@ impl EndpointPool {
             tokio::spawn(reap_idle(Arc::downgrade(self)));
         });
         self.connector.connect().await
-    }
-
-    /// How many HTTP/1.1 connections wait idle.
-    pub fn idle_count(&self) -> usize {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
     }
 }
 

@@ -1,6 +1,7 @@
 //! The proxy's connection pools to upstream endpoints: HTTP/1.1 connections are reused one
 //! exchange at a time and never grow past the concurrency, a connection the upstream closed
-//! while idle costs no request, and a burst to an HTTP/2 endpoint opens one connection.
+//! while idle costs no request, a burst to an HTTP/2 endpoint opens one connection, and an
+//! HTTP/2 connection going away (GOAWAY) costs no request either.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -164,4 +165,68 @@ async fn an_answer_before_the_whole_upload_leaves_the_pool_working() {
         assert_eq!(reply.status, 200);
     }
     drop(sender);
+}
+
+/// An h2c upstream that sends GOAWAY on each connection after its first request: every
+/// request after the first finds the proxy's shared connection going away.
+async fn goaway_after_one_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (served_tx, mut served_rx) = tokio::sync::mpsc::channel::<()>(1);
+                let service = hyper::service::service_fn(move |_req| {
+                    let served = served_tx.clone();
+                    async move {
+                        let _ = served.try_send(());
+                        Ok::<_, std::convert::Infallible>(Response::new(full("ok")))
+                    }
+                });
+                let connection =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let mut connection = std::pin::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    _ = served_rx.recv() => connection.as_mut().graceful_shutdown(),
+                }
+                let _ = connection.await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn an_http2_connection_going_away_costs_no_request() {
+    let (addr, accepted) = goaway_after_one_upstream().await;
+    let proxy = start_proxy(&policy(addr, "http2"));
+    // Bursts, so requests also arrive while a connection's GOAWAY is on its way.
+    let outbound = proxy.outbound;
+    for round in 0..5 {
+        let burst: Vec<_> = (0..4)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let reply = get(outbound, "svc", "/").await;
+                    (
+                        reply.status,
+                        reply.header("x-outrider-error").map(str::to_string),
+                    )
+                })
+            })
+            .collect();
+        for request in burst {
+            let answer = request.await.expect("request task");
+            assert_eq!(answer, (200, None), "round {round}");
+        }
+    }
+    // Connections were retired and replaced along the way (a request that reaches a
+    // connection before its GOAWAY does may still be served there, so not one per request).
+    let accepted = accepted.load(Ordering::SeqCst);
+    assert!(accepted >= 5, "only {accepted} connections for 20 requests");
+    assert_eq!(proxy.metric(&opened(addr)).await, accepted as f64);
 }
