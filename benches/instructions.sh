@@ -100,22 +100,13 @@ PIDS+=($!)
 
 # $1: protocol (http1|http2); $2: variant (b|p|t|l). Prints the policy.
 policy() {
-    local service_extra="" route_extra="" top_extra=""
+    local with=""
     case $2 in
-    p) service_extra=$EVERY_POLICY_SERVICE route_extra=$EVERY_POLICY_ROUTE ;;
-    t) top_extra=$(tracing_fragment "$HOST:$PORT_COLLECTOR") ;;
-    l) top_extra=$ACCESS_LOG ;;
+    p) with=policies ;;
+    t) with=tracing ;;
+    l) with=accesslog ;;
     esac
-    cat <<EOF
-services:
-  bench:
-    endpoints: [$HOST:$PORT_UPSTREAM]
-    protocol: $1$service_extra
-routes:
-  - name: bench
-    match: { authority: bench }
-    service: bench$route_extra$top_extra
-EOF
+    bench_policy "$1" "$with"
 }
 
 # $1 requests, $2 extra oha flag (--http2 or empty), $3 JSON output. The authority is `bench` in

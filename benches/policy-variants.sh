@@ -1,5 +1,5 @@
 # benches/policy-variants.sh: the policy fragments the benchmarks switch features on with, one
-# place for load.sh and instructions.sh. Sourced; defines variables only.
+# place for load.sh and instructions.sh. Sourced; defines variables and functions only.
 
 # Every resilience policy with limits the benchmarks never reach, so each is evaluated on every
 # request but none triggers: added to the service, and to the route.
@@ -21,3 +21,25 @@ tracing_fragment() {
 # The JSON access log.
 ACCESS_LOG='
 access_log: json'
+
+# Prints the benchmark policy: Host `bench` -> bench-upstream at $HOST:$PORT_UPSTREAM over $1
+# (http1|http2), with $2: "" (base), "policies", "tracing" (collector at $HOST:$PORT_COLLECTOR)
+# or "accesslog".
+bench_policy() {
+    local service_extra="" route_extra="" top_extra=""
+    case ${2:-} in
+    policies) service_extra=$EVERY_POLICY_SERVICE route_extra=$EVERY_POLICY_ROUTE ;;
+    tracing) top_extra=$(tracing_fragment "$HOST:$PORT_COLLECTOR") ;;
+    accesslog) top_extra=$ACCESS_LOG ;;
+    esac
+    cat <<EOF
+services:
+  bench:
+    endpoints: [$HOST:$PORT_UPSTREAM]
+    protocol: $1$service_extra
+routes:
+  - name: bench
+    match: { authority: bench }
+    service: bench$route_extra$top_extra
+EOF
+}
