@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
@@ -353,8 +353,9 @@ async fn forward(
 }
 
 /// Rewrites the caller's request head for the upstream: hop-by-hop headers out, forwarding
-/// headers in (the trace context with `span` as the parent), the URI in absolute form with the
-/// caller's authority, the upstream's version.
+/// headers in (the trace context with `span` as the parent), the upstream's version, and the
+/// caller's authority where that version carries it: `Host` and an origin-form URI for
+/// HTTP/1.1, an absolute URI (`:authority`) for HTTP/2.
 fn prepare(
     target: &Target,
     mut parts: http::request::Parts,
@@ -379,24 +380,33 @@ fn prepare(
         None => Authority::try_from(upstream.spec.name.as_bytes())
             .map_err(|_| ProxyError::BadRequest("request has no authority"))?,
     };
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(authority);
-    uri.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    parts.uri =
-        Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     match upstream.spec.protocol {
-        Protocol::Http1 => parts.version = Version::HTTP_11,
+        Protocol::Http1 => {
+            // HTTP/1.1 sends the path (origin form) and the authority in Host (RFC 9112 §3.2);
+            // an HTTP/2 caller sent it as :authority only.
+            parts.version = Version::HTTP_11;
+            if let Entry::Vacant(host) = parts.headers.entry(header::HOST) {
+                let value = HeaderValue::from_str(authority.as_str())
+                    .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+                host.insert(value);
+            }
+            parts.uri = Uri::from(path);
+        }
         Protocol::Http2 => {
-            parts.version = Version::HTTP_2;
             // HTTP/2 carries the authority in :authority (RFC 9113 §8.3.1).
+            parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Some(authority);
+            uri.path_and_query = Some(path);
+            parts.uri = Uri::from_parts(uri)
+                .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
         }
     }
     Ok(parts)

@@ -11,9 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderValue};
-use http::uri::PathAndQuery;
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::{Bytes, Incoming};
 use hyper::client::conn::{http1, http2};
@@ -83,7 +81,8 @@ impl EndpointPool {
         })
     }
 
-    /// Sends `req` (its URI in absolute form) on a pooled or new connection and returns the
+    /// Sends `req` (for HTTP/1.1 in origin form with `Host`, for HTTP/2 with an absolute URI:
+    /// as `forward::prepare` makes it) on a pooled or new connection and returns the
     /// response head; the body streams on. A request that a reused connection closed under
     /// before sending any of it goes out again on another one.
     pub async fn send(
@@ -100,7 +99,6 @@ impl EndpointPool {
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        to_origin_form(&mut req);
         loop {
             let (mut sender, reused) = match self.checkout_http1() {
                 Some(sender) => (sender, true),
@@ -274,26 +272,6 @@ async fn reap_idle(pool: Weak<EndpointPool>) {
         let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
         idle.retain(|c| c.since.elapsed() < IDLE_TIMEOUT && !c.sender.is_closed());
     }
-}
-
-/// HTTP/1.1 sends the path and query (origin form) and the authority in `Host`.
-fn to_origin_form(req: &mut Request<RequestBody>) {
-    if !req.headers().contains_key(header::HOST) {
-        // An HTTP/2 caller sent the authority as :authority only.
-        if let Some(value) = req
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            req.headers_mut().insert(header::HOST, value);
-        }
-    }
-    let path = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::from(path);
 }
 
 /// A response body from an endpoint. An HTTP/1.1 body gives its connection back to the pool
