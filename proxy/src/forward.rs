@@ -705,6 +705,11 @@ fn classify(error: &SendError, addr: SocketAddr) -> ProxyError {
             reason: "invalid response".into(),
         },
         SendError::Http(_) => ProxyError::UpstreamReset(addr),
+        SendError::Direct(error) if error.is_invalid() => ProxyError::Upstream {
+            addr,
+            reason: "invalid response".into(),
+        },
+        SendError::Direct(_) => ProxyError::UpstreamReset(addr),
     }
 }
 

@@ -4,6 +4,14 @@
 //! Each endpoint has its own pool, so unlike hyper-util's general client there is no key to hash
 //! per request, no connector to clone, and no task to spawn to return a connection: a response
 //! body gives its HTTP/1.1 connection back itself when it ends ([`UpstreamBody`]).
+//!
+//! An HTTP/1.1 request without a body (most of them) is exchanged by the request's own task on
+//! the connection ([`direct`]); one with a body, or asking for an upgrade, goes through hyper's
+//! client connection, which streams the two directions from a task of its own. Idle connections
+//! of either kind wait in their own list; one left by a bodiless exchange is handed to hyper
+//! when a request with a body finds no hyper connection idle.
+
+mod direct;
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -11,7 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response, StatusCode};
+use http::{header, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::{Bytes, Incoming};
 use hyper::client::conn::{http1, http2};
@@ -20,6 +28,8 @@ use outrider_config::Protocol;
 
 use crate::body::RequestBody;
 use crate::connect::{ConnectError, CountedStream, EndpointConnector};
+pub use direct::DirectError;
+use direct::{DirectBody, DirectConnection};
 
 /// How long an unused HTTP/1.1 connection is kept.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -33,14 +43,35 @@ pub enum SendError {
     /// The connection failed: handshake, reset, closed mid-exchange, invalid response.
     #[error(transparent)]
     Http(#[from] hyper::Error),
+    /// A bodiless exchange failed: reset, closed before or during the response, invalid
+    /// response.
+    #[error(transparent)]
+    Direct(#[from] DirectError),
+}
+
+/// Why a response body from an endpoint broke off.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamBodyError {
+    /// Read through hyper's client connection.
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    /// Read by the request's task.
+    #[error(transparent)]
+    Direct(#[from] DirectError),
 }
 
 type Http1Sender = http1::SendRequest<RequestBody>;
 type Http2Sender = http2::SendRequest<RequestBody>;
 
-/// An HTTP/1.1 connection waiting for its next request.
+/// An HTTP/1.1 connection run by hyper, waiting for its next request.
 struct IdleConnection {
     sender: Http1Sender,
+    since: Instant,
+}
+
+/// An HTTP/1.1 connection the request's task runs, waiting for its next request.
+struct IdleDirect {
+    connection: Box<DirectConnection>,
     since: Instant,
 }
 
@@ -57,9 +88,11 @@ struct Multiplexed {
 pub struct EndpointPool {
     connector: EndpointConnector,
     protocol: Protocol,
-    /// Idle HTTP/1.1 connections, most recently used at the back: reuse takes the warmest, and
-    /// the coldest age out at the front.
+    /// Idle HTTP/1.1 connections run by hyper, most recently used at the back: reuse takes the
+    /// warmest, and the coldest age out at the front.
     idle: Mutex<VecDeque<IdleConnection>>,
+    /// Idle HTTP/1.1 connections for bodiless exchanges, in the same order.
+    idle_direct: Mutex<VecDeque<IdleDirect>>,
     /// The HTTP/2 connection, while it is open.
     multiplexed: Mutex<Multiplexed>,
     /// Held while the HTTP/2 connection is being opened, so a burst of requests opens one.
@@ -75,6 +108,7 @@ impl EndpointPool {
             connector,
             protocol,
             idle: Mutex::new(VecDeque::new()),
+            idle_direct: Mutex::new(VecDeque::new()),
             multiplexed: Mutex::new(Multiplexed::default()),
             opening: tokio::sync::Mutex::new(()),
             reaping: std::sync::Once::new(),
@@ -99,19 +133,30 @@ impl EndpointPool {
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        if req.body().is_end_stream() && !req.headers().contains_key(header::UPGRADE) {
+            return self.send_direct(req).await;
+        }
         loop {
             let (mut sender, reused) = match self.checkout_http1() {
                 Some(sender) => (sender, true),
-                // Boxed: connecting (TCP, TLS) is a large future, and the rare path; inline it
-                // would make every request's future as large.
-                None => (Box::pin(self.open_http1()).await?, false),
+                None => match self.checkout_direct().and_then(|c| c.into_io()) {
+                    Some(io) => (
+                        Box::pin(Self::handshake_http1(TokioIo::new(io))).await?,
+                        true,
+                    ),
+                    // Boxed: connecting (TCP, TLS) is a large future, and the rare path;
+                    // inline it would make every request's future as large.
+                    None => (Box::pin(self.open_http1()).await?, false),
+                },
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
                     // After a protocol switch the connection belongs to the tunnel.
                     let reuse = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
                         .then(|| (Arc::clone(self), sender));
-                    return Ok(response.map(|body| UpstreamBody { body, reuse }));
+                    return Ok(response.map(|body| UpstreamBody {
+                        kind: Kind::Http { body, reuse },
+                    }));
                 }
                 Err(mut error) => match error.take_message() {
                     // The upstream closed an idle connection as we picked it: nothing was
@@ -133,7 +178,11 @@ impl EndpointPool {
                 None => Box::pin(self.open_http2()).await?,
             };
             match sender.try_send_request(req).await {
-                Ok(response) => return Ok(response.map(|body| UpstreamBody { body, reuse: None })),
+                Ok(response) => {
+                    return Ok(response.map(|body| UpstreamBody {
+                        kind: Kind::Http { body, reuse: None },
+                    }))
+                }
                 Err(mut error) => match error.take_message() {
                     // The connection went away under the request (GOAWAY, closed): forget it,
                     // even if it does not say closed yet, so the next turn opens a new one.
@@ -145,6 +194,71 @@ impl EndpointPool {
                 },
             }
         }
+    }
+
+    /// Sends a request without a body on a connection of its own, from this task.
+    async fn send_direct(
+        self: &Arc<Self>,
+        req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let (parts, _ended) = req.into_parts();
+        loop {
+            let (mut connection, reused) = match self.checkout_direct() {
+                Some(connection) => (connection, true),
+                None => (Box::pin(self.open_direct()).await?, false),
+            };
+            match connection.exchange(&parts).await {
+                Ok(head) => {
+                    let body = DirectBody::new(connection, &head);
+                    let pool = head.keep_alive.then(|| Arc::clone(self));
+                    return Ok(head.response.map(|()| UpstreamBody {
+                        kind: Kind::Direct { body, pool },
+                    }));
+                }
+                // The upstream closed an idle connection as we picked it (it did not say so in
+                // time): send again, where that is safe, on another. A new connection ends it.
+                Err(error) if reused && error.may_resend(&parts.method) => {}
+                Err(error) => return Err(SendError::Direct(error)),
+            }
+        }
+    }
+
+    /// The warmest idle bodiless-exchange connection that can take a request; closed and
+    /// expired ones are dropped on the way.
+    fn checkout_direct(&self) -> Option<Box<DirectConnection>> {
+        let mut idle = self
+            .idle_direct
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while let Some(mut idle) = idle.pop_back() {
+            if idle.since.elapsed() < IDLE_TIMEOUT && idle.connection.is_reusable() {
+                return Some(idle.connection);
+            }
+        }
+        None
+    }
+
+    /// Takes back a connection whose bodiless exchange has ended.
+    fn check_in_direct(&self, connection: Box<DirectConnection>) {
+        let now = Instant::now();
+        let mut idle = self
+            .idle_direct
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while idle
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) >= IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
+        idle.push_back(IdleDirect {
+            connection,
+            since: now,
+        });
+    }
+
+    async fn open_direct(self: &Arc<Self>) -> Result<Box<DirectConnection>, SendError> {
+        Ok(DirectConnection::new(self.connect().await?.into_inner()))
     }
 
     /// The warmest idle connection that can take a request; closed and expired ones are
@@ -190,7 +304,11 @@ impl EndpointPool {
     }
 
     async fn open_http1(self: &Arc<Self>) -> Result<Http1Sender, SendError> {
-        let io = self.connect().await?;
+        Self::handshake_http1(self.connect().await?).await
+    }
+
+    /// Starts hyper's HTTP/1.1 client on `io`, with its connection task.
+    async fn handshake_http1(io: TokioIo<CountedStream>) -> Result<Http1Sender, SendError> {
         let (mut sender, connection) = http1::handshake(io).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
@@ -269,39 +387,77 @@ async fn reap_idle(pool: Weak<EndpointPool>) {
         let Some(pool) = pool.upgrade() else {
             return;
         };
-        let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|c| c.since.elapsed() < IDLE_TIMEOUT && !c.sender.is_closed());
+        pool.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|c| c.since.elapsed() < IDLE_TIMEOUT && !c.sender.is_closed());
+        pool.idle_direct
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain_mut(|c| c.since.elapsed() < IDLE_TIMEOUT && c.connection.is_reusable());
     }
 }
 
-/// A response body from an endpoint. An HTTP/1.1 body gives its connection back to the pool
-/// when it ends; one dropped before its end leaves the connection to close.
+/// A response body from an endpoint. Its HTTP/1.1 connection goes back to the pool when the
+/// body ends; one dropped before its end leaves the connection to close.
 pub struct UpstreamBody {
-    body: Incoming,
-    reuse: Option<(Arc<EndpointPool>, Http1Sender)>,
+    kind: Kind,
+}
+
+enum Kind {
+    /// Read by hyper's client connection (HTTP/2, or an HTTP/1.1 request with a body).
+    Http {
+        body: Incoming,
+        reuse: Option<(Arc<EndpointPool>, Http1Sender)>,
+    },
+    /// Read by the request's task from its connection (a bodiless HTTP/1.1 request).
+    Direct {
+        body: DirectBody,
+        /// Where the connection goes back to, if it stays open.
+        pool: Option<Arc<EndpointPool>>,
+    },
 }
 
 impl UpstreamBody {
     fn release(&mut self) {
-        if let Some((pool, sender)) = self.reuse.take() {
-            pool.check_in(sender);
+        match &mut self.kind {
+            Kind::Http { reuse, .. } => {
+                if let Some((pool, sender)) = reuse.take() {
+                    pool.check_in(sender);
+                }
+            }
+            Kind::Direct { body, pool } => {
+                if let Some(pool) = pool.take() {
+                    if let Some(connection) = body.take_reusable() {
+                        pool.check_in_direct(connection);
+                    }
+                }
+            }
         }
     }
 }
 
 impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamBody")
-            .field("body", &self.body)
-            .field("pooled", &self.reuse.is_some())
-            .finish()
+        match &self.kind {
+            Kind::Http { body, reuse } => f
+                .debug_struct("UpstreamBody")
+                .field("body", body)
+                .field("pooled", &reuse.is_some())
+                .finish(),
+            Kind::Direct { body, pool } => f
+                .debug_struct("UpstreamBody")
+                .field("ended", &body.is_end_stream())
+                .field("pooled", &pool.is_some())
+                .finish(),
+        }
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // A body complete before anyone read it (no content, HEAD) still frees its connection.
-        if self.body.is_end_stream() {
+        if self.is_end_stream() {
             self.release();
         }
     }
@@ -309,30 +465,47 @@ impl Drop for UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
         let this = self.get_mut();
-        let polled = ready!(Pin::new(&mut this.body).poll_frame(cx));
-        match &polled {
-            // hyper stops polling a body whose length is reached: the end is seen here.
-            Some(Ok(_)) if this.body.is_end_stream() => this.release(),
-            Some(Ok(_)) => {}
-            None => this.release(),
-            // A broken body leaves a broken connection.
-            Some(Err(_)) => this.reuse = None,
+        match &mut this.kind {
+            Kind::Http { body, reuse } => {
+                let polled = ready!(Pin::new(&mut *body).poll_frame(cx));
+                match &polled {
+                    // hyper stops polling a body whose length is reached: the end is seen here.
+                    Some(Ok(_)) if body.is_end_stream() => this.release(),
+                    Some(Ok(_)) => {}
+                    None => this.release(),
+                    // A broken body leaves a broken connection.
+                    Some(Err(_)) => *reuse = None,
+                }
+                Poll::Ready(polled.map(|frame| frame.map_err(UpstreamBodyError::Http)))
+            }
+            Kind::Direct { body, .. } => {
+                let polled = ready!(body.poll_frame(cx));
+                if body.is_end_stream() {
+                    this.release();
+                }
+                Poll::Ready(polled.map(|frame| frame.map_err(UpstreamBodyError::Direct)))
+            }
         }
-        Poll::Ready(polled)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.kind {
+            Kind::Http { body, .. } => body.is_end_stream(),
+            Kind::Direct { body, .. } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.kind {
+            Kind::Http { body, .. } => body.size_hint(),
+            Kind::Direct { body, .. } => body.size_hint(),
+        }
     }
 }
