@@ -1,0 +1,909 @@
+//! How the proxy reads HTTP/1.1 responses from an upstream, through the real binary: every
+//! framing (content-length, chunked with extensions and trailers, read until close, no body),
+//! interim responses, keep-alive and `Connection: close`, responses split at awkward places,
+//! and malformed or cut responses. The upstream is a scripted raw-TCP server, so each byte the
+//! proxy reads is written here; it counts its connections, which shows when one is reused.
+//!
+//! These pin the behaviour of the proxy as it is, so any new HTTP/1.1 client code must keep it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use outrider_e2e::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Every test's whole run, proxy start included.
+const TEST_LIMIT: Duration = Duration::from_secs(30);
+/// Between the parts of an answer written in pieces.
+const SPLIT_PAUSE: Duration = Duration::from_millis(20);
+
+fn policy(addr: SocketAddr) -> String {
+    format!(
+        "services:\n  svc: {{ endpoints: [{addr}], protocol: http1 }}\nroutes:\n  - name: svc\n    match: {{ authority: svc }}\n    service: svc\n"
+    )
+}
+
+fn opened(addr: SocketAddr) -> String {
+    format!("outrider_upstream_connections_opened_total{{endpoint=\"{addr}\",service=\"svc\"}}")
+}
+
+async fn bounded<F: std::future::Future>(test: F) -> F::Output {
+    tokio::time::timeout(TEST_LIMIT, test)
+        .await
+        .expect("test ran past its time limit")
+}
+
+/// One response as the upstream writes it: `parts` one after the other, `pause` between them.
+#[derive(Clone)]
+struct Answer {
+    parts: Vec<Bytes>,
+    pause: Duration,
+}
+
+/// A response written in one piece.
+fn whole(bytes: &'static [u8]) -> Answer {
+    Answer {
+        parts: vec![Bytes::from_static(bytes)],
+        pause: Duration::ZERO,
+    }
+}
+
+/// A response written in pieces with [`SPLIT_PAUSE`] between them, so the proxy reads each
+/// piece on its own.
+fn split(parts: &[&'static [u8]]) -> Answer {
+    Answer {
+        parts: parts.iter().map(|p| Bytes::from_static(p)).collect(),
+        pause: SPLIT_PAUSE,
+    }
+}
+
+/// No response at all: the connection closes after the request.
+fn silence() -> Answer {
+    Answer {
+        parts: Vec::new(),
+        pause: Duration::ZERO,
+    }
+}
+
+/// A raw-TCP HTTP/1.1 upstream on 127.0.0.1:0. Its connection number `i` (from 0) follows
+/// `scripts[i]` (the last script for every later connection): for each answer, it reads one
+/// request head and writes the answer; when the script is done, it closes the connection.
+struct Scripted {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl Scripted {
+    async fn start(scripts: Vec<Vec<Answer>>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (count, log) = (Arc::clone(&accepted), Arc::clone(&heads));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let number = count.fetch_add(1, Ordering::SeqCst);
+                let script = scripts[number.min(scripts.len() - 1)].clone();
+                tokio::spawn(serve(stream, script, Arc::clone(&log)));
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            heads,
+        }
+    }
+
+    /// Connections accepted so far.
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// The request lines received so far (`GET /a HTTP/1.1`), in order.
+    fn request_lines(&self) -> Vec<String> {
+        let heads = self.heads.lock().expect("heads");
+        heads
+            .iter()
+            .map(|h| h.lines().next().unwrap_or("").to_string())
+            .collect()
+    }
+}
+
+async fn serve(mut stream: TcpStream, script: Vec<Answer>, heads: Arc<Mutex<Vec<String>>>) {
+    let mut pending = Vec::new();
+    let mut buf = [0u8; 4096];
+    for answer in script {
+        // The proxy sends GET and HEAD without a body: a request is its head.
+        let end = loop {
+            if let Some(at) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
+        };
+        let head: Vec<u8> = pending.drain(..end).collect();
+        heads
+            .lock()
+            .expect("heads")
+            .push(String::from_utf8_lossy(&head).into_owned());
+        for (i, part) in answer.parts.iter().enumerate() {
+            if i > 0 && !answer.pause.is_zero() {
+                tokio::time::sleep(answer.pause).await;
+            }
+            if stream.write_all(part).await.is_err() {
+                return;
+            }
+        }
+    }
+    // Nothing unread is left, so this is a clean FIN, not a reset.
+    let _ = stream.shutdown().await;
+}
+
+/// How the test reaches the proxy.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    Http1,
+    H2c,
+}
+
+/// A response as the caller saw it: the body bytes that arrived, and how the body ended.
+struct Fetched {
+    status: u16,
+    headers: HeaderMap,
+    body: Vec<u8>,
+    trailers: Option<HeaderMap>,
+    /// The error that ended the body early, if one did.
+    error: Option<String>,
+}
+
+impl Fetched {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Status, body as text, and `x-outrider-error`, for one-line assertions.
+    fn summary(&self) -> (u16, String, Option<&str>) {
+        (
+            self.status,
+            String::from_utf8_lossy(&self.body).into_owned(),
+            self.header("x-outrider-error"),
+        )
+    }
+
+    fn complete(self) -> Self {
+        assert_eq!(self.error, None, "the body ended with an error");
+        self
+    }
+}
+
+/// `METHOD path` to service `svc` through the outbound listener, on a new downstream
+/// connection, with `headers` added; reads the body frame by frame, keeping what arrived
+/// before an error.
+async fn fetch(
+    proxy: &Proxy,
+    via: Via,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Fetched {
+    try_fetch(proxy, via, method, path, headers)
+        .await
+        .expect("response head")
+}
+
+/// Like [`fetch`], or the error that came instead of a response head.
+async fn try_fetch(
+    proxy: &Proxy,
+    via: Via,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Fetched, hyper::Error> {
+    let stream = TcpStream::connect(proxy.outbound)
+        .await
+        .expect("connect to proxy");
+    let io = TokioIo::new(stream);
+    let mut req = match via {
+        Via::Http1 => Request::builder().uri(path).header("host", "svc"),
+        Via::H2c => Request::builder().uri(format!("http://svc{path}")),
+    }
+    .method(method);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(empty()).expect("request");
+    let res = match via {
+        Via::Http1 => {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .expect("http1 handshake");
+            tokio::spawn(conn);
+            sender.send_request(req).await
+        }
+        Via::H2c => {
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .expect("h2c handshake");
+            tokio::spawn(conn);
+            sender.send_request(req).await
+        }
+    }?;
+    let (parts, mut body): (_, Incoming) = res.into_parts();
+    let mut fetched = Fetched {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: Vec::new(),
+        trailers: None,
+        error: None,
+    };
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => fetched.body.extend_from_slice(&data),
+                Err(frame) => fetched.trailers = frame.into_trailers().ok(),
+            },
+            Err(error) => {
+                fetched.error = Some(error.to_string());
+                break;
+            }
+        }
+    }
+    Ok(fetched)
+}
+
+async fn get(proxy: &Proxy, path: &str) -> Fetched {
+    fetch(proxy, Via::Http1, Method::GET, path, &[]).await
+}
+
+fn ok(body: &str) -> (u16, String, Option<&'static str>) {
+    (200, body.to_string(), None)
+}
+
+#[tokio::test]
+async fn content_length_responses_share_one_keep_alive_connection() {
+    bounded(async {
+        let upstream = Scripted::start(vec![vec![
+            whole(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-n: 1\r\n\r\none"),
+            whole(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nx-n: 2\r\n\r\ntwo"),
+            whole(b"HTTP/1.1 201 Created\r\ncontent-length: 5\r\nx-n: 3\r\n\r\nthree"),
+            whole(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-n: 4\r\n\r\n"),
+            whole(b"HTTP/1.1 404 Not Found\r\ncontent-length: 4\r\nx-n: 5\r\n\r\nfive"),
+        ]])
+        .await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        let expected = [
+            (200, "one"),
+            (200, "two"),
+            (201, "three"),
+            (200, ""),
+            (404, "five"),
+        ];
+        for (i, (status, body)) in expected.into_iter().enumerate() {
+            let reply = get(&proxy, &format!("/{i}")).await.complete();
+            let n = (i + 1).to_string();
+            assert_eq!(reply.summary(), (status, body.into(), None), "request {i}");
+            assert_eq!(reply.header("x-n"), Some(n.as_str()));
+            let length = body.len().to_string();
+            assert_eq!(reply.header("content-length"), Some(length.as_str()));
+        }
+        assert_eq!(
+            upstream.request_lines(),
+            (0..5)
+                .map(|i| format!("GET /{i} HTTP/1.1"))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(upstream.accepted(), 1, "five requests, one connection");
+        assert_eq!(proxy.metric(&opened(upstream.addr)).await, 1.0);
+    })
+    .await;
+}
+
+/// A chunked body with extensions, an upper-case size and a chunk of one space.
+const CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+    5;ext=1\r\nhello\r\n1;a=b;c=\"d e\"\r\n \r\nA\r\n0123456789\r\n6 \r\nworld!\r\n0\r\n\r\n";
+const CHUNKED_BODY: &str = "hello 0123456789world!";
+
+#[tokio::test]
+async fn chunked_bodies_are_reassembled_and_the_connection_reused() {
+    bounded(async {
+        let upstream = Scripted::start(vec![vec![whole(CHUNKED); 4]]).await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        for (i, via) in [Via::Http1, Via::H2c, Via::Http1, Via::H2c]
+            .into_iter()
+            .enumerate()
+        {
+            let reply = fetch(&proxy, via, Method::GET, "/", &[]).await.complete();
+            assert_eq!(reply.summary(), ok(CHUNKED_BODY), "request {i} via {via:?}");
+            // The upstream's framing is its own hop's: an HTTP/1.1 caller gets the body chunked
+            // again by the proxy's side (no length known), an h2c caller in DATA frames.
+            let framing = matches!(via, Via::Http1).then_some("chunked");
+            assert_eq!(reply.header("transfer-encoding"), framing, "via {via:?}");
+            assert_eq!(reply.header("content-length"), None, "via {via:?}");
+        }
+        assert_eq!(upstream.accepted(), 1, "four requests, one connection");
+    })
+    .await;
+}
+
+const WITH_TRAILERS: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
+    trailer: x-checksum, x-count\r\n\r\n\
+    5\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc123\r\nx-count: 2\r\n\r\n";
+
+fn trailer_list(reply: &Fetched) -> Vec<(String, String)> {
+    let map = reply.trailers.clone().unwrap_or_default();
+    map.iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn chunked_trailers_reach_h2c_callers_and_http1_callers_that_accept_them() {
+    bounded(async {
+        // Each on a connection of its own (see the ignored test below for why).
+        let upstream = Scripted::start(vec![vec![whole(WITH_TRAILERS)]]).await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        let expected = vec![
+            ("x-checksum".to_string(), "abc123".to_string()),
+            ("x-count".to_string(), "2".to_string()),
+        ];
+        let te: &[(&str, &str)] = &[("te", "trailers")];
+        for (via, headers) in [(Via::H2c, te), (Via::H2c, &[]), (Via::Http1, te)] {
+            let reply = fetch(&proxy, via, Method::GET, "/", headers)
+                .await
+                .complete();
+            assert_eq!(reply.summary(), ok("hello world"), "{via:?} {headers:?}");
+            assert_eq!(reply.header("trailer"), Some("x-checksum, x-count"));
+            assert_eq!(trailer_list(&reply), expected, "{via:?} {headers:?}");
+        }
+        // An HTTP/1.1 caller that did not say `te: trailers` gets the body without them.
+        let reply = get(&proxy, "/").await.complete();
+        assert_eq!(reply.summary(), ok("hello world"));
+        assert_eq!(trailer_list(&reply), vec![]);
+        // Trailers cut in two writes still arrive.
+        let upstream = Scripted::start(vec![vec![split(&[
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nab",
+            b"c\r\n0\r\n",
+            b"x-t: 1\r\n",
+            b"\r\n",
+        ])]])
+        .await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        let reply = fetch(&proxy, Via::H2c, Method::GET, "/", &[])
+            .await
+            .complete();
+        assert_eq!(reply.summary(), ok("abc"));
+        assert_eq!(trailer_list(&reply), vec![("x-t".into(), "1".into())]);
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "bug on main: after a trailers frame the caller's side stops polling, and an \
+            HTTP/1.1 upstream body is only released on None or is_end_stream (never true for \
+            chunked), so the connection is dropped and the access log says the caller went away"]
+async fn a_response_with_trailers_keeps_its_connection_and_ends_cleanly() {
+    bounded(async {
+        let upstream = Scripted::start(vec![vec![whole(WITH_TRAILERS); 3]]).await;
+        let proxy = start_proxy(&format!("access_log: json\n{}", policy(upstream.addr)));
+        let te: &[(&str, &str)] = &[("te", "trailers")];
+        for via in [Via::H2c, Via::Http1, Via::H2c] {
+            let reply = fetch(&proxy, via, Method::GET, "/", te).await.complete();
+            assert_eq!(reply.summary(), ok("hello world"));
+            assert_eq!(trailer_list(&reply).len(), 2);
+        }
+        let logged = eventually(Duration::from_secs(5), || proxy.stdout_lines().len() == 3).await;
+        assert!(logged, "access log: {:?}", proxy.stdout_lines());
+        for line in proxy.stdout_lines() {
+            let entry: serde_json::Value = serde_json::from_str(&line).expect("json line");
+            assert_eq!(entry["error"], serde_json::Value::Null, "{line}");
+        }
+        assert_eq!(
+            upstream.accepted(),
+            1,
+            "three responses with trailers, one connection"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_body_read_until_close_arrives_whole_and_the_next_request_opens_a_connection() {
+    bounded(async {
+        // Each connection: one close-delimited response, a different shape for each.
+        let upstream = Scripted::start(vec![
+            vec![split(&[
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nfirst part, ",
+                b"second part",
+            ])],
+            vec![whole(b"HTTP/1.0 200 OK\r\nx-old: yes\r\n\r\nfrom HTTP/1.0")],
+            // HTTP/1.1 with no framing and no `connection: close`: still read until close.
+            vec![whole(b"HTTP/1.1 200 OK\r\n\r\nunframed")],
+        ])
+        .await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        assert_eq!(
+            get(&proxy, "/").await.complete().summary(),
+            ok("first part, second part")
+        );
+        let old = get(&proxy, "/").await.complete();
+        assert_eq!(old.summary(), ok("from HTTP/1.0"));
+        assert_eq!(old.header("x-old"), Some("yes"));
+        assert_eq!(get(&proxy, "/").await.complete().summary(), ok("unframed"));
+        assert_eq!(
+            upstream.accepted(),
+            3,
+            "one connection per close-delimited body"
+        );
+        assert_eq!(proxy.metric(&opened(upstream.addr)).await, 3.0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_http10_keep_alive_response_with_a_length_keeps_its_connection() {
+    bounded(async {
+        let answer =
+            whole(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 4\r\n\r\nkept");
+        let upstream = Scripted::start(vec![vec![answer; 3]]).await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        for i in 0..3 {
+            let reply = get(&proxy, "/").await.complete();
+            assert_eq!(reply.summary(), ok("kept"), "request {i}");
+            // Hop-by-hop: the upstream's connection header stays on its hop.
+            assert_eq!(reply.header("connection"), None);
+        }
+        assert_eq!(upstream.accepted(), 1, "HTTP/1.0 keep-alive is honoured");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connection_close_on_a_length_framed_response_retires_the_connection() {
+    bounded(async {
+        let upstream = Scripted::start(vec![vec![
+            // Still open after this one; the proxy must not reuse it anyway.
+            whole(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nfirst"),
+            whole(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nwrong"),
+        ]])
+        .await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        for i in 0..3 {
+            let reply = get(&proxy, "/").await.complete();
+            assert_eq!(reply.summary(), ok("first"), "request {i}");
+            assert_eq!(reply.header("connection"), None);
+        }
+        assert_eq!(upstream.accepted(), 3, "one connection per request");
+        assert_eq!(upstream.request_lines().len(), 3);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_early_hints_response_is_skipped_and_the_final_one_relayed() {
+    bounded(async {
+        let hinted = whole(
+            b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n\
+              HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-final: yes\r\n\r\nfinal",
+        );
+        // Two interim responses, the second in its own write after a pause.
+        let twice = split(&[
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a.js>; rel=preload\r\n\r\n",
+            b"HTTP/1.1 103 Early Hints\r\nlink: </b.js>; rel=preload\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nfinal2",
+        ]);
+        let upstream = Scripted::start(vec![vec![hinted.clone(), twice, hinted]]).await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        let reply = get(&proxy, "/").await.complete();
+        assert_eq!(reply.summary(), ok("final"));
+        assert_eq!(reply.header("x-final"), Some("yes"));
+        assert_eq!(
+            reply.header("link"),
+            None,
+            "the hint's headers are not merged"
+        );
+        assert_eq!(get(&proxy, "/").await.complete().summary(), ok("final2"));
+        // On the wire to the caller: the 200 alone, the 103 is not relayed.
+        let raw = raw_exchange(
+            proxy.outbound,
+            b"GET / HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            raw.starts_with("HTTP/1.1 200 OK\r\n"),
+            "caller read: {raw:?}"
+        );
+        assert!(!raw.contains("103"), "caller read: {raw:?}");
+        assert!(raw.ends_with("\r\n\r\nfinal"), "caller read: {raw:?}");
+        assert_eq!(upstream.accepted(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_head_response_with_a_length_has_no_body_and_keeps_the_connection() {
+    bounded(async {
+        let upstream = Scripted::start(vec![vec![
+            whole(b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\nx-head: 1\r\n\r\n"),
+            whole(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnext"),
+            whole(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"),
+            whole(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nafter"),
+        ]])
+        .await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        let head = fetch(&proxy, Via::Http1, Method::HEAD, "/", &[])
+            .await
+            .complete();
+        assert_eq!(head.summary(), ok(""));
+        assert_eq!(head.header("content-length"), Some("1234"));
+        assert_eq!(head.header("x-head"), Some("1"));
+        assert_eq!(get(&proxy, "/").await.complete().summary(), ok("next"));
+        // A chunked HEAD response has no body either (not even the last chunk), over h2c too.
+        let head = fetch(&proxy, Via::H2c, Method::HEAD, "/", &[])
+            .await
+            .complete();
+        assert_eq!(head.summary(), ok(""));
+        assert_eq!(get(&proxy, "/").await.complete().summary(), ok("after"));
+        assert_eq!(
+            upstream.request_lines(),
+            [
+                "HEAD / HTTP/1.1",
+                "GET / HTTP/1.1",
+                "HEAD / HTTP/1.1",
+                "GET / HTTP/1.1"
+            ]
+        );
+        assert_eq!(
+            upstream.accepted(),
+            1,
+            "HEAD responses leave no body to read"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn no_content_and_not_modified_responses_have_no_body_and_keep_the_connection() {
+    bounded(async {
+        let upstream = Scripted::start(vec![vec![
+            whole(b"HTTP/1.1 204 No Content\r\nx-n: 1\r\n\r\n"),
+            // A 304 may state the length of the representation it stands for: no body follows.
+            whole(b"HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\ncontent-length: 5\r\n\r\n"),
+            whole(b"HTTP/1.1 304 Not Modified\r\netag: \"v2\"\r\n\r\n"),
+            whole(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody"),
+        ]])
+        .await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        let none = get(&proxy, "/").await.complete();
+        assert_eq!((none.status, none.body.len()), (204, 0));
+        assert_eq!(none.header("x-n"), Some("1"));
+        let not_modified = get(&proxy, "/").await.complete();
+        assert_eq!((not_modified.status, not_modified.body.len()), (304, 0));
+        assert_eq!(not_modified.header("etag"), Some("\"v1\""));
+        let not_modified = fetch(&proxy, Via::H2c, Method::GET, "/", &[])
+            .await
+            .complete();
+        assert_eq!((not_modified.status, not_modified.body.len()), (304, 0));
+        assert_eq!(not_modified.header("etag"), Some("\"v2\""));
+        assert_eq!(get(&proxy, "/").await.complete().summary(), ok("body"));
+        assert_eq!(
+            upstream.accepted(),
+            1,
+            "bodiless responses keep the connection"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_large_body_in_many_writes_arrives_byte_for_byte() {
+    bounded(async {
+        const SIZE: usize = 8 << 20;
+        // Not all zeros, so a lost, repeated or reordered piece shows.
+        let body: Bytes = (0..SIZE)
+            .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
+            .collect::<Vec<_>>()
+            .into();
+        let mut parts = vec![Bytes::from(format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {SIZE}\r\n\r\n"
+        ))];
+        // Pieces of an odd size, so none lines up with a buffer boundary.
+        parts.extend((0..SIZE).step_by(65_521).map(|at| {
+            let end = (at + 65_521).min(SIZE);
+            body.slice(at..end)
+        }));
+        let answer = Answer {
+            parts,
+            pause: Duration::ZERO,
+        };
+        let upstream = Scripted::start(vec![vec![answer; 2]]).await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        for via in [Via::Http1, Via::H2c] {
+            let reply = fetch(&proxy, via, Method::GET, "/", &[]).await.complete();
+            assert_eq!(reply.status, 200, "via {via:?}");
+            assert_eq!(reply.body.len(), SIZE, "via {via:?}");
+            assert!(reply.body == body, "via {via:?}: the bytes differ");
+        }
+        assert_eq!(upstream.accepted(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn malformed_responses_get_502_and_are_never_relayed() {
+    bounded(async {
+        let big_header = |size: usize| -> Answer {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 6\r\n\r\nLEAKED",
+                "a".repeat(size)
+            );
+            Answer {
+                parts: vec![Bytes::from(head)],
+                pause: Duration::ZERO,
+            }
+        };
+        let cases: Vec<(&str, Answer)> = vec![
+            ("garbage status line", whole(b"HELLO THERE\r\n\r\nLEAKED")),
+            (
+                "status code not a number",
+                whole(b"HTTP/1.1 2x0 OK\r\ncontent-length: 6\r\n\r\nLEAKED"),
+            ),
+            (
+                "header without a colon",
+                whole(b"HTTP/1.1 200 OK\r\nno-colon-here\r\ncontent-length: 6\r\n\r\nLEAKED"),
+            ),
+            (
+                "content-length not a number",
+                whole(b"HTTP/1.1 200 OK\r\ncontent-length: six\r\n\r\nLEAKED"),
+            ),
+            (
+                "two different content-lengths",
+                whole(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\ncontent-length: 7\r\n\r\nLEAKED"),
+            ),
+            ("head of 512 KiB", big_header(512 << 10)),
+        ];
+        for (what, answer) in cases {
+            // The malformed response on the first connection, a good one on the next.
+            let upstream = Scripted::start(vec![
+                vec![answer],
+                vec![whole(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ngood")],
+            ])
+            .await;
+            let proxy = start_proxy(&policy(upstream.addr));
+            let reply = get(&proxy, "/").await;
+            let reason = format!("upstream {} failed: invalid response", upstream.addr);
+            assert_eq!(
+                (reply.status, reply.header("x-outrider-error")),
+                (502, Some(reason.as_str())),
+                "{what}"
+            );
+            let text = String::from_utf8_lossy(&reply.body);
+            assert!(!text.contains("LEAKED"), "{what}: relayed {text:?}");
+            assert_eq!(
+                get(&proxy, "/").await.complete().summary(),
+                ok("good"),
+                "{what}: the next request"
+            );
+            assert_eq!(
+                upstream.accepted(),
+                2,
+                "{what}: the bad connection is dropped"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_head_of_100_kib_is_relayed() {
+    bounded(async {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok",
+            "a".repeat(100 << 10)
+        );
+        let answer = Answer {
+            parts: vec![Bytes::from(head)],
+            pause: Duration::ZERO,
+        };
+        let upstream = Scripted::start(vec![vec![answer]]).await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        let reply = get(&proxy, "/").await.complete();
+        assert_eq!(reply.summary(), ok("ok"));
+        assert_eq!(reply.header("x-big").map(str::len), Some(100 << 10));
+    })
+    .await;
+}
+
+/// `head_and_start`, then after a pause long enough for the proxy to pass it on, the rest
+/// (possibly nothing), then the close.
+fn then_after_a_while(head_and_start: &'static [u8], rest: &'static [u8]) -> Answer {
+    Answer {
+        parts: vec![Bytes::from_static(head_and_start), Bytes::from_static(rest)],
+        pause: Duration::from_millis(200),
+    }
+}
+
+#[tokio::test]
+async fn a_body_cut_short_reaches_the_caller_cut_and_the_next_request_works() {
+    bounded(async {
+        let good = whole(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ngood");
+        let cut = then_after_a_while(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789",
+            b"",
+        );
+        let cut_chunked = then_after_a_while(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            b"",
+        );
+        let bad_chunk = then_after_a_while(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            b"zz\r\nLEAKED\r\n0\r\n\r\n",
+        );
+        // Per connection: each cut response twice (an HTTP/1.1 and an h2c caller), a good one
+        // after each pair.
+        let upstream = Scripted::start(vec![
+            vec![cut.clone()],
+            vec![cut],
+            vec![good.clone()],
+            vec![cut_chunked.clone()],
+            vec![cut_chunked],
+            vec![good.clone()],
+            vec![bad_chunk.clone()],
+            vec![bad_chunk],
+            vec![good],
+        ])
+        .await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        for (what, sent) in [
+            ("content-length 1000, 10 bytes", "0123456789"),
+            ("chunked, no last chunk", "hello"),
+            ("chunked, a bad chunk size", "hello"),
+        ] {
+            for via in [Via::Http1, Via::H2c] {
+                let reply = fetch(&proxy, via, Method::GET, "/", &[]).await;
+                assert_eq!(reply.status, 200, "{what} via {via:?}");
+                assert_eq!(reply.body, sent.as_bytes(), "{what} via {via:?}");
+                assert!(reply.error.is_some(), "{what} via {via:?}: ended cleanly");
+                if matches!(via, Via::Http1) && what.starts_with("content-length") {
+                    assert_eq!(reply.header("content-length"), Some("1000"));
+                }
+            }
+            assert_eq!(
+                get(&proxy, "/").await.complete().summary(),
+                ok("good"),
+                "{what}"
+            );
+        }
+        assert_eq!(upstream.accepted(), 9, "no cut connection is reused");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_bad_first_chunk_size_leaves_the_caller_without_a_response() {
+    bounded(async {
+        // The head is valid and already on its way to the caller when the body fails: the
+        // proxy cannot answer 502 any more, and the caller's side sees the stream fail before
+        // the head was written out.
+        let bad = whole(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nLEAKED\r\n0\r\n\r\n",
+        );
+        let upstream = Scripted::start(vec![
+            vec![bad.clone()],
+            vec![bad],
+            vec![whole(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ngood")],
+        ])
+        .await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        let h1 = try_fetch(&proxy, Via::Http1, Method::GET, "/", &[]).await;
+        let h1 = h1.err().expect("an HTTP/1.1 response to a bad chunk size");
+        assert!(h1.is_incomplete_message(), "{h1:?}");
+        let h2 = try_fetch(&proxy, Via::H2c, Method::GET, "/", &[]).await;
+        let h2 = h2.err().expect("an h2c response to a bad chunk size");
+        // RST_STREAM(INTERNAL_ERROR) instead of a head.
+        assert!(format!("{h2:?}").contains("INTERNAL_ERROR"), "{h2:?}");
+        assert_eq!(get(&proxy, "/").await.complete().summary(), ok("good"));
+        assert_eq!(upstream.accepted(), 3);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_fresh_connection_closed_without_an_answer_gets_502() {
+    bounded(async {
+        let upstream = Scripted::start(vec![
+            vec![silence()],
+            // Closed after the status line: a head never finished.
+            vec![whole(b"HTTP/1.1 200 OK\r\n")],
+            vec![whole(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ngood")],
+        ])
+        .await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        let reason = format!("upstream {} reset the connection", upstream.addr);
+        for what in ["no answer", "half a head"] {
+            let reply = get(&proxy, "/").await.complete();
+            assert_eq!(
+                (reply.status, reply.header("x-outrider-error")),
+                (502, Some(reason.as_str())),
+                "{what}"
+            );
+        }
+        assert_eq!(get(&proxy, "/").await.complete().summary(), ok("good"));
+        // A fresh connection is not retried without a retry policy: one request each.
+        assert_eq!(upstream.accepted(), 3);
+        assert_eq!(upstream.request_lines().len(), 3);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn responses_split_at_awkward_places_are_relayed_whole() {
+    bounded(async {
+        let upstream = Scripted::start(vec![vec![
+            // The status line in two, a header name in two, CR and LF apart.
+            split(&[
+                b"HTT",
+                b"P/1.1 200 O",
+                b"K\r\nx-spl",
+                b"it: yes\r\ncontent-le",
+                b"ngth: 11\r\n\r",
+                b"\nhello",
+                b" world",
+            ]),
+            // The chunk-size line apart from its data, the CRLFs cut, the last chunk alone.
+            split(&[
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                b"5",
+                b";ext=1\r",
+                b"\nhel",
+                b"lo\r",
+                b"\n6\r\n world\r\n",
+                b"0\r\n",
+                b"\r\n",
+            ]),
+            // The end of the head and the start of the body in one write, the rest after.
+            split(&[
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nab",
+                b"c\r\n0\r\n",
+                b"\r\n",
+            ]),
+            // A 103 cut in the middle, then the final head in the same write as its end.
+            split(&[
+                b"HTTP/1.1 103 Early Hints\r\nlink: </a>",
+                b"\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nlast",
+            ]),
+        ]])
+        .await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        let first = get(&proxy, "/").await.complete();
+        assert_eq!(first.summary(), ok("hello world"));
+        assert_eq!(first.header("x-split"), Some("yes"));
+        assert_eq!(
+            get(&proxy, "/").await.complete().summary(),
+            ok("hello world")
+        );
+        let third = fetch(&proxy, Via::H2c, Method::GET, "/", &[])
+            .await
+            .complete();
+        assert_eq!(third.summary(), ok("abc"));
+        assert_eq!(get(&proxy, "/").await.complete().summary(), ok("last"));
+        assert_eq!(
+            upstream.accepted(),
+            1,
+            "every split response kept the connection"
+        );
+    })
+    .await;
+}
