@@ -683,71 +683,149 @@ async fn a_large_body_in_many_writes_arrives_byte_for_byte() {
     .await;
 }
 
+fn owned(bytes: String) -> Answer {
+    Answer {
+        parts: vec![Bytes::from(bytes)],
+        pause: Duration::ZERO,
+    }
+}
+
+/// `answer` on a first connection and a good response on the next: the caller gets 502 with
+/// the reason, nothing of the upstream's bytes, and the next request works.
+async fn refused(client: Client, what: &str, answer: Answer) {
+    let upstream = Scripted::start(vec![
+        vec![answer],
+        vec![whole(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ngood")],
+    ])
+    .await;
+    let proxy = start_proxy(&policy(upstream.addr));
+    let reply = client.call(&proxy).await.expect("response head").complete();
+    let reason = format!("upstream {} failed: invalid response", upstream.addr);
+    assert_eq!(
+        (reply.status, reply.header("x-outrider-error")),
+        (502, Some(reason.as_str())),
+        "{what} ({client:?})"
+    );
+    let text = String::from_utf8_lossy(&reply.body);
+    assert!(!text.contains("LEAKED"), "{what}: relayed {text:?}");
+    let next = client.call(&proxy).await.expect("response head").complete();
+    assert_eq!(
+        next.summary(),
+        ok("good"),
+        "{what} ({client:?}): the next request"
+    );
+    assert_eq!(
+        upstream.accepted(),
+        2,
+        "{what}: the bad connection is dropped"
+    );
+}
+
 #[tokio::test]
 async fn malformed_responses_get_502_and_are_never_relayed() {
-    bounded(async {
-        let big_header = |size: usize| -> Answer {
-            let head = format!(
+    let many_fields: String = (0..101).map(|i| format!("x-{i}: {i}\r\n")).collect();
+    let cases: Vec<(&str, Answer)> = vec![
+        ("garbage status line", whole(b"HELLO THERE\r\n\r\nLEAKED")),
+        (
+            "status code not a number",
+            whole(b"HTTP/1.1 2x0 OK\r\ncontent-length: 6\r\n\r\nLEAKED"),
+        ),
+        (
+            "status code of 4 digits",
+            whole(b"HTTP/1.1 1000 X\r\ncontent-length: 6\r\n\r\nLEAKED"),
+        ),
+        (
+            "status code below 100",
+            whole(b"HTTP/1.1 099 X\r\ncontent-length: 6\r\n\r\nLEAKED"),
+        ),
+        (
+            "HTTP/2.0 status line",
+            whole(b"HTTP/2.0 200 OK\r\ncontent-length: 6\r\n\r\nLEAKED"),
+        ),
+        (
+            "HTTP/1.2 status line",
+            whole(b"HTTP/1.2 200 OK\r\ncontent-length: 6\r\n\r\nLEAKED"),
+        ),
+        (
+            "header without a colon",
+            whole(b"HTTP/1.1 200 OK\r\nno-colon-here\r\ncontent-length: 6\r\n\r\nLEAKED"),
+        ),
+        (
+            "space before a colon",
+            whole(b"HTTP/1.1 200 OK\r\nx-a : 1\r\ncontent-length: 6\r\n\r\nLEAKED"),
+        ),
+        (
+            "obsolete line folding",
+            whole(b"HTTP/1.1 200 OK\r\nx-a: one\r\n two\r\ncontent-length: 6\r\n\r\nLEAKED"),
+        ),
+        (
+            "content-length not a number",
+            whole(b"HTTP/1.1 200 OK\r\ncontent-length: six\r\n\r\nLEAKED"),
+        ),
+        (
+            "content-length with a sign",
+            whole(b"HTTP/1.1 200 OK\r\ncontent-length: +6\r\n\r\nLEAKED"),
+        ),
+        (
+            "negative content-length",
+            whole(b"HTTP/1.1 200 OK\r\ncontent-length: -6\r\n\r\nLEAKED"),
+        ),
+        (
+            "content-length past 64 bits",
+            whole(b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\nLEAKED"),
+        ),
+        (
+            "two different content-lengths",
+            whole(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\ncontent-length: 7\r\n\r\nLEAKED"),
+        ),
+        (
+            "a content-length list of two values",
+            whole(b"HTTP/1.1 200 OK\r\ncontent-length: 6, 7\r\n\r\nLEAKED"),
+        ),
+        (
+            "101 header fields",
+            owned(format!(
+                "HTTP/1.1 200 OK\r\n{many_fields}content-length: 6\r\n\r\nLEAKED"
+            )),
+        ),
+        (
+            "head of 512 KiB",
+            owned(format!(
                 "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 6\r\n\r\nLEAKED",
-                "a".repeat(size)
-            );
-            Answer {
-                parts: vec![Bytes::from(head)],
-                pause: Duration::ZERO,
-            }
-        };
-        let cases: Vec<(&str, Answer)> = vec![
-            ("garbage status line", whole(b"HELLO THERE\r\n\r\nLEAKED")),
-            (
-                "status code not a number",
-                whole(b"HTTP/1.1 2x0 OK\r\ncontent-length: 6\r\n\r\nLEAKED"),
-            ),
-            (
-                "header without a colon",
-                whole(b"HTTP/1.1 200 OK\r\nno-colon-here\r\ncontent-length: 6\r\n\r\nLEAKED"),
-            ),
-            (
-                "content-length not a number",
-                whole(b"HTTP/1.1 200 OK\r\ncontent-length: six\r\n\r\nLEAKED"),
-            ),
-            (
-                "two different content-lengths",
-                whole(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\ncontent-length: 7\r\n\r\nLEAKED"),
-            ),
-            // 64 KiB is the most a head may have (hyper's client, before b4cd1ec, took ~408).
-            ("head of 100 KiB", big_header(100 << 10)),
-            ("head of 512 KiB", big_header(512 << 10)),
-        ];
+                "a".repeat(512 << 10)
+            )),
+        ),
+    ];
+    tokio::time::timeout(2 * TEST_LIMIT, async {
         for (what, answer) in cases {
-            // The malformed response on the first connection, a good one on the next.
-            let upstream = Scripted::start(vec![
-                vec![answer],
-                vec![whole(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ngood")],
-            ])
-            .await;
-            let proxy = start_proxy(&policy(upstream.addr));
-            let reply = get(&proxy, "/").await;
-            let reason = format!("upstream {} failed: invalid response", upstream.addr);
-            assert_eq!(
-                (reply.status, reply.header("x-outrider-error")),
-                (502, Some(reason.as_str())),
-                "{what}"
-            );
-            let text = String::from_utf8_lossy(&reply.body);
-            assert!(!text.contains("LEAKED"), "{what}: relayed {text:?}");
-            assert_eq!(
-                get(&proxy, "/").await.complete().summary(),
-                ok("good"),
-                "{what}: the next request"
-            );
-            assert_eq!(
-                upstream.accepted(),
-                2,
-                "{what}: the bad connection is dropped"
-            );
+            for client in [Client::Direct, Client::Hyper] {
+                refused(client, what, answer.clone()).await;
+            }
         }
     })
-    .await;
+    .await
+    .expect("test ran past its time limit");
+}
+
+#[tokio::test]
+async fn a_head_of_100_kib_gets_502() {
+    // 64 KiB is the most a head may have, as for the proxy's own listeners. hyper's client,
+    // which requests with a body still use, takes about 400 KiB: not tested here.
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 6\r\n\r\nLEAKED",
+        "a".repeat(100 << 10)
+    );
+    bounded(refused(Client::Direct, "head of 100 KiB", owned(head))).await;
+}
+
+#[tokio::test]
+async fn a_101_to_a_request_that_asked_for_no_upgrade_gets_502() {
+    // A protocol switch nobody asked for (hyper's client, for a request with a body, passes
+    // it on instead).
+    let answer = whole(
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: foo\r\nconnection: upgrade\r\n\r\nLEAKED",
+    );
+    bounded(refused(Client::Direct, "101 to a GET", answer)).await;
 }
 
 #[tokio::test]
@@ -948,6 +1026,175 @@ async fn responses_split_at_awkward_places_are_relayed_whole() {
             1,
             "every split response kept the connection"
         );
+    })
+    .await;
+}
+
+/// Which of the proxy's HTTP/1.1 clients an exchange goes through on main: a request without a
+/// body is read by the proxy's own exchange, one with a body by hyper's client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Client {
+    Direct,
+    Hyper,
+}
+
+impl Client {
+    /// An HTTP/1.1 request through the proxy that takes this client.
+    async fn call(self, proxy: &Proxy) -> Result<Fetched, hyper::Error> {
+        match self {
+            Client::Direct => try_fetch(proxy, Via::Http1, Method::GET, "/", &[], b"").await,
+            Client::Hyper => try_fetch(proxy, Via::Http1, Method::POST, "/", &[], b"payload").await,
+        }
+    }
+}
+
+/// A response, what the caller gets for it, and whether its connection takes the next request.
+struct Case {
+    what: &'static str,
+    answer: &'static [u8],
+    status: u16,
+    body: &'static str,
+    reused: bool,
+}
+
+const fn case(
+    what: &'static str,
+    answer: &'static [u8],
+    status: u16,
+    body: &'static str,
+    reused: bool,
+) -> Case {
+    Case {
+        what,
+        answer,
+        status,
+        body,
+        reused,
+    }
+}
+
+/// Unusual but valid (or tolerated) responses, read alike by both of the proxy's HTTP/1.1
+/// clients. One case a line, so the table reads as one.
+#[rustfmt::skip]
+const TOLERATED: &[Case] = &[
+    case("content-length twice, same value", b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nhello", 200, "hello", true),
+    case("content-length list of one value", b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello", 200, "hello", true),
+    case("content-length with leading zeros", b"HTTP/1.1 200 OK\r\ncontent-length: 005\r\n\r\nhello", 200, "hello", true),
+    case("100 Continue first", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", 200, "hello", true),
+    case("no reason phrase", b"HTTP/1.1 200\r\ncontent-length: 5\r\n\r\nhello", 200, "hello", true),
+    case("status 599", b"HTTP/1.1 599 Whatever\r\ncontent-length: 5\r\n\r\nhello", 599, "hello", true),
+    case("Connection: Close", b"HTTP/1.1 200 OK\r\nConnection: Close\r\ncontent-length: 5\r\n\r\nhello", 200, "hello", false),
+    case("connection: keep-alive, close", b"HTTP/1.1 200 OK\r\nconnection: keep-alive, close\r\ncontent-length: 5\r\n\r\nhello", 200, "hello", false),
+    case("connection: x-foo,close", b"HTTP/1.1 200 OK\r\nconnection: x-foo,close\r\nx-foo: 1\r\ncontent-length: 5\r\n\r\nhello", 200, "hello", false),
+    case("HTTP/1.0 with a length", b"HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\nhello", 200, "hello", false),
+    case("HTTP/1.0 Connection: Keep-Alive", b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 5\r\n\r\nhello", 200, "hello", true),
+    case("Transfer-Encoding: Chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 200, "hello", true),
+    case("transfer-encoding twice", b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 200, "hello", true),
+    case("bare LF line ends in the head", b"HTTP/1.1 200 OK\ncontent-length: 5\n\nhello", 200, "hello", true),
+    case("an empty line before the status line", b"\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", 200, "hello", true),
+    case("204 with a content-length", b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n", 204, "", true),
+    case("204 with transfer-encoding", b"HTTP/1.1 204 No Content\r\ntransfer-encoding: chunked\r\n\r\n", 204, "", true),
+    case("an empty header value", b"HTTP/1.1 200 OK\r\nx-empty:\r\ncontent-length: 5\r\n\r\nhello", 200, "hello", true),
+    case("non-ASCII in a header value", b"HTTP/1.1 200 OK\r\nx-a: caf\xc3\xa9\r\ncontent-length: 5\r\n\r\nhello", 200, "hello", true),
+    // Out of step: what follows the body is not taken for the next response.
+    case("bytes after the body", b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nSTALE!", 200, "hello", false),
+];
+
+#[tokio::test]
+async fn unusual_responses_are_read_alike_by_both_clients() {
+    let again = whole(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nagain");
+    tokio::time::timeout(2 * TEST_LIMIT, async {
+        for case in TOLERATED {
+            for client in [Client::Direct, Client::Hyper] {
+                let what = format!("{} ({client:?})", case.what);
+                let upstream = Scripted::start(vec![vec![whole(case.answer), again.clone()]]).await;
+                let proxy = start_proxy(&policy(upstream.addr));
+                let reply = client.call(&proxy).await.expect("response head").complete();
+                assert_eq!(reply.status, case.status, "{what}");
+                assert_eq!(String::from_utf8_lossy(&reply.body), case.body, "{what}");
+                assert_eq!(reply.header("x-outrider-error"), None, "{what}");
+                assert_eq!(reply.header("x-foo"), None, "{what}: named in connection");
+                if case.what.starts_with("non-ASCII") {
+                    let value = reply.headers.get("x-a").map(|v| v.as_bytes());
+                    assert_eq!(value, Some(&b"caf\xc3\xa9"[..]), "{what}");
+                }
+                let next = client.call(&proxy).await.expect("response head").complete();
+                let (expected, connections) = match case.reused {
+                    true => ("again", 1),
+                    false => (case.body, 2),
+                };
+                assert_eq!(
+                    String::from_utf8_lossy(&next.body),
+                    expected,
+                    "{what}: next"
+                );
+                assert_eq!(upstream.accepted(), connections, "{what}: connections");
+            }
+        }
+    })
+    .await
+    .expect("test ran past its time limit");
+}
+
+#[tokio::test]
+#[ignore = "bug on main, both clients: with transfer-encoding: chunked AND content-length the \
+            body is read chunked (RFC 9112 6.3) but the upstream's content-length is passed on \
+            (RFC 9112 6.3 says remove it): the caller is promised 100 bytes, gets 5, and its \
+            response fails (no response at all for a bodiless request, a cut body otherwise)"]
+async fn chunked_wins_over_content_length_and_the_length_is_not_passed_on() {
+    bounded(async {
+        for client in [Client::Direct, Client::Hyper] {
+            let upstream = Scripted::start(vec![vec![whole(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 100\r\n\r\n\
+                  5\r\nhello\r\n0\r\n\r\n",
+            )]])
+            .await;
+            let proxy = start_proxy(&policy(upstream.addr));
+            let reply = client.call(&proxy).await.expect("response head").complete();
+            assert_eq!(reply.summary(), ok("hello"), "{client:?}");
+            assert_eq!(reply.header("content-length"), None, "{client:?}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_reused_connection_closed_after_the_request_is_resent_only_if_safe() {
+    bounded(async {
+        for client in [Client::Direct, Client::Hyper] {
+            // The first connection answers once, then reads the next request and closes.
+            let upstream = Scripted::start(vec![
+                vec![
+                    whole(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst"),
+                    silence(),
+                ],
+                vec![whole(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfresh")],
+            ])
+            .await;
+            let proxy = start_proxy(&policy(upstream.addr));
+            let first = client.call(&proxy).await.expect("response head").complete();
+            assert_eq!(first.summary(), ok("first"));
+            let second = client.call(&proxy).await.expect("response head").complete();
+            let reset = format!("upstream {} reset the connection", upstream.addr);
+            match client {
+                // A GET may have been acted on, but repeating it is harmless: sent again on
+                // a new connection.
+                Client::Direct => {
+                    assert_eq!(second.summary(), ok("fresh"));
+                    assert_eq!(upstream.accepted(), 2);
+                    assert_eq!(upstream.request_lines().len(), 3);
+                }
+                // A POST is not repeated: the caller learns it failed.
+                Client::Hyper => {
+                    assert_eq!(
+                        (second.status, second.header("x-outrider-error")),
+                        (502, Some(reset.as_str()))
+                    );
+                    assert_eq!(upstream.accepted(), 1);
+                    assert_eq!(upstream.request_lines().len(), 2);
+                }
+            }
+        }
     })
     .await;
 }
