@@ -1342,3 +1342,175 @@ async fn a_response_sent_to_an_idle_connection_is_never_taken_for_the_next_one()
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_request_head_is_written_as_hyper_writes_it() {
+    bounded(async {
+        let upstream = Scripted::start(vec![vec![
+            whole(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+            );
+            2
+        ]])
+        .await;
+        let proxy = start_proxy(&policy(upstream.addr));
+        let headers: &[(&str, &str)] = &[
+            ("x-multi", "a"),
+            ("x-multi", "b"),
+            ("x-utf8", "caf\u{e9}"),
+            ("connection", "x-hop"),
+            ("x-hop", "1"),
+        ];
+        let path = "/p%20q/r?x=1&y=%2F";
+        for (client, method, body) in [
+            (Client::Direct, Method::GET, &b""[..]),
+            (Client::Hyper, Method::POST, b"payload"),
+        ] {
+            let reply = try_fetch(&proxy, Via::Http1, method, path, headers, body)
+                .await
+                .expect("response head")
+                .complete();
+            assert_eq!(reply.summary(), ok("ok"), "{client:?}");
+        }
+        let heads = upstream.heads.lock().expect("heads").clone();
+        // The head's fields, sorted, without those that differ by request or by body.
+        let fields = |head: &str| -> (String, Vec<String>) {
+            let mut lines = head.lines();
+            let target = lines
+                .next()
+                .unwrap_or("")
+                .split(' ')
+                .nth(1)
+                .unwrap_or("")
+                .to_string();
+            let mut fields: Vec<String> = lines
+                .filter(|l| !l.is_empty())
+                .filter(|l| {
+                    !["content-length:", "x-request-id:", "traceparent:"]
+                        .iter()
+                        .any(|p| l.starts_with(p))
+                })
+                .map(str::to_string)
+                .collect();
+            fields.sort();
+            (target, fields)
+        };
+        let (direct, hyper) = (fields(&heads[0]), fields(&heads[1]));
+        assert_eq!(direct, hyper);
+        assert_eq!(direct.0, path);
+        assert!(heads[0].starts_with("GET /p%20q/r?x=1&y=%2F HTTP/1.1\r\n"));
+        assert!(heads[0].contains("\r\nx-multi: a\r\nx-multi: b\r\n"));
+        assert!(heads[0].contains("\r\nx-utf8: caf\u{e9}\r\n"));
+        assert!(
+            !heads[0].contains("x-hop"),
+            "hop-by-hop fields are not forwarded"
+        );
+        assert!(heads[1].contains("\r\ncontent-length: 7\r\n"));
+        assert_eq!(
+            upstream.accepted(),
+            1,
+            "the POST took the GET's idle connection"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_body_the_caller_abandons_never_leaves_its_rest_for_the_next_request() {
+    bounded(async {
+        const SIZE: usize = 1 << 20;
+        let mut wire = format!("HTTP/1.1 200 OK\r\ncontent-length: {SIZE}\r\n\r\n").into_bytes();
+        wire.resize(wire.len() + SIZE, b'x');
+        // The rest of the body comes a while after its start: the caller has hung up by then.
+        let wire = Bytes::from(wire);
+        let big = Answer {
+            parts: vec![wire.slice(..64 << 10), wire.slice(64 << 10..)],
+            pause: Duration::from_millis(300),
+        };
+        let next = whole(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnext");
+        for client in [Client::Direct, Client::Hyper] {
+            let upstream = Scripted::start(vec![vec![big.clone(), next.clone()]]).await;
+            let proxy = start_proxy(&policy(upstream.addr));
+            // Read the head and one frame of the body, then hang up.
+            let stream = TcpStream::connect(proxy.outbound).await.expect("connect");
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .expect("handshake");
+            let conn = tokio::spawn(conn);
+            let (method, body) = match client {
+                Client::Direct => (Method::GET, &b""[..]),
+                Client::Hyper => (Method::POST, &b"payload"[..]),
+            };
+            let req = Request::builder()
+                .method(method)
+                .uri("/")
+                .header("host", "svc")
+                .body(full(body))
+                .expect("request");
+            let res = sender.send_request(req).await.expect("response head");
+            assert_eq!(res.status(), 200);
+            let mut body = res.into_body();
+            let frame = body.frame().await.expect("a frame").expect("a good frame");
+            assert!(frame.is_data(), "{client:?}");
+            drop((body, sender));
+            conn.abort();
+            // The proxy notices and lets the upstream connection go; one given back to the pool
+            // with the rest of the body unread would stay open.
+            let active = format!(
+                "outrider_upstream_connections_active{{endpoint=\"{}\",service=\"svc\"}}",
+                upstream.addr
+            );
+            let mut closed = false;
+            for _ in 0..500 {
+                if proxy.metric(&active).await == 0.0 {
+                    closed = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(closed, "{client:?}: the abandoned connection is still open");
+            let reply = client.call(&proxy).await.expect("response head").complete();
+            assert_eq!(reply.status, 200, "{client:?}");
+            assert_eq!(reply.body.len(), SIZE, "{client:?}: a whole new response");
+            assert!(reply.body.iter().all(|&b| b == b'x'), "{client:?}");
+            assert_eq!(
+                upstream.accepted(),
+                2,
+                "{client:?}: the abandoned connection closes"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_body_sent_where_none_belongs_is_never_taken_for_the_next_response() {
+    bounded(async {
+        // Both must have no body; the upstream sends one anyway.
+        for (method, status) in [(Method::HEAD, 200), (Method::GET, 304)] {
+            let head = match status {
+                200 => &b"HTTP/1.1 200 OK\r\ncontent-length: 25\r\n\r\n"[..],
+                _ => b"HTTP/1.1 304 Not Modified\r\ncontent-length: 25\r\n\r\n",
+            };
+            let mut wire = head.to_vec();
+            wire.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\nSTALE");
+            let upstream = Scripted::start(vec![
+                vec![Answer {
+                    parts: vec![Bytes::from(wire)],
+                    pause: Duration::ZERO,
+                }],
+                vec![whole(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfresh")],
+            ])
+            .await;
+            let proxy = start_proxy(&policy(upstream.addr));
+            let reply = fetch(&proxy, Via::Http1, method.clone(), "/", &[])
+                .await
+                .complete();
+            assert_eq!((reply.status, reply.body.len()), (status, 0), "{method}");
+            let next = get(&proxy, "/").await.complete();
+            assert_eq!(next.summary(), ok("fresh"), "after {method} {status}");
+            assert_eq!(upstream.accepted(), 2, "{method} {status}");
+        }
+    })
+    .await;
+}
