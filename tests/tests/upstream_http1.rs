@@ -23,6 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use outrider_e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
 /// Every test's whole run, proxy start included.
 const TEST_LIMIT: Duration = Duration::from_secs(30);
@@ -45,11 +46,13 @@ async fn bounded<F: std::future::Future>(test: F) -> F::Output {
         .expect("test ran past its time limit")
 }
 
-/// One response as the upstream writes it: `parts` one after the other, `pause` between them.
+/// One response as the upstream writes it: `parts` one after the other, `pause` between them;
+/// with a `gate`, the parts after the first wait until the test opens it.
 #[derive(Clone)]
 struct Answer {
     parts: Vec<Bytes>,
     pause: Duration,
+    gate: Option<Arc<Notify>>,
 }
 
 /// A response written in one piece.
@@ -57,6 +60,7 @@ fn whole(bytes: &'static [u8]) -> Answer {
     Answer {
         parts: vec![Bytes::from_static(bytes)],
         pause: Duration::ZERO,
+        gate: None,
     }
 }
 
@@ -66,6 +70,7 @@ fn split(parts: &[&'static [u8]]) -> Answer {
     Answer {
         parts: parts.iter().map(|p| Bytes::from_static(p)).collect(),
         pause: SPLIT_PAUSE,
+        gate: None,
     }
 }
 
@@ -74,6 +79,7 @@ fn silence() -> Answer {
     Answer {
         parts: Vec::new(),
         pause: Duration::ZERO,
+        gate: None,
     }
 }
 
@@ -81,15 +87,16 @@ fn owned(bytes: String) -> Answer {
     Answer {
         parts: vec![Bytes::from(bytes)],
         pause: Duration::ZERO,
+        gate: None,
     }
 }
 
-/// `head_and_start`, then after a pause long enough for the proxy to pass it on, the rest
-/// (possibly nothing), then the close.
-fn then_after_a_while(head_and_start: &'static [u8], rest: &'static [u8]) -> Answer {
+/// `first`, then once `gate` is open `rest` (possibly nothing), then the close.
+fn gated(first: &'static [u8], rest: &'static [u8], gate: &Arc<Notify>) -> Answer {
     Answer {
-        parts: vec![Bytes::from_static(head_and_start), Bytes::from_static(rest)],
-        pause: Duration::from_millis(200),
+        parts: vec![Bytes::from_static(first), Bytes::from_static(rest)],
+        pause: Duration::ZERO,
+        gate: Some(Arc::clone(gate)),
     }
 }
 
@@ -207,6 +214,9 @@ async fn serve(mut stream: TcpStream, script: Vec<Answer>, heads: Arc<Mutex<Vec<
             if i > 0 && !answer.pause.is_zero() {
                 tokio::time::sleep(answer.pause).await;
             }
+            if let (1, Some(gate)) = (i, &answer.gate) {
+                gate.notified().await;
+            }
             if stream.write_all(part).await.is_err() {
                 return false;
             }
@@ -235,6 +245,33 @@ struct Fetched {
 }
 
 impl Fetched {
+    /// A response whose body is still to be read.
+    fn new(head: http::response::Parts) -> Self {
+        Self {
+            status: head.status.as_u16(),
+            headers: head.headers,
+            body: Vec::new(),
+            trailers: None,
+            error: None,
+        }
+    }
+
+    /// Reads `body` to its end or its first error.
+    async fn read(&mut self, body: &mut Incoming) {
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => match frame.into_data() {
+                    Ok(data) => self.body.extend_from_slice(&data),
+                    Err(frame) => self.trailers = frame.into_trailers().ok(),
+                },
+                Err(error) => {
+                    self.error = Some(error.to_string());
+                    return;
+                }
+            }
+        }
+    }
+
     fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
@@ -280,6 +317,23 @@ async fn try_fetch(
     headers: &[(&str, &str)],
     body: &'static [u8],
 ) -> Result<Fetched, hyper::Error> {
+    let (head, mut body) = open(proxy, via, method, path, headers, body)
+        .await?
+        .into_parts();
+    let mut fetched = Fetched::new(head);
+    fetched.read(&mut body).await;
+    Ok(fetched)
+}
+
+/// Sends the request of [`try_fetch`] and returns the response with its body unread.
+async fn open(
+    proxy: &Proxy,
+    via: Via,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &'static [u8],
+) -> Result<http::Response<Incoming>, hyper::Error> {
     let stream = TcpStream::connect(proxy.outbound)
         .await
         .expect("connect to proxy");
@@ -293,7 +347,7 @@ async fn try_fetch(
         req = req.header(*name, *value);
     }
     let req = req.body(full(body)).expect("request");
-    let res = match via {
+    match via {
         Via::Http1 => {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
                 .await
@@ -309,28 +363,7 @@ async fn try_fetch(
             tokio::spawn(conn);
             sender.send_request(req).await
         }
-    }?;
-    let (parts, mut body): (_, Incoming) = res.into_parts();
-    let mut fetched = Fetched {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body: Vec::new(),
-        trailers: None,
-        error: None,
-    };
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(frame) => match frame.into_data() {
-                Ok(data) => fetched.body.extend_from_slice(&data),
-                Err(frame) => fetched.trailers = frame.into_trailers().ok(),
-            },
-            Err(error) => {
-                fetched.error = Some(error.to_string());
-                break;
-            }
-        }
     }
-    Ok(fetched)
 }
 
 async fn get(proxy: &Proxy, path: &str) -> Fetched {
@@ -462,7 +495,7 @@ fn trailer_list(reply: &Fetched) -> Vec<(String, String)> {
 #[tokio::test]
 async fn chunked_trailers_reach_h2c_callers_and_http1_callers_that_accept_them() {
     bounded(async {
-        // Each on a connection of its own (see the ignored test below for why).
+        // One response per connection: reuse after trailers is the next tests' subject.
         let upstream = Scripted::start(vec![vec![whole(WITH_TRAILERS)]]).await;
         let proxy = start_proxy(&policy(upstream.addr));
         let expected = vec![
@@ -750,6 +783,7 @@ async fn a_large_body_in_many_writes_arrives_byte_for_byte() {
         let answer = Answer {
             parts,
             pause: Duration::ZERO,
+            gate: None,
         };
         let upstream = Scripted::start(vec![vec![answer; 2]]).await;
         let proxy = start_proxy(&policy(upstream.addr));
@@ -792,6 +826,7 @@ async fn a_large_chunked_body_cut_across_writes_arrives_byte_for_byte() {
         let answer = Answer {
             parts: pieces(&Bytes::from(wire), &[3, 65_521, 1, 9_999, 131_071, 2]),
             pause: Duration::ZERO,
+            gate: None,
         };
         for client in [Client::Direct, Client::Hyper] {
             let upstream = Scripted::start(vec![vec![answer.clone(); 2]]).await;
@@ -817,6 +852,7 @@ async fn a_response_written_one_byte_at_a_time_is_relayed_whole() {
         let answer = Answer {
             parts: pieces(&Bytes::from_static(wire), &[1]),
             pause: Duration::from_millis(1),
+            gate: None,
         };
         for client in [Client::Direct, Client::Hyper] {
             let upstream = Scripted::start(vec![vec![
@@ -986,6 +1022,7 @@ async fn a_head_of_60_kib_is_relayed() {
         let answer = Answer {
             parts: vec![Bytes::from(head)],
             pause: Duration::ZERO,
+            gate: None,
         };
         let upstream = Scripted::start(vec![vec![answer]]).await;
         let proxy = start_proxy(&policy(upstream.addr));
@@ -1000,41 +1037,56 @@ async fn a_head_of_60_kib_is_relayed() {
 async fn a_body_cut_short_reaches_the_caller_cut_and_the_next_request_works() {
     bounded(async {
         let good = whole(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ngood");
-        let cut = then_after_a_while(
-            b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789",
-            b"",
-        );
-        let cut_chunked = then_after_a_while(
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
-            b"",
-        );
-        let bad_chunk = then_after_a_while(
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
-            b"zz\r\nLEAKED\r\n0\r\n\r\n",
-        );
+        // What the upstream sends, what of it the caller gets, and what comes (once the caller
+        // has that) before the close.
+        let cases: [(&str, &[u8], &str, &[u8]); 3] = [
+            (
+                "content-length 1000, 10 bytes",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789",
+                "0123456789",
+                b"",
+            ),
+            (
+                "chunked, no last chunk",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                "hello",
+                b"",
+            ),
+            (
+                "chunked, a bad chunk size",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                "hello",
+                b"zz\r\nLEAKED\r\n0\r\n\r\n",
+            ),
+        ];
         // Per connection: each cut response twice (an HTTP/1.1 and an h2c caller), a good one
         // after each pair.
-        let upstream = Scripted::start(vec![
-            vec![cut.clone()],
-            vec![cut],
-            vec![good.clone()],
-            vec![cut_chunked.clone()],
-            vec![cut_chunked],
-            vec![good.clone()],
-            vec![bad_chunk.clone()],
-            vec![bad_chunk],
-            vec![good],
-        ])
-        .await;
+        let gates: Vec<Arc<Notify>> = (0..6).map(|_| Arc::new(Notify::new())).collect();
+        let mut scripts = Vec::new();
+        for (i, (_, first, _, rest)) in cases.iter().enumerate() {
+            scripts.push(vec![gated(first, rest, &gates[2 * i])]);
+            scripts.push(vec![gated(first, rest, &gates[2 * i + 1])]);
+            scripts.push(vec![good.clone()]);
+        }
+        let upstream = Scripted::start(scripts).await;
         let proxy = start_proxy(&policy(upstream.addr));
-        for (what, sent) in [
-            ("content-length 1000, 10 bytes", "0123456789"),
-            ("chunked, no last chunk", "hello"),
-            ("chunked, a bad chunk size", "hello"),
-        ] {
+        let mut gates = gates.iter();
+        for (what, _, sent, _) in cases {
             for via in [Via::Http1, Via::H2c] {
-                let reply = fetch(&proxy, via, Method::GET, "/", &[]).await;
+                let (head, mut body) = open(&proxy, via, Method::GET, "/", &[], b"")
+                    .await
+                    .expect("response head")
+                    .into_parts();
+                let mut reply = Fetched::new(head);
                 assert_eq!(reply.status, 200, "{what} via {via:?}");
+                while reply.body.len() < sent.len() {
+                    let frame = body.frame().await.expect("a frame").expect("a good frame");
+                    reply
+                        .body
+                        .extend_from_slice(&frame.into_data().expect("data"));
+                }
+                gates.next().expect("a gate").notify_one();
+                reply.read(&mut body).await;
                 assert_eq!(reply.body, sent.as_bytes(), "{what} via {via:?}");
                 assert!(reply.error.is_some(), "{what} via {via:?}: ended cleanly");
                 if matches!(via, Via::Http1) && what.starts_with("content-length") {
@@ -1336,6 +1388,7 @@ async fn a_response_sent_to_an_idle_connection_is_never_taken_for_the_next_one()
                         ),
                     ],
                     pause: SPLIT_PAUSE,
+                    gate: None,
                 }],
                 vec![whole(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfresh")],
             ])
@@ -1429,15 +1482,26 @@ async fn a_body_the_caller_abandons_never_leaves_its_rest_for_the_next_request()
         const SIZE: usize = 1 << 20;
         let mut wire = format!("HTTP/1.1 200 OK\r\ncontent-length: {SIZE}\r\n\r\n").into_bytes();
         wire.resize(wire.len() + SIZE, b'x');
-        // The rest of the body comes a while after its start: the caller has hung up by then.
         let wire = Bytes::from(wire);
-        let big = Answer {
-            parts: vec![wire.slice(..64 << 10), wire.slice(64 << 10..)],
-            pause: Duration::from_millis(300),
-        };
         let next = whole(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnext");
         for client in [Client::Direct, Client::Hyper] {
-            let upstream = Scripted::start(vec![vec![big.clone(), next.clone()]]).await;
+            // The rest of the body comes once the caller has hung up.
+            let gate = Arc::new(Notify::new());
+            let big = Answer {
+                parts: vec![wire.slice(..64 << 10), wire.slice(64 << 10..)],
+                pause: Duration::ZERO,
+                gate: Some(Arc::clone(&gate)),
+            };
+            // A new connection serves the whole body at once.
+            let upstream = Scripted::start(vec![
+                vec![big, next.clone()],
+                vec![Answer {
+                    parts: vec![wire.clone()],
+                    pause: Duration::ZERO,
+                    gate: None,
+                }],
+            ])
+            .await;
             let proxy = start_proxy(&policy(upstream.addr));
             // Read the head and one frame of the body, then hang up.
             let stream = TcpStream::connect(proxy.outbound).await.expect("connect");
@@ -1459,6 +1523,7 @@ async fn a_body_the_caller_abandons_never_leaves_its_rest_for_the_next_request()
             assert!(frame.is_data(), "{client:?}");
             drop((body, sender));
             conn.abort();
+            gate.notify_one();
             // The proxy notices and lets the upstream connection go; one given back to the pool
             // with the rest of the body unread would stay open.
             let active = format!(
@@ -1503,6 +1568,7 @@ async fn a_body_sent_where_none_belongs_is_never_taken_for_the_next_response() {
                 vec![Answer {
                     parts: vec![Bytes::from(wire)],
                     pause: Duration::ZERO,
+                    gate: None,
                 }],
                 vec![whole(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfresh")],
             ])
