@@ -103,6 +103,7 @@ pub async fn handle(
         None
     };
     Finish::begin(&target.metrics);
+    let keep_uri = log || spans.is_some();
     let mut finish = Finish {
         target: Arc::clone(&target),
         spans,
@@ -115,7 +116,7 @@ pub async fn handle(
         started,
         started_wall,
         method: req.method().clone(),
-        uri: req.uri().clone(),
+        uri: keep_uri.then(|| req.uri().clone()),
         authority: authority.clone(),
         peer,
         request_id: req.headers().get(&headers::REQUEST_ID).cloned(),

@@ -466,8 +466,9 @@ pub struct Finish {
     pub started_wall: SystemTime,
     /// Method.
     pub method: Method,
-    /// Request target as received.
-    pub uri: Uri,
+    /// Request target as received; kept only for the access log and spans (a clone of it
+    /// would hold on to the caller connection's read buffer until the response ends).
+    pub uri: Option<Uri>,
     /// Authority as routed.
     pub authority: Option<Authority>,
     /// The caller's address.
@@ -528,7 +529,8 @@ impl Finish {
                 authority: self.authority.as_ref().map(|a| a.as_str().to_string()),
                 path: self
                     .uri
-                    .path_and_query()
+                    .as_ref()
+                    .and_then(Uri::path_and_query)
                     .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
                 status: self.status.as_u16(),
                 upstream: self.report.endpoint,
@@ -566,7 +568,10 @@ impl Finish {
             KeyValue::new("http.route", labels.route.to_string()),
             KeyValue::new("http.response.status_code", i64::from(self.status.as_u16())),
             KeyValue::new("url.scheme", "http"),
-            KeyValue::new("url.path", self.uri.path().to_string()),
+            KeyValue::new(
+                "url.path",
+                self.uri.as_ref().map_or("/", Uri::path).to_string(),
+            ),
             KeyValue::new("outrider.service", labels.service.to_string()),
             KeyValue::new("outrider.attempts", i64::from(self.report.attempts)),
         ];

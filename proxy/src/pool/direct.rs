@@ -12,6 +12,7 @@
 //! arrives); so do upgrades, whose connection becomes the tunnel.
 
 use std::io;
+use std::mem::{self, MaybeUninit};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
 
@@ -169,7 +170,15 @@ impl DirectConnection {
 
     /// Sends a request without a body (`parts` in origin form, with `Host`) and reads the
     /// response head, skipping interim responses. The body follows through [`DirectBody`].
-    pub async fn exchange(&mut self, parts: &request::Parts) -> Result<ResponseHead, DirectError> {
+    ///
+    /// The response's header fields go into the request's map, emptied, once the whole head is
+    /// there (until then the request may still have to go out again elsewhere). hyper's server
+    /// keeps the map of each response it writes for the next request it reads, so one map's
+    /// allocation serves request after request, already grown to fit what the proxy adds.
+    pub async fn exchange(
+        &mut self,
+        parts: &mut request::Parts,
+    ) -> Result<ResponseHead, DirectError> {
         encode_head(&mut self.write_buf, parts);
         self.io
             .write_all(&self.write_buf)
@@ -182,7 +191,7 @@ impl DirectConnection {
         loop {
             if !self.read_buf.is_empty() {
                 received = true;
-                match parse_head(&mut self.read_buf, head_request)? {
+                match parse_head(&mut self.read_buf, head_request, &mut parts.headers)? {
                     Parsed::Complete(head) => return Ok(head),
                     Parsed::Interim => continue,
                     Parsed::Partial if self.read_buf.len() >= MAX_HEAD => {
@@ -229,14 +238,24 @@ fn encode_head(out: &mut Vec<u8>, parts: &request::Parts) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Parses a response head at the front of `buf`, and takes it off the buffer once complete.
-fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, DirectError> {
+/// Parses a response head at the front of `buf`, and takes it off the buffer once complete;
+/// its header fields replace the contents of `recycled`, whose map the response takes.
+fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    recycled: &mut HeaderMap,
+) -> Result<Parsed, DirectError> {
     // Where each field lies in the buffer, so names and values can be cut from it without
     // copying once the parser's borrow ends.
     let mut spans = [[0u32; 4]; MAX_HEADERS];
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut fields);
-    let len = match parsed.parse(buf)? {
+    // Left uninitialized: the parser writes the fields it finds (the array is 3 KiB).
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut fields,
+    )? {
         httparse::Status::Complete(len) => len,
         httparse::Status::Partial => return Ok(Parsed::Partial),
     };
@@ -328,7 +347,9 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, DirectEr
         && (version == Version::HTTP_11 || keep_alive);
 
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    let mut headers = mem::take(recycled);
+    headers.clear();
+    headers.reserve(count);
     for &[name_start, name_end, value_start, value_end] in &spans[..count] {
         let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
             .map_err(|_| DirectError::Invalid("header name"))?;
@@ -619,7 +640,11 @@ mod tests {
     use super::*;
 
     fn parse(bytes: &[u8], head_request: bool) -> Result<Parsed, DirectError> {
-        parse_head(&mut BytesMut::from(bytes), head_request)
+        parse_head(
+            &mut BytesMut::from(bytes),
+            head_request,
+            &mut HeaderMap::new(),
+        )
     }
 
     fn complete(bytes: &[u8]) -> ResponseHead {
@@ -694,12 +719,37 @@ mod tests {
     #[test]
     fn interim_responses_are_consumed() {
         let mut buf = BytesMut::from(&b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..]);
-        assert!(matches!(parse_head(&mut buf, false), Ok(Parsed::Interim)));
+        let mut map = HeaderMap::new();
         assert!(matches!(
-            parse_head(&mut buf, false),
+            parse_head(&mut buf, false, &mut map),
+            Ok(Parsed::Interim)
+        ));
+        assert!(matches!(
+            parse_head(&mut buf, false, &mut map),
             Ok(Parsed::Complete(_))
         ));
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn the_response_takes_the_request_map_only_when_complete() {
+        let mut map = HeaderMap::new();
+        map.insert("x-request", HeaderValue::from_static("kept"));
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
+        assert!(matches!(
+            parse_head(&mut buf, false, &mut map),
+            Ok(Parsed::Partial)
+        ));
+        assert_eq!(
+            map["x-request"], "kept",
+            "a partial head leaves the request whole"
+        );
+        buf.extend_from_slice(b"ngth: 0\r\n\r\n");
+        let Ok(Parsed::Complete(head)) = parse_head(&mut buf, false, &mut map) else {
+            panic!("complete head");
+        };
+        assert_eq!(head.response.headers().len(), 1);
+        assert!(!head.response.headers().contains_key("x-request"));
     }
 
     #[test]

@@ -201,13 +201,13 @@ impl EndpointPool {
         self: &Arc<Self>,
         req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let (parts, _ended) = req.into_parts();
+        let (mut parts, _ended) = req.into_parts();
         loop {
             let (mut connection, reused) = match self.checkout_direct() {
                 Some(connection) => (connection, true),
                 None => (Box::pin(self.open_direct()).await?, false),
             };
-            match connection.exchange(&parts).await {
+            match connection.exchange(&mut parts).await {
                 Ok(head) => {
                     let body = DirectBody::new(connection, &head);
                     let pool = head.keep_alive.then(|| Arc::clone(self));
