@@ -100,7 +100,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
+    if headers.remove(header::TRANSFER_ENCODING).is_some() {
+        // The message was framed by its transfer coding, not its length: a Content-Length
+        // beside it must not be passed on (RFC 9112 §6.3), or the next hop waits for bytes that
+        // never come.
+        headers.remove(header::CONTENT_LENGTH);
+    }
     // `te: trailers` is the one TE value HTTP/2 allows, and gRPC relies on it.
     let te_is_trailers = headers
         .get(header::TE)

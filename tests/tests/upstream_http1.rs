@@ -7,8 +7,7 @@
 //! The proxy has two HTTP/1.1 clients: a request without a body is exchanged by its own code
 //! (`proxy/src/pool/direct.rs`), one with a body by hyper's client. Most tests send GETs (and
 //! HEADs), so they check the first; those that loop over [`Client`] send the same bytes through
-//! both (a GET and a POST) and expect the same. An ignored test is a bug on main, or a change
-//! from what hyper's client did, named in its reason.
+//! both (a GET and a POST) and expect the same.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -466,9 +465,6 @@ async fn chunked_bodies_are_reassembled_and_the_connection_reused() {
 }
 
 #[tokio::test]
-#[ignore = "changed by the direct HTTP/1.1 exchange (b4cd1ec): a chunk-size line with whitespace \
-            after the size and no extension (`6 \\r\\n`) was accepted by hyper; the direct \
-            parser refuses it and the caller gets no response at all"]
 async fn a_chunk_size_with_trailing_whitespace_is_accepted() {
     bounded(async {
         let upstream = Scripted::start(vec![vec![whole(
@@ -566,10 +562,6 @@ async fn a_response_with_trailers_keeps_its_connection_and_ends_cleanly() {
 }
 
 #[tokio::test]
-#[ignore = "bug on main: for a request with a body (hyper's client), the caller's side stops \
-            polling after the trailers frame and the upstream body is only given back on None \
-            or is_end_stream (never true for chunked), so the connection is dropped and the \
-            access log says the caller went away"]
 async fn a_response_with_trailers_to_a_request_with_a_body_keeps_its_connection() {
     bounded(trailers_keep_the_connection(Method::POST, b"payload")).await;
 }
@@ -865,10 +857,7 @@ async fn a_response_written_one_byte_at_a_time_is_relayed_whole() {
             assert_eq!(reply.summary(), ok("hello world"), "{client:?}");
             assert_eq!(reply.header("x-a"), Some("1"), "{client:?}");
             let next = client.call(&proxy).await.expect("response head").complete();
-            // hyper's client loses a connection after trailers (the ignored test above).
-            if client == Client::Direct {
-                assert_eq!(next.summary(), ok("again"), "{client:?}");
-            }
+            assert_eq!(next.summary(), ok("again"), "{client:?}");
         }
     })
     .await;
@@ -1310,10 +1299,6 @@ async fn unusual_responses_are_read_alike_by_both_clients() {
 }
 
 #[tokio::test]
-#[ignore = "bug on main, both clients: with transfer-encoding: chunked AND content-length the \
-            body is read chunked (RFC 9112 6.3) but the upstream's content-length is passed on \
-            (RFC 9112 6.3 says remove it): the caller is promised 100 bytes, gets 5, and its \
-            response fails (no response at all for a bodiless request, a cut body otherwise)"]
 async fn chunked_wins_over_content_length_and_the_length_is_not_passed_on() {
     bounded(async {
         for client in [Client::Direct, Client::Hyper] {

@@ -397,10 +397,10 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, DirectError> {
         .iter()
         .position(|&b| !b.is_ascii_hexdigit())
         .unwrap_or(line.len());
-    let rest = &line[digits..];
-    // Extensions (`;name=value`) after optional whitespace are allowed and ignored.
-    if digits == 0 || digits > 15 || !(rest.is_empty() || rest.trim_ascii_start().starts_with(b";"))
-    {
+    // Extensions (`;name=value`) after optional whitespace are allowed and ignored, and so is
+    // whitespace alone (hyper's client accepts it too).
+    let rest = line[digits..].trim_ascii_start();
+    if digits == 0 || digits > 15 || !(rest.is_empty() || rest.starts_with(b";")) {
         return Err(DirectError::Invalid("chunk size"));
     }
     Ok(line[..digits].iter().fold(0u64, |n, &b| {
@@ -765,6 +765,7 @@ mod tests {
         assert_eq!(parse_chunk_size(b"1a\r").ok(), Some(26));
         assert_eq!(parse_chunk_size(b"5;ext=1\r").ok(), Some(5));
         assert_eq!(parse_chunk_size(b"5 ;ext\r").ok(), Some(5));
+        assert_eq!(parse_chunk_size(b"6 \r").ok(), Some(6));
         assert_eq!(parse_chunk_size(b"0\r").ok(), Some(0));
         assert!(parse_chunk_size(b"\r").is_err());
         assert!(parse_chunk_size(b"5").is_err(), "bare LF");

@@ -155,7 +155,11 @@ impl EndpointPool {
                     let reuse = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
                         .then(|| (Arc::clone(self), sender));
                     return Ok(response.map(|body| UpstreamBody {
-                        kind: Kind::Http { body, reuse },
+                        kind: Kind::Http {
+                            body,
+                            reuse,
+                            trailers_seen: false,
+                        },
                     }));
                 }
                 Err(mut error) => match error.take_message() {
@@ -180,7 +184,11 @@ impl EndpointPool {
             match sender.try_send_request(req).await {
                 Ok(response) => {
                     return Ok(response.map(|body| UpstreamBody {
-                        kind: Kind::Http { body, reuse: None },
+                        kind: Kind::Http {
+                            body,
+                            reuse: None,
+                            trailers_seen: false,
+                        },
                     }))
                 }
                 Err(mut error) => match error.take_message() {
@@ -409,6 +417,8 @@ enum Kind {
     Http {
         body: Incoming,
         reuse: Option<(Arc<EndpointPool>, Http1Sender)>,
+        /// Trailers came: they are the last frame, though `Incoming` does not say it ended.
+        trailers_seen: bool,
     },
     /// Read by the request's task from its connection (a bodiless HTTP/1.1 request).
     Direct {
@@ -440,7 +450,7 @@ impl UpstreamBody {
 impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
-            Kind::Http { body, reuse } => f
+            Kind::Http { body, reuse, .. } => f
                 .debug_struct("UpstreamBody")
                 .field("body", body)
                 .field("pooled", &reuse.is_some())
@@ -473,9 +483,18 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
         let this = self.get_mut();
         match &mut this.kind {
-            Kind::Http { body, reuse } => {
+            Kind::Http {
+                body,
+                reuse,
+                trailers_seen,
+            } => {
                 let polled = ready!(Pin::new(&mut *body).poll_frame(cx));
                 match &polled {
+                    // A caller's server need not poll again after trailers, the last frame.
+                    Some(Ok(frame)) if frame.is_trailers() => {
+                        *trailers_seen = true;
+                        this.release();
+                    }
                     // hyper stops polling a body whose length is reached: the end is seen here.
                     Some(Ok(_)) if body.is_end_stream() => this.release(),
                     Some(Ok(_)) => {}
@@ -497,7 +516,11 @@ impl Body for UpstreamBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Http { body, .. } => body.is_end_stream(),
+            Kind::Http {
+                body,
+                trailers_seen,
+                ..
+            } => *trailers_seen || body.is_end_stream(),
             Kind::Direct { body, .. } => body.is_end_stream(),
         }
     }
