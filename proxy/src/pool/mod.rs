@@ -15,9 +15,10 @@ mod direct;
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{header, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -31,8 +32,11 @@ use crate::connect::{ConnectError, CountedStream, EndpointConnector};
 pub use direct::DirectError;
 use direct::{DirectBody, DirectConnection};
 
-/// How long an unused HTTP/1.1 connection is kept.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often unused HTTP/1.1 connections are swept: one unused through a whole interval (idle
+/// for one to two intervals) is closed. Counting sweeps rather than reading the clock keeps
+/// time off the request path; a connection the upstream closed sooner is noticed when it is
+/// next taken, or by the sweep.
+pub const IDLE_SWEEP: Duration = Duration::from_secs(30);
 
 /// Why a request could not be sent to an endpoint or got no response head.
 #[derive(Debug, thiserror::Error)]
@@ -66,13 +70,15 @@ type Http2Sender = http2::SendRequest<RequestBody>;
 /// An HTTP/1.1 connection run by hyper, waiting for its next request.
 struct IdleConnection {
     sender: Http1Sender,
-    since: Instant,
+    /// The sweep count when it was put back.
+    sweep: u64,
 }
 
 /// An HTTP/1.1 connection the request's task runs, waiting for its next request.
 struct IdleDirect {
     connection: Box<DirectConnection>,
-    since: Instant,
+    /// The sweep count when it was put back.
+    sweep: u64,
 }
 
 /// The shared HTTP/2 connection, numbered so that a request that found it broken forgets
@@ -89,7 +95,7 @@ pub struct EndpointPool {
     connector: EndpointConnector,
     protocol: Protocol,
     /// Idle HTTP/1.1 connections run by hyper, most recently used at the back: reuse takes the
-    /// warmest, and the coldest age out at the front.
+    /// warmest.
     idle: Mutex<VecDeque<IdleConnection>>,
     /// Idle HTTP/1.1 connections for bodiless exchanges, in the same order.
     idle_direct: Mutex<VecDeque<IdleDirect>>,
@@ -97,6 +103,8 @@ pub struct EndpointPool {
     multiplexed: Mutex<Multiplexed>,
     /// Held while the HTTP/2 connection is being opened, so a burst of requests opens one.
     opening: tokio::sync::Mutex<()>,
+    /// Sweeps of the idle lists so far.
+    sweeps: AtomicU64,
     /// Whether the idle reaper runs (started with the first connection).
     reaping: std::sync::Once,
 }
@@ -111,6 +119,7 @@ impl EndpointPool {
             idle_direct: Mutex::new(VecDeque::new()),
             multiplexed: Mutex::new(Multiplexed::default()),
             opening: tokio::sync::Mutex::new(()),
+            sweeps: AtomicU64::new(0),
             reaping: std::sync::Once::new(),
         })
     }
@@ -231,15 +240,15 @@ impl EndpointPool {
         }
     }
 
-    /// The warmest idle bodiless-exchange connection that can take a request; closed and
-    /// expired ones are dropped on the way.
+    /// The warmest idle bodiless-exchange connection that can take a request; closed ones are
+    /// dropped on the way.
     fn checkout_direct(&self) -> Option<Box<DirectConnection>> {
         let mut idle = self
             .idle_direct
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         while let Some(mut idle) = idle.pop_back() {
-            if idle.since.elapsed() < IDLE_TIMEOUT && idle.connection.is_reusable() {
+            if idle.connection.is_reusable() {
                 return Some(idle.connection);
             }
         }
@@ -248,33 +257,22 @@ impl EndpointPool {
 
     /// Takes back a connection whose bodiless exchange has ended.
     fn check_in_direct(&self, connection: Box<DirectConnection>) {
-        let now = Instant::now();
-        let mut idle = self
-            .idle_direct
+        let sweep = self.sweeps.load(Ordering::Relaxed);
+        self.idle_direct
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        while idle
-            .front()
-            .is_some_and(|c| now.duration_since(c.since) >= IDLE_TIMEOUT)
-        {
-            idle.pop_front();
-        }
-        idle.push_back(IdleDirect {
-            connection,
-            since: now,
-        });
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(IdleDirect { connection, sweep });
     }
 
     async fn open_direct(self: &Arc<Self>) -> Result<Box<DirectConnection>, SendError> {
         Ok(DirectConnection::new(self.connect().await?.into_inner()))
     }
 
-    /// The warmest idle connection that can take a request; closed and expired ones are
-    /// dropped on the way.
+    /// The warmest idle connection that can take a request; closed ones are dropped on the way.
     fn checkout_http1(&self) -> Option<Http1Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(connection) = idle.pop_back() {
-            if connection.sender.is_ready() && connection.since.elapsed() < IDLE_TIMEOUT {
+            if connection.sender.is_ready() {
                 return Some(connection.sender);
             }
         }
@@ -300,15 +298,11 @@ impl EndpointPool {
     }
 
     fn push_idle(&self, sender: Http1Sender) {
-        let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while idle
-            .front()
-            .is_some_and(|c| now.duration_since(c.since) >= IDLE_TIMEOUT)
-        {
-            idle.pop_front();
-        }
-        idle.push_back(IdleConnection { sender, since: now });
+        let sweep = self.sweeps.load(Ordering::Relaxed);
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(IdleConnection { sender, sweep });
     }
 
     async fn open_http1(self: &Arc<Self>) -> Result<Http1Sender, SendError> {
@@ -387,22 +381,25 @@ impl EndpointPool {
     }
 }
 
-/// Closes idle HTTP/1.1 connections past their time, also when no traffic comes to do it, for
-/// as long as the pool lives.
+/// Every [`IDLE_SWEEP`], for as long as the pool lives: closes the HTTP/1.1 connections that
+/// stayed unused since the sweep before, and those the upstream closed.
 async fn reap_idle(pool: Weak<EndpointPool>) {
     loop {
-        tokio::time::sleep(IDLE_TIMEOUT / 2).await;
+        tokio::time::sleep(IDLE_SWEEP).await;
         let Some(pool) = pool.upgrade() else {
             return;
         };
+        let sweep = pool.sweeps.fetch_add(1, Ordering::Relaxed) + 1;
+        // Put back before the previous sweep: unused for at least a whole interval.
+        let recent = |put_back: u64| put_back + 2 > sweep;
         pool.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|c| c.since.elapsed() < IDLE_TIMEOUT && !c.sender.is_closed());
+            .retain(|c| recent(c.sweep) && !c.sender.is_closed());
         pool.idle_direct
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain_mut(|c| c.since.elapsed() < IDLE_TIMEOUT && c.connection.is_reusable());
+            .retain_mut(|c| recent(c.sweep) && c.connection.is_reusable());
     }
 }
 
