@@ -269,30 +269,32 @@ impl Body for ProxyBody {
 /// its bytes once, as the caller sent them, however many attempts replay them.
 pub struct Counted {
     body: Incoming,
-    /// Data bytes read so far; shared with the request's [`Finish`] for the access log.
-    seen: Arc<AtomicU64>,
+    /// Data bytes read so far.
+    seen: u64,
+    /// The same, shared with the request's [`Finish`] when the access log is on.
+    shared: Option<Arc<AtomicU64>>,
     /// The route's `outrider_request_bytes_total`; taken when the total is added to it.
     metric: Option<IntCounter>,
 }
 
 impl Counted {
-    /// Counts `body` into `seen` frame by frame, and into `metric` once, when the body ends,
-    /// fails or is dropped unfinished (then with what passed).
-    pub fn new(body: Incoming, seen: Arc<AtomicU64>, metric: IntCounter) -> Self {
+    /// Counts `body` frame by frame (into `shared` too, when given), and into `metric` once,
+    /// when the body ends, fails or is dropped unfinished (then with what passed).
+    pub fn new(body: Incoming, shared: Option<Arc<AtomicU64>>, metric: &IntCounter) -> Self {
         Self {
+            // A body that has already ended (most GETs) has nothing to add to the metric.
+            metric: (!body.is_end_stream()).then(|| metric.clone()),
             body,
-            seen,
-            metric: Some(metric),
+            seen: 0,
+            shared,
         }
     }
 
     fn record(&mut self) {
         if let Some(metric) = self.metric.take() {
-            // Only this body adds to `seen`, so the load is its own final total. Bodiless
-            // requests (most GETs) skip the add on the route's shared counter.
-            let total = self.seen.load(Ordering::Relaxed);
-            if total > 0 {
-                metric.inc_by(total);
+            // Bodiless requests skip the add on the route's shared counter.
+            if self.seen > 0 {
+                metric.inc_by(self.seen);
             }
         }
     }
@@ -328,7 +330,11 @@ impl Body for Counted {
         match &polled {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
-                    this.seen.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    let len = data.len() as u64;
+                    this.seen += len;
+                    if let Some(shared) = &this.shared {
+                        shared.fetch_add(len, Ordering::Relaxed);
+                    }
                 }
                 // hyper stops polling a body whose declared length is reached: the end is
                 // seen here, not as a final `None`.

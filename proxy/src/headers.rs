@@ -1,7 +1,7 @@
 //! Header handling on the way through: request checks, hop-by-hop removal (RFC 9110 §7.6.1),
 //! `x-forwarded-*`, `x-request-id`, and finding the request's authority.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
@@ -131,13 +131,41 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == PROXY_CONNECTION
 }
 
+/// A caller connection's address, with its `x-forwarded-for` text made once for all the
+/// requests on the connection (a clone per request shares it: no formatting, no allocation).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The caller's address.
+    pub addr: SocketAddr,
+    forwarded_for: HeaderValue,
+}
+
+impl Caller {
+    /// The caller at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        let mut buffer = [0u8; 15];
+        let text = match addr.ip() {
+            IpAddr::V4(v4) => HeaderValue::from_str(ipv4_text(v4, &mut buffer)),
+            IpAddr::V6(v6) => HeaderValue::from_str(&v6.to_string()),
+        };
+        Self {
+            addr,
+            // An address's text is always a valid header value.
+            forwarded_for: text.unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+        }
+    }
+}
+
 /// Appends the caller's address to `x-forwarded-for` and the scheme to `x-forwarded-proto`.
-pub fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
-    let mut buffer = [0u8; 15];
-    match peer {
-        // Every request formats its caller's address: IPv4 by hand, without fmt or a String.
-        IpAddr::V4(v4) => append_list(headers, &X_FORWARDED_FOR, ipv4_text(v4, &mut buffer)),
-        IpAddr::V6(_) => append_list(headers, &X_FORWARDED_FOR, &peer.to_string()),
+pub fn append_forwarded(headers: &mut HeaderMap, caller: &Caller) {
+    match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Vacant(absent) => {
+            absent.insert(caller.forwarded_for.clone());
+        }
+        Entry::Occupied(_) => {
+            let text = caller.forwarded_for.to_str().unwrap_or("unknown");
+            append_list(headers, &X_FORWARDED_FOR, text);
+        }
     }
     match headers.entry(&X_FORWARDED_PROTO) {
         Entry::Occupied(_) => append_list(headers, &X_FORWARDED_PROTO, "http"),
@@ -258,9 +286,15 @@ mod tests {
     fn appends_forwarded_for() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        append_forwarded(&mut h, "127.0.0.1".parse().expect("ip"));
+        let caller = Caller::new("127.0.0.1:4000".parse().expect("addr"));
+        append_forwarded(&mut h, &caller);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
+        let mut h = HeaderMap::new();
+        append_forwarded(&mut h, &Caller::new("[::1]:4000".parse().expect("addr")));
+        append_forwarded(&mut h, &caller);
+        assert_eq!(h["x-forwarded-for"], "::1, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http, http");
     }
 
     #[test]

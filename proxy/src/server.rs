@@ -70,15 +70,17 @@ pub async fn serve(
                         let Some(tls::Accepted { io, peer_identity }) = accepted else {
                             return;
                         };
+                        let caller = headers::Caller::new(peer);
                         let service = service_fn(move |mut req| {
                             let shared = Arc::clone(&shared);
+                            let caller = caller.clone();
                             let denied = (kind == ListenerKind::Inbound)
                                 .then(|| inbound_identity(&shared, &mut req, peer_identity.as_ref()))
                                 .flatten();
                             async move {
                                 match denied {
                                     Some(error) => Ok(errors::rescue(&error, headers::is_grpc(&req))),
-                                    None => forward::handle(shared, kind, peer, req).await,
+                                    None => forward::handle(shared, kind, caller, req).await,
                                 }
                             }
                         });

@@ -476,8 +476,8 @@ pub struct Finish {
     /// `x-request-id`.
     pub request_id: Option<HeaderValue>,
     /// Request body bytes forwarded so far, counted by the request body as it is read
-    /// ([`crate::body::Counted`]).
-    pub request_bytes: Arc<AtomicU64>,
+    /// ([`crate::body::Counted`]); only the access log reads it, so only kept when it is on.
+    pub request_bytes: Option<Arc<AtomicU64>>,
     /// Status sent.
     pub status: StatusCode,
     /// What the exchange did.
@@ -541,7 +541,10 @@ impl Finish {
                 // counted). An upstream that answers early (a 413, a streaming reply cut
                 // short) leaves the request body unfinished: the line then has the bytes
                 // that passed so far, while the metric gets the rest when the body ends.
-                request_bytes: self.request_bytes.load(Ordering::Relaxed),
+                request_bytes: self
+                    .request_bytes
+                    .as_ref()
+                    .map_or(0, |seen| seen.load(Ordering::Relaxed)),
                 response_bytes: bytes,
                 error,
             });
