@@ -187,6 +187,13 @@ pub struct CountedStream {
     _guard: ConnectionGuard,
 }
 
+impl CountedStream {
+    /// Whether an idle connection is still open with nothing unread (see [`Io::is_quiet`]).
+    pub fn is_quiet(&mut self) -> bool {
+        self.stream.is_quiet()
+    }
+}
+
 impl AsyncRead for CountedStream {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -54,6 +54,26 @@ macro_rules! delegate {
     };
 }
 
+impl Io {
+    /// Whether an idle connection is still open with nothing unread: the peer has neither
+    /// closed it nor sent anything. Never waits. On plain TCP it asks the runtime's cached
+    /// readiness, making a system call only if the socket became readable; TLS reads through
+    /// its session (a close_notify or a stray record counts as activity).
+    pub fn is_quiet(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        match self {
+            Self::Plain(stream) => {
+                matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            _ => {
+                let mut probe = ReadBuf::new(&mut probe);
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                Pin::new(self).poll_read(&mut cx, &mut probe).is_pending()
+            }
+        }
+    }
+}
+
 impl AsyncRead for Io {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -14,13 +14,13 @@
 use std::io;
 use std::mem::{self, MaybeUninit};
 use std::pin::Pin;
-use std::task::{ready, Context, Poll, Waker};
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::connect::CountedStream;
 
@@ -157,15 +157,7 @@ impl DirectConnection {
     /// sent anything since. Never waits, and makes a system call only when the runtime has seen
     /// the socket become readable (the socket's readiness is cached).
     pub fn is_reusable(&mut self) -> bool {
-        if !self.read_buf.is_empty() {
-            return false;
-        }
-        let mut probe = [0u8; 1];
-        let mut probe = ReadBuf::new(&mut probe);
-        let mut cx = Context::from_waker(Waker::noop());
-        Pin::new(&mut self.io)
-            .poll_read(&mut cx, &mut probe)
-            .is_pending()
+        self.read_buf.is_empty() && self.io.is_quiet()
     }
 
     /// Sends a request without a body (`parts` in origin form, with `Host`) and reads the
@@ -247,7 +239,7 @@ fn parse_head(
 ) -> Result<Parsed, DirectError> {
     // Where each field lies in the buffer, so names and values can be cut from it without
     // copying once the parser's borrow ends.
-    let mut spans = [[0u32; 4]; MAX_HEADERS];
+    let mut spans = [[0u32; 5]; MAX_HEADERS];
     // Left uninitialized: the parser writes the fields it finds (the array is 3 KiB).
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
@@ -293,6 +285,7 @@ fn parse_head(
             (name_at + name.len()) as u32,
             value_at as u32,
             (value_at + field.value.len()) as u32,
+            known_name(name),
         ];
         match name.len() {
             14 if name.eq_ignore_ascii_case(b"content-length") => {
@@ -350,9 +343,12 @@ fn parse_head(
     let mut headers = mem::take(recycled);
     headers.clear();
     headers.reserve(count);
-    for &[name_start, name_end, value_start, value_end] in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
-            .map_err(|_| DirectError::Invalid("header name"))?;
+    for &[name_start, name_end, value_start, value_end, known] in &spans[..count] {
+        let name = match KNOWN_NAMES.get(known as usize) {
+            Some(name) => name.clone(),
+            None => HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
+                .map_err(|_| DirectError::Invalid("header name"))?,
+        };
         let value =
             HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
                 .map_err(|_| DirectError::Invalid("header value"))?;
@@ -367,6 +363,42 @@ fn parse_head(
         framing,
         keep_alive,
     }))
+}
+
+/// Names most responses carry, recognised without `HeaderName::from_bytes` (which lowercases
+/// the name into a buffer and then looks it up among all the standard ones).
+static KNOWN_NAMES: [HeaderName; 12] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+    header::DATE,
+    header::SERVER,
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::CACHE_CONTROL,
+    header::VARY,
+    header::ETAG,
+    header::LAST_MODIFIED,
+    header::SET_COOKIE,
+    header::CONTENT_ENCODING,
+];
+
+/// The index of `name` in [`KNOWN_NAMES`], or past its end if it is not one of them.
+fn known_name(name: &[u8]) -> u32 {
+    let candidates: &[usize] = match name.len() {
+        4 => &[2, 7, 8],
+        6 => &[3],
+        10 => &[4, 10],
+        12 => &[1],
+        13 => &[6, 9],
+        14 => &[0],
+        16 => &[11],
+        17 => &[5],
+        _ => &[],
+    };
+    candidates
+        .iter()
+        .find(|&&i| name.eq_ignore_ascii_case(KNOWN_NAMES[i].as_str().as_bytes()))
+        .map_or(u32::MAX, |&i| i as u32)
 }
 
 /// A `content-length` value: digits, or a list of the same digits repeated (RFC 9110 §8.6).
@@ -683,6 +715,22 @@ mod tests {
             Ok(Parsed::Complete(head)) => assert_eq!(head.framing, Framing::Empty),
             _ => panic!("HEAD response"),
         }
+    }
+
+    #[test]
+    fn known_names_are_found_in_any_case_and_others_are_not() {
+        for name in &KNOWN_NAMES {
+            let index = known_name(name.as_str().as_bytes()) as usize;
+            assert_eq!(KNOWN_NAMES[index], name, "{name}");
+            let upper = name.as_str().to_ascii_uppercase();
+            assert_eq!(known_name(upper.as_bytes()) as usize, index, "{upper}");
+        }
+        for other in ["x-date", "dat", "content-lengths", "keep-alive", "location"] {
+            assert_eq!(known_name(other.as_bytes()), u32::MAX, "{other}");
+        }
+        let head = complete(b"HTTP/1.1 200 OK\r\nContent-Type: a/b\r\nX-Other: 1\r\nDATE: d\r\ncontent-length: 0\r\n\r\n");
+        let names: Vec<_> = head.response.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-type", "x-other", "date", "content-length"]);
     }
 
     #[test]
