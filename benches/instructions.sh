@@ -19,6 +19,8 @@
 #   (p) every resilience policy on, none triggering (as load.sh --policies);
 #   (t) tracing at ratio 1.0, exported over OTLP/HTTP to a bench-upstream sink;
 #   (l) the JSON access log on (stdout to a file).
+# And nginx (one worker, configured as in load.sh, HTTP/1.1 only) as the reference: the same load
+# through it, its worker's instructions counted the same way, when nginx is installed.
 # Load: oha, 16 keep-alive connections (h2c: 16 connections, one stream each), 127.0.0.1 only.
 set -euo pipefail
 shopt -s inherit_errexit
@@ -142,7 +144,38 @@ measure() {
     awk -v ir="$ir" -v n="$REQUESTS" 'BEGIN { printf "%.0f", ir / n }'
 }
 
+# nginx, run without a master process so callgrind follows the one process serving. Prints
+# instructions per measured request.
+measure_nginx() {
+    local dir=$TMP/nginx out=$TMP/callgrind-nginx pid ir ok
+    mkdir -p "$dir"
+    nginx_conf "$dir" "listen $HOST:$PORT_OUTBOUND;" "master_process off;" >"$dir/nginx.conf"
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out.out" \
+        nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" >"$out.stdout" 2>"$out.log" &
+    pid=$!
+    PIDS+=("$pid")
+    wait_http "http://$HOST:$PORT_OUTBOUND/" || die "nginx not ready: $(tail -5 "$out.log")"
+    load "$WARM" "" "$out.warm.json"
+    callgrind_control -i on "$pid" >/dev/null
+    load "$REQUESTS" "" "$out.json"
+    callgrind_control -i off "$pid" >/dev/null
+    ok=$(jq -r '.statusCodeDistribution["200"] // 0' "$out.json")
+    ((ok == REQUESTS)) || die "nginx: $ok of $REQUESTS requests got 200"
+    kill -TERM "$pid"
+    wait "$pid" || true
+    ir=$(grep -o 'Collected : [0-9]*' "$out.log" | awk '{ print $3 }')
+    [[ -n $ir ]] || die "no callgrind total (nginx): $(tail -5 "$out.log")"
+    awk -v ir="$ir" -v n="$REQUESTS" 'BEGIN { printf "%.0f", ir / n }'
+}
+
 declare -A IR
+if command -v nginx >/dev/null; then
+    log "nginx (reference): $REQUESTS requests under callgrind"
+    IR[nginx]=$(measure_nginx)
+    log "  ${IR[nginx]} instructions/request"
+else
+    log "nginx not installed: no reference row (bash benches/load.sh installs it)"
+fi
 for proto in http1 http2; do
     for variant in b p t l; do
         [[ $VARIANTS == *$variant* ]] || continue
@@ -175,6 +208,13 @@ mkdir -p "$(dirname "$OUT")"
         esac
         echo "| $name | ${IR[http1-$variant]} | $(pct "${IR[http1-$variant]}" "${IR[http1-b]}") | ${IR[http2-$variant]} | $(pct "${IR[http2-$variant]}" "${IR[http2-b]}") |"
     done
+    if [[ -n ${IR[nginx]:-} ]]; then
+        echo "| nginx $(nginx -v 2>&1 | sed 's|.*nginx/||'), one worker (reference, HTTP/1.1 upstream) | ${IR[nginx]} | $(pct "${IR[nginx]}" "${IR[http1-b]}") | | |"
+        echo
+        echo "nginx's row: its worker's instructions under the same load (configured as in load.sh). Both"
+        echo "make the same reads and writes per request (strace: nginx adds a getpid and a getsockopt); this"
+        echo "is the user-space part of the CPU cost."
+    fi
 } >"$OUT"
 log "wrote $OUT"
 cat "$OUT"
