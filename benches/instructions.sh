@@ -118,54 +118,48 @@ load() {
         --output-format json "http://bench:$PORT_OUTBOUND/" >"$3" || die "oha failed"
 }
 
-# $1: protocol; $2: variant. Prints instructions per measured request.
-measure() {
-    local proto=$1 variant=$2 flag="" pol="$TMP/policy-$1-$2.yaml" out="$TMP/callgrind-$1-$2" pid ir
-    [[ $proto == http2 ]] && flag=--http2
-    policy "$proto" "$variant" >"$pol"
+# Runs `$@` under callgrind, counting only while $REQUESTS requests go through it (after $WARM
+# uncounted). $1: a name for messages and files; $2: a URL that answers once it serves; $3: oha's
+# extra flag (--http2 or empty); the rest: the command. Prints instructions per counted request.
+count_instructions() {
+    local name=$1 ready=$2 flag=$3 out=$TMP/callgrind-$1 pid ir ok
+    shift 3
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out.out" \
-        target/release/outrider-proxy --policy "$pol" --workers 1 \
-        --outbound "$HOST:$PORT_OUTBOUND" --inbound "$HOST:$PORT_INBOUND" --admin "$HOST:$PORT_ADMIN" \
-        --drain-timeout 1s >"$out.stdout" 2>"$out.log" &
+        "$@" >"$out.stdout" 2>"$out.log" &
     pid=$!
     PIDS+=("$pid")
-    wait_http "http://$HOST:$PORT_ADMIN/ready" || die "proxy not ready ($proto $variant): $(tail -5 "$out.log")"
+    wait_http "$ready" || die "$name not ready: $(tail -5 "$out.log")"
     load "$WARM" "$flag" "$out.warm.json"
     callgrind_control -i on "$pid" >/dev/null
     load "$REQUESTS" "$flag" "$out.json"
     callgrind_control -i off "$pid" >/dev/null
-    local ok
     ok=$(jq -r '.statusCodeDistribution["200"] // 0' "$out.json")
-    ((ok == REQUESTS)) || die "$proto $variant: $ok of $REQUESTS requests got 200: $(jq -c '[.statusCodeDistribution, .errorDistribution]' "$out.json")"
+    ((ok == REQUESTS)) || die "$name: $ok of $REQUESTS requests got 200: $(jq -c '[.statusCodeDistribution, .errorDistribution]' "$out.json")"
     kill -TERM "$pid"
     wait "$pid" || true
     ir=$(grep -o 'Collected : [0-9]*' "$out.log" | awk '{ print $3 }')
-    [[ -n $ir ]] || die "no callgrind total ($proto $variant): $(tail -5 "$out.log")"
+    [[ -n $ir ]] || die "no callgrind total ($name): $(tail -5 "$out.log")"
     awk -v ir="$ir" -v n="$REQUESTS" 'BEGIN { printf "%.0f", ir / n }'
 }
 
-# nginx, run without a master process so callgrind follows the one process serving. Prints
-# instructions per measured request.
+# $1: protocol; $2: variant. Prints instructions per measured request.
+measure() {
+    local flag="" pol="$TMP/policy-$1-$2.yaml"
+    [[ $1 == http2 ]] && flag=--http2
+    policy "$1" "$2" >"$pol"
+    count_instructions "$1-$2" "http://$HOST:$PORT_ADMIN/ready" "$flag" \
+        target/release/outrider-proxy --policy "$pol" --workers 1 \
+        --outbound "$HOST:$PORT_OUTBOUND" --inbound "$HOST:$PORT_INBOUND" --admin "$HOST:$PORT_ADMIN" \
+        --drain-timeout 1s
+}
+
+# nginx, run without a master process so callgrind follows the one process serving.
 measure_nginx() {
-    local dir=$TMP/nginx out=$TMP/callgrind-nginx pid ir ok
+    local dir=$TMP/nginx
     mkdir -p "$dir"
     nginx_conf "$dir" "listen $HOST:$PORT_OUTBOUND;" "master_process off;" >"$dir/nginx.conf"
-    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out.out" \
-        nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" >"$out.stdout" 2>"$out.log" &
-    pid=$!
-    PIDS+=("$pid")
-    wait_http "http://$HOST:$PORT_OUTBOUND/" || die "nginx not ready: $(tail -5 "$out.log")"
-    load "$WARM" "" "$out.warm.json"
-    callgrind_control -i on "$pid" >/dev/null
-    load "$REQUESTS" "" "$out.json"
-    callgrind_control -i off "$pid" >/dev/null
-    ok=$(jq -r '.statusCodeDistribution["200"] // 0' "$out.json")
-    ((ok == REQUESTS)) || die "nginx: $ok of $REQUESTS requests got 200"
-    kill -TERM "$pid"
-    wait "$pid" || true
-    ir=$(grep -o 'Collected : [0-9]*' "$out.log" | awk '{ print $3 }')
-    [[ -n $ir ]] || die "no callgrind total (nginx): $(tail -5 "$out.log")"
-    awk -v ir="$ir" -v n="$REQUESTS" 'BEGIN { printf "%.0f", ir / n }'
+    count_instructions nginx "http://$HOST:$PORT_OUTBOUND/" "" \
+        nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log"
 }
 
 declare -A IR
