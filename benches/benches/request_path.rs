@@ -3,7 +3,7 @@
 //! request gets, and the per-request work of the resilience policies when none triggers. Run: `cargo bench -p outrider-benches --bench request_path`.
 
 use std::hint::black_box;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion};
@@ -108,7 +108,8 @@ fn typical_request_headers() -> HeaderMap {
 
 fn bench_headers(c: &mut Criterion) {
     let template = typical_request_headers();
-    let peer = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3));
+    // Made once per caller connection in the proxy; each request appends it.
+    let caller = headers::Caller::new(SocketAddr::from((Ipv4Addr::new(10, 1, 2, 3), 40000)));
     let mut group = c.benchmark_group("headers");
     group.bench_function("clone_10_headers_baseline", |b| {
         b.iter(|| black_box(&template).clone())
@@ -118,7 +119,7 @@ fn bench_headers(c: &mut Criterion) {
             || template.clone(),
             |h| {
                 headers::strip_hop_by_hop(h, false);
-                headers::append_forwarded(h, peer);
+                headers::append_forwarded(h, &caller);
                 headers::ensure_request_id(h);
             },
             BatchSize::SmallInput,
@@ -134,7 +135,7 @@ fn bench_headers(c: &mut Criterion) {
     group.bench_function("append_forwarded", |b| {
         b.iter_batched_ref(
             || template.clone(),
-            |h| headers::append_forwarded(h, peer),
+            |h| headers::append_forwarded(h, &caller),
             BatchSize::SmallInput,
         )
     });
