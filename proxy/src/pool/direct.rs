@@ -781,8 +781,9 @@ mod tests {
 
     #[test]
     fn the_response_takes_the_request_map_only_when_complete() {
-        let mut map = HeaderMap::new();
+        let mut map = HeaderMap::with_capacity(32);
         map.insert("x-request", HeaderValue::from_static("kept"));
+        let capacity = map.capacity();
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
         assert!(matches!(
             parse_head(&mut buf, false, &mut map),
@@ -796,6 +797,12 @@ mod tests {
         let Ok(Parsed::Complete(head)) = parse_head(&mut buf, false, &mut map) else {
             panic!("complete head");
         };
+        assert!(map.is_empty(), "the request's map went to the response");
+        assert_eq!(
+            head.response.headers().capacity(),
+            capacity,
+            "its allocation too"
+        );
         assert_eq!(head.response.headers().len(), 1);
         assert!(!head.response.headers().contains_key("x-request"));
     }
