@@ -38,8 +38,10 @@ use crate::subscribe::{Backoff, ControlConfig, Token};
 /// Header carrying the verified caller identity to the local app; removed from every request
 /// arriving on the inbound port first, so a caller cannot claim one.
 pub const PEER_IDENTITY_HEADER: &str = "x-outrider-peer-identity";
-/// Fraction of a certificate's lifetime after which it is renewed.
-const RENEW_AT: f64 = 0.7;
+/// Percentage of a certificate's lifetime after which it is renewed.
+const RENEW_AT_PERCENT: u64 = 70;
+/// Shortest wait before the next fetch after a certificate is installed.
+pub const MIN_RENEW_IN: Duration = Duration::from_secs(1);
 /// Longest wait for the control plane's answer to a CSR.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest certificate response accepted.
@@ -455,11 +457,19 @@ pub fn describe(error: &std::io::Error) -> String {
 }
 
 /// When to renew a certificate valid from `not_before` to `not_after` (Unix seconds), counted
-/// from `now`: at 70% of its lifetime, at once if that is past.
+/// from `now`, the moment it arrived: at 70% of the time it is usable here, and never sooner
+/// than [`MIN_RENEW_IN`].
+///
+/// The lifetime counts from `now`, not from `not_before`: the CA backdates `not_before` for
+/// peers whose clocks lag, and counting that slack as lifetime put the renewal point of any
+/// certificate shorter than ~200 s in the past, so the proxy re-fetched in a tight loop (over
+/// 2,000 certificates in 8 s with a 3 s TTL). The floor keeps a certificate that arrives
+/// nearly or already expired (clocks apart) from doing the same.
 pub fn renew_in(now: u64, not_before: u64, not_after: u64) -> Duration {
-    let lifetime = not_after.saturating_sub(not_before) as f64;
-    let at = not_before as f64 + lifetime * RENEW_AT;
-    Duration::from_secs_f64((at - now as f64).max(0.0))
+    let start = not_before.max(now);
+    let usable_ms = not_after.saturating_sub(start).saturating_mul(1000);
+    let wait_ms = (start - now).saturating_mul(1000) + usable_ms / 100 * RENEW_AT_PERCENT;
+    Duration::from_millis(wait_ms).max(MIN_RENEW_IN)
 }
 
 fn unix_now() -> u64 {
@@ -578,14 +588,16 @@ mod tests {
 
     #[test]
     fn renewal_is_at_seventy_percent_of_the_lifetime() {
-        // A 24 h certificate issued (backdated 60 s) at t=1000.
-        let (nb, na) = (940, 940 + 86_400);
-        assert_eq!(renew_in(1000, nb, na), Duration::from_secs(60_420));
+        // A 24 h certificate issued (backdated 60 s) at t=1000: 70% of the 24 h ahead.
+        let (nb, na) = (940, 1000 + 86_400);
+        assert_eq!(renew_in(1000, nb, na), Duration::from_secs(60_480));
         // A 10 s certificate: renewed 7 s after its start.
         assert_eq!(renew_in(100, 100, 110), Duration::from_secs(7));
-        // Past the renewal point (a slow start, a suspended machine): at once.
-        assert_eq!(renew_in(109, 100, 110), Duration::ZERO);
-        assert_eq!(renew_in(500, 100, 110), Duration::ZERO);
+        // A 3 s certificate backdated 60 s: the backdate is not lifetime to spend.
+        assert_eq!(renew_in(1000, 940, 1003), Duration::from_millis(2100));
+        // Arriving nearly or already expired (clocks apart): a pause, never a tight loop.
+        assert_eq!(renew_in(109, 100, 110), MIN_RENEW_IN);
+        assert_eq!(renew_in(500, 100, 110), MIN_RENEW_IN);
     }
 
     #[test]

@@ -353,9 +353,11 @@ async fn an_expired_certificate_is_refused() {
 
 #[tokio::test]
 async fn rotation_under_load_loses_no_request() {
-    // 3 s certificates: renewed about every 2.1 s. The load runs 8 s; every second the caller's
+    // 3 s certificates: renewed every 1.4-2.1 s (70% of the 2-3 whole seconds left when one
+    // arrives). The load runs 8 s; every second the caller's
     // policy changes its connect timeout, which rebuilds its pool, so new mTLS connections are
     // made throughout, each with whatever certificate is in force.
+    let started = tokio::time::Instant::now();
     let mesh = start_mesh(PAYMENTS, "3s", "strict").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
     let mut workers = Vec::new();
@@ -405,7 +407,13 @@ async fn rotation_under_load_loses_no_request() {
         let renewals = proxy
             .metric("outrider_mesh_certificate_fetches_total{result=\"ok\"}")
             .await;
-        assert!(renewals >= 3.0, "{renewals} certificates fetched");
+        // Renewed, but at the pace the lifetime asks for: a renewal point put in the past (the
+        // CA's 60 s backdate counted as lifetime) once fetched 2,000 certificates here.
+        let most = started.elapsed().as_secs_f64() / 1.4 + 1.0;
+        assert!(
+            (3.0..=most).contains(&renewals),
+            "{renewals} certificates fetched, expected 3 to {most:.1}"
+        );
     }
 }
 
