@@ -143,8 +143,13 @@ struct Inner {
 }
 
 /// The control plane's state; share it as `Arc<Engine>`.
+///
+/// Two locks: `writer` serializes the changes (apply, file sync, rollback), and is held while
+/// a new version is validated and fsynced; `inner` guards the data and is only ever held for
+/// in-memory work, so status reads, subscriptions and ACKs never wait for a disk.
 pub struct Engine {
     store: Store,
+    writer: Mutex<()>,
     inner: Mutex<Inner>,
 }
 
@@ -176,6 +181,7 @@ impl Engine {
         settle_versions(&mut inner);
         Ok(Self {
             store,
+            writer: Mutex::new(()),
             inner: Mutex::new(inner),
         })
     }
@@ -186,6 +192,12 @@ impl Engine {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Taken before [`Self::lock`] by everything that changes the documents, the state or
+    /// the rejections, so that between its reads and its commit nothing else does.
+    fn lock_writer(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The version in force.
     pub fn version(&self) -> u64 {
         self.lock().state.version
@@ -194,15 +206,15 @@ impl Engine {
     /// Validates and applies `changes` as one version (when any is accepted), persists it, and
     /// pushes the workloads whose merged policy changed.
     pub fn apply(&self, changes: Vec<Change>, cause: &str) -> Result<Outcome, EngineError> {
-        let mut inner = self.lock();
-        self.apply_locked(&mut inner, changes, cause, None, false)
+        let _writer = self.lock_writer();
+        self.apply_serialized(changes, cause, None, false)
     }
 
     /// What [`Self::apply`] would do (diffs, rejections, workloads that would change, the
     /// version it would make), changing nothing and pushing nothing.
     pub fn dry_run(&self, changes: Vec<Change>) -> Result<Outcome, EngineError> {
-        let mut inner = self.lock();
-        self.apply_locked(&mut inner, changes, "dry run", None, true)
+        let _writer = self.lock_writer();
+        self.apply_serialized(changes, "dry run", None, true)
     }
 
     /// Brings the documents from files in line with a scan of the policy directory: changed
@@ -213,6 +225,7 @@ impl Engine {
         scan: BTreeMap<String, ScannedFile>,
         unreadable: &BTreeSet<String>,
     ) -> Result<Option<Outcome>, EngineError> {
+        let _writer = self.lock_writer();
         let mut inner = self.lock();
         // A rejected file that was deleted is no longer anyone's problem.
         let gone_rejections: Vec<String> = inner
@@ -277,24 +290,32 @@ impl Engine {
             .iter()
             .map(|(name, _, hash)| ((*name).clone(), hash.clone()))
             .collect();
-        self.apply_locked(&mut inner, changes, &cause, Some((seen, hashes)), false)
+        drop(inner);
+        self.apply_serialized(changes, &cause, Some((seen, hashes)), false)
             .map(Some)
     }
 
     /// `seen`: the files' hashes after this scan (without the upserted ones) and the upserted
     /// ones' hashes, recorded only when accepted or unchanged so a rejected file is retried on
     /// the next scan (it may be accepted once the document it conflicts with is gone).
-    fn apply_locked(
+    ///
+    /// The caller holds the writer lock; the data lock is taken only around in-memory work:
+    /// parsing, validation and the fsync of the new state happen without it.
+    fn apply_serialized(
         &self,
-        inner: &mut Inner,
         changes: Vec<Change>,
         cause: &str,
         seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
         dry_run: bool,
     ) -> Result<Outcome, EngineError> {
-        let version = inner.state.version + 1;
-        let mut docs = inner.docs.clone();
-        let mut parsed = inner.parsed.clone();
+        let (version, mut docs, mut parsed) = {
+            let inner = self.lock();
+            (
+                inner.state.version + 1,
+                inner.docs.clone(),
+                inner.parsed.clone(),
+            )
+        };
         let mut outcome = Outcome::default();
         for change in changes {
             match change {
@@ -366,6 +387,7 @@ impl Engine {
                 }
             }
         }
+        let mut inner = self.lock();
         if dry_run {
             if outcome.accepted.is_empty() {
                 outcome.version = inner.state.version;
@@ -412,28 +434,34 @@ impl Engine {
             cause: cause.to_string(),
             documents: docs.clone(),
         });
+        drop(inner);
         // Durable before anyone sees it: a version a proxy applied must survive a restart.
         self.store.save(&state)?;
+        let mut inner = self.lock();
         inner.state = state;
         inner.docs = docs;
         inner.parsed = parsed;
         outcome.version = version;
-        outcome.workloads = republish(inner, version);
+        outcome.workloads = republish(&mut inner, version);
         tracing::info!(version, cause, accepted = ?outcome.accepted, workloads = outcome.workloads.len(), "version accepted");
         Ok(outcome)
     }
 
     /// Makes a kept version's documents the ones in force again, as a new version.
     pub fn rollback(&self, to: u64) -> Result<Outcome, EngineError> {
-        let mut inner = self.lock();
-        let record = inner
-            .state
-            .history
-            .iter()
-            .find(|r| r.version == to)
-            .cloned()
-            .ok_or(EngineError::NotKept(to))?;
-        let version = inner.state.version + 1;
+        let _writer = self.lock_writer();
+        let (record, mut state, current) = {
+            let inner = self.lock();
+            let record = inner
+                .state
+                .history
+                .iter()
+                .find(|r| r.version == to)
+                .cloned()
+                .ok_or(EngineError::NotKept(to))?;
+            (record, inner.state.clone(), inner.docs.clone())
+        };
+        let version = state.version + 1;
         let mut parsed = BTreeMap::new();
         let mut docs = BTreeMap::new();
         for (name, mut doc) in record.documents {
@@ -443,12 +471,11 @@ impl Engine {
                     error,
                 })?;
             parsed.insert(name.clone(), loaded.policy);
-            if inner.docs.get(&name).map(|d| &d.text) != Some(&doc.text) {
+            if current.get(&name).map(|d| &d.text) != Some(&doc.text) {
                 doc.changed_at = version;
             }
             docs.insert(name, doc);
         }
-        let mut state = inner.state.clone();
         let cause = format!("rollback to {to}");
         state.push(VersionRecord {
             version,
@@ -457,6 +484,7 @@ impl Engine {
             documents: docs.clone(),
         });
         self.store.save(&state)?;
+        let mut inner = self.lock();
         inner.state = state;
         inner.docs = docs;
         inner.parsed = parsed;
@@ -916,6 +944,53 @@ mod tests {
             text: text.into(),
             source: Source::Api,
         }
+    }
+
+    #[test]
+    fn reads_subscriptions_and_acks_do_not_wait_for_the_disk() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let dir =
+            std::env::temp_dir().join(format!("outrider-engine-slowdisk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _cleanup = Dir(dir.clone());
+        let mut store = Store::open(&dir).expect("store");
+        let (entered_tx, entered) = mpsc::sync_channel(1);
+        let (release, release_rx) = mpsc::channel();
+        store.gate = Some(Arc::new(crate::store::SaveGate {
+            entered: entered_tx,
+            release: Mutex::new(release_rx),
+        }));
+        let engine = Arc::new(Engine::open(store).expect("engine"));
+        let doc = "workload: checkout\nservices: { a: { endpoints: [127.0.0.1:1] } }\n";
+        let writer = {
+            let engine = Arc::clone(&engine);
+            std::thread::spawn(move || engine.apply(vec![upsert("checkout", doc)], "t"))
+        };
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the save started");
+        // The new state is being written: readers, subscribers and ACKs are answered at once,
+        // and still see the version in force.
+        let (answered_tx, answered) = mpsc::channel();
+        {
+            let engine = Arc::clone(&engine);
+            std::thread::spawn(move || {
+                let version = engine.version();
+                let policy = engine.subscribe("checkout").borrow().version;
+                let connection = engine.connected("p1", "checkout", None);
+                engine.sent("p1", connection, 0);
+                let status = engine.status();
+                let _ = answered_tx.send((version, policy, status.proxies.len()));
+            });
+        }
+        let seen = answered.recv_timeout(Duration::from_secs(5));
+        release.send(()).expect("writer waits");
+        assert_eq!(seen, Ok((0, 0, 1)), "reads waited for the disk");
+        let outcome = writer.join().expect("writer").expect("applied");
+        assert_eq!(outcome.version, 1);
+        assert_eq!(engine.version(), 1);
+        assert_eq!(engine.subscribe("checkout").borrow().version, 1);
     }
 
     #[test]

@@ -118,6 +118,17 @@ pub enum StoreError {
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
+    /// Tests stand in for a slow disk with it.
+    #[cfg(test)]
+    pub(crate) gate: Option<std::sync::Arc<SaveGate>>,
+}
+
+/// A test's slow disk: each save says it has started, then waits (at most 10 s) for a go.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct SaveGate {
+    pub(crate) entered: std::sync::mpsc::SyncSender<()>,
+    pub(crate) release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
 }
 
 impl Store {
@@ -130,6 +141,8 @@ impl Store {
         })?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            #[cfg(test)]
+            gate: None,
         })
     }
 
@@ -168,6 +181,13 @@ impl Store {
 
     /// Replaces the state durably (write, fsync, rename, fsync the directory).
     pub fn save(&self, state: &State) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if let Some(gate) = &self.gate {
+            let _ = gate.entered.send(());
+            if let Ok(release) = gate.release.lock() {
+                let _ = release.recv_timeout(std::time::Duration::from_secs(10));
+            }
+        }
         let path = self.dir.join(STATE_FILE);
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
         let io = |what: &'static str, path: &Path| {
