@@ -15,7 +15,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use outrider_config::{AccessLog as AccessLogSetting, Protocol};
+use outrider_config::Protocol;
 use tokio::time::Instant;
 
 use crate::body::{Counted, Observed, ProxyBody, RequestBody};
@@ -62,7 +62,7 @@ pub async fn handle(
                 Arc::clone(target),
                 authority,
                 TraceContext::extract(req.headers(), &snapshot.sampler),
-                snapshot.policy.access_log == AccessLogSetting::Json,
+                snapshot.access_log.clone(),
             )),
             Err(error) => {
                 let response = rescue(&error, grpc);
@@ -71,9 +71,7 @@ pub async fn handle(
                     response.status(),
                     started.elapsed().as_secs_f64(),
                 );
-                // Set once a policy has said `access_log: json`.
-                let log = shared.access_log.get();
-                if let (AccessLogSetting::Json, Some(log)) = (snapshot.policy.access_log, log) {
+                if let Some(log) = &snapshot.access_log {
                     // Requests the proxy refused before routing are logged too: an operator
                     // looks for a 404 or 400 by its trace or request id like any other.
                     let trace = TraceContext::extract(req.headers(), &snapshot.sampler);
@@ -103,15 +101,12 @@ pub async fn handle(
         None
     };
     Finish::begin(&target.metrics);
-    let keep_uri = log || spans.is_some();
+    let logged = log.is_some();
+    let keep_uri = logged || spans.is_some();
     let mut finish = Finish {
         target: Arc::clone(&target),
         spans,
-        access_log: if log {
-            shared.access_log.get().cloned()
-        } else {
-            None
-        },
+        access_log: log,
         server: kind == ListenerKind::Inbound,
         started,
         started_wall,
@@ -120,7 +115,7 @@ pub async fn handle(
         authority: authority.clone(),
         peer: caller.addr,
         request_id: req.headers().get(&headers::REQUEST_ID).cloned(),
-        request_bytes: log.then(|| Arc::new(AtomicU64::new(0))),
+        request_bytes: logged.then(|| Arc::new(AtomicU64::new(0))),
         status: StatusCode::OK,
         report: ExchangeReport::default(),
         trace,

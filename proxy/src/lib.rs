@@ -30,7 +30,7 @@ pub mod watch_file;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -48,6 +48,8 @@ use crate::telemetry::{AccessLog, ExporterError, Spans};
 
 /// The longest a shutdown waits for queued spans to reach the collector.
 const SPAN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the access log's last lines to reach stdout.
+const ACCESS_LOG_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Settings that are not policy: where to listen and how to stop. From flags or env vars.
 #[derive(Debug, Clone)]
@@ -105,12 +107,17 @@ pub struct Shared {
     stop: watch::Sender<bool>,
     /// The span exporter for the policy's `tracing.otlp`, if any.
     pub spans: Spans,
-    /// The access-log writer, started by the first policy that says `access_log: json` (most
-    /// proxies never log; the writer is a thread and a queue).
-    pub access_log: OnceLock<Arc<AccessLog>>,
+    /// The access-log writer the logging snapshots share, while any of them lives (most
+    /// proxies never log; the writer is a thread and a queue). A reload that logs reuses it.
+    pub access_log: Mutex<Weak<AccessLog>>,
 }
 
 impl Shared {
+    /// The access-log writer slot; a poisoned lock still holds a valid `Weak`.
+    pub fn access_log(&self) -> MutexGuard<'_, Weak<AccessLog>> {
+        self.access_log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Begins a graceful shutdown (SIGTERM, `POST /shutdown`, [`Running::shutdown`]).
     pub fn shutdown(&self) {
         let _ = self.stop.send(true);
@@ -241,7 +248,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         mesh,
         stop,
         spans,
-        access_log: OnceLock::new(),
+        access_log: Mutex::new(Weak::new()),
     });
     if let (Some(config), Some(mesh)) = (bootstrap.identity.clone(), &shared.mesh) {
         identity::spawn(config, Arc::clone(mesh));
@@ -344,6 +351,12 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         // Flush what the drained requests produced; bounded so a dead collector cannot hold
         // the exit.
         supervisor_shared.spans.shutdown(SPAN_FLUSH_TIMEOUT).await;
+        let access_log = supervisor_shared.access_log().upgrade();
+        if let Some(log) = access_log {
+            if !log.flushed(ACCESS_LOG_FLUSH_TIMEOUT).await {
+                tracing::warn!("access log not flushed before shutdown");
+            }
+        }
         tracing::info!(?outcome, "shutdown complete");
         let _ = admin_stop.send(true);
         let _ = admin_task.await;

@@ -274,7 +274,7 @@ impl Reloader {
             });
         }
         let version = version.unwrap_or(current.version + 1);
-        let snapshot = build(
+        let mut snapshot = build(
             loaded,
             version,
             &self.shared.metrics,
@@ -301,14 +301,23 @@ impl Reloader {
             }
         }
 
-        if snapshot.policy.access_log == AccessLogSetting::Json
-            && self.shared.access_log.get().is_none()
-        {
-            // Started by the first policy that logs, and kept: a later policy may log again.
-            // Under the listeners lock, so only one reload gets here at a time.
-            let log = AccessLog::start(self.shared.metrics.telemetry.clone())
-                .map_err(ReloadError::AccessLog)?;
-            let _ = self.shared.access_log.set(Arc::new(log));
+        if snapshot.policy.access_log == AccessLogSetting::Json {
+            // One writer for every snapshot that logs: reused while one lives (an old snapshot
+            // may still be finishing requests), started otherwise. When a policy turns the log
+            // off, the writer ends with the last request logged under the old one.
+            let mut slot = self.shared.access_log();
+            let log = match slot.upgrade() {
+                Some(log) => log,
+                None => {
+                    let log = Arc::new(
+                        AccessLog::start(self.shared.metrics.telemetry.clone())
+                            .map_err(ReloadError::AccessLog)?,
+                    );
+                    *slot = Arc::downgrade(&log);
+                    log
+                }
+            };
+            snapshot.access_log = Some(log);
         }
 
         let content_hash = snapshot.content_hash.clone();

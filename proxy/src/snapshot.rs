@@ -14,6 +14,7 @@ use crate::policy::breaker::CircuitBreaker;
 use crate::policy::ratelimit::RateLimiter;
 use crate::policy::trace::Sampler;
 use crate::policy::{Limit, RoutePolicy, Stateful};
+use crate::telemetry::AccessLog;
 use crate::tls::UpstreamTls;
 use crate::upstream::{Upstream, UpstreamSpec};
 
@@ -68,6 +69,8 @@ pub struct Snapshot {
     pub unrouted: RouteMetrics,
     /// How new traces are sampled.
     pub sampler: Sampler,
+    /// The access-log writer, when this policy logs (set by the reload that installs it).
+    pub access_log: Option<Arc<AccessLog>>,
     routes: Vec<CompiledRoute>,
     dedicated: HashMap<SocketAddr, Arc<Target>>,
     inbound: Option<Arc<Target>>,
@@ -293,6 +296,7 @@ impl Snapshot {
             service_state,
             route_state,
             inbound_state,
+            access_log: None,
         }
     }
 

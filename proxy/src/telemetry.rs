@@ -362,11 +362,20 @@ fn arc_str<S: serde::Serializer>(value: &Arc<str>, serializer: S) -> Result<S::O
 
 /// Writes access-log lines to stdout from its own thread (stdout is a blocking file; a slow
 /// reader of it must stall that thread, never the runtime); the request path only
-/// `try_send`s into a bounded channel. Started by the first policy that turns the log on, so a
-/// proxy that never logs has neither the thread nor the queue.
+/// `try_send`s into a bounded channel. The snapshots of policies that log share one; a proxy
+/// that does not log has neither the thread nor the queue, and once the last holder is gone
+/// the thread writes what is queued and ends.
 pub struct AccessLog {
     queue: mpsc::Sender<AccessRecord>,
     metrics: TelemetryMetrics,
+    progress: Arc<LogProgress>,
+}
+
+/// Lines queued and lines flushed to stdout, so a shutdown can wait for the last ones.
+#[derive(Default)]
+struct LogProgress {
+    queued: AtomicU64,
+    flushed: AtomicU64,
 }
 
 impl AccessLog {
@@ -377,37 +386,67 @@ impl AccessLog {
         // (2.5 MiB) at once.
         let (queue, rx) = mpsc::channel(ACCESS_LOG_QUEUE);
         let lines = metrics.access_log_lines.clone();
+        let progress = Arc::new(LogProgress::default());
+        let writer_progress = Arc::clone(&progress);
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_access_log(rx, &lines))?;
-        Ok(Self { queue, metrics })
+            .spawn(move || write_access_log(rx, &lines, &writer_progress))?;
+        Ok(Self {
+            queue,
+            metrics,
+            progress,
+        })
     }
 
     /// Queues a line, or drops and counts it when the writer is behind.
     pub fn record(&self, record: AccessRecord) {
         if self.queue.try_send(record).is_err() {
             self.metrics.access_log_dropped.inc();
+        } else {
+            self.progress.queued.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Waits, at most `timeout`, until every line queued so far is flushed to stdout; whether
+    /// they were. For shutdown: the writer batches, so the last requests' lines would
+    /// otherwise die with the process.
+    pub async fn flushed(&self, timeout: Duration) -> bool {
+        let queued = self.progress.queued.load(Ordering::Relaxed);
+        let deadline = Instant::now() + timeout;
+        while self.progress.flushed.load(Ordering::Acquire) < queued {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
     }
 }
 
-fn write_access_log(mut rx: mpsc::Receiver<AccessRecord>, lines: &prometheus::IntCounter) {
+fn write_access_log(
+    mut rx: mpsc::Receiver<AccessRecord>,
+    lines: &prometheus::IntCounter,
+    progress: &LogProgress,
+) {
     use std::io::Write;
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
     // A plain thread, outside the runtime: blocking_recv parks it until a line comes.
     while let Some(record) = rx.blocking_recv() {
         let mut next = Some(record);
+        let mut batch = 0;
         // Write everything already queued, then flush once.
         while let Some(record) = next.take() {
             if serde_json::to_writer(&mut out, &record).is_err() || out.write_all(b"\n").is_err() {
                 return;
             }
             lines.inc();
+            batch += 1;
             next = rx.try_recv().ok();
         }
         if out.flush().is_err() {
             return;
         }
+        progress.flushed.fetch_add(batch, Ordering::Release);
         // Let lines gather before the next batch: under load, waking for each line cost a
         // futex wake-up on the request path and a write(2) per line, about doubling the CPU per
         // request. An idle log still blocks in blocking_recv, with no periodic wake-ups.

@@ -200,18 +200,86 @@ async fn access_log_writer_starts_with_the_first_policy_that_logs() {
     paths.sort();
     assert_eq!(paths, ["\"/loud\"", "\"/refused\""]);
 
-    // Off again: the thread stays (a later policy may log again), nothing more is written.
+    // Off again: the writer ends with the last request of the policy that logged, and nothing
+    // more is written.
     save(
         &proxy.policy_path(),
         &policy(echo.addr, dead, "access_log: off\n"),
     );
     let reloads = "outrider_policy_reloads_total{result=\"ok\"}";
     assert_eq!(settled(&proxy, reloads, 3.0).await, 3.0);
+    assert!(
+        eventually(Duration::from_secs(5), || !writer(&proxy)).await,
+        "the writer outlived the policy that logged: {:?}",
+        proxy.thread_names()
+    );
     assert_eq!(get(proxy.outbound, "svc", "/quiet-again").await.status, 200);
     let series = "outrider_response_stream_duration_seconds_count{direction=\"outbound\",route=\"r\",service=\"svc\"}";
     assert_eq!(settled(&proxy, series, 3.0).await, 3.0);
     assert_eq!(proxy.metric("outrider_access_log_lines_total").await, 2.0);
     assert_eq!(proxy.stdout_lines().len(), 2);
+
+    // And on once more: a new writer, and its lines are written.
+    save(
+        &proxy.policy_path(),
+        &policy(echo.addr, dead, "access_log: json\n"),
+    );
+    assert_eq!(settled(&proxy, reloads, 4.0).await, 4.0);
+    assert_eq!(get(proxy.outbound, "svc", "/loud-again").await.status, 200);
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.stdout_lines().len() == 3).await,
+        "{:?}",
+        proxy.stdout_lines()
+    );
+    assert!(proxy.stdout_lines()[2].contains("/loud-again"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_answered_during_shutdown_are_logged_before_exit() {
+    // The app answers request i after 1.5 s + 5i ms, so 20 inbound requests are in flight at
+    // SIGTERM and end one by one just before the proxy exits. The writer pauses after each
+    // write to let lines gather, so without a final flush the last lines die with the process.
+    let app = Upstream::start(
+        Proto::Http1,
+        |req: Request<hyper::body::Incoming>| async move {
+            let i: u64 = req
+                .uri()
+                .path()
+                .trim_start_matches("/late/")
+                .parse()
+                .unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(1500 + 5 * i)).await;
+            hyper::Response::new(full("late"))
+        },
+    )
+    .await;
+    let mut proxy = start_proxy(&format!(
+        "inbound:\n  app: {}\naccess_log: json\n",
+        app.addr
+    ));
+    let inbound = proxy.inbound;
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            tokio::spawn(async move { get(inbound, "app", &format!("/late/{i}")).await.status })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(5), || app.hits() == 20).await,
+        "{} of 20 reached the app",
+        app.hits()
+    );
+    proxy.terminate();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200);
+    }
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    // The pipe holds whatever the proxy wrote before it exited; the reader thread drains it.
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.stdout_lines().len() >= 20).await,
+        "{} of 20 lines written before exit",
+        proxy.stdout_lines().len()
+    );
+    assert_eq!(proxy.stdout_lines().len(), 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
