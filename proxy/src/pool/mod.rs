@@ -529,3 +529,146 @@ impl Body for UpstreamBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::net::SocketAddr;
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    /// An upstream answering each request with an empty 200 on a keep-alive connection; it
+    /// reports each connection's end (the proxy closed it).
+    async fn upstream() -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed, ends) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let closed = closed.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                        head.extend_from_slice(&buf[..n]);
+                        while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                            head.drain(..end + 4);
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                            if stream.write_all(answer).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    let _ = closed.send(());
+                });
+            }
+        });
+        (addr, ends)
+    }
+
+    async fn get(pool: &Arc<EndpointPool>) {
+        let req = Request::get("/")
+            .header("host", "svc")
+            .body(RequestBody::Empty)
+            .unwrap();
+        let response = pool.send(req).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+    }
+
+    fn idle(pool: &EndpointPool) -> usize {
+        pool.idle_direct.lock().unwrap().len()
+    }
+
+    /// Moves the paused clock on by one sweep interval and lets the reaper run.
+    async fn sweep() {
+        // The timer rounds a deadline up to the next millisecond.
+        tokio::time::advance(IDLE_SWEEP + Duration::from_millis(1)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_idle_connection_is_closed_after_a_whole_unused_sweep_interval() {
+        let (addr, mut ends) = upstream().await;
+        let metrics = Metrics::new("test").unwrap();
+        let connector = EndpointConnector::new(
+            addr,
+            Duration::from_secs(1),
+            metrics.connections("svc", &addr.to_string()),
+            None,
+        );
+        let pool = EndpointPool::new(connector, Protocol::Http1);
+        get(&pool).await;
+        assert_eq!(idle(&pool), 1);
+
+        // Put back before the first sweep: kept by it, as it may have been used just before.
+        tokio::time::pause();
+        sweep().await;
+        assert_eq!(pool.sweeps.load(Ordering::Relaxed), 1);
+        assert_eq!(idle(&pool), 1);
+
+        // Used again between sweeps: the next sweep keeps it too.
+        tokio::time::resume();
+        get(&pool).await;
+        assert_eq!(idle(&pool), 1, "the same connection was reused");
+        tokio::time::pause();
+        sweep().await;
+        assert_eq!(pool.sweeps.load(Ordering::Relaxed), 2);
+        assert_eq!(idle(&pool), 1);
+        assert!(ends.try_recv().is_err(), "closed while in use");
+
+        // Unused through a whole interval: closed, and the upstream sees it close.
+        sweep().await;
+        assert_eq!(pool.sweeps.load(Ordering::Relaxed), 3);
+        assert_eq!(idle(&pool), 0);
+        tokio::time::resume();
+        tokio::time::timeout(Duration::from_secs(5), ends.recv())
+            .await
+            .expect("the upstream saw the connection close")
+            .unwrap();
+
+        // The next request opens a new connection.
+        get(&pool).await;
+        assert_eq!(idle(&pool), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_reaper_ends_with_its_pool() {
+        let (addr, _ends) = upstream().await;
+        let metrics = Metrics::new("test").unwrap();
+        let connector = EndpointConnector::new(
+            addr,
+            Duration::from_secs(1),
+            metrics.connections("svc", &addr.to_string()),
+            None,
+        );
+        let pool = EndpointPool::new(connector, Protocol::Http1);
+        get(&pool).await;
+        let weak = Arc::downgrade(&pool);
+        drop(pool);
+        tokio::time::pause();
+        sweep().await;
+        assert!(weak.upgrade().is_none(), "the reaper keeps its pool alive");
+        // Left: the upstream's accept loop, and its connection task until it reads the close.
+        tokio::time::resume();
+        let alive = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while alive() > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(alive(), 1, "the reaper outlived its pool");
+    }
+}
