@@ -461,10 +461,11 @@ pub fn describe(error: &std::io::Error) -> String {
 /// than [`MIN_RENEW_IN`].
 ///
 /// The lifetime counts from `now`, not from `not_before`: the CA backdates `not_before` for
-/// peers whose clocks lag, and counting that slack as lifetime put the renewal point of any
-/// certificate shorter than ~200 s in the past, so the proxy re-fetched in a tight loop (over
-/// 2,000 certificates in 8 s with a 3 s TTL). The floor keeps a certificate that arrives
-/// nearly or already expired (clocks apart) from doing the same.
+/// peers whose clocks lag, and counting that slack as lifetime renewed short certificates
+/// early (a 1 min one after 24 s) and put the renewal point of any shorter than ~26 s in the
+/// past, so the proxy re-fetched in a tight loop (over 2,000 certificates in 8 s with a 3 s
+/// TTL). The floor keeps a certificate that arrives nearly or already expired (clocks apart)
+/// from doing the same.
 pub fn renew_in(now: u64, not_before: u64, not_after: u64) -> Duration {
     let start = not_before.max(now);
     let usable_ms = not_after.saturating_sub(start).saturating_mul(1000);
