@@ -573,6 +573,17 @@ mod tests {
         (addr, ends)
     }
 
+    fn http1_pool(addr: SocketAddr) -> Arc<EndpointPool> {
+        let metrics = Metrics::new("test").unwrap();
+        let connector = EndpointConnector::new(
+            addr,
+            Duration::from_secs(1),
+            metrics.connections("svc", &addr.to_string()),
+            None,
+        );
+        EndpointPool::new(connector, Protocol::Http1)
+    }
+
     async fn get(pool: &Arc<EndpointPool>) {
         let req = Request::get("/")
             .header("host", "svc")
@@ -599,14 +610,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn an_idle_connection_is_closed_after_a_whole_unused_sweep_interval() {
         let (addr, mut ends) = upstream().await;
-        let metrics = Metrics::new("test").unwrap();
-        let connector = EndpointConnector::new(
-            addr,
-            Duration::from_secs(1),
-            metrics.connections("svc", &addr.to_string()),
-            None,
-        );
-        let pool = EndpointPool::new(connector, Protocol::Http1);
+        let pool = http1_pool(addr);
         get(&pool).await;
         assert_eq!(idle(&pool), 1);
 
@@ -644,14 +648,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn the_reaper_ends_with_its_pool() {
         let (addr, _ends) = upstream().await;
-        let metrics = Metrics::new("test").unwrap();
-        let connector = EndpointConnector::new(
-            addr,
-            Duration::from_secs(1),
-            metrics.connections("svc", &addr.to_string()),
-            None,
-        );
-        let pool = EndpointPool::new(connector, Protocol::Http1);
+        let pool = http1_pool(addr);
         get(&pool).await;
         let weak = Arc::downgrade(&pool);
         drop(pool);
