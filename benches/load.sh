@@ -239,7 +239,7 @@ cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 # CPU time of a process in nanoseconds: the run time the scheduler accounted to each of its
 # threads (first field of /proc/PID/task/*/schedstat). The main table uses it rather than
 # utime+stime, whose 10 ms ticks quantize a 2,000 req/s run to steps of a few per cent.
-cpu_ns() { cat "/proc/$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%d\n", s }'; }
+cpu_ns() { cat "/proc/$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
 
 # A field of /proc/PID/status in kB (VmRSS, VmHWM).
 status_kb() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"; }
