@@ -20,6 +20,7 @@ pub mod engine;
 pub mod inject;
 pub mod merge;
 pub mod server;
+pub mod service_account;
 pub mod store;
 pub mod wait;
 pub mod watcher;

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use crate::api::{self, ErrorBody};
 use crate::ca::Ca;
 use crate::engine::{Change, Engine, EngineError, Published};
+use crate::service_account::ServiceAccountTokens;
 use crate::store::Source;
 
 /// Response body type of every endpoint.
@@ -49,6 +50,9 @@ pub struct App {
     pub heartbeat: Duration,
     /// The mesh CA behind `POST /v1/certificate`; `None` answers it with 404.
     pub ca: Option<Arc<Ca>>,
+    /// When set, a certificate is issued only for the service account the request's token
+    /// proves; otherwise the API token entitles to any identity.
+    pub service_accounts: Option<Arc<ServiceAccountTokens>>,
 }
 
 /// Accepts connections on `listener` forever, each served as HTTP/1.1 or h2c.
@@ -255,12 +259,17 @@ async fn ack(req: Request<Incoming>, app: &App) -> Response<ResBody> {
     }
 }
 
-/// Issues a workload certificate. The token was checked already; what it entitles to is in
-/// [`crate::ca`]'s trust model.
+/// Issues a workload certificate. The API token was checked already; with service-account
+/// binding on, the request's service-account token must prove the identity asked for.
 async fn certificate(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response<ResBody> {
     let Some(ca) = &app.ca else {
         return error(StatusCode::NOT_FOUND, "this control plane runs no CA");
     };
+    let sa_token = req
+        .headers()
+        .get(wire::SERVICE_ACCOUNT_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let body = match read_body(req, MAX_ACK).await {
         Ok(body) => body,
         Err(res) => return res,
@@ -274,6 +283,28 @@ async fn certificate(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Res
             )
         }
     };
+    if let Some(service_accounts) = &app.service_accounts {
+        // Signature checks are CPU work: off the reactor.
+        let service_accounts = Arc::clone(service_accounts);
+        let (namespace, name) = (request.namespace.clone(), request.service_account.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            service_accounts.check(sa_token.as_deref(), &namespace, &name)
+        })
+        .await;
+        match checked {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, namespace = %request.namespace, service_account = %request.service_account, error = %e, "certificate refused");
+                return error(StatusCode::FORBIDDEN, &e.to_string());
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("token check failed: {e}"),
+                )
+            }
+        }
+    }
     match ca.issue(&request) {
         Ok(issued) => {
             tracing::info!(%peer, identity = %issued.identity, not_after = issued.not_after, "certificate issued");

@@ -7,18 +7,19 @@
 //! disturbs traffic. Peers are verified against the trust bundle of the certificate in force,
 //! and a peer's identity is the SPIFFE URI SAN of its certificate.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use outrider_config::wire::{CertificateRequest, CertificateResponse, CERTIFICATE_PATH};
+use outrider_config::wire::{self, CertificateRequest, CertificateResponse, CERTIFICATE_PATH};
 use prometheus::{IntCounterVec, IntGauge, Opts};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -58,6 +59,9 @@ pub enum IdentityError {
     /// The token file could not be read.
     #[error("cannot read the token file: {0}")]
     Token(std::io::Error),
+    /// The service-account token file could not be read, or is not a header value.
+    #[error("cannot read the service-account token file: {0}")]
+    ServiceAccountToken(std::io::Error),
     /// The key or CSR could not be made.
     #[error("cannot make the key or CSR: {0}")]
     Key(#[from] rcgen::Error),
@@ -489,6 +493,9 @@ pub struct IdentityConfig {
     pub namespace: String,
     /// Service account.
     pub service_account: String,
+    /// The pod's projected service-account token, re-read at every fetch (the kubelet
+    /// refreshes it), sent to a control plane that binds identities to service accounts.
+    pub service_account_token: Option<PathBuf>,
 }
 
 /// Fetches the first certificate and renews it at ~70% of each lifetime, forever; failures are
@@ -545,8 +552,17 @@ async fn fetch(
             .trim()
             .to_string(),
     };
+    let sa_token = match &config.service_account_token {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(IdentityError::ServiceAccountToken)?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
     let body = serde_json::to_vec(&request).map_err(|e| IdentityError::Response(e.to_string()))?;
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(Method::POST)
         .uri(format!(
             "{}{CERTIFICATE_PATH}",
@@ -556,6 +572,16 @@ async fn fetch(
         .header(CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| IdentityError::Control(e.to_string()))?;
+    if let Some(sa_token) = sa_token {
+        let value = HeaderValue::try_from(sa_token).map_err(|e| {
+            IdentityError::ServiceAccountToken(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                e,
+            ))
+        })?;
+        req.headers_mut()
+            .insert(wire::SERVICE_ACCOUNT_TOKEN_HEADER, value);
+    }
     let exchange = async {
         let response = client
             .request(req)

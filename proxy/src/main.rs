@@ -69,6 +69,15 @@ struct Cli {
     /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> certified by the control plane.
     #[arg(long, env = "OUTRIDER_SERVICE_ACCOUNT", requires = "control")]
     service_account: Option<String>,
+    /// The pod's projected service-account token (re-read at each certificate request), for a
+    /// control plane that issues certificates only to the service account a token proves
+    /// (`outrider-control serve --sa-jwks`).
+    #[arg(
+        long,
+        env = "OUTRIDER_IDENTITY_TOKEN_FILE",
+        requires = "service_account"
+    )]
+    identity_token_file: Option<PathBuf>,
     /// Log filter (tracing env-filter syntax), e.g. `info` or `outrider_proxy=debug`.
     #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
     log: String,
@@ -157,6 +166,7 @@ fn main() -> ExitCode {
             control: control.clone(),
             namespace: cli.namespace.clone(),
             service_account: service_account.clone(),
+            service_account_token: cli.identity_token_file.clone(),
         }),
         _ => None,
     };

@@ -21,7 +21,18 @@ const IDENTITY_HEADER: &str = "x-outrider-peer-identity";
 /// Starts a proxy for `workload` with service account `sa`, policy and certificate from
 /// `control`.
 fn start_meshed(control: &Control, dirs: &ControlDirs, workload: &str, sa: &str) -> Proxy {
-    let args: Vec<std::ffi::OsString> = vec![
+    start_meshed_with(control, dirs, workload, sa, &[])
+}
+
+/// [`start_meshed`] with more flags.
+fn start_meshed_with(
+    control: &Control,
+    dirs: &ControlDirs,
+    workload: &str,
+    sa: &str,
+    extra: &[std::ffi::OsString],
+) -> Proxy {
+    let mut args: Vec<std::ffi::OsString> = vec![
         "--control".into(),
         control.url().into(),
         "--token-file".into(),
@@ -33,6 +44,7 @@ fn start_meshed(control: &Control, dirs: &ControlDirs, workload: &str, sa: &str)
         "--service-account".into(),
         sa.into(),
     ];
+    args.extend_from_slice(extra);
     spawn_proxy(TempDir::new(), &args)
 }
 
@@ -122,6 +134,11 @@ async fn start_mesh(expected: &str, ttl: &str, mtls: &str) -> Mesh {
     let caller = start_meshed(&control, &dirs, "checkout", "checkout");
     wait_ready(&callee).await;
     wait_ready(&caller).await;
+    // Ready means a policy and a certificate are held, but a proxy that subscribed before the
+    // control plane read the file just written runs the workload's empty policy (permissive
+    // inbound, no route) until the next push: wait for the documents' own.
+    wait_policy(&callee, &app.addr.to_string()).await;
+    wait_policy(&caller, &callee.inbound.to_string()).await;
     Mesh {
         dirs,
         control,
@@ -436,4 +453,165 @@ async fn strict_inbound_without_an_identity_refuses_plaintext_instead_of_ignorin
         ))
         .await
     );
+}
+
+/// The cluster's service-account token issuer, as the control plane sees it: a P-256 key whose
+/// JWKS is in a file, minting tokens as the kubelet's projected volumes hold them.
+struct TokenIssuer {
+    key: jsonwebtoken::EncodingKey,
+    dir: TempDir,
+}
+
+const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+impl TokenIssuer {
+    fn new() -> Self {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine as _;
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let point = pair.public_key_raw();
+        let (x, y) = point[1..].split_at(32);
+        let jwks = serde_json::json!({ "keys": [{
+            "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": "cluster",
+            "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y),
+        }]});
+        let dir = TempDir::new();
+        std::fs::write(dir.path.join("jwks.json"), jwks.to_string()).unwrap();
+        Self {
+            key: jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der()),
+            dir,
+        }
+    }
+
+    fn jwks(&self) -> String {
+        self.dir
+            .path
+            .join("jwks.json")
+            .to_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// A token file for `namespace/name`, minted for `audience`, expiring `ttl_secs` from now
+    /// (negative: expired).
+    fn token_file(&self, name: &str, audience: &str, ttl_secs: i64) -> std::ffi::OsString {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let claims = serde_json::json!({
+            "iss": ISSUER, "aud": [audience],
+            "sub": format!("system:serviceaccount:shop:{name}"),
+            "iat": now, "nbf": now - 10, "exp": now + ttl_secs,
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("cluster".into());
+        let token = jsonwebtoken::encode(&header, &claims, &self.key).unwrap();
+        let path = self.dir.path.join(format!(
+            "{name}-{}-{ttl_secs}.token",
+            audience.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        ));
+        std::fs::write(&path, token).unwrap();
+        path.into_os_string()
+    }
+}
+
+/// Waits for `proxy` to log a certificate refusal containing `reason`, then checks it holds no
+/// identity (not ready) and counted the failure.
+async fn refused_with(proxy: &Proxy, reason: &str) {
+    assert!(
+        logged(proxy, |l| l.contains("cannot get a workload certificate")
+            && l.contains("403")
+            && l.contains(reason))
+        .await,
+        "no refusal with {reason:?}; logs:\n{}",
+        proxy.logs().join("\n")
+    );
+    assert_eq!(proxy.admin_get("/ready").await.0, 503);
+    let (_, identity) = proxy.admin_get("/identity").await;
+    let identity: serde_json::Value = serde_json::from_str(&identity).unwrap();
+    assert!(
+        identity["identity"].is_null(),
+        "an identity is held: {identity}"
+    );
+    assert!(
+        proxy
+            .metric("outrider_mesh_certificate_fetches_total{result=\"error\"}")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn certificates_go_only_to_the_service_account_a_pods_token_proves() {
+    let issuer = TokenIssuer::new();
+    let dirs = ControlDirs::new();
+    let control = start_control_with(&dirs, &["--sa-jwks", &issuer.jwks(), "--sa-issuer", ISSUER]);
+    let app = Upstream::echo(Proto::Http1, "payments-app").await;
+    dirs.write(
+        "payments.yaml",
+        &callee_doc(app.addr, "strict", &[CHECKOUT]),
+    );
+    let token = |name: &str| {
+        vec![
+            "--identity-token-file".into(),
+            issuer.token_file(name, "outrider", 3600),
+        ]
+    };
+
+    // Each pod proves its own service account: both certified, and the mesh works.
+    let callee = start_meshed_with(&control, &dirs, "payments", "payments", &token("payments"));
+    dirs.write("checkout.yaml", &caller_doc(callee.inbound, PAYMENTS, "1s"));
+    let caller = start_meshed_with(&control, &dirs, "checkout", "checkout", &token("checkout"));
+    wait_ready(&callee).await;
+    wait_ready(&caller).await;
+    wait_policy(&callee, &app.addr.to_string()).await;
+    wait_policy(&caller, &callee.inbound.to_string()).await;
+    let reply = get(caller.outbound, "payments", "/charge").await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.json()["headers"][IDENTITY_HEADER], CHECKOUT);
+
+    // A pod running as checkout asks to be payments: its token gives it away.
+    let impostor = start_meshed_with(&control, &dirs, "payments", "payments", &token("checkout"));
+    refused_with(
+        &impostor,
+        "the token is for service account shop/checkout, not shop/payments",
+    )
+    .await;
+    // Without a token, with an expired one, or one minted for another audience: nothing.
+    let tokenless = start_meshed(&control, &dirs, "payments", "payments");
+    refused_with(&tokenless, "no service-account token").await;
+    let expired = [
+        "--identity-token-file".into(),
+        issuer.token_file("payments", "outrider", -120),
+    ];
+    let expired = start_meshed_with(&control, &dirs, "payments", "payments", &expired);
+    refused_with(&expired, "xpired").await;
+    let audience = [
+        "--identity-token-file".into(),
+        issuer.token_file("payments", "https://kubernetes.default.svc", 3600),
+    ];
+    let audience = start_meshed_with(&control, &dirs, "payments", "payments", &audience);
+    refused_with(&audience, "service-account token rejected").await;
+
+    let refusals = control
+        .logs()
+        .iter()
+        .filter(|l| l.contains("certificate refused"))
+        .count();
+    assert!(
+        refusals >= 4,
+        "{refusals} refusals logged by the control plane"
+    );
+    let issued = control
+        .logs()
+        .iter()
+        .filter(|l| l.contains("certificate issued"))
+        .count();
+    assert_eq!(issued, 2, "only the two honest proxies were certified");
 }

@@ -327,6 +327,7 @@ async fn mesh_client_config(args: &MtlsArgs) -> Result<Arc<ClientConfig>, String
             },
             namespace: args.namespace.clone(),
             service_account: args.service_account.clone(),
+            service_account_token: None,
         },
         Arc::clone(&mesh),
     );

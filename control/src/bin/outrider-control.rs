@@ -1,7 +1,7 @@
 //! `outrider-control`: the control-plane server. Exit codes: 0 after SIGTERM/SIGINT, 64
-//! (EX_USAGE) bad flags or no token, 66 (EX_NOINPUT) unreadable policy directory or token
-//! file, 69 (EX_UNAVAILABLE) the listen address cannot be bound, 73 (EX_CANTCREAT) the state
-//! directory cannot be used.
+//! (EX_USAGE) bad flags or no token, 66 (EX_NOINPUT) unreadable policy directory, token file
+//! or service-account JWKS, 69 (EX_UNAVAILABLE) the listen address cannot be bound, 73
+//! (EX_CANTCREAT) the state directory cannot be used.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use outrider_control::ca::Ca;
 use outrider_control::engine::Engine;
 use outrider_control::server::{serve, App};
+use outrider_control::service_account::ServiceAccountTokens;
 use outrider_control::store::Store;
 use outrider_control::watcher;
 
@@ -74,6 +75,19 @@ struct Serve {
     /// Lifetime of issued workload certificates (proxies renew at about 70% of it).
     #[arg(long, env = "OUTRIDER_CONTROL_CERT_TTL", default_value = "24h")]
     cert_ttl: outrider_config::Duration,
+    /// Bind certificates to Kubernetes service accounts: the JWKS of the cluster's
+    /// service-account token issuer (`kubectl get --raw /openid/v1/jwks`), re-read when it
+    /// changes. A proxy then gets a certificate only for the service account its pod's
+    /// projected token proves. Without it, the API token entitles to any identity.
+    #[arg(long, env = "OUTRIDER_CONTROL_SA_JWKS")]
+    sa_jwks: Option<PathBuf>,
+    /// The `iss` service-account tokens must carry (the cluster's
+    /// `--service-account-issuer`); unchecked when unset.
+    #[arg(long, env = "OUTRIDER_CONTROL_SA_ISSUER", requires = "sa_jwks")]
+    sa_issuer: Option<String>,
+    /// The audience service-account tokens must be minted for.
+    #[arg(long, env = "OUTRIDER_CONTROL_SA_AUDIENCE", default_value = outrider_control::service_account::DEFAULT_AUDIENCE)]
+    sa_audience: String,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
     log: String,
@@ -131,6 +145,22 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CANTCREAT);
         }
     };
+    let service_accounts = match &args.sa_jwks {
+        Some(path) => {
+            match ServiceAccountTokens::open(path, args.sa_issuer.clone(), args.sa_audience.clone())
+            {
+                Ok(tokens) => Some(Arc::new(tokens)),
+                Err(e) => {
+                    eprintln!("outrider-control: {e}");
+                    return ExitCode::from(EX_NOINPUT);
+                }
+            }
+        }
+        None => {
+            tracing::warn!("no --sa-jwks: certificates are not bound to service accounts; any holder of the API token can obtain any identity");
+            None
+        }
+    };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if args.workers > 0 {
         runtime.worker_threads(args.workers);
@@ -174,6 +204,7 @@ fn main() -> ExitCode {
             token,
             heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
             ca: Some(ca),
+            service_accounts,
         });
         tokio::select! {
             () = serve(listener, app) => {}
