@@ -40,6 +40,16 @@ pub const INBOUND_PORT: u16 = 15006;
 const TOKEN_VOLUME: &str = "outrider-token";
 const STATE_VOLUME: &str = "outrider-state";
 const TOKEN_DIR: &str = "/var/run/outrider/token";
+/// The projected service-account token that proves the pod's identity to the control plane's
+/// CA (`outrider-control serve --sa-jwks`).
+const IDENTITY_VOLUME: &str = "outrider-identity";
+const IDENTITY_DIR: &str = "/var/run/outrider/identity";
+/// The audience the token is minted for: it is good for Outrider's control plane only, never
+/// for the Kubernetes API.
+const IDENTITY_AUDIENCE: &str = "outrider";
+/// Lifetime of the projected token (the kubelet refreshes it at 80%); the proxy reads it at
+/// each certificate request.
+const IDENTITY_TOKEN_SECS: u64 = 3600;
 const STATE_DIR: &str = "/var/run/outrider/state";
 /// The image's binaries live here (see deploy/Dockerfile).
 const BIN_DIR: &str = "/usr/local/bin";
@@ -540,7 +550,7 @@ fn inject_pod(
     let volumes = entry_seq(spec, "volumes")?;
     volumes.retain(|v| {
         let name = v.get("name").and_then(Value::as_str);
-        name != Some(TOKEN_VOLUME) && name != Some(STATE_VOLUME)
+        name != Some(TOKEN_VOLUME) && name != Some(STATE_VOLUME) && name != Some(IDENTITY_VOLUME)
     });
     volumes.push(map([
         ("name", s(TOKEN_VOLUME)),
@@ -552,6 +562,23 @@ fn inject_pod(
     volumes.push(map([
         ("name", s(STATE_VOLUME)),
         ("emptyDir", map([("sizeLimit", s("16Mi"))])),
+    ]));
+    volumes.push(map([
+        ("name", s(IDENTITY_VOLUME)),
+        (
+            "projected",
+            map([(
+                "sources",
+                Value::Sequence(vec![map([(
+                    "serviceAccountToken",
+                    map([
+                        ("audience", s(IDENTITY_AUDIENCE)),
+                        ("expirationSeconds", Value::from(IDENTITY_TOKEN_SECS)),
+                        ("path", s("token")),
+                    ]),
+                )])]),
+            )]),
+        ),
     ]));
 
     // The kubelet kills the pod when the grace period ends: leave the drain room to finish.
@@ -592,6 +619,12 @@ fn sidecar_container(sidecar: &Sidecar<'_>) -> Value {
         &format!("{TOKEN_DIR}/token"),
         "--proxy-id",
         "$(POD_NAME)",
+        "--namespace",
+        "$(POD_NAMESPACE)",
+        "--service-account",
+        "$(POD_SERVICE_ACCOUNT)",
+        "--identity-token-file",
+        &format!("{IDENTITY_DIR}/token"),
         "--state-dir",
         STATE_DIR,
         "--admin",
@@ -638,13 +671,24 @@ fn sidecar_container(sidecar: &Sidecar<'_>) -> Value {
         ("args", seq(args)),
         (
             "env",
-            Value::Sequence(vec![map([
-                ("name", s("POD_NAME")),
-                (
-                    "valueFrom",
-                    map([("fieldRef", map([("fieldPath", s("metadata.name"))]))]),
-                ),
-            ])]),
+            Value::Sequence(
+                [
+                    ("POD_NAME", "metadata.name"),
+                    ("POD_NAMESPACE", "metadata.namespace"),
+                    ("POD_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+                ]
+                .into_iter()
+                .map(|(name, field)| {
+                    map([
+                        ("name", s(name)),
+                        (
+                            "valueFrom",
+                            map([("fieldRef", map([("fieldPath", s(field))]))]),
+                        ),
+                    ])
+                })
+                .collect(),
+            ),
         ),
         (
             "ports",
@@ -693,6 +737,11 @@ fn sidecar_container(sidecar: &Sidecar<'_>) -> Value {
                     ("readOnly", Value::from(true)),
                 ]),
                 map([("name", s(STATE_VOLUME)), ("mountPath", s(STATE_DIR))]),
+                map([
+                    ("name", s(IDENTITY_VOLUME)),
+                    ("mountPath", s(IDENTITY_DIR)),
+                    ("readOnly", Value::from(true)),
+                ]),
             ]),
         ),
     ]);

@@ -2,14 +2,17 @@
 //! (deploy/kubernetes/policies) served by the real `outrider-control`, and a real
 //! `outrider-proxy` started with exactly the command line `outriderctl inject` wrote into
 //! deploy/kubernetes/example-app.yaml. Only what a pod provides differs: the control-plane URL,
-//! the token and state paths, the pod name, the admin address (port 0 here, as every listener),
-//! and the services' cluster DNS names and fixed ports, replaced by local upstreams and port 0.
+//! the token and state paths, the pod's name, namespace and service account and its projected
+//! service-account token (minted by a stand-in issuer whose keys the control plane trusts), the
+//! admin address (port 0 here, as every listener), and the services' cluster DNS names and
+//! fixed ports, replaced by local upstreams and port 0.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use outrider_e2e::service_account::TokenIssuer;
 use outrider_e2e::*;
 
 fn workspace() -> PathBuf {
@@ -80,7 +83,11 @@ async fn the_injected_sidecar_subscribes_to_the_control_plane_and_routes_by_the_
         }
         dirs.write(name, &text);
     }
-    let control = start_control(&dirs);
+    // The control plane binds certificates to service accounts, as the sidecar's projected
+    // token volume expects.
+    let issuer = TokenIssuer::new();
+    let flags = issuer.control_flags();
+    let control = start_control_with(&dirs, &flags.each_ref().map(String::as_str));
 
     // The injected command line, with the pod's parts made local.
     let state = TempDir::new();
@@ -106,6 +113,19 @@ async fn the_injected_sidecar_subscribes_to_the_control_plane_and_routes_by_the_
                 assert_eq!(value, "$(POD_NAME)");
                 "checkout-5d9f7-x2k4q".into()
             }
+            "--namespace" => {
+                assert_eq!(value, "$(POD_NAMESPACE)");
+                "outrider".into()
+            }
+            // The example sets no serviceAccountName: the pod runs as `default`.
+            "--service-account" => {
+                assert_eq!(value, "$(POD_SERVICE_ACCOUNT)");
+                "default".into()
+            }
+            "--identity-token-file" => {
+                assert_eq!(value, "/var/run/outrider/identity/token");
+                issuer.token_file("outrider", "default", "outrider", 3600)
+            }
             // The harness binds every listener on 127.0.0.1:0.
             "--admin" => continue,
             _ => value.into(),
@@ -129,6 +149,13 @@ async fn the_injected_sidecar_subscribes_to_the_control_plane_and_routes_by_the_
     let config: serde_json::Value = serde_json::from_str(&body).unwrap();
     let services = config["policy"]["services"].as_object().unwrap();
     assert!(services.contains_key("payments") && services.contains_key("reviews"));
+    // Ready also means certified, as the pod's own service account.
+    let (_, identity) = proxy.admin_get("/identity").await;
+    let identity: serde_json::Value = serde_json::from_str(&identity).unwrap();
+    assert_eq!(
+        identity["identity"],
+        "spiffe://cluster.local/ns/outrider/sa/default"
+    );
 
     // The defaults' route and the workload's dedicated port both work through the sidecar.
     let reply = get(proxy.outbound, "payments", "/charge").await;

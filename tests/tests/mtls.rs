@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use http::Request;
 use outrider_e2e::control::{start_control_with, Control, ControlDirs};
+use outrider_e2e::service_account::TokenIssuer;
 use outrider_e2e::{
     empty, get, http1_client, raw_exchange, send, spawn_proxy, Proto, Proxy, TempDir, Upstream,
 };
@@ -455,67 +456,6 @@ async fn strict_inbound_without_an_identity_refuses_plaintext_instead_of_ignorin
     );
 }
 
-/// The cluster's service-account token issuer, as the control plane sees it: a P-256 key whose
-/// JWKS is in a file, minting tokens as the kubelet's projected volumes hold them.
-struct TokenIssuer {
-    key: jsonwebtoken::EncodingKey,
-    dir: TempDir,
-}
-
-const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-
-impl TokenIssuer {
-    fn new() -> Self {
-        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        use base64::Engine as _;
-        let pair = rcgen::KeyPair::generate().unwrap();
-        let point = pair.public_key_raw();
-        let (x, y) = point[1..].split_at(32);
-        let jwks = serde_json::json!({ "keys": [{
-            "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": "cluster",
-            "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y),
-        }]});
-        let dir = TempDir::new();
-        std::fs::write(dir.path.join("jwks.json"), jwks.to_string()).unwrap();
-        Self {
-            key: jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der()),
-            dir,
-        }
-    }
-
-    fn jwks(&self) -> String {
-        self.dir
-            .path
-            .join("jwks.json")
-            .to_str()
-            .unwrap()
-            .to_string()
-    }
-
-    /// A token file for `namespace/name`, minted for `audience`, expiring `ttl_secs` from now
-    /// (negative: expired).
-    fn token_file(&self, name: &str, audience: &str, ttl_secs: i64) -> std::ffi::OsString {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
-        let claims = serde_json::json!({
-            "iss": ISSUER, "aud": [audience],
-            "sub": format!("system:serviceaccount:shop:{name}"),
-            "iat": now, "nbf": now - 10, "exp": now + ttl_secs,
-        });
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some("cluster".into());
-        let token = jsonwebtoken::encode(&header, &claims, &self.key).unwrap();
-        let path = self.dir.path.join(format!(
-            "{name}-{}-{ttl_secs}.token",
-            audience.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
-        ));
-        std::fs::write(&path, token).unwrap();
-        path.into_os_string()
-    }
-}
-
 /// Waits for `proxy` to log a certificate refusal containing `reason`, then checks it holds no
 /// identity (not ready) and counted the failure.
 async fn refused_with(proxy: &Proxy, reason: &str) {
@@ -546,7 +486,8 @@ async fn refused_with(proxy: &Proxy, reason: &str) {
 async fn certificates_go_only_to_the_service_account_a_pods_token_proves() {
     let issuer = TokenIssuer::new();
     let dirs = ControlDirs::new();
-    let control = start_control_with(&dirs, &["--sa-jwks", &issuer.jwks(), "--sa-issuer", ISSUER]);
+    let flags = issuer.control_flags();
+    let control = start_control_with(&dirs, &flags.each_ref().map(String::as_str));
     let app = Upstream::echo(Proto::Http1, "payments-app").await;
     dirs.write(
         "payments.yaml",
@@ -555,7 +496,7 @@ async fn certificates_go_only_to_the_service_account_a_pods_token_proves() {
     let token = |name: &str| {
         vec![
             "--identity-token-file".into(),
-            issuer.token_file(name, "outrider", 3600),
+            issuer.token_file("shop", name, "outrider", 3600),
         ]
     };
 
@@ -588,13 +529,13 @@ async fn certificates_go_only_to_the_service_account_a_pods_token_proves() {
     refused_with(&tokenless, "no service-account token").await;
     let expired = [
         "--identity-token-file".into(),
-        issuer.token_file("payments", "outrider", -120),
+        issuer.token_file("shop", "payments", "outrider", -120),
     ];
     let expired = start_meshed_with(&control, &dirs, "payments", "payments", &expired);
     refused_with(&expired, "xpired").await;
     let audience = [
         "--identity-token-file".into(),
-        issuer.token_file("payments", "https://kubernetes.default.svc", 3600),
+        issuer.token_file("shop", "payments", "https://kubernetes.default.svc", 3600),
     ];
     let audience = start_meshed_with(&control, &dirs, "payments", "payments", &audience);
     refused_with(&audience, "service-account token rejected").await;
