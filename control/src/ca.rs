@@ -23,6 +23,7 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 /// Default lifetime of a workload certificate.
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -68,13 +69,19 @@ pub enum CaError {
     /// Signing failed.
     #[error("cannot sign: {0}")]
     Sign(rcgen::Error),
+    /// The CA certificate file cannot be split into roots and intermediates.
+    #[error("CA certificate file: {0}")]
+    File(String),
 }
 
 /// The certificate authority of one trust domain.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
-    /// The CA certificate(s), PEM: the trust bundle handed to proxies.
+    /// The trust anchors handed to proxies, PEM: the self-signed roots of the CA file.
     bundle: String,
+    /// Intermediates between the issuer and its root, the issuer first (PEM): sent after each
+    /// leaf, so a peer that trusts only the root can build the path.
+    intermediates: String,
     trust_domain: String,
     ttl: Duration,
     serial: AtomicU64,
@@ -170,9 +177,11 @@ impl Ca {
             what: "certificate",
             source,
         })?;
+        let (bundle, intermediates) = split_anchors(&bundle)?;
         Ok(Self {
             issuer,
             bundle,
+            intermediates,
             trust_domain: trust_domain.to_string(),
             ttl,
             serial: AtomicU64::new(1),
@@ -232,12 +241,40 @@ impl Ca {
         let unix = |t: OffsetDateTime| u64::try_from(t.unix_timestamp()).unwrap_or(0);
         Ok(CertificateResponse {
             identity,
-            chain: cert.pem(),
+            chain: format!("{}{}", cert.pem(), self.intermediates),
             trust_bundle: self.bundle.clone(),
             not_before: unix(params.not_before),
             not_after: unix(params.not_after),
         })
     }
+}
+
+/// Splits a CA file into its trust anchors (the self-signed roots) and the intermediates
+/// (the rest, in file order), both PEM.
+///
+/// Only roots are anchors: an intermediate in the bundle would be trusted on its own, so a
+/// peer could not be told to trust the root alone, nor the intermediate be replaced without
+/// redistributing the bundle. A file without a root (an intermediate alone) keeps it as the
+/// anchor, as there is nothing else to trust.
+fn split_anchors(file: &str) -> Result<(String, String), CaError> {
+    let blocks = pem::parse_many(file).map_err(|e| CaError::File(e.to_string()))?;
+    let (mut roots, mut intermediates) = (String::new(), String::new());
+    for block in blocks.iter().filter(|b| b.tag() == "CERTIFICATE") {
+        let self_signed = X509Certificate::from_der(block.contents())
+            .map(|(_, cert)| cert.subject().as_raw() == cert.issuer().as_raw())
+            .map_err(|e| CaError::File(format!("a certificate does not parse: {e}")))?;
+        let text = pem::encode(block);
+        if self_signed {
+            roots.push_str(&text);
+        } else {
+            intermediates.push_str(&text);
+        }
+    }
+    if roots.is_empty() {
+        tracing::warn!("the CA file holds no root: its issuing certificate is the trust anchor");
+        return Ok((intermediates, String::new()));
+    }
+    Ok((roots, intermediates))
 }
 
 fn check_trust_domain(trust_domain: &str) -> Result<(), CaError> {
@@ -307,6 +344,72 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mkdir");
         dir
+    }
+
+    /// A root and an intermediate it signed (PEM), and the intermediate's key.
+    fn root_and_intermediate() -> (String, String, KeyPair) {
+        let ca_params = |name: &str, depth: u8| {
+            let mut params = CertificateParams::default();
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, name);
+            params.distinguished_name = dn;
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(depth));
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            params
+        };
+        let root_key = KeyPair::generate().expect("root key");
+        let root_params = ca_params("Test root", 1);
+        let root = root_params.self_signed(&root_key).expect("root");
+        let root_issuer = Issuer::new(root_params, root_key);
+        let key = KeyPair::generate().expect("intermediate key");
+        let intermediate = ca_params("Test intermediate", 0)
+            .signed_by(&key, &root_issuer)
+            .expect("intermediate");
+        (root.pem(), intermediate.pem(), key)
+    }
+
+    #[test]
+    fn an_intermediate_signs_and_travels_with_each_leaf_while_only_the_root_is_trusted() {
+        let (root, intermediate, key) = root_and_intermediate();
+        let ttl = Duration::from_secs(3600);
+        let ca = Ca::from_pem(
+            format!("{intermediate}{root}"),
+            &key.serialize_pem(),
+            "cluster.local",
+            ttl,
+        )
+        .expect("ca");
+        let issued = ca.issue(&request("shop", "checkout").1).expect("issued");
+        let der = |text: &str| -> Vec<Vec<u8>> {
+            pem::parse_many(text)
+                .expect("pem")
+                .iter()
+                .map(|b| b.contents().to_vec())
+                .collect()
+        };
+        let chain = der(&issued.chain);
+        assert_eq!(chain.len(), 2, "leaf and intermediate");
+        assert_eq!(chain[1], der(&intermediate)[0]);
+        let (_, leaf) = X509Certificate::from_der(&chain[0]).expect("leaf");
+        let (_, issuer) = X509Certificate::from_der(&chain[1]).expect("intermediate");
+        assert_eq!(leaf.issuer().as_raw(), issuer.subject().as_raw());
+        assert_eq!(
+            der(&issued.trust_bundle),
+            der(&root),
+            "the root alone is trusted"
+        );
+
+        // An intermediate alone: nothing above it to trust, so it stays the anchor.
+        let ca = Ca::from_pem(
+            intermediate.clone(),
+            &key.serialize_pem(),
+            "cluster.local",
+            ttl,
+        )
+        .expect("ca");
+        let issued = ca.issue(&request("shop", "checkout").1).expect("issued");
+        assert_eq!(der(&issued.chain).len(), 1);
+        assert_eq!(der(&issued.trust_bundle), der(&intermediate));
     }
 
     #[test]

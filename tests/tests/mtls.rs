@@ -126,8 +126,13 @@ struct Mesh {
 }
 
 async fn start_mesh(expected: &str, ttl: &str, mtls: &str) -> Mesh {
+    start_mesh_with(expected, mtls, &["--cert-ttl", ttl]).await
+}
+
+/// [`start_mesh`] with the control plane's flags given.
+async fn start_mesh_with(expected: &str, mtls: &str, control_flags: &[&str]) -> Mesh {
     let dirs = ControlDirs::new();
-    let control = start_control_with(&dirs, &["--cert-ttl", ttl]);
+    let control = start_control_with(&dirs, control_flags);
     let app = Upstream::echo(Proto::Http1, "payments-app").await;
     dirs.write("payments.yaml", &callee_doc(app.addr, mtls, &[CHECKOUT]));
     let callee = start_meshed(&control, &dirs, "payments", "payments");
@@ -555,4 +560,60 @@ async fn certificates_go_only_to_the_service_account_a_pods_token_proves() {
         .filter(|l| l.contains("certificate issued"))
         .count();
     assert_eq!(issued, 2, "only the two honest proxies were certified");
+}
+
+#[tokio::test]
+async fn an_operators_intermediate_ca_signs_and_peers_trust_only_its_root() {
+    // As an operator keeps a mesh CA: the root offline, an intermediate it signed given to the
+    // control plane (--ca-cert holds the intermediate, then the root). The proxies' bundle is
+    // the root alone, so every handshake below builds the path through the intermediate each
+    // leaf carries.
+    let ca_params = |name: &str, depth: u8| {
+        let mut params = rcgen::CertificateParams::default();
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(depth));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        params
+    };
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let root_params = ca_params("Operator root", 1);
+    let root = root_params.self_signed(&root_key).unwrap();
+    let root_issuer = rcgen::Issuer::new(root_params, root_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let intermediate = ca_params("Operator mesh intermediate", 0)
+        .signed_by(&key, &root_issuer)
+        .unwrap();
+    let files = TempDir::new();
+    let (cert_file, key_file) = (files.path.join("ca.crt"), files.path.join("ca.key"));
+    std::fs::write(&cert_file, format!("{}{}", intermediate.pem(), root.pem())).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+
+    let mesh = start_mesh_with(
+        PAYMENTS,
+        "strict",
+        &[
+            "--ca-cert",
+            cert_file.to_str().unwrap(),
+            "--ca-key",
+            key_file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let reply = get(mesh.caller.outbound, "payments", "/charge").await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{:?}\ncaller logs:\n{}",
+        reply.header("x-outrider-error"),
+        mesh.caller.logs().join("\n")
+    );
+    assert_eq!(reply.json()["headers"][IDENTITY_HEADER], CHECKOUT);
+    assert_eq!(mesh.app.hits(), 1);
+    // The control plane kept the operator's CA: it generated none of its own.
+    assert!(!mesh.dirs.state.join("ca.key").exists());
 }
