@@ -263,7 +263,11 @@ fn split_anchors(file: &str) -> Result<(String, String), CaError> {
         let self_signed = X509Certificate::from_der(block.contents())
             .map(|(_, cert)| cert.subject().as_raw() == cert.issuer().as_raw())
             .map_err(|e| CaError::File(format!("a certificate does not parse: {e}")))?;
-        let text = pem::encode(block);
+        // LF, like the certificates rcgen writes (pem's default is CRLF).
+        let text = pem::encode_config(
+            block,
+            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+        );
         if self_signed {
             roots.push_str(&text);
         } else {
