@@ -82,6 +82,11 @@ async fn wait_policy(proxy: &Proxy, needle: &str) {
     }
 }
 
+/// How many lines the control plane has logged that contain `needle`.
+fn control_logged(control: &Control, needle: &str) -> usize {
+    control.logs().iter().filter(|l| l.contains(needle)).count()
+}
+
 /// Whether `proxy` logs a line matching `pred` within 5 s (its stderr is read by a thread).
 async fn logged(proxy: &Proxy, pred: impl Fn(&str) -> bool) -> bool {
     outrider_e2e::eventually(Duration::from_secs(5), || {
@@ -207,13 +212,7 @@ async fn a_request_crosses_mtls_and_the_callee_app_sees_the_verified_caller() {
         (now + 3500..=now + 3600).contains(&not_after),
         "{not_after} vs {now}"
     );
-    let issued = || {
-        mesh.control
-            .logs()
-            .iter()
-            .filter(|l| l.contains("certificate issued"))
-            .count()
-    };
+    let issued = || control_logged(&mesh.control, "certificate issued");
     outrider_e2e::eventually(Duration::from_secs(5), || issued() >= 2).await;
     assert_eq!(issued(), 2, "one certificate per proxy");
 }
@@ -545,20 +544,12 @@ async fn certificates_go_only_to_the_service_account_a_pods_token_proves() {
     let audience = start_meshed_with(&control, &dirs, "payments", "payments", &audience);
     refused_with(&audience, "service-account token rejected").await;
 
-    let refusals = control
-        .logs()
-        .iter()
-        .filter(|l| l.contains("certificate refused"))
-        .count();
+    let refusals = control_logged(&control, "certificate refused");
     assert!(
         refusals >= 4,
         "{refusals} refusals logged by the control plane"
     );
-    let issued = control
-        .logs()
-        .iter()
-        .filter(|l| l.contains("certificate issued"))
-        .count();
+    let issued = control_logged(&control, "certificate issued");
     assert_eq!(issued, 2, "only the two honest proxies were certified");
 }
 
@@ -616,4 +607,37 @@ async fn an_operators_intermediate_ca_signs_and_peers_trust_only_its_root() {
     assert_eq!(mesh.app.hits(), 1);
     // The control plane kept the operator's CA: it generated none of its own.
     assert!(!mesh.dirs.state.join("ca.key").exists());
+
+    // What it hands out: the leaf with the intermediate after it, and the root alone to trust.
+    let csr_key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&csr_key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let body = serde_json::json!({ "csr": csr, "namespace": "shop", "service_account": "audit" });
+    let reply = mesh
+        .control
+        .request("POST", "/v1/certificate", &body.to_string())
+        .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let issued = reply.json();
+    let certs = |field: &str| {
+        issued[field]
+            .as_str()
+            .unwrap()
+            .matches("BEGIN CERTIFICATE")
+            .count()
+    };
+    assert_eq!(certs("chain"), 2, "leaf and intermediate");
+    assert!(issued["chain"]
+        .as_str()
+        .unwrap()
+        .ends_with(&intermediate.pem()));
+    assert_eq!(issued["trust_bundle"].as_str().unwrap(), root.pem());
 }
