@@ -167,19 +167,30 @@ async fn an_answer_before_the_whole_upload_leaves_the_pool_working() {
     drop(sender);
 }
 
+/// The rounds of the requests each connection served, in the order connections were accepted.
+type ServedRounds = Arc<std::sync::Mutex<Vec<Vec<usize>>>>;
+
 /// An h2c upstream that sends GOAWAY on each connection after its first request: every
-/// request after the first finds the proxy's shared connection going away.
-async fn goaway_after_one_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+/// request after the first finds the proxy's shared connection going away. A request's path
+/// is its round number (`/3`), recorded against the connection that served it.
+async fn goaway_after_one_upstream() -> (SocketAddr, ServedRounds) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = Arc::clone(&accepted);
+    let served_rounds = ServedRounds::default();
+    let record = Arc::clone(&served_rounds);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
+            let connection_index = {
+                let mut rounds = record.lock().expect("served rounds");
+                rounds.push(Vec::new());
+                rounds.len() - 1
+            };
+            let record = Arc::clone(&record);
             tokio::spawn(async move {
                 let (served_tx, mut served_rx) = tokio::sync::mpsc::channel::<()>(1);
-                let service = hyper::service::service_fn(move |_req| {
+                let service = hyper::service::service_fn(move |req: Request<_>| {
+                    let round = req.uri().path()[1..].parse().expect("a round number");
+                    record.lock().expect("served rounds")[connection_index].push(round);
                     let served = served_tx.clone();
                     async move {
                         let _ = served.try_send(());
@@ -198,12 +209,12 @@ async fn goaway_after_one_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
             });
         }
     });
-    (addr, accepted)
+    (addr, served_rounds)
 }
 
 #[tokio::test]
 async fn an_http2_connection_going_away_costs_no_request() {
-    let (addr, accepted) = goaway_after_one_upstream().await;
+    let (addr, served_rounds) = goaway_after_one_upstream().await;
     let proxy = start_proxy(&policy(addr, "http2"));
     // Bursts, so requests also arrive while a connection's GOAWAY is on its way.
     let outbound = proxy.outbound;
@@ -211,7 +222,7 @@ async fn an_http2_connection_going_away_costs_no_request() {
         let burst: Vec<_> = (0..4)
             .map(|_| {
                 tokio::spawn(async move {
-                    let reply = get(outbound, "svc", "/").await;
+                    let reply = get(outbound, "svc", &format!("/{round}")).await;
                     (
                         reply.status,
                         reply.header("x-outrider-error").map(str::to_string),
@@ -224,9 +235,22 @@ async fn an_http2_connection_going_away_costs_no_request() {
             assert_eq!(answer, (200, None), "round {round}");
         }
     }
-    // Connections were retired and replaced along the way (a request that reaches a
-    // connection before its GOAWAY does may still be served there, so not one per request).
-    let accepted = accepted.load(Ordering::SeqCst);
-    assert!(accepted >= 5, "only {accepted} connections for 20 requests");
+    // Connections were retired and replaced along the way, though not one per round: a
+    // connection's GOAWAY leaves with its first answer, so requests of the next round may still
+    // reach it before the GOAWAY reaches the proxy, but it arrives ahead of their answers, and
+    // no request of a later round goes there. Five rounds thus take at least three connections.
+    let served_rounds = served_rounds.lock().expect("served rounds").clone();
+    for rounds in &served_rounds {
+        let (first, last) = (rounds.iter().min(), rounds.iter().max());
+        assert!(
+            matches!((first, last), (Some(first), Some(last)) if last - first <= 1),
+            "a connection served rounds {rounds:?}; all: {served_rounds:?}"
+        );
+    }
+    let accepted = served_rounds.len();
+    assert!(
+        accepted >= 3,
+        "only {accepted} connections for 20 requests: {served_rounds:?}"
+    );
     assert_eq!(proxy.metric(&opened(addr)).await, accepted as f64);
 }
