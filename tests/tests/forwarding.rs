@@ -289,15 +289,24 @@ async fn least_request_steers_away_from_a_busy_endpoint() {
         "services:\n  svc: {{ endpoints: [{}, {}], load_balancing: least_request }}\nroutes:\n  - match: {{ authority: svc }}\n    service: svc\n",
         slow.addr, fast.addr
     ));
+    // Answered requests: `fast`'s, which the proxy no longer counts as in flight once it has
+    // their response head, that is before they are answered.
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut pending = Vec::new();
     for i in 0..10 {
         let addr = proxy.outbound;
-        pending.push(tokio::spawn(
-            async move { get(addr, "svc", "/").await.status },
-        ));
-        // Start the next request only once this one reached an endpoint.
+        let answered_count = std::sync::Arc::clone(&answered);
+        pending.push(tokio::spawn(async move {
+            let status = get(addr, "svc", "/").await.status;
+            answered_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            status
+        }));
+        // Start the next request only once the load the proxy sees is settled: this one is
+        // held by `slow` or already answered by `fast`. (Reaching `fast` is not enough: until
+        // its answer is back the proxy counts it, and a tie with `slow` is a coin toss.)
         assert!(
-            eventually(Duration::from_secs(5), || slow.hits() + fast.hits()
+            eventually(Duration::from_secs(5), || slow.hits()
+                + answered.load(std::sync::atomic::Ordering::SeqCst)
                 == i + 1)
             .await,
             "request {i} went nowhere"
