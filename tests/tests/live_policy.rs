@@ -264,13 +264,43 @@ async fn an_invalid_document_is_rejected_and_nothing_changes() {
         .await;
     assert_eq!(reply.status, 422, "{:?}", reply.body);
 
-    // The proxy heard nothing: same version, same routing, one policy applied in its life.
-    // (A push takes well under the 500 ms waited here; see the test above.)
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Refused: no version taken, same routing.
     assert_eq!(control.status().await["version"], v1);
-    assert_eq!(version_of(&proxy).await, v1);
     assert_eq!(server_of(proxy.outbound).await, "a");
-    assert_eq!(applied_count(&proxy), 1);
+
+    // And the proxy heard nothing: pushes arrive in order, so once the next valid change is
+    // in force, anything the refusals had sent would have been applied or refused before it.
+    let reply = control
+        .request(
+            "POST",
+            "/v1/apply?name=checkout",
+            &format!(
+                "workload: checkout\nservices:\n  c: {{ endpoints: [{}] }}\nroutes:\n  - match: {{ authority: svc }}\n    service: c\n",
+                b.addr
+            ),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let v2 = control.status().await["version"].as_u64().unwrap();
+    assert_eq!(v2, v1 + 1, "a refused document took a version");
+    wait_ready(
+        &proxy,
+        &format!("ready source=control fresh=true version={v2}\n"),
+        APPLY_BOUND * 5,
+    )
+    .await;
+    assert_eq!(server_of(proxy.outbound).await, "b");
+    // Its log is read in order: once v2's line is in, any earlier one is too.
+    let v2_applied = format!("\"version\":{v2},");
+    assert!(
+        eventually(APPLY_BOUND, || proxy.logs().iter().any(|l| l
+            .contains("\"policy applied\"")
+            && l.contains(&v2_applied)))
+        .await,
+        "{}",
+        proxy.logs().join("\n")
+    );
+    assert_eq!(applied_count(&proxy), 2, "{}", proxy.logs().join("\n"));
     assert_eq!(
         proxy
             .metric("outrider_policy_reloads_total{result=\"error\"}")
@@ -362,7 +392,22 @@ async fn a_killed_control_plane_is_rejoined_without_a_re_push_and_proxies_conver
         .await;
         assert_eq!(server_of(proxy.outbound).await, "a");
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Down long enough for each proxy to fail a reconnect (its second "subscription ended"),
+    // so the rejoin below is a reconnect from backoff, not the first retry.
+    for proxy in [&p1, &p2] {
+        let failures = || {
+            proxy
+                .logs()
+                .iter()
+                .filter(|l| l.contains("control-plane subscription ended"))
+                .count()
+        };
+        assert!(
+            eventually(Duration::from_secs(5), || failures() >= 2).await,
+            "{}",
+            proxy.logs().join("\n")
+        );
+    }
 
     let restarted = Instant::now();
     let control = start_control_with(&dirs, &["--listen", &addr.to_string()]);
