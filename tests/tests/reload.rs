@@ -142,9 +142,13 @@ async fn an_invalid_save_keeps_the_policy_in_force() {
     assert_eq!(config(&proxy).await["version"], 1);
 
     // The file is read once per save: the proxy's own read of it, or another file written
-    // next to it, is not a change (a re-read here would count and log the error again).
+    // next to it, is not a change (a re-read here would count and log the error again). No
+    // event follows that could show a read did not happen, so this watches a stated window: a
+    // read comes 50 ms (the watcher's debounce) after the last event it reacts to; ten times
+    // that. Which events count is unit-tested in `watch_file`.
+    const NO_READ_WINDOW: Duration = Duration::from_millis(500);
     std::fs::write(path.with_file_name("neighbour.log"), "a log line\n").unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(NO_READ_WINDOW).await;
     assert_eq!(
         proxy
             .metric("outrider_policy_reloads_total{result=\"error\"}")
