@@ -483,25 +483,27 @@ pub enum Expiry {
 /// timeouts after the last stream ended, without reading the clock per request.
 pub struct IdleWatch {
     streams: Arc<StreamCount>,
+    header_deadline: Instant,
     next: Instant,
     period: Duration,
-    first: bool,
     seen: u64,
     quiet: u32,
 }
 
 impl IdleWatch {
     /// Quiet checks in a row that make an idle connection: with checks `idle / 4` apart, the
-    /// fifth comes at least one idle timeout after the last stream ended.
+    /// fifth comes at least one idle timeout after the last stream ended (the first counts
+    /// the period the last stream ended in).
     const QUIET_CHECKS: u32 = 5;
 
-    /// A watch whose first check is at `header_deadline`.
+    /// A watch from now, whose first stream must start by `header_deadline`.
     pub fn new(streams: Arc<StreamCount>, header_deadline: Instant, idle: Duration) -> Self {
+        let period = (idle / 4).max(Duration::from_millis(1));
         Self {
             streams,
-            next: header_deadline,
-            period: (idle / 4).max(Duration::from_millis(1)),
-            first: true,
+            header_deadline,
+            next: deadline_after(period),
+            period,
             seen: 0,
             quiet: 0,
         }
@@ -510,21 +512,37 @@ impl IdleWatch {
     /// Resolves when the connection has expired.
     pub async fn expired(&mut self) -> Expiry {
         loop {
-            tokio::time::sleep_until(self.next).await;
-            self.next = deadline_after(self.period);
-            let started = self.streams.started.load(Ordering::Relaxed);
-            let open = self.streams.open.load(Ordering::Relaxed);
-            if std::mem::take(&mut self.first) && started == 0 {
-                return Expiry::HeaderRead;
-            }
-            if open == 0 && started == self.seen {
-                self.quiet += 1;
-                if self.quiet >= Self::QUIET_CHECKS {
-                    return Expiry::Idle;
-                }
+            let waiting_for_first = self.streams.started.load(Ordering::Relaxed) == 0;
+            let wake = if waiting_for_first {
+                self.next.min(self.header_deadline)
             } else {
-                self.quiet = 0;
-                self.seen = started;
+                self.next
+            };
+            tokio::time::sleep_until(wake).await;
+            let now = Instant::now();
+            let started = self.streams.started.load(Ordering::Relaxed);
+            if started == 0 {
+                if now >= self.header_deadline {
+                    return Expiry::HeaderRead;
+                }
+                // Until the first request, the header-read deadline is the one that counts.
+                self.next = deadline_after(self.period);
+                continue;
+            }
+            if now < self.next {
+                continue;
+            }
+            self.next = deadline_after(self.period);
+            let open = self.streams.open.load(Ordering::Relaxed);
+            self.quiet = match (open, started == self.seen) {
+                // Streams came and went since the last check: the last ended in this period.
+                (0, false) => 1,
+                (0, true) => self.quiet.saturating_add(1),
+                _ => 0,
+            };
+            self.seen = started;
+            if self.quiet >= Self::QUIET_CHECKS {
+                return Expiry::Idle;
             }
         }
     }
@@ -677,10 +695,32 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_watch_expires_at_the_header_deadline_without_a_stream() {
+        for idle in [Duration::from_secs(60), Duration::from_secs(1)] {
+            let streams = Arc::new(StreamCount::default());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut watch = IdleWatch::new(streams, deadline, idle);
+            assert_eq!(watch.expired().await, Expiry::HeaderRead);
+            assert_eq!(Instant::now(), deadline);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_watch_counts_from_the_last_stream_when_idle_is_shorter_than_header_read() {
         let streams = Arc::new(StreamCount::default());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut watch = IdleWatch::new(streams, deadline, Duration::from_secs(60));
-        assert_eq!(watch.expired().await, Expiry::HeaderRead);
-        assert_eq!(Instant::now(), deadline);
+        let start = Instant::now();
+        let idle = Duration::from_secs(1);
+        let mut watch = IdleWatch::new(Arc::clone(&streams), start + Duration::from_secs(10), idle);
+        // A stream starts and ends between two checks (250 ms apart).
+        let ended = start + Duration::from_millis(900);
+        let stream_task = tokio::spawn(async move {
+            tokio::time::sleep_until(start + Duration::from_millis(800)).await;
+            let stream = streams.open();
+            tokio::time::sleep_until(ended).await;
+            drop(stream);
+        });
+        assert_eq!(watch.expired().await, Expiry::Idle);
+        let quiet = Instant::now() - ended;
+        assert!(quiet >= idle && quiet <= idle + idle / 4, "{quiet:?}");
+        stream_task.await.unwrap();
     }
 }
