@@ -223,6 +223,13 @@ impl ConnectionBudget {
 /// upgraded connection keeps it while it lives).
 pub struct ConnectionSlot(Arc<ConnectionBudget>);
 
+impl ConnectionSlot {
+    /// The budget this slot is part of.
+    pub fn budget(&self) -> &Arc<ConnectionBudget> {
+        &self.0
+    }
+}
+
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);

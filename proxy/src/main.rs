@@ -124,6 +124,18 @@ fn main() -> ExitCode {
     };
     outrider_proxy::logging::init(&cli.log);
 
+    let deadlines = [
+        ("--header-read-timeout", cli.header_read_timeout),
+        ("--idle-timeout", cli.idle_timeout),
+        ("--http2-keepalive-interval", cli.http2_keepalive_interval),
+        ("--http2-keepalive-timeout", cli.http2_keepalive_timeout),
+    ];
+    if let Some((flag, _)) = deadlines.iter().find(|(_, d)| d.get().is_zero()) {
+        // A zero deadline would close every connection before its first byte.
+        eprintln!("outrider-proxy: {flag} must be more than 0");
+        return ExitCode::from(EX_USAGE);
+    }
+
     let control = match control_config(&cli) {
         Ok(control) => control,
         Err(message) => {

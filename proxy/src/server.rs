@@ -107,10 +107,7 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let timeouts = shared.connections.timeouts;
-    let budget = Arc::clone(match kind {
-        ListenerKind::Inbound => &shared.connections.inbound,
-        ListenerKind::Outbound | ListenerKind::Dedicated(_) => &shared.connections.outbound,
-    });
+    let budget = Arc::clone(slot.budget());
     let metrics = &budget.metrics;
     let deadline = connection::deadline_after(timeouts.header_read);
     // Inbound: sniff plaintext from mTLS and handshake.

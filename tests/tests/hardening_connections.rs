@@ -57,37 +57,29 @@ async fn an_inbound_flood_under_a_low_descriptor_limit_leaves_outbound_and_admin
     const NOFILE: u64 = 256;
     const FLOOD: usize = 600;
     const CALLS: usize = 200;
+    // Default caps, derived from the limit: 32 inbound, 32 outbound, 64 admin.
+    const INBOUND_CAP: usize = 32;
     let svc = Upstream::echo(Proto::Http1, "svc").await;
     let app = Upstream::echo(Proto::Http1, "app").await;
-    // Default caps, derived from the limit: 32 inbound, 32 outbound, 64 admin.
     let proxy = start_proxy_with_nofile(&policy(&svc, &app), &[], NOFILE);
     let rss_before = proxy.rss_kib();
 
-    // More idle connections than the process has descriptors, held open by the test.
-    let mut flood = Vec::with_capacity(FLOOD);
+    // More idle connections than the process has descriptors, held open by the test. Each
+    // connect is bounded: a proxy that stopped accepting leaves them waiting on a full backlog.
+    let mut connecting = tokio::task::JoinSet::new();
     for _ in 0..FLOOD {
-        flood.push(TcpStream::connect(proxy.inbound).await.unwrap());
+        let inbound = proxy.inbound;
+        connecting.spawn(async move {
+            tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(inbound)).await
+        });
     }
-    let rejected = r#"outrider_connections_rejected_total{listener="inbound"}"#;
-    let all_refused = (FLOOD - 32) as f64;
-    let mut seen = 0.0;
-    for _ in 0..100 {
-        seen = proxy.metric(rejected).await;
-        if seen >= all_refused {
-            break;
+    let mut flood = Vec::with_capacity(FLOOD);
+    while let Some(connected) = connecting.join_next().await {
+        if let Ok(Ok(stream)) = connected.unwrap() {
+            flood.push(stream);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        seen, all_refused,
-        "inbound connections past the cap refused"
-    );
-    assert_eq!(
-        proxy
-            .metric(r#"outrider_connections_active{listener="inbound"}"#)
-            .await,
-        32.0
-    );
+    let connected = flood.len();
 
     // The app's outbound calls, 8 at a time, while the flood holds its connections.
     let started = Instant::now();
@@ -117,37 +109,65 @@ async fn an_inbound_flood_under_a_low_descriptor_limit_leaves_outbound_and_admin
     }
     let calls_took = started.elapsed();
 
+    let mut ready = 0;
     let mut slowest_ready = Duration::ZERO;
     for _ in 0..10 {
         let asked = Instant::now();
-        let (status, _) = tokio::time::timeout(Duration::from_secs(2), proxy.admin_get("/ready"))
-            .await
-            .expect("/ready answers under the flood");
-        assert_eq!(status, 200);
+        let req = Request::get(format!("http://{}/ready", proxy.admin))
+            .body(empty())
+            .unwrap();
+        let answered =
+            tokio::time::timeout(Duration::from_secs(2), http1_client().request(req)).await;
+        if matches!(answered, Ok(Ok(res)) if res.status() == 200) {
+            ready += 1;
+        }
         slowest_ready = slowest_ready.max(asked.elapsed());
     }
     let rss_during = proxy.rss_kib();
-    let refusal_lines = proxy
-        .logs()
-        .iter()
-        .filter(|l| l.contains("the listener is at its connection cap"))
-        .count();
-    let accept_errors = proxy
-        .logs()
-        .iter()
-        .filter(|l| l.contains("accept failed"))
-        .count();
+    let refused_then = proxy
+        .metric(r#"outrider_connections_rejected_total{listener="inbound"}"#)
+        .await;
+    let count_logs = |needle: &str| proxy.logs().iter().filter(|l| l.contains(needle)).count();
+    let refusal_lines = count_logs("the listener is at its connection cap");
+    let accept_errors = count_logs("accept failed");
     eprintln!(
-        "flood of {FLOOD} under nofile {NOFILE}: outbound {succeeded}/{CALLS} ok in {calls_took:?}, \
-         slowest /ready {slowest_ready:?}, RSS {rss_before} -> {rss_during} KiB, \
-         {refusal_lines} refusal log lines, {accept_errors} accept errors"
+        "flood of {FLOOD} ({connected} connected) under nofile {NOFILE}: outbound \
+         {succeeded}/{CALLS} ok in {calls_took:?}, /ready {ready}/10 ok, slowest \
+         {slowest_ready:?}, RSS {rss_before} -> {rss_during} KiB, {refusal_lines} refusal log \
+         lines, {accept_errors} accept errors, {refused_then} refused so far"
     );
     assert_eq!(succeeded, CALLS, "every outbound call answered 200");
+    assert_eq!(ready, 10, "/ready answered 200 every time");
     assert!(
         slowest_ready < Duration::from_millis(500),
         "{slowest_ready:?}"
     );
     assert_eq!(accept_errors, 0, "no descriptor exhaustion");
+    assert_eq!(
+        connected, FLOOD,
+        "every flood connection was accepted (or refused)"
+    );
+    // The refusals are counted as the accept loop gets to them: poll, with a deadline.
+    let rejected = r#"outrider_connections_rejected_total{listener="inbound"}"#;
+    let mut refused = 0.0;
+    for _ in 0..100 {
+        refused = proxy.metric(rejected).await;
+        if refused >= (FLOOD - INBOUND_CAP) as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        refused,
+        (FLOOD - INBOUND_CAP) as f64,
+        "inbound connections past the cap refused"
+    );
+    assert_eq!(
+        proxy
+            .metric(r#"outrider_connections_active{listener="inbound"}"#)
+            .await,
+        INBOUND_CAP as f64
+    );
     // One line a second at most, with the count.
     assert!(
         (1..=3).contains(&refusal_lines),
