@@ -404,8 +404,6 @@ pub struct ListenerMetrics {
     pub header_read_timeouts: IntCounter,
     /// Closed after the idle timeout with no request in progress.
     pub idle_timeouts: IntCounter,
-    /// HTTP/2 connections closed because a keepalive PING went unanswered.
-    pub keepalive_timeouts: IntCounter,
 }
 
 #[derive(Clone)]
@@ -436,7 +434,7 @@ impl ListenerVecs {
                 Opts::new(
                     "outrider_connection_timeouts_total",
                     "Downstream connections closed by a deadline, by listener and phase \
-                     (header_read, idle, keepalive).",
+                     (header_read, idle).",
                 ),
                 &["listener", "phase"],
             )?,
@@ -680,7 +678,6 @@ impl Metrics {
             rejected: self.listeners.rejected.with_label_values(&[listener]),
             header_read_timeouts: timeouts("header_read"),
             idle_timeouts: timeouts("idle"),
-            keepalive_timeouts: timeouts("keepalive"),
         }
     }
 

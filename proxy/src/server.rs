@@ -206,14 +206,9 @@ async fn serve_connection(
     };
     if let Err(error) = result {
         match error.downcast_ref::<hyper::Error>() {
-            // HTTP/1.1: no next head within the idle timeout. HTTP/2: a PING went unanswered.
-            Some(e) if e.is_timeout() => {
-                if idle.is_some() {
-                    metrics.keepalive_timeouts.inc();
-                } else {
-                    metrics.idle_timeouts.inc();
-                }
-            }
+            // HTTP/1.1: no next head within the idle timeout. (hyper ends an HTTP/2 connection
+            // whose keepalive PING went unanswered without an error.)
+            Some(e) if e.is_timeout() => metrics.idle_timeouts.inc(),
             _ => tracing::debug!(%error, "connection ended with an error"),
         }
     }

@@ -2,7 +2,8 @@
 //! the inbound port under a low descriptor limit leaves the app's outbound calls and `/ready`
 //! working; a connection that sends nothing, half a preface or half a head is closed at the
 //! header-read deadline (408 for the half head); idle HTTP/1.1 and HTTP/2 connections are
-//! closed at the idle timeout, while a slow HTTP/2 stream is not.
+//! closed at the idle timeout, while a slow HTTP/2 stream is not; an HTTP/2 peer that stops
+//! answering PINGs is closed even with a stream open.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -288,5 +289,57 @@ async fn idle_connections_close_at_the_idle_timeout_but_slow_streams_do_not() {
             .metric(r#"outrider_connection_timeouts_total{listener="inbound",phase="idle"}"#)
             .await,
         2.0
+    );
+}
+
+/// One HTTP/2 frame: length, type, flags, stream id, payload (RFC 9113 §4.1).
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut frame = vec![len[1], len[2], len[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_peer_that_stops_answering_pings_is_closed_while_its_stream_is_open() {
+    let app = Upstream::start(Proto::Http1, |_req: Request<Incoming>| async move {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Response::new(full("late"))
+    })
+    .await;
+    let svc = Upstream::echo(Proto::Http1, "svc").await;
+    let proxy = start_proxy_with(
+        &policy(&svc, &app),
+        &[
+            "--http2-keepalive-interval",
+            "1s",
+            "--http2-keepalive-timeout",
+            "1s",
+        ],
+    );
+    // A client that opens a stream, then never reads again: it answers no PING.
+    let mut stream = TcpStream::connect(proxy.inbound).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+                                            // HEADERS, END_STREAM | END_HEADERS: GET http://app/slow in HPACK (static table indexes
+                                            // for :method GET and :scheme http; literal values for :authority and :path).
+    let mut block = vec![0x82, 0x86, 0x01, 3];
+    block.extend_from_slice(b"app");
+    block.extend_from_slice(&[0x04, 5]);
+    block.extend_from_slice(b"/slow");
+    hello.extend(h2_frame(0x1, 0x5, 1, &block));
+    stream.write_all(&hello).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || app.hits() == 1).await,
+        "the stream reached the app"
+    );
+    // The socket is read only now: whatever the proxy sent (SETTINGS, PINGs) sat unanswered.
+    let (_, closed) = read_until_closed(&mut stream, Duration::from_secs(8)).await;
+    let closed = closed.expect("a peer that answers no PING is closed before its stream ends");
+    // A PING after 1 s of silence, unanswered for 1 s; the app would answer at 10 s.
+    assert!(
+        closed < Duration::from_secs(4),
+        "{closed:?} after the stream opened"
     );
 }
