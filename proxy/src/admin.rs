@@ -12,35 +12,80 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::body::ProxyBody;
+use crate::connection::{self, FirstHead, LogLimiter};
 use crate::forward::text_plain;
 use crate::logging::LogLevelError;
 use crate::Shared;
 
-/// Serves the admin endpoints until `stop` turns true.
+/// Serves the admin endpoints until `stop` turns true. Connections past the admin cap are
+/// closed at accept; each must send its first request head within the header-read timeout and
+/// the next within the idle timeout.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let budget = Arc::clone(&shared.connections.admin);
+    let timeouts = shared.connections.timeouts;
+    let mut refusals = LogLimiter::default();
+    let mut accept_errors = LogLimiter::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, peer)) = accepted else { continue };
-                let shared = Arc::clone(&shared);
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let shared = Arc::clone(&shared);
-                    async move {
-                        if req.uri().path() == "/log-level" {
-                            return Ok::<_, Infallible>(log_level(peer, req).await);
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors, most likely: back off instead of spinning.
+                        if let Some(errors) = accept_errors.hit(Instant::now()) {
+                            tracing::warn!(%error, errors, "admin accept failed");
                         }
-                        Ok::<_, Infallible>(respond(&shared, peer, &req))
+                        tokio::time::sleep(connection::ACCEPT_ERROR_PAUSE).await;
+                        continue;
                     }
-                });
+                };
+                let Some(slot) = budget.try_acquire() else {
+                    drop(stream);
+                    budget.log_refusal(&mut refusals);
+                    continue;
+                };
+                let shared = Arc::clone(&shared);
+                let budget = Arc::clone(&budget);
                 tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
+                    let mut stream = stream;
+                    let deadline = connection::deadline_after(timeouts.header_read);
+                    let first = connection::read_first_head(&mut stream, deadline).await;
+                    match first.head {
+                        FirstHead::Http1 | FirstHead::Http2 => {}
+                        FirstHead::Closed => return,
+                        FirstHead::TimedOut => {
+                            budget.metrics.header_read_timeouts.inc();
+                            if first.partial_http1() {
+                                connection::answer_request_timeout(&mut stream).await;
+                            }
+                            return;
+                        }
+                    }
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let shared = Arc::clone(&shared);
+                        async move {
+                            if req.uri().path() == "/log-level" {
+                                return Ok::<_, Infallible>(log_level(peer, req).await);
+                            }
+                            Ok::<_, Infallible>(respond(&shared, peer, &req))
+                        }
+                    });
+                    let io = connection::ServedIo::new(first.bytes, stream, slot);
+                    let served = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        // From the end of a response to the next complete head.
+                        .header_read_timeout(timeouts.idle)
+                        .serve_connection(TokioIo::new(io), service)
                         .await;
+                    if served.is_err_and(|e| e.is_timeout()) {
+                        budget.metrics.idle_timeouts.inc();
+                    }
                 });
             }
             () = crate::stopped(&mut stop) => return,

@@ -1,5 +1,5 @@
-//! Connecting to one upstream endpoint: TCP with a timeout, `TCP_NODELAY`, and connection
-//! counting. Each endpoint has its own connector (and pool), so the URI the request carries
+//! Connecting to one upstream endpoint: TCP with a timeout, `TCP_NODELAY`, TCP keepalive, and
+//! connection counting. Each endpoint has its own connector (and pool), so the URI the request carries
 //! keeps the caller's authority while the socket goes to the endpoint the balancer chose.
 
 use std::io;
@@ -157,6 +157,8 @@ impl EndpointConnector {
         };
         // Small request/response writes must not wait for Nagle.
         let _ = stream.set_nodelay(true);
+        // A pooled or long-streaming connection to a host that vanished is found and freed.
+        crate::connection::set_keepalive(&stream);
         let stream = match &self.tls {
             None => Io::Plain(stream),
             Some(tls) => crate::tls::connect(tls, addr, stream).await.map_err(|e| {

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod body;
 pub mod connect;
+pub mod connection;
 pub mod demo;
 pub mod errors;
 pub mod forward;
@@ -70,6 +71,10 @@ pub struct Bootstrap {
     pub shutdown_endpoint: bool,
     /// The workload identity to get from the control plane, for mesh mTLS.
     pub identity: Option<identity::IdentityConfig>,
+    /// Deadlines of downstream connections' phases.
+    pub timeouts: connection::ConnectionTimeouts,
+    /// The most connections each listener holds.
+    pub limits: connection::ConnectionLimits,
 }
 
 /// The policy a proxy starts with.
@@ -104,6 +109,8 @@ pub struct Shared {
     pub origin: String,
     /// This proxy's mesh identity, when it has one configured.
     pub mesh: Option<Arc<identity::Mesh>>,
+    /// Connection deadlines and each listener's connection budget.
+    pub connections: connection::Connections,
     stop: watch::Sender<bool>,
     /// The span exporter for the policy's `tracing.otlp`, if any.
     pub spans: Spans,
@@ -235,6 +242,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
     let snapshot = reload::empty_snapshot(&metrics);
     let (stop, stop_rx) = watch::channel(false);
     let spans = Spans::new(&bootstrap.workload, metrics.telemetry.clone());
+    let connections = connection::Connections::new(bootstrap.timeouts, bootstrap.limits, &metrics);
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         metrics,
@@ -246,6 +254,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         dedicated: ArcSwap::from_pointee(Vec::new()),
         origin: bootstrap.policy_source.clone(),
         mesh,
+        connections,
         stop,
         spans,
         access_log: Mutex::new(Weak::new()),

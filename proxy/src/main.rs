@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use outrider_proxy::connection::{ConnectionLimits, ConnectionTimeouts, DEFAULT_ADMIN_CONNECTIONS};
 use outrider_proxy::identity::IdentityConfig;
 use outrider_proxy::reload::PolicySource;
 use outrider_proxy::subscribe::{self, ControlConfig, Token};
@@ -78,6 +79,32 @@ struct Cli {
         requires = "service_account"
     )]
     identity_token_file: Option<PathBuf>,
+    /// From accept to the first complete request head: the inbound TLS sniff and handshake,
+    /// protocol detection, the HTTP/1.1 head or the HTTP/2 preface and first HEADERS. An
+    /// HTTP/1.1 head begun but not finished is answered 408; anything else is closed.
+    #[arg(long, env = "OUTRIDER_HEADER_READ_TIMEOUT", default_value = "10s")]
+    header_read_timeout: outrider_config::Duration,
+    /// A downstream connection with no request in progress for this long is closed: HTTP/1.1
+    /// between a response and the next complete head, HTTP/2 with no open stream (GOAWAY).
+    #[arg(long, env = "OUTRIDER_IDLE_TIMEOUT", default_value = "60s")]
+    idle_timeout: outrider_config::Duration,
+    /// HTTP/2 keepalive: a PING this often on downstream connections, so a dead peer is found.
+    #[arg(long, env = "OUTRIDER_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s")]
+    http2_keepalive_interval: outrider_config::Duration,
+    /// A keepalive PING not answered within this closes the HTTP/2 connection.
+    #[arg(long, env = "OUTRIDER_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s")]
+    http2_keepalive_timeout: outrider_config::Duration,
+    /// Most connections the inbound port holds; more are closed at accept. Default: derived
+    /// from the descriptor limit (see README, "Connection limits").
+    #[arg(long, env = "OUTRIDER_MAX_INBOUND_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    max_inbound_connections: Option<u32>,
+    /// Most connections the outbound port and the dedicated service ports hold together.
+    /// Default: derived from the descriptor limit.
+    #[arg(long, env = "OUTRIDER_MAX_OUTBOUND_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    max_outbound_connections: Option<u32>,
+    /// Most connections the admin port holds.
+    #[arg(long, env = "OUTRIDER_MAX_ADMIN_CONNECTIONS", default_value_t = DEFAULT_ADMIN_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
+    max_admin_connections: u32,
     /// Log filter (tracing env-filter syntax), e.g. `info` or `outrider_proxy=debug`.
     #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
     log: String,
@@ -96,6 +123,18 @@ fn main() -> ExitCode {
         }
     };
     outrider_proxy::logging::init(&cli.log);
+
+    let deadlines = [
+        ("--header-read-timeout", cli.header_read_timeout),
+        ("--idle-timeout", cli.idle_timeout),
+        ("--http2-keepalive-interval", cli.http2_keepalive_interval),
+        ("--http2-keepalive-timeout", cli.http2_keepalive_timeout),
+    ];
+    if let Some((flag, _)) = deadlines.iter().find(|(_, d)| d.get().is_zero()) {
+        // A zero deadline would close every connection before its first byte.
+        eprintln!("outrider-proxy: {flag} must be more than 0");
+        return ExitCode::from(EX_USAGE);
+    }
 
     let control = match control_config(&cli) {
         Ok(control) => control,
@@ -170,6 +209,13 @@ fn main() -> ExitCode {
         }),
         _ => None,
     };
+    let limits = connection_limits(&cli);
+    let timeouts = ConnectionTimeouts {
+        header_read: cli.header_read_timeout.get(),
+        idle: cli.idle_timeout.get(),
+        http2_keepalive_interval: cli.http2_keepalive_interval.get(),
+        http2_keepalive_timeout: cli.http2_keepalive_timeout.get(),
+    };
     let bootstrap = Bootstrap {
         outbound: cli.outbound,
         inbound: cli.inbound,
@@ -179,6 +225,8 @@ fn main() -> ExitCode {
         policy_source: origin,
         shutdown_endpoint: cli.shutdown_endpoint,
         identity,
+        timeouts,
+        limits,
     };
     runtime.block_on(async move {
         if let (true, Some(initial)) = (cli.demo, &initial) {
@@ -212,6 +260,39 @@ fn main() -> ExitCode {
         running.wait().await;
         ExitCode::SUCCESS
     })
+}
+
+/// Raises the soft descriptor limit to the hard one (a sidecar's connections are its job),
+/// and sets each listener's connection cap: from the flags, or derived from that limit.
+fn connection_limits(cli: &Cli) -> ConnectionLimits {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft);
+    // The hard limit may be "unlimited", which Linux refuses as a soft limit; then its
+    // ceiling for a process (fs.nr_open, 1Mi by default) is the most that can be asked.
+    let fd_limit = rlimit::increase_nofile_limit(u64::MAX)
+        .or_else(|_| rlimit::increase_nofile_limit(1 << 20))
+        .unwrap_or(before);
+    let derived = ConnectionLimits::for_fd_limit(fd_limit, cli.max_admin_connections);
+    let limits = ConnectionLimits {
+        inbound: cli.max_inbound_connections.unwrap_or(derived.inbound),
+        outbound: cli.max_outbound_connections.unwrap_or(derived.outbound),
+        admin: cli.max_admin_connections,
+    };
+    tracing::info!(
+        fd_limit,
+        max_inbound_connections = limits.inbound,
+        max_outbound_connections = limits.outbound,
+        max_admin_connections = limits.admin,
+        "connection limits"
+    );
+    if limits.descriptors_needed() > fd_limit {
+        tracing::warn!(
+            fd_limit,
+            needed = limits.descriptors_needed(),
+            "the connection caps can use more descriptors than the limit allows: a flood on \
+             one listener may starve the others"
+        );
+    }
+    limits
 }
 
 /// Loads policy `text` (named `source` in diagnostics) as the initial policy.

@@ -88,6 +88,7 @@ pub struct Metrics {
     breaker_state: IntGaugeVec,
     breaker_transitions: IntCounterVec,
     ejections: IntCounterVec,
+    listeners: ListenerVecs,
     traffic: TrafficVecs,
     /// Span export and access-log counters.
     pub telemetry: TelemetryMetrics,
@@ -392,6 +393,59 @@ impl ConnectionMetrics {
     }
 }
 
+/// Connection counters of one listener (`inbound`, `outbound`, `admin`).
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    /// Connections open now.
+    pub active: IntGauge,
+    /// Connections closed at accept because the listener was at its cap.
+    pub rejected: IntCounter,
+    /// Closed for want of a complete first request head within the header-read timeout.
+    pub header_read_timeouts: IntCounter,
+    /// Closed after the idle timeout with no request in progress.
+    pub idle_timeouts: IntCounter,
+}
+
+#[derive(Clone)]
+struct ListenerVecs {
+    active: IntGaugeVec,
+    rejected: IntCounterVec,
+    timeouts: IntCounterVec,
+}
+
+impl ListenerVecs {
+    fn new(registry: &Registry) -> Result<Self, MetricsError> {
+        let vecs = Self {
+            active: IntGaugeVec::new(
+                Opts::new(
+                    "outrider_connections_active",
+                    "Downstream connections open, by listener.",
+                ),
+                &["listener"],
+            )?,
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "outrider_connections_rejected_total",
+                    "Downstream connections closed at accept: the listener was at its cap.",
+                ),
+                &["listener"],
+            )?,
+            timeouts: IntCounterVec::new(
+                Opts::new(
+                    "outrider_connection_timeouts_total",
+                    "Downstream connections closed by a deadline, by listener and phase \
+                     (header_read, idle).",
+                ),
+                &["listener", "phase"],
+            )?,
+        };
+        registry.register(Box::new(vecs.active.clone()))?;
+        registry.register(Box::new(vecs.rejected.clone()))?;
+        registry.register(Box::new(vecs.timeouts.clone()))?;
+        Ok(vecs)
+    }
+}
+
 /// Decrements the active-connection gauge when the connection is dropped.
 pub struct ConnectionGuard {
     active: IntGauge,
@@ -515,10 +569,12 @@ impl Metrics {
         registry.register(Box::new(policy_reloads.clone()))?;
         registry.register(Box::new(build_info))?;
         let traffic = TrafficVecs::new(&registry)?;
+        let listeners = ListenerVecs::new(&registry)?;
         let telemetry = TelemetryMetrics::new(&registry)?;
         let process = ProcessGauges::new(&registry)?;
         Ok(Self {
             traffic,
+            listeners,
             telemetry,
             process,
             registry,
@@ -607,6 +663,21 @@ impl Metrics {
         BreakerMetrics {
             state: states.map(|s| self.breaker_state.with_label_values(&[service, s])),
             transitions: states.map(|s| self.breaker_transitions.with_label_values(&[service, s])),
+        }
+    }
+
+    /// Handles for the downstream connections of `listener`.
+    pub fn listener(&self, listener: &str) -> ListenerMetrics {
+        let timeouts = |phase| {
+            self.listeners
+                .timeouts
+                .with_label_values(&[listener, phase])
+        };
+        ListenerMetrics {
+            active: self.listeners.active.with_label_values(&[listener]),
+            rejected: self.listeners.rejected.with_label_values(&[listener]),
+            header_read_timeouts: timeouts("header_read"),
+            idle_timeouts: timeouts("idle"),
         }
     }
 

@@ -2,15 +2,15 @@
 //! port) and their graceful drain.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
+use crate::connection::{self, ConnectionSlot, Expiry, FirstHead, IdleWatch, LogLimiter};
 use crate::errors::{self, ProxyError};
 use crate::forward::{self, ListenerKind};
 use crate::identity::PEER_IDENTITY_HEADER;
@@ -19,91 +19,215 @@ use crate::{headers, tls, Shared};
 /// Largest request head accepted; larger ones are answered 431 (HTTP/1.1) or refused by
 /// HTTP/2 with 431. Envoy's default is 60 KiB.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// A client must send its request head within this time (slowloris guard).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves `listener` until `stop` turns true, then stops accepting and drains: HTTP/1.1
 /// connections close after their in-flight request (`Connection: close`), HTTP/2 ones get
 /// GOAWAY. Returns when every connection has ended; the caller bounds that by the drain timeout.
+/// A connection past the listener's cap is closed at accept.
 pub async fn serve(
     listener: TcpListener,
     kind: ListenerKind,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
+    let timeouts = shared.connections.timeouts;
+    let budget = match kind {
+        ListenerKind::Inbound => Arc::clone(&shared.connections.inbound),
+        ListenerKind::Outbound | ListenerKind::Dedicated(_) => {
+            Arc::clone(&shared.connections.outbound)
+        }
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // The first head is read before hyper sees the connection (`connection::read_first_head`,
+        // by the header-read deadline); hyper's timer runs from the end of each response to the
+        // next complete head, which makes it the keep-alive idle timeout.
+        .header_read_timeout(timeouts.idle)
         .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
+        .keep_alive_interval(timeouts.http2_keepalive_interval)
+        .keep_alive_timeout(timeouts.http2_keepalive_timeout)
         .max_header_list_size(MAX_HEADER_BYTES as u32);
+    // Every connection holds a receiver; `closed` tells when the last one has ended.
+    let (connections, _) = watch::channel(());
+    let mut refusals = LogLimiter::default();
+    let mut accept_errors = LogLimiter::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Some(slot) = budget.try_acquire() else {
+                        drop(stream);
+                        budget.log_refusal(&mut refusals);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
+                    connection::set_keepalive(&stream);
                     // The app's outbound connections tell a shutdown when the app has gone.
                     let app_connection = (kind != ListenerKind::Inbound).then(|| shared.app.open());
                     let shared = Arc::clone(&shared);
                     let builder = builder.clone();
-                    let watcher = graceful.watcher();
+                    let stop = stop.clone();
+                    let held = connections.subscribe();
                     tokio::spawn(async move {
-                        // Inbound: sniff plaintext from mTLS and handshake, off the accept loop.
-                        let accepted = if kind == ListenerKind::Inbound {
-                            let mode = shared
-                                .snapshot
-                                .load()
-                                .policy
-                                .inbound
-                                .as_ref()
-                                .map(|i| i.mtls)
-                                .unwrap_or_default();
-                            tls::accept_inbound(stream, peer, shared.mesh.as_ref(), mode).await
-                        } else {
-                            Some(tls::Accepted { io: tls::Io::Plain(stream), peer_identity: None })
-                        };
-                        let Some(tls::Accepted { io, peer_identity }) = accepted else {
-                            return;
-                        };
-                        let caller = headers::Caller::new(peer);
-                        let service = service_fn(move |mut req| {
-                            let shared = Arc::clone(&shared);
-                            let caller = caller.clone();
-                            let denied = (kind == ListenerKind::Inbound)
-                                .then(|| inbound_identity(&shared, &mut req, peer_identity.as_ref()))
-                                .flatten();
-                            async move {
-                                match denied {
-                                    Some(error) => Ok(errors::rescue(&error, headers::is_grpc(&req))),
-                                    None => forward::handle(shared, kind, caller, req).await,
-                                }
-                            }
-                        });
-                        let conn = builder
-                            .serve_connection_with_upgrades(TokioIo::new(io), service)
-                            .into_owned();
-                        if let Err(error) = watcher.watch(conn).await {
-                            tracing::debug!(%error, "connection ended with an error");
-                        }
+                        serve_connection(stream, peer, kind, shared, &builder, slot, stop).await;
                         drop(app_connection);
+                        drop(held);
                     });
                 }
                 Err(error) => {
                     // Out of file descriptors, most likely: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if let Some(errors) = accept_errors.hit(Instant::now()) {
+                        tracing::warn!(%error, errors, "accept failed");
+                    }
+                    tokio::time::sleep(connection::ACCEPT_ERROR_PAUSE).await;
                 }
             },
             () = crate::stopped(&mut stop) => break,
         }
     }
     drop(listener);
-    graceful.shutdown().await;
+    connections.closed().await;
+}
+
+/// Serves one accepted connection: the inbound TLS sniff and handshake and the first request
+/// head by the header-read deadline, then hyper, until the connection ends, idles out or a
+/// shutdown drains it.
+async fn serve_connection(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    kind: ListenerKind,
+    shared: Arc<Shared>,
+    builder: &auto::Builder<TokioExecutor>,
+    slot: ConnectionSlot,
+    mut stop: watch::Receiver<bool>,
+) {
+    let timeouts = shared.connections.timeouts;
+    let budget = Arc::clone(slot.budget());
+    let metrics = &budget.metrics;
+    let deadline = connection::deadline_after(timeouts.header_read);
+    // Inbound: sniff plaintext from mTLS and handshake.
+    let accepted = if kind == ListenerKind::Inbound {
+        let mode = shared
+            .snapshot
+            .load()
+            .policy
+            .inbound
+            .as_ref()
+            .map(|i| i.mtls)
+            .unwrap_or_default();
+        tokio::select! {
+            accepted = tls::accept_inbound(stream, peer, shared.mesh.as_ref(), mode, deadline) => accepted,
+            () = crate::stopped(&mut stop) => return,
+        }
+    } else {
+        Some(tls::Accepted {
+            io: tls::Io::Plain(stream),
+            peer_identity: None,
+        })
+    };
+    let Some(tls::Accepted {
+        mut io,
+        peer_identity,
+    }) = accepted
+    else {
+        if Instant::now() >= deadline {
+            metrics.header_read_timeouts.inc();
+        }
+        return;
+    };
+    let first = tokio::select! {
+        first = connection::read_first_head(&mut io, deadline) => first,
+        () = crate::stopped(&mut stop) => return,
+    };
+    match first.head {
+        FirstHead::Http1 | FirstHead::Http2 => {}
+        FirstHead::Closed => return,
+        FirstHead::TimedOut => {
+            metrics.header_read_timeouts.inc();
+            tracing::debug!(%peer, "no complete request head in time; closed");
+            if first.partial_http1() {
+                connection::answer_request_timeout(&mut io).await;
+            }
+            return;
+        }
+    }
+    // HTTP/2: streams are counted for the idle timeout (HTTP/1.1's is hyper's header timer).
+    let streams = (first.head == FirstHead::Http2).then(Arc::default);
+    let mut idle = streams
+        .as_ref()
+        .map(|streams| IdleWatch::new(Arc::clone(streams), deadline, timeouts.idle));
+    let caller = headers::Caller::new(peer);
+    let service = service_fn(move |mut req| {
+        let shared = Arc::clone(&shared);
+        let caller = caller.clone();
+        let denied = (kind == ListenerKind::Inbound)
+            .then(|| inbound_identity(&shared, &mut req, peer_identity.as_ref()))
+            .flatten();
+        let stream = streams.as_ref().map(connection::StreamCount::open);
+        async move {
+            let response = match denied {
+                Some(error) => Ok(errors::rescue(&error, headers::is_grpc(&req))),
+                None => forward::handle(shared, kind, caller, req).await,
+            };
+            response.map(|r| r.map(|body| connection::ServedBody::new(body, stream)))
+        }
+    });
+    let io = connection::ServedIo::new(first.bytes, io, slot);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    // After an idle close starts, the GOAWAY exchange gets a moment, not forever (a drain is
+    // bounded by the drain timeout instead).
+    let mut cut_at: Option<Instant> = None;
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            () = crate::stopped(&mut stop), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            expiry = expired(&mut idle), if !closing => {
+                match expiry {
+                    Expiry::HeaderRead => metrics.header_read_timeouts.inc(),
+                    Expiry::Idle => metrics.idle_timeouts.inc(),
+                }
+                tracing::debug!(%peer, ?expiry, "HTTP/2 connection expired; GOAWAY");
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+                cut_at = Some(connection::deadline_after(connection::CLOSE_GRACE));
+            }
+            () = sleep_until(cut_at) => break Ok(()),
+        }
+    };
+    if let Err(error) = result {
+        match error.downcast_ref::<hyper::Error>() {
+            // HTTP/1.1: no next head within the idle timeout. (hyper ends an HTTP/2 connection
+            // whose keepalive PING went unanswered without an error.)
+            Some(e) if e.is_timeout() => metrics.idle_timeouts.inc(),
+            _ => tracing::debug!(%error, "connection ended with an error"),
+        }
+    }
+}
+
+/// Resolves when an HTTP/2 connection's [`IdleWatch`] expires; never for HTTP/1.1.
+async fn expired(idle: &mut Option<IdleWatch>) -> Expiry {
+    match idle {
+        Some(watch) => watch.expired().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves at `at`; never without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// On the inbound port: replaces any caller-sent identity header with the verified one (none

@@ -22,7 +22,7 @@ use crate::identity::{self, Mesh, ALPN_H2, ALPN_HTTP1};
 
 /// First byte of a TLS record carrying a handshake (a ClientHello starts with it).
 const TLS_HANDSHAKE: u8 = 0x16;
-/// Longest wait for a caller's first byte and its TLS handshake.
+/// Longest wait for an outbound TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A data-plane connection: plaintext, or TLS as client or server.
@@ -337,11 +337,14 @@ pub struct Accepted {
 /// With one: a first byte of 0x16 is a TLS ClientHello and gets the mTLS handshake (client
 /// certificate required); anything else is plaintext, served when `mode` is permissive and
 /// closed when strict. `None`: the connection is to be closed (the reason is logged here).
+/// The first byte and the handshake must be in by `deadline` (the connection's header-read
+/// deadline).
 pub async fn accept_inbound(
     stream: TcpStream,
     peer: SocketAddr,
     mesh: Option<&Arc<Mesh>>,
     mode: InboundMtls,
+    deadline: tokio::time::Instant,
 ) -> Option<Accepted> {
     let Some(mesh) = mesh else {
         if mode == InboundMtls::Strict {
@@ -356,7 +359,7 @@ pub async fn accept_inbound(
         });
     };
     let mut first = [0u8; 1];
-    let is_tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+    let is_tls = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
         // Closed before a byte, an error, or silence: nothing to serve.
         _ => return None,
@@ -380,7 +383,7 @@ pub async fn accept_inbound(
         return None;
     };
     let acceptor = TlsAcceptor::from(Arc::clone(&held.server));
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
             let reason = identity::failure_reason(&error);

@@ -151,7 +151,34 @@ pub fn spawn_proxy(dir: TempDir, args: &[std::ffi::OsString]) -> Proxy {
 
 /// Like [`spawn_proxy`], with extra environment variables.
 pub fn spawn_proxy_env(dir: TempDir, args: &[std::ffi::OsString], env: &[(&str, &str)]) -> Proxy {
-    let mut child = Command::new(proxy_binary())
+    spawn_proxy_command(Command::new(proxy_binary()), dir, args, env)
+}
+
+/// Like [`start_proxy_with`], with the process's descriptor limit (soft and hard) set to
+/// `nofile` before it starts, as `ulimit -n` in its container would.
+pub fn start_proxy_with_nofile(policy: &str, extra: &[&str], nofile: u64) -> Proxy {
+    let dir = TempDir::new();
+    let path = dir.path.join("policy.yaml");
+    std::fs::write(&path, policy).unwrap();
+    let mut args: Vec<std::ffi::OsString> = vec!["--policy".into(), path.into()];
+    args.extend(extra.iter().map(Into::into));
+    let mut shell = Command::new("sh");
+    shell
+        .arg("-c")
+        .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+        .arg(proxy_binary());
+    spawn_proxy_command(shell, dir, &args, &[])
+}
+
+/// Starts `command` (the proxy binary or a wrapper that execs it) with the harness's flags
+/// then `args`, and waits until it listens.
+fn spawn_proxy_command(
+    mut command: Command,
+    dir: TempDir,
+    args: &[std::ffi::OsString],
+    env: &[(&str, &str)],
+) -> Proxy {
+    let mut child = command
         .args([
             "--outbound",
             "127.0.0.1:0",
@@ -606,6 +633,11 @@ pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
 }
 
 impl Proxy {
+    /// Resident set size now (VmRSS) in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        self.proc_status_kib("VmRSS:")
+    }
+
     /// Peak resident set size (VmHWM) in KiB, from /proc.
     pub fn peak_rss_kib(&self) -> u64 {
         self.proc_status_kib("VmHWM:")
