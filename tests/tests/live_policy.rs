@@ -549,10 +549,15 @@ async fn a_wrong_token_is_refused_and_the_proxy_stays_unready() {
         .await
     );
     assert_eq!(proxy.admin_get("/ready").await.0, 503);
-    assert!(control
-        .logs()
-        .iter()
-        .any(|l| l.contains("unauthorized request refused")));
+    // Logged before the 401 left, but read from the control plane's stderr by a thread of
+    // its own: not necessarily in yet when the proxy's line is.
+    assert!(
+        eventually(Duration::from_secs(5), || control
+            .logs()
+            .iter()
+            .any(|l| l.contains("unauthorized request refused")))
+        .await
+    );
     assert_eq!(control.status().await["proxies"], serde_json::json!([]));
 
     // The right token from the environment instead of a file is accepted.
