@@ -329,7 +329,7 @@ async fn forward(
                 .remove::<Deferred>()
                 .map(|Deferred(endpoint)| (Arc::clone(&target.upstream), endpoint));
             let verdict = outcome::of_status(response.status(), grpc_code);
-            let watch = Watch::new(permit, verdict, deferred);
+            let watch = Watch::new(permit, verdict, deferred, stall);
             response.map(|body| ProxyBody::upstream(body, policy.idle_timeout, watch, timer))
         }
         Err(error) => {
