@@ -219,3 +219,27 @@ pub fn rescue(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stalled_request_body_is_408_and_deadline_exceeded_for_grpc() {
+        let error = ProxyError::RequestBodyTimeout(Duration::from_secs(30));
+        let plain = rescue(&error, false);
+        assert_eq!(plain.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(
+            plain.headers()[ERROR_HEADER],
+            "request body idle timeout after 30s"
+        );
+        assert_eq!(plain.headers()[http::header::CONNECTION], "close");
+        let grpc = rescue(&error, true);
+        assert_eq!(grpc.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(grpc.headers()["grpc-status"], "4");
+        assert_eq!(
+            grpc.headers()["grpc-message"],
+            "request body idle timeout after 30s"
+        );
+    }
+}
