@@ -375,6 +375,40 @@ routes:
     }
 
     #[test]
+    fn request_body_idle_defaults_to_30s_and_is_set_per_service_route_and_inbound() {
+        let p = load(
+            "p.yaml",
+            "services:\n  a: { endpoints: [127.0.0.1:1] }\n  b: { endpoints: [127.0.0.1:1], timeouts: { request_body_idle: 5s } }\nroutes:\n  - match: { authority: a }\n    service: a\n    timeouts: { request_body_idle: 2s }\ninbound: { app: 127.0.0.1:8080, timeouts: { request_body_idle: 1m } }\n",
+        )
+        .expect("valid")
+        .policy;
+        assert_eq!(
+            p.services["a"].timeouts.request_body_idle,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            p.services["b"].timeouts.request_body_idle,
+            Duration::from_secs(5)
+        );
+        let route = p.routes[0].timeouts.as_ref().expect("route timeouts");
+        assert_eq!(route.request_body_idle, Some(Duration::from_secs(2)));
+        let inbound = p.inbound.expect("inbound");
+        assert_eq!(inbound.timeouts.request_body_idle, Duration::from_secs(60));
+
+        let text = "services:\n  a: { endpoints: [], timeouts: { request_body_idle: 0s } }\nroutes:\n  - match: { authority: a }\n    service: a\n    timeouts: { request_body_idle: 0ms }\ninbound: { app: 127.0.0.1:8080, timeouts: { request_body_idle: 0s } }\n";
+        let e = load("p.yaml", text).expect_err("invalid");
+        let paths: Vec<&str> = e.diagnostics.iter().map(|d| d.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "services.a.timeouts.request_body_idle",
+                "routes[0].timeouts.request_body_idle",
+                "inbound.timeouts.request_body_idle",
+            ]
+        );
+    }
+
+    #[test]
     fn outlier_detection_defaults_and_bad_values_with_positions() {
         let ok = load(
             "p.yaml",

@@ -317,8 +317,9 @@ pub enum LoadBalancing {
     LeastRequest,
 }
 
-/// Timeouts of a service. Only `connect` has a default: a request timeout that nobody chose
-/// would cut long streams (gRPC watches, downloads).
+/// Timeouts of a service. Only `connect` and `request_body_idle` have defaults: a request
+/// timeout that nobody chose would cut long streams (gRPC watches, downloads), while a bound on
+/// the caller's silence mid-body only cuts stalled uploads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
@@ -334,11 +335,21 @@ pub struct Timeouts {
     /// Bound on silence while a response body streams.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle: Option<Duration>,
+    /// Bound on the caller's silence in the middle of its request body (between two of its
+    /// frames, not on the whole upload): a stalled upload must not hold a connection to the
+    /// caller and one to the upstream forever.
+    #[serde(default = "Timeouts::default_request_body_idle")]
+    pub request_body_idle: Duration,
 }
 
 impl Timeouts {
     fn default_connect() -> Duration {
         Duration::from_secs(1)
+    }
+
+    /// haproxy's usual `timeout client`; nghttpx waits 60 s.
+    fn default_request_body_idle() -> Duration {
+        Duration::from_secs(30)
     }
 }
 
@@ -349,6 +360,7 @@ impl Default for Timeouts {
             request: None,
             per_try: None,
             idle: None,
+            request_body_idle: Self::default_request_body_idle(),
         }
     }
 }
@@ -433,6 +445,9 @@ pub struct RouteTimeouts {
     /// See [`Timeouts::idle`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle: Option<Duration>,
+    /// See [`Timeouts::request_body_idle`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_body_idle: Option<Duration>,
 }
 
 /// What makes a failed attempt worth retrying.
@@ -672,7 +687,8 @@ pub struct Inbound {
     /// The protocol the local app speaks.
     #[serde(default)]
     pub protocol: Protocol,
-    /// Bound on connecting to the local app.
+    /// Bound on connecting to the local app, and on a caller's silence mid-body
+    /// (`request_body_idle`).
     #[serde(default)]
     pub timeouts: Timeouts,
     /// Protects the local app from more than this rate.

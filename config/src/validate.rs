@@ -32,6 +32,11 @@ pub fn validate(policy: &Policy) -> Vec<Finding> {
             inbound.timeouts.connect,
             &mut findings,
         );
+        check_positive(
+            "inbound.timeouts.request_body_idle",
+            inbound.timeouts.request_body_idle,
+            &mut findings,
+        );
         if let Some(limit) = &inbound.rate_limit {
             check_rate_limit("inbound.rate_limit", limit, &mut findings);
         }
@@ -230,7 +235,11 @@ fn check_service<'a>(
     }
     let t = &service.timeouts;
     check_positive(&format!("{at}.timeouts.connect"), t.connect, findings);
-    check_optional_timeouts(&at, [t.request, t.per_try, t.idle], findings);
+    check_optional_timeouts(
+        &at,
+        [t.request, t.per_try, t.idle, Some(t.request_body_idle)],
+        findings,
+    );
     if let Some(retries) = &service.retries {
         check_retries(&format!("{at}.retries"), retries, findings);
     }
@@ -296,9 +305,11 @@ fn check_outlier(at: &str, outlier: &OutlierDetection, findings: &mut Vec<Findin
     }
 }
 
-/// Checks `request`, `per_try` and `idle` under `{at}.timeouts`, shared by services and routes.
-fn check_optional_timeouts(at: &str, values: [Option<Duration>; 3], findings: &mut Vec<Finding>) {
-    for (name, value) in ["request", "per_try", "idle"].into_iter().zip(values) {
+/// Checks `request`, `per_try`, `idle` and `request_body_idle` under `{at}.timeouts`, shared by
+/// services and routes.
+fn check_optional_timeouts(at: &str, values: [Option<Duration>; 4], findings: &mut Vec<Finding>) {
+    let names = ["request", "per_try", "idle", "request_body_idle"];
+    for (name, value) in names.into_iter().zip(values) {
         if let Some(value) = value {
             check_positive(&format!("{at}.timeouts.{name}"), value, findings);
         }
@@ -488,7 +499,11 @@ fn check_route(
         }
     }
     if let Some(t) = &route.timeouts {
-        check_optional_timeouts(&at, [t.request, t.per_try, t.idle], findings);
+        check_optional_timeouts(
+            &at,
+            [t.request, t.per_try, t.idle, t.request_body_idle],
+            findings,
+        );
     }
     if let Some(retries) = &route.retries {
         check_retries(&format!("{at}.retries"), retries, findings);

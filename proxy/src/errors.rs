@@ -58,6 +58,10 @@ pub enum ProxyError {
     /// One attempt's timeout expired before its response headers, with no retry left.
     #[error("per-try timeout after {}", outrider_config::Duration(*.0))]
     PerTryTimeout(Duration),
+    /// The caller went silent mid-body for longer than `timeouts.request_body_idle` before the
+    /// response started; the upstream's request was reset, not completed.
+    #[error("request body idle timeout after {}", outrider_config::Duration(*.0))]
+    RequestBodyTimeout(Duration),
     /// A rate limit refused the request; it never reached the upstream.
     #[error("rate limited by {scope}")]
     RateLimited {
@@ -112,6 +116,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::FaultAbort(status) => *status,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
@@ -141,6 +146,7 @@ fn grpc_status_for(status: StatusCode) -> &'static str {
         StatusCode::NOT_FOUND => "12",        // UNIMPLEMENTED
         StatusCode::FORBIDDEN => "7",         // PERMISSION_DENIED
         StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
+        StatusCode::REQUEST_TIMEOUT => "4",   // DEADLINE_EXCEEDED (the caller stalled)
         StatusCode::GATEWAY_TIMEOUT => "4",   // DEADLINE_EXCEEDED
         _ => "14",                            // UNAVAILABLE (502, 503)
     }
@@ -200,12 +206,40 @@ pub fn rescue(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
             HeaderValue::from(whole_seconds(*reset)),
         );
     }
-    if matches!(error, ProxyError::BadRequest(_)) {
-        // A client that sent one malformed request cannot be trusted to frame the next one.
+    if matches!(
+        error,
+        ProxyError::BadRequest(_) | ProxyError::RequestBodyTimeout(_)
+    ) {
+        // A client that sent one malformed request cannot be trusted to frame the next one;
+        // one that stalled mid-body has left the rest of it unread on the connection.
         // (hyper drops this header on HTTP/2, where it is not allowed.)
         response
             .headers_mut()
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stalled_request_body_is_408_and_deadline_exceeded_for_grpc() {
+        let error = ProxyError::RequestBodyTimeout(Duration::from_secs(30));
+        let plain = rescue(&error, false);
+        assert_eq!(plain.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(
+            plain.headers()[ERROR_HEADER],
+            "request body idle timeout after 30s"
+        );
+        assert_eq!(plain.headers()[http::header::CONNECTION], "close");
+        let grpc = rescue(&error, true);
+        assert_eq!(grpc.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(grpc.headers()["grpc-status"], "4");
+        assert_eq!(
+            grpc.headers()["grpc-message"],
+            "request body idle timeout after 30s"
+        );
+    }
 }

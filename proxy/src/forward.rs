@@ -26,7 +26,7 @@ use crate::policy::breaker::{BreakerRejection, Outcome};
 use crate::policy::outcome::{self, Deferred, Watch};
 use crate::policy::ratelimit::RateDecision;
 use crate::policy::retry::{self, AttemptFailure, ReplayHandle, RetryPolicy};
-use crate::policy::timeout::{Deadlines, Expired, Timer};
+use crate::policy::timeout::{BodyStall, Deadlines, Expired, Timer};
 use crate::policy::trace::{SpanId, TraceContext};
 use crate::pool::{SendError, UpstreamBody};
 use crate::snapshot::{Snapshot, Target};
@@ -252,7 +252,9 @@ async fn forward(
         body,
         finish.request_bytes.clone(),
         &target.metrics.traffic.request_bytes,
+        policy.request_body_idle.as_ref(),
     );
+    let stall = body.stall();
     let retry = policy.retry.as_ref().filter(|_| !upgrade);
     // Under retries the head carries the first attempt's own span from the start (later
     // attempts replace it); without, the upstream's parent is this proxy's span.
@@ -287,6 +289,7 @@ async fn forward(
                     &endpoint,
                     req,
                     &deadlines,
+                    stall.as_ref(),
                     &mut timer,
                     now,
                 )
@@ -298,6 +301,7 @@ async fn forward(
         Some(retry) => {
             let exchange = Exchange {
                 deadlines: &deadlines,
+                stall: stall.as_ref(),
                 timer: &mut timer,
                 trace,
                 first_span: span,
@@ -325,7 +329,7 @@ async fn forward(
                 .remove::<Deferred>()
                 .map(|Deferred(endpoint)| (Arc::clone(&target.upstream), endpoint));
             let verdict = outcome::of_status(response.status(), grpc_code);
-            let watch = Watch::new(permit, verdict, deferred);
+            let watch = Watch::new(permit, verdict, deferred, stall);
             response.map(|body| ProxyBody::upstream(body, policy.idle_timeout, watch, timer))
         }
         Err(error) => {
@@ -420,12 +424,14 @@ type Attempted = Result<Answer, (ProxyError, AttemptFailure)>;
 
 /// Sends one attempt to `endpoint` of `upstream`, bounded by the per-try timeout until
 /// response headers, and reports the attempt's outcome to outlier detection. `Err` is the
-/// request timeout, which ends the exchange there (the attempt is not reported).
+/// request timeout, or the caller's silence mid-body (`stall` says when the body was cut for
+/// it), either of which ends the exchange there (the attempt is not reported).
 async fn send_once(
     upstream: &Upstream,
     endpoint: &Arc<Endpoint>,
     req: Request<RequestBody>,
     deadlines: &Deadlines,
+    stall: Option<&BodyStall>,
     timer: &mut Timer,
     now: Instant,
 ) -> Result<Attempted, ProxyError> {
@@ -435,10 +441,16 @@ async fn send_once(
     // own copy, and the request's whole future grows by as many.
     let work = pin!(attempt(endpoint, req));
     let mut result = match deadlines.attempt(timer, now, work).await {
-        Ok(result) => result.map(|response| Answer {
+        Ok(Ok(response)) => Ok(Answer {
             grpc: outcome::grpc_code(response.headers()),
             response,
         }),
+        // The body was cut for the caller's silence, and the attempt failed with it: the
+        // caller's doing, not the upstream's, and no other attempt would do better.
+        Ok(Err(failure)) => match stall.and_then(BodyStall::stalled) {
+            Some(limit) => return Err(ProxyError::RequestBodyTimeout(limit)),
+            None => Err(failure),
+        },
         Err(Expired::PerTry(limit)) => {
             Err((ProxyError::PerTryTimeout(limit), AttemptFailure::Reset))
         }
@@ -523,6 +535,8 @@ fn attempt_value(attempt: u32) -> HeaderValue {
 /// The per-request state the attempt loop works with.
 struct Exchange<'a> {
     deadlines: &'a Deadlines,
+    /// Set when the caller's body is cut for its silence.
+    stall: Option<&'a BodyStall>,
     timer: &'a mut Timer,
     trace: &'a TraceContext,
     /// The first attempt's span, already in the head.
@@ -543,6 +557,7 @@ async fn exchange_with_retries(
 ) -> Result<Answer, ProxyError> {
     let Exchange {
         deadlines,
+        stall,
         timer,
         trace,
         first_span,
@@ -589,6 +604,7 @@ async fn exchange_with_retries(
             &endpoint,
             req,
             deadlines,
+            stall,
             timer,
             attempt_start,
         )

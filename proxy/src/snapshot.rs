@@ -276,10 +276,10 @@ impl Snapshot {
             Arc::new(Target {
                 upstream,
                 metrics: metrics.route(INBOUND, "app", "inbound"),
-                policy: RoutePolicy {
-                    limit: inbound_state.limit.clone(),
-                    ..RoutePolicy::default()
-                },
+                policy: RoutePolicy::inbound(
+                    inbound_state.limit.clone(),
+                    inbound.timeouts.request_body_idle.get(),
+                ),
             })
         });
         let sampler = Sampler::parent_based(policy.tracing.as_ref().map_or(1.0, |t| t.ratio));

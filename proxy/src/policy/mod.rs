@@ -1,7 +1,8 @@
 //! Resilience policies, each in its own module with a small interface, compiled once per policy
 //! load into a [`RoutePolicy`] per route target. The order they apply in is written once, in
 //! `forward.rs`: the rate limit, then injected faults, then the circuit breaker, then the attempt loop (retries with per-try and request
-//! timeouts), then the idle timeout on the response body.
+//! timeouts), then the idle timeout on the response body. The request body's idle bound runs
+//! beside the attempt loop, on the body as the upstream connection reads it.
 //!
 //! Stateful policies (rate limiters, breakers) are shared through `Arc`s: one per service, route
 //! or inbound listener, built by `Snapshot::build` and carried over a reload when their settings
@@ -25,7 +26,7 @@ use self::breaker::CircuitBreaker;
 use self::fault::FaultPolicy;
 use self::ratelimit::RateLimiter;
 use self::retry::RetryPolicy;
-use self::timeout::TimerPool;
+use self::timeout::{BodyIdle, TimerPool};
 
 /// A rate limiter and what it protects, for the reason a rejected caller reads.
 #[derive(Debug, Clone)]
@@ -62,8 +63,10 @@ pub struct RoutePolicy {
     pub breaker: Option<Arc<CircuitBreaker>>,
     /// The route's injected faults.
     pub fault: Option<FaultPolicy>,
-    /// Timers reused across exchanges, when any timeout is set.
+    /// Timers reused across exchanges, when a timeout of the exchange is set.
     pub timers: Option<Arc<TimerPool>>,
+    /// Bound on the caller's silence mid-body (on by default).
+    pub request_body_idle: Option<BodyIdle>,
 }
 
 impl RoutePolicy {
@@ -110,15 +113,36 @@ impl RoutePolicy {
             breaker: service_state.breaker.clone(),
             fault: route.and_then(|r| r.fault.as_ref()).map(FaultPolicy::new),
             timers: None,
+            request_body_idle: None,
         }
-        .with_timers()
+        .with_timers(pick(
+            overrides.and_then(|o| o.request_body_idle),
+            timeouts.map(|t| t.request_body_idle),
+        ))
     }
 
-    fn with_timers(mut self) -> Self {
+    /// The inbound listener's policy: its rate limit, and the request body bound of
+    /// `inbound.timeouts`.
+    pub fn inbound(limit: Option<Limit>, request_body_idle: Duration) -> Self {
+        Self {
+            limit,
+            ..Self::default()
+        }
+        .with_timers(Some(request_body_idle))
+    }
+
+    /// Sets up the timer pool, shared by the exchange's timeouts and the request body's bound.
+    /// The exchange takes a timer only when one of its own timeouts is set: a request without
+    /// a body (most) then pays nothing for the body's bound.
+    fn with_timers(mut self, request_body_idle: Option<Duration>) -> Self {
         let timed = self.request_timeout.is_some()
             || self.per_try_timeout.is_some()
             || self.idle_timeout.is_some();
         self.timers = timed.then(Arc::default);
+        self.request_body_idle = request_body_idle.map(|limit| BodyIdle {
+            limit,
+            timers: self.timers.clone().unwrap_or_default(),
+        });
         self
     }
 }

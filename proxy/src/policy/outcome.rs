@@ -14,6 +14,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName, Response, StatusCode};
 
 use super::breaker::{BreakerPermit, Outcome};
+use super::timeout::BodyStall;
 use crate::errors::ProxyError;
 use crate::upstream::{Endpoint, Upstream};
 
@@ -94,6 +95,8 @@ pub struct Watch {
     permit: Option<BreakerPermit>,
     endpoint: Option<(Arc<Upstream>, Arc<Endpoint>)>,
     verdict: Option<Outcome>,
+    /// Says whether the request body was cut for the caller's silence.
+    stall: Option<BodyStall>,
 }
 
 impl std::fmt::Debug for Watch {
@@ -108,17 +111,20 @@ impl std::fmt::Debug for Watch {
 
 impl Watch {
     /// Watches an exchange admitted with `permit` (if a breaker is configured), whose head
-    /// gave `verdict`, and whose `endpoint` awaits the outcome (if deferred). `None` when
-    /// there is nothing to watch for.
+    /// gave `verdict`, and whose `endpoint` awaits the outcome (if deferred); `stall` tells
+    /// when the request body was cut for the caller's silence. `None` when there is nothing
+    /// to watch for.
     pub fn new(
         permit: Option<BreakerPermit>,
         verdict: Option<Outcome>,
         endpoint: Option<(Arc<Upstream>, Arc<Endpoint>)>,
+        stall: Option<BodyStall>,
     ) -> Option<Self> {
         (permit.is_some() || endpoint.is_some()).then_some(Self {
             permit,
             endpoint,
             verdict,
+            stall,
         })
     }
 
@@ -135,8 +141,13 @@ impl Watch {
         self.settle(outcome);
     }
 
-    /// The body broke (reset, idle timeout): a failure whatever the head said.
+    /// The body broke (reset, idle timeout): a failure whatever the head said, unless it broke
+    /// because the caller went silent mid-upload: that says nothing about the upstream, so
+    /// the outcome is left as the head gave it (see `Drop`).
     pub fn fail(&mut self) {
+        if self.stall.as_ref().is_some_and(|s| s.stalled().is_some()) {
+            return;
+        }
         self.settle(Outcome::Failure);
     }
 
@@ -157,5 +168,49 @@ impl Drop for Watch {
         if let Some(outcome) = self.verdict {
             self.settle(outcome);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use outrider_config::CircuitBreaker as BreakerConfig;
+
+    use super::*;
+    use crate::policy::breaker::{BreakerState, CircuitBreaker};
+
+    fn breaker() -> Arc<CircuitBreaker> {
+        let config = BreakerConfig {
+            consecutive_failures: Some(1),
+            failure_rate: None,
+            open_for: outrider_config::Duration::from_secs(10),
+            half_open_requests: 1,
+            max_open_for: outrider_config::Duration::from_secs(60),
+            max_concurrent_requests: None,
+            max_pending_requests: None,
+        };
+        Arc::new(CircuitBreaker::new("svc".into(), &config))
+    }
+
+    /// A 200 whose body then breaks, with the request body cut for the caller's silence or not.
+    fn broken_body(breaker: &Arc<CircuitBreaker>, stalled: bool) {
+        let stall = BodyStall::new(Duration::from_secs(1));
+        if stalled {
+            stall.set();
+        }
+        let permit = breaker.try_acquire().ok();
+        let mut watch = Watch::new(permit, of_status(StatusCode::OK, None), None, Some(stall))
+            .expect("a permit to watch");
+        watch.fail();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_cut_for_the_callers_silence_is_not_the_upstreams_failure() {
+        let b = breaker();
+        broken_body(&b, true);
+        assert_eq!(b.state(), BreakerState::Closed);
+        broken_body(&b, false);
+        assert_eq!(b.state(), BreakerState::Open, "any other break is");
     }
 }

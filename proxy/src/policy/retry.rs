@@ -291,6 +291,9 @@ impl ReplayHandle {
     pub fn body(&self) -> ReplayBody {
         let mut state = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         state.generation += 1;
+        if let Some(source) = &mut state.source {
+            source.restart_idle();
+        }
         ReplayBody {
             shared: Arc::clone(&self.shared),
             generation: state.generation,

@@ -7,9 +7,13 @@
 //! registered timer later is a single atomic update. When the bounds fall due together, the
 //! attempt's goes first, as it did when the per-try timer sat inside the request timer. Once
 //! the response headers are in, the same timer serves the body's idle timeout.
+//!
+//! The request body's idle bound ([`BodyIdle`]) runs at the same time as these, polled by the
+//! upstream connection's task, so it keeps a timer of its own, from the same pool.
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
@@ -37,6 +41,15 @@ impl Timer {
                 sleep: pool.take(),
                 pool: Some(Arc::clone(pool)),
             },
+        }
+    }
+
+    /// A timer taken from `pool` only when first armed (most request bodies never wait for
+    /// their caller, so never need one), given back when dropped.
+    pub fn lazy(pool: Arc<TimerPool>) -> Self {
+        Self {
+            sleep: None,
+            pool: Some(pool),
         }
     }
 }
@@ -80,7 +93,7 @@ impl TimerPool {
 
     /// Timers waiting for reuse (for tests).
     #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -195,17 +208,74 @@ async fn race<F: Future, E: Copy>(
     .await
 }
 
-/// Sets `timer` to fire at `deadline`, making it if there is none yet (it is registered on its
-/// first poll). Moving a registered timer later is an atomic update, without the timer lock.
+/// Sets `timer` to fire at `deadline`, taking one from its pool or making one if it has none yet
+/// (a new one is registered on its first poll). Moving a registered timer later is an atomic
+/// update, without the timer lock.
 pub fn arm(timer: &mut Timer, deadline: Instant) -> &mut Pin<Box<Sleep>> {
-    match &mut timer.sleep {
-        Some(sleep) => {
-            if sleep.deadline() != deadline {
-                sleep.as_mut().reset(deadline);
-            }
-            sleep
-        }
-        none => none.insert(Box::pin(tokio::time::sleep_until(deadline))),
+    let Timer { sleep, pool } = timer;
+    let sleep = match sleep {
+        Some(sleep) => sleep,
+        none => match pool.as_deref().and_then(TimerPool::take) {
+            Some(pooled) => none.insert(pooled),
+            None => return none.insert(Box::pin(tokio::time::sleep_until(deadline))),
+        },
+    };
+    if sleep.deadline() != deadline {
+        sleep.as_mut().reset(deadline);
+    }
+    sleep
+}
+
+/// `timeouts.request_body_idle`, compiled: the longest the caller may stay silent in the middle
+/// of its request body, and the timers the bound is kept on (the target's, reused across
+/// requests like the exchange's).
+#[derive(Debug, Clone)]
+pub struct BodyIdle {
+    /// The longest silence allowed between two frames of the caller's body.
+    pub limit: Duration,
+    /// Where a body that has to wait gets its timer.
+    pub timers: Arc<TimerPool>,
+}
+
+/// Shared by a request body bounded by [`BodyIdle`] and its exchange: says whether the body was
+/// cut for the caller's silence. The attempt fails with the body, and the exchange must tell
+/// that from an upstream failure (408, not 502): hyper reports the body's error as the cause on
+/// an HTTP/1.1 connection, but on HTTP/2 only as a stream it reset.
+#[derive(Debug, Clone)]
+pub struct BodyStall(Arc<StallState>);
+
+#[derive(Debug)]
+struct StallState {
+    limit: Duration,
+    stalled: AtomicBool,
+}
+
+impl BodyStall {
+    /// A signal for a body bounded by `limit`, not set.
+    pub fn new(limit: Duration) -> Self {
+        Self(Arc::new(StallState {
+            limit,
+            stalled: AtomicBool::new(false),
+        }))
+    }
+
+    /// The silence allowed.
+    pub fn limit(&self) -> Duration {
+        self.0.limit
+    }
+
+    /// Records that the body was cut.
+    pub fn set(&self) {
+        // Release/Acquire: read after the attempt's failure, which the cut body caused.
+        self.0.stalled.store(true, Ordering::Release);
+    }
+
+    /// The silence allowed, if the body was cut for exceeding it.
+    pub fn stalled(&self) -> Option<Duration> {
+        self.0
+            .stalled
+            .load(Ordering::Acquire)
+            .then_some(self.0.limit)
     }
 }
 
