@@ -3,6 +3,10 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::limits::{
+    MAX_BACKOFF, MAX_FAILURE_COUNT, MAX_POLICY_INTERVAL, MAX_RATE, MAX_RETRY_ATTEMPTS,
+    MAX_RETRY_BODY_BYTES, MAX_TIMEOUT,
+};
 use crate::schema::{
     CircuitBreaker, Fault, OutlierDetection, Policy, RateLimit, Retries, Route, Service,
     WorkloadSelector,
@@ -27,11 +31,14 @@ pub fn validate(policy: &Policy) -> Vec<Finding> {
         check_route(policy, i, route, &mut route_names, &mut findings);
     }
     if let Some(inbound) = &policy.inbound {
-        check_positive(
+        let t = &inbound.timeouts;
+        check_duration(
             "inbound.timeouts.connect",
-            inbound.timeouts.connect,
+            t.connect,
+            MAX_TIMEOUT,
             &mut findings,
         );
+        check_optional_timeouts("inbound", [t.request, t.per_try, t.idle], &mut findings);
         if let Some(limit) = &inbound.rate_limit {
             check_rate_limit("inbound.rate_limit", limit, &mut findings);
         }
@@ -229,7 +236,12 @@ fn check_service<'a>(
         }
     }
     let t = &service.timeouts;
-    check_positive(&format!("{at}.timeouts.connect"), t.connect, findings);
+    check_duration(
+        &format!("{at}.timeouts.connect"),
+        t.connect,
+        MAX_TIMEOUT,
+        findings,
+    );
     check_optional_timeouts(&at, [t.request, t.per_try, t.idle], findings);
     if let Some(retries) = &service.retries {
         check_retries(&format!("{at}.retries"), retries, findings);
@@ -258,7 +270,12 @@ fn check_fault(at: &str, fault: &Fault, findings: &mut Vec<Finding>) {
         check_percent(format!("{at}.abort.percent"), abort.percent);
     }
     if let Some(delay) = &fault.delay {
-        check_positive(&format!("{at}.delay.duration"), delay.duration, findings);
+        check_duration(
+            &format!("{at}.delay.duration"),
+            delay.duration,
+            MAX_POLICY_INTERVAL,
+            findings,
+        );
     }
     if let Some(abort) = &fault.abort {
         if !(400..=599).contains(&abort.status) {
@@ -274,12 +291,16 @@ fn check_fault(at: &str, fault: &Fault, findings: &mut Vec<Finding>) {
 }
 
 fn check_outlier(at: &str, outlier: &OutlierDetection, findings: &mut Vec<Finding>) {
-    if outlier.consecutive_failures == 0 {
-        findings.push((format!("{at}.consecutive_failures"), "must be > 0".into()));
-    }
-    check_positive(
+    check_count(
+        &format!("{at}.consecutive_failures"),
+        outlier.consecutive_failures,
+        MAX_FAILURE_COUNT,
+        findings,
+    );
+    check_duration(
         &format!("{at}.base_ejection"),
         outlier.base_ejection,
+        MAX_POLICY_INTERVAL,
         findings,
     );
     if outlier.max_ejection < outlier.base_ejection {
@@ -287,6 +308,13 @@ fn check_outlier(at: &str, outlier: &OutlierDetection, findings: &mut Vec<Findin
             format!("{at}.max_ejection"),
             "must be at least base_ejection".into(),
         ));
+    } else {
+        check_at_most(
+            &format!("{at}.max_ejection"),
+            outlier.max_ejection,
+            MAX_POLICY_INTERVAL,
+            findings,
+        );
     }
     if !(1..=100).contains(&outlier.max_ejected_percent) {
         findings.push((
@@ -300,14 +328,42 @@ fn check_outlier(at: &str, outlier: &OutlierDetection, findings: &mut Vec<Findin
 fn check_optional_timeouts(at: &str, values: [Option<Duration>; 3], findings: &mut Vec<Finding>) {
     for (name, value) in ["request", "per_try", "idle"].into_iter().zip(values) {
         if let Some(value) = value {
-            check_positive(&format!("{at}.timeouts.{name}"), value, findings);
+            check_duration(
+                &format!("{at}.timeouts.{name}"),
+                value,
+                MAX_TIMEOUT,
+                findings,
+            );
         }
     }
 }
 
-fn check_positive(at: &str, value: Duration, findings: &mut Vec<Finding>) {
+/// A duration must be in `(0, max]`: zero would expire at once, and past `max` deadlines are
+/// no longer plausible (and, near 2^64 s, overflow `Instant` arithmetic in the proxy).
+fn check_duration(
+    at: &str,
+    value: Duration,
+    max: std::time::Duration,
+    findings: &mut Vec<Finding>,
+) {
     if value.get().is_zero() {
         findings.push((at.to_string(), "must be greater than 0".into()));
+    }
+    check_at_most(at, value, max, findings);
+}
+
+fn check_at_most(at: &str, value: Duration, max: std::time::Duration, findings: &mut Vec<Finding>) {
+    if value.get() > max {
+        findings.push((at.to_string(), format!("must be at most {}", Duration(max))));
+    }
+}
+
+/// A count must be in `1..=max`.
+fn check_count(at: &str, value: u32, max: u32, findings: &mut Vec<Finding>) {
+    if value == 0 {
+        findings.push((at.to_string(), "must be > 0".into()));
+    } else if value > max {
+        findings.push((at.to_string(), format!("must be at most {max}")));
     }
 }
 
@@ -332,8 +388,11 @@ pub const GRPC_STATUS_NAMES: [&str; 16] = [
 ];
 
 fn check_retries(at: &str, retries: &Retries, findings: &mut Vec<Finding>) {
-    if retries.attempts > 10 {
-        findings.push((format!("{at}.attempts"), "must be at most 10".into()));
+    if retries.attempts > MAX_RETRY_ATTEMPTS {
+        findings.push((
+            format!("{at}.attempts"),
+            format!("must be at most {MAX_RETRY_ATTEMPTS}"),
+        ));
     }
     for (i, status) in retries.status.iter().enumerate() {
         if !(100..=599).contains(status) {
@@ -354,9 +413,10 @@ fn check_retries(at: &str, retries: &Retries, findings: &mut Vec<Finding>) {
             ));
         }
     }
-    check_positive(
+    check_duration(
         &format!("{at}.backoff.base"),
         retries.backoff.base,
+        MAX_BACKOFF,
         findings,
     );
     if retries.backoff.max < retries.backoff.base {
@@ -364,6 +424,13 @@ fn check_retries(at: &str, retries: &Retries, findings: &mut Vec<Finding>) {
             format!("{at}.backoff.max"),
             "must be at least backoff.base".into(),
         ));
+    } else {
+        check_at_most(
+            &format!("{at}.backoff.max"),
+            retries.backoff.max,
+            MAX_BACKOFF,
+            findings,
+        );
     }
     let ratio = retries.budget.ratio;
     if !(0.0..=1.0).contains(&ratio) {
@@ -372,14 +439,29 @@ fn check_retries(at: &str, retries: &Retries, findings: &mut Vec<Finding>) {
             "must be between 0 and 1".into(),
         ));
     }
+    if retries.budget.min_per_second > MAX_RATE {
+        findings.push((
+            format!("{at}.budget.min_per_second"),
+            format!("must be at most {MAX_RATE}"),
+        ));
+    }
+    if retries.body_limit.0 > MAX_RETRY_BODY_BYTES {
+        findings.push((
+            format!("{at}.body_limit"),
+            format!("must be at most {}", crate::ByteSize(MAX_RETRY_BODY_BYTES)),
+        ));
+    }
 }
 
 fn check_rate_limit(at: &str, limit: &RateLimit, findings: &mut Vec<Finding>) {
-    if limit.requests_per_second == 0 {
-        findings.push((format!("{at}.requests_per_second"), "must be > 0".into()));
-    }
-    if limit.burst == Some(0) {
-        findings.push((format!("{at}.burst"), "must be > 0".into()));
+    check_count(
+        &format!("{at}.requests_per_second"),
+        limit.requests_per_second,
+        MAX_RATE,
+        findings,
+    );
+    if let Some(burst) = limit.burst {
+        check_count(&format!("{at}.burst"), burst, MAX_RATE, findings);
     }
 }
 
@@ -396,8 +478,13 @@ fn check_breaker(at: &str, breaker: &CircuitBreaker, findings: &mut Vec<Finding>
                 .into(),
         ));
     }
-    if breaker.consecutive_failures == Some(0) {
-        findings.push((format!("{at}.consecutive_failures"), "must be > 0".into()));
+    if let Some(failures) = breaker.consecutive_failures {
+        check_count(
+            &format!("{at}.consecutive_failures"),
+            failures,
+            MAX_FAILURE_COUNT,
+            findings,
+        );
     }
     if let Some(rate) = &breaker.failure_rate {
         if !(rate.threshold > 0.0 && rate.threshold <= 1.0) {
@@ -406,32 +493,51 @@ fn check_breaker(at: &str, breaker: &CircuitBreaker, findings: &mut Vec<Finding>
                 "must be in (0, 1]".into(),
             ));
         }
-        if rate.min_requests == 0 {
-            findings.push((
-                format!("{at}.failure_rate.min_requests"),
-                "must be > 0".into(),
-            ));
-        }
-        check_positive(&format!("{at}.failure_rate.window"), rate.window, findings);
+        check_count(
+            &format!("{at}.failure_rate.min_requests"),
+            rate.min_requests,
+            MAX_RATE,
+            findings,
+        );
+        check_duration(
+            &format!("{at}.failure_rate.window"),
+            rate.window,
+            MAX_POLICY_INTERVAL,
+            findings,
+        );
     }
-    check_positive(&format!("{at}.open_for"), breaker.open_for, findings);
-    if breaker.half_open_requests == 0 {
-        findings.push((format!("{at}.half_open_requests"), "must be > 0".into()));
-    }
+    check_duration(
+        &format!("{at}.open_for"),
+        breaker.open_for,
+        MAX_POLICY_INTERVAL,
+        findings,
+    );
+    check_count(
+        &format!("{at}.half_open_requests"),
+        breaker.half_open_requests,
+        MAX_FAILURE_COUNT,
+        findings,
+    );
     if breaker.max_open_for < breaker.open_for {
         findings.push((
             format!("{at}.max_open_for"),
             "must be at least open_for".into(),
         ));
+    } else {
+        check_at_most(
+            &format!("{at}.max_open_for"),
+            breaker.max_open_for,
+            MAX_POLICY_INTERVAL,
+            findings,
+        );
     }
-    if breaker.max_concurrent_requests == Some(0) {
-        findings.push((
-            format!("{at}.max_concurrent_requests"),
-            "must be > 0".into(),
-        ));
-    }
-    if breaker.max_pending_requests == Some(0) {
-        findings.push((format!("{at}.max_pending_requests"), "must be > 0".into()));
+    for (name, limit) in [
+        ("max_concurrent_requests", breaker.max_concurrent_requests),
+        ("max_pending_requests", breaker.max_pending_requests),
+    ] {
+        if let Some(limit) = limit {
+            check_count(&format!("{at}.{name}"), limit, MAX_RATE, findings);
+        }
     }
 }
 
