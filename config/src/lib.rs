@@ -11,6 +11,7 @@ mod parse;
 mod position;
 mod schema;
 mod size;
+pub mod spiffe;
 mod validate;
 pub mod wire;
 
@@ -725,5 +726,102 @@ tracing: { ratio: 1.01 }
         // An explicit empty mapping is a policy (it routes nothing), written on purpose.
         load("p.yaml", "services: {}\n").expect("valid");
         load("p.yaml", "{}\n").expect("valid");
+    }
+
+    #[test]
+    fn control_and_invisible_characters_are_refused_in_names_and_matches() {
+        let route = |m: &str| {
+            format!("services:\n  a: {{ endpoints: [127.0.0.1:1] }}\nroutes:\n  - match: {m}\n    service: a\n")
+        };
+        for (matcher, path, found) in [
+            (
+                r#"{ authority: "pay\u200bments" }"#,
+                "routes[0].match.authority",
+                "U+200B",
+            ),
+            (
+                r#"{ authority: "payments\u0000" }"#,
+                "routes[0].match.authority",
+                "U+0000",
+            ),
+            (
+                r#"{ authority: "\ufeffpayments" }"#,
+                "routes[0].match.authority",
+                "U+FEFF",
+            ),
+            (
+                r#"{ path_prefix: "/v1\u2060/" }"#,
+                "routes[0].match.path_prefix",
+                "U+2060",
+            ),
+            (
+                r#"{ path_prefix: "/v1/\u200f" }"#,
+                "routes[0].match.path_prefix",
+                "U+200F",
+            ),
+            (
+                r#"{ path_prefix: "/v1\u001b[2J" }"#,
+                "routes[0].match.path_prefix",
+                "U+001B",
+            ),
+        ] {
+            let e = load("p.yaml", &route(matcher)).expect_err(matcher);
+            assert_eq!(e.diagnostics.len(), 1, "{e}");
+            assert_eq!(e.diagnostics[0].path, path);
+            assert_eq!(
+                e.diagnostics[0].message,
+                format!("must not contain control or invisible characters (found {found})")
+            );
+            assert_eq!(e.diagnostics[0].position.map(|p| p.line), Some(4), "{e}");
+        }
+        let e = load(
+            "p.yaml",
+            "services:\n  \"pay\\u200bments\": { endpoints: [127.0.0.1:1] }\n",
+        )
+        .expect_err("invisible service name");
+        assert_eq!(e.diagnostics[0].path, "services.pay\u{200b}ments");
+        assert!(
+            e.diagnostics[0]
+                .message
+                .starts_with("service names may hold only"),
+            "{e}"
+        );
+        // Ordinary non-ASCII text in a path is fine.
+        load("p.yaml", &route(r#"{ path_prefix: "/café/" }"#)).expect("valid");
+    }
+
+    #[test]
+    fn spiffe_identities_in_policy_are_kubernetes_names() {
+        let text = "mesh_tls: strict
+services:
+  a: { endpoints: [127.0.0.1:1], identity: \"spiffe://cluster.local/ns/../sa/x\" }
+inbound:
+  app: 127.0.0.1:8080
+  authorization:
+    allow:
+      - spiffe://cluster.local/ns/shop/sa/checkout
+      - spiffe://cluster.local/ns/shop/sa/%2e%2e
+      - spiffe://cluster.local/ns//sa/x
+";
+        let e = load("p.yaml", text).expect_err("invalid");
+        let found: Vec<String> = e
+            .diagnostics
+            .iter()
+            .map(|d| format!("{} {:?}", d.path, d.position.map(|p| (p.line, p.column))))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "services.a.identity Some((3, 44))",
+                "inbound.authorization.allow[1] Some((9, 9))",
+                "inbound.authorization.allow[2] Some((10, 9))",
+            ]
+        );
+        assert!(
+            e.diagnostics[0]
+                .message
+                .starts_with("namespace `..` must be a DNS-1123 label"),
+            "{e}"
+        );
     }
 }

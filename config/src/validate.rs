@@ -93,12 +93,60 @@ fn check_origination(path: &str, tls: &crate::OriginationTls, findings: &mut Vec
             "must be a DNS name such as api.example.com (or an IP address)".into(),
         ));
     }
-    if tls.ca.as_deref().is_some_and(|ca| ca.trim().is_empty()) {
+    if let Some(ca) = tls.ca.as_deref() {
+        if ca.trim().is_empty() {
+            findings.push((
+                format!("{path}.ca"),
+                "must be the path of a PEM CA bundle; leave it out for the system roots".into(),
+            ));
+        } else {
+            check_visible(&format!("{path}.ca"), ca, findings);
+        }
+    }
+}
+
+/// Refuses control characters (Unicode Cc: NUL, ESC, DEL, ...) and invisible format characters
+/// (Cf: zero-width space, bidi overrides, BOM, ...): a route that reads `payments` but holds a
+/// U+200B matches nothing anyone can see, and a NUL cuts a string short in C-based tooling.
+fn check_visible(at: &str, value: &str, findings: &mut Vec<Finding>) {
+    if let Some(c) = value.chars().find(|&c| c.is_control() || is_format_char(c)) {
         findings.push((
-            format!("{path}.ca"),
-            "must be the path of a PEM CA bundle; leave it out for the system roots".into(),
+            at.to_string(),
+            format!(
+                "must not contain control or invisible characters (found U+{:04X})",
+                u32::from(c)
+            ),
         ));
     }
+}
+
+/// Whether `c` is in Unicode's general category Cf (format), as of Unicode 15.1.
+fn is_format_char(c: char) -> bool {
+    const CF: &[(u32, u32)] = &[
+        (0x00AD, 0x00AD),
+        (0x0600, 0x0605),
+        (0x061C, 0x061C),
+        (0x06DD, 0x06DD),
+        (0x070F, 0x070F),
+        (0x0890, 0x0891),
+        (0x08E2, 0x08E2),
+        (0x180E, 0x180E),
+        (0x200B, 0x200F),
+        (0x202A, 0x202E),
+        (0x2060, 0x2064),
+        (0x2066, 0x206F),
+        (0xFEFF, 0xFEFF),
+        (0xFFF9, 0xFFFB),
+        (0x110BD, 0x110BD),
+        (0x110CD, 0x110CD),
+        (0x13430, 0x1343F),
+        (0x1BCA0, 0x1BCA3),
+        (0x1D173, 0x1D17A),
+        (0xE0001, 0xE0001),
+        (0xE0020, 0xE007F),
+    ];
+    let c = u32::from(c);
+    CF.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
 }
 
 fn is_dns_name(name: &str) -> bool {
@@ -117,12 +165,8 @@ fn is_dns_name(name: &str) -> bool {
 }
 
 fn check_spiffe(path: &str, id: &str, findings: &mut Vec<Finding>) {
-    if crate::wire::parse_spiffe_id(id).is_none() {
-        findings.push((
-            path.to_string(),
-            "must be a SPIFFE id: spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
-                .into(),
-        ));
+    if let Err(e) = crate::spiffe::parse(id) {
+        findings.push((path.to_string(), e.to_string()));
     }
 }
 
@@ -137,7 +181,9 @@ fn check_tracing(tracing: &crate::Tracing, findings: &mut Vec<Finding>) {
         let valid = endpoint
             .strip_prefix("http://")
             .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
-            && !endpoint.bytes().any(|b| b.is_ascii_whitespace());
+            && !endpoint
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || is_format_char(c));
         if !valid {
             findings.push((
                 "tracing.otlp.endpoint".into(),
@@ -578,19 +624,19 @@ fn check_route(
         }
     }
     if let Some(authority) = &route.matches.authority {
+        let at = format!("{at}.match.authority");
         if authority.is_empty() || authority.bytes().any(|b| b.is_ascii_whitespace()) {
-            findings.push((
-                format!("{at}.match.authority"),
-                "must be a host name without spaces".into(),
-            ));
+            findings.push((at, "must be a host name without spaces".into()));
+        } else {
+            check_visible(&at, authority, findings);
         }
     }
     if let Some(prefix) = &route.matches.path_prefix {
+        let at = format!("{at}.match.path_prefix");
         if !prefix.starts_with('/') {
-            findings.push((
-                format!("{at}.match.path_prefix"),
-                "must start with `/`".into(),
-            ));
+            findings.push((at, "must start with `/`".into()));
+        } else {
+            check_visible(&at, prefix, findings);
         }
     }
     if let Some(t) = &route.timeouts {
