@@ -6,9 +6,12 @@
 
 mod duration;
 mod error;
+pub mod limits;
+mod parse;
 mod position;
 mod schema;
 mod size;
+pub mod spiffe;
 mod validate;
 pub mod wire;
 
@@ -36,17 +39,13 @@ pub struct LoadedPolicy {
     pub content_hash: String,
 }
 
-/// Parses and validates policy `text`; `file` names it in error messages.
+/// Parses and validates policy `text`; `file` names it in error messages. The parse is
+/// budgeted (see [`limits`]): size, nesting depth, node count and alias expansion.
 pub fn load(file: &str, text: &str) -> Result<LoadedPolicy, PolicyError> {
-    let policy: Policy = if text.trim().is_empty() {
-        // An empty file is an empty policy, not a syntax error.
-        Policy::default()
-    } else {
-        serde_yaml::from_str(text).map_err(|e| PolicyError {
-            file: file.to_string(),
-            diagnostics: vec![syntax_diagnostic(&e)],
-        })?
-    };
+    let policy = parse::parse(text).map_err(|diagnostic| PolicyError {
+        file: file.to_string(),
+        diagnostics: vec![diagnostic],
+    })?;
     let findings = validate::validate(&policy);
     if !findings.is_empty() {
         let index = position::PositionIndex::build(text);
@@ -70,6 +69,16 @@ pub fn load(file: &str, text: &str) -> Result<LoadedPolicy, PolicyError> {
     })
 }
 
+/// Writes `policy` as YAML that [`load`] reads back to the same policy.
+pub fn to_yaml(policy: &Policy) -> Result<String, EncodeError> {
+    serde_saphyr::to_string(policy).map_err(|e| EncodeError(e.to_string()))
+}
+
+/// A policy could not be written as YAML.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot encode the policy as YAML: {0}")]
+pub struct EncodeError(String);
+
 /// Hex SHA-256 of `text`.
 pub fn content_hash(text: &str) -> String {
     let digest = Sha256::digest(text.as_bytes());
@@ -79,23 +88,6 @@ pub fn content_hash(text: &str) -> String {
         let _ = write!(hex, "{byte:02x}");
     }
     hex
-}
-
-/// serde_yaml appends " at line L column C" to its messages; the position is reported in our
-/// own `file:line:column` form instead, so the suffix is cut.
-fn syntax_diagnostic(e: &serde_yaml::Error) -> Diagnostic {
-    let mut message = e.to_string();
-    if let Some(cut) = message.rfind(" at line ") {
-        message.truncate(cut);
-    }
-    Diagnostic {
-        path: String::new(),
-        message,
-        position: e.location().map(|l| Position {
-            line: l.line(),
-            column: l.column(),
-        }),
-    }
 }
 
 #[cfg(test)]
@@ -218,7 +210,7 @@ inbound:
         let open = loaded.policy.services["open"].tls.clone().expect("tls");
         assert_eq!(open.origination().and_then(|t| t.ca.as_deref()), None);
         // It round-trips: the control plane serialises policies it serves.
-        let yaml = serde_yaml::to_string(&loaded.policy).expect("serialise");
+        let yaml = to_yaml(&loaded.policy).expect("serialise");
         assert_eq!(
             load("again.yaml", &yaml).expect("valid").policy,
             loaded.policy
@@ -535,5 +527,335 @@ access_log: json
         let e = load("p.yaml", text).expect_err("invalid");
         let paths: Vec<&str> = e.diagnostics.iter().map(|d| d.path.as_str()).collect();
         assert_eq!(paths, ["tracing.ratio", "tracing.otlp.endpoint"]);
+    }
+
+    /// A billion-laughs document (10^9 leaves from 1 KB) whose bomb sits in a real field:
+    /// `workload` takes a name or a list, so the deserialiser must look inside the value.
+    pub(crate) fn alias_bomb() -> String {
+        let mut bomb = String::from("services: {}\nworkload: [&a0 [x, x, x, x, x, x, x, x, x, x]");
+        for i in 1..=9 {
+            let prev = i - 1;
+            let uses = vec![format!("*a{prev}"); 10].join(", ");
+            bomb.push_str(&format!(", &a{i} [{uses}]"));
+        }
+        bomb.push_str("]\n");
+        bomb
+    }
+
+    fn time_load(text: &str) -> (PolicyError, std::time::Duration) {
+        let started = std::time::Instant::now();
+        let error = load("p.yaml", text).expect_err("must be rejected");
+        (error, started.elapsed())
+    }
+
+    #[test]
+    fn overflowing_durations_are_rejected_with_position() {
+        let text = "services:
+  a:
+    endpoints: [127.0.0.1:1]
+    timeouts: { request: 9223372036854775807s, per_try: 9223372036854775807s }
+routes:
+  - match: { authority: a }
+    service: a
+    timeouts:
+      idle: 25h
+";
+        assert_eq!(
+            error_text(text),
+            "services.a.timeouts.request: must be at most 24h at policy.yaml:4:26\n\
+             services.a.timeouts.per_try: must be at most 24h at policy.yaml:4:57\n\
+             routes[0].timeouts.idle: must be at most 24h at policy.yaml:9:13"
+        );
+        // 24 h itself is the documented maximum and is accepted.
+        load(
+            "p.yaml",
+            "services:\n  a: { endpoints: [127.0.0.1:1], timeouts: { request: 24h } }\n",
+        )
+        .expect("24h is allowed");
+    }
+
+    #[test]
+    fn every_number_in_the_schema_has_an_upper_bound() {
+        let text = "services:
+  a:
+    endpoints: [127.0.0.1:1]
+    timeouts: { connect: 25h, request: 25h, per_try: 25h, idle: 25h }
+    retries:
+      attempts: 11
+      backoff: { base: 2h, max: 2h }
+      budget: { ratio: 1.5, min_per_second: 1000001 }
+      body_limit: 65MiB
+    rate_limit: { requests_per_second: 1000001, burst: 1000001 }
+    circuit_breaker:
+      consecutive_failures: 100001
+      failure_rate: { threshold: 2, min_requests: 1000001, window: 25h }
+      open_for: 25h
+      half_open_requests: 100001
+      max_open_for: 25h
+      max_concurrent_requests: 1000001
+      max_pending_requests: 1000001
+    outlier_detection:
+      consecutive_failures: 100001
+      base_ejection: 25h
+      max_ejection: 25h
+      max_ejected_percent: 101
+routes:
+  - match: { authority: a }
+    service: a
+    fault: { delay: { duration: 25h, percent: 101 }, abort: { status: 600, percent: -1 } }
+inbound:
+  app: 127.0.0.1:8080
+  timeouts: { connect: 25h, request: 25h }
+  rate_limit: { requests_per_second: 1000001 }
+tracing: { ratio: 1.01 }
+";
+        let e = load("p.yaml", text).expect_err("invalid");
+        let paths: Vec<&str> = e.diagnostics.iter().map(|d| d.path.as_str()).collect();
+        let expected = [
+            "services.a.timeouts.connect",
+            "services.a.timeouts.request",
+            "services.a.timeouts.per_try",
+            "services.a.timeouts.idle",
+            "services.a.retries.attempts",
+            "services.a.retries.backoff.base",
+            "services.a.retries.backoff.max",
+            "services.a.retries.budget.ratio",
+            "services.a.retries.budget.min_per_second",
+            "services.a.retries.body_limit",
+            "services.a.rate_limit.requests_per_second",
+            "services.a.rate_limit.burst",
+            "services.a.circuit_breaker.consecutive_failures",
+            "services.a.circuit_breaker.failure_rate.threshold",
+            "services.a.circuit_breaker.failure_rate.min_requests",
+            "services.a.circuit_breaker.failure_rate.window",
+            "services.a.circuit_breaker.open_for",
+            "services.a.circuit_breaker.half_open_requests",
+            "services.a.circuit_breaker.max_open_for",
+            "services.a.circuit_breaker.max_concurrent_requests",
+            "services.a.circuit_breaker.max_pending_requests",
+            "services.a.outlier_detection.consecutive_failures",
+            "services.a.outlier_detection.base_ejection",
+            "services.a.outlier_detection.max_ejection",
+            "services.a.outlier_detection.max_ejected_percent",
+            "routes[0].fault.delay.duration",
+            "routes[0].fault.delay.percent",
+            "routes[0].fault.abort.status",
+            "routes[0].fault.abort.percent",
+            "inbound.timeouts.connect",
+            "inbound.timeouts.request",
+            "inbound.rate_limit.requests_per_second",
+            "tracing.ratio",
+        ];
+        let mut sorted_paths = paths.clone();
+        sorted_paths.sort_unstable();
+        let mut sorted_expected = expected.to_vec();
+        sorted_expected.sort_unstable();
+        assert_eq!(sorted_paths, sorted_expected, "{e}");
+        assert!(e.diagnostics.iter().all(|d| d.position.is_some()), "{e}");
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_quickly_naming_the_budget() {
+        let (e, took) = time_load(&alias_bomb());
+        let msg = e.to_string();
+        assert!(msg.contains("budget exceeded: alias expansion"), "{msg}");
+        assert!(msg.contains(" at p.yaml:"), "{msg}");
+        assert!(
+            took < std::time::Duration::from_millis(100),
+            "took {took:?}"
+        );
+        // Anchors and aliases within the budget are fine: a shared retries block.
+        let shared = "services:
+  a: { endpoints: [127.0.0.1:1], retries: &r { attempts: 2 } }
+  b: { endpoints: [127.0.0.1:2], retries: *r }
+";
+        let p = load("p.yaml", shared).expect("valid").policy;
+        assert_eq!(p.services["b"].retries, p.services["a"].retries);
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_quickly_naming_the_budget() {
+        let levels = 100_000;
+        for text in [
+            format!("workload: {}x{}\n", "[".repeat(levels), "]".repeat(levels)),
+            format!("workload:\n{}x\n", "- ".repeat(levels)),
+        ] {
+            let (e, took) = time_load(&text);
+            let msg = e.to_string();
+            assert!(
+                msg.contains("budget exceeded: nesting depth is more than 64 levels at p.yaml:"),
+                "{msg}"
+            );
+            assert!(
+                took < std::time::Duration::from_millis(100),
+                "took {took:?}"
+            );
+        }
+        // Where the schema wants a mapping, the first bracket is already wrong.
+        let text = format!("services: {}{}", "[".repeat(levels), "]".repeat(levels));
+        let (e, took) = time_load(&text);
+        assert!(e.to_string().ends_with(" at p.yaml:1:11"), "{e}");
+        assert!(
+            took < std::time::Duration::from_millis(100),
+            "took {took:?}"
+        );
+    }
+
+    #[test]
+    fn size_and_node_budgets_are_named() {
+        let big = format!(
+            "# {}\nservices: {{}}\n",
+            "x".repeat(limits::MAX_DOCUMENT_BYTES)
+        );
+        let msg = load("p.yaml", &big).expect_err("too big").to_string();
+        assert!(
+            msg.starts_with(
+                "budget exceeded: document size is 1048592 bytes, more than 1MiB at p.yaml:1:"
+            ),
+            "{msg}"
+        );
+        let many = format!("workload: [{}]\n", "a,".repeat(limits::MAX_NODES));
+        let msg = load("p.yaml", &many)
+            .expect_err("too many nodes")
+            .to_string();
+        assert!(
+            msg.contains("budget exceeded: node count is more than 100000 at p.yaml:1:"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_name_both_positions() {
+        let text = "services:
+  payments: { endpoints: [127.0.0.1:1] }
+  payments: { endpoints: [127.0.0.1:9] }
+";
+        assert_eq!(
+            error_text(text),
+            "services.payments: duplicate key (first at line 2, column 3; a key may appear once) at policy.yaml:3:3"
+        );
+        let text = "services: {}\nroutes: []\nservices: { a: { endpoints: [127.0.0.1:1] } }\n";
+        assert_eq!(
+            error_text(text),
+            "services: duplicate key (first at line 1, column 1; a key may appear once) at policy.yaml:3:1"
+        );
+        let text =
+            "services:\n  a: { endpoints: [127.0.0.1:1], protocol: http1, protocol: http2 }\n";
+        assert_eq!(
+            error_text(text),
+            "services.a.protocol: duplicate key (first at line 2, column 34; a key may appear once) at policy.yaml:2:51"
+        );
+    }
+
+    #[test]
+    fn an_empty_document_is_not_a_policy() {
+        for text in ["", "   \n\n", "# only a comment\n", "---\n", "~\n"] {
+            assert_eq!(
+                error_text(text),
+                "empty document: a policy needs at least one field (to remove a policy, delete \
+                 the file or use `outriderctl delete`) in policy.yaml",
+                "{text:?}"
+            );
+        }
+        // An explicit empty mapping is a policy (it routes nothing), written on purpose.
+        load("p.yaml", "services: {}\n").expect("valid");
+        load("p.yaml", "{}\n").expect("valid");
+    }
+
+    #[test]
+    fn control_and_invisible_characters_are_refused_in_names_and_matches() {
+        let route = |m: &str| {
+            format!("services:\n  a: {{ endpoints: [127.0.0.1:1] }}\nroutes:\n  - match: {m}\n    service: a\n")
+        };
+        for (matcher, path, found) in [
+            (
+                r#"{ authority: "pay\u200bments" }"#,
+                "routes[0].match.authority",
+                "U+200B",
+            ),
+            (
+                r#"{ authority: "payments\u0000" }"#,
+                "routes[0].match.authority",
+                "U+0000",
+            ),
+            (
+                r#"{ authority: "\ufeffpayments" }"#,
+                "routes[0].match.authority",
+                "U+FEFF",
+            ),
+            (
+                r#"{ path_prefix: "/v1\u2060/" }"#,
+                "routes[0].match.path_prefix",
+                "U+2060",
+            ),
+            (
+                r#"{ path_prefix: "/v1/\u200f" }"#,
+                "routes[0].match.path_prefix",
+                "U+200F",
+            ),
+            (
+                r#"{ path_prefix: "/v1\u001b[2J" }"#,
+                "routes[0].match.path_prefix",
+                "U+001B",
+            ),
+        ] {
+            let e = load("p.yaml", &route(matcher)).expect_err(matcher);
+            assert_eq!(e.diagnostics.len(), 1, "{e}");
+            assert_eq!(e.diagnostics[0].path, path);
+            assert_eq!(
+                e.diagnostics[0].message,
+                format!("must not contain control or invisible characters (found {found})")
+            );
+            assert_eq!(e.diagnostics[0].position.map(|p| p.line), Some(4), "{e}");
+        }
+        let e = load(
+            "p.yaml",
+            "services:\n  \"pay\\u200bments\": { endpoints: [127.0.0.1:1] }\n",
+        )
+        .expect_err("invisible service name");
+        assert_eq!(e.diagnostics[0].path, "services.pay\u{200b}ments");
+        assert!(
+            e.diagnostics[0]
+                .message
+                .starts_with("service names may hold only"),
+            "{e}"
+        );
+        // Ordinary non-ASCII text in a path is fine.
+        load("p.yaml", &route(r#"{ path_prefix: "/café/" }"#)).expect("valid");
+    }
+
+    #[test]
+    fn spiffe_identities_in_policy_are_kubernetes_names() {
+        let text = "mesh_tls: strict
+services:
+  a: { endpoints: [127.0.0.1:1], identity: \"spiffe://cluster.local/ns/../sa/x\" }
+inbound:
+  app: 127.0.0.1:8080
+  authorization:
+    allow:
+      - spiffe://cluster.local/ns/shop/sa/checkout
+      - spiffe://cluster.local/ns/shop/sa/%2e%2e
+      - spiffe://cluster.local/ns//sa/x
+";
+        let e = load("p.yaml", text).expect_err("invalid");
+        let found: Vec<String> = e
+            .diagnostics
+            .iter()
+            .map(|d| format!("{} {:?}", d.path, d.position.map(|p| (p.line, p.column))))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "services.a.identity Some((3, 44))",
+                "inbound.authorization.allow[1] Some((9, 9))",
+                "inbound.authorization.allow[2] Some((10, 9))",
+            ]
+        );
+        assert!(
+            e.diagnostics[0]
+                .message
+                .starts_with("namespace `..` must be a DNS-1123 label"),
+            "{e}"
+        );
     }
 }

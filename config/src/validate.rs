@@ -3,6 +3,10 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::limits::{
+    MAX_BACKOFF, MAX_FAILURE_COUNT, MAX_POLICY_INTERVAL, MAX_RATE, MAX_RETRY_ATTEMPTS,
+    MAX_RETRY_BODY_BYTES, MAX_TIMEOUT,
+};
 use crate::schema::{
     CircuitBreaker, Fault, OutlierDetection, Policy, RateLimit, Retries, Route, Service,
     WorkloadSelector,
@@ -27,14 +31,16 @@ pub fn validate(policy: &Policy) -> Vec<Finding> {
         check_route(policy, i, route, &mut route_names, &mut findings);
     }
     if let Some(inbound) = &policy.inbound {
-        check_positive(
+        let t = &inbound.timeouts;
+        check_duration(
             "inbound.timeouts.connect",
-            inbound.timeouts.connect,
+            t.connect,
+            MAX_TIMEOUT,
             &mut findings,
         );
-        check_positive(
-            "inbound.timeouts.request_body_idle",
-            inbound.timeouts.request_body_idle,
+        check_optional_timeouts(
+            "inbound",
+            [t.request, t.per_try, t.idle, Some(t.request_body_idle)],
             &mut findings,
         );
         if let Some(limit) = &inbound.rate_limit {
@@ -91,12 +97,60 @@ fn check_origination(path: &str, tls: &crate::OriginationTls, findings: &mut Vec
             "must be a DNS name such as api.example.com (or an IP address)".into(),
         ));
     }
-    if tls.ca.as_deref().is_some_and(|ca| ca.trim().is_empty()) {
+    if let Some(ca) = tls.ca.as_deref() {
+        if ca.trim().is_empty() {
+            findings.push((
+                format!("{path}.ca"),
+                "must be the path of a PEM CA bundle; leave it out for the system roots".into(),
+            ));
+        } else {
+            check_visible(&format!("{path}.ca"), ca, findings);
+        }
+    }
+}
+
+/// Refuses control characters (Unicode Cc: NUL, ESC, DEL, ...) and invisible format characters
+/// (Cf: zero-width space, bidi overrides, BOM, ...): a route that reads `payments` but holds a
+/// U+200B matches nothing anyone can see, and a NUL cuts a string short in C-based tooling.
+fn check_visible(at: &str, value: &str, findings: &mut Vec<Finding>) {
+    if let Some(c) = value.chars().find(|&c| c.is_control() || is_format_char(c)) {
         findings.push((
-            format!("{path}.ca"),
-            "must be the path of a PEM CA bundle; leave it out for the system roots".into(),
+            at.to_string(),
+            format!(
+                "must not contain control or invisible characters (found U+{:04X})",
+                u32::from(c)
+            ),
         ));
     }
+}
+
+/// Whether `c` is in Unicode's general category Cf (format), as of Unicode 15.1.
+fn is_format_char(c: char) -> bool {
+    const CF: &[(u32, u32)] = &[
+        (0x00AD, 0x00AD),
+        (0x0600, 0x0605),
+        (0x061C, 0x061C),
+        (0x06DD, 0x06DD),
+        (0x070F, 0x070F),
+        (0x0890, 0x0891),
+        (0x08E2, 0x08E2),
+        (0x180E, 0x180E),
+        (0x200B, 0x200F),
+        (0x202A, 0x202E),
+        (0x2060, 0x2064),
+        (0x2066, 0x206F),
+        (0xFEFF, 0xFEFF),
+        (0xFFF9, 0xFFFB),
+        (0x110BD, 0x110BD),
+        (0x110CD, 0x110CD),
+        (0x13430, 0x1343F),
+        (0x1BCA0, 0x1BCA3),
+        (0x1D173, 0x1D17A),
+        (0xE0001, 0xE0001),
+        (0xE0020, 0xE007F),
+    ];
+    let c = u32::from(c);
+    CF.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
 }
 
 fn is_dns_name(name: &str) -> bool {
@@ -115,12 +169,8 @@ fn is_dns_name(name: &str) -> bool {
 }
 
 fn check_spiffe(path: &str, id: &str, findings: &mut Vec<Finding>) {
-    if crate::wire::parse_spiffe_id(id).is_none() {
-        findings.push((
-            path.to_string(),
-            "must be a SPIFFE id: spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
-                .into(),
-        ));
+    if let Err(e) = crate::spiffe::parse(id) {
+        findings.push((path.to_string(), e.to_string()));
     }
 }
 
@@ -135,7 +185,9 @@ fn check_tracing(tracing: &crate::Tracing, findings: &mut Vec<Finding>) {
         let valid = endpoint
             .strip_prefix("http://")
             .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
-            && !endpoint.bytes().any(|b| b.is_ascii_whitespace());
+            && !endpoint
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || is_format_char(c));
         if !valid {
             findings.push((
                 "tracing.otlp.endpoint".into(),
@@ -234,7 +286,12 @@ fn check_service<'a>(
         }
     }
     let t = &service.timeouts;
-    check_positive(&format!("{at}.timeouts.connect"), t.connect, findings);
+    check_duration(
+        &format!("{at}.timeouts.connect"),
+        t.connect,
+        MAX_TIMEOUT,
+        findings,
+    );
     check_optional_timeouts(
         &at,
         [t.request, t.per_try, t.idle, Some(t.request_body_idle)],
@@ -267,7 +324,12 @@ fn check_fault(at: &str, fault: &Fault, findings: &mut Vec<Finding>) {
         check_percent(format!("{at}.abort.percent"), abort.percent);
     }
     if let Some(delay) = &fault.delay {
-        check_positive(&format!("{at}.delay.duration"), delay.duration, findings);
+        check_duration(
+            &format!("{at}.delay.duration"),
+            delay.duration,
+            MAX_POLICY_INTERVAL,
+            findings,
+        );
     }
     if let Some(abort) = &fault.abort {
         if !(400..=599).contains(&abort.status) {
@@ -283,12 +345,16 @@ fn check_fault(at: &str, fault: &Fault, findings: &mut Vec<Finding>) {
 }
 
 fn check_outlier(at: &str, outlier: &OutlierDetection, findings: &mut Vec<Finding>) {
-    if outlier.consecutive_failures == 0 {
-        findings.push((format!("{at}.consecutive_failures"), "must be > 0".into()));
-    }
-    check_positive(
+    check_count(
+        &format!("{at}.consecutive_failures"),
+        outlier.consecutive_failures,
+        MAX_FAILURE_COUNT,
+        findings,
+    );
+    check_duration(
         &format!("{at}.base_ejection"),
         outlier.base_ejection,
+        MAX_POLICY_INTERVAL,
         findings,
     );
     if outlier.max_ejection < outlier.base_ejection {
@@ -296,6 +362,13 @@ fn check_outlier(at: &str, outlier: &OutlierDetection, findings: &mut Vec<Findin
             format!("{at}.max_ejection"),
             "must be at least base_ejection".into(),
         ));
+    } else {
+        check_at_most(
+            &format!("{at}.max_ejection"),
+            outlier.max_ejection,
+            MAX_POLICY_INTERVAL,
+            findings,
+        );
     }
     if !(1..=100).contains(&outlier.max_ejected_percent) {
         findings.push((
@@ -311,14 +384,42 @@ fn check_optional_timeouts(at: &str, values: [Option<Duration>; 4], findings: &m
     let names = ["request", "per_try", "idle", "request_body_idle"];
     for (name, value) in names.into_iter().zip(values) {
         if let Some(value) = value {
-            check_positive(&format!("{at}.timeouts.{name}"), value, findings);
+            check_duration(
+                &format!("{at}.timeouts.{name}"),
+                value,
+                MAX_TIMEOUT,
+                findings,
+            );
         }
     }
 }
 
-fn check_positive(at: &str, value: Duration, findings: &mut Vec<Finding>) {
+/// A duration must be in `(0, max]`: zero would expire at once, and past `max` deadlines are
+/// no longer plausible (and, near 2^64 s, overflow `Instant` arithmetic in the proxy).
+fn check_duration(
+    at: &str,
+    value: Duration,
+    max: std::time::Duration,
+    findings: &mut Vec<Finding>,
+) {
     if value.get().is_zero() {
         findings.push((at.to_string(), "must be greater than 0".into()));
+    }
+    check_at_most(at, value, max, findings);
+}
+
+fn check_at_most(at: &str, value: Duration, max: std::time::Duration, findings: &mut Vec<Finding>) {
+    if value.get() > max {
+        findings.push((at.to_string(), format!("must be at most {}", Duration(max))));
+    }
+}
+
+/// A count must be in `1..=max`.
+fn check_count(at: &str, value: u32, max: u32, findings: &mut Vec<Finding>) {
+    if value == 0 {
+        findings.push((at.to_string(), "must be > 0".into()));
+    } else if value > max {
+        findings.push((at.to_string(), format!("must be at most {max}")));
     }
 }
 
@@ -343,8 +444,11 @@ pub const GRPC_STATUS_NAMES: [&str; 16] = [
 ];
 
 fn check_retries(at: &str, retries: &Retries, findings: &mut Vec<Finding>) {
-    if retries.attempts > 10 {
-        findings.push((format!("{at}.attempts"), "must be at most 10".into()));
+    if retries.attempts > MAX_RETRY_ATTEMPTS {
+        findings.push((
+            format!("{at}.attempts"),
+            format!("must be at most {MAX_RETRY_ATTEMPTS}"),
+        ));
     }
     for (i, status) in retries.status.iter().enumerate() {
         if !(100..=599).contains(status) {
@@ -365,9 +469,10 @@ fn check_retries(at: &str, retries: &Retries, findings: &mut Vec<Finding>) {
             ));
         }
     }
-    check_positive(
+    check_duration(
         &format!("{at}.backoff.base"),
         retries.backoff.base,
+        MAX_BACKOFF,
         findings,
     );
     if retries.backoff.max < retries.backoff.base {
@@ -375,6 +480,13 @@ fn check_retries(at: &str, retries: &Retries, findings: &mut Vec<Finding>) {
             format!("{at}.backoff.max"),
             "must be at least backoff.base".into(),
         ));
+    } else {
+        check_at_most(
+            &format!("{at}.backoff.max"),
+            retries.backoff.max,
+            MAX_BACKOFF,
+            findings,
+        );
     }
     let ratio = retries.budget.ratio;
     if !(0.0..=1.0).contains(&ratio) {
@@ -383,14 +495,29 @@ fn check_retries(at: &str, retries: &Retries, findings: &mut Vec<Finding>) {
             "must be between 0 and 1".into(),
         ));
     }
+    if retries.budget.min_per_second > MAX_RATE {
+        findings.push((
+            format!("{at}.budget.min_per_second"),
+            format!("must be at most {MAX_RATE}"),
+        ));
+    }
+    if retries.body_limit.0 > MAX_RETRY_BODY_BYTES {
+        findings.push((
+            format!("{at}.body_limit"),
+            format!("must be at most {}", crate::ByteSize(MAX_RETRY_BODY_BYTES)),
+        ));
+    }
 }
 
 fn check_rate_limit(at: &str, limit: &RateLimit, findings: &mut Vec<Finding>) {
-    if limit.requests_per_second == 0 {
-        findings.push((format!("{at}.requests_per_second"), "must be > 0".into()));
-    }
-    if limit.burst == Some(0) {
-        findings.push((format!("{at}.burst"), "must be > 0".into()));
+    check_count(
+        &format!("{at}.requests_per_second"),
+        limit.requests_per_second,
+        MAX_RATE,
+        findings,
+    );
+    if let Some(burst) = limit.burst {
+        check_count(&format!("{at}.burst"), burst, MAX_RATE, findings);
     }
 }
 
@@ -407,8 +534,13 @@ fn check_breaker(at: &str, breaker: &CircuitBreaker, findings: &mut Vec<Finding>
                 .into(),
         ));
     }
-    if breaker.consecutive_failures == Some(0) {
-        findings.push((format!("{at}.consecutive_failures"), "must be > 0".into()));
+    if let Some(failures) = breaker.consecutive_failures {
+        check_count(
+            &format!("{at}.consecutive_failures"),
+            failures,
+            MAX_FAILURE_COUNT,
+            findings,
+        );
     }
     if let Some(rate) = &breaker.failure_rate {
         if !(rate.threshold > 0.0 && rate.threshold <= 1.0) {
@@ -417,32 +549,51 @@ fn check_breaker(at: &str, breaker: &CircuitBreaker, findings: &mut Vec<Finding>
                 "must be in (0, 1]".into(),
             ));
         }
-        if rate.min_requests == 0 {
-            findings.push((
-                format!("{at}.failure_rate.min_requests"),
-                "must be > 0".into(),
-            ));
-        }
-        check_positive(&format!("{at}.failure_rate.window"), rate.window, findings);
+        check_count(
+            &format!("{at}.failure_rate.min_requests"),
+            rate.min_requests,
+            MAX_RATE,
+            findings,
+        );
+        check_duration(
+            &format!("{at}.failure_rate.window"),
+            rate.window,
+            MAX_POLICY_INTERVAL,
+            findings,
+        );
     }
-    check_positive(&format!("{at}.open_for"), breaker.open_for, findings);
-    if breaker.half_open_requests == 0 {
-        findings.push((format!("{at}.half_open_requests"), "must be > 0".into()));
-    }
+    check_duration(
+        &format!("{at}.open_for"),
+        breaker.open_for,
+        MAX_POLICY_INTERVAL,
+        findings,
+    );
+    check_count(
+        &format!("{at}.half_open_requests"),
+        breaker.half_open_requests,
+        MAX_FAILURE_COUNT,
+        findings,
+    );
     if breaker.max_open_for < breaker.open_for {
         findings.push((
             format!("{at}.max_open_for"),
             "must be at least open_for".into(),
         ));
+    } else {
+        check_at_most(
+            &format!("{at}.max_open_for"),
+            breaker.max_open_for,
+            MAX_POLICY_INTERVAL,
+            findings,
+        );
     }
-    if breaker.max_concurrent_requests == Some(0) {
-        findings.push((
-            format!("{at}.max_concurrent_requests"),
-            "must be > 0".into(),
-        ));
-    }
-    if breaker.max_pending_requests == Some(0) {
-        findings.push((format!("{at}.max_pending_requests"), "must be > 0".into()));
+    for (name, limit) in [
+        ("max_concurrent_requests", breaker.max_concurrent_requests),
+        ("max_pending_requests", breaker.max_pending_requests),
+    ] {
+        if let Some(limit) = limit {
+            check_count(&format!("{at}.{name}"), limit, MAX_RATE, findings);
+        }
     }
 }
 
@@ -483,19 +634,19 @@ fn check_route(
         }
     }
     if let Some(authority) = &route.matches.authority {
+        let at = format!("{at}.match.authority");
         if authority.is_empty() || authority.bytes().any(|b| b.is_ascii_whitespace()) {
-            findings.push((
-                format!("{at}.match.authority"),
-                "must be a host name without spaces".into(),
-            ));
+            findings.push((at, "must be a host name without spaces".into()));
+        } else {
+            check_visible(&at, authority, findings);
         }
     }
     if let Some(prefix) = &route.matches.path_prefix {
+        let at = format!("{at}.match.path_prefix");
         if !prefix.starts_with('/') {
-            findings.push((
-                format!("{at}.match.path_prefix"),
-                "must start with `/`".into(),
-            ));
+            findings.push((at, "must start with `/`".into()));
+        } else {
+            check_visible(&at, prefix, findings);
         }
     }
     if let Some(t) = &route.timeouts {

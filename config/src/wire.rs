@@ -66,24 +66,16 @@ pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> 
 }
 
 /// Splits a workload SPIFFE id into trust domain, namespace and service account; `None` when
-/// it is not of the form [`spiffe_id`] makes or a part is not a DNS-label-like name.
+/// it is not of the form [`spiffe_id`] makes or a part is refused by [`crate::spiffe::parse`].
 pub fn parse_spiffe_id(id: &str) -> Option<(&str, &str, &str)> {
-    let rest = id.strip_prefix("spiffe://")?;
-    let (domain, path) = rest.split_once('/')?;
-    let path = path.strip_prefix("ns/")?;
-    let (namespace, sa) = path.split_once("/sa/")?;
-    let ok = valid_identity_part;
-    (ok(domain) && ok(namespace) && ok(sa)).then_some((domain, namespace, sa))
+    let id = crate::spiffe::parse(id).ok()?;
+    Some((id.trust_domain, id.namespace, id.service_account))
 }
 
-/// Whether `name` may be a trust domain, namespace or service account: 1 to 253 letters,
-/// digits, `-`, `.` or `_`.
+/// Whether `name` may be a namespace or service account: a DNS-1123 label
+/// ([`crate::spiffe::is_dns1123_label`]).
 pub fn valid_identity_part(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    crate::spiffe::is_dns1123_label(name)
 }
 
 /// One line of the subscription stream.

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use outrider_config::spiffe;
 use outrider_config::wire::{self, CertificateRequest, CertificateResponse};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -58,7 +59,9 @@ pub enum CaError {
         source: rcgen::Error,
     },
     /// The trust domain is not a valid name.
-    #[error("trust domain `{0}` must be letters, digits, '-', '.', '_'")]
+    #[error(
+        "trust domain `{0}` must be lowercase letters, digits, '-', '_' in '.'-separated labels"
+    )]
     TrustDomain(String),
     /// The request names a bad namespace or service account.
     #[error("bad identity: {0}")]
@@ -200,16 +203,14 @@ impl Ca {
 
     /// Issues a leaf for `request`'s CSR key, naming only the identity asked for.
     pub fn issue(&self, request: &CertificateRequest) -> Result<CertificateResponse, CaError> {
-        for (what, part) in [
-            ("namespace", &request.namespace),
-            ("service_account", &request.service_account),
-        ] {
-            if !wire::valid_identity_part(part) {
-                return Err(CaError::Identity(format!(
-                    "{what} `{part}` must be 1 to 253 letters, digits, '-', '.', '_'"
-                )));
-            }
-        }
+        // Checked before anything is parsed or signed: a CSR for namespace `..` must not
+        // become `spiffe://td/ns/../sa/x` (the SPIFFE spec forbids dot segments).
+        spiffe::check_parts(
+            &self.trust_domain,
+            &request.namespace,
+            &request.service_account,
+        )
+        .map_err(|e| CaError::Identity(e.to_string()))?;
         // Parsing verifies the CSR's signature: the caller holds the key it wants certified.
         let csr = CertificateSigningRequestParams::from_pem(&request.csr).map_err(CaError::Csr)?;
         let identity = wire::spiffe_id(
@@ -282,11 +283,8 @@ fn split_anchors(file: &str) -> Result<(String, String), CaError> {
 }
 
 fn check_trust_domain(trust_domain: &str) -> Result<(), CaError> {
-    if wire::valid_identity_part(trust_domain) {
-        Ok(())
-    } else {
-        Err(CaError::TrustDomain(trust_domain.to_string()))
-    }
+    spiffe::check_trust_domain(trust_domain)
+        .map_err(|_| CaError::TrustDomain(trust_domain.escape_debug().to_string()))
 }
 
 /// A positive 16-byte serial, unique per CA process: the clock in nanoseconds and a counter.
@@ -493,5 +491,31 @@ mod tests {
             Ca::open_or_generate(&temp_dir("td"), "bad/domain", DEFAULT_CERT_TTL),
             Err(CaError::TrustDomain(_))
         ));
+    }
+
+    #[test]
+    fn refuses_dot_segments_and_non_kubernetes_names() {
+        let dir = temp_dir("dots");
+        let ca = Ca::open_or_generate(&dir, "cluster.local", DEFAULT_CERT_TTL).expect("ca");
+        for (ns, sa) in [
+            ("..", "x"),
+            (".", "x"),
+            ("shop", ".."),
+            ("%2e%2e", "x"),
+            ("Shop", "x"),
+            ("shop", "a_b"),
+            ("", "x"),
+        ] {
+            let (_, bad) = request(ns, sa);
+            match ca.issue(&bad) {
+                Err(CaError::Identity(why)) => assert!(why.contains("DNS-1123 label"), "{why}"),
+                other => panic!("{ns}/{sa}: expected a refusal, got {other:?}"),
+            }
+        }
+        let (_, good) = request("shop", "checkout-v2");
+        assert_eq!(
+            ca.issue(&good).expect("issued").identity,
+            "spiffe://cluster.local/ns/shop/sa/checkout-v2"
+        );
     }
 }

@@ -25,8 +25,9 @@ pub fn render(error: &PolicyError, text: &str) -> String {
                 if let Some(line) = p.line.checked_sub(1).and_then(|i| lines.get(i)) {
                     let gutter = p.line.to_string();
                     let pad = " ".repeat(gutter.len());
-                    let _ = writeln!(out, "{pad} |\n{gutter} | {line}");
-                    let _ = writeln!(out, "{pad} | {}^", " ".repeat(p.column.saturating_sub(1)));
+                    let (shown, caret) = window(line, p.column);
+                    let _ = writeln!(out, "{pad} |\n{gutter} | {shown}");
+                    let _ = writeln!(out, "{pad} | {}^", " ".repeat(caret));
                 }
             }
             None => {
@@ -35,6 +36,25 @@ pub fn render(error: &PolicyError, text: &str) -> String {
         }
     }
     out
+}
+
+/// Characters shown each side of the column: a refused document may be one 200 KB line.
+const WINDOW: usize = 60;
+
+/// The part of `line` around 1-based `column` that is shown, and the caret's offset in it.
+fn window(line: &str, column: usize) -> (String, usize) {
+    let at = column.saturating_sub(1);
+    let start = at.saturating_sub(WINDOW);
+    let mut shown: String = line.chars().skip(start).take(2 * WINDOW).collect();
+    let mut caret = at - start;
+    if start > 0 {
+        shown.insert_str(0, "...");
+        caret += 3;
+    }
+    if line.chars().count() > start + 2 * WINDOW {
+        shown.push_str("...");
+    }
+    (shown, caret)
 }
 
 #[cfg(test)]

@@ -753,7 +753,7 @@ enum MergeFailure {
         error: PolicyError,
     },
     #[error("cannot encode the merged policy: {0}")]
-    Encode(serde_yaml::Error),
+    Encode(outrider_config::EncodeError),
 }
 
 fn named_workloads(parsed: &BTreeMap<String, Policy>) -> BTreeSet<String> {
@@ -768,7 +768,7 @@ fn named_workloads(parsed: &BTreeMap<String, Policy>) -> BTreeSet<String> {
 fn merged_yaml(workload: &str, parsed: &BTreeMap<String, Policy>) -> Result<String, MergeFailure> {
     let policy = merge::merge(workload, parsed.iter().map(|(n, p)| (n.as_str(), p)))
         .map_err(MergeFailure::Conflict)?;
-    let yaml = serde_yaml::to_string(&policy).map_err(MergeFailure::Encode)?;
+    let yaml = outrider_config::to_yaml(&policy).map_err(MergeFailure::Encode)?;
     // Validated exactly as the proxy will load it.
     outrider_config::load(&format!("merged policy for {workload}"), &yaml).map_err(|error| {
         MergeFailure::Invalid {

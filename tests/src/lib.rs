@@ -26,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 pub mod control;
+pub mod hostile;
 pub mod service_account;
 pub use control::{
     start_control, start_control_with, Control, ControlDirs, Subscription, CONTROL_TOKEN,

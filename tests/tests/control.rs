@@ -614,3 +614,91 @@ async fn outriderctl_says_clearly_when_the_server_is_down_or_the_token_wrong() {
         stderr(&out)
     );
 }
+
+/// `outriderctl validate` on `text` (written to `name`): its exit code, stderr, the file's
+/// path and the wall time of the fastest of three runs.
+fn validate_text(name: &str, text: &str) -> (Option<i32>, String, String, Duration) {
+    let dir = outrider_e2e::TempDir::new();
+    let path = dir.path.join(name);
+    std::fs::write(&path, text).unwrap();
+    let (out, took) = outrider_e2e::hostile::fastest_of_three(|| {
+        outrider_e2e::control::ctl(
+            "http://127.0.0.1:1",
+            None,
+            &["validate", "-f", path.to_str().unwrap()],
+        )
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), stderr, path.display().to_string(), took)
+}
+
+#[test]
+fn validate_refuses_durations_the_proxy_cannot_use_with_their_position() {
+    // On the old validator this passed, and every proxy panicked on its first request.
+    let (code, stderr, path, _) = validate_text(
+        "overflow.yaml",
+        "services:
+  payments:
+    endpoints: [127.0.0.1:9101]
+    timeouts: { request: 9223372036854775807s }
+routes:
+  - match: { authority: payments }
+    service: payments
+    timeouts: { per_try: 9223372036854775807s }
+",
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    for (what, at) in [
+        ("services.payments.timeouts.request", "4:26"),
+        ("routes[0].timeouts.per_try", "8:26"),
+    ] {
+        let expected = format!("error: {what}: must be at most 24h\n  --> {path}:{at}");
+        assert!(stderr.contains(&expected), "{expected}\n{stderr}");
+    }
+}
+
+#[test]
+fn validate_refuses_an_alias_bomb_and_deep_nesting_quickly_naming_the_budget() {
+    for (name, text, budget) in [
+        (
+            "bomb.yaml",
+            outrider_e2e::hostile::alias_bomb(),
+            "budget exceeded: alias expansion is more than 5000 nodes",
+        ),
+        (
+            "deep.yaml",
+            outrider_e2e::hostile::deep_nesting(),
+            "budget exceeded: nesting depth is more than 64 levels",
+        ),
+    ] {
+        let (code, stderr, path, took) = validate_text(name, &text);
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(stderr.contains(budget), "{stderr}");
+        assert!(stderr.contains(&format!("--> {path}:")), "{stderr}");
+        // Compared with a file refused at once, so only the parse counts (on the old parser
+        // the nesting alone took 30 s).
+        let (_, _, _, reference) =
+            validate_text("reference.yaml", outrider_e2e::hostile::REFUSED_AT_ONCE);
+        assert!(
+            took < reference + Duration::from_millis(100),
+            "{name}: took {took:?}, a file refused at once {reference:?}"
+        );
+    }
+}
+
+#[test]
+fn validate_names_both_places_of_a_duplicate_key() {
+    let (code, stderr, path, _) = validate_text(
+        "dup.yaml",
+        "services:
+  payments: { endpoints: [127.0.0.1:9101] }
+  payments: { endpoints: [127.0.0.1:9] }
+",
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    let expected = format!(
+        "error: services.payments: duplicate key (first at line 2, column 3; a key may appear \
+         once)\n  --> {path}:3:3"
+    );
+    assert!(stderr.contains(&expected), "{expected}\n{stderr}");
+}

@@ -71,6 +71,63 @@ routes:
     assert_eq!(out.status.code(), Some(64));
 }
 
+#[test]
+fn hostile_policy_files_are_refused_at_start_quickly_naming_the_budget() {
+    let dir = TempDir::new();
+    let reference_path = dir.path.join("reference.yaml");
+    std::fs::write(&reference_path, hostile::REFUSED_AT_ONCE).unwrap();
+    let (out, reference) = start_with_policy(&reference_path);
+    assert_eq!(out.status.code(), Some(64));
+    for (name, text, budget) in [
+        (
+            "bomb.yaml",
+            hostile::alias_bomb(),
+            "budget exceeded: alias expansion is more than 5000 nodes",
+        ),
+        (
+            "deep.yaml",
+            hostile::deep_nesting(),
+            "budget exceeded: nesting depth is more than 64 levels",
+        ),
+        (
+            "overflow.yaml",
+            "services:\n  a: { endpoints: [127.0.0.1:1], timeouts: { request: 9223372036854775807s } }\n"
+                .to_string(),
+            "services.a.timeouts.request: must be at most 24h",
+        ),
+    ] {
+        let path = dir.path.join(name);
+        std::fs::write(&path, text).unwrap();
+        let (out, took) = start_with_policy(&path);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{name}: {stderr}");
+        assert!(stderr.contains(budget), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!(" at {}:", path.display())),
+            "{name}: {stderr}"
+        );
+        // Compared with a file refused at once, so only the parse counts.
+        assert!(
+            took < reference + Duration::from_millis(100),
+            "{name}: took {took:?}, a file refused at once {reference:?}"
+        );
+    }
+}
+
+/// Starts the proxy on the policy file `path` three times; the last output and the wall time
+/// of the fastest run.
+fn start_with_policy(path: &std::path::Path) -> (std::process::Output, Duration) {
+    hostile::fastest_of_three(|| {
+        Command::new(proxy_binary())
+            .arg("--policy")
+            .arg(path)
+            .args(["--outbound", "127.0.0.1:0", "--inbound", "127.0.0.1:0"])
+            .args(["--admin", "127.0.0.1:0"])
+            .output()
+            .unwrap()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_reports_liveness_readiness_and_config() {
     let policy = "services:\n  svc: { endpoints: [127.0.0.1:9] }\nroutes:\n  - match: { authority: svc }\n    service: svc\n";

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::Request;
-use outrider_e2e::control::{start_control_with, Control, ControlDirs};
+use outrider_e2e::control::{start_control, start_control_with, Control, ControlDirs};
 use outrider_e2e::service_account::TokenIssuer;
 use outrider_e2e::{
     empty, get, http1_client, raw_exchange, send, spawn_proxy, Proto, Proxy, TempDir, Upstream,
@@ -640,4 +640,45 @@ async fn an_operators_intermediate_ca_signs_and_peers_trust_only_its_root() {
         .unwrap()
         .ends_with(&intermediate.pem()));
     assert_eq!(issued["trust_bundle"].as_str().unwrap(), root.pem());
+}
+
+#[tokio::test]
+async fn the_ca_refuses_a_namespace_or_service_account_that_is_not_a_kubernetes_name() {
+    let dirs = ControlDirs::new();
+    let control = start_control(&dirs);
+    let csr_key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&csr_key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    // `..` once became spiffe://cluster.local/ns/../sa/x.
+    for (namespace, service_account) in [("..", "x"), ("shop", "%2e%2e"), ("shop", "")] {
+        let body = serde_json::json!({
+            "csr": csr,
+            "namespace": namespace,
+            "service_account": service_account,
+        });
+        let reply = control
+            .request("POST", "/v1/certificate", &body.to_string())
+            .await;
+        let text = String::from_utf8_lossy(&reply.body);
+        assert_eq!(reply.status, 400, "{namespace}/{service_account}: {text}");
+        assert!(text.contains("must be a DNS-1123 label"), "{text}");
+    }
+    // A Kubernetes name is still certified.
+    let body = serde_json::json!({ "csr": csr, "namespace": "shop", "service_account": "audit" });
+    let reply = control
+        .request("POST", "/v1/certificate", &body.to_string())
+        .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert!(reply.json()["identity"]
+        .as_str()
+        .unwrap()
+        .ends_with("/ns/shop/sa/audit"));
 }

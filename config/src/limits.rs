@@ -1,0 +1,33 @@
+//! The bounds a policy must stay within: what the parser will read (budgets) and the range of
+//! every number in the schema. A policy is pushed to every proxy at once, so a value the proxy
+//! cannot use (a timeout of 2^63 s overflows `Instant + Duration`) must fail validation instead.
+//! README's "Policy limits" table documents the same numbers.
+
+use std::time::Duration;
+
+/// Largest policy document read, in bytes.
+pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+/// Deepest nesting of mappings and sequences (a real policy nests about 6 deep).
+pub const MAX_DEPTH: usize = 64;
+/// Most YAML nodes (mappings, sequences and scalars) in one document: about 5,000 services.
+pub const MAX_NODES: usize = 100_000;
+/// Most alias (`*name`) uses in one document.
+pub const MAX_ALIASES: usize = 1_000;
+/// Most parser events replayed from aliases in one document: bounds what anchors can multiply
+/// a document into (a billion-laughs document hits it after a few thousand nodes).
+pub const MAX_ALIAS_EXPANSION: usize = 5_000;
+
+/// Longest timeout of any kind (connect, request, per-try, idle).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Longest retry backoff ceiling (`backoff.base`, `backoff.max`).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// Longest breaker open time, failure-rate window, ejection or injected delay.
+pub const MAX_POLICY_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// Most retries after the first try.
+pub const MAX_RETRY_ATTEMPTS: u32 = 10;
+/// Largest request body buffered for replay (`retries.body_limit`).
+pub const MAX_RETRY_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest rate, burst, or request count (rate limits, retry budget, breaker limits).
+pub const MAX_RATE: u32 = 1_000_000;
+/// Largest failure count (breaker and outlier `consecutive_failures`, `half_open_requests`).
+pub const MAX_FAILURE_COUNT: u32 = 100_000;
