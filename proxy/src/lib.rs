@@ -11,6 +11,8 @@ pub mod connect;
 pub mod demo;
 pub mod errors;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod headers;
 pub mod identity;
 pub mod lifecycle;
