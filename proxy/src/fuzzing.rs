@@ -377,6 +377,56 @@ mod tests {
         assert_eq!(&read_buf[..], b"rest");
     }
 
+    /// A chunked body whose first chunk-size line is `ext_len + 3` bytes long, read in reads of
+    /// 255 bytes and then `last`.
+    fn long_chunk_line(ext_len: usize, last: u8) -> Vec<u8> {
+        let mut input = vec![5 << 1, 255, 255, 255, 255, last, b'4', b';'];
+        input.resize(input.len() + ext_len, b'e');
+        input.extend_from_slice(b"\r\nabcd\r\n0\r\n\r\n");
+        input
+    }
+
+    /// The chunk-size line limit (1 KiB) holds however the line arrives: a longer line that came
+    /// in one read was accepted, the same line in several reads refused.
+    #[test]
+    fn the_chunk_line_limit_does_not_depend_on_the_reads() {
+        // 1,103 bytes, 1,070 of them read before the LF arrives.
+        chunked(&long_chunk_line(1100, 50));
+        // 1,024 bytes (the most allowed), and 1,025.
+        chunked(&long_chunk_line(1021, 4));
+        chunked(&long_chunk_line(1022, 5));
+        let refused = |input: &[u8]| {
+            let mut reads = ScriptedReads::new(input, &[]);
+            direct::read_chunked(&mut BytesMut::new(), &mut reads).is_err()
+        };
+        assert!(refused(&long_chunk_line(1022, 0)[6..]));
+        assert!(!refused(&long_chunk_line(1021, 0)[6..]));
+    }
+
+    /// The same for the trailer section's limit (16 KiB).
+    #[test]
+    fn the_trailer_limit_does_not_depend_on_the_reads() {
+        let body = |value_len: usize| {
+            let mut body = b"1\r\na\r\n0\r\nx-big: ".to_vec();
+            body.resize(body.len() + value_len, b'v');
+            body.extend_from_slice(b"\r\n\r\n");
+            body
+        };
+        // 70 reads of 255 bytes: 17,850 bytes, the section not complete in any but the last.
+        let mut input = vec![70 << 1];
+        input.resize(71, 255);
+        input.extend_from_slice(&body(17_000));
+        chunked(&input);
+        let refused = |value_len| {
+            let body = body(value_len);
+            let mut reads = ScriptedReads::new(&body, &[]);
+            direct::read_chunked(&mut BytesMut::new(), &mut reads).is_err()
+        };
+        // The section is the value and 11 bytes.
+        assert!(refused(16_384 - 10));
+        assert!(!refused(16_384 - 11));
+    }
+
     #[test]
     fn the_committed_corpus_passes_every_target() {
         for (target, run) in [

@@ -627,6 +627,12 @@ fn read_frame(
                 let buf = &mut *read_buf;
                 match chunk {
                     Chunk::Size => match buf.iter().position(|&b| b == b'\n') {
+                        // The limit holds however the line arrived, in one read or several.
+                        Some(end) if end > MAX_CHUNK_LINE => {
+                            return Poll::Ready(Err(DirectError::Invalid(
+                                "chunk size line too long",
+                            )))
+                        }
                         Some(end) => {
                             let size = parse_chunk_size(&buf[..end])?;
                             buf.advance(end + 1);
@@ -671,6 +677,13 @@ fn read_frame(
                     Chunk::Trailers => {
                         let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILERS];
                         match httparse::parse_headers(buf, &mut fields)? {
+                            // As for chunk-size lines: the same limit for a section that
+                            // arrived whole.
+                            httparse::Status::Complete((len, _)) if len > MAX_TRAILER_BYTES => {
+                                return Poll::Ready(Err(DirectError::Invalid(
+                                    "trailer section too large",
+                                )))
+                            }
                             httparse::Status::Complete((len, fields)) => {
                                 let trailers = trailer_map(fields)?;
                                 buf.advance(len);
