@@ -12,6 +12,8 @@ pub mod connection;
 pub mod demo;
 pub mod errors;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod headers;
 pub mod identity;
 pub mod lifecycle;

@@ -24,6 +24,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::connect::CountedStream;
 
+pub(crate) mod fuzzing;
+
 /// Largest response head (status line and header fields) accepted.
 const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields a response head may have (hyper's default too).
@@ -183,13 +185,9 @@ impl DirectConnection {
         loop {
             if !self.read_buf.is_empty() {
                 received = true;
-                match parse_head(&mut self.read_buf, head_request, &mut parts.headers)? {
-                    Parsed::Complete(head) => return Ok(head),
-                    Parsed::Interim => continue,
-                    Parsed::Partial if self.read_buf.len() >= MAX_HEAD => {
-                        return Err(DirectError::Invalid("response head too large"))
-                    }
-                    Parsed::Partial => {}
+                if let Some(head) = take_head(&mut self.read_buf, head_request, &mut parts.headers)?
+                {
+                    return Ok(head);
                 }
             }
             self.read_buf.reserve(READ_SIZE);
@@ -202,14 +200,36 @@ impl DirectConnection {
             }
         }
     }
+}
 
-    /// Reads more of the response into the buffer, making room for about `want` bytes (within
+/// Where a response body's bytes come from: the connection's socket, or scripted reads from
+/// memory for the fuzz targets ([`fuzzing`]), which so drive the same state machine.
+trait Fill {
+    /// Reads more of the response into `buf`, making room for about `want` bytes (within
     /// bounds). `Ok(0)`: the upstream closed the connection.
-    fn poll_fill(&mut self, cx: &mut Context<'_>, want: u64) -> Poll<io::Result<usize>> {
-        let room = want.clamp(READ_SIZE as u64, MAX_READ as u64) as usize;
-        self.read_buf.reserve(room);
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf)
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        want: u64,
+    ) -> Poll<io::Result<usize>>;
+}
+
+impl Fill for CountedStream {
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        want: u64,
+    ) -> Poll<io::Result<usize>> {
+        buf.reserve(read_room(want));
+        tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
     }
+}
+
+/// The room made for a read that needs about `want` more bytes.
+fn read_room(want: u64) -> usize {
+    want.clamp(READ_SIZE as u64, MAX_READ as u64) as usize
 }
 
 /// Writes the request line and header fields. The caller's body framing headers are gone
@@ -228,6 +248,26 @@ fn encode_head(out: &mut Vec<u8>, parts: &request::Parts) {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Takes the final response head off the front of `buf` once it is all there, skipping interim
+/// responses; `None` while more must be read.
+fn take_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    recycled: &mut HeaderMap,
+) -> Result<Option<ResponseHead>, DirectError> {
+    while !buf.is_empty() {
+        match parse_head(buf, head_request, recycled)? {
+            Parsed::Complete(head) => return Ok(Some(head)),
+            Parsed::Interim => {}
+            Parsed::Partial if buf.len() >= MAX_HEAD => {
+                return Err(DirectError::Invalid("response head too large"))
+            }
+            Parsed::Partial => return Ok(None),
+        }
+    }
+    Ok(None)
 }
 
 /// Parses a response head at the front of `buf`, and takes it off the buffer once complete;
@@ -453,6 +493,18 @@ enum BodyState {
     Done,
 }
 
+impl BodyState {
+    /// Where the reading of a body delimited by `framing` starts.
+    fn new(framing: Framing) -> Self {
+        match framing {
+            Framing::Empty => Self::Done,
+            Framing::Length(n) => Self::Length(n),
+            Framing::Chunked => Self::Chunked(Chunk::Size),
+            Framing::UntilClose => Self::UntilClose,
+        }
+    }
+}
+
 /// Where a chunked body's reading stands.
 enum Chunk {
     /// Before a chunk-size line.
@@ -477,15 +529,9 @@ pub struct DirectBody {
 impl DirectBody {
     /// The body of the response `head` that `connection` just read.
     pub fn new(connection: Box<DirectConnection>, head: &ResponseHead) -> Self {
-        let state = match head.framing {
-            Framing::Empty => BodyState::Done,
-            Framing::Length(n) => BodyState::Length(n),
-            Framing::Chunked => BodyState::Chunked(Chunk::Size),
-            Framing::UntilClose => BodyState::UntilClose,
-        };
         Self {
             connection: Some(connection),
-            state,
+            state: BodyState::new(head.framing),
             keep_alive: head.keep_alive,
         }
     }
@@ -510,7 +556,12 @@ impl DirectBody {
         let Some(connection) = self.connection.as_mut() else {
             return Poll::Ready(None);
         };
-        match ready!(read_frame(connection, &mut self.state, cx)) {
+        match ready!(read_frame(
+            &mut connection.read_buf,
+            &mut connection.io,
+            &mut self.state,
+            cx
+        )) {
             Ok(frame) => Poll::Ready(frame.map(Ok)),
             Err(error) => {
                 // A broken body leaves a connection out of step: it closes.
@@ -538,7 +589,8 @@ impl DirectBody {
 
 /// Reads the body's next frame, advancing `state`.
 fn read_frame(
-    connection: &mut DirectConnection,
+    read_buf: &mut BytesMut,
+    io: &mut impl Fill,
     state: &mut BodyState,
     cx: &mut Context<'_>,
 ) -> Poll<Result<Option<Frame<Bytes>>, DirectError>> {
@@ -547,10 +599,10 @@ fn read_frame(
         let want: u64 = match state {
             BodyState::Done => return Poll::Ready(Ok(None)),
             BodyState::Length(remaining) => {
-                if connection.read_buf.is_empty() {
+                if read_buf.is_empty() {
                     *remaining
                 } else {
-                    let data = split_data(&mut connection.read_buf, remaining);
+                    let data = split_data(read_buf, remaining);
                     if *remaining == 0 {
                         *state = BodyState::Done;
                     }
@@ -558,8 +610,8 @@ fn read_frame(
                 }
             }
             BodyState::UntilClose => {
-                if connection.read_buf.is_empty() {
-                    match ready!(connection.poll_fill(cx, MAX_READ as u64)) {
+                if read_buf.is_empty() {
+                    match ready!(io.poll_fill(cx, read_buf, MAX_READ as u64)) {
                         Ok(0) => {
                             *state = BodyState::Done;
                             return Poll::Ready(Ok(None));
@@ -568,13 +620,19 @@ fn read_frame(
                         Err(error) => return Poll::Ready(Err(DirectError::Receive(error))),
                     }
                 }
-                let data = connection.read_buf.split().freeze();
+                let data = read_buf.split().freeze();
                 return Poll::Ready(Ok(Some(Frame::data(data))));
             }
             BodyState::Chunked(chunk) => {
-                let buf = &mut connection.read_buf;
+                let buf = &mut *read_buf;
                 match chunk {
                     Chunk::Size => match buf.iter().position(|&b| b == b'\n') {
+                        // The limit holds however the line arrived, in one read or several.
+                        Some(end) if end > MAX_CHUNK_LINE => {
+                            return Poll::Ready(Err(DirectError::Invalid(
+                                "chunk size line too long",
+                            )))
+                        }
                         Some(end) => {
                             let size = parse_chunk_size(&buf[..end])?;
                             buf.advance(end + 1);
@@ -619,6 +677,13 @@ fn read_frame(
                     Chunk::Trailers => {
                         let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILERS];
                         match httparse::parse_headers(buf, &mut fields)? {
+                            // As for chunk-size lines: the same limit for a section that
+                            // arrived whole.
+                            httparse::Status::Complete((len, _)) if len > MAX_TRAILER_BYTES => {
+                                return Poll::Ready(Err(DirectError::Invalid(
+                                    "trailer section too large",
+                                )))
+                            }
                             httparse::Status::Complete((len, fields)) => {
                                 let trailers = trailer_map(fields)?;
                                 buf.advance(len);
@@ -636,7 +701,7 @@ fn read_frame(
                 }
             }
         };
-        match ready!(connection.poll_fill(cx, want)) {
+        match ready!(io.poll_fill(cx, read_buf, want)) {
             Ok(0) => return Poll::Ready(Err(DirectError::Truncated)),
             Ok(_) => {}
             Err(error) => return Poll::Ready(Err(DirectError::Receive(error))),

@@ -11,7 +11,7 @@
 //! of either kind wait in their own list; one left by a bodiless exchange is handed to hyper
 //! when a request with a body finds no hyper connection idle.
 
-mod direct;
+pub(crate) mod direct;
 
 use std::collections::VecDeque;
 use std::pin::Pin;
