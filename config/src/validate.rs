@@ -331,6 +331,10 @@ pub const GRPC_STATUS_NAMES: [&str; 16] = [
     "unauthenticated",
 ];
 
+/// Longest `retries.max_retry_after`: a request held longer than this for one upstream's
+/// Retry-After is better answered at once.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 fn check_retries(at: &str, retries: &Retries, findings: &mut Vec<Finding>) {
     if retries.attempts > 10 {
         findings.push((format!("{at}.attempts"), "must be at most 10".into()));
@@ -363,6 +367,12 @@ fn check_retries(at: &str, retries: &Retries, findings: &mut Vec<Finding>) {
         findings.push((
             format!("{at}.backoff.max"),
             "must be at least backoff.base".into(),
+        ));
+    }
+    if retries.max_retry_after > MAX_RETRY_AFTER {
+        findings.push((
+            format!("{at}.max_retry_after"),
+            format!("must be at most {MAX_RETRY_AFTER}"),
         ));
     }
     let ratio = retries.budget.ratio;

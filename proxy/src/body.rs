@@ -128,9 +128,12 @@ pub struct IdleTimer {
 impl IdleTimer {
     /// The body has nothing to deliver yet: ready when the silence has lasted too long.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        timeout::arm(&mut self.timer, self.since + self.limit)
-            .as_mut()
-            .poll(cx)
+        timeout::arm(
+            &mut self.timer,
+            timeout::deadline_after(self.since, self.limit),
+        )
+        .as_mut()
+        .poll(cx)
     }
 }
 

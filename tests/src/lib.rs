@@ -151,17 +151,23 @@ pub fn spawn_proxy(dir: TempDir, args: &[std::ffi::OsString]) -> Proxy {
 
 /// Like [`spawn_proxy`], with extra environment variables.
 pub fn spawn_proxy_env(dir: TempDir, args: &[std::ffi::OsString], env: &[(&str, &str)]) -> Proxy {
+    // An `--admin` in `args` replaces the default (clap refuses a flag given twice).
+    let admin_given = args.iter().any(|a| a == "--admin");
     let mut child = Command::new(proxy_binary())
         .args([
             "--outbound",
             "127.0.0.1:0",
             "--inbound",
             "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
             "--log",
             "info",
         ])
+        .args(
+            (!admin_given)
+                .then_some(["--admin", "127.0.0.1:0"])
+                .into_iter()
+                .flatten(),
+        )
         .args(args)
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
