@@ -329,8 +329,8 @@ impl Body for Counted {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let polled = ready!(Pin::new(&mut this.body).poll_frame(cx));
-        match &polled {
+        let mut polled = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &mut polled {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
@@ -338,6 +338,9 @@ impl Body for Counted {
                     if let Some(shared) = &this.shared {
                         shared.fetch_add(len, Ordering::Relaxed);
                     }
+                } else if let Some(trailers) = frame.trailers_mut() {
+                    // Request headers are checked on arrival; trailers come after, here.
+                    crate::headers::strip_reserved_trailers(trailers);
                 }
                 // hyper stops polling a body whose declared length is reached: the end is
                 // seen here, not as a final `None`.

@@ -701,6 +701,13 @@ fn classify(error: &SendError, addr: SocketAddr) -> ProxyError {
             reason: "invalid response".into(),
         },
         SendError::Http(_) => ProxyError::UpstreamReset(addr),
+        SendError::TransferCoding(error)
+        | SendError::Direct(crate::pool::DirectError::TransferCoding(error)) => {
+            ProxyError::Upstream {
+                addr,
+                reason: error.to_string(),
+            }
+        }
         SendError::Direct(error) if error.is_invalid() => ProxyError::Upstream {
             addr,
             reason: "invalid response".into(),
