@@ -24,6 +24,9 @@ pub fn check_request<B: http_body::Body>(req: &Request<B>) -> Result<(), ProxyEr
     let headers = req.headers();
     // Only an HTTP/1.1 body of no declared length can have been framed by Transfer-Encoding
     // (HTTP/2 forbids the header): bodiless and Content-Length requests skip the lookup.
+    // Content-Length with Transfer-Encoding needs no check: hyper's parser applies RFC
+    // 9112 §6.3 (chunked wins, Content-Length removed, connection closed after the request),
+    // which leaves nothing to smuggle.
     let body = req.body();
     if req.version() == Version::HTTP_11
         && !body.is_end_stream()
@@ -42,9 +45,6 @@ pub fn check_request<B: http_body::Body>(req: &Request<B>) -> Result<(), ProxyEr
             }
         })?;
     }
-    // Content-Length with Transfer-Encoding needs no check here: hyper's parser applies RFC
-    // 9112 §6.3 (chunked wins, Content-Length removed, connection closed after the request),
-    // which leaves nothing to smuggle.
     // Refused rather than stripped: CGI, WSGI and Rack servers (and the frameworks on them)
     // map `_` and `-` to the same variable, so `x_outrider_peer_identity` would reach the app
     // as the identity the proxy vouches for, and which spelling wins a merge is up to the app's
