@@ -338,6 +338,7 @@ routes:
         let s = &p.services["payments"];
         let retries = s.retries.as_ref().expect("retries");
         assert_eq!(retries.body_limit, ByteSize(65536));
+        assert_eq!(retries.max_retry_after, Duration::from_secs(30), "default");
         assert_eq!(retries.on.len(), 5);
         assert_eq!(
             s.rate_limit.as_ref().map(|r| r.mode),
@@ -351,7 +352,7 @@ routes:
         let text = "services:
   a:
     endpoints: []
-    retries: { attempts: 2, grpc: [unavaliable], backoff: { base: 100ms, max: 10ms } }
+    retries: { attempts: 2, grpc: [unavaliable], backoff: { base: 100ms, max: 10ms }, max_retry_after: 2h }
     circuit_breaker: { open_for: 5s }
 ";
         let e = load("p.yaml", text).expect_err("invalid");
@@ -361,6 +362,7 @@ routes:
             [
                 "services.a.retries.grpc[0]",
                 "services.a.retries.backoff.max",
+                "services.a.retries.max_retry_after",
                 "services.a.circuit_breaker"
             ]
         );

@@ -492,6 +492,10 @@ pub struct Retries {
     /// Request bodies larger than this are not retried (they are buffered for replay up to it).
     #[serde(default = "Retries::default_body_limit")]
     pub body_limit: ByteSize,
+    /// Longest `Retry-After` (of a 429 or 503) waited for before a retry; an upstream asking
+    /// for more gets its response passed back to the caller as it is.
+    #[serde(default = "Retries::default_max_retry_after")]
+    pub max_retry_after: Duration,
 }
 
 impl Retries {
@@ -504,6 +508,10 @@ impl Retries {
     }
     fn default_body_limit() -> ByteSize {
         ByteSize(64 * 1024)
+    }
+    /// 30 s: a brief overload is waited out, a long outage is not held against the caller.
+    fn default_max_retry_after() -> Duration {
+        Duration::from_secs(30)
     }
 }
 

@@ -443,6 +443,10 @@ pub const GRPC_STATUS_NAMES: [&str; 16] = [
     "unauthenticated",
 ];
 
+/// Longest `retries.max_retry_after`: a request held longer than this for one upstream's
+/// Retry-After is better answered at once.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 fn check_retries(at: &str, retries: &Retries, findings: &mut Vec<Finding>) {
     if retries.attempts > MAX_RETRY_ATTEMPTS {
         findings.push((
@@ -487,6 +491,12 @@ fn check_retries(at: &str, retries: &Retries, findings: &mut Vec<Finding>) {
             MAX_BACKOFF,
             findings,
         );
+    }
+    if retries.max_retry_after > MAX_RETRY_AFTER {
+        findings.push((
+            format!("{at}.max_retry_after"),
+            format!("must be at most {MAX_RETRY_AFTER}"),
+        ));
     }
     let ratio = retries.budget.ratio;
     if !(0.0..=1.0).contains(&ratio) {

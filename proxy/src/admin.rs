@@ -166,7 +166,7 @@ async fn log_level(peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBo
         Method::PUT => {}
         _ => return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
     }
-    if !peer.ip().is_loopback() {
+    if !is_loopback(peer) {
         tracing::warn!(%peer, "PUT /log-level refused: not a loopback caller");
         return text(StatusCode::FORBIDDEN, "loopback callers only\n");
     }
@@ -207,13 +207,19 @@ fn shutdown(shared: &Shared, peer: SocketAddr, method: &Method) -> Response<Prox
     if method != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
-    if !peer.ip().is_loopback() {
+    if !is_loopback(peer) {
         tracing::warn!(%peer, "POST /shutdown refused: not a loopback caller");
         return text(StatusCode::FORBIDDEN, "loopback callers only\n");
     }
     tracing::info!(%peer, "shutdown requested on the admin port");
     shared.shutdown();
     text(StatusCode::ACCEPTED, "shutting down\n")
+}
+
+/// Whether `peer` is on loopback. An admin port bound to `[::]` sees IPv4 callers as
+/// IPv4-mapped IPv6 addresses (`::ffff:127.0.0.1`), which `is_loopback` alone does not count.
+fn is_loopback(peer: SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
 }
 
 /// The policy in force with where it came from, whether it is current, and the dedicated
@@ -270,4 +276,29 @@ fn with_type(status: StatusCode, body: Bytes, content_type: HeaderValue) -> Resp
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, content_type);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_recognised_in_every_form() {
+        for local in [
+            "127.0.0.1:1",
+            "127.9.9.9:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(is_loopback(local.parse().expect("addr")), "{local}");
+        }
+        for remote in [
+            "10.0.0.1:1",
+            "[::ffff:10.0.0.1]:1",
+            "[2001:db8::1]:1",
+            "[::]:1",
+        ] {
+            assert!(!is_loopback(remote.parse().expect("addr")), "{remote}");
+        }
+    }
 }

@@ -129,9 +129,12 @@ pub struct IdleTimer {
 impl IdleTimer {
     /// The body has nothing to deliver yet: ready when the silence has lasted too long.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        timeout::arm(&mut self.timer, self.since + self.limit)
-            .as_mut()
-            .poll(cx)
+        timeout::arm(
+            &mut self.timer,
+            timeout::deadline_after(self.since, self.limit),
+        )
+        .as_mut()
+        .poll(cx)
     }
 }
 
@@ -429,7 +432,7 @@ impl Body for Counted {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         let this = self.get_mut();
-        let polled = match &mut this.idle {
+        let mut polled = match &mut this.idle {
             None => ready!(Pin::new(&mut this.body).poll_frame(cx)),
             // A body cut once stays cut, even if more arrives: nothing after the cut may reach
             // the upstream as if the body went on.
@@ -449,7 +452,7 @@ impl Body for Counted {
                 }
             },
         };
-        match &polled {
+        match &mut polled {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
@@ -457,6 +460,9 @@ impl Body for Counted {
                     if let Some(shared) = &this.shared {
                         shared.fetch_add(len, Ordering::Relaxed);
                     }
+                } else if let Some(trailers) = frame.trailers_mut() {
+                    // Request headers are checked on arrival; trailers come after, here.
+                    crate::headers::strip_reserved_trailers(trailers);
                 }
                 // hyper stops polling a body whose declared length is reached: the end is
                 // seen here, not as a final `None`.

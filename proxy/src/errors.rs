@@ -20,6 +20,10 @@ pub enum ProxyError {
     /// The request is malformed; it is never forwarded.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request's body is framed with a transfer coding the proxy cannot decode (RFC 9112
+    /// §6.1: answered 501); it is never forwarded.
+    #[error("unsupported transfer coding {0}")]
+    UnsupportedTransferCoding(String),
     /// The listener has nothing to send to in the policy in force (no `inbound.app`, or a
     /// dedicated port whose service was removed).
     #[error("{0}")]
@@ -117,6 +121,7 @@ impl ProxyError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::FaultAbort(status) => *status,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
@@ -144,6 +149,7 @@ fn grpc_status_for(status: StatusCode) -> &'static str {
     match status {
         StatusCode::BAD_REQUEST => "13",      // INTERNAL
         StatusCode::NOT_FOUND => "12",        // UNIMPLEMENTED
+        StatusCode::NOT_IMPLEMENTED => "12",  // UNIMPLEMENTED
         StatusCode::FORBIDDEN => "7",         // PERMISSION_DENIED
         StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
         StatusCode::REQUEST_TIMEOUT => "4",   // DEADLINE_EXCEEDED (the caller stalled)
@@ -208,7 +214,9 @@ pub fn rescue(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
     }
     if matches!(
         error,
-        ProxyError::BadRequest(_) | ProxyError::RequestBodyTimeout(_)
+        ProxyError::BadRequest(_)
+            | ProxyError::RequestBodyTimeout(_)
+            | ProxyError::UnsupportedTransferCoding(_)
     ) {
         // A client that sent one malformed request cannot be trusted to frame the next one;
         // one that stalled mid-body has left the rest of it unread on the connection.

@@ -653,12 +653,12 @@ async fn exchange_with_retries(
         if let Ok(Answer { response, .. }) = &outcome {
             if matches!(response.status().as_u16(), 429 | 503) {
                 if let Some(asked) = retry::retry_after(response.headers()) {
-                    // The caller's request timeout still bounds the wait; a Retry-After beyond
-                    // it cannot be honoured, so the response goes back as it is.
-                    let fits = deadlines
+                    // Waited for only up to `max_retry_after` and within the request timeout;
+                    // beyond either, the response goes back as it is.
+                    let left = deadlines
                         .request_deadline()
-                        .is_none_or(|d| Instant::now() + asked < d);
-                    if !fits {
+                        .map(|d| d.saturating_duration_since(Instant::now()));
+                    if !retry.honours_retry_after(asked, left) {
                         metrics.exhausted.inc();
                         return outcome.map_err(|(error, _)| error);
                     }
@@ -717,6 +717,13 @@ fn classify(error: &SendError, addr: SocketAddr) -> ProxyError {
             reason: "invalid response".into(),
         },
         SendError::Http(_) => ProxyError::UpstreamReset(addr),
+        SendError::TransferCoding(error)
+        | SendError::Direct(crate::pool::DirectError::TransferCoding(error)) => {
+            ProxyError::Upstream {
+                addr,
+                reason: error.to_string(),
+            }
+        }
         SendError::Direct(error) if error.is_invalid() => ProxyError::Upstream {
             addr,
             reason: "invalid response".into(),

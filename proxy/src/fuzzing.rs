@@ -247,7 +247,27 @@ pub fn trace(data: &[u8]) {
 
 /// A request as hyper's server would hand it over, from an HTTP/1.1 request head; `None` for
 /// heads hyper refuses before any of the proxy's code runs.
-fn parse_request(data: &[u8]) -> Option<Request<()>> {
+/// A request body still to come, of no declared length: what a chunked HTTP/1.1 request
+/// carries, so the transfer-coding checks run as they do on the wire.
+struct BodyToCome;
+
+impl http_body::Body for BodyToCome {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::task::Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        false
+    }
+}
+
+fn parse_request(data: &[u8]) -> Option<Request<BodyToCome>> {
     let mut fields = [httparse::EMPTY_HEADER; 100];
     let mut parsed = httparse::Request::new(&mut fields);
     let httparse::Status::Complete(_) = parsed.parse(data).ok()? else {
@@ -259,7 +279,7 @@ fn parse_request(data: &[u8]) -> Option<Request<()>> {
         0 => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut request = Request::new(());
+    let mut request = Request::new(BodyToCome);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;

@@ -17,14 +17,43 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Rejects requests that must not be forwarded, before any upstream is touched.
-pub fn check_request<B>(req: &Request<B>) -> Result<(), ProxyError> {
+pub fn check_request<B: http_body::Body>(req: &Request<B>) -> Result<(), ProxyError> {
     if req.method() == http::Method::CONNECT {
         return Err(ProxyError::BadRequest("CONNECT tunnels are not supported"));
     }
     let headers = req.headers();
-    // Content-Length with Transfer-Encoding needs no check here: hyper's parser applies RFC
+    // Only an HTTP/1.1 body of no declared length can have been framed by Transfer-Encoding
+    // (HTTP/2 forbids the header): bodiless and Content-Length requests skip the lookup.
+    // Content-Length with Transfer-Encoding needs no check: hyper's parser applies RFC
     // 9112 §6.3 (chunked wins, Content-Length removed, connection closed after the request),
     // which leaves nothing to smuggle.
+    let body = req.body();
+    if req.version() == Version::HTTP_11
+        && !body.is_end_stream()
+        && body.size_hint().exact().is_none()
+    {
+        check_transfer_codings(headers).map_err(|error| match error {
+            TransferCodingError::Unsupported(coding) => {
+                ProxyError::UnsupportedTransferCoding(coding)
+            }
+            TransferCodingError::ChunkedTwice => {
+                ProxyError::BadRequest("chunked transfer coding applied more than once")
+            }
+            // hyper refuses such a request itself (400) before it gets here.
+            TransferCodingError::ChunkedNotLast => {
+                ProxyError::BadRequest("chunked is not the final transfer coding")
+            }
+        })?;
+    }
+    // Refused rather than stripped: CGI, WSGI and Rack servers (and the frameworks on them)
+    // map `_` and `-` to the same variable, so `x_outrider_peer_identity` would reach the app
+    // as the identity the proxy vouches for, and which spelling wins a merge is up to the app's
+    // server. A refusal is visible to the sender and leaves nothing to mis-merge.
+    if headers.keys().any(is_reserved_variant) {
+        return Err(ProxyError::BadRequest(
+            "x-outrider-* header name spelt with underscores",
+        ));
+    }
     let mut hosts = headers.get_all(header::HOST).iter();
     if hosts.next().is_some() && hosts.next().is_some() {
         return Err(ProxyError::BadRequest("more than one host header"));
@@ -34,6 +63,104 @@ pub fn check_request<B>(req: &Request<B>) -> Result<(), ProxyError> {
         && !headers.contains_key(header::HOST)
     {
         return Err(ProxyError::BadRequest("missing host header"));
+    }
+    Ok(())
+}
+
+/// The prefix of the proxy's own header names (`x-outrider-peer-identity` above all).
+const RESERVED_PREFIX: &[u8] = b"x-outrider-";
+
+/// Whether `name` is one of the proxy's own, spelt with `-` or `_`. (Names are lowercase.)
+fn is_reserved(name: &HeaderName) -> bool {
+    let name = name.as_str().as_bytes();
+    // Most names fail on the first byte.
+    name.first() == Some(&b'x')
+        && name.len() > RESERVED_PREFIX.len()
+        && name
+            .iter()
+            .zip(RESERVED_PREFIX)
+            .all(|(&have, &want)| have == want || want == b'-' && have == b'_')
+}
+
+/// Whether `name` is an underscore spelling of one of the proxy's own names.
+fn is_reserved_variant(name: &HeaderName) -> bool {
+    is_reserved(name) && name.as_str().contains('_')
+}
+
+/// Removes the proxy's own header names (either spelling) from a request's trailers: the proxy
+/// never sends request trailers of its own, so any such field is forged, and an app may read
+/// trailers and headers alike.
+pub fn strip_reserved_trailers(trailers: &mut HeaderMap) {
+    if !trailers.keys().any(is_reserved) {
+        return;
+    }
+    // Rare: the allocation is fine.
+    let reserved: Vec<HeaderName> = trailers
+        .keys()
+        .filter(|n| is_reserved(n))
+        .cloned()
+        .collect();
+    for name in reserved {
+        trailers.remove(name);
+    }
+}
+
+/// Why a message's `Transfer-Encoding` cannot be passed on (RFC 9112 §6.1).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransferCodingError {
+    /// A coding other than `chunked`. The proxy decodes only `chunked`, and the next hop gets
+    /// the message re-framed, so forwarding it without this coding would hand its encoded
+    /// bytes on as content.
+    #[error("unsupported transfer coding {0}")]
+    Unsupported(String),
+    /// `chunked` applied twice: decoded once, the body would arrive still chunked.
+    #[error("chunked transfer coding applied more than once")]
+    ChunkedTwice,
+    /// `chunked` is not the final coding (or there is none): the body runs to the close.
+    #[error("chunked is not the final transfer coding")]
+    ChunkedNotLast,
+}
+
+/// Longest coding name quoted in an error.
+const MAX_CODING_QUOTED: usize = 64;
+
+/// Checks that the `Transfer-Encoding` fields of `headers` (all of them, in order) list exactly
+/// one coding, `chunked`; no field at all is fine. Transfer parameters (`;q=1`) are ignored.
+pub fn check_transfer_codings(headers: &HeaderMap) -> Result<(), TransferCodingError> {
+    let mut fields = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if fields.peek().is_none() {
+        return Ok(());
+    }
+    let mut chunked = 0u32;
+    let mut unsupported: Option<&[u8]> = None;
+    let mut last_chunked = false;
+    let codings = fields
+        .flat_map(|field| field.as_bytes().split(|&b| b == b','))
+        .map(|element| {
+            let name = element.split(|&b| b == b';').next().unwrap_or(element);
+            name.trim_ascii()
+        })
+        // Empty list elements are allowed and mean nothing (RFC 9110 §5.6.1).
+        .filter(|name| !name.is_empty());
+    for name in codings {
+        last_chunked = name.eq_ignore_ascii_case(b"chunked");
+        if last_chunked {
+            chunked = chunked.saturating_add(1);
+        } else if unsupported.is_none() {
+            unsupported = Some(name);
+        }
+    }
+    if chunked > 1 {
+        return Err(TransferCodingError::ChunkedTwice);
+    }
+    if let Some(name) = unsupported {
+        let quoted = &name[..name.len().min(MAX_CODING_QUOTED)];
+        return Err(TransferCodingError::Unsupported(
+            String::from_utf8_lossy(quoted).to_ascii_lowercase(),
+        ));
+    }
+    if !last_chunked {
+        return Err(TransferCodingError::ChunkedNotLast);
     }
     Ok(())
 }
@@ -252,6 +379,82 @@ pub fn new_request_id() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn codings(fields: &[&'static str]) -> Result<(), TransferCodingError> {
+        let mut h = HeaderMap::new();
+        for field in fields {
+            h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(field));
+        }
+        check_transfer_codings(&h)
+    }
+
+    #[test]
+    fn reserved_names_are_recognised_in_either_spelling() {
+        let name = |n: &str| HeaderName::from_bytes(n.as_bytes()).expect("name");
+        for reserved in [
+            "x-outrider-peer-identity",
+            "x_outrider_peer_identity",
+            "X_Outrider-Peer_Identity",
+            "x-outrider_attempt",
+        ] {
+            assert!(is_reserved(&name(reserved)), "{reserved}");
+        }
+        for variant in ["x_outrider_peer_identity", "x-outrider-peer_identity"] {
+            assert!(is_reserved_variant(&name(variant)), "{variant}");
+        }
+        assert!(!is_reserved_variant(&name("x-outrider-peer-identity")));
+        for other in [
+            "x-outrider",
+            "x-outrider-",
+            "x-outriders",
+            "x_request_id",
+            "host",
+        ] {
+            assert!(!is_reserved(&name(other)), "{other}");
+        }
+        let mut trailers = HeaderMap::new();
+        trailers.insert(
+            "x-outrider-peer-identity",
+            HeaderValue::from_static("forged"),
+        );
+        trailers.insert(
+            "x_outrider_peer_identity",
+            HeaderValue::from_static("forged"),
+        );
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        strip_reserved_trailers(&mut trailers);
+        assert_eq!(trailers.keys().collect::<Vec<_>>(), ["grpc-status"]);
+    }
+
+    #[test]
+    fn transfer_codings_follow_rfc_9112() {
+        use TransferCodingError::*;
+        assert_eq!(codings(&[]), Ok(()));
+        assert_eq!(codings(&["chunked"]), Ok(()));
+        assert_eq!(codings(&["Chunked"]), Ok(()));
+        assert_eq!(codings(&[" chunked ,"]), Ok(()), "empty elements");
+        assert_eq!(codings(&["chunked;ext=1"]), Ok(()), "parameters");
+        let gzip = Err(Unsupported("gzip".into()));
+        assert_eq!(codings(&["gzip, chunked"]), gzip);
+        assert_eq!(codings(&["GZIP", "chunked"]), gzip, "across fields");
+        assert_eq!(codings(&["chunked, gzip"]), gzip);
+        assert_eq!(codings(&["identity"]), Err(Unsupported("identity".into())));
+        assert_eq!(codings(&["chunked, chunked"]), Err(ChunkedTwice));
+        assert_eq!(codings(&["chunked", "chunked"]), Err(ChunkedTwice));
+        assert_eq!(codings(&["gzip, chunked, chunked"]), Err(ChunkedTwice));
+        assert_eq!(codings(&[""]), Err(ChunkedNotLast));
+        assert_eq!(codings(&[" , "]), Err(ChunkedNotLast));
+        let long = "x".repeat(100);
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_str(&long).expect("value"),
+        );
+        assert_eq!(
+            check_transfer_codings(&h),
+            Err(Unsupported("x".repeat(MAX_CODING_QUOTED)))
+        );
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {

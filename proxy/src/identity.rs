@@ -473,7 +473,10 @@ pub fn describe(error: &std::io::Error) -> String {
 pub fn renew_in(now: u64, not_before: u64, not_after: u64) -> Duration {
     let start = not_before.max(now);
     let usable_ms = not_after.saturating_sub(start).saturating_mul(1000);
-    let wait_ms = (start - now).saturating_mul(1000) + usable_ms / 100 * RENEW_AT_PERCENT;
+    // Saturating: the times come from a certificate (a far-future `not_before` must not wrap).
+    let wait_ms = (start - now)
+        .saturating_mul(1000)
+        .saturating_add(usable_ms / 100 * RENEW_AT_PERCENT);
     Duration::from_millis(wait_ms).max(MIN_RENEW_IN)
 }
 
@@ -625,6 +628,11 @@ mod tests {
         // Arriving nearly or already expired (clocks apart): a pause, never a tight loop.
         assert_eq!(renew_in(109, 100, 110), MIN_RENEW_IN);
         assert_eq!(renew_in(500, 100, 110), MIN_RENEW_IN);
+        // A certificate valid only from the far future saturates rather than overflows.
+        assert_eq!(
+            renew_in(0, u64::MAX, u64::MAX),
+            Duration::from_millis(u64::MAX)
+        );
     }
 
     #[test]

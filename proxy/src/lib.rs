@@ -332,7 +332,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         stopped(&mut stop_signal).await;
         supervisor_shared.draining.store(true, Ordering::Release);
         tracing::info!(drain_timeout = ?drain_timeout, "draining");
-        let deadline = tokio::time::Instant::now() + drain_timeout;
+        let deadline = policy::timeout::deadline_after(tokio::time::Instant::now(), drain_timeout);
         let app = Arc::clone(&supervisor_shared.app);
         let gone = tokio::time::timeout_at(deadline, app.gone(APP_QUIET_PERIOD)).await;
         tracing::info!(

@@ -412,7 +412,7 @@ impl AccessLog {
     /// otherwise die with the process.
     pub async fn flushed(&self, timeout: Duration) -> bool {
         let queued = self.progress.queued.load(Ordering::Relaxed);
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::policy::timeout::deadline_after(Instant::now(), timeout);
         while self.progress.flushed.load(Ordering::Acquire) < queued {
             if Instant::now() >= deadline {
                 return false;

@@ -179,17 +179,23 @@ fn spawn_proxy_command(
     args: &[std::ffi::OsString],
     env: &[(&str, &str)],
 ) -> Proxy {
+    // An `--admin` in `args` replaces the default (clap refuses a flag given twice).
+    let admin_given = args.iter().any(|a| a == "--admin");
     let mut child = command
         .args([
             "--outbound",
             "127.0.0.1:0",
             "--inbound",
             "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
             "--log",
             "info",
         ])
+        .args(
+            (!admin_given)
+                .then_some(["--admin", "127.0.0.1:0"])
+                .into_iter()
+                .flatten(),
+        )
         .args(args)
         .envs(env.iter().copied())
         .stdout(Stdio::piped())

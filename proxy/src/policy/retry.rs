@@ -6,6 +6,9 @@
 //! unless the route opts in. A body larger than `body_limit` is never retried, and a replayed
 //! body is the exact bytes of the first, never duplicated or cut.
 
+// Budget counts and replay positions come from peers' traffic: no arithmetic here may panic.
+#![cfg_attr(not(test), deny(clippy::arithmetic_side_effects))]
+
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -19,6 +22,7 @@ use outrider_config::{Retries, RetryOn};
 use tokio::time::Instant;
 
 use crate::body::{BoxError, Counted};
+use crate::policy::timeout;
 
 /// How an attempt failed, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +52,8 @@ pub struct RetryPolicy {
     grpc_codes: Vec<u8>,
     backoff_base: Duration,
     backoff_max: Duration,
+    /// Longest `Retry-After` waited for.
+    max_retry_after: Duration,
     /// Largest request body buffered for replay.
     pub body_limit: u64,
     /// The route allows retrying non-idempotent methods after they were sent.
@@ -62,7 +68,7 @@ fn grpc_code(name: &str) -> Option<u8> {
         .iter()
         .position(|n| *n == name)?;
     // The list is in code order starting at CANCELLED (1).
-    u8::try_from(index + 1).ok()
+    u8::try_from(index.saturating_add(1)).ok()
 }
 
 impl RetryPolicy {
@@ -83,6 +89,7 @@ impl RetryPolicy {
             grpc_codes: config.grpc.iter().filter_map(|n| grpc_code(n)).collect(),
             backoff_base: config.backoff.base.get(),
             backoff_max: config.backoff.max.get(),
+            max_retry_after: config.max_retry_after.get(),
             body_limit: config.body_limit.0,
             non_idempotent,
             budget: RetryBudget::new(config.budget.ratio, config.budget.min_per_second),
@@ -123,6 +130,13 @@ impl RetryPolicy {
         }
         Duration::from_nanos(fastrand::u64(..nanos))
     }
+
+    /// Whether a `Retry-After` of `asked` is waited for before the next attempt: only up to
+    /// `max_retry_after`, and only if the retry can still start before the request timeout
+    /// (`left` of it, when there is one). Otherwise the response goes back as it is.
+    pub fn honours_retry_after(&self, asked: Duration, left: Option<Duration>) -> bool {
+        asked <= self.max_retry_after && left.is_none_or(|left| asked < left)
+    }
 }
 
 /// RFC 9110 idempotent methods.
@@ -134,10 +148,21 @@ pub fn is_idempotent(method: &Method) -> bool {
 }
 
 /// The delay a `Retry-After` header asks for, in its delta-seconds form. (The HTTP-date form is
-/// ignored: clocks between pods cannot be trusted to agree.)
+/// ignored: clocks between pods cannot be trusted to agree.) A number of seconds too large for
+/// a `u64` asks for the longest wait there is: the upstream wants no retry soon.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    let digits = headers
+        .get(http::header::RETRY_AFTER)?
+        .as_bytes()
+        .trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let seconds = digits.iter().try_fold(0u64, |n, &d| {
+        n.checked_mul(10)?
+            .checked_add(u64::from(d.wrapping_sub(b'0')))
+    });
+    Some(seconds.map_or(Duration::MAX, Duration::from_secs))
 }
 
 /// Caps retries at `ratio` of requests plus `min_per_second`, over a sliding 10 s window, so a
@@ -177,7 +202,8 @@ impl RetryBudget {
         // The lock guards a few integer updates; a poisoned lock still holds valid counters.
         let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
         while now.duration_since(window.slot_start) >= Duration::from_secs(1) {
-            window.slot_start += Duration::from_secs(1);
+            // Never past `now`, so never past what an Instant holds.
+            window.slot_start = timeout::deadline_after(window.slot_start, Duration::from_secs(1));
             window.slots.push_back((0, 0));
             if window.slots.len() > BUDGET_SLOTS {
                 window.slots.pop_front();
@@ -202,7 +228,7 @@ impl RetryBudget {
     pub fn deposit_at(&self, now: Instant) {
         self.with_window(now, |w| {
             if let Some(last) = w.slots.back_mut() {
-                last.0 += 1;
+                last.0 = last.0.saturating_add(1);
             }
         });
     }
@@ -211,15 +237,14 @@ impl RetryBudget {
     pub fn withdraw(&self) -> bool {
         let (ratio, min) = (self.ratio, self.min_per_second);
         self.with_window(Instant::now(), |w| {
-            let (requests, retries) = w
-                .slots
-                .iter()
-                .fold((0u64, 0u64), |(r, t), (a, b)| (r + a, t + b));
+            let (requests, retries) = w.slots.iter().fold((0u64, 0u64), |(r, t), (a, b)| {
+                (r.saturating_add(*a), t.saturating_add(*b))
+            });
             let seconds = w.slots.len() as f64;
             let allowed = ratio * requests as f64 + f64::from(min) * seconds;
             if (retries as f64) < allowed {
                 if let Some(last) = w.slots.back_mut() {
-                    last.1 += 1;
+                    last.1 = last.1.saturating_add(1);
                 }
                 true
             } else {
@@ -290,7 +315,7 @@ impl ReplayHandle {
     /// The body of the next attempt. Only call it for a retry when [`Self::is_replayable`].
     pub fn body(&self) -> ReplayBody {
         let mut state = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        state.generation += 1;
+        state.generation = state.generation.wrapping_add(1);
         if let Some(source) = &mut state.source {
             source.restart_idle();
         }
@@ -323,7 +348,7 @@ impl Body for ReplayBody {
         }
         if !state.overflowed && this.position < state.chunks.len() {
             let chunk = state.chunks[this.position].clone();
-            this.position += 1;
+            this.position = this.position.saturating_add(1);
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         if state.complete {
@@ -350,7 +375,7 @@ impl Body for ReplayBody {
                 let frame = match frame.into_data() {
                     Ok(data) => {
                         if !state.overflowed {
-                            state.buffered += data.len() as u64;
+                            state.buffered = state.buffered.saturating_add(data.len() as u64);
                             if state.buffered > state.limit {
                                 state.overflowed = true;
                                 state.chunks = Vec::new();
@@ -400,6 +425,7 @@ mod tests {
             backoff: outrider_config::Backoff::default(),
             budget: outrider_config::RetryBudget::default(),
             body_limit: outrider_config::ByteSize(1024),
+            max_retry_after: outrider_config::Duration::from_secs(30),
         };
         RetryPolicy::new(&config, non_idempotent)
     }
@@ -449,6 +475,41 @@ mod tests {
             "Wed, 21 Oct 2015 07:28:00 GMT".parse().expect("header"),
         );
         assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn huge_retry_after_saturates_instead_of_overflowing() {
+        let mut h = HeaderMap::new();
+        for (value, expected) in [
+            (
+                "9223372036854775807",
+                Some(Duration::from_secs(i64::MAX as u64)),
+            ),
+            ("18446744073709551615", Some(Duration::from_secs(u64::MAX))),
+            ("99999999999999999999999999", Some(Duration::MAX)),
+            (" 7 ", Some(Duration::from_secs(7))),
+            ("-1", None),
+            ("1.5", None),
+            ("", None),
+        ] {
+            h.insert(http::header::RETRY_AFTER, value.parse().expect("header"));
+            assert_eq!(retry_after(&h), expected, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_honoured_within_the_cap_and_the_time_left() {
+        let p = policy(&[RetryOn::FiveXx], false);
+        let secs = Duration::from_secs;
+        assert!(p.honours_retry_after(secs(30), None));
+        assert!(!p.honours_retry_after(secs(31), None), "over the cap");
+        assert!(!p.honours_retry_after(Duration::MAX, None));
+        assert!(p.honours_retry_after(secs(1), Some(secs(2))));
+        assert!(
+            !p.honours_retry_after(secs(2), Some(secs(2))),
+            "the retry could not start before the request timeout"
+        );
+        assert!(!p.honours_retry_after(Duration::MAX, Some(secs(2))));
     }
 
     #[tokio::test(start_paused = true)]

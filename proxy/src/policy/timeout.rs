@@ -11,6 +11,10 @@
 //! The request body's idle bound ([`BodyIdle`]) runs at the same time as these, polled by the
 //! upstream connection's task, so it keeps a timer of its own, from the same pool.
 
+// Deadlines are built from policy durations and upstreams' Retry-After: `Instant + Duration`
+// panics on overflow, so none may be written here unchecked.
+#![cfg_attr(not(test), deny(clippy::arithmetic_side_effects))]
+
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -132,7 +136,7 @@ impl Deadlines {
     /// policies of the request).
     pub fn start(now: Instant, request: Option<Duration>, per_try: Option<Duration>) -> Self {
         Self {
-            request: request.map(|limit| (now + limit, limit)),
+            request: request.map(|limit| (deadline_after(now, limit), limit)),
             per_try,
         }
     }
@@ -151,7 +155,9 @@ impl Deadlines {
         now: Instant,
         attempt: F,
     ) -> Result<F::Output, Expired> {
-        let per_try = self.per_try.map(|limit| (now + limit, limit));
+        let per_try = self
+            .per_try
+            .map(|limit| (deadline_after(now, limit), limit));
         let (deadline, expired) = match (self.request, per_try) {
             (None, None) => return Ok(attempt.await),
             (Some((request, limit)), None) => (request, Expired::Request(limit)),
@@ -170,7 +176,7 @@ impl Deadlines {
     /// Waits `delay` before a retry, unless the request timeout runs out first (the only
     /// [`Expired`] it returns).
     pub async fn backoff(&self, timer: &mut Timer, delay: Duration) -> Result<(), Expired> {
-        let until = Instant::now() + delay;
+        let until = deadline_after(Instant::now(), delay);
         match self.request {
             Some((request, limit)) if request <= until => {
                 race(
@@ -187,6 +193,19 @@ impl Deadlines {
                 .or(Ok(())),
         }
     }
+}
+
+/// How far ahead a deadline too far to represent is put: about 30 years, as tokio does for a
+/// sleep without end.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// `now + after`, or a far-future instant when that is past what an `Instant` can hold (a
+/// policy's or an upstream's huge duration): `Instant + Duration` panics on overflow, and a
+/// panic aborts the proxy.
+pub fn deadline_after(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
 }
 
 /// Runs `work` until it is done, or until `deadline`, then `expired`. The work is polled first,
@@ -388,6 +407,40 @@ mod tests {
         assert_eq!(started.elapsed(), 25 * MS);
         assert_eq!(deadlines.backoff(&mut timer, 10 * MS).await, Ok(()));
         assert_eq!(started.elapsed(), 35 * MS);
+    }
+
+    #[test]
+    fn deadlines_past_the_end_of_time_saturate() {
+        let now = Instant::now();
+        assert_eq!(deadline_after(now, 5 * MS), now + 5 * MS);
+        assert_eq!(deadline_after(now, Duration::MAX), now + FAR_FUTURE);
+        let huge = Duration::from_secs(i64::MAX as u64);
+        assert!(deadline_after(now, huge) > now + 3600 * 1000 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn huge_bounds_and_backoffs_do_not_overflow() {
+        let started = Instant::now();
+        // Every bound at the largest duration there is: the work decides.
+        let deadlines = Deadlines::start(Instant::now(), Some(Duration::MAX), Some(Duration::MAX));
+        let mut timer = Timer::default();
+        let done = deadlines
+            .attempt(&mut timer, Instant::now(), work(10 * MS))
+            .await;
+        assert_eq!(done, Ok("done"));
+        // A huge backoff under a short request timeout ends at the timeout.
+        let deadlines = Deadlines::start(Instant::now(), Some(100 * MS), None);
+        let cut = deadlines.backoff(&mut timer, Duration::MAX).await;
+        assert_eq!(cut, Err(Expired::Request(100 * MS)));
+        assert_eq!(started.elapsed(), 110 * MS);
+        // Without one it is a (very) long wait, not a panic.
+        let deadlines = Deadlines::start(Instant::now(), None, None);
+        let wait = tokio::time::timeout(
+            3600 * 1000 * MS,
+            deadlines.backoff(&mut timer, Duration::MAX),
+        )
+        .await;
+        assert!(wait.is_err(), "still waiting an hour later");
     }
 
     #[tokio::test(start_paused = true)]

@@ -23,6 +23,7 @@ use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::connect::CountedStream;
+use crate::headers::{check_transfer_codings, TransferCodingError};
 
 pub(crate) mod fuzzing;
 
@@ -65,12 +66,18 @@ pub enum DirectError {
     /// The response head does not parse.
     #[error("invalid response: {0}")]
     Parse(#[from] httparse::Error),
+    /// The response's body carries a transfer coding the proxy does not pass on.
+    #[error(transparent)]
+    TransferCoding(#[from] TransferCodingError),
 }
 
 impl DirectError {
     /// The upstream sent something that is not HTTP/1.1 (as opposed to the connection failing).
     pub fn is_invalid(&self) -> bool {
-        matches!(self, Self::Invalid(_) | Self::Parse(_))
+        matches!(
+            self,
+            Self::Invalid(_) | Self::Parse(_) | Self::TransferCoding(_)
+        )
     }
 
     /// The request did not get out whole: the upstream cannot have acted on it.
@@ -311,7 +318,6 @@ fn parse_head(
     let base = buf.as_ptr() as usize;
     let mut length: Option<u64> = None;
     let mut transfer_encoding = false;
-    let mut chunked = false;
     let mut close = false;
     let mut keep_alive = false;
     let count = parsed.headers.len();
@@ -336,15 +342,7 @@ fn parse_head(
                 }
                 length = Some(n);
             }
-            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
-                transfer_encoding = true;
-                // The last coding applied decides (RFC 9112 §6.3): `gzip, chunked` is chunked.
-                chunked = field
-                    .value
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => transfer_encoding = true,
             10 if name.eq_ignore_ascii_case(b"connection") => {
                 for token in field.value.split(|&b| b == b',') {
                     let token = token.trim_ascii();
@@ -359,13 +357,14 @@ fn parse_head(
         if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Framing::Empty
         } else if transfer_encoding {
-            // Transfer-Encoding overrides Content-Length; a final coding other than chunked leaves
-            // the body running to the close.
-            if chunked {
-                Framing::Chunked
-            } else {
-                Framing::UntilClose
-            }
+            // Transfer-Encoding overrides Content-Length. Its codings are checked below, once
+            // the fields are in a map: anything but a single `chunked` is refused (502). RFC 9112
+            // §6.3 reads a body whose final coding is not chunked to the close, and that would be
+            // legal to pass on only with its Transfer-Encoding intact; but the proxy re-frames
+            // every body for its caller (HTTP/2 callers cannot even be sent the header), so the
+            // coding would be dropped and its encoded bytes taken for content. Upstreams compress
+            // with Content-Encoding, which passes through untouched.
+            Framing::Chunked
         } else {
             match length {
                 Some(0) => Framing::Empty,
@@ -393,6 +392,9 @@ fn parse_head(
             HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
                 .map_err(|_| DirectError::Invalid("header value"))?;
         headers.append(name, value);
+    }
+    if transfer_encoding && framing == Framing::Chunked {
+        check_transfer_codings(&headers)?;
     }
     let mut response = Response::new(());
     *response.status_mut() = status;
@@ -758,11 +760,9 @@ mod tests {
         assert_eq!(head.framing, Framing::Length(12));
         assert!(head.keep_alive);
         assert_eq!(head.response.headers()["x-a"], "b");
-        let head = complete(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n");
+        let head = complete(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!(head.framing, Framing::Chunked);
-        let head = complete(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n");
-        assert_eq!(head.framing, Framing::UntilClose);
-        assert!(!head.keep_alive);
+        assert!(head.keep_alive);
         let head =
             complete(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n");
         assert_eq!(head.framing, Framing::Chunked);
@@ -780,6 +780,48 @@ mod tests {
             Ok(Parsed::Complete(head)) => assert_eq!(head.framing, Framing::Empty),
             _ => panic!("HEAD response"),
         }
+    }
+
+    #[test]
+    fn transfer_codings_other_than_one_chunked_are_refused() {
+        for (bad, reason) in [
+            (
+                &b"transfer-encoding: gzip, chunked\r\n"[..],
+                "unsupported transfer coding gzip",
+            ),
+            (
+                b"transfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n",
+                "unsupported transfer coding gzip",
+            ),
+            (
+                b"transfer-encoding: chunked, gzip\r\n",
+                "unsupported transfer coding gzip",
+            ),
+            (
+                b"transfer-encoding: chunked, chunked\r\n",
+                "chunked transfer coding applied more than once",
+            ),
+            (
+                b"transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n",
+                "chunked transfer coding applied more than once",
+            ),
+            (
+                b"transfer-encoding: \r\n",
+                "chunked is not the final transfer coding",
+            ),
+        ] {
+            let head = [&b"HTTP/1.1 200 OK\r\n"[..], bad, b"\r\n"].concat();
+            match parse(&head, false) {
+                Err(error) => {
+                    assert!(error.is_invalid());
+                    assert_eq!(error.to_string(), reason);
+                }
+                Ok(_) => panic!("accepted {}", String::from_utf8_lossy(&head)),
+            }
+        }
+        // No body, nothing to decode: the header only describes what a GET would get.
+        let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n";
+        assert!(matches!(parse(head, true), Ok(Parsed::Complete(_))));
     }
 
     #[test]

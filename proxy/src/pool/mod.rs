@@ -29,6 +29,7 @@ use outrider_config::Protocol;
 
 use crate::body::RequestBody;
 use crate::connect::{ConnectError, CountedStream, EndpointConnector};
+use crate::headers::{check_transfer_codings, TransferCodingError};
 pub use direct::DirectError;
 use direct::{DirectBody, DirectConnection};
 
@@ -51,6 +52,10 @@ pub enum SendError {
     /// response.
     #[error(transparent)]
     Direct(#[from] DirectError),
+    /// The response's body carries a transfer coding the proxy does not pass on (see
+    /// `direct::parse_head` for why it is refused rather than forwarded).
+    #[error(transparent)]
+    TransferCoding(#[from] TransferCodingError),
 }
 
 /// Why a response body from an endpoint broke off.
@@ -160,6 +165,14 @@ impl EndpointPool {
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
+                    // hyper reads `gzip, chunked` as chunked and `chunked, gzip` to the close,
+                    // and would leave the other coding for us to drop. Only a body without a
+                    // declared length can have been framed by Transfer-Encoding. (The sender
+                    // is dropped: the connection closes under a body nobody reads.)
+                    let body = response.body();
+                    if !body.is_end_stream() && body.size_hint().exact().is_none() {
+                        check_transfer_codings(response.headers())?;
+                    }
                     // After a protocol switch the connection belongs to the tunnel.
                     let reuse = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
                         .then(|| (Arc::clone(self), sender));
