@@ -164,20 +164,15 @@ impl EndpointConnector {
         };
         // Whether the endpoint is reachable is decided here, by TCP: a TLS handshake that
         // fails afterwards is a broken peer, not a dead one.
-        let stream = match (stream, &self.hold_out) {
-            (Ok(stream), hold_out) => {
-                if let Some(hold_out) = hold_out {
-                    hold_out.connected();
+        if let Some(hold_out) = &self.hold_out {
+            match &stream {
+                Ok(_) => hold_out.connected(),
+                Err(error) => {
+                    hold_out.connect_failed(error);
                 }
-                stream
             }
-            (Err(error), hold_out) => {
-                if let Some(hold_out) = hold_out {
-                    hold_out.connect_failed(&error);
-                }
-                return Err(error);
-            }
-        };
+        }
+        let stream = stream?;
         // Small request/response writes must not wait for Nagle.
         let _ = stream.set_nodelay(true);
         let stream = match &self.tls {

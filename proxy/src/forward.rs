@@ -280,8 +280,8 @@ async fn forward(
     let result = match retry {
         None => {
             let req = Request::from_parts(parts, RequestBody::Direct(body));
-            let exchange = (&deadlines, &mut timer, now, &mut log);
-            send_without_retries(&target.upstream, req, exchange).await
+            let upstream = &target.upstream;
+            send_without_retries(upstream, req, &deadlines, &mut timer, now, &mut log).await
         }
         Some(retry) => {
             let exchange = Exchange {
@@ -421,29 +421,35 @@ struct Failed {
 /// (`connect-failure`).
 async fn send_without_retries(
     upstream: &Upstream,
-    req: Request<RequestBody>,
-    (deadlines, timer, now, log): (&Deadlines, &mut Timer, Instant, &mut AttemptLog),
+    mut req: Request<RequestBody>,
+    deadlines: &Deadlines,
+    timer: &mut Timer,
+    mut now: Instant,
+    log: &mut AttemptLog,
 ) -> Result<Answer, ProxyError> {
-    let endpoint = upstream.pick(None)?;
-    log.endpoint = Some(endpoint.addr);
-    let failed = match send_attempt(upstream, &endpoint, req, deadlines, timer, now).await? {
-        Ok(answer) => return Ok(answer),
-        Err(failed) => failed,
-    };
-    let Failed {
-        error,
-        unsent: Some(Unsent(req)),
-        ..
-    } = failed
-    else {
-        return Err(failed.error);
-    };
-    let Ok(next) = upstream.pick(Some(endpoint.addr)) else {
-        return Err(error);
-    };
-    log.endpoint = Some(next.addr);
-    let sent = send_attempt(upstream, &next, *req, deadlines, timer, Instant::now()).await?;
-    sent.map_err(|failed| failed.error)
+    let mut endpoint = upstream.pick(None)?;
+    let mut failed_over = false;
+    // One call site for the attempt: its future (large) has one place in this one.
+    loop {
+        log.endpoint = Some(endpoint.addr);
+        let failed = match send_attempt(upstream, &endpoint, req, deadlines, timer, now).await? {
+            Ok(answer) => return Ok(answer),
+            Err(failed) => failed,
+        };
+        match failed {
+            Failed {
+                error,
+                unsent: Some(Unsent(unsent)),
+                ..
+            } if !failed_over => {
+                let Ok(next) = upstream.pick(Some(endpoint.addr)) else {
+                    return Err(error);
+                };
+                (endpoint, req, now, failed_over) = (next, *unsent, Instant::now(), true);
+            }
+            failed => return Err(failed.error),
+        }
+    }
 }
 
 /// Sends one attempt to `endpoint` of `upstream` (see [`send_attempt`]), for the retry loop.

@@ -96,7 +96,11 @@ impl Upstream {
             .map(|config| OutlierDetector::new(config, Some(metrics.ejections(&spec.name))));
         let hold_outs = match previous {
             Some(previous) => Arc::clone(&previous.hold_outs),
-            None => HoldOuts::new(spec.name.clone(), Some(metrics.hold_outs(&spec.name))),
+            None => HoldOuts::new(
+                spec.name.clone(),
+                spec.connect_timeout,
+                Some(metrics.hold_outs(&spec.name)),
+            ),
         };
         let upstream = Arc::new(Self {
             endpoints: ArcSwap::from_pointee(Vec::new()),
@@ -222,7 +226,15 @@ impl Upstream {
             .find(|&i| usable(i) && !avoided(i))
             .or_else(|| (0..n).find(|&i| usable(i)));
         if let Some(index) = index {
-            return Ok(Arc::clone(&endpoints[index]));
+            if endpoints[index].hold_out.try_probe() {
+                return Ok(Arc::clone(&endpoints[index]));
+            }
+            // Another request is probing it after its hold-out: any other usable endpoint,
+            // else this one after all.
+            let other = (1..n)
+                .map(|k| (index + k) % n)
+                .find(|&i| usable(i) && !avoided(i));
+            return Ok(Arc::clone(&endpoints[other.unwrap_or(index)]));
         }
         // Every endpoint is ejected or held out. Held out only means a connect failed lately:
         // like Envoy's panic threshold, failing open beats answering 503 to everyone when the
@@ -408,12 +420,18 @@ mod tests {
                 assert_ne!(retry.addr, addr(1));
                 assert_ne!(retry.addr, picked.addr);
             }
+            // The hold-out ends: one request probes it, the others keep away meanwhile.
             tokio::time::advance(length).await;
-            let back = (0..100).any(|_| u.pick(None).is_ok_and(|e| e.addr == addr(1)));
-            assert!(
-                back,
-                "{balancing:?}: the hold-out ended, traffic comes back"
-            );
+            let probes = (0..100)
+                .filter(|_| u.pick(None).is_ok_and(|e| e.addr == addr(1)))
+                .count();
+            assert_eq!(probes, 1, "{balancing:?}");
+            // Its connect succeeds: traffic comes back.
+            endpoint(&u, addr(1)).hold_out.connected();
+            let back = (0..100)
+                .filter(|_| u.pick(None).is_ok_and(|e| e.addr == addr(1)))
+                .count();
+            assert!(back > 10, "{balancing:?}: {back} of 100");
         }
     }
 
@@ -490,7 +508,8 @@ mod tests {
             assert_eq!(after.pick(None).expect("pick").addr, addr(3));
         }
         tokio::time::advance(length).await;
-        assert!((0..50).any(|_| after.pick(None).is_ok_and(|e| e.addr == addr(1))));
+        let probes = (0..50).filter(|_| after.pick(None).is_ok_and(|e| e.addr == addr(1)));
+        assert_eq!(probes.count(), 1, "probed once its hold-out ended");
     }
 
     /// A real refused connect, through the endpoint's pool: the request comes back unsent,

@@ -2,7 +2,10 @@
 //! error; never an HTTP status) is held out of the balancer for a while, on by default without
 //! any policy, as Linkerd's balancer and Envoy's passive health checks do. The n-th failure in a
 //! row holds it out for an equal-jitter backoff on a ceiling of [`BASE_HOLD_OUT`] × 2^(n-1), at
-//! most [`MAX_HOLD_OUT`]; its first successful connect ends the hold-out and the count.
+//! most [`MAX_HOLD_OUT`]; its first successful connect ends the hold-out and the count. When a
+//! hold-out ends, one request probes the endpoint: until its connect ends (at most the connect
+//! timeout) the endpoint stays out for the others, so a blackholed endpoint costs one caller a
+//! connect timeout per hold-out, not every caller that picks it meanwhile.
 //!
 //! Outlier detection (`outlier.rs`) is the configured, threshold-based judge of responses; this
 //! needs no threshold: a refused connect sent nothing, and the next one to a dead endpoint is
@@ -16,7 +19,7 @@
 
 use std::fmt::Display;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,16 +44,24 @@ pub struct HoldOuts {
     latest: AtomicU64,
     /// Hold-outs begun (`outrider_endpoint_unavailable_total`).
     counter: Option<IntCounter>,
+    /// How long a probe keeps its endpoint to itself: the connect timeout.
+    probe_window: Duration,
 }
 
 impl HoldOuts {
-    /// The hold-outs of `service`'s endpoints, counted in `counter` when given.
-    pub fn new(service: Arc<str>, counter: Option<IntCounter>) -> Arc<Self> {
+    /// The hold-outs of `service`'s endpoints, whose connects time out after
+    /// `connect_timeout`, counted in `counter` when given.
+    pub fn new(
+        service: Arc<str>,
+        connect_timeout: Duration,
+        counter: Option<IntCounter>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             service,
             origin: Instant::now(),
             latest: AtomicU64::new(0),
             counter,
+            probe_window: connect_timeout,
         })
     }
 
@@ -61,6 +72,7 @@ impl HoldOuts {
             addr,
             until: AtomicU64::new(0),
             failures: AtomicU32::new(0),
+            probing: AtomicBool::new(false),
         })
     }
 
@@ -99,6 +111,9 @@ pub struct HoldOut {
     until: AtomicU64,
     /// Connect failures in a row that began a hold-out.
     failures: AtomicU32,
+    /// `until` was set by a probe's claim, not by a failure: the probe's failure begins the
+    /// next hold-out.
+    probing: AtomicBool,
 }
 
 impl HoldOut {
@@ -119,7 +134,7 @@ impl HoldOut {
     pub fn connect_failed(&self, reason: &dyn Display) -> Option<Duration> {
         let now = self.service.now();
         let until = self.until.load(Ordering::Relaxed);
-        if until > now {
+        if until > now && !self.probing.load(Ordering::Relaxed) {
             return None;
         }
         let failures = self.failures.load(Ordering::Relaxed).saturating_add(1);
@@ -135,6 +150,7 @@ impl HoldOut {
             return None;
         }
         self.failures.store(failures, Ordering::Relaxed);
+        self.probing.store(false, Ordering::Relaxed);
         self.service.latest.fetch_max(next, Ordering::Release);
         if let Some(counter) = &self.service.counter {
             counter.inc();
@@ -148,6 +164,32 @@ impl HoldOut {
         Some(length)
     }
 
+    /// Whether a request the balancer picked this endpoint for may go: always, unless the
+    /// endpoint's last connect failed; then only the first request after the hold-out ends
+    /// (the probe), which keeps it held out from the others while its connect is under way.
+    /// One load when the last connect did not fail.
+    pub fn try_probe(&self) -> bool {
+        if self.failures.load(Ordering::Relaxed) == 0 {
+            return true;
+        }
+        let now = self.service.now();
+        let until = self.until.load(Ordering::Relaxed);
+        if until > now {
+            return false;
+        }
+        let claim = now.saturating_add(nanos(self.service.probe_window)).max(1);
+        if self
+            .until
+            .compare_exchange(until, claim, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        self.probing.store(true, Ordering::Relaxed);
+        self.service.latest.fetch_max(claim, Ordering::Release);
+        true
+    }
+
     /// Records a successful connect: a hold-out and the failure count end. One load when
     /// there was none (every new connection comes here).
     pub fn connected(&self) {
@@ -156,6 +198,7 @@ impl HoldOut {
         }
         let failures = self.failures.swap(0, Ordering::Relaxed);
         self.until.store(0, Ordering::Relaxed);
+        self.probing.store(false, Ordering::Relaxed);
         if failures > 0 {
             tracing::info!(service = %self.service.service, endpoint = %self.addr, failures, "endpoint reachable again");
         }
@@ -186,6 +229,8 @@ mod tests {
     use tokio::time::advance;
 
     use super::*;
+
+    const PROBE: Duration = Duration::from_secs(1);
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))
@@ -222,7 +267,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failure_holds_out_until_its_time_is_up_and_the_next_one_grows() {
         let counter = IntCounter::new("t", "t").expect("counter");
-        let service = HoldOuts::new(Arc::from("svc"), Some(counter.clone()));
+        let service = HoldOuts::new(Arc::from("svc"), PROBE, Some(counter.clone()));
         let h = service.endpoint(addr(1));
         assert_eq!(
             service.now_if_any(),
@@ -255,7 +300,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_successful_connect_ends_the_hold_out_and_the_streak() {
-        let service = HoldOuts::new(Arc::from("svc"), None);
+        let service = HoldOuts::new(Arc::from("svc"), PROBE, None);
         let h = service.endpoint(addr(1));
         let mut last = Duration::ZERO;
         for _ in 0..4 {
@@ -272,7 +317,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn endpoints_are_held_out_each_on_its_own() {
-        let service = HoldOuts::new(Arc::from("svc"), None);
+        let service = HoldOuts::new(Arc::from("svc"), PROBE, None);
         let (a, b) = (service.endpoint(addr(1)), service.endpoint(addr(2)));
         let length = a.connect_failed(&"refused").expect("held out");
         advance(length / 2).await;
@@ -281,5 +326,37 @@ mod tests {
         advance(length - length / 2).await;
         assert!(!held_out(&a));
         assert!(held_out(&b), "b's hold-out keeps the clock read on");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_hold_out_one_request_probes_and_its_failure_holds_out_longer() {
+        let service = HoldOuts::new(Arc::from("svc"), PROBE, None);
+        let h = service.endpoint(addr(1));
+        assert!(
+            h.try_probe(),
+            "an endpoint that never failed takes every request"
+        );
+        assert!(h.try_probe());
+        let first = h.connect_failed(&"timeout").expect("held out");
+        assert!(!h.try_probe(), "held out");
+        advance(first).await;
+        assert!(h.try_probe(), "the first request after the hold-out probes");
+        assert!(held_out(&h), "the others stay away while it connects");
+        assert!(!h.try_probe());
+        // The probe's connect fails: the next hold-out begins, longer.
+        let second = h.connect_failed(&"timeout").expect("held out again");
+        assert!(second >= BASE_HOLD_OUT, "{second:?}");
+        advance(second).await;
+        // A probe that never reports (its caller left) holds the endpoint for the connect
+        // timeout at most; then another request probes.
+        assert!(h.try_probe());
+        advance(PROBE - Duration::from_millis(1)).await;
+        assert!(!h.try_probe());
+        advance(Duration::from_millis(1)).await;
+        assert!(h.try_probe());
+        // A successful connect: every request may go again.
+        h.connected();
+        assert!(!held_out(&h));
+        assert!(h.try_probe() && h.try_probe());
     }
 }
