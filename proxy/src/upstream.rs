@@ -238,24 +238,19 @@ impl Upstream {
         }
         // Every endpoint is ejected or held out. Held out only means a connect failed lately:
         // like Envoy's panic threshold, failing open beats answering 503 to everyone when the
-        // endpoints may be back (a restart of every pod, a network blip). The one whose
-        // hold-out ends first is the likeliest to be back, and one attempt a moment costs a
-        // refused connect at worst. A retry does not fail open: it would only repeat a connect
-        // that just failed.
-        let mut held_out = (0..n).filter(|&i| not_ejected(i));
-        let Some(first_back) = held_out.next() else {
+        // endpoints may be back (every pod restarted, a network blip). The one whose hold-out
+        // ends first is the likeliest to be back, and if it is not, the caller gets the connect
+        // error it would have got anyway. A retry does not fail open: it would only repeat a
+        // connect that just failed.
+        let first_back = (0..n)
+            .filter(|&i| not_ejected(i))
+            .min_by_key(|&i| endpoints[i].hold_out.until());
+        let Some(index) = first_back else {
             return Err(ProxyError::AllEjected(self.spec.name.clone()));
         };
         if avoid.is_some() {
             return Err(ProxyError::AllUnreachable(self.spec.name.clone()));
         }
-        let index = held_out.fold(first_back, |best, i| {
-            if endpoints[i].hold_out.until() < endpoints[best].hold_out.until() {
-                i
-            } else {
-                best
-            }
-        });
         Ok(Arc::clone(&endpoints[index]))
     }
 
