@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::metrics::{ConnectionGuard, ConnectionMetrics};
+use crate::policy::holdout::HoldOut;
 use crate::tls::{Io, UpstreamTls};
 
 /// Why a connection to an endpoint failed.
@@ -109,6 +110,7 @@ pub struct EndpointConnector {
     metrics: ConnectionMetrics,
     pending: Option<PendingLimit>,
     tls: Option<UpstreamTls>,
+    hold_out: Option<Arc<HoldOut>>,
 }
 
 impl EndpointConnector {
@@ -126,12 +128,19 @@ impl EndpointConnector {
             metrics,
             pending,
             tls: None,
+            hold_out: None,
         }
     }
 
     /// Secures every connection with `tls` (mesh mTLS or TLS origination).
     pub fn with_tls(mut self, tls: Option<UpstreamTls>) -> Self {
         self.tls = tls;
+        self
+    }
+
+    /// Reports every TCP connect's outcome to the endpoint's `hold_out` record.
+    pub fn with_hold_out(mut self, hold_out: Arc<HoldOut>) -> Self {
+        self.hold_out = Some(hold_out);
         self
     }
 }
@@ -143,18 +152,27 @@ impl EndpointConnector {
         let addr = self.addr;
         let _slot = self.pending.as_ref().map(PendingLimit::enter).transpose()?;
         let stream = match tokio::time::timeout(self.timeout, TcpStream::connect(addr)).await {
-            Err(_) => {
-                return Err(ConnectError::Timeout {
-                    addr,
-                    after: self.timeout,
-                })
-            }
+            Err(_) => Err(ConnectError::Timeout {
+                addr,
+                after: self.timeout,
+            }),
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                return Err(ConnectError::Refused(addr))
+                Err(ConnectError::Refused(addr))
             }
-            Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
-            Ok(Ok(stream)) => stream,
+            Ok(Err(source)) => Err(ConnectError::Io { addr, source }),
+            Ok(Ok(stream)) => Ok(stream),
         };
+        // Whether the endpoint is reachable is decided here, by TCP: a TLS handshake that
+        // fails afterwards is a broken peer, not a dead one.
+        if let Some(hold_out) = &self.hold_out {
+            match &stream {
+                Ok(_) => hold_out.connected(),
+                Err(error) => {
+                    hold_out.connect_failed(error);
+                }
+            }
+        }
+        let stream = stream?;
         // Small request/response writes must not wait for Nagle.
         let _ = stream.set_nodelay(true);
         // A pooled or long-streaming connection to a host that vanished is found and freed.

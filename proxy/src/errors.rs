@@ -87,6 +87,9 @@ pub enum ProxyError {
     /// Every endpoint of the service is ejected by outlier detection.
     #[error("all endpoints of {0} are ejected")]
     AllEjected(std::sync::Arc<str>),
+    /// A retry found every endpoint of the service held out after a failed connect.
+    #[error("no reachable endpoint for {0}: every connect failed lately")]
+    AllUnreachable(std::sync::Arc<str>),
     /// The service's circuit breaker is open; the request never reached the upstream.
     #[error("circuit open for {0}")]
     CircuitOpen(std::sync::Arc<str>),
@@ -128,6 +131,7 @@ impl ProxyError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NoEndpoints(_)
             | Self::AllEjected(_)
+            | Self::AllUnreachable(_)
             | Self::PendingLimit(_)
             | Self::NotConfigured(_)
             | Self::CircuitOpen(_)

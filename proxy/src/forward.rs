@@ -28,7 +28,7 @@ use crate::policy::ratelimit::RateDecision;
 use crate::policy::retry::{self, AttemptFailure, ReplayHandle, RetryPolicy};
 use crate::policy::timeout::{BodyStall, Deadlines, Expired, Timer};
 use crate::policy::trace::{SpanId, TraceContext};
-use crate::pool::{SendError, UpstreamBody};
+use crate::pool::{SendError, Unsent, UpstreamBody};
 use crate::snapshot::{Snapshot, Target};
 use crate::telemetry::{AccessRecord, AttemptSpan, ExchangeReport, Finish};
 use crate::upstream::{Endpoint, Upstream};
@@ -280,24 +280,12 @@ async fn forward(
     let deadlines = Deadlines::start(now, policy.request_timeout, policy.per_try_timeout);
     let mut timer = Timer::from_pool(policy.timers.as_ref());
     let result = match retry {
-        None => match target.upstream.pick(None) {
-            Ok(endpoint) => {
-                log.endpoint = Some(endpoint.addr);
-                let req = Request::from_parts(parts, RequestBody::Direct(body));
-                send_once(
-                    &target.upstream,
-                    &endpoint,
-                    req,
-                    &deadlines,
-                    stall.as_ref(),
-                    &mut timer,
-                    now,
-                )
-                .await
-                .and_then(|sent| sent.map_err(|(error, _)| error))
-            }
-            Err(error) => Err(error),
-        },
+        None => {
+            let req = Request::from_parts(parts, RequestBody::Direct(body));
+            let upstream = &target.upstream;
+            let sending = (&deadlines, stall.as_ref());
+            send_without_retries(upstream, req, sending, &mut timer, now, &mut log).await
+        }
         Some(retry) => {
             let exchange = Exchange {
                 deadlines: &deadlines,
@@ -422,10 +410,53 @@ struct Answer {
 /// One attempt's result: the response head, or what went wrong and how it counts for retries.
 type Attempted = Result<Answer, (ProxyError, AttemptFailure)>;
 
-/// Sends one attempt to `endpoint` of `upstream`, bounded by the per-try timeout until
-/// response headers, and reports the attempt's outcome to outlier detection. `Err` is the
-/// request timeout, or the caller's silence mid-body (`stall` says when the body was cut for
-/// it), either of which ends the exchange there (the attempt is not reported).
+/// How an attempt failed: the error, how it counts for retries, and the request itself when
+/// no connection could be opened (nothing was sent).
+struct Failed {
+    error: ProxyError,
+    failure: AttemptFailure,
+    unsent: Option<Unsent>,
+}
+
+/// A request under no retry policy: one attempt, except that a request whose connection could
+/// not be opened (nothing was sent, so this is always safe, and adds no load to any app) goes
+/// once more, to an endpoint that is not held out; the one that failed now is. So a dead
+/// endpoint costs its callers nothing even without retries; with retries, the policy decides
+/// (`connect-failure`).
+async fn send_without_retries(
+    upstream: &Upstream,
+    mut req: Request<RequestBody>,
+    (deadlines, stall): (&Deadlines, Option<&BodyStall>),
+    timer: &mut Timer,
+    mut now: Instant,
+    log: &mut AttemptLog,
+) -> Result<Answer, ProxyError> {
+    let mut endpoint = upstream.pick(None)?;
+    let mut failed_over = false;
+    // One call site for the attempt: its future (large) has one place in this one.
+    loop {
+        log.endpoint = Some(endpoint.addr);
+        let failed = match send_attempt(upstream, &endpoint, req, (deadlines, stall), timer, now).await? {
+            Ok(answer) => return Ok(answer),
+            Err(failed) => failed,
+        };
+        match failed {
+            Failed {
+                error,
+                unsent: Some(Unsent(unsent)),
+                ..
+            } if !failed_over => {
+                let Ok(next) = upstream.pick(Some(endpoint.addr)) else {
+                    return Err(error);
+                };
+                (endpoint, req, now, failed_over) = (next, *unsent, Instant::now(), true);
+            }
+            failed => return Err(failed.error),
+        }
+    }
+}
+
+/// Sends one attempt to `endpoint` of `upstream` (see [`send_attempt`]), for the retry loop.
 async fn send_once(
     upstream: &Upstream,
     endpoint: &Arc<Endpoint>,
@@ -435,6 +466,23 @@ async fn send_once(
     timer: &mut Timer,
     now: Instant,
 ) -> Result<Attempted, ProxyError> {
+    let sending = (deadlines, stall);
+    let attempted = send_attempt(upstream, endpoint, req, sending, timer, now).await?;
+    Ok(attempted.map_err(|failed| (failed.error, failed.failure)))
+}
+
+/// Sends one attempt to `endpoint` of `upstream`, bounded by the per-try timeout until
+/// response headers, and reports the attempt's outcome to outlier detection. `Err` is the
+/// request timeout, or the caller's silence mid-body (`stall` says when the body was cut for
+/// it), either of which ends the exchange there (the attempt is not reported).
+async fn send_attempt(
+    upstream: &Upstream,
+    endpoint: &Arc<Endpoint>,
+    req: Request<RequestBody>,
+    (deadlines, stall): (&Deadlines, Option<&BodyStall>),
+    timer: &mut Timer,
+    now: Instant,
+) -> Result<Result<Answer, Failed>, ProxyError> {
     // The per-try bound is applied here, on the exchange's one timer, not by `attempt`. The
     // attempt's future (the pool's, with connecting and handshakes: large) stays pinned here and
     // the timeout code only borrows it: passed by value, each async layer above would hold its
@@ -447,13 +495,15 @@ async fn send_once(
         }),
         // The body was cut for the caller's silence, and the attempt failed with it: the
         // caller's doing, not the upstream's, and no other attempt would do better.
-        Ok(Err(failure)) => match stall.and_then(BodyStall::stalled) {
+        Ok(Err(failed)) => match stall.and_then(BodyStall::stalled) {
             Some(limit) => return Err(ProxyError::RequestBodyTimeout(limit)),
-            None => Err(failure),
+            None => Err(failed),
         },
-        Err(Expired::PerTry(limit)) => {
-            Err((ProxyError::PerTryTimeout(limit), AttemptFailure::Reset))
-        }
+        Err(Expired::PerTry(limit)) => Err(Failed {
+            error: ProxyError::PerTryTimeout(limit),
+            failure: AttemptFailure::Reset,
+            unsent: None,
+        }),
         Err(Expired::Request(limit)) => return Err(ProxyError::RequestTimeout(limit)),
     };
     if upstream.detects_outliers() {
@@ -468,8 +518,8 @@ async fn send_once(
                 }
                 None => upstream.report(endpoint, Outcome::Success),
             },
-            Err((error, _)) => {
-                if let Some(outcome) = outcome::of_error(error) {
+            Err(failed) => {
+                if let Some(outcome) = outcome::of_error(&failed.error) {
                     upstream.report(endpoint, outcome);
                 }
             }
@@ -483,7 +533,7 @@ async fn send_once(
 async fn attempt(
     endpoint: &Endpoint,
     req: Request<RequestBody>,
-) -> Result<Response<UpstreamBody>, (ProxyError, AttemptFailure)> {
+) -> Result<Response<UpstreamBody>, Failed> {
     let _in_flight = endpoint.start_request();
     let result = endpoint.pool.send(req).await;
     result.map_err(|e| {
@@ -496,7 +546,17 @@ async fn attempt(
             ProxyError::PendingLimit(_) => AttemptFailure::Shed,
             _ => AttemptFailure::Reset,
         };
-        (error, failure)
+        // Only a connect failure may go elsewhere: a shed request would be shed there too,
+        // and a TLS handshake failure is a peer that answered.
+        let unsent = match e {
+            SendError::Connect { unsent, .. } if failure == AttemptFailure::Connect => Some(unsent),
+            _ => None,
+        };
+        Failed {
+            error,
+            failure,
+            unsent,
+        }
     })
 }
 
@@ -576,10 +636,16 @@ async fn exchange_with_retries(
         .headers
         .insert(ATTEMPT.clone(), HeaderValue::from_static("1"));
     let mut previous = None;
+    let mut connect_error = None;
     let mut attempt: u32 = 1;
     loop {
         log.attempts = attempt;
-        let endpoint = target.upstream.pick(previous)?;
+        let endpoint = match (target.upstream.pick(previous), connect_error.take()) {
+            (Ok(endpoint), _) => endpoint,
+            // Every endpoint is held out after a failed connect: the last one's error stands.
+            (Err(ProxyError::AllUnreachable(_)), Some(error)) => return Err(error),
+            (Err(error), _) => return Err(error),
+        };
         let mut req = Request::new(match &replay {
             Some(replay) => RequestBody::Replay(replay.body()),
             None => RequestBody::Empty,
@@ -666,7 +732,12 @@ async fn exchange_with_retries(
                 }
             }
         }
-        drop(outcome);
+        // The response (if any) is dropped before the backoff; a connect error is kept for
+        // the next pick.
+        connect_error = match outcome {
+            Err((error, AttemptFailure::Connect)) => Some(error),
+            _ => None,
+        };
         deadlines.backoff(timer, delay).await?;
         previous = Some(endpoint.addr);
         attempt += 1;
@@ -692,7 +763,7 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
 /// Maps a failed send to the proxy's own failure kinds.
 fn classify(error: &SendError, addr: SocketAddr) -> ProxyError {
     match error {
-        SendError::Connect(connect) => match connect {
+        SendError::Connect { error: connect, .. } => match connect {
             ConnectError::Refused(addr) => ProxyError::ConnectRefused(*addr),
             ConnectError::Timeout { addr, after } => ProxyError::ConnectTimeout {
                 addr: *addr,

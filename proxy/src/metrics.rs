@@ -89,6 +89,7 @@ pub struct Metrics {
     breaker_transitions: IntCounterVec,
     ejections: IntCounterVec,
     listeners: ListenerVecs,
+    hold_outs: IntCounterVec,
     traffic: TrafficVecs,
     /// Span export and access-log counters.
     pub telemetry: TelemetryMetrics,
@@ -540,6 +541,13 @@ impl Metrics {
             ),
             &["service"],
         )?;
+        let hold_outs = IntCounterVec::new(
+            Opts::new(
+                "outrider_endpoint_unavailable_total",
+                "Endpoints held out of the balancer after a failed connect, by service.",
+            ),
+            &["service"],
+        )?;
         let policy_version =
             IntGauge::new("outrider_policy_version", "Version of the policy in force.")?;
         let policy_reloads = IntCounterVec::new(
@@ -565,6 +573,7 @@ impl Metrics {
         registry.register(Box::new(breaker_state.clone()))?;
         registry.register(Box::new(breaker_transitions.clone()))?;
         registry.register(Box::new(ejections.clone()))?;
+        registry.register(Box::new(hold_outs.clone()))?;
         registry.register(Box::new(policy_version.clone()))?;
         registry.register(Box::new(policy_reloads.clone()))?;
         registry.register(Box::new(build_info))?;
@@ -587,6 +596,7 @@ impl Metrics {
             breaker_state,
             breaker_transitions,
             ejections,
+            hold_outs,
             policy_version,
             policy_reloads: PolicyReloadMetrics {
                 ok: policy_reloads.with_label_values(&["ok"]),
@@ -655,6 +665,11 @@ impl Metrics {
     /// The ejection counter of `service`.
     pub fn ejections(&self, service: &str) -> IntCounter {
         self.ejections.with_label_values(&[service])
+    }
+
+    /// The counter of `service`'s endpoints held out after a failed connect.
+    pub fn hold_outs(&self, service: &str) -> IntCounter {
+        self.hold_outs.with_label_values(&[service])
     }
 
     /// Handles for the circuit breaker of `service`.

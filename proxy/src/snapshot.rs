@@ -144,7 +144,9 @@ impl Snapshot {
                 },
             };
             let static_endpoints = service.endpoints.as_deref().unwrap_or(&[]);
-            let upstream = Upstream::new(spec, static_endpoints, metrics);
+            // Rebuilt (its settings changed): endpoints that stay keep their hold-outs.
+            let before = previous.and_then(|p| p.upstreams.get(name));
+            let upstream = Upstream::new(spec, static_endpoints, metrics, before.map(|u| &**u));
             if let Some(dns) = &service.dns {
                 upstream.spawn_dns_refresh(dns.clone());
             }
@@ -271,7 +273,7 @@ impl Snapshot {
                     max_pending: None,
                     tls: None,
                 };
-                Upstream::new(spec, &[inbound.app], metrics)
+                Upstream::new(spec, &[inbound.app], metrics, None)
             });
             Arc::new(Target {
                 upstream,

@@ -13,6 +13,7 @@ use crate::connect::{EndpointConnector, PendingLimit};
 use crate::errors::ProxyError;
 use crate::metrics::Metrics;
 use crate::policy::breaker::Outcome;
+use crate::policy::holdout::{HoldOut, HoldOuts};
 use crate::policy::outlier::{EndpointHealth, OutlierDetector};
 use crate::pool::EndpointPool;
 use crate::tls::UpstreamTls;
@@ -28,6 +29,8 @@ pub struct Endpoint {
     in_flight: AtomicUsize,
     /// Its record for outlier detection.
     health: EndpointHealth,
+    /// Its connect record: held out of the balancer after a failed connect.
+    hold_out: Arc<HoldOut>,
 }
 
 impl Endpoint {
@@ -73,31 +76,61 @@ pub struct Upstream {
     next: AtomicUsize,
     metrics: Metrics,
     outlier: Option<OutlierDetector>,
+    hold_outs: Arc<HoldOuts>,
     pending: Option<PendingLimit>,
 }
 
 impl Upstream {
-    /// An upstream with the given static endpoints.
-    pub fn new(spec: UpstreamSpec, addrs: &[SocketAddr], metrics: &Metrics) -> Arc<Self> {
+    /// An upstream with the given static endpoints. When it replaces `previous` (the same
+    /// service before a reload changed its settings), endpoints that stay keep their
+    /// hold-outs: a dead endpoint stays out of the rotation across the reload.
+    pub fn new(
+        spec: UpstreamSpec,
+        addrs: &[SocketAddr],
+        metrics: &Metrics,
+        previous: Option<&Upstream>,
+    ) -> Arc<Self> {
         let outlier = spec
             .outlier
             .as_ref()
             .map(|config| OutlierDetector::new(config, Some(metrics.ejections(&spec.name))));
+        let hold_outs = match previous {
+            Some(previous) => Arc::clone(&previous.hold_outs),
+            None => HoldOuts::new(
+                spec.name.clone(),
+                spec.connect_timeout,
+                Some(metrics.hold_outs(&spec.name)),
+            ),
+        };
         let upstream = Arc::new(Self {
             endpoints: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
             metrics: metrics.clone(),
             outlier,
+            hold_outs,
             pending: spec
                 .max_pending
                 .map(|max| PendingLimit::new(spec.name.clone(), max)),
             spec,
         });
-        upstream.set_endpoints(addrs);
+        let before = previous.map(|p| p.endpoints.load_full());
+        let addrs: Vec<Arc<Endpoint>> = addrs
+            .iter()
+            .map(|addr| {
+                let kept = before
+                    .iter()
+                    .flat_map(|endpoints| endpoints.iter())
+                    .find(|e| e.addr == *addr)
+                    .map(|e| Arc::clone(&e.hold_out));
+                Arc::new(upstream.new_endpoint(*addr, kept))
+            })
+            .collect();
+        upstream.endpoints.store(Arc::new(addrs));
         upstream
     }
 
-    /// Replaces the endpoint set; endpoints that stay keep their pools and load counters.
+    /// Replaces the endpoint set; endpoints that stay keep their pools, load counters and
+    /// health and connect records.
     pub fn set_endpoints(&self, addrs: &[SocketAddr]) {
         let current = self.endpoints.load();
         let next: Vec<Arc<Endpoint>> = addrs
@@ -107,25 +140,28 @@ impl Upstream {
                     .iter()
                     .find(|e| e.addr == *addr)
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(self.new_endpoint(*addr)))
+                    .unwrap_or_else(|| Arc::new(self.new_endpoint(*addr, None)))
             })
             .collect();
         self.endpoints.store(Arc::new(next));
     }
 
-    fn new_endpoint(&self, addr: SocketAddr) -> Endpoint {
+    fn new_endpoint(&self, addr: SocketAddr, hold_out: Option<Arc<HoldOut>>) -> Endpoint {
+        let hold_out = hold_out.unwrap_or_else(|| self.hold_outs.endpoint(addr));
         let connector = EndpointConnector::new(
             addr,
             self.spec.connect_timeout,
             self.metrics.connections(&self.spec.name, &addr.to_string()),
             self.pending.clone(),
         )
-        .with_tls(self.spec.tls.clone());
+        .with_tls(self.spec.tls.clone())
+        .with_hold_out(Arc::clone(&hold_out));
         Endpoint {
             addr,
             pool: EndpointPool::new(connector, self.spec.protocol),
             in_flight: AtomicUsize::new(0),
             health: EndpointHealth::default(),
+            hold_out,
         }
     }
 
@@ -135,8 +171,11 @@ impl Upstream {
     }
 
     /// Picks the endpoint for one attempt; a retry passes the endpoint that just failed, and
-    /// gets a different one whenever there is one. Ejected endpoints are skipped; when every
-    /// endpoint is ejected the request fails with 503.
+    /// gets a different one whenever there is one. Ejected endpoints and endpoints held out
+    /// after a failed connect are skipped; when every endpoint is ejected the request fails
+    /// with 503 (`AllEjected`). When every endpoint that is not ejected is held out, a first
+    /// attempt goes to the one whose hold-out ends first, while a retry gets `AllUnreachable`
+    /// (it never goes where a connect just failed).
     pub fn pick(&self, avoid: Option<SocketAddr>) -> Result<Arc<Endpoint>, ProxyError> {
         let endpoints = self.endpoints.load();
         let n = endpoints.len();
@@ -144,9 +183,14 @@ impl Upstream {
             return Err(ProxyError::NoEndpoints(self.spec.name.clone()));
         }
         let now = self.outlier.as_ref().map(OutlierDetector::now);
-        let usable = |i: usize| match (&self.outlier, now) {
+        let not_ejected = |i: usize| match (&self.outlier, now) {
             (Some(outlier), Some(now)) => outlier.available(&endpoints[i].health, now),
             _ => true,
+        };
+        // A clock reading only while some endpoint is held out.
+        let held_now = self.hold_outs.now_if_any();
+        let usable = |i: usize| {
+            not_ejected(i) && held_now.is_none_or(|now| !endpoints[i].hold_out.is_held_out(now))
         };
         let avoided = |i: usize| n > 1 && avoid == Some(endpoints[i].addr);
         let first = match (n, self.spec.balancing) {
@@ -180,8 +224,33 @@ impl Upstream {
         let index = (0..n)
             .map(|k| (first + k) % n)
             .find(|&i| usable(i) && !avoided(i))
-            .or_else(|| (0..n).find(|&i| usable(i)))
-            .ok_or_else(|| ProxyError::AllEjected(self.spec.name.clone()))?;
+            .or_else(|| (0..n).find(|&i| usable(i)));
+        if let Some(index) = index {
+            if endpoints[index].hold_out.try_probe() {
+                return Ok(Arc::clone(&endpoints[index]));
+            }
+            // Another request is probing it after its hold-out: any other usable endpoint,
+            // else this one after all.
+            let other = (1..n)
+                .map(|k| (index + k) % n)
+                .find(|&i| usable(i) && !avoided(i));
+            return Ok(Arc::clone(&endpoints[other.unwrap_or(index)]));
+        }
+        // Every endpoint is ejected or held out. Held out only means a connect failed lately:
+        // like Envoy's panic threshold, failing open beats answering 503 to everyone when the
+        // endpoints may be back (every pod restarted, a network blip). The one whose hold-out
+        // ends first is the likeliest to be back, and if it is not, the caller gets the connect
+        // error it would have got anyway. A retry does not fail open: it would only repeat a
+        // connect that just failed.
+        let first_back = (0..n)
+            .filter(|&i| not_ejected(i))
+            .min_by_key(|&i| endpoints[i].hold_out.until());
+        let Some(index) = first_back else {
+            return Err(ProxyError::AllEjected(self.spec.name.clone()));
+        };
+        if avoid.is_some() {
+            return Err(ProxyError::AllUnreachable(self.spec.name.clone()));
+        }
         Ok(Arc::clone(&endpoints[index]))
     }
 
@@ -239,23 +308,46 @@ mod tests {
 
     use super::*;
 
-    fn upstream(balancing: LoadBalancing, addrs: &[SocketAddr]) -> Arc<Upstream> {
-        let metrics = Metrics::new("test").expect("metrics");
-        let spec = UpstreamSpec {
+    fn spec(balancing: LoadBalancing, outlier: Option<OutlierDetection>) -> UpstreamSpec {
+        UpstreamSpec {
             name: Arc::from("svc"),
             protocol: Protocol::Http1,
             balancing,
             connect_timeout: Duration::from_secs(1),
-            outlier: Some(OutlierDetection {
-                consecutive_failures: 1,
-                base_ejection: ConfigDuration::from_secs(60),
-                max_ejection: ConfigDuration::from_secs(60),
-                max_ejected_percent: 100,
-            }),
+            outlier,
             max_pending: None,
             tls: None,
+        }
+    }
+
+    /// With outlier detection that ejects at the first failure.
+    fn upstream(balancing: LoadBalancing, addrs: &[SocketAddr]) -> Arc<Upstream> {
+        let metrics = Metrics::new("test").expect("metrics");
+        let outlier = OutlierDetection {
+            consecutive_failures: 1,
+            base_ejection: ConfigDuration::from_secs(60),
+            max_ejection: ConfigDuration::from_secs(60),
+            max_ejected_percent: 100,
         };
-        Upstream::new(spec, addrs, &metrics)
+        Upstream::new(spec(balancing, Some(outlier)), addrs, &metrics, None)
+    }
+
+    /// Without any policy.
+    fn plain(balancing: LoadBalancing, addrs: &[SocketAddr]) -> Arc<Upstream> {
+        let metrics = Metrics::new("test").expect("metrics");
+        Upstream::new(spec(balancing, None), addrs, &metrics, None)
+    }
+
+    fn endpoint(u: &Upstream, addr: SocketAddr) -> Arc<Endpoint> {
+        let endpoints = u.endpoints.load();
+        let found = endpoints.iter().find(|e| e.addr == addr);
+        Arc::clone(found.expect("endpoint"))
+    }
+
+    /// Holds `addr` out as a failed connect would; returns for how long.
+    fn refuse(u: &Upstream, addr: SocketAddr) -> Duration {
+        let e = endpoint(u, addr);
+        e.hold_out.connect_failed(&"refused").expect("held out")
     }
 
     fn addr(port: u16) -> SocketAddr {
@@ -305,5 +397,153 @@ mod tests {
         assert_eq!(counts.get(&addr(1)), None);
         assert_eq!(counts.get(&addr(2)), Some(&150));
         assert_eq!(counts.get(&addr(3)), Some(&150));
+    }
+
+    const BALANCERS: [LoadBalancing; 2] = [LoadBalancing::RoundRobin, LoadBalancing::LeastRequest];
+
+    #[tokio::test(start_paused = true)]
+    async fn both_balancers_skip_held_out_endpoints_until_their_time_is_up() {
+        let addrs = [addr(1), addr(2), addr(3)];
+        for balancing in BALANCERS {
+            let u = plain(balancing, &addrs);
+            let length = refuse(&u, addr(1));
+            for _ in 0..100 {
+                let picked = u.pick(None).expect("pick");
+                assert_ne!(picked.addr, addr(1), "{balancing:?} picked a dead endpoint");
+                // A retry never goes there either, even avoiding the only other one.
+                let retry = u.pick(Some(picked.addr)).expect("pick");
+                assert_ne!(retry.addr, addr(1));
+                assert_ne!(retry.addr, picked.addr);
+            }
+            // The hold-out ends: one request probes it, the others keep away meanwhile.
+            tokio::time::advance(length).await;
+            let probes = (0..100)
+                .filter(|_| u.pick(None).is_ok_and(|e| e.addr == addr(1)))
+                .count();
+            assert_eq!(probes, 1, "{balancing:?}");
+            // Its connect succeeds: traffic comes back.
+            endpoint(&u, addr(1)).hold_out.connected();
+            let back = (0..100)
+                .filter(|_| u.pick(None).is_ok_and(|e| e.addr == addr(1)))
+                .count();
+            assert!(back > 10, "{balancing:?}: {back} of 100");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn round_robin_shares_a_held_out_endpoints_turns_evenly() {
+        let addrs = [addr(1), addr(2), addr(3)];
+        let u = plain(LoadBalancing::RoundRobin, &addrs);
+        refuse(&u, addr(2));
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..300 {
+            *counts.entry(u.pick(None).expect("pick").addr).or_insert(0) += 1;
+        }
+        assert_eq!(counts.get(&addr(2)), None);
+        assert_eq!(counts.get(&addr(1)), Some(&150));
+        assert_eq!(counts.get(&addr(3)), Some(&150));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_all_are_held_out_a_first_try_goes_to_the_first_back_and_a_retry_nowhere() {
+        let addrs = [addr(1), addr(2), addr(3)];
+        for balancing in BALANCERS {
+            let u = plain(balancing, &addrs);
+            for a in addrs {
+                refuse(&u, a);
+            }
+            // The hold-outs are jittered: which one ends first is for the clock to say.
+            let first_back = addrs
+                .into_iter()
+                .min_by_key(|a| endpoint(&u, *a).hold_out.until());
+            for _ in 0..20 {
+                assert_eq!(u.pick(None).ok().map(|e| e.addr), first_back);
+                for avoid in addrs {
+                    assert!(matches!(
+                        u.pick(Some(avoid)),
+                        Err(ProxyError::AllUnreachable(_))
+                    ));
+                }
+            }
+        }
+        // One endpoint alone: the first try still goes there, its retry does not.
+        let u = plain(LoadBalancing::RoundRobin, &[addr(1)]);
+        refuse(&u, addr(1));
+        assert_eq!(u.pick(None).expect("fail open").addr, addr(1));
+        assert!(matches!(
+            u.pick(Some(addr(1))),
+            Err(ProxyError::AllUnreachable(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejected_endpoints_are_never_the_fallback_for_held_out_ones() {
+        let addrs = [addr(1), addr(2)];
+        let u = upstream(LoadBalancing::RoundRobin, &addrs);
+        u.report(&endpoint(&u, addr(1)), Outcome::Failure);
+        refuse(&u, addr(2));
+        for _ in 0..10 {
+            assert_eq!(u.pick(None).expect("fail open").addr, addr(2));
+        }
+        u.report(&endpoint(&u, addr(2)), Outcome::Failure);
+        assert!(matches!(u.pick(None), Err(ProxyError::AllEjected(_))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endpoints_that_stay_keep_their_hold_out_across_a_rebuild_and_a_dns_change() {
+        let metrics = Metrics::new("test").expect("metrics");
+        let before = plain(LoadBalancing::RoundRobin, &[addr(1), addr(2)]);
+        let length = refuse(&before, addr(1));
+        // A reload that changed the service's settings builds a new upstream from the old.
+        let spec = spec(LoadBalancing::LeastRequest, None);
+        let after = Upstream::new(spec, &[addr(1), addr(2), addr(3)], &metrics, Some(&before));
+        // A DNS change keeps the endpoints that stay.
+        after.set_endpoints(&[addr(3), addr(1)]);
+        for _ in 0..50 {
+            assert_eq!(after.pick(None).expect("pick").addr, addr(3));
+        }
+        tokio::time::advance(length).await;
+        let probes = (0..50).filter(|_| after.pick(None).is_ok_and(|e| e.addr == addr(1)));
+        assert_eq!(probes.count(), 1, "probed once its hold-out ended");
+    }
+
+    /// A real refused connect, through the endpoint's pool: the request comes back unsent,
+    /// the endpoint is held out (and counted), and a successful connect brings it back.
+    #[tokio::test]
+    async fn a_refused_connect_holds_the_endpoint_out_until_a_connect_succeeds() {
+        use crate::body::RequestBody;
+        use crate::pool::SendError;
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let dead = listener.local_addr().expect("addr");
+        drop(listener);
+        let metrics = Metrics::new("test").expect("metrics");
+        let spec = spec(LoadBalancing::RoundRobin, None);
+        let u = Upstream::new(spec, &[dead, addr(1)], &metrics, None);
+        let req = http::Request::get("/ping")
+            .header("host", "svc")
+            .body(RequestBody::Empty)
+            .expect("request");
+        let sent = endpoint(&u, dead).pool.send(req).await;
+        let Err(SendError::Connect { unsent, .. }) = sent else {
+            panic!("expected a refused connect");
+        };
+        assert_eq!(unsent.0.uri().path(), "/ping", "the request comes back");
+        for _ in 0..10 {
+            assert_eq!(u.pick(None).expect("pick").addr, addr(1));
+        }
+        assert_eq!(metrics.hold_outs("svc").get(), 1);
+        // Something listens there again: the first connect that succeeds ends the hold-out.
+        let listener = std::net::TcpListener::bind(dead).expect("bind again");
+        let connector = EndpointConnector::new(
+            dead,
+            Duration::from_secs(1),
+            metrics.connections("svc", &dead.to_string()),
+            None,
+        )
+        .with_hold_out(Arc::clone(&endpoint(&u, dead).hold_out));
+        connector.connect().await.expect("connect");
+        drop(listener);
+        assert!((0..10).any(|_| u.pick(None).is_ok_and(|e| e.addr == dead)));
     }
 }

@@ -412,8 +412,15 @@ impl Upstream {
         let hits = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&hits);
         let task = tokio::spawn(async move {
+            // The connections' tasks belong to this one: when it is aborted (`kill`, drop) they
+            // go with it and their sockets close, as a dead process's would.
+            let mut connections = tokio::task::JoinSet::new();
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    Some(_) = connections.join_next() => continue,
+                };
+                let Ok((stream, _)) = accepted else {
                     continue;
                 };
                 let handler = handler.clone();
@@ -423,7 +430,7 @@ impl Upstream {
                     let fut = handler(req);
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let io = TokioIo::new(stream);
                     let _ = match proto {
                         Proto::Http1 => {
@@ -481,6 +488,13 @@ impl Upstream {
     /// Requests received so far.
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Stops as a killed process does: the listener is closed once this returns (connects
+    /// are refused), and so are the connections it had open.
+    pub async fn kill(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
     }
 }
 

@@ -314,3 +314,151 @@ async fn idle_timeout_cuts_a_silent_stream_but_not_a_chatty_one() {
     assert_eq!(ticks, 5);
     assert!(ended_with_error, "a cut stream must not look complete");
 }
+
+/// What the load in [`dead_endpoint_under_load`] saw, counted exactly.
+struct DeadEndpointRun {
+    /// Requests sent in all, and those answered 200.
+    total: usize,
+    ok: usize,
+    /// Failures (a status other than 200, or no response) by when they ended, relative to the
+    /// kill: before it, within its first second, later.
+    failed_before: usize,
+    failed_first_second: usize,
+    failed_later: usize,
+    /// Requests that ended after the kill.
+    after_kill: usize,
+    /// Times the proxy held an endpoint out.
+    hold_outs: f64,
+}
+
+/// Two endpoints behind `services` (which names them `{a}` and `{b}`); 16 callers send GETs
+/// back to back through the proxy; after 1 s `b` is killed (listener and connections closed,
+/// so connects are refused), and the callers go on for 3 s more.
+async fn dead_endpoint_under_load(label: &str, service: &str) -> DeadEndpointRun {
+    const CALLERS: usize = 16;
+    const BEFORE: Duration = Duration::from_secs(1);
+    const AFTER: Duration = Duration::from_secs(3);
+    let ok = || async { Response::new(full("ok")) };
+    let a = Upstream::start(Proto::Http1, move |_| ok()).await;
+    let b = Upstream::start(Proto::Http1, move |_| ok()).await;
+    let service = service
+        .replace("{a}", &a.addr.to_string())
+        .replace("{b}", &b.addr.to_string());
+    let proxy = start_proxy(&route(&service));
+    let started = tokio::time::Instant::now();
+    let kill_at = started + BEFORE;
+    let stop_at = kill_at + AFTER;
+    let outbound = proxy.outbound;
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            tokio::spawn(async move {
+                let client = http1_client();
+                // (ended at, relative to the start; answered 200)
+                let mut results = Vec::new();
+                while tokio::time::Instant::now() < stop_at {
+                    let req = Request::get(format!("http://{outbound}/"))
+                        .header("host", "svc")
+                        .body(empty())
+                        .unwrap();
+                    // Bounded: a request that hangs counts as failed rather than stalling.
+                    let sent = tokio::time::timeout(Duration::from_secs(5), async {
+                        let res = client.request(req).await.ok()?;
+                        let status = res.status();
+                        res.into_body().collect().await.ok()?;
+                        Some(status)
+                    })
+                    .await;
+                    let answered = matches!(sent, Ok(Some(StatusCode::OK)));
+                    results.push((started.elapsed(), answered));
+                }
+                results
+            })
+        })
+        .collect();
+    tokio::time::sleep_until(kill_at).await;
+    assert!(b.hits() > 0, "b took traffic before the kill");
+    b.kill().await;
+    // The kill's instant for the counts below: once the listener is closed (the sockets of
+    // its connections close at once after).
+    let killed = started.elapsed();
+    let mut run = DeadEndpointRun {
+        total: 0,
+        ok: 0,
+        failed_before: 0,
+        failed_first_second: 0,
+        failed_later: 0,
+        after_kill: 0,
+        hold_outs: 0.0,
+    };
+    for caller in callers {
+        for (ended, answered) in caller.await.unwrap() {
+            run.total += 1;
+            let after_kill = ended >= killed;
+            run.after_kill += usize::from(after_kill);
+            if answered {
+                run.ok += 1;
+            } else if !after_kill {
+                run.failed_before += 1;
+            } else if ended < killed + Duration::from_secs(1) {
+                run.failed_first_second += 1;
+            } else {
+                run.failed_later += 1;
+            }
+        }
+    }
+    run.hold_outs = proxy
+        .metric("outrider_endpoint_unavailable_total{service=\"svc\"}")
+        .await;
+    eprintln!(
+        "{label}: {} requests ({} after the kill), {} ok; failed: {} before the kill, {} in \
+         its first second, {} later; hold-outs {}",
+        run.total,
+        run.after_kill,
+        run.ok,
+        run.failed_before,
+        run.failed_first_second,
+        run.failed_later,
+        run.hold_outs
+    );
+    drop(a);
+    run
+}
+
+/// Issue 16 point 6: with two endpoints, one killed under load, and the default retry
+/// settings (no `retries` block at all; then a `retries` block with only `attempts`), at most
+/// 0.1% of requests fail and none after the first second. The dead endpoint is held out after
+/// its first refused connect, and the requests that were connecting to it go to the other one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_endpoint_costs_callers_almost_nothing() {
+    for (label, service) in [
+        ("no retries", "  svc:\n    endpoints: [{a}, {b}]\n"),
+        (
+            "retries: { attempts: 2 }",
+            "  svc:\n    endpoints: [{a}, {b}]\n    retries: { attempts: 2 }\n",
+        ),
+    ] {
+        let run = dead_endpoint_under_load(label, service).await;
+        assert!(
+            run.after_kill >= 1000,
+            "too little load for 0.1% to mean anything: {} requests after the kill",
+            run.after_kill
+        );
+        let failed = run.total - run.ok;
+        assert!(
+            failed * 1000 <= run.total,
+            "{failed} of {} requests failed (over 0.1%)",
+            run.total
+        );
+        assert_eq!(
+            run.failed_later, 0,
+            "requests failed later than 1 s after the kill"
+        );
+        // The dead endpoint was tried again as its hold-outs ran out (after 125-250 ms, then
+        // 250-500 ms, ...), and was held out again: those tries cost no caller anything.
+        assert!(
+            run.hold_outs >= 2.0,
+            "held out {} times in 3 s",
+            run.hold_outs
+        );
+    }
+}

@@ -10,6 +10,7 @@
 
 pub mod breaker;
 pub mod fault;
+pub mod holdout;
 pub mod outcome;
 pub mod outlier;
 pub mod ratelimit;

@@ -42,9 +42,14 @@ pub const IDLE_SWEEP: Duration = Duration::from_secs(30);
 /// Why a request could not be sent to an endpoint or got no response head.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    /// No connection could be opened.
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
+    /// No connection could be opened: nothing was sent, and the request comes back.
+    #[error("{error}")]
+    Connect {
+        /// Why.
+        error: ConnectError,
+        /// The request, intact.
+        unsent: Unsent,
+    },
     /// The connection failed: handshake, reset, closed mid-exchange, invalid response.
     #[error(transparent)]
     Http(#[from] hyper::Error),
@@ -56,6 +61,47 @@ pub enum SendError {
     /// `direct::parse_head` for why it is refused rather than forwarded).
     #[error(transparent)]
     TransferCoding(#[from] TransferCodingError),
+}
+
+/// A request that never left because no connection could be opened, handed back so that it
+/// can go to another endpoint. Boxed: it travels only on this rare path.
+pub struct Unsent(pub Box<Request<RequestBody>>);
+
+impl std::fmt::Debug for Unsent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Unsent(..)")
+    }
+}
+
+impl SendError {
+    fn unsent(error: ConnectError, req: Request<RequestBody>) -> Self {
+        Self::Connect {
+            error,
+            unsent: Unsent(Box::new(req)),
+        }
+    }
+}
+
+/// Why a new connection could not take a request: its connect failed (then nothing was sent),
+/// or its handshake did.
+enum OpenError {
+    Connect(ConnectError),
+    Handshake(SendError),
+}
+
+impl OpenError {
+    fn with_request(self, req: Request<RequestBody>) -> SendError {
+        match self {
+            Self::Connect(error) => SendError::unsent(error, req),
+            Self::Handshake(error) => error,
+        }
+    }
+}
+
+impl From<hyper::Error> for OpenError {
+    fn from(error: hyper::Error) -> Self {
+        Self::Handshake(SendError::Http(error))
+    }
 }
 
 /// Why a response body from an endpoint broke off.
@@ -160,7 +206,10 @@ impl EndpointPool {
                     ),
                     // Boxed: connecting (TCP, TLS) is a large future, and the rare path;
                     // inline it would make every request's future as large.
-                    None => (Box::pin(self.open_http1()).await?, false),
+                    None => match Box::pin(self.open_http1()).await {
+                        Ok(sender) => (sender, false),
+                        Err(error) => return Err(error.with_request(req)),
+                    },
                 },
             };
             match sender.try_send_request(req).await {
@@ -201,7 +250,10 @@ impl EndpointPool {
         loop {
             let ((number, mut sender), reused) = match self.shared_http2() {
                 Some(shared) => (shared, true),
-                None => Box::pin(self.open_http2()).await?,
+                None => match Box::pin(self.open_http2()).await {
+                    Ok(opened) => opened,
+                    Err(error) => return Err(error.with_request(req)),
+                },
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
@@ -231,11 +283,16 @@ impl EndpointPool {
         self: &Arc<Self>,
         req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let (mut parts, _ended) = req.into_parts();
+        let (mut parts, ended) = req.into_parts();
         loop {
             let (mut connection, reused) = match self.checkout_direct() {
                 Some(connection) => (connection, true),
-                None => (Box::pin(self.open_direct()).await?, false),
+                None => match Box::pin(self.open_direct()).await {
+                    Ok(connection) => (connection, false),
+                    Err(error) => {
+                        return Err(SendError::unsent(error, Request::from_parts(parts, ended)))
+                    }
+                },
             };
             match connection.exchange(&mut parts).await {
                 Ok(head) => {
@@ -277,7 +334,7 @@ impl EndpointPool {
             .push_back(IdleDirect { connection, sweep });
     }
 
-    async fn open_direct(self: &Arc<Self>) -> Result<Box<DirectConnection>, SendError> {
+    async fn open_direct(self: &Arc<Self>) -> Result<Box<DirectConnection>, ConnectError> {
         Ok(DirectConnection::new(self.connect().await?.into_inner()))
     }
 
@@ -318,8 +375,11 @@ impl EndpointPool {
             .push_back(IdleConnection { sender, sweep });
     }
 
-    async fn open_http1(self: &Arc<Self>) -> Result<Http1Sender, SendError> {
-        Self::handshake_http1(self.connect().await?).await
+    async fn open_http1(self: &Arc<Self>) -> Result<Http1Sender, OpenError> {
+        let io = self.connect().await.map_err(OpenError::Connect)?;
+        Self::handshake_http1(io)
+            .await
+            .map_err(OpenError::Handshake)
     }
 
     /// Starts hyper's HTTP/1.1 client on `io`, with its connection task.
@@ -349,12 +409,12 @@ impl EndpointPool {
 
     /// Opens the HTTP/2 connection unless another request just did; the flag says whether
     /// the sender was already in use.
-    async fn open_http2(self: &Arc<Self>) -> Result<((u64, Http2Sender), bool), SendError> {
+    async fn open_http2(self: &Arc<Self>) -> Result<((u64, Http2Sender), bool), OpenError> {
         let _opening = self.opening.lock().await;
         if let Some(shared) = self.shared_http2() {
             return Ok((shared, true));
         }
-        let io = self.connect().await?;
+        let io = self.connect().await.map_err(OpenError::Connect)?;
         let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(io)
