@@ -614,3 +614,48 @@ async fn outriderctl_says_clearly_when_the_server_is_down_or_the_token_wrong() {
         stderr(&out)
     );
 }
+
+#[tokio::test]
+async fn a_file_saved_empty_keeps_its_document() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control(&dirs);
+    let mut sub = control.subscribe("checkout", "pod-1", true).await;
+    let first = sub.next_update(PUSH_BOUND).await.unwrap();
+    assert!(first.policy.contains("127.0.0.1:9101"));
+
+    // A save caught between its truncate and its write, then an unrelated valid change: the
+    // change goes out, the defaults stay.
+    std::fs::File::create(dirs.policies.join("defaults.yaml")).unwrap();
+    dirs.write(
+        "checkout.yaml",
+        "workload: checkout\nservices: { cart: { endpoints: [127.0.0.1:9201] } }\n",
+    );
+    let update = sub.next_update(PUSH_BOUND).await.expect("pushed");
+    assert!(update.policy.contains("127.0.0.1:9201"), "{}", update.policy);
+    assert!(
+        update.policy.contains("127.0.0.1:9101"),
+        "the empty save removed the defaults: {}",
+        update.policy
+    );
+    let status = control.status().await;
+    let defaults = status["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "defaults.yaml")
+        .unwrap();
+    assert_eq!(defaults["changed_at"], first.version, "{status}");
+    assert!(control.wait_log(Duration::from_secs(2), |l| l
+        .contains("policy file is empty")
+        && l.contains("defaults.yaml")));
+
+    // The write that completes the save goes out.
+    std::fs::write(
+        dirs.policies.join("defaults.yaml"),
+        defaults_with("127.0.0.1:9102"),
+    )
+    .unwrap();
+    let update = sub.next_update(PUSH_BOUND).await.expect("pushed");
+    assert!(update.policy.contains("127.0.0.1:9102"), "{}", update.policy);
+}
