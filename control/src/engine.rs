@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use bytes::Bytes;
 use outrider_config::wire::{Ack, PolicyUpdate, ServerMessage};
@@ -96,6 +97,9 @@ pub enum EngineError {
     /// Rollback to a version no longer (or never) kept.
     #[error("version {0} is not in the kept history")]
     NotKept(u64),
+    /// The request's deadline passed before the change could be made; nothing changed.
+    #[error("not applied: the request's deadline passed while waiting for another change to finish; nothing changed")]
+    Expired,
     /// A kept version no longer loads (written by another build).
     #[error("stored document {name} no longer loads: {error}")]
     Stored {
@@ -104,6 +108,48 @@ pub enum EngineError {
         /// Why.
         error: PolicyError,
     },
+}
+
+/// A [`Change`] whose document was parsed and validated (before the writer lock was taken).
+#[derive(Debug)]
+enum Prepared {
+    Upsert {
+        name: String,
+        text: String,
+        source: Source,
+        policy: Result<Policy, PolicyError>,
+    },
+    Remove {
+        name: String,
+    },
+}
+
+impl Prepared {
+    fn parse(change: Change) -> Self {
+        match change {
+            Change::Upsert { name, text, source } => {
+                let policy = load_policy(&name, &text);
+                Self::Upsert {
+                    name,
+                    text,
+                    source,
+                    policy,
+                }
+            }
+            Change::Remove { name } => Self::Remove { name },
+        }
+    }
+}
+
+fn load_policy(name: &str, text: &str) -> Result<Policy, PolicyError> {
+    outrider_config::load(name, text).map(|loaded| loaded.policy)
+}
+
+fn check_deadline(deadline: Option<Instant>) -> Result<(), EngineError> {
+    match deadline {
+        Some(deadline) if Instant::now() >= deadline => Err(EngineError::Expired),
+        _ => Ok(()),
+    }
 }
 
 /// A file of the policy directory as read by a scan.
@@ -206,15 +252,32 @@ impl Engine {
     /// Validates and applies `changes` as one version (when any is accepted), persists it, and
     /// pushes the workloads whose merged policy changed.
     pub fn apply(&self, changes: Vec<Change>, cause: &str) -> Result<Outcome, EngineError> {
+        self.apply_by(changes, cause, None)
+    }
+
+    /// Like [`Self::apply`], but changes nothing once `deadline` has passed (the client that
+    /// asked has given up by then, and must not find its change applied later): checked when
+    /// the writer lock is taken and again just before the new version is committed.
+    pub fn apply_by(
+        &self,
+        changes: Vec<Change>,
+        cause: &str,
+        deadline: Option<Instant>,
+    ) -> Result<Outcome, EngineError> {
+        // Parsing is the slow part of a change: done before the lock, so a large document
+        // holds back no other change.
+        let changes = changes.into_iter().map(Prepared::parse).collect();
         let _writer = self.lock_writer();
-        self.apply_serialized(changes, cause, None, false)
+        check_deadline(deadline)?;
+        self.apply_serialized(changes, cause, None, false, deadline)
     }
 
     /// What [`Self::apply`] would do (diffs, rejections, workloads that would change, the
     /// version it would make), changing nothing and pushing nothing.
     pub fn dry_run(&self, changes: Vec<Change>) -> Result<Outcome, EngineError> {
+        let changes = changes.into_iter().map(Prepared::parse).collect();
         let _writer = self.lock_writer();
-        self.apply_serialized(changes, "dry run", None, true)
+        self.apply_serialized(changes, "dry run", None, true, None)
     }
 
     /// Brings the documents from files in line with a scan of the policy directory: changed
@@ -225,6 +288,17 @@ impl Engine {
         scan: BTreeMap<String, ScannedFile>,
         unreadable: &BTreeSet<String>,
     ) -> Result<Option<Outcome>, EngineError> {
+        // Parsed before the writer lock, like an applied document; a file that changed again
+        // since (another scan got the lock first) is parsed under it.
+        let mut ahead: BTreeMap<String, Result<Policy, PolicyError>> = {
+            let seen = self.lock().state.seen_files.clone();
+            scan.iter()
+                .filter(|(name, file)| {
+                    seen.get(*name) != Some(&outrider_config::content_hash(&file.text))
+                })
+                .map(|(name, file)| (name.clone(), load_policy(name, &file.text)))
+                .collect()
+        };
         let _writer = self.lock_writer();
         let mut inner = self.lock();
         // A rejected file that was deleted is no longer anyone's problem.
@@ -267,13 +341,19 @@ impl Engine {
                 .get(&name)
                 .is_some_and(|d| d.source == Source::File)
             {
-                changes.push(Change::Remove { name });
+                changes.push(Prepared::Remove { name });
             }
         }
-        changes.extend(upserts.iter().map(|(name, file, _)| Change::Upsert {
-            name: (*name).clone(),
-            text: file.text.clone(),
-            source: Source::File,
+        changes.extend(upserts.iter().map(|(name, file, _)| {
+            let policy = ahead
+                .remove(*name)
+                .unwrap_or_else(|| load_policy(name, &file.text));
+            Prepared::Upsert {
+                name: (*name).clone(),
+                text: file.text.clone(),
+                source: Source::File,
+                policy,
+            }
         }));
         if changes.is_empty() {
             inner.state.seen_files = seen;
@@ -282,7 +362,7 @@ impl Engine {
         let names: Vec<&str> = changes
             .iter()
             .map(|c| match c {
-                Change::Upsert { name, .. } | Change::Remove { name } => name.as_str(),
+                Prepared::Upsert { name, .. } | Prepared::Remove { name } => name.as_str(),
             })
             .collect();
         let cause = format!("files changed: {}", names.join(", "));
@@ -291,7 +371,7 @@ impl Engine {
             .map(|(name, _, hash)| ((*name).clone(), hash.clone()))
             .collect();
         drop(inner);
-        self.apply_serialized(changes, &cause, Some((seen, hashes)), false)
+        self.apply_serialized(changes, &cause, Some((seen, hashes)), false, None)
             .map(Some)
     }
 
@@ -303,10 +383,11 @@ impl Engine {
     /// parsing, validation and the fsync of the new state happen without it.
     fn apply_serialized(
         &self,
-        changes: Vec<Change>,
+        changes: Vec<Prepared>,
         cause: &str,
         seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
         dry_run: bool,
+        deadline: Option<Instant>,
     ) -> Result<Outcome, EngineError> {
         let (version, mut docs, mut parsed) = {
             let inner = self.lock();
@@ -319,13 +400,18 @@ impl Engine {
         let mut outcome = Outcome::default();
         for change in changes {
             match change {
-                Change::Upsert { name, text, source } => {
+                Prepared::Upsert {
+                    name,
+                    text,
+                    source,
+                    policy,
+                } => {
                     if docs.get(&name).is_some_and(|d| d.text == text) {
                         outcome.unchanged.push(name);
                         continue;
                     }
-                    let policy = match outrider_config::load(&name, &text) {
-                        Ok(loaded) => loaded.policy,
+                    let policy = match policy {
+                        Ok(policy) => policy,
                         Err(error) => {
                             outcome
                                 .rejected
@@ -379,7 +465,7 @@ impl Engine {
                     );
                     outcome.accepted.push(name);
                 }
-                Change::Remove { name } => {
+                Prepared::Remove { name } => {
                     if docs.remove(&name).is_some() {
                         parsed.remove(&name);
                         outcome.accepted.push(name);
@@ -435,6 +521,7 @@ impl Engine {
             documents: docs.clone(),
         });
         drop(inner);
+        check_deadline(deadline)?;
         // Durable before anyone sees it: a version a proxy applied must survive a restart.
         self.store.save(&state)?;
         let mut inner = self.lock();
@@ -991,6 +1078,52 @@ mod tests {
         assert_eq!(outcome.version, 1);
         assert_eq!(engine.version(), 1);
         assert_eq!(engine.subscribe("checkout").borrow().version, 1);
+    }
+
+    #[test]
+    fn a_change_whose_deadline_passed_behind_another_is_not_made() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let dir =
+            std::env::temp_dir().join(format!("outrider-engine-deadline-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _cleanup = Dir(dir.clone());
+        let mut store = Store::open(&dir).expect("store");
+        let (entered_tx, entered) = mpsc::sync_channel(2);
+        let (release, release_rx) = mpsc::channel();
+        store.gate = Some(Arc::new(crate::store::SaveGate {
+            entered: entered_tx,
+            release: Mutex::new(release_rx),
+        }));
+        let engine = Arc::new(Engine::open(store).expect("engine"));
+        let first = {
+            let engine = Arc::clone(&engine);
+            std::thread::spawn(move || {
+                engine.apply(vec![upsert("a", "services: {}\n")], "first")
+            })
+        };
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the first save started");
+        // A second change with a 50 ms deadline waits behind the first, which takes longer.
+        let second = {
+            let engine = Arc::clone(&engine);
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_millis(50);
+                engine.apply_by(
+                    vec![upsert("b", "services: { x: { endpoints: [127.0.0.1:1] } }\n")],
+                    "second",
+                    Some(deadline),
+                )
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        release.send(()).expect("first waits");
+        assert_eq!(first.join().expect("first").expect("applied").version, 1);
+        let second = second.join().expect("second");
+        assert!(matches!(second, Err(EngineError::Expired)), "{second:?}");
+        assert_eq!(engine.version(), 1);
+        assert_eq!(engine.history().len(), 1);
     }
 
     #[test]

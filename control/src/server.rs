@@ -39,6 +39,8 @@ const MAX_DOCUMENT: usize = 1024 * 1024;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest ACK body.
 const MAX_ACK: usize = 64 * 1024;
+/// Longest client deadline (`timeout_ms`) honoured; a larger one is cut to it.
+const MAX_CLIENT_TIMEOUT_MS: u64 = 5 * 60 * 1000;
 
 /// What the server needs: the engine and the token clients must present.
 pub struct App {
@@ -322,6 +324,11 @@ async fn apply(
     query: &HashMap<String, String>,
     app: &App,
 ) -> Response<ResBody> {
+    // The client's own deadline: past it, it has given up and the change must not happen.
+    let deadline = query
+        .get(api::TIMEOUT_PARAM)
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map(|ms| std::time::Instant::now() + Duration::from_millis(ms.min(MAX_CLIENT_TIMEOUT_MS)));
     let Some(name) = query.get("name").filter(|n| valid_name(n)).cloned() else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -350,7 +357,7 @@ async fn apply(
         if dry_run {
             engine.dry_run(vec![change])
         } else {
-            engine.apply(vec![change], &cause)
+            engine.apply_by(vec![change], &cause, deadline)
         }
     })
     .await;
@@ -382,6 +389,7 @@ async fn rollback(query: &HashMap<String, String>, app: &App) -> Response<ResBod
 fn engine_error(e: &EngineError) -> Response<ResBody> {
     let status = match e {
         EngineError::NotKept(_) => StatusCode::NOT_FOUND,
+        EngineError::Expired => StatusCode::SERVICE_UNAVAILABLE,
         EngineError::Store(_) | EngineError::Stored { .. } => {
             tracing::error!(error = %e, "change failed");
             StatusCode::INTERNAL_SERVER_ERROR

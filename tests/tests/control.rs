@@ -659,3 +659,50 @@ async fn a_file_saved_empty_keeps_its_document() {
     let update = sub.next_update(PUSH_BOUND).await.expect("pushed");
     assert!(update.policy.contains("127.0.0.1:9102"), "{}", update.policy);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_document_holds_back_no_other_apply() {
+    let dirs = ControlDirs::new();
+    let control = start_control(&dirs);
+    // 50,000 levels of nesting: seconds of parsing for the YAML parser this was written
+    // against (quadratic in depth), and a budget error for one that refuses such depth.
+    let depth = 50_000;
+    let slow = format!("services: {}{}\n", "[".repeat(depth), "]".repeat(depth));
+    let url = format!("{}/v1/apply?name=slow", control.url());
+    let slow_apply = tokio::spawn(async move {
+        let req = http::Request::post(url)
+            .header("authorization", format!("Bearer {CONTROL_TOKEN}"))
+            .body(outrider_e2e::full(slow))
+            .unwrap();
+        outrider_e2e::send(&outrider_e2e::http1_client(), req).await
+    });
+    // Let the slow document reach the server first (this orders the two requests; nothing
+    // is measured across it).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let file = dirs.state.with_extension("small.yaml");
+    std::fs::write(&file, DEFAULTS).unwrap();
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking({
+        let url = control.url();
+        let file = file.clone();
+        move || {
+            outrider_e2e::control::ctl(
+                &url,
+                Some(CONTROL_TOKEN),
+                &["apply", "-f", file.to_str().unwrap(), "--name", "defaults"],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    eprintln!("apply next to a slow document took {took:?}");
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    slow_apply.abort();
+}
