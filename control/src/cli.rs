@@ -345,8 +345,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
                 if args.dry_run {
                     path.push_str("&dry_run=1");
                 }
-                let (status, body) = match api.call(Method::POST, &path, Bytes::from(text)).await
-                {
+                let (status, body) = match api.call(Method::POST, &path, Bytes::from(text)).await {
                     Err(CliError::Timeout(url)) if !args.dry_run => {
                         return Err(CliError::ApplyOutcomeUnknown { url, name })
                     }

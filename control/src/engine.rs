@@ -13,15 +13,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::Bytes;
-use outrider_config::wire::{Ack, PolicyUpdate, ServerMessage};
+use outrider_config::wire::{self, Ack, PolicyUpdate, ServerMessage};
 use outrider_config::{Policy, PolicyError};
 use tokio::sync::watch;
 
 use crate::api::{
-    now_ms, ApiDiagnostic, Applied, DocumentStatus, HistoryEntry, Nack, ProxyStatus, Rejected,
-    Status, WorkloadPolicy, WorkloadVersion,
+    now_ms, ApiDiagnostic, Applied, DocumentStatus, HistoryEntry, ProxyStatus, Rejected, Status,
+    WorkloadPolicy, WorkloadVersion,
 };
 use crate::merge;
+use crate::registry::{AckRefused, Registry, Session, SubscribeRefused};
 use crate::store::{Source, State, Store, StoreError, StoredDoc, VersionRecord};
 
 /// The pseudo-workload of workloads that no document names: defaults only.
@@ -161,31 +162,13 @@ pub struct ScannedFile {
     pub modified: std::time::SystemTime,
 }
 
-#[derive(Debug)]
-struct ProxyRecord {
-    workload: String,
-    connection: u64,
-    connected: bool,
-    peer: Option<SocketAddr>,
-    connected_since_ms: u64,
-    version_sent: Option<u64>,
-    version_applied: Option<u64>,
-    hash_applied: Option<String>,
-    applied_at_ms: Option<u64>,
-    last_nack: Option<Nack>,
-}
-
-/// Proxies remembered after they disconnect, at most; beyond it the disconnected are dropped.
-const MAX_PROXY_RECORDS: usize = 50_000;
-
 struct Inner {
     state: State,
     docs: BTreeMap<String, StoredDoc>,
     parsed: BTreeMap<String, Policy>,
     rejected: BTreeMap<String, Rejected>,
     published: BTreeMap<String, watch::Sender<Arc<Published>>>,
-    proxies: BTreeMap<String, ProxyRecord>,
-    next_connection: u64,
+    proxies: Registry,
 }
 
 /// The control plane's state; share it as `Arc<Engine>`.
@@ -195,6 +178,8 @@ struct Inner {
 /// in-memory work, so status reads, subscriptions and ACKs never wait for a disk.
 pub struct Engine {
     store: Store,
+    /// Longest update line a change may produce for any workload (see [`Self::max_push`]).
+    max_push: usize,
     writer: Mutex<()>,
     inner: Mutex<Inner>,
 }
@@ -219,14 +204,14 @@ impl Engine {
             parsed,
             rejected: BTreeMap::new(),
             published: BTreeMap::new(),
-            proxies: BTreeMap::new(),
-            next_connection: 0,
+            proxies: Registry::default(),
         };
         let version = inner.state.version;
         republish(&mut inner, version);
         settle_versions(&mut inner);
         Ok(Self {
             store,
+            max_push: wire::MAX_LINE,
             writer: Mutex::new(()),
             inner: Mutex::new(inner),
         })
@@ -242,6 +227,14 @@ impl Engine {
     /// the rejections, so that between its reads and its commit nothing else does.
     fn lock_writer(&self) -> MutexGuard<'_, ()> {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refuses changes whose merged policy for some workload encodes into an update line
+    /// longer than `bytes` (at most [`wire::MAX_LINE`], what a proxy reads), so a proxy never
+    /// receives a policy it cannot read.
+    pub fn max_push(mut self, bytes: usize) -> Self {
+        self.max_push = bytes.min(wire::MAX_LINE);
+        self
     }
 
     /// The version in force.
@@ -420,7 +413,8 @@ impl Engine {
                         }
                     };
                     let old = parsed.insert(name.clone(), policy);
-                    if let Err(message) = check_merges(&name, old.as_ref(), &parsed) {
+                    if let Err(message) = check_merges(&name, old.as_ref(), &parsed, self.max_push)
+                    {
                         match old {
                             Some(old) => parsed.insert(name.clone(), old),
                             None => parsed.remove(&name),
@@ -639,94 +633,46 @@ impl Engine {
         }
     }
 
-    /// Records that `proxy` opened a stream; the returned id closes it in [`Self::disconnected`].
-    pub fn connected(&self, proxy: &str, workload: &str, peer: Option<SocketAddr>) -> u64 {
-        let mut inner = self.lock();
-        inner.next_connection += 1;
-        let connection = inner.next_connection;
-        if inner.proxies.len() >= MAX_PROXY_RECORDS {
-            inner.proxies.retain(|_, p| p.connected);
-        }
-        let record = inner
-            .proxies
-            .entry(proxy.to_string())
-            .or_insert_with(|| ProxyRecord {
-                workload: workload.to_string(),
-                connection,
-                connected: true,
-                peer,
-                connected_since_ms: 0,
-                version_sent: None,
-                version_applied: None,
-                hash_applied: None,
-                applied_at_ms: None,
-                last_nack: None,
-            });
-        record.workload = workload.to_string();
-        record.connection = connection;
-        record.connected = true;
-        record.peer = peer;
-        record.connected_since_ms = now_ms();
-        tracing::info!(proxy, workload, peer = ?peer, "proxy subscribed");
-        connection
-    }
-
-    /// Records that `version` was written to `proxy`'s stream.
-    pub fn sent(&self, proxy: &str, connection: u64, version: u64) {
-        let mut inner = self.lock();
-        if let Some(record) = inner.proxies.get_mut(proxy) {
-            if record.connection == connection {
-                record.version_sent = Some(version);
+    /// Opens a session for `proxy` (see [`crate::registry`]): refused while another session
+    /// of the same proxy id is live, unless `claimed` is that session's id.
+    pub fn connect(
+        &self,
+        proxy: &str,
+        workload: &str,
+        peer: Option<SocketAddr>,
+        claimed: Option<&str>,
+    ) -> Result<Session, SubscribeRefused> {
+        let session = self.lock().proxies.connect(proxy, workload, peer, claimed);
+        match &session {
+            Ok(_) => tracing::info!(proxy, workload, peer = ?peer, "proxy subscribed"),
+            Err(e) => {
+                tracing::warn!(proxy, workload, peer = ?peer, error = %e, "subscription refused")
             }
         }
+        session
+    }
+
+    /// Records that `version` (hashing to `hash`) was written to `proxy`'s stream, or that the
+    /// proxy resumed with it.
+    pub fn sent(&self, proxy: &str, connection: u64, version: u64, hash: &str) {
+        self.lock().proxies.sent(proxy, connection, version, hash);
     }
 
     /// Records that a stream closed (unless the proxy already opened a newer one).
     pub fn disconnected(&self, proxy: &str, connection: u64) {
-        let mut inner = self.lock();
-        if let Some(record) = inner.proxies.get_mut(proxy) {
-            if record.connection == connection {
-                record.connected = false;
-                tracing::info!(proxy, "proxy stream closed");
-            }
+        if self.lock().proxies.disconnected(proxy, connection) {
+            tracing::info!(proxy, "proxy stream closed");
         }
     }
 
-    /// Records a proxy's ACK or NACK.
-    pub fn ack(&self, ack: Ack) {
-        let mut inner = self.lock();
-        let now = now_ms();
-        let record = inner
-            .proxies
-            .entry(ack.proxy.clone())
-            .or_insert_with(|| ProxyRecord {
-                workload: ack.workload.clone(),
-                connection: 0,
-                connected: false,
-                peer: None,
-                connected_since_ms: now,
-                version_sent: None,
-                version_applied: None,
-                hash_applied: None,
-                applied_at_ms: None,
-                last_nack: None,
-            });
-        match ack.error {
-            None => {
-                record.version_applied = Some(ack.version);
-                record.hash_applied = Some(ack.content_hash);
-                record.applied_at_ms = Some(now);
-                tracing::info!(proxy = %ack.proxy, version = ack.version, "ACK");
-            }
-            Some(error) => {
-                tracing::warn!(proxy = %ack.proxy, version = ack.version, error, "NACK: the proxy kept its previous policy");
-                record.last_nack = Some(Nack {
-                    version: ack.version,
-                    error,
-                    at_ms: now,
-                });
-            }
+    /// Records a proxy's ACK or NACK, if it comes from the proxy's live session and names a
+    /// policy that session was sent.
+    pub fn ack(&self, ack: Ack) -> Result<(), AckRefused> {
+        let result = self.lock().proxies.ack(ack);
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "ACK refused");
         }
+        result
     }
 
     /// Documents, rejections and proxies.
@@ -800,6 +746,7 @@ fn check_merges(
     name: &str,
     old: Option<&Policy>,
     parsed: &BTreeMap<String, Policy>,
+    max_push: usize,
 ) -> Result<(), String> {
     let new = &parsed[name];
     let touches_all = [Some(new), old]
@@ -820,7 +767,15 @@ fn check_merges(
     };
     for workload in workloads {
         match merged_yaml(&workload, parsed) {
-            Ok(_) => {}
+            Ok(yaml) => {
+                // The version's digits are not known yet: count the longest a u64 can have.
+                let line = encode(u64::MAX, yaml).line.len();
+                if line > max_push {
+                    return Err(format!(
+                        "{name}: the merged policy for workload `{workload}` would be pushed as {line} bytes, more than the {max_push} a proxy accepts; split the workload's policy or remove documents it merges"
+                    ));
+                }
+            }
             // A conflict between two other documents predates this change (it can only arise
             // from a removal); it is not this document's to answer for.
             Err(MergeFailure::Conflict(c)) if !c.involves(name) => {}
@@ -1065,8 +1020,10 @@ mod tests {
             std::thread::spawn(move || {
                 let version = engine.version();
                 let policy = engine.subscribe("checkout").borrow().version;
-                let connection = engine.connected("p1", "checkout", None);
-                engine.sent("p1", connection, 0);
+                let session = engine
+                    .connect("p1", "checkout", None, None)
+                    .expect("session");
+                engine.sent("p1", session.connection, 0, "");
                 let status = engine.status();
                 let _ = answered_tx.send((version, policy, status.proxies.len()));
             });
@@ -1098,9 +1055,7 @@ mod tests {
         let engine = Arc::new(Engine::open(store).expect("engine"));
         let first = {
             let engine = Arc::clone(&engine);
-            std::thread::spawn(move || {
-                engine.apply(vec![upsert("a", "services: {}\n")], "first")
-            })
+            std::thread::spawn(move || engine.apply(vec![upsert("a", "services: {}\n")], "first"))
         };
         entered
             .recv_timeout(Duration::from_secs(10))
@@ -1111,7 +1066,10 @@ mod tests {
             std::thread::spawn(move || {
                 let deadline = Instant::now() + Duration::from_millis(50);
                 engine.apply_by(
-                    vec![upsert("b", "services: { x: { endpoints: [127.0.0.1:1] } }\n")],
+                    vec![upsert(
+                        "b",
+                        "services: { x: { endpoints: [127.0.0.1:1] } }\n",
+                    )],
                     "second",
                     Some(deadline),
                 )
@@ -1277,19 +1235,21 @@ mod tests {
             .apply(vec![upsert("d", "services: {}\n")], "t")
             .expect("applied");
         let current = engine.policy("w");
-        let conn = engine.connected("p1", "w", None);
-        engine.sent("p1", conn, current.version);
+        let session = engine.connect("p1", "w", None, None).expect("session");
+        let conn = session.connection;
+        engine.sent("p1", conn, current.version, &current.content_hash);
         let ack = |error: Option<&str>, hash: &str| Ack {
             proxy: "p1".into(),
             workload: "w".into(),
             version: current.version,
             content_hash: hash.into(),
             error: error.map(String::from),
+            session: session.id.clone(),
         };
         assert_eq!(engine.status().proxies[0].state, "pending");
-        engine.ack(ack(Some("port taken"), "x"));
+        engine.ack(ack(Some("port taken"), "x")).expect("nack");
         assert_eq!(engine.status().proxies[0].state, "nack");
-        engine.ack(ack(None, &current.content_hash));
+        engine.ack(ack(None, &current.content_hash)).expect("ack");
         let status = engine.status();
         assert_eq!(status.proxies[0].state, "in-sync");
         assert_eq!(status.proxies[0].version_applied, Some(current.version));

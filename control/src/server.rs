@@ -158,13 +158,17 @@ fn subscribe(query: &HashMap<String, String>, peer: SocketAddr, app: &App) -> Re
         .cloned()
         .unwrap_or_else(|| peer.to_string());
     let have_hash = query.get("have_hash").filter(|h| !h.is_empty()).cloned();
+    let claimed = query.get("session").map(String::as_str);
+    let session = match app.engine.connect(&proxy, workload, Some(peer), claimed) {
+        Ok(session) => session,
+        Err(e) => return error(StatusCode::CONFLICT, &e.to_string()),
+    };
     let updates = app.engine.subscribe(workload);
-    let connection = app.engine.connected(&proxy, workload, Some(peer));
     let (tx, rx) = mpsc::channel(2);
     let stream = Stream {
         engine: Arc::clone(&app.engine),
         proxy,
-        connection,
+        connection: session.connection,
     };
     tokio::spawn(stream.run(updates, tx, have_hash, app.heartbeat));
     let mut res = Response::new(ChannelBody(rx).boxed());
@@ -177,6 +181,9 @@ fn subscribe(query: &HashMap<String, String>, peer: SocketAddr, app: &App) -> Re
         header::CACHE_CONTROL,
         header::HeaderValue::from_static("no-store"),
     );
+    if let Ok(id) = header::HeaderValue::from_str(&session.id) {
+        headers.insert(wire::SESSION_HEADER, id);
+    }
     res
 }
 
@@ -199,14 +206,31 @@ impl Stream {
         let mut ticker =
             tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        {
+            // A proxy resuming with the content in force is not sent it again, but it counts
+            // as sent: its ACK of what it runs is then accepted.
+            let current = updates.borrow();
+            if sent_hash.as_deref() == Some(current.content_hash.as_str()) {
+                self.engine.sent(
+                    &self.proxy,
+                    self.connection,
+                    current.version,
+                    &current.content_hash,
+                );
+            }
+        }
         loop {
             let current = Arc::clone(&updates.borrow_and_update());
             // A proxy that already has this content (it said so when reconnecting) is not
             // sent it again: a control-plane restart causes no re-push storm.
             if sent_hash.as_deref() != Some(current.content_hash.as_str()) {
                 // Recorded first, so whoever reads the line can already see it in status.
-                self.engine
-                    .sent(&self.proxy, self.connection, current.version);
+                self.engine.sent(
+                    &self.proxy,
+                    self.connection,
+                    current.version,
+                    &current.content_hash,
+                );
                 if tx.send(current.line.clone()).await.is_err() {
                     return;
                 }
@@ -250,13 +274,13 @@ async fn ack(req: Request<Incoming>, app: &App) -> Response<ResBody> {
         Err(res) => return res,
     };
     match serde_json::from_slice::<Ack>(&body) {
-        Ok(ack) => {
-            app.engine.ack(ack);
-            Response::builder()
+        Ok(ack) => match app.engine.ack(ack) {
+            Ok(()) => Response::builder()
                 .status(StatusCode::NO_CONTENT)
                 .body(empty())
-                .unwrap_or_default()
-        }
+                .unwrap_or_default(),
+            Err(e) => error(StatusCode::CONFLICT, &e.to_string()),
+        },
         Err(e) => error(StatusCode::BAD_REQUEST, &format!("not an ACK: {e}")),
     }
 }

@@ -68,7 +68,10 @@ pub fn scan(dir: &Path) -> std::io::Result<Scan> {
             }
             let text = std::fs::read_to_string(&path)?;
             let modified = meta.modified()?;
-            Ok(Some((ScannedFile { text, modified }, (meta.len(), Some(modified)))))
+            Ok(Some((
+                ScannedFile { text, modified },
+                (meta.len(), Some(modified)),
+            )))
         });
         match read {
             Ok(Some((file, stamp))) => {

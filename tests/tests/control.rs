@@ -632,7 +632,11 @@ async fn a_file_saved_empty_keeps_its_document() {
         "workload: checkout\nservices: { cart: { endpoints: [127.0.0.1:9201] } }\n",
     );
     let update = sub.next_update(PUSH_BOUND).await.expect("pushed");
-    assert!(update.policy.contains("127.0.0.1:9201"), "{}", update.policy);
+    assert!(
+        update.policy.contains("127.0.0.1:9201"),
+        "{}",
+        update.policy
+    );
     assert!(
         update.policy.contains("127.0.0.1:9101"),
         "the empty save removed the defaults: {}",
@@ -657,7 +661,11 @@ async fn a_file_saved_empty_keeps_its_document() {
     )
     .unwrap();
     let update = sub.next_update(PUSH_BOUND).await.expect("pushed");
-    assert!(update.policy.contains("127.0.0.1:9102"), "{}", update.policy);
+    assert!(
+        update.policy.contains("127.0.0.1:9102"),
+        "{}",
+        update.policy
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -705,4 +713,35 @@ async fn a_slow_document_holds_back_no_other_apply() {
     );
     assert!(took < Duration::from_secs(3), "{took:?}");
     slow_apply.abort();
+}
+
+#[tokio::test]
+async fn a_change_too_large_to_push_is_refused_at_apply() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    // A small push limit stands in for the proxies' 16 MiB, which takes long to fill.
+    let control = start_control_with(&dirs, &["--max-push-bytes", "4096"]);
+    let mut sub = control.subscribe("checkout", "pod-1", false).await;
+    let first = sub.next_update(PUSH_BOUND).await.unwrap();
+    let services: String = (0..60)
+        .map(|i| format!("  s{i}: {{ endpoints: [127.0.0.1:{}] }}\n", 10_000 + i))
+        .collect();
+    let big = format!("workload: checkout\nservices:\n{services}");
+    let file = dirs.state.with_extension("big.yaml");
+    std::fs::write(&file, &big).unwrap();
+    let out = control.ctl(&["apply", "-f", file.to_str().unwrap(), "--name", "big"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("more than the 4096 a proxy accepts") && stderr.contains("`checkout`"),
+        "{stderr}"
+    );
+    let reply = control.request("POST", "/v1/apply?name=big", &big).await;
+    assert_eq!(reply.status, 422, "{:?}", reply.body);
+    assert_eq!(control.status().await["version"], first.version);
+    // Nothing was pushed.
+    match sub.next(Duration::from_millis(1500)).await {
+        Some(ServerMessage::Heartbeat) => {}
+        other => panic!("nothing must be pushed, got {other:?}"),
+    }
 }

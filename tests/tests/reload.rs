@@ -481,3 +481,37 @@ async fn saves_that_truncate_then_write_lose_no_request() {
     assert!(served > 200, "too little load to mean anything: {served}");
     assert_eq!(config(&proxy).await["version"], SAVES + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_policy_file_stalls_no_request() {
+    let a = Upstream::echo(Proto::Http1, "a").await;
+    let b = Upstream::echo(Proto::Http1, "b").await;
+    // One runtime thread (the default): parsing on it would stall every request.
+    let proxy = start_proxy(&routing(a.addr, b.addr, "a"));
+    // 50,000 levels of nesting: seconds of parsing for the YAML parser this was written
+    // against (quadratic in depth), and a budget error for one that refuses such depth.
+    let depth = 50_000;
+    save(
+        &proxy.policy_path(),
+        &format!("services: {}{}\n", "[".repeat(depth), "]".repeat(depth)),
+    );
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut served = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        let sent = Instant::now();
+        let reply = tokio::time::timeout(Duration::from_secs(1), get(proxy.outbound, "svc", "/"))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "a request stalled while the file was parsed ({} served before)",
+                    served
+                )
+            });
+        assert_eq!(reply.status, 200);
+        slowest = slowest.max(sent.elapsed());
+        served += 1;
+    }
+    eprintln!("{served} requests while a slow file was parsed; slowest {slowest:?}");
+    assert_eq!(config(&proxy).await["version"], 1);
+}
