@@ -189,7 +189,15 @@ impl Registry {
         let now = now_ms();
         match ack.error {
             None => {
-                let Some(&(version, _)) = record.sent.iter().find(|(_, h)| *h == ack.content_hash)
+                // The same content may have been sent at several versions (a change undone):
+                // the one the ACK names, else the latest.
+                let sent_hash = |(_, h): &&(u64, String)| *h == ack.content_hash;
+                let named = record
+                    .sent
+                    .iter()
+                    .find(|(v, h)| *v == ack.version && *h == ack.content_hash);
+                let Some(&(version, _)) =
+                    named.or_else(|| record.sent.iter().rev().find(sent_hash))
                 else {
                     return Err(AckRefused::NotSent {
                         proxy: ack.proxy,
@@ -260,6 +268,8 @@ mod tests {
         let first = registry.connect("p1", "w", None, None).expect("first");
         assert_eq!(first.id.len(), 32);
         registry.sent("p1", first.connection, 3, "h3");
+        registry.sent("p1", first.connection, 4, "h4");
+        registry.sent("p1", first.connection, 5, "h3");
 
         // Another subscriber claiming p1: refused, the record untouched.
         assert_eq!(
@@ -285,13 +295,15 @@ mod tests {
         ));
         // The real ACK counts at the version sent, whatever version it names.
         registry
+            .ack(ack(&first.id, 3, "h3", None))
+            .expect("real ack");
+        let applied = |r: &Registry| r.iter().next().expect("p1").1.version_applied;
+        assert_eq!(applied(&registry), Some(3));
+        registry
             .ack(ack(&first.id, 99_999, "h3", None))
             .expect("real ack");
-        let (_, record) = registry.iter().next().expect("p1");
-        assert_eq!(
-            (record.workload.as_str(), record.version_applied),
-            ("w", Some(3))
-        );
+        assert_eq!(applied(&registry), Some(5));
+        assert_eq!(registry.iter().next().expect("p1").1.workload, "w");
 
         // The same proxy proving its session takes over; the old stream's close changes nothing.
         let second = registry

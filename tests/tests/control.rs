@@ -376,6 +376,7 @@ async fn acks_and_nacks_show_in_status() {
             "version": update.version,
             "content_hash": update.content_hash,
             "error": error,
+            "session": sub.session,
         })
         .to_string()
     };
@@ -533,6 +534,7 @@ async fn outriderctl_status_history_and_rollback() {
     let ack = serde_json::json!({
         "proxy": "pod-7", "workload": "checkout", "version": v2.version,
         "content_hash": v2.content_hash, "error": "listen 127.0.0.1:9001: address in use",
+        "session": sub.session,
     });
     assert_eq!(
         control
