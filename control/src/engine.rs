@@ -118,7 +118,8 @@ enum Prepared {
         name: String,
         text: String,
         source: Source,
-        policy: Result<Policy, PolicyError>,
+        /// Boxed: a policy is large and most batches are a single change anyway.
+        policy: Box<Result<Policy, PolicyError>>,
     },
     Remove {
         name: String,
@@ -129,7 +130,7 @@ impl Prepared {
     fn parse(change: Change) -> Self {
         match change {
             Change::Upsert { name, text, source } => {
-                let policy = load_policy(&name, &text);
+                let policy = Box::new(load_policy(&name, &text));
                 Self::Upsert {
                     name,
                     text,
@@ -341,6 +342,7 @@ impl Engine {
             let policy = ahead
                 .remove(*name)
                 .unwrap_or_else(|| load_policy(name, &file.text));
+            let policy = Box::new(policy);
             Prepared::Upsert {
                 name: (*name).clone(),
                 text: file.text.clone(),
@@ -403,7 +405,7 @@ impl Engine {
                         outcome.unchanged.push(name);
                         continue;
                     }
-                    let policy = match policy {
+                    let policy = match *policy {
                         Ok(policy) => policy,
                         Err(error) => {
                             outcome
