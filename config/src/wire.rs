@@ -9,9 +9,13 @@
 //!   without a re-push), then one update per accepted change that alters the workload's merged
 //!   policy, and a [`ServerMessage::Heartbeat`] every [`HEARTBEAT_SECS`] seconds so a dead
 //!   stream is noticed.
-//! - Acknowledge: `POST /v1/ack` with a JSON [`Ack`] body, same token; 204 on success. A proxy
-//!   that resumed with `have_hash` also ACKs the version it runs once the stream is open, so a
-//!   restarted server knows it without pushing anything.
+//!   The answer's [`SESSION_HEADER`] is the subscription's session id. While a subscription is
+//!   live, another one under the same `proxy` id is refused (409) unless it presents that id as
+//!   `session=ID` (the same proxy reconnecting before its old stream was noticed gone).
+//! - Acknowledge: `POST /v1/ack` with a JSON [`Ack`] body, same token; 204 on success, 409 when
+//!   its session is not the proxy's live one or that session was never sent the policy it
+//!   names. A proxy that resumed with `have_hash` also ACKs the version it runs once the stream
+//!   is open, so a restarted server knows it without pushing anything.
 //! - Certificate: `POST /v1/certificate` with a JSON [`CertificateRequest`] (a CSR made with a
 //!   key that never leaves the proxy, and the namespace and service account it asks to be),
 //!   same token; 200 with a [`CertificateResponse`] (leaf chain and trust bundle, PEM).
@@ -23,9 +27,15 @@ use serde::{Deserialize, Serialize};
 pub const SUBSCRIBE_PATH: &str = "/v1/subscribe";
 /// Path proxies post their ACK/NACK to.
 pub const ACK_PATH: &str = "/v1/ack";
+/// Response header of a subscription carrying its session id.
+pub const SESSION_HEADER: &str = "x-outrider-session";
 /// Seconds between heartbeats on an idle subscription; a subscriber that hears nothing for
 /// three times this long reconnects.
 pub const HEARTBEAT_SECS: u64 = 10;
+/// Longest stream line (a [`ServerMessage`] and its newline) a subscriber reads: a control
+/// plane refuses a change whose merged policy would not fit, and a subscriber NACKs a line
+/// longer than this and skips it.
+pub const MAX_LINE: usize = 16 * 1024 * 1024;
 
 /// Path proxies post their certificate signing requests to.
 pub const CERTIFICATE_PATH: &str = "/v1/certificate";
@@ -113,6 +123,9 @@ pub struct Ack {
     /// `None`: applied (ACK). `Some(reason)`: rejected and the previous policy kept (NACK).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The session id of the subscription the policy came on ([`SESSION_HEADER`]).
+    #[serde(default)]
+    pub session: String,
 }
 
 #[cfg(test)]

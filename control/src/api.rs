@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | `POST /v1/apply?name=N` (YAML body) | yes | 200 [`Applied`], 422 [`Rejected`] |
 //! | `POST /v1/apply?name=N&dry_run=1` | yes | the same answers; nothing changes, nothing is pushed |
+//! | `POST /v1/apply?name=N&timeout_ms=T` | yes | also 503 when T ms passed before the change could be committed: nothing changed |
 //! | `GET /v1/history` | yes | 200 `[`[`HistoryEntry`]`]` newest first |
 //! | `POST /v1/rollback?to=N` | yes | 200 [`Applied`], 404 when N is not kept |
 //! | `GET /v1/policy?workload=W` | yes | 200 [`WorkloadPolicy`] |
@@ -25,6 +26,10 @@ pub const ROLLBACK_PATH: &str = "/v1/rollback";
 pub const POLICY_PATH: &str = "/v1/policy";
 /// Path of `status`.
 pub const STATUS_PATH: &str = "/v1/status";
+/// Query parameter of `apply`: milliseconds the client waits for the answer. A change not
+/// committed by then is not made at all (503), so a client that gave up never finds it
+/// applied later.
+pub const TIMEOUT_PARAM: &str = "timeout_ms";
 
 /// An accepted change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,8 @@
 //! The `outriderctl` commands that talk to the control plane: `apply`, `status`, `history`,
 //! `rollback`, `get`. Exit codes: 0 success, 1 rejected (invalid or conflicting policy,
-//! unknown version), 66 unreadable file, 69 control plane unreachable, 70 unexpected answer,
-//! 77 token refused.
+//! unknown version), 66 unreadable file, 69 control plane unreachable, change not made (its
+//! deadline passed, its state dir failed) or outcome unknown, 70 unexpected answer, 77 token
+//! refused.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -28,6 +29,9 @@ const EX_NOPERM: u8 = 77;
 
 /// Bound on one request to the control plane.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The deadline `apply` gives the server: shorter than [`REQUEST_TIMEOUT`] by the time a
+/// commit and its answer may take, so the server gives up on a change before we do.
+const APPLY_DEADLINE: Duration = Duration::from_secs(8);
 
 /// Where the control plane is and how to authenticate.
 #[derive(Debug, Clone, clap::Args)]
@@ -105,6 +109,24 @@ pub enum CliError {
     /// No answer in time.
     #[error("the control plane at {0} did not answer within {REQUEST_TIMEOUT:?}")]
     Timeout(String),
+    /// `apply` got no answer in time: the change was most likely not made (the server drops
+    /// it past its deadline), but only the history can tell.
+    #[error("the control plane at {url} did not answer within {REQUEST_TIMEOUT:?}: whether {name} was applied is unknown (it is not applied past {APPLY_DEADLINE:?} unless the commit had begun); `outriderctl history` shows a version with cause `apply {name}` if it was")]
+    ApplyOutcomeUnknown {
+        /// The URL.
+        url: String,
+        /// The document.
+        name: String,
+    },
+    /// The control plane could not make the change (its deadline passed, its disk failed):
+    /// nothing changed.
+    #[error("{name} not applied: {message}")]
+    NotApplied {
+        /// The document.
+        name: String,
+        /// The control plane's reason.
+        message: String,
+    },
     /// `--server` is not an http:// URL.
     #[error("--server must be an http:// URL, got {0:?}")]
     BadUrl(String),
@@ -129,7 +151,10 @@ pub enum CliError {
 impl CliError {
     fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
-            Self::Unreachable { .. } | Self::Timeout(_) => EX_UNAVAILABLE,
+            Self::Unreachable { .. }
+            | Self::Timeout(_)
+            | Self::ApplyOutcomeUnknown { .. }
+            | Self::NotApplied { .. } => EX_UNAVAILABLE,
             Self::Unauthorized { .. } => EX_NOPERM,
             Self::TokenFile { .. } => EX_NOINPUT,
             Self::BadUrl(_) => 64,
@@ -237,10 +262,17 @@ fn decode<T: DeserializeOwned>(status: StatusCode, body: &[u8]) -> Result<T, Cli
 }
 
 fn unexpected(status: StatusCode, body: &[u8]) -> CliError {
-    let message = serde_json::from_slice::<ErrorBody>(body)
+    CliError::Unexpected {
+        status,
+        message: error_message(body),
+    }
+}
+
+/// The `error` of an [`ErrorBody`], or the body as text.
+fn error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<ErrorBody>(body)
         .map(|e| e.error)
-        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
-    CliError::Unexpected { status, message }
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -303,11 +335,22 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         |api| async move {
             let mut code = ExitCode::SUCCESS;
             for (name, text) in documents {
-                let mut path = format!("{}?name={}", api::APPLY_PATH, encode(&name));
+                let mut path = format!(
+                    "{}?name={}&{}={}",
+                    api::APPLY_PATH,
+                    encode(&name),
+                    api::TIMEOUT_PARAM,
+                    APPLY_DEADLINE.as_millis()
+                );
                 if args.dry_run {
                     path.push_str("&dry_run=1");
                 }
-                let (status, body) = api.call(Method::POST, &path, Bytes::from(text)).await?;
+                let (status, body) = match api.call(Method::POST, &path, Bytes::from(text)).await {
+                    Err(CliError::Timeout(url)) if !args.dry_run => {
+                        return Err(CliError::ApplyOutcomeUnknown { url, name })
+                    }
+                    other => other?,
+                };
                 match status {
                     StatusCode::OK => {
                         print_applied(&name, &decode::<Applied>(status, &body)?, args.dry_run)
@@ -323,6 +366,12 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
                             );
                         }
                         code = ExitCode::from(EX_REJECTED);
+                    }
+                    StatusCode::SERVICE_UNAVAILABLE | StatusCode::INTERNAL_SERVER_ERROR => {
+                        return Err(CliError::NotApplied {
+                            name,
+                            message: error_message(&body),
+                        });
                     }
                     _ => return Err(unexpected(status, &body)),
                 }

@@ -10,17 +10,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use bytes::Bytes;
-use outrider_config::wire::{Ack, PolicyUpdate, ServerMessage};
+use outrider_config::wire::{self, Ack, PolicyUpdate, ServerMessage};
 use outrider_config::{Policy, PolicyError};
 use tokio::sync::watch;
 
 use crate::api::{
-    now_ms, ApiDiagnostic, Applied, DocumentStatus, HistoryEntry, Nack, ProxyStatus, Rejected,
-    Status, WorkloadPolicy, WorkloadVersion,
+    now_ms, ApiDiagnostic, Applied, DocumentStatus, HistoryEntry, ProxyStatus, Rejected, Status,
+    WorkloadPolicy, WorkloadVersion,
 };
 use crate::merge;
+use crate::registry::{AckRefused, Registry, Session, SubscribeRefused};
 use crate::store::{Source, State, Store, StoreError, StoredDoc, VersionRecord};
 
 /// The pseudo-workload of workloads that no document names: defaults only.
@@ -96,6 +98,9 @@ pub enum EngineError {
     /// Rollback to a version no longer (or never) kept.
     #[error("version {0} is not in the kept history")]
     NotKept(u64),
+    /// The request's deadline passed before the change could be made; nothing changed.
+    #[error("not applied: the request's deadline passed while waiting for another change to finish; nothing changed")]
+    Expired,
     /// A kept version no longer loads (written by another build).
     #[error("stored document {name} no longer loads: {error}")]
     Stored {
@@ -104,6 +109,49 @@ pub enum EngineError {
         /// Why.
         error: PolicyError,
     },
+}
+
+/// A [`Change`] whose document was parsed and validated (before the writer lock was taken).
+#[derive(Debug)]
+enum Prepared {
+    Upsert {
+        name: String,
+        text: String,
+        source: Source,
+        /// Boxed: a policy is large and most batches are a single change anyway.
+        policy: Box<Result<Policy, PolicyError>>,
+    },
+    Remove {
+        name: String,
+    },
+}
+
+impl Prepared {
+    fn parse(change: Change) -> Self {
+        match change {
+            Change::Upsert { name, text, source } => {
+                let policy = Box::new(load_policy(&name, &text));
+                Self::Upsert {
+                    name,
+                    text,
+                    source,
+                    policy,
+                }
+            }
+            Change::Remove { name } => Self::Remove { name },
+        }
+    }
+}
+
+fn load_policy(name: &str, text: &str) -> Result<Policy, PolicyError> {
+    outrider_config::load(name, text).map(|loaded| loaded.policy)
+}
+
+fn check_deadline(deadline: Option<Instant>) -> Result<(), EngineError> {
+    match deadline {
+        Some(deadline) if Instant::now() >= deadline => Err(EngineError::Expired),
+        _ => Ok(()),
+    }
 }
 
 /// A file of the policy directory as read by a scan.
@@ -115,31 +163,13 @@ pub struct ScannedFile {
     pub modified: std::time::SystemTime,
 }
 
-#[derive(Debug)]
-struct ProxyRecord {
-    workload: String,
-    connection: u64,
-    connected: bool,
-    peer: Option<SocketAddr>,
-    connected_since_ms: u64,
-    version_sent: Option<u64>,
-    version_applied: Option<u64>,
-    hash_applied: Option<String>,
-    applied_at_ms: Option<u64>,
-    last_nack: Option<Nack>,
-}
-
-/// Proxies remembered after they disconnect, at most; beyond it the disconnected are dropped.
-const MAX_PROXY_RECORDS: usize = 50_000;
-
 struct Inner {
     state: State,
     docs: BTreeMap<String, StoredDoc>,
     parsed: BTreeMap<String, Policy>,
     rejected: BTreeMap<String, Rejected>,
     published: BTreeMap<String, watch::Sender<Arc<Published>>>,
-    proxies: BTreeMap<String, ProxyRecord>,
-    next_connection: u64,
+    proxies: Registry,
 }
 
 /// The control plane's state; share it as `Arc<Engine>`.
@@ -149,6 +179,8 @@ struct Inner {
 /// in-memory work, so status reads, subscriptions and ACKs never wait for a disk.
 pub struct Engine {
     store: Store,
+    /// Longest update line a change may produce for any workload (see [`Self::max_push`]).
+    max_push: usize,
     writer: Mutex<()>,
     inner: Mutex<Inner>,
 }
@@ -173,14 +205,14 @@ impl Engine {
             parsed,
             rejected: BTreeMap::new(),
             published: BTreeMap::new(),
-            proxies: BTreeMap::new(),
-            next_connection: 0,
+            proxies: Registry::default(),
         };
         let version = inner.state.version;
         republish(&mut inner, version);
         settle_versions(&mut inner);
         Ok(Self {
             store,
+            max_push: wire::MAX_LINE,
             writer: Mutex::new(()),
             inner: Mutex::new(inner),
         })
@@ -198,6 +230,14 @@ impl Engine {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Refuses changes whose merged policy for some workload encodes into an update line
+    /// longer than `bytes` (at most [`wire::MAX_LINE`], what a proxy reads), so a proxy never
+    /// receives a policy it cannot read.
+    pub fn max_push(mut self, bytes: usize) -> Self {
+        self.max_push = bytes.min(wire::MAX_LINE);
+        self
+    }
+
     /// The version in force.
     pub fn version(&self) -> u64 {
         self.lock().state.version
@@ -206,15 +246,32 @@ impl Engine {
     /// Validates and applies `changes` as one version (when any is accepted), persists it, and
     /// pushes the workloads whose merged policy changed.
     pub fn apply(&self, changes: Vec<Change>, cause: &str) -> Result<Outcome, EngineError> {
+        self.apply_by(changes, cause, None)
+    }
+
+    /// Like [`Self::apply`], but changes nothing once `deadline` has passed (the client that
+    /// asked has given up by then, and must not find its change applied later): checked when
+    /// the writer lock is taken and again just before the new version is committed.
+    pub fn apply_by(
+        &self,
+        changes: Vec<Change>,
+        cause: &str,
+        deadline: Option<Instant>,
+    ) -> Result<Outcome, EngineError> {
+        // Parsing is the slow part of a change: done before the lock, so a large document
+        // holds back no other change.
+        let changes = changes.into_iter().map(Prepared::parse).collect();
         let _writer = self.lock_writer();
-        self.apply_serialized(changes, cause, None, false)
+        check_deadline(deadline)?;
+        self.apply_serialized(changes, cause, None, false, deadline)
     }
 
     /// What [`Self::apply`] would do (diffs, rejections, workloads that would change, the
     /// version it would make), changing nothing and pushing nothing.
     pub fn dry_run(&self, changes: Vec<Change>) -> Result<Outcome, EngineError> {
+        let changes = changes.into_iter().map(Prepared::parse).collect();
         let _writer = self.lock_writer();
-        self.apply_serialized(changes, "dry run", None, true)
+        self.apply_serialized(changes, "dry run", None, true, None)
     }
 
     /// Brings the documents from files in line with a scan of the policy directory: changed
@@ -225,6 +282,17 @@ impl Engine {
         scan: BTreeMap<String, ScannedFile>,
         unreadable: &BTreeSet<String>,
     ) -> Result<Option<Outcome>, EngineError> {
+        // Parsed before the writer lock, like an applied document; a file that changed again
+        // since (another scan got the lock first) is parsed under it.
+        let mut ahead: BTreeMap<String, Result<Policy, PolicyError>> = {
+            let seen = self.lock().state.seen_files.clone();
+            scan.iter()
+                .filter(|(name, file)| {
+                    seen.get(*name) != Some(&outrider_config::content_hash(&file.text))
+                })
+                .map(|(name, file)| (name.clone(), load_policy(name, &file.text)))
+                .collect()
+        };
         let _writer = self.lock_writer();
         let mut inner = self.lock();
         // A rejected file that was deleted is no longer anyone's problem.
@@ -267,13 +335,20 @@ impl Engine {
                 .get(&name)
                 .is_some_and(|d| d.source == Source::File)
             {
-                changes.push(Change::Remove { name });
+                changes.push(Prepared::Remove { name });
             }
         }
-        changes.extend(upserts.iter().map(|(name, file, _)| Change::Upsert {
-            name: (*name).clone(),
-            text: file.text.clone(),
-            source: Source::File,
+        changes.extend(upserts.iter().map(|(name, file, _)| {
+            let policy = ahead
+                .remove(*name)
+                .unwrap_or_else(|| load_policy(name, &file.text));
+            let policy = Box::new(policy);
+            Prepared::Upsert {
+                name: (*name).clone(),
+                text: file.text.clone(),
+                source: Source::File,
+                policy,
+            }
         }));
         if changes.is_empty() {
             inner.state.seen_files = seen;
@@ -282,7 +357,7 @@ impl Engine {
         let names: Vec<&str> = changes
             .iter()
             .map(|c| match c {
-                Change::Upsert { name, .. } | Change::Remove { name } => name.as_str(),
+                Prepared::Upsert { name, .. } | Prepared::Remove { name } => name.as_str(),
             })
             .collect();
         let cause = format!("files changed: {}", names.join(", "));
@@ -291,7 +366,7 @@ impl Engine {
             .map(|(name, _, hash)| ((*name).clone(), hash.clone()))
             .collect();
         drop(inner);
-        self.apply_serialized(changes, &cause, Some((seen, hashes)), false)
+        self.apply_serialized(changes, &cause, Some((seen, hashes)), false, None)
             .map(Some)
     }
 
@@ -303,10 +378,11 @@ impl Engine {
     /// parsing, validation and the fsync of the new state happen without it.
     fn apply_serialized(
         &self,
-        changes: Vec<Change>,
+        changes: Vec<Prepared>,
         cause: &str,
         seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
         dry_run: bool,
+        deadline: Option<Instant>,
     ) -> Result<Outcome, EngineError> {
         let (version, mut docs, mut parsed) = {
             let inner = self.lock();
@@ -319,13 +395,18 @@ impl Engine {
         let mut outcome = Outcome::default();
         for change in changes {
             match change {
-                Change::Upsert { name, text, source } => {
+                Prepared::Upsert {
+                    name,
+                    text,
+                    source,
+                    policy,
+                } => {
                     if docs.get(&name).is_some_and(|d| d.text == text) {
                         outcome.unchanged.push(name);
                         continue;
                     }
-                    let policy = match outrider_config::load(&name, &text) {
-                        Ok(loaded) => loaded.policy,
+                    let policy = match *policy {
+                        Ok(policy) => policy,
                         Err(error) => {
                             outcome
                                 .rejected
@@ -334,7 +415,8 @@ impl Engine {
                         }
                     };
                     let old = parsed.insert(name.clone(), policy);
-                    if let Err(message) = check_merges(&name, old.as_ref(), &parsed) {
+                    if let Err(message) = check_merges(&name, old.as_ref(), &parsed, self.max_push)
+                    {
                         match old {
                             Some(old) => parsed.insert(name.clone(), old),
                             None => parsed.remove(&name),
@@ -379,7 +461,7 @@ impl Engine {
                     );
                     outcome.accepted.push(name);
                 }
-                Change::Remove { name } => {
+                Prepared::Remove { name } => {
                     if docs.remove(&name).is_some() {
                         parsed.remove(&name);
                         outcome.accepted.push(name);
@@ -435,6 +517,7 @@ impl Engine {
             documents: docs.clone(),
         });
         drop(inner);
+        check_deadline(deadline)?;
         // Durable before anyone sees it: a version a proxy applied must survive a restart.
         self.store.save(&state)?;
         let mut inner = self.lock();
@@ -552,94 +635,46 @@ impl Engine {
         }
     }
 
-    /// Records that `proxy` opened a stream; the returned id closes it in [`Self::disconnected`].
-    pub fn connected(&self, proxy: &str, workload: &str, peer: Option<SocketAddr>) -> u64 {
-        let mut inner = self.lock();
-        inner.next_connection += 1;
-        let connection = inner.next_connection;
-        if inner.proxies.len() >= MAX_PROXY_RECORDS {
-            inner.proxies.retain(|_, p| p.connected);
-        }
-        let record = inner
-            .proxies
-            .entry(proxy.to_string())
-            .or_insert_with(|| ProxyRecord {
-                workload: workload.to_string(),
-                connection,
-                connected: true,
-                peer,
-                connected_since_ms: 0,
-                version_sent: None,
-                version_applied: None,
-                hash_applied: None,
-                applied_at_ms: None,
-                last_nack: None,
-            });
-        record.workload = workload.to_string();
-        record.connection = connection;
-        record.connected = true;
-        record.peer = peer;
-        record.connected_since_ms = now_ms();
-        tracing::info!(proxy, workload, peer = ?peer, "proxy subscribed");
-        connection
-    }
-
-    /// Records that `version` was written to `proxy`'s stream.
-    pub fn sent(&self, proxy: &str, connection: u64, version: u64) {
-        let mut inner = self.lock();
-        if let Some(record) = inner.proxies.get_mut(proxy) {
-            if record.connection == connection {
-                record.version_sent = Some(version);
+    /// Opens a session for `proxy` (see [`crate::registry`]): refused while another session
+    /// of the same proxy id is live, unless `claimed` is that session's id.
+    pub fn connect(
+        &self,
+        proxy: &str,
+        workload: &str,
+        peer: Option<SocketAddr>,
+        claimed: Option<&str>,
+    ) -> Result<Session, SubscribeRefused> {
+        let session = self.lock().proxies.connect(proxy, workload, peer, claimed);
+        match &session {
+            Ok(_) => tracing::info!(proxy, workload, peer = ?peer, "proxy subscribed"),
+            Err(e) => {
+                tracing::warn!(proxy, workload, peer = ?peer, error = %e, "subscription refused")
             }
         }
+        session
+    }
+
+    /// Records that `version` (hashing to `hash`) was written to `proxy`'s stream, or that the
+    /// proxy resumed with it.
+    pub fn sent(&self, proxy: &str, connection: u64, version: u64, hash: &str) {
+        self.lock().proxies.sent(proxy, connection, version, hash);
     }
 
     /// Records that a stream closed (unless the proxy already opened a newer one).
     pub fn disconnected(&self, proxy: &str, connection: u64) {
-        let mut inner = self.lock();
-        if let Some(record) = inner.proxies.get_mut(proxy) {
-            if record.connection == connection {
-                record.connected = false;
-                tracing::info!(proxy, "proxy stream closed");
-            }
+        if self.lock().proxies.disconnected(proxy, connection) {
+            tracing::info!(proxy, "proxy stream closed");
         }
     }
 
-    /// Records a proxy's ACK or NACK.
-    pub fn ack(&self, ack: Ack) {
-        let mut inner = self.lock();
-        let now = now_ms();
-        let record = inner
-            .proxies
-            .entry(ack.proxy.clone())
-            .or_insert_with(|| ProxyRecord {
-                workload: ack.workload.clone(),
-                connection: 0,
-                connected: false,
-                peer: None,
-                connected_since_ms: now,
-                version_sent: None,
-                version_applied: None,
-                hash_applied: None,
-                applied_at_ms: None,
-                last_nack: None,
-            });
-        match ack.error {
-            None => {
-                record.version_applied = Some(ack.version);
-                record.hash_applied = Some(ack.content_hash);
-                record.applied_at_ms = Some(now);
-                tracing::info!(proxy = %ack.proxy, version = ack.version, "ACK");
-            }
-            Some(error) => {
-                tracing::warn!(proxy = %ack.proxy, version = ack.version, error, "NACK: the proxy kept its previous policy");
-                record.last_nack = Some(Nack {
-                    version: ack.version,
-                    error,
-                    at_ms: now,
-                });
-            }
+    /// Records a proxy's ACK or NACK, if it comes from the proxy's live session and names a
+    /// policy that session was sent.
+    pub fn ack(&self, ack: Ack) -> Result<(), AckRefused> {
+        let result = self.lock().proxies.ack(ack);
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "ACK refused");
         }
+        result
     }
 
     /// Documents, rejections and proxies.
@@ -713,6 +748,7 @@ fn check_merges(
     name: &str,
     old: Option<&Policy>,
     parsed: &BTreeMap<String, Policy>,
+    max_push: usize,
 ) -> Result<(), String> {
     let new = &parsed[name];
     let touches_all = [Some(new), old]
@@ -733,7 +769,15 @@ fn check_merges(
     };
     for workload in workloads {
         match merged_yaml(&workload, parsed) {
-            Ok(_) => {}
+            Ok(yaml) => {
+                // The version's digits are not known yet: count the longest a u64 can have.
+                let line = encode(u64::MAX, yaml).line.len();
+                if line > max_push {
+                    return Err(format!(
+                        "{name}: the merged policy for workload `{workload}` would be pushed as {line} bytes, more than the {max_push} a proxy accepts; split the workload's policy or remove documents it merges"
+                    ));
+                }
+            }
             // A conflict between two other documents predates this change (it can only arise
             // from a removal); it is not this document's to answer for.
             Err(MergeFailure::Conflict(c)) if !c.involves(name) => {}
@@ -978,8 +1022,10 @@ mod tests {
             std::thread::spawn(move || {
                 let version = engine.version();
                 let policy = engine.subscribe("checkout").borrow().version;
-                let connection = engine.connected("p1", "checkout", None);
-                engine.sent("p1", connection, 0);
+                let session = engine
+                    .connect("p1", "checkout", None, None)
+                    .expect("session");
+                engine.sent("p1", session.connection, 0, "");
                 let status = engine.status();
                 let _ = answered_tx.send((version, policy, status.proxies.len()));
             });
@@ -991,6 +1037,53 @@ mod tests {
         assert_eq!(outcome.version, 1);
         assert_eq!(engine.version(), 1);
         assert_eq!(engine.subscribe("checkout").borrow().version, 1);
+    }
+
+    #[test]
+    fn a_change_whose_deadline_passed_behind_another_is_not_made() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let dir =
+            std::env::temp_dir().join(format!("outrider-engine-deadline-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _cleanup = Dir(dir.clone());
+        let mut store = Store::open(&dir).expect("store");
+        let (entered_tx, entered) = mpsc::sync_channel(2);
+        let (release, release_rx) = mpsc::channel();
+        store.gate = Some(Arc::new(crate::store::SaveGate {
+            entered: entered_tx,
+            release: Mutex::new(release_rx),
+        }));
+        let engine = Arc::new(Engine::open(store).expect("engine"));
+        let first = {
+            let engine = Arc::clone(&engine);
+            std::thread::spawn(move || engine.apply(vec![upsert("a", "services: {}\n")], "first"))
+        };
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the first save started");
+        // A second change with a 50 ms deadline waits behind the first, which takes longer.
+        let second = {
+            let engine = Arc::clone(&engine);
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_millis(50);
+                engine.apply_by(
+                    vec![upsert(
+                        "b",
+                        "services: { x: { endpoints: [127.0.0.1:1] } }\n",
+                    )],
+                    "second",
+                    Some(deadline),
+                )
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        release.send(()).expect("first waits");
+        assert_eq!(first.join().expect("first").expect("applied").version, 1);
+        let second = second.join().expect("second");
+        assert!(matches!(second, Err(EngineError::Expired)), "{second:?}");
+        assert_eq!(engine.version(), 1);
+        assert_eq!(engine.history().len(), 1);
     }
 
     #[test]
@@ -1144,19 +1237,21 @@ mod tests {
             .apply(vec![upsert("d", "services: {}\n")], "t")
             .expect("applied");
         let current = engine.policy("w");
-        let conn = engine.connected("p1", "w", None);
-        engine.sent("p1", conn, current.version);
+        let session = engine.connect("p1", "w", None, None).expect("session");
+        let conn = session.connection;
+        engine.sent("p1", conn, current.version, &current.content_hash);
         let ack = |error: Option<&str>, hash: &str| Ack {
             proxy: "p1".into(),
             workload: "w".into(),
             version: current.version,
             content_hash: hash.into(),
             error: error.map(String::from),
+            session: session.id.clone(),
         };
         assert_eq!(engine.status().proxies[0].state, "pending");
-        engine.ack(ack(Some("port taken"), "x"));
+        engine.ack(ack(Some("port taken"), "x")).expect("nack");
         assert_eq!(engine.status().proxies[0].state, "nack");
-        engine.ack(ack(None, &current.content_hash));
+        engine.ack(ack(None, &current.content_hash)).expect("ack");
         let status = engine.status();
         assert_eq!(status.proxies[0].state, "in-sync");
         assert_eq!(status.proxies[0].version_applied, Some(current.version));

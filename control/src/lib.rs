@@ -3,7 +3,8 @@
 //!
 //! - [`merge`]: the documents that apply to a workload, merged into the policy it runs.
 //! - [`store`]: versions and history, persisted atomically in the state directory.
-//! - [`engine`]: accepting or rejecting changes, per-workload push channels, proxy tracking.
+//! - [`engine`]: accepting or rejecting changes, per-workload push channels, proxy tracking;
+//!   [`registry`]: the proxies, one live session each.
 //! - [`watcher`]: the watched policy directory (ConfigMap volumes included).
 //! - [`ca`]: the mesh CA issuing short-lived SPIFFE workload certificates.
 //! - [`server`]: the HTTP server (subscriptions, ACKs, the management API).
@@ -19,6 +20,7 @@ pub mod diagnose;
 pub mod engine;
 pub mod inject;
 pub mod merge;
+pub mod registry;
 pub mod server;
 pub mod service_account;
 pub mod store;

@@ -39,6 +39,8 @@ const MAX_DOCUMENT: usize = 1024 * 1024;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest ACK body.
 const MAX_ACK: usize = 64 * 1024;
+/// Longest client deadline (`timeout_ms`) honoured; a larger one is cut to it.
+const MAX_CLIENT_TIMEOUT_MS: u64 = 5 * 60 * 1000;
 
 /// What the server needs: the engine and the token clients must present.
 pub struct App {
@@ -156,13 +158,17 @@ fn subscribe(query: &HashMap<String, String>, peer: SocketAddr, app: &App) -> Re
         .cloned()
         .unwrap_or_else(|| peer.to_string());
     let have_hash = query.get("have_hash").filter(|h| !h.is_empty()).cloned();
+    let claimed = query.get("session").map(String::as_str);
+    let session = match app.engine.connect(&proxy, workload, Some(peer), claimed) {
+        Ok(session) => session,
+        Err(e) => return error(StatusCode::CONFLICT, &e.to_string()),
+    };
     let updates = app.engine.subscribe(workload);
-    let connection = app.engine.connected(&proxy, workload, Some(peer));
     let (tx, rx) = mpsc::channel(2);
     let stream = Stream {
         engine: Arc::clone(&app.engine),
         proxy,
-        connection,
+        connection: session.connection,
     };
     tokio::spawn(stream.run(updates, tx, have_hash, app.heartbeat));
     let mut res = Response::new(ChannelBody(rx).boxed());
@@ -175,6 +181,9 @@ fn subscribe(query: &HashMap<String, String>, peer: SocketAddr, app: &App) -> Re
         header::CACHE_CONTROL,
         header::HeaderValue::from_static("no-store"),
     );
+    if let Ok(id) = header::HeaderValue::from_str(&session.id) {
+        headers.insert(wire::SESSION_HEADER, id);
+    }
     res
 }
 
@@ -197,14 +206,31 @@ impl Stream {
         let mut ticker =
             tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        {
+            // A proxy resuming with the content in force is not sent it again, but it counts
+            // as sent: its ACK of what it runs is then accepted.
+            let current = updates.borrow();
+            if sent_hash.as_deref() == Some(current.content_hash.as_str()) {
+                self.engine.sent(
+                    &self.proxy,
+                    self.connection,
+                    current.version,
+                    &current.content_hash,
+                );
+            }
+        }
         loop {
             let current = Arc::clone(&updates.borrow_and_update());
             // A proxy that already has this content (it said so when reconnecting) is not
             // sent it again: a control-plane restart causes no re-push storm.
             if sent_hash.as_deref() != Some(current.content_hash.as_str()) {
                 // Recorded first, so whoever reads the line can already see it in status.
-                self.engine
-                    .sent(&self.proxy, self.connection, current.version);
+                self.engine.sent(
+                    &self.proxy,
+                    self.connection,
+                    current.version,
+                    &current.content_hash,
+                );
                 if tx.send(current.line.clone()).await.is_err() {
                     return;
                 }
@@ -248,13 +274,13 @@ async fn ack(req: Request<Incoming>, app: &App) -> Response<ResBody> {
         Err(res) => return res,
     };
     match serde_json::from_slice::<Ack>(&body) {
-        Ok(ack) => {
-            app.engine.ack(ack);
-            Response::builder()
+        Ok(ack) => match app.engine.ack(ack) {
+            Ok(()) => Response::builder()
                 .status(StatusCode::NO_CONTENT)
                 .body(empty())
-                .unwrap_or_default()
-        }
+                .unwrap_or_default(),
+            Err(e) => error(StatusCode::CONFLICT, &e.to_string()),
+        },
         Err(e) => error(StatusCode::BAD_REQUEST, &format!("not an ACK: {e}")),
     }
 }
@@ -322,6 +348,11 @@ async fn apply(
     query: &HashMap<String, String>,
     app: &App,
 ) -> Response<ResBody> {
+    // The client's own deadline: past it, it has given up and the change must not happen.
+    let deadline = query
+        .get(api::TIMEOUT_PARAM)
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map(|ms| std::time::Instant::now() + Duration::from_millis(ms.min(MAX_CLIENT_TIMEOUT_MS)));
     let Some(name) = query.get("name").filter(|n| valid_name(n)).cloned() else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -350,7 +381,7 @@ async fn apply(
         if dry_run {
             engine.dry_run(vec![change])
         } else {
-            engine.apply(vec![change], &cause)
+            engine.apply_by(vec![change], &cause, deadline)
         }
     })
     .await;
@@ -382,6 +413,7 @@ async fn rollback(query: &HashMap<String, String>, app: &App) -> Response<ResBod
 fn engine_error(e: &EngineError) -> Response<ResBody> {
     let status = match e {
         EngineError::NotKept(_) => StatusCode::NOT_FOUND,
+        EngineError::Expired => StatusCode::SERVICE_UNAVAILABLE,
         EngineError::Store(_) | EngineError::Stored { .. } => {
             tracing::error!(error = %e, "change failed");
             StatusCode::INTERNAL_SERVER_ERROR

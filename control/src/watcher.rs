@@ -3,7 +3,10 @@
 //! timestamped directory, so the visible `name.yaml -> ..data/name.yaml` links change target
 //! without any event on the link itself. Any event therefore triggers a rescan of the whole
 //! directory after a quiet period ([`QUIET`]), and the scan's contents, not the events, decide
-//! what changed.
+//! what changed. A scan counts once every file held still (same size and modification time)
+//! over one more quiet period, and an empty file is left as it was: a save that truncates and
+//! then writes is briefly empty, and an empty document must not reach the fleet. To remove a
+//! document, delete its file.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -21,6 +24,9 @@ use crate::engine::{Engine, ScannedFile};
 pub const QUIET: Duration = Duration::from_millis(50);
 /// Longest a rescan waits behind a stream of events that never goes quiet.
 pub const MAX_DELAY: Duration = Duration::from_millis(500);
+/// Longest a scan waits for the files to hold still; a directory still changing then is
+/// rescanned at the next burst of events its writers cause.
+pub const SETTLE_MAX: Duration = Duration::from_secs(2);
 
 /// A directory scan: readable policy files by name, and names that could not be read (left
 /// as they are rather than taken for deleted).
@@ -28,8 +34,18 @@ pub const MAX_DELAY: Duration = Duration::from_millis(500);
 pub struct Scan {
     /// File name to content and modification time.
     pub files: BTreeMap<String, ScannedFile>,
-    /// Files that exist but could not be read.
+    /// Files that exist but could not be read, or read empty.
     pub unreadable: BTreeSet<String>,
+    /// Size and modification time of every file read, to tell whether it held still.
+    stamps: BTreeMap<String, Stamp>,
+}
+
+/// Size and modification time: a writer still at work changes one of them.
+type Stamp = (u64, Option<std::time::SystemTime>);
+
+fn stamp(path: &Path) -> std::io::Result<Stamp> {
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.len(), meta.modified().ok()))
 }
 
 /// Reads every `*.yaml`/`*.yml` in `dir`, following symlinks and skipping hidden entries
@@ -51,14 +67,21 @@ pub fn scan(dir: &Path) -> std::io::Result<Scan> {
                 return Ok(None);
             }
             let text = std::fs::read_to_string(&path)?;
-            Ok(Some(ScannedFile {
-                text,
-                modified: meta.modified()?,
-            }))
+            let modified = meta.modified()?;
+            Ok(Some((
+                ScannedFile { text, modified },
+                (meta.len(), Some(modified)),
+            )))
         });
         match read {
-            Ok(Some(file)) => {
-                out.files.insert(name, file);
+            Ok(Some((file, stamp))) => {
+                out.stamps.insert(name.clone(), stamp);
+                if file.text.trim().is_empty() {
+                    tracing::warn!(file = %path.display(), "policy file is empty; keeping its previous version (delete the file to remove the document)");
+                    out.unreadable.insert(name);
+                } else {
+                    out.files.insert(name, file);
+                }
             }
             Ok(None) => {}
             Err(e) => {
@@ -70,10 +93,36 @@ pub fn scan(dir: &Path) -> std::io::Result<Scan> {
     Ok(out)
 }
 
-/// Scans `dir` and hands the result to the engine.
+/// Whether every file of `scan` still has the size and modification time it was read with.
+fn held_still(dir: &Path, scan: &Scan) -> bool {
+    scan.stamps
+        .iter()
+        .all(|(name, read)| stamp(&dir.join(name)).is_ok_and(|now| now == *read))
+}
+
+/// Scans `dir` until a scan's files hold still for `quiet`; `None` when they do not within
+/// `max`. Blocking: it sleeps between looks.
+pub fn settled_scan(dir: &Path, quiet: Duration, max: Duration) -> std::io::Result<Option<Scan>> {
+    let deadline = std::time::Instant::now() + max;
+    loop {
+        let scan = scan(dir)?;
+        std::thread::sleep(quiet);
+        if held_still(dir, &scan) {
+            return Ok(Some(scan));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+    }
+}
+
+/// Scans `dir` once its files hold still and hands the result to the engine.
 pub fn sync(dir: &Path, engine: &Engine) {
-    match scan(dir) {
-        Ok(scan) => {
+    match settled_scan(dir, QUIET, SETTLE_MAX) {
+        Ok(None) => {
+            tracing::warn!(dir = %dir.display(), "policy files still changing; waiting for their next change")
+        }
+        Ok(Some(scan)) => {
             if let Err(e) = engine.sync_files(scan.files, &scan.unreadable) {
                 tracing::error!(error = %e, "cannot apply policy file changes");
             }

@@ -138,6 +138,9 @@ pub enum ReloadError {
     /// The policy turns the access log on and its writer thread could not start.
     #[error("cannot start the access-log writer: {0}")]
     AccessLog(std::io::Error),
+    /// The blocking thread parsing or building the policy failed.
+    #[error("the policy build did not finish: {0}")]
+    Worker(String),
 }
 
 /// What a successful [`Reloader::apply`] did.
@@ -211,7 +214,8 @@ impl Reloader {
     }
 
     /// Validates `text` (named `file` in diagnostics) and applies it; an invalid text is
-    /// counted as a failed reload.
+    /// counted as a failed reload. Parsing is CPU work proportional to the text: it runs on a
+    /// blocking thread, so a large or hostile policy never stalls the requests being served.
     pub async fn apply_text(
         &self,
         file: &str,
@@ -219,8 +223,13 @@ impl Reloader {
         version: Option<u64>,
         source: PolicySource,
     ) -> Result<Applied, ReloadError> {
-        match outrider_config::load(file, text) {
-            Ok(loaded) => {
+        let (owned_file, owned_text) = (file.to_string(), text.to_string());
+        let parsed =
+            tokio::task::spawn_blocking(move || outrider_config::load(&owned_file, &owned_text))
+                .await
+                .map_err(|e| ReloadError::Worker(e.to_string()));
+        match parsed {
+            Ok(Ok(loaded)) => {
                 self.apply(Update {
                     loaded,
                     version,
@@ -228,9 +237,13 @@ impl Reloader {
                 })
                 .await
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 self.shared.metrics.policy_reloads.error.inc();
                 Err(e.into())
+            }
+            Err(e) => {
+                self.shared.metrics.policy_reloads.error.inc();
+                Err(e)
             }
         }
     }
@@ -273,14 +286,20 @@ impl Reloader {
                 changed: false,
             });
         }
-        let version = version.unwrap_or(current.version + 1);
-        let mut snapshot = build(
-            loaded,
-            version,
-            &self.shared.metrics,
-            Some(&current),
-            self.shared.mesh.as_ref(),
-        );
+        let version = version.unwrap_or(current.version.saturating_add(1));
+        // Compiling a policy is CPU work proportional to its size: off the serving threads.
+        let shared = Arc::clone(&self.shared);
+        let mut snapshot = tokio::task::spawn_blocking(move || {
+            build(
+                loaded,
+                version,
+                &shared.metrics,
+                Some(&current),
+                shared.mesh.as_ref(),
+            )
+        })
+        .await
+        .map_err(|e| ReloadError::Worker(e.to_string()))?;
 
         // Bind what is new before anything is swapped, so a taken port changes nothing.
         let wanted = snapshot.dedicated_listeners();

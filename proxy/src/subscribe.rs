@@ -23,7 +23,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use outrider_config::wire::{
-    Ack, PolicyUpdate, ServerMessage, ACK_PATH, HEARTBEAT_SECS, SUBSCRIBE_PATH,
+    Ack, PolicyUpdate, ServerMessage, ACK_PATH, HEARTBEAT_SECS, MAX_LINE, SESSION_HEADER,
+    SUBSCRIBE_PATH,
 };
 
 use crate::persist::{self, Persisted};
@@ -39,8 +40,6 @@ pub const SILENCE_LIMIT: Duration = Duration::from_secs(3 * HEARTBEAT_SECS);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for the response head of a subscribe or an ACK.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest stream line accepted: a policy far larger than any sane one.
-const MAX_LINE: usize = 16 * 1024 * 1024;
 
 /// Where the bearer token comes from.
 #[derive(Debug, Clone)]
@@ -101,9 +100,19 @@ pub enum SessionError {
     /// The server closed the stream.
     #[error("the control plane closed the stream")]
     Closed,
-    /// A line was not a [`ServerMessage`] or was too long.
+    /// A line was not a [`ServerMessage`].
     #[error("bad message on the stream: {0}")]
     Protocol(String),
+    /// A line longer than the limit was skipped; the stream goes on.
+    #[error("a {len}-byte message on the stream is longer than the {limit} bytes accepted")]
+    TooLong {
+        /// Its length so far (at least `limit`).
+        len: usize,
+        /// The limit.
+        limit: usize,
+        /// The version of the update, when its first bytes tell it.
+        version: Option<u64>,
+    },
 }
 
 /// Capped exponential backoff with full jitter: attempt `n` waits a uniformly random time in
@@ -209,6 +218,7 @@ pub fn spawn(config: ControlConfig, reloader: Arc<Reloader>) {
         config,
         reloader,
         client,
+        session: std::sync::Mutex::new(String::new()),
     };
     tokio::spawn(subscriber.run());
 }
@@ -217,6 +227,10 @@ struct Subscriber {
     config: ControlConfig,
     reloader: Arc<Reloader>,
     client: ControlClient,
+    /// The session id of the last subscription: its ACKs carry it, and the next subscription
+    /// presents it, so the control plane lets this proxy replace a stream it has not yet
+    /// noticed is dead.
+    session: std::sync::Mutex<String>,
 }
 
 impl Subscriber {
@@ -248,6 +262,10 @@ impl Subscriber {
         }
     }
 
+    fn session_id(&self) -> String {
+        self.session.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.config.url.trim_end_matches('/'))
     }
@@ -273,6 +291,10 @@ impl Subscriber {
         if let Some((version, hash)) = &have {
             let _ = write!(uri, "&have_version={version}&have_hash={}", encode(hash));
         }
+        let last_session = self.session_id();
+        if !last_session.is_empty() {
+            let _ = write!(uri, "&session={}", encode(&last_session));
+        }
         let request = Request::get(uri)
             .header(AUTHORIZATION, format!("Bearer {token}"))
             .body(Full::new(Bytes::new()))?;
@@ -285,6 +307,15 @@ impl Subscriber {
             status => return Err(SessionError::Status(status)),
         }
         *connected = true;
+        let session = response
+            .headers()
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        if let Ok(mut slot) = self.session.lock() {
+            slot.clone_from(&session);
+        }
         tracing::info!(url = %self.config.url, workload = %self.config.workload, "subscribed to the control plane");
         if let Some((version, content_hash)) = have {
             // The server stays silent only when our hash is its hash; otherwise its first
@@ -298,17 +329,38 @@ impl Subscriber {
                 version,
                 content_hash,
                 error: None,
+                session: session.clone(),
             };
             self.send_ack(&token, &ack).await;
         }
         let mut lines = Lines::new(response.into_body(), SILENCE_LIMIT);
         loop {
-            let line = lines.next_line().await?;
+            let line = match lines.next_line().await {
+                Ok(line) => line,
+                Err(error @ SessionError::TooLong { version, .. }) => {
+                    // Unreadable, so not applied: the policy in force is no longer known to be
+                    // current, and the control plane hears why.
+                    shared.status.set_fresh(false);
+                    shared.metrics.policy_reloads.error.inc();
+                    tracing::error!(%error, ?version, "control-plane update too long; keeping the policy in force");
+                    let ack = Ack {
+                        proxy: self.config.proxy_id.clone(),
+                        workload: self.config.workload.clone(),
+                        version: version.unwrap_or(0),
+                        content_hash: String::new(),
+                        error: Some(error.to_string()),
+                        session: session.clone(),
+                    };
+                    self.send_ack(&token, &ack).await;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             let message: ServerMessage =
                 serde_json::from_slice(&line).map_err(|e| SessionError::Protocol(e.to_string()))?;
             match message {
                 ServerMessage::Heartbeat => {}
-                ServerMessage::Update(update) => match self.apply(update).await {
+                ServerMessage::Update(update) => match self.apply(update, &session).await {
                     Some(ack) => self.send_ack(&token, &ack).await,
                     // Draining: the update is neither applied nor refused; a restarted
                     // proxy will be sent it again.
@@ -319,7 +371,7 @@ impl Subscriber {
     }
 
     /// Applies `update` and returns the ACK or NACK to send; `None` once the proxy drains.
-    async fn apply(&self, update: PolicyUpdate) -> Option<Ack> {
+    async fn apply(&self, update: PolicyUpdate, session: &str) -> Option<Ack> {
         let PolicyUpdate {
             version,
             content_hash,
@@ -331,6 +383,7 @@ impl Subscriber {
             version,
             content_hash: content_hash.clone(),
             error: None,
+            session: session.to_string(),
         };
         let computed = outrider_config::content_hash(&policy);
         if computed != content_hash {
@@ -412,11 +465,16 @@ impl Subscriber {
     }
 }
 
-/// Splits a streaming body into lines, failing when nothing arrives for `silence`.
+/// Splits a streaming body into lines, failing when nothing arrives for `silence`. A line
+/// longer than the limit is skipped (its bytes dropped as they come) and reported once as
+/// [`SessionError::TooLong`]; the lines after it are read as usual.
 pub struct Lines<B> {
     body: B,
     buf: BytesMut,
     silence: Duration,
+    limit: usize,
+    /// Within a too-long line: bytes dropped so far, and the version its start told.
+    skipping: Option<(usize, Option<u64>)>,
 }
 
 impl<B> Lines<B>
@@ -424,12 +482,19 @@ where
     B: Body<Data = Bytes> + Unpin,
     SessionError: From<B::Error>,
 {
-    /// Lines of `body`.
+    /// Lines of `body`, each at most [`MAX_LINE`] bytes.
     pub fn new(body: B, silence: Duration) -> Self {
+        Self::with_limit(body, silence, MAX_LINE)
+    }
+
+    /// Lines of `body`, each at most `limit` bytes.
+    pub fn with_limit(body: B, silence: Duration, limit: usize) -> Self {
         Self {
             body,
             buf: BytesMut::new(),
             silence,
+            limit,
+            skipping: None,
         }
     }
 
@@ -438,16 +503,27 @@ where
         loop {
             if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
                 let line = self.buf.split_to(end + 1).freeze();
+                if let Some((dropped, version)) = self.skipping.take() {
+                    return Err(SessionError::TooLong {
+                        len: dropped.saturating_add(end),
+                        limit: self.limit,
+                        version,
+                    });
+                }
                 let line = line.slice(..end);
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
                 return Ok(line);
             }
-            if self.buf.len() > MAX_LINE {
-                return Err(SessionError::Protocol(format!(
-                    "line longer than {MAX_LINE} bytes"
-                )));
+            if self.buf.len() > self.limit || self.skipping.is_some() {
+                // Drop what came so far rather than hold a policy we will not read.
+                let buf = &self.buf;
+                let skipping = self
+                    .skipping
+                    .get_or_insert_with(|| (0, update_version(buf)));
+                skipping.0 = skipping.0.saturating_add(buf.len());
+                self.buf.clear();
             }
             let frame = tokio::time::timeout(self.silence, self.body.frame())
                 .await
@@ -467,6 +543,20 @@ where
             }
         }
     }
+}
+
+/// The `version` of an update line from its first bytes (`{"type":"update","version":N,...`),
+/// so a line too long to read can still be answered for its version.
+fn update_version(start: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"version\":";
+    let head = &start[..start.len().min(256)];
+    let at = head.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits: Vec<u8> = head[at..]
+        .iter()
+        .copied()
+        .take_while(u8::is_ascii_digit)
+        .collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
 }
 
 /// Percent-encodes a query value (everything but RFC 3986 unreserved characters).
@@ -628,6 +718,31 @@ mod tests {
         assert_eq!(&lines.next_line().await.expect("line")[..], br#"{"a":1}"#);
         drop(tx);
         assert!(matches!(lines.next_line().await, Err(SessionError::Closed)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_line_too_long_is_skipped_and_reported_with_its_version() {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let mut lines = Lines::with_limit(ChannelBody(rx), SILENCE_LIMIT, 64);
+        let long = format!(
+            "{{\"type\":\"update\",\"version\":42,\"policy\":\"{}\"}}",
+            "x".repeat(200)
+        );
+        let (head, tail) = long.split_at(100);
+        for chunk in [head.to_string(), format!("{tail}\n{{\"a\":1}}\n")] {
+            tx.send(Bytes::from(chunk)).await.expect("open");
+        }
+        match lines.next_line().await {
+            Err(SessionError::TooLong {
+                len,
+                limit: 64,
+                version: Some(42),
+            }) => assert_eq!(len, long.len()),
+            other => panic!("{other:?}"),
+        }
+        // The stream goes on after it.
+        assert_eq!(&lines.next_line().await.expect("line")[..], br#"{"a":1}"#);
+        assert_eq!(update_version(b"{\"type\":\"heartbeat\"}"), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,9 +1,12 @@
 //! `--policy FILE` hot reload. The file's parent directory is watched, not the file: editors
 //! save by writing a new file and renaming it over the old one, and a Kubernetes ConfigMap
 //! volume swaps a `..data` symlink, and a watch on the file itself would follow the old inode
-//! and miss both. Events are debounced (a save is several events), then the file is read and,
-//! if its content changed, applied through the [`Reloader`]. An invalid file is logged with its
-//! file:line:column diagnostics and the policy in force stays.
+//! and miss both. Events are debounced (a save is several events), the file is read once its
+//! size and modification time hold still over the quiet period, and, if its content changed,
+//! applied through the [`Reloader`]. An invalid file is logged with its file:line:column
+//! diagnostics and the policy in force stays; so is an empty one: a save that truncates and
+//! then writes (`cat > file`, many editors) is briefly empty, and an empty policy routes
+//! nothing.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +20,9 @@ use crate::reload::{PolicySource, ReloadError, Reloader};
 /// Quiet period after the last event before the file is read: an editor's save or a ConfigMap
 /// swap is a burst of events, and the file is read once at its end.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
+/// Longest wait for the file to hold still after the events went quiet; a file still changing
+/// then is left for the events its writer keeps causing.
+pub const SETTLE_MAX: Duration = Duration::from_secs(2);
 
 /// The watch could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +102,55 @@ pub async fn debounced(rx: &mut mpsc::UnboundedReceiver<()>, quiet: Duration) ->
     }
 }
 
+/// What identifies one state of the file without reading it: a writer still at work changes
+/// the size or the modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+async fn stamp(path: &Path) -> std::io::Result<Stamp> {
+    let owned = path.to_path_buf();
+    // metadata() follows the symlinks of a ConfigMap volume.
+    let meta = tokio::task::spawn_blocking(move || std::fs::metadata(owned))
+        .await
+        .map_err(std::io::Error::other)??;
+    Ok(Stamp {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+    })
+}
+
+/// Waits until `stamp` gives the same answer twice `quiet` apart; false (file still changing
+/// or unreadable) after `max`.
+async fn settled<F, Fut>(mut stamp: F, quiet: Duration, max: Duration) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Stamp>>,
+{
+    let deadline = tokio::time::Instant::now() + max;
+    let Ok(mut last) = stamp().await else {
+        return false;
+    };
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(quiet).await;
+        let Ok(now) = stamp().await else {
+            return false;
+        };
+        if now == last {
+            return true;
+        }
+        last = now;
+    }
+    false
+}
+
 async fn reload(path: &Path, reloader: &Reloader) {
+    if !settled(|| stamp(path), DEBOUNCE, SETTLE_MAX).await {
+        tracing::debug!(file = %path.display(), "policy file still changing or missing; waiting for its next change");
+        return;
+    }
     let owned = path.to_path_buf();
     let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(owned)).await;
     let text = match read.unwrap_or_else(|e| Err(std::io::Error::other(e))) {
@@ -107,6 +161,12 @@ async fn reload(path: &Path, reloader: &Reloader) {
             return;
         }
     };
+    if text.trim().is_empty() {
+        // Most likely a save caught between its truncate and its write; its write brings us
+        // back. An empty policy would route nothing: to run without one, stop the proxy.
+        tracing::warn!(file = %path.display(), "the policy file is empty; keeping the policy in force");
+        return;
+    }
     let file = path.display().to_string();
     match reloader
         .apply_text(&file, &text, None, PolicySource::File)
@@ -180,6 +240,43 @@ mod tests {
         // A log file written next to the policy.
         assert!(!concerns_policy(&event(write, "/etc/o/proxy.log"), name));
         assert!(concerns_policy(&Event::new(write), name));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_file_is_read_once_it_holds_still() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        // A writer that grows the file for its first 3 looks, then stops.
+        let looks = AtomicU64::new(0);
+        let growing = || {
+            let n = looks.fetch_add(1, Ordering::SeqCst);
+            async move {
+                Ok(Stamp {
+                    len: n.min(3),
+                    modified: None,
+                })
+            }
+        };
+        let started = tokio::time::Instant::now();
+        assert!(settled(growing, DEBOUNCE, SETTLE_MAX).await);
+        // Looks at 0, 50, 100, 150 ms differ; the one at 200 ms matches.
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+
+        let never_still = AtomicU64::new(0);
+        let started = tokio::time::Instant::now();
+        let changing = || {
+            let n = never_still.fetch_add(1, Ordering::SeqCst);
+            async move {
+                Ok(Stamp {
+                    len: n,
+                    modified: None,
+                })
+            }
+        };
+        assert!(!settled(changing, DEBOUNCE, SETTLE_MAX).await);
+        assert_eq!(started.elapsed(), SETTLE_MAX);
+
+        let missing = || async { Err(std::io::Error::from(std::io::ErrorKind::NotFound)) };
+        assert!(!settled(missing, DEBOUNCE, SETTLE_MAX).await);
     }
 
     #[tokio::test(start_paused = true)]

@@ -241,9 +241,16 @@ impl Control {
             .await
             .expect("subscribe");
         assert_eq!(res.status(), 200, "subscribe refused");
+        let session = res
+            .headers()
+            .get(outrider_config::wire::SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
         Subscription {
             body: res.into_body(),
             buf: BytesMut::new(),
+            session,
         }
     }
 
@@ -277,6 +284,8 @@ pub fn ctl(url: &str, token: Option<&str>, args: &[&str]) -> Output {
 pub struct Subscription {
     body: Incoming,
     buf: BytesMut,
+    /// The session id its ACKs must carry.
+    pub session: String,
 }
 
 impl Subscription {

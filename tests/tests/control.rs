@@ -376,6 +376,7 @@ async fn acks_and_nacks_show_in_status() {
             "version": update.version,
             "content_hash": update.content_hash,
             "error": error,
+            "session": sub.session,
         })
         .to_string()
     };
@@ -533,6 +534,7 @@ async fn outriderctl_status_history_and_rollback() {
     let ack = serde_json::json!({
         "proxy": "pod-7", "workload": "checkout", "version": v2.version,
         "content_hash": v2.content_hash, "error": "listen 127.0.0.1:9001: address in use",
+        "session": sub.session,
     });
     assert_eq!(
         control
@@ -701,4 +703,135 @@ fn validate_names_both_places_of_a_duplicate_key() {
          once)\n  --> {path}:3:3"
     );
     assert!(stderr.contains(&expected), "{expected}\n{stderr}");
+}
+
+#[tokio::test]
+async fn a_file_saved_empty_keeps_its_document() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control(&dirs);
+    let mut sub = control.subscribe("checkout", "pod-1", true).await;
+    let first = sub.next_update(PUSH_BOUND).await.unwrap();
+    assert!(first.policy.contains("127.0.0.1:9101"));
+
+    // A save caught between its truncate and its write, then an unrelated valid change: the
+    // change goes out, the defaults stay.
+    std::fs::File::create(dirs.policies.join("defaults.yaml")).unwrap();
+    dirs.write(
+        "checkout.yaml",
+        "workload: checkout\nservices: { cart: { endpoints: [127.0.0.1:9201] } }\n",
+    );
+    let update = sub.next_update(PUSH_BOUND).await.expect("pushed");
+    assert!(
+        update.policy.contains("127.0.0.1:9201"),
+        "{}",
+        update.policy
+    );
+    assert!(
+        update.policy.contains("127.0.0.1:9101"),
+        "the empty save removed the defaults: {}",
+        update.policy
+    );
+    let status = control.status().await;
+    let defaults = status["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "defaults.yaml")
+        .unwrap();
+    assert_eq!(defaults["changed_at"], first.version, "{status}");
+    assert!(control.wait_log(Duration::from_secs(2), |l| l
+        .contains("policy file is empty")
+        && l.contains("defaults.yaml")));
+
+    // The write that completes the save goes out.
+    std::fs::write(
+        dirs.policies.join("defaults.yaml"),
+        defaults_with("127.0.0.1:9102"),
+    )
+    .unwrap();
+    let update = sub.next_update(PUSH_BOUND).await.expect("pushed");
+    assert!(
+        update.policy.contains("127.0.0.1:9102"),
+        "{}",
+        update.policy
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_document_holds_back_no_other_apply() {
+    let dirs = ControlDirs::new();
+    let control = start_control(&dirs);
+    // 50,000 levels of nesting: seconds of parsing for the YAML parser this was written
+    // against (quadratic in depth), and a budget error for one that refuses such depth.
+    let depth = 50_000;
+    let slow = format!("services: {}{}\n", "[".repeat(depth), "]".repeat(depth));
+    let url = format!("{}/v1/apply?name=slow", control.url());
+    let slow_apply = tokio::spawn(async move {
+        let req = http::Request::post(url)
+            .header("authorization", format!("Bearer {CONTROL_TOKEN}"))
+            .body(outrider_e2e::full(slow))
+            .unwrap();
+        outrider_e2e::send(&outrider_e2e::http1_client(), req).await
+    });
+    // Let the slow document reach the server first (this orders the two requests; nothing
+    // is measured across it).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let file = dirs.state.with_extension("small.yaml");
+    std::fs::write(&file, DEFAULTS).unwrap();
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking({
+        let url = control.url();
+        let file = file.clone();
+        move || {
+            outrider_e2e::control::ctl(
+                &url,
+                Some(CONTROL_TOKEN),
+                &["apply", "-f", file.to_str().unwrap(), "--name", "defaults"],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    eprintln!("apply next to a slow document took {took:?}");
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    slow_apply.abort();
+}
+
+#[tokio::test]
+async fn a_change_too_large_to_push_is_refused_at_apply() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    // A small push limit stands in for the proxies' 16 MiB, which takes long to fill.
+    let control = start_control_with(&dirs, &["--max-push-bytes", "4096"]);
+    let mut sub = control.subscribe("checkout", "pod-1", false).await;
+    let first = sub.next_update(PUSH_BOUND).await.unwrap();
+    let services: String = (0..60)
+        .map(|i| format!("  s{i}: {{ endpoints: [127.0.0.1:{}] }}\n", 10_000 + i))
+        .collect();
+    let big = format!("workload: checkout\nservices:\n{services}");
+    let file = dirs.state.with_extension("big.yaml");
+    std::fs::write(&file, &big).unwrap();
+    let out = control.ctl(&["apply", "-f", file.to_str().unwrap(), "--name", "big"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("more than the 4096 a proxy accepts") && stderr.contains("`checkout`"),
+        "{stderr}"
+    );
+    let reply = control.request("POST", "/v1/apply?name=big", &big).await;
+    assert_eq!(reply.status, 422, "{:?}", reply.body);
+    assert_eq!(control.status().await["version"], first.version);
+    // Nothing was pushed.
+    match sub.next(Duration::from_millis(1500)).await {
+        Some(ServerMessage::Heartbeat) => {}
+        other => panic!("nothing must be pushed, got {other:?}"),
+    }
 }

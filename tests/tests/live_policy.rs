@@ -3,7 +3,8 @@
 //! An applied change alters what the proxies do within a measured bound; a rejected document
 //! changes nothing; a NACK (a port taken) shows in the control plane's status; a killed control
 //! plane is survived and re-joined without a re-push; a proxy restarted while the control plane
-//! is down serves its persisted policy; 100 pushes under load lose no request.
+//! is down serves its persisted policy; 100 pushes under load lose no request; another token
+//! holder can neither take over a proxy's subscription nor forge its ACKs.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -699,4 +700,61 @@ async fn a_hundred_pushes_under_load_lose_no_request() {
             .await,
         0.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hijacking_subscription_and_forged_acks_are_refused() {
+    let a = Upstream::echo(Proto::Http1, "a").await;
+    let b = Upstream::echo(Proto::Http1, "b").await;
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", &defaults(a.addr, b.addr, "a"));
+    let control = start_control(&dirs);
+    let state = TempDir::new();
+    let proxy = subscribed_proxy(&control.url(), &dirs, "p1", &state.path);
+    let v1 = control.status().await["version"].as_u64().unwrap();
+    wait_state(&control, "p1", "in-sync").await;
+
+    // Another token holder subscribes as p1, for another workload: refused, p1 untouched.
+    let req = Request::get(format!(
+        "{}/v1/subscribe?workload=intruder&proxy=p1",
+        control.url()
+    ))
+    .header("authorization", format!("Bearer {CONTROL_TOKEN}"))
+    .body(empty())
+    .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(5), http1_client().request(req))
+        .await
+        .expect("answered")
+        .expect("response");
+    assert_eq!(res.status(), 409);
+    // (Had it been accepted, the stream would be open; it is dropped here either way.)
+    drop(res);
+
+    // Forged ACKs: a version never sent, and one without p1's session.
+    for forged in [
+        serde_json::json!({"proxy": "p1", "workload": "checkout", "version": 99999,
+                           "content_hash": "forged"}),
+        serde_json::json!({"proxy": "p1", "workload": "checkout", "version": 99999,
+                           "content_hash": "forged", "error": "made up"}),
+    ] {
+        let reply = control
+            .request("POST", "/v1/ack", &forged.to_string())
+            .await;
+        assert_eq!(reply.status, 409, "{forged}: {:?}", reply.body);
+    }
+    let p1 = wait_state(&control, "p1", "in-sync").await;
+    assert_eq!(p1["workload"], "checkout");
+    assert_eq!(p1["version_applied"], v1);
+    assert_eq!(p1["connected"], true);
+    assert!(p1["last_nack"].is_null(), "{p1}");
+
+    // The real proxy still converges on the next change.
+    dirs.write("defaults.yaml", &defaults(a.addr, b.addr, "b"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server_of(proxy.outbound).await != "b" {
+        assert!(Instant::now() < deadline, "p1 never applied the change");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let p1 = wait_state(&control, "p1", "in-sync").await;
+    assert!(p1["version_applied"].as_u64().unwrap() > v1, "{p1}");
 }

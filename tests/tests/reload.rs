@@ -1,7 +1,8 @@
 //! `--policy FILE` hot reload, end to end: the real binary watches its policy file; saving a
 //! new version changes routing, an invalid save changes nothing, dedicated ports come and go
 //! (a taken port keeps the old policy), requests in flight finish under the policy they
-//! started with, and 100 reloads under steady load lose no request.
+//! started with, and 100 reloads under steady load lose no request, nor do saves that truncate
+//! the file first and write it a moment later.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -388,4 +389,133 @@ async fn a_hundred_reloads_under_load_lose_no_request() {
             .await,
         0.0
     );
+}
+
+/// Saves `text` the way `cat > file` and editors that write in place do: truncate, a pause,
+/// then the new content. In between the file is empty.
+fn save_in_place(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    file.write_all(text.as_bytes()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saves_that_truncate_then_write_lose_no_request() {
+    const SAVES: u64 = 10;
+    const CLIENTS: usize = 2;
+    let a = Upstream::echo(Proto::Http1, "a").await;
+    let b = Upstream::echo(Proto::Http1, "b").await;
+    let proxy = start_proxy(&routing(a.addr, b.addr, "a"));
+    let path = proxy.policy_path();
+    let outbound = proxy.outbound;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (stop, ok) = (Arc::clone(&stop), Arc::clone(&ok));
+        clients.push(tokio::spawn(async move {
+            let client = http1_client();
+            let mut failures = Vec::new();
+            let mut sent = 0usize;
+            while !stop.load(Ordering::Relaxed) && sent < 50_000 {
+                sent += 1;
+                let req = Request::get(format!("http://{outbound}/"))
+                    .header("host", "svc")
+                    .body(empty())
+                    .unwrap();
+                match client.request(req).await {
+                    Ok(res) if res.status() == 200 => {
+                        use http_body_util::BodyExt;
+                        match res.into_body().collect().await {
+                            Ok(_) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => failures.push(format!("body: {e}")),
+                        }
+                    }
+                    Ok(res) => failures.push(format!("status {}", res.status())),
+                    Err(e) => failures.push(format!("request: {e:?}")),
+                }
+            }
+            failures
+        }));
+    }
+    for version in 2..=SAVES + 1 {
+        let target = if version % 2 == 0 { "b" } else { "a" };
+        let text = routing(a.addr, b.addr, target);
+        let hash = outrider_config::content_hash(&text);
+        let owned = path.clone();
+        tokio::task::spawn_blocking(move || save_in_place(&owned, &text))
+            .await
+            .unwrap();
+        // By content, not version: the old watcher applied the empty file as a version too.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while config(&proxy).await["content_hash"] != hash.as_str() {
+            assert!(Instant::now() < deadline, "save {version} never applied");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for client in clients {
+        failures.extend(
+            tokio::time::timeout(Duration::from_secs(30), client)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let served = ok.load(Ordering::Relaxed);
+    let empty_reads = proxy
+        .logs()
+        .iter()
+        .filter(|l| l.contains("the policy file is empty"))
+        .count();
+    eprintln!(
+        "{SAVES} in-place saves; {served} requests ok, {} failed; empty reads skipped: {empty_reads}",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+    assert!(served > 200, "too little load to mean anything: {served}");
+    assert_eq!(config(&proxy).await["version"], SAVES + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_policy_file_stalls_no_request() {
+    let a = Upstream::echo(Proto::Http1, "a").await;
+    let b = Upstream::echo(Proto::Http1, "b").await;
+    // One runtime thread (the default): parsing on it would stall every request.
+    let proxy = start_proxy(&routing(a.addr, b.addr, "a"));
+    // 50,000 levels of nesting: seconds of parsing for the YAML parser this was written
+    // against (quadratic in depth), and a budget error for one that refuses such depth.
+    let depth = 50_000;
+    save(
+        &proxy.policy_path(),
+        &format!("services: {}{}\n", "[".repeat(depth), "]".repeat(depth)),
+    );
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut served = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        let sent = Instant::now();
+        let reply = tokio::time::timeout(Duration::from_secs(1), get(proxy.outbound, "svc", "/"))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "a request stalled while the file was parsed ({} served before)",
+                    served
+                )
+            });
+        assert_eq!(reply.status, 200);
+        slowest = slowest.max(sent.elapsed());
+        served += 1;
+    }
+    eprintln!("{served} requests while a slow file was parsed; slowest {slowest:?}");
+    assert_eq!(config(&proxy).await["version"], 1);
 }

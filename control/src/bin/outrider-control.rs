@@ -62,6 +62,12 @@ struct Serve {
     /// Runtime worker threads (0: one per CPU).
     #[arg(long, env = "OUTRIDER_CONTROL_WORKERS", default_value_t = 0)]
     workers: usize,
+    /// Largest update a change may push to a proxy, in bytes (the merged policy as sent); a
+    /// change that would exceed it for any workload is rejected. At most, and by default,
+    /// what a proxy reads (16 MiB).
+    #[arg(long, env = "OUTRIDER_CONTROL_MAX_PUSH_BYTES", default_value_t = outrider_config::wire::MAX_LINE,
+          value_parser = clap::value_parser!(usize))]
+    max_push_bytes: usize,
     /// Mesh CA certificate (PEM; the first certificate signs, any others go in the trust
     /// bundle). Without it, a CA is generated in the state directory at first start.
     #[arg(long, env = "OUTRIDER_CONTROL_CA_CERT", requires = "ca_key")]
@@ -122,8 +128,16 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(EX_NOINPUT);
     }
+    if args.max_push_bytes > outrider_config::wire::MAX_LINE {
+        eprintln!(
+            "outrider-control: --max-push-bytes {} is more than a proxy reads ({})",
+            args.max_push_bytes,
+            outrider_config::wire::MAX_LINE
+        );
+        return ExitCode::from(EX_USAGE);
+    }
     let engine = match Store::open(&args.state).map(Engine::open) {
-        Ok(Ok(engine)) => Arc::new(engine),
+        Ok(Ok(engine)) => Arc::new(engine.max_push(args.max_push_bytes)),
         Ok(Err(e)) => {
             eprintln!("outrider-control: {e}");
             return ExitCode::from(EX_CANTCREAT);
