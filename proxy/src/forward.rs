@@ -436,10 +436,11 @@ async fn send_without_retries(
     // One call site for the attempt: its future (large) has one place in this one.
     loop {
         log.endpoint = Some(endpoint.addr);
-        let failed = match send_attempt(upstream, &endpoint, req, (deadlines, stall), timer, now).await? {
-            Ok(answer) => return Ok(answer),
-            Err(failed) => failed,
-        };
+        let failed =
+            match send_attempt(upstream, &endpoint, req, (deadlines, stall), timer, now).await? {
+                Ok(answer) => return Ok(answer),
+                Err(failed) => failed,
+            };
         match failed {
             Failed {
                 error,
