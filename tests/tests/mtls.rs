@@ -322,6 +322,9 @@ async fn a_peer_certified_by_another_ca_is_refused_as_untrusted() {
     );
     let impostor = start_meshed(&other, &other_dirs, "checkout", "checkout");
     wait_ready(&impostor).await;
+    // Ready may come on the workload's empty policy, before the control plane has read the
+    // document just written (its watcher waits for the file to hold still).
+    wait_policy(&impostor, "payments").await;
     let reply = get(impostor.outbound, "payments", "/charge").await;
     assert_eq!(reply.status, 502);
     assert!(reply

@@ -286,14 +286,14 @@ async fn requests_answered_during_shutdown_are_logged_before_exit() {
 async fn an_idle_proxy_runs_only_the_threads_it_needs() {
     // Every thread costs a stack and a malloc arena; a feature the policy leaves off
     // (access log, span export) must not start one. With --workers 1 the runtime is the main
-    // thread; the policy file watcher has its own, and reading the file briefly takes a
-    // blocking-pool thread.
+    // thread; the policy file watcher has its own, and reading and parsing the file takes a
+    // blocking-pool thread (tokio names it `tokio-rt-worker`; it lingers for 10 s).
     let echo = Upstream::echo(Proto::Http1, "echo").await;
     let proxy = start_proxy(&policy(echo.addr, closed_port().await, ""));
     assert_eq!(get(proxy.outbound, "svc", "/").await.status, 200);
     let names = proxy.thread_names();
     let expected = |name: &str| {
-        name == "outrider-proxy" || name.starts_with("notify-rs") || name == "tokio-runtime-w"
+        name == "outrider-proxy" || name.starts_with("notify-rs") || name == "tokio-rt-worker"
     };
     assert!(names.iter().all(|n| expected(n)), "{names:?}");
     assert!(names.len() <= 3, "{names:?}");
