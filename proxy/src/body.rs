@@ -333,6 +333,9 @@ impl CallerIdle {
         let deadline = match self.wait {
             Wait::Expired => return Poll::Ready(()),
             Wait::Unbounded => return Poll::Pending,
+            // Read only when the body waits: a timer armed before the lift may still fire once,
+            // and then only polls the body again.
+            _ if self.stall.lifted() => return Poll::Pending,
             Wait::Until(deadline) => deadline,
             // The one clock read of a wait.
             Wait::Flowing => match Instant::now().checked_add(self.stall.limit()) {
@@ -629,6 +632,33 @@ mod tests {
             error.map(|e| e.to_string()).as_deref(),
             Some("request body idle for more than 1s")
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lifted_bound_lets_a_caller_stay_silent_even_with_a_timer_armed() {
+        let (incoming, mut caller) =
+            received("POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\n").await;
+        let pool = Arc::new(TimerPool::default());
+        let mut body = bounded(incoming, LIMIT, &pool);
+        let stall = body.stall().unwrap();
+        // Waiting arms the timer; the response then starts flowing on a gRPC stream.
+        assert!(poll_once(&mut body).await.is_pending());
+        stall.lift();
+        tokio::spawn(async move {
+            tokio::time::sleep(10 * LIMIT).await;
+            caller.write_all(&[b'x'; 100]).await.unwrap();
+            caller
+        });
+        let started = Instant::now();
+        let (bytes, error) = read_all(&mut body).await;
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(bytes, 100);
+        assert_eq!(
+            started.elapsed(),
+            10 * LIMIT,
+            "waited for the caller, not cut"
+        );
+        assert_eq!(stall.stalled(), None);
     }
 
     #[tokio::test(start_paused = true)]

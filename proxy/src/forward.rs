@@ -317,6 +317,13 @@ async fn forward(
                 .remove::<Deferred>()
                 .map(|Deferred(endpoint)| (Arc::clone(&target.upstream), endpoint));
             let verdict = outcome::of_status(response.status(), grpc_code);
+            if grpc {
+                // The stream is live both ways now: a client silent while it receives is not
+                // stalled (see `BodyStall::lift`).
+                if let Some(stall) = &stall {
+                    stall.lift();
+                }
+            }
             let watch = Watch::new(permit, verdict, deferred, stall);
             response.map(|body| ProxyBody::upstream(body, policy.idle_timeout, watch, timer))
         }

@@ -267,6 +267,8 @@ pub struct BodyStall(Arc<StallState>);
 struct StallState {
     limit: Duration,
     stalled: AtomicBool,
+    /// The bound no longer applies (see [`BodyStall::lift`]).
+    lifted: AtomicBool,
 }
 
 impl BodyStall {
@@ -275,6 +277,7 @@ impl BodyStall {
         Self(Arc::new(StallState {
             limit,
             stalled: AtomicBool::new(false),
+            lifted: AtomicBool::new(false),
         }))
     }
 
@@ -287,6 +290,18 @@ impl BodyStall {
     pub fn set(&self) {
         // Release/Acquire: read after the attempt's failure, which the cut body caused.
         self.0.stalled.store(true, Ordering::Release);
+    }
+
+    /// Lifts the bound: a gRPC stream whose response is flowing. A bidirectional stream's client
+    /// may rightly say nothing for minutes while the server streams to it (a watch, a
+    /// subscription); its liveness is the HTTP/2 keepalive's to check, not this bound's.
+    pub fn lift(&self) {
+        self.0.lifted.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Self::lift`] was called.
+    pub fn lifted(&self) -> bool {
+        self.0.lifted.load(Ordering::Relaxed)
     }
 
     /// The silence allowed, if the body was cut for exceeding it.
