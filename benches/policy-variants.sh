@@ -6,11 +6,11 @@
 EVERY_POLICY_SERVICE='
     timeouts: { connect: 1s, request: 30s, per_try: 10s, idle: 30s }
     retries: { attempts: 2, on: [connect-failure, reset, gateway-error], body_limit: 64KiB }
-    rate_limit: { requests_per_second: 100000000, burst: 100000000 }
+    rate_limit: { requests_per_second: 1000000, burst: 1000000 }
     circuit_breaker: { consecutive_failures: 1000, failure_rate: { threshold: 0.9, min_requests: 1000, window: 10s }, max_concurrent_requests: 100000 }
     outlier_detection: { consecutive_failures: 1000 }'
 EVERY_POLICY_ROUTE='
-    rate_limit: { requests_per_second: 100000000, burst: 100000000 }
+    rate_limit: { requests_per_second: 1000000, burst: 1000000 }
     fault: { delay: { duration: 1s, percent: 0 }, abort: { status: 503, percent: 0 } }'
 
 # Tracing at ratio 1.0 exported over OTLP/HTTP to the collector at $1 (host:port).
