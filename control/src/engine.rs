@@ -101,6 +101,12 @@ pub enum EngineError {
     /// The request's deadline passed before the change could be made; nothing changed.
     #[error("not applied: the request's deadline passed while waiting for another change to finish; nothing changed")]
     Expired,
+    /// `delete` of a document not in force.
+    #[error("no document named {0} is in force (see outriderctl status)")]
+    UnknownDocument(String),
+    /// `delete` of a document read from the policy directory: the file would bring it back.
+    #[error("{0} comes from the policy directory: delete the file instead")]
+    FileBacked(String),
     /// A kept version no longer loads (written by another build).
     #[error("stored document {name} no longer loads: {error}")]
     Stored {
@@ -530,6 +536,56 @@ impl Engine {
         Ok(outcome)
     }
 
+    /// Removes a document added with `apply` as a new version, unless what remains leaves some
+    /// workload's merged policy invalid (then it is rejected in the outcome, nothing changes).
+    /// Changes nothing once `deadline` has passed, like [`Self::apply_by`].
+    pub fn delete(&self, name: &str, deadline: Option<Instant>) -> Result<Outcome, EngineError> {
+        let _writer = self.lock_writer();
+        check_deadline(deadline)?;
+        let mut parsed = {
+            let inner = self.lock();
+            match inner.docs.get(name) {
+                None => return Err(EngineError::UnknownDocument(name.to_string())),
+                Some(doc) if doc.source == Source::File => {
+                    return Err(EngineError::FileBacked(name.to_string()))
+                }
+                Some(_) => inner.parsed.clone(),
+            }
+        };
+        // Validated without the data lock, like an upsert; the writer lock keeps it current.
+        let old = parsed.remove(name);
+        if let Err(message) = check_merges(name, old.as_ref(), &parsed, self.max_push) {
+            let message = format!("cannot delete {message}");
+            return Ok(Outcome {
+                version: self.version(),
+                rejected: vec![Rejected {
+                    document: name.to_string(),
+                    rendered: format!("error: {message}\n  --> {name}\n"),
+                    diagnostics: vec![ApiDiagnostic {
+                        path: String::new(),
+                        message: message.clone(),
+                        line: None,
+                        column: None,
+                    }],
+                    message,
+                    at_ms: now_ms(),
+                    from_file: false,
+                }],
+                ..Outcome::default()
+            });
+        }
+        let change = Prepared::Remove {
+            name: name.to_string(),
+        };
+        self.apply_serialized(
+            vec![change],
+            &format!("delete {name}"),
+            None,
+            false,
+            deadline,
+        )
+    }
+
     /// Makes a kept version's documents the ones in force again, as a new version.
     pub fn rollback(&self, to: u64) -> Result<Outcome, EngineError> {
         let _writer = self.lock_writer();
@@ -750,8 +806,9 @@ fn check_merges(
     parsed: &BTreeMap<String, Policy>,
     max_push: usize,
 ) -> Result<(), String> {
-    let new = &parsed[name];
-    let touches_all = [Some(new), old]
+    // `None` when `name` is being removed: then only what remains is checked.
+    let new = parsed.get(name);
+    let touches_all = [new, old]
         .into_iter()
         .flatten()
         .any(|p| merge::tier(p, DEFAULTS).is_some());
@@ -760,7 +817,7 @@ fn check_merges(
         all.insert(DEFAULTS.to_string());
         all
     } else {
-        [Some(new), old]
+        [new, old]
             .into_iter()
             .flatten()
             .filter_map(|p| p.workload.as_ref())
@@ -1177,6 +1234,86 @@ mod tests {
         let history = engine.history();
         assert_eq!(history[0].cause, "rollback to 1");
         assert_eq!(history.len(), 3);
+    }
+
+    fn service(name: &str, endpoints: u16) -> String {
+        let endpoints: Vec<String> = (0..endpoints)
+            .map(|p| format!("127.0.0.1:{}", 10_000 + p))
+            .collect();
+        format!("{name}: {{ endpoints: [{}] }}", endpoints.join(", "))
+    }
+
+    #[test]
+    fn delete_removes_an_applied_document_unless_what_remains_is_invalid() {
+        // `d` defines a large `x` for everyone, `small` replaces it with a small one for `w`,
+        // `big` gives `w` a large `y`: without `small`, `w`'s merged policy is too large to push.
+        let d = format!("services: {{ {} }}\n", service("x", 40));
+        let small = format!("workload: w\nservices: {{ {} }}\n", service("x", 1));
+        let big = format!("workload: w\nservices: {{ {} }}\n", service("y", 40));
+        let line = |docs: Vec<Change>| {
+            let (engine, _dir) = engine("delete-measure");
+            engine.apply(docs, "t").expect("applied");
+            let line = engine.subscribe("w").borrow().line.len();
+            line
+        };
+        let fits = line(vec![
+            upsert("d", &d),
+            upsert("small", &small),
+            upsert("big", &big),
+        ]);
+        let too_large = line(vec![upsert("d", &d), upsert("big", &big)]);
+        assert!(too_large > fits + 200, "{fits} {too_large}");
+
+        let (engine, _dir) = engine("delete");
+        let engine = engine.max_push(fits.midpoint(too_large));
+        let w = engine.subscribe("w");
+        engine
+            .apply(
+                vec![
+                    upsert("d", &d),
+                    upsert("small", &small),
+                    upsert("big", &big),
+                ],
+                "t",
+            )
+            .expect("1");
+        let out = engine.delete("small", None).expect("answered");
+        assert_eq!(out.version, 1);
+        let message = &out.rejected[0].message;
+        assert!(
+            message.starts_with(
+                "cannot delete small: the merged policy for workload `w` would be pushed as"
+            ),
+            "{message}"
+        );
+        assert_eq!(engine.version(), 1);
+
+        let out = engine.delete("big", None).expect("deleted");
+        assert_eq!(out.version, 2);
+        assert_eq!(out.accepted, ["big"]);
+        assert!(
+            !w.borrow().policy.contains("10039"),
+            "{}",
+            w.borrow().policy
+        );
+        assert_eq!(w.borrow().version, 2);
+        assert_eq!(engine.history()[0].cause, "delete big");
+        assert_eq!(engine.history()[0].documents, ["d", "small"]);
+        assert!(matches!(
+            engine.delete("big", None),
+            Err(EngineError::UnknownDocument(n)) if n == "big"
+        ));
+        let file = Change::Upsert {
+            name: "f".into(),
+            text: "workload: v\n".into(),
+            source: Source::File,
+        };
+        engine.apply(vec![file], "t").expect("3");
+        assert!(matches!(
+            engine.delete("f", None),
+            Err(EngineError::FileBacked(n)) if n == "f"
+        ));
+        assert_eq!(engine.version(), 3);
     }
 
     #[test]
