@@ -175,6 +175,9 @@ struct Inner {
     parsed: BTreeMap<String, Policy>,
     rejected: BTreeMap<String, Rejected>,
     published: BTreeMap<String, watch::Sender<Arc<Published>>>,
+    /// Published workloads no stream watches and no document names, since when (first seen
+    /// so by [`Engine::expire`]).
+    unwatched: BTreeMap<String, tokio::time::Instant>,
     proxies: Registry,
 }
 
@@ -211,6 +214,7 @@ impl Engine {
             parsed,
             rejected: BTreeMap::new(),
             published: BTreeMap::new(),
+            unwatched: BTreeMap::new(),
             proxies: Registry::default(),
         };
         let version = inner.state.version;
@@ -723,6 +727,42 @@ impl Engine {
         }
     }
 
+    /// Forgets what is gone, so made-up or departed names cannot grow the registry (and the
+    /// work of every change) without bound: proxies whose last stream closed at least `after`
+    /// ago, and workloads no stream has watched and no document has named for `after` (as
+    /// seen by the calls: call it every fraction of `after`). Returns (proxies, workloads)
+    /// forgotten.
+    pub fn expire(&self, after: std::time::Duration) -> (usize, usize) {
+        let now = tokio::time::Instant::now();
+        let mut inner = self.lock();
+        let named = named_workloads(&inner.parsed);
+        let Inner {
+            published,
+            unwatched,
+            proxies,
+            ..
+        } = &mut *inner;
+        let expired_proxies = proxies.expire(now, after);
+        let mut gone = Vec::new();
+        for (workload, sender) in published.iter() {
+            if workload == DEFAULTS || named.contains(workload) || sender.receiver_count() > 0 {
+                unwatched.remove(workload);
+                continue;
+            }
+            let since = *unwatched.entry(workload.clone()).or_insert(now);
+            if now.saturating_duration_since(since) >= after {
+                gone.push(workload.clone());
+            }
+        }
+        for workload in &gone {
+            published.remove(workload);
+            unwatched.remove(workload);
+        }
+        // Names no longer published (named by a document that went) need no clock.
+        unwatched.retain(|w, _| published.contains_key(w));
+        (expired_proxies, gone.len())
+    }
+
     /// Records a proxy's ACK or NACK, if it comes from the proxy's live session and names a
     /// policy that session was sent.
     pub fn ack(&self, ack: Ack) -> Result<(), AckRefused> {
@@ -794,6 +834,29 @@ impl Engine {
             version: inner.state.version,
             documents,
             proxies,
+        }
+    }
+}
+
+/// Runs [`Engine::expire`] every quarter of `after` (between 1 s and 30 s), forever: what is
+/// gone is forgotten between `after` and `after` plus that period after its last stream
+/// closed.
+pub async fn expire_gone(engine: Arc<Engine>, after: std::time::Duration) {
+    let period = (after / 4).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(30),
+    );
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (proxies, workloads) = engine.expire(after);
+        if proxies > 0 || workloads > 0 {
+            tracing::info!(
+                proxies,
+                workloads,
+                "forgot proxies and workloads gone for {after:?}"
+            );
         }
     }
 }
@@ -1314,6 +1377,83 @@ mod tests {
             Err(EngineError::FileBacked(n)) if n == "f"
         ));
         assert_eq!(engine.version(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gone_proxies_and_workloads_expire_after_the_last_stream_closed() {
+        use std::time::Duration;
+        let after = Duration::from_secs(300);
+        let (engine, _dir) = engine("expire");
+        engine
+            .apply(vec![upsert("named", "workload: kept\n")], "t")
+            .expect("1");
+        let published =
+            |engine: &Engine| -> Vec<String> { engine.lock().published.keys().cloned().collect() };
+        let proxies = |engine: &Engine| -> Vec<String> {
+            engine
+                .status()
+                .proxies
+                .into_iter()
+                .map(|p| p.proxy)
+                .collect()
+        };
+        let ghost = engine.subscribe("ghost");
+        let ghost_session = engine
+            .connect("p-ghost", "ghost", None, None)
+            .expect("p-ghost");
+        let _live = engine.subscribe("live");
+        engine
+            .connect("p-live", "live", None, None)
+            .expect("p-live");
+        // An unnamed workload only looked at, never subscribed: also forgotten.
+        engine.policy("looked-at");
+        assert_eq!(
+            published(&engine),
+            ["*", "ghost", "kept", "live", "looked-at"]
+        );
+
+        drop(ghost);
+        engine.disconnected("p-ghost", ghost_session.connection);
+        assert_eq!(engine.expire(after), (0, 0));
+        tokio::time::advance(after - Duration::from_secs(1)).await;
+        assert_eq!(engine.expire(after), (0, 0));
+        assert_eq!(proxies(&engine), ["p-ghost", "p-live"]);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(engine.expire(after), (1, 2));
+        assert_eq!(proxies(&engine), ["p-live"]);
+        assert_eq!(published(&engine), ["*", "kept", "live"]);
+        // A forgotten workload subscribed again gets the policy in force (the defaults').
+        assert_eq!(
+            engine.policy("ghost").content_hash,
+            engine.policy(DEFAULTS).content_hash
+        );
+        tokio::time::advance(after * 10).await;
+        assert_eq!(engine.expire(after), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_forgets_within_a_period_past_the_expiry() {
+        use std::time::Duration;
+        let after = Duration::from_secs(300);
+        let (engine, _dir) = engine("sweeper");
+        let engine = Arc::new(engine);
+        let session = engine.connect("p", "w", None, None).expect("p");
+        engine.disconnected("p", session.connection);
+        drop(engine.subscribe("w"));
+        let sweeper = tokio::spawn(expire_gone(Arc::clone(&engine), after));
+        let known = |engine: &Engine| {
+            let inner = engine.lock();
+            (
+                inner.proxies.iter().count(),
+                inner.published.contains_key("w"),
+            )
+        };
+        tokio::time::sleep(after - Duration::from_secs(1)).await;
+        assert_eq!(known(&engine), (1, true));
+        // Period: a quarter of 5 min, at most 30 s.
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert_eq!(known(&engine), (0, false));
+        sweeper.abort();
     }
 
     #[test]
