@@ -647,6 +647,63 @@ async fn outriderctl_delete_removes_an_applied_document_and_proxies_converge() {
 }
 
 #[tokio::test]
+async fn made_up_workloads_and_gone_proxies_expire() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control_with(&dirs, &["--registry-expiry", "2s"]);
+    let workloads = |reply: &outrider_e2e::Reply| -> Vec<String> {
+        reply.json()["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["workload"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for i in 0..20 {
+        let path = format!("/v1/policy?workload=ghost-{i}");
+        assert_eq!(control.request("GET", &path, "").await.status, 200);
+    }
+    let mut sub = control.subscribe("ghost-sub", "p-ghost", false).await;
+    sub.next_update(PUSH_BOUND).await.expect("initial policy");
+    // A default change re-merges every workload known, made-up ones included.
+    let extra = "services:\n  extra: { endpoints: [127.0.0.1:9301] }\n";
+    let reply = control.request("POST", "/v1/apply?name=extra", extra).await;
+    assert_eq!(reply.status, 200);
+    let changed = workloads(&reply);
+    assert_eq!(changed.len(), 22, "{changed:?}");
+    assert!(changed.contains(&"ghost-19".to_string()), "{changed:?}");
+
+    drop(sub);
+    let known = |status: &serde_json::Value| {
+        status["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["proxy"] == "p-ghost")
+    };
+    assert!(known(&control.status().await));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while known(&control.status().await) {
+        assert!(Instant::now() < deadline, "p-ghost not forgotten");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The made-up workloads are forgotten too: a change no longer re-merges them.
+    let dry_run = extra.replace("9301", "9302");
+    loop {
+        let reply = control
+            .request("POST", "/v1/apply?name=extra&dry_run=1", &dry_run)
+            .await;
+        assert_eq!(reply.status, 200);
+        let changed = workloads(&reply);
+        if changed == ["*"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still re-merged: {changed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
 async fn outriderctl_says_clearly_when_the_server_is_down_or_the_token_wrong() {
     let dirs = ControlDirs::new();
     let control = start_control(&dirs);
