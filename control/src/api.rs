@@ -8,6 +8,7 @@
 //! | `POST /v1/apply?name=N&timeout_ms=T` | yes | also 503 when T ms passed before the change could be committed: nothing changed |
 //! | `GET /v1/history` | yes | 200 `[`[`HistoryEntry`]`]` newest first |
 //! | `POST /v1/rollback?to=N` | yes | 200 [`Applied`], 404 when N is not kept |
+//! | `POST /v1/delete?name=N&timeout_ms=T` | yes | 200 [`Applied`], 404 when N is not in force, 409 when N comes from the policy directory, 422 [`Rejected`] when what remains would not validate, 503 as for apply |
 //! | `GET /v1/policy?workload=W` | yes | 200 [`WorkloadPolicy`] |
 //! | `GET /v1/status` | from loopback: no | 200 [`Status`] |
 //! | `GET /live`, `GET /ready` | no | 200 |
@@ -22,6 +23,8 @@ pub const APPLY_PATH: &str = "/v1/apply";
 pub const HISTORY_PATH: &str = "/v1/history";
 /// Path of `rollback`.
 pub const ROLLBACK_PATH: &str = "/v1/rollback";
+/// Path of `delete`.
+pub const DELETE_PATH: &str = "/v1/delete";
 /// Path of `policy`.
 pub const POLICY_PATH: &str = "/v1/policy";
 /// Path of `status`.

@@ -1,6 +1,6 @@
 //! The `outriderctl` commands that talk to the control plane: `apply`, `status`, `history`,
-//! `rollback`, `get`. Exit codes: 0 success, 1 rejected (invalid or conflicting policy,
-//! unknown version), 66 unreadable file, 69 control plane unreachable, change not made (its
+//! `rollback`, `delete`, `get`. Exit codes: 0 success, 1 rejected (invalid or conflicting
+//! policy, unknown version, a document not in force or from the policy directory), 66 unreadable file, 69 control plane unreachable, change not made (its
 //! deadline passed, its state dir failed) or outcome unknown, 70 unexpected answer, 77 token
 //! refused.
 
@@ -77,6 +77,16 @@ pub struct RollbackArgs {
     pub remote: Remote,
 }
 
+/// `outriderctl delete` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeleteArgs {
+    /// The document to remove, as named when applied (see `outriderctl status`).
+    pub name: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub remote: Remote,
+}
+
 /// `outriderctl get` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GetArgs {
@@ -118,12 +128,22 @@ pub enum CliError {
         /// The document.
         name: String,
     },
+    /// `delete` got no answer in time, like [`Self::ApplyOutcomeUnknown`].
+    #[error("the control plane at {url} did not answer within {REQUEST_TIMEOUT:?}: whether {name} was deleted is unknown (it is not deleted past {APPLY_DEADLINE:?} unless the commit had begun); `outriderctl history` shows a version with cause `delete {name}` if it was")]
+    DeleteOutcomeUnknown {
+        /// The URL.
+        url: String,
+        /// The document.
+        name: String,
+    },
     /// The control plane could not make the change (its deadline passed, its disk failed):
     /// nothing changed.
-    #[error("{name} not applied: {message}")]
+    #[error("{name} not {verb}: {message}")]
     NotApplied {
         /// The document.
         name: String,
+        /// `applied` or `deleted`.
+        verb: &'static str,
         /// The control plane's reason.
         message: String,
     },
@@ -154,6 +174,7 @@ impl CliError {
             Self::Unreachable { .. }
             | Self::Timeout(_)
             | Self::ApplyOutcomeUnknown { .. }
+            | Self::DeleteOutcomeUnknown { .. }
             | Self::NotApplied { .. } => EX_UNAVAILABLE,
             Self::Unauthorized { .. } => EX_NOPERM,
             Self::TokenFile { .. } => EX_NOINPUT,
@@ -370,6 +391,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
                     StatusCode::SERVICE_UNAVAILABLE | StatusCode::INTERNAL_SERVER_ERROR => {
                         return Err(CliError::NotApplied {
                             name,
+                            verb: "applied",
                             message: error_message(&body),
                         });
                     }
@@ -530,6 +552,60 @@ pub fn rollback(args: RollbackArgs) -> ExitCode {
                         .unwrap_or_else(|_| format!("version {} is not kept", args.to));
                     eprintln!("outriderctl: {message} (see outriderctl history)");
                     Ok(ExitCode::from(EX_REJECTED))
+                }
+                _ => Err(unexpected(status, &body)),
+            }
+        },
+        &args.remote,
+    )
+}
+
+/// `outriderctl delete NAME`: removes a document added with `apply`, as a new version;
+/// exits 1 if it is not in force, comes from the policy directory, or its removal would leave
+/// some workload's merged policy invalid.
+pub fn delete(args: DeleteArgs) -> ExitCode {
+    run(
+        |api| async move {
+            let name = args.name;
+            let path = format!(
+                "{}?name={}&{}={}",
+                api::DELETE_PATH,
+                encode(&name),
+                api::TIMEOUT_PARAM,
+                APPLY_DEADLINE.as_millis()
+            );
+            let (status, body) = match api.call(Method::POST, &path, Bytes::new()).await {
+                Err(CliError::Timeout(url)) => {
+                    return Err(CliError::DeleteOutcomeUnknown { url, name })
+                }
+                other => other?,
+            };
+            match status {
+                StatusCode::OK => {
+                    let applied: Applied = decode(status, &body)?;
+                    println!(
+                        "{name}: deleted as version {}; pushed to {}",
+                        applied.version,
+                        workloads(&applied)
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                StatusCode::NOT_FOUND | StatusCode::CONFLICT => {
+                    eprintln!("outriderctl: {}", error_message(&body));
+                    Ok(ExitCode::from(EX_REJECTED))
+                }
+                StatusCode::UNPROCESSABLE_ENTITY => {
+                    let rejected: Rejected = decode(status, &body)?;
+                    eprint!("{}", rejected.rendered);
+                    eprintln!("outriderctl: {name} not deleted; the version in force is unchanged");
+                    Ok(ExitCode::from(EX_REJECTED))
+                }
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::INTERNAL_SERVER_ERROR => {
+                    Err(CliError::NotApplied {
+                        name,
+                        verb: "deleted",
+                        message: error_message(&body),
+                    })
                 }
                 _ => Err(unexpected(status, &body)),
             }

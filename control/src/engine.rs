@@ -101,6 +101,12 @@ pub enum EngineError {
     /// The request's deadline passed before the change could be made; nothing changed.
     #[error("not applied: the request's deadline passed while waiting for another change to finish; nothing changed")]
     Expired,
+    /// `delete` of a document not in force.
+    #[error("no document named {0} is in force (see outriderctl status)")]
+    UnknownDocument(String),
+    /// `delete` of a document read from the policy directory: the file would bring it back.
+    #[error("{0} comes from the policy directory: delete the file instead")]
+    FileBacked(String),
     /// A kept version no longer loads (written by another build).
     #[error("stored document {name} no longer loads: {error}")]
     Stored {
@@ -169,6 +175,9 @@ struct Inner {
     parsed: BTreeMap<String, Policy>,
     rejected: BTreeMap<String, Rejected>,
     published: BTreeMap<String, watch::Sender<Arc<Published>>>,
+    /// Published workloads no stream watches and no document names, since when (first seen
+    /// so by [`Engine::expire`]).
+    unwatched: BTreeMap<String, tokio::time::Instant>,
     proxies: Registry,
 }
 
@@ -205,6 +214,7 @@ impl Engine {
             parsed,
             rejected: BTreeMap::new(),
             published: BTreeMap::new(),
+            unwatched: BTreeMap::new(),
             proxies: Registry::default(),
         };
         let version = inner.state.version;
@@ -530,6 +540,56 @@ impl Engine {
         Ok(outcome)
     }
 
+    /// Removes a document added with `apply` as a new version, unless what remains leaves some
+    /// workload's merged policy invalid (then it is rejected in the outcome, nothing changes).
+    /// Changes nothing once `deadline` has passed, like [`Self::apply_by`].
+    pub fn delete(&self, name: &str, deadline: Option<Instant>) -> Result<Outcome, EngineError> {
+        let _writer = self.lock_writer();
+        check_deadline(deadline)?;
+        let mut parsed = {
+            let inner = self.lock();
+            match inner.docs.get(name) {
+                None => return Err(EngineError::UnknownDocument(name.to_string())),
+                Some(doc) if doc.source == Source::File => {
+                    return Err(EngineError::FileBacked(name.to_string()))
+                }
+                Some(_) => inner.parsed.clone(),
+            }
+        };
+        // Validated without the data lock, like an upsert; the writer lock keeps it current.
+        let old = parsed.remove(name);
+        if let Err(message) = check_merges(name, old.as_ref(), &parsed, self.max_push) {
+            let message = format!("cannot delete {message}");
+            return Ok(Outcome {
+                version: self.version(),
+                rejected: vec![Rejected {
+                    document: name.to_string(),
+                    rendered: format!("error: {message}\n  --> {name}\n"),
+                    diagnostics: vec![ApiDiagnostic {
+                        path: String::new(),
+                        message: message.clone(),
+                        line: None,
+                        column: None,
+                    }],
+                    message,
+                    at_ms: now_ms(),
+                    from_file: false,
+                }],
+                ..Outcome::default()
+            });
+        }
+        let change = Prepared::Remove {
+            name: name.to_string(),
+        };
+        self.apply_serialized(
+            vec![change],
+            &format!("delete {name}"),
+            None,
+            false,
+            deadline,
+        )
+    }
+
     /// Makes a kept version's documents the ones in force again, as a new version.
     pub fn rollback(&self, to: u64) -> Result<Outcome, EngineError> {
         let _writer = self.lock_writer();
@@ -667,6 +727,42 @@ impl Engine {
         }
     }
 
+    /// Forgets what is gone, so made-up or departed names cannot grow the registry (and the
+    /// work of every change) without bound: proxies whose last stream closed at least `after`
+    /// ago, and workloads no stream has watched and no document has named for `after` (as
+    /// seen by the calls: call it every fraction of `after`). Returns (proxies, workloads)
+    /// forgotten.
+    pub fn expire(&self, after: std::time::Duration) -> (usize, usize) {
+        let now = tokio::time::Instant::now();
+        let mut inner = self.lock();
+        let named = named_workloads(&inner.parsed);
+        let Inner {
+            published,
+            unwatched,
+            proxies,
+            ..
+        } = &mut *inner;
+        let expired_proxies = proxies.expire(now, after);
+        let mut gone = Vec::new();
+        for (workload, sender) in published.iter() {
+            if workload == DEFAULTS || named.contains(workload) || sender.receiver_count() > 0 {
+                unwatched.remove(workload);
+                continue;
+            }
+            let since = *unwatched.entry(workload.clone()).or_insert(now);
+            if now.saturating_duration_since(since) >= after {
+                gone.push(workload.clone());
+            }
+        }
+        for workload in &gone {
+            published.remove(workload);
+            unwatched.remove(workload);
+        }
+        // Names no longer published (named by a document that went) need no clock.
+        unwatched.retain(|w, _| published.contains_key(w));
+        (expired_proxies, gone.len())
+    }
+
     /// Records a proxy's ACK or NACK, if it comes from the proxy's live session and names a
     /// policy that session was sent.
     pub fn ack(&self, ack: Ack) -> Result<(), AckRefused> {
@@ -742,6 +838,29 @@ impl Engine {
     }
 }
 
+/// Runs [`Engine::expire`] every quarter of `after` (between 1 s and 30 s), forever: what is
+/// gone is forgotten between `after` and `after` plus that period after its last stream
+/// closed.
+pub async fn expire_gone(engine: Arc<Engine>, after: std::time::Duration) {
+    let period = (after / 4).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(30),
+    );
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (proxies, workloads) = engine.expire(after);
+        if proxies > 0 || workloads > 0 {
+            tracing::info!(
+                proxies,
+                workloads,
+                "forgot proxies and workloads gone for {after:?}"
+            );
+        }
+    }
+}
+
 /// Checks every workload the changed document `name` touches (before or after) still merges
 /// and validates; the error names both documents of a conflict.
 fn check_merges(
@@ -750,8 +869,9 @@ fn check_merges(
     parsed: &BTreeMap<String, Policy>,
     max_push: usize,
 ) -> Result<(), String> {
-    let new = &parsed[name];
-    let touches_all = [Some(new), old]
+    // `None` when `name` is being removed: then only what remains is checked.
+    let new = parsed.get(name);
+    let touches_all = [new, old]
         .into_iter()
         .flatten()
         .any(|p| merge::tier(p, DEFAULTS).is_some());
@@ -760,7 +880,7 @@ fn check_merges(
         all.insert(DEFAULTS.to_string());
         all
     } else {
-        [Some(new), old]
+        [new, old]
             .into_iter()
             .flatten()
             .filter_map(|p| p.workload.as_ref())
@@ -1177,6 +1297,163 @@ mod tests {
         let history = engine.history();
         assert_eq!(history[0].cause, "rollback to 1");
         assert_eq!(history.len(), 3);
+    }
+
+    fn service(name: &str, endpoints: u16) -> String {
+        let endpoints: Vec<String> = (0..endpoints)
+            .map(|p| format!("127.0.0.1:{}", 10_000 + p))
+            .collect();
+        format!("{name}: {{ endpoints: [{}] }}", endpoints.join(", "))
+    }
+
+    #[test]
+    fn delete_removes_an_applied_document_unless_what_remains_is_invalid() {
+        // `d` defines a large `x` for everyone, `small` replaces it with a small one for `w`,
+        // `big` gives `w` a large `y`: without `small`, `w`'s merged policy is too large to push.
+        let d = format!("services: {{ {} }}\n", service("x", 40));
+        let small = format!("workload: w\nservices: {{ {} }}\n", service("x", 1));
+        let big = format!("workload: w\nservices: {{ {} }}\n", service("y", 40));
+        let line = |docs: Vec<Change>| {
+            let (engine, _dir) = engine("delete-measure");
+            engine.apply(docs, "t").expect("applied");
+            let line = engine.subscribe("w").borrow().line.len();
+            line
+        };
+        let fits = line(vec![
+            upsert("d", &d),
+            upsert("small", &small),
+            upsert("big", &big),
+        ]);
+        let too_large = line(vec![upsert("d", &d), upsert("big", &big)]);
+        assert!(too_large > fits + 200, "{fits} {too_large}");
+
+        let (engine, _dir) = engine("delete");
+        let engine = engine.max_push(fits.midpoint(too_large));
+        let w = engine.subscribe("w");
+        engine
+            .apply(
+                vec![
+                    upsert("d", &d),
+                    upsert("small", &small),
+                    upsert("big", &big),
+                ],
+                "t",
+            )
+            .expect("1");
+        let out = engine.delete("small", None).expect("answered");
+        assert_eq!(out.version, 1);
+        let message = &out.rejected[0].message;
+        assert!(
+            message.starts_with(
+                "cannot delete small: the merged policy for workload `w` would be pushed as"
+            ),
+            "{message}"
+        );
+        assert_eq!(engine.version(), 1);
+
+        let out = engine.delete("big", None).expect("deleted");
+        assert_eq!(out.version, 2);
+        assert_eq!(out.accepted, ["big"]);
+        assert!(
+            !w.borrow().policy.contains("10039"),
+            "{}",
+            w.borrow().policy
+        );
+        assert_eq!(w.borrow().version, 2);
+        assert_eq!(engine.history()[0].cause, "delete big");
+        assert_eq!(engine.history()[0].documents, ["d", "small"]);
+        assert!(matches!(
+            engine.delete("big", None),
+            Err(EngineError::UnknownDocument(n)) if n == "big"
+        ));
+        let file = Change::Upsert {
+            name: "f".into(),
+            text: "workload: v\n".into(),
+            source: Source::File,
+        };
+        engine.apply(vec![file], "t").expect("3");
+        assert!(matches!(
+            engine.delete("f", None),
+            Err(EngineError::FileBacked(n)) if n == "f"
+        ));
+        assert_eq!(engine.version(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gone_proxies_and_workloads_expire_after_the_last_stream_closed() {
+        use std::time::Duration;
+        let after = Duration::from_secs(300);
+        let (engine, _dir) = engine("expire");
+        engine
+            .apply(vec![upsert("named", "workload: kept\n")], "t")
+            .expect("1");
+        let published =
+            |engine: &Engine| -> Vec<String> { engine.lock().published.keys().cloned().collect() };
+        let proxies = |engine: &Engine| -> Vec<String> {
+            engine
+                .status()
+                .proxies
+                .into_iter()
+                .map(|p| p.proxy)
+                .collect()
+        };
+        let ghost = engine.subscribe("ghost");
+        let ghost_session = engine
+            .connect("p-ghost", "ghost", None, None)
+            .expect("p-ghost");
+        let _live = engine.subscribe("live");
+        engine
+            .connect("p-live", "live", None, None)
+            .expect("p-live");
+        // An unnamed workload only looked at, never subscribed: also forgotten.
+        engine.policy("looked-at");
+        assert_eq!(
+            published(&engine),
+            ["*", "ghost", "kept", "live", "looked-at"]
+        );
+
+        drop(ghost);
+        engine.disconnected("p-ghost", ghost_session.connection);
+        assert_eq!(engine.expire(after), (0, 0));
+        tokio::time::advance(after - Duration::from_secs(1)).await;
+        assert_eq!(engine.expire(after), (0, 0));
+        assert_eq!(proxies(&engine), ["p-ghost", "p-live"]);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(engine.expire(after), (1, 2));
+        assert_eq!(proxies(&engine), ["p-live"]);
+        assert_eq!(published(&engine), ["*", "kept", "live"]);
+        // A forgotten workload subscribed again gets the policy in force (the defaults').
+        assert_eq!(
+            engine.policy("ghost").content_hash,
+            engine.policy(DEFAULTS).content_hash
+        );
+        tokio::time::advance(after * 10).await;
+        assert_eq!(engine.expire(after), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_forgets_within_a_period_past_the_expiry() {
+        use std::time::Duration;
+        let after = Duration::from_secs(300);
+        let (engine, _dir) = engine("sweeper");
+        let engine = Arc::new(engine);
+        let session = engine.connect("p", "w", None, None).expect("p");
+        engine.disconnected("p", session.connection);
+        drop(engine.subscribe("w"));
+        let sweeper = tokio::spawn(expire_gone(Arc::clone(&engine), after));
+        let known = |engine: &Engine| {
+            let inner = engine.lock();
+            (
+                inner.proxies.iter().count(),
+                inner.published.contains_key("w"),
+            )
+        };
+        tokio::time::sleep(after - Duration::from_secs(1)).await;
+        assert_eq!(known(&engine), (1, true));
+        // Period: a quarter of 5 min, at most 30 s.
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert_eq!(known(&engine), (0, false));
+        sweeper.abort();
     }
 
     #[test]

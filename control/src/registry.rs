@@ -36,6 +36,8 @@ pub(crate) struct ProxyRecord {
     pub(crate) hash_applied: Option<String>,
     pub(crate) applied_at_ms: Option<u64>,
     pub(crate) last_nack: Option<Nack>,
+    /// When its last stream closed (`None` while connected); the record expires after that.
+    disconnected_at: Option<tokio::time::Instant>,
 }
 
 /// A subscription the registry accepted.
@@ -131,6 +133,7 @@ impl Registry {
                 hash_applied: None,
                 applied_at_ms: None,
                 last_nack: None,
+                disconnected_at: None,
             });
         if record.workload != workload {
             // Another workload's policy: what it applied before says nothing now.
@@ -143,6 +146,7 @@ impl Registry {
         record.connection = session.connection;
         record.session.clone_from(&session.id);
         record.connected = true;
+        record.disconnected_at = None;
         record.peer = peer;
         record.connected_since_ms = now;
         record.version_sent = None;
@@ -169,10 +173,27 @@ impl Registry {
         match self.proxies.get_mut(proxy) {
             Some(record) if record.connection == connection => {
                 record.connected = false;
+                record.disconnected_at = Some(tokio::time::Instant::now());
                 true
             }
             _ => false,
         }
+    }
+
+    /// Forgets the proxies whose last stream closed at least `after` before `now`; returns
+    /// how many.
+    pub(crate) fn expire(
+        &mut self,
+        now: tokio::time::Instant,
+        after: std::time::Duration,
+    ) -> usize {
+        let before = self.proxies.len();
+        self.proxies.retain(|_, p| {
+            p.connected
+                || p.disconnected_at
+                    .is_none_or(|at| now.saturating_duration_since(at) < after)
+        });
+        before.saturating_sub(self.proxies.len())
     }
 
     /// Records an ACK or NACK of the proxy's live session, for a policy that session was sent.

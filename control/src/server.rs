@@ -124,6 +124,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
         (&Method::POST, api::APPLY_PATH) => apply(req, &query, app).await,
         (&Method::GET, api::HISTORY_PATH) => json(StatusCode::OK, &app.engine.history()),
         (&Method::POST, api::ROLLBACK_PATH) => rollback(&query, app).await,
+        (&Method::POST, api::DELETE_PATH) => delete(&query, app).await,
         (&Method::GET, api::POLICY_PATH) => match query.get("workload") {
             Some(w) if valid_workload(w) => json(StatusCode::OK, &app.engine.policy(w)),
             _ => error(StatusCode::BAD_REQUEST, "`workload` query parameter needed"),
@@ -139,6 +140,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
             | api::APPLY_PATH
             | api::HISTORY_PATH
             | api::ROLLBACK_PATH
+            | api::DELETE_PATH
             | api::POLICY_PATH
             | api::STATUS_PATH,
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
@@ -343,16 +345,20 @@ async fn certificate(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Res
     }
 }
 
+/// The client's own deadline: past it, it has given up and the change must not happen.
+fn client_deadline(query: &HashMap<String, String>) -> Option<std::time::Instant> {
+    query
+        .get(api::TIMEOUT_PARAM)
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map(|ms| std::time::Instant::now() + Duration::from_millis(ms.min(MAX_CLIENT_TIMEOUT_MS)))
+}
+
 async fn apply(
     req: Request<Incoming>,
     query: &HashMap<String, String>,
     app: &App,
 ) -> Response<ResBody> {
-    // The client's own deadline: past it, it has given up and the change must not happen.
-    let deadline = query
-        .get(api::TIMEOUT_PARAM)
-        .and_then(|ms| ms.parse::<u64>().ok())
-        .map(|ms| std::time::Instant::now() + Duration::from_millis(ms.min(MAX_CLIENT_TIMEOUT_MS)));
+    let deadline = client_deadline(query);
     let Some(name) = query.get("name").filter(|n| valid_name(n)).cloned() else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -410,9 +416,30 @@ async fn rollback(query: &HashMap<String, String>, app: &App) -> Response<ResBod
     }
 }
 
+async fn delete(query: &HashMap<String, String>, app: &App) -> Response<ResBody> {
+    let deadline = client_deadline(query);
+    let Some(name) = query.get("name").filter(|n| valid_name(n)).cloned() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`name` query parameter needed (letters, digits, '-', '.', '_')",
+        );
+    };
+    let engine = Arc::clone(&app.engine);
+    // The new state is fsynced: off the reactor.
+    match tokio::task::spawn_blocking(move || engine.delete(&name, deadline)).await {
+        Ok(Ok(outcome)) => match outcome.rejected.first() {
+            Some(rejected) => json(StatusCode::UNPROCESSABLE_ENTITY, rejected),
+            None => json(StatusCode::OK, &outcome.applied("")),
+        },
+        Ok(Err(e)) => engine_error(&e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
 fn engine_error(e: &EngineError) -> Response<ResBody> {
     let status = match e {
-        EngineError::NotKept(_) => StatusCode::NOT_FOUND,
+        EngineError::NotKept(_) | EngineError::UnknownDocument(_) => StatusCode::NOT_FOUND,
+        EngineError::FileBacked(_) => StatusCode::CONFLICT,
         EngineError::Expired => StatusCode::SERVICE_UNAVAILABLE,
         EngineError::Store(_) | EngineError::Stored { .. } => {
             tracing::error!(error = %e, "change failed");

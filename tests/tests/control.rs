@@ -586,6 +586,124 @@ async fn outriderctl_status_history_and_rollback() {
 }
 
 #[tokio::test]
+async fn outriderctl_delete_removes_an_applied_document_and_proxies_converge() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control(&dirs);
+    let mut sub = control.subscribe("checkout", "pod-1", true).await;
+    let first = sub.next_update(PUSH_BOUND).await.unwrap();
+
+    let work = outrider_e2e::TempDir::new();
+    let file = work.path.join("checkout.yaml");
+    std::fs::write(
+        &file,
+        "workload: checkout\nservices:\n  cart: { endpoints: [127.0.0.1:9201] }\n",
+    )
+    .unwrap();
+    let out = control.ctl(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let applied = sub.next_update(PUSH_BOUND).await.expect("apply pushed");
+    assert!(applied.policy.contains("127.0.0.1:9201"));
+
+    let out = control.ctl(&["delete", "checkout.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deleted = sub.next_update(PUSH_BOUND).await.expect("delete pushed");
+    assert!(deleted.version > applied.version);
+    // Back to what the defaults alone make.
+    assert_eq!(deleted.content_hash, first.content_hash);
+    assert!(!deleted.policy.contains("127.0.0.1:9201"));
+    assert!(
+        stdout(&out).contains(&format!(
+            "checkout.yaml: deleted as version {}; pushed to workloads checkout",
+            deleted.version
+        )),
+        "{}",
+        stdout(&out)
+    );
+    let history = stdout(&control.ctl(&["history"]));
+    assert!(history.contains("delete checkout.yaml"), "{history}");
+
+    // Unknown names and file-backed documents: exit 1, the reason, nothing pushed.
+    let out = control.ctl(&["delete", "checkout.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no document named checkout.yaml is in force"),
+        "{}",
+        stderr(&out)
+    );
+    let out = control.ctl(&["delete", "defaults.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out)
+            .contains("defaults.yaml comes from the policy directory: delete the file instead"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(matches!(
+        sub.next(Duration::from_millis(1500)).await,
+        Some(ServerMessage::Heartbeat)
+    ));
+    assert_eq!(control.status().await["version"], deleted.version);
+}
+
+#[tokio::test]
+async fn made_up_workloads_and_gone_proxies_expire() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control_with(&dirs, &["--registry-expiry", "2s"]);
+    let workloads = |reply: &outrider_e2e::Reply| -> Vec<String> {
+        reply.json()["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["workload"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for i in 0..20 {
+        let path = format!("/v1/policy?workload=ghost-{i}");
+        assert_eq!(control.request("GET", &path, "").await.status, 200);
+    }
+    let mut sub = control.subscribe("ghost-sub", "p-ghost", false).await;
+    sub.next_update(PUSH_BOUND).await.expect("initial policy");
+    // A default change re-merges every workload known, made-up ones included.
+    let extra = "services:\n  extra: { endpoints: [127.0.0.1:9301] }\n";
+    let reply = control.request("POST", "/v1/apply?name=extra", extra).await;
+    assert_eq!(reply.status, 200);
+    let changed = workloads(&reply);
+    assert_eq!(changed.len(), 22, "{changed:?}");
+    assert!(changed.contains(&"ghost-19".to_string()), "{changed:?}");
+
+    drop(sub);
+    let known = |status: &serde_json::Value| {
+        status["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["proxy"] == "p-ghost")
+    };
+    assert!(known(&control.status().await));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while known(&control.status().await) {
+        assert!(Instant::now() < deadline, "p-ghost not forgotten");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The made-up workloads are forgotten too: a change no longer re-merges them.
+    let dry_run = extra.replace("9301", "9302");
+    loop {
+        let reply = control
+            .request("POST", "/v1/apply?name=extra&dry_run=1", &dry_run)
+            .await;
+        assert_eq!(reply.status, 200);
+        let changed = workloads(&reply);
+        if changed == ["*"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still re-merged: {changed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
 async fn outriderctl_says_clearly_when_the_server_is_down_or_the_token_wrong() {
     let dirs = ControlDirs::new();
     let control = start_control(&dirs);

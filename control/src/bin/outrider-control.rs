@@ -94,6 +94,11 @@ struct Serve {
     /// The audience service-account tokens must be minted for.
     #[arg(long, env = "OUTRIDER_CONTROL_SA_AUDIENCE", default_value = outrider_control::service_account::DEFAULT_AUDIENCE)]
     sa_audience: String,
+    /// How long after its last stream closed a proxy's record, and a workload no document
+    /// names, are forgotten (so made-up or departed names cannot grow the registry, and the
+    /// work of every change, without bound).
+    #[arg(long, env = "OUTRIDER_CONTROL_REGISTRY_EXPIRY", default_value = "5m")]
+    registry_expiry: outrider_config::Duration,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
     log: String,
@@ -213,6 +218,10 @@ fn main() -> ExitCode {
             policies = %args.policies.display(),
             "listening"
         );
+        tokio::spawn(outrider_control::engine::expire_gone(
+            Arc::clone(&engine),
+            args.registry_expiry.get(),
+        ));
         let app = Arc::new(App {
             engine,
             token,

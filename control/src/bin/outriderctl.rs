@@ -39,6 +39,9 @@ enum Command {
     History(outrider_control::cli::Remote),
     /// Makes a kept version's documents current again, as a new version.
     Rollback(outrider_control::cli::RollbackArgs),
+    /// Removes a document added with `apply`, as a new version; exits 1 if it is not in
+    /// force, comes from the policy directory, or what remains would not validate.
+    Delete(outrider_control::cli::DeleteArgs),
     /// Prints a workload's merged policy as YAML.
     Get(outrider_control::cli::GetArgs),
 }
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Status(remote) => outrider_control::cli::status(remote),
         Command::History(remote) => outrider_control::cli::history(remote),
         Command::Rollback(args) => outrider_control::cli::rollback(args),
+        Command::Delete(args) => outrider_control::cli::delete(args),
         Command::Get(args) => outrider_control::cli::get(args),
     }
 }
