@@ -143,8 +143,7 @@ impl Backoff {
 
     /// The upper bound of the next delay.
     pub fn cap(&self) -> Duration {
-        let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
-        self.base.saturating_mul(factor).min(self.max)
+        crate::policy::backoff::ceiling(self.base, self.max, self.attempt)
     }
 
     /// The next delay.

@@ -26,6 +26,8 @@ use std::time::Duration;
 use prometheus::IntCounter;
 use tokio::time::Instant;
 
+use super::backoff::{self, nanos};
+
 /// The first hold-out's ceiling: with equal jitter it lasts 125 to 250 ms.
 pub const BASE_HOLD_OUT: Duration = Duration::from_millis(250);
 /// The largest ceiling: an endpoint that stays dead is tried again every 5 to 10 s (each try
@@ -211,17 +213,9 @@ impl HoldOut {
 /// the ceiling, so a dead endpoint is not tried again at once; jittered, so endpoints that died
 /// together are not all tried again at the same moment.
 pub fn hold_out_length(failures: u32, jitter: impl FnOnce(u64) -> u64) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    let ceiling = BASE_HOLD_OUT
-        .saturating_mul(1u32 << doublings)
-        .min(MAX_HOLD_OUT);
+    let ceiling = backoff::ceiling(BASE_HOLD_OUT, MAX_HOLD_OUT, failures.saturating_sub(1));
     let half = nanos(ceiling) / 2;
     Duration::from_nanos(half.saturating_add(jitter(half).min(half)))
-}
-
-/// A duration in nanoseconds, saturating.
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! or inbound listener, built by `Snapshot::build` and carried over a reload when their settings
 //! did not change.
 
+pub mod backoff;
 pub mod breaker;
 pub mod fault;
 pub mod holdout;

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::backoff;
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -120,11 +121,9 @@ impl RetryPolicy {
 
     /// Full-jitter backoff before retry number `retry` (1-based): U[0, min(max, base·2^(retry-1))).
     pub fn backoff(&self, retry: u32) -> Duration {
-        let exp = self
-            .backoff_base
-            .saturating_mul(1u32 << (retry.saturating_sub(1)).min(20));
-        let ceiling = exp.min(self.backoff_max);
-        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        let ceiling =
+            backoff::ceiling(self.backoff_base, self.backoff_max, retry.saturating_sub(1));
+        let nanos = backoff::nanos(ceiling);
         if nanos == 0 {
             return Duration::ZERO;
         }
