@@ -11,9 +11,11 @@
 //! | `POST /v1/delete?name=N&timeout_ms=T` | yes | 200 [`Applied`], 404 when N is not in force, 409 when N comes from the policy directory, 422 [`Rejected`] when what remains would not validate, 503 as for apply |
 //! | `GET /v1/policy?workload=W` | yes | 200 [`WorkloadPolicy`] |
 //! | `GET /v1/status` | from loopback: no | 200 [`Status`] |
-//! | `GET /live`, `GET /ready` | no | 200 |
+//! | `GET /live`, `GET /ready` | no | 200 (`/ready`'s body names a failing state directory) |
+//! | `GET /metrics` | no | 200, Prometheus text |
 //!
-//! Every other failure is an [`ErrorBody`] with a 4xx/5xx status.
+//! Every other failure is an [`ErrorBody`] with a 4xx/5xx status. A change the state directory
+//! could not take (`apply`, `rollback`, `delete`) is answered 507: nothing changed.
 
 use serde::{Deserialize, Serialize};
 
@@ -125,6 +127,28 @@ pub struct Status {
     pub documents: Vec<DocumentStatus>,
     /// Every proxy seen since the control plane started.
     pub proxies: Vec<ProxyStatus>,
+    /// How writes of the state directory fare; `None` from a control plane that predates it.
+    #[serde(default)]
+    pub store: Option<StoreStatus>,
+}
+
+/// The state directory's health. A change is in force only once written there, so while
+/// writes fail no change is made: `apply` is refused and policy-file changes wait (`pending`),
+/// retried until a write succeeds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    /// The state directory.
+    pub dir: String,
+    /// False while writes fail (from the first failed write to the next successful one).
+    pub healthy: bool,
+    /// The last failed write's error (file and OS error), while failing.
+    pub error: Option<String>,
+    /// When writes began to fail, in ms since the Unix epoch.
+    pub failing_since_ms: Option<u64>,
+    /// Failed writes since the control plane started.
+    pub write_failures: u64,
+    /// Policy-file changes not yet written (`files changed: a.yaml`), retried until they are.
+    pub pending: Option<String>,
 }
 
 /// One document's state.

@@ -1,8 +1,9 @@
 //! The `outriderctl` commands that talk to the control plane: `apply`, `status`, `history`,
 //! `rollback`, `delete`, `get`. Exit codes: 0 success, 1 rejected (invalid or conflicting
-//! policy, unknown version, a document not in force or from the policy directory), 66 unreadable file, 69 control plane unreachable, change not made (its
-//! deadline passed, its state dir failed) or outcome unknown, 70 unexpected answer, 77 token
-//! refused.
+//! policy, unknown version, a document not in force or from the policy directory), 66
+//! unreadable file, 69 control plane unreachable, change not made (its deadline passed) or
+//! outcome unknown, 70 unexpected answer, 74 change not made because the control plane cannot
+//! write its state directory, 77 token refused.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ const EX_REJECTED: u8 = 1;
 const EX_NOINPUT: u8 = 66;
 const EX_UNAVAILABLE: u8 = 69;
 const EX_SOFTWARE: u8 = 70;
+const EX_IOERR: u8 = 74;
 const EX_NOPERM: u8 = 77;
 
 /// Bound on one request to the control plane.
@@ -147,6 +149,16 @@ pub enum CliError {
         /// The control plane's reason.
         message: String,
     },
+    /// The control plane cannot write its state directory (507): nothing changed.
+    #[error("{name} not {verb}: {message}")]
+    StoreFailed {
+        /// The document, or `version N` for a rollback.
+        name: String,
+        /// `applied`, `deleted` or `rolled back to`.
+        verb: &'static str,
+        /// The control plane's reason: the state directory, the file and the OS error.
+        message: String,
+    },
     /// `--server` is not an http:// URL.
     #[error("--server must be an http:// URL, got {0:?}")]
     BadUrl(String),
@@ -177,6 +189,7 @@ impl CliError {
             | Self::DeleteOutcomeUnknown { .. }
             | Self::NotApplied { .. } => EX_UNAVAILABLE,
             Self::Unauthorized { .. } => EX_NOPERM,
+            Self::StoreFailed { .. } => EX_IOERR,
             Self::TokenFile { .. } => EX_NOINPUT,
             Self::BadUrl(_) => 64,
             Self::Unexpected { .. } => EX_SOFTWARE,
@@ -388,6 +401,13 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
                         }
                         code = ExitCode::from(EX_REJECTED);
                     }
+                    StatusCode::INSUFFICIENT_STORAGE => {
+                        return Err(CliError::StoreFailed {
+                            name,
+                            verb: "applied",
+                            message: error_message(&body),
+                        });
+                    }
                     StatusCode::SERVICE_UNAVAILABLE | StatusCode::INTERNAL_SERVER_ERROR => {
                         return Err(CliError::NotApplied {
                             name,
@@ -453,7 +473,22 @@ pub fn status(remote: Remote) -> ExitCode {
 }
 
 fn render_status(status: &Status) -> String {
-    let mut out = format!("version in force: {}\n\n", status.version);
+    let mut out = format!("version in force: {}\n", status.version);
+    if let Some(store) = &status.store {
+        if let Some(error) = &store.error {
+            let _ = writeln!(
+                out,
+                "state directory {} FAILING since {} ({} failed writes; no change is made until a write succeeds): {error}",
+                store.dir,
+                store.failing_since_ms.map_or_else(|| "-".into(), format_utc),
+                store.write_failures,
+            );
+        }
+        if let Some(pending) = &store.pending {
+            let _ = writeln!(out, "not yet in force, retried until written: {pending}");
+        }
+    }
+    out.push('\n');
     let mut rows = vec![[
         "PROXY".to_string(),
         "WORKLOAD".into(),
@@ -553,6 +588,11 @@ pub fn rollback(args: RollbackArgs) -> ExitCode {
                     eprintln!("outriderctl: {message} (see outriderctl history)");
                     Ok(ExitCode::from(EX_REJECTED))
                 }
+                StatusCode::INSUFFICIENT_STORAGE => Err(CliError::StoreFailed {
+                    name: format!("version {}", args.to),
+                    verb: "rolled back to",
+                    message: error_message(&body),
+                }),
                 _ => Err(unexpected(status, &body)),
             }
         },
@@ -600,6 +640,11 @@ pub fn delete(args: DeleteArgs) -> ExitCode {
                     eprintln!("outriderctl: {name} not deleted; the version in force is unchanged");
                     Ok(ExitCode::from(EX_REJECTED))
                 }
+                StatusCode::INSUFFICIENT_STORAGE => Err(CliError::StoreFailed {
+                    name,
+                    verb: "deleted",
+                    message: error_message(&body),
+                }),
                 StatusCode::SERVICE_UNAVAILABLE | StatusCode::INTERNAL_SERVER_ERROR => {
                     Err(CliError::NotApplied {
                         name,
@@ -688,6 +733,7 @@ mod tests {
             state: state.into(),
         };
         let status = Status {
+            store: None,
             version: 3,
             documents: vec![],
             proxies: vec![
@@ -714,6 +760,44 @@ mod tests {
         assert!(
             lines[4].ends_with("nack     v3 at 1970-01-01T00:00:00Z: port taken"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn status_names_a_failing_state_directory_and_the_pending_change() {
+        let mut status = Status {
+            version: 3,
+            documents: vec![],
+            proxies: vec![],
+            store: Some(api::StoreStatus {
+                dir: "/var/lib/outrider".into(),
+                healthy: false,
+                error: Some("cannot create /var/lib/outrider/state.json.tmp: Read-only file system (os error 30)".into()),
+                failing_since_ms: Some(0),
+                write_failures: 2,
+                pending: Some("files changed: a.yaml".into()),
+            }),
+        };
+        let text = render_status(&status);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[1],
+            "state directory /var/lib/outrider FAILING since 1970-01-01T00:00:00Z (2 failed writes; no change is made until a write succeeds): cannot create /var/lib/outrider/state.json.tmp: Read-only file system (os error 30)"
+        );
+        assert_eq!(
+            lines[2],
+            "not yet in force, retried until written: files changed: a.yaml"
+        );
+        status.store = Some(api::StoreStatus {
+            healthy: true,
+            error: None,
+            failing_since_ms: None,
+            pending: None,
+            ..status.store.clone().expect("store")
+        });
+        assert_eq!(
+            render_status(&status),
+            "version in force: 3\n\nno proxies have subscribed\n"
         );
     }
 

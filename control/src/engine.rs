@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -19,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::api::{
     now_ms, ApiDiagnostic, Applied, DocumentStatus, HistoryEntry, ProxyStatus, Rejected, Status,
-    WorkloadPolicy, WorkloadVersion,
+    StoreStatus, WorkloadPolicy, WorkloadVersion,
 };
 use crate::merge;
 use crate::registry::{AckRefused, Registry, Session, SubscribeRefused};
@@ -92,9 +93,19 @@ impl Outcome {
 /// Failures that are not a document's fault.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    /// The state could not be persisted; nothing changed.
-    #[error("cannot persist the new version: {0}")]
-    Store(#[from] StoreError),
+    /// The persisted state could not be read at start.
+    #[error("{0}")]
+    Load(#[from] StoreError),
+    /// The new version could not be written to the state directory; nothing changed.
+    #[error(
+        "cannot write the new version to the state directory {dir}: {source}; nothing changed"
+    )]
+    Store {
+        /// The state directory.
+        dir: PathBuf,
+        /// What failed.
+        source: StoreError,
+    },
     /// Rollback to a version no longer (or never) kept.
     #[error("version {0} is not in the kept history")]
     NotKept(u64),
@@ -179,6 +190,21 @@ struct Inner {
     /// so by [`Engine::expire`]).
     unwatched: BTreeMap<String, tokio::time::Instant>,
     proxies: Registry,
+    store_health: StoreHealth,
+}
+
+/// How writes of the state directory fare. A change is in force only once written, so a
+/// failing directory holds every change back: `status`, `/ready` and `/metrics` say so.
+#[derive(Debug, Default)]
+struct StoreHealth {
+    /// The last write's error and when writes began to fail (ms since the Unix epoch);
+    /// `None` once a write succeeded.
+    failing: Option<(String, u64)>,
+    /// Failed writes since start.
+    write_failures: u64,
+    /// The cause of policy-file changes not yet written: the watcher retries them until a
+    /// write succeeds, so they are not lost until the next directory event.
+    pending: Option<String>,
 }
 
 /// The control plane's state; share it as `Arc<Engine>`.
@@ -216,6 +242,7 @@ impl Engine {
             published: BTreeMap::new(),
             unwatched: BTreeMap::new(),
             proxies: Registry::default(),
+            store_health: StoreHealth::default(),
         };
         let version = inner.state.version;
         republish(&mut inner, version);
@@ -286,11 +313,33 @@ impl Engine {
 
     /// Brings the documents from files in line with a scan of the policy directory: changed
     /// files (oldest modification first) are upserted, deleted files removed. `unreadable`
-    /// files are left as they are.
+    /// files are left as they are. Changes the state directory could not take are recorded as
+    /// pending ([`Self::file_changes_pending`]) until a later sync writes them.
     pub fn sync_files(
         &self,
         scan: BTreeMap<String, ScannedFile>,
         unreadable: &BTreeSet<String>,
+    ) -> Result<Option<Outcome>, EngineError> {
+        let mut cause = None;
+        let result = self.sync_files_serialized(scan, unreadable, &mut cause);
+        self.lock().store_health.pending = match &result {
+            Err(EngineError::Store { .. }) => cause,
+            _ => None,
+        };
+        result
+    }
+
+    /// Whether policy-file changes wait for the state directory to take them (the watcher
+    /// retries them).
+    pub fn file_changes_pending(&self) -> bool {
+        self.lock().store_health.pending.is_some()
+    }
+
+    fn sync_files_serialized(
+        &self,
+        scan: BTreeMap<String, ScannedFile>,
+        unreadable: &BTreeSet<String>,
+        cause_out: &mut Option<String>,
     ) -> Result<Option<Outcome>, EngineError> {
         // Parsed before the writer lock, like an applied document; a file that changed again
         // since (another scan got the lock first) is parsed under it.
@@ -371,6 +420,7 @@ impl Engine {
             })
             .collect();
         let cause = format!("files changed: {}", names.join(", "));
+        *cause_out = Some(cause.clone());
         let hashes: BTreeMap<String, String> = upserts
             .iter()
             .map(|(name, _, hash)| ((*name).clone(), hash.clone()))
@@ -529,7 +579,7 @@ impl Engine {
         drop(inner);
         check_deadline(deadline)?;
         // Durable before anyone sees it: a version a proxy applied must survive a restart.
-        self.store.save(&state)?;
+        self.save(&state)?;
         let mut inner = self.lock();
         inner.state = state;
         inner.docs = docs;
@@ -626,7 +676,7 @@ impl Engine {
             cause: cause.clone(),
             documents: docs.clone(),
         });
-        self.store.save(&state)?;
+        self.save(&state)?;
         let mut inner = self.lock();
         inner.state = state;
         inner.docs = docs;
@@ -638,6 +688,38 @@ impl Engine {
             workloads,
             ..Outcome::default()
         })
+    }
+
+    /// Writes `state` to the state directory, recording how the write fared.
+    fn save(&self, state: &State) -> Result<(), EngineError> {
+        let saved = self.store.save(state);
+        let mut inner = self.lock();
+        let health = &mut inner.store_health;
+        match saved {
+            Ok(()) => {
+                if health.failing.take().is_some() {
+                    tracing::info!(dir = %self.store.dir().display(), "the state directory takes writes again");
+                }
+                Ok(())
+            }
+            Err(source) => {
+                health.write_failures = health.write_failures.saturating_add(1);
+                let since = health
+                    .failing
+                    .as_ref()
+                    .map_or_else(now_ms, |(_, since)| *since);
+                health.failing = Some((source.to_string(), since));
+                Err(EngineError::Store {
+                    dir: self.store.dir().to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// How writes of the state directory fare.
+    pub fn store_status(&self) -> StoreStatus {
+        store_status(&self.lock().store_health, self.store.dir())
     }
 
     /// The kept versions, newest first.
@@ -834,7 +916,19 @@ impl Engine {
             version: inner.state.version,
             documents,
             proxies,
+            store: Some(store_status(&inner.store_health, self.store.dir())),
         }
+    }
+}
+
+fn store_status(health: &StoreHealth, dir: &std::path::Path) -> StoreStatus {
+    StoreStatus {
+        dir: dir.display().to_string(),
+        healthy: health.failing.is_none(),
+        error: health.failing.as_ref().map(|(error, _)| error.clone()),
+        failing_since_ms: health.failing.as_ref().map(|(_, since)| *since),
+        write_failures: health.write_failures,
+        pending: health.pending.clone(),
     }
 }
 
@@ -1505,6 +1599,77 @@ mod tests {
             .sync_files(BTreeMap::new(), &BTreeSet::new())
             .expect("sync");
         assert!(engine.status().documents.iter().all(|d| d.name != "c.yaml"));
+    }
+
+    #[test]
+    fn a_refused_write_changes_nothing_keeps_file_changes_pending_and_heals() {
+        let (engine, dir) = engine("store-fails");
+        let file = |text: &str| ScannedFile {
+            text: text.into(),
+            modified: std::time::SystemTime::UNIX_EPOCH,
+        };
+        let scan = |text: &str| {
+            let mut scan = BTreeMap::new();
+            scan.insert("a.yaml".to_string(), file(text));
+            scan
+        };
+        let v1 = "services: { x: { endpoints: [127.0.0.1:1] } }\n";
+        let v2 = "services: { x: { endpoints: [127.0.0.1:2] } }\n";
+        engine.sync_files(scan(v1), &BTreeSet::new()).expect("v1");
+        let healthy = engine.store_status();
+        assert!(healthy.healthy && healthy.error.is_none() && healthy.pending.is_none());
+
+        // The state directory becomes a file: every write fails (ENOTDIR).
+        std::fs::remove_dir_all(&dir.0).expect("rm");
+        std::fs::write(&dir.0, b"").expect("file");
+        let failed = engine.sync_files(scan(v2), &BTreeSet::new());
+        assert!(
+            matches!(&failed, Err(e @ EngineError::Store { .. })
+                if e.to_string().starts_with(&format!("cannot write the new version to the state directory {}: cannot create", dir.0.display()))),
+            "{failed:?}"
+        );
+        let applied = engine.apply(vec![upsert("b", "workload: w\n")], "t");
+        assert!(
+            matches!(applied, Err(EngineError::Store { .. })),
+            "{applied:?}"
+        );
+        assert!(matches!(engine.rollback(1), Err(EngineError::Store { .. })));
+        assert_eq!(engine.version(), 1);
+        assert!(engine.policy("*").policy.contains("127.0.0.1:1"));
+        let failing = engine.status().store.expect("store status");
+        assert!(!failing.healthy);
+        assert_eq!(failing.write_failures, 3);
+        assert!(
+            failing
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("Not a directory")),
+            "{failing:?}"
+        );
+        assert_eq!(failing.pending.as_deref(), Some("files changed: a.yaml"));
+        assert!(engine.file_changes_pending());
+        let since = failing.failing_since_ms;
+
+        // Still failing: the first failure's time is kept.
+        assert!(engine.sync_files(scan(v2), &BTreeSet::new()).is_err());
+        assert_eq!(engine.store_status().failing_since_ms, since);
+
+        // Repaired: the same scan lands as a new version and the failure clears.
+        std::fs::remove_file(&dir.0).expect("rm file");
+        std::fs::create_dir_all(&dir.0).expect("mkdir");
+        let out = engine
+            .sync_files(scan(v2), &BTreeSet::new())
+            .expect("written")
+            .expect("changes");
+        assert_eq!(
+            (out.version, out.accepted.as_slice()),
+            (2, ["a.yaml".to_string()].as_slice())
+        );
+        assert!(engine.policy("*").policy.contains("127.0.0.1:2"));
+        let healed = engine.store_status();
+        assert!(healed.healthy && healed.error.is_none() && healed.pending.is_none());
+        assert_eq!(healed.write_failures, 4);
+        assert!(!engine.file_changes_pending());
     }
 
     #[test]

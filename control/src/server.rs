@@ -1,10 +1,11 @@
 //! The control plane's HTTP server: HTTP/1.1 and prior-knowledge HTTP/2 (h2c) on one port.
 //! Proxies subscribe and ACK ([`outrider_config::wire`]); `outriderctl` uses the management API
-//! ([`crate::api`]). Every endpoint but `/live`, `/ready` and (from loopback) `/v1/status`
-//! needs `Authorization: Bearer <token>`; anything else gets 401 and a log line.
+//! ([`crate::api`]). Every endpoint but `/live`, `/ready`, `/metrics` and (from loopback)
+//! `/v1/status` needs `Authorization: Bearer <token>`; anything else gets 401 and a log line.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -96,7 +97,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
 async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response<ResBody> {
     let path = req.uri().path().to_string();
     let open = match path.as_str() {
-        "/live" | "/ready" => true,
+        "/live" | "/ready" | "/metrics" => true,
         // Read-only status, open to the machine itself (an operator on the node).
         api::STATUS_PATH => peer.ip().is_loopback(),
         _ => false,
@@ -117,7 +118,9 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
     }
     let query = parse_query(req.uri().query().unwrap_or(""));
     match (req.method(), path.as_str()) {
-        (&Method::GET, "/live" | "/ready") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/live") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/ready") => ready(&app.engine),
+        (&Method::GET, "/metrics") => metrics(&app.engine),
         (&Method::GET, wire::SUBSCRIBE_PATH) => subscribe(&query, peer, app),
         (&Method::POST, wire::ACK_PATH) => ack(req, app).await,
         (&Method::POST, wire::CERTIFICATE_PATH) => certificate(req, peer, app).await,
@@ -134,6 +137,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
             _,
             "/live"
             | "/ready"
+            | "/metrics"
             | wire::SUBSCRIBE_PATH
             | wire::ACK_PATH
             | wire::CERTIFICATE_PATH
@@ -146,6 +150,78 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     }
+}
+
+/// 200 even while the state directory fails: the control plane still serves the version in
+/// force to proxies and issues certificates, which a readiness probe taking it out of its
+/// Service would stop. The body says what is wrong.
+fn ready(engine: &Engine) -> Response<ResBody> {
+    let store = engine.store_status();
+    let mut body = String::from("ok");
+    if let Some(error) = &store.error {
+        let since = store
+            .failing_since_ms
+            .map_or_else(String::new, api::format_utc);
+        let _ = write!(
+            body,
+            " store=failing dir={:?} failing_since={since} error={error:?}",
+            store.dir
+        );
+    }
+    if let Some(pending) = &store.pending {
+        let _ = write!(body, " pending={pending:?}");
+    }
+    body.push('\n');
+    let mut res = Response::new(Full::new(Bytes::from(body)).boxed());
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+/// The control plane's own metrics, in the Prometheus text format.
+fn metrics(engine: &Engine) -> Response<ResBody> {
+    let store = engine.store_status();
+    let series: [(&str, &str, &str, u64); 4] = [
+        (
+            "outrider_control_store_healthy",
+            "gauge",
+            "1 while writes of the state directory succeed, 0 from a failed write to the next successful one.",
+            u64::from(store.healthy),
+        ),
+        (
+            "outrider_control_store_write_failures_total",
+            "counter",
+            "Writes of the state directory that failed; the change they carried was not made.",
+            store.write_failures,
+        ),
+        (
+            "outrider_control_store_pending_changes",
+            "gauge",
+            "1 while policy-file changes wait for the state directory to take them (retried).",
+            u64::from(store.pending.is_some()),
+        ),
+        (
+            "outrider_control_version",
+            "gauge",
+            "The version in force.",
+            engine.version(),
+        ),
+    ];
+    let mut body = String::new();
+    for (name, kind, help, value) in series {
+        let _ = write!(
+            body,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        );
+    }
+    let mut res = Response::new(Full::new(Bytes::from(body)).boxed());
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    res
 }
 
 fn subscribe(query: &HashMap<String, String>, peer: SocketAddr, app: &App) -> Response<ResBody> {
@@ -441,7 +517,13 @@ fn engine_error(e: &EngineError) -> Response<ResBody> {
         EngineError::NotKept(_) | EngineError::UnknownDocument(_) => StatusCode::NOT_FOUND,
         EngineError::FileBacked(_) => StatusCode::CONFLICT,
         EngineError::Expired => StatusCode::SERVICE_UNAVAILABLE,
-        EngineError::Store(_) | EngineError::Stored { .. } => {
+        // Temporary by nature (a full or read-only disk), and not the request's fault: the
+        // client is told nothing changed (the CLI exits 74).
+        EngineError::Store { .. } => {
+            tracing::error!(error = %e, "change failed");
+            StatusCode::INSUFFICIENT_STORAGE
+        }
+        EngineError::Load(_) | EngineError::Stored { .. } => {
             tracing::error!(error = %e, "change failed");
             StatusCode::INTERNAL_SERVER_ERROR
         }

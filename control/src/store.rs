@@ -146,6 +146,11 @@ impl Store {
         })
     }
 
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Reads the state; a directory without a state file is a fresh start.
     pub fn load(&self) -> Result<State, StoreError> {
         let path = self.dir.join(STATE_FILE);

