@@ -2,6 +2,7 @@
 //! PUT), and `POST /shutdown` when enabled.
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -112,12 +113,18 @@ fn respond(shared: &Shared, peer: SocketAddr, req: &Request<Incoming>) -> Respon
             } else {
                 (StatusCode::SERVICE_UNAVAILABLE, "not ready")
             };
-            let body = format!(
-                "{state} source={} fresh={} version={}\n",
+            let mut body = format!(
+                "{state} source={} fresh={} version={}",
                 shared.status.source().as_str(),
                 shared.status.fresh(),
                 shared.snapshot.load().version,
             );
+            // Still ready (the policy in force serves), but a restart now would start from an
+            // older file or none: said here, and counted in the metrics.
+            if let Some(error) = shared.status.persist().error() {
+                let _ = write!(body, " persisted=false persist_error={error:?}");
+            }
+            body.push('\n');
             with_type(status, Bytes::from(body), text_plain())
         }
         (true, "/metrics") => with_type(

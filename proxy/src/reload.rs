@@ -81,6 +81,7 @@ impl PolicySource {
 pub struct PolicyStatus {
     source: AtomicU8,
     fresh: AtomicBool,
+    persist: Arc<crate::persist::PersistHealth>,
 }
 
 impl PolicyStatus {
@@ -103,6 +104,12 @@ impl PolicyStatus {
     /// Records whether the policy in force is known to be current.
     pub fn set_fresh(&self, fresh: bool) {
         self.fresh.store(fresh, Ordering::Release);
+    }
+
+    /// Whether `--state-dir` holds the control-plane policy in force (written by the
+    /// subscriber's [`crate::persist::Persister`]).
+    pub fn persist(&self) -> &Arc<crate::persist::PersistHealth> {
+        &self.persist
     }
 }
 

@@ -27,7 +27,7 @@ use outrider_config::wire::{
     SUBSCRIBE_PATH,
 };
 
-use crate::persist::{self, Persisted};
+use crate::persist::{self, Persisted, Persister};
 use crate::reload::{PolicySource, ReloadError, Reloader};
 
 /// First reconnect delay cap; doubles per failed attempt.
@@ -213,10 +213,28 @@ pub fn spawn(config: ControlConfig, reloader: Arc<Reloader>) {
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .build(connector);
+    let persister = config.state_dir.clone().and_then(|dir| {
+        let shared = reloader.shared();
+        let on_disk = (shared.status.source() == PolicySource::Disk)
+            .then(|| shared.snapshot.load().version);
+        let health = Arc::clone(shared.status.persist());
+        match Persister::new(dir, health, &shared.metrics, on_disk) {
+            Ok(persister) => {
+                let persister = Arc::new(persister);
+                tokio::spawn(Arc::clone(&persister).retry());
+                Some(persister)
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot register the persistence metrics; the policy is not persisted");
+                None
+            }
+        }
+    });
     let subscriber = Subscriber {
         config,
         reloader,
         client,
+        persister,
         session: std::sync::Mutex::new(String::new()),
     };
     tokio::spawn(subscriber.run());
@@ -226,6 +244,8 @@ struct Subscriber {
     config: ControlConfig,
     reloader: Arc<Reloader>,
     client: ControlClient,
+    /// Writes applied policies to the state directory; `None` without one.
+    persister: Option<Arc<Persister>>,
     /// The session id of the last subscription: its ACKs carry it, and the next subscription
     /// presents it, so the control plane lets this proxy replace a stream it has not yet
     /// noticed is dead.
@@ -415,7 +435,7 @@ impl Subscriber {
     }
 
     async fn persist(&self, version: u64, content_hash: String, policy: String) {
-        let Some(dir) = self.config.state_dir.clone() else {
+        let Some(persister) = &self.persister else {
             return;
         };
         let state = Persisted {
@@ -424,12 +444,7 @@ impl Subscriber {
             content_hash,
             policy,
         };
-        let saved = tokio::task::spawn_blocking(move || persist::save(&dir, &state)).await;
-        match saved {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "cannot persist the policy"),
-            Err(error) => tracing::warn!(%error, "cannot persist the policy"),
-        }
+        persister.persist(state).await;
     }
 
     async fn send_ack(&self, token: &str, ack: &Ack) {
