@@ -314,32 +314,11 @@ impl Engine {
     /// Brings the documents from files in line with a scan of the policy directory: changed
     /// files (oldest modification first) are upserted, deleted files removed. `unreadable`
     /// files are left as they are. Changes the state directory could not take are recorded as
-    /// pending ([`Self::file_changes_pending`]) until a later sync writes them.
+    /// pending ([`Self::file_changes_pending`]) until a later sync writes or drops them.
     pub fn sync_files(
         &self,
         scan: BTreeMap<String, ScannedFile>,
         unreadable: &BTreeSet<String>,
-    ) -> Result<Option<Outcome>, EngineError> {
-        let mut cause = None;
-        let result = self.sync_files_serialized(scan, unreadable, &mut cause);
-        self.lock().store_health.pending = match &result {
-            Err(EngineError::Store { .. }) => cause,
-            _ => None,
-        };
-        result
-    }
-
-    /// Whether policy-file changes wait for the state directory to take them (the watcher
-    /// retries them).
-    pub fn file_changes_pending(&self) -> bool {
-        self.lock().store_health.pending.is_some()
-    }
-
-    fn sync_files_serialized(
-        &self,
-        scan: BTreeMap<String, ScannedFile>,
-        unreadable: &BTreeSet<String>,
-        cause_out: &mut Option<String>,
     ) -> Result<Option<Outcome>, EngineError> {
         // Parsed before the writer lock, like an applied document; a file that changed again
         // since (another scan got the lock first) is parsed under it.
@@ -411,6 +390,7 @@ impl Engine {
         }));
         if changes.is_empty() {
             inner.state.seen_files = seen;
+            inner.store_health.pending = None;
             return Ok(None);
         }
         let names: Vec<&str> = changes
@@ -420,7 +400,6 @@ impl Engine {
             })
             .collect();
         let cause = format!("files changed: {}", names.join(", "));
-        *cause_out = Some(cause.clone());
         let hashes: BTreeMap<String, String> = upserts
             .iter()
             .map(|(name, _, hash)| ((*name).clone(), hash.clone()))
@@ -551,6 +530,8 @@ impl Engine {
                 .rejected
                 .insert(rejected.document.clone(), rejected.clone());
         }
+        // A sync of the policy directory: its changes are pending while they cannot be written.
+        let file_sync = seen.is_some();
         let seen = seen.map(|(mut seen, hashes)| {
             for name in outcome.accepted.iter().chain(&outcome.unchanged) {
                 if let Some(hash) = hashes.get(name) {
@@ -562,6 +543,7 @@ impl Engine {
         if outcome.accepted.is_empty() {
             if let Some(seen) = seen {
                 inner.state.seen_files = seen;
+                inner.store_health.pending = None;
             }
             outcome.version = inner.state.version;
             return Ok(outcome);
@@ -579,8 +561,11 @@ impl Engine {
         drop(inner);
         check_deadline(deadline)?;
         // Durable before anyone sees it: a version a proxy applied must survive a restart.
-        self.save(&state)?;
+        self.save(&state, file_sync.then_some(cause))?;
         let mut inner = self.lock();
+        if file_sync {
+            inner.store_health.pending = None;
+        }
         inner.state = state;
         inner.docs = docs;
         inner.parsed = parsed;
@@ -676,7 +661,7 @@ impl Engine {
             cause: cause.clone(),
             documents: docs.clone(),
         });
-        self.save(&state)?;
+        self.save(&state, None)?;
         let mut inner = self.lock();
         inner.state = state;
         inner.docs = docs;
@@ -690,8 +675,16 @@ impl Engine {
         })
     }
 
-    /// Writes `state` to the state directory, recording how the write fared.
-    fn save(&self, state: &State) -> Result<(), EngineError> {
+    /// Whether policy-file changes wait for the state directory to take them (the watcher
+    /// retries them).
+    pub fn file_changes_pending(&self) -> bool {
+        self.lock().store_health.pending.is_some()
+    }
+
+    /// Writes `state` to the state directory, recording how the write fared; a failed file
+    /// sync's `cause` is recorded as pending in the same step, so status never shows the one
+    /// without the other.
+    fn save(&self, state: &State, file_sync: Option<&str>) -> Result<(), EngineError> {
         let saved = self.store.save(state);
         let mut inner = self.lock();
         let health = &mut inner.store_health;
@@ -709,6 +702,9 @@ impl Engine {
                     .as_ref()
                     .map_or_else(now_ms, |(_, since)| *since);
                 health.failing = Some((source.to_string(), since));
+                if let Some(cause) = file_sync {
+                    health.pending = Some(cause.to_string());
+                }
                 Err(EngineError::Store {
                     dir: self.store.dir().to_path_buf(),
                     source,
