@@ -269,6 +269,10 @@ async fn an_unwritable_control_state_dir_is_visible_and_the_change_lands_once_it
     })
     .await;
     assert_eq!(server_of(proxy.outbound).await, "b");
+    wait_status(&control, |s| {
+        s["proxies"][0]["state"] == "in-sync" && s["proxies"][0]["version_applied"] == 2
+    })
+    .await;
     let (_, history, _) = ctl(&control, &["history"]);
     let newest = history.lines().nth(1).unwrap_or_default();
     assert!(
