@@ -213,27 +213,16 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+/// `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC, whole seconds).
 pub fn format_utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    use time::format_description::well_known::Rfc3339;
+    // Whole seconds: RFC 3339 then has no fraction. Past year 9999 (out of `time`'s range)
+    // the epoch stands in; our own clock is the only source.
+    let at = i64::try_from(ms / 1000)
+        .ok()
+        .and_then(|secs| time::OffsetDateTime::from_unix_timestamp(secs).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    at.format(&Rfc3339).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -244,6 +233,6 @@ mod tests {
     fn formats_utc() {
         assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_utc(951_782_400_000), "2000-02-29T00:00:00Z");
-        assert_eq!(format_utc(1_795_000_000_000), "2026-11-18T11:06:40Z");
+        assert_eq!(format_utc(1_795_000_000_999), "2026-11-18T11:06:40Z");
     }
 }

@@ -584,29 +584,13 @@ fn parse_query(query: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// A query-string component: `+` is a space (form encoding, which `percent-encoding` leaves
+/// alone; `%2B` still decodes to `+`), invalid `%` sequences stay as they are.
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 fn empty() -> ResBody {
@@ -651,5 +635,6 @@ mod tests {
         assert_eq!(q["have_hash"], "");
         assert_eq!(q["x"], "");
         assert_eq!(percent_decode("a%zz%4"), "a%zz%4");
+        assert_eq!(percent_decode("a+b%2Bc%20d"), "a b+c d");
     }
 }

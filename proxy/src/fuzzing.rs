@@ -423,19 +423,21 @@ mod tests {
         assert!(!refused(&long_chunk_line(1021, 0)[6..]));
     }
 
-    /// The same for the trailer section's limit (16 KiB).
+    /// The same for the trailer section's limit (64 KiB, as for a head).
     #[test]
     fn the_trailer_limit_does_not_depend_on_the_reads() {
+        use crate::pool::contract::MAX_TRAILER_BYTES;
         let body = |value_len: usize| {
             let mut body = b"1\r\na\r\n0\r\nx-big: ".to_vec();
             body.resize(body.len() + value_len, b'v');
             body.extend_from_slice(b"\r\n\r\n");
             body
         };
-        // 70 reads of 255 bytes: 17,850 bytes, the section not complete in any but the last.
-        let mut input = vec![70 << 1];
-        input.resize(71, 255);
-        input.extend_from_slice(&body(17_000));
+        // 10 reads of 255 bytes, then reads of 8 KiB: the section (past the limit) is not
+        // complete in any but the last.
+        let mut input = vec![10 << 1];
+        input.resize(11, 255);
+        input.extend_from_slice(&body(MAX_TRAILER_BYTES + 1000));
         chunked(&input);
         let refused = |value_len| {
             let body = body(value_len);
@@ -443,8 +445,8 @@ mod tests {
             direct::read_chunked(&mut BytesMut::new(), &mut reads).is_err()
         };
         // The section is the value and 11 bytes.
-        assert!(refused(16_384 - 10));
-        assert!(!refused(16_384 - 11));
+        assert!(refused(MAX_TRAILER_BYTES - 10));
+        assert!(!refused(MAX_TRAILER_BYTES - 11));
     }
 
     #[test]

@@ -761,33 +761,28 @@ fn method_name(method: &Method) -> &'static str {
     }
 }
 
-/// RFC 3339 UTC with microseconds, without a date crate: civil-from-days (H. Hinnant).
+/// RFC 3339 UTC with microseconds: `2023-11-14T22:13:20.123456Z`.
 pub fn rfc3339(at: SystemTime) -> String {
     let since = at
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
-    let secs = since.as_secs() as i64;
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    // Past year 9999 (out of `time`'s range) the epoch stands in; the clock is our own.
+    let date = i64::try_from(since.as_secs())
+        .ok()
+        .and_then(|secs| time::OffsetDateTime::from_unix_timestamp(secs).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let (year, month, day) = date.to_calendar_date();
+    let (hour, minute, second) = date.to_hms();
     // Written digit by digit: one line per request goes through here, and fmt's machinery
     // cost several times the arithmetic above.
     let mut out = *b"0000-00-00T00:00:00.000000Z";
     let fields: [(usize, usize, i64); 7] = [
-        (0, 4, year),
-        (5, 2, month),
-        (8, 2, day),
-        (11, 2, rem / 3600),
-        (14, 2, rem % 3600 / 60),
-        (17, 2, rem % 60),
+        (0, 4, i64::from(year)),
+        (5, 2, i64::from(u8::from(month))),
+        (8, 2, i64::from(day)),
+        (11, 2, i64::from(hour)),
+        (14, 2, i64::from(minute)),
+        (17, 2, i64::from(second)),
         (20, 6, i64::from(since.subsec_micros())),
     ];
     for (start, width, value) in fields {
@@ -815,6 +810,8 @@ mod tests {
         );
         let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
+        let end_of_year = SystemTime::UNIX_EPOCH + Duration::from_micros(1_798_761_599_999_999);
+        assert_eq!(rfc3339(end_of_year), "2026-12-31T23:59:59.999999Z");
     }
 
     #[test]

@@ -22,19 +22,12 @@ use http::{request, Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::contract::{Progress, MAX_HEADERS, MAX_HEAD_BYTES, MAX_TRAILERS, MAX_TRAILER_BYTES};
 use crate::connect::CountedStream;
 use crate::headers::{check_transfer_codings, TransferCodingError};
 
 pub(crate) mod fuzzing;
 
-/// Largest response head (status line and header fields) accepted.
-const MAX_HEAD: usize = 64 * 1024;
-/// Most header fields a response head may have (hyper's default too).
-const MAX_HEADERS: usize = 100;
-/// Most trailer fields after a chunked body.
-const MAX_TRAILERS: usize = 32;
-/// Largest trailer section accepted.
-const MAX_TRAILER_BYTES: usize = 16 * 1024;
 /// Longest chunk-size line (size and extensions) accepted.
 const MAX_CHUNK_LINE: usize = 1024;
 /// Room made for a read: a whole small response fits in one.
@@ -80,28 +73,13 @@ impl DirectError {
         )
     }
 
-    /// The request did not get out whole: the upstream cannot have acted on it.
-    fn is_unsent(&self) -> bool {
-        matches!(self, Self::Send(_))
-    }
-
-    /// The connection ended before any response: the upstream may have closed it while idle
-    /// (and never seen the request) or failed while handling it; only the first is certain
-    /// for a request that never got out.
-    fn is_unanswered(&self) -> bool {
-        matches!(self, Self::Closed | Self::Reset(_))
-    }
-
-    /// Whether sending the request again on another connection is safe: it never left, or it
-    /// may have but repeating it is harmless (the rule Go's net/http applies to reused
-    /// connections).
-    pub(super) fn may_resend(&self, method: &Method) -> bool {
-        self.is_unsent()
-            || self.is_unanswered()
-                && matches!(
-                    *method,
-                    Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-                )
+    /// How far the exchange got, for [`super::contract::may_resend`].
+    pub(super) fn progress(&self) -> Progress {
+        match self {
+            Self::Send(_) => Progress::Unsent,
+            Self::Closed | Self::Reset(_) => Progress::Unanswered,
+            _ => Progress::Answered,
+        }
     }
 }
 
@@ -268,7 +246,8 @@ fn take_head(
         match parse_head(buf, head_request, recycled)? {
             Parsed::Complete(head) => return Ok(Some(head)),
             Parsed::Interim => {}
-            Parsed::Partial if buf.len() >= MAX_HEAD => {
+            // As hyper does: a partial head as long as the limit is over it.
+            Parsed::Partial if buf.len() >= MAX_HEAD_BYTES => {
                 return Err(DirectError::Invalid("response head too large"))
             }
             Parsed::Partial => return Ok(None),
@@ -295,6 +274,10 @@ fn parse_head(
         buf,
         &mut fields,
     )? {
+        // One read may bring a head past the limit whole: the limit holds all the same.
+        httparse::Status::Complete(len) if len > MAX_HEAD_BYTES => {
+            return Err(DirectError::Invalid("response head too large"))
+        }
         httparse::Status::Complete(len) => len,
         httparse::Status::Partial => return Ok(Parsed::Partial),
     };
@@ -323,7 +306,7 @@ fn parse_head(
     let count = parsed.headers.len();
     for (field, span) in parsed.headers.iter().zip(spans.iter_mut()) {
         let name = field.name.as_bytes();
-        // Offsets within the head, which is at most MAX_HEAD plus one read: they fit in u32.
+        // Offsets within the head, which is at most MAX_HEAD_BYTES: they fit in u32.
         let name_at = field.name.as_ptr() as usize - base;
         let value_at = field.value.as_ptr() as usize - base;
         *span = [
@@ -676,30 +659,13 @@ fn read_frame(
                         }
                         0
                     }
-                    Chunk::Trailers => {
-                        let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILERS];
-                        match httparse::parse_headers(buf, &mut fields)? {
-                            // As for chunk-size lines: the same limit for a section that
-                            // arrived whole.
-                            httparse::Status::Complete((len, _)) if len > MAX_TRAILER_BYTES => {
-                                return Poll::Ready(Err(DirectError::Invalid(
-                                    "trailer section too large",
-                                )))
-                            }
-                            httparse::Status::Complete((len, fields)) => {
-                                let trailers = trailer_map(fields)?;
-                                buf.advance(len);
-                                *state = BodyState::Done;
-                                return Poll::Ready(Ok(trailers.map(Frame::trailers)));
-                            }
-                            httparse::Status::Partial if buf.len() > MAX_TRAILER_BYTES => {
-                                return Poll::Ready(Err(DirectError::Invalid(
-                                    "trailer section too large",
-                                )))
-                            }
-                            httparse::Status::Partial => 0,
+                    Chunk::Trailers => match take_trailers(buf)? {
+                        Some(trailers) => {
+                            *state = BodyState::Done;
+                            return Poll::Ready(Ok(trailers.map(Frame::trailers)));
                         }
-                    }
+                        None => 0,
+                    },
                 }
             }
         };
@@ -716,6 +682,29 @@ fn split_data(buf: &mut BytesMut, remaining: &mut u64) -> Bytes {
     let take = usize::try_from(*remaining).map_or(buf.len(), |r| r.min(buf.len()));
     *remaining -= take as u64;
     buf.split_to(take).freeze()
+}
+
+/// The trailer section and final CRLF off the front of `buf` once all there (`Some`, holding
+/// the fields if there are any); `None` while more must be read. Out of line: its field array
+/// would otherwise enlarge the stack frame of every body read.
+#[inline(never)]
+fn take_trailers(buf: &mut BytesMut) -> Result<Option<Option<HeaderMap>>, DirectError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILERS];
+    match httparse::parse_headers(buf, &mut fields)? {
+        // As for chunk-size lines: the same limit for a section that arrived whole.
+        httparse::Status::Complete((len, _)) if len > MAX_TRAILER_BYTES => {
+            Err(DirectError::Invalid("trailer section too large"))
+        }
+        httparse::Status::Complete((len, fields)) => {
+            let trailers = trailer_map(fields)?;
+            buf.advance(len);
+            Ok(Some(trailers))
+        }
+        httparse::Status::Partial if buf.len() > MAX_TRAILER_BYTES => {
+            Err(DirectError::Invalid("trailer section too large"))
+        }
+        httparse::Status::Partial => Ok(None),
+    }
 }
 
 /// The trailer fields, if there are any. Rare, so copied rather than cut from the buffer.
@@ -912,6 +901,41 @@ mod tests {
         );
         assert_eq!(head.response.headers().len(), 1);
         assert!(!head.response.headers().contains_key("x-request"));
+    }
+
+    #[test]
+    fn a_head_over_the_limit_is_refused_even_when_it_arrived_whole() {
+        let head = |len: usize| {
+            let start = "HTTP/1.1 200 OK\r\nx-pad: ";
+            let pad = "a".repeat(len - start.len() - 4);
+            format!("{start}{pad}\r\n\r\n")
+        };
+        let at_limit = head(MAX_HEAD_BYTES);
+        assert!(matches!(
+            parse(at_limit.as_bytes(), false),
+            Ok(Parsed::Complete(_))
+        ));
+        let over = head(MAX_HEAD_BYTES + 1);
+        assert!(parse(over.as_bytes(), false).is_err_and(|e| e.is_invalid()));
+        let mut buf = BytesMut::from(&over.as_bytes()[..MAX_HEAD_BYTES]);
+        assert!(take_head(&mut buf, false, &mut HeaderMap::new()).is_err_and(|e| e.is_invalid()));
+    }
+
+    #[test]
+    fn trailers_meet_the_head_limits() {
+        let section = |count: usize| {
+            let fields: String = (0..count).map(|i| format!("t-{i}: v\r\n")).collect();
+            BytesMut::from(format!("{fields}\r\n").as_bytes())
+        };
+        let taken = take_trailers(&mut section(MAX_TRAILERS));
+        assert!(matches!(taken, Ok(Some(Some(map))) if map.len() == MAX_TRAILERS));
+        assert!(take_trailers(&mut section(MAX_TRAILERS + 1)).is_err());
+        let big = format!("t: {}\r\n\r\n", "v".repeat(MAX_TRAILER_BYTES));
+        assert!(take_trailers(&mut BytesMut::from(big.as_bytes())).is_err());
+        assert!(matches!(
+            take_trailers(&mut section(1).split_to(3)),
+            Ok(None)
+        ));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! of either kind wait in their own list; one left by a bodiless exchange is handed to hyper
 //! when a request with a body finds no hyper connection idle.
 
+pub mod contract;
 pub(crate) mod direct;
 
 use std::collections::VecDeque;
@@ -30,6 +31,7 @@ use outrider_config::Protocol;
 use crate::body::RequestBody;
 use crate::connect::{ConnectError, CountedStream, EndpointConnector};
 use crate::headers::{check_transfer_codings, TransferCodingError};
+use contract::{may_resend, Progress};
 pub use direct::DirectError;
 use direct::{DirectBody, DirectConnection};
 
@@ -193,7 +195,8 @@ impl EndpointPool {
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        if req.body().is_end_stream() && !req.headers().contains_key(header::UPGRADE) {
+        let upgrade = req.headers().contains_key(header::UPGRADE);
+        if req.body().is_end_stream() && !upgrade {
             return self.send_direct(req).await;
         }
         loop {
@@ -214,6 +217,14 @@ impl EndpointPool {
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
+                    // A protocol switch nobody asked for: refused as the bodiless exchange
+                    // refuses it (hyper would pass it on, and the connection with it).
+                    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    if switched && !upgrade {
+                        return Err(SendError::Direct(DirectError::Invalid(
+                            "101 to a request that asked no upgrade",
+                        )));
+                    }
                     // hyper reads `gzip, chunked` as chunked and `chunked, gzip` to the close,
                     // and would leave the other coding for us to drop. Only a body without a
                     // declared length can have been framed by Transfer-Encoding. (The sender
@@ -223,8 +234,7 @@ impl EndpointPool {
                         check_transfer_codings(response.headers())?;
                     }
                     // After a protocol switch the connection belongs to the tunnel.
-                    let reuse = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
-                        .then(|| (Arc::clone(self), sender));
+                    let reuse = (!switched).then(|| (Arc::clone(self), sender));
                     return Ok(response.map(|body| UpstreamBody {
                         kind: Kind::Http {
                             body,
@@ -234,9 +244,11 @@ impl EndpointPool {
                     }));
                 }
                 Err(mut error) => match error.take_message() {
-                    // The upstream closed an idle connection as we picked it: nothing was
-                    // sent, so it is safe to send again. A new connection ends the loop.
-                    Some(unsent) if reused => req = unsent,
+                    // The upstream closed an idle connection as we picked it: hyper gives back
+                    // only a request that never left.
+                    Some(unsent) if may_resend(reused, Progress::Unsent, unsent.method()) => {
+                        req = unsent
+                    }
                     _ => return Err(SendError::Http(error.into_error())),
                 },
             }
@@ -304,7 +316,7 @@ impl EndpointPool {
                 }
                 // The upstream closed an idle connection as we picked it (it did not say so in
                 // time): send again, where that is safe, on another. A new connection ends it.
-                Err(error) if reused && error.may_resend(&parts.method) => {}
+                Err(error) if may_resend(reused, error.progress(), &parts.method) => {}
                 Err(error) => return Err(SendError::Direct(error)),
             }
         }
@@ -384,7 +396,7 @@ impl EndpointPool {
 
     /// Starts hyper's HTTP/1.1 client on `io`, with its connection task.
     async fn handshake_http1(io: TokioIo<CountedStream>) -> Result<Http1Sender, SendError> {
-        let (mut sender, connection) = http1::handshake(io).await?;
+        let (mut sender, connection) = contract::http1_builder().handshake(io).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
                 tracing::debug!(%error, "upstream connection ended with an error");
