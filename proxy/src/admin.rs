@@ -17,9 +17,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::body::ProxyBody;
-use crate::connection::{self, FirstHead, LogLimiter};
-use crate::forward::text_plain;
+use crate::http::forward::text_plain;
+use crate::io::body::ProxyBody;
+use crate::io::connection::{self, FirstHead, LogLimiter};
 use crate::logging::LogLevelError;
 use crate::Shared;
 

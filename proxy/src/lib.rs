@@ -6,30 +6,18 @@
 //! either as the binary or in-process through [`run`].
 
 pub mod admin;
-pub mod body;
-pub mod connect;
-pub mod connection;
+pub mod control;
+pub mod core;
 pub mod demo;
-pub mod errors;
-pub mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod headers;
-pub mod identity;
+pub mod http;
+pub mod io;
 pub mod lifecycle;
 pub mod logging;
-pub mod metrics;
-pub mod persist;
 pub mod policy;
-pub mod pool;
-pub mod reload;
-pub mod server;
-pub mod snapshot;
-pub mod subscribe;
 pub mod telemetry;
-pub mod tls;
-pub mod upstream;
-pub mod watch_file;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,11 +30,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::forward::ListenerKind;
+use crate::control::reload::{PolicySource, PolicyStatus, ReloadError, Reloader, Update};
+use crate::http::forward::ListenerKind;
+use crate::http::snapshot::Snapshot;
 use crate::lifecycle::{AppActivity, APP_QUIET_PERIOD};
-use crate::metrics::{Metrics, MetricsError};
-use crate::reload::{PolicySource, PolicyStatus, ReloadError, Reloader, Update};
-use crate::snapshot::Snapshot;
+use crate::telemetry::metrics::{Metrics, MetricsError};
 use crate::telemetry::{AccessLog, ExporterError, Spans};
 
 /// The longest a shutdown waits for queued spans to reach the collector.
@@ -72,11 +60,11 @@ pub struct Bootstrap {
     /// Serve `POST /shutdown` on the admin port (loopback callers only).
     pub shutdown_endpoint: bool,
     /// The workload identity to get from the control plane, for mesh mTLS.
-    pub identity: Option<identity::IdentityConfig>,
+    pub identity: Option<io::identity::IdentityConfig>,
     /// Deadlines of downstream connections' phases.
-    pub timeouts: connection::ConnectionTimeouts,
+    pub timeouts: io::connection::ConnectionTimeouts,
     /// The most connections each listener holds.
-    pub limits: connection::ConnectionLimits,
+    pub limits: io::connection::ConnectionLimits,
 }
 
 /// The policy a proxy starts with.
@@ -110,9 +98,9 @@ pub struct Shared {
     /// Where the policy came from (a path or a URL), for `/config`.
     pub origin: String,
     /// This proxy's mesh identity, when it has one configured.
-    pub mesh: Option<Arc<identity::Mesh>>,
+    pub mesh: Option<Arc<io::identity::Mesh>>,
     /// Connection deadlines and each listener's connection budget.
-    pub connections: connection::Connections,
+    pub connections: io::connection::Connections,
     stop: watch::Sender<bool>,
     /// The span exporter for the policy's `tracing.otlp`, if any.
     pub spans: Spans,
@@ -238,13 +226,14 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
 pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Running, StartError> {
     let metrics = Metrics::new(&bootstrap.workload)?;
     let mesh = match &bootstrap.identity {
-        Some(_) => Some(identity::Mesh::new(&metrics)?),
+        Some(_) => Some(io::identity::Mesh::new(&metrics)?),
         None => None,
     };
-    let snapshot = reload::empty_snapshot(&metrics);
+    let snapshot = control::reload::empty_snapshot(&metrics);
     let (stop, stop_rx) = watch::channel(false);
     let spans = Spans::new(&bootstrap.workload, metrics.telemetry.clone());
-    let connections = connection::Connections::new(bootstrap.timeouts, bootstrap.limits, &metrics);
+    let connections =
+        io::connection::Connections::new(bootstrap.timeouts, bootstrap.limits, &metrics);
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         metrics,
@@ -262,7 +251,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         access_log: Mutex::new(Weak::new()),
     });
     if let (Some(config), Some(mesh)) = (bootstrap.identity.clone(), &shared.mesh) {
-        identity::spawn(config, Arc::clone(mesh));
+        io::identity::spawn(config, Arc::clone(mesh));
     }
 
     let admin = bind("admin", bootstrap.admin).await?;
@@ -303,13 +292,13 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
     let outbound_addr = addr_of(&outbound, bootstrap.outbound);
     let inbound_addr = addr_of(&inbound, bootstrap.inbound);
     let admin_addr = addr_of(&admin, bootstrap.admin);
-    data.spawn(server::serve(
+    data.spawn(http::server::serve(
         outbound,
         ListenerKind::Outbound,
         Arc::clone(&shared),
         outbound_stop_rx.clone(),
     ));
-    data.spawn(server::serve(
+    data.spawn(http::server::serve(
         inbound,
         ListenerKind::Inbound,
         Arc::clone(&shared),

@@ -5,7 +5,7 @@
 //! `GET /` with `Connection: close`, reads the whole response and drops the connection.
 //!
 //! With `--mtls` the client gets its workload certificate exactly as `outrider-proxy` does: it
-//! runs the proxy's own identity code (`outrider_proxy::identity`), which makes a key in
+//! runs the proxy's own identity code (`outrider_proxy::io::identity`), which makes a key in
 //! memory, posts a CSR with the token to the control plane and installs the answer, and it
 //! connects with the proxy's own mesh client config.
 //!
@@ -32,9 +32,9 @@ use bytes::Bytes;
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use outrider_proxy::identity::{self, IdentityConfig, Mesh, ALPN_HTTP1};
-use outrider_proxy::metrics::Metrics;
-use outrider_proxy::subscribe::{ControlConfig, Token};
+use outrider_proxy::control::subscribe::{ControlConfig, Token};
+use outrider_proxy::io::identity::{self, IdentityConfig, Mesh, ALPN_HTTP1};
+use outrider_proxy::telemetry::metrics::Metrics;
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use tokio::net::TcpStream;

@@ -22,7 +22,7 @@ use std::time::Duration;
 use outrider_config::CircuitBreaker as BreakerConfig;
 use tokio::time::Instant;
 
-use crate::metrics::BreakerMetrics;
+use crate::telemetry::metrics::BreakerMetrics;
 
 /// Buckets of the failure-rate window: the window slides in steps of `window / BUCKETS`.
 const BUCKETS: usize = 10;

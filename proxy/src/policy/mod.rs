@@ -12,12 +12,10 @@ pub mod backoff;
 pub mod breaker;
 pub mod fault;
 pub mod holdout;
-pub mod outcome;
 pub mod outlier;
 pub mod ratelimit;
 pub mod retry;
 pub mod timeout;
-pub mod trace;
 
 use std::sync::Arc;
 use std::time::Duration;

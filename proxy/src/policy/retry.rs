@@ -22,7 +22,7 @@ use http_body::{Body, Frame, SizeHint};
 use outrider_config::{Retries, RetryOn};
 use tokio::time::Instant;
 
-use crate::body::{BoxError, Counted};
+use crate::io::body::{BoxError, Counted};
 use crate::policy::timeout;
 
 /// How an attempt failed, as far as retrying is concerned.

@@ -7,7 +7,7 @@ use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Request, Version};
 
-use crate::errors::ProxyError;
+use crate::core::errors::ProxyError;
 
 /// The request id header, generated when the caller sent none.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

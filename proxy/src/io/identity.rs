@@ -33,8 +33,8 @@ use rustls::{
 };
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::metrics::{Metrics, MetricsError};
-use crate::subscribe::{Backoff, ControlConfig, Token};
+use crate::control::subscribe::{Backoff, ControlConfig, Token};
+use crate::telemetry::metrics::{Metrics, MetricsError};
 
 /// Header carrying the verified caller identity to the local app; removed from every request
 /// arriving on the inbound port first, so a caller cannot claim one.

@@ -27,8 +27,8 @@ use outrider_config::wire::{
     SUBSCRIBE_PATH,
 };
 
-use crate::persist::{self, Persisted};
-use crate::reload::{PolicySource, ReloadError, Reloader};
+use crate::control::persist::{self, Persisted};
+use crate::control::reload::{PolicySource, ReloadError, Reloader};
 
 /// First reconnect delay cap; doubles per failed attempt.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);

@@ -10,11 +10,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::connection::{self, ConnectionSlot, Expiry, FirstHead, IdleWatch, LogLimiter};
-use crate::errors::{self, ProxyError};
-use crate::forward::{self, ListenerKind};
-use crate::identity::PEER_IDENTITY_HEADER;
-use crate::{headers, tls, Shared};
+use crate::core::errors::{self, ProxyError};
+use crate::core::headers;
+use crate::http::forward::{self, ListenerKind};
+use crate::io::connection::{self, ConnectionSlot, Expiry, FirstHead, IdleWatch, LogLimiter};
+use crate::io::identity::PEER_IDENTITY_HEADER;
+use crate::io::tls;
+use crate::Shared;
 
 /// Largest request head accepted; larger ones are answered 431 (HTTP/1.1) or refused by
 /// HTTP/2 with 431. Envoy's default is 60 KiB.

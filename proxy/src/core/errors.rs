@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
-use crate::body::ProxyBody;
+use crate::io::body::ProxyBody;
 
 /// The reason header on every response the proxy itself produces.
 pub const ERROR_HEADER: &str = "x-outrider-error";

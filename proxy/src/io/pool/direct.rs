@@ -22,8 +22,8 @@ use http::{request, Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::connect::CountedStream;
-use crate::headers::{check_transfer_codings, TransferCodingError};
+use crate::core::headers::{check_transfer_codings, TransferCodingError};
+use crate::io::connect::CountedStream;
 
 pub(crate) mod fuzzing;
 

@@ -6,6 +6,8 @@
 //! counted (`outrider_spans_dropped_total`, `outrider_access_log_dropped_total`); nothing is
 //! ever queued without bound or awaited by a request.
 
+pub mod metrics;
+
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,9 +30,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::metrics::{RouteMetrics, TelemetryMetrics};
-use crate::policy::trace::{SpanId, TraceContext};
-use crate::snapshot::Target;
+use crate::http::snapshot::Target;
+use crate::telemetry::metrics::{RouteMetrics, TelemetryMetrics};
+use crate::trace::{SpanId, TraceContext};
 
 /// Spans waiting for export at most; beyond it spans are dropped (and counted).
 pub const SPAN_QUEUE: usize = 4096;
@@ -317,9 +319,9 @@ impl AccessRecord {
     pub fn refused<B>(
         req: &http::Request<B>,
         trace: &TraceContext,
-        labels: &crate::metrics::RouteLabels,
+        labels: &crate::telemetry::metrics::RouteLabels,
         (started, started_wall): (Instant, SystemTime),
-        response: &http::Response<crate::body::ProxyBody>,
+        response: &http::Response<crate::io::body::ProxyBody>,
         error: String,
     ) -> Self {
         use http_body::Body as _;
@@ -330,7 +332,7 @@ impl AccessRecord {
             span_id: trace.span_id.to_hex(),
             request_id: req
                 .headers()
-                .get(&crate::headers::REQUEST_ID)
+                .get(&crate::core::headers::REQUEST_ID)
                 .and_then(text),
             direction: Arc::clone(&labels.direction),
             service: Arc::clone(&labels.service),
@@ -515,7 +517,7 @@ pub struct Finish {
     /// `x-request-id`.
     pub request_id: Option<HeaderValue>,
     /// Request body bytes forwarded so far, counted by the request body as it is read
-    /// ([`crate::body::Counted`]); only the access log reads it, so only kept when it is on.
+    /// ([`crate::io::body::Counted`]); only the access log reads it, so only kept when it is on.
     pub request_bytes: Option<Arc<AtomicU64>>,
     /// Status sent.
     pub status: StatusCode,

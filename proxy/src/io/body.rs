@@ -21,10 +21,10 @@ use hyper::body::Incoming;
 use prometheus::IntCounter;
 use tokio::time::Instant;
 
-use crate::policy::outcome::Watch;
+use crate::io::outcome::Watch;
+use crate::io::pool::UpstreamBody;
 use crate::policy::retry::ReplayBody;
 use crate::policy::timeout::{self, BodyIdle, BodyStall, Timer};
-use crate::pool::UpstreamBody;
 use crate::telemetry::Finish;
 
 /// Boxed body error.
@@ -465,7 +465,7 @@ impl Body for Counted {
                     }
                 } else if let Some(trailers) = frame.trailers_mut() {
                     // Request headers are checked on arrival; trailers come after, here.
-                    crate::headers::strip_reserved_trailers(trailers);
+                    crate::core::headers::strip_reserved_trailers(trailers);
                 }
                 // hyper stops polling a body whose declared length is reached: the end is
                 // seen here, not as a final `None`.

@@ -19,12 +19,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
-use crate::forward::ListenerKind;
-use crate::identity::Mesh;
-use crate::metrics::Metrics;
-use crate::snapshot::Snapshot;
+use crate::http::forward::ListenerKind;
+use crate::http::server;
+use crate::http::snapshot::Snapshot;
+use crate::io::identity::Mesh;
+use crate::telemetry::metrics::Metrics;
 use crate::telemetry::AccessLog;
-use crate::{server, Shared};
+use crate::Shared;
 
 /// Where the policy in force came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

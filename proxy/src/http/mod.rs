@@ -1,0 +1,6 @@
+//! Serving HTTP: the listeners, routing by the compiled [`snapshot::Snapshot`], and forwarding
+//! a request through its policies. Uses the layers below (`io` and down).
+
+pub mod forward;
+pub mod server;
+pub mod snapshot;
