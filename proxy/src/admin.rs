@@ -88,7 +88,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
                     }
                 });
             }
-            () = crate::stopped(&mut stop) => return,
+            () = crate::core::shutdown::stopped(&mut stop) => return,
         }
     }
 }

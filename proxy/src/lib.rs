@@ -193,12 +193,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Resolves once `stop` is true (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not Send; drop it here, not across a select.
-    let _ = stop.wait_for(|stop| *stop).await;
-}
-
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
@@ -318,7 +312,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
     let mut stop_signal = stop_rx;
     let drain_timeout = bootstrap.drain_timeout;
     let done = tokio::spawn(async move {
-        stopped(&mut stop_signal).await;
+        core::shutdown::stopped(&mut stop_signal).await;
         supervisor_shared.draining.store(true, Ordering::Release);
         tracing::info!(drain_timeout = ?drain_timeout, "draining");
         let deadline = policy::timeout::deadline_after(tokio::time::Instant::now(), drain_timeout);

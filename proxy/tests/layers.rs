@@ -29,14 +29,13 @@ const ALLOWED: &str = "
 control::reload -> crate: `Shared` lives in lib.rs and holds app state (PolicyStatus, AppActivity)
 core::errors -> io::body: `rescue` builds a `ProxyBody` response beside the error kinds
 http::forward -> crate: `Shared` lives in lib.rs
-http::server -> crate: `Shared` and `stopped` live in lib.rs
+http::server -> crate: `Shared` lives in lib.rs
 io::connection -> http::server: `MAX_HEADER_BYTES` is declared by the server
 io::identity -> control::subscribe: the certificate fetch loop uses the control-plane client settings
 io::pool -> io::body: `RequestBody` shares body.rs with `ProxyBody`, which wraps the pool's `UpstreamBody`
 io::upstream -> io::body: its tests send a `RequestBody` (see io::pool)
 policy::breaker -> telemetry::metrics: `BreakerMetrics` is declared by the metrics registry
 policy::retry -> io::body: `ReplayBody` (a request body) lives beside the retry decision
-telemetry -> crate: `stopped` lives in lib.rs
 telemetry -> io::body: the access-log record reads a `Response<ProxyBody>`
 telemetry -> http::snapshot: an exchange's `Finish` keeps the matched route `Target` to count it at the end
 ";

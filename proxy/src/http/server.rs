@@ -89,7 +89,7 @@ pub async fn serve(
                     tokio::time::sleep(connection::ACCEPT_ERROR_PAUSE).await;
                 }
             },
-            () = crate::stopped(&mut stop) => break,
+            () = crate::core::shutdown::stopped(&mut stop) => break,
         }
     }
     drop(listener);
@@ -124,7 +124,7 @@ async fn serve_connection(
             .unwrap_or_default();
         tokio::select! {
             accepted = tls::accept_inbound(stream, peer, shared.mesh.as_ref(), mode, deadline) => accepted,
-            () = crate::stopped(&mut stop) => return,
+            () = crate::core::shutdown::stopped(&mut stop) => return,
         }
     } else {
         Some(tls::Accepted {
@@ -144,7 +144,7 @@ async fn serve_connection(
     };
     let first = tokio::select! {
         first = connection::read_first_head(&mut io, deadline) => first,
-        () = crate::stopped(&mut stop) => return,
+        () = crate::core::shutdown::stopped(&mut stop) => return,
     };
     match first.head {
         FirstHead::Http1 | FirstHead::Http2 => {}
@@ -189,7 +189,7 @@ async fn serve_connection(
     let result = loop {
         tokio::select! {
             result = conn.as_mut() => break result,
-            () = crate::stopped(&mut stop), if !closing => {
+            () = crate::core::shutdown::stopped(&mut stop), if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }

@@ -211,7 +211,7 @@ async fn export_loop(
                 Some(span) => batch.push(span),
                 None => break,
             },
-            () = crate::stopped(&mut stop) => break,
+            () = crate::core::shutdown::stopped(&mut stop) => break,
         }
         // One timer per batch, not one per span, and whatever is already queued is taken
         // without waiting to be woken for it.
