@@ -30,7 +30,6 @@ control::reload -> crate: `Shared` lives in lib.rs and holds app state (PolicySt
 core::errors -> io::body: `rescue` builds a `ProxyBody` response beside the error kinds
 http::forward -> crate: `Shared` lives in lib.rs
 http::server -> crate: `Shared` lives in lib.rs
-io::connection -> http::server: `MAX_HEADER_BYTES` is declared by the server
 io::identity -> control::subscribe: the certificate fetch loop uses the control-plane client settings
 io::pool -> io::body: `RequestBody` shares body.rs with `ProxyBody`, which wraps the pool's `UpstreamBody`
 io::upstream -> io::body: its tests send a `RequestBody` (see io::pool)

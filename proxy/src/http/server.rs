@@ -18,10 +18,6 @@ use crate::io::identity::PEER_IDENTITY_HEADER;
 use crate::io::tls;
 use crate::Shared;
 
-/// Largest request head accepted; larger ones are answered 431 (HTTP/1.1) or refused by
-/// HTTP/2 with 431. Envoy's default is 60 KiB.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-
 /// Serves `listener` until `stop` turns true, then stops accepting and drains: HTTP/1.1
 /// connections close after their in-flight request (`Connection: close`), HTTP/2 ones get
 /// GOAWAY. Returns when every connection has ended; the caller bounds that by the drain timeout.
@@ -47,13 +43,13 @@ pub async fn serve(
         // by the header-read deadline); hyper's timer runs from the end of each response to the
         // next complete head, which makes it the keep-alive idle timeout.
         .header_read_timeout(timeouts.idle)
-        .max_buf_size(MAX_HEADER_BYTES);
+        .max_buf_size(headers::MAX_HEADER_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(timeouts.http2_keepalive_interval)
         .keep_alive_timeout(timeouts.http2_keepalive_timeout)
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
+        .max_header_list_size(headers::MAX_HEADER_BYTES as u32);
     // Every connection holds a receiver; `closed` tells when the last one has ended.
     let (connections, _) = watch::channel(());
     let mut refusals = LogLimiter::default();

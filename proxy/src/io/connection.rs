@@ -350,7 +350,7 @@ fn classify(buf: &[u8], searched: usize) -> Option<FirstHead> {
     if is_h2_prefix(buf) {
         return (buf.len() >= H2_PREFACE.len()).then_some(FirstHead::Http2);
     }
-    if buf.len() >= crate::http::server::MAX_HEADER_BYTES || head_complete(buf, searched) {
+    if buf.len() >= crate::core::headers::MAX_HEADER_BYTES || head_complete(buf, searched) {
         return Some(FirstHead::Http1);
     }
     None
@@ -659,7 +659,7 @@ mod tests {
         assert_eq!(classify(b"PRI * HTTP/2.0\r\n", 0), None);
         assert_eq!(classify(H2_PREFACE, 0), Some(FirstHead::Http2));
         assert_eq!(
-            classify(&[b'a'; crate::http::server::MAX_HEADER_BYTES], 0),
+            classify(&[b'a'; crate::core::headers::MAX_HEADER_BYTES], 0),
             Some(FirstHead::Http1)
         );
     }
