@@ -34,7 +34,6 @@ io::identity -> control::subscribe: the certificate fetch loop uses the control-
 io::pool -> io::body: `RequestBody` shares body.rs with `ProxyBody`, which wraps the pool's `UpstreamBody`
 io::upstream -> io::body: its tests send a `RequestBody` (see io::pool)
 policy::retry -> io::body: `ReplayBody` (a request body) lives beside the retry decision
-telemetry -> io::body: the access-log record reads a `Response<ProxyBody>`
 telemetry -> http::snapshot: an exchange's `Finish` keeps the matched route `Target` to count it at the end
 ";
 

@@ -316,15 +316,14 @@ pub struct AccessRecord {
 impl AccessRecord {
     /// The line of a request the proxy answered itself before routing (no route, bad
     /// request): no upstream, no attempt.
-    pub fn refused<B>(
+    pub fn refused<B, R: http_body::Body>(
         req: &http::Request<B>,
         trace: &TraceContext,
         labels: &crate::telemetry::metrics::RouteLabels,
         (started, started_wall): (Instant, SystemTime),
-        response: &http::Response<crate::io::body::ProxyBody>,
+        response: &http::Response<R>,
         error: String,
     ) -> Self {
-        use http_body::Body as _;
         let text = |v: &HeaderValue| v.to_str().ok().map(str::to_string);
         Self {
             time: rfc3339(started_wall),
