@@ -31,9 +31,6 @@ core::errors -> io::body: `rescue` builds a `ProxyBody` response beside the erro
 http::forward -> crate: `Shared` lives in lib.rs
 http::server -> crate: `Shared` lives in lib.rs
 io::identity -> control::subscribe: the certificate fetch loop uses the control-plane client settings
-io::pool -> io::body: `RequestBody` shares body.rs with `ProxyBody`, which wraps the pool's `UpstreamBody`
-io::upstream -> io::body: its tests send a `RequestBody` (see io::pool)
-policy::retry -> io::body: `ReplayBody` (a request body) lives beside the retry decision
 telemetry -> http::snapshot: an exchange's `Finish` keeps the matched route `Target` to count it at the end
 ";
 

@@ -11,6 +11,9 @@ use http::{Response, StatusCode};
 
 use crate::io::body::ProxyBody;
 
+/// A boxed error from a body or a connection, whose kind is kept by its source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The reason header on every response the proxy itself produces.
 pub const ERROR_HEADER: &str = "x-outrider-error";
 

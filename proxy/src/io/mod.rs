@@ -8,5 +8,6 @@ pub mod connection;
 pub mod identity;
 pub mod outcome;
 pub mod pool;
+pub mod request_body;
 pub mod tls;
 pub mod upstream;

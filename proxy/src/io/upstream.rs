@@ -511,8 +511,8 @@ mod tests {
     /// the endpoint is held out (and counted), and a successful connect brings it back.
     #[tokio::test]
     async fn a_refused_connect_holds_the_endpoint_out_until_a_connect_succeeds() {
-        use crate::io::body::RequestBody;
         use crate::io::pool::SendError;
+        use crate::io::request_body::RequestBody;
 
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let dead = listener.local_addr().expect("addr");

@@ -28,8 +28,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use outrider_config::Protocol;
 
 use crate::core::headers::{check_transfer_codings, TransferCodingError};
-use crate::io::body::RequestBody;
 use crate::io::connect::{ConnectError, CountedStream, EndpointConnector};
+use crate::io::request_body::RequestBody;
 pub use direct::DirectError;
 use direct::{DirectBody, DirectConnection};
 
