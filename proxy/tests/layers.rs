@@ -27,7 +27,6 @@ const LAYERS: &[&str] = &[
 /// longer occurs. The cycle check leaves these edges out, so it still fails on any new cycle.
 const ALLOWED: &str = "
 control::reload -> crate: `Shared` lives in lib.rs and holds app state (PolicyStatus, AppActivity)
-core::errors -> io::body: `rescue` builds a `ProxyBody` response beside the error kinds
 http::forward -> crate: `Shared` lives in lib.rs
 http::server -> crate: `Shared` lives in lib.rs
 io::identity -> control::subscribe: the certificate fetch loop uses the control-plane client settings

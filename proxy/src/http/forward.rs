@@ -1,6 +1,6 @@
 //! The request path: pick the target from the policy in force, rewrite the request for the
 //! upstream, send it through the endpoint's pool, stream the response back. Failures become
-//! responses in one place ([`crate::core::errors::rescue`]).
+//! responses in one place ([`crate::http::rescue`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,8 +18,9 @@ use hyper_util::rt::TokioIo;
 use outrider_config::Protocol;
 use tokio::time::Instant;
 
-use crate::core::errors::{rescue, ProxyError};
+use crate::core::errors::ProxyError;
 use crate::core::headers::{self, Caller};
+use crate::http::rescue::rescue;
 use crate::http::snapshot::{Snapshot, Target};
 use crate::io::body::{Observed, ProxyBody};
 use crate::io::connect::ConnectError;

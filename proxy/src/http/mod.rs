@@ -2,5 +2,6 @@
 //! a request through its policies. Uses the layers below (`io` and down).
 
 pub mod forward;
+pub mod rescue;
 pub mod server;
 pub mod snapshot;

@@ -10,9 +10,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::core::errors::{self, ProxyError};
+use crate::core::errors::ProxyError;
 use crate::core::headers;
 use crate::http::forward::{self, ListenerKind};
+use crate::http::rescue::rescue;
 use crate::io::connection::{self, ConnectionSlot, Expiry, FirstHead, IdleWatch, LogLimiter};
 use crate::io::identity::PEER_IDENTITY_HEADER;
 use crate::io::tls;
@@ -169,7 +170,7 @@ async fn serve_connection(
         let stream = streams.as_ref().map(connection::StreamCount::open);
         async move {
             let response = match denied {
-                Some(error) => Ok(errors::rescue(&error, headers::is_grpc(&req))),
+                Some(error) => Ok(rescue(&error, headers::is_grpc(&req))),
                 None => forward::handle(shared, kind, caller, req).await,
             };
             response.map(|r| r.map(|body| connection::ServedBody::new(body, stream)))
