@@ -60,7 +60,7 @@ pub struct Bootstrap {
     /// Serve `POST /shutdown` on the admin port (loopback callers only).
     pub shutdown_endpoint: bool,
     /// The workload identity to get from the control plane, for mesh mTLS.
-    pub identity: Option<io::identity::IdentityConfig>,
+    pub identity: Option<control::certificate::IdentityConfig>,
     /// Deadlines of downstream connections' phases.
     pub timeouts: io::connection::ConnectionTimeouts,
     /// The most connections each listener holds.
@@ -245,7 +245,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         access_log: Mutex::new(Weak::new()),
     });
     if let (Some(config), Some(mesh)) = (bootstrap.identity.clone(), &shared.mesh) {
-        io::identity::spawn(config, Arc::clone(mesh));
+        control::certificate::spawn(config, Arc::clone(mesh));
     }
 
     let admin = bind("admin", bootstrap.admin).await?;

@@ -7,13 +7,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use outrider_proxy::control::certificate::IdentityConfig;
 use outrider_proxy::control::reload::PolicySource;
 use outrider_proxy::control::subscribe::{self, ControlConfig, Token};
 use outrider_proxy::control::watch_file;
 use outrider_proxy::io::connection::{
     ConnectionLimits, ConnectionTimeouts, DEFAULT_ADMIN_CONNECTIONS,
 };
-use outrider_proxy::io::identity::IdentityConfig;
 use outrider_proxy::{demo, start, Bootstrap, Initial};
 
 const EX_USAGE: u8 = 64;

@@ -29,7 +29,6 @@ const ALLOWED: &str = "
 control::reload -> crate: `Shared` lives in lib.rs and holds app state (PolicyStatus, AppActivity)
 http::forward -> crate: `Shared` lives in lib.rs
 http::server -> crate: `Shared` lives in lib.rs
-io::identity -> control::subscribe: the certificate fetch loop uses the control-plane client settings
 telemetry -> http::snapshot: an exchange's `Finish` keeps the matched route `Target` to count it at the end
 ";
 
