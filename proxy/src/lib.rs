@@ -13,7 +13,6 @@ pub mod demo;
 pub mod fuzzing;
 pub mod http;
 pub mod io;
-pub mod lifecycle;
 pub mod logging;
 pub mod policy;
 pub mod telemetry;
@@ -32,8 +31,8 @@ use tokio::task::JoinSet;
 
 use crate::control::reload::{PolicySource, PolicyStatus, ReloadError, Reloader, Update};
 use crate::http::forward::ListenerKind;
+use crate::http::lifecycle::{AppActivity, APP_QUIET_PERIOD};
 use crate::http::snapshot::Snapshot;
-use crate::lifecycle::{AppActivity, APP_QUIET_PERIOD};
 use crate::telemetry::metrics::{Metrics, MetricsError};
 use crate::telemetry::{AccessLog, ExporterError, Spans};
 

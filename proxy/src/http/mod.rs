@@ -2,6 +2,7 @@
 //! a request through its policies. Uses the layers below (`io` and down).
 
 pub mod forward;
+pub mod lifecycle;
 pub mod rescue;
 pub mod server;
 pub mod snapshot;
