@@ -18,10 +18,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::http::forward::text_plain;
+use crate::http::shared::Shared;
 use crate::io::body::ProxyBody;
 use crate::io::connection::{self, FirstHead, LogLimiter};
 use crate::logging::LogLevelError;
-use crate::Shared;
 
 /// Serves the admin endpoints until `stop` turns true. Connections past the admin cap are
 /// closed at accept; each must send its first request head within the header-read timeout and

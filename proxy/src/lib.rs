@@ -20,7 +20,7 @@ pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -29,12 +29,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::control::reload::{PolicySource, PolicyStatus, ReloadError, Reloader, Update};
+use crate::control::reload::{ReloadError, Reloader, Update};
 use crate::http::forward::ListenerKind;
 use crate::http::lifecycle::{AppActivity, APP_QUIET_PERIOD};
-use crate::http::snapshot::Snapshot;
+use crate::http::shared::{PolicySource, PolicyStatus};
 use crate::telemetry::metrics::{Metrics, MetricsError};
-use crate::telemetry::{AccessLog, ExporterError, Spans};
+use crate::telemetry::{ExporterError, Spans};
+
+/// The state the listeners and the admin port share, as [`Running::shared`] hands it out.
+pub use crate::http::shared::Shared;
 
 /// The longest a shutdown waits for queued spans to reach the collector.
 const SPAN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -74,50 +77,6 @@ pub struct Initial {
     pub version: u64,
     /// Where it came from.
     pub source: PolicySource,
-}
-
-/// State shared by every listener: the policy in force and the proxy's lifecycle flags.
-pub struct Shared {
-    /// The compiled policy; replaced whole on reload.
-    pub snapshot: ArcSwap<Snapshot>,
-    /// Every exported metric.
-    pub metrics: Metrics,
-    /// Every listener is bound and a policy is loaded.
-    pub ready: AtomicBool,
-    /// A shutdown has begun.
-    pub draining: AtomicBool,
-    /// The app's open outbound connections: a shutdown serves them until the app has gone.
-    pub app: Arc<AppActivity>,
-    /// `POST /shutdown` is enabled.
-    pub shutdown_endpoint: bool,
-    /// Where the policy in force came from and whether it is current (admin only).
-    pub status: PolicyStatus,
-    /// Dedicated listeners as bound, by service name (admin only).
-    pub dedicated: ArcSwap<Vec<(String, SocketAddr)>>,
-    /// Where the policy came from (a path or a URL), for `/config`.
-    pub origin: String,
-    /// This proxy's mesh identity, when it has one configured.
-    pub mesh: Option<Arc<io::identity::Mesh>>,
-    /// Connection deadlines and each listener's connection budget.
-    pub connections: io::connection::Connections,
-    stop: watch::Sender<bool>,
-    /// The span exporter for the policy's `tracing.otlp`, if any.
-    pub spans: Spans,
-    /// The access-log writer the logging snapshots share, while any of them lives (most
-    /// proxies never log; the writer is a thread and a queue). A reload that logs reuses it.
-    pub access_log: Mutex<Weak<AccessLog>>,
-}
-
-impl Shared {
-    /// The access-log writer slot; a poisoned lock still holds a valid `Weak`.
-    pub fn access_log(&self) -> MutexGuard<'_, Weak<AccessLog>> {
-        self.access_log.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Begins a graceful shutdown (SIGTERM, `POST /shutdown`, [`Running::shutdown`]).
-    pub fn shutdown(&self) {
-        let _ = self.stop.send(true);
-    }
 }
 
 /// Why the proxy could not start.

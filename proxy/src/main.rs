@@ -8,9 +8,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use outrider_proxy::control::certificate::IdentityConfig;
-use outrider_proxy::control::reload::PolicySource;
 use outrider_proxy::control::subscribe::{self, ControlConfig, Token};
 use outrider_proxy::control::watch_file;
+use outrider_proxy::http::shared::PolicySource;
 use outrider_proxy::io::connection::{
     ConnectionLimits, ConnectionTimeouts, DEFAULT_ADMIN_CONNECTIONS,
 };

@@ -26,9 +26,6 @@ const LAYERS: &[&str] = &[
 /// there`. The list only shrinks: a new such edge fails a test, and so does an entry that no
 /// longer occurs. The cycle check leaves these edges out, so it still fails on any new cycle.
 const ALLOWED: &str = "
-control::reload -> crate: `Shared` lives in lib.rs and holds app state (PolicyStatus, AppActivity)
-http::forward -> crate: `Shared` lives in lib.rs
-http::server -> crate: `Shared` lives in lib.rs
 telemetry -> http::snapshot: an exchange's `Finish` keeps the matched route `Target` to count it at the end
 ";
 

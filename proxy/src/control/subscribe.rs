@@ -28,7 +28,8 @@ use outrider_config::wire::{
 };
 
 use crate::control::persist::{self, Persisted};
-use crate::control::reload::{PolicySource, ReloadError, Reloader};
+use crate::control::reload::{ReloadError, Reloader};
+use crate::http::shared::PolicySource;
 
 /// First reconnect delay cap; doubles per failed attempt.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::core::errors::ProxyError;
 use crate::core::headers::{self, Caller};
 use crate::http::rescue::rescue;
+use crate::http::shared::Shared;
 use crate::http::snapshot::{Snapshot, Target};
 use crate::io::body::{Observed, ProxyBody};
 use crate::io::connect::ConnectError;
@@ -34,7 +35,6 @@ use crate::policy::retry::{self, AttemptFailure, RetryPolicy};
 use crate::policy::timeout::{BodyStall, Deadlines, Expired, Timer};
 use crate::telemetry::{AccessRecord, AttemptSpan, ExchangeReport, Finish};
 use crate::trace::{SpanId, TraceContext};
-use crate::Shared;
 
 /// Which listener a request arrived on; decides how its target is found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

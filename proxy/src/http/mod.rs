@@ -5,4 +5,5 @@ pub mod forward;
 pub mod lifecycle;
 pub mod rescue;
 pub mod server;
+pub mod shared;
 pub mod snapshot;

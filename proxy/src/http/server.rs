@@ -14,10 +14,10 @@ use crate::core::errors::ProxyError;
 use crate::core::headers;
 use crate::http::forward::{self, ListenerKind};
 use crate::http::rescue::rescue;
+use crate::http::shared::Shared;
 use crate::io::connection::{self, ConnectionSlot, Expiry, FirstHead, IdleWatch, LogLimiter};
 use crate::io::identity::PEER_IDENTITY_HEADER;
 use crate::io::tls;
-use crate::Shared;
 
 /// Serves `listener` until `stop` turns true, then stops accepting and drains: HTTP/1.1
 /// connections close after their in-flight request (`Connection: close`), HTTP/2 ones get
