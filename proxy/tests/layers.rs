@@ -22,31 +22,6 @@ const LAYERS: &[&str] = &[
     "app",
 ];
 
-/// Edges that still run upward or close a cycle, one a line: `from -> to: why it is still
-/// there`. The list only shrinks: a new such edge fails a test, and so does an entry that no
-/// longer occurs. The cycle check leaves these edges out, so it still fails on any new cycle.
-const ALLOWED: &str = "
-telemetry -> http::snapshot: an exchange's `Finish` keeps the matched route `Target` to count it at the end
-";
-
-/// The (from, to) pairs of [`ALLOWED`].
-fn allowed() -> Vec<(&'static str, &'static str)> {
-    ALLOWED
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            // `::` is never followed by a space, so `: ` ends the edge.
-            let (edge, _why) = l.split_once(": ").expect("`from -> to: why`");
-            let (from, to) = edge.split_once(" -> ").expect("`from -> to`");
-            (from.trim(), to.trim())
-        })
-        .collect()
-}
-
-fn is_allowed(from: &str, to: &str) -> bool {
-    allowed().iter().any(|(f, t)| *f == from && *t == to)
-}
-
 /// One `crate::`-rooted reference found in a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Reference {
@@ -526,27 +501,11 @@ fn no_crate_path_runs_up_a_layer() {
             continue;
         }
         let (from, to) = (name(&edge.from), name(&edge.to));
-        if is_allowed(&from, &to) {
-            continue;
-        }
         let _ = writeln!(
             report,
             "{}: {from} ({from_layer}) -> {to} ({to_layer})",
             edge.at
         );
-    }
-    // Every allowance must still be needed, for the upward check and the cycle check alike.
-    let all: BTreeSet<(String, String)> = edges(&files)
-        .iter()
-        .map(|e| (name(&e.from), name(&e.to)))
-        .collect();
-    for (from, to) in allowed() {
-        if !all.contains(&(from.to_owned(), to.to_owned())) {
-            let _ = writeln!(
-                report,
-                "allowed edge {from} -> {to} no longer occurs: remove it from ALLOWED"
-            );
-        }
     }
     assert!(
         report.is_empty(),
@@ -558,10 +517,7 @@ fn no_crate_path_runs_up_a_layer() {
 #[test]
 fn modules_import_each_other_in_no_cycle() {
     let files = source_files();
-    let edges: Vec<Edge> = edges(&files)
-        .into_iter()
-        .filter(|e| !is_allowed(&name(&e.from), &name(&e.to)))
-        .collect();
+    let edges = edges(&files);
     if let Some(cycle) = find_cycle(&edges) {
         let mut hops = String::new();
         for pair in cycle.windows(2) {

@@ -106,7 +106,7 @@ pub async fn handle(
     let logged = log.is_some();
     let keep_uri = logged || spans.is_some();
     let mut finish = Finish {
-        target: Arc::clone(&target),
+        metrics: Arc::clone(&target.metrics),
         spans,
         access_log: log,
         server: kind == ListenerKind::Inbound,

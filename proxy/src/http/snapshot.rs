@@ -22,8 +22,9 @@ use crate::trace::Sampler;
 pub struct Target {
     /// The service.
     pub upstream: Arc<Upstream>,
-    /// Counters for this direction/service/route.
-    pub metrics: RouteMetrics,
+    /// Counters for this direction/service/route; an exchange's `Finish` holds them until
+    /// its response body ends.
+    pub metrics: Arc<RouteMetrics>,
     /// Timeouts, retries and limits for this service on this route.
     pub policy: RoutePolicy,
 }
@@ -187,7 +188,7 @@ impl Snapshot {
             let upstream = upstreams.get(service)?;
             Some(Arc::new(Target {
                 upstream: Arc::clone(upstream),
-                metrics: metrics.route(OUTBOUND, service, label),
+                metrics: Arc::new(metrics.route(OUTBOUND, service, label)),
                 policy: RoutePolicy::new(
                     policy.services.get(service),
                     route,
@@ -277,7 +278,7 @@ impl Snapshot {
             });
             Arc::new(Target {
                 upstream,
-                metrics: metrics.route(INBOUND, "app", "inbound"),
+                metrics: Arc::new(metrics.route(INBOUND, "app", "inbound")),
                 policy: RoutePolicy::inbound(
                     inbound_state.limit.clone(),
                     inbound.timeouts.request_body_idle.get(),

@@ -30,7 +30,6 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::http::snapshot::Target;
 use crate::telemetry::metrics::{RouteMetrics, TelemetryMetrics};
 use crate::trace::{SpanId, TraceContext};
 
@@ -490,8 +489,8 @@ pub struct ExchangeReport {
 /// Everything needed to report a request when its response body ends. Built once per
 /// request; dropped (with the report) when the body finishes or the caller goes away.
 pub struct Finish {
-    /// The target (metrics and labels).
-    pub target: Arc<Target>,
+    /// The matched target's metrics and labels.
+    pub metrics: Arc<RouteMetrics>,
     /// Span sink, when the request is sampled and spans are exported.
     pub spans: Option<Arc<SpanSink>>,
     /// Access log, when on.
@@ -528,7 +527,7 @@ impl Drop for Finish {
     fn drop(&mut self) {
         // Here rather than in `end`, so a request whose handler was dropped (caller gone
         // before the response) is not counted in flight forever.
-        self.target.metrics.traffic.active.dec();
+        self.metrics.traffic.active.dec();
     }
 }
 
@@ -542,7 +541,7 @@ impl Finish {
     /// did not end cleanly.
     pub fn end(self, bytes: u64, error: Option<String>) {
         let elapsed = self.started.elapsed();
-        let traffic = &self.target.metrics.traffic;
+        let traffic = &self.metrics.traffic;
         // `outrider_request_bytes_total` is added to by the request body itself when it ends,
         // which can be after this (an upstream answering before reading the whole body).
         traffic.response_bytes.inc_by(bytes);
@@ -552,7 +551,7 @@ impl Finish {
             self.export_spans(spans, elapsed, error.as_deref());
         }
         if let Some(log) = &self.access_log {
-            let labels = &self.target.metrics.labels;
+            let labels = &self.metrics.labels;
             log.record(AccessRecord {
                 time: rfc3339(self.started_wall),
                 trace_id: self.trace.trace_id.to_hex(),
@@ -604,7 +603,7 @@ impl Finish {
         };
         let wall = |at: Instant| self.started_wall + at.saturating_duration_since(self.started);
         let method = method_name(&self.method);
-        let labels = &self.target.metrics.labels;
+        let labels = &self.metrics.labels;
         let host = self.authority.as_ref().map(|a| a.host().to_string());
         let mut attributes = vec![
             KeyValue::new("http.request.method", method),
