@@ -2,15 +2,16 @@
 //! top folder under `proxy/src/`, and a `crate::` path (in a `use` or inline) may only name a
 //! module of its own layer or of a layer below. Among modules the imports form no cycle.
 //!
-//! The test reads the sources as text (comments and literals skipped), so it needs no build
-//! step and names the offending `file:line` and edge.
+//! The test reads the sources as text (comments and literals skipped) and names the offending
+//! `file:line` and edge. The layer map is in the README's Layout section.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-/// The layers, lowest first. A module's layer is its top folder under `proxy/src/`; the crate
-/// root (`lib.rs`) is `app`. `main.rs` is its own crate and imports the library by name.
+/// The layers, lowest first. A module's layer is its top folder under `proxy/src/`; `lib.rs`
+/// and the files beside it are `app`. `main.rs` is its own crate and imports the library by
+/// name. A new top folder must be added here.
 const LAYERS: &[&str] = &[
     "core",
     "policy",
@@ -568,7 +569,8 @@ fn extracts_inline_paths_and_their_lines() {
 
 #[test]
 fn resolves_super_and_self_against_the_module_and_inline_modules() {
-    let src = "use super::breaker::Outcome;\nuse self::x::Y;\nmod tests {\n    use super::super::z::W;\n}\nuse super::q;";
+    let src = "use super::breaker::Outcome;\nuse self::x::Y;\n\
+               mod tests {\n    use super::super::z::W;\n}\nuse super::q;";
     assert_eq!(
         paths(src, &["policy", "outlier"]),
         [
@@ -582,7 +584,8 @@ fn resolves_super_and_self_against_the_module_and_inline_modules() {
 
 #[test]
 fn follows_a_used_module_by_its_name() {
-    let src = "use crate::policy;\nfn f(p: policy::retry::RetryPolicy) {}\nfn g() { other::policy::x(); }";
+    let src = "use crate::policy;\nfn f(p: policy::retry::RetryPolicy) {}\n\
+               fn g() { other::policy::x(); }";
     assert_eq!(
         paths(src, &["io", "body"]),
         ["policy", "policy::retry::RetryPolicy"]

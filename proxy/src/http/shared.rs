@@ -56,7 +56,8 @@ impl Shared {
         self.access_log.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Begins a graceful shutdown (SIGTERM, `POST /shutdown`, [`Running::shutdown`](crate::Running::shutdown)).
+    /// Begins a graceful shutdown (SIGTERM, `POST /shutdown`,
+    /// [`Running::shutdown`](crate::Running::shutdown)).
     pub fn shutdown(&self) {
         let _ = self.stop.send(true);
     }

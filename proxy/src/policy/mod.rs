@@ -7,6 +7,8 @@
 //! Stateful policies (rate limiters, breakers) are shared through `Arc`s: one per service, route
 //! or inbound listener, built by `Snapshot::build` and carried over a reload when their settings
 //! did not change.
+//!
+//! Adding a policy: the checklist in `README.md` in this folder names every file it touches.
 
 pub mod backoff;
 pub mod breaker;

@@ -515,7 +515,8 @@ pub struct Finish {
     /// `x-request-id`.
     pub request_id: Option<HeaderValue>,
     /// Request body bytes forwarded so far, counted by the request body as it is read
-    /// ([`crate::io::request_body::Counted`]); only the access log reads it, so only kept when it is on.
+    /// ([`crate::io::request_body::Counted`]); only the access log reads it, so only kept
+    /// when it is on.
     pub request_bytes: Option<Arc<AtomicU64>>,
     /// Status sent.
     pub status: StatusCode,
