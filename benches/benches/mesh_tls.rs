@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use outrider_config::wire::CertificateResponse;
-use outrider_proxy::identity::{Mesh, ALPN_HTTP1};
-use outrider_proxy::metrics::Metrics;
+use outrider_proxy::io::identity::{Mesh, ALPN_HTTP1};
+use outrider_proxy::telemetry::metrics::Metrics;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, NamedGroup, ServerConfig, ServerConnection};
 

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion};
 use http::header::{self, HeaderMap, HeaderValue};
-use outrider_proxy::headers;
-use outrider_proxy::metrics::Metrics;
-use outrider_proxy::snapshot::Snapshot;
+use outrider_proxy::core::headers;
+use outrider_proxy::http::snapshot::Snapshot;
+use outrider_proxy::telemetry::metrics::Metrics;
 
 /// The example policy shipped with the repository.
 const DEMO_POLICY: &str = include_str!("../../deploy/examples/demo.yaml");

@@ -18,11 +18,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::body::ProxyBody;
-use crate::connection::{self, FirstHead, LogLimiter};
-use crate::forward::text_plain;
+use crate::http::forward::text_plain;
+use crate::http::shared::Shared;
+use crate::io::body::ProxyBody;
+use crate::io::connection::{self, FirstHead, LogLimiter};
 use crate::logging::LogLevelError;
-use crate::Shared;
 
 /// Serves the admin endpoints until `stop` turns true. Connections past the admin cap are
 /// closed at accept; each must send its first request head within the header-read timeout and
@@ -89,7 +89,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
                     }
                 });
             }
-            () = crate::stopped(&mut stop) => return,
+            () = crate::core::shutdown::stopped(&mut stop) => return,
         }
     }
 }

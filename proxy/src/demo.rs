@@ -13,7 +13,7 @@ use hyper_util::server::conn::auto;
 use outrider_config::Policy;
 use tokio::net::TcpListener;
 
-use crate::body::ProxyBody;
+use crate::io::body::ProxyBody;
 
 /// The example policy the demo serves.
 pub const DEMO_POLICY: &str = include_str!("../../deploy/examples/demo.yaml");

@@ -11,9 +11,9 @@ use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 
-use crate::headers;
-use crate::policy::trace::{self, Origin, Sampler, SpanId, TraceContext};
-use crate::pool::direct::fuzzing::{self as direct, BodyFraming, ScriptedReads};
+use crate::core::headers;
+use crate::io::pool::direct::fuzzing::{self as direct, BodyFraming, ScriptedReads};
+use crate::trace::{self, Origin, Sampler, SpanId, TraceContext};
 
 /// Splits an input into a control byte, a read plan and the payload: the control byte's low bit
 /// is a flag, the other seven the plan's length; each plan byte is the size of one read (0: a

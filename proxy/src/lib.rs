@@ -6,34 +6,21 @@
 //! either as the binary or in-process through [`run`].
 
 pub mod admin;
-pub mod body;
-pub mod connect;
-pub mod connection;
+pub mod control;
+pub mod core;
 pub mod demo;
-pub mod errors;
-pub mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod headers;
-pub mod identity;
-pub mod lifecycle;
+pub mod http;
+pub mod io;
 pub mod logging;
-pub mod metrics;
-pub mod persist;
 pub mod policy;
-pub mod pool;
-pub mod reload;
-pub mod server;
-pub mod snapshot;
-pub mod subscribe;
 pub mod telemetry;
-pub mod tls;
-pub mod upstream;
-pub mod watch_file;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -42,12 +29,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::forward::ListenerKind;
-use crate::lifecycle::{AppActivity, APP_QUIET_PERIOD};
-use crate::metrics::{Metrics, MetricsError};
-use crate::reload::{PolicySource, PolicyStatus, ReloadError, Reloader, Update};
-use crate::snapshot::Snapshot;
-use crate::telemetry::{AccessLog, ExporterError, Spans};
+use crate::control::reload::{ReloadError, Reloader, Update};
+use crate::http::forward::ListenerKind;
+use crate::http::lifecycle::{AppActivity, APP_QUIET_PERIOD};
+use crate::http::shared::{PolicySource, PolicyStatus};
+use crate::telemetry::metrics::{Metrics, MetricsError};
+use crate::telemetry::{ExporterError, Spans};
+
+/// The state the listeners and the admin port share, as [`Running::shared`] hands it out.
+pub use crate::http::shared::Shared;
 
 /// The longest a shutdown waits for queued spans to reach the collector.
 const SPAN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -72,11 +62,11 @@ pub struct Bootstrap {
     /// Serve `POST /shutdown` on the admin port (loopback callers only).
     pub shutdown_endpoint: bool,
     /// The workload identity to get from the control plane, for mesh mTLS.
-    pub identity: Option<identity::IdentityConfig>,
+    pub identity: Option<control::certificate::IdentityConfig>,
     /// Deadlines of downstream connections' phases.
-    pub timeouts: connection::ConnectionTimeouts,
+    pub timeouts: io::connection::ConnectionTimeouts,
     /// The most connections each listener holds.
-    pub limits: connection::ConnectionLimits,
+    pub limits: io::connection::ConnectionLimits,
 }
 
 /// The policy a proxy starts with.
@@ -87,50 +77,6 @@ pub struct Initial {
     pub version: u64,
     /// Where it came from.
     pub source: PolicySource,
-}
-
-/// State shared by every listener: the policy in force and the proxy's lifecycle flags.
-pub struct Shared {
-    /// The compiled policy; replaced whole on reload.
-    pub snapshot: ArcSwap<Snapshot>,
-    /// Every exported metric.
-    pub metrics: Metrics,
-    /// Every listener is bound and a policy is loaded.
-    pub ready: AtomicBool,
-    /// A shutdown has begun.
-    pub draining: AtomicBool,
-    /// The app's open outbound connections: a shutdown serves them until the app has gone.
-    pub app: Arc<AppActivity>,
-    /// `POST /shutdown` is enabled.
-    pub shutdown_endpoint: bool,
-    /// Where the policy in force came from and whether it is current (admin only).
-    pub status: PolicyStatus,
-    /// Dedicated listeners as bound, by service name (admin only).
-    pub dedicated: ArcSwap<Vec<(String, SocketAddr)>>,
-    /// Where the policy came from (a path or a URL), for `/config`.
-    pub origin: String,
-    /// This proxy's mesh identity, when it has one configured.
-    pub mesh: Option<Arc<identity::Mesh>>,
-    /// Connection deadlines and each listener's connection budget.
-    pub connections: connection::Connections,
-    stop: watch::Sender<bool>,
-    /// The span exporter for the policy's `tracing.otlp`, if any.
-    pub spans: Spans,
-    /// The access-log writer the logging snapshots share, while any of them lives (most
-    /// proxies never log; the writer is a thread and a queue). A reload that logs reuses it.
-    pub access_log: Mutex<Weak<AccessLog>>,
-}
-
-impl Shared {
-    /// The access-log writer slot; a poisoned lock still holds a valid `Weak`.
-    pub fn access_log(&self) -> MutexGuard<'_, Weak<AccessLog>> {
-        self.access_log.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Begins a graceful shutdown (SIGTERM, `POST /shutdown`, [`Running::shutdown`]).
-    pub fn shutdown(&self) {
-        let _ = self.stop.send(true);
-    }
 }
 
 /// Why the proxy could not start.
@@ -205,12 +151,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Resolves once `stop` is true (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not Send; drop it here, not across a select.
-    let _ = stop.wait_for(|stop| *stop).await;
-}
-
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
@@ -238,13 +178,14 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
 pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Running, StartError> {
     let metrics = Metrics::new(&bootstrap.workload)?;
     let mesh = match &bootstrap.identity {
-        Some(_) => Some(identity::Mesh::new(&metrics)?),
+        Some(_) => Some(io::identity::Mesh::new(&metrics)?),
         None => None,
     };
-    let snapshot = reload::empty_snapshot(&metrics);
+    let snapshot = control::reload::empty_snapshot(&metrics);
     let (stop, stop_rx) = watch::channel(false);
     let spans = Spans::new(&bootstrap.workload, metrics.telemetry.clone());
-    let connections = connection::Connections::new(bootstrap.timeouts, bootstrap.limits, &metrics);
+    let connections =
+        io::connection::Connections::new(bootstrap.timeouts, bootstrap.limits, &metrics);
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         metrics,
@@ -262,7 +203,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         access_log: Mutex::new(Weak::new()),
     });
     if let (Some(config), Some(mesh)) = (bootstrap.identity.clone(), &shared.mesh) {
-        identity::spawn(config, Arc::clone(mesh));
+        control::certificate::spawn(config, Arc::clone(mesh));
     }
 
     let admin = bind("admin", bootstrap.admin).await?;
@@ -303,13 +244,13 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
     let outbound_addr = addr_of(&outbound, bootstrap.outbound);
     let inbound_addr = addr_of(&inbound, bootstrap.inbound);
     let admin_addr = addr_of(&admin, bootstrap.admin);
-    data.spawn(server::serve(
+    data.spawn(http::server::serve(
         outbound,
         ListenerKind::Outbound,
         Arc::clone(&shared),
         outbound_stop_rx.clone(),
     ));
-    data.spawn(server::serve(
+    data.spawn(http::server::serve(
         inbound,
         ListenerKind::Inbound,
         Arc::clone(&shared),
@@ -329,7 +270,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
     let mut stop_signal = stop_rx;
     let drain_timeout = bootstrap.drain_timeout;
     let done = tokio::spawn(async move {
-        stopped(&mut stop_signal).await;
+        core::shutdown::stopped(&mut stop_signal).await;
         supervisor_shared.draining.store(true, Ordering::Release);
         tracing::info!(drain_timeout = ?drain_timeout, "draining");
         let deadline = policy::timeout::deadline_after(tokio::time::Instant::now(), drain_timeout);

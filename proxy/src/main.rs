@@ -7,11 +7,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use outrider_proxy::connection::{ConnectionLimits, ConnectionTimeouts, DEFAULT_ADMIN_CONNECTIONS};
-use outrider_proxy::identity::IdentityConfig;
-use outrider_proxy::reload::PolicySource;
-use outrider_proxy::subscribe::{self, ControlConfig, Token};
-use outrider_proxy::{demo, start, watch_file, Bootstrap, Initial};
+use outrider_proxy::control::certificate::IdentityConfig;
+use outrider_proxy::control::subscribe::{self, ControlConfig, Token};
+use outrider_proxy::control::watch_file;
+use outrider_proxy::http::shared::PolicySource;
+use outrider_proxy::io::connection::{
+    ConnectionLimits, ConnectionTimeouts, DEFAULT_ADMIN_CONNECTIONS,
+};
+use outrider_proxy::{demo, start, Bootstrap, Initial};
 
 const EX_USAGE: u8 = 64;
 const EX_NOINPUT: u8 = 66;

@@ -5,9 +5,9 @@
 //! `GET /` with `Connection: close`, reads the whole response and drops the connection.
 //!
 //! With `--mtls` the client gets its workload certificate exactly as `outrider-proxy` does: it
-//! runs the proxy's own identity code (`outrider_proxy::identity`), which makes a key in
-//! memory, posts a CSR with the token to the control plane and installs the answer, and it
-//! connects with the proxy's own mesh client config.
+//! runs the proxy's own identity code (`outrider_proxy::control::certificate`), which makes a
+//! key in memory, posts a CSR with the token to the control plane and installs the answer, and
+//! it connects with the proxy's own mesh client config.
 //!
 //! Output: one line on stdout,
 //! `CONNECT ok=N errors=N connect=N handshake=N request=N status=N timeout=N duration_us=N
@@ -32,9 +32,10 @@ use bytes::Bytes;
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use outrider_proxy::identity::{self, IdentityConfig, Mesh, ALPN_HTTP1};
-use outrider_proxy::metrics::Metrics;
-use outrider_proxy::subscribe::{ControlConfig, Token};
+use outrider_proxy::control::certificate::{self, IdentityConfig};
+use outrider_proxy::control::subscribe::{ControlConfig, Token};
+use outrider_proxy::io::identity::{self, Mesh, ALPN_HTTP1};
+use outrider_proxy::telemetry::metrics::Metrics;
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use tokio::net::TcpStream;
@@ -316,7 +317,7 @@ async fn worker(
 async fn mesh_client_config(args: &MtlsArgs) -> Result<Arc<ClientConfig>, String> {
     let metrics = Metrics::new("bench-connect").map_err(|e| e.to_string())?;
     let mesh = Mesh::new(&metrics).map_err(|e| e.to_string())?;
-    identity::spawn(
+    certificate::spawn(
         IdentityConfig {
             control: ControlConfig {
                 url: args.control.clone(),

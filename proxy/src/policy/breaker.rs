@@ -20,9 +20,50 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use outrider_config::CircuitBreaker as BreakerConfig;
+use prometheus::{IntCounter, IntGauge};
 use tokio::time::Instant;
 
-use crate::metrics::BreakerMetrics;
+/// The `state` label values of the breaker metrics, in the order [`BreakerMetrics`] indexes
+/// them.
+pub const STATE_LABELS: [&str; 3] = ["closed", "open", "half_open"];
+
+/// The exported state of one service's circuit breaker.
+#[derive(Debug, Clone)]
+pub struct BreakerMetrics {
+    /// 1 for the current state, 0 for the others: closed, open, half-open.
+    state: [IntGauge; 3],
+    /// Transitions into each state.
+    transitions: [IntCounter; 3],
+}
+
+impl BreakerMetrics {
+    /// Handles for one breaker: a gauge and a counter per state, in [`STATE_LABELS`] order.
+    /// Built by `Metrics::breaker`, which owns the registry.
+    pub fn new(state: [IntGauge; 3], transitions: [IntCounter; 3]) -> Self {
+        Self { state, transitions }
+    }
+
+    fn index(state: BreakerState) -> usize {
+        match state {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        }
+    }
+
+    /// Sets the state gauge to `state`.
+    pub fn show(&self, state: BreakerState) {
+        let current = Self::index(state);
+        for (i, gauge) in self.state.iter().enumerate() {
+            gauge.set(i64::from(i == current));
+        }
+    }
+
+    /// Counts a transition into `to`.
+    pub fn count(&self, to: BreakerState) {
+        self.transitions[Self::index(to)].inc();
+    }
+}
 
 /// Buckets of the failure-rate window: the window slides in steps of `window / BUCKETS`.
 const BUCKETS: usize = 10;

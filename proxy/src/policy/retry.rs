@@ -1,5 +1,5 @@
 //! Retries: which failures are retried, for which methods, how long to back off, how much extra
-//! load retries may add (the budget), and the request body that can be replayed.
+//! load retries may add (the budget). The body a retry replays is `io::request_body`.
 //!
 //! Safety first: only idempotent methods are retried after the request may have reached the
 //! upstream; POST/PATCH are retried only when the connection never opened (nothing was sent),
@@ -10,19 +10,14 @@
 #![cfg_attr(not(test), deny(clippy::arithmetic_side_effects))]
 
 use std::collections::VecDeque;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use super::backoff;
-use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
-use http_body::{Body, Frame, SizeHint};
 use outrider_config::{Retries, RetryOn};
 use tokio::time::Instant;
 
-use crate::body::{BoxError, Counted};
 use crate::policy::timeout;
 
 /// How an attempt failed, as far as retrying is concerned.
@@ -250,164 +245,6 @@ impl RetryBudget {
                 false
             }
         })
-    }
-}
-
-/// Hands out the request body of each attempt of an exchange that may be retried: the first
-/// attempt streams the caller's body while a copy of up to `limit` bytes is kept; later attempts
-/// replay the copy and then continue with whatever the caller has not sent yet.
-pub struct ReplayHandle {
-    shared: Arc<Mutex<ReplayState>>,
-}
-
-/// One attempt's view of a replayable request body. Starting a new attempt fences off the
-/// previous one: if its connection still polls it, it gets an error instead of bytes, so an
-/// abandoned attempt can never complete with a cut body.
-pub struct ReplayBody {
-    shared: Arc<Mutex<ReplayState>>,
-    generation: u64,
-    /// Index of the next buffered chunk this attempt sends.
-    position: usize,
-    trailers_sent: bool,
-}
-
-/// An abandoned attempt's body was polled after a retry started.
-#[derive(Debug, thiserror::Error)]
-#[error("request body superseded by a retry")]
-pub struct Superseded;
-
-struct ReplayState {
-    source: Option<Counted>,
-    chunks: Vec<Bytes>,
-    buffered: u64,
-    limit: u64,
-    /// More than `limit` bytes went through: no further attempt can be made.
-    overflowed: bool,
-    trailers: Option<HeaderMap>,
-    complete: bool,
-    size_hint: SizeHint,
-    generation: u64,
-}
-
-impl ReplayHandle {
-    /// Wraps the caller's body, keeping up to `limit` bytes for replay.
-    pub fn new(source: Counted, limit: u64) -> Self {
-        let size_hint = source.size_hint();
-        let complete = source.is_end_stream();
-        // A body declared larger than the limit can never be replayed: don't copy any of it.
-        let overflowed = size_hint.lower() > limit;
-        Self {
-            shared: Arc::new(Mutex::new(ReplayState {
-                source: Some(source),
-                chunks: Vec::new(),
-                buffered: 0,
-                limit,
-                overflowed,
-                trailers: None,
-                complete,
-                size_hint,
-                generation: 0,
-            })),
-        }
-    }
-
-    /// The body of the next attempt. Only call it for a retry when [`Self::is_replayable`].
-    pub fn body(&self) -> ReplayBody {
-        let mut state = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        state.generation = state.generation.wrapping_add(1);
-        if let Some(source) = &mut state.source {
-            source.restart_idle();
-        }
-        ReplayBody {
-            shared: Arc::clone(&self.shared),
-            generation: state.generation,
-            position: 0,
-            trailers_sent: false,
-        }
-    }
-
-    /// Whether a further attempt could still be given the whole body.
-    pub fn is_replayable(&self) -> bool {
-        !self.shared.lock().map(|s| s.overflowed).unwrap_or(true)
-    }
-}
-
-impl Body for ReplayBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let mut state = this.shared.lock().unwrap_or_else(|p| p.into_inner());
-        if state.generation != this.generation {
-            return Poll::Ready(Some(Err(Box::new(Superseded))));
-        }
-        if !state.overflowed && this.position < state.chunks.len() {
-            let chunk = state.chunks[this.position].clone();
-            this.position = this.position.saturating_add(1);
-            return Poll::Ready(Some(Ok(Frame::data(chunk))));
-        }
-        if state.complete {
-            if !this.trailers_sent {
-                this.trailers_sent = true;
-                if let Some(trailers) = state.trailers.clone() {
-                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                }
-            }
-            return Poll::Ready(None);
-        }
-        let Some(source) = state.source.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match Pin::new(source).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(None) => {
-                state.complete = true;
-                this.trailers_sent = true;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(Some(Ok(frame))) => {
-                let frame = match frame.into_data() {
-                    Ok(data) => {
-                        if !state.overflowed {
-                            state.buffered = state.buffered.saturating_add(data.len() as u64);
-                            if state.buffered > state.limit {
-                                state.overflowed = true;
-                                state.chunks = Vec::new();
-                            } else {
-                                state.chunks.push(data.clone());
-                                this.position = state.chunks.len();
-                            }
-                        }
-                        Frame::data(data)
-                    }
-                    Err(frame) => {
-                        if let Some(trailers) = frame.trailers_ref() {
-                            state.trailers = Some(trailers.clone());
-                            state.complete = true;
-                            this.trailers_sent = true;
-                        }
-                        frame
-                    }
-                };
-                Poll::Ready(Some(Ok(frame)))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        let state = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        state.complete
-            && (state.overflowed || self.position >= state.chunks.len())
-            && (self.trailers_sent || state.trailers.is_none())
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.shared.lock().map(|s| s.size_hint).unwrap_or_default()
     }
 }
 

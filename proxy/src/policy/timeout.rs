@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-use crate::errors::ProxyError;
+use crate::core::errors::ProxyError;
 
 /// An exchange's timer: none until first needed. Boxed so that, registered in the runtime's
 /// timer wheel, it can still move on to the response body (for its idle timeout). When it came

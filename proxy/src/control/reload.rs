@@ -9,109 +9,22 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use outrider_config::{AccessLog as AccessLogSetting, LoadedPolicy, PolicyError};
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
-use crate::forward::ListenerKind;
-use crate::identity::Mesh;
-use crate::metrics::Metrics;
-use crate::snapshot::Snapshot;
+use crate::http::forward::ListenerKind;
+use crate::http::server;
+use crate::http::shared::{PolicySource, Shared};
+use crate::http::snapshot::Snapshot;
+use crate::io::identity::Mesh;
+use crate::telemetry::metrics::Metrics;
 use crate::telemetry::AccessLog;
-use crate::{server, Shared};
-
-/// Where the policy in force came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PolicySource {
-    /// No policy yet (waiting for the control plane).
-    None,
-    /// Pushed by the control plane, or confirmed by it.
-    Control,
-    /// The last good control-plane policy, persisted in the state directory.
-    Disk,
-    /// A `--policy` file.
-    File,
-    /// The policy compiled into the binary (`--demo`).
-    Embedded,
-}
-
-impl PolicySource {
-    /// The lowercase name used in `/ready`, `/config` and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Control => "control",
-            Self::Disk => "disk",
-            Self::File => "file",
-            Self::Embedded => "embedded",
-        }
-    }
-
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => Self::Control,
-            2 => Self::Disk,
-            3 => Self::File,
-            4 => Self::Embedded,
-            _ => Self::None,
-        }
-    }
-
-    fn to_u8(self) -> u8 {
-        match self {
-            Self::None => 0,
-            Self::Control => 1,
-            Self::Disk => 2,
-            Self::File => 3,
-            Self::Embedded => 4,
-        }
-    }
-}
-
-/// Where the policy in force came from and whether it is known to be current. Admin data only:
-/// the request path never reads it.
-#[derive(Debug, Default)]
-pub struct PolicyStatus {
-    source: AtomicU8,
-    fresh: AtomicBool,
-    persist: Arc<crate::persist::PersistHealth>,
-}
-
-impl PolicyStatus {
-    /// The source of the policy in force.
-    pub fn source(&self) -> PolicySource {
-        PolicySource::from_u8(self.source.load(Ordering::Acquire))
-    }
-
-    /// Whether the policy is known to be current: a watched file or the embedded policy always
-    /// is; a control-plane or disk policy is while the subscription is connected.
-    pub fn fresh(&self) -> bool {
-        self.fresh.load(Ordering::Acquire)
-    }
-
-    /// Records the source of a policy just put in force.
-    pub fn set_source(&self, source: PolicySource) {
-        self.source.store(source.to_u8(), Ordering::Release);
-    }
-
-    /// Records whether the policy in force is known to be current.
-    pub fn set_fresh(&self, fresh: bool) {
-        self.fresh.store(fresh, Ordering::Release);
-    }
-
-    /// Whether `--state-dir` holds the control-plane policy in force (written by the
-    /// subscriber's [`crate::persist::Persister`]).
-    pub fn persist(&self) -> &Arc<crate::persist::PersistHealth> {
-        &self.persist
-    }
-}
 
 /// A policy to put in force.
 pub struct Update {

@@ -27,8 +27,9 @@ use outrider_config::wire::{
     SUBSCRIBE_PATH,
 };
 
-use crate::persist::{self, Persisted, Persister};
-use crate::reload::{PolicySource, ReloadError, Reloader};
+use crate::control::persist::{self, Persisted, Persister};
+use crate::control::reload::{ReloadError, Reloader};
+use crate::http::shared::PolicySource;
 
 /// First reconnect delay cap; doubles per failed attempt.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);

@@ -8,22 +8,23 @@ use std::sync::Arc;
 
 use outrider_config::{LoadedPolicy, MeshTls, Policy, Protocol, RateLimit, Service, ServiceTls};
 
-use crate::identity::{Mesh, ALPN_H2, ALPN_HTTP1};
-use crate::metrics::{Metrics, RouteMetrics};
+use crate::io::identity::{Mesh, ALPN_H2, ALPN_HTTP1};
+use crate::io::tls::UpstreamTls;
+use crate::io::upstream::{Upstream, UpstreamSpec};
 use crate::policy::breaker::CircuitBreaker;
 use crate::policy::ratelimit::RateLimiter;
-use crate::policy::trace::Sampler;
 use crate::policy::{Limit, RoutePolicy, Stateful};
+use crate::telemetry::metrics::{Metrics, RouteMetrics};
 use crate::telemetry::AccessLog;
-use crate::tls::UpstreamTls;
-use crate::upstream::{Upstream, UpstreamSpec};
+use crate::trace::Sampler;
 
 /// Where a matched request goes: an upstream, and the metrics it is counted in.
 pub struct Target {
     /// The service.
     pub upstream: Arc<Upstream>,
-    /// Counters for this direction/service/route.
-    pub metrics: RouteMetrics,
+    /// Counters for this direction/service/route; an exchange's `Finish` holds them until
+    /// its response body ends.
+    pub metrics: Arc<RouteMetrics>,
     /// Timeouts, retries and limits for this service on this route.
     pub policy: RoutePolicy,
 }
@@ -187,7 +188,7 @@ impl Snapshot {
             let upstream = upstreams.get(service)?;
             Some(Arc::new(Target {
                 upstream: Arc::clone(upstream),
-                metrics: metrics.route(OUTBOUND, service, label),
+                metrics: Arc::new(metrics.route(OUTBOUND, service, label)),
                 policy: RoutePolicy::new(
                     policy.services.get(service),
                     route,
@@ -277,7 +278,7 @@ impl Snapshot {
             });
             Arc::new(Target {
                 upstream,
-                metrics: metrics.route(INBOUND, "app", "inbound"),
+                metrics: Arc::new(metrics.route(INBOUND, "app", "inbound")),
                 policy: RoutePolicy::inbound(
                     inbound_state.limit.clone(),
                     inbound.timeouts.request_body_idle.get(),
@@ -422,7 +423,7 @@ fn origination_tls(
     let provider = mesh
         .map(|m| Arc::clone(m.provider()))
         .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
-    match crate::tls::origination(tls, protocol, provider) {
+    match crate::io::tls::origination(tls, protocol, provider) {
         Ok(tls) => tls,
         Err(error) => {
             tracing::error!(service = name, %error, "cannot build the TLS origination config; its requests will fail");

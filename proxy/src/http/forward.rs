@@ -1,6 +1,6 @@
 //! The request path: pick the target from the policy in force, rewrite the request for the
 //! upstream, send it through the endpoint's pool, stream the response back. Failures become
-//! responses in one place ([`crate::errors::rescue`]).
+//! responses in one place ([`crate::http::rescue`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,21 +18,23 @@ use hyper_util::rt::TokioIo;
 use outrider_config::Protocol;
 use tokio::time::Instant;
 
-use crate::body::{Counted, Observed, ProxyBody, RequestBody};
-use crate::connect::ConnectError;
-use crate::errors::{rescue, ProxyError};
-use crate::headers::{self, Caller};
+use crate::core::errors::ProxyError;
+use crate::core::headers::{self, Caller};
+use crate::http::rescue::rescue;
+use crate::http::shared::Shared;
+use crate::http::snapshot::{Snapshot, Target};
+use crate::io::body::{Observed, ProxyBody};
+use crate::io::connect::ConnectError;
+use crate::io::outcome::{self, Deferred, Watch};
+use crate::io::pool::{SendError, Unsent, UpstreamBody};
+use crate::io::request_body::{Counted, ReplayHandle, RequestBody};
+use crate::io::upstream::{Endpoint, Upstream};
 use crate::policy::breaker::{BreakerRejection, Outcome};
-use crate::policy::outcome::{self, Deferred, Watch};
 use crate::policy::ratelimit::RateDecision;
-use crate::policy::retry::{self, AttemptFailure, ReplayHandle, RetryPolicy};
+use crate::policy::retry::{self, AttemptFailure, RetryPolicy};
 use crate::policy::timeout::{BodyStall, Deadlines, Expired, Timer};
-use crate::policy::trace::{SpanId, TraceContext};
-use crate::pool::{SendError, Unsent, UpstreamBody};
-use crate::snapshot::{Snapshot, Target};
 use crate::telemetry::{AccessRecord, AttemptSpan, ExchangeReport, Finish};
-use crate::upstream::{Endpoint, Upstream};
-use crate::Shared;
+use crate::trace::{SpanId, TraceContext};
 
 /// Which listener a request arrived on; decides how its target is found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +106,7 @@ pub async fn handle(
     let logged = log.is_some();
     let keep_uri = logged || spans.is_some();
     let mut finish = Finish {
-        target: Arc::clone(&target),
+        metrics: Arc::clone(&target.metrics),
         spans,
         access_log: log,
         server: kind == ListenerKind::Inbound,
@@ -797,7 +799,7 @@ fn classify(error: &SendError, addr: SocketAddr) -> ProxyError {
         },
         SendError::Http(_) => ProxyError::UpstreamReset(addr),
         SendError::TransferCoding(error)
-        | SendError::Direct(crate::pool::DirectError::TransferCoding(error)) => {
+        | SendError::Direct(crate::io::pool::DirectError::TransferCoding(error)) => {
             ProxyError::Upstream {
                 addr,
                 reason: error.to_string(),

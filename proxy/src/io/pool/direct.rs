@@ -23,8 +23,8 @@ use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::contract::{Progress, MAX_HEADERS, MAX_HEAD_BYTES, MAX_TRAILERS, MAX_TRAILER_BYTES};
-use crate::connect::CountedStream;
-use crate::headers::{check_transfer_codings, TransferCodingError};
+use crate::core::headers::{check_transfer_codings, TransferCodingError};
+use crate::io::connect::CountedStream;
 
 pub(crate) mod fuzzing;
 

@@ -15,7 +15,8 @@ use std::time::Duration;
 use prometheus::{IntCounter, IntGauge};
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{Metrics, MetricsError};
+use crate::http::shared::PersistHealth;
+use crate::telemetry::metrics::{Metrics, MetricsError};
 use crate::policy::backoff::ceiling;
 
 /// File name inside the state directory.
@@ -88,25 +89,6 @@ pub fn save(dir: &Path, state: &Persisted) -> Result<(), PersistError> {
 pub const RETRY_BASE: Duration = Duration::from_millis(250);
 /// Longest wait between rewrites: a repaired volume gets the file within this.
 pub const RETRY_MAX: Duration = Duration::from_secs(10);
-
-/// Whether the file holds the policy in force, for `/ready`.
-#[derive(Debug, Default)]
-pub struct PersistHealth(Mutex<Option<String>>);
-
-impl PersistHealth {
-    /// The last write's error while the file lags behind the policy in force.
-    pub fn error(&self) -> Option<String> {
-        self.lock().clone()
-    }
-
-    fn set(&self, error: Option<String>) {
-        *self.lock() = error;
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Option<String>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// The newest policy to persist and whether the file holds it.
 #[derive(Debug, Default)]

@@ -13,10 +13,10 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, Response, StatusCode};
 
-use super::breaker::{BreakerPermit, Outcome};
-use super::timeout::BodyStall;
-use crate::errors::ProxyError;
-use crate::upstream::{Endpoint, Upstream};
+use crate::core::errors::ProxyError;
+use crate::io::upstream::{Endpoint, Upstream};
+use crate::policy::breaker::{BreakerPermit, Outcome};
+use crate::policy::timeout::BodyStall;
 
 /// The gRPC status header (or trailer); named once rather than parsed from a string per lookup.
 pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");

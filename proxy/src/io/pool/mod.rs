@@ -28,9 +28,9 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use outrider_config::Protocol;
 
-use crate::body::RequestBody;
-use crate::connect::{ConnectError, CountedStream, EndpointConnector};
-use crate::headers::{check_transfer_codings, TransferCodingError};
+use crate::core::headers::{check_transfer_codings, TransferCodingError};
+use crate::io::connect::{ConnectError, CountedStream, EndpointConnector};
+use crate::io::request_body::RequestBody;
 use contract::{may_resend, Progress};
 pub use direct::DirectError;
 use direct::{DirectBody, DirectConnection};
@@ -627,7 +627,7 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::telemetry::metrics::Metrics;
 
     /// An upstream answering each request with an empty 200 on a keep-alive connection; it
     /// reports each connection's end (the proxy closed it).

@@ -15,7 +15,8 @@ use std::time::Duration;
 use notify::{Event, EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::reload::{PolicySource, ReloadError, Reloader};
+use crate::control::reload::{ReloadError, Reloader};
+use crate::http::shared::PolicySource;
 
 /// Quiet period after the last event before the file is read: an editor's save or a ConfigMap
 /// swap is a burst of events, and the file is read once at its end.

@@ -14,9 +14,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::metrics::{ConnectionGuard, ConnectionMetrics};
+use crate::io::tls::{Io, UpstreamTls};
 use crate::policy::holdout::HoldOut;
-use crate::tls::{Io, UpstreamTls};
+use crate::telemetry::metrics::{ConnectionGuard, ConnectionMetrics};
 
 /// Why a connection to an endpoint failed.
 #[derive(Debug, thiserror::Error)]
@@ -176,23 +176,25 @@ impl EndpointConnector {
         // Small request/response writes must not wait for Nagle.
         let _ = stream.set_nodelay(true);
         // A pooled or long-streaming connection to a host that vanished is found and freed.
-        crate::connection::set_keepalive(&stream);
+        crate::io::connection::set_keepalive(&stream);
         let stream = match &self.tls {
             None => Io::Plain(stream),
-            Some(tls) => crate::tls::connect(tls, addr, stream).await.map_err(|e| {
-                if e.origination {
-                    ConnectError::OriginationTls {
-                        addr,
-                        message: e.message,
+            Some(tls) => crate::io::tls::connect(tls, addr, stream)
+                .await
+                .map_err(|e| {
+                    if e.origination {
+                        ConnectError::OriginationTls {
+                            addr,
+                            message: e.message,
+                        }
+                    } else {
+                        ConnectError::Tls {
+                            addr,
+                            reason: e.reason,
+                            message: e.message,
+                        }
                     }
-                } else {
-                    ConnectError::Tls {
-                        addr,
-                        reason: e.reason,
-                        message: e.message,
-                    }
-                }
-            })?,
+                })?,
         };
         Ok(TokioIo::new(CountedStream {
             stream,

@@ -6,6 +6,8 @@
 //! counted (`outrider_spans_dropped_total`, `outrider_access_log_dropped_total`); nothing is
 //! ever queued without bound or awaited by a request.
 
+pub mod metrics;
+
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,9 +30,8 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::metrics::{RouteMetrics, TelemetryMetrics};
-use crate::policy::trace::{SpanId, TraceContext};
-use crate::snapshot::Target;
+use crate::telemetry::metrics::{RouteMetrics, TelemetryMetrics};
+use crate::trace::{SpanId, TraceContext};
 
 /// Spans waiting for export at most; beyond it spans are dropped (and counted).
 pub const SPAN_QUEUE: usize = 4096;
@@ -209,7 +210,7 @@ async fn export_loop(
                 Some(span) => batch.push(span),
                 None => break,
             },
-            () = crate::stopped(&mut stop) => break,
+            () = crate::core::shutdown::stopped(&mut stop) => break,
         }
         // One timer per batch, not one per span, and whatever is already queued is taken
         // without waiting to be woken for it.
@@ -314,15 +315,14 @@ pub struct AccessRecord {
 impl AccessRecord {
     /// The line of a request the proxy answered itself before routing (no route, bad
     /// request): no upstream, no attempt.
-    pub fn refused<B>(
+    pub fn refused<B, R: http_body::Body>(
         req: &http::Request<B>,
         trace: &TraceContext,
-        labels: &crate::metrics::RouteLabels,
+        labels: &crate::telemetry::metrics::RouteLabels,
         (started, started_wall): (Instant, SystemTime),
-        response: &http::Response<crate::body::ProxyBody>,
+        response: &http::Response<R>,
         error: String,
     ) -> Self {
-        use http_body::Body as _;
         let text = |v: &HeaderValue| v.to_str().ok().map(str::to_string);
         Self {
             time: rfc3339(started_wall),
@@ -330,7 +330,7 @@ impl AccessRecord {
             span_id: trace.span_id.to_hex(),
             request_id: req
                 .headers()
-                .get(&crate::headers::REQUEST_ID)
+                .get(&crate::core::headers::REQUEST_ID)
                 .and_then(text),
             direction: Arc::clone(&labels.direction),
             service: Arc::clone(&labels.service),
@@ -489,8 +489,8 @@ pub struct ExchangeReport {
 /// Everything needed to report a request when its response body ends. Built once per
 /// request; dropped (with the report) when the body finishes or the caller goes away.
 pub struct Finish {
-    /// The target (metrics and labels).
-    pub target: Arc<Target>,
+    /// The matched target's metrics and labels.
+    pub metrics: Arc<RouteMetrics>,
     /// Span sink, when the request is sampled and spans are exported.
     pub spans: Option<Arc<SpanSink>>,
     /// Access log, when on.
@@ -515,7 +515,8 @@ pub struct Finish {
     /// `x-request-id`.
     pub request_id: Option<HeaderValue>,
     /// Request body bytes forwarded so far, counted by the request body as it is read
-    /// ([`crate::body::Counted`]); only the access log reads it, so only kept when it is on.
+    /// ([`crate::io::request_body::Counted`]); only the access log reads it, so only kept
+    /// when it is on.
     pub request_bytes: Option<Arc<AtomicU64>>,
     /// Status sent.
     pub status: StatusCode,
@@ -527,7 +528,7 @@ impl Drop for Finish {
     fn drop(&mut self) {
         // Here rather than in `end`, so a request whose handler was dropped (caller gone
         // before the response) is not counted in flight forever.
-        self.target.metrics.traffic.active.dec();
+        self.metrics.traffic.active.dec();
     }
 }
 
@@ -541,7 +542,7 @@ impl Finish {
     /// did not end cleanly.
     pub fn end(self, bytes: u64, error: Option<String>) {
         let elapsed = self.started.elapsed();
-        let traffic = &self.target.metrics.traffic;
+        let traffic = &self.metrics.traffic;
         // `outrider_request_bytes_total` is added to by the request body itself when it ends,
         // which can be after this (an upstream answering before reading the whole body).
         traffic.response_bytes.inc_by(bytes);
@@ -551,7 +552,7 @@ impl Finish {
             self.export_spans(spans, elapsed, error.as_deref());
         }
         if let Some(log) = &self.access_log {
-            let labels = &self.target.metrics.labels;
+            let labels = &self.metrics.labels;
             log.record(AccessRecord {
                 time: rfc3339(self.started_wall),
                 trace_id: self.trace.trace_id.to_hex(),
@@ -603,7 +604,7 @@ impl Finish {
         };
         let wall = |at: Instant| self.started_wall + at.saturating_duration_since(self.started);
         let method = method_name(&self.method);
-        let labels = &self.target.metrics.labels;
+        let labels = &self.metrics.labels;
         let host = self.authority.as_ref().map(|a| a.host().to_string());
         let mut attributes = vec![
             KeyValue::new("http.request.method", method),

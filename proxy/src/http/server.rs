@@ -10,15 +10,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::connection::{self, ConnectionSlot, Expiry, FirstHead, IdleWatch, LogLimiter};
-use crate::errors::{self, ProxyError};
-use crate::forward::{self, ListenerKind};
-use crate::identity::PEER_IDENTITY_HEADER;
-use crate::{headers, tls, Shared};
-
-/// Largest request head accepted; larger ones are answered 431 (HTTP/1.1) or refused by
-/// HTTP/2 with 431. Envoy's default is 60 KiB.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+use crate::core::errors::ProxyError;
+use crate::core::headers;
+use crate::http::forward::{self, ListenerKind};
+use crate::http::rescue::rescue;
+use crate::http::shared::Shared;
+use crate::io::connection::{self, ConnectionSlot, Expiry, FirstHead, IdleWatch, LogLimiter};
+use crate::io::identity::PEER_IDENTITY_HEADER;
+use crate::io::tls;
 
 /// Serves `listener` until `stop` turns true, then stops accepting and drains: HTTP/1.1
 /// connections close after their in-flight request (`Connection: close`), HTTP/2 ones get
@@ -45,13 +44,13 @@ pub async fn serve(
         // by the header-read deadline); hyper's timer runs from the end of each response to the
         // next complete head, which makes it the keep-alive idle timeout.
         .header_read_timeout(timeouts.idle)
-        .max_buf_size(MAX_HEADER_BYTES);
+        .max_buf_size(headers::MAX_HEADER_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(timeouts.http2_keepalive_interval)
         .keep_alive_timeout(timeouts.http2_keepalive_timeout)
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
+        .max_header_list_size(headers::MAX_HEADER_BYTES as u32);
     // Every connection holds a receiver; `closed` tells when the last one has ended.
     let (connections, _) = watch::channel(());
     let mut refusals = LogLimiter::default();
@@ -87,7 +86,7 @@ pub async fn serve(
                     tokio::time::sleep(connection::ACCEPT_ERROR_PAUSE).await;
                 }
             },
-            () = crate::stopped(&mut stop) => break,
+            () = crate::core::shutdown::stopped(&mut stop) => break,
         }
     }
     drop(listener);
@@ -122,7 +121,7 @@ async fn serve_connection(
             .unwrap_or_default();
         tokio::select! {
             accepted = tls::accept_inbound(stream, peer, shared.mesh.as_ref(), mode, deadline) => accepted,
-            () = crate::stopped(&mut stop) => return,
+            () = crate::core::shutdown::stopped(&mut stop) => return,
         }
     } else {
         Some(tls::Accepted {
@@ -142,7 +141,7 @@ async fn serve_connection(
     };
     let first = tokio::select! {
         first = connection::read_first_head(&mut io, deadline) => first,
-        () = crate::stopped(&mut stop) => return,
+        () = crate::core::shutdown::stopped(&mut stop) => return,
     };
     match first.head {
         FirstHead::Http1 | FirstHead::Http2 => {}
@@ -171,7 +170,7 @@ async fn serve_connection(
         let stream = streams.as_ref().map(connection::StreamCount::open);
         async move {
             let response = match denied {
-                Some(error) => Ok(errors::rescue(&error, headers::is_grpc(&req))),
+                Some(error) => Ok(rescue(&error, headers::is_grpc(&req))),
                 None => forward::handle(shared, kind, caller, req).await,
             };
             response.map(|r| r.map(|body| connection::ServedBody::new(body, stream)))
@@ -187,7 +186,7 @@ async fn serve_connection(
     let result = loop {
         tokio::select! {
             result = conn.as_mut() => break result,
-            () = crate::stopped(&mut stop), if !closing => {
+            () = crate::core::shutdown::stopped(&mut stop), if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }

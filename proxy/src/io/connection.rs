@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::metrics::ListenerMetrics;
+use crate::telemetry::metrics::ListenerMetrics;
 
 /// The HTTP/2 connection preface a prior-knowledge client starts with (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -145,7 +145,7 @@ impl Connections {
     pub fn new(
         timeouts: ConnectionTimeouts,
         limits: ConnectionLimits,
-        metrics: &crate::metrics::Metrics,
+        metrics: &crate::telemetry::metrics::Metrics,
     ) -> Self {
         let budget = |name, max| ConnectionBudget::new(name, max, metrics.listener(name));
         Self {
@@ -350,7 +350,7 @@ fn classify(buf: &[u8], searched: usize) -> Option<FirstHead> {
     if is_h2_prefix(buf) {
         return (buf.len() >= H2_PREFACE.len()).then_some(FirstHead::Http2);
     }
-    if buf.len() >= crate::server::MAX_HEADER_BYTES || head_complete(buf, searched) {
+    if buf.len() >= crate::core::headers::MAX_HEADER_BYTES || head_complete(buf, searched) {
         return Some(FirstHead::Http1);
     }
     None
@@ -621,7 +621,7 @@ mod tests {
 
     #[test]
     fn budget_refuses_past_its_cap_and_frees_on_drop() {
-        let metrics = crate::metrics::Metrics::new("test").unwrap();
+        let metrics = crate::telemetry::metrics::Metrics::new("test").unwrap();
         let budget = ConnectionBudget::new("inbound", 2, metrics.listener("inbound"));
         let a = budget.try_acquire().unwrap();
         let _b = budget.try_acquire().unwrap();
@@ -659,7 +659,7 @@ mod tests {
         assert_eq!(classify(b"PRI * HTTP/2.0\r\n", 0), None);
         assert_eq!(classify(H2_PREFACE, 0), Some(FirstHead::Http2));
         assert_eq!(
-            classify(&[b'a'; crate::server::MAX_HEADER_BYTES], 0),
+            classify(&[b'a'; crate::core::headers::MAX_HEADER_BYTES], 0),
             Some(FirstHead::Http1)
         );
     }

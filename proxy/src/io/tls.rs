@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::identity::{self, Mesh, ALPN_H2, ALPN_HTTP1};
+use crate::io::identity::{self, Mesh, ALPN_H2, ALPN_HTTP1};
 
 /// First byte of a TLS record carrying a handshake (a ClientHello starts with it).
 const TLS_HANDSHAKE: u8 = 0x16;

@@ -8,7 +8,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::policy::breaker::BreakerState;
+use crate::policy::breaker::{BreakerMetrics, STATE_LABELS};
 
 /// Latency buckets for a sidecar hop: sub-millisecond up to ten seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -342,38 +342,6 @@ impl RouteMetrics {
     }
 }
 
-/// The exported state of one service's circuit breaker.
-#[derive(Debug, Clone)]
-pub struct BreakerMetrics {
-    /// 1 for the current state, 0 for the others: closed, open, half-open.
-    state: [IntGauge; 3],
-    /// Transitions into each state.
-    transitions: [IntCounter; 3],
-}
-
-impl BreakerMetrics {
-    fn index(state: BreakerState) -> usize {
-        match state {
-            BreakerState::Closed => 0,
-            BreakerState::Open => 1,
-            BreakerState::HalfOpen => 2,
-        }
-    }
-
-    /// Sets the state gauge to `state`.
-    pub fn show(&self, state: BreakerState) {
-        let current = Self::index(state);
-        for (i, gauge) in self.state.iter().enumerate() {
-            gauge.set(i64::from(i == current));
-        }
-    }
-
-    /// Counts a transition into `to`.
-    pub fn count(&self, to: BreakerState) {
-        self.transitions[Self::index(to)].inc();
-    }
-}
-
 /// Connection counters of one upstream endpoint.
 #[derive(Clone)]
 pub struct ConnectionMetrics {
@@ -674,11 +642,10 @@ impl Metrics {
 
     /// Handles for the circuit breaker of `service`.
     pub fn breaker(&self, service: &str) -> BreakerMetrics {
-        let states = ["closed", "open", "half_open"];
-        BreakerMetrics {
-            state: states.map(|s| self.breaker_state.with_label_values(&[service, s])),
-            transitions: states.map(|s| self.breaker_transitions.with_label_values(&[service, s])),
-        }
+        BreakerMetrics::new(
+            STATE_LABELS.map(|s| self.breaker_state.with_label_values(&[service, s])),
+            STATE_LABELS.map(|s| self.breaker_transitions.with_label_values(&[service, s])),
+        )
     }
 
     /// Handles for the downstream connections of `listener`.

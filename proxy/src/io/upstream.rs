@@ -9,14 +9,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use outrider_config::{LoadBalancing, OutlierDetection, Protocol};
 
-use crate::connect::{EndpointConnector, PendingLimit};
-use crate::errors::ProxyError;
-use crate::metrics::Metrics;
+use crate::core::errors::ProxyError;
+use crate::io::connect::{EndpointConnector, PendingLimit};
+use crate::io::pool::EndpointPool;
+use crate::io::tls::UpstreamTls;
 use crate::policy::breaker::Outcome;
 use crate::policy::holdout::{HoldOut, HoldOuts};
 use crate::policy::outlier::{EndpointHealth, OutlierDetector};
-use crate::pool::EndpointPool;
-use crate::tls::UpstreamTls;
+use crate::telemetry::metrics::Metrics;
 
 /// How often a `dns:` service is resolved again.
 const DNS_REFRESH: Duration = Duration::from_secs(5);
@@ -511,8 +511,8 @@ mod tests {
     /// the endpoint is held out (and counted), and a successful connect brings it back.
     #[tokio::test]
     async fn a_refused_connect_holds_the_endpoint_out_until_a_connect_succeeds() {
-        use crate::body::RequestBody;
-        use crate::pool::SendError;
+        use crate::io::pool::SendError;
+        use crate::io::request_body::RequestBody;
 
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let dead = listener.local_addr().expect("addr");

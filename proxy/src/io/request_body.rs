@@ -1,272 +1,27 @@
-//! Body types on both sides of the proxy. Enums rather than boxed trait objects, so the request
-//! path does not allocate for them.
-//!
-//! - [`ProxyBody`]: the response to the caller: the upstream's body passed through frame by frame
-//!   (trailers included), optionally bounded by an idle timeout, or a small body the proxy made.
-//! - [`RequestBody`]: the request to the upstream: the caller's body as is, or a replayable view
-//!   of it when retries are on; either way read through [`Counted`], which counts the bytes
-//!   that actually cross the proxy (a chunked or HTTP/2 body declares no length up front), and
-//!   cuts a body whose caller goes silent for longer than `timeouts.request_body_idle`.
+//! The request body on its way to the upstream: [`Counted`] reads the caller's body, counting
+//! the bytes that actually cross the proxy (a chunked or HTTP/2 body declares no length up
+//! front) and cutting a body whose caller goes silent for longer than
+//! `timeouts.request_body_idle`; [`ReplayHandle`] keeps a copy of it for the attempts a retry
+//! policy may make; [`RequestBody`] is what one attempt sends, an enum rather than a boxed
+//! trait object so the request path does not allocate for it. Whether to retry is
+//! decided in `policy::retry`; this is the body that makes a retry possible.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use prometheus::IntCounter;
 use tokio::time::Instant;
 
-use crate::policy::outcome::Watch;
-use crate::policy::retry::ReplayBody;
+use crate::core::errors::BoxError;
 use crate::policy::timeout::{self, BodyIdle, BodyStall, Timer};
-use crate::pool::UpstreamBody;
-use crate::telemetry::Finish;
-
-/// Boxed body error.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A streaming response body went silent for longer than the idle timeout.
-#[derive(Debug, thiserror::Error)]
-#[error("response body idle for more than {0:?}")]
-pub struct IdleTimeout(pub Duration);
-
-/// A response body sent to the downstream caller.
-#[derive(Debug)]
-pub enum ProxyBody {
-    /// Streamed from the upstream as it arrives.
-    Upstream {
-        /// The upstream body.
-        body: UpstreamBody,
-        /// Cuts the body if no frame arrives in time.
-        idle: Option<IdleTimer>,
-        /// Reports the exchange's outcome to the circuit breaker when the body ends.
-        watch: Option<Watch>,
-    },
-    /// Produced by the proxy; `None` once sent.
-    Full(Option<Bytes>),
-    /// Any of the above, counted, and reported (metrics, access log, spans) when it ends.
-    Observed(Box<Observed>),
-}
-
-/// A response body that reports its request when it ends, fails, or is dropped unfinished.
-pub struct Observed {
-    /// The body sent.
-    pub body: ProxyBody,
-    /// Data bytes sent so far.
-    pub bytes: u64,
-    /// The report; taken when it is made.
-    pub finish: Option<Finish>,
-}
-
-impl Observed {
-    /// Wraps `body` to report with `finish`.
-    pub fn wrap(body: ProxyBody, finish: Finish) -> ProxyBody {
-        ProxyBody::Observed(Box::new(Self {
-            body,
-            bytes: 0,
-            finish: Some(finish),
-        }))
-    }
-}
-
-impl std::fmt::Debug for Observed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Observed")
-            .field("body", &self.body)
-            .field("bytes", &self.bytes)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Observed {
-    fn drop(&mut self) {
-        if let Some(finish) = self.finish.take() {
-            // A body dropped before its end: the caller went away (or the connection broke).
-            let error = (!self.body.is_end_stream())
-                .then(|| "response body not finished: the caller went away".to_string());
-            finish.end(self.bytes, error);
-        }
-    }
-}
-
-impl Drop for ProxyBody {
-    fn drop(&mut self) {
-        // A body that was complete before anyone polled it (no content) still ends the
-        // exchange cleanly.
-        if let Self::Upstream {
-            body,
-            watch: Some(watch),
-            ..
-        } = self
-        {
-            if body.is_end_stream() {
-                watch.end();
-            }
-        }
-    }
-}
-
-/// The idle timeout of a streaming body. The timer is armed only when the body has to wait for
-/// the upstream: a body whose frames are all there when asked for (most small responses) never
-/// puts one in the runtime's timer wheel. It is the exchange's timer when the request had one
-/// (already registered: moving it is cheaper than registering another).
-#[derive(Debug)]
-pub struct IdleTimer {
-    /// The longest silence allowed.
-    limit: Duration,
-    /// When the body was made or last delivered a frame: the silence starts there.
-    since: Instant,
-    /// Armed at `since + limit` whenever the body waits. Between waits it may still be set
-    /// for an older deadline: firing then only polls the body once more.
-    timer: Timer,
-}
-
-impl IdleTimer {
-    /// The body has nothing to deliver yet: ready when the silence has lasted too long.
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        timeout::arm(
-            &mut self.timer,
-            timeout::deadline_after(self.since, self.limit),
-        )
-        .as_mut()
-        .poll(cx)
-    }
-}
-
-impl ProxyBody {
-    /// An empty body.
-    pub fn empty() -> Self {
-        Self::Full(None)
-    }
-
-    /// A body holding `bytes`.
-    pub fn full(bytes: Bytes) -> Self {
-        Self::Full(Some(bytes))
-    }
-
-    /// The upstream's body, bounded by `idle` when set, its end reported to `watch` if any.
-    /// `timer` is the exchange's timer, if it made one: the idle timeout reuses it.
-    pub fn upstream(
-        body: UpstreamBody,
-        idle: Option<Duration>,
-        watch: Option<Watch>,
-        timer: Timer,
-    ) -> Self {
-        Self::Upstream {
-            body,
-            idle: idle.map(|limit| IdleTimer {
-                limit,
-                since: Instant::now(),
-                timer,
-            }),
-            watch,
-        }
-    }
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            Self::Upstream { body, idle, watch } => {
-                // Whether the body ended with the frame polled, asked once: an HTTP/2 body
-                // answers under its connection's lock.
-                let mut ended = false;
-                let polled = match Pin::new(&mut *body).poll_frame(cx) {
-                    Poll::Ready(frame) => {
-                        if idle.is_some() || watch.is_some() {
-                            ended = body.is_end_stream();
-                        }
-                        if let Some(idle) = idle {
-                            // The silence starts again, unless that was the last frame (most
-                            // small responses): nothing is waited for after it.
-                            if !ended {
-                                idle.since = Instant::now();
-                            }
-                        }
-                        frame.map(|f| f.map_err(|e| Box::new(e) as BoxError))
-                    }
-                    Poll::Pending => match idle {
-                        Some(idle) => match idle.poll_expired(cx) {
-                            Poll::Ready(()) => {
-                                Some(Err(Box::new(IdleTimeout(idle.limit)) as BoxError))
-                            }
-                            Poll::Pending => return Poll::Pending,
-                        },
-                        None => return Poll::Pending,
-                    },
-                };
-                if let Some(watch) = watch {
-                    match &polled {
-                        Some(Ok(frame)) => {
-                            if let Some(trailers) = frame.trailers_ref() {
-                                watch.trailers(trailers);
-                            }
-                            // hyper stops polling a body whose length is reached, so the end
-                            // is seen here rather than as a final `None`.
-                            if ended {
-                                watch.end();
-                            }
-                        }
-                        Some(Err(_)) => watch.fail(),
-                        None => watch.end(),
-                    }
-                }
-                Poll::Ready(polled)
-            }
-            Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Self::Observed(observed) => {
-                let polled = Pin::new(&mut observed.body).poll_frame(cx);
-                match &polled {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let Some(data) = frame.data_ref() {
-                            observed.bytes += data.len() as u64;
-                        }
-                    }
-                    Poll::Ready(Some(Err(error))) => {
-                        if let Some(finish) = observed.finish.take() {
-                            finish.end(observed.bytes, Some(error.to_string()));
-                        }
-                    }
-                    Poll::Ready(None) => {
-                        if let Some(finish) = observed.finish.take() {
-                            finish.end(observed.bytes, None);
-                        }
-                    }
-                    Poll::Pending => {}
-                }
-                polled
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Upstream { body, .. } => body.is_end_stream(),
-            Self::Full(bytes) => bytes.is_none(),
-            Self::Observed(observed) => observed.body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Upstream { body, .. } => body.size_hint(),
-            Self::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            Self::Full(None) => SizeHint::with_exact(0),
-            Self::Observed(observed) => observed.body.size_hint(),
-        }
-    }
-}
 
 /// The caller went silent in the middle of its request body for longer than
 /// `timeouts.request_body_idle`.
@@ -293,7 +48,8 @@ pub struct Counted {
     body: Incoming,
     /// Data bytes read so far.
     seen: u64,
-    /// The same, shared with the request's [`Finish`] when the access log is on.
+    /// The same, shared with the request's [`Finish`](crate::telemetry::Finish) when the access
+    /// log is on.
     shared: Option<Arc<AtomicU64>>,
     /// The route's `outrider_request_bytes_total`; taken when the total is added to it.
     metric: Option<IntCounter>,
@@ -465,7 +221,7 @@ impl Body for Counted {
                     }
                 } else if let Some(trailers) = frame.trailers_mut() {
                     // Request headers are checked on arrival; trailers come after, here.
-                    crate::headers::strip_reserved_trailers(trailers);
+                    crate::core::headers::strip_reserved_trailers(trailers);
                 }
                 // hyper stops polling a body whose declared length is reached: the end is
                 // seen here, not as a final `None`.
@@ -532,6 +288,168 @@ impl Body for RequestBody {
     }
 }
 
+/// Hands out the request body of each attempt of an exchange that may be retried: the first
+/// attempt streams the caller's body while a copy of up to `limit` bytes is kept; later attempts
+/// replay the copy and then continue with whatever the caller has not sent yet.
+pub struct ReplayHandle {
+    shared: Arc<Mutex<ReplayState>>,
+}
+
+/// One attempt's view of a replayable request body. Starting a new attempt fences off the
+/// previous one: if its connection still polls it, it gets an error instead of bytes, so an
+/// abandoned attempt can never complete with a cut body.
+pub struct ReplayBody {
+    shared: Arc<Mutex<ReplayState>>,
+    generation: u64,
+    /// Index of the next buffered chunk this attempt sends.
+    position: usize,
+    trailers_sent: bool,
+}
+
+/// An abandoned attempt's body was polled after a retry started.
+#[derive(Debug, thiserror::Error)]
+#[error("request body superseded by a retry")]
+pub struct Superseded;
+
+struct ReplayState {
+    source: Option<Counted>,
+    chunks: Vec<Bytes>,
+    buffered: u64,
+    limit: u64,
+    /// More than `limit` bytes went through: no further attempt can be made.
+    overflowed: bool,
+    trailers: Option<HeaderMap>,
+    complete: bool,
+    size_hint: SizeHint,
+    generation: u64,
+}
+
+// Replay positions come from peers' traffic: no arithmetic here may panic.
+#[cfg_attr(not(test), deny(clippy::arithmetic_side_effects))]
+impl ReplayHandle {
+    /// Wraps the caller's body, keeping up to `limit` bytes for replay.
+    pub fn new(source: Counted, limit: u64) -> Self {
+        let size_hint = source.size_hint();
+        let complete = source.is_end_stream();
+        // A body declared larger than the limit can never be replayed: don't copy any of it.
+        let overflowed = size_hint.lower() > limit;
+        Self {
+            shared: Arc::new(Mutex::new(ReplayState {
+                source: Some(source),
+                chunks: Vec::new(),
+                buffered: 0,
+                limit,
+                overflowed,
+                trailers: None,
+                complete,
+                size_hint,
+                generation: 0,
+            })),
+        }
+    }
+
+    /// The body of the next attempt. Only call it for a retry when [`Self::is_replayable`].
+    pub fn body(&self) -> ReplayBody {
+        let mut state = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        state.generation = state.generation.wrapping_add(1);
+        if let Some(source) = &mut state.source {
+            source.restart_idle();
+        }
+        ReplayBody {
+            shared: Arc::clone(&self.shared),
+            generation: state.generation,
+            position: 0,
+            trailers_sent: false,
+        }
+    }
+
+    /// Whether a further attempt could still be given the whole body.
+    pub fn is_replayable(&self) -> bool {
+        !self.shared.lock().map(|s| s.overflowed).unwrap_or(true)
+    }
+}
+
+// Replay positions come from peers' traffic: no arithmetic here may panic.
+#[cfg_attr(not(test), deny(clippy::arithmetic_side_effects))]
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let mut state = this.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if state.generation != this.generation {
+            return Poll::Ready(Some(Err(Box::new(Superseded))));
+        }
+        if !state.overflowed && this.position < state.chunks.len() {
+            let chunk = state.chunks[this.position].clone();
+            this.position = this.position.saturating_add(1);
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if state.complete {
+            if !this.trailers_sent {
+                this.trailers_sent = true;
+                if let Some(trailers) = state.trailers.clone() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        let Some(source) = state.source.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(source).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                state.complete = true;
+                this.trailers_sent = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Ok(frame))) => {
+                let frame = match frame.into_data() {
+                    Ok(data) => {
+                        if !state.overflowed {
+                            state.buffered = state.buffered.saturating_add(data.len() as u64);
+                            if state.buffered > state.limit {
+                                state.overflowed = true;
+                                state.chunks = Vec::new();
+                            } else {
+                                state.chunks.push(data.clone());
+                                this.position = state.chunks.len();
+                            }
+                        }
+                        Frame::data(data)
+                    }
+                    Err(frame) => {
+                        if let Some(trailers) = frame.trailers_ref() {
+                            state.trailers = Some(trailers.clone());
+                            state.complete = true;
+                            this.trailers_sent = true;
+                        }
+                        frame
+                    }
+                };
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let state = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        state.complete
+            && (state.overflowed || self.position >= state.chunks.len())
+            && (self.trailers_sent || state.trailers.is_none())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.shared.lock().map(|s| s.size_hint).unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -560,7 +478,7 @@ mod tests {
             if let Some(tx) = tx.lock().unwrap().take() {
                 let _ = tx.send(req.into_body());
             }
-            std::future::pending::<Result<Response<ProxyBody>, Infallible>>()
+            std::future::pending::<Result<Response<http_body_util::Empty<Bytes>>, Infallible>>()
         });
         tokio::spawn(
             hyper::server::conn::http1::Builder::new()

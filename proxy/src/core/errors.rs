@@ -1,15 +1,13 @@
-//! The proxy's own failures and the one place ("rescue") that turns them into responses: the
-//! status, the `x-outrider-error` reason header, and for gRPC callers the matching
-//! `grpc-status`, so a client always learns why the proxy answered instead of the upstream.
+//! The proxy's own failures, each with the status it is answered with. The one place that
+//! turns them into responses is [`rescue`](crate::http::rescue).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use http::{Response, StatusCode};
+use http::StatusCode;
 
-use crate::body::ProxyBody;
+/// A boxed error from a body or a connection, whose kind is kept by its source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The reason header on every response the proxy itself produces.
 pub const ERROR_HEADER: &str = "x-outrider-error";
@@ -145,113 +143,5 @@ impl ProxyError {
             | Self::TlsHandshake { .. }
             | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
-    }
-}
-
-/// The gRPC status code a gRPC caller gets for an HTTP status the proxy produced.
-fn grpc_status_for(status: StatusCode) -> &'static str {
-    match status {
-        StatusCode::BAD_REQUEST => "13",      // INTERNAL
-        StatusCode::NOT_FOUND => "12",        // UNIMPLEMENTED
-        StatusCode::NOT_IMPLEMENTED => "12",  // UNIMPLEMENTED
-        StatusCode::FORBIDDEN => "7",         // PERMISSION_DENIED
-        StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
-        StatusCode::REQUEST_TIMEOUT => "4",   // DEADLINE_EXCEEDED (the caller stalled)
-        StatusCode::GATEWAY_TIMEOUT => "4",   // DEADLINE_EXCEEDED
-        _ => "14",                            // UNAVAILABLE (502, 503)
-    }
-}
-
-/// Seconds for Retry-After and x-ratelimit-reset: rounded up, so a client that waits that long
-/// finds a token, and at least 1 (`Retry-After: 0` invites an immediate retry storm).
-fn whole_seconds(d: Duration) -> u64 {
-    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    secs.max(1)
-}
-
-/// Turns a failure into the response the caller sees.
-pub fn rescue(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
-    let status = error.status();
-    let reason = error.to_string();
-    // Reasons are built from addresses and fixed text; the fallback only guards against an OS
-    // error message with bytes a header cannot carry.
-    let reason_value =
-        HeaderValue::from_str(&reason).unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
-    let mut response = if grpc {
-        // A trailers-only gRPC response: the status travels in the headers.
-        let mut r = Response::new(ProxyBody::empty());
-        r.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        r.headers_mut().insert(
-            "grpc-status",
-            HeaderValue::from_static(grpc_status_for(status)),
-        );
-        r.headers_mut().insert("grpc-message", reason_value.clone());
-        r
-    } else {
-        let mut body = reason.into_bytes();
-        body.push(b'\n');
-        let mut r = Response::new(ProxyBody::full(Bytes::from(body)));
-        r.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        r
-    };
-    *response.status_mut() = status;
-    response.headers_mut().insert(ERROR_HEADER, reason_value);
-    if let ProxyError::RateLimited {
-        limit,
-        retry_after,
-        reset,
-        ..
-    } = error
-    {
-        let headers = response.headers_mut();
-        headers.insert(RETRY_AFTER, HeaderValue::from(whole_seconds(*retry_after)));
-        headers.insert("x-ratelimit-limit", HeaderValue::from(*limit));
-        headers.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
-        headers.insert(
-            "x-ratelimit-reset",
-            HeaderValue::from(whole_seconds(*reset)),
-        );
-    }
-    if matches!(
-        error,
-        ProxyError::BadRequest(_)
-            | ProxyError::RequestBodyTimeout(_)
-            | ProxyError::UnsupportedTransferCoding(_)
-    ) {
-        // A client that sent one malformed request cannot be trusted to frame the next one;
-        // one that stalled mid-body has left the rest of it unread on the connection.
-        // (hyper drops this header on HTTP/2, where it is not allowed.)
-        response
-            .headers_mut()
-            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_stalled_request_body_is_408_and_deadline_exceeded_for_grpc() {
-        let error = ProxyError::RequestBodyTimeout(Duration::from_secs(30));
-        let plain = rescue(&error, false);
-        assert_eq!(plain.status(), StatusCode::REQUEST_TIMEOUT);
-        assert_eq!(
-            plain.headers()[ERROR_HEADER],
-            "request body idle timeout after 30s"
-        );
-        assert_eq!(plain.headers()[http::header::CONNECTION], "close");
-        let grpc = rescue(&error, true);
-        assert_eq!(grpc.status(), StatusCode::REQUEST_TIMEOUT);
-        assert_eq!(grpc.headers()["grpc-status"], "4");
-        assert_eq!(
-            grpc.headers()["grpc-message"],
-            "request body idle timeout after 30s"
-        );
     }
 }

@@ -7,7 +7,11 @@ use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Request, Version};
 
-use crate::errors::ProxyError;
+use crate::core::errors::ProxyError;
+
+/// Largest request head accepted; larger ones are answered 431 (HTTP/1.1) or refused by
+/// HTTP/2 with 431. Envoy's default is 60 KiB.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// The request id header, generated when the caller sent none.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -1,25 +1,16 @@
-//! The proxy's workload identity for mesh mTLS: a key made here (it never leaves the process),
-//! a CSR sent to the control plane with the proxy's token, and the short-lived certificate that
-//! comes back, renewed at about 70% of its lifetime without a restart.
+//! The proxy's workload identity for mesh mTLS: the short-lived certificate and its key, which
+//! `control::certificate` gets from the control plane and renews without a restart.
 //!
 //! The certificate in force is one [`Held`] in an `ArcSwap`. New handshakes read it; a
 //! connection already established keeps the certificate it was made with, so a renewal never
 //! disturbs traffic. Peers are verified against the trust bundle of the certificate in force,
 //! and a peer's identity is the SPIFFE URI SAN of its certificate.
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
-use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use outrider_config::wire::{self, CertificateRequest, CertificateResponse, CERTIFICATE_PATH};
+use http::StatusCode;
+use outrider_config::wire::CertificateResponse;
 use prometheus::{IntCounterVec, IntGauge, Opts};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -33,20 +24,11 @@ use rustls::{
 };
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::metrics::{Metrics, MetricsError};
-use crate::subscribe::{Backoff, ControlConfig, Token};
+use crate::telemetry::metrics::{Metrics, MetricsError};
 
 /// Header carrying the verified caller identity to the local app; removed from every request
 /// arriving on the inbound port first, so a caller cannot claim one.
 pub const PEER_IDENTITY_HEADER: &str = "x-outrider-peer-identity";
-/// Percentage of a certificate's lifetime after which it is renewed.
-const RENEW_AT_PERCENT: u64 = 70;
-/// Shortest wait before the next fetch after a certificate is installed.
-pub const MIN_RENEW_IN: Duration = Duration::from_secs(1);
-/// Longest wait for the control plane's answer to a CSR.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest certificate response accepted.
-const MAX_RESPONSE: usize = 256 * 1024;
 
 /// ALPN ids offered on mesh connections, preferred first.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -105,7 +87,8 @@ pub struct Held {
 pub struct TlsMetrics {
     expiry: IntGauge,
     handshake_failures: IntCounterVec,
-    renewals: IntCounterVec,
+    /// Certificate fetches by result (`ok`, `error`), counted by `control::certificate`.
+    pub(crate) renewals: IntCounterVec,
 }
 
 impl TlsMetrics {
@@ -460,180 +443,9 @@ pub fn describe(error: &std::io::Error) -> String {
     }
 }
 
-/// When to renew a certificate valid from `not_before` to `not_after` (Unix seconds), counted
-/// from `now`, the moment it arrived: at 70% of the time it is usable here, and never sooner
-/// than [`MIN_RENEW_IN`].
-///
-/// The lifetime counts from `now`, not from `not_before`: the CA backdates `not_before` for
-/// peers whose clocks lag, and counting that slack as lifetime renewed short certificates
-/// early (a 1 min one after 24 s) and put the renewal point of any shorter than ~26 s in the
-/// past, so the proxy re-fetched in a tight loop (over 2,000 certificates in 8 s with a 3 s
-/// TTL). The floor keeps a certificate that arrives nearly or already expired (clocks apart)
-/// from doing the same.
-pub fn renew_in(now: u64, not_before: u64, not_after: u64) -> Duration {
-    let start = not_before.max(now);
-    let usable_ms = not_after.saturating_sub(start).saturating_mul(1000);
-    // Saturating: the times come from a certificate (a far-future `not_before` must not wrap).
-    let wait_ms = (start - now)
-        .saturating_mul(1000)
-        .saturating_add(usable_ms / 100 * RENEW_AT_PERCENT);
-    Duration::from_millis(wait_ms).max(MIN_RENEW_IN)
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Who this proxy asks to be.
-#[derive(Debug, Clone)]
-pub struct IdentityConfig {
-    /// The control plane (URL and token).
-    pub control: ControlConfig,
-    /// Kubernetes namespace.
-    pub namespace: String,
-    /// Service account.
-    pub service_account: String,
-    /// The pod's projected service-account token, re-read at every fetch (the kubelet
-    /// refreshes it), sent to a control plane that binds identities to service accounts.
-    pub service_account_token: Option<PathBuf>,
-}
-
-/// Fetches the first certificate and renews it at ~70% of each lifetime, forever; failures are
-/// retried with backoff while the certificate in force stays.
-pub fn spawn(config: IdentityConfig, mesh: Arc<Mesh>) {
-    tokio::spawn(async move {
-        let client: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build_http();
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        loop {
-            match fetch(&client, &config).await {
-                Ok((issued, key)) => match mesh.install(&issued, key) {
-                    Ok(held) => {
-                        backoff.reset();
-                        mesh.metrics.renewals.with_label_values(&["ok"]).inc();
-                        let wait = renew_in(unix_now(), held.not_before, held.not_after);
-                        tracing::info!(identity = %held.identity, not_after = held.not_after, renew_in = ?wait, "workload certificate in force");
-                        tokio::time::sleep(wait).await;
-                        continue;
-                    }
-                    Err(error) => {
-                        mesh.metrics.renewals.with_label_values(&["error"]).inc();
-                        tracing::error!(%error, "issued certificate unusable");
-                    }
-                },
-                Err(error) => {
-                    mesh.metrics.renewals.with_label_values(&["error"]).inc();
-                    tracing::warn!(%error, "cannot get a workload certificate; retrying");
-                }
-            }
-            tokio::time::sleep(backoff.next_delay()).await;
-        }
-    });
-}
-
-/// One CSR round trip: a fresh key (kept here), its CSR, the control plane's answer.
-async fn fetch(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    config: &IdentityConfig,
-) -> Result<(CertificateResponse, Vec<u8>), IdentityError> {
-    let key = rcgen::KeyPair::generate()?;
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)?
-        .pem()?;
-    let request = CertificateRequest {
-        csr,
-        namespace: config.namespace.clone(),
-        service_account: config.service_account.clone(),
-    };
-    let token = match &config.control.token {
-        Token::Value(v) => v.trim().to_string(),
-        Token::File(path) => std::fs::read_to_string(path)
-            .map_err(IdentityError::Token)?
-            .trim()
-            .to_string(),
-    };
-    let sa_token = match &config.service_account_token {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(IdentityError::ServiceAccountToken)?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
-    let body = serde_json::to_vec(&request).map_err(|e| IdentityError::Response(e.to_string()))?;
-    let mut req = Request::builder()
-        .method(Method::POST)
-        .uri(format!(
-            "{}{CERTIFICATE_PATH}",
-            config.control.url.trim_end_matches('/')
-        ))
-        .header(AUTHORIZATION, format!("Bearer {token}"))
-        .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| IdentityError::Control(e.to_string()))?;
-    if let Some(sa_token) = sa_token {
-        let value = HeaderValue::try_from(sa_token).map_err(|e| {
-            IdentityError::ServiceAccountToken(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                e,
-            ))
-        })?;
-        req.headers_mut()
-            .insert(wire::SERVICE_ACCOUNT_TOKEN_HEADER, value);
-    }
-    let exchange = async {
-        let response = client
-            .request(req)
-            .await
-            .map_err(|e| IdentityError::Control(e.to_string()))?;
-        let status = response.status();
-        let body = Limited::new(response.into_body(), MAX_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| IdentityError::Control(e.to_string()))?
-            .to_bytes();
-        Ok::<_, IdentityError>((status, body))
-    };
-    let (status, body) = tokio::time::timeout(FETCH_TIMEOUT, exchange)
-        .await
-        .map_err(|_| IdentityError::Control(format!("no answer within {FETCH_TIMEOUT:?}")))??;
-    if status != StatusCode::OK {
-        return Err(IdentityError::Refused {
-            status,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        });
-    }
-    let issued: CertificateResponse =
-        serde_json::from_slice(&body).map_err(|e| IdentityError::Response(e.to_string()))?;
-    Ok((issued, key.serialize_der()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn renewal_is_at_seventy_percent_of_the_lifetime() {
-        // A 24 h certificate issued (backdated 60 s) at t=1000: 70% of the 24 h ahead.
-        let (nb, na) = (940, 1000 + 86_400);
-        assert_eq!(renew_in(1000, nb, na), Duration::from_secs(60_480));
-        // A 10 s certificate: renewed 7 s after its start.
-        assert_eq!(renew_in(100, 100, 110), Duration::from_secs(7));
-        // A 3 s certificate backdated 60 s: the backdate is not lifetime to spend.
-        assert_eq!(renew_in(1000, 940, 1003), Duration::from_millis(2100));
-        // Arriving nearly or already expired (clocks apart): a pause, never a tight loop.
-        assert_eq!(renew_in(109, 100, 110), MIN_RENEW_IN);
-        assert_eq!(renew_in(500, 100, 110), MIN_RENEW_IN);
-        // A certificate valid only from the far future saturates rather than overflows.
-        assert_eq!(
-            renew_in(0, u64::MAX, u64::MAX),
-            Duration::from_millis(u64::MAX)
-        );
-    }
 
     #[test]
     fn key_exchange_offers_the_hybrid_post_quantum_group_first() {

@@ -1,0 +1,6 @@
+//! The lowest layer: error kinds, header rules and the stop signal that every other layer
+//! names. Imports nothing from the crate.
+
+pub mod errors;
+pub mod headers;
+pub mod shutdown;

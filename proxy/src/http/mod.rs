@@ -1,0 +1,9 @@
+//! Serving HTTP: the listeners, routing by the compiled [`snapshot::Snapshot`], and forwarding
+//! a request through its policies. Uses the layers below (`io` and down).
+
+pub mod forward;
+pub mod lifecycle;
+pub mod rescue;
+pub mod server;
+pub mod shared;
+pub mod snapshot;

@@ -1,0 +1,13 @@
+//! Bytes on sockets: connecting and TLS, the mesh identity's certificates, the upstream
+//! pools and codecs, body types, downstream connection budgets. Below `http`; uses `core`,
+//! `policy`, `trace` and `telemetry`.
+
+pub mod body;
+pub mod connect;
+pub mod connection;
+pub mod identity;
+pub mod outcome;
+pub mod pool;
+pub mod request_body;
+pub mod tls;
+pub mod upstream;
