@@ -426,7 +426,7 @@ mod tests {
     /// The same for the trailer section's limit (64 KiB, as for a head).
     #[test]
     fn the_trailer_limit_does_not_depend_on_the_reads() {
-        use crate::pool::contract::MAX_TRAILER_BYTES;
+        use crate::io::pool::contract::MAX_TRAILER_BYTES;
         let body = |value_len: usize| {
             let mut body = b"1\r\na\r\n0\r\nx-big: ".to_vec();
             body.resize(body.len() + value_len, b'v');

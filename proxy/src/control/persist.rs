@@ -16,8 +16,8 @@ use prometheus::{IntCounter, IntGauge};
 use serde::{Deserialize, Serialize};
 
 use crate::http::shared::PersistHealth;
-use crate::telemetry::metrics::{Metrics, MetricsError};
 use crate::policy::backoff::ceiling;
+use crate::telemetry::metrics::{Metrics, MetricsError};
 
 /// File name inside the state directory.
 pub const FILE_NAME: &str = "policy.json";

@@ -1,11 +1,13 @@
 //! Accept loops for the data-plane listeners (HTTP/1.1 and prior-knowledge HTTP/2 on the same
 //! port) and their graceful drain.
 
+use std::future::Future;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -15,9 +17,12 @@ use crate::core::headers;
 use crate::http::forward::{self, ListenerKind};
 use crate::http::rescue::rescue;
 use crate::http::shared::Shared;
-use crate::io::connection::{self, ConnectionSlot, Expiry, FirstHead, IdleWatch, LogLimiter};
+use crate::io::connection::{
+    self, ConnectionSlot, Expiry, FirstHead, Gated, GatedTimer, IdleWatch, LogLimiter,
+};
 use crate::io::identity::PEER_IDENTITY_HEADER;
 use crate::io::tls;
+use crate::telemetry::metrics::ListenerMetrics;
 
 /// Serves `listener` until `stop` turns true, then stops accepting and drains: HTTP/1.1
 /// connections close after their in-flight request (`Connection: close`), HTTP/2 ones get
@@ -36,21 +41,26 @@ pub async fn serve(
             Arc::clone(&shared.connections.outbound)
         }
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    // hyper's own builders, not hyper-util's `auto`: the protocol is known once the first head
+    // is read, and `auto` would read the first bytes again to tell it, and then pass every
+    // read of the connection through a replay layer of its own.
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         // The first head is read before hyper sees the connection (`connection::read_first_head`,
         // by the header-read deadline); hyper's timer runs from the end of each response to the
         // next complete head, which makes it the keep-alive idle timeout.
         .header_read_timeout(timeouts.idle)
         .max_buf_size(headers::MAX_HEADER_BYTES);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
+        // hyper polls the keepalive's sleep at each of the connection's wakes: gated, a poll
+        // that finds it not woken is a load and a compare.
+        .timer(GatedTimer)
         .keep_alive_interval(timeouts.http2_keepalive_interval)
         .keep_alive_timeout(timeouts.http2_keepalive_timeout)
         .max_header_list_size(headers::MAX_HEADER_BYTES as u32);
+    let builders = Arc::new(Builders { http1, http2 });
     // Every connection holds a receiver; `closed` tells when the last one has ended.
     let (connections, _) = watch::channel(());
     let mut refusals = LogLimiter::default();
@@ -69,11 +79,11 @@ pub async fn serve(
                     // The app's outbound connections tell a shutdown when the app has gone.
                     let app_connection = (kind != ListenerKind::Inbound).then(|| shared.app.open());
                     let shared = Arc::clone(&shared);
-                    let builder = builder.clone();
+                    let builders = Arc::clone(&builders);
                     let stop = stop.clone();
                     let held = connections.subscribe();
                     tokio::spawn(async move {
-                        serve_connection(stream, peer, kind, shared, &builder, slot, stop).await;
+                        serve_connection(stream, peer, kind, shared, &builders, slot, stop).await;
                         drop(app_connection);
                         drop(held);
                     });
@@ -93,6 +103,12 @@ pub async fn serve(
     connections.closed().await;
 }
 
+/// hyper's connection builders for both protocols, as configured for a listener.
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
 /// Serves one accepted connection: the inbound TLS sniff and handshake and the first request
 /// head by the header-read deadline, then hyper, until the connection ends, idles out or a
 /// shutdown drains it.
@@ -101,7 +117,7 @@ async fn serve_connection(
     peer: std::net::SocketAddr,
     kind: ListenerKind,
     shared: Arc<Shared>,
-    builder: &auto::Builder<TokioExecutor>,
+    builders: &Builders,
     slot: ConnectionSlot,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -176,39 +192,70 @@ async fn serve_connection(
             response.map(|r| r.map(|body| connection::ServedBody::new(body, stream)))
         }
     });
-    let io = connection::ServedIo::new(first.bytes, io, slot);
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
+    let io = TokioIo::new(connection::ServedIo::new(first.bytes, io, slot));
+    // What ends a connection besides hyper: a shutdown (`None`), or an HTTP/2 connection's
+    // expiry. Gated: hyper wakes the task several times per request, and these need a look
+    // only when they wake it themselves.
+    let ending = Gated::new(async {
+        tokio::select! {
+            biased;
+            () = crate::core::shutdown::stopped(&mut stop) => None,
+            expiry = expired(&mut idle) => Some(expiry),
+        }
+    });
+    let result = if first.head == FirstHead::Http2 {
+        let conn = pin!(builders.http2.serve_connection(io, service));
+        drive(conn, |conn| conn.graceful_shutdown(), ending, metrics, peer).await
+    } else {
+        let conn = pin!(builders.http1.serve_connection(io, service).with_upgrades());
+        drive(conn, |conn| conn.graceful_shutdown(), ending, metrics, peer).await
+    };
+    if let Err(error) = result {
+        if error.is_timeout() {
+            // HTTP/1.1: no next head within the idle timeout. (hyper ends an HTTP/2 connection
+            // whose keepalive PING went unanswered without an error.)
+            metrics.idle_timeouts.inc();
+        } else {
+            tracing::debug!(%error, "connection ended with an error");
+        }
+    }
+}
+
+/// Runs hyper's `conn` until it ends, and closes it gracefully (`graceful_shutdown`) once
+/// `ending` resolves: at a shutdown, or when an HTTP/2 connection expires (`Some`), which is
+/// then cut if it has not ended within [`connection::CLOSE_GRACE`].
+async fn drive<C, E>(
+    mut conn: Pin<&mut C>,
+    graceful_shutdown: impl Fn(Pin<&mut C>),
+    mut ending: Gated<E>,
+    metrics: &ListenerMetrics,
+    peer: std::net::SocketAddr,
+) -> hyper::Result<()>
+where
+    C: Future<Output = hyper::Result<()>>,
+    E: Future<Output = Option<Expiry>>,
+{
     let mut closing = false;
     // After an idle close starts, the GOAWAY exchange gets a moment, not forever (a drain is
     // bounded by the drain timeout instead).
     let mut cut_at: Option<Instant> = None;
-    let result = loop {
+    loop {
         tokio::select! {
-            result = conn.as_mut() => break result,
-            () = crate::core::shutdown::stopped(&mut stop), if !closing => {
-                conn.as_mut().graceful_shutdown();
+            biased;
+            result = conn.as_mut() => return result,
+            ending = &mut ending, if !closing => {
+                graceful_shutdown(conn.as_mut());
                 closing = true;
-            }
-            expiry = expired(&mut idle), if !closing => {
-                match expiry {
-                    Expiry::HeaderRead => metrics.header_read_timeouts.inc(),
-                    Expiry::Idle => metrics.idle_timeouts.inc(),
+                if let Some(expiry) = ending {
+                    match expiry {
+                        Expiry::HeaderRead => metrics.header_read_timeouts.inc(),
+                        Expiry::Idle => metrics.idle_timeouts.inc(),
+                    }
+                    tracing::debug!(%peer, ?expiry, "HTTP/2 connection expired; GOAWAY");
+                    cut_at = Some(connection::deadline_after(connection::CLOSE_GRACE));
                 }
-                tracing::debug!(%peer, ?expiry, "HTTP/2 connection expired; GOAWAY");
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-                cut_at = Some(connection::deadline_after(connection::CLOSE_GRACE));
             }
-            () = sleep_until(cut_at) => break Ok(()),
-        }
-    };
-    if let Err(error) = result {
-        match error.downcast_ref::<hyper::Error>() {
-            // HTTP/1.1: no next head within the idle timeout. (hyper ends an HTTP/2 connection
-            // whose keepalive PING went unanswered without an error.)
-            Some(e) if e.is_timeout() => metrics.idle_timeouts.inc(),
-            _ => tracing::debug!(%error, "connection ended with an error"),
+            () = sleep_until(cut_at), if cut_at.is_some() => return Ok(()),
         }
     }
 }

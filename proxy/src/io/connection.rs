@@ -2,16 +2,19 @@
 //! whole life: the per-listener connection caps (each listener has its own budget, so a flood
 //! on one never starves another), TCP keepalive, the deadline on the first request head
 //! (protocol detection and the HTTP/1.1 head or HTTP/2 preface are read here, before hyper
-//! allocates anything for the connection), the 408 for a head that came too slowly, and the
-//! bounded logging of refusals.
+//! allocates anything for the connection), the 408 for a head that came too slowly, the
+//! bounded logging of refusals, and [`Gated`], which keeps what a connection's task waits on
+//! besides hyper cheap to poll.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -396,7 +399,24 @@ impl<T> ServedIo<T> {
     }
 }
 
+impl<T> ServedIo<T> {
+    /// Hands out replayed bytes (once per connection, twice at most: out of the hot path).
+    #[cold]
+    #[inline(never)]
+    fn replay(&mut self, buf: &mut ReadBuf<'_>) {
+        let n = self.prefix.len().min(buf.remaining());
+        buf.put_slice(&self.prefix[..n]);
+        self.prefix.advance(n);
+        if self.prefix.is_empty() {
+            // Free the buffer now rather than with the connection.
+            self.prefix = Bytes::new();
+        }
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for ServedIo<T> {
+    // Inline, as hyper's reads were before this layer: every read of the connection passes here.
+    #[inline]
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -406,13 +426,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ServedIo<T> {
         if this.prefix.is_empty() {
             return Pin::new(&mut this.io).poll_read(cx, buf);
         }
-        let n = this.prefix.len().min(buf.remaining());
-        buf.put_slice(&this.prefix[..n]);
-        this.prefix.advance(n);
-        if this.prefix.is_empty() {
-            // Free the buffer now rather than with the connection.
-            this.prefix = Bytes::new();
-        }
+        this.replay(buf);
         Poll::Ready(Ok(()))
     }
 }
@@ -444,6 +458,132 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ServedIo<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// A future polled only after it has woken its task, not each time the task is polled.
+///
+/// hyper wakes a connection's task several times per request, and the task polls everything it
+/// waits on each time. What it waits on besides hyper (the shutdown signal, the HTTP/2 idle
+/// watch, hyper's HTTP/2 keepalive timer) wakes it about never, yet polling each of those
+/// takes a lock or a waker clone; behind this, such a poll is a load and a compare. The future gets
+/// a waker of its own, which notes that it was woken and then wakes the task. One allocation,
+/// when made.
+pub struct Gated<F> {
+    future: Pin<Box<F>>,
+    flag: Arc<WakeFlag>,
+    /// `flag` as a waker, for the future's polls.
+    waker: Waker,
+    /// The task waker `flag` holds, if it holds one: registering the same again would cost
+    /// two atomic swaps per poll. (A wake takes it from `flag`, and the next poll, seeing the
+    /// wake, registers it again.)
+    registered: Option<Waker>,
+}
+
+struct WakeFlag {
+    /// The future woke (or has yet to be polled): poll it at the next turn.
+    woken: AtomicBool,
+    /// The task that polls the future.
+    task: AtomicWaker,
+}
+
+impl Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> Gated<F> {
+    /// `future`, polled at the first poll and then only after it wakes.
+    pub fn new(future: F) -> Self {
+        let flag = Arc::new(WakeFlag {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        Self {
+            future: Box::pin(future),
+            waker: Waker::from(Arc::clone(&flag)),
+            flag,
+            registered: None,
+        }
+    }
+
+    /// The future, to change it; it is polled at the next poll.
+    pub fn inner_mut(&mut self) -> Pin<&mut F> {
+        self.flag.woken.store(true, Ordering::Relaxed);
+        self.future.as_mut()
+    }
+}
+
+impl<F: Future> Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        let woken = this.flag.woken.load(Ordering::Acquire);
+        // Registered before the flag is cleared: a wake in between is not lost. Unless woken,
+        // `flag` still holds the waker registered last.
+        let current = this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if woken || !current {
+            this.flag.task.register(cx.waker());
+            this.registered = Some(cx.waker().clone());
+        }
+        // The swap (ordered before the future's poll) clears the flag only when it is set.
+        if !woken || !this.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        this.future
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.waker))
+    }
+}
+
+/// hyper's timer for HTTP/2 connections: tokio's sleeps, [`Gated`]. hyper polls its keepalive
+/// sleep each time it polls the connection, several times per request, for a deadline a
+/// keepalive interval away.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GatedTimer;
+
+/// A tokio sleep behind [`Gated`], for hyper.
+struct GatedSleep(Gated<tokio::time::Sleep>);
+
+impl Future for GatedSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.get_mut().0).poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for GatedSleep {}
+
+impl hyper::rt::Timer for GatedTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(GatedSleep(Gated::new(tokio::time::sleep(duration))))
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        let deadline = Instant::from_std(deadline);
+        Box::pin(GatedSleep(Gated::new(tokio::time::sleep_until(deadline))))
+    }
+
+    fn reset(&self, sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>, new_deadline: std::time::Instant) {
+        match sleep.as_mut().downcast_mut_pin::<GatedSleep>() {
+            Some(gated) => gated
+                .get_mut()
+                .0
+                .inner_mut()
+                .reset(Instant::from_std(new_deadline)),
+            None => *sleep = self.sleep_until(new_deadline),
+        }
     }
 }
 
@@ -729,5 +869,91 @@ mod tests {
         let quiet = Instant::now() - ended;
         assert!(quiet >= idle && quiet <= idle + idle / 4, "{quiet:?}");
         stream_task.await.unwrap();
+    }
+
+    /// What a gated future saw: how often it was polled, and the waker of its last poll.
+    #[derive(Default)]
+    struct Probe {
+        polls: AtomicU32,
+        ready: AtomicBool,
+        waker: std::sync::Mutex<Option<Waker>>,
+    }
+
+    impl Probe {
+        fn wake(&self) {
+            if let Some(waker) = self.waker.lock().unwrap().take() {
+                waker.wake();
+            }
+        }
+    }
+
+    #[test]
+    fn a_gated_future_is_polled_at_first_and_then_only_after_it_wakes() {
+        let probe = Arc::new(Probe::default());
+        let inner = Arc::clone(&probe);
+        let mut gated = Gated::new(std::future::poll_fn(move |cx| {
+            inner.polls.fetch_add(1, Ordering::Relaxed);
+            *inner.waker.lock().unwrap() = Some(cx.waker().clone());
+            if inner.ready.load(Ordering::Relaxed) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }));
+        let task = Arc::new(Probe::default());
+        let task_waker = Waker::from(Arc::new(TaskWake(Arc::clone(&task))));
+        let mut cx = Context::from_waker(&task_waker);
+        for _ in 0..5 {
+            assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        }
+        assert_eq!(
+            probe.polls.load(Ordering::Relaxed),
+            1,
+            "polled once, to register"
+        );
+        // Its wake reaches the task, and the next poll reaches it.
+        probe.wake();
+        assert_eq!(task.polls.load(Ordering::Relaxed), 1, "the task was woken");
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        assert_eq!(probe.polls.load(Ordering::Relaxed), 2);
+        probe.ready.store(true, Ordering::Relaxed);
+        probe.wake();
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_ready());
+        assert_eq!(probe.polls.load(Ordering::Relaxed), 3);
+    }
+
+    /// A task's waker that counts its wakes in `polls`.
+    struct TaskWake(Arc<Probe>);
+
+    impl Wake for TaskWake {
+        fn wake(self: Arc<Self>) {
+            self.0.polls.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gated_timer_sleeps_fire_at_their_deadline_even_when_reset() {
+        use hyper::rt::Timer;
+        let timer = GatedTimer;
+        let start = Instant::now();
+        let mut sleep = timer.sleep(Duration::from_secs(10));
+        // Polled (registered) first, then moved earlier and later, as hyper's keepalive does: a
+        // reset is looked at without a wake.
+        assert!(futures_poll_once(&mut sleep).await.is_pending());
+        timer.reset(&mut sleep, (start + Duration::from_secs(5)).into_std());
+        assert!(futures_poll_once(&mut sleep).await.is_pending());
+        sleep.as_mut().await;
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        timer.reset(&mut sleep, (start + Duration::from_secs(30)).into_std());
+        sleep.as_mut().await;
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+        let until = timer.sleep_until((start + Duration::from_secs(40)).into_std());
+        until.await;
+        assert_eq!(start.elapsed(), Duration::from_secs(40));
+    }
+
+    async fn futures_poll_once(sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>) -> Poll<()> {
+        std::future::poll_fn(|cx| Poll::Ready(sleep.as_mut().poll(cx))).await
     }
 }

@@ -121,6 +121,8 @@ pub struct DirectConnection {
     read_buf: BytesMut,
     /// The request head being written; kept to reuse its allocation.
     write_buf: Vec<u8>,
+    /// Where the last response head's fields lay; kept to reuse its allocation.
+    spans: Vec<FieldSpan>,
 }
 
 impl DirectConnection {
@@ -131,6 +133,7 @@ impl DirectConnection {
             io,
             read_buf: BytesMut::new(),
             write_buf: Vec::new(),
+            spans: Vec::new(),
         })
     }
 
@@ -170,7 +173,9 @@ impl DirectConnection {
         loop {
             if !self.read_buf.is_empty() {
                 received = true;
-                if let Some(head) = take_head(&mut self.read_buf, head_request, &mut parts.headers)?
+                let recycled = &mut parts.headers;
+                if let Some(head) =
+                    take_head(&mut self.read_buf, head_request, recycled, &mut self.spans)?
                 {
                     return Ok(head);
                 }
@@ -241,9 +246,10 @@ fn take_head(
     buf: &mut BytesMut,
     head_request: bool,
     recycled: &mut HeaderMap,
+    spans: &mut Vec<FieldSpan>,
 ) -> Result<Option<ResponseHead>, DirectError> {
     while !buf.is_empty() {
-        match parse_head(buf, head_request, recycled)? {
+        match parse_head(buf, head_request, recycled, spans)? {
             Parsed::Complete(head) => return Ok(Some(head)),
             Parsed::Interim => {}
             // As hyper does: a partial head as long as the limit is over it.
@@ -256,16 +262,23 @@ fn take_head(
     Ok(None)
 }
 
+/// Where a header field lies in the head: name start and end, value start and end, and the
+/// name's index in [`KNOWN_NAMES`] (past its end for any other name).
+type FieldSpan = [u32; 5];
+
 /// Parses a response head at the front of `buf`, and takes it off the buffer once complete;
-/// its header fields replace the contents of `recycled`, whose map the response takes.
+/// its header fields replace the contents of `recycled`, whose map the response takes. `spans`
+/// is scratch space, kept by the caller so that its allocation serves head after head (a
+/// fresh array for `MAX_HEADERS` fields would be 2 KB to zero per response).
 fn parse_head(
     buf: &mut BytesMut,
     head_request: bool,
     recycled: &mut HeaderMap,
+    spans: &mut Vec<FieldSpan>,
 ) -> Result<Parsed, DirectError> {
     // Where each field lies in the buffer, so names and values can be cut from it without
     // copying once the parser's borrow ends.
-    let mut spans = [[0u32; 5]; MAX_HEADERS];
+    spans.clear();
     // Left uninitialized: the parser writes the fields it finds (the array is 3 KiB).
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
@@ -304,18 +317,18 @@ fn parse_head(
     let mut close = false;
     let mut keep_alive = false;
     let count = parsed.headers.len();
-    for (field, span) in parsed.headers.iter().zip(spans.iter_mut()) {
+    for field in parsed.headers.iter() {
         let name = field.name.as_bytes();
         // Offsets within the head, which is at most MAX_HEAD_BYTES: they fit in u32.
         let name_at = field.name.as_ptr() as usize - base;
         let value_at = field.value.as_ptr() as usize - base;
-        *span = [
+        spans.push([
             name_at as u32,
             (name_at + name.len()) as u32,
             value_at as u32,
             (value_at + field.value.len()) as u32,
             known_name(name),
-        ];
+        ]);
         match name.len() {
             14 if name.eq_ignore_ascii_case(b"content-length") => {
                 let n = parse_content_length(field.value)
@@ -365,7 +378,7 @@ fn parse_head(
     let mut headers = mem::take(recycled);
     headers.clear();
     headers.reserve(count);
-    for &[name_start, name_end, value_start, value_end, known] in &spans[..count] {
+    for &[name_start, name_end, value_start, value_end, known] in spans.iter() {
         let name = match KNOWN_NAMES.get(known as usize) {
             Some(name) => name.clone(),
             None => HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
@@ -732,6 +745,7 @@ mod tests {
             &mut BytesMut::from(bytes),
             head_request,
             &mut HeaderMap::new(),
+            &mut Vec::new(),
         )
     }
 
@@ -865,11 +879,11 @@ mod tests {
         let mut buf = BytesMut::from(&b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..]);
         let mut map = HeaderMap::new();
         assert!(matches!(
-            parse_head(&mut buf, false, &mut map),
+            parse_head(&mut buf, false, &mut map, &mut Vec::new()),
             Ok(Parsed::Interim)
         ));
         assert!(matches!(
-            parse_head(&mut buf, false, &mut map),
+            parse_head(&mut buf, false, &mut map, &mut Vec::new()),
             Ok(Parsed::Complete(_))
         ));
         assert!(buf.is_empty());
@@ -882,7 +896,7 @@ mod tests {
         let capacity = map.capacity();
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
         assert!(matches!(
-            parse_head(&mut buf, false, &mut map),
+            parse_head(&mut buf, false, &mut map, &mut Vec::new()),
             Ok(Parsed::Partial)
         ));
         assert_eq!(
@@ -890,7 +904,8 @@ mod tests {
             "a partial head leaves the request whole"
         );
         buf.extend_from_slice(b"ngth: 0\r\n\r\n");
-        let Ok(Parsed::Complete(head)) = parse_head(&mut buf, false, &mut map) else {
+        let Ok(Parsed::Complete(head)) = parse_head(&mut buf, false, &mut map, &mut Vec::new())
+        else {
             panic!("complete head");
         };
         assert!(map.is_empty(), "the request's map went to the response");

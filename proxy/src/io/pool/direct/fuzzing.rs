@@ -93,7 +93,12 @@ pub(crate) fn read_head(
     loop {
         if !read_buf.is_empty() {
             received = true;
-            if let Some(head) = take_head(read_buf, head_request, &mut HeaderMap::new())? {
+            if let Some(head) = take_head(
+                read_buf,
+                head_request,
+                &mut HeaderMap::new(),
+                &mut Vec::new(),
+            )? {
                 let framing = match head.framing {
                     Framing::Empty => BodyFraming::Empty,
                     Framing::Length(n) => BodyFraming::Length(n),
