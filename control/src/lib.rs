@@ -11,7 +11,7 @@
 //! - [`api`]: the management API's JSON bodies; [`diagnose`]: policy errors for terminals.
 //! - [`cli`]: the `outriderctl` commands that talk to the control plane.
 //! - [`inject`] adds the sidecar to Kubernetes manifests, [`wait`] holds a legacy sidecar's pod
-//!   until the proxy is ready.
+//!   until the proxy is ready; [`yaml`] is the manifest value it edits.
 
 pub mod api;
 pub mod ca;
@@ -26,3 +26,4 @@ pub mod service_account;
 pub mod store;
 pub mod wait;
 pub mod watcher;
+pub mod yaml;
