@@ -114,8 +114,8 @@ pub enum InjectError {
         source_name: String,
         /// 1-based document number.
         index: usize,
-        /// The parser's message.
-        error: serde_saphyr::Error,
+        /// The parser's message (boxed: the error is large and this path is cold).
+        error: Box<serde_saphyr::Error>,
     },
     /// An injected document could not be written back as YAML.
     #[error("{source_name}: document {index}: {error}")]
@@ -302,7 +302,7 @@ pub fn inject_text(
             serde_saphyr::from_str(doc.body).map_err(|error| InjectError::Yaml {
                 source_name: source_name.to_string(),
                 index: index + 1,
-                error,
+                error: Box::new(error),
             })?
         };
         if inject_value(&mut value, options)? {

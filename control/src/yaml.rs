@@ -152,7 +152,11 @@ impl PartialEq<bool> for Value {
 
 impl PartialEq<i32> for Value {
     fn eq(&self, other: &i32) -> bool {
-        *self == Value::from(*other)
+        match self {
+            Value::Number(Number::Unsigned(n)) => i64::try_from(*n) == Ok(i64::from(*other)),
+            Value::Number(Number::Signed(n)) => *n == i64::from(*other),
+            _ => false,
+        }
     }
 }
 
