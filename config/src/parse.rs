@@ -38,6 +38,10 @@ pub const MAX_RECOVERY_BYTES: usize = 4 * MAX_DOCUMENT_BYTES;
 pub fn parse(text: &str) -> Result<Policy, Vec<Diagnostic>> {
     parse_one(text).map_err(|error| match error {
         Failure::Diagnostic(diagnostic) => vec![diagnostic],
+        // A syntax error or a broken budget first: nothing after it can be read.
+        Failure::Parse(first) if !is_structural(&first) => {
+            vec![diagnostic(&PositionIndex::build(text), &first, None)]
+        }
         Failure::Parse(first) => every_structural_error(text, &first),
     })
 }
