@@ -12,12 +12,14 @@
 //! - [`cli`]: the `outriderctl` commands that talk to the control plane.
 //! - [`inject`] adds the sidecar to Kubernetes manifests, [`wait`] holds a legacy sidecar's pod
 //!   until the proxy is ready; [`yaml`] is the manifest value it edits.
+//! - [`fuzzing`]: the entry point of the policy fuzz target (not an API).
 
 pub mod api;
 pub mod ca;
 pub mod cli;
 pub mod diagnose;
 pub mod engine;
+pub mod fuzzing;
 pub mod inject;
 pub mod merge;
 pub mod registry;
