@@ -4,7 +4,7 @@
 //! alone: Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs (also
 //! inside a `kind: List`) get the sidecar; every other document, and every workload that opts
 //! out with `outrider.dev/inject: "false"`, is written back byte for byte. Injected documents
-//! are re-serialised, so their comments are lost (serde_yaml keeps no comments).
+//! are re-serialised, so their comments are lost (the value read keeps no comments).
 //!
 //! Injection replaces what an earlier injection added (same container, volume and env names)
 //! instead of adding it again, so injecting twice changes nothing.
@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use serde_yaml::{Mapping, Value};
+use crate::yaml::{Mapping, Value};
 
 /// Name of the injected container; also how an earlier injection is recognised.
 pub const SIDECAR_NAME: &str = "outrider-proxy";
@@ -114,8 +114,18 @@ pub enum InjectError {
         source_name: String,
         /// 1-based document number.
         index: usize,
-        /// The parser's message.
-        error: serde_yaml::Error,
+        /// The parser's message (boxed: the error is large and this path is cold).
+        error: Box<serde_saphyr::Error>,
+    },
+    /// An injected document could not be written back as YAML.
+    #[error("{source_name}: document {index}: {error}")]
+    Encode {
+        /// File (or `<stdin>`).
+        source_name: String,
+        /// 1-based document number.
+        index: usize,
+        /// The serializer's message.
+        error: serde_saphyr::SerializeError,
     },
     /// A workload has a bad annotation, a bad flag value or an unexpected shape.
     #[error("{object}: {message}")]
@@ -263,6 +273,7 @@ pub fn main(args: InjectArgs) -> ExitCode {
                 eprintln!("outriderctl: {e}");
                 return ExitCode::from(match e {
                     InjectError::Yaml { .. } => 65,
+                    InjectError::Encode { .. } => 70,
                     _ => 64,
                 });
             }
@@ -288,18 +299,19 @@ pub fn inject_text(
         let mut value: Value = if doc.body.trim().is_empty() {
             Value::Null
         } else {
-            serde_yaml::from_str(doc.body).map_err(|error| InjectError::Yaml {
+            serde_saphyr::from_str(doc.body).map_err(|error| InjectError::Yaml {
                 source_name: source_name.to_string(),
                 index: index + 1,
-                error,
+                error: Box::new(error),
             })?
         };
         if inject_value(&mut value, options)? {
-            let serialized = serde_yaml::to_string(&value).map_err(|error| InjectError::Yaml {
-                source_name: source_name.to_string(),
-                index: index + 1,
-                error,
-            })?;
+            let serialized =
+                serde_saphyr::to_string(&value).map_err(|error| InjectError::Encode {
+                    source_name: source_name.to_string(),
+                    index: index + 1,
+                    error,
+                })?;
             out.push_str(&serialized);
         } else {
             out.push_str(doc.body);
@@ -834,9 +846,7 @@ fn set(m: &mut Mapping, key: &str, v: Value) {
 }
 
 fn entry_map<'a>(m: &'a mut Mapping, key: &str) -> Result<&'a mut Mapping, String> {
-    let slot = m
-        .entry(s(key))
-        .or_insert_with(|| Value::Mapping(Mapping::new()));
+    let slot = m.entry_or_insert_with(key, || Value::Mapping(Mapping::new()));
     if slot.is_null() {
         *slot = Value::Mapping(Mapping::new());
     }
@@ -845,9 +855,7 @@ fn entry_map<'a>(m: &'a mut Mapping, key: &str) -> Result<&'a mut Mapping, Strin
 }
 
 fn entry_seq<'a>(m: &'a mut Mapping, key: &str) -> Result<&'a mut Vec<Value>, String> {
-    let slot = m
-        .entry(s(key))
-        .or_insert_with(|| Value::Sequence(Vec::new()));
+    let slot = m.entry_or_insert_with(key, || Value::Sequence(Vec::new()));
     if slot.is_null() {
         *slot = Value::Sequence(Vec::new());
     }

@@ -11,13 +11,15 @@
 //! - [`api`]: the management API's JSON bodies; [`diagnose`]: policy errors for terminals.
 //! - [`cli`]: the `outriderctl` commands that talk to the control plane.
 //! - [`inject`] adds the sidecar to Kubernetes manifests, [`wait`] holds a legacy sidecar's pod
-//!   until the proxy is ready.
+//!   until the proxy is ready; [`yaml`] is the manifest value it edits.
+//! - [`fuzzing`]: the entry point of the policy fuzz target (not an API).
 
 pub mod api;
 pub mod ca;
 pub mod cli;
 pub mod diagnose;
 pub mod engine;
+pub mod fuzzing;
 pub mod inject;
 pub mod merge;
 pub mod registry;
@@ -26,3 +28,4 @@ pub mod service_account;
 pub mod store;
 pub mod wait;
 pub mod watcher;
+pub mod yaml;

@@ -9,6 +9,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use outrider_control::yaml::Value;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -70,7 +72,7 @@ fn deployment_gets_a_native_sidecar() {
     let file = fixture("deployment.yaml");
     let out = stdout_ok(&inject(&["-f", file.to_str().unwrap()], ""));
     golden(&golden_path("deployment.native.yaml"), &out, &[]);
-    let doc: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+    let doc: Value = serde_saphyr::from_str(&out).unwrap();
     let spec = &doc["spec"]["template"]["spec"];
     let sidecar = &spec["initContainers"][0];
     assert_eq!(sidecar["name"], "outrider-proxy");
@@ -101,7 +103,7 @@ fn legacy_sidecar_is_a_container_that_holds_the_app_until_ready() {
     let file = fixture("deployment.yaml");
     let out = stdout_ok(&inject(&["--legacy", file.to_str().unwrap()], ""));
     golden(&golden_path("deployment.legacy.yaml"), &out, &["--legacy"]);
-    let doc: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+    let doc: Value = serde_saphyr::from_str(&out).unwrap();
     let spec = &doc["spec"]["template"]["spec"];
     assert!(spec.get("initContainers").is_none());
     let first = &spec["containers"][0];
@@ -137,11 +139,11 @@ fn every_workload_kind_from_stdin_with_policy_env_and_annotations() {
         assert_eq!(input_docs[i], output_docs[i], "document {i} changed");
     }
 
-    let docs: Vec<serde_yaml::Value> = output_docs
+    let docs: Vec<Value> = output_docs
         .iter()
-        .map(|d| serde_yaml::from_str(d).unwrap())
+        .map(|d| serde_saphyr::from_str(d).unwrap())
         .collect();
-    let pod_spec = |doc: &serde_yaml::Value| -> serde_yaml::Value {
+    let pod_spec = |doc: &Value| -> Value {
         match doc["kind"].as_str().unwrap() {
             "Pod" => doc["spec"].clone(),
             "CronJob" => doc["spec"]["jobTemplate"]["spec"]["template"]["spec"].clone(),

@@ -1,8 +1,8 @@
 //! Entry points for the coverage-guided fuzz targets in `fuzz/` (cargo-fuzz), one per parser
 //! that reads what a peer sends: the upstream codec's response head and body framing
 //! (`pool/direct.rs`), the trace context headers (`policy/trace.rs`) and the request checks
-//! (`headers.rs`). Each runs the proxy's own code on arbitrary bytes and panics when an
-//! invariant breaks, so the fuzzer reports it; the unit tests below replay the committed corpus
+//! (`headers.rs`), and the routing snapshot built from a policy (`snapshot.rs`). Each runs the
+//! proxy's own code on arbitrary bytes and panics when an invariant breaks, so the fuzzer reports it; the unit tests below replay the committed corpus
 //! (`fuzz/corpus/<target>/`) and the crashes found so far.
 //!
 //! Not part of the proxy's API: nothing on the request path calls into this module.
@@ -12,7 +12,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 
 use crate::core::headers;
+use crate::http::snapshot::Snapshot;
 use crate::io::pool::direct::fuzzing::{self as direct, BodyFraming, ScriptedReads};
+use crate::telemetry::metrics::Metrics;
 use crate::trace::{self, Origin, Sampler, SpanId, TraceContext};
 
 /// Splits an input into a control byte, a read plan and the payload: the control byte's low bit
@@ -362,6 +364,66 @@ pub fn request_head(data: &[u8]) {
     assert!(fields.contains_key(&headers::REQUEST_ID));
 }
 
+/// Fuzz target `snapshot`: policy text, parsed and validated as a proxy loads `--policy`; a
+/// valid policy is compiled into the routing snapshot twice, the second time over the first
+/// as a reload does. Extreme but valid policies (thousands of services, maximal weights, rates
+/// and durations, DNS services, dedicated ports) are what the seed corpus and the YAML
+/// dictionary steer it to.
+///
+/// Invariants: building never panics; every service has its upstream, and a rebuild of the
+/// same policy keeps each one (the same `Arc`: warm pools and endpoint health survive a reload);
+/// every route's own authority and path prefix are routed; every `listen` has its dedicated
+/// target; there is an inbound target exactly when the policy has `inbound`.
+pub fn snapshot(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(mut loaded) = outrider_config::load("fuzz.yaml", text) else {
+        return;
+    };
+    // A CA bundle is a file read at build time: a path such as /dev/stdin would block the
+    // fuzzer, and the TLS config is not what is under test here.
+    for service in loaded.policy.services.values_mut() {
+        if let Some(outrider_config::ServiceTls::Origination(tls)) = service.tls.as_mut() {
+            tls.ca = None;
+        }
+    }
+    // DNS services spawn their resolver on the runtime; it is dropped, never driven.
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() else {
+        return;
+    };
+    let _entered = runtime.enter();
+    let Ok(metrics) = Metrics::new("fuzz") else {
+        return;
+    };
+    let policy = loaded.policy.clone();
+    let first = Snapshot::build(loaded.clone(), 1, &metrics, None);
+    let second = Snapshot::build(loaded, 2, &metrics, Some(&first));
+    for (name, service) in &policy.services {
+        let before = first.upstream(name).expect("every service has an upstream");
+        let after = second
+            .upstream(name)
+            .expect("every service has an upstream");
+        assert!(
+            std::sync::Arc::ptr_eq(before, after),
+            "service {name} lost its upstream on an identical reload"
+        );
+        if let Some(listen) = service.listen {
+            assert!(second.dedicated(listen).is_some(), "{listen} not served");
+        }
+    }
+    for route in &policy.routes {
+        let host = route.matches.authority.as_deref().unwrap_or("any.host");
+        let path = route.matches.path_prefix.as_deref().unwrap_or("/");
+        assert!(
+            second.route(host, path).is_some(),
+            "route {:?} does not route its own match",
+            route.name
+        );
+    }
+    assert_eq!(second.inbound().is_some(), policy.inbound.is_some());
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -456,6 +518,7 @@ mod tests {
             ("chunked", chunked),
             ("trace", trace),
             ("request_head", request_head),
+            ("snapshot", snapshot),
         ] {
             assert!(replay_corpus(target, run) >= 5, "{target}: corpus missing");
         }

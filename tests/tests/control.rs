@@ -806,6 +806,84 @@ fn validate_refuses_an_alias_bomb_and_deep_nesting_quickly_naming_the_budget() {
     }
 }
 
+/// Three structural mistakes in three services: each stopped the parse on its own before.
+const THREE_STRUCTURAL_ERRORS: &str = "services:
+  payments:
+    endpoints: [127.0.0.1:9101]
+    endpiont: 127.0.0.1:9102
+  cart:
+    endpoints: [127.0.0.1:9201]
+    timeouts: { connect: 5parsecs }
+  reviews:
+    endpoints: [127.0.0.1:9301]
+    protocol: http3
+";
+
+/// Path, message start and line:column of each error in [`THREE_STRUCTURAL_ERRORS`].
+const THE_THREE: [(&str, &str, usize, usize); 3] = [
+    (
+        "services.payments.endpiont",
+        "unknown field `endpiont`",
+        4,
+        5,
+    ),
+    (
+        "services.cart.timeouts.connect",
+        "duration `5parsecs` has an unknown unit",
+        7,
+        26,
+    ),
+    (
+        "services.reviews.protocol",
+        "unknown variant `http3`",
+        10,
+        15,
+    ),
+];
+
+#[test]
+fn validate_reports_every_structural_error_with_its_position() {
+    let (code, stderr, path, _) = validate_text("three.yaml", THREE_STRUCTURAL_ERRORS);
+    assert_eq!(code, Some(1), "{stderr}");
+    for (what, message, line, column) in THE_THREE {
+        let expected = format!("error: {what}: {message}");
+        let at = format!("  --> {path}:{line}:{column}");
+        assert!(
+            stderr.contains(&expected) && stderr.contains(&at),
+            "{expected} {at}\n{stderr}"
+        );
+    }
+    assert_eq!(stderr.matches("error: ").count(), 3, "{stderr}");
+}
+
+#[tokio::test]
+async fn apply_reports_every_structural_error_with_its_position() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control(&dirs);
+    let reply = control
+        .request("POST", "/v1/apply?name=three", THREE_STRUCTURAL_ERRORS)
+        .await;
+    assert_eq!(
+        reply.status,
+        422,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let body = reply.json();
+    let diagnostics = body["diagnostics"].as_array().expect("diagnostics");
+    assert_eq!(diagnostics.len(), 3, "{body}");
+    for (found, (what, message, line, column)) in diagnostics.iter().zip(THE_THREE) {
+        assert_eq!(found["path"], what, "{body}");
+        assert!(
+            found["message"].as_str().unwrap().starts_with(message),
+            "{body}"
+        );
+        assert_eq!(found["line"], line, "{body}");
+        assert_eq!(found["column"], column, "{body}");
+    }
+}
+
 #[test]
 fn validate_names_both_places_of_a_duplicate_key() {
     let (code, stderr, path, _) = validate_text(

@@ -22,26 +22,55 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+/// The parts of a Kubernetes manifest the sidecar is found by; everything else is ignored.
+#[derive(serde::Deserialize)]
+struct Manifest {
+    kind: String,
+    spec: Option<WorkloadSpec>,
+}
+
+#[derive(serde::Deserialize)]
+struct WorkloadSpec {
+    template: Option<PodTemplate>,
+}
+
+#[derive(serde::Deserialize)]
+struct PodTemplate {
+    spec: PodSpec,
+}
+
+#[derive(serde::Deserialize)]
+struct PodSpec {
+    #[serde(rename = "initContainers", default)]
+    init_containers: Vec<Container>,
+}
+
+#[derive(serde::Deserialize)]
+struct Container {
+    name: String,
+    command: Vec<String>,
+    args: Vec<String>,
+}
+
 /// The injected sidecar of the example Deployment: its command and args.
 fn injected_sidecar() -> Vec<String> {
     let text =
         std::fs::read_to_string(workspace().join("deploy/kubernetes/example-app.yaml")).unwrap();
     let deployment = text
         .split("\n---\n")
-        .map(|doc| serde_yaml::from_str::<serde_yaml::Value>(doc).unwrap())
-        .find(|doc| doc["kind"] == "Deployment")
+        .map(|doc| serde_saphyr::from_str::<Manifest>(doc).unwrap())
+        .find(|doc| doc.kind == "Deployment")
         .unwrap();
-    let sidecar = &deployment["spec"]["template"]["spec"]["initContainers"][0];
-    assert_eq!(sidecar["name"], "outrider-proxy");
-    let strings = |v: &serde_yaml::Value| -> Vec<String> {
-        v.as_sequence()
-            .unwrap()
-            .iter()
-            .map(|s| s.as_str().unwrap().to_string())
-            .collect()
-    };
-    let mut line = strings(&sidecar["command"]);
-    line.extend(strings(&sidecar["args"]));
+    let sidecar = &deployment
+        .spec
+        .unwrap()
+        .template
+        .unwrap()
+        .spec
+        .init_containers[0];
+    assert_eq!(sidecar.name, "outrider-proxy");
+    let mut line = sidecar.command.clone();
+    line.extend(sidecar.args.iter().cloned());
     line
 }
 

@@ -63,6 +63,31 @@ routes:
         "{stderr}"
     );
 
+    // Every structural error at once, each with its position.
+    std::fs::write(
+        &path,
+        "services:\n  a:\n    endpoint: [127.0.0.1:1]\n  b:\n    endpoints: [127.0.0.1:2]\n    protocol: h3\n  c: { endpoints: [127.0.0.1:3], timeouts: { idle: soon } }\n",
+    )
+    .unwrap();
+    let out = Command::new(proxy_binary())
+        .arg("--policy")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for (what, at) in [
+        ("services.a.endpoint: unknown field", "3:5"),
+        ("services.b.protocol: unknown variant `h3`", "6:15"),
+        ("services.c.timeouts.idle: ", "7:52"),
+    ] {
+        assert!(stderr.contains(what), "{what}\n{stderr}");
+        assert!(
+            stderr.contains(&format!("at {}:{at}", path.display())),
+            "{at}\n{stderr}"
+        );
+    }
+
     // Bad flags are usage errors too.
     let out = Command::new(proxy_binary())
         .args(["--policy", "x", "--workers", "0"])

@@ -933,7 +933,10 @@ mod tests {
         let over = head(MAX_HEAD_BYTES + 1);
         assert!(parse(over.as_bytes(), false).is_err_and(|e| e.is_invalid()));
         let mut buf = BytesMut::from(&over.as_bytes()[..MAX_HEAD_BYTES]);
-        assert!(take_head(&mut buf, false, &mut HeaderMap::new()).is_err_and(|e| e.is_invalid()));
+        assert!(
+            take_head(&mut buf, false, &mut HeaderMap::new(), &mut Vec::new())
+                .is_err_and(|e| e.is_invalid())
+        );
     }
 
     #[test]
