@@ -285,11 +285,12 @@ fn run_iptables(
     Ok(())
 }
 
-/// Puts the nat tables of the families already changed back as they were saved; where the
-/// table was not there to save, removes ours from it.
+/// Puts the nat tables of the families already changed back as they were: where nothing of
+/// ours was there, removes ours (leaving the rest of the table untouched); where a previous
+/// installation was, restores the saved nat table.
 fn rollback(applied: &[(iptables::Family, &str)]) -> Result<(), CaptureError> {
     for (family, saved) in applied {
-        if saved.trim().is_empty() {
+        if iptables::parse_save(saved).is_empty() {
             let now = tool::output(family.save_tool(), &["-t", "nat"])?;
             if let Some(script) = iptables::render_cleanup(&iptables::parse_save(&now)) {
                 tool::apply(family.restore_tool(), &["--noflush"], &script)?;

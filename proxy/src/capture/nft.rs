@@ -107,6 +107,7 @@ fn port_set(ports: &[PortRange]) -> Option<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
