@@ -405,6 +405,18 @@ fn capture_round_trip(mode: Mode) {
         installed,
         "init twice changed the ruleset"
     );
+    if mode == Mode::Nft {
+        // Where nft works, the default mode is nft: the same table again, nothing else.
+        let output = Command::new("ip")
+            .args(["netns", "exec", &net.pod])
+            .arg(proxy_binary())
+            .arg("init")
+            .args(SKIPS)
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        assert_eq!(net.ruleset(mode), installed, "--mode auto differs from nft");
+    }
 
     let (pod, remote) = (net.pod.clone(), net.remote.clone());
     net.listen(
