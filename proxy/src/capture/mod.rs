@@ -242,7 +242,19 @@ fn run_iptables(
     // first family installed.
     let mut plans = Vec::new();
     for family in [Family::V4, Family::V6] {
-        let saved = tool::output(family.save_tool(), &["-t", "nat"])?;
+        let saved = match tool::output(family.save_tool(), &["-t", "nat"]) {
+            Ok(saved) => saved,
+            // A dry run shows the rules even where the tables cannot be read (no capability,
+            // no tools): as for a table holding nothing of ours.
+            Err(e) if args.dry_run => {
+                let _ = writeln!(
+                    out,
+                    "# cannot read the nat table ({e}): assuming it is empty"
+                );
+                String::new()
+            }
+            Err(e) => return Err(e),
+        };
         let existing = iptables::parse_save(&saved);
         let script = if args.cleanup {
             iptables::render_cleanup(&existing)
