@@ -6,6 +6,7 @@
 //! either as the binary or in-process through [`run`].
 
 pub mod admin;
+pub mod capture;
 pub mod control;
 pub mod core;
 pub mod demo;

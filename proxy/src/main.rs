@@ -1,12 +1,13 @@
 //! `outrider-proxy`: parses flags, loads the policy, runs the proxy until SIGTERM/SIGINT.
 //! Exit codes: 0 after a drain, 64 (EX_USAGE) for bad flags or an invalid policy, 66
 //! (EX_NOINPUT) for an unreadable policy file, 69 (EX_UNAVAILABLE) when a port cannot be bound.
+//! `outrider-proxy init` installs the transparent-capture rules instead (see `capture`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use outrider_proxy::control::certificate::IdentityConfig;
 use outrider_proxy::control::subscribe::{self, ControlConfig, Token};
 use outrider_proxy::control::watch_file;
@@ -23,8 +24,16 @@ const EX_SOFTWARE: u8 = 70;
 
 /// Outrider sidecar proxy.
 #[derive(Debug, Parser)]
-#[command(name = "outrider-proxy", version, about)]
+#[command(
+    name = "outrider-proxy",
+    version,
+    about,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
+    /// Without a subcommand, the proxy runs.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Policy file (YAML), reloaded whenever it changes.
     #[arg(long, env = "OUTRIDER_POLICY", required_unless_present_any = ["demo", "control"], conflicts_with = "control")]
     policy: Option<PathBuf>,
@@ -113,6 +122,14 @@ struct Cli {
     log: String,
 }
 
+/// Subcommands of the same binary, so the image stays one.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install (or with --cleanup remove) the netfilter rules that redirect the pod's TCP to
+    /// the proxy; run in the pod's network namespace with NET_ADMIN and NET_RAW.
+    Init(outrider_proxy::capture::InitArgs),
+}
+
 /// mimalloc: its thread-local free lists cut the allocator's share of the request path.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -125,6 +142,15 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EX_USAGE } else { 0 });
         }
     };
+    if let Some(Command::Init(args)) = &cli.command {
+        return match outrider_proxy::capture::run(args, &mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("outrider-proxy init: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        };
+    }
     outrider_proxy::logging::init(&cli.log);
 
     let deadlines = [

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 /// name. A new top folder must be added here.
 const LAYERS: &[&str] = &[
     "core",
+    // `outrider-proxy init`: the netfilter rules, standalone (std, clap, thiserror only).
+    "capture",
     "policy",
     "trace",
     "telemetry",
