@@ -153,13 +153,11 @@ impl Drop for AbortOnDrop {
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            what: what.to_string(),
-            addr,
-            source,
-        })
+    crate::io::connection::listen(addr).map_err(|source| StartError::Bind {
+        what: what.to_string(),
+        addr,
+        source,
+    })
 }
 
 /// Binds every listener for `policy` (from a file) and starts serving. Must be called inside a

@@ -203,7 +203,9 @@ fn main() -> ExitCode {
                 return ExitCode::from(EX_NOINPUT);
             }
         };
-        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        // Every proxy of the fleet reconnects at once after a restart: the kernel's accept queue
+        // is sized for that burst (tokio's default is 128), as the proxy's listeners are.
+        let listener = match listen(args.listen) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("outrider-control: cannot listen on {}: {e}", args.listen);
@@ -282,4 +284,16 @@ fn init_logging(filter: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Binds the API's listening socket with a backlog of 1024 and `SO_REUSEADDR`.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outrider_config::{AccessLog as AccessLogSetting, LoadedPolicy, PolicyError};
-use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
@@ -228,7 +227,7 @@ impl Reloader {
             if listeners.by_config.contains_key(addr) {
                 continue;
             }
-            match TcpListener::bind(addr).await {
+            match crate::io::connection::listen(*addr) {
                 Ok(listener) => added.push((service.clone(), *addr, listener)),
                 Err(source) => {
                     return Err(ReloadError::Bind {

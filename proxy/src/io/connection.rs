@@ -49,6 +49,27 @@ pub const MAX_DERIVED_CONNECTIONS: u32 = 16_384;
 /// Nor goes below this, however low the descriptor limit.
 const MIN_DERIVED_CONNECTIONS: u32 = 8;
 
+/// The kernel's queue of connections accepted but not yet taken by the proxy, per listener.
+/// tokio's `TcpListener::bind` asks for 128 (libc's `SOMAXCONN`), while Linux allows 4096
+/// (`net.core.somaxconn`): a burst of more connections than that (a flood, or many pods' clients
+/// reconnecting at once) overflows the queue, and connections completed by SYN cookies are then
+/// dropped with no trace on the proxy's side while their clients believe them established. 1024
+/// is Envoy's and Linkerd's choice; the kernel caps it at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds a listening socket on `addr` with [`LISTEN_BACKLOG`] and `SO_REUSEADDR` (as tokio's
+/// `TcpListener::bind` sets it). Must be called within the runtime.
+pub fn listen(addr: std::net::SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// TCP keepalive on accepted and upstream sockets: the first probe after this much silence...
 const KEEPALIVE_TIME: Duration = Duration::from_secs(60);
 /// ...then one probe this often...
