@@ -18,6 +18,7 @@ use http::{HeaderMap, Method, StatusCode};
 use outrider_config::{Retries, RetryOn};
 use tokio::time::Instant;
 
+use crate::core::methods::is_idempotent;
 use crate::policy::timeout;
 
 /// How an attempt failed, as far as retrying is concerned.
@@ -131,14 +132,6 @@ impl RetryPolicy {
     pub fn honours_retry_after(&self, asked: Duration, left: Option<Duration>) -> bool {
         asked <= self.max_retry_after && left.is_none_or(|left| asked < left)
     }
-}
-
-/// RFC 9110 idempotent methods.
-pub fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
 }
 
 /// The delay a `Retry-After` header asks for, in its delta-seconds form. (The HTTP-date form is

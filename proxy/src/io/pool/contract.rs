@@ -6,6 +6,8 @@
 use http::Method;
 use hyper::client::conn::http1;
 
+use crate::core::methods::is_safe;
+
 /// Largest response head (status line and header fields, each interim response on its own)
 /// accepted; larger gets 502. The same as the proxy's own listeners take from callers.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -40,17 +42,14 @@ pub enum Progress {
 
 /// Whether a request that failed on a connection goes out again on another one: only when the
 /// connection was reused (a new one failing says the upstream is in trouble), and then when
-/// the request never left, or may have but repeating it is harmless (the rule Go's net/http
-/// applies to reused connections). hyper's client hands a request back only when it never
+/// the request never left, or may have but is safe to repeat (the rule Go's net/http applies
+/// to reused connections: see [`crate::core::methods`]). hyper's client hands a request back only when it never
 /// left, so for it the second case does not arise.
 pub fn may_resend(reused: bool, progress: Progress, method: &Method) -> bool {
     reused
         && match progress {
             Progress::Unsent => true,
-            Progress::Unanswered => matches!(
-                *method,
-                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-            ),
+            Progress::Unanswered => is_safe(method),
             Progress::Answered => false,
         }
 }
