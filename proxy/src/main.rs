@@ -82,14 +82,10 @@ struct Cli {
     /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> certified by the control plane.
     #[arg(long, env = "OUTRIDER_SERVICE_ACCOUNT", requires = "control")]
     service_account: Option<String>,
-    /// The pod's projected service-account token (re-read at each certificate request), for a
-    /// control plane that issues certificates only to the service account a token proves
-    /// (`outrider-control serve --sa-jwks`).
-    #[arg(
-        long,
-        env = "OUTRIDER_IDENTITY_TOKEN_FILE",
-        requires = "service_account"
-    )]
+    /// The pod's projected service-account token (re-read at each subscription and certificate
+    /// request), for a control plane that serves policy and certificates only to the service
+    /// account a token proves (`outrider-control serve --sa-jwks`).
+    #[arg(long, env = "OUTRIDER_IDENTITY_TOKEN_FILE", requires = "control")]
     identity_token_file: Option<PathBuf>,
     /// From accept to the first complete request head: the inbound TLS sniff and handshake,
     /// protocol detection, the HTTP/1.1 head or the HTTP/2 preface and first HEADERS. An
@@ -234,7 +230,6 @@ fn main() -> ExitCode {
             control: control.clone(),
             namespace: cli.namespace.clone(),
             service_account: service_account.clone(),
-            service_account_token: cli.identity_token_file.clone(),
         }),
         _ => None,
     };
@@ -375,6 +370,7 @@ fn control_config(cli: &Cli) -> Result<Option<ControlConfig>, String> {
         proxy_id,
         workload: cli.workload.clone(),
         state_dir: cli.state_dir.clone(),
+        service_account_token: cli.identity_token_file.clone(),
     }))
 }
 

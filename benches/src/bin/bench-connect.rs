@@ -325,10 +325,10 @@ async fn mesh_client_config(args: &MtlsArgs) -> Result<Arc<ClientConfig>, String
                 proxy_id: "bench-connect".into(),
                 workload: "bench-connect".into(),
                 state_dir: None,
+                service_account_token: None,
             },
             namespace: args.namespace.clone(),
             service_account: args.service_account.clone(),
-            service_account_token: None,
         },
         Arc::clone(&mesh),
     );

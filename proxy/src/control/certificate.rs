@@ -3,12 +3,11 @@
 //! short-lived certificate that comes back, renewed at about 70% of its lifetime without a
 //! restart. Failures are retried with backoff while the certificate in force stays.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -16,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use outrider_config::wire::{self, CertificateRequest, CertificateResponse, CERTIFICATE_PATH};
 
-use crate::control::subscribe::{Backoff, ControlConfig, Token};
+use crate::control::subscribe::{read_service_account_token, Backoff, ControlConfig, Token};
 use crate::io::identity::{IdentityError, Mesh};
 
 /// Percentage of a certificate's lifetime after which it is renewed.
@@ -58,15 +57,12 @@ fn unix_now() -> u64 {
 /// Who this proxy asks to be.
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
-    /// The control plane (URL and token).
+    /// The control plane (URL, token and service-account token).
     pub control: ControlConfig,
     /// Kubernetes namespace.
     pub namespace: String,
     /// Service account.
     pub service_account: String,
-    /// The pod's projected service-account token, re-read at every fetch (the kubelet
-    /// refreshes it), sent to a control plane that binds identities to service accounts.
-    pub service_account_token: Option<PathBuf>,
 }
 
 /// Fetches the first certificate and renews it at ~70% of each lifetime, forever; failures are
@@ -123,13 +119,10 @@ async fn fetch(
             .trim()
             .to_string(),
     };
-    let sa_token = match &config.service_account_token {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(IdentityError::ServiceAccountToken)?
-                .trim()
-                .to_string(),
-        ),
+    let sa_token = match &config.control.service_account_token {
+        Some(path) => {
+            Some(read_service_account_token(path).map_err(IdentityError::ServiceAccountToken)?)
+        }
         None => None,
     };
     let body = serde_json::to_vec(&request).map_err(|e| IdentityError::Response(e.to_string()))?;
@@ -144,14 +137,8 @@ async fn fetch(
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| IdentityError::Control(e.to_string()))?;
     if let Some(sa_token) = sa_token {
-        let value = HeaderValue::try_from(sa_token).map_err(|e| {
-            IdentityError::ServiceAccountToken(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                e,
-            ))
-        })?;
         req.headers_mut()
-            .insert(wire::SERVICE_ACCOUNT_TOKEN_HEADER, value);
+            .insert(wire::SERVICE_ACCOUNT_TOKEN_HEADER, sa_token);
     }
     let exchange = async {
         let response = client

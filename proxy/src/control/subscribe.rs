@@ -10,12 +10,12 @@
 //! again.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
@@ -23,7 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use outrider_config::wire::{
-    Ack, PolicyUpdate, ServerMessage, ACK_PATH, HEARTBEAT_SECS, MAX_LINE, SESSION_HEADER,
+    self, Ack, PolicyUpdate, ServerMessage, ACK_PATH, HEARTBEAT_SECS, MAX_LINE, SESSION_HEADER,
     SUBSCRIBE_PATH,
 };
 
@@ -64,6 +64,18 @@ pub struct ControlConfig {
     pub workload: String,
     /// Where the last good policy is persisted; `None` persists nothing.
     pub state_dir: Option<PathBuf>,
+    /// The pod's projected service-account token, re-read at every subscription and
+    /// certificate request (the kubelet refreshes it), for a control plane that binds
+    /// workloads and identities to service accounts (`--sa-jwks`).
+    pub service_account_token: Option<PathBuf>,
+}
+
+/// Reads the pod's service-account token at `path` as a header value. Read at each request,
+/// not once: projected tokens rotate.
+pub fn read_service_account_token(path: &Path) -> std::io::Result<HeaderValue> {
+    let token = std::fs::read_to_string(path)?;
+    HeaderValue::try_from(token.trim())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// Why a subscription ended.
@@ -72,6 +84,14 @@ pub enum SessionError {
     /// The token file could not be read.
     #[error("cannot read the token file {path}: {source}")]
     Token {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The service-account token file could not be read.
+    #[error("cannot read the service-account token {path}: {source}")]
+    ServiceAccountToken {
         /// The file.
         path: PathBuf,
         /// The OS error.
@@ -315,9 +335,20 @@ impl Subscriber {
         if !last_session.is_empty() {
             let _ = write!(uri, "&session={}", encode(&last_session));
         }
-        let request = Request::get(uri)
+        let mut request = Request::get(uri)
             .header(AUTHORIZATION, format!("Bearer {token}"))
             .body(Full::new(Bytes::new()))?;
+        if let Some(path) = &self.config.service_account_token {
+            let sa_token = read_service_account_token(path).map_err(|source| {
+                SessionError::ServiceAccountToken {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            request
+                .headers_mut()
+                .insert(wire::SERVICE_ACCOUNT_TOKEN_HEADER, sa_token);
+        }
         let response = tokio::time::timeout(RESPONSE_TIMEOUT, self.client.request(request))
             .await
             .map_err(|_| SessionError::Timeout(RESPONSE_TIMEOUT))??;
