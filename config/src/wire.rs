@@ -39,8 +39,9 @@ pub const MAX_LINE: usize = 16 * 1024 * 1024;
 
 /// Path proxies post their certificate signing requests to.
 pub const CERTIFICATE_PATH: &str = "/v1/certificate";
-/// Header of a certificate request carrying the pod's Kubernetes service-account token, which
-/// a control plane that binds identities to service accounts verifies.
+/// Header of a certificate request or a subscription carrying the pod's Kubernetes
+/// service-account token, which a control plane that binds identities to service accounts
+/// verifies.
 pub const SERVICE_ACCOUNT_TOKEN_HEADER: &str = "x-outrider-service-account-token";
 
 /// A proxy asking for its workload certificate.

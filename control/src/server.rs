@@ -121,7 +121,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
         (&Method::GET, "/live") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/ready") => ready(&app.engine),
         (&Method::GET, "/metrics") => metrics(&app.engine),
-        (&Method::GET, wire::SUBSCRIBE_PATH) => subscribe(&query, peer, app),
+        (&Method::GET, wire::SUBSCRIBE_PATH) => subscribe(req.headers(), &query, peer, app).await,
         (&Method::POST, wire::ACK_PATH) => ack(req, app).await,
         (&Method::POST, wire::CERTIFICATE_PATH) => certificate(req, peer, app).await,
         (&Method::POST, api::APPLY_PATH) => apply(req, &query, app).await,
@@ -224,13 +224,46 @@ fn metrics(engine: &Engine) -> Response<ResBody> {
     res
 }
 
-fn subscribe(query: &HashMap<String, String>, peer: SocketAddr, app: &App) -> Response<ResBody> {
+/// Streams a workload's policy. With service-account binding on, the request's
+/// service-account token decides the workload: its service account's name.
+async fn subscribe(
+    headers: &header::HeaderMap,
+    query: &HashMap<String, String>,
+    peer: SocketAddr,
+    app: &App,
+) -> Response<ResBody> {
     let Some(workload) = query.get("workload").filter(|w| valid_workload(w)) else {
         return error(
             StatusCode::BAD_REQUEST,
             "`workload` query parameter needed (letters, digits, '-', '.', '_')",
         );
     };
+    if let Some(service_accounts) = &app.service_accounts {
+        let sa_token = headers
+            .get(wire::SERVICE_ACCOUNT_TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        // Signature checks are CPU work: off the reactor.
+        let service_accounts = Arc::clone(service_accounts);
+        let asked = workload.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            service_accounts.check_workload(sa_token.as_deref(), &asked)
+        })
+        .await;
+        match checked {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, %workload, error = %e, "subscription refused");
+                return error(StatusCode::FORBIDDEN, &e.to_string());
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("token check failed: {e}"),
+                )
+            }
+        }
+    }
     let proxy = query
         .get("proxy")
         .cloned()

@@ -9,6 +9,10 @@
 //! set, and a subject `system:serviceaccount:<namespace>:<name>` naming exactly the namespace
 //! and service account asked for.
 //!
+//! The same token binds subscriptions: a proxy may subscribe only as the workload named like
+//! its service account (one service account per workload, as the mesh identity
+//! `spiffe://<td>/ns/<ns>/sa/<sa>` assumes), so a token cannot fetch another workload's policy.
+//!
 //! The JWKS file is read again when it changes (the issuer rotates its keys; a ConfigMap
 //! update replaces the file); a new file that cannot be read or parsed leaves the keys in use.
 
@@ -50,7 +54,7 @@ pub enum ServiceAccountError {
         reason: String,
     },
     /// The request carried no token.
-    #[error("no service-account token: this control plane issues certificates only to the service account a pod's token proves (proxy: --identity-token-file)")]
+    #[error("no service-account token: this control plane issues certificates and policy only to the service account a pod's token proves (proxy: --identity-token-file)")]
     Missing,
     /// The token is not a JWT, or names an algorithm not accepted here.
     #[error("not a service-account token: {0}")]
@@ -71,6 +75,16 @@ pub enum ServiceAccountError {
         token: String,
         /// `namespace/name` the request asked for.
         asked: String,
+    },
+    /// The token is for a service account whose workload is not the one subscribed as.
+    #[error("token is for service account {namespace}/{name}; it may subscribe as workload {name:?}, not {workload:?}")]
+    WorkloadMismatch {
+        /// The token's namespace.
+        namespace: String,
+        /// The token's service account, the only workload it may subscribe as.
+        name: String,
+        /// The workload asked for.
+        workload: String,
     },
 }
 
@@ -150,6 +164,24 @@ impl ServiceAccountTokens {
             return Err(ServiceAccountError::Mismatch {
                 token: format!("{}/{}", proved.namespace, proved.name),
                 asked: format!("{namespace}/{name}"),
+            });
+        }
+        Ok(proved)
+    }
+
+    /// Checks that `token` may subscribe as `workload`: one service account per workload, so
+    /// the workload is the token's service account name.
+    pub fn check_workload(
+        &self,
+        token: Option<&str>,
+        workload: &str,
+    ) -> Result<ServiceAccount, ServiceAccountError> {
+        let proved = self.verify(token.ok_or(ServiceAccountError::Missing)?)?;
+        if proved.name != workload {
+            return Err(ServiceAccountError::WorkloadMismatch {
+                namespace: proved.namespace,
+                name: proved.name,
+                workload: workload.to_string(),
             });
         }
         Ok(proved)
@@ -380,6 +412,36 @@ mod tests {
         assert!(matches!(
             tokens.check(None, "shop", "payments"),
             Err(ServiceAccountError::Missing)
+        ));
+    }
+
+    #[test]
+    fn a_token_subscribes_only_as_its_service_accounts_workload() {
+        let issuer = Issuer::new("k1");
+        let jwks = Jwks::write("workload", &[&issuer]);
+        let tokens = verifier(&jwks);
+        let token = issuer.token(&claims(PAYMENTS));
+        assert_eq!(
+            tokens
+                .check_workload(Some(&token), "payments")
+                .unwrap()
+                .name,
+            "payments"
+        );
+        let err = tokens.check_workload(Some(&token), "orders").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "token is for service account shop/payments; it may subscribe as workload \"payments\", not \"orders\""
+        );
+        assert!(matches!(
+            tokens.check_workload(None, "payments"),
+            Err(ServiceAccountError::Missing)
+        ));
+        // A forged token proves nothing, whatever workload it names.
+        let forged = Issuer::new("k1").token(&claims(PAYMENTS));
+        assert!(matches!(
+            tokens.check_workload(Some(&forged), "payments"),
+            Err(ServiceAccountError::Invalid(_))
         ));
     }
 

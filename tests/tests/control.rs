@@ -1031,3 +1031,116 @@ async fn a_change_too_large_to_push_is_refused_at_apply() {
         other => panic!("nothing must be pushed, got {other:?}"),
     }
 }
+
+/// Raw `GET /v1/subscribe` for `workload` with the fixture API token and, when given, a
+/// service-account token.
+async fn subscribe_raw(
+    control: &outrider_e2e::control::Control,
+    workload: &str,
+    sa_token: Option<&str>,
+) -> outrider_e2e::Reply {
+    let mut req = http::Request::get(format!(
+        "{}/v1/subscribe?workload={workload}&proxy=raw-{workload}",
+        control.url()
+    ))
+    .header("authorization", format!("Bearer {CONTROL_TOKEN}"));
+    if let Some(token) = sa_token {
+        req = req.header(outrider_config::wire::SERVICE_ACCOUNT_TOKEN_HEADER, token);
+    }
+    let client = outrider_e2e::http1_client();
+    let send = outrider_e2e::send(&client, req.body(outrider_e2e::empty()).unwrap());
+    tokio::time::timeout(Duration::from_secs(5), send)
+        .await
+        .expect("the control plane answers a refused subscription at once")
+}
+
+#[tokio::test]
+async fn with_sa_jwks_a_proxy_subscribes_only_as_its_service_accounts_workload() {
+    let issuer = outrider_e2e::service_account::TokenIssuer::new();
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let flags = issuer.control_flags();
+    let control = start_control_with(&dirs, &flags.each_ref().map(String::as_str));
+    let orders_token = issuer.token_file("shop", "orders", "outrider", 3600);
+    let proxy = |workload: &str, id: &str, token: Option<&std::ffi::OsString>| {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--control".into(),
+            control.url().into(),
+            "--token-file".into(),
+            dirs.token_file.clone().into(),
+            "--workload".into(),
+            workload.into(),
+            "--proxy-id".into(),
+            id.into(),
+        ];
+        if let Some(token) = token {
+            args.extend(["--identity-token-file".into(), token.clone()]);
+        }
+        outrider_e2e::spawn_proxy(outrider_e2e::TempDir::new(), &args)
+    };
+    let state_of = |status: &serde_json::Value, id: &str| {
+        status["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["proxy"] == id)
+            .map(|p| p["state"].as_str().unwrap_or_default().to_string())
+    };
+
+    // The pod running as `orders` gets the policy of workload `orders`.
+    let orders = proxy("orders", "pod-orders", Some(&orders_token));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state_of(&control.status().await, "pod-orders").as_deref() != Some("in-sync") {
+        assert!(
+            Instant::now() < deadline,
+            "orders never in sync: {}; proxy logs:\n{}",
+            control.status().await,
+            orders.logs().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The same token claiming workload `payments`: refused, naming both.
+    let token = std::fs::read_to_string(&orders_token).unwrap();
+    let reply = subscribe_raw(&control, "payments", Some(&token)).await;
+    assert_eq!(reply.status, 403);
+    let body = String::from_utf8_lossy(&reply.body);
+    assert!(
+        body.contains(
+            "token is for service account shop/orders; it may subscribe as workload \\\"orders\\\", not \\\"payments\\\""
+        ),
+        "{body}"
+    );
+    // Without a token: refused too.
+    let reply = subscribe_raw(&control, "orders", None).await;
+    assert_eq!(reply.status, 403);
+    assert!(
+        String::from_utf8_lossy(&reply.body).contains("no service-account token"),
+        "{:?}",
+        reply.body
+    );
+    // A proxy started as `payments` with the `orders` token, and one with no token, get
+    // nothing: refused at every attempt, never registered.
+    let impostor = proxy("payments", "pod-payments", Some(&orders_token));
+    let tokenless = proxy("orders", "pod-tokenless", None);
+    for refused in [&impostor, &tokenless] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !refused.logs().iter().any(|l| l.contains("403")) {
+            assert!(
+                Instant::now() < deadline,
+                "no 403 logged:\n{}",
+                refused.logs().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(refused.admin_get("/ready").await.0, 503);
+    }
+    assert!(control.wait_log(Duration::from_secs(2), |l| l
+        .contains("subscription refused")
+        && l.contains("payments")));
+    let status = control.status().await;
+    assert_eq!(state_of(&status, "pod-payments"), None, "{status}");
+    assert_eq!(state_of(&status, "pod-tokenless"), None, "{status}");
+    assert_eq!(state_of(&status, "raw-payments"), None, "{status}");
+    assert_eq!(state_of(&status, "pod-orders").as_deref(), Some("in-sync"));
+}

@@ -146,14 +146,15 @@ async fn the_injected_sidecar_subscribes_to_the_control_plane_and_routes_by_the_
                 assert_eq!(value, "$(POD_NAMESPACE)");
                 "outrider".into()
             }
-            // The example sets no serviceAccountName: the pod runs as `default`.
+            // With --sa-jwks a pod subscribes only as the workload named like its service
+            // account, so the pod runs as `checkout` (README: Service-account binding).
             "--service-account" => {
                 assert_eq!(value, "$(POD_SERVICE_ACCOUNT)");
-                "default".into()
+                "checkout".into()
             }
             "--identity-token-file" => {
                 assert_eq!(value, "/var/run/outrider/identity/token");
-                issuer.token_file("outrider", "default", "outrider", 3600)
+                issuer.token_file("outrider", "checkout", "outrider", 3600)
             }
             // The harness binds every listener on 127.0.0.1:0.
             "--admin" => continue,
@@ -183,7 +184,7 @@ async fn the_injected_sidecar_subscribes_to_the_control_plane_and_routes_by_the_
     let identity: serde_json::Value = serde_json::from_str(&identity).unwrap();
     assert_eq!(
         identity["identity"],
-        "spiffe://cluster.local/ns/outrider/sa/default"
+        "spiffe://cluster.local/ns/outrider/sa/checkout"
     );
 
     // The defaults' route and the workload's dedicated port both work through the sidecar.
