@@ -163,7 +163,7 @@ impl PersistHealth {
     }
 
     /// Records the outcome of the latest write: `None` once the file holds the newest policy.
-    pub fn set(&self, error: Option<String>) {
+    pub(crate) fn set(&self, error: Option<String>) {
         *self.lock() = error;
     }
 
