@@ -67,15 +67,42 @@ fn golden_path(name: &str) -> PathBuf {
     root().join("tests/golden/inject").join(name)
 }
 
+/// The containers' names, in order.
+fn names(list: &Value) -> Vec<String> {
+    list.as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
-fn deployment_gets_a_native_sidecar() {
+fn deployment_gets_a_native_sidecar_and_its_traffic_captured() {
     let file = fixture("deployment.yaml");
-    let out = stdout_ok(&inject(&["-f", file.to_str().unwrap()], ""));
-    golden(&golden_path("deployment.native.yaml"), &out, &[]);
-    let doc: Value = serde_saphyr::from_str(&out).unwrap();
+    let out = inject(&["-f", file.to_str().unwrap()], "");
+    let text = stdout_ok(&out);
+    assert_eq!(stderr_of(&out), "", "nothing to warn about");
+    golden(&golden_path("deployment.native.yaml"), &text, &[]);
+    let doc: Value = serde_saphyr::from_str(&text).unwrap();
     let spec = &doc["spec"]["template"]["spec"];
-    let sidecar = &spec["initContainers"][0];
-    assert_eq!(sidecar["name"], "outrider-proxy");
+    // The rules first, then the proxy, both before the app.
+    assert_eq!(
+        names(&spec["initContainers"]),
+        ["outrider-init", "outrider-proxy"]
+    );
+    let init = &spec["initContainers"][0];
+    assert_eq!(init["args"][0], "init");
+    assert_eq!(init["securityContext"]["runAsUser"], 0);
+    assert_eq!(
+        init["securityContext"]["capabilities"]["add"][0],
+        "NET_ADMIN"
+    );
+    assert_eq!(init["securityContext"]["capabilities"]["add"][1], "NET_RAW");
+    let sidecar = &spec["initContainers"][1];
     assert_eq!(sidecar["restartPolicy"], "Always");
     assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/ready");
     assert_eq!(sidecar["livenessProbe"]["httpGet"]["path"], "/live");
@@ -83,19 +110,102 @@ fn deployment_gets_a_native_sidecar() {
     assert_eq!(sidecar["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(sidecar["securityContext"]["capabilities"]["drop"][0], "ALL");
     assert_eq!(sidecar["ports"][0]["name"], "admin");
-    // The sidecar is not among the app containers; both app containers point at it, and the
-    // app's own HTTP_PROXY is replaced in place rather than duplicated.
-    let containers = spec["containers"].as_sequence().unwrap();
-    assert_eq!(containers.len(), 2);
-    for c in containers {
-        let env = c["env"].as_sequence().unwrap();
-        let proxies: Vec<_> = env.iter().filter(|e| e["name"] == "HTTP_PROXY").collect();
-        assert_eq!(proxies.len(), 1);
-        assert_eq!(proxies[0]["value"], "http://127.0.0.1:15001");
-    }
-    let annotations = &doc["spec"]["template"]["metadata"]["annotations"];
+    // The sidecar is not among the app containers, and the app is not pointed at it: its own
+    // HTTP_PROXY stays, the other container gets no proxy variables.
+    let containers = &spec["containers"];
+    assert_eq!(names(containers), ["app", "worker"]);
+    assert_eq!(containers[0]["env"][1]["name"], "HTTP_PROXY");
+    assert_eq!(
+        containers[0]["env"][1]["value"],
+        "http://corporate-proxy:3128"
+    );
+    assert!(containers[1].get("env").is_none());
+    let template = &doc["spec"]["template"]["metadata"];
+    assert_eq!(template["labels"]["outrider.dev/meshed"], "true");
+    let annotations = &template["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"], "true");
     assert_eq!(annotations["prometheus.io/port"], "15000");
+    assert_eq!(
+        annotations["kubectl.kubernetes.io/default-container"],
+        "app"
+    );
+    assert_eq!(annotations["outrider.dev/injected-traffic"], "capture");
+    assert_eq!(annotations["outrider.dev/injected-sidecar"], "native");
+    assert_eq!(
+        annotations["outrider.dev/injected-version"],
+        env!("CARGO_PKG_VERSION")
+    );
+}
+
+#[test]
+fn capture_false_keeps_the_http_proxy_mode_and_the_apps_own_proxy() {
+    let file = fixture("deployment.yaml");
+    let out = inject(&["--capture=false", file.to_str().unwrap()], "");
+    let text = stdout_ok(&out);
+    assert_eq!(
+        stderr_of(&out),
+        "outriderctl: warning: Deployment/checkout container app keeps its own \
+         HTTP_PROXY=http://corporate-proxy:3128: its plain-HTTP calls go there, not through the \
+         mesh (capture, the default, meshes them)\n"
+    );
+    golden(
+        &golden_path("deployment.explicit.yaml"),
+        &text,
+        &["--capture=false"],
+    );
+    let doc: Value = serde_saphyr::from_str(&text).unwrap();
+    let spec = &doc["spec"]["template"]["spec"];
+    assert_eq!(names(&spec["initContainers"]), ["outrider-proxy"]);
+    let env = |i: usize| -> Vec<(String, String)> {
+        spec["containers"][i]["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().to_string(),
+                    e["value"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        env(0),
+        pairs(&[
+            ("LOG_LEVEL", "info"),
+            ("HTTP_PROXY", "http://corporate-proxy:3128"),
+            ("NO_PROXY", "127.0.0.1,localhost,::1"),
+            ("no_proxy", "127.0.0.1,localhost,::1"),
+        ])
+    );
+    assert_eq!(
+        env(1),
+        pairs(&[
+            ("HTTP_PROXY", "http://127.0.0.1:15001"),
+            ("http_proxy", "http://127.0.0.1:15001"),
+            ("NO_PROXY", "127.0.0.1,localhost,::1"),
+            ("no_proxy", "127.0.0.1,localhost,::1"),
+        ])
+    );
+    assert_eq!(
+        doc["spec"]["template"]["metadata"]["annotations"]["outrider.dev/injected-traffic"],
+        "explicit"
+    );
+
+    // The env twin says the same; and injecting with capture takes back what explicit set.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outriderctl"));
+    child
+        .args(["inject", file.to_str().unwrap()])
+        .env("OUTRIDER_INJECT_CAPTURE", "false");
+    assert_eq!(stdout_ok(&child.output().unwrap()), text);
+    let captured = stdout_ok(&inject(&[], &text));
+    let expected = std::fs::read_to_string(golden_path("deployment.native.yaml")).unwrap();
+    assert_eq!(captured, expected);
 }
 
 #[test]
@@ -105,7 +215,17 @@ fn legacy_sidecar_is_a_container_that_holds_the_app_until_ready() {
     golden(&golden_path("deployment.legacy.yaml"), &out, &["--legacy"]);
     let doc: Value = serde_saphyr::from_str(&out).unwrap();
     let spec = &doc["spec"]["template"]["spec"];
-    assert!(spec.get("initContainers").is_none());
+    assert_eq!(names(&spec["initContainers"]), ["outrider-init"]);
+    assert_eq!(
+        names(&spec["containers"]),
+        ["outrider-proxy", "app", "worker"]
+    );
+    // `kubectl logs` without -c shows the app, not the proxy in front of it.
+    assert_eq!(
+        doc["spec"]["template"]["metadata"]["annotations"]
+            ["kubectl.kubernetes.io/default-container"],
+        "app"
+    );
     let first = &spec["containers"][0];
     assert_eq!(first["name"], "outrider-proxy");
     assert!(first.get("restartPolicy").is_none());
@@ -119,42 +239,59 @@ fn legacy_sidecar_is_a_container_that_holds_the_app_until_ready() {
     assert_eq!(native, expected);
 }
 
+/// The pod spec of an injected document of any kind.
+fn pod_spec(doc: &Value) -> Value {
+    match doc["kind"].as_str().unwrap() {
+        "Pod" => doc["spec"].clone(),
+        "CronJob" => doc["spec"]["jobTemplate"]["spec"]["template"]["spec"].clone(),
+        "List" => doc["items"][0]["spec"]["template"]["spec"].clone(),
+        _ => doc["spec"]["template"]["spec"].clone(),
+    }
+}
+
+/// Documents of a multi-document output, parsed.
+fn documents(text: &str) -> Vec<Value> {
+    text.split("\n---\n")
+        .map(|d| serde_saphyr::from_str(d).unwrap())
+        .collect()
+}
+
 #[test]
 fn every_workload_kind_from_stdin_with_policy_env_and_annotations() {
     let text = std::fs::read_to_string(fixture("mixed.yaml")).unwrap();
     let policy = fixture("policy.yaml");
     let args = ["--policy", policy.to_str().unwrap()];
     // No file: standard input. `-`: standard input too; both give the same.
-    let out = stdout_ok(&inject(&args, &text));
+    let run = inject(&args, &text);
+    let out = stdout_ok(&run);
     let dash = stdout_ok(&inject(&[args[0], args[1], "-"], &text));
     assert_eq!(out, dash);
     golden(&golden_path("mixed.yaml"), &out, &args);
+    // The hostNetwork DaemonSet is the one warning.
+    assert_eq!(
+        stderr_of(&run),
+        "outriderctl: warning: DaemonSet/node-exporter: not injected: hostNetwork pods share \
+         the node's network namespace\n"
+    );
 
-    // Passed through byte for byte: the Service (with its comment), the ConfigMap, and the
-    // opted-out Deployment.
+    // Passed through byte for byte: the Service (with its comment), the ConfigMap, the
+    // opted-out Deployment and the hostNetwork DaemonSet.
     let input_docs: Vec<&str> = text.split("\n---\n").collect();
     let output_docs: Vec<&str> = out.split("\n---\n").collect();
     assert_eq!(input_docs.len(), output_docs.len());
-    for i in 0..3 {
+    for i in 0..4 {
         assert_eq!(input_docs[i], output_docs[i], "document {i} changed");
     }
 
-    let docs: Vec<Value> = output_docs
-        .iter()
-        .map(|d| serde_saphyr::from_str(d).unwrap())
-        .collect();
-    let pod_spec = |doc: &Value| -> Value {
-        match doc["kind"].as_str().unwrap() {
-            "Pod" => doc["spec"].clone(),
-            "CronJob" => doc["spec"]["jobTemplate"]["spec"]["template"]["spec"].clone(),
-            "List" => doc["items"][0]["spec"]["template"]["spec"].clone(),
-            _ => doc["spec"]["template"]["spec"].clone(),
-        }
-    };
-    for doc in &docs[3..] {
+    let docs = documents(&out);
+    for doc in &docs[4..] {
         let spec = pod_spec(doc);
-        let sidecar = &spec["initContainers"][0];
-        assert_eq!(sidecar["name"], "outrider-proxy", "{:?}", doc["kind"]);
+        assert_eq!(
+            names(&spec["initContainers"])[..2],
+            ["outrider-init", "outrider-proxy"],
+            "{:?}",
+            doc["kind"]
+        );
         let env = spec["containers"][0]["env"].as_sequence().unwrap();
         let var = |name: &str| {
             env.iter()
@@ -162,16 +299,21 @@ fn every_workload_kind_from_stdin_with_policy_env_and_annotations() {
                 .map(|e| e["value"].as_str().unwrap().to_string())
         };
         // Services with a listen port get an address; the wildcard becomes loopback; a
-        // service without one gets nothing.
+        // service without one gets nothing. With capture, no HTTP_PROXY.
         assert_eq!(var("PAYMENTS_ADDR").as_deref(), Some("127.0.0.1:9001"));
         assert_eq!(var("LEDGER_V2_ADDR").as_deref(), Some("127.0.0.1:9002"));
         assert_eq!(var("REVIEWS_ADDR"), None);
+        assert_eq!(var("HTTP_PROXY"), None);
+        // Native sidecars end with their pod: no shutdown endpoint, even for Jobs.
+        assert_eq!(var("OUTRIDER_SHUTDOWN_URL"), None);
+        let sidecar_args = spec["initContainers"][1]["args"].as_sequence().unwrap();
+        assert!(!sidecar_args.iter().any(|a| a == "--shutdown-endpoint"));
     }
 
     // The StatefulSet's annotations override resources and drain, and the grace period grows
     // to cover the drain; its own init container stays, after the sidecar.
-    let ledger = pod_spec(&docs[3]);
-    let sidecar = &ledger["initContainers"][0];
+    let ledger = pod_spec(&docs[4]);
+    let sidecar = &ledger["initContainers"][1];
     assert_eq!(sidecar["resources"]["requests"]["cpu"], "250m");
     assert_eq!(sidecar["resources"]["requests"]["memory"], "256Mi");
     assert_eq!(sidecar["resources"]["limits"]["memory"], "256Mi");
@@ -179,13 +321,68 @@ fn every_workload_kind_from_stdin_with_policy_env_and_annotations() {
     let drain = args.iter().position(|a| a == "--drain-timeout").unwrap();
     assert_eq!(args[drain + 1], "90s");
     assert_eq!(ledger["terminationGracePeriodSeconds"], 95);
-    assert_eq!(ledger["initContainers"][1]["name"], "migrate");
+    assert_eq!(ledger["initContainers"][2]["name"], "migrate");
 
     // The Job's workload annotation names the subscription.
-    let job = pod_spec(&docs[5]);
-    let args = job["initContainers"][0]["args"].as_sequence().unwrap();
+    let job = pod_spec(&docs[6]);
+    let args = job["initContainers"][1]["args"].as_sequence().unwrap();
     assert_eq!(args[0], "--workload");
     assert_eq!(args[1], "reporting");
+}
+
+#[test]
+fn legacy_jobs_and_cronjobs_get_the_shutdown_endpoint() {
+    let file = fixture("mixed.yaml");
+    let args = ["--legacy", file.to_str().unwrap()];
+    let run = inject(&args, "");
+    let out = stdout_ok(&run);
+    golden(&golden_path("mixed.legacy.yaml"), &out, &["--legacy"]);
+    // The StatefulSet's migrate init container runs before a legacy sidecar: said once.
+    let stderr = stderr_of(&run);
+    assert!(
+        stderr.contains("StatefulSet/ledger: its init containers run before the legacy sidecar"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 2, "{stderr}");
+
+    let docs = documents(&out);
+    let mut finishing = Vec::new();
+    for doc in &docs[4..] {
+        let spec = pod_spec(doc);
+        let sidecar = &spec["containers"][0];
+        assert_eq!(sidecar["name"], "outrider-proxy");
+        let endpoint = sidecar["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--shutdown-endpoint");
+        let app_env = spec["containers"][1]["env"].as_sequence();
+        let url = app_env
+            .and_then(|env| env.iter().find(|e| e["name"] == "OUTRIDER_SHUTDOWN_URL"))
+            .map(|e| e["value"].as_str().unwrap().to_string());
+        assert_eq!(url.is_some(), endpoint, "{:?}", doc["kind"]);
+        if endpoint {
+            assert_eq!(url.as_deref(), Some("http://127.0.0.1:15000/shutdown"));
+            finishing.push(doc["kind"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(finishing, ["Job", "CronJob"]);
+}
+
+#[test]
+fn a_bad_skip_annotation_is_refused_before_anything_is_written() {
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations:\n    outrider.dev/skip-outbound-cidrs: 10.1.2.3/8\nspec:\n  containers: [{ name: a, image: a }]\n";
+    let out = inject(&[], pod);
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.stdout, b"");
+    assert_eq!(
+        stderr_of(&out),
+        "outriderctl: Pod/p: outrider.dev/skip-outbound-cidrs `10.1.2.3/8`: `10.1.2.3/8` has \
+         host bits set after its prefix\n"
+    );
+    // Without capture the annotation is unused, but a typo is still a typo.
+    let out = inject(&["--capture=false"], pod);
+    assert_eq!(out.status.code(), Some(64));
 }
 
 #[test]

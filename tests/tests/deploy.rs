@@ -5,7 +5,9 @@
 //! the token and state paths, the pod's name, namespace and service account and its projected
 //! service-account token (minted by a stand-in issuer whose keys the control plane trusts), the
 //! admin address (port 0 here, as every listener), and the services' cluster DNS names and
-//! fixed ports, replaced by local upstreams and port 0.
+//! fixed ports, replaced by local upstreams and port 0. The capture init container's netfilter
+//! rules are not installed here (they need a pod network namespace of their own; see
+//! capture_init.rs): the proxy serves explicit traffic on loopback, as it does beside them.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -52,7 +54,7 @@ struct Container {
     args: Vec<String>,
 }
 
-/// The injected sidecar of the example Deployment: its command and args.
+/// The injected proxy container of the example Deployment: its command and args.
 fn injected_sidecar() -> Vec<String> {
     let text =
         std::fs::read_to_string(workspace().join("deploy/kubernetes/example-app.yaml")).unwrap();
@@ -61,14 +63,19 @@ fn injected_sidecar() -> Vec<String> {
         .map(|doc| serde_saphyr::from_str::<Manifest>(doc).unwrap())
         .find(|doc| doc.kind == "Deployment")
         .unwrap();
-    let sidecar = &deployment
+    // The proxy's container by name: with capture, the init container that installs the
+    // netfilter rules comes first. Its rules are what a pod adds around the proxy; here the
+    // proxy runs without them, on loopback, with the command line it has in the pod.
+    let init_containers = deployment
         .spec
         .unwrap()
         .template
         .unwrap()
         .spec
-        .init_containers[0];
-    assert_eq!(sidecar.name, "outrider-proxy");
+        .init_containers;
+    let names: Vec<&str> = init_containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["outrider-init", "outrider-proxy"]);
+    let sidecar = &init_containers[1];
     let mut line = sidecar.command.clone();
     line.extend(sidecar.args.iter().cloned());
     line
