@@ -52,27 +52,40 @@ struct Container {
     name: String,
     command: Vec<String>,
     args: Vec<String>,
+    #[serde(rename = "securityContext")]
+    security_context: SecurityContext,
+}
+
+#[derive(serde::Deserialize)]
+struct SecurityContext {
+    #[serde(rename = "runAsUser")]
+    run_as_user: u32,
+}
+
+/// The pod template's init containers of the Deployment in `text` (multi-document YAML).
+fn deployment_init_containers(text: &str) -> Vec<Container> {
+    let deployment = text
+        .split("\n---\n")
+        .map(|doc| serde_saphyr::from_str::<Manifest>(doc).unwrap())
+        .find(|doc| doc.kind == "Deployment")
+        .unwrap();
+    deployment
+        .spec
+        .unwrap()
+        .template
+        .unwrap()
+        .spec
+        .init_containers
 }
 
 /// The injected proxy container of the example Deployment: its command and args.
 fn injected_sidecar() -> Vec<String> {
     let text =
         std::fs::read_to_string(workspace().join("deploy/kubernetes/example-app.yaml")).unwrap();
-    let deployment = text
-        .split("\n---\n")
-        .map(|doc| serde_saphyr::from_str::<Manifest>(doc).unwrap())
-        .find(|doc| doc.kind == "Deployment")
-        .unwrap();
     // The proxy's container by name: with capture, the init container that installs the
     // netfilter rules comes first. Its rules are what a pod adds around the proxy; here the
     // proxy runs without them, on loopback, with the command line it has in the pod.
-    let init_containers = deployment
-        .spec
-        .unwrap()
-        .template
-        .unwrap()
-        .spec
-        .init_containers;
+    let init_containers = deployment_init_containers(&text);
     let names: Vec<&str> = init_containers.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["outrider-init", "outrider-proxy"]);
     let sidecar = &init_containers[1];
@@ -209,4 +222,71 @@ async fn the_injected_sidecar_subscribes_to_the_control_plane_and_routes_by_the_
     let reply = get(reviews_port, "anything", "/r").await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()["server"], "reviews");
+}
+
+/// The capture init container as `outriderctl inject` writes it, its exact command line run by
+/// the real `outrider-proxy` with `--mode nft --dry-run` added (the rules rendered, the kernel
+/// untouched): `init` accepts every flag inject writes, the skip annotations arrive as rules,
+/// and the uid the rules exempt is the one the proxy container runs as.
+#[test]
+fn the_injected_init_container_renders_rules_that_exempt_the_proxy_container() {
+    let source =
+        std::fs::read_to_string(workspace().join("deploy/examples/kubernetes-app.yaml")).unwrap();
+    let drain = "        outrider.dev/drain-timeout: 20s\n";
+    assert!(source.contains(drain), "the example's annotations moved");
+    let annotated = source.replace(
+        drain,
+        &format!(
+            "{drain}        outrider.dev/skip-inbound-ports: \"22, 9000-9100\"\n        \
+             outrider.dev/skip-outbound-cidrs: 10.0.0.0/8,2001:db8::/32\n"
+        ),
+    );
+    let mut inject = std::process::Command::new(ctl_binary())
+        .args(["inject", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut inject.stdin.take().unwrap(), annotated.as_bytes()).unwrap();
+    let injected = inject.wait_with_output().unwrap();
+    assert!(
+        injected.status.success(),
+        "{}",
+        String::from_utf8_lossy(&injected.stderr)
+    );
+    let init_containers = deployment_init_containers(&String::from_utf8(injected.stdout).unwrap());
+    let names: Vec<&str> = init_containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["outrider-init", "outrider-proxy"]);
+    let (init, proxy) = (&init_containers[0], &init_containers[1]);
+    assert_eq!(init.security_context.run_as_user, 0);
+    assert!(
+        init.command[0].ends_with("/outrider-proxy"),
+        "{:?}",
+        init.command
+    );
+
+    let rules = std::process::Command::new(proxy_binary())
+        .args(&init.command[1..])
+        .args(&init.args)
+        .args(["--mode", "nft", "--dry-run"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&rules.stdout);
+    assert!(
+        rules.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&rules.stderr)
+    );
+    for rule in [
+        format!("meta skuid {} return", proxy.security_context.run_as_user),
+        "tcp dport 15000 return".to_string(),
+        "tcp dport { 22, 9000-9100 } return".to_string(),
+        "ip daddr { 10.0.0.0/8 } return".to_string(),
+        "ip6 daddr { 2001:db8::/32 } return".to_string(),
+        "meta l4proto tcp redirect to :15006".to_string(),
+        "meta l4proto tcp redirect to :15001".to_string(),
+    ] {
+        assert!(stdout.contains(&rule), "no `{rule}` in:\n{stdout}");
+    }
 }
