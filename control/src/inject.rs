@@ -500,11 +500,11 @@ fn inject_value(
     };
 
     // Annotations on the pod template win over those on the workload object.
-    let outer = annotations(value);
+    let outer = annotations(value).map_err(invalid)?;
     let template = walk(value, template_path)
         .ok_or_else(|| invalid(format!("no pod template at {}", template_path.join("."))))?;
     let mut notes = outer;
-    notes.extend(annotations(template));
+    notes.extend(annotations(template).map_err(invalid)?);
     let note = |key: &str| {
         notes
             .iter()
@@ -609,13 +609,28 @@ fn inject_value(
 }
 
 /// `metadata.annotations` of `value` as pairs.
-fn annotations(value: &Value) -> Vec<(String, String)> {
+/// One of ours that is not a string (`outrider.dev/capture: false`, unquoted) is refused: the
+/// API server would refuse it too, and ignoring it here would do the opposite of what it says.
+fn annotations(value: &Value) -> Result<Vec<(String, String)>, String> {
     let Some(Value::Mapping(map)) = value.get("metadata").and_then(|m| m.get("annotations")) else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
-    map.iter()
-        .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
-        .collect()
+    let mut pairs = Vec::with_capacity(map.len());
+    for (key, v) in map.iter() {
+        let Some(key) = key.as_str() else { continue };
+        match v.as_str() {
+            Some(v) => pairs.push((key.to_string(), v.to_string())),
+            None if key.starts_with("outrider.dev/") => {
+                let shown = serde_saphyr::to_string(v).unwrap_or_default();
+                return Err(format!(
+                    "annotation {key} must be a string: quote it ({key}: \"{}\")",
+                    shown.trim()
+                ));
+            }
+            None => {}
+        }
+    }
+    Ok(pairs)
 }
 
 fn label(value: &Value, key: &str) -> Option<String> {
@@ -2120,6 +2135,27 @@ spec:
             .map(|c| c["name"].as_str().unwrap().to_string())
             .collect();
         assert_eq!(names, [INIT_NAME, SIDECAR_NAME, "migrate"]);
+    }
+
+    #[test]
+    fn an_unquoted_annotation_of_ours_is_refused_not_ignored() {
+        for (annotation, value) in [("capture", "false"), ("skip-outbound-ports", "5432")] {
+            let text = DEPLOYMENT.replace(
+                "metadata: {name: shop}",
+                &format!(
+                    "metadata: {{name: shop, annotations: {{outrider.dev/{annotation}: {value}}}}}"
+                ),
+            );
+            let err = inject_text("test", &text, &options()).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "Deployment/shop: annotation outrider.dev/{annotation} must be a string: \
+                     quote it (outrider.dev/{annotation}: \"{value}\")"
+                )
+            );
+            assert_eq!(err.exit_code(), 64);
+        }
     }
 
     #[test]
