@@ -94,7 +94,7 @@ const INIT_RUN_DIR: &str = "/run";
 const BIN_DIR: &str = "/usr/local/bin";
 /// Seconds the pod keeps beyond the drain timeout before the kubelet kills it.
 const GRACE_MARGIN_SECS: u64 = 5;
-/// The explicit mode's proxy URL for the app.
+/// The explicit mode's proxy URL for the app: the outbound port on loopback.
 const PROXY_URL: &str = "http://127.0.0.1:15001";
 /// What the explicit mode adds to the app's `NO_PROXY`: loopback stays direct.
 const NO_PROXY_ENTRIES: [&str; 3] = ["127.0.0.1", "localhost", "::1"];
@@ -1809,6 +1809,7 @@ spec:
 
     #[test]
     fn explicit_mode_points_the_app_at_the_proxy_without_an_init_container() {
+        assert_eq!(PROXY_URL, format!("http://127.0.0.1:{OUTBOUND_PORT}"));
         let (doc, warnings) = inject_twice(DEPLOYMENT, &explicit());
         assert_eq!(warnings, Vec::<String>::new());
         let spec = &doc["spec"]["template"]["spec"];
