@@ -16,12 +16,14 @@
 
 pub mod api;
 pub mod ca;
+pub mod check;
 pub mod cli;
 pub mod diagnose;
 pub mod engine;
 pub mod fuzzing;
 pub mod inject;
 pub mod merge;
+pub mod output;
 pub mod registry;
 pub mod server;
 pub mod service_account;
