@@ -10,7 +10,7 @@
 //! | `GET /v1/history` | yes | 200 `[`[`HistoryEntry`]`]` newest first |
 //! | `POST /v1/rollback?to=N` | yes | 200 [`Applied`], 404 when N is not kept |
 //! | `POST /v1/delete?name=N&timeout_ms=T` | yes | 200 [`Applied`], 404 when N is not in force, 409 when N comes from the policy directory, 422 [`Rejected`] when what remains would not validate, 503 as for apply |
-//! | `GET /v1/policy?workload=W` | yes | 200 [`WorkloadPolicy`], 404 when no document names W and no proxy subscribes as W |
+//! | `GET /v1/policy?workload=W` | yes | 200 [`WorkloadPolicy`] (any W: one no document names gets the defaults) |
 //! | `GET /v1/status` | from loopback: no | 200 [`Status`] |
 //! | `GET /v1/version` | from loopback: no | 200 [`ServerVersion`] |
 //! | `GET /live`, `GET /ready` | no | 200 (`/ready`'s body names a failing state directory) |
@@ -123,6 +123,12 @@ pub struct WorkloadPolicy {
     pub content_hash: String,
     /// The merged policy as YAML.
     pub policy: String,
+    /// Whether a document names the workload (always true for `*`).
+    #[serde(default = "yes")]
+    pub named: bool,
+    /// Whether a connected proxy runs it.
+    #[serde(default = "yes")]
+    pub running: bool,
 }
 
 /// The control plane's state at a glance.

@@ -948,16 +948,14 @@ pub fn get(args: GetArgs) -> ExitCode {
     run(
         |api| async move {
             let path = format!("{}?workload={}", api::POLICY_PATH, encode(&args.workload));
-            let (status, body) = api.call(Method::GET, &path, Bytes::new()).await?;
-            match status {
-                StatusCode::OK => {}
-                StatusCode::NOT_FOUND => {
-                    eprintln!("outriderctl: {}", error_message(&body));
-                    return Ok(ExitCode::from(EX_REJECTED));
-                }
-                _ => return Err(unexpected(status, &body)),
+            let policy: WorkloadPolicy = api.get_json(Method::GET, &path).await?;
+            if !policy.named && !policy.running {
+                eprintln!(
+                    "outriderctl: no document names workload `{}` and no connected proxy runs it (a typo? `outriderctl status` lists the workloads; `outriderctl get '*'` shows what an unnamed workload receives)",
+                    args.workload
+                );
+                return Ok(ExitCode::from(EX_REJECTED));
             }
-            let policy: WorkloadPolicy = decode(status, &body)?;
             if let Some(text) = output::structured(args.output.output, &policy) {
                 print!("{text}");
                 return Ok(ExitCode::SUCCESS);

@@ -909,33 +909,28 @@ impl Engine {
         receiver
     }
 
-    /// `workload`'s merged policy in force.
+    /// `workload`'s merged policy in force, and whether a document names it and a connected
+    /// proxy runs it (neither: a typo, most likely).
     pub fn policy(&self, workload: &str) -> WorkloadPolicy {
         let receiver = self.subscribe(workload);
+        let (named, running) = {
+            let inner = self.lock();
+            let named = workload == DEFAULTS || named_workloads(&inner.parsed).contains(workload);
+            let running = inner
+                .proxies
+                .iter()
+                .any(|(_, p)| p.connected && p.workload == workload);
+            (named, running)
+        };
         let published = receiver.borrow();
         WorkloadPolicy {
             workload: workload.to_string(),
             version: published.version,
             content_hash: published.content_hash.clone(),
             policy: published.policy.clone(),
+            named,
+            running,
         }
-    }
-
-    /// `workload`'s merged policy, if it is one the control plane knows: named by a document,
-    /// the defaults (`*`), or subscribed by some proxy. `None` for any other name (a typo), so
-    /// looking at one creates nothing.
-    pub fn known_policy(&self, workload: &str) -> Option<WorkloadPolicy> {
-        let known = {
-            let inner = self.lock();
-            workload == DEFAULTS
-                || named_workloads(&inner.parsed).contains(workload)
-                || inner
-                    .published
-                    .get(workload)
-                    .is_some_and(|s| s.receiver_count() > 0)
-                || inner.proxies.iter().any(|(_, p)| p.workload == workload)
-        };
-        known.then(|| self.policy(workload))
     }
 
     /// Opens a session for `proxy` (see [`crate::registry`]): refused while another session
@@ -1954,9 +1949,12 @@ mod tests {
             .expect("1");
         let shpo = engine.subscribe("shpo");
         assert!(shpo.borrow().unselected);
-        assert!(engine.known_policy("shpo").is_some(), "watched");
-        assert!(engine.known_policy("nosuch").is_none());
-        assert!(engine.known_policy("*").is_some());
+        engine.connect("p", "shpo", None, None).expect("p");
+        let policy = engine.policy("shpo");
+        assert!(!policy.named && policy.running);
+        let nosuch = engine.policy("nosuch");
+        assert!(!nosuch.named && !nosuch.running);
+        assert!(engine.policy("*").named);
         // Naming it, even without changing its merged policy, tells its proxies.
         let hash = shpo.borrow().content_hash.clone();
         engine

@@ -129,13 +129,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
         (&Method::POST, api::ROLLBACK_PATH) => rollback(&query, app).await,
         (&Method::POST, api::DELETE_PATH) => delete(&query, app).await,
         (&Method::GET, api::POLICY_PATH) => match query.get("workload") {
-            Some(w) if valid_workload(w) => match app.engine.known_policy(w) {
-                Some(policy) => json(StatusCode::OK, &policy),
-                None => error(
-                    StatusCode::NOT_FOUND,
-                    &format!("no document names workload `{w}` and no proxy subscribes as it (see outriderctl status; `outriderctl get '*'` shows what an unnamed workload receives)"),
-                ),
-            },
+            Some(w) if valid_workload(w) => json(StatusCode::OK, &app.engine.policy(w)),
             _ => error(StatusCode::BAD_REQUEST, "`workload` query parameter needed"),
         },
         (&Method::GET, api::STATUS_PATH) => {
