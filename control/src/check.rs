@@ -175,6 +175,18 @@ pub fn findings(status: &Status, now_ms: u64, clock_skew_ms: i64) -> Vec<Finding
             _ => {}
         }
     }
+    for p in status.proxies.iter().filter(|p| !p.connected) {
+        let since = p
+            .disconnected_at_ms
+            .map_or_else(|| "-".to_string(), format_utc);
+        add(
+            Severity::Warning,
+            "proxy-disconnected",
+            &p.proxy,
+            format!("its stream to the control plane closed at {since}; if it still runs, it serves a policy that may be out of date (workload `{}`, version {})", p.workload, p.version_applied.map_or_else(|| "-".to_string(), |v| v.to_string())),
+            "nothing to do if its pod is gone (forgotten after --registry-expiry); otherwise look at its logs and its --control URL".into(),
+        );
+    }
     let mut unnamed: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for p in connected.iter().filter(|p| !p.workload_named) {
         unnamed.entry(&p.workload).or_default().push(&p.proxy);
@@ -340,9 +352,14 @@ pub fn render(report: &Report, colour: bool) -> String {
     );
     let _ = writeln!(
         out,
-        "{} {} proxies connected, {} in sync",
+        "{} {} prox{} connected, {} in sync",
         paint(colour, Paint::Green, "ok"),
         report.proxies_connected,
+        if report.proxies_connected == 1 {
+            "y"
+        } else {
+            "ies"
+        },
         report.proxies_in_sync
     );
     for f in &report.findings {
@@ -486,7 +503,7 @@ mod tests {
     }
 
     #[test]
-    fn nacks_are_errors_and_stale_pending_warnings() {
+    fn nacks_are_errors_and_stale_pending_and_disconnected_warnings() {
         let mut stale = proxy("pod-2", "shop", "pending", true);
         stale.pending_since_ms = Some(1_000);
         let mut fresh = proxy("pod-3", "shop", "pending", true);
@@ -495,12 +512,21 @@ mod tests {
             vec![document("shop.yaml", &["shop"])],
             vec![proxy("pod-1", "shop", "nack", true), stale, fresh],
         );
+        let mut s = s;
+        s.proxies.push(proxy("pod-4", "shop", "disconnected", true));
         let found = findings(&s, 1_000 + STALE_AFTER_MS, 0);
         let checks: Vec<(&str, &str)> = found
             .iter()
             .map(|f| (f.check.as_str(), f.subject.as_str()))
             .collect();
-        assert_eq!(checks, [("proxy-nack", "pod-1"), ("proxy-stale", "pod-2")]);
+        assert_eq!(
+            checks,
+            [
+                ("proxy-nack", "pod-1"),
+                ("proxy-stale", "pod-2"),
+                ("proxy-disconnected", "pod-4")
+            ]
+        );
         assert!(found[0].message.ends_with("Address in use"), "{found:#?}");
         let report = report(&s, "u", "v", 0);
         assert_eq!(report.exit_code(), EX_ERRORS);

@@ -159,7 +159,9 @@ async fn check_names_a_misspelt_workload_within_seconds_of_the_proxy_starting() 
     let proxy = proxy_as(&control, &dirs, "shpo", "pod-typo");
     let found = loop {
         let out = ctl(&control, &["check"]).await;
-        if stdout(&out).contains("[workload-unnamed]") && stdout(&out).contains("1 in sync") {
+        if stdout(&out).contains("[workload-unnamed]")
+            && stdout(&out).contains("1 proxy connected, 1 in sync")
+        {
             break out;
         }
         assert!(
@@ -177,7 +179,7 @@ async fn check_names_a_misspelt_workload_within_seconds_of_the_proxy_starting() 
     assert_eq!(
         normalize_check(&stdout(&found), &url),
         "ok control plane <url> reachable: outrider-control <version>, version in force 1, clock skew <s>
-ok 1 proxies connected, 1 in sync
+ok 1 proxy connected, 1 in sync
 warning [workload-unnamed] shpo: proxy pod-typo subscribes as workload `shpo`, which no document names: it runs only the defaults (did you mean `shop`?)
     fix: start the proxy with --workload shop, or name `shpo` in a document if it needs a policy of its own
 warning [document-unused] shop.yaml: names workload `shop` but no connected proxy runs it (did you mean `shpo` for `shop`?)
