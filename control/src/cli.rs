@@ -615,7 +615,7 @@ async fn wait_for_acks(
                 entry.1 = Some(Err("disconnected before answering".into()));
             }
         }
-        if !announced {
+        if !announced && !answers.is_empty() {
             let names: Vec<String> = targets
                 .iter()
                 .map(|(w, v)| format!("{w} (version {v})"))
@@ -643,6 +643,10 @@ async fn wait_for_acks(
                 "{proxy} ({workload}) did not answer within {timeout:?}"
             )),
         }
+    }
+    if answers.is_empty() {
+        eprintln!("no connected proxy runs a changed workload: nothing to wait for");
+        return Ok(ExitCode::SUCCESS);
     }
     if failed.is_empty() {
         eprintln!(

@@ -620,8 +620,18 @@ async fn read_commands_print_stable_json_and_every_verb_says_how_it_ended() {
     std::fs::write(dir.path.join("c.yml"), doc(2)).unwrap();
     std::fs::write(dir.path.join(".hidden.yaml"), "not: [yaml").unwrap();
     std::fs::write(dir.path.join("notes.txt"), "x").unwrap();
-    let out = ctl(&control, &["apply", "-f", dir.path.to_str().unwrap()]).await;
+    let out = ctl(
+        &control,
+        &["apply", "--wait=5s", "-f", dir.path.to_str().unwrap()],
+    )
+    .await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // No proxy runs `search`: --wait has nothing to wait for.
+    assert!(
+        stderr(&out).contains("no connected proxy runs a changed workload: nothing to wait for"),
+        "{}",
+        stderr(&out)
+    );
     let out = ctl_stdin(&control, &["apply", "-f", "-"], &doc(3));
     assert_eq!(code(&out), 64);
     assert!(
