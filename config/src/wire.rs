@@ -9,7 +9,8 @@
 //!   without a re-push), then one update per accepted change that alters the workload's merged
 //!   policy, and a [`ServerMessage::Heartbeat`] every [`HEARTBEAT_SECS`] seconds so a dead
 //!   stream is noticed.
-//!   The answer's [`SESSION_HEADER`] is the subscription's session id. While a subscription is
+//!   The answer's [`SESSION_HEADER`] is the subscription's session id; its
+//!   [`UNSELECTED_HEADER`] says when no document names the workload. While a subscription is
 //!   live, another one under the same `proxy` id is refused (409) unless it presents that id as
 //!   `session=ID` (the same proxy reconnecting before its old stream was noticed gone).
 //! - Acknowledge: `POST /v1/ack` with a JSON [`Ack`] body, same token; 204 on success, 409 when
@@ -29,6 +30,9 @@ pub const SUBSCRIBE_PATH: &str = "/v1/subscribe";
 pub const ACK_PATH: &str = "/v1/ack";
 /// Response header of a subscription carrying its session id.
 pub const SESSION_HEADER: &str = "x-outrider-session";
+/// Response header of a subscription, `1` when no policy document names the workload (as
+/// [`PolicyUpdate::unselected`], for a proxy that resumed and is sent no update).
+pub const UNSELECTED_HEADER: &str = "x-outrider-workload-unselected";
 /// Seconds between heartbeats on an idle subscription; a subscriber that hears nothing for
 /// three times this long reconnects.
 pub const HEARTBEAT_SECS: u64 = 10;
@@ -108,6 +112,10 @@ pub struct PolicyUpdate {
     pub content_hash: String,
     /// The merged policy as YAML, loadable with [`crate::load`].
     pub policy: String,
+    /// No policy document names the subscriber's workload: it receives only the defaults (a
+    /// misspelt `--workload`?). Absent, so false, from control planes that predate it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unselected: bool,
 }
 
 /// A proxy's answer to a [`PolicyUpdate`], like xDS's ACK/NACK.
@@ -163,6 +171,7 @@ mod tests {
             version: 3,
             content_hash: "ab".into(),
             policy: "services: {}\n".into(),
+            unselected: false,
         });
         let json = serde_json::to_string(&update).expect("encode");
         assert!(

@@ -6,11 +6,13 @@
 //! | `POST /v1/apply?name=N` (YAML body) | yes | 200 [`Applied`], 422 [`Rejected`] |
 //! | `POST /v1/apply?name=N&dry_run=1` | yes | the same answers; nothing changes, nothing is pushed |
 //! | `POST /v1/apply?name=N&timeout_ms=T` | yes | also 503 when T ms passed before the change could be committed: nothing changed |
+//! | `POST /v1/apply?name=N` where N comes from the policy directory | yes | 409 unless `force=1`: the applied text then overrides the file until `delete` |
 //! | `GET /v1/history` | yes | 200 `[`[`HistoryEntry`]`]` newest first |
 //! | `POST /v1/rollback?to=N` | yes | 200 [`Applied`], 404 when N is not kept |
 //! | `POST /v1/delete?name=N&timeout_ms=T` | yes | 200 [`Applied`], 404 when N is not in force, 409 when N comes from the policy directory, 422 [`Rejected`] when what remains would not validate, 503 as for apply |
-//! | `GET /v1/policy?workload=W` | yes | 200 [`WorkloadPolicy`] |
+//! | `GET /v1/policy?workload=W` | yes | 200 [`WorkloadPolicy`] (any W: one no document names gets the defaults) |
 //! | `GET /v1/status` | from loopback: no | 200 [`Status`] |
+//! | `GET /v1/version` | from loopback: no | 200 [`ServerVersion`] |
 //! | `GET /live`, `GET /ready` | no | 200 (`/ready`'s body names a failing state directory) |
 //! | `GET /metrics` | no | 200, Prometheus text |
 //!
@@ -31,6 +33,11 @@ pub const DELETE_PATH: &str = "/v1/delete";
 pub const POLICY_PATH: &str = "/v1/policy";
 /// Path of `status`.
 pub const STATUS_PATH: &str = "/v1/status";
+/// Path of `version`.
+pub const VERSION_PATH: &str = "/v1/version";
+/// Query parameter of `apply`: `1` lets an applied document override one read from the
+/// policy directory.
+pub const FORCE_PARAM: &str = "force";
 /// Query parameter of `apply`: milliseconds the client waits for the answer. A change not
 /// committed by then is not made at all (503), so a client that gave up never finds it
 /// applied later.
@@ -116,6 +123,12 @@ pub struct WorkloadPolicy {
     pub content_hash: String,
     /// The merged policy as YAML.
     pub policy: String,
+    /// Whether a document names the workload (always true for `*`).
+    #[serde(default = "yes")]
+    pub named: bool,
+    /// Whether a connected proxy runs it.
+    #[serde(default = "yes")]
+    pub running: bool,
 }
 
 /// The control plane's state at a glance.
@@ -130,8 +143,46 @@ pub struct Status {
     /// How writes of the state directory fare; `None` from a control plane that predates it.
     #[serde(default)]
     pub store: Option<StoreStatus>,
+    /// The mesh CA's certificate and the latest leaf issued per identity; `None` without a CA
+    /// (or from a control plane that predates it).
+    #[serde(default)]
+    pub certificates: Option<CertificatesStatus>,
+    /// The control plane's clock when it answered, in ms since the Unix epoch (0 from a
+    /// control plane that predates it).
+    #[serde(default)]
+    pub now_ms: u64,
 }
 
+/// The control plane's build and clock (`GET /v1/version`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerVersion {
+    /// `outrider-control`'s version (its Cargo package version).
+    pub version: String,
+    /// Its clock when it answered, in ms since the Unix epoch.
+    pub now_ms: u64,
+}
+
+/// The certificates the mesh CA stands behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificatesStatus {
+    /// When the CA's signing certificate expires, in ms since the Unix epoch.
+    pub ca_not_after_ms: u64,
+    /// Lifetime of issued leaves, in ms.
+    pub leaf_ttl_ms: u64,
+    /// The latest leaf issued per identity, until it expires.
+    pub issued: Vec<IssuedCertificate>,
+}
+
+/// The latest certificate issued for one identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCertificate {
+    /// Its SPIFFE id.
+    pub identity: String,
+    /// When it was issued, in ms since the Unix epoch.
+    pub issued_at_ms: u64,
+    /// When it expires, in ms since the Unix epoch.
+    pub not_after_ms: u64,
+}
 /// The state directory's health. A change is in force only once written there, so while
 /// writes fail no change is made: `apply` is refused and policy-file changes wait (`pending`),
 /// retried until a write succeeds.
@@ -162,6 +213,16 @@ pub struct DocumentStatus {
     pub changed_at: Option<u64>,
     /// The last rejection of a newer text, if the text in force is not the newest submitted.
     pub rejected: Option<Rejected>,
+    /// The workloads it names (`*` for a defaults document); empty when none is in force.
+    #[serde(default)]
+    pub workloads: Vec<String>,
+    /// An applied document that overrides the policy directory's file of the same name: the
+    /// file's changes are not in force until `outriderctl delete NAME` hands it back.
+    #[serde(default)]
+    pub overrides_file: bool,
+    /// With `overrides_file`: whether the file now differs from the applied text.
+    #[serde(default)]
+    pub file_differs: bool,
 }
 
 /// One proxy's state.
@@ -185,6 +246,21 @@ pub struct ProxyStatus {
     pub last_nack: Option<Nack>,
     /// `in-sync`, `pending`, `nack` or `disconnected`.
     pub state: String,
+    /// When the version it has not ACKed yet was sent, in ms since the Unix epoch (`None`
+    /// when in sync).
+    #[serde(default)]
+    pub pending_since_ms: Option<u64>,
+    /// Whether some document names its workload; `false`: it runs only the defaults (a
+    /// misspelt `--workload`?).
+    #[serde(default = "yes")]
+    pub workload_named: bool,
+    /// When its stream closed, in ms since the Unix epoch (`None` while connected).
+    #[serde(default)]
+    pub disconnected_at_ms: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A proxy's refusal of a version.

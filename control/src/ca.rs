@@ -88,7 +88,15 @@ pub struct Ca {
     trust_domain: String,
     ttl: Duration,
     serial: AtomicU64,
+    /// When the issuing certificate expires, Unix seconds (0 when it cannot be read).
+    not_after: u64,
+    /// The latest leaf per identity: (issued at, not after), Unix seconds; at most
+    /// [`ISSUED_KEPT`], expired ones dropped.
+    issued: std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
 }
+
+/// Identities whose latest certificate [`Ca::status`] reports, at most.
+const ISSUED_KEPT: usize = 10_000;
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -180,6 +188,7 @@ impl Ca {
             what: "certificate",
             source,
         })?;
+        let not_after = issuer_not_after(&bundle);
         let (bundle, intermediates) = split_anchors(&bundle)?;
         Ok(Self {
             issuer,
@@ -188,6 +197,8 @@ impl Ca {
             trust_domain: trust_domain.to_string(),
             ttl,
             serial: AtomicU64::new(1),
+            not_after,
+            issued: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         })
     }
 
@@ -240,6 +251,7 @@ impl Ca {
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(CaError::Sign)?;
         let unix = |t: OffsetDateTime| u64::try_from(t.unix_timestamp()).unwrap_or(0);
+        self.record_issued(&identity, unix(now), unix(params.not_after));
         Ok(CertificateResponse {
             identity,
             chain: format!("{}{}", cert.pem(), self.intermediates),
@@ -248,6 +260,53 @@ impl Ca {
             not_after: unix(params.not_after),
         })
     }
+}
+
+impl Ca {
+    fn record_issued(&self, identity: &str, at: u64, not_after: u64) {
+        let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        if issued.len() >= ISSUED_KEPT && !issued.contains_key(identity) {
+            issued.retain(|_, (_, until)| *until > at);
+            if issued.len() >= ISSUED_KEPT {
+                return;
+            }
+        }
+        issued.insert(identity.to_string(), (at, not_after));
+    }
+
+    /// The CA certificate's expiry and the latest unexpired leaf of each identity, for
+    /// `outriderctl check`.
+    pub fn status(&self) -> crate::api::CertificatesStatus {
+        let now = crate::api::now_ms() / 1000;
+        let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        issued.retain(|_, (_, until)| *until > now);
+        crate::api::CertificatesStatus {
+            ca_not_after_ms: self.not_after.saturating_mul(1000),
+            leaf_ttl_ms: u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX),
+            issued: issued
+                .iter()
+                .map(|(identity, (at, until))| crate::api::IssuedCertificate {
+                    identity: identity.clone(),
+                    issued_at_ms: at.saturating_mul(1000),
+                    not_after_ms: until.saturating_mul(1000),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The first certificate's `notAfter` in a PEM file, Unix seconds; 0 when unreadable.
+fn issuer_not_after(file: &str) -> u64 {
+    pem::parse_many(file)
+        .ok()
+        .and_then(|blocks| blocks.into_iter().next())
+        .and_then(|block| {
+            X509Certificate::from_der(block.contents())
+                .ok()
+                .map(|(_, cert)| cert.validity().not_after.timestamp())
+        })
+        .and_then(|t| u64::try_from(t).ok())
+        .unwrap_or(0)
 }
 
 /// Splits a CA file into its trust anchors (the self-signed roots) and the intermediates

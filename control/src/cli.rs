@@ -1,9 +1,11 @@
 //! The `outriderctl` commands that talk to the control plane: `apply`, `status`, `history`,
-//! `rollback`, `delete`, `get`. Exit codes: 0 success, 1 rejected (invalid or conflicting
-//! policy, unknown version, a document not in force or from the policy directory), 66
-//! unreadable file, 69 control plane unreachable, change not made (its deadline passed) or
-//! outcome unknown, 70 unexpected answer, 74 change not made because the control plane cannot
-//! write its state directory, 77 token refused.
+//! `rollback`, `delete`, `get`, `check`, `version`. Exit codes: 0 success, 1 rejected (invalid
+//! or conflicting policy, unknown version, a document not in force or from the policy
+//! directory, an unknown workload), 4 `apply --wait`: some proxy NACKed or did not answer in
+//! time, 64 bad usage, 66 unreadable file, 69 control plane unreachable, change not made (its
+//! deadline passed) or outcome unknown, 70 unexpected answer, 74 change not made because the
+//! control plane cannot write its state directory, 77 token refused. `check` has its own
+//! (see [`crate::check`]).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -19,10 +21,15 @@ use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 
 use crate::api::{
-    self, format_utc, Applied, ErrorBody, HistoryEntry, Rejected, Status, WorkloadPolicy,
+    self, format_utc, Applied, ErrorBody, HistoryEntry, Rejected, ServerVersion, Status,
+    WorkloadPolicy,
 };
+use crate::output::{self, Format, OutputArg};
 
 const EX_REJECTED: u8 = 1;
+/// `apply --wait`: applied, but some proxy NACKed it or did not answer in time.
+pub const EX_NOT_CONFIRMED: u8 = 4;
+const EX_USAGE: u8 = 64;
 const EX_NOINPUT: u8 = 66;
 const EX_UNAVAILABLE: u8 = 69;
 const EX_SOFTWARE: u8 = 70;
@@ -53,9 +60,20 @@ pub struct Remote {
 /// `outriderctl apply` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ApplyArgs {
-    /// Policy documents to apply; each is named by its file name unless --name is given.
+    /// Policy documents to apply: files, directories (their `*.yaml`/`*.yml`), or `-` for
+    /// stdin (with --name); each is named by its file name unless --name is given.
     #[arg(short = 'f', long = "file", required = true)]
     pub files: Vec<PathBuf>,
+    /// Wait until every connected proxy of each changed workload has ACKed the new version
+    /// (default 60s); exit 4 naming the proxies that NACKed (with the reason) or did not
+    /// answer in time.
+    #[arg(long, value_name = "TIMEOUT", num_args = 0..=1, require_equals = true,
+          default_missing_value = "60s")]
+    pub wait: Option<outrider_config::Duration>,
+    /// Override a document read from the policy directory (refused otherwise): the applied
+    /// text wins until `outriderctl delete NAME` hands the document back to the file.
+    #[arg(long)]
+    pub force: bool,
     /// The document's name (one file only); applying a name again replaces that document.
     #[arg(long)]
     pub name: Option<String>,
@@ -94,6 +112,34 @@ pub struct DeleteArgs {
 pub struct GetArgs {
     /// The workload whose merged policy to print (`*`: workloads no document names).
     pub workload: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub output: OutputArg,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub remote: Remote,
+}
+
+/// `outriderctl status` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// Also list disconnected proxies (kept until --registry-expiry, default 5 min).
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub output: OutputArg,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub remote: Remote,
+}
+
+/// Flags of the read commands without others (`history`, `check`, `version`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReadArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub output: OutputArg,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub remote: Remote,
@@ -342,32 +388,22 @@ where
     }
 }
 
-/// `outriderctl apply -f FILE...`: prints each document's diff against the version in force
-/// and pushes it; exits 1 if any is rejected (its problems printed with carets).
+/// `outriderctl apply -f FILE|DIR|-...`: prints each document's diff against the version in
+/// force and pushes it; exits 1 if any is rejected (its problems printed with carets). With
+/// `--wait`, then waits for the proxies' ACKs (exit 4 if some NACK or do not answer).
 pub fn apply(args: ApplyArgs) -> ExitCode {
-    if args.name.is_some() && args.files.len() > 1 {
-        eprintln!("outriderctl: --name names one document; give one file with it");
-        return ExitCode::from(64);
-    }
-    let mut documents = Vec::new();
-    for path in &args.files {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) => {
-                eprintln!("outriderctl: cannot read {}: {e}", path.display());
-                return ExitCode::from(EX_NOINPUT);
-            }
-        };
-        let name = args.name.clone().unwrap_or_else(|| {
-            path.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        });
-        documents.push((name, text));
-    }
+    let documents = match read_documents(&args.files, args.name.as_deref()) {
+        Ok(documents) => documents,
+        Err((code, message)) => {
+            eprintln!("outriderctl: {message}");
+            return ExitCode::from(code);
+        }
+    };
+    let colour = output::stdout_colour();
     run(
         |api| async move {
             let mut code = ExitCode::SUCCESS;
+            let mut changed: Vec<api::WorkloadVersion> = Vec::new();
             for (name, text) in documents {
                 let mut path = format!(
                     "{}?name={}&{}={}",
@@ -379,6 +415,9 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
                 if args.dry_run {
                     path.push_str("&dry_run=1");
                 }
+                if args.force {
+                    let _ = write!(path, "&{}=1", api::FORCE_PARAM);
+                }
                 let (status, body) = match api.call(Method::POST, &path, Bytes::from(text)).await {
                     Err(CliError::Timeout(url)) if !args.dry_run => {
                         return Err(CliError::ApplyOutcomeUnknown { url, name })
@@ -387,7 +426,11 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
                 };
                 match status {
                     StatusCode::OK => {
-                        print_applied(&name, &decode::<Applied>(status, &body)?, args.dry_run)
+                        let applied = decode::<Applied>(status, &body)?;
+                        print_applied(&name, &applied, args.dry_run, colour);
+                        if !args.dry_run {
+                            changed.extend(applied.workloads);
+                        }
                     }
                     StatusCode::UNPROCESSABLE_ENTITY => {
                         let rejected: Rejected = decode(status, &body)?;
@@ -399,6 +442,10 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
                                 "outriderctl: {name} rejected; the version in force is unchanged"
                             );
                         }
+                        code = ExitCode::from(EX_REJECTED);
+                    }
+                    StatusCode::CONFLICT => {
+                        eprintln!("outriderctl: {}", error_message(&body));
                         code = ExitCode::from(EX_REJECTED);
                     }
                     StatusCode::INSUFFICIENT_STORAGE => {
@@ -418,13 +465,208 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
                     _ => return Err(unexpected(status, &body)),
                 }
             }
+            if let Some(timeout) = args.wait.filter(|_| !args.dry_run) {
+                let waited = wait_for_acks(&api, &changed, timeout.get()).await?;
+                if waited != ExitCode::SUCCESS {
+                    return Ok(waited);
+                }
+            }
             Ok(code)
         },
         &args.remote,
     )
 }
 
-fn print_applied(name: &str, applied: &Applied, dry_run: bool) {
+/// The documents of `-f` arguments: a file, every `*.yaml`/`*.yml` of a directory (name
+/// order, hidden files skipped), or `-` for stdin (named by `--name`).
+fn read_documents(
+    paths: &[PathBuf],
+    name: Option<&str>,
+) -> Result<Vec<(String, String)>, (u8, String)> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.as_os_str() == "-" {
+            files.push(path.clone());
+        } else if path.is_dir() {
+            let entries = std::fs::read_dir(path)
+                .map_err(|e| (EX_NOINPUT, format!("cannot read {}: {e}", path.display())))?;
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    let name = p
+                        .file_name()
+                        .map(|n| n.to_string_lossy())
+                        .unwrap_or_default();
+                    !name.starts_with('.')
+                        && (name.ends_with(".yaml") || name.ends_with(".yml"))
+                        && p.is_file()
+                })
+                .collect();
+            if found.is_empty() {
+                return Err((
+                    EX_NOINPUT,
+                    format!("{} holds no *.yaml or *.yml file", path.display()),
+                ));
+            }
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    if name.is_some() && files.len() > 1 {
+        return Err((
+            EX_USAGE,
+            "--name names one document; give one file with it".into(),
+        ));
+    }
+    let mut documents = Vec::new();
+    for path in files {
+        let stdin = path.as_os_str() == "-";
+        let text = if stdin {
+            std::io::read_to_string(std::io::stdin())
+                .map_err(|e| (EX_NOINPUT, format!("cannot read stdin: {e}")))?
+        } else {
+            std::fs::read_to_string(&path)
+                .map_err(|e| (EX_NOINPUT, format!("cannot read {}: {e}", path.display())))?
+        };
+        let doc_name = match (name, stdin) {
+            (Some(name), _) => name.to_string(),
+            (None, true) => {
+                return Err((
+                    EX_USAGE,
+                    "a document read from stdin (-f -) needs --name".into(),
+                ))
+            }
+            (None, false) => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        documents.push((doc_name, text));
+    }
+    Ok(documents)
+}
+
+/// How often `apply --wait` looks at the proxies.
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
+/// Waits until every connected proxy of the `changed` workloads ACKed its workload's new
+/// version, printing each answer on stderr; [`EX_NOT_CONFIRMED`] naming the proxies that
+/// NACKed (and why), went away, or did not answer within `timeout`.
+async fn wait_for_acks(
+    api: &Api,
+    changed: &[api::WorkloadVersion],
+    timeout: Duration,
+) -> Result<ExitCode, CliError> {
+    let mut targets: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+    for w in changed {
+        let v = targets.entry(w.workload.as_str()).or_insert(w.version);
+        *v = (*v).max(w.version);
+    }
+    if targets.is_empty() {
+        eprintln!("no workload's policy changed: nothing to wait for");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let started = tokio::time::Instant::now();
+    let deadline = started + timeout;
+    // Proxy id -> (workload, outcome once known).
+    let mut answers: std::collections::BTreeMap<String, (String, Option<Result<(), String>>)> =
+        std::collections::BTreeMap::new();
+    let mut announced = false;
+    loop {
+        let status: Status = api.get_json(Method::GET, api::STATUS_PATH).await?;
+        for p in &status.proxies {
+            let Some(&version) = targets.get(p.workload.as_str()) else {
+                continue;
+            };
+            let entry = match answers.get_mut(&p.proxy) {
+                Some(entry) => entry,
+                None if p.connected => answers
+                    .entry(p.proxy.clone())
+                    .or_insert_with(|| (p.workload.clone(), None)),
+                None => continue,
+            };
+            if entry.1.is_some() {
+                continue;
+            }
+            let took = started.elapsed().as_secs_f64();
+            if p.version_applied.is_some_and(|v| v >= version) {
+                eprintln!(
+                    "  {} ({}) ACKed version {version} after {took:.1} s",
+                    p.proxy, p.workload
+                );
+                entry.1 = Some(Ok(()));
+            } else if let Some(nack) = p.last_nack.as_ref().filter(|n| n.version >= version) {
+                eprintln!(
+                    "  {} ({}) NACKed version {}: {}",
+                    p.proxy, p.workload, nack.version, nack.error
+                );
+                entry.1 = Some(Err(format!(
+                    "NACKed version {}: {}",
+                    nack.version, nack.error
+                )));
+            } else if !p.connected {
+                eprintln!(
+                    "  {} ({}) disconnected before answering",
+                    p.proxy, p.workload
+                );
+                entry.1 = Some(Err("disconnected before answering".into()));
+            }
+        }
+        if !announced && !answers.is_empty() {
+            let names: Vec<String> = targets
+                .iter()
+                .map(|(w, v)| format!("{w} (version {v})"))
+                .collect();
+            eprintln!(
+                "waiting up to {timeout:?} for {} connected prox{} of {} to answer",
+                answers.len(),
+                if answers.len() == 1 { "y" } else { "ies" },
+                names.join(", ")
+            );
+            announced = true;
+        }
+        let open = answers.values().filter(|(_, a)| a.is_none()).count();
+        if open == 0 || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep_until((tokio::time::Instant::now() + WAIT_POLL).min(deadline)).await;
+    }
+    let mut failed = Vec::new();
+    for (proxy, (workload, answer)) in &answers {
+        match answer {
+            Some(Ok(())) => {}
+            Some(Err(why)) => failed.push(format!("{proxy} ({workload}) {why}")),
+            None => failed.push(format!(
+                "{proxy} ({workload}) did not answer within {timeout:?}"
+            )),
+        }
+    }
+    if answers.is_empty() {
+        eprintln!("no connected proxy runs a changed workload: nothing to wait for");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if failed.is_empty() {
+        eprintln!(
+            "every connected proxy ({}) applied the new version",
+            answers.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "outriderctl: applied, but {} of {} proxies did not apply it (they keep their previous policy):",
+        failed.len(),
+        answers.len()
+    );
+    for f in failed {
+        eprintln!("  {f}");
+    }
+    Ok(ExitCode::from(EX_NOT_CONFIRMED))
+}
+
+fn print_applied(name: &str, applied: &Applied, dry_run: bool, colour: bool) {
     if applied.unchanged {
         println!(
             "{name}: unchanged (identical to the version in force, {})",
@@ -432,7 +674,7 @@ fn print_applied(name: &str, applied: &Applied, dry_run: bool) {
         );
         return;
     }
-    print!("{}", applied.diff);
+    print!("{}", output::paint_diff(colour, &applied.diff));
     if dry_run {
         println!(
             "{name}: valid; would be version {} and change {} (dry run: nothing applied)",
@@ -460,15 +702,35 @@ fn workloads(applied: &Applied) -> String {
     format!("workloads {}", names.join(", "))
 }
 
-/// `outriderctl status`: documents (rejections included) and a table of proxies.
-pub fn status(remote: Remote) -> ExitCode {
+/// `outriderctl status`: documents (rejections included) and a table of proxies; the
+/// disconnected ones only with `--all`.
+pub fn status(args: StatusArgs) -> ExitCode {
     run(
         |api| async move {
-            let status: Status = api.get_json(Method::GET, api::STATUS_PATH).await?;
-            print!("{}", render_status(&status));
+            let mut status: Status = api.get_json(Method::GET, api::STATUS_PATH).await?;
+            let hidden = if args.all {
+                0
+            } else {
+                let before = status.proxies.len();
+                status.proxies.retain(|p| p.connected);
+                before - status.proxies.len()
+            };
+            match output::structured(args.output.output, &status) {
+                Some(text) => print!("{text}"),
+                None => {
+                    print!("{}", render_status(&status));
+                    if hidden > 0 {
+                        println!(
+                            "({hidden} disconnected prox{} not shown: --all lists {})",
+                            if hidden == 1 { "y" } else { "ies" },
+                            if hidden == 1 { "it" } else { "them" }
+                        );
+                    }
+                }
+            }
             Ok(ExitCode::SUCCESS)
         },
-        &remote,
+        &args.remote,
     )
 }
 
@@ -511,9 +773,29 @@ fn render_status(status: &Status) -> String {
         ]);
     }
     if status.proxies.is_empty() {
-        out.push_str("no proxies have subscribed\n");
+        out.push_str("no proxies connected\n");
     } else {
         out.push_str(&table(&rows));
+    }
+    let overriding: Vec<_> = status
+        .documents
+        .iter()
+        .filter(|d| d.overrides_file)
+        .collect();
+    if !overriding.is_empty() {
+        out.push_str("\napplied documents overriding a policy file (`outriderctl delete NAME` hands one back to its file):\n");
+        for d in overriding {
+            let _ = writeln!(
+                out,
+                "  {}{}",
+                d.name,
+                if d.file_differs {
+                    " (the file differs: its text is not in force)"
+                } else {
+                    ""
+                }
+            );
+        }
     }
     let rejected: Vec<_> = status
         .documents
@@ -523,22 +805,23 @@ fn render_status(status: &Status) -> String {
     if !rejected.is_empty() {
         out.push_str("\nrejected documents (their previous version stays in force):\n");
         for r in rejected {
-            let _ = writeln!(
-                out,
-                "  {}: {}",
-                r.document,
-                r.message.replace('\n', "\n    ")
-            );
+            // A conflict's message names its document already.
+            let message = crate::check::strip_name(&r.message, &r.document);
+            let _ = writeln!(out, "  {}: {}", r.document, message.replace('\n', "\n    "));
         }
     }
     out
 }
 
 /// `outriderctl history`: the kept versions, newest first.
-pub fn history(remote: Remote) -> ExitCode {
+pub fn history(args: ReadArgs) -> ExitCode {
     run(
         |api| async move {
             let history: Vec<HistoryEntry> = api.get_json(Method::GET, api::HISTORY_PATH).await?;
+            if let Some(text) = output::structured(args.output.output, &history) {
+                print!("{text}");
+                return Ok(ExitCode::SUCCESS);
+            }
             let mut rows = vec![[
                 "VERSION".to_string(),
                 "AT".into(),
@@ -560,7 +843,7 @@ pub fn history(remote: Remote) -> ExitCode {
             }
             Ok(ExitCode::SUCCESS)
         },
-        &remote,
+        &args.remote,
     )
 }
 
@@ -623,11 +906,15 @@ pub fn delete(args: DeleteArgs) -> ExitCode {
             match status {
                 StatusCode::OK => {
                     let applied: Applied = decode(status, &body)?;
-                    println!(
-                        "{name}: deleted as version {}; pushed to {}",
-                        applied.version,
-                        workloads(&applied)
-                    );
+                    if applied.unchanged {
+                        println!("{name}: its rejection is cleared (it was never in force)");
+                    } else {
+                        println!(
+                            "{name}: deleted as version {}; pushed to {}",
+                            applied.version,
+                            workloads(&applied)
+                        );
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 StatusCode::NOT_FOUND | StatusCode::CONFLICT => {
@@ -666,11 +953,89 @@ pub fn get(args: GetArgs) -> ExitCode {
         |api| async move {
             let path = format!("{}?workload={}", api::POLICY_PATH, encode(&args.workload));
             let policy: WorkloadPolicy = api.get_json(Method::GET, &path).await?;
+            if !policy.named && !policy.running {
+                eprintln!(
+                    "outriderctl: no document names workload `{}` and no connected proxy runs it (a typo? `outriderctl status` lists the workloads; `outriderctl get '*'` shows what an unnamed workload receives)",
+                    args.workload
+                );
+                return Ok(ExitCode::from(EX_REJECTED));
+            }
+            if let Some(text) = output::structured(args.output.output, &policy) {
+                print!("{text}");
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "# workload {}, version {}, sha256 {}",
                 policy.workload, policy.version, policy.content_hash
             );
             print!("{}", policy.policy);
+            Ok(ExitCode::SUCCESS)
+        },
+        &args.remote,
+    )
+}
+
+/// `outriderctl check`: every problem the control plane's status shows, each with a fix;
+/// exit 0 (none), 1 (an error) or 2 (warnings only).
+pub fn check(args: ReadArgs) -> ExitCode {
+    let colour = output::stdout_colour();
+    run(
+        |api| async move {
+            let (version, skew) = server_version(&api).await?;
+            let status: Status = api.get_json(Method::GET, api::STATUS_PATH).await?;
+            let report = crate::check::report(&status, &api.base, &version.version, skew);
+            match output::structured(args.output.output, &report) {
+                Some(text) => print!("{text}"),
+                None => print!("{}", crate::check::render(&report, colour)),
+            }
+            Ok(ExitCode::from(report.exit_code()))
+        },
+        &args.remote,
+    )
+}
+
+/// The control plane's version, and its clock minus ours in ms (ours read either side of the
+/// request, compared at the middle).
+async fn server_version(api: &Api) -> Result<(ServerVersion, i64), CliError> {
+    let before = api::now_ms();
+    let version: ServerVersion = api.get_json(Method::GET, api::VERSION_PATH).await?;
+    let after = api::now_ms();
+    let middle = before.saturating_add(after.saturating_sub(before) / 2);
+    let skew = i64::try_from(version.now_ms)
+        .unwrap_or(i64::MAX)
+        .saturating_sub(i64::try_from(middle).unwrap_or(i64::MAX));
+    Ok((version, skew))
+}
+
+/// `outriderctl version -o json`'s document.
+#[derive(Debug, serde::Serialize)]
+struct Versions {
+    client: String,
+    server: ServerVersion,
+    server_url: String,
+}
+
+/// `outriderctl version`: this CLI's version and the control plane's.
+pub fn version(args: ReadArgs) -> ExitCode {
+    let client = env!("CARGO_PKG_VERSION");
+    if args.output.output == Format::Text {
+        println!("client: outriderctl {client}");
+    }
+    run(
+        |api| async move {
+            let (server, _) = server_version(&api).await?;
+            let versions = Versions {
+                client: client.to_string(),
+                server_url: api.base.clone(),
+                server,
+            };
+            match output::structured(args.output.output, &versions) {
+                Some(text) => print!("{text}"),
+                None => println!(
+                    "server: outrider-control {} ({})",
+                    versions.server.version, versions.server_url
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         },
         &args.remote,
@@ -731,8 +1096,13 @@ mod tests {
             applied_at_ms: Some(0),
             last_nack: nack,
             state: state.into(),
+            pending_since_ms: None,
+            workload_named: true,
+            disconnected_at_ms: None,
         };
         let status = Status {
+            certificates: None,
+            now_ms: 0,
             store: None,
             version: 3,
             documents: vec![],
@@ -766,6 +1136,8 @@ mod tests {
     #[test]
     fn status_names_a_failing_state_directory_and_the_pending_change() {
         let mut status = Status {
+            certificates: None,
+            now_ms: 0,
             version: 3,
             documents: vec![],
             proxies: vec![],
@@ -797,7 +1169,7 @@ mod tests {
         });
         assert_eq!(
             render_status(&status),
-            "version in force: 3\n\nno proxies have subscribed\n"
+            "version in force: 3\n\nno proxies connected\n"
         );
     }
 

@@ -38,6 +38,9 @@ pub struct Published {
     pub content_hash: String,
     /// The merged YAML.
     pub policy: String,
+    /// No document names the workload: it receives only the defaults (told to its proxies,
+    /// which say so in `/ready` and their logs).
+    pub unselected: bool,
     /// The [`ServerMessage::Update`] line (JSON and `\n`), encoded once for every subscriber.
     pub line: Bytes,
 }
@@ -53,6 +56,9 @@ pub enum Change {
         text: String,
         /// Where it came from.
         source: Source,
+        /// For an applied document: override a document read from the policy directory
+        /// (refused otherwise, [`EngineError::OverridesFile`]).
+        force: bool,
     },
     /// Remove a document (its file was deleted).
     Remove {
@@ -118,6 +124,9 @@ pub enum EngineError {
     /// `delete` of a document read from the policy directory: the file would bring it back.
     #[error("{0} comes from the policy directory: delete the file instead")]
     FileBacked(String),
+    /// `apply` without `force` of a document read from the policy directory.
+    #[error("{0} comes from the policy directory: edit the file, or apply with --force to override it (the file's changes then wait until `outriderctl delete {0}` hands the document back to the file)")]
+    OverridesFile(String),
     /// A kept version no longer loads (written by another build).
     #[error("stored document {name} no longer loads: {error}")]
     Stored {
@@ -135,6 +144,8 @@ enum Prepared {
         name: String,
         text: String,
         source: Source,
+        /// Whether an applied text may override a file's document.
+        force: bool,
         /// Boxed: a policy is large and most batches are a single change anyway.
         policy: Box<Result<Policy, PolicyError>>,
     },
@@ -146,12 +157,18 @@ enum Prepared {
 impl Prepared {
     fn parse(change: Change) -> Self {
         match change {
-            Change::Upsert { name, text, source } => {
+            Change::Upsert {
+                name,
+                text,
+                source,
+                force,
+            } => {
                 let policy = Box::new(load_policy(&name, &text));
                 Self::Upsert {
                     name,
                     text,
                     source,
+                    force,
                     policy,
                 }
             }
@@ -191,6 +208,9 @@ struct Inner {
     unwatched: BTreeMap<String, tokio::time::Instant>,
     proxies: Registry,
     store_health: StoreHealth,
+    /// Policy-directory files overridden by an applied document of the same name (forced
+    /// apply): their text as last scanned, handed back by `delete`.
+    shadowed: BTreeMap<String, String>,
 }
 
 /// How writes of the state directory fare. A change is in force only once written, so a
@@ -243,6 +263,7 @@ impl Engine {
             unwatched: BTreeMap::new(),
             proxies: Registry::default(),
             store_health: StoreHealth::default(),
+            shadowed: BTreeMap::new(),
         };
         let version = inner.state.version;
         republish(&mut inner, version);
@@ -297,17 +318,67 @@ impl Engine {
     ) -> Result<Outcome, EngineError> {
         // Parsing is the slow part of a change: done before the lock, so a large document
         // holds back no other change.
-        let changes = changes.into_iter().map(Prepared::parse).collect();
+        self.check_overrides(&changes)?;
+        let changes: Vec<Prepared> = changes.into_iter().map(Prepared::parse).collect();
         let _writer = self.lock_writer();
         check_deadline(deadline)?;
+        self.check_overrides_prepared(&changes)?;
         self.apply_serialized(changes, cause, None, false, deadline)
+    }
+
+    /// Refuses an unforced applied upsert of a document read from the policy directory.
+    fn check_overrides(&self, changes: &[Change]) -> Result<(), EngineError> {
+        let inner = self.lock();
+        for change in changes {
+            if let Change::Upsert {
+                name,
+                source: Source::Api,
+                force: false,
+                ..
+            } = change
+            {
+                if inner
+                    .docs
+                    .get(name)
+                    .is_some_and(|d| d.source == Source::File)
+                {
+                    return Err(EngineError::OverridesFile(name.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::check_overrides`] again under the writer lock (a file may have appeared since).
+    fn check_overrides_prepared(&self, changes: &[Prepared]) -> Result<(), EngineError> {
+        let inner = self.lock();
+        for change in changes {
+            if let Prepared::Upsert {
+                name,
+                source: Source::Api,
+                force: false,
+                ..
+            } = change
+            {
+                if inner
+                    .docs
+                    .get(name)
+                    .is_some_and(|d| d.source == Source::File)
+                {
+                    return Err(EngineError::OverridesFile(name.clone()));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// What [`Self::apply`] would do (diffs, rejections, workloads that would change, the
     /// version it would make), changing nothing and pushing nothing.
     pub fn dry_run(&self, changes: Vec<Change>) -> Result<Outcome, EngineError> {
-        let changes = changes.into_iter().map(Prepared::parse).collect();
+        self.check_overrides(&changes)?;
+        let changes: Vec<Prepared> = changes.into_iter().map(Prepared::parse).collect();
         let _writer = self.lock_writer();
+        self.check_overrides_prepared(&changes)?;
         self.apply_serialized(changes, "dry run", None, true, None)
     }
 
@@ -343,8 +414,34 @@ impl Engine {
         for name in gone_rejections {
             inner.rejected.remove(&name);
         }
+        // A file whose document was applied over it (or applied before the file appeared)
+        // stays out of force: the applied text wins until `delete` hands it back.
+        let shadowed: BTreeMap<String, String> = scan
+            .iter()
+            .filter(|(name, _)| {
+                inner
+                    .docs
+                    .get(*name)
+                    .is_some_and(|d| d.source == Source::Api)
+            })
+            .map(|(name, file)| (name.clone(), file.text.clone()))
+            .collect();
+        for (name, text) in &shadowed {
+            if inner.shadowed.get(name) != Some(text) {
+                tracing::warn!(document = %name, "policy file overridden by an applied document; its change is not in force (`outriderctl delete {name}` hands the document back to the file)");
+            }
+        }
+        let kept: BTreeMap<String, String> = inner
+            .shadowed
+            .iter()
+            .filter(|(name, _)| unreadable.contains(*name) && !shadowed.contains_key(*name))
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        inner.shadowed = shadowed;
+        inner.shadowed.extend(kept);
         let mut upserts: Vec<(&String, &ScannedFile, String)> = scan
             .iter()
+            .filter(|(name, _)| !inner.shadowed.contains_key(*name))
             .map(|(name, file)| (name, file, outrider_config::content_hash(&file.text)))
             .filter(|(name, _, hash)| inner.state.seen_files.get(*name) != Some(hash))
             .collect();
@@ -385,6 +482,7 @@ impl Engine {
                 name: (*name).clone(),
                 text: file.text.clone(),
                 source: Source::File,
+                force: false,
                 policy,
             }
         }));
@@ -439,8 +537,13 @@ impl Engine {
                     text,
                     source,
                     policy,
+                    ..
                 } => {
-                    if docs.get(&name).is_some_and(|d| d.text == text) {
+                    // Same text from another source is a change of owner (a forced apply).
+                    if docs
+                        .get(&name)
+                        .is_some_and(|d| d.text == text && d.source == source)
+                    {
                         outcome.unchanged.push(name);
                         continue;
                     }
@@ -566,6 +669,19 @@ impl Engine {
         if file_sync {
             inner.store_health.pending = None;
         }
+        // A file's document now applied over: its text waits for `delete`.
+        for name in &outcome.accepted {
+            let overridden = inner.docs.get(name).filter(|d| d.source == Source::File);
+            if let (Some(old), Some(new)) = (overridden, docs.get(name)) {
+                if new.source == Source::Api {
+                    let text = old.text.clone();
+                    inner.shadowed.insert(name.clone(), text);
+                }
+            }
+            if docs.get(name).is_some_and(|d| d.source == Source::File) {
+                inner.shadowed.remove(name);
+            }
+        }
         inner.state = state;
         inner.docs = docs;
         inner.parsed = parsed;
@@ -582,8 +698,39 @@ impl Engine {
         let _writer = self.lock_writer();
         check_deadline(deadline)?;
         let mut parsed = {
-            let inner = self.lock();
+            let mut inner = self.lock();
+            if let Some(file_text) = inner.shadowed.get(name).cloned() {
+                // The file it overrides takes the document back.
+                let hash = outrider_config::content_hash(&file_text);
+                let seen = inner.state.seen_files.clone();
+                drop(inner);
+                let change = Prepared::Upsert {
+                    name: name.to_string(),
+                    policy: Box::new(load_policy(name, &file_text)),
+                    text: file_text,
+                    source: Source::File,
+                    force: false,
+                };
+                let hashes = BTreeMap::from([(name.to_string(), hash)]);
+                let cause = format!("delete {name} (back to its file)");
+                return self.apply_serialized(
+                    vec![change],
+                    &cause,
+                    Some((seen, hashes)),
+                    false,
+                    deadline,
+                );
+            }
             match inner.docs.get(name) {
+                // A rejected text that never was in force: deleting it clears the rejection.
+                None if inner.rejected.get(name).is_some_and(|r| !r.from_file) => {
+                    inner.rejected.remove(name);
+                    return Ok(Outcome {
+                        version: inner.state.version,
+                        unchanged: vec![name.to_string()],
+                        ..Outcome::default()
+                    });
+                }
                 None => return Err(EngineError::UnknownDocument(name.to_string())),
                 Some(doc) if doc.source == Source::File => {
                     return Err(EngineError::FileBacked(name.to_string()))
@@ -750,26 +897,39 @@ impl Engine {
             return receiver;
         }
         let version = inner.state.version;
-        let published = publication(workload, &inner.parsed, version).unwrap_or_else(|e| {
+        let named = named_workloads(&inner.parsed);
+        let published = publication(workload, &inner.parsed, &named, version).unwrap_or_else(|e| {
             // Cannot happen for a workload no document names (it gets the validated
             // defaults); logged and served empty rather than refusing the proxy.
             tracing::error!(workload, error = %e, "merged policy invalid");
-            encode(version, String::new())
+            encode(version, String::new(), !named.contains(workload))
         });
         let (sender, receiver) = watch::channel(Arc::new(published));
         inner.published.insert(workload.to_string(), sender);
         receiver
     }
 
-    /// `workload`'s merged policy in force.
+    /// `workload`'s merged policy in force, and whether a document names it and a connected
+    /// proxy runs it (neither: a typo, most likely).
     pub fn policy(&self, workload: &str) -> WorkloadPolicy {
         let receiver = self.subscribe(workload);
+        let (named, running) = {
+            let inner = self.lock();
+            let named = workload == DEFAULTS || named_workloads(&inner.parsed).contains(workload);
+            let running = inner
+                .proxies
+                .iter()
+                .any(|(_, p)| p.connected && p.workload == workload);
+            (named, running)
+        };
         let published = receiver.borrow();
         WorkloadPolicy {
             workload: workload.to_string(),
             version: published.version,
             content_hash: published.content_hash.clone(),
             policy: published.policy.clone(),
+            named,
+            running,
         }
     }
 
@@ -871,9 +1031,24 @@ impl Engine {
                     }),
                     changed_at: doc.map(|d| d.changed_at),
                     rejected: inner.rejected.get(name).cloned(),
+                    workloads: inner
+                        .parsed
+                        .get(name)
+                        .map(|p| match &p.workload {
+                            Some(selector) if !selector.is_all() => selector.names().to_vec(),
+                            _ => vec![DEFAULTS.to_string()],
+                        })
+                        .unwrap_or_default(),
+                    overrides_file: doc.is_some_and(|d| d.source == Source::Api)
+                        && inner.shadowed.contains_key(name),
+                    file_differs: doc.is_some_and(|d| {
+                        d.source == Source::Api
+                            && inner.shadowed.get(name).is_some_and(|t| *t != d.text)
+                    }),
                 }
             })
             .collect();
+        let named = named_workloads(&inner.parsed);
         let proxies = inner
             .proxies
             .iter()
@@ -905,6 +1080,11 @@ impl Engine {
                     applied_at_ms: p.applied_at_ms,
                     last_nack: p.last_nack.clone(),
                     state: state.to_string(),
+                    pending_since_ms: matches!(state, "pending" | "nack")
+                        .then_some(p.last_sent_at_ms)
+                        .flatten(),
+                    workload_named: named.contains(&p.workload),
+                    disconnected_at_ms: p.disconnected_at_ms,
                 }
             })
             .collect();
@@ -913,6 +1093,8 @@ impl Engine {
             documents,
             proxies,
             store: Some(store_status(&inner.store_health, self.store.dir())),
+            certificates: None,
+            now_ms: now_ms(),
         }
     }
 }
@@ -981,7 +1163,7 @@ fn check_merges(
         match merged_yaml(&workload, parsed) {
             Ok(yaml) => {
                 // The version's digits are not known yet: count the longest a u64 can have.
-                let line = encode(u64::MAX, yaml).line.len();
+                let line = encode(u64::MAX, yaml, true).line.len();
                 if line > max_push {
                     return Err(format!(
                         "{name}: the merged policy for workload `{workload}` would be pushed as {line} bytes, more than the {max_push} a proxy accepts; split the workload's policy or remove documents it merges"
@@ -1033,20 +1215,23 @@ fn merged_yaml(workload: &str, parsed: &BTreeMap<String, Policy>) -> Result<Stri
     Ok(yaml)
 }
 
+/// `named`: the workloads some document names ([`named_workloads`] of `parsed`).
 fn publication(
     workload: &str,
     parsed: &BTreeMap<String, Policy>,
+    named: &BTreeSet<String>,
     version: u64,
 ) -> Result<Published, MergeFailure> {
-    merged_yaml(workload, parsed).map(|yaml| encode(version, yaml))
+    merged_yaml(workload, parsed).map(|yaml| encode(version, yaml, !named.contains(workload)))
 }
 
-fn encode(version: u64, policy: String) -> Published {
+fn encode(version: u64, policy: String, unselected: bool) -> Published {
     let content_hash = outrider_config::content_hash(&policy);
     let message = ServerMessage::Update(PolicyUpdate {
         version,
         content_hash: content_hash.clone(),
         policy: policy.clone(),
+        unselected,
     });
     let mut line = serde_json::to_vec(&message).unwrap_or_default();
     line.push(b'\n');
@@ -1054,6 +1239,7 @@ fn encode(version: u64, policy: String) -> Published {
         version,
         content_hash,
         policy,
+        unselected,
         line: Bytes::from(line),
     }
 }
@@ -1082,12 +1268,13 @@ fn remerge(
     parsed: &BTreeMap<String, Policy>,
     version: u64,
 ) -> Vec<(String, Published)> {
-    let mut workloads = named_workloads(parsed);
+    let named = named_workloads(parsed);
+    let mut workloads = named.clone();
     workloads.insert(DEFAULTS.to_string());
     workloads.extend(published.keys().cloned());
     let mut changed = Vec::new();
     for workload in workloads {
-        let merged = match publication(&workload, parsed, version) {
+        let merged = match publication(&workload, parsed, &named, version) {
             Ok(p) => p,
             Err(e) => {
                 // Only reachable through a removal; the workload keeps what it has.
@@ -1095,9 +1282,12 @@ fn remerge(
                 continue;
             }
         };
-        let same = published
-            .get(&workload)
-            .is_some_and(|s| s.borrow().content_hash == merged.content_hash);
+        // A workload newly named (or no longer) by a document its proxies are told, even
+        // when its merged policy stays the same.
+        let same = published.get(&workload).is_some_and(|s| {
+            let current = s.borrow();
+            current.content_hash == merged.content_hash && current.unselected == merged.unselected
+        });
         if !same {
             changed.push((workload, merged));
         }
@@ -1140,7 +1330,11 @@ fn settle_versions(inner: &mut Inner) {
             version = *record_version;
         }
         if version != current.version {
-            sender.send_replace(Arc::new(encode(version, current.policy.clone())));
+            sender.send_replace(Arc::new(encode(
+                version,
+                current.policy.clone(),
+                current.unselected,
+            )));
         }
     }
 }
@@ -1197,6 +1391,7 @@ mod tests {
             name: name.into(),
             text: text.into(),
             source: Source::Api,
+            force: false,
         }
     }
 
@@ -1460,6 +1655,7 @@ mod tests {
             name: "f".into(),
             text: "workload: v\n".into(),
             source: Source::File,
+            force: false,
         };
         engine.apply(vec![file], "t").expect("3");
         assert!(matches!(
@@ -1666,6 +1862,106 @@ mod tests {
         assert!(healed.healthy && healed.error.is_none() && healed.pending.is_none());
         assert_eq!(healed.write_failures, 4);
         assert!(!engine.file_changes_pending());
+    }
+
+    #[test]
+    fn an_applied_override_of_a_file_needs_force_and_survives_the_files_next_edit() {
+        let (engine, _dir) = engine("drift");
+        let scan = |text: &str| {
+            BTreeMap::from([(
+                "d.yaml".to_string(),
+                ScannedFile {
+                    text: text.into(),
+                    modified: std::time::SystemTime::UNIX_EPOCH,
+                },
+            )])
+        };
+        let file_v1 = "services: { x: { endpoints: [127.0.0.1:1] } }\n";
+        let file_v2 = "services: { x: { endpoints: [127.0.0.1:2] } }\n";
+        let applied = "services: { x: { endpoints: [127.0.0.1:9] } }\n";
+        engine
+            .sync_files(scan(file_v1), &BTreeSet::new())
+            .expect("v1");
+        assert!(matches!(
+            engine.apply(vec![upsert("d.yaml", applied)], "t"),
+            Err(EngineError::OverridesFile(n)) if n == "d.yaml"
+        ));
+        let forced = Change::Upsert {
+            name: "d.yaml".into(),
+            text: applied.into(),
+            source: Source::Api,
+            force: true,
+        };
+        assert_eq!(engine.apply(vec![forced], "t").expect("forced").version, 2);
+        let doc = |engine: &Engine| {
+            engine
+                .status()
+                .documents
+                .into_iter()
+                .find(|d| d.name == "d.yaml")
+                .expect("d.yaml")
+        };
+        assert!(doc(&engine).overrides_file && doc(&engine).file_differs);
+        // The file's next edit does not undo the applied text; status says it differs.
+        assert!(engine
+            .sync_files(scan(file_v2), &BTreeSet::new())
+            .expect("sync")
+            .is_none());
+        assert!(engine.policy("*").policy.contains("127.0.0.1:9"));
+        assert!(doc(&engine).overrides_file && doc(&engine).file_differs);
+        // `delete` hands the document back to the file, at its current text.
+        let out = engine.delete("d.yaml", None).expect("delete");
+        assert_eq!(out.version, 3);
+        assert!(engine.policy("*").policy.contains("127.0.0.1:2"));
+        let back = doc(&engine);
+        assert_eq!(back.source.as_deref(), Some("file"));
+        assert!(!back.overrides_file);
+        // And the file rules again.
+        engine
+            .sync_files(scan(file_v1), &BTreeSet::new())
+            .expect("sync")
+            .expect("changed");
+        assert!(engine.policy("*").policy.contains("127.0.0.1:1"));
+    }
+
+    #[test]
+    fn deleting_a_never_accepted_document_clears_its_rejection() {
+        let (engine, _dir) = engine("clear");
+        let out = engine
+            .apply(vec![upsert("bad", "services: [\n")], "t")
+            .expect("answered");
+        assert_eq!(out.rejected.len(), 1);
+        assert!(engine.status().documents.iter().any(|d| d.name == "bad"));
+        let out = engine.delete("bad", None).expect("cleared");
+        assert_eq!(out.unchanged, ["bad"]);
+        assert!(engine.status().documents.is_empty());
+        assert!(matches!(
+            engine.delete("bad", None),
+            Err(EngineError::UnknownDocument(_))
+        ));
+    }
+
+    #[test]
+    fn a_workload_no_document_names_is_published_as_unselected() {
+        let (engine, _dir) = engine("unselected");
+        engine
+            .apply(vec![upsert("d", "services: {}\n")], "t")
+            .expect("1");
+        let shpo = engine.subscribe("shpo");
+        assert!(shpo.borrow().unselected);
+        engine.connect("p", "shpo", None, None).expect("p");
+        let policy = engine.policy("shpo");
+        assert!(!policy.named && policy.running);
+        let nosuch = engine.policy("nosuch");
+        assert!(!nosuch.named && !nosuch.running);
+        assert!(engine.policy("*").named);
+        // Naming it, even without changing its merged policy, tells its proxies.
+        let hash = shpo.borrow().content_hash.clone();
+        engine
+            .apply(vec![upsert("s", "workload: shpo\n")], "t")
+            .expect("2");
+        assert!(!shpo.borrow().unselected);
+        assert_eq!(shpo.borrow().content_hash, hash);
     }
 
     #[test]

@@ -9,19 +9,22 @@
 //! - [`ca`]: the mesh CA issuing short-lived SPIFFE workload certificates.
 //! - [`server`]: the HTTP server (subscriptions, ACKs, the management API).
 //! - [`api`]: the management API's JSON bodies; [`diagnose`]: policy errors for terminals.
-//! - [`cli`]: the `outriderctl` commands that talk to the control plane.
+//! - [`cli`]: the `outriderctl` commands that talk to the control plane; [`check`]: what
+//!   `outriderctl check` finds and how to fix it; [`output`]: `-o json|yaml` and colour.
 //! - [`inject`] adds the sidecar to Kubernetes manifests, [`wait`] holds a legacy sidecar's pod
 //!   until the proxy is ready; [`yaml`] is the manifest value it edits.
 //! - [`fuzzing`]: the entry point of the policy fuzz target (not an API).
 
 pub mod api;
 pub mod ca;
+pub mod check;
 pub mod cli;
 pub mod diagnose;
 pub mod engine;
 pub mod fuzzing;
 pub mod inject;
 pub mod merge;
+pub mod output;
 pub mod registry;
 pub mod server;
 pub mod service_account;

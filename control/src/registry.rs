@@ -38,6 +38,10 @@ pub(crate) struct ProxyRecord {
     pub(crate) last_nack: Option<Nack>,
     /// When its last stream closed (`None` while connected); the record expires after that.
     disconnected_at: Option<tokio::time::Instant>,
+    /// The same, in ms since the Unix epoch, for status.
+    pub(crate) disconnected_at_ms: Option<u64>,
+    /// When the newest version of this session was sent, in ms since the Unix epoch.
+    pub(crate) last_sent_at_ms: Option<u64>,
 }
 
 /// A subscription the registry accepted.
@@ -134,6 +138,8 @@ impl Registry {
                 applied_at_ms: None,
                 last_nack: None,
                 disconnected_at: None,
+                disconnected_at_ms: None,
+                last_sent_at_ms: None,
             });
         if record.workload != workload {
             // Another workload's policy: what it applied before says nothing now.
@@ -147,6 +153,8 @@ impl Registry {
         record.session.clone_from(&session.id);
         record.connected = true;
         record.disconnected_at = None;
+        record.disconnected_at_ms = None;
+        record.last_sent_at_ms = None;
         record.peer = peer;
         record.connected_since_ms = now;
         record.version_sent = None;
@@ -160,6 +168,7 @@ impl Registry {
         if let Some(record) = self.proxies.get_mut(proxy) {
             if record.connection == connection {
                 record.version_sent = Some(version);
+                record.last_sent_at_ms = Some(now_ms());
                 if record.sent.len() >= SENT_KEPT {
                     record.sent.pop_front();
                 }
@@ -174,6 +183,7 @@ impl Registry {
             Some(record) if record.connection == connection => {
                 record.connected = false;
                 record.disconnected_at = Some(tokio::time::Instant::now());
+                record.disconnected_at_ms = Some(now_ms());
                 true
             }
             _ => false,

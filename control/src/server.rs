@@ -99,7 +99,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
     let open = match path.as_str() {
         "/live" | "/ready" | "/metrics" => true,
         // Read-only status, open to the machine itself (an operator on the node).
-        api::STATUS_PATH => peer.ip().is_loopback(),
+        api::STATUS_PATH | api::VERSION_PATH => peer.ip().is_loopback(),
         _ => false,
     };
     if !open && !authorized(&req, &app.token) {
@@ -132,7 +132,18 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
             Some(w) if valid_workload(w) => json(StatusCode::OK, &app.engine.policy(w)),
             _ => error(StatusCode::BAD_REQUEST, "`workload` query parameter needed"),
         },
-        (&Method::GET, api::STATUS_PATH) => json(StatusCode::OK, &app.engine.status()),
+        (&Method::GET, api::STATUS_PATH) => {
+            let mut status = app.engine.status();
+            status.certificates = app.ca.as_ref().map(|ca| ca.status());
+            json(StatusCode::OK, &status)
+        }
+        (&Method::GET, api::VERSION_PATH) => json(
+            StatusCode::OK,
+            &api::ServerVersion {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                now_ms: api::now_ms(),
+            },
+        ),
         (
             _,
             "/live"
@@ -146,7 +157,8 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
             | api::ROLLBACK_PATH
             | api::DELETE_PATH
             | api::POLICY_PATH
-            | api::STATUS_PATH,
+            | api::STATUS_PATH
+            | api::VERSION_PATH,
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     }
@@ -275,13 +287,19 @@ async fn subscribe(
         Err(e) => return error(StatusCode::CONFLICT, &e.to_string()),
     };
     let updates = app.engine.subscribe(workload);
+    let unselected = updates.borrow().unselected;
     let (tx, rx) = mpsc::channel(2);
     let stream = Stream {
         engine: Arc::clone(&app.engine),
         proxy,
         connection: session.connection,
     };
-    tokio::spawn(stream.run(updates, tx, have_hash, app.heartbeat));
+    tokio::spawn(stream.run(
+        updates,
+        tx,
+        have_hash.map(|h| (h, unselected)),
+        app.heartbeat,
+    ));
     let mut res = Response::new(ChannelBody(rx).boxed());
     let headers = res.headers_mut();
     headers.insert(
@@ -294,6 +312,12 @@ async fn subscribe(
     );
     if let Ok(id) = header::HeaderValue::from_str(&session.id) {
         headers.insert(wire::SESSION_HEADER, id);
+    }
+    if unselected {
+        headers.insert(
+            wire::UNSELECTED_HEADER,
+            header::HeaderValue::from_static("1"),
+        );
     }
     res
 }
@@ -310,7 +334,7 @@ impl Stream {
         self,
         mut updates: watch::Receiver<Arc<Published>>,
         tx: mpsc::Sender<Bytes>,
-        mut sent_hash: Option<String>,
+        mut sent: Option<(String, bool)>,
         heartbeat: Duration,
     ) {
         static HEARTBEAT: &[u8] = b"{\"type\":\"heartbeat\"}\n";
@@ -321,7 +345,7 @@ impl Stream {
             // A proxy resuming with the content in force is not sent it again, but it counts
             // as sent: its ACK of what it runs is then accepted.
             let current = updates.borrow();
-            if sent_hash.as_deref() == Some(current.content_hash.as_str()) {
+            if sent.as_ref().map(|(h, _)| h.as_str()) == Some(current.content_hash.as_str()) {
                 self.engine.sent(
                     &self.proxy,
                     self.connection,
@@ -333,8 +357,12 @@ impl Stream {
         loop {
             let current = Arc::clone(&updates.borrow_and_update());
             // A proxy that already has this content (it said so when reconnecting) is not
-            // sent it again: a control-plane restart causes no re-push storm.
-            if sent_hash.as_deref() != Some(current.content_hash.as_str()) {
+            // sent it again: a control-plane restart causes no re-push storm. A change of
+            // whether a document names the workload alone is sent.
+            let same = sent.as_ref().is_some_and(|(hash, unselected)| {
+                *hash == current.content_hash && *unselected == current.unselected
+            });
+            if !same {
                 // Recorded first, so whoever reads the line can already see it in status.
                 self.engine.sent(
                     &self.proxy,
@@ -345,7 +373,7 @@ impl Stream {
                 if tx.send(current.line.clone()).await.is_err() {
                     return;
                 }
-                sent_hash = Some(current.content_hash.clone());
+                sent = Some((current.content_hash.clone(), current.unselected));
                 ticker.reset();
             }
             tokio::select! {
@@ -486,6 +514,9 @@ async fn apply(
         name: name.clone(),
         text,
         source: Source::Api,
+        force: query
+            .get(api::FORCE_PARAM)
+            .is_some_and(|v| v == "1" || v == "true"),
     };
     let cause = format!("apply {name}");
     let dry_run = query
@@ -548,7 +579,7 @@ async fn delete(query: &HashMap<String, String>, app: &App) -> Response<ResBody>
 fn engine_error(e: &EngineError) -> Response<ResBody> {
     let status = match e {
         EngineError::NotKept(_) | EngineError::UnknownDocument(_) => StatusCode::NOT_FOUND,
-        EngineError::FileBacked(_) => StatusCode::CONFLICT,
+        EngineError::FileBacked(_) | EngineError::OverridesFile(_) => StatusCode::CONFLICT,
         EngineError::Expired => StatusCode::SERVICE_UNAVAILABLE,
         // Temporary by nature (a full or read-only disk), and not the request's fault: the
         // client is told nothing changed (the CLI exits 74).

@@ -124,6 +124,11 @@ fn respond(shared: &Shared, peer: SocketAddr, req: &Request<Incoming>) -> Respon
             if let Some(error) = shared.status.persist().error() {
                 let _ = write!(body, " persisted=false persist_error={error:?}");
             }
+            // Ready all the same (the defaults may be all a workload needs), but a misspelt
+            // --workload shows here rather than as 404s.
+            if shared.status.unselected() {
+                body.push_str(" workload_named=false note=\"no policy document names this workload; it runs only the defaults\"");
+            }
             body.push('\n');
             with_type(status, Bytes::from(body), text_plain())
         }

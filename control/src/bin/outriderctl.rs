@@ -1,11 +1,12 @@
 //! `outriderctl`: the operator's CLI. Exit codes: 0 success, 1 the policy or the request was
-//! rejected, 64 bad usage, 66 unreadable input, 69 control plane unreachable, 70 unexpected
-//! answer, 77 token refused.
+//! rejected, 4 `apply --wait`: a proxy NACKed or did not answer in time, 64 bad usage, 66
+//! unreadable input, 69 control plane unreachable, 70 unexpected answer, 77 token refused;
+//! `check`: 0 nothing found, 1 errors, 2 warnings only.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 const EX_REJECTED: u8 = 1;
 const EX_NOINPUT: u8 = 66;
@@ -33,17 +34,30 @@ enum Command {
     /// Applies policy documents on the control plane: shows each one's diff against the
     /// version in force and pushes it; exits 1 if one is rejected.
     Apply(outrider_control::cli::ApplyArgs),
-    /// Proxies (workload, version applied, when, state, last NACK) and rejected documents.
-    Status(outrider_control::cli::Remote),
+    /// Connected proxies (workload, version applied, when, state, last NACK) and rejected
+    /// documents; --all adds the disconnected proxies.
+    Status(outrider_control::cli::StatusArgs),
     /// The kept versions, newest first.
-    History(outrider_control::cli::Remote),
+    History(outrider_control::cli::ReadArgs),
     /// Makes a kept version's documents current again, as a new version.
     Rollback(outrider_control::cli::RollbackArgs),
     /// Removes a document added with `apply`, as a new version; exits 1 if it is not in
     /// force, comes from the policy directory, or what remains would not validate.
     Delete(outrider_control::cli::DeleteArgs),
-    /// Prints a workload's merged policy as YAML.
+    /// Prints a workload's merged policy as YAML; exits 1 for a workload no document names
+    /// and no proxy runs.
     Get(outrider_control::cli::GetArgs),
+    /// Finds what is wrong (NACKs, misspelt workloads, unused or rejected documents, stale
+    /// proxies, expiring certificates, clock skew), each with a fix; exits 0 (nothing), 1
+    /// (errors) or 2 (warnings only).
+    Check(outrider_control::cli::ReadArgs),
+    /// Prints this CLI's version and the control plane's.
+    Version(outrider_control::cli::ReadArgs),
+    /// Prints a shell completion script: `source <(outriderctl completion bash)`.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,11 +67,22 @@ fn main() -> ExitCode {
         Command::Inject(args) => outrider_control::inject::main(*args),
         Command::WaitReady(args) => outrider_control::wait::main(&args),
         Command::Apply(args) => outrider_control::cli::apply(args),
-        Command::Status(remote) => outrider_control::cli::status(remote),
-        Command::History(remote) => outrider_control::cli::history(remote),
+        Command::Status(args) => outrider_control::cli::status(args),
+        Command::History(args) => outrider_control::cli::history(args),
         Command::Rollback(args) => outrider_control::cli::rollback(args),
         Command::Delete(args) => outrider_control::cli::delete(args),
         Command::Get(args) => outrider_control::cli::get(args),
+        Command::Check(args) => outrider_control::cli::check(args),
+        Command::Version(args) => outrider_control::cli::version(args),
+        Command::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "outriderctl",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
     }
 }
 

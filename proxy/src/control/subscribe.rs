@@ -367,6 +367,7 @@ impl Subscriber {
         if let Ok(mut slot) = self.session.lock() {
             slot.clone_from(&session);
         }
+        self.note_unselected(response.headers().contains_key(wire::UNSELECTED_HEADER));
         tracing::info!(url = %self.config.url, workload = %self.config.workload, "subscribed to the control plane");
         if let Some((version, content_hash)) = have {
             // The server stays silent only when our hash is its hash; otherwise its first
@@ -421,13 +422,31 @@ impl Subscriber {
         }
     }
 
+    /// Records whether a policy document names this proxy's workload, logging each change: a
+    /// proxy no document names runs only the defaults, most often because of a misspelt
+    /// `--workload`.
+    fn note_unselected(&self, unselected: bool) {
+        let status = &self.reloader.shared().status;
+        if status.unselected() == unselected {
+            return;
+        }
+        status.set_unselected(unselected);
+        if unselected {
+            tracing::warn!(workload = %self.config.workload, "no policy document names this workload: it receives only the defaults (is --workload spelt right? `outriderctl check` lists the workloads documents name)");
+        } else {
+            tracing::info!(workload = %self.config.workload, "a policy document names this workload");
+        }
+    }
+
     /// Applies `update` and returns the ACK or NACK to send; `None` once the proxy drains.
     async fn apply(&self, update: PolicyUpdate, session: &str) -> Option<Ack> {
         let PolicyUpdate {
             version,
             content_hash,
             policy,
+            unselected,
         } = update;
+        self.note_unselected(unselected);
         let mut ack = Ack {
             proxy: self.config.proxy_id.clone(),
             workload: self.config.workload.clone(),

@@ -118,6 +118,7 @@ impl PolicySource {
 pub struct PolicyStatus {
     source: AtomicU8,
     fresh: AtomicBool,
+    unselected: AtomicBool,
     persist: Arc<PersistHealth>,
 }
 
@@ -141,6 +142,16 @@ impl PolicyStatus {
     /// Records whether the policy in force is known to be current.
     pub fn set_fresh(&self, fresh: bool) {
         self.fresh.store(fresh, Ordering::Release);
+    }
+
+    /// Whether the control plane said no policy document names this proxy's workload.
+    pub fn unselected(&self) -> bool {
+        self.unselected.load(Ordering::Acquire)
+    }
+
+    /// Records what the control plane said about the workload being named.
+    pub fn set_unselected(&self, unselected: bool) {
+        self.unselected.store(unselected, Ordering::Release);
     }
 
     /// Whether `--state-dir` holds the control-plane policy in force (written by the
