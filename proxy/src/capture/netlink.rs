@@ -180,7 +180,7 @@ impl Message {
     }
 
     fn pad(&mut self) {
-        while self.bytes.len() % 4 != 0 {
+        while !self.bytes.len().is_multiple_of(4) {
             self.bytes.push(0);
         }
     }
@@ -273,7 +273,7 @@ impl Message {
                 };
                 self.meta_eq(NFT_META_NFPROTO, &[family]);
                 let prefix = usize::from(cidr.prefix);
-                if prefix % 8 == 0 && prefix > 0 {
+                if prefix.is_multiple_of(8) && prefix > 0 {
                     // Whole bytes: compare just those, as nft does.
                     let len = prefix / 8;
                     self.payload(NFT_PAYLOAD_NETWORK_HEADER, offset, len as u32);
