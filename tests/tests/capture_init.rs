@@ -1,8 +1,10 @@
-//! `outrider-proxy init`: the capture rules installed by the real binary with the real nft and
-//! iptables tools in real network namespaces, shown to redirect (and exempt) real TCP
+//! `outrider-proxy init`: the capture rules installed by the real binary (over netlink in nft
+//! mode, with no tool on its PATH, as in the distroless image; with the real iptables tools in
+//! iptables mode) in real network namespaces, shown to redirect (and exempt) real TCP
 //! connections, in both modes and both families. A "pod" namespace holds the rules and the
 //! listeners standing in for the proxy and the app; a "remote" namespace, over a veth pair,
-//! stands in for the rest of the network. Addresses are documentation ranges only.
+//! stands in for the rest of the network. Addresses are documentation ranges only. The real
+//! nft lists what the binary installed, and installs the dry-run text for comparison.
 //!
 //! Needs root, `ip netns`, nft, iptables and setpriv: CI (.ci/run) has them and sets
 //! OUTRIDER_REQUIRE_NETNS=1, so there a missing piece fails the tests; elsewhere each test
@@ -258,15 +260,30 @@ impl Net {
         String::from_utf8(output.stdout).unwrap().trim().to_string()
     }
 
-    /// Runs `outrider-proxy init --mode MODE args` in the pod namespace.
+    /// Runs `outrider-proxy init --mode MODE args` in the pod namespace; in nft mode with an
+    /// empty environment and a PATH holding nothing, so no tool could be run.
     fn init(&self, mode: Mode, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.pod])
-            .arg(proxy_binary())
+        self.init_command(mode)
             .args(["init", "--mode", mode.flag()])
             .args(args)
             .output()
             .unwrap()
+    }
+
+    /// `outrider-proxy` in the pod namespace (see [`Net::init`]), its arguments to be added.
+    fn init_command(&self, mode: Mode) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.pod]);
+        if mode == Mode::Nft {
+            let empty = self.dir.join("empty-path");
+            std::fs::create_dir_all(&empty).unwrap();
+            command
+                .arg("env")
+                .arg("-i")
+                .arg(format!("PATH={}", empty.display()));
+        }
+        command.arg(proxy_binary());
+        command
     }
 
     fn init_ok(&self, mode: Mode, args: &[&str]) -> String {
@@ -406,15 +423,18 @@ fn capture_round_trip(mode: Mode) {
         "init twice changed the ruleset"
     );
     if mode == Mode::Nft {
-        // Where nft works, the default mode is nft: the same table again, nothing else.
-        let output = Command::new("ip")
-            .args(["netns", "exec", &net.pod])
-            .arg(proxy_binary())
+        // The default mode is nft: the same table again, nothing else.
+        let output = net
+            .init_command(mode)
             .arg("init")
             .args(SKIPS)
             .output()
             .unwrap();
-        assert!(output.status.success());
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         assert_eq!(net.ruleset(mode), installed, "--mode auto differs from nft");
     }
 
@@ -573,7 +593,7 @@ fn iptables_bad_flags_change_nothing() {
 }
 
 /// nft: our table is owned by another process (an `nft -i` holding it with `flags owner`),
-/// so the kernel refuses the transaction: init exits 71 naming the rule, ruleset untouched.
+/// so the kernel refuses the netlink transaction: init exits 71 naming the rule, ruleset untouched.
 #[test]
 fn nft_refused_rule_is_named_and_nothing_is_installed() {
     let Some(mut net) = Net::setup() else { return };
@@ -598,7 +618,7 @@ fn nft_refused_rule_is_named_and_nothing_is_installed() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(71), "{stderr}");
     assert!(
-        stderr.contains("nft refused rule \"table inet outrider\""),
+        stderr.contains("nf_tables refused rule \"table inet outrider\""),
         "{stderr}"
     );
     assert_eq!(net.ruleset(Mode::Nft), before);
@@ -652,8 +672,65 @@ fn dry_run_prints_the_rules_without_root_tools() {
     assert!(output.status.success());
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(
-        stdout.contains("ip6 daddr { 2001:db8::/32 } return"),
+        stdout.contains("ip6 daddr 2001:db8::/32 return"),
         "{stdout}"
     );
     assert!(stdout.contains("meta skuid 65532 return"), "{stdout}");
+}
+
+/// What `init` sends over netlink is what `nft -f` makes of the dry-run text: the same
+/// listing and the same expressions (nft's bytecode view, handles aside), for byte-aligned
+/// and masked prefixes of both families, single ports and ranges.
+#[test]
+fn nft_netlink_table_equals_nft_f_of_the_dry_run() {
+    let Some(net) = Net::setup() else { return };
+    let skips = [
+        "--skip-inbound-ports",
+        "22,9000-9100",
+        "--skip-outbound-ports",
+        "443,5432-5440",
+        "--skip-outbound-cidrs",
+        "192.0.2.0/24,198.51.100.7,10.16.0.0/12,0.0.0.0/0,2001:db8:1::/48,2001:db8::/29,::1",
+    ];
+    let listings = |net: &Net| {
+        let listing = net.pod_sh(&["nft", "list", "table", "inet", "outrider"]);
+        let bytecode = net.pod_sh(&[
+            "nft",
+            "--debug=netlink",
+            "list",
+            "table",
+            "inet",
+            "outrider",
+        ]);
+        // `inet outrider inbound 4 3`: the rule's handle and its predecessor's.
+        let bytecode: Vec<String> = bytecode
+            .lines()
+            .map(|line| match line.strip_prefix("inet outrider ") {
+                Some(rest) => format!("inet outrider {}", rest.split(' ').next().unwrap()),
+                None => line.to_string(),
+            })
+            .collect();
+        (listing, bytecode)
+    };
+
+    net.init_ok(Mode::Nft, &skips);
+    let ours = listings(&net);
+    assert!(
+        ours.0.contains("ip daddr 10.16.0.0/12 return"),
+        "{}",
+        ours.0
+    );
+    net.init_ok(Mode::Nft, &["--cleanup"]);
+    assert_eq!(net.ruleset(Mode::Nft), "");
+
+    let dry = net.init_ok(Mode::Nft, &[&["--dry-run"][..], &skips].concat());
+    let script = net.dir.join("dry-run.nft");
+    std::fs::write(&script, &dry).unwrap();
+    net.pod_sh(&["nft", "-f", script.to_str().unwrap()]);
+    let nfts = listings(&net);
+    assert_eq!(ours.0, nfts.0);
+    assert_eq!(ours.1, nfts.1);
+    // Our cleanup removes what nft installed, too.
+    net.init_ok(Mode::Nft, &["--cleanup"]);
+    assert_eq!(net.ruleset(Mode::Nft), "");
 }

@@ -281,9 +281,10 @@ fn the_injected_init_container_renders_rules_that_exempt_the_proxy_container() {
     for rule in [
         format!("meta skuid {} return", proxy.security_context.run_as_user),
         "tcp dport 15000 return".to_string(),
-        "tcp dport { 22, 9000-9100 } return".to_string(),
-        "ip daddr { 10.0.0.0/8 } return".to_string(),
-        "ip6 daddr { 2001:db8::/32 } return".to_string(),
+        "tcp dport 22 return".to_string(),
+        "tcp dport 9000-9100 return".to_string(),
+        "ip daddr 10.0.0.0/8 return".to_string(),
+        "ip6 daddr 2001:db8::/32 return".to_string(),
         "meta l4proto tcp redirect to :15006".to_string(),
         "meta l4proto tcp redirect to :15001".to_string(),
     ] {

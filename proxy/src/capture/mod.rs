@@ -4,14 +4,16 @@
 //! and loopback traffic; inbound TCP goes to the inbound port, except the admin port; skip
 //! lists exempt more. Both IPv4 and IPv6.
 //!
-//! Two backends: native nftables (`table inet outrider`, one `nft -f -` transaction) and
-//! iptables (chains OUTRIDER_INBOUND/OUTRIDER_OUTPUT in the nat tables, one
-//! `iptables-restore --noflush` per family, the first rolled back if the second fails). Either
-//! way a failing rule leaves nothing half-installed, and reapplying changes nothing.
+//! Two backends: native nftables (`table inet outrider`, sent to the kernel over netlink as
+//! one nf_tables transaction, no tool needed: the image has none) and iptables (chains
+//! OUTRIDER_INBOUND/OUTRIDER_OUTPUT in the nat tables, one `iptables-restore --noflush` per
+//! family, the first rolled back if the second fails; needs the iptables tools). Either way a
+//! failing rule leaves nothing half-installed, and reapplying changes nothing.
 //!
-//! Self-contained: depends on std, clap and thiserror only.
+//! Self-contained: depends on std, clap, thiserror and socket2 only.
 
 pub mod iptables;
+pub mod netlink;
 pub mod nft;
 pub mod rules;
 mod tool;
@@ -53,9 +55,10 @@ pub struct InitArgs {
     /// Outbound destination networks (IPv4 or IPv6 CIDRs), comma-separated, not redirected.
     #[arg(long, env = "OUTRIDER_SKIP_OUTBOUND_CIDRS", value_delimiter = ',')]
     pub skip_outbound_cidrs: Vec<Cidr>,
-    /// Backend: nft (native nftables), iptables (iptables-restore and ip6tables-restore), or
-    /// auto: nft where `nft` works, iptables otherwise.
-    #[arg(long, env = "OUTRIDER_CAPTURE_MODE", value_enum, default_value_t = Mode::Auto)]
+    /// Backend: nft (native nftables, programmed over netlink: no tool needed; `auto` is the
+    /// same), or iptables (needs iptables-restore and ip6tables-restore, which the Outrider
+    /// image does not ship).
+    #[arg(long, env = "OUTRIDER_CAPTURE_MODE", value_enum, default_value_t = Mode::Nft)]
     pub mode: Mode,
     /// Print the rules that would be applied, change nothing.
     #[arg(long, env = "OUTRIDER_CAPTURE_DRY_RUN")]
@@ -68,9 +71,9 @@ pub struct InitArgs {
 /// Which tools apply the rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// nft where `nft list tables` works, iptables otherwise.
-    Auto,
-    /// Native nftables: `table inet outrider`.
+    /// Native nftables: `table inet outrider`, sent over netlink (`auto`, the former default
+    /// that picked nft where it worked, is an alias: there is no tool left to look for).
+    #[value(alias = "auto")]
     Nft,
     /// iptables and ip6tables (whichever backend they use): chains in the nat tables.
     Iptables,
@@ -88,7 +91,10 @@ pub enum CaptureError {
         reason: String,
     },
     /// A tool could not be started (not installed, not on PATH).
-    #[error("cannot run {tool}: {source}")]
+    #[error(
+        "cannot run {tool}: {source} (the Outrider image ships no iptables tools: use --mode nft, \
+         or run --mode iptables from an image that has them, or let a CNI plugin install the rules)"
+    )]
     ToolMissing {
         /// The program.
         tool: &'static str,
@@ -113,7 +119,16 @@ pub enum CaptureError {
         /// Its error output or exit status.
         detail: String,
     },
-    /// A tool did not finish in time and was killed.
+    /// The kernel cannot take nftables rules (no nf_tables, or no netfilter netlink socket).
+    #[error(
+        "nftables is not available: {detail} (--mode nft needs a kernel with nf_tables; \
+         --mode iptables needs an image with the iptables tools)"
+    )]
+    NfTablesUnavailable {
+        /// What failed.
+        detail: String,
+    },
+    /// A tool (or the kernel) did not finish in time; a tool is killed.
     #[error("{tool} did not finish within {seconds} s")]
     Timeout {
         /// The program.
@@ -139,12 +154,12 @@ impl CaptureError {
         }
     }
 
-    /// The process exit code for this error (sysexits): 64 for a bad flag, 69 when a tool is
-    /// missing, 71 when the rules could not be applied.
+    /// The process exit code for this error (sysexits): 64 for a bad flag, 69 when a tool or
+    /// nf_tables is missing, 71 when the rules could not be applied.
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::InvalidFlag { .. } => 64,
-            Self::ToolMissing { .. } => 69,
+            Self::ToolMissing { .. } | Self::NfTablesUnavailable { .. } => 69,
             _ => 71,
         }
     }
@@ -201,13 +216,8 @@ impl InitArgs {
 /// the rules. What it did is written to `out`.
 pub fn run(args: &InitArgs, out: &mut dyn Write) -> Result<(), CaptureError> {
     let rules = args.rules()?;
-    let mode = match args.mode {
-        Mode::Auto if tool::nft_usable() => Mode::Nft,
-        Mode::Auto => Mode::Iptables,
-        mode => mode,
-    };
-    match mode {
-        Mode::Nft | Mode::Auto => run_nft(args, &rules, out),
+    match args.mode {
+        Mode::Nft => run_nft(args, &rules, out),
         Mode::Iptables => run_iptables(args, &rules, out),
     }
 }
@@ -222,11 +232,16 @@ fn run_nft(args: &InitArgs, rules: &CaptureRules, out: &mut dyn Write) -> Result
         let _ = write!(out, "# nft -f -\n{}", script.text());
         return Ok(());
     }
-    tool::apply("nft", &["-f", "-"], &script)?;
+    let batch = if args.cleanup {
+        netlink::Batch::cleanup()
+    } else {
+        netlink::Batch::install(&nft::table(rules))
+    };
+    netlink::apply(&batch)?;
     let done = if args.cleanup { "removed" } else { "installed" };
     let _ = writeln!(
         out,
-        "outrider-proxy init: table {} {done} (nft)",
+        "outrider-proxy init: table {} {done} (nftables over netlink)",
         nft::TABLE
     );
     Ok(())

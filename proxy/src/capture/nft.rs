@@ -1,84 +1,230 @@
-//! The rules as one nftables transaction (`nft -f -`): our own `table inet outrider` (both
-//! families) with a prerouting chain for inbound and an output chain for outbound. The table
-//! is declared, deleted and recreated in the same transaction, so applying it twice yields the
-//! same ruleset, and a failing line leaves the kernel's ruleset as it was.
+//! The rules as nftables sees them: our own `table inet outrider` (both families) with a
+//! prerouting chain for inbound and an output chain for outbound, described once as data
+//! ([`table`]) and rendered two ways: as `nft -f` text for `--dry-run` ([`render`]), and as
+//! nf_tables netlink messages for the kernel (`super::netlink`). The table is declared,
+//! deleted and recreated in the same transaction, so applying it twice yields the same
+//! ruleset, and a failing rule leaves the kernel's ruleset as it was.
+//!
+//! Each skip entry is a rule of its own rather than an element of an anonymous set: a rule is
+//! a few expressions the netlink encoder writes directly, where a set would need its own
+//! messages (interval elements and their end markers); at most 64 entries per list keep the
+//! chain short.
 
-use super::rules::{CaptureRules, PortRange};
+use std::fmt;
+use std::net::IpAddr;
+
+use super::rules::{CaptureRules, Cidr, PortRange};
 use super::Script;
 
 /// Our table, in both families at once.
 pub const TABLE: &str = "inet outrider";
+/// The table's name within the `inet` family.
+pub const TABLE_NAME: &str = "outrider";
+/// Priority of both base chains: that of `dstnat` (and of iptables' nat table).
+pub const NAT_PRIORITY: i32 = -100;
 
-/// The transaction that installs (or reinstalls) the rules.
+/// Where a base chain hooks into the stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// Packets arriving from the network (inbound).
+    Prerouting,
+    /// Packets this host's sockets send (outbound).
+    Output,
+}
+
+impl Hook {
+    /// The name nft uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Prerouting => "prerouting",
+            Self::Output => "output",
+        }
+    }
+}
+
+/// A condition of a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Match {
+    /// The transport protocol is TCP.
+    Tcp,
+    /// TCP with a destination port in this range.
+    TcpDport(PortRange),
+    /// Sent by a socket of this UID.
+    SkUid(u32),
+    /// Leaving through this interface.
+    OifName(&'static str),
+    /// To an address in this network (implies its family).
+    Daddr(Cidr),
+}
+
+impl fmt::Display for Match {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp => f.write_str("meta l4proto tcp"),
+            Self::TcpDport(ports) => write!(f, "tcp dport {}", ports.nft()),
+            Self::SkUid(uid) => write!(f, "meta skuid {uid}"),
+            Self::OifName(name) => write!(f, "oifname \"{name}\""),
+            Self::Daddr(cidr) => {
+                let selector = match cidr.network {
+                    IpAddr::V4(_) => "ip",
+                    IpAddr::V6(_) => "ip6",
+                };
+                write!(f, "{selector} daddr {cidr}")
+            }
+        }
+    }
+}
+
+/// What a rule does with a packet that matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Leave the chain: the packet is not redirected.
+    Return,
+    /// Redirect to this local port (destination NAT to the receiving address).
+    RedirectTo(u16),
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Return => f.write_str("return"),
+            Self::RedirectTo(port) => write!(f, "redirect to :{port}"),
+        }
+    }
+}
+
+/// One rule: all matches, then the action; `label` becomes its comment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Conditions, all of which must hold.
+    pub matches: Vec<Match>,
+    /// What happens then.
+    pub action: Action,
+    /// What the rule is for (its comment, and its name in errors).
+    pub label: &'static str,
+}
+
+impl fmt::Display for Rule {
+    /// The rule as nft writes it, without the comment.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for m in &self.matches {
+            write!(f, "{m} ")?;
+        }
+        write!(f, "{}", self.action)
+    }
+}
+
+/// A nat base chain of our table with its rules, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    /// Its name in the table.
+    pub name: &'static str,
+    /// Its name in errors (`chain inbound`).
+    pub label: &'static str,
+    /// Where it hooks.
+    pub hook: Hook,
+    /// Its priority at that hook.
+    pub priority: i32,
+    /// Its rules.
+    pub rules: Vec<Rule>,
+}
+
+/// The chains our table holds for `rules`.
+pub fn table(rules: &CaptureRules) -> Vec<Chain> {
+    let rule = |matches: Vec<Match>, action: Action, label: &'static str| Rule {
+        matches,
+        action,
+        label,
+    };
+    let mut inbound = vec![rule(
+        vec![Match::TcpDport(PortRange {
+            first: rules.admin_port,
+            last: rules.admin_port,
+        })],
+        Action::Return,
+        "admin port",
+    )];
+    for ports in &rules.skip_inbound_ports {
+        inbound.push(rule(
+            vec![Match::TcpDport(*ports)],
+            Action::Return,
+            "skip inbound ports",
+        ));
+    }
+    inbound.push(rule(
+        vec![Match::Tcp],
+        Action::RedirectTo(rules.inbound_port),
+        "inbound to proxy",
+    ));
+
+    let mut output = vec![
+        rule(
+            vec![Match::SkUid(rules.proxy_uid)],
+            Action::Return,
+            "proxy uid",
+        ),
+        rule(vec![Match::OifName("lo")], Action::Return, "loopback"),
+    ];
+    for ports in &rules.skip_outbound_ports {
+        output.push(rule(
+            vec![Match::TcpDport(*ports)],
+            Action::Return,
+            "skip outbound ports",
+        ));
+    }
+    for (ipv6, label) in [
+        (false, "skip outbound cidrs ipv4"),
+        (true, "skip outbound cidrs ipv6"),
+    ] {
+        for cidr in rules.skip_cidrs(ipv6) {
+            output.push(rule(vec![Match::Daddr(cidr)], Action::Return, label));
+        }
+    }
+    output.push(rule(
+        vec![Match::Tcp],
+        Action::RedirectTo(rules.outbound_port),
+        "outbound to proxy",
+    ));
+    vec![
+        Chain {
+            name: "inbound",
+            label: "chain inbound",
+            hook: Hook::Prerouting,
+            priority: NAT_PRIORITY,
+            rules: inbound,
+        },
+        Chain {
+            name: "output",
+            label: "chain output",
+            hook: Hook::Output,
+            priority: NAT_PRIORITY,
+            rules: output,
+        },
+    ]
+}
+
+/// The `nft -f` transaction equivalent to what `init` sends the kernel (for `--dry-run`).
 pub fn render(rules: &CaptureRules) -> Script {
     let mut script = Script::default();
     // Declaring the table first makes the delete valid when it does not exist yet.
     script.line(format!("table {TABLE} {{}}"), "table inet outrider");
     script.line(format!("delete table {TABLE}"), "table inet outrider");
     script.line(format!("table {TABLE} {{"), "table inet outrider");
-
-    script.line("\tchain inbound {", "chain inbound");
-    script.line(
-        "\t\ttype nat hook prerouting priority -100; policy accept;",
-        "chain inbound",
-    );
-    rule(
-        &mut script,
-        format!("\t\ttcp dport {} return", rules.admin_port),
-        "admin port",
-    );
-    if let Some(ports) = port_set(&rules.skip_inbound_ports) {
-        rule(
-            &mut script,
-            format!("\t\ttcp dport {ports} return"),
-            "skip inbound ports",
+    for chain in table(rules) {
+        script.line(format!("\tchain {} {{", chain.name), chain.label);
+        script.line(
+            format!(
+                "\t\ttype nat hook {} priority {}; policy accept;",
+                chain.hook.name(),
+                chain.priority
+            ),
+            chain.label,
         );
-    }
-    rule(
-        &mut script,
-        format!("\t\tmeta l4proto tcp redirect to :{}", rules.inbound_port),
-        "inbound to proxy",
-    );
-    script.line("\t}", "chain inbound");
-
-    script.line("\tchain output {", "chain output");
-    script.line(
-        "\t\ttype nat hook output priority -100; policy accept;",
-        "chain output",
-    );
-    rule(
-        &mut script,
-        format!("\t\tmeta skuid {} return", rules.proxy_uid),
-        "proxy uid",
-    );
-    rule(&mut script, "\t\toifname \"lo\" return", "loopback");
-    if let Some(ports) = port_set(&rules.skip_outbound_ports) {
-        rule(
-            &mut script,
-            format!("\t\ttcp dport {ports} return"),
-            "skip outbound ports",
-        );
-    }
-    for (ipv6, selector, label) in [
-        (false, "ip", "skip outbound cidrs ipv4"),
-        (true, "ip6", "skip outbound cidrs ipv6"),
-    ] {
-        let cidrs = rules.skip_cidrs(ipv6);
-        if !cidrs.is_empty() {
-            let list: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
-            rule(
-                &mut script,
-                format!("\t\t{selector} daddr {{ {} }} return", list.join(", ")),
-                label,
-            );
+        for rule in &chain.rules {
+            script.line(format!("\t\t{rule} comment \"{}\"", rule.label), rule.label);
         }
+        script.line("\t}", chain.label);
     }
-    rule(
-        &mut script,
-        format!("\t\tmeta l4proto tcp redirect to :{}", rules.outbound_port),
-        "outbound to proxy",
-    );
-    script.line("\t}", "chain output");
     script.line("}", "table inet outrider");
     script
 }
@@ -89,21 +235,6 @@ pub fn render_cleanup() -> Script {
     script.line(format!("table {TABLE} {{}}"), "table inet outrider");
     script.line(format!("delete table {TABLE}"), "table inet outrider");
     script
-}
-
-/// A rule line, commented with its name so `nft list table` says what each rule is for.
-fn rule(script: &mut Script, text: impl Into<String>, label: &'static str) {
-    let text = text.into();
-    script.line(format!("{text} comment \"{label}\""), label);
-}
-
-/// `{ 22, 8000-8100 }`, or `None` for an empty list.
-fn port_set(ports: &[PortRange]) -> Option<String> {
-    if ports.is_empty() {
-        return None;
-    }
-    let list: Vec<String> = ports.iter().map(PortRange::nft).collect();
-    Some(format!("{{ {} }}", list.join(", ")))
 }
 
 #[cfg(test)]
@@ -147,7 +278,7 @@ table inet outrider {
     }
 
     #[test]
-    fn skip_lists_become_sets_per_family() {
+    fn each_skip_entry_is_a_rule_of_its_family() {
         let rules = CaptureRules {
             skip_inbound_ports: vec!["22".parse().unwrap(), "9000-9100".parse().unwrap()],
             skip_outbound_ports: vec!["443".parse().unwrap()],
@@ -160,16 +291,16 @@ table inet outrider {
         };
         let text = render(&rules).text();
         let lines: Vec<&str> = text.lines().map(str::trim).collect();
-        assert!(
-            lines.contains(&"tcp dport { 22, 9000-9100 } return comment \"skip inbound ports\"")
-        );
-        assert!(lines.contains(&"tcp dport { 443 } return comment \"skip outbound ports\""));
-        assert!(lines.contains(
-            &"ip daddr { 192.0.2.0/24, 198.51.100.7/32 } return comment \"skip outbound cidrs ipv4\""
-        ));
-        assert!(lines.contains(
-            &"ip6 daddr { 2001:db8:1::/48 } return comment \"skip outbound cidrs ipv6\""
-        ));
+        for line in [
+            "tcp dport 22 return comment \"skip inbound ports\"",
+            "tcp dport 9000-9100 return comment \"skip inbound ports\"",
+            "tcp dport 443 return comment \"skip outbound ports\"",
+            "ip daddr 192.0.2.0/24 return comment \"skip outbound cidrs ipv4\"",
+            "ip daddr 198.51.100.7/32 return comment \"skip outbound cidrs ipv4\"",
+            "ip6 daddr 2001:db8:1::/48 return comment \"skip outbound cidrs ipv6\"",
+        ] {
+            assert!(lines.contains(&line), "{line} missing from\n{text}");
+        }
         // Exceptions come before the redirect they exempt from.
         let position = |needle: &str| lines.iter().position(|l| l.contains(needle)).unwrap();
         assert!(position("skip outbound cidrs ipv6") < position("outbound to proxy"));

@@ -1,4 +1,4 @@
-//! Running nft and the iptables tools: a deadline on each run, and their error output mapped
+//! Running the iptables tools: a deadline on each run, and their error output mapped
 //! back to the rule on the line it names.
 
 use std::io::{Read, Write};
@@ -13,11 +13,6 @@ use super::{CaptureError, Script};
 const DEADLINE: Duration = Duration::from_secs(30);
 /// Most output read from a tool (a saved nat table is far smaller).
 const MAX_OUTPUT: u64 = 16 << 20;
-
-/// Whether native nftables works here: `nft` runs and the kernel answers.
-pub fn nft_usable() -> bool {
-    run("nft", &["list", "tables"], None).is_ok_and(|(ok, _, _)| ok)
-}
 
 /// Runs `tool args` and returns its standard output; a failure is [`CaptureError::ToolFailed`].
 pub fn output(tool: &'static str, args: &[&str]) -> Result<String, CaptureError> {
