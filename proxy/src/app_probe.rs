@@ -781,4 +781,60 @@ mod tests {
         assert_eq!(verdict.reason, "no answer within the probe's timeout (5s)");
         assert_eq!(probes.check("app/readiness").await, None);
     }
+
+    /// An HTTPS probe against an app with a self-signed certificate for another name: the
+    /// certificate is not verified (as the kubelet does not), the status is what counts.
+    #[tokio::test]
+    async fn https_probes_skip_certificate_verification() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["app.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let tls = acceptor.accept(stream).await.unwrap();
+            let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| {
+                let status = if req.uri().path() == "/healthz" {
+                    200
+                } else {
+                    404
+                };
+                async move {
+                    http::Response::builder()
+                        .status(status)
+                        .body(Empty::<Bytes>::new())
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        });
+        let probes = parse(&format!(
+            r#"{{"app/readiness":{{"httpGet":{{"port":{port},"path":"/healthz","scheme":"HTTPS"}}}}}}"#
+        ))
+        .unwrap();
+        let verdict = probes.check("app/readiness").await.unwrap();
+        assert_eq!(
+            verdict,
+            Verdict {
+                healthy: true,
+                reason: format!("https 127.0.0.1:{port}/healthz: HTTP 200"),
+            }
+        );
+        server.await.unwrap();
+    }
 }
