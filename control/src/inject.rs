@@ -98,6 +98,14 @@ const GRACE_MARGIN_SECS: u64 = 5;
 const PROXY_URL: &str = "http://127.0.0.1:15001";
 /// What the explicit mode adds to the app's `NO_PROXY`: loopback stays direct.
 const NO_PROXY_ENTRIES: [&str; 3] = ["127.0.0.1", "localhost", "::1"];
+/// Env var on the proxy container: the app's probes it performs (`--app-probes`).
+const APP_PROBES_ENV: &str = "OUTRIDER_APP_PROBES";
+/// Env var on the proxy container: the pod's IP, where those probes connect (`--pod-ip`).
+const POD_IP_ENV: &str = "OUTRIDER_POD_IP";
+/// Where the admin port serves the app's probes: `/app-health/<container>/<kind>`.
+const APP_HEALTH_PREFIX: &str = "/app-health/";
+/// Longest probe timeout the proxy accepts (`outrider-proxy --app-probes`).
+const MAX_PROBE_TIMEOUT_SECONDS: u64 = 3600;
 /// Env var telling a legacy run-to-completion pod's app where to stop its sidecar.
 const SHUTDOWN_URL_ENV: &str = "OUTRIDER_SHUTDOWN_URL";
 /// Most entries in one skip annotation (as `outrider-proxy init` accepts).
@@ -725,6 +733,8 @@ fn inject_pod(
     }
 
     let spec = entry_map(pod, "spec")?;
+    // What an earlier injection did to the app's probes, before its sidecar goes.
+    let earlier_probes = earlier_app_probes(spec)?;
     // Remove an earlier injection wherever it was (native or legacy), then add ours.
     for list in ["initContainers", "containers"] {
         if let Some(Value::Sequence(containers)) = spec.get_mut(list) {
@@ -761,6 +771,7 @@ fn inject_pod(
         .and_then(Value::as_str)
         .ok_or("spec.containers[0] has no name")?
         .to_string();
+    let mut probes = ProbeRecords::new();
     for container in containers.iter_mut() {
         let container = container
             .as_mapping_mut()
@@ -774,12 +785,23 @@ fn inject_pod(
                 .unwrap_or("<unnamed>")
         );
         edit_app_env(container, sidecar, &who, warnings)?;
+        rewrite_probes(container, sidecar, &earlier_probes, &mut probes)?;
     }
 
     // First in line: the init container installs the rules before anything else runs; a
     // native sidecar is started (and must pass its startup probe) before the next init
     // container; a legacy one's postStart hook holds the app containers back.
-    let proxy = to_value(&sidecar_container(sidecar), "sidecar container")?;
+    let app_probes = (!probes.is_empty())
+        .then(|| serde_json::to_string(&probes))
+        .transpose()
+        .map_err(|e| PodError::Encode {
+            part: "app probes",
+            message: e.to_string(),
+        })?;
+    let proxy = to_value(
+        &sidecar_container(sidecar, app_probes.as_deref()),
+        "sidecar container",
+    )?;
     let mut first = Vec::new();
     if sidecar.capture {
         first.push(to_value(&init_container(sidecar), "init container")?);
@@ -983,6 +1005,328 @@ fn set_env(list: &mut Vec<Value>, name: &str, value: &str) {
     }
 }
 
+/// The app's probes the proxy performs, by `<container>/<kind>`: what `--app-probes` reads.
+type ProbeRecords = std::collections::BTreeMap<String, ProbeRecord>;
+
+/// The probe fields of a container and the kind each is called in `/app-health/`.
+const PROBE_KINDS: [(&str, &str); 3] = [
+    ("livenessProbe", "liveness"),
+    ("readinessProbe", "readiness"),
+    ("startupProbe", "startup"),
+];
+
+/// The handlers a probe may have; the first three are the ones that connect to a port.
+const PROBE_HANDLERS: [&str; 4] = ["httpGet", "tcpSocket", "grpc", "exec"];
+
+/// One of the app's probes as the proxy performs it: its handler with the port resolved to a
+/// number, and its timeout. Also what a later injection restores the probe from.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ProbeRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    http_get: Option<HttpGetRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tcp_socket: Option<PortRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    grpc: Option<GrpcRecord>,
+    timeout_seconds: u64,
+}
+
+impl ProbeRecord {
+    /// The app's port the probe connects to.
+    fn port(&self) -> u16 {
+        match (&self.http_get, &self.tcp_socket, &self.grpc) {
+            (Some(get), _, _) => get.port,
+            (_, Some(tcp), _) => tcp.port,
+            (_, _, Some(grpc)) => grpc.port,
+            _ => 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HttpGetRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path: Option<String>,
+    port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    http_headers: Vec<HeaderRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeaderRecord {
+    name: String,
+    value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortRecord {
+    port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrpcRecord {
+    port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    service: Option<String>,
+}
+
+/// The probes an earlier injection rewrote, from its proxy container's `OUTRIDER_APP_PROBES`.
+fn earlier_app_probes(spec: &Mapping) -> Result<ProbeRecords, String> {
+    let proxies = ["initContainers", "containers"]
+        .into_iter()
+        .filter_map(|list| spec.get(list).and_then(Value::as_sequence))
+        .flatten()
+        .filter(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_NAME));
+    for proxy in proxies {
+        let Some(env) = proxy.get("env").and_then(Value::as_sequence) else {
+            continue;
+        };
+        if let Some(json) = env
+            .iter()
+            .find(|e| env_name(e) == Some(APP_PROBES_ENV))
+            .and_then(env_value)
+        {
+            return serde_json::from_str(json).map_err(|e| {
+                format!("the {SIDECAR_NAME} container's {APP_PROBES_ENV} is not what inject writes: {e}")
+            });
+        }
+    }
+    Ok(ProbeRecords::new())
+}
+
+/// The app container's probes: each one an earlier injection pointed at the admin port is
+/// first given back its handler from `earlier`; then, with capture, each `httpGet`,
+/// `tcpSocket` and `grpc` probe on a captured port is pointed at the admin port's
+/// `/app-health/<container>/<kind>` (its timings unchanged) and recorded in `records`.
+fn rewrite_probes(
+    container: &mut Mapping,
+    sidecar: &Sidecar<'_>,
+    earlier: &ProbeRecords,
+    records: &mut ProbeRecords,
+) -> Result<(), String> {
+    let name = container
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("<unnamed>")
+        .to_string();
+    let ports = container.get("ports").cloned();
+    for (field, kind) in PROBE_KINDS {
+        let key = format!("{name}/{kind}");
+        let what = format!("container {name} {field}");
+        let Some(probe) = container.get_mut(field).and_then(Value::as_mapping_mut) else {
+            continue;
+        };
+        if is_rewritten(probe, &key) {
+            let record = earlier.get(&key).ok_or_else(|| {
+                format!(
+                    "{what} points at {APP_HEALTH_PREFIX}{key} but the {SIDECAR_NAME} container \
+                     has no record of the original probe: restore it by hand"
+                )
+            })?;
+            let (handler, value) = match (&record.http_get, &record.tcp_socket, &record.grpc) {
+                (Some(get), _, _) => ("httpGet", to_value(get, "probe").map_err(encode_msg)?),
+                (_, Some(tcp), _) => ("tcpSocket", to_value(tcp, "probe").map_err(encode_msg)?),
+                (_, _, Some(grpc)) => ("grpc", to_value(grpc, "probe").map_err(encode_msg)?),
+                _ => return Err(format!("{what}: the recorded probe has no handler")),
+            };
+            replace_handler(probe, handler, value);
+        }
+        if !sidecar.capture {
+            continue;
+        }
+        let Some(record) = probe_record(probe, ports.as_ref(), &what)? else {
+            continue;
+        };
+        let port = record.port();
+        let skipped =
+            port == ADMIN_PORT || in_port_list(sidecar.skips.inbound_ports.as_deref(), port);
+        if skipped {
+            // Not captured: the kubelet reaches the app as it always did.
+            continue;
+        }
+        let mut target = Mapping::with_capacity(2);
+        target.insert(s("path"), s(&format!("{APP_HEALTH_PREFIX}{key}")));
+        target.insert(s("port"), Value::from(u64::from(ADMIN_PORT)));
+        replace_handler(probe, "httpGet", Value::Mapping(target));
+        records.insert(key, record);
+    }
+    Ok(())
+}
+
+fn encode_msg(e: PodError) -> String {
+    match e {
+        PodError::Shape(message) | PodError::Encode { message, .. } => message,
+    }
+}
+
+/// Whether `probe` is this injector's rewrite of probe `key`.
+fn is_rewritten(probe: &Mapping, key: &str) -> bool {
+    let Some(get) = probe.get("httpGet") else {
+        return false;
+    };
+    get.get("port").and_then(Value::as_u64) == Some(u64::from(ADMIN_PORT))
+        && get
+            .get("path")
+            .and_then(Value::as_str)
+            .and_then(|p| p.strip_prefix(APP_HEALTH_PREFIX))
+            == Some(key)
+}
+
+/// Puts `handler: value` where the probe's handler was (keeping the probe's key order), and
+/// drops any other handler.
+fn replace_handler(probe: &mut Mapping, handler: &str, value: Value) {
+    let mut out = Mapping::with_capacity(probe.len());
+    let mut placed = false;
+    for (k, v) in std::mem::take(probe) {
+        if k.as_str().is_some_and(|k| PROBE_HANDLERS.contains(&k)) {
+            if !placed {
+                out.insert(s(handler), value.clone());
+                placed = true;
+            }
+            continue;
+        }
+        out.insert(k, v);
+    }
+    if !placed {
+        out.insert(s(handler), value);
+    }
+    *probe = out;
+}
+
+/// What the proxy needs to perform `probe`, or `None` for a probe that does not reach the
+/// pod's ports through the capture (`exec`, or an `httpGet`/`tcpSocket` with a `host` of its
+/// own). Named ports are resolved against the container's `ports`.
+fn probe_record(
+    probe: &Mapping,
+    ports: Option<&Value>,
+    what: &str,
+) -> Result<Option<ProbeRecord>, String> {
+    let timeout_seconds = match probe.get("timeoutSeconds") {
+        None | Some(Value::Null) => 1,
+        Some(v) => v
+            .as_u64()
+            .filter(|t| (1..=MAX_PROBE_TIMEOUT_SECONDS).contains(t))
+            .ok_or_else(|| {
+                format!("{what}: timeoutSeconds is not 1-{MAX_PROBE_TIMEOUT_SECONDS}")
+            })?,
+    };
+    let has_host = |handler: &Value| {
+        handler
+            .get("host")
+            .is_some_and(|h| h.as_str().is_some_and(|h| !h.is_empty()))
+    };
+    let mut record = ProbeRecord {
+        http_get: None,
+        tcp_socket: None,
+        grpc: None,
+        timeout_seconds,
+    };
+    if let Some(get) = probe.get("httpGet") {
+        if has_host(get) {
+            return Ok(None);
+        }
+        let optional = |key: &str| get.get(key).and_then(Value::as_str).map(str::to_string);
+        let mut http_headers = Vec::new();
+        for header in get
+            .get("httpHeaders")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            match (
+                header.get("name").and_then(Value::as_str),
+                header.get("value").and_then(Value::as_str),
+            ) {
+                (Some(name), Some(value)) => http_headers.push(HeaderRecord {
+                    name: name.to_string(),
+                    value: value.to_string(),
+                }),
+                _ => {
+                    return Err(format!(
+                        "{what}: an httpHeaders entry is not {{name, value}}"
+                    ))
+                }
+            }
+        }
+        let scheme = optional("scheme");
+        if !matches!(scheme.as_deref(), None | Some("HTTP" | "HTTPS")) {
+            return Err(format!("{what}: scheme is not HTTP or HTTPS"));
+        }
+        record.http_get = Some(HttpGetRecord {
+            path: optional("path"),
+            port: resolve_port(get.get("port"), ports, what)?,
+            scheme,
+            http_headers,
+        });
+    } else if let Some(tcp) = probe.get("tcpSocket") {
+        if has_host(tcp) {
+            return Ok(None);
+        }
+        record.tcp_socket = Some(PortRecord {
+            port: resolve_port(tcp.get("port"), ports, what)?,
+        });
+    } else if let Some(grpc) = probe.get("grpc") {
+        // The kubelet's gRPC probe takes a number only.
+        let port = grpc
+            .get("port")
+            .and_then(Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{what}: grpc.port is not a port number"))?;
+        record.grpc = Some(GrpcRecord {
+            port,
+            service: grpc
+                .get("service")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        });
+    } else {
+        return Ok(None);
+    }
+    Ok(Some(record))
+}
+
+/// A probe's port: a number, or the name of one of the container's `ports`.
+fn resolve_port(port: Option<&Value>, ports: Option<&Value>, what: &str) -> Result<u16, String> {
+    match port {
+        Some(Value::String(name)) => ports
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
+            .and_then(|p| p.get("containerPort").and_then(Value::as_u64))
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p > 0)
+            .ok_or_else(|| {
+                format!("{what}: port `{name}` is not the name of one of the container's ports")
+            }),
+        Some(v) => v
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{what}: port is not 1-65535 or a port name")),
+        None => Err(format!("{what}: no port")),
+    }
+}
+
+/// Whether `port` is in a checked port list (`22,9000-9100`).
+fn in_port_list(list: Option<&str>, port: u16) -> bool {
+    list.into_iter().flat_map(|l| l.split(',')).any(|entry| {
+        let (first, last) = entry.split_once('-').unwrap_or((entry, entry));
+        matches!(
+            (first.parse::<u16>(), last.parse::<u16>()),
+            (Ok(first), Ok(last)) if (first..=last).contains(&port)
+        )
+    })
+}
+
 /// A container as the Kubernetes API reads it: the fields the injector writes, in the order a
 /// person would write them.
 #[derive(Debug, Serialize)]
@@ -996,7 +1340,7 @@ struct Container {
     command: Vec<String>,
     args: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    env: Vec<FieldEnv>,
+    env: Vec<EnvVar>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     ports: Vec<ContainerPort>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1012,12 +1356,15 @@ struct Container {
     volume_mounts: Vec<VolumeMount>,
 }
 
-/// An env var from the downward API (`valueFrom.fieldRef`).
+/// An env var: a literal value, or one from the downward API (`valueFrom.fieldRef`).
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct FieldEnv {
+struct EnvVar {
     name: &'static str,
-    value_from: FieldSource,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_from: Option<FieldSource>,
 }
 
 #[derive(Debug, Serialize)]
@@ -1177,8 +1524,8 @@ fn strings<const N: usize>(items: [&str; N]) -> Vec<String> {
     items.into_iter().map(str::to_string).collect()
 }
 
-/// The proxy container.
-fn sidecar_container(sidecar: &Sidecar<'_>) -> Container {
+/// The proxy container; `app_probes` is the JSON of the app's probes it performs, if any.
+fn sidecar_container(sidecar: &Sidecar<'_>, app_probes: Option<&str>) -> Container {
     let options = sidecar.options;
     let mut args = strings([
         "--workload",
@@ -1216,28 +1563,39 @@ fn sidecar_container(sidecar: &Sidecar<'_>) -> Container {
         period_seconds,
         failure_threshold,
     };
-    let field = |name, field_path| FieldEnv {
+    let field = |name, field_path| EnvVar {
         name,
-        value_from: FieldSource {
+        value: None,
+        value_from: Some(FieldSource {
             field_ref: FieldRef { field_path },
-        },
+        }),
     };
     let port = |name, container_port| ContainerPort {
         name,
         container_port,
         protocol: "TCP",
     };
+    let mut env = vec![
+        field("POD_NAME", "metadata.name"),
+        field("POD_NAMESPACE", "metadata.namespace"),
+        field("POD_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+    ];
+    if let Some(probes) = app_probes {
+        // The probes connect to the pod's own address, where the kubelet sent them.
+        env.push(field(POD_IP_ENV, "status.podIP"));
+        env.push(EnvVar {
+            name: APP_PROBES_ENV,
+            value: Some(probes.to_string()),
+            value_from: None,
+        });
+    }
     Container {
         name: SIDECAR_NAME,
         image: options.image.clone(),
         restart_policy: (!legacy).then_some("Always"),
         command: vec![format!("{BIN_DIR}/outrider-proxy")],
         args,
-        env: vec![
-            field("POD_NAME", "metadata.name"),
-            field("POD_NAMESPACE", "metadata.namespace"),
-            field("POD_SERVICE_ACCOUNT", "spec.serviceAccountName"),
-        ],
+        env,
         ports: vec![port("admin", ADMIN_PORT), port("inbound", INBOUND_PORT)],
         startup_probe: Some(probe("/ready", 1, 120)),
         liveness_probe: Some(probe("/live", 10, 3)),
@@ -2187,5 +2545,227 @@ spec:
             message: "x".to_string(),
         };
         assert_eq!(internal.exit_code(), 70);
+    }
+
+    const PROBED: &str = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: web}
+spec:
+  containers:
+  - name: app
+    image: web:1
+    ports: [{name: http, containerPort: 8080}, {name: grpc, containerPort: 9090}]
+    livenessProbe:
+      httpGet:
+        path: /healthz
+        port: http
+        scheme: HTTPS
+        httpHeaders: [{name: X-Probe, value: kubelet}]
+      periodSeconds: 5
+    readinessProbe:
+      tcpSocket: {port: 8080}
+      timeoutSeconds: 2
+    startupProbe:
+      grpc: {port: 9090, service: web}
+      failureThreshold: 30
+  - name: cache
+    image: cache:1
+    livenessProbe:
+      exec: {command: [cache, ping]}
+    readinessProbe:
+      httpGet: {host: cache.example, path: /, port: 80}
+";
+
+    /// The pod's spec, its proxy container and the proxy's app-probe record.
+    fn probes_of(doc: &Value) -> (Value, Option<serde_json::Value>) {
+        let spec = doc["spec"].clone();
+        let proxy = spec["initContainers"]
+            .as_sequence()
+            .into_iter()
+            .chain(spec["containers"].as_sequence())
+            .flatten()
+            .find(|c| c["name"] == SIDECAR_NAME)
+            .unwrap()
+            .clone();
+        let record = var(&proxy, APP_PROBES_ENV).map(|json| serde_json::from_str(&json).unwrap());
+        (spec, record)
+    }
+
+    #[test]
+    fn http_tcp_and_grpc_probes_are_pointed_at_the_admin_port_and_recorded() {
+        let (doc, warnings) = inject_twice(PROBED, &options());
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let (spec, record) = probes_of(&doc);
+        let app = &spec["containers"][0];
+        for (field, kind) in PROBE_KINDS {
+            let get = &app[field]["httpGet"];
+            assert_eq!(get["path"], format!("/app-health/app/{kind}").as_str());
+            assert_eq!(get["port"], 15000);
+            assert!(get.get("scheme").is_none() && get.get("httpHeaders").is_none());
+            for other in ["tcpSocket", "grpc"] {
+                assert!(app[field].get(other).is_none(), "{field}");
+            }
+        }
+        // The timings stay, in their place.
+        assert_eq!(app["livenessProbe"]["periodSeconds"], 5);
+        assert_eq!(app["readinessProbe"]["timeoutSeconds"], 2);
+        assert_eq!(app["startupProbe"]["failureThreshold"], 30);
+        // The named port is a number in the record; exec and foreign-host probes are left.
+        assert_eq!(
+            record.unwrap(),
+            serde_json::json!({
+                "app/liveness": {"httpGet": {"path": "/healthz", "port": 8080, "scheme": "HTTPS",
+                    "httpHeaders": [{"name": "X-Probe", "value": "kubelet"}]}, "timeoutSeconds": 1},
+                "app/readiness": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 2},
+                "app/startup": {"grpc": {"port": 9090, "service": "web"}, "timeoutSeconds": 1},
+            })
+        );
+        let cache = &spec["containers"][1];
+        assert_eq!(cache["livenessProbe"]["exec"]["command"][0], "cache");
+        assert_eq!(cache["readinessProbe"]["httpGet"]["host"], "cache.example");
+        // The probes connect to the pod's own address.
+        let proxy = &spec["initContainers"][1];
+        let pod_ip = proxy["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == POD_IP_ENV)
+            .unwrap();
+        assert_eq!(pod_ip["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+    }
+
+    #[test]
+    fn probes_on_skipped_ports_and_uncaptured_pods_are_left_alone() {
+        let skipped = PROBED.replace(
+            "metadata: {name: web}",
+            "metadata: {name: web, annotations: {outrider.dev/skip-inbound-ports: '22,8000-8999'}}",
+        );
+        let (doc, _) = inject_twice(&skipped, &options());
+        let (spec, record) = probes_of(&doc);
+        let app = &spec["containers"][0];
+        assert_eq!(app["livenessProbe"]["httpGet"]["port"], "http");
+        assert_eq!(app["readinessProbe"]["tcpSocket"]["port"], 8080);
+        assert_eq!(app["startupProbe"]["httpGet"]["port"], 15000);
+        assert_eq!(
+            record
+                .unwrap()
+                .as_object()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            ["app/startup"]
+        );
+
+        // Explicit mode: the pod's probes as written, no record, no pod IP.
+        let original: Value = serde_saphyr::from_str(PROBED).unwrap();
+        for options in [
+            explicit(),
+            Options {
+                legacy: true,
+                ..explicit()
+            },
+        ] {
+            let (doc, _) = inject_twice(PROBED, &options);
+            let (spec, record) = probes_of(&doc);
+            assert_eq!(record, None);
+            let apps: Vec<&Value> = spec["containers"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .filter(|c| c["name"] != SIDECAR_NAME)
+                .collect();
+            assert_eq!(apps.len(), 2);
+            for (i, app) in apps.into_iter().enumerate() {
+                for (field, _) in PROBE_KINDS {
+                    let before = &original["spec"]["containers"][i][field];
+                    assert_eq!(&app[field], before, "{i} {field}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn injecting_again_restores_the_originals_first() {
+        let (captured, _) = inject(PROBED, &options());
+        let text = serde_saphyr::to_string(&captured).unwrap();
+        // Again with capture: the same (inject_twice checks the text).
+        inject_twice(&text, &options());
+        // Again as legacy: the record moves with the proxy container.
+        let (legacy_doc, _) = inject(&text, &legacy());
+        let (legacy_spec, legacy_record) = probes_of(&legacy_doc);
+        assert_eq!(legacy_record, probes_of(&captured).1);
+        assert_eq!(
+            legacy_spec["containers"][1],
+            captured["spec"]["containers"][0]
+        );
+        // Again without capture: the handlers come back (a named port as its number).
+        let (doc, _) = inject(&text, &explicit());
+        let app = &doc["spec"]["containers"][0];
+        assert_eq!(app["livenessProbe"]["httpGet"]["port"], 8080);
+        assert_eq!(app["livenessProbe"]["httpGet"]["scheme"], "HTTPS");
+        assert_eq!(app["livenessProbe"]["periodSeconds"], 5);
+        assert_eq!(app["readinessProbe"]["tcpSocket"]["port"], 8080);
+        assert_eq!(app["startupProbe"]["grpc"]["service"], "web");
+        let keys: Vec<_> = app["livenessProbe"]
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(keys, ["httpGet", "periodSeconds"]);
+
+        // A rewritten probe whose record is gone cannot be restored: said, not guessed.
+        let orphan = text.replace(APP_PROBES_ENV, "SOMETHING_ELSE");
+        let err = inject_text("test", &orphan, &options()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Pod/web: container app livenessProbe points at /app-health/app/liveness but the \
+             outrider-proxy container has no record of the original probe: restore it by hand"
+        );
+    }
+
+    #[test]
+    fn bad_probes_are_refused_with_the_container_and_probe_named() {
+        for (from, to, message) in [
+            (
+                "port: http\n",
+                "port: metrics\n",
+                "container app livenessProbe: port `metrics` is not the name of one of the container's ports",
+            ),
+            (
+                "tcpSocket: {port: 8080}",
+                "tcpSocket: {port: 70000}",
+                "container app readinessProbe: port is not 1-65535 or a port name",
+            ),
+            (
+                "timeoutSeconds: 2",
+                "timeoutSeconds: 0",
+                "container app readinessProbe: timeoutSeconds is not 1-3600",
+            ),
+            (
+                "grpc: {port: 9090, service: web}",
+                "grpc: {port: grpc}",
+                "container app startupProbe: grpc.port is not a port number",
+            ),
+            (
+                "scheme: HTTPS",
+                "scheme: https",
+                "container app livenessProbe: scheme is not HTTP or HTTPS",
+            ),
+        ] {
+            assert!(PROBED.contains(from), "{from}");
+            let err = inject_text("test", &PROBED.replace(from, to), &options()).unwrap_err();
+            assert_eq!(err.to_string(), format!("Pod/web: {message}"));
+            assert_eq!(err.exit_code(), 64);
+        }
+    }
+
+    #[test]
+    fn port_lists_match_single_ports_and_ranges() {
+        assert!(in_port_list(Some("22,8000-8999"), 8080));
+        assert!(in_port_list(Some("22,8000-8999"), 22));
+        assert!(!in_port_list(Some("22,8000-8999"), 9000));
+        assert!(!in_port_list(None, 22));
     }
 }

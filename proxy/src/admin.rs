@@ -1,5 +1,6 @@
 //! The admin port: `/live`, `/ready`, `/metrics`, `/config`, `/identity`, `/log-level` (GET,
-//! PUT), and `POST /shutdown` when enabled.
+//! PUT), `/app-health/<container>/<kind>` (the app's own probes, performed by the proxy; see
+//! `app_probe`), and `POST /shutdown` when enabled.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -18,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::app_probe::{self, AppProbes};
 use crate::http::forward::text_plain;
 use crate::http::shared::Shared;
 use crate::io::body::ProxyBody;
@@ -27,7 +29,12 @@ use crate::logging::LogLevelError;
 /// Serves the admin endpoints until `stop` turns true. Connections past the admin cap are
 /// closed at accept; each must send its first request head within the header-read timeout and
 /// the next within the idle timeout.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    app_probes: Arc<AppProbes>,
+    mut stop: watch::Receiver<bool>,
+) {
     let budget = Arc::clone(&shared.connections.admin);
     let timeouts = shared.connections.timeouts;
     let mut refusals = LogLimiter::default();
@@ -52,6 +59,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
                     continue;
                 };
                 let shared = Arc::clone(&shared);
+                let app_probes = Arc::clone(&app_probes);
                 let budget = Arc::clone(&budget);
                 tokio::spawn(async move {
                     let mut stream = stream;
@@ -70,9 +78,13 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
                     }
                     let service = service_fn(move |req: Request<Incoming>| {
                         let shared = Arc::clone(&shared);
+                        let app_probes = Arc::clone(&app_probes);
                         async move {
                             if req.uri().path() == "/log-level" {
                                 return Ok::<_, Infallible>(log_level(peer, req).await);
+                            }
+                            if let Some(name) = req.uri().path().strip_prefix(app_probe::PATH_PREFIX) {
+                                return Ok(app_health(&app_probes, name, req.method()).await);
                             }
                             Ok::<_, Infallible>(respond(&shared, peer, &req))
                         }
@@ -155,6 +167,24 @@ fn respond(shared: &Shared, peer: SocketAddr, req: &Request<Incoming>) -> Respon
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `GET /app-health/<container>/<kind>`: the app's original probe, performed now within its
+/// own timeout: 200 if the kubelet would count it a success, else 503; the body says why.
+async fn app_health(probes: &AppProbes, name: &str, method: &Method) -> Response<ProxyBody> {
+    if method != Method::GET && method != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    let Some(verdict) = probes.check(name).await else {
+        return text(StatusCode::NOT_FOUND, "no such app probe\n");
+    };
+    let status = if verdict.healthy {
+        StatusCode::OK
+    } else {
+        tracing::debug!(probe = name, reason = %verdict.reason, "app probe failed");
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    with_type(status, Bytes::from(app_probe::body(&verdict)), text_plain())
 }
 
 /// Longest `PUT /log-level` body read.

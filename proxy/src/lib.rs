@@ -6,6 +6,7 @@
 //! either as the binary or in-process through [`run`].
 
 pub mod admin;
+pub mod app_probe;
 pub mod capture;
 pub mod control;
 pub mod core;
@@ -68,6 +69,8 @@ pub struct Bootstrap {
     pub timeouts: io::connection::ConnectionTimeouts,
     /// The most connections each listener holds.
     pub limits: io::connection::ConnectionLimits,
+    /// The app's probes the admin port performs (`/app-health/...`).
+    pub app_probes: Arc<app_probe::AppProbes>,
 }
 
 /// The policy a proxy starts with.
@@ -255,7 +258,12 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         Arc::clone(&shared),
         stop_rx.clone(),
     ));
-    let admin_task = tokio::spawn(admin::serve(admin, Arc::clone(&shared), admin_stop_rx));
+    let admin_task = tokio::spawn(admin::serve(
+        admin,
+        Arc::clone(&shared),
+        Arc::clone(&bootstrap.app_probes),
+        admin_stop_rx,
+    ));
     tracing::info!(
         outbound = %outbound_addr,
         inbound = %inbound_addr,

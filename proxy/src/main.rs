@@ -113,6 +113,16 @@ struct Cli {
     /// Most connections the admin port holds.
     #[arg(long, env = "OUTRIDER_MAX_ADMIN_CONNECTIONS", default_value_t = DEFAULT_ADMIN_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
     max_admin_connections: u32,
+    /// The app's probes to perform on `GET /app-health/<container>/<kind>` of the admin port,
+    /// as `outriderctl inject` writes them: a JSON object from `<container>/<liveness|
+    /// readiness|startup>` to the original probe (`httpGet`, `tcpSocket` or `grpc` with a
+    /// numeric port, and `timeoutSeconds`). Default: none.
+    #[arg(long, env = "OUTRIDER_APP_PROBES", default_value = "")]
+    app_probes: String,
+    /// The pod's IP address: where the app's probes connect (the port is the probe's).
+    /// Default: 127.0.0.1.
+    #[arg(long, env = "OUTRIDER_POD_IP")]
+    pod_ip: Option<std::net::IpAddr>,
     /// Log filter (tracing env-filter syntax), e.g. `info` or `outrider_proxy=debug`.
     #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
     log: String,
@@ -161,6 +171,14 @@ fn main() -> ExitCode {
         return ExitCode::from(EX_USAGE);
     }
 
+    let app_probes = match outrider_proxy::app_probe::AppProbes::parse(&cli.app_probes, cli.pod_ip)
+    {
+        Ok(probes) => std::sync::Arc::new(probes),
+        Err(e) => {
+            eprintln!("outrider-proxy: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
     let control = match control_config(&cli) {
         Ok(control) => control,
         Err(message) => {
@@ -251,6 +269,7 @@ fn main() -> ExitCode {
         identity,
         timeouts,
         limits,
+        app_probes,
     };
     runtime.block_on(async move {
         if let (true, Some(initial)) = (cli.demo, &initial) {
