@@ -356,7 +356,22 @@ impl FirstRead {
 /// Reads until the first request head is complete (HTTP/1.1) or the HTTP/2 preface is in,
 /// by `deadline`.
 pub async fn read_first_head<T: AsyncRead + Unpin>(io: &mut T, deadline: Instant) -> FirstRead {
-    let mut buf = BytesMut::new();
+    read_first_head_after(io, BytesMut::new(), deadline).await
+}
+
+/// [`read_first_head`] on a connection whose first bytes, `buf`, were read already (protocol
+/// detection on a captured connection).
+pub async fn read_first_head_after<T: AsyncRead + Unpin>(
+    io: &mut T,
+    mut buf: BytesMut,
+    deadline: Instant,
+) -> FirstRead {
+    if let Some(head) = (!buf.is_empty()).then(|| classify(&buf, 0)).flatten() {
+        return FirstRead {
+            head,
+            bytes: buf.freeze(),
+        };
+    }
     let head = tokio::time::timeout_at(deadline, fill(io, &mut buf))
         .await
         .unwrap_or(FirstHead::TimedOut);

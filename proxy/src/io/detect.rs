@@ -10,9 +10,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
-/// The ALPN id sidecars offer first on mesh connections: how a sidecar's ClientHello is told
-/// apart from an app's own TLS on a captured inbound port.
-pub const ALPN_OUTRIDER: &[u8] = b"outrider/1";
+pub use crate::io::identity::ALPN_OUTRIDER;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -20,7 +20,7 @@ pub enum Disposition {
     Captured(SocketAddr),
     /// A loop: redirected here while it was going to one of this proxy's own listeners, or
     /// opened by this proxy itself. Refused.
-    Loop(LoopKind),
+    Loop(LoopKind, SocketAddr),
 }
 
 /// How a loop was recognised (the `reason` label of `outrider_capture_loops_total`).
@@ -42,11 +42,11 @@ impl LoopKind {
     }
 }
 
-/// The original destination of `stream` as netfilter recorded it, if it has a NAT record.
-/// Without conntrack (no capture rules in this network namespace) the call fails: `None`.
-pub fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
+/// The original destination of `stream` (accepted at `local`) as netfilter recorded it, if it
+/// has a NAT record. Without conntrack (no capture rules in this network namespace) the call
+/// fails: `None`. One system call, per connection.
+pub fn original_destination(stream: &TcpStream, local: SocketAddr) -> Option<SocketAddr> {
     let socket = socket2::SockRef::from(stream);
-    let local = stream.local_addr().ok()?;
     let original = if local.is_ipv4() {
         socket.original_dst_v4()
     } else {
@@ -70,13 +70,13 @@ pub fn classify(
         return Disposition::Explicit;
     }
     if OwnSockets::global().contains(canonical(peer)) {
-        return Disposition::Loop(LoopKind::OwnConnection);
+        return Disposition::Loop(LoopKind::OwnConnection, original);
     }
     // Redirected while addressed to a port of ours: forwarding it would come straight back.
     let local_ip = canonical(local).ip();
     let ours = original.ip() == local_ip || original.ip().is_loopback();
     if ours && listener_ports.contains(&original.port()) {
-        return Disposition::Loop(LoopKind::OwnListener);
+        return Disposition::Loop(LoopKind::OwnListener, original);
     }
     Disposition::Captured(original)
 }
@@ -211,7 +211,7 @@ mod tests {
         for original in ["192.0.2.10:15001", "127.0.0.1:15000"] {
             assert_eq!(
                 classify(local, peer, Some(addr(original)), &[15001, 15006, 15000]),
-                Disposition::Loop(LoopKind::OwnListener),
+                Disposition::Loop(LoopKind::OwnListener, addr(original)),
                 "{original}"
             );
         }
@@ -236,7 +236,7 @@ mod tests {
         let original = Some(addr("192.0.2.20:80"));
         assert_eq!(
             classify(local, peer, original, &[15001]),
-            Disposition::Loop(LoopKind::OwnConnection)
+            Disposition::Loop(LoopKind::OwnConnection, addr("192.0.2.20:80"))
         );
         drop(recorded);
         assert_eq!(
