@@ -289,6 +289,14 @@ pub struct LogLimiter {
 impl LogLimiter {
     const EVERY: Duration = Duration::from_secs(1);
 
+    /// A limiter that lets the first line through (usable in a `static`).
+    pub const fn new() -> Self {
+        Self {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
     /// Records one event at `now`; `Some(n)` when a line is due, for the `n` events since the
     /// last one (this one included).
     pub fn hit(&mut self, now: Instant) -> Option<u64> {
