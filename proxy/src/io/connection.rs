@@ -70,6 +70,16 @@ pub fn listen(addr: std::net::SocketAddr) -> io::Result<tokio::net::TcpListener>
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Like [`listen`] on an IPv6 `addr` that takes IPv6 only (`IPV6_V6ONLY`), so it can sit beside
+/// an IPv4 listener on the same port.
+pub fn listen_v6_only(addr: std::net::SocketAddrV6) -> io::Result<tokio::net::TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v6()?;
+    socket2::SockRef::from(&socket).set_only_v6(true)?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr.into())?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// TCP keepalive on accepted and upstream sockets: the first probe after this much silence...
 const KEEPALIVE_TIME: Duration = Duration::from_secs(60);
 /// ...then one probe this often...
