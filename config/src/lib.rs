@@ -19,11 +19,11 @@ pub use duration::{Duration, DurationError};
 pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
-    AccessLog, Authorization, Backoff, CircuitBreaker, FailureRate, DEFAULT_OPAQUE_PORTS, Fault, FaultAbort, FaultDelay,
+    AccessLog, Authorization, Backoff, CircuitBreaker, FailureRate, Fault, FaultAbort, FaultDelay,
     Inbound, InboundMtls, LoadBalancing, MeshTls, OriginationTls, Otlp, OtlpProtocol,
     OutlierDetection, Policy, Protocol, RateLimit, RateLimitMode, Retries, RetryBudget, RetryOn,
     Route, RouteMatch, RouteTimeouts, Sampling, Service, ServiceTls, Timeouts, Tracing,
-    WeightedService, WorkloadSelector,
+    WeightedService, WorkloadSelector, DEFAULT_OPAQUE_PORTS,
 };
 pub use size::{ByteSize, ByteSizeError};
 pub use validate::GRPC_STATUS_NAMES;

@@ -292,7 +292,11 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
     // Capture redirects IPv6 connections to the same ports on IPv6: the default IPv4
     // listeners get IPv6 twins where the host has IPv6.
     for (listener, kind, stop) in [
-        (bootstrap.outbound, ListenerKind::Outbound, &outbound_stop_rx),
+        (
+            bootstrap.outbound,
+            ListenerKind::Outbound,
+            &outbound_stop_rx,
+        ),
         (bootstrap.inbound, ListenerKind::Inbound, &stop_rx),
     ] {
         if let Some(twin) = bind_ipv6_twin(listener) {

@@ -147,11 +147,20 @@ impl Pod {
         sh(&["ip", "netns", "add", &p]);
         sh(&["ip", "netns", "add", &r]);
         sh(&[
-            "ip", "-n", &p, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
-            "netns", &r,
+            "ip", "-n", &p, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
+            &r,
         ]);
         for (ns, addr) in [(&p, POD), (&r, REMOTE)] {
-            sh(&["ip", "-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ]);
             sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
             sh(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
         }
@@ -188,14 +197,7 @@ impl Pod {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", ns]);
         if let Some(uid) = uid {
-            command.args([
-                "setpriv",
-                "--reuid",
-                uid,
-                "--regid",
-                uid,
-                "--clear-groups",
-            ]);
+            command.args(["setpriv", "--reuid", uid, "--regid", uid, "--clear-groups"]);
         }
         command.arg(self.dir.join(tool)).args(args);
         command
@@ -332,7 +334,11 @@ fn opaque_ports_relay_at_once_and_server_first_protocols_after_the_detection_tim
     let p = pod.pod.clone();
     let redis = format!("{REMOTE}:6379");
     let unlisted = format!("{REMOTE}:7000");
-    pod.serve(&remote, "netns-probe", &["listen", "greeting", &redis, &unlisted]);
+    pod.serve(
+        &remote,
+        "netns-probe",
+        &["listen", "greeting", &redis, &unlisted],
+    );
     let (answer, took) = pod.connect(&p, &redis);
     assert_eq!(answer, format!("greeting local={redis} orig=none"));
     assert!(took < Duration::from_millis(900), "{took:?}");

@@ -18,9 +18,9 @@ use tokio::sync::watch;
 use crate::http::shared::Shared;
 use crate::http::snapshot::{Snapshot, Target, INBOUND, OUTBOUND, PASSTHROUGH};
 use crate::io::connection::{ConnectionSlot, LogLimiter};
-use crate::io::original_dst::LoopKind;
 use crate::io::detect::{self, Detection};
 use crate::io::opaque;
+use crate::io::original_dst::LoopKind;
 use crate::io::tls::{self, Rewound};
 use crate::telemetry::metrics::Metrics;
 

@@ -410,7 +410,12 @@ impl Snapshot {
 
     /// A target forwarding to `dst` as it is, with no policy: a captured call to a destination
     /// in no service. Its own upstream (one pool), made per captured connection.
-    pub fn passthrough(&self, dst: SocketAddr, protocol: Protocol, metrics: &Metrics) -> Arc<Target> {
+    pub fn passthrough(
+        &self,
+        dst: SocketAddr,
+        protocol: Protocol,
+        metrics: &Metrics,
+    ) -> Arc<Target> {
         let spec = UpstreamSpec {
             name: Arc::from(PASSTHROUGH),
             protocol,

@@ -174,7 +174,8 @@ impl<'a> Cursor<'a> {
     }
 
     fn u16(&mut self) -> Option<usize> {
-        self.take(2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        self.take(2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
     }
 
     /// A vector with a one- or two-byte length prefix.
@@ -285,15 +286,18 @@ mod tests {
         assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
         assert_eq!(classify(&H2_PREFACE[..10]), None);
         // Redis, a binary protocol, an HTTP/2 request line without the preface, a bare word.
+        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Some(Protocol::Opaque));
         assert_eq!(
-            classify(b"*1\r\n$4\r\nPING\r\n"),
+            classify(&[0, 0, 0, 8, 4, 210, 22, 47]),
             Some(Protocol::Opaque)
         );
-        assert_eq!(classify(&[0, 0, 0, 8, 4, 210, 22, 47]), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET / HTTP/2\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"PING\r\n"), Some(Protocol::Opaque));
         // A TLS record that is no ClientHello, and one too long to be TLS.
-        assert_eq!(classify(&[0x16, 3, 1, 0, 4, 2, 0, 0, 0]), Some(Protocol::Opaque));
+        assert_eq!(
+            classify(&[0x16, 3, 1, 0, 4, 2, 0, 0, 0]),
+            Some(Protocol::Opaque)
+        );
         assert_eq!(classify(&[0x16, 3, 1, 0xff, 0xff]), Some(Protocol::Opaque));
     }
 
