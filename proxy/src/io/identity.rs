@@ -447,10 +447,14 @@ pub fn describe(error: &std::io::Error) -> String {
     }
 }
 
-/// Two mesh identities certified by one fresh CA, for tests of the layers that use them:
-/// (client, server), with their SPIFFE ids.
+/// A test identity and its SPIFFE id.
 #[cfg(test)]
-pub(crate) fn test_pair() -> ((Arc<Mesh>, &'static str), (Arc<Mesh>, &'static str)) {
+pub(crate) type TestIdentity = (Arc<Mesh>, &'static str);
+
+/// Two mesh identities certified by one fresh CA, for tests of the layers that use them:
+/// (client, server).
+#[cfg(test)]
+pub(crate) fn test_pair() -> (TestIdentity, TestIdentity) {
     let ca_key = rcgen::KeyPair::generate().expect("ca key");
     let mut ca_params = rcgen::CertificateParams::default();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
