@@ -112,6 +112,13 @@ pub async fn accept(
             capture.connection(direction, APP, "http");
             http(accepted.io, BytesMut::new(), accepted.peer_identity, slot)
         }
+        // An app's own HTTP proxy (its `HTTP_PROXY`) is the original destination: its CONNECT
+        // tunnels are that proxy's to serve, as they are.
+        detect::Protocol::Http1 if !inbound && bytes.starts_with(b"CONNECT ") => {
+            let class = destination_class(&snapshot, dst, None, inbound);
+            relay(stream, bytes.freeze(), dst, direction, &class, shared, slot).await;
+            None
+        }
         detect::Protocol::Http1 | detect::Protocol::Http2 => {
             // `authorization` answers plaintext HTTP requests 403, one by one.
             if inbound && !inbound_takes_unverified(shared, &snapshot, peer, dst, true) {
