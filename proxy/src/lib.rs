@@ -163,6 +163,34 @@ async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     })
 }
 
+/// The IPv6 twin of an IPv4 data listener on a fixed port: `[::1]` for `127.0.0.1`, `[::]`
+/// (IPv6 only) for `0.0.0.0`. `None` for other addresses, port 0, or where IPv6 cannot be bound
+/// (a host without it): the IPv4 listener serves alone, as before.
+fn bind_ipv6_twin(addr: SocketAddr) -> Option<TcpListener> {
+    let SocketAddr::V4(v4) = addr else {
+        return None;
+    };
+    let ip = match *v4.ip() {
+        ip if ip.is_loopback() => std::net::Ipv6Addr::LOCALHOST,
+        ip if ip.is_unspecified() => std::net::Ipv6Addr::UNSPECIFIED,
+        _ => return None,
+    };
+    if v4.port() == 0 {
+        return None;
+    }
+    let twin = std::net::SocketAddrV6::new(ip, v4.port(), 0, 0);
+    match crate::io::connection::listen_v6_only(twin) {
+        Ok(listener) => {
+            tracing::debug!(%twin, "listening on IPv6 too");
+            Some(listener)
+        }
+        Err(error) => {
+            tracing::debug!(%twin, %error, "no IPv6 twin listener");
+            None
+        }
+    }
+}
+
 /// Binds every listener for `policy` (from a file) and starts serving. Must be called inside a
 /// Tokio runtime.
 pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, StartError> {
@@ -200,6 +228,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         origin: bootstrap.policy_source.clone(),
         mesh,
         connections,
+        listener_ports: std::sync::OnceLock::new(),
         stop,
         spans,
         access_log: Mutex::new(Weak::new()),
@@ -246,6 +275,11 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
     let outbound_addr = addr_of(&outbound, bootstrap.outbound);
     let inbound_addr = addr_of(&inbound, bootstrap.inbound);
     let admin_addr = addr_of(&admin, bootstrap.admin);
+    let _ = shared.listener_ports.set(vec![
+        outbound_addr.port(),
+        inbound_addr.port(),
+        admin_addr.port(),
+    ]);
     data.spawn(http::server::serve(
         outbound,
         ListenerKind::Outbound,
@@ -258,6 +292,25 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         Arc::clone(&shared),
         stop_rx.clone(),
     ));
+    // Capture redirects IPv6 connections to the same ports on IPv6: the default IPv4
+    // listeners get IPv6 twins where the host has IPv6.
+    for (listener, kind, stop) in [
+        (
+            bootstrap.outbound,
+            ListenerKind::Outbound,
+            &outbound_stop_rx,
+        ),
+        (bootstrap.inbound, ListenerKind::Inbound, &stop_rx),
+    ] {
+        if let Some(twin) = bind_ipv6_twin(listener) {
+            data.spawn(http::server::serve(
+                twin,
+                kind,
+                Arc::clone(&shared),
+                stop.clone(),
+            ));
+        }
+    }
     let admin_task = tokio::spawn(admin::serve(
         admin,
         Arc::clone(&shared),

@@ -30,6 +30,10 @@ use crate::telemetry::metrics::{Metrics, MetricsError};
 /// arriving on the inbound port first, so a caller cannot claim one.
 pub const PEER_IDENTITY_HEADER: &str = "x-outrider-peer-identity";
 
+/// The ALPN id sidecars offer first on mesh connections: how a sidecar's ClientHello is told
+/// apart from an app's own TLS on a captured inbound port. Servers do not list it (they pick
+/// `h2` or `http/1.1`), so a peer that predates it negotiates as before.
+pub const ALPN_OUTRIDER: &[u8] = b"outrider/1";
 /// ALPN ids offered on mesh connections, preferred first.
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN id of HTTP/1.1.
@@ -443,6 +447,33 @@ pub fn describe(error: &std::io::Error) -> String {
     }
 }
 
+/// A test identity and its SPIFFE id.
+#[cfg(test)]
+pub(crate) type TestIdentity = (Arc<Mesh>, &'static str);
+
+/// Two mesh identities certified by one fresh CA, for tests of the layers that use them:
+/// (client, server).
+#[cfg(test)]
+pub(crate) fn test_pair() -> (TestIdentity, TestIdentity) {
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let mut ca_params = rcgen::CertificateParams::default();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    let (client_id, server_id) = ("spiffe://td/ns/a/sa/client", "spiffe://td/ns/a/sa/server");
+    let mesh = |id: &str| {
+        let mesh = Mesh::new(&Metrics::new("test").expect("metrics")).expect("mesh");
+        let (issued, key) = tests::issue(&ca, &ca_cert.pem(), id);
+        mesh.install(&issued, key).expect("install");
+        mesh
+    };
+    ((mesh(client_id), client_id), (mesh(server_id), server_id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,7 +488,7 @@ mod tests {
     }
 
     /// A CA and a leaf for `id` signed by it, as the control plane would answer.
-    fn issue(
+    pub(super) fn issue(
         ca: &rcgen::Issuer<'_, rcgen::KeyPair>,
         ca_pem: &str,
         id: &str,
