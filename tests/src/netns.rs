@@ -286,6 +286,30 @@ impl Lab {
         run_bounded(&full)
     }
 
+    /// Starts a `netns-probe listen` in `ns` on `addrs`: a server that speaks first, answering
+    /// every connection at once with `TAG local=ADDR orig=none` and closing it.
+    pub fn banner_server(&self, ns: &str, tag: &str, addrs: &[SocketAddr]) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(&self.probe)
+            .args(["listen", tag])
+            .args(addrs.iter().map(ToString::to_string))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        self.children.lock().unwrap().push(child);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(COMMAND_BOUND).unwrap_or_default();
+        assert_eq!(line.trim(), "ready", "banner server in {ns} did not start");
+    }
+
     /// Starts `args` in the background in `ns`; killed when the lab is dropped.
     pub fn spawn_in(&self, ns: &str, args: &[&str]) {
         let child = Command::new("ip")
@@ -433,6 +457,11 @@ pub struct Dialer {
 }
 
 impl Dialer {
+    /// The relay's Unix socket (a connection to it is a connection from the pod).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// A new connection from the pod to the target.
     pub async fn connect(&self) -> UnixStream {
         UnixStream::connect(&self.path).await.unwrap()
