@@ -31,3 +31,5 @@ pub const MAX_RETRY_BODY_BYTES: u64 = 64 * 1024 * 1024;
 pub const MAX_RATE: u32 = 1_000_000;
 /// Largest failure count (breaker and outlier `consecutive_failures`, `half_open_requests`).
 pub const MAX_FAILURE_COUNT: u32 = 100_000;
+/// Most entries of `opaque_ports`, and of one service's `addresses`.
+pub const MAX_PORT_LIST: usize = 1_024;

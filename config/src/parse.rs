@@ -521,7 +521,7 @@ bogus: 1
             errors(text),
             [
                 "services.a.endpiont: unknown field `endpiont`, expected one of endpoints, dns, \
-                 listen, protocol, load_balancing, timeouts, retries, rate_limit, \
+                 addresses, listen, protocol, load_balancing, timeouts, retries, rate_limit, \
                  circuit_breaker, outlier_detection, tls, identity at p.yaml:4:5",
                 "services.b.timeouts.connect: duration `5parsecs` has an unknown unit (use us, \
                  ms, s, m, h) at p.yaml:7:26",
@@ -530,7 +530,7 @@ bogus: 1
                 "routes[0]: missing field `match` at p.yaml:12:5",
                 "tracing: expected mapping start at p.yaml:15:10",
                 "bogus: unknown field `bogus`, expected one of workload, services, routes, \
-                 inbound, tracing, access_log, mesh_tls at p.yaml:16:1",
+                 inbound, tracing, access_log, mesh_tls, opaque_ports at p.yaml:16:1",
             ]
         );
     }

@@ -35,6 +35,23 @@ pub struct Policy {
     /// `strict`: every service is reached over mesh mTLS, as if each had `tls: mesh`.
     #[serde(default, skip_serializing_if = "MeshTls::is_off")]
     pub mesh_tls: MeshTls,
+    /// Ports whose captured connections are proxied as opaque TCP at once, without waiting to
+    /// detect a protocol: server-speaks-first protocols (SMTP, MySQL, PostgreSQL...) send
+    /// nothing until the server greets them. Unset: [`DEFAULT_OPAQUE_PORTS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opaque_ports: Option<Vec<u16>>,
+}
+
+/// The ports proxied as opaque TCP when a policy names none: Linkerd's default list (SMTP 25 and
+/// 587, MySQL 3306 and its X protocol 4444... as Linkerd has it, PostgreSQL 5432, Redis 6379,
+/// Elasticsearch transport 9300, memcached 11211).
+pub const DEFAULT_OPAQUE_PORTS: &[u16] = &[25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
+impl Policy {
+    /// The opaque ports in force: the policy's, or [`DEFAULT_OPAQUE_PORTS`].
+    pub fn opaque_ports(&self) -> &[u16] {
+        self.opaque_ports.as_deref().unwrap_or(DEFAULT_OPAQUE_PORTS)
+    }
 }
 
 /// The policy-wide mesh TLS setting.
@@ -260,6 +277,11 @@ pub struct Service {
     /// A `host:port` re-resolved periodically; every A/AAAA record is an endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<String>,
+    /// More addresses that belong to this service, besides its endpoints and what `dns`
+    /// resolves to (a Kubernetes ClusterIP and port, `10.96.12.7:8080`): a captured connection
+    /// to any of them gets this service's policy and load balancing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<SocketAddr>,
     /// A dedicated local port: everything arriving there goes to this service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,

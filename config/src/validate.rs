@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::limits::{
-    MAX_BACKOFF, MAX_FAILURE_COUNT, MAX_POLICY_INTERVAL, MAX_RATE, MAX_RETRY_ATTEMPTS,
+    MAX_BACKOFF, MAX_FAILURE_COUNT, MAX_POLICY_INTERVAL, MAX_PORT_LIST, MAX_RATE, MAX_RETRY_ATTEMPTS,
     MAX_RETRY_BODY_BYTES, MAX_TIMEOUT,
 };
 use crate::schema::{
@@ -26,6 +26,7 @@ pub fn validate(policy: &Policy) -> Vec<Finding> {
     for (name, service) in &policy.services {
         check_service(name, service, &mut listeners, &mut findings);
     }
+    check_addresses(policy, &mut findings);
     let mut route_names = HashSet::new();
     for (i, route) in policy.routes.iter().enumerate() {
         check_route(policy, i, route, &mut route_names, &mut findings);
@@ -86,6 +87,50 @@ pub fn validate(policy: &Policy) -> Vec<Finding> {
         check_tracing(tracing, &mut findings);
     }
     findings
+}
+
+/// `opaque_ports` and every service's `addresses`: no port 0, no unspecified address, and an
+/// address belongs to one service only (a captured connection to it must get one policy).
+fn check_addresses(policy: &Policy, findings: &mut Vec<Finding>) {
+    if let Some(ports) = &policy.opaque_ports {
+        if ports.len() > MAX_PORT_LIST {
+            findings.push((
+                "opaque_ports".into(),
+                format!("at most {MAX_PORT_LIST} ports"),
+            ));
+        }
+        for (i, port) in ports.iter().enumerate() {
+            if *port == 0 {
+                findings.push((format!("opaque_ports[{i}]"), "port must not be 0".into()));
+            }
+        }
+    }
+    let mut owners: HashMap<std::net::SocketAddr, &str> = HashMap::new();
+    for (name, service) in &policy.services {
+        let at = format!("services.{name}.addresses");
+        if service.addresses.len() > MAX_PORT_LIST {
+            findings.push((at.clone(), format!("at most {MAX_PORT_LIST} addresses")));
+        }
+        for (i, addr) in service.addresses.iter().enumerate() {
+            if addr.port() == 0 || addr.ip().is_unspecified() {
+                findings.push((
+                    format!("{at}[{i}]"),
+                    "needs a specific address and a port other than 0".into(),
+                ));
+            }
+            match owners.insert(*addr, name) {
+                Some(other) if other == name => findings.push((
+                    format!("{at}[{i}]"),
+                    format!("duplicate address {addr}"),
+                )),
+                Some(other) => findings.push((
+                    format!("{at}[{i}]"),
+                    format!("{addr} is already an address of service `{other}`"),
+                )),
+                None => {}
+            }
+        }
+    }
 }
 
 /// The SNI must be a name a certificate can be valid for: a DNS name (no wildcard: it names

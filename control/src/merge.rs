@@ -151,6 +151,7 @@ where
             .or(defaults.access_log)
             .unwrap_or_default(),
         mesh_tls: specific.mesh_tls.or(defaults.mesh_tls).unwrap_or_default(),
+        opaque_ports: specific.opaque_ports.or(defaults.opaque_ports),
     })
 }
 
@@ -163,6 +164,7 @@ struct Layer<'a> {
     tracing: Option<(Tracing, &'a str)>,
     access_log: Option<AccessLog>,
     mesh_tls: Option<outrider_config::MeshTls>,
+    opaque_ports: Option<Vec<u16>>,
 }
 
 impl<'a> Layer<'a> {
@@ -204,6 +206,9 @@ impl<'a> Layer<'a> {
         }
         if !policy.mesh_tls.is_off() {
             self.mesh_tls = Some(policy.mesh_tls);
+        }
+        if policy.opaque_ports.is_some() {
+            self.opaque_ports.clone_from(&policy.opaque_ports);
         }
         Ok(())
     }

@@ -197,6 +197,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         origin: bootstrap.policy_source.clone(),
         mesh,
         connections,
+        listener_ports: std::sync::OnceLock::new(),
         stop,
         spans,
         access_log: Mutex::new(Weak::new()),
@@ -243,6 +244,11 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
     let outbound_addr = addr_of(&outbound, bootstrap.outbound);
     let inbound_addr = addr_of(&inbound, bootstrap.inbound);
     let admin_addr = addr_of(&admin, bootstrap.admin);
+    let _ = shared.listener_ports.set(vec![
+        outbound_addr.port(),
+        inbound_addr.port(),
+        admin_addr.port(),
+    ]);
     data.spawn(http::server::serve(
         outbound,
         ListenerKind::Outbound,

@@ -102,6 +102,15 @@ struct Cli {
     /// A keepalive PING not answered within this closes the HTTP/2 connection.
     #[arg(long, env = "OUTRIDER_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s")]
     http2_keepalive_timeout: outrider_config::Duration,
+    /// Transparent capture: longest wait for a captured connection's first bytes to tell its
+    /// protocol (HTTP/1.x, h2c, TLS) before it is proxied as opaque TCP (see README,
+    /// "Transparent capture").
+    #[arg(long, env = "OUTRIDER_DETECT_TIMEOUT", default_value = "1s")]
+    detect_timeout: outrider_config::Duration,
+    /// Transparent capture: a connection proxied as opaque TCP with no byte either way for
+    /// this long is closed.
+    #[arg(long, env = "OUTRIDER_TCP_IDLE_TIMEOUT", default_value = "1h")]
+    tcp_idle_timeout: outrider_config::Duration,
     /// Most connections the inbound port holds; more are closed at accept. Default: derived
     /// from the descriptor limit (see README, "Connection limits").
     #[arg(long, env = "OUTRIDER_MAX_INBOUND_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
@@ -239,6 +248,8 @@ fn main() -> ExitCode {
         idle: cli.idle_timeout.get(),
         http2_keepalive_interval: cli.http2_keepalive_interval.get(),
         http2_keepalive_timeout: cli.http2_keepalive_timeout.get(),
+        detect: cli.detect_timeout.get(),
+        tcp_idle: cli.tcp_idle_timeout.get(),
     };
     let bootstrap = Bootstrap {
         outbound: cli.outbound,

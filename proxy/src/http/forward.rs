@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::core::errors::ProxyError;
 use crate::core::headers::{self, Caller};
+use crate::http::captured::Capture;
 use crate::http::rescue::rescue;
 use crate::http::shared::Shared;
 use crate::http::snapshot::{Snapshot, Target};
@@ -52,16 +53,53 @@ pub async fn handle(
     shared: Arc<Shared>,
     kind: ListenerKind,
     caller: Caller,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    let server = kind == ListenerKind::Inbound;
+    serve(shared, server, caller, req, |snapshot, req, _| {
+        select_target(snapshot, kind, req).map(|(target, authority)| (Arc::clone(target), authority))
+    })
+    .await
+}
+
+/// Serves one request of a captured connection (routed by its original destination).
+pub async fn handle_captured(
+    shared: Arc<Shared>,
+    capture: Arc<Capture>,
+    caller: Caller,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let server = capture.inbound;
+    serve(shared, server, caller, req, |snapshot, req, metrics| {
+        select_captured(snapshot, &capture, metrics, req)
+    })
+    .await
+}
+
+/// Serves one request, its target chosen by `select` in the policy in force; `server`: it
+/// came in for the local app.
+async fn serve<F>(
+    shared: Arc<Shared>,
+    server: bool,
+    caller: Caller,
+    mut req: Request<Incoming>,
+    select: F,
+) -> Result<Response<ProxyBody>, Infallible>
+where
+    F: FnOnce(
+        &Snapshot,
+        &Request<Incoming>,
+        &crate::telemetry::metrics::Metrics,
+    ) -> Result<(Arc<Target>, Option<Authority>), ProxyError>,
+{
     let started = Instant::now();
     let started_wall = SystemTime::now();
     let grpc = headers::is_grpc(&req);
     let routed = {
         let snapshot = shared.snapshot.load();
-        match select_target(&snapshot, kind, &req) {
+        match select(&snapshot, &req, &shared.metrics) {
             Ok((target, authority)) => Ok((
-                Arc::clone(target),
+                target,
                 authority,
                 TraceContext::extract(req.headers(), &snapshot.sampler),
                 snapshot.access_log.clone(),
@@ -109,7 +147,7 @@ pub async fn handle(
         metrics: Arc::clone(&target.metrics),
         spans,
         access_log: log,
-        server: kind == ListenerKind::Inbound,
+        server,
         started,
         started_wall,
         method: req.method().clone(),
@@ -177,6 +215,25 @@ fn select_target<'s>(
             .ok_or_else(|| ProxyError::NotConfigured("no inbound app in the policy".into()))?,
     };
     Ok((target, authority))
+}
+
+/// Checks a captured request and finds its target: a route naming its authority (outbound),
+/// else the connection's own target (its destination's service, passthrough, or the app).
+fn select_captured(
+    snapshot: &Snapshot,
+    capture: &Capture,
+    metrics: &crate::telemetry::metrics::Metrics,
+    req: &Request<Incoming>,
+) -> Result<(Arc<Target>, Option<Authority>), ProxyError> {
+    headers::check_request(req)?;
+    let authority = headers::request_authority(req)?;
+    if !capture.inbound {
+        let host = authority.as_ref().map_or("", Authority::host);
+        if let Some(target) = snapshot.route_by_authority(host, req.uri().path()) {
+            return Ok((Arc::clone(target), authority));
+        }
+    }
+    Ok((capture.target(snapshot, metrics), authority))
 }
 
 /// The attempt counter the upstream sees (1-based).

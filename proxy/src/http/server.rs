@@ -5,7 +5,9 @@ use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use hyper::server::conn::{http1, http2};
+use outrider_config::Protocol;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -14,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::core::errors::ProxyError;
 use crate::core::headers;
+use crate::http::captured::{self, Capture};
 use crate::http::forward::{self, ListenerKind};
 use crate::http::rescue::rescue;
 use crate::http::shared::Shared;
@@ -21,6 +24,7 @@ use crate::io::connection::{
     self, ConnectionSlot, Expiry, FirstHead, Gated, GatedTimer, IdleWatch, LogLimiter,
 };
 use crate::io::identity::PEER_IDENTITY_HEADER;
+use crate::io::original_dst::{self, Disposition};
 use crate::io::tls;
 use crate::telemetry::metrics::ListenerMetrics;
 
@@ -65,6 +69,7 @@ pub async fn serve(
     let (connections, _) = watch::channel(());
     let mut refusals = LogLimiter::default();
     let mut accept_errors = LogLimiter::default();
+    let mut loops = LogLimiter::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -74,6 +79,22 @@ pub async fn serve(
                         budget.log_refusal(&mut refusals);
                         continue;
                     };
+                    let disposition = disposition(&stream, peer, kind, &shared);
+                    if let Disposition::Loop(reason, original) = disposition {
+                        shared.metrics.capture.looped(reason.label());
+                        if let Some(refused) = loops.hit(Instant::now()) {
+                            tracing::warn!(
+                                listener = budget.listener(),
+                                %peer,
+                                original_destination = %original,
+                                reason = reason.label(),
+                                refused,
+                                "captured connection refused: it loops back into this proxy \
+                                 (do the capture rules exclude the proxy's UID?)"
+                            );
+                        }
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
                     connection::set_keepalive(&stream);
                     // The app's outbound connections tell a shutdown when the app has gone.
@@ -83,7 +104,8 @@ pub async fn serve(
                     let stop = stop.clone();
                     let held = connections.subscribe();
                     tokio::spawn(async move {
-                        serve_connection(stream, peer, kind, shared, &builders, slot, stop).await;
+                        let accepted = Accepted { stream, peer, disposition, slot };
+                        serve_connection(accepted, kind, shared, &builders, stop).await;
                         drop(app_connection);
                         drop(held);
                     });
@@ -109,54 +131,76 @@ struct Builders {
     http2: http2::Builder<TokioExecutor>,
 }
 
-/// Serves one accepted connection: the inbound TLS sniff and handshake and the first request
-/// head by the header-read deadline, then hyper, until the connection ends, idles out or a
-/// shutdown drains it.
-async fn serve_connection(
+/// An accepted connection, as the accept loop hands it to its task.
+struct Accepted {
     stream: TcpStream,
     peer: std::net::SocketAddr,
+    disposition: Disposition,
+    slot: ConnectionSlot,
+}
+
+/// Whether a connection accepted on a `kind` listener was captured: read per connection (one
+/// `getsockopt`), on the outbound and inbound listeners (dedicated ports are explicit only).
+fn disposition(
+    stream: &TcpStream,
+    peer: std::net::SocketAddr,
+    kind: ListenerKind,
+    shared: &Shared,
+) -> Disposition {
+    if matches!(kind, ListenerKind::Dedicated(_)) {
+        return Disposition::Explicit;
+    }
+    let Ok(local) = stream.local_addr() else {
+        return Disposition::Explicit;
+    };
+    let original = original_dst::original_destination(stream, local);
+    let ports = shared.listener_ports.get().map_or(&[][..], Vec::as_slice);
+    original_dst::classify(local, peer, original, ports)
+}
+
+/// Serves one accepted connection: the inbound TLS sniff and handshake (or, captured, protocol
+/// detection) and the first request head by the header-read deadline, then hyper, until the
+/// connection ends, idles out or a shutdown drains it.
+async fn serve_connection(
+    accepted: Accepted,
     kind: ListenerKind,
     shared: Arc<Shared>,
     builders: &Builders,
-    slot: ConnectionSlot,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Accepted {
+        stream,
+        peer,
+        disposition,
+        slot,
+    } = accepted;
     let timeouts = shared.connections.timeouts;
     let budget = Arc::clone(slot.budget());
     let metrics = &budget.metrics;
     let deadline = connection::deadline_after(timeouts.header_read);
-    // Inbound: sniff plaintext from mTLS and handshake.
-    let accepted = if kind == ListenerKind::Inbound {
-        let mode = shared
-            .snapshot
-            .load()
-            .policy
-            .inbound
-            .as_ref()
-            .map(|i| i.mtls)
-            .unwrap_or_default();
-        tokio::select! {
-            accepted = tls::accept_inbound(stream, peer, shared.mesh.as_ref(), mode, deadline) => accepted,
-            () = crate::core::shutdown::stopped(&mut stop) => return,
-        }
-    } else {
-        Some(tls::Accepted {
-            io: tls::Io::Plain(stream),
-            peer_identity: None,
-        })
-    };
-    let Some(tls::Accepted {
-        mut io,
-        peer_identity,
-    }) = accepted
-    else {
-        if Instant::now() >= deadline {
-            metrics.header_read_timeouts.inc();
-        }
-        return;
-    };
+    let (mut io, peer_identity, prefix, slot, captured) =
+        if let Disposition::Captured(dst) = disposition {
+            let inbound = kind == ListenerKind::Inbound;
+            let accepted =
+                captured::accept(stream, peer, dst, inbound, &shared, slot, &mut stop).await;
+            let Some(http) = accepted else {
+                return;
+            };
+            let captured = Some((http.dst, http.inbound));
+            (http.io, http.peer_identity, http.bytes, http.slot, captured)
+        } else {
+            let Some((io, peer_identity)) =
+                accept_explicit(stream, peer, kind, &shared, deadline, &mut stop).await
+            else {
+                if Instant::now() >= deadline {
+                    metrics.header_read_timeouts.inc();
+                }
+                return;
+            };
+            (io, peer_identity, BytesMut::new(), slot, None)
+        };
     let first = tokio::select! {
-        first = connection::read_first_head(&mut io, deadline) => first,
+        first = connection::read_first_head_after(&mut io, prefix, deadline) => first,
         () = crate::core::shutdown::stopped(&mut stop) => return,
     };
     match first.head {
@@ -176,6 +220,21 @@ async fn serve_connection(
     let mut idle = streams
         .as_ref()
         .map(|streams| IdleWatch::new(Arc::clone(streams), deadline, timeouts.idle));
+    // Captured: routed by the original destination, resolved now for the whole connection.
+    let capture = captured.map(|(dst, inbound)| {
+        let protocol = match first.head {
+            FirstHead::Http2 => Protocol::Http2,
+            _ => Protocol::Http1,
+        };
+        let snapshot = shared.snapshot.load();
+        Arc::new(Capture::new(
+            dst,
+            inbound,
+            protocol,
+            &snapshot,
+            &shared.metrics,
+        ))
+    });
     let caller = headers::Caller::new(peer);
     let service = service_fn(move |mut req| {
         let shared = Arc::clone(&shared);
@@ -184,10 +243,14 @@ async fn serve_connection(
             .then(|| inbound_identity(&shared, &mut req, peer_identity.as_ref()))
             .flatten();
         let stream = streams.as_ref().map(connection::StreamCount::open);
+        let capture = capture.clone();
         async move {
-            let response = match denied {
-                Some(error) => Ok(rescue(&error, headers::is_grpc(&req))),
-                None => forward::handle(shared, kind, caller, req).await,
+            let response = match (denied, capture) {
+                (Some(error), _) => Ok(rescue(&error, headers::is_grpc(&req))),
+                (None, None) => forward::handle(shared, kind, caller, req).await,
+                (None, Some(capture)) => {
+                    forward::handle_captured(shared, capture, caller, req).await
+                }
             };
             response.map(|r| r.map(|body| connection::ServedBody::new(body, stream)))
         }
@@ -219,6 +282,34 @@ async fn serve_connection(
             tracing::debug!(%error, "connection ended with an error");
         }
     }
+}
+
+/// The explicit-mode start of a connection: on the inbound port, the plaintext/mTLS sniff
+/// and handshake. `None`: refused or gone (see [`tls::accept_inbound`]) or stopped.
+async fn accept_explicit(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    kind: ListenerKind,
+    shared: &Shared,
+    deadline: Instant,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(tls::Io, Option<http::HeaderValue>)> {
+    if kind != ListenerKind::Inbound {
+        return Some((tls::Io::Plain(stream), None));
+    }
+    let mode = shared
+        .snapshot
+        .load()
+        .policy
+        .inbound
+        .as_ref()
+        .map(|i| i.mtls)
+        .unwrap_or_default();
+    let accepted = tokio::select! {
+        accepted = tls::accept_inbound(stream, peer, shared.mesh.as_ref(), mode, deadline) => accepted,
+        () = crate::core::shutdown::stopped(stop) => return None,
+    };
+    accepted.map(|a| (a.io, a.peer_identity))
 }
 
 /// Runs hyper's `conn` until it ends, and closes it gracefully (`graceful_shutdown`) once

@@ -41,6 +41,9 @@ pub struct Shared {
     pub mesh: Option<Arc<Mesh>>,
     /// Connection deadlines and each listener's connection budget.
     pub connections: Connections,
+    /// The ports of the outbound, inbound and admin listeners as bound: a captured connection
+    /// whose original destination is one of them is a loop (set once at start).
+    pub listener_ports: std::sync::OnceLock<Vec<u16>>,
     /// Set once by a shutdown; every long-lived task selects on a receiver of it.
     pub(crate) stop: watch::Sender<bool>,
     /// The span exporter for the policy's `tracing.otlp`, if any.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use outrider_config::{LoadedPolicy, MeshTls, Policy, Protocol, RateLimit, Service, ServiceTls};
 
-use crate::io::identity::{Mesh, ALPN_H2, ALPN_HTTP1};
+use crate::io::identity::{Mesh, ALPN_H2, ALPN_HTTP1, ALPN_OUTRIDER};
 use crate::io::tls::UpstreamTls;
 use crate::io::upstream::{Upstream, UpstreamSpec};
 use crate::policy::breaker::CircuitBreaker;
@@ -74,6 +74,18 @@ pub struct Snapshot {
     pub access_log: Option<Arc<AccessLog>>,
     routes: Vec<CompiledRoute>,
     dedicated: HashMap<SocketAddr, Arc<Target>>,
+    /// Transparent capture: the service each known address belongs to (its `addresses` and
+    /// static endpoints), matched once per reload.
+    by_address: HashMap<SocketAddr, Arc<Target>>,
+    /// Services found by `dns:`, whose resolved addresses are looked at per connection.
+    by_dns: Vec<Arc<Target>>,
+    /// Service names by the host names they answer to (`dns:` hosts and origination SNIs), to
+    /// class captured TLS by its SNI in metrics.
+    by_host: HashMap<String, Arc<str>>,
+    /// Metrics of captured requests to destinations in no service.
+    passthrough_metrics: Arc<RouteMetrics>,
+    /// Metrics of captured inbound requests (`app`, as for `inbound.app`).
+    inbound_metrics: Arc<RouteMetrics>,
     inbound: Option<Arc<Target>>,
     upstreams: BTreeMap<String, Arc<Upstream>>,
     /// Limiters and breakers by service, route name and for inbound, kept for the next reload.
@@ -86,6 +98,12 @@ pub struct Snapshot {
 pub const OUTBOUND: &str = "outbound";
 /// Label of the direction of inbound requests.
 pub const INBOUND: &str = "inbound";
+/// Service (and route) label of captured requests and connections to a destination that
+/// belongs to no service of the policy.
+pub const PASSTHROUGH: &str = "passthrough";
+/// Connect timeout to a passthrough destination: an address outside the policy may be far
+/// away (another region, the internet), so longer than a service's 1 s default.
+pub const PASSTHROUGH_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Snapshot {
     /// Compiles `loaded` as version `version`. Must run inside the Tokio runtime (DNS services
@@ -248,6 +266,39 @@ impl Snapshot {
             .iter()
             .filter_map(|(name, s)| Some((s.listen?, target(name, None, &no_state, "listen")?)))
             .collect();
+        let mut by_address = HashMap::new();
+        let mut by_dns = Vec::new();
+        let mut by_host = HashMap::new();
+        let address_targets = policy
+            .services
+            .iter()
+            .filter_map(|(name, s)| Some((name, s, target(name, None, &no_state, "address")?)));
+        let mut endpoint_owners = Vec::new();
+        for (name, service, target) in address_targets {
+            // `addresses` are one service's only (validated); an endpoint two services share
+            // goes to the first by name.
+            for addr in &service.addresses {
+                by_address.insert(*addr, Arc::clone(&target));
+            }
+            for addr in service.endpoints.iter().flatten() {
+                endpoint_owners.push((*addr, Arc::clone(&target)));
+            }
+            if let Some(dns) = &service.dns {
+                by_dns.push(Arc::clone(&target));
+                let host = dns.rsplit_once(':').map_or(dns.as_str(), |(host, _)| host);
+                by_host
+                    .entry(host.to_ascii_lowercase())
+                    .or_insert_with(|| Arc::from(name.as_str()));
+            }
+            if let Some(tls) = service.tls.as_ref().and_then(ServiceTls::origination) {
+                by_host
+                    .entry(tls.sni.to_ascii_lowercase())
+                    .or_insert_with(|| Arc::from(name.as_str()));
+            }
+        }
+        for (addr, target) in endpoint_owners {
+            by_address.entry(addr).or_insert(target);
+        }
         let inbound_state = Stateful {
             limit: limit(
                 policy.inbound.as_ref().and_then(|i| i.rate_limit.as_ref()),
@@ -286,7 +337,16 @@ impl Snapshot {
             })
         });
         let sampler = Sampler::parent_based(policy.tracing.as_ref().map_or(1.0, |t| t.ratio));
+        let inbound_metrics = match &inbound {
+            Some(target) => Arc::clone(&target.metrics),
+            None => Arc::new(metrics.route(INBOUND, "app", "inbound")),
+        };
         Self {
+            by_address,
+            by_dns,
+            by_host,
+            passthrough_metrics: Arc::new(metrics.route(OUTBOUND, PASSTHROUGH, PASSTHROUGH)),
+            inbound_metrics,
             version,
             content_hash,
             policy,
@@ -315,6 +375,86 @@ impl Snapshot {
                     && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
             })
             .map(|r| r.backends.pick())
+    }
+
+    /// The target of a captured outbound request to `host` and `path` by a route that names an
+    /// authority: routes without one (catch-alls) are for explicit traffic only, or every
+    /// captured call would go to them instead of where it was going.
+    pub fn route_by_authority(&self, host: &str, path: &str) -> Option<&Arc<Target>> {
+        self.routes
+            .iter()
+            .find(|r| {
+                r.authority
+                    .as_deref()
+                    .is_some_and(|a| a.eq_ignore_ascii_case(host))
+                    && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+            })
+            .map(|r| r.backends.pick())
+    }
+
+    /// The service a captured connection's original destination belongs to: one of its
+    /// `addresses` or static endpoints (a map built per reload), or an address its `dns:` name
+    /// resolves to now. Called once per connection (and after a reload), not per request.
+    pub fn service_for(&self, dst: SocketAddr) -> Option<&Arc<Target>> {
+        self.by_address.get(&dst).or_else(|| {
+            self.by_dns
+                .iter()
+                .find(|target| target.upstream.has_endpoint(dst))
+        })
+    }
+
+    /// The service a TLS server name belongs to (its `dns:` host or origination SNI).
+    pub fn service_for_host(&self, host: &str) -> Option<&Arc<str>> {
+        self.by_host.get(&host.to_ascii_lowercase())
+    }
+
+    /// A target forwarding to `dst` as it is, with no policy: a captured call to a destination
+    /// in no service. Its own upstream (one pool), made per captured connection.
+    pub fn passthrough(&self, dst: SocketAddr, protocol: Protocol, metrics: &Metrics) -> Arc<Target> {
+        let spec = UpstreamSpec {
+            name: Arc::from(PASSTHROUGH),
+            protocol,
+            balancing: outrider_config::LoadBalancing::RoundRobin,
+            connect_timeout: PASSTHROUGH_CONNECT_TIMEOUT,
+            outlier: None,
+            max_pending: None,
+            tls: None,
+        };
+        Arc::new(Target {
+            upstream: Upstream::single(spec, dst, PASSTHROUGH, metrics),
+            metrics: Arc::clone(&self.passthrough_metrics),
+            policy: RoutePolicy::default(),
+        })
+    }
+
+    /// A target forwarding a captured inbound connection to its original destination (the
+    /// pod's address and the app's port), under the inbound policy in force (rate limit,
+    /// request-body idle timeout, connect timeout). Made per captured connection.
+    pub fn captured_inbound(
+        &self,
+        dst: SocketAddr,
+        protocol: Protocol,
+        metrics: &Metrics,
+    ) -> Arc<Target> {
+        let inbound = self.policy.inbound.as_ref();
+        let timeouts = inbound.map(|i| i.timeouts.clone()).unwrap_or_default();
+        let spec = UpstreamSpec {
+            name: Arc::from("app"),
+            protocol,
+            balancing: outrider_config::LoadBalancing::RoundRobin,
+            connect_timeout: timeouts.connect.get(),
+            outlier: None,
+            max_pending: None,
+            tls: None,
+        };
+        Arc::new(Target {
+            upstream: Upstream::single(spec, dst, "app", metrics),
+            metrics: Arc::clone(&self.inbound_metrics),
+            policy: RoutePolicy::inbound(
+                self.inbound_state.limit.clone(),
+                timeouts.request_body_idle.get(),
+            ),
+        })
     }
 
     /// The target of the dedicated listener configured at `listen`.
@@ -381,9 +521,11 @@ fn upstream_tls(name: &str, service: &Service, mesh: Option<&Arc<Mesh>>) -> Upst
         tracing::error!(service = name, "mesh TLS asked for but this proxy has no workload identity (--service-account); its requests will fail");
         return UpstreamTls::NoIdentity;
     };
+    // The Outrider id first: a peer whose inbound port is captured tells this mesh connection
+    // from an app's own TLS by it.
     let alpn = match service.protocol {
-        Protocol::Http2 => vec![ALPN_H2.to_vec()],
-        Protocol::Http1 => vec![ALPN_HTTP1.to_vec()],
+        Protocol::Http2 => vec![ALPN_OUTRIDER.to_vec(), ALPN_H2.to_vec()],
+        Protocol::Http1 => vec![ALPN_OUTRIDER.to_vec(), ALPN_HTTP1.to_vec()],
     };
     let expected = service.identity.as_deref().map(Arc::from);
     match mesh.client_config(expected, alpn) {

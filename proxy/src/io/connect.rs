@@ -173,6 +173,8 @@ impl EndpointConnector {
             }
         }
         let stream = stream?;
+        // Under capture, a connection that comes back to this proxy is recognised as its own.
+        let own = crate::io::original_dst::OwnSockets::global().record(&stream);
         // Small request/response writes must not wait for Nagle.
         let _ = stream.set_nodelay(true);
         // A pooled or long-streaming connection to a host that vanished is found and freed.
@@ -199,6 +201,7 @@ impl EndpointConnector {
         Ok(TokioIo::new(CountedStream {
             stream,
             _guard: self.metrics.opened(),
+            _own: own,
         }))
     }
 }
@@ -207,6 +210,7 @@ impl EndpointConnector {
 pub struct CountedStream {
     stream: Io,
     _guard: ConnectionGuard,
+    _own: Option<crate::io::original_dst::OwnSocket>,
 }
 
 impl CountedStream {

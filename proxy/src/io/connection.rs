@@ -90,7 +90,22 @@ pub struct ConnectionTimeouts {
     pub http2_keepalive_interval: Duration,
     /// A PING not acknowledged within this closes the HTTP/2 connection.
     pub http2_keepalive_timeout: Duration,
+    /// Longest wait for a captured connection's first bytes to tell its protocol; then it is
+    /// proxied as opaque TCP.
+    pub detect: Duration,
+    /// A connection proxied as opaque TCP with nothing moving either way for this long is
+    /// closed.
+    pub tcp_idle: Duration,
 }
+
+/// Default of [`ConnectionTimeouts::detect`]: clients that speak first (HTTP, TLS) write their
+/// first bytes right after connecting, well within it on a loaded node; a server-first protocol
+/// on a port not in `opaque_ports` waits this long once per connection for its greeting.
+pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Default of [`ConnectionTimeouts::tcp_idle`]: Envoy's TCP proxy default. Database pools keep
+/// idle connections for minutes; TCP keepalive still finds dead peers sooner.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 impl Default for ConnectionTimeouts {
     fn default() -> Self {
@@ -99,6 +114,8 @@ impl Default for ConnectionTimeouts {
             idle: Duration::from_secs(60),
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(10),
+            detect: DEFAULT_DETECT_TIMEOUT,
+            tcp_idle: DEFAULT_TCP_IDLE_TIMEOUT,
         }
     }
 }
@@ -339,7 +356,22 @@ impl FirstRead {
 /// Reads until the first request head is complete (HTTP/1.1) or the HTTP/2 preface is in,
 /// by `deadline`.
 pub async fn read_first_head<T: AsyncRead + Unpin>(io: &mut T, deadline: Instant) -> FirstRead {
-    let mut buf = BytesMut::new();
+    read_first_head_after(io, BytesMut::new(), deadline).await
+}
+
+/// [`read_first_head`] on a connection whose first bytes, `buf`, were read already (protocol
+/// detection on a captured connection).
+pub async fn read_first_head_after<T: AsyncRead + Unpin>(
+    io: &mut T,
+    mut buf: BytesMut,
+    deadline: Instant,
+) -> FirstRead {
+    if let Some(head) = (!buf.is_empty()).then(|| classify(&buf, 0)).flatten() {
+        return FirstRead {
+            head,
+            bytes: buf.freeze(),
+        };
+    }
     let head = tokio::time::timeout_at(deadline, fill(io, &mut buf))
         .await
         .unwrap_or(FirstHead::TimedOut);

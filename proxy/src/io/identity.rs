@@ -30,6 +30,10 @@ use crate::telemetry::metrics::{Metrics, MetricsError};
 /// arriving on the inbound port first, so a caller cannot claim one.
 pub const PEER_IDENTITY_HEADER: &str = "x-outrider-peer-identity";
 
+/// The ALPN id sidecars offer first on mesh connections: how a sidecar's ClientHello is told
+/// apart from an app's own TLS on a captured inbound port. Servers do not list it (they pick
+/// `h2` or `http/1.1`), so a peer that predates it negotiates as before.
+pub const ALPN_OUTRIDER: &[u8] = b"outrider/1";
 /// ALPN ids offered on mesh connections, preferred first.
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN id of HTTP/1.1.

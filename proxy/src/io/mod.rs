@@ -5,7 +5,10 @@
 pub mod body;
 pub mod connect;
 pub mod connection;
+pub mod detect;
 pub mod identity;
+pub mod opaque;
+pub mod original_dst;
 pub mod outcome;
 pub mod pool;
 pub mod request_body;

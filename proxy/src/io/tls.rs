@@ -32,7 +32,67 @@ pub enum Io {
     /// TLS to an upstream sidecar.
     Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// TLS from a peer sidecar.
-    Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Server(Box<tokio_rustls::server::TlsStream<Rewound>>),
+}
+
+/// An accepted TCP stream whose first bytes were read already (a captured connection's
+/// ClientHello, read to see its ALPN): they are read again first.
+pub struct Rewound {
+    prefix: bytes::Bytes,
+    stream: TcpStream,
+}
+
+impl Rewound {
+    /// `stream`, whose first bytes `prefix` were taken from it.
+    pub fn new(prefix: bytes::Bytes, stream: TcpStream) -> Self {
+        Self { prefix, stream }
+    }
+}
+
+impl AsyncRead for Rewound {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.prefix.is_empty() {
+            return Pin::new(&mut this.stream).poll_read(cx, buf);
+        }
+        let n = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Rewound {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
 }
 
 macro_rules! delegate {
@@ -376,6 +436,17 @@ pub async fn accept_inbound(
             peer_identity: None,
         });
     }
+    handshake(Rewound::new(bytes::Bytes::new(), stream), peer, mesh, deadline).await
+}
+
+/// The server side of mesh mTLS over `stream` (client certificate required, a SPIFFE id in
+/// it), by `deadline`. `None`: refused (the reason is logged and counted here).
+pub async fn handshake(
+    stream: Rewound,
+    peer: SocketAddr,
+    mesh: &Arc<Mesh>,
+    deadline: tokio::time::Instant,
+) -> Option<Accepted> {
     let Some(held) = mesh.held() else {
         mesh.metrics
             .handshake_failed("inbound", "no_certificate_held");

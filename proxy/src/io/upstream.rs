@@ -78,6 +78,9 @@ pub struct Upstream {
     outlier: Option<OutlierDetector>,
     hold_outs: Arc<HoldOuts>,
     pending: Option<PendingLimit>,
+    /// The `endpoint` label of its connection metrics, when not the address (passthrough
+    /// destinations are not labelled by raw address).
+    endpoint_label: Option<&'static str>,
 }
 
 impl Upstream {
@@ -111,6 +114,7 @@ impl Upstream {
             pending: spec
                 .max_pending
                 .map(|max| PendingLimit::new(spec.name.clone(), max)),
+            endpoint_label: None,
             spec,
         });
         let before = previous.map(|p| p.endpoints.load_full());
@@ -127,6 +131,36 @@ impl Upstream {
             .collect();
         upstream.endpoints.store(Arc::new(addrs));
         upstream
+    }
+
+    /// An upstream of the one endpoint `addr`, whose connections are counted with the endpoint
+    /// label `label` (a captured connection's original destination: any address at all).
+    pub fn single(
+        spec: UpstreamSpec,
+        addr: SocketAddr,
+        label: &'static str,
+        metrics: &Metrics,
+    ) -> Arc<Self> {
+        let hold_outs = HoldOuts::new(spec.name.clone(), spec.connect_timeout, None);
+        let mut upstream = Self {
+            endpoints: ArcSwap::from_pointee(Vec::new()),
+            next: AtomicUsize::new(0),
+            metrics: metrics.clone(),
+            outlier: None,
+            hold_outs,
+            pending: None,
+            endpoint_label: Some(label),
+            spec,
+        };
+        let endpoint = Arc::new(upstream.new_endpoint(addr, None));
+        upstream.endpoints = ArcSwap::from_pointee(vec![endpoint]);
+        Arc::new(upstream)
+    }
+
+    /// Whether `addr` is one of the endpoints in the set now (a `dns:` service's resolved
+    /// addresses change between reloads).
+    pub fn has_endpoint(&self, addr: SocketAddr) -> bool {
+        self.endpoints.load().iter().any(|e| e.addr == addr)
     }
 
     /// Replaces the endpoint set; endpoints that stay keep their pools, load counters and
@@ -151,7 +185,10 @@ impl Upstream {
         let connector = EndpointConnector::new(
             addr,
             self.spec.connect_timeout,
-            self.metrics.connections(&self.spec.name, &addr.to_string()),
+            match self.endpoint_label {
+                Some(label) => self.metrics.connections(&self.spec.name, label),
+                None => self.metrics.connections(&self.spec.name, &addr.to_string()),
+            },
             self.pending.clone(),
         )
         .with_tls(self.spec.tls.clone())

@@ -98,6 +98,120 @@ pub struct Metrics {
     pub policy_version: IntGauge,
     /// Policy reloads, by result (`ok` or `error`).
     pub policy_reloads: PolicyReloadMetrics,
+    /// Transparent capture: captured connections, their bytes, protocol detection, loops.
+    pub capture: CaptureMetrics,
+}
+
+/// Detection time buckets: most clients write at once (microseconds); a timeout is the longest.
+const DETECTION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Where an opaque relay's bytes are counted.
+pub struct RelayCounters {
+    /// Bytes from the client towards the destination.
+    pub to_upstream: IntCounter,
+    /// Bytes from the destination back to the client.
+    pub to_downstream: IntCounter,
+}
+
+/// Metrics of captured connections. Destinations are labelled by class (a service name or
+/// `passthrough`), never by raw address: a pod may call any number of addresses.
+#[derive(Clone)]
+pub struct CaptureMetrics {
+    connections: IntCounterVec,
+    bytes: IntCounterVec,
+    detections: IntCounterVec,
+    detection_seconds: HistogramVec,
+    loops: IntCounterVec,
+}
+
+impl CaptureMetrics {
+    fn new(registry: &Registry) -> Result<Self, MetricsError> {
+        let metrics = Self {
+            connections: IntCounterVec::new(
+                Opts::new(
+                    "outrider_tcp_connections_total",
+                    "Captured connections accepted, by direction, destination (a service, \
+                     `passthrough`, or `app` inbound) and how they were proxied (http, opaque).",
+                ),
+                &["direction", "destination", "mode"],
+            )?,
+            bytes: IntCounterVec::new(
+                Opts::new(
+                    "outrider_tcp_bytes_total",
+                    "Bytes of captured connections proxied as opaque TCP, by direction, \
+                     destination and way (to_upstream, to_downstream).",
+                ),
+                &["direction", "destination", "way"],
+            )?,
+            detections: IntCounterVec::new(
+                Opts::new(
+                    "outrider_protocol_detections_total",
+                    "Protocol detection on captured connections, by direction and outcome \
+                     (http1, h2, tls, opaque, timeout, closed, opaque_port: not detected).",
+                ),
+                &["direction", "protocol"],
+            )?,
+            detection_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "outrider_protocol_detection_seconds",
+                    "Time from accept to the detection decision on captured connections.",
+                )
+                .buckets(DETECTION_BUCKETS.to_vec()),
+                &["direction"],
+            )?,
+            loops: IntCounterVec::new(
+                Opts::new(
+                    "outrider_capture_loops_total",
+                    "Captured connections refused as loops back into this proxy, by reason \
+                     (own_listener, own_connection).",
+                ),
+                &["reason"],
+            )?,
+        };
+        registry.register(Box::new(metrics.connections.clone()))?;
+        registry.register(Box::new(metrics.bytes.clone()))?;
+        registry.register(Box::new(metrics.detections.clone()))?;
+        registry.register(Box::new(metrics.detection_seconds.clone()))?;
+        registry.register(Box::new(metrics.loops.clone()))?;
+        Ok(metrics)
+    }
+
+    /// Counts one captured connection (once per connection).
+    pub fn connection(&self, direction: &str, destination: &str, mode: &str) {
+        self.connections
+            .with_label_values(&[direction, destination, mode])
+            .inc();
+    }
+
+    /// The byte counters of one opaque relay.
+    pub fn relay(&self, direction: &str, destination: &str) -> RelayCounters {
+        RelayCounters {
+            to_upstream: self
+                .bytes
+                .with_label_values(&[direction, destination, "to_upstream"]),
+            to_downstream: self
+                .bytes
+                .with_label_values(&[direction, destination, "to_downstream"]),
+        }
+    }
+
+    /// Records a detection outcome and how long it took.
+    pub fn detected(&self, direction: &str, protocol: &str, seconds: f64) {
+        self.detections
+            .with_label_values(&[direction, protocol])
+            .inc();
+        self.detection_seconds
+            .with_label_values(&[direction])
+            .observe(seconds);
+    }
+
+    /// Counts a refused loop.
+    pub fn looped(&self, reason: &str) {
+        self.loops.with_label_values(&[reason]).inc();
+    }
 }
 
 /// Counters of policy reloads (file changes and control-plane updates).
@@ -549,7 +663,9 @@ impl Metrics {
         let listeners = ListenerVecs::new(&registry)?;
         let telemetry = TelemetryMetrics::new(&registry)?;
         let process = ProcessGauges::new(&registry)?;
+        let capture = CaptureMetrics::new(&registry)?;
         Ok(Self {
+            capture,
             traffic,
             listeners,
             telemetry,

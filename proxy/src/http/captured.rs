@@ -1,0 +1,278 @@
+//! Connections brought to a listener by transparent capture (their original destination is
+//! not the listener): what they are and where they go. Outbound, the first bytes are detected
+//! (unless the port is in `opaque_ports`): HTTP is served at L7 with the destination's service
+//! policy (or passed through), everything else is relayed as opaque TCP to the original
+//! destination. Inbound, a ClientHello offering the Outrider ALPN id is mesh mTLS, terminated
+//! here; an app's own TLS and other plaintext are relayed untouched (refused under `strict`).
+//! Requests are then routed per connection by [`Capture`], re-resolved only after a reload.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
+use outrider_config::{InboundMtls, Protocol};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::http::shared::Shared;
+use crate::http::snapshot::{Snapshot, Target, INBOUND, OUTBOUND, PASSTHROUGH};
+use crate::io::connection::ConnectionSlot;
+use crate::io::detect::{self, Detection};
+use crate::io::opaque;
+use crate::io::tls::{self, Rewound};
+use crate::telemetry::metrics::Metrics;
+
+/// The `destination` label of captured inbound connections.
+const APP: &str = "app";
+
+/// A captured connection to be served at L7.
+pub struct Http {
+    /// The stream (plaintext, or mesh TLS terminated).
+    pub io: tls::Io,
+    /// Bytes read already (detection), to be read again first.
+    pub bytes: BytesMut,
+    /// The verified caller (inbound mesh TLS).
+    pub peer_identity: Option<HeaderValue>,
+    /// Where it was going.
+    pub dst: SocketAddr,
+    /// It came to the inbound listener.
+    pub inbound: bool,
+    /// Its listener slot, held while it lives.
+    pub slot: ConnectionSlot,
+}
+
+/// Decides what the captured connection `stream` (from `peer`, going to `dst`) is, and serves
+/// it unless it is HTTP: `Some` is to be served at L7; `None` when it has been relayed, refused
+/// or closed.
+pub async fn accept(
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    inbound: bool,
+    shared: &Arc<Shared>,
+    slot: ConnectionSlot,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Http> {
+    crate::io::original_dst::OwnSockets::global().activate();
+    let snapshot = shared.snapshot.load_full();
+    let direction = if inbound { INBOUND } else { OUTBOUND };
+    let capture = &shared.metrics.capture;
+    let mut stream = stream;
+    if snapshot.policy.opaque_ports().contains(&dst.port()) {
+        capture.detected(direction, "opaque_port", 0.0);
+        if inbound && !inbound_takes_unverified(shared, &snapshot, peer, dst, false) {
+            return None;
+        }
+        let class = destination_class(&snapshot, dst, None, inbound);
+        relay(stream, Bytes::new(), dst, direction, &class, shared, slot).await;
+        return None;
+    }
+    let timeout = shared.connections.timeouts.detect;
+    let Detection {
+        protocol,
+        bytes,
+        elapsed,
+    } = tokio::select! {
+        detection = detect::detect(&mut stream, timeout) => detection,
+        () = crate::core::shutdown::stopped(stop) => return None,
+    };
+    capture.detected(direction, protocol.label(), elapsed.as_secs_f64());
+    let http = |io, bytes, peer_identity, slot| {
+        Some(Http {
+            io,
+            bytes,
+            peer_identity,
+            dst,
+            inbound,
+            slot,
+        })
+    };
+    match protocol {
+        detect::Protocol::Closed => None,
+        detect::Protocol::Tls(hello) if inbound && hello.mesh => {
+            let Some(mesh) = &shared.mesh else {
+                tracing::warn!(%peer, %dst, "mesh TLS connection refused: this proxy has no workload identity (--service-account)");
+                return None;
+            };
+            let deadline =
+                crate::io::connection::deadline_after(shared.connections.timeouts.header_read);
+            let rewound = Rewound::new(bytes.freeze(), stream);
+            let accepted = tls::handshake(rewound, peer, mesh, deadline).await?;
+            capture.connection(direction, APP, "http");
+            http(accepted.io, BytesMut::new(), accepted.peer_identity, slot)
+        }
+        detect::Protocol::Http1 | detect::Protocol::Http2 => {
+            // `authorization` answers plaintext HTTP requests 403, one by one.
+            if inbound && !inbound_takes_unverified(shared, &snapshot, peer, dst, true) {
+                return None;
+            }
+            let class = destination_class(&snapshot, dst, None, inbound);
+            capture.connection(direction, &class, "http");
+            http(tls::Io::Plain(stream), bytes, None, slot)
+        }
+        detect::Protocol::Tls(hello) => {
+            if inbound && !inbound_takes_unverified(shared, &snapshot, peer, dst, false) {
+                return None;
+            }
+            let class = destination_class(&snapshot, dst, hello.sni.as_deref(), inbound);
+            tracing::debug!(%dst, sni = hello.sni.as_deref().unwrap_or(""), destination = %class, "captured TLS relayed as opaque TCP");
+            relay(stream, bytes.freeze(), dst, direction, &class, shared, slot).await;
+            None
+        }
+        detect::Protocol::Opaque | detect::Protocol::TimedOut => {
+            if inbound && !inbound_takes_unverified(shared, &snapshot, peer, dst, false) {
+                return None;
+            }
+            let class = destination_class(&snapshot, dst, None, inbound);
+            relay(stream, bytes.freeze(), dst, direction, &class, shared, slot).await;
+            None
+        }
+    }
+}
+
+/// Whether a captured inbound connection that is not mesh TLS may reach the app: not under
+/// `mtls: strict` (or without an identity under it), and not when `authorization` names who
+/// may call (an unverified caller is nobody) unless it is `http` (answered 403 per request).
+/// Refusals are logged at debug level and counted.
+fn inbound_takes_unverified(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    http: bool,
+) -> bool {
+    let inbound = snapshot.policy.inbound.as_ref();
+    let strict = inbound.is_some_and(|i| i.mtls == InboundMtls::Strict);
+    let authorized_only = !http && inbound.is_some_and(|i| i.authorization.is_some());
+    if !strict && !authorized_only {
+        return true;
+    }
+    if let Some(mesh) = &shared.mesh {
+        mesh.metrics
+            .handshake_failed("inbound", "plaintext_refused");
+    }
+    tracing::debug!(%peer, %dst, strict, "captured inbound connection without mesh TLS refused");
+    false
+}
+
+/// The metrics class of a destination: its service, the service its TLS server name belongs
+/// to, `passthrough`, or `app` inbound.
+fn destination_class(
+    snapshot: &Snapshot,
+    dst: SocketAddr,
+    sni: Option<&str>,
+    inbound: bool,
+) -> Arc<str> {
+    if inbound {
+        return Arc::from(APP);
+    }
+    if let Some(target) = snapshot.service_for(dst) {
+        return Arc::clone(&target.upstream.spec.name);
+    }
+    sni.and_then(|host| snapshot.service_for_host(host))
+        .cloned()
+        .unwrap_or_else(|| Arc::from(PASSTHROUGH))
+}
+
+/// Relays `stream` (after `prefix`) to `dst` as opaque TCP, counted under `class`.
+async fn relay(
+    stream: TcpStream,
+    prefix: Bytes,
+    dst: SocketAddr,
+    direction: &'static str,
+    class: &str,
+    shared: &Shared,
+    slot: ConnectionSlot,
+) {
+    let capture = &shared.metrics.capture;
+    capture.connection(direction, class, "opaque");
+    let connect_timeout = if direction == INBOUND {
+        let snapshot = shared.snapshot.load();
+        snapshot
+            .policy
+            .inbound
+            .as_ref()
+            .map_or(crate::http::snapshot::PASSTHROUGH_CONNECT_TIMEOUT, |i| {
+                i.timeouts.connect.get()
+            })
+    } else {
+        crate::http::snapshot::PASSTHROUGH_CONNECT_TIMEOUT
+    };
+    let (server, _own) = match opaque::dial(dst, connect_timeout).await {
+        Ok(connected) => connected,
+        Err(error) => {
+            tracing::debug!(%error, direction, "captured connection not relayed");
+            return;
+        }
+    };
+    let counters = capture.relay(direction, class);
+    let end = opaque::relay(
+        stream,
+        server,
+        &prefix,
+        shared.connections.timeouts.tcp_idle,
+        &counters,
+    )
+    .await;
+    tracing::debug!(%dst, direction, destination = class, ?end, "opaque relay ended");
+    drop(slot);
+}
+
+/// How a captured connection's requests are routed: its original destination, resolved to a
+/// target once per connection and again only when a reload has replaced the snapshot.
+pub struct Capture {
+    /// The original destination.
+    pub dst: SocketAddr,
+    /// Came to the inbound listener.
+    pub inbound: bool,
+    protocol: Protocol,
+    /// The target, with the version of the snapshot it was resolved in.
+    resolved: Mutex<(u64, Arc<Target>)>,
+}
+
+impl Capture {
+    /// Routing for a connection to `dst` speaking `protocol`, resolved in `snapshot`.
+    pub fn new(
+        dst: SocketAddr,
+        inbound: bool,
+        protocol: Protocol,
+        snapshot: &Snapshot,
+        metrics: &Metrics,
+    ) -> Self {
+        let target = resolve(dst, inbound, protocol, snapshot, metrics);
+        Self {
+            dst,
+            inbound,
+            protocol,
+            resolved: Mutex::new((snapshot.version, target)),
+        }
+    }
+
+    /// The connection's target under `snapshot`: a lock of this connection's own, and a new
+    /// resolution only after a reload.
+    pub fn target(&self, snapshot: &Snapshot, metrics: &Metrics) -> Arc<Target> {
+        let mut resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        if resolved.0 != snapshot.version {
+            let target = resolve(self.dst, self.inbound, self.protocol, snapshot, metrics);
+            *resolved = (snapshot.version, target);
+        }
+        Arc::clone(&resolved.1)
+    }
+}
+
+fn resolve(
+    dst: SocketAddr,
+    inbound: bool,
+    protocol: Protocol,
+    snapshot: &Snapshot,
+    metrics: &Metrics,
+) -> Arc<Target> {
+    if inbound {
+        return snapshot.captured_inbound(dst, protocol, metrics);
+    }
+    match snapshot.service_for(dst) {
+        Some(target) => Arc::clone(target),
+        None => snapshot.passthrough(dst, protocol, metrics),
+    }
+}
