@@ -19,11 +19,11 @@ pub use duration::{Duration, DurationError};
 pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
-    AccessLog, Authorization, Backoff, CircuitBreaker, FailureRate, DEFAULT_OPAQUE_PORTS, Fault, FaultAbort, FaultDelay,
+    AccessLog, Authorization, Backoff, CircuitBreaker, FailureRate, Fault, FaultAbort, FaultDelay,
     Inbound, InboundMtls, LoadBalancing, MeshTls, OriginationTls, Otlp, OtlpProtocol,
     OutlierDetection, Policy, Protocol, RateLimit, RateLimitMode, Retries, RetryBudget, RetryOn,
     Route, RouteMatch, RouteTimeouts, Sampling, Service, ServiceTls, Timeouts, Tracing,
-    WeightedService, WorkloadSelector,
+    WeightedService, WorkloadSelector, DEFAULT_OPAQUE_PORTS,
 };
 pub use size::{ByteSize, ByteSizeError};
 pub use validate::GRPC_STATUS_NAMES;
@@ -147,6 +147,37 @@ routes:
         assert_eq!(
             error_text(text),
             "routes[1].split[0].weight: must be > 0 at policy.yaml:10:17"
+        );
+    }
+
+    #[test]
+    fn capture_fields_load_with_their_defaults_and_bad_values_are_named() {
+        let loaded = load(
+            "p.yaml",
+            "services:\n  a: { endpoints: [127.0.0.1:1], addresses: [192.0.2.7:8080] }\n",
+        )
+        .expect("valid");
+        assert_eq!(loaded.policy.opaque_ports(), DEFAULT_OPAQUE_PORTS);
+        assert_eq!(
+            loaded.policy.services["a"].addresses,
+            ["192.0.2.7:8080"
+                .parse::<std::net::SocketAddr>()
+                .expect("addr")]
+        );
+        let loaded = load("p.yaml", "opaque_ports: [5433]\n").expect("valid");
+        assert_eq!(loaded.policy.opaque_ports(), [5433]);
+        let text = "opaque_ports: [0]\nservices:\n  a: { endpoints: [127.0.0.1:1], addresses: [192.0.2.7:8080, 0.0.0.0:80] }\n  b: { endpoints: [127.0.0.1:2], addresses: [192.0.2.7:8080] }\n";
+        let all = load("p.yaml", text).expect_err("invalid").to_string();
+        assert!(all.contains("opaque_ports[0]: port must not be 0"), "{all}");
+        assert!(
+            all.contains("services.a.addresses[1]: needs a specific address"),
+            "{all}"
+        );
+        assert!(
+            all.contains(
+                "services.b.addresses[0]: 192.0.2.7:8080 is already an address of service `a`"
+            ),
+            "{all}"
         );
     }
 

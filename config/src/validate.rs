@@ -4,8 +4,8 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::limits::{
-    MAX_BACKOFF, MAX_FAILURE_COUNT, MAX_POLICY_INTERVAL, MAX_PORT_LIST, MAX_RATE, MAX_RETRY_ATTEMPTS,
-    MAX_RETRY_BODY_BYTES, MAX_TIMEOUT,
+    MAX_BACKOFF, MAX_FAILURE_COUNT, MAX_POLICY_INTERVAL, MAX_PORT_LIST, MAX_RATE,
+    MAX_RETRY_ATTEMPTS, MAX_RETRY_BODY_BYTES, MAX_TIMEOUT,
 };
 use crate::schema::{
     CircuitBreaker, Fault, OutlierDetection, Policy, RateLimit, Retries, Route, Service,
@@ -119,10 +119,9 @@ fn check_addresses(policy: &Policy, findings: &mut Vec<Finding>) {
                 ));
             }
             match owners.insert(*addr, name) {
-                Some(other) if other == name => findings.push((
-                    format!("{at}[{i}]"),
-                    format!("duplicate address {addr}"),
-                )),
+                Some(other) if other == name => {
+                    findings.push((format!("{at}[{i}]"), format!("duplicate address {addr}")))
+                }
                 Some(other) => findings.push((
                     format!("{at}[{i}]"),
                     format!("{addr} is already an address of service `{other}`"),

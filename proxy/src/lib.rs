@@ -160,6 +160,34 @@ async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     })
 }
 
+/// The IPv6 twin of an IPv4 data listener on a fixed port: `[::1]` for `127.0.0.1`, `[::]`
+/// (IPv6 only) for `0.0.0.0`. `None` for other addresses, port 0, or where IPv6 cannot be bound
+/// (a host without it): the IPv4 listener serves alone, as before.
+fn bind_ipv6_twin(addr: SocketAddr) -> Option<TcpListener> {
+    let SocketAddr::V4(v4) = addr else {
+        return None;
+    };
+    let ip = match *v4.ip() {
+        ip if ip.is_loopback() => std::net::Ipv6Addr::LOCALHOST,
+        ip if ip.is_unspecified() => std::net::Ipv6Addr::UNSPECIFIED,
+        _ => return None,
+    };
+    if v4.port() == 0 {
+        return None;
+    }
+    let twin = std::net::SocketAddrV6::new(ip, v4.port(), 0, 0);
+    match crate::io::connection::listen_v6_only(twin) {
+        Ok(listener) => {
+            tracing::debug!(%twin, "listening on IPv6 too");
+            Some(listener)
+        }
+        Err(error) => {
+            tracing::debug!(%twin, %error, "no IPv6 twin listener");
+            None
+        }
+    }
+}
+
 /// Binds every listener for `policy` (from a file) and starts serving. Must be called inside a
 /// Tokio runtime.
 pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, StartError> {
@@ -261,6 +289,25 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         Arc::clone(&shared),
         stop_rx.clone(),
     ));
+    // Capture redirects IPv6 connections to the same ports on IPv6: the default IPv4
+    // listeners get IPv6 twins where the host has IPv6.
+    for (listener, kind, stop) in [
+        (
+            bootstrap.outbound,
+            ListenerKind::Outbound,
+            &outbound_stop_rx,
+        ),
+        (bootstrap.inbound, ListenerKind::Inbound, &stop_rx),
+    ] {
+        if let Some(twin) = bind_ipv6_twin(listener) {
+            data.spawn(http::server::serve(
+                twin,
+                kind,
+                Arc::clone(&shared),
+                stop.clone(),
+            ));
+        }
+    }
     let admin_task = tokio::spawn(admin::serve(admin, Arc::clone(&shared), admin_stop_rx));
     tracing::info!(
         outbound = %outbound_addr,

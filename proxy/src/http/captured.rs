@@ -17,9 +17,10 @@ use tokio::sync::watch;
 
 use crate::http::shared::Shared;
 use crate::http::snapshot::{Snapshot, Target, INBOUND, OUTBOUND, PASSTHROUGH};
-use crate::io::connection::ConnectionSlot;
+use crate::io::connection::{ConnectionSlot, LogLimiter};
 use crate::io::detect::{self, Detection};
 use crate::io::opaque;
+use crate::io::original_dst::LoopKind;
 use crate::io::tls::{self, Rewound};
 use crate::telemetry::metrics::Metrics;
 
@@ -65,6 +66,12 @@ pub async fn accept(
             return None;
         }
         let class = destination_class(&snapshot, dst, None, inbound);
+        // Nothing was read to give the proxy's own connect time to be recorded: a scheduler
+        // turn does.
+        tokio::task::yield_now().await;
+        if refused_as_loop(shared, peer, dst) {
+            return None;
+        }
         relay(stream, Bytes::new(), dst, direction, &class, shared, slot).await;
         return None;
     }
@@ -78,6 +85,9 @@ pub async fn accept(
         () = crate::core::shutdown::stopped(stop) => return None,
     };
     capture.detected(direction, protocol.label(), elapsed.as_secs_f64());
+    if refused_as_loop(shared, peer, dst) {
+        return None;
+    }
     let http = |io, bytes, peer_identity, slot| {
         Some(Http {
             io,
@@ -129,6 +139,33 @@ pub async fn accept(
             None
         }
     }
+}
+
+/// Whether the connection comes from one of the proxy's own sockets (see
+/// [`crate::io::original_dst::OwnSockets`]): then it is counted, logged (at most once a second)
+/// and refused.
+fn refused_as_loop(shared: &Shared, peer: SocketAddr, dst: SocketAddr) -> bool {
+    if !crate::io::original_dst::OwnSockets::global().is_own(peer) {
+        return false;
+    }
+    let reason = LoopKind::OwnConnection.label();
+    shared.metrics.capture.looped(reason);
+    static LOG: Mutex<LogLimiter> = Mutex::new(LogLimiter::new());
+    let due = LOG
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .hit(tokio::time::Instant::now());
+    if let Some(refused) = due {
+        tracing::warn!(
+            %peer,
+            original_destination = %dst,
+            reason,
+            refused,
+            "captured connection refused: it loops back into this proxy \
+             (do the capture rules exclude the proxy's UID?)"
+        );
+    }
+    true
 }
 
 /// Whether a captured inbound connection that is not mesh TLS may reach the app: not under

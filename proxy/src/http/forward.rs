@@ -57,7 +57,8 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let server = kind == ListenerKind::Inbound;
     serve(shared, server, caller, req, |snapshot, req, _| {
-        select_target(snapshot, kind, req).map(|(target, authority)| (Arc::clone(target), authority))
+        select_target(snapshot, kind, req)
+            .map(|(target, authority)| (Arc::clone(target), authority))
     })
     .await
 }

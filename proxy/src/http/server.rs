@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use hyper::server::conn::{http1, http2};
-use outrider_config::Protocol;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use outrider_config::Protocol;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -178,27 +178,27 @@ async fn serve_connection(
     let budget = Arc::clone(slot.budget());
     let metrics = &budget.metrics;
     let deadline = connection::deadline_after(timeouts.header_read);
-    let (mut io, peer_identity, prefix, slot, captured) =
-        if let Disposition::Captured(dst) = disposition {
-            let inbound = kind == ListenerKind::Inbound;
-            let accepted =
-                captured::accept(stream, peer, dst, inbound, &shared, slot, &mut stop).await;
-            let Some(http) = accepted else {
-                return;
-            };
-            let captured = Some((http.dst, http.inbound));
-            (http.io, http.peer_identity, http.bytes, http.slot, captured)
-        } else {
-            let Some((io, peer_identity)) =
-                accept_explicit(stream, peer, kind, &shared, deadline, &mut stop).await
-            else {
-                if Instant::now() >= deadline {
-                    metrics.header_read_timeouts.inc();
-                }
-                return;
-            };
-            (io, peer_identity, BytesMut::new(), slot, None)
+    let (mut io, peer_identity, prefix, slot, captured) = if let Disposition::Captured(dst) =
+        disposition
+    {
+        let inbound = kind == ListenerKind::Inbound;
+        let accepted = captured::accept(stream, peer, dst, inbound, &shared, slot, &mut stop).await;
+        let Some(http) = accepted else {
+            return;
         };
+        let captured = Some((http.dst, http.inbound));
+        (http.io, http.peer_identity, http.bytes, http.slot, captured)
+    } else {
+        let Some((io, peer_identity)) =
+            accept_explicit(stream, peer, kind, &shared, deadline, &mut stop).await
+        else {
+            if Instant::now() >= deadline {
+                metrics.header_read_timeouts.inc();
+            }
+            return;
+        };
+        (io, peer_identity, BytesMut::new(), slot, None)
+    };
     let first = tokio::select! {
         first = connection::read_first_head_after(&mut io, prefix, deadline) => first,
         () = crate::core::shutdown::stopped(&mut stop) => return,

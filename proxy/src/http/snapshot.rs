@@ -410,7 +410,12 @@ impl Snapshot {
 
     /// A target forwarding to `dst` as it is, with no policy: a captured call to a destination
     /// in no service. Its own upstream (one pool), made per captured connection.
-    pub fn passthrough(&self, dst: SocketAddr, protocol: Protocol, metrics: &Metrics) -> Arc<Target> {
+    pub fn passthrough(
+        &self,
+        dst: SocketAddr,
+        protocol: Protocol,
+        metrics: &Metrics,
+    ) -> Arc<Target> {
         let spec = UpstreamSpec {
             name: Arc::from(PASSTHROUGH),
             protocol,
@@ -665,6 +670,47 @@ mod tests {
             &limiter(&changed, "/r")
         ));
         assert!(Arc::ptr_eq(&limiter(&same, "/x"), &limiter(&changed, "/x")));
+    }
+
+    #[tokio::test]
+    async fn captured_destinations_map_to_services_by_address_and_authority_routes_only() {
+        let metrics = Metrics::new("test").expect("metrics");
+        let snapshot = build(
+            "services:\n  a: { endpoints: [192.0.2.1:80], addresses: [192.0.2.100:8080] }\n  b: { endpoints: [192.0.2.1:80, 192.0.2.2:80] }\n  ext: { endpoints: [192.0.2.9:443], tls: { sni: api.example.com } }\nroutes:\n  - match: { authority: b.example }\n    service: b\n  - match: { path_prefix: / }\n    service: a\n",
+            None,
+            &metrics,
+        );
+        let service = |dst: &str| {
+            snapshot
+                .service_for(dst.parse().expect("addr"))
+                .map(|t| t.upstream.spec.name.to_string())
+        };
+        assert_eq!(service("192.0.2.100:8080").as_deref(), Some("a"));
+        // An endpoint two services share goes to the first by name.
+        assert_eq!(service("192.0.2.1:80").as_deref(), Some("a"));
+        assert_eq!(service("192.0.2.2:80").as_deref(), Some("b"));
+        assert_eq!(service("192.0.2.3:80"), None);
+        assert_eq!(
+            snapshot.service_for_host("API.example.com").map(|s| &**s),
+            Some("ext")
+        );
+        // The catch-all route is for explicit traffic; a route naming the authority applies.
+        let routed = |host: &str| {
+            snapshot
+                .route_by_authority(host, "/x")
+                .map(|t| t.upstream.spec.name.to_string())
+        };
+        assert_eq!(routed("b.example").as_deref(), Some("b"));
+        assert_eq!(routed("elsewhere.example"), None);
+        assert!(snapshot.route("elsewhere.example", "/x").is_some());
+        // Passthrough is labelled as such, never by address.
+        let dst = "192.0.2.3:80".parse().expect("addr");
+        let passthrough = snapshot.passthrough(dst, Protocol::Http1, &metrics);
+        assert_eq!(&*passthrough.metrics.labels.service, PASSTHROUGH);
+        assert_eq!(passthrough.upstream.endpoint_addrs(), [dst]);
+        let inbound = snapshot.captured_inbound(dst, Protocol::Http2, &metrics);
+        assert_eq!(&*inbound.metrics.labels.direction, INBOUND);
+        assert_eq!(inbound.upstream.spec.protocol, Protocol::Http2);
     }
 
     #[tokio::test]

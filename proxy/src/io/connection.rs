@@ -70,6 +70,16 @@ pub fn listen(addr: std::net::SocketAddr) -> io::Result<tokio::net::TcpListener>
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Like [`listen`] on an IPv6 `addr` that takes IPv6 only (`IPV6_V6ONLY`), so it can sit beside
+/// an IPv4 listener on the same port.
+pub fn listen_v6_only(addr: std::net::SocketAddrV6) -> io::Result<tokio::net::TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v6()?;
+    socket2::SockRef::from(&socket).set_only_v6(true)?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr.into())?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// TCP keepalive on accepted and upstream sockets: the first probe after this much silence...
 const KEEPALIVE_TIME: Duration = Duration::from_secs(60);
 /// ...then one probe this often...
@@ -288,6 +298,14 @@ pub struct LogLimiter {
 
 impl LogLimiter {
     const EVERY: Duration = Duration::from_secs(1);
+
+    /// A limiter that lets the first line through (usable in a `static`).
+    pub const fn new() -> Self {
+        Self {
+            last: None,
+            suppressed: 0,
+        }
+    }
 
     /// Records one event at `now`; `Some(n)` when a line is due, for the `n` events since the
     /// last one (this one included).

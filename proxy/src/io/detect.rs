@@ -174,7 +174,8 @@ impl<'a> Cursor<'a> {
     }
 
     fn u16(&mut self) -> Option<usize> {
-        self.take(2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        self.take(2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
     }
 
     /// A vector with a one- or two-byte length prefix.
@@ -285,15 +286,18 @@ mod tests {
         assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
         assert_eq!(classify(&H2_PREFACE[..10]), None);
         // Redis, a binary protocol, an HTTP/2 request line without the preface, a bare word.
+        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Some(Protocol::Opaque));
         assert_eq!(
-            classify(b"*1\r\n$4\r\nPING\r\n"),
+            classify(&[0, 0, 0, 8, 4, 210, 22, 47]),
             Some(Protocol::Opaque)
         );
-        assert_eq!(classify(&[0, 0, 0, 8, 4, 210, 22, 47]), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET / HTTP/2\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"PING\r\n"), Some(Protocol::Opaque));
         // A TLS record that is no ClientHello, and one too long to be TLS.
-        assert_eq!(classify(&[0x16, 3, 1, 0, 4, 2, 0, 0, 0]), Some(Protocol::Opaque));
+        assert_eq!(
+            classify(&[0x16, 3, 1, 0, 4, 2, 0, 0, 0]),
+            Some(Protocol::Opaque)
+        );
         assert_eq!(classify(&[0x16, 3, 1, 0xff, 0xff]), Some(Protocol::Opaque));
     }
 
@@ -306,6 +310,54 @@ mod tests {
             let _ = classify(&garbled);
             let _ = parse_client_hello(&garbled[5..i]);
         }
+    }
+
+    /// A sidecar's ClientHello, read whole by detection, is mesh; the handshake then runs over
+    /// the bytes read (replayed) and the rest of the stream, negotiates the service's protocol
+    /// (servers do not list `outrider/1`) and yields the caller's identity.
+    #[tokio::test]
+    async fn a_sidecar_hello_is_mesh_and_its_handshake_completes_after_detection() {
+        use crate::io::identity::{test_pair, ALPN_H2};
+        let ((client, client_id), (server, server_id)) = test_pair();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = client
+            .client_config(
+                Some(std::sync::Arc::from(server_id)),
+                vec![ALPN_OUTRIDER.to_vec(), ALPN_H2.to_vec()],
+            )
+            .unwrap();
+        let dialing = tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, stream)
+                .await
+                .unwrap();
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(ALPN_H2));
+            tls.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+            tls
+        });
+        let (mut stream, peer) = listener.accept().await.unwrap();
+        let detection = detect(&mut stream, Duration::from_secs(5)).await;
+        let Protocol::Tls(hello) = detection.protocol else {
+            panic!("not TLS: {:?}", detection.protocol);
+        };
+        assert!(hello.mesh);
+        let rewound = crate::io::tls::Rewound::new(detection.bytes.freeze(), stream);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let accepted = crate::io::tls::handshake(rewound, peer, &server, deadline)
+            .await
+            .unwrap();
+        assert_eq!(
+            accepted.peer_identity.as_ref().map(|v| v.to_str().unwrap()),
+            Some(client_id)
+        );
+        let mut io = accepted.io;
+        let mut request = [0u8; 18];
+        io.read_exact(&mut request).await.unwrap();
+        assert_eq!(&request, b"GET / HTTP/1.1\r\n\r\n");
+        drop(dialing.await.unwrap());
     }
 
     #[tokio::test(start_paused = true)]

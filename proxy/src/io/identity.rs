@@ -447,6 +447,33 @@ pub fn describe(error: &std::io::Error) -> String {
     }
 }
 
+/// A test identity and its SPIFFE id.
+#[cfg(test)]
+pub(crate) type TestIdentity = (Arc<Mesh>, &'static str);
+
+/// Two mesh identities certified by one fresh CA, for tests of the layers that use them:
+/// (client, server).
+#[cfg(test)]
+pub(crate) fn test_pair() -> (TestIdentity, TestIdentity) {
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let mut ca_params = rcgen::CertificateParams::default();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    let (client_id, server_id) = ("spiffe://td/ns/a/sa/client", "spiffe://td/ns/a/sa/server");
+    let mesh = |id: &str| {
+        let mesh = Mesh::new(&Metrics::new("test").expect("metrics")).expect("mesh");
+        let (issued, key) = tests::issue(&ca, &ca_cert.pem(), id);
+        mesh.install(&issued, key).expect("install");
+        mesh
+    };
+    ((mesh(client_id), client_id), (mesh(server_id), server_id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,7 +488,7 @@ mod tests {
     }
 
     /// A CA and a leaf for `id` signed by it, as the control plane would answer.
-    fn issue(
+    pub(super) fn issue(
         ca: &rcgen::Issuer<'_, rcgen::KeyPair>,
         ca_pem: &str,
         id: &str,

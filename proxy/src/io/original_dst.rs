@@ -137,6 +137,13 @@ impl OwnSockets {
         })
     }
 
+    /// Whether `peer` is one of the proxy's own upstream sockets. Checked at accept and again
+    /// once a captured connection has sent something (or its relay is connected): the socket is
+    /// recorded right after its connect returns, which may be just after the accept.
+    pub fn is_own(&self, peer: SocketAddr) -> bool {
+        self.contains(canonical(peer))
+    }
+
     fn contains(&self, addr: SocketAddr) -> bool {
         if !self.active.load(Ordering::Relaxed) {
             return false;

@@ -436,7 +436,13 @@ pub async fn accept_inbound(
             peer_identity: None,
         });
     }
-    handshake(Rewound::new(bytes::Bytes::new(), stream), peer, mesh, deadline).await
+    handshake(
+        Rewound::new(bytes::Bytes::new(), stream),
+        peer,
+        mesh,
+        deadline,
+    )
+    .await
 }
 
 /// The server side of mesh mTLS over `stream` (client certificate required, a SPIFFE id in
