@@ -428,7 +428,9 @@ impl Lab {
             .arg(&dirs.token_file)
             .args(["--workload", workload, "--namespace", "shop"])
             .args(["--service-account", workload])
-            .args(SIDECAR_LISTENERS)
+            // The default listeners, where init redirects: outbound 127.0.0.1:15001 and its
+            // IPv6 twin [::1]:15001 (the output chain's redirect), inbound 0.0.0.0:15006 and
+            // [::]:15006 (prerouting keeps the pod address), admin 127.0.0.1:15000 (a relay).
             .args(["--log", "info", "--drain-timeout", "1s"])
             .args(extra);
         let proxy = spawn_proxy_exact(command, TempDir::new());
@@ -436,18 +438,6 @@ impl Lab {
         Sidecar { proxy, admin }
     }
 }
-
-/// The listeners of a sidecar in a pod: outbound on loopback (where the output chain's
-/// redirect sends the app's connections, `127.0.0.1` and `[::1]`), inbound on every address
-/// (the prerouting redirect keeps the pod address), admin on loopback (reached by a relay).
-const SIDECAR_LISTENERS: [&str; 6] = [
-    "--outbound",
-    "127.0.0.1:15001",
-    "--inbound",
-    "0.0.0.0:15006",
-    "--admin",
-    "127.0.0.1:15000",
-];
 
 /// The app of a pod connecting out (see [`Lab::dialer`]).
 pub struct Dialer {

@@ -44,15 +44,6 @@ const STEP: Duration = Duration::from_secs(10);
 /// under it: the proxy did not wait.
 const DETECTION_TIMEOUT: Duration = Duration::from_millis(1000);
 
-// IPV6_GAP: the IPv6 variants are ignored until the sidecar can take captured IPv6 and IPv4
-// connections at once. It listens on one `--outbound` and one `--inbound` address: with
-// `127.0.0.1:15001` and `0.0.0.0:15006` (what these tests use) IPv6 connections, redirected to
-// `[::1]:15001` and `[pod-ip6]:15006`, find no listener; with dual-stack `[::]:15001` and
-// `[::]:15006`, IPv4 connections arrive v4-mapped and their original destination is read with
-// IP6T_SO_ORIGINAL_DST, which fails for them, so they are served as explicit (tried on the
-// merged capture branch f2786ed: 404 no route outbound, `inbound.app` inbound). Either several
-// listen addresses, or SO_ORIGINAL_DST for a v4-mapped peer, would do.
-
 // ---- the pods ------------------------------------------------------------------------------
 
 /// A lab with pods `a` and `b` meshed (rules installed, sidecars ready with the policies given)
@@ -348,7 +339,6 @@ async fn http1_between_pods_by_pod_ip_crosses_both_sidecars_over_mtls() {
 }
 
 #[tokio::test]
-#[ignore = "needs capture: IPv6 listeners (the sidecar takes one --outbound and one --inbound address; see IPV6_GAP)"]
 async fn http1_between_pods_over_ipv6() {
     http1_between_pods(Family::V6).await;
 }
@@ -764,7 +754,6 @@ async fn an_outsider_cannot_reach_the_app_on_any_captured_port_under_strict() {
 }
 
 #[tokio::test]
-#[ignore = "needs capture: IPv6 listeners (the sidecar takes one --outbound and one --inbound address; see IPV6_GAP)"]
 async fn an_outsider_cannot_reach_the_app_on_any_captured_port_under_strict_over_ipv6() {
     outsider_is_refused(Family::V6).await;
 }
@@ -901,7 +890,6 @@ async fn passthrough_http_and_raw_tcp_to_a_destination_in_no_policy() {
 }
 
 #[tokio::test]
-#[ignore = "needs capture: IPv6 listeners (the sidecar takes one --outbound and one --inbound address; see IPV6_GAP)"]
 async fn passthrough_http_and_raw_tcp_over_ipv6() {
     passthrough(Family::V6).await;
 }
@@ -975,7 +963,6 @@ async fn app_tls_and_a_server_first_protocol_on_an_opaque_port_pass_untouched_at
 }
 
 #[tokio::test]
-#[ignore = "needs capture: IPv6 listeners (the sidecar takes one --outbound and one --inbound address; see IPV6_GAP)"]
 async fn app_tls_and_opaque_port_over_ipv6() {
     opaque_untouched(Family::V6).await;
 }
@@ -1074,7 +1061,6 @@ async fn redis_client_and_server_on_an_opaque_port_pass_untouched() {
 }
 
 #[tokio::test]
-#[ignore = "needs capture: IPv6 listeners (the sidecar takes one --outbound and one --inbound address; see IPV6_GAP)"]
 async fn redis_on_an_opaque_port_over_ipv6() {
     redis_exchange(Family::V6).await;
 }
@@ -1085,17 +1071,7 @@ async fn redis_on_an_opaque_port_over_ipv6() {
 /// to where the app was going comes back to it. It recognises its own connection, refuses it
 /// with a log line and a metric, and the app gets an answer (an error) at once instead of a
 /// connection loop that grows until a limit.
-///
-/// Ignored until the capture runtime recognises the loop in this setup: on the merged capture
-/// branch (f2786ed) the passthrough call loops, 2,148 connections open on the outbound
-/// listener after 10 s, no `outrider_capture_loops_total`, no log line. The upstream socket's
-/// local address is recorded (`OwnSockets::record` in `io/connect.rs`) only after
-/// `TcpStream::connect` returns, while on loopback the redirected handshake completes inside
-/// `connect`, so the accept loop can classify the connection before it is recorded (a race
-/// capture_runtime.rs's own loop test happens to win). Recording the port before connecting
-/// (bind to port 0 first) would close it.
 #[tokio::test]
-#[ignore = "needs capture: the loop is not recognised here (see the comment above)"]
 async fn rules_without_the_proxy_uid_exclusion_are_refused_not_looped() {
     // The control plane stays reachable (the sidecar's connections to it would loop too).
     let a_init = [
@@ -1115,10 +1091,11 @@ async fn rules_without_the_proxy_uid_exclusion_are_refused_not_looped() {
         .get("/", STEP)
         .await;
     let took = started.elapsed();
-    assert!(
-        !matches!(outcome, Ok(ref reply) if reply.status < 500),
-        "{:?}",
-        outcome.map(|r| r.status)
+    assert_eq!(
+        outcome.as_ref().map(|reply| reply.status),
+        Ok(502),
+        "a logs:\n{}",
+        mesh.a_proxy.logs().join("\n")
     );
     assert!(
         took < Duration::from_secs(5),
@@ -1147,7 +1124,8 @@ async fn rules_without_the_proxy_uid_exclusion_are_refused_not_looped() {
             .a_proxy
             .logs()
             .iter()
-            .any(|l| l.contains("WARN") && l.to_lowercase().contains("loop")))
+            .any(|l| l.contains("WARN")
+                && l.contains("captured connection refused: it loops back into this proxy")))
         .await,
         "no warning about the loop:\n{}",
         mesh.a_proxy.logs().join("\n")
