@@ -27,6 +27,8 @@
 #   --port-base P  first of the 127.0.0.1 ports used, P to P+11 (default 18080)
 #   --out FILE     markdown report (default benches/results/latest.md; mtls.md for --mtls)
 #   --keep-tmp     keep the temp dir (configs, logs, raw generator output)
+#   --no-build     use the release binaries already in target/release instead of building them
+#                  (the report then says the binaries may not match HEAD)
 #
 # Layout: CPU 0 runs the load generator; CPU 1 runs bench-upstream and the proxy under test
 # (outrider-proxy --workers 1, or nginx with one worker). Generators: wrk (HTTP/1.1) and h2load
@@ -45,6 +47,7 @@ OBSERVABILITY=0
 MTLS=0
 CAPTURE=0
 KEEP_TMP=0
+NO_BUILD=0
 OUT=""
 while (($#)); do
     case "$1" in
@@ -60,6 +63,7 @@ while (($#)); do
     --port-base) PORT_BASE=${2:?--port-base needs a port}; shift ;;
     --out) OUT=${2:?--out needs a file}; shift ;;
     --keep-tmp) KEEP_TMP=1 ;;
+    --no-build) NO_BUILD=1 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "load.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
     esac
@@ -767,6 +771,10 @@ CAP_POD_IP=192.0.2.1
 CAP_UP_IP=192.0.2.2
 CAP_UP_PORT=8080
 CAP_PROXY_UID=65532
+# The proxy's ports in the pod: where `outrider-proxy init` (defaults) redirects.
+CAP_OUTBOUND=15001
+CAP_INBOUND=15006
+CAP_ADMIN=15000
 
 # In namespace $1: "$@".
 in_ns() {
@@ -834,14 +842,14 @@ start_capture_processes() {
 
     cmd=(taskset -c "$SERVER_CPU" setpriv --reuid "$CAP_PROXY_UID" --regid "$CAP_PROXY_UID" --clear-groups
         target/release/outrider-proxy --policy "$TMP/policy-capture.yaml" --workers 1
-        --outbound "127.0.0.1:$PORT_OUTBOUND" --inbound "0.0.0.0:$PORT_INBOUND" --admin "127.0.0.1:$PORT_ADMIN"
+        --outbound "127.0.0.1:$CAP_OUTBOUND" --inbound "0.0.0.0:$CAP_INBOUND" --admin "127.0.0.1:$CAP_ADMIN"
         --drain-timeout 2s)
     note_cmd ip netns exec '$POD' "${cmd[@]}"
     start_bg "$TMP/proxy-capture.log" ip netns exec "$CAP_POD" "${cmd[@]}"
     PROXY_PID=$LAST_PID
-    ns_wait_port "$PROXY_PID" "$CAP_POD" 127.0.0.1 "$PORT_OUTBOUND" "$TMP/proxy-capture.log"
+    ns_wait_port "$PROXY_PID" "$CAP_POD" 127.0.0.1 "$CAP_OUTBOUND" "$TMP/proxy-capture.log"
     local got
-    got=$(in_ns "$CAP_POD" curl -fsS -m 5 -H "Host: bench" "http://127.0.0.1:$PORT_OUTBOUND/") ||
+    got=$(in_ns "$CAP_POD" curl -fsS -m 5 -H "Host: bench" "http://127.0.0.1:$CAP_OUTBOUND/") ||
         die "no 200 through the proxy (explicit): $(tail -3 "$TMP/proxy-capture.log")"
     [[ $got == "hello, world" ]] || die "unexpected body (explicit): $got"
     got=$(in_ns "$CAP_POD" curl -fsS -m 5 -H "Host: bench" "http://$CAP_UP_IP:$CAP_UP_PORT/") ||
@@ -851,7 +859,7 @@ start_capture_processes() {
 
 # Sum of every sample of metric $1 whose labels contain $2, from the proxy's /metrics.
 capture_metric() {
-    in_ns "$CAP_POD" curl -fsS -m 5 "http://127.0.0.1:$PORT_ADMIN/metrics" |
+    in_ns "$CAP_POD" curl -fsS -m 5 "http://127.0.0.1:$CAP_ADMIN/metrics" |
         awk -v m="$1" -v l="$2" '(index($1, m "{") == 1 || $1 == m) && index($1, l) { s += $2 } END { print s + 0 }'
 }
 
@@ -874,7 +882,7 @@ run_wrk_pod() {
 # One variant: $1 explicit|captured, $2 ka|close.
 measure_capture() {
     local variant=$1 conns=$2 base="$TMP/r$ROUND-$1-$2" url extra=()
-    url="http://127.0.0.1:$PORT_OUTBOUND/"
+    url="http://127.0.0.1:$CAP_OUTBOUND/"
     [[ $variant == captured ]] && url="http://$CAP_UP_IP:$CAP_UP_PORT/"
     [[ $conns == close ]] && extra=(-H "Connection: close")
     log "round $ROUND $variant $conns: warm-up ${WARMUP}s, max ${DURATION}s ($url)"
@@ -921,13 +929,13 @@ report_capture() {
         echo
         echo "- Machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)," \
             "$(awk '/^MemTotal/ { printf "%.0f GiB RAM", $2 / 1048576 }' /proc/meminfo), Linux $(uname -r)"
-        echo "- Outrider: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- proxy config 2>/dev/null || echo ' (+ uncommitted changes)'), release build," \
+        echo "- Outrider: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- proxy config 2>/dev/null || echo ' (+ uncommitted changes)')$( ((NO_BUILD)) && echo ' (--no-build: the binaries in target/release as they were, possibly older than this commit)'), release build," \
             "\`--workers 1\`, default log level, as UID $CAP_PROXY_UID; $(wrk -v 2>&1 | awk 'NR == 1 { print $1, $2 }')"
         echo "- Layout: two network namespaces joined by a veth pair. The pod ($CAP_POD_IP) runs wrk (CPU" \
             "$LOADGEN_CPU) and the proxy (CPU $SERVER_CPU) with the rules \`outrider-proxy init\` installed" \
             "(its defaults; mode: $(awk '/^table inet outrider/ { print "nft"; exit } /^\*nat/ { print "iptables"; exit }' "$TMP/rules.txt"))." \
             "bench-upstream listens on $CAP_UP_IP:$CAP_UP_PORT in the other namespace (CPU $SERVER_CPU)."
-        echo "- **explicit**: wrk calls the outbound port \`127.0.0.1:$PORT_OUTBOUND\` (loopback is not" \
+        echo "- **explicit**: wrk calls the outbound port \`127.0.0.1:$CAP_OUTBOUND\` (loopback is not" \
             "captured). **captured**: wrk calls \`$CAP_UP_IP:$CAP_UP_PORT\`; the output chain redirects it" \
             "to the same port, and the proxy reads the original destination and detects HTTP/1.1. Both" \
             "send \`Host: bench\`, the same route and service; the same proxy process serves both."
@@ -1350,7 +1358,9 @@ report_mtls() {
 main() {
     ensure_tools
     log "building release binaries"
-    if ((MTLS)); then
+    if ((NO_BUILD)); then
+        log "--no-build: using target/release as it is"
+    elif ((MTLS)); then
         cargo build --release -p outrider-proxy -p outrider-control -p outrider-benches --bins >&2
     else
         cargo build --release -p outrider-proxy -p outrider-benches --bins >&2
