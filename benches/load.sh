@@ -2,7 +2,7 @@
 # benches/load.sh: Outrider's load benchmark. Direct-to-upstream vs through Outrider vs through
 # nginx, HTTP/1.1 and h2c, on 127.0.0.1 only, pinned like a 1-CPU pod. Not part of the tests.
 #
-# Usage: bash benches/load.sh [--quick] [--policies] [--observability] [--mtls] [--rounds N]
+# Usage: bash benches/load.sh [--quick] [--policies] [--observability] [--mtls] [--capture] [--rounds N]
 #                             [--duration SECS] [--rate RPS] [--out FILE] [--keep-tmp]
 #   --quick        1 round of 3 s runs (smoke run); writes benches/results/quick.md (git-ignored)
 #   --policies     only Outrider without and with every resilience policy enabled but never
@@ -15,12 +15,20 @@
 #                  A+B per request), and bench-connect opening a new connection per request to
 #                  B's inbound (connections/s, B's CPU per connection); certificates from a real
 #                  outrider-control. Writes benches/results/mtls.md
+#   --capture      only transparent capture against the explicit mode (needs root: network
+#                  namespaces): wrk and the proxy in a pod namespace with the rules of
+#                  `outrider-proxy init`, bench-upstream in a second namespace behind a veth pair;
+#                  wrk calls the proxy's outbound port (explicit) or the upstream's pod address
+#                  (captured), keep-alive and a new connection per request. Writes
+#                  benches/results/capture.md
 #   --rounds N     rounds; medians are reported (default 3)
 #   --duration S   length of each measured run in seconds (default 10)
 #   --rate RPS     request rate of the open-loop latency runs (default 2000)
 #   --port-base P  first of the 127.0.0.1 ports used, P to P+11 (default 18080)
 #   --out FILE     markdown report (default benches/results/latest.md; mtls.md for --mtls)
 #   --keep-tmp     keep the temp dir (configs, logs, raw generator output)
+#   --no-build     use the release binaries already in target/release instead of building them
+#                  (the report then says the binaries may not match HEAD)
 #
 # Layout: CPU 0 runs the load generator; CPU 1 runs bench-upstream and the proxy under test
 # (outrider-proxy --workers 1, or nginx with one worker). Generators: wrk (HTTP/1.1) and h2load
@@ -37,7 +45,9 @@ QUICK=0
 POLICIES_ONLY=0
 OBSERVABILITY=0
 MTLS=0
+CAPTURE=0
 KEEP_TMP=0
+NO_BUILD=0
 OUT=""
 while (($#)); do
     case "$1" in
@@ -46,12 +56,14 @@ while (($#)); do
     # Shares --policies' shape: Outrider variants only.
     --observability) POLICIES_ONLY=1 OBSERVABILITY=1 ;;
     --mtls) MTLS=1 ;;
+    --capture) CAPTURE=1 ;;
     --rounds) ROUNDS=${2:?--rounds needs a number}; shift ;;
     --duration) DURATION=${2:?--duration needs seconds}; shift ;;
     --rate) RATE=${2:?--rate needs requests/s}; shift ;;
     --port-base) PORT_BASE=${2:?--port-base needs a port}; shift ;;
     --out) OUT=${2:?--out needs a file}; shift ;;
     --keep-tmp) KEEP_TMP=1 ;;
+    --no-build) NO_BUILD=1 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "load.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
     esac
@@ -66,6 +78,14 @@ if ((PORT_BASE < 1024 || PORT_BASE > 65524)); then
 fi
 if ((MTLS && POLICIES_ONLY)); then
     echo "load.sh: --mtls runs on its own (not with --policies or --observability)" >&2
+    exit 64
+fi
+if ((CAPTURE && (MTLS || POLICIES_ONLY))); then
+    echo "load.sh: --capture runs on its own (not with --mtls, --policies or --observability)" >&2
+    exit 64
+fi
+if ((CAPTURE)) && [[ $(id -u) != 0 ]]; then
+    echo "load.sh: --capture needs root (network namespaces and netfilter rules)" >&2
     exit 64
 fi
 
@@ -104,6 +124,8 @@ if [[ -z $OUT ]]; then
         OUT=benches/results/quick.md
     elif ((MTLS)); then
         OUT=benches/results/mtls.md
+    elif ((CAPTURE)); then
+        OUT=benches/results/capture.md
     else
         OUT=benches/results/latest.md
     fi
@@ -115,9 +137,10 @@ die() { log "ERROR: $*"; exit 1; }
 
 # ---- processes we start, and cleanup ----------------------------------------------------
 PIDS=()     # every background process this script started (or nginx workers it caused)
+NETNS=()    # --capture: the network namespaces this script created
 TMP=""
 cleanup() {
-    local status=$? pid
+    local status=$? pid ns
     set +e
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
     for _ in $(seq 30); do
@@ -128,6 +151,7 @@ cleanup() {
     done
     for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
     wait 2>/dev/null
+    for ns in "${NETNS[@]}"; do ip netns del "$ns" 2>/dev/null; done
     if [[ -n $TMP && -d $TMP ]]; then
         if ((KEEP_TMP)) || ((status != 0)); then
             log "logs and configs kept in $TMP"
@@ -197,10 +221,15 @@ ensure_tools() {
     command -v jq >/dev/null || missing+=(jq)
     command -v wrk >/dev/null || missing+=(wrk)
     command -v curl >/dev/null || missing+=(curl)
-    # --mtls needs only wrk (and its own bench-connect).
-    ((MTLS)) || command -v h2load >/dev/null || missing+=(nghttp2-client)
+    # --mtls and --capture need only wrk (and --mtls its own bench-connect).
+    ((MTLS || CAPTURE)) || command -v h2load >/dev/null || missing+=(nghttp2-client)
+    if ((CAPTURE)); then
+        command -v ip >/dev/null || missing+=(iproute2)
+        command -v nft >/dev/null || command -v iptables-restore >/dev/null || missing+=(nftables)
+        command -v setpriv >/dev/null || missing+=(util-linux)
+    fi
     local need_nginx=0
-    ((POLICIES_ONLY || MTLS)) || command -v nginx >/dev/null || need_nginx=1
+    ((POLICIES_ONLY || MTLS || CAPTURE)) || command -v nginx >/dev/null || need_nginx=1
     ((need_nginx)) && missing+=(nginx)
     if ((${#missing[@]})); then
         log "installing Debian packages: ${missing[*]}"
@@ -214,7 +243,7 @@ ensure_tools() {
             as_root nginx -s stop >/dev/null 2>&1 || true
         fi
     fi
-    if ((!MTLS)) && ! command -v oha >/dev/null; then
+    if ((!MTLS && !CAPTURE)) && ! command -v oha >/dev/null; then
         log "installing oha (cargo install oha --locked; several minutes on 2 cores)"
         cargo install oha --locked >&2
     fi
@@ -725,6 +754,269 @@ run_round_mtls() {
     done
 }
 
+# ---- --capture: transparent capture against the explicit mode -------------------------------
+# Layout: two network namespaces joined by a veth pair, documentation addresses only. The pod
+# (192.0.2.1) holds wrk and outrider-proxy (as UID 65532 with the rules of `outrider-proxy
+# init`); the upstream namespace (192.0.2.2) holds bench-upstream on port 8080. The same proxy
+# process serves both variants, so they differ only in how a request reaches it:
+#   explicit: wrk -> 127.0.0.1:15001 (loopback is never captured), Host bench
+#   captured: wrk -> 192.0.2.2:8080, redirected to 127.0.0.1:15001 by the output chain; the
+#             proxy reads the original destination and detects HTTP/1.1, Host bench
+# In both, the proxy's connections to 192.0.2.2:8080 leave as UID 65532, exempt from the rules.
+# Each variant is measured keep-alive (wrk's 64 connections) and with a new connection per
+# request (`Connection: close`): capture costs per connection, not per request.
+CAP_POD=""
+CAP_UP=""
+CAP_POD_IP=192.0.2.1
+CAP_UP_IP=192.0.2.2
+CAP_UP_PORT=8080
+CAP_PROXY_UID=65532
+# The proxy's ports in the pod: where `outrider-proxy init` (defaults) redirects.
+CAP_OUTBOUND=15001
+CAP_INBOUND=15006
+CAP_ADMIN=15000
+
+# In namespace $1: "$@".
+in_ns() {
+    local ns=$1
+    shift
+    ip netns exec "$ns" "$@"
+}
+
+# Waits until something accepts on $3:$4 in namespace $2 while process $1 lives (log $5).
+ns_wait_port() {
+    local pid=$1 ns=$2 addr=$3 port=$4 logfile=$5
+    for _ in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || die "process $pid exited before listening on $addr:$port: $(tail -5 "$logfile")"
+        if in_ns "$ns" bash -c "exec 3<>/dev/tcp/$addr/$port" 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    die "nothing listens on $addr:$port in $ns after 5 s (pid $pid): $(tail -5 "$logfile")"
+}
+
+setup_capture_pods() {
+    CAP_POD=olb$$-pod
+    CAP_UP=olb$$-up
+    ip netns add "$CAP_POD" && NETNS+=("$CAP_POD")
+    ip netns add "$CAP_UP" && NETNS+=("$CAP_UP")
+    ip -n "$CAP_POD" link add eth0 type veth peer name eth0 netns "$CAP_UP"
+    ip -n "$CAP_POD" addr add "$CAP_POD_IP/24" dev eth0
+    ip -n "$CAP_UP" addr add "$CAP_UP_IP/24" dev eth0
+    local ns
+    for ns in "$CAP_POD" "$CAP_UP"; do
+        ip -n "$ns" link set lo up
+        ip -n "$ns" link set eth0 up
+    done
+    local cmd=(target/release/outrider-proxy init)
+    note_cmd ip netns exec '$POD' "${cmd[@]}"
+    in_ns "$CAP_POD" "${cmd[@]}" >"$TMP/init.log" 2>&1 || die "outrider-proxy init failed: $(tail -5 "$TMP/init.log")"
+    in_ns "$CAP_POD" "${cmd[@]}" --dry-run >"$TMP/rules.txt" 2>&1 || true
+
+    # The proxy reads its policy as its own UID.
+    chmod 755 "$TMP"
+    {
+        echo "# Generated by benches/load.sh --capture: Host \`bench\` (explicit) or the upstream's"
+        echo "# address (captured) -> bench-upstream in the other namespace."
+        cat <<YAML
+services:
+  bench:
+    endpoints: [$CAP_UP_IP:$CAP_UP_PORT]
+    protocol: http1
+routes:
+  - name: bench
+    match: { authority: bench }
+    service: bench
+YAML
+    } >"$TMP/policy-capture.yaml"
+    chmod 644 "$TMP/policy-capture.yaml"
+}
+
+# Starts bench-upstream in the upstream namespace and the proxy in the pod (sets UPSTREAM_PID,
+# PROXY_PID), and checks both paths answer.
+start_capture_processes() {
+    local cmd=(taskset -c "$SERVER_CPU" target/release/bench-upstream --listen "$CAP_UP_IP:$CAP_UP_PORT")
+    note_cmd ip netns exec '$UPSTREAM_NS' "${cmd[@]}"
+    start_bg "$TMP/upstream.log" ip netns exec "$CAP_UP" "${cmd[@]}"
+    UPSTREAM_PID=$LAST_PID
+    ns_wait_port "$UPSTREAM_PID" "$CAP_UP" "$CAP_UP_IP" "$CAP_UP_PORT" "$TMP/upstream.log"
+
+    cmd=(taskset -c "$SERVER_CPU" setpriv --reuid "$CAP_PROXY_UID" --regid "$CAP_PROXY_UID" --clear-groups
+        target/release/outrider-proxy --policy "$TMP/policy-capture.yaml" --workers 1
+        --outbound "127.0.0.1:$CAP_OUTBOUND" --inbound "0.0.0.0:$CAP_INBOUND" --admin "127.0.0.1:$CAP_ADMIN"
+        --drain-timeout 2s)
+    note_cmd ip netns exec '$POD' "${cmd[@]}"
+    start_bg "$TMP/proxy-capture.log" ip netns exec "$CAP_POD" "${cmd[@]}"
+    PROXY_PID=$LAST_PID
+    ns_wait_port "$PROXY_PID" "$CAP_POD" 127.0.0.1 "$CAP_OUTBOUND" "$TMP/proxy-capture.log"
+    local got
+    got=$(in_ns "$CAP_POD" curl -fsS -m 5 -H "Host: bench" "http://127.0.0.1:$CAP_OUTBOUND/") ||
+        die "no 200 through the proxy (explicit): $(tail -3 "$TMP/proxy-capture.log")"
+    [[ $got == "hello, world" ]] || die "unexpected body (explicit): $got"
+    got=$(in_ns "$CAP_POD" curl -fsS -m 5 -H "Host: bench" "http://$CAP_UP_IP:$CAP_UP_PORT/") ||
+        die "no 200 through the proxy (captured): $(tail -3 "$TMP/proxy-capture.log")"
+    [[ $got == "hello, world" ]] || die "unexpected body (captured): $got"
+}
+
+# Sum of every sample of metric $1 whose labels contain $2, from the proxy's /metrics.
+capture_metric() {
+    in_ns "$CAP_POD" curl -fsS -m 5 "http://127.0.0.1:$CAP_ADMIN/metrics" |
+        awk -v m="$1" -v l="$2" '(index($1, m "{") == 1 || $1 == m) && index($1, l) { s += $2 } END { print s + 0 }'
+}
+
+# wrk in the pod against $1 (URL) for $2 seconds, output to $3, extra wrk args after. Prints
+# "requests rps errors".
+run_wrk_pod() {
+    local url=$1 secs=$2 out=$3
+    shift 3
+    local cmd=(timeout --foreground -k 5 $((secs + 60)) taskset -c "$LOADGEN_CPU"
+        wrk -t1 -c"$H1_CONNS" -d"${secs}s" -H "Host: bench" "$@" -s "$WRK_LUA" "$url")
+    note_cmd ip netns exec '$POD' "${cmd[@]}"
+    in_ns "$CAP_POD" "${cmd[@]}" >"$out" 2>&1 || die "wrk failed: $(tail -5 "$out")"
+    awk '/^WRK / {
+        for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        printf "%d %.1f %d\n", v["requests"], v["requests"] / (v["duration_us"] / 1e6),
+            v["status"] + v["connect"] + v["read"] + v["write"] + v["timeout"]
+    }' "$out"
+}
+
+# One variant: $1 explicit|captured, $2 ka|close.
+measure_capture() {
+    local variant=$1 conns=$2 base="$TMP/r$ROUND-$1-$2" url extra=()
+    url="http://127.0.0.1:$CAP_OUTBOUND/"
+    [[ $variant == captured ]] && url="http://$CAP_UP_IP:$CAP_UP_PORT/"
+    [[ $conns == close ]] && extra=(-H "Connection: close")
+    log "round $ROUND $variant $conns: warm-up ${WARMUP}s, max ${DURATION}s ($url)"
+    run_wrk_pod "$url" "$WARMUP" "$base-warmup.txt" "${extra[@]}" >/dev/null
+    local t0 t1 u0 u1 c0 c1 out requests rps errors
+    c0=$(capture_metric outrider_tcp_connections_total 'destination="bench"')
+    t0=$(cpu_ns "$PROXY_PID")
+    u0=$(cpu_ns "$UPSTREAM_PID")
+    out=$(run_wrk_pod "$url" "$DURATION" "$base-max.txt" "${extra[@]}")
+    t1=$(cpu_ns "$PROXY_PID")
+    u1=$(cpu_ns "$UPSTREAM_PID")
+    c1=$(capture_metric outrider_tcp_connections_total 'destination="bench"')
+    read -r requests rps errors <<<"$out"
+    ((requests > 0)) || die "wrk completed no request ($variant $conns): $(tail -5 "$base-max.txt")"
+    record "$conns" "$variant" max_rps "$rps"
+    record "$conns" "$variant" cpu_us "$(ns_per_request $((t1 - t0)) "$requests")"
+    record "$conns" "$variant" upstream_cpu_us "$(ns_per_request $((u1 - u0)) "$requests")"
+    record "$conns" "$variant" errors "$errors"
+    record "$conns" "$variant" captured_conns "$(awk -v a="$c0" -v b="$c1" 'BEGIN { print b - a }')"
+    log "  $rps req/s; proxy $(ns_per_request $((t1 - t0)) "$requests") CPU µs/req; $errors errors"
+}
+
+run_round_capture() {
+    start_capture_processes
+    # Alternating the order each round spreads any drift of the machine over both variants.
+    local order=(explicit captured) conns variant
+    ((ROUND % 2 == 0)) && order=(captured explicit)
+    for conns in ka close; do
+        for variant in "${order[@]}"; do
+            measure_capture "$variant" "$conns"
+        done
+    done
+    stop_pid "$PROXY_PID"
+    stop_pid "$UPSTREAM_PID"
+}
+
+report_capture() {
+    local errors_total=0
+    {
+        echo "# Outrider load benchmark: transparent capture against the explicit mode"
+        echo
+        echo "Measured $(date -u '+%Y-%m-%d %H:%M UTC') by \`bash benches/load.sh$INVOCATION\`:" \
+            "$ROUNDS round(s), medians shown; each run ${DURATION} s after a ${WARMUP} s warm-up."
+        echo
+        echo "- Machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)," \
+            "$(awk '/^MemTotal/ { printf "%.0f GiB RAM", $2 / 1048576 }' /proc/meminfo), Linux $(uname -r)"
+        echo "- Outrider: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- proxy config 2>/dev/null || echo ' (+ uncommitted changes)')$( ((NO_BUILD)) && echo ' (--no-build: the binaries in target/release as they were, possibly older than this commit)'), release build," \
+            "\`--workers 1\`, default log level, as UID $CAP_PROXY_UID; $(wrk -v 2>&1 | awk 'NR == 1 { print $1, $2 }')"
+        echo "- Layout: two network namespaces joined by a veth pair. The pod ($CAP_POD_IP) runs wrk (CPU" \
+            "$LOADGEN_CPU) and the proxy (CPU $SERVER_CPU) with the rules \`outrider-proxy init\` installed" \
+            "(its defaults; mode: $(awk '/^table inet outrider/ { print "nft"; exit } /^\*nat/ { print "iptables"; exit }' "$TMP/rules.txt"))." \
+            "bench-upstream listens on $CAP_UP_IP:$CAP_UP_PORT in the other namespace (CPU $SERVER_CPU)."
+        echo "- **explicit**: wrk calls the outbound port \`127.0.0.1:$CAP_OUTBOUND\` (loopback is not" \
+            "captured). **captured**: wrk calls \`$CAP_UP_IP:$CAP_UP_PORT\`; the output chain redirects it" \
+            "to the same port, and the proxy reads the original destination and detects HTTP/1.1. Both" \
+            "send \`Host: bench\`, the same route and service; the same proxy process serves both."
+        echo "- Keep-alive: \`wrk -t1 -c$H1_CONNS\`. New connection per request: the same with" \
+            "\`Connection: close\` (wrk reconnects for each request)."
+        echo "- CPU µs/req: run time of the proxy, all its threads (/proc/PID/task/*/schedstat), over" \
+            "the run, divided by the requests completed. The redirect itself runs in the kernel in" \
+            "wrk's context (the output chain), so it is not in the proxy's figure; the proxy's share" \
+            "of capture is reading the original destination and detecting the protocol."
+        echo
+        echo "| Measure | explicit | captured | captured / explicit |"
+        echo "|---|---:|---:|---:|"
+        crow() {
+            local e c
+            e=$(median "$2" explicit "$3")
+            c=$(median "$2" captured "$3")
+            echo "| $1 | $(fmt "$e" "$4") | $(fmt "$c" "$4") | $(ratio "$c" "$e") |"
+        }
+        crow "Keep-alive: max req/s" ka max_rps '%.0f'
+        crow "Keep-alive: proxy CPU µs/req" ka cpu_us '%.2f'
+        crow "Keep-alive: bench-upstream CPU µs/req" ka upstream_cpu_us '%.2f'
+        crow "New connection per request: max req/s" close max_rps '%.0f'
+        crow "New connection per request: proxy CPU µs/req" close cpu_us '%.2f'
+        crow "New connection per request: bench-upstream CPU µs/req" close upstream_cpu_us '%.2f'
+        local v e
+        for v in ka close; do
+            for e in explicit captured; do
+                errors_total=$((errors_total + $(total "$v" "$e" errors)))
+            done
+        done
+        echo "| Errors (all rounds) | $(($(total ka explicit errors) + $(total close explicit errors))) |" \
+            "$(($(total ka captured errors) + $(total close captured errors))) | |"
+        echo "| Captured connections counted by the proxy (\`outrider_tcp_connections_total\`, sum over rounds) |" \
+            "$(($(total ka explicit captured_conns) + $(total close explicit captured_conns))) |" \
+            "$(($(total ka captured captured_conns) + $(total close captured captured_conns))) | |"
+        echo
+        local ka close_ratio
+        ka=$(ratio "$(median ka captured cpu_us)" "$(median ka explicit cpu_us)")
+        close_ratio=$(ratio "$(median close captured cpu_us)" "$(median close explicit cpu_us)")
+        echo "**Cost of capture.** Keep-alive: the proxy spends ${ka}x the explicit mode's CPU per" \
+            "request (goal: at most 1.05). With a new connection per request: ${close_ratio}x (the" \
+            "original-destination lookup and protocol detection are paid once per connection)."
+        echo
+        echo "## Per-round values"
+        echo
+        echo '```'
+        echo "connections variant metric round value"
+        sort -k1,1 -k2,2 -k3,3 -k4,4n "$RESULTS"
+        echo '```'
+        echo
+        echo "## Commands"
+        echo
+        echo '```sh'
+        echo "cargo build --release -p outrider-proxy -p outrider-benches --bins"
+        awk '!seen[$0]++' "$COMMANDS" | sed "s|$TMP|\$TMP|g"
+        echo '```'
+        echo
+        echo "<details><summary>Policy</summary>"
+        echo
+        echo '```yaml'
+        cat "$TMP/policy-capture.yaml"
+        echo '```'
+        echo "</details>"
+        echo
+        echo "<details><summary>Rules (<code>outrider-proxy init --dry-run</code>)</summary>"
+        echo
+        echo '```'
+        cat "$TMP/rules.txt"
+        echo '```'
+        echo "</details>"
+    } >"$TMP/report.md"
+    mkdir -p "$(dirname "$OUT")"
+    cp "$TMP/report.md" "$OUT"
+    cat "$TMP/report.md"
+    log "report written to $OUT"
+    if ((errors_total)); then
+        KEEP_TMP=1
+        die "$errors_total errors (report written anyway); see the per-round values and the raw output in $TMP"
+    fi
+}
+
 # ---- report -----------------------------------------------------------------------------
 # Median of metric $3 for proto $1, target $2 over all rounds.
 median() {
@@ -1066,7 +1358,9 @@ report_mtls() {
 main() {
     ensure_tools
     log "building release binaries"
-    if ((MTLS)); then
+    if ((NO_BUILD)); then
+        log "--no-build: using target/release as it is"
+    elif ((MTLS)); then
         cargo build --release -p outrider-proxy -p outrider-control -p outrider-benches --bins >&2
     else
         cargo build --release -p outrider-proxy -p outrider-benches --bins >&2
@@ -1089,6 +1383,15 @@ done = function(summary, latency, requests)
 end
 EOF
     local started=$SECONDS
+    if ((CAPTURE)); then
+        setup_capture_pods
+        for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+            run_round_capture
+        done
+        log "measured in $((SECONDS - started)) s"
+        report_capture
+        return
+    fi
     if ((MTLS)); then
         NEGOTIATED=$TMP/negotiated.txt
         : >"$NEGOTIATED"

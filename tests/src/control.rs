@@ -84,7 +84,13 @@ pub fn start_control(dirs: &ControlDirs) -> Control {
 
 /// Like [`start_control`], with extra flags (a later flag wins, e.g. `--listen 127.0.0.1:N`).
 pub fn start_control_with(dirs: &ControlDirs, extra: &[&str]) -> Control {
-    let mut child = Command::new(control_binary())
+    start_control_command(Command::new(control_binary()), dirs, extra)
+}
+
+/// Like [`start_control_with`], run by `command`: the control binary, or a wrapper that execs
+/// it (`ip netns exec NS outrider-control`, tests/src/netns.rs).
+pub fn start_control_command(mut command: Command, dirs: &ControlDirs, extra: &[&str]) -> Control {
+    let mut child = command
         .arg("serve")
         .arg("--policies")
         .arg(&dirs.policies)

@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 
 pub mod control;
 pub mod hostile;
+pub mod netns;
 pub mod service_account;
 pub use control::{
     start_control, start_control_with, Control, ControlDirs, Subscription, CONTROL_TOKEN,
@@ -181,7 +182,7 @@ fn spawn_proxy_command(
 ) -> Proxy {
     // An `--admin` in `args` replaces the default (clap refuses a flag given twice).
     let admin_given = args.iter().any(|a| a == "--admin");
-    let mut child = command
+    command
         .args([
             "--outbound",
             "127.0.0.1:0",
@@ -197,7 +198,15 @@ fn spawn_proxy_command(
                 .flatten(),
         )
         .args(args)
-        .envs(env.iter().copied())
+        .envs(env.iter().copied());
+    spawn_proxy_exact(command, dir)
+}
+
+/// Starts `command` (the proxy binary, or a wrapper that execs it, with every flag given) and
+/// waits until it listens: for proxies whose listeners the test places itself, such as in a
+/// network namespace (netns.rs).
+pub fn spawn_proxy_exact(mut command: Command, dir: TempDir) -> Proxy {
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
