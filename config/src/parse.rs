@@ -9,9 +9,11 @@
 //!
 //! A structural error (unknown field, wrong type, missing field, bad duration) does not hide
 //! the ones after it: serde stops at the first, so the document is read again with that
-//! section (a top-level key, one service, one route) skipped, until a pass finds no new error,
-//! [`MAX_STRUCTURAL_ERRORS`] are found or [`MAX_RECOVERY_BYTES`] have been re-read. A valid
-//! policy is still parsed once, and every pass runs under the same budgets.
+//! section (a top-level key; a service or route is first read again field by field, then that
+//! field) skipped, until a pass finds no new error, [`MAX_STRUCTURAL_ERRORS`] are found or
+//! [`MAX_RECOVERY_BYTES`] have been re-read. The last pass also yields the policy without its
+//! broken sections ([`Partial`]), for the semantic checks. A valid policy is still parsed once,
+//! and every pass runs under the same budgets.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -30,7 +32,7 @@ use crate::plain;
 use crate::position::PositionIndex;
 use crate::{ByteSize, Diagnostic, Policy, Position, Route, Service};
 
-/// Most structural errors reported for one document: each costs one more parse of it.
+/// Most structural errors reported for one document: each costs one or two more parses of it.
 pub const MAX_STRUCTURAL_ERRORS: usize = 20;
 /// Most bytes read again to find more structural errors: a pass over a 600 KB policy takes
 /// about 100 ms in a release build, so a large broken document gets a few passes, not twenty.
@@ -55,7 +57,7 @@ pub struct Broken {
     /// The structural errors, in file order.
     pub diagnostics: Vec<Diagnostic>,
     /// What could be read around them, when every error was confined to a section.
-    pub partial: Option<Partial>,
+    pub partial: Option<Box<Partial>>,
 }
 
 impl Broken {
@@ -191,7 +193,7 @@ fn every_structural_error(text: &str, first: &Error) -> Broken {
             |deserializer| checker.deserialize(deserializer),
         ) else {
             complete = true;
-            partial = Some(read.into_inner());
+            partial = Some(Box::new(read.into_inner()));
             break;
         };
         let section = failed.into_inner();

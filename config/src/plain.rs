@@ -25,9 +25,7 @@ pub fn scalar_at(text: &str, at: Position) -> &str {
             return inner.split(quote).next().unwrap_or_default();
         }
     }
-    let end = rest
-        .find(|c| matches!(c, ',' | ']' | '}' | '#'))
-        .unwrap_or(rest.len());
+    let end = rest.find([',', ']', '}', '#']).unwrap_or(rest.len());
     rest[..end].trim()
 }
 
