@@ -1,4 +1,4 @@
-//! The admin port: `/live`, `/ready`, `/metrics`, `/config`, `/identity`, `/log-level` (GET,
+//! The admin port: `/` (the list of endpoints), `/live`, `/ready`, `/metrics`, `/config`, `/identity`, `/log-level` (GET,
 //! PUT), and `POST /shutdown` when enabled.
 
 use std::convert::Infallible;
@@ -145,12 +145,32 @@ fn respond(shared: &Shared, peer: SocketAddr, req: &Request<Incoming>) -> Respon
             identity_json(shared),
             HeaderValue::from_static("application/json"),
         ),
-        (false, "/live" | "/ready" | "/metrics" | "/config" | "/identity") => {
+        (true, "/") => {
+            let mut index = String::from(INDEX);
+            if shared.shutdown_endpoint {
+                index.push_str(INDEX_SHUTDOWN);
+            }
+            with_type(StatusCode::OK, Bytes::from(index), text_plain())
+        }
+        (false, "/" | "/live" | "/ready" | "/metrics" | "/config" | "/identity") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
+
+/// `GET /`: the endpoints of this port, one a line, so a first visit finds its way.
+const INDEX: &str = "outrider-proxy admin endpoints:
+GET  /live        200 while the process runs
+GET  /ready       200 once a policy is in force (the body says its source and version)
+GET  /metrics     Prometheus text
+GET  /config      the policy in force, as JSON
+GET  /identity    the workload certificate held (mesh TLS)
+GET  /log-level   the log filter in force; PUT one (loopback callers only)
+";
+
+/// The index's line for `POST /shutdown`, listed when `--shutdown-endpoint` enables it.
+const INDEX_SHUTDOWN: &str = "POST /shutdown    start draining and exit (loopback callers only)\n";
 
 /// Longest `PUT /log-level` body read.
 const LOG_LEVEL_BODY_LIMIT: usize = 1024;
