@@ -472,7 +472,9 @@ impl<'de> Visitor<'de> for Fields<'_> {
             Owner::Service(name) => Section::Service(name.to_string()),
             Owner::Route(index) => Section::Route(index),
         };
+        let mut matches = false;
         while let Some(key) = map.next_key::<String>()? {
+            matches |= key == "match";
             let section = match self.of {
                 Owner::Service(name) => Section::ServiceField(name.to_string(), key.clone()),
                 Owner::Route(index) => Section::RouteField(index, key.clone()),
@@ -495,6 +497,10 @@ impl<'de> Visitor<'de> for Fields<'_> {
                 }
             }
             self.checker.back_to(Some(owner.clone()));
+        }
+        if matches!(self.of, Owner::Route(_)) && !matches {
+            // What the stand-in `match` above would otherwise hide.
+            return Err(serde::de::Error::missing_field("match"));
         }
         Ok(())
     }
@@ -1001,6 +1007,33 @@ routes:
         ];
         for (text, expected) in cases {
             assert_eq!(errors(text), [expected], "{text}");
+        }
+    }
+
+    #[test]
+    fn a_route_read_field_by_field_still_needs_its_match() {
+        let text = "services:\n  a: { endpoints: [127.0.0.1:1] }\nroutes:\n  - servce: a\n";
+        let found = errors(text);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|e| e.starts_with("routes[0]: unknown field `servce`")),
+            "{found:?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|e| e.starts_with("routes[0]: missing field `match`")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_section_that_is_not_a_mapping_is_one_error() {
+        for text in ["services:\n  a: 3\n", "routes:\n  - 3\n"] {
+            let found = errors(text);
+            assert_eq!(found.len(), 1, "{text}: {found:?}");
         }
     }
 }

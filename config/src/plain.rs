@@ -59,7 +59,7 @@ pub fn indentation(text: &str, at: Position) -> Option<(String, Position)> {
     let spaces = indent(line)?;
     // The open blocks above the line, outermost first: (indentation, line number).
     let mut open: Vec<(usize, usize)> = Vec::new();
-    for (i, above) in text.lines().take(at.line - 1).enumerate() {
+    for (i, above) in text.lines().take(at.line.saturating_sub(1)).enumerate() {
         let Some(level) = indent(above) else { continue };
         while open.last().is_some_and(|&(l, _)| l > level) {
             open.pop();
