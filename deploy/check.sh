@@ -30,10 +30,13 @@ ls "$work/rendered"
 
 echo "== policies in the ConfigMap"
 cargo build -q --locked -p outrider-control --bin outriderctl
+# Where cargo put it: CARGO_TARGET_DIR, a config's build.target-dir, or ./target.
+target_dir=$(cargo metadata --format-version 1 --no-deps --locked \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 mapfile -t policies < "$work/policies"
 args=()
 for p in "${policies[@]}"; do args+=(-f "$p"); done
-target/debug/outriderctl validate "${args[@]}"
+"$target_dir/debug/outriderctl" validate --strict "${args[@]}"
 
 for version in 1.29.0 1.37.0; do
   echo "== kubernetes-validate --strict (Kubernetes $version)"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The image's runtime stage, proven without a Docker engine: builds the static release
-# binaries exactly as deploy/Dockerfile's build stage does, checks that they are static and
+# binaries for x86_64 and arm64 exactly as deploy/Dockerfile's build stage does, checks that they are static and
 # small enough for the 25 MB image goal, then runs them the way the image runs them: as uid
 # and gid 65532 with no supplementary groups and no new privileges, from a read-only root
 # (a read-only bind mount in a private mount namespace), with an empty environment and no
 # shell in between; the proxy and the control plane must answer /ready, the proxy must route,
-# and both must exit 0 on SIGTERM. Needs root (mount namespace, setpriv).
+# and both must exit 0 on SIGTERM. The arm64 binaries must be static AArch64 ELF files that run
+# under qemu-aarch64 (--help, a validate, a proxy that routes and exits 0 on SIGTERM). Needs
+# root (mount namespace, setpriv, apt-get for what is missing).
 #
 # A release build (fat LTO) takes minutes on this machine, so .ci/run does not run this on
 # every change; run it after touching the Dockerfile, the release profile or the binaries'
@@ -13,20 +15,37 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=x86_64-unknown-linux-musl
+arm=aarch64-unknown-linux-musl
+# Where cargo puts its output (CARGO_TARGET_DIR, a config's build.target-dir, or ./target).
+target_dir=$(cargo metadata --format-version 1 --no-deps --locked \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 # The binaries the Dockerfile copies, read from it so the two cannot drift apart.
-mapfile -t bins < <(grep -o "$target/release/[a-z-]*" deploy/Dockerfile | sed 's|.*/||' | sort -u)
+read -r -a bins <<<"$(sed -n 's/.*for bin in \([a-z -]*\); do.*/\1/p' deploy/Dockerfile)"
 [ "${#bins[@]}" -ge 3 ] || { echo "image-check: binaries not found in deploy/Dockerfile" >&2; exit 1; }
 
-if ! rustup target list --installed | grep -qx "$target"; then
-  rustup target add "$target"
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+for t in "$target" "$arm"; do
+  if ! rustup target list --installed | grep -qx "$t"; then
+    rustup target add "$t"
+  fi
+done
+# aws-lc-sys compiles C for the target: musl's gcc wrapper for x86_64, Debian's aarch64 cross
+# compiler for arm64 (as deploy/Dockerfile); qemu-user runs the arm64 binaries here.
+command -v musl-gcc >/dev/null 2>&1 || apt_install musl-tools
+if ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || [ ! -d /usr/aarch64-linux-gnu/include ]; then
+  apt_install gcc-aarch64-linux-gnu libc6-dev-arm64-cross linux-libc-dev-arm64-cross
 fi
-# aws-lc-sys compiles C for the target, with musl's gcc wrapper (as deploy/Dockerfile).
-if ! command -v musl-gcc >/dev/null 2>&1; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends musl-tools
-fi
+command -v qemu-aarch64 >/dev/null 2>&1 || apt_install qemu-user
 export CC_x86_64_unknown_linux_musl=musl-gcc
-echo "== cargo build --release --target $target (as deploy/Dockerfile)"
-time cargo build --locked --release --target "$target" -p outrider-proxy -p outrider-control --bins
+export CC_aarch64_unknown_linux_musl=aarch64-linux-gnu-gcc
+export AR_aarch64_unknown_linux_musl=aarch64-linux-gnu-ar
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=aarch64-linux-gnu-gcc
+for t in "$target" "$arm"; do
+  echo "== cargo build --release --target $t (as deploy/Dockerfile)"
+  time cargo build --locked --release --target "$t" -p outrider-proxy -p outrider-control --bins
+done
 
 work=$(mktemp -d)
 pids=()
@@ -42,7 +61,7 @@ root="$work/root"
 mkdir -p "$root/usr/local/bin" "$root/etc/outrider/policies"
 total=0
 for bin in "${bins[@]}"; do
-  path="target/$target/release/$bin"
+  path="$target_dir/$target/release/$bin"
   ldd_out=$(ldd "$path" 2>&1 || true)
   if ! grep -qE "not a dynamic executable|statically linked" <<<"$ldd_out"; then
     echo "image-check: $bin is dynamically linked: $ldd_out" >&2
@@ -141,4 +160,49 @@ echo "control plane /ready: 200"
 echo "control plane wrote its state: $(ls "$state" | tr '\n' ' ')"
 kill -TERM "$control"
 wait_exit_zero "$control" outrider-control
+echo "== arm64 ($arm): static aarch64 ELF, run under qemu-aarch64"
+for bin in "${bins[@]}"; do
+  path="$target_dir/$arm/release/$bin"
+  # The ELF header and program headers: 64-bit little-endian, machine 183 (AArch64), and no
+  # PT_INTERP (no dynamic loader: static).
+  python3 - "$path" <<'ELF'
+import struct, sys
+path = sys.argv[1]
+with open(path, "rb") as f:
+    data = f.read(1 << 16)
+assert data[:4] == b"\x7fELF", f"{path}: not an ELF file"
+assert data[4] == 2 and data[5] == 1, f"{path}: not 64-bit little-endian"
+(machine,) = struct.unpack_from("<H", data, 18)
+assert machine == 183, f"{path}: e_machine {machine}, not AArch64 (183)"
+phoff, = struct.unpack_from("<Q", data, 32)
+phentsize, phnum = struct.unpack_from("<HH", data, 54)
+types = [struct.unpack_from("<I", data, phoff + i * phentsize)[0] for i in range(phnum)]
+assert 3 not in types, f"{path}: has PT_INTERP (dynamically linked)"
+ELF
+  printf '%-18s %8d KiB  static aarch64\n' "$bin" $(($(stat -c %s "$path") / 1024))
+  qemu-aarch64 "$path" --help >/dev/null
+done
+echo "--help of each: ok under qemu-aarch64"
+qemu-aarch64 "$target_dir/$arm/release/outriderctl" validate -f "$root/etc/outrider/policy.yaml"
+qemu-aarch64 "$target_dir/$arm/release/outrider-proxy" --policy "$root/etc/outrider/policy.yaml" \
+  --outbound 127.0.0.1:0 --inbound 127.0.0.1:0 --admin 127.0.0.1:0 \
+  > "$work/arm-proxy.out" 2> "$work/arm-proxy.log" &
+arm_proxy=$!
+pids+=("$arm_proxy")
+outbound=""
+for _ in $(seq 300); do
+  line=$(grep -m1 '"message":"listening"' "$work/arm-proxy.log" || true)
+  if [ -n "$line" ]; then
+    outbound=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["outbound"])' "$line")
+    break
+  fi
+  kill -0 "$arm_proxy" 2>/dev/null || break
+  sleep 0.1
+done
+[ -n "$outbound" ] || { cat "$work/arm-proxy.log" >&2; echo "image-check: arm64 proxy did not start" >&2; exit 1; }
+status=$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: nowhere' "http://$outbound/")
+[ "$status" = 502 ] || { echo "image-check: arm64 proxy answered $status, expected 502" >&2; exit 1; }
+echo "arm64 proxy routed a request under qemu: 502 from a refused endpoint, as expected"
+kill -TERM "$arm_proxy"
+wait_exit_zero "$arm_proxy" "outrider-proxy (arm64)"
 echo "image checks passed"

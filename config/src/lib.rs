@@ -7,11 +7,14 @@
 mod duration;
 mod error;
 pub mod limits;
+mod lint;
 mod parse;
+mod plain;
 mod position;
 mod schema;
 mod size;
 pub mod spiffe;
+mod suggest;
 mod validate;
 pub mod wire;
 
@@ -40,33 +43,84 @@ pub struct LoadedPolicy {
 }
 
 /// Parses and validates policy `text`; `file` names it in error messages. The parse is
-/// budgeted (see [`limits`]): size, nesting depth, node count and alias expansion.
+/// budgeted (see [`limits`]): size, nesting depth, node count and alias expansion. Structural
+/// errors (unknown fields, wrong types) and semantic ones (unknown services, values out of
+/// range) are reported together, the semantic checks running on what could be read around the
+/// structural errors when those are confined to a section.
 pub fn load(file: &str, text: &str) -> Result<LoadedPolicy, PolicyError> {
-    let policy = parse::parse(text).map_err(|diagnostics| PolicyError {
+    let policy = parse_and_validate(text).map_err(|diagnostics| PolicyError {
         file: file.to_string(),
         diagnostics,
     })?;
-    let findings = validate::validate(&policy);
-    if !findings.is_empty() {
-        let index = position::PositionIndex::build(text);
-        let mut diagnostics: Vec<Diagnostic> = findings
-            .into_iter()
-            .map(|(path, message)| Diagnostic {
-                position: index.find(&path),
-                path,
-                message,
-            })
-            .collect();
-        diagnostics.sort_by_key(|d| d.position.map(|p| (p.line, p.column)));
-        return Err(PolicyError {
-            file: file.to_string(),
-            diagnostics,
-        });
-    }
     Ok(LoadedPolicy {
         policy,
         content_hash: content_hash(text),
     })
+}
+
+/// A policy checked for an operator (`outriderctl validate`): [`load`]'s answer and, for a
+/// valid policy, the warnings about likely mistakes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    /// What [`load`] answers.
+    pub result: Result<LoadedPolicy, PolicyError>,
+    /// Valid but very likely not what was meant (`endpoints: []`, a route that never matches,
+    /// a service nothing reaches, ...); empty when `result` is an error.
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// [`load`], plus the warnings about likely mistakes in a valid policy. The proxy and the
+/// control plane accept a policy with warnings.
+pub fn check(file: &str, text: &str) -> Checked {
+    let result = load(file, text);
+    let warnings = match &result {
+        Ok(loaded) => positioned(text, lint::warnings(&loaded.policy)),
+        Err(_) => Vec::new(),
+    };
+    Checked { result, warnings }
+}
+
+fn parse_and_validate(text: &str) -> Result<Policy, Vec<Diagnostic>> {
+    match parse::parse(text) {
+        Ok(policy) => {
+            let findings = validate::validate(&policy);
+            if findings.is_empty() {
+                Ok(policy)
+            } else {
+                Err(positioned(text, findings))
+            }
+        }
+        Err(broken) => {
+            let mut diagnostics = broken.diagnostics;
+            if let Some(partial) = broken.partial {
+                let findings = validate::validate(&partial.policy)
+                    .into_iter()
+                    .filter_map(|(path, message)| Some((partial.document_path(&path)?, message)))
+                    .collect();
+                diagnostics.extend(positioned(text, findings));
+                diagnostics.sort_by_key(|d| d.position.map(|p| (p.line, p.column)));
+            }
+            Err(diagnostics)
+        }
+    }
+}
+
+/// Findings with their positions in `text`, in file order.
+fn positioned(text: &str, findings: Vec<validate::Finding>) -> Vec<Diagnostic> {
+    if findings.is_empty() {
+        return Vec::new();
+    }
+    let index = position::PositionIndex::build(text);
+    let mut diagnostics: Vec<Diagnostic> = findings
+        .into_iter()
+        .map(|(path, message)| Diagnostic {
+            position: index.find(&path),
+            path,
+            message,
+        })
+        .collect();
+    diagnostics.sort_by_key(|d| d.position.map(|p| (p.line, p.column)));
+    diagnostics
 }
 
 /// Writes `policy` as YAML that [`load`] reads back to the same policy.

@@ -9,9 +9,11 @@
 //!
 //! A structural error (unknown field, wrong type, missing field, bad duration) does not hide
 //! the ones after it: serde stops at the first, so the document is read again with that
-//! section (a top-level key, one service, one route) skipped, until a pass finds no new error,
-//! [`MAX_STRUCTURAL_ERRORS`] are found or [`MAX_RECOVERY_BYTES`] have been re-read. A valid
-//! policy is still parsed once, and every pass runs under the same budgets.
+//! section (a top-level key; a service or route is first read again field by field, then that
+//! field) skipped, until a pass finds no new error, [`MAX_STRUCTURAL_ERRORS`] are found or
+//! [`MAX_RECOVERY_BYTES`] have been re-read. The last pass also yields the policy without its
+//! broken sections ([`Partial`]), for the semantic checks. A valid policy is still parsed once,
+//! and every pass runs under the same budgets.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -21,13 +23,16 @@ use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_saphyr::budget::BudgetBreach;
 use serde_saphyr::granit_parser::ErrorKind;
-use serde_saphyr::{DuplicateKeyPolicy, Error, ExternalMessageSource, MessageFormatter};
+use serde_saphyr::{
+    DefaultMessageFormatter, DuplicateKeyPolicy, Error, ExternalMessageSource, MessageFormatter,
+};
 
 use crate::limits::{MAX_ALIASES, MAX_ALIAS_EXPANSION, MAX_DEPTH, MAX_DOCUMENT_BYTES, MAX_NODES};
+use crate::plain;
 use crate::position::PositionIndex;
 use crate::{ByteSize, Diagnostic, Policy, Position, Route, Service};
 
-/// Most structural errors reported for one document: each costs one more parse of it.
+/// Most structural errors reported for one document: each costs one or two more parses of it.
 pub const MAX_STRUCTURAL_ERRORS: usize = 20;
 /// Most bytes read again to find more structural errors: a pass over a 600 KB policy takes
 /// about 100 ms in a release build, so a large broken document gets a few passes, not twenty.
@@ -35,15 +40,66 @@ pub const MAX_RECOVERY_BYTES: usize = 4 * MAX_DOCUMENT_BYTES;
 
 /// Parses `text` into a policy (not yet validated). On failure, every structural error (up to
 /// [`MAX_STRUCTURAL_ERRORS`]), in file order; a syntax error or a broken budget ends the list.
-pub fn parse(text: &str) -> Result<Policy, Vec<Diagnostic>> {
+pub fn parse(text: &str) -> Result<Policy, Broken> {
     parse_one(text).map_err(|error| match error {
-        Failure::Diagnostic(diagnostic) => vec![diagnostic],
+        Failure::Diagnostic(diagnostic) => Broken::alone(diagnostic),
         // A syntax error or a broken budget first: nothing after it can be read.
         Failure::Parse(first) if !is_structural(&first) => {
-            vec![diagnostic(&PositionIndex::build(text), &first, None)]
+            Broken::alone(diagnostic(text, &PositionIndex::build(text), &first, None))
         }
         Failure::Parse(first) => every_structural_error(text, &first),
     })
+}
+
+/// A document with structural errors.
+#[derive(Debug)]
+pub struct Broken {
+    /// The structural errors, in file order.
+    pub diagnostics: Vec<Diagnostic>,
+    /// What could be read around them, when every error was confined to a section.
+    pub partial: Option<Box<Partial>>,
+}
+
+impl Broken {
+    fn alone(diagnostic: Diagnostic) -> Self {
+        Self {
+            diagnostics: vec![diagnostic],
+            partial: None,
+        }
+    }
+}
+
+/// The policy without its broken sections, so that semantic checks can still run on the rest:
+/// a broken service is an empty placeholder (routes to it are not "unknown"), a broken route
+/// is left out, a broken top-level key keeps its default.
+#[derive(Debug, Default)]
+pub struct Partial {
+    /// The sections that parsed.
+    pub policy: Policy,
+    /// The index in the document of each route of `policy.routes`.
+    pub route_indices: Vec<usize>,
+    /// Services that are placeholders: findings about them say nothing.
+    pub broken_services: Vec<String>,
+}
+
+impl Partial {
+    /// The path `path` of the partial policy has in the document, or `None` if it lies in a
+    /// placeholder.
+    pub fn document_path(&self, path: &str) -> Option<String> {
+        if let Some(rest) = path.strip_prefix("services.") {
+            let broken = self.broken_services.iter().any(|name| {
+                rest.strip_prefix(name.as_str())
+                    .is_some_and(|after| after.is_empty() || after.starts_with('.'))
+            });
+            return (!broken).then(|| path.to_string());
+        }
+        if let Some(rest) = path.strip_prefix("routes[") {
+            let (index, after) = rest.split_once(']')?;
+            let original = self.route_indices.get(index.parse::<usize>().ok()?)?;
+            return Some(format!("routes[{original}]{after}"));
+        }
+        Some(path.to_string())
+    }
 }
 
 enum Failure {
@@ -88,6 +144,10 @@ enum Section {
     Service(String),
     /// One entry of `routes`.
     Route(usize),
+    /// One field of a service that is read field by field.
+    ServiceField(String, String),
+    /// One field of a route that is read field by field.
+    RouteField(usize, String),
 }
 
 impl Section {
@@ -96,24 +156,36 @@ impl Section {
             Section::Key(key) => key.clone(),
             Section::Service(name) => format!("services.{name}"),
             Section::Route(index) => format!("routes[{index}]"),
+            Section::ServiceField(name, key) => format!("services.{name}.{key}"),
+            Section::RouteField(index, key) => format!("routes[{index}].{key}"),
         }
     }
 }
 
 /// Reads the document again and again, each time skipping the sections that failed before,
-/// collecting one diagnostic per pass. `first` is the normal parse's error, reported alone if
-/// the passes disagree with it (they should not: they deserialise the same types).
-fn every_structural_error(text: &str, first: &Error) -> Vec<Diagnostic> {
+/// collecting one diagnostic per pass. A service or route that fails is read again field by
+/// field, so that two typos in one service are two findings (a pass then finds the first
+/// again: duplicates are dropped). `first` is the normal parse's error, reported alone if the
+/// passes disagree with it (they should not: they deserialise the same types).
+fn every_structural_error(text: &str, first: &Error) -> Broken {
     let index = PositionIndex::build(text);
     let mut skipped = HashSet::new();
-    let mut diagnostics = Vec::new();
-    let passes = (MAX_RECOVERY_BYTES / text.len().max(1)).clamp(1, MAX_STRUCTURAL_ERRORS);
+    let mut by_field = HashSet::new();
+    let mut diagnostics: Vec<Diagnostic> = Vec::new();
+    let passes = (MAX_RECOVERY_BYTES / text.len().max(1)).clamp(1, 2 * MAX_STRUCTURAL_ERRORS);
     let mut complete = false;
-    while diagnostics.len() < passes {
+    let mut partial = None;
+    for _ in 0..passes {
+        if diagnostics.len() >= MAX_STRUCTURAL_ERRORS {
+            break;
+        }
         let failed = RefCell::new(None);
+        let read = RefCell::new(Partial::default());
         let checker = Checker {
             skipped: &skipped,
+            by_field: &by_field,
             failed: &failed,
+            partial: &read,
         };
         let Err(error) = serde_saphyr::with_deserializer_from_str_with_options(
             text,
@@ -121,15 +193,20 @@ fn every_structural_error(text: &str, first: &Error) -> Vec<Diagnostic> {
             |deserializer| checker.deserialize(deserializer),
         ) else {
             complete = true;
+            partial = Some(Box::new(read.into_inner()));
             break;
         };
         let section = failed.into_inner();
-        diagnostics.push(diagnostic(
-            &index,
-            &error,
-            section.as_ref().map(Section::path),
-        ));
+        let found = diagnostic(text, &index, &error, section.as_ref().map(Section::path));
+        if !diagnostics.contains(&found) {
+            diagnostics.push(found);
+        }
         match section {
+            Some(section @ (Section::Service(_) | Section::Route(_)))
+                if is_structural(&error) && !by_field.contains(&section) =>
+            {
+                by_field.insert(section);
+            }
             Some(section) if is_structural(&error) && !skipped.contains(&section) => {
                 skipped.insert(section);
             }
@@ -140,7 +217,7 @@ fn every_structural_error(text: &str, first: &Error) -> Vec<Diagnostic> {
         }
     }
     if diagnostics.is_empty() {
-        diagnostics.push(diagnostic(&index, first, None));
+        diagnostics.push(diagnostic(text, &index, first, None));
     }
     diagnostics.sort_by_key(|d| d.position.map(|p| (p.line, p.column)));
     if !complete {
@@ -153,7 +230,10 @@ fn every_structural_error(text: &str, first: &Error) -> Vec<Diagnostic> {
             position: None,
         });
     }
-    diagnostics
+    Broken {
+        diagnostics,
+        partial,
+    }
 }
 
 /// Errors of the schema, after which the rest of the document can still be read; syntax
@@ -182,11 +262,14 @@ fn is_structural(error: &Error) -> bool {
 }
 
 /// Deserialises a policy section by section with the schema's own types, skipping the
-/// sections in `skipped` and noting in `failed` the one being read when an error happens.
+/// sections in `skipped`, reading those in `by_field` one field at a time, noting in `failed`
+/// the one being read when an error happens and in `partial` what was read.
 #[derive(Clone, Copy)]
 struct Checker<'a> {
     skipped: &'a HashSet<Section>,
+    by_field: &'a HashSet<Section>,
     failed: &'a RefCell<Option<Section>>,
+    partial: &'a RefCell<Partial>,
 }
 
 impl Checker<'_> {
@@ -229,12 +312,23 @@ impl<'de> Visitor<'de> for Checker<'_> {
                 "services" => map.next_value_seed(Services(self))?,
                 "routes" => map.next_value_seed(Routes(self))?,
                 // Any other key, known or not, through `Policy`'s own deserialiser: its
-                // messages and defaults, and nothing to keep in step here.
+                // messages and defaults.
                 _ => {
-                    Policy::deserialize(serde::de::value::MapAccessDeserializer::new(OneEntry {
-                        key: Some(&key),
-                        map: &mut map,
-                    }))?;
+                    let read = Policy::deserialize(serde::de::value::MapAccessDeserializer::new(
+                        OneEntry::new(&key, &mut map),
+                    ))?;
+                    // Only for the semantic checks after structural errors; a key missing
+                    // here keeps its default there.
+                    let mut partial = self.partial.borrow_mut();
+                    let policy = &mut partial.policy;
+                    match key.as_str() {
+                        "workload" => policy.workload = read.workload,
+                        "inbound" => policy.inbound = read.inbound,
+                        "tracing" => policy.tracing = read.tracing,
+                        "access_log" => policy.access_log = read.access_log,
+                        "mesh_tls" => policy.mesh_tls = read.mesh_tls,
+                        _ => {}
+                    }
                 }
             }
             self.back_to(None);
@@ -263,12 +357,33 @@ impl<'de> Visitor<'de> for Services<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(name) = map.next_key::<String>()? {
-            if self.0.enter(Section::Service(name)) {
-                map.next_value::<Service>()?;
-                self.0.back_to(Some(Section::Key("services".into())));
-            } else {
+            let section = Section::Service(name.clone());
+            let whole = !self.0.by_field.contains(&section);
+            if !self.0.enter(section) {
                 map.next_value::<IgnoredAny>()?;
+            } else if whole {
+                let service = map.next_value::<Service>()?;
+                self.0
+                    .partial
+                    .borrow_mut()
+                    .policy
+                    .services
+                    .insert(name.clone(), service);
+            } else {
+                map.next_value_seed(Fields {
+                    checker: self.0,
+                    of: Owner::Service(&name),
+                })?;
             }
+            if !whole || !self.0.partial.borrow().policy.services.contains_key(&name) {
+                let mut partial = self.0.partial.borrow_mut();
+                partial
+                    .policy
+                    .services
+                    .insert(name.clone(), Service::default());
+                partial.broken_services.push(name);
+            }
+            self.0.back_to(Some(Section::Key("services".into())));
         }
         Ok(())
     }
@@ -294,13 +409,27 @@ impl<'de> Visitor<'de> for Routes<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         for index in 0.. {
-            let more = if self.0.enter(Section::Route(index)) {
-                let more = seq.next_element::<Route>()?.is_some();
-                self.0.back_to(Some(Section::Key("routes".into())));
+            let section = Section::Route(index);
+            let whole = !self.0.by_field.contains(&section);
+            let more = if !self.0.enter(section) {
+                seq.next_element::<IgnoredAny>()?.is_some()
+            } else if whole {
+                let route = seq.next_element::<Route>()?;
+                let more = route.is_some();
+                if let Some(route) = route {
+                    let mut partial = self.0.partial.borrow_mut();
+                    partial.policy.routes.push(route);
+                    partial.route_indices.push(index);
+                }
                 more
             } else {
-                seq.next_element::<IgnoredAny>()?.is_some()
+                seq.next_element_seed(Fields {
+                    checker: self.0,
+                    of: Owner::Route(index),
+                })?
+                .is_some()
             };
+            self.0.back_to(Some(Section::Key("routes".into())));
             if !more {
                 break;
             }
@@ -309,11 +438,93 @@ impl<'de> Visitor<'de> for Routes<'_> {
     }
 }
 
-/// A mapping of one entry, whose value is read from the enclosing mapping: lets `Policy`'s
-/// derived deserialiser read a single top-level key.
+/// Whose fields [`Fields`] reads.
+#[derive(Clone, Copy)]
+enum Owner<'a> {
+    Service(&'a str),
+    Route(usize),
+}
+
+/// A service or route read one field at a time, each through the schema type's own
+/// deserialiser (a mapping of that one field), skipping the fields that failed before.
+struct Fields<'a> {
+    checker: Checker<'a>,
+    of: Owner<'a>,
+}
+
+impl<'de> DeserializeSeed<'de> for Fields<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Fields<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let owner = match self.of {
+            Owner::Service(name) => Section::Service(name.to_string()),
+            Owner::Route(index) => Section::Route(index),
+        };
+        let mut matches = false;
+        while let Some(key) = map.next_key::<String>()? {
+            matches |= key == "match";
+            let section = match self.of {
+                Owner::Service(name) => Section::ServiceField(name.to_string(), key.clone()),
+                Owner::Route(index) => Section::RouteField(index, key.clone()),
+            };
+            if !self.checker.enter(section) {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            let mut one = OneEntry::new(&key, &mut map);
+            match self.of {
+                Owner::Service(_) => {
+                    Service::deserialize(serde::de::value::MapAccessDeserializer::new(one))?;
+                }
+                Owner::Route(_) => {
+                    // A route cannot be read without its `match`: an empty one stands in.
+                    if key != "match" {
+                        one.filler = Some("match");
+                    }
+                    Route::deserialize(serde::de::value::MapAccessDeserializer::new(one))?;
+                }
+            }
+            self.checker.back_to(Some(owner.clone()));
+        }
+        if matches!(self.of, Owner::Route(_)) && !matches {
+            // What the stand-in `match` above would otherwise hide.
+            return Err(serde::de::Error::missing_field("match"));
+        }
+        Ok(())
+    }
+}
+
+/// A mapping of one entry, whose value is read from the enclosing mapping: lets a schema
+/// type's derived deserialiser read a single key. `filler` is a further key whose value is
+/// an empty mapping, for a required field.
 struct OneEntry<'a, A> {
     key: Option<&'a str>,
+    filler: Option<&'static str>,
+    filling: bool,
     map: &'a mut A,
+}
+
+impl<'a, A> OneEntry<'a, A> {
+    fn new(key: &'a str, map: &'a mut A) -> Self {
+        Self {
+            key: Some(key),
+            filler: None,
+            filling: false,
+            map,
+        }
+    }
 }
 
 impl<'de, A: MapAccess<'de>> MapAccess<'de> for OneEntry<'_, A> {
@@ -323,15 +534,28 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for OneEntry<'_, A> {
         &mut self,
         seed: K,
     ) -> Result<Option<K::Value>, A::Error> {
-        match self.key.take() {
-            Some(key) => seed
-                .deserialize(serde::de::value::StrDeserializer::new(key))
-                .map(Some),
-            None => Ok(None),
-        }
+        let key = match self.key.take() {
+            Some(key) => key,
+            None => match self.filler.take() {
+                Some(filler) => {
+                    self.filling = true;
+                    filler
+                }
+                None => return Ok(None),
+            },
+        };
+        seed.deserialize(serde::de::value::StrDeserializer::new(key))
+            .map(Some)
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        if self.filling {
+            let empty =
+                serde::de::value::MapDeserializer::<std::iter::Empty<(&str, &str)>, A::Error>::new(
+                    std::iter::empty(),
+                );
+            return seed.deserialize(empty);
+        }
         self.map.next_value_seed(seed)
     }
 }
@@ -363,7 +587,12 @@ fn options() -> serde_saphyr::Options {
 
 /// The diagnostic for a document serde-saphyr refused; `section` is the path of the part of
 /// the policy being read, for when the error's own position names no value.
-fn diagnostic(index: &PositionIndex, error: &Error, section: Option<String>) -> Diagnostic {
+fn diagnostic(
+    text: &str,
+    index: &PositionIndex,
+    error: &Error,
+    section: Option<String>,
+) -> Diagnostic {
     let error = innermost(error);
     let position = error.location().filter(|l| l.line() > 0).map(|l| Position {
         line: usize::try_from(l.line()).unwrap_or(usize::MAX),
@@ -388,16 +617,76 @@ fn diagnostic(index: &PositionIndex, error: &Error, section: Option<String>) -> 
             position,
         };
     }
+    if let Some(layout) = position.and_then(|p| layout_error(text, error, p)) {
+        return layout;
+    }
     // Name the value the error points at, as semantic findings do.
     let path = position
         .and_then(|p| index.path_at(p).map(str::to_string))
         .or(section)
         .unwrap_or_default();
+    let found = position
+        .map(|p| plain::scalar_at(text, p))
+        .unwrap_or_default();
     Diagnostic {
+        message: message(error, &path, found),
         path,
-        message: message(error),
         position,
     }
+}
+
+/// A syntax error that comes from the layout of the text, said in plain words: a tab in the
+/// indentation, or a line indented to no level of the blocks around it.
+fn layout_error(text: &str, error: &Error, at: Position) -> Option<Diagnostic> {
+    let Error::ExternalMessage { source, .. } = error else {
+        return None;
+    };
+    let ExternalMessageSource::Parser(scan) = source.as_ref() else {
+        return None;
+    };
+    let tab_kind = matches!(
+        scan.kind(),
+        ErrorKind::TabNotAllowed
+            | ErrorKind::TabInBlockIndentation
+            | ErrorKind::TabAtBlockScalarStart
+            | ErrorKind::TabInIndentation
+            | ErrorKind::TabInPlainScalar
+            | ErrorKind::UnexpectedCharacter { character: '\t' }
+    );
+    // The scanner may stop a line later than the tab (after reading the indentation).
+    if let Some(tab) = plain::tab_in_indentation(text, at.line)
+        .or_else(|| plain::tab_in_indentation(text, at.line.checked_sub(1)?))
+    {
+        return Some(Diagnostic {
+            path: String::new(),
+            message: "tab character used for indentation; YAML needs spaces".into(),
+            position: Some(tab),
+        });
+    }
+    if tab_kind {
+        return Some(Diagnostic {
+            path: String::new(),
+            message: "tab character here; YAML separates with spaces only".into(),
+            position: Some(at),
+        });
+    }
+    let indentation = matches!(
+        scan.kind(),
+        ErrorKind::ExpectedBlockMappingKey
+            | ErrorKind::ExpectedBlockSequenceEntry
+            | ErrorKind::InvalidIndentation
+            | ErrorKind::MappingValueNotAllowed
+            | ErrorKind::BlockSequenceEntryNotAllowed
+    );
+    if !indentation {
+        return None;
+    }
+    let (message, position) = plain::indentation(text, at)?;
+    Some(Diagnostic {
+        path: String::new(),
+        message,
+        position: Some(position),
+    })
 }
 
 /// Alias errors wrap the error met while replaying the alias; report that one.
@@ -409,7 +698,9 @@ fn innermost(error: &Error) -> &Error {
     error
 }
 
-fn message(error: &Error) -> String {
+/// What is wrong, for a human; `path` is where (possibly empty) and `found` the scalar
+/// written there (possibly empty).
+fn message(error: &Error, path: &str, found: &str) -> String {
     match error {
         Error::Budget { breach, .. } => budget_message(breach),
         Error::AliasReplayLimitExceeded { .. } | Error::AliasExpansionLimitExceeded { .. } => {
@@ -427,7 +718,40 @@ fn message(error: &Error) -> String {
         {
             budget_message(&BudgetBreach::Depth { depth: MAX_DEPTH })
         }
-        other => sanitize(&serde_saphyr::DefaultMessageFormatter.format_message(other)),
+        Error::SerdeUnknownField {
+            field, expected, ..
+        } => match crate::suggest::did_you_mean(field, expected.iter().copied()) {
+            Some(near) => format!(
+                "unknown field `{}`; did you mean `{near}`?",
+                sanitize(field)
+            ),
+            None => format!(
+                "unknown field `{}`, expected one of {}",
+                sanitize(field),
+                expected.join(", ")
+            ),
+        },
+        Error::SerdeUnknownVariant {
+            variant, expected, ..
+        } => {
+            let near = crate::suggest::did_you_mean(variant, expected.iter().copied())
+                .map(|near| format!("; did you mean `{near}`?"))
+                .unwrap_or_default();
+            format!(
+                "unknown variant `{}`, expected one of {}{near}",
+                sanitize(variant),
+                expected.join(", ")
+            )
+        }
+        Error::InvalidScalar { ty, .. } => plain::scalar_type(ty, found)
+            .unwrap_or_else(|| sanitize(&DefaultMessageFormatter.format_message(error))),
+        Error::SerdeInvalidType { expected, .. } => plain::scalar_type(expected, found)
+            .unwrap_or_else(|| sanitize(&DefaultMessageFormatter.format_message(error))),
+        // `SocketAddr`'s own parse error, for endpoints, listen and inbound.app.
+        Error::Message { msg, .. } if msg == "invalid socket address syntax" => {
+            plain::socket_address(path, found)
+        }
+        other => sanitize(&DefaultMessageFormatter.format_message(other)),
     }
 }
 
@@ -520,9 +844,8 @@ bogus: 1
         assert_eq!(
             errors(text),
             [
-                "services.a.endpiont: unknown field `endpiont`, expected one of endpoints, dns, \
-                 addresses, listen, protocol, load_balancing, timeouts, retries, rate_limit, \
-                 circuit_breaker, outlier_detection, tls, identity at p.yaml:4:5",
+                "services.a.endpiont: unknown field `endpiont`; did you mean `endpoints`? at \
+                 p.yaml:4:5",
                 "services.b.timeouts.connect: duration `5parsecs` has an unknown unit (use us, \
                  ms, s, m, h) at p.yaml:7:26",
                 "services.c.protocol: unknown variant `http3`, expected one of http1, http2 at \
@@ -604,5 +927,113 @@ bogus: 1
             found[MAX_STRUCTURAL_ERRORS],
             "stopped after 20 errors; there may be more after them in p.yaml"
         );
+    }
+
+    #[test]
+    fn two_typos_in_one_service_are_two_errors_with_suggestions() {
+        let text = "services:
+  orders:
+    endpoints: [127.0.0.1:1]
+    endpiont: 127.0.0.1:2
+    timeout: { connect: 1s }
+";
+        assert_eq!(
+            errors(text),
+            [
+                "services.orders.endpiont: unknown field `endpiont`; did you mean `endpoints`? \
+                 at p.yaml:4:5",
+                "services.orders.timeout: unknown field `timeout`; did you mean `timeouts`? at \
+                 p.yaml:5:5",
+            ]
+        );
+    }
+
+    #[test]
+    fn semantic_errors_are_reported_beside_structural_ones() {
+        let text = "services:
+  orders: { endpoints: [127.0.0.1:1] }
+  cart: { endpoints: [127.0.0.1:2], protocl: http1 }
+routes:
+  - match: { authority: orders }
+    servce: orders
+  - match: { authority: cart }
+    service: cart
+  - match: { authority: shop }
+    service: orderz
+";
+        assert_eq!(
+            errors(text),
+            [
+                "services.cart.protocl: unknown field `protocl`; did you mean `protocol`? at \
+                 p.yaml:3:37",
+                "routes[0].servce: unknown field `servce`; did you mean `service`? at p.yaml:6:5",
+                "routes[2].service: unknown service `orderz`; did you mean `orders`? at \
+                 p.yaml:10:14",
+            ]
+        );
+    }
+
+    #[test]
+    fn layout_and_value_mistakes_are_said_in_plain_words() {
+        let cases = [
+            (
+                "services:\n  orders:\n\tendpoints: [127.0.0.1:1]\n",
+                "tab character used for indentation; YAML needs spaces at p.yaml:3:1",
+            ),
+            (
+                "services:\n  orders:\n    endpoints: [127.0.0.1:1]\n   timeouts: { connect: 1s }\n",
+                "bad indentation: this line is indented 3 spaces, which lines up with no block \
+                 above it (their keys are indented 4 (line 3), 2 (line 2), 0 (line 1)); YAML \
+                 nests by indentation, so indent a key exactly as far as the keys beside it at \
+                 p.yaml:4:4",
+            ),
+            (
+                "services:\n  orders: { endpoints: [127.0.0.1:1] }\nroutes:\n  - match: {}\n    \
+                 split: [ { service: orders, weight: -10 } ]\n",
+                "routes[0].split[0].weight: must be a whole number from 0 to 4294967295 (found \
+                 `-10`) at p.yaml:5:41",
+            ),
+            (
+                "inbound:\n  app: localhost:8080\n",
+                "inbound.app: needs an IP address and port, e.g. 127.0.0.1:8080 or [::1]:8080 \
+                 (found `localhost:8080`); host names are not resolved here at p.yaml:2:8",
+            ),
+            (
+                "services:\n  orders: { endpoints: [orders.shop:80] }\n",
+                "services.orders.endpoints[0]: needs an IP address and port, e.g. \
+                 127.0.0.1:8080 or [::1]:8080 (found `orders.shop:80`); for a host name, use \
+                 `dns: host:port` instead of `endpoints` at p.yaml:2:25",
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(errors(text), [expected], "{text}");
+        }
+    }
+
+    #[test]
+    fn a_route_read_field_by_field_still_needs_its_match() {
+        let text = "services:\n  a: { endpoints: [127.0.0.1:1] }\nroutes:\n  - servce: a\n";
+        let found = errors(text);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|e| e.starts_with("routes[0]: unknown field `servce`")),
+            "{found:?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|e| e.starts_with("routes[0]: missing field `match`")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_section_that_is_not_a_mapping_is_one_error() {
+        for text in ["services:\n  a: 3\n", "routes:\n  - 3\n"] {
+            let found = errors(text);
+            assert_eq!(found.len(), 1, "{text}: {found:?}");
+        }
     }
 }

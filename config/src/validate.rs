@@ -728,10 +728,7 @@ fn check_route(
         (None, None) => findings.push((at.clone(), "needs `service` or `split`".into())),
         (Some(service), None) => {
             if !known(service) {
-                findings.push((
-                    format!("{at}.service"),
-                    format!("unknown service `{service}`"),
-                ));
+                findings.push((format!("{at}.service"), unknown_service(policy, service)));
             }
         }
         (None, Some(split)) => {
@@ -743,7 +740,7 @@ fn check_route(
                 if !known(&leg.service) {
                     findings.push((
                         format!("{at}.split[{j}].service"),
-                        format!("unknown service `{}`", leg.service),
+                        unknown_service(policy, &leg.service),
                     ));
                 }
                 if leg.weight == 0 {
@@ -758,5 +755,18 @@ fn check_route(
                 ));
             }
         }
+    }
+}
+
+/// `unknown service `orderz``, with the closest name the document defines if one is close.
+fn unknown_service(policy: &Policy, name: &str) -> String {
+    let names = policy.services.keys().map(String::as_str);
+    match crate::suggest::did_you_mean(name, names) {
+        Some(near) => format!("unknown service `{name}`; did you mean `{near}`?"),
+        None if policy.services.is_empty() => format!(
+            "unknown service `{name}`: this document defines no services (each document is \
+             validated alone, so it defines the services its routes use)"
+        ),
+        None => format!("unknown service `{name}`"),
     }
 }

@@ -3,13 +3,19 @@
 
 use std::fmt::Write;
 
-use outrider_config::PolicyError;
+use outrider_config::{Diagnostic, PolicyError};
 
 /// Every diagnostic of `error` against `text` (the file it came from), one block each.
 pub fn render(error: &PolicyError, text: &str) -> String {
+    render_as("error", &error.file, &error.diagnostics, text)
+}
+
+/// Each of `diagnostics` of `file` against `text`, one block each, headed `label:` (`error`,
+/// `warning`).
+pub fn render_as(label: &str, file: &str, diagnostics: &[Diagnostic], text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let mut out = String::new();
-    for d in &error.diagnostics {
+    for d in diagnostics {
         let what = if d.path.is_empty() {
             d.message.clone()
         } else {
@@ -17,11 +23,7 @@ pub fn render(error: &PolicyError, text: &str) -> String {
         };
         match d.position {
             Some(p) => {
-                let _ = writeln!(
-                    out,
-                    "error: {what}\n  --> {}:{}:{}",
-                    error.file, p.line, p.column
-                );
+                let _ = writeln!(out, "{label}: {what}\n  --> {file}:{}:{}", p.line, p.column);
                 if let Some(line) = p.line.checked_sub(1).and_then(|i| lines.get(i)) {
                     let gutter = p.line.to_string();
                     let pad = " ".repeat(gutter.len());
@@ -31,7 +33,7 @@ pub fn render(error: &PolicyError, text: &str) -> String {
                 }
             }
             None => {
-                let _ = writeln!(out, "error: {what}\n  --> {}", error.file);
+                let _ = writeln!(out, "{label}: {what}\n  --> {file}");
             }
         }
     }
@@ -45,7 +47,13 @@ const WINDOW: usize = 60;
 fn window(line: &str, column: usize) -> (String, usize) {
     let at = column.saturating_sub(1);
     let start = at.saturating_sub(WINDOW);
-    let mut shown: String = line.chars().skip(start).take(2 * WINDOW).collect();
+    // A tab is shown as one visible column, so the caret stays aligned and the tab is seen.
+    let mut shown: String = line
+        .chars()
+        .skip(start)
+        .take(2 * WINDOW)
+        .map(|c| if c == '\t' { '→' } else { c })
+        .collect();
     let mut caret = at - start;
     if start > 0 {
         shown.insert_str(0, "...");

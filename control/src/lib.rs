@@ -11,6 +11,7 @@
 //! - [`api`]: the management API's JSON bodies; [`diagnose`]: policy errors for terminals.
 //! - [`cli`]: the `outriderctl` commands that talk to the control plane; [`check`]: what
 //!   `outriderctl check` finds and how to fix it; [`output`]: `-o json|yaml` and colour.
+//! - [`validate`]: `outriderctl validate`, policy files checked offline.
 //! - [`inject`] adds the sidecar to Kubernetes manifests, [`wait`] holds a legacy sidecar's pod
 //!   until the proxy is ready; [`yaml`] is the manifest value it edits.
 //! - [`fuzzing`]: the entry point of the policy fuzz target (not an API).
@@ -29,6 +30,7 @@ pub mod registry;
 pub mod server;
 pub mod service_account;
 pub mod store;
+pub mod validate;
 pub mod wait;
 pub mod watcher;
 pub mod yaml;

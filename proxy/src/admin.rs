@@ -1,6 +1,6 @@
-//! The admin port: `/live`, `/ready`, `/metrics`, `/config`, `/identity`, `/log-level` (GET,
-//! PUT), `/app-health/<container>/<kind>` (the app's own probes, performed by the proxy; see
-//! `app_probe`), and `POST /shutdown` when enabled.
+//! The admin port: `/` (the list of endpoints), `/live`, `/ready`, `/metrics`, `/config`,
+//! `/identity`, `/log-level` (GET, PUT), `/app-health/<container>/<kind>` (the app's own probes,
+//! performed by the proxy; see `app_probe`), and `POST /shutdown` when enabled.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -86,7 +86,7 @@ pub async fn serve(
                             if let Some(name) = req.uri().path().strip_prefix(app_probe::PATH_PREFIX) {
                                 return Ok(app_health(&app_probes, name, req.method()).await);
                             }
-                            Ok::<_, Infallible>(respond(&shared, peer, &req))
+                            Ok::<_, Infallible>(respond(&shared, !app_probes.is_empty(), peer, &req))
                         }
                     });
                     let io = connection::ServedIo::new(first.bytes, stream, slot);
@@ -106,7 +106,12 @@ pub async fn serve(
     }
 }
 
-fn respond(shared: &Shared, peer: SocketAddr, req: &Request<Incoming>) -> Response<ProxyBody> {
+fn respond(
+    shared: &Shared,
+    has_app_probes: bool,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<ProxyBody> {
     let get = req.method() == Method::GET || req.method() == Method::HEAD;
     if req.uri().path() == "/shutdown" && shared.shutdown_endpoint {
         return shutdown(shared, peer, req.method());
@@ -162,7 +167,17 @@ fn respond(shared: &Shared, peer: SocketAddr, req: &Request<Incoming>) -> Respon
             identity_json(shared),
             HeaderValue::from_static("application/json"),
         ),
-        (false, "/live" | "/ready" | "/metrics" | "/config" | "/identity") => {
+        (true, "/") => {
+            let mut index = String::from(INDEX);
+            if has_app_probes {
+                index.push_str(INDEX_APP_PROBES);
+            }
+            if shared.shutdown_endpoint {
+                index.push_str(INDEX_SHUTDOWN);
+            }
+            with_type(StatusCode::OK, Bytes::from(index), text_plain())
+        }
+        (false, "/" | "/live" | "/ready" | "/metrics" | "/config" | "/identity") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -186,6 +201,23 @@ async fn app_health(probes: &AppProbes, name: &str, method: &Method) -> Response
     };
     with_type(status, Bytes::from(app_probe::body(&verdict)), text_plain())
 }
+
+/// `GET /`: the endpoints of this port, one a line, so a first visit finds its way.
+const INDEX: &str = "outrider-proxy admin endpoints:
+GET  /live        200 while the process runs
+GET  /ready       200 once a policy is in force (the body says its source and version)
+GET  /metrics     Prometheus text
+GET  /config      the policy in force, as JSON
+GET  /identity    the workload certificate held (mesh TLS)
+GET  /log-level   the log filter in force; PUT one (loopback callers only)
+";
+
+/// The index's line for `POST /shutdown`, listed when `--shutdown-endpoint` enables it.
+const INDEX_SHUTDOWN: &str = "POST /shutdown    start draining and exit (loopback callers only)\n";
+
+/// The index's line for the app probes, listed when the pod's probes were handed to the proxy.
+const INDEX_APP_PROBES: &str =
+    "GET  /app-health/<container>/<kind>  the app's own probe, performed by the proxy\n";
 
 /// Longest `PUT /log-level` body read.
 const LOG_LEVEL_BODY_LIMIT: usize = 1024;

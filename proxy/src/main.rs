@@ -296,6 +296,17 @@ fn main() -> ExitCode {
                 return ExitCode::from(EX_UNAVAILABLE);
             }
         };
+        if cli.demo {
+            eprint!(
+                "{}",
+                demo::try_these(
+                    running.outbound,
+                    running.inbound,
+                    running.admin,
+                    &running.dedicated
+                )
+            );
+        }
         if let Some(path) = cli.policy.clone() {
             if let Err(e) = watch_file::spawn(path, std::sync::Arc::clone(&running.reloader)) {
                 // Serving the policy that loaded matters more than reloading it.

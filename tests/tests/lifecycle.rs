@@ -1,4 +1,4 @@
-//! The proxy's lifecycle and admin port: refusing an invalid policy with file, line and column
+//! The proxy's lifecycle and admin port (its `/` index), the demo's hints: refusing an invalid policy with file, line and column
 //! (exit 64), readiness, `/config`, exact metrics after known traffic, graceful drain on
 //! SIGTERM with requests in flight losing none, outbound calls an app makes during its own
 //! shutdown served until it has gone, `POST /shutdown`, and `outriderctl wait-ready`.
@@ -172,6 +172,64 @@ async fn admin_reports_liveness_readiness_and_config() {
         "127.0.0.1:9"
     );
     assert_eq!(proxy.admin_get("/nope").await.0, 404);
+
+    // The root lists the endpoints, and each one it lists answers.
+    let (status, index) = proxy.admin_get("/").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        index,
+        "outrider-proxy admin endpoints:
+GET  /live        200 while the process runs
+GET  /ready       200 once a policy is in force (the body says its source and version)
+GET  /metrics     Prometheus text
+GET  /config      the policy in force, as JSON
+GET  /identity    the workload certificate held (mesh TLS)
+GET  /log-level   the log filter in force; PUT one (loopback callers only)
+"
+    );
+    for line in index.lines().skip(1) {
+        let path = line.split_whitespace().nth(1).unwrap();
+        assert_ne!(proxy.admin_get(path).await.0, 404, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_says_once_what_to_try_with_the_addresses_it_bound() {
+    // The demo's upstreams listen on the fixed ports of deploy/examples/demo.yaml (9101, ...,
+    // below the ephemeral range the other tests' port-0 listeners come from).
+    let proxy = spawn_proxy(TempDir::new(), &["--demo".into()]);
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .logs()
+            .iter()
+            .any(|l| l == "Ctrl-C stops it."))
+        .await,
+        "{}",
+        proxy.logs().join("\n")
+    );
+    let logs = proxy.logs();
+    let intro = "outrider-proxy --demo is up. Try, from another shell:";
+    assert_eq!(logs.iter().filter(|l| *l == intro).count(), 1, "{logs:?}");
+    let commands: Vec<&str> = logs
+        .iter()
+        .filter_map(|l| l.strip_prefix("  curl "))
+        .map(|l| l.split("   # ").next().unwrap().trim_end())
+        .collect();
+    let (out, admin) = (proxy.outbound, proxy.admin);
+    let expected = [
+        format!("-H 'Host: payments' http://{out}/v1/charge"),
+        format!("-x http://{out} http://reviews/r"),
+        format!("--http2-prior-knowledge -H 'Host: payments' http://{out}/v1/x"),
+        "http://127.0.0.1:9001/anything".to_string(),
+        format!("http://{}/hello", proxy.inbound),
+        format!("-i -H 'Host: nope' http://{out}/"),
+        format!("http://{admin}/"),
+    ];
+    assert_eq!(commands, expected, "{logs:?}");
+    // The first works as printed.
+    let reply = get(out, "payments", "/v1/charge").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["service"], "payments");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

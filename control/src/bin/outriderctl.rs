@@ -3,13 +3,9 @@
 //! unreadable input, 69 control plane unreachable, 70 unexpected answer, 77 token refused;
 //! `check`: 0 nothing found, 1 errors, 2 warnings only.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser, Subcommand};
-
-const EX_REJECTED: u8 = 1;
-const EX_NOINPUT: u8 = 66;
 
 /// Outrider's command-line client.
 #[derive(Debug, Parser)]
@@ -21,12 +17,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Checks policy files offline; prints each problem with file, line, column and a caret.
-    Validate {
-        /// Policy files (YAML).
-        #[arg(short = 'f', long = "file", required = true)]
-        files: Vec<PathBuf>,
-    },
+    /// Checks policy files offline; prints every error and warning with file, line, column
+    /// and a caret. Exits 0 if valid, 1 on errors (or warnings with --strict), 66 if an input
+    /// cannot be read.
+    Validate(outrider_control::validate::ValidateArgs),
     /// Adds the sidecar to Kubernetes manifests (files, `-` or stdin) and prints them.
     Inject(Box<outrider_control::inject::InjectArgs>),
     /// Waits until the proxy's /ready answers 200 (the legacy sidecar's postStart hook).
@@ -63,7 +57,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { files } => validate(&files),
+        Command::Validate(args) => outrider_control::validate::main(&args),
         Command::Inject(args) => outrider_control::inject::main(*args),
         Command::WaitReady(args) => outrider_control::wait::main(&args),
         Command::Apply(args) => outrider_control::cli::apply(args),
@@ -84,26 +78,4 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
-}
-
-fn validate(files: &[PathBuf]) -> ExitCode {
-    let mut code = ExitCode::SUCCESS;
-    for path in files {
-        let name = path.display().to_string();
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) => {
-                eprintln!("outriderctl: cannot read {name}: {e}");
-                return ExitCode::from(EX_NOINPUT);
-            }
-        };
-        match outrider_config::load(&name, &text) {
-            Ok(loaded) => println!("{name}: valid (sha256 {})", loaded.content_hash),
-            Err(error) => {
-                eprint!("{}", outrider_control::diagnose::render(&error, &text));
-                code = ExitCode::from(EX_REJECTED);
-            }
-        }
-    }
-    code
 }

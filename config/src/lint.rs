@@ -1,0 +1,185 @@
+//! Warnings: policies that are valid but very likely not what was meant. The proxy and the
+//! control plane accept them; `outriderctl validate` shows them (and `--strict` refuses them).
+
+use std::collections::HashSet;
+
+use crate::schema::{Policy, Route};
+use crate::validate::Finding;
+use crate::Duration;
+
+/// Likely mistakes in a valid `policy`, each with the path of the value to look at.
+pub fn warnings(policy: &Policy) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for (name, service) in &policy.services {
+        let at = format!("services.{name}");
+        if service.endpoints.as_ref().is_some_and(Vec::is_empty) {
+            findings.push((
+                format!("{at}.endpoints"),
+                "is empty: every request to this service is answered 503 (no endpoints)".into(),
+            ));
+        }
+        let t = &service.timeouts;
+        if let Some(message) = per_try_outlasts_request(t.per_try, t.request) {
+            findings.push((format!("{at}.timeouts.per_try"), message));
+        }
+    }
+    if let Some(inbound) = &policy.inbound {
+        let t = &inbound.timeouts;
+        if let Some(message) = per_try_outlasts_request(t.per_try, t.request) {
+            findings.push(("inbound.timeouts.per_try".into(), message));
+        }
+    }
+    let mut used = HashSet::new();
+    for (i, route) in policy.routes.iter().enumerate() {
+        let targets: Vec<&str> = match (&route.service, &route.split) {
+            (Some(service), _) => vec![service.as_str()],
+            (None, Some(split)) => split.iter().map(|leg| leg.service.as_str()).collect(),
+            (None, None) => Vec::new(),
+        };
+        used.extend(targets.iter().copied());
+        if let Some(t) = &route.timeouts {
+            // What the route sets, over each service's own: reported once per route.
+            let worst = targets.iter().find_map(|service| {
+                let service = &policy.services.get(*service)?.timeouts;
+                per_try_outlasts_request(
+                    t.per_try.or(service.per_try),
+                    t.request.or(service.request),
+                )
+            });
+            if let Some(message) = worst {
+                let field = if t.per_try.is_some() {
+                    "per_try"
+                } else {
+                    "request"
+                };
+                findings.push((format!("routes[{i}].timeouts.{field}"), message));
+            }
+        }
+        if let Some(earlier) = policy.routes[..i]
+            .iter()
+            .position(|before| covers(before, route))
+        {
+            findings.push((
+                format!("routes[{i}].match"),
+                format!(
+                    "never matches: {} before it takes every request this route would (routes \
+                     match in order, the first wins; put the more specific route first)",
+                    describe(policy, earlier)
+                ),
+            ));
+        }
+    }
+    for (name, service) in &policy.services {
+        if service.listen.is_none() && !used.contains(name.as_str()) {
+            findings.push((
+                format!("services.{name}"),
+                "no route sends to this service and it has no `listen` port, so no request \
+                 reaches it"
+                    .into(),
+            ));
+        }
+    }
+    findings
+}
+
+/// The warning for a per-try timeout at least as long as the request's, if it is one.
+fn per_try_outlasts_request(
+    per_try: Option<Duration>,
+    request: Option<Duration>,
+) -> Option<String> {
+    let (per_try, request) = (per_try?, request?);
+    (per_try > request).then(|| {
+        format!(
+            "per_try ({per_try}) is longer than request ({request}): the request timeout always \
+             ends an attempt first, so per_try never applies and no attempt is retried after a \
+             per-try timeout"
+        )
+    })
+}
+
+/// Whether every request `later` matches is matched by `earlier` first (authorities compare
+/// without case, as the proxy matches them).
+fn covers(earlier: &Route, later: &Route) -> bool {
+    let (e, l) = (&earlier.matches, &later.matches);
+    let authority = match (&e.authority, &l.authority) {
+        (None, _) => true,
+        (Some(e), Some(l)) => e.eq_ignore_ascii_case(l),
+        (Some(_), None) => false,
+    };
+    let path = match (&e.path_prefix, &l.path_prefix) {
+        (None, _) => true,
+        (Some(e), Some(l)) => l.starts_with(e.as_str()),
+        (Some(_), None) => false,
+    };
+    authority && path
+}
+
+/// `routes[2]` or `routes[2] (name)`.
+fn describe(policy: &Policy, index: usize) -> String {
+    match &policy.routes[index].name {
+        Some(name) => format!("routes[{index}] ({name})"),
+        None => format!("routes[{index}]"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn warned(text: &str) -> Vec<Finding> {
+        let policy = crate::load("p.yaml", text).expect("valid").policy;
+        warnings(&policy)
+    }
+
+    #[test]
+    fn a_clean_policy_has_no_warnings() {
+        let text = "services:
+  a: { endpoints: [127.0.0.1:1], timeouts: { request: 2s, per_try: 1s } }
+  b: { endpoints: [127.0.0.1:2], listen: 127.0.0.1:9002 }
+routes:
+  - match: { authority: a, path_prefix: /v1/ }
+    service: a
+  - match: { authority: a }
+    service: a
+";
+        assert_eq!(warned(text), []);
+    }
+
+    #[test]
+    fn each_likely_mistake_is_named() {
+        let text = "services:
+  a: { endpoints: [], timeouts: { request: 1s, per_try: 2s } }
+  b: { endpoints: [127.0.0.1:2] }
+  unused: { endpoints: [127.0.0.1:3] }
+routes:
+  - name: all-of-a
+    match: { authority: A }
+    service: a
+  - match: { authority: a, path_prefix: /v1/ }
+    split: [ { service: a, weight: 1 }, { service: b, weight: 1 } ]
+    timeouts: { per_try: 5s }
+";
+        let found: Vec<String> = warned(text)
+            .into_iter()
+            .map(|(path, message)| format!("{path}: {message}"))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "services.a.endpoints: is empty: every request to this service is answered 503 \
+                 (no endpoints)",
+                "services.a.timeouts.per_try: per_try (2s) is longer than request (1s): the \
+                 request timeout always ends an attempt first, so per_try never applies and no \
+                 attempt is retried after a per-try timeout",
+                "routes[1].timeouts.per_try: per_try (5s) is longer than request (1s): the \
+                 request timeout always ends an attempt first, so per_try never applies and no \
+                 attempt is retried after a per-try timeout",
+                "routes[1].match: never matches: routes[0] (all-of-a) before it takes every \
+                 request this route would (routes match in order, the first wins; put the more \
+                 specific route first)",
+                "services.unused: no route sends to this service and it has no `listen` port, \
+                 so no request reaches it",
+            ]
+        );
+    }
+}
