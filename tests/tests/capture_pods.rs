@@ -60,16 +60,16 @@ struct Mesh {
     lab: Lab,
 }
 
-/// The callee's policy: strict mTLS on every captured port, only `a` let in. `inbound.app`
-/// names a port where nothing listens: a captured connection must go to its original
-/// destination, not there.
-fn b_policy() -> String {
+/// The callee's policy: strict mTLS on every captured port, only `allowed` (usually `a`) let
+/// in. `inbound.app` names a port where nothing listens: a captured connection must go to its
+/// original destination, not there.
+fn b_policy_allowing(allowed: &str) -> String {
     format!(
         "workload: b
 inbound:
   app: 127.0.0.1:9
   mtls: strict
-  authorization: {{ allow: [{A_ID}] }}
+  authorization: {{ allow: [{allowed}] }}
 "
     )
 }
@@ -98,6 +98,16 @@ async fn mesh(a_protocol: &str) -> Option<Mesh> {
 
 /// [`mesh`] with extra `outrider-proxy init` flags for pod `a`.
 async fn mesh_with(a_protocol: &str, a_init: &[&str]) -> Option<Mesh> {
+    mesh_with_policy(|b| a_policy(b, a_protocol), a_init, A_ID).await
+}
+
+/// [`mesh_with`] with `a`'s policy made by `a_policy` from pod `b`;
+/// `b` lets only `b_allowed` in.
+async fn mesh_with_policy(
+    a_policy: impl Fn(&Pod) -> String,
+    a_init: &[&str],
+    b_allowed: &str,
+) -> Option<Mesh> {
     let lab = Lab::new(env!("CARGO_BIN_EXE_netns-probe"))?;
     let a = lab.pod("a", 1);
     let b = lab.pod("b", 2);
@@ -105,18 +115,17 @@ async fn mesh_with(a_protocol: &str, a_init: &[&str]) -> Option<Mesh> {
     lab.init_ok(&a, a_init);
     lab.init_ok(&b, &[]);
     let dirs = ControlDirs::new();
-    dirs.write("a.yaml", &a_policy(&b, a_protocol));
-    dirs.write("b.yaml", &b_policy());
+    dirs.write("a.yaml", &a_policy(&b));
+    dirs.write("b.yaml", &b_policy_allowing(b_allowed));
     let control = lab.start_control(&dirs);
     let a_proxy = lab.start_sidecar(&a, &control, &dirs, "a", PROXY_UID, &[]);
     let b_proxy = lab.start_sidecar(&b, &control, &dirs, "b", PROXY_UID, &[]);
     a_proxy.wait_ready().await;
     b_proxy.wait_ready().await;
-    // Ready means some policy is held; wait for the documents' own.
-    a_proxy
-        .wait_policy(&b.addr(Family::V4, APP_PORT).to_string())
-        .await;
-    b_proxy.wait_policy(A_ID).await;
+    // Ready means some policy is held; wait for the documents' own (every `a` policy names
+    // b's identity).
+    a_proxy.wait_policy(B_ID).await;
+    b_proxy.wait_policy(b_allowed).await;
     Some(Mesh {
         a_proxy,
         b_proxy,
@@ -1063,6 +1072,163 @@ async fn redis_client_and_server_on_an_opaque_port_pass_untouched() {
 #[tokio::test]
 async fn redis_on_an_opaque_port_over_ipv6() {
     redis_exchange(Family::V6).await;
+}
+
+/// Redis in a meshed pod under `mtls: strict`: `b` runs redis-server on 6379 (an opaque port)
+/// and `a`'s policy has it as a `tls: mesh` service. `a`'s sidecar wraps the opaque stream in
+/// mesh mTLS (ALPN `outrider-tcp/1`), `b`'s terminates it, checks `a`'s identity against
+/// `authorization` and relays the plaintext to redis-server: PING, SET, GET work, both count a
+/// mesh-wrapped relay, and `ext` (no sidecar) is still refused on 6379.
+async fn redis_meshed_under_strict(family: Family) {
+    let Some(mesh) = meshed_redis(family, A_ID).await else {
+        return;
+    };
+    let server = mesh.b.addr(family, 6379);
+    let cli = |pod: &Pod, args: &[&str]| redis_cli(&mesh.lab, pod, server, args);
+    // redis-server takes a moment to listen: poll (bounded) with a fresh client each time.
+    let deadline = Instant::now() + STEP;
+    while cli(&mesh.a, &["PING"]) != "PONG" {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server never answered a through both sidecars\na logs:\n{}\nb logs:\n{}",
+            mesh.a_proxy.logs().join("\n"),
+            mesh.b_proxy.logs().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(cli(&mesh.a, &["SET", "outrider", "meshed"]), "OK");
+    assert_eq!(cli(&mesh.a, &["GET", "outrider"]), "meshed");
+
+    let out = mesh
+        .a_proxy
+        .metric_sum(
+            "outrider_tcp_connections_total",
+            &["direction=\"outbound\"", "mode=\"opaque_mesh\""],
+        )
+        .await;
+    assert!(out >= 3.0, "{}", mesh.a_proxy.metrics().await);
+    let inb = mesh
+        .b_proxy
+        .metric_sum(
+            "outrider_tcp_connections_total",
+            &["direction=\"inbound\"", "mode=\"opaque_mesh\""],
+        )
+        .await;
+    assert!(inb >= 3.0, "{}", mesh.b_proxy.metrics().await);
+
+    // The outsider: no sidecar, so plaintext Redis, refused under strict.
+    let from_ext = cli(&mesh.ext, &["PING"]);
+    assert_ne!(from_ext, "PONG", "ext reached b's redis-server");
+    let (answer, _) = exchange(
+        &mesh.lab.dialer(&mesh.ext, server),
+        b"*1\r\n$4\r\nPING\r\n",
+        "+PONG\r\n".len(),
+    )
+    .await;
+    assert_ne!(answer, "+PONG\r\n", "ext reached b's redis-server");
+}
+
+/// What `redis-cli` in `pod`, calling `server` with `args`, printed.
+fn redis_cli(lab: &Lab, pod: &Pod, server: std::net::SocketAddr, args: &[&str]) -> String {
+    let host = server.ip().to_string();
+    let port = server.port().to_string();
+    let mut full = vec!["redis-cli", "-h", &host, "-p", &port];
+    full.extend_from_slice(args);
+    let output = lab.run_in(&pod.ns, &full);
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// The lab for the meshed Redis tests: `a` has b's Redis as a `tls: mesh` service, `b` lets
+/// only `b_allowed` in and runs redis-server on 6379. `None`: skipped.
+async fn meshed_redis(family: Family, b_allowed: &str) -> Option<Mesh> {
+    if outrider_e2e::netns::missing_prerequisite().is_none() && !redis_present() {
+        return None;
+    }
+    let a_policy = |b: &Pod| {
+        format!(
+            "workload: a
+services:
+  redis:
+    endpoints: [\"{}\", \"{}\"]
+    tls: mesh
+    identity: {B_ID}
+",
+            b.addr(Family::V4, 6379),
+            b.addr(Family::V6, 6379),
+        )
+    };
+    let mesh = mesh_with_policy(a_policy, &[], b_allowed).await?;
+    let server = mesh.b.addr(family, 6379);
+    let bind = server.ip().to_string();
+    mesh.lab.spawn_in(
+        &mesh.b.ns,
+        &[
+            "redis-server",
+            "--bind",
+            &bind,
+            "--port",
+            "6379",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            mesh.lab.dir.to_str().unwrap(),
+        ],
+    );
+    Some(mesh)
+}
+
+/// The same with `b` letting only another identity in: `a`'s wrapped stream is verified and
+/// then closed by `authorization`, so redis-server never answers `a`.
+#[tokio::test]
+async fn redis_from_a_caller_authorization_does_not_allow_is_closed() {
+    let Some(mesh) = meshed_redis(Family::V4, "spiffe://cluster.local/ns/shop/sa/other").await
+    else {
+        return;
+    };
+    let server = mesh.b.addr(Family::V4, 6379);
+    // redis-server is up (checked from inside b: its own outbound capture passes it through)
+    // before a's attempt counts.
+    let deadline = Instant::now() + STEP;
+    while redis_cli(&mesh.lab, &mesh.b, server, &["PING"]) != "PONG" {
+        assert!(Instant::now() < deadline, "redis-server never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Closed, not left hanging: redis-cli sees the end at once.
+    let started = Instant::now();
+    assert_ne!(redis_cli(&mesh.lab, &mesh.a, server, &["PING"]), "PONG");
+    assert!(started.elapsed() < STEP / 2, "{:?}", started.elapsed());
+    let wrapped = mesh
+        .a_proxy
+        .metric_sum(
+            "outrider_tcp_connections_total",
+            &["direction=\"outbound\"", "mode=\"opaque_mesh\""],
+        )
+        .await;
+    assert!(wrapped >= 1.0, "{}", mesh.a_proxy.metrics().await);
+    let relayed = mesh
+        .b_proxy
+        .metric_sum(
+            "outrider_tcp_connections_total",
+            &["direction=\"inbound\"", "mode=\"opaque_mesh\""],
+        )
+        .await;
+    assert_eq!(relayed, 0.0, "{}", mesh.b_proxy.metrics().await);
+}
+
+#[tokio::test]
+async fn redis_between_meshed_pods_is_wrapped_in_mtls_under_strict() {
+    redis_meshed_under_strict(Family::V4).await;
+}
+
+#[tokio::test]
+async fn redis_between_meshed_pods_under_strict_over_ipv6() {
+    redis_meshed_under_strict(Family::V6).await;
 }
 
 // ---- a rule set without the UID exclusion --------------------------------------------------

@@ -2,8 +2,10 @@
 //! not the listener): what they are and where they go. Outbound, the first bytes are detected
 //! (unless the port is in `opaque_ports`): HTTP is served at L7 with the destination's service
 //! policy (or passed through), everything else is relayed as opaque TCP to the original
-//! destination. Inbound, a ClientHello offering the Outrider ALPN id is mesh mTLS, terminated
-//! here; an app's own TLS and other plaintext are relayed untouched (refused under `strict`).
+//! destination (wrapped in mesh mTLS, ALPN `outrider-tcp/1`, when it belongs to a meshed
+//! service). Inbound, a ClientHello offering an Outrider ALPN id is mesh mTLS, terminated here
+//! (`outrider-tcp/1`: its plaintext relayed to the app's port); an app's own TLS and other
+//! plaintext are relayed untouched (refused under `strict`).
 //! Requests are then routed per connection by [`Capture`], re-resolved only after a reload.
 
 use std::net::SocketAddr;
@@ -60,7 +62,10 @@ pub async fn accept(
     let direction = if inbound { INBOUND } else { OUTBOUND };
     let capture = &shared.metrics.capture;
     let mut stream = stream;
-    if snapshot.policy.opaque_ports().contains(&dst.port()) {
+    // Inbound with a mesh identity, opaque ports are detected too: a sidecar's mesh-wrapped
+    // stream opens with its ClientHello, which must be told from the plaintext protocol.
+    let detect_opaque_port = inbound && shared.mesh.is_some();
+    if !detect_opaque_port && snapshot.policy.opaque_ports().contains(&dst.port()) {
         capture.detected(direction, "opaque_port", 0.0);
         if inbound && !inbound_takes_unverified(shared, &snapshot, peer, dst, false) {
             return None;
@@ -72,7 +77,18 @@ pub async fn accept(
         if refused_as_loop(shared, peer, dst) {
             return None;
         }
-        relay(stream, Bytes::new(), dst, direction, &class, shared, slot).await;
+        let wrap = mesh_wrapping(&snapshot, dst, inbound);
+        relay(
+            stream,
+            Bytes::new(),
+            dst,
+            direction,
+            &class,
+            wrap,
+            shared,
+            slot,
+        )
+        .await;
         return None;
     }
     let timeout = shared.connections.timeouts.detect;
@@ -100,6 +116,22 @@ pub async fn accept(
     };
     match protocol {
         detect::Protocol::Closed => None,
+        detect::Protocol::Tls(hello) if inbound && hello.mesh_tcp => {
+            let Some(mesh) = &shared.mesh else {
+                tracing::warn!(%peer, %dst, "mesh TLS connection refused: this proxy has no workload identity (--service-account)");
+                return None;
+            };
+            let deadline =
+                crate::io::connection::deadline_after(shared.connections.timeouts.header_read);
+            let rewound = Rewound::new(bytes.freeze(), stream);
+            let accepted = tls::handshake(rewound, peer, mesh, deadline).await?;
+            if !authorized(&snapshot, accepted.peer_identity.as_ref()) {
+                tracing::debug!(%peer, %dst, caller = ?accepted.peer_identity, "mesh TCP connection refused by authorization");
+                return None;
+            }
+            relay_wrapped_inbound(accepted.io, dst, shared, slot).await;
+            None
+        }
         detect::Protocol::Tls(hello) if inbound && hello.mesh => {
             let Some(mesh) = &shared.mesh else {
                 tracing::warn!(%peer, %dst, "mesh TLS connection refused: this proxy has no workload identity (--service-account)");
@@ -116,7 +148,17 @@ pub async fn accept(
         // tunnels are that proxy's to serve, as they are.
         detect::Protocol::Http1 if !inbound && bytes.starts_with(b"CONNECT ") => {
             let class = destination_class(&snapshot, dst, None, inbound);
-            relay(stream, bytes.freeze(), dst, direction, &class, shared, slot).await;
+            relay(
+                stream,
+                bytes.freeze(),
+                dst,
+                direction,
+                &class,
+                None,
+                shared,
+                slot,
+            )
+            .await;
             None
         }
         detect::Protocol::Http1 | detect::Protocol::Http2 => {
@@ -134,7 +176,18 @@ pub async fn accept(
             }
             let class = destination_class(&snapshot, dst, hello.sni.as_deref(), inbound);
             tracing::debug!(%dst, sni = hello.sni.as_deref().unwrap_or(""), destination = %class, "captured TLS relayed as opaque TCP");
-            relay(stream, bytes.freeze(), dst, direction, &class, shared, slot).await;
+            let wrap = mesh_wrapping(&snapshot, dst, inbound);
+            relay(
+                stream,
+                bytes.freeze(),
+                dst,
+                direction,
+                &class,
+                wrap,
+                shared,
+                slot,
+            )
+            .await;
             None
         }
         detect::Protocol::Opaque | detect::Protocol::TimedOut => {
@@ -142,7 +195,18 @@ pub async fn accept(
                 return None;
             }
             let class = destination_class(&snapshot, dst, None, inbound);
-            relay(stream, bytes.freeze(), dst, direction, &class, shared, slot).await;
+            let wrap = mesh_wrapping(&snapshot, dst, inbound);
+            relay(
+                stream,
+                bytes.freeze(),
+                dst,
+                direction,
+                &class,
+                wrap,
+                shared,
+                slot,
+            )
+            .await;
             None
         }
     }
@@ -219,27 +283,102 @@ fn destination_class(
         .unwrap_or_else(|| Arc::from(PASSTHROUGH))
 }
 
-/// Relays `stream` (after `prefix`) to `dst` as opaque TCP, counted under `class`.
+/// The `mode` label of opaque relays wrapped in mesh mTLS (outbound) or unwrapped from it
+/// (inbound).
+const OPAQUE_MESH: &str = "opaque_mesh";
+
+/// How an outbound opaque relay to `dst` is secured: a destination of a meshed service
+/// (`tls: mesh`, or every non-external service under `mesh_tls: strict`) is wrapped in mesh
+/// mTLS with that service's config; anything else (and inbound) goes as it is.
+fn mesh_wrapping(snapshot: &Snapshot, dst: SocketAddr, inbound: bool) -> Option<tls::UpstreamTls> {
+    if inbound {
+        return None;
+    }
+    match snapshot.service_for(dst)?.upstream.spec.tls.as_ref()? {
+        // External HTTPS services are the app's own TLS to send as it is.
+        tls::UpstreamTls::Origination { .. } | tls::UpstreamTls::Unusable(_) => None,
+        meshed => Some(meshed.clone()),
+    }
+}
+
+/// Whether `inbound.authorization`, when the policy has it, allows the verified `caller`.
+fn authorized(snapshot: &Snapshot, caller: Option<&HeaderValue>) -> bool {
+    let Some(allow) = snapshot
+        .policy
+        .inbound
+        .as_ref()
+        .and_then(|i| i.authorization.as_ref())
+        .map(|a| &a.allow)
+    else {
+        return true;
+    };
+    caller.is_some_and(|c| allow.iter().any(|a| a.as_bytes() == c.as_bytes()))
+}
+
+/// Relays a terminated mesh-wrapped stream's plaintext to the app's port `dst`.
+async fn relay_wrapped_inbound(
+    io: tls::Io,
+    dst: SocketAddr,
+    shared: &Shared,
+    slot: ConnectionSlot,
+) {
+    let capture = &shared.metrics.capture;
+    capture.connection(INBOUND, APP, OPAQUE_MESH);
+    let connect_timeout = inbound_connect_timeout(shared);
+    let (server, _own) = match opaque::dial(dst, connect_timeout).await {
+        Ok(connected) => connected,
+        Err(error) => {
+            tracing::debug!(%error, "mesh TCP connection not relayed to the app");
+            return;
+        }
+    };
+    let counters = capture.relay(INBOUND, APP);
+    let end = opaque::relay(
+        io,
+        server,
+        &[],
+        shared.connections.timeouts.tcp_idle,
+        &counters,
+    )
+    .await;
+    tracing::debug!(%dst, ?end, "mesh TCP relay ended");
+    drop(slot);
+}
+
+/// The connect timeout to the app: the policy's inbound one, else the passthrough one.
+fn inbound_connect_timeout(shared: &Shared) -> std::time::Duration {
+    let snapshot = shared.snapshot.load();
+    snapshot
+        .policy
+        .inbound
+        .as_ref()
+        .map_or(crate::http::snapshot::PASSTHROUGH_CONNECT_TIMEOUT, |i| {
+            i.timeouts.connect.get()
+        })
+}
+
+/// Relays `stream` (after `prefix`) to `dst` as opaque TCP, counted under `class`; wrapped in
+/// mesh mTLS with `wrap` when given.
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     stream: TcpStream,
     prefix: Bytes,
     dst: SocketAddr,
     direction: &'static str,
     class: &str,
+    wrap: Option<tls::UpstreamTls>,
     shared: &Shared,
     slot: ConnectionSlot,
 ) {
     let capture = &shared.metrics.capture;
-    capture.connection(direction, class, "opaque");
+    let mode = if wrap.is_some() {
+        OPAQUE_MESH
+    } else {
+        "opaque"
+    };
+    capture.connection(direction, class, mode);
     let connect_timeout = if direction == INBOUND {
-        let snapshot = shared.snapshot.load();
-        snapshot
-            .policy
-            .inbound
-            .as_ref()
-            .map_or(crate::http::snapshot::PASSTHROUGH_CONNECT_TIMEOUT, |i| {
-                i.timeouts.connect.get()
-            })
+        inbound_connect_timeout(shared)
     } else {
         crate::http::snapshot::PASSTHROUGH_CONNECT_TIMEOUT
     };
@@ -251,14 +390,17 @@ async fn relay(
         }
     };
     let counters = capture.relay(direction, class);
-    let end = opaque::relay(
-        stream,
-        server,
-        &prefix,
-        shared.connections.timeouts.tcp_idle,
-        &counters,
-    )
-    .await;
+    let idle = shared.connections.timeouts.tcp_idle;
+    let end = match &wrap {
+        None => opaque::relay(stream, server, &prefix, idle, &counters).await,
+        Some(wrap) => match tls::connect_opaque(wrap, dst, server).await {
+            Ok(server) => opaque::relay(stream, server, &prefix, idle, &counters).await,
+            Err(error) => {
+                tracing::debug!(%dst, reason = error.reason, error = %error.message, "captured connection not wrapped in mesh TLS; closed");
+                return;
+            }
+        },
+    };
     tracing::debug!(%dst, direction, destination = class, ?end, "opaque relay ended");
     drop(slot);
 }

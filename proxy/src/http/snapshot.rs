@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use outrider_config::{LoadedPolicy, MeshTls, Policy, Protocol, RateLimit, Service, ServiceTls};
 
-use crate::io::identity::{Mesh, ALPN_H2, ALPN_HTTP1, ALPN_OUTRIDER};
+use crate::io::identity::{Mesh, ALPN_H2, ALPN_HTTP1, ALPN_OUTRIDER, ALPN_OUTRIDER_TCP};
 use crate::io::tls::UpstreamTls;
 use crate::io::upstream::{Upstream, UpstreamSpec};
 use crate::policy::breaker::CircuitBreaker;
@@ -532,10 +532,17 @@ fn upstream_tls(name: &str, service: &Service, mesh: Option<&Arc<Mesh>>) -> Upst
         Protocol::Http2 => vec![ALPN_OUTRIDER.to_vec(), ALPN_H2.to_vec()],
         Protocol::Http1 => vec![ALPN_OUTRIDER.to_vec(), ALPN_HTTP1.to_vec()],
     };
-    let expected = service.identity.as_deref().map(Arc::from);
-    match mesh.client_config(expected, alpn) {
-        Ok(config) => UpstreamTls::Mesh {
+    let expected: Option<Arc<str>> = service.identity.as_deref().map(Arc::from);
+    let configs = mesh
+        .client_config(expected.clone(), alpn)
+        .and_then(|config| {
+            let opaque = mesh.client_config(expected, vec![ALPN_OUTRIDER_TCP.to_vec()])?;
+            Ok((config, opaque))
+        });
+    match configs {
+        Ok((config, opaque)) => UpstreamTls::Mesh {
             config,
+            opaque,
             mesh: Arc::clone(mesh),
         },
         Err(error) => {

@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
-pub use crate::io::identity::ALPN_OUTRIDER;
+pub use crate::io::identity::{ALPN_OUTRIDER, ALPN_OUTRIDER_TCP};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -59,6 +59,8 @@ pub struct ClientHello {
     pub sni: Option<String>,
     /// Whether [`ALPN_OUTRIDER`] is offered: a sidecar's mesh connection.
     pub mesh: bool,
+    /// Whether [`ALPN_OUTRIDER_TCP`] is offered: a sidecar's mesh-wrapped opaque TCP stream.
+    pub mesh_tcp: bool,
 }
 
 /// The outcome of detection: the protocol, every byte read (to replay), how long it took.
@@ -222,6 +224,7 @@ fn parse_client_hello(record: &[u8]) -> Option<ClientHello> {
                 let mut protocols = data.vec16()?;
                 while let Some(protocol) = protocols.vec8() {
                     hello.mesh |= protocol.0 == ALPN_OUTRIDER;
+                    hello.mesh_tcp |= protocol.0 == ALPN_OUTRIDER_TCP;
                 }
             }
             _ => {}
@@ -260,14 +263,21 @@ mod tests {
             classify(&hello),
             Some(Protocol::Tls(ClientHello {
                 sni: Some("db.example.com".into()),
-                mesh: true
+                mesh: true,
+                mesh_tcp: false,
             }))
         );
+        let Some(Protocol::Tls(wrapped)) =
+            classify(&client_hello("db.example.com", &[ALPN_OUTRIDER_TCP]))
+        else {
+            panic!("not TLS");
+        };
+        assert!(wrapped.mesh_tcp && !wrapped.mesh);
         let app = client_hello("db.example.com", &[b"h2", b"http/1.1"]);
         let Some(Protocol::Tls(hello)) = classify(&app) else {
             panic!("not TLS");
         };
-        assert!(!hello.mesh);
+        assert!(!hello.mesh && !hello.mesh_tcp);
         // Every proper prefix waits for more.
         for n in 1..app.len() {
             assert_eq!(classify(&app[..n]), None, "{n} bytes");

@@ -34,6 +34,10 @@ pub const PEER_IDENTITY_HEADER: &str = "x-outrider-peer-identity";
 /// apart from an app's own TLS on a captured inbound port. Servers do not list it (they pick
 /// `h2` or `http/1.1`), so a peer that predates it negotiates as before.
 pub const ALPN_OUTRIDER: &[u8] = b"outrider/1";
+/// The ALPN id a sidecar offers (alone) when it wraps an opaque TCP stream in mesh mTLS: the
+/// peer's captured inbound side terminates it and relays the plaintext to the app's port.
+/// Servers list it last, so HTTP mesh connections (which do not offer it) never pick it.
+pub const ALPN_OUTRIDER_TCP: &[u8] = b"outrider-tcp/1";
 /// ALPN ids offered on mesh connections, preferred first.
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN id of HTTP/1.1.
@@ -220,7 +224,11 @@ impl Mesh {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(Fixed(Arc::clone(&certified))));
-        server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+        server.alpn_protocols = vec![
+            ALPN_H2.to_vec(),
+            ALPN_HTTP1.to_vec(),
+            ALPN_OUTRIDER_TCP.to_vec(),
+        ];
         let held = Arc::new(Held {
             identity: Arc::from(identity.as_str()),
             certified,

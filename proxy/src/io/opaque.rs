@@ -106,10 +106,13 @@ where
         &counters.to_downstream,
         &activity,
     );
+    // A failure either way ends both: the other side's reader may wait forever otherwise
+    // (a reset or a TLS peer gone without close_notify says nothing to the app); dropping the
+    // streams closes them.
     let both = async {
-        match tokio::join!(up, down) {
-            (Ok(()), Ok(())) => RelayEnd::Closed,
-            _ => RelayEnd::Error,
+        match tokio::try_join!(up, down) {
+            Ok(((), ())) => RelayEnd::Closed,
+            Err(_) => RelayEnd::Error,
         }
     };
     tokio::select! {
@@ -204,6 +207,57 @@ mod tests {
         assert_eq!(end, RelayEnd::Closed);
         assert_eq!(counters.to_upstream.get(), 10);
         assert_eq!(counters.to_downstream.get(), 4);
+    }
+
+    /// A server whose reads fail (a reset).
+    struct Failing;
+
+    impl AsyncRead for Failing {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    impl AsyncWrite for Failing {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A failing server ends the relay at once, though the client is still open and silent:
+    /// the client then sees its connection end rather than waiting for the idle timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_one_way_ends_both_at_once() {
+        let (client, mut app) = tokio::io::duplex(64);
+        let start = tokio::time::Instant::now();
+        let end = relay(client, Failing, b"", Duration::from_secs(60), &counters()).await;
+        assert_eq!(end, RelayEnd::Error);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        let mut rest = Vec::new();
+        app.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

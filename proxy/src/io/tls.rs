@@ -185,6 +185,9 @@ pub enum UpstreamTls {
     Mesh {
         /// Client certificate, peer verification, ALPN.
         config: Arc<ClientConfig>,
+        /// The same, offering only [`identity::ALPN_OUTRIDER_TCP`]: for opaque TCP streams
+        /// wrapped in mesh mTLS (see [`connect_opaque`]).
+        opaque: Arc<ClientConfig>,
         /// For handshake-failure metrics.
         mesh: Arc<Mesh>,
     },
@@ -309,7 +312,7 @@ pub async fn connect(
     stream: TcpStream,
 ) -> Result<Io, HandshakeError> {
     let (config, mesh) = match tls {
-        UpstreamTls::Mesh { config, mesh } => (config, mesh),
+        UpstreamTls::Mesh { config, mesh, .. } => (config, mesh),
         UpstreamTls::NoIdentity => {
             return Err(HandshakeError {
                 reason: "no_identity",
@@ -328,6 +331,47 @@ pub async fn connect(
             })
         }
     };
+    mesh_handshake(config, mesh, addr, stream).await
+}
+
+/// Wraps the opaque TCP stream `stream` to `addr` in mesh mTLS, offering only
+/// [`identity::ALPN_OUTRIDER_TCP`]: the peer is verified as for HTTP mesh traffic and must
+/// agree to that protocol (a sidecar's captured inbound side does), so the stream is never
+/// handed to something that would read it as HTTP. Errors as [`connect`]'s.
+pub async fn connect_opaque(
+    tls: &UpstreamTls,
+    addr: SocketAddr,
+    stream: TcpStream,
+) -> Result<Io, HandshakeError> {
+    let (opaque, mesh) = match tls {
+        UpstreamTls::Mesh { opaque, mesh, .. } => (opaque, mesh),
+        // Only mesh services are wrapped; anything else fails like an identity-less mesh.
+        _ => return connect(&UpstreamTls::NoIdentity, addr, stream).await,
+    };
+    let io = mesh_handshake(opaque, mesh, addr, stream).await?;
+    let agreed = match &io {
+        Io::Client(tls) => tls.get_ref().1.alpn_protocol() == Some(identity::ALPN_OUTRIDER_TCP),
+        _ => false,
+    };
+    if !agreed {
+        mesh.metrics.handshake_failed("outbound", "alpn");
+        return Err(HandshakeError {
+            reason: "alpn",
+            message: "the peer did not agree to outrider-tcp/1 (not a sidecar's captured port?)"
+                .into(),
+            origination: false,
+        });
+    }
+    Ok(io)
+}
+
+/// The client side of mesh mTLS with `config` over `stream` to `addr`.
+async fn mesh_handshake(
+    config: &Arc<ClientConfig>,
+    mesh: &Arc<Mesh>,
+    addr: SocketAddr,
+    stream: TcpStream,
+) -> Result<Io, HandshakeError> {
     // The peer is checked by SPIFFE id, not by name: the address only keys the (disabled)
     // session cache and SNI, which is not sent for IP addresses.
     let name = ServerName::IpAddress(addr.ip().into());
@@ -491,4 +535,82 @@ pub async fn handshake(
         io: Io::Server(Box::new(stream)),
         peer_identity,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::io::identity::{test_pair, ALPN_OUTRIDER_TCP};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn wrapping(mesh: &Arc<Mesh>, expected: &str) -> UpstreamTls {
+        let expected: Arc<str> = Arc::from(expected);
+        UpstreamTls::Mesh {
+            config: mesh
+                .client_config(Some(Arc::clone(&expected)), vec![ALPN_H2.to_vec()])
+                .unwrap(),
+            opaque: mesh
+                .client_config(Some(expected), vec![ALPN_OUTRIDER_TCP.to_vec()])
+                .unwrap(),
+            mesh: Arc::clone(mesh),
+        }
+    }
+
+    /// A wrapped opaque stream negotiates `outrider-tcp/1` with a sidecar's server side, which
+    /// sees the caller's identity; bytes then flow. A peer with another identity than the
+    /// service's is refused.
+    #[tokio::test]
+    async fn opaque_streams_are_wrapped_in_verified_mesh_tls() {
+        let ((client, client_id), (server, server_id)) = test_pair();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = tokio::spawn(async move {
+            let (stream, peer) = listener.accept().await.unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            let accepted = handshake(
+                Rewound::new(bytes::Bytes::new(), stream),
+                peer,
+                &server,
+                deadline,
+            )
+            .await
+            .unwrap();
+            let mut io = accepted.io;
+            let mut ping = [0u8; 4];
+            io.read_exact(&mut ping).await.unwrap();
+            io.write_all(b"PONG").await.unwrap();
+            io.flush().await.unwrap();
+            (accepted.peer_identity, ping, listener, server)
+        });
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut io = connect_opaque(&wrapping(&client, server_id), addr, stream)
+            .await
+            .unwrap();
+        let Io::Client(tls) = &io else {
+            panic!("not a TLS client stream");
+        };
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(ALPN_OUTRIDER_TCP));
+        io.write_all(b"PING").await.unwrap();
+        io.flush().await.unwrap();
+        let mut pong = [0u8; 4];
+        io.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong, b"PONG");
+        let (identity, ping, listener, server) = serving.await.unwrap();
+        assert_eq!(identity.unwrap().to_str().unwrap(), client_id);
+        assert_eq!(&ping, b"PING");
+
+        // The service expects another identity: the handshake fails, nothing is relayed.
+        let refusing = tokio::spawn(async move {
+            let (stream, peer) = listener.accept().await.unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            let rewound = Rewound::new(bytes::Bytes::new(), stream);
+            handshake(rewound, peer, &server, deadline).await.is_some()
+        });
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let wrong = wrapping(&client, "spiffe://td/ns/a/sa/other");
+        assert!(connect_opaque(&wrong, addr, stream).await.is_err());
+        assert!(!refusing.await.unwrap());
+    }
 }
