@@ -29,6 +29,7 @@ pub mod control;
 pub mod hostile;
 pub mod netns;
 pub mod service_account;
+pub mod w3c;
 pub use control::{
     start_control, start_control_with, Control, ControlDirs, Subscription, CONTROL_TOKEN,
 };
