@@ -251,10 +251,13 @@ async fn chain_exports_linked_spans(protocol: &str) {
     }
     assert_eq!(a.kind, SpanKind::Client as i32);
     assert_eq!(a.parent_id, PARENT, "A's span is a child of the caller's");
-    assert_eq!(a.attr("http.route").as_deref(), Some("to-b"));
+    // http.route is the matched route's template; its name is outrider.route.
+    assert_eq!(a.attr("http.route").as_deref(), Some("/*"));
+    assert_eq!(a.attr("outrider.route").as_deref(), Some("to-b"));
     assert_eq!(b.kind, SpanKind::Server as i32);
     assert_eq!(b.parent_id, a.span_id, "B's span is a child of A's");
-    assert_eq!(b.attr("http.route").as_deref(), Some("inbound"));
+    assert_eq!(b.attr("http.route"), None, "no route matched inbound");
+    assert_eq!(b.attr("outrider.route").as_deref(), Some("inbound"));
     assert_eq!(
         at_app,
         format!("00-{TRACE}-{}-01", b.span_id),

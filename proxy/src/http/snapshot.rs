@@ -27,6 +27,10 @@ pub struct Target {
     pub metrics: Arc<RouteMetrics>,
     /// Timeouts, retries and limits for this service on this route.
     pub policy: RoutePolicy,
+    /// The matched route's template for spans' `http.route`: its path prefix and `*` (`/*`
+    /// when it matches any path); none for targets no route chose (inbound, dedicated ports,
+    /// captured destinations).
+    pub http_route: Option<Arc<str>>,
 }
 
 enum Backends {
@@ -213,6 +217,10 @@ impl Snapshot {
                     service_state.get(service).unwrap_or(&no_state),
                     route_state,
                 ),
+                http_route: route.map(|r| {
+                    let prefix = r.matches.path_prefix.as_deref().unwrap_or("/");
+                    Arc::from(format!("{prefix}*"))
+                }),
             }))
         };
         let mut routes = Vec::with_capacity(policy.routes.len());
@@ -334,6 +342,7 @@ impl Snapshot {
                     inbound_state.limit.clone(),
                     inbound.timeouts.request_body_idle.get(),
                 ),
+                http_route: None,
             })
         });
         let sampler = Sampler::parent_based(policy.tracing.as_ref().map_or(1.0, |t| t.ratio));
@@ -429,6 +438,7 @@ impl Snapshot {
             upstream: Upstream::single(spec, dst, PASSTHROUGH, metrics),
             metrics: Arc::clone(&self.passthrough_metrics),
             policy: RoutePolicy::default(),
+            http_route: None,
         })
     }
 
@@ -459,6 +469,7 @@ impl Snapshot {
                 self.inbound_state.limit.clone(),
                 timeouts.request_body_idle.get(),
             ),
+            http_route: None,
         })
     }
 

@@ -73,11 +73,11 @@ impl std::fmt::Debug for Observed {
 
 impl Drop for Observed {
     fn drop(&mut self) {
-        if let Some(finish) = self.finish.take() {
-            // A body dropped before its end: the caller went away (or the connection broke).
-            let error = (!self.body.is_end_stream())
-                .then(|| "response body not finished: the caller went away".to_string());
-            finish.end(self.bytes, error);
+        if let Some(mut finish) = self.finish.take() {
+            // A body dropped before its end: the caller went away (a reset stream: a gRPC
+            // deadline or cancel; or a closed connection).
+            finish.cancelled = !self.body.is_end_stream();
+            finish.end(self.bytes, None);
         }
     }
 }
@@ -219,6 +219,12 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
                             observed.bytes += data.len() as u64;
+                        } else if let (Some(trailers), Some(finish)) =
+                            (frame.trailers_ref(), &mut observed.finish)
+                        {
+                            if finish.grpc && finish.spans.is_some() {
+                                finish.grpc_status = crate::io::outcome::grpc_code(trailers);
+                            }
                         }
                     }
                     Poll::Ready(Some(Err(error))) => {

@@ -54,23 +54,44 @@ struct RequestCounters {
     by_method: [OnceLock<Box<[OnceLock<IntCounter>]>>; METHODS.len()],
 }
 
+/// `status_class` and `code` of a request the caller abandoned before its response ended.
+pub const CANCELLED: &str = "cancelled";
+
 impl RequestCounters {
-    fn inc(&self, method: &http::Method, status: http::StatusCode) {
+    /// The slots of `method`'s series: one per status code, and the last for cancelled ones.
+    fn slots(&self, method: &http::Method) -> (usize, &[OnceLock<IntCounter>]) {
         let m = method_index(method);
-        let codes = self.by_method[m].get_or_init(|| (0..CODES).map(|_| OnceLock::new()).collect());
+        let codes =
+            self.by_method[m].get_or_init(|| (0..=CODES).map(|_| OnceLock::new()).collect());
+        (m, codes)
+    }
+
+    fn series(&self, m: usize, class: &str, code: &str) -> IntCounter {
+        self.family.with_label_values(&[
+            &self.labels.direction,
+            &self.labels.service,
+            &self.labels.route,
+            METHODS[m],
+            class,
+            code,
+        ])
+    }
+
+    fn inc(&self, method: &http::Method, status: http::StatusCode) {
+        let (m, codes) = self.slots(method);
         let slot = usize::from(status.as_u16().saturating_sub(FIRST_CODE)).min(CODES - 1);
         codes[slot]
             .get_or_init(|| {
                 let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
-                self.family.with_label_values(&[
-                    &self.labels.direction,
-                    &self.labels.service,
-                    &self.labels.route,
-                    METHODS[m],
-                    STATUS_CLASSES[class],
-                    status.as_str(),
-                ])
+                self.series(m, STATUS_CLASSES[class], status.as_str())
             })
+            .inc();
+    }
+
+    fn inc_cancelled(&self, method: &http::Method) {
+        let (m, codes) = self.slots(method);
+        codes[CODES]
+            .get_or_init(|| self.series(m, CANCELLED, CANCELLED))
             .inc();
     }
 }
@@ -454,6 +475,21 @@ impl RouteMetrics {
         self.requests.inc(method, status);
         self.duration.observe(seconds);
     }
+
+    /// Observes the time to the response headers of a request counted when it ends.
+    pub fn observe_headers(&self, seconds: f64) {
+        self.duration.observe(seconds);
+    }
+
+    /// Counts a request that ended: with its status, or as `cancelled` when the caller left
+    /// before its response ended (a gRPC deadline or cancel, a closed connection).
+    pub fn count_ended(&self, method: &http::Method, status: http::StatusCode, cancelled: bool) {
+        if cancelled {
+            self.requests.inc_cancelled(method);
+        } else {
+            self.requests.inc(method, status);
+        }
+    }
 }
 
 /// Connection counters of one upstream endpoint.
@@ -554,7 +590,7 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "outrider_requests_total",
-                "Requests answered, by direction, service, route, method, status class and code.",
+                "Requests, by direction, service, route, method, status class and code; counted when the response ends (`cancelled` when the caller left first).",
             ),
             &[
                 "direction",

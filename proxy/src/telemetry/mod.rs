@@ -7,8 +7,8 @@
 //! ever queued without bound or awaited by a request.
 
 pub mod metrics;
+pub mod span;
 
-use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,13 +18,9 @@ use arc_swap::ArcSwapOption;
 use http::header::HeaderValue;
 use http::uri::Authority;
 use http::{Method, StatusCode, Uri};
-use opentelemetry::trace::{
-    SpanContext, SpanId as OtelSpanId, SpanKind, Status, TraceFlags, TraceId as OtelTraceId,
-    TraceState,
-};
-use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry::InstrumentationScope;
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
+use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
 use outrider_config::{Otlp, OtlpProtocol};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -163,6 +159,11 @@ impl SpanSink {
             done: std::sync::Mutex::new(Some(task)),
             stop,
         })
+    }
+
+    /// The instrumentation scope of the spans it exports.
+    pub fn scope(&self) -> &InstrumentationScope {
+        &self.scope
     }
 
     /// Queues a finished span, or drops and counts it when the queue is full.
@@ -484,6 +485,8 @@ pub struct ExchangeReport {
     pub error: Option<String>,
     /// Attempt spans (only when they are exported).
     pub spans: Vec<AttemptSpan>,
+    /// The HTTP version of the request as sent upstream (once prepared).
+    pub version: Option<http::Version>,
 }
 
 /// Everything needed to report a request when its response body ends. Built once per
@@ -522,12 +525,31 @@ pub struct Finish {
     pub status: StatusCode,
     /// What the exchange did.
     pub report: ExchangeReport,
+    /// The matched route's template (`http.route`), kept only when spans are exported.
+    pub http_route: Option<Arc<str>>,
+    /// Whether the request was gRPC.
+    pub grpc: bool,
+    /// The response's `grpc-status` (headers or trailers); read only when spans are exported.
+    pub grpc_status: Option<u8>,
+    /// The response headers went out (`status` is the one sent).
+    pub responded: bool,
+    /// The caller left before the response ended.
+    pub cancelled: bool,
+    /// Reported (by [`Finish::end`], or by the drop of an exchange whose caller left); built
+    /// `false`.
+    pub ended: bool,
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        // Here rather than in `end`, so a request whose handler was dropped (caller gone
-        // before the response) is not counted in flight forever.
+        // A request whose handler was dropped before its response (an HTTP/2 caller's reset:
+        // a gRPC deadline or cancel) is reported here, as cancelled.
+        if !self.ended {
+            self.cancelled = true;
+            self.report(0, None);
+        }
+        // Here rather than in `end`, so a request whose handler was dropped is not counted
+        // in flight forever.
         self.metrics.traffic.active.dec();
     }
 }
@@ -540,16 +562,52 @@ impl Finish {
 
     /// Reports the request: the response body ended after `bytes` bytes, with `error` when it
     /// did not end cleanly.
-    pub fn end(self, bytes: u64, error: Option<String>) {
+    pub fn end(mut self, bytes: u64, error: Option<String>) {
+        self.report(bytes, error);
+    }
+
+    fn report(&mut self, bytes: u64, error: Option<String>) {
+        self.ended = true;
         let elapsed = self.started.elapsed();
+        self.metrics
+            .count_ended(&self.method, self.status, self.cancelled || !self.responded);
         let traffic = &self.metrics.traffic;
         // `outrider_request_bytes_total` is added to by the request body itself when it ends,
         // which can be after this (an upstream answering before reading the whole body).
         traffic.response_bytes.inc_by(bytes);
         traffic.stream_duration.observe(elapsed.as_secs_f64());
-        let error = self.report.error.clone().or(error);
-        if let Some(spans) = &self.spans {
-            self.export_spans(spans, elapsed, error.as_deref());
+        let error = match self.cancelled {
+            true => Some(format!(
+                "{}: the caller went away before the response ended",
+                span::CANCELLED
+            )),
+            false => self.report.error.clone().or(error),
+        };
+        if let Some(sink) = &self.spans {
+            let spans = span::RequestSpan {
+                server: self.server,
+                trace: &self.trace,
+                started: self.started,
+                started_wall: self.started_wall,
+                elapsed,
+                method: &self.method,
+                uri: self.uri.as_ref(),
+                authority: self.authority.as_ref(),
+                version: self.report.version,
+                peer: self.peer,
+                endpoint: self.report.endpoint,
+                labels: &self.metrics.labels,
+                http_route: self.http_route.as_deref(),
+                attempts: self.report.attempts,
+                status: self.responded.then_some(self.status),
+                grpc: self.grpc,
+                grpc_status: self.grpc_status,
+                error: error.as_deref(),
+                cancelled: self.cancelled,
+            };
+            for span in spans.build(&self.report.spans, sink.scope()) {
+                sink.record(span);
+            }
         }
         if let Some(log) = &self.access_log {
             let labels = &self.metrics.labels;
@@ -572,7 +630,12 @@ impl Finish {
                     .as_ref()
                     .and_then(Uri::path_and_query)
                     .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
-                status: self.status.as_u16(),
+                // 0: no response went out (as Envoy logs it).
+                status: if self.responded {
+                    self.status.as_u16()
+                } else {
+                    0
+                },
                 upstream: self.report.endpoint,
                 attempts: self.report.attempts,
                 duration_seconds: elapsed.as_secs_f64(),
@@ -589,176 +652,6 @@ impl Finish {
                 error,
             });
         }
-    }
-
-    fn export_spans(&self, sink: &SpanSink, elapsed: Duration, error: Option<&str>) {
-        let trace_id = OtelTraceId::from_bytes(self.trace.trace_id.0);
-        let context = |span: SpanId| {
-            SpanContext::new(
-                trace_id,
-                OtelSpanId::from_bytes(span.0),
-                TraceFlags::SAMPLED,
-                false,
-                TraceState::NONE,
-            )
-        };
-        let wall = |at: Instant| self.started_wall + at.saturating_duration_since(self.started);
-        let method = method_name(&self.method);
-        let labels = &self.metrics.labels;
-        let host = self.authority.as_ref().map(|a| a.host().to_string());
-        let mut attributes = vec![
-            KeyValue::new("http.request.method", method),
-            KeyValue::new("http.route", labels.route.to_string()),
-            KeyValue::new("http.response.status_code", i64::from(self.status.as_u16())),
-            KeyValue::new("url.scheme", "http"),
-            KeyValue::new(
-                "url.path",
-                self.uri.as_ref().map_or("/", Uri::path).to_string(),
-            ),
-            KeyValue::new("outrider.service", labels.service.to_string()),
-            KeyValue::new("outrider.attempts", i64::from(self.report.attempts)),
-        ];
-        if let Some(host) = &host {
-            attributes.push(KeyValue::new("server.address", host.clone()));
-        }
-        if let Some(port) = self.authority.as_ref().and_then(Authority::port_u16) {
-            attributes.push(KeyValue::new("server.port", i64::from(port)));
-        }
-        if self.server {
-            attributes.push(KeyValue::new("client.address", self.peer.ip().to_string()));
-        } else if let Some(endpoint) = self.report.endpoint {
-            attributes.push(KeyValue::new(
-                "network.peer.address",
-                endpoint.ip().to_string(),
-            ));
-            attributes.push(KeyValue::new(
-                "network.peer.port",
-                i64::from(endpoint.port()),
-            ));
-        }
-        // Semantic conventions: 5xx is an error on both sides, 4xx only on the server.
-        let failed =
-            self.status.is_server_error() || (self.server && self.status.is_client_error());
-        let status = match error {
-            Some(reason) => {
-                attributes.push(KeyValue::new("error.type", error_type(reason, self.status)));
-                Status::error(reason.to_string())
-            }
-            None if failed => {
-                attributes.push(KeyValue::new(
-                    "error.type",
-                    self.status.as_str().to_string(),
-                ));
-                Status::error("")
-            }
-            None => Status::Unset,
-        };
-        sink.record(SpanData {
-            span_context: context(self.trace.span_id),
-            parent_span_id: self
-                .trace
-                .parent_id
-                .map_or(OtelSpanId::INVALID, |p| OtelSpanId::from_bytes(p.0)),
-            parent_span_is_remote: self.trace.parent_id.is_some(),
-            span_kind: if self.server {
-                SpanKind::Server
-            } else {
-                SpanKind::Client
-            },
-            name: Cow::Borrowed(method),
-            start_time: self.started_wall,
-            end_time: self.started_wall + elapsed,
-            attributes,
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
-            status,
-            instrumentation_scope: sink.scope.clone(),
-        });
-        for attempt in &self.report.spans {
-            let mut attributes = vec![
-                KeyValue::new("http.request.method", method),
-                KeyValue::new("network.peer.address", attempt.endpoint.ip().to_string()),
-                KeyValue::new("network.peer.port", i64::from(attempt.endpoint.port())),
-            ];
-            if let Some(host) = &host {
-                attributes.push(KeyValue::new("server.address", host.clone()));
-            }
-            if attempt.number > 1 {
-                attributes.push(KeyValue::new(
-                    "http.request.resend_count",
-                    i64::from(attempt.number - 1),
-                ));
-            }
-            let status = match (attempt.status, &attempt.error) {
-                (_, Some(reason)) => {
-                    attributes.push(KeyValue::new(
-                        "error.type",
-                        error_type(reason, StatusCode::BAD_GATEWAY),
-                    ));
-                    Status::error(reason.clone())
-                }
-                (Some(code), None) => {
-                    attributes.push(KeyValue::new(
-                        "http.response.status_code",
-                        i64::from(code.as_u16()),
-                    ));
-                    if code.is_server_error() {
-                        attributes.push(KeyValue::new("error.type", code.as_str().to_string()));
-                        Status::error("")
-                    } else {
-                        Status::Unset
-                    }
-                }
-                (None, None) => Status::Unset,
-            };
-            sink.record(SpanData {
-                span_context: context(attempt.span_id),
-                parent_span_id: OtelSpanId::from_bytes(self.trace.span_id.0),
-                parent_span_is_remote: false,
-                span_kind: SpanKind::Client,
-                name: Cow::Borrowed(method),
-                start_time: wall(attempt.started),
-                end_time: wall(attempt.ended),
-                attributes,
-                dropped_attributes_count: 0,
-                events: SpanEvents::default(),
-                links: SpanLinks::default(),
-                status,
-                instrumentation_scope: sink.scope.clone(),
-            });
-        }
-    }
-}
-
-/// A low-cardinality `error.type`: the proxy's error kind, from its message.
-fn error_type(reason: &str, status: StatusCode) -> String {
-    let kind = if reason.contains("timed out") || reason.contains("timeout") {
-        "timeout"
-    } else if reason.contains("refused") {
-        "connection_refused"
-    } else if reason.contains("reset") || reason.contains("closed") {
-        "connection_reset"
-    } else {
-        return status.as_str().to_string();
-    };
-    kind.to_string()
-}
-
-/// Standard methods as static strings (span names need `'static` to avoid an allocation).
-fn method_name(method: &Method) -> &'static str {
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::PATCH => "PATCH",
-        Method::TRACE => "TRACE",
-        Method::CONNECT => "CONNECT",
-        // Semantic conventions: unknown methods are reported as _OTHER.
-        _ => "_OTHER",
     }
 }
 
