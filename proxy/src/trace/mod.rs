@@ -296,7 +296,7 @@ pub fn format_traceparent(
     out[35] = b'-';
     write_hex(&mut out[36..52], &span_id.0);
     out[52] = b'-';
-    let flags = u8::from(sampled) * FLAG_SAMPLED | u8::from(random) * FLAG_RANDOM;
+    let flags = (u8::from(sampled) * FLAG_SAMPLED) | (u8::from(random) * FLAG_RANDOM);
     out[53] = b'0';
     out[54] = HEX[usize::from(flags)];
     header_value(&out)
