@@ -542,7 +542,13 @@ impl Engine {
         // documents it merges with may have changed).
         for _ in 0..MAX_CONFLICTS {
             match self.apply_once(changes.clone(), cause, seen.clone(), false, deadline) {
-                Err(EngineError::Conflict) => self.reload()?,
+                Err(EngineError::Conflict) => {
+                    tracing::info!(
+                        cause,
+                        "another replica committed first; redoing the change on its version"
+                    );
+                    self.reload()?;
+                }
                 other => return other,
             }
         }

@@ -591,6 +591,183 @@ async fn catch_up(engine: &Arc<Engine>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Change;
+    use crate::store::{Source, Store};
+    use std::io::{Read, Write};
+
+    /// One real etcd member (Debian's etcd-server) on free loopback ports, killed and its
+    /// data removed on drop. `None` when etcd is not installed, unless OUTRIDER_REQUIRE_ETCD=1.
+    struct TestEtcd {
+        child: std::process::Child,
+        client_port: u16,
+        dir: PathBuf,
+    }
+
+    impl TestEtcd {
+        fn start() -> Option<Self> {
+            let installed = std::process::Command::new("etcd")
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !installed {
+                assert!(
+                    std::env::var_os("OUTRIDER_REQUIRE_ETCD").is_none_or(|v| v != "1"),
+                    "OUTRIDER_REQUIRE_ETCD=1 but etcd is not installed (scripts/ensure-etcd)"
+                );
+                eprintln!("skipped: etcd is not installed (scripts/ensure-etcd installs it)");
+                return None;
+            }
+            let listeners: Vec<std::net::TcpListener> = (0..2)
+                .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+                .collect();
+            let ports: Vec<u16> = listeners
+                .iter()
+                .map(|l| l.local_addr().expect("addr").port())
+                .collect();
+            drop(listeners);
+            let dir = std::env::temp_dir().join(format!(
+                "outrider-etcd-unit-{}-{}",
+                std::process::id(),
+                ports[0]
+            ));
+            let client = format!("http://127.0.0.1:{}", ports[0]);
+            let peer = format!("http://127.0.0.1:{}", ports[1]);
+            let child = std::process::Command::new("etcd")
+                .args(["--name", "unit", "--data-dir"])
+                .arg(&dir)
+                .args([
+                    "--listen-client-urls",
+                    &client,
+                    "--advertise-client-urls",
+                    &client,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                ])
+                .args(["--initial-cluster", &format!("unit={peer}")])
+                .args(["--logger", "zap", "--log-level", "error"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn etcd");
+            let etcd = Self {
+                child,
+                client_port: ports[0],
+                dir,
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !etcd.healthy() {
+                assert!(std::time::Instant::now() < deadline, "etcd never healthy");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Some(etcd)
+        }
+
+        fn healthy(&self) -> bool {
+            let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.client_port))
+            else {
+                return false;
+            };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = stream.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+            let mut answer = String::new();
+            let _ = stream.take(64 * 1024).read_to_string(&mut answer);
+            answer.contains("\"health\":\"true\"")
+        }
+    }
+
+    impl Drop for TestEtcd {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn upsert(name: &str, workload: &str) -> Change {
+        Change::Upsert {
+            name: name.into(),
+            text: format!("workload: {workload}\nservices: {{}}\n"),
+            source: Source::Api,
+            force: false,
+        }
+    }
+
+    #[test]
+    fn a_replica_with_a_stale_view_redoes_its_change_on_the_newer_version() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let open = || {
+            let config = EtcdConfig {
+                endpoints: vec![format!("127.0.0.1:{}", etcd.client_port)],
+                prefix: DEFAULT_PREFIX.into(),
+                ca: None,
+                identity: None,
+                user: None,
+                timeout: Duration::from_secs(5),
+            };
+            let store = runtime
+                .block_on(EtcdStore::connect(config, runtime.handle().clone()))
+                .expect("connect");
+            Engine::open(Store::etcd(store)).expect("engine")
+        };
+        // Two replicas without their watches: each view stays at what it read, so every
+        // change of one makes the other's next compare-and-swap fail.
+        let (a, b) = (open(), open());
+        assert_eq!(
+            a.apply(vec![upsert("one", "one")], "a").expect("a").version,
+            1
+        );
+        let out = b.apply(vec![upsert("two", "two")], "b").expect("b");
+        assert_eq!(
+            out.version, 2,
+            "redone on top of version 1, not a second version 1"
+        );
+        assert_eq!(
+            a.apply(vec![upsert("three", "three")], "a")
+                .expect("a")
+                .version,
+            3
+        );
+        for engine in [&a, &b] {
+            engine.catch_up().expect("catch up");
+            let history = engine.history();
+            let versions: Vec<u64> = history.iter().map(|h| h.version).collect();
+            assert_eq!(versions, [3, 2, 1]);
+            assert_eq!(history[0].documents, ["one", "three", "two"]);
+        }
+        // The generated CA: the first replica's stays, the second gets the same one.
+        let first = a_ca(&runtime, &etcd);
+        assert_eq!(first, a_ca(&runtime, &etcd));
+    }
+
+    fn a_ca(runtime: &tokio::runtime::Runtime, etcd: &TestEtcd) -> (String, String) {
+        let config = EtcdConfig {
+            endpoints: vec![format!("127.0.0.1:{}", etcd.client_port)],
+            prefix: DEFAULT_PREFIX.into(),
+            ca: None,
+            identity: None,
+            user: None,
+            timeout: Duration::from_secs(5),
+        };
+        let store = runtime
+            .block_on(EtcdStore::connect(config, runtime.handle().clone()))
+            .expect("connect");
+        let mut generated = 0;
+        let pair = store
+            .shared_ca(|| {
+                generated += 1;
+                Ok::<_, ()>((format!("cert {generated}"), "key".to_string()))
+            })
+            .expect("etcd")
+            .expect("generated");
+        pair
+    }
 
     #[test]
     fn urls_name_members() {
