@@ -746,6 +746,51 @@ mod tests {
         assert_eq!(first, a_ca(&runtime, &etcd));
     }
 
+    #[test]
+    fn a_view_behind_a_compaction_is_reloaded_whole_by_the_watch() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let connect = || {
+            let config = EtcdConfig {
+                endpoints: vec![format!("127.0.0.1:{}", etcd.client_port)],
+                prefix: DEFAULT_PREFIX.into(),
+                ca: None,
+                identity: None,
+                user: None,
+                timeout: Duration::from_secs(5),
+            };
+            runtime
+                .block_on(EtcdStore::connect(config, runtime.handle().clone()))
+                .expect("connect")
+        };
+        let a = Engine::open(Store::etcd(connect())).expect("a");
+        // B reads the empty state, then is away while A makes two versions and etcd
+        // compacts the revisions B would resume from.
+        let b_store = connect();
+        let b = Arc::new(Engine::open(Store::etcd(b_store.clone())).expect("b"));
+        a.apply(vec![upsert("one", "one")], "a").expect("one");
+        a.apply(vec![upsert("two", "two")], "a").expect("two");
+        let mut client = b_store.client.clone();
+        runtime
+            .block_on(client.compact(a.store_revision(), None))
+            .expect("compact");
+        runtime.spawn(keep_view(b_store, Arc::clone(&b)));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while b.version() != 2 {
+            assert!(std::time::Instant::now() < deadline, "B never caught up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(b.history()[0].documents, ["one", "two"]);
+        // And the watch then follows A's next change.
+        a.apply(vec![upsert("three", "three")], "a").expect("three");
+        while b.version() != 3 {
+            assert!(std::time::Instant::now() < deadline, "B missed version 3");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn a_ca(runtime: &tokio::runtime::Runtime, etcd: &TestEtcd) -> (String, String) {
         let config = EtcdConfig {
             endpoints: vec![format!("127.0.0.1:{}", etcd.client_port)],
