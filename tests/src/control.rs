@@ -94,8 +94,12 @@ pub fn start_control_command(mut command: Command, dirs: &ControlDirs, extra: &[
         .arg("serve")
         .arg("--policies")
         .arg(&dirs.policies)
-        .arg("--state")
-        .arg(&dirs.state)
+        // `--store etcd://...` replaces the state directory.
+        .args(if extra.contains(&"--store") {
+            Vec::new()
+        } else {
+            vec!["--state".into(), dirs.state.clone().into_os_string()]
+        })
         .arg("--token-file")
         .arg(&dirs.token_file)
         .args(["--heartbeat-secs", "1", "--workers", "2", "--log", "info"])

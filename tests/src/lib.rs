@@ -26,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 pub mod control;
+pub mod etcd;
 pub mod hostile;
 pub mod netns;
 pub mod service_account;
