@@ -210,21 +210,33 @@ impl EtcdStore {
         }
     }
 
-    /// A transaction, tried again (within the timeout) while the member it reached cannot be
-    /// connected to: the client balances over the members but fails a request sent to a dead
-    /// one rather than routing it to another. A transaction that never reached etcd did
-    /// nothing; one that did and is tried again fails its compare (a [`StoreError::Conflict`]
-    /// the engine resolves by reloading), so a retry never commits twice.
+    /// A transaction, tried again within the timeout while it gets no answer: the member it
+    /// reached cannot be connected to (the client balances over the members but fails a
+    /// request sent to a dead one rather than routing it to another), or the attempt's share
+    /// of the deadline passed (a proposal forwarded to a leader that has just died is lost,
+    /// and etcd answers it only at its own request timeout of several seconds, while a new
+    /// leader is elected within about one). A transaction that never reached etcd did
+    /// nothing; one that did and is tried again fails its compare, which [`Self::save`] tells
+    /// apart from another replica's commit, so a retry never commits twice.
     async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
+        let attempt_timeout = self.timeout / 3;
         loop {
-            match self.client.kv_client().txn(txn.clone()).await {
-                Ok(response) => return Ok(response),
-                Err(e) if unreachable_member(&e) && tokio::time::Instant::now() < deadline => {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let mut kv = self.client.kv_client();
+            match tokio::time::timeout(attempt_timeout.min(left), kv.txn(txn.clone())).await {
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(e)) if unreachable_member(&e) && tokio::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "etcd member unreachable; trying another");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(e) => return Err(self.unavailable(e)),
+                Ok(Err(e)) => return Err(self.unavailable(e)),
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(after = ?attempt_timeout, "no answer from etcd; trying again");
+                }
+                Err(_) => {
+                    return Err(self.unavailable(format!("no answer within {:?}", self.timeout)))
+                }
             }
         }
     }
@@ -328,13 +340,19 @@ impl EtcdStore {
         } else {
             Compare::mod_revision(head_key.clone(), CompareOp::Equal, state.revision)
         };
-        let mut ops = vec![TxnOp::put(head_key.clone(), head, None)];
+        let mut ops = vec![TxnOp::put(head_key.clone(), head.clone(), None)];
+        // What a failed compare reads back: the head and the new record as they are now.
+        let mut now = vec![TxnOp::get(head_key.clone(), None)];
+        let mut written = vec![head];
         if let Some(newest) = state.history.back() {
+            let key = self.history_key(newest.version);
             let record = serde_json::to_vec(newest).map_err(|e| StoreError::Invalid {
-                key: self.history_key(newest.version),
+                key: key.clone(),
                 message: e.to_string(),
             })?;
-            ops.push(TxnOp::put(self.history_key(newest.version), record, None));
+            ops.push(TxnOp::put(key.clone(), record.clone(), None));
+            now.push(TxnOp::get(key, None));
+            written.push(record);
         }
         if let Some(oldest) = state.history.front() {
             ops.push(TxnOp::delete(
@@ -342,14 +360,29 @@ impl EtcdStore {
                 Some(DeleteOptions::new().with_range(self.history_key(oldest.version))),
             ));
         }
-        let txn = Txn::new().when([compare]).and_then(ops);
+        let txn = Txn::new().when([compare]).and_then(ops).or_else(now);
         let this = self.clone();
         self.block(async move {
             let response = this.txn(txn).await?;
-            if !response.succeeded() {
-                return Err(StoreError::Conflict);
+            if response.succeeded() {
+                return Ok(response.header().map_or(0, |h| h.revision()));
             }
-            Ok(response.header().map_or(0, |h| h.revision()))
+            // An attempt [`Self::txn`] gave up on may have committed after all: then the head
+            // and the record hold exactly what this one writes, and the swap is this replica's.
+            let mut revision = None;
+            let mut read = response.op_responses().into_iter();
+            for bytes in &written {
+                match read.next() {
+                    Some(TxnOpResponse::Get(get)) => match get.kvs().first() {
+                        Some(kv) if kv.value() == bytes.as_slice() => {
+                            revision.get_or_insert(kv.mod_revision());
+                        }
+                        _ => return Err(StoreError::Conflict),
+                    },
+                    _ => return Err(StoreError::Conflict),
+                }
+            }
+            revision.ok_or(StoreError::Conflict)
         })
     }
 

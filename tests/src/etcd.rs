@@ -99,8 +99,9 @@ impl EtcdCluster {
         let peer = format!("http://127.0.0.1:{}", member.peer_port);
         let log = std::fs::File::create(self.dir.path.join(format!("{}.log", member.name)))
             .expect("etcd log file");
-        // Short heartbeats and elections: a test's leader change takes half a second, not
-        // etcd's default second or more.
+        // etcd's default heartbeat (100 ms) and election timeout (1 s): the elections a real
+        // cluster has, and a margin against a member starved of CPU on a loaded machine
+        // missing heartbeats and calling elections of its own.
         let child = Command::new(&self.binary)
             .args(["--name", &member.name])
             .arg("--data-dir")
@@ -112,7 +113,7 @@ impl EtcdCluster {
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", "outrider-test"])
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .args(["--logger", "zap", "--log-level", "warn"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

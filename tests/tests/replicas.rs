@@ -23,10 +23,12 @@ const PAYMENTS: &str = "spiffe://cluster.local/ns/shop/sa/payments";
 /// What `outriderctl` exits with when the store is unavailable (cli.rs, README).
 const EX_STORE_UNAVAILABLE: i32 = 75;
 
-/// A replica on `cluster`, with its own (empty) policy directory.
+/// A replica on `cluster`, with its own (empty) policy directory. Its etcd deadline leaves
+/// room for a leader election (1 s to 2 s with the cluster's timeouts) on a loaded machine:
+/// losing one member, the leader included, must delay a change, not fail it.
 fn replica(cluster: &EtcdCluster, dirs: &ControlDirs) -> Control {
     let url = cluster.url();
-    start_control_with(dirs, &["--store", &url, "--etcd-timeout", "2s"])
+    start_control_with(dirs, &["--store", &url, "--etcd-timeout", "5s"])
 }
 
 /// A proxy for `workload` subscribed to `control`, with a mesh identity (service account
