@@ -735,6 +735,29 @@ async fn outriderctl_says_clearly_when_the_server_is_down_or_the_token_wrong() {
     );
 }
 
+#[test]
+fn an_etcd_timeout_outside_its_bounds_is_a_usage_error() {
+    // Deadlines are `now + --etcd-timeout`: an unbounded one would overflow the clock.
+    for timeout in ["99999999999h", "0s", "50ms", "2m"] {
+        let out = std::process::Command::new(outrider_e2e::control_binary())
+            .args([
+                "serve",
+                "--store",
+                "etcd://127.0.0.1:1",
+                "--etcd-timeout",
+                timeout,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{timeout}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("outside 100ms..=1m"),
+            "{timeout}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 /// `outriderctl validate` on `text` (written to `name`): its exit code, stderr, the file's
 /// path and the wall time of the fastest of three runs.
 fn validate_text(name: &str, text: &str) -> (Option<i32>, String, String, Duration) {

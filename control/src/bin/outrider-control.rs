@@ -82,8 +82,14 @@ struct Serve {
     )]
     etcd_password_file: Option<PathBuf>,
     /// Deadline of each request to etcd; a change etcd does not confirm within it is not made.
-    #[arg(long, env = "OUTRIDER_CONTROL_ETCD_TIMEOUT", default_value = "3s")]
-    etcd_timeout: outrider_config::Duration,
+    /// From 100ms to 1m: deadlines are computed from it, so it is bounded where it is read.
+    #[arg(
+        long,
+        env = "OUTRIDER_CONTROL_ETCD_TIMEOUT",
+        default_value = "3s",
+        value_parser = parse_etcd_timeout
+    )]
+    etcd_timeout: std::time::Duration,
     /// Address to serve proxies and `outriderctl` on (HTTP/1.1 and h2c).
     #[arg(
         long,
@@ -321,12 +327,28 @@ fn open_store(args: &Serve, runtime: &tokio::runtime::Runtime) -> Result<Store, 
         ca: args.etcd_ca.clone(),
         identity: args.etcd_cert.clone().zip(args.etcd_key.clone()),
         user,
-        timeout: args.etcd_timeout.get(),
+        timeout: args.etcd_timeout,
     };
     let connected = runtime.block_on(EtcdStore::connect(config, runtime.handle().clone()));
     connected
         .map(Store::etcd)
         .map_err(|e| (EX_UNAVAILABLE, e.to_string()))
+}
+
+/// `--etcd-timeout`: a duration from 100ms to 1m. Shorter cannot reach a member and back;
+/// longer would hold an apply (and the deadlines added to it) for no gain.
+fn parse_etcd_timeout(text: &str) -> Result<std::time::Duration, String> {
+    const RANGE: std::ops::RangeInclusive<std::time::Duration> =
+        std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(60);
+    let timeout = text
+        .parse::<outrider_config::Duration>()
+        .map_err(|e| e.to_string())?
+        .get();
+    if RANGE.contains(&timeout) {
+        Ok(timeout)
+    } else {
+        Err(format!("{text} is outside 100ms..=1m"))
+    }
 }
 
 fn read_token(file: Option<&std::path::Path>) -> Result<String, (u8, String)> {
