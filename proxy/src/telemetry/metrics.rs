@@ -54,7 +54,8 @@ struct RequestCounters {
     by_method: [OnceLock<Box<[OnceLock<IntCounter>]>>; METHODS.len()],
 }
 
-/// `status_class` and `code` of a request the caller abandoned before its response ended.
+/// `status_class` and `code` of a request the caller abandoned before its response ended (a
+/// gRPC deadline or cancel, a closed connection); also its span's `error.type`.
 pub const CANCELLED: &str = "cancelled";
 
 impl RequestCounters {

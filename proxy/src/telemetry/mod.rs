@@ -579,7 +579,7 @@ impl Finish {
         let error = match self.cancelled {
             true => Some(format!(
                 "{}: the caller went away before the response ended",
-                span::CANCELLED
+                metrics::CANCELLED
             )),
             false => self.report.error.clone().or(error),
         };

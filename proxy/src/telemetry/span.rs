@@ -19,13 +19,9 @@ use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 use tokio::time::Instant;
 
-use crate::telemetry::metrics::RouteLabels;
+use crate::telemetry::metrics::{RouteLabels, CANCELLED};
 use crate::telemetry::AttemptSpan;
 use crate::trace::{SpanId, TraceContext};
-
-/// `error.type` of an exchange the caller abandoned (a gRPC deadline or cancel, a closed
-/// connection) before its response ended.
-pub const CANCELLED: &str = "cancelled";
 
 /// What replaces each query value in `url.query` and `url.full`: OpenTelemetry's word for
 /// scrubbed content. Query strings often carry secrets (`?token=...`); the keys stay, so a
