@@ -712,6 +712,23 @@ mod tests {
         }
     }
 
+    impl TestEtcd {
+        /// A store on this member, its requests run on `runtime`.
+        fn connect(&self, runtime: &tokio::runtime::Runtime) -> EtcdStore {
+            let config = EtcdConfig {
+                endpoints: vec![format!("127.0.0.1:{}", self.client_port)],
+                prefix: DEFAULT_PREFIX.into(),
+                ca: None,
+                identity: None,
+                user: None,
+                timeout: Duration::from_secs(5),
+            };
+            runtime
+                .block_on(EtcdStore::connect(config, runtime.handle().clone()))
+                .expect("connect")
+        }
+    }
+
     impl Drop for TestEtcd {
         fn drop(&mut self) {
             let _ = self.child.kill();
@@ -735,20 +752,7 @@ mod tests {
             return;
         };
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        let open = || {
-            let config = EtcdConfig {
-                endpoints: vec![format!("127.0.0.1:{}", etcd.client_port)],
-                prefix: DEFAULT_PREFIX.into(),
-                ca: None,
-                identity: None,
-                user: None,
-                timeout: Duration::from_secs(5),
-            };
-            let store = runtime
-                .block_on(EtcdStore::connect(config, runtime.handle().clone()))
-                .expect("connect");
-            Engine::open(Store::etcd(store)).expect("engine")
-        };
+        let open = || Engine::open(Store::etcd(etcd.connect(&runtime))).expect("engine");
         // Two replicas without their watches: each view stays at what it read, so every
         // change of one makes the other's next compare-and-swap fail.
         let (a, b) = (open(), open());
@@ -785,19 +789,7 @@ mod tests {
             return;
         };
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        let connect = || {
-            let config = EtcdConfig {
-                endpoints: vec![format!("127.0.0.1:{}", etcd.client_port)],
-                prefix: DEFAULT_PREFIX.into(),
-                ca: None,
-                identity: None,
-                user: None,
-                timeout: Duration::from_secs(5),
-            };
-            runtime
-                .block_on(EtcdStore::connect(config, runtime.handle().clone()))
-                .expect("connect")
-        };
+        let connect = || etcd.connect(&runtime);
         let a = Engine::open(Store::etcd(connect())).expect("a");
         // B reads the empty state, then is away while A makes two versions and etcd
         // compacts the revisions B would resume from.
@@ -825,17 +817,7 @@ mod tests {
     }
 
     fn a_ca(runtime: &tokio::runtime::Runtime, etcd: &TestEtcd) -> (String, String) {
-        let config = EtcdConfig {
-            endpoints: vec![format!("127.0.0.1:{}", etcd.client_port)],
-            prefix: DEFAULT_PREFIX.into(),
-            ca: None,
-            identity: None,
-            user: None,
-            timeout: Duration::from_secs(5),
-        };
-        let store = runtime
-            .block_on(EtcdStore::connect(config, runtime.handle().clone()))
-            .expect("connect");
+        let store = etcd.connect(runtime);
         let mut generated = 0;
         let pair = store
             .shared_ca(|| {

@@ -151,6 +151,19 @@ impl Control {
         format!("http://{}", self.addr)
     }
 
+    /// The `outrider-proxy` flags that subscribe a proxy to this control plane as `workload`
+    /// with the token of `dirs`; a test appends what differs.
+    pub fn proxy_flags(&self, dirs: &ControlDirs, workload: &str) -> Vec<std::ffi::OsString> {
+        vec![
+            "--control".into(),
+            self.url().into(),
+            "--token-file".into(),
+            dirs.token_file.clone().into(),
+            "--workload".into(),
+            workload.into(),
+        ]
+    }
+
     /// Every log line so far.
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()

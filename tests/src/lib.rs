@@ -29,6 +29,7 @@ pub mod control;
 pub mod etcd;
 pub mod hostile;
 pub mod netns;
+pub mod pb;
 pub mod service_account;
 pub mod w3c;
 pub use control::{

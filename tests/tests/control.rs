@@ -1086,16 +1086,8 @@ async fn with_sa_jwks_a_proxy_subscribes_only_as_its_service_accounts_workload()
     let control = start_control_with(&dirs, &flags.each_ref().map(String::as_str));
     let orders_token = issuer.token_file("shop", "orders", "outrider", 3600);
     let proxy = |workload: &str, id: &str, token: Option<&std::ffi::OsString>| {
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "--control".into(),
-            control.url().into(),
-            "--token-file".into(),
-            dirs.token_file.clone().into(),
-            "--workload".into(),
-            workload.into(),
-            "--proxy-id".into(),
-            id.into(),
-        ];
+        let mut args = control.proxy_flags(&dirs, workload);
+        args.extend(["--proxy-id".into(), id.into()]);
         if let Some(token) = token {
             args.extend(["--identity-token-file".into(), token.clone()]);
         }

@@ -23,29 +23,7 @@ use tonic::server::NamedService;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Code, Request, Response, Status};
 
-/// The messages of `proto/echo.proto`, hand-written with prost, and the generated client and
-/// server of the `outrider.test.Echo` service.
-mod pb {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct EchoRequest {
-        #[prost(string, tag = "1")]
-        pub text: String,
-        #[prost(uint32, tag = "2")]
-        pub count: u32,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct EchoReply {
-        #[prost(string, tag = "1")]
-        pub text: String,
-        #[prost(uint32, tag = "2")]
-        pub seq: u32,
-        #[prost(string, tag = "3")]
-        pub forwarded_for: String,
-    }
-
-    include!(concat!(env!("OUT_DIR"), "/outrider.test.Echo.rs"));
-}
+use outrider_e2e::pb;
 
 use pb::echo_client::EchoClient;
 use pb::echo_server::{Echo, EchoServer};

@@ -34,21 +34,14 @@ fn replica(cluster: &EtcdCluster, dirs: &ControlDirs) -> Control {
 /// A proxy for `workload` subscribed to `control`, with a mesh identity (service account
 /// named as the workload).
 fn proxy_on(control: &Control, dirs: &ControlDirs, workload: &str) -> Proxy {
-    spawn_proxy(
-        TempDir::new(),
-        &[
-            "--control".into(),
-            control.url().into(),
-            "--token-file".into(),
-            dirs.token_file.clone().into(),
-            "--workload".into(),
-            workload.into(),
-            "--namespace".into(),
-            "shop".into(),
-            "--service-account".into(),
-            workload.into(),
-        ],
-    )
+    let mut args = control.proxy_flags(dirs, workload);
+    args.extend([
+        "--namespace".into(),
+        "shop".into(),
+        "--service-account".into(),
+        workload.into(),
+    ]);
+    spawn_proxy(TempDir::new(), &args)
 }
 
 /// Waits until `proxy` runs a policy whose `/config` contains `needle`; returns how long.
