@@ -23,7 +23,8 @@ use crate::io::connection::{ConnectionSlot, LogLimiter};
 use crate::io::detect::{self, Detection};
 use crate::io::opaque;
 use crate::io::original_dst::LoopKind;
-use crate::io::tls::{self, Rewound};
+use crate::io::rewind::Rewind;
+use crate::io::tls;
 use crate::telemetry::metrics::Metrics;
 
 /// The `destination` label of captured inbound connections.
@@ -123,7 +124,7 @@ pub async fn accept(
             };
             let deadline =
                 crate::io::connection::deadline_after(shared.connections.timeouts.header_read);
-            let rewound = Rewound::new(bytes.freeze(), stream);
+            let rewound = Rewind::new(bytes.freeze(), stream);
             let accepted = tls::handshake(rewound, peer, mesh, deadline).await?;
             if !authorized(&snapshot, accepted.peer_identity.as_ref()) {
                 tracing::debug!(%peer, %dst, caller = ?accepted.peer_identity, "mesh TCP connection refused by authorization");
@@ -139,7 +140,7 @@ pub async fn accept(
             };
             let deadline =
                 crate::io::connection::deadline_after(shared.connections.timeouts.header_read);
-            let rewound = Rewound::new(bytes.freeze(), stream);
+            let rewound = Rewind::new(bytes.freeze(), stream);
             let accepted = tls::handshake(rewound, peer, mesh, deadline).await?;
             capture.connection(direction, APP, "http");
             http(accepted.io, BytesMut::new(), accepted.peer_identity, slot)

@@ -25,6 +25,7 @@ use crate::io::connection::{
 };
 use crate::io::identity::PEER_IDENTITY_HEADER;
 use crate::io::original_dst::{self, Disposition};
+use crate::io::rewind::Rewind;
 use crate::io::tls;
 use crate::telemetry::metrics::ListenerMetrics;
 
@@ -255,7 +256,8 @@ async fn serve_connection(
             response.map(|r| r.map(|body| connection::ServedBody::new(body, stream)))
         }
     });
-    let io = TokioIo::new(connection::ServedIo::new(first.bytes, io, slot));
+    // The bytes the first head was read in come first; the slot is held while the socket lives.
+    let io = TokioIo::new(Rewind::holding(first.bytes, io, slot));
     // What ends a connection besides hyper: a shutdown (`None`), or an HTTP/2 connection's
     // expiry. Gated: hyper wakes the task several times per request, and these need a look
     // only when they wake it themselves.
