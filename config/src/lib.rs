@@ -6,6 +6,7 @@
 
 mod duration;
 mod error;
+pub mod app_probe;
 pub mod limits;
 mod lint;
 mod parse;
