@@ -1166,6 +1166,58 @@ fn spawn_redis(lab: &Lab, pod: &Pod, server: std::net::SocketAddr) {
     );
 }
 
+/// A sidecar's endpoint may name the peer's inbound port itself (README: "Endpoints naming
+/// 15006 keep working"): `a` wraps a Redis stream to b:15006 in mesh mTLS offering only
+/// `outrider-tcp/1`, and b's explicit inbound listener relays its plaintext to `inbound.app`
+/// (redis-server) after checking `authorization`, as on a captured port, rather than reading
+/// Redis commands as an HTTP request (which answered them 400).
+#[tokio::test]
+async fn redis_wrapped_to_the_explicit_inbound_port_reaches_inbound_app() {
+    if outrider_e2e::netns::missing_prerequisite().is_none() && !redis_present() {
+        return;
+    }
+    let explicit = |b: &Pod| b.addr(Family::V4, 15006);
+    let a_policy = |b: &Pod| {
+        format!(
+            "workload: a
+services:
+  redis:
+    endpoints: [\"{}\"]
+    tls: mesh
+    identity: {B_ID}
+",
+            explicit(b)
+        )
+    };
+    let b_policy = |b: &Pod| {
+        format!(
+            "workload: b
+inbound:
+  app: \"{}\"
+  mtls: strict
+  authorization: {{ allow: [{A_ID}] }}
+",
+            b.addr(Family::V4, 6379)
+        )
+    };
+    let Some(mesh) = mesh_with_policies(a_policy, &[], b_policy, A_ID).await else {
+        return;
+    };
+    spawn_redis(&mesh.lab, &mesh.b, mesh.b.addr(Family::V4, 6379));
+    let server = explicit(&mesh.b);
+    let cli = |args: &[&str]| redis_cli(&mesh.lab, &mesh.a, server, args);
+    mesh.wait_for_redis(&mesh.a, server).await;
+    assert_eq!(cli(&["SET", "outrider", "explicit"]), "OK");
+    assert_eq!(cli(&["GET", "outrider"]), "explicit");
+    mesh.b_proxy
+        .assert_count_at_least(
+            "outrider_tcp_connections_total",
+            &["direction=\"inbound\"", "mode=\"opaque_mesh\""],
+            3.0,
+        )
+        .await;
+}
+
 /// The same with `b` letting only another identity in: `a`'s wrapped stream is verified and
 /// then closed by `authorization`, so redis-server never answers `a`.
 #[tokio::test]

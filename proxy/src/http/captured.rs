@@ -118,11 +118,7 @@ pub async fn accept(
                 crate::io::connection::deadline_after(shared.connections.timeouts.header_read);
             let rewound = Rewind::new(bytes.freeze(), stream);
             let accepted = tls::handshake(rewound, peer, mesh, deadline).await?;
-            if !authorized(&snapshot, accepted.peer_identity.as_ref()) {
-                tracing::debug!(%peer, %dst, caller = ?accepted.peer_identity, "mesh TCP connection refused by authorization");
-                return None;
-            }
-            relay_wrapped_inbound(accepted.io, dst, shared, slot).await;
+            relay_wrapped(accepted, peer, Some(dst), shared, slot).await;
             None
         }
         detect::Protocol::Tls(hello) if inbound && hello.mesh => {
@@ -346,6 +342,29 @@ fn authorized(snapshot: &Snapshot, caller: Option<&HeaderValue>) -> bool {
         return true;
     };
     caller.is_some_and(|c| allow.iter().any(|a| a.as_bytes() == c.as_bytes()))
+}
+
+/// Serves a terminated mesh-wrapped stream (ALPN `outrider-tcp/1`) from `peer`: its verified
+/// caller is checked against `inbound.authorization`, and its plaintext relayed to `dst` (a
+/// captured connection's original destination, or `inbound.app` on the explicit inbound port).
+/// Without a destination (explicit, and no `inbound` in the policy) it is refused, never read
+/// as HTTP.
+pub async fn relay_wrapped(
+    accepted: tls::Accepted,
+    peer: SocketAddr,
+    dst: Option<SocketAddr>,
+    shared: &Shared,
+    slot: ConnectionSlot,
+) {
+    let Some(dst) = dst else {
+        tracing::warn!(%peer, caller = ?accepted.peer_identity, "mesh TCP connection refused: the policy has no `inbound` to relay it to");
+        return;
+    };
+    if !authorized(&shared.snapshot.load(), accepted.peer_identity.as_ref()) {
+        tracing::debug!(%peer, %dst, caller = ?accepted.peer_identity, "mesh TCP connection refused by authorization");
+        return;
+    }
+    relay_wrapped_inbound(accepted.io, dst, shared, slot).await;
 }
 
 /// Relays a terminated mesh-wrapped stream's plaintext to the app's port `dst`.

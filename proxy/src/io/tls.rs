@@ -56,6 +56,15 @@ macro_rules! delegate {
 }
 
 impl Io {
+    /// The protocol agreed by ALPN in the TLS handshake; `None` on plain TCP.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            Self::Plain(_) => None,
+            Self::Client(tls) => tls.get_ref().1.alpn_protocol(),
+            Self::Server(tls) => tls.get_ref().1.alpn_protocol(),
+        }
+    }
+
     /// Whether an idle connection is still open with nothing unread: the peer has neither
     /// closed it nor sent anything. Never waits. On plain TCP it asks the runtime's cached
     /// readiness, making a system call only if the socket became readable; TLS reads through
