@@ -778,6 +778,13 @@ async fn outsider_is_refused(family: Family) {
             1.0,
         )
         .await;
+    mesh.b_proxy
+        .assert_count_at_least(
+            "outrider_tcp_refused_total",
+            &["direction=\"inbound\"", "reason=\"unverified\""],
+            1.0,
+        )
+        .await;
 }
 
 in_both_families!(
@@ -1246,6 +1253,13 @@ async fn redis_from_a_caller_authorization_does_not_allow_is_closed() {
             "outrider_tcp_connections_total",
             &["direction=\"inbound\"", "mode=\"opaque_mesh\""],
             0.0,
+        )
+        .await;
+    mesh.b_proxy
+        .assert_count_at_least(
+            "outrider_tcp_refused_total",
+            &["direction=\"inbound\"", "reason=\"unauthorized\""],
+            1.0,
         )
         .await;
 }

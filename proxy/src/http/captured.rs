@@ -111,6 +111,7 @@ pub async fn accept(
         detect::Protocol::Closed => None,
         detect::Protocol::Tls(hello) if inbound && hello.mesh_tcp => {
             let Some(mesh) = &shared.mesh else {
+                capture.refused(INBOUND, "no_identity");
                 tracing::warn!(%peer, %dst, "mesh TLS connection refused: this proxy has no workload identity (--service-account)");
                 return None;
             };
@@ -123,6 +124,7 @@ pub async fn accept(
         }
         detect::Protocol::Tls(hello) if inbound && hello.mesh => {
             let Some(mesh) = &shared.mesh else {
+                capture.refused(INBOUND, "no_identity");
                 tracing::warn!(%peer, %dst, "mesh TLS connection refused: this proxy has no workload identity (--service-account)");
                 return None;
             };
@@ -285,6 +287,7 @@ fn inbound_takes_unverified(
     if !strict && !authorized_only {
         return true;
     }
+    shared.metrics.capture.refused(INBOUND, "unverified");
     if let Some(mesh) = &shared.mesh {
         mesh.metrics
             .handshake_failed("inbound", "plaintext_refused");
@@ -356,11 +359,14 @@ pub async fn relay_wrapped(
     shared: &Shared,
     slot: ConnectionSlot,
 ) {
+    let capture = &shared.metrics.capture;
     let Some(dst) = dst else {
+        capture.refused(INBOUND, "no_destination");
         tracing::warn!(%peer, caller = ?accepted.peer_identity, "mesh TCP connection refused: the policy has no `inbound` to relay it to");
         return;
     };
     if !authorized(&shared.snapshot.load(), accepted.peer_identity.as_ref()) {
+        capture.refused(INBOUND, "unauthorized");
         tracing::debug!(%peer, %dst, caller = ?accepted.peer_identity, "mesh TCP connection refused by authorization");
         return;
     }
