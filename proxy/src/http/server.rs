@@ -23,8 +23,9 @@ use crate::http::shared::Shared;
 use crate::io::connection::{
     self, ConnectionSlot, Expiry, FirstHead, Gated, GatedTimer, IdleWatch, LogLimiter,
 };
-use crate::io::identity::PEER_IDENTITY_HEADER;
+use crate::io::identity::{ALPN_OUTRIDER_TCP, PEER_IDENTITY_HEADER};
 use crate::io::original_dst::{self, Disposition};
+use crate::io::rewind::Rewind;
 use crate::io::tls;
 use crate::telemetry::metrics::ListenerMetrics;
 
@@ -189,7 +190,7 @@ async fn serve_connection(
         let captured = Some((http.dst, http.inbound));
         (http.io, http.peer_identity, http.bytes, http.slot, captured)
     } else {
-        let Some((io, peer_identity)) =
+        let Some(accepted) =
             accept_explicit(stream, peer, kind, &shared, deadline, &mut stop).await
         else {
             if Instant::now() >= deadline {
@@ -197,7 +198,26 @@ async fn serve_connection(
             }
             return;
         };
-        (io, peer_identity, BytesMut::new(), slot, None)
+        if accepted.io.alpn() == Some(ALPN_OUTRIDER_TCP) {
+            // Mesh-wrapped opaque TCP sent to this port itself (a peer's endpoint naming
+            // 15006): opaque bytes, to the app as on a captured port, never read as HTTP.
+            let app = shared
+                .snapshot
+                .load()
+                .policy
+                .inbound
+                .as_ref()
+                .map(|i| i.app);
+            captured::relay_wrapped(accepted, peer, app, &shared, slot).await;
+            return;
+        }
+        (
+            accepted.io,
+            accepted.peer_identity,
+            BytesMut::new(),
+            slot,
+            None,
+        )
     };
     let first = tokio::select! {
         first = connection::read_first_head_after(&mut io, prefix, deadline) => first,
@@ -255,7 +275,8 @@ async fn serve_connection(
             response.map(|r| r.map(|body| connection::ServedBody::new(body, stream)))
         }
     });
-    let io = TokioIo::new(connection::ServedIo::new(first.bytes, io, slot));
+    // The bytes the first head was read in come first; the slot is held while the socket lives.
+    let io = TokioIo::new(Rewind::holding(first.bytes, io, slot));
     // What ends a connection besides hyper: a shutdown (`None`), or an HTTP/2 connection's
     // expiry. Gated: hyper wakes the task several times per request, and these need a look
     // only when they wake it themselves.
@@ -293,9 +314,12 @@ async fn accept_explicit(
     shared: &Shared,
     deadline: Instant,
     stop: &mut watch::Receiver<bool>,
-) -> Option<(tls::Io, Option<http::HeaderValue>)> {
+) -> Option<tls::Accepted> {
     if kind != ListenerKind::Inbound {
-        return Some((tls::Io::Plain(stream), None));
+        return Some(tls::Accepted {
+            io: tls::Io::Plain(stream),
+            peer_identity: None,
+        });
     }
     let mode = shared
         .snapshot
@@ -305,11 +329,10 @@ async fn accept_explicit(
         .as_ref()
         .map(|i| i.mtls)
         .unwrap_or_default();
-    let accepted = tokio::select! {
+    tokio::select! {
         accepted = tls::accept_inbound(stream, peer, shared.mesh.as_ref(), mode, deadline) => accepted,
-        () = crate::core::shutdown::stopped(stop) => return None,
-    };
-    accepted.map(|a| (a.io, a.peer_identity))
+        () = crate::core::shutdown::stopped(stop) => None,
+    }
 }
 
 /// Runs hyper's `conn` until it ends, and closes it gracefully (`graceful_shutdown`) once

@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::io::identity::{self, Mesh, ALPN_H2, ALPN_HTTP1};
+use crate::io::rewind::Rewind;
 
 /// First byte of a TLS record carrying a handshake (a ClientHello starts with it).
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -32,67 +33,7 @@ pub enum Io {
     /// TLS to an upstream sidecar.
     Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// TLS from a peer sidecar.
-    Server(Box<tokio_rustls::server::TlsStream<Rewound>>),
-}
-
-/// An accepted TCP stream whose first bytes were read already (a captured connection's
-/// ClientHello, read to see its ALPN): they are read again first.
-pub struct Rewound {
-    prefix: bytes::Bytes,
-    stream: TcpStream,
-}
-
-impl Rewound {
-    /// `stream`, whose first bytes `prefix` were taken from it.
-    pub fn new(prefix: bytes::Bytes, stream: TcpStream) -> Self {
-        Self { prefix, stream }
-    }
-}
-
-impl AsyncRead for Rewound {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.prefix.is_empty() {
-            return Pin::new(&mut this.stream).poll_read(cx, buf);
-        }
-        let n = this.prefix.len().min(buf.remaining());
-        buf.put_slice(&this.prefix.split_to(n));
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Rewound {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
+    Server(Box<tokio_rustls::server::TlsStream<Rewind<TcpStream>>>),
 }
 
 macro_rules! delegate {
@@ -115,6 +56,15 @@ macro_rules! delegate {
 }
 
 impl Io {
+    /// The protocol agreed by ALPN in the TLS handshake; `None` on plain TCP.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            Self::Plain(_) => None,
+            Self::Client(tls) => tls.get_ref().1.alpn_protocol(),
+            Self::Server(tls) => tls.get_ref().1.alpn_protocol(),
+        }
+    }
+
     /// Whether an idle connection is still open with nothing unread: the peer has neither
     /// closed it nor sent anything. Never waits. On plain TCP it asks the runtime's cached
     /// readiness, making a system call only if the socket became readable; TLS reads through
@@ -481,7 +431,7 @@ pub async fn accept_inbound(
         });
     }
     handshake(
-        Rewound::new(bytes::Bytes::new(), stream),
+        Rewind::new(bytes::Bytes::new(), stream),
         peer,
         mesh,
         deadline,
@@ -492,7 +442,7 @@ pub async fn accept_inbound(
 /// The server side of mesh mTLS over `stream` (client certificate required, a SPIFFE id in
 /// it), by `deadline`. `None`: refused (the reason is logged and counted here).
 pub async fn handshake(
-    stream: Rewound,
+    stream: Rewind<TcpStream>,
     peer: SocketAddr,
     mesh: &Arc<Mesh>,
     deadline: tokio::time::Instant,
@@ -570,7 +520,7 @@ mod tests {
             let (stream, peer) = listener.accept().await.unwrap();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             let accepted = handshake(
-                Rewound::new(bytes::Bytes::new(), stream),
+                Rewind::new(bytes::Bytes::new(), stream),
                 peer,
                 &server,
                 deadline,
@@ -605,7 +555,7 @@ mod tests {
         let refusing = tokio::spawn(async move {
             let (stream, peer) = listener.accept().await.unwrap();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            let rewound = Rewound::new(bytes::Bytes::new(), stream);
+            let rewound = Rewind::new(bytes::Bytes::new(), stream);
             handshake(rewound, peer, &server, deadline).await.is_some()
         });
         let stream = TcpStream::connect(addr).await.unwrap();

@@ -147,6 +147,7 @@ pub struct CaptureMetrics {
     detections: IntCounterVec,
     detection_seconds: HistogramVec,
     loops: IntCounterVec,
+    refused: IntCounterVec,
 }
 
 impl CaptureMetrics {
@@ -192,12 +193,22 @@ impl CaptureMetrics {
                 ),
                 &["reason"],
             )?,
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "outrider_tcp_refused_total",
+                    "Captured connections (and mesh-wrapped TCP on the inbound port) closed \
+                     before being served or relayed, by direction and reason (unverified, \
+                     unauthorized, no_identity, no_destination).",
+                ),
+                &["direction", "reason"],
+            )?,
         };
         registry.register(Box::new(metrics.connections.clone()))?;
         registry.register(Box::new(metrics.bytes.clone()))?;
         registry.register(Box::new(metrics.detections.clone()))?;
         registry.register(Box::new(metrics.detection_seconds.clone()))?;
         registry.register(Box::new(metrics.loops.clone()))?;
+        registry.register(Box::new(metrics.refused.clone()))?;
         Ok(metrics)
     }
 
@@ -233,6 +244,11 @@ impl CaptureMetrics {
     /// Counts a refused loop.
     pub fn looped(&self, reason: &str) {
         self.loops.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a connection closed before it was served or relayed, and why.
+    pub fn refused(&self, direction: &str, reason: &str) {
+        self.refused.with_label_values(&[direction, reason]).inc();
     }
 }
 
