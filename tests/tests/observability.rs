@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::Request;
@@ -504,6 +505,61 @@ async fn placeholder_labels_never_share_a_series_with_real_names() {
         );
     }
     let (_, text) = proxy.admin_get("/metrics").await;
+    promtool_check(&text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_of_a_route_that_left_the_policy_go_once_its_requests_drain() {
+    // `slow` holds its requests until released, so one is in flight across the reload.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let held = Arc::clone(&release);
+    let slow = Upstream::start(Proto::Http1, move |_req: Request<hyper::body::Incoming>| {
+        let held = Arc::clone(&held);
+        async move {
+            held.notified().await;
+            http::Response::new(full("late"))
+        }
+    })
+    .await;
+    let echo = Upstream::echo(Proto::Http1, "echo").await;
+    let kept = format!(
+        "services:\n  kept: {{ endpoints: [{}] }}\n  gone: {{ endpoints: [{}] }}\nroutes:\n  - name: k\n    match: {{ authority: kept }}\n    service: kept\n",
+        echo.addr, slow.addr
+    );
+    let proxy = start_proxy(&format!(
+        "{kept}  - name: g\n    match: {{ authority: gone }}\n    service: gone\n"
+    ));
+    assert_eq!(get(proxy.outbound, "kept", "/").await.status, 200);
+    let outbound = proxy.outbound;
+    let in_flight = tokio::spawn(async move { get(outbound, "gone", "/").await });
+    let active = "outrider_requests_active{direction=\"outbound\",route=\"g\",service=\"gone\"}";
+    assert_eq!(settled(&proxy, active, 1.0).await, 1.0);
+
+    save(&proxy.policy_path(), &kept);
+    assert_eq!(settled(&proxy, "outrider_policy_version", 2.0).await, 2.0);
+    assert_eq!(get(proxy.outbound, "kept", "/").await.status, 200);
+    // Still in flight: its series stay.
+    let (_, text) = proxy.admin_get("/metrics").await;
+    assert!(text.contains(active), "{text}");
+
+    release.notify_one();
+    assert_eq!(in_flight.await.unwrap().status, 200);
+    // Route g left the policy (service `gone` stayed: its by-address target keeps series).
+    let gone = |text: &str| !text.lines().any(|l| l.contains("route=\"g\""));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut text = proxy.admin_get("/metrics").await.1;
+    while !gone(&text) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = proxy.admin_get("/metrics").await.1;
+    }
+    assert!(gone(&text), "series of the removed route remain:\n{text}");
+    // The route that stayed kept its series and counts across the reload.
+    assert_eq!(
+        proxy
+            .metric("outrider_response_duration_seconds_count{direction=\"outbound\",route=\"k\",service=\"kept\"}")
+            .await,
+        2.0
+    );
     promtool_check(&text);
 }
 

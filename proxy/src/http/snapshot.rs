@@ -67,7 +67,7 @@ pub struct Snapshot {
     /// The policy as written (validated).
     pub policy: Policy,
     /// Metrics of requests no route matched.
-    pub unrouted: RouteMetrics,
+    pub unrouted: Arc<RouteMetrics>,
     /// How new traces are sampled.
     pub sampler: Sampler,
     /// The access-log writer, when this policy logs (set by the reload that installs it).
@@ -215,7 +215,7 @@ impl Snapshot {
             let upstream = upstreams.get(service)?;
             Some(Arc::new(Target {
                 upstream: Arc::clone(upstream),
-                metrics: Arc::new(metrics.route(OUTBOUND, service, label)),
+                metrics: metrics.route(OUTBOUND, service, label),
                 policy: RoutePolicy::new(
                     policy.services.get(service),
                     route,
@@ -342,7 +342,7 @@ impl Snapshot {
             });
             Arc::new(Target {
                 upstream,
-                metrics: Arc::new(metrics.route(INBOUND, "app", "inbound")),
+                metrics: metrics.route(INBOUND, "app", "inbound"),
                 policy: RoutePolicy::inbound(
                     inbound_state.limit.clone(),
                     inbound.timeouts.request_body_idle.get(),
@@ -352,13 +352,13 @@ impl Snapshot {
         let sampler = Sampler::parent_based(policy.tracing.as_ref().map_or(1.0, |t| t.ratio));
         let inbound_metrics = match &inbound {
             Some(target) => Arc::clone(&target.metrics),
-            None => Arc::new(metrics.route(INBOUND, "app", "inbound")),
+            None => metrics.route(INBOUND, "app", "inbound"),
         };
         Self {
             by_address,
             by_dns,
             by_host,
-            passthrough_metrics: Arc::new(metrics.route(OUTBOUND, PASSTHROUGH, PASSTHROUGH)),
+            passthrough_metrics: metrics.route(OUTBOUND, PASSTHROUGH, PASSTHROUGH),
             inbound_metrics,
             version,
             content_hash,

@@ -1,7 +1,8 @@
 //! Prometheus metrics. Label sets are resolved once per reload into [`RouteMetrics`] handles,
 //! so the request path only touches atomics: no label hashing, no registry lock.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 use prometheus::{
     Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
@@ -104,6 +105,20 @@ pub struct Metrics {
     pub policy_reloads: PolicyReloadMetrics,
     /// Transparent capture: captured connections, their bytes, protocol detection, loops.
     pub capture: CaptureMetrics,
+    /// The route handles alive now, by labels: shared by every snapshot that uses them.
+    live_routes: Arc<LiveRoutes>,
+}
+
+/// Labels of a route handle: direction, service, route.
+type RouteKey = (Arc<str>, Arc<str>, Arc<str>);
+
+/// Route handles in use, so a reload reuses the handles of the routes that stayed, and the
+/// last holder of a route that left the policy (its old snapshot and the requests still in
+/// flight on it) removes its series. Locked at reloads and when a handle goes, never per
+/// request.
+#[derive(Default)]
+struct LiveRoutes {
+    by_labels: Mutex<HashMap<RouteKey, Weak<RouteMetrics>>>,
 }
 
 /// Detection time buckets: most clients write at once (microseconds); a timeout is the longest.
@@ -227,8 +242,11 @@ pub struct PolicyReloadMetrics {
     pub error: IntCounter,
 }
 
-/// Where a request was counted: by direction, service and route.
+/// Where a request was counted: by direction, service and route. Shared by every snapshot
+/// with this route; when the last holder drops it, its series leave the exposition.
 pub struct RouteMetrics {
+    /// The families its series belong to, to remove them from.
+    owner: Option<RouteOwner>,
     requests: RequestCounters,
     duration: Histogram,
     /// Retry outcomes of this route and service.
@@ -239,6 +257,78 @@ pub struct RouteMetrics {
     pub traffic: TrafficMetrics,
     /// The labels these handles were made for (access log and span attributes).
     pub labels: RouteLabels,
+}
+
+/// What removes a route's series when its handles go.
+struct RouteOwner {
+    metrics: Metrics,
+    key: RouteKey,
+}
+
+impl Drop for RouteMetrics {
+    fn drop(&mut self) {
+        let Some(owner) = self.owner.take() else {
+            return;
+        };
+        let metrics = &owner.metrics;
+        let mut live = metrics
+            .live_routes
+            .by_labels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // A reload that brought the route back after this handle's last holder let go made
+        // new handles on the same series: they stay.
+        if live.get(&owner.key).is_some_and(|h| h.strong_count() > 0) {
+            return;
+        }
+        live.remove(&owner.key);
+        let (direction, service, route) = (&*owner.key.0, &*owner.key.1, &*owner.key.2);
+        let three = [direction, service, route];
+        for (m, codes) in self.requests.by_method.iter().enumerate() {
+            for (slot, counter) in codes
+                .get()
+                .map(|c| c.iter())
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                if counter.get().is_none() {
+                    continue;
+                }
+                let code = FIRST_CODE.saturating_add(u16::try_from(slot).unwrap_or(0));
+                let Ok(status) = http::StatusCode::from_u16(code) else {
+                    continue;
+                };
+                let class = usize::from(code / 100).clamp(1, 5) - 1;
+                let _ = metrics.requests.remove_label_values(&[
+                    direction,
+                    service,
+                    route,
+                    METHODS[m],
+                    STATUS_CLASSES[class],
+                    status.as_str(),
+                ]);
+            }
+        }
+        let _ = metrics.duration.remove_label_values(&three);
+        let traffic = &metrics.traffic;
+        let _ = traffic.request_bytes.remove_label_values(&three);
+        let _ = traffic.response_bytes.remove_label_values(&three);
+        let _ = traffic.active.remove_label_values(&three);
+        let _ = traffic.pending.remove_label_values(&three);
+        let _ = traffic.stream_duration.remove_label_values(&three);
+        let _ = metrics.retries.remove_label_values(&[service, route]);
+        for outcome in ["success", "exhausted", "budget-denied", "not-retryable"] {
+            let _ = metrics
+                .retried_requests
+                .remove_label_values(&[service, route, outcome]);
+        }
+        for decision in ["allowed", "rejected", "shadow-rejected"] {
+            let _ = metrics
+                .rate_limit
+                .remove_label_values(&[service, route, decision]);
+        }
+    }
 }
 
 /// Direction, service and route of a target, as in its metric labels.
@@ -751,6 +841,7 @@ impl Metrics {
         let capture = CaptureMetrics::new(&registry)?;
         Ok(Self {
             capture,
+            live_routes: Arc::default(),
             traffic,
             listeners,
             telemetry,
@@ -783,9 +874,31 @@ impl Metrics {
         Ok(self.registry.register(collector)?)
     }
 
-    /// Handles for requests in `direction` to `service` through `route`.
-    pub fn route(&self, direction: &str, service: &str, route: &str) -> RouteMetrics {
+    /// Handles for requests in `direction` to `service` through `route`: the live ones if a
+    /// snapshot already uses them, else new ones.
+    pub fn route(&self, direction: &str, service: &str, route: &str) -> Arc<RouteMetrics> {
+        let key: RouteKey = (direction.into(), service.into(), route.into());
+        let mut live = self
+            .live_routes
+            .by_labels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(handles) = live.get(&key).and_then(Weak::upgrade) {
+            return handles;
+        }
+        let mut handles = self.route_handles(direction, service, route);
+        handles.owner = Some(RouteOwner {
+            metrics: self.clone(),
+            key: key.clone(),
+        });
+        let handles = Arc::new(handles);
+        live.insert(key, Arc::downgrade(&handles));
+        handles
+    }
+
+    fn route_handles(&self, direction: &str, service: &str, route: &str) -> RouteMetrics {
         RouteMetrics {
+            owner: None,
             requests: RequestCounters {
                 family: self.requests.clone(),
                 labels: RouteLabels {
@@ -915,6 +1028,25 @@ mod tests {
             parse_boot_time("cpu  1 2 3\nintr 5\nbtime 1700000000\nprocesses 9\n"),
             Some(1_700_000_000.0)
         );
+    }
+
+    #[test]
+    fn a_routes_series_go_with_its_last_handle_and_stay_while_one_is_alive() {
+        let metrics = Metrics::new("w").unwrap();
+        let text = || String::from_utf8(metrics.encode()).unwrap();
+        let first = metrics.route("outbound", "gone", "r");
+        first.record(&http::Method::GET, http::StatusCode::OK, 0.01);
+        // A second snapshot with the same route shares the handles.
+        let second = metrics.route("outbound", "gone", "r");
+        assert!(Arc::ptr_eq(&first, &second));
+        drop(first);
+        assert!(text().contains("service=\"gone\""));
+        drop(second);
+        assert!(!text().contains("service=\"gone\""), "{}", text());
+        // Back in a later policy: new series from zero.
+        let again = metrics.route("outbound", "gone", "r");
+        again.record(&http::Method::GET, http::StatusCode::OK, 0.01);
+        assert!(text().contains("outrider_requests_total{code=\"200\",direction=\"outbound\",method=\"GET\",route=\"r\",service=\"gone\",status_class=\"2xx\"} 1"));
     }
 
     #[test]
