@@ -71,6 +71,9 @@ pub struct Bootstrap {
     pub limits: io::connection::ConnectionLimits,
     /// The app's probes the admin port performs (`/app-health/...`).
     pub app_probes: Arc<app_probe::AppProbes>,
+    /// The CA that `https://` OTLP collectors are verified against; the system's trust roots
+    /// without it.
+    pub otlp_ca_file: Option<std::path::PathBuf>,
 }
 
 /// The policy a proxy starts with.
@@ -213,7 +216,11 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
     };
     let snapshot = control::reload::empty_snapshot(&metrics);
     let (stop, stop_rx) = watch::channel(false);
-    let spans = Spans::new(&bootstrap.workload, metrics.telemetry.clone());
+    let spans = Spans::new(
+        &bootstrap.workload,
+        metrics.telemetry.clone(),
+        bootstrap.otlp_ca_file.clone(),
+    );
     let connections =
         io::connection::Connections::new(bootstrap.timeouts, bootstrap.limits, &metrics);
     let shared = Arc::new(Shared {

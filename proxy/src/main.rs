@@ -68,6 +68,10 @@ struct Cli {
     /// This workload's name.
     #[arg(long, env = "OUTRIDER_WORKLOAD", default_value = "default")]
     workload: String,
+    /// PEM file of the CA an `https://` OTLP collector (`tracing.otlp.endpoint`) is verified
+    /// against; default: the system's trust roots.
+    #[arg(long, env = "OUTRIDER_OTLP_CA_FILE")]
+    otlp_ca_file: Option<std::path::PathBuf>,
     /// Runtime worker threads; 1 runs a single-threaded runtime, like a 1-CPU pod wants.
     #[arg(long, env = "OUTRIDER_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     workers: u16,
@@ -281,6 +285,7 @@ fn main() -> ExitCode {
         timeouts,
         limits,
         app_probes,
+        otlp_ca_file: cli.otlp_ca_file.clone(),
     };
     runtime.block_on(async move {
         if let (true, Some(initial)) = (cli.demo, &initial) {

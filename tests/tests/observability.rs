@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::Request;
@@ -146,7 +147,7 @@ async fn access_log_has_one_json_line_per_request() {
     assert_eq!(d["trace_id"], TRACE);
     assert_eq!(d["request_id"], "req-404");
     assert_eq!(d["authority"], "nowhere");
-    assert_eq!(d["service"], "none");
+    assert_eq!(d["service"], ":unrouted");
     assert_eq!(d["attempts"], 0);
     assert!(d["upstream"].is_null());
     assert_eq!(d["response_bytes"], unrouted.body.len());
@@ -412,13 +413,13 @@ async fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
     );
     assert_eq!(
         proxy
-            .metric(&requests("404", "GET", "none", "none", "4xx"))
+            .metric(&requests("404", "GET", ":unrouted", ":unrouted", "4xx"))
             .await,
         1.0
     );
     assert_eq!(
         proxy
-            .metric(&requests("404", "other", "none", "none", "4xx"))
+            .metric(&requests("404", "other", ":unrouted", ":unrouted", "4xx"))
             .await,
         1.0,
         "an extension method is counted as other, never under its own name"
@@ -455,11 +456,110 @@ async fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
     );
     assert!(proxy.metric("process_resident_memory_bytes").await > 1_000_000.0);
     assert!(proxy.metric("process_open_fds").await >= 5.0);
+    // The process collector's standard series: CPU time spent so far (the proxy has served
+    // requests and started a runtime), and a start time in the last minutes.
+    assert!(proxy.metric("process_cpu_seconds_total").await > 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = proxy.metric("process_start_time_seconds").await;
+    assert!(
+        started > now - 600.0 && started <= now + 1.0,
+        "process_start_time_seconds {started}, now {now}"
+    );
     // Bounded cardinality: no raw path or peer port appears in any label.
     for path in ["/get/0", "/post"] {
         assert!(!text.contains(path), "raw path {path} in metrics");
     }
 
+    promtool_check(&text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placeholder_labels_never_share_a_series_with_real_names() {
+    // A service and a route named `none` and a route named `listen`: the names the
+    // placeholders of unrouted requests and dedicated listeners once used.
+    let echo = Upstream::echo(Proto::Http1, "echo").await;
+    let proxy = start_proxy(&format!(
+        "services:\n  none: {{ endpoints: [{}], listen: 127.0.0.1:0 }}\nroutes:\n  - name: none\n    match: {{ authority: none }}\n    service: none\n  - name: listen\n    match: {{ authority: listen }}\n    service: none\n",
+        echo.addr
+    ));
+    assert_eq!(get(proxy.outbound, "none", "/").await.status, 200);
+    assert_eq!(get(proxy.outbound, "listen", "/").await.status, 200);
+    assert_eq!(get(proxy.outbound, "nowhere", "/").await.status, 404);
+    assert_eq!(get(proxy.dedicated("none"), "none", "/").await.status, 200);
+    let count = |route: &str, service: &str| {
+        format!("outrider_response_duration_seconds_count{{direction=\"outbound\",route=\"{route}\",service=\"{service}\"}}")
+    };
+    for (route, service) in [
+        ("none", "none"),
+        ("listen", "none"),
+        (":unrouted", ":unrouted"),
+        (":listen", "none"),
+    ] {
+        assert_eq!(
+            settled(&proxy, &count(route, service), 1.0).await,
+            1.0,
+            "route {route} of service {service}"
+        );
+    }
+    let (_, text) = proxy.admin_get("/metrics").await;
+    promtool_check(&text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_of_a_route_that_left_the_policy_go_once_its_requests_drain() {
+    // `slow` holds its requests until released, so one is in flight across the reload.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let held = Arc::clone(&release);
+    let slow = Upstream::start(Proto::Http1, move |_req: Request<hyper::body::Incoming>| {
+        let held = Arc::clone(&held);
+        async move {
+            held.notified().await;
+            http::Response::new(full("late"))
+        }
+    })
+    .await;
+    let echo = Upstream::echo(Proto::Http1, "echo").await;
+    let kept = format!(
+        "services:\n  kept: {{ endpoints: [{}] }}\n  gone: {{ endpoints: [{}] }}\nroutes:\n  - name: k\n    match: {{ authority: kept }}\n    service: kept\n",
+        echo.addr, slow.addr
+    );
+    let proxy = start_proxy(&format!(
+        "{kept}  - name: g\n    match: {{ authority: gone }}\n    service: gone\n"
+    ));
+    assert_eq!(get(proxy.outbound, "kept", "/").await.status, 200);
+    let outbound = proxy.outbound;
+    let in_flight = tokio::spawn(async move { get(outbound, "gone", "/").await });
+    let active = "outrider_requests_active{direction=\"outbound\",route=\"g\",service=\"gone\"}";
+    assert_eq!(settled(&proxy, active, 1.0).await, 1.0);
+
+    save(&proxy.policy_path(), &kept);
+    assert_eq!(settled(&proxy, "outrider_policy_version", 2.0).await, 2.0);
+    assert_eq!(get(proxy.outbound, "kept", "/").await.status, 200);
+    // Still in flight: its series stay.
+    let (_, text) = proxy.admin_get("/metrics").await;
+    assert!(text.contains(active), "{text}");
+
+    release.notify_one();
+    assert_eq!(in_flight.await.unwrap().status, 200);
+    // Route g left the policy (service `gone` stayed: its by-address target keeps series).
+    let gone = |text: &str| !text.lines().any(|l| l.contains("route=\"g\""));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut text = proxy.admin_get("/metrics").await.1;
+    while !gone(&text) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = proxy.admin_get("/metrics").await.1;
+    }
+    assert!(gone(&text), "series of the removed route remain:\n{text}");
+    // The route that stayed kept its series and counts across the reload.
+    assert_eq!(
+        proxy
+            .metric("outrider_response_duration_seconds_count{direction=\"outbound\",route=\"k\",service=\"kept\"}")
+            .await,
+        2.0
+    );
     promtool_check(&text);
 }
 

@@ -799,6 +799,7 @@ async fn exchange_with_retries(
         let (attempt_span, attempt_start) = if attempt == 1 {
             (first_span, now)
         } else {
+            metrics.attempts.inc();
             let span = SpanId::random();
             req.headers_mut()
                 .insert(ATTEMPT.clone(), attempt_value(attempt));

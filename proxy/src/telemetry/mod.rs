@@ -7,6 +7,7 @@
 //! ever queued without bound or awaited by a request.
 
 pub mod metrics;
+pub mod otlp;
 pub mod span;
 
 use std::net::SocketAddr;
@@ -19,9 +20,9 @@ use http::header::HeaderValue;
 use http::uri::Authority;
 use http::{Method, StatusCode, Uri};
 use opentelemetry::InstrumentationScope;
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
-use outrider_config::{Otlp, OtlpProtocol};
+use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
+use opentelemetry_sdk::trace::SpanData;
+use outrider_config::Otlp;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -35,7 +36,7 @@ pub const SPAN_QUEUE: usize = 4096;
 const SPAN_BATCH: usize = 512;
 /// The longest a span waits for its batch to fill.
 const SPAN_BATCH_DELAY: Duration = Duration::from_millis(500);
-/// Bound on one export call; a slow collector costs spans, never memory.
+/// Bound on one export try; a slow collector costs spans, never memory.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the access-log writer lets lines gather after writing a batch: lines reach stdout
 /// at most this much later, and the queue ([`ACCESS_LOG_QUEUE`] lines) absorbs what arrives
@@ -47,7 +48,7 @@ pub const ACCESS_LOG_QUEUE: usize = 8192;
 /// The span exporter could not be built from the policy.
 #[derive(Debug, thiserror::Error)]
 #[error("tracing.otlp: {0}")]
-pub struct ExporterError(String);
+pub struct ExporterError(#[from] otlp::SetupError);
 
 /// The span exporter in force: none, or one [`SpanSink`] for the policy's `tracing.otlp`.
 /// Replaced when a reload changes the collector settings; the old sink is flushed in the
@@ -56,15 +57,22 @@ pub struct Spans {
     current: ArcSwapOption<SpanSink>,
     workload: String,
     metrics: TelemetryMetrics,
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl Spans {
-    /// No exporter until [`Spans::configure`].
-    pub fn new(workload: &str, metrics: TelemetryMetrics) -> Self {
+    /// No exporter until [`Spans::configure`]; `https://` collectors are verified against
+    /// `ca_file`, or the system's trust roots without it.
+    pub fn new(
+        workload: &str,
+        metrics: TelemetryMetrics,
+        ca_file: Option<std::path::PathBuf>,
+    ) -> Self {
         Self {
             current: ArcSwapOption::empty(),
             workload: workload.to_string(),
             metrics,
+            ca_file,
         }
     }
 
@@ -80,15 +88,22 @@ impl Spans {
         if current.as_ref().map(|sink| &sink.otlp) == otlp {
             return;
         }
-        let next =
-            match otlp.map(|otlp| SpanSink::start(otlp, &self.workload, self.metrics.clone())) {
-                None => None,
-                Some(Ok(sink)) => Some(Arc::new(sink)),
-                Some(Err(error)) => {
-                    tracing::error!(%error, "span export disabled");
-                    None
-                }
-            };
+        let start = |otlp| {
+            SpanSink::start(
+                otlp,
+                &self.workload,
+                self.ca_file.as_deref(),
+                self.metrics.clone(),
+            )
+        };
+        let next = match otlp.map(start) {
+            None => None,
+            Some(Ok(sink)) => Some(Arc::new(sink)),
+            Some(Err(error)) => {
+                tracing::error!(%error, "span export disabled");
+                None
+            }
+        };
         if let Some(old) = self.current.swap(next) {
             tokio::spawn(async move { old.shutdown(EXPORT_TIMEOUT).await });
         }
@@ -102,8 +117,9 @@ impl Spans {
     }
 }
 
-/// Where sampled spans go: a bounded queue drained by a task that exports in batches through
-/// opentelemetry-otlp (gRPC or HTTP/protobuf).
+/// Where sampled spans go: a bounded queue drained by a task that exports in batches over
+/// OTLP (gRPC or HTTP/protobuf, see [`otlp`]). While a batch is retried, new spans wait in the
+/// queue; when it is full they are dropped and counted.
 pub struct SpanSink {
     otlp: Otlp,
     queue: mpsc::Sender<SpanData>,
@@ -119,36 +135,25 @@ impl SpanSink {
     pub fn start(
         otlp: &Otlp,
         workload: &str,
+        ca_file: Option<&std::path::Path>,
         metrics: TelemetryMetrics,
     ) -> Result<Self, ExporterError> {
-        let mut exporter = match otlp.protocol {
-            OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(otlp.endpoint.clone())
-                .with_timeout(EXPORT_TIMEOUT)
-                .build(),
-            OtlpProtocol::Http => opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_endpoint(http_traces_url(&otlp.endpoint))
-                .with_timeout(EXPORT_TIMEOUT)
-                .with_http_client(
-                    opentelemetry_http::hyper::HyperClient::with_default_connector(
-                        EXPORT_TIMEOUT,
-                        None,
-                    ),
-                )
-                .build(),
-        }
-        .map_err(|e| ExporterError(e.to_string()))?;
+        let collector = otlp::Collector::new(otlp, ca_file, EXPORT_TIMEOUT)?;
         // The builder reads OTEL_RESOURCE_ATTRIBUTES (and OTEL_SERVICE_NAME); the workload
         // name is set last so it wins for service.name.
         let resource = opentelemetry_sdk::Resource::builder()
             .with_service_name(workload.to_string())
             .build();
-        exporter.set_resource(&resource);
+        let resource = ResourceAttributesWithSchema::from(&resource);
         let (queue, rx) = mpsc::channel(SPAN_QUEUE);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(export_loop(exporter, rx, stop_rx, metrics.clone()));
+        let task = tokio::spawn(export_loop(
+            collector,
+            resource,
+            rx,
+            stop_rx,
+            metrics.clone(),
+        ));
         Ok(Self {
             otlp: otlp.clone(),
             queue,
@@ -185,26 +190,21 @@ impl SpanSink {
     }
 }
 
-/// OTLP/HTTP posts to `/v1/traces`; an endpoint given without a path gets it appended (the
-/// exporter uses a programmatic endpoint as is).
-fn http_traces_url(endpoint: &str) -> String {
-    let after_scheme = endpoint
-        .split_once("://")
-        .map_or(endpoint, |(_, rest)| rest);
-    match after_scheme.find('/') {
-        None => format!("{endpoint}/v1/traces"),
-        Some(i) if after_scheme[i..] == *"/" => format!("{}v1/traces", endpoint),
-        Some(_) => endpoint.to_string(),
-    }
-}
-
 async fn export_loop(
-    exporter: opentelemetry_otlp::SpanExporter,
+    mut collector: otlp::Collector,
+    resource: ResourceAttributesWithSchema,
     mut rx: mpsc::Receiver<SpanData>,
     mut stop: tokio::sync::watch::Receiver<bool>,
     metrics: TelemetryMetrics,
 ) {
     let mut batch = Vec::with_capacity(SPAN_BATCH);
+    let mut failures = otlp::FailureLog::default();
+    let mut export = Export {
+        collector: &mut collector,
+        resource: &resource,
+        metrics: &metrics,
+        failures: &mut failures,
+    };
     loop {
         tokio::select! {
             span = rx.recv() => match span {
@@ -235,38 +235,46 @@ async fn export_loop(
                 () = &mut delay => break,
             }
         }
-        export(&exporter, &mut batch, &metrics).await;
+        export.send(&mut batch, &mut stop).await;
     }
-    // Shutdown: flush whatever is queued.
+    // Shutdown: flush whatever is queued (one try per batch: `stop` is set).
     rx.close();
     while let Some(span) = rx.recv().await {
         batch.push(span);
         if batch.len() == SPAN_BATCH {
-            export(&exporter, &mut batch, &metrics).await;
+            export.send(&mut batch, &mut stop).await;
         }
     }
-    export(&exporter, &mut batch, &metrics).await;
+    export.send(&mut batch, &mut stop).await;
 }
 
-async fn export(
-    exporter: &opentelemetry_otlp::SpanExporter,
-    batch: &mut Vec<SpanData>,
-    metrics: &TelemetryMetrics,
-) {
-    if batch.is_empty() {
-        return;
-    }
-    let n = batch.len() as u64;
-    let spans = std::mem::replace(batch, Vec::with_capacity(SPAN_BATCH));
-    match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(spans)).await {
-        Ok(Ok(())) => metrics.spans_exported.inc_by(n),
-        Ok(Err(error)) => {
-            tracing::debug!(%error, spans = n, "span export failed");
-            metrics.spans_dropped.inc_by(n);
+/// What exporting a batch needs, held by the export task.
+struct Export<'a> {
+    collector: &'a mut otlp::Collector,
+    resource: &'a ResourceAttributesWithSchema,
+    metrics: &'a TelemetryMetrics,
+    failures: &'a mut otlp::FailureLog,
+}
+
+impl Export<'_> {
+    /// Encodes and delivers `batch` (with retries), counting its spans exported or dropped.
+    async fn send(
+        &mut self,
+        batch: &mut Vec<SpanData>,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) {
+        if batch.is_empty() {
+            return;
         }
-        Err(_) => {
-            tracing::debug!(spans = n, "span export timed out");
-            metrics.spans_dropped.inc_by(n);
+        let n = batch.len() as u64;
+        let spans = std::mem::replace(batch, Vec::with_capacity(SPAN_BATCH));
+        let encoded = otlp::encode(spans, self.resource);
+        match otlp::deliver(self.collector, &encoded, stop).await {
+            Ok(()) => self.metrics.spans_exported.inc_by(n),
+            Err(error) => {
+                self.failures.dropped(&error, n);
+                self.metrics.spans_dropped.inc_by(n);
+            }
         }
     }
 }
@@ -706,15 +714,5 @@ mod tests {
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
         let end_of_year = SystemTime::UNIX_EPOCH + Duration::from_micros(1_798_761_599_999_999);
         assert_eq!(rfc3339(end_of_year), "2026-12-31T23:59:59.999999Z");
-    }
-
-    #[test]
-    fn http_endpoint_gets_the_traces_path() {
-        assert_eq!(http_traces_url("http://c:4318"), "http://c:4318/v1/traces");
-        assert_eq!(http_traces_url("http://c:4318/"), "http://c:4318/v1/traces");
-        assert_eq!(
-            http_traces_url("http://c:4318/custom"),
-            "http://c:4318/custom"
-        );
     }
 }
