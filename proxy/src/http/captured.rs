@@ -126,7 +126,7 @@ pub async fn accept(
             let rewound = Rewound::new(bytes.freeze(), stream);
             let accepted = tls::handshake(rewound, peer, mesh, deadline).await?;
             if !authorized(&snapshot, accepted.peer_identity.as_ref()) {
-                tracing::debug!(%peer, %dst, caller = ?accepted.peer_identity, "mesh TCP connection refused by authorization");
+                tracing::debug!(%peer, %dst, caller = accepted.peer_identity.as_ref().and_then(|id| id.to_str().ok()), "mesh TCP connection refused by authorization");
                 return None;
             }
             relay_wrapped_inbound(accepted.io, dst, shared, slot).await;
@@ -341,7 +341,7 @@ async fn relay_wrapped_inbound(
         &counters,
     )
     .await;
-    tracing::debug!(%dst, ?end, "mesh TCP relay ended");
+    tracing::debug!(%dst, end = end.as_str(), "mesh TCP relay ended");
     drop(slot);
 }
 
@@ -401,7 +401,7 @@ async fn relay(
             }
         },
     };
-    tracing::debug!(%dst, direction, destination = class, ?end, "opaque relay ended");
+    tracing::debug!(%dst, direction, destination = class, end = end.as_str(), "opaque relay ended");
     drop(slot);
 }
 
