@@ -29,12 +29,13 @@ use crate::io::connect::ConnectError;
 use crate::io::outcome::{self, Deferred, Watch};
 use crate::io::pool::{SendError, Unsent, UpstreamBody};
 use crate::io::request_body::{Counted, ReplayHandle, RequestBody};
+use crate::io::tls::UpstreamTls;
 use crate::io::upstream::{Endpoint, Upstream};
 use crate::policy::breaker::{BreakerRejection, Outcome};
 use crate::policy::ratelimit::RateDecision;
 use crate::policy::retry::{self, AttemptFailure, RetryPolicy};
 use crate::policy::timeout::{BodyStall, Deadlines, Expired, Timer};
-use crate::telemetry::{AccessRecord, AttemptSpan, ExchangeReport, Finish};
+use crate::telemetry::{AccessRecord, AttemptSpan, ExchangeReport, Finish, LoggedOnly};
 use crate::trace::{SpanId, TraceContext};
 
 /// Which listener a request arrived on; decides how its target is found.
@@ -103,10 +104,17 @@ where
                 target,
                 authority,
                 TraceContext::extract(req.headers(), &snapshot.sampler),
-                snapshot.access_log.clone(),
+                snapshot
+                    .access_log
+                    .clone()
+                    .map(|log| (log, snapshot.access_log_style)),
             )),
             Err(error) => {
                 let response = rescue(&error, grpc);
+                if error.is_malformed() {
+                    let direction = if server { "inbound" } else { "outbound" };
+                    shared.metrics.malformed(direction, response.status());
+                }
                 snapshot.unrouted.record(
                     req.method(),
                     response.status(),
@@ -116,14 +124,17 @@ where
                     // Requests the proxy refused before routing are logged too: an operator
                     // looks for a 404 or 400 by its trace or request id like any other.
                     let trace = TraceContext::extract(req.headers(), &snapshot.sampler);
-                    log.record(AccessRecord::refused(
+                    let mut record = AccessRecord::refused(
                         &req,
+                        &caller,
                         &trace,
                         &snapshot.unrouted.labels,
                         (started, started_wall),
                         &response,
                         error.to_string(),
-                    ));
+                    );
+                    record.style = snapshot.access_log_style;
+                    log.record(record);
                 }
                 Err(response)
             }
@@ -142,12 +153,32 @@ where
         None
     };
     Finish::begin(&target.metrics);
+    let (log, style) = log.unzip();
     let logged = log.is_some();
     let keep_uri = logged || spans.is_some();
+    let logged_only = style.map(|style| {
+        Box::new(LoggedOnly {
+            style,
+            version: req.version(),
+            user_agent: req.headers().get(header::USER_AGENT).cloned(),
+            peer_identity: if server {
+                caller.identity.clone()
+            } else {
+                target
+                    .upstream
+                    .spec
+                    .tls
+                    .as_ref()
+                    .and_then(UpstreamTls::identity)
+            },
+            ..LoggedOnly::default()
+        })
+    });
     let mut finish = Finish {
         metrics: Arc::clone(&target.metrics),
         spans,
         access_log: log,
+        logged: logged_only,
         server,
         started,
         started_wall,
@@ -168,12 +199,19 @@ where
     // it, callgrind counted 13k more instructions per request, nearly all in memcpy.
     let response = Box::pin(forward(&target, authority, &caller, req, grpc, &mut finish)).await;
     drop(pending);
+    let head_elapsed = started.elapsed();
     target.metrics.record(
         &finish.method,
         response.status(),
-        started.elapsed().as_secs_f64(),
+        head_elapsed.as_secs_f64(),
     );
     finish.status = response.status();
+    if let Some(logged) = finish.logged.as_deref_mut() {
+        logged.head_elapsed = head_elapsed;
+        if grpc {
+            logged.grpc_status = crate::io::outcome::grpc_code(response.headers());
+        }
+    }
     Ok(response.map(|body| Observed::wrap(body, finish)))
 }
 
@@ -384,6 +422,7 @@ async fn forward(
                     stall.lift();
                 }
             }
+            report.answered = true;
             let watch = Watch::new(permit, verdict, deferred, stall);
             response.map(|body| ProxyBody::upstream(body, policy.idle_timeout, watch, timer))
         }

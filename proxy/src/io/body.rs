@@ -219,6 +219,13 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
                             observed.bytes += data.len() as u64;
+                        } else if let Some(trailers) = frame.trailers_ref() {
+                            let logged = observed.finish.as_mut().and_then(|f| f.logged.as_mut());
+                            if let Some(logged) = logged {
+                                if let Some(code) = crate::io::outcome::grpc_code(trailers) {
+                                    logged.grpc_status = Some(code);
+                                }
+                            }
                         }
                     }
                     Poll::Ready(Some(Err(error))) => {
