@@ -479,7 +479,12 @@ impl AccessRecord {
             user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
             http_version: version_name(req.version()),
             upstream_seconds: None,
-            grpc_status: crate::io::outcome::grpc_code(response.headers()),
+            // Read here rather than through io::outcome: telemetry sits below io.
+            grpc_status: response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
             peer_identity: caller.identity.clone(),
             style: AccessLogStyle::default(),
         }
