@@ -23,11 +23,11 @@ pub use duration::{Duration, DurationError};
 pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
-    AccessLog, Authorization, Backoff, CircuitBreaker, FailureRate, Fault, FaultAbort, FaultDelay,
-    Inbound, InboundMtls, LoadBalancing, MeshTls, OriginationTls, Otlp, OtlpProtocol,
-    OutlierDetection, Policy, Protocol, RateLimit, RateLimitMode, Retries, RetryBudget, RetryOn,
-    Route, RouteMatch, RouteTimeouts, Sampling, Service, ServiceTls, Timeouts, Tracing,
-    WeightedService, WorkloadSelector, DEFAULT_OPAQUE_PORTS,
+    AccessLog, AccessLogFormat, Authorization, Backoff, CircuitBreaker, FailureRate, Fault,
+    FaultAbort, FaultDelay, Inbound, InboundMtls, LoadBalancing, MeshTls, OriginationTls, Otlp,
+    OtlpProtocol, OutlierDetection, Policy, Protocol, QueryLogging, RateLimit, RateLimitMode,
+    Retries, RetryBudget, RetryOn, Route, RouteMatch, RouteTimeouts, Sampling, Service, ServiceTls,
+    Timeouts, Tracing, WeightedService, WorkloadSelector, DEFAULT_OPAQUE_PORTS,
 };
 pub use size::{ByteSize, ByteSizeError};
 pub use validate::GRPC_STATUS_NAMES;
@@ -587,7 +587,8 @@ access_log: json
         let otlp = tracing.otlp.expect("otlp");
         assert_eq!(otlp.endpoint, "http://otel-collector:4317");
         assert_eq!(otlp.protocol, OtlpProtocol::Grpc);
-        assert_eq!(p.access_log, AccessLog::Json);
+        assert_eq!(p.access_log.format, AccessLogFormat::Json);
+        assert_eq!(p.access_log.query, QueryLogging::Redact);
         let p = load(
             "p.yaml",
             "tracing: { otlp: { endpoint: 'http://c:4318', protocol: http } }",
@@ -597,7 +598,73 @@ access_log: json
         let tracing = p.tracing.expect("tracing");
         assert_eq!(tracing.ratio, 1.0);
         assert_eq!(tracing.otlp.expect("otlp").protocol, OtlpProtocol::Http);
-        assert_eq!(p.access_log, AccessLog::Off);
+        assert_eq!(p.access_log, AccessLog::default());
+        assert!(!p.access_log.is_on());
+    }
+
+    #[test]
+    fn access_log_takes_a_format_or_a_mapping() {
+        let read = |text: &str| load("p.yaml", text).expect("valid").policy.access_log;
+        let on = |format, query| AccessLog { format, query };
+        assert_eq!(
+            read("access_log: off"),
+            on(AccessLogFormat::Off, QueryLogging::Redact)
+        );
+        assert_eq!(
+            read("access_log: text"),
+            on(AccessLogFormat::Text, QueryLogging::Redact)
+        );
+        assert_eq!(
+            read("access_log: { format: text, query: keep }"),
+            on(AccessLogFormat::Text, QueryLogging::Keep)
+        );
+        assert_eq!(
+            read("access_log:\n  query: drop\n"),
+            on(AccessLogFormat::Json, QueryLogging::Drop)
+        );
+        // The short form is written back while it says everything (older proxies read it).
+        for text in [
+            "access_log: json\n",
+            "access_log:\n  format: text\n  query: keep\n",
+        ] {
+            let policy = load("p.yaml", text).expect("valid").policy;
+            let json = serde_json::to_string(&policy.access_log).expect("serialises");
+            let back: AccessLog = serde_json::from_str(&json).expect("reads back");
+            assert_eq!(back, policy.access_log, "{json}");
+        }
+        assert_eq!(
+            serde_json::to_string(&on(AccessLogFormat::Json, QueryLogging::Redact))
+                .expect("serialises"),
+            "\"json\""
+        );
+    }
+
+    #[test]
+    fn access_log_errors_say_where() {
+        let text = "services: {}\naccess_log: { format: json, query: hide }\n";
+        let error = error_text(text);
+        assert!(
+            error.contains("unknown variant `hide`") && error.contains("policy.yaml:2:36"),
+            "{error}"
+        );
+        let text = "access_log:\n  format: json\n  queries: keep\n";
+        let error = error_text(text);
+        assert!(
+            error.contains("unknown field `queries`") && error.contains("policy.yaml:3:3"),
+            "{error}"
+        );
+        for (text, expected, at) in [
+            (
+                "services: {}\naccess_log: 5\n",
+                "invalid type: integer `5`",
+                ":2:1",
+            ),
+            ("access_log: yaml\n", "unknown variant `yaml`", ":1:13"),
+            ("access_log: [json]\n", "invalid type: sequence", ":1:1"),
+        ] {
+            let error = error_text(text);
+            assert!(error.contains(expected) && error.contains(at), "{error}");
+        }
     }
 
     #[test]
@@ -608,7 +675,7 @@ access_log: json
             "{}",
             error_text(text)
         );
-        let text = "tracing: { ratio: 1.5, otlp: { endpoint: 'otel:4317' } }\naccess_log: text\n";
+        let text = "tracing: { ratio: 1.5, otlp: { endpoint: 'otel:4317' } }\naccess_log: yaml\n";
         let e = load("p.yaml", text).expect_err("invalid");
         assert!(e.to_string().contains("access_log"), "{e}");
         let text = "tracing: { ratio: 1.5, otlp: { endpoint: 'otel:4317' } }";

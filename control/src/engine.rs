@@ -812,7 +812,7 @@ impl Engine {
         inner.parsed = parsed;
         outcome.version = version;
         outcome.workloads = republish(&mut inner, version);
-        tracing::info!(version, cause, accepted = ?outcome.accepted, workloads = outcome.workloads.len(), "version accepted");
+        tracing::info!(version, cause, accepted = %outcome.accepted.join(","), workloads = outcome.workloads.len(), "version accepted");
         Ok(outcome)
     }
 
@@ -1088,9 +1088,14 @@ impl Engine {
     ) -> Result<Session, SubscribeRefused> {
         let session = self.lock().proxies.connect(proxy, workload, peer, claimed);
         match &session {
-            Ok(_) => tracing::info!(proxy, workload, peer = ?peer, "proxy subscribed"),
+            Ok(_) => tracing::info!(
+                proxy,
+                workload,
+                peer = peer.map(tracing::field::display),
+                "proxy subscribed"
+            ),
             Err(e) => {
-                tracing::warn!(proxy, workload, peer = ?peer, error = %e, "subscription refused")
+                tracing::warn!(proxy, workload, peer = peer.map(tracing::field::display), error = %e, "subscription refused")
             }
         }
         session
@@ -1271,7 +1276,8 @@ pub async fn expire_gone(engine: Arc<Engine>, after: std::time::Duration) {
             tracing::info!(
                 proxies,
                 workloads,
-                "forgot proxies and workloads gone for {after:?}"
+                "forgot proxies and workloads gone for {}",
+                outrider_config::Duration(after)
             );
         }
     }

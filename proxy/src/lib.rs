@@ -136,6 +136,16 @@ pub enum DrainOutcome {
     TimedOut,
 }
 
+impl DrainOutcome {
+    /// `drained` or `timed_out`, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Drained => "drained",
+            Self::TimedOut => "timed_out",
+        }
+    }
+}
+
 impl Running {
     /// Begins a graceful shutdown: `/ready` turns 503, the inbound listener stops accepting
     /// and drains, outbound listeners serve the app until it has gone, then drain.
@@ -239,6 +249,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         stop,
         spans,
         access_log: Mutex::new(Weak::new()),
+        malformed_lines: Mutex::new(io::connection::LogLimiter::new()),
     });
     if let (Some(config), Some(mesh)) = (bootstrap.identity.clone(), &shared.mesh) {
         control::certificate::spawn(config, Arc::clone(mesh));
@@ -339,7 +350,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
     let done = tokio::spawn(async move {
         core::shutdown::stopped(&mut stop_signal).await;
         supervisor_shared.draining.store(true, Ordering::Release);
-        tracing::info!(drain_timeout = ?drain_timeout, "draining");
+        tracing::info!(drain_timeout = %outrider_config::Duration(drain_timeout), "draining");
         let deadline = policy::timeout::deadline_after(tokio::time::Instant::now(), drain_timeout);
         let app = Arc::clone(&supervisor_shared.app);
         let gone = tokio::time::timeout_at(deadline, app.gone(APP_QUIET_PERIOD)).await;
@@ -376,7 +387,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
                 tracing::warn!("access log not flushed before shutdown");
             }
         }
-        tracing::info!(?outcome, "shutdown complete");
+        tracing::info!(outcome = outcome.as_str(), "shutdown complete");
         let _ = admin_stop.send(true);
         let _ = admin_task.await;
         outcome

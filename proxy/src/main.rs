@@ -15,6 +15,7 @@ use outrider_proxy::http::shared::PolicySource;
 use outrider_proxy::io::connection::{
     ConnectionLimits, ConnectionTimeouts, DEFAULT_ADMIN_CONNECTIONS,
 };
+use outrider_proxy::logging::LogFormat;
 use outrider_proxy::{demo, start, Bootstrap, Initial};
 
 const EX_USAGE: u8 = 64;
@@ -139,6 +140,10 @@ struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `outrider_proxy=debug`.
     #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
     log: String,
+    /// Format of the proxy's own log lines on stderr: `json` or `text` (the access log's
+    /// format is the policy's `access_log`).
+    #[arg(long, env = "OUTRIDER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
 }
 
 /// Subcommands of the same binary, so the image stays one.
@@ -170,7 +175,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    outrider_proxy::logging::init(&cli.log);
+    outrider_proxy::logging::init(&cli.log, cli.log_format);
 
     let deadlines = [
         ("--header-read-timeout", cli.header_read_timeout),

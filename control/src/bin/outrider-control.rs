@@ -146,6 +146,18 @@ struct Serve {
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
     log: String,
+    /// Format of the log lines on stderr: `json` or `text`.
+    #[arg(long, env = "OUTRIDER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// `timestamp LEVEL target: message field=value ...`, for people.
+    Text,
 }
 
 fn main() -> ExitCode {
@@ -157,7 +169,7 @@ fn main() -> ExitCode {
         }
     };
     let Command::Serve(args) = cli.command;
-    init_logging(&args.log);
+    init_logging(&args.log, args.log_format);
     // One descriptor per connected proxy: lift the soft limit to the hard one, as a server
     // meant to hold thousands of streams must.
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
@@ -385,16 +397,20 @@ async fn wait_for_signal() {
     }
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => logs.with_ansi(false).init(),
+    }
 }
 
 /// Binds the API's listening socket with a backlog of 1024 and `SO_REUSEADDR`.

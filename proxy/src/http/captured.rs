@@ -238,7 +238,7 @@ impl Relayed<'_> {
                 }
             },
         };
-        tracing::debug!(%dst, direction, destination = %class, ?end, "opaque relay ended");
+        tracing::debug!(%dst, direction, destination = %class, end = end.as_str(), "opaque relay ended");
         drop(slot);
     }
 }
@@ -362,12 +362,12 @@ pub async fn relay_wrapped(
     let capture = &shared.metrics.capture;
     let Some(dst) = dst else {
         capture.refused(INBOUND, "no_destination");
-        tracing::warn!(%peer, caller = ?accepted.peer_identity, "mesh TCP connection refused: the policy has no `inbound` to relay it to");
+        tracing::warn!(%peer, caller = accepted.peer_identity.as_ref().and_then(|id| id.to_str().ok()), "mesh TCP connection refused: the policy has no `inbound` to relay it to");
         return;
     };
     if !authorized(&shared.snapshot.load(), accepted.peer_identity.as_ref()) {
         capture.refused(INBOUND, "unauthorized");
-        tracing::debug!(%peer, %dst, caller = ?accepted.peer_identity, "mesh TCP connection refused by authorization");
+        tracing::debug!(%peer, %dst, caller = accepted.peer_identity.as_ref().and_then(|id| id.to_str().ok()), "mesh TCP connection refused by authorization");
         return;
     }
     relay_wrapped_inbound(accepted.io, dst, shared, slot).await;
@@ -399,7 +399,7 @@ async fn relay_wrapped_inbound(
         &counters,
     )
     .await;
-    tracing::debug!(%dst, ?end, "mesh TCP relay ended");
+    tracing::debug!(%dst, end = end.as_str(), "mesh TCP relay ended");
     drop(slot);
 }
 

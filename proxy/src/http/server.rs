@@ -6,6 +6,7 @@ use std::pin::{pin, Pin};
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use http::StatusCode;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -255,7 +256,9 @@ async fn serve_connection(
             &shared.metrics,
         ))
     });
-    let caller = headers::Caller::new(peer);
+    let inbound = captured.map_or(kind == ListenerKind::Inbound, |(_, inbound)| inbound);
+    let on_error = Arc::clone(&shared);
+    let caller = headers::Caller::new(peer).with_identity(peer_identity.clone());
     let service = service_fn(move |mut req| {
         let shared = Arc::clone(&shared);
         let caller = caller.clone();
@@ -299,10 +302,36 @@ async fn serve_connection(
             // HTTP/1.1: no next head within the idle timeout. (hyper ends an HTTP/2 connection
             // whose keepalive PING went unanswered without an error.)
             metrics.idle_timeouts.inc();
+        } else if let Some(status) = parser_answer(&error) {
+            let direction = if inbound { "inbound" } else { "outbound" };
+            on_error.malformed(direction, peer, status, &error);
         } else {
             tracing::debug!(%error, "connection ended with an error");
         }
     }
+}
+
+/// The status hyper's HTTP/1 server answered a request head it could not parse with, if it
+/// answered one (its `on_error`): 431 for too many or too large headers, 414 for a long URI,
+/// 400 for any other malformed method, target, version or header. A connection that ended
+/// for another reason (or an HTTP/2 one: its malformed streams are reset) has none.
+fn parser_answer(error: &hyper::Error) -> Option<StatusCode> {
+    if !error.is_parse() || error.is_parse_status() || error.is_parse_version_h2() {
+        return None;
+    }
+    if error.is_parse_too_large() {
+        // hyper tells the two apart only by their message.
+        return Some(if error.to_string().starts_with("URI too long") {
+            StatusCode::URI_TOO_LONG
+        } else {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        });
+    }
+    // `Parse::Internal` (a parser bug) is not answered; its message says so.
+    if error.to_string().contains("internal error") {
+        return None;
+    }
+    Some(StatusCode::BAD_REQUEST)
 }
 
 /// The explicit-mode start of a connection: on the inbound port, the plaintext/mTLS sniff
@@ -365,7 +394,7 @@ where
                         Expiry::HeaderRead => metrics.header_read_timeouts.inc(),
                         Expiry::Idle => metrics.idle_timeouts.inc(),
                     }
-                    tracing::debug!(%peer, ?expiry, "HTTP/2 connection expired; GOAWAY");
+                    tracing::debug!(%peer, expiry = expiry.as_str(), "HTTP/2 connection expired; GOAWAY");
                     cut_at = Some(connection::deadline_after(connection::CLOSE_GRACE));
                 }
             }

@@ -15,7 +15,7 @@ use crate::policy::breaker::CircuitBreaker;
 use crate::policy::ratelimit::RateLimiter;
 use crate::policy::{Limit, RoutePolicy, Stateful};
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
-use crate::telemetry::AccessLog;
+use crate::telemetry::{AccessLog, AccessLogStyle};
 use crate::trace::Sampler;
 
 /// Where a matched request goes: an upstream, and the metrics it is counted in.
@@ -76,6 +76,8 @@ pub struct Snapshot {
     pub sampler: Sampler,
     /// The access-log writer, when this policy logs (set by the reload that installs it).
     pub access_log: Option<Arc<AccessLog>>,
+    /// How this policy's access-log lines are written.
+    pub access_log_style: AccessLogStyle,
     routes: Vec<CompiledRoute>,
     dedicated: HashMap<SocketAddr, Arc<Target>>,
     /// Transparent capture: the service each known address belongs to (its `addresses` and
@@ -359,6 +361,7 @@ impl Snapshot {
             })
         });
         let sampler = Sampler::parent_based(policy.tracing.as_ref().map_or(1.0, |t| t.ratio));
+        let access_log_style = AccessLogStyle::of(&policy.access_log);
         let inbound_metrics = match &inbound {
             Some(target) => Arc::clone(&target.metrics),
             None => metrics.route(INBOUND, "app", "inbound"),
@@ -382,6 +385,7 @@ impl Snapshot {
             route_state,
             inbound_state,
             access_log: None,
+            access_log_style,
         }
     }
 
@@ -568,6 +572,10 @@ fn upstream_tls(name: &str, service: &Service, mesh: Option<&Arc<Mesh>>) -> Upst
             config,
             opaque,
             mesh: Arc::clone(mesh),
+            identity: service
+                .identity
+                .as_deref()
+                .and_then(|id| http::HeaderValue::from_str(id).ok()),
         },
         Err(error) => {
             // Only a provider without TLS 1.3 could get here; fail closed.

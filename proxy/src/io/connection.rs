@@ -614,6 +614,16 @@ pub enum Expiry {
     Idle,
 }
 
+impl Expiry {
+    /// `header_read` or `idle`, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HeaderRead => "header_read",
+            Self::Idle => "idle",
+        }
+    }
+}
+
 /// Watches an HTTP/2 connection's streams: the first must start by the header-read deadline,
 /// and the connection expires once no stream has been open for the idle timeout. Checked on a
 /// timer a quarter of the idle timeout apart, so the close comes between 1 and 1.25 idle

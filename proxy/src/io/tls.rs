@@ -140,6 +140,9 @@ pub enum UpstreamTls {
         opaque: Arc<ClientConfig>,
         /// For handshake-failure metrics.
         mesh: Arc<Mesh>,
+        /// The SPIFFE id the peer must present, when the policy names one (the access log's
+        /// `peer_identity`, as a header value made once per policy load).
+        identity: Option<HeaderValue>,
     },
     /// The policy asks for mesh TLS but this proxy has no identity configured: every
     /// connection fails rather than going out in plaintext.
@@ -154,6 +157,16 @@ pub enum UpstreamTls {
     /// TLS origination whose config could not be built (unreadable CA bundle...): every
     /// connection fails with this reason rather than going out unverified or in plaintext.
     Unusable(Arc<str>),
+}
+
+impl UpstreamTls {
+    /// The identity every endpoint of the service is verified to have, if one is required.
+    pub fn identity(&self) -> Option<HeaderValue> {
+        match self {
+            Self::Mesh { identity, .. } => identity.clone(),
+            _ => None,
+        }
+    }
 }
 
 /// Why an outbound TLS handshake failed.
@@ -343,7 +356,10 @@ async fn mesh_handshake(
             mesh.metrics.handshake_failed("outbound", "timeout");
             Err(HandshakeError {
                 reason: "timeout",
-                message: format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+                message: format!(
+                    "no TLS handshake within {}",
+                    outrider_config::Duration(HANDSHAKE_TIMEOUT)
+                ),
                 origination: false,
             })
         }
@@ -363,7 +379,7 @@ async fn originate(
         Ok(Err(error)) => {
             let reason = identity::failure_reason(&error);
             let message = error.to_string();
-            tracing::warn!(%addr, sni = ?name, reason, error = %message, "TLS handshake to external service failed");
+            tracing::warn!(%addr, sni = %name.to_str(), reason, error = %message, "TLS handshake to external service failed");
             Err(HandshakeError {
                 reason,
                 message,
@@ -372,7 +388,10 @@ async fn originate(
         }
         Err(_) => Err(HandshakeError {
             reason: "timeout",
-            message: format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+            message: format!(
+                "no TLS handshake within {}",
+                outrider_config::Duration(HANDSHAKE_TIMEOUT)
+            ),
             origination: true,
         }),
     }
@@ -505,6 +524,7 @@ mod tests {
                 .client_config(Some(expected), vec![ALPN_OUTRIDER_TCP.to_vec()])
                 .unwrap(),
             mesh: Arc::clone(mesh),
+            identity: None,
         }
     }
 

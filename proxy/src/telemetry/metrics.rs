@@ -117,6 +117,7 @@ pub struct Metrics {
     ejections: IntCounterVec,
     listeners: ListenerVecs,
     hold_outs: IntCounterVec,
+    malformed: IntCounterVec,
     traffic: TrafficVecs,
     /// Span export and access-log counters.
     pub telemetry: TelemetryMetrics,
@@ -857,6 +858,14 @@ impl Metrics {
             ),
             &["service"],
         )?;
+        let malformed = IntCounterVec::new(
+            Opts::new(
+                "outrider_http_malformed_requests_total",
+                "Requests refused as malformed (400, 414, 431, 501) before any routing, by \
+                 direction and status code; never forwarded.",
+            ),
+            &["direction", "code"],
+        )?;
         let policy_version =
             IntGauge::new("outrider_policy_version", "Version of the policy in force.")?;
         let policy_reloads = IntCounterVec::new(
@@ -884,6 +893,7 @@ impl Metrics {
         registry.register(Box::new(breaker_transitions.clone()))?;
         registry.register(Box::new(ejections.clone()))?;
         registry.register(Box::new(hold_outs.clone()))?;
+        registry.register(Box::new(malformed.clone()))?;
         registry.register(Box::new(policy_version.clone()))?;
         registry.register(Box::new(policy_reloads.clone()))?;
         registry.register(Box::new(build_info))?;
@@ -911,6 +921,7 @@ impl Metrics {
             breaker_transitions,
             ejections,
             hold_outs,
+            malformed,
             policy_version,
             policy_reloads: PolicyReloadMetrics {
                 ok: policy_reloads.with_label_values(&["ok"]),
@@ -1008,6 +1019,14 @@ impl Metrics {
     /// The ejection counter of `service`.
     pub fn ejections(&self, service: &str) -> IntCounter {
         self.ejections.with_label_values(&[service])
+    }
+
+    /// Counts a malformed request from `direction` answered `code` (the error path only: the
+    /// series is looked up each time).
+    pub fn malformed(&self, direction: &str, code: http::StatusCode) {
+        self.malformed
+            .with_label_values(&[direction, code.as_str()])
+            .inc();
     }
 
     /// The counter of `service`'s endpoints held out after a failed connect.

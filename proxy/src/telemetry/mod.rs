@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod otlp;
 pub mod span;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use http::{Method, StatusCode, Uri};
 use opentelemetry::InstrumentationScope;
 use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
 use opentelemetry_sdk::trace::SpanData;
-use outrider_config::Otlp;
+use outrider_config::{Otlp, QueryLogging};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -279,7 +280,8 @@ impl Export<'_> {
     }
 }
 
-/// One access-log line.
+/// One access-log line. Formatted (JSON or text, the query string redacted or not) on the
+/// writer thread, so the request path only copies what it already holds.
 #[derive(Debug, Serialize)]
 pub struct AccessRecord {
     /// RFC 3339 time the request arrived (UTC).
@@ -288,8 +290,9 @@ pub struct AccessRecord {
     pub trace_id: String,
     /// This proxy's span id for the request (16 hex).
     pub span_id: String,
-    /// `x-request-id`.
-    pub request_id: Option<String>,
+    /// `x-request-id`, its bytes kept (see [`lossless`]).
+    #[serde(serialize_with = "header_text")]
+    pub request_id: Option<HeaderValue>,
     /// `inbound` or `outbound`.
     #[serde(serialize_with = "arc_str")]
     pub direction: Arc<str>,
@@ -303,7 +306,7 @@ pub struct AccessRecord {
     pub method: String,
     /// Host / :authority.
     pub authority: Option<String>,
-    /// Path and query.
+    /// Path and query, as received; the query is redacted or dropped when written (`style`).
     pub path: String,
     /// Status sent to the caller.
     pub status: u16,
@@ -319,6 +322,126 @@ pub struct AccessRecord {
     pub response_bytes: u64,
     /// Why the request failed, if it did.
     pub error: Option<String>,
+    /// The caller's address.
+    pub peer: Option<SocketAddr>,
+    /// `user-agent`, its bytes kept.
+    #[serde(serialize_with = "header_text")]
+    pub user_agent: Option<HeaderValue>,
+    /// The caller's HTTP version (`HTTP/1.1`, `HTTP/2`...).
+    pub http_version: Option<&'static str>,
+    /// Seconds from request received to the upstream's response headers; absent when no
+    /// upstream answered (the proxy made the response).
+    pub upstream_seconds: Option<f64>,
+    /// The gRPC status sent to the caller (trailers, or a trailers-only response's headers).
+    pub grpc_status: Option<u8>,
+    /// The mTLS SPIFFE id of the caller (inbound) or of the upstream (outbound), when known.
+    #[serde(serialize_with = "header_text")]
+    pub peer_identity: Option<HeaderValue>,
+    /// How the line is written.
+    #[serde(skip)]
+    pub style: AccessLogStyle,
+}
+
+/// How access-log lines are written: the policy's `access_log` setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccessLogStyle {
+    /// JSON or text.
+    pub text: bool,
+    /// What `path` keeps of the query string.
+    pub query: QueryLogging,
+}
+
+impl AccessLogStyle {
+    /// The style `setting` asks for.
+    pub fn of(setting: &outrider_config::AccessLog) -> Self {
+        Self {
+            text: setting.format == outrider_config::AccessLogFormat::Text,
+            query: setting.query,
+        }
+    }
+}
+
+/// What a logged request target shows of its query (`query: redact | keep | drop`): redacted,
+/// each parameter keeps its name and a non-empty value becomes `REDACTED`
+/// (`/p?token=s3cret&debug&x=` is logged `/p?token=REDACTED&debug&x=`).
+pub fn logged_path(path: &str, query: QueryLogging) -> Cow<'_, str> {
+    let Some((before, params)) = path.split_once('?') else {
+        return Cow::Borrowed(path);
+    };
+    match query {
+        QueryLogging::Keep => Cow::Borrowed(path),
+        QueryLogging::Drop => Cow::Borrowed(before),
+        QueryLogging::Redact => {
+            let mut out = String::with_capacity(path.len() + 16);
+            out.push_str(before);
+            out.push('?');
+            for (i, param) in params.split('&').enumerate() {
+                if i > 0 {
+                    out.push('&');
+                }
+                match param.split_once('=') {
+                    Some((name, value)) if !value.is_empty() => {
+                        out.push_str(name);
+                        out.push_str("=REDACTED");
+                    }
+                    _ => out.push_str(param),
+                }
+            }
+            Cow::Owned(out)
+        }
+    }
+}
+
+/// A header value as text, losing nothing: valid UTF-8 as is, except that a backslash is
+/// written `\\`; every byte that is not part of valid UTF-8 is written `\xNN` (two lowercase
+/// hex digits). So `req-\xff` in the log is the bytes `req-` and 0xFF, and no two values log
+/// alike.
+pub fn lossless(bytes: &[u8]) -> Cow<'_, str> {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        if !text.contains('\\') {
+            return Cow::Borrowed(text);
+        }
+    }
+    let mut out = String::with_capacity(bytes.len() + 8);
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' {
+                out.push_str("\\\\");
+            } else {
+                out.push(c);
+            }
+        }
+        for byte in chunk.invalid() {
+            out.push_str("\\x");
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+    }
+    Cow::Owned(out)
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn header_text<S: serde::Serializer>(
+    value: &Option<HeaderValue>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(value) => serializer.serialize_str(&lossless(value.as_bytes())),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// `HTTP/1.1` and the like, for the access log.
+pub fn version_name(version: http::Version) -> Option<&'static str> {
+    Some(match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => return None,
+    })
 }
 
 impl AccessRecord {
@@ -326,6 +449,7 @@ impl AccessRecord {
     /// request): no upstream, no attempt.
     pub fn refused<B, R: http_body::Body>(
         req: &http::Request<B>,
+        caller: &crate::core::headers::Caller,
         trace: &TraceContext,
         labels: &crate::telemetry::metrics::RouteLabels,
         (started, started_wall): (Instant, SystemTime),
@@ -340,7 +464,7 @@ impl AccessRecord {
             request_id: req
                 .headers()
                 .get(&crate::core::headers::REQUEST_ID)
-                .and_then(text),
+                .cloned(),
             direction: Arc::clone(&labels.direction),
             service: Arc::clone(&labels.service),
             route: Arc::clone(&labels.route),
@@ -361,8 +485,167 @@ impl AccessRecord {
             request_bytes: 0,
             response_bytes: response.body().size_hint().exact().unwrap_or(0),
             error: Some(error),
+            peer: Some(caller.addr),
+            user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+            http_version: version_name(req.version()),
+            upstream_seconds: None,
+            // Read here rather than through io::outcome: telemetry sits below io.
+            grpc_status: response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+            peer_identity: caller.identity.clone(),
+            style: AccessLogStyle::default(),
         }
     }
+
+    /// The line of a request the HTTP/1 parser refused (malformed head, headers too large):
+    /// nothing of it is known but who sent it and what it was answered.
+    pub fn malformed(
+        direction: &'static str,
+        peer: SocketAddr,
+        status: u16,
+        error: String,
+    ) -> Self {
+        let none: Arc<str> = Arc::from("");
+        Self {
+            time: rfc3339(SystemTime::now()),
+            trace_id: String::new(),
+            span_id: String::new(),
+            request_id: None,
+            direction: Arc::from(direction),
+            service: Arc::clone(&none),
+            route: none,
+            method: String::new(),
+            authority: None,
+            path: String::new(),
+            status,
+            upstream: None,
+            attempts: 0,
+            duration_seconds: 0.0,
+            request_bytes: 0,
+            response_bytes: 0,
+            error: Some(error),
+            peer: Some(peer),
+            user_agent: None,
+            http_version: None,
+            upstream_seconds: None,
+            grpc_status: None,
+            peer_identity: None,
+            style: AccessLogStyle::default(),
+        }
+    }
+
+    /// Writes the line in its style (without the newline).
+    fn write_to(mut self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let shown = match logged_path(&self.path, self.style.query) {
+            Cow::Borrowed(kept) if kept.len() == self.path.len() => None,
+            shown => Some(shown.into_owned()),
+        };
+        if let Some(shown) = shown {
+            self.path = shown;
+        }
+        if self.style.text {
+            self.write_text(out)
+        } else {
+            serde_json::to_writer(out, &self).map_err(std::io::Error::other)
+        }
+    }
+
+    /// The text form: `time direction service/route peer "METHOD path VERSION" status
+    /// duration`, then `key=value` for each field that is set, strings quoted.
+    fn write_text(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        write!(
+            out,
+            "{} {} {}/{} {} \"{} {} {}\" {} {:.6}s",
+            self.time,
+            self.direction,
+            dash(&self.service),
+            dash(&self.route),
+            self.peer.map_or_else(|| "-".to_string(), |p| p.to_string()),
+            dash(&self.method),
+            quoted_inner(dash(&self.path)),
+            self.http_version.unwrap_or("-"),
+            self.status,
+            self.duration_seconds,
+        )?;
+        write!(
+            out,
+            " request_bytes={} response_bytes={} attempts={}",
+            self.request_bytes, self.response_bytes, self.attempts
+        )?;
+        if let Some(upstream) = self.upstream {
+            write!(out, " upstream={upstream}")?;
+        }
+        if let Some(seconds) = self.upstream_seconds {
+            write!(out, " upstream_seconds={seconds:.6}")?;
+        }
+        if let Some(code) = self.grpc_status {
+            write!(out, " grpc_status={code}")?;
+        }
+        if let Some(authority) = &self.authority {
+            write!(out, " authority=\"{}\"", quoted_inner(authority))?;
+        }
+        for (name, value) in [
+            ("peer_identity", &self.peer_identity),
+            ("request_id", &self.request_id),
+            ("user_agent", &self.user_agent),
+        ] {
+            if let Some(value) = value {
+                write!(
+                    out,
+                    " {name}=\"{}\"",
+                    quoted_inner(&lossless(value.as_bytes()))
+                )?;
+            }
+        }
+        if !self.trace_id.is_empty() {
+            write!(out, " trace_id={} span_id={}", self.trace_id, self.span_id)?;
+        }
+        if let Some(error) = &self.error {
+            write!(out, " error=\"{}\"", quoted_inner(error))?;
+        }
+        Ok(())
+    }
+}
+
+/// `-` for an empty field in the text form.
+fn dash(text: &str) -> &str {
+    if text.is_empty() {
+        "-"
+    } else {
+        text
+    }
+}
+
+/// `text` for inside double quotes: `"` and `\\` escaped with a backslash, control characters
+/// as `\xNN`, so a line is always one line and its quoted fields end where they seem to.
+fn quoted_inner(text: &str) -> Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c == '"' || c == '\\' || c.is_control())
+    {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() && c.is_ascii() => {
+                let byte = c as u8;
+                out.push_str("\\x");
+                out.push(char::from(HEX[usize::from(byte >> 4)]));
+                out.push(char::from(HEX[usize::from(byte & 0xf)]));
+            }
+            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 fn arc_str<S: serde::Serializer>(value: &Arc<str>, serializer: S) -> Result<S::Ok, S::Error> {
@@ -445,7 +728,7 @@ fn write_access_log(
         let mut batch = 0;
         // Write everything already queued, then flush once.
         while let Some(record) = next.take() {
-            if serde_json::to_writer(&mut out, &record).is_err() || out.write_all(b"\n").is_err() {
+            if record.write_to(&mut out).is_err() || out.write_all(b"\n").is_err() {
                 return;
             }
             lines.inc();
@@ -495,6 +778,8 @@ pub struct ExchangeReport {
     pub spans: Vec<AttemptSpan>,
     /// The HTTP version of the request as sent upstream (once prepared).
     pub version: Option<http::Version>,
+    /// An upstream sent the response head (the proxy did not make the response).
+    pub answered: bool,
 }
 
 /// Everything needed to report a request when its response body ends. Built once per
@@ -546,6 +831,24 @@ pub struct Finish {
     /// Reported (by [`Finish::end`], or by the drop of an exchange whose caller left); built
     /// `false`.
     pub ended: bool,
+    /// What only the access log reads, when it is on.
+    pub logged: Option<Box<LoggedOnly>>,
+}
+
+/// What a request's access-log line needs beyond its metrics and spans; boxed, so a request
+/// that is not logged carries one pointer for it.
+#[derive(Debug, Default)]
+pub struct LoggedOnly {
+    /// How the line is written.
+    pub style: AccessLogStyle,
+    /// The caller's HTTP version.
+    pub version: http::Version,
+    /// `user-agent`.
+    pub user_agent: Option<HeaderValue>,
+    /// The caller's (inbound) or upstream's (outbound) mTLS identity.
+    pub peer_identity: Option<HeaderValue>,
+    /// From arrival to the response head (the upstream's, when `report.answered`).
+    pub head_elapsed: Duration,
 }
 
 impl Drop for Finish {
@@ -617,17 +920,13 @@ impl Finish {
                 sink.record(span);
             }
         }
-        if let Some(log) = &self.access_log {
+        if let (Some(log), Some(logged)) = (&self.access_log, self.logged.as_deref()) {
             let labels = &self.metrics.labels;
             log.record(AccessRecord {
                 time: rfc3339(self.started_wall),
                 trace_id: self.trace.trace_id.to_hex(),
                 span_id: self.trace.span_id.to_hex(),
-                request_id: self
-                    .request_id
-                    .as_ref()
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string),
+                request_id: self.request_id.clone(),
                 direction: Arc::clone(&labels.direction),
                 service: Arc::clone(&labels.service),
                 route: Arc::clone(&labels.route),
@@ -658,6 +957,16 @@ impl Finish {
                     .map_or(0, |seen| seen.load(Ordering::Relaxed)),
                 response_bytes: bytes,
                 error,
+                peer: Some(self.peer),
+                user_agent: logged.user_agent.clone(),
+                http_version: version_name(logged.version),
+                upstream_seconds: self
+                    .report
+                    .answered
+                    .then_some(logged.head_elapsed.as_secs_f64()),
+                grpc_status: self.grpc_status,
+                peer_identity: logged.peer_identity.clone(),
+                style: logged.style,
             });
         }
     }
@@ -714,5 +1023,51 @@ mod tests {
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
         let end_of_year = SystemTime::UNIX_EPOCH + Duration::from_micros(1_798_761_599_999_999);
         assert_eq!(rfc3339(end_of_year), "2026-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn query_values_are_redacted_names_kept() {
+        let path = "/p?token=s3cret&debug&x=&a=b=c";
+        assert_eq!(
+            logged_path(path, QueryLogging::Redact),
+            "/p?token=REDACTED&debug&x=&a=REDACTED"
+        );
+        assert_eq!(logged_path(path, QueryLogging::Keep), path);
+        assert_eq!(logged_path(path, QueryLogging::Drop), "/p");
+        assert_eq!(logged_path("/p", QueryLogging::Redact), "/p");
+        assert_eq!(logged_path("/p?", QueryLogging::Redact), "/p?");
+    }
+
+    #[test]
+    fn header_bytes_are_logged_without_loss() {
+        assert_eq!(lossless(b"req-42"), "req-42");
+        assert_eq!(lossless(b"req-\xff"), "req-\\xff");
+        assert_eq!(
+            lossless(b"a\\xff"),
+            "a\\\\xff",
+            "a literal backslash is doubled"
+        );
+        assert_eq!(lossless("caf\u{e9}".as_bytes()), "caf\u{e9}");
+        assert_eq!(lossless(b"\xc3"), "\\xc3", "a cut-off UTF-8 sequence");
+    }
+
+    #[test]
+    fn text_lines_quote_and_escape_what_could_break_them() {
+        let mut record = AccessRecord::malformed(
+            "inbound",
+            "127.0.0.1:9".parse().expect("address"),
+            400,
+            "bad \"head\"\nnext".into(),
+        );
+        record.style.text = true;
+        let mut out = Vec::new();
+        record.write_to(&mut out).expect("written");
+        let line = String::from_utf8(out).expect("UTF-8");
+        assert!(
+            line.ends_with(
+                " inbound -/- 127.0.0.1:9 \"- - -\" 400 0.000000s request_bytes=0 response_bytes=0 attempts=0 error=\"bad \\\"head\\\"\\x0anext\""
+            ),
+            "{line}"
+        );
     }
 }
