@@ -355,7 +355,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     assert!(proxy
         .logs()
         .iter()
-        .any(|l| l.contains("\"outcome\":\"Drained\"")));
+        .any(|l| l.contains("\"outcome\":\"drained\"")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,7 +394,7 @@ async fn drain_timeout_bounds_shutdown() {
     assert!(proxy
         .logs()
         .iter()
-        .any(|l| l.contains("\"outcome\":\"TimedOut\"")));
+        .any(|l| l.contains("\"outcome\":\"timed_out\"")));
     // The stuck caller sees its connection end rather than hanging forever.
     assert!(tokio::time::timeout(Duration::from_secs(5), stuck)
         .await
@@ -503,7 +503,7 @@ async fn outbound_calls_the_app_makes_while_shutting_down_are_served_until_it_ha
         logs.iter().any(|l| l.contains("\"app_gone\":true")),
         "{logs:?}"
     );
-    assert!(logs.iter().any(|l| l.contains("\"outcome\":\"Drained\"")));
+    assert!(logs.iter().any(|l| l.contains("\"outcome\":\"drained\"")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
