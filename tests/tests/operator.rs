@@ -711,3 +711,43 @@ async fn read_commands_print_stable_json_and_every_verb_says_how_it_ended() {
         "{all}"
     );
 }
+
+/// A command line clap refuses exits 64 (EX_USAGE, as documented), not clap's own 2, with the
+/// reason on stderr; `--help` and `--version` are answers, not errors: stdout and exit 0.
+#[test]
+fn usage_errors_exit_64_and_help_and_version_exit_0() {
+    let run = |args: &[&str]| {
+        Command::new(ctl_binary())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    for (args, says) in [
+        (&[][..], "Usage: outriderctl"),
+        (&["nosuchverb"], "unrecognized subcommand 'nosuchverb'"),
+        (
+            &["validate", "--nosuchflag"],
+            "unexpected argument '--nosuchflag'",
+        ),
+        (&["completion"], "required arguments were not provided"),
+        (&["completion", "tcsh"], "invalid value 'tcsh'"),
+    ] {
+        let out = run(args);
+        assert_eq!(code(&out), 64, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "", "{args:?}");
+    }
+    for (args, says) in [
+        (&["--help"][..], "Usage: outriderctl"),
+        (&["validate", "--help"], "Usage: outriderctl validate"),
+        (
+            &["--version"],
+            concat!("outriderctl ", env!("CARGO_PKG_VERSION")),
+        ),
+    ] {
+        let out = run(args);
+        assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
+        assert!(stdout(&out).contains(says), "{args:?}: {}", stdout(&out));
+    }
+}
