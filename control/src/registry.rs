@@ -47,7 +47,7 @@ pub(crate) struct ProxyRecord {
 /// A subscription the registry accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
-    /// Closes it in [`Registry::disconnected`].
+    /// Closes it in [`Engine::disconnected`](crate::engine::Engine::disconnected).
     pub connection: u64,
     /// What its ACKs must carry.
     pub id: String,
