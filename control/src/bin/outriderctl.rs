@@ -57,7 +57,8 @@ enum Command {
 /// EX_USAGE: a flag or argument clap refuses (clap's own exit code would be 2).
 const EX_USAGE: u8 = 64;
 
-fn main() -> ExitCode {
+/// Runs the CLI (also `outrider-control` called as `outriderctl`).
+pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
