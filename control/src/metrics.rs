@@ -17,8 +17,7 @@ use crate::store::Source;
 /// Push latency buckets: a push on a healthy fleet takes milliseconds; a proxy that is slow
 /// to reload, or to reconnect, takes seconds to minutes.
 const PUSH_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
 /// State directory buckets: an fsync on a local disk takes about a millisecond, on network
@@ -430,8 +429,8 @@ fn snapshot(engine: &Engine, ca_not_after: Option<u64>) -> Registry {
         register(&registry, Box::new(gauge));
     };
     let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-        let vec = IntGaugeVec::new(Opts::new(name, help), labels)
-            .unwrap_or_else(|e| unreachable!("{e}"));
+        let vec =
+            IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| unreachable!("{e}"));
         register(&registry, Box::new(vec.clone()));
         vec
     };
@@ -518,6 +517,9 @@ mod tests {
         assert_eq!(count("outrider_control_versions_total"), 4);
         assert_eq!(count("outrider_control_acks_total"), 2);
         assert_eq!(count("outrider_control_certificate_failures_total"), 5);
-        assert_eq!(count("outrider_control_store_operation_duration_seconds"), 2);
+        assert_eq!(
+            count("outrider_control_store_operation_duration_seconds"),
+            2
+        );
     }
 }

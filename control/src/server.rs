@@ -418,7 +418,7 @@ async fn certificate(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Res
             return error(
                 StatusCode::BAD_REQUEST,
                 &format!("not a certificate request: {e}"),
-            )
+            );
         }
     };
     if let Some(service_accounts) = &app.service_accounts {
@@ -441,7 +441,7 @@ async fn certificate(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Res
                 return error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     &format!("token check failed: {e}"),
-                )
+                );
             }
         }
     }

@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 pub mod control;
 pub mod hostile;
 pub mod netns;
+pub mod prometheus;
 pub mod service_account;
 pub use control::{
     start_control, start_control_with, Control, ControlDirs, Subscription, CONTROL_TOKEN,
