@@ -155,7 +155,7 @@ async fn every_dashboard_panel_has_data_from_a_real_prometheus() {
         let hits = Arc::clone(&flaky_hits);
         async move {
             let mut res = Response::new(full("flaky"));
-            if hits.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+            if hits.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
                 *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
             }
             res
