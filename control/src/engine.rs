@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -104,15 +103,25 @@ pub enum EngineError {
     #[error("{0}")]
     Load(#[from] StoreError),
     /// The new version could not be written to the state directory; nothing changed.
-    #[error(
-        "cannot write the new version to the state directory {dir}: {source}; nothing changed"
-    )]
+    #[error("cannot write the new version to {place}: {source}; nothing changed")]
     Store {
-        /// The state directory.
-        dir: PathBuf,
+        /// `the state directory DIR`, or etcd's endpoints.
+        place: String,
         /// What failed.
         source: StoreError,
     },
+    /// etcd cannot be reached or has no quorum: this replica serves its last view and makes
+    /// no change until etcd is back.
+    #[error("not changed: the store is unavailable, so this replica is read-only until it is back (proxies keep the policy in force): {0}")]
+    Unavailable(StoreError),
+    /// Other replicas kept committing first, [`MAX_CONFLICTS`] times in a row.
+    #[error(
+        "not changed: other replicas committed {MAX_CONFLICTS} versions in a row first; try again"
+    )]
+    Contended,
+    /// Another replica committed first (internal: the change is redone on its state).
+    #[error("another replica committed first")]
+    Conflict,
     /// Rollback to a version no longer (or never) kept.
     #[error("version {0} is not in the kept history")]
     NotKept(u64),
@@ -138,8 +147,11 @@ pub enum EngineError {
     },
 }
 
+/// A change retried this many times when another replica committed first, before giving up.
+pub const MAX_CONFLICTS: usize = 8;
+
 /// A [`Change`] whose document was parsed and validated (before the writer lock was taken).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Prepared {
     Upsert {
         name: String,
@@ -602,6 +614,119 @@ impl Engine {
         deadline: Option<Instant>,
         kind: VersionCause,
     ) -> Result<Outcome, EngineError> {
+        if dry_run {
+            return self.apply_once(changes, cause, seen, true, deadline);
+        }
+        self.check_writable()?;
+        // Another replica may commit between this one's read and its compare-and-swap: the
+        // change is then redone on top of what that replica committed (validated anew: the
+        // documents it merges with may have changed).
+        for _ in 0..MAX_CONFLICTS {
+            match self.apply_once(changes.clone(), cause, seen.clone(), false, deadline) {
+                Err(EngineError::Conflict) => {
+                    tracing::info!(
+                        cause,
+                        "another replica committed first; redoing the change on its version"
+                    );
+                    self.reload()?;
+                }
+                other => return other,
+            }
+        }
+        Err(EngineError::Contended)
+    }
+
+    /// Fails at once while the store is known to be unreachable.
+    fn check_writable(&self) -> Result<(), EngineError> {
+        if self.store.writable() {
+            return Ok(());
+        }
+        Err(EngineError::Unavailable(StoreError::Unavailable {
+            store: self.store.describe(),
+            message: "no member with a leader answers (the watch is down)".into(),
+        }))
+    }
+
+    /// Reads the state from the store and makes it the view, under the writer lock.
+    fn reload(&self) -> Result<(), EngineError> {
+        let state = self.store.load().map_err(|e| {
+            if e.is_unavailable() {
+                EngineError::Unavailable(e)
+            } else {
+                EngineError::Load(e)
+            }
+        })?;
+        self.install(state)
+    }
+
+    /// Brings the view up to what the store holds (another replica's change, seen by the
+    /// etcd watch). Takes the writer lock, so it never interleaves with a local change.
+    pub fn catch_up(&self) -> Result<(), EngineError> {
+        let _writer = self.lock_writer();
+        self.reload()
+    }
+
+    /// The store revision the view was read or written at.
+    pub fn store_revision(&self) -> i64 {
+        self.lock().state.revision
+    }
+
+    /// Makes `state` the view if it is newer, and pushes the workloads whose merged policy
+    /// changed. The caller holds the writer lock.
+    fn install(&self, state: State) -> Result<(), EngineError> {
+        let (known, docs_before, parsed_before) = {
+            let inner = self.lock();
+            (
+                inner.state.revision,
+                inner.docs.clone(),
+                inner.parsed.clone(),
+            )
+        };
+        if state.revision <= known {
+            return Ok(());
+        }
+        let docs = state.current();
+        let mut parsed = BTreeMap::new();
+        for (name, doc) in &docs {
+            // Documents unchanged since the last view need no second parse.
+            let policy = match (docs_before.get(name), parsed_before.get(name)) {
+                (Some(before), Some(policy)) if before.text == doc.text => policy.clone(),
+                _ => load_policy(name, &doc.text).map_err(|error| EngineError::Stored {
+                    name: name.clone(),
+                    error,
+                })?,
+            };
+            parsed.insert(name.clone(), policy);
+        }
+        let mut inner = self.lock();
+        let version = state.version;
+        let from = inner.state.version;
+        inner.state = state;
+        inner.docs = docs;
+        inner.parsed = parsed;
+        // Applied documents that no longer override a file's no longer shadow it.
+        let Inner { shadowed, docs, .. } = &mut *inner;
+        shadowed.retain(|name, _| docs.get(name).is_some_and(|d| d.source == Source::Api));
+        let workloads = republish(&mut inner, version);
+        if version != from {
+            tracing::info!(
+                from,
+                version,
+                workloads = workloads.len(),
+                "view caught up with the store"
+            );
+        }
+        Ok(())
+    }
+
+    fn apply_once(
+        &self,
+        changes: Vec<Prepared>,
+        cause: &str,
+        seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
+        dry_run: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Outcome, EngineError> {
         let (version, mut docs, mut parsed) = {
             let inner = self.lock();
             (
@@ -764,7 +889,7 @@ impl Engine {
         drop(inner);
         check_deadline(deadline)?;
         // Durable before anyone sees it: a version a proxy applied must survive a restart.
-        self.save(&state, file_sync.then_some(cause))?;
+        state.revision = self.save(&state, file_sync.then_some(cause))?;
         let mut inner = self.lock();
         if file_sync {
             inner.store_health.pending = None;
@@ -791,7 +916,7 @@ impl Engine {
         drop(inner);
         count(&outcome.accepted, ApplyResult::Accepted);
         self.metrics.version(kind);
-        tracing::info!(version, cause, accepted = ?outcome.accepted, workloads = outcome.workloads.len(), "version accepted");
+        tracing::info!(version, cause, accepted = %outcome.accepted.join(","), workloads = outcome.workloads.len(), "version accepted");
         Ok(outcome)
     }
 
@@ -897,6 +1022,17 @@ impl Engine {
 
     fn rollback_uncounted(&self, to: u64) -> Result<Outcome, EngineError> {
         let _writer = self.lock_writer();
+        self.check_writable()?;
+        for _ in 0..MAX_CONFLICTS {
+            match self.rollback_once(to) {
+                Err(EngineError::Conflict) => self.reload()?,
+                other => return other,
+            }
+        }
+        Err(EngineError::Contended)
+    }
+
+    fn rollback_once(&self, to: u64) -> Result<Outcome, EngineError> {
         let (record, mut state, current) = {
             let inner = self.lock();
             let record = inner
@@ -930,7 +1066,7 @@ impl Engine {
             cause: cause.clone(),
             documents: docs.clone(),
         });
-        self.save(&state, None)?;
+        state.revision = self.save(&state, None)?;
         let mut inner = self.lock();
         inner.state = state;
         inner.docs = docs;
@@ -956,7 +1092,7 @@ impl Engine {
     /// Writes `state` to the state directory, recording how the write fared; a failed file
     /// sync's `cause` is recorded as pending in the same step, so status never shows the one
     /// without the other.
-    fn save(&self, state: &State, file_sync: Option<&str>) -> Result<(), EngineError> {
+    fn save(&self, state: &State, file_sync: Option<&str>) -> Result<i64, EngineError> {
         let started = Instant::now();
         let saved = self.store.save(state);
         self.metrics
@@ -964,12 +1100,14 @@ impl Engine {
         let mut inner = self.lock();
         let health = &mut inner.store_health;
         match saved {
-            Ok(()) => {
+            Ok(revision) => {
                 if health.failing.take().is_some() {
-                    tracing::info!(dir = %self.store.dir().display(), "the state directory takes writes again");
+                    tracing::info!(store = %self.store.describe(), "the store takes writes again");
                 }
-                Ok(())
+                Ok(revision)
             }
+            // Not a failure of the store: the change is redone on the newer state.
+            Err(StoreError::Conflict) => Err(EngineError::Conflict),
             Err(source) => {
                 health.write_failures = health.write_failures.saturating_add(1);
                 let since = health
@@ -980,8 +1118,14 @@ impl Engine {
                 if let Some(cause) = file_sync {
                     health.pending = Some(cause.to_string());
                 }
+                if source.is_unavailable() {
+                    return Err(EngineError::Unavailable(source));
+                }
                 Err(EngineError::Store {
-                    dir: self.store.dir().to_path_buf(),
+                    place: match self.store.etcd_store() {
+                        Some(_) => self.store.describe(),
+                        None => format!("the state directory {}", self.store.describe()),
+                    },
                     source,
                 })
             }
@@ -990,7 +1134,7 @@ impl Engine {
 
     /// How writes of the state directory fare.
     pub fn store_status(&self) -> StoreStatus {
-        store_status(&self.lock().store_health, self.store.dir())
+        store_status(&self.lock().store_health, &self.store.describe())
     }
 
     /// The kept versions, newest first.
@@ -1072,9 +1216,14 @@ impl Engine {
     ) -> Result<Session, SubscribeRefused> {
         let session = self.lock().proxies.connect(proxy, workload, peer, claimed);
         match &session {
-            Ok(_) => tracing::info!(proxy, workload, peer = ?peer, "proxy subscribed"),
+            Ok(_) => tracing::info!(
+                proxy,
+                workload,
+                peer = peer.map(tracing::field::display),
+                "proxy subscribed"
+            ),
             Err(e) => {
-                tracing::warn!(proxy, workload, peer = ?peer, error = %e, "subscription refused")
+                tracing::warn!(proxy, workload, peer = peer.map(tracing::field::display), error = %e, "subscription refused")
             }
         }
         session
@@ -1249,7 +1398,7 @@ impl Engine {
             version: inner.state.version,
             documents,
             proxies,
-            store: Some(store_status(&inner.store_health, self.store.dir())),
+            store: Some(store_status(&inner.store_health, &self.store.describe())),
             certificates: None,
             now_ms: now_ms(),
         }
@@ -1274,9 +1423,9 @@ fn proxy_state(p: &crate::registry::ProxyRecord, current: Option<&str>) -> &'sta
     }
 }
 
-fn store_status(health: &StoreHealth, dir: &std::path::Path) -> StoreStatus {
+fn store_status(health: &StoreHealth, place: &str) -> StoreStatus {
     StoreStatus {
-        dir: dir.display().to_string(),
+        dir: place.to_string(),
         healthy: health.failing.is_none(),
         error: health.failing.as_ref().map(|(error, _)| error.clone()),
         failing_since_ms: health.failing.as_ref().map(|(_, since)| *since),
@@ -1302,7 +1451,8 @@ pub async fn expire_gone(engine: Arc<Engine>, after: std::time::Duration) {
             tracing::info!(
                 proxies,
                 workloads,
-                "forgot proxies and workloads gone for {after:?}"
+                "forgot proxies and workloads gone for {}",
+                outrider_config::Duration(after)
             );
         }
     }

@@ -2,7 +2,8 @@
 //! and `outriderctl`, the operator's CLI.
 //!
 //! - [`merge`]: the documents that apply to a workload, merged into the policy it runs.
-//! - [`store`]: versions and history, persisted atomically in the state directory.
+//! - [`store`]: versions and history, persisted atomically in the state directory or, shared
+//!   by several replicas, in etcd ([`etcd`]).
 //! - [`engine`]: accepting or rejecting changes, per-workload push channels, proxy tracking;
 //!   [`registry`]: the proxies, one live session each.
 //! - [`watcher`]: the watched policy directory (ConfigMap volumes included).
@@ -23,6 +24,7 @@ pub mod check;
 pub mod cli;
 pub mod diagnose;
 pub mod engine;
+pub mod etcd;
 pub mod fuzzing;
 pub mod inject;
 pub mod merge;

@@ -109,6 +109,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
             StatusCode::UNAUTHORIZED,
             &ErrorBody {
                 error: "missing or wrong token".into(),
+                kind: None,
             },
         );
         res.headers_mut().insert(
@@ -557,14 +558,24 @@ fn engine_error(e: &EngineError) -> Response<ResBody> {
     let status = match e {
         EngineError::NotKept(_) | EngineError::UnknownDocument(_) => StatusCode::NOT_FOUND,
         EngineError::FileBacked(_) | EngineError::OverridesFile(_) => StatusCode::CONFLICT,
-        EngineError::Expired => StatusCode::SERVICE_UNAVAILABLE,
+        EngineError::Expired | EngineError::Contended => StatusCode::SERVICE_UNAVAILABLE,
+        EngineError::Unavailable(_) => {
+            tracing::warn!(error = %e, "change refused");
+            return json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &ErrorBody {
+                    error: e.to_string(),
+                    kind: Some(crate::api::STORE_UNAVAILABLE.to_string()),
+                },
+            );
+        }
         // Temporary by nature (a full or read-only disk), and not the request's fault: the
         // client is told nothing changed (the CLI exits 74).
         EngineError::Store { .. } => {
             tracing::error!(error = %e, "change failed");
             StatusCode::INSUFFICIENT_STORAGE
         }
-        EngineError::Load(_) | EngineError::Stored { .. } => {
+        EngineError::Load(_) | EngineError::Stored { .. } | EngineError::Conflict => {
             tracing::error!(error = %e, "change failed");
             StatusCode::INTERNAL_SERVER_ERROR
         }
@@ -660,6 +671,7 @@ fn error(status: StatusCode, message: &str) -> Response<ResBody> {
         status,
         &ErrorBody {
             error: message.to_string(),
+            kind: None,
         },
     )
 }
