@@ -39,6 +39,7 @@ done
 # aws-lc-sys compiles C for the target: musl's gcc wrapper for x86_64, Debian's aarch64 cross
 # compiler for arm64 (as deploy/Dockerfile); qemu-user runs the arm64 binaries here.
 command -v musl-gcc >/dev/null 2>&1 || apt_install musl-tools
+command -v protoc >/dev/null 2>&1 || apt_install protobuf-compiler libprotobuf-dev
 if ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || [ ! -d /usr/aarch64-linux-gnu/include ]; then
   apt_install gcc-aarch64-linux-gnu libc6-dev-arm64-cross linux-libc-dev-arm64-cross
 fi

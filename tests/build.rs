@@ -1,6 +1,6 @@
-//! Generates the tonic client and server for the `outrider.test.Echo` gRPC service used by
-//! `tests/grpc.rs`. The service is described in Rust with tonic-build's manual builder (the
-//! messages are hand-written prost structs in the test), so no `protoc` is needed; the
+//! Generates the tonic client and server for the `outrider.test.Echo` gRPC service of
+//! `src/pb.rs`. The service is described in Rust with tonic-build's manual builder (the
+//! messages are hand-written prost structs there), so no `protoc` is needed; the
 //! equivalent `.proto` is `proto/echo.proto`, kept for reference.
 
 fn main() {

@@ -279,7 +279,14 @@ pub struct Nack {
 pub struct ErrorBody {
     /// What went wrong.
     pub error: String,
+    /// A machine-readable kind, where a client acts on it: [`STORE_UNAVAILABLE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
+
+/// [`ErrorBody::kind`] of a change refused because the store (etcd) is unavailable: the
+/// replica is read-only until it is back (`outriderctl` exits 75).
+pub const STORE_UNAVAILABLE: &str = "store-unavailable";
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {

@@ -58,6 +58,9 @@ pub enum CaError {
         /// Why.
         source: rcgen::Error,
     },
+    /// The shared CA could not be read from or stored in etcd.
+    #[error("shared CA in etcd: {0}")]
+    Store(String),
     /// The trust domain is not a valid name.
     #[error(
         "trust domain `{0}` must be lowercase letters, digits, '-', '_' in '.'-separated labels"
@@ -139,38 +142,27 @@ impl Ca {
             (false, true) => return Err(CaError::Half(key_path)),
             (false, false) => {}
         }
-        check_trust_domain(trust_domain)?;
-        let key = KeyPair::generate().map_err(|source| CaError::Load {
-            what: "key generation",
-            source,
-        })?;
-        let mut params = CertificateParams::default();
-        let mut name = DistinguishedName::new();
-        name.push(DnType::OrganizationName, "Outrider mesh");
-        name.push(DnType::CommonName, format!("Outrider CA {trust_domain}"));
-        params.distinguished_name = name;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - CLOCK_SKEW;
-        params.not_after = now + ROOT_TTL;
-        params.serial_number = Some(random_serial(0));
-        let cert = params.self_signed(&key).map_err(|source| CaError::Load {
-            what: "self-signing",
-            source,
-        })?;
+        let (cert_pem, key_pem) = generate_root(trust_domain)?;
         // Key first, created 0600 from the start (never world-readable, not even briefly);
         // the certificate last, so a crash in between leaves a key alone, which is reported.
-        write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-        write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
+        write_new(&key_path, key_pem.as_bytes(), 0o600)?;
+        write_new(&cert_path, cert_pem.as_bytes(), 0o644)?;
         tracing::info!(trust_domain, path = %cert_path.display(), "generated a new mesh CA");
-        Self::from_pem(cert.pem(), &key.serialize_pem(), trust_domain, ttl)
+        Self::from_pem(cert_pem, &key_pem, trust_domain, ttl)
     }
 
+    /// The CA every replica on `etcd` shares: the one stored there, or a new root generated
+    /// and stored with a create-if-absent transaction (so replicas starting together agree).
+    pub fn shared(
+        etcd: &crate::etcd::EtcdStore,
+        trust_domain: &str,
+        ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let (cert_pem, key_pem) = etcd
+            .shared_ca(|| generate_root(trust_domain))
+            .map_err(|e| CaError::Store(e.to_string()))??;
+        Self::from_pem(cert_pem, &key_pem, trust_domain, ttl)
+    }
     fn from_pem(
         bundle: String,
         key_pem: &str,
@@ -274,6 +266,11 @@ impl Ca {
         issued.insert(identity.to_string(), (at, not_after));
     }
 
+    /// When the issuing certificate expires, Unix seconds (0 when it cannot be read).
+    pub fn not_after(&self) -> u64 {
+        self.not_after
+    }
+
     /// The CA certificate's expiry and the latest unexpired leaf of each identity, for
     /// `outriderctl check`.
     pub fn status(&self) -> crate::api::CertificatesStatus {
@@ -363,6 +360,35 @@ fn random_serial(counter: u64) -> SerialNumber {
 }
 
 /// Writes a file that must not exist yet, with `mode`, and syncs it.
+/// A new self-signed root for `trust_domain`: `(certificate PEM, key PEM)`.
+fn generate_root(trust_domain: &str) -> Result<(String, String), CaError> {
+    check_trust_domain(trust_domain)?;
+    let key = KeyPair::generate().map_err(|source| CaError::Load {
+        what: "key generation",
+        source,
+    })?;
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationName, "Outrider mesh");
+    name.push(DnType::CommonName, format!("Outrider CA {trust_domain}"));
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + ROOT_TTL;
+    params.serial_number = Some(random_serial(0));
+    let cert = params.self_signed(&key).map_err(|source| CaError::Load {
+        what: "self-signing",
+        source,
+    })?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let io = |source| CaError::Io {

@@ -4,7 +4,9 @@
 //! directory, an unknown workload), 4 `apply --wait`: some proxy NACKed or did not answer in
 //! time, 64 bad usage, 66 unreadable file, 69 control plane unreachable, change not made (its
 //! deadline passed) or outcome unknown, 70 unexpected answer, 74 change not made because the
-//! control plane cannot write its state directory, 77 token refused. `check` has its own
+//! control plane cannot write its state directory, 75 change not made because the control
+//! plane's store (etcd) is unavailable (the replica is read-only; try again once etcd is
+//! back), 77 token refused. `check` has its own
 //! (see [`crate::check`]).
 
 use std::fmt::Write as _;
@@ -34,6 +36,8 @@ const EX_NOINPUT: u8 = 66;
 const EX_UNAVAILABLE: u8 = 69;
 const EX_SOFTWARE: u8 = 70;
 const EX_IOERR: u8 = 74;
+/// EX_TEMPFAIL: the change was refused because etcd is unavailable; retrying later works.
+pub const EX_STORE_UNAVAILABLE: u8 = 75;
 const EX_NOPERM: u8 = 77;
 
 /// Bound on one request to the control plane.
@@ -195,6 +199,17 @@ pub enum CliError {
         /// The control plane's reason.
         message: String,
     },
+    /// The control plane's store (etcd) is unavailable, so the replica is read-only (503 of
+    /// kind `store-unavailable`): nothing changed.
+    #[error("{name} not {verb}: {message}")]
+    StoreUnavailable {
+        /// The document, or `version N` for a rollback.
+        name: String,
+        /// `applied`, `deleted` or `rolled back to`.
+        verb: &'static str,
+        /// The control plane's reason.
+        message: String,
+    },
     /// The control plane cannot write its state directory (507): nothing changed.
     #[error("{name} not {verb}: {message}")]
     StoreFailed {
@@ -236,6 +251,7 @@ impl CliError {
             | Self::NotApplied { .. } => EX_UNAVAILABLE,
             Self::Unauthorized { .. } => EX_NOPERM,
             Self::StoreFailed { .. } => EX_IOERR,
+            Self::StoreUnavailable { .. } => EX_STORE_UNAVAILABLE,
             Self::TokenFile { .. } => EX_NOINPUT,
             Self::BadUrl(_) => 64,
             Self::Unexpected { .. } => EX_SOFTWARE,
@@ -348,6 +364,26 @@ fn unexpected(status: StatusCode, body: &[u8]) -> CliError {
     }
 }
 
+/// A change the control plane did not make: [`CliError::StoreUnavailable`] when its store is
+/// unavailable, else [`CliError::NotApplied`].
+fn not_made(name: String, verb: &'static str, body: &[u8]) -> CliError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(ErrorBody {
+            error,
+            kind: Some(kind),
+        }) if kind == api::STORE_UNAVAILABLE => CliError::StoreUnavailable {
+            name,
+            verb,
+            message: error,
+        },
+        _ => CliError::NotApplied {
+            name,
+            verb,
+            message: error_message(body),
+        },
+    }
+}
+
 /// The `error` of an [`ErrorBody`], or the body as text.
 fn error_message(body: &[u8]) -> String {
     serde_json::from_slice::<ErrorBody>(body)
@@ -456,11 +492,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
                         });
                     }
                     StatusCode::SERVICE_UNAVAILABLE | StatusCode::INTERNAL_SERVER_ERROR => {
-                        return Err(CliError::NotApplied {
-                            name,
-                            verb: "applied",
-                            message: error_message(&body),
-                        });
+                        return Err(not_made(name, "applied", &body));
                     }
                     _ => return Err(unexpected(status, &body)),
                 }
@@ -876,6 +908,11 @@ pub fn rollback(args: RollbackArgs) -> ExitCode {
                     verb: "rolled back to",
                     message: error_message(&body),
                 }),
+                StatusCode::SERVICE_UNAVAILABLE => Err(not_made(
+                    format!("version {}", args.to),
+                    "rolled back to",
+                    &body,
+                )),
                 _ => Err(unexpected(status, &body)),
             }
         },
@@ -933,11 +970,7 @@ pub fn delete(args: DeleteArgs) -> ExitCode {
                     message: error_message(&body),
                 }),
                 StatusCode::SERVICE_UNAVAILABLE | StatusCode::INTERNAL_SERVER_ERROR => {
-                    Err(CliError::NotApplied {
-                        name,
-                        verb: "deleted",
-                        message: error_message(&body),
-                    })
+                    Err(not_made(name, "deleted", &body))
                 }
                 _ => Err(unexpected(status, &body)),
             }

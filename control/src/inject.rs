@@ -26,6 +26,11 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
+use outrider_config::app_probe::{
+    GrpcRecord, HeaderRecord, HttpGetRecord, PortRecord, ProbeRecord, ProbeRecords,
+    MAX_TIMEOUT_SECONDS as MAX_PROBE_TIMEOUT_SECONDS,
+};
+
 use crate::yaml::{Mapping, Value};
 
 /// Name of the injected container; also how an earlier injection is recognised.
@@ -104,8 +109,6 @@ const APP_PROBES_ENV: &str = "OUTRIDER_APP_PROBES";
 const POD_IP_ENV: &str = "OUTRIDER_POD_IP";
 /// Where the admin port serves the app's probes: `/app-health/<container>/<kind>`.
 const APP_HEALTH_PREFIX: &str = "/app-health/";
-/// Longest probe timeout the proxy accepts (`outrider-proxy --app-probes`).
-const MAX_PROBE_TIMEOUT_SECONDS: u64 = 3600;
 /// Env var telling a legacy run-to-completion pod's app where to stop its sidecar.
 const SHUTDOWN_URL_ENV: &str = "OUTRIDER_SHUTDOWN_URL";
 /// Most entries in one skip annotation (as `outrider-proxy init` accepts).
@@ -1015,9 +1018,6 @@ fn set_env(list: &mut Vec<Value>, name: &str, value: &str) {
     }
 }
 
-/// The app's probes the proxy performs, by `<container>/<kind>`: what `--app-probes` reads.
-type ProbeRecords = std::collections::BTreeMap<String, ProbeRecord>;
-
 /// The probe fields of a container and the kind each is called in `/app-health/`.
 const PROBE_KINDS: [(&str, &str); 3] = [
     ("livenessProbe", "liveness"),
@@ -1027,65 +1027,6 @@ const PROBE_KINDS: [(&str, &str); 3] = [
 
 /// The handlers a probe may have; the first three are the ones that connect to a port.
 const PROBE_HANDLERS: [&str; 4] = ["httpGet", "tcpSocket", "grpc", "exec"];
-
-/// One of the app's probes as the proxy performs it: its handler with the port resolved to a
-/// number, and its timeout. Also what a later injection restores the probe from.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ProbeRecord {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    http_get: Option<HttpGetRecord>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    tcp_socket: Option<PortRecord>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    grpc: Option<GrpcRecord>,
-    timeout_seconds: u64,
-}
-
-impl ProbeRecord {
-    /// The app's port the probe connects to.
-    fn port(&self) -> u16 {
-        match (&self.http_get, &self.tcp_socket, &self.grpc) {
-            (Some(get), _, _) => get.port,
-            (_, Some(tcp), _) => tcp.port,
-            (_, _, Some(grpc)) => grpc.port,
-            _ => 0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct HttpGetRecord {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    path: Option<String>,
-    port: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    scheme: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    http_headers: Vec<HeaderRecord>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HeaderRecord {
-    name: String,
-    value: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PortRecord {
-    port: u16,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GrpcRecord {
-    port: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    service: Option<String>,
-}
 
 /// The probes an earlier injection rewrote, from its proxy container's `OUTRIDER_APP_PROBES`.
 fn earlier_app_probes(spec: &Mapping) -> Result<ProbeRecords, String> {
@@ -1227,6 +1168,7 @@ fn probe_record(
         None | Some(Value::Null) => 1,
         Some(v) => v
             .as_u64()
+            .and_then(|t| u32::try_from(t).ok())
             .filter(|t| (1..=MAX_PROBE_TIMEOUT_SECONDS).contains(t))
             .ok_or_else(|| {
                 format!("{what}: timeoutSeconds is not 1-{MAX_PROBE_TIMEOUT_SECONDS}")

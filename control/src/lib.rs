@@ -2,11 +2,13 @@
 //! and `outriderctl`, the operator's CLI.
 //!
 //! - [`merge`]: the documents that apply to a workload, merged into the policy it runs.
-//! - [`store`]: versions and history, persisted atomically in the state directory.
+//! - [`store`]: versions and history, persisted atomically in the state directory or, shared
+//!   by several replicas, in etcd ([`etcd`]).
 //! - [`engine`]: accepting or rejecting changes, per-workload push channels, proxy tracking;
 //!   [`registry`]: the proxies, one live session each.
 //! - [`watcher`]: the watched policy directory (ConfigMap volumes included).
 //! - [`ca`]: the mesh CA issuing short-lived SPIFFE workload certificates.
+//! - [`metrics`]: the control plane's own Prometheus metrics (`/metrics`).
 //! - [`server`]: the HTTP server (subscriptions, ACKs, the management API).
 //! - [`api`]: the management API's JSON bodies; [`diagnose`]: policy errors for terminals.
 //! - [`cli`]: the `outriderctl` commands that talk to the control plane; [`check`]: what
@@ -22,9 +24,11 @@ pub mod check;
 pub mod cli;
 pub mod diagnose;
 pub mod engine;
+pub mod etcd;
 pub mod fuzzing;
 pub mod inject;
 pub mod merge;
+pub mod metrics;
 pub mod output;
 pub mod registry;
 pub mod server;

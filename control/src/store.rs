@@ -1,8 +1,12 @@
 //! The control plane's durable state: every accepted version's documents (the last
 //! [`HISTORY_LEN`]), the current version number and which file contents were already seen.
-//! One JSON file, `state.json`, replaced atomically: written to a temporary file, fsynced,
+//!
+//! Two backends behind [`Store`]. The state directory (the default, for a single replica):
+//! one JSON file, `state.json`, replaced atomically: written to a temporary file, fsynced,
 //! renamed over the old one, and the directory fsynced so the rename itself survives a crash.
-//! A crash at any point leaves either the old or the new state, never a torn one.
+//! A crash at any point leaves either the old or the new state, never a torn one. Or etcd
+//! ([`crate::etcd`]), shared by several replicas: a save there is a compare-and-swap on the
+//! revision the state was read at, so two replicas never commit the same version.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -14,7 +18,7 @@ use serde::{Deserialize, Serialize};
 /// Versions kept for `history` and `rollback`.
 pub const HISTORY_LEN: usize = 50;
 const STATE_FILE: &str = "state.json";
-const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 1;
 
 /// Where a document came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +66,11 @@ pub struct State {
     pub seen_files: BTreeMap<String, String>,
     /// The kept versions, oldest first; the last one is in force.
     pub history: VecDeque<VersionRecord>,
+    /// The store's revision this state was read or written at (etcd's `mod_revision` of the
+    /// state key; 0 in a state directory, or before the first write): the next save commits
+    /// only if the store is still there.
+    #[serde(skip)]
+    pub revision: i64,
 }
 
 impl State {
@@ -112,12 +121,39 @@ pub enum StoreError {
         /// The format found.
         found: u32,
     },
+    /// Another replica committed a version since this state was read: read it again and
+    /// redo the change on top of it.
+    #[error("another replica changed the state first")]
+    Conflict,
+    /// etcd cannot be reached, has no quorum, or did not answer in time.
+    #[error("{store} is unavailable: {message}")]
+    Unavailable {
+        /// The store: `etcd://` and its endpoints.
+        store: String,
+        /// The client's error.
+        message: String,
+    },
+    /// etcd answered, but with something that is not our state.
+    #[error("etcd key {key} is not valid state: {message}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// Why.
+        message: String,
+    },
 }
 
-/// The state directory.
+impl StoreError {
+    /// Whether the store could not be reached at all (as opposed to refusing the write).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+/// Where the state lives: a local directory or etcd.
 #[derive(Debug, Clone)]
 pub struct Store {
-    dir: PathBuf,
+    backend: Backend,
     /// Tests stand in for a slow disk with it.
     #[cfg(test)]
     pub(crate) gate: Option<std::sync::Arc<SaveGate>>,
@@ -131,6 +167,13 @@ pub(crate) struct SaveGate {
     pub(crate) release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
 }
 
+#[derive(Debug, Clone)]
+enum Backend {
+    Dir(PathBuf),
+    /// Boxed: the etcd clients are several kilobytes.
+    Etcd(Box<crate::etcd::EtcdStore>),
+}
+
 impl Store {
     /// Opens (creating it if needed) the state directory.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -140,20 +183,54 @@ impl Store {
             source,
         })?;
         Ok(Self {
-            dir: dir.to_path_buf(),
+            backend: Backend::Dir(dir.to_path_buf()),
             #[cfg(test)]
             gate: None,
         })
     }
 
-    /// The state directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The state in etcd (connected with [`crate::etcd::EtcdStore::connect`]).
+    pub fn etcd(store: crate::etcd::EtcdStore) -> Self {
+        Self {
+            backend: Backend::Etcd(Box::new(store)),
+            #[cfg(test)]
+            gate: None,
+        }
     }
 
-    /// Reads the state; a directory without a state file is a fresh start.
+    /// The etcd backend, if that is where the state lives.
+    pub fn etcd_store(&self) -> Option<&crate::etcd::EtcdStore> {
+        match &self.backend {
+            Backend::Etcd(etcd) => Some(etcd),
+            Backend::Dir(_) => None,
+        }
+    }
+
+    /// Where the state lives, for messages: the state directory, or etcd's endpoints and
+    /// prefix.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Dir(dir) => dir.display().to_string(),
+            Backend::Etcd(etcd) => etcd.describe(),
+        }
+    }
+
+    /// Whether a write can be tried now: false while the etcd watch is down (no quorum, or
+    /// no member reachable), so a change fails at once rather than at a timeout.
+    pub fn writable(&self) -> bool {
+        match &self.backend {
+            Backend::Dir(_) => true,
+            Backend::Etcd(etcd) => etcd.available(),
+        }
+    }
+
+    /// Reads the state; an empty directory (or etcd prefix) is a fresh start.
     pub fn load(&self) -> Result<State, StoreError> {
-        let path = self.dir.join(STATE_FILE);
+        let dir = match &self.backend {
+            Backend::Dir(dir) => dir,
+            Backend::Etcd(etcd) => return etcd.load(),
+        };
+        let path = dir.join(STATE_FILE);
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -184,8 +261,10 @@ impl Store {
         Ok(state)
     }
 
-    /// Replaces the state durably (write, fsync, rename, fsync the directory).
-    pub fn save(&self, state: &State) -> Result<(), StoreError> {
+    /// Replaces the state durably (write, fsync, rename, fsync the directory; in etcd, one
+    /// transaction that commits only if nobody wrote since `state.revision`). Returns the
+    /// store's revision after the write.
+    pub fn save(&self, state: &State) -> Result<i64, StoreError> {
         #[cfg(test)]
         if let Some(gate) = &self.gate {
             let _ = gate.entered.send(());
@@ -193,8 +272,12 @@ impl Store {
                 let _ = release.recv_timeout(std::time::Duration::from_secs(10));
             }
         }
-        let path = self.dir.join(STATE_FILE);
-        let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
+        let dir = match &self.backend {
+            Backend::Dir(dir) => dir,
+            Backend::Etcd(etcd) => return etcd.save(state),
+        };
+        let path = dir.join(STATE_FILE);
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
         let io = |what: &'static str, path: &Path| {
             let path = path.to_path_buf();
             move |source| StoreError::Io { what, path, source }
@@ -213,10 +296,10 @@ impl Store {
         file.sync_all().map_err(io("cannot fsync", &tmp))?;
         drop(file);
         fs::rename(&tmp, &path).map_err(io("cannot rename onto", &path))?;
-        File::open(&self.dir)
+        File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(io("cannot fsync", &self.dir))?;
-        Ok(())
+            .map_err(io("cannot fsync", dir))?;
+        Ok(0)
     }
 }
 

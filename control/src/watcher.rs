@@ -196,7 +196,7 @@ pub fn start(dir: PathBuf, engine: Arc<Engine>) -> notify::Result<notify::Recomm
                 let delay = store_retry_delay(retries);
                 retries = retries.saturating_add(1);
                 tracing::warn!(
-                    ?delay,
+                    delay = %outrider_config::Duration(delay),
                     "policy file changes not yet written to the state directory; retrying"
                 );
                 tokio::select! {

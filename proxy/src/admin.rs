@@ -89,7 +89,7 @@ pub async fn serve(
                             Ok::<_, Infallible>(respond(&shared, !app_probes.is_empty(), peer, &req))
                         }
                     });
-                    let io = connection::ServedIo::new(first.bytes, stream, slot);
+                    let io = crate::io::rewind::Rewind::holding(first.bytes, stream, slot);
                     let served = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
                         // From the end of a response to the next complete head.

@@ -216,6 +216,8 @@ pub fn trace(data: &[u8]) {
         assert_eq!(next.sampled, ctx.sampled);
     };
     continued(&next, Origin::W3c);
+    // The random flag goes on as it came (or as set for a trace started here).
+    assert_eq!(next.random, ctx.random);
     assert_eq!(next.tracestate, ctx.tracestate);
     assert_eq!(
         (next.b3.single, next.b3.multi),

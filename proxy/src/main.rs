@@ -15,6 +15,7 @@ use outrider_proxy::http::shared::PolicySource;
 use outrider_proxy::io::connection::{
     ConnectionLimits, ConnectionTimeouts, DEFAULT_ADMIN_CONNECTIONS,
 };
+use outrider_proxy::logging::LogFormat;
 use outrider_proxy::{demo, start, Bootstrap, Initial};
 
 const EX_USAGE: u8 = 64;
@@ -68,6 +69,10 @@ struct Cli {
     /// This workload's name.
     #[arg(long, env = "OUTRIDER_WORKLOAD", default_value = "default")]
     workload: String,
+    /// PEM file of the CA an `https://` OTLP collector (`tracing.otlp.endpoint`) is verified
+    /// against; default: the system's trust roots.
+    #[arg(long, env = "OUTRIDER_OTLP_CA_FILE")]
+    otlp_ca_file: Option<std::path::PathBuf>,
     /// Runtime worker threads; 1 runs a single-threaded runtime, like a 1-CPU pod wants.
     #[arg(long, env = "OUTRIDER_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     workers: u16,
@@ -135,6 +140,10 @@ struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `outrider_proxy=debug`.
     #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
     log: String,
+    /// Format of the proxy's own log lines on stderr: `json` or `text` (the access log's
+    /// format is the policy's `access_log`).
+    #[arg(long, env = "OUTRIDER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
 }
 
 /// Subcommands of the same binary, so the image stays one.
@@ -166,7 +175,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    outrider_proxy::logging::init(&cli.log);
+    outrider_proxy::logging::init(&cli.log, cli.log_format);
 
     let deadlines = [
         ("--header-read-timeout", cli.header_read_timeout),
@@ -281,6 +290,7 @@ fn main() -> ExitCode {
         timeouts,
         limits,
         app_probes,
+        otlp_ca_file: cli.otlp_ca_file.clone(),
     };
     runtime.block_on(async move {
         if let (true, Some(initial)) = (cli.demo, &initial) {

@@ -94,8 +94,12 @@ pub fn start_control_command(mut command: Command, dirs: &ControlDirs, extra: &[
         .arg("serve")
         .arg("--policies")
         .arg(&dirs.policies)
-        .arg("--state")
-        .arg(&dirs.state)
+        // `--store etcd://...` replaces the state directory.
+        .args(if extra.contains(&"--store") {
+            Vec::new()
+        } else {
+            vec!["--state".into(), dirs.state.clone().into_os_string()]
+        })
         .arg("--token-file")
         .arg(&dirs.token_file)
         .args(["--heartbeat-secs", "1", "--workers", "2", "--log", "info"])
@@ -145,6 +149,19 @@ pub fn start_control_command(mut command: Command, dirs: &ControlDirs, extra: &[
 impl Control {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The `outrider-proxy` flags that subscribe a proxy to this control plane as `workload`
+    /// with the token of `dirs`; a test appends what differs.
+    pub fn proxy_flags(&self, dirs: &ControlDirs, workload: &str) -> Vec<std::ffi::OsString> {
+        vec![
+            "--control".into(),
+            self.url().into(),
+            "--token-file".into(),
+            dirs.token_file.clone().into(),
+            "--workload".into(),
+            workload.into(),
+        ]
     }
 
     /// Every log line so far.

@@ -26,9 +26,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 pub mod control;
+pub mod etcd;
 pub mod hostile;
 pub mod netns;
+pub mod pb;
+pub mod prometheus;
 pub mod service_account;
+pub mod w3c;
 pub use control::{
     start_control, start_control_with, Control, ControlDirs, Subscription, CONTROL_TOKEN,
 };

@@ -735,6 +735,29 @@ async fn outriderctl_says_clearly_when_the_server_is_down_or_the_token_wrong() {
     );
 }
 
+#[test]
+fn an_etcd_timeout_outside_its_bounds_is_a_usage_error() {
+    // Deadlines are `now + --etcd-timeout`: an unbounded one would overflow the clock.
+    for timeout in ["99999999999h", "0s", "50ms", "2m"] {
+        let out = std::process::Command::new(outrider_e2e::control_binary())
+            .args([
+                "serve",
+                "--store",
+                "etcd://127.0.0.1:1",
+                "--etcd-timeout",
+                timeout,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{timeout}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("outside 100ms..=1m"),
+            "{timeout}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 /// `outriderctl validate` on `text` (written to `name`): its exit code, stderr, the file's
 /// path and the wall time of the fastest of three runs.
 fn validate_text(name: &str, text: &str) -> (Option<i32>, String, String, Duration) {
@@ -1063,16 +1086,8 @@ async fn with_sa_jwks_a_proxy_subscribes_only_as_its_service_accounts_workload()
     let control = start_control_with(&dirs, &flags.each_ref().map(String::as_str));
     let orders_token = issuer.token_file("shop", "orders", "outrider", 3600);
     let proxy = |workload: &str, id: &str, token: Option<&std::ffi::OsString>| {
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "--control".into(),
-            control.url().into(),
-            "--token-file".into(),
-            dirs.token_file.clone().into(),
-            "--workload".into(),
-            workload.into(),
-            "--proxy-id".into(),
-            id.into(),
-        ];
+        let mut args = control.proxy_flags(&dirs, workload);
+        args.extend(["--proxy-id".into(), id.into()]);
         if let Some(token) = token {
             args.extend(["--identity-token-file".into(), token.clone()]);
         }
@@ -1143,4 +1158,28 @@ async fn with_sa_jwks_a_proxy_subscribes_only_as_its_service_accounts_workload()
     assert_eq!(state_of(&status, "pod-tokenless"), None, "{status}");
     assert_eq!(state_of(&status, "raw-payments"), None, "{status}");
     assert_eq!(state_of(&status, "pod-orders").as_deref(), Some("in-sync"));
+}
+
+/// The control plane's own log fields are plain text (`"peer":"127.0.0.1:5000"`, not Rust's
+/// `Some(127.0.0.1:5000)`).
+#[tokio::test]
+async fn log_fields_are_plain_text() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control(&dirs);
+    let mut sub = control.subscribe("checkout", "pod-json", false).await;
+    sub.next_update(PUSH_BOUND).await.expect("initial policy");
+    assert!(
+        control.wait_log(PUSH_BOUND, |l| l.contains("proxy subscribed")),
+        "{:?}",
+        control.logs()
+    );
+    let line = control
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("proxy subscribed"))
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let peer: std::net::SocketAddr = json["peer"].as_str().unwrap().parse().unwrap();
+    assert!(peer.ip().is_loopback(), "{line}");
 }

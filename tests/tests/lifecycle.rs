@@ -259,7 +259,9 @@ async fn metrics_count_known_traffic_exactly() {
         1.0
     );
     assert_eq!(
-        proxy.metric(&series("none", "none", "4xx", "404")).await,
+        proxy
+            .metric(&series(":unrouted", ":unrouted", "4xx", "404"))
+            .await,
         1.0
     );
     assert_eq!(

@@ -33,18 +33,13 @@ fn start_meshed_with(
     sa: &str,
     extra: &[std::ffi::OsString],
 ) -> Proxy {
-    let mut args: Vec<std::ffi::OsString> = vec![
-        "--control".into(),
-        control.url().into(),
-        "--token-file".into(),
-        dirs.token_file.clone().into(),
-        "--workload".into(),
-        workload.into(),
+    let mut args = control.proxy_flags(dirs, workload);
+    args.extend([
         "--namespace".into(),
         "shop".into(),
         "--service-account".into(),
         sa.into(),
-    ];
+    ]);
     args.extend_from_slice(extra);
     spawn_proxy(TempDir::new(), &args)
 }

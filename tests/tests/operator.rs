@@ -44,19 +44,9 @@ fn code(out: &Output) -> i32 {
 
 /// A proxy subscribed to `control` as `workload`, with id `id`.
 fn proxy_as(control: &Control, dirs: &ControlDirs, workload: &str, id: &str) -> Proxy {
-    spawn_proxy(
-        TempDir::new(),
-        &[
-            "--control".into(),
-            control.url().into(),
-            "--token-file".into(),
-            dirs.token_file.clone().into(),
-            "--workload".into(),
-            workload.into(),
-            "--proxy-id".into(),
-            id.into(),
-        ],
-    )
+    let mut args = control.proxy_flags(dirs, workload);
+    args.extend(["--proxy-id".into(), id.into()]);
+    spawn_proxy(TempDir::new(), &args)
 }
 
 /// Waits until the control plane reports proxy `id` in `state`.

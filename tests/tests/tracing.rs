@@ -123,7 +123,8 @@ async fn the_callers_decision_not_to_sample_is_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_context_gets_a_fresh_valid_one_sampled_at_the_ratio() {
     let app = Upstream::echo(Proto::Http1, "app").await;
-    for (ratio, flags) in [("1.0", "01"), ("0.0", "00")] {
+    // New traces carry the random flag (Trace Context Level 2): our trace ids are random.
+    for (ratio, flags) in [("1.0", "03"), ("0.0", "02")] {
         let proxy = start_proxy(&outbound_policy(
             "svc",
             app.addr,

@@ -70,21 +70,14 @@ routes:
 
 /// A proxy subscribed to `control` as workload `checkout`, persisting in `state`.
 fn subscribed_proxy(control: &Control, dirs: &ControlDirs, state: &Path) -> Proxy {
-    spawn_proxy(
-        TempDir::new(),
-        &[
-            "--control".into(),
-            control.url().into(),
-            "--token-file".into(),
-            dirs.token_file.clone().into(),
-            "--workload".into(),
-            "checkout".into(),
-            "--proxy-id".into(),
-            "pod-1".into(),
-            "--state-dir".into(),
-            state.into(),
-        ],
-    )
+    let mut args = control.proxy_flags(dirs, "checkout");
+    args.extend([
+        "--proxy-id".into(),
+        "pod-1".into(),
+        "--state-dir".into(),
+        state.into(),
+    ]);
+    spawn_proxy(TempDir::new(), &args)
 }
 
 /// Waits until `/ready` satisfies `pred`; returns its status and body.

@@ -1,7 +1,8 @@
 //! `outrider-control`: the control-plane server. Exit codes: 0 after SIGTERM/SIGINT, 64
 //! (EX_USAGE) bad flags or no token, 66 (EX_NOINPUT) unreadable policy directory, token file
-//! or service-account JWKS, 69 (EX_UNAVAILABLE) the listen address cannot be bound, 73
-//! (EX_CANTCREAT) the state directory cannot be used.
+//! or service-account JWKS, 69 (EX_UNAVAILABLE) the listen address cannot be bound or etcd
+//! (`--store etcd://...`) cannot be reached at start, 73 (EX_CANTCREAT) the state directory
+//! (or the state in etcd) cannot be used.
 //!
 //! Called by the name `outriderctl` (the image's symlink to this binary) it is the CLI, exactly
 //! as the `outriderctl` binary: the two share most of their code, which the image then holds
@@ -16,7 +17,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use outrider_control::ca::Ca;
-use outrider_control::engine::Engine;
+use outrider_control::engine::{Engine, EngineError};
+use outrider_control::etcd::{self, EtcdConfig, EtcdStore};
 use outrider_control::server::{serve, App};
 use outrider_control::service_account::ServiceAccountTokens;
 use outrider_control::store::Store;
@@ -51,9 +53,51 @@ struct Serve {
     /// Directory of policy documents (`*.yaml`, `*.yml`), watched; a ConfigMap volume works.
     #[arg(long, env = "OUTRIDER_CONTROL_POLICIES")]
     policies: PathBuf,
-    /// Directory for versions and history (created if missing).
-    #[arg(long, env = "OUTRIDER_CONTROL_STATE")]
-    state: PathBuf,
+    /// Directory for versions and history (created if missing): the embedded store of a
+    /// single replica. Either this or `--store`.
+    #[arg(
+        long,
+        env = "OUTRIDER_CONTROL_STATE",
+        required_unless_present = "store",
+        conflicts_with = "store"
+    )]
+    state: Option<PathBuf>,
+    /// The store several replicas share, instead of `--state`: `etcd://host1:2379,host2:2379`
+    /// (every member, or a load balancer in front of them). Documents, versions, history and
+    /// the generated CA live there; each replica serves from a view kept by an etcd watch.
+    #[arg(long, env = "OUTRIDER_CONTROL_STORE")]
+    store: Option<String>,
+    /// Prefix of every key in etcd (several meshes can share one etcd under different ones).
+    #[arg(long, env = "OUTRIDER_CONTROL_ETCD_PREFIX", default_value = etcd::DEFAULT_PREFIX, requires = "store")]
+    etcd_prefix: String,
+    /// CA certificate (PEM) to verify etcd's serving certificates: TLS to etcd when set.
+    #[arg(long, env = "OUTRIDER_CONTROL_ETCD_CA", requires = "store")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's `--client-cert-auth` (TLS to etcd).
+    #[arg(long, env = "OUTRIDER_CONTROL_ETCD_CERT", requires_all = ["store", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--etcd-cert`.
+    #[arg(long, env = "OUTRIDER_CONTROL_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user (etcd's `auth enable`); its password is read from `--etcd-password-file`.
+    #[arg(long, env = "OUTRIDER_CONTROL_ETCD_USER", requires_all = ["store", "etcd_password_file"])]
+    etcd_user: Option<String>,
+    /// File holding the password of `--etcd-user`.
+    #[arg(
+        long,
+        env = "OUTRIDER_CONTROL_ETCD_PASSWORD_FILE",
+        requires = "etcd_user"
+    )]
+    etcd_password_file: Option<PathBuf>,
+    /// Deadline of each request to etcd; a change etcd does not confirm within it is not made.
+    /// From 100ms to 1m: deadlines are computed from it, so it is bounded where it is read.
+    #[arg(
+        long,
+        env = "OUTRIDER_CONTROL_ETCD_TIMEOUT",
+        default_value = "3s",
+        value_parser = parse_etcd_timeout
+    )]
+    etcd_timeout: std::time::Duration,
     /// Address to serve proxies and `outriderctl` on (HTTP/1.1 and h2c).
     #[arg(
         long,
@@ -110,6 +154,18 @@ struct Serve {
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
     log: String,
+    /// Format of the log lines on stderr: `json` or `text`.
+    #[arg(long, env = "OUTRIDER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// `timestamp LEVEL target: message field=value ...`, for people.
+    Text,
 }
 
 fn main() -> ExitCode {
@@ -124,7 +180,7 @@ fn main() -> ExitCode {
         }
     };
     let Command::Serve(args) = cli.command;
-    init_logging(&args.log);
+    init_logging(&args.log, args.log_format);
     // One descriptor per connected proxy: lift the soft limit to the hard one, as a server
     // meant to hold thousands of streams must.
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
@@ -152,11 +208,30 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(EX_USAGE);
     }
-    let engine = match Store::open(&args.state).map(Engine::open) {
-        Ok(Ok(engine)) => Arc::new(engine.max_push(args.max_push_bytes)),
-        Ok(Err(e)) => {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if args.workers > 0 {
+        runtime.worker_threads(args.workers);
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outrider-control: cannot start runtime: {e}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    let store = match open_store(&args, &runtime) {
+        Ok(store) => store,
+        Err((code, message)) => {
+            eprintln!("outrider-control: {message}");
+            return ExitCode::from(code);
+        }
+    };
+    let etcd_store = store.etcd_store().cloned();
+    let engine = match Engine::open(store) {
+        Ok(engine) => Arc::new(engine.max_push(args.max_push_bytes)),
+        Err(EngineError::Load(e)) if e.is_unavailable() => {
             eprintln!("outrider-control: {e}");
-            return ExitCode::from(EX_CANTCREAT);
+            return ExitCode::from(EX_UNAVAILABLE);
         }
         Err(e) => {
             eprintln!("outrider-control: {e}");
@@ -164,9 +239,15 @@ fn main() -> ExitCode {
         }
     };
     let ttl = args.cert_ttl.get();
-    let ca = match (&args.ca_cert, &args.ca_key) {
-        (Some(cert), Some(key)) => Ca::from_files(cert, key, &args.trust_domain, ttl),
-        _ => Ca::open_or_generate(&args.state, &args.trust_domain, ttl),
+    let ca = match (&args.ca_cert, &args.ca_key, &args.state, &etcd_store) {
+        (Some(cert), Some(key), _, _) => Ca::from_files(cert, key, &args.trust_domain, ttl),
+        (_, _, _, Some(etcd)) => Ca::shared(etcd, &args.trust_domain, ttl),
+        (_, _, Some(state), None) => Ca::open_or_generate(state, &args.trust_domain, ttl),
+        // Clap requires --state or --store.
+        (_, _, None, None) => {
+            eprintln!("outrider-control: --state or --store is required");
+            return ExitCode::from(EX_USAGE);
+        }
     };
     let ca = match ca {
         Ok(ca) => Arc::new(ca),
@@ -191,18 +272,10 @@ fn main() -> ExitCode {
             None
         }
     };
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if args.workers > 0 {
-        runtime.worker_threads(args.workers);
-    }
-    let runtime = match runtime.enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("outrider-control: cannot start runtime: {e}");
-            return ExitCode::from(EX_SOFTWARE);
-        }
-    };
     runtime.block_on(async move {
+        if let Some(etcd) = etcd_store {
+            tokio::spawn(etcd::keep_view(etcd, Arc::clone(&engine)));
+        }
         // Watches, then scans once before listening.
         let _watcher = match watcher::start(args.policies.clone(), Arc::clone(&engine)) {
             Ok(w) => w,
@@ -251,6 +324,56 @@ fn main() -> ExitCode {
     })
 }
 
+/// The state directory, or etcd (connected, with a leader) for `--store etcd://...`.
+fn open_store(args: &Serve, runtime: &tokio::runtime::Runtime) -> Result<Store, (u8, String)> {
+    let Some(url) = &args.store else {
+        let Some(state) = &args.state else {
+            return Err((EX_USAGE, "--state or --store is required".into()));
+        };
+        return Store::open(state).map_err(|e| (EX_CANTCREAT, e.to_string()));
+    };
+    let endpoints = etcd::parse_url(url).map_err(|e| (EX_USAGE, format!("--store: {e}")))?;
+    let user = match (&args.etcd_user, &args.etcd_password_file) {
+        (Some(user), Some(file)) => {
+            let password = std::fs::read_to_string(file)
+                .map_err(|e| (EX_NOINPUT, format!("cannot read {}: {e}", file.display())))?;
+            Some((
+                user.clone(),
+                password.trim_end_matches(['\r', '\n']).to_string(),
+            ))
+        }
+        _ => None,
+    };
+    let config = EtcdConfig {
+        endpoints,
+        prefix: args.etcd_prefix.clone(),
+        ca: args.etcd_ca.clone(),
+        identity: args.etcd_cert.clone().zip(args.etcd_key.clone()),
+        user,
+        timeout: args.etcd_timeout,
+    };
+    let connected = runtime.block_on(EtcdStore::connect(config, runtime.handle().clone()));
+    connected
+        .map(Store::etcd)
+        .map_err(|e| (EX_UNAVAILABLE, e.to_string()))
+}
+
+/// `--etcd-timeout`: a duration from 100ms to 1m. Shorter cannot reach a member and back;
+/// longer would hold an apply (and the deadlines added to it) for no gain.
+fn parse_etcd_timeout(text: &str) -> Result<std::time::Duration, String> {
+    const RANGE: std::ops::RangeInclusive<std::time::Duration> =
+        std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(60);
+    let timeout = text
+        .parse::<outrider_config::Duration>()
+        .map_err(|e| e.to_string())?
+        .get();
+    if RANGE.contains(&timeout) {
+        Ok(timeout)
+    } else {
+        Err(format!("{text} is outside 100ms..=1m"))
+    }
+}
+
 fn read_token(file: Option<&std::path::Path>) -> Result<String, (u8, String)> {
     let token = match file {
         Some(path) => std::fs::read_to_string(path)
@@ -292,16 +415,20 @@ fn called_as_cli() -> bool {
         .is_some_and(|arg0| Path::new(&arg0).file_name() == Some(OsStr::new("outriderctl")))
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => logs.with_ansi(false).init(),
+    }
 }
 
 /// Binds the API's listening socket with a backlog of 1024 and `SO_REUSEADDR`.

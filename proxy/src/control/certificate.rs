@@ -79,7 +79,7 @@ pub fn spawn(config: IdentityConfig, mesh: Arc<Mesh>) {
                         backoff.reset();
                         mesh.metrics.renewals.with_label_values(&["ok"]).inc();
                         let wait = renew_in(unix_now(), held.not_before, held.not_after);
-                        tracing::info!(identity = %held.identity, not_after = held.not_after, renew_in = ?wait, "workload certificate in force");
+                        tracing::info!(identity = %held.identity, not_after = held.not_after, renew_in = %outrider_config::Duration(wait), "workload certificate in force");
                         tokio::time::sleep(wait).await;
                         continue;
                     }

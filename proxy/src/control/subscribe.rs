@@ -209,12 +209,12 @@ pub async fn reconnect_loop<F, Fut>(
         match attempt.result {
             Err(SessionError::Unauthorized) => {
                 tracing::error!(
-                    ?delay,
+                    delay = %outrider_config::Duration(delay),
                     "the control plane refused the token (401); retrying"
                 )
             }
             Err(error) => {
-                tracing::warn!(%error, ?delay, "control-plane subscription ended; reconnecting")
+                tracing::warn!(%error, delay = %outrider_config::Duration(delay), "control-plane subscription ended; reconnecting")
             }
             Ok(()) => {}
         }
@@ -394,7 +394,7 @@ impl Subscriber {
                     // current, and the control plane hears why.
                     shared.status.set_fresh(false);
                     shared.metrics.policy_reloads.error.inc();
-                    tracing::error!(%error, ?version, "control-plane update too long; keeping the policy in force");
+                    tracing::error!(%error, version, "control-plane update too long; keeping the policy in force");
                     let ack = Ack {
                         proxy: self.config.proxy_id.clone(),
                         workload: self.config.workload.clone(),
@@ -461,7 +461,11 @@ impl Subscriber {
                 "content hash mismatch: update says {content_hash}, policy hashes to {computed}"
             ));
             self.reloader.shared().metrics.policy_reloads.error.inc();
-            tracing::warn!(version, error = ?ack.error, "control-plane update rejected");
+            tracing::warn!(
+                version,
+                error = ack.error.as_deref(),
+                "control-plane update rejected"
+            );
             return Some(ack);
         }
         let file = format!("control-plane version {version}");

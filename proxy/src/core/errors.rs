@@ -117,6 +117,14 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The request itself is malformed (counted in `outrider_http_malformed_requests_total`).
+    pub fn is_malformed(&self) -> bool {
+        matches!(
+            self,
+            Self::BadRequest(_) | Self::UnsupportedTransferCoding(_)
+        )
+    }
+
     /// The HTTP status this failure is answered with.
     pub fn status(&self) -> StatusCode {
         match self {

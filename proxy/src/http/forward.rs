@@ -29,12 +29,15 @@ use crate::io::connect::ConnectError;
 use crate::io::outcome::{self, Deferred, Watch};
 use crate::io::pool::{SendError, Unsent, UpstreamBody};
 use crate::io::request_body::{Counted, ReplayHandle, RequestBody};
+use crate::io::tls::UpstreamTls;
 use crate::io::upstream::{Endpoint, Upstream};
 use crate::policy::breaker::{BreakerRejection, Outcome};
 use crate::policy::ratelimit::RateDecision;
 use crate::policy::retry::{self, AttemptFailure, RetryPolicy};
 use crate::policy::timeout::{BodyStall, Deadlines, Expired, Timer};
-use crate::telemetry::{AccessRecord, AttemptSpan, ExchangeReport, Finish};
+use crate::telemetry::metrics::RouteLabels;
+use crate::telemetry::span::RequestSpan;
+use crate::telemetry::{AccessRecord, AttemptSpan, ExchangeReport, Finish, LoggedOnly, SpanSink};
 use crate::trace::{SpanId, TraceContext};
 
 /// Which listener a request arrived on; decides how its target is found.
@@ -103,27 +106,46 @@ where
                 target,
                 authority,
                 TraceContext::extract(req.headers(), &snapshot.sampler),
-                snapshot.access_log.clone(),
+                snapshot
+                    .access_log
+                    .clone()
+                    .map(|log| (log, snapshot.access_log_style)),
             )),
             Err(error) => {
                 let response = rescue(&error, grpc);
+                if error.is_malformed() {
+                    let direction = if server { "inbound" } else { "outbound" };
+                    shared.metrics.malformed(direction, response.status());
+                }
                 snapshot.unrouted.record(
                     req.method(),
                     response.status(),
                     started.elapsed().as_secs_f64(),
                 );
-                if let Some(log) = &snapshot.access_log {
-                    // Requests the proxy refused before routing are logged too: an operator
-                    // looks for a 404 or 400 by its trace or request id like any other.
+                // Requests the proxy refused before routing are logged and traced too: an
+                // operator looks for a 404 or 400 by its trace or request id like any other.
+                let sink = shared.spans.sink();
+                if snapshot.access_log.is_some() || sink.is_some() {
                     let trace = TraceContext::extract(req.headers(), &snapshot.sampler);
-                    log.record(AccessRecord::refused(
-                        &req,
-                        &trace,
-                        &snapshot.unrouted.labels,
-                        (started, started_wall),
-                        &response,
-                        error.to_string(),
-                    ));
+                    let times = (started, started_wall);
+                    if let (Some(sink), true) = (&sink, trace.sampled) {
+                        let labels = &snapshot.unrouted.labels;
+                        let side = (server, caller.addr);
+                        refused_span(sink, &req, &trace, labels, side, times, &response, &error);
+                    }
+                    if let Some(log) = &snapshot.access_log {
+                        let mut record = AccessRecord::refused(
+                            &req,
+                            &caller,
+                            &trace,
+                            &snapshot.unrouted.labels,
+                            times,
+                            &response,
+                            error.to_string(),
+                        );
+                        record.style = snapshot.access_log_style;
+                        log.record(record);
+                    }
                 }
                 Err(response)
             }
@@ -142,12 +164,33 @@ where
         None
     };
     Finish::begin(&target.metrics);
+    let (log, style) = log.unzip();
     let logged = log.is_some();
-    let keep_uri = logged || spans.is_some();
+    let finish_spans = spans.is_some();
+    let keep_uri = logged || finish_spans;
+    let logged_only = style.map(|style| {
+        Box::new(LoggedOnly {
+            style,
+            version: req.version(),
+            user_agent: req.headers().get(header::USER_AGENT).cloned(),
+            peer_identity: if server {
+                caller.identity.clone()
+            } else {
+                target
+                    .upstream
+                    .spec
+                    .tls
+                    .as_ref()
+                    .and_then(UpstreamTls::identity)
+            },
+            ..LoggedOnly::default()
+        })
+    });
     let mut finish = Finish {
         metrics: Arc::clone(&target.metrics),
         spans,
         access_log: log,
+        logged: logged_only,
         server,
         started,
         started_wall,
@@ -158,7 +201,17 @@ where
         request_id: req.headers().get(&headers::REQUEST_ID).cloned(),
         request_bytes: logged.then(|| Arc::new(AtomicU64::new(0))),
         status: StatusCode::OK,
-        report: ExchangeReport::default(),
+        // A server span's version is the caller's; a client span's, the upstream's (`forward`).
+        report: ExchangeReport {
+            version: server.then(|| req.version()),
+            ..ExchangeReport::default()
+        },
+        http_route: finish_spans.then(|| target.http_route.clone()).flatten(),
+        grpc,
+        grpc_status: None,
+        responded: false,
+        cancelled: false,
+        ended: false,
         trace,
     };
     // A guard, so a request whose caller left before the response is not pending forever.
@@ -168,13 +221,64 @@ where
     // it, callgrind counted 13k more instructions per request, nearly all in memcpy.
     let response = Box::pin(forward(&target, authority, &caller, req, grpc, &mut finish)).await;
     drop(pending);
-    target.metrics.record(
-        &finish.method,
-        response.status(),
-        started.elapsed().as_secs_f64(),
-    );
+    // Counted when the response ends (`Finish`): only then is it known whether the caller
+    // stayed for it.
+    let head_elapsed = started.elapsed();
+    target.metrics.observe_headers(head_elapsed.as_secs_f64());
     finish.status = response.status();
+    finish.responded = true;
+    if let Some(logged) = finish.logged.as_deref_mut() {
+        logged.head_elapsed = head_elapsed;
+    }
+    if grpc && (finish_spans || finish.logged.is_some()) {
+        // A trailers-only response has its status here; otherwise the trailers bring it.
+        finish.grpc_status = outcome::grpc_code(response.headers());
+    }
     Ok(response.map(|body| Observed::wrap(body, finish)))
+}
+
+/// Exports the span of a request the proxy answered itself before routing (no route, bad
+/// request): no upstream, no attempt.
+#[allow(clippy::too_many_arguments)]
+fn refused_span<B>(
+    sink: &SpanSink,
+    req: &Request<B>,
+    trace: &TraceContext,
+    labels: &RouteLabels,
+    (server, peer): (bool, SocketAddr),
+    (started, started_wall): (Instant, SystemTime),
+    response: &Response<ProxyBody>,
+    error: &ProxyError,
+) {
+    let authority = req.uri().authority().cloned().or_else(|| {
+        let host = req.headers().get(header::HOST)?;
+        Authority::try_from(host.as_bytes()).ok()
+    });
+    let reason = error.to_string();
+    let span = RequestSpan {
+        server,
+        trace,
+        started,
+        started_wall,
+        elapsed: started.elapsed(),
+        method: req.method(),
+        uri: Some(req.uri()),
+        authority: authority.as_ref(),
+        version: Some(req.version()),
+        peer,
+        endpoint: None,
+        labels,
+        http_route: None,
+        attempts: 0,
+        status: Some(response.status()),
+        grpc: headers::is_grpc(req),
+        grpc_status: outcome::grpc_code(response.headers()),
+        error: Some(&reason),
+        cancelled: false,
+    };
+    for span in span.build(&[], sink.scope()) {
+        sink.record(span);
+    }
 }
 
 /// Holds a gauge incremented until dropped.
@@ -323,7 +427,10 @@ async fn forward(
         None => trace.span_id,
     };
     let parts = match prepare(target, parts, authority, caller, trace, span) {
-        Ok(parts) => parts,
+        Ok(parts) => {
+            report.version = report.version.or(Some(parts.version));
+            parts
+        }
         Err(error) => {
             report.error = Some(error.to_string());
             return rescue(&error, grpc);
@@ -384,6 +491,7 @@ async fn forward(
                     stall.lift();
                 }
             }
+            report.answered = true;
             let watch = Watch::new(permit, verdict, deferred, stall);
             response.map(|body| ProxyBody::upstream(body, policy.idle_timeout, watch, timer))
         }
@@ -725,6 +833,7 @@ async fn exchange_with_retries(
         let (attempt_span, attempt_start) = if attempt == 1 {
             (first_span, now)
         } else {
+            metrics.attempts.inc();
             let span = SpanId::random();
             req.headers_mut()
                 .insert(ATTEMPT.clone(), attempt_value(attempt));

@@ -73,11 +73,11 @@ impl std::fmt::Debug for Observed {
 
 impl Drop for Observed {
     fn drop(&mut self) {
-        if let Some(finish) = self.finish.take() {
-            // A body dropped before its end: the caller went away (or the connection broke).
-            let error = (!self.body.is_end_stream())
-                .then(|| "response body not finished: the caller went away".to_string());
-            finish.end(self.bytes, error);
+        if let Some(mut finish) = self.finish.take() {
+            // A body dropped before its end: the caller went away (a reset stream: a gRPC
+            // deadline or cancel; or a closed connection).
+            finish.cancelled = !self.body.is_end_stream();
+            finish.end(self.bytes, None);
         }
     }
 }
@@ -219,6 +219,15 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
                             observed.bytes += data.len() as u64;
+                        } else if let (Some(trailers), Some(finish)) =
+                            (frame.trailers_ref(), &mut observed.finish)
+                        {
+                            let wanted = finish.spans.is_some() || finish.logged.is_some();
+                            if finish.grpc && wanted {
+                                if let Some(code) = crate::io::outcome::grpc_code(trailers) {
+                                    finish.grpc_status = Some(code);
+                                }
+                            }
                         }
                     }
                     Poll::Ready(Some(Err(error))) => {

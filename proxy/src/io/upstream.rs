@@ -304,7 +304,7 @@ impl Upstream {
         let endpoints = self.endpoints.load();
         let all = endpoints.iter().map(|e| &e.health);
         if let Some(length) = outlier.record(&endpoint.health, outcome, all) {
-            tracing::info!(service = %self.spec.name, endpoint = %endpoint.addr, ejected_for = ?length, "endpoint ejected");
+            tracing::info!(service = %self.spec.name, endpoint = %endpoint.addr, ejected_for = %outrider_config::Duration(length), "endpoint ejected");
         }
     }
 
@@ -324,7 +324,7 @@ impl Upstream {
                         addrs.sort();
                         addrs.dedup();
                         if addrs != upstream.endpoint_addrs() {
-                            tracing::info!(service = %upstream.spec.name, endpoints = ?addrs, "dns endpoints changed");
+                            tracing::info!(service = %upstream.spec.name, endpoints = %crate::core::DisplayList(&addrs), "dns endpoints changed");
                             upstream.set_endpoints(&addrs);
                         }
                     }

@@ -79,6 +79,13 @@ pub enum BreakerState {
     HalfOpen,
 }
 
+impl BreakerState {
+    /// `closed`, `open` or `half_open` (as in the metrics), for logs.
+    pub fn as_str(self) -> &'static str {
+        STATE_LABELS[BreakerMetrics::index(self)]
+    }
+}
+
 /// How a request admitted by the breaker ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -334,7 +341,7 @@ impl CircuitBreaker {
 
     fn log(&self, transition: Option<Transition>) {
         if let Some(Transition { from, to }) = transition {
-            tracing::info!(service = %self.name, from = ?from, to = ?to, "circuit breaker transition");
+            tracing::info!(service = %self.name, from = from.as_str(), to = to.as_str(), "circuit breaker transition");
             if let Some(metrics) = &self.metrics {
                 metrics.show(to);
                 metrics.count(to);

@@ -1,18 +1,22 @@
 //! Prometheus metrics. Label sets are resolved once per reload into [`RouteMetrics`] handles,
 //! so the request path only touches atomics: no label hashing, no registry lock.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::policy::breaker::{BreakerMetrics, STATE_LABELS};
 
-/// Latency buckets for a sidecar hop: sub-millisecond up to ten seconds.
+/// Latency buckets for a sidecar hop: sub-millisecond up to five minutes, so long streams
+/// (downloads, server-streaming gRPC, long polls) land in a bucket rather than all in +Inf;
+/// 18 buckets, four of them past ten seconds.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
 ];
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -54,23 +58,45 @@ struct RequestCounters {
     by_method: [OnceLock<Box<[OnceLock<IntCounter>]>>; METHODS.len()],
 }
 
+/// `status_class` and `code` of a request the caller abandoned before its response ended (a
+/// gRPC deadline or cancel, a closed connection); also its span's `error.type`.
+pub const CANCELLED: &str = "cancelled";
+
 impl RequestCounters {
-    fn inc(&self, method: &http::Method, status: http::StatusCode) {
+    /// The slots of `method`'s series: one per status code, and the last for cancelled ones.
+    fn slots(&self, method: &http::Method) -> (usize, &[OnceLock<IntCounter>]) {
         let m = method_index(method);
-        let codes = self.by_method[m].get_or_init(|| (0..CODES).map(|_| OnceLock::new()).collect());
+        let codes =
+            self.by_method[m].get_or_init(|| (0..=CODES).map(|_| OnceLock::new()).collect());
+        (m, codes)
+    }
+
+    fn series(&self, m: usize, class: &str, code: &str) -> IntCounter {
+        self.family.with_label_values(&[
+            &self.labels.direction,
+            &self.labels.service,
+            &self.labels.route,
+            METHODS[m],
+            class,
+            code,
+        ])
+    }
+
+    fn inc(&self, method: &http::Method, status: http::StatusCode) {
+        let (m, codes) = self.slots(method);
         let slot = usize::from(status.as_u16().saturating_sub(FIRST_CODE)).min(CODES - 1);
         codes[slot]
             .get_or_init(|| {
                 let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
-                self.family.with_label_values(&[
-                    &self.labels.direction,
-                    &self.labels.service,
-                    &self.labels.route,
-                    METHODS[m],
-                    STATUS_CLASSES[class],
-                    status.as_str(),
-                ])
+                self.series(m, STATUS_CLASSES[class], status.as_str())
             })
+            .inc();
+    }
+
+    fn inc_cancelled(&self, method: &http::Method) {
+        let (m, codes) = self.slots(method);
+        codes[CODES]
+            .get_or_init(|| self.series(m, CANCELLED, CANCELLED))
             .inc();
     }
 }
@@ -84,12 +110,14 @@ pub struct Metrics {
     connections_opened: IntCounterVec,
     connections_active: IntGaugeVec,
     retries: IntCounterVec,
+    retried_requests: IntCounterVec,
     rate_limit: IntCounterVec,
     breaker_state: IntGaugeVec,
     breaker_transitions: IntCounterVec,
     ejections: IntCounterVec,
     listeners: ListenerVecs,
     hold_outs: IntCounterVec,
+    malformed: IntCounterVec,
     traffic: TrafficVecs,
     /// Span export and access-log counters.
     pub telemetry: TelemetryMetrics,
@@ -100,6 +128,20 @@ pub struct Metrics {
     pub policy_reloads: PolicyReloadMetrics,
     /// Transparent capture: captured connections, their bytes, protocol detection, loops.
     pub capture: CaptureMetrics,
+    /// The route handles alive now, by labels: shared by every snapshot that uses them.
+    live_routes: Arc<LiveRoutes>,
+}
+
+/// Labels of a route handle: direction, service, route.
+type RouteKey = (Arc<str>, Arc<str>, Arc<str>);
+
+/// Route handles in use, so a reload reuses the handles of the routes that stayed, and the
+/// last holder of a route that left the policy (its old snapshot and the requests still in
+/// flight on it) removes its series. Locked at reloads and when a handle goes, never per
+/// request.
+#[derive(Default)]
+struct LiveRoutes {
+    by_labels: Mutex<HashMap<RouteKey, Weak<RouteMetrics>>>,
 }
 
 /// Detection time buckets: most clients write at once (microseconds); a timeout is the longest.
@@ -125,6 +167,7 @@ pub struct CaptureMetrics {
     detections: IntCounterVec,
     detection_seconds: HistogramVec,
     loops: IntCounterVec,
+    refused: IntCounterVec,
 }
 
 impl CaptureMetrics {
@@ -170,12 +213,22 @@ impl CaptureMetrics {
                 ),
                 &["reason"],
             )?,
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "outrider_tcp_refused_total",
+                    "Captured connections (and mesh-wrapped TCP on the inbound port) closed \
+                     before being served or relayed, by direction and reason (unverified, \
+                     unauthorized, no_identity, no_destination).",
+                ),
+                &["direction", "reason"],
+            )?,
         };
         registry.register(Box::new(metrics.connections.clone()))?;
         registry.register(Box::new(metrics.bytes.clone()))?;
         registry.register(Box::new(metrics.detections.clone()))?;
         registry.register(Box::new(metrics.detection_seconds.clone()))?;
         registry.register(Box::new(metrics.loops.clone()))?;
+        registry.register(Box::new(metrics.refused.clone()))?;
         Ok(metrics)
     }
 
@@ -212,6 +265,11 @@ impl CaptureMetrics {
     pub fn looped(&self, reason: &str) {
         self.loops.with_label_values(&[reason]).inc();
     }
+
+    /// Counts a connection closed before it was served or relayed, and why.
+    pub fn refused(&self, direction: &str, reason: &str) {
+        self.refused.with_label_values(&[direction, reason]).inc();
+    }
 }
 
 /// Counters of policy reloads (file changes and control-plane updates).
@@ -223,8 +281,11 @@ pub struct PolicyReloadMetrics {
     pub error: IntCounter,
 }
 
-/// Where a request was counted: by direction, service and route.
+/// Where a request was counted: by direction, service and route. Shared by every snapshot
+/// with this route; when the last holder drops it, its series leave the exposition.
 pub struct RouteMetrics {
+    /// The families its series belong to, to remove them from.
+    owner: Option<RouteOwner>,
     requests: RequestCounters,
     duration: Histogram,
     /// Retry outcomes of this route and service.
@@ -235,6 +296,78 @@ pub struct RouteMetrics {
     pub traffic: TrafficMetrics,
     /// The labels these handles were made for (access log and span attributes).
     pub labels: RouteLabels,
+}
+
+/// What removes a route's series when its handles go.
+struct RouteOwner {
+    metrics: Metrics,
+    key: RouteKey,
+}
+
+impl Drop for RouteMetrics {
+    fn drop(&mut self) {
+        let Some(owner) = self.owner.take() else {
+            return;
+        };
+        let metrics = &owner.metrics;
+        let mut live = metrics
+            .live_routes
+            .by_labels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // A reload that brought the route back after this handle's last holder let go made
+        // new handles on the same series: they stay.
+        if live.get(&owner.key).is_some_and(|h| h.strong_count() > 0) {
+            return;
+        }
+        live.remove(&owner.key);
+        let (direction, service, route) = (&*owner.key.0, &*owner.key.1, &*owner.key.2);
+        let three = [direction, service, route];
+        for (m, codes) in self.requests.by_method.iter().enumerate() {
+            for (slot, counter) in codes
+                .get()
+                .map(|c| c.iter())
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                if counter.get().is_none() {
+                    continue;
+                }
+                let code = FIRST_CODE.saturating_add(u16::try_from(slot).unwrap_or(0));
+                let Ok(status) = http::StatusCode::from_u16(code) else {
+                    continue;
+                };
+                let class = usize::from(code / 100).clamp(1, 5) - 1;
+                let _ = metrics.requests.remove_label_values(&[
+                    direction,
+                    service,
+                    route,
+                    METHODS[m],
+                    STATUS_CLASSES[class],
+                    status.as_str(),
+                ]);
+            }
+        }
+        let _ = metrics.duration.remove_label_values(&three);
+        let traffic = &metrics.traffic;
+        let _ = traffic.request_bytes.remove_label_values(&three);
+        let _ = traffic.response_bytes.remove_label_values(&three);
+        let _ = traffic.active.remove_label_values(&three);
+        let _ = traffic.pending.remove_label_values(&three);
+        let _ = traffic.stream_duration.remove_label_values(&three);
+        let _ = metrics.retries.remove_label_values(&[service, route]);
+        for outcome in ["success", "exhausted", "budget-denied", "not-retryable"] {
+            let _ = metrics
+                .retried_requests
+                .remove_label_values(&[service, route, outcome]);
+        }
+        for decision in ["allowed", "rejected", "shadow-rejected"] {
+            let _ = metrics
+                .rate_limit
+                .remove_label_values(&[service, route, decision]);
+        }
+    }
 }
 
 /// Direction, service and route of a target, as in its metric labels.
@@ -290,12 +423,52 @@ pub struct TelemetryMetrics {
 struct ProcessGauges {
     resident_memory: IntGauge,
     open_fds: IntGauge,
+    cpu_seconds: Counter,
+    /// The CPU seconds already added to `cpu_seconds` (the kernel gives a total; the counter
+    /// takes increments). Scrapes may run concurrently; the lock is never on the request path.
+    cpu_seen: Arc<Mutex<f64>>,
+}
+
+/// Clock ticks per second of the times in `/proc/<pid>/stat`: the kernel reports them in
+/// USER_HZ, which is 100 on every architecture this proxy targets (x86-64, arm64).
+const USER_HZ: f64 = 100.0;
+
+/// User plus system CPU time and the start time (seconds after boot) from the text of
+/// `/proc/self/stat`.
+fn parse_proc_stat(stat: &str) -> Option<(f64, f64)> {
+    // The command name (field 2) may hold spaces and parentheses: fields are counted from
+    // the last ')'. Field 3 (state) is then index 0, utime (14) index 11, stime (15) index
+    // 12, starttime (22) index 19.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    let cpu = ticks(11)?.saturating_add(ticks(12)?);
+    Some((cpu as f64 / USER_HZ, ticks(19)? as f64 / USER_HZ))
+}
+
+/// The boot time (`btime`, seconds since the epoch) from the text of `/proc/stat`.
+fn parse_boot_time(stat: &str) -> Option<f64> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|v| v as f64)
 }
 
 impl ProcessGauges {
-    /// Reads the process's resident memory and open descriptors from /proc (Linux); on a
-    /// scrape only, never on the request path.
+    /// Reads the process's resident memory, open descriptors and CPU time from /proc (Linux);
+    /// on a scrape only, never on the request path.
     fn update(&self) {
+        if let Some((cpu, _)) = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| parse_proc_stat(&stat))
+        {
+            if let Ok(mut seen) = self.cpu_seen.lock() {
+                if cpu > *seen {
+                    self.cpu_seconds.inc_by(cpu - *seen);
+                    *seen = cpu;
+                }
+            }
+        }
         if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
             if let Some(pages) = statm
                 .split_whitespace()
@@ -416,11 +589,41 @@ impl ProcessGauges {
             "Resident memory size in bytes.",
         )?;
         let open_fds = IntGauge::new("process_open_fds", "Number of open file descriptors.")?;
+        let cpu_seconds = Counter::new(
+            "process_cpu_seconds_total",
+            "Total user and system CPU time spent in seconds.",
+        )?;
+        let start_time = Gauge::new(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+        )?;
+        // Once: the process's start (ticks after boot) plus the boot time; if /proc cannot
+        // tell, the registry's creation (moments after start) stands in.
+        let started = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| parse_proc_stat(&stat))
+            .zip(
+                std::fs::read_to_string("/proc/stat")
+                    .ok()
+                    .and_then(|stat| parse_boot_time(&stat)),
+            )
+            .map(|((_, after_boot), boot)| boot + after_boot)
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+            });
+        start_time.set(started);
         registry.register(Box::new(resident_memory.clone()))?;
         registry.register(Box::new(open_fds.clone()))?;
+        registry.register(Box::new(cpu_seconds.clone()))?;
+        registry.register(Box::new(start_time))?;
         Ok(Self {
             resident_memory,
             open_fds,
+            cpu_seconds,
+            cpu_seen: Arc::new(Mutex::new(0.0)),
         })
     }
 }
@@ -435,8 +638,10 @@ pub struct RateLimitMetrics {
     pub shadow_rejected: IntCounter,
 }
 
-/// How requests that met a retryable failure ended.
+/// Retry attempts sent, and how requests that met a retryable failure ended.
 pub struct RetryMetrics {
+    /// Attempts after the first: one per retry actually sent.
+    pub attempts: IntCounter,
     /// A retry produced the final, successful response.
     pub success: IntCounter,
     /// Every attempt was used and the last one failed.
@@ -453,6 +658,21 @@ impl RouteMetrics {
     pub fn record(&self, method: &http::Method, status: http::StatusCode, seconds: f64) {
         self.requests.inc(method, status);
         self.duration.observe(seconds);
+    }
+
+    /// Observes the time to the response headers of a request counted when it ends.
+    pub fn observe_headers(&self, seconds: f64) {
+        self.duration.observe(seconds);
+    }
+
+    /// Counts a request that ended: with its status, or as `cancelled` when the caller left
+    /// before its response ended (a gRPC deadline or cancel, a closed connection).
+    pub fn count_ended(&self, method: &http::Method, status: http::StatusCode, cancelled: bool) {
+        if cancelled {
+            self.requests.inc_cancelled(method);
+        } else {
+            self.requests.inc(method, status);
+        }
     }
 }
 
@@ -554,7 +774,7 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "outrider_requests_total",
-                "Requests answered, by direction, service, route, method, status class and code.",
+                "Requests, by direction, service, route, method, status class and code; counted when the response ends (`cancelled` when the caller left first).",
             ),
             &[
                 "direction",
@@ -590,7 +810,15 @@ impl Metrics {
         let retries = IntCounterVec::new(
             Opts::new(
                 "outrider_retries_total",
-                "Requests that met a retryable failure, by how they ended.",
+                "Retry attempts sent (attempts after a request's first).",
+            ),
+            &["service", "route"],
+        )?;
+        let retried_requests = IntCounterVec::new(
+            Opts::new(
+                "outrider_retried_requests_total",
+                "Requests that met a retryable failure, by how they ended (success, exhausted, \
+                 budget-denied, not-retryable).",
             ),
             &["service", "route", "outcome"],
         )?;
@@ -630,6 +858,14 @@ impl Metrics {
             ),
             &["service"],
         )?;
+        let malformed = IntCounterVec::new(
+            Opts::new(
+                "outrider_http_malformed_requests_total",
+                "Requests refused as malformed (400, 414, 431, 501) before any routing, by \
+                 direction and status code; never forwarded.",
+            ),
+            &["direction", "code"],
+        )?;
         let policy_version =
             IntGauge::new("outrider_policy_version", "Version of the policy in force.")?;
         let policy_reloads = IntCounterVec::new(
@@ -651,11 +887,13 @@ impl Metrics {
         registry.register(Box::new(connections_opened.clone()))?;
         registry.register(Box::new(connections_active.clone()))?;
         registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(retried_requests.clone()))?;
         registry.register(Box::new(rate_limit.clone()))?;
         registry.register(Box::new(breaker_state.clone()))?;
         registry.register(Box::new(breaker_transitions.clone()))?;
         registry.register(Box::new(ejections.clone()))?;
         registry.register(Box::new(hold_outs.clone()))?;
+        registry.register(Box::new(malformed.clone()))?;
         registry.register(Box::new(policy_version.clone()))?;
         registry.register(Box::new(policy_reloads.clone()))?;
         registry.register(Box::new(build_info))?;
@@ -666,6 +904,7 @@ impl Metrics {
         let capture = CaptureMetrics::new(&registry)?;
         Ok(Self {
             capture,
+            live_routes: Arc::default(),
             traffic,
             listeners,
             telemetry,
@@ -676,11 +915,13 @@ impl Metrics {
             connections_opened,
             connections_active,
             retries,
+            retried_requests,
             rate_limit,
             breaker_state,
             breaker_transitions,
             ejections,
             hold_outs,
+            malformed,
             policy_version,
             policy_reloads: PolicyReloadMetrics {
                 ok: policy_reloads.with_label_values(&["ok"]),
@@ -697,9 +938,31 @@ impl Metrics {
         Ok(self.registry.register(collector)?)
     }
 
-    /// Handles for requests in `direction` to `service` through `route`.
-    pub fn route(&self, direction: &str, service: &str, route: &str) -> RouteMetrics {
+    /// Handles for requests in `direction` to `service` through `route`: the live ones if a
+    /// snapshot already uses them, else new ones.
+    pub fn route(&self, direction: &str, service: &str, route: &str) -> Arc<RouteMetrics> {
+        let key: RouteKey = (direction.into(), service.into(), route.into());
+        let mut live = self
+            .live_routes
+            .by_labels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(handles) = live.get(&key).and_then(Weak::upgrade) {
+            return handles;
+        }
+        let mut handles = self.route_handles(direction, service, route);
+        handles.owner = Some(RouteOwner {
+            metrics: self.clone(),
+            key: key.clone(),
+        });
+        let handles = Arc::new(handles);
+        live.insert(key, Arc::downgrade(&handles));
+        handles
+    }
+
+    fn route_handles(&self, direction: &str, service: &str, route: &str) -> RouteMetrics {
         RouteMetrics {
+            owner: None,
             requests: RequestCounters {
                 family: self.requests.clone(),
                 labels: RouteLabels {
@@ -713,16 +976,23 @@ impl Metrics {
                 .duration
                 .with_label_values(&[direction, service, route]),
             retries: RetryMetrics {
-                success: self.retries.with_label_values(&[service, route, "success"]),
+                attempts: self.retries.with_label_values(&[service, route]),
+                success: self
+                    .retried_requests
+                    .with_label_values(&[service, route, "success"]),
                 exhausted: self
-                    .retries
+                    .retried_requests
                     .with_label_values(&[service, route, "exhausted"]),
-                budget_denied: self
-                    .retries
-                    .with_label_values(&[service, route, "budget-denied"]),
-                not_retryable: self
-                    .retries
-                    .with_label_values(&[service, route, "not-retryable"]),
+                budget_denied: self.retried_requests.with_label_values(&[
+                    service,
+                    route,
+                    "budget-denied",
+                ]),
+                not_retryable: self.retried_requests.with_label_values(&[
+                    service,
+                    route,
+                    "not-retryable",
+                ]),
             },
             rate_limit: RateLimitMetrics {
                 allowed: self
@@ -749,6 +1019,14 @@ impl Metrics {
     /// The ejection counter of `service`.
     pub fn ejections(&self, service: &str) -> IntCounter {
         self.ejections.with_label_values(&[service])
+    }
+
+    /// Counts a malformed request from `direction` answered `code` (the error path only: the
+    /// series is looked up each time).
+    pub fn malformed(&self, direction: &str, code: http::StatusCode) {
+        self.malformed
+            .with_label_values(&[direction, code.as_str()])
+            .inc();
     }
 
     /// The counter of `service`'s endpoints held out after a failed connect.
@@ -803,5 +1081,57 @@ impl Metrics {
         // metric, which registration already rules out.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn proc_stat_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        // Fields 14 and 15 (utime, stime) are 250 and 50 ticks, field 22 (starttime) 12345.
+        let stat = "4242 (we(ird) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 \
+                    5 0 12345 1000000 500 18446744073709551615";
+        assert_eq!(parse_proc_stat(stat), Some((3.0, 123.45)));
+        assert_eq!(parse_proc_stat("4242 (short) S 1"), None);
+        assert_eq!(
+            parse_boot_time("cpu  1 2 3\nintr 5\nbtime 1700000000\nprocesses 9\n"),
+            Some(1_700_000_000.0)
+        );
+    }
+
+    #[test]
+    fn a_routes_series_go_with_its_last_handle_and_stay_while_one_is_alive() {
+        let metrics = Metrics::new("w").unwrap();
+        let text = || String::from_utf8(metrics.encode()).unwrap();
+        let first = metrics.route("outbound", "gone", "r");
+        first.record(&http::Method::GET, http::StatusCode::OK, 0.01);
+        // A second snapshot with the same route shares the handles.
+        let second = metrics.route("outbound", "gone", "r");
+        assert!(Arc::ptr_eq(&first, &second));
+        drop(first);
+        assert!(text().contains("service=\"gone\""));
+        drop(second);
+        assert!(!text().contains("service=\"gone\""), "{}", text());
+        // Back in a later policy: new series from zero.
+        let again = metrics.route("outbound", "gone", "r");
+        again.record(&http::Method::GET, http::StatusCode::OK, 0.01);
+        assert!(text().contains("outrider_requests_total{code=\"200\",direction=\"outbound\",method=\"GET\",route=\"r\",service=\"gone\",status_class=\"2xx\"} 1"));
+    }
+
+    #[test]
+    fn a_long_stream_lands_in_a_bucket_below_inf() {
+        let metrics = Metrics::new("w").unwrap();
+        let route = metrics.route("outbound", "svc", "r");
+        route.traffic.stream_duration.observe(45.0);
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        let bucket = |le: &str| {
+            format!("outrider_response_stream_duration_seconds_bucket{{direction=\"outbound\",route=\"r\",service=\"svc\",le=\"{le}\"}}")
+        };
+        assert!(text.contains(&format!("{} 0\n", bucket("30"))), "{text}");
+        assert!(text.contains(&format!("{} 1\n", bucket("60"))), "{text}");
+        assert!(text.contains(&format!("{} 1\n", bucket("300"))), "{text}");
     }
 }

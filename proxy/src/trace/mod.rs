@@ -4,10 +4,12 @@
 //!
 //! The proxy is a participant in the trace: it continues the caller's trace with a span of its
 //! own and forwards its own span id as the parent id. Anything it cannot parse starts a new
-//! trace (random ids, never all zeros); an invalid context is never forwarded.
+//! trace (random ids, never all zeros, the Level 2 `random-trace-id` flag set); an invalid
+//! context is never forwarded. A continued trace keeps the caller's random flag.
 //!
 //! Parsing works on the header bytes and allocates nothing; writing allocates only the header
-//! values it inserts (and rebuilds `tracestate` only when members had to be dropped).
+//! values it inserts (and rebuilds `tracestate` only when several fields or empty members had
+//! to be joined).
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -56,8 +58,15 @@ fn is_trace_header(name: &str) -> bool {
     )
 }
 
-/// Most `tracestate` list members a vendor must propagate (W3C Trace Context §3.3.1.1).
+/// Most `tracestate` list members a list may have (W3C Trace Context §3.3.1.1); a longer list
+/// is not a valid `tracestate` and is discarded whole.
 pub const TRACESTATE_MAX_MEMBERS: usize = 32;
+
+/// `trace-flags` bit 0: the caller may have recorded the trace.
+const FLAG_SAMPLED: u8 = 0x01;
+/// `trace-flags` bit 1 (Trace Context Level 2): at least the right-most 7 bytes of the trace
+/// id are random.
+const FLAG_RANDOM: u8 = 0x02;
 
 /// A 16-byte trace id; never all zeros once made by this module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -149,6 +158,8 @@ pub struct TraceContext {
     pub span_id: SpanId,
     /// Whether the trace is sampled (recorded and exported).
     pub sampled: bool,
+    /// The `random-trace-id` flag (Level 2): the caller's, or set for a trace started here.
+    pub random: bool,
     /// The `tracestate` to forward, already checked (absent when none or invalid).
     pub tracestate: Option<HeaderValue>,
     /// B3 encodings to forward besides `traceparent`.
@@ -207,6 +218,8 @@ pub struct TraceParent {
     pub parent_id: SpanId,
     /// The sampled flag (bit 0 of trace-flags).
     pub sampled: bool,
+    /// The random trace id flag (bit 1 of trace-flags, Trace Context Level 2).
+    pub random: bool,
 }
 
 fn hex_nibble_lower(c: u8) -> Option<u8> {
@@ -262,13 +275,19 @@ pub fn parse_traceparent(value: &[u8]) -> Option<TraceParent> {
     Some(TraceParent {
         trace_id: TraceId(trace_id),
         parent_id: SpanId(parent_id),
-        sampled: flags[0] & 0x01 == 1,
+        sampled: flags[0] & FLAG_SAMPLED != 0,
+        random: flags[0] & FLAG_RANDOM != 0,
     })
 }
 
-/// Formats a version-00 `traceparent`. Only the sampled flag is set: the Recommendation
-/// defines no other flag for version 00.
-pub fn format_traceparent(trace_id: TraceId, span_id: SpanId, sampled: bool) -> HeaderValue {
+/// Formats a version-00 `traceparent` with the two flags the Recommendation defines (Level 2):
+/// sampled and random; every other flag bit is 0.
+pub fn format_traceparent(
+    trace_id: TraceId,
+    span_id: SpanId,
+    sampled: bool,
+    random: bool,
+) -> HeaderValue {
     let mut out = [0u8; 55];
     out[0] = b'0';
     out[1] = b'0';
@@ -277,8 +296,9 @@ pub fn format_traceparent(trace_id: TraceId, span_id: SpanId, sampled: bool) -> 
     out[35] = b'-';
     write_hex(&mut out[36..52], &span_id.0);
     out[52] = b'-';
+    let flags = (u8::from(sampled) * FLAG_SAMPLED) | (u8::from(random) * FLAG_RANDOM);
     out[53] = b'0';
-    out[54] = if sampled { b'1' } else { b'0' };
+    out[54] = HEX[usize::from(flags)];
     header_value(&out)
 }
 
@@ -297,29 +317,17 @@ fn header_value(bytes: &[u8]) -> HeaderValue {
 }
 
 fn is_key_char(c: u8) -> bool {
-    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-' | b'*' | b'/')
+    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-' | b'*' | b'/' | b'@')
 }
 
-/// A `tracestate` key: `simple-key` (lcalpha then up to 255 key characters) or
-/// `multi-tenant-key` (`tenant-id@system-id`: tenant lcalpha/digit then up to 240, system
-/// lcalpha then up to 13).
+/// A `tracestate` key (Trace Context Level 2): a lowercase letter or digit, then up to 255 of
+/// lowercase letters, digits, `_`, `-`, `*`, `/` and `@`. (Level 1's `tenant@system` split with
+/// its separate length limits is gone: `foo@`, `a@@b` and a 256-character key with an `@`
+/// anywhere are keys.)
 fn valid_key(key: &[u8]) -> bool {
-    match key.iter().position(|&c| c == b'@') {
-        None => {
-            (1..=256).contains(&key.len())
-                && key[0].is_ascii_lowercase()
-                && key[1..].iter().all(|&c| is_key_char(c))
-        }
-        Some(at) => {
-            let (tenant, system) = (&key[..at], &key[at + 1..]);
-            (1..=241).contains(&tenant.len())
-                && (tenant[0].is_ascii_lowercase() || tenant[0].is_ascii_digit())
-                && tenant[1..].iter().all(|&c| is_key_char(c))
-                && (1..=14).contains(&system.len())
-                && system[0].is_ascii_lowercase()
-                && system[1..].iter().all(|&c| is_key_char(c))
-        }
-    }
+    (1..=256).contains(&key.len())
+        && (key[0].is_ascii_lowercase() || key[0].is_ascii_digit())
+        && key[1..].iter().all(|&c| is_key_char(c))
 }
 
 /// A `tracestate` value: 1 to 256 printable ASCII characters without `,` or `=`, the last not
@@ -344,15 +352,19 @@ fn trim_ows(s: &[u8]) -> &[u8] {
 }
 
 /// The `tracestate` to forward from every `tracestate` field of a request (multiple fields are
-/// one comma-separated list, RFC 9110 §5.3). Invalid members and members whose key already
-/// appeared are dropped, empty members are skipped, at most 32 members are kept; `None` when
-/// nothing valid remains. When nothing had to change, the caller's value is passed on as is.
+/// one comma-separated list, RFC 9110 §5.3). Empty and whitespace-only members are allowed and
+/// skipped; a key seen before keeps its first member (the later one is dropped). A list that
+/// is not a valid `tracestate` (a member that is not `key=value` by the grammar, or more than
+/// 32 members) is discarded whole: the Recommendation lets a vendor discard the header or only
+/// the invalid entries (§4.3, step 3), and the W3C test suite checks the former. `None` when
+/// nothing remains. When nothing had to change, the caller's value is passed on as is.
 pub fn sanitize_tracestate(headers: &HeaderMap) -> Option<HeaderValue> {
     let mut fields = headers.get_all(&TRACESTATE).iter();
     let first = fields.next()?;
     let single = fields.next().is_none();
     let mut kept: Vec<&[u8]> = Vec::new();
     let mut changed = !single;
+    let mut members = 0;
     for field in headers.get_all(&TRACESTATE) {
         for member in field.as_bytes().split(|&c| c == b',') {
             let member = trim_ows(member);
@@ -360,15 +372,19 @@ pub fn sanitize_tracestate(headers: &HeaderMap) -> Option<HeaderValue> {
                 changed = true;
                 continue;
             }
-            let valid = member.iter().position(|&c| c == b'=').is_some_and(|eq| {
-                let key = &member[..eq];
-                valid_key(key)
-                    && valid_value(&member[eq + 1..])
-                    && !kept
-                        .iter()
-                        .any(|k| k.split(|&c| c == b'=').next() == Some(key))
-            });
-            if !valid || kept.len() == TRACESTATE_MAX_MEMBERS {
+            members += 1;
+            let eq = member.iter().position(|&c| c == b'=')?;
+            let key = &member[..eq];
+            if members > TRACESTATE_MAX_MEMBERS
+                || !valid_key(key)
+                || !valid_value(&member[eq + 1..])
+            {
+                return None;
+            }
+            if kept
+                .iter()
+                .any(|k| k.split(|&c| c == b'=').next() == Some(key))
+            {
                 changed = true;
                 continue;
             }
@@ -502,6 +518,7 @@ impl TraceContext {
                     parent_id: Some(parent.parent_id),
                     span_id: SpanId::random(),
                     sampled: parent.sampled,
+                    random: parent.random,
                     // The Recommendation: tracestate is read only with a valid traceparent.
                     tracestate: sanitize_tracestate(headers),
                     b3,
@@ -526,6 +543,8 @@ impl TraceContext {
                 parent_id: Some(parent_id),
                 span_id: SpanId::random(),
                 sampled: sampler.decide(trace_id, sampled),
+                // B3 says nothing of how its ids were made.
+                random: false,
                 tracestate: None,
                 b3: B3Formats {
                     trace_id_64: short,
@@ -548,6 +567,8 @@ impl TraceContext {
             parent_id: None,
             span_id: SpanId::random(),
             sampled: sampler.decide(trace_id, decided),
+            // `TraceId::random`: all 16 bytes are pseudo-random, uniformly.
+            random: true,
             tracestate: None,
             b3,
             origin,
@@ -573,7 +594,7 @@ impl TraceContext {
     pub fn reinject(&self, headers: &mut HeaderMap, span_id: SpanId) {
         headers.insert(
             TRACEPARENT.clone(),
-            format_traceparent(self.trace_id, span_id, self.sampled),
+            format_traceparent(self.trace_id, span_id, self.sampled, self.random),
         );
         if let Some(state) = &self.tracestate {
             headers.insert(TRACESTATE.clone(), state.clone());
@@ -673,17 +694,14 @@ mod tests {
         assert!(p.sampled);
         let p = tp(&format!("00-{TRACE}-{PARENT}-00")).expect("valid");
         assert!(!p.sampled);
-        // Unknown flag bits are ignored; only bit 0 means sampled.
-        assert!(
-            !tp(&format!("00-{TRACE}-{PARENT}-02"))
-                .expect("valid")
-                .sampled
-        );
-        assert!(
-            tp(&format!("00-{TRACE}-{PARENT}-03"))
-                .expect("valid")
-                .sampled
-        );
+        assert!(!p.random);
+        // Bit 0 is sampled, bit 1 random; other bits are ignored.
+        let p = tp(&format!("00-{TRACE}-{PARENT}-02")).expect("valid");
+        assert!(!p.sampled && p.random);
+        let p = tp(&format!("00-{TRACE}-{PARENT}-03")).expect("valid");
+        assert!(p.sampled && p.random);
+        let p = tp(&format!("00-{TRACE}-{PARENT}-fc")).expect("valid");
+        assert!(!p.sampled && !p.random);
     }
 
     #[test]
@@ -731,19 +749,59 @@ mod tests {
     }
 
     #[test]
-    fn formats_version_00_with_only_the_sampled_flag() {
-        let p = tp(&format!("00-{TRACE}-{PARENT}-03")).expect("valid");
-        let v = format_traceparent(p.trace_id, p.parent_id, p.sampled);
-        assert_eq!(v, format!("00-{TRACE}-{PARENT}-01").as_str());
-        let v = format_traceparent(p.trace_id, p.parent_id, false);
-        assert_eq!(v, format!("00-{TRACE}-{PARENT}-00").as_str());
-        assert_eq!(
-            tp(v.to_str().expect("ascii")),
-            Some(TraceParent {
-                sampled: false,
-                ..p
-            })
-        );
+    fn formats_version_00_with_the_sampled_and_random_flags_only() {
+        let p = tp(&format!("00-{TRACE}-{PARENT}-ff")).expect("valid");
+        let v = format_traceparent(p.trace_id, p.parent_id, p.sampled, p.random);
+        assert_eq!(v, format!("00-{TRACE}-{PARENT}-03").as_str());
+        for (sampled, random, flags) in [
+            (false, false, "00"),
+            (true, false, "01"),
+            (false, true, "02"),
+            (true, true, "03"),
+        ] {
+            let v = format_traceparent(p.trace_id, p.parent_id, sampled, random);
+            assert_eq!(v, format!("00-{TRACE}-{PARENT}-{flags}").as_str());
+            assert_eq!(
+                tp(v.to_str().expect("ascii")),
+                Some(TraceParent {
+                    sampled,
+                    random,
+                    ..p
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn the_random_flag_is_kept_when_continued_and_set_when_started_here() {
+        for (flags, random) in [("00", false), ("01", false), ("02", true), ("03", true)] {
+            let h = headers(&[("traceparent", &format!("00-{TRACE}-{PARENT}-{flags}"))]);
+            let ctx = TraceContext::extract(&h, &Sampler::default());
+            assert_eq!(ctx.random, random, "{flags}");
+            let mut out = HeaderMap::new();
+            ctx.inject(&mut out, ctx.span_id);
+            let sent = tp(out["traceparent"].to_str().expect("ascii")).expect("valid");
+            assert_eq!(
+                (sent.sampled, sent.random),
+                (ctx.sampled, random),
+                "{flags}"
+            );
+        }
+        // Started here (no context, an invalid one): our ids are random.
+        for h in [
+            HeaderMap::new(),
+            headers(&[("traceparent", "00-bad")]),
+            headers(&[("b3", "1")]),
+        ] {
+            let ctx = TraceContext::extract(&h, &Sampler::default());
+            assert!(ctx.random);
+            let mut out = HeaderMap::new();
+            ctx.inject(&mut out, ctx.span_id);
+            assert!(out["traceparent"].to_str().expect("ascii").ends_with("-03"));
+        }
+        // A B3 caller's ids may not be random: the flag stays unset.
+        let h = headers(&[("b3", &format!("{TRACE}-{PARENT}-1"))]);
+        assert!(!TraceContext::extract(&h, &Sampler::default()).random);
     }
 
     #[test]
@@ -837,35 +895,27 @@ mod tests {
     }
 
     #[test]
-    fn invalid_tracestate_members_are_dropped_not_the_header() {
+    fn an_invalid_tracestate_member_discards_the_whole_header() {
         for bad in [
-            "Upper=1",                  // uppercase key
-            "1abc=1",                   // simple key must start with a letter
-            "novalue=",                 // empty value
-            "noequals",                 // no '='
-            "k=a=b",                    // '=' in value
-            "k=\u{7f}",                 // control character
-            "@sys=1",                   // empty tenant
-            "tenant@=1",                // empty system
-            "tenant@1sys=1",            // system must start with a letter
-            "tenant@abcdefghijklmno=1", // system longer than 14
+            "Upper=1",   // uppercase key
+            "_abc=1",    // a key starts with a letter or digit
+            "@foo=1",    // ... not with an at sign
+            "foo =1",    // space in the key
+            "foo.bar=1", // '.' is no key character
+            "novalue=",  // empty value
+            "noequals",  // no '='
+            "k=a=b",     // '=' in value
+            "k=\u{7f}",  // control character
         ] {
             let Ok(_) = HeaderValue::from_str(bad) else {
                 continue;
             };
-            let got = state(&[&format!("rojo=1,{bad},congo=2")]);
-            assert_eq!(got.as_deref(), Some("rojo=1,congo=2"), "{bad:?}");
+            assert_eq!(state(&[&format!("rojo=1,{bad},congo=2")]), None, "{bad:?}");
+            // In a field of its own too: the fields are one list.
+            assert_eq!(state(&["rojo=1", bad]), None, "{bad:?}");
         }
-        let long_key = format!("k{}", "a".repeat(256));
-        assert_eq!(
-            state(&[&format!("{long_key}=1,ok=2")]).as_deref(),
-            Some("ok=2")
-        );
-        let long_value = "v".repeat(257);
-        assert_eq!(
-            state(&[&format!("a=1,b={long_value}")]).as_deref(),
-            Some("a=1")
-        );
+        assert_eq!(state(&["foo=1", &format!("{}=1", "z".repeat(257))]), None);
+        assert_eq!(state(&[&format!("a=1,b={}", "v".repeat(257))]), None);
         let max_value = "v".repeat(256);
         assert!(state(&[&format!("a={max_value}")]).is_some());
         // A repeated key keeps its first occurrence.
@@ -873,28 +923,43 @@ mod tests {
     }
 
     #[test]
-    fn tracestate_keeps_at_most_32_members() {
-        let members: Vec<String> = (0..40).map(|i| format!("k{i}=v{i}")).collect();
-        let got = state(&[&members.join(",")]).expect("some");
-        let kept: Vec<&str> = got.split(',').collect();
-        assert_eq!(kept.len(), 32);
-        assert_eq!(kept[0], "k0=v0");
-        assert_eq!(kept[31], "k31=v31");
-        // Exactly 32 is untouched.
+    fn tracestate_keys_follow_the_level_2_grammar() {
+        for key in [
+            "foo@".to_string(),
+            "foo@@bar".to_string(),
+            "foo@bar@baz".to_string(),
+            "1abc".to_string(),
+            "z".repeat(256),
+            format!("{}@{}", "t".repeat(241), "v".repeat(14)),
+            format!("{}@v", "t".repeat(242)),
+            format!("t@{}", "v".repeat(15)),
+        ] {
+            let v = format!("foo=1,{key}=1");
+            assert_eq!(state(&[&v]), Some(v), "{key}");
+        }
+    }
+
+    #[test]
+    fn more_than_32_tracestate_members_discard_the_whole_header() {
+        let members: Vec<String> = (0..33).map(|i| format!("k{i}=v{i}")).collect();
+        assert_eq!(state(&[&members.join(",")]), None);
         let exact = members[..32].join(",");
-        assert_eq!(state(&[&exact]), Some(exact));
+        assert_eq!(state(&[&exact]), Some(exact.clone()));
+        // Empty members do not count.
+        assert_eq!(state(&[&format!("{exact},,")]), Some(exact));
     }
 
     #[test]
     fn tracestate_is_forwarded_with_a_valid_traceparent() {
         let h = headers(&[
             ("traceparent", &format!("00-{TRACE}-{PARENT}-01")),
-            ("tracestate", "rojo=1,BAD=2"),
+            ("tracestate", "rojo=1"),
+            ("tracestate", "congo=2"),
         ]);
         let ctx = TraceContext::extract(&h, &Sampler::default());
         let mut out = HeaderMap::new();
         ctx.inject(&mut out, ctx.span_id);
-        assert_eq!(out["tracestate"], "rojo=1");
+        assert_eq!(out["tracestate"], "rojo=1,congo=2");
     }
 
     #[test]
