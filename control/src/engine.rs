@@ -7,7 +7,7 @@
 //! pre-encoded update line, and every subscription task waits on its receiver, so an accepted
 //! change costs one encode per workload whatever the number of proxies.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -22,8 +22,9 @@ use crate::api::{
     StoreStatus, WorkloadPolicy, WorkloadVersion,
 };
 use crate::merge;
-use crate::registry::{AckRefused, Registry, Session, SubscribeRefused};
-use crate::store::{Source, State, Store, StoreError, StoredDoc, VersionRecord};
+use crate::metrics::{ApplyResult, ControlMetrics, Fleet, RejectReason, StoreOp, VersionCause};
+use crate::registry::{AckRefused, Acked, Registry, Session, SubscribeRefused};
+use crate::store::{Source, State, Store, StoreError, StoredDoc, VersionRecord, HISTORY_LEN};
 
 /// The pseudo-workload of workloads that no document names: defaults only.
 pub const DEFAULTS: &str = "*";
@@ -223,6 +224,20 @@ struct Inner {
     /// Policy-directory files overridden by an applied document of the same name (forced
     /// apply): their text as last scanned, handed back by `delete`.
     shadowed: BTreeMap<String, String>,
+    /// When the versions committed by this process were (the last [`HISTORY_LEN`]): push
+    /// latency is measured from there to each ACK.
+    committed: VecDeque<(u64, tokio::time::Instant)>,
+}
+
+impl Inner {
+    /// Notes that `version` was committed now.
+    fn committed(&mut self, version: u64) {
+        if self.committed.len() >= HISTORY_LEN {
+            self.committed.pop_front();
+        }
+        self.committed
+            .push_back((version, tokio::time::Instant::now()));
+    }
 }
 
 /// How writes of the state directory fare. A change is in force only once written, so a
@@ -250,12 +265,17 @@ pub struct Engine {
     max_push: usize,
     writer: Mutex<()>,
     inner: Mutex<Inner>,
+    metrics: ControlMetrics,
 }
 
 impl Engine {
     /// Loads the persisted state (documents in force, history) from `store`.
     pub fn open(store: Store) -> Result<Self, EngineError> {
-        let state = store.load()?;
+        let metrics = ControlMetrics::new();
+        let started = Instant::now();
+        let state = store.load();
+        metrics.store_operation(StoreOp::Load, started.elapsed());
+        let state = state?;
         let docs = state.current();
         let mut parsed = BTreeMap::new();
         for (name, doc) in &docs {
@@ -276,6 +296,7 @@ impl Engine {
             proxies: Registry::default(),
             store_health: StoreHealth::default(),
             shadowed: BTreeMap::new(),
+            committed: VecDeque::new(),
         };
         let version = inner.state.version;
         republish(&mut inner, version);
@@ -285,7 +306,25 @@ impl Engine {
             max_push: wire::MAX_LINE,
             writer: Mutex::new(()),
             inner: Mutex::new(inner),
+            metrics,
         })
+    }
+
+    /// The counters and histograms of `/metrics`.
+    pub fn metrics(&self) -> &ControlMetrics {
+        &self.metrics
+    }
+
+    /// Counts a change refused as a whole.
+    fn count_refusal<T>(
+        &self,
+        source: Source,
+        result: Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        if let Some(reason) = result.as_ref().err().and_then(RejectReason::of) {
+            self.metrics.rejected(source, reason);
+        }
+        result
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -328,6 +367,23 @@ impl Engine {
         cause: &str,
         deadline: Option<Instant>,
     ) -> Result<Outcome, EngineError> {
+        let source = changes
+            .iter()
+            .find_map(|c| match c {
+                Change::Upsert { source, .. } => Some(*source),
+                Change::Remove { .. } => None,
+            })
+            .unwrap_or(Source::Api);
+        let result = self.apply_uncounted(changes, cause, deadline);
+        self.count_refusal(source, result)
+    }
+
+    fn apply_uncounted(
+        &self,
+        changes: Vec<Change>,
+        cause: &str,
+        deadline: Option<Instant>,
+    ) -> Result<Outcome, EngineError> {
         // Parsing is the slow part of a change: done before the lock, so a large document
         // holds back no other change.
         self.check_overrides(&changes)?;
@@ -335,7 +391,15 @@ impl Engine {
         let _writer = self.lock_writer();
         check_deadline(deadline)?;
         self.check_overrides_prepared(&changes)?;
-        self.apply_serialized(changes, cause, None, false, deadline)
+        let kind = if changes.iter().all(|c| match c {
+            Prepared::Upsert { source, .. } => *source == Source::File,
+            Prepared::Remove { .. } => true,
+        }) {
+            VersionCause::Files
+        } else {
+            VersionCause::Apply
+        };
+        self.apply_serialized(changes, cause, None, false, deadline, kind)
     }
 
     /// Refuses an unforced applied upsert of a document read from the policy directory.
@@ -391,7 +455,7 @@ impl Engine {
         let changes: Vec<Prepared> = changes.into_iter().map(Prepared::parse).collect();
         let _writer = self.lock_writer();
         self.check_overrides_prepared(&changes)?;
-        self.apply_serialized(changes, "dry run", None, true, None)
+        self.apply_serialized(changes, "dry run", None, true, None, VersionCause::Apply)
     }
 
     /// Brings the documents from files in line with a scan of the policy directory: changed
@@ -399,6 +463,15 @@ impl Engine {
     /// files are left as they are. Changes the state directory could not take are recorded as
     /// pending ([`Self::file_changes_pending`]) until a later sync writes or drops them.
     pub fn sync_files(
+        &self,
+        scan: BTreeMap<String, ScannedFile>,
+        unreadable: &BTreeSet<String>,
+    ) -> Result<Option<Outcome>, EngineError> {
+        let result = self.sync_files_uncounted(scan, unreadable);
+        self.count_refusal(Source::File, result)
+    }
+
+    fn sync_files_uncounted(
         &self,
         scan: BTreeMap<String, ScannedFile>,
         unreadable: &BTreeSet<String>,
@@ -515,8 +588,15 @@ impl Engine {
             .map(|(name, _, hash)| ((*name).clone(), hash.clone()))
             .collect();
         drop(inner);
-        self.apply_serialized(changes, &cause, Some((seen, hashes)), false, None)
-            .map(Some)
+        self.apply_serialized(
+            changes,
+            &cause,
+            Some((seen, hashes)),
+            false,
+            None,
+            VersionCause::Files,
+        )
+        .map(Some)
     }
 
     /// `seen`: the files' hashes after this scan (without the upserted ones) and the upserted
@@ -532,6 +612,7 @@ impl Engine {
         seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
         dry_run: bool,
         deadline: Option<Instant>,
+        kind: VersionCause,
     ) -> Result<Outcome, EngineError> {
         if dry_run {
             return self.apply_once(changes, cause, seen, true, deadline);
@@ -655,6 +736,9 @@ impl Engine {
             )
         };
         let mut outcome = Outcome::default();
+        // For the metrics: where each document came from, and why each rejection happened.
+        let mut sources: BTreeMap<String, Source> = BTreeMap::new();
+        let mut reasons: Vec<(Source, RejectReason)> = Vec::new();
         for change in changes {
             match change {
                 Prepared::Upsert {
@@ -664,6 +748,7 @@ impl Engine {
                     policy,
                     ..
                 } => {
+                    sources.insert(name.clone(), source);
                     // Same text from another source is a change of owner (a forced apply).
                     if docs
                         .get(&name)
@@ -678,12 +763,15 @@ impl Engine {
                             outcome
                                 .rejected
                                 .push(rejection(&name, &text, &error, source));
+                            reasons.push((source, RejectReason::Invalid));
                             continue;
                         }
                     };
                     let old = parsed.insert(name.clone(), policy);
-                    if let Err(message) = check_merges(&name, old.as_ref(), &parsed, self.max_push)
+                    if let Err((reason, message)) =
+                        check_merges(&name, old.as_ref(), &parsed, self.max_push)
                     {
+                        reasons.push((source, reason));
                         match old {
                             Some(old) => parsed.insert(name.clone(), old),
                             None => parsed.remove(&name),
@@ -729,7 +817,8 @@ impl Engine {
                     outcome.accepted.push(name);
                 }
                 Prepared::Remove { name } => {
-                    if docs.remove(&name).is_some() {
+                    if let Some(removed) = docs.remove(&name) {
+                        sources.insert(name.clone(), removed.source);
                         parsed.remove(&name);
                         outcome.accepted.push(name);
                     }
@@ -758,6 +847,17 @@ impl Engine {
                 .rejected
                 .insert(rejected.document.clone(), rejected.clone());
         }
+        for (source, reason) in reasons {
+            self.metrics.applied(source, ApplyResult::Rejected);
+            self.metrics.rejected(source, reason);
+        }
+        let count = |names: &[String], result: ApplyResult| {
+            for name in names {
+                let source = sources.get(name).copied().unwrap_or(Source::Api);
+                self.metrics.applied(source, result);
+            }
+        };
+        count(&outcome.unchanged, ApplyResult::Unchanged);
         // A sync of the policy directory: its changes are pending while they cannot be written.
         let file_sync = seen.is_some();
         let seen = seen.map(|(mut seen, hashes)| {
@@ -810,8 +910,12 @@ impl Engine {
         inner.state = state;
         inner.docs = docs;
         inner.parsed = parsed;
+        inner.committed(version);
         outcome.version = version;
         outcome.workloads = republish(&mut inner, version);
+        drop(inner);
+        count(&outcome.accepted, ApplyResult::Accepted);
+        self.metrics.version(kind);
         tracing::info!(version, cause, accepted = %outcome.accepted.join(","), workloads = outcome.workloads.len(), "version accepted");
         Ok(outcome)
     }
@@ -820,6 +924,15 @@ impl Engine {
     /// workload's merged policy invalid (then it is rejected in the outcome, nothing changes).
     /// Changes nothing once `deadline` has passed, like [`Self::apply_by`].
     pub fn delete(&self, name: &str, deadline: Option<Instant>) -> Result<Outcome, EngineError> {
+        let result = self.delete_uncounted(name, deadline);
+        self.count_refusal(Source::Api, result)
+    }
+
+    fn delete_uncounted(
+        &self,
+        name: &str,
+        deadline: Option<Instant>,
+    ) -> Result<Outcome, EngineError> {
         let _writer = self.lock_writer();
         check_deadline(deadline)?;
         let mut parsed = {
@@ -844,6 +957,7 @@ impl Engine {
                     Some((seen, hashes)),
                     false,
                     deadline,
+                    VersionCause::Delete,
                 );
             }
             match inner.docs.get(name) {
@@ -865,7 +979,9 @@ impl Engine {
         };
         // Validated without the data lock, like an upsert; the writer lock keeps it current.
         let old = parsed.remove(name);
-        if let Err(message) = check_merges(name, old.as_ref(), &parsed, self.max_push) {
+        if let Err((reason, message)) = check_merges(name, old.as_ref(), &parsed, self.max_push) {
+            self.metrics.applied(Source::Api, ApplyResult::Rejected);
+            self.metrics.rejected(Source::Api, reason);
             let message = format!("cannot delete {message}");
             return Ok(Outcome {
                 version: self.version(),
@@ -894,11 +1010,17 @@ impl Engine {
             None,
             false,
             deadline,
+            VersionCause::Delete,
         )
     }
 
     /// Makes a kept version's documents the ones in force again, as a new version.
     pub fn rollback(&self, to: u64) -> Result<Outcome, EngineError> {
+        let result = self.rollback_uncounted(to);
+        self.count_refusal(Source::Api, result)
+    }
+
+    fn rollback_uncounted(&self, to: u64) -> Result<Outcome, EngineError> {
         let _writer = self.lock_writer();
         self.check_writable()?;
         for _ in 0..MAX_CONFLICTS {
@@ -949,7 +1071,10 @@ impl Engine {
         inner.state = state;
         inner.docs = docs;
         inner.parsed = parsed;
+        inner.committed(version);
         let workloads = republish(&mut inner, version);
+        drop(inner);
+        self.metrics.version(VersionCause::Rollback);
         tracing::info!(version, to, "rolled back");
         Ok(Outcome {
             version,
@@ -968,7 +1093,10 @@ impl Engine {
     /// sync's `cause` is recorded as pending in the same step, so status never shows the one
     /// without the other.
     fn save(&self, state: &State, file_sync: Option<&str>) -> Result<i64, EngineError> {
+        let started = Instant::now();
         let saved = self.store.save(state);
+        self.metrics
+            .store_operation(StoreOp::Save, started.elapsed());
         let mut inner = self.lock();
         let health = &mut inner.store_health;
         match saved {
@@ -1104,7 +1232,16 @@ impl Engine {
     /// Records that `version` (hashing to `hash`) was written to `proxy`'s stream, or that the
     /// proxy resumed with it.
     pub fn sent(&self, proxy: &str, connection: u64, version: u64, hash: &str) {
-        self.lock().proxies.sent(proxy, connection, version, hash);
+        let mut inner = self.lock();
+        let committed_at = inner
+            .committed
+            .iter()
+            .rev()
+            .find(|(v, _)| *v == version)
+            .map(|(_, at)| *at);
+        inner
+            .proxies
+            .sent(proxy, connection, version, hash, committed_at);
     }
 
     /// Records that a stream closed (unless the proxy already opened a newer one).
@@ -1154,10 +1291,42 @@ impl Engine {
     /// policy that session was sent.
     pub fn ack(&self, ack: Ack) -> Result<(), AckRefused> {
         let result = self.lock().proxies.ack(ack);
-        if let Err(e) = &result {
-            tracing::warn!(error = %e, "ACK refused");
+        match result {
+            Ok(Acked::Ack { latency }) => self.metrics.ack(latency),
+            Ok(Acked::Nack) => self.metrics.nack(),
+            Err(ref e) => tracing::warn!(error = %e, "ACK refused"),
         }
-        result
+        result.map(drop)
+    }
+
+    /// Proxies by workload and state, and each workload's version against what its proxies
+    /// applied: the scrape-time gauges of `/metrics`.
+    pub fn fleet(&self) -> Fleet {
+        let inner = self.lock();
+        let mut fleet = Fleet::default();
+        for (workload, sender) in &inner.published {
+            fleet
+                .workloads
+                .insert(workload.clone(), (sender.borrow().version, None));
+        }
+        for (_, p) in inner.proxies.iter() {
+            let current = inner
+                .published
+                .get(&p.workload)
+                .map(|s| s.borrow().content_hash.clone());
+            let state = proxy_state(p, current.as_deref());
+            *fleet
+                .proxies
+                .entry((p.workload.clone(), state))
+                .or_insert(0) += 1;
+            if p.connected {
+                if let Some((_, oldest)) = fleet.workloads.get_mut(&p.workload) {
+                    let applied = p.version_applied.unwrap_or(0);
+                    *oldest = Some(oldest.map_or(applied, |o| o.min(applied)));
+                }
+            }
+        }
+        fleet
     }
 
     /// Documents, rejections and proxies.
@@ -1206,19 +1375,7 @@ impl Engine {
                     .published
                     .get(&p.workload)
                     .map(|s| s.borrow().content_hash.clone());
-                let nack_pending = p
-                    .last_nack
-                    .as_ref()
-                    .is_some_and(|n| Some(n.version) > p.version_applied);
-                let state = if !p.connected {
-                    "disconnected"
-                } else if p.hash_applied.is_some() && p.hash_applied == current {
-                    "in-sync"
-                } else if nack_pending {
-                    "nack"
-                } else {
-                    "pending"
-                };
+                let state = proxy_state(p, current.as_deref());
                 ProxyStatus {
                     proxy: id.clone(),
                     workload: p.workload.clone(),
@@ -1245,6 +1402,24 @@ impl Engine {
             certificates: None,
             now_ms: now_ms(),
         }
+    }
+}
+
+/// A proxy's state as `status` and `/metrics` show it, given its workload's policy hash in
+/// force.
+fn proxy_state(p: &crate::registry::ProxyRecord, current: Option<&str>) -> &'static str {
+    let nack_pending = p
+        .last_nack
+        .as_ref()
+        .is_some_and(|n| Some(n.version) > p.version_applied);
+    if !p.connected {
+        "disconnected"
+    } else if p.hash_applied.is_some() && p.hash_applied.as_deref() == current {
+        "in-sync"
+    } else if nack_pending {
+        "nack"
+    } else {
+        "pending"
     }
 }
 
@@ -1290,7 +1465,7 @@ fn check_merges(
     old: Option<&Policy>,
     parsed: &BTreeMap<String, Policy>,
     max_push: usize,
-) -> Result<(), String> {
+) -> Result<(), (RejectReason, String)> {
     // `None` when `name` is being removed: then only what remains is checked.
     let new = parsed.get(name);
     let touches_all = [new, old]
@@ -1315,15 +1490,23 @@ fn check_merges(
                 // The version's digits are not known yet: count the longest a u64 can have.
                 let line = encode(u64::MAX, yaml, true).line.len();
                 if line > max_push {
-                    return Err(format!(
+                    return Err((RejectReason::TooLarge, format!(
                         "{name}: the merged policy for workload `{workload}` would be pushed as {line} bytes, more than the {max_push} a proxy accepts; split the workload's policy or remove documents it merges"
-                    ));
+                    )));
                 }
             }
             // A conflict between two other documents predates this change (it can only arise
             // from a removal); it is not this document's to answer for.
             Err(MergeFailure::Conflict(c)) if !c.involves(name) => {}
-            Err(e) => return Err(format!("{name}: {e}")),
+            Err(e) => {
+                let reason = match e {
+                    MergeFailure::Conflict(_) => RejectReason::Conflict,
+                    MergeFailure::Invalid { .. } | MergeFailure::Encode(_) => {
+                        RejectReason::MergedInvalid
+                    }
+                };
+                return Err((reason, format!("{name}: {e}")));
+            }
         }
     }
     Ok(())

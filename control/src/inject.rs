@@ -765,6 +765,17 @@ fn inject_pod(
             ));
         }
     }
+    let mut probes = ProbeRecords::new();
+    // The app's native sidecars (init containers with `restartPolicy: Always`) are probed like
+    // its containers (plain init containers may have no probes). Ours were removed above.
+    if let Some(Value::Sequence(init)) = spec.get_mut("initContainers") {
+        for container in init.iter_mut().filter(|c| is_native_sidecar(c)) {
+            let container = container
+                .as_mapping_mut()
+                .ok_or("an init container is not a mapping")?;
+            rewrite_probes(container, sidecar, &earlier_probes, &mut probes)?;
+        }
+    }
     let containers = match spec.get_mut("containers") {
         Some(Value::Sequence(c)) if !c.is_empty() => c,
         _ => return Err("spec.containers is empty".into()),
@@ -774,7 +785,6 @@ fn inject_pod(
         .and_then(Value::as_str)
         .ok_or("spec.containers[0] has no name")?
         .to_string();
-    let mut probes = ProbeRecords::new();
     for container in containers.iter_mut() {
         let container = container
             .as_mapping_mut()
@@ -1042,9 +1052,9 @@ fn earlier_app_probes(spec: &Mapping) -> Result<ProbeRecords, String> {
     Ok(ProbeRecords::new())
 }
 
-/// The app container's probes: each one an earlier injection pointed at the admin port is
-/// first given back its handler from `earlier`; then, with capture, each `httpGet`,
-/// `tcpSocket` and `grpc` probe on a captured port is pointed at the admin port's
+/// An app container's (or native sidecar's) probes: each one an earlier injection pointed at
+/// the admin port is first given back its handler from `earlier`; then, with capture, each
+/// `httpGet`, `tcpSocket` and `grpc` probe on a captured port is pointed at the admin port's
 /// `/app-health/<container>/<kind>` (its timings unchanged) and recorded in `records`.
 fn rewrite_probes(
     container: &mut Mapping,
@@ -1105,6 +1115,11 @@ fn encode_msg(e: PodError) -> String {
     match e {
         PodError::Shape(message) | PodError::Encode { message, .. } => message,
     }
+}
+
+/// Whether an init container is a native sidecar: started before the app and kept running.
+fn is_native_sidecar(container: &Value) -> bool {
+    container.get("restartPolicy").and_then(Value::as_str) == Some("Always")
 }
 
 /// Whether `probe` is this injector's rewrite of probe `key`.
@@ -2625,6 +2640,73 @@ spec:
                 }
             }
         }
+    }
+
+    #[test]
+    fn native_sidecars_probes_are_rewritten_like_the_apps_and_plain_init_containers_left() {
+        let with_sidecar = PROBED.replace(
+            "spec:\n  containers:\n",
+            "\
+spec:
+  initContainers:
+  - name: migrate
+    image: migrate:1
+  - name: log-shipper
+    image: shipper:1
+    restartPolicy: Always
+    ports: [{name: health, containerPort: 7070}]
+    startupProbe:
+      httpGet: {path: /started, port: health}
+      failureThreshold: 10
+    livenessProbe:
+      tcpSocket: {port: 7070}
+  containers:
+",
+        );
+        let (doc, warnings) = inject_twice(&with_sidecar, &options());
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let (spec, record) = probes_of(&doc);
+        let names: Vec<&str> = spec["initContainers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, [INIT_NAME, SIDECAR_NAME, "migrate", "log-shipper"]);
+        let shipper = &spec["initContainers"][3];
+        for (field, kind) in [("startupProbe", "startup"), ("livenessProbe", "liveness")] {
+            let get = &shipper[field]["httpGet"];
+            let path = format!("/app-health/log-shipper/{kind}");
+            assert_eq!(get["path"], path.as_str());
+            assert_eq!(get["port"], 15000);
+            assert!(shipper[field].get("tcpSocket").is_none(), "{field}");
+        }
+        assert_eq!(shipper["startupProbe"]["failureThreshold"], 10);
+        let record = record.unwrap();
+        assert_eq!(
+            record["log-shipper/startup"],
+            serde_json::json!({"httpGet": {"path": "/started", "port": 7070}, "timeoutSeconds": 1})
+        );
+        assert_eq!(
+            record["log-shipper/liveness"],
+            serde_json::json!({"tcpSocket": {"port": 7070}, "timeoutSeconds": 1})
+        );
+        // The app's own are still there: one record for each of the five probes.
+        assert_eq!(record.as_object().unwrap().len(), 5);
+
+        // Without capture the sidecar's probes come back as written (the named port a number).
+        let (doc, _) = inject(
+            &serde_saphyr::to_string(&doc).unwrap(),
+            &Options {
+                legacy: true,
+                ..explicit()
+            },
+        );
+        let shipper = &doc["spec"]["initContainers"][1];
+        assert_eq!(shipper["name"], "log-shipper");
+        assert_eq!(shipper["startupProbe"]["httpGet"]["port"], 7070);
+        assert_eq!(shipper["startupProbe"]["httpGet"]["path"], "/started");
+        assert_eq!(shipper["livenessProbe"]["tcpSocket"]["port"], 7070);
     }
 
     #[test]

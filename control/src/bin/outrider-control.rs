@@ -3,9 +3,14 @@
 //! or service-account JWKS, 69 (EX_UNAVAILABLE) the listen address cannot be bound or etcd
 //! (`--store etcd://...`) cannot be reached at start, 73 (EX_CANTCREAT) the state directory
 //! (or the state in etcd) cannot be used.
+//!
+//! Called by the name `outriderctl` (the image's symlink to this binary) it is the CLI, exactly
+//! as the `outriderctl` binary: the two share most of their code, which the image then holds
+//! once.
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +23,9 @@ use outrider_control::server::{serve, App};
 use outrider_control::service_account::ServiceAccountTokens;
 use outrider_control::store::Store;
 use outrider_control::watcher;
+
+#[path = "outriderctl.rs"]
+mod outriderctl;
 
 const EX_USAGE: u8 = 64;
 const EX_NOINPUT: u8 = 66;
@@ -161,6 +169,9 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
+    if called_as_cli() {
+        return outriderctl::main();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -395,6 +406,13 @@ async fn wait_for_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
+}
+
+/// Whether this process was started by the name `outriderctl` (argv[0]'s file name).
+fn called_as_cli() -> bool {
+    std::env::args_os()
+        .next()
+        .is_some_and(|arg0| Path::new(&arg0).file_name() == Some(OsStr::new("outriderctl")))
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
