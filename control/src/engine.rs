@@ -615,14 +615,14 @@ impl Engine {
         kind: VersionCause,
     ) -> Result<Outcome, EngineError> {
         if dry_run {
-            return self.apply_once(changes, cause, seen, true, deadline);
+            return self.apply_once(changes, cause, seen, true, deadline, kind);
         }
         self.check_writable()?;
         // Another replica may commit between this one's read and its compare-and-swap: the
         // change is then redone on top of what that replica committed (validated anew: the
         // documents it merges with may have changed).
         for _ in 0..MAX_CONFLICTS {
-            match self.apply_once(changes.clone(), cause, seen.clone(), false, deadline) {
+            match self.apply_once(changes.clone(), cause, seen.clone(), false, deadline, kind) {
                 Err(EngineError::Conflict) => {
                     tracing::info!(
                         cause,
@@ -726,6 +726,7 @@ impl Engine {
         seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
         dry_run: bool,
         deadline: Option<Instant>,
+        kind: VersionCause,
     ) -> Result<Outcome, EngineError> {
         let (version, mut docs, mut parsed) = {
             let inner = self.lock();

@@ -44,12 +44,16 @@ pub enum RejectReason {
     FileBacked,
     /// The client's deadline passed before the change could be committed.
     Deadline,
-    /// The state directory did not take the new version.
+    /// The store did not take the new version.
     StoreFailed,
+    /// etcd is unreachable or without quorum: the replica is read-only.
+    StoreUnavailable,
+    /// Other replicas kept committing first.
+    Contended,
 }
 
 impl RejectReason {
-    const ALL: [Self; 8] = [
+    const ALL: [Self; 10] = [
         Self::Invalid,
         Self::Conflict,
         Self::MergedInvalid,
@@ -58,6 +62,8 @@ impl RejectReason {
         Self::FileBacked,
         Self::Deadline,
         Self::StoreFailed,
+        Self::StoreUnavailable,
+        Self::Contended,
     ];
 
     /// The label value.
@@ -71,6 +77,8 @@ impl RejectReason {
             Self::FileBacked => "file_backed",
             Self::Deadline => "deadline",
             Self::StoreFailed => "store_failed",
+            Self::StoreUnavailable => "store_unavailable",
+            Self::Contended => "contended",
         }
     }
 
@@ -82,6 +90,10 @@ impl RejectReason {
             EngineError::FileBacked(_) => Some(Self::FileBacked),
             EngineError::Expired => Some(Self::Deadline),
             EngineError::Store { .. } => Some(Self::StoreFailed),
+            EngineError::Unavailable(_) => Some(Self::StoreUnavailable),
+            EngineError::Contended => Some(Self::Contended),
+            // Internal: the change is redone on the newer state, not refused.
+            EngineError::Conflict => None,
             EngineError::Load(_)
             | EngineError::NotKept(_)
             | EngineError::UnknownDocument(_)
@@ -185,7 +197,8 @@ impl CertFailure {
             | CaError::Half(_)
             | CaError::Load { .. }
             | CaError::Sign(_)
-            | CaError::File(_) => Self::Internal,
+            | CaError::File(_)
+            | CaError::Store(_) => Self::Internal,
         }
     }
 }

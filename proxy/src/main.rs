@@ -293,6 +293,9 @@ fn main() -> ExitCode {
         otlp_ca_file: cli.otlp_ca_file.clone(),
     };
     runtime.block_on(async move {
+        // Handlers first: a SIGTERM that arrives as soon as the listeners are bound (a pod
+        // deleted right after it started) must start the drain, not kill the process.
+        let signals = Signals::install();
         if let (true, Some(initial)) = (cli.demo, &initial) {
             if let Err(e) = demo::start_upstreams(&initial.loaded.policy).await {
                 eprintln!("outrider-proxy: cannot start demo upstreams: {e}");
@@ -329,7 +332,7 @@ fn main() -> ExitCode {
         // A signal or `POST /shutdown` starts the drain; either way the run ends when it does.
         let shared = std::sync::Arc::clone(&running.shared);
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.wait().await;
             shared.shutdown();
         });
         running.wait().await;
@@ -425,18 +428,34 @@ fn control_config(cli: &Cli) -> Result<Option<ControlConfig>, String> {
     }))
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process can only be killed; run until then.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT, caught from the moment [`Signals::install`] returns (a signal that
+/// arrives before [`Signals::wait`] is kept for it).
+struct Signals {
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let streams = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Some((term, int)),
+            _ => None,
+        };
+        Self { streams }
+    }
+
+    async fn wait(self) {
+        let Some((mut term, mut int)) = self.streams else {
+            // Without signal handlers the process can only be killed; run until then.
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
