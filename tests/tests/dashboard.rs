@@ -258,10 +258,12 @@ routes:
     assert_eq!(get(checkout.outbound, "flaky", "/").await.status, 200);
     assert_eq!(get(checkout.outbound, "limited", "/").await.status, 200);
     assert_eq!(get(checkout.outbound, "broken", "/").await.status, 500);
+    // And one the proxy answers itself (no route): its series too.
+    assert_eq!(get(checkout.outbound, "nowhere", "/").await.status, 404);
     until_value(
         &prometheus,
-        "sum(outrider_requests_total{service=~\"ok|ledger|flaky|limited|broken\"})",
-        5.0,
+        "sum(outrider_requests_total{service=~\"ok|ledger|flaky|limited|broken|:unrouted\"})",
+        6.0,
     )
     .await;
     // Traffic: plain requests, retried ones, one over a rate limit, a breaker opening.
@@ -282,6 +284,7 @@ routes:
     for expected in [500, 503] {
         assert_eq!(get(checkout.outbound, "broken", "/").await.status, expected);
     }
+    assert_eq!(get(checkout.outbound, "nowhere", "/").await.status, 404);
 
     // Every query returns data once Prometheus has scraped it (1 s interval). A query that
     // has shown its data counts as shown: on a loaded machine one round of queries can take
