@@ -168,8 +168,8 @@ pub struct Metrics {
 /// Labels of a route handle: direction, service, route.
 type RouteKey = (Arc<str>, Arc<str>, Arc<str>);
 
-/// Labels of an endpoint handle: service, endpoint.
-type EndpointKey = (Arc<str>, Arc<str>);
+/// Endpoint handles of one service, by `endpoint` label.
+type ServiceEndpoints = HashMap<Arc<str>, Weak<ConnectionMetrics>>;
 
 /// The `endpoint` label of a service's endpoints past the cap.
 pub const OTHER_ENDPOINTS: &str = "other";
@@ -182,7 +182,8 @@ pub const OTHER_ENDPOINTS: &str = "other";
 struct LiveSeries {
     routes: Mutex<HashMap<RouteKey, Weak<RouteMetrics>>>,
     services: Mutex<HashMap<Arc<str>, Weak<ServiceMetrics>>>,
-    endpoints: Mutex<HashMap<EndpointKey, Weak<ConnectionMetrics>>>,
+    /// By service, then endpoint: looked up by `&str` without building a key.
+    endpoints: Mutex<HashMap<Arc<str>, ServiceEndpoints>>,
 }
 
 /// Whether `live` holds a handle still in use for `key`: a reload that brought a route,
@@ -356,8 +357,7 @@ pub struct RouteMetrics {
     /// The families its series belong to, to remove them from.
     owner: Option<RouteOwner>,
     requests: RequestCounters,
-    /// Time to response headers, by flag: the upstream's made at once, the others when first
-    /// seen.
+    /// Time to response headers, by flag.
     duration: [OnceLock<Histogram>; FLAGS],
     duration_family: HistogramVec,
     /// Retry outcomes of this route and service.
@@ -791,7 +791,8 @@ pub struct ConnectionMetrics {
     opened: IntCounter,
     closed: IntCounter,
     active: IntGauge,
-    owner: Option<(Metrics, EndpointKey)>,
+    /// The service and `endpoint` label.
+    owner: Option<(Metrics, Arc<str>, Arc<str>)>,
 }
 
 impl ConnectionMetrics {
@@ -805,7 +806,7 @@ impl ConnectionMetrics {
 
 impl Drop for ConnectionMetrics {
     fn drop(&mut self) {
-        let Some((metrics, key)) = self.owner.take() else {
+        let Some((metrics, service, endpoint)) = self.owner.take() else {
             return;
         };
         let mut live = metrics
@@ -813,11 +814,16 @@ impl Drop for ConnectionMetrics {
             .endpoints
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if in_use(&live, &key) {
-            return;
+        if let Some(endpoints) = live.get_mut(&service) {
+            if in_use(endpoints, &endpoint) {
+                return;
+            }
+            endpoints.remove(&endpoint);
+            if endpoints.is_empty() {
+                live.remove(&service);
+            }
         }
-        live.remove(&key);
-        let labels = [&*key.0, &*key.1];
+        let labels = [&*service, &*endpoint];
         let _ = metrics.connections_opened.remove_label_values(&labels);
         let _ = metrics.connections_active.remove_label_values(&labels);
         let _ = metrics
@@ -1098,6 +1104,16 @@ impl Metrics {
     }
 
     fn route_handles(&self, direction: &str, service: &str, route: &str) -> RouteMetrics {
+        // The upstream's series from the start, as every route has them; the proxy's own when
+        // first seen.
+        let duration: [OnceLock<Histogram>; FLAGS] = Default::default();
+        let upstream = ResponseFlag::Upstream;
+        let _ = duration[upstream.index()].set(self.duration.with_label_values(&[
+            direction,
+            service,
+            route,
+            upstream.code(),
+        ]));
         RouteMetrics {
             owner: None,
             requests: RequestCounters {
@@ -1110,7 +1126,7 @@ impl Metrics {
                 by_method: Default::default(),
                 proxy_made: Default::default(),
             },
-            duration: [(); FLAGS].map(|()| OnceLock::new()),
+            duration,
             duration_family: self.duration.clone(),
             retries: RetryMetrics {
                 attempts: self.retries.with_label_values(&[service, route]),
@@ -1219,30 +1235,34 @@ impl Metrics {
             .endpoints
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let mut key: EndpointKey = (Arc::from(service), Arc::from(endpoint));
-        if let Some(handles) = live.get(&key).and_then(Weak::upgrade) {
+        let known = live
+            .get(service)
+            .and_then(|endpoints| endpoints.get(endpoint));
+        if let Some(handles) = known.and_then(Weak::upgrade) {
             return handles;
         }
-        let labelled = live
+        let endpoints = live.entry(Arc::from(service)).or_default();
+        let labelled = endpoints
             .iter()
-            .filter(|((s, e), h)| {
-                **s == *service && **e != *OTHER_ENDPOINTS && h.strong_count() > 0
-            })
+            .filter(|(label, h)| &***label != OTHER_ENDPOINTS && h.strong_count() > 0)
             .count();
-        if labelled >= self.endpoint_cap {
-            key.1 = Arc::from(OTHER_ENDPOINTS);
-            if let Some(handles) = live.get(&key).and_then(Weak::upgrade) {
-                return handles;
-            }
+        let label = if labelled < self.endpoint_cap {
+            endpoint
+        } else {
+            OTHER_ENDPOINTS
+        };
+        if let Some(handles) = endpoints.get(label).and_then(Weak::upgrade) {
+            return handles;
         }
-        let labels = [service, &*key.1];
+        let labels = [service, label];
+        let label: Arc<str> = Arc::from(label);
         let handles = Arc::new(ConnectionMetrics {
             opened: self.connections_opened.with_label_values(&labels),
             closed: self.traffic.connections_closed.with_label_values(&labels),
             active: self.connections_active.with_label_values(&labels),
-            owner: Some((self.clone(), key.clone())),
+            owner: Some((self.clone(), Arc::from(service), Arc::clone(&label))),
         });
-        live.insert(key, Arc::downgrade(&handles));
+        endpoints.insert(label, Arc::downgrade(&handles));
         handles
     }
 
