@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
-use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
     Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -76,6 +75,9 @@ struct RequestCounters {
     labels: RouteLabels,
     by_method: [OnceLock<Box<[OnceLock<IntCounter>]>>; METHODS.len()],
     proxy_made: [OnceLock<Box<[ProxyMadeSlots; FLAGS]>>; METHODS.len()],
+    /// Series of the proxy's responses past their flag's slots (method, status, flag), to
+    /// remove them with the route's; pushed to only on that rare path.
+    uncached: Mutex<Vec<(usize, http::StatusCode, ResponseFlag)>>,
 }
 
 /// `status_class` and `code` of a request the caller abandoned before its response ended (a
@@ -86,6 +88,17 @@ impl RequestCounters {
     /// The series of `method`'s request ended with `status` and `flag` (`cancelled` for
     /// [`ResponseFlag::DownstreamCancelled`], whatever the status).
     fn series(&self, m: usize, status: http::StatusCode, flag: ResponseFlag) -> IntCounter {
+        self.family
+            .with_label_values(&self.label_values(m, &status, flag))
+    }
+
+    /// The label values of a series, in the family's order.
+    fn label_values<'a>(
+        &'a self,
+        m: usize,
+        status: &'a http::StatusCode,
+        flag: ResponseFlag,
+    ) -> [&'a str; 7] {
         let (class, code) = match flag {
             ResponseFlag::DownstreamCancelled => (CANCELLED, CANCELLED),
             _ => {
@@ -93,7 +106,7 @@ impl RequestCounters {
                 (STATUS_CLASSES[class], status.as_str())
             }
         };
-        self.family.with_label_values(&[
+        [
             &self.labels.direction,
             &self.labels.service,
             &self.labels.route,
@@ -101,7 +114,44 @@ impl RequestCounters {
             class,
             code,
             flag.code(),
-        ])
+        ]
+    }
+
+    /// Removes every series these counters made (when the route's last handle goes).
+    fn remove_all(&self) {
+        let remove = |m: usize, status: http::StatusCode, flag: ResponseFlag| {
+            let _ = self
+                .family
+                .remove_label_values(&self.label_values(m, &status, flag));
+        };
+        for (m, codes) in self.by_method.iter().enumerate() {
+            let made = codes.get().map(|c| c.iter()).into_iter().flatten();
+            for (slot, counter) in made.enumerate() {
+                let code = u16::try_from(slot)
+                    .ok()
+                    .and_then(|slot| FIRST_CODE.checked_add(slot));
+                let status = code.and_then(|code| http::StatusCode::from_u16(code).ok());
+                if let (Some(_), Some(status)) = (counter.get(), status) {
+                    remove(m, status, ResponseFlag::Upstream);
+                }
+            }
+        }
+        for (m, flags) in self.proxy_made.iter().enumerate() {
+            let Some(flags) = flags.get() else {
+                continue;
+            };
+            for (flag, slots) in ResponseFlag::ALL.iter().zip(flags.iter()) {
+                for (key, _) in slots.iter().filter_map(OnceLock::get) {
+                    // A cancelled request's key (0) is no status: any does for its labels.
+                    let status = http::StatusCode::from_u16(*key).unwrap_or(http::StatusCode::OK);
+                    remove(m, status, *flag);
+                }
+            }
+        }
+        let uncached = self.uncached.lock().unwrap_or_else(PoisonError::into_inner);
+        for (m, status, flag) in uncached.iter() {
+            remove(*m, *status, *flag);
+        }
     }
 
     fn inc(&self, method: &http::Method, status: http::StatusCode, flag: ResponseFlag) {
@@ -127,6 +177,11 @@ impl RequestCounters {
                 return;
             }
         }
+        let mut uncached = self.uncached.lock().unwrap_or_else(PoisonError::into_inner);
+        if !uncached.contains(&(m, status, flag)) {
+            uncached.push((m, status, flag));
+        }
+        drop(uncached);
         self.series(m, status, flag).inc();
     }
 }
@@ -191,27 +246,6 @@ struct LiveSeries {
 /// series, and those stay.
 fn in_use<K: std::hash::Hash + Eq, V>(live: &HashMap<K, Weak<V>>, key: &K) -> bool {
     live.get(key).is_some_and(|h| h.strong_count() > 0)
-}
-
-/// Removes every series of `family` whose labels include all of `matching`. Runs when the last
-/// handle of a route, service or endpoint goes (under its live map's lock, so no new handle
-/// makes a series meanwhile), never per request.
-fn remove_matching<T: MetricVecBuilder>(family: &MetricVec<T>, matching: &[(&str, &str)]) {
-    for gathered in family.collect() {
-        for metric in gathered.get_metric() {
-            let labels: HashMap<&str, &str> = metric
-                .get_label()
-                .iter()
-                .map(|pair| (pair.name(), pair.value()))
-                .collect();
-            if matching
-                .iter()
-                .all(|(name, value)| labels.get(name) == Some(value))
-            {
-                let _ = family.remove(&labels);
-            }
-        }
-    }
 }
 
 /// Detection time buckets: most clients write at once (microseconds); a timeout is the longest.
@@ -392,13 +426,12 @@ impl Drop for RouteMetrics {
         }
         live.remove(&owner.key);
         let (direction, service, route) = (&*owner.key.0, &*owner.key.1, &*owner.key.2);
-        let three = [
-            ("direction", direction),
-            ("service", service),
-            ("route", route),
-        ];
-        remove_matching(&metrics.requests, &three);
-        remove_matching(&metrics.duration, &three);
+        self.requests.remove_all();
+        for flag in ResponseFlag::ALL {
+            let _ = metrics
+                .duration
+                .remove_label_values(&[direction, service, route, flag.code()]);
+        }
         let traffic = &metrics.traffic;
         let three = [direction, service, route];
         let _ = traffic.request_bytes.remove_label_values(&three);
@@ -1125,6 +1158,7 @@ impl Metrics {
                 },
                 by_method: Default::default(),
                 proxy_made: Default::default(),
+                uncached: Mutex::default(),
             },
             duration,
             duration_family: self.duration.clone(),
@@ -1370,6 +1404,10 @@ mod tests {
                 "{text}"
             );
         }
+        // Gone with the route, those past the slots too.
+        drop(route);
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        assert!(!text.contains("route=\"r\""), "{text}");
     }
 
     #[test]
