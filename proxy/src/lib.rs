@@ -74,6 +74,9 @@ pub struct Bootstrap {
     /// The CA that `https://` OTLP collectors are verified against; the system's trust roots
     /// without it.
     pub otlp_ca_file: Option<std::path::PathBuf>,
+    /// Most endpoints of one service labelled by address in the connection metrics at once;
+    /// the others are counted as `endpoint="other"`.
+    pub metrics_endpoint_cap: usize,
 }
 
 /// The policy a proxy starts with.
@@ -219,7 +222,8 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
 /// policy (nothing routes) and `/ready` stays 503 until a policy is applied through
 /// [`Running::reloader`]. Must be called inside a Tokio runtime.
 pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Running, StartError> {
-    let metrics = Metrics::new(&bootstrap.workload)?;
+    let metrics =
+        Metrics::new(&bootstrap.workload)?.with_endpoint_cap(bootstrap.metrics_endpoint_cap);
     let mesh = match &bootstrap.identity {
         Some(_) => Some(io::identity::Mesh::new(&metrics)?),
         None => None,

@@ -73,6 +73,11 @@ struct Cli {
     /// against; default: the system's trust roots.
     #[arg(long, env = "OUTRIDER_OTLP_CA_FILE")]
     otlp_ca_file: Option<std::path::PathBuf>,
+    /// Most endpoints of one service labelled by address at once in the upstream connection
+    /// metrics; past it, new endpoints are counted as `endpoint="other"` (0: all of them), so
+    /// a large or churning service cannot grow the series without bound.
+    #[arg(long, env = "OUTRIDER_METRICS_ENDPOINT_CAP", default_value_t = outrider_proxy::telemetry::metrics::DEFAULT_ENDPOINT_CAP)]
+    metrics_endpoint_cap: usize,
     /// Runtime worker threads; 1 runs a single-threaded runtime, like a 1-CPU pod wants.
     #[arg(long, env = "OUTRIDER_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     workers: u16,
@@ -291,6 +296,7 @@ fn main() -> ExitCode {
         limits,
         app_probes,
         otlp_ca_file: cli.otlp_ca_file.clone(),
+        metrics_endpoint_cap: cli.metrics_endpoint_cap,
     };
     runtime.block_on(async move {
         // Handlers first: a SIGTERM that arrives as soon as the listeners are bound (a pod

@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::{Response, StatusCode};
 use outrider_e2e::control::{start_control, Control, ControlDirs};
 use outrider_e2e::prometheus::{value, Prometheus};
-use outrider_e2e::{full, get, spawn_proxy, Proto, Proxy, TempDir, Upstream};
+use outrider_e2e::{full, get, spawn_proxy, start_proxy, Proto, Proxy, TempDir, Upstream};
 
 const DASHBOARD: &str = include_str!("../../deploy/grafana/outrider.json");
 
@@ -35,7 +35,26 @@ const EXPECTED: &[(&str, &str, Expect)] = &[
         "C",
         Expect::Finite,
     ),
-    ("Retries by outcome", "A", Expect::Positive),
+    (
+        "Responses by flag: proxy-made vs upstream",
+        "A",
+        Expect::Positive,
+    ),
+    (
+        "Responses by flag: proxy-made vs upstream",
+        "B",
+        Expect::Positive,
+    ),
+    (
+        "Retries: retried requests by outcome, and attempts",
+        "A",
+        Expect::Positive,
+    ),
+    (
+        "Retries: retried requests by outcome, and attempts",
+        "B",
+        Expect::Positive,
+    ),
     ("Rate-limited requests (429)", "A", Expect::Positive),
     ("Circuit breakers not closed", "A", Expect::Positive),
     ("Circuit breaker transitions", "A", Expect::Positive),
@@ -239,10 +258,12 @@ routes:
     assert_eq!(get(checkout.outbound, "flaky", "/").await.status, 200);
     assert_eq!(get(checkout.outbound, "limited", "/").await.status, 200);
     assert_eq!(get(checkout.outbound, "broken", "/").await.status, 500);
+    // And one the proxy answers itself (no route): its series too.
+    assert_eq!(get(checkout.outbound, "nowhere", "/").await.status, 404);
     until_value(
         &prometheus,
-        "sum(outrider_requests_total{service=~\"ok|ledger|flaky|limited|broken\"})",
-        5.0,
+        "sum(outrider_requests_total{service=~\"ok|ledger|flaky|limited|broken|:unrouted\"})",
+        6.0,
     )
     .await;
     // Traffic: plain requests, retried ones, one over a rate limit, a breaker opening.
@@ -263,6 +284,7 @@ routes:
     for expected in [500, 503] {
         assert_eq!(get(checkout.outbound, "broken", "/").await.status, expected);
     }
+    assert_eq!(get(checkout.outbound, "nowhere", "/").await.status, 404);
 
     // Every query returns data once Prometheus has scraped it (1 s interval). A query that
     // has shown its data counts as shown: on a loaded machine one round of queries can take
@@ -320,6 +342,144 @@ routes:
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     eprintln!("{} panel queries checked against Prometheus", queries.len());
+}
+
+/// The dashboard panel `title`'s query `ref_id`, substituted.
+fn panel_query(dashboard: &serde_json::Value, title: &str, ref_id: &str) -> String {
+    let (_, _, expr) = panel_queries(dashboard)
+        .into_iter()
+        .find(|(t, r, _)| t == title && r == ref_id)
+        .unwrap();
+    substitute(&expr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_rate_leaves_cancelled_calls_out_and_flags_tell_who_answered() {
+    // `/ok` 200, `/bad` the upstream's own 502, `/hang` never answered (the caller gives up).
+    let upstream = Upstream::start(
+        Proto::Http1,
+        |req: http::Request<hyper::body::Incoming>| async move {
+            match req.uri().path() {
+                "/hang" => std::future::pending().await,
+                "/bad" => {
+                    let mut res = Response::new(full("bad"));
+                    *res.status_mut() = StatusCode::BAD_GATEWAY;
+                    res
+                }
+                _ => Response::new(full("ok")),
+            }
+        },
+    )
+    .await;
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = start_proxy(&format!(
+        "services:\n  svc: {{ endpoints: [{}] }}\n  down: {{ endpoints: [{dead}] }}\nroutes:\n  - {{ name: r, match: {{ authority: svc }}, service: svc }}\n  - {{ name: d, match: {{ authority: down }}, service: down }}\n",
+        upstream.addr
+    ));
+    let Some(prometheus) = Prometheus::start(&[("outrider-proxy", proxy.admin)]).await else {
+        return;
+    };
+    until_value(&prometheus, "up{job=\"outrider-proxy\"}", 1.0).await;
+    // Rounds of one success, one failure and one cancelled call: equal counts, so equal
+    // rates, and a success rate of exactly 1/2 with cancelled calls left out (2/3 were they
+    // successes, 1/3 failures).
+    let round = || async {
+        assert_eq!(get(proxy.outbound, "svc", "/ok").await.status, 200);
+        assert_eq!(get(proxy.outbound, "svc", "/bad").await.status, 502);
+        let hits = upstream.hits();
+        let mut caller = tokio::net::TcpStream::connect(proxy.outbound)
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut caller,
+            b"GET /hang HTTP/1.1\r\nhost: svc\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while upstream.hits() == hits {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/hang never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(caller);
+    };
+    round().await;
+    assert_eq!(get(proxy.outbound, "down", "/").await.status, 502);
+    // All three series born in one scrape, before the rest of the traffic.
+    until_value(
+        &prometheus,
+        "count(outrider_requests_total{service=\"svc\"} == 1)",
+        3.0,
+    )
+    .await;
+    for _ in 0..2 {
+        round().await;
+    }
+    assert_eq!(get(proxy.outbound, "down", "/").await.status, 502);
+    until_value(
+        &prometheus,
+        "outrider_requests_total{service=\"down\"}",
+        2.0,
+    )
+    .await;
+    until_value(
+        &prometheus,
+        "count(outrider_requests_total{service=\"svc\"} == 3)",
+        3.0,
+    )
+    .await;
+    let by_labels = |result: &[serde_json::Value], label: &str, value: &str| {
+        result
+            .iter()
+            .find(|s| s["metric"][label] == value)
+            .map(outrider_e2e::prometheus::value)
+    };
+
+    let success = prometheus
+        .query(&panel_query(&dashboard(), "Success rate by service", "A"))
+        .await;
+    let rate = by_labels(&success, "service", "svc").unwrap();
+    assert!(
+        (rate - 0.5).abs() < 1e-9,
+        "success rate {rate}: {success:?}"
+    );
+
+    let title = "Responses by flag: proxy-made vs upstream";
+    let proxy_made = prometheus
+        .query(&panel_query(&dashboard(), title, "A"))
+        .await;
+    for flag in ["DC", "UF"] {
+        assert!(
+            by_labels(&proxy_made, "flags", flag).is_some_and(|v| v > 0.0),
+            "{flag}: {proxy_made:?}"
+        );
+    }
+    assert!(
+        !proxy_made.iter().any(|s| s["metric"]["flags"] == "-"),
+        "{proxy_made:?}"
+    );
+    let from_upstream = prometheus
+        .query(&panel_query(&dashboard(), title, "B"))
+        .await;
+    assert!(
+        by_labels(&from_upstream, "service", "svc").is_some_and(|v| v > 0.0),
+        "{from_upstream:?}"
+    );
+    assert!(
+        by_labels(&from_upstream, "service", "down").is_none(),
+        "the dead service's 502s are the proxy's: {from_upstream:?}"
+    );
+}
+
+fn dashboard() -> serde_json::Value {
+    serde_json::from_str(DASHBOARD).unwrap()
 }
 
 /// `n` concurrent GETs to `host` through the proxy's outbound port: their statuses.

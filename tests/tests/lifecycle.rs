@@ -250,7 +250,12 @@ async fn metrics_count_known_traffic_exactly() {
     assert_eq!(get(proxy.outbound, "nowhere", "/").await.status, 404);
 
     let series = |service: &str, route: &str, class: &str, code: &str| {
-        format!("outrider_requests_total{{code=\"{code}\",direction=\"outbound\",method=\"GET\",route=\"{route}\",service=\"{service}\",status_class=\"{class}\"}}")
+        let flag = match code {
+            "502" if service == "down" => "UF",
+            "404" => "NR",
+            _ => "-",
+        };
+        format!("outrider_requests_total{{code=\"{code}\",direction=\"outbound\",flags=\"{flag}\",method=\"GET\",route=\"{route}\",service=\"{service}\",status_class=\"{class}\"}}")
     };
     assert_eq!(proxy.metric(&series("svc", "ok", "2xx", "200")).await, 3.0);
     assert_eq!(proxy.metric(&series("svc", "ok", "5xx", "502")).await, 0.0);
@@ -266,7 +271,7 @@ async fn metrics_count_known_traffic_exactly() {
     );
     assert_eq!(
         proxy
-            .metric("outrider_response_duration_seconds_count{direction=\"outbound\",route=\"ok\",service=\"svc\"}")
+            .metric("outrider_response_duration_seconds_count{direction=\"outbound\",flags=\"-\",route=\"ok\",service=\"svc\"}")
             .await,
         3.0
     );

@@ -256,6 +256,7 @@ async fn access_log_text_format_keeps_or_drops_queries_as_told() {
     assert!(line.contains(r#" user_agent="say \"hi\"""#), "{line}");
     assert!(line.contains(&format!(" upstream={}", echo.addr)), "{line}");
     assert!(line.contains(" upstream_seconds="), "{line}");
+    assert!(line.contains(" response_flags=- "), "{line}");
 
     // The same proxy, told to keep query strings.
     let reloads = "outrider_policy_reloads_total{result=\"ok\"}";
@@ -562,6 +563,7 @@ async fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
 
     let labels = "direction=\"outbound\",route=\"r\",service=\"svc\"";
     let m = |name: &str, extra: &str| format!("{name}{{{labels}{extra}}}");
+    let upstream_made = "direction=\"outbound\",flags=\"-\",route=\"r\",service=\"svc\"";
     assert_eq!(
         settled(
             &proxy,
@@ -571,10 +573,15 @@ async fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
         .await,
         response_bytes as f64
     );
-    // Labels come out sorted by name: code and direction before the route labels, method
-    // between them.
+    // Labels come out sorted by name: code, direction and flags before the route labels,
+    // method between them.
     let requests = |code: &str, method: &str, route: &str, service: &str, class: &str| {
-        format!("outrider_requests_total{{code=\"{code}\",direction=\"outbound\",method=\"{method}\",route=\"{route}\",service=\"{service}\",status_class=\"{class}\"}}")
+        let flag = match code {
+            "502" => "UF",
+            "404" => "NR",
+            _ => "-",
+        };
+        format!("outrider_requests_total{{code=\"{code}\",direction=\"outbound\",flags=\"{flag}\",method=\"{method}\",route=\"{route}\",service=\"{service}\",status_class=\"{class}\"}}")
     };
     assert_eq!(
         proxy
@@ -596,7 +603,9 @@ async fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
     assert_eq!(proxy.metric(&m("outrider_requests_pending", "")).await, 0.0);
     assert_eq!(
         proxy
-            .metric(&m("outrider_response_duration_seconds_count", ""))
+            .metric(&format!(
+                "outrider_response_duration_seconds_count{{{upstream_made}}}"
+            ))
             .await,
         7.0
     );
@@ -694,7 +703,8 @@ async fn placeholder_labels_never_share_a_series_with_real_names() {
     assert_eq!(get(proxy.outbound, "nowhere", "/").await.status, 404);
     assert_eq!(get(proxy.dedicated("none"), "none", "/").await.status, 200);
     let count = |route: &str, service: &str| {
-        format!("outrider_response_duration_seconds_count{{direction=\"outbound\",route=\"{route}\",service=\"{service}\"}}")
+        let flag = if route == ":unrouted" { "NR" } else { "-" };
+        format!("outrider_response_duration_seconds_count{{direction=\"outbound\",flags=\"{flag}\",route=\"{route}\",service=\"{service}\"}}")
     };
     for (route, service) in [
         ("none", "none"),
@@ -760,7 +770,7 @@ async fn series_of_a_route_that_left_the_policy_go_once_its_requests_drain() {
     // The route that stayed kept its series and counts across the reload.
     assert_eq!(
         proxy
-            .metric("outrider_response_duration_seconds_count{direction=\"outbound\",route=\"k\",service=\"kept\"}")
+            .metric("outrider_response_duration_seconds_count{direction=\"outbound\",flags=\"-\",route=\"k\",service=\"kept\"}")
             .await,
         2.0
     );

@@ -120,6 +120,7 @@ where
                 snapshot.unrouted.record(
                     req.method(),
                     response.status(),
+                    error.flag(),
                     started.elapsed().as_secs_f64(),
                 );
                 // Requests the proxy refused before routing are logged and traced too: an
@@ -141,7 +142,7 @@ where
                             &snapshot.unrouted.labels,
                             times,
                             &response,
-                            error.to_string(),
+                            (error.to_string(), error.flag()),
                         );
                         record.style = snapshot.access_log_style;
                         log.record(record);
@@ -224,7 +225,9 @@ where
     // Counted when the response ends (`Finish`): only then is it known whether the caller
     // stayed for it.
     let head_elapsed = started.elapsed();
-    target.metrics.observe_headers(head_elapsed.as_secs_f64());
+    target
+        .metrics
+        .observe_headers(finish.report.flag, head_elapsed.as_secs_f64());
     finish.status = response.status();
     finish.responded = true;
     if let Some(logged) = finish.logged.as_deref_mut() {
@@ -275,6 +278,7 @@ fn refused_span<B>(
         grpc_status: outcome::grpc_code(response.headers()),
         error: Some(&reason),
         cancelled: false,
+        flag: error.flag(),
     };
     for span in span.build(&[], sink.scope()) {
         sink.record(span);
@@ -378,6 +382,7 @@ async fn forward(
                     retry_after,
                     reset,
                 };
+                report.flag = error.flag();
                 report.error = Some(error.to_string());
                 return rescue(&error, grpc);
             }
@@ -390,7 +395,9 @@ async fn forward(
             now = Instant::now();
         }
         if let Some(status) = faults.abort {
-            return rescue(&ProxyError::FaultAbort(status), grpc);
+            let error = ProxyError::FaultAbort(status);
+            report.flag = error.flag();
+            return rescue(&error, grpc);
         }
     }
     let permit = match &policy.breaker {
@@ -403,6 +410,7 @@ async fn forward(
                     BreakerRejection::Open => ProxyError::CircuitOpen(service),
                     BreakerRejection::ConcurrencyLimit => ProxyError::ConcurrencyLimit(service),
                 };
+                report.flag = error.flag();
                 return rescue(&error, grpc);
             }
         },
@@ -432,6 +440,7 @@ async fn forward(
             parts
         }
         Err(error) => {
+            report.flag = error.flag();
             report.error = Some(error.to_string());
             return rescue(&error, grpc);
         }
@@ -500,6 +509,7 @@ async fn forward(
             if let (Some(permit), Some(outcome)) = (permit, outcome::of_error(&error)) {
                 permit.record(outcome);
             }
+            report.flag = error.flag();
             report.error = Some(error.to_string());
             rescue(&error, grpc)
         }

@@ -448,5 +448,10 @@ fn inbound_identity<B>(
         caller = caller.as_deref().unwrap_or("plaintext"),
         "inbound request refused by authorization"
     );
-    Some(ProxyError::Forbidden(caller))
+    let refused = ProxyError::Forbidden(caller);
+    // Counted here, as the request goes no further (untimed: it is answered at once).
+    snapshot
+        .inbound_metrics()
+        .count_ended(req.method(), refused.status(), refused.flag());
+    Some(refused)
 }

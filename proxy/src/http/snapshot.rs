@@ -389,6 +389,11 @@ impl Snapshot {
         }
     }
 
+    /// Metrics of inbound requests (`app`), for those refused before they have a target.
+    pub fn inbound_metrics(&self) -> &Arc<RouteMetrics> {
+        &self.inbound_metrics
+    }
+
     /// The target of an outbound request to `host` (no port) and `path`, by the first matching
     /// route.
     pub fn route(&self, host: &str, path: &str) -> Option<&Arc<Target>> {

@@ -106,7 +106,7 @@ impl Drop for PendingSlot {
 pub struct EndpointConnector {
     addr: SocketAddr,
     timeout: Duration,
-    metrics: ConnectionMetrics,
+    metrics: Arc<ConnectionMetrics>,
     pending: Option<PendingLimit>,
     tls: Option<UpstreamTls>,
     hold_out: Option<Arc<HoldOut>>,
@@ -118,7 +118,7 @@ impl EndpointConnector {
     pub fn new(
         addr: SocketAddr,
         timeout: Duration,
-        metrics: ConnectionMetrics,
+        metrics: Arc<ConnectionMetrics>,
         pending: Option<PendingLimit>,
     ) -> Self {
         Self {

@@ -9,6 +9,7 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::core::errors::ResponseFlag;
 use crate::policy::breaker::{BreakerMetrics, STATE_LABELS};
 
 /// Latency buckets for a sidecar hop: sub-millisecond up to five minutes, so long streams
@@ -26,6 +27,10 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const METHODS: [&str; 10] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "other",
 ];
+
+/// Endpoints of one service labelled by address at once, by default
+/// (`--metrics-endpoint-cap`).
+pub const DEFAULT_ENDPOINT_CAP: usize = 16;
 
 /// Status codes `http` accepts: 100 to 999.
 const FIRST_CODE: u16 = 100;
@@ -46,16 +51,33 @@ fn method_index(method: &http::Method) -> usize {
     }
 }
 
-/// Request counters of one direction, service and route, by method and status code.
+const FLAGS: usize = ResponseFlag::ALL.len();
+
+/// Slots per method and flag for the responses the proxy makes: a flag comes with one or two
+/// statuses (a fault injection's is the policy's), so a few suffice; a status past them is
+/// looked up in the family each time.
+const PROXY_MADE_SLOTS: usize = 4;
+
+/// Counters of one method and flag the proxy made responses for, each with its status (0 for
+/// a cancelled request, which has none).
+type ProxyMadeSlots = [OnceLock<(u16, IntCounter)>; PROXY_MADE_SLOTS];
+
+/// Request counters of one direction, service and route, by method, status code and response
+/// flag.
 ///
 /// The children are made lazily (a route sees few methods and codes, and eager series for all
-/// of them would be thousands of zeros) and then cached: a table per method, a slot per code,
-/// so after the first request with a given method and code, counting is one atomic add with no
-/// label hashing and no lock of the metric family.
+/// of them would be thousands of zeros) and then cached: for the upstream's responses a table
+/// per method with a slot per code, for the proxy's own a few slots per method and flag; so
+/// after the first request with a given method, code and flag, counting is one atomic add with
+/// no label hashing and no lock of the metric family.
 struct RequestCounters {
     family: IntCounterVec,
     labels: RouteLabels,
     by_method: [OnceLock<Box<[OnceLock<IntCounter>]>>; METHODS.len()],
+    proxy_made: [OnceLock<Box<[ProxyMadeSlots; FLAGS]>>; METHODS.len()],
+    /// Series of the proxy's responses past their flag's slots (method, status, flag), to
+    /// remove them with the route's; pushed to only on that rare path.
+    uncached: Mutex<Vec<(usize, http::StatusCode, ResponseFlag)>>,
 }
 
 /// `status_class` and `code` of a request the caller abandoned before its response ended (a
@@ -63,41 +85,104 @@ struct RequestCounters {
 pub const CANCELLED: &str = "cancelled";
 
 impl RequestCounters {
-    /// The slots of `method`'s series: one per status code, and the last for cancelled ones.
-    fn slots(&self, method: &http::Method) -> (usize, &[OnceLock<IntCounter>]) {
-        let m = method_index(method);
-        let codes =
-            self.by_method[m].get_or_init(|| (0..=CODES).map(|_| OnceLock::new()).collect());
-        (m, codes)
+    /// The series of `method`'s request ended with `status` and `flag` (`cancelled` for
+    /// [`ResponseFlag::DownstreamCancelled`], whatever the status).
+    fn series(&self, m: usize, status: http::StatusCode, flag: ResponseFlag) -> IntCounter {
+        self.family
+            .with_label_values(&self.label_values(m, &status, flag))
     }
 
-    fn series(&self, m: usize, class: &str, code: &str) -> IntCounter {
-        self.family.with_label_values(&[
+    /// The label values of a series, in the family's order.
+    fn label_values<'a>(
+        &'a self,
+        m: usize,
+        status: &'a http::StatusCode,
+        flag: ResponseFlag,
+    ) -> [&'a str; 7] {
+        let (class, code) = match flag {
+            ResponseFlag::DownstreamCancelled => (CANCELLED, CANCELLED),
+            _ => {
+                let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+                (STATUS_CLASSES[class], status.as_str())
+            }
+        };
+        [
             &self.labels.direction,
             &self.labels.service,
             &self.labels.route,
             METHODS[m],
             class,
             code,
-        ])
+            flag.code(),
+        ]
     }
 
-    fn inc(&self, method: &http::Method, status: http::StatusCode) {
-        let (m, codes) = self.slots(method);
-        let slot = usize::from(status.as_u16().saturating_sub(FIRST_CODE)).min(CODES - 1);
-        codes[slot]
-            .get_or_init(|| {
-                let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
-                self.series(m, STATUS_CLASSES[class], status.as_str())
-            })
-            .inc();
+    /// Removes every series these counters made (when the route's last handle goes).
+    fn remove_all(&self) {
+        let remove = |m: usize, status: http::StatusCode, flag: ResponseFlag| {
+            let _ = self
+                .family
+                .remove_label_values(&self.label_values(m, &status, flag));
+        };
+        for (m, codes) in self.by_method.iter().enumerate() {
+            let made = codes.get().map(|c| c.iter()).into_iter().flatten();
+            for (slot, counter) in made.enumerate() {
+                let code = u16::try_from(slot)
+                    .ok()
+                    .and_then(|slot| FIRST_CODE.checked_add(slot));
+                let status = code.and_then(|code| http::StatusCode::from_u16(code).ok());
+                if let (Some(_), Some(status)) = (counter.get(), status) {
+                    remove(m, status, ResponseFlag::Upstream);
+                }
+            }
+        }
+        for (m, flags) in self.proxy_made.iter().enumerate() {
+            let Some(flags) = flags.get() else {
+                continue;
+            };
+            for (flag, slots) in ResponseFlag::ALL.iter().zip(flags.iter()) {
+                for (key, _) in slots.iter().filter_map(OnceLock::get) {
+                    // A cancelled request's key (0) is no status: any does for its labels.
+                    let status = http::StatusCode::from_u16(*key).unwrap_or(http::StatusCode::OK);
+                    remove(m, status, *flag);
+                }
+            }
+        }
+        let uncached = self.uncached.lock().unwrap_or_else(PoisonError::into_inner);
+        for (m, status, flag) in uncached.iter() {
+            remove(*m, *status, *flag);
+        }
     }
 
-    fn inc_cancelled(&self, method: &http::Method) {
-        let (m, codes) = self.slots(method);
-        codes[CODES]
-            .get_or_init(|| self.series(m, CANCELLED, CANCELLED))
-            .inc();
+    fn inc(&self, method: &http::Method, status: http::StatusCode, flag: ResponseFlag) {
+        let m = method_index(method);
+        if flag == ResponseFlag::Upstream {
+            let codes =
+                self.by_method[m].get_or_init(|| (0..CODES).map(|_| OnceLock::new()).collect());
+            let slot = usize::from(status.as_u16().saturating_sub(FIRST_CODE)).min(CODES - 1);
+            codes[slot]
+                .get_or_init(|| self.series(m, status, flag))
+                .inc();
+            return;
+        }
+        let key = match flag {
+            ResponseFlag::DownstreamCancelled => 0,
+            _ => status.as_u16(),
+        };
+        let flags = self.proxy_made[m].get_or_init(Box::default);
+        for slot in &flags[flag.index()] {
+            let (slot_key, counter) = slot.get_or_init(|| (key, self.series(m, status, flag)));
+            if *slot_key == key {
+                counter.inc();
+                return;
+            }
+        }
+        let mut uncached = self.uncached.lock().unwrap_or_else(PoisonError::into_inner);
+        if !uncached.contains(&(m, status, flag)) {
+            uncached.push((m, status, flag));
+        }
+        drop(uncached);
+        self.series(m, status, flag).inc();
     }
 }
 
@@ -128,20 +213,39 @@ pub struct Metrics {
     pub policy_reloads: PolicyReloadMetrics,
     /// Transparent capture: captured connections, their bytes, protocol detection, loops.
     pub capture: CaptureMetrics,
-    /// The route handles alive now, by labels: shared by every snapshot that uses them.
-    live_routes: Arc<LiveRoutes>,
+    /// The route, service and endpoint handles alive now, by labels: shared by every snapshot
+    /// that uses them.
+    live: Arc<LiveSeries>,
+    /// Most endpoints of one service labelled by address at once; the rest are `other`.
+    endpoint_cap: usize,
 }
 
 /// Labels of a route handle: direction, service, route.
 type RouteKey = (Arc<str>, Arc<str>, Arc<str>);
 
-/// Route handles in use, so a reload reuses the handles of the routes that stayed, and the
-/// last holder of a route that left the policy (its old snapshot and the requests still in
-/// flight on it) removes its series. Locked at reloads and when a handle goes, never per
-/// request.
+/// Endpoint handles of one service, by `endpoint` label.
+type ServiceEndpoints = HashMap<Arc<str>, Weak<ConnectionMetrics>>;
+
+/// The `endpoint` label of a service's endpoints past the cap.
+pub const OTHER_ENDPOINTS: &str = "other";
+
+/// Route, service and endpoint handles in use, so a reload reuses the handles of those that
+/// stayed, and the last holder of one that left the policy (its old snapshot, the requests
+/// still in flight on it, an endpoint's open connections) removes its series. Locked at
+/// reloads, when an endpoint appears and when a handle goes, never per request.
 #[derive(Default)]
-struct LiveRoutes {
-    by_labels: Mutex<HashMap<RouteKey, Weak<RouteMetrics>>>,
+struct LiveSeries {
+    routes: Mutex<HashMap<RouteKey, Weak<RouteMetrics>>>,
+    services: Mutex<HashMap<Arc<str>, Weak<ServiceMetrics>>>,
+    /// By service, then endpoint: looked up by `&str` without building a key.
+    endpoints: Mutex<HashMap<Arc<str>, ServiceEndpoints>>,
+}
+
+/// Whether `live` holds a handle still in use for `key`: a reload that brought a route,
+/// service or endpoint back after its last handle's holder let go made new handles on the same
+/// series, and those stay.
+fn in_use<K: std::hash::Hash + Eq, V>(live: &HashMap<K, Weak<V>>, key: &K) -> bool {
+    live.get(key).is_some_and(|h| h.strong_count() > 0)
 }
 
 /// Detection time buckets: most clients write at once (microseconds); a timeout is the longest.
@@ -287,7 +391,9 @@ pub struct RouteMetrics {
     /// The families its series belong to, to remove them from.
     owner: Option<RouteOwner>,
     requests: RequestCounters,
-    duration: Histogram,
+    /// Time to response headers, by flag.
+    duration: [OnceLock<Histogram>; FLAGS],
+    duration_family: HistogramVec,
     /// Retry outcomes of this route and service.
     pub retries: RetryMetrics,
     /// Rate-limit decisions on requests of this route and service.
@@ -311,46 +417,23 @@ impl Drop for RouteMetrics {
         };
         let metrics = &owner.metrics;
         let mut live = metrics
-            .live_routes
-            .by_labels
+            .live
+            .routes
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        // A reload that brought the route back after this handle's last holder let go made
-        // new handles on the same series: they stay.
-        if live.get(&owner.key).is_some_and(|h| h.strong_count() > 0) {
+        if in_use(&live, &owner.key) {
             return;
         }
         live.remove(&owner.key);
         let (direction, service, route) = (&*owner.key.0, &*owner.key.1, &*owner.key.2);
-        let three = [direction, service, route];
-        for (m, codes) in self.requests.by_method.iter().enumerate() {
-            for (slot, counter) in codes
-                .get()
-                .map(|c| c.iter())
-                .into_iter()
-                .flatten()
-                .enumerate()
-            {
-                if counter.get().is_none() {
-                    continue;
-                }
-                let code = FIRST_CODE.saturating_add(u16::try_from(slot).unwrap_or(0));
-                let Ok(status) = http::StatusCode::from_u16(code) else {
-                    continue;
-                };
-                let class = usize::from(code / 100).clamp(1, 5) - 1;
-                let _ = metrics.requests.remove_label_values(&[
-                    direction,
-                    service,
-                    route,
-                    METHODS[m],
-                    STATUS_CLASSES[class],
-                    status.as_str(),
-                ]);
-            }
+        self.requests.remove_all();
+        for flag in ResponseFlag::ALL {
+            let _ = metrics
+                .duration
+                .remove_label_values(&[direction, service, route, flag.code()]);
         }
-        let _ = metrics.duration.remove_label_values(&three);
         let traffic = &metrics.traffic;
+        let three = [direction, service, route];
         let _ = traffic.request_bytes.remove_label_values(&three);
         let _ = traffic.response_bytes.remove_label_values(&three);
         let _ = traffic.active.remove_label_values(&three);
@@ -366,6 +449,50 @@ impl Drop for RouteMetrics {
             let _ = metrics
                 .rate_limit
                 .remove_label_values(&[service, route, decision]);
+        }
+    }
+}
+
+/// The series of one service beyond its routes' (circuit breaker, outlier ejections,
+/// hold-outs), registered while a handle lives: its upstream and its breaker hold one, so they
+/// go after the last snapshot with the service and the last request on it.
+pub struct ServiceMetrics {
+    owner: Option<(Metrics, Arc<str>)>,
+    /// Endpoints held out after a failed connect.
+    pub hold_outs: IntCounter,
+}
+
+impl ServiceMetrics {
+    /// The counter of endpoints ejected by outlier detection (made for services that have it).
+    pub fn ejections(&self) -> Option<IntCounter> {
+        let (metrics, service) = self.owner.as_ref()?;
+        Some(metrics.ejections.with_label_values(&[service]))
+    }
+}
+
+impl Drop for ServiceMetrics {
+    fn drop(&mut self) {
+        let Some((metrics, service)) = self.owner.take() else {
+            return;
+        };
+        let mut live = metrics
+            .live
+            .services
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if in_use(&live, &service) {
+            return;
+        }
+        live.remove(&service);
+        let _ = metrics.ejections.remove_label_values(&[&service]);
+        let _ = metrics.hold_outs.remove_label_values(&[&service]);
+        for state in STATE_LABELS {
+            let _ = metrics
+                .breaker_state
+                .remove_label_values(&[&service, state]);
+            let _ = metrics
+                .breaker_transitions
+                .remove_label_values(&[&service, state]);
         }
     }
 }
@@ -653,46 +780,89 @@ pub struct RetryMetrics {
 }
 
 impl RouteMetrics {
-    /// Counts one response to a `method` request with `status` that took `seconds` to its
-    /// headers.
-    pub fn record(&self, method: &http::Method, status: http::StatusCode, seconds: f64) {
-        self.requests.inc(method, status);
-        self.duration.observe(seconds);
+    /// Counts one response to a `method` request with `status` and `flag` that took `seconds`
+    /// to its headers.
+    pub fn record(
+        &self,
+        method: &http::Method,
+        status: http::StatusCode,
+        flag: ResponseFlag,
+        seconds: f64,
+    ) {
+        self.requests.inc(method, status, flag);
+        self.observe_headers(flag, seconds);
     }
 
-    /// Observes the time to the response headers of a request counted when it ends.
-    pub fn observe_headers(&self, seconds: f64) {
-        self.duration.observe(seconds);
+    /// Observes the time to the response headers (made as `flag` says) of a request counted
+    /// when it ends.
+    pub fn observe_headers(&self, flag: ResponseFlag, seconds: f64) {
+        self.duration[flag.index()]
+            .get_or_init(|| {
+                let labels = &self.labels;
+                self.duration_family.with_label_values(&[
+                    &labels.direction,
+                    &labels.service,
+                    &labels.route,
+                    flag.code(),
+                ])
+            })
+            .observe(seconds);
     }
 
-    /// Counts a request that ended: with its status, or as `cancelled` when the caller left
-    /// before its response ended (a gRPC deadline or cancel, a closed connection).
-    pub fn count_ended(&self, method: &http::Method, status: http::StatusCode, cancelled: bool) {
-        if cancelled {
-            self.requests.inc_cancelled(method);
-        } else {
-            self.requests.inc(method, status);
-        }
+    /// Counts a request that ended: with its status and flag, or as `cancelled` (status class
+    /// and code) when the flag is [`ResponseFlag::DownstreamCancelled`]: the caller left before
+    /// its response ended (a gRPC deadline or cancel, a closed connection).
+    pub fn count_ended(&self, method: &http::Method, status: http::StatusCode, flag: ResponseFlag) {
+        self.requests.inc(method, status, flag);
     }
 }
 
-/// Connection counters of one upstream endpoint.
-#[derive(Clone)]
+/// Connection counters of one upstream endpoint (or of a service's endpoints past the cap),
+/// registered while a handle lives: the endpoint's connector holds one, and each open
+/// connection, so an endpoint that left goes once its last connection closed.
 pub struct ConnectionMetrics {
     opened: IntCounter,
     closed: IntCounter,
     active: IntGauge,
+    /// The service and `endpoint` label.
+    owner: Option<(Metrics, Arc<str>, Arc<str>)>,
 }
 
 impl ConnectionMetrics {
     /// Counts a new connection; the returned guard counts it closed when dropped.
-    pub fn opened(&self) -> ConnectionGuard {
+    pub fn opened(self: &Arc<Self>) -> ConnectionGuard {
         self.opened.inc();
         self.active.inc();
-        ConnectionGuard {
-            active: self.active.clone(),
-            closed: self.closed.clone(),
+        ConnectionGuard(Arc::clone(self))
+    }
+}
+
+impl Drop for ConnectionMetrics {
+    fn drop(&mut self) {
+        let Some((metrics, service, endpoint)) = self.owner.take() else {
+            return;
+        };
+        let mut live = metrics
+            .live
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(endpoints) = live.get_mut(&service) {
+            if in_use(endpoints, &endpoint) {
+                return;
+            }
+            endpoints.remove(&endpoint);
+            if endpoints.is_empty() {
+                live.remove(&service);
+            }
         }
+        let labels = [&*service, &*endpoint];
+        let _ = metrics.connections_opened.remove_label_values(&labels);
+        let _ = metrics.connections_active.remove_label_values(&labels);
+        let _ = metrics
+            .traffic
+            .connections_closed
+            .remove_label_values(&labels);
     }
 }
 
@@ -750,15 +920,12 @@ impl ListenerVecs {
 }
 
 /// Decrements the active-connection gauge when the connection is dropped.
-pub struct ConnectionGuard {
-    active: IntGauge,
-    closed: IntCounter,
-}
+pub struct ConnectionGuard(Arc<ConnectionMetrics>);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.closed.inc();
-        self.active.dec();
+        self.0.closed.inc();
+        self.0.active.dec();
     }
 }
 
@@ -774,7 +941,7 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "outrider_requests_total",
-                "Requests, by direction, service, route, method, status class and code; counted when the response ends (`cancelled` when the caller left first).",
+                "Requests, by direction, service, route, method, status class, code and response flag (`-`: the upstream's response; otherwise why the proxy made it); counted when the response ends (`cancelled`, flag `DC`, when the caller left first).",
             ),
             &[
                 "direction",
@@ -783,15 +950,16 @@ impl Metrics {
                 "method",
                 "status_class",
                 "code",
+                "flags",
             ],
         )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "outrider_response_duration_seconds",
-                "Time from request received to response headers sent.",
+                "Time from request received to response headers sent, by response flag.",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
-            &["direction", "service", "route"],
+            &["direction", "service", "route", "flags"],
         )?;
         let connections_opened = IntCounterVec::new(
             Opts::new(
@@ -904,7 +1072,8 @@ impl Metrics {
         let capture = CaptureMetrics::new(&registry)?;
         Ok(Self {
             capture,
-            live_routes: Arc::default(),
+            live: Arc::default(),
+            endpoint_cap: DEFAULT_ENDPOINT_CAP,
             traffic,
             listeners,
             telemetry,
@@ -930,6 +1099,13 @@ impl Metrics {
         })
     }
 
+    /// Labels at most `cap` endpoints of one service by address at once in the connection
+    /// metrics; the others are counted as `endpoint="other"` (0: all of them).
+    pub fn with_endpoint_cap(mut self, cap: usize) -> Self {
+        self.endpoint_cap = cap;
+        self
+    }
+
     /// Registers a collector owned by another module (mesh TLS) in the one registry.
     pub fn register(
         &self,
@@ -943,8 +1119,8 @@ impl Metrics {
     pub fn route(&self, direction: &str, service: &str, route: &str) -> Arc<RouteMetrics> {
         let key: RouteKey = (direction.into(), service.into(), route.into());
         let mut live = self
-            .live_routes
-            .by_labels
+            .live
+            .routes
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(handles) = live.get(&key).and_then(Weak::upgrade) {
@@ -961,6 +1137,16 @@ impl Metrics {
     }
 
     fn route_handles(&self, direction: &str, service: &str, route: &str) -> RouteMetrics {
+        // The upstream's series from the start, as every route has them; the proxy's own when
+        // first seen.
+        let duration: [OnceLock<Histogram>; FLAGS] = Default::default();
+        let upstream = ResponseFlag::Upstream;
+        let _ = duration[upstream.index()].set(self.duration.with_label_values(&[
+            direction,
+            service,
+            route,
+            upstream.code(),
+        ]));
         RouteMetrics {
             owner: None,
             requests: RequestCounters {
@@ -971,10 +1157,11 @@ impl Metrics {
                     route: route.into(),
                 },
                 by_method: Default::default(),
+                proxy_made: Default::default(),
+                uncached: Mutex::default(),
             },
-            duration: self
-                .duration
-                .with_label_values(&[direction, service, route]),
+            duration,
+            duration_family: self.duration.clone(),
             retries: RetryMetrics {
                 attempts: self.retries.with_label_values(&[service, route]),
                 success: self
@@ -1016,9 +1203,24 @@ impl Metrics {
         }
     }
 
-    /// The ejection counter of `service`.
-    pub fn ejections(&self, service: &str) -> IntCounter {
-        self.ejections.with_label_values(&[service])
+    /// The handles of `service`'s own series: the live ones if a snapshot already uses them,
+    /// else new ones.
+    pub fn service(&self, service: &str) -> Arc<ServiceMetrics> {
+        let mut live = self
+            .live
+            .services
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(handles) = live.get(service).and_then(Weak::upgrade) {
+            return handles;
+        }
+        let name: Arc<str> = Arc::from(service);
+        let handles = Arc::new(ServiceMetrics {
+            owner: Some((self.clone(), Arc::clone(&name))),
+            hold_outs: self.hold_outs.with_label_values(&[service]),
+        });
+        live.insert(name, Arc::downgrade(&handles));
+        handles
     }
 
     /// Counts a malformed request from `direction` answered `code` (the error path only: the
@@ -1029,17 +1231,17 @@ impl Metrics {
             .inc();
     }
 
-    /// The counter of `service`'s endpoints held out after a failed connect.
-    pub fn hold_outs(&self, service: &str) -> IntCounter {
-        self.hold_outs.with_label_values(&[service])
-    }
-
-    /// Handles for the circuit breaker of `service`.
+    /// Handles for the circuit breaker of `service`; they keep the service's series while the
+    /// breaker lives.
     pub fn breaker(&self, service: &str) -> BreakerMetrics {
+        // The service's handles first: made after them, the series cannot be removed by the
+        // last handle of an earlier version of the service going at the same time.
+        let series = self.service(service);
         BreakerMetrics::new(
             STATE_LABELS.map(|s| self.breaker_state.with_label_values(&[service, s])),
             STATE_LABELS.map(|s| self.breaker_transitions.with_label_values(&[service, s])),
         )
+        .holding(series)
     }
 
     /// Handles for the downstream connections of `listener`.
@@ -1057,20 +1259,45 @@ impl Metrics {
         }
     }
 
-    /// Handles for connections to `endpoint` of `service`.
-    pub fn connections(&self, service: &str, endpoint: &str) -> ConnectionMetrics {
-        ConnectionMetrics {
-            opened: self
-                .connections_opened
-                .with_label_values(&[service, endpoint]),
-            closed: self
-                .traffic
-                .connections_closed
-                .with_label_values(&[service, endpoint]),
-            active: self
-                .connections_active
-                .with_label_values(&[service, endpoint]),
+    /// Handles for connections to `endpoint` of `service`: the live ones if the endpoint has
+    /// them already; else new ones, labelled `endpoint` while the service has fewer than the
+    /// cap labelled, `other` past it. Called when an endpoint joins a service (a reload, a DNS
+    /// answer), never per request.
+    pub fn connections(&self, service: &str, endpoint: &str) -> Arc<ConnectionMetrics> {
+        let mut live = self
+            .live
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let known = live
+            .get(service)
+            .and_then(|endpoints| endpoints.get(endpoint));
+        if let Some(handles) = known.and_then(Weak::upgrade) {
+            return handles;
         }
+        let endpoints = live.entry(Arc::from(service)).or_default();
+        let labelled = endpoints
+            .iter()
+            .filter(|(label, h)| &***label != OTHER_ENDPOINTS && h.strong_count() > 0)
+            .count();
+        let label = if labelled < self.endpoint_cap {
+            endpoint
+        } else {
+            OTHER_ENDPOINTS
+        };
+        if let Some(handles) = endpoints.get(label).and_then(Weak::upgrade) {
+            return handles;
+        }
+        let labels = [service, label];
+        let label: Arc<str> = Arc::from(label);
+        let handles = Arc::new(ConnectionMetrics {
+            opened: self.connections_opened.with_label_values(&labels),
+            closed: self.traffic.connections_closed.with_label_values(&labels),
+            active: self.connections_active.with_label_values(&labels),
+            owner: Some((self.clone(), Arc::from(service), Arc::clone(&label))),
+        });
+        endpoints.insert(label, Arc::downgrade(&handles));
+        handles
     }
 
     /// The Prometheus text exposition of every metric.
@@ -1088,6 +1315,7 @@ impl Metrics {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use ResponseFlag::{ConnectFailure, DownstreamCancelled, FaultInjected, Upstream};
 
     #[test]
     fn proc_stat_is_read_past_a_command_name_with_spaces_and_parentheses() {
@@ -1107,7 +1335,18 @@ mod tests {
         let metrics = Metrics::new("w").unwrap();
         let text = || String::from_utf8(metrics.encode()).unwrap();
         let first = metrics.route("outbound", "gone", "r");
-        first.record(&http::Method::GET, http::StatusCode::OK, 0.01);
+        first.record(&http::Method::GET, http::StatusCode::OK, Upstream, 0.01);
+        first.record(
+            &http::Method::GET,
+            http::StatusCode::BAD_GATEWAY,
+            ConnectFailure,
+            0.01,
+        );
+        first.count_ended(
+            &http::Method::POST,
+            http::StatusCode::OK,
+            DownstreamCancelled,
+        );
         // A second snapshot with the same route shares the handles.
         let second = metrics.route("outbound", "gone", "r");
         assert!(Arc::ptr_eq(&first, &second));
@@ -1117,8 +1356,118 @@ mod tests {
         assert!(!text().contains("service=\"gone\""), "{}", text());
         // Back in a later policy: new series from zero.
         let again = metrics.route("outbound", "gone", "r");
-        again.record(&http::Method::GET, http::StatusCode::OK, 0.01);
-        assert!(text().contains("outrider_requests_total{code=\"200\",direction=\"outbound\",method=\"GET\",route=\"r\",service=\"gone\",status_class=\"2xx\"} 1"));
+        again.record(&http::Method::GET, http::StatusCode::OK, Upstream, 0.01);
+        assert!(text().contains("outrider_requests_total{code=\"200\",direction=\"outbound\",flags=\"-\",method=\"GET\",route=\"r\",service=\"gone\",status_class=\"2xx\"} 1"));
+        assert!(!text().contains("flags=\"UF\""), "{}", text());
+    }
+
+    #[test]
+    fn a_proxy_made_response_and_the_upstreams_with_the_same_code_are_apart() {
+        let metrics = Metrics::new("w").unwrap();
+        let route = metrics.route("outbound", "svc", "r");
+        let get = http::Method::GET;
+        route.count_ended(&get, http::StatusCode::BAD_GATEWAY, Upstream);
+        for _ in 0..2 {
+            route.count_ended(&get, http::StatusCode::BAD_GATEWAY, ConnectFailure);
+        }
+        route.count_ended(&get, http::StatusCode::GATEWAY_TIMEOUT, ConnectFailure);
+        route.count_ended(&get, http::StatusCode::OK, DownstreamCancelled);
+        // More statuses under one flag than it has slots: still each in its own series.
+        for code in [500, 501, 502, 503, 504, 418] {
+            let status = http::StatusCode::from_u16(code).unwrap();
+            route.count_ended(&get, status, FaultInjected);
+            route.count_ended(&get, status, FaultInjected);
+        }
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        let series = |code: &str, flag: &str, class: &str| {
+            format!("outrider_requests_total{{code=\"{code}\",direction=\"outbound\",flags=\"{flag}\",method=\"GET\",route=\"r\",service=\"svc\",status_class=\"{class}\"}}")
+        };
+        assert!(
+            text.contains(&format!("{} 1\n", series("502", "-", "5xx"))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 2\n", series("502", "UF", "5xx"))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 1\n", series("504", "UF", "5xx"))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 1\n", series("cancelled", "DC", "cancelled"))),
+            "{text}"
+        );
+        for (code, class) in [("500", "5xx"), ("503", "5xx"), ("418", "4xx")] {
+            assert!(
+                text.contains(&format!("{} 2\n", series(code, "FI", class))),
+                "{text}"
+            );
+        }
+        // Gone with the route, those past the slots too.
+        drop(route);
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        assert!(!text.contains("route=\"r\""), "{text}");
+    }
+
+    #[test]
+    fn every_flag_has_its_index_and_a_distinct_code() {
+        let codes: std::collections::HashSet<&str> =
+            ResponseFlag::ALL.iter().map(|f| f.code()).collect();
+        assert_eq!(codes.len(), FLAGS);
+        for (i, flag) in ResponseFlag::ALL.iter().enumerate() {
+            assert_eq!(flag.index(), i);
+        }
+    }
+
+    #[test]
+    fn a_services_series_go_with_its_last_handle() {
+        let metrics = Metrics::new("w").unwrap();
+        let text = || String::from_utf8(metrics.encode()).unwrap();
+        let service = metrics.service("gone");
+        let breaker = metrics.breaker("gone");
+        service.hold_outs.inc();
+        drop(service);
+        assert!(text().contains("outrider_endpoint_unavailable_total{service=\"gone\"} 1"));
+        assert!(text().contains("outrider_circuit_breaker_state{service=\"gone\""));
+        // The breaker outlived the upstream (a response still streaming): the series stay.
+        drop(breaker);
+        assert!(!text().contains("service=\"gone\""), "{}", text());
+    }
+
+    #[test]
+    fn endpoints_past_the_cap_share_one_series_and_a_gone_ones_slot_is_free_again() {
+        let metrics = Metrics::new("w").unwrap().with_endpoint_cap(2);
+        let text = || String::from_utf8(metrics.encode()).unwrap();
+        let opened = |endpoint: &str| {
+            format!("outrider_upstream_connections_opened_total{{endpoint=\"{endpoint}\",service=\"svc\"}}")
+        };
+        let a = metrics.connections("svc", "10.0.0.1:80");
+        let b = metrics.connections("svc", "10.0.0.2:80");
+        let c = metrics.connections("svc", "10.0.0.3:80");
+        let d = metrics.connections("svc", "10.0.0.4:80");
+        assert!(Arc::ptr_eq(&c, &d), "past the cap: one `other` handle");
+        let other = metrics.connections("other-service", "10.0.0.9:80");
+        drop((c.opened(), d.opened(), a.opened(), other));
+        assert!(
+            text().contains(&format!("{} 2\n", opened("other"))),
+            "{}",
+            text()
+        );
+        assert!(text().contains(&format!("{} 1\n", opened("10.0.0.1:80"))));
+        assert!(!text().contains("10.0.0.3:80"));
+        // An open connection keeps its endpoint's series after the endpoint left.
+        let connection = a.opened();
+        drop(a);
+        assert!(text().contains(&opened("10.0.0.1:80")));
+        drop(connection);
+        assert!(!text().contains("10.0.0.1:80"), "{}", text());
+        // Its slot is free: a new endpoint gets its own label again.
+        let e = metrics.connections("svc", "10.0.0.5:80");
+        drop(e.opened());
+        assert!(text().contains(&opened("10.0.0.5:80")));
+        drop((b, c, d, e));
+        assert!(!text().contains("service=\"svc\""), "{}", text());
     }
 
     #[test]

@@ -28,6 +28,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::core::errors::ResponseFlag;
 use crate::telemetry::metrics::{RouteMetrics, TelemetryMetrics};
 use crate::trace::{SpanId, TraceContext};
 
@@ -310,6 +311,8 @@ pub struct AccessRecord {
     pub path: String,
     /// Status sent to the caller.
     pub status: u16,
+    /// Who made the response: `-` the upstream, else the proxy's reason (see [`ResponseFlag`]).
+    pub response_flags: &'static str,
     /// The endpoint of the last attempt.
     pub upstream: Option<SocketAddr>,
     /// Attempts made.
@@ -454,7 +457,7 @@ impl AccessRecord {
         labels: &crate::telemetry::metrics::RouteLabels,
         (started, started_wall): (Instant, SystemTime),
         response: &http::Response<R>,
-        error: String,
+        (error, flag): (String, ResponseFlag),
     ) -> Self {
         let text = |v: &HeaderValue| v.to_str().ok().map(str::to_string);
         Self {
@@ -479,6 +482,7 @@ impl AccessRecord {
                 .path_and_query()
                 .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
             status: response.status().as_u16(),
+            response_flags: flag.code(),
             upstream: None,
             attempts: 0,
             duration_seconds: started.elapsed().as_secs_f64(),
@@ -521,6 +525,7 @@ impl AccessRecord {
             authority: None,
             path: String::new(),
             status,
+            response_flags: ResponseFlag::MalformedRequest.code(),
             upstream: None,
             attempts: 0,
             duration_seconds: 0.0,
@@ -572,8 +577,8 @@ impl AccessRecord {
         )?;
         write!(
             out,
-            " request_bytes={} response_bytes={} attempts={}",
-            self.request_bytes, self.response_bytes, self.attempts
+            " response_flags={} request_bytes={} response_bytes={} attempts={}",
+            self.response_flags, self.request_bytes, self.response_bytes, self.attempts
         )?;
         if let Some(upstream) = self.upstream {
             write!(out, " upstream={upstream}")?;
@@ -780,6 +785,8 @@ pub struct ExchangeReport {
     pub version: Option<http::Version>,
     /// An upstream sent the response head (the proxy did not make the response).
     pub answered: bool,
+    /// Who made the response: set where the proxy makes its own, from the failure's kind.
+    pub flag: ResponseFlag,
 }
 
 /// Everything needed to report a request when its response body ends. Built once per
@@ -880,8 +887,12 @@ impl Finish {
     fn report(&mut self, bytes: u64, error: Option<String>) {
         self.ended = true;
         let elapsed = self.started.elapsed();
-        self.metrics
-            .count_ended(&self.method, self.status, self.cancelled || !self.responded);
+        let flag = if self.cancelled || !self.responded {
+            ResponseFlag::DownstreamCancelled
+        } else {
+            self.report.flag
+        };
+        self.metrics.count_ended(&self.method, self.status, flag);
         let traffic = &self.metrics.traffic;
         // `outrider_request_bytes_total` is added to by the request body itself when it ends,
         // which can be after this (an upstream answering before reading the whole body).
@@ -915,6 +926,7 @@ impl Finish {
                 grpc_status: self.grpc_status,
                 error: error.as_deref(),
                 cancelled: self.cancelled,
+                flag,
             };
             for span in spans.build(&self.report.spans, sink.scope()) {
                 sink.record(span);
@@ -943,6 +955,7 @@ impl Finish {
                 } else {
                     0
                 },
+                response_flags: flag.code(),
                 upstream: self.report.endpoint,
                 attempts: self.report.attempts,
                 duration_seconds: elapsed.as_secs_f64(),
@@ -1065,7 +1078,7 @@ mod tests {
         let line = String::from_utf8(out).expect("UTF-8");
         assert!(
             line.ends_with(
-                " inbound -/- 127.0.0.1:9 \"- - -\" 400 0.000000s request_bytes=0 response_bytes=0 attempts=0 error=\"bad \\\"head\\\"\\x0anext\""
+                " inbound -/- 127.0.0.1:9 \"- - -\" 400 0.000000s response_flags=DPE request_bytes=0 response_bytes=0 attempts=0 error=\"bad \\\"head\\\"\\x0anext\""
             ),
             "{line}"
         );
