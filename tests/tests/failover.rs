@@ -1,7 +1,8 @@
 //! Failing over between control-plane replicas, end to end with the real binaries: a proxy
 //! given several `--control` URLs moves to another replica when its own is killed (resuming
 //! by version and hash, so it is not pushed what it has) and keeps serving; one started with
-//! a dead or a hung URL first subscribes to, and gets its certificate from, the next; and
+//! a dead or a hung URL first subscribes to, and gets its certificate from, the next (the URLs
+//! given by flag or by `OUTRIDER_CONTROL`); a URL's host name is resolved to its replicas; and
 //! `outriderctl --server` with several URLs passes an unreachable one, never an answer. The
 //! kill test runs two replicas on a real 3-member etcd cluster (skipped without etcd, unless
 //! OUTRIDER_REQUIRE_ETCD=1); the others need no shared store.
@@ -268,8 +269,28 @@ async fn a_proxy_whose_first_replica_is_dead_or_hung_subscribes_to_the_next() {
     // With a mesh identity: the certificate, too, comes from the replica that answers.
     let identity = ["--namespace", "shop", "--service-account", "checkout"];
     let started = Instant::now();
-    let after_dead = proxy_on(&[dead_url(), live.url()], &dirs, &identity);
+    // The environment twin takes the comma list.
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "--token-file".into(),
+        dirs.token_file.clone().into(),
+        "--workload".into(),
+        "checkout".into(),
+    ];
+    args.extend(identity.iter().map(Into::into));
+    let urls = format!("{},{}", dead_url(), live.url());
+    let after_dead = spawn_proxy_env(TempDir::new(), &args, &[("OUTRIDER_CONTROL", &urls)]);
     let after_hung = proxy_on(&[hung_url.clone(), live.url()], &dirs, &identity);
+    // A host name: resolved, and each of its addresses a replica.
+    let by_name = format!("http://localhost:{}", live.addr.port());
+    let named = proxy_on(std::slice::from_ref(&by_name), &dirs, &[]);
+    let config = wait_config(&named, Duration::from_secs(5), "subscribed by name", |c| {
+        c["fresh"] == true
+    })
+    .await;
+    assert_eq!(
+        config["control_replica"],
+        serde_json::json!({ "url": by_name, "address": live.addr.to_string() })
+    );
 
     wait_config(
         &after_dead,
