@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -178,7 +178,6 @@ async fn ask(
     let mut req = Request::builder()
         .method(Method::POST)
         .uri(replica.uri(CERTIFICATE_PATH))
-        .header(HOST, replica.host())
         .header(AUTHORIZATION, format!("Bearer {token}"))
         .header(CONTENT_TYPE, "application/json")
         .body(Full::new(body))

@@ -2,14 +2,14 @@
 //! resolved to its addresses, and each address one replica. The subscription moves on to the
 //! next replica whenever it ends or fails to connect ([`Rotation`]); a certificate request
 //! asks the replica the subscription is connected to first, then the others while one cannot
-//! be reached ([`connected_first`]). Requests go to the address itself, with the URL's host
-//! in `Host`, so the ACKs of a stream reach the replica that holds it.
+//! be reached ([`connected_first`]). Requests go to the address itself (it is their
+//! authority: a `Host` naming the URL's host would differ from HTTP/2's `:authority`), so the
+//! ACKs of a stream reach the replica that holds it.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use http::header::HeaderValue;
 use http::Uri;
 
 /// Longest wait for one URL's host name to resolve.
@@ -45,8 +45,6 @@ struct ControlUrl {
     url: Arc<str>,
     /// `host:port` to resolve (port 80 when the URL has none).
     host_port: String,
-    /// The URL's authority, sent as `Host`.
-    host: HeaderValue,
     /// The URL's path, without a trailing `/`; requests' paths are appended to it.
     base_path: Arc<str>,
 }
@@ -58,7 +56,6 @@ pub struct Replica {
     pub url: Arc<str>,
     /// The address requests go to.
     pub address: SocketAddr,
-    host: HeaderValue,
     base_path: Arc<str>,
 }
 
@@ -66,11 +63,6 @@ impl Replica {
     /// The URI of `path_and_query` on this replica's address.
     pub fn uri(&self, path_and_query: &str) -> String {
         format!("http://{}{}{path_and_query}", self.address, self.base_path)
-    }
-
-    /// The `Host` header its requests carry: the configured URL's authority.
-    pub fn host(&self) -> HeaderValue {
-        self.host.clone()
     }
 }
 
@@ -146,7 +138,6 @@ impl Replicas {
                 replicas.push(Replica {
                     url: Arc::clone(&url.url),
                     address,
-                    host: url.host.clone(),
                     base_path: Arc::clone(&url.base_path),
                 });
             }
@@ -198,15 +189,12 @@ fn parse_url(given: &str) -> Result<ControlUrl, ControlUrlError> {
     if uri.query().is_some() {
         return Err(invalid("a query is not supported"));
     }
-    let host = HeaderValue::from_str(authority.as_str())
-        .map_err(|_| invalid("the host is not a header value"))?;
     let port = authority.port_u16().unwrap_or(80);
     // `host()` keeps an IPv6 address's brackets, which `host:port` needs.
     let host_port = format!("{}:{port}", authority.host());
     Ok(ControlUrl {
         url: given.trim_end_matches('/').into(),
         host_port,
-        host,
         base_path: uri.path().trim_end_matches('/').into(),
     })
 }
@@ -278,7 +266,6 @@ mod tests {
             ]
         );
         assert_eq!(resolved[1].uri("/v1/ack"), "http://[::1]:2/base/v1/ack");
-        assert_eq!(resolved[1].host(), "[::1]:2");
         assert_eq!(resolved[2].uri("/v1/ack"), "http://127.0.0.3:80/v1/ack");
         // The same address twice is one replica.
         assert_eq!(

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
@@ -377,7 +377,6 @@ impl Subscriber {
             let _ = write!(uri, "&session={}", encode(&last_session));
         }
         let mut request = Request::get(uri)
-            .header(HOST, replica.host())
             .header(AUTHORIZATION, format!("Bearer {token}"))
             .body(Full::new(Bytes::new()))?;
         if let Some(path) = &self.config.service_account_token {
@@ -557,7 +556,6 @@ impl Subscriber {
         let request = Request::builder()
             .method(Method::POST)
             .uri(replica.uri(ACK_PATH))
-            .header(HOST, replica.host())
             .header(AUTHORIZATION, format!("Bearer {token}"))
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)));
