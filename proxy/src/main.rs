@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use outrider_proxy::control::certificate::IdentityConfig;
+use outrider_proxy::control::replicas::Replicas;
 use outrider_proxy::control::subscribe::{self, ControlConfig, Token};
 use outrider_proxy::control::watch_file;
 use outrider_proxy::http::shared::PolicySource;
@@ -41,9 +42,12 @@ struct Cli {
     /// Run the embedded example policy and start its example upstreams.
     #[arg(long, conflicts_with_all = ["policy", "control"])]
     demo: bool,
-    /// Control plane to subscribe to for this workload's policy, e.g. http://outrider-control:15010.
-    #[arg(long, env = "OUTRIDER_CONTROL")]
-    control: Option<String>,
+    /// Control plane to subscribe to for this workload's policy, e.g.
+    /// http://outrider-control:15010. Several replicas: comma-separated or the flag repeated
+    /// (a name resolving to several addresses counts each); the proxy moves to the next
+    /// whenever its subscription ends or cannot connect.
+    #[arg(long, env = "OUTRIDER_CONTROL", value_delimiter = ',')]
+    control: Vec<String>,
     /// File holding the control-plane token (re-read at every reconnect); or set
     /// OUTRIDER_CONTROL_TOKEN.
     #[arg(long, env = "OUTRIDER_CONTROL_TOKEN_FILE")]
@@ -238,7 +242,7 @@ fn main() -> ExitCode {
                     source: PolicySource::Disk,
                 }
             });
-            (control.url.clone(), initial)
+            (control.replicas.describe(), initial)
         }
         (None, None) => {
             let source = "embedded demo policy".to_string();
@@ -396,13 +400,10 @@ fn load(source: &str, text: &str, kind: PolicySource) -> Result<Initial, ExitCod
 
 /// The control-plane settings, when `--control` is given.
 fn control_config(cli: &Cli) -> Result<Option<ControlConfig>, String> {
-    let Some(url) = &cli.control else {
+    if cli.control.is_empty() {
         return Ok(None);
-    };
-    let uri: http::Uri = url.parse().map_err(|e| format!("--control {url}: {e}"))?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-        return Err(format!("--control {url}: expected http://host:port"));
     }
+    let replicas = Replicas::parse(&cli.control).map_err(|e| e.to_string())?;
     let token = match (&cli.token_file, std::env::var("OUTRIDER_CONTROL_TOKEN")) {
         (Some(path), _) => Token::File(path.clone()),
         (None, Ok(token)) if !token.trim().is_empty() => Token::Value(token),
@@ -425,7 +426,7 @@ fn control_config(cli: &Cli) -> Result<Option<ControlConfig>, String> {
         );
     }
     Ok(Some(ControlConfig {
-        url: url.clone(),
+        replicas: std::sync::Arc::new(replicas),
         token,
         proxy_id,
         workload: cli.workload.clone(),

@@ -158,6 +158,16 @@ pub struct PolicyStatus {
     fresh: AtomicBool,
     unselected: AtomicBool,
     persist: Arc<PersistHealth>,
+    control_replica: Mutex<Option<ControlReplica>>,
+}
+
+/// The control-plane replica a subscription is connected to, as `/config` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlReplica {
+    /// The `--control` URL it was configured by.
+    pub url: Arc<str>,
+    /// The address connected to.
+    pub address: SocketAddr,
 }
 
 impl PolicyStatus {
@@ -190,6 +200,22 @@ impl PolicyStatus {
     /// Records what the control plane said about the workload being named.
     pub fn set_unselected(&self, unselected: bool) {
         self.unselected.store(unselected, Ordering::Release);
+    }
+
+    /// The control-plane replica the subscription is connected to, if it is.
+    pub fn control_replica(&self) -> Option<ControlReplica> {
+        self.control_replica
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records the replica the subscription is connected to (`None` once it is not).
+    pub fn set_control_replica(&self, replica: Option<ControlReplica>) {
+        *self
+            .control_replica
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = replica;
     }
 
     /// Whether `--state-dir` holds the control-plane policy in force (written by the
