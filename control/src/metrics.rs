@@ -526,7 +526,7 @@ mod tests {
                 .map_or(0, |f| f.get_metric().len())
         };
         assert_eq!(count("outrider_control_applies_total"), 6);
-        assert_eq!(count("outrider_control_rejections_total"), 16);
+        assert_eq!(count("outrider_control_rejections_total"), 20);
         assert_eq!(count("outrider_control_versions_total"), 4);
         assert_eq!(count("outrider_control_acks_total"), 2);
         assert_eq!(count("outrider_control_certificate_failures_total"), 5);

@@ -1802,8 +1802,11 @@ async fn response_bodies_and_connections_are_handled_alike_through_both_clients(
         contract(
             "closed after the head",
             Method::GET,
-            vec![whole(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n")],
-            0,
+            // The close apart from the head: written together, whether the head reaches the
+            // caller before the close is seen is a race (hyper's server writes a head whose
+            // body has not failed yet), in both clients.
+            vec![split(&[b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n", b""])],
+            200,
         ),
         contract(
             "closed mid-body",
