@@ -151,6 +151,22 @@ pub struct Status {
     /// control plane that predates it).
     #[serde(default)]
     pub now_ms: u64,
+    /// The replica that answered; `None` from a control plane that predates it.
+    #[serde(default)]
+    pub replica: Option<ReplicaStatus>,
+}
+
+/// The replica that answered a status request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// Its name (`--replica-name`).
+    pub name: String,
+    /// Whether it leads: only the leader imports the policy directory. A single replica (on
+    /// a state directory) always does.
+    pub leader: bool,
+    /// Whether it is one of several on a shared store (etcd).
+    #[serde(default)]
+    pub replicated: bool,
 }
 
 /// The control plane's build and clock (`GET /v1/version`).

@@ -479,6 +479,7 @@ mod tests {
             store: None,
             certificates: None,
             now_ms: 0,
+            replica: None,
         }
     }
 

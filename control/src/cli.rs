@@ -768,6 +768,18 @@ pub fn status(args: StatusArgs) -> ExitCode {
 
 fn render_status(status: &Status) -> String {
     let mut out = format!("version in force: {}\n", status.version);
+    if let Some(replica) = status.replica.as_ref().filter(|r| r.replicated) {
+        let _ = writeln!(
+            out,
+            "replica {}: {}",
+            replica.name,
+            if replica.leader {
+                "leader: true (imports the policy directory)"
+            } else {
+                "leader: false (another replica imports the policy directory)"
+            }
+        );
+    }
     if let Some(store) = &status.store {
         if let Some(error) = &store.error {
             let _ = writeln!(
@@ -1134,6 +1146,7 @@ mod tests {
             disconnected_at_ms: None,
         };
         let status = Status {
+            replica: None,
             certificates: None,
             now_ms: 0,
             store: None,
@@ -1169,6 +1182,7 @@ mod tests {
     #[test]
     fn status_names_a_failing_state_directory_and_the_pending_change() {
         let mut status = Status {
+            replica: None,
             certificates: None,
             now_ms: 0,
             version: 3,
@@ -1199,6 +1213,39 @@ mod tests {
             failing_since_ms: None,
             pending: None,
             ..status.store.clone().expect("store")
+        });
+        assert_eq!(
+            render_status(&status),
+            "version in force: 3\n\nno proxies connected\n"
+        );
+    }
+
+    #[test]
+    fn status_of_a_replica_says_whether_it_leads() {
+        let mut status = Status {
+            replica: Some(api::ReplicaStatus {
+                name: "r1".into(),
+                leader: false,
+                replicated: true,
+            }),
+            certificates: None,
+            now_ms: 0,
+            version: 3,
+            documents: vec![],
+            proxies: vec![],
+            store: None,
+        };
+        let text = render_status(&status);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[1],
+            "replica r1: leader: false (another replica imports the policy directory)"
+        );
+        // A single replica (state directory) says nothing of it.
+        status.replica = Some(api::ReplicaStatus {
+            name: "r1".into(),
+            leader: true,
+            replicated: false,
         });
         assert_eq!(
             render_status(&status),

@@ -118,6 +118,10 @@ pub enum EngineError {
         "not changed: other replicas committed {MAX_CONFLICTS} versions in a row first; try again"
     )]
     Contended,
+    /// An import of the policy directory by a replica that lost its leadership (its lease)
+    /// before committing: nothing changed here; the new leader imports the directory.
+    #[error("not imported: this replica no longer leads; the leader imports the policy directory")]
+    NotLeader,
     /// Another replica committed first (internal: the change is redone on its state).
     #[error("another replica committed first")]
     Conflict,
@@ -335,7 +339,7 @@ impl Engine {
         let _writer = self.lock_writer();
         check_deadline(deadline)?;
         self.check_overrides_prepared(&changes)?;
-        self.apply_serialized(changes, cause, None, false, deadline)
+        self.apply_serialized(changes, cause, None, false, deadline, false)
     }
 
     /// Refuses an unforced applied upsert of a document read from the policy directory.
@@ -391,7 +395,7 @@ impl Engine {
         let changes: Vec<Prepared> = changes.into_iter().map(Prepared::parse).collect();
         let _writer = self.lock_writer();
         self.check_overrides_prepared(&changes)?;
-        self.apply_serialized(changes, "dry run", None, true, None)
+        self.apply_serialized(changes, "dry run", None, true, None, false)
     }
 
     /// Brings the documents from files in line with a scan of the policy directory: changed
@@ -515,7 +519,7 @@ impl Engine {
             .map(|(name, _, hash)| ((*name).clone(), hash.clone()))
             .collect();
         drop(inner);
-        self.apply_serialized(changes, &cause, Some((seen, hashes)), false, None)
+        self.apply_serialized(changes, &cause, Some((seen, hashes)), false, None, true)
             .map(Some)
     }
 
@@ -524,7 +528,8 @@ impl Engine {
     /// the next scan (it may be accepted once the document it conflicts with is gone).
     ///
     /// The caller holds the writer lock; the data lock is taken only around in-memory work:
-    /// parsing, validation and the fsync of the new state happen without it.
+    /// parsing, validation and the fsync of the new state happen without it. An `import` (of
+    /// the policy directory) commits only while this replica leads.
     fn apply_serialized(
         &self,
         changes: Vec<Prepared>,
@@ -532,16 +537,24 @@ impl Engine {
         seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
         dry_run: bool,
         deadline: Option<Instant>,
+        import: bool,
     ) -> Result<Outcome, EngineError> {
         if dry_run {
-            return self.apply_once(changes, cause, seen, true, deadline);
+            return self.apply_once(changes, cause, seen, true, deadline, false);
         }
         self.check_writable()?;
         // Another replica may commit between this one's read and its compare-and-swap: the
         // change is then redone on top of what that replica committed (validated anew: the
         // documents it merges with may have changed).
         for _ in 0..MAX_CONFLICTS {
-            match self.apply_once(changes.clone(), cause, seen.clone(), false, deadline) {
+            match self.apply_once(
+                changes.clone(),
+                cause,
+                seen.clone(),
+                false,
+                deadline,
+                import,
+            ) {
                 Err(EngineError::Conflict) => {
                     tracing::info!(
                         cause,
@@ -645,6 +658,7 @@ impl Engine {
         seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
         dry_run: bool,
         deadline: Option<Instant>,
+        import: bool,
     ) -> Result<Outcome, EngineError> {
         let (version, mut docs, mut parsed) = {
             let inner = self.lock();
@@ -789,7 +803,7 @@ impl Engine {
         drop(inner);
         check_deadline(deadline)?;
         // Durable before anyone sees it: a version a proxy applied must survive a restart.
-        state.revision = self.save(&state, file_sync.then_some(cause))?;
+        state.revision = self.save(&state, file_sync.then_some(cause), import)?;
         let mut inner = self.lock();
         if file_sync {
             inner.store_health.pending = None;
@@ -844,6 +858,7 @@ impl Engine {
                     Some((seen, hashes)),
                     false,
                     deadline,
+                    false,
                 );
             }
             match inner.docs.get(name) {
@@ -894,6 +909,7 @@ impl Engine {
             None,
             false,
             deadline,
+            false,
         )
     }
 
@@ -944,7 +960,7 @@ impl Engine {
             cause: cause.clone(),
             documents: docs.clone(),
         });
-        state.revision = self.save(&state, None)?;
+        state.revision = self.save(&state, None, false)?;
         let mut inner = self.lock();
         inner.state = state;
         inner.docs = docs;
@@ -966,9 +982,18 @@ impl Engine {
 
     /// Writes `state` to the state directory, recording how the write fared; a failed file
     /// sync's `cause` is recorded as pending in the same step, so status never shows the one
-    /// without the other.
-    fn save(&self, state: &State, file_sync: Option<&str>) -> Result<i64, EngineError> {
-        let saved = self.store.save(state);
+    /// without the other. An `import` commits only while this replica leads.
+    fn save(
+        &self,
+        state: &State,
+        file_sync: Option<&str>,
+        import: bool,
+    ) -> Result<i64, EngineError> {
+        let saved = if import {
+            self.store.save_import(state)
+        } else {
+            self.store.save(state)
+        };
         let mut inner = self.lock();
         let health = &mut inner.store_health;
         match saved {
@@ -980,6 +1005,8 @@ impl Engine {
             }
             // Not a failure of the store: the change is redone on the newer state.
             Err(StoreError::Conflict) => Err(EngineError::Conflict),
+            // Not a failure either: the leader imports the change.
+            Err(StoreError::NotLeader) => Err(EngineError::NotLeader),
             Err(source) => {
                 health.write_failures = health.write_failures.saturating_add(1);
                 let since = health
@@ -1239,6 +1266,7 @@ impl Engine {
             store: Some(store_status(&inner.store_health, &self.store.describe())),
             certificates: None,
             now_ms: now_ms(),
+            replica: None,
         }
     }
 }

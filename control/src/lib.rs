@@ -29,6 +29,7 @@ pub mod inject;
 pub mod merge;
 pub mod output;
 pub mod registry;
+pub mod replica;
 pub mod server;
 pub mod service_account;
 pub mod store;
