@@ -167,6 +167,9 @@ pub struct ReplicaStatus {
     /// Whether it is one of several on a shared store (etcd).
     #[serde(default)]
     pub replicated: bool,
+    /// Why other replicas' proxies are missing from the list, when they could not be read.
+    #[serde(default)]
+    pub other_replicas_error: Option<String>,
 }
 
 /// The control plane's build and clock (`GET /v1/version`).
@@ -273,6 +276,10 @@ pub struct ProxyStatus {
     /// When its stream closed, in ms since the Unix epoch (`None` while connected).
     #[serde(default)]
     pub disconnected_at_ms: Option<u64>,
+    /// The replica it is (or was last) connected to; `None` from a control plane that
+    /// predates replicas.
+    #[serde(default)]
+    pub replica: Option<String>,
 }
 
 fn yes() -> bool {

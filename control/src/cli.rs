@@ -768,7 +768,8 @@ pub fn status(args: StatusArgs) -> ExitCode {
 
 fn render_status(status: &Status) -> String {
     let mut out = format!("version in force: {}\n", status.version);
-    if let Some(replica) = status.replica.as_ref().filter(|r| r.replicated) {
+    let replicated = status.replica.as_ref().filter(|r| r.replicated);
+    if let Some(replica) = replicated {
         let _ = writeln!(
             out,
             "replica {}: {}",
@@ -779,6 +780,9 @@ fn render_status(status: &Status) -> String {
                 "leader: false (another replica imports the policy directory)"
             }
         );
+        if let Some(error) = &replica.other_replicas_error {
+            let _ = writeln!(out, "only this replica's proxies are listed: {error}");
+        }
     }
     if let Some(store) = &status.store {
         if let Some(error) = &store.error {
@@ -802,6 +806,7 @@ fn render_status(status: &Status) -> String {
         "APPLIED AT".into(),
         "STATE".into(),
         "LAST NACK".into(),
+        "REPLICA".into(),
     ]];
     for p in &status.proxies {
         let dash = || "-".to_string();
@@ -814,7 +819,14 @@ fn render_status(status: &Status) -> String {
             p.last_nack.as_ref().map_or_else(dash, |n| {
                 format!("v{} at {}: {}", n.version, format_utc(n.at_ms), n.error)
             }),
+            p.replica.clone().unwrap_or_else(dash),
         ]);
+    }
+    if replicated.is_none() {
+        // One replica: the column says nothing.
+        for row in &mut rows {
+            row[6] = String::new();
+        }
     }
     if status.proxies.is_empty() {
         out.push_str("no proxies connected\n");
@@ -1144,6 +1156,7 @@ mod tests {
             pending_since_ms: None,
             workload_named: true,
             disconnected_at_ms: None,
+            replica: None,
         };
         let status = Status {
             replica: None,
@@ -1221,18 +1234,33 @@ mod tests {
     }
 
     #[test]
-    fn status_of_a_replica_says_whether_it_leads() {
-        let mut status = Status {
+    fn status_of_a_replica_says_whether_it_leads_and_where_proxies_are() {
+        let status = Status {
             replica: Some(api::ReplicaStatus {
                 name: "r1".into(),
                 leader: false,
                 replicated: true,
+                other_replicas_error: None,
             }),
             certificates: None,
             now_ms: 0,
             version: 3,
             documents: vec![],
-            proxies: vec![],
+            proxies: vec![ProxyStatus {
+                proxy: "pod-a".into(),
+                workload: "checkout".into(),
+                connected: true,
+                connected_since_ms: 0,
+                version_sent: Some(3),
+                version_applied: Some(3),
+                applied_at_ms: Some(0),
+                last_nack: None,
+                state: "in-sync".into(),
+                pending_since_ms: None,
+                workload_named: true,
+                disconnected_at_ms: None,
+                replica: Some("r3".into()),
+            }],
             store: None,
         };
         let text = render_status(&status);
@@ -1241,16 +1269,19 @@ mod tests {
             lines[1],
             "replica r1: leader: false (another replica imports the policy directory)"
         );
-        // A single replica (state directory) says nothing of it.
-        status.replica = Some(api::ReplicaStatus {
+        assert!(lines[3].ends_with("LAST NACK  REPLICA"), "{text}");
+        assert!(lines[4].ends_with("in-sync  -          r3"), "{text}");
+        // A single replica (state directory) says nothing of it, nor of the column.
+        let mut single = status.clone();
+        single.replica = Some(api::ReplicaStatus {
             name: "r1".into(),
             leader: true,
             replicated: false,
+            other_replicas_error: None,
         });
-        assert_eq!(
-            render_status(&status),
-            "version in force: 3\n\nno proxies connected\n"
-        );
+        single.proxies[0].replica = None;
+        let text = render_status(&single);
+        assert!(!text.to_lowercase().contains("replica"), "{text}");
     }
 
     #[test]

@@ -254,6 +254,8 @@ pub struct Engine {
     max_push: usize,
     writer: Mutex<()>,
     inner: Mutex<Inner>,
+    /// Notified when a proxy's record changes (for [`crate::replica::publish_proxies`]).
+    proxies_changed: Arc<tokio::sync::Notify>,
 }
 
 impl Engine {
@@ -289,6 +291,7 @@ impl Engine {
             max_push: wire::MAX_LINE,
             writer: Mutex::new(()),
             inner: Mutex::new(inner),
+            proxies_changed: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -1114,6 +1117,7 @@ impl Engine {
         claimed: Option<&str>,
     ) -> Result<Session, SubscribeRefused> {
         let session = self.lock().proxies.connect(proxy, workload, peer, claimed);
+        self.proxies_changed.notify_one();
         match &session {
             Ok(_) => tracing::info!(proxy, workload, peer = ?peer, "proxy subscribed"),
             Err(e) => {
@@ -1127,11 +1131,18 @@ impl Engine {
     /// proxy resumed with it.
     pub fn sent(&self, proxy: &str, connection: u64, version: u64, hash: &str) {
         self.lock().proxies.sent(proxy, connection, version, hash);
+        self.proxies_changed.notify_one();
+    }
+
+    /// Notified whenever a proxy's record may have changed.
+    pub fn proxies_changed(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.proxies_changed)
     }
 
     /// Records that a stream closed (unless the proxy already opened a newer one).
     pub fn disconnected(&self, proxy: &str, connection: u64) {
         if self.lock().proxies.disconnected(proxy, connection) {
+            self.proxies_changed.notify_one();
             tracing::info!(proxy, "proxy stream closed");
         }
     }
@@ -1169,6 +1180,10 @@ impl Engine {
         }
         // Names no longer published (named by a document that went) need no clock.
         unwatched.retain(|w, _| published.contains_key(w));
+        drop(inner);
+        if expired_proxies > 0 {
+            self.proxies_changed.notify_one();
+        }
         (expired_proxies, gone.len())
     }
 
@@ -1176,10 +1191,17 @@ impl Engine {
     /// policy that session was sent.
     pub fn ack(&self, ack: Ack) -> Result<(), AckRefused> {
         let result = self.lock().proxies.ack(ack);
+        self.proxies_changed.notify_one();
         if let Err(e) = &result {
             tracing::warn!(error = %e, "ACK refused");
         }
         result
+    }
+
+    /// The proxies connected to this replica, and those whose stream closed and that are
+    /// not yet forgotten.
+    pub fn proxies(&self) -> Vec<ProxyStatus> {
+        proxy_statuses(&self.lock())
     }
 
     /// Documents, rejections and proxies.
@@ -1219,46 +1241,7 @@ impl Engine {
                 }
             })
             .collect();
-        let named = named_workloads(&inner.parsed);
-        let proxies = inner
-            .proxies
-            .iter()
-            .map(|(id, p)| {
-                let current = inner
-                    .published
-                    .get(&p.workload)
-                    .map(|s| s.borrow().content_hash.clone());
-                let nack_pending = p
-                    .last_nack
-                    .as_ref()
-                    .is_some_and(|n| Some(n.version) > p.version_applied);
-                let state = if !p.connected {
-                    "disconnected"
-                } else if p.hash_applied.is_some() && p.hash_applied == current {
-                    "in-sync"
-                } else if nack_pending {
-                    "nack"
-                } else {
-                    "pending"
-                };
-                ProxyStatus {
-                    proxy: id.clone(),
-                    workload: p.workload.clone(),
-                    connected: p.connected,
-                    connected_since_ms: p.connected_since_ms,
-                    version_sent: p.version_sent,
-                    version_applied: p.version_applied,
-                    applied_at_ms: p.applied_at_ms,
-                    last_nack: p.last_nack.clone(),
-                    state: state.to_string(),
-                    pending_since_ms: matches!(state, "pending" | "nack")
-                        .then_some(p.last_sent_at_ms)
-                        .flatten(),
-                    workload_named: named.contains(&p.workload),
-                    disconnected_at_ms: p.disconnected_at_ms,
-                }
-            })
-            .collect();
+        let proxies = proxy_statuses(&inner);
         Status {
             version: inner.state.version,
             documents,
@@ -1269,6 +1252,51 @@ impl Engine {
             replica: None,
         }
     }
+}
+
+/// Every proxy's status as this replica knows it.
+fn proxy_statuses(inner: &Inner) -> Vec<ProxyStatus> {
+    let named = named_workloads(&inner.parsed);
+    inner
+        .proxies
+        .iter()
+        .map(|(id, p)| {
+            let current = inner
+                .published
+                .get(&p.workload)
+                .map(|s| s.borrow().content_hash.clone());
+            let nack_pending = p
+                .last_nack
+                .as_ref()
+                .is_some_and(|n| Some(n.version) > p.version_applied);
+            let state = if !p.connected {
+                "disconnected"
+            } else if p.hash_applied.is_some() && p.hash_applied == current {
+                "in-sync"
+            } else if nack_pending {
+                "nack"
+            } else {
+                "pending"
+            };
+            ProxyStatus {
+                proxy: id.clone(),
+                workload: p.workload.clone(),
+                connected: p.connected,
+                connected_since_ms: p.connected_since_ms,
+                version_sent: p.version_sent,
+                version_applied: p.version_applied,
+                applied_at_ms: p.applied_at_ms,
+                last_nack: p.last_nack.clone(),
+                state: state.to_string(),
+                pending_since_ms: matches!(state, "pending" | "nack")
+                    .then_some(p.last_sent_at_ms)
+                    .flatten(),
+                workload_named: named.contains(&p.workload),
+                disconnected_at_ms: p.disconnected_at_ms,
+                replica: None,
+            }
+        })
+        .collect()
 }
 
 fn store_status(health: &StoreHealth, place: &str) -> StoreStatus {

@@ -6,7 +6,8 @@
 //! - `history/<version, 20 digits>`: each kept [`VersionRecord`], the last one in force;
 //! - `ca/cert`, `ca/key`: the generated mesh CA, created once by whichever replica comes first;
 //! - `leader/<lease>`: the election of the replica that imports the policy directory
-//!   ([`crate::replica`]), each candidate's key under its lease.
+//!   ([`crate::replica`]), each candidate's key under its lease;
+//! - `proxies/<replica>/<proxy>`: each replica's connected proxies, under its lease.
 //!
 //! Each replica keeps its in-memory view current with a watch on `state` ([`keep_view`]),
 //! resumed after a disconnect from the revision its view was read at, and reloaded whole when
@@ -37,6 +38,8 @@ const CA_CERT: &str = "ca/cert";
 const CA_KEY: &str = "ca/key";
 /// The election's name (etcd's election API keeps each candidate's key under it).
 pub(crate) const LEADER: &str = "leader";
+/// Each replica's proxies: `proxies/<replica>/<proxy>`.
+pub(crate) const PROXIES: &str = "proxies/";
 /// Longest pause between attempts to re-establish the watch.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -94,7 +97,7 @@ struct Head {
 pub struct EtcdStore {
     /// Reads and writes: they wait for a leader (within the timeout), so an election after
     /// one member's loss delays a change rather than failing it.
-    client: Client,
+    pub(crate) client: Client,
     /// The watch and the lease: they require a leader, so etcd ends the watch when the
     /// quorum is lost and the replica turns read-only at once.
     pub(crate) watcher: Client,

@@ -1,5 +1,5 @@
-//! What one replica of several (on etcd) does on its own behalf: its lease, and the election of
-//! the replica that imports the policy directory.
+//! What one replica of several (on etcd) does on its own behalf: its lease, the election of the
+//! replica that imports the policy directory, and its proxies' status in etcd.
 //!
 //! Each replica holds one etcd lease of `--lease-ttl`, kept alive at a third of it
 //! ([`run_session`]). Under that lease it campaigns in etcd's election: the one elected leads,
@@ -11,32 +11,41 @@
 //! imported exactly once. A leader whose keep-alives go unconfirmed stops leading when its
 //! lease may have expired ([`LeaseClock`]), before etcd lets another replica take over.
 //!
-//! With a state directory there is one replica: it always leads.
+//! Under the same lease each replica writes its proxies' status ([`publish_proxies`]), so a
+//! status read on any replica lists every proxy, and a dead replica's proxies leave it when its
+//! lease expires. With a state directory there is one replica: it always leads.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use etcd_client::{DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::api::ReplicaStatus;
-use crate::etcd::{EtcdStore, LEADER};
+use crate::api::{ProxyStatus, ReplicaStatus};
+use crate::engine::Engine;
+use crate::etcd::{EtcdStore, LEADER, PROXIES};
 
 /// Shortest and longest `--lease-ttl`: etcd refuses leases shorter than about 1.5 election
 /// timeouts (1.5 s with its defaults); a longer one only delays the handover after a crash.
 pub const LEASE_TTL_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(2)..=Duration::from_secs(60);
+/// Shortest pause between two writes of a replica's proxies' status: a fleet reconnecting
+/// at once becomes a few batches, not one write per proxy.
+pub const PROXY_WRITE_INTERVAL: Duration = Duration::from_millis(250);
+/// Most writes in one etcd transaction (etcd's default limit is 128 operations).
+const MAX_TXN_OPS: usize = 64;
 /// Keep-alives sent and not yet answered beyond which no more are sent (the lease is about
 /// to be declared lost anyway).
 const MAX_OUTSTANDING: usize = 8;
 
-/// This replica: its name and whether it leads.
+/// This replica: its name, whether it leads, and how current its view of the store is.
 pub struct Replica {
-    /// Unique among the replicas: the election's value.
+    /// Unique among the replicas: the election's value and the key of its proxies' status.
     pub name: String,
     leader: watch::Sender<bool>,
-    /// The lease this replica holds; `None` while there is none.
+    /// The lease the proxies' status is written under; `None` while there is none.
     lease: watch::Sender<Option<i64>>,
     etcd: Option<EtcdStore>,
 }
@@ -73,7 +82,7 @@ impl Replica {
     }
 
     /// On shutdown: stops leading and revokes the lease, so leadership moves and this
-    /// replica's keys go at once rather than after the TTL.
+    /// replica's proxies leave `status` at once rather than after the TTL.
     pub async fn step_down(&self) {
         let lease = *self.lease.borrow();
         let (Some(etcd), Some(lease)) = (&self.etcd, lease) else {
@@ -97,6 +106,7 @@ impl Replica {
             name: self.name.clone(),
             leader: self.is_leader(),
             replicated: self.etcd.is_some(),
+            other_replicas_error: None,
         }
     }
 
@@ -109,6 +119,82 @@ impl Replica {
             self.is_leader()
         ))
     }
+
+    /// Every replica's proxies (from etcd) with this one's own (from `local`, more current):
+    /// a proxy that moved is shown once, where it is connected (or connected last).
+    pub async fn all_proxies(
+        &self,
+        local: Vec<ProxyStatus>,
+        status: &mut ReplicaStatus,
+    ) -> Vec<ProxyStatus> {
+        let mut local: Vec<ProxyStatus> = local
+            .into_iter()
+            .map(|mut p| {
+                p.replica = Some(self.name.clone());
+                p
+            })
+            .collect();
+        let Some(etcd) = &self.etcd else {
+            return local;
+        };
+        match read_proxies(etcd).await {
+            Ok(others) => {
+                local.extend(
+                    others
+                        .into_iter()
+                        .filter(|p| p.replica.as_deref() != Some(&self.name)),
+                );
+                merge_proxies(local)
+            }
+            Err(e) => {
+                status.other_replicas_error = Some(e);
+                local
+            }
+        }
+    }
+}
+
+/// One entry per proxy id: the connected one, else the one connected last.
+fn merge_proxies(all: Vec<ProxyStatus>) -> Vec<ProxyStatus> {
+    let mut by_id: BTreeMap<String, ProxyStatus> = BTreeMap::new();
+    for proxy in all {
+        let rank = |p: &ProxyStatus| (p.connected, p.connected_since_ms);
+        match by_id.get(&proxy.proxy) {
+            Some(kept) if rank(kept) >= rank(&proxy) => {}
+            _ => {
+                by_id.insert(proxy.proxy.clone(), proxy);
+            }
+        }
+    }
+    by_id.into_values().collect()
+}
+
+async fn read_proxies(etcd: &EtcdStore) -> Result<Vec<ProxyStatus>, String> {
+    if !etcd.available() {
+        // Known down: answer at once rather than after the timeout.
+        return Err("other replicas' proxies unreadable: etcd is unavailable".into());
+    }
+    let mut kv = etcd.watcher.kv_client();
+    let prefix = etcd.key(PROXIES);
+    let read = tokio::time::timeout(
+        etcd.timeout(),
+        kv.get(prefix, Some(GetOptions::new().with_prefix())),
+    );
+    let response = match read.await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => return Err(format!("other replicas' proxies unreadable: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "other replicas' proxies unreadable: no answer within {:?}",
+                etcd.timeout()
+            ))
+        }
+    };
+    Ok(response
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+        .collect())
 }
 
 /// When a lease may have expired, as far as this replica can know: the TTL from the send of
@@ -283,6 +369,129 @@ async fn hold_lease(etcd: &EtcdStore, lease: i64, mut clock: LeaseClock) -> Stri
     }
 }
 
+/// Writes this replica's proxies' status under its lease whenever it changes, at most once per
+/// [`PROXY_WRITE_INTERVAL`], forever; everything again under each new lease. Proxies forgotten
+/// by the registry's expiry (`--registry-expiry`) are deleted, so the list in etcd follows
+/// the replica's own `status --all`; a dead replica's entries go with its lease.
+pub async fn publish_proxies(etcd: EtcdStore, engine: Arc<Engine>, replica: Arc<Replica>) {
+    let changed = engine.proxies_changed();
+    let mut leases = replica.lease.subscribe();
+    let mut written = Written::default();
+    loop {
+        let lease = *leases.borrow_and_update();
+        if write_proxies(&etcd, &engine, &replica, lease, &mut written).await {
+            if !next_write(&changed, &mut leases, PROXY_WRITE_INTERVAL).await {
+                return;
+            }
+        } else {
+            // etcd refused or did not answer: everything again, a little later.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// What is in etcd: each proxy's status as written, and under which lease.
+#[derive(Default)]
+struct Written {
+    lease: Option<i64>,
+    values: BTreeMap<String, Vec<u8>>,
+}
+
+/// Writes what changed since `written`; false when etcd did not take it.
+async fn write_proxies(
+    etcd: &EtcdStore,
+    engine: &Engine,
+    replica: &Replica,
+    lease: Option<i64>,
+    written: &mut Written,
+) -> bool {
+    let Some(lease) = lease else {
+        // Without a lease nothing can be written; all of it goes under the next one.
+        *written = Written::default();
+        return true;
+    };
+    if written.lease != Some(lease) {
+        *written = Written::default();
+    }
+    let now: BTreeMap<String, Vec<u8>> = engine
+        .proxies()
+        .into_iter()
+        .map(|mut p| {
+            p.replica = Some(replica.name.clone());
+            let value = serde_json::to_vec(&p).unwrap_or_default();
+            (p.proxy, value)
+        })
+        .collect();
+    let (puts, deletes) = diff(&written.values, &now);
+    let base = format!("{}{}/", etcd.key(PROXIES), replica.name);
+    let mut ops: Vec<TxnOp> = puts
+        .iter()
+        .map(|id| {
+            let value = now.get(id).cloned().unwrap_or_default();
+            TxnOp::put(
+                format!("{base}{id}"),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )
+        })
+        .collect();
+    ops.extend(
+        deletes
+            .iter()
+            .map(|id| TxnOp::delete(format!("{base}{id}"), None::<DeleteOptions>)),
+    );
+    let mut kv = etcd.client.kv_client();
+    for batch in ops.chunks(MAX_TXN_OPS) {
+        let txn = Txn::new().and_then(batch.to_vec());
+        let failed = match tokio::time::timeout(etcd.timeout(), kv.txn(txn)).await {
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", etcd.timeout()),
+        };
+        tracing::debug!(error = %failed, "cannot write the proxies' status; writing it all again");
+        *written = Written::default();
+        return false;
+    }
+    *written = Written {
+        lease: Some(lease),
+        values: now,
+    };
+    true
+}
+
+/// Waits `interval` (the rate bound), then for a change of the proxies (one noticed during
+/// the wait counts: [`Notify`] keeps it) or of the lease. False when the lease's sender is
+/// gone.
+pub async fn next_write(
+    changed: &Notify,
+    leases: &mut watch::Receiver<Option<i64>>,
+    interval: Duration,
+) -> bool {
+    tokio::time::sleep(interval).await;
+    tokio::select! {
+        () = changed.notified() => true,
+        lease = leases.changed() => lease.is_ok(),
+    }
+}
+
+/// Which entries to put (new or changed) and which to delete (gone), `written` against `now`.
+fn diff(
+    written: &BTreeMap<String, Vec<u8>>,
+    now: &BTreeMap<String, Vec<u8>>,
+) -> (Vec<String>, Vec<String>) {
+    let puts = now
+        .iter()
+        .filter(|(id, value)| written.get(*id) != Some(value))
+        .map(|(id, _)| id.clone())
+        .collect();
+    let deletes = written
+        .keys()
+        .filter(|id| !now.contains_key(*id))
+        .cloned()
+        .collect();
+    (puts, deletes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,5 +513,85 @@ mod tests {
         // Nothing confirmed since: leading stops at 4 s.
         tokio::time::sleep_until(clock.valid_until()).await;
         assert_eq!(start.elapsed(), Duration::from_secs(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn proxy_writes_are_coalesced_and_rate_bounded() {
+        let changed = Arc::new(Notify::new());
+        let (lease_tx, mut leases) = watch::channel(Some(1));
+        let start = Instant::now();
+        let notifier = {
+            let changed = Arc::clone(&changed);
+            tokio::spawn(async move {
+                // A burst of changes at 10..100 ms, one more at 2 s, then the end.
+                for _ in 0..10 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    changed.notify_one();
+                }
+                tokio::time::sleep_until(start + Duration::from_secs(2)).await;
+                changed.notify_one();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                drop(lease_tx);
+            })
+        };
+        let mut writes = vec![start.elapsed()];
+        while next_write(&changed, &mut leases, PROXY_WRITE_INTERVAL).await {
+            writes.push(start.elapsed());
+        }
+        notifier.await.expect("notifier");
+        // At once; the burst as one write after the interval; the late change at once.
+        assert_eq!(
+            writes,
+            [Duration::ZERO, PROXY_WRITE_INTERVAL, Duration::from_secs(2)]
+        );
+    }
+
+    #[test]
+    fn diff_puts_changed_and_deletes_gone() {
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, Vec<u8>> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let (puts, deletes) = diff(
+            &map(&[("a", "1"), ("b", "1"), ("c", "1")]),
+            &map(&[("a", "1"), ("b", "2"), ("d", "1")]),
+        );
+        assert_eq!(puts, ["b", "d"]);
+        assert_eq!(deletes, ["c"]);
+    }
+
+    fn proxy(id: &str, replica: &str, connected: bool, since: u64) -> ProxyStatus {
+        ProxyStatus {
+            proxy: id.into(),
+            workload: "w".into(),
+            connected,
+            connected_since_ms: since,
+            version_sent: None,
+            version_applied: None,
+            applied_at_ms: None,
+            last_nack: None,
+            state: if connected { "pending" } else { "disconnected" }.into(),
+            pending_since_ms: None,
+            workload_named: true,
+            disconnected_at_ms: None,
+            replica: Some(replica.into()),
+        }
+    }
+
+    #[test]
+    fn a_proxy_that_moved_shows_once_where_it_is_connected() {
+        let merged = merge_proxies(vec![
+            proxy("p", "one", false, 5),
+            proxy("p", "two", true, 3),
+            proxy("q", "one", false, 1),
+            proxy("q", "two", false, 2),
+        ]);
+        let shown: Vec<(&str, &str)> = merged
+            .iter()
+            .map(|p| (p.proxy.as_str(), p.replica.as_deref().unwrap_or("")))
+            .collect();
+        assert_eq!(shown, [("p", "two"), ("q", "two")]);
     }
 }

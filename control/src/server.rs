@@ -57,7 +57,7 @@ pub struct App {
     /// When set, a certificate is issued only for the service account the request's token
     /// proves; otherwise the API token entitles to any identity.
     pub service_accounts: Option<Arc<ServiceAccountTokens>>,
-    /// This replica: whether it leads.
+    /// This replica: whether it leads, how current its view is, the other replicas' proxies.
     pub replica: Arc<Replica>,
 }
 
@@ -139,7 +139,10 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
         (&Method::GET, api::STATUS_PATH) => {
             let mut status = app.engine.status();
             status.certificates = app.ca.as_ref().map(|ca| ca.status());
-            status.replica = Some(app.replica.status());
+            let mut replica = app.replica.status();
+            let local = std::mem::take(&mut status.proxies);
+            status.proxies = app.replica.all_proxies(local, &mut replica).await;
+            status.replica = Some(replica);
             json(StatusCode::OK, &status)
         }
         (&Method::GET, api::VERSION_PATH) => json(

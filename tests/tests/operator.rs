@@ -518,7 +518,8 @@ async fn read_commands_print_stable_json_and_every_verb_says_how_it_ended() {
       "state": "pending",
       "pending_since_ms": 0,
       "workload_named": true,
-      "disconnected_at_ms": null
+      "disconnected_at_ms": null,
+      "replica": "control-0"
     }
   ],
   "store": {
@@ -538,7 +539,8 @@ async fn read_commands_print_stable_json_and_every_verb_says_how_it_ended() {
   "replica": {
     "name": "control-0",
     "leader": true,
-    "replicated": false
+    "replicated": false,
+    "other_replicas_error": null
   }
 }"#,
     );

@@ -1,10 +1,11 @@
 //! What replicas on etcd do for each other, end to end: a real 3-member etcd cluster
 //! (Debian's `etcd-server`), three real `outrider-control` replicas sharing one policy
-//! directory (as they share a ConfigMap). Exactly one replica leads and only it
+//! directory (as they share a ConfigMap), real proxies. Exactly one replica leads and only it
 //! imports the directory; when the leader is killed (SIGKILL) right after an edit, leadership
 //! moves within the lease TTL and the edit becomes exactly one version, seen by every replica;
-//! killing the next leader, which did import it, imports nothing again. Skipped when etcd is
-//! not installed, unless OUTRIDER_REQUIRE_ETCD=1.
+//! killing the next leader, which did import it, imports nothing again. `status` on any replica
+//! lists a proxy connected to another, and a killed replica's proxies leave it within the
+//! lease TTL. Skipped when etcd is not installed, unless OUTRIDER_REQUIRE_ETCD=1.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -12,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use outrider_e2e::control::{start_control_with, Control, ControlDirs};
 use outrider_e2e::etcd::EtcdCluster;
+use outrider_e2e::*;
 
 /// The replicas' lease TTL: etcd's shortest with the cluster's 1 s election timeout.
 const LEASE_TTL: Duration = Duration::from_secs(2);
-/// What leadership's move may take past the TTL:
+/// What leadership's move, or a dead replica's proxies' disappearance, may take past the TTL:
 /// etcd checks for expired leases every 500 ms, then the next candidate is told; the rest is
 /// room for a loaded machine.
 const HANDOVER_SLACK: Duration = Duration::from_secs(3);
@@ -185,4 +187,71 @@ async fn the_leader_alone_imports_and_an_edit_at_its_death_becomes_one_version()
     // And it imports the next edit.
     dirs.write("a.yaml", &doc(1003));
     wait_for(last, &[3, 2, 1], "1003").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_on_any_replica_lists_every_proxy_until_its_replica_dies() {
+    let Some(cluster) = EtcdCluster::start(3) else {
+        return;
+    };
+    let dirs = ControlDirs::new();
+    dirs.write("checkout.yaml", "workload: checkout\nservices: {}\n");
+    let r1 = replica(&cluster, &dirs, "r1");
+    let _r2 = replica(&cluster, &dirs, "r2");
+    let r3 = replica(&cluster, &dirs, "r3");
+    let proxy = spawn_proxy(TempDir::new(), &r3.proxy_flags(&dirs, "checkout"));
+
+    // Listed by replica 1, as connected to replica 3, and in sync.
+    let listed = |status: &serde_json::Value| -> Vec<(String, String, String)> {
+        status["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["workload"].as_str().unwrap_or_default().to_string(),
+                    p["replica"].as_str().unwrap_or_default().to_string(),
+                    p["state"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = r1.status().await;
+        if listed(&status) == [("checkout".into(), "r3".into(), "in-sync".into())] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{status}\nproxy:\n{}",
+            proxy.logs().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = r1.ctl(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("replica r1: leader: "), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.contains("checkout"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(row.contains("in-sync") && row.ends_with("r3"), "{text}");
+
+    // Replica 3 dies: its proxies leave replica 1's status within the lease TTL.
+    r3.kill();
+    let killed = Instant::now();
+    while !listed(&r1.status().await).is_empty() {
+        assert!(
+            killed.elapsed() < LEASE_TTL + HANDOVER_SLACK,
+            "{:?}",
+            r1.status().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "a killed replica's proxies left status {:?} after its SIGKILL (lease TTL {LEASE_TTL:?})",
+        killed.elapsed()
+    );
 }

@@ -92,7 +92,8 @@ struct Serve {
     )]
     etcd_timeout: std::time::Duration,
     /// TTL of the etcd lease each replica holds (kept alive at a third of it): a dead
-    /// replica's leadership moves within about this. From 2s (etcd's shortest lease) to 1m.
+    /// replica's leadership moves, and its proxies leave `status`, within about this. From 2s
+    /// (etcd's shortest lease) to 1m.
     #[arg(
         long,
         env = "OUTRIDER_CONTROL_LEASE_TTL",
@@ -101,7 +102,7 @@ struct Serve {
     )]
     lease_ttl: std::time::Duration,
     /// This replica's name among the replicas on etcd (shown in `status`, its election
-    /// value): unique per replica. Default: the host name and process id.
+    /// value, its proxies' key): unique per replica. Default: the host name and process id.
     #[arg(long, env = "OUTRIDER_CONTROL_REPLICA_NAME", value_parser = parse_replica_name)]
     replica_name: Option<String>,
     /// Address to serve proxies and `outriderctl` on (HTTP/1.1 and h2c).
@@ -275,9 +276,14 @@ fn main() -> ExitCode {
         if let Some(etcd) = etcd_store {
             tokio::spawn(etcd::keep_view(etcd.clone(), Arc::clone(&engine)));
             tokio::spawn(replica::run_session(
-                etcd,
+                etcd.clone(),
                 Arc::clone(&replica),
                 args.lease_ttl,
+            ));
+            tokio::spawn(replica::publish_proxies(
+                etcd,
+                Arc::clone(&engine),
+                Arc::clone(&replica),
             ));
         }
         // Watches, then (the leader) scans once before listening.
