@@ -167,6 +167,13 @@ pub struct ReplicaStatus {
     /// Whether it is one of several on a shared store (etcd).
     #[serde(default)]
     pub replicated: bool,
+    /// Since how long its view may be behind etcd (its watch is down), in ms; `None` while
+    /// the view is current.
+    #[serde(default)]
+    pub view_behind_ms: Option<u64>,
+    /// Whether the view has been behind for longer than `--view-stale-after`.
+    #[serde(default)]
+    pub view_stale: bool,
     /// Why other replicas' proxies are missing from the list, when they could not be read.
     #[serde(default)]
     pub other_replicas_error: Option<String>,

@@ -780,6 +780,13 @@ fn render_status(status: &Status) -> String {
                 "leader: false (another replica imports the policy directory)"
             }
         );
+        if replica.view_stale {
+            let _ = writeln!(
+                out,
+                "view STALE: behind etcd for {}s (its watch is down: changes made on other replicas are not shown or pushed from here)",
+                replica.view_behind_ms.unwrap_or_default() / 1000
+            );
+        }
         if let Some(error) = &replica.other_replicas_error {
             let _ = writeln!(out, "only this replica's proxies are listed: {error}");
         }
@@ -1234,12 +1241,14 @@ mod tests {
     }
 
     #[test]
-    fn status_of_a_replica_says_whether_it_leads_and_where_proxies_are() {
+    fn status_of_a_replica_says_whether_it_leads_its_view_is_stale_and_where_proxies_are() {
         let status = Status {
             replica: Some(api::ReplicaStatus {
                 name: "r1".into(),
                 leader: false,
                 replicated: true,
+                view_behind_ms: Some(12_500),
+                view_stale: true,
                 other_replicas_error: None,
             }),
             certificates: None,
@@ -1269,14 +1278,20 @@ mod tests {
             lines[1],
             "replica r1: leader: false (another replica imports the policy directory)"
         );
-        assert!(lines[3].ends_with("LAST NACK  REPLICA"), "{text}");
-        assert!(lines[4].ends_with("in-sync  -          r3"), "{text}");
+        assert!(
+            lines[2].starts_with("view STALE: behind etcd for 12s"),
+            "{text}"
+        );
+        assert!(lines[4].ends_with("LAST NACK  REPLICA"), "{text}");
+        assert!(lines[5].ends_with("in-sync  -          r3"), "{text}");
         // A single replica (state directory) says nothing of it, nor of the column.
         let mut single = status.clone();
         single.replica = Some(api::ReplicaStatus {
             name: "r1".into(),
             leader: true,
             replicated: false,
+            view_behind_ms: None,
+            view_stale: false,
             other_replicas_error: None,
         });
         single.proxies[0].replica = None;

@@ -112,6 +112,9 @@ pub struct EtcdStore {
     runtime: tokio::runtime::Handle,
     /// Whether the watch is established: a leader is there and a member answers.
     available: Arc<AtomicBool>,
+    /// Since when the view may be behind etcd: from the moment the watch broke until one is
+    /// established again; `None` while watching.
+    behind_since: Arc<Mutex<Option<tokio::time::Instant>>>,
     /// This replica's key in the election while it leads: an import of the policy directory
     /// commits only while that key exists ([`Self::save_fenced`]).
     fence: Arc<Mutex<Option<Vec<u8>>>>,
@@ -198,6 +201,7 @@ impl EtcdStore {
             timeout: config.timeout,
             runtime,
             available: Arc::new(AtomicBool::new(true)),
+            behind_since: Arc::new(Mutex::new(None)),
             fence: Arc::new(Mutex::new(None)),
         })
     }
@@ -205,6 +209,21 @@ impl EtcdStore {
     /// The deadline of each request.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Since when the view may be behind etcd (the watch broke then and is not back); `None`
+    /// while the watch is established.
+    pub fn behind_since(&self) -> Option<tokio::time::Instant> {
+        *self.behind_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn watching(&self, established: bool) {
+        let mut since = self.behind_since.lock().unwrap_or_else(|e| e.into_inner());
+        if established {
+            *since = None;
+        } else {
+            since.get_or_insert_with(tokio::time::Instant::now);
+        }
     }
 
     /// Sets (on winning the election) or clears (on losing the lease) the key an import must
@@ -569,7 +588,11 @@ pub async fn keep_view(store: EtcdStore, engine: Arc<Engine>) {
     let mut backoff = Duration::from_millis(100);
     let mut down_since: Option<tokio::time::Instant> = None;
     loop {
-        match watch_once(&store, &engine, &mut backoff, &mut down_since).await {
+        let end = watch_once(&store, &engine, &mut backoff, &mut down_since).await;
+        if !matches!(end, WatchEnd::Resynced) {
+            store.watching(false);
+        }
+        match end {
             WatchEnd::Resynced => {
                 down_since = None;
                 continue;
@@ -656,6 +679,7 @@ async fn watch_once(
         }
         if message.created() {
             established = true;
+            store.watching(true);
             *backoff = Duration::from_millis(100);
             *down_since = None;
             if !store.available.swap(true, Ordering::Relaxed) {

@@ -1,5 +1,6 @@
 //! What one replica of several (on etcd) does on its own behalf: its lease, the election of the
-//! replica that imports the policy directory, and its proxies' status in etcd.
+//! replica that imports the policy directory, its proxies' status in etcd, and how current its
+//! view is.
 //!
 //! Each replica holds one etcd lease of `--lease-ttl`, kept alive at a third of it
 //! ([`run_session`]). Under that lease it campaigns in etcd's election: the one elected leads,
@@ -47,6 +48,8 @@ pub struct Replica {
     leader: watch::Sender<bool>,
     /// The lease the proxies' status is written under; `None` while there is none.
     lease: watch::Sender<Option<i64>>,
+    /// A view behind the store for longer than this is called stale.
+    stale_after: Duration,
     etcd: Option<EtcdStore>,
 }
 
@@ -57,16 +60,18 @@ impl Replica {
             name,
             leader: watch::Sender::new(true),
             lease: watch::Sender::new(None),
+            stale_after: Duration::MAX,
             etcd: None,
         }
     }
 
     /// One of several on `etcd`: it leads once elected ([`run_session`]).
-    pub fn on_etcd(name: String, etcd: EtcdStore) -> Self {
+    pub fn on_etcd(name: String, etcd: EtcdStore, stale_after: Duration) -> Self {
         Self {
             name,
             leader: watch::Sender::new(false),
             lease: watch::Sender::new(None),
+            stale_after,
             etcd: Some(etcd),
         }
     }
@@ -102,10 +107,14 @@ impl Replica {
 
     /// For `status`.
     pub fn status(&self) -> ReplicaStatus {
+        let behind_since = self.etcd.as_ref().and_then(EtcdStore::behind_since);
+        let (behind, stale) = staleness(behind_since, Instant::now(), self.stale_after);
         ReplicaStatus {
             name: self.name.clone(),
             leader: self.is_leader(),
             replicated: self.etcd.is_some(),
+            view_behind_ms: behind.map(|b| u64::try_from(b.as_millis()).unwrap_or(u64::MAX)),
+            view_stale: stale,
             other_replicas_error: None,
         }
     }
@@ -113,11 +122,13 @@ impl Replica {
     /// For `/ready`'s body (replicas on etcd only: a single replica's is unchanged).
     pub fn ready_details(&self) -> Option<String> {
         self.etcd.as_ref()?;
-        Some(format!(
-            " replica={:?} leader={}",
-            self.name,
-            self.is_leader()
-        ))
+        let status = self.status();
+        let mut details = format!(" replica={:?} leader={}", self.name, status.leader);
+        if status.view_stale {
+            let behind = status.view_behind_ms.unwrap_or_default() / 1000;
+            details.push_str(&format!(" view=stale view_behind={behind}s"));
+        }
+        Some(details)
     }
 
     /// Every replica's proxies (from etcd) with this one's own (from `local`, more current):
@@ -152,6 +163,17 @@ impl Replica {
             }
         }
     }
+}
+
+/// How long a view behind the store since `behind_since` has been so at `now`, and whether
+/// that is longer than `stale_after`.
+fn staleness(
+    behind_since: Option<Instant>,
+    now: Instant,
+    stale_after: Duration,
+) -> (Option<Duration>, bool) {
+    let behind = behind_since.map(|since| now.saturating_duration_since(since));
+    (behind, behind.is_some_and(|b| b > stale_after))
 }
 
 /// One entry per proxy id: the connected one, else the one connected last.
@@ -544,6 +566,22 @@ mod tests {
             writes,
             [Duration::ZERO, PROXY_WRITE_INTERVAL, Duration::from_secs(2)]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_view_is_stale_once_behind_for_longer_than_the_limit() {
+        let limit = Duration::from_secs(10);
+        assert_eq!(staleness(None, Instant::now(), limit), (None, false));
+        let broke = Instant::now();
+        tokio::time::advance(limit).await;
+        assert_eq!(
+            staleness(Some(broke), Instant::now(), limit),
+            (Some(limit), false)
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let (behind, stale) = staleness(Some(broke), Instant::now(), limit);
+        assert_eq!(behind, Some(limit + Duration::from_millis(1)));
+        assert!(stale);
     }
 
     #[test]

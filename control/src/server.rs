@@ -175,7 +175,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
 /// 200 even while the state directory fails: the control plane still serves the version in
 /// force to proxies and issues certificates, which a readiness probe taking it out of its
 /// Service would stop. The body says what is wrong, and, with replicas on etcd, whether this
-/// one leads.
+/// one leads and whether its view is stale.
 fn ready(engine: &Engine, replica: &Replica) -> Response<ResBody> {
     let store = engine.store_status();
     let mut body = String::from("ok");

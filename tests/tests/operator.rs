@@ -540,6 +540,8 @@ async fn read_commands_print_stable_json_and_every_verb_says_how_it_ended() {
     "name": "control-0",
     "leader": true,
     "replicated": false,
+    "view_behind_ms": null,
+    "view_stale": false,
     "other_replicas_error": null
   }
 }"#,

@@ -4,9 +4,9 @@
 //! subscribed to the other; concurrent applies on both get distinct consecutive versions and
 //! both documents survive; the generated CA is shared (mTLS between proxies certified by
 //! different replicas); one etcd member lost changes nothing; two lost make applies fail at
-//! once (exit 75) while proxies keep their policy and traffic, and neither replica leads; the
-//! members' return converges without restarting a replica. Skipped when etcd is not
-//! installed, unless OUTRIDER_REQUIRE_ETCD=1.
+//! once (exit 75) while proxies keep their policy and traffic, neither replica leads and each
+//! says its view is stale; the members' return converges without restarting a replica.
+//! Skipped when etcd is not installed, unless OUTRIDER_REQUIRE_ETCD=1.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -30,7 +30,16 @@ fn replica(cluster: &EtcdCluster, dirs: &ControlDirs) -> Control {
     let url = cluster.url();
     start_control_with(
         dirs,
-        &["--store", &url, "--etcd-timeout", "5s", "--lease-ttl", "2s"],
+        &[
+            "--store",
+            &url,
+            "--etcd-timeout",
+            "5s",
+            "--view-stale-after",
+            "1s",
+            "--lease-ttl",
+            "2s",
+        ],
     )
 }
 
@@ -279,11 +288,15 @@ async fn losing_the_etcd_quorum_makes_replicas_read_only_and_its_return_converge
         );
         assert!(took < Duration::from_secs(1), "{took:?}");
     }
-    // Neither leads any more (its lease cannot be kept alive), so neither imports its policy
-    // directory.
+    // Each says its view is stale, in `/ready` and in `status`; neither leads any more (its
+    // lease cannot be kept alive), so neither imports its policy directory.
     for replica in [&a, &b] {
         let ready = ready(replica).await;
+        assert!(ready.contains(" view=stale view_behind="), "{ready}");
         assert!(ready.contains(" leader=false"), "{ready}");
+        let out = replica.ctl(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("\nview STALE: behind etcd for "), "{text}");
     }
     // Proxies keep their policy and traffic flows; a new proxy subscribing to a replica gets
     // the policy from its last view, certificate included.
@@ -308,6 +321,10 @@ async fn losing_the_etcd_quorum_makes_replicas_read_only_and_its_return_converge
             "{}",
             replica.logs().join("\n")
         );
+    }
+    for replica in [&a, &b] {
+        let ready = ready(replica).await;
+        assert!(!ready.contains("view=stale"), "{ready}");
     }
     // One of them leads again.
     let deadline = Instant::now() + Duration::from_secs(15);

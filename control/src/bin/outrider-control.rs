@@ -101,6 +101,15 @@ struct Serve {
         value_parser = parse_lease_ttl
     )]
     lease_ttl: std::time::Duration,
+    /// A replica whose view has been behind etcd (watch down, no quorum) for longer than this
+    /// says so in `/ready` and `status`. From 1s to 1h.
+    #[arg(
+        long,
+        env = "OUTRIDER_CONTROL_VIEW_STALE_AFTER",
+        default_value = "10s",
+        value_parser = parse_view_stale_after
+    )]
+    view_stale_after: std::time::Duration,
     /// This replica's name among the replicas on etcd (shown in `status`, its election
     /// value, its proxies' key): unique per replica. Default: the host name and process id.
     #[arg(long, env = "OUTRIDER_CONTROL_REPLICA_NAME", value_parser = parse_replica_name)]
@@ -224,7 +233,7 @@ fn main() -> ExitCode {
         .clone()
         .unwrap_or_else(default_replica_name);
     let replica = Arc::new(match &etcd_store {
-        Some(etcd) => Replica::on_etcd(replica_name, etcd.clone()),
+        Some(etcd) => Replica::on_etcd(replica_name, etcd.clone(), args.view_stale_after),
         None => Replica::single(replica_name),
     });
     let engine = match Engine::open(store) {
@@ -403,6 +412,21 @@ fn parse_lease_ttl(text: &str) -> Result<std::time::Duration, String> {
         Ok(ttl)
     } else {
         Err(format!("{text} is outside 2s..=1m"))
+    }
+}
+
+/// `--view-stale-after`: from 1s to 1h.
+fn parse_view_stale_after(text: &str) -> Result<std::time::Duration, String> {
+    const RANGE: std::ops::RangeInclusive<std::time::Duration> =
+        std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600);
+    let after = text
+        .parse::<outrider_config::Duration>()
+        .map_err(|e| e.to_string())?
+        .get();
+    if RANGE.contains(&after) {
+        Ok(after)
+    } else {
+        Err(format!("{text} is outside 1s..=1h"))
     }
 }
 
