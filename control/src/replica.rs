@@ -17,6 +17,7 @@
 //! lease expires. With a state directory there is one replica: it always leads.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,8 +29,9 @@ use crate::api::{ProxyStatus, ReplicaStatus};
 use crate::engine::Engine;
 use crate::etcd::{EtcdStore, LEADER, PROXIES};
 
-/// Shortest and longest `--lease-ttl`: etcd refuses leases shorter than about 1.5 election
-/// timeouts (1.5 s with its defaults); a longer one only delays the handover after a crash.
+/// Shortest and longest `--lease-ttl`: etcd lengthens a lease shorter than 1.5 election
+/// timeouts (1.5 s with its defaults) to that; a longer one only delays the handover after a
+/// crash.
 pub const LEASE_TTL_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(2)..=Duration::from_secs(60);
 /// Shortest pause between two writes of a replica's proxies' status: a fleet reconnecting
@@ -51,6 +53,8 @@ pub struct Replica {
     /// A view behind the store for longer than this is called stale.
     stale_after: Duration,
     etcd: Option<EtcdStore>,
+    /// Set by [`Self::step_down`]: no new lease, no new campaign.
+    stopping: AtomicBool,
 }
 
 impl Replica {
@@ -62,6 +66,7 @@ impl Replica {
             lease: watch::Sender::new(None),
             stale_after: Duration::MAX,
             etcd: None,
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -73,6 +78,7 @@ impl Replica {
             lease: watch::Sender::new(None),
             stale_after,
             etcd: Some(etcd),
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -89,6 +95,7 @@ impl Replica {
     /// On shutdown: stops leading and revokes the lease, so leadership moves and this
     /// replica's proxies leave `status` at once rather than after the TTL.
     pub async fn step_down(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
         let lease = *self.lease.borrow();
         let (Some(etcd), Some(lease)) = (&self.etcd, lease) else {
             return;
@@ -260,6 +267,10 @@ impl LeaseClock {
 pub async fn run_session(etcd: EtcdStore, replica: Arc<Replica>, ttl: Duration) {
     let mut backoff = Duration::from_millis(100);
     loop {
+        if replica.stopping.load(Ordering::Relaxed) {
+            // Shutting down: the revoked lease is not replaced.
+            return;
+        }
         let asked = Instant::now();
         let mut leases = etcd.watcher.lease_client();
         let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
@@ -308,6 +319,9 @@ async fn campaign(etcd: &EtcdStore, replica: &Replica, lease: i64) -> std::conve
             .await
         {
             Ok(won) => {
+                if replica.stopping.load(Ordering::Relaxed) {
+                    return std::future::pending().await;
+                }
                 if let Some(key) = won.leader() {
                     etcd.set_fence(Some(key.key().to_vec()));
                     replica.leader.send_replace(true);

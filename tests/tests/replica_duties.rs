@@ -5,7 +5,8 @@
 //! moves within the lease TTL and the edit becomes exactly one version, seen by every replica;
 //! killing the next leader, which did import it, imports nothing again. `status` on any replica
 //! lists a proxy connected to another, and a killed replica's proxies leave it within the
-//! lease TTL. Skipped when etcd is not installed, unless OUTRIDER_REQUIRE_ETCD=1.
+//! lease TTL; a leader stopped by SIGTERM hands over sooner than its lease would expire.
+//! Skipped when etcd is not installed, unless OUTRIDER_REQUIRE_ETCD=1.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -197,7 +198,7 @@ async fn status_on_any_replica_lists_every_proxy_until_its_replica_dies() {
     let dirs = ControlDirs::new();
     dirs.write("checkout.yaml", "workload: checkout\nservices: {}\n");
     let r1 = replica(&cluster, &dirs, "r1");
-    let _r2 = replica(&cluster, &dirs, "r2");
+    let r2 = replica(&cluster, &dirs, "r2");
     let r3 = replica(&cluster, &dirs, "r3");
     let proxy = spawn_proxy(TempDir::new(), &r3.proxy_flags(&dirs, "checkout"));
 
@@ -253,5 +254,18 @@ async fn status_on_any_replica_lists_every_proxy_until_its_replica_dies() {
     eprintln!(
         "a killed replica's proxies left status {:?} after its SIGKILL (lease TTL {LEASE_TTL:?})",
         killed.elapsed()
+    );
+
+    // The leader stopped in order (SIGTERM) revokes its lease: the other leads sooner than
+    // the lease could have expired (two thirds of the TTL at least after the last keep-alive).
+    let both = [&r1, &r2];
+    let leader = the_leader(&both, LEASE_TTL + HANDOVER_SLACK).await;
+    let other = both[1 - leader];
+    both[leader].terminate();
+    let stopped = Instant::now();
+    the_leader(&[other], Duration::from_secs(1)).await;
+    eprintln!(
+        "leadership moved {:?} after the leader's SIGTERM",
+        stopped.elapsed()
     );
 }
