@@ -1355,6 +1355,17 @@ report_mtls() {
 }
 
 # ---- main -------------------------------------------------------------------------------
+# Runs $1 (one round of a benchmark) $ROUNDS times with $ROUND set, then $2 (its report).
+# The time logged counts from the caller's $started (setup included).
+run_rounds() {
+    local round=$1 report=$2
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        "$round"
+    done
+    log "measured in $((SECONDS - started)) s"
+    "$report"
+}
+
 main() {
     ensure_tools
     log "building release binaries"
@@ -1385,30 +1396,18 @@ EOF
     local started=$SECONDS
     if ((CAPTURE)); then
         setup_capture_pods
-        for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
-            run_round_capture
-        done
-        log "measured in $((SECONDS - started)) s"
-        report_capture
+        run_rounds run_round_capture report_capture
         return
     fi
     if ((MTLS)); then
         NEGOTIATED=$TMP/negotiated.txt
         : >"$NEGOTIATED"
         start_control
-        for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
-            run_round_mtls
-        done
-        log "measured in $((SECONDS - started)) s"
-        report_mtls
+        run_rounds run_round_mtls report_mtls
         return
     fi
     write_nginx_conf
-    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
-        run_round
-    done
-    log "measured in $((SECONDS - started)) s"
-    report
+    run_rounds run_round report
 }
 
 ROUND=0

@@ -19,9 +19,14 @@ arm=aarch64-unknown-linux-musl
 # Where cargo puts its output (CARGO_TARGET_DIR, a config's build.target-dir, or ./target).
 target_dir=$(cargo metadata --format-version 1 --no-deps --locked \
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-# The binaries the Dockerfile copies, read from it so the two cannot drift apart.
+# The binaries the Dockerfile copies and the symlink it adds (`outriderctl`, to the binary
+# that runs as the CLI by that name), read from it so the two cannot drift apart.
 read -r -a bins <<<"$(sed -n 's/.*for bin in \([a-z -]*\); do.*/\1/p' deploy/Dockerfile)"
-[ "${#bins[@]}" -ge 3 ] || { echo "image-check: binaries not found in deploy/Dockerfile" >&2; exit 1; }
+[ "${#bins[@]}" -ge 2 ] || { echo "image-check: binaries not found in deploy/Dockerfile" >&2; exit 1; }
+read -r link_target link_name <<<"$(sed -n 's|.*ln -s \([a-z-]*\) /out/\([a-z-]*\).*|\1 \2|p' deploy/Dockerfile)"
+[ "$link_name" = outriderctl ] || { echo "image-check: the outriderctl symlink not found in deploy/Dockerfile" >&2; exit 1; }
+build_bins=()
+for bin in "${bins[@]}"; do build_bins+=(--bin "$bin"); done
 
 apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
@@ -45,7 +50,7 @@ export AR_aarch64_unknown_linux_musl=aarch64-linux-gnu-ar
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=aarch64-linux-gnu-gcc
 for t in "$target" "$arm"; do
   echo "== cargo build --release --target $t (as deploy/Dockerfile)"
-  time cargo build --locked --release --target "$t" -p outrider-proxy -p outrider-control --bins
+  time cargo build --locked --release --target "$t" -p outrider-proxy -p outrider-control "${build_bins[@]}"
 done
 
 work=$(mktemp -d)
@@ -73,6 +78,8 @@ for bin in "${bins[@]}"; do
   printf '%-18s %8d KiB  static\n' "$bin" $((size / 1024))
   cp "$path" "$root/usr/local/bin/"
 done
+ln -s "$link_target" "$root/usr/local/bin/$link_name"
+printf '%-18s -> %s\n' "$link_name" "$link_target"
 # distroless/static-debian12 is about 2 MiB; the binaries get the rest of the 25 MB goal.
 budget=$((23 * 1000 * 1000))
 echo "binaries total: $((total / 1024)) KiB (budget $((budget / 1024)) KiB + ~2 MiB base image)"
@@ -183,8 +190,14 @@ ELF
   printf '%-18s %8d KiB  static aarch64\n' "$bin" $(($(stat -c %s "$path") / 1024))
   qemu-aarch64 "$path" --help >/dev/null
 done
+# The CLI by its name, as the image's symlink calls it.
+mkdir "$work/arm64"
+ln -s "$target_dir/$arm/release/$link_target" "$work/arm64/$link_name"
+help=$(qemu-aarch64 "$work/arm64/$link_name" --help)
+grep -q "^Usage: outriderctl" <<<"$help" \
+  || { echo "image-check: $link_name (arm64) did not run as the CLI: $help" >&2; exit 1; }
 echo "--help of each: ok under qemu-aarch64"
-qemu-aarch64 "$target_dir/$arm/release/outriderctl" validate -f "$root/etc/outrider/policy.yaml"
+qemu-aarch64 "$work/arm64/$link_name" validate -f "$root/etc/outrider/policy.yaml"
 qemu-aarch64 "$target_dir/$arm/release/outrider-proxy" --policy "$root/etc/outrider/policy.yaml" \
   --outbound 127.0.0.1:0 --inbound 127.0.0.1:0 --admin 127.0.0.1:0 \
   > "$work/arm-proxy.out" 2> "$work/arm-proxy.log" &

@@ -598,6 +598,15 @@ fn diagnostic(
         line: usize::try_from(l.line()).unwrap_or(usize::MAX),
         column: usize::try_from(l.column()).unwrap_or(usize::MAX),
     });
+    // A visitor's own error (a value that may be a scalar or a mapping, read through
+    // `deserialize_any`) carries only the root mapping's position: point at the value being
+    // read instead.
+    let position = match (position, section.as_deref()) {
+        (Some(at), Some(section)) if !section.is_empty() && index.path_at(at) == Some("") => {
+            index.find(section).or(Some(at))
+        }
+        _ => position,
+    };
     if let Error::DuplicateMappingKey { key, .. } = error {
         // serde-saphyr names the second place only; the event walk finds both.
         if let Some(dup) = index.duplicates().first() {

@@ -29,7 +29,8 @@ pub struct Policy {
     /// Trace sampling and span export. Trace context is propagated whether or not it is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<Tracing>,
-    /// One JSON line per request on stdout, or nothing.
+    /// One line per request on stdout (JSON or text), or nothing; and what it keeps of query
+    /// strings.
     #[serde(default)]
     pub access_log: AccessLog,
     /// `strict`: every service is reached over mesh mTLS, as if each had `tls: mesh`.
@@ -230,15 +231,123 @@ pub enum OtlpProtocol {
     Http,
 }
 
-/// Whether requests are logged.
+/// Whether and how requests are logged: `access_log: json` (or `text`, or `off`), or a mapping
+/// `{ format: json | text | off, query: redact | keep | drop }` (a mapping without `format`
+/// logs JSON). Written back as the short form whenever the query setting is the default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccessLog {
+    /// The line format, or no access log.
+    pub format: AccessLogFormat,
+    /// What the logged `path` keeps of the query string.
+    pub query: QueryLogging,
+}
+
+impl AccessLog {
+    /// Whether requests are logged at all.
+    pub fn is_on(&self) -> bool {
+        self.format != AccessLogFormat::Off
+    }
+}
+
+/// The access log's line format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum AccessLog {
+pub enum AccessLogFormat {
     /// No access log.
     #[default]
     Off,
     /// One JSON object per request, one per line, on stdout.
     Json,
+    /// One line per request for people to read, on stdout.
+    Text,
+}
+
+/// What the access log keeps of a request's query string.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueryLogging {
+    /// Parameter names kept, each non-empty value replaced by `REDACTED`.
+    #[default]
+    Redact,
+    /// The query string as received.
+    Keep,
+    /// No query string at all.
+    Drop,
+}
+
+/// The mapping form of [`AccessLog`].
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessLogFields {
+    #[serde(default = "json_format")]
+    format: AccessLogFormat,
+    #[serde(default)]
+    query: QueryLogging,
+}
+
+fn json_format() -> AccessLogFormat {
+    AccessLogFormat::Json
+}
+
+impl Serialize for AccessLog {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // The short form while it says everything: documents stay as written, and proxies
+        // that only know `off | json` still read what the control plane sends them.
+        if self.query == QueryLogging::default() {
+            self.format.serialize(serializer)
+        } else {
+            AccessLogFields {
+                format: self.format,
+                query: self.query,
+            }
+            .serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AccessLog {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Form;
+        impl<'de> serde::de::Visitor<'de> for Form {
+            type Value = AccessLog;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`off`, `json`, `text`, or a mapping `{ format, query }`")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<AccessLog, E> {
+                let format = AccessLogFormat::deserialize(
+                    serde::de::value::StrDeserializer::<E>::new(value),
+                )?;
+                Ok(AccessLog {
+                    format,
+                    query: QueryLogging::default(),
+                })
+            }
+
+            // YAML 1.1 reads a bare `off` as false.
+            fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<AccessLog, E> {
+                if value {
+                    return Err(E::invalid_value(serde::de::Unexpected::Bool(true), &self));
+                }
+                Ok(AccessLog::default())
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<AccessLog, A::Error> {
+                let fields = AccessLogFields::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(map),
+                )?;
+                Ok(AccessLog {
+                    format: fields.format,
+                    query: fields.query,
+                })
+            }
+        }
+        deserializer.deserialize_any(Form)
+    }
 }
 
 /// The `workload:` field of a document: one name (`checkout`, or `"*"` for every workload) or

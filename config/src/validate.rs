@@ -224,10 +224,11 @@ fn check_tracing(tracing: &crate::Tracing, findings: &mut Vec<Finding>) {
     }
     if let Some(otlp) = &tracing.otlp {
         let endpoint = otlp.endpoint.as_str();
-        // Plain http only: the proxy is built without TLS to the collector (a node-local
-        // collector or the mesh's own mTLS carries the spans).
+        // http:// or https:// (verified against the system roots or the proxy's
+        // --otlp-ca-file).
         let valid = endpoint
             .strip_prefix("http://")
+            .or_else(|| endpoint.strip_prefix("https://"))
             .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
             && !endpoint
                 .chars()
@@ -235,7 +236,7 @@ fn check_tracing(tracing: &crate::Tracing, findings: &mut Vec<Finding>) {
         if !valid {
             findings.push((
                 "tracing.otlp.endpoint".into(),
-                "must be an http:// URL such as http://otel-collector:4317".into(),
+                "must be an http:// or https:// URL such as http://otel-collector:4317".into(),
             ));
         }
     }

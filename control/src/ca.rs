@@ -266,6 +266,11 @@ impl Ca {
         issued.insert(identity.to_string(), (at, not_after));
     }
 
+    /// When the issuing certificate expires, Unix seconds (0 when it cannot be read).
+    pub fn not_after(&self) -> u64 {
+        self.not_after
+    }
+
     /// The CA certificate's expiry and the latest unexpired leaf of each identity, for
     /// `outriderctl check`.
     pub fn status(&self) -> crate::api::CertificatesStatus {

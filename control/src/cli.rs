@@ -12,6 +12,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,6 +43,8 @@ const EX_NOPERM: u8 = 77;
 
 /// Bound on one request to the control plane.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a TCP connection to one replica: past it, the next URL is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The deadline `apply` gives the server: shorter than [`REQUEST_TIMEOUT`] by the time a
 /// commit and its answer may take, so the server gives up on a change before we do.
 const APPLY_DEADLINE: Duration = Duration::from_secs(8);
@@ -49,13 +52,16 @@ const APPLY_DEADLINE: Duration = Duration::from_secs(8);
 /// Where the control plane is and how to authenticate.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Remote {
-    /// The control plane's URL.
+    /// The control plane's URL. Several replicas: comma-separated or the flag repeated; a
+    /// command moves to the next only while one cannot be reached (refused, or no connection
+    /// within 3s), never past an answer.
     #[arg(
         long,
         env = "OUTRIDER_CONTROL_URL",
+        value_delimiter = ',',
         default_value = "http://127.0.0.1:15010"
     )]
-    pub server: String,
+    pub server: Vec<String>,
     /// File holding the token; or set OUTRIDER_CONTROL_TOKEN.
     #[arg(long, env = "OUTRIDER_CONTROL_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
@@ -152,12 +158,12 @@ pub struct ReadArgs {
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    /// Nothing answers at the URL.
+    /// Nothing answers at the URL, nor at any other given.
     #[error("cannot reach the control plane at {url}: {reason} (is outrider-control running? set --server or OUTRIDER_CONTROL_URL)")]
     Unreachable {
-        /// The URL tried.
+        /// The URLs tried, comma-separated.
         url: String,
-        /// The innermost cause (`Connection refused`...).
+        /// The innermost cause (`Connection refused`...), after each URL's when several.
         reason: String,
     },
     /// 401.
@@ -259,18 +265,42 @@ impl CliError {
     }
 }
 
-/// A connection to the control plane's API.
+/// A connection to the control plane's API, at the first of its replicas that can be reached.
 struct Api {
-    base: String,
+    /// Every replica's URL, in the order given.
+    bases: Vec<String>,
+    /// The index in `bases` of the replica that answered last: the next request starts there,
+    /// so one command's requests (`apply --wait`'s polls) stay on one replica's view.
+    current: AtomicUsize,
     token: Option<String>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
+/// How one request to one replica failed.
+enum Failure {
+    /// No connection (refused, no route, [`CONNECT_TIMEOUT`]): nothing was sent, so the next
+    /// replica may be asked.
+    Unreachable(String),
+    /// Anything else: the request may have been received, so it is not sent again.
+    Other(CliError),
+}
+
 impl Api {
     fn new(remote: &Remote) -> Result<Self, CliError> {
-        let base = remote.server.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") {
-            return Err(CliError::BadUrl(remote.server.clone()));
+        let bases = remote
+            .server
+            .iter()
+            .map(|url| {
+                let base = url.trim().trim_end_matches('/');
+                if base.starts_with("http://") {
+                    Ok(base.to_string())
+                } else {
+                    Err(CliError::BadUrl(url.clone()))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if bases.is_empty() {
+            return Err(CliError::BadUrl(String::new()));
         }
         let token = match &remote.token_file {
             Some(path) => Some(
@@ -287,14 +317,27 @@ impl Api {
                 .map(|t| t.trim().to_string()),
         }
         .filter(|t| !t.is_empty());
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         Ok(Self {
-            base,
+            bases,
+            current: AtomicUsize::new(0),
             token,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(connector),
         })
     }
 
-    /// Sends a request; 401 and transport failures become errors, any other status is
+    /// The URL of the replica that answered last (the first given before any answered).
+    fn base(&self) -> &str {
+        let i = self.current.load(Ordering::Relaxed);
+        self.bases
+            .get(i)
+            .or(self.bases.first())
+            .map_or("", String::as_str)
+    }
+
+    /// Sends a request to the replica that answered last, and to the next ones while one
+    /// cannot be reached; 401 and transport failures become errors, any other status is
     /// returned with the body.
     async fn call(
         &self,
@@ -302,36 +345,79 @@ impl Api {
         path: &str,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), CliError> {
+        let start = self.current.load(Ordering::Relaxed);
+        let mut unreachable: Vec<(&str, String)> = Vec::new();
+        let count = self.bases.len();
+        for k in 0..count {
+            let i = (start + k) % count;
+            let base = &self.bases[i];
+            match self
+                .call_one(base, method.clone(), path, body.clone())
+                .await
+            {
+                Ok(answer) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(answer);
+                }
+                Err(Failure::Other(error)) => return Err(error),
+                Err(Failure::Unreachable(reason)) => {
+                    if k + 1 < count {
+                        eprintln!(
+                            "outriderctl: cannot reach {base}: {reason}; trying the next --server"
+                        );
+                    }
+                    unreachable.push((base, reason));
+                }
+            }
+        }
+        Err(unreachable_error(&unreachable))
+    }
+
+    /// One request to the replica at `base`.
+    async fn call_one(
+        &self,
+        base: &str,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), Failure> {
         let mut req = Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.base));
+            .uri(format!("{base}{path}"));
         if let Some(token) = &self.token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let req = req
             .body(Full::new(body))
-            .map_err(|_| CliError::BadUrl(self.base.clone()))?;
+            .map_err(|_| Failure::Other(CliError::BadUrl(base.to_string())))?;
         let exchange = async {
-            let res = self.client.request(req).await?;
+            let res = self.client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    Failure::Unreachable(root_cause(&e))
+                } else {
+                    Failure::Other(CliError::Unreachable {
+                        url: base.to_string(),
+                        reason: root_cause(&e),
+                    })
+                }
+            })?;
             let status = res.status();
-            let body = res.into_body().collect().await?.to_bytes();
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body))
-        };
-        let (status, body) = match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
-            Err(_) => return Err(CliError::Timeout(self.base.clone())),
-            Ok(Err(e)) => {
-                return Err(CliError::Unreachable {
-                    url: self.base.clone(),
-                    reason: root_cause(e.as_ref()),
+            let body = res.into_body().collect().await.map_err(|e| {
+                Failure::Other(CliError::Unreachable {
+                    url: base.to_string(),
+                    reason: root_cause(&e),
                 })
-            }
-            Ok(Ok(answer)) => answer,
+            })?;
+            Ok((status, body.to_bytes()))
         };
+        let (status, body) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| Failure::Other(CliError::Timeout(base.to_string())))??;
         if status == StatusCode::UNAUTHORIZED {
-            return Err(CliError::Unauthorized {
-                url: self.base.clone(),
+            return Err(Failure::Other(CliError::Unauthorized {
+                url: base.to_string(),
                 had_token: self.token.is_some(),
-            });
+            }));
         }
         Ok((status, body))
     }
@@ -348,6 +434,24 @@ impl Api {
         }
         decode(status, &body)
     }
+}
+
+/// Every replica given was unreachable: each one's reason.
+fn unreachable_error(tried: &[(&str, String)]) -> CliError {
+    let url = tried
+        .iter()
+        .map(|(url, _)| *url)
+        .collect::<Vec<_>>()
+        .join(",");
+    let reason = match tried {
+        [(_, reason)] => reason.clone(),
+        _ => tried
+            .iter()
+            .map(|(url, reason)| format!("{url}: {reason}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+    };
+    CliError::Unreachable { url, reason }
 }
 
 fn decode<T: DeserializeOwned>(status: StatusCode, body: &[u8]) -> Result<T, CliError> {
@@ -1047,7 +1151,7 @@ pub fn check(args: ReadArgs) -> ExitCode {
         |api| async move {
             let (version, skew) = server_version(&api).await?;
             let status: Status = api.get_json(Method::GET, api::STATUS_PATH).await?;
-            let report = crate::check::report(&status, &api.base, &version.version, skew);
+            let report = crate::check::report(&status, api.base(), &version.version, skew);
             match output::structured(args.output.output, &report) {
                 Some(text) => print!("{text}"),
                 None => print!("{}", crate::check::render(&report, colour)),
@@ -1090,7 +1194,7 @@ pub fn version(args: ReadArgs) -> ExitCode {
             let (server, _) = server_version(&api).await?;
             let versions = Versions {
                 client: client.to_string(),
-                server_url: api.base.clone(),
+                server_url: api.base().to_string(),
                 server,
             };
             match output::structured(args.output.output, &versions) {
@@ -1238,6 +1342,114 @@ mod tests {
             render_status(&status),
             "version in force: 3\n\nno proxies connected\n"
         );
+    }
+
+    /// A port nothing listens on (bound, then released).
+    fn dead_url() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        format!("http://{addr}")
+    }
+
+    /// A replica that answers every request with `status` and `body`, and counts them.
+    async fn answering(
+        status: &'static str,
+        body: &'static str,
+    ) -> (String, std::sync::Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let hits = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = std::sync::Arc::clone(&hits);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut head = [0u8; 4096];
+                let _ = stream.read(&mut head).await;
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        });
+        (url, hits)
+    }
+
+    fn api(urls: &[&str]) -> Api {
+        Api::new(&Remote {
+            server: urls.iter().map(|u| u.to_string()).collect(),
+            token_file: None,
+        })
+        .expect("valid URLs")
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_replica_is_passed_for_the_next_and_the_answer_sticks() {
+        let dead = dead_url();
+        let (live, hits) = answering("200 OK", "{}").await;
+        let api = api(&[&dead, &live]);
+        let (status, body) = api
+            .call(Method::GET, "/v1/status", Bytes::new())
+            .await
+            .expect("the live replica answers");
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"{}"[..]));
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        // The next request starts at the replica that answered.
+        assert_eq!(api.base(), live);
+    }
+
+    #[tokio::test]
+    async fn an_error_answer_is_the_answer_and_no_other_replica_is_asked() {
+        let (failing, failing_hits) =
+            answering("503 Service Unavailable", "{\"error\":\"no\"}").await;
+        let (live, live_hits) = answering("200 OK", "{}").await;
+        let api = api(&[&failing, &live]);
+        let (status, _) = api
+            .call(Method::POST, "/v1/apply?name=x", Bytes::from_static(b"doc"))
+            .await
+            .expect("an answer");
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(failing_hits.load(Ordering::SeqCst), 1);
+        assert_eq!(live_hits.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn every_replica_unreachable_names_each_with_its_reason() {
+        let (one, two) = (dead_url(), dead_url());
+        let error = api(&[&one, &two])
+            .call(Method::GET, "/v1/status", Bytes::new())
+            .await
+            .expect_err("nothing listens");
+        assert!(matches!(error, CliError::Unreachable { .. }), "{error}");
+        let message = error.to_string();
+        assert!(
+            message.starts_with(&format!(
+                "cannot reach the control plane at {one},{two}: {one}: Connection refused"
+            )),
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!("; {two}: Connection refused")),
+            "{message}"
+        );
+        assert_eq!(error.exit_code(), ExitCode::from(EX_UNAVAILABLE));
+    }
+
+    #[test]
+    fn server_urls_are_checked_each() {
+        let remote = |urls: &[&str]| Remote {
+            server: urls.iter().map(|u| u.to_string()).collect(),
+            token_file: None,
+        };
+        assert!(Api::new(&remote(&["http://a:1/", " http://b:2"])).is_ok());
+        assert!(matches!(
+            Api::new(&remote(&["http://a:1", "https://b:2"])),
+            Err(CliError::BadUrl(url)) if url == "https://b:2"
+        ));
     }
 
     #[test]

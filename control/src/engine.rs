@@ -7,7 +7,7 @@
 //! pre-encoded update line, and every subscription task waits on its receiver, so an accepted
 //! change costs one encode per workload whatever the number of proxies.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -22,8 +22,9 @@ use crate::api::{
     StoreStatus, WorkloadPolicy, WorkloadVersion,
 };
 use crate::merge;
-use crate::registry::{AckRefused, Registry, Session, SubscribeRefused};
-use crate::store::{Source, State, Store, StoreError, StoredDoc, VersionRecord};
+use crate::metrics::{ApplyResult, ControlMetrics, Fleet, RejectReason, StoreOp, VersionCause};
+use crate::registry::{AckRefused, Acked, Registry, Session, SubscribeRefused};
+use crate::store::{Source, State, Store, StoreError, StoredDoc, VersionRecord, HISTORY_LEN};
 
 /// The pseudo-workload of workloads that no document names: defaults only.
 pub const DEFAULTS: &str = "*";
@@ -227,6 +228,20 @@ struct Inner {
     /// Policy-directory files overridden by an applied document of the same name (forced
     /// apply): their text as last scanned, handed back by `delete`.
     shadowed: BTreeMap<String, String>,
+    /// When the versions committed by this process were (the last [`HISTORY_LEN`]): push
+    /// latency is measured from there to each ACK.
+    committed: VecDeque<(u64, tokio::time::Instant)>,
+}
+
+impl Inner {
+    /// Notes that `version` was committed now.
+    fn committed(&mut self, version: u64) {
+        if self.committed.len() >= HISTORY_LEN {
+            self.committed.pop_front();
+        }
+        self.committed
+            .push_back((version, tokio::time::Instant::now()));
+    }
 }
 
 /// How writes of the state directory fare. A change is in force only once written, so a
@@ -256,12 +271,17 @@ pub struct Engine {
     inner: Mutex<Inner>,
     /// Notified when a proxy's record changes (for [`crate::replica::publish_proxies`]).
     proxies_changed: Arc<tokio::sync::Notify>,
+    metrics: ControlMetrics,
 }
 
 impl Engine {
     /// Loads the persisted state (documents in force, history) from `store`.
     pub fn open(store: Store) -> Result<Self, EngineError> {
-        let state = store.load()?;
+        let metrics = ControlMetrics::new();
+        let started = Instant::now();
+        let state = store.load();
+        metrics.store_operation(StoreOp::Load, started.elapsed());
+        let state = state?;
         let docs = state.current();
         let mut parsed = BTreeMap::new();
         for (name, doc) in &docs {
@@ -282,6 +302,7 @@ impl Engine {
             proxies: Registry::default(),
             store_health: StoreHealth::default(),
             shadowed: BTreeMap::new(),
+            committed: VecDeque::new(),
         };
         let version = inner.state.version;
         republish(&mut inner, version);
@@ -292,7 +313,25 @@ impl Engine {
             writer: Mutex::new(()),
             inner: Mutex::new(inner),
             proxies_changed: Arc::new(tokio::sync::Notify::new()),
+            metrics,
         })
+    }
+
+    /// The counters and histograms of `/metrics`.
+    pub fn metrics(&self) -> &ControlMetrics {
+        &self.metrics
+    }
+
+    /// Counts a change refused as a whole.
+    fn count_refusal<T>(
+        &self,
+        source: Source,
+        result: Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        if let Some(reason) = result.as_ref().err().and_then(RejectReason::of) {
+            self.metrics.rejected(source, reason);
+        }
+        result
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -335,6 +374,23 @@ impl Engine {
         cause: &str,
         deadline: Option<Instant>,
     ) -> Result<Outcome, EngineError> {
+        let source = changes
+            .iter()
+            .find_map(|c| match c {
+                Change::Upsert { source, .. } => Some(*source),
+                Change::Remove { .. } => None,
+            })
+            .unwrap_or(Source::Api);
+        let result = self.apply_uncounted(changes, cause, deadline);
+        self.count_refusal(source, result)
+    }
+
+    fn apply_uncounted(
+        &self,
+        changes: Vec<Change>,
+        cause: &str,
+        deadline: Option<Instant>,
+    ) -> Result<Outcome, EngineError> {
         // Parsing is the slow part of a change: done before the lock, so a large document
         // holds back no other change.
         self.check_overrides(&changes)?;
@@ -342,7 +398,15 @@ impl Engine {
         let _writer = self.lock_writer();
         check_deadline(deadline)?;
         self.check_overrides_prepared(&changes)?;
-        self.apply_serialized(changes, cause, None, false, deadline, false)
+        let kind = if changes.iter().all(|c| match c {
+            Prepared::Upsert { source, .. } => *source == Source::File,
+            Prepared::Remove { .. } => true,
+        }) {
+            VersionCause::Files
+        } else {
+            VersionCause::Apply
+        };
+        self.apply_serialized(changes, cause, None, false, deadline, kind, false)
     }
 
     /// Refuses an unforced applied upsert of a document read from the policy directory.
@@ -398,7 +462,7 @@ impl Engine {
         let changes: Vec<Prepared> = changes.into_iter().map(Prepared::parse).collect();
         let _writer = self.lock_writer();
         self.check_overrides_prepared(&changes)?;
-        self.apply_serialized(changes, "dry run", None, true, None, false)
+        self.apply_serialized(changes, "dry run", None, true, None, VersionCause::Apply, false)
     }
 
     /// Brings the documents from files in line with a scan of the policy directory: changed
@@ -406,6 +470,15 @@ impl Engine {
     /// files are left as they are. Changes the state directory could not take are recorded as
     /// pending ([`Self::file_changes_pending`]) until a later sync writes or drops them.
     pub fn sync_files(
+        &self,
+        scan: BTreeMap<String, ScannedFile>,
+        unreadable: &BTreeSet<String>,
+    ) -> Result<Option<Outcome>, EngineError> {
+        let result = self.sync_files_uncounted(scan, unreadable);
+        self.count_refusal(Source::File, result)
+    }
+
+    fn sync_files_uncounted(
         &self,
         scan: BTreeMap<String, ScannedFile>,
         unreadable: &BTreeSet<String>,
@@ -522,8 +595,16 @@ impl Engine {
             .map(|(name, _, hash)| ((*name).clone(), hash.clone()))
             .collect();
         drop(inner);
-        self.apply_serialized(changes, &cause, Some((seen, hashes)), false, None, true)
-            .map(Some)
+        self.apply_serialized(
+            changes,
+            &cause,
+            Some((seen, hashes)),
+            false,
+            None,
+            VersionCause::Files,
+            true,
+        )
+        .map(Some)
     }
 
     /// `seen`: the files' hashes after this scan (without the upserted ones) and the upserted
@@ -540,10 +621,11 @@ impl Engine {
         seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
         dry_run: bool,
         deadline: Option<Instant>,
+        kind: VersionCause,
         import: bool,
     ) -> Result<Outcome, EngineError> {
         if dry_run {
-            return self.apply_once(changes, cause, seen, true, deadline, false);
+            return self.apply_once(changes, cause, seen, true, deadline, kind, false);
         }
         self.check_writable()?;
         // Another replica may commit between this one's read and its compare-and-swap: the
@@ -556,6 +638,7 @@ impl Engine {
                 seen.clone(),
                 false,
                 deadline,
+                kind,
                 import,
             ) {
                 Err(EngineError::Conflict) => {
@@ -661,6 +744,7 @@ impl Engine {
         seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
         dry_run: bool,
         deadline: Option<Instant>,
+        kind: VersionCause,
         import: bool,
     ) -> Result<Outcome, EngineError> {
         let (version, mut docs, mut parsed) = {
@@ -672,6 +756,9 @@ impl Engine {
             )
         };
         let mut outcome = Outcome::default();
+        // For the metrics: where each document came from, and why each rejection happened.
+        let mut sources: BTreeMap<String, Source> = BTreeMap::new();
+        let mut reasons: Vec<(Source, RejectReason)> = Vec::new();
         for change in changes {
             match change {
                 Prepared::Upsert {
@@ -681,6 +768,7 @@ impl Engine {
                     policy,
                     ..
                 } => {
+                    sources.insert(name.clone(), source);
                     // Same text from another source is a change of owner (a forced apply).
                     if docs
                         .get(&name)
@@ -695,12 +783,15 @@ impl Engine {
                             outcome
                                 .rejected
                                 .push(rejection(&name, &text, &error, source));
+                            reasons.push((source, RejectReason::Invalid));
                             continue;
                         }
                     };
                     let old = parsed.insert(name.clone(), policy);
-                    if let Err(message) = check_merges(&name, old.as_ref(), &parsed, self.max_push)
+                    if let Err((reason, message)) =
+                        check_merges(&name, old.as_ref(), &parsed, self.max_push)
                     {
+                        reasons.push((source, reason));
                         match old {
                             Some(old) => parsed.insert(name.clone(), old),
                             None => parsed.remove(&name),
@@ -746,7 +837,8 @@ impl Engine {
                     outcome.accepted.push(name);
                 }
                 Prepared::Remove { name } => {
-                    if docs.remove(&name).is_some() {
+                    if let Some(removed) = docs.remove(&name) {
+                        sources.insert(name.clone(), removed.source);
                         parsed.remove(&name);
                         outcome.accepted.push(name);
                     }
@@ -775,6 +867,17 @@ impl Engine {
                 .rejected
                 .insert(rejected.document.clone(), rejected.clone());
         }
+        for (source, reason) in reasons {
+            self.metrics.applied(source, ApplyResult::Rejected);
+            self.metrics.rejected(source, reason);
+        }
+        let count = |names: &[String], result: ApplyResult| {
+            for name in names {
+                let source = sources.get(name).copied().unwrap_or(Source::Api);
+                self.metrics.applied(source, result);
+            }
+        };
+        count(&outcome.unchanged, ApplyResult::Unchanged);
         // A sync of the policy directory: its changes are pending while they cannot be written.
         let file_sync = seen.is_some();
         let seen = seen.map(|(mut seen, hashes)| {
@@ -827,9 +930,13 @@ impl Engine {
         inner.state = state;
         inner.docs = docs;
         inner.parsed = parsed;
+        inner.committed(version);
         outcome.version = version;
         outcome.workloads = republish(&mut inner, version);
-        tracing::info!(version, cause, accepted = ?outcome.accepted, workloads = outcome.workloads.len(), "version accepted");
+        drop(inner);
+        count(&outcome.accepted, ApplyResult::Accepted);
+        self.metrics.version(kind);
+        tracing::info!(version, cause, accepted = %outcome.accepted.join(","), workloads = outcome.workloads.len(), "version accepted");
         Ok(outcome)
     }
 
@@ -837,6 +944,15 @@ impl Engine {
     /// workload's merged policy invalid (then it is rejected in the outcome, nothing changes).
     /// Changes nothing once `deadline` has passed, like [`Self::apply_by`].
     pub fn delete(&self, name: &str, deadline: Option<Instant>) -> Result<Outcome, EngineError> {
+        let result = self.delete_uncounted(name, deadline);
+        self.count_refusal(Source::Api, result)
+    }
+
+    fn delete_uncounted(
+        &self,
+        name: &str,
+        deadline: Option<Instant>,
+    ) -> Result<Outcome, EngineError> {
         let _writer = self.lock_writer();
         check_deadline(deadline)?;
         let mut parsed = {
@@ -861,6 +977,7 @@ impl Engine {
                     Some((seen, hashes)),
                     false,
                     deadline,
+                    VersionCause::Delete,
                     false,
                 );
             }
@@ -883,7 +1000,9 @@ impl Engine {
         };
         // Validated without the data lock, like an upsert; the writer lock keeps it current.
         let old = parsed.remove(name);
-        if let Err(message) = check_merges(name, old.as_ref(), &parsed, self.max_push) {
+        if let Err((reason, message)) = check_merges(name, old.as_ref(), &parsed, self.max_push) {
+            self.metrics.applied(Source::Api, ApplyResult::Rejected);
+            self.metrics.rejected(Source::Api, reason);
             let message = format!("cannot delete {message}");
             return Ok(Outcome {
                 version: self.version(),
@@ -912,12 +1031,18 @@ impl Engine {
             None,
             false,
             deadline,
+            VersionCause::Delete,
             false,
         )
     }
 
     /// Makes a kept version's documents the ones in force again, as a new version.
     pub fn rollback(&self, to: u64) -> Result<Outcome, EngineError> {
+        let result = self.rollback_uncounted(to);
+        self.count_refusal(Source::Api, result)
+    }
+
+    fn rollback_uncounted(&self, to: u64) -> Result<Outcome, EngineError> {
         let _writer = self.lock_writer();
         self.check_writable()?;
         for _ in 0..MAX_CONFLICTS {
@@ -968,7 +1093,10 @@ impl Engine {
         inner.state = state;
         inner.docs = docs;
         inner.parsed = parsed;
+        inner.committed(version);
         let workloads = republish(&mut inner, version);
+        drop(inner);
+        self.metrics.version(VersionCause::Rollback);
         tracing::info!(version, to, "rolled back");
         Ok(Outcome {
             version,
@@ -992,11 +1120,14 @@ impl Engine {
         file_sync: Option<&str>,
         import: bool,
     ) -> Result<i64, EngineError> {
+        let started = Instant::now();
         let saved = if import {
             self.store.save_import(state)
         } else {
             self.store.save(state)
         };
+        self.metrics
+            .store_operation(StoreOp::Save, started.elapsed());
         let mut inner = self.lock();
         let health = &mut inner.store_health;
         match saved {
@@ -1119,9 +1250,14 @@ impl Engine {
         let session = self.lock().proxies.connect(proxy, workload, peer, claimed);
         self.proxies_changed.notify_one();
         match &session {
-            Ok(_) => tracing::info!(proxy, workload, peer = ?peer, "proxy subscribed"),
+            Ok(_) => tracing::info!(
+                proxy,
+                workload,
+                peer = peer.map(tracing::field::display),
+                "proxy subscribed"
+            ),
             Err(e) => {
-                tracing::warn!(proxy, workload, peer = ?peer, error = %e, "subscription refused")
+                tracing::warn!(proxy, workload, peer = peer.map(tracing::field::display), error = %e, "subscription refused")
             }
         }
         session
@@ -1130,7 +1266,17 @@ impl Engine {
     /// Records that `version` (hashing to `hash`) was written to `proxy`'s stream, or that the
     /// proxy resumed with it.
     pub fn sent(&self, proxy: &str, connection: u64, version: u64, hash: &str) {
-        self.lock().proxies.sent(proxy, connection, version, hash);
+        let mut inner = self.lock();
+        let committed_at = inner
+            .committed
+            .iter()
+            .rev()
+            .find(|(v, _)| *v == version)
+            .map(|(_, at)| *at);
+        inner
+            .proxies
+            .sent(proxy, connection, version, hash, committed_at);
+        drop(inner);
         self.proxies_changed.notify_one();
     }
 
@@ -1192,10 +1338,42 @@ impl Engine {
     pub fn ack(&self, ack: Ack) -> Result<(), AckRefused> {
         let result = self.lock().proxies.ack(ack);
         self.proxies_changed.notify_one();
-        if let Err(e) = &result {
-            tracing::warn!(error = %e, "ACK refused");
+        match result {
+            Ok(Acked::Ack { latency }) => self.metrics.ack(latency),
+            Ok(Acked::Nack) => self.metrics.nack(),
+            Err(ref e) => tracing::warn!(error = %e, "ACK refused"),
         }
-        result
+        result.map(drop)
+    }
+
+    /// Proxies by workload and state, and each workload's version against what its proxies
+    /// applied: the scrape-time gauges of `/metrics`.
+    pub fn fleet(&self) -> Fleet {
+        let inner = self.lock();
+        let mut fleet = Fleet::default();
+        for (workload, sender) in &inner.published {
+            fleet
+                .workloads
+                .insert(workload.clone(), (sender.borrow().version, None));
+        }
+        for (_, p) in inner.proxies.iter() {
+            let current = inner
+                .published
+                .get(&p.workload)
+                .map(|s| s.borrow().content_hash.clone());
+            let state = proxy_state(p, current.as_deref());
+            *fleet
+                .proxies
+                .entry((p.workload.clone(), state))
+                .or_insert(0) += 1;
+            if p.connected {
+                if let Some((_, oldest)) = fleet.workloads.get_mut(&p.workload) {
+                    let applied = p.version_applied.unwrap_or(0);
+                    *oldest = Some(oldest.map_or(applied, |o| o.min(applied)));
+                }
+            }
+        }
+        fleet
     }
 
     /// The proxies connected to this replica, and those whose stream closed and that are
@@ -1265,19 +1443,7 @@ fn proxy_statuses(inner: &Inner) -> Vec<ProxyStatus> {
                 .published
                 .get(&p.workload)
                 .map(|s| s.borrow().content_hash.clone());
-            let nack_pending = p
-                .last_nack
-                .as_ref()
-                .is_some_and(|n| Some(n.version) > p.version_applied);
-            let state = if !p.connected {
-                "disconnected"
-            } else if p.hash_applied.is_some() && p.hash_applied == current {
-                "in-sync"
-            } else if nack_pending {
-                "nack"
-            } else {
-                "pending"
-            };
+            let state = proxy_state(p, current.as_deref());
             ProxyStatus {
                 proxy: id.clone(),
                 workload: p.workload.clone(),
@@ -1297,6 +1463,24 @@ fn proxy_statuses(inner: &Inner) -> Vec<ProxyStatus> {
             }
         })
         .collect()
+}
+
+/// A proxy's state as `status` and `/metrics` show it, given its workload's policy hash in
+/// force.
+fn proxy_state(p: &crate::registry::ProxyRecord, current: Option<&str>) -> &'static str {
+    let nack_pending = p
+        .last_nack
+        .as_ref()
+        .is_some_and(|n| Some(n.version) > p.version_applied);
+    if !p.connected {
+        "disconnected"
+    } else if p.hash_applied.is_some() && p.hash_applied.as_deref() == current {
+        "in-sync"
+    } else if nack_pending {
+        "nack"
+    } else {
+        "pending"
+    }
 }
 
 fn store_status(health: &StoreHealth, place: &str) -> StoreStatus {
@@ -1327,7 +1511,8 @@ pub async fn expire_gone(engine: Arc<Engine>, after: std::time::Duration) {
             tracing::info!(
                 proxies,
                 workloads,
-                "forgot proxies and workloads gone for {after:?}"
+                "forgot proxies and workloads gone for {}",
+                outrider_config::Duration(after)
             );
         }
     }
@@ -1340,7 +1525,7 @@ fn check_merges(
     old: Option<&Policy>,
     parsed: &BTreeMap<String, Policy>,
     max_push: usize,
-) -> Result<(), String> {
+) -> Result<(), (RejectReason, String)> {
     // `None` when `name` is being removed: then only what remains is checked.
     let new = parsed.get(name);
     let touches_all = [new, old]
@@ -1365,15 +1550,23 @@ fn check_merges(
                 // The version's digits are not known yet: count the longest a u64 can have.
                 let line = encode(u64::MAX, yaml, true).line.len();
                 if line > max_push {
-                    return Err(format!(
+                    return Err((RejectReason::TooLarge, format!(
                         "{name}: the merged policy for workload `{workload}` would be pushed as {line} bytes, more than the {max_push} a proxy accepts; split the workload's policy or remove documents it merges"
-                    ));
+                    )));
                 }
             }
             // A conflict between two other documents predates this change (it can only arise
             // from a removal); it is not this document's to answer for.
             Err(MergeFailure::Conflict(c)) if !c.involves(name) => {}
-            Err(e) => return Err(format!("{name}: {e}")),
+            Err(e) => {
+                let reason = match e {
+                    MergeFailure::Conflict(_) => RejectReason::Conflict,
+                    MergeFailure::Invalid { .. } | MergeFailure::Encode(_) => {
+                        RejectReason::MergedInvalid
+                    }
+                };
+                return Err((reason, format!("{name}: {e}")));
+            }
         }
     }
     Ok(())

@@ -26,6 +26,11 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
+use outrider_config::app_probe::{
+    GrpcRecord, HeaderRecord, HttpGetRecord, PortRecord, ProbeRecord, ProbeRecords,
+    MAX_TIMEOUT_SECONDS as MAX_PROBE_TIMEOUT_SECONDS,
+};
+
 use crate::yaml::{Mapping, Value};
 
 /// Name of the injected container; also how an earlier injection is recognised.
@@ -104,8 +109,6 @@ const APP_PROBES_ENV: &str = "OUTRIDER_APP_PROBES";
 const POD_IP_ENV: &str = "OUTRIDER_POD_IP";
 /// Where the admin port serves the app's probes: `/app-health/<container>/<kind>`.
 const APP_HEALTH_PREFIX: &str = "/app-health/";
-/// Longest probe timeout the proxy accepts (`outrider-proxy --app-probes`).
-const MAX_PROBE_TIMEOUT_SECONDS: u64 = 3600;
 /// Env var telling a legacy run-to-completion pod's app where to stop its sidecar.
 const SHUTDOWN_URL_ENV: &str = "OUTRIDER_SHUTDOWN_URL";
 /// Most entries in one skip annotation (as `outrider-proxy init` accepts).
@@ -762,6 +765,17 @@ fn inject_pod(
             ));
         }
     }
+    let mut probes = ProbeRecords::new();
+    // The app's native sidecars (init containers with `restartPolicy: Always`) are probed like
+    // its containers (plain init containers may have no probes). Ours were removed above.
+    if let Some(Value::Sequence(init)) = spec.get_mut("initContainers") {
+        for container in init.iter_mut().filter(|c| is_native_sidecar(c)) {
+            let container = container
+                .as_mapping_mut()
+                .ok_or("an init container is not a mapping")?;
+            rewrite_probes(container, sidecar, &earlier_probes, &mut probes)?;
+        }
+    }
     let containers = match spec.get_mut("containers") {
         Some(Value::Sequence(c)) if !c.is_empty() => c,
         _ => return Err("spec.containers is empty".into()),
@@ -771,7 +785,6 @@ fn inject_pod(
         .and_then(Value::as_str)
         .ok_or("spec.containers[0] has no name")?
         .to_string();
-    let mut probes = ProbeRecords::new();
     for container in containers.iter_mut() {
         let container = container
             .as_mapping_mut()
@@ -1005,9 +1018,6 @@ fn set_env(list: &mut Vec<Value>, name: &str, value: &str) {
     }
 }
 
-/// The app's probes the proxy performs, by `<container>/<kind>`: what `--app-probes` reads.
-type ProbeRecords = std::collections::BTreeMap<String, ProbeRecord>;
-
 /// The probe fields of a container and the kind each is called in `/app-health/`.
 const PROBE_KINDS: [(&str, &str); 3] = [
     ("livenessProbe", "liveness"),
@@ -1017,65 +1027,6 @@ const PROBE_KINDS: [(&str, &str); 3] = [
 
 /// The handlers a probe may have; the first three are the ones that connect to a port.
 const PROBE_HANDLERS: [&str; 4] = ["httpGet", "tcpSocket", "grpc", "exec"];
-
-/// One of the app's probes as the proxy performs it: its handler with the port resolved to a
-/// number, and its timeout. Also what a later injection restores the probe from.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ProbeRecord {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    http_get: Option<HttpGetRecord>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    tcp_socket: Option<PortRecord>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    grpc: Option<GrpcRecord>,
-    timeout_seconds: u64,
-}
-
-impl ProbeRecord {
-    /// The app's port the probe connects to.
-    fn port(&self) -> u16 {
-        match (&self.http_get, &self.tcp_socket, &self.grpc) {
-            (Some(get), _, _) => get.port,
-            (_, Some(tcp), _) => tcp.port,
-            (_, _, Some(grpc)) => grpc.port,
-            _ => 0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct HttpGetRecord {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    path: Option<String>,
-    port: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    scheme: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    http_headers: Vec<HeaderRecord>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HeaderRecord {
-    name: String,
-    value: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PortRecord {
-    port: u16,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GrpcRecord {
-    port: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    service: Option<String>,
-}
 
 /// The probes an earlier injection rewrote, from its proxy container's `OUTRIDER_APP_PROBES`.
 fn earlier_app_probes(spec: &Mapping) -> Result<ProbeRecords, String> {
@@ -1101,9 +1052,9 @@ fn earlier_app_probes(spec: &Mapping) -> Result<ProbeRecords, String> {
     Ok(ProbeRecords::new())
 }
 
-/// The app container's probes: each one an earlier injection pointed at the admin port is
-/// first given back its handler from `earlier`; then, with capture, each `httpGet`,
-/// `tcpSocket` and `grpc` probe on a captured port is pointed at the admin port's
+/// An app container's (or native sidecar's) probes: each one an earlier injection pointed at
+/// the admin port is first given back its handler from `earlier`; then, with capture, each
+/// `httpGet`, `tcpSocket` and `grpc` probe on a captured port is pointed at the admin port's
 /// `/app-health/<container>/<kind>` (its timings unchanged) and recorded in `records`.
 fn rewrite_probes(
     container: &mut Mapping,
@@ -1166,6 +1117,11 @@ fn encode_msg(e: PodError) -> String {
     }
 }
 
+/// Whether an init container is a native sidecar: started before the app and kept running.
+fn is_native_sidecar(container: &Value) -> bool {
+    container.get("restartPolicy").and_then(Value::as_str) == Some("Always")
+}
+
 /// Whether `probe` is this injector's rewrite of probe `key`.
 fn is_rewritten(probe: &Mapping, key: &str) -> bool {
     let Some(get) = probe.get("httpGet") else {
@@ -1212,6 +1168,7 @@ fn probe_record(
         None | Some(Value::Null) => 1,
         Some(v) => v
             .as_u64()
+            .and_then(|t| u32::try_from(t).ok())
             .filter(|t| (1..=MAX_PROBE_TIMEOUT_SECONDS).contains(t))
             .ok_or_else(|| {
                 format!("{what}: timeoutSeconds is not 1-{MAX_PROBE_TIMEOUT_SECONDS}")
@@ -2683,6 +2640,73 @@ spec:
                 }
             }
         }
+    }
+
+    #[test]
+    fn native_sidecars_probes_are_rewritten_like_the_apps_and_plain_init_containers_left() {
+        let with_sidecar = PROBED.replace(
+            "spec:\n  containers:\n",
+            "\
+spec:
+  initContainers:
+  - name: migrate
+    image: migrate:1
+  - name: log-shipper
+    image: shipper:1
+    restartPolicy: Always
+    ports: [{name: health, containerPort: 7070}]
+    startupProbe:
+      httpGet: {path: /started, port: health}
+      failureThreshold: 10
+    livenessProbe:
+      tcpSocket: {port: 7070}
+  containers:
+",
+        );
+        let (doc, warnings) = inject_twice(&with_sidecar, &options());
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let (spec, record) = probes_of(&doc);
+        let names: Vec<&str> = spec["initContainers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, [INIT_NAME, SIDECAR_NAME, "migrate", "log-shipper"]);
+        let shipper = &spec["initContainers"][3];
+        for (field, kind) in [("startupProbe", "startup"), ("livenessProbe", "liveness")] {
+            let get = &shipper[field]["httpGet"];
+            let path = format!("/app-health/log-shipper/{kind}");
+            assert_eq!(get["path"], path.as_str());
+            assert_eq!(get["port"], 15000);
+            assert!(shipper[field].get("tcpSocket").is_none(), "{field}");
+        }
+        assert_eq!(shipper["startupProbe"]["failureThreshold"], 10);
+        let record = record.unwrap();
+        assert_eq!(
+            record["log-shipper/startup"],
+            serde_json::json!({"httpGet": {"path": "/started", "port": 7070}, "timeoutSeconds": 1})
+        );
+        assert_eq!(
+            record["log-shipper/liveness"],
+            serde_json::json!({"tcpSocket": {"port": 7070}, "timeoutSeconds": 1})
+        );
+        // The app's own are still there: one record for each of the five probes.
+        assert_eq!(record.as_object().unwrap().len(), 5);
+
+        // Without capture the sidecar's probes come back as written (the named port a number).
+        let (doc, _) = inject(
+            &serde_saphyr::to_string(&doc).unwrap(),
+            &Options {
+                legacy: true,
+                ..explicit()
+            },
+        );
+        let shipper = &doc["spec"]["initContainers"][1];
+        assert_eq!(shipper["name"], "log-shipper");
+        assert_eq!(shipper["startupProbe"]["httpGet"]["port"], 7070);
+        assert_eq!(shipper["startupProbe"]["httpGet"]["path"], "/started");
+        assert_eq!(shipper["livenessProbe"]["tcpSocket"]["port"], 7070);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!   [`registry`]: the proxies, one live session each.
 //! - [`watcher`]: the watched policy directory (ConfigMap volumes included).
 //! - [`ca`]: the mesh CA issuing short-lived SPIFFE workload certificates.
+//! - [`metrics`]: the control plane's own Prometheus metrics (`/metrics`).
 //! - [`server`]: the HTTP server (subscriptions, ACKs, the management API).
 //! - [`api`]: the management API's JSON bodies; [`diagnose`]: policy errors for terminals.
 //! - [`cli`]: the `outriderctl` commands that talk to the control plane; [`check`]: what
@@ -27,6 +28,7 @@ pub mod etcd;
 pub mod fuzzing;
 pub mod inject;
 pub mod merge;
+pub mod metrics;
 pub mod output;
 pub mod registry;
 pub mod replica;

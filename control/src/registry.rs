@@ -29,9 +29,13 @@ pub(crate) struct ProxyRecord {
     pub(crate) connected: bool,
     pub(crate) peer: Option<SocketAddr>,
     pub(crate) connected_since_ms: u64,
+    /// When the live session opened.
+    connected_at: tokio::time::Instant,
     pub(crate) version_sent: Option<u64>,
-    /// (version, content hash) sent in this session, newest last.
-    sent: VecDeque<(u64, String)>,
+    /// (version, content hash, when the version was committed) sent in this session, newest
+    /// last. The commit time is kept only for versions committed while the session was open,
+    /// and taken by the first ACK of the version: push latency counts each push once.
+    sent: VecDeque<(u64, String, Option<tokio::time::Instant>)>,
     pub(crate) version_applied: Option<u64>,
     pub(crate) hash_applied: Option<String>,
     pub(crate) applied_at_ms: Option<u64>,
@@ -47,7 +51,7 @@ pub(crate) struct ProxyRecord {
 /// A subscription the registry accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
-    /// Closes it in [`Registry::disconnected`].
+    /// Closes it in [`Engine::disconnected`](crate::engine::Engine::disconnected).
     pub connection: u64,
     /// What its ACKs must carry.
     pub id: String,
@@ -61,6 +65,19 @@ pub enum SubscribeRefused {
         "proxy `{0}` already has a live subscription; a second one must present its session id"
     )]
     Live(String),
+}
+
+/// A report the registry took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acked {
+    /// The proxy applied the policy; `latency`: since the version's commit, the first time
+    /// this session reports it (and only for a version committed while it was subscribed).
+    Ack {
+        /// Commit to ACK.
+        latency: Option<std::time::Duration>,
+    },
+    /// The proxy refused the policy and kept its previous one.
+    Nack,
 }
 
 /// Why an ACK was refused.
@@ -121,6 +138,7 @@ impl Registry {
             id: session_id(self.next_connection),
         };
         let now = now_ms();
+        let started = tokio::time::Instant::now();
         let record = self
             .proxies
             .entry(proxy.to_string())
@@ -131,6 +149,7 @@ impl Registry {
                 connected: false,
                 peer,
                 connected_since_ms: now,
+                connected_at: started,
                 version_sent: None,
                 sent: VecDeque::new(),
                 version_applied: None,
@@ -157,14 +176,23 @@ impl Registry {
         record.last_sent_at_ms = None;
         record.peer = peer;
         record.connected_since_ms = now;
+        record.connected_at = started;
         record.version_sent = None;
         record.sent.clear();
         Ok(session)
     }
 
-    /// Records that `version` (hashing to `hash`) was written to `proxy`'s stream, or that the
-    /// proxy resumed with it and was not sent it again.
-    pub(crate) fn sent(&mut self, proxy: &str, connection: u64, version: u64, hash: &str) {
+    /// Records that `version` (hashing to `hash`, committed at `committed_at` when this
+    /// process committed it) was written to `proxy`'s stream, or that the proxy resumed with
+    /// it and was not sent it again.
+    pub(crate) fn sent(
+        &mut self,
+        proxy: &str,
+        connection: u64,
+        version: u64,
+        hash: &str,
+        committed_at: Option<tokio::time::Instant>,
+    ) {
         if let Some(record) = self.proxies.get_mut(proxy) {
             if record.connection == connection {
                 record.version_sent = Some(version);
@@ -172,7 +200,9 @@ impl Registry {
                 if record.sent.len() >= SENT_KEPT {
                     record.sent.pop_front();
                 }
-                record.sent.push_back((version, hash.to_string()));
+                // A version older than the session is an initial sync, not a push.
+                let pushed = committed_at.filter(|at| *at >= record.connected_at);
+                record.sent.push_back((version, hash.to_string(), pushed));
             }
         }
     }
@@ -208,7 +238,7 @@ impl Registry {
 
     /// Records an ACK or NACK of the proxy's live session, for a policy that session was sent.
     /// An ACK counts at the version the control plane sent, whatever version it names.
-    pub(crate) fn ack(&mut self, ack: Ack) -> Result<(), AckRefused> {
+    pub(crate) fn ack(&mut self, ack: Ack) -> Result<Acked, AckRefused> {
         let record = self
             .proxies
             .get_mut(&ack.proxy)
@@ -222,12 +252,12 @@ impl Registry {
             None => {
                 // The same content may have been sent at several versions (a change undone):
                 // the one the ACK names, else the latest.
-                let sent_hash = |(_, h): &&(u64, String)| *h == ack.content_hash;
+                let sent_hash = |(_, h, _): &&(u64, String, _)| *h == ack.content_hash;
                 let named = record
                     .sent
                     .iter()
-                    .find(|(v, h)| *v == ack.version && *h == ack.content_hash);
-                let Some(&(version, _)) =
+                    .find(|(v, h, _)| *v == ack.version && *h == ack.content_hash);
+                let Some(&(version, _, _)) =
                     named.or_else(|| record.sent.iter().rev().find(sent_hash))
                 else {
                     return Err(AckRefused::NotSent {
@@ -236,13 +266,21 @@ impl Registry {
                         hash: ack.content_hash,
                     });
                 };
+                let latency = record
+                    .sent
+                    .iter_mut()
+                    .filter(|(v, _, _)| *v == version)
+                    .filter_map(|(_, _, at)| at.take())
+                    .min()
+                    .map(|at| at.elapsed());
                 record.version_applied = Some(version);
                 record.hash_applied = Some(ack.content_hash);
                 record.applied_at_ms = Some(now);
                 tracing::info!(proxy = %ack.proxy, version, "ACK");
+                Ok(Acked::Ack { latency })
             }
             Some(error) => {
-                if !record.sent.iter().any(|(v, _)| *v == ack.version) {
+                if !record.sent.iter().any(|(v, _, _)| *v == ack.version) {
                     return Err(AckRefused::NotSent {
                         proxy: ack.proxy,
                         version: ack.version,
@@ -255,9 +293,9 @@ impl Registry {
                     error,
                     at_ms: now,
                 });
+                Ok(Acked::Nack)
             }
         }
-        Ok(())
     }
 }
 
@@ -298,9 +336,9 @@ mod tests {
         let mut registry = Registry::default();
         let first = registry.connect("p1", "w", None, None).expect("first");
         assert_eq!(first.id.len(), 32);
-        registry.sent("p1", first.connection, 3, "h3");
-        registry.sent("p1", first.connection, 4, "h4");
-        registry.sent("p1", first.connection, 5, "h3");
+        registry.sent("p1", first.connection, 3, "h3", None);
+        registry.sent("p1", first.connection, 4, "h4", None);
+        registry.sent("p1", first.connection, 5, "h3", None);
 
         // Another subscriber claiming p1: refused, the record untouched.
         assert_eq!(
@@ -345,5 +383,40 @@ mod tests {
         // Once it is gone, anyone may subscribe under its id.
         assert!(registry.disconnected("p1", second.connection));
         registry.connect("p1", "w", None, None).expect("gone");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn push_latency_runs_from_commit_to_the_first_ack_of_a_push() {
+        use std::time::Duration;
+        let mut registry = Registry::default();
+        let before = tokio::time::Instant::now();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let session = registry.connect("p1", "w", None, None).expect("connect");
+        // Committed before the session opened: an initial sync, not timed.
+        registry.sent("p1", session.connection, 1, "h1", Some(before));
+        assert_eq!(
+            registry.ack(ack(&session.id, 1, "h1", None)),
+            Ok(Acked::Ack { latency: None })
+        );
+        let committed = tokio::time::Instant::now();
+        tokio::time::advance(Duration::from_millis(40)).await;
+        registry.sent("p1", session.connection, 2, "h2", Some(committed));
+        tokio::time::advance(Duration::from_millis(210)).await;
+        assert_eq!(
+            registry.ack(ack(&session.id, 2, "h2", None)),
+            Ok(Acked::Ack {
+                latency: Some(Duration::from_millis(250))
+            })
+        );
+        // The same ACK again is not a second push.
+        assert_eq!(
+            registry.ack(ack(&session.id, 2, "h2", None)),
+            Ok(Acked::Ack { latency: None })
+        );
+        registry.sent("p1", session.connection, 3, "h3", Some(committed));
+        assert_eq!(
+            registry.ack(ack(&session.id, 3, "h3", Some("bad"))),
+            Ok(Acked::Nack)
+        );
     }
 }

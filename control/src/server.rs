@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, watch};
 use crate::api::{self, ErrorBody};
 use crate::ca::Ca;
 use crate::engine::{Change, Engine, EngineError, Published};
+use crate::metrics::CertFailure;
 use crate::replica::Replica;
 use crate::service_account::ServiceAccountTokens;
 use crate::store::Source;
@@ -124,7 +125,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
     match (req.method(), path.as_str()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/ready") => ready(&app.engine, &app.replica),
-        (&Method::GET, "/metrics") => metrics(&app.engine),
+        (&Method::GET, "/metrics") => metrics(app),
         (&Method::GET, wire::SUBSCRIBE_PATH) => subscribe(req.headers(), &query, peer, app).await,
         (&Method::POST, wire::ACK_PATH) => ack(req, app).await,
         (&Method::POST, wire::CERTIFICATE_PATH) => certificate(req, peer, app).await,
@@ -204,42 +205,9 @@ fn ready(engine: &Engine, replica: &Replica) -> Response<ResBody> {
     res
 }
 
-/// The control plane's own metrics, in the Prometheus text format.
-fn metrics(engine: &Engine) -> Response<ResBody> {
-    let store = engine.store_status();
-    let series: [(&str, &str, &str, u64); 4] = [
-        (
-            "outrider_control_store_healthy",
-            "gauge",
-            "1 while writes of the state directory succeed, 0 from a failed write to the next successful one.",
-            u64::from(store.healthy),
-        ),
-        (
-            "outrider_control_store_write_failures_total",
-            "counter",
-            "Writes of the state directory that failed; the change they carried was not made.",
-            store.write_failures,
-        ),
-        (
-            "outrider_control_store_pending_changes",
-            "gauge",
-            "1 while policy-file changes wait for the state directory to take them (retried).",
-            u64::from(store.pending.is_some()),
-        ),
-        (
-            "outrider_control_version",
-            "gauge",
-            "The version in force.",
-            engine.version(),
-        ),
-    ];
-    let mut body = String::new();
-    for (name, kind, help, value) in series {
-        let _ = write!(
-            body,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        );
-    }
+/// The control plane's own metrics, in the Prometheus text format ([`crate::metrics`]).
+fn metrics(app: &App) -> Response<ResBody> {
+    let body = crate::metrics::encode(&app.engine, app.ca.as_ref().map(|ca| ca.not_after()));
     let mut res = Response::new(Full::new(Bytes::from(body)).boxed());
     res.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -447,17 +415,22 @@ async fn certificate(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Res
         .get(wire::SERVICE_ACCOUNT_TOKEN_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let failed = |reason| app.engine.metrics().certificate_failed(reason);
     let body = match read_body(req, MAX_ACK).await {
         Ok(body) => body,
-        Err(res) => return res,
+        Err(res) => {
+            failed(CertFailure::Malformed);
+            return res;
+        }
     };
     let request: CertificateRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => {
+            failed(CertFailure::Malformed);
             return error(
                 StatusCode::BAD_REQUEST,
                 &format!("not a certificate request: {e}"),
-            )
+            );
         }
     };
     if let Some(service_accounts) = &app.service_accounts {
@@ -471,23 +444,27 @@ async fn certificate(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Res
         match checked {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
+                failed(CertFailure::Unauthorized);
                 tracing::warn!(%peer, namespace = %request.namespace, service_account = %request.service_account, error = %e, "certificate refused");
                 return error(StatusCode::FORBIDDEN, &e.to_string());
             }
             Err(e) => {
+                failed(CertFailure::Internal);
                 return error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     &format!("token check failed: {e}"),
-                )
+                );
             }
         }
     }
     match ca.issue(&request) {
         Ok(issued) => {
+            app.engine.metrics().certificate_issued();
             tracing::info!(%peer, identity = %issued.identity, not_after = issued.not_after, "certificate issued");
             json(StatusCode::OK, &issued)
         }
         Err(e) => {
+            failed(CertFailure::of(&e));
             tracing::warn!(%peer, error = %e, "certificate refused");
             error(StatusCode::BAD_REQUEST, &e.to_string())
         }

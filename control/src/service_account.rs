@@ -276,7 +276,7 @@ fn read_keys(path: &Path) -> Result<Vec<IssuerKey>, ServiceAccountError> {
                 key,
             }),
             Err(e) => {
-                tracing::warn!(kid = ?jwk.common.key_id, error = %e, "JWKS key skipped");
+                tracing::warn!(kid = jwk.common.key_id.as_deref(), error = %e, "JWKS key skipped");
             }
         }
     }

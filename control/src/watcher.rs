@@ -207,7 +207,7 @@ pub fn start(
                 let delay = store_retry_delay(retries);
                 retries = retries.saturating_add(1);
                 tracing::warn!(
-                    ?delay,
+                    delay = %outrider_config::Duration(delay),
                     "policy file changes not yet written to the state directory; retrying"
                 );
                 Some(delay)

@@ -89,7 +89,7 @@ pub async fn serve(
                             Ok::<_, Infallible>(respond(&shared, !app_probes.is_empty(), peer, &req))
                         }
                     });
-                    let io = connection::ServedIo::new(first.bytes, stream, slot);
+                    let io = crate::io::rewind::Rewind::holding(first.bytes, stream, slot);
                     let served = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
                         // From the end of a response to the next complete head.
@@ -296,8 +296,8 @@ fn is_loopback(peer: SocketAddr) -> bool {
     peer.ip().to_canonical().is_loopback()
 }
 
-/// The policy in force with where it came from, whether it is current, and the dedicated
-/// listeners as bound. Rendered per admin request: it holds live state, and admin is not the
+/// The policy in force with where it came from, whether it is current, the control-plane
+/// replica subscribed to, and the dedicated listeners as bound. Rendered per admin request: it holds live state, and admin is not the
 /// request path.
 fn config_json(shared: &Shared) -> Bytes {
     let snapshot = shared.snapshot.load();
@@ -313,6 +313,10 @@ fn config_json(shared: &Shared) -> Bytes {
         "source": shared.status.source(),
         "fresh": shared.status.fresh(),
         "origin": shared.origin,
+        "control_replica": shared.status.control_replica().map(|replica| serde_json::json!({
+            "url": &*replica.url,
+            "address": replica.address,
+        })),
         "listeners": listeners,
         "policy": snapshot.policy,
     });

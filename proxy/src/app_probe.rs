@@ -22,69 +22,18 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request};
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use serde::Deserialize;
+use outrider_config::app_probe::{ProbeRecord, MAX_TIMEOUT_SECONDS};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 /// Where the admin port serves the forwarded probes.
 pub const PATH_PREFIX: &str = "/app-health/";
 /// Most probes one proxy accepts: three kinds for each of a pod's containers.
 const MAX_PROBES: usize = 192;
-/// Longest probe timeout accepted (the kubelet sets no bound; a day is surely a mistake).
-const MAX_TIMEOUT_SECONDS: u32 = 3600;
 /// Longest gRPC health response read: the message is a few bytes.
 const GRPC_RESPONSE_LIMIT: usize = 4096;
 /// `grpc.health.v1.HealthCheckResponse.ServingStatus.SERVING`.
 const GRPC_SERVING: u64 = 1;
-
-/// One probe as `outriderctl inject` records it: the kubelet's probe handler (exactly one of
-/// `httpGet`, `tcpSocket`, `grpc`) with its port resolved to a number, and its timeout.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ProbeRecord {
-    http_get: Option<HttpGetRecord>,
-    tcp_socket: Option<PortRecord>,
-    grpc: Option<GrpcRecord>,
-    /// The kubelet's default.
-    #[serde(default = "one_second")]
-    timeout_seconds: u32,
-}
-
-fn one_second() -> u32 {
-    1
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct HttpGetRecord {
-    port: u16,
-    path: Option<String>,
-    scheme: Option<String>,
-    #[serde(default)]
-    http_headers: Vec<HeaderRecord>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HeaderRecord {
-    name: String,
-    value: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PortRecord {
-    port: u16,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GrpcRecord {
-    port: u16,
-    service: Option<String>,
-}
 
 /// Why `--app-probes` was refused.
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +133,9 @@ impl AppProbes {
         Ok(Self {
             target,
             probes,
-            tls: any_https.then(insecure_tls_config).flatten(),
+            tls: any_https
+                .then(crate::io::identity::unverified_client_config)
+                .flatten(),
         })
     }
 
@@ -562,72 +513,6 @@ pub fn body(verdict: &Verdict) -> String {
         verdict.reason
     );
     body
-}
-
-/// A client configuration that accepts any server certificate: an HTTPS probe checks that the
-/// app answers, not who it is (the kubelet skips verification too).
-fn insecure_tls_config() -> Option<Arc<rustls::ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = Arc::new(AnyCertificate(Arc::clone(&provider)));
-    // The built-in provider supports the default versions; were that ever not so, HTTPS
-    // probes would answer 503 saying so.
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .ok()?;
-    Some(Arc::new(
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth(),
-    ))
-}
-
-#[derive(Debug)]
-struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 #[cfg(test)]

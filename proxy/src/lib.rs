@@ -71,6 +71,12 @@ pub struct Bootstrap {
     pub limits: io::connection::ConnectionLimits,
     /// The app's probes the admin port performs (`/app-health/...`).
     pub app_probes: Arc<app_probe::AppProbes>,
+    /// The CA that `https://` OTLP collectors are verified against; the system's trust roots
+    /// without it.
+    pub otlp_ca_file: Option<std::path::PathBuf>,
+    /// Most endpoints of one service labelled by address in the connection metrics at once;
+    /// the others are counted as `endpoint="other"`.
+    pub metrics_endpoint_cap: usize,
 }
 
 /// The policy a proxy starts with.
@@ -131,6 +137,16 @@ pub enum DrainOutcome {
     Drained,
     /// The drain timeout ended first; remaining connections were cut.
     TimedOut,
+}
+
+impl DrainOutcome {
+    /// `drained` or `timed_out`, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Drained => "drained",
+            Self::TimedOut => "timed_out",
+        }
+    }
 }
 
 impl Running {
@@ -206,14 +222,19 @@ pub async fn run(bootstrap: Bootstrap, policy: LoadedPolicy) -> Result<Running, 
 /// policy (nothing routes) and `/ready` stays 503 until a policy is applied through
 /// [`Running::reloader`]. Must be called inside a Tokio runtime.
 pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Running, StartError> {
-    let metrics = Metrics::new(&bootstrap.workload)?;
+    let metrics =
+        Metrics::new(&bootstrap.workload)?.with_endpoint_cap(bootstrap.metrics_endpoint_cap);
     let mesh = match &bootstrap.identity {
         Some(_) => Some(io::identity::Mesh::new(&metrics)?),
         None => None,
     };
     let snapshot = control::reload::empty_snapshot(&metrics);
     let (stop, stop_rx) = watch::channel(false);
-    let spans = Spans::new(&bootstrap.workload, metrics.telemetry.clone());
+    let spans = Spans::new(
+        &bootstrap.workload,
+        metrics.telemetry.clone(),
+        bootstrap.otlp_ca_file.clone(),
+    );
     let connections =
         io::connection::Connections::new(bootstrap.timeouts, bootstrap.limits, &metrics);
     let shared = Arc::new(Shared {
@@ -232,6 +253,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         stop,
         spans,
         access_log: Mutex::new(Weak::new()),
+        malformed_lines: Mutex::new(io::connection::LogLimiter::new()),
     });
     if let (Some(config), Some(mesh)) = (bootstrap.identity.clone(), &shared.mesh) {
         control::certificate::spawn(config, Arc::clone(mesh));
@@ -332,7 +354,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
     let done = tokio::spawn(async move {
         core::shutdown::stopped(&mut stop_signal).await;
         supervisor_shared.draining.store(true, Ordering::Release);
-        tracing::info!(drain_timeout = ?drain_timeout, "draining");
+        tracing::info!(drain_timeout = %outrider_config::Duration(drain_timeout), "draining");
         let deadline = policy::timeout::deadline_after(tokio::time::Instant::now(), drain_timeout);
         let app = Arc::clone(&supervisor_shared.app);
         let gone = tokio::time::timeout_at(deadline, app.gone(APP_QUIET_PERIOD)).await;
@@ -369,7 +391,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
                 tracing::warn!("access log not flushed before shutdown");
             }
         }
-        tracing::info!(?outcome, "shutdown complete");
+        tracing::info!(outcome = outcome.as_str(), "shutdown complete");
         let _ = admin_stop.send(true);
         let _ = admin_task.await;
         outcome

@@ -1,5 +1,6 @@
-//! The proxy's own logs: JSON lines on stderr through `tracing`, with the filter changeable at
-//! run time (`PUT /log-level` on the admin port) through a reload handle installed once.
+//! The proxy's own logs: JSON lines (or text lines, `--log-format text`) on stderr through
+//! `tracing`, with the filter changeable at run time (`PUT /log-level` on the admin port)
+//! through a reload handle installed once.
 
 use std::sync::OnceLock;
 
@@ -20,18 +21,37 @@ pub enum LogLevelError {
     Invalid(String),
 }
 
-/// Installs the JSON subscriber on stderr with `filter` (`info` when it does not parse).
-pub fn init(filter: &str) {
+/// How the proxy's own log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and the fields.
+    #[default]
+    Json,
+    /// `timestamp LEVEL target: message field=value ...`, for people.
+    Text,
+}
+
+/// Installs the subscriber on stderr in `format` with `filter` (`info` when it does not
+/// parse).
+pub fn init(filter: &str, format: LogFormat) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
-    let fmt = tracing_subscriber::fmt::layer()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_writer(std::io::stderr);
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_writer(std::io::stderr)
+    });
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+    });
     if tracing_subscriber::registry()
         .with(filter)
-        .with(fmt)
+        .with(json)
+        .with(text)
         .try_init()
         .is_ok()
     {

@@ -9,12 +9,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use outrider_proxy::control::certificate::IdentityConfig;
+use outrider_proxy::control::replicas::Replicas;
 use outrider_proxy::control::subscribe::{self, ControlConfig, Token};
 use outrider_proxy::control::watch_file;
 use outrider_proxy::http::shared::PolicySource;
 use outrider_proxy::io::connection::{
     ConnectionLimits, ConnectionTimeouts, DEFAULT_ADMIN_CONNECTIONS,
 };
+use outrider_proxy::logging::LogFormat;
 use outrider_proxy::{demo, start, Bootstrap, Initial};
 
 const EX_USAGE: u8 = 64;
@@ -40,9 +42,12 @@ struct Cli {
     /// Run the embedded example policy and start its example upstreams.
     #[arg(long, conflicts_with_all = ["policy", "control"])]
     demo: bool,
-    /// Control plane to subscribe to for this workload's policy, e.g. http://outrider-control:15010.
-    #[arg(long, env = "OUTRIDER_CONTROL")]
-    control: Option<String>,
+    /// Control plane to subscribe to for this workload's policy, e.g.
+    /// http://outrider-control:15010. Several replicas: comma-separated or the flag repeated
+    /// (a name resolving to several addresses counts each); the proxy moves to the next
+    /// whenever its subscription ends or cannot connect.
+    #[arg(long, env = "OUTRIDER_CONTROL", value_delimiter = ',')]
+    control: Vec<String>,
     /// File holding the control-plane token (re-read at every reconnect); or set
     /// OUTRIDER_CONTROL_TOKEN.
     #[arg(long, env = "OUTRIDER_CONTROL_TOKEN_FILE")]
@@ -68,6 +73,15 @@ struct Cli {
     /// This workload's name.
     #[arg(long, env = "OUTRIDER_WORKLOAD", default_value = "default")]
     workload: String,
+    /// PEM file of the CA an `https://` OTLP collector (`tracing.otlp.endpoint`) is verified
+    /// against; default: the system's trust roots.
+    #[arg(long, env = "OUTRIDER_OTLP_CA_FILE")]
+    otlp_ca_file: Option<std::path::PathBuf>,
+    /// Most endpoints of one service labelled by address at once in the upstream connection
+    /// metrics; past it, new endpoints are counted as `endpoint="other"` (0: all of them), so
+    /// a large or churning service cannot grow the series without bound.
+    #[arg(long, env = "OUTRIDER_METRICS_ENDPOINT_CAP", default_value_t = outrider_proxy::telemetry::metrics::DEFAULT_ENDPOINT_CAP)]
+    metrics_endpoint_cap: usize,
     /// Runtime worker threads; 1 runs a single-threaded runtime, like a 1-CPU pod wants.
     #[arg(long, env = "OUTRIDER_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     workers: u16,
@@ -135,6 +149,10 @@ struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `outrider_proxy=debug`.
     #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
     log: String,
+    /// Format of the proxy's own log lines on stderr: `json` or `text` (the access log's
+    /// format is the policy's `access_log`).
+    #[arg(long, env = "OUTRIDER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
 }
 
 /// Subcommands of the same binary, so the image stays one.
@@ -166,7 +184,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    outrider_proxy::logging::init(&cli.log);
+    outrider_proxy::logging::init(&cli.log, cli.log_format);
 
     let deadlines = [
         ("--header-read-timeout", cli.header_read_timeout),
@@ -224,7 +242,7 @@ fn main() -> ExitCode {
                     source: PolicySource::Disk,
                 }
             });
-            (control.url.clone(), initial)
+            (control.replicas.describe(), initial)
         }
         (None, None) => {
             let source = "embedded demo policy".to_string();
@@ -281,8 +299,13 @@ fn main() -> ExitCode {
         timeouts,
         limits,
         app_probes,
+        otlp_ca_file: cli.otlp_ca_file.clone(),
+        metrics_endpoint_cap: cli.metrics_endpoint_cap,
     };
     runtime.block_on(async move {
+        // Handlers first: a SIGTERM that arrives as soon as the listeners are bound (a pod
+        // deleted right after it started) must start the drain, not kill the process.
+        let signals = Signals::install();
         if let (true, Some(initial)) = (cli.demo, &initial) {
             if let Err(e) = demo::start_upstreams(&initial.loaded.policy).await {
                 eprintln!("outrider-proxy: cannot start demo upstreams: {e}");
@@ -319,7 +342,7 @@ fn main() -> ExitCode {
         // A signal or `POST /shutdown` starts the drain; either way the run ends when it does.
         let shared = std::sync::Arc::clone(&running.shared);
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.wait().await;
             shared.shutdown();
         });
         running.wait().await;
@@ -377,13 +400,10 @@ fn load(source: &str, text: &str, kind: PolicySource) -> Result<Initial, ExitCod
 
 /// The control-plane settings, when `--control` is given.
 fn control_config(cli: &Cli) -> Result<Option<ControlConfig>, String> {
-    let Some(url) = &cli.control else {
+    if cli.control.is_empty() {
         return Ok(None);
-    };
-    let uri: http::Uri = url.parse().map_err(|e| format!("--control {url}: {e}"))?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-        return Err(format!("--control {url}: expected http://host:port"));
     }
+    let replicas = Replicas::parse(&cli.control).map_err(|e| e.to_string())?;
     let token = match (&cli.token_file, std::env::var("OUTRIDER_CONTROL_TOKEN")) {
         (Some(path), _) => Token::File(path.clone()),
         (None, Ok(token)) if !token.trim().is_empty() => Token::Value(token),
@@ -406,7 +426,7 @@ fn control_config(cli: &Cli) -> Result<Option<ControlConfig>, String> {
         );
     }
     Ok(Some(ControlConfig {
-        url: url.clone(),
+        replicas: std::sync::Arc::new(replicas),
         token,
         proxy_id,
         workload: cli.workload.clone(),
@@ -415,18 +435,34 @@ fn control_config(cli: &Cli) -> Result<Option<ControlConfig>, String> {
     }))
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process can only be killed; run until then.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT, caught from the moment [`Signals::install`] returns (a signal that
+/// arrives before [`Signals::wait`] is kept for it).
+struct Signals {
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let streams = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Some((term, int)),
+            _ => None,
+        };
+        Self { streams }
+    }
+
+    async fn wait(self) {
+        let Some((mut term, mut int)) = self.streams else {
+            // Without signal handlers the process can only be killed; run until then.
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }

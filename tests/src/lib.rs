@@ -30,6 +30,7 @@ pub mod etcd;
 pub mod hostile;
 pub mod netns;
 pub mod pb;
+pub mod prometheus;
 pub mod service_account;
 pub mod w3c;
 pub use control::{

@@ -59,6 +59,12 @@ pub enum Family {
 
 /// Why the namespace tests cannot run here, if they cannot: not root, or a tool missing.
 pub fn missing_prerequisite() -> Option<String> {
+    missing_prerequisite_with(&[])
+}
+
+/// [`missing_prerequisite`], also needing each of `tools` (a command and an argument it
+/// answers, such as `--version`).
+pub fn missing_prerequisite_with(tools: &[(&str, &str)]) -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let euid = status
         .lines()
@@ -67,7 +73,8 @@ pub fn missing_prerequisite() -> Option<String> {
     if euid.as_deref() != Some("0") {
         return Some("not root (network namespaces and netfilter need root)".into());
     }
-    for (tool, arg) in [("ip", "-V"), ("nft", "--version"), ("setpriv", "--version")] {
+    let always = [("ip", "-V"), ("nft", "--version"), ("setpriv", "--version")];
+    for &(tool, arg) in always.iter().chain(tools) {
         let ran = Command::new(tool)
             .arg(arg)
             .stdout(Stdio::null())
@@ -78,6 +85,38 @@ pub fn missing_prerequisite() -> Option<String> {
         }
     }
     None
+}
+
+/// Whether the namespace tests can run here with `tools` besides the usual ones: `false`
+/// skips (the reason printed), unless [`required`], which fails instead.
+pub fn can_run(tools: &[(&str, &str)]) -> bool {
+    let Some(reason) = missing_prerequisite_with(tools) else {
+        return true;
+    };
+    assert!(!required(), "OUTRIDER_REQUIRE_NETNS is set but: {reason}");
+    eprintln!("SKIPPED: {reason}");
+    false
+}
+
+/// A new directory `<temp>/<prefix><pid>-<n>` (its name returned as the id of the test's
+/// namespaces) that the proxy's UID can read, holding executable copies of `binaries` (path,
+/// name in the directory): setpriv runs them as that UID.
+pub fn shared_dir(prefix: &str, binaries: &[(&Path, &str)]) -> (String, PathBuf) {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let id = format!(
+        "{prefix}{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let dir = std::env::temp_dir().join(&id);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (from, name) in binaries {
+        let to = dir.join(name);
+        std::fs::copy(from, &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    (id, dir)
 }
 
 /// Whether the namespace tests must run (CI as root sets OUTRIDER_REQUIRE_NETNS=1): then a
@@ -123,19 +162,31 @@ pub struct Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for child in self.children.get_mut().unwrap_or_else(|e| e.into_inner()) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let children = self.children.get_mut().unwrap_or_else(|e| e.into_inner());
         let namespaces = self.namespaces.get_mut().unwrap_or_else(|e| e.into_inner());
-        for ns in namespaces.iter().chain(std::iter::once(&self.hub)) {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let namespaces = namespaces.iter().chain(std::iter::once(&self.hub));
+        tear_down(children, namespaces, &self.dir);
     }
+}
+
+/// Removes what a test made, whatever it did: kills `children`, deletes `namespaces` and the
+/// directory `dir`.
+pub fn tear_down<'a>(
+    children: &mut [Child],
+    namespaces: impl IntoIterator<Item = &'a String>,
+    dir: &Path,
+) {
+    for child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    for ns in namespaces {
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Runs `args`, panicking with its stderr unless it succeeds within [`COMMAND_BOUND`].
@@ -184,26 +235,13 @@ impl Lab {
     /// be made and OUTRIDER_REQUIRE_NETNS is not set. `probe` is the `netns-probe` binary
     /// (`env!("CARGO_BIN_EXE_netns-probe")`, which only integration tests see).
     pub fn new(probe: &str) -> Option<Lab> {
-        if let Some(reason) = missing_prerequisite() {
-            assert!(!required(), "OUTRIDER_REQUIRE_NETNS is set but: {reason}");
-            eprintln!("SKIPPED: {reason}");
+        if !can_run(&[]) {
             return None;
         }
         delete_stale_namespaces();
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let id = format!(
-            "{PREFIX}{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
         // The proxy runs as its own UID: everything it reads must be reachable by others.
-        let dir = std::env::temp_dir().join(&id);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let probe_copy = dir.join("netns-probe");
-        std::fs::copy(probe, &probe_copy).unwrap();
-        let probe = probe_copy;
-        std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (id, dir) = shared_dir(PREFIX, &[(Path::new(probe), "netns-probe")]);
+        let probe = dir.join("netns-probe");
         let lab = Lab {
             hub: format!("{id}-hub"),
             namespaces: Mutex::new(Vec::new()),
@@ -550,6 +588,24 @@ impl Sidecar {
     /// (`direction="outbound"`).
     pub async fn metric_sum(&self, name: &str, labels: &[&str]) -> f64 {
         metric_sum(&self.metrics().await, name, labels)
+    }
+
+    /// Asserts that [`Self::metric_sum`] of `name` and `labels` is `expected` (the whole
+    /// exposition shown otherwise).
+    pub async fn assert_count(&self, name: &str, labels: &[&str], expected: f64) {
+        let metrics = self.metrics().await;
+        let sum = metric_sum(&metrics, name, labels);
+        assert_eq!(sum, expected, "{name} {labels:?}\n{metrics}");
+    }
+
+    /// Asserts that [`Self::metric_sum`] of `name` and `labels` is at least `least`.
+    pub async fn assert_count_at_least(&self, name: &str, labels: &[&str], least: f64) {
+        let metrics = self.metrics().await;
+        let sum = metric_sum(&metrics, name, labels);
+        assert!(
+            sum >= least,
+            "{name} {labels:?}: {sum} < {least}\n{metrics}"
+        );
     }
 
     /// Every log line so far.

@@ -1,4 +1,5 @@
-//! The app's own probes, forwarded by the sidecar: a pod with HTTP, TCP and gRPC probes is
+//! The app's own probes, forwarded by the sidecar: a pod with HTTP, TCP and gRPC probes (on its
+//! containers and on a native sidecar, an init container with `restartPolicy: Always`) is
 //! injected by the real `outriderctl inject`, and the real `outrider-proxy` is started with
 //! the probe configuration inject wrote on its container (`OUTRIDER_APP_PROBES`, and
 //! `OUTRIDER_POD_IP` as the downward API would set it, here 127.0.0.1). Its admin port's
@@ -110,6 +111,12 @@ async fn injected_probes_are_performed_by_the_proxy_against_the_app() {
 kind: Pod
 metadata: {{name: web}}
 spec:
+  initContainers:
+  - name: shipper
+    image: shipper:1
+    restartPolicy: Always
+    startupProbe:
+      tcpSocket: {{port: {app_port}}}
   containers:
   - name: app
     image: web:1
@@ -173,6 +180,12 @@ spec:
     assert_eq!(app.hits(), 2);
 
     let (status, body) = proxy.admin_get("/app-health/app/readiness").await;
+    assert_eq!(
+        (status, body),
+        (200, format!("healthy: tcp {} connected\n", app.addr))
+    );
+    // The native sidecar's probe, served the same way.
+    let (status, body) = proxy.admin_get("/app-health/shipper/startup").await;
     assert_eq!(
         (status, body),
         (200, format!("healthy: tcp {} connected\n", app.addr))

@@ -13,10 +13,8 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -57,35 +55,12 @@ impl Mode {
     }
 }
 
-/// Why these tests cannot run here, if they cannot.
-fn missing_prerequisite() -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1).map(str::to_string));
-    if euid.as_deref() != Some("0") {
-        return Some("not root (network namespaces and netfilter need root)".into());
-    }
-    for (tool, arg) in [
-        ("ip", "-V"),
-        ("nft", "--version"),
-        ("iptables-restore", "--version"),
-        ("ip6tables-restore", "--version"),
-        ("iptables-save", "--version"),
-        ("setpriv", "--version"),
-    ] {
-        let ran = Command::new(tool)
-            .arg(arg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if !ran.is_ok_and(|s| s.success()) {
-            return Some(format!("`{tool}` is not runnable"));
-        }
-    }
-    None
-}
+/// Besides ip, nft and setpriv: the iptables backend's tools.
+const IPTABLES_TOOLS: [(&str, &str); 3] = [
+    ("iptables-restore", "--version"),
+    ("ip6tables-restore", "--version"),
+    ("iptables-save", "--version"),
+];
 
 /// A pod namespace and a remote one joined by a veth pair, with their probe processes; all
 /// removed on drop, whatever the test did.
@@ -99,17 +74,8 @@ struct Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for ns in [&self.pod, &self.remote] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let namespaces = [&self.pod, &self.remote];
+        outrider_e2e::netns::tear_down(&mut self.children, namespaces, &self.dir);
     }
 }
 
@@ -129,27 +95,15 @@ fn sh(args: &[&str]) -> Output {
 impl Net {
     /// The namespaces, or `None` (with the reason printed) where they cannot be made.
     fn setup() -> Option<Net> {
-        if let Some(reason) = missing_prerequisite() {
-            assert!(
-                std::env::var_os("OUTRIDER_REQUIRE_NETNS").is_none(),
-                "OUTRIDER_REQUIRE_NETNS is set but: {reason}"
-            );
-            eprintln!("SKIPPED: {reason}");
+        if !outrider_e2e::netns::can_run(&IPTABLES_TOOLS) {
             return None;
         }
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let id = format!(
-            "orcap{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
         // setpriv runs the probe as the proxy's UID: it needs a copy it can reach.
-        let dir = std::env::temp_dir().join(&id);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (id, dir) = outrider_e2e::netns::shared_dir(
+            "orcap",
+            &[(env!("CARGO_BIN_EXE_netns-probe").as_ref(), "netns-probe")],
+        );
         let probe = dir.join("netns-probe");
-        std::fs::copy(env!("CARGO_BIN_EXE_netns-probe"), &probe).unwrap();
-        std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).unwrap();
         let net = Net {
             pod: format!("{id}-pod"),
             remote: format!("{id}-remote"),

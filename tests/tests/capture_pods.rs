@@ -44,6 +44,21 @@ const STEP: Duration = Duration::from_secs(10);
 /// under it: the proxy did not wait.
 const DETECTION_TIMEOUT: Duration = Duration::from_millis(1000);
 
+/// Declares the tests `$v4` and `$v6`, running `$body` over IPv4 and over IPv6.
+macro_rules! in_both_families {
+    ($body:ident: $v4:ident, $v6:ident) => {
+        #[tokio::test]
+        async fn $v4() {
+            $body(Family::V4).await;
+        }
+
+        #[tokio::test]
+        async fn $v6() {
+            $body(Family::V6).await;
+        }
+    };
+}
+
 // ---- the pods ------------------------------------------------------------------------------
 
 /// A lab with pods `a` and `b` meshed (rules installed, sidecars ready with the policies given)
@@ -108,6 +123,23 @@ async fn mesh_with_policy(
     a_init: &[&str],
     b_allowed: &str,
 ) -> Option<Mesh> {
+    mesh_with_policies(
+        a_policy,
+        a_init,
+        |_| b_policy_allowing(b_allowed),
+        b_allowed,
+    )
+    .await
+}
+
+/// [`mesh_with_policy`] with `b`'s policy made by `b_policy` from pod `b`; `b_needle` is in
+/// it (to know it arrived).
+async fn mesh_with_policies(
+    a_policy: impl Fn(&Pod) -> String,
+    a_init: &[&str],
+    b_policy: impl Fn(&Pod) -> String,
+    b_needle: &str,
+) -> Option<Mesh> {
     let lab = Lab::new(env!("CARGO_BIN_EXE_netns-probe"))?;
     let a = lab.pod("a", 1);
     let b = lab.pod("b", 2);
@@ -116,7 +148,7 @@ async fn mesh_with_policy(
     lab.init_ok(&b, &[]);
     let dirs = ControlDirs::new();
     dirs.write("a.yaml", &a_policy(&b));
-    dirs.write("b.yaml", &b_policy_allowing(b_allowed));
+    dirs.write("b.yaml", &b_policy(&b));
     let control = lab.start_control(&dirs);
     let a_proxy = lab.start_sidecar(&a, &control, &dirs, "a", PROXY_UID, &[]);
     let b_proxy = lab.start_sidecar(&b, &control, &dirs, "b", PROXY_UID, &[]);
@@ -125,7 +157,7 @@ async fn mesh_with_policy(
     // Ready means some policy is held; wait for the documents' own (every `a` policy names
     // b's identity).
     a_proxy.wait_policy(B_ID).await;
-    b_proxy.wait_policy(b_allowed).await;
+    b_proxy.wait_policy(b_needle).await;
     Some(Mesh {
         a_proxy,
         b_proxy,
@@ -342,15 +374,11 @@ async fn http1_between_pods(family: Family) {
     );
 }
 
-#[tokio::test]
-async fn http1_between_pods_by_pod_ip_crosses_both_sidecars_over_mtls() {
-    http1_between_pods(Family::V4).await;
-}
-
-#[tokio::test]
-async fn http1_between_pods_over_ipv6() {
-    http1_between_pods(Family::V6).await;
-}
+in_both_families!(
+    http1_between_pods:
+    http1_between_pods_by_pod_ip_crosses_both_sidecars_over_mtls,
+    http1_between_pods_over_ipv6
+);
 
 // ---- gRPC (h2c) between meshed pods --------------------------------------------------------
 
@@ -560,19 +588,16 @@ async fn grpc_unary_and_streaming_between_pods_over_mtls() {
         .is_none());
 
     // Three calls, each seen by both sidecars.
-    let outbound = mesh
-        .a_proxy
-        .metric_sum(
+    mesh.a_proxy
+        .assert_count(
             "outrider_requests_total",
             &["direction=\"outbound\"", "service=\"b\""],
+            3.0,
         )
         .await;
-    assert_eq!(outbound, 3.0, "{}", mesh.a_proxy.metrics().await);
-    let inbound = mesh
-        .b_proxy
-        .metric_sum("outrider_requests_total", &["direction=\"inbound\""])
+    mesh.b_proxy
+        .assert_count("outrider_requests_total", &["direction=\"inbound\""], 3.0)
         .await;
-    assert_eq!(inbound, 3.0, "{}", mesh.b_proxy.metrics().await);
 }
 
 /// [`mesh`] for gRPC: `b` an h2c service of `a`, `b`'s app speaking h2c.
@@ -663,14 +688,13 @@ async fn websocket_between_pods_over_mtls() {
     .unwrap();
     assert!(rest, "the close handshake did not complete cleanly");
 
-    let outbound = mesh
-        .a_proxy
-        .metric_sum(
+    mesh.a_proxy
+        .assert_count(
             "outrider_requests_total",
             &["direction=\"outbound\"", "service=\"b\"", "code=\"101\""],
+            1.0,
         )
         .await;
-    assert_eq!(outbound, 1.0, "{}", mesh.a_proxy.metrics().await);
     let inbound = mesh
         .b_proxy
         .metric_sum(
@@ -726,25 +750,27 @@ async fn outsider_is_refused(family: Family) {
     assert_eq!(http_app.requests(), 1, "ext reached b's HTTP app");
     assert_eq!(http_app.connections(), 1, "ext reached b's HTTP app");
     assert_eq!(raw_app.load(Ordering::SeqCst), 0, "ext reached b's raw app");
-    let refused = mesh
-        .b_proxy
-        .metric_sum(
+    mesh.b_proxy
+        .assert_count_at_least(
             "outrider_tls_handshake_failures_total",
             &["reason=\"plaintext_refused\""],
+            1.0,
         )
         .await;
-    assert!(refused >= 1.0, "{}", mesh.b_proxy.metrics().await);
+    mesh.b_proxy
+        .assert_count_at_least(
+            "outrider_tcp_refused_total",
+            &["direction=\"inbound\"", "reason=\"unverified\""],
+            1.0,
+        )
+        .await;
 }
 
-#[tokio::test]
-async fn an_outsider_cannot_reach_the_app_on_any_captured_port_under_strict() {
-    outsider_is_refused(Family::V4).await;
-}
-
-#[tokio::test]
-async fn an_outsider_cannot_reach_the_app_on_any_captured_port_under_strict_over_ipv6() {
-    outsider_is_refused(Family::V6).await;
-}
+in_both_families!(
+    outsider_is_refused:
+    an_outsider_cannot_reach_the_app_on_any_captured_port_under_strict,
+    an_outsider_cannot_reach_the_app_on_any_captured_port_under_strict_over_ipv6
+);
 
 // ---- passthrough: destinations in no policy ------------------------------------------------
 
@@ -872,15 +898,11 @@ async fn passthrough(family: Family) {
     );
 }
 
-#[tokio::test]
-async fn passthrough_http_and_raw_tcp_to_a_destination_in_no_policy() {
-    passthrough(Family::V4).await;
-}
-
-#[tokio::test]
-async fn passthrough_http_and_raw_tcp_over_ipv6() {
-    passthrough(Family::V6).await;
-}
+in_both_families!(
+    passthrough:
+    passthrough_http_and_raw_tcp_to_a_destination_in_no_policy,
+    passthrough_http_and_raw_tcp_over_ipv6
+);
 
 /// `a`'s app speaks its own TLS to a server in no policy, and a server-speaks-first protocol on
 /// an opaque port (3306, in the default list): both pass untouched (the app's handshake with
@@ -945,15 +967,11 @@ async fn opaque_untouched(family: Family) {
     }
 }
 
-#[tokio::test]
-async fn app_tls_and_a_server_first_protocol_on_an_opaque_port_pass_untouched_at_once() {
-    opaque_untouched(Family::V4).await;
-}
-
-#[tokio::test]
-async fn app_tls_and_opaque_port_over_ipv6() {
-    opaque_untouched(Family::V6).await;
-}
+in_both_families!(
+    opaque_untouched:
+    app_tls_and_a_server_first_protocol_on_an_opaque_port_pass_untouched_at_once,
+    app_tls_and_opaque_port_over_ipv6
+);
 
 /// Whether redis-server and redis-cli are here; `false` (with the reason printed) skips, unless
 /// OUTRIDER_REQUIRE_NETNS says the environment must have them.
@@ -988,43 +1006,9 @@ async fn redis_exchange(family: Family) {
         return;
     };
     let server = mesh.ext.addr(family, 6379);
-    mesh.lab.spawn_in(
-        &mesh.ext.ns,
-        &[
-            "redis-server",
-            "--bind",
-            &server.ip().to_string(),
-            "--port",
-            "6379",
-            "--protected-mode",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-            "--dir",
-            mesh.lab.dir.to_str().unwrap(),
-        ],
-    );
-    let host = server.ip().to_string();
-    let cli = |args: &[&str]| {
-        let mut full = vec!["redis-cli", "-h", &host, "-p", "6379"];
-        full.extend_from_slice(args);
-        let output = mesh.lab.run_in(&mesh.a.ns, &full);
-        String::from_utf8_lossy(&output.stdout).trim().to_string()
-    };
-    // redis-server takes a moment to listen: poll (bounded) with a fresh client each time.
-    let deadline = Instant::now() + STEP;
-    while cli(&["PING"]) != "PONG" {
-        assert!(
-            Instant::now() < deadline,
-            "redis-server never answered through a's capture\na logs:\n{}",
-            mesh.a_proxy.logs().join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    spawn_redis(&mesh.lab, &mesh.ext, server);
+    let cli = |args: &[&str]| redis_cli(&mesh.lab, &mesh.a, server, args);
+    mesh.wait_for_redis(&mesh.a, server).await;
     assert_eq!(cli(&["SET", "outrider", "captured"]), "OK");
     assert_eq!(cli(&["GET", "outrider"]), "captured");
 
@@ -1033,25 +1017,20 @@ async fn redis_exchange(family: Family) {
     assert_eq!(answer, "+PONG\r\n");
     assert!(took < DETECTION_TIMEOUT / 2, "PING took {took:?}");
 
-    let detected = mesh
-        .a_proxy
-        .metric_sum(
+    mesh.a_proxy
+        .assert_count_at_least(
             "outrider_protocol_detections_total",
             &["protocol=\"opaque_port\""],
+            4.0,
         )
         .await;
-    assert!(detected >= 4.0, "{}", mesh.a_proxy.metrics().await);
 }
 
-#[tokio::test]
-async fn redis_client_and_server_on_an_opaque_port_pass_untouched() {
-    redis_exchange(Family::V4).await;
-}
-
-#[tokio::test]
-async fn redis_on_an_opaque_port_over_ipv6() {
-    redis_exchange(Family::V6).await;
-}
+in_both_families!(
+    redis_exchange:
+    redis_client_and_server_on_an_opaque_port_pass_untouched,
+    redis_on_an_opaque_port_over_ipv6
+);
 
 /// Redis in a meshed pod under `mtls: strict`: `b` runs redis-server on 6379 (an opaque port)
 /// and `a`'s policy has it as a `tls: mesh` service. `a`'s sidecar wraps the opaque stream in
@@ -1064,36 +1043,24 @@ async fn redis_meshed_under_strict(family: Family) {
     };
     let server = mesh.b.addr(family, 6379);
     let cli = |pod: &Pod, args: &[&str]| redis_cli(&mesh.lab, pod, server, args);
-    // redis-server takes a moment to listen: poll (bounded) with a fresh client each time.
-    let deadline = Instant::now() + STEP;
-    while cli(&mesh.a, &["PING"]) != "PONG" {
-        assert!(
-            Instant::now() < deadline,
-            "redis-server never answered a through both sidecars\na logs:\n{}\nb logs:\n{}",
-            mesh.a_proxy.logs().join("\n"),
-            mesh.b_proxy.logs().join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    mesh.wait_for_redis(&mesh.a, server).await;
     assert_eq!(cli(&mesh.a, &["SET", "outrider", "meshed"]), "OK");
     assert_eq!(cli(&mesh.a, &["GET", "outrider"]), "meshed");
 
-    let out = mesh
-        .a_proxy
-        .metric_sum(
+    mesh.a_proxy
+        .assert_count_at_least(
             "outrider_tcp_connections_total",
             &["direction=\"outbound\"", "mode=\"opaque_mesh\""],
+            3.0,
         )
         .await;
-    assert!(out >= 3.0, "{}", mesh.a_proxy.metrics().await);
-    let inb = mesh
-        .b_proxy
-        .metric_sum(
+    mesh.b_proxy
+        .assert_count_at_least(
             "outrider_tcp_connections_total",
             &["direction=\"inbound\"", "mode=\"opaque_mesh\""],
+            3.0,
         )
         .await;
-    assert!(inb >= 3.0, "{}", mesh.b_proxy.metrics().await);
 
     // The outsider: no sidecar, so plaintext Redis, refused under strict.
     let from_ext = cli(&mesh.ext, &["PING"]);
@@ -1105,6 +1072,24 @@ async fn redis_meshed_under_strict(family: Family) {
     )
     .await;
     assert_ne!(answer, "+PONG\r\n", "ext reached b's redis-server");
+}
+
+impl Mesh {
+    /// Polls (bounded, a fresh client each time) until redis-cli in `from` gets PONG from
+    /// `server`: redis-server takes a moment to listen.
+    async fn wait_for_redis(&self, from: &Pod, server: std::net::SocketAddr) {
+        let deadline = Instant::now() + STEP;
+        while redis_cli(&self.lab, from, server, &["PING"]) != "PONG" {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server at {server} never answered {}\na logs:\n{}\nb logs:\n{}",
+                from.ns,
+                self.a_proxy.logs().join("\n"),
+                self.b_proxy.logs().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// What `redis-cli` in `pod`, calling `server` with `args`, printed.
@@ -1137,16 +1122,22 @@ services:
         )
     };
     let mesh = mesh_with_policy(a_policy, &[], b_allowed).await?;
-    let server = mesh.b.addr(family, 6379);
+    spawn_redis(&mesh.lab, &mesh.b, mesh.b.addr(family, 6379));
+    Some(mesh)
+}
+
+/// Runs redis-server in `pod`, listening on `server`.
+fn spawn_redis(lab: &Lab, pod: &Pod, server: std::net::SocketAddr) {
     let bind = server.ip().to_string();
-    mesh.lab.spawn_in(
-        &mesh.b.ns,
+    let port = server.port().to_string();
+    lab.spawn_in(
+        &pod.ns,
         &[
             "redis-server",
             "--bind",
             &bind,
             "--port",
-            "6379",
+            &port,
             "--protected-mode",
             "no",
             "--save",
@@ -1156,10 +1147,61 @@ services:
             "--daemonize",
             "no",
             "--dir",
-            mesh.lab.dir.to_str().unwrap(),
+            lab.dir.to_str().unwrap(),
         ],
     );
-    Some(mesh)
+}
+
+/// A sidecar's endpoint may name the peer's inbound port itself (README: "Endpoints naming
+/// 15006 keep working"): `a` wraps a Redis stream to b:15006 in mesh mTLS offering only
+/// `outrider-tcp/1`, and b's explicit inbound listener relays its plaintext to `inbound.app`
+/// (redis-server) after checking `authorization`, as on a captured port, rather than reading
+/// Redis commands as an HTTP request (which answered them 400).
+#[tokio::test]
+async fn redis_wrapped_to_the_explicit_inbound_port_reaches_inbound_app() {
+    if outrider_e2e::netns::missing_prerequisite().is_none() && !redis_present() {
+        return;
+    }
+    let explicit = |b: &Pod| b.addr(Family::V4, 15006);
+    let a_policy = |b: &Pod| {
+        format!(
+            "workload: a
+services:
+  redis:
+    endpoints: [\"{}\"]
+    tls: mesh
+    identity: {B_ID}
+",
+            explicit(b)
+        )
+    };
+    let b_policy = |b: &Pod| {
+        format!(
+            "workload: b
+inbound:
+  app: \"{}\"
+  mtls: strict
+  authorization: {{ allow: [{A_ID}] }}
+",
+            b.addr(Family::V4, 6379)
+        )
+    };
+    let Some(mesh) = mesh_with_policies(a_policy, &[], b_policy, A_ID).await else {
+        return;
+    };
+    spawn_redis(&mesh.lab, &mesh.b, mesh.b.addr(Family::V4, 6379));
+    let server = explicit(&mesh.b);
+    let cli = |args: &[&str]| redis_cli(&mesh.lab, &mesh.a, server, args);
+    mesh.wait_for_redis(&mesh.a, server).await;
+    assert_eq!(cli(&["SET", "outrider", "explicit"]), "OK");
+    assert_eq!(cli(&["GET", "outrider"]), "explicit");
+    mesh.b_proxy
+        .assert_count_at_least(
+            "outrider_tcp_connections_total",
+            &["direction=\"inbound\"", "mode=\"opaque_mesh\""],
+            3.0,
+        )
+        .await;
 }
 
 /// The same with `b` letting only another identity in: `a`'s wrapped stream is verified and
@@ -1173,42 +1215,39 @@ async fn redis_from_a_caller_authorization_does_not_allow_is_closed() {
     let server = mesh.b.addr(Family::V4, 6379);
     // redis-server is up (checked from inside b: its own outbound capture passes it through)
     // before a's attempt counts.
-    let deadline = Instant::now() + STEP;
-    while redis_cli(&mesh.lab, &mesh.b, server, &["PING"]) != "PONG" {
-        assert!(Instant::now() < deadline, "redis-server never listened");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    mesh.wait_for_redis(&mesh.b, server).await;
     // Closed, not left hanging: redis-cli sees the end at once.
     let started = Instant::now();
     assert_ne!(redis_cli(&mesh.lab, &mesh.a, server, &["PING"]), "PONG");
     assert!(started.elapsed() < STEP / 2, "{:?}", started.elapsed());
-    let wrapped = mesh
-        .a_proxy
-        .metric_sum(
+    mesh.a_proxy
+        .assert_count_at_least(
             "outrider_tcp_connections_total",
             &["direction=\"outbound\"", "mode=\"opaque_mesh\""],
+            1.0,
         )
         .await;
-    assert!(wrapped >= 1.0, "{}", mesh.a_proxy.metrics().await);
-    let relayed = mesh
-        .b_proxy
-        .metric_sum(
+    mesh.b_proxy
+        .assert_count(
             "outrider_tcp_connections_total",
             &["direction=\"inbound\"", "mode=\"opaque_mesh\""],
+            0.0,
         )
         .await;
-    assert_eq!(relayed, 0.0, "{}", mesh.b_proxy.metrics().await);
+    mesh.b_proxy
+        .assert_count_at_least(
+            "outrider_tcp_refused_total",
+            &["direction=\"inbound\"", "reason=\"unauthorized\""],
+            1.0,
+        )
+        .await;
 }
 
-#[tokio::test]
-async fn redis_between_meshed_pods_is_wrapped_in_mtls_under_strict() {
-    redis_meshed_under_strict(Family::V4).await;
-}
-
-#[tokio::test]
-async fn redis_between_meshed_pods_under_strict_over_ipv6() {
-    redis_meshed_under_strict(Family::V6).await;
-}
+in_both_families!(
+    redis_meshed_under_strict:
+    redis_between_meshed_pods_is_wrapped_in_mtls_under_strict,
+    redis_between_meshed_pods_under_strict_over_ipv6
+);
 
 // ---- a rule set without the UID exclusion --------------------------------------------------
 

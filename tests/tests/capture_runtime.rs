@@ -14,7 +14,6 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -23,29 +22,6 @@ use outrider_e2e::proxy_binary;
 const POD: &str = "198.51.100.1";
 const REMOTE: &str = "198.51.100.2";
 const PROXY_UID: &str = "65532";
-
-/// Why these tests cannot run here, if they cannot.
-fn missing_prerequisite() -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1).map(str::to_string));
-    if euid.as_deref() != Some("0") {
-        return Some("not root (network namespaces and netfilter need root)".into());
-    }
-    for (tool, arg) in [("ip", "-V"), ("nft", "--version"), ("setpriv", "--version")] {
-        let ran = Command::new(tool)
-            .arg(arg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if !ran.is_ok_and(|s| s.success()) {
-            return Some(format!("`{tool}` is not runnable"));
-        }
-    }
-    None
-}
 
 /// A pod namespace (capture rules, the proxy) and a remote one joined by a veth pair, with
 /// their processes; all removed on drop.
@@ -58,17 +34,8 @@ struct Pod {
 
 impl Drop for Pod {
     fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for ns in [&self.pod, &self.remote] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let namespaces = [&self.pod, &self.remote];
+        outrider_e2e::netns::tear_down(&mut self.children, namespaces, &self.dir);
     }
 }
 
@@ -104,33 +71,18 @@ impl Pod {
     /// The namespaces with the capture rules installed and a proxy serving `policy` (as
     /// `uid`), or `None` (with the reason printed) where they cannot be made.
     fn start(policy: &str, uid: &str) -> Option<Pod> {
-        if let Some(reason) = missing_prerequisite() {
-            assert!(
-                std::env::var_os("OUTRIDER_REQUIRE_NETNS").is_none(),
-                "OUTRIDER_REQUIRE_NETNS is set but: {reason}"
-            );
-            eprintln!("SKIPPED: {reason}");
+        if !outrider_e2e::netns::can_run(&[]) {
             return None;
         }
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let id = format!(
-            "orrun{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
         // setpriv runs the proxy as its UID: it needs copies it can reach.
-        let dir = std::env::temp_dir().join(&id);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        for (from, name) in [
-            (proxy_binary(), "outrider-proxy"),
-            (env!("CARGO_BIN_EXE_netns-probe").into(), "netns-probe"),
-            (env!("CARGO_BIN_EXE_http-probe").into(), "http-probe"),
-        ] {
-            let to = dir.join(name);
-            std::fs::copy(from, &to).unwrap();
-            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
+        let (id, dir) = outrider_e2e::netns::shared_dir(
+            "orrun",
+            &[
+                (&proxy_binary(), "outrider-proxy"),
+                (env!("CARGO_BIN_EXE_netns-probe").as_ref(), "netns-probe"),
+                (env!("CARGO_BIN_EXE_http-probe").as_ref(), "http-probe"),
+            ],
+        );
         std::fs::write(dir.join("policy.yaml"), policy).unwrap();
         std::fs::set_permissions(
             dir.join("policy.yaml"),

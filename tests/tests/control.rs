@@ -1159,3 +1159,27 @@ async fn with_sa_jwks_a_proxy_subscribes_only_as_its_service_accounts_workload()
     assert_eq!(state_of(&status, "raw-payments"), None, "{status}");
     assert_eq!(state_of(&status, "pod-orders").as_deref(), Some("in-sync"));
 }
+
+/// The control plane's own log fields are plain text (`"peer":"127.0.0.1:5000"`, not Rust's
+/// `Some(127.0.0.1:5000)`).
+#[tokio::test]
+async fn log_fields_are_plain_text() {
+    let dirs = ControlDirs::new();
+    dirs.write("defaults.yaml", DEFAULTS);
+    let control = start_control(&dirs);
+    let mut sub = control.subscribe("checkout", "pod-json", false).await;
+    sub.next_update(PUSH_BOUND).await.expect("initial policy");
+    assert!(
+        control.wait_log(PUSH_BOUND, |l| l.contains("proxy subscribed")),
+        "{:?}",
+        control.logs()
+    );
+    let line = control
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("proxy subscribed"))
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let peer: std::net::SocketAddr = json["peer"].as_str().unwrap().parse().unwrap();
+    assert!(peer.ip().is_loopback(), "{line}");
+}

@@ -484,3 +484,63 @@ async fn proxy_errors_reach_grpc_clients_as_statuses() {
         .unwrap();
     assert_eq!(reply.into_inner().text, "anyone?");
 }
+
+/// The access log's `grpc_status`: from the upstream's trailers (a call that succeeds), from a
+/// trailers-only response's headers (the upstream's error status, and one the proxy made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_the_grpc_status_of_each_call() {
+    let server = GrpcServer::start().await;
+    let dead = refused_port().await;
+    let proxy = start_proxy(&format!("access_log: json\n{}", policy(server.addr, dead)));
+    let request = |text: &str| EchoRequest {
+        text: text.into(),
+        count: 0,
+    };
+    let mut echo = client(proxy.outbound, "echo").await;
+    timeout(STEP, echo.unary(request("fine")))
+        .await
+        .unwrap()
+        .expect("a successful call");
+    let status = timeout(STEP, echo.unary(request("missing")))
+        .await
+        .unwrap()
+        .expect_err("the server answers NOT_FOUND");
+    assert_eq!(status.code(), Code::NotFound);
+    let mut to_dead = client(proxy.outbound, "dead").await;
+    let status = timeout(STEP, to_dead.unary(request("anyone?")))
+        .await
+        .unwrap()
+        .expect_err("nothing listens");
+    assert_eq!(status.code(), Code::Unavailable);
+
+    assert!(
+        outrider_e2e::eventually(STEP, || proxy.stdout_lines().len() >= 3).await,
+        "{:?}",
+        proxy.stdout_lines()
+    );
+    let lines: Vec<serde_json::Value> = proxy
+        .stdout_lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let by_service = |service: &str| -> Vec<serde_json::Value> {
+        lines
+            .iter()
+            .filter(|l| l["service"] == service)
+            .cloned()
+            .collect()
+    };
+    let codes: Vec<_> = by_service("echo")
+        .iter()
+        .map(|l| l["grpc_status"].clone())
+        .collect();
+    assert_eq!(
+        codes,
+        [0, 5],
+        "OK from the trailers, NOT_FOUND trailers-only"
+    );
+    let dead_line = &by_service("dead")[0];
+    assert_eq!(dead_line["grpc_status"], 14, "the proxy's UNAVAILABLE");
+    assert!(dead_line["upstream_seconds"].is_null());
+    assert_eq!(by_service("echo")[0]["http_version"], "HTTP/2");
+}

@@ -120,8 +120,10 @@ async fn a_retry_after_beyond_the_cap_is_not_waited_for() {
     let started = Instant::now();
     let reply = send(&http1_client(), get_svc(&proxy)).await;
     assert_eq!(reply.status, 503);
+    // Not retried, and not held for the 3 s asked for either: answered sooner than that (a
+    // bound of the wait refused, not of the machine's speed).
     assert!(
-        started.elapsed() < Duration::from_secs(1),
+        started.elapsed() < Duration::from_secs(3),
         "{:?}",
         started.elapsed()
     );

@@ -250,7 +250,12 @@ async fn metrics_count_known_traffic_exactly() {
     assert_eq!(get(proxy.outbound, "nowhere", "/").await.status, 404);
 
     let series = |service: &str, route: &str, class: &str, code: &str| {
-        format!("outrider_requests_total{{code=\"{code}\",direction=\"outbound\",method=\"GET\",route=\"{route}\",service=\"{service}\",status_class=\"{class}\"}}")
+        let flag = match code {
+            "502" if service == "down" => "UF",
+            "404" => "NR",
+            _ => "-",
+        };
+        format!("outrider_requests_total{{code=\"{code}\",direction=\"outbound\",flags=\"{flag}\",method=\"GET\",route=\"{route}\",service=\"{service}\",status_class=\"{class}\"}}")
     };
     assert_eq!(proxy.metric(&series("svc", "ok", "2xx", "200")).await, 3.0);
     assert_eq!(proxy.metric(&series("svc", "ok", "5xx", "502")).await, 0.0);
@@ -259,12 +264,14 @@ async fn metrics_count_known_traffic_exactly() {
         1.0
     );
     assert_eq!(
-        proxy.metric(&series("none", "none", "4xx", "404")).await,
+        proxy
+            .metric(&series(":unrouted", ":unrouted", "4xx", "404"))
+            .await,
         1.0
     );
     assert_eq!(
         proxy
-            .metric("outrider_response_duration_seconds_count{direction=\"outbound\",route=\"ok\",service=\"svc\"}")
+            .metric("outrider_response_duration_seconds_count{direction=\"outbound\",flags=\"-\",route=\"ok\",service=\"svc\"}")
             .await,
         3.0
     );
@@ -353,7 +360,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     assert!(proxy
         .logs()
         .iter()
-        .any(|l| l.contains("\"outcome\":\"Drained\"")));
+        .any(|l| l.contains("\"outcome\":\"drained\"")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,7 +399,7 @@ async fn drain_timeout_bounds_shutdown() {
     assert!(proxy
         .logs()
         .iter()
-        .any(|l| l.contains("\"outcome\":\"TimedOut\"")));
+        .any(|l| l.contains("\"outcome\":\"timed_out\"")));
     // The stuck caller sees its connection end rather than hanging forever.
     assert!(tokio::time::timeout(Duration::from_secs(5), stuck)
         .await
@@ -501,7 +508,7 @@ async fn outbound_calls_the_app_makes_while_shutting_down_are_served_until_it_ha
         logs.iter().any(|l| l.contains("\"app_gone\":true")),
         "{logs:?}"
     );
-    assert!(logs.iter().any(|l| l.contains("\"outcome\":\"Drained\"")));
+    assert!(logs.iter().any(|l| l.contains("\"outcome\":\"drained\"")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

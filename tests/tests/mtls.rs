@@ -281,6 +281,9 @@ async fn authorization_allows_listed_callers_and_answers_others_403() {
         Some(format!("caller {CHECKOUT} is not allowed by inbound.authorization").as_str())
     );
     assert_eq!(mesh.app.hits(), 1, "refused requests never reach the app");
+    // Both refusals counted, as the proxy's own (response flag UAEX).
+    let refused = "outrider_requests_total{code=\"403\",direction=\"inbound\",flags=\"UAEX\",method=\"GET\",route=\"inbound\",service=\"app\",status_class=\"4xx\"}";
+    assert_eq!(mesh.callee.metric(refused).await, 2.0);
 }
 
 #[tokio::test]

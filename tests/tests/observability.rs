@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::Request;
@@ -93,7 +94,7 @@ async fn access_log_has_one_json_line_per_request() {
     assert_eq!(lines.len(), 4);
     let by_path = |path: &str| lines.iter().find(|l| l["path"] == path).unwrap().clone();
 
-    let a = by_path("/a?x=1");
+    let a = by_path("/a?x=REDACTED");
     let seen = traced.json()["headers"].clone();
     assert_eq!(a["trace_id"], TRACE);
     assert_eq!(
@@ -146,7 +147,7 @@ async fn access_log_has_one_json_line_per_request() {
     assert_eq!(d["trace_id"], TRACE);
     assert_eq!(d["request_id"], "req-404");
     assert_eq!(d["authority"], "nowhere");
-    assert_eq!(d["service"], "none");
+    assert_eq!(d["service"], ":unrouted");
     assert_eq!(d["attempts"], 0);
     assert!(d["upstream"].is_null());
     assert_eq!(d["response_bytes"], unrouted.body.len());
@@ -157,6 +158,211 @@ async fn access_log_has_one_json_line_per_request() {
     );
     assert_eq!(proxy.metric("outrider_access_log_lines_total").await, 4.0);
     assert_eq!(proxy.metric("outrider_access_log_dropped_total").await, 0.0);
+}
+
+/// The access log's lines in order, as JSON.
+fn json_lines(proxy: &Proxy) -> Vec<serde_json::Value> {
+    proxy
+        .stdout_lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_redacts_query_values_and_names_the_caller() {
+    let echo = Upstream::echo(Proto::Http1, "echo").await;
+    let dead = closed_port().await;
+    let proxy = start_proxy(&policy(echo.addr, dead, "access_log: json\n"));
+
+    // A request id that is not UTF-8 (0xFF) is forwarded as is, and logged byte for byte.
+    let head = b"GET /login?token=s3cret&debug&empty=&user=bob HTTP/1.1\r\nhost: svc\r\nuser-agent: probe/1.0\r\nx-request-id: req-\xff\\x\r\nconnection: close\r\n\r\n";
+    let reply = raw_exchange(proxy.outbound, head, Duration::from_secs(5)).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let dead_reply = raw_exchange(
+        proxy.outbound,
+        b"GET /gone?key=abc HTTP/1.0\r\nhost: dead\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(dead_reply.starts_with("HTTP/1.0 502"), "{dead_reply}");
+
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.stdout_lines().len() >= 2).await,
+        "{:?}",
+        proxy.stdout_lines()
+    );
+    let lines = json_lines(&proxy);
+    let line = &lines[0];
+    assert_eq!(
+        line["path"], "/login?token=REDACTED&debug&empty=&user=REDACTED",
+        "names kept, values replaced"
+    );
+    assert!(!proxy.stdout_lines()[0].contains("s3cret"));
+    assert_eq!(
+        line["request_id"], r"req-\xff\\x",
+        "0xFF escaped, the backslash doubled"
+    );
+    assert_eq!(line["user_agent"], "probe/1.0");
+    assert_eq!(line["http_version"], "HTTP/1.1");
+    let peer: std::net::SocketAddr = line["peer"].as_str().unwrap().parse().unwrap();
+    assert_eq!(peer.ip().to_string(), "127.0.0.1");
+    let upstream = line["upstream_seconds"]
+        .as_f64()
+        .expect("an upstream answered");
+    let duration = line["duration_seconds"].as_f64().unwrap();
+    assert!(
+        upstream > 0.0 && upstream <= duration,
+        "{upstream} {duration}"
+    );
+    assert!(line["grpc_status"].is_null());
+    assert!(line["peer_identity"].is_null(), "plaintext: no identity");
+
+    let gone = &lines[1];
+    assert_eq!(gone["path"], "/gone?key=REDACTED");
+    assert_eq!(gone["status"], 502);
+    assert_eq!(gone["http_version"], "HTTP/1.0");
+    assert!(
+        gone["upstream_seconds"].is_null(),
+        "no upstream answered: {gone}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_text_format_keeps_or_drops_queries_as_told() {
+    let echo = Upstream::echo(Proto::Http1, "echo").await;
+    let dead = closed_port().await;
+    let proxy = start_proxy(&policy(
+        echo.addr,
+        dead,
+        "access_log: { format: text, query: drop }\n",
+    ));
+    let reply = raw_exchange(
+        proxy.outbound,
+        b"GET /q?token=s3cret HTTP/1.1\r\nhost: svc\r\nuser-agent: say \"hi\"\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        eventually(Duration::from_secs(5), || !proxy.stdout_lines().is_empty()).await,
+        "no line"
+    );
+    let line = proxy.stdout_lines()[0].clone();
+    assert!(!line.starts_with('{'), "{line}");
+    assert!(!line.contains("token"), "query dropped: {line}");
+    assert!(line.contains(" outbound svc/r 127.0.0.1:"), "{line}");
+    assert!(line.contains(" \"GET /q HTTP/1.1\" 200 "), "{line}");
+    assert!(line.contains(r#" user_agent="say \"hi\"""#), "{line}");
+    assert!(line.contains(&format!(" upstream={}", echo.addr)), "{line}");
+    assert!(line.contains(" upstream_seconds="), "{line}");
+    assert!(line.contains(" response_flags=- "), "{line}");
+
+    // The same proxy, told to keep query strings.
+    let reloads = "outrider_policy_reloads_total{result=\"ok\"}";
+    let before = proxy.metric(reloads).await;
+    save(
+        &proxy.policy_path(),
+        &policy(
+            echo.addr,
+            dead,
+            "access_log: { format: text, query: keep }\n",
+        ),
+    );
+    assert_eq!(settled(&proxy, reloads, before + 1.0).await, before + 1.0);
+    raw_exchange(
+        proxy.outbound,
+        b"GET /q?token=s3cret HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.stdout_lines().len() >= 2).await,
+        "{:?}",
+        proxy.stdout_lines()
+    );
+    assert!(
+        proxy.stdout_lines()[1].contains("\"GET /q?token=s3cret HTTP/1.1\""),
+        "{:?}",
+        proxy.stdout_lines()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_counted_and_logged_within_a_bound() {
+    let echo = Upstream::echo(Proto::Http1, "echo").await;
+    let dead = closed_port().await;
+    let proxy = start_proxy(&policy(echo.addr, dead, "access_log: json\n"));
+    let series = |code: &str| {
+        format!("outrider_http_malformed_requests_total{{code=\"{code}\",direction=\"outbound\"}}")
+    };
+
+    let bad = raw_exchange(
+        proxy.outbound,
+        b"GET /a HTTP/1.1\r\nhost: svc\r\nbad header\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    assert_eq!(settled(&proxy, &series("400"), 1.0).await, 1.0);
+    assert!(
+        eventually(Duration::from_secs(5), || !proxy.stdout_lines().is_empty()).await,
+        "the malformed request is logged"
+    );
+    let line = &json_lines(&proxy)[0];
+    assert_eq!(line["status"], 400);
+    assert_eq!(line["direction"], "outbound");
+    assert!(
+        line["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{line}"
+    );
+    assert!(
+        line["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("malformed request: "),
+        "{line}"
+    );
+
+    // Too many header bytes: 431.
+    let mut huge = b"GET /a HTTP/1.1\r\nhost: svc\r\n".to_vec();
+    for i in 0..2000 {
+        huge.extend_from_slice(format!("x-filler-{i}: {}\r\n", "v".repeat(40)).as_bytes());
+    }
+    huge.extend_from_slice(b"\r\n");
+    let large = raw_exchange(proxy.outbound, &huge, Duration::from_secs(5)).await;
+    assert!(large.starts_with("HTTP/1.1 431"), "{large}");
+    assert_eq!(settled(&proxy, &series("431"), 1.0).await, 1.0);
+
+    // An unsupported transfer coding: refused (501) by the proxy's own check, counted too.
+    let coding = raw_exchange(
+        proxy.outbound,
+        b"POST /a HTTP/1.1\r\nhost: svc\r\ntransfer-encoding: gzip, chunked\r\nconnection: close\r\n\r\n0\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(coding.starts_with("HTTP/1.1 501"), "{coding}");
+    assert_eq!(settled(&proxy, &series("501"), 1.0).await, 1.0);
+
+    // A flood of garbage is counted in full but logged at most once a second.
+    for _ in 0..30 {
+        raw_exchange(
+            proxy.outbound,
+            b"\x01\x02 garbage\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+    }
+    assert_eq!(settled(&proxy, &series("400"), 31.0).await, 31.0);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logged_400 = json_lines(&proxy)
+        .iter()
+        .filter(|l| l["status"] == 400)
+        .count();
+    assert!(
+        (1..=5).contains(&logged_400),
+        "31 malformed requests, {logged_400} lines"
+    );
 }
 
 /// Saves `text` the way editors do: a new file renamed over the old one.
@@ -357,6 +563,7 @@ async fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
 
     let labels = "direction=\"outbound\",route=\"r\",service=\"svc\"";
     let m = |name: &str, extra: &str| format!("{name}{{{labels}{extra}}}");
+    let upstream_made = "direction=\"outbound\",flags=\"-\",route=\"r\",service=\"svc\"";
     assert_eq!(
         settled(
             &proxy,
@@ -366,10 +573,15 @@ async fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
         .await,
         response_bytes as f64
     );
-    // Labels come out sorted by name: code and direction before the route labels, method
-    // between them.
+    // Labels come out sorted by name: code, direction and flags before the route labels,
+    // method between them.
     let requests = |code: &str, method: &str, route: &str, service: &str, class: &str| {
-        format!("outrider_requests_total{{code=\"{code}\",direction=\"outbound\",method=\"{method}\",route=\"{route}\",service=\"{service}\",status_class=\"{class}\"}}")
+        let flag = match code {
+            "502" => "UF",
+            "404" => "NR",
+            _ => "-",
+        };
+        format!("outrider_requests_total{{code=\"{code}\",direction=\"outbound\",flags=\"{flag}\",method=\"{method}\",route=\"{route}\",service=\"{service}\",status_class=\"{class}\"}}")
     };
     assert_eq!(
         proxy
@@ -391,7 +603,9 @@ async fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
     assert_eq!(proxy.metric(&m("outrider_requests_pending", "")).await, 0.0);
     assert_eq!(
         proxy
-            .metric(&m("outrider_response_duration_seconds_count", ""))
+            .metric(&format!(
+                "outrider_response_duration_seconds_count{{{upstream_made}}}"
+            ))
             .await,
         7.0
     );
@@ -412,13 +626,13 @@ async fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
     );
     assert_eq!(
         proxy
-            .metric(&requests("404", "GET", "none", "none", "4xx"))
+            .metric(&requests("404", "GET", ":unrouted", ":unrouted", "4xx"))
             .await,
         1.0
     );
     assert_eq!(
         proxy
-            .metric(&requests("404", "other", "none", "none", "4xx"))
+            .metric(&requests("404", "other", ":unrouted", ":unrouted", "4xx"))
             .await,
         1.0,
         "an extension method is counted as other, never under its own name"
@@ -455,11 +669,111 @@ async fn metrics_after_known_traffic_are_exact_and_pass_promtool() {
     );
     assert!(proxy.metric("process_resident_memory_bytes").await > 1_000_000.0);
     assert!(proxy.metric("process_open_fds").await >= 5.0);
+    // The process collector's standard series: CPU time spent so far (the proxy has served
+    // requests and started a runtime), and a start time in the last minutes.
+    assert!(proxy.metric("process_cpu_seconds_total").await > 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = proxy.metric("process_start_time_seconds").await;
+    assert!(
+        started > now - 600.0 && started <= now + 1.0,
+        "process_start_time_seconds {started}, now {now}"
+    );
     // Bounded cardinality: no raw path or peer port appears in any label.
     for path in ["/get/0", "/post"] {
         assert!(!text.contains(path), "raw path {path} in metrics");
     }
 
+    promtool_check(&text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placeholder_labels_never_share_a_series_with_real_names() {
+    // A service and a route named `none` and a route named `listen`: the names the
+    // placeholders of unrouted requests and dedicated listeners once used.
+    let echo = Upstream::echo(Proto::Http1, "echo").await;
+    let proxy = start_proxy(&format!(
+        "services:\n  none: {{ endpoints: [{}], listen: 127.0.0.1:0 }}\nroutes:\n  - name: none\n    match: {{ authority: none }}\n    service: none\n  - name: listen\n    match: {{ authority: listen }}\n    service: none\n",
+        echo.addr
+    ));
+    assert_eq!(get(proxy.outbound, "none", "/").await.status, 200);
+    assert_eq!(get(proxy.outbound, "listen", "/").await.status, 200);
+    assert_eq!(get(proxy.outbound, "nowhere", "/").await.status, 404);
+    assert_eq!(get(proxy.dedicated("none"), "none", "/").await.status, 200);
+    let count = |route: &str, service: &str| {
+        let flag = if route == ":unrouted" { "NR" } else { "-" };
+        format!("outrider_response_duration_seconds_count{{direction=\"outbound\",flags=\"{flag}\",route=\"{route}\",service=\"{service}\"}}")
+    };
+    for (route, service) in [
+        ("none", "none"),
+        ("listen", "none"),
+        (":unrouted", ":unrouted"),
+        (":listen", "none"),
+    ] {
+        assert_eq!(
+            settled(&proxy, &count(route, service), 1.0).await,
+            1.0,
+            "route {route} of service {service}"
+        );
+    }
+    let (_, text) = proxy.admin_get("/metrics").await;
+    promtool_check(&text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_of_a_route_that_left_the_policy_go_once_its_requests_drain() {
+    // `slow` holds its requests until released, so one is in flight across the reload.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let held = Arc::clone(&release);
+    let slow = Upstream::start(Proto::Http1, move |_req: Request<hyper::body::Incoming>| {
+        let held = Arc::clone(&held);
+        async move {
+            held.notified().await;
+            http::Response::new(full("late"))
+        }
+    })
+    .await;
+    let echo = Upstream::echo(Proto::Http1, "echo").await;
+    let kept = format!(
+        "services:\n  kept: {{ endpoints: [{}] }}\n  gone: {{ endpoints: [{}] }}\nroutes:\n  - name: k\n    match: {{ authority: kept }}\n    service: kept\n",
+        echo.addr, slow.addr
+    );
+    let proxy = start_proxy(&format!(
+        "{kept}  - name: g\n    match: {{ authority: gone }}\n    service: gone\n"
+    ));
+    assert_eq!(get(proxy.outbound, "kept", "/").await.status, 200);
+    let outbound = proxy.outbound;
+    let in_flight = tokio::spawn(async move { get(outbound, "gone", "/").await });
+    let active = "outrider_requests_active{direction=\"outbound\",route=\"g\",service=\"gone\"}";
+    assert_eq!(settled(&proxy, active, 1.0).await, 1.0);
+
+    save(&proxy.policy_path(), &kept);
+    assert_eq!(settled(&proxy, "outrider_policy_version", 2.0).await, 2.0);
+    assert_eq!(get(proxy.outbound, "kept", "/").await.status, 200);
+    // Still in flight: its series stay.
+    let (_, text) = proxy.admin_get("/metrics").await;
+    assert!(text.contains(active), "{text}");
+
+    release.notify_one();
+    assert_eq!(in_flight.await.unwrap().status, 200);
+    // Route g left the policy (service `gone` stayed: its by-address target keeps series).
+    let gone = |text: &str| !text.lines().any(|l| l.contains("route=\"g\""));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut text = proxy.admin_get("/metrics").await.1;
+    while !gone(&text) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = proxy.admin_get("/metrics").await.1;
+    }
+    assert!(gone(&text), "series of the removed route remain:\n{text}");
+    // The route that stayed kept its series and counts across the reload.
+    assert_eq!(
+        proxy
+            .metric("outrider_response_duration_seconds_count{direction=\"outbound\",flags=\"-\",route=\"k\",service=\"kept\"}")
+            .await,
+        2.0
+    );
     promtool_check(&text);
 }
 
@@ -812,4 +1126,25 @@ async fn an_early_answer_counts_the_bytes_that_passed() {
         first as f64,
         "{series}"
     );
+}
+
+/// The proxy's own log fields are plain text, not Rust debug text (`"outcome":"drained"`, not
+/// `"Drained"`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_logs_show_plain_values() {
+    let echo = Upstream::echo(Proto::Http1, "echo").await;
+    let dead = closed_port().await;
+    let mut proxy = start_proxy(&policy(echo.addr, dead, ""));
+    proxy.terminate();
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    let logs = proxy.logs();
+    let field = |message: &str, name: &str| -> serde_json::Value {
+        let line = logs
+            .iter()
+            .find(|l| l.contains(message))
+            .unwrap_or_else(|| panic!("no {message:?} in {logs:?}"));
+        serde_json::from_str::<serde_json::Value>(line).unwrap()[name].clone()
+    };
+    assert_eq!(field("shutdown complete", "outcome"), "drained");
+    assert_eq!(field("draining", "drain_timeout"), "30s");
 }

@@ -711,3 +711,85 @@ async fn read_commands_print_stable_json_and_every_verb_says_how_it_ended() {
         "{all}"
     );
 }
+
+/// A command line clap refuses exits 64 (EX_USAGE, as documented), not clap's own 2, with the
+/// reason on stderr; `--help` and `--version` are answers, not errors: stdout and exit 0.
+#[test]
+fn usage_errors_exit_64_and_help_and_version_exit_0() {
+    let run = |args: &[&str]| {
+        Command::new(ctl_binary())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    for (args, says) in [
+        (&[][..], "Usage: outriderctl"),
+        (&["nosuchverb"], "unrecognized subcommand 'nosuchverb'"),
+        (
+            &["validate", "--nosuchflag"],
+            "unexpected argument '--nosuchflag'",
+        ),
+        (&["completion"], "required arguments were not provided"),
+        (&["completion", "tcsh"], "invalid value 'tcsh'"),
+    ] {
+        let out = run(args);
+        assert_eq!(code(&out), 64, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "", "{args:?}");
+    }
+    for (args, says) in [
+        (&["--help"][..], "Usage: outriderctl"),
+        (&["validate", "--help"], "Usage: outriderctl validate"),
+        (
+            &["--version"],
+            concat!("outriderctl ", env!("CARGO_PKG_VERSION")),
+        ),
+    ] {
+        let out = run(args);
+        assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
+        assert!(stdout(&out).contains(says), "{args:?}: {}", stdout(&out));
+    }
+}
+
+/// The image ships `outriderctl` as a symlink to `outrider-control`: called by that name, the
+/// control plane's binary is the CLI (its version line, its verbs, its exit codes); by its own
+/// name it is still the server.
+#[test]
+fn outrider_control_called_outriderctl_is_the_cli() {
+    let dir = TempDir::new();
+    let link = dir.path.join("outriderctl");
+    std::os::unix::fs::symlink(control_binary(), &link).unwrap();
+    let run = |program: &Path, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run(&link, &["--version"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        concat!("outriderctl ", env!("CARGO_PKG_VERSION"), "\n")
+    );
+    let policy = dir.path.join("policy.yaml");
+    std::fs::write(&policy, "services: { s: { endpoints: [127.0.0.1:9] } }\n").unwrap();
+    let out = run(&link, &["validate", "-f", policy.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = run(&link, &["nosuchverb"]);
+    assert_eq!(code(&out), 64, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Usage: outriderctl"),
+        "{}",
+        stderr(&out)
+    );
+    // By its own name: the server, which has no `validate`.
+    let out = run(&control_binary(), &["validate"]);
+    assert_eq!(code(&out), 64, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Usage: outrider-control"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -1,12 +1,16 @@
 //! OTLP export end to end: test collectors built on the opentelemetry-proto types (gRPC through
 //! tonic, HTTP/protobuf through hyper) receive the proxies' spans with the right parent/child
 //! links, kinds, attributes and resource; with the collector down requests still succeed and
-//! the spans are counted as dropped; spans are flushed on graceful shutdown.
+//! the spans are counted as dropped; spans are flushed on graceful shutdown. A collector told
+//! to fail its first exports (gRPC UNAVAILABLE, HTTP 503) still gets every span, through the
+//! exporter's retries; a non-retryable failure drops the batch at once, counted and logged at
+//! WARN; an https:// collector is verified against `--otlp-ca-file`.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,9 +76,44 @@ fn hex(bytes: &[u8]) -> String {
 #[derive(Clone, Default)]
 struct Collector {
     spans: Arc<Mutex<Vec<Got>>>,
+    /// Export calls received, failed or not.
+    calls: Arc<AtomicUsize>,
+    /// Exports still to fail, and how.
+    fail_first: Arc<AtomicUsize>,
+    failure: Failure,
+}
+
+/// How a collector told to fail answers.
+#[derive(Clone, Copy, Default)]
+enum Failure {
+    /// gRPC UNAVAILABLE / HTTP 503: retryable.
+    #[default]
+    Unavailable,
+    /// gRPC INVALID_ARGUMENT / HTTP 400: not retryable.
+    Invalid,
 }
 
 impl Collector {
+    fn failing(n: usize, failure: Failure) -> Self {
+        Self {
+            fail_first: Arc::new(AtomicUsize::new(n)),
+            failure,
+            ..Self::default()
+        }
+    }
+
+    /// Counts a call; true when it is to fail.
+    fn call_fails(&self) -> bool {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.fail_first
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
     fn take(&self, request: ExportTraceServiceRequest) {
         let mut spans = self.spans.lock().unwrap();
         for rs in request.resource_spans {
@@ -119,6 +158,12 @@ impl TraceService for Collector {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if self.call_fails() {
+            return Err(match self.failure {
+                Failure::Unavailable => tonic::Status::unavailable("collector warming up"),
+                Failure::Invalid => tonic::Status::invalid_argument("rejected batch"),
+            });
+        }
         self.take(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
@@ -128,9 +173,12 @@ impl TraceService for Collector {
 
 /// An OTLP/gRPC collector on 127.0.0.1:0.
 async fn grpc_collector() -> (SocketAddr, Collector) {
+    grpc_collector_as(Collector::default()).await
+}
+
+async fn grpc_collector_as(collector: Collector) -> (SocketAddr, Collector) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let collector = Collector::default();
     let service = TraceServiceServer::new(collector.clone());
     tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -144,9 +192,16 @@ async fn grpc_collector() -> (SocketAddr, Collector) {
 
 /// An OTLP/HTTP (protobuf) collector on 127.0.0.1:0, answering POST /v1/traces.
 async fn http_collector() -> (SocketAddr, Collector) {
+    http_collector_as(Collector::default(), None).await
+}
+
+/// An OTLP/HTTP collector, behind TLS when `tls` is given.
+async fn http_collector_as(
+    collector: Collector,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (SocketAddr, Collector) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let collector = Collector::default();
     let c = collector.clone();
     tokio::spawn(async move {
         loop {
@@ -158,6 +213,14 @@ async fn http_collector() -> (SocketAddr, Collector) {
                     assert_eq!(req.uri().path(), "/v1/traces");
                     assert_eq!(req.headers()["content-type"], "application/x-protobuf");
                     let body = req.into_body().collect().await.unwrap().to_bytes();
+                    if c.call_fails() {
+                        let mut res = http::Response::new(full("no"));
+                        *res.status_mut() = match c.failure {
+                            Failure::Unavailable => http::StatusCode::SERVICE_UNAVAILABLE,
+                            Failure::Invalid => http::StatusCode::BAD_REQUEST,
+                        };
+                        return Ok::<_, Infallible>(res);
+                    }
                     c.take(ExportTraceServiceRequest::decode(body).unwrap());
                     let reply = ExportTraceServiceResponse {
                         partial_success: None,
@@ -171,10 +234,18 @@ async fn http_collector() -> (SocketAddr, Collector) {
                     Ok::<_, Infallible>(res)
                 }
             });
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let http1 = hyper::server::conn::http1::Builder::new();
+                let _ = match tls {
+                    None => http1.serve_connection(TokioIo::new(stream), service).await,
+                    Some(acceptor) => {
+                        let Ok(stream) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        http1.serve_connection(TokioIo::new(stream), service).await
+                    }
+                };
             });
         }
     });
@@ -277,7 +348,16 @@ async fn chain_exports_linked_spans(protocol: &str) {
 /// The metric once it reaches `expected` (or its value after 10 s): counters that the export
 /// task updates after the collector answered.
 async fn metric_settled(proxy: &Proxy, series: &str, expected: f64) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    metric_settled_within(proxy, series, expected, Duration::from_secs(10)).await
+}
+
+async fn metric_settled_within(
+    proxy: &Proxy,
+    series: &str,
+    expected: f64,
+    within: Duration,
+) -> f64 {
+    let deadline = Instant::now() + within;
     loop {
         let value = proxy.metric(series).await;
         if value == expected || Instant::now() > deadline {
@@ -403,7 +483,14 @@ async fn collector_down_requests_succeed_and_spans_are_counted_dropped() {
     }
     let took = started.elapsed();
     assert!(took < Duration::from_secs(10), "{N} requests took {took:?}");
-    let dropped = metric_settled(&proxy, "outrider_spans_dropped_total", N as f64).await;
+    // Counted once the exporter gives up: 6 tries with 7.75 to 15.5 s of backoff between them.
+    let dropped = metric_settled_within(
+        &proxy,
+        "outrider_spans_dropped_total",
+        N as f64,
+        Duration::from_secs(25),
+    )
+    .await;
     assert_eq!(dropped, N as f64, "every span counted as dropped");
     assert_eq!(proxy.metric("outrider_spans_exported_total").await, 0.0);
 }
@@ -503,4 +590,124 @@ async fn a_reload_switches_the_collector() {
     assert_eq!(first.spans().len(), 1);
     assert_eq!(second.spans().len(), 1);
     assert_eq!(proxy.metric("outrider_spans_dropped_total").await, 0.0);
+}
+
+/// Five requests through a proxy exporting to `collector_addr` (one batch): their spans.
+async fn five_traced_requests(collector_addr: SocketAddr, protocol: &str) -> Proxy {
+    let app = Upstream::echo(Proto::Http1, "app").await;
+    let proxy = start_proxy(&format!(
+        "services:\n  svc: {{ endpoints: [{}] }}\nroutes:\n  - match: {{ authority: svc }}\n    service: svc\n{}",
+        app.addr,
+        tracing_section(collector_addr, protocol)
+    ));
+    for _ in 0..5 {
+        let reply = traced_get(&proxy, "svc", &format!("00-{TRACE}-{PARENT}-01")).await;
+        assert_eq!(reply.status, 200);
+    }
+    proxy
+}
+
+/// The collector fails the first three exports with a retryable status; the exporter retries
+/// the batch (backoff 0.25-0.5 s, 0.5-1 s, 1-2 s) and every span arrives.
+async fn retryable_failures_lose_no_span(protocol: &str) {
+    let failing = Collector::failing(3, Failure::Unavailable);
+    let (addr, collector) = match protocol {
+        "grpc" => grpc_collector_as(failing).await,
+        _ => http_collector_as(failing, None).await,
+    };
+    let proxy = five_traced_requests(addr, protocol).await;
+    assert_eq!(collector.wait_for(5).await.len(), 5);
+    assert_eq!(
+        collector.calls(),
+        4,
+        "three failed tries, then the one accepted"
+    );
+    assert_eq!(
+        metric_settled(&proxy, "outrider_spans_exported_total", 5.0).await,
+        5.0
+    );
+    assert_eq!(proxy.metric("outrider_spans_dropped_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_collector_unavailable_three_times_still_gets_every_span() {
+    retryable_failures_lose_no_span("grpc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_collector_503_three_times_still_gets_every_span() {
+    retryable_failures_lose_no_span("http").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_retryable_answer_drops_the_batch_counted_and_warned() {
+    let (addr, collector) = grpc_collector_as(Collector::failing(1, Failure::Invalid)).await;
+    let proxy = five_traced_requests(addr, "grpc").await;
+    // Dropped after the one try: a retry would have come within half a second and counted the
+    // spans only after the last one, seconds later.
+    assert_eq!(
+        metric_settled(&proxy, "outrider_spans_dropped_total", 5.0).await,
+        5.0
+    );
+    assert_eq!(collector.calls(), 1);
+    assert!(collector.spans().is_empty());
+    assert_eq!(proxy.metric("outrider_spans_exported_total").await, 0.0);
+    // The operator sees why, at WARN (not only a rising counter).
+    let logs = proxy.logs();
+    assert!(
+        logs.iter().any(|l| l.contains("WARN")
+            && l.contains("span export failed")
+            && l.contains("gRPC status 3")),
+        "{logs:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_collector_is_verified_against_the_ca_file() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (addr, collector) = http_collector_as(Collector::default(), Some(acceptor)).await;
+
+    let dir = TempDir::new();
+    let ca_file = dir.path.join("collector-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let app = Upstream::echo(Proto::Http1, "app").await;
+    let proxy = start_proxy_with(
+        &format!(
+            "services:\n  svc: {{ endpoints: [{}] }}\nroutes:\n  - match: {{ authority: svc }}\n    service: svc\ntracing: {{ ratio: 1.0, otlp: {{ endpoint: 'https://localhost:{}', protocol: http }} }}\n",
+            app.addr,
+            addr.port()
+        ),
+        &["--otlp-ca-file", ca_file.to_str().unwrap()],
+    );
+    let reply = traced_get(&proxy, "svc", &format!("00-{TRACE}-{PARENT}-01")).await;
+    assert_eq!(reply.status, 200);
+    let spans = collector.wait_for(1).await;
+    assert_eq!(spans[0].trace_id, TRACE);
+    assert_eq!(
+        metric_settled(&proxy, "outrider_spans_exported_total", 1.0).await,
+        1.0
+    );
 }

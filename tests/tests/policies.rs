@@ -415,14 +415,15 @@ async fn concurrency_limit_fails_fast_while_requests_are_in_flight() {
         })
         .collect();
     assert!(eventually(Duration::from_secs(5), || slow.hits() == 2).await);
-    let started = Instant::now();
+    // The two in flight hold their permits until the gate opens, below: a third request that
+    // waited for one would never be answered, so an answer at all is the fast failure (no
+    // wall-clock bound, which flakes on a loaded machine).
     let reply = send(&http1_client(), get_req(proxy.outbound, "svc", "/")).await;
     assert_eq!(reply.status, 503);
     assert_eq!(
         reply.header("x-outrider-error"),
         Some("too many concurrent requests for svc")
     );
-    assert!(started.elapsed() < Duration::from_secs(1), "must fail fast");
     assert_eq!(slow.hits(), 2);
     gate.add_permits(2);
     for request in in_flight {
@@ -572,14 +573,18 @@ async fn pending_limit_fails_fast_while_connections_are_being_opened() {
         .collect();
     // Give both time to reach the connector.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let started = Instant::now();
     let reply = get(proxy.outbound, "svc", "/").await;
     assert_eq!(reply.status, 503);
     assert_eq!(
         reply.header("x-outrider-error"),
         Some("too many pending requests for svc")
     );
-    assert!(started.elapsed() < Duration::from_secs(1), "must fail fast");
+    // Failed fast: answered before either pending connect gave up (at its 2 s timeout), an
+    // order rather than a wall-clock bound.
+    assert!(
+        waiting.iter().all(|request| !request.is_finished()),
+        "the refusal came after the pending connects ended"
+    );
     for request in waiting {
         assert_eq!(request.await.unwrap().status, 504);
     }

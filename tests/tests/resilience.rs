@@ -94,9 +94,38 @@ async fn get_is_retried_on_a_different_endpoint() {
     assert_eq!(broken.hits(), retries_seen);
     assert_eq!(
         proxy
-            .metric("outrider_retries_total{outcome=\"success\",route=\"r\",service=\"svc\"}")
+            .metric(
+                "outrider_retried_requests_total{outcome=\"success\",route=\"r\",service=\"svc\"}"
+            )
             .await,
         retries_seen as f64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_total_counts_attempts_and_retried_requests_count_requests() {
+    let flaky = fails_first(2, 503, None).await;
+    let proxy = start_proxy(&route(&format!(
+        "  svc:\n    endpoints: [{}]\n    retries: {{ attempts: 3, on: [5xx], backoff: {{ base: 1ms, max: 5ms }} }}\n",
+        flaky.addr
+    )));
+    let reply = send(&http1_client(), request(&proxy, "GET", "")).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-outrider-attempts"), Some("3"));
+    // One request, two retry attempts.
+    assert_eq!(
+        proxy
+            .metric("outrider_retries_total{route=\"r\",service=\"svc\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        proxy
+            .metric(
+                "outrider_retried_requests_total{outcome=\"success\",route=\"r\",service=\"svc\"}"
+            )
+            .await,
+        1.0
     );
 }
 
@@ -112,7 +141,7 @@ async fn post_is_not_retried_once_sent_but_is_after_connect_failure() {
     assert_eq!(flaky.hits(), 1);
     assert_eq!(
         proxy
-            .metric("outrider_retries_total{outcome=\"not-retryable\",route=\"r\",service=\"svc\"}")
+            .metric("outrider_retried_requests_total{outcome=\"not-retryable\",route=\"r\",service=\"svc\"}")
             .await,
         1.0
     );
@@ -197,7 +226,7 @@ async fn budget_caps_retries_in_a_failure_storm() {
     assert!(retries <= allowed, "{retries} retries, budget {allowed}");
     assert!(
         proxy
-            .metric("outrider_retries_total{outcome=\"budget-denied\",route=\"r\",service=\"svc\"}")
+            .metric("outrider_retried_requests_total{outcome=\"budget-denied\",route=\"r\",service=\"svc\"}")
             .await
             >= 80.0
     );

@@ -204,6 +204,11 @@ async fn http_spans_follow_the_conventions() {
             "the tracestate forwarded"
         );
         assert_eq!(s.flags & 0x03, 0x03, "sampled and random: {:#x}", s.flags);
+        assert_eq!(
+            s.attr("outrider.response_flags").as_deref(),
+            Some("-"),
+            "the upstream's response"
+        );
     }
     assert_eq!(client.parent_id, PARENT);
     assert_eq!(
@@ -258,6 +263,7 @@ async fn an_unrouted_request_gets_a_span() {
     assert_eq!(span.attr("server.port").as_deref(), Some("8080"));
     assert_eq!(span.attr("http.route"), None);
     assert_eq!(span.attr("error.type").as_deref(), Some("404"));
+    assert_eq!(span.attr("outrider.response_flags").as_deref(), Some("NR"));
     assert_eq!(
         span.status, 2,
         "the proxy found no route: a client-side failure"
@@ -420,6 +426,7 @@ async fn a_cancelled_grpc_call_is_marked_cancelled() {
             None,
             "no response went out"
         );
+        assert_eq!(span.attr("outrider.response_flags").as_deref(), Some("DC"));
     }
     assert!(
         eventually(STEP, || a
@@ -440,12 +447,14 @@ async fn a_cancelled_grpc_call_is_marked_cancelled() {
         line["error"].as_str().unwrap().starts_with("cancelled:"),
         "{line}"
     );
+    assert_eq!(line["response_flags"], "DC", "{line}");
     let (_, metrics) = a.admin_get("/metrics").await;
     assert!(
         metrics
             .lines()
             .any(|l| l.starts_with("outrider_requests_total{")
                 && l.contains("code=\"cancelled\"")
+                && l.contains("flags=\"DC\"")
                 && l.contains("route=\"to-b\"")
                 && l.ends_with(" 1")),
         "{metrics}"

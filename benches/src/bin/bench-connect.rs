@@ -33,6 +33,7 @@ use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use outrider_proxy::control::certificate::{self, IdentityConfig};
+use outrider_proxy::control::replicas::Replicas;
 use outrider_proxy::control::subscribe::{ControlConfig, Token};
 use outrider_proxy::io::identity::{self, Mesh, ALPN_HTTP1};
 use outrider_proxy::telemetry::metrics::Metrics;
@@ -320,7 +321,9 @@ async fn mesh_client_config(args: &MtlsArgs) -> Result<Arc<ClientConfig>, String
     certificate::spawn(
         IdentityConfig {
             control: ControlConfig {
-                url: args.control.clone(),
+                replicas: Arc::new(
+                    Replicas::parse(&[args.control.as_str()]).map_err(|e| e.to_string())?,
+                ),
                 token: Token::File(args.token_file.clone().into()),
                 proxy_id: "bench-connect".into(),
                 workload: "bench-connect".into(),

@@ -3,9 +3,14 @@
 //! or service-account JWKS, 69 (EX_UNAVAILABLE) the listen address cannot be bound or etcd
 //! (`--store etcd://...`) cannot be reached at start, 73 (EX_CANTCREAT) the state directory
 //! (or the state in etcd) cannot be used.
+//!
+//! Called by the name `outriderctl` (the image's symlink to this binary) it is the CLI, exactly
+//! as the `outriderctl` binary: the two share most of their code, which the image then holds
+//! once.
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +24,9 @@ use outrider_control::server::{serve, App};
 use outrider_control::service_account::ServiceAccountTokens;
 use outrider_control::store::Store;
 use outrider_control::watcher;
+
+#[path = "outriderctl.rs"]
+mod outriderctl;
 
 const EX_USAGE: u8 = 64;
 const EX_NOINPUT: u8 = 66;
@@ -170,9 +178,24 @@ struct Serve {
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
     log: String,
+    /// Format of the log lines on stderr: `json` or `text`.
+    #[arg(long, env = "OUTRIDER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// `timestamp LEVEL target: message field=value ...`, for people.
+    Text,
 }
 
 fn main() -> ExitCode {
+    if called_as_cli() {
+        return outriderctl::main();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -181,7 +204,7 @@ fn main() -> ExitCode {
         }
     };
     let Command::Serve(args) = cli.command;
-    init_logging(&args.log);
+    init_logging(&args.log, args.log_format);
     // One descriptor per connected proxy: lift the soft limit to the hard one, as a server
     // meant to hold thousands of streams must.
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
@@ -497,16 +520,27 @@ async fn wait_for_signal() {
     }
 }
 
-fn init_logging(filter: &str) {
+/// Whether this process was started by the name `outriderctl` (argv[0]'s file name).
+fn called_as_cli() -> bool {
+    std::env::args_os()
+        .next()
+        .is_some_and(|arg0| Path::new(&arg0).file_name() == Some(OsStr::new("outriderctl")))
+}
+
+fn init_logging(filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => logs.with_ansi(false).init(),
+    }
 }
 
 /// Binds the API's listening socket with a backlog of 1024 and `SO_REUSEADDR`.

@@ -54,8 +54,19 @@ enum Command {
     },
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
+/// EX_USAGE: a flag or argument clap refuses (clap's own exit code would be 2).
+const EX_USAGE: u8 = 64;
+
+/// Runs the CLI (also `outrider-control` called as `outriderctl`).
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // `--help` and `--version` are not errors: they print to stdout and exit 0.
+            return ExitCode::from(if e.use_stderr() { EX_USAGE } else { 0 });
+        }
+    };
     match cli.command {
         Command::Validate(args) => outrider_control::validate::main(&args),
         Command::Inject(args) => outrider_control::inject::main(*args),

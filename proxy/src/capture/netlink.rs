@@ -472,7 +472,7 @@ impl Batch {
 }
 
 /// Sends `batch` to the kernel of this network namespace and waits (at most
-/// [`ACK_DEADLINE`]) for every message's acknowledgement. On a refusal the kernel has applied
+/// `ACK_DEADLINE`, 10 s) for every message's acknowledgement. On a refusal the kernel has applied
 /// none of the batch; the error names the first refused message.
 pub fn apply(batch: &Batch) -> Result<(), CaptureError> {
     let unavailable = |detail: String| CaptureError::NfTablesUnavailable { detail };

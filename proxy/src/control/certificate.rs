@@ -1,13 +1,16 @@
 //! Getting the workload certificate the mesh identity ([`Mesh`]) serves: a key made here (it
 //! never leaves the process), a CSR sent to the control plane with the proxy's token, and the
 //! short-lived certificate that comes back, renewed at about 70% of its lifetime without a
-//! restart. Failures are retried with backoff while the certificate in force stays.
+//! restart. The CSR goes to the control-plane replica the subscription is connected to, and to
+//! the next one while a replica cannot be reached or does not answer: any replica answers for
+//! the one CA they share. Failures are retried with backoff while the certificate in force
+//! stays.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -15,14 +18,18 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use outrider_config::wire::{self, CertificateRequest, CertificateResponse, CERTIFICATE_PATH};
 
-use crate::control::subscribe::{read_service_account_token, Backoff, ControlConfig, Token};
+use crate::control::replicas::{self, Replica};
+use crate::control::subscribe::{
+    read_service_account_token, Backoff, ControlConfig, Token, CONNECT_TIMEOUT,
+};
 use crate::io::identity::{IdentityError, Mesh};
 
 /// Percentage of a certificate's lifetime after which it is renewed.
 const RENEW_AT_PERCENT: u64 = 70;
 /// Shortest wait before the next fetch after a certificate is installed.
 pub const MIN_RENEW_IN: Duration = Duration::from_secs(1);
-/// Longest wait for the control plane's answer to a CSR.
+/// Longest wait for a replica's answer to a CSR, connection included: past it, the next
+/// replica is asked.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest certificate response accepted.
 const MAX_RESPONSE: usize = 256 * 1024;
@@ -69,8 +76,10 @@ pub struct IdentityConfig {
 /// retried with backoff while the certificate in force stays.
 pub fn spawn(config: IdentityConfig, mesh: Arc<Mesh>) {
     tokio::spawn(async move {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let client: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build_http();
+            Client::builder(TokioExecutor::new()).build(connector);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             match fetch(&client, &config).await {
@@ -79,7 +88,7 @@ pub fn spawn(config: IdentityConfig, mesh: Arc<Mesh>) {
                         backoff.reset();
                         mesh.metrics.renewals.with_label_values(&["ok"]).inc();
                         let wait = renew_in(unix_now(), held.not_before, held.not_after);
-                        tracing::info!(identity = %held.identity, not_after = held.not_after, renew_in = ?wait, "workload certificate in force");
+                        tracing::info!(identity = %held.identity, not_after = held.not_after, renew_in = %outrider_config::Duration(wait), "workload certificate in force");
                         tokio::time::sleep(wait).await;
                         continue;
                     }
@@ -98,7 +107,8 @@ pub fn spawn(config: IdentityConfig, mesh: Arc<Mesh>) {
     });
 }
 
-/// One CSR round trip: a fresh key (kept here), its CSR, the control plane's answer.
+/// One CSR round trip: a fresh key (kept here), its CSR, and the answer of the first replica
+/// that gives one, starting with the one the subscription is connected to.
 async fn fetch(
     client: &Client<HttpConnector, Full<Bytes>>,
     config: &IdentityConfig,
@@ -125,46 +135,70 @@ async fn fetch(
         }
         None => None,
     };
-    let body = serde_json::to_vec(&request).map_err(|e| IdentityError::Response(e.to_string()))?;
+    let body = Bytes::from(
+        serde_json::to_vec(&request).map_err(|e| IdentityError::Response(e.to_string()))?,
+    );
+    let replicas = &config.control.replicas;
+    let candidates = replicas
+        .resolve()
+        .await
+        .map_err(|e| IdentityError::Control(e.to_string()))?;
+    let mut unreachable = Vec::new();
+    for replica in replicas::connected_first(candidates, replicas.connected().as_ref()) {
+        let answer = ask(client, &replica, &token, sa_token.as_ref(), body.clone()).await;
+        let (status, body) = match answer {
+            Ok(answer) => answer,
+            Err(reason) => {
+                tracing::debug!(%replica, %reason, "certificate request: replica unavailable");
+                unreachable.push(format!("{replica}: {reason}"));
+                continue;
+            }
+        };
+        if status != StatusCode::OK {
+            return Err(IdentityError::Refused {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        let issued: CertificateResponse =
+            serde_json::from_slice(&body).map_err(|e| IdentityError::Response(e.to_string()))?;
+        return Ok((issued, key.serialize_der()));
+    }
+    Err(IdentityError::Control(unreachable.join("; ")))
+}
+
+/// Sends the CSR `body` to `replica`: its answer (status and body), or why there is none.
+async fn ask(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    replica: &Replica,
+    token: &str,
+    sa_token: Option<&HeaderValue>,
+    body: Bytes,
+) -> Result<(StatusCode, Bytes), String> {
     let mut req = Request::builder()
         .method(Method::POST)
-        .uri(format!(
-            "{}{CERTIFICATE_PATH}",
-            config.control.url.trim_end_matches('/')
-        ))
+        .uri(replica.uri(CERTIFICATE_PATH))
         .header(AUTHORIZATION, format!("Bearer {token}"))
         .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| IdentityError::Control(e.to_string()))?;
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
     if let Some(sa_token) = sa_token {
         req.headers_mut()
-            .insert(wire::SERVICE_ACCOUNT_TOKEN_HEADER, sa_token);
+            .insert(wire::SERVICE_ACCOUNT_TOKEN_HEADER, sa_token.clone());
     }
     let exchange = async {
-        let response = client
-            .request(req)
-            .await
-            .map_err(|e| IdentityError::Control(e.to_string()))?;
+        let response = client.request(req).await.map_err(|e| e.to_string())?;
         let status = response.status();
         let body = Limited::new(response.into_body(), MAX_RESPONSE)
             .collect()
             .await
-            .map_err(|e| IdentityError::Control(e.to_string()))?
+            .map_err(|e| e.to_string())?
             .to_bytes();
-        Ok::<_, IdentityError>((status, body))
+        Ok::<_, String>((status, body))
     };
-    let (status, body) = tokio::time::timeout(FETCH_TIMEOUT, exchange)
+    tokio::time::timeout(FETCH_TIMEOUT, exchange)
         .await
-        .map_err(|_| IdentityError::Control(format!("no answer within {FETCH_TIMEOUT:?}")))??;
-    if status != StatusCode::OK {
-        return Err(IdentityError::Refused {
-            status,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        });
-    }
-    let issued: CertificateResponse =
-        serde_json::from_slice(&body).map_err(|e| IdentityError::Response(e.to_string()))?;
-    Ok((issued, key.serialize_der()))
+        .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))?
 }
 
 #[cfg(test)]

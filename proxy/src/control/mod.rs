@@ -1,9 +1,11 @@
-//! Where a policy comes from and how it is swapped in: the control-plane subscription, the
-//! policy file watch, the persisted copy and the reload that builds and stores a snapshot;
-//! and the workload certificate fetched from the control plane.
+//! Where a policy comes from and how it is swapped in: the control-plane subscription (to one
+//! of the control-plane replicas), the policy file watch, the persisted copy and the reload
+//! that builds and stores a snapshot; and the workload certificate fetched from the control
+//! plane.
 
 pub mod certificate;
 pub mod persist;
 pub mod reload;
+pub mod replicas;
 pub mod subscribe;
 pub mod watch_file;

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outrider_config::{AccessLog as AccessLogSetting, LoadedPolicy, PolicyError};
+use outrider_config::{LoadedPolicy, PolicyError};
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
@@ -239,7 +239,7 @@ impl Reloader {
             }
         }
 
-        if snapshot.policy.access_log == AccessLogSetting::Json {
+        if snapshot.policy.access_log.is_on() {
             // One writer for every snapshot that logs: reused while one lives (an old snapshot
             // may still be finishing requests), started otherwise. When a policy turns the log
             // off, the writer ends with the last request logged under the old one.

@@ -1,13 +1,14 @@
-//! The control-plane subscriber (`--control URL`): one long-lived subscription stream per proxy
-//! (the protocol is in [`outrider_config::wire`]), over prior-knowledge HTTP/2 so the stream and
-//! the ACKs share one connection.
+//! The control-plane subscriber (`--control URL[,URL...]`): one long-lived subscription stream
+//! per proxy (the protocol is in [`outrider_config::wire`]), over prior-knowledge HTTP/2 so the
+//! stream and the ACKs share one connection, to one control-plane replica at a time.
 //!
 //! Each [`PolicyUpdate`] is applied through the [`Reloader`] (build whole, bind, one store) and
 //! answered with an ACK, or a NACK with the reason while the previous policy stays. Applied
 //! policies are persisted in the state directory. When the stream ends, errors, or stays silent
 //! for three heartbeat periods, the subscriber reconnects after a capped, fully jittered
-//! backoff and resumes with the version and hash it has, so an unchanged policy is not pushed
-//! again.
+//! backoff, to the next replica ([`Rotation`]), and resumes with the version and hash it has, so
+//! an unchanged policy is not pushed again (replicas share one store, so one version's content
+//! is the same on each).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -29,7 +30,8 @@ use outrider_config::wire::{
 
 use crate::control::persist::{self, Persisted, Persister};
 use crate::control::reload::{ReloadError, Reloader};
-use crate::http::shared::PolicySource;
+use crate::control::replicas::{NoReplica, Replica, Replicas, Rotation};
+use crate::http::shared::{ControlReplica, PolicySource};
 
 /// First reconnect delay cap; doubles per failed attempt.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -37,8 +39,8 @@ pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A stream silent this long (three missed heartbeats) is taken as dead.
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(3 * HEARTBEAT_SECS);
-/// Longest wait for a TCP connection to the control plane.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for a TCP connection to a control-plane replica: past it, the next is tried.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for the response head of a subscribe or an ACK.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -54,8 +56,9 @@ pub enum Token {
 /// How to reach the control plane.
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
-    /// Base URL, `http://host:port`.
-    pub url: String,
+    /// The control-plane replicas (`--control`), shared by the subscription and the
+    /// certificate requests.
+    pub replicas: Arc<Replicas>,
     /// The bearer token.
     pub token: Token,
     /// This proxy's id in the control plane's status.
@@ -100,6 +103,9 @@ pub enum SessionError {
     /// The request could not be built (bad URL).
     #[error("bad control-plane URL: {0}")]
     Url(#[from] http::Error),
+    /// No URL resolved to an address.
+    #[error(transparent)]
+    NoReplica(#[from] NoReplica),
     /// Connecting or sending failed.
     #[error("cannot reach the control plane: {0}")]
     Connect(#[from] hyper_util::client::legacy::Error),
@@ -183,6 +189,8 @@ impl Backoff {
 
 /// How one subscription attempt ended.
 pub struct Attempt {
+    /// The replica it went to, if one could be found.
+    pub replica: Option<Replica>,
     /// The control plane accepted the subscription (200) before it ended.
     pub connected: bool,
     /// Why it ended.
@@ -191,7 +199,7 @@ pub struct Attempt {
 
 /// Runs `session` again and again until `stopped()`, waiting `backoff`'s next delay after
 /// each; an attempt that connected resets the backoff, so a stream that breaks after working
-/// is retried at once (within the first, shortest delay).
+/// is retried at once (within the first, shortest delay), on the next replica.
 pub async fn reconnect_loop<F, Fut>(
     mut backoff: Backoff,
     mut session: F,
@@ -206,15 +214,17 @@ pub async fn reconnect_loop<F, Fut>(
             backoff.reset();
         }
         let delay = backoff.next_delay();
+        let replica = attempt.replica.as_ref().map(ToString::to_string);
         match attempt.result {
             Err(SessionError::Unauthorized) => {
                 tracing::error!(
-                    ?delay,
+                    delay = %outrider_config::Duration(delay),
+                    replica,
                     "the control plane refused the token (401); retrying"
                 )
             }
             Err(error) => {
-                tracing::warn!(%error, ?delay, "control-plane subscription ended; reconnecting")
+                tracing::warn!(%error, delay = %outrider_config::Duration(delay), replica, "control-plane subscription ended; reconnecting to the next replica")
             }
             Ok(()) => {}
         }
@@ -257,6 +267,7 @@ pub fn spawn(config: ControlConfig, reloader: Arc<Reloader>) {
         client,
         persister,
         session: std::sync::Mutex::new(String::new()),
+        rotation: std::sync::Mutex::new(Rotation::default()),
     };
     tokio::spawn(subscriber.run());
 }
@@ -271,6 +282,8 @@ struct Subscriber {
     /// presents it, so the control plane lets this proxy replace a stream it has not yet
     /// noticed is dead.
     session: std::sync::Mutex<String>,
+    /// The replica the next attempt goes to.
+    rotation: std::sync::Mutex<Rotation>,
 }
 
 impl Subscriber {
@@ -279,12 +292,23 @@ impl Subscriber {
         let this = &self;
         let session = || async move {
             let mut connected = false;
-            let result = this.session(&mut connected).await;
+            let (replica, result) = match this.next_replica().await {
+                Ok(replica) => {
+                    let result = this.session(&replica, &mut connected).await;
+                    (Some(replica), result)
+                }
+                Err(error) => (None, Err(error)),
+            };
+            this.set_connected(None);
             let status = &this.reloader.shared().status;
             if matches!(status.source(), PolicySource::Control | PolicySource::Disk) {
                 status.set_fresh(false);
             }
-            Attempt { connected, result }
+            Attempt {
+                replica,
+                connected,
+                result,
+            }
         };
         let stopped = || shared.draining.load(std::sync::atomic::Ordering::Acquire);
         reconnect_loop(Backoff::new(BACKOFF_BASE, BACKOFF_MAX), session, stopped).await;
@@ -306,14 +330,31 @@ impl Subscriber {
         self.session.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.config.url.trim_end_matches('/'))
+    /// The replica after the last one tried, among the addresses the URLs resolve to now.
+    async fn next_replica(&self) -> Result<Replica, SessionError> {
+        let replicas = self.config.replicas.resolve().await?;
+        let mut rotation = self.rotation.lock().unwrap_or_else(|e| e.into_inner());
+        // `resolve` returns at least one replica, so there is always a next one.
+        rotation
+            .next(&replicas)
+            .ok_or_else(|| NoReplica("no address".into()).into())
     }
 
-    async fn session(&self, connected: &mut bool) -> Result<(), SessionError> {
+    /// Records which replica the subscription is connected to, for the certificate requests
+    /// and `/config`.
+    fn set_connected(&self, replica: Option<Replica>) {
+        let shown = replica.as_ref().map(|r| ControlReplica {
+            url: Arc::clone(&r.url),
+            address: r.address,
+        });
+        self.reloader.shared().status.set_control_replica(shown);
+        self.config.replicas.set_connected(replica);
+    }
+
+    async fn session(&self, replica: &Replica, connected: &mut bool) -> Result<(), SessionError> {
         let token = self.token()?;
         let shared = self.reloader.shared();
-        let mut uri = self.url(SUBSCRIBE_PATH);
+        let mut uri = replica.uri(SUBSCRIBE_PATH);
         let _ = write!(
             uri,
             "?workload={}&proxy={}",
@@ -368,7 +409,8 @@ impl Subscriber {
             slot.clone_from(&session);
         }
         self.note_unselected(response.headers().contains_key(wire::UNSELECTED_HEADER));
-        tracing::info!(url = %self.config.url, workload = %self.config.workload, "subscribed to the control plane");
+        tracing::info!(replica = %replica.url, address = %replica.address, workload = %self.config.workload, "subscribed to the control plane");
+        self.set_connected(Some(replica.clone()));
         if let Some((version, content_hash)) = have {
             // The server stays silent only when our hash is its hash; otherwise its first
             // message is the update, which replaces this one at once.
@@ -383,7 +425,7 @@ impl Subscriber {
                 error: None,
                 session: session.clone(),
             };
-            self.send_ack(&token, &ack).await;
+            self.send_ack(replica, &token, &ack).await;
         }
         let mut lines = Lines::new(response.into_body(), SILENCE_LIMIT);
         loop {
@@ -394,7 +436,7 @@ impl Subscriber {
                     // current, and the control plane hears why.
                     shared.status.set_fresh(false);
                     shared.metrics.policy_reloads.error.inc();
-                    tracing::error!(%error, ?version, "control-plane update too long; keeping the policy in force");
+                    tracing::error!(%error, version, "control-plane update too long; keeping the policy in force");
                     let ack = Ack {
                         proxy: self.config.proxy_id.clone(),
                         workload: self.config.workload.clone(),
@@ -403,7 +445,7 @@ impl Subscriber {
                         error: Some(error.to_string()),
                         session: session.clone(),
                     };
-                    self.send_ack(&token, &ack).await;
+                    self.send_ack(replica, &token, &ack).await;
                     continue;
                 }
                 Err(error) => return Err(error),
@@ -412,12 +454,14 @@ impl Subscriber {
                 serde_json::from_slice(&line).map_err(|e| SessionError::Protocol(e.to_string()))?;
             match message {
                 ServerMessage::Heartbeat => {}
-                ServerMessage::Update(update) => match self.apply(update, &session).await {
-                    Some(ack) => self.send_ack(&token, &ack).await,
-                    // Draining: the update is neither applied nor refused; a restarted
-                    // proxy will be sent it again.
-                    None => return Ok(()),
-                },
+                ServerMessage::Update(update) => {
+                    match self.apply(replica, update, &session).await {
+                        Some(ack) => self.send_ack(replica, &token, &ack).await,
+                        // Draining: the update is neither applied nor refused; a restarted
+                        // proxy will be sent it again.
+                        None => return Ok(()),
+                    }
+                }
             }
         }
     }
@@ -439,13 +483,16 @@ impl Subscriber {
     }
 
     /// Applies `update` and returns the ACK or NACK to send; `None` once the proxy drains.
-    async fn apply(&self, update: PolicyUpdate, session: &str) -> Option<Ack> {
+    async fn apply(&self, replica: &Replica, update: PolicyUpdate, session: &str) -> Option<Ack> {
         let PolicyUpdate {
             version,
             content_hash,
             policy,
             unselected,
         } = update;
+        // One line per push, not per heartbeat: which replica sent what is then in the logs
+        // (and a push of a version the proxy already said it has would show here).
+        tracing::info!(version, replica = %replica.url, address = %replica.address, "control-plane update received");
         self.note_unselected(unselected);
         let mut ack = Ack {
             proxy: self.config.proxy_id.clone(),
@@ -461,7 +508,11 @@ impl Subscriber {
                 "content hash mismatch: update says {content_hash}, policy hashes to {computed}"
             ));
             self.reloader.shared().metrics.policy_reloads.error.inc();
-            tracing::warn!(version, error = ?ack.error, "control-plane update rejected");
+            tracing::warn!(
+                version,
+                error = ack.error.as_deref(),
+                "control-plane update rejected"
+            );
             return Some(ack);
         }
         let file = format!("control-plane version {version}");
@@ -498,7 +549,7 @@ impl Subscriber {
         persister.persist(state).await;
     }
 
-    async fn send_ack(&self, token: &str, ack: &Ack) {
+    async fn send_ack(&self, replica: &Replica, token: &str, ack: &Ack) {
         let body = match serde_json::to_vec(ack) {
             Ok(body) => body,
             Err(error) => {
@@ -508,7 +559,7 @@ impl Subscriber {
         };
         let request = Request::builder()
             .method(Method::POST)
-            .uri(self.url(ACK_PATH))
+            .uri(replica.uri(ACK_PATH))
             .header(AUTHORIZATION, format!("Bearer {token}"))
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)));
@@ -718,6 +769,7 @@ mod tests {
             at.lock().expect("lock").push(started.elapsed());
             async move {
                 Attempt {
+                    replica: None,
                     connected: n == 4,
                     result: Err(SessionError::Closed),
                 }
@@ -745,6 +797,74 @@ mod tests {
         // The fifth attempt waited under the first cap again, not under 800 ms.
         let gaps: Vec<Duration> = expected.windows(2).map(|w| w[1] - w[0]).collect();
         assert!(gaps[3] <= BACKOFF_BASE, "{gaps:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_attempt_goes_to_the_next_replica_with_the_backoff_between() {
+        use std::sync::Mutex;
+        const SEED: u64 = 11;
+        let replicas = Replicas::parse(&[
+            "http://127.0.0.1:1",
+            "http://127.0.0.1:2",
+            "http://127.0.0.1:3",
+        ])
+        .expect("valid")
+        .resolve()
+        .await
+        .expect("resolved");
+        let rotation = Mutex::new(Rotation::default());
+        let tried = Mutex::new(Vec::new());
+        let started = tokio::time::Instant::now();
+        // Replica 1 takes the subscription and loses it (killed); 2 is down (refused); 3
+        // takes it and loses it too.
+        let session = || {
+            let replica = rotation
+                .lock()
+                .expect("lock")
+                .next(&replicas)
+                .expect("a replica");
+            let port = replica.address.port();
+            tried.lock().expect("lock").push((port, started.elapsed()));
+            async move {
+                Attempt {
+                    replica: Some(replica),
+                    connected: port != 2,
+                    result: Err(SessionError::Closed),
+                }
+            }
+        };
+        let backoff = Backoff::with_rng(BACKOFF_BASE, BACKOFF_MAX, fastrand::Rng::with_seed(SEED));
+        let stopped = || tried.lock().expect("lock").len() >= 7;
+        reconnect_loop(backoff, session, stopped).await;
+
+        let tried = tried.into_inner().expect("lock");
+        let ports: Vec<u16> = tried.iter().map(|(port, _)| *port).collect();
+        // Never the replica just left: each attempt is the next one round.
+        assert_eq!(ports, [1, 2, 3, 1, 2, 3, 1]);
+        // The delays are the backoff's: reset by each connected attempt, so the attempt after
+        // a lost stream waits under the first cap, and the one after the refusal under the
+        // second; the same seed replayed gives the same times.
+        let mut replay =
+            Backoff::with_rng(BACKOFF_BASE, BACKOFF_MAX, fastrand::Rng::with_seed(SEED));
+        let mut at = Duration::ZERO;
+        let mut expected = vec![(1, at)];
+        for (i, port) in ports.iter().enumerate().take(6) {
+            if *port != 2 {
+                replay.reset();
+            }
+            let cap = replay.cap();
+            assert_eq!(
+                cap,
+                if *port == 2 {
+                    BACKOFF_BASE * 2
+                } else {
+                    BACKOFF_BASE
+                }
+            );
+            at += replay.next_delay();
+            expected.push((ports[i + 1], at));
+        }
+        assert_eq!(tried, expected);
     }
 
     #[test]

@@ -116,7 +116,129 @@ pub enum ProxyError {
     },
 }
 
+/// Who made a response, and why the proxy made it: one flag per request, after Envoy's
+/// response flags (its short codes where it has one). The `flags` label of the request metrics,
+/// `response_flags` in the access log and `outrider.response_flags` on spans; a fixed set, so
+/// the label's cardinality is bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResponseFlag {
+    /// The upstream sent the response (`-`).
+    #[default]
+    Upstream,
+    /// No route, or no service on the listener (`NR`).
+    NoRoute,
+    /// No endpoint to send to: none known, all ejected, all unreachable (`UH`).
+    NoHealthyUpstream,
+    /// The connection to the upstream could not be opened (`UF`).
+    ConnectFailure,
+    /// The request or per-try timeout expired before response headers (`UT`).
+    UpstreamTimeout,
+    /// The upstream closed or reset the connection before a response (`UC`).
+    UpstreamReset,
+    /// The upstream's response was not valid HTTP (`UPE`).
+    UpstreamProtocolError,
+    /// A rate limit refused the request (`RL`).
+    RateLimited,
+    /// The circuit breaker is open, or a concurrency or pending limit is full (`UO`).
+    Overflow,
+    /// Fault injection answered instead of the upstream (`FI`).
+    FaultInjected,
+    /// The caller went away before the response ended (`DC`).
+    DownstreamCancelled,
+    /// The request was malformed and never forwarded (`DPE`).
+    MalformedRequest,
+    /// `inbound.authorization` refused the caller (`UAEX`).
+    Unauthorized,
+    /// The caller's request body stalled past `timeouts.request_body_idle` (`SI`).
+    RequestBodyIdle,
+}
+
+impl ResponseFlag {
+    /// Every flag, in [`ResponseFlag::index`] order.
+    pub const ALL: [Self; 14] = [
+        Self::Upstream,
+        Self::NoRoute,
+        Self::NoHealthyUpstream,
+        Self::ConnectFailure,
+        Self::UpstreamTimeout,
+        Self::UpstreamReset,
+        Self::UpstreamProtocolError,
+        Self::RateLimited,
+        Self::Overflow,
+        Self::FaultInjected,
+        Self::DownstreamCancelled,
+        Self::MalformedRequest,
+        Self::Unauthorized,
+        Self::RequestBodyIdle,
+    ];
+
+    /// The short code (`-` for a response the upstream sent).
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Upstream => "-",
+            Self::NoRoute => "NR",
+            Self::NoHealthyUpstream => "UH",
+            Self::ConnectFailure => "UF",
+            Self::UpstreamTimeout => "UT",
+            Self::UpstreamReset => "UC",
+            Self::UpstreamProtocolError => "UPE",
+            Self::RateLimited => "RL",
+            Self::Overflow => "UO",
+            Self::FaultInjected => "FI",
+            Self::DownstreamCancelled => "DC",
+            Self::MalformedRequest => "DPE",
+            Self::Unauthorized => "UAEX",
+            Self::RequestBodyIdle => "SI",
+        }
+    }
+
+    /// Its position in [`ResponseFlag::ALL`], for tables indexed by flag.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The proxy made the response (or the caller left): anything but [`ResponseFlag::Upstream`].
+    pub fn is_proxy_made(self) -> bool {
+        self != Self::Upstream
+    }
+}
+
 impl ProxyError {
+    /// The response flag of the response this failure is answered with.
+    pub fn flag(&self) -> ResponseFlag {
+        match self {
+            Self::BadRequest(_) | Self::UnsupportedTransferCoding(_) => {
+                ResponseFlag::MalformedRequest
+            }
+            Self::NotConfigured(_) | Self::NoRoute(_) => ResponseFlag::NoRoute,
+            Self::NoEndpoints(_) | Self::AllEjected(_) | Self::AllUnreachable(_) => {
+                ResponseFlag::NoHealthyUpstream
+            }
+            Self::ConnectRefused(_)
+            | Self::ConnectTimeout { .. }
+            | Self::Connect { .. }
+            | Self::TlsHandshake { .. } => ResponseFlag::ConnectFailure,
+            Self::UpstreamReset(_) => ResponseFlag::UpstreamReset,
+            Self::Upstream { .. } => ResponseFlag::UpstreamProtocolError,
+            Self::RequestTimeout(_) | Self::PerTryTimeout(_) => ResponseFlag::UpstreamTimeout,
+            Self::RequestBodyTimeout(_) => ResponseFlag::RequestBodyIdle,
+            Self::RateLimited { .. } => ResponseFlag::RateLimited,
+            Self::FaultAbort(_) => ResponseFlag::FaultInjected,
+            Self::PendingLimit(_) | Self::CircuitOpen(_) | Self::ConcurrencyLimit(_) => {
+                ResponseFlag::Overflow
+            }
+            Self::Forbidden(_) => ResponseFlag::Unauthorized,
+        }
+    }
+
+    /// The request itself is malformed (counted in `outrider_http_malformed_requests_total`).
+    pub fn is_malformed(&self) -> bool {
+        matches!(
+            self,
+            Self::BadRequest(_) | Self::UnsupportedTransferCoding(_)
+        )
+    }
+
     /// The HTTP status this failure is answered with.
     pub fn status(&self) -> StatusCode {
         match self {

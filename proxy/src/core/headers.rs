@@ -268,6 +268,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 pub struct Caller {
     /// The caller's address.
     pub addr: SocketAddr,
+    /// The caller's verified mTLS SPIFFE id (inbound mesh connections).
+    pub identity: Option<HeaderValue>,
     forwarded_for: HeaderValue,
 }
 
@@ -281,9 +283,18 @@ impl Caller {
         };
         Self {
             addr,
+            identity: None,
             // An address's text is always a valid header value.
             forwarded_for: text.unwrap_or_else(|_| HeaderValue::from_static("unknown")),
         }
+    }
+}
+
+impl Caller {
+    /// The same caller, verified by mTLS as `identity`.
+    pub fn with_identity(mut self, identity: Option<HeaderValue>) -> Self {
+        self.identity = identity;
+        self
     }
 }
 

@@ -23,7 +23,8 @@ use crate::io::connection::{ConnectionSlot, LogLimiter};
 use crate::io::detect::{self, Detection};
 use crate::io::opaque;
 use crate::io::original_dst::LoopKind;
-use crate::io::tls::{self, Rewound};
+use crate::io::rewind::Rewind;
+use crate::io::tls;
 use crate::telemetry::metrics::Metrics;
 
 /// The `destination` label of captured inbound connections.
@@ -65,30 +66,22 @@ pub async fn accept(
     // Inbound with a mesh identity, opaque ports are detected too: a sidecar's mesh-wrapped
     // stream opens with its ClientHello, which must be told from the plaintext protocol.
     let detect_opaque_port = inbound && shared.mesh.is_some();
+    let relayed = Relayed {
+        shared,
+        snapshot: &snapshot,
+        peer,
+        dst,
+        inbound,
+    };
     if !detect_opaque_port && snapshot.policy.opaque_ports().contains(&dst.port()) {
         capture.detected(direction, "opaque_port", 0.0);
-        if inbound && !inbound_takes_unverified(shared, &snapshot, peer, dst, false) {
-            return None;
-        }
-        let class = destination_class(&snapshot, dst, None, inbound);
         // Nothing was read to give the proxy's own connect time to be recorded: a scheduler
         // turn does.
         tokio::task::yield_now().await;
         if refused_as_loop(shared, peer, dst) {
             return None;
         }
-        let wrap = mesh_wrapping(&snapshot, dst, inbound);
-        relay(
-            stream,
-            Bytes::new(),
-            dst,
-            direction,
-            &class,
-            wrap,
-            shared,
-            slot,
-        )
-        .await;
+        relayed.relay(stream, Bytes::new(), None, true, slot).await;
         return None;
     }
     let timeout = shared.connections.timeouts.detect;
@@ -118,28 +111,26 @@ pub async fn accept(
         detect::Protocol::Closed => None,
         detect::Protocol::Tls(hello) if inbound && hello.mesh_tcp => {
             let Some(mesh) = &shared.mesh else {
+                capture.refused(INBOUND, "no_identity");
                 tracing::warn!(%peer, %dst, "mesh TLS connection refused: this proxy has no workload identity (--service-account)");
                 return None;
             };
             let deadline =
                 crate::io::connection::deadline_after(shared.connections.timeouts.header_read);
-            let rewound = Rewound::new(bytes.freeze(), stream);
+            let rewound = Rewind::new(bytes.freeze(), stream);
             let accepted = tls::handshake(rewound, peer, mesh, deadline).await?;
-            if !authorized(&snapshot, accepted.peer_identity.as_ref()) {
-                tracing::debug!(%peer, %dst, caller = ?accepted.peer_identity, "mesh TCP connection refused by authorization");
-                return None;
-            }
-            relay_wrapped_inbound(accepted.io, dst, shared, slot).await;
+            relay_wrapped(accepted, peer, Some(dst), shared, slot).await;
             None
         }
         detect::Protocol::Tls(hello) if inbound && hello.mesh => {
             let Some(mesh) = &shared.mesh else {
+                capture.refused(INBOUND, "no_identity");
                 tracing::warn!(%peer, %dst, "mesh TLS connection refused: this proxy has no workload identity (--service-account)");
                 return None;
             };
             let deadline =
                 crate::io::connection::deadline_after(shared.connections.timeouts.header_read);
-            let rewound = Rewound::new(bytes.freeze(), stream);
+            let rewound = Rewind::new(bytes.freeze(), stream);
             let accepted = tls::handshake(rewound, peer, mesh, deadline).await?;
             capture.connection(direction, APP, "http");
             http(accepted.io, BytesMut::new(), accepted.peer_identity, slot)
@@ -147,18 +138,9 @@ pub async fn accept(
         // An app's own HTTP proxy (its `HTTP_PROXY`) is the original destination: its CONNECT
         // tunnels are that proxy's to serve, as they are.
         detect::Protocol::Http1 if !inbound && bytes.starts_with(b"CONNECT ") => {
-            let class = destination_class(&snapshot, dst, None, inbound);
-            relay(
-                stream,
-                bytes.freeze(),
-                dst,
-                direction,
-                &class,
-                None,
-                shared,
-                slot,
-            )
-            .await;
+            relayed
+                .relay(stream, bytes.freeze(), None, false, slot)
+                .await;
             None
         }
         detect::Protocol::Http1 | detect::Protocol::Http2 => {
@@ -171,44 +153,93 @@ pub async fn accept(
             http(tls::Io::Plain(stream), bytes, None, slot)
         }
         detect::Protocol::Tls(hello) => {
-            if inbound && !inbound_takes_unverified(shared, &snapshot, peer, dst, false) {
-                return None;
-            }
-            let class = destination_class(&snapshot, dst, hello.sni.as_deref(), inbound);
-            tracing::debug!(%dst, sni = hello.sni.as_deref().unwrap_or(""), destination = %class, "captured TLS relayed as opaque TCP");
-            let wrap = mesh_wrapping(&snapshot, dst, inbound);
-            relay(
-                stream,
-                bytes.freeze(),
-                dst,
-                direction,
-                &class,
-                wrap,
-                shared,
-                slot,
-            )
-            .await;
+            let sni = hello.sni.as_deref();
+            relayed.relay(stream, bytes.freeze(), sni, true, slot).await;
             None
         }
         detect::Protocol::Opaque | detect::Protocol::TimedOut => {
-            if inbound && !inbound_takes_unverified(shared, &snapshot, peer, dst, false) {
-                return None;
-            }
-            let class = destination_class(&snapshot, dst, None, inbound);
-            let wrap = mesh_wrapping(&snapshot, dst, inbound);
-            relay(
-                stream,
-                bytes.freeze(),
-                dst,
-                direction,
-                &class,
-                wrap,
-                shared,
-                slot,
-            )
-            .await;
+            relayed
+                .relay(stream, bytes.freeze(), None, true, slot)
+                .await;
             None
         }
+    }
+}
+
+/// A captured connection that is relayed as opaque TCP rather than served here: what decides
+/// whether and how.
+struct Relayed<'a> {
+    shared: &'a Shared,
+    snapshot: &'a Snapshot,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    inbound: bool,
+}
+
+impl Relayed<'_> {
+    /// Relays `stream` (after `prefix`) to the original destination: inbound only if it may
+    /// reach the app unverified; counted under the destination's class (by `sni` when the
+    /// address names no service); wrapped in mesh mTLS when `may_wrap` and the destination is
+    /// a meshed service.
+    async fn relay(
+        &self,
+        stream: TcpStream,
+        prefix: Bytes,
+        sni: Option<&str>,
+        may_wrap: bool,
+        slot: ConnectionSlot,
+    ) {
+        let Self {
+            shared,
+            snapshot,
+            peer,
+            dst,
+            inbound,
+        } = *self;
+        if inbound && !inbound_takes_unverified(shared, snapshot, peer, dst, false) {
+            return;
+        }
+        let class = destination_class(snapshot, dst, sni, inbound);
+        if let Some(sni) = sni {
+            tracing::debug!(%dst, sni, destination = %class, "captured TLS relayed as opaque TCP");
+        }
+        let wrap = may_wrap
+            .then(|| mesh_wrapping(snapshot, dst, inbound))
+            .flatten();
+        let direction = if inbound { INBOUND } else { OUTBOUND };
+        let capture = &shared.metrics.capture;
+        let mode = if wrap.is_some() {
+            OPAQUE_MESH
+        } else {
+            "opaque"
+        };
+        capture.connection(direction, &class, mode);
+        let connect_timeout = if direction == INBOUND {
+            inbound_connect_timeout(shared)
+        } else {
+            crate::http::snapshot::PASSTHROUGH_CONNECT_TIMEOUT
+        };
+        let (server, _own) = match opaque::dial(dst, connect_timeout).await {
+            Ok(connected) => connected,
+            Err(error) => {
+                tracing::debug!(%error, direction, "captured connection not relayed");
+                return;
+            }
+        };
+        let counters = capture.relay(direction, &class);
+        let idle = shared.connections.timeouts.tcp_idle;
+        let end = match &wrap {
+            None => opaque::relay(stream, server, &prefix, idle, &counters).await,
+            Some(wrap) => match tls::connect_opaque(wrap, dst, server).await {
+                Ok(server) => opaque::relay(stream, server, &prefix, idle, &counters).await,
+                Err(error) => {
+                    tracing::debug!(%dst, reason = error.reason, error = %error.message, "captured connection not wrapped in mesh TLS; closed");
+                    return;
+                }
+            },
+        };
+        tracing::debug!(%dst, direction, destination = %class, end = end.as_str(), "opaque relay ended");
+        drop(slot);
     }
 }
 
@@ -256,6 +287,7 @@ fn inbound_takes_unverified(
     if !strict && !authorized_only {
         return true;
     }
+    shared.metrics.capture.refused(INBOUND, "unverified");
     if let Some(mesh) = &shared.mesh {
         mesh.metrics
             .handshake_failed("inbound", "plaintext_refused");
@@ -315,6 +347,32 @@ fn authorized(snapshot: &Snapshot, caller: Option<&HeaderValue>) -> bool {
     caller.is_some_and(|c| allow.iter().any(|a| a.as_bytes() == c.as_bytes()))
 }
 
+/// Serves a terminated mesh-wrapped stream (ALPN `outrider-tcp/1`) from `peer`: its verified
+/// caller is checked against `inbound.authorization`, and its plaintext relayed to `dst` (a
+/// captured connection's original destination, or `inbound.app` on the explicit inbound port).
+/// Without a destination (explicit, and no `inbound` in the policy) it is refused, never read
+/// as HTTP.
+pub async fn relay_wrapped(
+    accepted: tls::Accepted,
+    peer: SocketAddr,
+    dst: Option<SocketAddr>,
+    shared: &Shared,
+    slot: ConnectionSlot,
+) {
+    let capture = &shared.metrics.capture;
+    let Some(dst) = dst else {
+        capture.refused(INBOUND, "no_destination");
+        tracing::warn!(%peer, caller = accepted.peer_identity.as_ref().and_then(|id| id.to_str().ok()), "mesh TCP connection refused: the policy has no `inbound` to relay it to");
+        return;
+    };
+    if !authorized(&shared.snapshot.load(), accepted.peer_identity.as_ref()) {
+        capture.refused(INBOUND, "unauthorized");
+        tracing::debug!(%peer, %dst, caller = accepted.peer_identity.as_ref().and_then(|id| id.to_str().ok()), "mesh TCP connection refused by authorization");
+        return;
+    }
+    relay_wrapped_inbound(accepted.io, dst, shared, slot).await;
+}
+
 /// Relays a terminated mesh-wrapped stream's plaintext to the app's port `dst`.
 async fn relay_wrapped_inbound(
     io: tls::Io,
@@ -341,7 +399,7 @@ async fn relay_wrapped_inbound(
         &counters,
     )
     .await;
-    tracing::debug!(%dst, ?end, "mesh TCP relay ended");
+    tracing::debug!(%dst, end = end.as_str(), "mesh TCP relay ended");
     drop(slot);
 }
 
@@ -355,54 +413,6 @@ fn inbound_connect_timeout(shared: &Shared) -> std::time::Duration {
         .map_or(crate::http::snapshot::PASSTHROUGH_CONNECT_TIMEOUT, |i| {
             i.timeouts.connect.get()
         })
-}
-
-/// Relays `stream` (after `prefix`) to `dst` as opaque TCP, counted under `class`; wrapped in
-/// mesh mTLS with `wrap` when given.
-#[allow(clippy::too_many_arguments)]
-async fn relay(
-    stream: TcpStream,
-    prefix: Bytes,
-    dst: SocketAddr,
-    direction: &'static str,
-    class: &str,
-    wrap: Option<tls::UpstreamTls>,
-    shared: &Shared,
-    slot: ConnectionSlot,
-) {
-    let capture = &shared.metrics.capture;
-    let mode = if wrap.is_some() {
-        OPAQUE_MESH
-    } else {
-        "opaque"
-    };
-    capture.connection(direction, class, mode);
-    let connect_timeout = if direction == INBOUND {
-        inbound_connect_timeout(shared)
-    } else {
-        crate::http::snapshot::PASSTHROUGH_CONNECT_TIMEOUT
-    };
-    let (server, _own) = match opaque::dial(dst, connect_timeout).await {
-        Ok(connected) => connected,
-        Err(error) => {
-            tracing::debug!(%error, direction, "captured connection not relayed");
-            return;
-        }
-    };
-    let counters = capture.relay(direction, class);
-    let idle = shared.connections.timeouts.tcp_idle;
-    let end = match &wrap {
-        None => opaque::relay(stream, server, &prefix, idle, &counters).await,
-        Some(wrap) => match tls::connect_opaque(wrap, dst, server).await {
-            Ok(server) => opaque::relay(stream, server, &prefix, idle, &counters).await,
-            Err(error) => {
-                tracing::debug!(%dst, reason = error.reason, error = %error.message, "captured connection not wrapped in mesh TLS; closed");
-                return;
-            }
-        },
-    };
-    tracing::debug!(%dst, direction, destination = class, ?end, "opaque relay ended");
-    drop(slot);
 }
 
 /// How a captured connection's requests are routed: its original destination, resolved to a

@@ -29,6 +29,7 @@ use crate::io::connect::ConnectError;
 use crate::io::outcome::{self, Deferred, Watch};
 use crate::io::pool::{SendError, Unsent, UpstreamBody};
 use crate::io::request_body::{Counted, ReplayHandle, RequestBody};
+use crate::io::tls::UpstreamTls;
 use crate::io::upstream::{Endpoint, Upstream};
 use crate::policy::breaker::{BreakerRejection, Outcome};
 use crate::policy::ratelimit::RateDecision;
@@ -36,7 +37,7 @@ use crate::policy::retry::{self, AttemptFailure, RetryPolicy};
 use crate::policy::timeout::{BodyStall, Deadlines, Expired, Timer};
 use crate::telemetry::metrics::RouteLabels;
 use crate::telemetry::span::RequestSpan;
-use crate::telemetry::{AccessRecord, AttemptSpan, ExchangeReport, Finish, SpanSink};
+use crate::telemetry::{AccessRecord, AttemptSpan, ExchangeReport, Finish, LoggedOnly, SpanSink};
 use crate::trace::{SpanId, TraceContext};
 
 /// Which listener a request arrived on; decides how its target is found.
@@ -105,13 +106,21 @@ where
                 target,
                 authority,
                 TraceContext::extract(req.headers(), &snapshot.sampler),
-                snapshot.access_log.clone(),
+                snapshot
+                    .access_log
+                    .clone()
+                    .map(|log| (log, snapshot.access_log_style)),
             )),
             Err(error) => {
                 let response = rescue(&error, grpc);
+                if error.is_malformed() {
+                    let direction = if server { "inbound" } else { "outbound" };
+                    shared.metrics.malformed(direction, response.status());
+                }
                 snapshot.unrouted.record(
                     req.method(),
                     response.status(),
+                    error.flag(),
                     started.elapsed().as_secs_f64(),
                 );
                 // Requests the proxy refused before routing are logged and traced too: an
@@ -126,14 +135,17 @@ where
                         refused_span(sink, &req, &trace, labels, side, times, &response, &error);
                     }
                     if let Some(log) = &snapshot.access_log {
-                        log.record(AccessRecord::refused(
+                        let mut record = AccessRecord::refused(
                             &req,
+                            &caller,
                             &trace,
                             &snapshot.unrouted.labels,
                             times,
                             &response,
-                            error.to_string(),
-                        ));
+                            (error.to_string(), error.flag()),
+                        );
+                        record.style = snapshot.access_log_style;
+                        log.record(record);
                     }
                 }
                 Err(response)
@@ -153,13 +165,33 @@ where
         None
     };
     Finish::begin(&target.metrics);
+    let (log, style) = log.unzip();
     let logged = log.is_some();
     let finish_spans = spans.is_some();
     let keep_uri = logged || finish_spans;
+    let logged_only = style.map(|style| {
+        Box::new(LoggedOnly {
+            style,
+            version: req.version(),
+            user_agent: req.headers().get(header::USER_AGENT).cloned(),
+            peer_identity: if server {
+                caller.identity.clone()
+            } else {
+                target
+                    .upstream
+                    .spec
+                    .tls
+                    .as_ref()
+                    .and_then(UpstreamTls::identity)
+            },
+            ..LoggedOnly::default()
+        })
+    });
     let mut finish = Finish {
         metrics: Arc::clone(&target.metrics),
         spans,
         access_log: log,
+        logged: logged_only,
         server,
         started,
         started_wall,
@@ -192,12 +224,16 @@ where
     drop(pending);
     // Counted when the response ends (`Finish`): only then is it known whether the caller
     // stayed for it.
+    let head_elapsed = started.elapsed();
     target
         .metrics
-        .observe_headers(started.elapsed().as_secs_f64());
+        .observe_headers(finish.report.flag, head_elapsed.as_secs_f64());
     finish.status = response.status();
     finish.responded = true;
-    if grpc && finish_spans {
+    if let Some(logged) = finish.logged.as_deref_mut() {
+        logged.head_elapsed = head_elapsed;
+    }
+    if grpc && (finish_spans || finish.logged.is_some()) {
         // A trailers-only response has its status here; otherwise the trailers bring it.
         finish.grpc_status = outcome::grpc_code(response.headers());
     }
@@ -242,6 +278,7 @@ fn refused_span<B>(
         grpc_status: outcome::grpc_code(response.headers()),
         error: Some(&reason),
         cancelled: false,
+        flag: error.flag(),
     };
     for span in span.build(&[], sink.scope()) {
         sink.record(span);
@@ -345,6 +382,7 @@ async fn forward(
                     retry_after,
                     reset,
                 };
+                report.flag = error.flag();
                 report.error = Some(error.to_string());
                 return rescue(&error, grpc);
             }
@@ -357,7 +395,9 @@ async fn forward(
             now = Instant::now();
         }
         if let Some(status) = faults.abort {
-            return rescue(&ProxyError::FaultAbort(status), grpc);
+            let error = ProxyError::FaultAbort(status);
+            report.flag = error.flag();
+            return rescue(&error, grpc);
         }
     }
     let permit = match &policy.breaker {
@@ -370,6 +410,7 @@ async fn forward(
                     BreakerRejection::Open => ProxyError::CircuitOpen(service),
                     BreakerRejection::ConcurrencyLimit => ProxyError::ConcurrencyLimit(service),
                 };
+                report.flag = error.flag();
                 return rescue(&error, grpc);
             }
         },
@@ -399,6 +440,7 @@ async fn forward(
             parts
         }
         Err(error) => {
+            report.flag = error.flag();
             report.error = Some(error.to_string());
             return rescue(&error, grpc);
         }
@@ -458,6 +500,7 @@ async fn forward(
                     stall.lift();
                 }
             }
+            report.answered = true;
             let watch = Watch::new(permit, verdict, deferred, stall);
             response.map(|body| ProxyBody::upstream(body, policy.idle_timeout, watch, timer))
         }
@@ -466,6 +509,7 @@ async fn forward(
             if let (Some(permit), Some(outcome)) = (permit, outcome::of_error(&error)) {
                 permit.record(outcome);
             }
+            report.flag = error.flag();
             report.error = Some(error.to_string());
             rescue(&error, grpc)
         }
@@ -799,6 +843,7 @@ async fn exchange_with_retries(
         let (attempt_span, attempt_start) = if attempt == 1 {
             (first_span, now)
         } else {
+            metrics.attempts.inc();
             let span = SpanId::random();
             req.headers_mut()
                 .insert(ATTEMPT.clone(), attempt_value(attempt));

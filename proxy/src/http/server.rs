@@ -6,6 +6,7 @@ use std::pin::{pin, Pin};
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use http::StatusCode;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -23,8 +24,9 @@ use crate::http::shared::Shared;
 use crate::io::connection::{
     self, ConnectionSlot, Expiry, FirstHead, Gated, GatedTimer, IdleWatch, LogLimiter,
 };
-use crate::io::identity::PEER_IDENTITY_HEADER;
+use crate::io::identity::{ALPN_OUTRIDER_TCP, PEER_IDENTITY_HEADER};
 use crate::io::original_dst::{self, Disposition};
+use crate::io::rewind::Rewind;
 use crate::io::tls;
 use crate::telemetry::metrics::ListenerMetrics;
 
@@ -189,7 +191,7 @@ async fn serve_connection(
         let captured = Some((http.dst, http.inbound));
         (http.io, http.peer_identity, http.bytes, http.slot, captured)
     } else {
-        let Some((io, peer_identity)) =
+        let Some(accepted) =
             accept_explicit(stream, peer, kind, &shared, deadline, &mut stop).await
         else {
             if Instant::now() >= deadline {
@@ -197,7 +199,26 @@ async fn serve_connection(
             }
             return;
         };
-        (io, peer_identity, BytesMut::new(), slot, None)
+        if accepted.io.alpn() == Some(ALPN_OUTRIDER_TCP) {
+            // Mesh-wrapped opaque TCP sent to this port itself (a peer's endpoint naming
+            // 15006): opaque bytes, to the app as on a captured port, never read as HTTP.
+            let app = shared
+                .snapshot
+                .load()
+                .policy
+                .inbound
+                .as_ref()
+                .map(|i| i.app);
+            captured::relay_wrapped(accepted, peer, app, &shared, slot).await;
+            return;
+        }
+        (
+            accepted.io,
+            accepted.peer_identity,
+            BytesMut::new(),
+            slot,
+            None,
+        )
     };
     let first = tokio::select! {
         first = connection::read_first_head_after(&mut io, prefix, deadline) => first,
@@ -235,7 +256,9 @@ async fn serve_connection(
             &shared.metrics,
         ))
     });
-    let caller = headers::Caller::new(peer);
+    let inbound = captured.map_or(kind == ListenerKind::Inbound, |(_, inbound)| inbound);
+    let on_error = Arc::clone(&shared);
+    let caller = headers::Caller::new(peer).with_identity(peer_identity.clone());
     let service = service_fn(move |mut req| {
         let shared = Arc::clone(&shared);
         let caller = caller.clone();
@@ -255,7 +278,8 @@ async fn serve_connection(
             response.map(|r| r.map(|body| connection::ServedBody::new(body, stream)))
         }
     });
-    let io = TokioIo::new(connection::ServedIo::new(first.bytes, io, slot));
+    // The bytes the first head was read in come first; the slot is held while the socket lives.
+    let io = TokioIo::new(Rewind::holding(first.bytes, io, slot));
     // What ends a connection besides hyper: a shutdown (`None`), or an HTTP/2 connection's
     // expiry. Gated: hyper wakes the task several times per request, and these need a look
     // only when they wake it themselves.
@@ -278,10 +302,36 @@ async fn serve_connection(
             // HTTP/1.1: no next head within the idle timeout. (hyper ends an HTTP/2 connection
             // whose keepalive PING went unanswered without an error.)
             metrics.idle_timeouts.inc();
+        } else if let Some(status) = parser_answer(&error) {
+            let direction = if inbound { "inbound" } else { "outbound" };
+            on_error.malformed(direction, peer, status, &error);
         } else {
             tracing::debug!(%error, "connection ended with an error");
         }
     }
+}
+
+/// The status hyper's HTTP/1 server answered a request head it could not parse with, if it
+/// answered one (its `on_error`): 431 for too many or too large headers, 414 for a long URI,
+/// 400 for any other malformed method, target, version or header. A connection that ended
+/// for another reason (or an HTTP/2 one: its malformed streams are reset) has none.
+fn parser_answer(error: &hyper::Error) -> Option<StatusCode> {
+    if !error.is_parse() || error.is_parse_status() || error.is_parse_version_h2() {
+        return None;
+    }
+    if error.is_parse_too_large() {
+        // hyper tells the two apart only by their message.
+        return Some(if error.to_string().starts_with("URI too long") {
+            StatusCode::URI_TOO_LONG
+        } else {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        });
+    }
+    // `Parse::Internal` (a parser bug) is not answered; its message says so.
+    if error.to_string().contains("internal error") {
+        return None;
+    }
+    Some(StatusCode::BAD_REQUEST)
 }
 
 /// The explicit-mode start of a connection: on the inbound port, the plaintext/mTLS sniff
@@ -293,9 +343,12 @@ async fn accept_explicit(
     shared: &Shared,
     deadline: Instant,
     stop: &mut watch::Receiver<bool>,
-) -> Option<(tls::Io, Option<http::HeaderValue>)> {
+) -> Option<tls::Accepted> {
     if kind != ListenerKind::Inbound {
-        return Some((tls::Io::Plain(stream), None));
+        return Some(tls::Accepted {
+            io: tls::Io::Plain(stream),
+            peer_identity: None,
+        });
     }
     let mode = shared
         .snapshot
@@ -305,11 +358,10 @@ async fn accept_explicit(
         .as_ref()
         .map(|i| i.mtls)
         .unwrap_or_default();
-    let accepted = tokio::select! {
+    tokio::select! {
         accepted = tls::accept_inbound(stream, peer, shared.mesh.as_ref(), mode, deadline) => accepted,
-        () = crate::core::shutdown::stopped(stop) => return None,
-    };
-    accepted.map(|a| (a.io, a.peer_identity))
+        () = crate::core::shutdown::stopped(stop) => None,
+    }
 }
 
 /// Runs hyper's `conn` until it ends, and closes it gracefully (`graceful_shutdown`) once
@@ -342,7 +394,7 @@ where
                         Expiry::HeaderRead => metrics.header_read_timeouts.inc(),
                         Expiry::Idle => metrics.idle_timeouts.inc(),
                     }
-                    tracing::debug!(%peer, ?expiry, "HTTP/2 connection expired; GOAWAY");
+                    tracing::debug!(%peer, expiry = expiry.as_str(), "HTTP/2 connection expired; GOAWAY");
                     cut_at = Some(connection::deadline_after(connection::CLOSE_GRACE));
                 }
             }
@@ -396,5 +448,10 @@ fn inbound_identity<B>(
         caller = caller.as_deref().unwrap_or("plaintext"),
         "inbound request refused by authorization"
     );
-    Some(ProxyError::Forbidden(caller))
+    let refused = ProxyError::Forbidden(caller);
+    // Counted here, as the request goes no further (untimed: it is answered at once).
+    snapshot
+        .inbound_metrics()
+        .count_ended(req.method(), refused.status(), refused.flag());
+    Some(refused)
 }

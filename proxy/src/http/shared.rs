@@ -7,15 +7,16 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use arc_swap::ArcSwap;
+use http::StatusCode;
 use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::http::lifecycle::AppActivity;
 use crate::http::snapshot::Snapshot;
-use crate::io::connection::Connections;
+use crate::io::connection::{Connections, LogLimiter};
 use crate::io::identity::Mesh;
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::{AccessLog, Spans};
+use crate::telemetry::{AccessLog, AccessRecord, Spans};
 
 /// State shared by every listener: the policy in force and the proxy's lifecycle flags.
 pub struct Shared {
@@ -51,12 +52,46 @@ pub struct Shared {
     /// The access-log writer the logging snapshots share, while any of them lives (most
     /// proxies never log; the writer is a thread and a queue). A reload that logs reuses it.
     pub access_log: Mutex<Weak<AccessLog>>,
+    /// Bounds the access-log lines of requests the HTTP/1 parser refused: a flood of garbage
+    /// must not flood the log (one line a second, saying how many it stands for).
+    pub malformed_lines: Mutex<LogLimiter>,
 }
 
 impl Shared {
     /// The access-log writer slot; a poisoned lock still holds a valid `Weak`.
     pub fn access_log(&self) -> MutexGuard<'_, Weak<AccessLog>> {
         self.access_log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a request hyper's HTTP/1 parser refused and answered itself (`status`), and
+    /// logs it when the access log is on, at most one line a second.
+    pub fn malformed(
+        &self,
+        direction: &'static str,
+        peer: SocketAddr,
+        status: StatusCode,
+        error: &hyper::Error,
+    ) {
+        self.metrics.malformed(direction, status);
+        let snapshot = self.snapshot.load();
+        let Some(log) = &snapshot.access_log else {
+            return;
+        };
+        let due = self
+            .malformed_lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .hit(tokio::time::Instant::now());
+        let Some(count) = due else {
+            return;
+        };
+        let reason = match count {
+            0 | 1 => format!("malformed request: {error}"),
+            n => format!("malformed request: {error} ({n} malformed requests since the last line)"),
+        };
+        let mut record = AccessRecord::malformed(direction, peer, status.as_u16(), reason);
+        record.style = snapshot.access_log_style;
+        log.record(record);
     }
 
     /// Begins a graceful shutdown (SIGTERM, `POST /shutdown`,
@@ -123,6 +158,16 @@ pub struct PolicyStatus {
     fresh: AtomicBool,
     unselected: AtomicBool,
     persist: Arc<PersistHealth>,
+    control_replica: Mutex<Option<ControlReplica>>,
+}
+
+/// The control-plane replica a subscription is connected to, as `/config` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlReplica {
+    /// The `--control` URL it was configured by.
+    pub url: Arc<str>,
+    /// The address connected to.
+    pub address: SocketAddr,
 }
 
 impl PolicyStatus {
@@ -155,6 +200,22 @@ impl PolicyStatus {
     /// Records what the control plane said about the workload being named.
     pub fn set_unselected(&self, unselected: bool) {
         self.unselected.store(unselected, Ordering::Release);
+    }
+
+    /// The control-plane replica the subscription is connected to, if it is.
+    pub fn control_replica(&self) -> Option<ControlReplica> {
+        self.control_replica
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records the replica the subscription is connected to (`None` once it is not).
+    pub fn set_control_replica(&self, replica: Option<ControlReplica>) {
+        *self
+            .control_replica
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = replica;
     }
 
     /// Whether `--state-dir` holds the control-plane policy in force (written by the

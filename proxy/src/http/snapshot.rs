@@ -15,7 +15,7 @@ use crate::policy::breaker::CircuitBreaker;
 use crate::policy::ratelimit::RateLimiter;
 use crate::policy::{Limit, RoutePolicy, Stateful};
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
-use crate::telemetry::AccessLog;
+use crate::telemetry::{AccessLog, AccessLogStyle};
 use crate::trace::Sampler;
 
 /// Where a matched request goes: an upstream, and the metrics it is counted in.
@@ -71,11 +71,13 @@ pub struct Snapshot {
     /// The policy as written (validated).
     pub policy: Policy,
     /// Metrics of requests no route matched.
-    pub unrouted: RouteMetrics,
+    pub unrouted: Arc<RouteMetrics>,
     /// How new traces are sampled.
     pub sampler: Sampler,
     /// The access-log writer, when this policy logs (set by the reload that installs it).
     pub access_log: Option<Arc<AccessLog>>,
+    /// How this policy's access-log lines are written.
+    pub access_log_style: AccessLogStyle,
     routes: Vec<CompiledRoute>,
     dedicated: HashMap<SocketAddr, Arc<Target>>,
     /// Transparent capture: the service each known address belongs to (its `addresses` and
@@ -102,6 +104,15 @@ pub struct Snapshot {
 pub const OUTBOUND: &str = "outbound";
 /// Label of the direction of inbound requests.
 pub const INBOUND: &str = "inbound";
+/// Service and route label of requests no route matched. Placeholder labels start with ':',
+/// which policy names cannot hold (`config/` allows letters, digits, '-', '.', '_'), so they
+/// never share a series with a real service or route.
+pub const UNROUTED: &str = ":unrouted";
+/// Route label of requests on a service's dedicated listener (`listen`).
+pub const DEDICATED_ROUTE: &str = ":listen";
+/// Route label of captured requests sent to a service by their destination address.
+pub const ADDRESS_ROUTE: &str = ":address";
+
 /// Service (and route) label of captured requests and connections to a destination that
 /// belongs to no service of the policy.
 pub const PASSTHROUGH: &str = "passthrough";
@@ -210,7 +221,7 @@ impl Snapshot {
             let upstream = upstreams.get(service)?;
             Some(Arc::new(Target {
                 upstream: Arc::clone(upstream),
-                metrics: Arc::new(metrics.route(OUTBOUND, service, label)),
+                metrics: metrics.route(OUTBOUND, service, label),
                 policy: RoutePolicy::new(
                     policy.services.get(service),
                     route,
@@ -226,7 +237,9 @@ impl Snapshot {
         let mut routes = Vec::with_capacity(policy.routes.len());
         let mut route_state = HashMap::with_capacity(policy.routes.len());
         for (i, route) in policy.routes.iter().enumerate() {
-            let name = route.name.clone().unwrap_or_else(|| format!("route-{i}"));
+            // An unnamed route is labelled by its position, with the placeholder ':' so a
+            // route named `route-0` keeps its own series.
+            let name = route.name.clone().unwrap_or_else(|| format!(":route-{i}"));
             let before = previous.and_then(|p| p.route_state.get(&name));
             let state = Stateful {
                 limit: limit(
@@ -272,7 +285,9 @@ impl Snapshot {
         let dedicated = policy
             .services
             .iter()
-            .filter_map(|(name, s)| Some((s.listen?, target(name, None, &no_state, "listen")?)))
+            .filter_map(|(name, s)| {
+                Some((s.listen?, target(name, None, &no_state, DEDICATED_ROUTE)?))
+            })
             .collect();
         let mut by_address = HashMap::new();
         let mut by_dns = Vec::new();
@@ -280,7 +295,7 @@ impl Snapshot {
         let address_targets = policy
             .services
             .iter()
-            .filter_map(|(name, s)| Some((name, s, target(name, None, &no_state, "address")?)));
+            .filter_map(|(name, s)| Some((name, s, target(name, None, &no_state, ADDRESS_ROUTE)?)));
         let mut endpoint_owners = Vec::new();
         for (name, service, target) in address_targets {
             // `addresses` are one service's only (validated); an endpoint two services share
@@ -337,7 +352,7 @@ impl Snapshot {
             });
             Arc::new(Target {
                 upstream,
-                metrics: Arc::new(metrics.route(INBOUND, "app", "inbound")),
+                metrics: metrics.route(INBOUND, "app", "inbound"),
                 policy: RoutePolicy::inbound(
                     inbound_state.limit.clone(),
                     inbound.timeouts.request_body_idle.get(),
@@ -346,20 +361,21 @@ impl Snapshot {
             })
         });
         let sampler = Sampler::parent_based(policy.tracing.as_ref().map_or(1.0, |t| t.ratio));
+        let access_log_style = AccessLogStyle::of(&policy.access_log);
         let inbound_metrics = match &inbound {
             Some(target) => Arc::clone(&target.metrics),
-            None => Arc::new(metrics.route(INBOUND, "app", "inbound")),
+            None => metrics.route(INBOUND, "app", "inbound"),
         };
         Self {
             by_address,
             by_dns,
             by_host,
-            passthrough_metrics: Arc::new(metrics.route(OUTBOUND, PASSTHROUGH, PASSTHROUGH)),
+            passthrough_metrics: metrics.route(OUTBOUND, PASSTHROUGH, PASSTHROUGH),
             inbound_metrics,
             version,
             content_hash,
             policy,
-            unrouted: metrics.route(OUTBOUND, "none", "none"),
+            unrouted: metrics.route(OUTBOUND, UNROUTED, UNROUTED),
             sampler,
             routes,
             dedicated,
@@ -369,7 +385,13 @@ impl Snapshot {
             route_state,
             inbound_state,
             access_log: None,
+            access_log_style,
         }
+    }
+
+    /// Metrics of inbound requests (`app`), for those refused before they have a target.
+    pub fn inbound_metrics(&self) -> &Arc<RouteMetrics> {
+        &self.inbound_metrics
     }
 
     /// The target of an outbound request to `host` (no port) and `path`, by the first matching
@@ -555,6 +577,10 @@ fn upstream_tls(name: &str, service: &Service, mesh: Option<&Arc<Mesh>>) -> Upst
             config,
             opaque,
             mesh: Arc::clone(mesh),
+            identity: service
+                .identity
+                .as_deref()
+                .and_then(|id| http::HeaderValue::from_str(id).ok()),
         },
         Err(error) => {
             // Only a provider without TLS 1.3 could get here; fail closed.

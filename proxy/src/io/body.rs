@@ -222,8 +222,11 @@ impl Body for ProxyBody {
                         } else if let (Some(trailers), Some(finish)) =
                             (frame.trailers_ref(), &mut observed.finish)
                         {
-                            if finish.grpc && finish.spans.is_some() {
-                                finish.grpc_status = crate::io::outcome::grpc_code(trailers);
+                            let wanted = finish.spans.is_some() || finish.logged.is_some();
+                            if finish.grpc && wanted {
+                                if let Some(code) = crate::io::outcome::grpc_code(trailers) {
+                                    finish.grpc_status = Some(code);
+                                }
                             }
                         }
                     }

@@ -4,16 +4,15 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::io::rewind::Rewind;
 use crate::io::tls::{Io, UpstreamTls};
 use crate::policy::holdout::HoldOut;
 use crate::telemetry::metrics::{ConnectionGuard, ConnectionMetrics};
@@ -107,7 +106,7 @@ impl Drop for PendingSlot {
 pub struct EndpointConnector {
     addr: SocketAddr,
     timeout: Duration,
-    metrics: ConnectionMetrics,
+    metrics: Arc<ConnectionMetrics>,
     pending: Option<PendingLimit>,
     tls: Option<UpstreamTls>,
     hold_out: Option<Arc<HoldOut>>,
@@ -119,7 +118,7 @@ impl EndpointConnector {
     pub fn new(
         addr: SocketAddr,
         timeout: Duration,
-        metrics: ConnectionMetrics,
+        metrics: Arc<ConnectionMetrics>,
         pending: Option<PendingLimit>,
     ) -> Self {
         Self {
@@ -198,64 +197,28 @@ impl EndpointConnector {
                     }
                 })?,
         };
-        Ok(TokioIo::new(CountedStream {
-            stream,
+        let counted = Counted {
             _guard: self.metrics.opened(),
             _own: own,
-        }))
+        };
+        Ok(TokioIo::new(Rewind::holding(Bytes::new(), stream, counted)))
     }
 }
 
 /// A connection (TCP, or mesh TLS over it) counted in the connection metrics while it lives.
-pub struct CountedStream {
-    stream: Io,
+/// Nothing was read from it before it is handed out: the replay is empty.
+pub type CountedStream = Rewind<Io, Counted>;
+
+/// What an upstream connection holds while it lives: its place in the connection metrics and
+/// its record among the proxy's own sockets.
+pub struct Counted {
     _guard: ConnectionGuard,
     _own: Option<crate::io::original_dst::OwnSocket>,
 }
 
-impl CountedStream {
+impl<H> Rewind<Io, H> {
     /// Whether an idle connection is still open with nothing unread (see [`Io::is_quiet`]).
     pub fn is_quiet(&mut self) -> bool {
-        self.stream.is_quiet()
-    }
-}
-
-impl AsyncRead for CountedStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for CountedStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        self.unread().is_empty() && self.get_mut().is_quiet()
     }
 }

@@ -15,9 +15,9 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -451,87 +451,6 @@ pub async fn answer_request_timeout<T: AsyncWrite + Unpin>(io: &mut T) {
     .await;
 }
 
-/// A served connection: the bytes [`read_first_head`] took replayed first, then the stream;
-/// holds the listener slot as long as the socket lives.
-pub struct ServedIo<T> {
-    prefix: Bytes,
-    io: T,
-    _slot: ConnectionSlot,
-}
-
-impl<T> ServedIo<T> {
-    /// `io`, whose first bytes `prefix` were already read from it.
-    pub fn new(prefix: Bytes, io: T, slot: ConnectionSlot) -> Self {
-        Self {
-            prefix,
-            io,
-            _slot: slot,
-        }
-    }
-}
-
-impl<T> ServedIo<T> {
-    /// Hands out replayed bytes (once per connection, twice at most: out of the hot path).
-    #[cold]
-    #[inline(never)]
-    fn replay(&mut self, buf: &mut ReadBuf<'_>) {
-        let n = self.prefix.len().min(buf.remaining());
-        buf.put_slice(&self.prefix[..n]);
-        self.prefix.advance(n);
-        if self.prefix.is_empty() {
-            // Free the buffer now rather than with the connection.
-            self.prefix = Bytes::new();
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for ServedIo<T> {
-    // Inline, as hyper's reads were before this layer: every read of the connection passes here.
-    #[inline]
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.prefix.is_empty() {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
-        }
-        this.replay(buf);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for ServedIo<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
 /// A future polled only after it has woken its task, not each time the task is polled.
 ///
 /// hyper wakes a connection's task several times per request, and the task polls everything it
@@ -693,6 +612,16 @@ pub enum Expiry {
     HeaderRead,
     /// No open stream for the idle timeout.
     Idle,
+}
+
+impl Expiry {
+    /// `header_read` or `idle`, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HeaderRead => "header_read",
+            Self::Idle => "idle",
+        }
+    }
 }
 
 /// Watches an HTTP/2 connection's streams: the first must start by the header-read deadline,

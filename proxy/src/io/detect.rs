@@ -354,7 +354,7 @@ mod tests {
             panic!("not TLS: {:?}", detection.protocol);
         };
         assert!(hello.mesh);
-        let rewound = crate::io::tls::Rewound::new(detection.bytes.freeze(), stream);
+        let rewound = crate::io::rewind::Rewind::new(detection.bytes.freeze(), stream);
         let deadline = Instant::now() + Duration::from_secs(5);
         let accepted = crate::io::tls::handshake(rewound, peer, &server, deadline)
             .await

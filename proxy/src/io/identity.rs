@@ -252,9 +252,12 @@ impl Mesh {
         expected: Option<Arc<str>>,
         alpn: Vec<Vec<u8>>,
     ) -> Result<Arc<ClientConfig>, rustls::Error> {
-        let verifier = Arc::new(PeerVerifier {
-            mesh: Arc::clone(self),
-            expected,
+        let verifier = Arc::new(ServerVerifier {
+            provider: Arc::clone(&self.provider),
+            check: ServerCheck::Peer {
+                mesh: Arc::clone(self),
+                expected,
+            },
         });
         let mut config = ClientConfig::builder_with_provider(Arc::clone(&self.provider))
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -308,21 +311,61 @@ pub struct WrongIdentity {
     pub presented: String,
 }
 
-/// Verifies an upstream sidecar: chain to the bundle in force, then its SPIFFE id.
-struct PeerVerifier {
-    mesh: Arc<Mesh>,
-    expected: Option<Arc<str>>,
+/// How a server's certificate is judged. The handshake's signatures are checked the same way
+/// whatever the judgement ([`ServerVerifier`]).
+enum ServerCheck {
+    /// An upstream sidecar: chained to the bundle in force, then its SPIFFE id (`expected`,
+    /// when given).
+    Peer {
+        mesh: Arc<Mesh>,
+        expected: Option<Arc<str>>,
+    },
+    /// Any certificate: the caller checks that the server answers, not who it is (app
+    /// probes, as the kubelet's).
+    Any,
 }
 
-impl std::fmt::Debug for PeerVerifier {
+/// Verifies a server's certificate as its [`ServerCheck`] says, and the handshake's signatures
+/// with `provider`'s algorithms.
+struct ServerVerifier {
+    provider: Arc<CryptoProvider>,
+    check: ServerCheck,
+}
+
+impl std::fmt::Debug for ServerVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerVerifier")
-            .field("expected", &self.expected)
-            .finish_non_exhaustive()
+        match &self.check {
+            ServerCheck::Peer { expected, .. } => f
+                .debug_struct("PeerVerifier")
+                .field("expected", expected)
+                .finish_non_exhaustive(),
+            ServerCheck::Any => f.write_str("AnyCertificate"),
+        }
     }
 }
 
-impl ServerCertVerifier for PeerVerifier {
+/// A client configuration that accepts any server certificate (TLS 1.3 or 1.2, no client
+/// certificate): for HTTPS app probes, which check that the app answers, not who it is (the
+/// kubelet skips verification too). `None` if the built-in provider refuses the default
+/// protocol versions (it does not).
+pub fn unverified_client_config() -> Option<Arc<ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = Arc::new(ServerVerifier {
+        provider: Arc::clone(&provider),
+        check: ServerCheck::Any,
+    });
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?;
+    Some(Arc::new(
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth(),
+    ))
+}
+
+impl ServerCertVerifier for ServerVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -331,8 +374,10 @@ impl ServerCertVerifier for PeerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let held = self
-            .mesh
+        let ServerCheck::Peer { mesh, expected } = &self.check else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        let held = mesh
             .held()
             .ok_or_else(|| rustls::Error::General("no mesh certificate held yet".into()))?;
         let cert = ParsedCertificate::try_from(end_entity)?;
@@ -341,12 +386,12 @@ impl ServerCertVerifier for PeerVerifier {
             &held.roots,
             intermediates,
             now,
-            self.mesh.provider.signature_verification_algorithms.all,
+            self.provider.signature_verification_algorithms.all,
         )?;
         // The peer's names are SPIFFE URIs, not DNS names: the identity check replaces the
         // hostname check.
         let presented = spiffe_id_of(end_entity);
-        match (&self.expected, presented) {
+        match (expected, presented) {
             (None, Some(_)) => Ok(ServerCertVerified::assertion()),
             (Some(expected), Some(presented)) if **expected == *presented => {
                 Ok(ServerCertVerified::assertion())
@@ -370,7 +415,7 @@ impl ServerCertVerifier for PeerVerifier {
             message,
             cert,
             dss,
-            &self.mesh.provider.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -384,13 +429,12 @@ impl ServerCertVerifier for PeerVerifier {
             message,
             cert,
             dss,
-            &self.mesh.provider.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.mesh
-            .provider
+        self.provider
             .signature_verification_algorithms
             .supported_schemes()
     }

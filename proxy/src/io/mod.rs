@@ -12,5 +12,6 @@ pub mod original_dst;
 pub mod outcome;
 pub mod pool;
 pub mod request_body;
+pub mod rewind;
 pub mod tls;
 pub mod upstream;

@@ -27,6 +27,17 @@ pub enum RelayEnd {
     Error,
 }
 
+impl RelayEnd {
+    /// `closed`, `idle` or `error`, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Idle => "idle",
+            Self::Error => "error",
+        }
+    }
+}
+
 /// Why the original destination could not be reached.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {

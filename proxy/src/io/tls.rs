@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::io::identity::{self, Mesh, ALPN_H2, ALPN_HTTP1};
+use crate::io::rewind::Rewind;
 
 /// First byte of a TLS record carrying a handshake (a ClientHello starts with it).
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -32,67 +33,7 @@ pub enum Io {
     /// TLS to an upstream sidecar.
     Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// TLS from a peer sidecar.
-    Server(Box<tokio_rustls::server::TlsStream<Rewound>>),
-}
-
-/// An accepted TCP stream whose first bytes were read already (a captured connection's
-/// ClientHello, read to see its ALPN): they are read again first.
-pub struct Rewound {
-    prefix: bytes::Bytes,
-    stream: TcpStream,
-}
-
-impl Rewound {
-    /// `stream`, whose first bytes `prefix` were taken from it.
-    pub fn new(prefix: bytes::Bytes, stream: TcpStream) -> Self {
-        Self { prefix, stream }
-    }
-}
-
-impl AsyncRead for Rewound {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.prefix.is_empty() {
-            return Pin::new(&mut this.stream).poll_read(cx, buf);
-        }
-        let n = this.prefix.len().min(buf.remaining());
-        buf.put_slice(&this.prefix.split_to(n));
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Rewound {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
+    Server(Box<tokio_rustls::server::TlsStream<Rewind<TcpStream>>>),
 }
 
 macro_rules! delegate {
@@ -115,6 +56,15 @@ macro_rules! delegate {
 }
 
 impl Io {
+    /// The protocol agreed by ALPN in the TLS handshake; `None` on plain TCP.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            Self::Plain(_) => None,
+            Self::Client(tls) => tls.get_ref().1.alpn_protocol(),
+            Self::Server(tls) => tls.get_ref().1.alpn_protocol(),
+        }
+    }
+
     /// Whether an idle connection is still open with nothing unread: the peer has neither
     /// closed it nor sent anything. Never waits. On plain TCP it asks the runtime's cached
     /// readiness, making a system call only if the socket became readable; TLS reads through
@@ -190,6 +140,9 @@ pub enum UpstreamTls {
         opaque: Arc<ClientConfig>,
         /// For handshake-failure metrics.
         mesh: Arc<Mesh>,
+        /// The SPIFFE id the peer must present, when the policy names one (the access log's
+        /// `peer_identity`, as a header value made once per policy load).
+        identity: Option<HeaderValue>,
     },
     /// The policy asks for mesh TLS but this proxy has no identity configured: every
     /// connection fails rather than going out in plaintext.
@@ -204,6 +157,16 @@ pub enum UpstreamTls {
     /// TLS origination whose config could not be built (unreadable CA bundle...): every
     /// connection fails with this reason rather than going out unverified or in plaintext.
     Unusable(Arc<str>),
+}
+
+impl UpstreamTls {
+    /// The identity every endpoint of the service is verified to have, if one is required.
+    pub fn identity(&self) -> Option<HeaderValue> {
+        match self {
+            Self::Mesh { identity, .. } => identity.clone(),
+            _ => None,
+        }
+    }
 }
 
 /// Why an outbound TLS handshake failed.
@@ -393,7 +356,10 @@ async fn mesh_handshake(
             mesh.metrics.handshake_failed("outbound", "timeout");
             Err(HandshakeError {
                 reason: "timeout",
-                message: format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+                message: format!(
+                    "no TLS handshake within {}",
+                    outrider_config::Duration(HANDSHAKE_TIMEOUT)
+                ),
                 origination: false,
             })
         }
@@ -413,7 +379,7 @@ async fn originate(
         Ok(Err(error)) => {
             let reason = identity::failure_reason(&error);
             let message = error.to_string();
-            tracing::warn!(%addr, sni = ?name, reason, error = %message, "TLS handshake to external service failed");
+            tracing::warn!(%addr, sni = %name.to_str(), reason, error = %message, "TLS handshake to external service failed");
             Err(HandshakeError {
                 reason,
                 message,
@@ -422,7 +388,10 @@ async fn originate(
         }
         Err(_) => Err(HandshakeError {
             reason: "timeout",
-            message: format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+            message: format!(
+                "no TLS handshake within {}",
+                outrider_config::Duration(HANDSHAKE_TIMEOUT)
+            ),
             origination: true,
         }),
     }
@@ -481,7 +450,7 @@ pub async fn accept_inbound(
         });
     }
     handshake(
-        Rewound::new(bytes::Bytes::new(), stream),
+        Rewind::new(bytes::Bytes::new(), stream),
         peer,
         mesh,
         deadline,
@@ -492,7 +461,7 @@ pub async fn accept_inbound(
 /// The server side of mesh mTLS over `stream` (client certificate required, a SPIFFE id in
 /// it), by `deadline`. `None`: refused (the reason is logged and counted here).
 pub async fn handshake(
-    stream: Rewound,
+    stream: Rewind<TcpStream>,
     peer: SocketAddr,
     mesh: &Arc<Mesh>,
     deadline: tokio::time::Instant,
@@ -555,6 +524,7 @@ mod tests {
                 .client_config(Some(expected), vec![ALPN_OUTRIDER_TCP.to_vec()])
                 .unwrap(),
             mesh: Arc::clone(mesh),
+            identity: None,
         }
     }
 
@@ -570,7 +540,7 @@ mod tests {
             let (stream, peer) = listener.accept().await.unwrap();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             let accepted = handshake(
-                Rewound::new(bytes::Bytes::new(), stream),
+                Rewind::new(bytes::Bytes::new(), stream),
                 peer,
                 &server,
                 deadline,
@@ -605,7 +575,7 @@ mod tests {
         let refusing = tokio::spawn(async move {
             let (stream, peer) = listener.accept().await.unwrap();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            let rewound = Rewound::new(bytes::Bytes::new(), stream);
+            let rewound = Rewind::new(bytes::Bytes::new(), stream);
             handshake(rewound, peer, &server, deadline).await.is_some()
         });
         let stream = TcpStream::connect(addr).await.unwrap();

@@ -16,7 +16,7 @@ use crate::io::tls::UpstreamTls;
 use crate::policy::breaker::Outcome;
 use crate::policy::holdout::{HoldOut, HoldOuts};
 use crate::policy::outlier::{EndpointHealth, OutlierDetector};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, ServiceMetrics};
 
 /// How often a `dns:` service is resolved again.
 const DNS_REFRESH: Duration = Duration::from_secs(5);
@@ -75,6 +75,9 @@ pub struct Upstream {
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     next: AtomicUsize,
     metrics: Metrics,
+    /// The service's own series (ejections, hold-outs), kept while the upstream lives; none
+    /// for a captured destination's.
+    _series: Option<Arc<ServiceMetrics>>,
     outlier: Option<OutlierDetector>,
     hold_outs: Arc<HoldOuts>,
     pending: Option<PendingLimit>,
@@ -93,22 +96,24 @@ impl Upstream {
         metrics: &Metrics,
         previous: Option<&Upstream>,
     ) -> Arc<Self> {
+        let series = metrics.service(&spec.name);
         let outlier = spec
             .outlier
             .as_ref()
-            .map(|config| OutlierDetector::new(config, Some(metrics.ejections(&spec.name))));
+            .map(|config| OutlierDetector::new(config, series.ejections()));
         let hold_outs = match previous {
             Some(previous) => Arc::clone(&previous.hold_outs),
             None => HoldOuts::new(
                 spec.name.clone(),
                 spec.connect_timeout,
-                Some(metrics.hold_outs(&spec.name)),
+                Some(series.hold_outs.clone()),
             ),
         };
         let upstream = Arc::new(Self {
             endpoints: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
             metrics: metrics.clone(),
+            _series: Some(series),
             outlier,
             hold_outs,
             pending: spec
@@ -146,6 +151,7 @@ impl Upstream {
             endpoints: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
             metrics: metrics.clone(),
+            _series: None,
             outlier: None,
             hold_outs,
             pending: None,
@@ -304,7 +310,7 @@ impl Upstream {
         let endpoints = self.endpoints.load();
         let all = endpoints.iter().map(|e| &e.health);
         if let Some(length) = outlier.record(&endpoint.health, outcome, all) {
-            tracing::info!(service = %self.spec.name, endpoint = %endpoint.addr, ejected_for = ?length, "endpoint ejected");
+            tracing::info!(service = %self.spec.name, endpoint = %endpoint.addr, ejected_for = %outrider_config::Duration(length), "endpoint ejected");
         }
     }
 
@@ -324,7 +330,7 @@ impl Upstream {
                         addrs.sort();
                         addrs.dedup();
                         if addrs != upstream.endpoint_addrs() {
-                            tracing::info!(service = %upstream.spec.name, endpoints = ?addrs, "dns endpoints changed");
+                            tracing::info!(service = %upstream.spec.name, endpoints = %crate::core::DisplayList(&addrs), "dns endpoints changed");
                             upstream.set_endpoints(&addrs);
                         }
                     }
@@ -569,7 +575,7 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(u.pick(None).expect("pick").addr, addr(1));
         }
-        assert_eq!(metrics.hold_outs("svc").get(), 1);
+        assert_eq!(metrics.service("svc").hold_outs.get(), 1);
         // Something listens there again: the first connect that succeeds ends the hold-out.
         let listener = std::net::TcpListener::bind(dead).expect("bind again");
         let connector = EndpointConnector::new(

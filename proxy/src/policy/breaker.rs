@@ -34,13 +34,26 @@ pub struct BreakerMetrics {
     state: [IntGauge; 3],
     /// Transitions into each state.
     transitions: [IntCounter; 3],
+    /// What keeps these series registered while the breaker lives (the service's metric
+    /// handles); opaque here, where metrics are not known.
+    _series: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl BreakerMetrics {
     /// Handles for one breaker: a gauge and a counter per state, in [`STATE_LABELS`] order.
     /// Built by `Metrics::breaker`, which owns the registry.
     pub fn new(state: [IntGauge; 3], transitions: [IntCounter; 3]) -> Self {
-        Self { state, transitions }
+        Self {
+            state,
+            transitions,
+            _series: None,
+        }
+    }
+
+    /// The same handles, keeping `series` (whatever owns their registration) alive with them.
+    pub fn holding(mut self, series: std::sync::Arc<dyn std::any::Any + Send + Sync>) -> Self {
+        self._series = Some(series);
+        self
     }
 
     fn index(state: BreakerState) -> usize {
@@ -77,6 +90,13 @@ pub enum BreakerState {
     Open,
     /// A limited number of probe requests pass; their outcome decides the next state.
     HalfOpen,
+}
+
+impl BreakerState {
+    /// `closed`, `open` or `half_open` (as in the metrics), for logs.
+    pub fn as_str(self) -> &'static str {
+        STATE_LABELS[BreakerMetrics::index(self)]
+    }
 }
 
 /// How a request admitted by the breaker ended.
@@ -334,7 +354,7 @@ impl CircuitBreaker {
 
     fn log(&self, transition: Option<Transition>) {
         if let Some(Transition { from, to }) = transition {
-            tracing::info!(service = %self.name, from = ?from, to = ?to, "circuit breaker transition");
+            tracing::info!(service = %self.name, from = from.as_str(), to = to.as_str(), "circuit breaker transition");
             if let Some(metrics) = &self.metrics {
                 metrics.show(to);
                 metrics.count(to);

@@ -159,9 +159,9 @@ impl HoldOut {
         }
         // At most once per hold-out: from four a second at first to one per 5-10 s.
         if failures == 1 {
-            tracing::info!(service = %self.service.service, endpoint = %self.addr, %reason, held_out_for = ?length, "endpoint unreachable; held out");
+            tracing::info!(service = %self.service.service, endpoint = %self.addr, %reason, held_out_for = %outrider_config::Duration(length), "endpoint unreachable; held out");
         } else {
-            tracing::debug!(service = %self.service.service, endpoint = %self.addr, %reason, failures, held_out_for = ?length, "endpoint still unreachable; held out");
+            tracing::debug!(service = %self.service.service, endpoint = %self.addr, %reason, failures, held_out_for = %outrider_config::Duration(length), "endpoint still unreachable; held out");
         }
         Some(length)
     }

@@ -1,18 +1,23 @@
 //! Prometheus metrics. Label sets are resolved once per reload into [`RouteMetrics`] handles,
 //! so the request path only touches atomics: no label hashing, no registry lock.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::core::errors::ResponseFlag;
 use crate::policy::breaker::{BreakerMetrics, STATE_LABELS};
 
-/// Latency buckets for a sidecar hop: sub-millisecond up to ten seconds.
+/// Latency buckets for a sidecar hop: sub-millisecond up to five minutes, so long streams
+/// (downloads, server-streaming gRPC, long polls) land in a bucket rather than all in +Inf;
+/// 18 buckets, four of them past ten seconds.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
 ];
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -22,6 +27,10 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const METHODS: [&str; 10] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "other",
 ];
+
+/// Endpoints of one service labelled by address at once, by default
+/// (`--metrics-endpoint-cap`).
+pub const DEFAULT_ENDPOINT_CAP: usize = 16;
 
 /// Status codes `http` accepts: 100 to 999.
 const FIRST_CODE: u16 = 100;
@@ -42,16 +51,33 @@ fn method_index(method: &http::Method) -> usize {
     }
 }
 
-/// Request counters of one direction, service and route, by method and status code.
+const FLAGS: usize = ResponseFlag::ALL.len();
+
+/// Slots per method and flag for the responses the proxy makes: a flag comes with one or two
+/// statuses (a fault injection's is the policy's), so a few suffice; a status past them is
+/// looked up in the family each time.
+const PROXY_MADE_SLOTS: usize = 4;
+
+/// Counters of one method and flag the proxy made responses for, each with its status (0 for
+/// a cancelled request, which has none).
+type ProxyMadeSlots = [OnceLock<(u16, IntCounter)>; PROXY_MADE_SLOTS];
+
+/// Request counters of one direction, service and route, by method, status code and response
+/// flag.
 ///
 /// The children are made lazily (a route sees few methods and codes, and eager series for all
-/// of them would be thousands of zeros) and then cached: a table per method, a slot per code,
-/// so after the first request with a given method and code, counting is one atomic add with no
-/// label hashing and no lock of the metric family.
+/// of them would be thousands of zeros) and then cached: for the upstream's responses a table
+/// per method with a slot per code, for the proxy's own a few slots per method and flag; so
+/// after the first request with a given method, code and flag, counting is one atomic add with
+/// no label hashing and no lock of the metric family.
 struct RequestCounters {
     family: IntCounterVec,
     labels: RouteLabels,
     by_method: [OnceLock<Box<[OnceLock<IntCounter>]>>; METHODS.len()],
+    proxy_made: [OnceLock<Box<[ProxyMadeSlots; FLAGS]>>; METHODS.len()],
+    /// Series of the proxy's responses past their flag's slots (method, status, flag), to
+    /// remove them with the route's; pushed to only on that rare path.
+    uncached: Mutex<Vec<(usize, http::StatusCode, ResponseFlag)>>,
 }
 
 /// `status_class` and `code` of a request the caller abandoned before its response ended (a
@@ -59,41 +85,104 @@ struct RequestCounters {
 pub const CANCELLED: &str = "cancelled";
 
 impl RequestCounters {
-    /// The slots of `method`'s series: one per status code, and the last for cancelled ones.
-    fn slots(&self, method: &http::Method) -> (usize, &[OnceLock<IntCounter>]) {
-        let m = method_index(method);
-        let codes =
-            self.by_method[m].get_or_init(|| (0..=CODES).map(|_| OnceLock::new()).collect());
-        (m, codes)
+    /// The series of `method`'s request ended with `status` and `flag` (`cancelled` for
+    /// [`ResponseFlag::DownstreamCancelled`], whatever the status).
+    fn series(&self, m: usize, status: http::StatusCode, flag: ResponseFlag) -> IntCounter {
+        self.family
+            .with_label_values(&self.label_values(m, &status, flag))
     }
 
-    fn series(&self, m: usize, class: &str, code: &str) -> IntCounter {
-        self.family.with_label_values(&[
+    /// The label values of a series, in the family's order.
+    fn label_values<'a>(
+        &'a self,
+        m: usize,
+        status: &'a http::StatusCode,
+        flag: ResponseFlag,
+    ) -> [&'a str; 7] {
+        let (class, code) = match flag {
+            ResponseFlag::DownstreamCancelled => (CANCELLED, CANCELLED),
+            _ => {
+                let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+                (STATUS_CLASSES[class], status.as_str())
+            }
+        };
+        [
             &self.labels.direction,
             &self.labels.service,
             &self.labels.route,
             METHODS[m],
             class,
             code,
-        ])
+            flag.code(),
+        ]
     }
 
-    fn inc(&self, method: &http::Method, status: http::StatusCode) {
-        let (m, codes) = self.slots(method);
-        let slot = usize::from(status.as_u16().saturating_sub(FIRST_CODE)).min(CODES - 1);
-        codes[slot]
-            .get_or_init(|| {
-                let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
-                self.series(m, STATUS_CLASSES[class], status.as_str())
-            })
-            .inc();
+    /// Removes every series these counters made (when the route's last handle goes).
+    fn remove_all(&self) {
+        let remove = |m: usize, status: http::StatusCode, flag: ResponseFlag| {
+            let _ = self
+                .family
+                .remove_label_values(&self.label_values(m, &status, flag));
+        };
+        for (m, codes) in self.by_method.iter().enumerate() {
+            let made = codes.get().map(|c| c.iter()).into_iter().flatten();
+            for (slot, counter) in made.enumerate() {
+                let code = u16::try_from(slot)
+                    .ok()
+                    .and_then(|slot| FIRST_CODE.checked_add(slot));
+                let status = code.and_then(|code| http::StatusCode::from_u16(code).ok());
+                if let (Some(_), Some(status)) = (counter.get(), status) {
+                    remove(m, status, ResponseFlag::Upstream);
+                }
+            }
+        }
+        for (m, flags) in self.proxy_made.iter().enumerate() {
+            let Some(flags) = flags.get() else {
+                continue;
+            };
+            for (flag, slots) in ResponseFlag::ALL.iter().zip(flags.iter()) {
+                for (key, _) in slots.iter().filter_map(OnceLock::get) {
+                    // A cancelled request's key (0) is no status: any does for its labels.
+                    let status = http::StatusCode::from_u16(*key).unwrap_or(http::StatusCode::OK);
+                    remove(m, status, *flag);
+                }
+            }
+        }
+        let uncached = self.uncached.lock().unwrap_or_else(PoisonError::into_inner);
+        for (m, status, flag) in uncached.iter() {
+            remove(*m, *status, *flag);
+        }
     }
 
-    fn inc_cancelled(&self, method: &http::Method) {
-        let (m, codes) = self.slots(method);
-        codes[CODES]
-            .get_or_init(|| self.series(m, CANCELLED, CANCELLED))
-            .inc();
+    fn inc(&self, method: &http::Method, status: http::StatusCode, flag: ResponseFlag) {
+        let m = method_index(method);
+        if flag == ResponseFlag::Upstream {
+            let codes =
+                self.by_method[m].get_or_init(|| (0..CODES).map(|_| OnceLock::new()).collect());
+            let slot = usize::from(status.as_u16().saturating_sub(FIRST_CODE)).min(CODES - 1);
+            codes[slot]
+                .get_or_init(|| self.series(m, status, flag))
+                .inc();
+            return;
+        }
+        let key = match flag {
+            ResponseFlag::DownstreamCancelled => 0,
+            _ => status.as_u16(),
+        };
+        let flags = self.proxy_made[m].get_or_init(Box::default);
+        for slot in &flags[flag.index()] {
+            let (slot_key, counter) = slot.get_or_init(|| (key, self.series(m, status, flag)));
+            if *slot_key == key {
+                counter.inc();
+                return;
+            }
+        }
+        let mut uncached = self.uncached.lock().unwrap_or_else(PoisonError::into_inner);
+        if !uncached.contains(&(m, status, flag)) {
+            uncached.push((m, status, flag));
+        }
+        drop(uncached);
+        self.series(m, status, flag).inc();
     }
 }
 
@@ -106,12 +195,14 @@ pub struct Metrics {
     connections_opened: IntCounterVec,
     connections_active: IntGaugeVec,
     retries: IntCounterVec,
+    retried_requests: IntCounterVec,
     rate_limit: IntCounterVec,
     breaker_state: IntGaugeVec,
     breaker_transitions: IntCounterVec,
     ejections: IntCounterVec,
     listeners: ListenerVecs,
     hold_outs: IntCounterVec,
+    malformed: IntCounterVec,
     traffic: TrafficVecs,
     /// Span export and access-log counters.
     pub telemetry: TelemetryMetrics,
@@ -122,6 +213,39 @@ pub struct Metrics {
     pub policy_reloads: PolicyReloadMetrics,
     /// Transparent capture: captured connections, their bytes, protocol detection, loops.
     pub capture: CaptureMetrics,
+    /// The route, service and endpoint handles alive now, by labels: shared by every snapshot
+    /// that uses them.
+    live: Arc<LiveSeries>,
+    /// Most endpoints of one service labelled by address at once; the rest are `other`.
+    endpoint_cap: usize,
+}
+
+/// Labels of a route handle: direction, service, route.
+type RouteKey = (Arc<str>, Arc<str>, Arc<str>);
+
+/// Endpoint handles of one service, by `endpoint` label.
+type ServiceEndpoints = HashMap<Arc<str>, Weak<ConnectionMetrics>>;
+
+/// The `endpoint` label of a service's endpoints past the cap.
+pub const OTHER_ENDPOINTS: &str = "other";
+
+/// Route, service and endpoint handles in use, so a reload reuses the handles of those that
+/// stayed, and the last holder of one that left the policy (its old snapshot, the requests
+/// still in flight on it, an endpoint's open connections) removes its series. Locked at
+/// reloads, when an endpoint appears and when a handle goes, never per request.
+#[derive(Default)]
+struct LiveSeries {
+    routes: Mutex<HashMap<RouteKey, Weak<RouteMetrics>>>,
+    services: Mutex<HashMap<Arc<str>, Weak<ServiceMetrics>>>,
+    /// By service, then endpoint: looked up by `&str` without building a key.
+    endpoints: Mutex<HashMap<Arc<str>, ServiceEndpoints>>,
+}
+
+/// Whether `live` holds a handle still in use for `key`: a reload that brought a route,
+/// service or endpoint back after its last handle's holder let go made new handles on the same
+/// series, and those stay.
+fn in_use<K: std::hash::Hash + Eq, V>(live: &HashMap<K, Weak<V>>, key: &K) -> bool {
+    live.get(key).is_some_and(|h| h.strong_count() > 0)
 }
 
 /// Detection time buckets: most clients write at once (microseconds); a timeout is the longest.
@@ -147,6 +271,7 @@ pub struct CaptureMetrics {
     detections: IntCounterVec,
     detection_seconds: HistogramVec,
     loops: IntCounterVec,
+    refused: IntCounterVec,
 }
 
 impl CaptureMetrics {
@@ -192,12 +317,22 @@ impl CaptureMetrics {
                 ),
                 &["reason"],
             )?,
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "outrider_tcp_refused_total",
+                    "Captured connections (and mesh-wrapped TCP on the inbound port) closed \
+                     before being served or relayed, by direction and reason (unverified, \
+                     unauthorized, no_identity, no_destination).",
+                ),
+                &["direction", "reason"],
+            )?,
         };
         registry.register(Box::new(metrics.connections.clone()))?;
         registry.register(Box::new(metrics.bytes.clone()))?;
         registry.register(Box::new(metrics.detections.clone()))?;
         registry.register(Box::new(metrics.detection_seconds.clone()))?;
         registry.register(Box::new(metrics.loops.clone()))?;
+        registry.register(Box::new(metrics.refused.clone()))?;
         Ok(metrics)
     }
 
@@ -234,6 +369,11 @@ impl CaptureMetrics {
     pub fn looped(&self, reason: &str) {
         self.loops.with_label_values(&[reason]).inc();
     }
+
+    /// Counts a connection closed before it was served or relayed, and why.
+    pub fn refused(&self, direction: &str, reason: &str) {
+        self.refused.with_label_values(&[direction, reason]).inc();
+    }
 }
 
 /// Counters of policy reloads (file changes and control-plane updates).
@@ -245,10 +385,15 @@ pub struct PolicyReloadMetrics {
     pub error: IntCounter,
 }
 
-/// Where a request was counted: by direction, service and route.
+/// Where a request was counted: by direction, service and route. Shared by every snapshot
+/// with this route; when the last holder drops it, its series leave the exposition.
 pub struct RouteMetrics {
+    /// The families its series belong to, to remove them from.
+    owner: Option<RouteOwner>,
     requests: RequestCounters,
-    duration: Histogram,
+    /// Time to response headers, by flag.
+    duration: [OnceLock<Histogram>; FLAGS],
+    duration_family: HistogramVec,
     /// Retry outcomes of this route and service.
     pub retries: RetryMetrics,
     /// Rate-limit decisions on requests of this route and service.
@@ -257,6 +402,99 @@ pub struct RouteMetrics {
     pub traffic: TrafficMetrics,
     /// The labels these handles were made for (access log and span attributes).
     pub labels: RouteLabels,
+}
+
+/// What removes a route's series when its handles go.
+struct RouteOwner {
+    metrics: Metrics,
+    key: RouteKey,
+}
+
+impl Drop for RouteMetrics {
+    fn drop(&mut self) {
+        let Some(owner) = self.owner.take() else {
+            return;
+        };
+        let metrics = &owner.metrics;
+        let mut live = metrics
+            .live
+            .routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if in_use(&live, &owner.key) {
+            return;
+        }
+        live.remove(&owner.key);
+        let (direction, service, route) = (&*owner.key.0, &*owner.key.1, &*owner.key.2);
+        self.requests.remove_all();
+        for flag in ResponseFlag::ALL {
+            let _ = metrics
+                .duration
+                .remove_label_values(&[direction, service, route, flag.code()]);
+        }
+        let traffic = &metrics.traffic;
+        let three = [direction, service, route];
+        let _ = traffic.request_bytes.remove_label_values(&three);
+        let _ = traffic.response_bytes.remove_label_values(&three);
+        let _ = traffic.active.remove_label_values(&three);
+        let _ = traffic.pending.remove_label_values(&three);
+        let _ = traffic.stream_duration.remove_label_values(&three);
+        let _ = metrics.retries.remove_label_values(&[service, route]);
+        for outcome in ["success", "exhausted", "budget-denied", "not-retryable"] {
+            let _ = metrics
+                .retried_requests
+                .remove_label_values(&[service, route, outcome]);
+        }
+        for decision in ["allowed", "rejected", "shadow-rejected"] {
+            let _ = metrics
+                .rate_limit
+                .remove_label_values(&[service, route, decision]);
+        }
+    }
+}
+
+/// The series of one service beyond its routes' (circuit breaker, outlier ejections,
+/// hold-outs), registered while a handle lives: its upstream and its breaker hold one, so they
+/// go after the last snapshot with the service and the last request on it.
+pub struct ServiceMetrics {
+    owner: Option<(Metrics, Arc<str>)>,
+    /// Endpoints held out after a failed connect.
+    pub hold_outs: IntCounter,
+}
+
+impl ServiceMetrics {
+    /// The counter of endpoints ejected by outlier detection (made for services that have it).
+    pub fn ejections(&self) -> Option<IntCounter> {
+        let (metrics, service) = self.owner.as_ref()?;
+        Some(metrics.ejections.with_label_values(&[service]))
+    }
+}
+
+impl Drop for ServiceMetrics {
+    fn drop(&mut self) {
+        let Some((metrics, service)) = self.owner.take() else {
+            return;
+        };
+        let mut live = metrics
+            .live
+            .services
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if in_use(&live, &service) {
+            return;
+        }
+        live.remove(&service);
+        let _ = metrics.ejections.remove_label_values(&[&service]);
+        let _ = metrics.hold_outs.remove_label_values(&[&service]);
+        for state in STATE_LABELS {
+            let _ = metrics
+                .breaker_state
+                .remove_label_values(&[&service, state]);
+            let _ = metrics
+                .breaker_transitions
+                .remove_label_values(&[&service, state]);
+        }
+    }
 }
 
 /// Direction, service and route of a target, as in its metric labels.
@@ -312,12 +550,52 @@ pub struct TelemetryMetrics {
 struct ProcessGauges {
     resident_memory: IntGauge,
     open_fds: IntGauge,
+    cpu_seconds: Counter,
+    /// The CPU seconds already added to `cpu_seconds` (the kernel gives a total; the counter
+    /// takes increments). Scrapes may run concurrently; the lock is never on the request path.
+    cpu_seen: Arc<Mutex<f64>>,
+}
+
+/// Clock ticks per second of the times in `/proc/<pid>/stat`: the kernel reports them in
+/// USER_HZ, which is 100 on every architecture this proxy targets (x86-64, arm64).
+const USER_HZ: f64 = 100.0;
+
+/// User plus system CPU time and the start time (seconds after boot) from the text of
+/// `/proc/self/stat`.
+fn parse_proc_stat(stat: &str) -> Option<(f64, f64)> {
+    // The command name (field 2) may hold spaces and parentheses: fields are counted from
+    // the last ')'. Field 3 (state) is then index 0, utime (14) index 11, stime (15) index
+    // 12, starttime (22) index 19.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    let cpu = ticks(11)?.saturating_add(ticks(12)?);
+    Some((cpu as f64 / USER_HZ, ticks(19)? as f64 / USER_HZ))
+}
+
+/// The boot time (`btime`, seconds since the epoch) from the text of `/proc/stat`.
+fn parse_boot_time(stat: &str) -> Option<f64> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|v| v as f64)
 }
 
 impl ProcessGauges {
-    /// Reads the process's resident memory and open descriptors from /proc (Linux); on a
-    /// scrape only, never on the request path.
+    /// Reads the process's resident memory, open descriptors and CPU time from /proc (Linux);
+    /// on a scrape only, never on the request path.
     fn update(&self) {
+        if let Some((cpu, _)) = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| parse_proc_stat(&stat))
+        {
+            if let Ok(mut seen) = self.cpu_seen.lock() {
+                if cpu > *seen {
+                    self.cpu_seconds.inc_by(cpu - *seen);
+                    *seen = cpu;
+                }
+            }
+        }
         if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
             if let Some(pages) = statm
                 .split_whitespace()
@@ -438,11 +716,41 @@ impl ProcessGauges {
             "Resident memory size in bytes.",
         )?;
         let open_fds = IntGauge::new("process_open_fds", "Number of open file descriptors.")?;
+        let cpu_seconds = Counter::new(
+            "process_cpu_seconds_total",
+            "Total user and system CPU time spent in seconds.",
+        )?;
+        let start_time = Gauge::new(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+        )?;
+        // Once: the process's start (ticks after boot) plus the boot time; if /proc cannot
+        // tell, the registry's creation (moments after start) stands in.
+        let started = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| parse_proc_stat(&stat))
+            .zip(
+                std::fs::read_to_string("/proc/stat")
+                    .ok()
+                    .and_then(|stat| parse_boot_time(&stat)),
+            )
+            .map(|((_, after_boot), boot)| boot + after_boot)
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+            });
+        start_time.set(started);
         registry.register(Box::new(resident_memory.clone()))?;
         registry.register(Box::new(open_fds.clone()))?;
+        registry.register(Box::new(cpu_seconds.clone()))?;
+        registry.register(Box::new(start_time))?;
         Ok(Self {
             resident_memory,
             open_fds,
+            cpu_seconds,
+            cpu_seen: Arc::new(Mutex::new(0.0)),
         })
     }
 }
@@ -457,8 +765,10 @@ pub struct RateLimitMetrics {
     pub shadow_rejected: IntCounter,
 }
 
-/// How requests that met a retryable failure ended.
+/// Retry attempts sent, and how requests that met a retryable failure ended.
 pub struct RetryMetrics {
+    /// Attempts after the first: one per retry actually sent.
+    pub attempts: IntCounter,
     /// A retry produced the final, successful response.
     pub success: IntCounter,
     /// Every attempt was used and the last one failed.
@@ -470,46 +780,89 @@ pub struct RetryMetrics {
 }
 
 impl RouteMetrics {
-    /// Counts one response to a `method` request with `status` that took `seconds` to its
-    /// headers.
-    pub fn record(&self, method: &http::Method, status: http::StatusCode, seconds: f64) {
-        self.requests.inc(method, status);
-        self.duration.observe(seconds);
+    /// Counts one response to a `method` request with `status` and `flag` that took `seconds`
+    /// to its headers.
+    pub fn record(
+        &self,
+        method: &http::Method,
+        status: http::StatusCode,
+        flag: ResponseFlag,
+        seconds: f64,
+    ) {
+        self.requests.inc(method, status, flag);
+        self.observe_headers(flag, seconds);
     }
 
-    /// Observes the time to the response headers of a request counted when it ends.
-    pub fn observe_headers(&self, seconds: f64) {
-        self.duration.observe(seconds);
+    /// Observes the time to the response headers (made as `flag` says) of a request counted
+    /// when it ends.
+    pub fn observe_headers(&self, flag: ResponseFlag, seconds: f64) {
+        self.duration[flag.index()]
+            .get_or_init(|| {
+                let labels = &self.labels;
+                self.duration_family.with_label_values(&[
+                    &labels.direction,
+                    &labels.service,
+                    &labels.route,
+                    flag.code(),
+                ])
+            })
+            .observe(seconds);
     }
 
-    /// Counts a request that ended: with its status, or as `cancelled` when the caller left
-    /// before its response ended (a gRPC deadline or cancel, a closed connection).
-    pub fn count_ended(&self, method: &http::Method, status: http::StatusCode, cancelled: bool) {
-        if cancelled {
-            self.requests.inc_cancelled(method);
-        } else {
-            self.requests.inc(method, status);
-        }
+    /// Counts a request that ended: with its status and flag, or as `cancelled` (status class
+    /// and code) when the flag is [`ResponseFlag::DownstreamCancelled`]: the caller left before
+    /// its response ended (a gRPC deadline or cancel, a closed connection).
+    pub fn count_ended(&self, method: &http::Method, status: http::StatusCode, flag: ResponseFlag) {
+        self.requests.inc(method, status, flag);
     }
 }
 
-/// Connection counters of one upstream endpoint.
-#[derive(Clone)]
+/// Connection counters of one upstream endpoint (or of a service's endpoints past the cap),
+/// registered while a handle lives: the endpoint's connector holds one, and each open
+/// connection, so an endpoint that left goes once its last connection closed.
 pub struct ConnectionMetrics {
     opened: IntCounter,
     closed: IntCounter,
     active: IntGauge,
+    /// The service and `endpoint` label.
+    owner: Option<(Metrics, Arc<str>, Arc<str>)>,
 }
 
 impl ConnectionMetrics {
     /// Counts a new connection; the returned guard counts it closed when dropped.
-    pub fn opened(&self) -> ConnectionGuard {
+    pub fn opened(self: &Arc<Self>) -> ConnectionGuard {
         self.opened.inc();
         self.active.inc();
-        ConnectionGuard {
-            active: self.active.clone(),
-            closed: self.closed.clone(),
+        ConnectionGuard(Arc::clone(self))
+    }
+}
+
+impl Drop for ConnectionMetrics {
+    fn drop(&mut self) {
+        let Some((metrics, service, endpoint)) = self.owner.take() else {
+            return;
+        };
+        let mut live = metrics
+            .live
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(endpoints) = live.get_mut(&service) {
+            if in_use(endpoints, &endpoint) {
+                return;
+            }
+            endpoints.remove(&endpoint);
+            if endpoints.is_empty() {
+                live.remove(&service);
+            }
         }
+        let labels = [&*service, &*endpoint];
+        let _ = metrics.connections_opened.remove_label_values(&labels);
+        let _ = metrics.connections_active.remove_label_values(&labels);
+        let _ = metrics
+            .traffic
+            .connections_closed
+            .remove_label_values(&labels);
     }
 }
 
@@ -567,15 +920,12 @@ impl ListenerVecs {
 }
 
 /// Decrements the active-connection gauge when the connection is dropped.
-pub struct ConnectionGuard {
-    active: IntGauge,
-    closed: IntCounter,
-}
+pub struct ConnectionGuard(Arc<ConnectionMetrics>);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.closed.inc();
-        self.active.dec();
+        self.0.closed.inc();
+        self.0.active.dec();
     }
 }
 
@@ -591,7 +941,7 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "outrider_requests_total",
-                "Requests, by direction, service, route, method, status class and code; counted when the response ends (`cancelled` when the caller left first).",
+                "Requests, by direction, service, route, method, status class, code and response flag (`-`: the upstream's response; otherwise why the proxy made it); counted when the response ends (`cancelled`, flag `DC`, when the caller left first).",
             ),
             &[
                 "direction",
@@ -600,15 +950,16 @@ impl Metrics {
                 "method",
                 "status_class",
                 "code",
+                "flags",
             ],
         )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "outrider_response_duration_seconds",
-                "Time from request received to response headers sent.",
+                "Time from request received to response headers sent, by response flag.",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
-            &["direction", "service", "route"],
+            &["direction", "service", "route", "flags"],
         )?;
         let connections_opened = IntCounterVec::new(
             Opts::new(
@@ -627,7 +978,15 @@ impl Metrics {
         let retries = IntCounterVec::new(
             Opts::new(
                 "outrider_retries_total",
-                "Requests that met a retryable failure, by how they ended.",
+                "Retry attempts sent (attempts after a request's first).",
+            ),
+            &["service", "route"],
+        )?;
+        let retried_requests = IntCounterVec::new(
+            Opts::new(
+                "outrider_retried_requests_total",
+                "Requests that met a retryable failure, by how they ended (success, exhausted, \
+                 budget-denied, not-retryable).",
             ),
             &["service", "route", "outcome"],
         )?;
@@ -667,6 +1026,14 @@ impl Metrics {
             ),
             &["service"],
         )?;
+        let malformed = IntCounterVec::new(
+            Opts::new(
+                "outrider_http_malformed_requests_total",
+                "Requests refused as malformed (400, 414, 431, 501) before any routing, by \
+                 direction and status code; never forwarded.",
+            ),
+            &["direction", "code"],
+        )?;
         let policy_version =
             IntGauge::new("outrider_policy_version", "Version of the policy in force.")?;
         let policy_reloads = IntCounterVec::new(
@@ -688,11 +1055,13 @@ impl Metrics {
         registry.register(Box::new(connections_opened.clone()))?;
         registry.register(Box::new(connections_active.clone()))?;
         registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(retried_requests.clone()))?;
         registry.register(Box::new(rate_limit.clone()))?;
         registry.register(Box::new(breaker_state.clone()))?;
         registry.register(Box::new(breaker_transitions.clone()))?;
         registry.register(Box::new(ejections.clone()))?;
         registry.register(Box::new(hold_outs.clone()))?;
+        registry.register(Box::new(malformed.clone()))?;
         registry.register(Box::new(policy_version.clone()))?;
         registry.register(Box::new(policy_reloads.clone()))?;
         registry.register(Box::new(build_info))?;
@@ -703,6 +1072,8 @@ impl Metrics {
         let capture = CaptureMetrics::new(&registry)?;
         Ok(Self {
             capture,
+            live: Arc::default(),
+            endpoint_cap: DEFAULT_ENDPOINT_CAP,
             traffic,
             listeners,
             telemetry,
@@ -713,17 +1084,26 @@ impl Metrics {
             connections_opened,
             connections_active,
             retries,
+            retried_requests,
             rate_limit,
             breaker_state,
             breaker_transitions,
             ejections,
             hold_outs,
+            malformed,
             policy_version,
             policy_reloads: PolicyReloadMetrics {
                 ok: policy_reloads.with_label_values(&["ok"]),
                 error: policy_reloads.with_label_values(&["error"]),
             },
         })
+    }
+
+    /// Labels at most `cap` endpoints of one service by address at once in the connection
+    /// metrics; the others are counted as `endpoint="other"` (0: all of them).
+    pub fn with_endpoint_cap(mut self, cap: usize) -> Self {
+        self.endpoint_cap = cap;
+        self
     }
 
     /// Registers a collector owned by another module (mesh TLS) in the one registry.
@@ -734,9 +1114,41 @@ impl Metrics {
         Ok(self.registry.register(collector)?)
     }
 
-    /// Handles for requests in `direction` to `service` through `route`.
-    pub fn route(&self, direction: &str, service: &str, route: &str) -> RouteMetrics {
+    /// Handles for requests in `direction` to `service` through `route`: the live ones if a
+    /// snapshot already uses them, else new ones.
+    pub fn route(&self, direction: &str, service: &str, route: &str) -> Arc<RouteMetrics> {
+        let key: RouteKey = (direction.into(), service.into(), route.into());
+        let mut live = self
+            .live
+            .routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(handles) = live.get(&key).and_then(Weak::upgrade) {
+            return handles;
+        }
+        let mut handles = self.route_handles(direction, service, route);
+        handles.owner = Some(RouteOwner {
+            metrics: self.clone(),
+            key: key.clone(),
+        });
+        let handles = Arc::new(handles);
+        live.insert(key, Arc::downgrade(&handles));
+        handles
+    }
+
+    fn route_handles(&self, direction: &str, service: &str, route: &str) -> RouteMetrics {
+        // The upstream's series from the start, as every route has them; the proxy's own when
+        // first seen.
+        let duration: [OnceLock<Histogram>; FLAGS] = Default::default();
+        let upstream = ResponseFlag::Upstream;
+        let _ = duration[upstream.index()].set(self.duration.with_label_values(&[
+            direction,
+            service,
+            route,
+            upstream.code(),
+        ]));
         RouteMetrics {
+            owner: None,
             requests: RequestCounters {
                 family: self.requests.clone(),
                 labels: RouteLabels {
@@ -745,21 +1157,29 @@ impl Metrics {
                     route: route.into(),
                 },
                 by_method: Default::default(),
+                proxy_made: Default::default(),
+                uncached: Mutex::default(),
             },
-            duration: self
-                .duration
-                .with_label_values(&[direction, service, route]),
+            duration,
+            duration_family: self.duration.clone(),
             retries: RetryMetrics {
-                success: self.retries.with_label_values(&[service, route, "success"]),
+                attempts: self.retries.with_label_values(&[service, route]),
+                success: self
+                    .retried_requests
+                    .with_label_values(&[service, route, "success"]),
                 exhausted: self
-                    .retries
+                    .retried_requests
                     .with_label_values(&[service, route, "exhausted"]),
-                budget_denied: self
-                    .retries
-                    .with_label_values(&[service, route, "budget-denied"]),
-                not_retryable: self
-                    .retries
-                    .with_label_values(&[service, route, "not-retryable"]),
+                budget_denied: self.retried_requests.with_label_values(&[
+                    service,
+                    route,
+                    "budget-denied",
+                ]),
+                not_retryable: self.retried_requests.with_label_values(&[
+                    service,
+                    route,
+                    "not-retryable",
+                ]),
             },
             rate_limit: RateLimitMetrics {
                 allowed: self
@@ -783,22 +1203,45 @@ impl Metrics {
         }
     }
 
-    /// The ejection counter of `service`.
-    pub fn ejections(&self, service: &str) -> IntCounter {
-        self.ejections.with_label_values(&[service])
+    /// The handles of `service`'s own series: the live ones if a snapshot already uses them,
+    /// else new ones.
+    pub fn service(&self, service: &str) -> Arc<ServiceMetrics> {
+        let mut live = self
+            .live
+            .services
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(handles) = live.get(service).and_then(Weak::upgrade) {
+            return handles;
+        }
+        let name: Arc<str> = Arc::from(service);
+        let handles = Arc::new(ServiceMetrics {
+            owner: Some((self.clone(), Arc::clone(&name))),
+            hold_outs: self.hold_outs.with_label_values(&[service]),
+        });
+        live.insert(name, Arc::downgrade(&handles));
+        handles
     }
 
-    /// The counter of `service`'s endpoints held out after a failed connect.
-    pub fn hold_outs(&self, service: &str) -> IntCounter {
-        self.hold_outs.with_label_values(&[service])
+    /// Counts a malformed request from `direction` answered `code` (the error path only: the
+    /// series is looked up each time).
+    pub fn malformed(&self, direction: &str, code: http::StatusCode) {
+        self.malformed
+            .with_label_values(&[direction, code.as_str()])
+            .inc();
     }
 
-    /// Handles for the circuit breaker of `service`.
+    /// Handles for the circuit breaker of `service`; they keep the service's series while the
+    /// breaker lives.
     pub fn breaker(&self, service: &str) -> BreakerMetrics {
+        // The service's handles first: made after them, the series cannot be removed by the
+        // last handle of an earlier version of the service going at the same time.
+        let series = self.service(service);
         BreakerMetrics::new(
             STATE_LABELS.map(|s| self.breaker_state.with_label_values(&[service, s])),
             STATE_LABELS.map(|s| self.breaker_transitions.with_label_values(&[service, s])),
         )
+        .holding(series)
     }
 
     /// Handles for the downstream connections of `listener`.
@@ -816,20 +1259,45 @@ impl Metrics {
         }
     }
 
-    /// Handles for connections to `endpoint` of `service`.
-    pub fn connections(&self, service: &str, endpoint: &str) -> ConnectionMetrics {
-        ConnectionMetrics {
-            opened: self
-                .connections_opened
-                .with_label_values(&[service, endpoint]),
-            closed: self
-                .traffic
-                .connections_closed
-                .with_label_values(&[service, endpoint]),
-            active: self
-                .connections_active
-                .with_label_values(&[service, endpoint]),
+    /// Handles for connections to `endpoint` of `service`: the live ones if the endpoint has
+    /// them already; else new ones, labelled `endpoint` while the service has fewer than the
+    /// cap labelled, `other` past it. Called when an endpoint joins a service (a reload, a DNS
+    /// answer), never per request.
+    pub fn connections(&self, service: &str, endpoint: &str) -> Arc<ConnectionMetrics> {
+        let mut live = self
+            .live
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let known = live
+            .get(service)
+            .and_then(|endpoints| endpoints.get(endpoint));
+        if let Some(handles) = known.and_then(Weak::upgrade) {
+            return handles;
         }
+        let endpoints = live.entry(Arc::from(service)).or_default();
+        let labelled = endpoints
+            .iter()
+            .filter(|(label, h)| &***label != OTHER_ENDPOINTS && h.strong_count() > 0)
+            .count();
+        let label = if labelled < self.endpoint_cap {
+            endpoint
+        } else {
+            OTHER_ENDPOINTS
+        };
+        if let Some(handles) = endpoints.get(label).and_then(Weak::upgrade) {
+            return handles;
+        }
+        let labels = [service, label];
+        let label: Arc<str> = Arc::from(label);
+        let handles = Arc::new(ConnectionMetrics {
+            opened: self.connections_opened.with_label_values(&labels),
+            closed: self.traffic.connections_closed.with_label_values(&labels),
+            active: self.connections_active.with_label_values(&labels),
+            owner: Some((self.clone(), Arc::from(service), Arc::clone(&label))),
+        });
+        endpoints.insert(label, Arc::downgrade(&handles));
+        handles
     }
 
     /// The Prometheus text exposition of every metric.
@@ -840,5 +1308,179 @@ impl Metrics {
         // metric, which registration already rules out.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use ResponseFlag::{ConnectFailure, DownstreamCancelled, FaultInjected, Upstream};
+
+    #[test]
+    fn proc_stat_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        // Fields 14 and 15 (utime, stime) are 250 and 50 ticks, field 22 (starttime) 12345.
+        let stat = "4242 (we(ird) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 \
+                    5 0 12345 1000000 500 18446744073709551615";
+        assert_eq!(parse_proc_stat(stat), Some((3.0, 123.45)));
+        assert_eq!(parse_proc_stat("4242 (short) S 1"), None);
+        assert_eq!(
+            parse_boot_time("cpu  1 2 3\nintr 5\nbtime 1700000000\nprocesses 9\n"),
+            Some(1_700_000_000.0)
+        );
+    }
+
+    #[test]
+    fn a_routes_series_go_with_its_last_handle_and_stay_while_one_is_alive() {
+        let metrics = Metrics::new("w").unwrap();
+        let text = || String::from_utf8(metrics.encode()).unwrap();
+        let first = metrics.route("outbound", "gone", "r");
+        first.record(&http::Method::GET, http::StatusCode::OK, Upstream, 0.01);
+        first.record(
+            &http::Method::GET,
+            http::StatusCode::BAD_GATEWAY,
+            ConnectFailure,
+            0.01,
+        );
+        first.count_ended(
+            &http::Method::POST,
+            http::StatusCode::OK,
+            DownstreamCancelled,
+        );
+        // A second snapshot with the same route shares the handles.
+        let second = metrics.route("outbound", "gone", "r");
+        assert!(Arc::ptr_eq(&first, &second));
+        drop(first);
+        assert!(text().contains("service=\"gone\""));
+        drop(second);
+        assert!(!text().contains("service=\"gone\""), "{}", text());
+        // Back in a later policy: new series from zero.
+        let again = metrics.route("outbound", "gone", "r");
+        again.record(&http::Method::GET, http::StatusCode::OK, Upstream, 0.01);
+        assert!(text().contains("outrider_requests_total{code=\"200\",direction=\"outbound\",flags=\"-\",method=\"GET\",route=\"r\",service=\"gone\",status_class=\"2xx\"} 1"));
+        assert!(!text().contains("flags=\"UF\""), "{}", text());
+    }
+
+    #[test]
+    fn a_proxy_made_response_and_the_upstreams_with_the_same_code_are_apart() {
+        let metrics = Metrics::new("w").unwrap();
+        let route = metrics.route("outbound", "svc", "r");
+        let get = http::Method::GET;
+        route.count_ended(&get, http::StatusCode::BAD_GATEWAY, Upstream);
+        for _ in 0..2 {
+            route.count_ended(&get, http::StatusCode::BAD_GATEWAY, ConnectFailure);
+        }
+        route.count_ended(&get, http::StatusCode::GATEWAY_TIMEOUT, ConnectFailure);
+        route.count_ended(&get, http::StatusCode::OK, DownstreamCancelled);
+        // More statuses under one flag than it has slots: still each in its own series.
+        for code in [500, 501, 502, 503, 504, 418] {
+            let status = http::StatusCode::from_u16(code).unwrap();
+            route.count_ended(&get, status, FaultInjected);
+            route.count_ended(&get, status, FaultInjected);
+        }
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        let series = |code: &str, flag: &str, class: &str| {
+            format!("outrider_requests_total{{code=\"{code}\",direction=\"outbound\",flags=\"{flag}\",method=\"GET\",route=\"r\",service=\"svc\",status_class=\"{class}\"}}")
+        };
+        assert!(
+            text.contains(&format!("{} 1\n", series("502", "-", "5xx"))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 2\n", series("502", "UF", "5xx"))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 1\n", series("504", "UF", "5xx"))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 1\n", series("cancelled", "DC", "cancelled"))),
+            "{text}"
+        );
+        for (code, class) in [("500", "5xx"), ("503", "5xx"), ("418", "4xx")] {
+            assert!(
+                text.contains(&format!("{} 2\n", series(code, "FI", class))),
+                "{text}"
+            );
+        }
+        // Gone with the route, those past the slots too.
+        drop(route);
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        assert!(!text.contains("route=\"r\""), "{text}");
+    }
+
+    #[test]
+    fn every_flag_has_its_index_and_a_distinct_code() {
+        let codes: std::collections::HashSet<&str> =
+            ResponseFlag::ALL.iter().map(|f| f.code()).collect();
+        assert_eq!(codes.len(), FLAGS);
+        for (i, flag) in ResponseFlag::ALL.iter().enumerate() {
+            assert_eq!(flag.index(), i);
+        }
+    }
+
+    #[test]
+    fn a_services_series_go_with_its_last_handle() {
+        let metrics = Metrics::new("w").unwrap();
+        let text = || String::from_utf8(metrics.encode()).unwrap();
+        let service = metrics.service("gone");
+        let breaker = metrics.breaker("gone");
+        service.hold_outs.inc();
+        drop(service);
+        assert!(text().contains("outrider_endpoint_unavailable_total{service=\"gone\"} 1"));
+        assert!(text().contains("outrider_circuit_breaker_state{service=\"gone\""));
+        // The breaker outlived the upstream (a response still streaming): the series stay.
+        drop(breaker);
+        assert!(!text().contains("service=\"gone\""), "{}", text());
+    }
+
+    #[test]
+    fn endpoints_past_the_cap_share_one_series_and_a_gone_ones_slot_is_free_again() {
+        let metrics = Metrics::new("w").unwrap().with_endpoint_cap(2);
+        let text = || String::from_utf8(metrics.encode()).unwrap();
+        let opened = |endpoint: &str| {
+            format!("outrider_upstream_connections_opened_total{{endpoint=\"{endpoint}\",service=\"svc\"}}")
+        };
+        let a = metrics.connections("svc", "10.0.0.1:80");
+        let b = metrics.connections("svc", "10.0.0.2:80");
+        let c = metrics.connections("svc", "10.0.0.3:80");
+        let d = metrics.connections("svc", "10.0.0.4:80");
+        assert!(Arc::ptr_eq(&c, &d), "past the cap: one `other` handle");
+        let other = metrics.connections("other-service", "10.0.0.9:80");
+        drop((c.opened(), d.opened(), a.opened(), other));
+        assert!(
+            text().contains(&format!("{} 2\n", opened("other"))),
+            "{}",
+            text()
+        );
+        assert!(text().contains(&format!("{} 1\n", opened("10.0.0.1:80"))));
+        assert!(!text().contains("10.0.0.3:80"));
+        // An open connection keeps its endpoint's series after the endpoint left.
+        let connection = a.opened();
+        drop(a);
+        assert!(text().contains(&opened("10.0.0.1:80")));
+        drop(connection);
+        assert!(!text().contains("10.0.0.1:80"), "{}", text());
+        // Its slot is free: a new endpoint gets its own label again.
+        let e = metrics.connections("svc", "10.0.0.5:80");
+        drop(e.opened());
+        assert!(text().contains(&opened("10.0.0.5:80")));
+        drop((b, c, d, e));
+        assert!(!text().contains("service=\"svc\""), "{}", text());
+    }
+
+    #[test]
+    fn a_long_stream_lands_in_a_bucket_below_inf() {
+        let metrics = Metrics::new("w").unwrap();
+        let route = metrics.route("outbound", "svc", "r");
+        route.traffic.stream_duration.observe(45.0);
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        let bucket = |le: &str| {
+            format!("outrider_response_stream_duration_seconds_bucket{{direction=\"outbound\",route=\"r\",service=\"svc\",le=\"{le}\"}}")
+        };
+        assert!(text.contains(&format!("{} 0\n", bucket("30"))), "{text}");
+        assert!(text.contains(&format!("{} 1\n", bucket("60"))), "{text}");
+        assert!(text.contains(&format!("{} 1\n", bucket("300"))), "{text}");
     }
 }

@@ -7,8 +7,10 @@
 //! ever queued without bound or awaited by a request.
 
 pub mod metrics;
+pub mod otlp;
 pub mod span;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,13 +21,14 @@ use http::header::HeaderValue;
 use http::uri::Authority;
 use http::{Method, StatusCode, Uri};
 use opentelemetry::InstrumentationScope;
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
-use outrider_config::{Otlp, OtlpProtocol};
+use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
+use opentelemetry_sdk::trace::SpanData;
+use outrider_config::{Otlp, QueryLogging};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::core::errors::ResponseFlag;
 use crate::telemetry::metrics::{RouteMetrics, TelemetryMetrics};
 use crate::trace::{SpanId, TraceContext};
 
@@ -35,7 +38,7 @@ pub const SPAN_QUEUE: usize = 4096;
 const SPAN_BATCH: usize = 512;
 /// The longest a span waits for its batch to fill.
 const SPAN_BATCH_DELAY: Duration = Duration::from_millis(500);
-/// Bound on one export call; a slow collector costs spans, never memory.
+/// Bound on one export try; a slow collector costs spans, never memory.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the access-log writer lets lines gather after writing a batch: lines reach stdout
 /// at most this much later, and the queue ([`ACCESS_LOG_QUEUE`] lines) absorbs what arrives
@@ -47,7 +50,7 @@ pub const ACCESS_LOG_QUEUE: usize = 8192;
 /// The span exporter could not be built from the policy.
 #[derive(Debug, thiserror::Error)]
 #[error("tracing.otlp: {0}")]
-pub struct ExporterError(String);
+pub struct ExporterError(#[from] otlp::SetupError);
 
 /// The span exporter in force: none, or one [`SpanSink`] for the policy's `tracing.otlp`.
 /// Replaced when a reload changes the collector settings; the old sink is flushed in the
@@ -56,15 +59,22 @@ pub struct Spans {
     current: ArcSwapOption<SpanSink>,
     workload: String,
     metrics: TelemetryMetrics,
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl Spans {
-    /// No exporter until [`Spans::configure`].
-    pub fn new(workload: &str, metrics: TelemetryMetrics) -> Self {
+    /// No exporter until [`Spans::configure`]; `https://` collectors are verified against
+    /// `ca_file`, or the system's trust roots without it.
+    pub fn new(
+        workload: &str,
+        metrics: TelemetryMetrics,
+        ca_file: Option<std::path::PathBuf>,
+    ) -> Self {
         Self {
             current: ArcSwapOption::empty(),
             workload: workload.to_string(),
             metrics,
+            ca_file,
         }
     }
 
@@ -80,15 +90,22 @@ impl Spans {
         if current.as_ref().map(|sink| &sink.otlp) == otlp {
             return;
         }
-        let next =
-            match otlp.map(|otlp| SpanSink::start(otlp, &self.workload, self.metrics.clone())) {
-                None => None,
-                Some(Ok(sink)) => Some(Arc::new(sink)),
-                Some(Err(error)) => {
-                    tracing::error!(%error, "span export disabled");
-                    None
-                }
-            };
+        let start = |otlp| {
+            SpanSink::start(
+                otlp,
+                &self.workload,
+                self.ca_file.as_deref(),
+                self.metrics.clone(),
+            )
+        };
+        let next = match otlp.map(start) {
+            None => None,
+            Some(Ok(sink)) => Some(Arc::new(sink)),
+            Some(Err(error)) => {
+                tracing::error!(%error, "span export disabled");
+                None
+            }
+        };
         if let Some(old) = self.current.swap(next) {
             tokio::spawn(async move { old.shutdown(EXPORT_TIMEOUT).await });
         }
@@ -102,8 +119,9 @@ impl Spans {
     }
 }
 
-/// Where sampled spans go: a bounded queue drained by a task that exports in batches through
-/// opentelemetry-otlp (gRPC or HTTP/protobuf).
+/// Where sampled spans go: a bounded queue drained by a task that exports in batches over
+/// OTLP (gRPC or HTTP/protobuf, see [`otlp`]). While a batch is retried, new spans wait in the
+/// queue; when it is full they are dropped and counted.
 pub struct SpanSink {
     otlp: Otlp,
     queue: mpsc::Sender<SpanData>,
@@ -119,36 +137,25 @@ impl SpanSink {
     pub fn start(
         otlp: &Otlp,
         workload: &str,
+        ca_file: Option<&std::path::Path>,
         metrics: TelemetryMetrics,
     ) -> Result<Self, ExporterError> {
-        let mut exporter = match otlp.protocol {
-            OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(otlp.endpoint.clone())
-                .with_timeout(EXPORT_TIMEOUT)
-                .build(),
-            OtlpProtocol::Http => opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_endpoint(http_traces_url(&otlp.endpoint))
-                .with_timeout(EXPORT_TIMEOUT)
-                .with_http_client(
-                    opentelemetry_http::hyper::HyperClient::with_default_connector(
-                        EXPORT_TIMEOUT,
-                        None,
-                    ),
-                )
-                .build(),
-        }
-        .map_err(|e| ExporterError(e.to_string()))?;
+        let collector = otlp::Collector::new(otlp, ca_file, EXPORT_TIMEOUT)?;
         // The builder reads OTEL_RESOURCE_ATTRIBUTES (and OTEL_SERVICE_NAME); the workload
         // name is set last so it wins for service.name.
         let resource = opentelemetry_sdk::Resource::builder()
             .with_service_name(workload.to_string())
             .build();
-        exporter.set_resource(&resource);
+        let resource = ResourceAttributesWithSchema::from(&resource);
         let (queue, rx) = mpsc::channel(SPAN_QUEUE);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(export_loop(exporter, rx, stop_rx, metrics.clone()));
+        let task = tokio::spawn(export_loop(
+            collector,
+            resource,
+            rx,
+            stop_rx,
+            metrics.clone(),
+        ));
         Ok(Self {
             otlp: otlp.clone(),
             queue,
@@ -185,26 +192,21 @@ impl SpanSink {
     }
 }
 
-/// OTLP/HTTP posts to `/v1/traces`; an endpoint given without a path gets it appended (the
-/// exporter uses a programmatic endpoint as is).
-fn http_traces_url(endpoint: &str) -> String {
-    let after_scheme = endpoint
-        .split_once("://")
-        .map_or(endpoint, |(_, rest)| rest);
-    match after_scheme.find('/') {
-        None => format!("{endpoint}/v1/traces"),
-        Some(i) if after_scheme[i..] == *"/" => format!("{}v1/traces", endpoint),
-        Some(_) => endpoint.to_string(),
-    }
-}
-
 async fn export_loop(
-    exporter: opentelemetry_otlp::SpanExporter,
+    mut collector: otlp::Collector,
+    resource: ResourceAttributesWithSchema,
     mut rx: mpsc::Receiver<SpanData>,
     mut stop: tokio::sync::watch::Receiver<bool>,
     metrics: TelemetryMetrics,
 ) {
     let mut batch = Vec::with_capacity(SPAN_BATCH);
+    let mut failures = otlp::FailureLog::default();
+    let mut export = Export {
+        collector: &mut collector,
+        resource: &resource,
+        metrics: &metrics,
+        failures: &mut failures,
+    };
     loop {
         tokio::select! {
             span = rx.recv() => match span {
@@ -235,43 +237,52 @@ async fn export_loop(
                 () = &mut delay => break,
             }
         }
-        export(&exporter, &mut batch, &metrics).await;
+        export.send(&mut batch, &mut stop).await;
     }
-    // Shutdown: flush whatever is queued.
+    // Shutdown: flush whatever is queued (one try per batch: `stop` is set).
     rx.close();
     while let Some(span) = rx.recv().await {
         batch.push(span);
         if batch.len() == SPAN_BATCH {
-            export(&exporter, &mut batch, &metrics).await;
+            export.send(&mut batch, &mut stop).await;
         }
     }
-    export(&exporter, &mut batch, &metrics).await;
+    export.send(&mut batch, &mut stop).await;
 }
 
-async fn export(
-    exporter: &opentelemetry_otlp::SpanExporter,
-    batch: &mut Vec<SpanData>,
-    metrics: &TelemetryMetrics,
-) {
-    if batch.is_empty() {
-        return;
-    }
-    let n = batch.len() as u64;
-    let spans = std::mem::replace(batch, Vec::with_capacity(SPAN_BATCH));
-    match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(spans)).await {
-        Ok(Ok(())) => metrics.spans_exported.inc_by(n),
-        Ok(Err(error)) => {
-            tracing::debug!(%error, spans = n, "span export failed");
-            metrics.spans_dropped.inc_by(n);
+/// What exporting a batch needs, held by the export task.
+struct Export<'a> {
+    collector: &'a mut otlp::Collector,
+    resource: &'a ResourceAttributesWithSchema,
+    metrics: &'a TelemetryMetrics,
+    failures: &'a mut otlp::FailureLog,
+}
+
+impl Export<'_> {
+    /// Encodes and delivers `batch` (with retries), counting its spans exported or dropped.
+    async fn send(
+        &mut self,
+        batch: &mut Vec<SpanData>,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) {
+        if batch.is_empty() {
+            return;
         }
-        Err(_) => {
-            tracing::debug!(spans = n, "span export timed out");
-            metrics.spans_dropped.inc_by(n);
+        let n = batch.len() as u64;
+        let spans = std::mem::replace(batch, Vec::with_capacity(SPAN_BATCH));
+        let encoded = otlp::encode(spans, self.resource);
+        match otlp::deliver(self.collector, &encoded, stop).await {
+            Ok(()) => self.metrics.spans_exported.inc_by(n),
+            Err(error) => {
+                self.failures.dropped(&error, n);
+                self.metrics.spans_dropped.inc_by(n);
+            }
         }
     }
 }
 
-/// One access-log line.
+/// One access-log line. Formatted (JSON or text, the query string redacted or not) on the
+/// writer thread, so the request path only copies what it already holds.
 #[derive(Debug, Serialize)]
 pub struct AccessRecord {
     /// RFC 3339 time the request arrived (UTC).
@@ -280,8 +291,9 @@ pub struct AccessRecord {
     pub trace_id: String,
     /// This proxy's span id for the request (16 hex).
     pub span_id: String,
-    /// `x-request-id`.
-    pub request_id: Option<String>,
+    /// `x-request-id`, its bytes kept (see [`lossless`]).
+    #[serde(serialize_with = "header_text")]
+    pub request_id: Option<HeaderValue>,
     /// `inbound` or `outbound`.
     #[serde(serialize_with = "arc_str")]
     pub direction: Arc<str>,
@@ -295,10 +307,12 @@ pub struct AccessRecord {
     pub method: String,
     /// Host / :authority.
     pub authority: Option<String>,
-    /// Path and query.
+    /// Path and query, as received; the query is redacted or dropped when written (`style`).
     pub path: String,
     /// Status sent to the caller.
     pub status: u16,
+    /// Who made the response: `-` the upstream, else the proxy's reason (see [`ResponseFlag`]).
+    pub response_flags: &'static str,
     /// The endpoint of the last attempt.
     pub upstream: Option<SocketAddr>,
     /// Attempts made.
@@ -311,6 +325,126 @@ pub struct AccessRecord {
     pub response_bytes: u64,
     /// Why the request failed, if it did.
     pub error: Option<String>,
+    /// The caller's address.
+    pub peer: Option<SocketAddr>,
+    /// `user-agent`, its bytes kept.
+    #[serde(serialize_with = "header_text")]
+    pub user_agent: Option<HeaderValue>,
+    /// The caller's HTTP version (`HTTP/1.1`, `HTTP/2`...).
+    pub http_version: Option<&'static str>,
+    /// Seconds from request received to the upstream's response headers; absent when no
+    /// upstream answered (the proxy made the response).
+    pub upstream_seconds: Option<f64>,
+    /// The gRPC status sent to the caller (trailers, or a trailers-only response's headers).
+    pub grpc_status: Option<u8>,
+    /// The mTLS SPIFFE id of the caller (inbound) or of the upstream (outbound), when known.
+    #[serde(serialize_with = "header_text")]
+    pub peer_identity: Option<HeaderValue>,
+    /// How the line is written.
+    #[serde(skip)]
+    pub style: AccessLogStyle,
+}
+
+/// How access-log lines are written: the policy's `access_log` setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccessLogStyle {
+    /// JSON or text.
+    pub text: bool,
+    /// What `path` keeps of the query string.
+    pub query: QueryLogging,
+}
+
+impl AccessLogStyle {
+    /// The style `setting` asks for.
+    pub fn of(setting: &outrider_config::AccessLog) -> Self {
+        Self {
+            text: setting.format == outrider_config::AccessLogFormat::Text,
+            query: setting.query,
+        }
+    }
+}
+
+/// What a logged request target shows of its query (`query: redact | keep | drop`): redacted,
+/// each parameter keeps its name and a non-empty value becomes `REDACTED`
+/// (`/p?token=s3cret&debug&x=` is logged `/p?token=REDACTED&debug&x=`).
+pub fn logged_path(path: &str, query: QueryLogging) -> Cow<'_, str> {
+    let Some((before, params)) = path.split_once('?') else {
+        return Cow::Borrowed(path);
+    };
+    match query {
+        QueryLogging::Keep => Cow::Borrowed(path),
+        QueryLogging::Drop => Cow::Borrowed(before),
+        QueryLogging::Redact => {
+            let mut out = String::with_capacity(path.len() + 16);
+            out.push_str(before);
+            out.push('?');
+            for (i, param) in params.split('&').enumerate() {
+                if i > 0 {
+                    out.push('&');
+                }
+                match param.split_once('=') {
+                    Some((name, value)) if !value.is_empty() => {
+                        out.push_str(name);
+                        out.push_str("=REDACTED");
+                    }
+                    _ => out.push_str(param),
+                }
+            }
+            Cow::Owned(out)
+        }
+    }
+}
+
+/// A header value as text, losing nothing: valid UTF-8 as is, except that a backslash is
+/// written `\\`; every byte that is not part of valid UTF-8 is written `\xNN` (two lowercase
+/// hex digits). So `req-\xff` in the log is the bytes `req-` and 0xFF, and no two values log
+/// alike.
+pub fn lossless(bytes: &[u8]) -> Cow<'_, str> {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        if !text.contains('\\') {
+            return Cow::Borrowed(text);
+        }
+    }
+    let mut out = String::with_capacity(bytes.len() + 8);
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' {
+                out.push_str("\\\\");
+            } else {
+                out.push(c);
+            }
+        }
+        for byte in chunk.invalid() {
+            out.push_str("\\x");
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+    }
+    Cow::Owned(out)
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn header_text<S: serde::Serializer>(
+    value: &Option<HeaderValue>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(value) => serializer.serialize_str(&lossless(value.as_bytes())),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// `HTTP/1.1` and the like, for the access log.
+pub fn version_name(version: http::Version) -> Option<&'static str> {
+    Some(match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => return None,
+    })
 }
 
 impl AccessRecord {
@@ -318,11 +452,12 @@ impl AccessRecord {
     /// request): no upstream, no attempt.
     pub fn refused<B, R: http_body::Body>(
         req: &http::Request<B>,
+        caller: &crate::core::headers::Caller,
         trace: &TraceContext,
         labels: &crate::telemetry::metrics::RouteLabels,
         (started, started_wall): (Instant, SystemTime),
         response: &http::Response<R>,
-        error: String,
+        (error, flag): (String, ResponseFlag),
     ) -> Self {
         let text = |v: &HeaderValue| v.to_str().ok().map(str::to_string);
         Self {
@@ -332,7 +467,7 @@ impl AccessRecord {
             request_id: req
                 .headers()
                 .get(&crate::core::headers::REQUEST_ID)
-                .and_then(text),
+                .cloned(),
             direction: Arc::clone(&labels.direction),
             service: Arc::clone(&labels.service),
             route: Arc::clone(&labels.route),
@@ -347,14 +482,175 @@ impl AccessRecord {
                 .path_and_query()
                 .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
             status: response.status().as_u16(),
+            response_flags: flag.code(),
             upstream: None,
             attempts: 0,
             duration_seconds: started.elapsed().as_secs_f64(),
             request_bytes: 0,
             response_bytes: response.body().size_hint().exact().unwrap_or(0),
             error: Some(error),
+            peer: Some(caller.addr),
+            user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+            http_version: version_name(req.version()),
+            upstream_seconds: None,
+            // Read here rather than through io::outcome: telemetry sits below io.
+            grpc_status: response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+            peer_identity: caller.identity.clone(),
+            style: AccessLogStyle::default(),
         }
     }
+
+    /// The line of a request the HTTP/1 parser refused (malformed head, headers too large):
+    /// nothing of it is known but who sent it and what it was answered.
+    pub fn malformed(
+        direction: &'static str,
+        peer: SocketAddr,
+        status: u16,
+        error: String,
+    ) -> Self {
+        let none: Arc<str> = Arc::from("");
+        Self {
+            time: rfc3339(SystemTime::now()),
+            trace_id: String::new(),
+            span_id: String::new(),
+            request_id: None,
+            direction: Arc::from(direction),
+            service: Arc::clone(&none),
+            route: none,
+            method: String::new(),
+            authority: None,
+            path: String::new(),
+            status,
+            response_flags: ResponseFlag::MalformedRequest.code(),
+            upstream: None,
+            attempts: 0,
+            duration_seconds: 0.0,
+            request_bytes: 0,
+            response_bytes: 0,
+            error: Some(error),
+            peer: Some(peer),
+            user_agent: None,
+            http_version: None,
+            upstream_seconds: None,
+            grpc_status: None,
+            peer_identity: None,
+            style: AccessLogStyle::default(),
+        }
+    }
+
+    /// Writes the line in its style (without the newline).
+    fn write_to(mut self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let shown = match logged_path(&self.path, self.style.query) {
+            Cow::Borrowed(kept) if kept.len() == self.path.len() => None,
+            shown => Some(shown.into_owned()),
+        };
+        if let Some(shown) = shown {
+            self.path = shown;
+        }
+        if self.style.text {
+            self.write_text(out)
+        } else {
+            serde_json::to_writer(out, &self).map_err(std::io::Error::other)
+        }
+    }
+
+    /// The text form: `time direction service/route peer "METHOD path VERSION" status
+    /// duration`, then `key=value` for each field that is set, strings quoted.
+    fn write_text(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        write!(
+            out,
+            "{} {} {}/{} {} \"{} {} {}\" {} {:.6}s",
+            self.time,
+            self.direction,
+            dash(&self.service),
+            dash(&self.route),
+            self.peer.map_or_else(|| "-".to_string(), |p| p.to_string()),
+            dash(&self.method),
+            quoted_inner(dash(&self.path)),
+            self.http_version.unwrap_or("-"),
+            self.status,
+            self.duration_seconds,
+        )?;
+        write!(
+            out,
+            " response_flags={} request_bytes={} response_bytes={} attempts={}",
+            self.response_flags, self.request_bytes, self.response_bytes, self.attempts
+        )?;
+        if let Some(upstream) = self.upstream {
+            write!(out, " upstream={upstream}")?;
+        }
+        if let Some(seconds) = self.upstream_seconds {
+            write!(out, " upstream_seconds={seconds:.6}")?;
+        }
+        if let Some(code) = self.grpc_status {
+            write!(out, " grpc_status={code}")?;
+        }
+        if let Some(authority) = &self.authority {
+            write!(out, " authority=\"{}\"", quoted_inner(authority))?;
+        }
+        for (name, value) in [
+            ("peer_identity", &self.peer_identity),
+            ("request_id", &self.request_id),
+            ("user_agent", &self.user_agent),
+        ] {
+            if let Some(value) = value {
+                write!(
+                    out,
+                    " {name}=\"{}\"",
+                    quoted_inner(&lossless(value.as_bytes()))
+                )?;
+            }
+        }
+        if !self.trace_id.is_empty() {
+            write!(out, " trace_id={} span_id={}", self.trace_id, self.span_id)?;
+        }
+        if let Some(error) = &self.error {
+            write!(out, " error=\"{}\"", quoted_inner(error))?;
+        }
+        Ok(())
+    }
+}
+
+/// `-` for an empty field in the text form.
+fn dash(text: &str) -> &str {
+    if text.is_empty() {
+        "-"
+    } else {
+        text
+    }
+}
+
+/// `text` for inside double quotes: `"` and `\\` escaped with a backslash, control characters
+/// as `\xNN`, so a line is always one line and its quoted fields end where they seem to.
+fn quoted_inner(text: &str) -> Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c == '"' || c == '\\' || c.is_control())
+    {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() && c.is_ascii() => {
+                let byte = c as u8;
+                out.push_str("\\x");
+                out.push(char::from(HEX[usize::from(byte >> 4)]));
+                out.push(char::from(HEX[usize::from(byte & 0xf)]));
+            }
+            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 fn arc_str<S: serde::Serializer>(value: &Arc<str>, serializer: S) -> Result<S::Ok, S::Error> {
@@ -437,7 +733,7 @@ fn write_access_log(
         let mut batch = 0;
         // Write everything already queued, then flush once.
         while let Some(record) = next.take() {
-            if serde_json::to_writer(&mut out, &record).is_err() || out.write_all(b"\n").is_err() {
+            if record.write_to(&mut out).is_err() || out.write_all(b"\n").is_err() {
                 return;
             }
             lines.inc();
@@ -487,6 +783,10 @@ pub struct ExchangeReport {
     pub spans: Vec<AttemptSpan>,
     /// The HTTP version of the request as sent upstream (once prepared).
     pub version: Option<http::Version>,
+    /// An upstream sent the response head (the proxy did not make the response).
+    pub answered: bool,
+    /// Who made the response: set where the proxy makes its own, from the failure's kind.
+    pub flag: ResponseFlag,
 }
 
 /// Everything needed to report a request when its response body ends. Built once per
@@ -538,6 +838,24 @@ pub struct Finish {
     /// Reported (by [`Finish::end`], or by the drop of an exchange whose caller left); built
     /// `false`.
     pub ended: bool,
+    /// What only the access log reads, when it is on.
+    pub logged: Option<Box<LoggedOnly>>,
+}
+
+/// What a request's access-log line needs beyond its metrics and spans; boxed, so a request
+/// that is not logged carries one pointer for it.
+#[derive(Debug, Default)]
+pub struct LoggedOnly {
+    /// How the line is written.
+    pub style: AccessLogStyle,
+    /// The caller's HTTP version.
+    pub version: http::Version,
+    /// `user-agent`.
+    pub user_agent: Option<HeaderValue>,
+    /// The caller's (inbound) or upstream's (outbound) mTLS identity.
+    pub peer_identity: Option<HeaderValue>,
+    /// From arrival to the response head (the upstream's, when `report.answered`).
+    pub head_elapsed: Duration,
 }
 
 impl Drop for Finish {
@@ -569,8 +887,12 @@ impl Finish {
     fn report(&mut self, bytes: u64, error: Option<String>) {
         self.ended = true;
         let elapsed = self.started.elapsed();
-        self.metrics
-            .count_ended(&self.method, self.status, self.cancelled || !self.responded);
+        let flag = if self.cancelled || !self.responded {
+            ResponseFlag::DownstreamCancelled
+        } else {
+            self.report.flag
+        };
+        self.metrics.count_ended(&self.method, self.status, flag);
         let traffic = &self.metrics.traffic;
         // `outrider_request_bytes_total` is added to by the request body itself when it ends,
         // which can be after this (an upstream answering before reading the whole body).
@@ -604,22 +926,19 @@ impl Finish {
                 grpc_status: self.grpc_status,
                 error: error.as_deref(),
                 cancelled: self.cancelled,
+                flag,
             };
             for span in spans.build(&self.report.spans, sink.scope()) {
                 sink.record(span);
             }
         }
-        if let Some(log) = &self.access_log {
+        if let (Some(log), Some(logged)) = (&self.access_log, self.logged.as_deref()) {
             let labels = &self.metrics.labels;
             log.record(AccessRecord {
                 time: rfc3339(self.started_wall),
                 trace_id: self.trace.trace_id.to_hex(),
                 span_id: self.trace.span_id.to_hex(),
-                request_id: self
-                    .request_id
-                    .as_ref()
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string),
+                request_id: self.request_id.clone(),
                 direction: Arc::clone(&labels.direction),
                 service: Arc::clone(&labels.service),
                 route: Arc::clone(&labels.route),
@@ -636,6 +955,7 @@ impl Finish {
                 } else {
                     0
                 },
+                response_flags: flag.code(),
                 upstream: self.report.endpoint,
                 attempts: self.report.attempts,
                 duration_seconds: elapsed.as_secs_f64(),
@@ -650,6 +970,16 @@ impl Finish {
                     .map_or(0, |seen| seen.load(Ordering::Relaxed)),
                 response_bytes: bytes,
                 error,
+                peer: Some(self.peer),
+                user_agent: logged.user_agent.clone(),
+                http_version: version_name(logged.version),
+                upstream_seconds: self
+                    .report
+                    .answered
+                    .then_some(logged.head_elapsed.as_secs_f64()),
+                grpc_status: self.grpc_status,
+                peer_identity: logged.peer_identity.clone(),
+                style: logged.style,
             });
         }
     }
@@ -709,12 +1039,48 @@ mod tests {
     }
 
     #[test]
-    fn http_endpoint_gets_the_traces_path() {
-        assert_eq!(http_traces_url("http://c:4318"), "http://c:4318/v1/traces");
-        assert_eq!(http_traces_url("http://c:4318/"), "http://c:4318/v1/traces");
+    fn query_values_are_redacted_names_kept() {
+        let path = "/p?token=s3cret&debug&x=&a=b=c";
         assert_eq!(
-            http_traces_url("http://c:4318/custom"),
-            "http://c:4318/custom"
+            logged_path(path, QueryLogging::Redact),
+            "/p?token=REDACTED&debug&x=&a=REDACTED"
+        );
+        assert_eq!(logged_path(path, QueryLogging::Keep), path);
+        assert_eq!(logged_path(path, QueryLogging::Drop), "/p");
+        assert_eq!(logged_path("/p", QueryLogging::Redact), "/p");
+        assert_eq!(logged_path("/p?", QueryLogging::Redact), "/p?");
+    }
+
+    #[test]
+    fn header_bytes_are_logged_without_loss() {
+        assert_eq!(lossless(b"req-42"), "req-42");
+        assert_eq!(lossless(b"req-\xff"), "req-\\xff");
+        assert_eq!(
+            lossless(b"a\\xff"),
+            "a\\\\xff",
+            "a literal backslash is doubled"
+        );
+        assert_eq!(lossless("caf\u{e9}".as_bytes()), "caf\u{e9}");
+        assert_eq!(lossless(b"\xc3"), "\\xc3", "a cut-off UTF-8 sequence");
+    }
+
+    #[test]
+    fn text_lines_quote_and_escape_what_could_break_them() {
+        let mut record = AccessRecord::malformed(
+            "inbound",
+            "127.0.0.1:9".parse().expect("address"),
+            400,
+            "bad \"head\"\nnext".into(),
+        );
+        record.style.text = true;
+        let mut out = Vec::new();
+        record.write_to(&mut out).expect("written");
+        let line = String::from_utf8(out).expect("UTF-8");
+        assert!(
+            line.ends_with(
+                " inbound -/- 127.0.0.1:9 \"- - -\" 400 0.000000s response_flags=DPE request_bytes=0 response_bytes=0 attempts=0 error=\"bad \\\"head\\\"\\x0anext\""
+            ),
+            "{line}"
         );
     }
 }

@@ -69,6 +69,8 @@ pub struct RequestSpan<'a> {
     pub error: Option<&'a str>,
     /// The caller abandoned the exchange before its response ended.
     pub cancelled: bool,
+    /// Who made the response (`outrider.response_flags`).
+    pub flag: crate::core::errors::ResponseFlag,
 }
 
 impl RequestSpan<'_> {
@@ -170,6 +172,7 @@ impl RequestSpan<'_> {
             KeyValue::new("outrider.service", self.labels.service.to_string()),
             KeyValue::new("outrider.route", self.labels.route.to_string()),
             KeyValue::new("outrider.attempts", i64::from(self.attempts)),
+            KeyValue::new("outrider.response_flags", self.flag.code()),
         ];
         if let Some(route) = self.http_route {
             attributes.push(KeyValue::new("http.route", route.to_string()));

@@ -1,5 +1,5 @@
 //! The rules both HTTP/1.1 clients keep: the proxy's own exchange for requests without a body
-//! ([`super::direct`]) and hyper's client connection for the others. An upstream's response
+//! (`super::direct`) and hyper's client connection for the others. An upstream's response
 //! gets the same answer whichever reads it; `tests/tests/upstream_http1.rs` runs each case of a
 //! table through both and compares.
 

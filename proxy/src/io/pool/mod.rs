@@ -6,7 +6,7 @@
 //! body gives its HTTP/1.1 connection back itself when it ends ([`UpstreamBody`]).
 //!
 //! An HTTP/1.1 request without a body (most of them) is exchanged by the request's own task on
-//! the connection ([`direct`]); one with a body, or asking for an upgrade, goes through hyper's
+//! the connection (`direct`); one with a body, or asking for an upgrade, goes through hyper's
 //! client connection, which streams the two directions from a task of its own. Idle connections
 //! of either kind wait in their own list; one left by a bodiless exchange is handed to hyper
 //! when a request with a body finds no hyper connection idle.
