@@ -151,6 +151,32 @@ pub struct Status {
     /// control plane that predates it).
     #[serde(default)]
     pub now_ms: u64,
+    /// The replica that answered; `None` from a control plane that predates it.
+    #[serde(default)]
+    pub replica: Option<ReplicaStatus>,
+}
+
+/// The replica that answered a status request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// Its name (`--replica-name`).
+    pub name: String,
+    /// Whether it leads: only the leader imports the policy directory. A single replica (on
+    /// a state directory) always does.
+    pub leader: bool,
+    /// Whether it is one of several on a shared store (etcd).
+    #[serde(default)]
+    pub replicated: bool,
+    /// Since how long its view may be behind etcd (its watch is down), in ms; `None` while
+    /// the view is current.
+    #[serde(default)]
+    pub view_behind_ms: Option<u64>,
+    /// Whether the view has been behind for longer than `--view-stale-after`.
+    #[serde(default)]
+    pub view_stale: bool,
+    /// Why other replicas' proxies are missing from the list, when they could not be read.
+    #[serde(default)]
+    pub other_replicas_error: Option<String>,
 }
 
 /// The control plane's build and clock (`GET /v1/version`).
@@ -257,6 +283,10 @@ pub struct ProxyStatus {
     /// When its stream closed, in ms since the Unix epoch (`None` while connected).
     #[serde(default)]
     pub disconnected_at_ms: Option<u64>,
+    /// The replica it is (or was last) connected to; `None` from a control plane that
+    /// predates replicas.
+    #[serde(default)]
+    pub replica: Option<String>,
 }
 
 fn yes() -> bool {

@@ -456,6 +456,7 @@ mod tests {
             pending_since_ms: Some(0),
             workload_named: named,
             disconnected_at_ms: None,
+            replica: None,
         }
     }
 
@@ -479,6 +480,7 @@ mod tests {
             store: None,
             certificates: None,
             now_ms: 0,
+            replica: None,
         }
     }
 

@@ -872,6 +872,29 @@ pub fn status(args: StatusArgs) -> ExitCode {
 
 fn render_status(status: &Status) -> String {
     let mut out = format!("version in force: {}\n", status.version);
+    let replicated = status.replica.as_ref().filter(|r| r.replicated);
+    if let Some(replica) = replicated {
+        let _ = writeln!(
+            out,
+            "replica {}: {}",
+            replica.name,
+            if replica.leader {
+                "leader: true (imports the policy directory)"
+            } else {
+                "leader: false (another replica imports the policy directory)"
+            }
+        );
+        if replica.view_stale {
+            let _ = writeln!(
+                out,
+                "view STALE: behind etcd for {}s (its watch is down: changes made on other replicas are not shown or pushed from here)",
+                replica.view_behind_ms.unwrap_or_default() / 1000
+            );
+        }
+        if let Some(error) = &replica.other_replicas_error {
+            let _ = writeln!(out, "only this replica's proxies are listed: {error}");
+        }
+    }
     if let Some(store) = &status.store {
         if let Some(error) = &store.error {
             let _ = writeln!(
@@ -894,6 +917,7 @@ fn render_status(status: &Status) -> String {
         "APPLIED AT".into(),
         "STATE".into(),
         "LAST NACK".into(),
+        "REPLICA".into(),
     ]];
     for p in &status.proxies {
         let dash = || "-".to_string();
@@ -906,7 +930,14 @@ fn render_status(status: &Status) -> String {
             p.last_nack.as_ref().map_or_else(dash, |n| {
                 format!("v{} at {}: {}", n.version, format_utc(n.at_ms), n.error)
             }),
+            p.replica.clone().unwrap_or_else(dash),
         ]);
+    }
+    if replicated.is_none() {
+        // One replica: the column says nothing.
+        for row in &mut rows {
+            row[6] = String::new();
+        }
     }
     if status.proxies.is_empty() {
         out.push_str("no proxies connected\n");
@@ -1236,8 +1267,10 @@ mod tests {
             pending_since_ms: None,
             workload_named: true,
             disconnected_at_ms: None,
+            replica: None,
         };
         let status = Status {
+            replica: None,
             certificates: None,
             now_ms: 0,
             store: None,
@@ -1273,6 +1306,7 @@ mod tests {
     #[test]
     fn status_names_a_failing_state_directory_and_the_pending_change() {
         let mut status = Status {
+            replica: None,
             certificates: None,
             now_ms: 0,
             version: 3,
@@ -1416,6 +1450,65 @@ mod tests {
             Api::new(&remote(&["http://a:1", "https://b:2"])),
             Err(CliError::BadUrl(url)) if url == "https://b:2"
         ));
+    }
+
+    #[test]
+    fn status_of_a_replica_says_whether_it_leads_its_view_is_stale_and_where_proxies_are() {
+        let status = Status {
+            replica: Some(api::ReplicaStatus {
+                name: "r1".into(),
+                leader: false,
+                replicated: true,
+                view_behind_ms: Some(12_500),
+                view_stale: true,
+                other_replicas_error: None,
+            }),
+            certificates: None,
+            now_ms: 0,
+            version: 3,
+            documents: vec![],
+            proxies: vec![ProxyStatus {
+                proxy: "pod-a".into(),
+                workload: "checkout".into(),
+                connected: true,
+                connected_since_ms: 0,
+                version_sent: Some(3),
+                version_applied: Some(3),
+                applied_at_ms: Some(0),
+                last_nack: None,
+                state: "in-sync".into(),
+                pending_since_ms: None,
+                workload_named: true,
+                disconnected_at_ms: None,
+                replica: Some("r3".into()),
+            }],
+            store: None,
+        };
+        let text = render_status(&status);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[1],
+            "replica r1: leader: false (another replica imports the policy directory)"
+        );
+        assert!(
+            lines[2].starts_with("view STALE: behind etcd for 12s"),
+            "{text}"
+        );
+        assert!(lines[4].ends_with("LAST NACK  REPLICA"), "{text}");
+        assert!(lines[5].ends_with("in-sync  -          r3"), "{text}");
+        // A single replica (state directory) says nothing of it, nor of the column.
+        let mut single = status.clone();
+        single.replica = Some(api::ReplicaStatus {
+            name: "r1".into(),
+            leader: true,
+            replicated: false,
+            view_behind_ms: None,
+            view_stale: false,
+            other_replicas_error: None,
+        });
+        single.proxies[0].replica = None;
+        let text = render_status(&single);
+        assert!(!text.to_lowercase().contains("replica"), "{text}");
     }
 
     #[test]

@@ -119,6 +119,10 @@ pub enum EngineError {
         "not changed: other replicas committed {MAX_CONFLICTS} versions in a row first; try again"
     )]
     Contended,
+    /// An import of the policy directory by a replica that lost its leadership (its lease)
+    /// before committing: nothing changed here; the new leader imports the directory.
+    #[error("not imported: this replica no longer leads; the leader imports the policy directory")]
+    NotLeader,
     /// Another replica committed first (internal: the change is redone on its state).
     #[error("another replica committed first")]
     Conflict,
@@ -265,6 +269,8 @@ pub struct Engine {
     max_push: usize,
     writer: Mutex<()>,
     inner: Mutex<Inner>,
+    /// Notified when a proxy's record changes (for [`crate::replica::publish_proxies`]).
+    proxies_changed: Arc<tokio::sync::Notify>,
     metrics: ControlMetrics,
 }
 
@@ -306,6 +312,7 @@ impl Engine {
             max_push: wire::MAX_LINE,
             writer: Mutex::new(()),
             inner: Mutex::new(inner),
+            proxies_changed: Arc::new(tokio::sync::Notify::new()),
             metrics,
         })
     }
@@ -399,7 +406,7 @@ impl Engine {
         } else {
             VersionCause::Apply
         };
-        self.apply_serialized(changes, cause, None, false, deadline, kind)
+        self.apply_serialized(changes, cause, None, false, deadline, kind, false)
     }
 
     /// Refuses an unforced applied upsert of a document read from the policy directory.
@@ -455,7 +462,7 @@ impl Engine {
         let changes: Vec<Prepared> = changes.into_iter().map(Prepared::parse).collect();
         let _writer = self.lock_writer();
         self.check_overrides_prepared(&changes)?;
-        self.apply_serialized(changes, "dry run", None, true, None, VersionCause::Apply)
+        self.apply_serialized(changes, "dry run", None, true, None, VersionCause::Apply, false)
     }
 
     /// Brings the documents from files in line with a scan of the policy directory: changed
@@ -595,6 +602,7 @@ impl Engine {
             false,
             None,
             VersionCause::Files,
+            true,
         )
         .map(Some)
     }
@@ -604,7 +612,8 @@ impl Engine {
     /// the next scan (it may be accepted once the document it conflicts with is gone).
     ///
     /// The caller holds the writer lock; the data lock is taken only around in-memory work:
-    /// parsing, validation and the fsync of the new state happen without it.
+    /// parsing, validation and the fsync of the new state happen without it. An `import` (of
+    /// the policy directory) commits only while this replica leads.
     fn apply_serialized(
         &self,
         changes: Vec<Prepared>,
@@ -613,16 +622,25 @@ impl Engine {
         dry_run: bool,
         deadline: Option<Instant>,
         kind: VersionCause,
+        import: bool,
     ) -> Result<Outcome, EngineError> {
         if dry_run {
-            return self.apply_once(changes, cause, seen, true, deadline, kind);
+            return self.apply_once(changes, cause, seen, true, deadline, kind, false);
         }
         self.check_writable()?;
         // Another replica may commit between this one's read and its compare-and-swap: the
         // change is then redone on top of what that replica committed (validated anew: the
         // documents it merges with may have changed).
         for _ in 0..MAX_CONFLICTS {
-            match self.apply_once(changes.clone(), cause, seen.clone(), false, deadline, kind) {
+            match self.apply_once(
+                changes.clone(),
+                cause,
+                seen.clone(),
+                false,
+                deadline,
+                kind,
+                import,
+            ) {
                 Err(EngineError::Conflict) => {
                     tracing::info!(
                         cause,
@@ -727,6 +745,7 @@ impl Engine {
         dry_run: bool,
         deadline: Option<Instant>,
         kind: VersionCause,
+        import: bool,
     ) -> Result<Outcome, EngineError> {
         let (version, mut docs, mut parsed) = {
             let inner = self.lock();
@@ -890,7 +909,7 @@ impl Engine {
         drop(inner);
         check_deadline(deadline)?;
         // Durable before anyone sees it: a version a proxy applied must survive a restart.
-        state.revision = self.save(&state, file_sync.then_some(cause))?;
+        state.revision = self.save(&state, file_sync.then_some(cause), import)?;
         let mut inner = self.lock();
         if file_sync {
             inner.store_health.pending = None;
@@ -959,6 +978,7 @@ impl Engine {
                     false,
                     deadline,
                     VersionCause::Delete,
+                    false,
                 );
             }
             match inner.docs.get(name) {
@@ -1012,6 +1032,7 @@ impl Engine {
             false,
             deadline,
             VersionCause::Delete,
+            false,
         )
     }
 
@@ -1067,7 +1088,7 @@ impl Engine {
             cause: cause.clone(),
             documents: docs.clone(),
         });
-        state.revision = self.save(&state, None)?;
+        state.revision = self.save(&state, None, false)?;
         let mut inner = self.lock();
         inner.state = state;
         inner.docs = docs;
@@ -1092,10 +1113,19 @@ impl Engine {
 
     /// Writes `state` to the state directory, recording how the write fared; a failed file
     /// sync's `cause` is recorded as pending in the same step, so status never shows the one
-    /// without the other.
-    fn save(&self, state: &State, file_sync: Option<&str>) -> Result<i64, EngineError> {
+    /// without the other. An `import` commits only while this replica leads.
+    fn save(
+        &self,
+        state: &State,
+        file_sync: Option<&str>,
+        import: bool,
+    ) -> Result<i64, EngineError> {
         let started = Instant::now();
-        let saved = self.store.save(state);
+        let saved = if import {
+            self.store.save_import(state)
+        } else {
+            self.store.save(state)
+        };
         self.metrics
             .store_operation(StoreOp::Save, started.elapsed());
         let mut inner = self.lock();
@@ -1109,6 +1139,8 @@ impl Engine {
             }
             // Not a failure of the store: the change is redone on the newer state.
             Err(StoreError::Conflict) => Err(EngineError::Conflict),
+            // Not a failure either: the leader imports the change.
+            Err(StoreError::NotLeader) => Err(EngineError::NotLeader),
             Err(source) => {
                 health.write_failures = health.write_failures.saturating_add(1);
                 let since = health
@@ -1216,6 +1248,7 @@ impl Engine {
         claimed: Option<&str>,
     ) -> Result<Session, SubscribeRefused> {
         let session = self.lock().proxies.connect(proxy, workload, peer, claimed);
+        self.proxies_changed.notify_one();
         match &session {
             Ok(_) => tracing::info!(
                 proxy,
@@ -1243,11 +1276,19 @@ impl Engine {
         inner
             .proxies
             .sent(proxy, connection, version, hash, committed_at);
+        drop(inner);
+        self.proxies_changed.notify_one();
+    }
+
+    /// Notified whenever a proxy's record may have changed.
+    pub fn proxies_changed(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.proxies_changed)
     }
 
     /// Records that a stream closed (unless the proxy already opened a newer one).
     pub fn disconnected(&self, proxy: &str, connection: u64) {
         if self.lock().proxies.disconnected(proxy, connection) {
+            self.proxies_changed.notify_one();
             tracing::info!(proxy, "proxy stream closed");
         }
     }
@@ -1285,6 +1326,10 @@ impl Engine {
         }
         // Names no longer published (named by a document that went) need no clock.
         unwatched.retain(|w, _| published.contains_key(w));
+        drop(inner);
+        if expired_proxies > 0 {
+            self.proxies_changed.notify_one();
+        }
         (expired_proxies, gone.len())
     }
 
@@ -1292,6 +1337,7 @@ impl Engine {
     /// policy that session was sent.
     pub fn ack(&self, ack: Ack) -> Result<(), AckRefused> {
         let result = self.lock().proxies.ack(ack);
+        self.proxies_changed.notify_one();
         match result {
             Ok(Acked::Ack { latency }) => self.metrics.ack(latency),
             Ok(Acked::Nack) => self.metrics.nack(),
@@ -1328,6 +1374,12 @@ impl Engine {
             }
         }
         fleet
+    }
+
+    /// The proxies connected to this replica, and those whose stream closed and that are
+    /// not yet forgotten.
+    pub fn proxies(&self) -> Vec<ProxyStatus> {
+        proxy_statuses(&self.lock())
     }
 
     /// Documents, rejections and proxies.
@@ -1367,34 +1419,7 @@ impl Engine {
                 }
             })
             .collect();
-        let named = named_workloads(&inner.parsed);
-        let proxies = inner
-            .proxies
-            .iter()
-            .map(|(id, p)| {
-                let current = inner
-                    .published
-                    .get(&p.workload)
-                    .map(|s| s.borrow().content_hash.clone());
-                let state = proxy_state(p, current.as_deref());
-                ProxyStatus {
-                    proxy: id.clone(),
-                    workload: p.workload.clone(),
-                    connected: p.connected,
-                    connected_since_ms: p.connected_since_ms,
-                    version_sent: p.version_sent,
-                    version_applied: p.version_applied,
-                    applied_at_ms: p.applied_at_ms,
-                    last_nack: p.last_nack.clone(),
-                    state: state.to_string(),
-                    pending_since_ms: matches!(state, "pending" | "nack")
-                        .then_some(p.last_sent_at_ms)
-                        .flatten(),
-                    workload_named: named.contains(&p.workload),
-                    disconnected_at_ms: p.disconnected_at_ms,
-                }
-            })
-            .collect();
+        let proxies = proxy_statuses(&inner);
         Status {
             version: inner.state.version,
             documents,
@@ -1402,8 +1427,42 @@ impl Engine {
             store: Some(store_status(&inner.store_health, &self.store.describe())),
             certificates: None,
             now_ms: now_ms(),
+            replica: None,
         }
     }
+}
+
+/// Every proxy's status as this replica knows it.
+fn proxy_statuses(inner: &Inner) -> Vec<ProxyStatus> {
+    let named = named_workloads(&inner.parsed);
+    inner
+        .proxies
+        .iter()
+        .map(|(id, p)| {
+            let current = inner
+                .published
+                .get(&p.workload)
+                .map(|s| s.borrow().content_hash.clone());
+            let state = proxy_state(p, current.as_deref());
+            ProxyStatus {
+                proxy: id.clone(),
+                workload: p.workload.clone(),
+                connected: p.connected,
+                connected_since_ms: p.connected_since_ms,
+                version_sent: p.version_sent,
+                version_applied: p.version_applied,
+                applied_at_ms: p.applied_at_ms,
+                last_nack: p.last_nack.clone(),
+                state: state.to_string(),
+                pending_since_ms: matches!(state, "pending" | "nack")
+                    .then_some(p.last_sent_at_ms)
+                    .flatten(),
+                workload_named: named.contains(&p.workload),
+                disconnected_at_ms: p.disconnected_at_ms,
+                replica: None,
+            }
+        })
+        .collect()
 }
 
 /// A proxy's state as `status` and `/metrics` show it, given its workload's policy hash in

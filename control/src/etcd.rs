@@ -4,7 +4,10 @@
 //! - `state`: the head, `{format, version, seen_files}`; its `mod_revision` is what a save
 //!   compares against, so versions form one sequence across replicas (see [`EtcdStore::save`]);
 //! - `history/<version, 20 digits>`: each kept [`VersionRecord`], the last one in force;
-//! - `ca/cert`, `ca/key`: the generated mesh CA, created once by whichever replica comes first.
+//! - `ca/cert`, `ca/key`: the generated mesh CA, created once by whichever replica comes first;
+//! - `leader/<lease>`: the election of the replica that imports the policy directory
+//!   ([`crate::replica`]), each candidate's key under its lease;
+//! - `proxies/<replica>/<proxy>`: each replica's connected proxies, under its lease.
 //!
 //! Each replica keeps its in-memory view current with a watch on `state` ([`keep_view`]),
 //! resumed after a disconnect from the revision its view was read at, and reloaded whole when
@@ -15,7 +18,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
@@ -33,6 +36,10 @@ const HEAD: &str = "state";
 const HISTORY: &str = "history/";
 const CA_CERT: &str = "ca/cert";
 const CA_KEY: &str = "ca/key";
+/// The election's name (etcd's election API keeps each candidate's key under it).
+pub(crate) const LEADER: &str = "leader";
+/// Each replica's proxies: `proxies/<replica>/<proxy>`.
+pub(crate) const PROXIES: &str = "proxies/";
 /// Longest pause between attempts to re-establish the watch.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -90,10 +97,13 @@ struct Head {
 pub struct EtcdStore {
     /// Reads and writes: they wait for a leader (within the timeout), so an election after
     /// one member's loss delays a change rather than failing it.
-    client: Client,
-    /// The watch: it requires a leader, so etcd ends it when the quorum is lost and the
-    /// replica turns read-only at once.
-    watcher: Client,
+    pub(crate) client: Client,
+    /// The watch and the lease: they require a leader, so etcd ends the watch when the
+    /// quorum is lost and the replica turns read-only at once.
+    pub(crate) watcher: Client,
+    /// The election's campaign, which waits (unboundedly) until this replica leads: the
+    /// other clients' per-request deadline would cut it, and etcd resigns a cut campaign.
+    pub(crate) elector: Client,
     prefix: String,
     endpoints: String,
     timeout: Duration,
@@ -102,6 +112,12 @@ pub struct EtcdStore {
     runtime: tokio::runtime::Handle,
     /// Whether the watch is established: a leader is there and a member answers.
     available: Arc<AtomicBool>,
+    /// Since when the view may be behind etcd: from the moment the watch broke until one is
+    /// established again; `None` while watching.
+    behind_since: Arc<Mutex<Option<tokio::time::Instant>>>,
+    /// This replica's key in the election while it leads: an import of the policy directory
+    /// commits only while that key exists ([`Self::save_fenced`]).
+    fence: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -134,8 +150,8 @@ impl EtcdStore {
         };
         let tls = config.ca.is_some() || config.identity.is_some();
         // Keep-alives notice a member that went away without closing its connections.
+        // Without a per-request deadline: the campaign's; the others add it.
         let mut options = ConnectOptions::new()
-            .with_timeout(config.timeout)
             .with_connect_timeout(config.timeout)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
         if tls {
@@ -168,6 +184,8 @@ impl EtcdStore {
                     .map_err(|e| unavailable(e.to_string()))
             }
         };
+        let elector = connect(options.clone().with_require_leader(true)).await?;
+        let options = options.with_timeout(config.timeout);
         let client = connect(options.clone()).await?;
         let watcher = connect(options.with_require_leader(true)).await?;
         let mut prefix = config.prefix;
@@ -177,12 +195,41 @@ impl EtcdStore {
         Ok(Self {
             client,
             watcher,
+            elector,
             prefix,
             endpoints: endpoints_text,
             timeout: config.timeout,
             runtime,
             available: Arc::new(AtomicBool::new(true)),
+            behind_since: Arc::new(Mutex::new(None)),
+            fence: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// The deadline of each request.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Since when the view may be behind etcd (the watch broke then and is not back); `None`
+    /// while the watch is established.
+    pub fn behind_since(&self) -> Option<tokio::time::Instant> {
+        *self.behind_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn watching(&self, established: bool) {
+        let mut since = self.behind_since.lock().unwrap_or_else(|e| e.into_inner());
+        if established {
+            *since = None;
+        } else {
+            since.get_or_insert_with(tokio::time::Instant::now);
+        }
+    }
+
+    /// Sets (on winning the election) or clears (on losing the lease) the key an import must
+    /// find to commit.
+    pub(crate) fn set_fence(&self, leader_key: Option<Vec<u8>>) {
+        *self.fence.lock().unwrap_or_else(|e| e.into_inner()) = leader_key;
     }
 
     /// `etcd://endpoints prefix`, for messages and status.
@@ -195,7 +242,7 @@ impl EtcdStore {
         self.available.load(Ordering::Relaxed)
     }
 
-    fn key(&self, name: &str) -> String {
+    pub(crate) fn key(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
     }
 
@@ -325,6 +372,23 @@ impl EtcdStore {
     /// numbers versions: each is the head's version plus one, and only one replica's swap
     /// from a given head succeeds.
     pub fn save(&self, state: &State) -> Result<i64, StoreError> {
+        self.save_with(state, None)
+    }
+
+    /// [`Self::save`] of an import of the policy directory: it commits only while this
+    /// replica leads (its election key exists), so a replica that lost its lease mid-import
+    /// cannot commit over the new leader's import; [`StoreError::NotLeader`] otherwise.
+    pub fn save_fenced(&self, state: &State) -> Result<i64, StoreError> {
+        let fence = self
+            .fence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(StoreError::NotLeader)?;
+        self.save_with(state, Some(fence))
+    }
+
+    fn save_with(&self, state: &State, fence: Option<Vec<u8>>) -> Result<i64, StoreError> {
         let head_key = self.key(HEAD);
         let head = serde_json::to_vec(&Head {
             format: state.format.max(FORMAT),
@@ -360,17 +424,32 @@ impl EtcdStore {
                 Some(DeleteOptions::new().with_range(self.history_key(oldest.version))),
             ));
         }
-        let txn = Txn::new().when([compare]).and_then(ops).or_else(now);
+        let mut compares = vec![compare];
+        if let Some(fence) = &fence {
+            compares.push(Compare::create_revision(
+                fence.clone(),
+                CompareOp::Greater,
+                0,
+            ));
+            now.insert(0, TxnOp::get(fence.clone(), None));
+        }
+        let txn = Txn::new().when(compares).and_then(ops).or_else(now);
         let this = self.clone();
         self.block(async move {
             let response = this.txn(txn).await?;
             if response.succeeded() {
                 return Ok(response.header().map_or(0, |h| h.revision()));
             }
+            let mut read = response.op_responses().into_iter();
+            if fence.is_some() {
+                match read.next() {
+                    Some(TxnOpResponse::Get(get)) if !get.kvs().is_empty() => {}
+                    _ => return Err(StoreError::NotLeader),
+                }
+            }
             // An attempt [`Self::txn`] gave up on may have committed after all: then the head
             // and the record hold exactly what this one writes, and the swap is this replica's.
             let mut revision = None;
-            let mut read = response.op_responses().into_iter();
             for bytes in &written {
                 match read.next() {
                     Some(TxnOpResponse::Get(get)) => match get.kvs().first() {
@@ -509,7 +588,11 @@ pub async fn keep_view(store: EtcdStore, engine: Arc<Engine>) {
     let mut backoff = Duration::from_millis(100);
     let mut down_since: Option<tokio::time::Instant> = None;
     loop {
-        match watch_once(&store, &engine, &mut backoff, &mut down_since).await {
+        let end = watch_once(&store, &engine, &mut backoff, &mut down_since).await;
+        if !matches!(end, WatchEnd::Resynced) {
+            store.watching(false);
+        }
+        match end {
             WatchEnd::Resynced => {
                 down_since = None;
                 continue;
@@ -596,6 +679,7 @@ async fn watch_once(
         }
         if message.created() {
             established = true;
+            store.watching(true);
             *backoff = Duration::from_millis(100);
             *down_since = None;
             if !store.available.swap(true, Ordering::Relaxed) {
@@ -624,7 +708,7 @@ async fn catch_up(engine: &Arc<Engine>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Change;
+    use crate::engine::{Change, EngineError};
     use crate::store::{Source, Store};
     use std::io::{Read, Write};
 
@@ -814,6 +898,50 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "B missed version 3");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn an_import_commits_only_while_the_leaders_election_key_exists() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let store = etcd.connect(&runtime);
+        let engine = Engine::open(Store::etcd(store.clone())).expect("engine");
+        let import = |workload: &str| {
+            let file = crate::engine::ScannedFile {
+                text: format!("workload: {workload}\nservices: {{}}\n"),
+                modified: std::time::SystemTime::now(),
+            };
+            let scan = BTreeMap::from([("a.yaml".to_string(), file)]);
+            engine.sync_files(scan, &std::collections::BTreeSet::new())
+        };
+        // Never elected: refused, nothing changes.
+        assert!(matches!(import("one"), Err(EngineError::NotLeader)));
+        // Elected: its key exists under its lease.
+        let mut client = store.client.clone();
+        let lease = runtime
+            .block_on(client.lease_grant(30, None))
+            .expect("lease")
+            .id();
+        let key = store.key("leader/test");
+        let put = etcd_client::PutOptions::new().with_lease(lease);
+        runtime
+            .block_on(client.put(key.clone(), "me", Some(put)))
+            .expect("put");
+        store.set_fence(Some(key.into_bytes()));
+        let imported = import("one").expect("imported").expect("a version");
+        assert_eq!(imported.version, 1);
+        // The lease is gone (another replica may lead now): refused, nothing changes.
+        runtime
+            .block_on(client.lease_revoke(lease))
+            .expect("revoke");
+        assert!(matches!(import("two"), Err(EngineError::NotLeader)));
+        engine.catch_up().expect("catch up");
+        assert_eq!(engine.version(), 1);
+        // And an apply (not an import) needs no leadership.
+        let applied = engine.apply(vec![upsert("b", "b")], "b").expect("apply");
+        assert_eq!(applied.version, 2);
     }
 
     fn a_ca(runtime: &tokio::runtime::Runtime, etcd: &TestEtcd) -> (String, String) {

@@ -31,6 +31,7 @@ pub mod merge;
 pub mod metrics;
 pub mod output;
 pub mod registry;
+pub mod replica;
 pub mod server;
 pub mod service_account;
 pub mod store;

@@ -29,6 +29,7 @@ use crate::api::{self, ErrorBody};
 use crate::ca::Ca;
 use crate::engine::{Change, Engine, EngineError, Published};
 use crate::metrics::CertFailure;
+use crate::replica::Replica;
 use crate::service_account::ServiceAccountTokens;
 use crate::store::Source;
 
@@ -57,6 +58,8 @@ pub struct App {
     /// When set, a certificate is issued only for the service account the request's token
     /// proves; otherwise the API token entitles to any identity.
     pub service_accounts: Option<Arc<ServiceAccountTokens>>,
+    /// This replica: whether it leads, how current its view is, the other replicas' proxies.
+    pub replica: Arc<Replica>,
 }
 
 /// Accepts connections on `listener` forever, each served as HTTP/1.1 or h2c.
@@ -121,7 +124,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
     let query = parse_query(req.uri().query().unwrap_or(""));
     match (req.method(), path.as_str()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/ready") => ready(&app.engine),
+        (&Method::GET, "/ready") => ready(&app.engine, &app.replica),
         (&Method::GET, "/metrics") => metrics(app),
         (&Method::GET, wire::SUBSCRIBE_PATH) => subscribe(req.headers(), &query, peer, app).await,
         (&Method::POST, wire::ACK_PATH) => ack(req, app).await,
@@ -137,6 +140,10 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
         (&Method::GET, api::STATUS_PATH) => {
             let mut status = app.engine.status();
             status.certificates = app.ca.as_ref().map(|ca| ca.status());
+            let mut replica = app.replica.status();
+            let local = std::mem::take(&mut status.proxies);
+            status.proxies = app.replica.all_proxies(local, &mut replica).await;
+            status.replica = Some(replica);
             json(StatusCode::OK, &status)
         }
         (&Method::GET, api::VERSION_PATH) => json(
@@ -168,8 +175,9 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
 
 /// 200 even while the state directory fails: the control plane still serves the version in
 /// force to proxies and issues certificates, which a readiness probe taking it out of its
-/// Service would stop. The body says what is wrong.
-fn ready(engine: &Engine) -> Response<ResBody> {
+/// Service would stop. The body says what is wrong, and, with replicas on etcd, whether this
+/// one leads and whether its view is stale.
+fn ready(engine: &Engine, replica: &Replica) -> Response<ResBody> {
     let store = engine.store_status();
     let mut body = String::from("ok");
     if let Some(error) = &store.error {
@@ -184,6 +192,9 @@ fn ready(engine: &Engine) -> Response<ResBody> {
     }
     if let Some(pending) = &store.pending {
         let _ = write!(body, " pending={pending:?}");
+    }
+    if let Some(details) = replica.ready_details() {
+        body.push_str(&details);
     }
     body.push('\n');
     let mut res = Response::new(Full::new(Bytes::from(body)).boxed());
@@ -558,7 +569,9 @@ fn engine_error(e: &EngineError) -> Response<ResBody> {
     let status = match e {
         EngineError::NotKept(_) | EngineError::UnknownDocument(_) => StatusCode::NOT_FOUND,
         EngineError::FileBacked(_) | EngineError::OverridesFile(_) => StatusCode::CONFLICT,
-        EngineError::Expired | EngineError::Contended => StatusCode::SERVICE_UNAVAILABLE,
+        EngineError::Expired | EngineError::Contended | EngineError::NotLeader => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         EngineError::Unavailable(_) => {
             tracing::warn!(error = %e, "change refused");
             return json(

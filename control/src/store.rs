@@ -133,6 +133,10 @@ pub enum StoreError {
         /// The client's error.
         message: String,
     },
+    /// An import of the policy directory by a replica that no longer leads (its lease was
+    /// lost): the new leader imports the directory.
+    #[error("this replica no longer leads: the policy directory is imported by the leader")]
+    NotLeader,
     /// etcd answered, but with something that is not our state.
     #[error("etcd key {key} is not valid state: {message}")]
     Invalid {
@@ -259,6 +263,16 @@ impl Store {
             });
         }
         Ok(state)
+    }
+
+    /// [`Self::save`] of an import of the policy directory: in etcd, it commits only while
+    /// this replica leads ([`crate::etcd::EtcdStore::save_fenced`]); a state directory's one
+    /// replica always leads.
+    pub fn save_import(&self, state: &State) -> Result<i64, StoreError> {
+        match &self.backend {
+            Backend::Etcd(etcd) => etcd.save_fenced(state),
+            Backend::Dir(_) => self.save(state),
+        }
     }
 
     /// Replaces the state durably (write, fsync, rename, fsync the directory; in etcd, one

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::engine::{Engine, ScannedFile};
@@ -141,11 +141,11 @@ pub fn sync(dir: &Path, engine: &Engine) {
         Ok(None) => {
             tracing::warn!(dir = %dir.display(), "policy files still changing; waiting for their next change")
         }
-        Ok(Some(scan)) => {
-            if let Err(e) = engine.sync_files(scan.files, &scan.unreadable) {
-                tracing::error!(error = %e, "cannot apply policy file changes");
-            }
-        }
+        Ok(Some(scan)) => match engine.sync_files(scan.files, &scan.unreadable) {
+            Ok(_) => {}
+            Err(e @ crate::engine::EngineError::NotLeader) => tracing::info!(error = %e),
+            Err(e) => tracing::error!(error = %e, "cannot apply policy file changes"),
+        },
         Err(e) => {
             tracing::error!(dir = %dir.display(), error = %e, "cannot scan the policy directory")
         }
@@ -167,10 +167,18 @@ pub async fn debounce(rx: &mut mpsc::Receiver<()>, quiet: Duration, max: Duratio
     }
 }
 
-/// Starts watching `dir`, syncs it once (blocking), then syncs every burst of changes into
-/// `engine`, and retries changes the state directory refused ([`store_retry_delay`]). The
-/// returned watcher must be kept alive.
-pub fn start(dir: PathBuf, engine: Arc<Engine>) -> notify::Result<notify::RecommendedWatcher> {
+/// Starts watching `dir`; while this replica leads (`leader`, always with a state directory),
+/// syncs it once (blocking), then syncs every burst of changes into `engine`, and retries
+/// changes the state directory refused ([`store_retry_delay`]). A replica that becomes the
+/// leader first catches up with the store (what the previous leader imported), then syncs:
+/// the scan is compared with the content hashes the store holds, so an edit the previous
+/// leader committed is not imported again and one it did not is. The returned watcher must
+/// be kept alive.
+pub fn start(
+    dir: PathBuf,
+    engine: Arc<Engine>,
+    mut leader: watch::Receiver<bool>,
+) -> notify::Result<notify::RecommendedWatcher> {
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         match event {
@@ -188,35 +196,74 @@ pub fn start(dir: PathBuf, engine: Arc<Engine>) -> notify::Result<notify::Recomm
     })?;
     // Watch first, then scan: an edit between the two is seen by the watcher.
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-    sync(&dir, &engine);
+    if *leader.borrow_and_update() {
+        sync(&dir, &engine);
+    }
     tokio::spawn(async move {
         let mut retries = 0u32;
         loop {
-            let signalled = if engine.file_changes_pending() {
+            let leading = *leader.borrow();
+            let retry = if leading && engine.file_changes_pending() {
                 let delay = store_retry_delay(retries);
                 retries = retries.saturating_add(1);
                 tracing::warn!(
                     delay = %outrider_config::Duration(delay),
                     "policy file changes not yet written to the state directory; retrying"
                 );
-                tokio::select! {
-                    signalled = debounce(&mut rx, QUIET, MAX_DELAY) => signalled,
-                    () = tokio::time::sleep(delay) => Some(()),
-                }
+                Some(delay)
             } else {
                 retries = 0;
-                debounce(&mut rx, QUIET, MAX_DELAY).await
+                None
             };
-            if signalled.is_none() {
-                return;
+            let gained = tokio::select! {
+                signalled = debounce(&mut rx, QUIET, MAX_DELAY) => {
+                    if signalled.is_none() {
+                        return;
+                    }
+                    false
+                }
+                () = sleep_or_never(retry) => false,
+                () = leadership_changed(&mut leader) => *leader.borrow_and_update(),
+            };
+            if !*leader.borrow() {
+                // Another replica imports the directory (or will, once elected).
+                continue;
             }
             let dir = dir.clone();
             let engine = Arc::clone(&engine);
             // File reads and the fsync of the new state are blocking work.
-            let _ = tokio::task::spawn_blocking(move || sync(&dir, &engine)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                if gained {
+                    if let Err(e) = engine.catch_up() {
+                        tracing::warn!(error = %e, "cannot read the store before importing the policy directory; importing on the view");
+                    }
+                }
+                sync(&dir, &engine);
+                if gained {
+                    tracing::info!(
+                        version = engine.version(),
+                        "leader's import of the policy directory done"
+                    );
+                }
+            })
+            .await;
         }
     });
     Ok(watcher)
+}
+
+async fn sleep_or_never(delay: Option<Duration>) {
+    match delay {
+        Some(delay) => tokio::time::sleep(delay).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Returns when leadership changes; never once its sender is gone (it then stays as it is).
+async fn leadership_changed(leader: &mut watch::Receiver<bool>) {
+    if leader.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 #[cfg(test)]

@@ -184,6 +184,15 @@ impl Control {
         }
     }
 
+    /// SIGTERM: the orderly stop.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// SIGKILL and reap: a crash, nothing flushed on the way out.
     pub fn kill(mut self) {
         let _ = self.child.kill();

@@ -478,7 +478,8 @@ async fn read_commands_print_stable_json_and_every_verb_says_how_it_ended() {
         "a.yaml",
         "workload: checkout\nservices: { cart: { endpoints: [127.0.0.1:9201] } }\n",
     );
-    let control = start_control(&dirs);
+    // Named, so the replica's name in `status` is stable.
+    let control = start_control_with(&dirs, &["--replica-name", "control-0"]);
     let url = control.url();
     let mut sub = control.subscribe("checkout", "pod-1", false).await;
     sub.next_update(PUSH_BOUND).await.unwrap();
@@ -517,7 +518,8 @@ async fn read_commands_print_stable_json_and_every_verb_says_how_it_ended() {
       "state": "pending",
       "pending_since_ms": 0,
       "workload_named": true,
-      "disconnected_at_ms": null
+      "disconnected_at_ms": null,
+      "replica": "control-0"
     }
   ],
   "store": {
@@ -533,7 +535,15 @@ async fn read_commands_print_stable_json_and_every_verb_says_how_it_ended() {
     "leaf_ttl_ms": 0,
     "issued": []
   },
-  "now_ms": 0
+  "now_ms": 0,
+  "replica": {
+    "name": "control-0",
+    "leader": true,
+    "replicated": false,
+    "view_behind_ms": null,
+    "view_stale": false,
+    "other_replicas_error": null
+  }
 }"#,
     );
     let history = ctl(&control, &["history", "-o", "json"]).await;

@@ -4,9 +4,9 @@
 //! subscribed to the other; concurrent applies on both get distinct consecutive versions and
 //! both documents survive; the generated CA is shared (mTLS between proxies certified by
 //! different replicas); one etcd member lost changes nothing; two lost make applies fail at
-//! once (exit 75) while proxies keep their policy and traffic; the members' return converges
-//! without restarting a replica. Skipped when etcd is not installed, unless
-//! OUTRIDER_REQUIRE_ETCD=1.
+//! once (exit 75) while proxies keep their policy and traffic, neither replica leads and each
+//! says its view is stale; the members' return converges without restarting a replica.
+//! Skipped when etcd is not installed, unless OUTRIDER_REQUIRE_ETCD=1.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -28,7 +28,19 @@ const EX_STORE_UNAVAILABLE: i32 = 75;
 /// losing one member, the leader included, must delay a change, not fail it.
 fn replica(cluster: &EtcdCluster, dirs: &ControlDirs) -> Control {
     let url = cluster.url();
-    start_control_with(dirs, &["--store", &url, "--etcd-timeout", "5s"])
+    start_control_with(
+        dirs,
+        &[
+            "--store",
+            &url,
+            "--etcd-timeout",
+            "5s",
+            "--view-stale-after",
+            "1s",
+            "--lease-ttl",
+            "2s",
+        ],
+    )
 }
 
 /// A proxy for `workload` subscribed to `control`, with a mesh identity (service account
@@ -105,6 +117,13 @@ async fn newest(control: &Control) -> serde_json::Value {
     let reply = control.request("GET", "/v1/history", "").await;
     assert_eq!(reply.status, 200);
     reply.json()[0].clone()
+}
+
+/// `/ready`'s body.
+async fn ready(control: &Control) -> String {
+    let reply = control.request_with_token("GET", "/ready", "", None).await;
+    assert_eq!(reply.status, 200);
+    String::from_utf8_lossy(&reply.body).into_owned()
 }
 
 async fn server_of(addr: SocketAddr) -> String {
@@ -269,6 +288,16 @@ async fn losing_the_etcd_quorum_makes_replicas_read_only_and_its_return_converge
         );
         assert!(took < Duration::from_secs(1), "{took:?}");
     }
+    // Each says its view is stale, in `/ready` and in `status`; neither leads any more (its
+    // lease cannot be kept alive), so neither imports its policy directory.
+    for replica in [&a, &b] {
+        let ready = ready(replica).await;
+        assert!(ready.contains(" view=stale view_behind="), "{ready}");
+        assert!(ready.contains(" leader=false"), "{ready}");
+        let out = replica.ctl(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("\nview STALE: behind etcd for "), "{text}");
+    }
     // Proxies keep their policy and traffic flows; a new proxy subscribing to a replica gets
     // the policy from its last view, certificate included.
     for _ in 0..20 {
@@ -292,6 +321,24 @@ async fn losing_the_etcd_quorum_makes_replicas_read_only_and_its_return_converge
             "{}",
             replica.logs().join("\n")
         );
+    }
+    for replica in [&a, &b] {
+        let ready = ready(replica).await;
+        assert!(!ready.contains("view=stale"), "{ready}");
+    }
+    // One of them leads again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (on_a, on_b) = (ready(&a).await, ready(&b).await);
+        let leaders = [&on_a, &on_b]
+            .iter()
+            .filter(|r| r.contains(" leader=true"))
+            .count();
+        if leaders == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{on_a}{on_b}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (out, _) = apply(&b, &docs.path, "route.yaml", &route(up_a.addr)).await;
     assert_eq!(applied_version(&out), v + 1);

@@ -19,6 +19,7 @@ use clap::{Parser, Subcommand};
 use outrider_control::ca::Ca;
 use outrider_control::engine::{Engine, EngineError};
 use outrider_control::etcd::{self, EtcdConfig, EtcdStore};
+use outrider_control::replica::{self, Replica};
 use outrider_control::server::{serve, App};
 use outrider_control::service_account::ServiceAccountTokens;
 use outrider_control::store::Store;
@@ -98,6 +99,29 @@ struct Serve {
         value_parser = parse_etcd_timeout
     )]
     etcd_timeout: std::time::Duration,
+    /// TTL of the etcd lease each replica holds (kept alive at a third of it): a dead
+    /// replica's leadership moves, and its proxies leave `status`, within about this. From 2s
+    /// (etcd's shortest lease) to 1m.
+    #[arg(
+        long,
+        env = "OUTRIDER_CONTROL_LEASE_TTL",
+        default_value = "5s",
+        value_parser = parse_lease_ttl
+    )]
+    lease_ttl: std::time::Duration,
+    /// A replica whose view has been behind etcd (watch down, no quorum) for longer than this
+    /// says so in `/ready` and `status`. From 1s to 1h.
+    #[arg(
+        long,
+        env = "OUTRIDER_CONTROL_VIEW_STALE_AFTER",
+        default_value = "10s",
+        value_parser = parse_view_stale_after
+    )]
+    view_stale_after: std::time::Duration,
+    /// This replica's name among the replicas on etcd (shown in `status`, its election
+    /// value, its proxies' key): unique per replica. Default: the host name and process id.
+    #[arg(long, env = "OUTRIDER_CONTROL_REPLICA_NAME", value_parser = parse_replica_name)]
+    replica_name: Option<String>,
     /// Address to serve proxies and `outriderctl` on (HTTP/1.1 and h2c).
     #[arg(
         long,
@@ -227,6 +251,14 @@ fn main() -> ExitCode {
         }
     };
     let etcd_store = store.etcd_store().cloned();
+    let replica_name = args
+        .replica_name
+        .clone()
+        .unwrap_or_else(default_replica_name);
+    let replica = Arc::new(match &etcd_store {
+        Some(etcd) => Replica::on_etcd(replica_name, etcd.clone(), args.view_stale_after),
+        None => Replica::single(replica_name),
+    });
     let engine = match Engine::open(store) {
         Ok(engine) => Arc::new(engine.max_push(args.max_push_bytes)),
         Err(EngineError::Load(e)) if e.is_unavailable() => {
@@ -274,10 +306,24 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         if let Some(etcd) = etcd_store {
-            tokio::spawn(etcd::keep_view(etcd, Arc::clone(&engine)));
+            tokio::spawn(etcd::keep_view(etcd.clone(), Arc::clone(&engine)));
+            tokio::spawn(replica::run_session(
+                etcd.clone(),
+                Arc::clone(&replica),
+                args.lease_ttl,
+            ));
+            tokio::spawn(replica::publish_proxies(
+                etcd,
+                Arc::clone(&engine),
+                Arc::clone(&replica),
+            ));
         }
-        // Watches, then scans once before listening.
-        let _watcher = match watcher::start(args.policies.clone(), Arc::clone(&engine)) {
+        // Watches, then (the leader) scans once before listening.
+        let _watcher = match watcher::start(
+            args.policies.clone(),
+            Arc::clone(&engine),
+            replica.leadership(),
+        ) {
             Ok(w) => w,
             Err(e) => {
                 eprintln!(
@@ -313,11 +359,13 @@ fn main() -> ExitCode {
             heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
             ca: Some(ca),
             service_accounts,
+            replica: Arc::clone(&replica),
         });
         tokio::select! {
             () = serve(listener, app) => {}
             () = wait_for_signal() => {}
         }
+        replica.step_down().await;
         // Every accepted version is already durable; open streams just end and proxies
         // reconnect to the next instance.
         ExitCode::SUCCESS
@@ -372,6 +420,70 @@ fn parse_etcd_timeout(text: &str) -> Result<std::time::Duration, String> {
     } else {
         Err(format!("{text} is outside 100ms..=1m"))
     }
+}
+
+/// `--lease-ttl`: whole seconds (etcd's leases are), within [`replica::LEASE_TTL_RANGE`].
+fn parse_lease_ttl(text: &str) -> Result<std::time::Duration, String> {
+    let ttl = text
+        .parse::<outrider_config::Duration>()
+        .map_err(|e| e.to_string())?
+        .get();
+    if ttl.subsec_nanos() != 0 {
+        return Err(format!("{text} is not whole seconds (etcd's leases are)"));
+    }
+    if replica::LEASE_TTL_RANGE.contains(&ttl) {
+        Ok(ttl)
+    } else {
+        Err(format!("{text} is outside 2s..=1m"))
+    }
+}
+
+/// `--view-stale-after`: from 1s to 1h.
+fn parse_view_stale_after(text: &str) -> Result<std::time::Duration, String> {
+    const RANGE: std::ops::RangeInclusive<std::time::Duration> =
+        std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600);
+    let after = text
+        .parse::<outrider_config::Duration>()
+        .map_err(|e| e.to_string())?
+        .get();
+    if RANGE.contains(&after) {
+        Ok(after)
+    } else {
+        Err(format!("{text} is outside 1s..=1h"))
+    }
+}
+
+/// `--replica-name`: part of etcd keys, so letters, digits, '-', '.', '_' (at most 253).
+fn parse_replica_name(text: &str) -> Result<String, String> {
+    let valid = !text.is_empty()
+        && text.len() <= 253
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "{text:?} is not a replica name (letters, digits, '-', '.', '_')"
+        ))
+    }
+}
+
+/// The host name (a pod's name in Kubernetes) and the process id: unique per replica.
+fn default_replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        .take(200)
+        .collect();
+    let host = if host.is_empty() {
+        "control".to_string()
+    } else {
+        host
+    };
+    format!("{host}-{}", std::process::id())
 }
 
 fn read_token(file: Option<&std::path::Path>) -> Result<String, (u8, String)> {
