@@ -96,6 +96,30 @@ impl Outcome {
     }
 }
 
+/// What makes a change: its `cause` label, and whether it is the leader's import of the
+/// policy directory (committed only while this replica leads).
+#[derive(Debug, Clone, Copy)]
+struct Made {
+    cause: VersionCause,
+    import: bool,
+}
+
+impl Made {
+    fn by(cause: VersionCause) -> Self {
+        Self {
+            cause,
+            import: false,
+        }
+    }
+
+    fn import() -> Self {
+        Self {
+            cause: VersionCause::Files,
+            import: true,
+        }
+    }
+}
+
 /// Failures that are not a document's fault.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -406,7 +430,7 @@ impl Engine {
         } else {
             VersionCause::Apply
         };
-        self.apply_serialized(changes, cause, None, false, deadline, kind, false)
+        self.apply_serialized(changes, cause, None, false, deadline, Made::by(kind))
     }
 
     /// Refuses an unforced applied upsert of a document read from the policy directory.
@@ -462,7 +486,14 @@ impl Engine {
         let changes: Vec<Prepared> = changes.into_iter().map(Prepared::parse).collect();
         let _writer = self.lock_writer();
         self.check_overrides_prepared(&changes)?;
-        self.apply_serialized(changes, "dry run", None, true, None, VersionCause::Apply, false)
+        self.apply_serialized(
+            changes,
+            "dry run",
+            None,
+            true,
+            None,
+            Made::by(VersionCause::Apply),
+        )
     }
 
     /// Brings the documents from files in line with a scan of the policy directory: changed
@@ -601,8 +632,7 @@ impl Engine {
             Some((seen, hashes)),
             false,
             None,
-            VersionCause::Files,
-            true,
+            Made::import(),
         )
         .map(Some)
     }
@@ -621,26 +651,17 @@ impl Engine {
         seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
         dry_run: bool,
         deadline: Option<Instant>,
-        kind: VersionCause,
-        import: bool,
+        made: Made,
     ) -> Result<Outcome, EngineError> {
         if dry_run {
-            return self.apply_once(changes, cause, seen, true, deadline, kind, false);
+            return self.apply_once(changes, cause, seen, true, deadline, made);
         }
         self.check_writable()?;
         // Another replica may commit between this one's read and its compare-and-swap: the
         // change is then redone on top of what that replica committed (validated anew: the
         // documents it merges with may have changed).
         for _ in 0..MAX_CONFLICTS {
-            match self.apply_once(
-                changes.clone(),
-                cause,
-                seen.clone(),
-                false,
-                deadline,
-                kind,
-                import,
-            ) {
+            match self.apply_once(changes.clone(), cause, seen.clone(), false, deadline, made) {
                 Err(EngineError::Conflict) => {
                     tracing::info!(
                         cause,
@@ -744,8 +765,7 @@ impl Engine {
         seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
         dry_run: bool,
         deadline: Option<Instant>,
-        kind: VersionCause,
-        import: bool,
+        made: Made,
     ) -> Result<Outcome, EngineError> {
         let (version, mut docs, mut parsed) = {
             let inner = self.lock();
@@ -909,7 +929,7 @@ impl Engine {
         drop(inner);
         check_deadline(deadline)?;
         // Durable before anyone sees it: a version a proxy applied must survive a restart.
-        state.revision = self.save(&state, file_sync.then_some(cause), import)?;
+        state.revision = self.save(&state, file_sync.then_some(cause), made.import)?;
         let mut inner = self.lock();
         if file_sync {
             inner.store_health.pending = None;
@@ -935,7 +955,7 @@ impl Engine {
         outcome.workloads = republish(&mut inner, version);
         drop(inner);
         count(&outcome.accepted, ApplyResult::Accepted);
-        self.metrics.version(kind);
+        self.metrics.version(made.cause);
         tracing::info!(version, cause, accepted = %outcome.accepted.join(","), workloads = outcome.workloads.len(), "version accepted");
         Ok(outcome)
     }
@@ -977,8 +997,7 @@ impl Engine {
                     Some((seen, hashes)),
                     false,
                     deadline,
-                    VersionCause::Delete,
-                    false,
+                    Made::by(VersionCause::Delete),
                 );
             }
             match inner.docs.get(name) {
@@ -1031,8 +1050,7 @@ impl Engine {
             None,
             false,
             deadline,
-            VersionCause::Delete,
-            false,
+            Made::by(VersionCause::Delete),
         )
     }
 

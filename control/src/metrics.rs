@@ -94,6 +94,8 @@ impl RejectReason {
             EngineError::Contended => Some(Self::Contended),
             // Internal: the change is redone on the newer state, not refused.
             EngineError::Conflict => None,
+            // An import by a replica that lost its leadership: the new leader imports it.
+            EngineError::NotLeader => None,
             EngineError::Load(_)
             | EngineError::NotKept(_)
             | EngineError::UnknownDocument(_)
