@@ -25,8 +25,8 @@ pub use position::Position;
 pub use schema::{
     AccessLog, Authorization, Backoff, CircuitBreaker, FailureRate, Fault, FaultAbort, FaultDelay,
     GrpcMatch, Inbound, InboundMtls, LoadBalancing, MeshTls, OriginationTls, Otlp, OtlpProtocol,
-    OutlierDetection, PathMatch, Policy, Protocol, RateLimit, RateLimitMode, Retries, RetryBudget, RetryOn,
-    Route, RouteMatch, RouteTimeouts, Sampling, Service, ServiceTls, Timeouts, Tracing,
+    OutlierDetection, PathMatch, Policy, Protocol, RateLimit, RateLimitMode, Retries, RetryBudget,
+    RetryOn, Route, RouteMatch, RouteTimeouts, Sampling, Service, ServiceTls, Timeouts, Tracing,
     ValueMatch, WeightedService, WorkloadSelector, DEFAULT_OPAQUE_PORTS,
 };
 pub use size::{ByteSize, ByteSizeError};
@@ -1006,6 +1006,11 @@ routes:
                 "{ path: { exact: v1 } }",
                 "routes[0].matches[0].path.exact: must start with `/`",
                 "v1",
+            ),
+            (
+                "{ path: { prefix: '/v1?x=1' } }",
+                "routes[0].matches[0].path.prefix: must not contain `?` or `#` (use `query_params`)",
+                "'/v1",
             ),
             (
                 "{ path: { prefix: /v1 }, path_prefix: /v1 }",

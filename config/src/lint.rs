@@ -112,7 +112,11 @@ fn shadowed_routes(policy: &Policy) -> Vec<Finding> {
             earlier.is_some()
         });
         if let (true, Some(earlier)) = (every_match_shadowed, taken_by) {
-            let field = if route.r#match.is_some() { "match" } else { "matches" };
+            let field = if route.r#match.is_some() {
+                "match"
+            } else {
+                "matches"
+            };
             findings.push((
                 format!("routes[{i}].{field}"),
                 format!(

@@ -280,7 +280,10 @@ mod tests {
             (
                 "headers decide before query parameters",
                 &[
-                    ("query", "{ query_params: [{ name: a, value: '1' }, { name: b, value: '2' }] }"),
+                    (
+                        "query",
+                        "{ query_params: [{ name: a, value: '1' }, { name: b, value: '2' }] }",
+                    ),
                     ("header", "{ headers: [{ name: a, value: '1' }] }"),
                 ],
                 &["header", "query"],
@@ -304,8 +307,14 @@ mod tests {
             (
                 "document order breaks ties",
                 &[
-                    ("first", "{ path: { prefix: /a }, headers: [{ name: x, value: '1' }] }"),
-                    ("second", "{ path: { prefix: /a }, headers: [{ name: y, value: '1' }] }"),
+                    (
+                        "first",
+                        "{ path: { prefix: /a }, headers: [{ name: x, value: '1' }] }",
+                    ),
+                    (
+                        "second",
+                        "{ path: { prefix: /a }, headers: [{ name: y, value: '1' }] }",
+                    ),
                     ("third", "{ path_prefix: /a/ }"),
                 ],
                 &["first", "second", "third"],
@@ -386,7 +395,12 @@ mod tests {
             Some(RegexError::TooLarge)
         );
         // What operators write fits well within the limit.
-        for common in [r"\w+", r"/api/v[0-9]+/users/[^/]+", r"(?i)bearer .*", r"[a-f0-9-]{36}"] {
+        for common in [
+            r"\w+",
+            r"/api/v[0-9]+/users/[^/]+",
+            r"(?i)bearer .*",
+            r"[a-f0-9-]{36}",
+        ] {
             compile_regex(common).expect(common);
         }
     }

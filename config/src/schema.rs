@@ -760,11 +760,7 @@ pub struct ValueMatch {
     /// The header's (case-insensitive) or query parameter's (case-sensitive) name.
     pub name: String,
     /// The value, exactly.
-    #[serde(
-        default,
-        alias = "exact",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, alias = "exact", skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
     /// An RE2-syntax regular expression the whole value must match.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -707,7 +707,12 @@ fn check_route(
         ));
     }
     for (k, m) in route.each_match().enumerate().take(MAX_ROUTE_MATCHES) {
-        check_match(&format!("{at}.{}", route.match_path(k)), m, regexes, findings);
+        check_match(
+            &format!("{at}.{}", route.match_path(k)),
+            m,
+            regexes,
+            findings,
+        );
     }
     if let Some(t) = &route.timeouts {
         check_optional_timeouts(
@@ -784,15 +789,34 @@ fn check_match(at: &str, m: &RouteMatch, regexes: &mut usize, findings: &mut Vec
     if let (Some(first), Some(second)) = (set.next(), set.next()) {
         findings.push((
             format!("{at}.{second}"),
-            format!("set one of `path_prefix`, `path` and `grpc`, not both `{first}` and `{second}`"),
+            format!(
+                "set one of `path_prefix`, `path` and `grpc`, not both `{first}` and `{second}`"
+            ),
         ));
     }
     if let Some(prefix) = &m.path_prefix {
         check_path(&format!("{at}.path_prefix"), prefix, findings);
     }
     match &m.path {
-        Some(PathMatch::Exact(path)) => check_path(&format!("{at}.path.exact"), path, findings),
-        Some(PathMatch::Prefix(path)) => check_path(&format!("{at}.path.prefix"), path, findings),
+        Some(PathMatch::Exact(path) | PathMatch::Prefix(path)) => {
+            let at = format!(
+                "{at}.path.{}",
+                if matches!(m.path, Some(PathMatch::Exact(_))) {
+                    "exact"
+                } else {
+                    "prefix"
+                }
+            );
+            if path.contains(['?', '#']) {
+                // A request's path ends before them: such a condition would never match.
+                findings.push((
+                    at,
+                    "must not contain `?` or `#` (use `query_params`)".into(),
+                ));
+            } else {
+                check_path(&at, path, findings);
+            }
+        }
         Some(PathMatch::Regex(pattern)) => {
             check_regex(&format!("{at}.path.regex"), pattern, regexes, findings)
         }
@@ -832,7 +856,10 @@ fn check_match(at: &str, m: &RouteMatch, regexes: &mut usize, findings: &mut Vec
         }
     }
     if let Some(grpc) = &m.grpc {
-        let names = [("service", Some(&grpc.service)), ("method", grpc.method.as_ref())];
+        let names = [
+            ("service", Some(&grpc.service)),
+            ("method", grpc.method.as_ref()),
+        ];
         for (field, name) in names {
             let Some(name) = name else { continue };
             if name.is_empty() || name.contains('/') || !name.bytes().all(is_tchar) {
