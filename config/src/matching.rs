@@ -208,10 +208,12 @@ mod tests {
             .collect()
     }
 
+    /// Why; the routes as (name, match) in document order; the names in the order tried.
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+
     #[test]
     fn precedence_follows_gateway_api() {
-        // (why, routes as `name: match` lines in document order, expected order of names)
-        let cases: &[(&str, &[(&str, &str)], &[&str])] = &[
+        let cases: &[Case] = &[
             (
                 "exact path over any prefix",
                 &[

@@ -37,6 +37,9 @@ async fn upstreams(names: &[&'static str]) -> (Vec<Upstream>, String) {
     (servers, services)
 }
 
+/// A request (method, path, headers) and the upstream that must serve it.
+type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+
 /// The upstream that served `method path` to `shop` with `headers`.
 async fn served_by(proxy: &Proxy, method: &str, path: &str, headers: &[(&str, &str)]) -> String {
     let mut req = Request::builder()
@@ -84,7 +87,7 @@ async fn each_condition_kind_routes_by_what_the_request_carries() {
 "
     );
     let proxy = start_proxy(&policy);
-    let cases: &[(&str, &str, &[(&str, &str)], &str)] = &[
+    let cases: &[Case] = &[
         ("GET", "/exact", &[], "exact"),
         // An exact path is not a prefix.
         ("GET", "/exact/more", &[], "default"),
@@ -160,7 +163,7 @@ async fn the_most_specific_match_wins_whatever_the_document_order() {
     );
     let proxy = start_proxy(&policy);
     let both = [("x-a", "1"), ("x-b", "1")];
-    let cases: &[(&str, &str, &[(&str, &str)], &str)] = &[
+    let cases: &[Case] = &[
         ("GET", "/other", &[], "any"),
         ("GET", "/api/x", &[], "short"),
         // The longer prefix wins.

@@ -269,10 +269,12 @@ mod tests {
         req.body(()).expect("request")
     }
 
+    /// A case: the match, the request's method, URI and headers, and whether it matches.
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, &'a str)], bool);
+
     #[test]
     fn each_condition_kind_decides() {
-        // (match, method, uri, headers, expected)
-        let cases: &[(&str, &str, &str, &[(&str, &str)], bool)] = &[
+        let cases: &[Case] = &[
             ("{ path: { exact: /a } }", "GET", "/a", &[], true),
             ("{ path: { exact: /a } }", "GET", "/a/", &[], false),
             ("{ path: { prefix: /foo } }", "GET", "/foo/bar", &[], true),
