@@ -797,30 +797,26 @@ fn check_match(at: &str, m: &RouteMatch, regexes: &mut usize, findings: &mut Vec
     if let Some(prefix) = &m.path_prefix {
         check_path(&format!("{at}.path_prefix"), prefix, findings);
     }
-    match &m.path {
-        Some(PathMatch::Exact(path) | PathMatch::Prefix(path)) => {
-            let at = format!(
-                "{at}.path.{}",
-                if matches!(m.path, Some(PathMatch::Exact(_))) {
-                    "exact"
-                } else {
-                    "prefix"
-                }
-            );
-            if path.contains(['?', '#']) {
-                // A request's path ends before them: such a condition would never match.
-                findings.push((
-                    at,
-                    "must not contain `?` or `#` (use `query_params`)".into(),
-                ));
-            } else {
-                check_path(&at, path, findings);
-            }
-        }
+    let literal = match &m.path {
+        Some(PathMatch::Exact(path)) => Some(("exact", path)),
+        Some(PathMatch::Prefix(path)) => Some(("prefix", path)),
         Some(PathMatch::Regex(pattern)) => {
-            check_regex(&format!("{at}.path.regex"), pattern, regexes, findings)
+            check_regex(&format!("{at}.path.regex"), pattern, regexes, findings);
+            None
         }
-        None => {}
+        None => None,
+    };
+    if let Some((kind, path)) = literal {
+        let at = format!("{at}.path.{kind}");
+        if path.contains(['?', '#']) {
+            // A request's path ends before them: such a condition would never match.
+            findings.push((
+                at,
+                "must not contain `?` or `#` (use `query_params`)".into(),
+            ));
+        } else {
+            check_path(&at, path, findings);
+        }
     }
     if let Some(method) = &m.method {
         if method.is_empty() || !method.bytes().all(is_tchar) {
