@@ -9,6 +9,7 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion};
 use http::header::{self, HeaderMap, HeaderValue};
 use outrider_proxy::core::headers;
+use outrider_proxy::http::route_match::RouteRequest;
 use outrider_proxy::http::snapshot::Snapshot;
 use outrider_proxy::telemetry::metrics::Metrics;
 
@@ -56,31 +57,120 @@ fn bench_route(c: &mut Criterion) {
     let last_host = format!("svc-{last:02}.default.svc");
     let last_path = format!("/api/v{last}/items/42");
 
+    let get = |host: &'static str, path: &str| {
+        let req = http::Request::get(path.to_string())
+            .body(())
+            .expect("a valid request");
+        (host, req)
+    };
+    let first = get("svc-00.default.svc", "/api/v0/items/42");
+    let last_req = http::Request::get(last_path).body(()).expect("request");
+    let none = get("svc-99.default.svc", "/api/v0/");
     let mut group = c.benchmark_group("route");
     group.bench_function("first_match", |b| {
         b.iter(|| {
             snapshot
-                .route(
-                    black_box("svc-00.default.svc"),
-                    black_box("/api/v0/items/42"),
-                )
+                .route(black_box(&RouteRequest::of(first.0, &first.1)))
                 .is_some()
         })
     });
     group.bench_function("last_match_of_20", |b| {
         b.iter(|| {
             snapshot
-                .route(black_box(&last_host), black_box(&last_path))
+                .route(black_box(&RouteRequest::of(&last_host, &last_req)))
                 .is_some()
         })
     });
     group.bench_function("no_match_of_20", |b| {
         b.iter(|| {
             snapshot
-                .route(black_box("svc-99.default.svc"), black_box("/api/v0/"))
+                .route(black_box(&RouteRequest::of(none.0, &none.1)))
                 .is_some()
         })
     });
+    group.finish();
+}
+
+/// How many routes the Gateway-style table has.
+const MATCH_ROUTES: usize = 50;
+
+/// [`MATCH_ROUTES`] routes on one authority, one of each kind in turn: an exact path, a
+/// segment prefix, a regex, a method with a prefix, a header canary and a query parameter,
+/// then a catch-all, the way a service's routes look once it splits traffic by request.
+fn gateway_routes_policy() -> String {
+    let mut yaml = String::from(
+        "services:\n  v1: { endpoints: [127.0.0.1:20001] }\n  v2: { endpoints: [127.0.0.1:20002] }\nroutes:\n",
+    );
+    for i in 0..MATCH_ROUTES - 1 {
+        let m = match i % 6 {
+            0 => format!("path: {{ exact: /api/v{i}/health }}"),
+            1 => format!("path: {{ prefix: /api/v{i} }}"),
+            2 => format!("path: {{ regex: '/api/v{i}/users/[0-9]+' }}"),
+            3 => format!("path: {{ prefix: /api/v{i}/orders }}, method: POST"),
+            4 => format!("headers: [{{ name: x-canary-{i}, value: 'true' }}]"),
+            _ => format!("query_params: [{{ name: variant{i}, value: b }}]"),
+        };
+        yaml.push_str(&format!(
+            "  - {{ name: r{i:02}, service: v2, matches: [{{ authority: shop, {m} }}] }}\n"
+        ));
+    }
+    yaml.push_str("  - { name: default, service: v1, match: { authority: shop } }\n");
+    yaml
+}
+
+fn bench_route_matches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime for building the snapshot");
+    let _guard = rt.enter();
+    let loaded = outrider_config::load("matches.yaml", &gateway_routes_policy())
+        .expect("the generated 50-route policy is valid");
+    let metrics = Metrics::new("bench").expect("metrics register in a fresh registry");
+    let snapshot = Snapshot::build(loaded, 1, &metrics, None);
+    let with_headers = |path: &str, extra: Option<(&'static str, &'static str)>| {
+        let mut req = http::Request::get(path.to_string());
+        for (name, value) in [
+            ("user-agent", "app/1.0"),
+            ("accept", "application/json"),
+            ("x-request-id", "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
+        ] {
+            req = req.header(name, value);
+        }
+        if let Some((name, value)) = extra {
+            req = req.header(name, value);
+        }
+        req.body(()).expect("a valid request")
+    };
+    let cases = [
+        ("exact", with_headers("/api/v0/health", None)),
+        ("regex", with_headers("/api/v2/users/42", None)),
+        (
+            "header_canary",
+            with_headers("/", Some(("x-canary-46", "true"))),
+        ),
+        ("query_param", with_headers("/search?q=1&variant47=b", None)),
+        ("fall_through_to_default", with_headers("/other", None)),
+    ];
+    let mut group = c.benchmark_group("route_matches_of_50");
+    for (name, req) in &cases {
+        let expected = if *name == "fall_through_to_default" {
+            "v1"
+        } else {
+            "v2"
+        };
+        let target = snapshot
+            .route(&RouteRequest::of("shop", req))
+            .expect("routed");
+        assert_eq!(&*target.upstream.spec.name, expected, "{name}");
+        group.bench_function(*name, |b| {
+            b.iter(|| {
+                snapshot
+                    .route(black_box(&RouteRequest::of("shop", req)))
+                    .is_some()
+            })
+        });
+    }
     group.finish();
 }
 
@@ -176,8 +266,13 @@ fn bench_policies(c: &mut Criterion) {
     let loaded = outrider_config::load("policies.yaml", ALL_POLICIES).expect("valid policy");
     let metrics = Metrics::new("bench").expect("metrics register in a fresh registry");
     let snapshot = Snapshot::build(loaded, 1, &metrics, None);
-    let target = snapshot.route("bench", "/").expect("bench route");
-    let plain = snapshot.route("plain", "/").expect("plain route");
+    let root = http::Request::get("/").body(()).expect("request");
+    let target = snapshot
+        .route(&RouteRequest::of("bench", &root))
+        .expect("bench route");
+    let plain = snapshot
+        .route(&RouteRequest::of("plain", &root))
+        .expect("plain route");
     let limit = target.policy.limit.as_ref().expect("rate limit");
     let breaker = target.policy.breaker.as_ref().expect("breaker");
     let fault = target.policy.fault.as_ref().expect("fault");
@@ -230,6 +325,7 @@ fn main() {
     let mut c = config().configure_from_args();
     bench_config_load(&mut c);
     bench_route(&mut c);
+    bench_route_matches(&mut c);
     bench_headers(&mut c);
     bench_policies(&mut c);
     c.final_summary();

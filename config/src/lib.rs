@@ -9,6 +9,7 @@ mod duration;
 mod error;
 pub mod limits;
 mod lint;
+pub mod matching;
 mod parse;
 mod plain;
 mod position;
@@ -24,10 +25,11 @@ pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
     AccessLog, AccessLogFormat, Authorization, Backoff, CircuitBreaker, FailureRate, Fault,
-    FaultAbort, FaultDelay, Inbound, InboundMtls, LoadBalancing, MeshTls, OriginationTls, Otlp,
-    OtlpProtocol, OutlierDetection, Policy, Protocol, QueryLogging, RateLimit, RateLimitMode,
-    Retries, RetryBudget, RetryOn, Route, RouteMatch, RouteTimeouts, Sampling, Service, ServiceTls,
-    Timeouts, Tracing, WeightedService, WorkloadSelector, DEFAULT_OPAQUE_PORTS,
+    FaultAbort, FaultDelay, GrpcMatch, Inbound, InboundMtls, LoadBalancing, MeshTls,
+    OriginationTls, Otlp, OtlpProtocol, OutlierDetection, PathMatch, Policy, Protocol,
+    QueryLogging, RateLimit, RateLimitMode, Retries, RetryBudget, RetryOn, Route, RouteMatch,
+    RouteTimeouts, Sampling, Service, ServiceTls, Timeouts, Tracing, ValueMatch, WeightedService,
+    WorkloadSelector, DEFAULT_OPAQUE_PORTS,
 };
 pub use size::{ByteSize, ByteSizeError};
 pub use validate::GRPC_STATUS_NAMES;
@@ -987,6 +989,199 @@ tracing: { ratio: 1.01 }
         );
         // Ordinary non-ASCII text in a path is fine.
         load("p.yaml", &route(r#"{ path_prefix: "/café/" }"#)).expect("valid");
+    }
+
+    #[test]
+    fn gateway_matches_load_and_round_trip() {
+        let text = r#"
+services:
+  v1: { endpoints: [127.0.0.1:1] }
+  v2: { endpoints: [127.0.0.1:2] }
+routes:
+  - name: canary
+    matches:
+      - headers: [{ name: X-Canary, value: "true" }]
+      - path: { regex: "/beta/[a-z]+" }
+        method: POST
+        query_params: [{ name: debug, present: true }, { name: user, exact: alice }]
+      - grpc: { service: outrider.test.Echo, method: Unary }
+    service: v2
+  - match: { authority: shop, path: { prefix: /v1 }, headers: [{ name: x-old, present: false }] }
+    service: v1
+"#;
+        let policy = load("p.yaml", text).expect("valid").policy;
+        let canary = &policy.routes[0];
+        assert_eq!(canary.r#match, None);
+        assert_eq!(canary.matches.len(), 3);
+        assert_eq!(
+            canary.matches[0].headers,
+            [ValueMatch {
+                name: "X-Canary".into(),
+                value: Some("true".into()),
+                regex: None,
+                present: None,
+            }]
+        );
+        assert_eq!(
+            canary.matches[1].path,
+            Some(PathMatch::Regex("/beta/[a-z]+".into()))
+        );
+        // `exact` is another spelling of `value`.
+        assert_eq!(
+            canary.matches[1].query_params[1].value.as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            canary.matches[2].grpc,
+            Some(GrpcMatch {
+                service: "outrider.test.Echo".into(),
+                method: Some("Unary".into()),
+            })
+        );
+        let legacy = policy.routes[1].r#match.as_ref().expect("match");
+        assert_eq!(legacy.path, Some(PathMatch::Prefix("/v1".into())));
+        assert_eq!(policy.routes[1].match_path(0), "match");
+        assert_eq!(canary.match_path(2), "matches[2]");
+        // The control plane serialises the policies it serves.
+        let yaml = to_yaml(&policy).expect("serialise");
+        assert_eq!(load("again.yaml", &yaml).expect("valid").policy, policy);
+    }
+
+    #[test]
+    fn match_mistakes_are_named_with_path_and_position() {
+        let route = |m: &str| {
+            format!(
+                "services:\n  a: {{ endpoints: [127.0.0.1:1] }}\nroutes:\n  - service: a\n    matches:\n      - {m}\n"
+            )
+        };
+        // (match, message, the text the position must point at)
+        let cases = [
+            (
+                "{ path: { regex: '/v[0-9+' } }",
+                "routes[0].matches[0].path.regex: invalid regex: unclosed character class",
+                "'/v",
+            ),
+            (
+                r#"{ path: { regex: '\w{500}{500}' } }"#,
+                "routes[0].matches[0].path.regex: regex too large: it compiles to more than 65536 bytes",
+                "'\\w",
+            ),
+            (
+                "{ headers: [{ name: x, regex: 'a(?=b)' }] }",
+                "routes[0].matches[0].headers[0].regex: invalid regex: look-around, including look-ahead and look-behind, is not supported",
+                "'a(",
+            ),
+            (
+                "{ query_params: [{ name: q, regex: '(' }] }",
+                "routes[0].matches[0].query_params[0].regex: invalid regex: unclosed group",
+                "'('",
+            ),
+            (
+                "{ path: { exact: v1 } }",
+                "routes[0].matches[0].path.exact: must start with `/`",
+                "v1",
+            ),
+            (
+                "{ path: { prefix: '/v1?x=1' } }",
+                "routes[0].matches[0].path.prefix: must not contain `?` or `#` (use `query_params`)",
+                "'/v1",
+            ),
+            (
+                "{ path: { prefix: /v1 }, path_prefix: /v1 }",
+                "routes[0].matches[0].path: set one of `path_prefix`, `path` and `grpc`, not both `path_prefix` and `path`",
+                "path:",
+            ),
+            (
+                "{ grpc: { service: a.B }, path: { exact: /a.B/C } }",
+                "routes[0].matches[0].grpc: set one of `path_prefix`, `path` and `grpc`, not both `path` and `grpc`",
+                "grpc",
+            ),
+            (
+                "{ method: 'G T' }",
+                "routes[0].matches[0].method: must be an HTTP method such as GET or POST",
+                "'G T'",
+            ),
+            (
+                "{ headers: [{ name: x, value: a, present: true }] }",
+                "routes[0].matches[0].headers[0]: needs exactly one of `value`, `regex` and `present`",
+                "{ name",
+            ),
+            (
+                "{ headers: [{ name: x }] }",
+                "routes[0].matches[0].headers[0]: needs exactly one of `value`, `regex` and `present`",
+                "{ name",
+            ),
+            (
+                "{ headers: [{ name: 'x y', present: true }] }",
+                "routes[0].matches[0].headers[0].name: must be a header name (letters, digits and !#$%&'*+-.^_`|~)",
+                "'x y'",
+            ),
+            (
+                "{ headers: [{ name: X-A, present: true }, { name: x-a, value: b }] }",
+                "routes[0].matches[0].headers[1].name: `x-a` has a condition already in this match",
+                "x-a",
+            ),
+            (
+                "{ query_params: [{ name: 'a=b', present: true }] }",
+                "routes[0].matches[0].query_params[0].name: must be a query parameter name without `&`, `=` or `#`",
+                "'a=b'",
+            ),
+            (
+                "{ grpc: { service: a/B } }",
+                "routes[0].matches[0].grpc.service: must be a gRPC name without `/` or spaces (`package.Service`, `Method`)",
+                "a/B",
+            ),
+            (
+                "{ grpc: { method: Get } }",
+                "routes[0].matches[0].grpc.method: missing field `service`",
+                "method",
+            ),
+            (
+                "{ headers: [{ name: x, valeu: a }] }",
+                "routes[0].matches[0].headers[0].valeu: unknown field `valeu`; did you mean `value`?",
+                "valeu",
+            ),
+        ];
+        for (m, message, at) in cases {
+            let text = route(m);
+            let line = text.lines().nth(5).expect("line 6");
+            let column = line.find(at).expect("marker") + 1;
+            assert_eq!(
+                error_text(&text),
+                format!("{message} at policy.yaml:6:{column}"),
+                "{m}"
+            );
+        }
+        let none = "services:\n  a: { endpoints: [127.0.0.1:1] }\nroutes:\n  - service: a\n";
+        assert_eq!(
+            error_text(none),
+            "routes[0]: needs `match` or `matches` at policy.yaml:4:5"
+        );
+        let empty = "services:\n  a: { endpoints: [127.0.0.1:1] }\nroutes:\n  - { service: a, matches: [] }\n";
+        assert_eq!(
+            error_text(empty),
+            "routes[0]: needs `match` or `matches` at policy.yaml:4:5"
+        );
+    }
+
+    #[test]
+    fn regexes_are_counted_across_the_policy() {
+        let mut text = String::from("services:\n  a: { endpoints: [127.0.0.1:1] }\nroutes:\n");
+        for i in 0..=limits::MAX_REGEXES {
+            text.push_str(&format!(
+                "  - {{ service: a, matches: [{{ path: {{ regex: '/r{i}' }} }}] }}\n"
+            ));
+        }
+        let e = load("p.yaml", &text).expect_err("one regex too many");
+        assert_eq!(e.diagnostics.len(), 1, "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "routes[{n}].matches[0].path.regex: at most {n} regexes in a policy at p.yaml:{line}:46",
+                n = limits::MAX_REGEXES,
+                line = limits::MAX_REGEXES + 4
+            )
+        );
     }
 
     #[test]

@@ -33,3 +33,12 @@ pub const MAX_RATE: u32 = 1_000_000;
 pub const MAX_FAILURE_COUNT: u32 = 100_000;
 /// Most entries of `opaque_ports`, and of one service's `addresses`.
 pub const MAX_PORT_LIST: usize = 1_024;
+/// Most matches of one route (`match` and `matches` together), as Gateway API's HTTPRoute.
+pub const MAX_ROUTE_MATCHES: usize = 64;
+/// Most header conditions, and most query parameter conditions, of one match (as Gateway API).
+pub const MAX_MATCH_CONDITIONS: usize = 16;
+/// Most regular expressions in one policy: with [`MAX_REGEX_BYTES`], bounds what a policy's
+/// regexes may cost a proxy in memory (256 x 2 x 64 KiB, 32 MiB, at worst).
+pub const MAX_REGEXES: usize = 256;
+/// Largest compiled program of one regex, and largest lazy-DFA cache it may grow, in bytes.
+pub const MAX_REGEX_BYTES: usize = 64 * 1024;

@@ -3,7 +3,8 @@
 
 use std::collections::HashSet;
 
-use crate::schema::{Policy, Route};
+use crate::matching::{segment_prefix_matches, PathCondition};
+use crate::schema::{Policy, RouteMatch};
 use crate::validate::Finding;
 use crate::Duration;
 
@@ -55,20 +56,8 @@ pub fn warnings(policy: &Policy) -> Vec<Finding> {
                 findings.push((format!("routes[{i}].timeouts.{field}"), message));
             }
         }
-        if let Some(earlier) = policy.routes[..i]
-            .iter()
-            .position(|before| covers(before, route))
-        {
-            findings.push((
-                format!("routes[{i}].match"),
-                format!(
-                    "never matches: {} before it takes every request this route would (routes \
-                     match in order, the first wins; put the more specific route first)",
-                    describe(policy, earlier)
-                ),
-            ));
-        }
     }
+    findings.extend(shadowed_routes(policy));
     for (name, service) in &policy.services {
         if service.listen.is_none() && !used.contains(name.as_str()) {
             findings.push((
@@ -97,21 +86,92 @@ fn per_try_outlasts_request(
     })
 }
 
-/// Whether every request `later` matches is matched by `earlier` first (authorities compare
-/// without case, as the proxy matches them).
-fn covers(earlier: &Route, later: &Route) -> bool {
-    let (e, l) = (&earlier.matches, &later.matches);
+/// Routes none of whose matches can take a request: each is covered by another route's match
+/// that is tried before it (more specific, or as specific and earlier in the document).
+fn shadowed_routes(policy: &Policy) -> Vec<Finding> {
+    let order = crate::matching::order(&policy.routes);
+    let matches: Vec<Vec<&RouteMatch>> = policy
+        .routes
+        .iter()
+        .map(|r| r.each_match().collect())
+        .collect();
+    let mut tried_at: Vec<Vec<usize>> = matches.iter().map(|m| vec![0; m.len()]).collect();
+    for (position, at) in order.iter().enumerate() {
+        tried_at[at.route][at.index] = position;
+    }
+    let mut findings = Vec::new();
+    for (i, route) in policy.routes.iter().enumerate() {
+        let mut taken_by = None;
+        let every_match_shadowed = matches[i].iter().enumerate().all(|(k, m)| {
+            let earlier = order[..tried_at[i][k]]
+                .iter()
+                .find(|e| e.route != i && covers(matches[e.route][e.index], m));
+            if let Some(earlier) = earlier {
+                taken_by.get_or_insert(earlier.route);
+            }
+            earlier.is_some()
+        });
+        if let (true, Some(earlier)) = (every_match_shadowed, taken_by) {
+            let field = if route.r#match.is_some() {
+                "match"
+            } else {
+                "matches"
+            };
+            findings.push((
+                format!("routes[{i}].{field}"),
+                format!(
+                    "never matches: {} takes every request this route would first (it is as \
+                     specific and earlier, or more specific; see the precedence of matches)",
+                    describe(policy, earlier)
+                ),
+            ));
+        }
+    }
+    findings
+}
+
+/// Whether every request `later` matches is also matched by `earlier` (authorities and
+/// header names compare without case, as the proxy matches them). Conservative: `false`
+/// when unsure (a regex is compared as text).
+fn covers(earlier: &RouteMatch, later: &RouteMatch) -> bool {
+    let (e, l) = (earlier, later);
     let authority = match (&e.authority, &l.authority) {
         (None, _) => true,
         (Some(e), Some(l)) => e.eq_ignore_ascii_case(l),
         (Some(_), None) => false,
     };
-    let path = match (&e.path_prefix, &l.path_prefix) {
-        (None, _) => true,
-        (Some(e), Some(l)) => l.starts_with(e.as_str()),
-        (Some(_), None) => false,
-    };
-    authority && path
+    let method = e.method.is_none() || e.method == l.method;
+    let headers = e.headers.iter().all(|eh| {
+        l.headers.iter().any(|lh| {
+            eh.name.eq_ignore_ascii_case(&lh.name)
+                && (&eh.value, &eh.regex, eh.present) == (&lh.value, &lh.regex, lh.present)
+        })
+    });
+    let query_params = e.query_params.iter().all(|q| l.query_params.contains(q));
+    let grpc = e.grpc.is_none() || l.grpc.is_some();
+    authority
+        && method
+        && headers
+        && query_params
+        && grpc
+        && path_covers(&PathCondition::of(e), &PathCondition::of(l))
+}
+
+fn path_covers(earlier: &PathCondition, later: &PathCondition) -> bool {
+    use PathCondition::{Any, Exact, Regex, SegmentPrefix, StrPrefix};
+    match (earlier, later) {
+        (Any, _) => true,
+        (StrPrefix(e), StrPrefix(l)) => l.starts_with(e),
+        (StrPrefix(e), SegmentPrefix(l) | Exact(l)) => l.starts_with(e),
+        (SegmentPrefix(e), SegmentPrefix(l) | Exact(l)) => segment_prefix_matches(e, l),
+        // A string prefix that ends a segment: `/a/` lies under the segment prefix `/a`.
+        (SegmentPrefix(e), StrPrefix(l)) => l
+            .strip_prefix(e.as_str())
+            .is_some_and(|rest| rest.starts_with('/')),
+        (Exact(e), Exact(l)) => e == l,
+        (Regex(e), Regex(l)) => e == l,
+        _ => false,
+    }
 }
 
 /// `routes[2]` or `routes[2] (name)`.
@@ -158,6 +218,8 @@ routes:
   - match: { authority: a, path_prefix: /v1/ }
     split: [ { service: a, weight: 1 }, { service: b, weight: 1 } ]
     timeouts: { per_try: 5s }
+  - matches: [{ authority: A, path_prefix: /v1/ }]
+    service: b
 ";
         let found: Vec<String> = warned(text)
             .into_iter()
@@ -174,9 +236,9 @@ routes:
                 "routes[1].timeouts.per_try: per_try (5s) is longer than request (1s): the \
                  request timeout always ends an attempt first, so per_try never applies and no \
                  attempt is retried after a per-try timeout",
-                "routes[1].match: never matches: routes[0] (all-of-a) before it takes every \
-                 request this route would (routes match in order, the first wins; put the more \
-                 specific route first)",
+                "routes[2].matches: never matches: routes[1] takes every request this route \
+                 would first (it is as specific and earlier, or more specific; see the \
+                 precedence of matches)",
                 "services.unused: no route sends to this service and it has no `listen` port, \
                  so no request reaches it",
             ]

@@ -474,7 +474,7 @@ impl<'de> Visitor<'de> for Fields<'_> {
         };
         let mut matches = false;
         while let Some(key) = map.next_key::<String>()? {
-            matches |= key == "match";
+            matches |= key == "match" || key == "matches";
             let section = match self.of {
                 Owner::Service(name) => Section::ServiceField(name.to_string(), key.clone()),
                 Owner::Route(index) => Section::RouteField(index, key.clone()),
@@ -483,36 +483,29 @@ impl<'de> Visitor<'de> for Fields<'_> {
                 map.next_value::<IgnoredAny>()?;
                 continue;
             }
-            let mut one = OneEntry::new(&key, &mut map);
+            let one = OneEntry::new(&key, &mut map);
             match self.of {
                 Owner::Service(_) => {
                     Service::deserialize(serde::de::value::MapAccessDeserializer::new(one))?;
                 }
                 Owner::Route(_) => {
-                    // A route cannot be read without its `match`: an empty one stands in.
-                    if key != "match" {
-                        one.filler = Some("match");
-                    }
                     Route::deserialize(serde::de::value::MapAccessDeserializer::new(one))?;
                 }
             }
             self.checker.back_to(Some(owner.clone()));
         }
         if matches!(self.of, Owner::Route(_)) && !matches {
-            // What the stand-in `match` above would otherwise hide.
-            return Err(serde::de::Error::missing_field("match"));
+            // A broken route is left out of the semantic checks, which would say the same.
+            return Err(serde::de::Error::custom("needs `match` or `matches`"));
         }
         Ok(())
     }
 }
 
 /// A mapping of one entry, whose value is read from the enclosing mapping: lets a schema
-/// type's derived deserialiser read a single key. `filler` is a further key whose value is
-/// an empty mapping, for a required field.
+/// type's derived deserialiser read a single key.
 struct OneEntry<'a, A> {
     key: Option<&'a str>,
-    filler: Option<&'static str>,
-    filling: bool,
     map: &'a mut A,
 }
 
@@ -520,8 +513,6 @@ impl<'a, A> OneEntry<'a, A> {
     fn new(key: &'a str, map: &'a mut A) -> Self {
         Self {
             key: Some(key),
-            filler: None,
-            filling: false,
             map,
         }
     }
@@ -534,28 +525,14 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for OneEntry<'_, A> {
         &mut self,
         seed: K,
     ) -> Result<Option<K::Value>, A::Error> {
-        let key = match self.key.take() {
-            Some(key) => key,
-            None => match self.filler.take() {
-                Some(filler) => {
-                    self.filling = true;
-                    filler
-                }
-                None => return Ok(None),
-            },
+        let Some(key) = self.key.take() else {
+            return Ok(None);
         };
         seed.deserialize(serde::de::value::StrDeserializer::new(key))
             .map(Some)
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
-        if self.filling {
-            let empty =
-                serde::de::value::MapDeserializer::<std::iter::Empty<(&str, &str)>, A::Error>::new(
-                    std::iter::empty(),
-                );
-            return seed.deserialize(empty);
-        }
         self.map.next_value_seed(seed)
     }
 }
@@ -859,7 +836,7 @@ bogus: 1
                  ms, s, m, h) at p.yaml:7:26",
                 "services.c.protocol: unknown variant `http3`, expected one of http1, http2 at \
                  p.yaml:10:15",
-                "routes[0]: missing field `match` at p.yaml:12:5",
+                "routes[0]: needs `match` or `matches` at p.yaml:12:5",
                 "tracing: expected mapping start at p.yaml:15:10",
                 "bogus: unknown field `bogus`, expected one of workload, services, routes, \
                  inbound, tracing, access_log, mesh_tls, opaque_ports at p.yaml:16:1",
@@ -1033,7 +1010,7 @@ routes:
         assert!(
             found
                 .iter()
-                .any(|e| e.starts_with("routes[0]: missing field `match`")),
+                .any(|e| e.starts_with("routes[0]: needs `match` or `matches`")),
             "{found:?}"
         );
     }

@@ -20,7 +20,9 @@ pub struct Policy {
     /// Named upstream services, by name.
     #[serde(default)]
     pub services: BTreeMap<String, Service>,
-    /// Routes for the shared outbound port, matched in order; the first match wins.
+    /// Routes for the shared outbound port. A request that several routes match takes the one
+    /// whose matching condition ranks highest in Gateway API's precedence
+    /// ([`crate::matching`]); document order breaks ties.
     #[serde(default)]
     pub routes: Vec<Route>,
     /// The inbound listener's settings (the local app it fronts).
@@ -503,9 +505,15 @@ pub struct Route {
     /// A name for metrics and logs; `route-<index>` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// What requests this route takes.
-    #[serde(rename = "match")]
-    pub matches: RouteMatch,
+    /// One match, the original way to write a route: `{ authority, path_prefix }` (it takes
+    /// every condition of [`RouteMatch`]). ORed with `matches`; a route needs one of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub r#match: Option<RouteMatch>,
+    /// Matches in Gateway API's HTTPRoute style: the route takes a request that meets every
+    /// condition of at least one of them. Which route takes a request that several routes
+    /// match is decided by precedence ([`crate::precedence`]), not by document order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<RouteMatch>,
     /// The single service this route sends to. Exactly one of `service` and `split`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
@@ -529,6 +537,23 @@ pub struct Route {
     /// Injected delays and aborts, for testing resilience in staging.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+}
+
+impl Route {
+    /// Every match of the route: `match` first, then `matches` in order.
+    pub fn each_match(&self) -> impl Iterator<Item = &RouteMatch> {
+        self.r#match.iter().chain(&self.matches)
+    }
+
+    /// The path of its `index`-th match (in [`Route::each_match`]'s order) below the route:
+    /// `match` or `matches[k]`.
+    pub fn match_path(&self, index: usize) -> String {
+        match (self.r#match.is_some(), index) {
+            (true, 0) => "match".into(),
+            (true, k) => format!("matches[{}]", k - 1),
+            (false, k) => format!("matches[{k}]"),
+        }
+    }
 }
 
 /// Fault injection on a route: each request independently may be delayed and may be aborted.
@@ -802,9 +827,68 @@ pub struct RouteMatch {
     /// The Host / :authority, without port, compared case-insensitively.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authority: Option<String>,
-    /// A prefix of the request path; must start with `/`.
+    /// A prefix of the request path as a string (`/v1` also takes `/v1beta`); must start with
+    /// `/`. Kept as it always was; `path: { prefix }` matches whole segments instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
+    /// The request path: `exact`, `prefix` (whole segments) or `regex` (the whole path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatch>,
+    /// The request method, compared case-sensitively (`GET`, `POST`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Request headers, by name (case-insensitive); every one must hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<ValueMatch>,
+    /// Query parameters, by name (case-sensitive); every one must hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<ValueMatch>,
+    /// A gRPC call: the `/service/method` path of a request with a gRPC content type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcMatch>,
+}
+
+/// How the request path is matched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathMatch {
+    /// The whole path, byte for byte.
+    Exact(String),
+    /// Whole leading segments: `/foo` takes `/foo` and `/foo/bar`, not `/foobar`; a trailing
+    /// `/` is ignored.
+    Prefix(String),
+    /// An RE2-syntax regular expression the whole path must match.
+    Regex(String),
+}
+
+/// A condition on one request header or query parameter: exactly one of `value`, `regex` and
+/// `present`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueMatch {
+    /// The header's (case-insensitive) or query parameter's (case-sensitive) name.
+    pub name: String,
+    /// The value, exactly.
+    #[serde(default, alias = "exact", skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// An RE2-syntax regular expression the whole value must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// `true`: sent, with any value; `false`: not sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+}
+
+/// A gRPC method, as GRPCRoute's `method` match: `service` is required, `method` narrows it
+/// to one method.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcMatch {
+    /// The fully qualified service, `package.Service`.
+    pub service: String,
+    /// The method; every method of the service when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
 }
 
 /// One leg of a traffic split.

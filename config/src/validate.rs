@@ -4,12 +4,13 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::limits::{
-    MAX_BACKOFF, MAX_FAILURE_COUNT, MAX_POLICY_INTERVAL, MAX_PORT_LIST, MAX_RATE,
-    MAX_RETRY_ATTEMPTS, MAX_RETRY_BODY_BYTES, MAX_TIMEOUT,
+    MAX_BACKOFF, MAX_FAILURE_COUNT, MAX_MATCH_CONDITIONS, MAX_POLICY_INTERVAL, MAX_PORT_LIST,
+    MAX_RATE, MAX_REGEXES, MAX_RETRY_ATTEMPTS, MAX_RETRY_BODY_BYTES, MAX_ROUTE_MATCHES,
+    MAX_TIMEOUT,
 };
 use crate::schema::{
-    CircuitBreaker, Fault, OutlierDetection, Policy, RateLimit, Retries, Route, Service,
-    WorkloadSelector,
+    CircuitBreaker, Fault, OutlierDetection, PathMatch, Policy, RateLimit, Retries, Route,
+    RouteMatch, Service, ValueMatch, WorkloadSelector,
 };
 use crate::Duration;
 
@@ -28,8 +29,16 @@ pub fn validate(policy: &Policy) -> Vec<Finding> {
     }
     check_addresses(policy, &mut findings);
     let mut route_names = HashSet::new();
+    let mut regexes = 0;
     for (i, route) in policy.routes.iter().enumerate() {
-        check_route(policy, i, route, &mut route_names, &mut findings);
+        check_route(
+            policy,
+            i,
+            route,
+            &mut route_names,
+            &mut regexes,
+            &mut findings,
+        );
     }
     if let Some(inbound) = &policy.inbound {
         let t = &inbound.timeouts;
@@ -671,6 +680,7 @@ fn check_route(
     i: usize,
     route: &Route,
     names: &mut HashSet<String>,
+    regexes: &mut usize,
     findings: &mut Vec<Finding>,
 ) {
     let at = format!("routes[{i}]");
@@ -688,21 +698,22 @@ fn check_route(
             ));
         }
     }
-    if let Some(authority) = &route.matches.authority {
-        let at = format!("{at}.match.authority");
-        if authority.is_empty() || authority.bytes().any(|b| b.is_ascii_whitespace()) {
-            findings.push((at, "must be a host name without spaces".into()));
-        } else {
-            check_visible(&at, authority, findings);
-        }
+    if route.r#match.is_none() && route.matches.is_empty() {
+        findings.push((at.clone(), "needs `match` or `matches`".into()));
     }
-    if let Some(prefix) = &route.matches.path_prefix {
-        let at = format!("{at}.match.path_prefix");
-        if !prefix.starts_with('/') {
-            findings.push((at, "must start with `/`".into()));
-        } else {
-            check_visible(&at, prefix, findings);
-        }
+    if route.each_match().count() > MAX_ROUTE_MATCHES {
+        findings.push((
+            format!("{at}.matches"),
+            format!("at most {MAX_ROUTE_MATCHES} matches per route"),
+        ));
+    }
+    for (k, m) in route.each_match().enumerate().take(MAX_ROUTE_MATCHES) {
+        check_match(
+            &format!("{at}.{}", route.match_path(k)),
+            m,
+            regexes,
+            findings,
+        );
     }
     if let Some(t) = &route.timeouts {
         check_optional_timeouts(
@@ -757,6 +768,174 @@ fn check_route(
             }
         }
     }
+}
+
+/// One match of a route, at `at` (`routes[2].matches[0]`). `regexes` counts the policy's
+/// regular expressions so far: past [`MAX_REGEXES`] they are refused, not compiled.
+fn check_match(at: &str, m: &RouteMatch, regexes: &mut usize, findings: &mut Vec<Finding>) {
+    if let Some(authority) = &m.authority {
+        let at = format!("{at}.authority");
+        if authority.is_empty() || authority.bytes().any(|b| b.is_ascii_whitespace()) {
+            findings.push((at, "must be a host name without spaces".into()));
+        } else {
+            check_visible(&at, authority, findings);
+        }
+    }
+    let paths = [
+        m.path_prefix.is_some().then_some("path_prefix"),
+        m.path.is_some().then_some("path"),
+        m.grpc.is_some().then_some("grpc"),
+    ];
+    let mut set = paths.iter().flatten();
+    if let (Some(first), Some(second)) = (set.next(), set.next()) {
+        findings.push((
+            format!("{at}.{second}"),
+            format!(
+                "set one of `path_prefix`, `path` and `grpc`, not both `{first}` and `{second}`"
+            ),
+        ));
+    }
+    if let Some(prefix) = &m.path_prefix {
+        check_path(&format!("{at}.path_prefix"), prefix, findings);
+    }
+    let literal = match &m.path {
+        Some(PathMatch::Exact(path)) => Some(("exact", path)),
+        Some(PathMatch::Prefix(path)) => Some(("prefix", path)),
+        Some(PathMatch::Regex(pattern)) => {
+            check_regex(&format!("{at}.path.regex"), pattern, regexes, findings);
+            None
+        }
+        None => None,
+    };
+    if let Some((kind, path)) = literal {
+        let at = format!("{at}.path.{kind}");
+        if path.contains(['?', '#']) {
+            // A request's path ends before them: such a condition would never match.
+            findings.push((
+                at,
+                "must not contain `?` or `#` (use `query_params`)".into(),
+            ));
+        } else {
+            check_path(&at, path, findings);
+        }
+    }
+    if let Some(method) = &m.method {
+        if method.is_empty() || !method.bytes().all(is_tchar) {
+            findings.push((
+                format!("{at}.method"),
+                "must be an HTTP method such as GET or POST".into(),
+            ));
+        }
+    }
+    for (what, conditions) in [("headers", &m.headers), ("query_params", &m.query_params)] {
+        if conditions.len() > MAX_MATCH_CONDITIONS {
+            findings.push((
+                format!("{at}.{what}"),
+                format!("at most {MAX_MATCH_CONDITIONS} conditions"),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (j, condition) in conditions.iter().enumerate().take(MAX_MATCH_CONDITIONS) {
+            let at = format!("{at}.{what}[{j}]");
+            // Header names compare without case, query parameter names with it.
+            let name = if what == "headers" {
+                condition.name.to_ascii_lowercase()
+            } else {
+                condition.name.clone()
+            };
+            if !seen.insert(name) {
+                findings.push((
+                    format!("{at}.name"),
+                    format!("`{}` has a condition already in this match", condition.name),
+                ));
+            }
+            check_value_match(&at, what == "headers", condition, regexes, findings);
+        }
+    }
+    if let Some(grpc) = &m.grpc {
+        let names = [
+            ("service", Some(&grpc.service)),
+            ("method", grpc.method.as_ref()),
+        ];
+        for (field, name) in names {
+            let Some(name) = name else { continue };
+            if name.is_empty() || name.contains('/') || !name.bytes().all(is_tchar) {
+                findings.push((
+                    format!("{at}.grpc.{field}"),
+                    "must be a gRPC name without `/` or spaces (`package.Service`, `Method`)"
+                        .into(),
+                ));
+            }
+        }
+    }
+}
+
+/// A path condition: starts with `/`, holds nothing invisible.
+fn check_path(at: &str, path: &str, findings: &mut Vec<Finding>) {
+    if !path.starts_with('/') {
+        findings.push((at.to_string(), "must start with `/`".into()));
+    } else {
+        check_visible(at, path, findings);
+    }
+}
+
+fn check_value_match(
+    at: &str,
+    header: bool,
+    condition: &ValueMatch,
+    regexes: &mut usize,
+    findings: &mut Vec<Finding>,
+) {
+    let name = &condition.name;
+    let valid_name = if header {
+        !name.is_empty() && name.bytes().all(is_tchar)
+    } else {
+        !name.is_empty() && !name.contains(['&', '=', '#']) && !name.chars().any(char::is_control)
+    };
+    if !valid_name {
+        let what = if header {
+            "must be a header name (letters, digits and !#$%&'*+-.^_`|~)"
+        } else {
+            "must be a query parameter name without `&`, `=` or `#`"
+        };
+        findings.push((format!("{at}.name"), what.into()));
+    }
+    let set = [
+        condition.value.is_some(),
+        condition.regex.is_some(),
+        condition.present.is_some(),
+    ];
+    if set.iter().filter(|&&s| s).count() != 1 {
+        findings.push((
+            at.to_string(),
+            "needs exactly one of `value`, `regex` and `present`".into(),
+        ));
+    }
+    if let Some(value) = &condition.value {
+        check_visible(&format!("{at}.value"), value, findings);
+    }
+    if let Some(pattern) = &condition.regex {
+        check_regex(&format!("{at}.regex"), pattern, regexes, findings);
+    }
+}
+
+/// Compiles the pattern as the proxy will; past [`MAX_REGEXES`] in the policy, refuses it
+/// without compiling (the count, not the compile time, is what a huge policy could abuse).
+fn check_regex(at: &str, pattern: &str, regexes: &mut usize, findings: &mut Vec<Finding>) {
+    *regexes += 1;
+    if *regexes > MAX_REGEXES {
+        findings.push((
+            at.to_string(),
+            format!("at most {MAX_REGEXES} regexes in a policy"),
+        ));
+    } else if let Err(error) = crate::matching::compile_regex(pattern) {
+        findings.push((at.to_string(), error.to_string()));
+    }
+}
+
+/// A token character of RFC 9110 (method and header names).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// `unknown service `orderz``, with the closest name the document defines if one is close.

@@ -8,7 +8,8 @@
 //!   field merge: what you read in one document is what runs). Two documents of the same tier
 //!   defining the same service for one workload is a conflict.
 //! - Routes: the specific documents' routes first (documents in name order), then the default
-//!   documents' routes; the first match wins, so a workload's own routes shadow the defaults.
+//!   documents' routes; document order breaks ties of match precedence, so a workload's own
+//!   routes win over defaults as specific as they are.
 //! - `inbound` and `tracing`: a specific document's wins over a default's; two of the same tier
 //!   setting one conflict. `access_log`: a specific document's `json` wins over the defaults',
 //!   else the defaults' (a document that leaves it out cannot be told from one saying `off`).

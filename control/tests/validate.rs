@@ -188,7 +188,7 @@ routes:
   - match: { authority: shop }
     service: orders
     timeouts: { request: 1s, per_try: 2s }
-  - match: { authority: shop, path_prefix: /v1/ }
+  - match: { authority: Shop }
     service: orders
 ";
 
@@ -224,11 +224,11 @@ fn likely_mistakes_are_warnings_and_strict_refuses_them() {
 7 |     timeouts: { request: 1s, per_try: 2s }
   |                                       ^
 ",
-        "routes[1].match: never matches: routes[0] before it takes every request this route \
-         would (routes match in order, the first wins; put the more specific route first)
+        "routes[1].match: never matches: routes[0] takes every request this route would \
+         first (it is as specific and earlier, or more specific; see the precedence of matches)
   --> mistakes.yaml:8:5
   |
-8 |   - match: { authority: shop, path_prefix: /v1/ }
+8 |   - match: { authority: Shop }
   |     ^
 ",
     ];

@@ -12,6 +12,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 
 use crate::core::headers;
+use crate::http::route_match::RouteRequest;
 use crate::http::snapshot::Snapshot;
 use crate::io::pool::direct::fuzzing::{self as direct, BodyFraming, ScriptedReads};
 use crate::telemetry::metrics::Metrics;
@@ -374,7 +375,7 @@ pub fn request_head(data: &[u8]) {
 ///
 /// Invariants: building never panics; every service has its upstream, and a rebuild of the
 /// same policy keeps each one (the same `Arc`: warm pools and endpoint health survive a reload);
-/// every route's own authority and path prefix are routed; every `listen` has its dedicated
+/// a request meeting any match of a route is routed (matches with a regex aside); every `listen` has its dedicated
 /// target; there is an inbound target exactly when the policy has `inbound`.
 pub fn snapshot(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -415,15 +416,76 @@ pub fn snapshot(data: &[u8]) {
         }
     }
     for route in &policy.routes {
-        let host = route.matches.authority.as_deref().unwrap_or("any.host");
-        let path = route.matches.path_prefix.as_deref().unwrap_or("/");
-        assert!(
-            second.route(host, path).is_some(),
-            "route {:?} does not route its own match",
-            route.name
-        );
+        for m in route.each_match() {
+            let Some(request) = request_meeting(m) else {
+                continue;
+            };
+            let host = m.authority.as_deref().unwrap_or("any.host");
+            assert!(
+                second.route(&RouteRequest::of(host, &request)).is_some(),
+                "route {:?} does not route its own match {m:?}",
+                route.name
+            );
+        }
     }
     assert_eq!(second.inbound().is_some(), policy.inbound.is_some());
+}
+
+/// A request that meets every condition of `m`, when one is easily made: not for a regex, nor
+/// for a path or value that an `http` request cannot carry.
+fn request_meeting(m: &outrider_config::RouteMatch) -> Option<Request<()>> {
+    use outrider_config::matching::PathCondition;
+    use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+    let path = PathCondition::of(m);
+    let mut uri = match &path {
+        PathCondition::Any => "/".to_string(),
+        PathCondition::StrPrefix(prefix) => prefix.to_string(),
+        PathCondition::SegmentPrefix(prefix) if prefix.is_empty() => "/".to_string(),
+        PathCondition::SegmentPrefix(path) | PathCondition::Exact(path) => path.clone(),
+        PathCondition::Regex(_) => return None,
+    };
+    let mut separator = '?';
+    for q in &m.query_params {
+        let value = match (&q.value, &q.regex, q.present) {
+            (Some(value), _, _) => value.as_str(),
+            (None, Some(_), _) => return None,
+            (None, None, Some(false)) => continue,
+            (None, None, _) => "1",
+        };
+        uri.push(separator);
+        separator = '&';
+        uri.extend(utf8_percent_encode(&q.name, NON_ALPHANUMERIC).map(str::to_string));
+        uri.push('=');
+        uri.extend(utf8_percent_encode(value, NON_ALPHANUMERIC).map(str::to_string));
+    }
+    let mut request = Request::new(());
+    *request.uri_mut() = Uri::try_from(uri).ok()?;
+    // A `?` or `#` in the condition ends the request's path early.
+    if path.matches_plain(request.uri().path()) != Some(true) {
+        return None;
+    }
+    if let Some(method) = &m.method {
+        *request.method_mut() = Method::from_bytes(method.as_bytes()).ok()?;
+    }
+    for h in &m.headers {
+        let value = match (&h.value, &h.regex, h.present) {
+            (Some(value), _, _) => value.as_str(),
+            (None, Some(_), _) => return None,
+            (None, None, Some(false)) => continue,
+            (None, None, _) => "1",
+        };
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        request
+            .headers_mut()
+            .append(name, HeaderValue::from_str(value).ok()?);
+    }
+    if m.grpc.is_some() {
+        request.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+    }
+    Some(request)
 }
 
 #[cfg(test)]

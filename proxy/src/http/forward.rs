@@ -22,6 +22,7 @@ use crate::core::errors::ProxyError;
 use crate::core::headers::{self, Caller};
 use crate::http::captured::Capture;
 use crate::http::rescue::rescue;
+use crate::http::route_match::RouteRequest;
 use crate::http::shared::Shared;
 use crate::http::snapshot::{Snapshot, Target};
 use crate::io::body::{Observed, ProxyBody};
@@ -313,7 +314,7 @@ fn select_target<'s>(
         ListenerKind::Outbound => {
             let host = authority.as_ref().map_or("", Authority::host);
             snapshot
-                .route(host, req.uri().path())
+                .route(&RouteRequest::of(host, req))
                 .ok_or_else(|| ProxyError::NoRoute(host.to_string()))?
         }
         ListenerKind::Dedicated(listen) => snapshot.dedicated(listen).ok_or_else(|| {
@@ -338,7 +339,7 @@ fn select_captured(
     let authority = headers::request_authority(req)?;
     if !capture.inbound {
         let host = authority.as_ref().map_or("", Authority::host);
-        if let Some(target) = snapshot.route_by_authority(host, req.uri().path()) {
+        if let Some(target) = snapshot.route_by_authority(&RouteRequest::of(host, req)) {
             return Ok((Arc::clone(target), authority));
         }
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use outrider_config::{LoadedPolicy, MeshTls, Policy, Protocol, RateLimit, Service, ServiceTls};
 
+use crate::http::route_match::{CompiledMatch, RouteRequest};
 use crate::io::identity::{Mesh, ALPN_H2, ALPN_HTTP1, ALPN_OUTRIDER, ALPN_OUTRIDER_TCP};
 use crate::io::tls::UpstreamTls;
 use crate::io::upstream::{Upstream, UpstreamSpec};
@@ -56,10 +57,11 @@ impl Backends {
     }
 }
 
-struct CompiledRoute {
-    authority: Option<Box<str>>,
-    path_prefix: Option<Box<str>>,
-    backends: Backends,
+/// One match of a route, in the route table: the route's backends by their index in
+/// `Snapshot::backends`.
+struct TableEntry {
+    matcher: CompiledMatch,
+    backends: usize,
 }
 
 /// The compiled policy.
@@ -78,7 +80,11 @@ pub struct Snapshot {
     pub access_log: Option<Arc<AccessLog>>,
     /// How this policy's access-log lines are written.
     pub access_log_style: AccessLogStyle,
-    routes: Vec<CompiledRoute>,
+    /// Every match of every route, in precedence order (computed once per load): the first
+    /// entry a request meets is its route.
+    table: Vec<TableEntry>,
+    /// Each route's backends, by the route's position among the routes compiled.
+    backends: Vec<Backends>,
     dedicated: HashMap<SocketAddr, Arc<Target>>,
     /// Transparent capture: the service each known address belongs to (its `addresses` and
     /// static endpoints), matched once per reload.
@@ -228,13 +234,12 @@ impl Snapshot {
                     service_state.get(service).unwrap_or(&no_state),
                     route_state,
                 ),
-                http_route: route.map(|r| {
-                    let prefix = r.matches.path_prefix.as_deref().unwrap_or("/");
-                    Arc::from(format!("{prefix}*"))
-                }),
+                http_route: route.map(http_route),
             }))
         };
-        let mut routes = Vec::with_capacity(policy.routes.len());
+        // Each route's backends by its index in the policy; `None` for a route left out.
+        let mut route_backends: Vec<Option<usize>> = Vec::with_capacity(policy.routes.len());
+        let mut backends = Vec::with_capacity(policy.routes.len());
         let mut route_state = HashMap::with_capacity(policy.routes.len());
         for (i, route) in policy.routes.iter().enumerate() {
             // An unnamed route is labelled by its position, with the placeholder ':' so a
@@ -249,8 +254,9 @@ impl Snapshot {
                 ),
                 breaker: None,
             };
+            route_backends.push(None);
             // Validation guarantees every referenced service exists and weights are > 0.
-            let backends = match (&route.service, &route.split) {
+            let compiled = match (&route.service, &route.split) {
                 (Some(service), _) => match target(service, Some(route), &state, &name) {
                     Some(t) => Backends::One(t),
                     None => continue,
@@ -271,17 +277,11 @@ impl Snapshot {
                 }
                 (None, None) => continue,
             };
-            routes.push(CompiledRoute {
-                authority: route
-                    .matches
-                    .authority
-                    .as_deref()
-                    .map(|a| a.to_ascii_lowercase().into_boxed_str()),
-                path_prefix: route.matches.path_prefix.as_deref().map(Box::from),
-                backends,
-            });
+            route_backends[i] = Some(backends.len());
+            backends.push(compiled);
             route_state.insert(name, state);
         }
+        let table = route_table(&policy.routes, &route_backends);
         let dedicated = policy
             .services
             .iter()
@@ -377,7 +377,8 @@ impl Snapshot {
             policy,
             unrouted: metrics.route(OUTBOUND, UNROUTED, UNROUTED),
             sampler,
-            routes,
+            table,
+            backends,
             dedicated,
             inbound,
             upstreams,
@@ -394,33 +395,23 @@ impl Snapshot {
         &self.inbound_metrics
     }
 
-    /// The target of an outbound request to `host` (no port) and `path`, by the first matching
-    /// route.
-    pub fn route(&self, host: &str, path: &str) -> Option<&Arc<Target>> {
-        self.routes
+    /// The target of an outbound request: the route of the first match in precedence order
+    /// that `request` meets.
+    pub fn route(&self, request: &RouteRequest<'_>) -> Option<&Arc<Target>> {
+        self.table
             .iter()
-            .find(|r| {
-                r.authority
-                    .as_deref()
-                    .is_none_or(|a| a.eq_ignore_ascii_case(host))
-                    && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
-            })
-            .map(|r| r.backends.pick())
+            .find(|entry| entry.matcher.matches(request))
+            .map(|entry| self.backends[entry.backends].pick())
     }
 
-    /// The target of a captured outbound request to `host` and `path` by a route that names an
-    /// authority: routes without one (catch-alls) are for explicit traffic only, or every
-    /// captured call would go to them instead of where it was going.
-    pub fn route_by_authority(&self, host: &str, path: &str) -> Option<&Arc<Target>> {
-        self.routes
+    /// The target of a captured outbound request by a match that names an authority: matches
+    /// without one (catch-alls) are for explicit traffic only, or every captured call would go
+    /// to them instead of where it was going.
+    pub fn route_by_authority(&self, request: &RouteRequest<'_>) -> Option<&Arc<Target>> {
+        self.table
             .iter()
-            .find(|r| {
-                r.authority
-                    .as_deref()
-                    .is_some_and(|a| a.eq_ignore_ascii_case(host))
-                    && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
-            })
-            .map(|r| r.backends.pick())
+            .find(|entry| entry.matcher.has_authority() && entry.matcher.matches(request))
+            .map(|entry| self.backends[entry.backends].pick())
     }
 
     /// The service a captured connection's original destination belongs to: one of its
@@ -529,6 +520,41 @@ impl Snapshot {
     /// The upstream of a service, by name.
     pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.upstreams.get(name)
+    }
+}
+
+/// Every match of the routes compiled (`backends[i]` is `routes[i]`'s, `None` for a route left
+/// out), in precedence order. A match that does not compile (validation compiles it the same
+/// way, so it does not happen) is left out: it matches nothing.
+fn route_table(routes: &[outrider_config::Route], backends: &[Option<usize>]) -> Vec<TableEntry> {
+    outrider_config::matching::order(routes)
+        .into_iter()
+        .filter_map(|at| {
+            let route = &routes[at.route];
+            let m = route.each_match().nth(at.index)?;
+            let backends = (*backends.get(at.route)?)?;
+            match CompiledMatch::compile(m) {
+                Ok(matcher) => Some(TableEntry { matcher, backends }),
+                Err(error) => {
+                    tracing::error!(route = at.route, %error, "route match left out");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// The span's `http.route` of a route: the template of its first match's path (`/v1/*`, a
+/// regex as written); `/*` when it has no path condition.
+fn http_route(route: &outrider_config::Route) -> Arc<str> {
+    use outrider_config::matching::PathCondition;
+    let path = route.each_match().next().map(PathCondition::of);
+    match path.unwrap_or(PathCondition::Any) {
+        PathCondition::Any => Arc::from("/*"),
+        PathCondition::StrPrefix(prefix) => Arc::from(format!("{prefix}*")),
+        PathCondition::SegmentPrefix(prefix) => Arc::from(format!("{prefix}/*")),
+        PathCondition::Exact(path) => Arc::from(path),
+        PathCondition::Regex(pattern) => Arc::from(pattern),
     }
 }
 
@@ -653,6 +679,21 @@ mod tests {
         Snapshot::build(loaded, 1, metrics, previous)
     }
 
+    /// The target of a GET of `path` from `host`, without other headers.
+    fn route<'s>(snapshot: &'s Snapshot, host: &str, path: &str) -> Option<&'s Arc<Target>> {
+        let req = http::Request::get(path).body(()).expect("request");
+        snapshot.route(&RouteRequest::of(host, &req))
+    }
+
+    fn route_by_authority<'s>(
+        snapshot: &'s Snapshot,
+        host: &str,
+        path: &str,
+    ) -> Option<&'s Arc<Target>> {
+        let req = http::Request::get(path).body(()).expect("request");
+        snapshot.route_by_authority(&RouteRequest::of(host, &req))
+    }
+
     #[tokio::test]
     async fn unchanged_services_keep_their_upstream_across_a_rebuild() {
         let metrics = Metrics::new("test").expect("metrics");
@@ -698,7 +739,7 @@ mod tests {
             )
         };
         let limiter = |s: &Snapshot, path: &str| {
-            let target = s.route("a", path).expect("route");
+            let target = route(s, "a", path).expect("route");
             Arc::clone(&target.policy.limit.as_ref().expect("limit").limiter)
         };
         let before = build(&policy(5, 7), None, &metrics);
@@ -740,13 +781,11 @@ mod tests {
         );
         // The catch-all route is for explicit traffic; a route naming the authority applies.
         let routed = |host: &str| {
-            snapshot
-                .route_by_authority(host, "/x")
-                .map(|t| t.upstream.spec.name.to_string())
+            route_by_authority(&snapshot, host, "/x").map(|t| t.upstream.spec.name.to_string())
         };
         assert_eq!(routed("b.example").as_deref(), Some("b"));
         assert_eq!(routed("elsewhere.example"), None);
-        assert!(snapshot.route("elsewhere.example", "/x").is_some());
+        assert!(route(&snapshot, "elsewhere.example", "/x").is_some());
         // Passthrough is labelled as such, never by address.
         let dst = "192.0.2.3:80".parse().expect("addr");
         let passthrough = snapshot.passthrough(dst, Protocol::Http1, &metrics);
@@ -766,7 +805,7 @@ mod tests {
             )
         };
         let breaker = |s: &Snapshot| {
-            let target = s.route("a", "/").expect("route");
+            let target = route(s, "a", "/").expect("route");
             Arc::clone(target.policy.breaker.as_ref().expect("breaker"))
         };
         let before = build(&policy(1, "1s"), None, &metrics);
