@@ -511,7 +511,7 @@ pub struct Route {
     pub r#match: Option<RouteMatch>,
     /// Matches in Gateway API's HTTPRoute style: the route takes a request that meets every
     /// condition of at least one of them. Which route takes a request that several routes
-    /// match is decided by precedence ([`crate::precedence`]), not by document order.
+    /// match is decided by precedence ([`crate::matching::order`]), not by document order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub matches: Vec<RouteMatch>,
     /// The single service this route sends to. Exactly one of `service` and `split`.

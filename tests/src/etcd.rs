@@ -148,7 +148,7 @@ impl EtcdCluster {
     }
 
     /// Polls `/health` of each of `members` until it reports a leader, at most
-    /// [`START_BOUND`]; panics with the members' logs past it.
+    /// `START_BOUND`; panics with the members' logs past it.
     pub fn wait_healthy(&self, members: &[usize]) {
         let deadline = Instant::now() + START_BOUND;
         for &i in members {
