@@ -299,6 +299,21 @@ impl Drop for Control {
     }
 }
 
+/// The version an `outriderctl apply` output says it applied as; panics with the output when
+/// the apply failed.
+pub fn applied_version(out: &Output) -> u64 {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "apply failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, rest) = stdout
+        .split_once("applied as version ")
+        .unwrap_or_else(|| panic!("no version in {stdout}"));
+    rest.split(';').next().unwrap().trim().parse().unwrap()
+}
+
 /// Runs `outriderctl ARGS` with `OUTRIDER_CONTROL_URL=url` and the token in the environment.
 pub fn ctl(url: &str, token: Option<&str>, args: &[&str]) -> Output {
     let mut cmd = Command::new(ctl_binary());

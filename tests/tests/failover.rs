@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outrider_e2e::control::{ctl, start_control, start_control_with, ControlDirs, CONTROL_TOKEN};
+use outrider_e2e::control::{
+    applied_version, ctl, start_control, start_control_with, ControlDirs, CONTROL_TOKEN,
+};
 use outrider_e2e::etcd::EtcdCluster;
 use outrider_e2e::*;
 
@@ -117,20 +119,6 @@ async fn apply(urls: String, name: &str, text: String) -> std::process::Output {
     })
     .await
     .unwrap()
-}
-
-/// The version an `outriderctl apply` output says it applied as.
-fn applied_version(out: &std::process::Output) -> u64 {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "apply failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (_, rest) = stdout
-        .split_once("applied as version ")
-        .unwrap_or_else(|| panic!("no version in {stdout}"));
-    rest.split(';').next().unwrap().trim().parse().unwrap()
 }
 
 /// Requests to host `svc` through a proxy's outbound port, one after another until stopped.

@@ -14,7 +14,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use outrider_e2e::control::{start_control_with, Control, ControlDirs, CONTROL_TOKEN};
+use outrider_e2e::control::{
+    applied_version, start_control_with, Control, ControlDirs, CONTROL_TOKEN,
+};
 use outrider_e2e::etcd::EtcdCluster;
 use outrider_e2e::*;
 
@@ -95,21 +97,6 @@ async fn apply(
     })
     .await
     .unwrap()
-}
-
-/// The version an `outriderctl apply` output says it applied as.
-fn applied_version(out: &std::process::Output) -> u64 {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "apply failed: {}{}",
-        stdout,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (_, rest) = stdout
-        .split_once("applied as version ")
-        .unwrap_or_else(|| panic!("no version in {stdout}"));
-    rest.split(';').next().unwrap().trim().parse().unwrap()
 }
 
 /// The newest history entry as a replica reports it.

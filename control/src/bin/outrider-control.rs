@@ -409,47 +409,52 @@ fn open_store(args: &Serve, runtime: &tokio::runtime::Runtime) -> Result<Store, 
 /// `--etcd-timeout`: a duration from 100ms to 1m. Shorter cannot reach a member and back;
 /// longer would hold an apply (and the deadlines added to it) for no gain.
 fn parse_etcd_timeout(text: &str) -> Result<std::time::Duration, String> {
-    const RANGE: std::ops::RangeInclusive<std::time::Duration> =
-        std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(60);
-    let timeout = text
-        .parse::<outrider_config::Duration>()
-        .map_err(|e| e.to_string())?
-        .get();
-    if RANGE.contains(&timeout) {
-        Ok(timeout)
-    } else {
-        Err(format!("{text} is outside 100ms..=1m"))
-    }
+    let range = std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(60);
+    duration_within(text, range, "100ms..=1m")
 }
 
 /// `--lease-ttl`: whole seconds (etcd's leases are), within [`replica::LEASE_TTL_RANGE`].
 fn parse_lease_ttl(text: &str) -> Result<std::time::Duration, String> {
-    let ttl = text
-        .parse::<outrider_config::Duration>()
-        .map_err(|e| e.to_string())?
-        .get();
+    let ttl = parse_duration(text)?;
     if ttl.subsec_nanos() != 0 {
         return Err(format!("{text} is not whole seconds (etcd's leases are)"));
     }
-    if replica::LEASE_TTL_RANGE.contains(&ttl) {
-        Ok(ttl)
-    } else {
-        Err(format!("{text} is outside 2s..=1m"))
-    }
+    check_within(text, ttl, replica::LEASE_TTL_RANGE, "2s..=1m")
 }
 
 /// `--view-stale-after`: from 1s to 1h.
 fn parse_view_stale_after(text: &str) -> Result<std::time::Duration, String> {
-    const RANGE: std::ops::RangeInclusive<std::time::Duration> =
-        std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600);
-    let after = text
+    let range = std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600);
+    duration_within(text, range, "1s..=1h")
+}
+
+/// A duration flag's value, refused outside `range` (written `shown` in the message): the
+/// flags' durations are bounded where they are read, since deadlines are computed from them.
+fn duration_within(
+    text: &str,
+    range: std::ops::RangeInclusive<std::time::Duration>,
+    shown: &str,
+) -> Result<std::time::Duration, String> {
+    check_within(text, parse_duration(text)?, range, shown)
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    Ok(text
         .parse::<outrider_config::Duration>()
         .map_err(|e| e.to_string())?
-        .get();
-    if RANGE.contains(&after) {
-        Ok(after)
+        .get())
+}
+
+fn check_within(
+    text: &str,
+    value: std::time::Duration,
+    range: std::ops::RangeInclusive<std::time::Duration>,
+    shown: &str,
+) -> Result<std::time::Duration, String> {
+    if range.contains(&value) {
+        Ok(value)
     } else {
-        Err(format!("{text} is outside 1s..=1h"))
+        Err(format!("{text} is outside {shown}"))
     }
 }
 
