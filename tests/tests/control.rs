@@ -1183,3 +1183,65 @@ async fn log_fields_are_plain_text() {
     let peer: std::net::SocketAddr = json["peer"].as_str().unwrap().parse().unwrap();
     assert!(peer.ip().is_loopback(), "{line}");
 }
+
+/// A pod deleted as it starts: SIGTERM arrives while the store is still opening. The handlers
+/// are installed before that, so the process ends by its own exit code (here 69, etcd out of
+/// reach once `--etcd-timeout` passes), never killed mid-start by the signal's default action.
+#[tokio::test]
+async fn a_sigterm_while_the_store_opens_ends_in_order() {
+    use std::os::unix::process::ExitStatusExt as _;
+    // An "etcd" that accepts connections and never answers: the store's open waits on it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let dirs = ControlDirs::new();
+    let mut child = std::process::Command::new(outrider_e2e::control_binary())
+        .arg("serve")
+        .arg("--policies")
+        .arg(&dirs.policies)
+        .arg("--store")
+        .arg(format!("etcd://{silent_addr}"))
+        .args(["--etcd-timeout", "3s", "--listen", "127.0.0.1:0"])
+        .arg("--token-file")
+        .arg(&dirs.token_file)
+        .env_remove("OUTRIDER_CONTROL_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn outrider-control");
+    // Its first connection to the store shows it is past the runtime's start, opening the store.
+    silent.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let _held = loop {
+        match silent.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    Instant::now() < deadline,
+                    "outrider-control never reached the store"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "outrider-control did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        status.signal(),
+        None,
+        "killed by signal {:?} while the store opened: the handlers were not installed yet",
+        status.signal()
+    );
+    assert_eq!(status.code(), Some(69), "etcd out of reach: EX_UNAVAILABLE");
+}

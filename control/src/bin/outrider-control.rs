@@ -243,6 +243,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_SOFTWARE);
         }
     };
+    let signals = {
+        let _context = runtime.enter();
+        Signals::install()
+    };
     let store = match open_store(&args, &runtime) {
         Ok(store) => store,
         Err((code, message)) => {
@@ -363,7 +367,7 @@ fn main() -> ExitCode {
         });
         tokio::select! {
             () = serve(listener, app) => {}
-            () = wait_for_signal() => {}
+            () = signals.wait() => {}
         }
         replica.step_down().await;
         // Every accepted version is already durable; open streams just end and proxies
@@ -510,18 +514,38 @@ fn read_token(file: Option<&std::path::Path>) -> Result<String, (u8, String)> {
     Ok(token)
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT handlers, installed as soon as the runtime exists: a signal that arrives
+/// while the store opens or before the API listens (a pod deleted as it starts) is then kept
+/// for [`Signals::wait`], instead of killing the process by the default action mid-write.
+struct Signals {
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    /// Installs the handlers; needs a runtime context (inside `Runtime::enter`).
+    fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let streams = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Some((term, int)),
+            _ => None,
+        };
+        Self { streams }
+    }
+
+    /// Resolves at the first SIGTERM or SIGINT, including one received before this call.
+    async fn wait(self) {
+        let Some((mut term, mut int)) = self.streams else {
+            // Without signal handlers the process can only be killed; run until then.
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 
