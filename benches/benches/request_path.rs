@@ -243,7 +243,7 @@ fn bench_headers(c: &mut Criterion) {
 const ALL_POLICIES: &str = "services:
   bench:
     endpoints: [127.0.0.1:20001, 127.0.0.1:20002, 127.0.0.1:20003]
-    rate_limit: { requests_per_second: 100000000, burst: 100000000 }
+    rate_limit: { requests_per_second: 1000000, burst: 1000000 }
     circuit_breaker: { consecutive_failures: 1000, failure_rate: { threshold: 0.9, min_requests: 1000, window: 10s }, max_concurrent_requests: 100000 }
     outlier_detection: { consecutive_failures: 1000 }
   plain:
