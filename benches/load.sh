@@ -1064,7 +1064,7 @@ report() {
         echo "- Pinning (a 1-CPU pod): load generator on CPU $LOADGEN_CPU; bench-upstream and the proxy" \
             "under test on CPU $SERVER_CPU (they share it). All traffic on 127.0.0.1."
         echo "- Outrider: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- proxy config 2>/dev/null || echo ' (+ uncommitted changes)'), release build, \`--workers 1\`," \
-            "default log level; $(nginx -v 2>&1 | sed 's/^nginx version: //'), 1 worker;" \
+            "default log level;$(command -v nginx >/dev/null && echo " $(nginx -v 2>&1 | sed 's/^nginx version: //'), 1 worker;")" \
             "$(wrk -v 2>&1 | awk 'NR == 1 { print $1, $2 }'); $(h2load --version | head -1); $(oha --version)"
         echo "- HTTP/1.1: $H1_CONNS keep-alive connections. h2c (prior knowledge): $H2_CONNS connections x" \
             "$H2_STREAMS concurrent streams = 64 in flight."
