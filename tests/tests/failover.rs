@@ -331,6 +331,18 @@ async fn killing_the_proxys_replica_during_100_pushes_under_load_loses_nothing()
     let (url_a, url_b, url_c) = (a.url(), b.url(), c.url());
     let up = Upstream::echo(Proto::Http1, "up").await;
     let first = apply_api(&url_b, "checkout.yaml", route_step(up.addr, 0)).await;
+    // Every replica's view has it before the proxy subscribes: A would otherwise push its
+    // empty version 0 first, which no history holds.
+    for url in [&url_a, &url_b, &url_c] {
+        let started = Instant::now();
+        while !history_versions(url).await.contains(&first) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{url} lacks {first}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 
     // Subscribed to A, its first URL, with B and C to fail over to.
     let proxy = proxy_on(&[url_a.clone(), url_b.clone(), url_c.clone()], &dirs_a, &[]);
