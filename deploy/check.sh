@@ -3,7 +3,8 @@
 # Kubernetes manifests rendered (deploy/render.py) and validated offline against the
 # Kubernetes schemas (kubernetes-validate, strict, for 1.29, the first release with native
 # sidecars, and for the newest bundled); the policy ConfigMap's files validated by
-# `outriderctl validate`; the injector's golden outputs validated by the same schema check.
+# `outriderctl validate`; the injector's golden outputs and the several-replicas manifests
+# (deploy/replicas) validated by the same schema check.
 # The image's runtime check needs a release build (minutes) and lives in deploy/image-check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +42,6 @@ for p in "${policies[@]}"; do args+=(-f "$p"); done
 for version in 1.29.0 1.37.0; do
   echo "== kubernetes-validate --strict (Kubernetes $version)"
   kubernetes-validate --strict --quiet -k "$version" "$work"/rendered/*.yaml \
-    control/tests/golden/inject/*.yaml deploy/examples/kubernetes-app.yaml
+    control/tests/golden/inject/*.yaml deploy/examples/kubernetes-app.yaml deploy/replicas/*.yaml
 done
 echo "deploy checks passed"

@@ -4,8 +4,10 @@
 //! a dead or a hung URL first subscribes to, and gets its certificate from, the next (the URLs
 //! given by flag or by `OUTRIDER_CONTROL`); a URL's host name is resolved to its replicas; and
 //! `outriderctl --server` with several URLs passes an unreachable one, never an answer. The
-//! kill test runs two replicas on a real 3-member etcd cluster (skipped without etcd, unless
-//! OUTRIDER_REQUIRE_ETCD=1); the others need no shared store.
+//! kill tests run replicas on a real 3-member etcd cluster (skipped without etcd, unless
+//! OUTRIDER_REQUIRE_ETCD=1): two, and three with the proxy's replica killed during 100 pushes
+//! under steady traffic (no request fails, every version the proxy ACKed is in a surviving
+//! replica's history, nothing is pushed twice); the others need no shared store.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -242,6 +244,246 @@ async fn a_killed_replica_is_left_for_the_next_which_pushes_only_what_is_new() {
     );
     let reply = get(proxy.outbound, "svc", "/").await;
     assert_eq!(reply.json()["server"], "b");
+}
+
+/// Workload `checkout`'s document at step `step`: host `svc` routed to the upstream at
+/// `addr`, and an unused service whose port makes each step a new version.
+fn route_step(addr: SocketAddr, step: u16) -> String {
+    format!(
+        "workload: checkout
+services:
+  up: {{ endpoints: [{addr}] }}
+  spare: {{ endpoints: [127.0.0.1:{}] }}
+routes:
+  - match: {{ authority: svc }}
+    service: up
+",
+        10_000 + step
+    )
+}
+
+/// `POST /v1/apply` of `text` as document `name` on the replica at `url`; the version it was
+/// applied as, or a panic with the answer.
+async fn apply_api(url: &str, name: &str, text: String) -> u64 {
+    let req = http::Request::post(format!("{url}/v1/apply?name={name}"))
+        .header("authorization", format!("Bearer {CONTROL_TOKEN}"))
+        .body(full(text))
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), send(&http1_client(), req))
+        .await
+        .unwrap_or_else(|_| panic!("apply on {url}: no answer within 10s"));
+    assert_eq!(
+        reply.status,
+        200,
+        "apply on {url}: {}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    reply.json()["version"].as_u64().unwrap()
+}
+
+/// The versions `url`'s history holds now (the newest 50).
+async fn history_versions(url: &str) -> Vec<u64> {
+    let req = http::Request::get(format!("{url}/v1/history"))
+        .header("authorization", format!("Bearer {CONTROL_TOKEN}"))
+        .body(empty())
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), send(&http1_client(), req))
+        .await
+        .unwrap_or_else(|_| panic!("history on {url}: no answer within 10s"));
+    assert_eq!(reply.status, 200);
+    reply
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["version"].as_u64().unwrap())
+        .collect()
+}
+
+/// The versions the proxy applied from the control plane, in order: each is ACKed right after.
+fn versions_applied(proxy: &Proxy) -> Vec<u64> {
+    proxy
+        .logs()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["message"] == "policy applied" && event["source"] == "control")
+        .map(|event| event["version"].as_u64().unwrap())
+        .collect()
+}
+
+/// How many policy versions the kill test applies, and after how many it kills the replica.
+const PUSHES: u16 = 100;
+const KILL_AFTER: usize = 30;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_proxys_replica_during_100_pushes_under_load_loses_nothing() {
+    let Some(cluster) = EtcdCluster::start(3) else {
+        return;
+    };
+    let replica = |dirs: &ControlDirs| {
+        let url = cluster.url();
+        start_control_with(dirs, &["--store", &url, "--etcd-timeout", "5s"])
+    };
+    let (dirs_a, dirs_b, dirs_c) = (ControlDirs::new(), ControlDirs::new(), ControlDirs::new());
+    let a = replica(&dirs_a);
+    let b = replica(&dirs_b);
+    let c = replica(&dirs_c);
+    let (url_a, url_b, url_c) = (a.url(), b.url(), c.url());
+    let up = Upstream::echo(Proto::Http1, "up").await;
+    let first = apply_api(&url_b, "checkout.yaml", route_step(up.addr, 0)).await;
+    // Every replica's view has it before the proxy subscribes: A would otherwise push its
+    // empty version 0 first, which no history holds.
+    for url in [&url_a, &url_b, &url_c] {
+        let started = Instant::now();
+        while !history_versions(url).await.contains(&first) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{url} lacks {first}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    // Subscribed to A, its first URL, with B and C to fail over to.
+    let proxy = proxy_on(&[url_a.clone(), url_b.clone(), url_c.clone()], &dirs_a, &[]);
+    wait_config(
+        &proxy,
+        Duration::from_secs(10),
+        "the first version from A",
+        |c| on_replica(c, &url_a) && c["version"] == first,
+    )
+    .await;
+    let traffic = Traffic::start(proxy.outbound);
+    traffic.flowing().await;
+
+    // 100 versions applied one after another on the replicas that stay (B and C in turn),
+    // while the proxy receives them from A; the applied versions and, every 10 steps, B's
+    // history (it keeps the newest 50), as they were. After `KILL_AFTER` the task waits for
+    // A's death and the proxy's move, so that the proxy moves holding the newest version:
+    // what the next replica would push again if it did not resume by hash.
+    let applied = Arc::new(AtomicUsize::new(0));
+    let (resume, resumed) = tokio::sync::oneshot::channel::<()>();
+    let pushes = tokio::spawn({
+        let (applied, url_b, url_c, upstream) =
+            (Arc::clone(&applied), url_b.clone(), url_c.clone(), up.addr);
+        async move {
+            let mut versions = Vec::new();
+            let mut history = std::collections::BTreeSet::new();
+            let mut resumed = Some(resumed);
+            for step in 1..=PUSHES {
+                let url = if step % 2 == 0 { &url_b } else { &url_c };
+                versions.push(apply_api(url, "checkout.yaml", route_step(upstream, step)).await);
+                applied.fetch_add(1, Ordering::AcqRel);
+                if step % 10 == 0 {
+                    history.extend(history_versions(&url_b).await);
+                }
+                if usize::from(step) == KILL_AFTER {
+                    if let Some(resumed) = resumed.take() {
+                        let _ = tokio::time::timeout(Duration::from_secs(30), resumed).await;
+                    }
+                }
+            }
+            (versions, history)
+        }
+    });
+
+    // A is killed partway through, once the proxy runs the newest version.
+    assert!(
+        eventually(Duration::from_secs(60), || applied.load(Ordering::Acquire)
+            >= KILL_AFTER)
+        .await,
+        "only {} applies within 60s",
+        applied.load(Ordering::Acquire)
+    );
+    let version_at_kill = first + KILL_AFTER as u64;
+    wait_config(
+        &proxy,
+        Duration::from_secs(10),
+        "the newest version from A",
+        |c| on_replica(c, &url_a) && c["version"] == version_at_kill,
+    )
+    .await;
+    let killed = Instant::now();
+    a.kill();
+    let config = wait_config(
+        &proxy,
+        Duration::from_secs(5),
+        "subscribed to B or C",
+        |c| on_replica(c, &url_b) || on_replica(c, &url_c),
+    )
+    .await;
+    eprintln!(
+        "replica A killed at version {version_at_kill} -> proxy subscribed to {}: {:?}",
+        config["control_replica"]["url"],
+        killed.elapsed()
+    );
+    assert_eq!(config["version"], version_at_kill);
+    resume.send(()).unwrap();
+    let (versions, mut history) = pushes.await.unwrap();
+    let last = *versions.last().unwrap();
+    assert_eq!(
+        versions,
+        (first + 1..=last).collect::<Vec<_>>(),
+        "each apply its own consecutive version"
+    );
+
+    // The proxy runs the last version, from B or C.
+    wait_config(&proxy, Duration::from_secs(10), "the last version", |c| {
+        c["version"] == last && (on_replica(c, &url_b) || on_replica(c, &url_c))
+    })
+    .await;
+    traffic.flowing().await;
+    let (sent, failed) = traffic.stop().await;
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {failed:?}",
+        failed.len()
+    );
+
+    // Every version the proxy applied (and ACKed) is one a surviving replica's history holds.
+    history.extend(history_versions(&url_c).await);
+    let acked = versions_applied(&proxy);
+    assert_eq!(acked.last(), Some(&last));
+    let unknown: Vec<u64> = acked
+        .iter()
+        .copied()
+        .filter(|v| !history.contains(v))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "not in history: {unknown:?} ({history:?})"
+    );
+    for v in &versions {
+        assert!(
+            history.contains(v),
+            "applied {v}, not in history {history:?}"
+        );
+    }
+
+    // No re-push: every update received is newer than the one before it, across the move
+    // from A to another replica (which resumed from the version and hash the proxy ran, the
+    // newest, so it pushed nothing until the next apply); A pushed versions up to the kill,
+    // B or C the rest.
+    let updates = updates_received(&proxy);
+    for pair in updates.windows(2) {
+        assert!(
+            pair[0].0 < pair[1].0,
+            "{pair:?} pushed again or out of order:\n{}",
+            proxy.logs().join("\n")
+        );
+    }
+    let moved = updates
+        .iter()
+        .position(|(_, url)| *url != url_a)
+        .expect("updates from another replica");
+    assert!(updates[..moved].iter().all(|(_, url)| *url == url_a));
+    assert!(updates[moved..].iter().all(|(_, url)| *url != url_a));
+    assert!(updates[moved].0 > version_at_kill, "{updates:?}");
+    eprintln!(
+        "{sent} requests, 0 failed; {} updates received, {} versions applied by the proxy",
+        updates.len(),
+        acked.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,8 +4,9 @@
 //! subscribed to the other; concurrent applies on both get distinct consecutive versions and
 //! both documents survive; the generated CA is shared (mTLS between proxies certified by
 //! different replicas); one etcd member lost changes nothing; two lost make applies fail at
-//! once (exit 75) while proxies keep their policy and traffic, neither replica leads and each
-//! says its view is stale; the members' return converges without restarting a replica.
+//! once (exit 75) while proxies keep their policy, traffic and certificate renewals, neither
+//! replica leads and each says its view is stale; the members' return converges without
+//! restarting a replica.
 //! Skipped when etcd is not installed, unless OUTRIDER_REQUIRE_ETCD=1.
 
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -29,20 +30,33 @@ const EX_STORE_UNAVAILABLE: i32 = 75;
 /// room for a leader election (1 s to 2 s with the cluster's timeouts) on a loaded machine:
 /// losing one member, the leader included, must delay a change, not fail it.
 fn replica(cluster: &EtcdCluster, dirs: &ControlDirs) -> Control {
+    replica_with(cluster, dirs, &[])
+}
+
+/// [`replica`] with `extra` flags.
+fn replica_with(cluster: &EtcdCluster, dirs: &ControlDirs, extra: &[&str]) -> Control {
     let url = cluster.url();
-    start_control_with(
-        dirs,
-        &[
-            "--store",
-            &url,
-            "--etcd-timeout",
-            "5s",
-            "--view-stale-after",
-            "1s",
-            "--lease-ttl",
-            "2s",
-        ],
-    )
+    let mut flags = vec![
+        "--store",
+        &url,
+        "--etcd-timeout",
+        "5s",
+        "--view-stale-after",
+        "1s",
+        "--lease-ttl",
+        "2s",
+    ];
+    flags.extend_from_slice(extra);
+    start_control_with(dirs, &flags)
+}
+
+/// How many certificates `proxy` has installed (its first and each renewal).
+fn certificates_installed(proxy: &Proxy) -> usize {
+    proxy
+        .logs()
+        .iter()
+        .filter(|l| l.contains("workload certificate in force"))
+        .count()
 }
 
 /// A proxy for `workload` subscribed to `control`, with a mesh identity (service account
@@ -237,8 +251,9 @@ async fn losing_the_etcd_quorum_makes_replicas_read_only_and_its_return_converge
         return;
     };
     let (dirs_a, dirs_b) = (ControlDirs::new(), ControlDirs::new());
-    let a = replica(&cluster, &dirs_a);
-    let b = replica(&cluster, &dirs_b);
+    // Certificates of 4 s: proxies renew them every 2.8 s, also while etcd has no quorum.
+    let a = replica_with(&cluster, &dirs_a, &["--cert-ttl", "4s"]);
+    let b = replica_with(&cluster, &dirs_b, &["--cert-ttl", "4s"]);
     let docs = TempDir::new();
     let up_a = Upstream::echo(Proto::Http1, "a").await;
     let up_b = Upstream::echo(Proto::Http1, "b").await;
@@ -285,11 +300,19 @@ async fn losing_the_etcd_quorum_makes_replicas_read_only_and_its_return_converge
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("\nview STALE: behind etcd for "), "{text}");
     }
-    // Proxies keep their policy and traffic flows; a new proxy subscribing to a replica gets
-    // the policy from its last view, certificate included.
+    // Proxies keep their policy and traffic flows, and renew their certificates; a new proxy
+    // subscribing to a replica gets the policy from its last view, certificate included.
     for _ in 0..20 {
         assert_eq!(server_of(proxy.outbound).await, "b");
     }
+    let installed = certificates_installed(&proxy);
+    assert!(
+        eventually(Duration::from_secs(10), || certificates_installed(&proxy)
+            > installed)
+        .await,
+        "no certificate renewed without quorum:\n{}",
+        proxy.logs().join("\n")
+    );
     let late = proxy_on(&a, &dirs_a, "checkout");
     wait_policy(&late, &up_b.addr.to_string()).await;
     assert_eq!(server_of(late.outbound).await, "b");

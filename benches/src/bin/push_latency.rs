@@ -7,9 +7,18 @@
 //! the apply to receiving the update line. Everything is bounded: connect, initial sync and
 //! each push have deadlines, and a missing update is reported, not waited for.
 //!
+//! With `--replicas 3` it starts a 3-member etcd cluster itself (the `etcd` binary on PATH,
+//! members on free loopback ports, data in a temporary directory, all killed and removed at
+//! the end) and 3 replicas on it (`--store etcd://...`); subscribers are spread over the
+//! replicas round-robin, and pushes are applied on each replica in turn, so most updates cross
+//! etcd's watch. After the last size it kills (SIGKILL) one replica, applies a change on
+//! another, and measures how long until every subscriber holds it: the killed replica's
+//! subscribers reconnect to the next replica (after up to 100 ms, as a proxy's first backoff
+//! does) and get it there.
+//!
 //! ```sh
 //! cargo build --release -p outrider-control -p outrider-benches --bins
-//! target/release/push_latency [--sizes 1,100,10000] [--pushes 5] [--h2]
+//! target/release/push_latency [--sizes 1,100,10000] [--pushes 5] [--h2] [--replicas 3]
 //! ```
 
 #![allow(clippy::unwrap_used)]
@@ -34,11 +43,19 @@ const CONNECT_CONCURRENCY: usize = 256;
 const SYNC_DEADLINE: Duration = Duration::from_secs(120);
 /// Bound on one push reaching every subscriber.
 const PUSH_DEADLINE: Duration = Duration::from_secs(30);
+/// Bound on an etcd member joining its cluster and a replica starting on it.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+/// Bound on a subscriber's TCP connect (a proxy's, too).
+const CONNECT_DEADLINE: Duration = Duration::from_secs(2);
+/// Bound on the fleet holding a change after a replica is killed.
+const CONVERGE_DEADLINE: Duration = Duration::from_secs(60);
 
 struct Args {
     sizes: Vec<usize>,
     pushes: usize,
     h2: bool,
+    /// 1: one replica on the file store; more: that many on a 3-member etcd cluster.
+    replicas: usize,
 }
 
 fn parse_args() -> Args {
@@ -46,6 +63,7 @@ fn parse_args() -> Args {
         sizes: vec![1, 100, 10_000],
         pushes: 5,
         h2: false,
+        replicas: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -60,9 +78,13 @@ fn parse_args() -> Args {
             }
             "--pushes" => args.pushes = it.next().expect("--pushes N").parse().expect("a number"),
             "--h2" => args.h2 = true,
+            "--replicas" => {
+                args.replicas = it.next().expect("--replicas N").parse().expect("a number");
+                assert!(args.replicas >= 1, "--replicas is at least 1");
+            }
             other => {
                 eprintln!(
-                    "usage: push_latency [--sizes 1,100,10000] [--pushes 5] [--h2] (got {other})"
+                    "usage: push_latency [--sizes 1,100,10000] [--pushes 5] [--h2] [--replicas N] (got {other})"
                 );
                 std::process::exit(64);
             }
@@ -99,7 +121,9 @@ impl Drop for Server {
     }
 }
 
-fn start_server() -> Server {
+/// Starts replica `index` of `outrider-control`: on the file store in its own directory, or
+/// on `etcd` (an `etcd://` URL) when given.
+fn start_server(index: usize, etcd: Option<&str>) -> Server {
     let bin = std::env::current_exe()
         .unwrap()
         .parent()
@@ -110,16 +134,23 @@ fn start_server() -> Server {
         "{} missing: build it first (cargo build -p outrider-control --bins)",
         bin.display()
     );
-    let dir = std::env::temp_dir().join(format!("outrider-push-latency-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "outrider-push-latency-{}-{index}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("policies")).unwrap();
     std::fs::write(dir.join("token"), TOKEN).unwrap();
-    let mut child = Command::new(&bin)
+    let mut command = Command::new(&bin);
+    command
         .arg("serve")
         .arg("--policies")
-        .arg(dir.join("policies"))
-        .arg("--state")
-        .arg(dir.join("state"))
+        .arg(dir.join("policies"));
+    match etcd {
+        Some(url) => command.args(["--store", url, "--replica-name", &format!("bench-{index}")]),
+        None => command.arg("--state").arg(dir.join("state")),
+    };
+    let mut child = command
         .arg("--token-file")
         .arg(dir.join("token"))
         .args([
@@ -134,6 +165,7 @@ fn start_server() -> Server {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
+    // Bounded by the server: it logs `listening` or exits (its etcd deadline) before then.
     let addr = loop {
         let line = lines.next().expect("server exited").unwrap();
         if line.contains("\"message\":\"listening\"") {
@@ -156,7 +188,9 @@ fn document(workload: &str, port: u32) -> String {
     )
 }
 
-async fn apply(addr: SocketAddr, workload: &str, port: u32) -> Duration {
+/// Applies workload `workload`'s document with `port` on the replica at `addr`: how long the
+/// answer took, and the version it made.
+async fn apply(addr: SocketAddr, workload: &str, port: u32) -> (Duration, u64) {
     let started = Instant::now();
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -172,21 +206,56 @@ async fn apply(addr: SocketAddr, workload: &str, port: u32) -> Duration {
     let status = res.status();
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    started.elapsed()
+    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    (started.elapsed(), answer["version"].as_u64().unwrap())
 }
 
-/// One subscriber: reports (version, when received) for every update line.
+/// An update a subscriber received: its id, the version, and when.
+type Received = (usize, u64, Instant);
+
+/// One subscriber: reports every update line it receives. Subscribes to `replicas[first]`;
+/// when that fails or its stream ends, to the next replica, after a delay spread over 0 to
+/// 100 ms by `id` (as a proxy's first backoff, full jitter from 100 ms).
 async fn subscribe(
-    addr: SocketAddr,
+    replicas: Arc<Vec<SocketAddr>>,
+    first: usize,
     workload: String,
     id: usize,
     h2: bool,
-    updates: mpsc::UnboundedSender<(u64, Instant)>,
+    updates: mpsc::UnboundedSender<Received>,
     connect_permits: Arc<Semaphore>,
 ) {
-    let permit = connect_permits.acquire_owned().await.unwrap();
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
+    let mut permit = Some(connect_permits.acquire_owned().await.unwrap());
+    let mut index = first;
+    loop {
+        let addr = replicas[index % replicas.len()];
+        match subscription(addr, &workload, id, h2).await {
+            Some(body) => {
+                drop(permit.take());
+                if read_updates(body, id, &updates).await.is_err() {
+                    return;
+                }
+            }
+            None => drop(permit.take()),
+        }
+        index += 1;
+        let spread = (id as u64).wrapping_mul(7919) % 100;
+        tokio::time::sleep(Duration::from_millis(spread)).await;
+    }
+}
+
+/// Opens one subscription: its body, or `None` when the replica cannot be reached or refuses.
+async fn subscription(
+    addr: SocketAddr,
+    workload: &str,
+    id: usize,
+    h2: bool,
+) -> Option<hyper::body::Incoming> {
+    let stream = tokio::time::timeout(CONNECT_DEADLINE, tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    stream.set_nodelay(true).ok()?;
     let req = Request::get(format!(
         "http://{addr}/v1/subscribe?workload={workload}&proxy=bench-{id}"
     ))
@@ -198,19 +267,25 @@ async fn subscribe(
         let (mut sender, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
                 .await
-                .unwrap();
+                .ok()?;
         tokio::spawn(conn);
-        sender.send_request(req).await.unwrap()
+        sender.send_request(req).await.ok()?
     } else {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .unwrap();
+            .ok()?;
         tokio::spawn(conn);
-        sender.send_request(req).await.unwrap()
+        sender.send_request(req).await.ok()?
     };
-    drop(permit);
-    assert_eq!(res.status(), 200);
-    let mut body = res.into_body();
+    (res.status() == 200).then(|| res.into_body())
+}
+
+/// Reports each update line of `body` until it ends; `Err` when nobody listens any more.
+async fn read_updates(
+    mut body: hyper::body::Incoming,
+    id: usize,
+    updates: &mpsc::UnboundedSender<Received>,
+) -> Result<(), ()> {
     let mut buf = BytesMut::new();
     while let Some(Ok(frame)) = body.frame().await {
         let at = Instant::now();
@@ -221,12 +296,11 @@ async fn subscribe(
         while let Some(end) = buf.iter().position(|b| *b == b'\n') {
             let line = buf.split_to(end + 1);
             if let Some(version) = update_version(&line) {
-                if updates.send((version, at)).is_err() {
-                    return;
-                }
+                updates.send((id, version, at)).map_err(drop)?;
             }
         }
     }
+    Ok(())
 }
 
 /// The version of an update line, read without decoding the policy it carries.
@@ -249,21 +323,38 @@ fn ms(d: Duration) -> String {
 }
 
 async fn run(args: Args) {
-    let server = start_server();
+    let etcd = (args.replicas > 1).then(Etcd::start);
+    let mut servers: Vec<Option<Server>> = (0..args.replicas)
+        .map(|i| Some(start_server(i, etcd.as_ref().map(|e| e.url.as_str()))))
+        .collect();
+    let replicas: Arc<Vec<SocketAddr>> = Arc::new(
+        servers
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.addr).unwrap())
+            .collect(),
+    );
+    match &etcd {
+        Some(_) => println!(
+            "{} replicas on a 3-member etcd cluster; subscribers spread over them, pushes applied on each in turn",
+            args.replicas
+        ),
+        None => println!("one replica on the file store"),
+    }
     println!(
         "| subscribers | pushes | received | p50 ms | p99 ms | max ms | apply round trip p50 ms | sync of all initial policies s |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (round, &n) in args.sizes.iter().enumerate() {
         let workload = format!("bench-{round}-{n}");
-        apply(server.addr, &workload, 1).await;
+        apply(replicas[0], &workload, 1).await;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let permits = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
         let sync_start = Instant::now();
         let tasks: Vec<_> = (0..n)
             .map(|i| {
                 tokio::spawn(subscribe(
-                    server.addr,
+                    Arc::clone(&replicas),
+                    i,
                     workload.clone(),
                     i,
                     args.h2,
@@ -288,24 +379,23 @@ async fn run(args: Args) {
         for push in 0..args.pushes {
             let port = 2 + push as u32;
             let sent = Instant::now();
-            applies.push(apply(server.addr, &workload, port).await);
+            let (took, version) = apply(replicas[push % replicas.len()], &workload, port).await;
+            applies.push(took);
             let mut got = 0;
             let deadline = tokio::time::Instant::now() + PUSH_DEADLINE;
             while got < n {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some((_, at))) => {
+                    Ok(Some((_, received, at))) if received == version => {
                         latencies.push(at.saturating_duration_since(sent));
                         got += 1;
                     }
+                    Ok(Some(_)) => {}
                     _ => break,
                 }
             }
             missing += n - got;
             // Let the machine settle between pushes.
             tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        for task in tasks {
-            task.abort();
         }
         latencies.sort();
         applies.sort();
@@ -322,7 +412,170 @@ async fn run(args: Args) {
         if missing > 0 {
             println!("  ({missing} updates not received within {PUSH_DEADLINE:?})");
         }
+        if replicas.len() > 1 && round + 1 == args.sizes.len() {
+            converge_after_kill(&mut servers, &replicas, &workload, n, &mut rx).await;
+        }
+        for task in tasks {
+            task.abort();
+        }
         // Closed connections leave the server's books before the next round.
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Kills the last replica, applies a change on the first, and reports how long until each of
+/// the `n` subscribers holds it (the killed replica's after reconnecting to the next).
+async fn converge_after_kill(
+    servers: &mut [Option<Server>],
+    replicas: &[SocketAddr],
+    workload: &str,
+    n: usize,
+    rx: &mut mpsc::UnboundedReceiver<Received>,
+) {
+    let victim = replicas.len() - 1;
+    let killed_at = Instant::now();
+    drop(servers[victim].take());
+    let (_, version) = apply(replicas[0], workload, 9_999).await;
+    let mut holds = vec![false; n];
+    let (mut held, mut orphans_last) = (0, Duration::ZERO);
+    let mut others_last = Duration::ZERO;
+    let deadline = tokio::time::Instant::now() + CONVERGE_DEADLINE;
+    while held < n {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((id, received, at))) if received >= version && !holds[id] => {
+                holds[id] = true;
+                held += 1;
+                let after = at.saturating_duration_since(killed_at);
+                if id % replicas.len() == victim {
+                    orphans_last = orphans_last.max(after);
+                } else {
+                    others_last = others_last.max(after);
+                }
+            }
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    let orphans = (0..n).filter(|id| id % replicas.len() == victim).count();
+    println!();
+    println!(
+        "replica {victim} killed (SIGKILL) with {orphans} of {n} subscribers, a change applied on replica 0 right after:"
+    );
+    println!(
+        "every subscriber holds it {:.2} s after the kill (those of the surviving replicas: {:.2} s; the killed one's, reconnected: {:.2} s){}",
+        orphans_last.max(others_last).as_secs_f64(),
+        others_last.as_secs_f64(),
+        orphans_last.as_secs_f64(),
+        if held < n {
+            format!("; {} did not within {CONVERGE_DEADLINE:?}", n - held)
+        } else {
+            String::new()
+        }
+    );
+}
+
+/// A 3-member etcd cluster on free loopback ports, data in a temporary directory; killed and
+/// removed on drop.
+struct Etcd {
+    members: Vec<Child>,
+    url: String,
+    dir: PathBuf,
+}
+
+impl Etcd {
+    fn start() -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("outrider-push-latency-etcd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // Held together while chosen, so they differ.
+        let listeners: Vec<std::net::TcpListener> = (0..6)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let ports: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        drop(listeners);
+        let initial_cluster = (0..3)
+            .map(|i| format!("m{i}=http://127.0.0.1:{}", ports[i * 2 + 1]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut etcd = Self {
+            members: Vec::new(),
+            url: format!(
+                "etcd://127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}",
+                ports[0], ports[2], ports[4]
+            ),
+            dir,
+        };
+        for i in 0..3 {
+            let (client, peer) = (
+                format!("http://127.0.0.1:{}", ports[i * 2]),
+                format!("http://127.0.0.1:{}", ports[i * 2 + 1]),
+            );
+            let log = std::fs::File::create(etcd.dir.join(format!("m{i}.log"))).unwrap();
+            let child = Command::new("etcd")
+                .args(["--name", &format!("m{i}")])
+                .arg("--data-dir")
+                .arg(etcd.dir.join(format!("m{i}")))
+                .args(["--listen-client-urls", &client])
+                .args(["--advertise-client-urls", &client])
+                .args(["--listen-peer-urls", &peer])
+                .args(["--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &initial_cluster])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "outrider-push-latency"])
+                .args(["--logger", "zap", "--log-level", "warn"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("etcd on PATH (scripts/ensure-etcd installs it)");
+            etcd.members.push(child);
+        }
+        let deadline = Instant::now() + START_DEADLINE;
+        for i in 0..3 {
+            while !healthy(ports[i * 2]) {
+                assert!(
+                    Instant::now() < deadline,
+                    "etcd member {i} not healthy within {START_DEADLINE:?} (logs in {})",
+                    etcd.dir.display()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        etcd
+    }
+}
+
+/// Whether the etcd member with client port `port` answers `/health` with a leader.
+fn healthy(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+    else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = stream.take(64 * 1024).read_to_string(&mut answer);
+    answer.contains("\"health\":\"true\"")
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for member in &mut self.members {
+            let _ = member.kill();
+            let _ = member.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
