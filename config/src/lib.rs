@@ -1115,7 +1115,7 @@ routes:
             (
                 "{ headers: [{ name: 'x y', present: true }] }",
                 "routes[0].matches[0].headers[0].name: must be a header name (letters, digits and !#$%&'*+-.^_`|~)",
-                "b }",
+                "'x y'",
             ),
             (
                 "{ headers: [{ name: X-A, present: true }, { name: x-a, value: b }] }",
