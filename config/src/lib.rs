@@ -25,11 +25,12 @@ pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
     AccessLog, AccessLogFormat, Authorization, Backoff, CircuitBreaker, FailureRate, Fault,
-    FaultAbort, FaultDelay, GrpcMatch, Inbound, InboundMtls, LoadBalancing, MeshTls,
-    OriginationTls, Otlp, OtlpProtocol, OutlierDetection, PathMatch, Policy, Protocol,
-    QueryLogging, RateLimit, RateLimitMode, Retries, RetryBudget, RetryOn, Route, RouteMatch,
-    RouteTimeouts, Sampling, Service, ServiceTls, Timeouts, Tracing, ValueMatch, WeightedService,
-    WorkloadSelector, DEFAULT_OPAQUE_PORTS,
+    FaultAbort, FaultDelay, GrpcMatch, HeaderModifier, Inbound, InboundMtls, LoadBalancing,
+    MeshTls, OriginationTls, Otlp, OtlpProtocol, OutlierDetection, PathMatch, PathModifier, Policy,
+    Protocol, QueryLogging, RateLimit, RateLimitMode, RedirectScheme, RequestRedirect, Retries,
+    RetryBudget, RetryOn, Route, RouteFilter, RouteMatch, RouteTimeouts, Sampling, Service,
+    ServiceTls, Timeouts, Tracing, UrlRewrite, ValueMatch, WeightedService, WorkloadSelector,
+    DEFAULT_OPAQUE_PORTS,
 };
 pub use size::{ByteSize, ByteSizeError};
 pub use validate::GRPC_STATUS_NAMES;
@@ -1161,6 +1162,181 @@ routes:
         assert_eq!(
             error_text(empty),
             "routes[0]: needs `match` or `matches` at policy.yaml:4:5"
+        );
+    }
+
+    #[test]
+    fn route_filters_load_in_order_and_serialise_back() {
+        let text = r#"services:
+  a: { endpoints: [127.0.0.1:1] }
+routes:
+  - service: a
+    matches: [{ path: { prefix: /v1 } }]
+    filters:
+      - request_header_modifier: { set: { X-Env: canary, x-count: 5 }, add: { x-tag: a }, remove: [x-debug] }
+      - response_header_modifier: { remove: [server] }
+      - url_rewrite: { hostname: internal.example, path: { replace_prefix_match: /v2 } }
+  - service: a
+    match: { authority: old.example }
+    filters:
+      - request_redirect: { scheme: https, port: 8443, path: { replace_full_path: /new } }
+"#;
+        let policy = load("policy.yaml", text).expect("valid").policy;
+        let filters = &policy.routes[0].filters;
+        let kinds: Vec<&str> = filters.iter().map(RouteFilter::kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                "request_header_modifier",
+                "response_header_modifier",
+                "url_rewrite"
+            ]
+        );
+        let RouteFilter::RequestHeaderModifier(request) = &filters[0] else {
+            panic!("{filters:?}")
+        };
+        assert_eq!(
+            request.set["x-count"], "5",
+            "a number is a header value as written"
+        );
+        let RouteFilter::RequestRedirect(redirect) = &policy.routes[1].filters[0] else {
+            panic!("{:?}", policy.routes[1].filters)
+        };
+        assert_eq!(redirect.status_code, 302, "the default");
+        assert_eq!(redirect.scheme, Some(RedirectScheme::Https));
+        let yaml = to_yaml(&policy).expect("serialise");
+        assert_eq!(load("again.yaml", &yaml).expect("valid").policy, policy);
+    }
+
+    #[test]
+    fn filter_mistakes_are_named_with_path_and_position() {
+        let route = |matches: &str, filter: &str| {
+            format!(
+                "services:\n  a: {{ endpoints: [127.0.0.1:1] }}\nroutes:\n  - service: a\n    matches: [{matches}]\n    filters:\n      - {{ request_header_modifier: {{ set: {{ x-a: b }} }} }}\n      - {filter}\n"
+            )
+        };
+        let prefix = "{ path: { prefix: /v1 } }";
+        // (matches, filter, message, the text on line 8 the position must point at)
+        let cases = [
+            (
+                prefix,
+                "{ response_header_modifier: { set: { 'x y': b } } }",
+                "routes[0].filters[1].response_header_modifier.set.x y: must be a header name (letters, digits and !#$%&'*+-.^_`|~)",
+                "b }",
+            ),
+            (
+                prefix,
+                "{ response_header_modifier: { add: { x-b: \"a\\r\\nb\" } } }",
+                "routes[0].filters[1].response_header_modifier.add.x-b: a header value holds visible ASCII and spaces only (no control characters, no line breaks)",
+                "\"a",
+            ),
+            (
+                prefix,
+                "{ response_header_modifier: { remove: [x-b, Transfer-Encoding] } }",
+                "routes[0].filters[1].response_header_modifier.remove[1]: `Transfer-Encoding` belongs to the connection or the message framing; the proxy sets it, a filter cannot",
+                "Transfer",
+            ),
+            (
+                prefix,
+                "{ response_header_modifier: { set: { x-b: c }, remove: [X-B] } }",
+                "routes[0].filters[1].response_header_modifier.remove[0]: header `X-B` is in `set` already",
+                "X-B",
+            ),
+            (
+                prefix,
+                "{ response_header_modifier: {} }",
+                "routes[0].filters[1].response_header_modifier: needs `set`, `add` or `remove`",
+                "response",
+            ),
+            (
+                prefix,
+                "{ response_header_modifier: { set: { Host: b } } }",
+                "routes[0].filters[1].response_header_modifier.set.Host: `Host` belongs to the connection or the message framing; the proxy sets it, a filter cannot",
+                "b }",
+            ),
+            (
+                prefix,
+                "{ request_redirect: { status_code: 200 } }",
+                "routes[0].filters[1].request_redirect.status_code: must be a redirect status: 301, 302, 303, 307 or 308",
+                "200",
+            ),
+            (
+                prefix,
+                "{ request_redirect: { port: 0 } }",
+                "routes[0].filters[1].request_redirect.port: port must not be 0",
+                "0 }",
+            ),
+            (
+                prefix,
+                "{ request_redirect: { hostname: '*.example' } }",
+                "routes[0].filters[1].request_redirect.hostname: must be a DNS name such as api.example.com (no port, no wildcard)",
+                "'*",
+            ),
+            (
+                "{ path: { exact: /v1 } }",
+                "{ url_rewrite: { path: { replace_prefix_match: /v2 } } }",
+                "routes[0].filters[1].url_rewrite.path.replace_prefix_match: needs every match of the route to be a `path: { prefix }` match (the prefix it replaces)",
+                "/v2",
+            ),
+            (
+                "{ path_prefix: /v1 }",
+                "{ request_redirect: { path: { replace_prefix_match: /v2 } } }",
+                "routes[0].filters[1].request_redirect.path.replace_prefix_match: needs every match of the route to be a `path: { prefix }` match (the prefix it replaces)",
+                "/v2",
+            ),
+            (
+                prefix,
+                "{ url_rewrite: { path: { replace_full_path: 'v2' } } }",
+                "routes[0].filters[1].url_rewrite.path.replace_full_path: must start with `/`",
+                "'v2'",
+            ),
+            (
+                prefix,
+                "{ url_rewrite: { path: { replace_full_path: '/a?b' } } }",
+                "routes[0].filters[1].url_rewrite.path.replace_full_path: `?` cannot be in a path (no `?`, `#`, spaces or control characters; percent-encode it)",
+                "'/a",
+            ),
+            (
+                prefix,
+                "{ url_rewrite: {} }",
+                "routes[0].filters[1].url_rewrite: needs `hostname` or `path`",
+                "url_rewrite",
+            ),
+            (
+                prefix,
+                "{ request_header_modifier: { remove: [x-c] } }",
+                "routes[0].filters[1].request_header_modifier: a route takes one `request_header_modifier`; filters[0] is one already",
+                "request_header",
+            ),
+            (
+                prefix,
+                "{ request_redirect: { status_code: 301 }, url_rewrite: { hostname: a } }",
+                "routes[0].filters[1].url_rewrite: expected end of mapping after enum variant value",
+                "url_rewrite",
+            ),
+            (
+                prefix,
+                "{ url_rewrte: { hostname: a } }",
+                "routes[0].filters[1].url_rewrte: unknown variant `url_rewrte`, expected one of request_header_modifier, response_header_modifier, url_rewrite, request_redirect; did you mean `url_rewrite`?",
+                "url_rewrte",
+            ),
+        ];
+        for (matches, filter, message, at) in cases {
+            let text = route(matches, filter);
+            let line = text.lines().nth(7).expect("line 8");
+            let column = line.find(at).expect("marker") + 1;
+            assert_eq!(
+                error_text(&text),
+                format!("{message} at policy.yaml:8:{column}"),
+                "{filter}"
+            );
+        }
+        let both = "services:\n  a: { endpoints: [127.0.0.1:1] }\nroutes:\n  - service: a\n    matches: [{ path: { prefix: /v1 } }]\n    filters:\n      - url_rewrite: { hostname: b.example }\n      - request_redirect: { status_code: 301 }\n";
+        assert_eq!(
+            error_text(both),
+            "routes[0].filters[1].request_redirect: a route either rewrites or redirects: \
+             `request_redirect` and filters[0]'s `url_rewrite` cannot go together at \
+             policy.yaml:8:9"
         );
     }
 

@@ -42,3 +42,9 @@ pub const MAX_MATCH_CONDITIONS: usize = 16;
 pub const MAX_REGEXES: usize = 256;
 /// Largest compiled program of one regex, and largest lazy-DFA cache it may grow, in bytes.
 pub const MAX_REGEX_BYTES: usize = 64 * 1024;
+/// Most filters of one route, as Gateway API's HTTPRoute.
+pub const MAX_ROUTE_FILTERS: usize = 16;
+/// Most headers in each of a header modifier's `set`, `add` and `remove` (as Gateway API).
+pub const MAX_HEADER_CHANGES: usize = 16;
+/// Longest header value a header modifier sets or adds, in bytes (as Gateway API).
+pub const MAX_HEADER_VALUE_BYTES: usize = 4096;

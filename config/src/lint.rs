@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use crate::matching::{segment_prefix_matches, PathCondition};
-use crate::schema::{Policy, RouteMatch};
+use crate::schema::{Policy, RouteFilter, RouteMatch};
 use crate::validate::Finding;
 use crate::Duration;
 
@@ -38,6 +38,22 @@ pub fn warnings(policy: &Policy) -> Vec<Finding> {
             (None, None) => Vec::new(),
         };
         used.extend(targets.iter().copied());
+        for (j, filter) in route.filters.iter().enumerate() {
+            if let RouteFilter::RequestRedirect(redirect) = filter {
+                let unchanged = redirect.scheme.is_none()
+                    && redirect.hostname.is_none()
+                    && redirect.port.is_none()
+                    && redirect.path.is_none();
+                if unchanged {
+                    findings.push((
+                        format!("routes[{i}].filters[{j}].request_redirect"),
+                        "changes neither scheme, hostname, port nor path: a client following \
+                         it asks for the same URL again, and again"
+                            .into(),
+                    ));
+                }
+            }
+        }
         if let Some(t) = &route.timeouts {
             // What the route sets, over each service's own: reported once per route.
             let worst = targets.iter().find_map(|service| {
@@ -203,6 +219,29 @@ routes:
     service: a
 ";
         assert_eq!(warned(text), []);
+    }
+
+    #[test]
+    fn a_redirect_to_the_same_url_is_named() {
+        let text = "services:
+  a: { endpoints: [127.0.0.1:1] }
+routes:
+  - match: { authority: a }
+    service: a
+    filters: [{ request_redirect: { status_code: 301 } }]
+  - match: { authority: b }
+    service: a
+    filters: [{ request_redirect: { scheme: https } }]
+";
+        assert_eq!(
+            warned(text),
+            [(
+                "routes[0].filters[0].request_redirect".to_string(),
+                "changes neither scheme, hostname, port nor path: a client following it asks \
+                 for the same URL again, and again"
+                    .to_string()
+            )]
+        );
     }
 
     #[test]

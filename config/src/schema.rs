@@ -537,6 +537,137 @@ pub struct Route {
     /// Injected delays and aborts, for testing resilience in staging.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// What the route does to the requests it takes and their responses, in list order
+    /// (Gateway API's HTTPRoute `filters`): header changes, a URL rewrite, or a redirect the
+    /// proxy answers itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<RouteFilter>,
+}
+
+/// One filter of a route, as Gateway API's HTTPRouteFilter: written as a mapping with one key,
+/// `- request_header_modifier: { set: { x-env: canary } }`. Each kind at most once per route,
+/// and `url_rewrite` and `request_redirect` not together (validated).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteFilter {
+    /// Changes the request's headers before it is forwarded.
+    RequestHeaderModifier(HeaderModifier),
+    /// Changes the headers of the upstream's response before the caller gets it.
+    ResponseHeaderModifier(HeaderModifier),
+    /// Forwards with another Host / :authority or path.
+    UrlRewrite(UrlRewrite),
+    /// Answers with a redirect instead of forwarding.
+    RequestRedirect(RequestRedirect),
+}
+
+impl RouteFilter {
+    /// The filter's key in the policy (`url_rewrite`), for findings and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::RequestHeaderModifier(_) => "request_header_modifier",
+            Self::ResponseHeaderModifier(_) => "response_header_modifier",
+            Self::UrlRewrite(_) => "url_rewrite",
+            Self::RequestRedirect(_) => "request_redirect",
+        }
+    }
+}
+
+/// Header changes (Gateway API's HTTPHeaderFilter). Names compare without case; a name may
+/// appear in only one of the three lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderModifier {
+    /// Headers set to this value, replacing every value they had.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    /// Headers given this value in addition to the values they already had.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    /// Headers removed, every value of each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+/// How the request is changed before it is forwarded (Gateway API's HTTPURLRewriteFilter).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UrlRewrite {
+    /// The Host / :authority the upstream gets instead of the caller's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The path the upstream gets instead of the caller's (the query is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifier>,
+}
+
+/// A new path: the whole of it, or the part the route's prefix match took (Gateway API's
+/// HTTPPathModifier).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathModifier {
+    /// The path becomes this.
+    ReplaceFullPath(String),
+    /// The leading segments the route's `path: { prefix }` matched become this; only on a
+    /// route whose every match is such a prefix match.
+    ReplacePrefixMatch(String),
+}
+
+/// A redirect the proxy answers with (Gateway API's HTTPRequestRedirectFilter): each part of
+/// `Location` that is not set is the request's own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestRedirect {
+    /// `http` or `https`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<RedirectScheme>,
+    /// The host of `Location`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The port of `Location`; unset: the scheme's well-known port when `scheme` is set, else
+    /// the port the request was sent to. Left out of `Location` when it is the scheme's
+    /// default (80 for http, 443 for https).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The path of `Location` (the query is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifier>,
+    /// 301, 302 (the default), 303, 307 or 308.
+    #[serde(default = "RequestRedirect::default_status_code")]
+    pub status_code: u16,
+}
+
+impl RequestRedirect {
+    fn default_status_code() -> u16 {
+        302
+    }
+}
+
+/// The scheme of a redirect's `Location`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedirectScheme {
+    /// `http`, default port 80.
+    Http,
+    /// `https`, default port 443.
+    Https,
+}
+
+impl RedirectScheme {
+    /// As written in a URL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        }
+    }
+
+    /// The scheme's well-known port.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Self::Http => 80,
+            Self::Https => 443,
+        }
+    }
 }
 
 impl Route {

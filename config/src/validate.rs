@@ -4,13 +4,13 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::limits::{
-    MAX_BACKOFF, MAX_FAILURE_COUNT, MAX_MATCH_CONDITIONS, MAX_POLICY_INTERVAL, MAX_PORT_LIST,
-    MAX_RATE, MAX_REGEXES, MAX_RETRY_ATTEMPTS, MAX_RETRY_BODY_BYTES, MAX_ROUTE_MATCHES,
-    MAX_TIMEOUT,
+    MAX_BACKOFF, MAX_FAILURE_COUNT, MAX_HEADER_CHANGES, MAX_HEADER_VALUE_BYTES,
+    MAX_MATCH_CONDITIONS, MAX_POLICY_INTERVAL, MAX_PORT_LIST, MAX_RATE, MAX_REGEXES,
+    MAX_RETRY_ATTEMPTS, MAX_RETRY_BODY_BYTES, MAX_ROUTE_FILTERS, MAX_ROUTE_MATCHES, MAX_TIMEOUT,
 };
 use crate::schema::{
-    CircuitBreaker, Fault, OutlierDetection, PathMatch, Policy, RateLimit, Retries, Route,
-    RouteMatch, Service, ValueMatch, WorkloadSelector,
+    CircuitBreaker, Fault, HeaderModifier, OutlierDetection, PathMatch, PathModifier, Policy,
+    RateLimit, Retries, Route, RouteFilter, RouteMatch, Service, ValueMatch, WorkloadSelector,
 };
 use crate::Duration;
 
@@ -731,6 +731,7 @@ fn check_route(
     if let Some(fault) = &route.fault {
         check_fault(&format!("{at}.fault"), fault, findings);
     }
+    check_filters(&at, route, findings);
     let known = |service: &str| policy.services.contains_key(service);
     match (&route.service, &route.split) {
         (Some(_), Some(_)) => findings.push((
@@ -868,6 +869,216 @@ fn check_match(at: &str, m: &RouteMatch, regexes: &mut usize, findings: &mut Vec
             }
         }
     }
+}
+
+/// Headers no filter may change: the connection's own (hop-by-hop, RFC 9110 §7.6.1), and
+/// those that carry the message's target and framing, which the proxy sets itself.
+const UNMODIFIABLE_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+/// A route's `filters` (Gateway API's rules): each kind once, not a rewrite and a redirect
+/// together, `replace_prefix_match` only where every match of the route is a prefix match.
+fn check_filters(at: &str, route: &Route, findings: &mut Vec<Finding>) {
+    if route.filters.len() > MAX_ROUTE_FILTERS {
+        findings.push((
+            format!("{at}.filters"),
+            format!("at most {MAX_ROUTE_FILTERS} filters per route"),
+        ));
+    }
+    let mut kinds: Vec<&str> = Vec::new();
+    for (i, filter) in route.filters.iter().enumerate().take(MAX_ROUTE_FILTERS) {
+        let kind = filter.kind();
+        let at = format!("{at}.filters[{i}]");
+        if let Some(j) = kinds.iter().position(|k| *k == kind) {
+            findings.push((
+                format!("{at}.{kind}"),
+                format!("a route takes one `{kind}`; filters[{j}] is one already"),
+            ));
+        }
+        let (rewrite, redirect) = ("url_rewrite", "request_redirect");
+        let other = match kind {
+            "url_rewrite" => Some(redirect),
+            "request_redirect" => Some(rewrite),
+            _ => None,
+        };
+        if let Some(j) = other.and_then(|other| kinds.iter().position(|k| *k == other)) {
+            findings.push((
+                format!("{at}.{kind}"),
+                format!(
+                    "a route either rewrites or redirects: `{kind}` and filters[{j}]'s `{}` \
+                     cannot go together",
+                    kinds[j]
+                ),
+            ));
+        }
+        kinds.push(kind);
+        let at = format!("{at}.{kind}");
+        match filter {
+            RouteFilter::RequestHeaderModifier(modifier)
+            | RouteFilter::ResponseHeaderModifier(modifier) => {
+                check_header_modifier(&at, modifier, findings)
+            }
+            RouteFilter::UrlRewrite(rewrite) => {
+                if rewrite.hostname.is_none() && rewrite.path.is_none() {
+                    findings.push((at.clone(), "needs `hostname` or `path`".into()));
+                }
+                if let Some(hostname) = &rewrite.hostname {
+                    check_hostname(&format!("{at}.hostname"), hostname, findings);
+                }
+                if let Some(path) = &rewrite.path {
+                    check_path_modifier(&format!("{at}.path"), path, route, findings);
+                }
+            }
+            RouteFilter::RequestRedirect(redirect) => {
+                if let Some(hostname) = &redirect.hostname {
+                    check_hostname(&format!("{at}.hostname"), hostname, findings);
+                }
+                if redirect.port == Some(0) {
+                    findings.push((format!("{at}.port"), "port must not be 0".into()));
+                }
+                if let Some(path) = &redirect.path {
+                    check_path_modifier(&format!("{at}.path"), path, route, findings);
+                }
+                if ![301, 302, 303, 307, 308].contains(&redirect.status_code) {
+                    findings.push((
+                        format!("{at}.status_code"),
+                        "must be a redirect status: 301, 302, 303, 307 or 308".into(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn check_header_modifier(at: &str, modifier: &HeaderModifier, findings: &mut Vec<Finding>) {
+    if modifier.set.is_empty() && modifier.add.is_empty() && modifier.remove.is_empty() {
+        findings.push((at.to_string(), "needs `set`, `add` or `remove`".into()));
+    }
+    // Lowercased name -> the list that has it: a name in two lists would depend on an order
+    // of operations the policy does not show.
+    let mut seen: HashMap<String, &str> = HashMap::new();
+    let lists = [
+        ("set", modifier.set.keys().collect::<Vec<_>>()),
+        ("add", modifier.add.keys().collect()),
+        ("remove", modifier.remove.iter().collect()),
+    ];
+    for (list, names) in &lists {
+        if names.len() > MAX_HEADER_CHANGES {
+            findings.push((
+                format!("{at}.{list}"),
+                format!("at most {MAX_HEADER_CHANGES} headers"),
+            ));
+        }
+        for (j, name) in names.iter().enumerate().take(MAX_HEADER_CHANGES) {
+            // A mapping's values are found by key, a list's by index.
+            let name_at = match *list {
+                "remove" => format!("{at}.remove[{j}]"),
+                _ => format!("{at}.{list}.{name}"),
+            };
+            let lower = name.to_ascii_lowercase();
+            if name.is_empty() || !name.bytes().all(is_tchar) {
+                findings.push((
+                    name_at,
+                    "must be a header name (letters, digits and !#$%&'*+-.^_`|~)".into(),
+                ));
+                continue;
+            }
+            if UNMODIFIABLE_HEADERS.contains(&lower.as_str()) {
+                findings.push((
+                    name_at,
+                    format!(
+                        "`{name}` belongs to the connection or the message framing; the proxy \
+                         sets it, a filter cannot"
+                    ),
+                ));
+                continue;
+            }
+            if let Some(first) = seen.insert(lower, list) {
+                let what = if first == *list {
+                    "twice".to_string()
+                } else {
+                    format!("in `{first}` already")
+                };
+                findings.push((name_at, format!("header `{name}` is {what}")));
+            }
+        }
+    }
+    for (list, values) in [("set", &modifier.set), ("add", &modifier.add)] {
+        for (name, value) in values.iter().take(MAX_HEADER_CHANGES) {
+            let at = format!("{at}.{list}.{name}");
+            if value.len() > MAX_HEADER_VALUE_BYTES {
+                findings.push((at, format!("at most {MAX_HEADER_VALUE_BYTES} bytes")));
+            } else if !value.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+                findings.push((
+                    at,
+                    "a header value holds visible ASCII and spaces only (no control \
+                     characters, no line breaks)"
+                        .into(),
+                ));
+            }
+        }
+    }
+}
+
+/// A host name a rewrite or redirect puts in Host or `Location`: a DNS name, no port.
+fn check_hostname(at: &str, hostname: &str, findings: &mut Vec<Finding>) {
+    if !is_dns_name(hostname) {
+        findings.push((
+            at.to_string(),
+            "must be a DNS name such as api.example.com (no port, no wildcard)".into(),
+        ));
+    }
+}
+
+/// A rewritten path: characters a request path may hold; a prefix replacement only on a route
+/// whose every match is `path: { prefix }` (Gateway API sets such a route not Accepted).
+fn check_path_modifier(at: &str, path: &PathModifier, route: &Route, findings: &mut Vec<Finding>) {
+    let (at, value) = match path {
+        PathModifier::ReplaceFullPath(value) => (format!("{at}.replace_full_path"), value),
+        PathModifier::ReplacePrefixMatch(value) => (format!("{at}.replace_prefix_match"), value),
+    };
+    let full = matches!(path, PathModifier::ReplaceFullPath(_));
+    // A prefix may be replaced by nothing: `/foo/bar` becomes `/bar`.
+    if (full || !value.is_empty()) && !value.starts_with('/') {
+        findings.push((at, "must start with `/`".into()));
+        return;
+    }
+    if let Some(c) = value.chars().find(|&c| !is_path_char(c)) {
+        findings.push((
+            at,
+            format!("`{c}` cannot be in a path (no `?`, `#`, spaces or control characters; percent-encode it)"),
+        ));
+        return;
+    }
+    if !full {
+        let prefix_only = route.each_match().all(|m| {
+            matches!(m.path, Some(PathMatch::Prefix(_)))
+                && m.path_prefix.is_none()
+                && m.grpc.is_none()
+        });
+        if !prefix_only {
+            findings.push((
+                at,
+                "needs every match of the route to be a `path: { prefix }` match (the prefix it \
+                 replaces)"
+                    .into(),
+            ));
+        }
+    }
+}
+
+/// RFC 3986 `pchar` and `/`: what a path holds unencoded (`%` for its escapes).
+fn is_path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/%".contains(c)
 }
 
 /// A path condition: starts with `/`, holds nothing invisible.

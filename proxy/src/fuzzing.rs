@@ -421,14 +421,45 @@ pub fn snapshot(data: &[u8]) {
                 continue;
             };
             let host = m.authority.as_deref().unwrap_or("any.host");
+            let routed = second.route_filtered(&RouteRequest::of(host, &request));
             assert!(
-                second.route(&RouteRequest::of(host, &request)).is_some(),
+                routed.is_some(),
                 "route {:?} does not route its own match {m:?}",
                 route.name
             );
+            // A valid policy's filters always make a valid request target and `Location`.
+            if let Some((_, Some(filters))) = routed {
+                check_filters(filters, host, request.uri());
+            }
         }
     }
     assert_eq!(second.inbound().is_some(), policy.inbound.is_some());
+}
+
+/// Applies `filters` to a request to `host` for `uri`: a rewritten path is a valid target, a
+/// redirect a valid `Location`.
+fn check_filters(filters: &crate::http::route_filter::RouteFilters, host: &str, uri: &Uri) {
+    if let Some(rewrite) = &filters.rewrite {
+        if rewrite.path.is_some() {
+            assert!(
+                rewrite.path_and_query(uri).is_some(),
+                "{uri} rewritten by {rewrite:?} is no request target"
+            );
+        }
+    }
+    if let Some(redirect) = &filters.redirect {
+        let url = crate::http::route_filter::RequestUrl {
+            scheme: "http",
+            host,
+            port: None,
+            path: uri.path(),
+            query: uri.query(),
+        };
+        assert!(
+            redirect.respond(&url).is_some(),
+            "{uri} redirected by {redirect:?} has no valid Location"
+        );
+    }
 }
 
 /// A request that meets every condition of `m`, when one is easily made: not for a regex, nor

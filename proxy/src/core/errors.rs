@@ -151,11 +151,13 @@ pub enum ResponseFlag {
     Unauthorized,
     /// The caller's request body stalled past `timeouts.request_body_idle` (`SI`).
     RequestBodyIdle,
+    /// The route's `request_redirect` answered instead of the upstream (`RD`).
+    Redirect,
 }
 
 impl ResponseFlag {
     /// Every flag, in [`ResponseFlag::index`] order.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::Upstream,
         Self::NoRoute,
         Self::NoHealthyUpstream,
@@ -170,6 +172,7 @@ impl ResponseFlag {
         Self::MalformedRequest,
         Self::Unauthorized,
         Self::RequestBodyIdle,
+        Self::Redirect,
     ];
 
     /// The short code (`-` for a response the upstream sent).
@@ -189,6 +192,7 @@ impl ResponseFlag {
             Self::MalformedRequest => "DPE",
             Self::Unauthorized => "UAEX",
             Self::RequestBodyIdle => "SI",
+            Self::Redirect => "RD",
         }
     }
 

@@ -5,6 +5,7 @@ pub mod captured;
 pub mod forward;
 pub mod lifecycle;
 pub mod rescue;
+pub mod route_filter;
 pub mod route_match;
 pub mod server;
 pub mod shared;

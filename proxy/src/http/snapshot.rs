@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use outrider_config::{LoadedPolicy, MeshTls, Policy, Protocol, RateLimit, Service, ServiceTls};
 
+use crate::http::route_filter::RouteFilters;
 use crate::http::route_match::{CompiledMatch, RouteRequest};
 use crate::io::identity::{Mesh, ALPN_H2, ALPN_HTTP1, ALPN_OUTRIDER, ALPN_OUTRIDER_TCP};
 use crate::io::tls::UpstreamTls;
@@ -58,11 +59,16 @@ impl Backends {
 }
 
 /// One match of a route, in the route table: the route's backends by their index in
-/// `Snapshot::backends`.
+/// `Snapshot::backends`, and its filters (compiled per match: a prefix rewrite replaces the
+/// prefix this match took).
 struct TableEntry {
     matcher: CompiledMatch,
     backends: usize,
+    filters: Option<Arc<RouteFilters>>,
 }
+
+/// A routed request: the target picked, and the filters of the match it met.
+pub type Routed<'s> = (&'s Arc<Target>, Option<&'s Arc<RouteFilters>>);
 
 /// The compiled policy.
 pub struct Snapshot {
@@ -398,20 +404,35 @@ impl Snapshot {
     /// The target of an outbound request: the route of the first match in precedence order
     /// that `request` meets.
     pub fn route(&self, request: &RouteRequest<'_>) -> Option<&Arc<Target>> {
+        self.route_filtered(request).map(|(target, _)| target)
+    }
+
+    /// [`Snapshot::route`], with the filters of the match the request met.
+    pub fn route_filtered(&self, request: &RouteRequest<'_>) -> Option<Routed<'_>> {
         self.table
             .iter()
             .find(|entry| entry.matcher.matches(request))
-            .map(|entry| self.backends[entry.backends].pick())
+            .map(|entry| self.routed(entry))
+    }
+
+    fn routed<'s>(&'s self, entry: &'s TableEntry) -> Routed<'s> {
+        (self.backends[entry.backends].pick(), entry.filters.as_ref())
     }
 
     /// The target of a captured outbound request by a match that names an authority: matches
     /// without one (catch-alls) are for explicit traffic only, or every captured call would go
     /// to them instead of where it was going.
     pub fn route_by_authority(&self, request: &RouteRequest<'_>) -> Option<&Arc<Target>> {
+        self.route_by_authority_filtered(request)
+            .map(|(target, _)| target)
+    }
+
+    /// [`Snapshot::route_by_authority`], with the filters of the match the request met.
+    pub fn route_by_authority_filtered(&self, request: &RouteRequest<'_>) -> Option<Routed<'_>> {
         self.table
             .iter()
             .find(|entry| entry.matcher.has_authority() && entry.matcher.matches(request))
-            .map(|entry| self.backends[entry.backends].pick())
+            .map(|entry| self.routed(entry))
     }
 
     /// The service a captured connection's original destination belongs to: one of its
@@ -524,8 +545,8 @@ impl Snapshot {
 }
 
 /// Every match of the routes compiled (`backends[i]` is `routes[i]`'s, `None` for a route left
-/// out), in precedence order. A match that does not compile (validation compiles it the same
-/// way, so it does not happen) is left out: it matches nothing.
+/// out), in precedence order. A match that does not compile, or whose route's filters do not
+/// (validation checks the same, so neither happens), is left out: it matches nothing.
 fn route_table(routes: &[outrider_config::Route], backends: &[Option<usize>]) -> Vec<TableEntry> {
     outrider_config::matching::order(routes)
         .into_iter()
@@ -533,8 +554,19 @@ fn route_table(routes: &[outrider_config::Route], backends: &[Option<usize>]) ->
             let route = &routes[at.route];
             let m = route.each_match().nth(at.index)?;
             let backends = (*backends.get(at.route)?)?;
+            let filters = match RouteFilters::compile(route, m) {
+                Ok(filters) => filters.map(Arc::new),
+                Err(error) => {
+                    tracing::error!(route = at.route, %error, "route match left out");
+                    return None;
+                }
+            };
             match CompiledMatch::compile(m) {
-                Ok(matcher) => Some(TableEntry { matcher, backends }),
+                Ok(matcher) => Some(TableEntry {
+                    matcher,
+                    backends,
+                    filters,
+                }),
                 Err(error) => {
                     tracing::error!(route = at.route, %error, "route match left out");
                     None
