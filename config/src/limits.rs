@@ -42,3 +42,7 @@ pub const MAX_MATCH_CONDITIONS: usize = 16;
 pub const MAX_REGEXES: usize = 256;
 /// Largest compiled program of one regex, and largest lazy-DFA cache it may grow, in bytes.
 pub const MAX_REGEX_BYTES: usize = 64 * 1024;
+/// Largest request body mirrored with its request (`request_mirror.body_limit`).
+pub const MAX_MIRROR_BODY_BYTES: u64 = 16 * 1024 * 1024;
+/// Most mirrored requests of one filter in flight (`request_mirror.max_in_flight`).
+pub const MAX_MIRROR_IN_FLIGHT: u32 = 10_000;

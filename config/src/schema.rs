@@ -440,7 +440,7 @@ pub enum Protocol {
 }
 
 /// How an endpoint is chosen for a request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LoadBalancing {
     /// Each endpoint in turn.
@@ -448,6 +448,20 @@ pub enum LoadBalancing {
     RoundRobin,
     /// Power of two choices: the less loaded of two random endpoints.
     LeastRequest,
+    /// Consistent hashing (Maglev) on a request header or cookie: `hash: { header: x-user-id }`
+    /// or `hash: { cookie: session }`. The same value goes to the same endpoint while the
+    /// endpoint set stays; a request without the header or cookie is balanced round robin.
+    Hash(HashOn),
+}
+
+/// What a hashing balancer hashes: one request header or one cookie, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HashOn {
+    /// A header's value (the first one when repeated); the name is case-insensitive.
+    Header(String),
+    /// A cookie's value, from the `Cookie` header; the name is case-sensitive.
+    Cookie(String),
 }
 
 /// Timeouts of a service. Only `connect` and `request_body_idle` have defaults: a request
@@ -537,6 +551,57 @@ pub struct Route {
     /// Injected delays and aborts, for testing resilience in staging.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// Filters applied to requests taking this route, in order (Gateway API's HTTPRoute
+    /// filters).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<RouteFilter>,
+}
+
+/// One filter of a route: `- request_mirror: { service: shadow, percent: 10 }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteFilter {
+    /// A copy of the request to another service, fire and forget.
+    RequestMirror(RequestMirror),
+}
+
+/// Gateway API's RequestMirror: a share of the route's requests is copied to `service`; the
+/// copy's response is discarded and never delays or changes the caller's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestMirror {
+    /// The service the copies go to.
+    pub service: String,
+    /// Share of requests mirrored, 0..=100.
+    #[serde(default = "RequestMirror::default_percent")]
+    pub percent: f64,
+    /// Request bodies up to this size are mirrored with them; a larger body's request is not
+    /// mirrored at all (counted as `skipped_body`).
+    #[serde(default = "RequestMirror::default_body_limit")]
+    pub body_limit: ByteSize,
+    /// Bound on one mirrored exchange, response body included.
+    #[serde(default = "RequestMirror::default_timeout")]
+    pub timeout: Duration,
+    /// Mirrored requests of this filter in flight at once; past it copies are not sent
+    /// (counted as `overflow`).
+    #[serde(default = "RequestMirror::default_max_in_flight")]
+    pub max_in_flight: u32,
+}
+
+impl RequestMirror {
+    fn default_percent() -> f64 {
+        100.0
+    }
+    /// As `retries.body_limit`.
+    fn default_body_limit() -> ByteSize {
+        ByteSize(64 * 1024)
+    }
+    fn default_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    fn default_max_in_flight() -> u32 {
+        64
+    }
 }
 
 impl Route {

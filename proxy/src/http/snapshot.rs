@@ -171,7 +171,7 @@ impl Snapshot {
             let spec = UpstreamSpec {
                 name: Arc::from(name.as_str()),
                 protocol: service.protocol,
-                balancing: service.load_balancing,
+                balancing: service.load_balancing.clone(),
                 connect_timeout: service.timeouts.connect.get(),
                 outlier: service.outlier_detection.clone(),
                 max_pending: service
