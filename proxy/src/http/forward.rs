@@ -421,7 +421,7 @@ async fn forward(
     let (parts, body) = req.into_parts();
     // Counted as read for the upstream, below the retry replay: once per request, whatever
     // its framing (Content-Length, chunked, HTTP/2 DATA frames).
-    let body = Counted::new(
+    let mut body = Counted::new(
         body,
         finish.request_bytes.clone(),
         &target.metrics.traffic.request_bytes,
@@ -447,6 +447,10 @@ async fn forward(
         }
     };
 
+    // Copies for the route's mirrors start now, in their own tasks; an upgrade is not copied.
+    if let Some(mirrors) = target.mirrors.as_deref().filter(|_| !upgrade) {
+        crate::http::mirror::dispatch(mirrors, &parts, &mut body);
+    }
     // A hashing balancer's key, read once for every attempt's pick.
     let affinity = target.upstream.affinity(&parts.headers);
     let mut log = AttemptLog {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use outrider_config::{LoadedPolicy, MeshTls, Policy, Protocol, RateLimit, Service, ServiceTls};
 
+use crate::http::mirror::Mirror;
 use crate::http::route_match::{CompiledMatch, RouteRequest};
 use crate::io::identity::{Mesh, ALPN_H2, ALPN_HTTP1, ALPN_OUTRIDER, ALPN_OUTRIDER_TCP};
 use crate::io::tls::UpstreamTls;
@@ -32,6 +33,8 @@ pub struct Target {
     /// when it matches any path); none for targets no route chose (inbound, dedicated ports,
     /// captured destinations).
     pub http_route: Option<Arc<str>>,
+    /// The route's `request_mirror` filters, shared by its backends; `None` for most.
+    pub mirrors: Option<Arc<[Mirror]>>,
 }
 
 enum Backends {
@@ -220,10 +223,11 @@ impl Snapshot {
             .collect();
         let no_state = Stateful::default();
         let target = |service: &str,
-                      route: Option<&outrider_config::Route>,
+                      route: Option<(&outrider_config::Route, &Option<Arc<[Mirror]>>)>,
                       route_state: &Stateful,
                       label: &str|
          -> Option<Arc<Target>> {
+            let (route, mirrors) = route.unzip();
             let upstream = upstreams.get(service)?;
             Some(Arc::new(Target {
                 upstream: Arc::clone(upstream),
@@ -235,6 +239,7 @@ impl Snapshot {
                     route_state,
                 ),
                 http_route: route.map(http_route),
+                mirrors: mirrors.cloned().flatten(),
             }))
         };
         // Each route's backends by its index in the policy; `None` for a route left out.
@@ -255,9 +260,11 @@ impl Snapshot {
                 breaker: None,
             };
             route_backends.push(None);
+            let mirrors = mirrors(route, &name, &upstreams, metrics);
+            let with = Some((route, &mirrors));
             // Validation guarantees every referenced service exists and weights are > 0.
             let compiled = match (&route.service, &route.split) {
-                (Some(service), _) => match target(service, Some(route), &state, &name) {
+                (Some(service), _) => match target(service, with, &state, &name) {
                     Some(t) => Backends::One(t),
                     None => continue,
                 },
@@ -265,7 +272,7 @@ impl Snapshot {
                     let mut total = 0u64;
                     let mut legs = Vec::with_capacity(split.len());
                     for leg in split {
-                        if let Some(t) = target(&leg.service, Some(route), &state, &name) {
+                        if let Some(t) = target(&leg.service, with, &state, &name) {
                             total += u64::from(leg.weight);
                             legs.push((total, t));
                         }
@@ -358,6 +365,7 @@ impl Snapshot {
                     inbound.timeouts.request_body_idle.get(),
                 ),
                 http_route: None,
+                mirrors: None,
             })
         });
         let sampler = Sampler::parent_based(policy.tracing.as_ref().map_or(1.0, |t| t.ratio));
@@ -452,6 +460,7 @@ impl Snapshot {
             metrics: Arc::clone(&self.passthrough_metrics),
             policy: RoutePolicy::default(),
             http_route: None,
+            mirrors: None,
         })
     }
 
@@ -483,6 +492,7 @@ impl Snapshot {
                 timeouts.request_body_idle.get(),
             ),
             http_route: None,
+            mirrors: None,
         })
     }
 
@@ -542,6 +552,29 @@ fn route_table(routes: &[outrider_config::Route], backends: &[Option<usize>]) ->
             }
         })
         .collect()
+}
+
+/// A route's `request_mirror` filters, each sending to its service's upstream (the same pools
+/// as the service's own traffic); `None` when it has none.
+fn mirrors(
+    route: &outrider_config::Route,
+    label: &str,
+    upstreams: &BTreeMap<String, Arc<Upstream>>,
+    metrics: &Metrics,
+) -> Option<Arc<[Mirror]>> {
+    let mirrors: Vec<Mirror> = route
+        .filters
+        .iter()
+        .filter_map(|filter| match filter {
+            outrider_config::RouteFilter::RequestMirror(config) => {
+                // Validation guarantees the service exists.
+                let upstream = Arc::clone(upstreams.get(&config.service)?);
+                let counters = metrics.mirror(&config.service, label);
+                Some(Mirror::new(config, upstream, counters))
+            }
+        })
+        .collect();
+    (!mirrors.is_empty()).then(|| Arc::from(mirrors))
 }
 
 /// The span's `http.route` of a route: the template of its first match's path (`/v1/*`, a
