@@ -38,6 +38,10 @@ pub fn warnings(policy: &Policy) -> Vec<Finding> {
             (None, None) => Vec::new(),
         };
         used.extend(targets.iter().copied());
+        // A mirror's service gets the route's copies.
+        used.extend(route.filters.iter().map(|filter| match filter {
+            crate::RouteFilter::RequestMirror(mirror) => mirror.service.as_str(),
+        }));
         if let Some(t) = &route.timeouts {
             // What the route sets, over each service's own: reported once per route.
             let worst = targets.iter().find_map(|service| {
@@ -196,11 +200,13 @@ mod tests {
         let text = "services:
   a: { endpoints: [127.0.0.1:1], timeouts: { request: 2s, per_try: 1s } }
   b: { endpoints: [127.0.0.1:2], listen: 127.0.0.1:9002 }
+  shadow: { endpoints: [127.0.0.1:3] }
 routes:
   - match: { authority: a, path_prefix: /v1/ }
     service: a
   - match: { authority: a }
     service: a
+    filters: [ { request_mirror: { service: shadow } } ]
 ";
         assert_eq!(warned(text), []);
     }
