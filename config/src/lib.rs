@@ -25,12 +25,12 @@ pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
     AccessLog, AccessLogFormat, Authorization, Backoff, CircuitBreaker, FailureRate, Fault,
-    FaultAbort, FaultDelay, GrpcMatch, HeaderModifier, Inbound, InboundMtls, LoadBalancing,
+    FaultAbort, FaultDelay, GrpcMatch, HashOn, HeaderModifier, Inbound, InboundMtls, LoadBalancing,
     MeshTls, OriginationTls, Otlp, OtlpProtocol, OutlierDetection, PathMatch, PathModifier, Policy,
-    Protocol, QueryLogging, RateLimit, RateLimitMode, RedirectScheme, RequestRedirect, Retries,
-    RetryBudget, RetryOn, Route, RouteFilter, RouteMatch, RouteTimeouts, Sampling, Service,
-    ServiceTls, Timeouts, Tracing, UrlRewrite, ValueMatch, WeightedService, WorkloadSelector,
-    DEFAULT_OPAQUE_PORTS,
+    Protocol, QueryLogging, RateLimit, RateLimitMode, RedirectScheme, RequestMirror,
+    RequestRedirect, Retries, RetryBudget, RetryOn, Route, RouteFilter, RouteMatch, RouteTimeouts,
+    Sampling, Service, ServiceTls, Timeouts, Tracing, UrlRewrite, ValueMatch, WeightedService,
+    WorkloadSelector, DEFAULT_OPAQUE_PORTS,
 };
 pub use size::{ByteSize, ByteSizeError};
 pub use validate::GRPC_STATUS_NAMES;
@@ -275,6 +275,75 @@ inbound:
             msg.starts_with("inbound.authorization.allow[0]: must be a SPIFFE id"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn hash_balancing_and_mirror_filters_load_round_trip_and_their_mistakes_are_named() {
+        let text = "services:
+  a:
+    endpoints: [127.0.0.1:1]
+    load_balancing: { hash: { header: x-user-id } }
+  b:
+    endpoints: [127.0.0.1:2]
+    load_balancing:
+      hash: { cookie: session }
+  shadow: { endpoints: [127.0.0.1:3], load_balancing: least_request }
+routes:
+  - match: { path_prefix: / }
+    service: a
+    filters:
+      - request_mirror: { service: shadow, percent: 10 }
+";
+        let loaded = load("p.yaml", text).expect("valid");
+        let services = &loaded.policy.services;
+        assert_eq!(
+            services["a"].load_balancing,
+            LoadBalancing::Hash(HashOn::Header("x-user-id".into()))
+        );
+        assert_eq!(
+            services["b"].load_balancing,
+            LoadBalancing::Hash(HashOn::Cookie("session".into()))
+        );
+        assert_eq!(
+            services["shadow"].load_balancing,
+            LoadBalancing::LeastRequest
+        );
+        let RouteFilter::RequestMirror(mirror) = &loaded.policy.routes[0].filters[0] else {
+            panic!("not a mirror: {:?}", loaded.policy.routes[0].filters[0]);
+        };
+        assert_eq!(mirror.service, "shadow");
+        assert_eq!(mirror.percent, 10.0);
+        assert_eq!(mirror.body_limit, ByteSize(64 * 1024));
+        assert_eq!(mirror.max_in_flight, 64);
+        let yaml = to_yaml(&loaded.policy).expect("serialise");
+        assert_eq!(
+            load("again.yaml", &yaml).expect("valid").policy,
+            loaded.policy
+        );
+
+        let msg = error_text(
+            "services:\n  a:\n    endpoints: [127.0.0.1:1]\n    load_balancing: { hash: { header: \"x user\" } }\n",
+        );
+        assert!(
+            msg.starts_with(
+                "services.a.load_balancing.hash.header: must be a header or cookie name"
+            ),
+            "{msg}"
+        );
+        let msg = error_text(
+            "services:\n  a:\n    endpoints: [127.0.0.1:1]\n    load_balancing: { hash: { query: u } }\n",
+        );
+        assert!(msg.contains("unknown variant `query`"), "{msg}");
+        let msg = error_text(
+            "services:\n  a: { endpoints: [127.0.0.1:1] }\nroutes:\n  - match: { path_prefix: / }\n    service: a\n    filters:\n      - request_mirror: { service: shadw, percent: 101, max_in_flight: 0 }\n",
+        );
+        for expected in [
+            "routes[0].filters[0].request_mirror.service: unknown service `shadw`",
+            "routes[0].filters[0].request_mirror.percent: must be between 0 and 100",
+            "routes[0].filters[0].request_mirror.max_in_flight: must be between 1 and 10000",
+        ] {
+            assert!(msg.contains(expected), "{expected} in {msg}");
+        }
     }
 
     #[test]
@@ -1317,7 +1386,7 @@ routes:
             (
                 prefix,
                 "{ url_rewrte: { hostname: a } }",
-                "routes[0].filters[1].url_rewrte: unknown variant `url_rewrte`, expected one of request_header_modifier, response_header_modifier, url_rewrite, request_redirect; did you mean `url_rewrite`?",
+                "routes[0].filters[1].url_rewrte: unknown variant `url_rewrte`, expected one of request_header_modifier, response_header_modifier, url_rewrite, request_redirect, request_mirror; did you mean `url_rewrite`?",
                 "url_rewrte",
             ),
         ];

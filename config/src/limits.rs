@@ -48,3 +48,7 @@ pub const MAX_ROUTE_FILTERS: usize = 16;
 pub const MAX_HEADER_CHANGES: usize = 16;
 /// Longest header value a header modifier sets or adds, in bytes (as Gateway API).
 pub const MAX_HEADER_VALUE_BYTES: usize = 4096;
+/// Largest request body mirrored with its request (`request_mirror.body_limit`).
+pub const MAX_MIRROR_BODY_BYTES: u64 = 16 * 1024 * 1024;
+/// Most mirrored requests of one filter in flight (`request_mirror.max_in_flight`).
+pub const MAX_MIRROR_IN_FLIGHT: u32 = 10_000;

@@ -39,6 +39,10 @@ pub fn warnings(policy: &Policy) -> Vec<Finding> {
         };
         used.extend(targets.iter().copied());
         for (j, filter) in route.filters.iter().enumerate() {
+            // A mirror's service gets the route's copies.
+            if let RouteFilter::RequestMirror(mirror) = filter {
+                used.insert(mirror.service.as_str());
+            }
             if let RouteFilter::RequestRedirect(redirect) = filter {
                 let unchanged = redirect.scheme.is_none()
                     && redirect.hostname.is_none()
@@ -212,11 +216,13 @@ mod tests {
         let text = "services:
   a: { endpoints: [127.0.0.1:1], timeouts: { request: 2s, per_try: 1s } }
   b: { endpoints: [127.0.0.1:2], listen: 127.0.0.1:9002 }
+  shadow: { endpoints: [127.0.0.1:3] }
 routes:
   - match: { authority: a, path_prefix: /v1/ }
     service: a
   - match: { authority: a }
     service: a
+    filters: [ { request_mirror: { service: shadow } } ]
 ";
         assert_eq!(warned(text), []);
     }

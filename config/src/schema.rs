@@ -440,7 +440,7 @@ pub enum Protocol {
 }
 
 /// How an endpoint is chosen for a request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LoadBalancing {
     /// Each endpoint in turn.
@@ -448,6 +448,20 @@ pub enum LoadBalancing {
     RoundRobin,
     /// Power of two choices: the less loaded of two random endpoints.
     LeastRequest,
+    /// Consistent hashing (Maglev) on a request header or cookie: `hash: { header: x-user-id }`
+    /// or `hash: { cookie: session }`. The same value goes to the same endpoint while the
+    /// endpoint set stays; a request without the header or cookie is balanced round robin.
+    Hash(HashOn),
+}
+
+/// What a hashing balancer hashes: one request header or one cookie, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HashOn {
+    /// A header's value (the first one when repeated); the name is case-insensitive.
+    Header(String),
+    /// A cookie's value, from the `Cookie` header; the name is case-sensitive.
+    Cookie(String),
 }
 
 /// Timeouts of a service. Only `connect` and `request_body_idle` have defaults: a request
@@ -547,7 +561,7 @@ pub struct Route {
 /// One filter of a route, as Gateway API's HTTPRouteFilter: written as a mapping with one key,
 /// `- request_header_modifier: { set: { x-env: canary } }`. Each kind at most once per route,
 /// and `url_rewrite` and `request_redirect` not together (validated).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RouteFilter {
     /// Changes the request's headers before it is forwarded.
@@ -558,6 +572,8 @@ pub enum RouteFilter {
     UrlRewrite(UrlRewrite),
     /// Answers with a redirect instead of forwarding.
     RequestRedirect(RequestRedirect),
+    /// Copies a share of the requests to another service, fire and forget.
+    RequestMirror(RequestMirror),
 }
 
 impl RouteFilter {
@@ -568,7 +584,47 @@ impl RouteFilter {
             Self::ResponseHeaderModifier(_) => "response_header_modifier",
             Self::UrlRewrite(_) => "url_rewrite",
             Self::RequestRedirect(_) => "request_redirect",
+            Self::RequestMirror(_) => "request_mirror",
         }
+    }
+}
+
+/// Gateway API's RequestMirror: a share of the route's requests is copied to `service`; the
+/// copy's response is discarded and never delays or changes the caller's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestMirror {
+    /// The service the copies go to.
+    pub service: String,
+    /// Share of requests mirrored, 0..=100.
+    #[serde(default = "RequestMirror::default_percent")]
+    pub percent: f64,
+    /// Request bodies up to this size are mirrored with them; a larger body's request is not
+    /// mirrored at all (counted as `skipped_body`).
+    #[serde(default = "RequestMirror::default_body_limit")]
+    pub body_limit: ByteSize,
+    /// Bound on one mirrored exchange, response body included.
+    #[serde(default = "RequestMirror::default_timeout")]
+    pub timeout: Duration,
+    /// Mirrored requests of this filter in flight at once; past it copies are not sent
+    /// (counted as `overflow`).
+    #[serde(default = "RequestMirror::default_max_in_flight")]
+    pub max_in_flight: u32,
+}
+
+impl RequestMirror {
+    fn default_percent() -> f64 {
+        100.0
+    }
+    /// As `retries.body_limit`.
+    fn default_body_limit() -> ByteSize {
+        ByteSize(64 * 1024)
+    }
+    fn default_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    fn default_max_in_flight() -> u32 {
+        64
     }
 }
 

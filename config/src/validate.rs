@@ -5,12 +5,14 @@ use std::collections::{HashMap, HashSet};
 
 use crate::limits::{
     MAX_BACKOFF, MAX_FAILURE_COUNT, MAX_HEADER_CHANGES, MAX_HEADER_VALUE_BYTES,
-    MAX_MATCH_CONDITIONS, MAX_POLICY_INTERVAL, MAX_PORT_LIST, MAX_RATE, MAX_REGEXES,
-    MAX_RETRY_ATTEMPTS, MAX_RETRY_BODY_BYTES, MAX_ROUTE_FILTERS, MAX_ROUTE_MATCHES, MAX_TIMEOUT,
+    MAX_MATCH_CONDITIONS, MAX_MIRROR_BODY_BYTES, MAX_MIRROR_IN_FLIGHT, MAX_POLICY_INTERVAL,
+    MAX_PORT_LIST, MAX_RATE, MAX_REGEXES, MAX_RETRY_ATTEMPTS, MAX_RETRY_BODY_BYTES,
+    MAX_ROUTE_FILTERS, MAX_ROUTE_MATCHES, MAX_TIMEOUT,
 };
 use crate::schema::{
-    CircuitBreaker, Fault, HeaderModifier, OutlierDetection, PathMatch, PathModifier, Policy,
-    RateLimit, Retries, Route, RouteFilter, RouteMatch, Service, ValueMatch, WorkloadSelector,
+    CircuitBreaker, Fault, HashOn, HeaderModifier, LoadBalancing, OutlierDetection, PathMatch,
+    PathModifier, Policy, RateLimit, RequestMirror, Retries, Route, RouteFilter, RouteMatch,
+    Service, ValueMatch, WorkloadSelector,
 };
 use crate::Duration;
 
@@ -362,6 +364,48 @@ fn check_service<'a>(
     }
     if let Some(outlier) = &service.outlier_detection {
         check_outlier(&format!("{at}.outlier_detection"), outlier, findings);
+    }
+    if let LoadBalancing::Hash(on) = &service.load_balancing {
+        let (at, name) = match on {
+            HashOn::Header(name) => (format!("{at}.load_balancing.hash.header"), name),
+            HashOn::Cookie(name) => (format!("{at}.load_balancing.hash.cookie"), name),
+        };
+        if name.is_empty() || !name.bytes().all(is_tchar) {
+            findings.push((
+                at,
+                "must be a header or cookie name (letters, digits and !#$%&'*+-.^_`|~)".into(),
+            ));
+        }
+    }
+}
+
+fn check_mirror(policy: &Policy, at: &str, mirror: &RequestMirror, findings: &mut Vec<Finding>) {
+    if !policy.services.contains_key(&mirror.service) {
+        findings.push((
+            format!("{at}.service"),
+            unknown_service(policy, &mirror.service),
+        ));
+    }
+    if !(0.0..=100.0).contains(&mirror.percent) {
+        findings.push((format!("{at}.percent"), "must be between 0 and 100".into()));
+    }
+    if mirror.body_limit.0 > MAX_MIRROR_BODY_BYTES {
+        findings.push((
+            format!("{at}.body_limit"),
+            format!("must be at most {MAX_MIRROR_BODY_BYTES} bytes"),
+        ));
+    }
+    check_duration(
+        &format!("{at}.timeout"),
+        mirror.timeout,
+        MAX_TIMEOUT,
+        findings,
+    );
+    if mirror.max_in_flight == 0 || mirror.max_in_flight > MAX_MIRROR_IN_FLIGHT {
+        findings.push((
+            format!("{at}.max_in_flight"),
+            format!("must be between 1 and {MAX_MIRROR_IN_FLIGHT}"),
+        ));
     }
 }
 
@@ -731,7 +775,7 @@ fn check_route(
     if let Some(fault) = &route.fault {
         check_fault(&format!("{at}.fault"), fault, findings);
     }
-    check_filters(&at, route, findings);
+    check_filters(policy, &at, route, findings);
     let known = |service: &str| policy.services.contains_key(service);
     match (&route.service, &route.split) {
         (Some(_), Some(_)) => findings.push((
@@ -887,7 +931,7 @@ const UNMODIFIABLE_HEADERS: &[&str] = &[
 
 /// A route's `filters` (Gateway API's rules): each kind once, not a rewrite and a redirect
 /// together, `replace_prefix_match` only where every match of the route is a prefix match.
-fn check_filters(at: &str, route: &Route, findings: &mut Vec<Finding>) {
+fn check_filters(policy: &Policy, at: &str, route: &Route, findings: &mut Vec<Finding>) {
     if route.filters.len() > MAX_ROUTE_FILTERS {
         findings.push((
             format!("{at}.filters"),
@@ -955,6 +999,7 @@ fn check_filters(at: &str, route: &Route, findings: &mut Vec<Finding>) {
                     ));
                 }
             }
+            RouteFilter::RequestMirror(mirror) => check_mirror(policy, &at, mirror, findings),
         }
     }
 }

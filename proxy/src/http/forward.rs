@@ -454,7 +454,7 @@ async fn forward(
     let (parts, body) = req.into_parts();
     // Counted as read for the upstream, below the retry replay: once per request, whatever
     // its framing (Content-Length, chunked, HTTP/2 DATA frames).
-    let body = Counted::new(
+    let mut body = Counted::new(
         body,
         finish.request_bytes.clone(),
         &target.metrics.traffic.request_bytes,
@@ -480,6 +480,12 @@ async fn forward(
         }
     };
 
+    // Copies for the route's mirrors start now, in their own tasks; an upgrade is not copied.
+    if let Some(mirrors) = target.mirrors.as_deref().filter(|_| !upgrade) {
+        crate::http::mirror::dispatch(mirrors, &parts, &mut body);
+    }
+    // A hashing balancer's key, read once for every attempt's pick.
+    let affinity = target.upstream.affinity(&parts.headers);
     let mut log = AttemptLog {
         attempts: 1,
         endpoint: None,
@@ -494,7 +500,8 @@ async fn forward(
             let req = Request::from_parts(parts, RequestBody::Direct(body));
             let upstream = &target.upstream;
             let sending = (&deadlines, stall.as_ref());
-            send_without_retries(upstream, req, sending, &mut timer, now, &mut log).await
+            let picking = (affinity, &mut log);
+            send_without_retries(upstream, req, sending, &mut timer, now, picking).await
         }
         Some(retry) => {
             let exchange = Exchange {
@@ -504,6 +511,7 @@ async fn forward(
                 trace,
                 first_span: span,
                 now,
+                affinity,
                 log: &mut log,
             };
             exchange_with_retries(target, retry, parts, body, exchange).await
@@ -675,9 +683,9 @@ async fn send_without_retries(
     (deadlines, stall): (&Deadlines, Option<&BodyStall>),
     timer: &mut Timer,
     mut now: Instant,
-    log: &mut AttemptLog,
+    (affinity, log): (Option<u64>, &mut AttemptLog),
 ) -> Result<Answer, ProxyError> {
-    let mut endpoint = upstream.pick(None)?;
+    let mut endpoint = upstream.pick_for(affinity, None)?;
     let mut failed_over = false;
     // One call site for the attempt: its future (large) has one place in this one.
     loop {
@@ -693,7 +701,7 @@ async fn send_without_retries(
                 unsent: Some(Unsent(unsent)),
                 ..
             } if !failed_over => {
-                let Ok(next) = upstream.pick(Some(endpoint.addr)) else {
+                let Ok(next) = upstream.pick_for(affinity, Some(endpoint.addr)) else {
                     return Err(error);
                 };
                 (endpoint, req, now, failed_over) = (next, *unsent, Instant::now(), true);
@@ -850,6 +858,8 @@ struct Exchange<'a> {
     first_span: SpanId,
     /// When the exchange started (the first attempt starts then).
     now: Instant,
+    /// The hash of the request's key, for a hashing balancer.
+    affinity: Option<u64>,
     log: &'a mut AttemptLog,
 }
 
@@ -869,6 +879,7 @@ async fn exchange_with_retries(
         trace,
         first_span,
         now,
+        affinity,
         log,
     } = exchange;
     let metrics = &target.metrics.retries;
@@ -887,7 +898,10 @@ async fn exchange_with_retries(
     let mut attempt: u32 = 1;
     loop {
         log.attempts = attempt;
-        let endpoint = match (target.upstream.pick(previous), connect_error.take()) {
+        let endpoint = match (
+            target.upstream.pick_for(affinity, previous),
+            connect_error.take(),
+        ) {
             (Ok(endpoint), _) => endpoint,
             // Every endpoint is held out after a failed connect: the last one's error stands.
             (Err(ProxyError::AllUnreachable(_)), Some(error)) => return Err(error),

@@ -4,6 +4,7 @@
 pub mod captured;
 pub mod forward;
 pub mod lifecycle;
+pub mod mirror;
 pub mod rescue;
 pub mod route_filter;
 pub mod route_match;

@@ -47,7 +47,9 @@ impl RouteFilters {
     /// Compiles `route`'s filters for its match `m` (whose prefix a `replace_prefix_match`
     /// replaces); `None` when the route has none.
     pub fn compile(route: &Route, m: &RouteMatch) -> Result<Option<Self>, FilterError> {
-        if route.filters.is_empty() {
+        // Mirrors are built with the route's targets (`snapshot::mirrors`), not here.
+        let only_mirrors = |filter: &RouteFilter| matches!(filter, RouteFilter::RequestMirror(_));
+        if route.filters.iter().all(only_mirrors) {
             return Ok(None);
         }
         let prefix = match PathCondition::of(m) {
@@ -69,6 +71,7 @@ impl RouteFilters {
                 RouteFilter::RequestRedirect(redirect) => {
                     filters.redirect = Some(Redirect::compile(redirect, prefix.as_deref())?);
                 }
+                RouteFilter::RequestMirror(_) => {}
             }
         }
         Ok(Some(filters))

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use outrider_config::{LoadedPolicy, MeshTls, Policy, Protocol, RateLimit, Service, ServiceTls};
 
+use crate::http::mirror::Mirror;
 use crate::http::route_filter::RouteFilters;
 use crate::http::route_match::{CompiledMatch, RouteRequest};
 use crate::io::identity::{Mesh, ALPN_H2, ALPN_HTTP1, ALPN_OUTRIDER, ALPN_OUTRIDER_TCP};
@@ -33,6 +34,8 @@ pub struct Target {
     /// when it matches any path); none for targets no route chose (inbound, dedicated ports,
     /// captured destinations).
     pub http_route: Option<Arc<str>>,
+    /// The route's `request_mirror` filters, shared by its backends; `None` for most.
+    pub mirrors: Option<Arc<[Mirror]>>,
 }
 
 enum Backends {
@@ -177,7 +180,7 @@ impl Snapshot {
             let spec = UpstreamSpec {
                 name: Arc::from(name.as_str()),
                 protocol: service.protocol,
-                balancing: service.load_balancing,
+                balancing: service.load_balancing.clone(),
                 connect_timeout: service.timeouts.connect.get(),
                 outlier: service.outlier_detection.clone(),
                 max_pending: service
@@ -226,10 +229,11 @@ impl Snapshot {
             .collect();
         let no_state = Stateful::default();
         let target = |service: &str,
-                      route: Option<&outrider_config::Route>,
+                      route: Option<(&outrider_config::Route, &Option<Arc<[Mirror]>>)>,
                       route_state: &Stateful,
                       label: &str|
          -> Option<Arc<Target>> {
+            let (route, mirrors) = route.unzip();
             let upstream = upstreams.get(service)?;
             Some(Arc::new(Target {
                 upstream: Arc::clone(upstream),
@@ -241,6 +245,7 @@ impl Snapshot {
                     route_state,
                 ),
                 http_route: route.map(http_route),
+                mirrors: mirrors.cloned().flatten(),
             }))
         };
         // Each route's backends by its index in the policy; `None` for a route left out.
@@ -261,9 +266,11 @@ impl Snapshot {
                 breaker: None,
             };
             route_backends.push(None);
+            let mirrors = mirrors(route, &name, &upstreams, metrics);
+            let with = Some((route, &mirrors));
             // Validation guarantees every referenced service exists and weights are > 0.
             let compiled = match (&route.service, &route.split) {
-                (Some(service), _) => match target(service, Some(route), &state, &name) {
+                (Some(service), _) => match target(service, with, &state, &name) {
                     Some(t) => Backends::One(t),
                     None => continue,
                 },
@@ -271,7 +278,7 @@ impl Snapshot {
                     let mut total = 0u64;
                     let mut legs = Vec::with_capacity(split.len());
                     for leg in split {
-                        if let Some(t) = target(&leg.service, Some(route), &state, &name) {
+                        if let Some(t) = target(&leg.service, with, &state, &name) {
                             total += u64::from(leg.weight);
                             legs.push((total, t));
                         }
@@ -364,6 +371,7 @@ impl Snapshot {
                     inbound.timeouts.request_body_idle.get(),
                 ),
                 http_route: None,
+                mirrors: None,
             })
         });
         let sampler = Sampler::parent_based(policy.tracing.as_ref().map_or(1.0, |t| t.ratio));
@@ -473,6 +481,7 @@ impl Snapshot {
             metrics: Arc::clone(&self.passthrough_metrics),
             policy: RoutePolicy::default(),
             http_route: None,
+            mirrors: None,
         })
     }
 
@@ -504,6 +513,7 @@ impl Snapshot {
                 timeouts.request_body_idle.get(),
             ),
             http_route: None,
+            mirrors: None,
         })
     }
 
@@ -574,6 +584,30 @@ fn route_table(routes: &[outrider_config::Route], backends: &[Option<usize>]) ->
             }
         })
         .collect()
+}
+
+/// A route's `request_mirror` filters, each sending to its service's upstream (the same pools
+/// as the service's own traffic); `None` when it has none.
+fn mirrors(
+    route: &outrider_config::Route,
+    label: &str,
+    upstreams: &BTreeMap<String, Arc<Upstream>>,
+    metrics: &Metrics,
+) -> Option<Arc<[Mirror]>> {
+    let mirrors: Vec<Mirror> = route
+        .filters
+        .iter()
+        .filter_map(|filter| match filter {
+            outrider_config::RouteFilter::RequestMirror(config) => {
+                // Validation guarantees the service exists.
+                let upstream = Arc::clone(upstreams.get(&config.service)?);
+                let counters = metrics.mirror(&config.service, label);
+                Some(Mirror::new(config, upstream, counters))
+            }
+            _ => None,
+        })
+        .collect();
+    (!mirrors.is_empty()).then(|| Arc::from(mirrors))
 }
 
 /// The span's `http.route` of a route: the template of its first match's path (`/v1/*`, a

@@ -13,5 +13,6 @@ pub mod outcome;
 pub mod pool;
 pub mod request_body;
 pub mod rewind;
+pub mod tee;
 pub mod tls;
 pub mod upstream;

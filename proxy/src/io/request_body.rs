@@ -21,6 +21,7 @@ use prometheus::IntCounter;
 use tokio::time::Instant;
 
 use crate::core::errors::BoxError;
+use crate::io::tee::Tee;
 use crate::policy::timeout::{self, BodyIdle, BodyStall, Timer};
 
 /// The caller went silent in the middle of its request body for longer than
@@ -55,6 +56,8 @@ pub struct Counted {
     metric: Option<IntCounter>,
     /// Cuts the body when the caller goes silent; `None` for a body that had ended.
     idle: Option<CallerIdle>,
+    /// A copy for request mirrors, on routes that have them.
+    tee: Option<Box<Tee>>,
 }
 
 /// The bound on the caller's silence mid-body. As with [`IdleTimer`], the timer is armed only
@@ -135,7 +138,13 @@ impl Counted {
             body,
             seen: 0,
             shared,
+            tee: None,
         }
+    }
+
+    /// The copy of this body kept for request mirrors, set up on first use.
+    pub fn tee(&mut self) -> &mut Tee {
+        self.tee.get_or_insert_with(|| Box::new(Tee::new(0)))
     }
 
     /// What tells the exchange that this body was cut for its caller's silence; `None` when
@@ -214,6 +223,9 @@ impl Body for Counted {
         match &mut polled {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
+                    if let Some(tee) = &mut this.tee {
+                        tee.data(data);
+                    }
                     let len = data.len() as u64;
                     this.seen += len;
                     if let Some(shared) = &this.shared {
@@ -227,9 +239,22 @@ impl Body for Counted {
                 // seen here, not as a final `None`.
                 if this.body.is_end_stream() {
                     this.record();
+                    if let Some(tee) = &mut this.tee {
+                        tee.end();
+                    }
                 }
             }
-            Some(Err(_)) | None => this.record(),
+            None => {
+                this.record();
+                if let Some(tee) = &mut this.tee {
+                    tee.end();
+                }
+            }
+            // A broken body is not mirrored: dropping the tee tells its subscribers.
+            Some(Err(_)) => {
+                this.record();
+                this.tee = None;
+            }
         }
         Poll::Ready(polled.map(|frame| frame.map_err(RequestBodyError::Read)))
     }
@@ -252,6 +277,8 @@ pub enum RequestBody {
     /// The caller's body had ended before the request was routed: nothing to send, again and
     /// again across attempts.
     Empty,
+    /// A whole body in memory, sent once (a request mirror's copy).
+    Buffered(Option<Bytes>),
 }
 
 impl Body for RequestBody {
@@ -268,6 +295,7 @@ impl Body for RequestBody {
                 .map_err(|e| Box::new(e) as BoxError),
             Self::Replay(body) => Pin::new(body).poll_frame(cx),
             Self::Empty => Poll::Ready(None),
+            Self::Buffered(data) => Poll::Ready(data.take().map(|data| Ok(Frame::data(data)))),
         }
     }
 
@@ -276,6 +304,7 @@ impl Body for RequestBody {
             Self::Direct(body) => body.is_end_stream(),
             Self::Replay(body) => body.is_end_stream(),
             Self::Empty => true,
+            Self::Buffered(data) => data.is_none(),
         }
     }
 
@@ -284,6 +313,9 @@ impl Body for RequestBody {
             Self::Direct(body) => body.size_hint(),
             Self::Replay(body) => body.size_hint(),
             Self::Empty => SizeHint::with_exact(0),
+            Self::Buffered(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::io::connect::{EndpointConnector, PendingLimit};
 use crate::io::pool::EndpointPool;
 use crate::io::tls::UpstreamTls;
 use crate::policy::breaker::Outcome;
+use crate::policy::hash::{HashKey, Maglev};
 use crate::policy::holdout::{HoldOut, HoldOuts};
 use crate::policy::outlier::{EndpointHealth, OutlierDetector};
 use crate::telemetry::metrics::{Metrics, ServiceMetrics};
@@ -50,6 +51,37 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// The endpoints in force and, for a hashing balancer, their lookup table: one value behind one
+/// `ArcSwap`, so a request never sees a table of another endpoint set. Derefs to the endpoints.
+#[derive(Default)]
+struct EndpointSet {
+    endpoints: Vec<Arc<Endpoint>>,
+    /// Built with the set (a reload or a DNS change), never per request; ejections and
+    /// hold-outs do not rebuild it: `pick` skips such endpoints (see `pick_hashed`).
+    table: Option<Maglev>,
+}
+
+impl EndpointSet {
+    fn new(endpoints: Vec<Arc<Endpoint>>, hashed: bool) -> Self {
+        let table = hashed
+            .then(|| {
+                // Named by address, so every proxy with the same endpoints builds the same table.
+                let names: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
+                Maglev::build(&names)
+            })
+            .flatten();
+        Self { endpoints, table }
+    }
+}
+
+impl std::ops::Deref for EndpointSet {
+    type Target = [Arc<Endpoint>];
+
+    fn deref(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+}
+
 /// Settings an [`Upstream`] is built from.
 pub struct UpstreamSpec {
     /// Service name (also the metrics label).
@@ -72,7 +104,9 @@ pub struct UpstreamSpec {
 pub struct Upstream {
     /// Settings it was built from.
     pub spec: UpstreamSpec,
-    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    endpoints: ArcSwap<EndpointSet>,
+    /// Where a hashing balancer reads a request's key.
+    hash_key: Option<HashKey>,
     next: AtomicUsize,
     metrics: Metrics,
     /// The service's own series (ejections, hold-outs), kept while the upstream lives; none
@@ -110,7 +144,8 @@ impl Upstream {
             ),
         };
         let upstream = Arc::new(Self {
-            endpoints: ArcSwap::from_pointee(Vec::new()),
+            endpoints: ArcSwap::from_pointee(EndpointSet::default()),
+            hash_key: hash_key(&spec.balancing),
             next: AtomicUsize::new(0),
             metrics: metrics.clone(),
             _series: Some(series),
@@ -134,7 +169,10 @@ impl Upstream {
                 Arc::new(upstream.new_endpoint(*addr, kept))
             })
             .collect();
-        upstream.endpoints.store(Arc::new(addrs));
+        let hashed = upstream.hash_key.is_some();
+        upstream
+            .endpoints
+            .store(Arc::new(EndpointSet::new(addrs, hashed)));
         upstream
     }
 
@@ -148,7 +186,8 @@ impl Upstream {
     ) -> Arc<Self> {
         let hold_outs = HoldOuts::new(spec.name.clone(), spec.connect_timeout, None);
         let mut upstream = Self {
-            endpoints: ArcSwap::from_pointee(Vec::new()),
+            endpoints: ArcSwap::from_pointee(EndpointSet::default()),
+            hash_key: hash_key(&spec.balancing),
             next: AtomicUsize::new(0),
             metrics: metrics.clone(),
             _series: None,
@@ -159,7 +198,7 @@ impl Upstream {
             spec,
         };
         let endpoint = Arc::new(upstream.new_endpoint(addr, None));
-        upstream.endpoints = ArcSwap::from_pointee(vec![endpoint]);
+        upstream.endpoints = ArcSwap::from_pointee(EndpointSet::new(vec![endpoint], false));
         Arc::new(upstream)
     }
 
@@ -183,7 +222,9 @@ impl Upstream {
                     .unwrap_or_else(|| Arc::new(self.new_endpoint(*addr, None)))
             })
             .collect();
-        self.endpoints.store(Arc::new(next));
+        let hashed = self.hash_key.is_some();
+        self.endpoints
+            .store(Arc::new(EndpointSet::new(next, hashed)));
     }
 
     fn new_endpoint(&self, addr: SocketAddr, hold_out: Option<Arc<HoldOut>>) -> Endpoint {
@@ -220,6 +261,26 @@ impl Upstream {
     /// attempt goes to the one whose hold-out ends first, while a retry gets `AllUnreachable`
     /// (it never goes where a connect just failed).
     pub fn pick(&self, avoid: Option<SocketAddr>) -> Result<Arc<Endpoint>, ProxyError> {
+        self.pick_for(None, avoid)
+    }
+
+    /// The hash of a request's key ([`Self::pick_for`]), when the service balances by one and
+    /// the request carries it. Reads the header in place.
+    pub fn affinity(&self, headers: &http::HeaderMap) -> Option<u64> {
+        self.hash_key.as_ref()?.of(headers)
+    }
+
+    /// [`Self::pick`] for a request whose key hashes to `affinity` (see [`Self::affinity`]):
+    /// the endpoint its slot of the lookup table names. When that endpoint cannot take it
+    /// (ejected, held out, or the one a retry avoids), the next slots of the table are tried
+    /// in order, as Envoy does, so the key lands on the same other endpoint every time and an
+    /// unusable endpoint's keys spread over the rest; they come back when it does. Without an
+    /// affinity, the request is balanced round robin.
+    pub fn pick_for(
+        &self,
+        affinity: Option<u64>,
+        avoid: Option<SocketAddr>,
+    ) -> Result<Arc<Endpoint>, ProxyError> {
         let endpoints = self.endpoints.load();
         let n = endpoints.len();
         if n == 0 {
@@ -236,9 +297,20 @@ impl Upstream {
             not_ejected(i) && held_now.is_none_or(|now| !endpoints[i].hold_out.is_held_out(now))
         };
         let avoided = |i: usize| n > 1 && avoid == Some(endpoints[i].addr);
-        let first = match (n, self.spec.balancing) {
-            (1, _) => 0,
-            (_, LoadBalancing::RoundRobin) => {
+        let hashed = endpoints.table.as_ref().zip(affinity);
+        let first = match (n, &self.spec.balancing, hashed) {
+            (1, _, _) => 0,
+            (_, _, Some((table, hash))) => {
+                // Past the probed slots (most endpoints out), the index order below takes
+                // over from the key's own endpoint: still the same answer for the same key.
+                let mut candidates = table.candidates(hash);
+                let own = table.lookup(hash);
+                candidates
+                    .find(|&i| i < n && usable(i) && !avoided(i))
+                    .unwrap_or(own % n)
+            }
+            // A hashing balancer's requests without a key go round robin.
+            (_, LoadBalancing::RoundRobin | LoadBalancing::Hash(_), None) => {
                 // A skipped endpoint uses up its turn, so the others share its traffic evenly
                 // rather than all of it going to the next one in line.
                 let mut i = self.next.fetch_add(1, Ordering::Relaxed) % n;
@@ -250,7 +322,7 @@ impl Upstream {
                 }
                 i
             }
-            (_, LoadBalancing::LeastRequest) => {
+            (_, LoadBalancing::LeastRequest, None) => {
                 // Power of two choices: two distinct random endpoints, the less loaded wins.
                 let a = fastrand::usize(..n);
                 let b = (a + 1 + fastrand::usize(..n - 1)) % n;
@@ -345,6 +417,14 @@ impl Upstream {
     }
 }
 
+/// The key a hashing balancer reads; `None` for the others.
+fn hash_key(balancing: &LoadBalancing) -> Option<HashKey> {
+    match balancing {
+        LoadBalancing::Hash(on) => HashKey::compile(on),
+        LoadBalancing::RoundRobin | LoadBalancing::LeastRequest => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use outrider_config::Duration as ConfigDuration;
@@ -401,7 +481,7 @@ mod tests {
     async fn both_balancers_skip_ejected_endpoints_and_fail_when_all_are_out() {
         let addrs = [addr(1), addr(2), addr(3)];
         for balancing in [LoadBalancing::RoundRobin, LoadBalancing::LeastRequest] {
-            let u = upstream(balancing, &addrs);
+            let u = upstream(balancing.clone(), &addrs);
             let first = u.pick(None).expect("pick");
             u.report(&first, Outcome::Failure);
             for _ in 0..100 {
@@ -448,7 +528,7 @@ mod tests {
     async fn both_balancers_skip_held_out_endpoints_until_their_time_is_up() {
         let addrs = [addr(1), addr(2), addr(3)];
         for balancing in BALANCERS {
-            let u = plain(balancing, &addrs);
+            let u = plain(balancing.clone(), &addrs);
             let length = refuse(&u, addr(1));
             for _ in 0..100 {
                 let picked = u.pick(None).expect("pick");
@@ -517,6 +597,62 @@ mod tests {
             u.pick(Some(addr(1))),
             Err(ProxyError::AllUnreachable(_))
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hashed_key_sticks_to_its_endpoint_and_only_an_ejected_ones_keys_move() {
+        use crate::policy::hash::key_hash;
+        let addrs = [addr(1), addr(2), addr(3), addr(4), addr(5)];
+        let on = outrider_config::HashOn::Header("x-user-id".into());
+        let u = upstream(LoadBalancing::Hash(on), &addrs);
+        let keys: Vec<u64> = (0..500)
+            .map(|i| key_hash(format!("u{i}").as_bytes()))
+            .collect();
+        let pick = |key: u64, avoid| u.pick_for(Some(key), avoid).expect("pick").addr;
+        let home: Vec<SocketAddr> = keys.iter().map(|&k| pick(k, None)).collect();
+        for (&key, &at) in keys.iter().zip(&home) {
+            assert_eq!(pick(key, None), at, "the same key, the same endpoint");
+            // A retry goes elsewhere, and always to the same other endpoint.
+            let retry = pick(key, Some(at));
+            assert_ne!(retry, at);
+            assert_eq!(pick(key, Some(at)), retry);
+        }
+        // Requests without a key still reach every endpoint (round robin).
+        let keyless: std::collections::HashSet<_> =
+            (0..10).map(|_| u.pick(None).expect("pick").addr).collect();
+        assert_eq!(keyless.len(), 5);
+        // Eject endpoint 3: its keys spread over the others, nobody else's move.
+        u.report(&endpoint(&u, addr(3)), Outcome::Failure);
+        let mut heirs = std::collections::HashSet::new();
+        for (&key, &at) in keys.iter().zip(&home) {
+            let now = pick(key, None);
+            if at == addr(3) {
+                assert_ne!(now, addr(3));
+                heirs.insert(now);
+            } else {
+                assert_eq!(now, at);
+            }
+        }
+        assert_eq!(
+            heirs.len(),
+            4,
+            "an ejected endpoint's keys go to all the others"
+        );
+        // The ejection ends: every key is home again.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        for (&key, &at) in keys.iter().zip(&home) {
+            assert_eq!(pick(key, None), at);
+        }
+        // A DNS change rebuilds the table: endpoint 5's keys move, the others' (nearly) stay.
+        u.set_endpoints(&addrs[..4]);
+        let stayed = keys
+            .iter()
+            .zip(&home)
+            .filter(|(_, &at)| at != addr(5))
+            .filter(|(&key, &at)| pick(key, None) == at)
+            .count();
+        let others = home.iter().filter(|&&at| at != addr(5)).count();
+        assert!(stayed + 5 >= others, "{stayed} of {others} stayed");
     }
 
     #[tokio::test(start_paused = true)]

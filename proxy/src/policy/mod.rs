@@ -13,6 +13,7 @@
 pub mod backoff;
 pub mod breaker;
 pub mod fault;
+pub mod hash;
 pub mod holdout;
 pub mod outlier;
 pub mod ratelimit;

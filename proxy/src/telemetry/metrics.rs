@@ -203,6 +203,7 @@ pub struct Metrics {
     listeners: ListenerVecs,
     hold_outs: IntCounterVec,
     malformed: IntCounterVec,
+    mirror_requests: IntCounterVec,
     traffic: TrafficVecs,
     /// Span export and access-log counters.
     pub telemetry: TelemetryMetrics,
@@ -218,6 +219,21 @@ pub struct Metrics {
     live: Arc<LiveSeries>,
     /// Most endpoints of one service labelled by address at once; the rest are `other`.
     endpoint_cap: usize,
+}
+
+/// `outrider_mirror_requests_total` of one route's mirror, by result.
+#[derive(Debug, Clone)]
+pub struct MirrorCounters {
+    /// The mirror answered (whatever its status); its response was discarded.
+    pub sent: IntCounter,
+    /// No response: the connect failed, or the connection was reset.
+    pub failed: IntCounter,
+    /// No whole exchange within the mirror's timeout (the wait for the caller's body included).
+    pub timeout: IntCounter,
+    /// Not sent: the body was over `body_limit`, or the caller's body never ended.
+    pub skipped_body: IntCounter,
+    /// Not sent: `max_in_flight` copies were already in flight.
+    pub overflow: IntCounter,
 }
 
 /// Labels of a route handle: direction, service, route.
@@ -1034,6 +1050,14 @@ impl Metrics {
             ),
             &["direction", "code"],
         )?;
+        let mirror_requests = IntCounterVec::new(
+            Opts::new(
+                "outrider_mirror_requests_total",
+                "Request copies of a route's request_mirror filter, by mirror service, route and \
+                 result (sent, failed, timeout, skipped_body, overflow).",
+            ),
+            &["service", "route", "result"],
+        )?;
         let policy_version =
             IntGauge::new("outrider_policy_version", "Version of the policy in force.")?;
         let policy_reloads = IntCounterVec::new(
@@ -1062,6 +1086,7 @@ impl Metrics {
         registry.register(Box::new(ejections.clone()))?;
         registry.register(Box::new(hold_outs.clone()))?;
         registry.register(Box::new(malformed.clone()))?;
+        registry.register(Box::new(mirror_requests.clone()))?;
         registry.register(Box::new(policy_version.clone()))?;
         registry.register(Box::new(policy_reloads.clone()))?;
         registry.register(Box::new(build_info))?;
@@ -1091,6 +1116,7 @@ impl Metrics {
             ejections,
             hold_outs,
             malformed,
+            mirror_requests,
             policy_version,
             policy_reloads: PolicyReloadMetrics {
                 ok: policy_reloads.with_label_values(&["ok"]),
@@ -1104,6 +1130,21 @@ impl Metrics {
     pub fn with_endpoint_cap(mut self, cap: usize) -> Self {
         self.endpoint_cap = cap;
         self
+    }
+
+    /// The counters of a route's mirror to `service`, one per result, resolved once per load.
+    pub fn mirror(&self, service: &str, route: &str) -> MirrorCounters {
+        let counter = |result| {
+            self.mirror_requests
+                .with_label_values(&[service, route, result])
+        };
+        MirrorCounters {
+            sent: counter("sent"),
+            failed: counter("failed"),
+            timeout: counter("timeout"),
+            skipped_body: counter("skipped_body"),
+            overflow: counter("overflow"),
+        }
     }
 
     /// Registers a collector owned by another module (mesh TLS) in the one registry.
