@@ -42,3 +42,8 @@ pub const MAX_MATCH_CONDITIONS: usize = 16;
 pub const MAX_REGEXES: usize = 256;
 /// Largest compiled program of one regex, and largest lazy-DFA cache it may grow, in bytes.
 pub const MAX_REGEX_BYTES: usize = 64 * 1024;
+/// Most rules of `inbound.authorization`: they are tried one by one on every inbound request.
+pub const MAX_AUTHZ_RULES: usize = 256;
+/// Most entries of one list of an authorization rule (`identities`, `paths`, ...), and of the
+/// first form's `allow`.
+pub const MAX_AUTHZ_LIST: usize = 256;
