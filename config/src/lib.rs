@@ -25,12 +25,11 @@ pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
     AccessLog, AccessLogFormat, Authorization, AuthzAction, AuthzFrom, AuthzMode, AuthzRule,
-    AuthzTo, Backoff, CircuitBreaker, FailureRate, Fault,
-    FaultAbort, FaultDelay, GrpcMatch, Inbound, InboundMtls, LoadBalancing, MeshTls,
-    OriginationTls, Otlp, OtlpProtocol, OutlierDetection, PathMatch, Policy, Protocol,
-    QueryLogging, RateLimit, RateLimitMode, Retries, RetryBudget, RetryOn, Route, RouteMatch,
-    RouteTimeouts, Sampling, Service, ServiceTls, Timeouts, Tracing, ValueMatch, WeightedService,
-    WorkloadSelector, DEFAULT_OPAQUE_PORTS,
+    AuthzTo, Backoff, CircuitBreaker, FailureRate, Fault, FaultAbort, FaultDelay, GrpcMatch,
+    Inbound, InboundMtls, LoadBalancing, MeshTls, OriginationTls, Otlp, OtlpProtocol,
+    OutlierDetection, PathMatch, Policy, Protocol, QueryLogging, RateLimit, RateLimitMode, Retries,
+    RetryBudget, RetryOn, Route, RouteMatch, RouteTimeouts, Sampling, Service, ServiceTls,
+    Timeouts, Tracing, ValueMatch, WeightedService, WorkloadSelector, DEFAULT_OPAQUE_PORTS,
 };
 pub use size::{ByteSize, ByteSizeError};
 pub use validate::GRPC_STATUS_NAMES;

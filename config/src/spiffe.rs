@@ -74,7 +74,9 @@ impl WorkloadPattern<'_> {
     pub fn matches(&self, id: &WorkloadId<'_>) -> bool {
         self.trust_domain.is_none_or(|td| td == id.trust_domain)
             && self.namespace.is_none_or(|ns| ns == id.namespace)
-            && self.service_account.is_none_or(|sa| sa == id.service_account)
+            && self
+                .service_account
+                .is_none_or(|sa| sa == id.service_account)
     }
 }
 

@@ -4,13 +4,13 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::limits::{
-    MAX_AUTHZ_LIST, MAX_AUTHZ_RULES, MAX_BACKOFF, MAX_FAILURE_COUNT, MAX_MATCH_CONDITIONS, MAX_POLICY_INTERVAL, MAX_PORT_LIST,
-    MAX_RATE, MAX_REGEXES, MAX_RETRY_ATTEMPTS, MAX_RETRY_BODY_BYTES, MAX_ROUTE_MATCHES,
-    MAX_TIMEOUT,
+    MAX_AUTHZ_LIST, MAX_AUTHZ_RULES, MAX_BACKOFF, MAX_FAILURE_COUNT, MAX_MATCH_CONDITIONS,
+    MAX_POLICY_INTERVAL, MAX_PORT_LIST, MAX_RATE, MAX_REGEXES, MAX_RETRY_ATTEMPTS,
+    MAX_RETRY_BODY_BYTES, MAX_ROUTE_MATCHES, MAX_TIMEOUT,
 };
 use crate::schema::{
-    Authorization, AuthzFrom, AuthzTo, CircuitBreaker, Fault, OutlierDetection, PathMatch, Policy, RateLimit, Retries, Route,
-    RouteMatch, Service, ValueMatch, WorkloadSelector,
+    Authorization, AuthzFrom, AuthzTo, CircuitBreaker, Fault, OutlierDetection, PathMatch, Policy,
+    RateLimit, Retries, Route, RouteMatch, Service, ValueMatch, WorkloadSelector,
 };
 use crate::Duration;
 
@@ -121,7 +121,10 @@ fn check_authorization(
             names.insert(&rule.name, first);
             findings.push((
                 format!("{at}.name"),
-                format!("duplicate rule name `{}` (first at rules[{first}])", rule.name),
+                format!(
+                    "duplicate rule name `{}` (first at rules[{first}])",
+                    rule.name
+                ),
             ));
         }
         if let Some(from) = &rule.from {
@@ -154,9 +157,11 @@ fn check_authz_from(at: &str, from: &AuthzFrom, findings: &mut Vec<Finding>) {
                     .map(|_| ())
                     .map_err(|e| e.to_string()),
                 _ if crate::spiffe::is_dns1123_label(value) => Ok(()),
-                _ => Err("must be a Kubernetes name (DNS-1123 label): 1 to 63 lowercase \
+                _ => Err(
+                    "must be a Kubernetes name (DNS-1123 label): 1 to 63 lowercase \
                           letters, digits and '-', starting and ending with a letter or digit"
-                    .into()),
+                        .into(),
+                ),
             };
             if let Err(message) = checked {
                 findings.push((at, message));

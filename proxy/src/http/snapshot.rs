@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use outrider_config::{LoadedPolicy, MeshTls, Policy, Protocol, RateLimit, Service, ServiceTls};
 
+use crate::http::authz::Authorizer;
 use crate::http::route_match::{CompiledMatch, RouteRequest};
 use crate::io::identity::{Mesh, ALPN_H2, ALPN_HTTP1, ALPN_OUTRIDER, ALPN_OUTRIDER_TCP};
 use crate::io::tls::UpstreamTls;
@@ -99,6 +100,8 @@ pub struct Snapshot {
     /// Metrics of captured inbound requests (`app`, as for `inbound.app`).
     inbound_metrics: Arc<RouteMetrics>,
     inbound: Option<Arc<Target>>,
+    /// `inbound.authorization`, compiled.
+    authorization: Option<Authorizer>,
     upstreams: BTreeMap<String, Arc<Upstream>>,
     /// Limiters and breakers by service, route name and for inbound, kept for the next reload.
     service_state: BTreeMap<String, Stateful>,
@@ -360,6 +363,23 @@ impl Snapshot {
                 http_route: None,
             })
         });
+        let authorization = policy
+            .inbound
+            .as_ref()
+            .and_then(|i| i.authorization.as_ref())
+            .map(|config| {
+                Authorizer::compile(config, &metrics.authz).unwrap_or_else(|error| {
+                    // Only a policy that skipped validation gets here: fail closed.
+                    tracing::error!(%error, "inbound.authorization left uncompiled; denying every inbound request");
+                    Authorizer::deny_all(&metrics.authz)
+                })
+            });
+        if let Some(before) = previous.and_then(|p| p.authorization.as_ref()) {
+            match &authorization {
+                Some(now) => now.forget_stale(before, &metrics.authz),
+                None => before.forget_all(&metrics.authz),
+            }
+        }
         let sampler = Sampler::parent_based(policy.tracing.as_ref().map_or(1.0, |t| t.ratio));
         let access_log_style = AccessLogStyle::of(&policy.access_log);
         let inbound_metrics = match &inbound {
@@ -381,6 +401,7 @@ impl Snapshot {
             backends,
             dedicated,
             inbound,
+            authorization,
             upstreams,
             service_state,
             route_state,
@@ -388,6 +409,11 @@ impl Snapshot {
             access_log: None,
             access_log_style,
         }
+    }
+
+    /// `inbound.authorization`, compiled, when the policy has it.
+    pub fn authorization(&self) -> Option<&Authorizer> {
+        self.authorization.as_ref()
     }
 
     /// Metrics of inbound requests (`app`), for those refused before they have a target.

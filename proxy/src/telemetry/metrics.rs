@@ -213,6 +213,8 @@ pub struct Metrics {
     pub policy_reloads: PolicyReloadMetrics,
     /// Transparent capture: captured connections, their bytes, protocol detection, loops.
     pub capture: CaptureMetrics,
+    /// `inbound.authorization`'s decisions.
+    pub authz: AuthzMetrics,
     /// The route, service and endpoint handles alive now, by labels: shared by every snapshot
     /// that uses them.
     live: Arc<LiveSeries>,
@@ -755,6 +757,39 @@ impl ProcessGauges {
     }
 }
 
+/// `outrider_authz_decisions_total{rule,action,mode}`: one series per rule of the policy in
+/// force (and the default), so its cardinality is the policy's.
+#[derive(Clone)]
+pub struct AuthzMetrics {
+    decisions: IntCounterVec,
+}
+
+impl AuthzMetrics {
+    fn new(registry: &Registry) -> Result<Self, MetricsError> {
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "outrider_authz_decisions_total",
+                "Inbound authorization decisions, by the rule that decided (`:default` when none \
+                 matched, `:allow` for the `allow` list), action (allow, deny, would_deny: a \
+                 denial under `mode: audit`, let through) and mode (enforce, audit).",
+            ),
+            &["rule", "action", "mode"],
+        )?;
+        registry.register(Box::new(decisions.clone()))?;
+        Ok(Self { decisions })
+    }
+
+    /// The counter of `rule`'s decisions: resolved once per reload.
+    pub fn decisions(&self, rule: &str, action: &str, mode: &str) -> IntCounter {
+        self.decisions.with_label_values(&[rule, action, mode])
+    }
+
+    /// Removes a series no rule of the policy in force counts in any more.
+    pub fn forget(&self, rule: &str, action: &str, mode: &str) {
+        let _ = self.decisions.remove_label_values(&[rule, action, mode]);
+    }
+}
+
 /// What rate limits decided.
 pub struct RateLimitMetrics {
     /// Under the limit.
@@ -1070,8 +1105,10 @@ impl Metrics {
         let telemetry = TelemetryMetrics::new(&registry)?;
         let process = ProcessGauges::new(&registry)?;
         let capture = CaptureMetrics::new(&registry)?;
+        let authz = AuthzMetrics::new(&registry)?;
         Ok(Self {
             capture,
+            authz,
             live: Arc::default(),
             endpoint_cap: DEFAULT_ENDPOINT_CAP,
             traffic,
