@@ -15,12 +15,11 @@ use std::sync::{Arc, Mutex};
 use http::{HeaderMap, HeaderValue, Method, Request};
 use outrider_config::spiffe::{self, WorkloadId};
 use outrider_config::{Authorization, AuthzAction, AuthzFrom, AuthzMode, AuthzRule, AuthzTo};
-use prometheus::IntCounter;
 
 use crate::core::errors::ProxyError;
 use crate::http::route_match::{CompileError, HeaderCondition, PathMatcher};
 use crate::io::connection::LogLimiter;
-use crate::telemetry::metrics::AuthzMetrics;
+use crate::telemetry::metrics::{AuthzMetrics, AuthzSeries};
 
 /// The `rule` label of decisions no rule made.
 pub const DEFAULT_RULE: &str = ":default";
@@ -58,14 +57,12 @@ pub struct Authorizer {
     allow: Box<[Rule]>,
     /// What no rule matching decides, and its counter.
     default: AuthzAction,
-    default_count: IntCounter,
+    default_count: AuthzSeries,
     mode: AuthzMode,
     /// Some rule names namespaces, service accounts or id patterns: the caller's id is parsed.
     parses_ids: bool,
     /// Audit-mode denials are logged at most once a second.
     audit_log: Mutex<LogLimiter>,
-    /// Every series this authorizer counts in, to forget those the next one does not.
-    series: Vec<(Arc<str>, &'static str, &'static str)>,
 }
 
 #[derive(Debug)]
@@ -73,7 +70,7 @@ struct Rule {
     name: Arc<str>,
     from: CallerConditions,
     to: Option<RequestConditions>,
-    count: IntCounter,
+    count: AuthzSeries,
 }
 
 /// Conditions on the caller; every one set must hold.
@@ -149,12 +146,8 @@ impl Authorizer {
             (AuthzAction::Deny, AuthzMode::Enforce) => "deny",
             (AuthzAction::Deny, AuthzMode::Audit) => "would_deny",
         };
-        let mut series = Vec::with_capacity(config.rules.len() + 2);
-        let mut counter = |name: &Arc<str>, action| {
-            let action = action_label(action);
-            series.push((Arc::clone(name), action, mode_label));
-            metrics.decisions(name, action, mode_label)
-        };
+        let counter =
+            |name: &str, action| metrics.decisions(name, action_label(action), mode_label);
         let mut deny = Vec::new();
         let mut allow = Vec::new();
         for rule in &config.rules {
@@ -182,7 +175,7 @@ impl Authorizer {
                 name,
             )?);
         }
-        let default_count = counter(&Arc::from(DEFAULT_RULE), config.default);
+        let default_count = counter(DEFAULT_RULE, config.default);
         let parses_ids = deny.iter().chain(&allow).any(|r| r.from.parses_ids());
         Ok(Self {
             deny: deny.into(),
@@ -192,14 +185,12 @@ impl Authorizer {
             mode: config.mode,
             parses_ids,
             audit_log: Mutex::new(LogLimiter::new()),
-            series,
         })
     }
 
     /// An authorizer that denies everything, for an authorization that did not compile (fail
     /// closed); its decisions are counted under `:default`.
     pub fn deny_all(metrics: &AuthzMetrics) -> Self {
-        let default_rule: Arc<str> = Arc::from(DEFAULT_RULE);
         Self {
             deny: Box::default(),
             allow: Box::default(),
@@ -208,27 +199,6 @@ impl Authorizer {
             mode: AuthzMode::Enforce,
             parses_ids: false,
             audit_log: Mutex::new(LogLimiter::new()),
-            series: vec![(default_rule, "deny", "enforce")],
-        }
-    }
-
-    /// Removes the series `previous` counted in that this one does not.
-    pub fn forget_stale(&self, previous: &Authorizer, metrics: &AuthzMetrics) {
-        for (rule, action, mode) in &previous.series {
-            let kept = self
-                .series
-                .iter()
-                .any(|(r, a, m)| r == rule && a == action && m == mode);
-            if !kept {
-                metrics.forget(rule, action, mode);
-            }
-        }
-    }
-
-    /// Removes every series this one counts in (the policy has no authorization any more).
-    pub fn forget_all(&self, metrics: &AuthzMetrics) {
-        for (rule, action, mode) in &self.series {
-            metrics.forget(rule, action, mode);
         }
     }
 
@@ -243,7 +213,7 @@ impl Authorizer {
         &self,
         caller: Option<&str>,
         request: Option<&AuthzRequest<'_>>,
-    ) -> (Verdict<'_>, &IntCounter) {
+    ) -> (Verdict<'_>, &AuthzSeries) {
         let parsed = match caller {
             Some(id) if self.parses_ids => spiffe::parse(id).ok(),
             _ => None,
@@ -304,7 +274,7 @@ impl Authorizer {
         // a rule could name, but still a verified caller.
         let id = caller.map(|c| c.to_str().unwrap_or("?"));
         let (verdict, count) = self.deciding_rule(id, request);
-        count.inc();
+        count.count.inc();
         let Verdict::Deny(rule) = verdict else {
             return Ok(());
         };
@@ -355,7 +325,7 @@ struct Caller<'a> {
 impl Rule {
     fn compile(
         rule: &AuthzRule,
-        count: IntCounter,
+        count: AuthzSeries,
         name: Arc<str>,
     ) -> Result<Self, AuthzCompileError> {
         let from = rule
@@ -790,11 +760,12 @@ mod tests {
         assert!(audit.check_request(None, &admin).is_ok());
         assert!(audit.check_request(None, &request("GET", "/", &[])).is_ok());
         let would_deny = metrics.authz.decisions("no-admin", "would_deny", "audit");
-        assert_eq!(would_deny.get(), 2);
+        assert_eq!(would_deny.count.get(), 2);
         assert_eq!(
             metrics
                 .authz
                 .decisions(DEFAULT_RULE, "allow", "audit")
+                .count
                 .get(),
             1
         );
@@ -812,11 +783,16 @@ mod tests {
             format!("denied by rule no-admin (caller {CHECKOUT})")
         );
         assert_eq!(
-            metrics.authz.decisions("no-admin", "deny", "enforce").get(),
+            metrics
+                .authz
+                .decisions("no-admin", "deny", "enforce")
+                .count
+                .get(),
             1
         );
-        // The audit series go once the enforcing authorizer replaces the auditing one.
-        enforce.forget_stale(&audit, &metrics.authz);
+        // The audit series go with the last authorizer that counts in them; the enforcing
+        // one's stay.
+        drop((audit, would_deny));
         let text = String::from_utf8(metrics.encode()).expect("utf-8");
         assert!(!text.contains("action=\"would_deny\""), "{text}");
         assert!(text.contains("rule=\"no-admin\""), "{text}");

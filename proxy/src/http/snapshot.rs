@@ -374,12 +374,6 @@ impl Snapshot {
                     Authorizer::deny_all(&metrics.authz)
                 })
             });
-        if let Some(before) = previous.and_then(|p| p.authorization.as_ref()) {
-            match &authorization {
-                Some(now) => now.forget_stale(before, &metrics.authz),
-                None => before.forget_all(&metrics.authz),
-            }
-        }
         let sampler = Sampler::parent_based(policy.tracing.as_ref().map_or(1.0, |t| t.ratio));
         let access_log_style = AccessLogStyle::of(&policy.access_log);
         let inbound_metrics = match &inbound {

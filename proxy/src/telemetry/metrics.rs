@@ -757,11 +757,32 @@ impl ProcessGauges {
     }
 }
 
-/// `outrider_authz_decisions_total{rule,action,mode}`: one series per rule of the policy in
+/// `outrider_authz_decisions_total{rule,action,mode}`: one series per rule of the policies in
 /// force (and the default), so its cardinality is the policy's.
 #[derive(Clone)]
 pub struct AuthzMetrics {
     decisions: IntCounterVec,
+    /// How many handles of each series live: the last one to go removes its series, so a
+    /// rule that left the policy leaves the scrape once no snapshot counts in it. Locked when
+    /// a policy is compiled or dropped, never per request.
+    live: Arc<Mutex<HashMap<AuthzKey, usize>>>,
+}
+
+/// Labels of a decision series: rule, action, mode.
+type AuthzKey = (Arc<str>, &'static str, &'static str);
+
+/// A handle on one decision series; the series goes with the last handle.
+pub struct AuthzSeries {
+    owner: AuthzMetrics,
+    key: AuthzKey,
+    /// The counter.
+    pub count: IntCounter,
+}
+
+impl std::fmt::Debug for AuthzSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AuthzSeries").field(&self.key).finish()
+    }
 }
 
 impl AuthzMetrics {
@@ -776,17 +797,46 @@ impl AuthzMetrics {
             &["rule", "action", "mode"],
         )?;
         registry.register(Box::new(decisions.clone()))?;
-        Ok(Self { decisions })
+        Ok(Self {
+            decisions,
+            live: Arc::default(),
+        })
     }
 
-    /// The counter of `rule`'s decisions: resolved once per reload.
-    pub fn decisions(&self, rule: &str, action: &str, mode: &str) -> IntCounter {
-        self.decisions.with_label_values(&[rule, action, mode])
+    /// A handle on the series of `rule`'s decisions: resolved once per reload.
+    pub fn decisions(&self, rule: &str, action: &'static str, mode: &'static str) -> AuthzSeries {
+        let key: AuthzKey = (Arc::from(rule), action, mode);
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        *live.entry(key.clone()).or_default() += 1;
+        let count = self.decisions.with_label_values(&[rule, action, mode]);
+        drop(live);
+        AuthzSeries {
+            owner: self.clone(),
+            key,
+            count,
+        }
     }
+}
 
-    /// Removes a series no rule of the policy in force counts in any more.
-    pub fn forget(&self, rule: &str, action: &str, mode: &str) {
-        let _ = self.decisions.remove_label_values(&[rule, action, mode]);
+impl Drop for AuthzSeries {
+    fn drop(&mut self) {
+        let mut live = self
+            .owner
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(handles) = live.get_mut(&self.key) else {
+            return;
+        };
+        *handles = handles.saturating_sub(1);
+        if *handles == 0 {
+            live.remove(&self.key);
+            let (rule, action, mode) = &self.key;
+            let _ = self
+                .owner
+                .decisions
+                .remove_label_values(&[&**rule, action, mode]);
+        }
     }
 }
 
