@@ -24,13 +24,14 @@ pub use duration::{Duration, DurationError};
 pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
-    AccessLog, AccessLogFormat, Authorization, Backoff, CircuitBreaker, FailureRate, Fault,
-    FaultAbort, FaultDelay, GrpcMatch, HashOn, HeaderModifier, Inbound, InboundMtls, LoadBalancing,
-    MeshTls, OriginationTls, Otlp, OtlpProtocol, OutlierDetection, PathMatch, PathModifier, Policy,
-    Protocol, QueryLogging, RateLimit, RateLimitMode, RedirectScheme, RequestMirror,
-    RequestRedirect, Retries, RetryBudget, RetryOn, Route, RouteFilter, RouteMatch, RouteTimeouts,
-    Sampling, Service, ServiceTls, Timeouts, Tracing, UrlRewrite, ValueMatch, WeightedService,
-    WorkloadSelector, DEFAULT_OPAQUE_PORTS,
+    AccessLog, AccessLogFormat, Authorization, AuthzAction, AuthzFrom, AuthzMode, AuthzRule,
+    AuthzTo, Backoff, CircuitBreaker, FailureRate, Fault, FaultAbort, FaultDelay, GrpcMatch,
+    HashOn, HeaderModifier, Inbound, InboundMtls, LoadBalancing, MeshTls, OriginationTls, Otlp,
+    OtlpProtocol, OutlierDetection, PathMatch, PathModifier, Policy, Protocol, QueryLogging,
+    RateLimit, RateLimitMode, RedirectScheme, RequestMirror, RequestRedirect, Retries, RetryBudget,
+    RetryOn, Route, RouteFilter, RouteMatch, RouteTimeouts, Sampling, Service, ServiceTls,
+    Timeouts, Tracing, UrlRewrite, ValueMatch, WeightedService, WorkloadSelector,
+    DEFAULT_OPAQUE_PORTS,
 };
 pub use size::{ByteSize, ByteSizeError};
 pub use validate::GRPC_STATUS_NAMES;
@@ -1427,6 +1428,106 @@ routes:
                 line = limits::MAX_REGEXES + 4
             )
         );
+    }
+
+    #[test]
+    fn authorization_rules_load_and_their_mistakes_are_positioned() {
+        let text = "inbound:
+  app: 127.0.0.1:8080
+  authorization:
+    default: allow
+    mode: audit
+    rules:
+      - name: no-admin
+        action: deny
+        from: { namespaces: [web] }
+        to: { paths: [{ prefix: /admin }, { regex: '/v[0-9]+/debug' }], methods: [POST] }
+      - name: probes
+        action: allow
+        from: { unauthenticated: true }
+        to: { paths: [{ exact: /healthz }], headers: [{ name: x-probe, present: true }] }
+      - name: shop
+        action: allow
+        from: { identities: ['spiffe://*/ns/shop/sa/*'], service_accounts: [checkout] }
+";
+        let authz = load("p.yaml", text)
+            .expect("valid")
+            .policy
+            .inbound
+            .expect("inbound")
+            .authorization
+            .expect("authorization");
+        assert_eq!(authz.default, AuthzAction::Allow);
+        assert_eq!(authz.mode, AuthzMode::Audit);
+        assert_eq!(authz.rules.len(), 3);
+        assert_eq!(authz.rules[0].action, AuthzAction::Deny);
+        assert_eq!(
+            authz.rules[0].to.as_ref().expect("to").paths[0],
+            PathMatch::Prefix("/admin".into())
+        );
+        // Defaults: deny, enforce; the first form still reads.
+        let first = load(
+            "p.yaml",
+            "inbound:\n  app: 127.0.0.1:1\n  authorization: { allow: [spiffe://td/ns/a/sa/b] }\n",
+        )
+        .expect("valid")
+        .policy
+        .inbound
+        .expect("inbound")
+        .authorization
+        .expect("authorization");
+        assert_eq!(first.default, AuthzAction::Deny);
+        assert_eq!(first.mode, AuthzMode::Enforce);
+        assert_eq!(first.allow, ["spiffe://td/ns/a/sa/b"]);
+
+        let text = "inbound:
+  app: 127.0.0.1:8080
+  authorization:
+    rules:
+      - name: a
+        action: allow
+        from: { identities: ['spiffe://cluster.local/ns/shop/sa/check*', '*'], namespaces: [Shop] }
+      - name: a
+        action: deny
+        from: { authenticated: false }
+        to: { paths: [{ prefix: admin }, { regex: '(' }], methods: ['GET POST'] }
+      - name: b c
+        action: allow
+        from: { unauthenticated: true, service_accounts: [x] }
+";
+        let e = load("p.yaml", text).expect_err("invalid");
+        let found: Vec<String> = e
+            .diagnostics
+            .iter()
+            .map(|d| format!("{} {:?}", d.path, d.position.map(|p| (p.line, p.column))))
+            .collect();
+        let rules = "inbound.authorization.rules";
+        assert_eq!(
+            found,
+            [
+                format!("{rules}[0].from.identities[0] Some((7, 30))"),
+                format!("{rules}[0].from.identities[1] Some((7, 74))"),
+                format!("{rules}[0].from.namespaces[0] Some((7, 93))"),
+                format!("{rules}[1].name Some((8, 15))"),
+                format!("{rules}[1].from.authenticated Some((10, 32))"),
+                format!("{rules}[1].to.paths[0].prefix Some((11, 33))"),
+                format!("{rules}[1].to.paths[1].regex Some((11, 51))"),
+                format!("{rules}[1].to.methods[0] Some((11, 69))"),
+                format!("{rules}[2].name Some((12, 15))"),
+                format!("{rules}[2].from.unauthenticated Some((14, 34))"),
+            ]
+        );
+        let text = e.to_string();
+        for expected in [
+            "`*` stands for a whole part (`ns/*`), not for part of one as in `check*`",
+            "write `authenticated: true` instead of `identities: [\"*\"]`",
+            "duplicate rule name `a` (first at rules[0])",
+            "only `true` is meaningful; write `unauthenticated: true`",
+            "invalid regex",
+            "would never match",
+        ] {
+            assert!(text.contains(expected), "{expected} not in {text}");
+        }
     }
 
     #[test]

@@ -52,3 +52,8 @@ pub const MAX_HEADER_VALUE_BYTES: usize = 4096;
 pub const MAX_MIRROR_BODY_BYTES: u64 = 16 * 1024 * 1024;
 /// Most mirrored requests of one filter in flight (`request_mirror.max_in_flight`).
 pub const MAX_MIRROR_IN_FLIGHT: u32 = 10_000;
+/// Most rules of `inbound.authorization`: they are tried one by one on every inbound request.
+pub const MAX_AUTHZ_RULES: usize = 256;
+/// Most entries of one list of an authorization rule (`identities`, `paths`, ...), and of the
+/// first form's `allow`.
+pub const MAX_AUTHZ_LIST: usize = 256;

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use crate::matching::{segment_prefix_matches, PathCondition};
-use crate::schema::{Policy, RouteFilter, RouteMatch};
+use crate::schema::{Authorization, AuthzAction, Policy, RouteFilter, RouteMatch};
 use crate::validate::Finding;
 use crate::Duration;
 
@@ -28,6 +28,9 @@ pub fn warnings(policy: &Policy) -> Vec<Finding> {
         let t = &inbound.timeouts;
         if let Some(message) = per_try_outlasts_request(t.per_try, t.request) {
             findings.push(("inbound.timeouts.per_try".into(), message));
+        }
+        if let Some(authz) = &inbound.authorization {
+            findings.extend(authorization_without_effect(authz));
         }
     }
     let mut used = HashSet::new();
@@ -89,6 +92,21 @@ pub fn warnings(policy: &Policy) -> Vec<Finding> {
         }
     }
     findings
+}
+
+/// An authorization that denies every request, or allows every one, is seldom meant.
+fn authorization_without_effect(authz: &Authorization) -> Option<Finding> {
+    let has = |action| authz.rules.iter().any(|r| r.action == action);
+    let message = match authz.default {
+        AuthzAction::Deny if authz.allow.is_empty() && !has(AuthzAction::Allow) => {
+            "has no allow rule and `default: deny`: every inbound request is denied"
+        }
+        AuthzAction::Allow if !has(AuthzAction::Deny) => {
+            "has no deny rule and `default: allow`: every inbound request is allowed"
+        }
+        _ => return None,
+    };
+    Some(("inbound.authorization".into(), message.into()))
 }
 
 /// The warning for a per-try timeout at least as long as the request's, if it is one.
@@ -248,6 +266,30 @@ routes:
                     .to_string()
             )]
         );
+    }
+
+    #[test]
+    fn an_authorization_that_decides_nothing_is_named() {
+        let inbound = "inbound:\n  app: 127.0.0.1:1\n  authorization: ";
+        let denied = "has no allow rule and `default: deny`: every inbound request is denied";
+        let allowed = "has no deny rule and `default: allow`: every inbound request is allowed";
+        let cases: &[(&str, &[&str])] = &[
+            ("{}", &[denied]),
+            (
+                "{ default: allow, allow: [spiffe://td/ns/a/sa/b] }",
+                &[allowed],
+            ),
+            ("{ allow: [spiffe://td/ns/a/sa/b] }", &[]),
+            (
+                "{ default: allow, rules: [{ name: x, action: deny }] }",
+                &[],
+            ),
+        ];
+        for (authz, expected) in cases {
+            let found = warned(&format!("{inbound}{authz}\n"));
+            let messages: Vec<&str> = found.iter().map(|(_, m)| m.as_str()).collect();
+            assert_eq!(messages, *expected, "{authz}");
+        }
     }
 
     #[test]

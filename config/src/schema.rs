@@ -162,12 +162,119 @@ pub enum InboundMtls {
     Strict,
 }
 
-/// Which verified callers the inbound side lets through.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Which callers the inbound side lets through, by identity and request: deny rules first (any
+/// match denies), then allow rules (any match allows), else `default`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Authorization {
-    /// SPIFFE ids allowed; every other caller (plaintext ones included) gets 403.
+    /// The first form of this section: SPIFFE ids allowed. Read as one more allow rule
+    /// (`:allow`, identities exactly these) under `default: deny`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
+    /// What a request no rule matches gets.
+    #[serde(default)]
+    pub default: AuthzAction,
+    /// `audit` lets denied requests through, logging and counting them as `would_deny`.
+    #[serde(default)]
+    pub mode: AuthzMode,
+    /// The rules; their order does not matter (deny rules are tried before allow rules).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<AuthzRule>,
+}
+
+/// What an authorization rule, or the default, decides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthzAction {
+    /// The request goes on.
+    Allow,
+    /// The request is answered 403 (gRPC `PERMISSION_DENIED`).
+    #[default]
+    Deny,
+}
+
+/// Whether authorization's denials are applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthzMode {
+    /// Denied requests are refused.
+    #[default]
+    Enforce,
+    /// Denied requests go on, logged and counted as `would_deny` (to roll a policy out safely).
+    Audit,
+}
+
+/// One authorization rule: it matches a request whose caller meets `from` and whose request
+/// meets `to` (an absent one meets anything).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzRule {
+    /// Unique among the rules; named in `x-outrider-error` and in metrics.
+    pub name: String,
+    /// What a match decides.
+    pub action: AuthzAction,
+    /// Who the caller is: every condition set must hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<AuthzFrom>,
+    /// What the request is: every condition set must hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<AuthzTo>,
+}
+
+/// Conditions on the caller: each list holds when any of its entries does, and every field
+/// set must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzFrom {
+    /// Verified SPIFFE ids, `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`,
+    /// where a whole segment may be `*`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+    /// The verified caller's namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// The verified caller's service account (in any namespace unless `namespaces` is set).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+    /// `true`: any caller with a verified mesh identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authenticated: Option<bool>,
+    /// `true`: a caller without one (plaintext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unauthenticated: Option<bool>,
+}
+
+impl AuthzFrom {
+    /// Whether a condition needs the caller's identity (ids, namespaces, service accounts).
+    pub fn names_identities(&self) -> bool {
+        !self.identities.is_empty()
+            || !self.namespaces.is_empty()
+            || !self.service_accounts.is_empty()
+    }
+}
+
+/// Conditions on the request: each list holds when any of its entries does (`headers`: all of
+/// them must), and every field set must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzTo {
+    /// The path: `exact`, `prefix` (whole segments) or `regex`, as in route matches; compared
+    /// with the request path normalized (see the README).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<PathMatch>,
+    /// Methods, compared case-sensitively.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Header conditions, as in route matches; every one must hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<ValueMatch>,
+}
+
+impl AuthzTo {
+    /// Whether any condition is set.
+    pub fn is_set(&self) -> bool {
+        !self.paths.is_empty() || !self.methods.is_empty() || !self.headers.is_empty()
+    }
 }
 
 /// Tracing: how traces are sampled and where spans go.
@@ -1107,7 +1214,7 @@ pub struct Inbound {
     /// Whether plaintext is still accepted once this proxy holds a mesh certificate.
     #[serde(default)]
     pub mtls: InboundMtls,
-    /// Only these verified callers reach the app.
+    /// Who may reach the app, by caller identity and request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization: Option<Authorization>,
 }

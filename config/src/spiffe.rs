@@ -1,5 +1,5 @@
 //! Workload SPIFFE ids, `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`, checked
-//! the same way where a policy names one (`identity:`, `authorization.allow`) and where the
+//! the same way where a policy names one (`identity:`, `authorization`) and where the
 //! control plane's CA issues one. Namespace and service account are Kubernetes names (DNS-1123
 //! labels), which also keeps out what the SPIFFE spec forbids in a path: empty, `.` and `..`
 //! segments and percent-encoding.
@@ -27,6 +27,9 @@ pub enum SpiffeIdError {
         /// The refused value, with control characters escaped.
         value: String,
     },
+    /// A pattern's `*` is part of a segment rather than all of it.
+    #[error("`*` stands for a whole part (`ns/*`), not for part of one as in `{0}`")]
+    PartialWildcard(String),
 }
 
 /// A SPIFFE id split into its parts.
@@ -52,6 +55,62 @@ pub fn parse(id: &str) -> Result<WorkloadId<'_>, SpiffeIdError> {
         namespace,
         service_account,
     })
+}
+
+/// A pattern of workload SPIFFE ids (`authorization` rules' `identities`): each part is a
+/// value or, written `*`, any value (`None` here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkloadPattern<'a> {
+    /// The trust domain, or any.
+    pub trust_domain: Option<&'a str>,
+    /// The namespace, or any.
+    pub namespace: Option<&'a str>,
+    /// The service account, or any.
+    pub service_account: Option<&'a str>,
+}
+
+impl WorkloadPattern<'_> {
+    /// Whether `id` fits the pattern.
+    pub fn matches(&self, id: &WorkloadId<'_>) -> bool {
+        self.trust_domain.is_none_or(|td| td == id.trust_domain)
+            && self.namespace.is_none_or(|ns| ns == id.namespace)
+            && self
+                .service_account
+                .is_none_or(|sa| sa == id.service_account)
+    }
+}
+
+/// Parses and checks an id pattern: an id whose trust domain, namespace or service account may
+/// be `*` (a whole part; `checkout-*` is refused).
+pub fn parse_pattern(pattern: &str) -> Result<WorkloadPattern<'_>, SpiffeIdError> {
+    let rest = pattern
+        .strip_prefix("spiffe://")
+        .ok_or(SpiffeIdError::Shape)?;
+    let (trust_domain, path) = rest.split_once('/').ok_or(SpiffeIdError::Shape)?;
+    let path = path.strip_prefix("ns/").ok_or(SpiffeIdError::Shape)?;
+    let (namespace, service_account) = path.split_once("/sa/").ok_or(SpiffeIdError::Shape)?;
+    let part = |value| -> Result<Option<&str>, SpiffeIdError> {
+        match value {
+            "*" => Ok(None),
+            v if v.contains('*') => Err(SpiffeIdError::PartialWildcard(escape(v))),
+            v => Ok(Some(v)),
+        }
+    };
+    let pattern = WorkloadPattern {
+        trust_domain: part(trust_domain)?,
+        namespace: part(namespace)?,
+        service_account: part(service_account)?,
+    };
+    if let Some(td) = pattern.trust_domain {
+        check_trust_domain(td)?;
+    }
+    if let Some(ns) = pattern.namespace {
+        check_label("namespace", ns)?;
+    }
+    if let Some(sa) = pattern.service_account {
+        check_label("service account", sa)?;
+    }
+    Ok(pattern)
 }
 
 /// Checks the parts the CA puts into an id, before it makes one.
@@ -127,6 +186,32 @@ mod tests {
             })
         );
         parse("spiffe://td_1.example-org/ns/a/sa/0").expect("valid");
+    }
+
+    #[test]
+    fn patterns_take_a_star_for_a_whole_part() {
+        let id = parse("spiffe://cluster.local/ns/shop/sa/checkout").expect("valid");
+        let fits = |p: &str| parse_pattern(p).expect(p).matches(&id);
+        assert!(fits("spiffe://cluster.local/ns/shop/sa/checkout"));
+        assert!(fits("spiffe://cluster.local/ns/shop/sa/*"));
+        assert!(fits("spiffe://*/ns/*/sa/checkout"));
+        assert!(fits("spiffe://*/ns/*/sa/*"));
+        assert!(!fits("spiffe://cluster.local/ns/shop/sa/payments"));
+        assert!(!fits("spiffe://other.td/ns/shop/sa/*"));
+        assert!(!fits("spiffe://cluster.local/ns/web/sa/*"));
+        assert_eq!(
+            parse_pattern("spiffe://cluster.local/ns/shop/sa/check*"),
+            Err(SpiffeIdError::PartialWildcard("check*".into()))
+        );
+        for bad in [
+            "*",
+            "spiffe://cluster.local/ns/../sa/*",
+            "spiffe://cluster.local/ns/*/sa/",
+            "spiffe://cluster.local/*",
+            "spiffe://Cluster/ns/*/sa/*",
+        ] {
+            assert!(parse_pattern(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -4,15 +4,15 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::limits::{
-    MAX_BACKOFF, MAX_FAILURE_COUNT, MAX_HEADER_CHANGES, MAX_HEADER_VALUE_BYTES,
-    MAX_MATCH_CONDITIONS, MAX_MIRROR_BODY_BYTES, MAX_MIRROR_IN_FLIGHT, MAX_POLICY_INTERVAL,
-    MAX_PORT_LIST, MAX_RATE, MAX_REGEXES, MAX_RETRY_ATTEMPTS, MAX_RETRY_BODY_BYTES,
-    MAX_ROUTE_FILTERS, MAX_ROUTE_MATCHES, MAX_TIMEOUT,
+    MAX_AUTHZ_LIST, MAX_AUTHZ_RULES, MAX_BACKOFF, MAX_FAILURE_COUNT, MAX_HEADER_CHANGES,
+    MAX_HEADER_VALUE_BYTES, MAX_MATCH_CONDITIONS, MAX_MIRROR_BODY_BYTES, MAX_MIRROR_IN_FLIGHT,
+    MAX_POLICY_INTERVAL, MAX_PORT_LIST, MAX_RATE, MAX_REGEXES, MAX_RETRY_ATTEMPTS,
+    MAX_RETRY_BODY_BYTES, MAX_ROUTE_FILTERS, MAX_ROUTE_MATCHES, MAX_TIMEOUT,
 };
 use crate::schema::{
-    CircuitBreaker, Fault, HashOn, HeaderModifier, LoadBalancing, OutlierDetection, PathMatch,
-    PathModifier, Policy, RateLimit, RequestMirror, Retries, Route, RouteFilter, RouteMatch,
-    Service, ValueMatch, WorkloadSelector,
+    Authorization, AuthzFrom, AuthzTo, CircuitBreaker, Fault, HashOn, HeaderModifier,
+    LoadBalancing, OutlierDetection, PathMatch, PathModifier, Policy, RateLimit, RequestMirror,
+    Retries, Route, RouteFilter, RouteMatch, Service, ValueMatch, WorkloadSelector,
 };
 use crate::Duration;
 
@@ -59,13 +59,7 @@ pub fn validate(policy: &Policy) -> Vec<Finding> {
             check_rate_limit("inbound.rate_limit", limit, &mut findings);
         }
         if let Some(authorization) = &inbound.authorization {
-            for (i, id) in authorization.allow.iter().enumerate() {
-                check_spiffe(
-                    &format!("inbound.authorization.allow[{i}]"),
-                    id,
-                    &mut findings,
-                );
-            }
+            check_authorization(authorization, &mut regexes, &mut findings);
         }
     }
     for (name, service) in &policy.services {
@@ -98,6 +92,155 @@ pub fn validate(policy: &Policy) -> Vec<Finding> {
         check_tracing(tracing, &mut findings);
     }
     findings
+}
+
+/// `inbound.authorization`: the first form's `allow` list, and each rule.
+fn check_authorization(
+    authorization: &Authorization,
+    regexes: &mut usize,
+    findings: &mut Vec<Finding>,
+) {
+    const AT: &str = "inbound.authorization";
+    check_list_len(&format!("{AT}.allow"), authorization.allow.len(), findings);
+    for (i, id) in authorization.allow.iter().enumerate() {
+        check_spiffe(&format!("{AT}.allow[{i}]"), id, findings);
+    }
+    if authorization.rules.len() > MAX_AUTHZ_RULES {
+        findings.push((
+            format!("{AT}.rules"),
+            format!("at most {MAX_AUTHZ_RULES} rules"),
+        ));
+    }
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (i, rule) in authorization.rules.iter().enumerate().take(MAX_AUTHZ_RULES) {
+        let at = format!("{AT}.rules[{i}]");
+        if !is_valid_name(&rule.name) {
+            findings.push((
+                format!("{at}.name"),
+                "must be 1 to 253 letters, digits, '-', '.' and '_'".into(),
+            ));
+        } else if let Some(first) = names.insert(&rule.name, i) {
+            names.insert(&rule.name, first);
+            findings.push((
+                format!("{at}.name"),
+                format!(
+                    "duplicate rule name `{}` (first at rules[{first}])",
+                    rule.name
+                ),
+            ));
+        }
+        if let Some(from) = &rule.from {
+            check_authz_from(&format!("{at}.from"), from, findings);
+        }
+        if let Some(to) = &rule.to {
+            check_authz_to(&format!("{at}.to"), to, regexes, findings);
+        }
+    }
+}
+
+/// A rule's `from`: identity patterns, Kubernetes names, and `authenticated` /
+/// `unauthenticated`, which only `true` and only one of them make sense for.
+fn check_authz_from(at: &str, from: &AuthzFrom, findings: &mut Vec<Finding>) {
+    let lists = [
+        ("identities", &from.identities),
+        ("namespaces", &from.namespaces),
+        ("service_accounts", &from.service_accounts),
+    ];
+    for (field, list) in lists {
+        check_list_len(&format!("{at}.{field}"), list.len(), findings);
+        for (j, value) in list.iter().enumerate().take(MAX_AUTHZ_LIST) {
+            let at = format!("{at}.{field}[{j}]");
+            let checked = match field {
+                _ if value == "*" => Err(format!(
+                    "`*` here is any caller with a mesh identity: write `authenticated: true` \
+                     instead of `{field}: [\"*\"]`"
+                )),
+                "identities" => crate::spiffe::parse_pattern(value)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                _ if crate::spiffe::is_dns1123_label(value) => Ok(()),
+                _ => Err(
+                    "must be a Kubernetes name (DNS-1123 label): 1 to 63 lowercase \
+                          letters, digits and '-', starting and ending with a letter or digit"
+                        .into(),
+                ),
+            };
+            if let Err(message) = checked {
+                findings.push((at, message));
+            }
+        }
+    }
+    for (field, value) in [
+        ("authenticated", from.authenticated),
+        ("unauthenticated", from.unauthenticated),
+    ] {
+        if value == Some(false) {
+            let other = if field == "authenticated" {
+                "unauthenticated"
+            } else {
+                "authenticated"
+            };
+            findings.push((
+                format!("{at}.{field}"),
+                format!("only `true` is meaningful; write `{other}: true` for the other callers"),
+            ));
+        }
+    }
+    if from.authenticated.is_some() && from.unauthenticated.is_some() {
+        findings.push((
+            format!("{at}.unauthenticated"),
+            "set one of `authenticated` and `unauthenticated`, not both (leave `from` out for \
+             every caller)"
+                .into(),
+        ));
+    } else if from.unauthenticated == Some(true) && from.names_identities() {
+        findings.push((
+            format!("{at}.unauthenticated"),
+            "a caller without a mesh identity has no identity, namespace or service account: \
+             this `from` would never match (write two rules)"
+                .into(),
+        ));
+    }
+}
+
+/// A rule's `to`: paths as route matches' `path`, methods, header conditions.
+fn check_authz_to(at: &str, to: &AuthzTo, regexes: &mut usize, findings: &mut Vec<Finding>) {
+    check_list_len(&format!("{at}.paths"), to.paths.len(), findings);
+    for (j, path) in to.paths.iter().enumerate().take(MAX_AUTHZ_LIST) {
+        check_path_match(&format!("{at}.paths[{j}]"), path, regexes, findings);
+    }
+    check_list_len(&format!("{at}.methods"), to.methods.len(), findings);
+    for (j, method) in to.methods.iter().enumerate().take(MAX_AUTHZ_LIST) {
+        if method.is_empty() || !method.bytes().all(is_tchar) {
+            findings.push((
+                format!("{at}.methods[{j}]"),
+                "must be an HTTP method such as GET or POST".into(),
+            ));
+        }
+    }
+    if to.headers.len() > MAX_MATCH_CONDITIONS {
+        findings.push((
+            format!("{at}.headers"),
+            format!("at most {MAX_MATCH_CONDITIONS} conditions"),
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (j, condition) in to.headers.iter().enumerate().take(MAX_MATCH_CONDITIONS) {
+        let at = format!("{at}.headers[{j}]");
+        if !seen.insert(condition.name.to_ascii_lowercase()) {
+            findings.push((
+                format!("{at}.name"),
+                format!("`{}` has a condition already in this rule", condition.name),
+            ));
+        }
+        check_value_match(&at, true, condition, regexes, findings);
+    }
+}
+
+fn check_list_len(at: &str, len: usize, findings: &mut Vec<Finding>) {
+    if len > MAX_AUTHZ_LIST {
+        findings.push((at.to_string(), format!("at most {MAX_AUTHZ_LIST} entries")));
+    }
 }
 
 /// `opaque_ports` and every service's `addresses`: no port 0, no unspecified address, and an
@@ -843,26 +986,8 @@ fn check_match(at: &str, m: &RouteMatch, regexes: &mut usize, findings: &mut Vec
     if let Some(prefix) = &m.path_prefix {
         check_path(&format!("{at}.path_prefix"), prefix, findings);
     }
-    let literal = match &m.path {
-        Some(PathMatch::Exact(path)) => Some(("exact", path)),
-        Some(PathMatch::Prefix(path)) => Some(("prefix", path)),
-        Some(PathMatch::Regex(pattern)) => {
-            check_regex(&format!("{at}.path.regex"), pattern, regexes, findings);
-            None
-        }
-        None => None,
-    };
-    if let Some((kind, path)) = literal {
-        let at = format!("{at}.path.{kind}");
-        if path.contains(['?', '#']) {
-            // A request's path ends before them: such a condition would never match.
-            findings.push((
-                at,
-                "must not contain `?` or `#` (use `query_params`)".into(),
-            ));
-        } else {
-            check_path(&at, path, findings);
-        }
+    if let Some(path) = &m.path {
+        check_path_match(&format!("{at}.path"), path, regexes, findings);
     }
     if let Some(method) = &m.method {
         if method.is_empty() || !method.bytes().all(is_tchar) {
@@ -1124,6 +1249,28 @@ fn check_path_modifier(at: &str, path: &PathModifier, route: &Route, findings: &
 /// RFC 3986 `pchar` and `/`: what a path holds unencoded (`%` for its escapes).
 fn is_path_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/%".contains(c)
+}
+
+/// A `path` condition (`exact`, `prefix` or `regex`) at `at`.
+fn check_path_match(at: &str, path: &PathMatch, regexes: &mut usize, findings: &mut Vec<Finding>) {
+    let (kind, path) = match path {
+        PathMatch::Exact(path) => ("exact", path),
+        PathMatch::Prefix(path) => ("prefix", path),
+        PathMatch::Regex(pattern) => {
+            check_regex(&format!("{at}.regex"), pattern, regexes, findings);
+            return;
+        }
+    };
+    let at = format!("{at}.{kind}");
+    if path.contains(['?', '#']) {
+        // A request's path ends before them: such a condition would never match.
+        findings.push((
+            at,
+            "must not contain `?` or `#` (use `query_params`)".into(),
+        ));
+    } else {
+        check_path(&at, path, findings);
+    }
 }
 
 /// A path condition: starts with `/`, holds nothing invisible.

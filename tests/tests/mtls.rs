@@ -262,7 +262,7 @@ async fn authorization_allows_listed_callers_and_answers_others_403() {
     assert_eq!(reply.status, 403);
     assert_eq!(
         reply.header("x-outrider-error"),
-        Some("caller without a mesh identity is not allowed by inbound.authorization")
+        Some("default deny (caller without a mesh identity)")
     );
     // Only some other workload is allowed now: checkout gets 403 too.
     mesh.dirs.write(
@@ -278,7 +278,7 @@ async fn authorization_allows_listed_callers_and_answers_others_403() {
     assert_eq!(reply.status, 403);
     assert_eq!(
         reply.header("x-outrider-error"),
-        Some(format!("caller {CHECKOUT} is not allowed by inbound.authorization").as_str())
+        Some(format!("default deny (caller {CHECKOUT})").as_str())
     );
     assert_eq!(mesh.app.hits(), 1, "refused requests never reach the app");
     // Both refusals counted, as the proxy's own (response flag UAEX).

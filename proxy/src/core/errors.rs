@@ -94,10 +94,14 @@ pub enum ProxyError {
     /// The service has `max_concurrent_requests` requests in flight already.
     #[error("too many concurrent requests for {0}")]
     ConcurrencyLimit(std::sync::Arc<str>),
-    /// `inbound.authorization` does not allow the caller (`None`: a plaintext caller, who has
-    /// no verified identity).
-    #[error("caller {} is not allowed by inbound.authorization", .0.as_deref().unwrap_or("without a mesh identity"))]
-    Forbidden(Option<String>),
+    /// `inbound.authorization` denied the request.
+    #[error("{} (caller {})", match .rule { Some(rule) => format!("denied by rule {rule}"), None => "default deny".to_string() }, .caller.as_deref().unwrap_or("without a mesh identity"))]
+    Forbidden {
+        /// The deny rule that matched; `None` when no rule did and the default is deny.
+        rule: Option<std::sync::Arc<str>>,
+        /// The verified caller; `None` for a plaintext caller, who has no identity.
+        caller: Option<String>,
+    },
     /// The TLS handshake with an external service (`tls: { sni }`) failed.
     #[error("tls handshake with {addr} failed: {message}")]
     TlsHandshake {
@@ -231,7 +235,7 @@ impl ProxyError {
             Self::PendingLimit(_) | Self::CircuitOpen(_) | Self::ConcurrencyLimit(_) => {
                 ResponseFlag::Overflow
             }
-            Self::Forbidden(_) => ResponseFlag::Unauthorized,
+            Self::Forbidden { .. } => ResponseFlag::Unauthorized,
         }
     }
 
@@ -252,7 +256,7 @@ impl ProxyError {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::FaultAbort(status) => *status,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::NoEndpoints(_)
             | Self::AllEjected(_)
             | Self::AllUnreachable(_)

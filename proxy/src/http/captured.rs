@@ -271,8 +271,8 @@ fn refused_as_loop(shared: &Shared, peer: SocketAddr, dst: SocketAddr) -> bool {
 }
 
 /// Whether a captured inbound connection that is not mesh TLS may reach the app: not under
-/// `mtls: strict` (or without an identity under it), and not when `authorization` names who
-/// may call (an unverified caller is nobody) unless it is `http` (answered 403 per request).
+/// `mtls: strict` (or without an identity under it), and not when `authorization` refuses an
+/// unauthenticated connection, unless it is `http` (authorized per request).
 /// Refusals are logged at debug level and counted.
 fn inbound_takes_unverified(
     shared: &Shared,
@@ -283,8 +283,7 @@ fn inbound_takes_unverified(
 ) -> bool {
     let inbound = snapshot.policy.inbound.as_ref();
     let strict = inbound.is_some_and(|i| i.mtls == InboundMtls::Strict);
-    let authorized_only = !http && inbound.is_some_and(|i| i.authorization.is_some());
-    if !strict && !authorized_only {
+    if !strict && (http || authorized(snapshot, None)) {
         return true;
     }
     shared.metrics.capture.refused(INBOUND, "unverified");
@@ -333,18 +332,12 @@ fn mesh_wrapping(snapshot: &Snapshot, dst: SocketAddr, inbound: bool) -> Option<
     }
 }
 
-/// Whether `inbound.authorization`, when the policy has it, allows the verified `caller`.
+/// Whether `inbound.authorization`, when the policy has it, lets an opaque connection from
+/// the verified `caller` through (counted as a decision).
 fn authorized(snapshot: &Snapshot, caller: Option<&HeaderValue>) -> bool {
-    let Some(allow) = snapshot
-        .policy
-        .inbound
-        .as_ref()
-        .and_then(|i| i.authorization.as_ref())
-        .map(|a| &a.allow)
-    else {
-        return true;
-    };
-    caller.is_some_and(|c| allow.iter().any(|a| a.as_bytes() == c.as_bytes()))
+    snapshot
+        .authorization()
+        .is_none_or(|authz| authz.check_connection(caller))
 }
 
 /// Serves a terminated mesh-wrapped stream (ALPN `outrider-tcp/1`) from `peer`: its verified

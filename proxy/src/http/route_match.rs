@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderName, Method, Request};
 use outrider_config::matching::{compile_regex, segment_prefix_matches, PathCondition};
-use outrider_config::{RouteMatch, ValueMatch};
+use outrider_config::{PathMatch, RouteMatch, ValueMatch};
 use regex::Regex;
 
 /// What routing looks at in a request: its host (without port), method, path, query and
@@ -53,8 +53,9 @@ pub(crate) struct CompiledMatch {
     grpc: bool,
 }
 
+/// A path condition, compiled (route matches and authorization rules).
 #[derive(Debug)]
-enum PathMatcher {
+pub(crate) enum PathMatcher {
     Any,
     StrPrefix(Box<str>),
     SegmentPrefix(Box<str>),
@@ -70,8 +71,9 @@ enum ValueTest {
     Absent,
 }
 
+/// A condition on one request header, compiled (route matches and authorization rules).
 #[derive(Debug)]
-struct HeaderCondition {
+pub(crate) struct HeaderCondition {
     name: HeaderName,
     test: ValueTest,
 }
@@ -113,14 +115,7 @@ impl CompiledMatch {
         let headers = m
             .headers
             .iter()
-            .map(|h| {
-                Ok(HeaderCondition {
-                    // Lowercases: header names compare without case.
-                    name: HeaderName::from_bytes(h.name.as_bytes())
-                        .map_err(|_| CompileError::Name("header name"))?,
-                    test: ValueTest::compile(h)?,
-                })
-            })
+            .map(HeaderCondition::compile)
             .collect::<Result<_, CompileError>>()?;
         let query_params = m
             .query_params
@@ -167,7 +162,17 @@ impl CompiledMatch {
 }
 
 impl PathMatcher {
-    fn matches(&self, path: &str) -> bool {
+    /// The matcher of a `path` condition (`exact`, `prefix` or `regex`) alone.
+    pub(crate) fn compile(path: &PathMatch) -> Result<Self, CompileError> {
+        Ok(match path {
+            PathMatch::Exact(exact) => Self::Exact(exact.as_str().into()),
+            PathMatch::Prefix(prefix) => Self::SegmentPrefix(prefix.trim_end_matches('/').into()),
+            PathMatch::Regex(pattern) => Self::Regex(compile_regex(pattern)?),
+        })
+    }
+
+    /// Whether `path` meets the condition.
+    pub(crate) fn matches(&self, path: &str) -> bool {
         match self {
             Self::Any => true,
             Self::StrPrefix(prefix) => path.starts_with(&**prefix),
@@ -201,8 +206,18 @@ impl ValueTest {
 }
 
 impl HeaderCondition {
+    /// Compiles `condition` on a header.
+    pub(crate) fn compile(condition: &ValueMatch) -> Result<Self, CompileError> {
+        Ok(Self {
+            // Lowercases: header names compare without case.
+            name: HeaderName::from_bytes(condition.name.as_bytes())
+                .map_err(|_| CompileError::Name("header name"))?,
+            test: ValueTest::compile(condition)?,
+        })
+    }
+
     /// A header sent several times matches when one of its values does.
-    fn matches(&self, headers: &HeaderMap) -> bool {
+    pub(crate) fn matches(&self, headers: &HeaderMap) -> bool {
         let mut values = headers.get_all(&self.name).iter().peekable();
         match &self.test {
             ValueTest::Present => values.peek().is_some(),

@@ -420,7 +420,10 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// On the inbound port: replaces any caller-sent identity header with the verified one (none
-/// for plaintext callers) and applies `inbound.authorization`; `Some` is the refusal.
+/// for plaintext callers) and applies `inbound.authorization` (see [`Authorizer`]); `Some` is
+/// the refusal.
+///
+/// [`Authorizer`]: crate::http::authz::Authorizer
 fn inbound_identity<B>(
     shared: &Shared,
     req: &mut http::Request<B>,
@@ -432,23 +435,10 @@ fn inbound_identity<B>(
         headers.insert(PEER_IDENTITY_HEADER, id.clone());
     }
     let snapshot = shared.snapshot.load();
-    let allow = &snapshot
-        .policy
-        .inbound
-        .as_ref()?
-        .authorization
-        .as_ref()?
-        .allow;
-    let caller = verified.map(http::HeaderValue::as_bytes);
-    if caller.is_some_and(|c| allow.iter().any(|a| a.as_bytes() == c)) {
-        return None;
-    }
-    let caller = caller.map(|c| String::from_utf8_lossy(c).into_owned());
-    tracing::debug!(
-        caller = caller.as_deref().unwrap_or("plaintext"),
-        "inbound request refused by authorization"
-    );
-    let refused = ProxyError::Forbidden(caller);
+    let refused = snapshot
+        .authorization()?
+        .check_request(verified, req)
+        .err()?;
     // Counted here, as the request goes no further (untimed: it is answered at once).
     snapshot
         .inbound_metrics()

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use outrider_config::{LoadedPolicy, MeshTls, Policy, Protocol, RateLimit, Service, ServiceTls};
 
+use crate::http::authz::Authorizer;
 use crate::http::mirror::Mirror;
 use crate::http::route_filter::RouteFilters;
 use crate::http::route_match::{CompiledMatch, RouteRequest};
@@ -108,6 +109,8 @@ pub struct Snapshot {
     /// Metrics of captured inbound requests (`app`, as for `inbound.app`).
     inbound_metrics: Arc<RouteMetrics>,
     inbound: Option<Arc<Target>>,
+    /// `inbound.authorization`, compiled.
+    authorization: Option<Authorizer>,
     upstreams: BTreeMap<String, Arc<Upstream>>,
     /// Limiters and breakers by service, route name and for inbound, kept for the next reload.
     service_state: BTreeMap<String, Stateful>,
@@ -374,6 +377,17 @@ impl Snapshot {
                 mirrors: None,
             })
         });
+        let authorization = policy
+            .inbound
+            .as_ref()
+            .and_then(|i| i.authorization.as_ref())
+            .map(|config| {
+                Authorizer::compile(config, &metrics.authz).unwrap_or_else(|error| {
+                    // Only a policy that skipped validation gets here: fail closed.
+                    tracing::error!(%error, "inbound.authorization left uncompiled; denying every inbound request");
+                    Authorizer::deny_all(&metrics.authz)
+                })
+            });
         let sampler = Sampler::parent_based(policy.tracing.as_ref().map_or(1.0, |t| t.ratio));
         let access_log_style = AccessLogStyle::of(&policy.access_log);
         let inbound_metrics = match &inbound {
@@ -395,6 +409,7 @@ impl Snapshot {
             backends,
             dedicated,
             inbound,
+            authorization,
             upstreams,
             service_state,
             route_state,
@@ -402,6 +417,11 @@ impl Snapshot {
             access_log: None,
             access_log_style,
         }
+    }
+
+    /// `inbound.authorization`, compiled, when the policy has it.
+    pub fn authorization(&self) -> Option<&Authorizer> {
+        self.authorization.as_ref()
     }
 
     /// Metrics of inbound requests (`app`), for those refused before they have a target.

@@ -214,6 +214,8 @@ pub struct Metrics {
     pub policy_reloads: PolicyReloadMetrics,
     /// Transparent capture: captured connections, their bytes, protocol detection, loops.
     pub capture: CaptureMetrics,
+    /// `inbound.authorization`'s decisions.
+    pub authz: AuthzMetrics,
     /// The route, service and endpoint handles alive now, by labels: shared by every snapshot
     /// that uses them.
     live: Arc<LiveSeries>,
@@ -771,6 +773,89 @@ impl ProcessGauges {
     }
 }
 
+/// `outrider_authz_decisions_total{rule,action,mode}`: one series per rule of the policies in
+/// force (and the default), so its cardinality is the policy's.
+#[derive(Clone)]
+pub struct AuthzMetrics {
+    decisions: IntCounterVec,
+    /// How many handles of each series live: the last one to go removes its series, so a
+    /// rule that left the policy leaves the scrape once no snapshot counts in it. Locked when
+    /// a policy is compiled or dropped, never per request.
+    live: Arc<Mutex<HashMap<AuthzKey, usize>>>,
+}
+
+/// Labels of a decision series: rule, action, mode.
+type AuthzKey = (Arc<str>, &'static str, &'static str);
+
+/// A handle on one decision series; the series goes with the last handle.
+pub struct AuthzSeries {
+    owner: AuthzMetrics,
+    key: AuthzKey,
+    /// The counter.
+    pub count: IntCounter,
+}
+
+impl std::fmt::Debug for AuthzSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AuthzSeries").field(&self.key).finish()
+    }
+}
+
+impl AuthzMetrics {
+    fn new(registry: &Registry) -> Result<Self, MetricsError> {
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "outrider_authz_decisions_total",
+                "Inbound authorization decisions, by the rule that decided (`:default` when none \
+                 matched, `:allow` for the `allow` list), action (allow, deny, would_deny: a \
+                 denial under `mode: audit`, let through) and mode (enforce, audit).",
+            ),
+            &["rule", "action", "mode"],
+        )?;
+        registry.register(Box::new(decisions.clone()))?;
+        Ok(Self {
+            decisions,
+            live: Arc::default(),
+        })
+    }
+
+    /// A handle on the series of `rule`'s decisions: resolved once per reload.
+    pub fn decisions(&self, rule: &str, action: &'static str, mode: &'static str) -> AuthzSeries {
+        let key: AuthzKey = (Arc::from(rule), action, mode);
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        *live.entry(key.clone()).or_default() += 1;
+        let count = self.decisions.with_label_values(&[rule, action, mode]);
+        drop(live);
+        AuthzSeries {
+            owner: self.clone(),
+            key,
+            count,
+        }
+    }
+}
+
+impl Drop for AuthzSeries {
+    fn drop(&mut self) {
+        let mut live = self
+            .owner
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(handles) = live.get_mut(&self.key) else {
+            return;
+        };
+        *handles = handles.saturating_sub(1);
+        if *handles == 0 {
+            live.remove(&self.key);
+            let (rule, action, mode) = &self.key;
+            let _ = self
+                .owner
+                .decisions
+                .remove_label_values(&[&**rule, action, mode]);
+        }
+    }
+}
+
 /// What rate limits decided.
 pub struct RateLimitMetrics {
     /// Under the limit.
@@ -1095,8 +1180,10 @@ impl Metrics {
         let telemetry = TelemetryMetrics::new(&registry)?;
         let process = ProcessGauges::new(&registry)?;
         let capture = CaptureMetrics::new(&registry)?;
+        let authz = AuthzMetrics::new(&registry)?;
         Ok(Self {
             capture,
+            authz,
             live: Arc::default(),
             endpoint_cap: DEFAULT_ENDPOINT_CAP,
             traffic,
