@@ -24,8 +24,8 @@ pub use duration::{Duration, DurationError};
 pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
-    AccessLog, AccessLogFormat, Authorization, Backoff, CircuitBreaker, Discovery, FailureRate, Fault,
-    FaultAbort, FaultDelay, GrpcMatch, Inbound, InboundMtls, LoadBalancing, MeshTls,
+    AccessLog, AccessLogFormat, Authorization, Backoff, CircuitBreaker, Discovery, FailureRate,
+    Fault, FaultAbort, FaultDelay, GrpcMatch, Inbound, InboundMtls, LoadBalancing, MeshTls,
     OriginationTls, Otlp, OtlpProtocol, OutlierDetection, PathMatch, Policy, Protocol,
     QueryLogging, RateLimit, RateLimitMode, Retries, RetryBudget, RetryOn, Route, RouteMatch,
     RouteTimeouts, Sampling, Service, ServiceTls, Timeouts, Tracing, ValueMatch, WeightedService,

@@ -364,7 +364,10 @@ fn check_static_or_dns(at: &str, service: &Service, findings: &mut Vec<Finding>)
             format!("{at}.dns"),
             "set `endpoints` or `dns`, not both".into(),
         )),
-        (None, None) => findings.push((at.to_string(), "needs `endpoints`, `dns` or `discovery: registry`".into())),
+        (None, None) => findings.push((
+            at.to_string(),
+            "needs `endpoints`, `dns` or `discovery: registry`".into(),
+        )),
         (Some(endpoints), None) => {
             let mut seen = HashSet::new();
             for (i, ep) in endpoints.iter().enumerate() {

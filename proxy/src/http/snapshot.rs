@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use outrider_config::{LoadedPolicy, MeshTls, Policy, Protocol, RateLimit, Service, ServiceTls};
+use outrider_config::{
+    Discovery, LoadedPolicy, MeshTls, Policy, Protocol, RateLimit, Service, ServiceTls,
+};
 
 use crate::http::route_match::{CompiledMatch, RouteRequest};
 use crate::io::identity::{Mesh, ALPN_H2, ALPN_HTTP1, ALPN_OUTRIDER, ALPN_OUTRIDER_TCP};
@@ -127,6 +129,25 @@ pub const PASSTHROUGH: &str = "passthrough";
 pub const PASSTHROUGH_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Snapshot {
+    /// Replaces the endpoint set of `service`, a `discovery: registry` service, with the
+    /// addresses the control plane pushed: only that service's upstream changes, and its
+    /// endpoints that stay keep their pools and health. `false` (nothing changes) when the
+    /// policy has no such registry service.
+    pub fn set_registered_endpoints(&self, service: &str, addresses: &[SocketAddr]) -> bool {
+        let registry = self
+            .policy
+            .services
+            .get(service)
+            .is_some_and(|s| s.discovery == Some(Discovery::Registry));
+        match self.upstreams.get(service) {
+            Some(upstream) if registry => {
+                upstream.set_endpoints(addresses);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Compiles `loaded` as version `version`. Must run inside the Tokio runtime (DNS services
     /// start their resolver task).
     ///
@@ -183,9 +204,22 @@ impl Snapshot {
                     None => meshed.then(|| upstream_tls(name, service, mesh)),
                 },
             };
-            let static_endpoints = service.endpoints.as_deref().unwrap_or(&[]);
             // Rebuilt (its settings changed): endpoints that stay keep their hold-outs.
             let before = previous.and_then(|p| p.upstreams.get(name));
+            let registered;
+            let static_endpoints = if service.discovery == Some(Discovery::Registry) {
+                // The addresses pushed so far, until the control plane pushes the next set.
+                let was_registry = previous
+                    .and_then(|p| p.policy.services.get(name))
+                    .is_some_and(|s| s.discovery == Some(Discovery::Registry));
+                registered = before
+                    .filter(|_| was_registry)
+                    .map(|u| u.endpoint_addrs())
+                    .unwrap_or_default();
+                &registered[..]
+            } else {
+                service.endpoints.as_deref().unwrap_or(&[])
+            };
             let upstream = Upstream::new(spec, static_endpoints, metrics, before.map(|u| &**u));
             if let Some(dns) = &service.dns {
                 upstream.spawn_dns_refresh(dns.clone());
@@ -656,6 +690,7 @@ fn same_upstream(before: &Service, after: &Service) -> bool {
         && before.tls == after.tls
         && before.endpoints == after.endpoints
         && before.dns == after.dns
+        && before.discovery == after.discovery
         && before.protocol == after.protocol
         && before.load_balancing == after.load_balancing
         && before.timeouts.connect == after.timeouts.connect
