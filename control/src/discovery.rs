@@ -11,7 +11,12 @@
 //! service's line when its entry in the view is a new one (compared by pointer).
 //!
 //! With one replica (a state directory) registrations live in memory only: a restarted
-//! control plane has them back within a third of the TTL, as proxies renew.
+//! control plane has them back within a third of the TTL, as proxies renew. On etcd, each
+//! replica also writes the registrations it holds under `registry/<replica>/<proxy>` with its
+//! own lease ([`publish_registrations`]) and watches every replica's ([`watch_registrations`]):
+//! a service's endpoints are those registered with any replica, a proxy that dies leaves when
+//! the replica it renewed with expires it, and the registrations of a replica that dies leave
+//! with its lease (`--lease-ttl`), by which time their proxies have renewed with another.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -22,8 +27,11 @@ use bytes::Bytes;
 use outrider_config::wire::{
     EndpointsUpdate, Registration, ServerMessage, MAX_REGISTERED_SERVICES,
 };
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
+
+use crate::etcd::{EtcdStore, REGISTRY};
+use crate::replica::Replica;
 
 /// Shortest and longest `--registration-ttl`.
 pub const TTL_RANGE: std::ops::RangeInclusive<Duration> =
@@ -90,11 +98,28 @@ struct Entry {
     expires: Instant,
 }
 
+/// A registration as written in etcd.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Stored {
+    services: Vec<String>,
+    address: SocketAddr,
+}
+
+/// The registrations held here, by proxy id, and those the other replicas hold (on etcd).
+#[derive(Default)]
+struct Entries {
+    local: HashMap<String, Entry>,
+    /// By etcd key (`registry/<replica>/<proxy>`), the other replicas' only.
+    remote: BTreeMap<String, Stored>,
+}
+
 /// The registrations of the proxies, by proxy id, and the view pushed from them.
 pub struct ServiceRegistry {
     ttl: Duration,
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<Entries>,
     view: watch::Sender<Arc<View>>,
+    /// Told when the local registrations change (for the etcd writer).
+    local_changed: Notify,
 }
 
 impl ServiceRegistry {
@@ -102,8 +127,9 @@ impl ServiceRegistry {
     pub fn new(ttl: Duration) -> Self {
         Self {
             ttl,
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(Entries::default()),
             view: watch::Sender::new(Arc::new(View::new())),
+            local_changed: Notify::new(),
         }
     }
 
@@ -122,7 +148,7 @@ impl ServiceRegistry {
         Arc::clone(&self.view.borrow())
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Entries> {
         // The map is whole after every statement that changes it: a panic elsewhere while
         // holding the lock leaves nothing half-done.
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
@@ -153,7 +179,8 @@ impl ServiceRegistry {
             .checked_add(self.ttl)
             .unwrap_or_else(Instant::now);
         let mut entries = self.lock();
-        if entries.len() >= MAX_REGISTRATIONS && !entries.contains_key(&proxy) {
+        let local = &mut entries.local;
+        if local.len() >= MAX_REGISTRATIONS && !local.contains_key(&proxy) {
             return Err(RegistrationError::Full);
         }
         let entry = Entry {
@@ -161,19 +188,20 @@ impl ServiceRegistry {
             address,
             expires,
         };
-        let changed = match entries.get_mut(&proxy) {
+        let changed = match local.get_mut(&proxy) {
             Some(old) if old.services == entry.services && old.address == entry.address => {
                 old.expires = entry.expires;
                 false
             }
             _ => {
                 tracing::info!(%proxy, %address, services = ?entry.services, "registered");
-                entries.insert(proxy, entry);
+                local.insert(proxy, entry);
                 true
             }
         };
         if changed {
             self.publish(&entries);
+            self.local_changed.notify_one();
         }
         Ok(())
     }
@@ -181,10 +209,11 @@ impl ServiceRegistry {
     /// Removes `proxy`'s registration now; whether it had one.
     pub fn deregister(&self, proxy: &str) -> bool {
         let mut entries = self.lock();
-        let removed = entries.remove(proxy);
+        let removed = entries.local.remove(proxy);
         if let Some(entry) = &removed {
             tracing::info!(%proxy, address = %entry.address, "deregistered");
             self.publish(&entries);
+            self.local_changed.notify_one();
         }
         removed.is_some()
     }
@@ -192,28 +221,58 @@ impl ServiceRegistry {
     /// Removes the registrations expired at `now`; how many.
     pub fn expire(&self, now: Instant) -> usize {
         let mut entries = self.lock();
-        let before = entries.len();
-        entries.retain(|proxy, entry| {
+        let before = entries.local.len();
+        entries.local.retain(|proxy, entry| {
             let alive = entry.expires > now;
             if !alive {
                 tracing::info!(%proxy, address = %entry.address, "registration expired");
             }
             alive
         });
-        let gone = before - entries.len();
+        let gone = before - entries.local.len();
         if gone > 0 {
             self.publish(&entries);
+            self.local_changed.notify_one();
         }
         gone
     }
 
+    /// The registrations held here, as written in etcd: by proxy id.
+    fn local_values(&self) -> BTreeMap<String, Vec<u8>> {
+        self.lock()
+            .local
+            .iter()
+            .map(|(proxy, entry)| {
+                let stored = Stored {
+                    services: entry.services.clone(),
+                    address: entry.address,
+                };
+                (
+                    proxy.clone(),
+                    serde_json::to_vec(&stored).unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// Replaces the other replicas' registrations (read from etcd, by key).
+    fn set_remote(&self, remote: BTreeMap<String, Stored>) {
+        let mut entries = self.lock();
+        if entries.remote != remote {
+            entries.remote = remote;
+            self.publish(&entries);
+        }
+    }
+
     /// Rebuilds the view; a service whose addresses did not change keeps its entry (the same
     /// `Arc`), so streams push only the services that changed.
-    fn publish(&self, entries: &HashMap<String, Entry>) {
+    fn publish(&self, entries: &Entries) {
         let mut grouped: BTreeMap<&str, BTreeSet<SocketAddr>> = BTreeMap::new();
-        for entry in entries.values() {
-            for service in &entry.services {
-                grouped.entry(service).or_default().insert(entry.address);
+        let local = entries.local.values().map(|e| (&e.services, e.address));
+        let remote = entries.remote.values().map(|e| (&e.services, e.address));
+        for (services, address) in local.chain(remote) {
+            for service in services {
+                grouped.entry(service).or_default().insert(address);
             }
         }
         let before = self.view.borrow().clone();
@@ -249,6 +308,179 @@ pub async fn expire_loop(registry: Arc<ServiceRegistry>) {
     loop {
         ticker.tick().await;
         registry.expire(Instant::now());
+    }
+}
+
+/// Most writes in one etcd transaction (etcd's default limit is 128 operations).
+const MAX_TXN_OPS: usize = 64;
+/// Shortest pause between two writes of a replica's registrations: short, since a drain's
+/// deregistration waits on it to reach the other replicas' subscribers.
+const WRITE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Writes the registrations held here under `registry/<replica>/` with the replica's lease
+/// whenever they change, forever; everything again under each new lease.
+pub async fn publish_registrations(
+    etcd: EtcdStore,
+    registry: Arc<ServiceRegistry>,
+    replica: Arc<Replica>,
+) {
+    let mut leases = replica.leases();
+    let base = format!("{}{}/", etcd.key(REGISTRY), replica.name);
+    let mut written: Option<(i64, BTreeMap<String, Vec<u8>>)> = None;
+    loop {
+        let lease = *leases.borrow_and_update();
+        let ok = match lease {
+            None => {
+                // Nothing can be written without a lease; all of it goes under the next one.
+                written = None;
+                true
+            }
+            Some(lease) => {
+                let before = match written.take() {
+                    Some((l, values)) if l == lease => values,
+                    _ => BTreeMap::new(),
+                };
+                let now = registry.local_values();
+                let ok = write_changes(&etcd, &base, lease, &before, &now).await;
+                written = ok.then_some((lease, now));
+                ok
+            }
+        };
+        if ok {
+            if !crate::replica::next_write(&registry.local_changed, &mut leases, WRITE_INTERVAL)
+                .await
+            {
+                return;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Puts what is new or changed in `now` against `before`, deletes what is gone; false when
+/// etcd did not take it (all of it is then written again).
+async fn write_changes(
+    etcd: &EtcdStore,
+    base: &str,
+    lease: i64,
+    before: &BTreeMap<String, Vec<u8>>,
+    now: &BTreeMap<String, Vec<u8>>,
+) -> bool {
+    use etcd_client::{DeleteOptions, PutOptions, Txn, TxnOp};
+    let puts = now
+        .iter()
+        .filter(|(id, value)| before.get(*id) != Some(value))
+        .map(|(id, value)| {
+            TxnOp::put(
+                format!("{base}{id}"),
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+        });
+    let deletes = before
+        .keys()
+        .filter(|id| !now.contains_key(*id))
+        .map(|id| TxnOp::delete(format!("{base}{id}"), None::<DeleteOptions>));
+    let ops: Vec<TxnOp> = puts.chain(deletes).collect();
+    let mut kv = etcd.client.kv_client();
+    for batch in ops.chunks(MAX_TXN_OPS) {
+        let txn = Txn::new().and_then(batch.to_vec());
+        let failed = match tokio::time::timeout(etcd.timeout(), kv.txn(txn)).await {
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", etcd.timeout()),
+        };
+        tracing::warn!(error = %failed, "cannot write the registrations to etcd; writing them all again");
+        return false;
+    }
+    true
+}
+
+/// Keeps the other replicas' registrations (`registry/` but this replica's) in `registry`,
+/// forever: reads them whole, then follows a watch from that revision; reads again whenever
+/// the watch ends.
+pub async fn watch_registrations(
+    etcd: EtcdStore,
+    registry: Arc<ServiceRegistry>,
+    replica: Arc<Replica>,
+) {
+    let prefix = etcd.key(REGISTRY);
+    let own = format!("{prefix}{}/", replica.name);
+    loop {
+        if let Err(error) = follow(&etcd, &registry, &prefix, &own).await {
+            tracing::info!(%error, "the registry watch ended; reading it again");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn follow(
+    etcd: &EtcdStore,
+    registry: &ServiceRegistry,
+    prefix: &str,
+    own: &str,
+) -> Result<(), String> {
+    use etcd_client::{EventType, GetOptions, WatchOptions};
+    let timeout = etcd.timeout();
+    let mut kv = etcd.watcher.kv_client();
+    let read = tokio::time::timeout(
+        timeout,
+        kv.get(prefix, Some(GetOptions::new().with_prefix())),
+    )
+    .await
+    .map_err(|_| format!("no answer within {timeout:?}"))?
+    .map_err(|e| e.to_string())?;
+    let revision = read.header().map_or(0, |h| h.revision());
+    let mut remote = BTreeMap::new();
+    for kv in read.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        if let (false, Ok(stored)) = (
+            key.starts_with(own),
+            serde_json::from_slice::<Stored>(kv.value()),
+        ) {
+            remote.insert(key, stored);
+        }
+    }
+    registry.set_remote(remote.clone());
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision.saturating_add(1));
+    let mut client = etcd.watcher.watch_client();
+    let mut stream = tokio::time::timeout(timeout, client.watch(prefix, Some(options)))
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map_err(|e| e.to_string())?;
+    loop {
+        let message = stream
+            .message()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the watch stream ended")?;
+        if message.canceled() || message.compact_revision() > 0 {
+            return Err(format!("watch canceled: {}", message.cancel_reason()));
+        }
+        for event in message.events() {
+            let Some(kv) = event.kv() else { continue };
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            if key.starts_with(own) {
+                continue;
+            }
+            match event.event_type() {
+                EventType::Put => match serde_json::from_slice::<Stored>(kv.value()) {
+                    Ok(stored) => {
+                        remote.insert(key, stored);
+                    }
+                    Err(_) => {
+                        remote.remove(&key);
+                    }
+                },
+                EventType::Delete => {
+                    remote.remove(&key);
+                }
+            }
+        }
+        registry.set_remote(remote.clone());
     }
 }
 

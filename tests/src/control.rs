@@ -365,9 +365,8 @@ impl Subscription {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.next(remaining).await? {
                 ServerMessage::Update(update) => return Some(update),
-                ServerMessage::Heartbeat
-                | ServerMessage::Endpoints(_)
-                | ServerMessage::Unknown => {}
+                ServerMessage::Heartbeat | ServerMessage::Endpoints(_) | ServerMessage::Unknown => {
+                }
             }
         }
     }

@@ -316,7 +316,19 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        let services = Arc::new(ServiceRegistry::new(args.registration_ttl));
+        tokio::spawn(discovery::expire_loop(Arc::clone(&services)));
         if let Some(etcd) = etcd_store {
+            tokio::spawn(discovery::publish_registrations(
+                etcd.clone(),
+                Arc::clone(&services),
+                Arc::clone(&replica),
+            ));
+            tokio::spawn(discovery::watch_registrations(
+                etcd.clone(),
+                Arc::clone(&services),
+                Arc::clone(&replica),
+            ));
             tokio::spawn(etcd::keep_view(etcd.clone(), Arc::clone(&engine)));
             tokio::spawn(replica::run_session(
                 etcd.clone(),
@@ -364,8 +376,6 @@ fn main() -> ExitCode {
             Arc::clone(&engine),
             args.registry_expiry.get(),
         ));
-        let services = Arc::new(ServiceRegistry::new(args.registration_ttl));
-        tokio::spawn(discovery::expire_loop(Arc::clone(&services)));
         let app = Arc::new(App {
             engine,
             token,
