@@ -730,6 +730,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pushed_registry_endpoints_change_only_their_service_and_survive_rebuilds() {
+        let metrics = Metrics::new("test").expect("metrics");
+        let text = "services:\n  pay: { discovery: registry }\n  b: { endpoints: [127.0.0.1:2] }\n";
+        let snapshot = build(text, None, &metrics);
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let pay = Arc::clone(snapshot.upstream("pay").expect("pay"));
+        let b = Arc::clone(snapshot.upstream("b").expect("b"));
+        assert!(
+            pay.endpoint_addrs().is_empty(),
+            "nothing until the first push"
+        );
+        assert!(
+            snapshot.set_registered_endpoints("pay", &[addr("127.0.0.1:7"), addr("127.0.0.1:8")])
+        );
+        assert_eq!(
+            pay.endpoint_addrs(),
+            [addr("127.0.0.1:7"), addr("127.0.0.1:8")]
+        );
+        // An endpoint that stays keeps its pool; the other services are not touched.
+        let pool_of = |port: u16| {
+            (0..4)
+                .map(|_| pay.pick(None).expect("an endpoint"))
+                .find(|e| e.addr.port() == port)
+                .map(|e| Arc::clone(&e.pool))
+                .expect("picked")
+        };
+        let kept = pool_of(8);
+        assert!(
+            snapshot.set_registered_endpoints("pay", &[addr("127.0.0.1:8"), addr("127.0.0.1:9")])
+        );
+        assert!(Arc::ptr_eq(&kept, &pool_of(8)));
+        assert!(Arc::ptr_eq(&b, snapshot.upstream("b").expect("b")));
+        assert_eq!(b.endpoint_addrs(), [addr("127.0.0.1:2")]);
+        // Not a registry service, or not in the policy: nothing changes.
+        assert!(!snapshot.set_registered_endpoints("b", &[addr("127.0.0.1:7")]));
+        assert!(!snapshot.set_registered_endpoints("nope", &[addr("127.0.0.1:7")]));
+        assert_eq!(b.endpoint_addrs(), [addr("127.0.0.1:2")]);
+        // A reload that rebuilds `pay` (its connect timeout changed) starts from the pushed set.
+        let after = build(
+            "services:\n  pay: { discovery: registry, timeouts: { connect: 2s } }\n  b: { endpoints: [127.0.0.1:2] }\n",
+            Some(&snapshot),
+            &metrics,
+        );
+        let rebuilt = after.upstream("pay").expect("pay");
+        assert!(!Arc::ptr_eq(&pay, rebuilt));
+        assert_eq!(
+            rebuilt.endpoint_addrs(),
+            [addr("127.0.0.1:8"), addr("127.0.0.1:9")]
+        );
+    }
+
+    #[tokio::test]
     async fn unchanged_services_keep_their_upstream_across_a_rebuild() {
         let metrics = Metrics::new("test").expect("metrics");
         let before = build(
