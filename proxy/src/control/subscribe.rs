@@ -459,7 +459,14 @@ impl Subscriber {
                 ServerMessage::Endpoints(update) => self.apply_endpoints(update),
                 ServerMessage::Unknown => {
                     // A newer control plane's message kind: nothing this build can act on.
-                    tracing::debug!("control-plane message of an unknown type ignored");
+                    // Said once per process, not per message.
+                    static SAID: std::sync::atomic::AtomicBool =
+                        std::sync::atomic::AtomicBool::new(false);
+                    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::info!("control-plane message of a type this proxy does not know ignored (a newer control plane); further ones are logged at debug");
+                    } else {
+                        tracing::debug!("control-plane message of an unknown type ignored");
+                    }
                 }
                 ServerMessage::Update(update) => {
                     match self.apply(replica, update, &session).await {
