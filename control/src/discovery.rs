@@ -11,7 +11,9 @@
 //! service's line when its entry in the view is a new one (compared by pointer).
 //!
 //! With one replica (a state directory) registrations live in memory only: a restarted
-//! control plane has them back within a third of the TTL, as proxies renew. On etcd, each
+//! control plane has them back within a third of the TTL, as proxies renew. Until one TTL
+//! after its start ([`ServiceRegistry::warm_at`]) it pushes no endpoints at all, so its
+//! not-yet-renewed registry does not empty callers' pools: they keep the endpoints they had. On etcd, each
 //! replica also writes the registrations it holds under `registry/<replica>/<proxy>` with its
 //! own lease ([`publish_registrations`]) and watches every replica's ([`watch_registrations`]):
 //! a service's endpoints are those registered with any replica, a proxy that dies leaves when
@@ -116,6 +118,8 @@ struct Entries {
 /// The registrations of the proxies, by proxy id, and the view pushed from them.
 pub struct ServiceRegistry {
     ttl: Duration,
+    /// One TTL after the start: by then every live proxy has renewed here.
+    warm_at: Instant,
     entries: Mutex<Entries>,
     view: watch::Sender<Arc<View>>,
     /// Told when the local registrations change (for the etcd writer).
@@ -127,6 +131,7 @@ impl ServiceRegistry {
     pub fn new(ttl: Duration) -> Self {
         Self {
             ttl,
+            warm_at: Instant::now().checked_add(ttl).unwrap_or_else(Instant::now),
             entries: Mutex::new(Entries::default()),
             view: watch::Sender::new(Arc::new(View::new())),
             local_changed: Notify::new(),
@@ -136,6 +141,13 @@ impl ServiceRegistry {
     /// The registration TTL.
     pub fn ttl(&self) -> Duration {
         self.ttl
+    }
+
+    /// From when endpoints are pushed: one TTL after the start, when every live proxy has
+    /// renewed its registration (a third of the TTL) here. Before, the registry may be missing
+    /// registrations a previous instance held, and a push would empty callers' pools.
+    pub fn warm_at(&self) -> Instant {
+        self.warm_at
     }
 
     /// The view, for a subscription stream.

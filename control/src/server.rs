@@ -276,7 +276,7 @@ async fn subscribe(
     let updates = app.engine.subscribe(workload);
     // Only a subscriber that says it reads endpoint messages is sent them.
     let endpoints = (query.get(wire::ENDPOINTS_QUERY).map(String::as_str) == Some("1"))
-        .then(|| app.services.subscribe());
+        .then(|| (app.services.subscribe(), app.services.warm_at()));
     let unselected = updates.borrow().unselected;
     let (tx, rx) = mpsc::channel(2);
     let stream = Stream {
@@ -324,7 +324,7 @@ impl Stream {
     async fn run(
         self,
         mut updates: watch::Receiver<Arc<Published>>,
-        mut endpoints: Option<watch::Receiver<Arc<discovery::View>>>,
+        mut endpoints: Option<(watch::Receiver<Arc<discovery::View>>, tokio::time::Instant)>,
         tx: mpsc::Sender<Bytes>,
         mut sent: Option<(String, bool)>,
         heartbeat: Duration,
@@ -371,7 +371,10 @@ impl Stream {
             }
             // After the policy that names the services: endpoints of the registry services it
             // has, those that changed since last sent (all of them on a new stream).
-            if let Some(endpoints) = endpoints.as_mut() {
+            // Not before the registry is warm: the proxy keeps the endpoints it has meanwhile.
+            let warm_at = endpoints.as_ref().map(|(_, warm_at)| *warm_at);
+            let warm = warm_at.is_some_and(|at| tokio::time::Instant::now() >= at);
+            if let (Some((endpoints, _)), true) = (endpoints.as_mut(), warm) {
                 let view = Arc::clone(&endpoints.borrow_and_update());
                 for line in endpoints_sent.due(&current.registry_services, &view) {
                     if tx.send(line).await.is_err() {
@@ -381,9 +384,13 @@ impl Stream {
                 }
             }
             let endpoints_changed = async {
-                match endpoints.as_mut() {
-                    Some(endpoints) => endpoints.changed().await,
-                    None => std::future::pending().await,
+                match (endpoints.as_mut(), warm_at) {
+                    (Some((endpoints, _)), _) if warm => endpoints.changed().await,
+                    (Some(_), Some(at)) => {
+                        tokio::time::sleep_until(at).await;
+                        Ok(())
+                    }
+                    _ => std::future::pending().await,
                 }
             };
             tokio::select! {

@@ -402,3 +402,62 @@ async fn on_etcd_registrations_on_any_replica_reach_callers_on_another() {
         "registry on etcd: SIGKILL left the caller's pool after {death_left:?} (TTL {TTL:?}); drain after {drain_left:?}; {ok} requests, 0 failed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_control_plane_does_not_empty_callers_pools() {
+    let upstreams = [
+        Upstream::echo(Proto::Http1, "pay-1").await,
+        Upstream::echo(Proto::Http1, "pay-2").await,
+    ];
+    let dirs = ControlDirs::new();
+    for (i, upstream) in upstreams.iter().enumerate() {
+        let n = i + 1;
+        dirs.write(
+            &format!("pay-{n}.yaml"),
+            &format!("workload: pay-{n}\ninbound: {{ app: {} }}\n", upstream.addr),
+        );
+    }
+    dirs.write("caller.yaml", CALLER);
+    let control = start_control_with(&dirs, &["--registration-ttl", "2s"]);
+    let listen = control.addr.to_string();
+    let caller = spawn_proxy(TempDir::new(), &control.proxy_flags(&dirs, "caller"));
+    let _pay_1 = registered(&control, &dirs, "pay-1");
+    let _pay_2 = registered(&control, &dirs, "pay-2");
+    assert!(
+        eventually(Duration::from_secs(10), || pool_sizes(&caller).last()
+            == Some(&2))
+        .await,
+        "the caller never had 2 endpoints: {:?}",
+        pool_sizes(&caller)
+    );
+    let traffic = Traffic::start(caller.outbound);
+
+    // The control plane dies and comes back empty: until every proxy has renewed with it (a
+    // TTL), it pushes no endpoints, so the caller keeps both.
+    let before = pool_sizes(&caller).len();
+    control.kill();
+    let control = start_control_with(&dirs, &["--registration-ttl", "2s", "--listen", &listen]);
+    assert!(
+        eventually(TTL + PUSH_BOUND + Duration::from_secs(5), || pool_sizes(
+            &caller
+        )
+        .len()
+            > before)
+        .await,
+        "no endpoints pushed after the restart; control logs:\n{}",
+        control.logs().join("\n")
+    );
+    assert_eq!(
+        pool_sizes(&caller)[before..],
+        [2],
+        "the restarted control plane pushed a partial set"
+    );
+    let ok_now = traffic.ok();
+    assert!(
+        eventually(Duration::from_secs(5), || traffic.ok() > ok_now + 50).await,
+        "traffic stalled"
+    );
+    let (ok, failures) = traffic.stop().await;
+    assert_eq!(failures, Vec::<String>::new());
+    eprintln!("registry: control-plane restart under {ok} requests, 0 failed");
+}

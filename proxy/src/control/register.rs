@@ -5,7 +5,8 @@
 //! While the proxy is ready (and not draining) it posts its [`Registration`] to the replica the
 //! subscription is connected to (the others in turn when that one cannot be reached) and
 //! posts it again at a third of the TTL the control plane answers, so one lost renewal does not
-//! drop it. When it stops being ready it deregisters. On drain, [`Registrar::leave`]
+//! drop it, and at once whenever the subscription connects (to a replica that may not know
+//! it). When it stops being ready it deregisters. On drain, [`Registrar::leave`]
 //! deregisters first; the caller then waits the deregister delay, during which callers are
 //! pushed the endpoint set without this proxy and stop sending, before the inbound listener
 //! stops accepting.
@@ -162,6 +163,9 @@ impl Registrar {
             tokio::select! {
                 () = tokio::time::sleep(period) => {}
                 () = self.wake.notified() => {}
+                // A replica that just restarted, or one taking over from a stopped one, has
+                // not got this registration: renew at once rather than at the next period.
+                () = self.config.control.replicas.subscribed() => {}
             }
         }
     }
