@@ -8,7 +8,8 @@
 //! request failed (the caller's policy retries connect failures and resets, twice: the
 //! requests sent to the dead endpoint before the TTL ran out need it). The same on three
 //! control-plane replicas sharing a real 3-member etcd cluster, each registered proxy and the
-//! caller on a different replica.
+//! caller on a different replica. And a control plane SIGKILLed and restarted under traffic
+//! pushes no partial endpoint set (it waits a TTL for every proxy to renew).
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
