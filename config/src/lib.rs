@@ -25,13 +25,13 @@ pub use error::{Diagnostic, PolicyError};
 pub use position::Position;
 pub use schema::{
     AccessLog, AccessLogFormat, Authorization, AuthzAction, AuthzFrom, AuthzMode, AuthzRule,
-    AuthzTo, Backoff, CircuitBreaker, FailureRate, Fault, FaultAbort, FaultDelay, GrpcMatch,
-    HashOn, HeaderModifier, Inbound, InboundMtls, LoadBalancing, MeshTls, OriginationTls, Otlp,
-    OtlpProtocol, OutlierDetection, PathMatch, PathModifier, Policy, Protocol, QueryLogging,
-    RateLimit, RateLimitMode, RedirectScheme, RequestMirror, RequestRedirect, Retries, RetryBudget,
-    RetryOn, Route, RouteFilter, RouteMatch, RouteTimeouts, Sampling, Service, ServiceTls,
-    Timeouts, Tracing, UrlRewrite, ValueMatch, WeightedService, WorkloadSelector,
-    DEFAULT_OPAQUE_PORTS,
+    AuthzTo, Backoff, CircuitBreaker, Discovery, FailureRate, Fault, FaultAbort, FaultDelay,
+    GrpcMatch, HashOn, HeaderModifier, Inbound, InboundMtls, LoadBalancing, MeshTls,
+    OriginationTls, Otlp, OtlpProtocol, OutlierDetection, PathMatch, PathModifier, Policy,
+    Protocol, QueryLogging, RateLimit, RateLimitMode, RedirectScheme, RequestMirror,
+    RequestRedirect, Retries, RetryBudget, RetryOn, Route, RouteFilter, RouteMatch, RouteTimeouts,
+    Sampling, Service, ServiceTls, Timeouts, Tracing, UrlRewrite, ValueMatch, WeightedService,
+    WorkloadSelector, DEFAULT_OPAQUE_PORTS,
 };
 pub use size::{ByteSize, ByteSizeError};
 pub use validate::GRPC_STATUS_NAMES;
@@ -783,6 +783,27 @@ access_log: json
         let line = numbers.next().expect("a line");
         let column = numbers.next().expect("a column");
         (line, column)
+    }
+
+    #[test]
+    fn registry_discovery_stands_alone() {
+        let loaded = load(
+            "p.yaml",
+            "services:\n  pay: { discovery: registry }\n  b: { discovery: registry, endpoints: [] }\n",
+        )
+        .expect("registry services need no endpoints");
+        assert_eq!(
+            loaded.policy.services["pay"].discovery,
+            Some(crate::Discovery::Registry)
+        );
+        assert_eq!(
+            error_text("services:\n  pay: { discovery: registry, endpoints: [127.0.0.1:1], dns: a.example:80 }\n"),
+            "services.pay.endpoints: `discovery: registry` gives the endpoints: leave `endpoints` out at policy.yaml:2:31\n\
+             services.pay.dns: `discovery: registry` gives the endpoints: leave `dns` out at policy.yaml:2:62"
+        );
+        assert!(error_text("services:\n  pay: { discovery: consul }\n").contains("unknown variant"));
+        assert!(error_text("services:\n  pay: {}\n")
+            .contains("needs `endpoints`, `dns` or `discovery: registry`"));
     }
 
     #[test]

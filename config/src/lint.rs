@@ -13,7 +13,9 @@ pub fn warnings(policy: &Policy) -> Vec<Finding> {
     let mut findings = Vec::new();
     for (name, service) in &policy.services {
         let at = format!("services.{name}");
-        if service.endpoints.as_ref().is_some_and(Vec::is_empty) {
+        // `endpoints: []` beside `discovery: registry` is allowed: the registry fills them.
+        let registry = service.discovery == Some(crate::schema::Discovery::Registry);
+        if !registry && service.endpoints.as_ref().is_some_and(Vec::is_empty) {
             findings.push((
                 format!("{at}.endpoints"),
                 "is empty: every request to this service is answered 503 (no endpoints)".into(),
@@ -235,12 +237,15 @@ mod tests {
   a: { endpoints: [127.0.0.1:1], timeouts: { request: 2s, per_try: 1s } }
   b: { endpoints: [127.0.0.1:2], listen: 127.0.0.1:9002 }
   shadow: { endpoints: [127.0.0.1:3] }
+  pay: { discovery: registry, endpoints: [] }
 routes:
   - match: { authority: a, path_prefix: /v1/ }
     service: a
   - match: { authority: a }
     service: a
     filters: [ { request_mirror: { service: shadow } } ]
+  - match: { authority: pay }
+    service: pay
 ";
         assert_eq!(warned(text), []);
     }

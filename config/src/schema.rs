@@ -489,7 +489,8 @@ impl WorkloadSelector {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
-    /// Static endpoints. Exactly one of `endpoints` and `dns` must be set.
+    /// Static endpoints. Exactly one of `endpoints`, `dns` and `discovery: registry` must be
+    /// set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Vec<SocketAddr>>,
     /// A `host:port` re-resolved periodically; every A/AAAA record is an endpoint.
@@ -533,6 +534,20 @@ pub struct Service {
     /// certified by the mesh CA is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// Where the endpoints come from when neither `endpoints` nor `dns` gives them:
+    /// `registry`, the addresses proxies registered for this service with the control plane
+    /// (`outrider-proxy --register`), pushed as they change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<Discovery>,
+}
+
+/// Where a service's endpoints come from, besides `endpoints` and `dns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Discovery {
+    /// The control plane's service registry: the advertised addresses of the proxies
+    /// registered under the service's name, each kept while its lease is renewed.
+    Registry,
 }
 
 /// The protocol spoken to an upstream (or to the local app).

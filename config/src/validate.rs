@@ -450,31 +450,23 @@ fn check_service<'a>(
             "service names may hold only letters, digits, '-', '.' and '_'".into(),
         ));
     }
-    match (&service.endpoints, &service.dns) {
-        (Some(_), Some(_)) => findings.push((
-            format!("{at}.dns"),
-            "set `endpoints` or `dns`, not both".into(),
-        )),
-        (None, None) => findings.push((at.clone(), "needs `endpoints` or `dns`".into())),
-        (Some(endpoints), None) => {
-            let mut seen = HashSet::new();
-            for (i, ep) in endpoints.iter().enumerate() {
-                if !seen.insert(ep) {
-                    findings.push((
-                        format!("{at}.endpoints[{i}]"),
-                        format!("duplicate endpoint {ep}"),
-                    ));
-                }
-                if ep.port() == 0 {
-                    findings.push((format!("{at}.endpoints[{i}]"), "port must not be 0".into()));
-                }
-            }
+    if service.discovery == Some(crate::schema::Discovery::Registry) {
+        // The registry gives the endpoints: static ones or a DNS name beside it would be
+        // silently replaced.
+        if service.endpoints.as_ref().is_some_and(|e| !e.is_empty()) {
+            findings.push((
+                format!("{at}.endpoints"),
+                "`discovery: registry` gives the endpoints: leave `endpoints` out".into(),
+            ));
         }
-        (None, Some(dns)) => {
-            if let Err(why) = check_dns_target(dns) {
-                findings.push((format!("{at}.dns"), why));
-            }
+        if service.dns.is_some() {
+            findings.push((
+                format!("{at}.dns"),
+                "`discovery: registry` gives the endpoints: leave `dns` out".into(),
+            ));
         }
+    } else {
+        check_static_or_dns(&at, service, findings);
     }
     if let Some(addr) = service.listen {
         if let Some(other) = listeners.insert(addr, name) {
@@ -549,6 +541,39 @@ fn check_mirror(policy: &Policy, at: &str, mirror: &RequestMirror, findings: &mu
             format!("{at}.max_in_flight"),
             format!("must be between 1 and {MAX_MIRROR_IN_FLIGHT}"),
         ));
+    }
+}
+
+/// `endpoints` or `dns`, exactly one, each well formed.
+fn check_static_or_dns(at: &str, service: &Service, findings: &mut Vec<Finding>) {
+    match (&service.endpoints, &service.dns) {
+        (Some(_), Some(_)) => findings.push((
+            format!("{at}.dns"),
+            "set `endpoints` or `dns`, not both".into(),
+        )),
+        (None, None) => findings.push((
+            at.to_string(),
+            "needs `endpoints`, `dns` or `discovery: registry`".into(),
+        )),
+        (Some(endpoints), None) => {
+            let mut seen = HashSet::new();
+            for (i, ep) in endpoints.iter().enumerate() {
+                if !seen.insert(ep) {
+                    findings.push((
+                        format!("{at}.endpoints[{i}]"),
+                        format!("duplicate endpoint {ep}"),
+                    ));
+                }
+                if ep.port() == 0 {
+                    findings.push((format!("{at}.endpoints[{i}]"), "port must not be 0".into()));
+                }
+            }
+        }
+        (None, Some(dns)) => {
+            if let Err(why) = check_dns_target(dns) {
+                findings.push((format!("{at}.dns"), why));
+            }
+        }
     }
 }
 

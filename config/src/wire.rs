@@ -20,6 +20,17 @@
 //! - Certificate: `POST /v1/certificate` with a JSON [`CertificateRequest`] (a CSR made with a
 //!   key that never leaves the proxy, and the namespace and service account it asks to be),
 //!   same token; 200 with a [`CertificateResponse`] (leaf chain and trust bundle, PEM).
+//! - Registration: `POST /v1/register` with a JSON [`Registration`] (the services this proxy's
+//!   workload serves and the address callers reach it at), same token; 200 with a
+//!   [`RegistrationLease`]. The registration lives for the lease's TTL and is renewed by
+//!   posting it again, at a third of the TTL. `POST /v1/deregister` with a JSON
+//!   [`Deregistration`] ends it at once (a draining proxy); 204.
+//! - Endpoints: a subscription with `endpoints=1` ([`ENDPOINTS_QUERY`]) also receives, for each
+//!   service of its policy with `discovery: registry`, that service's registered addresses as a
+//!   [`ServerMessage::Endpoints`] line: after each policy update, and whenever they change.
+//!   Without it (proxies that predate the registry) none is sent; a subscriber ignores a
+//!   message `type` it does not know ([`ServerMessage::Unknown`]), so later kinds can be added
+//!   the same way.
 //! - A missing or wrong token gets 401 on every endpoint.
 
 use serde::{Deserialize, Serialize};
@@ -40,6 +51,40 @@ pub const HEARTBEAT_SECS: u64 = 10;
 /// plane refuses a change whose merged policy would not fit, and a subscriber NACKs a line
 /// longer than this and skips it.
 pub const MAX_LINE: usize = 16 * 1024 * 1024;
+
+/// Path proxies post their [`Registration`] (and its renewals) to.
+pub const REGISTER_PATH: &str = "/v1/register";
+/// Path a draining proxy posts its [`Deregistration`] to.
+pub const DEREGISTER_PATH: &str = "/v1/deregister";
+/// Query parameter of a subscription asking for [`ServerMessage::Endpoints`] (`endpoints=1`).
+pub const ENDPOINTS_QUERY: &str = "endpoints";
+/// Most services one proxy registers.
+pub const MAX_REGISTERED_SERVICES: usize = 16;
+
+/// A proxy registering its workload as the endpoint of services.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The proxy's id, as given when subscribing; one registration per proxy.
+    pub proxy: String,
+    /// The services the workload serves (at most [`MAX_REGISTERED_SERVICES`]).
+    pub services: Vec<String>,
+    /// Where callers reach the workload: its proxy's inbound port.
+    pub address: std::net::SocketAddr,
+}
+
+/// The answer to a [`Registration`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrationLease {
+    /// Milliseconds the registration lives unless posted again.
+    pub ttl_ms: u64,
+}
+
+/// A proxy leaving the registry (it drains).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deregistration {
+    /// The proxy's id.
+    pub proxy: String,
+}
 
 /// Path proxies post their certificate signing requests to.
 pub const CERTIFICATE_PATH: &str = "/v1/certificate";
@@ -101,6 +146,21 @@ pub enum ServerMessage {
     Update(PolicyUpdate),
     /// Nothing changed; the stream is alive.
     Heartbeat,
+    /// The registered addresses of one `discovery: registry` service (the whole set), sent
+    /// only to subscribers that asked with [`ENDPOINTS_QUERY`].
+    Endpoints(EndpointsUpdate),
+    /// A message kind this build does not know (sent by a newer control plane): ignored.
+    #[serde(other)]
+    Unknown,
+}
+
+/// The endpoints of one service, as registered now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointsUpdate {
+    /// The service.
+    pub service: String,
+    /// Its registered addresses, sorted; empty when none is registered.
+    pub addresses: Vec<std::net::SocketAddr>,
 }
 
 /// A workload's merged policy at one control-plane version.
@@ -180,5 +240,22 @@ mod tests {
         );
         let back: ServerMessage = serde_json::from_str(&json).expect("decode");
         assert_eq!(back, update);
+        let endpoints = ServerMessage::Endpoints(EndpointsUpdate {
+            service: "pay".into(),
+            addresses: vec!["127.0.0.1:8080".parse().expect("addr")],
+        });
+        let json = serde_json::to_string(&endpoints).expect("encode");
+        assert_eq!(
+            json,
+            r#"{"type":"endpoints","service":"pay","addresses":["127.0.0.1:8080"]}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<ServerMessage>(&json).expect("decode"),
+            endpoints
+        );
+        // A kind from a newer control plane is read as unknown, not as an error.
+        let later: ServerMessage =
+            serde_json::from_str(r#"{"type":"routes_delta","routes":[1,2]}"#).expect("decode");
+        assert_eq!(later, ServerMessage::Unknown);
     }
 }

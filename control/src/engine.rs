@@ -43,6 +43,9 @@ pub struct Published {
     pub unselected: bool,
     /// The [`ServerMessage::Update`] line (JSON and `\n`), encoded once for every subscriber.
     pub line: Bytes,
+    /// The services of the policy with `discovery: registry`, whose registered endpoints
+    /// the workload's subscribers are pushed ([`crate::discovery`]).
+    pub registry_services: Vec<String>,
 }
 
 /// A change to the set of documents.
@@ -1225,7 +1228,12 @@ impl Engine {
             // Cannot happen for a workload no document names (it gets the validated
             // defaults); logged and served empty rather than refusing the proxy.
             tracing::error!(workload, error = %e, "merged policy invalid");
-            encode(version, String::new(), !named.contains(workload))
+            encode(
+                version,
+                String::new(),
+                !named.contains(workload),
+                Vec::new(),
+            )
         });
         let (sender, receiver) = watch::channel(Arc::new(published));
         inner.published.insert(workload.to_string(), sender);
@@ -1564,9 +1572,9 @@ fn check_merges(
     };
     for workload in workloads {
         match merged_yaml(&workload, parsed) {
-            Ok(yaml) => {
+            Ok((yaml, _)) => {
                 // The version's digits are not known yet: count the longest a u64 can have.
-                let line = encode(u64::MAX, yaml, true).line.len();
+                let line = encode(u64::MAX, yaml, true, Vec::new()).line.len();
                 if line > max_push {
                     return Err((RejectReason::TooLarge, format!(
                         "{name}: the merged policy for workload `{workload}` would be pushed as {line} bytes, more than the {max_push} a proxy accepts; split the workload's policy or remove documents it merges"
@@ -1612,10 +1620,20 @@ fn named_workloads(parsed: &BTreeMap<String, Policy>) -> BTreeSet<String> {
         .collect()
 }
 
-fn merged_yaml(workload: &str, parsed: &BTreeMap<String, Policy>) -> Result<String, MergeFailure> {
+/// The merged policy's YAML, and its services with `discovery: registry`.
+fn merged_yaml(
+    workload: &str,
+    parsed: &BTreeMap<String, Policy>,
+) -> Result<(String, Vec<String>), MergeFailure> {
     let policy = merge::merge(workload, parsed.iter().map(|(n, p)| (n.as_str(), p)))
         .map_err(MergeFailure::Conflict)?;
     let yaml = outrider_config::to_yaml(&policy).map_err(MergeFailure::Encode)?;
+    let registry = policy
+        .services
+        .iter()
+        .filter(|(_, s)| s.discovery == Some(outrider_config::Discovery::Registry))
+        .map(|(name, _)| name.clone())
+        .collect();
     // Validated exactly as the proxy will load it.
     outrider_config::load(&format!("merged policy for {workload}"), &yaml).map_err(|error| {
         MergeFailure::Invalid {
@@ -1623,7 +1641,7 @@ fn merged_yaml(workload: &str, parsed: &BTreeMap<String, Policy>) -> Result<Stri
             error,
         }
     })?;
-    Ok(yaml)
+    Ok((yaml, registry))
 }
 
 /// `named`: the workloads some document names ([`named_workloads`] of `parsed`).
@@ -1633,10 +1651,16 @@ fn publication(
     named: &BTreeSet<String>,
     version: u64,
 ) -> Result<Published, MergeFailure> {
-    merged_yaml(workload, parsed).map(|yaml| encode(version, yaml, !named.contains(workload)))
+    merged_yaml(workload, parsed)
+        .map(|(yaml, registry)| encode(version, yaml, !named.contains(workload), registry))
 }
 
-fn encode(version: u64, policy: String, unselected: bool) -> Published {
+fn encode(
+    version: u64,
+    policy: String,
+    unselected: bool,
+    registry_services: Vec<String>,
+) -> Published {
     let content_hash = outrider_config::content_hash(&policy);
     let message = ServerMessage::Update(PolicyUpdate {
         version,
@@ -1652,6 +1676,7 @@ fn encode(version: u64, policy: String, unselected: bool) -> Published {
         policy,
         unselected,
         line: Bytes::from(line),
+        registry_services,
     }
 }
 
@@ -1733,7 +1758,7 @@ fn settle_versions(inner: &mut Inner) {
         let mut version = current.version;
         for (record_version, parsed) in &older {
             let same = parsed.as_ref().is_some_and(|parsed| {
-                merged_yaml(workload, parsed).is_ok_and(|yaml| yaml == current.policy)
+                merged_yaml(workload, parsed).is_ok_and(|(yaml, _)| yaml == current.policy)
             });
             if !same {
                 break;
@@ -1745,6 +1770,7 @@ fn settle_versions(inner: &mut Inner) {
                 version,
                 current.policy.clone(),
                 current.unselected,
+                current.registry_services.clone(),
             )));
         }
     }

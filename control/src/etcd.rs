@@ -7,7 +7,9 @@
 //! - `ca/cert`, `ca/key`: the generated mesh CA, created once by whichever replica comes first;
 //! - `leader/<lease>`: the election of the replica that imports the policy directory
 //!   ([`crate::replica`]), each candidate's key under its lease;
-//! - `proxies/<replica>/<proxy>`: each replica's connected proxies, under its lease.
+//! - `proxies/<replica>/<proxy>`: each replica's connected proxies, under its lease;
+//! - `registry/<replica>/<proxy>`: the service registrations each replica holds, under its
+//!   lease ([`crate::discovery`]).
 //!
 //! Each replica keeps its in-memory view current with a watch on `state` ([`keep_view`]),
 //! resumed after a disconnect from the revision its view was read at, and reloaded whole when
@@ -40,6 +42,9 @@ const CA_KEY: &str = "ca/key";
 pub(crate) const LEADER: &str = "leader";
 /// Each replica's proxies: `proxies/<replica>/<proxy>`.
 pub(crate) const PROXIES: &str = "proxies/";
+/// Prefix of the registrations each replica holds (`registry/<replica>/<proxy>`), under its
+/// lease ([`crate::discovery`]).
+pub(crate) const REGISTRY: &str = "registry/";
 /// Longest pause between attempts to re-establish the watch.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 

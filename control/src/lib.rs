@@ -5,7 +5,8 @@
 //! - [`store`]: versions and history, persisted atomically in the state directory or, shared
 //!   by several replicas, in etcd ([`etcd`]).
 //! - [`engine`]: accepting or rejecting changes, per-workload push channels, proxy tracking;
-//!   [`registry`]: the proxies, one live session each.
+//!   [`registry`]: the proxies, one live session each; [`discovery`]: the service registry
+//!   (`discovery: registry`), the addresses proxies registered under a TTL.
 //! - [`watcher`]: the watched policy directory (ConfigMap volumes included).
 //! - [`ca`]: the mesh CA issuing short-lived SPIFFE workload certificates.
 //! - [`metrics`]: the control plane's own Prometheus metrics (`/metrics`).
@@ -23,6 +24,7 @@ pub mod ca;
 pub mod check;
 pub mod cli;
 pub mod diagnose;
+pub mod discovery;
 pub mod engine;
 pub mod etcd;
 pub mod fuzzing;

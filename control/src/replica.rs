@@ -92,6 +92,11 @@ impl Replica {
         self.leader.subscribe()
     }
 
+    /// The lease this replica's keys are written under, as it changes.
+    pub(crate) fn leases(&self) -> watch::Receiver<Option<i64>> {
+        self.lease.subscribe()
+    }
+
     /// On shutdown: stops leading and revokes the lease, so leadership moves and this
     /// replica's proxies leave `status` at once rather than after the TTL.
     pub async fn step_down(&self) {

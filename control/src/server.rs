@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, ErrorBody};
 use crate::ca::Ca;
+use crate::discovery::{self, ServiceRegistry};
 use crate::engine::{Change, Engine, EngineError, Published};
 use crate::metrics::CertFailure;
 use crate::replica::Replica;
@@ -60,6 +61,8 @@ pub struct App {
     pub service_accounts: Option<Arc<ServiceAccountTokens>>,
     /// This replica: whether it leads, how current its view is, the other replicas' proxies.
     pub replica: Arc<Replica>,
+    /// The services' registered endpoints (`discovery: registry`).
+    pub services: Arc<ServiceRegistry>,
 }
 
 /// Accepts connections on `listener` forever, each served as HTTP/1.1 or h2c.
@@ -129,6 +132,8 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
         (&Method::GET, wire::SUBSCRIBE_PATH) => subscribe(req.headers(), &query, peer, app).await,
         (&Method::POST, wire::ACK_PATH) => ack(req, app).await,
         (&Method::POST, wire::CERTIFICATE_PATH) => certificate(req, peer, app).await,
+        (&Method::POST, wire::REGISTER_PATH) => register(req, app).await,
+        (&Method::POST, wire::DEREGISTER_PATH) => deregister(req, app).await,
         (&Method::POST, api::APPLY_PATH) => apply(req, &query, app).await,
         (&Method::GET, api::HISTORY_PATH) => json(StatusCode::OK, &app.engine.history()),
         (&Method::POST, api::ROLLBACK_PATH) => rollback(&query, app).await,
@@ -161,6 +166,8 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
             | wire::SUBSCRIBE_PATH
             | wire::ACK_PATH
             | wire::CERTIFICATE_PATH
+            | wire::REGISTER_PATH
+            | wire::DEREGISTER_PATH
             | api::APPLY_PATH
             | api::HISTORY_PATH
             | api::ROLLBACK_PATH
@@ -267,6 +274,9 @@ async fn subscribe(
         Err(e) => return error(StatusCode::CONFLICT, &e.to_string()),
     };
     let updates = app.engine.subscribe(workload);
+    // Only a subscriber that says it reads endpoint messages is sent them.
+    let endpoints = (query.get(wire::ENDPOINTS_QUERY).map(String::as_str) == Some("1"))
+        .then(|| (app.services.subscribe(), app.services.warm_at()));
     let unselected = updates.borrow().unselected;
     let (tx, rx) = mpsc::channel(2);
     let stream = Stream {
@@ -276,6 +286,7 @@ async fn subscribe(
     };
     tokio::spawn(stream.run(
         updates,
+        endpoints,
         tx,
         have_hash.map(|h| (h, unselected)),
         app.heartbeat,
@@ -313,6 +324,7 @@ impl Stream {
     async fn run(
         self,
         mut updates: watch::Receiver<Arc<Published>>,
+        mut endpoints: Option<(watch::Receiver<Arc<discovery::View>>, tokio::time::Instant)>,
         tx: mpsc::Sender<Bytes>,
         mut sent: Option<(String, bool)>,
         heartbeat: Duration,
@@ -334,6 +346,7 @@ impl Stream {
                 );
             }
         }
+        let mut endpoints_sent = discovery::Sent::default();
         loop {
             let current = Arc::clone(&updates.borrow_and_update());
             // A proxy that already has this content (it said so when reconnecting) is not
@@ -356,8 +369,33 @@ impl Stream {
                 sent = Some((current.content_hash.clone(), current.unselected));
                 ticker.reset();
             }
+            // After the policy that names the services: endpoints of the registry services it
+            // has, those that changed since last sent (all of them on a new stream).
+            // Not before the registry is warm: the proxy keeps the endpoints it has meanwhile.
+            let warm_at = endpoints.as_ref().map(|(_, warm_at)| *warm_at);
+            let warm = warm_at.is_some_and(|at| tokio::time::Instant::now() >= at);
+            if let (Some((endpoints, _)), true) = (endpoints.as_mut(), warm) {
+                let view = Arc::clone(&endpoints.borrow_and_update());
+                for line in endpoints_sent.due(&current.registry_services, &view) {
+                    if tx.send(line).await.is_err() {
+                        return;
+                    }
+                    ticker.reset();
+                }
+            }
+            let endpoints_changed = async {
+                match (endpoints.as_mut(), warm_at) {
+                    (Some((endpoints, _)), _) if warm => endpoints.changed().await,
+                    (Some(_), Some(at)) => {
+                        tokio::time::sleep_until(at).await;
+                        Ok(())
+                    }
+                    _ => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = updates.changed() => if changed.is_err() { return },
+                changed = endpoints_changed => if changed.is_err() { return },
                 _ = ticker.tick() => if tx.send(Bytes::from_static(HEARTBEAT)).await.is_err() { return },
                 () = tx.closed() => return,
             }
@@ -401,6 +439,51 @@ async fn ack(req: Request<Incoming>, app: &App) -> Response<ResBody> {
             Err(e) => error(StatusCode::CONFLICT, &e.to_string()),
         },
         Err(e) => error(StatusCode::BAD_REQUEST, &format!("not an ACK: {e}")),
+    }
+}
+
+/// Registers (or renews) a proxy's workload as an endpoint of services; answers the TTL.
+async fn register(req: Request<Incoming>, app: &App) -> Response<ResBody> {
+    let body = match read_body(req, MAX_ACK).await {
+        Ok(body) => body,
+        Err(res) => return res,
+    };
+    let registration = match serde_json::from_slice::<wire::Registration>(&body) {
+        Ok(registration) => registration,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("not a registration: {e}")),
+    };
+    match app.services.register(registration) {
+        Ok(()) => json(
+            StatusCode::OK,
+            &wire::RegistrationLease {
+                ttl_ms: u64::try_from(app.services.ttl().as_millis()).unwrap_or(u64::MAX),
+            },
+        ),
+        Err(e @ discovery::RegistrationError::Full) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
+}
+
+/// Removes a proxy's registration at once (it drains).
+async fn deregister(req: Request<Incoming>, app: &App) -> Response<ResBody> {
+    let body = match read_body(req, MAX_ACK).await {
+        Ok(body) => body,
+        Err(res) => return res,
+    };
+    match serde_json::from_slice::<wire::Deregistration>(&body) {
+        Ok(d) => {
+            app.services.deregister(&d.proxy);
+            Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(empty())
+                .unwrap_or_default()
+        }
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            &format!("not a deregistration: {e}"),
+        ),
     }
 }
 

@@ -77,6 +77,9 @@ pub struct Bootstrap {
     /// Most endpoints of one service labelled by address in the connection metrics at once;
     /// the others are counted as `endpoint="other"`.
     pub metrics_endpoint_cap: usize,
+    /// Register this workload in the control plane's service registry while ready
+    /// (`--register`); on drain it deregisters before the inbound listener stops.
+    pub registration: Option<control::register::RegistrationConfig>,
 }
 
 /// The policy a proxy starts with.
@@ -92,6 +95,9 @@ pub struct Initial {
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The address to register could not be derived from the inbound listener.
+    #[error("{0}")]
+    Advertise(String),
     /// A listener could not bind.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -308,11 +314,26 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         Arc::clone(&shared),
         outbound_stop_rx.clone(),
     ));
+    // The inbound listeners stop on their own signal: a registered proxy deregisters and
+    // lets callers hear of it before they stop accepting.
+    let (inbound_stop, inbound_stop_rx) = watch::channel(false);
+    let registrar = match bootstrap.registration.clone() {
+        Some(config) => {
+            let address = control::register::advertised(config.advertise, inbound_addr)
+                .map_err(StartError::Advertise)?;
+            Some(control::register::Registrar::spawn(
+                config,
+                address,
+                Arc::clone(&shared),
+            ))
+        }
+        None => None,
+    };
     data.spawn(http::server::serve(
         inbound,
         ListenerKind::Inbound,
         Arc::clone(&shared),
-        stop_rx.clone(),
+        inbound_stop_rx.clone(),
     ));
     // Capture redirects IPv6 connections to the same ports on IPv6: the default IPv4
     // listeners get IPv6 twins where the host has IPv6.
@@ -322,7 +343,7 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
             ListenerKind::Outbound,
             &outbound_stop_rx,
         ),
-        (bootstrap.inbound, ListenerKind::Inbound, &stop_rx),
+        (bootstrap.inbound, ListenerKind::Inbound, &inbound_stop_rx),
     ] {
         if let Some(twin) = bind_ipv6_twin(listener) {
             data.spawn(http::server::serve(
@@ -356,6 +377,22 @@ pub async fn start(bootstrap: Bootstrap, initial: Option<Initial>) -> Result<Run
         supervisor_shared.draining.store(true, Ordering::Release);
         tracing::info!(drain_timeout = %outrider_config::Duration(drain_timeout), "draining");
         let deadline = policy::timeout::deadline_after(tokio::time::Instant::now(), drain_timeout);
+        if let Some(registrar) = registrar {
+            // Deregistered first; the inbound port keeps serving for the delay, in which the
+            // control plane pushes the endpoint set without this proxy and callers stop picking
+            // it, so no caller's request meets a closed port.
+            let left = tokio::time::timeout_at(deadline, registrar.leave()).await;
+            if matches!(left, Ok(true)) {
+                let until = policy::timeout::deadline_after(
+                    tokio::time::Instant::now(),
+                    registrar.deregister_delay(),
+                )
+                .min(deadline);
+                tracing::info!(delay = %outrider_config::Duration(registrar.deregister_delay()), "deregistered; inbound listener open for the deregister delay");
+                tokio::time::sleep_until(until).await;
+            }
+        }
+        let _ = inbound_stop.send(true);
         let app = Arc::clone(&supervisor_shared.app);
         let gone = tokio::time::timeout_at(deadline, app.gone(APP_QUIET_PERIOD)).await;
         tracing::info!(

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use outrider_proxy::control::certificate::IdentityConfig;
+use outrider_proxy::control::register::RegistrationConfig;
 use outrider_proxy::control::replicas::Replicas;
 use outrider_proxy::control::subscribe::{self, ControlConfig, Token};
 use outrider_proxy::control::watch_file;
@@ -52,6 +53,25 @@ struct Cli {
     /// OUTRIDER_CONTROL_TOKEN.
     #[arg(long, env = "OUTRIDER_CONTROL_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Register this workload in the control plane's service registry as an endpoint of
+    /// SERVICE (comma-separated or repeated for several), while the proxy is ready: callers
+    /// whose policy has `discovery: registry` for it send to `--advertise`. On drain the proxy
+    /// deregisters first and keeps its inbound port open for `--deregister-delay`.
+    #[arg(
+        long = "register",
+        env = "OUTRIDER_REGISTER",
+        value_delimiter = ',',
+        requires = "control"
+    )]
+    register: Vec<String>,
+    /// The address callers reach this proxy's inbound port at, registered with `--register`.
+    /// Default: the inbound listener's address, when it is not a wildcard (0.0.0.0, [::]).
+    #[arg(long, env = "OUTRIDER_ADVERTISE", requires = "register")]
+    advertise: Option<SocketAddr>,
+    /// With `--register`, how long the inbound port keeps accepting after the drain's
+    /// deregistration: callers are pushed the endpoint set without this proxy within it.
+    #[arg(long, env = "OUTRIDER_DEREGISTER_DELAY", default_value = "2s")]
+    deregister_delay: outrider_config::Duration,
     /// This proxy's id in the control plane's status (default: hostname/pid).
     #[arg(long, env = "OUTRIDER_PROXY_ID")]
     proxy_id: Option<String>,
@@ -213,6 +233,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
+    let registration = match registration_config(&cli, control.as_ref()) {
+        Ok(registration) => registration,
+        Err(message) => {
+            eprintln!("outrider-proxy: {message}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
     let (origin, initial) = match (&cli.policy, &control) {
         (Some(path), _) => {
             let source = path.display().to_string();
@@ -301,6 +328,7 @@ fn main() -> ExitCode {
         app_probes,
         otlp_ca_file: cli.otlp_ca_file.clone(),
         metrics_endpoint_cap: cli.metrics_endpoint_cap,
+        registration,
     };
     runtime.block_on(async move {
         // Handlers first: a SIGTERM that arrives as soon as the listeners are bound (a pod
@@ -432,6 +460,42 @@ fn control_config(cli: &Cli) -> Result<Option<ControlConfig>, String> {
         workload: cli.workload.clone(),
         state_dir: cli.state_dir.clone(),
         service_account_token: cli.identity_token_file.clone(),
+    }))
+}
+
+/// What to register with `--register`, checked: an address callers can reach.
+fn registration_config(
+    cli: &Cli,
+    control: Option<&ControlConfig>,
+) -> Result<Option<RegistrationConfig>, String> {
+    let (false, Some(control)) = (cli.register.is_empty(), control) else {
+        return Ok(None);
+    };
+    let service_name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    };
+    if let Some(bad) = cli.register.iter().find(|s| !service_name(s)) {
+        return Err(format!(
+            "--register {bad:?}: a service name holds only letters, digits, '-', '.' and '_'"
+        ));
+    }
+    if cli.register.len() > outrider_config::wire::MAX_REGISTERED_SERVICES {
+        return Err(format!(
+            "--register: at most {} services",
+            outrider_config::wire::MAX_REGISTERED_SERVICES
+        ));
+    }
+    // Port 0 is settled at bind; a wildcard cannot be.
+    let inbound = SocketAddr::new(cli.inbound.ip(), cli.inbound.port().max(1));
+    outrider_proxy::control::register::advertised(cli.advertise, inbound)?;
+    Ok(Some(RegistrationConfig {
+        control: control.clone(),
+        services: cli.register.clone(),
+        advertise: cli.advertise,
+        deregister_delay: cli.deregister_delay.get(),
     }))
 }
 

@@ -357,14 +357,16 @@ impl Subscription {
         }
     }
 
-    /// The next update, skipping heartbeats; `None` when `timeout` passes first.
+    /// The next update, skipping heartbeats (and endpoint messages); `None` when `timeout`
+    /// passes first.
     pub async fn next_update(&mut self, timeout: Duration) -> Option<PolicyUpdate> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.next(remaining).await? {
                 ServerMessage::Update(update) => return Some(update),
-                ServerMessage::Heartbeat => {}
+                ServerMessage::Heartbeat | ServerMessage::Endpoints(_) | ServerMessage::Unknown => {
+                }
             }
         }
     }

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use outrider_control::ca::Ca;
+use outrider_control::discovery::{self, ServiceRegistry};
 use outrider_control::engine::{Engine, EngineError};
 use outrider_control::etcd::{self, EtcdConfig, EtcdStore};
 use outrider_control::replica::{self, Replica};
@@ -175,6 +176,16 @@ struct Serve {
     /// work of every change, without bound).
     #[arg(long, env = "OUTRIDER_CONTROL_REGISTRY_EXPIRY", default_value = "5m")]
     registry_expiry: outrider_config::Duration,
+    /// How long a proxy's registration (`outrider-proxy --register`) lives unless renewed
+    /// (proxies renew at a third of it): a proxy that dies leaves its services' endpoints
+    /// within about this. From 1s to 5m.
+    #[arg(
+        long,
+        env = "OUTRIDER_CONTROL_REGISTRATION_TTL",
+        default_value = "10s",
+        value_parser = parse_registration_ttl
+    )]
+    registration_ttl: std::time::Duration,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "OUTRIDER_LOG", default_value = "info")]
     log: String,
@@ -309,7 +320,19 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        let services = Arc::new(ServiceRegistry::new(args.registration_ttl));
+        tokio::spawn(discovery::expire_loop(Arc::clone(&services)));
         if let Some(etcd) = etcd_store {
+            tokio::spawn(discovery::publish_registrations(
+                etcd.clone(),
+                Arc::clone(&services),
+                Arc::clone(&replica),
+            ));
+            tokio::spawn(discovery::watch_registrations(
+                etcd.clone(),
+                Arc::clone(&services),
+                Arc::clone(&replica),
+            ));
             tokio::spawn(etcd::keep_view(etcd.clone(), Arc::clone(&engine)));
             tokio::spawn(replica::run_session(
                 etcd.clone(),
@@ -364,6 +387,7 @@ fn main() -> ExitCode {
             ca: Some(ca),
             service_accounts,
             replica: Arc::clone(&replica),
+            services,
         });
         tokio::select! {
             () = serve(listener, app) => {}
@@ -424,6 +448,11 @@ fn parse_lease_ttl(text: &str) -> Result<std::time::Duration, String> {
         return Err(format!("{text} is not whole seconds (etcd's leases are)"));
     }
     check_within(text, ttl, replica::LEASE_TTL_RANGE, "2s..=1m")
+}
+
+/// `--registration-ttl`: within [`discovery::TTL_RANGE`].
+fn parse_registration_ttl(text: &str) -> Result<std::time::Duration, String> {
+    duration_within(text, discovery::TTL_RANGE, "1s..=5m")
 }
 
 /// `--view-stale-after`: from 1s to 1h.

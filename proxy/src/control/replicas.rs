@@ -77,6 +77,9 @@ impl std::fmt::Display for Replica {
 pub struct Replicas {
     urls: Vec<ControlUrl>,
     connected: Mutex<Option<Replica>>,
+    /// Told whenever the subscription connects (the registration is then renewed with that
+    /// replica at once: one that just restarted does not know it).
+    subscribed: tokio::sync::Notify,
 }
 
 impl Replicas {
@@ -92,6 +95,7 @@ impl Replicas {
         Ok(Self {
             urls,
             connected: Mutex::new(None),
+            subscribed: tokio::sync::Notify::new(),
         })
     }
 
@@ -158,7 +162,16 @@ impl Replicas {
 
     /// Records the replica the subscription is connected to (`None` once it is not).
     pub fn set_connected(&self, replica: Option<Replica>) {
+        let connected = replica.is_some();
         *self.lock() = replica;
+        if connected {
+            self.subscribed.notify_waiters();
+        }
+    }
+
+    /// Completes when the subscription next connects to a replica.
+    pub async fn subscribed(&self) {
+        self.subscribed.notified().await;
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Replica>> {

@@ -355,11 +355,13 @@ impl Subscriber {
         let token = self.token()?;
         let shared = self.reloader.shared();
         let mut uri = replica.uri(SUBSCRIBE_PATH);
+        // `endpoints=1`: this proxy applies endpoint messages (`discovery: registry`).
         let _ = write!(
             uri,
-            "?workload={}&proxy={}",
+            "?workload={}&proxy={}&{}=1",
             encode(&self.config.workload),
-            encode(&self.config.proxy_id)
+            encode(&self.config.proxy_id),
+            wire::ENDPOINTS_QUERY,
         );
         let have = matches!(
             shared.status.source(),
@@ -454,6 +456,18 @@ impl Subscriber {
                 serde_json::from_slice(&line).map_err(|e| SessionError::Protocol(e.to_string()))?;
             match message {
                 ServerMessage::Heartbeat => {}
+                ServerMessage::Endpoints(update) => self.apply_endpoints(update),
+                ServerMessage::Unknown => {
+                    // A newer control plane's message kind: nothing this build can act on.
+                    // Said once per process, not per message.
+                    static SAID: std::sync::atomic::AtomicBool =
+                        std::sync::atomic::AtomicBool::new(false);
+                    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::info!("control-plane message of a type this proxy does not know ignored (a newer control plane); further ones are logged at debug");
+                    } else {
+                        tracing::debug!("control-plane message of an unknown type ignored");
+                    }
+                }
                 ServerMessage::Update(update) => {
                     match self.apply(replica, update, &session).await {
                         Some(ack) => self.send_ack(replica, &token, &ack).await,
@@ -479,6 +493,17 @@ impl Subscriber {
             tracing::warn!(workload = %self.config.workload, "no policy document names this workload: it receives only the defaults (is --workload spelt right? `outriderctl check` lists the workloads documents name)");
         } else {
             tracing::info!(workload = %self.config.workload, "a policy document names this workload");
+        }
+    }
+
+    /// Puts a registry service's pushed endpoints in force: only that service's endpoint set
+    /// changes (no reload, so other services and the endpoints that stay keep their state).
+    fn apply_endpoints(&self, update: wire::EndpointsUpdate) {
+        let snapshot = self.reloader.shared().snapshot.load();
+        if snapshot.set_registered_endpoints(&update.service, &update.addresses) {
+            tracing::info!(service = %update.service, endpoints = update.addresses.len(), "registry endpoints updated");
+        } else {
+            tracing::debug!(service = %update.service, "endpoints of a service that is not a registry service of the policy in force ignored");
         }
     }
 

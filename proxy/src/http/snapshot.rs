@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use outrider_config::{LoadedPolicy, MeshTls, Policy, Protocol, RateLimit, Service, ServiceTls};
+use outrider_config::{
+    Discovery, LoadedPolicy, MeshTls, Policy, Protocol, RateLimit, Service, ServiceTls,
+};
 
 use crate::http::authz::Authorizer;
 use crate::http::mirror::Mirror;
@@ -139,6 +141,25 @@ pub const PASSTHROUGH: &str = "passthrough";
 pub const PASSTHROUGH_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Snapshot {
+    /// Replaces the endpoint set of `service`, a `discovery: registry` service, with the
+    /// addresses the control plane pushed: only that service's upstream changes, and its
+    /// endpoints that stay keep their pools and health. `false` (nothing changes) when the
+    /// policy has no such registry service.
+    pub fn set_registered_endpoints(&self, service: &str, addresses: &[SocketAddr]) -> bool {
+        let registry = self
+            .policy
+            .services
+            .get(service)
+            .is_some_and(|s| s.discovery == Some(Discovery::Registry));
+        match self.upstreams.get(service) {
+            Some(upstream) if registry => {
+                upstream.set_endpoints(addresses);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Compiles `loaded` as version `version`. Must run inside the Tokio runtime (DNS services
     /// start their resolver task).
     ///
@@ -195,9 +216,22 @@ impl Snapshot {
                     None => meshed.then(|| upstream_tls(name, service, mesh)),
                 },
             };
-            let static_endpoints = service.endpoints.as_deref().unwrap_or(&[]);
             // Rebuilt (its settings changed): endpoints that stay keep their hold-outs.
             let before = previous.and_then(|p| p.upstreams.get(name));
+            let registered;
+            let static_endpoints = if service.discovery == Some(Discovery::Registry) {
+                // The addresses pushed so far, until the control plane pushes the next set.
+                let was_registry = previous
+                    .and_then(|p| p.policy.services.get(name))
+                    .is_some_and(|s| s.discovery == Some(Discovery::Registry));
+                registered = before
+                    .filter(|_| was_registry)
+                    .map(|u| u.endpoint_addrs())
+                    .unwrap_or_default();
+                &registered[..]
+            } else {
+                service.endpoints.as_deref().unwrap_or(&[])
+            };
             let upstream = Upstream::new(spec, static_endpoints, metrics, before.map(|u| &**u));
             if let Some(dns) = &service.dns {
                 upstream.spawn_dns_refresh(dns.clone());
@@ -742,6 +776,7 @@ fn same_upstream(before: &Service, after: &Service) -> bool {
         && before.tls == after.tls
         && before.endpoints == after.endpoints
         && before.dns == after.dns
+        && before.discovery == after.discovery
         && before.protocol == after.protocol
         && before.load_balancing == after.load_balancing
         && before.timeouts.connect == after.timeouts.connect
@@ -778,6 +813,58 @@ mod tests {
     ) -> Option<&'s Arc<Target>> {
         let req = http::Request::get(path).body(()).expect("request");
         snapshot.route_by_authority(&RouteRequest::of(host, &req))
+    }
+
+    #[tokio::test]
+    async fn pushed_registry_endpoints_change_only_their_service_and_survive_rebuilds() {
+        let metrics = Metrics::new("test").expect("metrics");
+        let text = "services:\n  pay: { discovery: registry }\n  b: { endpoints: [127.0.0.1:2] }\n";
+        let snapshot = build(text, None, &metrics);
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let pay = Arc::clone(snapshot.upstream("pay").expect("pay"));
+        let b = Arc::clone(snapshot.upstream("b").expect("b"));
+        assert!(
+            pay.endpoint_addrs().is_empty(),
+            "nothing until the first push"
+        );
+        assert!(
+            snapshot.set_registered_endpoints("pay", &[addr("127.0.0.1:7"), addr("127.0.0.1:8")])
+        );
+        assert_eq!(
+            pay.endpoint_addrs(),
+            [addr("127.0.0.1:7"), addr("127.0.0.1:8")]
+        );
+        // An endpoint that stays keeps its pool; the other services are not touched.
+        let pool_of = |port: u16| {
+            (0..4)
+                .map(|_| pay.pick(None).expect("an endpoint"))
+                .find(|e| e.addr.port() == port)
+                .map(|e| Arc::clone(&e.pool))
+                .expect("picked")
+        };
+        let kept = pool_of(8);
+        assert!(
+            snapshot.set_registered_endpoints("pay", &[addr("127.0.0.1:8"), addr("127.0.0.1:9")])
+        );
+        assert!(Arc::ptr_eq(&kept, &pool_of(8)));
+        assert!(Arc::ptr_eq(&b, snapshot.upstream("b").expect("b")));
+        assert_eq!(b.endpoint_addrs(), [addr("127.0.0.1:2")]);
+        // Not a registry service, or not in the policy: nothing changes.
+        assert!(!snapshot.set_registered_endpoints("b", &[addr("127.0.0.1:7")]));
+        assert!(!snapshot.set_registered_endpoints("nope", &[addr("127.0.0.1:7")]));
+        assert_eq!(b.endpoint_addrs(), [addr("127.0.0.1:2")]);
+        // A reload that rebuilds `pay` (its connect timeout changed) starts from the pushed set.
+        let after = build(
+            "services:\n  pay: { discovery: registry, timeouts: { connect: 2s } }\n  b: { endpoints: [127.0.0.1:2] }\n",
+            Some(&snapshot),
+            &metrics,
+        );
+        let rebuilt = after.upstream("pay").expect("pay");
+        assert!(!Arc::ptr_eq(&pay, rebuilt));
+        assert_eq!(
+            rebuilt.endpoint_addrs(),
+            [addr("127.0.0.1:8"), addr("127.0.0.1:9")]
+        );
     }
 
     #[tokio::test]
