@@ -22,7 +22,6 @@ use http::uri::Authority;
 use http::{Method, StatusCode, Uri};
 use opentelemetry::InstrumentationScope;
 use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
-use opentelemetry_sdk::trace::SpanData;
 use outrider_config::{Otlp, QueryLogging};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -32,9 +31,10 @@ use crate::core::errors::ResponseFlag;
 use crate::telemetry::metrics::{RouteMetrics, TelemetryMetrics};
 use crate::trace::{SpanId, TraceContext};
 
-/// Spans waiting for export at most; beyond it spans are dropped (and counted).
+/// Requests' spans waiting for export at most (a request queues its span and its attempts'
+/// as one item); beyond it they are dropped (and counted).
 pub const SPAN_QUEUE: usize = 4096;
-/// Spans per export request.
+/// Requests' spans per export request.
 const SPAN_BATCH: usize = 512;
 /// The longest a span waits for its batch to fill.
 const SPAN_BATCH_DELAY: Duration = Duration::from_millis(500);
@@ -124,9 +124,8 @@ impl Spans {
 /// queue; when it is full they are dropped and counted.
 pub struct SpanSink {
     otlp: Otlp,
-    queue: mpsc::Sender<SpanData>,
+    queue: mpsc::Sender<span::RequestSpan>,
     metrics: TelemetryMetrics,
-    scope: InstrumentationScope,
     done: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     stop: tokio::sync::watch::Sender<bool>,
 }
@@ -147,11 +146,15 @@ impl SpanSink {
             .with_service_name(workload.to_string())
             .build();
         let resource = ResourceAttributesWithSchema::from(&resource);
+        let scope = InstrumentationScope::builder("outrider-proxy")
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build();
+        let envelope = otlp::Envelope::new(&resource, &scope);
         let (queue, rx) = mpsc::channel(SPAN_QUEUE);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(export_loop(
             collector,
-            resource,
+            envelope,
             rx,
             stop_rx,
             metrics.clone(),
@@ -160,23 +163,20 @@ impl SpanSink {
             otlp: otlp.clone(),
             queue,
             metrics,
-            scope: InstrumentationScope::builder("outrider-proxy")
-                .with_version(env!("CARGO_PKG_VERSION"))
-                .build(),
             done: std::sync::Mutex::new(Some(task)),
             stop,
         })
     }
 
-    /// The instrumentation scope of the spans it exports.
-    pub fn scope(&self) -> &InstrumentationScope {
-        &self.scope
-    }
-
-    /// Queues a finished span, or drops and counts it when the queue is full.
-    pub fn record(&self, span: SpanData) {
-        if self.queue.try_send(span).is_err() {
-            self.metrics.spans_dropped.inc();
+    /// Queues a finished request's spans, or drops and counts them when the queue is full.
+    /// They are encoded by the export task.
+    pub fn record(&self, spans: span::RequestSpan) {
+        if let Err(refused) = self.queue.try_send(spans) {
+            let spans = match &refused {
+                mpsc::error::TrySendError::Full(spans)
+                | mpsc::error::TrySendError::Closed(spans) => spans.count(),
+            };
+            self.metrics.spans_dropped.inc_by(spans);
         }
     }
 
@@ -194,8 +194,8 @@ impl SpanSink {
 
 async fn export_loop(
     mut collector: otlp::Collector,
-    resource: ResourceAttributesWithSchema,
-    mut rx: mpsc::Receiver<SpanData>,
+    envelope: otlp::Envelope,
+    mut rx: mpsc::Receiver<span::RequestSpan>,
     mut stop: tokio::sync::watch::Receiver<bool>,
     metrics: TelemetryMetrics,
 ) {
@@ -203,7 +203,7 @@ async fn export_loop(
     let mut failures = otlp::FailureLog::default();
     let mut export = Export {
         collector: &mut collector,
-        resource: &resource,
+        envelope: &envelope,
         metrics: &metrics,
         failures: &mut failures,
     };
@@ -253,7 +253,7 @@ async fn export_loop(
 /// What exporting a batch needs, held by the export task.
 struct Export<'a> {
     collector: &'a mut otlp::Collector,
-    resource: &'a ResourceAttributesWithSchema,
+    envelope: &'a otlp::Envelope,
     metrics: &'a TelemetryMetrics,
     failures: &'a mut otlp::FailureLog,
 }
@@ -262,15 +262,15 @@ impl Export<'_> {
     /// Encodes and delivers `batch` (with retries), counting its spans exported or dropped.
     async fn send(
         &mut self,
-        batch: &mut Vec<SpanData>,
+        batch: &mut Vec<span::RequestSpan>,
         stop: &mut tokio::sync::watch::Receiver<bool>,
     ) {
         if batch.is_empty() {
             return;
         }
-        let n = batch.len() as u64;
-        let spans = std::mem::replace(batch, Vec::with_capacity(SPAN_BATCH));
-        let encoded = otlp::encode(spans, self.resource);
+        let n: u64 = batch.iter().map(span::RequestSpan::count).sum();
+        let encoded = otlp::encode(batch, self.envelope);
+        batch.clear();
         match otlp::deliver(self.collector, &encoded, stop).await {
             Ok(()) => self.metrics.spans_exported.inc_by(n),
             Err(error) => {
@@ -898,7 +898,7 @@ impl Finish {
         // which can be after this (an upstream answering before reading the whole body).
         traffic.response_bytes.inc_by(bytes);
         traffic.stream_duration.observe(elapsed.as_secs_f64());
-        let error = match self.cancelled {
+        let mut error = match self.cancelled {
             true => Some(format!(
                 "{}: the caller went away before the response ended",
                 metrics::CANCELLED
@@ -906,31 +906,41 @@ impl Finish {
             false => self.report.error.clone().or(error),
         };
         if let Some(sink) = &self.spans {
-            let spans = span::RequestSpan {
+            // What the access log reads below is cloned; what only the span needs is moved.
+            let logged = self.access_log.is_some();
+            let labels = &self.metrics.labels;
+            sink.record(span::RequestSpan {
                 server: self.server,
-                trace: &self.trace,
+                trace: self.trace.clone(),
                 started: self.started,
                 started_wall: self.started_wall,
                 elapsed,
-                method: &self.method,
-                uri: self.uri.as_ref(),
-                authority: self.authority.as_ref(),
+                method: self.method.clone(),
+                uri: if logged {
+                    self.uri.clone()
+                } else {
+                    self.uri.take()
+                },
+                authority: if logged {
+                    self.authority.clone()
+                } else {
+                    self.authority.take()
+                },
                 version: self.report.version,
                 peer: self.peer,
                 endpoint: self.report.endpoint,
-                labels: &self.metrics.labels,
-                http_route: self.http_route.as_deref(),
+                service: Arc::clone(&labels.service),
+                route: Arc::clone(&labels.route),
+                http_route: self.http_route.take(),
                 attempts: self.report.attempts,
                 status: self.responded.then_some(self.status),
                 grpc: self.grpc,
                 grpc_status: self.grpc_status,
-                error: error.as_deref(),
+                error: if logged { error.clone() } else { error.take() },
                 cancelled: self.cancelled,
                 flag,
-            };
-            for span in spans.build(&self.report.spans, sink.scope()) {
-                sink.record(span);
-            }
+                attempt_spans: std::mem::take(&mut self.report.spans),
+            });
         }
         if let (Some(log), Some(logged)) = (&self.access_log, self.logged.as_deref()) {
             let labels = &self.metrics.labels;
