@@ -599,7 +599,7 @@ impl AccessRecord {
         out.extend_from_slice(b",\"response_flags\":");
         json::string(out, self.response_flags);
         out.extend_from_slice(b",\"upstream\":");
-        json::or_null(out, self.upstream.as_ref(), json::display);
+        json::or_null(out, self.upstream.as_ref(), json::socket_addr);
         out.extend_from_slice(b",\"attempts\":");
         json::uint(out, u64::from(self.attempts));
         out.extend_from_slice(b",\"duration_seconds\":");
@@ -611,7 +611,7 @@ impl AccessRecord {
         out.extend_from_slice(b",\"error\":");
         json::or_null(out, self.error.as_deref(), json::string);
         out.extend_from_slice(b",\"peer\":");
-        json::or_null(out, self.peer.as_ref(), json::display);
+        json::or_null(out, self.peer.as_ref(), json::socket_addr);
         out.extend_from_slice(b",\"user_agent\":");
         json::or_null(out, self.user_agent.as_ref(), header);
         out.extend_from_slice(b",\"http_version\":");
