@@ -1243,8 +1243,7 @@ mod tests {
         ];
         for (i, text) in weird.iter().enumerate() {
             let header = HeaderValue::from_bytes(
-                format!("{text}")
-                    .replace(['\n', '\r', '\t', '\u{8}', '\u{c}', '\u{1f}'], "")
+                text.replace(['\n', '\r', '\t', '\u{8}', '\u{c}', '\u{1f}'], "")
                     .as_bytes(),
             )
             .expect("header");
