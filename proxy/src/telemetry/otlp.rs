@@ -649,6 +649,39 @@ mod tests {
     use super::*;
     use std::collections::VecDeque;
 
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
+    use opentelemetry_sdk::trace::SpanData;
+
+    use crate::telemetry::span::tests::corpus;
+
+    #[test]
+    fn a_batch_decodes_as_the_sdk_conversion_built_it() {
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name("shop")
+            .build();
+        let resource = ResourceAttributesWithSchema::from(&resource);
+        let scope = InstrumentationScope::builder("outrider-proxy")
+            .with_version("1.2.3")
+            .build();
+        let corpus = corpus();
+        // One request at a time, then all in one batch.
+        let mut batches: Vec<&[RequestSpan]> = corpus.chunks(1).collect();
+        batches.push(&corpus);
+        for batch in batches {
+            let reference: Vec<SpanData> = batch
+                .iter()
+                .flat_map(|span| span.reference_build(&span.attempt_spans, &scope))
+                .collect();
+            let expected = ExportTraceServiceRequest {
+                resource_spans: group_spans_by_resource_and_scope(reference, &resource),
+            };
+            let encoded = encode(batch, &Envelope::new(&resource, &scope));
+            let decoded = ExportTraceServiceRequest::decode(encoded).expect("valid protobuf");
+            assert_eq!(decoded, expected, "{batch:?}");
+        }
+    }
+
     #[test]
     fn http_endpoint_gets_the_traces_path() {
         assert_eq!(http_traces_url("http://c:4318"), "http://c:4318/v1/traces");

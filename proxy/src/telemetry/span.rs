@@ -604,7 +604,7 @@ fn method_name(method: &Method) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     use std::fmt::Write as _;
@@ -613,20 +613,17 @@ mod tests {
         SpanContext, SpanId as OtelSpanId, SpanKind, Status, TraceFlags, TraceId as OtelTraceId,
     };
     use opentelemetry::{InstrumentationScope, KeyValue};
-    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
-    use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
+    use opentelemetry_proto::tonic::trace::v1::{ScopeSpans, Span as ProtoSpan};
     use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
     use prost::Message;
 
     use crate::core::errors::ResponseFlag;
-    use crate::telemetry::otlp;
     use crate::trace::Sampler;
 
     impl RequestSpan {
         /// The spans as the exporter built them before it encoded by hand: the reference the
         /// encoding is checked against.
-        fn reference_build(
+        pub(crate) fn reference_build(
             &self,
             attempts: &[AttemptSpan],
             scope: &InstrumentationScope,
@@ -900,7 +897,7 @@ mod tests {
     }
 
     /// Requests whose spans take every branch of the conventions.
-    fn corpus() -> Vec<RequestSpan> {
+    pub(crate) fn corpus() -> Vec<RequestSpan> {
         let mut spans = vec![request(true), request(false)];
 
         let mut continued = request(false);
@@ -980,33 +977,21 @@ mod tests {
         spans
     }
 
-    fn decoded(bytes: &[u8]) -> ExportTraceServiceRequest {
-        ExportTraceServiceRequest::decode(bytes).expect("valid protobuf")
-    }
-
     #[test]
     fn encoded_spans_decode_as_the_sdk_conversion_built_them() {
-        let resource = opentelemetry_sdk::Resource::builder()
-            .with_service_name("shop")
-            .build();
-        let resource = ResourceAttributesWithSchema::from(&resource);
         let scope = InstrumentationScope::builder("outrider-proxy")
             .with_version("1.2.3")
             .build();
-        let corpus = corpus();
-        // One request at a time (every branch compared on its own), then all in one batch.
-        let mut batches: Vec<&[RequestSpan]> = corpus.chunks(1).collect();
-        batches.push(&corpus);
-        for batch in batches {
-            let reference: Vec<SpanData> = batch
-                .iter()
-                .flat_map(|span| span.reference_build(&span.attempt_spans, &scope))
+        for span in corpus() {
+            let expected: Vec<ProtoSpan> = span
+                .reference_build(&span.attempt_spans, &scope)
+                .into_iter()
+                .map(ProtoSpan::from)
                 .collect();
-            let expected = ExportTraceServiceRequest {
-                resource_spans: group_spans_by_resource_and_scope(reference, &resource),
-            };
-            let encoded = otlp::encode(batch, &otlp::Envelope::new(&resource, &scope));
-            assert_eq!(decoded(&encoded), expected, "{batch:?}");
+            let mut encoded = Vec::new();
+            span.encode(&mut encoded, &mut Vec::new());
+            let decoded = ScopeSpans::decode(&encoded[..]).expect("valid protobuf");
+            assert_eq!(decoded.spans, expected, "{span:?}");
         }
     }
 
