@@ -481,9 +481,9 @@ impl AccessRecord {
             authority: req
                 .uri()
                 .authority()
-                .map(|a| LoggedAuthority::Routed(a.clone()))
+                .map(|a| LoggedAuthority::Routed(detached_authority(a)))
                 .or_else(|| req.headers().get(http::header::HOST).and_then(text)),
-            uri: Some(req.uri().clone()),
+            uri: Some(detached_target(req.uri())),
             status: response.status().as_u16(),
             response_flags: flag.code(),
             upstream: None,
@@ -995,6 +995,9 @@ impl Finish {
         if let Some(sink) = &self.spans {
             // What the access log reads below is cloned; what only the span needs is moved.
             let logged = self.access_log.is_some();
+            // Copied, not shared: the request's URI and authority share the caller
+            // connection's read buffer, which a queued record would keep alive for as long as
+            // it waits (a full queue's worth while the collector or stdout is slow).
             let labels = &self.metrics.labels;
             sink.record(span::RequestSpan {
                 server: self.server,
@@ -1003,16 +1006,8 @@ impl Finish {
                 started_wall: self.started_wall,
                 elapsed,
                 method: self.method.clone(),
-                uri: if logged {
-                    self.uri.clone()
-                } else {
-                    self.uri.take()
-                },
-                authority: if logged {
-                    self.authority.clone()
-                } else {
-                    self.authority.take()
-                },
+                uri: self.uri.as_ref().map(detached_target),
+                authority: self.authority.as_ref().map(detached_authority),
                 version: self.report.version,
                 peer: self.peer,
                 endpoint: self.report.endpoint,
@@ -1039,9 +1034,17 @@ impl Finish {
                 service: Arc::clone(&labels.service),
                 route: Arc::clone(&labels.route),
                 method: Some(self.method.clone()),
-                authority: self.authority.take().map(LoggedAuthority::Routed),
-                // Kept for the log (and spans): `/` stands for a target without a path.
-                uri: Some(self.uri.take().unwrap_or_else(|| Uri::from_static("/"))),
+                // Copied, as for the span above.
+                authority: self
+                    .authority
+                    .as_ref()
+                    .map(detached_authority)
+                    .map(LoggedAuthority::Routed),
+                uri: Some(
+                    self.uri
+                        .as_ref()
+                        .map_or_else(|| Uri::from_static("/"), detached_target),
+                ),
                 // 0: no response went out (as Envoy logs it).
                 status: if self.responded {
                     self.status.as_u16()
@@ -1076,6 +1079,24 @@ impl Finish {
             });
         }
     }
+}
+
+/// `uri`'s path and query (all a log line or span reads of it) in bytes of their own: a
+/// request's URI shares the caller connection's read buffer, which a queued record would
+/// otherwise keep alive until it is written or exported.
+pub fn detached_target(uri: &Uri) -> Uri {
+    uri.path_and_query()
+        .and_then(|target| {
+            Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(target.as_str().as_bytes())).ok()
+        })
+        // No path (an authority-form CONNECT target): rare enough to share.
+        .unwrap_or_else(|| uri.clone())
+}
+
+/// `authority` in bytes of its own (see [`detached_target`]).
+pub fn detached_authority(authority: &Authority) -> Authority {
+    let copy = bytes::Bytes::copy_from_slice(authority.as_str().as_bytes());
+    Authority::from_maybe_shared(copy).unwrap_or_else(|_| authority.clone())
 }
 
 /// RFC 3339 UTC with microseconds: `2023-11-14T22:13:20.123456Z`.
@@ -1134,6 +1155,35 @@ mod tests {
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
         let end_of_year = SystemTime::UNIX_EPOCH + Duration::from_micros(1_798_761_599_999_999);
         assert_eq!(rfc3339(end_of_year), "2026-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn detached_targets_and_authorities_are_equal_copies() {
+        for target in ["http://shop:8080/p/q?token=1&x", "/", "/p?", "*"] {
+            let uri: Uri = target.parse().expect("uri");
+            let copy = detached_target(&uri);
+            assert_eq!(
+                (copy.path(), copy.query(), copy.path_and_query()),
+                (uri.path(), uri.query(), uri.path_and_query())
+            );
+            // `/` and `*` are static in both; the others are copies.
+            if target.len() > 1 {
+                let (copied, shared) = (copy.path().as_ptr(), uri.path().as_ptr());
+                assert_ne!(copied, shared, "{target}: a copy");
+            }
+        }
+        let connect = Uri::from_static("shop:443");
+        assert_eq!(detached_target(&connect).path(), connect.path());
+        for authority in ["shop", "shop:8080", "[::1]:9", "user@shop"] {
+            let authority: Authority = authority.parse().expect("authority");
+            let copy = detached_authority(&authority);
+            assert_eq!(copy, authority);
+            assert_eq!(
+                (copy.host(), copy.port_u16()),
+                (authority.host(), authority.port_u16())
+            );
+            assert_ne!(copy.as_str().as_ptr(), authority.as_str().as_ptr());
+        }
     }
 
     #[test]
