@@ -261,32 +261,30 @@ fn refused_span<B>(
         let host = req.headers().get(header::HOST)?;
         Authority::try_from(host.as_bytes()).ok()
     });
-    let reason = error.to_string();
-    let span = RequestSpan {
+    sink.record(RequestSpan {
         server,
-        trace,
+        trace: trace.clone(),
         started,
         started_wall,
         elapsed: started.elapsed(),
-        method: req.method(),
-        uri: Some(req.uri()),
-        authority: authority.as_ref(),
+        method: req.method().clone(),
+        uri: Some(crate::telemetry::detached_target(req.uri())),
+        authority: authority.as_ref().map(crate::telemetry::detached_authority),
         version: Some(req.version()),
         peer,
         endpoint: None,
-        labels,
+        service: Arc::clone(&labels.service),
+        route: Arc::clone(&labels.route),
         http_route: None,
         attempts: 0,
         status: Some(response.status()),
         grpc: headers::is_grpc(req),
         grpc_status: outcome::grpc_code(response.headers()),
-        error: Some(&reason),
+        error: Some(error.to_string()),
         cancelled: false,
         flag: error.flag(),
-    };
-    for span in span.build(&[], sink.scope()) {
-        sink.record(span);
-    }
+        attempt_spans: Vec::new(),
+    });
 }
 
 /// Holds a gauge incremented until dropped.

@@ -6,6 +6,7 @@
 //! counted (`outrider_spans_dropped_total`, `outrider_access_log_dropped_total`); nothing is
 //! ever queued without bound or awaited by a request.
 
+mod json;
 pub mod metrics;
 pub mod otlp;
 pub mod span;
@@ -22,19 +23,18 @@ use http::uri::Authority;
 use http::{Method, StatusCode, Uri};
 use opentelemetry::InstrumentationScope;
 use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
-use opentelemetry_sdk::trace::SpanData;
 use outrider_config::{Otlp, QueryLogging};
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::core::errors::ResponseFlag;
 use crate::telemetry::metrics::{RouteMetrics, TelemetryMetrics};
-use crate::trace::{SpanId, TraceContext};
+use crate::trace::{SpanId, TraceContext, TraceId};
 
-/// Spans waiting for export at most; beyond it spans are dropped (and counted).
+/// Requests' spans waiting for export at most (a request queues its span and its attempts'
+/// as one item); beyond it they are dropped (and counted).
 pub const SPAN_QUEUE: usize = 4096;
-/// Spans per export request.
+/// Requests' spans per export request.
 const SPAN_BATCH: usize = 512;
 /// The longest a span waits for its batch to fill.
 const SPAN_BATCH_DELAY: Duration = Duration::from_millis(500);
@@ -124,9 +124,8 @@ impl Spans {
 /// queue; when it is full they are dropped and counted.
 pub struct SpanSink {
     otlp: Otlp,
-    queue: mpsc::Sender<SpanData>,
+    queue: mpsc::Sender<span::RequestSpan>,
     metrics: TelemetryMetrics,
-    scope: InstrumentationScope,
     done: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     stop: tokio::sync::watch::Sender<bool>,
 }
@@ -147,11 +146,15 @@ impl SpanSink {
             .with_service_name(workload.to_string())
             .build();
         let resource = ResourceAttributesWithSchema::from(&resource);
+        let scope = InstrumentationScope::builder("outrider-proxy")
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build();
+        let envelope = otlp::Envelope::new(&resource, &scope);
         let (queue, rx) = mpsc::channel(SPAN_QUEUE);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(export_loop(
             collector,
-            resource,
+            envelope,
             rx,
             stop_rx,
             metrics.clone(),
@@ -160,23 +163,20 @@ impl SpanSink {
             otlp: otlp.clone(),
             queue,
             metrics,
-            scope: InstrumentationScope::builder("outrider-proxy")
-                .with_version(env!("CARGO_PKG_VERSION"))
-                .build(),
             done: std::sync::Mutex::new(Some(task)),
             stop,
         })
     }
 
-    /// The instrumentation scope of the spans it exports.
-    pub fn scope(&self) -> &InstrumentationScope {
-        &self.scope
-    }
-
-    /// Queues a finished span, or drops and counts it when the queue is full.
-    pub fn record(&self, span: SpanData) {
-        if self.queue.try_send(span).is_err() {
-            self.metrics.spans_dropped.inc();
+    /// Queues a finished request's spans, or drops and counts them when the queue is full.
+    /// They are encoded by the export task.
+    pub fn record(&self, spans: span::RequestSpan) {
+        if let Err(refused) = self.queue.try_send(spans) {
+            let spans = match &refused {
+                mpsc::error::TrySendError::Full(spans)
+                | mpsc::error::TrySendError::Closed(spans) => spans.count(),
+            };
+            self.metrics.spans_dropped.inc_by(spans);
         }
     }
 
@@ -194,8 +194,8 @@ impl SpanSink {
 
 async fn export_loop(
     mut collector: otlp::Collector,
-    resource: ResourceAttributesWithSchema,
-    mut rx: mpsc::Receiver<SpanData>,
+    envelope: otlp::Envelope,
+    mut rx: mpsc::Receiver<span::RequestSpan>,
     mut stop: tokio::sync::watch::Receiver<bool>,
     metrics: TelemetryMetrics,
 ) {
@@ -203,7 +203,7 @@ async fn export_loop(
     let mut failures = otlp::FailureLog::default();
     let mut export = Export {
         collector: &mut collector,
-        resource: &resource,
+        envelope: &envelope,
         metrics: &metrics,
         failures: &mut failures,
     };
@@ -253,7 +253,7 @@ async fn export_loop(
 /// What exporting a batch needs, held by the export task.
 struct Export<'a> {
     collector: &'a mut otlp::Collector,
-    resource: &'a ResourceAttributesWithSchema,
+    envelope: &'a otlp::Envelope,
     metrics: &'a TelemetryMetrics,
     failures: &'a mut otlp::FailureLog,
 }
@@ -262,15 +262,15 @@ impl Export<'_> {
     /// Encodes and delivers `batch` (with retries), counting its spans exported or dropped.
     async fn send(
         &mut self,
-        batch: &mut Vec<SpanData>,
+        batch: &mut Vec<span::RequestSpan>,
         stop: &mut tokio::sync::watch::Receiver<bool>,
     ) {
         if batch.is_empty() {
             return;
         }
-        let n = batch.len() as u64;
-        let spans = std::mem::replace(batch, Vec::with_capacity(SPAN_BATCH));
-        let encoded = otlp::encode(spans, self.resource);
+        let n: u64 = batch.iter().map(span::RequestSpan::count).sum();
+        let encoded = otlp::encode(batch, self.envelope);
+        batch.clear();
         match otlp::deliver(self.collector, &encoded, stop).await {
             Ok(()) => self.metrics.spans_exported.inc_by(n),
             Err(error) => {
@@ -282,33 +282,30 @@ impl Export<'_> {
 }
 
 /// One access-log line. Formatted (JSON or text, the query string redacted or not) on the
-/// writer thread, so the request path only copies what it already holds.
-#[derive(Debug, Serialize)]
+/// writer thread, so the request path only moves or reference-counts what it already holds.
+#[derive(Debug)]
 pub struct AccessRecord {
-    /// RFC 3339 time the request arrived (UTC).
-    pub time: String,
-    /// Trace id (32 hex).
-    pub trace_id: String,
-    /// This proxy's span id for the request (16 hex).
-    pub span_id: String,
+    /// When the request arrived; written RFC 3339 (UTC).
+    pub time: SystemTime,
+    /// Trace id and this proxy's span id for the request; absent for a request the parser
+    /// refused (written as empty strings).
+    pub ids: Option<(TraceId, SpanId)>,
     /// `x-request-id`, its bytes kept (see [`lossless`]).
-    #[serde(serialize_with = "header_text")]
     pub request_id: Option<HeaderValue>,
     /// `inbound` or `outbound`.
-    #[serde(serialize_with = "arc_str")]
     pub direction: Arc<str>,
     /// The service.
-    #[serde(serialize_with = "arc_str")]
     pub service: Arc<str>,
     /// The route.
-    #[serde(serialize_with = "arc_str")]
     pub route: Arc<str>,
-    /// HTTP method.
-    pub method: String,
+    /// HTTP method; absent (written empty) for a request the parser refused.
+    pub method: Option<Method>,
     /// Host / :authority.
-    pub authority: Option<String>,
-    /// Path and query, as received; the query is redacted or dropped when written (`style`).
-    pub path: String,
+    pub authority: Option<LoggedAuthority>,
+    /// The request target as received: its path and query are logged (`/` when it has
+    /// none), the query redacted or dropped when written (`style`); absent (written empty)
+    /// for a request the parser refused.
+    pub uri: Option<Uri>,
     /// Status sent to the caller.
     pub status: u16,
     /// Who made the response: `-` the upstream, else the proxy's reason (see [`ResponseFlag`]).
@@ -328,7 +325,6 @@ pub struct AccessRecord {
     /// The caller's address.
     pub peer: Option<SocketAddr>,
     /// `user-agent`, its bytes kept.
-    #[serde(serialize_with = "header_text")]
     pub user_agent: Option<HeaderValue>,
     /// The caller's HTTP version (`HTTP/1.1`, `HTTP/2`...).
     pub http_version: Option<&'static str>,
@@ -338,11 +334,28 @@ pub struct AccessRecord {
     /// The gRPC status sent to the caller (trailers, or a trailers-only response's headers).
     pub grpc_status: Option<u8>,
     /// The mTLS SPIFFE id of the caller (inbound) or of the upstream (outbound), when known.
-    #[serde(serialize_with = "header_text")]
     pub peer_identity: Option<HeaderValue>,
     /// How the line is written.
-    #[serde(skip)]
     pub style: AccessLogStyle,
+}
+
+/// A logged authority: the one routed, or the `Host` text of a request refused before routing
+/// (kept as sent even when it is no valid authority).
+#[derive(Debug)]
+pub enum LoggedAuthority {
+    /// As routed.
+    Routed(Authority),
+    /// As the caller sent it.
+    Text(String),
+}
+
+impl LoggedAuthority {
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Routed(authority) => authority.as_str(),
+            Self::Text(text) => text,
+        }
+    }
 }
 
 /// How access-log lines are written: the policy's `access_log` setting.
@@ -425,16 +438,6 @@ pub fn lossless(bytes: &[u8]) -> Cow<'_, str> {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-fn header_text<S: serde::Serializer>(
-    value: &Option<HeaderValue>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    match value {
-        Some(value) => serializer.serialize_str(&lossless(value.as_bytes())),
-        None => serializer.serialize_none(),
-    }
-}
-
 /// `HTTP/1.1` and the like, for the access log.
 pub fn version_name(version: http::Version) -> Option<&'static str> {
     Some(match version {
@@ -459,11 +462,14 @@ impl AccessRecord {
         response: &http::Response<R>,
         (error, flag): (String, ResponseFlag),
     ) -> Self {
-        let text = |v: &HeaderValue| v.to_str().ok().map(str::to_string);
+        let text = |v: &HeaderValue| {
+            v.to_str()
+                .ok()
+                .map(|t| LoggedAuthority::Text(t.to_string()))
+        };
         Self {
-            time: rfc3339(started_wall),
-            trace_id: trace.trace_id.to_hex(),
-            span_id: trace.span_id.to_hex(),
+            time: started_wall,
+            ids: Some((trace.trace_id, trace.span_id)),
             request_id: req
                 .headers()
                 .get(&crate::core::headers::REQUEST_ID)
@@ -471,16 +477,13 @@ impl AccessRecord {
             direction: Arc::clone(&labels.direction),
             service: Arc::clone(&labels.service),
             route: Arc::clone(&labels.route),
-            method: req.method().as_str().to_string(),
+            method: Some(req.method().clone()),
             authority: req
                 .uri()
                 .authority()
-                .map(|a| a.as_str().to_string())
+                .map(|a| LoggedAuthority::Routed(detached_authority(a)))
                 .or_else(|| req.headers().get(http::header::HOST).and_then(text)),
-            path: req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+            uri: Some(detached_target(req.uri())),
             status: response.status().as_u16(),
             response_flags: flag.code(),
             upstream: None,
@@ -514,16 +517,15 @@ impl AccessRecord {
     ) -> Self {
         let none: Arc<str> = Arc::from("");
         Self {
-            time: rfc3339(SystemTime::now()),
-            trace_id: String::new(),
-            span_id: String::new(),
+            time: SystemTime::now(),
+            ids: None,
             request_id: None,
             direction: Arc::from(direction),
             service: Arc::clone(&none),
             route: none,
-            method: String::new(),
+            method: None,
             authority: None,
-            path: String::new(),
+            uri: None,
             status,
             response_flags: ResponseFlag::MalformedRequest.code(),
             upstream: None,
@@ -542,35 +544,102 @@ impl AccessRecord {
         }
     }
 
-    /// Writes the line in its style (without the newline).
-    fn write_to(mut self, out: &mut impl std::io::Write) -> std::io::Result<()> {
-        let shown = match logged_path(&self.path, self.style.query) {
-            Cow::Borrowed(kept) if kept.len() == self.path.len() => None,
-            shown => Some(shown.into_owned()),
-        };
-        if let Some(shown) = shown {
-            self.path = shown;
-        }
+    /// The logged request target: path and query as received (`/` without them), empty for
+    /// a request the parser refused.
+    fn target(&self) -> &str {
+        self.uri
+            .as_ref()
+            .map_or("", |uri| uri.path_and_query().map_or("/", |p| p.as_str()))
+    }
+
+    /// Appends the line in its style (without the newline) to `out`.
+    fn write_to(&self, out: &mut Vec<u8>) -> std::io::Result<()> {
+        let path = logged_path(self.target(), self.style.query);
         if self.style.text {
-            self.write_text(out)
+            self.write_text(&path, out)
         } else {
-            serde_json::to_writer(out, &self).map_err(std::io::Error::other)
+            self.write_json(&path, out);
+            Ok(())
         }
+    }
+
+    /// The JSON form: one object, its fields in this order, absent ones `null`.
+    fn write_json(&self, path: &str, out: &mut Vec<u8>) {
+        let header = |out: &mut Vec<u8>, value: &HeaderValue| {
+            json::string(out, &lossless(value.as_bytes()));
+        };
+        out.extend_from_slice(b"{\"time\":\"");
+        out.extend_from_slice(&rfc3339_bytes(self.time));
+        out.extend_from_slice(b"\",\"trace_id\":\"");
+        if let Some((trace, _)) = self.ids {
+            hex(out, &trace.0);
+        }
+        out.extend_from_slice(b"\",\"span_id\":\"");
+        if let Some((_, span)) = self.ids {
+            hex(out, &span.0);
+        }
+        out.extend_from_slice(b"\",\"request_id\":");
+        json::or_null(out, self.request_id.as_ref(), header);
+        out.extend_from_slice(b",\"direction\":");
+        json::string(out, &self.direction);
+        out.extend_from_slice(b",\"service\":");
+        json::string(out, &self.service);
+        out.extend_from_slice(b",\"route\":");
+        json::string(out, &self.route);
+        out.extend_from_slice(b",\"method\":");
+        json::string(out, self.method.as_ref().map_or("", Method::as_str));
+        out.extend_from_slice(b",\"authority\":");
+        json::or_null(out, self.authority.as_ref(), |out, a| {
+            json::string(out, a.as_str())
+        });
+        out.extend_from_slice(b",\"path\":");
+        json::string(out, path);
+        out.extend_from_slice(b",\"status\":");
+        json::uint(out, u64::from(self.status));
+        out.extend_from_slice(b",\"response_flags\":");
+        json::string(out, self.response_flags);
+        out.extend_from_slice(b",\"upstream\":");
+        json::or_null(out, self.upstream.as_ref(), json::socket_addr);
+        out.extend_from_slice(b",\"attempts\":");
+        json::uint(out, u64::from(self.attempts));
+        out.extend_from_slice(b",\"duration_seconds\":");
+        json::float(out, self.duration_seconds);
+        out.extend_from_slice(b",\"request_bytes\":");
+        json::uint(out, self.request_bytes);
+        out.extend_from_slice(b",\"response_bytes\":");
+        json::uint(out, self.response_bytes);
+        out.extend_from_slice(b",\"error\":");
+        json::or_null(out, self.error.as_deref(), json::string);
+        out.extend_from_slice(b",\"peer\":");
+        json::or_null(out, self.peer.as_ref(), json::socket_addr);
+        out.extend_from_slice(b",\"user_agent\":");
+        json::or_null(out, self.user_agent.as_ref(), header);
+        out.extend_from_slice(b",\"http_version\":");
+        json::or_null(out, self.http_version, json::string);
+        out.extend_from_slice(b",\"upstream_seconds\":");
+        json::or_null(out, self.upstream_seconds, json::float);
+        out.extend_from_slice(b",\"grpc_status\":");
+        json::or_null(out, self.grpc_status, |out, code| {
+            json::uint(out, u64::from(code))
+        });
+        out.extend_from_slice(b",\"peer_identity\":");
+        json::or_null(out, self.peer_identity.as_ref(), header);
+        out.push(b'}');
     }
 
     /// The text form: `time direction service/route peer "METHOD path VERSION" status
     /// duration`, then `key=value` for each field that is set, strings quoted.
-    fn write_text(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    fn write_text(&self, path: &str, out: &mut impl std::io::Write) -> std::io::Result<()> {
         write!(
             out,
             "{} {} {}/{} {} \"{} {} {}\" {} {:.6}s",
-            self.time,
+            rfc3339(self.time),
             self.direction,
             dash(&self.service),
             dash(&self.route),
             self.peer.map_or_else(|| "-".to_string(), |p| p.to_string()),
-            dash(&self.method),
-            quoted_inner(dash(&self.path)),
+            dash(self.method.as_ref().map_or("", Method::as_str)),
+            quoted_inner(dash(path)),
             self.http_version.unwrap_or("-"),
             self.status,
             self.duration_seconds,
@@ -590,7 +659,7 @@ impl AccessRecord {
             write!(out, " grpc_status={code}")?;
         }
         if let Some(authority) = &self.authority {
-            write!(out, " authority=\"{}\"", quoted_inner(authority))?;
+            write!(out, " authority=\"{}\"", quoted_inner(authority.as_str()))?;
         }
         for (name, value) in [
             ("peer_identity", &self.peer_identity),
@@ -605,13 +674,26 @@ impl AccessRecord {
                 )?;
             }
         }
-        if !self.trace_id.is_empty() {
-            write!(out, " trace_id={} span_id={}", self.trace_id, self.span_id)?;
+        if let Some((trace, span)) = self.ids {
+            write!(
+                out,
+                " trace_id={} span_id={}",
+                trace.to_hex(),
+                span.to_hex()
+            )?;
         }
         if let Some(error) = &self.error {
             write!(out, " error=\"{}\"", quoted_inner(error))?;
         }
         Ok(())
+    }
+}
+
+/// `bytes` in lowercase hex.
+fn hex(out: &mut Vec<u8>, bytes: &[u8]) {
+    for byte in bytes {
+        out.push(HEX[usize::from(byte >> 4)]);
+        out.push(HEX[usize::from(byte & 0xf)]);
     }
 }
 
@@ -651,10 +733,6 @@ fn quoted_inner(text: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
-}
-
-fn arc_str<S: serde::Serializer>(value: &Arc<str>, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(value)
 }
 
 /// Writes access-log lines to stdout from its own thread (stdout is a blocking file; a slow
@@ -727,13 +805,22 @@ fn write_access_log(
 ) {
     use std::io::Write;
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    // Each line is made whole in `line` and handed to the BufWriter in one write_all, which
+    // never splits it between two write(2) calls (a line longer than the buffer goes in one
+    // call of its own).
+    let mut line = Vec::with_capacity(1024);
     // A plain thread, outside the runtime: blocking_recv parks it until a line comes.
     while let Some(record) = rx.blocking_recv() {
         let mut next = Some(record);
         let mut batch = 0;
         // Write everything already queued, then flush once.
         while let Some(record) = next.take() {
-            if record.write_to(&mut out).is_err() || out.write_all(b"\n").is_err() {
+            line.clear();
+            if record.write_to(&mut line).is_err() {
+                return;
+            }
+            line.push(b'\n');
+            if out.write_all(&line).is_err() {
                 return;
             }
             lines.inc();
@@ -898,7 +985,7 @@ impl Finish {
         // which can be after this (an upstream answering before reading the whole body).
         traffic.response_bytes.inc_by(bytes);
         traffic.stream_duration.observe(elapsed.as_secs_f64());
-        let error = match self.cancelled {
+        let mut error = match self.cancelled {
             true => Some(format!(
                 "{}: the caller went away before the response ended",
                 metrics::CANCELLED
@@ -906,49 +993,58 @@ impl Finish {
             false => self.report.error.clone().or(error),
         };
         if let Some(sink) = &self.spans {
-            let spans = span::RequestSpan {
+            // What the access log reads below is cloned; what only the span needs is moved.
+            let logged = self.access_log.is_some();
+            // Copied, not shared: the request's URI and authority share the caller
+            // connection's read buffer, which a queued record would keep alive for as long as
+            // it waits (a full queue's worth while the collector or stdout is slow).
+            let labels = &self.metrics.labels;
+            sink.record(span::RequestSpan {
                 server: self.server,
-                trace: &self.trace,
+                trace: self.trace.clone(),
                 started: self.started,
                 started_wall: self.started_wall,
                 elapsed,
-                method: &self.method,
-                uri: self.uri.as_ref(),
-                authority: self.authority.as_ref(),
+                method: self.method.clone(),
+                uri: self.uri.as_ref().map(detached_target),
+                authority: self.authority.as_ref().map(detached_authority),
                 version: self.report.version,
                 peer: self.peer,
                 endpoint: self.report.endpoint,
-                labels: &self.metrics.labels,
-                http_route: self.http_route.as_deref(),
+                service: Arc::clone(&labels.service),
+                route: Arc::clone(&labels.route),
+                http_route: self.http_route.take(),
                 attempts: self.report.attempts,
                 status: self.responded.then_some(self.status),
                 grpc: self.grpc,
                 grpc_status: self.grpc_status,
-                error: error.as_deref(),
+                error: if logged { error.clone() } else { error.take() },
                 cancelled: self.cancelled,
                 flag,
-            };
-            for span in spans.build(&self.report.spans, sink.scope()) {
-                sink.record(span);
-            }
+                attempt_spans: std::mem::take(&mut self.report.spans),
+            });
         }
         if let (Some(log), Some(logged)) = (&self.access_log, self.logged.as_deref()) {
             let labels = &self.metrics.labels;
             log.record(AccessRecord {
-                time: rfc3339(self.started_wall),
-                trace_id: self.trace.trace_id.to_hex(),
-                span_id: self.trace.span_id.to_hex(),
+                time: self.started_wall,
+                ids: Some((self.trace.trace_id, self.trace.span_id)),
                 request_id: self.request_id.clone(),
                 direction: Arc::clone(&labels.direction),
                 service: Arc::clone(&labels.service),
                 route: Arc::clone(&labels.route),
-                method: self.method.as_str().to_string(),
-                authority: self.authority.as_ref().map(|a| a.as_str().to_string()),
-                path: self
-                    .uri
+                method: Some(self.method.clone()),
+                // Copied, as for the span above.
+                authority: self
+                    .authority
                     .as_ref()
-                    .and_then(Uri::path_and_query)
-                    .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+                    .map(detached_authority)
+                    .map(LoggedAuthority::Routed),
+                uri: Some(
+                    self.uri
+                        .as_ref()
+                        .map_or_else(|| Uri::from_static("/"), detached_target),
+                ),
                 // 0: no response went out (as Envoy logs it).
                 status: if self.responded {
                     self.status.as_u16()
@@ -985,8 +1081,32 @@ impl Finish {
     }
 }
 
+/// `uri`'s path and query (all a log line or span reads of it) in bytes of their own: a
+/// request's URI shares the caller connection's read buffer, which a queued record would
+/// otherwise keep alive until it is written or exported.
+pub fn detached_target(uri: &Uri) -> Uri {
+    uri.path_and_query()
+        .and_then(|target| {
+            Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(target.as_str().as_bytes())).ok()
+        })
+        // No path (an authority-form CONNECT target): rare enough to share.
+        .unwrap_or_else(|| uri.clone())
+}
+
+/// `authority` in bytes of its own (see [`detached_target`]).
+pub fn detached_authority(authority: &Authority) -> Authority {
+    let copy = bytes::Bytes::copy_from_slice(authority.as_str().as_bytes());
+    Authority::from_maybe_shared(copy).unwrap_or_else(|_| authority.clone())
+}
+
 /// RFC 3339 UTC with microseconds: `2023-11-14T22:13:20.123456Z`.
 pub fn rfc3339(at: SystemTime) -> String {
+    // Only ASCII digits and separators are written.
+    String::from_utf8_lossy(&rfc3339_bytes(at)).into_owned()
+}
+
+/// [`rfc3339`] on the stack.
+fn rfc3339_bytes(at: SystemTime) -> [u8; 27] {
     let since = at
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
@@ -1016,8 +1136,7 @@ pub fn rfc3339(at: SystemTime) -> String {
             value /= 10;
         }
     }
-    // Only ASCII digits and separators were written.
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 #[cfg(test)]
@@ -1036,6 +1155,35 @@ mod tests {
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
         let end_of_year = SystemTime::UNIX_EPOCH + Duration::from_micros(1_798_761_599_999_999);
         assert_eq!(rfc3339(end_of_year), "2026-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn detached_targets_and_authorities_are_equal_copies() {
+        for target in ["http://shop:8080/p/q?token=1&x", "/", "/p?", "*"] {
+            let uri: Uri = target.parse().expect("uri");
+            let copy = detached_target(&uri);
+            assert_eq!(
+                (copy.path(), copy.query(), copy.path_and_query()),
+                (uri.path(), uri.query(), uri.path_and_query())
+            );
+            // `/` and `*` are static in both; the others are copies.
+            if target.len() > 1 {
+                let (copied, shared) = (copy.path().as_ptr(), uri.path().as_ptr());
+                assert_ne!(copied, shared, "{target}: a copy");
+            }
+        }
+        let connect = Uri::from_static("shop:443");
+        assert_eq!(detached_target(&connect).path(), connect.path());
+        for authority in ["shop", "shop:8080", "[::1]:9", "user@shop"] {
+            let authority: Authority = authority.parse().expect("authority");
+            let copy = detached_authority(&authority);
+            assert_eq!(copy, authority);
+            assert_eq!(
+                (copy.host(), copy.port_u16()),
+                (authority.host(), authority.port_u16())
+            );
+            assert_ne!(copy.as_str().as_ptr(), authority.as_str().as_ptr());
+        }
     }
 
     #[test]
@@ -1062,6 +1210,135 @@ mod tests {
         );
         assert_eq!(lossless("caf\u{e9}".as_bytes()), "caf\u{e9}");
         assert_eq!(lossless(b"\xc3"), "\\xc3", "a cut-off UTF-8 sequence");
+    }
+
+    /// The line as the derived `Serialize` wrote it before the hand-written JSON: the
+    /// reference the writer is checked against.
+    #[derive(serde::Serialize)]
+    struct ReferenceLine {
+        time: String,
+        trace_id: String,
+        span_id: String,
+        request_id: Option<String>,
+        direction: String,
+        service: String,
+        route: String,
+        method: String,
+        authority: Option<String>,
+        path: String,
+        status: u16,
+        response_flags: &'static str,
+        upstream: Option<SocketAddr>,
+        attempts: u32,
+        duration_seconds: f64,
+        request_bytes: u64,
+        response_bytes: u64,
+        error: Option<String>,
+        peer: Option<SocketAddr>,
+        user_agent: Option<String>,
+        http_version: Option<&'static str>,
+        upstream_seconds: Option<f64>,
+        grpc_status: Option<u8>,
+        peer_identity: Option<String>,
+    }
+
+    fn reference_json(record: &AccessRecord) -> String {
+        let header =
+            |v: &Option<HeaderValue>| v.as_ref().map(|v| lossless(v.as_bytes()).into_owned());
+        let line = ReferenceLine {
+            time: rfc3339(record.time),
+            trace_id: record.ids.map(|(t, _)| t.to_hex()).unwrap_or_default(),
+            span_id: record.ids.map(|(_, s)| s.to_hex()).unwrap_or_default(),
+            request_id: header(&record.request_id),
+            direction: record.direction.to_string(),
+            service: record.service.to_string(),
+            route: record.route.to_string(),
+            method: record
+                .method
+                .as_ref()
+                .map_or("", Method::as_str)
+                .to_string(),
+            authority: record.authority.as_ref().map(|a| a.as_str().to_string()),
+            path: logged_path(record.target(), record.style.query).into_owned(),
+            status: record.status,
+            response_flags: record.response_flags,
+            upstream: record.upstream,
+            attempts: record.attempts,
+            duration_seconds: record.duration_seconds,
+            request_bytes: record.request_bytes,
+            response_bytes: record.response_bytes,
+            error: record.error.clone(),
+            peer: record.peer,
+            user_agent: header(&record.user_agent),
+            http_version: record.http_version,
+            upstream_seconds: record.upstream_seconds,
+            grpc_status: record.grpc_status,
+            peer_identity: header(&record.peer_identity),
+        };
+        serde_json::to_string(&line).expect("serialized")
+    }
+
+    #[test]
+    fn json_lines_are_what_serde_json_wrote() {
+        let mut records = vec![AccessRecord::malformed(
+            "inbound",
+            "[::1]:9".parse().expect("address"),
+            431,
+            "headers too large: \"x\\y\"\n\u{1}\u{7f}".into(),
+        )];
+        let weird = [
+            "plain",
+            "quote \" backslash \\ tab\t nl\n cr\r \u{8}\u{c}\u{1f}",
+            "caf\u{e9} \u{2028} \u{1f600}",
+        ];
+        for (i, text) in weird.iter().enumerate() {
+            let header = HeaderValue::from_bytes(
+                text.replace(['\n', '\r', '\t', '\u{8}', '\u{c}', '\u{1f}'], "")
+                    .as_bytes(),
+            )
+            .expect("header");
+            let raw = HeaderValue::from_bytes(b"req-\xff\\x41").expect("header");
+            records.push(AccessRecord {
+                time: SystemTime::UNIX_EPOCH
+                    + Duration::from_micros(1_700_000_000_123_456 + i as u64),
+                ids: Some((TraceId([0xab; 16]), SpanId([0x01; 8]))),
+                request_id: Some(raw),
+                direction: Arc::from("outbound"),
+                service: Arc::from(*text),
+                route: Arc::from(""),
+                method: Some(Method::from_bytes(b"PURGE").expect("method")),
+                authority: Some(if i == 0 {
+                    LoggedAuthority::Routed(Authority::from_static("shop:8080"))
+                } else {
+                    LoggedAuthority::Text((*text).to_string())
+                }),
+                uri: Some(Uri::from_static("/p/caf%C3%A9?token=s3cret&debug&x=")),
+                status: 503,
+                response_flags: ResponseFlag::ConnectFailure.code(),
+                upstream: Some("[fd00::7]:8080".parse().expect("address")),
+                attempts: 3,
+                duration_seconds: [0.000_012_3, 1e-7, 12.5][i],
+                request_bytes: u64::MAX,
+                response_bytes: 0,
+                error: Some((*text).to_string()),
+                peer: Some("10.1.2.3:65535".parse().expect("address")),
+                user_agent: Some(header),
+                http_version: Some("HTTP/2"),
+                upstream_seconds: Some([0.0, 3_600.000_001, f64::NAN][i]),
+                grpc_status: Some(14),
+                peer_identity: None,
+                style: AccessLogStyle {
+                    text: false,
+                    query: [QueryLogging::Redact, QueryLogging::Keep, QueryLogging::Drop][i],
+                },
+            });
+        }
+        for record in &records {
+            let mut out = Vec::new();
+            record.write_to(&mut out).expect("written");
+            let line = String::from_utf8(out).expect("UTF-8");
+            assert_eq!(line, reference_json(record));
+        }
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The OTLP span exporter: batches encoded with the opentelemetry-proto types and sent over
+//! The OTLP span exporter: batches encoded to OTLP protobuf (by hand, see [`encode`]) and sent over
 //! OTLP/gRPC or OTLP/HTTP (protobuf), plain or TLS, on one kept connection. What the OTLP
 //! specification calls retryable is retried with capped exponential backoff and jitter,
 //! honouring the collector's `Retry-After` (HTTP) or `RetryInfo` (gRPC) up to a cap; anything
@@ -18,10 +18,10 @@ use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry::InstrumentationScope;
+use opentelemetry_proto::tonic::common::v1::InstrumentationScope as ScopeMessage;
+use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
-use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
-use opentelemetry_sdk::trace::SpanData;
 use outrider_config::{Otlp, OtlpProtocol};
 use prost::Message;
 use rustls::pki_types::pem::PemObject;
@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::policy::backoff::ceiling;
+use crate::telemetry::span::{pb, RequestSpan};
 
 /// The first retry waits between half of this and this (equal jitter), doubling per retry.
 const RETRY_BASE: Duration = Duration::from_millis(500);
@@ -242,12 +243,62 @@ impl FailureLog {
     }
 }
 
-/// Encodes `spans` as one `ExportTraceServiceRequest` under `resource`.
-pub fn encode(spans: Vec<SpanData>, resource: &ResourceAttributesWithSchema) -> Bytes {
-    let request = ExportTraceServiceRequest {
-        resource_spans: group_spans_by_resource_and_scope(spans, resource),
-    };
-    Bytes::from(request.encode_to_vec())
+/// What every export request repeats: the resource and the instrumentation scope, encoded
+/// once when the exporter starts.
+pub struct Envelope {
+    /// A `Resource` message.
+    resource: Vec<u8>,
+    /// `ResourceSpans.schema_url`.
+    schema_url: String,
+    /// An `InstrumentationScope` message.
+    scope: Vec<u8>,
+}
+
+impl Envelope {
+    /// The envelope of spans from `scope` under `resource`.
+    pub fn new(resource: &ResourceAttributesWithSchema, scope: &InstrumentationScope) -> Self {
+        let resource_message = Resource {
+            attributes: resource.attributes.0.clone(),
+            dropped_attributes_count: 0,
+            entity_refs: vec![],
+        };
+        let scope_message = ScopeMessage::from((scope, None));
+        Self {
+            resource: resource_message.encode_to_vec(),
+            schema_url: resource.schema_url.clone().unwrap_or_default(),
+            scope: scope_message.encode_to_vec(),
+        }
+    }
+}
+
+/// Encodes the spans of `batch` as one `ExportTraceServiceRequest`: one `ResourceSpans` with
+/// one `ScopeSpans`, written directly (see [`RequestSpan::encode`]).
+pub fn encode(batch: &[RequestSpan], envelope: &Envelope) -> Bytes {
+    // About 400 bytes per span; a guess, the vector grows if short.
+    let mut spans = Vec::with_capacity(batch.len() * 1024);
+    let mut scratch = Vec::with_capacity(1024);
+    for request in batch {
+        request.encode(&mut spans, &mut scratch);
+    }
+    // ScopeSpans { scope = 1, spans = 2 (each already framed), schema_url = 3 (none) }
+    let scope_spans_len = pb::bytes_len(1, envelope.scope.len()) + spans.len();
+    // ResourceSpans { resource = 1, scope_spans = 2, schema_url = 3 }
+    let mut resource_spans_len =
+        pb::bytes_len(1, envelope.resource.len()) + pb::bytes_len(2, scope_spans_len);
+    if !envelope.schema_url.is_empty() {
+        resource_spans_len += pb::bytes_len(3, envelope.schema_url.len());
+    }
+    // ExportTraceServiceRequest { resource_spans = 1 }
+    let mut out = Vec::with_capacity(pb::bytes_len(1, resource_spans_len));
+    pb::header(&mut out, 1, resource_spans_len);
+    pb::bytes(&mut out, 1, &envelope.resource);
+    pb::header(&mut out, 2, scope_spans_len);
+    pb::bytes(&mut out, 1, &envelope.scope);
+    out.extend_from_slice(&spans);
+    if !envelope.schema_url.is_empty() {
+        pb::bytes(&mut out, 3, envelope.schema_url.as_bytes());
+    }
+    Bytes::from(out)
 }
 
 /// A kept connection to the collector.
@@ -597,6 +648,39 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use std::collections::VecDeque;
+
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
+    use opentelemetry_sdk::trace::SpanData;
+
+    use crate::telemetry::span::tests::corpus;
+
+    #[test]
+    fn a_batch_decodes_as_the_sdk_conversion_built_it() {
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name("shop")
+            .build();
+        let resource = ResourceAttributesWithSchema::from(&resource);
+        let scope = InstrumentationScope::builder("outrider-proxy")
+            .with_version("1.2.3")
+            .build();
+        let corpus = corpus();
+        // One request at a time, then all in one batch.
+        let mut batches: Vec<&[RequestSpan]> = corpus.chunks(1).collect();
+        batches.push(&corpus);
+        for batch in batches {
+            let reference: Vec<SpanData> = batch
+                .iter()
+                .flat_map(|span| span.reference_build(&span.attempt_spans, &scope))
+                .collect();
+            let expected = ExportTraceServiceRequest {
+                resource_spans: group_spans_by_resource_and_scope(reference, &resource),
+            };
+            let encoded = encode(batch, &Envelope::new(&resource, &scope));
+            let decoded = ExportTraceServiceRequest::decode(encoded).expect("valid protobuf");
+            assert_eq!(decoded, expected, "{batch:?}");
+        }
+    }
 
     #[test]
     fn http_endpoint_gets_the_traces_path() {

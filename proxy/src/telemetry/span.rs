@@ -1,25 +1,22 @@
 //! The content of the spans the proxy exports: a request span (server span inbound, client
 //! span outbound) and one child client span per attempt under retries, with OpenTelemetry's
-//! HTTP and gRPC semantic conventions. Built only for sampled requests when spans are
-//! exported, so nothing here runs on the request path of an untraced request.
+//! HTTP and gRPC semantic conventions. A sampled request queues a [`RequestSpan`] (what it
+//! already holds, moved or cheaply cloned); the export task turns it into OTLP protobuf,
+//! written directly rather than through the opentelemetry types (which cost an allocation
+//! per attribute and a deep copy per span when converted).
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::uri::Authority;
 use http::{Method, StatusCode, Uri, Version};
-use opentelemetry::trace::{
-    SpanContext, SpanId as OtelSpanId, SpanKind, Status, TraceFlags, TraceId as OtelTraceId,
-    TraceState,
-};
-use opentelemetry::{InstrumentationScope, KeyValue};
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
+use opentelemetry::trace::TraceState;
 use tokio::time::Instant;
 
-use crate::telemetry::metrics::{RouteLabels, CANCELLED};
+use crate::telemetry::metrics::CANCELLED;
 use crate::telemetry::AttemptSpan;
 use crate::trace::{SpanId, TraceContext};
 
@@ -28,12 +25,15 @@ use crate::trace::{SpanId, TraceContext};
 /// span still tells which parameters a request had.
 const REDACTED: &str = "REDACTED";
 
-/// Everything a request span says, borrowed from the exchange.
-pub struct RequestSpan<'a> {
+/// Everything a request span and its attempts' spans say, taken from the exchange when it
+/// ends. This is what the request path queues; the export task encodes it to OTLP protobuf
+/// ([`RequestSpan::encode`]), so attribute building and encoding cost the request nothing.
+#[derive(Debug)]
+pub struct RequestSpan {
     /// Server span (inbound) or client span (outbound).
     pub server: bool,
     /// The request's trace context (its span id is the span's).
-    pub trace: &'a TraceContext,
+    pub trace: TraceContext,
     /// Arrival, monotonic.
     pub started: Instant,
     /// Arrival, wall-clock.
@@ -41,11 +41,11 @@ pub struct RequestSpan<'a> {
     /// Arrival to end.
     pub elapsed: Duration,
     /// Method.
-    pub method: &'a Method,
+    pub method: Method,
     /// Request target as received.
-    pub uri: Option<&'a Uri>,
+    pub uri: Option<Uri>,
     /// Authority as routed.
-    pub authority: Option<&'a Authority>,
+    pub authority: Option<Authority>,
     /// HTTP version on this span's side: the caller's for a server span, the upstream's for a
     /// client span.
     pub version: Option<Version>,
@@ -53,10 +53,12 @@ pub struct RequestSpan<'a> {
     pub peer: SocketAddr,
     /// The endpoint of the last attempt.
     pub endpoint: Option<SocketAddr>,
-    /// Direction, service and route name.
-    pub labels: &'a RouteLabels,
+    /// The service (`outrider.service`).
+    pub service: Arc<str>,
+    /// The route name (`outrider.route`).
+    pub route: Arc<str>,
     /// The matched route's template (`http.route`), when a route matched.
-    pub http_route: Option<&'a str>,
+    pub http_route: Option<Arc<str>>,
     /// Attempts made.
     pub attempts: u32,
     /// Status sent; `None` when the caller left before the response headers.
@@ -66,197 +68,212 @@ pub struct RequestSpan<'a> {
     /// The response's `grpc-status`, from its headers or trailers.
     pub grpc_status: Option<u8>,
     /// Why the exchange failed, if it did.
-    pub error: Option<&'a str>,
+    pub error: Option<String>,
     /// The caller abandoned the exchange before its response ended.
     pub cancelled: bool,
     /// Who made the response (`outrider.response_flags`).
     pub flag: crate::core::errors::ResponseFlag,
+    /// The attempts, each a child client span.
+    pub attempt_spans: Vec<AttemptSpan>,
 }
 
-impl RequestSpan<'_> {
-    /// The span and its attempts' child spans, for `scope`.
-    pub fn build(&self, attempts: &[AttemptSpan], scope: &InstrumentationScope) -> Vec<SpanData> {
-        let mut spans = Vec::with_capacity(1 + attempts.len());
-        spans.push(self.request_span(scope));
-        let wall = |at: Instant| self.started_wall + at.saturating_duration_since(self.started);
-        let method = method_name(self.method);
-        let host = self.authority.map(Authority::host);
-        for attempt in attempts {
-            let mut attributes = vec![
-                KeyValue::new("http.request.method", method),
-                KeyValue::new("network.peer.address", attempt.endpoint.ip().to_string()),
-                KeyValue::new("network.peer.port", i64::from(attempt.endpoint.port())),
-            ];
-            if let Some(host) = host {
-                attributes.push(KeyValue::new("server.address", host.to_string()));
-            }
-            if attempt.number > 1 {
-                attributes.push(KeyValue::new(
-                    "http.request.resend_count",
-                    i64::from(attempt.number - 1),
-                ));
-            }
-            let status = match (attempt.status, &attempt.error) {
-                (_, Some(reason)) => {
-                    attributes.push(KeyValue::new(
-                        "error.type",
-                        error_type(reason, StatusCode::BAD_GATEWAY),
-                    ));
-                    Status::error(reason.clone())
-                }
-                (Some(code), None) => {
-                    attributes.push(KeyValue::new(
-                        "http.response.status_code",
-                        i64::from(code.as_u16()),
-                    ));
-                    // An attempt is a client span: 4xx and 5xx are errors.
-                    if code.is_client_error() || code.is_server_error() {
-                        attributes.push(KeyValue::new("error.type", code.as_str().to_string()));
-                        Status::error("")
-                    } else {
-                        Status::Unset
-                    }
-                }
-                (None, None) => Status::Unset,
-            };
-            spans.push(SpanData {
-                span_context: self.context(attempt.span_id),
-                parent_span_id: OtelSpanId::from_bytes(self.trace.span_id.0),
-                parent_span_is_remote: false,
-                span_kind: SpanKind::Client,
-                name: Cow::Borrowed(method),
-                start_time: wall(attempt.started),
-                end_time: wall(attempt.ended),
-                attributes,
-                dropped_attributes_count: 0,
-                events: SpanEvents::default(),
-                links: SpanLinks::default(),
-                status,
-                instrumentation_scope: scope.clone(),
-            });
-        }
-        spans
+/// A span's status: unset, or an error with its description.
+#[derive(Debug, PartialEq, Eq)]
+enum SpanStatus<'a> {
+    Unset,
+    Error(&'a str),
+}
+
+/// OTLP's `Span.SpanKind` values.
+const KIND_SERVER: u64 = 2;
+const KIND_CLIENT: u64 = 3;
+/// OTLP's `Status.StatusCode.STATUS_CODE_ERROR`.
+const STATUS_ERROR: u64 = 2;
+/// `SpanFlags`: the W3C flags, plus "whether the parent is remote is known" and "it is".
+const FLAG_SAMPLED: u32 = 0x01;
+const FLAG_RANDOM: u32 = 0x02;
+const FLAG_HAS_IS_REMOTE: u32 = 0x100;
+const FLAG_IS_REMOTE: u32 = 0x200;
+
+impl RequestSpan {
+    /// How many spans it holds: the request's and one per recorded attempt.
+    pub fn count(&self) -> u64 {
+        1 + self.attempt_spans.len() as u64
     }
 
-    fn context(&self, span: SpanId) -> SpanContext {
-        let mut flags = TraceFlags::SAMPLED;
-        if self.trace.random {
-            flags = TraceFlags::new(flags.to_u8() | 0x02);
+    /// Appends the request's span and its attempts' spans to `out`, each as a `spans` field
+    /// of an OTLP `ScopeSpans` message; `scratch` is reused between spans.
+    pub fn encode(&self, out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
+        scratch.clear();
+        self.encode_request_span(scratch);
+        pb::bytes(out, SCOPE_SPANS_SPANS, scratch);
+        for attempt in &self.attempt_spans {
+            scratch.clear();
+            self.encode_attempt(attempt, scratch);
+            pb::bytes(out, SCOPE_SPANS_SPANS, scratch);
         }
-        // The tracestate forwarded with the request. OpenTelemetry's parser knows only Level 1
-        // keys (`tenant@system`); a Level 2 key it refuses leaves the span's empty.
-        let state = self
-            .trace
+    }
+
+    /// The span's tracestate: the one forwarded with the request. OpenTelemetry's parser
+    /// knows only Level 1 keys (`tenant@system`); a Level 2 key it refuses leaves the span's
+    /// empty.
+    fn trace_state(&self) -> String {
+        self.trace
             .tracestate
             .as_ref()
             .and_then(|v| v.to_str().ok())
             .and_then(|v| TraceState::from_str(v).ok())
-            .unwrap_or(TraceState::NONE);
-        SpanContext::new(
-            OtelTraceId::from_bytes(self.trace.trace_id.0),
-            OtelSpanId::from_bytes(span.0),
-            flags,
-            false,
-            state,
-        )
+            .map(|state| state.header())
+            .unwrap_or_default()
     }
 
-    fn request_span(&self, scope: &InstrumentationScope) -> SpanData {
-        let method = method_name(self.method);
-        let path = self.uri.map_or("/", Uri::path);
-        let query = self.uri.and_then(Uri::query).map(redact_query);
-        let mut attributes = vec![
-            KeyValue::new("http.request.method", method),
-            KeyValue::new("url.scheme", "http"),
-            KeyValue::new("url.path", path.to_string()),
-            KeyValue::new("outrider.service", self.labels.service.to_string()),
-            KeyValue::new("outrider.route", self.labels.route.to_string()),
-            KeyValue::new("outrider.attempts", i64::from(self.attempts)),
-            KeyValue::new("outrider.response_flags", self.flag.code()),
-        ];
-        if let Some(route) = self.http_route {
-            attributes.push(KeyValue::new("http.route", route.to_string()));
+    /// The fields every span of the request shares, up to its name.
+    fn encode_head(&self, out: &mut Vec<u8>, span: SpanId, parent: Option<SpanId>, remote: bool) {
+        pb::bytes(out, 1, &self.trace.trace_id.0);
+        pb::bytes(out, 2, &span.0);
+        let state = self.trace_state();
+        if !state.is_empty() {
+            pb::bytes(out, 3, state.as_bytes());
+        }
+        if let Some(parent) = parent {
+            pb::bytes(out, 4, &parent.0);
+        }
+        let mut flags = FLAG_SAMPLED | FLAG_HAS_IS_REMOTE;
+        if self.trace.random {
+            flags |= FLAG_RANDOM;
+        }
+        if remote {
+            flags |= FLAG_IS_REMOTE;
+        }
+        pb::fixed32(out, 16, flags);
+        pb::bytes(out, 5, method_name(&self.method).as_bytes());
+    }
+
+    /// Wall-clock nanoseconds of `at`, a monotonic time of this exchange.
+    fn wall_nanos(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.started);
+        unix_nanos(self.started_wall).saturating_add(nanos(since))
+    }
+
+    fn encode_attempt(&self, attempt: &AttemptSpan, out: &mut Vec<u8>) {
+        self.encode_head(out, attempt.span_id, Some(self.trace.span_id), false);
+        pb::varint(out, 6, KIND_CLIENT);
+        pb::fixed64(out, 7, self.wall_nanos(attempt.started));
+        pb::fixed64(out, 8, self.wall_nanos(attempt.ended));
+        let mut ip = IpText::default();
+        pb::attr_str(out, "http.request.method", method_name(&self.method));
+        pb::attr_str(out, "network.peer.address", ip.of(attempt.endpoint.ip()));
+        pb::attr_int(out, "network.peer.port", i64::from(attempt.endpoint.port()));
+        if let Some(authority) = &self.authority {
+            pb::attr_str(out, "server.address", authority.host());
+        }
+        if attempt.number > 1 {
+            pb::attr_int(
+                out,
+                "http.request.resend_count",
+                i64::from(attempt.number - 1),
+            );
+        }
+        let status = match (attempt.status, &attempt.error) {
+            (_, Some(reason)) => {
+                let kind = error_type(reason, StatusCode::BAD_GATEWAY);
+                pb::attr_str(out, "error.type", &kind);
+                SpanStatus::Error(reason)
+            }
+            (Some(code), None) => {
+                pb::attr_int(out, "http.response.status_code", i64::from(code.as_u16()));
+                // An attempt is a client span: 4xx and 5xx are errors.
+                if code.is_client_error() || code.is_server_error() {
+                    pb::attr_str(out, "error.type", code.as_str());
+                    SpanStatus::Error("")
+                } else {
+                    SpanStatus::Unset
+                }
+            }
+            (None, None) => SpanStatus::Unset,
+        };
+        pb::status(out, &status);
+    }
+
+    fn encode_request_span(&self, out: &mut Vec<u8>) {
+        let remote = self.trace.parent_id.is_some();
+        self.encode_head(out, self.trace.span_id, self.trace.parent_id, remote);
+        pb::varint(
+            out,
+            6,
+            if self.server {
+                KIND_SERVER
+            } else {
+                KIND_CLIENT
+            },
+        );
+        let start = unix_nanos(self.started_wall);
+        pb::fixed64(out, 7, start);
+        pb::fixed64(out, 8, start.saturating_add(nanos(self.elapsed)));
+        let method = method_name(&self.method);
+        let path = self.uri.as_ref().map_or("/", Uri::path);
+        let query = self.uri.as_ref().and_then(Uri::query).map(redact_query);
+        pb::attr_str(out, "http.request.method", method);
+        pb::attr_str(out, "url.scheme", "http");
+        pb::attr_str(out, "url.path", path);
+        pb::attr_str(out, "outrider.service", &self.service);
+        pb::attr_str(out, "outrider.route", &self.route);
+        pb::attr_int(out, "outrider.attempts", i64::from(self.attempts));
+        pb::attr_str(out, "outrider.response_flags", self.flag.code());
+        if let Some(route) = &self.http_route {
+            pb::attr_str(out, "http.route", route);
         }
         if let Some(status) = self.status {
-            attributes.push(KeyValue::new(
-                "http.response.status_code",
-                i64::from(status.as_u16()),
-            ));
+            pb::attr_int(out, "http.response.status_code", i64::from(status.as_u16()));
         }
         if let Some(version) = self.version.and_then(protocol_version) {
-            attributes.push(KeyValue::new("network.protocol.version", version));
+            pb::attr_str(out, "network.protocol.version", version);
         }
-        if let Some(authority) = self.authority {
-            attributes.push(KeyValue::new(
-                "server.address",
-                authority.host().to_string(),
-            ));
+        if let Some(authority) = &self.authority {
+            pb::attr_str(out, "server.address", authority.host());
             // Without a port in Host, the scheme's default one (the proxy speaks http to the
             // app and to its upstreams' sidecars; TLS origination is below url.scheme).
             let port = authority.port_u16().unwrap_or(80);
-            attributes.push(KeyValue::new("server.port", i64::from(port)));
+            pb::attr_int(out, "server.port", i64::from(port));
         }
+        let mut ip = IpText::default();
         if self.server {
-            attributes.push(KeyValue::new("client.address", self.peer.ip().to_string()));
+            pb::attr_str(out, "client.address", ip.of(self.peer.ip()));
             if let Some(query) = &query {
-                attributes.push(KeyValue::new("url.query", query.clone()));
+                pb::attr_str(out, "url.query", query);
             }
         } else {
-            if let Some(authority) = self.authority {
-                let mut full = format!("http://{}{path}", authority.as_str());
-                if let Some(query) = &query {
-                    let _ = write!(full, "?{query}");
-                }
-                attributes.push(KeyValue::new("url.full", full));
+            if let Some(authority) = &self.authority {
+                let full = [
+                    "http://",
+                    authority.as_str(),
+                    path,
+                    if query.is_some() { "?" } else { "" },
+                    query.as_deref().unwrap_or(""),
+                ];
+                pb::attr_concat(out, "url.full", &full);
             }
             if let Some(endpoint) = self.endpoint {
-                attributes.push(KeyValue::new(
-                    "network.peer.address",
-                    endpoint.ip().to_string(),
-                ));
-                attributes.push(KeyValue::new(
-                    "network.peer.port",
-                    i64::from(endpoint.port()),
-                ));
+                pb::attr_str(out, "network.peer.address", ip.of(endpoint.ip()));
+                pb::attr_int(out, "network.peer.port", i64::from(endpoint.port()));
             }
         }
         if self.grpc {
-            attributes.push(KeyValue::new("rpc.system", "grpc"));
+            pb::attr_str(out, "rpc.system", "grpc");
             // `/package.Service/Method`.
             if let Some((service, rpc)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) {
-                attributes.push(KeyValue::new("rpc.service", service.to_string()));
-                attributes.push(KeyValue::new("rpc.method", rpc.to_string()));
+                pb::attr_str(out, "rpc.service", service);
+                pb::attr_str(out, "rpc.method", rpc);
             }
             if let Some(code) = self.grpc_status {
-                attributes.push(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+                pb::attr_int(out, "rpc.grpc.status_code", i64::from(code));
             }
         }
         let (error_type, status) = self.outcome();
         if let Some(error_type) = error_type {
-            attributes.push(KeyValue::new("error.type", error_type));
+            pb::attr_str(out, "error.type", &error_type);
         }
-        SpanData {
-            span_context: self.context(self.trace.span_id),
-            parent_span_id: self
-                .trace
-                .parent_id
-                .map_or(OtelSpanId::INVALID, |p| OtelSpanId::from_bytes(p.0)),
-            parent_span_is_remote: self.trace.parent_id.is_some(),
-            span_kind: if self.server {
-                SpanKind::Server
-            } else {
-                SpanKind::Client
-            },
-            name: Cow::Borrowed(method),
-            start_time: self.started_wall,
-            end_time: self.started_wall + self.elapsed,
-            attributes,
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
-            status,
-            instrumentation_scope: scope.clone(),
-        }
+        pb::status(out, &status);
     }
 
     /// `error.type` and span status, by OpenTelemetry's conventions: a caller that left is an
@@ -264,22 +281,22 @@ impl RequestSpan<'_> {
     /// (client span: any code but OK; server span: only the codes that mean the server
     /// failed). Otherwise by HTTP status: 5xx is an error on both sides, 4xx on a client span
     /// only (on a server span it is the caller's mistake, not the server's failure).
-    fn outcome(&self) -> (Option<String>, Status) {
+    fn outcome(&self) -> (Option<Cow<'static, str>>, SpanStatus<'_>) {
         if self.cancelled {
             return (
-                Some(CANCELLED.to_string()),
-                Status::error("the caller went away before the response ended"),
+                Some(Cow::Borrowed(CANCELLED)),
+                SpanStatus::Error("the caller went away before the response ended"),
             );
         }
-        if let Some(reason) = self.error {
+        if let Some(reason) = &self.error {
             match self.status {
                 // The caller's mistake even when the proxy answered it (a 404 for no route, a
                 // 429): not a failure of this server.
-                Some(s) if self.server && s.is_client_error() => return (None, Status::Unset),
+                Some(s) if self.server && s.is_client_error() => return (None, SpanStatus::Unset),
                 status => {
                     let status = status.unwrap_or(StatusCode::BAD_GATEWAY);
                     let kind = error_type(reason, status);
-                    return (Some(kind), Status::error(reason.to_string()));
+                    return (Some(kind), SpanStatus::Error(reason));
                 }
             }
         }
@@ -289,15 +306,208 @@ impl RequestSpan<'_> {
                 false => code != 0,
             };
             return match failed {
-                true => (Some(grpc_code_name(code).to_string()), Status::error("")),
-                false => (None, Status::Unset),
+                true => (
+                    Some(Cow::Borrowed(grpc_code_name(code))),
+                    SpanStatus::Error(""),
+                ),
+                false => (None, SpanStatus::Unset),
             };
         }
         match self.status {
-            Some(s) if s.is_server_error() || (!self.server && s.is_client_error()) => {
-                (Some(s.as_str().to_string()), Status::error(""))
+            Some(s) if s.is_server_error() || (!self.server && s.is_client_error()) => (
+                Some(Cow::Owned(s.as_str().to_string())),
+                SpanStatus::Error(""),
+            ),
+            _ => (None, SpanStatus::Unset),
+        }
+    }
+}
+
+/// `ScopeSpans.spans`.
+const SCOPE_SPANS_SPANS: u32 = 2;
+
+/// Nanoseconds since the Unix epoch (0 before it), as OTLP times are.
+fn unix_nanos(at: SystemTime) -> u64 {
+    nanos(
+        at.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default(),
+    )
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// An IP address's text, formatted on the stack.
+struct IpText {
+    buf: [u8; 48],
+}
+
+impl Default for IpText {
+    fn default() -> Self {
+        Self { buf: [0; 48] }
+    }
+}
+
+impl IpText {
+    fn of(&mut self, ip: std::net::IpAddr) -> &str {
+        use std::io::Write as _;
+        let written = match ip {
+            // Digit by digit: `fmt` cost more than the rest of the attribute.
+            std::net::IpAddr::V4(v4) => {
+                let mut at = 0;
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.buf[at] = b'.';
+                        at += 1;
+                    }
+                    let digits = [octet / 100, octet / 10 % 10, octet % 10];
+                    let skip = match octet {
+                        0..=9 => 2,
+                        10..=99 => 1,
+                        _ => 0,
+                    };
+                    for digit in &digits[skip..] {
+                        self.buf[at] = b'0' + digit;
+                        at += 1;
+                    }
+                }
+                at
             }
-            _ => (None, Status::Unset),
+            std::net::IpAddr::V6(_) => {
+                let mut rest = &mut self.buf[..];
+                // The longest IPv6 text is 45 bytes: it fits.
+                let _ = write!(rest, "{ip}");
+                48 - rest.len()
+            }
+        };
+        std::str::from_utf8(&self.buf[..written]).unwrap_or_default()
+    }
+}
+
+/// The few protobuf writes an OTLP span needs, with lengths computed up front so nothing
+/// nested is built as a message first (prost's generated types cost an allocation per
+/// attribute key and value, and computed nested lengths again at each level).
+pub(crate) mod pb {
+    use prost::encoding::{encode_varint, encoded_len_varint};
+
+    const VARINT: u32 = 0;
+    const FIXED64: u32 = 1;
+    const LEN: u32 = 2;
+    const FIXED32: u32 = 5;
+    /// `Span.attributes`.
+    const SPAN_ATTRIBUTES: u32 = 9;
+    /// `Span.status`.
+    const SPAN_STATUS: u32 = 15;
+
+    /// A varint; one byte below 128, the usual length of what a span holds.
+    fn uvarint(out: &mut Vec<u8>, value: u64) {
+        match u8::try_from(value) {
+            Ok(byte) if byte < 0x80 => out.push(byte),
+            _ => encode_varint(value, out),
+        }
+    }
+
+    fn key(out: &mut Vec<u8>, field: u32, wire: u32) {
+        uvarint(out, u64::from(field << 3 | wire));
+    }
+
+    fn key_len(field: u32) -> usize {
+        encoded_len_varint(u64::from(field << 3))
+    }
+
+    /// The key and length of a length-delimited field whose `len` bytes follow.
+    pub fn header(out: &mut Vec<u8>, field: u32, len: usize) {
+        key(out, field, LEN);
+        uvarint(out, len as u64);
+    }
+
+    /// A length-delimited field (bytes, string or an encoded message).
+    pub fn bytes(out: &mut Vec<u8>, field: u32, value: &[u8]) {
+        key(out, field, LEN);
+        uvarint(out, value.len() as u64);
+        out.extend_from_slice(value);
+    }
+
+    /// The length of a length-delimited field holding `len` bytes.
+    pub fn bytes_len(field: u32, len: usize) -> usize {
+        key_len(field) + encoded_len_varint(len as u64) + len
+    }
+
+    /// A varint field.
+    pub fn varint(out: &mut Vec<u8>, field: u32, value: u64) {
+        key(out, field, VARINT);
+        uvarint(out, value);
+    }
+
+    /// A fixed64 field.
+    pub fn fixed64(out: &mut Vec<u8>, field: u32, value: u64) {
+        key(out, field, FIXED64);
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+
+    /// A fixed32 field.
+    pub fn fixed32(out: &mut Vec<u8>, field: u32, value: u32) {
+        key(out, field, FIXED32);
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+
+    /// A `KeyValue` attribute of a span whose string value is `parts` joined.
+    pub fn attr_concat(out: &mut Vec<u8>, name: &str, parts: &[&str]) {
+        let text_len: usize = parts.iter().map(|part| part.len()).sum();
+        // AnyValue { string_value = 1 }
+        let any_len = bytes_len(1, text_len);
+        // KeyValue { key = 1, value = 2 }
+        let pair_len = bytes_len(1, name.len()) + bytes_len(2, any_len);
+        key(out, SPAN_ATTRIBUTES, LEN);
+        uvarint(out, pair_len as u64);
+        bytes(out, 1, name.as_bytes());
+        key(out, 2, LEN);
+        uvarint(out, any_len as u64);
+        key(out, 1, LEN);
+        uvarint(out, text_len as u64);
+        for part in parts {
+            out.extend_from_slice(part.as_bytes());
+        }
+    }
+
+    /// A `KeyValue` attribute of a span with a string value.
+    pub fn attr_str(out: &mut Vec<u8>, name: &str, value: &str) {
+        attr_concat(out, name, &[value]);
+    }
+
+    /// A `KeyValue` attribute of a span with an int value.
+    pub fn attr_int(out: &mut Vec<u8>, name: &str, value: i64) {
+        // int64 is a varint of the two's complement.
+        let value = value as u64;
+        // AnyValue { int_value = 3 }
+        let any_len = key_len(3) + encoded_len_varint(value);
+        let pair_len = bytes_len(1, name.len()) + bytes_len(2, any_len);
+        key(out, SPAN_ATTRIBUTES, LEN);
+        uvarint(out, pair_len as u64);
+        bytes(out, 1, name.as_bytes());
+        key(out, 2, LEN);
+        uvarint(out, any_len as u64);
+        varint(out, 3, value);
+    }
+
+    /// `Span.status`, always present (as the OpenTelemetry SDK's conversion writes it):
+    /// `Status { message = 2, code = 3 }`, defaults left out.
+    pub(super) fn status(out: &mut Vec<u8>, status: &super::SpanStatus<'_>) {
+        match status {
+            super::SpanStatus::Unset => bytes(out, SPAN_STATUS, &[]),
+            super::SpanStatus::Error(message) => {
+                let mut len = key_len(3) + encoded_len_varint(super::STATUS_ERROR);
+                if !message.is_empty() {
+                    len += bytes_len(2, message.len());
+                }
+                key(out, SPAN_STATUS, LEN);
+                uvarint(out, len as u64);
+                if !message.is_empty() {
+                    bytes(out, 2, message.as_bytes());
+                }
+                varint(out, 3, super::STATUS_ERROR);
+            }
         }
     }
 }
@@ -362,17 +572,18 @@ fn redact_query(query: &str) -> String {
 }
 
 /// A low-cardinality `error.type`: the proxy's error kind, from its message.
-fn error_type(reason: &str, status: StatusCode) -> String {
-    let kind = if reason.contains("timed out") || reason.contains("timeout") {
-        "timeout"
-    } else if reason.contains("refused") {
-        "connection_refused"
-    } else if reason.contains("reset") || reason.contains("closed") {
-        "connection_reset"
-    } else {
-        return status.as_str().to_string();
-    };
-    kind.to_string()
+fn error_type(reason: &str, status: StatusCode) -> Cow<'static, str> {
+    Cow::Borrowed(
+        if reason.contains("timed out") || reason.contains("timeout") {
+            "timeout"
+        } else if reason.contains("refused") {
+            "connection_refused"
+        } else if reason.contains("reset") || reason.contains("closed") {
+            "connection_reset"
+        } else {
+            return Cow::Owned(status.as_str().to_string());
+        },
+    )
 }
 
 /// Standard methods as static strings (span names need `'static` to avoid an allocation).
@@ -393,8 +604,429 @@ fn method_name(method: &Method) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    use std::fmt::Write as _;
+
+    use opentelemetry::trace::{
+        SpanContext, SpanId as OtelSpanId, SpanKind, Status, TraceFlags, TraceId as OtelTraceId,
+    };
+    use opentelemetry::{InstrumentationScope, KeyValue};
+    use opentelemetry_proto::tonic::trace::v1::{ScopeSpans, Span as ProtoSpan};
+    use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
+    use prost::Message;
+
+    use crate::core::errors::ResponseFlag;
+    use crate::trace::Sampler;
+
+    impl RequestSpan {
+        /// The spans as the exporter built them before it encoded by hand: the reference the
+        /// encoding is checked against.
+        pub(crate) fn reference_build(
+            &self,
+            attempts: &[AttemptSpan],
+            scope: &InstrumentationScope,
+        ) -> Vec<SpanData> {
+            let mut spans = Vec::with_capacity(1 + attempts.len());
+            spans.push(self.reference_request_span(scope));
+            let wall = |at: Instant| self.started_wall + at.saturating_duration_since(self.started);
+            let method = method_name(&self.method);
+            let host = self.authority.as_ref().map(Authority::host);
+            for attempt in attempts {
+                let mut attributes = vec![
+                    KeyValue::new("http.request.method", method),
+                    KeyValue::new("network.peer.address", attempt.endpoint.ip().to_string()),
+                    KeyValue::new("network.peer.port", i64::from(attempt.endpoint.port())),
+                ];
+                if let Some(host) = host {
+                    attributes.push(KeyValue::new("server.address", host.to_string()));
+                }
+                if attempt.number > 1 {
+                    attributes.push(KeyValue::new(
+                        "http.request.resend_count",
+                        i64::from(attempt.number - 1),
+                    ));
+                }
+                let status = match (attempt.status, &attempt.error) {
+                    (_, Some(reason)) => {
+                        attributes.push(KeyValue::new(
+                            "error.type",
+                            error_type(reason, StatusCode::BAD_GATEWAY).into_owned(),
+                        ));
+                        Status::error(reason.clone())
+                    }
+                    (Some(code), None) => {
+                        attributes.push(KeyValue::new(
+                            "http.response.status_code",
+                            i64::from(code.as_u16()),
+                        ));
+                        // An attempt is a client span: 4xx and 5xx are errors.
+                        if code.is_client_error() || code.is_server_error() {
+                            attributes.push(KeyValue::new("error.type", code.as_str().to_string()));
+                            Status::error("")
+                        } else {
+                            Status::Unset
+                        }
+                    }
+                    (None, None) => Status::Unset,
+                };
+                spans.push(SpanData {
+                    span_context: self.reference_context(attempt.span_id),
+                    parent_span_id: OtelSpanId::from_bytes(self.trace.span_id.0),
+                    parent_span_is_remote: false,
+                    span_kind: SpanKind::Client,
+                    name: Cow::Borrowed(method),
+                    start_time: wall(attempt.started),
+                    end_time: wall(attempt.ended),
+                    attributes,
+                    dropped_attributes_count: 0,
+                    events: SpanEvents::default(),
+                    links: SpanLinks::default(),
+                    status,
+                    instrumentation_scope: scope.clone(),
+                });
+            }
+            spans
+        }
+
+        fn reference_context(&self, span: SpanId) -> SpanContext {
+            let mut flags = TraceFlags::SAMPLED;
+            if self.trace.random {
+                flags = TraceFlags::new(flags.to_u8() | 0x02);
+            }
+            // The tracestate forwarded with the request. OpenTelemetry's parser knows only Level 1
+            // keys (`tenant@system`); a Level 2 key it refuses leaves the span's empty.
+            let state = self
+                .trace
+                .tracestate
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| TraceState::from_str(v).ok())
+                .unwrap_or(TraceState::NONE);
+            SpanContext::new(
+                OtelTraceId::from_bytes(self.trace.trace_id.0),
+                OtelSpanId::from_bytes(span.0),
+                flags,
+                false,
+                state,
+            )
+        }
+
+        fn reference_request_span(&self, scope: &InstrumentationScope) -> SpanData {
+            let method = method_name(&self.method);
+            let path = self.uri.as_ref().map_or("/", Uri::path);
+            let query = self.uri.as_ref().and_then(Uri::query).map(redact_query);
+            let mut attributes = vec![
+                KeyValue::new("http.request.method", method),
+                KeyValue::new("url.scheme", "http"),
+                KeyValue::new("url.path", path.to_string()),
+                KeyValue::new("outrider.service", self.service.to_string()),
+                KeyValue::new("outrider.route", self.route.to_string()),
+                KeyValue::new("outrider.attempts", i64::from(self.attempts)),
+                KeyValue::new("outrider.response_flags", self.flag.code()),
+            ];
+            if let Some(route) = self.http_route.as_deref() {
+                attributes.push(KeyValue::new("http.route", route.to_string()));
+            }
+            if let Some(status) = self.status {
+                attributes.push(KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(status.as_u16()),
+                ));
+            }
+            if let Some(version) = self.version.and_then(protocol_version) {
+                attributes.push(KeyValue::new("network.protocol.version", version));
+            }
+            if let Some(authority) = &self.authority {
+                attributes.push(KeyValue::new(
+                    "server.address",
+                    authority.host().to_string(),
+                ));
+                // Without a port in Host, the scheme's default one (the proxy speaks http to the
+                // app and to its upstreams' sidecars; TLS origination is below url.scheme).
+                let port = authority.port_u16().unwrap_or(80);
+                attributes.push(KeyValue::new("server.port", i64::from(port)));
+            }
+            if self.server {
+                attributes.push(KeyValue::new("client.address", self.peer.ip().to_string()));
+                if let Some(query) = &query {
+                    attributes.push(KeyValue::new("url.query", query.clone()));
+                }
+            } else {
+                if let Some(authority) = &self.authority {
+                    let mut full = format!("http://{}{path}", authority.as_str());
+                    if let Some(query) = &query {
+                        let _ = write!(full, "?{query}");
+                    }
+                    attributes.push(KeyValue::new("url.full", full));
+                }
+                if let Some(endpoint) = self.endpoint {
+                    attributes.push(KeyValue::new(
+                        "network.peer.address",
+                        endpoint.ip().to_string(),
+                    ));
+                    attributes.push(KeyValue::new(
+                        "network.peer.port",
+                        i64::from(endpoint.port()),
+                    ));
+                }
+            }
+            if self.grpc {
+                attributes.push(KeyValue::new("rpc.system", "grpc"));
+                // `/package.Service/Method`.
+                if let Some((service, rpc)) = path.strip_prefix('/').and_then(|p| p.split_once('/'))
+                {
+                    attributes.push(KeyValue::new("rpc.service", service.to_string()));
+                    attributes.push(KeyValue::new("rpc.method", rpc.to_string()));
+                }
+                if let Some(code) = self.grpc_status {
+                    attributes.push(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+                }
+            }
+            let (error_type, status) = self.reference_outcome();
+            if let Some(error_type) = error_type {
+                attributes.push(KeyValue::new("error.type", error_type));
+            }
+            SpanData {
+                span_context: self.reference_context(self.trace.span_id),
+                parent_span_id: self
+                    .trace
+                    .parent_id
+                    .map_or(OtelSpanId::INVALID, |p| OtelSpanId::from_bytes(p.0)),
+                parent_span_is_remote: self.trace.parent_id.is_some(),
+                span_kind: if self.server {
+                    SpanKind::Server
+                } else {
+                    SpanKind::Client
+                },
+                name: Cow::Borrowed(method),
+                start_time: self.started_wall,
+                end_time: self.started_wall + self.elapsed,
+                attributes,
+                dropped_attributes_count: 0,
+                events: SpanEvents::default(),
+                links: SpanLinks::default(),
+                status,
+                instrumentation_scope: scope.clone(),
+            }
+        }
+
+        /// `error.type` and span status, by OpenTelemetry's conventions: a caller that left is an
+        /// error (`cancelled`); so is a failure of the proxy's own. A gRPC status decides for gRPC
+        /// (client span: any code but OK; server span: only the codes that mean the server
+        /// failed). Otherwise by HTTP status: 5xx is an error on both sides, 4xx on a client span
+        /// only (on a server span it is the caller's mistake, not the server's failure).
+        fn reference_outcome(&self) -> (Option<String>, Status) {
+            if self.cancelled {
+                return (
+                    Some(CANCELLED.to_string()),
+                    Status::error("the caller went away before the response ended"),
+                );
+            }
+            if let Some(reason) = self.error.as_deref() {
+                match self.status {
+                    // The caller's mistake even when the proxy answered it (a 404 for no route, a
+                    // 429): not a failure of this server.
+                    Some(s) if self.server && s.is_client_error() => return (None, Status::Unset),
+                    status => {
+                        let status = status.unwrap_or(StatusCode::BAD_GATEWAY);
+                        let kind = error_type(reason, status).into_owned();
+                        return (Some(kind), Status::error(reason.to_string()));
+                    }
+                }
+            }
+            if let (true, Some(code)) = (self.grpc, self.grpc_status) {
+                let failed = match self.server {
+                    true => GRPC_SERVER_ERRORS.contains(&code),
+                    false => code != 0,
+                };
+                return match failed {
+                    true => (Some(grpc_code_name(code).to_string()), Status::error("")),
+                    false => (None, Status::Unset),
+                };
+            }
+            match self.status {
+                Some(s) if s.is_server_error() || (!self.server && s.is_client_error()) => {
+                    (Some(s.as_str().to_string()), Status::error(""))
+                }
+                _ => (None, Status::Unset),
+            }
+        }
+    }
+
+    fn request(server: bool) -> RequestSpan {
+        let trace = TraceContext::extract(&http::HeaderMap::new(), &Sampler::parent_based(1.0));
+        let started = Instant::now();
+        RequestSpan {
+            server,
+            trace,
+            started,
+            started_wall: SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
+            elapsed: Duration::from_micros(1_234),
+            method: Method::GET,
+            uri: Some(Uri::from_static("/items/7")),
+            authority: Some(Authority::from_static("shop")),
+            version: Some(Version::HTTP_11),
+            peer: "127.0.0.1:40000".parse().expect("address"),
+            endpoint: Some("10.0.0.7:8080".parse().expect("address")),
+            service: Arc::from("shop"),
+            route: Arc::from("items"),
+            http_route: None,
+            attempts: 1,
+            status: Some(StatusCode::OK),
+            grpc: false,
+            grpc_status: None,
+            error: None,
+            cancelled: false,
+            flag: ResponseFlag::Upstream,
+            attempt_spans: Vec::new(),
+        }
+    }
+
+    fn attempt(span: &RequestSpan, number: u32, millis: u64) -> AttemptSpan {
+        AttemptSpan {
+            span_id: SpanId::random(),
+            number,
+            endpoint: "[fd00::7]:8080".parse().expect("address"),
+            started: span.started + Duration::from_millis(millis),
+            ended: span.started + Duration::from_millis(millis + 3),
+            status: Some(StatusCode::OK),
+            error: None,
+        }
+    }
+
+    /// Requests whose spans take every branch of the conventions.
+    pub(crate) fn corpus() -> Vec<RequestSpan> {
+        let mut spans = vec![request(true), request(false)];
+
+        let mut continued = request(false);
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03";
+        let mut headers = http::HeaderMap::new();
+        headers.insert("traceparent", http::HeaderValue::from_static(parent));
+        headers.insert(
+            "tracestate",
+            http::HeaderValue::from_static("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"),
+        );
+        continued.trace = TraceContext::extract(&headers, &Sampler::parent_based(1.0));
+        continued.uri = Some(Uri::from_static("/p?token=s3cret&debug&x="));
+        continued.authority = Some(Authority::from_static("shop.internal:8443"));
+        continued.http_route = Some(Arc::from("/p"));
+        continued.version = Some(Version::HTTP_2);
+        continued.attempts = 3;
+        continued.status = Some(StatusCode::SERVICE_UNAVAILABLE);
+        continued.flag = ResponseFlag::ConnectFailure;
+        continued.error = Some("upstream connect timed out".to_string());
+        let mut first = attempt(&continued, 1, 1);
+        first.status = None;
+        first.error = Some("connection refused".to_string());
+        let mut second = attempt(&continued, 2, 5);
+        second.status = Some(StatusCode::SERVICE_UNAVAILABLE);
+        let mut third = attempt(&continued, 3, 9);
+        third.status = Some(StatusCode::NOT_FOUND);
+        continued.attempt_spans = vec![first, second, third];
+        spans.push(continued);
+
+        let mut level2 = request(true);
+        let mut headers = http::HeaderMap::new();
+        headers.insert("traceparent", http::HeaderValue::from_static(parent));
+        headers.insert("tracestate", http::HeaderValue::from_static("a@b=1,c=2"));
+        level2.trace = TraceContext::extract(&headers, &Sampler::parent_based(1.0));
+        level2.uri = Some(Uri::from_static("/caf%C3%A9?q=1"));
+        level2.peer = "[::1]:9".parse().expect("address");
+        spans.push(level2);
+
+        for (server, code) in [(true, 14), (true, 5), (false, 5), (false, 0)] {
+            let mut grpc = request(server);
+            grpc.uri = Some(Uri::from_static("/echo.Echo/Unary"));
+            grpc.method = Method::POST;
+            grpc.version = Some(Version::HTTP_2);
+            grpc.grpc = true;
+            grpc.grpc_status = Some(code);
+            spans.push(grpc);
+        }
+
+        let mut cancelled = request(true);
+        cancelled.cancelled = true;
+        cancelled.status = None;
+        cancelled.error = Some("cancelled: the caller went away".to_string());
+        cancelled.flag = ResponseFlag::DownstreamCancelled;
+        spans.push(cancelled);
+
+        for (server, status, reason) in [
+            (true, StatusCode::NOT_FOUND, Some("no route")),
+            (false, StatusCode::NOT_FOUND, None),
+            (
+                true,
+                StatusCode::BAD_GATEWAY,
+                Some("connection reset by peer"),
+            ),
+            (false, StatusCode::GATEWAY_TIMEOUT, Some("weird")),
+            (true, StatusCode::INTERNAL_SERVER_ERROR, None),
+        ] {
+            let mut failed = request(server);
+            failed.status = Some(status);
+            failed.error = reason.map(str::to_string);
+            failed.method = Method::from_bytes(b"PURGE").expect("method");
+            failed.authority = None;
+            failed.uri = None;
+            failed.version = None;
+            failed.endpoint = None;
+            spans.push(failed);
+        }
+        spans
+    }
+
+    #[test]
+    fn encoded_spans_decode_as_the_sdk_conversion_built_them() {
+        let scope = InstrumentationScope::builder("outrider-proxy")
+            .with_version("1.2.3")
+            .build();
+        for span in corpus() {
+            let expected: Vec<ProtoSpan> = span
+                .reference_build(&span.attempt_spans, &scope)
+                .into_iter()
+                .map(ProtoSpan::from)
+                .collect();
+            let mut encoded = Vec::new();
+            span.encode(&mut encoded, &mut Vec::new());
+            let decoded = ScopeSpans::decode(&encoded[..]).expect("valid protobuf");
+            assert_eq!(decoded.spans, expected, "{span:?}");
+        }
+    }
+
+    #[test]
+    fn ip_text_is_the_display_form() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.99.100",
+            "255.255.255.255",
+            "127.0.0.1",
+            "::1",
+            "fd00::7",
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().expect("address");
+            assert_eq!(IpText::default().of(ip), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn an_int_attribute_keeps_its_sign() {
+        let mut out = Vec::new();
+        pb::attr_int(&mut out, "k", -3);
+        let expected = opentelemetry_proto::tonic::common::v1::KeyValue {
+            key: "k".to_string(),
+            value: Some(opentelemetry_proto::tonic::common::v1::AnyValue {
+                value: Some(opentelemetry_proto::tonic::common::v1::any_value::Value::IntValue(-3)),
+            }),
+        };
+        // `out` is the field of a span (tag 9): strip the key and length to decode the pair.
+        let pair = opentelemetry_proto::tonic::common::v1::KeyValue::decode(&out[2..])
+            .expect("valid protobuf");
+        assert_eq!(pair, expected);
+    }
 
     #[test]
     fn query_values_are_redacted_keys_kept() {
