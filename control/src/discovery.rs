@@ -312,7 +312,7 @@ impl ServiceRegistry {
     }
 }
 
-/// Sweeps expired registrations, [`SWEEPS_PER_TTL`] times per TTL, forever.
+/// Sweeps expired registrations ten times per TTL, forever.
 pub async fn expire_loop(registry: Arc<ServiceRegistry>) {
     let period = (registry.ttl / SWEEPS_PER_TTL).max(Duration::from_millis(10));
     let mut ticker = tokio::time::interval(period);
