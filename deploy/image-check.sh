@@ -22,9 +22,18 @@ target_dir=$(cargo metadata --format-version 1 --no-deps --locked \
 # The binaries the Dockerfile copies and the symlink it adds (`outriderctl`, to the binary
 # that runs as the CLI by that name), read from it so the two cannot drift apart.
 read -r -a bins <<<"$(sed -n 's/.*for bin in \([a-z -]*\); do.*/\1/p' deploy/Dockerfile)"
-[ "${#bins[@]}" -ge 2 ] || { echo "image-check: binaries not found in deploy/Dockerfile" >&2; exit 1; }
-read -r link_target link_name <<<"$(sed -n 's|.*ln -s \([a-z-]*\) /out/\([a-z-]*\).*|\1 \2|p' deploy/Dockerfile)"
-[ "$link_name" = outriderctl ] || { echo "image-check: the outriderctl symlink not found in deploy/Dockerfile" >&2; exit 1; }
+[ "${#bins[@]}" -ge 1 ] || { echo "image-check: binaries not found in deploy/Dockerfile" >&2; exit 1; }
+# Its symlinks: one binary called by three names (outriderctl and outrider-proxy run
+# outrider-control's code for that name).
+declare -A links=()
+while read -r target name; do
+  links[$name]=$target
+done < <(sed -n 's|.*ln -s \([a-z-]*\) /out/\([a-z-]*\).*|\1 \2|p' deploy/Dockerfile)
+for name in outriderctl outrider-proxy; do
+  [ -n "${links[$name]:-}" ] || { echo "image-check: the $name symlink not found in deploy/Dockerfile" >&2; exit 1; }
+done
+link_target=${links[outriderctl]}
+link_name=outriderctl
 build_bins=()
 for bin in "${bins[@]}"; do build_bins+=(--bin "$bin"); done
 
@@ -50,7 +59,7 @@ export AR_aarch64_unknown_linux_musl=aarch64-linux-gnu-ar
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=aarch64-linux-gnu-gcc
 for t in "$target" "$arm"; do
   echo "== cargo build --release --target $t (as deploy/Dockerfile)"
-  time cargo build --locked --release --target "$t" -p outrider-proxy -p outrider-control "${build_bins[@]}"
+  time cargo build --locked --release --target "$t" -p outrider-control "${build_bins[@]}"
 done
 
 work=$(mktemp -d)
@@ -78,8 +87,10 @@ for bin in "${bins[@]}"; do
   printf '%-18s %8d KiB  static\n' "$bin" $((size / 1024))
   cp "$path" "$root/usr/local/bin/"
 done
-ln -s "$link_target" "$root/usr/local/bin/$link_name"
-printf '%-18s -> %s\n' "$link_name" "$link_target"
+for name in "${!links[@]}"; do
+  ln -s "${links[$name]}" "$root/usr/local/bin/$name"
+  printf '%-18s -> %s\n' "$name" "${links[$name]}"
+done
 # distroless/static-debian12 is about 2 MiB; the binaries get the rest of the 25 MB goal.
 budget=$((23 * 1000 * 1000))
 echo "binaries total: $((total / 1024)) KiB (budget $((budget / 1024)) KiB + ~2 MiB base image)"
@@ -192,13 +203,15 @@ ELF
 done
 # The CLI by its name, as the image's symlink calls it.
 mkdir "$work/arm64"
-ln -s "$target_dir/$arm/release/$link_target" "$work/arm64/$link_name"
+for name in "${!links[@]}"; do
+  ln -s "$target_dir/$arm/release/${links[$name]}" "$work/arm64/$name"
+done
 help=$(qemu-aarch64 "$work/arm64/$link_name" --help)
 grep -q "^Usage: outriderctl" <<<"$help" \
   || { echo "image-check: $link_name (arm64) did not run as the CLI: $help" >&2; exit 1; }
 echo "--help of each: ok under qemu-aarch64"
 qemu-aarch64 "$work/arm64/$link_name" validate -f "$root/etc/outrider/policy.yaml"
-qemu-aarch64 "$target_dir/$arm/release/outrider-proxy" --policy "$root/etc/outrider/policy.yaml" \
+qemu-aarch64 "$work/arm64/outrider-proxy" --policy "$root/etc/outrider/policy.yaml" \
   --outbound 127.0.0.1:0 --inbound 127.0.0.1:0 --admin 127.0.0.1:0 \
   > "$work/arm-proxy.out" 2> "$work/arm-proxy.log" &
 arm_proxy=$!

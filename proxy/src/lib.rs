@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod app_probe;
 pub mod capture;
+pub mod cli;
 pub mod control;
 pub mod core;
 pub mod demo;

@@ -8,7 +8,6 @@
 //! as the `outriderctl` binary: the two share most of their code, which the image then holds
 //! once.
 
-use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -203,9 +202,18 @@ enum LogFormat {
     Text,
 }
 
+/// mimalloc, as `outrider-proxy`'s own binary: this binary runs the proxy too (below).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
-    if called_as_cli() {
-        return outriderctl::main();
+    // One binary for the image, called by three names (its symlinks): the code the control
+    // plane, the CLI and the proxy share (tokio, hyper, rustls and aws-lc, the policy parser)
+    // is in it once, which keeps the image within its size budget.
+    match called_as() {
+        Some(Name::Cli) => return outriderctl::main(),
+        Some(Name::Proxy) => return outrider_proxy::cli::run(),
+        None => {}
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -578,11 +586,22 @@ impl Signals {
     }
 }
 
-/// Whether this process was started by the name `outriderctl` (argv[0]'s file name).
-fn called_as_cli() -> bool {
-    std::env::args_os()
-        .next()
-        .is_some_and(|arg0| Path::new(&arg0).file_name() == Some(OsStr::new("outriderctl")))
+/// The other programs this binary is, by the name it was started as.
+enum Name {
+    /// `outriderctl`, the operator's CLI.
+    Cli,
+    /// `outrider-proxy`, the sidecar.
+    Proxy,
+}
+
+/// Which other program argv[0]'s file name asks for, if any.
+fn called_as() -> Option<Name> {
+    let arg0 = std::env::args_os().next()?;
+    match Path::new(&arg0).file_name()?.to_str()? {
+        "outriderctl" => Some(Name::Cli),
+        "outrider-proxy" => Some(Name::Proxy),
+        _ => None,
+    }
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
