@@ -26,8 +26,8 @@ read -r -a bins <<<"$(sed -n 's/.*for bin in \([a-z -]*\); do.*/\1/p' deploy/Doc
 # Its symlinks: one binary called by three names (outriderctl and outrider-proxy run
 # outrider-control's code for that name).
 declare -A links=()
-while read -r target name; do
-  links[$name]=$target
+while read -r points_to name; do
+  links[$name]=$points_to
 done < <(sed -n 's|.*ln -s \([a-z-]*\) /out/\([a-z-]*\).*|\1 \2|p' deploy/Dockerfile)
 for name in outriderctl outrider-proxy; do
   [ -n "${links[$name]:-}" ] || { echo "image-check: the $name symlink not found in deploy/Dockerfile" >&2; exit 1; }
