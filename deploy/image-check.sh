@@ -19,9 +19,9 @@ arm=aarch64-unknown-linux-musl
 # Where cargo puts its output (CARGO_TARGET_DIR, a config's build.target-dir, or ./target).
 target_dir=$(cargo metadata --format-version 1 --no-deps --locked \
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-# The binaries the Dockerfile copies and the symlink it adds (`outriderctl`, to the binary
-# that runs as the CLI by that name), read from it so the two cannot drift apart.
-read -r -a bins <<<"$(sed -n 's/.*for bin in \([a-z -]*\); do.*/\1/p' deploy/Dockerfile)"
+# The binaries the Dockerfile copies to /out (`cp "target/$target/release/NAME" /out/`) and
+# the symlinks it adds, read from it so the two cannot drift apart.
+mapfile -t bins < <(sed -n 's|.*cp "target/$target/release/\([a-z-]*\)" /out/.*|\1|p' deploy/Dockerfile)
 [ "${#bins[@]}" -ge 1 ] || { echo "image-check: binaries not found in deploy/Dockerfile" >&2; exit 1; }
 # Its symlinks: one binary called by three names (outriderctl and outrider-proxy run
 # outrider-control's code for that name).
