@@ -268,6 +268,10 @@ async fn subscribe(
         .cloned()
         .unwrap_or_else(|| peer.to_string());
     let have_hash = query.get("have_hash").filter(|h| !h.is_empty()).cloned();
+    // The version the proxy runs: a replica whose view is older waits for it (see `run`).
+    let have_version = query
+        .get("have_version")
+        .and_then(|v| v.parse::<u64>().ok());
     let claimed = query.get("session").map(String::as_str);
     let session = match app.engine.connect(&proxy, workload, Some(peer), claimed) {
         Ok(session) => session,
@@ -289,6 +293,7 @@ async fn subscribe(
         endpoints,
         tx,
         have_hash.map(|h| (h, unselected)),
+        have_version,
         app.heartbeat,
     ));
     let mut res = Response::new(ChannelBody(rx).boxed());
@@ -313,6 +318,11 @@ async fn subscribe(
     res
 }
 
+/// Longest a subscription waits for this replica's view to reach the version its proxy runs
+/// before pushing the view's own: an etcd watch lags by milliseconds; ten seconds is the
+/// default `--view-stale-after`, past which the replica's view counts as stale anyway.
+const RESUME_WAIT: Duration = Duration::from_secs(10);
+
 /// One proxy's subscription; marks the proxy disconnected when dropped.
 struct Stream {
     engine: Arc<Engine>,
@@ -327,9 +337,18 @@ impl Stream {
         mut endpoints: Option<(watch::Receiver<Arc<discovery::View>>, tokio::time::Instant)>,
         tx: mpsc::Sender<Bytes>,
         mut sent: Option<(String, bool)>,
+        have_version: Option<u64>,
         heartbeat: Duration,
     ) {
         static HEARTBEAT: &[u8] = b"{\"type\":\"heartbeat\"}\n";
+        // A proxy failing over from another replica may run a newer version than this
+        // replica's view holds yet (its etcd watch lags by a moment): pushing the view's older
+        // version would take the proxy back in time (routes it no longer has: 404s). Nothing
+        // is pushed until the view reaches the proxy's version, for at most RESUME_WAIT; past
+        // it this replica's view is what there is (a store restored from a backup), and it is
+        // pushed.
+        let mut ahead_until =
+            have_version.map(|version| (version, tokio::time::Instant::now() + RESUME_WAIT));
         let mut ticker =
             tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -355,7 +374,15 @@ impl Stream {
             let same = sent.as_ref().is_some_and(|(hash, unselected)| {
                 *hash == current.content_hash && *unselected == current.unselected
             });
-            if !same {
+            if let Some((version, until)) = ahead_until {
+                if current.version >= version || tokio::time::Instant::now() >= until {
+                    ahead_until = None;
+                } else if !same {
+                    tracing::info!(proxy = %self.proxy, proxy_version = version, view_version = current.version, "proxy runs a newer version than this replica's view; waiting for the view");
+                }
+            }
+            let behind = ahead_until.is_some();
+            if !same && !behind {
                 // Recorded first, so whoever reads the line can already see it in status.
                 self.engine.sent(
                     &self.proxy,
@@ -393,9 +420,16 @@ impl Stream {
                     _ => std::future::pending().await,
                 }
             };
+            let resume_wait_over = async {
+                match ahead_until {
+                    Some((_, until)) => tokio::time::sleep_until(until).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = updates.changed() => if changed.is_err() { return },
                 changed = endpoints_changed => if changed.is_err() { return },
+                () = resume_wait_over => {}
                 _ = ticker.tick() => if tx.send(Bytes::from_static(HEARTBEAT)).await.is_err() { return },
                 () = tx.closed() => return,
             }
