@@ -329,7 +329,7 @@ pub fn run() -> ExitCode {
     runtime.block_on(async move {
         // Handlers first: a SIGTERM that arrives as soon as the listeners are bound (a pod
         // deleted right after it started) must start the drain, not kill the process.
-        let signals = Signals::install();
+        let signals = crate::core::shutdown::Signals::install();
         if let (true, Some(initial)) = (cli.demo, &initial) {
             if let Err(e) = demo::start_upstreams(&initial.loaded.policy).await {
                 eprintln!("outrider-proxy: cannot start demo upstreams: {e}");
@@ -493,36 +493,4 @@ fn registration_config(
         advertise: cli.advertise,
         deregister_delay: cli.deregister_delay.get(),
     }))
-}
-
-/// SIGTERM and SIGINT, caught from the moment [`Signals::install`] returns (a signal that
-/// arrives before [`Signals::wait`] is kept for it).
-struct Signals {
-    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
-}
-
-impl Signals {
-    fn install() -> Self {
-        use tokio::signal::unix::{signal, SignalKind};
-        let streams = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(term), Ok(int)) => Some((term, int)),
-            _ => None,
-        };
-        Self { streams }
-    }
-
-    async fn wait(self) {
-        let Some((mut term, mut int)) = self.streams else {
-            // Without signal handlers the process can only be killed; run until then.
-            std::future::pending::<()>().await;
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-    }
 }

@@ -262,9 +262,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_SOFTWARE);
         }
     };
+    // Installed as soon as the runtime exists: a signal while the store opens or before the
+    // API listens (a pod deleted as it starts) is kept for the serve loop, instead of killing
+    // the process by the default action mid-write.
     let signals = {
         let _context = runtime.enter();
-        Signals::install()
+        outrider_proxy::core::shutdown::Signals::install()
     };
     let store = match open_store(&args, &runtime) {
         Ok(store) => store,
@@ -549,41 +552,6 @@ fn read_token(file: Option<&std::path::Path>) -> Result<String, (u8, String)> {
         return Err((EX_USAGE, "the token is empty".into()));
     }
     Ok(token)
-}
-
-/// SIGTERM and SIGINT handlers, installed as soon as the runtime exists: a signal that arrives
-/// while the store opens or before the API listens (a pod deleted as it starts) is then kept
-/// for [`Signals::wait`], instead of killing the process by the default action mid-write.
-struct Signals {
-    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
-}
-
-impl Signals {
-    /// Installs the handlers; needs a runtime context (inside `Runtime::enter`).
-    fn install() -> Self {
-        use tokio::signal::unix::{signal, SignalKind};
-        let streams = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(term), Ok(int)) => Some((term, int)),
-            _ => None,
-        };
-        Self { streams }
-    }
-
-    /// Resolves at the first SIGTERM or SIGINT, including one received before this call.
-    async fn wait(self) {
-        let Some((mut term, mut int)) = self.streams else {
-            // Without signal handlers the process can only be killed; run until then.
-            std::future::pending::<()>().await;
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-    }
 }
 
 /// The other programs this binary is, by the name it was started as.
