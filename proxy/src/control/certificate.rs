@@ -10,18 +10,18 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http::header::HeaderName;
+use http::StatusCode;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use outrider_config::wire::{self, CertificateRequest, CertificateResponse, CERTIFICATE_PATH};
 
-use crate::control::replicas::{self, Replica};
+use crate::control::replicas;
 use crate::control::subscribe::{
-    read_service_account_token, Backoff, ControlConfig, Token, CONNECT_TIMEOUT,
+    read_service_account_token, Backoff, ControlConfig, CONNECT_TIMEOUT,
 };
+use crate::control::{ControlClient, ControlPost};
 use crate::io::identity::{IdentityError, Mesh};
 
 /// Percentage of a certificate's lifetime after which it is renewed.
@@ -78,8 +78,7 @@ pub fn spawn(config: IdentityConfig, mesh: Arc<Mesh>) {
     tokio::spawn(async move {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let client: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build(connector);
+        let client: ControlClient = Client::builder(TokioExecutor::new()).build(connector);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             match fetch(&client, &config).await {
@@ -110,7 +109,7 @@ pub fn spawn(config: IdentityConfig, mesh: Arc<Mesh>) {
 /// One CSR round trip: a fresh key (kept here), its CSR, and the answer of the first replica
 /// that gives one, starting with the one the subscription is connected to.
 async fn fetch(
-    client: &Client<HttpConnector, Full<Bytes>>,
+    client: &ControlClient,
     config: &IdentityConfig,
 ) -> Result<(CertificateResponse, Vec<u8>), IdentityError> {
     let key = rcgen::KeyPair::generate()?;
@@ -122,13 +121,7 @@ async fn fetch(
         namespace: config.namespace.clone(),
         service_account: config.service_account.clone(),
     };
-    let token = match &config.control.token {
-        Token::Value(v) => v.trim().to_string(),
-        Token::File(path) => std::fs::read_to_string(path)
-            .map_err(IdentityError::Token)?
-            .trim()
-            .to_string(),
-    };
+    let token = config.control.token.read().map_err(IdentityError::Token)?;
     let sa_token = match &config.control.service_account_token {
         Some(path) => {
             Some(read_service_account_token(path).map_err(IdentityError::ServiceAccountToken)?)
@@ -143,9 +136,21 @@ async fn fetch(
         .resolve()
         .await
         .map_err(|e| IdentityError::Control(e.to_string()))?;
+    let post = ControlPost {
+        path: CERTIFICATE_PATH,
+        token: &token,
+        extra_header: sa_token.map(|t| {
+            (
+                HeaderName::from_static(wire::SERVICE_ACCOUNT_TOKEN_HEADER),
+                t,
+            )
+        }),
+        timeout: FETCH_TIMEOUT,
+        max_response: MAX_RESPONSE,
+    };
     let mut unreachable = Vec::new();
     for replica in replicas::connected_first(candidates, replicas.connected().as_ref()) {
-        let answer = ask(client, &replica, &token, sa_token.as_ref(), body.clone()).await;
+        let answer = post.send(client, &replica, body.clone()).await;
         let (status, body) = match answer {
             Ok(answer) => answer,
             Err(reason) => {
@@ -165,40 +170,6 @@ async fn fetch(
         return Ok((issued, key.serialize_der()));
     }
     Err(IdentityError::Control(unreachable.join("; ")))
-}
-
-/// Sends the CSR `body` to `replica`: its answer (status and body), or why there is none.
-async fn ask(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    replica: &Replica,
-    token: &str,
-    sa_token: Option<&HeaderValue>,
-    body: Bytes,
-) -> Result<(StatusCode, Bytes), String> {
-    let mut req = Request::builder()
-        .method(Method::POST)
-        .uri(replica.uri(CERTIFICATE_PATH))
-        .header(AUTHORIZATION, format!("Bearer {token}"))
-        .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(body))
-        .map_err(|e| e.to_string())?;
-    if let Some(sa_token) = sa_token {
-        req.headers_mut()
-            .insert(wire::SERVICE_ACCOUNT_TOKEN_HEADER, sa_token.clone());
-    }
-    let exchange = async {
-        let response = client.request(req).await.map_err(|e| e.to_string())?;
-        let status = response.status();
-        let body = Limited::new(response.into_body(), MAX_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok::<_, String>((status, body))
-    };
-    tokio::time::timeout(FETCH_TIMEOUT, exchange)
-        .await
-        .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))?
 }
 
 #[cfg(test)]

@@ -17,9 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE};
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http::StatusCode;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -28,8 +26,9 @@ use outrider_config::wire::{
 };
 use tokio::sync::Notify;
 
-use crate::control::replicas::{self, Replica};
-use crate::control::subscribe::{ControlConfig, Token, CONNECT_TIMEOUT};
+use crate::control::replicas;
+use crate::control::subscribe::{ControlConfig, CONNECT_TIMEOUT};
+use crate::control::{ControlClient, ControlPost};
 use crate::http::shared::Shared;
 
 /// Longest wait for one registration or deregistration round trip.
@@ -85,7 +84,7 @@ pub struct Registrar {
     config: RegistrationConfig,
     /// The address registered.
     address: SocketAddr,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: ControlClient,
     /// Set by [`Registrar::leave`]: no registration is posted after it.
     leaving: AtomicBool,
     wake: Notify,
@@ -215,26 +214,24 @@ impl Registrar {
     /// ones in turn when it cannot be reached; the answer of the first that answers.
     async fn post(&self, path: &str, body: Vec<u8>) -> Result<Bytes, RegisterError> {
         let control = &self.config.control;
-        let token = match &control.token {
-            Token::Value(v) => v.trim().to_string(),
-            Token::File(path) => std::fs::read_to_string(path)
-                .map_err(RegisterError::Token)?
-                .trim()
-                .to_string(),
-        };
+        let token = control.token.read().map_err(RegisterError::Token)?;
         let candidates = control
             .replicas
             .resolve()
             .await
             .map_err(|e| RegisterError::Unreachable(e.to_string()))?;
         let body = Bytes::from(body);
+        let post = ControlPost {
+            path,
+            token: &token,
+            extra_header: None,
+            timeout: REQUEST_TIMEOUT,
+            max_response: MAX_RESPONSE,
+        };
         let mut unreachable = Vec::new();
         for replica in replicas::connected_first(candidates, control.replicas.connected().as_ref())
         {
-            match self
-                .exchange_with(&replica, path, &token, body.clone())
-                .await
-            {
+            match post.send(&self.client, &replica, body.clone()).await {
                 Ok((status, answer)) if status.is_success() => return Ok(answer),
                 Ok((status, answer)) => {
                     return Err(RegisterError::Refused {
@@ -246,39 +243,6 @@ impl Registrar {
             }
         }
         Err(RegisterError::Unreachable(unreachable.join("; ")))
-    }
-
-    async fn exchange_with(
-        &self,
-        replica: &Replica,
-        path: &str,
-        token: &str,
-        body: Bytes,
-    ) -> Result<(StatusCode, Bytes), String> {
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri(replica.uri(path))
-            .header(AUTHORIZATION, format!("Bearer {token}"))
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|e| e.to_string())?;
-        let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = response.status();
-            let body = Limited::new(response.into_body(), MAX_RESPONSE)
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            Ok::<_, String>((status, body))
-        };
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .map_err(|_| format!("no answer within {REQUEST_TIMEOUT:?}"))?
     }
 }
 

@@ -31,6 +31,7 @@ use outrider_config::wire::{
 use crate::control::persist::{self, Persisted, Persister};
 use crate::control::reload::{ReloadError, Reloader};
 use crate::control::replicas::{NoReplica, Replica, Replicas, Rotation};
+use crate::control::ControlClient;
 use crate::http::shared::{ControlReplica, PolicySource};
 
 /// First reconnect delay cap; doubles per failed attempt.
@@ -232,8 +233,6 @@ pub async fn reconnect_loop<F, Fut>(
     }
 }
 
-type ControlClient = Client<HttpConnector, Full<Bytes>>;
-
 /// Starts the subscriber; it runs until the proxy drains.
 pub fn spawn(config: ControlConfig, reloader: Arc<Reloader>) {
     let mut connector = HttpConnector::new();
@@ -315,15 +314,16 @@ impl Subscriber {
     }
 
     fn token(&self) -> Result<String, SessionError> {
-        match &self.config.token {
-            Token::Value(v) => Ok(v.trim().to_string()),
-            Token::File(path) => std::fs::read_to_string(path)
-                .map(|t| t.trim().to_string())
-                .map_err(|source| SessionError::Token {
-                    path: path.clone(),
-                    source,
-                }),
-        }
+        self.config
+            .token
+            .read()
+            .map_err(|source| SessionError::Token {
+                path: match &self.config.token {
+                    Token::File(path) => path.clone(),
+                    Token::Value(_) => PathBuf::new(),
+                },
+                source,
+            })
     }
 
     fn session_id(&self) -> String {
