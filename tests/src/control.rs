@@ -164,6 +164,27 @@ impl Control {
         ]
     }
 
+    /// Starts a proxy subscribed as `workload` with a mesh identity: service account `sa` of
+    /// namespace `ns`, its certificate issued by this control plane; `extra` flags appended.
+    pub fn spawn_meshed_proxy(
+        &self,
+        dirs: &ControlDirs,
+        workload: &str,
+        ns: &str,
+        sa: &str,
+        extra: &[std::ffi::OsString],
+    ) -> crate::Proxy {
+        let mut args = self.proxy_flags(dirs, workload);
+        args.extend([
+            "--namespace".into(),
+            ns.into(),
+            "--service-account".into(),
+            sa.into(),
+        ]);
+        args.extend_from_slice(extra);
+        crate::spawn_proxy(crate::TempDir::new(), &args)
+    }
+
     /// Every log line so far.
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()

@@ -352,6 +352,41 @@ impl Proxy {
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
+    /// Polls the admin `/ready` until 200 (a policy held and, with an identity, a
+    /// certificate), for at most 15 s; fails the test with the last answer and the logs.
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let (status, body) = self.admin_get("/ready").await;
+            if status == 200 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not ready: {body}\nlogs:\n{}",
+                self.logs().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (at most 15 s) until the proxy runs a policy whose admin `/config` contains
+    /// `needle`.
+    pub async fn wait_policy(&self, needle: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let (_, config) = self.admin_get("/config").await;
+            if config.contains(needle) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "policy with {needle} never arrived: {config}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The value of the Prometheus sample named exactly `series` (`name{labels}`), or 0.
     pub async fn metric(&self, series: &str) -> f64 {
         let (_, text) = self.admin_get("/metrics").await;

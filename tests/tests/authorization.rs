@@ -14,7 +14,7 @@ use outrider_e2e::control::{start_control, Control, ControlDirs};
 use outrider_e2e::pb::echo_client::EchoClient;
 use outrider_e2e::pb::echo_server::{Echo, EchoServer};
 use outrider_e2e::pb::{EchoReply, EchoRequest};
-use outrider_e2e::{empty, get, http1_client, send, spawn_proxy, Proto, Proxy, TempDir, Upstream};
+use outrider_e2e::{empty, get, http1_client, send, Proto, Proxy, Upstream};
 use tokio::net::TcpListener;
 use tokio::time::timeout;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -37,47 +37,7 @@ fn start_meshed(
     ns: &str,
     sa: &str,
 ) -> Proxy {
-    let mut args = control.proxy_flags(dirs, workload);
-    args.extend([
-        "--namespace".into(),
-        ns.into(),
-        "--service-account".into(),
-        sa.into(),
-    ]);
-    spawn_proxy(TempDir::new(), &args)
-}
-
-/// Polls the admin `/ready` of `proxy` until 200 (policy and certificate held).
-async fn wait_ready(proxy: &Proxy) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let (status, body) = proxy.admin_get("/ready").await;
-        if status == 200 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not ready: {body}\nlogs:\n{}",
-            proxy.logs().join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until `proxy` runs a policy whose `/config` contains `needle`.
-async fn wait_policy(proxy: &Proxy, needle: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let (_, config) = proxy.admin_get("/config").await;
-        if config.contains(needle) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "policy with {needle} never arrived: {config}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    control.spawn_meshed_proxy(dirs, workload, ns, sa, &[])
 }
 
 /// The callee's document: `app` behind a permissive inbound port speaking `protocol`, under
@@ -131,13 +91,13 @@ impl Mesh {
         let checkout = caller("checkout", "shop");
         let frontend = caller("frontend", "web");
         for proxy in [&callee, &checkout, &frontend] {
-            wait_ready(proxy).await;
+            proxy.wait_ready().await;
         }
         // A proxy that subscribed before its document was read runs the workload's empty
         // policy until the next push: wait for the documents' own.
-        wait_policy(&callee, &app.to_string()).await;
-        wait_policy(&checkout, &callee.inbound.to_string()).await;
-        wait_policy(&frontend, &callee.inbound.to_string()).await;
+        callee.wait_policy(&app.to_string()).await;
+        checkout.wait_policy(&callee.inbound.to_string()).await;
+        frontend.wait_policy(&callee.inbound.to_string()).await;
         Self {
             dirs,
             _control: control,
@@ -154,7 +114,7 @@ impl Mesh {
             "payments.yaml",
             &callee_doc(self.app, "http1", authorization),
         );
-        wait_policy(&self.callee, needle).await;
+        self.callee.wait_policy(needle).await;
     }
 
     async fn decisions(&self, rule: &str, action: &str, mode: &str) -> f64 {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::{Response, StatusCode};
 use outrider_e2e::control::{start_control, Control, ControlDirs};
 use outrider_e2e::prometheus::{value, Prometheus};
-use outrider_e2e::{full, get, spawn_proxy, start_proxy, Proto, Proxy, TempDir, Upstream};
+use outrider_e2e::{full, get, start_proxy, Proto, Proxy, Upstream};
 
 const DASHBOARD: &str = include_str!("../../deploy/grafana/outrider.json");
 
@@ -106,22 +106,7 @@ fn panel_queries(dashboard: &serde_json::Value) -> Vec<(String, String, String)>
 }
 
 fn start_meshed(control: &Control, dirs: &ControlDirs, workload: &str) -> Proxy {
-    let args: Vec<std::ffi::OsString> = [
-        "--control",
-        &control.url(),
-        "--token-file",
-        dirs.token_file.to_str().unwrap(),
-        "--workload",
-        workload,
-        "--namespace",
-        "shop",
-        "--service-account",
-        workload,
-    ]
-    .iter()
-    .map(Into::into)
-    .collect();
-    spawn_proxy(TempDir::new(), &args)
+    control.spawn_meshed_proxy(dirs, workload, "shop", workload, &[])
 }
 
 /// Polls until the PromQL `query` returns a sample equal to `expected`.

@@ -11,70 +11,16 @@ use std::time::Duration;
 use http::Request;
 use outrider_e2e::control::{start_control, start_control_with, Control, ControlDirs};
 use outrider_e2e::service_account::TokenIssuer;
-use outrider_e2e::{
-    empty, get, http1_client, raw_exchange, send, spawn_proxy, Proto, Proxy, TempDir, Upstream,
-};
+use outrider_e2e::{empty, get, http1_client, raw_exchange, send, Proto, Proxy, TempDir, Upstream};
 
 const CHECKOUT: &str = "spiffe://cluster.local/ns/shop/sa/checkout";
 const PAYMENTS: &str = "spiffe://cluster.local/ns/shop/sa/payments";
 const IDENTITY_HEADER: &str = "x-outrider-peer-identity";
 
-/// Starts a proxy for `workload` with service account `sa`, policy and certificate from
-/// `control`.
+/// Starts a proxy for `workload` (namespace `shop`, service account `sa`), policy and
+/// certificate from `control`.
 fn start_meshed(control: &Control, dirs: &ControlDirs, workload: &str, sa: &str) -> Proxy {
-    start_meshed_with(control, dirs, workload, sa, &[])
-}
-
-/// [`start_meshed`] with more flags.
-fn start_meshed_with(
-    control: &Control,
-    dirs: &ControlDirs,
-    workload: &str,
-    sa: &str,
-    extra: &[std::ffi::OsString],
-) -> Proxy {
-    let mut args = control.proxy_flags(dirs, workload);
-    args.extend([
-        "--namespace".into(),
-        "shop".into(),
-        "--service-account".into(),
-        sa.into(),
-    ]);
-    args.extend_from_slice(extra);
-    spawn_proxy(TempDir::new(), &args)
-}
-
-/// Polls the admin `/ready` of `proxy` until 200 (policy and certificate held).
-async fn wait_ready(proxy: &Proxy) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let (status, body) = proxy.admin_get("/ready").await;
-        if status == 200 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not ready: {body}\nlogs:\n{}",
-            proxy.logs().join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until `proxy` runs a policy whose `/config` contains `needle`.
-async fn wait_policy(proxy: &Proxy, needle: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let (_, config) = proxy.admin_get("/config").await;
-        if config.contains(needle) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "policy with {needle} never arrived: {config}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    control.spawn_meshed_proxy(dirs, workload, "shop", sa, &[])
 }
 
 /// How many lines the control plane has logged that contain `needle`.
@@ -138,13 +84,13 @@ async fn start_mesh_with(expected: &str, mtls: &str, control_flags: &[&str]) -> 
     let callee = start_meshed(&control, &dirs, "payments", "payments");
     dirs.write("checkout.yaml", &caller_doc(callee.inbound, expected, "1s"));
     let caller = start_meshed(&control, &dirs, "checkout", "checkout");
-    wait_ready(&callee).await;
-    wait_ready(&caller).await;
+    callee.wait_ready().await;
+    caller.wait_ready().await;
     // Ready means a policy and a certificate are held, but a proxy that subscribed before the
     // control plane read the file just written runs the workload's empty policy (permissive
     // inbound, no route) until the next push: wait for the documents' own.
-    wait_policy(&callee, &app.addr.to_string()).await;
-    wait_policy(&caller, &callee.inbound.to_string()).await;
+    callee.wait_policy(&app.addr.to_string()).await;
+    caller.wait_policy(&callee.inbound.to_string()).await;
     Mesh {
         dirs,
         control,
@@ -237,7 +183,7 @@ async fn plaintext_is_refused_by_a_strict_port_and_served_by_a_permissive_one() 
         "payments.yaml",
         &callee_doc(mesh.app.addr, "permissive", &[]),
     );
-    wait_policy(&mesh.callee, "permissive").await;
+    mesh.callee.wait_policy("permissive").await;
     let reply = get_spoofing(mesh.callee.inbound, CHECKOUT).await;
     assert_eq!(reply.status, 200);
     assert!(reply.json()["headers"].get(IDENTITY_HEADER).is_none());
@@ -273,7 +219,7 @@ async fn authorization_allows_listed_callers_and_answers_others_403() {
             &["spiffe://cluster.local/ns/shop/sa/orders"],
         ),
     );
-    wait_policy(&mesh.callee, "sa/orders").await;
+    mesh.callee.wait_policy("sa/orders").await;
     let reply = get(mesh.caller.outbound, "payments", "/charge").await;
     assert_eq!(reply.status, 403);
     assert_eq!(
@@ -319,10 +265,10 @@ async fn a_peer_certified_by_another_ca_is_refused_as_untrusted() {
         &caller_doc(mesh.callee.inbound, PAYMENTS, "1s"),
     );
     let impostor = start_meshed(&other, &other_dirs, "checkout", "checkout");
-    wait_ready(&impostor).await;
+    impostor.wait_ready().await;
     // Ready may come on the workload's empty policy, before the control plane has read the
     // document just written (its watcher waits for the file to hold still).
-    wait_policy(&impostor, "payments").await;
+    impostor.wait_policy("payments").await;
     let reply = get(impostor.outbound, "payments", "/charge").await;
     assert_eq!(reply.status, 502);
     assert!(reply
@@ -506,13 +452,15 @@ async fn certificates_go_only_to_the_service_account_a_pods_token_proves() {
     };
 
     // Each pod proves its own service account: both certified, and the mesh works.
-    let callee = start_meshed_with(&control, &dirs, "payments", "payments", &token("payments"));
+    let callee =
+        control.spawn_meshed_proxy(&dirs, "payments", "shop", "payments", &token("payments"));
     dirs.write("checkout.yaml", &caller_doc(callee.inbound, PAYMENTS, "1s"));
-    let caller = start_meshed_with(&control, &dirs, "checkout", "checkout", &token("checkout"));
-    wait_ready(&callee).await;
-    wait_ready(&caller).await;
-    wait_policy(&callee, &app.addr.to_string()).await;
-    wait_policy(&caller, &callee.inbound.to_string()).await;
+    let caller =
+        control.spawn_meshed_proxy(&dirs, "checkout", "shop", "checkout", &token("checkout"));
+    callee.wait_ready().await;
+    caller.wait_ready().await;
+    callee.wait_policy(&app.addr.to_string()).await;
+    caller.wait_policy(&callee.inbound.to_string()).await;
     let reply = get(caller.outbound, "payments", "/charge").await;
     assert_eq!(
         reply.status,
@@ -523,7 +471,8 @@ async fn certificates_go_only_to_the_service_account_a_pods_token_proves() {
     assert_eq!(reply.json()["headers"][IDENTITY_HEADER], CHECKOUT);
 
     // A pod running as checkout asks to be payments: its token gives it away.
-    let impostor = start_meshed_with(&control, &dirs, "payments", "payments", &token("checkout"));
+    let impostor =
+        control.spawn_meshed_proxy(&dirs, "payments", "shop", "payments", &token("checkout"));
     refused_with(
         &impostor,
         "the token is for service account shop/checkout, not shop/payments",
@@ -536,13 +485,13 @@ async fn certificates_go_only_to_the_service_account_a_pods_token_proves() {
         "--identity-token-file".into(),
         issuer.token_file("shop", "payments", "outrider", -120),
     ];
-    let expired = start_meshed_with(&control, &dirs, "payments", "payments", &expired);
+    let expired = control.spawn_meshed_proxy(&dirs, "payments", "shop", "payments", &expired);
     refused_with(&expired, "xpired").await;
     let audience = [
         "--identity-token-file".into(),
         issuer.token_file("shop", "payments", "https://kubernetes.default.svc", 3600),
     ];
-    let audience = start_meshed_with(&control, &dirs, "payments", "payments", &audience);
+    let audience = control.spawn_meshed_proxy(&dirs, "payments", "shop", "payments", &audience);
     refused_with(&audience, "service-account token rejected").await;
 
     let refusals = control_logged(&control, "certificate refused");
