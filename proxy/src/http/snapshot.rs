@@ -101,8 +101,9 @@ pub struct Snapshot {
     /// Transparent capture: the service each known address belongs to (its `addresses` and
     /// static endpoints), matched once per reload.
     by_address: HashMap<SocketAddr, Arc<Target>>,
-    /// Services found by `dns:`, whose resolved addresses are looked at per connection.
-    by_dns: Vec<Arc<Target>>,
+    /// Services whose endpoints change between reloads (found by `dns:`, or pushed by the
+    /// control plane's registry): their addresses now are looked at per connection.
+    by_live_endpoints: Vec<Arc<Target>>,
     /// Service names by the host names they answer to (`dns:` hosts and origination SNIs), to
     /// class captured TLS by its SNI in metrics.
     by_host: HashMap<String, Arc<str>>,
@@ -340,7 +341,7 @@ impl Snapshot {
             })
             .collect();
         let mut by_address = HashMap::new();
-        let mut by_dns = Vec::new();
+        let mut by_live_endpoints = Vec::new();
         let mut by_host = HashMap::new();
         let address_targets = policy
             .services
@@ -356,8 +357,10 @@ impl Snapshot {
             for addr in service.endpoints.iter().flatten() {
                 endpoint_owners.push((*addr, Arc::clone(&target)));
             }
+            if service.dns.is_some() || service.discovery == Some(Discovery::Registry) {
+                by_live_endpoints.push(Arc::clone(&target));
+            }
             if let Some(dns) = &service.dns {
-                by_dns.push(Arc::clone(&target));
                 let host = dns.rsplit_once(':').map_or(dns.as_str(), |(host, _)| host);
                 by_host
                     .entry(host.to_ascii_lowercase())
@@ -430,7 +433,7 @@ impl Snapshot {
         };
         Self {
             by_address,
-            by_dns,
+            by_live_endpoints,
             by_host,
             passthrough_metrics: metrics.route(OUTBOUND, PASSTHROUGH, PASSTHROUGH),
             inbound_metrics,
@@ -499,10 +502,11 @@ impl Snapshot {
 
     /// The service a captured connection's original destination belongs to: one of its
     /// `addresses` or static endpoints (a map built per reload), or an address its `dns:` name
-    /// resolves to now. Called once per connection (and after a reload), not per request.
+    /// resolves to now or the registry last pushed for it. Called once per connection (and
+    /// after a reload), not per request.
     pub fn service_for(&self, dst: SocketAddr) -> Option<&Arc<Target>> {
         self.by_address.get(&dst).or_else(|| {
-            self.by_dns
+            self.by_live_endpoints
                 .iter()
                 .find(|target| target.upstream.has_endpoint(dst))
         })
@@ -849,6 +853,16 @@ mod tests {
         assert!(Arc::ptr_eq(&kept, &pool_of(8)));
         assert!(Arc::ptr_eq(&b, snapshot.upstream("b").expect("b")));
         assert_eq!(b.endpoint_addrs(), [addr("127.0.0.1:2")]);
+        // A captured connection to a registered address is the registry service's (its
+        // addresses are looked at per connection, as a `dns:` service's are).
+        let captured = |dst: &str| {
+            snapshot
+                .service_for(addr(dst))
+                .map(|t| t.upstream.spec.name.to_string())
+        };
+        assert_eq!(captured("127.0.0.1:9").as_deref(), Some("pay"));
+        assert_eq!(captured("127.0.0.1:7"), None, "no longer registered");
+        assert_eq!(captured("127.0.0.1:2").as_deref(), Some("b"));
         // Not a registry service, or not in the policy: nothing changes.
         assert!(!snapshot.set_registered_endpoints("b", &[addr("127.0.0.1:7")]));
         assert!(!snapshot.set_registered_endpoints("nope", &[addr("127.0.0.1:7")]));
