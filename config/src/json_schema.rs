@@ -8,7 +8,7 @@
 //! and the simple bounds. What it cannot say (a route naming a service that does not exist,
 //! `endpoints` and `dns` together, a duration of zero) is left to [`crate::load`]; editors
 //! still point out most mistakes as they are typed. `deploy/schema/policy.json` is this
-//! output, checked in; a test fails when it differs.
+//! output, checked in (a test fails when it differs); the control plane serves it too.
 
 use std::borrow::Cow;
 
@@ -17,9 +17,6 @@ use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 
 use crate::schema::{AccessLog, AccessLogFields, ServiceTls};
 use crate::{ByteSize, Duration, Policy};
-
-/// The path the control plane serves the schema at.
-pub const SCHEMA_PATH: &str = "/v1/schema/policy.json";
 
 /// The JSON Schema (draft-07, which every YAML language server reads) of a policy document.
 pub fn policy_schema() -> serde_json::Value {

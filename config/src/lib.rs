@@ -23,7 +23,7 @@ pub mod wire;
 
 pub use duration::{Duration, DurationError};
 pub use error::{Diagnostic, PolicyError};
-pub use json_schema::{policy_schema, policy_schema_text, SCHEMA_PATH};
+pub use json_schema::{policy_schema, policy_schema_text};
 pub use position::Position;
 pub use schema::{
     AccessLog, AccessLogFormat, Authorization, AuthzAction, AuthzFrom, AuthzMode, AuthzRule,

@@ -679,7 +679,7 @@ pub struct Route {
     /// condition of at least one of them. Which route takes a request that several routes
     /// match is decided by precedence ([`crate::matching::order`]), not by document order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(min = 1, max = crate::limits::MAX_ROUTE_MATCHES))]
+    #[schemars(length(max = crate::limits::MAX_ROUTE_MATCHES))]
     pub matches: Vec<RouteMatch>,
     /// The single service this route sends to. Exactly one of `service` and `split`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
