@@ -103,9 +103,9 @@ pub(crate) struct SocketAddrText;
 
 /// An IPv4 address, each octet 0..=255 without leading zeros (as Rust parses them).
 const IPV4: &str = r"((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
-/// A port, 0..=65535.
+/// A port, 0..=65535 (leading zeros allowed, as Rust parses it).
 const PORT: &str =
-    r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}|0)";
+    r"0*(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}|0)";
 
 impl JsonSchema for SocketAddrText {
     fn schema_name() -> Cow<'static, str> {
@@ -113,9 +113,9 @@ impl JsonSchema for SocketAddrText {
     }
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        // IPv6 loosely (hex digits, colons, an embedded IPv4 and a zone): its full grammar
-        // as a regular expression would be unreadable, and the parser names the mistake.
-        let pattern = format!(r"^({IPV4}|\[[0-9A-Fa-f:.]+(%[0-9A-Za-z]+)?\]):{PORT}$");
+        // IPv6 loosely (hex digits, colons, an embedded IPv4 and a numeric scope): its full
+        // grammar as a regular expression would be unreadable, and the parser names the mistake.
+        let pattern = format!(r"^({IPV4}|\[[0-9A-Fa-f:.]+(%[0-9]+)?\]):{PORT}$");
         json_schema!({
             "type": "string",
             "pattern": pattern,

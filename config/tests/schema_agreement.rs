@@ -172,3 +172,92 @@ fn every_example_names_the_schema_for_editors() {
         );
     }
 }
+
+/// A validator for one definition of the policy schema (`Duration`, `ByteSize`, ...).
+fn definition(name: &str) -> jsonschema::Validator {
+    let schema = outrider_config::policy_schema();
+    let wrapped = serde_json::json!({
+        "$schema": schema["$schema"],
+        "definitions": schema["definitions"],
+        "$ref": format!("#/definitions/{name}"),
+    });
+    jsonschema::draft7::new(&wrapped).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// The scalar types' patterns say what their parsers say, string by string.
+#[test]
+fn scalar_patterns_agree_with_their_parsers() {
+    type Parse = fn(&str) -> bool;
+    let cases: [(&str, Parse, &[&str]); 3] = [
+        (
+            "Duration",
+            |s| s.parse::<outrider_config::Duration>().is_ok(),
+            &[
+                "250ms", "2s", "1m", "1h", "1m30s", "500us", "0s", " 2s ", "", "5", "5d", "s",
+                "1.5s", "-1s", "2 s", "1m 30s", "ms", "2S",
+            ],
+        ),
+        (
+            "ByteSize",
+            |s| s.parse::<outrider_config::ByteSize>().is_ok(),
+            &[
+                "64KiB",
+                "1MiB",
+                "1GiB",
+                "10KB",
+                "10kB",
+                "1MB",
+                "1GB",
+                "512",
+                "512B",
+                "1 MiB",
+                "",
+                "KiB",
+                "5 parsecs",
+                "1.5MiB",
+                "-1",
+                "1kib",
+                "1TiB",
+            ],
+        ),
+        (
+            "SocketAddr",
+            |s| s.parse::<std::net::SocketAddr>().is_ok(),
+            &[
+                "127.0.0.1:8080",
+                "0.0.0.0:0",
+                "255.255.255.255:65535",
+                "[::1]:8080",
+                "[::]:1",
+                "[fe80::1%eth0]:80",
+                "[fe80::1%2]:80",
+                "[::ffff:10.0.0.1]:443",
+                "127.0.0.1:65536",
+                "256.0.0.1:80",
+                "01.2.3.4:80",
+                "127.0.0.1",
+                "localhost:80",
+                "::1:80",
+                "127.0.0.1:-1",
+                "[::1]",
+                "1.2.3:80",
+                "127.0.0.1:080",
+                "127.0.0.1:0065535",
+            ],
+        ),
+    ];
+    let mut disagreements = Vec::new();
+    for (name, parses, samples) in cases {
+        let schema = definition(name);
+        for sample in samples {
+            let by_parser = parses(sample);
+            let by_schema = schema.is_valid(&serde_json::json!(sample));
+            if by_parser != by_schema {
+                disagreements.push(format!(
+                    "{name} `{sample}`: the parser says {by_parser}, the schema {by_schema}"
+                ));
+            }
+        }
+    }
+    assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+}
