@@ -7,6 +7,7 @@
 pub mod app_probe;
 mod duration;
 mod error;
+mod json_schema;
 pub mod limits;
 mod lint;
 pub mod matching;
@@ -22,6 +23,7 @@ pub mod wire;
 
 pub use duration::{Duration, DurationError};
 pub use error::{Diagnostic, PolicyError};
+pub use json_schema::{policy_schema, policy_schema_text};
 pub use position::Position;
 pub use schema::{
     AccessLog, AccessLogFormat, Authorization, AuthzAction, AuthzFrom, AuthzMode, AuthzRule,

@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{ByteSize, Duration};
 
 /// A whole policy document: upstream services, outbound routes and the inbound side.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// The workloads this document applies to when served by the control plane: a workload
@@ -19,6 +20,7 @@ pub struct Policy {
     pub workload: Option<WorkloadSelector>,
     /// Named upstream services, by name.
     #[serde(default)]
+    #[schemars(extend("propertyNames" = { "pattern": crate::json_schema::NAME }))]
     pub services: BTreeMap<String, Service>,
     /// Routes for the shared outbound port. A request that several routes match takes the one
     /// whose matching condition ranks highest in Gateway API's precedence
@@ -42,6 +44,7 @@ pub struct Policy {
     /// detect a protocol: server-speaks-first protocols (SMTP, MySQL, PostgreSQL...) send
     /// nothing until the server greets them. Unset: [`DEFAULT_OPAQUE_PORTS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::limits::MAX_PORT_LIST), inner(range(min = 1)))]
     pub opaque_ports: Option<Vec<u16>>,
 }
 
@@ -58,8 +61,9 @@ impl Policy {
 }
 
 /// The policy-wide mesh TLS setting.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
+#[schemars(transform = crate::json_schema::off_is_false)]
 pub enum MeshTls {
     /// Only services marked `tls: mesh` use mTLS.
     #[default]
@@ -86,7 +90,7 @@ pub enum ServiceTls {
 }
 
 /// TLS to an external HTTPS service (no client certificate).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OriginationTls {
     /// The name sent as SNI and that the server certificate must be valid for.
@@ -152,7 +156,7 @@ impl ServiceTls {
 }
 
 /// Whether the inbound listener also takes plaintext once mesh TLS is on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InboundMtls {
     /// mTLS and plaintext (callers outside the mesh); the first byte tells them apart.
@@ -164,12 +168,13 @@ pub enum InboundMtls {
 
 /// Which callers the inbound side lets through, by identity and request: deny rules first (any
 /// match denies), then allow rules (any match allows), else `default`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Authorization {
     /// The first form of this section: SPIFFE ids allowed. Read as one more allow rule
     /// (`:allow`, identities exactly these) under `default: deny`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::limits::MAX_AUTHZ_LIST))]
     pub allow: Vec<String>,
     /// What a request no rule matches gets.
     #[serde(default)]
@@ -179,11 +184,12 @@ pub struct Authorization {
     pub mode: AuthzMode,
     /// The rules; their order does not matter (deny rules are tried before allow rules).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::limits::MAX_AUTHZ_RULES))]
     pub rules: Vec<AuthzRule>,
 }
 
 /// What an authorization rule, or the default, decides.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthzAction {
     /// The request goes on.
@@ -194,7 +200,7 @@ pub enum AuthzAction {
 }
 
 /// Whether authorization's denials are applied.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthzMode {
     /// Denied requests are refused.
@@ -206,10 +212,11 @@ pub enum AuthzMode {
 
 /// One authorization rule: it matches a request whose caller meets `from` and whose request
 /// meets `to` (an absent one meets anything).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthzRule {
     /// Unique among the rules; named in `x-outrider-error` and in metrics.
+    #[schemars(regex(pattern = crate::json_schema::NAME))]
     pub name: String,
     /// What a match decides.
     pub action: AuthzAction,
@@ -223,7 +230,7 @@ pub struct AuthzRule {
 
 /// Conditions on the caller: each list holds when any of its entries does, and every field
 /// set must hold.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthzFrom {
     /// Verified SPIFFE ids, `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`,
@@ -255,7 +262,7 @@ impl AuthzFrom {
 
 /// Conditions on the request: each list holds when any of its entries does (`headers`: all of
 /// them must), and every field set must hold.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthzTo {
     /// The path: `exact`, `prefix` (whole segments) or `regex`, as in route matches; compared
@@ -264,6 +271,8 @@ pub struct AuthzTo {
     pub paths: Vec<PathMatch>,
     /// Methods, compared case-sensitively.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::limits::MAX_AUTHZ_LIST))]
+    #[schemars(inner(regex(pattern = crate::json_schema::TOKEN)))]
     pub methods: Vec<String>,
     /// Header conditions, as in route matches; every one must hold.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -278,7 +287,7 @@ impl AuthzTo {
 }
 
 /// Tracing: how traces are sampled and where spans go.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Tracing {
     /// The sampling rule.
@@ -286,6 +295,7 @@ pub struct Tracing {
     pub sampling: Sampling,
     /// Share of new traces sampled, 0..=1 (a caller's decision is always followed).
     #[serde(default = "Tracing::default_ratio")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub ratio: f64,
     /// Where sampled spans are exported; none are recorded without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -309,7 +319,7 @@ impl Default for Tracing {
 }
 
 /// How a trace is chosen for recording.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Sampling {
     /// Follow the caller's sampled flag; sample new traces at `ratio`.
@@ -318,11 +328,12 @@ pub enum Sampling {
 }
 
 /// An OTLP collector.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Otlp {
     /// The collector's URL, e.g. `http://otel-collector:4317` (gRPC) or
     /// `http://otel-collector:4318` (HTTP; `/v1/traces` is appended when there is no path).
+    #[schemars(regex(pattern = r"^https?://[^/\s]"))]
     pub endpoint: String,
     /// `grpc` or `http` (protobuf over HTTP).
     #[serde(default)]
@@ -330,7 +341,7 @@ pub struct Otlp {
 }
 
 /// The OTLP transport.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OtlpProtocol {
     /// OTLP/gRPC.
@@ -359,8 +370,9 @@ impl AccessLog {
 }
 
 /// The access log's line format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
+#[schemars(transform = crate::json_schema::off_is_false)]
 pub enum AccessLogFormat {
     /// No access log.
     #[default]
@@ -372,7 +384,7 @@ pub enum AccessLogFormat {
 }
 
 /// What the access log keeps of a request's query string.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum QueryLogging {
     /// Parameter names kept, each non-empty value replaced by `REDACTED`.
@@ -385,11 +397,13 @@ pub enum QueryLogging {
 }
 
 /// The mapping form of [`AccessLog`].
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct AccessLogFields {
+pub(crate) struct AccessLogFields {
+    /// The line format, or no access log.
     #[serde(default = "json_format")]
     format: AccessLogFormat,
+    /// What the logged `path` keeps of the query string.
     #[serde(default)]
     query: QueryLogging,
 }
@@ -461,12 +475,14 @@ impl<'de> Deserialize<'de> for AccessLog {
 
 /// The `workload:` field of a document: one name (`checkout`, or `"*"` for every workload) or
 /// a list of names. Written back as a plain string when it holds one name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum WorkloadSelector {
     /// A single workload name, or `"*"`.
+    #[schemars(schema_with = "crate::json_schema::workload_one")]
     One(String),
     /// Several workload names.
+    #[schemars(schema_with = "crate::json_schema::workload_many")]
     Many(Vec<String>),
 }
 
@@ -486,12 +502,16 @@ impl WorkloadSelector {
 }
 
 /// An upstream service and how to reach it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("anyOf" = [
+    { "required": ["endpoints"] }, { "required": ["dns"] }, { "required": ["discovery"] }
+]))]
 pub struct Service {
     /// Static endpoints. Exactly one of `endpoints`, `dns` and `discovery: registry` must be
     /// set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<Vec<crate::json_schema::SocketAddrText>>")]
     pub endpoints: Option<Vec<SocketAddr>>,
     /// A `host:port` re-resolved periodically; every A/AAAA record is an endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -500,9 +520,12 @@ pub struct Service {
     /// resolves to (a Kubernetes ClusterIP and port, `10.96.12.7:8080`): a captured connection
     /// to any of them gets this service's policy and load balancing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<crate::json_schema::SocketAddrText>")]
+    #[schemars(length(max = crate::limits::MAX_PORT_LIST))]
     pub addresses: Vec<SocketAddr>,
     /// A dedicated local port: everything arriving there goes to this service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<crate::json_schema::SocketAddrText>")]
     pub listen: Option<SocketAddr>,
     /// The protocol spoken to the upstream.
     #[serde(default)]
@@ -542,7 +565,7 @@ pub struct Service {
 }
 
 /// Where a service's endpoints come from, besides `endpoints` and `dns`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Discovery {
     /// The control plane's service registry: the advertised addresses of the proxies
@@ -551,7 +574,7 @@ pub enum Discovery {
 }
 
 /// The protocol spoken to an upstream (or to the local app).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// HTTP/1.1 with keep-alive.
@@ -562,7 +585,7 @@ pub enum Protocol {
 }
 
 /// How an endpoint is chosen for a request.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LoadBalancing {
     /// Each endpoint in turn.
@@ -577,19 +600,21 @@ pub enum LoadBalancing {
 }
 
 /// What a hashing balancer hashes: one request header or one cookie, by name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum HashOn {
     /// A header's value (the first one when repeated); the name is case-insensitive.
+    #[schemars(schema_with = "crate::json_schema::token")]
     Header(String),
     /// A cookie's value, from the `Cookie` header; the name is case-sensitive.
+    #[schemars(schema_with = "crate::json_schema::token")]
     Cookie(String),
 }
 
 /// Timeouts of a service. Only `connect` and `request_body_idle` have defaults: a request
 /// timeout that nobody chose would cut long streams (gRPC watches, downloads), while a bound on
 /// the caller's silence mid-body only cuts stalled uploads.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
     /// Bound on establishing a TCP connection to an endpoint.
@@ -635,11 +660,16 @@ impl Default for Timeouts {
 }
 
 /// A route on the shared outbound port.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend(
+    "anyOf" = [{ "required": ["match"] }, { "required": ["matches"] }],
+    "oneOf" = [{ "required": ["service"] }, { "required": ["split"] }]
+))]
 pub struct Route {
     /// A name for metrics and logs; `route-<index>` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = crate::json_schema::NAME))]
     pub name: Option<String>,
     /// One match, the original way to write a route: `{ authority, path_prefix }` (it takes
     /// every condition of [`RouteMatch`]). ORed with `matches`; a route needs one of the two.
@@ -649,12 +679,14 @@ pub struct Route {
     /// condition of at least one of them. Which route takes a request that several routes
     /// match is decided by precedence ([`crate::matching::order`]), not by document order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::limits::MAX_ROUTE_MATCHES))]
     pub matches: Vec<RouteMatch>,
     /// The single service this route sends to. Exactly one of `service` and `split`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
     /// A weighted traffic split across services.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
     pub split: Option<Vec<WeightedService>>,
     /// Overrides the service's timeouts for this route (each field that is set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -677,13 +709,14 @@ pub struct Route {
     /// (Gateway API's HTTPRoute `filters`): header changes, a URL rewrite, or a redirect the
     /// proxy answers itself.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::limits::MAX_ROUTE_FILTERS))]
     pub filters: Vec<RouteFilter>,
 }
 
 /// One filter of a route, as Gateway API's HTTPRouteFilter: written as a mapping with one key,
 /// `- request_header_modifier: { set: { x-env: canary } }`. Each kind at most once per route,
 /// and `url_rewrite` and `request_redirect` not together (validated).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RouteFilter {
     /// Changes the request's headers before it is forwarded.
@@ -713,13 +746,14 @@ impl RouteFilter {
 
 /// Gateway API's RequestMirror: a share of the route's requests is copied to `service`; the
 /// copy's response is discarded and never delays or changes the caller's.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequestMirror {
     /// The service the copies go to.
     pub service: String,
     /// Share of requests mirrored, 0..=100.
     #[serde(default = "RequestMirror::default_percent")]
+    #[schemars(range(min = 0.0, max = 100.0))]
     pub percent: f64,
     /// Request bodies up to this size are mirrored with them; a larger body's request is not
     /// mirrored at all (counted as `skipped_body`).
@@ -731,6 +765,7 @@ pub struct RequestMirror {
     /// Mirrored requests of this filter in flight at once; past it copies are not sent
     /// (counted as `overflow`).
     #[serde(default = "RequestMirror::default_max_in_flight")]
+    #[schemars(range(min = 1, max = crate::limits::MAX_MIRROR_IN_FLIGHT))]
     pub max_in_flight: u32,
 }
 
@@ -752,8 +787,11 @@ impl RequestMirror {
 
 /// Header changes (Gateway API's HTTPHeaderFilter). Names compare without case; a name may
 /// appear in only one of the three lists.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("anyOf" = [
+    { "required": ["set"] }, { "required": ["add"] }, { "required": ["remove"] }
+]))]
 pub struct HeaderModifier {
     /// Headers set to this value, replacing every value they had.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -767,8 +805,9 @@ pub struct HeaderModifier {
 }
 
 /// How the request is changed before it is forwarded (Gateway API's HTTPURLRewriteFilter).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("anyOf" = [{ "required": ["hostname"] }, { "required": ["path"] }]))]
 pub struct UrlRewrite {
     /// The Host / :authority the upstream gets instead of the caller's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -780,7 +819,7 @@ pub struct UrlRewrite {
 
 /// A new path: the whole of it, or the part the route's prefix match took (Gateway API's
 /// HTTPPathModifier).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PathModifier {
     /// The path becomes this.
@@ -792,7 +831,7 @@ pub enum PathModifier {
 
 /// A redirect the proxy answers with (Gateway API's HTTPRequestRedirectFilter): each part of
 /// `Location` that is not set is the request's own.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequestRedirect {
     /// `http` or `https`.
@@ -805,12 +844,14 @@ pub struct RequestRedirect {
     /// the port the request was sent to. Left out of `Location` when it is the scheme's
     /// default (80 for http, 443 for https).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub port: Option<u16>,
     /// The path of `Location` (the query is kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathModifier>,
     /// 301, 302 (the default), 303, 307 or 308.
     #[serde(default = "RequestRedirect::default_status_code")]
+    #[schemars(extend("enum" = [301, 302, 303, 307, 308]))]
     pub status_code: u16,
 }
 
@@ -821,7 +862,7 @@ impl RequestRedirect {
 }
 
 /// The scheme of a redirect's `Location`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RedirectScheme {
     /// `http`, default port 80.
@@ -866,8 +907,9 @@ impl Route {
 }
 
 /// Fault injection on a route: each request independently may be delayed and may be aborted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("anyOf" = [{ "required": ["delay"] }, { "required": ["abort"] }]))]
 pub struct Fault {
     /// Hold some requests before forwarding them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -878,27 +920,30 @@ pub struct Fault {
 }
 
 /// An injected delay.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FaultDelay {
     /// How long.
     pub duration: Duration,
     /// Share of requests delayed, 0..=100.
+    #[schemars(range(min = 0.0, max = 100.0))]
     pub percent: f64,
 }
 
 /// An injected error response.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FaultAbort {
     /// The status answered (400..=599).
+    #[schemars(range(min = 400, max = 599))]
     pub status: u16,
     /// Share of requests aborted, 0..=100.
+    #[schemars(range(min = 0.0, max = 100.0))]
     pub percent: f64,
 }
 
 /// Route-level timeout overrides; unset fields keep the service's values.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteTimeouts {
     /// See [`Timeouts::request`].
@@ -916,7 +961,7 @@ pub struct RouteTimeouts {
 }
 
 /// What makes a failed attempt worth retrying.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RetryOn {
     /// The connection could not be made (nothing was sent: safe for every method).
@@ -933,20 +978,23 @@ pub enum RetryOn {
 }
 
 /// Retry policy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Retries {
     /// Retries after the first try.
+    #[schemars(range(max = crate::limits::MAX_RETRY_ATTEMPTS))]
     pub attempts: u32,
     /// What counts as retryable.
     #[serde(default = "Retries::default_on")]
     pub on: Vec<RetryOn>,
     /// Statuses retried with `retriable-status`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(range(min = 100, max = 599)))]
     pub status: Vec<u16>,
     /// gRPC status names retried (`unavailable`, `resource-exhausted`, ...), read from response
     /// headers (trailers-only responses).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("items" = { "enum": crate::GRPC_STATUS_NAMES }))]
     pub grpc: Vec<String>,
     /// Backoff between attempts (full jitter).
     #[serde(default)]
@@ -981,7 +1029,7 @@ impl Retries {
 }
 
 /// Full-jitter exponential backoff: attempt N waits U[0, min(max, base * 2^N)).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Backoff {
     /// The first attempt's ceiling.
@@ -1000,12 +1048,14 @@ impl Default for Backoff {
 }
 
 /// Retries may add at most `ratio` of the request rate plus `min_per_second`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBudget {
     /// Extra load as a fraction of requests, 0..=1.
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub ratio: f64,
     /// Retries always allowed per second, whatever the ratio.
+    #[schemars(range(max = crate::limits::MAX_RATE))]
     pub min_per_second: u32,
 }
 
@@ -1019,13 +1069,15 @@ impl Default for RetryBudget {
 }
 
 /// A token bucket: `requests_per_second` refill, up to `burst` at once.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
     /// Sustained rate.
+    #[schemars(range(min = 1, max = crate::limits::MAX_RATE))]
     pub requests_per_second: u32,
     /// Bucket size; defaults to one second's worth.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = crate::limits::MAX_RATE))]
     pub burst: Option<u32>,
     /// `enforce` rejects over the limit; `shadow` only counts.
     #[serde(default)]
@@ -1033,7 +1085,7 @@ pub struct RateLimit {
 }
 
 /// Whether a rate limit rejects or only counts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RateLimitMode {
     /// Over the limit: 429.
@@ -1044,11 +1096,16 @@ pub enum RateLimitMode {
 }
 
 /// Circuit breaker and concurrency limits of a service.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("anyOf" = [
+    { "required": ["consecutive_failures"] }, { "required": ["failure_rate"] },
+    { "required": ["max_concurrent_requests"] }, { "required": ["max_pending_requests"] }
+]))]
 pub struct CircuitBreaker {
     /// Trip after this many failures in a row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = crate::limits::MAX_FAILURE_COUNT))]
     pub consecutive_failures: Option<u32>,
     /// Trip when the failure rate over a window crosses a threshold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1058,15 +1115,18 @@ pub struct CircuitBreaker {
     pub open_for: Duration,
     /// Real requests let through while half-open.
     #[serde(default = "CircuitBreaker::default_half_open_requests")]
+    #[schemars(range(min = 1, max = crate::limits::MAX_FAILURE_COUNT))]
     pub half_open_requests: u32,
     /// Ceiling of the open time, which doubles each time a probe fails.
     #[serde(default = "CircuitBreaker::default_max_open_for")]
     pub max_open_for: Duration,
     /// Requests in flight above this fail fast with 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = crate::limits::MAX_RATE))]
     pub max_concurrent_requests: Option<u32>,
     /// Requests waiting for a new connection to the service above this fail fast with 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = crate::limits::MAX_RATE))]
     pub max_pending_requests: Option<u32>,
 }
 
@@ -1085,11 +1145,12 @@ impl CircuitBreaker {
 /// Per-endpoint ejection: an endpoint that fails `consecutive_failures` times in a row gets no
 /// traffic for `base_ejection` times the number of times it has been ejected, up to
 /// `max_ejection`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierDetection {
     /// Failures in a row that eject an endpoint.
     #[serde(default = "OutlierDetection::default_consecutive_failures")]
+    #[schemars(range(min = 1, max = crate::limits::MAX_FAILURE_COUNT))]
     pub consecutive_failures: u32,
     /// The first ejection's length; the n-th lasts n times as long.
     #[serde(default = "OutlierDetection::default_base_ejection")]
@@ -1099,6 +1160,7 @@ pub struct OutlierDetection {
     pub max_ejection: Duration,
     /// At most this share of the endpoints (rounded down) is ejected at once.
     #[serde(default = "OutlierDetection::default_max_ejected_percent")]
+    #[schemars(range(min = 1, max = 100))]
     pub max_ejected_percent: u32,
 }
 
@@ -1118,19 +1180,21 @@ impl OutlierDetection {
 }
 
 /// Failure-rate trip condition.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FailureRate {
     /// Fraction of failures, 0..=1, at or above which the breaker opens.
+    #[schemars(range(max = 1.0), extend("exclusiveMinimum" = 0))]
     pub threshold: f64,
     /// No decision below this many requests in the window.
+    #[schemars(range(min = 1, max = crate::limits::MAX_RATE))]
     pub min_requests: u32,
     /// The sliding window.
     pub window: Duration,
 }
 
 /// Conditions a request must meet to take a route; all that are set must hold.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteMatch {
     /// The Host / :authority, without port, compared case-insensitively.
@@ -1145,12 +1209,15 @@ pub struct RouteMatch {
     pub path: Option<PathMatch>,
     /// The request method, compared case-sensitively (`GET`, `POST`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = crate::json_schema::TOKEN))]
     pub method: Option<String>,
     /// Request headers, by name (case-insensitive); every one must hold.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::limits::MAX_MATCH_CONDITIONS))]
     pub headers: Vec<ValueMatch>,
     /// Query parameters, by name (case-sensitive); every one must hold.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::limits::MAX_MATCH_CONDITIONS))]
     pub query_params: Vec<ValueMatch>,
     /// A gRPC call: the `/service/method` path of a request with a gRPC content type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1158,7 +1225,7 @@ pub struct RouteMatch {
 }
 
 /// How the request path is matched.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PathMatch {
     /// The whole path, byte for byte.
@@ -1172,8 +1239,9 @@ pub enum PathMatch {
 
 /// A condition on one request header or query parameter: exactly one of `value`, `regex` and
 /// `present`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = crate::json_schema::exact_alias)]
 pub struct ValueMatch {
     /// The header's (case-insensitive) or query parameter's (case-sensitive) name.
     pub name: String,
@@ -1190,7 +1258,7 @@ pub struct ValueMatch {
 
 /// A gRPC method, as GRPCRoute's `method` match: `service` is required, `method` narrows it
 /// to one method.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GrpcMatch {
     /// The fully qualified service, `package.Service`.
@@ -1201,20 +1269,22 @@ pub struct GrpcMatch {
 }
 
 /// One leg of a traffic split.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WeightedService {
     /// The service name.
     pub service: String,
     /// Relative weight; must be > 0.
+    #[schemars(range(min = 1))]
     pub weight: u32,
 }
 
 /// The inbound listener's settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Inbound {
     /// The local app behind the inbound listener.
+    #[schemars(with = "crate::json_schema::SocketAddrText")]
     pub app: SocketAddr,
     /// The protocol the local app speaks.
     #[serde(default)]

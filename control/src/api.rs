@@ -35,6 +35,9 @@ pub const POLICY_PATH: &str = "/v1/policy";
 pub const STATUS_PATH: &str = "/v1/status";
 /// Path of `version`.
 pub const VERSION_PATH: &str = "/v1/version";
+/// GET: the policy's JSON Schema (`application/schema+json`), open without a token so that an
+/// editor can fetch it: the same document as `deploy/schema/policy.json`.
+pub const SCHEMA_PATH: &str = "/v1/schema/policy.json";
 /// Query parameter of `apply`: `1` lets an applied document override one read from the
 /// policy directory.
 pub const FORCE_PARAM: &str = "force";

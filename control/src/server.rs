@@ -104,7 +104,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
 async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response<ResBody> {
     let path = req.uri().path().to_string();
     let open = match path.as_str() {
-        "/live" | "/ready" | "/metrics" => true,
+        "/live" | "/ready" | "/metrics" | api::SCHEMA_PATH => true,
         // Read-only status, open to the machine itself (an operator on the node).
         api::STATUS_PATH | api::VERSION_PATH => peer.ip().is_loopback(),
         _ => false,
@@ -151,6 +151,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
             status.replica = Some(replica);
             json(StatusCode::OK, &status)
         }
+        (&Method::GET, api::SCHEMA_PATH) => schema(),
         (&Method::GET, api::VERSION_PATH) => json(
             StatusCode::OK,
             &api::ServerVersion {
@@ -174,7 +175,8 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, app: &App) -> Response
             | api::DELETE_PATH
             | api::POLICY_PATH
             | api::STATUS_PATH
-            | api::VERSION_PATH,
+            | api::VERSION_PATH
+            | api::SCHEMA_PATH,
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     }
@@ -208,6 +210,18 @@ fn ready(engine: &Engine, replica: &Replica) -> Response<ResBody> {
     res.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+/// The policy's JSON Schema, generated from the policy types once per process.
+fn schema() -> Response<ResBody> {
+    static SCHEMA: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    let body = SCHEMA.get_or_init(|| Bytes::from(outrider_config::policy_schema_text()));
+    let mut res = Response::new(Full::new(body.clone()).boxed());
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/schema+json"),
     );
     res
 }

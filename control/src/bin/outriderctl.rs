@@ -47,6 +47,9 @@ enum Command {
     Check(outrider_control::cli::ReadArgs),
     /// Prints this CLI's version and the control plane's.
     Version(outrider_control::cli::ReadArgs),
+    /// Prints the policy's JSON Schema (generated from the policy types; the same as
+    /// deploy/schema/policy.json and as the control plane serves).
+    Schema,
     /// Prints a shell completion script: `source <(outriderctl completion bash)`.
     Completion {
         /// The shell.
@@ -79,6 +82,10 @@ pub fn main() -> ExitCode {
         Command::Get(args) => outrider_control::cli::get(args),
         Command::Check(args) => outrider_control::cli::check(args),
         Command::Version(args) => outrider_control::cli::version(args),
+        Command::Schema => {
+            print!("{}", outrider_config::policy_schema_text());
+            ExitCode::SUCCESS
+        }
         Command::Completion { shell } => {
             clap_complete::generate(
                 shell,
