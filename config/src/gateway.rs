@@ -1792,6 +1792,27 @@ spec:
     }
 
     #[test]
+    fn the_example_composes_with_its_attachment() {
+        let text = include_str!("../../deploy/examples/gateway-canary.yaml");
+        let mut policy = crate::load_document("gateway-canary.yaml", text)
+            .expect("valid")
+            .policy;
+        let gateway = std::mem::take(&mut policy.gateway);
+        compose(&mut policy, &gateway.iter().collect::<Vec<_>>()).expect("composes");
+        let canary = &policy.routes[0];
+        assert_eq!(
+            canary.name.as_deref(),
+            Some("httproute.default.reviews.canary")
+        );
+        assert!(canary.rate_limit.is_some() && canary.retries.is_some());
+        assert_eq!(
+            policy.routes[1].timeouts.as_ref().and_then(|t| t.per_try),
+            Some(Duration::from_secs(1))
+        );
+        crate::load("composed", &crate::to_yaml(&policy).expect("yaml")).expect("a proxy takes it");
+    }
+
+    #[test]
     fn attachments_are_for_the_control_plane_only() {
         let text = "services: { a: { endpoints: [127.0.0.1:1] } }
 routes:

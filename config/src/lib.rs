@@ -204,6 +204,19 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
     chunks
 }
 
+/// [`check`] for a document as the control plane takes it ([`load_document`]); warnings for a
+/// file that is one policy document only.
+pub fn check_document(file: &str, text: &str) -> Checked {
+    let result = load_document(file, text);
+    let warnings = match &result {
+        Ok(loaded) if split_documents(text).len() <= 1 && loaded.policy.gateway.is_empty() => {
+            positioned(text, lint::warnings(&loaded.policy))
+        }
+        _ => Vec::new(),
+    };
+    Checked { result, warnings }
+}
+
 fn parse_and_validate(text: &str) -> Result<Policy, Vec<Diagnostic>> {
     parse_and_validate_as(text, false)
 }
