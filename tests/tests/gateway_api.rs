@@ -82,20 +82,29 @@ routes:
     )
 }
 
-async fn served_by(proxy: &Proxy, host: &str, path: &str, canary: bool) -> String {
+async fn exchange(proxy: &Proxy, host: &str, path: &str, canary: bool) -> Reply {
     let mut request = Request::get(format!("http://{}{path}", proxy.outbound)).header("host", host);
     if canary {
         request = request.header("x-canary", "true");
     }
-    let reply = send(&http1_client(), request.body(empty()).unwrap()).await;
+    send(&http1_client(), request.body(empty()).unwrap()).await
+}
+
+async fn served_by(proxy: &Proxy, host: &str, path: &str, canary: bool) -> String {
+    let reply = exchange(proxy, host, path, canary).await;
     assert_eq!(reply.status, 200, "{host}{path}: {:?}", reply.body);
     reply.json()["server"].as_str().unwrap().to_string()
 }
 
-/// Polls until a canary request to `reviews` is served by `server`.
+/// Polls until a canary request to `reviews` is served by `server` (a proxy that has no
+/// policy yet answers 404).
 async fn wait_canary_at(proxy: &Proxy, server: &str) {
     let deadline = Instant::now() + STEP;
-    while served_by(proxy, "reviews", "/", true).await != server {
+    loop {
+        let reply = exchange(proxy, "reviews", "/", true).await;
+        if reply.status == 200 && reply.json()["server"] == server {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
             "canary never reached {server}; logs:\n{}",
