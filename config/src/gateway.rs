@@ -121,12 +121,14 @@ struct Probe {
 /// [`parse`] reads, rather than a policy. A document that does not parse is not one: the
 /// policy parser reports its errors.
 pub fn is_kubernetes_document(text: &str) -> bool {
-    matches!(
-        parse_other::<Probe>(text),
-        Ok(Some(Probe {
-            api_version: Some(_)
-        }))
-    )
+    // A policy is not parsed twice: only a text that holds the key at all is probed.
+    text.contains("apiVersion")
+        && matches!(
+            parse_other::<Probe>(text),
+            Ok(Some(Probe {
+                api_version: Some(_)
+            }))
+        )
 }
 
 /// Anything, refused when present: a field of Gateway API this translation does not honour.
@@ -1810,6 +1812,23 @@ spec:
             Some(Duration::from_secs(1))
         );
         crate::load("composed", &crate::to_yaml(&policy).expect("yaml")).expect("a proxy takes it");
+    }
+
+    #[test]
+    fn offline_checks_compose_a_file_of_routes_and_services() {
+        let text = include_str!("../../deploy/examples/gateway-canary.yaml");
+        assert!(crate::check_document("x.yaml", text).result.is_ok());
+        let missing = text.replace(
+            "- { name: reviews-v1, port: 9080, weight: 90 }",
+            "- { name: reviews-v0, port: 9080, weight: 90 }",
+        );
+        let error = crate::check_document("x.yaml", &missing)
+            .result
+            .expect_err("no reviews-v0");
+        assert!(
+            error.to_string().contains("names the Service `reviews-v0`"),
+            "{error}"
+        );
     }
 
     #[test]

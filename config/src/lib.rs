@@ -207,7 +207,24 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
 /// [`check`] for a document as the control plane takes it ([`load_document`]); warnings for a
 /// file that is one policy document only.
 pub fn check_document(file: &str, text: &str) -> Checked {
-    let result = load_document(file, text);
+    let result = load_document(file, text).and_then(|loaded| {
+        // A file holding routes and the services they need: composed as the control plane
+        // would (attachments aside, whose routes may be in other files).
+        let mut policy = loaded.policy.clone();
+        policy.routes.retain(|r| !gateway::is_attachment(r));
+        let routes = std::mem::take(&mut policy.gateway);
+        match gateway::compose(&mut policy, &routes.iter().collect::<Vec<_>>()) {
+            Ok(()) => Ok(loaded),
+            Err(error) => Err(PolicyError {
+                file: file.to_string(),
+                diagnostics: vec![Diagnostic {
+                    path: String::new(),
+                    message: error.0,
+                    position: None,
+                }],
+            }),
+        }
+    });
     let warnings = match &result {
         Ok(loaded) if split_documents(text).len() <= 1 && loaded.policy.gateway.is_empty() => {
             positioned(text, lint::warnings(&loaded.policy))
