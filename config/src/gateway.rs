@@ -1004,8 +1004,8 @@ fn translate_retry(at: &str, retry: &HttpRetry) -> Result<Retries, (String, Stri
         }
         None => Backoff::default().base,
     };
-    // Gateway API's backoff is the wait before a retry; ours is full-jitter exponential from
-    // that base, capped at eight times it.
+    // Gateway API's backoff is the least wait before a retry; ours is full-jitter exponential
+    // from that base, capped at eight times it, so a retry may come sooner (README).
     let max = Duration(base.get().saturating_mul(8));
     let (on, status) = if retry.codes.is_empty() {
         (Retries::default_on(), Vec::new())
