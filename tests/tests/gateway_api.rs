@@ -4,8 +4,9 @@
 //! (a header canary beside a 90/10 split) and deleting it changes it back; where its routes
 //! and the policy's own overlap, precedence decides and the policy wins ties; an HTTPRoute
 //! with a field the translation does not honour, or a backend the policy lacks, is refused
-//! with file:line:col and nothing is pushed; a GRPCRoute method match takes a real tonic
-//! client's calls of that method only.
+//! with file:line:col and nothing is pushed; a policy entry attaches a rate limit to one
+//! HTTPRoute rule by its route name; a GRPCRoute method match takes a real tonic client's
+//! calls of that method only.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -442,4 +443,42 @@ spec:
     assert_eq!(first.unwrap().text, "rest-server");
     unary_task.abort();
     rest_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_entry_attaches_a_rate_limit_to_an_httproute_rule_by_name() {
+    let v1 = Upstream::echo(Proto::Http1, "v1").await;
+    let v2 = Upstream::echo(Proto::Http1, "v2").await;
+    let dirs = ControlDirs::new();
+    // The attachment names a route no document has yet: the directory's policy is refused
+    // until the HTTPRoute is there, so both go in at once, as one file.
+    dirs.write(
+        "reviews.yaml",
+        &format!(
+            "{}  - name: httproute.default.reviews.canary
+    rate_limit: {{ requests_per_second: 1, burst: 1 }}
+---
+{CANARY}",
+            policy(v1.addr, v2.addr)
+        ),
+    );
+    let control = control::start_control(&dirs);
+    let proxy = spawn_proxy(TempDir::new(), &control.proxy_flags(&dirs, "checkout"));
+    wait_canary_at(&proxy, "v2").await;
+    // The canary rule's own bucket: a second canary request in a row is refused...
+    let deadline = Instant::now() + STEP;
+    loop {
+        let first = exchange(&proxy, "reviews", "/", true).await.status;
+        let second = exchange(&proxy, "reviews", "/", true).await.status;
+        if second == 429 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never limited: {first} {second}");
+    }
+    // ...while the other rules, which nothing was attached to, are not limited.
+    for _ in 0..20 {
+        assert_eq!(exchange(&proxy, "reviews", "/", false).await.status, 200);
+    }
+    let get = text(&ctl(&control, vec!["get".into(), "checkout".into()]).await);
+    assert!(get.contains("requests_per_second: 1"), "{get}");
 }
