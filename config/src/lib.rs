@@ -7,6 +7,7 @@
 pub mod app_probe;
 mod duration;
 mod error;
+pub mod gateway;
 mod json_schema;
 pub mod limits;
 mod lint;
@@ -87,10 +88,162 @@ pub fn check(file: &str, text: &str) -> Checked {
     Checked { result, warnings }
 }
 
+/// Most YAML documents (`---`) of one file [`load_document`] reads.
+pub const MAX_DOCUMENTS_PER_FILE: usize = 64;
+
+/// Reads a document as the control plane takes it: a policy, a Gateway API HTTPRoute or
+/// GRPCRoute ([`gateway`]), or a file of several YAML documents (`---`) of which at most one
+/// is a policy. Gateway API documents land in [`Policy::gateway`], for [`gateway::compose`];
+/// a policy's route entries may attach policy to their routes by name. Positions are the
+/// file's own, whichever document they fall in.
+pub fn load_document(file: &str, text: &str) -> Result<LoadedPolicy, PolicyError> {
+    let error = |diagnostics| PolicyError {
+        file: file.to_string(),
+        diagnostics,
+    };
+    let chunks = split_documents(text);
+    if chunks.len() > MAX_DOCUMENTS_PER_FILE {
+        return Err(error(vec![Diagnostic {
+            path: String::new(),
+            message: format!(
+                "budget exceeded: more than {MAX_DOCUMENTS_PER_FILE} documents in one file"
+            ),
+            position: None,
+        }]));
+    }
+    // One document: read as a whole, so a policy's errors are exactly as before.
+    let chunks = if chunks.len() <= 1 {
+        vec![(0, text)]
+    } else {
+        chunks
+    };
+    let mut policy: Option<(Policy, usize)> = None;
+    let mut gateway = Vec::new();
+    let mut diagnostics = Vec::new();
+    for (offset, chunk) in chunks {
+        let shift = |mut found: Vec<Diagnostic>| {
+            for d in &mut found {
+                if let Some(p) = &mut d.position {
+                    p.line = p.line.saturating_add(offset);
+                }
+            }
+            found
+        };
+        if gateway::is_kubernetes_document(chunk) {
+            match gateway::parse(file, chunk) {
+                Ok(mut routes) => {
+                    for r in &mut routes.references {
+                        if let Some(p) = &mut r.position {
+                            p.line = p.line.saturating_add(offset);
+                        }
+                    }
+                    gateway.push(routes);
+                }
+                Err(found) => diagnostics.extend(shift(found)),
+            }
+            continue;
+        }
+        if let Some((_, first)) = &policy {
+            diagnostics.push(Diagnostic {
+                path: String::new(),
+                message: format!(
+                    "a second policy document in one file (the first starts on line {}): put \
+                     its fields in the first, or in a file of its own",
+                    first + 1
+                ),
+                position: Some(Position {
+                    line: offset + 1,
+                    column: 1,
+                }),
+            });
+            continue;
+        }
+        match parse_and_validate_as(chunk, true) {
+            Ok(p) => policy = Some((p, offset)),
+            Err(found) => {
+                diagnostics.extend(shift(found));
+                policy = Some((Policy::default(), offset));
+            }
+        }
+    }
+    if !diagnostics.is_empty() {
+        return Err(error(diagnostics));
+    }
+    let mut policy = policy.map(|(p, _)| p).unwrap_or_default();
+    policy.gateway = gateway;
+    Ok(LoadedPolicy {
+        policy,
+        content_hash: content_hash(text),
+    })
+}
+
+/// The YAML documents of `text` that hold something: each with the number of lines before
+/// it. A line that starts with `---` (alone or before a space) starts a document, wherever it
+/// is (YAML forbids such a line inside a scalar); a chunk of blank lines and comments is no
+/// document.
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut starts = vec![(0usize, 0usize)];
+    let mut offset = 0;
+    for (line, content) in text.split_inclusive('\n').enumerate() {
+        let bare = content.trim_end_matches(['\n', '\r']);
+        if line > 0 && (bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t")) {
+            starts.push((line, offset));
+        }
+        offset += content.len();
+    }
+    let mut chunks = Vec::new();
+    for (i, &(line, start)) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).map_or(text.len(), |&(_, end)| end);
+        let chunk = &text[start..end];
+        let empty = chunk.lines().all(|l| {
+            let l = l.trim();
+            l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
+        });
+        if !empty {
+            chunks.push((line, chunk));
+        }
+    }
+    chunks
+}
+
+/// [`check`] for a document as the control plane takes it ([`load_document`]); warnings for a
+/// file that is one policy document only.
+pub fn check_document(file: &str, text: &str) -> Checked {
+    let result = load_document(file, text).and_then(|loaded| {
+        // A file holding routes and the services they need: composed as the control plane
+        // would (attachments aside, whose routes may be in other files).
+        let mut policy = loaded.policy.clone();
+        policy.routes.retain(|r| !gateway::is_attachment(r));
+        let routes = std::mem::take(&mut policy.gateway);
+        match gateway::compose(&mut policy, &routes.iter().collect::<Vec<_>>()) {
+            Ok(()) => Ok(loaded),
+            Err(error) => Err(PolicyError {
+                file: file.to_string(),
+                diagnostics: vec![Diagnostic {
+                    path: String::new(),
+                    message: error.0,
+                    position: None,
+                }],
+            }),
+        }
+    });
+    let warnings = match &result {
+        Ok(loaded) if split_documents(text).len() <= 1 && loaded.policy.gateway.is_empty() => {
+            positioned(text, lint::warnings(&loaded.policy))
+        }
+        _ => Vec::new(),
+    };
+    Checked { result, warnings }
+}
+
 fn parse_and_validate(text: &str) -> Result<Policy, Vec<Diagnostic>> {
+    parse_and_validate_as(text, false)
+}
+
+fn parse_and_validate_as(text: &str, attachments: bool) -> Result<Policy, Vec<Diagnostic>> {
     match parse::parse(text) {
         Ok(policy) => {
-            let findings = validate::validate(&policy);
+            let findings = validate::validate_as(&policy, attachments);
             if findings.is_empty() {
                 Ok(policy)
             } else {
@@ -100,7 +253,7 @@ fn parse_and_validate(text: &str) -> Result<Policy, Vec<Diagnostic>> {
         Err(broken) => {
             let mut diagnostics = broken.diagnostics;
             if let Some(partial) = broken.partial {
-                let findings = validate::validate(&partial.policy)
+                let findings = validate::validate_as(&partial.policy, attachments)
                     .into_iter()
                     .filter_map(|(path, message)| Some((partial.document_path(&path)?, message)))
                     .collect();

@@ -134,6 +134,27 @@ fn parse_one(text: &str) -> Result<Policy, Failure> {
     }
 }
 
+/// Reads `text` as a `T` under the policy's budgets and options (one document, duplicate keys
+/// refused): for the other documents the control plane takes, Gateway API routes. The first
+/// error only, with its position and path.
+pub(crate) fn parse_other<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> Result<Option<T>, Diagnostic> {
+    if text.len() > MAX_DOCUMENT_BYTES {
+        return Err(Diagnostic {
+            path: String::new(),
+            message: format!(
+                "budget exceeded: document size is {} bytes, more than {}",
+                text.len(),
+                ByteSize(MAX_DOCUMENT_BYTES as u64)
+            ),
+            position: Some(position_of_byte(text, MAX_DOCUMENT_BYTES)),
+        });
+    }
+    serde_saphyr::from_str_with_options::<Option<T>>(text, options())
+        .map_err(|error| diagnostic(text, &PositionIndex::build(text), &error, None))
+}
+
 /// The part of a policy a structural error is confined to: the next pass skips it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Section {

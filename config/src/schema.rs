@@ -46,6 +46,11 @@ pub struct Policy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = crate::limits::MAX_PORT_LIST), inner(range(min = 1)))]
     pub opaque_ports: Option<Vec<u16>>,
+    /// Routes translated from Gateway API HTTPRoute and GRPCRoute documents of the same file
+    /// ([`crate::gateway`]): the control plane joins them to each workload's policy when it
+    /// composes it. Never written out: a proxy receives them as ordinary `routes`.
+    #[serde(skip)]
+    pub gateway: Vec<crate::gateway::GatewayRoutes>,
 }
 
 /// The ports proxied as opaque TCP when a policy names none: Linkerd's default list (SMTP 25 and
@@ -770,17 +775,17 @@ pub struct RequestMirror {
 }
 
 impl RequestMirror {
-    fn default_percent() -> f64 {
+    pub(crate) fn default_percent() -> f64 {
         100.0
     }
     /// As `retries.body_limit`.
-    fn default_body_limit() -> ByteSize {
+    pub(crate) fn default_body_limit() -> ByteSize {
         ByteSize(64 * 1024)
     }
-    fn default_timeout() -> Duration {
+    pub(crate) fn default_timeout() -> Duration {
         Duration::from_secs(5)
     }
-    fn default_max_in_flight() -> u32 {
+    pub(crate) fn default_max_in_flight() -> u32 {
         64
     }
 }
@@ -1012,18 +1017,18 @@ pub struct Retries {
 }
 
 impl Retries {
-    fn default_on() -> Vec<RetryOn> {
+    pub(crate) fn default_on() -> Vec<RetryOn> {
         vec![
             RetryOn::ConnectFailure,
             RetryOn::Reset,
             RetryOn::GatewayError,
         ]
     }
-    fn default_body_limit() -> ByteSize {
+    pub(crate) fn default_body_limit() -> ByteSize {
         ByteSize(64 * 1024)
     }
     /// 30 s: a brief overload is waited out, a long outage is not held against the caller.
-    fn default_max_retry_after() -> Duration {
+    pub(crate) fn default_max_retry_after() -> Duration {
         Duration::from_secs(30)
     }
 }

@@ -21,6 +21,13 @@ pub type Finding = (String, String);
 
 /// Checks a deserialised policy; an empty result means it is valid.
 pub fn validate(policy: &Policy) -> Vec<Finding> {
+    validate_as(policy, false)
+}
+
+/// [`validate`], for a document the control plane composes: with `attachments`, a route
+/// entry named like a route translated from a Gateway API document and without a match
+/// attaches policy to that route ([`crate::gateway::compose`]) and is checked as such.
+pub fn validate_as(policy: &Policy, attachments: bool) -> Vec<Finding> {
     let mut findings = Vec::new();
     if let Some(selector) = &policy.workload {
         check_workloads(selector, &mut findings);
@@ -33,6 +40,24 @@ pub fn validate(policy: &Policy) -> Vec<Finding> {
     let mut route_names = HashSet::new();
     let mut regexes = 0;
     for (i, route) in policy.routes.iter().enumerate() {
+        if attachments && crate::gateway::is_attachment(route) {
+            check_attachment(i, route, &mut route_names, &mut findings);
+            continue;
+        }
+        if attachments
+            && route
+                .name
+                .as_deref()
+                .is_some_and(crate::gateway::is_gateway_route_name)
+        {
+            findings.push((
+                format!("routes[{i}].name"),
+                "names starting with `httproute.` or `grpcroute.` are those of routes \
+                 translated from Gateway API documents: an entry of such a name attaches policy \
+                 to one and has no match"
+                    .into(),
+            ));
+        }
         check_route(
             policy,
             i,
@@ -884,6 +909,55 @@ fn check_dns_target(target: &str) -> Result<(), String> {
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),
         _ => Err(format!("`{port}` is not a valid port")),
+    }
+}
+
+/// A route entry attaching policy to a translated route: it only adds policy.
+fn check_attachment(
+    i: usize,
+    route: &Route,
+    names: &mut HashSet<String>,
+    findings: &mut Vec<Finding>,
+) {
+    let at = format!("routes[{i}]");
+    if let Some(name) = &route.name {
+        if !names.insert(name.clone()) {
+            findings.push((
+                format!("{at}.name"),
+                format!("duplicate route name `{name}`"),
+            ));
+        }
+    }
+    for (field, set) in [
+        ("service", route.service.is_some()),
+        ("split", route.split.is_some()),
+        ("filters", !route.filters.is_empty()),
+    ] {
+        if set {
+            findings.push((
+                format!("{at}.{field}"),
+                "an entry attaching policy to a route of a Gateway API document takes only \
+                 `retries`, `timeouts`, `rate_limit`, `fault` and `retry_non_idempotent`: the \
+                 document says where the route goes"
+                    .into(),
+            ));
+        }
+    }
+    if let Some(t) = &route.timeouts {
+        check_optional_timeouts(
+            &at,
+            [t.request, t.per_try, t.idle, t.request_body_idle],
+            findings,
+        );
+    }
+    if let Some(retries) = &route.retries {
+        check_retries(&format!("{at}.retries"), retries, findings);
+    }
+    if let Some(limit) = &route.rate_limit {
+        check_rate_limit(&format!("{at}.rate_limit"), limit, findings);
+    }
+    if let Some(fault) = &route.fault {
+        check_fault(&format!("{at}.fault"), fault, findings);
     }
 }
 

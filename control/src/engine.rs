@@ -222,7 +222,7 @@ impl Prepared {
 }
 
 fn load_policy(name: &str, text: &str) -> Result<Policy, PolicyError> {
-    outrider_config::load(name, text).map(|loaded| loaded.policy)
+    outrider_config::load_document(name, text).map(|loaded| loaded.policy)
 }
 
 fn check_deadline(deadline: Option<Instant>) -> Result<(), EngineError> {
@@ -312,11 +312,12 @@ impl Engine {
         let docs = state.current();
         let mut parsed = BTreeMap::new();
         for (name, doc) in &docs {
-            let loaded =
-                outrider_config::load(name, &doc.text).map_err(|error| EngineError::Stored {
+            let loaded = outrider_config::load_document(name, &doc.text).map_err(|error| {
+                EngineError::Stored {
                     name: name.clone(),
                     error,
-                })?;
+                }
+            })?;
             parsed.insert(name.clone(), loaded.policy);
         }
         let mut inner = Inner {
@@ -1091,11 +1092,12 @@ impl Engine {
         let mut parsed = BTreeMap::new();
         let mut docs = BTreeMap::new();
         for (name, mut doc) in record.documents {
-            let loaded =
-                outrider_config::load(&name, &doc.text).map_err(|error| EngineError::Stored {
+            let loaded = outrider_config::load_document(&name, &doc.text).map_err(|error| {
+                EngineError::Stored {
                     name: name.clone(),
                     error,
-                })?;
+                }
+            })?;
             parsed.insert(name.clone(), loaded.policy);
             if current.get(&name).map(|d| &d.text) != Some(&doc.text) {
                 doc.changed_at = version;
@@ -1203,7 +1205,13 @@ impl Engine {
                 version: r.version,
                 at_ms: r.at_ms,
                 cause: r.cause.clone(),
-                documents: r.documents.keys().cloned().collect(),
+                documents: (r.documents.iter())
+                    .map(|(name, doc)| {
+                        let current = inner.docs.get(name).map(|d| d.text.as_str());
+                        let current = current.zip(inner.parsed.get(name));
+                        crate::gateway::describe_version(name, &doc.text, current)
+                    })
+                    .collect(),
             })
             .collect()
     }
@@ -1746,7 +1754,8 @@ fn settle_versions(inner: &mut Inner) {
                 .documents
                 .iter()
                 .map(|(name, doc)| {
-                    outrider_config::load(name, &doc.text).map(|l| (name.clone(), l.policy))
+                    outrider_config::load_document(name, &doc.text)
+                        .map(|l| (name.clone(), l.policy))
                 })
                 .collect::<Result<BTreeMap<_, _>, _>>()
                 .ok();

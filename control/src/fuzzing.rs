@@ -29,6 +29,11 @@ pub fn policy_merge(data: &[u8]) {
     for (i, part) in text.split("\n---\n").take(MAX_DOCUMENTS).enumerate() {
         let name = format!("d{i}");
         let Ok(loaded) = outrider_config::load(&name, part) else {
+            // A Gateway API route or a policy attaching to one: the control plane's form,
+            // which does not round-trip alone (composition consumes it).
+            if let Ok(loaded) = outrider_config::load_document(&name, part) {
+                docs.push((name, loaded.policy));
+            }
             continue;
         };
         round_trips(&loaded.policy);

@@ -8,6 +8,8 @@
 //!   [`registry`]: the proxies, one live session each; [`discovery`]: the service registry
 //!   (`discovery: registry`), the addresses proxies registered under a TTL.
 //! - [`watcher`]: the watched policy directory (ConfigMap volumes included).
+//! - [`gateway`]: Gateway API route documents named in listings (their translation and
+//!   composition are [`outrider_config::gateway`]'s).
 //! - [`ca`]: the mesh CA issuing short-lived SPIFFE workload certificates.
 //! - [`metrics`]: the control plane's own Prometheus metrics (`/metrics`).
 //! - [`server`]: the HTTP server (subscriptions, ACKs, the management API).
@@ -28,6 +30,7 @@ pub mod discovery;
 pub mod engine;
 pub mod etcd;
 pub mod fuzzing;
+pub mod gateway;
 pub mod inject;
 pub mod merge;
 pub mod metrics;

@@ -14,6 +14,9 @@
 //!   setting one conflict. `access_log`: a specific document's `json` wins over the defaults',
 //!   else the defaults' (a document that leaves it out cannot be told from one saying `off`).
 //! - Two services of the merged result with the same dedicated `listen` address conflict.
+//! - Gateway API routes (HTTPRoute, GRPCRoute documents, [`outrider_config::gateway`]) of the
+//!   documents that apply are joined last, by [`outrider_config::gateway::compose`]: after
+//!   every policy route, for a workload whose merged services hold a parent Service of theirs.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -85,6 +88,15 @@ pub enum Conflict {
         /// Its document.
         second: String,
     },
+    /// Gateway API routes that do not compose with the workload's policy (a backend that is
+    /// no service of it, a field set both by a route and by the entry attached to it).
+    #[error("for workload `{workload}`: {error}")]
+    Gateway {
+        /// The workload merged.
+        workload: String,
+        /// What is wrong, with the file, line and column of the route document.
+        error: outrider_config::gateway::ComposeError,
+    },
 }
 
 impl Conflict {
@@ -94,6 +106,9 @@ impl Conflict {
             Self::Service { first, second, .. }
             | Self::Setting { first, second, .. }
             | Self::Listen { first, second, .. } => (first, second),
+            // Which policy document lacks a route's backend cannot be told: any change that
+            // leaves the routes unable to compose is refused.
+            Self::Gateway { .. } => return true,
         };
         a == document || b == document
     }
@@ -135,7 +150,9 @@ where
     }
     let mut routes = specific.routes;
     routes.extend(defaults.routes);
-    Ok(Policy {
+    let mut gateway = specific.gateway;
+    gateway.extend(defaults.gateway);
+    let mut merged = Policy {
         workload: None,
         services: services.into_iter().map(|(k, (s, _))| (k, s)).collect(),
         routes,
@@ -153,7 +170,15 @@ where
             .unwrap_or_default(),
         mesh_tls: specific.mesh_tls.or(defaults.mesh_tls).unwrap_or_default(),
         opaque_ports: specific.opaque_ports.or(defaults.opaque_ports),
-    })
+        gateway: Vec::new(),
+    };
+    outrider_config::gateway::compose(&mut merged, &gateway).map_err(|error| {
+        Box::new(Conflict::Gateway {
+            workload: workload.to_string(),
+            error,
+        })
+    })?;
+    Ok(merged)
 }
 
 /// The documents of one tier, each item remembering the document it came from.
@@ -166,6 +191,7 @@ struct Layer<'a> {
     access_log: Option<AccessLog>,
     mesh_tls: Option<outrider_config::MeshTls>,
     opaque_ports: Option<Vec<u16>>,
+    gateway: Vec<&'a outrider_config::gateway::GatewayRoutes>,
 }
 
 impl<'a> Layer<'a> {
@@ -188,6 +214,7 @@ impl<'a> Layer<'a> {
                 .insert(service.clone(), (definition.clone(), name));
         }
         self.routes.extend(policy.routes.iter().cloned());
+        self.gateway.extend(&policy.gateway);
         set_once(
             &mut self.inbound,
             policy.inbound.as_ref(),

@@ -65,7 +65,7 @@ pub fn main(args: &ValidateArgs) -> ExitCode {
 
 /// Checks one document and prints what was found; whether it passes.
 fn check(name: &str, text: &str, strict: bool) -> bool {
-    let checked = outrider_config::check(name, text);
+    let checked = outrider_config::check_document(name, text);
     match checked.result {
         Err(error) => {
             eprint!("{}", render_as("error", name, &error.diagnostics, text));
