@@ -665,12 +665,29 @@ impl Default for Timeouts {
 }
 
 /// A route on the shared outbound port.
+///
+/// In a document the control plane composes, an entry named after a route translated from a
+/// Gateway API document (`httproute.…`, `grpcroute.…`) with no match attaches policy to that
+/// route instead ([`crate::gateway`]): the schema takes both forms.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[schemars(extend(
-    "anyOf" = [{ "required": ["match"] }, { "required": ["matches"] }],
-    "oneOf" = [{ "required": ["service"] }, { "required": ["split"] }]
-))]
+#[schemars(extend("anyOf" = [
+    {
+        "anyOf": [{ "required": ["match"] }, { "required": ["matches"] }],
+        "oneOf": [{ "required": ["service"] }, { "required": ["split"] }]
+    },
+    {
+        "required": ["name"],
+        "properties": { "name": { "pattern": "^(httproute|grpcroute)\\." } },
+        "not": { "anyOf": [
+            { "required": ["match"] },
+            { "required": ["matches"] },
+            { "required": ["service"] },
+            { "required": ["split"] },
+            { "required": ["filters"] }
+        ] }
+    }
+]))]
 pub struct Route {
     /// A name for metrics and logs; `route-<index>` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
