@@ -214,7 +214,11 @@ fn ready(engine: &Engine, replica: &Replica) -> Response<ResBody> {
 
 /// The control plane's own metrics, in the Prometheus text format ([`crate::metrics`]).
 fn metrics(app: &App) -> Response<ResBody> {
-    let body = crate::metrics::encode(&app.engine, app.ca.as_ref().map(|ca| ca.not_after()));
+    let body = crate::metrics::encode(
+        &app.engine,
+        &app.services,
+        app.ca.as_ref().map(|ca| ca.not_after()),
+    );
     let mut res = Response::new(Full::new(Bytes::from(body)).boxed());
     res.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -508,7 +512,7 @@ async fn deregister(req: Request<Incoming>, app: &App) -> Response<ResBody> {
     };
     match serde_json::from_slice::<wire::Deregistration>(&body) {
         Ok(d) => {
-            app.services.deregister(&d.proxy);
+            discovery::deregister_everywhere(&app.services, &app.replica, &d.proxy).await;
             Response::builder()
                 .status(StatusCode::NO_CONTENT)
                 .body(empty())
