@@ -356,11 +356,13 @@ impl Stream {
         let mut ticker =
             tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        {
-            // A proxy resuming with the content in force is not sent it again, but it counts
-            // as sent: its ACK of what it runs is then accepted.
+        // A proxy resuming with the content in force is not sent it again, but it counts
+        // as sent: its ACK of what it runs is then accepted.
+        let mut counted = {
             let current = updates.borrow();
-            if sent.as_ref().map(|(h, _)| h.as_str()) == Some(current.content_hash.as_str()) {
+            let resumed =
+                sent.as_ref().map(|(h, _)| h.as_str()) == Some(current.content_hash.as_str());
+            if resumed {
                 self.engine.sent(
                     &self.proxy,
                     self.connection,
@@ -368,10 +370,31 @@ impl Stream {
                     &current.content_hash,
                 );
             }
-        }
+            resumed
+        };
         let mut endpoints_sent = discovery::Sent::default();
         loop {
             let current = Arc::clone(&updates.borrow_and_update());
+            if let Some((version, _)) = ahead_until {
+                if current.version == version {
+                    // The view holds the version the proxy runs now: whether a document names
+                    // its workload is read from it, not from the lagging view the subscription
+                    // began with (where the document may not have been yet).
+                    if let Some((hash, unselected)) = sent.as_mut() {
+                        if *hash == current.content_hash {
+                            *unselected = current.unselected;
+                            if !std::mem::replace(&mut counted, true) {
+                                self.engine.sent(
+                                    &self.proxy,
+                                    self.connection,
+                                    current.version,
+                                    &current.content_hash,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
             // A proxy that already has this content (it said so when reconnecting) is not
             // sent it again: a control-plane restart causes no re-push storm. A change of
             // whether a document names the workload alone is sent.
