@@ -2327,7 +2327,12 @@ mod tests {
         assert_eq!(rejected_docs(&reopened), ["bad", "worse"]);
         assert_eq!(reopened.version(), 1);
         let kept = reopened.status().documents;
-        assert!(kept[0].rejected.as_ref().unwrap().message.contains("bad:"));
+        assert!(kept[0]
+            .rejected
+            .as_ref()
+            .expect("bad")
+            .message
+            .contains("bad:"));
         // Accepted since: its rejection is gone with the version that took it.
         engine
             .apply(vec![upsert("bad", "workload: w\nservices: {}\n")], "t")
