@@ -791,4 +791,40 @@ mod tests {
         }
         assert!(registry.view().is_empty());
     }
+
+    #[test]
+    fn registry_keys_name_a_registration_or_a_deregistration() {
+        let prefix = "/outrider/registry/";
+        assert!(matches!(
+            registry_key(prefix, "/outrider/registry/r-1/pay/x"),
+            Some(RegistryKey::Registration(r, p)) if r == "r-1" && p == "pay/x"
+        ));
+        assert!(matches!(
+            registry_key(prefix, "/outrider/registry/~deregistered/pay-1"),
+            Some(RegistryKey::Deregistered(p)) if p == "pay-1"
+        ));
+        assert!(registry_key(prefix, "/outrider/registry/r-1").is_none());
+        assert!(registry_key(prefix, "/other/registry/r-1/p").is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forgetting_a_proxy_drops_it_from_the_view_wherever_it_registered() {
+        let registry = ServiceRegistry::new(Duration::from_secs(60));
+        registry
+            .register(registration("pay-1", &["pay"], "127.0.0.1:7001"))
+            .expect("local");
+        let remote = Stored {
+            services: vec!["pay".into()],
+            address: "127.0.0.1:7002".parse().expect("address"),
+        };
+        registry.set_remote(BTreeMap::from([
+            (("r-2".to_string(), "pay-1".to_string()), remote.clone()),
+            (("r-2".to_string(), "pay-2".to_string()), remote),
+        ]));
+        assert_eq!(addresses(&registry, "pay").len(), 2);
+        assert!(registry.forget("pay-1"));
+        assert_eq!(addresses(&registry, "pay"), ["127.0.0.1:7002"]);
+        // Forgetting is no deregistration here: only the replica the proxy asked counts it.
+        assert_eq!(registry.counts().deregistered, 0);
+    }
 }
