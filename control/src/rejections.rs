@@ -68,9 +68,18 @@ impl Rejections {
     }
 
     /// Records `rejected` (cut to the bounds), replacing the document's earlier rejection,
-    /// and forgets the oldest beyond the bounds.
+    /// and forgets the oldest beyond the bounds. The same rejection again (a rejected file
+    /// rescanned, the same text applied again) keeps the first one's time, so it changes
+    /// nothing and costs no write of the store.
     pub fn record(&mut self, rejected: &Rejected) {
-        let bounded = bounded(rejected);
+        let mut bounded = bounded(rejected);
+        if let Some(earlier) = self.0.get(&bounded.document) {
+            bounded.at_ms = earlier.at_ms;
+            if *earlier == bounded {
+                return;
+            }
+            bounded.at_ms = rejected.at_ms;
+        }
         self.0.insert(bounded.document.clone(), bounded);
         self.enforce_bounds();
     }
@@ -211,7 +220,10 @@ mod tests {
             assert!(total <= MAX_BYTES, "{total}");
             assert!(set.get(&format!("big{i:03}")).is_some());
         }
-        // A document's new rejection replaces its old one.
+        // The same rejection again changes nothing; a new one replaces the document's old one.
+        let before = set.clone();
+        set.record(&rejected("big199", 9999, 100_000));
+        assert_eq!(set, before);
         let before = set.len();
         set.record(&rejected("big199", 9999, 1));
         assert_eq!(set.len(), before);
