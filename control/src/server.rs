@@ -504,7 +504,16 @@ async fn ack(req: Request<Incoming>, app: &App) -> Response<ResBody> {
 }
 
 /// Registers (or renews) a proxy's workload as an endpoint of services; answers the TTL.
+/// With service-account binding on, only as its own workload: each service registered must
+/// be the name of the service account the request's token proves, as a subscription's
+/// workload must, so a holder of the control-plane token cannot register another workload's
+/// service.
 async fn register(req: Request<Incoming>, app: &App) -> Response<ResBody> {
+    let sa_token = req
+        .headers()
+        .get(wire::SERVICE_ACCOUNT_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let body = match read_body(req, MAX_ACK).await {
         Ok(body) => body,
         Err(res) => return res,
@@ -513,6 +522,32 @@ async fn register(req: Request<Incoming>, app: &App) -> Response<ResBody> {
         Ok(registration) => registration,
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("not a registration: {e}")),
     };
+    if let Some(service_accounts) = &app.service_accounts {
+        // Signature checks are CPU work: off the reactor.
+        let service_accounts = Arc::clone(service_accounts);
+        let services = registration.services.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            services.iter().try_for_each(|service| {
+                service_accounts
+                    .check_workload(sa_token.as_deref(), service)
+                    .map(drop)
+            })
+        })
+        .await;
+        match checked {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(proxy = %registration.proxy, services = ?registration.services, error = %e, "registration refused");
+                return error(StatusCode::FORBIDDEN, &format!("registration refused: {e}"));
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("token check failed: {e}"),
+                )
+            }
+        }
+    }
     match app.services.register(registration) {
         Ok(()) => json(
             StatusCode::OK,

@@ -25,11 +25,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use outrider_config::wire::{
     Deregistration, Registration, RegistrationLease, DEREGISTER_PATH, REGISTER_PATH,
+    SERVICE_ACCOUNT_TOKEN_HEADER,
 };
 use tokio::sync::Notify;
 
 use crate::control::replicas::{self, Replica};
-use crate::control::subscribe::{ControlConfig, Token, CONNECT_TIMEOUT};
+use crate::control::subscribe::{
+    read_service_account_token, ControlConfig, Token, CONNECT_TIMEOUT,
+};
 use crate::http::shared::Shared;
 
 /// Longest wait for one registration or deregistration round trip.
@@ -222,6 +225,12 @@ impl Registrar {
                 .trim()
                 .to_string(),
         };
+        // With service-account binding on, the control plane takes a registration only as
+        // the workload the pod's token proves, as it does a subscription.
+        let sa_token = match &control.service_account_token {
+            Some(path) => Some(read_service_account_token(path).map_err(RegisterError::Token)?),
+            None => None,
+        };
         let candidates = control
             .replicas
             .resolve()
@@ -232,7 +241,7 @@ impl Registrar {
         for replica in replicas::connected_first(candidates, control.replicas.connected().as_ref())
         {
             match self
-                .exchange_with(&replica, path, &token, body.clone())
+                .exchange_with(&replica, path, &token, sa_token.as_ref(), body.clone())
                 .await
             {
                 Ok((status, answer)) if status.is_success() => return Ok(answer),
@@ -253,15 +262,18 @@ impl Registrar {
         replica: &Replica,
         path: &str,
         token: &str,
+        sa_token: Option<&http::HeaderValue>,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), String> {
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::POST)
             .uri(replica.uri(path))
             .header(AUTHORIZATION, format!("Bearer {token}"))
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|e| e.to_string())?;
+            .header(CONTENT_TYPE, "application/json");
+        if let Some(sa_token) = sa_token {
+            request = request.header(SERVICE_ACCOUNT_TOKEN_HEADER, sa_token.clone());
+        }
+        let request = request.body(Full::new(body)).map_err(|e| e.to_string())?;
         let exchange = async {
             let response = self
                 .client
