@@ -22,6 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -111,8 +112,9 @@ struct Stored {
 #[derive(Default)]
 struct Entries {
     local: HashMap<String, Entry>,
-    /// By etcd key (`registry/<replica>/<proxy>`), the other replicas' only.
-    remote: BTreeMap<String, Stored>,
+    /// By (replica, proxy) of their etcd key (`registry/<replica>/<proxy>`), the other
+    /// replicas' only.
+    remote: BTreeMap<(String, String), Stored>,
 }
 
 /// The registrations of the proxies, by proxy id, and the view pushed from them.
@@ -124,6 +126,29 @@ pub struct ServiceRegistry {
     view: watch::Sender<Arc<View>>,
     /// Told when the local registrations change (for the etcd writer).
     local_changed: Notify,
+    /// What happened to registrations here, for `/metrics`.
+    counts: Counts,
+}
+
+/// Registrations taken (new or changed; renewals not counted), removed by the proxy, and
+/// expired, by this replica since its start.
+#[derive(Debug, Default)]
+struct Counts {
+    registered: AtomicU64,
+    deregistered: AtomicU64,
+    expired: AtomicU64,
+}
+
+/// What `/metrics` shows of the registry ([`ServiceRegistry::counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegistryCounts {
+    /// Registrations taken by this replica: new, or changed (another address or services);
+    /// renewals are not counted.
+    pub registered: u64,
+    /// Registrations removed by their proxy (it drains), through this replica.
+    pub deregistered: u64,
+    /// Registrations held here that expired (their proxy stopped renewing them).
+    pub expired: u64,
 }
 
 impl ServiceRegistry {
@@ -135,6 +160,16 @@ impl ServiceRegistry {
             entries: Mutex::new(Entries::default()),
             view: watch::Sender::new(Arc::new(View::new())),
             local_changed: Notify::new(),
+            counts: Counts::default(),
+        }
+    }
+
+    /// Registrations taken, removed and expired here since the start.
+    pub fn counts(&self) -> RegistryCounts {
+        RegistryCounts {
+            registered: self.counts.registered.load(Ordering::Relaxed),
+            deregistered: self.counts.deregistered.load(Ordering::Relaxed),
+            expired: self.counts.expired.load(Ordering::Relaxed),
         }
     }
 
@@ -212,19 +247,38 @@ impl ServiceRegistry {
             }
         };
         if changed {
+            self.counts.registered.fetch_add(1, Ordering::Relaxed);
             self.publish(&entries);
             self.local_changed.notify_one();
         }
         Ok(())
     }
 
-    /// Removes `proxy`'s registration now; whether it had one.
+    /// Removes `proxy`'s registration now (the proxy drains); whether this replica held it.
+    /// On etcd the other replicas are told as well ([`deregister_everywhere`]): a proxy that
+    /// moved between replicas may have registered with another.
     pub fn deregister(&self, proxy: &str) -> bool {
+        let held = self.forget(proxy);
+        if held {
+            self.counts.deregistered.fetch_add(1, Ordering::Relaxed);
+        }
+        held
+    }
+
+    /// Removes `proxy`'s registration held here, and its entry from another replica in the
+    /// view (that replica removes it from etcd); whether this replica held it.
+    fn forget(&self, proxy: &str) -> bool {
         let mut entries = self.lock();
         let removed = entries.local.remove(proxy);
         if let Some(entry) = &removed {
             tracing::info!(%proxy, address = %entry.address, "deregistered");
+        }
+        let before = entries.remote.len();
+        entries.remote.retain(|(_, id), _| id != proxy);
+        if removed.is_some() || entries.remote.len() != before {
             self.publish(&entries);
+        }
+        if removed.is_some() {
             self.local_changed.notify_one();
         }
         removed.is_some()
@@ -243,6 +297,9 @@ impl ServiceRegistry {
         });
         let gone = before - entries.local.len();
         if gone > 0 {
+            self.counts
+                .expired
+                .fetch_add(u64::try_from(gone).unwrap_or(u64::MAX), Ordering::Relaxed);
             self.publish(&entries);
             self.local_changed.notify_one();
         }
@@ -268,7 +325,7 @@ impl ServiceRegistry {
     }
 
     /// Replaces the other replicas' registrations (read from etcd, by key).
-    fn set_remote(&self, remote: BTreeMap<String, Stored>) {
+    fn set_remote(&self, remote: BTreeMap<(String, String), Stored>) {
         let mut entries = self.lock();
         if entries.remote != remote {
             entries.remote = remote;
@@ -409,9 +466,74 @@ async fn write_changes(
     true
 }
 
+/// Where a replica that took a proxy's deregistration says so (`registry/~deregistered/<proxy>`,
+/// under its lease): `~` is in no replica's name. Every replica forgets the proxy's
+/// registration when the key is written ([`watch_registrations`]).
+const DEREGISTERED: &str = "~deregistered/";
+
+/// [`ServiceRegistry::deregister`], and on etcd tells every replica (the proxy may have moved
+/// here from the one it registered with, which would keep its entry until the TTL): writes
+/// `registry/~deregistered/<proxy>` under this replica's lease, waiting at most the etcd
+/// timeout. Whether the other replicas were told (always true on a state directory).
+pub async fn deregister_everywhere(
+    registry: &ServiceRegistry,
+    replica: &Replica,
+    proxy: &str,
+) -> bool {
+    registry.deregister(proxy);
+    let Some(etcd) = replica.etcd() else {
+        return true;
+    };
+    let Some(lease) = *replica.leases().borrow() else {
+        tracing::warn!(%proxy, "no etcd lease: the other replicas keep this proxy's registration until it expires");
+        return false;
+    };
+    let key = format!("{}{DEREGISTERED}{proxy}", etcd.key(REGISTRY));
+    let options = etcd_client::PutOptions::new().with_lease(lease);
+    let mut kv = etcd.client.kv_client();
+    match tokio::time::timeout(
+        etcd.timeout(),
+        kv.put(key, replica.name.as_str(), Some(options)),
+    )
+    .await
+    {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(%proxy, error = %e, "cannot tell the other replicas of a deregistration; they keep it until it expires");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(%proxy, "no answer from etcd telling the other replicas of a deregistration; they keep it until it expires");
+            false
+        }
+    }
+}
+
+/// What a key under `registry/` is.
+enum RegistryKey {
+    /// `<replica>/<proxy>`: a registration.
+    Registration(String, String),
+    /// `~deregistered/<proxy>`: the proxy deregistered through some replica.
+    Deregistered(String),
+}
+
+/// `key` (under `prefix`, `registry/`) read.
+fn registry_key(prefix: &str, key: &str) -> Option<RegistryKey> {
+    let rest = key.strip_prefix(prefix)?;
+    if let Some(proxy) = rest.strip_prefix(DEREGISTERED) {
+        return Some(RegistryKey::Deregistered(proxy.to_string()));
+    }
+    let (replica, proxy) = rest.split_once('/')?;
+    Some(RegistryKey::Registration(
+        replica.to_string(),
+        proxy.to_string(),
+    ))
+}
+
 /// Keeps the other replicas' registrations (`registry/` but this replica's) in `registry`,
 /// forever: reads them whole, then follows a watch from that revision; reads again whenever
-/// the watch ends.
+/// the watch ends. A deregistration taken by any replica removes the proxy's registration
+/// here as well.
 pub async fn watch_registrations(
     etcd: EtcdStore,
     registry: Arc<ServiceRegistry>,
@@ -447,11 +569,12 @@ async fn follow(
     let mut remote = BTreeMap::new();
     for kv in read.kvs() {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
-        if let (false, Ok(stored)) = (
+        if let (false, Some(RegistryKey::Registration(replica, proxy)), Ok(stored)) = (
             key.starts_with(own),
+            registry_key(prefix, &key),
             serde_json::from_slice::<Stored>(kv.value()),
         ) {
-            remote.insert(key, stored);
+            remote.insert((replica, proxy), stored);
         }
     }
     registry.set_remote(remote.clone());
@@ -478,6 +601,20 @@ async fn follow(
             if key.starts_with(own) {
                 continue;
             }
+            let key = match registry_key(prefix, &key) {
+                Some(RegistryKey::Registration(replica, proxy)) => (replica, proxy),
+                Some(RegistryKey::Deregistered(proxy)) => {
+                    if event.event_type() == EventType::Put {
+                        // Taken by another replica: the registration held here (from before
+                        // the proxy moved) goes now, not at its TTL.
+                        remote.retain(|(_, id), _| *id != proxy);
+                        registry.set_remote(remote.clone());
+                        registry.forget(&proxy);
+                    }
+                    continue;
+                }
+                None => continue,
+            };
             match event.event_type() {
                 EventType::Put => match serde_json::from_slice::<Stored>(kv.value()) {
                     Ok(stored) => {
@@ -653,5 +790,41 @@ mod tests {
             assert_eq!(registry.register(registration), Err(error));
         }
         assert!(registry.view().is_empty());
+    }
+
+    #[test]
+    fn registry_keys_name_a_registration_or_a_deregistration() {
+        let prefix = "/outrider/registry/";
+        assert!(matches!(
+            registry_key(prefix, "/outrider/registry/r-1/pay/x"),
+            Some(RegistryKey::Registration(r, p)) if r == "r-1" && p == "pay/x"
+        ));
+        assert!(matches!(
+            registry_key(prefix, "/outrider/registry/~deregistered/pay-1"),
+            Some(RegistryKey::Deregistered(p)) if p == "pay-1"
+        ));
+        assert!(registry_key(prefix, "/outrider/registry/r-1").is_none());
+        assert!(registry_key(prefix, "/other/registry/r-1/p").is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forgetting_a_proxy_drops_it_from_the_view_wherever_it_registered() {
+        let registry = ServiceRegistry::new(Duration::from_secs(60));
+        registry
+            .register(registration("pay-1", &["pay"], "127.0.0.1:7001"))
+            .expect("local");
+        let remote = Stored {
+            services: vec!["pay".into()],
+            address: "127.0.0.1:7002".parse().expect("address"),
+        };
+        registry.set_remote(BTreeMap::from([
+            (("r-2".to_string(), "pay-1".to_string()), remote.clone()),
+            (("r-2".to_string(), "pay-2".to_string()), remote),
+        ]));
+        assert_eq!(addresses(&registry, "pay").len(), 2);
+        assert!(registry.forget("pay-1"));
+        assert_eq!(addresses(&registry, "pay"), ["127.0.0.1:7002"]);
+        // Forgetting is no deregistration here: only the replica the proxy asked counts it.
+        assert_eq!(registry.counts().deregistered, 0);
     }
 }

@@ -24,7 +24,10 @@ use crate::api::{
 use crate::merge;
 use crate::metrics::{ApplyResult, ControlMetrics, Fleet, RejectReason, StoreOp, VersionCause};
 use crate::registry::{AckRefused, Acked, Registry, Session, SubscribeRefused};
-use crate::store::{Source, State, Store, StoreError, StoredDoc, VersionRecord, HISTORY_LEN};
+use crate::rejections::Rejections;
+use crate::store::{
+    Commit, Source, State, Store, StoreError, StoredDoc, VersionRecord, HISTORY_LEN,
+};
 
 /// The pseudo-workload of workloads that no document names: defaults only.
 pub const DEFAULTS: &str = "*";
@@ -245,7 +248,6 @@ struct Inner {
     state: State,
     docs: BTreeMap<String, StoredDoc>,
     parsed: BTreeMap<String, Policy>,
-    rejected: BTreeMap<String, Rejected>,
     published: BTreeMap<String, watch::Sender<Arc<Published>>>,
     /// Published workloads no stream watches and no document names, since when (first seen
     /// so by [`Engine::expire`]).
@@ -324,7 +326,6 @@ impl Engine {
             state,
             docs,
             parsed,
-            rejected: BTreeMap::new(),
             published: BTreeMap::new(),
             unwatched: BTreeMap::new(),
             proxies: Registry::default(),
@@ -531,16 +532,18 @@ impl Engine {
         };
         let _writer = self.lock_writer();
         let mut inner = self.lock();
-        // A rejected file that was deleted is no longer anyone's problem.
-        let gone_rejections: Vec<String> = inner
-            .rejected
+        // A rejected file that was deleted is no longer anyone's problem (committed with the
+        // version below, or alone when there is none).
+        let gone_rejection = |rejections: &mut Rejections| {
+            let before = rejections.len();
+            rejections.retain(|name, r| !r.from_file || scan.contains_key(name));
+            rejections.len() != before
+        };
+        let pruned = inner
+            .state
+            .rejections
             .iter()
-            .filter(|(name, r)| r.from_file && !scan.contains_key(*name))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in gone_rejections {
-            inner.rejected.remove(&name);
-        }
+            .any(|(name, r)| r.from_file && !scan.contains_key(name));
         // A file whose document was applied over it (or applied before the file appeared)
         // stays out of force: the applied text wins until `delete` hands it back.
         let shadowed: BTreeMap<String, String> = scan
@@ -616,6 +619,10 @@ impl Engine {
         if changes.is_empty() {
             inner.state.seen_files = seen;
             inner.store_health.pending = None;
+            drop(inner);
+            if pruned {
+                self.commit_rejections(true, gone_rejection)?;
+            }
             return Ok(None);
         }
         let names: Vec<&str> = changes
@@ -629,6 +636,9 @@ impl Engine {
             .iter()
             .map(|(name, _, hash)| ((*name).clone(), hash.clone()))
             .collect();
+        if pruned {
+            gone_rejection(&mut inner.state.rejections);
+        }
         drop(inner);
         self.apply_serialized(
             changes,
@@ -882,14 +892,13 @@ impl Engine {
             }
             return Ok(outcome);
         }
+        let mut rejections = inner.state.rejections.clone();
         for name in outcome.accepted.iter().chain(&outcome.unchanged) {
-            inner.rejected.remove(name);
+            rejections.clear(name);
         }
         for rejected in &outcome.rejected {
             tracing::warn!(document = %rejected.document, error = %rejected.message, "document rejected; its previous version stays in force");
-            inner
-                .rejected
-                .insert(rejected.document.clone(), rejected.clone());
+            rejections.record(rejected);
         }
         for (source, reason) in reasons {
             self.metrics.applied(source, ApplyResult::Rejected);
@@ -918,9 +927,17 @@ impl Engine {
                 inner.store_health.pending = None;
             }
             outcome.version = inner.state.version;
+            if rejections != inner.state.rejections {
+                // Recorded in the store, so that every replica shows it.
+                let mut state = inner.state.clone();
+                state.rejections = rejections;
+                drop(inner);
+                self.commit_head(state, made.import)?;
+            }
             return Ok(outcome);
         }
         let mut state = inner.state.clone();
+        state.rejections = rejections;
         if let Some(seen) = seen {
             state.seen_files = seen;
         }
@@ -933,7 +950,12 @@ impl Engine {
         drop(inner);
         check_deadline(deadline)?;
         // Durable before anyone sees it: a version a proxy applied must survive a restart.
-        state.revision = self.save(&state, file_sync.then_some(cause), made.import)?;
+        state.revision = self.save(
+            &state,
+            file_sync.then_some(cause),
+            made.import,
+            Commit::Version,
+        )?;
         let mut inner = self.lock();
         if file_sync {
             inner.store_health.pending = None;
@@ -980,7 +1002,7 @@ impl Engine {
         let _writer = self.lock_writer();
         check_deadline(deadline)?;
         let mut parsed = {
-            let mut inner = self.lock();
+            let inner = self.lock();
             if let Some(file_text) = inner.shadowed.get(name).cloned() {
                 // The file it overrides takes the document back.
                 let hash = outrider_config::content_hash(&file_text);
@@ -1006,10 +1028,17 @@ impl Engine {
             }
             match inner.docs.get(name) {
                 // A rejected text that never was in force: deleting it clears the rejection.
-                None if inner.rejected.get(name).is_some_and(|r| !r.from_file) => {
-                    inner.rejected.remove(name);
+                None if inner
+                    .state
+                    .rejections
+                    .get(name)
+                    .is_some_and(|r| !r.from_file) =>
+                {
+                    drop(inner);
+                    self.check_writable()?;
+                    self.commit_rejections(false, |rejections| rejections.clear(name))?;
                     return Ok(Outcome {
-                        version: inner.state.version,
+                        version: self.version(),
                         unchanged: vec![name.to_string()],
                         ..Outcome::default()
                     });
@@ -1111,7 +1140,7 @@ impl Engine {
             cause: cause.clone(),
             documents: docs.clone(),
         });
-        state.revision = self.save(&state, None, false)?;
+        state.revision = self.save(&state, None, false, Commit::Version)?;
         let mut inner = self.lock();
         inner.state = state;
         inner.docs = docs;
@@ -1142,13 +1171,10 @@ impl Engine {
         state: &State,
         file_sync: Option<&str>,
         import: bool,
+        commit: Commit,
     ) -> Result<i64, EngineError> {
         let started = Instant::now();
-        let saved = if import {
-            self.store.save_import(state)
-        } else {
-            self.store.save(state)
-        };
+        let saved = self.store.commit(state, commit, import);
         self.metrics
             .store_operation(StoreOp::Save, started.elapsed());
         let mut inner = self.lock();
@@ -1186,6 +1212,47 @@ impl Engine {
                 })
             }
         }
+    }
+
+    /// Commits `state`, whose rejections alone changed, as the head (no new version), and
+    /// makes it the view. The caller holds the writer lock. [`EngineError::Conflict`] and
+    /// [`EngineError::NotLeader`] are the caller's to handle; on another failure the view
+    /// keeps the rejections (shown by this replica only) and the change goes on without them.
+    fn commit_head(&self, mut state: State, import: bool) -> Result<(), EngineError> {
+        match self.save(&state, None, import, Commit::Head) {
+            Ok(revision) => {
+                state.revision = revision;
+                self.lock().state = state;
+                Ok(())
+            }
+            Err(e @ (EngineError::Conflict | EngineError::NotLeader)) => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "rejections not recorded in the store; only this replica shows them");
+                self.lock().state.rejections = state.rejections;
+                Ok(())
+            }
+        }
+    }
+
+    /// [`Self::commit_head`] of the view's rejections as `change`d (when it says it changed
+    /// them), redone on the newer state when another replica committed first. The caller
+    /// holds the writer lock.
+    fn commit_rejections(
+        &self,
+        import: bool,
+        change: impl Fn(&mut Rejections) -> bool,
+    ) -> Result<(), EngineError> {
+        for _ in 0..MAX_CONFLICTS {
+            let mut state = self.lock().state.clone();
+            if !change(&mut state.rejections) {
+                return Ok(());
+            }
+            match self.commit_head(state, import) {
+                Err(EngineError::Conflict) => self.reload()?,
+                other => return other,
+            }
+        }
+        Err(EngineError::Contended)
     }
 
     /// How writes of the state directory fare.
@@ -1420,7 +1487,7 @@ impl Engine {
     pub fn status(&self) -> Status {
         let inner = self.lock();
         let mut names: BTreeSet<&String> = inner.docs.keys().collect();
-        names.extend(inner.rejected.keys());
+        names.extend(inner.state.rejections.documents());
         let documents = names
             .into_iter()
             .map(|name| {
@@ -1435,7 +1502,7 @@ impl Engine {
                         .to_string()
                     }),
                     changed_at: doc.map(|d| d.changed_at),
-                    rejected: inner.rejected.get(name).cloned(),
+                    rejected: inner.state.rejections.get(name).cloned(),
                     workloads: inner
                         .parsed
                         .get(name)
@@ -2190,7 +2257,7 @@ mod tests {
 
     #[test]
     fn files_sync_removes_deleted_and_retries_rejected() {
-        let (engine, _dir) = engine("files");
+        let (engine, dir) = engine("files");
         let file = |text: &str| ScannedFile {
             text: text.into(),
             modified: std::time::SystemTime::UNIX_EPOCH,
@@ -2237,6 +2304,54 @@ mod tests {
             .sync_files(BTreeMap::new(), &BTreeSet::new())
             .expect("sync");
         assert!(engine.status().documents.iter().all(|d| d.name != "c.yaml"));
+        // Written as such, though no version was made.
+        let reopened = Engine::open(Store::open(&dir.0).expect("store")).expect("engine");
+        assert!(reopened.status().documents.is_empty());
+    }
+
+    #[test]
+    fn rejections_are_kept_in_the_store() {
+        let (engine, dir) = engine("kept");
+        let reopen = || Engine::open(Store::open(&dir.0).expect("store")).expect("engine");
+        let rejected_docs = |engine: &Engine| -> Vec<String> {
+            engine
+                .status()
+                .documents
+                .into_iter()
+                .filter(|d| d.rejected.is_some())
+                .map(|d| d.name)
+                .collect()
+        };
+        engine
+            .apply(vec![upsert("good", "services: {}\n")], "t")
+            .expect("1");
+        // Rejected alone: recorded without a new version.
+        for name in ["bad", "worse"] {
+            let out = engine
+                .apply(vec![upsert(name, "services: [\n")], "t")
+                .expect("answered");
+            assert_eq!(out.rejected.len(), 1);
+        }
+        let reopened = reopen();
+        assert_eq!(rejected_docs(&reopened), ["bad", "worse"]);
+        assert_eq!(reopened.version(), 1);
+        let kept = reopened.status().documents;
+        assert!(kept[0]
+            .rejected
+            .as_ref()
+            .expect("bad")
+            .message
+            .contains("bad:"));
+        // Accepted since: its rejection is gone with the version that took it.
+        engine
+            .apply(vec![upsert("bad", "workload: w\nservices: {}\n")], "t")
+            .expect("2");
+        assert_eq!(rejected_docs(&reopen()), ["worse"]);
+        // Deleted without ever being in force: gone too.
+        engine.delete("worse", None).expect("cleared");
+        let reopened = reopen();
+        assert!(rejected_docs(&reopened).is_empty());
+        assert_eq!(reopened.version(), 2);
     }
 
     #[test]

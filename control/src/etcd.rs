@@ -1,7 +1,7 @@
 //! The state in etcd, shared by every replica (`--store etcd://...`).
 //!
 //! Keys, under the prefix (`/outrider/` by default):
-//! - `state`: the head, `{format, version, seen_files}`; its `mod_revision` is what a save
+//! - `state`: the head, `{format, version, seen_files, rejections}`; its `mod_revision` is what a save
 //!   compares against, so versions form one sequence across replicas (see [`EtcdStore::save`]);
 //! - `history/<version, 20 digits>`: each kept [`VersionRecord`], the last one in force;
 //! - `ca/cert`, `ca/key`: the generated mesh CA, created once by whichever replica comes first;
@@ -30,7 +30,8 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 
 use crate::engine::Engine;
-use crate::store::{State, StoreError, VersionRecord, FORMAT};
+use crate::rejections::Rejections;
+use crate::store::{Commit, State, StoreError, VersionRecord, FORMAT};
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/outrider/";
@@ -95,6 +96,10 @@ struct Head {
     format: u32,
     version: u64,
     seen_files: BTreeMap<String, String>,
+    /// The rejections ([`crate::rejections`]): in the head, so recording one is a
+    /// compare-and-swap like a version's, and the watch brings it to every replica.
+    #[serde(default)]
+    rejections: Rejections,
 }
 
 /// A connection to etcd holding the state; cheap to clone.
@@ -361,11 +366,14 @@ impl EtcdStore {
             // Keys sort by their zero-padded version, so this is oldest first.
             records.push_back(record);
         }
+        let mut rejections = parsed.rejections;
+        rejections.enforce_bounds();
         Ok(State {
             format: parsed.format,
             version: parsed.version,
             seen_files: parsed.seen_files,
             history: records,
+            rejections,
             revision: head_kv.mod_revision(),
         })
     }
@@ -375,30 +383,36 @@ impl EtcdStore {
     /// the new record and deletes records older than the oldest kept. Otherwise another
     /// replica committed first: [`StoreError::Conflict`]. This compare-and-swap is what
     /// numbers versions: each is the head's version plus one, and only one replica's swap
-    /// from a given head succeeds.
-    pub fn save(&self, state: &State) -> Result<i64, StoreError> {
-        self.save_with(state, None)
+    /// from a given head succeeds. [`Commit::Head`] writes the head alone (same version).
+    pub fn save(&self, state: &State, commit: Commit) -> Result<i64, StoreError> {
+        self.save_with(state, commit, None)
     }
 
     /// [`Self::save`] of an import of the policy directory: it commits only while this
     /// replica leads (its election key exists), so a replica that lost its lease mid-import
     /// cannot commit over the new leader's import; [`StoreError::NotLeader`] otherwise.
-    pub fn save_fenced(&self, state: &State) -> Result<i64, StoreError> {
+    pub fn save_fenced(&self, state: &State, commit: Commit) -> Result<i64, StoreError> {
         let fence = self
             .fence
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
             .ok_or(StoreError::NotLeader)?;
-        self.save_with(state, Some(fence))
+        self.save_with(state, commit, Some(fence))
     }
 
-    fn save_with(&self, state: &State, fence: Option<Vec<u8>>) -> Result<i64, StoreError> {
+    fn save_with(
+        &self,
+        state: &State,
+        commit: Commit,
+        fence: Option<Vec<u8>>,
+    ) -> Result<i64, StoreError> {
         let head_key = self.key(HEAD);
         let head = serde_json::to_vec(&Head {
             format: state.format.max(FORMAT),
             version: state.version,
             seen_files: state.seen_files.clone(),
+            rejections: state.rejections.clone(),
         })
         .map_err(|e| StoreError::Invalid {
             key: head_key.clone(),
@@ -413,7 +427,8 @@ impl EtcdStore {
         // What a failed compare reads back: the head and the new record as they are now.
         let mut now = vec![TxnOp::get(head_key.clone(), None)];
         let mut written = vec![head];
-        if let Some(newest) = state.history.back() {
+        let newest = state.history.back().filter(|_| commit == Commit::Version);
+        if let Some(newest) = newest {
             let key = self.history_key(newest.version);
             let record = serde_json::to_vec(newest).map_err(|e| StoreError::Invalid {
                 key: key.clone(),
@@ -423,7 +438,7 @@ impl EtcdStore {
             now.push(TxnOp::get(key, None));
             written.push(record);
         }
-        if let Some(oldest) = state.history.front() {
+        if let Some(oldest) = state.history.front().filter(|_| commit == Commit::Version) {
             ops.push(TxnOp::delete(
                 self.key(HISTORY),
                 Some(DeleteOptions::new().with_range(self.history_key(oldest.version))),
@@ -870,6 +885,45 @@ mod tests {
         // The generated CA: the first replica's stays, the second gets the same one.
         let first = a_ca(&runtime, &etcd);
         assert_eq!(first, a_ca(&runtime, &etcd));
+    }
+
+    #[test]
+    fn a_rejection_recorded_by_one_replica_is_every_replicas() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let open = || Engine::open(Store::etcd(etcd.connect(&runtime))).expect("engine");
+        let rejected = |engine: &Engine| -> Vec<String> {
+            engine
+                .status()
+                .documents
+                .into_iter()
+                .filter(|d| d.rejected.is_some())
+                .map(|d| d.name)
+                .collect()
+        };
+        let (a, b) = (open(), open());
+        a.apply(vec![upsert("one", "one")], "a").expect("one");
+        // B's view is behind (no watch): its rejection is recorded on top of version 1, and
+        // makes no version.
+        let bad = Change::Upsert {
+            name: "bad".into(),
+            text: "services: [\n".into(),
+            source: Source::Api,
+            force: false,
+        };
+        let out = b.apply(vec![bad], "b").expect("answered");
+        assert_eq!((out.rejected.len(), out.version), (1, 1));
+        a.catch_up().expect("catch up");
+        assert_eq!(rejected(&a), ["bad"]);
+        assert_eq!(a.version(), 1);
+        assert_eq!(open().history().len(), 1);
+        // Accepted on A: gone on B as well.
+        a.apply(vec![upsert("bad", "bad")], "a").expect("bad");
+        b.catch_up().expect("catch up");
+        assert!(rejected(&b).is_empty());
+        assert_eq!(b.version(), 2);
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! and `outriderctl`, the operator's CLI.
 //!
 //! - [`merge`]: the documents that apply to a workload, merged into the policy it runs.
-//! - [`store`]: versions and history, persisted atomically in the state directory or, shared
-//!   by several replicas, in etcd ([`etcd`]).
+//! - [`store`]: versions, history and [`rejections`], persisted atomically in the state
+//!   directory or, shared by several replicas, in etcd ([`etcd`]).
 //! - [`engine`]: accepting or rejecting changes, per-workload push channels, proxy tracking;
 //!   [`registry`]: the proxies, one live session each; [`discovery`]: the service registry
 //!   (`discovery: registry`), the addresses proxies registered under a TTL.
@@ -36,6 +36,7 @@ pub mod merge;
 pub mod metrics;
 pub mod output;
 pub mod registry;
+pub mod rejections;
 pub mod replica;
 pub mod server;
 pub mod service_account;

@@ -4,13 +4,16 @@
 //! ([`ControlMetrics`]), and gauges read from the engine's state at each scrape ([`encode`]),
 //! built afresh every time so a proxy or workload that is gone leaves no stale series.
 //! Every label value is one of a fixed set, except `workload`, whose values are the workloads
-//! the registry holds (forgotten `--registry-expiry` after their last proxy left).
+//! the registry holds (forgotten `--registry-expiry` after their last proxy left), and
+//! `service`, whose values are the services with a registered address (bounded by the
+//! service registry's own cap, [`crate::discovery::MAX_REGISTRATIONS`]).
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::discovery::ServiceRegistry;
 use crate::engine::{Engine, EngineError};
 use crate::store::Source;
 
@@ -424,11 +427,12 @@ pub struct Fleet {
 /// The states of `outrider_control_proxies`, all present for each workload with a proxy.
 pub const PROXY_STATES: [&str; 4] = ["in-sync", "pending", "nack", "disconnected"];
 
-/// The Prometheus text exposition: the counters, and gauges read from `engine` (and the CA's
-/// expiry when it runs one).
-pub fn encode(engine: &Engine, ca_not_after: Option<u64>) -> Vec<u8> {
+/// The Prometheus text exposition: the counters, and gauges read from `engine` and the
+/// service registry (and the CA's expiry when it runs one).
+pub fn encode(engine: &Engine, services: &ServiceRegistry, ca_not_after: Option<u64>) -> Vec<u8> {
     let mut families = engine.metrics().registry.gather();
     families.extend(snapshot(engine, ca_not_after).gather());
+    families.extend(registry_snapshot(services).gather());
     let mut out = Vec::with_capacity(8 * 1024);
     // Encoding into a Vec fails only for a malformed family, which registration rules out.
     let _ = TextEncoder::new().encode(&families, &mut out);
@@ -513,6 +517,48 @@ fn snapshot(engine: &Engine, ca_not_after: Option<u64>) -> Registry {
     registry
 }
 
+/// The service registry's series, read from it now: addresses by service (registered with any
+/// replica), and what this replica's registrations went through.
+fn registry_snapshot(services: &ServiceRegistry) -> Registry {
+    let registry = Registry::new();
+    let counter = |name: &str, help: &str, value: u64| {
+        let counter = IntCounter::new(name, help).unwrap_or_else(|e| unreachable!("{e}"));
+        counter.inc_by(value);
+        register(&registry, Box::new(counter));
+    };
+    let counts = services.counts();
+    counter(
+        "outrider_control_registrations_total",
+        "Service registrations taken by this replica, new or changed (renewals not counted).",
+        counts.registered,
+    );
+    counter(
+        "outrider_control_deregistrations_total",
+        "Registrations removed by their proxy as it drains, through this replica.",
+        counts.deregistered,
+    );
+    counter(
+        "outrider_control_registration_expiries_total",
+        "Registrations held by this replica that expired: their proxy stopped renewing them (it died or lost the control plane).",
+        counts.expired,
+    );
+    let endpoints = IntGaugeVec::new(
+        Opts::new(
+            "outrider_control_registered_endpoints",
+            "Addresses registered for each service with any replica, as pushed to callers (discovery: registry).",
+        ),
+        &["service"],
+    )
+    .unwrap_or_else(|e| unreachable!("{e}"));
+    register(&registry, Box::new(endpoints.clone()));
+    for (service, entry) in services.view().iter() {
+        endpoints
+            .with_label_values(&[service.as_str()])
+            .set(i64::try_from(entry.addresses.len()).unwrap_or(i64::MAX));
+    }
+    registry
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,5 +582,46 @@ mod tests {
             count("outrider_control_store_operation_duration_seconds"),
             2
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_registry_series_follow_registrations() {
+        let services = ServiceRegistry::new(std::time::Duration::from_secs(10));
+        let register = |proxy: &str, port: u16| {
+            services
+                .register(outrider_config::wire::Registration {
+                    proxy: proxy.into(),
+                    services: vec!["pay".into()],
+                    address: ([127, 0, 0, 1], port).into(),
+                })
+                .expect("registered");
+        };
+        let text = || {
+            let mut out = Vec::new();
+            TextEncoder::new()
+                .encode(&registry_snapshot(&services).gather(), &mut out)
+                .expect("encoded");
+            String::from_utf8(out).expect("utf-8")
+        };
+        assert!(text().contains("outrider_control_registrations_total 0\n"));
+        register("a", 1);
+        register("b", 2);
+        register("c", 3);
+        // A renewal is no new registration.
+        register("a", 1);
+        services.deregister("b");
+        tokio::time::advance(std::time::Duration::from_secs(6)).await;
+        register("a", 1);
+        tokio::time::advance(std::time::Duration::from_secs(6)).await;
+        assert_eq!(services.expire(tokio::time::Instant::now()), 1);
+        let text = text();
+        for line in [
+            "outrider_control_registrations_total 3\n",
+            "outrider_control_deregistrations_total 1\n",
+            "outrider_control_registration_expiries_total 1\n",
+            "outrider_control_registered_endpoints{service=\"pay\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
     }
 }

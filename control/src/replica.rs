@@ -82,6 +82,11 @@ impl Replica {
         }
     }
 
+    /// The etcd store of a replica of several; `None` for the single one.
+    pub(crate) fn etcd(&self) -> Option<&EtcdStore> {
+        self.etcd.as_ref()
+    }
+
     /// Whether this replica leads now.
     pub fn is_leader(&self) -> bool {
         *self.leader.borrow()

@@ -228,7 +228,11 @@ fn schema() -> Response<ResBody> {
 
 /// The control plane's own metrics, in the Prometheus text format ([`crate::metrics`]).
 fn metrics(app: &App) -> Response<ResBody> {
-    let body = crate::metrics::encode(&app.engine, app.ca.as_ref().map(|ca| ca.not_after()));
+    let body = crate::metrics::encode(
+        &app.engine,
+        &app.services,
+        app.ca.as_ref().map(|ca| ca.not_after()),
+    );
     let mut res = Response::new(Full::new(Bytes::from(body)).boxed());
     res.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -366,11 +370,13 @@ impl Stream {
         let mut ticker =
             tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        {
-            // A proxy resuming with the content in force is not sent it again, but it counts
-            // as sent: its ACK of what it runs is then accepted.
+        // A proxy resuming with the content in force is not sent it again, but it counts
+        // as sent: its ACK of what it runs is then accepted.
+        let mut counted = {
             let current = updates.borrow();
-            if sent.as_ref().map(|(h, _)| h.as_str()) == Some(current.content_hash.as_str()) {
+            let resumed =
+                sent.as_ref().map(|(h, _)| h.as_str()) == Some(current.content_hash.as_str());
+            if resumed {
                 self.engine.sent(
                     &self.proxy,
                     self.connection,
@@ -378,10 +384,31 @@ impl Stream {
                     &current.content_hash,
                 );
             }
-        }
+            resumed
+        };
         let mut endpoints_sent = discovery::Sent::default();
         loop {
             let current = Arc::clone(&updates.borrow_and_update());
+            if let Some((version, _)) = ahead_until {
+                if current.version == version {
+                    // The view holds the version the proxy runs now: whether a document names
+                    // its workload is read from it, not from the lagging view the subscription
+                    // began with (where the document may not have been yet).
+                    if let Some((hash, unselected)) = sent.as_mut() {
+                        if *hash == current.content_hash {
+                            *unselected = current.unselected;
+                            if !std::mem::replace(&mut counted, true) {
+                                self.engine.sent(
+                                    &self.proxy,
+                                    self.connection,
+                                    current.version,
+                                    &current.content_hash,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
             // A proxy that already has this content (it said so when reconnecting) is not
             // sent it again: a control-plane restart causes no re-push storm. A change of
             // whether a document names the workload alone is sent.
@@ -491,7 +518,16 @@ async fn ack(req: Request<Incoming>, app: &App) -> Response<ResBody> {
 }
 
 /// Registers (or renews) a proxy's workload as an endpoint of services; answers the TTL.
+/// With service-account binding on, only as its own workload: each service registered must
+/// be the name of the service account the request's token proves, as a subscription's
+/// workload must, so a holder of the control-plane token cannot register another workload's
+/// service.
 async fn register(req: Request<Incoming>, app: &App) -> Response<ResBody> {
+    let sa_token = req
+        .headers()
+        .get(wire::SERVICE_ACCOUNT_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let body = match read_body(req, MAX_ACK).await {
         Ok(body) => body,
         Err(res) => return res,
@@ -500,6 +536,32 @@ async fn register(req: Request<Incoming>, app: &App) -> Response<ResBody> {
         Ok(registration) => registration,
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("not a registration: {e}")),
     };
+    if let Some(service_accounts) = &app.service_accounts {
+        // Signature checks are CPU work: off the reactor.
+        let service_accounts = Arc::clone(service_accounts);
+        let services = registration.services.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            services.iter().try_for_each(|service| {
+                service_accounts
+                    .check_workload(sa_token.as_deref(), service)
+                    .map(drop)
+            })
+        })
+        .await;
+        match checked {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(proxy = %registration.proxy, services = ?registration.services, error = %e, "registration refused");
+                return error(StatusCode::FORBIDDEN, &format!("registration refused: {e}"));
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("token check failed: {e}"),
+                )
+            }
+        }
+    }
     match app.services.register(registration) {
         Ok(()) => json(
             StatusCode::OK,
@@ -522,7 +584,7 @@ async fn deregister(req: Request<Incoming>, app: &App) -> Response<ResBody> {
     };
     match serde_json::from_slice::<wire::Deregistration>(&body) {
         Ok(d) => {
-            app.services.deregister(&d.proxy);
+            discovery::deregister_everywhere(&app.services, &app.replica, &d.proxy).await;
             Response::builder()
                 .status(StatusCode::NO_CONTENT)
                 .body(empty())

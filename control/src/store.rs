@@ -1,5 +1,6 @@
 //! The control plane's durable state: every accepted version's documents (the last
-//! [`HISTORY_LEN`]), the current version number and which file contents were already seen.
+//! [`HISTORY_LEN`]), the current version number, which file contents were already seen, and
+//! the documents rejected since ([`crate::rejections`]).
 //!
 //! Two backends behind [`Store`]. The state directory (the default, for a single replica):
 //! one JSON file, `state.json`, replaced atomically: written to a temporary file, fsynced,
@@ -14,6 +15,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::rejections::Rejections;
 
 /// Versions kept for `history` and `rollback`.
 pub const HISTORY_LEN: usize = 50;
@@ -66,6 +69,10 @@ pub struct State {
     pub seen_files: BTreeMap<String, String>,
     /// The kept versions, oldest first; the last one is in force.
     pub history: VecDeque<VersionRecord>,
+    /// The documents rejected and not accepted since (absent from a file written before
+    /// rejections were kept).
+    #[serde(default, skip_serializing_if = "Rejections::is_empty")]
+    pub rejections: Rejections,
     /// The store's revision this state was read or written at (etcd's `mod_revision` of the
     /// state key; 0 in a state directory, or before the first write): the next save commits
     /// only if the store is still there.
@@ -152,6 +159,15 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable { .. })
     }
+}
+
+/// What a save commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// A new version: the head and the newest history record.
+    Version,
+    /// The head alone (the version is unchanged: rejections or seen files changed).
+    Head,
 }
 
 /// Where the state lives: a local directory or etcd.
@@ -262,6 +278,8 @@ impl Store {
                 found: state.format,
             });
         }
+        let mut state = state;
+        state.rejections.enforce_bounds();
         Ok(state)
     }
 
@@ -269,16 +287,20 @@ impl Store {
     /// this replica leads ([`crate::etcd::EtcdStore::save_fenced`]); a state directory's one
     /// replica always leads.
     pub fn save_import(&self, state: &State) -> Result<i64, StoreError> {
-        match &self.backend {
-            Backend::Etcd(etcd) => etcd.save_fenced(state),
-            Backend::Dir(_) => self.save(state),
-        }
+        self.commit(state, Commit::Version, true)
     }
 
     /// Replaces the state durably (write, fsync, rename, fsync the directory; in etcd, one
     /// transaction that commits only if nobody wrote since `state.revision`). Returns the
     /// store's revision after the write.
     pub fn save(&self, state: &State) -> Result<i64, StoreError> {
+        self.commit(state, Commit::Version, false)
+    }
+
+    /// [`Self::save`] ([`Self::save_import`] when `import`) of what `commit` says: in etcd,
+    /// [`Commit::Head`] leaves the history records alone (a state directory's one file is
+    /// written whole either way).
+    pub fn commit(&self, state: &State, commit: Commit, import: bool) -> Result<i64, StoreError> {
         #[cfg(test)]
         if let Some(gate) = &self.gate {
             let _ = gate.entered.send(());
@@ -288,7 +310,8 @@ impl Store {
         }
         let dir = match &self.backend {
             Backend::Dir(dir) => dir,
-            Backend::Etcd(etcd) => return etcd.save(state),
+            Backend::Etcd(etcd) if import => return etcd.save_fenced(state, commit),
+            Backend::Etcd(etcd) => return etcd.save(state, commit),
         };
         let path = dir.join(STATE_FILE);
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));

@@ -284,6 +284,26 @@ impl Control {
         if let Some(hash) = have_hash {
             uri.push_str(&format!("&have_hash={hash}"));
         }
+        self.subscribe_uri(workload, uri, h2).await
+    }
+
+    /// Opens a raw subscription over HTTP/1.1 as a proxy that runs version `have_version`
+    /// hashing to `have_hash` (one failing over from another replica).
+    pub async fn subscribe_resuming(
+        &self,
+        workload: &str,
+        proxy: &str,
+        have_hash: &str,
+        have_version: u64,
+    ) -> Subscription {
+        let uri = format!(
+            "{}/v1/subscribe?workload={workload}&proxy={proxy}&have_hash={have_hash}&have_version={have_version}",
+            self.url()
+        );
+        self.subscribe_uri(workload, uri, false).await
+    }
+
+    async fn subscribe_uri(&self, workload: &str, uri: String, h2: bool) -> Subscription {
         let req = Request::get(uri)
             .header("authorization", format!("Bearer {CONTROL_TOKEN}"))
             .body(empty())

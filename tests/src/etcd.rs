@@ -182,6 +182,38 @@ impl EtcdCluster {
         answer.contains("\"health\":\"true\"")
     }
 
+    /// The member that leads the cluster now, as the members still running say (etcd's
+    /// `/v3/maintenance/status` gateway, what `etcdctl endpoint status` reads); `None` while
+    /// none answers with a leader.
+    pub fn leader(&self) -> Option<usize> {
+        (0..self.members.len()).find(|&i| {
+            self.members[i].child.is_some()
+                && self.status(i).is_some_and(|status| {
+                    let leader = status["leader"].as_str();
+                    leader.is_some() && leader == status["header"]["member_id"].as_str()
+                })
+        })
+    }
+
+    /// Member `i`'s `/v3/maintenance/status` answer.
+    fn status(&self, i: usize) -> Option<serde_json::Value> {
+        let addr = format!("127.0.0.1:{}", self.members[i].client_port);
+        let mut stream =
+            TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream
+            .set_write_timeout(Some(Duration::from_secs(2)))
+            .ok()?;
+        let request = format!(
+            "POST /v3/maintenance/status HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+        );
+        stream.write_all(request.as_bytes()).ok()?;
+        let mut answer = String::new();
+        let _ = stream.take(64 * 1024).read_to_string(&mut answer);
+        let (_, body) = answer.split_once("\r\n\r\n")?;
+        serde_json::from_str(body).ok()
+    }
+
     /// Every member's log, for a failure message.
     pub fn logs(&self) -> String {
         self.members

@@ -17,17 +17,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::HeaderName;
 use http::StatusCode;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use outrider_config::wire::{
     Deregistration, Registration, RegistrationLease, DEREGISTER_PATH, REGISTER_PATH,
+    SERVICE_ACCOUNT_TOKEN_HEADER,
 };
 use tokio::sync::Notify;
 
 use crate::control::replicas;
-use crate::control::subscribe::{ControlConfig, CONNECT_TIMEOUT};
+use crate::control::subscribe::{read_service_account_token, ControlConfig, CONNECT_TIMEOUT};
 use crate::control::{ControlClient, ControlPost};
 use crate::http::shared::Shared;
 
@@ -215,6 +217,12 @@ impl Registrar {
     async fn post(&self, path: &str, body: Vec<u8>) -> Result<Bytes, RegisterError> {
         let control = &self.config.control;
         let token = control.token.read().map_err(RegisterError::Token)?;
+        // With service-account binding on, the control plane takes a registration only as
+        // the workload the pod's token proves, as it does a subscription.
+        let sa_token = match &control.service_account_token {
+            Some(path) => Some(read_service_account_token(path).map_err(RegisterError::Token)?),
+            None => None,
+        };
         let candidates = control
             .replicas
             .resolve()
@@ -224,7 +232,8 @@ impl Registrar {
         let post = ControlPost {
             path,
             token: &token,
-            extra_header: None,
+            extra_header: sa_token
+                .map(|t| (HeaderName::from_static(SERVICE_ACCOUNT_TOKEN_HEADER), t)),
             timeout: REQUEST_TIMEOUT,
             max_response: MAX_RESPONSE,
         };
