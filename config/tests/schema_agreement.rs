@@ -99,7 +99,7 @@ fn every_policy_in_the_repository_is_valid_to_both() {
             .iter()
             .any(|(_, text)| outrider_config::gateway::is_kubernetes_document(text));
         if composed {
-            let whole = std::fs::read_to_string(&path).unwrap();
+            let whole = std::fs::read_to_string(&path).expect("read the file");
             if let Err(e) = outrider_config::load_document(&path.display().to_string(), &whole) {
                 failures.push(format!(
                     "{}: the control plane rejects it:\n{e}",
