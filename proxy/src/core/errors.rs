@@ -1,5 +1,8 @@
-//! The proxy's own failures, each with the status it is answered with. The one place that
-//! turns them into responses is [`rescue`](crate::http::rescue).
+//! The proxy's own failures: [`ProxyError`] says what happened (with the endpoint, the limit,
+//! and the io/hyper/rustls error as its source); its [`ErrorKind`] decides everything the
+//! proxy does about it (status, `grpc-status`, response flag, span `error.type`, the breaker's
+//! and outlier detection's verdict, [`Side`] and [`RetrySafety`]), each a `match` here. The one
+//! place that turns a failure into a response is [`rescue`](crate::http::rescue).
 
 use std::net::SocketAddr;
 use std::time::Duration;
