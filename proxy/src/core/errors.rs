@@ -113,21 +113,10 @@ pub enum ProxyError {
     },
     /// The TLS handshake with the upstream failed: mesh mTLS (untrusted or wrong peer, no
     /// identity) or TLS origination to an external service (`tls: { sni }`). A connect-class
-    /// failure: nothing of the request was sent.
-    #[error("{}", TlsShown(self))]
-    TlsHandshake {
-        /// The endpoint.
-        addr: SocketAddr,
-        /// For mesh mTLS, the short reason of the handshake-failure metric; `None` for TLS
-        /// origination.
-        mesh: Option<&'static str>,
-        /// What failed, as shown to the caller (rustls's error, or the identity expected).
-        message: String,
-        /// The handshake's own error, when there is one (not for a configuration that cannot
-        /// work, or a handshake timeout).
-        #[source]
-        source: Option<std::io::Error>,
-    },
+    /// failure: nothing of the request was sent. Boxed: a rare path, kept out of the size of
+    /// every result on the request path.
+    #[error(transparent)]
+    TlsHandshake(Box<TlsFailure>),
     /// The upstream's response is not valid HTTP (or carries a transfer coding the proxy does
     /// not pass on).
     #[error("upstream {addr} failed: {}", UpstreamShown(source.as_ref()))]
@@ -140,20 +129,29 @@ pub enum ProxyError {
     },
 }
 
-/// The text of a [`ProxyError::TlsHandshake`]; the mesh's names the failure's reason.
-struct TlsShown<'a>(&'a ProxyError);
+/// A TLS handshake with an upstream that failed ([`ProxyError::TlsHandshake`]).
+#[derive(Debug)]
+pub struct TlsFailure {
+    /// The endpoint.
+    pub addr: SocketAddr,
+    /// For mesh mTLS, the short reason of the handshake-failure metric; `None` for TLS
+    /// origination.
+    pub mesh: Option<&'static str>,
+    /// What failed, as shown to the caller (rustls's error, or the identity expected).
+    pub message: String,
+    /// The handshake's own error, when there is one (not for a configuration that cannot
+    /// work, or a handshake timeout).
+    pub source: Option<std::io::Error>,
+}
 
-impl std::fmt::Display for TlsShown<'_> {
+impl std::fmt::Display for TlsFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ProxyError::TlsHandshake {
+        let Self {
             addr,
             mesh,
             message,
             ..
-        } = self.0
-        else {
-            return Ok(());
-        };
+        } = self;
         match mesh {
             Some(reason) => write!(
                 f,
@@ -161,6 +159,12 @@ impl std::fmt::Display for TlsShown<'_> {
             ),
             None => write!(f, "tls handshake with {addr} failed: {message}"),
         }
+    }
+}
+
+impl std::error::Error for TlsFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_ref().map(|e| e as _)
     }
 }
 
@@ -662,7 +666,7 @@ impl ProxyError {
             Self::ConnectRefused(_) => ErrorKind::ConnectRefused,
             Self::ConnectTimeout { .. } => ErrorKind::ConnectTimeout,
             Self::Connect { .. } => ErrorKind::ConnectFailed,
-            Self::TlsHandshake { .. } => ErrorKind::TlsHandshake,
+            Self::TlsHandshake(_) => ErrorKind::TlsHandshake,
             Self::UpstreamReset { .. } => ErrorKind::UpstreamResetBeforeHeaders,
             Self::UpstreamProtocol { .. } => ErrorKind::UpstreamProtocol,
             Self::RequestTimeout(_) => ErrorKind::RequestTimeout,
@@ -807,6 +811,16 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_is_no_larger_than_before_it_kept_its_sources() {
+        // Results on the request path carry it: 64 bytes, as when TLS failures held a string.
+        assert!(
+            std::mem::size_of::<ProxyError>() <= 64,
+            "{}",
+            std::mem::size_of::<ProxyError>()
+        );
+    }
+
+    #[test]
     fn a_fault_answers_with_its_own_status_and_the_grpc_code_for_it() {
         let fault = ProxyError::FaultAbort(StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(fault.kind(), ErrorKind::FaultInjected);
@@ -819,27 +833,32 @@ mod tests {
     fn errors_keep_their_cause_as_source_and_show_the_reason() {
         let addr: SocketAddr = "10.0.0.7:8443".parse().expect("address");
         let cause = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad certificate");
-        let mesh = ProxyError::TlsHandshake {
+        let mesh = ProxyError::TlsHandshake(Box::new(TlsFailure {
             addr,
             mesh: Some("wrong_identity"),
             message: "invalid peer certificate".into(),
             source: Some(cause()),
-        };
+        }));
         assert_eq!(
             mesh.to_string(),
             "mesh TLS handshake with 10.0.0.7:8443 failed (wrong_identity): invalid peer certificate"
         );
-        assert!(std::error::Error::source(&mesh).is_some());
-        let origination = ProxyError::TlsHandshake {
+        let source = std::error::Error::source(&mesh).expect("a source");
+        assert!(
+            source.downcast_ref::<std::io::Error>().is_some(),
+            "{source:?}"
+        );
+        let origination = ProxyError::TlsHandshake(Box::new(TlsFailure {
             addr,
             mesh: None,
             message: "invalid peer certificate: UnknownIssuer".into(),
             source: None,
-        };
+        }));
         assert_eq!(
             origination.to_string(),
             "tls handshake with 10.0.0.7:8443 failed: invalid peer certificate: UnknownIssuer"
         );
+        assert!(std::error::Error::source(&origination).is_none());
         assert_eq!(mesh.kind(), origination.kind());
         let coding = ProxyError::UpstreamProtocol {
             addr,

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use crate::core::errors::{BoxError, ErrorKind, ProxyError};
+use crate::core::errors::{BoxError, ErrorKind, ProxyError, TlsFailure};
 use crate::io::connect::ConnectError;
 use crate::io::pool::{DirectError, SendError, Unsent};
 
@@ -43,22 +43,22 @@ pub fn connect_error(error: ConnectError) -> ProxyError {
             reason,
             message,
             source,
-        } => ProxyError::TlsHandshake {
+        } => ProxyError::TlsHandshake(Box::new(TlsFailure {
             addr,
             mesh: Some(reason),
             message,
             source,
-        },
+        })),
         ConnectError::OriginationTls {
             addr,
             message,
             source,
-        } => ProxyError::TlsHandshake {
+        } => ProxyError::TlsHandshake(Box::new(TlsFailure {
             addr,
             mesh: None,
             message,
             source,
-        },
+        })),
     }
 }
 
