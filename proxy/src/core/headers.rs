@@ -8,6 +8,7 @@ use http::uri::Authority;
 use http::{Request, Version};
 
 use crate::core::errors::ProxyError;
+pub use crate::core::errors::TransferCodingError;
 
 /// Largest request head accepted; larger ones are answered 431 (HTTP/1.1) or refused by
 /// HTTP/2 with 431. Envoy's default is 60 KiB.
@@ -107,22 +108,6 @@ pub fn strip_reserved_trailers(trailers: &mut HeaderMap) {
     for name in reserved {
         trailers.remove(name);
     }
-}
-
-/// Why a message's `Transfer-Encoding` cannot be passed on (RFC 9112 §6.1).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TransferCodingError {
-    /// A coding other than `chunked`. The proxy decodes only `chunked`, and the next hop gets
-    /// the message re-framed, so forwarding it without this coding would hand its encoded
-    /// bytes on as content.
-    #[error("unsupported transfer coding {0}")]
-    Unsupported(String),
-    /// `chunked` applied twice: decoded once, the body would arrive still chunked.
-    #[error("chunked transfer coding applied more than once")]
-    ChunkedTwice,
-    /// `chunked` is not the final coding (or there is none): the body runs to the close.
-    #[error("chunked is not the final transfer coding")]
-    ChunkedNotLast,
 }
 
 /// Longest coding name quoted in an error.

@@ -27,9 +27,9 @@ use crate::http::route_match::RouteRequest;
 use crate::http::shared::Shared;
 use crate::http::snapshot::{Snapshot, Target};
 use crate::io::body::{Observed, ProxyBody};
-use crate::io::connect::ConnectError;
+use crate::io::classify;
 use crate::io::outcome::{self, Deferred, Watch};
-use crate::io::pool::{SendError, Unsent, UpstreamBody};
+use crate::io::pool::{Unsent, UpstreamBody};
 use crate::io::request_body::{Counted, ReplayHandle, RequestBody};
 use crate::io::tls::UpstreamTls;
 use crate::io::upstream::{Endpoint, Upstream};
@@ -281,6 +281,7 @@ fn refused_span<B>(
         grpc: headers::is_grpc(req),
         grpc_status: outcome::grpc_code(response.headers()),
         error: Some(error.to_string()),
+        error_kind: Some(error.kind()),
         cancelled: false,
         flag: error.flag(),
         attempt_spans: Vec::new(),
@@ -390,8 +391,7 @@ async fn forward(
             return response;
         }
         let error = ProxyError::BadRequest("request path cannot be a redirect's Location");
-        report.flag = error.flag();
-        report.error = Some(error.to_string());
+        report.fail(&error);
         return rescue(&error, grpc);
     }
     // One clock reading for the policies below (rate limit, request timeout, first attempt,
@@ -414,8 +414,7 @@ async fn forward(
                     retry_after,
                     reset,
                 };
-                report.flag = error.flag();
-                report.error = Some(error.to_string());
+                report.fail(&error);
                 return rescue(&error, grpc);
             }
         }
@@ -472,8 +471,7 @@ async fn forward(
             parts
         }
         Err(error) => {
-            report.flag = error.flag();
-            report.error = Some(error.to_string());
+            report.fail(&error);
             return rescue(&error, grpc);
         }
     };
@@ -553,8 +551,7 @@ async fn forward(
             if let (Some(permit), Some(outcome)) = (permit, outcome::of_error(&error)) {
                 permit.record(outcome);
             }
-            report.flag = error.flag();
-            report.error = Some(error.to_string());
+            report.fail(&error);
             rescue(&error, grpc)
         }
     };
@@ -790,24 +787,10 @@ async fn attempt(
     let _in_flight = endpoint.start_request();
     let result = endpoint.pool.send(req).await;
     result.map_err(|e| {
-        let error = classify(&e, endpoint.addr);
-        let failure = match error {
-            ProxyError::ConnectRefused(_)
-            | ProxyError::ConnectTimeout { .. }
-            | ProxyError::Connect { .. } => AttemptFailure::Connect,
-            // Load shedding: the limit is service-wide, another endpoint would not help.
-            ProxyError::PendingLimit(_) => AttemptFailure::Shed,
-            _ => AttemptFailure::Reset,
-        };
-        // Only a connect failure may go elsewhere: a shed request would be shed there too,
-        // and a TLS handshake failure is a peer that answered.
-        let unsent = match e {
-            SendError::Connect { unsent, .. } if failure == AttemptFailure::Connect => Some(unsent),
-            _ => None,
-        };
+        let (error, unsent) = classify::send_error(e, endpoint.addr);
         Failed {
+            failure: AttemptFailure::of(error.kind()),
             error,
-            failure,
             unsent,
         }
     })
@@ -945,6 +928,7 @@ async fn exchange_with_retries(
                 ended: Instant::now(),
                 status: outcome.as_ref().ok().map(|answer| answer.response.status()),
                 error: outcome.as_ref().err().map(|(error, _)| error.to_string()),
+                error_kind: outcome.as_ref().err().map(|(error, _)| error.kind()),
             });
         }
         let failure = match &outcome {
@@ -1017,49 +1001,6 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
     let mut upstream = TokioIo::new(upstream);
     if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
         tracing::debug!(%error, "upgraded connection ended with an error");
-    }
-}
-
-/// Maps a failed send to the proxy's own failure kinds.
-fn classify(error: &SendError, addr: SocketAddr) -> ProxyError {
-    match error {
-        SendError::Connect { error: connect, .. } => match connect {
-            ConnectError::Refused(addr) => ProxyError::ConnectRefused(*addr),
-            ConnectError::Timeout { addr, after } => ProxyError::ConnectTimeout {
-                addr: *addr,
-                after: *after,
-            },
-            ConnectError::Io { addr, source } => ProxyError::Connect {
-                addr: *addr,
-                reason: std::io::Error::new(source.kind(), source.to_string()),
-            },
-            ConnectError::PendingLimit(service) => ProxyError::PendingLimit(service.clone()),
-            ConnectError::OriginationTls { addr, message } => ProxyError::TlsHandshake {
-                addr: *addr,
-                message: message.clone(),
-            },
-            ConnectError::Tls { .. } => ProxyError::Upstream {
-                addr,
-                reason: connect.to_string(),
-            },
-        },
-        SendError::Http(error) if error.is_parse() => ProxyError::Upstream {
-            addr,
-            reason: "invalid response".into(),
-        },
-        SendError::Http(_) => ProxyError::UpstreamReset(addr),
-        SendError::TransferCoding(error)
-        | SendError::Direct(crate::io::pool::DirectError::TransferCoding(error)) => {
-            ProxyError::Upstream {
-                addr,
-                reason: error.to_string(),
-            }
-        }
-        SendError::Direct(error) if error.is_invalid() => ProxyError::Upstream {
-            addr,
-            reason: "invalid response".into(),
-        },
-        SendError::Direct(_) => ProxyError::UpstreamReset(addr),
     }
 }
 

@@ -1,29 +1,16 @@
 //! The one place that turns a [`ProxyError`] into the response the caller sees: the status,
-//! the `x-outrider-error` reason header, and for gRPC callers the matching `grpc-status`, so a
-//! client always learns why the proxy answered instead of the upstream.
+//! the `x-outrider-error` reason header, and for gRPC callers the matching `grpc-status` (each
+//! from the error's kind), so a client always learns why the proxy answered instead of the
+//! upstream.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use http::{Response, StatusCode};
+use http::Response;
 
 use crate::core::errors::{ProxyError, ERROR_HEADER};
 use crate::io::body::ProxyBody;
-
-/// The gRPC status code a gRPC caller gets for an HTTP status the proxy produced.
-fn grpc_status_for(status: StatusCode) -> &'static str {
-    match status {
-        StatusCode::BAD_REQUEST => "13",      // INTERNAL
-        StatusCode::NOT_FOUND => "12",        // UNIMPLEMENTED
-        StatusCode::NOT_IMPLEMENTED => "12",  // UNIMPLEMENTED
-        StatusCode::FORBIDDEN => "7",         // PERMISSION_DENIED
-        StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
-        StatusCode::REQUEST_TIMEOUT => "4",   // DEADLINE_EXCEEDED (the caller stalled)
-        StatusCode::GATEWAY_TIMEOUT => "4",   // DEADLINE_EXCEEDED
-        _ => "14",                            // UNAVAILABLE (502, 503)
-    }
-}
 
 /// Seconds for Retry-After and x-ratelimit-reset: rounded up, so a client that waits that long
 /// finds a token, and at least 1 (`Retry-After: 0` invites an immediate retry storm).
@@ -45,10 +32,8 @@ pub fn rescue(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
         let mut r = Response::new(ProxyBody::empty());
         r.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        r.headers_mut().insert(
-            "grpc-status",
-            HeaderValue::from_static(grpc_status_for(status)),
-        );
+        r.headers_mut()
+            .insert("grpc-status", HeaderValue::from_static(error.grpc_status()));
         r.headers_mut().insert("grpc-message", reason_value.clone());
         r
     } else {
@@ -79,14 +64,7 @@ pub fn rescue(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
             HeaderValue::from(whole_seconds(*reset)),
         );
     }
-    if matches!(
-        error,
-        ProxyError::BadRequest(_)
-            | ProxyError::RequestBodyTimeout(_)
-            | ProxyError::UnsupportedTransferCoding(_)
-    ) {
-        // A client that sent one malformed request cannot be trusted to frame the next one;
-        // one that stalled mid-body has left the rest of it unread on the connection.
+    if error.kind().closes_connection() {
         // (hyper drops this header on HTTP/2, where it is not allowed.)
         response
             .headers_mut()
@@ -97,6 +75,8 @@ pub fn rescue(error: &ProxyError, grpc: bool) -> Response<ProxyBody> {
 
 #[cfg(test)]
 mod tests {
+    use http::StatusCode;
+
     use super::*;
 
     #[test]

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
-use crate::core::errors::BoxError;
+use crate::core::errors::{BoxError, ErrorKind};
 use crate::io::outcome::Watch;
-use crate::io::pool::UpstreamBody;
+use crate::io::pool::{UpstreamBody, UpstreamBodyError};
 use crate::policy::timeout::{self, Timer};
 use crate::telemetry::Finish;
 
@@ -22,6 +22,23 @@ use crate::telemetry::Finish;
 #[derive(Debug, thiserror::Error)]
 #[error("response body idle for more than {0:?}")]
 pub struct IdleTimeout(pub Duration);
+
+/// The kind of a response body's failure (after the response head went out): the idle
+/// timeout, a response that stopped being valid HTTP (a bad chunk), or a connection that broke.
+pub fn failure_kind(error: &BoxError) -> ErrorKind {
+    if error.is::<IdleTimeout>() {
+        return ErrorKind::ResponseBodyIdle;
+    }
+    let invalid = match error.downcast_ref::<UpstreamBodyError>() {
+        Some(UpstreamBodyError::Http(error)) => error.is_parse(),
+        Some(UpstreamBodyError::Direct(error)) => error.is_invalid(),
+        None => false,
+    };
+    match invalid {
+        true => ErrorKind::UpstreamProtocol,
+        false => ErrorKind::UpstreamResetAfterHeaders,
+    }
+}
 
 /// A response body sent to the downstream caller.
 #[derive(Debug)]
@@ -232,7 +249,8 @@ impl Body for ProxyBody {
                     }
                     Poll::Ready(Some(Err(error))) => {
                         if let Some(finish) = observed.finish.take() {
-                            finish.end(observed.bytes, Some(error.to_string()));
+                            let kind = failure_kind(error);
+                            finish.end(observed.bytes, Some((kind, error.to_string())));
                         }
                     }
                     Poll::Ready(None) => {
@@ -262,5 +280,26 @@ impl Body for ProxyBody {
             Self::Full(None) => SizeHint::with_exact(0),
             Self::Observed(observed) => observed.body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::pool::DirectError;
+
+    #[test]
+    fn a_broken_body_is_classified_by_its_type() {
+        let idle: BoxError = Box::new(IdleTimeout(Duration::from_secs(1)));
+        assert_eq!(failure_kind(&idle), ErrorKind::ResponseBodyIdle);
+        let truncated: BoxError = Box::new(UpstreamBodyError::Direct(DirectError::Truncated));
+        assert_eq!(
+            failure_kind(&truncated),
+            ErrorKind::UpstreamResetAfterHeaders
+        );
+        let invalid: BoxError = Box::new(UpstreamBodyError::Direct(DirectError::Invalid(
+            "bad chunk size",
+        )));
+        assert_eq!(failure_kind(&invalid), ErrorKind::UpstreamProtocol);
     }
 }

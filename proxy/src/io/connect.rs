@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::io::rewind::Rewind;
-use crate::io::tls::{Io, UpstreamTls};
+use crate::io::tls::{HandshakeError, Io, UpstreamTls};
 use crate::policy::holdout::HoldOut;
 use crate::telemetry::metrics::{ConnectionGuard, ConnectionMetrics};
 
@@ -46,20 +46,49 @@ pub enum ConnectError {
         addr: SocketAddr,
         /// Short label, as in the handshake-failure metric.
         reason: &'static str,
-        /// rustls's error.
+        /// rustls's error, as shown.
         message: String,
+        /// The handshake's error, when it ran.
+        source: Option<io::Error>,
     },
     /// The TLS handshake with an external service failed (untrusted, wrong name, timeout).
     #[error("tls handshake with {addr} failed: {message}")]
     OriginationTls {
         /// The endpoint.
         addr: SocketAddr,
-        /// rustls's error.
+        /// rustls's error, as shown.
         message: String,
+        /// The handshake's error, when it ran.
+        source: Option<io::Error>,
     },
     /// `max_pending_requests` connections to the service are already being opened.
     #[error("too many pending requests for {0}")]
     PendingLimit(Arc<str>),
+}
+
+impl ConnectError {
+    /// The failed TLS handshake `error` with `addr`.
+    pub fn handshake(addr: SocketAddr, error: HandshakeError) -> Self {
+        let HandshakeError {
+            reason,
+            message,
+            origination,
+            source,
+        } = error;
+        match origination {
+            true => Self::OriginationTls {
+                addr,
+                message,
+                source,
+            },
+            false => Self::Tls {
+                addr,
+                reason,
+                message,
+                source,
+            },
+        }
+    }
 }
 
 /// The service-wide bound on connections being opened at once: each is a request waiting for
@@ -182,20 +211,7 @@ impl EndpointConnector {
             None => Io::Plain(stream),
             Some(tls) => crate::io::tls::connect(tls, addr, stream)
                 .await
-                .map_err(|e| {
-                    if e.origination {
-                        ConnectError::OriginationTls {
-                            addr,
-                            message: e.message,
-                        }
-                    } else {
-                        ConnectError::Tls {
-                            addr,
-                            reason: e.reason,
-                            message: e.message,
-                        }
-                    }
-                })?,
+                .map_err(|e| ConnectError::handshake(addr, e))?,
         };
         let counted = Counted {
             _guard: self.metrics.opened(),

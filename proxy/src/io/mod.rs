@@ -3,6 +3,7 @@
 //! `policy`, `trace` and `telemetry`.
 
 pub mod body;
+pub mod classify;
 pub mod connect;
 pub mod connection;
 pub mod detect;

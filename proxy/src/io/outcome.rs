@@ -25,18 +25,13 @@ pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_FAILURES: [u8; 3] = [4, 13, 14];
 
 /// The outcome of an exchange that ended in a proxy error, or `None` when the error says
-/// nothing about the upstream's health (no endpoint to try).
+/// nothing about the upstream's health (no endpoint to try): the kind's verdict
+/// ([`ErrorKind::is_upstream_failure`](crate::core::errors::ErrorKind::is_upstream_failure)).
 pub fn of_error(error: &ProxyError) -> Option<Outcome> {
-    match error {
-        ProxyError::ConnectRefused(_)
-        | ProxyError::ConnectTimeout { .. }
-        | ProxyError::Connect { .. }
-        | ProxyError::UpstreamReset(_)
-        | ProxyError::RequestTimeout(_)
-        | ProxyError::PerTryTimeout(_)
-        | ProxyError::Upstream { .. } => Some(Outcome::Failure),
-        _ => None,
-    }
+    error
+        .kind()
+        .is_upstream_failure()
+        .then_some(Outcome::Failure)
 }
 
 /// The outcome as far as the response head tells: a 5xx or a failing gRPC status in the

@@ -178,6 +178,8 @@ pub struct HandshakeError {
     pub message: String,
     /// TLS origination (an external service) rather than mesh mTLS.
     pub origination: bool,
+    /// The handshake's own error (rustls's, inside an `io::Error`), when the handshake ran.
+    pub source: Option<io::Error>,
 }
 
 /// Why an origination config could not be built.
@@ -281,6 +283,7 @@ pub async fn connect(
                 reason: "no_identity",
                 message: "the policy asks for mesh TLS but this proxy has no workload identity (--service-account)".into(),
                 origination: false,
+                source: None,
             })
         }
         UpstreamTls::Origination { config, name } => {
@@ -291,6 +294,7 @@ pub async fn connect(
                 reason: "config",
                 message: why.to_string(),
                 origination: true,
+                source: None,
             })
         }
     };
@@ -323,6 +327,7 @@ pub async fn connect_opaque(
             message: "the peer did not agree to outrider-tcp/1 (not a sidecar's captured port?)"
                 .into(),
             origination: false,
+            source: None,
         });
     }
     Ok(io)
@@ -350,6 +355,7 @@ async fn mesh_handshake(
                 reason,
                 message,
                 origination: false,
+                source: Some(error),
             })
         }
         Err(_) => {
@@ -361,6 +367,7 @@ async fn mesh_handshake(
                     outrider_config::Duration(HANDSHAKE_TIMEOUT)
                 ),
                 origination: false,
+                source: None,
             })
         }
     }
@@ -384,6 +391,7 @@ async fn originate(
                 reason,
                 message,
                 origination: true,
+                source: Some(error),
             })
         }
         Err(_) => Err(HandshakeError {
@@ -393,6 +401,7 @@ async fn originate(
                 outrider_config::Duration(HANDSHAKE_TIMEOUT)
             ),
             origination: true,
+            source: None,
         }),
     }
 }

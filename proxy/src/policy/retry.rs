@@ -18,7 +18,7 @@ use http::{HeaderMap, Method, StatusCode};
 use outrider_config::{Retries, RetryOn};
 use tokio::time::Instant;
 
-use crate::core::methods::is_idempotent;
+use crate::core::errors::{ErrorKind, RetrySafety};
 use crate::policy::timeout;
 
 /// How an attempt failed, as far as retrying is concerned.
@@ -34,6 +34,28 @@ pub enum AttemptFailure {
     Grpc(u8),
     /// The proxy shed the attempt (a service-wide limit); never retried.
     Shed,
+}
+
+impl AttemptFailure {
+    /// How an attempt that failed with `kind` (without a response) counts for retries, by the
+    /// kind's retry safety: nothing sent (a TCP connect or TLS handshake that failed) is a
+    /// connect failure; sent, a reset; never safe, shed.
+    pub fn of(kind: ErrorKind) -> Self {
+        match kind.retry_safety() {
+            RetrySafety::Safe => Self::Connect,
+            RetrySafety::IfIdempotent => Self::Reset,
+            RetrySafety::Never => Self::Shed,
+        }
+    }
+
+    /// Whether the request may go again after this failure, whatever the policy lists.
+    pub fn retry_safety(self) -> RetrySafety {
+        match self {
+            Self::Connect => RetrySafety::Safe,
+            Self::Reset | Self::Status(_) | Self::Grpc(_) => RetrySafety::IfIdempotent,
+            Self::Shed => RetrySafety::Never,
+        }
+    }
 }
 
 /// A compiled retry policy (built once per reload).
@@ -110,9 +132,10 @@ impl RetryPolicy {
     }
 
     /// Whether `method` may be retried after `failure`. A connect failure sent nothing, so any
-    /// method is safe; otherwise only idempotent methods, unless the route opted in.
+    /// method is safe; otherwise only idempotent methods, unless the route opted in
+    /// ([`RetrySafety::allows`]).
     pub fn method_allows(&self, method: &Method, failure: AttemptFailure) -> bool {
-        failure == AttemptFailure::Connect || self.non_idempotent || is_idempotent(method)
+        failure.retry_safety().allows(method, self.non_idempotent)
     }
 
     /// Full-jitter backoff before retry number `retry` (1-based): U[0, min(max, base·2^(retry-1))).

@@ -27,7 +27,7 @@ use outrider_config::{Otlp, QueryLogging};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::core::errors::ResponseFlag;
+use crate::core::errors::{ErrorKind, ProxyError, ResponseFlag};
 use crate::telemetry::metrics::{RouteMetrics, TelemetryMetrics};
 use crate::trace::{SpanId, TraceContext, TraceId};
 
@@ -855,6 +855,8 @@ pub struct AttemptSpan {
     pub status: Option<StatusCode>,
     /// Failure, if the attempt failed without a response.
     pub error: Option<String>,
+    /// The kind of `error` (the span's `error.type` comes from it).
+    pub error_kind: Option<ErrorKind>,
 }
 
 /// What the exchange did, filled in by the forwarding code.
@@ -866,6 +868,8 @@ pub struct ExchangeReport {
     pub attempts: u32,
     /// Why the exchange failed, when the proxy answered for the upstream.
     pub error: Option<String>,
+    /// The kind of `error`.
+    pub error_kind: Option<ErrorKind>,
     /// Attempt spans (only when they are exported).
     pub spans: Vec<AttemptSpan>,
     /// The HTTP version of the request as sent upstream (once prepared).
@@ -874,6 +878,15 @@ pub struct ExchangeReport {
     pub answered: bool,
     /// Who made the response: set where the proxy makes its own, from the failure's kind.
     pub flag: ResponseFlag,
+}
+
+impl ExchangeReport {
+    /// The proxy answered for the upstream because of `error`: its flag, kind and text.
+    pub fn fail(&mut self, error: &ProxyError) {
+        self.flag = error.flag();
+        self.error_kind = Some(error.kind());
+        self.error = Some(error.to_string());
+    }
 }
 
 /// Everything needed to report a request when its response body ends. Built once per
@@ -965,13 +978,13 @@ impl Finish {
         metrics.traffic.active.inc();
     }
 
-    /// Reports the request: the response body ended after `bytes` bytes, with `error` when it
-    /// did not end cleanly.
-    pub fn end(mut self, bytes: u64, error: Option<String>) {
+    /// Reports the request: the response body ended after `bytes` bytes, with `error` (its
+    /// kind and text) when it did not end cleanly.
+    pub fn end(mut self, bytes: u64, error: Option<(ErrorKind, String)>) {
         self.report(bytes, error);
     }
 
-    fn report(&mut self, bytes: u64, error: Option<String>) {
+    fn report(&mut self, bytes: u64, error: Option<(ErrorKind, String)>) {
         self.ended = true;
         let elapsed = self.started.elapsed();
         let flag = if self.cancelled || !self.responded {
@@ -985,12 +998,16 @@ impl Finish {
         // which can be after this (an upstream answering before reading the whole body).
         traffic.response_bytes.inc_by(bytes);
         traffic.stream_duration.observe(elapsed.as_secs_f64());
-        let mut error = match self.cancelled {
-            true => Some(format!(
-                "{}: the caller went away before the response ended",
-                metrics::CANCELLED
-            )),
-            false => self.report.error.clone().or(error),
+        let (error_kind, mut error) = match (self.cancelled, &self.report.error) {
+            (true, _) => (
+                Some(ErrorKind::DownstreamDisconnect),
+                Some(format!(
+                    "{}: the caller went away before the response ended",
+                    metrics::CANCELLED
+                )),
+            ),
+            (false, Some(reported)) => (self.report.error_kind, Some(reported.clone())),
+            (false, None) => error.map_or((None, None), |(kind, text)| (Some(kind), Some(text))),
         };
         if let Some(sink) = &self.spans {
             // What the access log reads below is cloned; what only the span needs is moved.
@@ -1019,6 +1036,7 @@ impl Finish {
                 grpc: self.grpc,
                 grpc_status: self.grpc_status,
                 error: if logged { error.clone() } else { error.take() },
+                error_kind,
                 cancelled: self.cancelled,
                 flag,
                 attempt_spans: std::mem::take(&mut self.report.spans),

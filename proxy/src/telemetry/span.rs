@@ -16,6 +16,7 @@ use http::{Method, StatusCode, Uri, Version};
 use opentelemetry::trace::TraceState;
 use tokio::time::Instant;
 
+use crate::core::errors::ErrorKind;
 use crate::telemetry::metrics::CANCELLED;
 use crate::telemetry::AttemptSpan;
 use crate::trace::{SpanId, TraceContext};
@@ -69,6 +70,8 @@ pub struct RequestSpan {
     pub grpc_status: Option<u8>,
     /// Why the exchange failed, if it did.
     pub error: Option<String>,
+    /// The kind of `error` (`error.type` comes from it).
+    pub error_kind: Option<ErrorKind>,
     /// The caller abandoned the exchange before its response ended.
     pub cancelled: bool,
     /// Who made the response (`outrider.response_flags`).
@@ -176,7 +179,7 @@ impl RequestSpan {
         }
         let status = match (attempt.status, &attempt.error) {
             (_, Some(reason)) => {
-                let kind = error_type(reason, StatusCode::BAD_GATEWAY);
+                let kind = error_type(attempt.error_kind, StatusCode::BAD_GATEWAY);
                 pb::attr_str(out, "error.type", &kind);
                 SpanStatus::Error(reason)
             }
@@ -295,7 +298,7 @@ impl RequestSpan {
                 Some(s) if self.server && s.is_client_error() => return (None, SpanStatus::Unset),
                 status => {
                     let status = status.unwrap_or(StatusCode::BAD_GATEWAY);
-                    let kind = error_type(reason, status);
+                    let kind = error_type(self.error_kind, status);
                     return (Some(kind), SpanStatus::Error(reason));
                 }
             }
@@ -571,19 +574,13 @@ fn redact_query(query: &str) -> String {
     out
 }
 
-/// A low-cardinality `error.type`: the proxy's error kind, from its message.
-fn error_type(reason: &str, status: StatusCode) -> Cow<'static, str> {
-    Cow::Borrowed(
-        if reason.contains("timed out") || reason.contains("timeout") {
-            "timeout"
-        } else if reason.contains("refused") {
-            "connection_refused"
-        } else if reason.contains("reset") || reason.contains("closed") {
-            "connection_reset"
-        } else {
-            return Cow::Owned(status.as_str().to_string());
-        },
-    )
+/// A low-cardinality `error.type`: the failure's kind's name, else (a kind without one, or
+/// none known) the HTTP status.
+fn error_type(kind: Option<ErrorKind>, status: StatusCode) -> Cow<'static, str> {
+    match kind.and_then(ErrorKind::error_type) {
+        Some(name) => Cow::Borrowed(name),
+        None => Cow::Owned(status.as_str().to_string()),
+    }
 }
 
 /// Standard methods as static strings (span names need `'static` to avoid an allocation).
@@ -652,7 +649,7 @@ pub(crate) mod tests {
                     (_, Some(reason)) => {
                         attributes.push(KeyValue::new(
                             "error.type",
-                            error_type(reason, StatusCode::BAD_GATEWAY).into_owned(),
+                            error_type(attempt.error_kind, StatusCode::BAD_GATEWAY).into_owned(),
                         ));
                         Status::error(reason.clone())
                     }
@@ -831,7 +828,7 @@ pub(crate) mod tests {
                     Some(s) if self.server && s.is_client_error() => return (None, Status::Unset),
                     status => {
                         let status = status.unwrap_or(StatusCode::BAD_GATEWAY);
-                        let kind = error_type(reason, status).into_owned();
+                        let kind = error_type(self.error_kind, status).into_owned();
                         return (Some(kind), Status::error(reason.to_string()));
                     }
                 }
@@ -878,6 +875,7 @@ pub(crate) mod tests {
             grpc: false,
             grpc_status: None,
             error: None,
+            error_kind: None,
             cancelled: false,
             flag: ResponseFlag::Upstream,
             attempt_spans: Vec::new(),
@@ -893,6 +891,7 @@ pub(crate) mod tests {
             ended: span.started + Duration::from_millis(millis + 3),
             status: Some(StatusCode::OK),
             error: None,
+            error_kind: None,
         }
     }
 
@@ -917,9 +916,11 @@ pub(crate) mod tests {
         continued.status = Some(StatusCode::SERVICE_UNAVAILABLE);
         continued.flag = ResponseFlag::ConnectFailure;
         continued.error = Some("upstream connect timed out".to_string());
+        continued.error_kind = Some(ErrorKind::ConnectTimeout);
         let mut first = attempt(&continued, 1, 1);
         first.status = None;
         first.error = Some("connection refused".to_string());
+        first.error_kind = Some(ErrorKind::ConnectRefused);
         let mut second = attempt(&continued, 2, 5);
         second.status = Some(StatusCode::SERVICE_UNAVAILABLE);
         let mut third = attempt(&continued, 3, 9);
@@ -950,23 +951,41 @@ pub(crate) mod tests {
         cancelled.cancelled = true;
         cancelled.status = None;
         cancelled.error = Some("cancelled: the caller went away".to_string());
+        cancelled.error_kind = Some(ErrorKind::DownstreamDisconnect);
         cancelled.flag = ResponseFlag::DownstreamCancelled;
         spans.push(cancelled);
 
         for (server, status, reason) in [
-            (true, StatusCode::NOT_FOUND, Some("no route")),
+            (
+                true,
+                StatusCode::NOT_FOUND,
+                Some(("no route", ErrorKind::NoRoute)),
+            ),
             (false, StatusCode::NOT_FOUND, None),
             (
                 true,
                 StatusCode::BAD_GATEWAY,
-                Some("connection reset by peer"),
+                Some((
+                    "connection reset by peer",
+                    ErrorKind::UpstreamResetBeforeHeaders,
+                )),
             ),
-            (false, StatusCode::GATEWAY_TIMEOUT, Some("weird")),
+            (
+                false,
+                StatusCode::GATEWAY_TIMEOUT,
+                Some(("per-try timeout", ErrorKind::PerTryTimeout)),
+            ),
+            (
+                false,
+                StatusCode::BAD_GATEWAY,
+                Some(("tls handshake failed", ErrorKind::TlsHandshake)),
+            ),
             (true, StatusCode::INTERNAL_SERVER_ERROR, None),
         ] {
             let mut failed = request(server);
             failed.status = Some(status);
-            failed.error = reason.map(str::to_string);
+            failed.error = reason.map(|(text, _)| text.to_string());
+            failed.error_kind = reason.map(|(_, kind)| kind);
             failed.method = Method::from_bytes(b"PURGE").expect("method");
             failed.authority = None;
             failed.uri = None;
