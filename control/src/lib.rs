@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod output;
 pub mod registry;
 pub mod replica;
+pub mod routes;
 pub mod server;
 pub mod service_account;
 pub mod store;
