@@ -57,9 +57,12 @@ const ORDER: [&str; 11] = [
     "hostless",
 ];
 
-/// Requests (host, method, path, headers), the k-th meeting every entry of the table from the
-/// k-th on and none before it: the proxy must answer each with the k-th route.
-const PEELED: [(&str, &str, &str, &[(&str, &str)]); 11] = [
+/// A request: host, method, path, headers.
+type Crafted<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, &'a str)]);
+
+/// Requests, the k-th meeting every entry of the table from the k-th on and none before it:
+/// the proxy must answer each with the k-th route.
+const PEELED: [Crafted; 11] = [
     (
         "shop",
         "POST",
@@ -88,10 +91,7 @@ const PEELED: [(&str, &str, &str, &[(&str, &str)]); 11] = [
     ("elsewhere", "GET", "/other", &[]),
 ];
 
-async fn served_by(
-    proxy: &Proxy,
-    (host, method, path, headers): (&str, &str, &str, &[(&str, &str)]),
-) -> serde_json::Value {
+async fn served_by(proxy: &Proxy, (host, method, path, headers): Crafted<'_>) -> serde_json::Value {
     let mut req = Request::builder()
         .method(method)
         .uri(format!("http://{}{path}", proxy.outbound))

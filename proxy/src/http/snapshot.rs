@@ -1139,7 +1139,7 @@ mod tests {
                 let linear = snapshot.table.iter().find(|e| e.matcher.matches(&view));
                 let indexed = snapshot.select(&view);
                 routed += usize::from(indexed.is_some());
-                hostless += usize::from(indexed.is_some_and(|e| !e.matcher.authority().is_some()));
+                hostless += usize::from(indexed.is_some_and(|e| e.matcher.authority().is_none()));
                 assert!(
                     std::ptr::eq(
                         linear.map_or(std::ptr::null(), |e| e),

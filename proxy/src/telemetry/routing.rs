@@ -44,8 +44,11 @@ pub struct RouteSeries {
     /// The route label.
     pub name: Arc<str>,
     /// Every series made for this route, by family and label values, to remove them.
-    made: Mutex<Vec<(IntCounterVec, Box<[Box<str>]>)>>,
+    made: Mutex<Vec<MadeSeries>>,
 }
+
+/// A series made through a [`RouteSeries`]: its family and label values.
+type MadeSeries = (IntCounterVec, Box<[Box<str>]>);
 
 /// What the filters of one route did; a counter for each filter the route has.
 #[derive(Debug, Clone, Default)]
