@@ -21,8 +21,6 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use prometheus::core::Collector as _;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
-use crate::telemetry::metrics::MetricsError;
-
 /// The route label of requests no route took.
 const UNROUTED: &str = ":unrouted";
 
@@ -81,7 +79,8 @@ pub struct FilterKinds {
 }
 
 impl RoutingMetrics {
-    pub(crate) fn new(registry: &Registry) -> Result<Self, MetricsError> {
+    /// Registers the families in `registry` (the proxy's one, by `Metrics::new`).
+    pub(crate) fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let decisions = IntCounterVec::new(
             Opts::new(
                 "outrider_route_decisions_total",
