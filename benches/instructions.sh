@@ -11,14 +11,15 @@
 #
 # Usage: bash benches/instructions.sh [--requests N] [--variants LETTERS] [--out FILE]
 #   --requests N        measured requests per variant (default 5000, after 1000 unmeasured)
-#   --variants LETTERS  which variants to run, e.g. bp (default bptl, all of them)
+#   --variants LETTERS  which variants to run, e.g. bp (default bptlr, all of them)
 #   --out FILE          markdown report (default benches/results/instructions.md)
 #
 # Variants, each over HTTP/1.1 and h2c (the upstream speaks the same protocol):
 #   (b) base: one service, one route;
 #   (p) every resilience policy on, none triggering (as load.sh --policies);
 #   (t) tracing at ratio 1.0, exported over OTLP/HTTP to a bench-upstream sink;
-#   (l) the JSON access log on (stdout to a file).
+#   (l) the JSON access log on (stdout to a file);
+#   (r) the route among 100 (as load.sh --routes: benches/policy-variants.sh many_routes_fragment).
 # And nginx (one worker, configured as in load.sh, HTTP/1.1 only) as the reference: the same load
 # through it, its worker's instructions counted the same way, when nginx is installed.
 # Load: oha, 16 keep-alive connections (h2c: 16 connections, one stream each), 127.0.0.1 only.
@@ -27,7 +28,7 @@ shopt -s inherit_errexit
 
 REQUESTS=5000
 WARM=1000
-VARIANTS=bptl
+VARIANTS=bptlr
 OUT=benches/results/instructions.md
 while (($#)); do
     case "$1" in
@@ -40,7 +41,7 @@ while (($#)); do
     shift
 done
 [[ $REQUESTS =~ ^[1-9][0-9]*$ ]] || { echo "instructions.sh: --requests $REQUESTS is not a positive integer" >&2; exit 64; }
-[[ $VARIANTS =~ ^[bptl]+$ && $VARIANTS == *b* ]] || { echo "instructions.sh: --variants $VARIANTS: letters among b, p, t, l, including b (the reference)" >&2; exit 64; }
+[[ $VARIANTS =~ ^[bptlr]+$ && $VARIANTS == *b* ]] || { echo "instructions.sh: --variants $VARIANTS: letters among b, p, t, l, r, including b (the reference)" >&2; exit 64; }
 
 HOST=127.0.0.1
 PORT_UPSTREAM=18180
@@ -100,13 +101,14 @@ PIDS+=($!)
 target/release/bench-upstream --listen "$HOST:$PORT_COLLECTOR" >"$TMP/collector.log" 2>&1 &
 PIDS+=($!)
 
-# $1: protocol (http1|http2); $2: variant (b|p|t|l). Prints the policy.
+# $1: protocol (http1|http2); $2: variant (b|p|t|l|r). Prints the policy.
 policy() {
     local with=""
     case $2 in
     p) with=policies ;;
     t) with=tracing ;;
     l) with=accesslog ;;
+    r) with=routes100 ;;
     esac
     bench_policy "$1" "$with"
 }
@@ -171,7 +173,7 @@ else
     log "nginx not installed: no reference row (bash benches/load.sh installs it)"
 fi
 for proto in http1 http2; do
-    for variant in b p t l; do
+    for variant in b p t l r; do
         [[ $VARIANTS == *$variant* ]] || continue
         log "$proto ($variant): $REQUESTS requests under callgrind"
         IR[$proto-$variant]=$(measure "$proto" "$variant")
@@ -192,13 +194,14 @@ mkdir -p "$(dirname "$OUT")"
     echo
     echo "| Variant | HTTP/1.1 instr/req | vs (b) | h2c instr/req | vs (b) |"
     echo "|---|---:|---:|---:|---:|"
-    for variant in b p t l; do
+    for variant in b p t l r; do
         [[ $VARIANTS == *$variant* ]] || continue
         case $variant in
         b) name="(b) base" ;;
         p) name="(p) every resilience policy on, none triggering" ;;
         t) name="(t) tracing ratio 1.0, OTLP/HTTP export" ;;
         l) name="(l) JSON access log" ;;
+        r) name="(r) the route among 100 (goal: within 3% of (b))" ;;
         esac
         echo "| $name | ${IR[http1-$variant]} | $(pct "${IR[http1-$variant]}" "${IR[http1-b]}") | ${IR[http2-$variant]} | $(pct "${IR[http2-$variant]}" "${IR[http2-b]}") |"
     done

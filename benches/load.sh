@@ -7,6 +7,9 @@
 #   --quick        1 round of 3 s runs (smoke run); writes benches/results/quick.md (git-ignored)
 #   --policies     only Outrider without and with every resilience policy enabled but never
 #                  triggering (the policy-cost comparison; no direct or nginx runs)
+#   --routes       only Outrider with its one-route policy and (r) with that route among 100
+#                  (benches/policy-variants.sh: many_routes_fragment), the cost of routing
+#                  (goal: (r) within 3% of (b); no direct or nginx runs)
 #   --observability  only Outrider without and with (t) tracing at ratio 1.0 exporting every
 #                  span over OTLP/HTTP to a sink, and (l) the JSON access log on (to a file), the
 #                  cost of observability (no direct or nginx runs)
@@ -44,6 +47,7 @@ PORT_BASE=18080
 QUICK=0
 POLICIES_ONLY=0
 OBSERVABILITY=0
+ROUTES=0
 MTLS=0
 CAPTURE=0
 KEEP_TMP=0
@@ -55,6 +59,7 @@ while (($#)); do
     --policies) POLICIES_ONLY=1 ;;
     # Shares --policies' shape: Outrider variants only.
     --observability) POLICIES_ONLY=1 OBSERVABILITY=1 ;;
+    --routes) POLICIES_ONLY=1 ROUTES=1 ;;
     --mtls) MTLS=1 ;;
     --capture) CAPTURE=1 ;;
     --rounds) ROUNDS=${2:?--rounds needs a number}; shift ;;
@@ -478,6 +483,11 @@ run_round() {
             variants=("$up:outrider" "$up:outrider-tracing" "$up:outrider-accesslog")
             [[ -n $COLLECTOR_PID ]] || start_collector
         fi
+        if ((ROUTES)); then
+            local up=http1
+            [[ $proto == h2 ]] && up=http2
+            variants=("$up:outrider" "$up:outrider-routes100")
+        fi
         for variant in "${variants[@]}"; do
             target=${variant#*:}
             variant=${variant%%:*}
@@ -485,6 +495,7 @@ run_round() {
             [[ $target == outrider-policies ]] && with=policies
             [[ $target == outrider-tracing ]] && with=tracing
             [[ $target == outrider-accesslog ]] && with=accesslog
+            [[ $target == outrider-routes100 ]] && with=routes100
             start_proxy "$variant" $with
             record "$proto" "$target" idle_rss_kb "$(status_kb "$PROXY_PID" VmRSS)"
             measure "$proto" "$target" "$PORT_OUTBOUND" "$PROXY_PID"
@@ -1042,6 +1053,7 @@ label() {
     h1/outrider-policies) echo "(p) (b) with every policy on, none triggering" ;;
     */outrider-tracing) echo "(t) (b) with tracing ratio 1.0, OTLP/HTTP export" ;;
     */outrider-accesslog) echo "(l) (b) with the JSON access log on" ;;
+    */outrider-routes100) echo "(r) (b) with its route among 100" ;;
     h1/nginx) echo "(c) through nginx (HTTP/1.1 upstream)" ;;
     h2/direct) echo "(a) direct to bench-upstream (h2c)" ;;
     h2/outrider) echo "(b) through Outrider, h2c upstream" ;;
@@ -1096,8 +1108,8 @@ report() {
         done
         echo "$sep"
         for proto in h1 h2; do
-            local targets=(direct outrider outrider-policies outrider-tracing outrider-accesslog nginx) name="HTTP/1.1"
-            [[ $proto == h2 ]] && targets=(direct outrider outrider-policies outrider-tracing outrider-accesslog outrider-h1up nginx) name="h2c"
+            local targets=(direct outrider outrider-policies outrider-tracing outrider-accesslog outrider-routes100 nginx) name="HTTP/1.1"
+            [[ $proto == h2 ]] && targets=(direct outrider outrider-policies outrider-tracing outrider-accesslog outrider-routes100 outrider-h1up nginx) name="h2c"
             row "**$name**" "" "" "" "" "" "" "" ""
             for target in "${targets[@]}"; do
                 # Targets a --policies run skipped.
@@ -1159,6 +1171,13 @@ report() {
             row+=" $(ratio "$(median "$b" outrider-policies max_rps)" "$(median "$b" outrider max_rps)") |"
         done
         echo "$row n/a |"
+        if ((ROUTES)); then
+            row="| Throughput (r)/(b): the route among 100 (goal ≥ 0.97) |"
+            for p in h1 h2; do
+                row+=" $(ratio "$(median "$p" outrider-routes100 max_rps)" "$(median "$p" outrider max_rps)") |"
+            done
+            echo "$row n/a |"
+        fi
         if ((OBSERVABILITY)); then
             for b in tracing:"(t)/(b): tracing ratio 1.0, every span exported" accesslog:"(l)/(b): JSON access log on"; do
                 row="| Throughput ${b#*:} |"

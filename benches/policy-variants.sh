@@ -22,22 +22,47 @@ tracing_fragment() {
 ACCESS_LOG='
 access_log: json'
 
+# 99 more routes, as in the criterion benchmark (benches/benches/route_select.rs): ten per host,
+# each of one match kind in turn (exact path, segment prefix, path regex, method with a prefix,
+# header value, header regex, query parameter), then the host's catch-all. Nine of them are on
+# host `bench` and take none of the benchmark's `GET /`: each is tried, and fails, before the
+# `bench` route (ranked last of its host) takes it; the other 90 are on nine other hosts.
+many_routes_fragment() {
+    local i host m
+    for ((i = 0; i < 99; i++)); do
+        host=h$((i / 10)).svc
+        ((i >= 90)) && host=bench
+        case $((i % 7)) in
+        0) m=", path: { exact: /api/v$i/health }" ;;
+        1) m=", path: { prefix: /api/v$i }" ;;
+        2) m=", path: { regex: '/api/v$i/users/[0-9]+' }" ;;
+        3) m=", path: { prefix: /api/v$i/orders }, method: POST" ;;
+        4) m=", headers: [{ name: x-canary-$i, value: 'true' }]" ;;
+        5) m=", headers: [{ name: x-user, regex: 'u-$i-[0-9]+' }]" ;;
+        *) m=", query_params: [{ name: variant$i, value: b }]" ;;
+        esac
+        ((i % 10 == 9)) && m=""
+        printf '\n  - { name: r%d, service: bench, match: { authority: %s%s } }' "$i" "$host" "$m"
+    done
+}
+
 # Prints the benchmark policy: Host `bench` -> bench-upstream at $HOST:$PORT_UPSTREAM over $1
-# (http1|http2), with $2: "" (base), "policies", "tracing" (collector at $HOST:$PORT_COLLECTOR)
-# or "accesslog".
+# (http1|http2), with $2: "" (base), "policies", "tracing" (collector at $HOST:$PORT_COLLECTOR),
+# "accesslog" or "routes100" (the `bench` route among 100, see many_routes_fragment).
 bench_policy() {
-    local service_extra="" route_extra="" top_extra=""
+    local service_extra="" route_extra="" top_extra="" routes_extra=""
     case ${2:-} in
     policies) service_extra=$EVERY_POLICY_SERVICE route_extra=$EVERY_POLICY_ROUTE ;;
     tracing) top_extra=$(tracing_fragment "$HOST:$PORT_COLLECTOR") ;;
     accesslog) top_extra=$ACCESS_LOG ;;
+    routes100) routes_extra=$(many_routes_fragment) ;;
     esac
     cat <<EOF
 services:
   bench:
     endpoints: [$HOST:$PORT_UPSTREAM]
     protocol: $1$service_extra
-routes:
+routes:$routes_extra
   - name: bench
     match: { authority: bench }
     service: bench$route_extra$top_extra

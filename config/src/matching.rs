@@ -16,6 +16,7 @@
 //! 6. document order: the earlier route, and within a route `match` before `matches`, in list
 //!    order.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 
 use crate::limits::MAX_REGEX_BYTES;
@@ -154,6 +155,15 @@ pub fn order(routes: &[Route]) -> Vec<MatchRef> {
     // Stable: equal ranks keep document order.
     all.sort_by_key(|(rank, _)| Reverse(*rank));
     all.into_iter().map(|(_, at)| at).collect()
+}
+
+/// The name a route goes by in metrics, logs and `outriderctl get --routes`: its `name`, or for
+/// an unnamed route `:route-<index>` (the `:` keeps it apart from a route named `route-0`).
+pub fn route_label(route: &Route, index: usize) -> Cow<'_, str> {
+    match &route.name {
+        Some(name) => Cow::Borrowed(name),
+        None => Cow::Owned(format!(":route-{index}")),
+    }
 }
 
 /// Why a regular expression was refused.

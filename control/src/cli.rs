@@ -122,6 +122,11 @@ pub struct DeleteArgs {
 pub struct GetArgs {
     /// The workload whose merged policy to print (`*`: workloads no document names).
     pub workload: String,
+    /// Print the route table instead: every route match in the order the proxy tries them
+    /// (the first a request meets takes it), with backends, weights, timeouts, retries and
+    /// filters.
+    #[arg(long)]
+    pub routes: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub output: OutputArg,
@@ -1128,6 +1133,9 @@ pub fn get(args: GetArgs) -> ExitCode {
                 );
                 return Ok(ExitCode::from(EX_REJECTED));
             }
+            if args.routes {
+                return print_routes(args.output.output, &policy);
+            }
             if let Some(text) = output::structured(args.output.output, &policy) {
                 print!("{text}");
                 return Ok(ExitCode::SUCCESS);
@@ -1141,6 +1149,47 @@ pub fn get(args: GetArgs) -> ExitCode {
         },
         &args.remote,
     )
+}
+
+/// `outriderctl get WORKLOAD --routes -o json`'s document.
+#[derive(Debug, serde::Serialize)]
+struct WorkloadRoutes<'a> {
+    workload: &'a str,
+    version: u64,
+    content_hash: &'a str,
+    routes: Vec<crate::routes::Entry>,
+}
+
+/// Prints the route table of a workload's policy, compiled as its proxies compile it.
+fn print_routes(format: Format, policy: &WorkloadPolicy) -> Result<ExitCode, CliError> {
+    let loaded = match outrider_config::load(&policy.workload, &policy.policy) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            // The control plane pushes only valid policies: a CLI older than the server?
+            eprintln!(
+                "outriderctl: the policy of workload `{}` does not load here: {error}",
+                policy.workload
+            );
+            return Ok(ExitCode::from(EX_SOFTWARE));
+        }
+    };
+    let table = crate::routes::table(&loaded.policy);
+    let document = WorkloadRoutes {
+        workload: &policy.workload,
+        version: policy.version,
+        content_hash: &policy.content_hash,
+        routes: table.entries.clone(),
+    };
+    if let Some(text) = output::structured(format, &document) {
+        print!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "# workload {}, version {}, sha256 {}: route matches in the order they are tried; the first a request meets takes it",
+        policy.workload, policy.version, policy.content_hash
+    );
+    print!("{}", crate::routes::render(&table));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `outriderctl check`: every problem the control plane's status shows, each with a fix;

@@ -38,6 +38,7 @@ pub mod output;
 pub mod registry;
 pub mod rejections;
 pub mod replica;
+pub mod routes;
 pub mod server;
 pub mod service_account;
 pub mod store;

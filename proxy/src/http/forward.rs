@@ -38,6 +38,7 @@ use crate::policy::ratelimit::RateDecision;
 use crate::policy::retry::{self, AttemptFailure, RetryPolicy};
 use crate::policy::timeout::{BodyStall, Deadlines, Expired, Timer};
 use crate::telemetry::metrics::RouteLabels;
+use crate::telemetry::routing::count;
 use crate::telemetry::span::RequestSpan;
 use crate::telemetry::{AccessRecord, AttemptSpan, ExchangeReport, Finish, LoggedOnly, SpanSink};
 use crate::trace::{SpanId, TraceContext};
@@ -378,7 +379,8 @@ async fn forward(
     let policy = &target.policy;
     // A redirect is the route's answer, not a failure: before the policies that guard the
     // upstream (rate limit, faults, breaker), which it never reaches.
-    if let Some(redirect) = filters.and_then(|f| f.redirect.as_ref()) {
+    if let Some((redirect, counts)) = filters.and_then(|f| Some((f.redirect.as_ref()?, &f.counts)))
+    {
         let url = RequestUrl {
             scheme: req.uri().scheme_str().unwrap_or("http"),
             host: authority.as_ref().map_or("", Authority::host),
@@ -387,9 +389,12 @@ async fn forward(
             query: req.uri().query(),
         };
         report.flag = ResponseFlag::Redirect;
+        let (applied, refused) = counts.redirect.as_ref().map(|(a, r)| (a, r)).unzip();
         if let Some(response) = redirect.respond(&url) {
+            count(applied);
             return response;
         }
+        count(refused);
         let error = ProxyError::BadRequest("request path cannot be a redirect's Location");
         report.fail(&error);
         return rescue(&error, grpc);
@@ -477,8 +482,11 @@ async fn forward(
     };
 
     // Copies for the route's mirrors start now, in their own tasks; an upgrade is not copied.
-    if let Some(mirrors) = target.mirrors.as_deref().filter(|_| !upgrade) {
-        crate::http::mirror::dispatch(mirrors, &parts, &mut body);
+    if let Some(mirrors) = target.mirrors.as_deref() {
+        match upgrade {
+            false => crate::http::mirror::dispatch(mirrors, &parts, &mut body),
+            true => crate::http::mirror::skip(mirrors),
+        }
     }
     // A hashing balancer's key, read once for every attempt's pick.
     let affinity = target.upstream.affinity(&parts.headers);
@@ -527,8 +535,11 @@ async fn forward(
                 headers::strip_hop_by_hop(response.headers_mut(), false);
             }
             // The upstream's responses only: the proxy's own answers keep their headers.
-            if let Some(changes) = filters.and_then(|f| f.response_headers.as_ref()) {
-                changes.apply(response.headers_mut());
+            if let Some(filters) = filters {
+                if let Some(changes) = &filters.response_headers {
+                    changes.apply(response.headers_mut());
+                    count(filters.counts.response_headers.as_ref());
+                }
             }
             let deferred = response
                 .extensions_mut()
@@ -590,8 +601,10 @@ fn prepare(
     if let Some(filters) = filters {
         if let Some(changes) = &filters.request_headers {
             changes.apply(&mut parts.headers);
+            count(filters.counts.request_headers.as_ref());
         }
         if let Some(rewrite) = &filters.rewrite {
+            let (applied, refused) = filters.counts.rewrite.as_ref().map(|(a, r)| (a, r)).unzip();
             if let Some(host) = &rewrite.authority {
                 // The caller's Host goes: the new authority is written below, as Host or
                 // :authority.
@@ -599,10 +612,15 @@ fn prepare(
                 authority = Some(host.clone());
             }
             if rewrite.path.is_some() {
-                rewritten_path = Some(rewrite.path_and_query(&parts.uri).ok_or(
-                    ProxyError::BadRequest("rewritten path is not a valid target"),
-                )?);
+                let Some(path) = rewrite.path_and_query(&parts.uri) else {
+                    count(refused);
+                    return Err(ProxyError::BadRequest(
+                        "rewritten path is not a valid target",
+                    ));
+                };
+                rewritten_path = Some(path);
             }
+            count(applied);
         }
     }
     headers::append_forwarded(&mut parts.headers, caller);

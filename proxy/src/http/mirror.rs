@@ -14,12 +14,14 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Uri, Version};
 use http_body_util::BodyExt as _;
 use outrider_config::{Protocol, RequestMirror};
+use prometheus::IntCounter;
 use tokio::sync::oneshot;
 
 use crate::io::request_body::{Counted, RequestBody};
 use crate::io::tee::Teed;
 use crate::io::upstream::Upstream;
 use crate::telemetry::metrics::MirrorCounters;
+use crate::telemetry::routing::count;
 
 /// One compiled `request_mirror` filter of a route.
 pub struct Mirror {
@@ -36,6 +38,8 @@ pub struct Mirror {
     /// Copies in flight now (shared with their tasks).
     in_flight: Arc<AtomicUsize>,
     counters: MirrorCounters,
+    /// Requests copied and skipped (`outrider_route_filter_decisions_total`).
+    decisions: Option<(IntCounter, IntCounter)>,
 }
 
 /// Why a copy was not sent or got no answer, for its count.
@@ -58,7 +62,14 @@ impl Mirror {
             in_flight: Arc::default(),
             counters,
             upstream,
+            decisions: None,
         }
+    }
+
+    /// Counts each request copied (first) and skipped (second) in `decisions`.
+    pub fn with_decisions(mut self, decisions: Option<(IntCounter, IntCounter)>) -> Self {
+        self.decisions = decisions;
+        self
     }
 
     /// Whether this request is one of the share copied.
@@ -132,7 +143,12 @@ pub fn dispatch(mirrors: &[Mirror], parts: &http::request::Parts, body: &mut Cou
     use http_body::Body as _;
     let declared = body.size_hint().lower();
     let ended = body.is_end_stream();
-    for mirror in mirrors.iter().filter(|m| m.chosen()) {
+    for mirror in mirrors {
+        if !mirror.chosen() {
+            count(mirror.decisions.as_ref().map(|(_, skipped)| skipped));
+            continue;
+        }
+        count(mirror.decisions.as_ref().map(|(copied, _)| copied));
         if declared > mirror.body_limit {
             mirror.counters.skipped_body.inc();
             continue;
@@ -166,6 +182,13 @@ pub fn dispatch(mirrors: &[Mirror], parts: &http::request::Parts, body: &mut Cou
                 Err(_) => counters.timeout.inc(),
             }
         });
+    }
+}
+
+/// Counts a request no mirror of the route copies (an upgrade: it has no body to copy).
+pub fn skip(mirrors: &[Mirror]) {
+    for mirror in mirrors {
+        count(mirror.decisions.as_ref().map(|(_, skipped)| skipped));
     }
 }
 
@@ -236,7 +259,7 @@ mod tests {
             timeout: outrider_config::Duration::from_secs(1),
             max_in_flight: 2,
         };
-        let counters = metrics.mirror("shadow", "r");
+        let counters = metrics.mirror("shadow", &metrics.routing.route("r"));
         let share = |percent| {
             let mirror = Mirror::new(&config(percent), Arc::clone(&upstream), counters.clone());
             (0..10_000).filter(|_| mirror.chosen()).count()

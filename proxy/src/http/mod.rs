@@ -8,6 +8,7 @@ pub mod lifecycle;
 pub mod mirror;
 pub mod rescue;
 pub mod route_filter;
+mod route_index;
 pub mod route_match;
 pub mod server;
 pub mod shared;

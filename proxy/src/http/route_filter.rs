@@ -13,6 +13,7 @@ use outrider_config::{
 };
 
 use crate::io::body::ProxyBody;
+use crate::telemetry::routing::FilterCounts;
 
 /// The filters of one match of a route: each kind at most once (validated), so they are held
 /// by kind; the order they take effect in is fixed by what each touches (see `forward.rs`).
@@ -26,6 +27,8 @@ pub struct RouteFilters {
     pub rewrite: Option<Rewrite>,
     /// A redirect answered instead of forwarding.
     pub redirect: Option<Redirect>,
+    /// What the filters did, counted by route (`outrider_route_filter_decisions_total`).
+    pub counts: FilterCounts,
 }
 
 /// Why a validated filter could not be compiled (validation checks the same, so only a policy

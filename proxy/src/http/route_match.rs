@@ -140,9 +140,10 @@ impl CompiledMatch {
         })
     }
 
-    /// Whether the match names an authority (captured traffic takes only those routes).
-    pub(crate) fn has_authority(&self) -> bool {
-        self.authority.is_some()
+    /// The authority the match names, lowercase (captured traffic takes only routes that
+    /// name one).
+    pub(crate) fn authority(&self) -> Option<&str> {
+        self.authority.as_deref()
     }
 
     /// Whether `req` meets every condition; cheapest first.

@@ -13,6 +13,7 @@ use outrider_config::{
 use crate::http::authz::Authorizer;
 use crate::http::mirror::Mirror;
 use crate::http::route_filter::RouteFilters;
+use crate::http::route_index::RouteIndex;
 use crate::http::route_match::{CompiledMatch, RouteRequest};
 use crate::io::identity::{Mesh, ALPN_H2, ALPN_HTTP1, ALPN_OUTRIDER, ALPN_OUTRIDER_TCP};
 use crate::io::tls::UpstreamTls;
@@ -21,6 +22,7 @@ use crate::policy::breaker::CircuitBreaker;
 use crate::policy::ratelimit::RateLimiter;
 use crate::policy::{Limit, RoutePolicy, Stateful};
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
+use crate::telemetry::routing::{FilterKinds, RouteSeries};
 use crate::telemetry::{AccessLog, AccessLogStyle};
 use crate::trace::Sampler;
 
@@ -71,6 +73,8 @@ struct TableEntry {
     matcher: CompiledMatch,
     backends: usize,
     filters: Option<Arc<RouteFilters>>,
+    /// Requests that met this match (`outrider_route_decisions_total`).
+    decided: Option<prometheus::IntCounter>,
 }
 
 /// A routed request: the target picked, and the filters of the match it met.
@@ -86,6 +90,8 @@ pub struct Snapshot {
     pub policy: Policy,
     /// Metrics of requests no route matched.
     pub unrouted: Arc<RouteMetrics>,
+    /// `outrider_route_decisions_total` of requests no route took.
+    unrouted_decisions: prometheus::IntCounter,
     /// How new traces are sampled.
     pub sampler: Sampler,
     /// The access-log writer, when this policy logs (set by the reload that installs it).
@@ -95,6 +101,10 @@ pub struct Snapshot {
     /// Every match of every route, in precedence order (computed once per load): the first
     /// entry a request meets is its route.
     table: Vec<TableEntry>,
+    /// The entries of `table` each host can meet.
+    index: RouteIndex,
+    /// Each route's series (route and filter decisions, mirrors), held while this policy is.
+    _route_series: Vec<Arc<RouteSeries>>,
     /// Each route's backends, by the route's position among the routes compiled.
     backends: Vec<Backends>,
     dedicated: HashMap<SocketAddr, Arc<Target>>,
@@ -290,10 +300,11 @@ impl Snapshot {
         let mut route_backends: Vec<Option<usize>> = Vec::with_capacity(policy.routes.len());
         let mut backends = Vec::with_capacity(policy.routes.len());
         let mut route_state = HashMap::with_capacity(policy.routes.len());
+        let mut route_series = Vec::with_capacity(policy.routes.len());
         for (i, route) in policy.routes.iter().enumerate() {
             // An unnamed route is labelled by its position, with the placeholder ':' so a
             // route named `route-0` keeps its own series.
-            let name = route.name.clone().unwrap_or_else(|| format!(":route-{i}"));
+            let name = outrider_config::matching::route_label(route, i).into_owned();
             let before = previous.and_then(|p| p.route_state.get(&name));
             let state = Stateful {
                 limit: limit(
@@ -304,7 +315,9 @@ impl Snapshot {
                 breaker: None,
             };
             route_backends.push(None);
-            let mirrors = mirrors(route, &name, &upstreams, metrics);
+            let series = metrics.routing.route(&name);
+            let mirrors = mirrors(route, &series, &upstreams, metrics);
+            route_series.push(series);
             let with = Some((route, &mirrors));
             // Validation guarantees every referenced service exists and weights are > 0.
             let compiled = match (&route.service, &route.split) {
@@ -332,7 +345,8 @@ impl Snapshot {
             backends.push(compiled);
             route_state.insert(name, state);
         }
-        let table = route_table(&policy.routes, &route_backends);
+        let table = route_table(&policy.routes, &route_backends, &route_series);
+        let index = RouteIndex::new(table.iter().map(|entry| entry.matcher.authority()));
         let dedicated = policy
             .services
             .iter()
@@ -441,8 +455,11 @@ impl Snapshot {
             content_hash,
             policy,
             unrouted: metrics.route(OUTBOUND, UNROUTED, UNROUTED),
+            unrouted_decisions: metrics.routing.unrouted.clone(),
             sampler,
             table,
+            index,
+            _route_series: route_series,
             backends,
             dedicated,
             inbound,
@@ -472,15 +489,26 @@ impl Snapshot {
         self.route_filtered(request).map(|(target, _)| target)
     }
 
-    /// [`Snapshot::route`], with the filters of the match the request met.
+    /// [`Snapshot::route`], with the filters of the match the request met; counted by route
+    /// and match (`:unrouted` when none).
     pub fn route_filtered(&self, request: &RouteRequest<'_>) -> Option<Routed<'_>> {
-        self.table
-            .iter()
+        let entry = self.select(request);
+        if entry.is_none() {
+            self.unrouted_decisions.inc();
+        }
+        entry.map(|entry| self.routed(entry))
+    }
+
+    /// The first entry in precedence order that `request` meets, among those its host can.
+    fn select(&self, request: &RouteRequest<'_>) -> Option<&TableEntry> {
+        self.index
+            .candidates(request.host)
+            .filter_map(|position| self.table.get(position))
             .find(|entry| entry.matcher.matches(request))
-            .map(|entry| self.routed(entry))
     }
 
     fn routed<'s>(&'s self, entry: &'s TableEntry) -> Routed<'s> {
+        crate::telemetry::routing::count(entry.decided.as_ref());
         (self.backends[entry.backends].pick(), entry.filters.as_ref())
     }
 
@@ -494,9 +522,11 @@ impl Snapshot {
 
     /// [`Snapshot::route_by_authority`], with the filters of the match the request met.
     pub fn route_by_authority_filtered(&self, request: &RouteRequest<'_>) -> Option<Routed<'_>> {
-        self.table
+        self.index
+            .naming(request.host)
             .iter()
-            .find(|entry| entry.matcher.has_authority() && entry.matcher.matches(request))
+            .filter_map(|&position| self.table.get(usize::try_from(position).ok()?))
+            .find(|entry| entry.matcher.matches(request))
             .map(|entry| self.routed(entry))
     }
 
@@ -615,15 +645,30 @@ impl Snapshot {
 /// Every match of the routes compiled (`backends[i]` is `routes[i]`'s, `None` for a route left
 /// out), in precedence order. A match that does not compile, or whose route's filters do not
 /// (validation checks the same, so neither happens), is left out: it matches nothing.
-fn route_table(routes: &[outrider_config::Route], backends: &[Option<usize>]) -> Vec<TableEntry> {
+fn route_table(
+    routes: &[outrider_config::Route],
+    backends: &[Option<usize>],
+    series: &[Arc<RouteSeries>],
+) -> Vec<TableEntry> {
     outrider_config::matching::order(routes)
         .into_iter()
         .filter_map(|at| {
             let route = &routes[at.route];
             let m = route.each_match().nth(at.index)?;
             let backends = (*backends.get(at.route)?)?;
+            let series = series.get(at.route);
             let filters = match RouteFilters::compile(route, m) {
-                Ok(filters) => filters.map(Arc::new),
+                Ok(filters) => filters.map(|mut filters| {
+                    if let Some(series) = series {
+                        // Mirrors count in their own filter (`mirrors`).
+                        let kinds = FilterKinds {
+                            mirror: false,
+                            ..filter_kinds(route)
+                        };
+                        filters.counts = series.filter_counts(kinds);
+                    }
+                    Arc::new(filters)
+                }),
                 Err(error) => {
                     tracing::error!(route = at.route, %error, "route match left out");
                     return None;
@@ -634,6 +679,7 @@ fn route_table(routes: &[outrider_config::Route], backends: &[Option<usize>]) ->
                     matcher,
                     backends,
                     filters,
+                    decided: series.and_then(|s| s.decision(at.index)),
                 }),
                 Err(error) => {
                     tracing::error!(route = at.route, %error, "route match left out");
@@ -648,7 +694,7 @@ fn route_table(routes: &[outrider_config::Route], backends: &[Option<usize>]) ->
 /// as the service's own traffic); `None` when it has none.
 fn mirrors(
     route: &outrider_config::Route,
-    label: &str,
+    series: &RouteSeries,
     upstreams: &BTreeMap<String, Arc<Upstream>>,
     metrics: &Metrics,
 ) -> Option<Arc<[Mirror]>> {
@@ -659,13 +705,33 @@ fn mirrors(
             outrider_config::RouteFilter::RequestMirror(config) => {
                 // Validation guarantees the service exists.
                 let upstream = Arc::clone(upstreams.get(&config.service)?);
-                let counters = metrics.mirror(&config.service, label);
-                Some(Mirror::new(config, upstream, counters))
+                let counters = metrics.mirror(&config.service, series);
+                let decisions = series.filter_counts(FilterKinds {
+                    mirror: true,
+                    ..FilterKinds::default()
+                });
+                Some(Mirror::new(config, upstream, counters).with_decisions(decisions.mirror))
             }
             _ => None,
         })
         .collect();
     (!mirrors.is_empty()).then(|| Arc::from(mirrors))
+}
+
+/// Which filters `route` has (mirrors included).
+fn filter_kinds(route: &outrider_config::Route) -> FilterKinds {
+    use outrider_config::RouteFilter;
+    let mut kinds = FilterKinds::default();
+    for filter in &route.filters {
+        match filter {
+            RouteFilter::RequestHeaderModifier(_) => kinds.request_headers = true,
+            RouteFilter::ResponseHeaderModifier(_) => kinds.response_headers = true,
+            RouteFilter::UrlRewrite(_) => kinds.rewrite = true,
+            RouteFilter::RequestRedirect(_) => kinds.redirect = true,
+            RouteFilter::RequestMirror(_) => kinds.mirror = true,
+        }
+    }
+    kinds
 }
 
 /// The span's `http.route` of a route: the template of its first match's path (`/v1/*`, a
@@ -1010,6 +1076,108 @@ mod tests {
         assert_eq!(
             breaker(&changed).state(),
             crate::policy::breaker::BreakerState::Closed
+        );
+    }
+
+    /// Random routes (authorities in any case, every path kind, methods, headers, query
+    /// parameters) and random requests: the indexed selection picks exactly the entry a walk
+    /// over the whole table in precedence order picks, for explicit and captured traffic.
+    #[tokio::test]
+    async fn indexed_selection_picks_what_the_linear_walk_picks() {
+        let metrics = Metrics::new("test").expect("metrics");
+        let mut rng = fastrand::Rng::with_seed(21);
+        let hosts = ["a", "b.svc", "C", "d"];
+        let paths = ["/", "/x", "/x/y", "/xy", "/x/1", "/y/2/z"];
+        let (mut compared, mut routed, mut hostless) = (0, 0, 0);
+        for _ in 0..200 {
+            let mut text = String::from("services:\n  s: { endpoints: [127.0.0.1:1] }\nroutes:\n");
+            for i in 0..rng.usize(1..40) {
+                let mut m = Vec::new();
+                if rng.bool() {
+                    let host = hosts[rng.usize(..hosts.len())];
+                    let host = if rng.bool() {
+                        host.to_uppercase()
+                    } else {
+                        host.to_string()
+                    };
+                    m.push(format!("authority: {host}"));
+                }
+                match rng.usize(..6) {
+                    0 => m.push(format!(
+                        "path: {{ exact: {} }}",
+                        paths[rng.usize(..paths.len())]
+                    )),
+                    1 => m.push(format!(
+                        "path: {{ prefix: {} }}",
+                        paths[rng.usize(..paths.len())]
+                    )),
+                    2 => m.push(format!("path_prefix: {}", paths[rng.usize(..paths.len())])),
+                    3 => m.push("path: { regex: '/x/[0-9]+' }".to_string()),
+                    _ => {}
+                }
+                if rng.u8(..4) == 0 {
+                    m.push("method: POST".to_string());
+                }
+                if rng.u8(..3) == 0 {
+                    m.push("headers: [{ name: x-canary, value: 'true' }]".to_string());
+                }
+                if rng.u8(..4) == 0 {
+                    m.push("query_params: [{ name: v, present: true }]".to_string());
+                }
+                text.push_str(&format!(
+                    "  - {{ name: r{i}, service: s, match: {{ {} }} }}\n",
+                    m.join(", ")
+                ));
+            }
+            let snapshot = build(&text, None, &metrics);
+            for _ in 0..50 {
+                let host = hosts[rng.usize(..hosts.len())];
+                let host = if rng.bool() {
+                    host.to_uppercase()
+                } else {
+                    host.to_string()
+                };
+                let mut uri = paths[rng.usize(..paths.len())].to_string();
+                if rng.bool() {
+                    uri.push_str("?v=1");
+                }
+                let mut req = http::Request::builder().uri(uri);
+                if rng.bool() {
+                    req = req.method("POST");
+                }
+                if rng.bool() {
+                    req = req.header("x-canary", "true");
+                }
+                let req = req.body(()).expect("request");
+                let view = RouteRequest::of(&host, &req);
+                let linear = snapshot.table.iter().find(|e| e.matcher.matches(&view));
+                let indexed = snapshot.select(&view);
+                routed += usize::from(indexed.is_some());
+                hostless += usize::from(indexed.is_some_and(|e| e.matcher.authority().is_none()));
+                assert!(
+                    std::ptr::eq(
+                        linear.map_or(std::ptr::null(), |e| e),
+                        indexed.map_or(std::ptr::null(), |e| e)
+                    ),
+                    "{host} {:?}\n{text}",
+                    req.uri()
+                );
+                let linear_named = snapshot
+                    .table
+                    .iter()
+                    .find(|e| e.matcher.authority().is_some() && e.matcher.matches(&view))
+                    .map(|e| e.backends);
+                let captured = snapshot.route_by_authority(&view).map(Arc::as_ptr);
+                let expected = linear_named.map(|b| Arc::as_ptr(snapshot.backends[b].pick()));
+                assert_eq!(captured, expected, "{host} {:?}\n{text}", req.uri());
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 200 * 50);
+        // The cases cover both kinds of routes, and requests no route takes.
+        assert!(
+            routed > compared / 4 && hostless > compared / 20 && routed < compared,
+            "{routed} routed, {hostless} by routes without an authority, of {compared}"
         );
     }
 }

@@ -216,6 +216,8 @@ pub struct Metrics {
     pub capture: CaptureMetrics,
     /// `inbound.authorization`'s decisions.
     pub authz: AuthzMetrics,
+    /// Route and route-filter decisions, by route name.
+    pub routing: crate::telemetry::routing::RoutingMetrics,
     /// The route, service and endpoint handles alive now, by labels: shared by every snapshot
     /// that uses them.
     live: Arc<LiveSeries>,
@@ -1181,9 +1183,11 @@ impl Metrics {
         let process = ProcessGauges::new(&registry)?;
         let capture = CaptureMetrics::new(&registry)?;
         let authz = AuthzMetrics::new(&registry)?;
+        let routing = crate::telemetry::routing::RoutingMetrics::new(&registry)?;
         Ok(Self {
             capture,
             authz,
+            routing,
             live: Arc::default(),
             endpoint_cap: DEFAULT_ENDPOINT_CAP,
             traffic,
@@ -1219,12 +1223,15 @@ impl Metrics {
         self
     }
 
-    /// The counters of a route's mirror to `service`, one per result, resolved once per load.
-    pub fn mirror(&self, service: &str, route: &str) -> MirrorCounters {
-        let counter = |result| {
-            self.mirror_requests
-                .with_label_values(&[service, route, result])
-        };
+    /// The counters of a route's mirror to `service`, one per result, resolved once per load
+    /// and removed with the route's series.
+    pub fn mirror(
+        &self,
+        service: &str,
+        route: &crate::telemetry::routing::RouteSeries,
+    ) -> MirrorCounters {
+        let counter =
+            |result| route.counter(&self.mirror_requests, &[service, &route.name, result]);
         MirrorCounters {
             sent: counter("sent"),
             failed: counter("failed"),

@@ -9,6 +9,7 @@
 mod json;
 pub mod metrics;
 pub mod otlp;
+pub mod routing;
 pub mod span;
 
 use std::borrow::Cow;
