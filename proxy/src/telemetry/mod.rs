@@ -125,7 +125,7 @@ impl Spans {
 pub struct SpanSink {
     otlp: Otlp,
     queue: mpsc::Sender<span::RequestSpan>,
-    /// Wakes the export task once a batch's worth is queued (see [`export_loop`]).
+    /// Wakes the export task once a batch's worth is queued (see `export_loop`).
     batch_ready: Arc<tokio::sync::Notify>,
     metrics: TelemetryMetrics,
     done: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
