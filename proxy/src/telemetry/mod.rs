@@ -126,6 +126,8 @@ impl Spans {
 pub struct SpanSink {
     otlp: Otlp,
     queue: mpsc::Sender<span::RequestSpan>,
+    /// Wakes the export task once a batch's worth is queued (see `export_loop`).
+    batch_ready: Arc<tokio::sync::Notify>,
     metrics: TelemetryMetrics,
     done: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     stop: tokio::sync::watch::Sender<bool>,
@@ -153,16 +155,18 @@ impl SpanSink {
         let envelope = otlp::Envelope::new(&resource, &scope);
         let (queue, rx) = mpsc::channel(SPAN_QUEUE);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let batch_ready = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn(export_loop(
             collector,
             envelope,
-            rx,
+            (rx, Arc::clone(&batch_ready)),
             stop_rx,
             metrics.clone(),
         ));
         Ok(Self {
             otlp: otlp.clone(),
             queue,
+            batch_ready,
             metrics,
             done: std::sync::Mutex::new(Some(task)),
             stop,
@@ -172,12 +176,21 @@ impl SpanSink {
     /// Queues a finished request's spans, or drops and counts them when the queue is full.
     /// They are encoded by the export task.
     pub fn record(&self, spans: span::RequestSpan) {
-        if let Err(refused) = self.queue.try_send(spans) {
-            let spans = match &refused {
-                mpsc::error::TrySendError::Full(spans)
-                | mpsc::error::TrySendError::Closed(spans) => spans.count(),
-            };
-            self.metrics.spans_dropped.inc_by(spans);
+        match self.queue.try_send(spans) {
+            // The export task gathers a batch on a timer and is woken early only once a
+            // batch's worth waits: waking it for each span cost a task poll per request.
+            Ok(()) => {
+                if self.queue.capacity() <= SPAN_QUEUE - SPAN_BATCH {
+                    self.batch_ready.notify_one();
+                }
+            }
+            Err(refused) => {
+                let spans = match &refused {
+                    mpsc::error::TrySendError::Full(spans)
+                    | mpsc::error::TrySendError::Closed(spans) => spans.count(),
+                };
+                self.metrics.spans_dropped.inc_by(spans);
+            }
         }
     }
 
@@ -193,10 +206,13 @@ impl SpanSink {
     }
 }
 
+/// Exports queued spans in batches: woken by the first span after an idle spell, it lets spans
+/// gather until [`SPAN_BATCH`] wait (the sender's `batch_ready`) or [`SPAN_BATCH_DELAY`]
+/// passed, without a wake-up per span.
 async fn export_loop(
     mut collector: otlp::Collector,
     envelope: otlp::Envelope,
-    mut rx: mpsc::Receiver<span::RequestSpan>,
+    (mut rx, batch_ready): (mpsc::Receiver<span::RequestSpan>, Arc<tokio::sync::Notify>),
     mut stop: tokio::sync::watch::Receiver<bool>,
     metrics: TelemetryMetrics,
 ) {
@@ -208,7 +224,8 @@ async fn export_loop(
         metrics: &metrics,
         failures: &mut failures,
     };
-    loop {
+    let mut open = true;
+    while open {
         tokio::select! {
             span = rx.recv() => match span {
                 Some(span) => batch.push(span),
@@ -216,26 +233,37 @@ async fn export_loop(
             },
             () = crate::core::shutdown::stopped(&mut stop) => break,
         }
-        // One timer per batch, not one per span, and whatever is already queued is taken
-        // without waiting to be woken for it.
+        // One timer per batch; the queue is read when it holds a batch or the timer fires.
         let delay = tokio::time::sleep_until(Instant::now() + SPAN_BATCH_DELAY);
         tokio::pin!(delay);
-        while batch.len() < SPAN_BATCH {
+        loop {
             while batch.len() < SPAN_BATCH {
                 match rx.try_recv() {
                     Ok(span) => batch.push(span),
-                    Err(_) => break,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
                 }
             }
-            if batch.len() == SPAN_BATCH {
+            if batch.len() == SPAN_BATCH || !open {
                 break;
             }
-            tokio::select! {
-                span = rx.recv() => match span {
-                    Some(span) => batch.push(span),
-                    None => break,
-                },
-                () = &mut delay => break,
+            let due = tokio::select! {
+                () = batch_ready.notified() => false,
+                () = &mut delay => true,
+                () = crate::core::shutdown::stopped(&mut stop) => true,
+            };
+            if due {
+                // What came meanwhile goes in this batch.
+                while batch.len() < SPAN_BATCH {
+                    match rx.try_recv() {
+                        Ok(span) => batch.push(span),
+                        Err(_) => break,
+                    }
+                }
+                break;
             }
         }
         export.send(&mut batch, &mut stop).await;
@@ -553,24 +581,26 @@ impl AccessRecord {
             .map_or("", |uri| uri.path_and_query().map_or("/", |p| p.as_str()))
     }
 
-    /// Appends the line in its style (without the newline) to `out`.
-    fn write_to(&self, out: &mut Vec<u8>) -> std::io::Result<()> {
+    /// Appends the line in its style (without the newline) to `out`; `clock` is the writer's
+    /// (see [`TimeText`]).
+    fn write_to(&self, out: &mut Vec<u8>, clock: &mut TimeText) -> std::io::Result<()> {
         let path = logged_path(self.target(), self.style.query);
+        let time = clock.rfc3339(self.time);
         if self.style.text {
-            self.write_text(&path, out)
+            self.write_text(&time, &path, out)
         } else {
-            self.write_json(&path, out);
+            self.write_json(&time, &path, out);
             Ok(())
         }
     }
 
     /// The JSON form: one object, its fields in this order, absent ones `null`.
-    fn write_json(&self, path: &str, out: &mut Vec<u8>) {
+    fn write_json(&self, time: &[u8; 27], path: &str, out: &mut Vec<u8>) {
         let header = |out: &mut Vec<u8>, value: &HeaderValue| {
             json::string(out, &lossless(value.as_bytes()));
         };
         out.extend_from_slice(b"{\"time\":\"");
-        out.extend_from_slice(&rfc3339_bytes(self.time));
+        out.extend_from_slice(time);
         out.extend_from_slice(b"\",\"trace_id\":\"");
         if let Some((trace, _)) = self.ids {
             hex(out, &trace.0);
@@ -630,11 +660,16 @@ impl AccessRecord {
 
     /// The text form: `time direction service/route peer "METHOD path VERSION" status
     /// duration`, then `key=value` for each field that is set, strings quoted.
-    fn write_text(&self, path: &str, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    fn write_text(
+        &self,
+        time: &[u8; 27],
+        path: &str,
+        out: &mut impl std::io::Write,
+    ) -> std::io::Result<()> {
+        out.write_all(time)?;
         write!(
             out,
-            "{} {} {}/{} {} \"{} {} {}\" {} {:.6}s",
-            rfc3339(self.time),
+            " {} {}/{} {} \"{} {} {}\" {} {:.6}s",
             self.direction,
             dash(&self.service),
             dash(&self.route),
@@ -810,6 +845,7 @@ fn write_access_log(
     // never splits it between two write(2) calls (a line longer than the buffer goes in one
     // call of its own).
     let mut line = Vec::with_capacity(1024);
+    let mut clock = TimeText::default();
     // A plain thread, outside the runtime: blocking_recv parks it until a line comes.
     while let Some(record) = rx.blocking_recv() {
         let mut next = Some(record);
@@ -817,7 +853,7 @@ fn write_access_log(
         // Write everything already queued, then flush once.
         while let Some(record) = next.take() {
             line.clear();
-            if record.write_to(&mut line).is_err() {
+            if record.write_to(&mut line, &mut clock).is_err() {
                 return;
             }
             line.push(b'\n');
@@ -1121,41 +1157,74 @@ pub fn detached_authority(authority: &Authority) -> Authority {
 /// RFC 3339 UTC with microseconds: `2023-11-14T22:13:20.123456Z`.
 pub fn rfc3339(at: SystemTime) -> String {
     // Only ASCII digits and separators are written.
-    String::from_utf8_lossy(&rfc3339_bytes(at)).into_owned()
+    String::from_utf8_lossy(&TimeText::default().rfc3339(at)).into_owned()
 }
 
-/// [`rfc3339`] on the stack.
-fn rfc3339_bytes(at: SystemTime) -> [u8; 27] {
-    let since = at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
+/// RFC 3339 text of wall-clock times with the date and time to the second formatted once per
+/// second: the access-log writer's, whose lines mostly share their second (the calendar
+/// arithmetic cost more than the rest of the timestamp).
+#[derive(Default)]
+struct TimeText {
+    /// The second since the epoch `text` is of, if any yet.
+    second: Option<u64>,
+    /// `YYYY-MM-DDTHH:MM:SS`.
+    text: [u8; 19],
+}
+
+impl TimeText {
+    /// `at` in UTC with microseconds, as `2023-11-14T22:13:20.123456Z`.
+    fn rfc3339(&mut self, at: SystemTime) -> [u8; 27] {
+        let since = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let second = since.as_secs();
+        if self.second != Some(second) {
+            self.text = date_time_text(second);
+            self.second = Some(second);
+        }
+        let mut out = *b"0000-00-00T00:00:00.000000Z";
+        out[..19].copy_from_slice(&self.text);
+        digits(&mut out[20..26], i64::from(since.subsec_micros()));
+        out
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` (UTC) of `second` since the epoch.
+fn date_time_text(second: u64) -> [u8; 19] {
     // Past year 9999 (out of `time`'s range) the epoch stands in; the clock is our own.
-    let date = i64::try_from(since.as_secs())
+    let date = i64::try_from(second)
         .ok()
         .and_then(|secs| time::OffsetDateTime::from_unix_timestamp(secs).ok())
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     let (year, month, day) = date.to_calendar_date();
     let (hour, minute, second) = date.to_hms();
-    // Written digit by digit: one line per request goes through here, and fmt's machinery
-    // cost several times the arithmetic above.
-    let mut out = *b"0000-00-00T00:00:00.000000Z";
-    let fields: [(usize, usize, i64); 7] = [
+    let mut out = *b"0000-00-00T00:00:00";
+    let fields: [(usize, usize, i64); 6] = [
         (0, 4, i64::from(year)),
         (5, 2, i64::from(u8::from(month))),
         (8, 2, i64::from(day)),
         (11, 2, i64::from(hour)),
         (14, 2, i64::from(minute)),
         (17, 2, i64::from(second)),
-        (20, 6, i64::from(since.subsec_micros())),
     ];
     for (start, width, value) in fields {
-        let mut value = value.clamp(0, 10_i64.pow(width as u32) - 1);
-        for slot in out[start..start + width].iter_mut().rev() {
-            *slot = b'0' + (value % 10) as u8;
-            value /= 10;
-        }
+        digits(&mut out[start..start + width], value);
     }
     out
+}
+
+/// `value` in decimal filling `slot`, zero-padded (clamped to what fits).
+fn digits(slot: &mut [u8], value: i64) {
+    // Digit by digit: fmt's machinery cost several times the arithmetic.
+    let max = u32::try_from(slot.len())
+        .ok()
+        .and_then(|width| 10_i64.checked_pow(width))
+        .map_or(i64::MAX, |limit| limit - 1);
+    let mut value = value.clamp(0, max);
+    for slot in slot.iter_mut().rev() {
+        *slot = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
 }
 
 #[cfg(test)]
@@ -1174,6 +1243,28 @@ mod tests {
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
         let end_of_year = SystemTime::UNIX_EPOCH + Duration::from_micros(1_798_761_599_999_999);
         assert_eq!(rfc3339(end_of_year), "2026-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn a_reused_clock_writes_what_a_fresh_one_writes() {
+        let mut clock = TimeText::default();
+        let base = 1_798_761_598_999_990_u64;
+        // Within a second, across seconds, a day and a year, backwards, and before the epoch.
+        let steps = [0, 5, 9, 10, 11, 500_000, 1_000_009, 1_000_010, 2_000_000, 3]
+            .map(|micros| SystemTime::UNIX_EPOCH + Duration::from_micros(base + micros));
+        let earlier = [
+            SystemTime::UNIX_EPOCH,
+            SystemTime::UNIX_EPOCH - Duration::from_secs(1),
+            SystemTime::UNIX_EPOCH + Duration::from_micros(999_999),
+        ];
+        for at in steps.into_iter().chain(earlier) {
+            let fresh = TimeText::default().rfc3339(at);
+            assert_eq!(clock.rfc3339(at), fresh, "{}", rfc3339(at));
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&clock.rfc3339(steps[7])),
+            "2027-01-01T00:00:00.000000Z"
+        );
     }
 
     #[test]
@@ -1354,7 +1445,9 @@ mod tests {
         }
         for record in &records {
             let mut out = Vec::new();
-            record.write_to(&mut out).expect("written");
+            record
+                .write_to(&mut out, &mut TimeText::default())
+                .expect("written");
             let line = String::from_utf8(out).expect("UTF-8");
             assert_eq!(line, reference_json(record));
         }
@@ -1370,7 +1463,9 @@ mod tests {
         );
         record.style.text = true;
         let mut out = Vec::new();
-        record.write_to(&mut out).expect("written");
+        record
+            .write_to(&mut out, &mut TimeText::default())
+            .expect("written");
         let line = String::from_utf8(out).expect("UTF-8");
         assert!(
             line.ends_with(
