@@ -8,9 +8,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::control::certificate::IdentityConfig;
+use crate::control::client::Token;
 use crate::control::register::RegistrationConfig;
 use crate::control::replicas::Replicas;
-use crate::control::subscribe::{self, ControlConfig, Token};
+use crate::control::subscribe::{self, ControlConfig};
 use crate::control::watch_file;
 use crate::http::shared::PolicySource;
 use crate::io::connection::{ConnectionLimits, ConnectionTimeouts, DEFAULT_ADMIN_CONNECTIONS};

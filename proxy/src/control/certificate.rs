@@ -17,11 +17,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use outrider_config::wire::{self, CertificateRequest, CertificateResponse, CERTIFICATE_PATH};
 
+use crate::control::client::{ControlClient, ControlPost};
 use crate::control::replicas;
 use crate::control::subscribe::{
     read_service_account_token, Backoff, ControlConfig, CONNECT_TIMEOUT,
 };
-use crate::control::{ControlClient, ControlPost};
 use crate::io::identity::{IdentityError, Mesh};
 
 /// Percentage of a certificate's lifetime after which it is renewed.

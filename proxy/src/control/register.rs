@@ -28,9 +28,9 @@ use outrider_config::wire::{
 };
 use tokio::sync::Notify;
 
+use crate::control::client::{ControlClient, ControlPost};
 use crate::control::replicas;
 use crate::control::subscribe::{read_service_account_token, ControlConfig, CONNECT_TIMEOUT};
-use crate::control::{ControlClient, ControlPost};
 use crate::http::shared::Shared;
 
 /// Longest wait for one registration or deregistration round trip.

@@ -28,10 +28,10 @@ use outrider_config::wire::{
     SUBSCRIBE_PATH,
 };
 
+use crate::control::client::{ControlClient, Token};
 use crate::control::persist::{self, Persisted, Persister};
 use crate::control::reload::{ReloadError, Reloader};
 use crate::control::replicas::{NoReplica, Replica, Replicas, Rotation};
-use crate::control::ControlClient;
 use crate::http::shared::{ControlReplica, PolicySource};
 
 /// First reconnect delay cap; doubles per failed attempt.
@@ -44,15 +44,6 @@ pub const SILENCE_LIMIT: Duration = Duration::from_secs(3 * HEARTBEAT_SECS);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for the response head of a subscribe or an ACK.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Where the bearer token comes from.
-#[derive(Debug, Clone)]
-pub enum Token {
-    /// Read from this file at every connection attempt, so a rotated token is picked up.
-    File(PathBuf),
-    /// Given directly (`OUTRIDER_CONTROL_TOKEN`).
-    Value(String),
-}
 
 /// How to reach the control plane.
 #[derive(Debug, Clone)]
