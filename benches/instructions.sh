@@ -13,6 +13,8 @@
 #   --requests N        measured requests per variant (default 5000, after 1000 unmeasured)
 #   --variants LETTERS  which variants to run, e.g. bp (default bptlr, all of them)
 #   --out FILE          markdown report (default benches/results/instructions.md)
+#   --keep              keep the callgrind profiles (callgrind-*.out, for callgrind_annotate) and
+#                       print their directory
 #
 # Variants, each over HTTP/1.1 and h2c (the upstream speaks the same protocol):
 #   (b) base: one service, one route;
@@ -30,11 +32,13 @@ REQUESTS=5000
 WARM=1000
 VARIANTS=bptlr
 OUT=benches/results/instructions.md
+KEEP=0
 while (($#)); do
     case "$1" in
     --requests) REQUESTS=${2:?--requests needs a number}; shift ;;
     --variants) VARIANTS=${2:?--variants needs letters}; shift ;;
     --out) OUT=${2:?--out needs a file}; shift ;;
+    --keep) KEEP=1 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "instructions.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
     esac
@@ -59,6 +63,8 @@ export PATH="$PATH:/usr/sbin:/sbin:${CARGO_HOME:-$HOME/.cargo}/bin"
 log() { printf '[instructions.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
+# The binaries cargo builds, wherever CARGO_TARGET_DIR puts them.
+RELEASE=${CARGO_TARGET_DIR:-target}/release
 PIDS=()
 TMP=$(mktemp -d -t outrider-instructions.XXXXXX)
 cleanup() {
@@ -66,7 +72,7 @@ cleanup() {
     set +e
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
-    rm -rf "$TMP"
+    if ((KEEP)); then log "profiles kept in $TMP"; else rm -rf "$TMP"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -96,9 +102,9 @@ wait_http() { # $1 url; up to 30 s (the proxy starts slowly under valgrind)
     return 1
 }
 
-target/release/bench-upstream --listen "$HOST:$PORT_UPSTREAM" >"$TMP/upstream.log" 2>&1 &
+"$RELEASE"/bench-upstream --listen "$HOST:$PORT_UPSTREAM" >"$TMP/upstream.log" 2>&1 &
 PIDS+=($!)
-target/release/bench-upstream --listen "$HOST:$PORT_COLLECTOR" >"$TMP/collector.log" 2>&1 &
+"$RELEASE"/bench-upstream --listen "$HOST:$PORT_COLLECTOR" >"$TMP/collector.log" 2>&1 &
 PIDS+=($!)
 
 # $1: protocol (http1|http2); $2: variant (b|p|t|l|r). Prints the policy.
@@ -150,7 +156,7 @@ measure() {
     [[ $1 == http2 ]] && flag=--http2
     policy "$1" "$2" >"$pol"
     count_instructions "$1-$2" "http://$HOST:$PORT_ADMIN/ready" "$flag" \
-        target/release/outrider-proxy --policy "$pol" --workers 1 \
+        "$RELEASE"/outrider-proxy --policy "$pol" --workers 1 \
         --outbound "$HOST:$PORT_OUTBOUND" --inbound "$HOST:$PORT_INBOUND" --admin "$HOST:$PORT_ADMIN" \
         --drain-timeout 1s
 }
