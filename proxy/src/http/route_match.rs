@@ -146,19 +146,38 @@ impl CompiledMatch {
         self.authority.as_deref()
     }
 
-    /// Whether `req` meets every condition; cheapest first.
+    /// Whether `req` meets every condition; cheapest first. (Selection goes through the route
+    /// index, so only the tests that check the index against a walk of the table use this.)
+    #[cfg(test)]
     pub(crate) fn matches(&self, req: &RouteRequest<'_>) -> bool {
         self.authority
             .as_deref()
             .is_none_or(|a| a.eq_ignore_ascii_case(req.host))
-            && self.method.as_ref().is_none_or(|m| m == req.method)
+            && self.matches_beside_authority(req)
+    }
+
+    /// Whether `req` meets every condition but the authority: for a match the route index
+    /// found by the request's host, whose authority is that host or none. The host compare
+    /// was a third of what ten failing matches cost a request. Inlined into the selection loop:
+    /// a call per match tried cost about 17 instructions of register saving.
+    #[inline(always)]
+    pub(crate) fn matches_beside_authority(&self, req: &RouteRequest<'_>) -> bool {
+        self.method.as_ref().is_none_or(|m| m == req.method)
             && self.path.matches(req.path)
             && (!self.grpc || is_grpc(req.headers))
             && self.headers.iter().all(|h| h.matches(req.headers))
-            && self
+            && (self.query_params.is_empty() || self.query_matches(req.query))
+    }
+
+    /// Without a query, only `present: false` conditions hold.
+    fn query_matches(&self, query: Option<&str>) -> bool {
+        match query {
+            Some(query) => self.query_params.iter().all(|q| q.matches(query)),
+            None => self
                 .query_params
                 .iter()
-                .all(|q| q.matches(req.query.unwrap_or_default()))
+                .all(|q| matches!(q.test, ValueTest::Absent)),
+        }
     }
 }
 
@@ -173,6 +192,7 @@ impl PathMatcher {
     }
 
     /// Whether `path` meets the condition.
+    #[inline]
     pub(crate) fn matches(&self, path: &str) -> bool {
         match self {
             Self::Any => true,
@@ -218,13 +238,18 @@ impl HeaderCondition {
     }
 
     /// A header sent several times matches when one of its values does.
+    #[inline]
     pub(crate) fn matches(&self, headers: &HeaderMap) -> bool {
-        let mut values = headers.get_all(&self.name).iter().peekable();
+        let present = has_header(headers, &self.name);
         match &self.test {
-            ValueTest::Present => values.peek().is_some(),
-            ValueTest::Absent => values.peek().is_none(),
+            ValueTest::Present => present,
+            ValueTest::Absent => !present,
             test => {
-                values.any(|v| std::str::from_utf8(v.as_bytes()).is_ok_and(|v| test.accepts(v)))
+                present
+                    && headers
+                        .get_all(&self.name)
+                        .iter()
+                        .any(|v| std::str::from_utf8(v.as_bytes()).is_ok_and(|v| test.accepts(v)))
             }
         }
     }
@@ -255,6 +280,22 @@ fn decode(text: &str) -> Option<Cow<'_, str>> {
     percent_encoding::percent_decode_str(text)
         .decode_utf8()
         .ok()
+}
+
+/// Up to this many distinct names, a request's headers are searched in order rather than
+/// through the map's hash: hashing a custom name costs more than comparing a few names
+/// (most comparisons stop at the length), and most conditions look for a header the request
+/// does not carry.
+const SCAN_HEADERS_UP_TO: usize = 12;
+
+/// Whether `headers` holds `name`.
+#[inline]
+fn has_header(headers: &HeaderMap, name: &HeaderName) -> bool {
+    if headers.keys_len() <= SCAN_HEADERS_UP_TO {
+        headers.keys().any(|key| key == name)
+    } else {
+        headers.contains_key(name)
+    }
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
@@ -463,6 +504,53 @@ mod tests {
                 compiled(m).matches(&view),
                 *expected,
                 "{m} {method} {uri} {headers:?}"
+            );
+        }
+    }
+
+    /// Header conditions decide the same whether the request's headers are few (searched in
+    /// order) or many (looked up by hash).
+    #[test]
+    fn header_conditions_decide_alike_for_few_and_many_headers() {
+        let names: Vec<String> = (0..2 * SCAN_HEADERS_UP_TO)
+            .map(|i| format!("x-filler-{i}"))
+            .collect();
+        for count in [
+            0,
+            1,
+            SCAN_HEADERS_UP_TO - 1,
+            SCAN_HEADERS_UP_TO + 1,
+            names.len(),
+        ] {
+            let mut headers: Vec<(&str, &str)> =
+                names[..count].iter().map(|n| (n.as_str(), "v")).collect();
+            headers.push(("X-Canary", "true"));
+            let req = request("GET", "/", &headers);
+            let view = RouteRequest::of("shop", &req);
+            let decide = |m: &str| compiled(m).matches(&view);
+            assert!(
+                decide("{ headers: [{ name: x-canary, value: 'true' }] }"),
+                "{count}"
+            );
+            assert!(
+                decide("{ headers: [{ name: x-canary, present: true }] }"),
+                "{count}"
+            );
+            assert!(
+                !decide("{ headers: [{ name: x-canary, present: false }] }"),
+                "{count}"
+            );
+            assert!(
+                !decide("{ headers: [{ name: x-other, present: true }] }"),
+                "{count}"
+            );
+            assert!(
+                decide("{ headers: [{ name: x-other, present: false }] }"),
+                "{count}"
+            );
+            assert!(
+                !decide("{ headers: [{ name: x-other, regex: '.*' }] }"),
+                "{count}"
             );
         }
     }

@@ -500,11 +500,13 @@ impl Snapshot {
     }
 
     /// The first entry in precedence order that `request` meets, among those its host can.
+    /// The index gives only entries naming the request's host or none, so their authority is
+    /// not compared again.
     fn select(&self, request: &RouteRequest<'_>) -> Option<&TableEntry> {
         self.index
             .candidates(request.host)
             .filter_map(|position| self.table.get(position))
-            .find(|entry| entry.matcher.matches(request))
+            .find(|entry| entry.matcher.matches_beside_authority(request))
     }
 
     fn routed<'s>(&'s self, entry: &'s TableEntry) -> Routed<'s> {
@@ -526,7 +528,7 @@ impl Snapshot {
             .naming(request.host)
             .iter()
             .filter_map(|&position| self.table.get(usize::try_from(position).ok()?))
-            .find(|entry| entry.matcher.matches(request))
+            .find(|entry| entry.matcher.matches_beside_authority(request))
             .map(|entry| self.routed(entry))
     }
 
