@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::core::errors::{ProxyError, ResponseFlag};
 use crate::core::headers::{self, Caller};
+use crate::http::attempt::{Failed, Pool, SendAttempt};
 use crate::http::captured::Capture;
 use crate::http::rescue::rescue;
 use crate::http::route_filter::{RequestUrl, RouteFilters};
@@ -27,9 +28,8 @@ use crate::http::route_match::RouteRequest;
 use crate::http::shared::Shared;
 use crate::http::snapshot::{Snapshot, Target};
 use crate::io::body::{Observed, ProxyBody};
-use crate::io::classify;
 use crate::io::outcome::{self, Deferred, Watch};
-use crate::io::pool::{Unsent, UpstreamBody};
+use crate::io::pool::Unsent;
 use crate::io::request_body::{Counted, ReplayHandle, RequestBody};
 use crate::io::tls::UpstreamTls;
 use crate::io::upstream::{Endpoint, Upstream};
@@ -225,7 +225,14 @@ where
     // request's future into place; a box makes that move a pointer copy. Measured: without
     // it, callgrind counted 13k more instructions per request, nearly all in memcpy.
     let routed = (&*target, filters.as_deref());
-    let response = Box::pin(forward(routed, authority, &caller, req, grpc, &mut finish)).await;
+    let reporting = Reporting {
+        record_spans: finish_spans,
+        trace: &finish.trace,
+        report: &mut finish.report,
+        request_bytes: finish.request_bytes.clone(),
+    };
+    let exchange = forward(Pool, routed, authority, &caller, req, grpc, reporting);
+    let response = Box::pin(exchange).await;
     drop(pending);
     // Counted when the response ends (`Finish`): only then is it known whether the caller
     // stayed for it.
@@ -365,17 +372,33 @@ static ATTEMPT: HeaderName = HeaderName::from_static("x-outrider-attempt");
 /// How many attempts the exchange took, on the response to the caller.
 static ATTEMPTS: HeaderName = HeaderName::from_static("x-outrider-attempts");
 
-async fn forward(
+/// What `forward` reads from and writes into the request's report ([`Finish`]).
+struct Reporting<'a> {
+    /// Attempt spans are recorded (the request is sampled and spans are exported).
+    record_spans: bool,
+    trace: &'a TraceContext,
+    report: &'a mut ExchangeReport,
+    /// The request body's bytes, counted for the access log when it is on.
+    request_bytes: Option<Arc<AtomicU64>>,
+}
+
+/// Forwards one routed request through its policies (rate limit, faults, breaker, the attempt
+/// loop), each attempt sent by `sender`.
+async fn forward<S: SendAttempt>(
+    sender: S,
     (target, filters): (&Target, Option<&RouteFilters>),
     authority: Option<Authority>,
     caller: &Caller,
     mut req: Request<Incoming>,
     grpc: bool,
-    finish: &mut Finish,
+    reporting: Reporting<'_>,
 ) -> Response<ProxyBody> {
-    let record_spans = finish.spans.is_some();
-    let trace = &finish.trace;
-    let report = &mut finish.report;
+    let Reporting {
+        record_spans,
+        trace,
+        report,
+        request_bytes,
+    } = reporting;
     let policy = &target.policy;
     // A redirect is the route's answer, not a failure: before the policies that guard the
     // upstream (rate limit, faults, breaker), which it never reaches.
@@ -458,7 +481,7 @@ async fn forward(
     // its framing (Content-Length, chunked, HTTP/2 DATA frames).
     let mut body = Counted::new(
         body,
-        finish.request_bytes.clone(),
+        request_bytes,
         &target.metrics.traffic.request_bytes,
         policy.request_body_idle.as_ref(),
     );
@@ -505,7 +528,7 @@ async fn forward(
             let upstream = &target.upstream;
             let sending = (&deadlines, stall.as_ref());
             let picking = (affinity, &mut log);
-            send_without_retries(upstream, req, sending, &mut timer, now, picking).await
+            send_without_retries(sender, upstream, req, sending, &mut timer, now, picking).await
         }
         Some(retry) => {
             let exchange = Exchange {
@@ -518,7 +541,7 @@ async fn forward(
                 affinity,
                 log: &mut log,
             };
-            exchange_with_retries(target, retry, parts, body, exchange).await
+            exchange_with_retries(sender, target, retry, parts, body, exchange).await
         }
     };
     let mut response = match result {
@@ -555,7 +578,7 @@ async fn forward(
             }
             report.answered = true;
             let watch = Watch::new(permit, verdict, deferred, stall);
-            response.map(|body| ProxyBody::upstream(body, policy.idle_timeout, watch, timer))
+            response.map(|body| S::respond(body, policy.idle_timeout, watch, timer))
         }
         Err(error) => {
             tracing::debug!(service = %target.upstream.spec.name, %error, "request failed");
@@ -669,42 +692,36 @@ fn prepare(
 
 /// A response head, with its `grpc-status` (a trailers-only gRPC response's) read once for
 /// outlier detection, the retry decision and the breaker.
-struct Answer {
-    response: Response<UpstreamBody>,
+struct Answer<B> {
+    response: Response<B>,
     grpc: Option<u8>,
 }
 
 /// One attempt's result: the response head, or what went wrong and how it counts for retries.
-type Attempted = Result<Answer, (ProxyError, AttemptFailure)>;
-
-/// How an attempt failed: the error, how it counts for retries, and the request itself when
-/// no connection could be opened (nothing was sent).
-struct Failed {
-    error: ProxyError,
-    failure: AttemptFailure,
-    unsent: Option<Unsent>,
-}
+type Attempted<B> = Result<Answer<B>, (ProxyError, AttemptFailure)>;
 
 /// A request under no retry policy: one attempt, except that a request whose connection could
 /// not be opened (nothing was sent, so this is always safe, and adds no load to any app) goes
 /// once more, to an endpoint that is not held out; the one that failed now is. So a dead
 /// endpoint costs its callers nothing even without retries; with retries, the policy decides
 /// (`connect-failure`).
-async fn send_without_retries(
+async fn send_without_retries<S: SendAttempt>(
+    sender: S,
     upstream: &Upstream,
     mut req: Request<RequestBody>,
     (deadlines, stall): (&Deadlines, Option<&BodyStall>),
     timer: &mut Timer,
     mut now: Instant,
     (affinity, log): (Option<u64>, &mut AttemptLog),
-) -> Result<Answer, ProxyError> {
+) -> Result<Answer<S::Body>, ProxyError> {
     let mut endpoint = upstream.pick_for(affinity, None)?;
     let mut failed_over = false;
     // One call site for the attempt: its future (large) has one place in this one.
     loop {
         log.endpoint = Some(endpoint.addr);
+        let sending = (deadlines, stall);
         let failed =
-            match send_attempt(upstream, &endpoint, req, (deadlines, stall), timer, now).await? {
+            match send_attempt(sender, upstream, &endpoint, req, sending, timer, now).await? {
                 Ok(answer) => return Ok(answer),
                 Err(failed) => failed,
             };
@@ -725,17 +742,16 @@ async fn send_without_retries(
 }
 
 /// Sends one attempt to `endpoint` of `upstream` (see [`send_attempt`]), for the retry loop.
-async fn send_once(
+async fn send_once<S: SendAttempt>(
+    sender: S,
     upstream: &Upstream,
     endpoint: &Arc<Endpoint>,
     req: Request<RequestBody>,
-    deadlines: &Deadlines,
-    stall: Option<&BodyStall>,
+    sending: (&Deadlines, Option<&BodyStall>),
     timer: &mut Timer,
     now: Instant,
-) -> Result<Attempted, ProxyError> {
-    let sending = (deadlines, stall);
-    let attempted = send_attempt(upstream, endpoint, req, sending, timer, now).await?;
+) -> Result<Attempted<S::Body>, ProxyError> {
+    let attempted = send_attempt(sender, upstream, endpoint, req, sending, timer, now).await?;
     Ok(attempted.map_err(|failed| (failed.error, failed.failure)))
 }
 
@@ -743,19 +759,20 @@ async fn send_once(
 /// response headers, and reports the attempt's outcome to outlier detection. `Err` is the
 /// request timeout, or the caller's silence mid-body (`stall` says when the body was cut for
 /// it), either of which ends the exchange there (the attempt is not reported).
-async fn send_attempt(
+async fn send_attempt<S: SendAttempt>(
+    sender: S,
     upstream: &Upstream,
     endpoint: &Arc<Endpoint>,
     req: Request<RequestBody>,
     (deadlines, stall): (&Deadlines, Option<&BodyStall>),
     timer: &mut Timer,
     now: Instant,
-) -> Result<Result<Answer, Failed>, ProxyError> {
-    // The per-try bound is applied here, on the exchange's one timer, not by `attempt`. The
+) -> Result<Result<Answer<S::Body>, Failed>, ProxyError> {
+    // The per-try bound is applied here, on the exchange's one timer, not by the sender. The
     // attempt's future (the pool's, with connecting and handshakes: large) stays pinned here and
     // the timeout code only borrows it: passed by value, each async layer above would hold its
     // own copy, and the request's whole future grows by as many.
-    let work = pin!(attempt(endpoint, req));
+    let work = pin!(sender.send(endpoint, req));
     let mut result = match deadlines.attempt(timer, now, work).await {
         Ok(Ok(response)) => Ok(Answer {
             grpc: outcome::grpc_code(response.headers()),
@@ -796,26 +813,8 @@ async fn send_attempt(
     Ok(result)
 }
 
-/// Sends one attempt through `endpoint`'s pool, counted in its load while it waits; its
-/// timeouts are the caller's (one timer per exchange, see `policy::timeout`).
-async fn attempt(
-    endpoint: &Endpoint,
-    req: Request<RequestBody>,
-) -> Result<Response<UpstreamBody>, Failed> {
-    let _in_flight = endpoint.start_request();
-    let result = endpoint.pool.send(req).await;
-    result.map_err(|e| {
-        let (error, unsent) = classify::send_error(e, endpoint.addr);
-        Failed {
-            failure: AttemptFailure::of(error.kind()),
-            error,
-            unsent,
-        }
-    })
-}
-
 /// What, if anything, is wrong with a response, for the retry decision.
-fn response_failure(answer: &Answer) -> Option<AttemptFailure> {
+fn response_failure<B>(answer: &Answer<B>) -> Option<AttemptFailure> {
     let status = answer.response.status();
     if status.is_server_error() || status.is_client_error() {
         return Some(AttemptFailure::Status(status));
@@ -864,13 +863,14 @@ struct Exchange<'a> {
 
 /// The attempt loop: retries what the policy allows, on a different endpoint when there is one,
 /// after a jittered backoff (or the upstream's Retry-After), within the retry budget.
-async fn exchange_with_retries(
+async fn exchange_with_retries<S: SendAttempt>(
+    sender: S,
     target: &Target,
     retry: &RetryPolicy,
     mut parts: http::request::Parts,
     body: Counted,
     exchange: Exchange<'_>,
-) -> Result<Answer, ProxyError> {
+) -> Result<Answer<S::Body>, ProxyError> {
     let Exchange {
         deadlines,
         stall,
@@ -927,11 +927,11 @@ async fn exchange_with_retries(
         // Only a recorded span needs the time.
         let attempt_started = log.record.then(Instant::now);
         let outcome = send_once(
+            sender,
             &target.upstream,
             &endpoint,
             req,
-            deadlines,
-            stall,
+            (deadlines, stall),
             timer,
             attempt_start,
         )
@@ -1026,3 +1026,6 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
 pub(crate) fn text_plain() -> HeaderValue {
     HeaderValue::from_static("text/plain; charset=utf-8")
 }
+
+#[cfg(test)]
+mod tests;

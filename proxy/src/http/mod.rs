@@ -1,6 +1,7 @@
 //! Serving HTTP: the listeners, routing by the compiled [`snapshot::Snapshot`], and forwarding
 //! a request through its policies. Uses the layers below (`io` and down).
 
+mod attempt;
 pub mod authz;
 pub mod captured;
 pub mod forward;
