@@ -1,6 +1,7 @@
 //! The engine's unit tests: changes, files, deletes, rollbacks, expiry, status.
 
 use super::*;
+use outrider_config::wire::Ack;
 
 struct Dir(std::path::PathBuf);
 impl Drop for Dir {
