@@ -16,8 +16,7 @@ use outrider_config::{Policy, PolicyError};
 use tokio::sync::watch;
 
 use crate::api::{
-    now_ms, ApiDiagnostic, Applied, DocumentStatus, HistoryEntry, Rejected, Status, StoreStatus,
-    WorkloadVersion,
+    now_ms, ApiDiagnostic, Applied, DocumentStatus, HistoryEntry, Rejected, Status, WorkloadVersion,
 };
 use crate::merge;
 use crate::metrics::{ApplyResult, ControlMetrics, RejectReason, StoreOp, VersionCause};
@@ -27,11 +26,13 @@ use crate::store::{
     Commit, Source, State, Store, StoreError, StoredDoc, VersionRecord, HISTORY_LEN,
 };
 
+mod health;
 mod proxies;
 mod publish;
 #[cfg(test)]
 mod tests;
 
+use health::StoreHealth;
 pub use proxies::expire_gone;
 use proxies::proxy_statuses;
 pub use publish::Published;
@@ -263,20 +264,6 @@ impl Inner {
         self.committed
             .push_back((version, tokio::time::Instant::now()));
     }
-}
-
-/// How writes of the state directory fare. A change is in force only once written, so a
-/// failing directory holds every change back: `status`, `/ready` and `/metrics` say so.
-#[derive(Debug, Default)]
-struct StoreHealth {
-    /// The last write's error and when writes began to fail (ms since the Unix epoch);
-    /// `None` once a write succeeded.
-    failing: Option<(String, u64)>,
-    /// Failed writes since start.
-    write_failures: u64,
-    /// The cause of policy-file changes not yet written: the watcher retries them until a
-    /// write succeeds, so they are not lost until the next directory event.
-    pending: Option<String>,
 }
 
 /// The control plane's state; share it as `Arc<Engine>`.
@@ -610,7 +597,7 @@ impl Engine {
         }));
         if changes.is_empty() {
             inner.state.seen_files = seen;
-            inner.store_health.pending = None;
+            inner.store_health.files_written();
             drop(inner);
             if pruned {
                 self.commit_rejections(true, gone_rejection)?;
@@ -916,7 +903,7 @@ impl Engine {
         if outcome.accepted.is_empty() {
             if let Some(seen) = seen {
                 inner.state.seen_files = seen;
-                inner.store_health.pending = None;
+                inner.store_health.files_written();
             }
             outcome.version = inner.state.version;
             if rejections != inner.state.rejections {
@@ -950,7 +937,7 @@ impl Engine {
         )?;
         let mut inner = self.lock();
         if file_sync {
-            inner.store_health.pending = None;
+            inner.store_health.files_written();
         }
         // A file's document now applied over: its text waits for `delete`.
         for name in &outcome.accepted {
@@ -1149,12 +1136,6 @@ impl Engine {
         })
     }
 
-    /// Whether policy-file changes wait for the state directory to take them (the watcher
-    /// retries them).
-    pub fn file_changes_pending(&self) -> bool {
-        self.lock().store_health.pending.is_some()
-    }
-
     /// Writes `state` to the state directory, recording how the write fared; a failed file
     /// sync's `cause` is recorded as pending in the same step, so status never shows the one
     /// without the other. An `import` commits only while this replica leads.
@@ -1173,7 +1154,7 @@ impl Engine {
         let health = &mut inner.store_health;
         match saved {
             Ok(revision) => {
-                if health.failing.take().is_some() {
+                if health.recovered() {
                     tracing::info!(store = %self.store.describe(), "the store takes writes again");
                 }
                 Ok(revision)
@@ -1183,15 +1164,7 @@ impl Engine {
             // Not a failure either: the leader imports the change.
             Err(StoreError::NotLeader) => Err(EngineError::NotLeader),
             Err(source) => {
-                health.write_failures = health.write_failures.saturating_add(1);
-                let since = health
-                    .failing
-                    .as_ref()
-                    .map_or_else(now_ms, |(_, since)| *since);
-                health.failing = Some((source.to_string(), since));
-                if let Some(cause) = file_sync {
-                    health.pending = Some(cause.to_string());
-                }
+                health.failed(&source, file_sync);
                 if source.is_unavailable() {
                     return Err(EngineError::Unavailable(source));
                 }
@@ -1245,11 +1218,6 @@ impl Engine {
             }
         }
         Err(EngineError::Contended)
-    }
-
-    /// How writes of the state directory fare.
-    pub fn store_status(&self) -> StoreStatus {
-        store_status(&self.lock().store_health, &self.store.describe())
     }
 
     /// The kept versions, newest first.
@@ -1317,22 +1285,11 @@ impl Engine {
             version: inner.state.version,
             documents,
             proxies,
-            store: Some(store_status(&inner.store_health, &self.store.describe())),
+            store: Some(inner.store_health.status(&self.store.describe())),
             certificates: None,
             now_ms: now_ms(),
             replica: None,
         }
-    }
-}
-
-fn store_status(health: &StoreHealth, place: &str) -> StoreStatus {
-    StoreStatus {
-        dir: place.to_string(),
-        healthy: health.failing.is_none(),
-        error: health.failing.as_ref().map(|(error, _)| error.clone()),
-        failing_since_ms: health.failing.as_ref().map(|(_, since)| *since),
-        write_failures: health.write_failures,
-        pending: health.pending.clone(),
     }
 }
 
