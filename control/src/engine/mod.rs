@@ -15,9 +15,7 @@ use outrider_config::wire;
 use outrider_config::{Policy, PolicyError};
 use tokio::sync::watch;
 
-use crate::api::{
-    now_ms, ApiDiagnostic, Applied, DocumentStatus, HistoryEntry, Rejected, Status, WorkloadVersion,
-};
+use crate::api::{now_ms, ApiDiagnostic, Applied, Rejected, WorkloadVersion};
 use crate::merge;
 use crate::metrics::{ApplyResult, ControlMetrics, RejectReason, StoreOp, VersionCause};
 use crate::registry::Registry;
@@ -27,9 +25,11 @@ use crate::store::{
 };
 
 mod health;
+mod history;
 mod persist;
 mod proxies;
 mod publish;
+mod status;
 #[cfg(test)]
 mod tests;
 
@@ -982,148 +982,6 @@ impl Engine {
             deadline,
             Made::by(VersionCause::Delete),
         )
-    }
-
-    /// Makes a kept version's documents the ones in force again, as a new version.
-    pub fn rollback(&self, to: u64) -> Result<Outcome, EngineError> {
-        let result = self.rollback_uncounted(to);
-        self.count_refusal(Source::Api, result)
-    }
-
-    fn rollback_uncounted(&self, to: u64) -> Result<Outcome, EngineError> {
-        let _writer = self.lock_writer();
-        self.check_writable()?;
-        for _ in 0..MAX_CONFLICTS {
-            match self.rollback_once(to) {
-                Err(EngineError::Conflict) => self.reload()?,
-                other => return other,
-            }
-        }
-        Err(EngineError::Contended)
-    }
-
-    fn rollback_once(&self, to: u64) -> Result<Outcome, EngineError> {
-        let (record, mut state, current) = {
-            let inner = self.lock();
-            let record = inner
-                .state
-                .history
-                .iter()
-                .find(|r| r.version == to)
-                .cloned()
-                .ok_or(EngineError::NotKept(to))?;
-            (record, inner.state.clone(), inner.docs.clone())
-        };
-        let version = state.version + 1;
-        let mut parsed = BTreeMap::new();
-        let mut docs = BTreeMap::new();
-        for (name, mut doc) in record.documents {
-            let loaded = outrider_config::load_document(&name, &doc.text).map_err(|error| {
-                EngineError::Stored {
-                    name: name.clone(),
-                    error,
-                }
-            })?;
-            parsed.insert(name.clone(), loaded.policy);
-            if current.get(&name).map(|d| &d.text) != Some(&doc.text) {
-                doc.changed_at = version;
-            }
-            docs.insert(name, doc);
-        }
-        let cause = format!("rollback to {to}");
-        state.push(VersionRecord {
-            version,
-            at_ms: now_ms(),
-            cause: cause.clone(),
-            documents: docs.clone(),
-        });
-        state.revision = self.save(&state, None, false, Commit::Version)?;
-        let mut inner = self.lock();
-        inner.state = state;
-        inner.docs = docs;
-        inner.parsed = parsed;
-        inner.committed(version);
-        let workloads = republish(&mut inner, version);
-        drop(inner);
-        self.metrics.version(VersionCause::Rollback);
-        tracing::info!(version, to, "rolled back");
-        Ok(Outcome {
-            version,
-            workloads,
-            ..Outcome::default()
-        })
-    }
-
-    /// The kept versions, newest first.
-    pub fn history(&self) -> Vec<HistoryEntry> {
-        let inner = self.lock();
-        inner
-            .state
-            .history
-            .iter()
-            .rev()
-            .map(|r| HistoryEntry {
-                version: r.version,
-                at_ms: r.at_ms,
-                cause: r.cause.clone(),
-                documents: (r.documents.iter())
-                    .map(|(name, doc)| {
-                        let current = inner.docs.get(name).map(|d| d.text.as_str());
-                        let current = current.zip(inner.parsed.get(name));
-                        crate::gateway::describe_version(name, &doc.text, current)
-                    })
-                    .collect(),
-            })
-            .collect()
-    }
-
-    /// Documents, rejections and proxies.
-    pub fn status(&self) -> Status {
-        let inner = self.lock();
-        let mut names: BTreeSet<&String> = inner.docs.keys().collect();
-        names.extend(inner.state.rejections.documents());
-        let documents = names
-            .into_iter()
-            .map(|name| {
-                let doc = inner.docs.get(name);
-                DocumentStatus {
-                    name: name.clone(),
-                    source: doc.map(|d| {
-                        match d.source {
-                            Source::File => "file",
-                            Source::Api => "api",
-                        }
-                        .to_string()
-                    }),
-                    changed_at: doc.map(|d| d.changed_at),
-                    rejected: inner.state.rejections.get(name).cloned(),
-                    workloads: inner
-                        .parsed
-                        .get(name)
-                        .map(|p| match &p.workload {
-                            Some(selector) if !selector.is_all() => selector.names().to_vec(),
-                            _ => vec![DEFAULTS.to_string()],
-                        })
-                        .unwrap_or_default(),
-                    overrides_file: doc.is_some_and(|d| d.source == Source::Api)
-                        && inner.shadowed.contains_key(name),
-                    file_differs: doc.is_some_and(|d| {
-                        d.source == Source::Api
-                            && inner.shadowed.get(name).is_some_and(|t| *t != d.text)
-                    }),
-                }
-            })
-            .collect();
-        let proxies = proxy_statuses(&inner);
-        Status {
-            version: inner.state.version,
-            documents,
-            proxies,
-            store: Some(inner.store_health.status(&self.store.describe())),
-            certificates: None,
-            now_ms: now_ms(),
-            replica: None,
-        }
     }
 }
 
