@@ -19,11 +19,12 @@ use crate::api::{now_ms, ApiDiagnostic, Applied, Rejected, WorkloadVersion};
 use crate::merge;
 use crate::metrics::{ApplyResult, ControlMetrics, RejectReason, StoreOp, VersionCause};
 use crate::registry::Registry;
-use crate::rejections::Rejections;
 use crate::store::{
     Commit, Source, State, Store, StoreError, StoredDoc, VersionRecord, HISTORY_LEN,
 };
 
+mod delete;
+mod files;
 mod health;
 mod history;
 mod persist;
@@ -33,6 +34,7 @@ mod status;
 #[cfg(test)]
 mod tests;
 
+pub use files::ScannedFile;
 use health::StoreHealth;
 pub use proxies::expire_gone;
 use proxies::proxy_statuses;
@@ -227,15 +229,6 @@ fn check_deadline(deadline: Option<Instant>) -> Result<(), EngineError> {
         Some(deadline) if Instant::now() >= deadline => Err(EngineError::Expired),
         _ => Ok(()),
     }
-}
-
-/// A file of the policy directory as read by a scan.
-#[derive(Debug, Clone)]
-pub struct ScannedFile {
-    /// Its content.
-    pub text: String,
-    /// Its modification time, to order changes (the later-changed document loses a conflict).
-    pub modified: std::time::SystemTime,
 }
 
 struct Inner {
@@ -479,156 +472,6 @@ impl Engine {
             None,
             Made::by(VersionCause::Apply),
         )
-    }
-
-    /// Brings the documents from files in line with a scan of the policy directory: changed
-    /// files (oldest modification first) are upserted, deleted files removed. `unreadable`
-    /// files are left as they are. Changes the state directory could not take are recorded as
-    /// pending ([`Self::file_changes_pending`]) until a later sync writes or drops them.
-    pub fn sync_files(
-        &self,
-        scan: BTreeMap<String, ScannedFile>,
-        unreadable: &BTreeSet<String>,
-    ) -> Result<Option<Outcome>, EngineError> {
-        let result = self.sync_files_uncounted(scan, unreadable);
-        self.count_refusal(Source::File, result)
-    }
-
-    fn sync_files_uncounted(
-        &self,
-        scan: BTreeMap<String, ScannedFile>,
-        unreadable: &BTreeSet<String>,
-    ) -> Result<Option<Outcome>, EngineError> {
-        // Parsed before the writer lock, like an applied document; a file that changed again
-        // since (another scan got the lock first) is parsed under it.
-        let mut ahead: BTreeMap<String, Result<Policy, PolicyError>> = {
-            let seen = self.lock().state.seen_files.clone();
-            scan.iter()
-                .filter(|(name, file)| {
-                    seen.get(*name) != Some(&outrider_config::content_hash(&file.text))
-                })
-                .map(|(name, file)| (name.clone(), load_policy(name, &file.text)))
-                .collect()
-        };
-        let _writer = self.lock_writer();
-        let mut inner = self.lock();
-        // A rejected file that was deleted is no longer anyone's problem (committed with the
-        // version below, or alone when there is none).
-        let gone_rejection = |rejections: &mut Rejections| {
-            let before = rejections.len();
-            rejections.retain(|name, r| !r.from_file || scan.contains_key(name));
-            rejections.len() != before
-        };
-        let pruned = inner
-            .state
-            .rejections
-            .iter()
-            .any(|(name, r)| r.from_file && !scan.contains_key(name));
-        // A file whose document was applied over it (or applied before the file appeared)
-        // stays out of force: the applied text wins until `delete` hands it back.
-        let shadowed: BTreeMap<String, String> = scan
-            .iter()
-            .filter(|(name, _)| {
-                inner
-                    .docs
-                    .get(*name)
-                    .is_some_and(|d| d.source == Source::Api)
-            })
-            .map(|(name, file)| (name.clone(), file.text.clone()))
-            .collect();
-        for (name, text) in &shadowed {
-            if inner.shadowed.get(name) != Some(text) {
-                tracing::warn!(document = %name, "policy file overridden by an applied document; its change is not in force (`outriderctl delete {name}` hands the document back to the file)");
-            }
-        }
-        let kept: BTreeMap<String, String> = inner
-            .shadowed
-            .iter()
-            .filter(|(name, _)| unreadable.contains(*name) && !shadowed.contains_key(*name))
-            .map(|(n, t)| (n.clone(), t.clone()))
-            .collect();
-        inner.shadowed = shadowed;
-        inner.shadowed.extend(kept);
-        let mut upserts: Vec<(&String, &ScannedFile, String)> = scan
-            .iter()
-            .filter(|(name, _)| !inner.shadowed.contains_key(*name))
-            .map(|(name, file)| (name, file, outrider_config::content_hash(&file.text)))
-            .filter(|(name, _, hash)| inner.state.seen_files.get(*name) != Some(hash))
-            .collect();
-        upserts.sort_by(|a, b| (a.1.modified, a.0).cmp(&(b.1.modified, b.0)));
-        let mut seen = inner.state.seen_files.clone();
-        // Removals first: a file deleted in the same burst cannot conflict with the others.
-        let mut changes = Vec::new();
-        let gone: BTreeSet<String> = inner
-            .state
-            .seen_files
-            .keys()
-            .chain(
-                inner
-                    .docs
-                    .iter()
-                    .filter(|(_, d)| d.source == Source::File)
-                    .map(|(n, _)| n),
-            )
-            .filter(|n| !scan.contains_key(*n) && !unreadable.contains(*n))
-            .cloned()
-            .collect();
-        for name in gone {
-            seen.remove(&name);
-            if inner
-                .docs
-                .get(&name)
-                .is_some_and(|d| d.source == Source::File)
-            {
-                changes.push(Prepared::Remove { name });
-            }
-        }
-        changes.extend(upserts.iter().map(|(name, file, _)| {
-            let policy = ahead
-                .remove(*name)
-                .unwrap_or_else(|| load_policy(name, &file.text));
-            let policy = Box::new(policy);
-            Prepared::Upsert {
-                name: (*name).clone(),
-                text: file.text.clone(),
-                source: Source::File,
-                force: false,
-                policy,
-            }
-        }));
-        if changes.is_empty() {
-            inner.state.seen_files = seen;
-            inner.store_health.files_written();
-            drop(inner);
-            if pruned {
-                self.commit_rejections(true, gone_rejection)?;
-            }
-            return Ok(None);
-        }
-        let names: Vec<&str> = changes
-            .iter()
-            .map(|c| match c {
-                Prepared::Upsert { name, .. } | Prepared::Remove { name } => name.as_str(),
-            })
-            .collect();
-        let cause = format!("files changed: {}", names.join(", "));
-        let hashes: BTreeMap<String, String> = upserts
-            .iter()
-            .map(|(name, _, hash)| ((*name).clone(), hash.clone()))
-            .collect();
-        if pruned {
-            gone_rejection(&mut inner.state.rejections);
-        }
-        drop(inner);
-        self.apply_serialized(
-            changes,
-            &cause,
-            Some((seen, hashes)),
-            false,
-            None,
-            Made::import(),
-        )
-        .map(Some)
     }
 
     /// `seen`: the files' hashes after this scan (without the upserted ones) and the upserted
@@ -881,107 +724,6 @@ impl Engine {
         self.metrics.version(made.cause);
         tracing::info!(version, cause, accepted = %outcome.accepted.join(","), workloads = outcome.workloads.len(), "version accepted");
         Ok(outcome)
-    }
-
-    /// Removes a document added with `apply` as a new version, unless what remains leaves some
-    /// workload's merged policy invalid (then it is rejected in the outcome, nothing changes).
-    /// Changes nothing once `deadline` has passed, like [`Self::apply_by`].
-    pub fn delete(&self, name: &str, deadline: Option<Instant>) -> Result<Outcome, EngineError> {
-        let result = self.delete_uncounted(name, deadline);
-        self.count_refusal(Source::Api, result)
-    }
-
-    fn delete_uncounted(
-        &self,
-        name: &str,
-        deadline: Option<Instant>,
-    ) -> Result<Outcome, EngineError> {
-        let _writer = self.lock_writer();
-        check_deadline(deadline)?;
-        let mut parsed = {
-            let inner = self.lock();
-            if let Some(file_text) = inner.shadowed.get(name).cloned() {
-                // The file it overrides takes the document back.
-                let hash = outrider_config::content_hash(&file_text);
-                let seen = inner.state.seen_files.clone();
-                drop(inner);
-                let change = Prepared::Upsert {
-                    name: name.to_string(),
-                    policy: Box::new(load_policy(name, &file_text)),
-                    text: file_text,
-                    source: Source::File,
-                    force: false,
-                };
-                let hashes = BTreeMap::from([(name.to_string(), hash)]);
-                let cause = format!("delete {name} (back to its file)");
-                return self.apply_serialized(
-                    vec![change],
-                    &cause,
-                    Some((seen, hashes)),
-                    false,
-                    deadline,
-                    Made::by(VersionCause::Delete),
-                );
-            }
-            match inner.docs.get(name) {
-                // A rejected text that never was in force: deleting it clears the rejection.
-                None if inner
-                    .state
-                    .rejections
-                    .get(name)
-                    .is_some_and(|r| !r.from_file) =>
-                {
-                    drop(inner);
-                    self.check_writable()?;
-                    self.commit_rejections(false, |rejections| rejections.clear(name))?;
-                    return Ok(Outcome {
-                        version: self.version(),
-                        unchanged: vec![name.to_string()],
-                        ..Outcome::default()
-                    });
-                }
-                None => return Err(EngineError::UnknownDocument(name.to_string())),
-                Some(doc) if doc.source == Source::File => {
-                    return Err(EngineError::FileBacked(name.to_string()))
-                }
-                Some(_) => inner.parsed.clone(),
-            }
-        };
-        // Validated without the data lock, like an upsert; the writer lock keeps it current.
-        let old = parsed.remove(name);
-        if let Err((reason, message)) = check_merges(name, old.as_ref(), &parsed, self.max_push) {
-            self.metrics.applied(Source::Api, ApplyResult::Rejected);
-            self.metrics.rejected(Source::Api, reason);
-            let message = format!("cannot delete {message}");
-            return Ok(Outcome {
-                version: self.version(),
-                rejected: vec![Rejected {
-                    document: name.to_string(),
-                    rendered: format!("error: {message}\n  --> {name}\n"),
-                    diagnostics: vec![ApiDiagnostic {
-                        path: String::new(),
-                        message: message.clone(),
-                        line: None,
-                        column: None,
-                    }],
-                    message,
-                    at_ms: now_ms(),
-                    from_file: false,
-                }],
-                ..Outcome::default()
-            });
-        }
-        let change = Prepared::Remove {
-            name: name.to_string(),
-        };
-        self.apply_serialized(
-            vec![change],
-            &format!("delete {name}"),
-            None,
-            false,
-            deadline,
-            Made::by(VersionCause::Delete),
-        )
     }
 }
 
