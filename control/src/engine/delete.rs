@@ -4,9 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use super::{
-    check_deadline, check_merges, load_policy, Engine, EngineError, Made, Outcome, Prepared,
-};
+use super::apply::{check_deadline, check_merges, Made, Prepared};
+use super::{load_policy, Engine, EngineError, Outcome};
 use crate::api::{now_ms, ApiDiagnostic, Rejected};
 use crate::metrics::{ApplyResult, VersionCause};
 use crate::store::Source;

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use outrider_config::{Policy, PolicyError};
 
-use super::{load_policy, Engine, EngineError, Made, Outcome, Prepared};
+use super::apply::{Made, Prepared};
+use super::{load_policy, Engine, EngineError, Outcome};
 use crate::rejections::Rejections;
 use crate::store::Source;
 

@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use super::{republish, Engine, EngineError, Outcome, MAX_CONFLICTS};
+use super::publish::republish;
+use super::{Engine, EngineError, Outcome, MAX_CONFLICTS};
 use crate::api::{now_ms, HistoryEntry};
 use crate::metrics::VersionCause;
 use crate::store::{Commit, Source, VersionRecord};

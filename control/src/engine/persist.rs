@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use super::{load_policy, republish, Engine, EngineError, Inner, MAX_CONFLICTS};
+use super::publish::republish;
+use super::{load_policy, Engine, EngineError, Inner, MAX_CONFLICTS};
 use crate::metrics::StoreOp;
 use crate::rejections::Rejections;
 use crate::store::{Commit, Source, State, StoreError};

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use outrider_config::wire::Ack;
 
-use super::{named_workloads, Engine, Inner, DEFAULTS};
+use super::publish::named_workloads;
+use super::{Engine, Inner, DEFAULTS};
 use crate::api::ProxyStatus;
 use crate::metrics::Fleet;
 use crate::registry::{AckRefused, Acked, ProxyRecord, Session, SubscribeRefused};

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeSet;
 
-use super::{proxy_statuses, Engine, DEFAULTS};
+use super::proxies::proxy_statuses;
+use super::{Engine, DEFAULTS};
 use crate::api::{now_ms, DocumentStatus, Status};
 use crate::store::Source;
 

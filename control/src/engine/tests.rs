@@ -1,7 +1,10 @@
 //! The engine's unit tests: changes, files, deletes, rollbacks, expiry, status.
 
-use super::*;
+use std::collections::{BTreeMap, BTreeSet};
+
 use outrider_config::wire::Ack;
+
+use super::*;
 
 struct Dir(std::path::PathBuf);
 impl Drop for Dir {
