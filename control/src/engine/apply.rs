@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use outrider_config::{Policy, PolicyError};
 
+use super::persist::Committer;
 use super::publish::{
     encode, identity, merged_yaml, named_workloads, remerge, republish, MergeFailure,
 };
@@ -64,50 +65,49 @@ impl Engine {
         } else {
             VersionCause::Apply
         };
-        self.apply_serialized(changes, cause, None, false, deadline, Made::by(kind))
+        self.apply_serialized(changes, cause, None, Mode::Commit, deadline, Made::by(kind))
     }
 
     /// Refuses an unforced applied upsert of a document read from the policy directory.
     fn check_overrides(&self, changes: &[Change]) -> Result<(), EngineError> {
-        let inner = self.lock();
-        for change in changes {
-            if let Change::Upsert {
+        self.refuse_file_overrides(changes.iter().filter_map(|change| match change {
+            Change::Upsert {
                 name,
                 source: Source::Api,
                 force: false,
                 ..
-            } = change
-            {
-                if inner
-                    .docs
-                    .get(name)
-                    .is_some_and(|d| d.source == Source::File)
-                {
-                    return Err(EngineError::OverridesFile(name.clone()));
-                }
-            }
-        }
-        Ok(())
+            } => Some(name),
+            _ => None,
+        }))
     }
 
     /// [`Self::check_overrides`] again under the writer lock (a file may have appeared since).
     fn check_overrides_prepared(&self, changes: &[Prepared]) -> Result<(), EngineError> {
-        let inner = self.lock();
-        for change in changes {
-            if let Prepared::Upsert {
+        self.refuse_file_overrides(changes.iter().filter_map(|change| match change {
+            Prepared::Upsert {
                 name,
                 source: Source::Api,
                 force: false,
                 ..
-            } = change
+            } => Some(name),
+            _ => None,
+        }))
+    }
+
+    /// [`EngineError::OverridesFile`] for the first of `unforced` (applied upserts without
+    /// `force`) whose document in force was read from the policy directory.
+    fn refuse_file_overrides<'a>(
+        &self,
+        unforced: impl Iterator<Item = &'a String>,
+    ) -> Result<(), EngineError> {
+        let inner = self.lock();
+        for name in unforced {
+            if inner
+                .docs
+                .get(name)
+                .is_some_and(|d| d.source == Source::File)
             {
-                if inner
-                    .docs
-                    .get(name)
-                    .is_some_and(|d| d.source == Source::File)
-                {
-                    return Err(EngineError::OverridesFile(name.clone()));
-                }
+                return Err(EngineError::OverridesFile(name.clone()));
             }
         }
         Ok(())
@@ -124,37 +124,37 @@ impl Engine {
             changes,
             "dry run",
             None,
-            true,
+            Mode::DryRun,
             None,
             Made::by(VersionCause::Apply),
         )
     }
 
-    /// `seen`: the files' hashes after this scan (without the upserted ones) and the upserted
-    /// ones' hashes, recorded only when accepted or unchanged so a rejected file is retried on
-    /// the next scan (it may be accepted once the document it conflicts with is gone).
+    /// Makes (or, in [`Mode::DryRun`], previews) `changes` as one version. `files`: set for a
+    /// sync of the policy directory, whose file hashes are recorded with the version.
     ///
     /// The caller holds the writer lock; the data lock is taken only around in-memory work:
-    /// parsing, validation and the fsync of the new state happen without it. An `import` (of
-    /// the policy directory) commits only while this replica leads.
+    /// parsing, validation and the fsync of the new state happen without it. A change
+    /// [`Made::import`] (of the policy directory) commits only while this replica leads.
     pub(super) fn apply_serialized(
         &self,
         changes: Vec<Prepared>,
         cause: &str,
-        seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
-        dry_run: bool,
+        files: Option<FileSync>,
+        mode: Mode,
         deadline: Option<Instant>,
         made: Made,
     ) -> Result<Outcome, EngineError> {
-        if dry_run {
-            return self.apply_once(changes, cause, seen, true, deadline, made);
+        if mode == Mode::DryRun {
+            return Ok(self.preview(self.plan(changes)));
         }
         self.check_writable()?;
         // Another replica may commit between this one's read and its compare-and-swap: the
         // change is then redone on top of what that replica committed (validated anew: the
         // documents it merges with may have changed).
         for _ in 0..MAX_CONFLICTS {
-            match self.apply_once(changes.clone(), cause, seen.clone(), false, deadline, made) {
+            let plan = self.plan(changes.clone());
+            match self.commit(plan, cause, files.clone(), deadline, made) {
                 Err(EngineError::Conflict) => {
                     tracing::info!(
                         cause,
@@ -168,15 +168,10 @@ impl Engine {
         Err(EngineError::Contended)
     }
 
-    fn apply_once(
-        &self,
-        changes: Vec<Prepared>,
-        cause: &str,
-        seen: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
-        dry_run: bool,
-        deadline: Option<Instant>,
-        made: Made,
-    ) -> Result<Outcome, EngineError> {
+    /// Validates `changes` against the view, in order: each document alone, then every
+    /// workload it merges into. Changes nothing; the caller holds the writer lock, so the view
+    /// stays what the plan was made on.
+    fn plan(&self, changes: Vec<Prepared>) -> Plan {
         let (version, mut docs, mut parsed) = {
             let inner = self.lock();
             (
@@ -186,7 +181,6 @@ impl Engine {
             )
         };
         let mut outcome = Outcome::default();
-        // For the metrics: where each document came from, and why each rejection happened.
         let mut sources: BTreeMap<String, Source> = BTreeMap::new();
         let mut reasons: Vec<(Source, RejectReason)> = Vec::new();
         for change in changes {
@@ -212,13 +206,13 @@ impl Engine {
                         Err(error) => {
                             outcome
                                 .rejected
-                                .push(rejection(&name, &text, &error, source));
+                                .push(rejected_invalid(&name, &text, &error, source));
                             reasons.push((source, RejectReason::Invalid));
                             continue;
                         }
                     };
                     let old = parsed.insert(name.clone(), policy);
-                    if let Err((reason, message)) =
+                    if let Err(Unmergeable { reason, message }) =
                         check_merges(&name, old.as_ref(), &parsed, self.max_push)
                     {
                         reasons.push((source, reason));
@@ -226,19 +220,11 @@ impl Engine {
                             Some(old) => parsed.insert(name.clone(), old),
                             None => parsed.remove(&name),
                         };
-                        outcome.rejected.push(Rejected {
-                            document: name.clone(),
-                            rendered: format!("error: {message}\n  --> {name}\n"),
-                            diagnostics: vec![ApiDiagnostic {
-                                path: String::new(),
-                                message: message.clone(),
-                                line: None,
-                                column: None,
-                            }],
+                        outcome.rejected.push(rejected_unmergeable(
+                            &name,
                             message,
-                            at_ms: now_ms(),
-                            from_file: source == Source::File,
-                        });
+                            source == Source::File,
+                        ));
                         continue;
                     }
                     let previous = docs.get(&name);
@@ -275,19 +261,58 @@ impl Engine {
                 }
             }
         }
-        let mut inner = self.lock();
-        if dry_run {
-            if outcome.accepted.is_empty() {
-                outcome.version = inner.state.version;
-            } else {
-                outcome.version = version;
-                outcome.workloads = remerge(&inner.published, &parsed, version)
-                    .iter()
-                    .map(|(workload, published)| identity(workload, published))
-                    .collect();
-            }
-            return Ok(outcome);
+        Plan {
+            version,
+            outcome,
+            docs,
+            parsed,
+            sources,
+            reasons,
         }
+    }
+
+    /// What committing `plan` would do: the version it would make and the workloads whose
+    /// merged policy would change.
+    fn preview(&self, plan: Plan) -> Outcome {
+        let Plan {
+            version,
+            mut outcome,
+            parsed,
+            ..
+        } = plan;
+        let inner = self.lock();
+        if outcome.accepted.is_empty() {
+            outcome.version = inner.state.version;
+        } else {
+            outcome.version = version;
+            outcome.workloads = remerge(&inner.published, &parsed, version)
+                .iter()
+                .map(|(workload, published)| identity(workload, published))
+                .collect();
+        }
+        outcome
+    }
+
+    /// Writes `plan` as a new version (or, when it accepts nothing, its rejections alone as
+    /// the head), makes it the view and pushes the workloads whose merged policy changed.
+    /// Nothing is written once `deadline` has passed.
+    fn commit(
+        &self,
+        plan: Plan,
+        cause: &str,
+        files: Option<FileSync>,
+        deadline: Option<Instant>,
+        made: Made,
+    ) -> Result<Outcome, EngineError> {
+        let Plan {
+            version,
+            mut outcome,
+            docs,
+            parsed,
+            sources,
+            reasons,
+        } = plan;
+        let mut inner = self.lock();
         let mut rejections = inner.state.rejections.clone();
         for name in outcome.accepted.iter().chain(&outcome.unchanged) {
             rejections.clear(name);
@@ -308,15 +333,9 @@ impl Engine {
         };
         count(&outcome.unchanged, ApplyResult::Unchanged);
         // A sync of the policy directory: its changes are pending while they cannot be written.
-        let file_sync = seen.is_some();
-        let seen = seen.map(|(mut seen, hashes)| {
-            for name in outcome.accepted.iter().chain(&outcome.unchanged) {
-                if let Some(hash) = hashes.get(name) {
-                    seen.insert(name.clone(), hash.clone());
-                }
-            }
-            seen
-        });
+        let file_sync = files.is_some();
+        let seen =
+            files.map(|files| files.seen_after(outcome.accepted.iter().chain(&outcome.unchanged)));
         if outcome.accepted.is_empty() {
             if let Some(seen) = seen {
                 inner.state.seen_files = seen;
@@ -328,7 +347,7 @@ impl Engine {
                 let mut state = inner.state.clone();
                 state.rejections = rejections;
                 drop(inner);
-                self.commit_head(state, made.import)?;
+                self.commit_head(state, made.committer)?;
             }
             return Ok(outcome);
         }
@@ -349,7 +368,7 @@ impl Engine {
         state.revision = self.save(
             &state,
             file_sync.then_some(cause),
-            made.import,
+            made.committer,
             Commit::Version,
         )?;
         let mut inner = self.lock();
@@ -383,28 +402,78 @@ impl Engine {
     }
 }
 
-/// What makes a change: its `cause` label, and whether it is the leader's import of the
-/// policy directory (committed only while this replica leads).
+/// Whether a change is made or only shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// Validated and reported, nothing changed or pushed ([`Engine::dry_run`]).
+    DryRun,
+    /// Validated, written, made the view and pushed.
+    Commit,
+}
+
+/// What makes a change: its `cause` label, and who may commit it (only the leader imports
+/// the policy directory).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Made {
     cause: VersionCause,
-    import: bool,
+    committer: Committer,
 }
 
 impl Made {
+    /// A change for `cause` that any replica commits.
     pub(super) fn by(cause: VersionCause) -> Self {
         Self {
             cause,
-            import: false,
+            committer: Committer::AnyReplica,
         }
     }
 
+    /// The import of the policy directory, committed only while this replica leads.
     pub(super) fn import() -> Self {
         Self {
             cause: VersionCause::Files,
-            import: true,
+            committer: Committer::Leader,
         }
     }
+}
+
+/// A sync of the policy directory: the file hashes recorded with its version. A rejected
+/// file's hash is not recorded, so it is retried on the next scan (it may be accepted once
+/// the document it conflicts with is gone).
+#[derive(Debug, Clone)]
+pub(super) struct FileSync {
+    /// The files' hashes after the scan, without the upserted ones.
+    pub(super) seen: BTreeMap<String, String>,
+    /// The upserted files' hashes, recorded when accepted or unchanged.
+    pub(super) upserted: BTreeMap<String, String>,
+}
+
+impl FileSync {
+    /// The hashes to record once `settled` (the accepted and unchanged documents) are in force.
+    fn seen_after<'a>(self, settled: impl Iterator<Item = &'a String>) -> BTreeMap<String, String> {
+        let Self { mut seen, upserted } = self;
+        for name in settled {
+            if let Some(hash) = upserted.get(name) {
+                seen.insert(name.clone(), hash.clone());
+            }
+        }
+        seen
+    }
+}
+
+/// A batch of changes validated against the view, not yet committed.
+struct Plan {
+    /// The version committing it makes.
+    version: u64,
+    /// Accepted, unchanged and rejected documents, and the diffs (its version and workloads
+    /// are filled in by the commit or the preview).
+    outcome: Outcome,
+    /// The documents in force once committed, and their parsed policies.
+    docs: BTreeMap<String, StoredDoc>,
+    parsed: BTreeMap<String, Policy>,
+    /// For the metrics: where each document came from, and why each rejection happened.
+    sources: BTreeMap<String, Source>,
+    reasons: Vec<(Source, RejectReason)>,
 }
 
 /// A [`Change`] whose document was parsed and validated (before the writer lock was taken).
@@ -447,11 +516,20 @@ impl Prepared {
     }
 }
 
+/// [`EngineError::Expired`] once `deadline` has passed.
 pub(super) fn check_deadline(deadline: Option<Instant>) -> Result<(), EngineError> {
     match deadline {
         Some(deadline) if Instant::now() >= deadline => Err(EngineError::Expired),
         _ => Ok(()),
     }
+}
+
+/// Why a changed document leaves some workload without a policy its proxies can take.
+pub(super) struct Unmergeable {
+    /// The metrics' label.
+    pub(super) reason: RejectReason,
+    /// What to tell, naming the document (and the other one of a conflict).
+    pub(super) message: String,
 }
 
 /// Checks every workload the changed document `name` touches (before or after) still merges
@@ -461,7 +539,7 @@ pub(super) fn check_merges(
     old: Option<&Policy>,
     parsed: &BTreeMap<String, Policy>,
     max_push: usize,
-) -> Result<(), (RejectReason, String)> {
+) -> Result<(), Unmergeable> {
     // `None` when `name` is being removed: then only what remains is checked.
     let new = parsed.get(name);
     let touches_all = [new, old]
@@ -486,9 +564,12 @@ pub(super) fn check_merges(
                 // The version's digits are not known yet: count the longest a u64 can have.
                 let line = encode(u64::MAX, yaml, true, Vec::new()).line.len();
                 if line > max_push {
-                    return Err((RejectReason::TooLarge, format!(
-                        "{name}: the merged policy for workload `{workload}` would be pushed as {line} bytes, more than the {max_push} a proxy accepts; split the workload's policy or remove documents it merges"
-                    )));
+                    return Err(Unmergeable {
+                        reason: RejectReason::TooLarge,
+                        message: format!(
+                            "{name}: the merged policy for workload `{workload}` would be pushed as {line} bytes, more than the {max_push} a proxy accepts; split the workload's policy or remove documents it merges"
+                        ),
+                    });
                 }
             }
             // A conflict between two other documents predates this change (it can only arise
@@ -501,14 +582,18 @@ pub(super) fn check_merges(
                         RejectReason::MergedInvalid
                     }
                 };
-                return Err((reason, format!("{name}: {e}")));
+                return Err(Unmergeable {
+                    reason,
+                    message: format!("{name}: {e}"),
+                });
             }
         }
     }
     Ok(())
 }
 
-fn rejection(name: &str, text: &str, error: &PolicyError, source: Source) -> Rejected {
+/// The rejection of `name`, whose `text` does not load.
+fn rejected_invalid(name: &str, text: &str, error: &PolicyError, source: Source) -> Rejected {
     Rejected {
         document: name.to_string(),
         message: error.to_string(),
@@ -525,5 +610,22 @@ fn rejection(name: &str, text: &str, error: &PolicyError, source: Source) -> Rej
             .collect(),
         at_ms: now_ms(),
         from_file: source == Source::File,
+    }
+}
+
+/// The rejection of `name`, which loads alone but not merged: `message` is its one diagnostic.
+pub(super) fn rejected_unmergeable(name: &str, message: String, from_file: bool) -> Rejected {
+    Rejected {
+        document: name.to_string(),
+        rendered: format!("error: {message}\n  --> {name}\n"),
+        diagnostics: vec![ApiDiagnostic {
+            path: String::new(),
+            message: message.clone(),
+            line: None,
+            column: None,
+        }],
+        message,
+        at_ms: now_ms(),
+        from_file,
     }
 }

@@ -4,9 +4,11 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use super::apply::{check_deadline, check_merges, Made, Prepared};
+use super::apply::{
+    check_deadline, check_merges, rejected_unmergeable, FileSync, Made, Mode, Prepared, Unmergeable,
+};
+use super::persist::Committer;
 use super::{load_policy, Engine, EngineError, Outcome};
-use crate::api::{now_ms, ApiDiagnostic, Rejected};
 use crate::metrics::{ApplyResult, VersionCause};
 use crate::store::Source;
 
@@ -40,13 +42,16 @@ impl Engine {
                     source: Source::File,
                     force: false,
                 };
-                let hashes = BTreeMap::from([(name.to_string(), hash)]);
+                let files = FileSync {
+                    seen,
+                    upserted: BTreeMap::from([(name.to_string(), hash)]),
+                };
                 let cause = format!("delete {name} (back to its file)");
                 return self.apply_serialized(
                     vec![change],
                     &cause,
-                    Some((seen, hashes)),
-                    false,
+                    Some(files),
+                    Mode::Commit,
                     deadline,
                     Made::by(VersionCause::Delete),
                 );
@@ -61,7 +66,9 @@ impl Engine {
                 {
                     drop(inner);
                     self.check_writable()?;
-                    self.commit_rejections(false, |rejections| rejections.clear(name))?;
+                    self.commit_rejections(Committer::AnyReplica, |rejections| {
+                        rejections.clear(name)
+                    })?;
                     return Ok(Outcome {
                         version: self.version(),
                         unchanged: vec![name.to_string()],
@@ -77,25 +84,15 @@ impl Engine {
         };
         // Validated without the data lock, like an upsert; the writer lock keeps it current.
         let old = parsed.remove(name);
-        if let Err((reason, message)) = check_merges(name, old.as_ref(), &parsed, self.max_push) {
+        if let Err(Unmergeable { reason, message }) =
+            check_merges(name, old.as_ref(), &parsed, self.max_push)
+        {
             self.metrics.applied(Source::Api, ApplyResult::Rejected);
             self.metrics.rejected(Source::Api, reason);
             let message = format!("cannot delete {message}");
             return Ok(Outcome {
                 version: self.version(),
-                rejected: vec![Rejected {
-                    document: name.to_string(),
-                    rendered: format!("error: {message}\n  --> {name}\n"),
-                    diagnostics: vec![ApiDiagnostic {
-                        path: String::new(),
-                        message: message.clone(),
-                        line: None,
-                        column: None,
-                    }],
-                    message,
-                    at_ms: now_ms(),
-                    from_file: false,
-                }],
+                rejected: vec![rejected_unmergeable(name, message, false)],
                 ..Outcome::default()
             });
         }
@@ -106,7 +103,7 @@ impl Engine {
             vec![change],
             &format!("delete {name}"),
             None,
-            false,
+            Mode::Commit,
             deadline,
             Made::by(VersionCause::Delete),
         )

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use outrider_config::{Policy, PolicyError};
 
-use super::apply::{Made, Prepared};
+use super::apply::{FileSync, Made, Mode, Prepared};
+use super::persist::Committer;
 use super::{load_policy, Engine, EngineError, Outcome};
 use crate::rejections::Rejections;
 use crate::store::Source;
@@ -140,7 +141,7 @@ impl Engine {
             inner.store_health.files_written();
             drop(inner);
             if pruned {
-                self.commit_rejections(true, gone_rejection)?;
+                self.commit_rejections(Committer::Leader, gone_rejection)?;
             }
             return Ok(None);
         }
@@ -151,10 +152,13 @@ impl Engine {
             })
             .collect();
         let cause = format!("files changed: {}", names.join(", "));
-        let hashes: BTreeMap<String, String> = upserts
-            .iter()
-            .map(|(name, _, hash)| ((*name).clone(), hash.clone()))
-            .collect();
+        let files = FileSync {
+            seen,
+            upserted: upserts
+                .iter()
+                .map(|(name, _, hash)| ((*name).clone(), hash.clone()))
+                .collect(),
+        };
         if pruned {
             gone_rejection(&mut inner.state.rejections);
         }
@@ -162,8 +166,8 @@ impl Engine {
         self.apply_serialized(
             changes,
             &cause,
-            Some((seen, hashes)),
-            false,
+            Some(files),
+            Mode::Commit,
             None,
             Made::import(),
         )

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use super::persist::Committer;
 use super::publish::republish;
 use super::{Engine, EngineError, Outcome, MAX_CONFLICTS};
 use crate::api::{now_ms, HistoryEntry};
@@ -85,7 +86,7 @@ impl Engine {
             cause: cause.clone(),
             documents: docs.clone(),
         });
-        state.revision = self.save(&state, None, false, Commit::Version)?;
+        state.revision = self.save(&state, None, Committer::AnyReplica, Commit::Version)?;
         let mut inner = self.lock();
         inner.state = state;
         inner.docs = docs;

@@ -11,19 +11,31 @@ use crate::metrics::StoreOp;
 use crate::rejections::Rejections;
 use crate::store::{Commit, Source, State, StoreError};
 
+/// Who may commit a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Committer {
+    /// Any replica: an applied change, a delete, a rollback.
+    AnyReplica,
+    /// Only the leader, and only while it holds its lease: the import of the policy directory,
+    /// which every replica watches but one must commit.
+    Leader,
+}
+
 impl Engine {
     /// Writes `state` to the state directory, recording how the write fared; a failed file
     /// sync's `cause` is recorded as pending in the same step, so status never shows the one
-    /// without the other. An `import` commits only while this replica leads.
+    /// without the other.
     pub(super) fn save(
         &self,
         state: &State,
         file_sync: Option<&str>,
-        import: bool,
+        committer: Committer,
         commit: Commit,
     ) -> Result<i64, EngineError> {
         let started = Instant::now();
-        let saved = self.store.commit(state, commit, import);
+        let saved = self
+            .store
+            .commit(state, commit, committer == Committer::Leader);
         self.metrics
             .store_operation(StoreOp::Save, started.elapsed());
         let mut inner = self.lock();
@@ -59,8 +71,12 @@ impl Engine {
     /// makes it the view. The caller holds the writer lock. [`EngineError::Conflict`] and
     /// [`EngineError::NotLeader`] are the caller's to handle; on another failure the view
     /// keeps the rejections (shown by this replica only) and the change goes on without them.
-    pub(super) fn commit_head(&self, mut state: State, import: bool) -> Result<(), EngineError> {
-        match self.save(&state, None, import, Commit::Head) {
+    pub(super) fn commit_head(
+        &self,
+        mut state: State,
+        committer: Committer,
+    ) -> Result<(), EngineError> {
+        match self.save(&state, None, committer, Commit::Head) {
             Ok(revision) => {
                 state.revision = revision;
                 self.lock().state = state;
@@ -80,7 +96,7 @@ impl Engine {
     /// holds the writer lock.
     pub(super) fn commit_rejections(
         &self,
-        import: bool,
+        committer: Committer,
         change: impl Fn(&mut Rejections) -> bool,
     ) -> Result<(), EngineError> {
         for _ in 0..MAX_CONFLICTS {
@@ -88,7 +104,7 @@ impl Engine {
             if !change(&mut state.rejections) {
                 return Ok(());
             }
-            match self.commit_head(state, import) {
+            match self.commit_head(state, committer) {
                 Err(EngineError::Conflict) => self.reload()?,
                 other => return other,
             }
