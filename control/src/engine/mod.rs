@@ -6,6 +6,17 @@
 //! it by iterating proxies: each workload has a [`watch`] channel whose value is the
 //! pre-encoded update line, and every subscription task waits on its receiver, so an accepted
 //! change costs one encode per workload whatever the number of proxies.
+//!
+//! Here: the [`Engine`], its view (`Inner`) and the vocabulary of changes. Each concept has
+//! its file, using what this one defines:
+//! - `apply`: the change transaction, prepared before the writer lock, then planned
+//!   (validated and merged per workload) and committed or, for a dry run, previewed;
+//! - `files`: the policy directory's import; `delete`: a document removed or handed back to
+//!   its file; `history`: the kept versions and rollback;
+//! - `persist`: writing to the store and catching up with other replicas' commits; `health`:
+//!   how the store takes writes;
+//! - `publish`: each workload's merged, encoded policy and its channel;
+//! - `proxies`: sessions, ACKs, expiry and proxy statuses; `status`: the API's `status`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -150,14 +161,19 @@ pub enum EngineError {
 /// A change retried this many times when another replica committed first, before giving up.
 pub const MAX_CONFLICTS: usize = 8;
 
+/// `text`'s policy as a document named `name` (what a change, an import and a catch-up parse).
 fn load_policy(name: &str, text: &str) -> Result<Policy, PolicyError> {
     outrider_config::load_document(name, text).map(|loaded| loaded.policy)
 }
 
+/// The view: what every read is served from, replaced only after the store took a write.
 struct Inner {
+    /// As last read from or written to the store.
     state: State,
+    /// The documents in force, and their parsed policies.
     docs: BTreeMap<String, StoredDoc>,
     parsed: BTreeMap<String, Policy>,
+    /// Each workload's channel, carrying its merged policy.
     published: BTreeMap<String, watch::Sender<Arc<Published>>>,
     /// Published workloads no stream watches and no document names, since when (first seen
     /// so by [`Engine::expire`]).
