@@ -92,6 +92,13 @@ fi
 
 log "building release binaries"
 cargo build --release -q -p outrider-proxy -p outrider-benches --bin outrider-proxy --bin bench-upstream
+# One run at a time on this machine: a second would bind the same ports and send its load to the
+# first one's proxy, and both counts would be wrong.
+exec {LOCK_FD}>"${TMPDIR:-/tmp}/outrider-instructions.lock"
+if ! flock -n "$LOCK_FD"; then
+    log "waiting for another instructions.sh run on this machine to finish"
+    flock "$LOCK_FD"
+fi
 
 wait_http() { # $1 url; up to 30 s (the proxy starts slowly under valgrind)
     local i
