@@ -1147,12 +1147,13 @@ impl Finish {
                 attempt_spans: std::mem::take(&mut self.report.spans),
             });
         }
-        if let (Some(log), Some(logged)) = (&self.access_log, self.logged.as_deref()) {
+        // The last reader of what only the log needs: moved into the record, not cloned.
+        if let (Some(log), Some(logged)) = (&self.access_log, self.logged.take()) {
             let labels = &self.metrics.labels;
             log.record(AccessRecord {
                 time: self.started_wall,
                 ids: Some((self.trace.trace_id, self.trace.span_id)),
-                request_id: self.request_id.clone(),
+                request_id: self.request_id.take(),
                 direction: Arc::clone(&labels.direction),
                 service: Arc::clone(&labels.service),
                 route: Arc::clone(&labels.route),
@@ -1186,14 +1187,14 @@ impl Finish {
                 response_bytes: bytes,
                 error,
                 peer: Some(self.peer),
-                user_agent: logged.user_agent.clone(),
+                user_agent: logged.user_agent,
                 http_version: version_name(logged.version),
                 upstream_seconds: self
                     .report
                     .answered
                     .then_some(logged.head_elapsed.as_secs_f64()),
                 grpc_status: self.grpc_status,
-                peer_identity: logged.peer_identity.clone(),
+                peer_identity: logged.peer_identity,
                 style: logged.style,
             });
         }
