@@ -45,6 +45,10 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// at most this much later, and the queue ([`ACCESS_LOG_QUEUE`] lines) absorbs what arrives
 /// meanwhile up to hundreds of thousands of lines per second.
 const ACCESS_LOG_BATCH: Duration = Duration::from_millis(20);
+/// Bytes of access-log lines the writer gathers before a write(2).
+const ACCESS_LOG_WRITE: usize = 64 * 1024;
+/// Access-log records the writer takes from the queue at a time.
+const ACCESS_LOG_TAKE: usize = 64;
 /// Access-log lines waiting for the writer at most.
 pub const ACCESS_LOG_QUEUE: usize = 8192;
 
@@ -331,10 +335,10 @@ pub struct AccessRecord {
     pub method: Option<Method>,
     /// Host / :authority.
     pub authority: Option<LoggedAuthority>,
-    /// The request target as received: its path and query are logged (`/` when it has
-    /// none), the query redacted or dropped when written (`style`); absent (written empty)
-    /// for a request the parser refused.
-    pub uri: Option<Uri>,
+    /// The request target's path and query as received (`/` when it has none), copied (see
+    /// [`logged_target`]); the query is redacted or dropped when written (`style`). Absent
+    /// (written empty) for a request the parser refused.
+    pub target: Option<Box<str>>,
     /// Status sent to the caller.
     pub status: u16,
     /// Who made the response: `-` the upstream, else the proxy's reason (see [`ResponseFlag`]).
@@ -410,9 +414,11 @@ impl AccessLogStyle {
 /// each parameter keeps its name and a non-empty value becomes `REDACTED`
 /// (`/p?token=s3cret&debug&x=` is logged `/p?token=REDACTED&debug&x=`).
 pub fn logged_path(path: &str, query: QueryLogging) -> Cow<'_, str> {
-    let Some((before, params)) = path.split_once('?') else {
+    // A byte search: `split_once('?')` cost more than the rest for a short path.
+    let Some(at) = path.bytes().position(|b| b == b'?') else {
         return Cow::Borrowed(path);
     };
+    let (before, params) = (&path[..at], &path[at + 1..]);
     match query {
         QueryLogging::Keep => Cow::Borrowed(path),
         QueryLogging::Drop => Cow::Borrowed(before),
@@ -512,7 +518,7 @@ impl AccessRecord {
                 .authority()
                 .map(|a| LoggedAuthority::Routed(detached_authority(a)))
                 .or_else(|| req.headers().get(http::header::HOST).and_then(text)),
-            uri: Some(detached_target(req.uri())),
+            target: Some(logged_target(Some(req.uri()))),
             status: response.status().as_u16(),
             response_flags: flag.code(),
             upstream: None,
@@ -554,7 +560,7 @@ impl AccessRecord {
             route: none,
             method: None,
             authority: None,
-            uri: None,
+            target: None,
             status,
             response_flags: ResponseFlag::MalformedRequest.code(),
             upstream: None,
@@ -573,50 +579,44 @@ impl AccessRecord {
         }
     }
 
-    /// The logged request target: path and query as received (`/` without them), empty for
-    /// a request the parser refused.
-    fn target(&self) -> &str {
-        self.uri
-            .as_ref()
-            .map_or("", |uri| uri.path_and_query().map_or("/", |p| p.as_str()))
-    }
-
-    /// Appends the line in its style (without the newline) to `out`; `clock` is the writer's
-    /// (see [`TimeText`]).
-    fn write_to(&self, out: &mut Vec<u8>, clock: &mut TimeText) -> std::io::Result<()> {
-        let path = logged_path(self.target(), self.style.query);
-        let time = clock.rfc3339(self.time);
+    /// Appends the line in its style (without the newline) to `out`; `cache` is the writer's.
+    fn write_to(&self, out: &mut Vec<u8>, cache: &mut LineCache) -> std::io::Result<()> {
+        let path = logged_path(self.target.as_deref().unwrap_or(""), self.style.query);
+        let time = cache.clock.rfc3339(self.time);
         if self.style.text {
             self.write_text(&time, &path, out)
         } else {
-            self.write_json(&time, &path, out);
+            self.write_json(&time, &path, out, &mut cache.labels);
             Ok(())
         }
     }
 
     /// The JSON form: one object, its fields in this order, absent ones `null`.
-    fn write_json(&self, time: &[u8; 27], path: &str, out: &mut Vec<u8>) {
+    fn write_json(&self, time: &[u8; 27], path: &str, out: &mut Vec<u8>, labels: &mut Labels) {
         let header = |out: &mut Vec<u8>, value: &HeaderValue| {
-            json::string(out, &lossless(value.as_bytes()));
+            let bytes = value.as_bytes();
+            if !json::plain_ascii(out, bytes) {
+                json::string(out, &lossless(bytes));
+            }
         };
+        out.reserve(768);
         out.extend_from_slice(b"{\"time\":\"");
         out.extend_from_slice(time);
         out.extend_from_slice(b"\",\"trace_id\":\"");
-        if let Some((trace, _)) = self.ids {
-            hex(out, &trace.0);
-        }
-        out.extend_from_slice(b"\",\"span_id\":\"");
-        if let Some((_, span)) = self.ids {
-            hex(out, &span.0);
-        }
+        // Both ids or neither: `…","span_id":"…` made on the stack.
+        let mut ids = *b"00000000000000000000000000000000\",\"span_id\":\"0000000000000000";
+        let ids: &[u8] = match self.ids {
+            Some((trace, span)) => {
+                hex(&mut ids[..32], &trace.0);
+                hex(&mut ids[45..], &span.0);
+                &ids
+            }
+            None => b"\",\"span_id\":\"",
+        };
+        out.extend_from_slice(ids);
         out.extend_from_slice(b"\",\"request_id\":");
         json::or_null(out, self.request_id.as_ref(), header);
-        out.extend_from_slice(b",\"direction\":");
-        json::string(out, &self.direction);
-        out.extend_from_slice(b",\"service\":");
-        json::string(out, &self.service);
-        out.extend_from_slice(b",\"route\":");
-        json::string(out, &self.route);
+        out.extend_from_slice(labels.json(self));
         out.extend_from_slice(b",\"method\":");
         json::string(out, self.method.as_ref().map_or("", Method::as_str));
         out.extend_from_slice(b",\"authority\":");
@@ -725,11 +725,51 @@ impl AccessRecord {
     }
 }
 
-/// `bytes` in lowercase hex.
-fn hex(out: &mut Vec<u8>, bytes: &[u8]) {
-    for byte in bytes {
-        out.push(HEX[usize::from(byte >> 4)]);
-        out.push(HEX[usize::from(byte & 0xf)]);
+/// `bytes` in lowercase hex, filling `out` (twice as long).
+fn hex(out: &mut [u8], bytes: &[u8]) {
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
+    }
+}
+
+/// What the access-log writer keeps from line to line: most lines in a row share their second
+/// and their route.
+#[derive(Default)]
+struct LineCache {
+    clock: TimeText,
+    labels: Labels,
+}
+
+/// The JSON of the last line's direction, service and route (`,"direction":…,"route":…`),
+/// made again only when a line has other labels. They are told apart by address: the labels
+/// are held, so no other labels can take their place in memory meanwhile.
+#[derive(Default)]
+struct Labels {
+    of: Option<[Arc<str>; 3]>,
+    json: Vec<u8>,
+}
+
+impl Labels {
+    fn json(&mut self, record: &AccessRecord) -> &[u8] {
+        let labels = [&record.direction, &record.service, &record.route];
+        let same = self.of.as_ref().is_some_and(|of| {
+            of.iter()
+                .zip(labels)
+                .all(|(held, label)| Arc::ptr_eq(held, label))
+        });
+        if !same {
+            self.json.clear();
+            for (name, label) in [&b",\"direction\":"[..], b",\"service\":", b",\"route\":"]
+                .into_iter()
+                .zip(labels)
+            {
+                self.json.extend_from_slice(name);
+                json::string(&mut self.json, label);
+            }
+            self.of = Some(labels.map(Arc::clone));
+        }
+        &self.json
     }
 }
 
@@ -799,9 +839,11 @@ impl AccessLog {
         let lines = metrics.access_log_lines.clone();
         let progress = Arc::new(LogProgress::default());
         let writer_progress = Arc::clone(&progress);
+        let mut out = stdout_file();
+        let pause = || std::thread::sleep(ACCESS_LOG_BATCH);
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_access_log(rx, &lines, &writer_progress))?;
+            .spawn(move || write_access_log(rx, &mut out, (&lines, &writer_progress), pause))?;
         Ok(Self {
             queue,
             metrics,
@@ -834,44 +876,70 @@ impl AccessLog {
     }
 }
 
+/// File descriptor 1 as a file, written straight: std's stdout is line-buffered whatever it
+/// is, and searched each buffer handed to it for its last newline. When there is no stdout,
+/// lines are discarded as std's stdout discards them.
+fn stdout_file() -> Box<dyn std::io::Write + Send> {
+    use std::os::fd::AsFd;
+    match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => Box::new(std::fs::File::from(fd)),
+        Err(_) => Box::new(std::io::sink()),
+    }
+}
+
+/// The writer thread: writes what is queued as one batch, calls `pause` (lines gather
+/// meanwhile), and again, until the queue is closed and empty.
 fn write_access_log(
     mut rx: mpsc::Receiver<AccessRecord>,
-    lines: &prometheus::IntCounter,
-    progress: &LogProgress,
+    out: &mut dyn std::io::Write,
+    (lines, progress): (&prometheus::IntCounter, &LogProgress),
+    mut pause: impl FnMut(),
 ) {
-    use std::io::Write;
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
-    // Each line is made whole in `line` and handed to the BufWriter in one write_all, which
-    // never splits it between two write(2) calls (a line longer than the buffer goes in one
-    // call of its own).
-    let mut line = Vec::with_capacity(1024);
-    let mut clock = TimeText::default();
-    // A plain thread, outside the runtime: blocking_recv parks it until a line comes.
-    while let Some(record) = rx.blocking_recv() {
-        let mut next = Some(record);
+    // Lines are made in place in `buf`, written once it holds ACCESS_LOG_WRITE bytes or the
+    // batch ends: one write(2) for many lines, and a line is never split between two.
+    let mut buf = Vec::with_capacity(ACCESS_LOG_WRITE + 4096);
+    let mut cache = LineCache::default();
+    // Taken from the queue a few at a time: one move of each record and one release of queue
+    // slots for them all (a lock), where taking them one by one moved each several times.
+    let mut records = Vec::with_capacity(ACCESS_LOG_TAKE);
+    // A plain thread, outside the runtime: blocking_recv_many parks it until a line comes, and
+    // returns 0 once the queue is closed and empty.
+    while rx.blocking_recv_many(&mut records, ACCESS_LOG_TAKE) > 0 {
         let mut batch = 0;
-        // Write everything already queued, then flush once.
-        while let Some(record) = next.take() {
-            line.clear();
-            if record.write_to(&mut line, &mut clock).is_err() {
-                return;
+        // Write everything already queued.
+        loop {
+            for record in &records {
+                let start = buf.len();
+                if record.write_to(&mut buf, &mut cache).is_ok() {
+                    buf.push(b'\n');
+                    batch += 1;
+                } else {
+                    buf.truncate(start);
+                }
+                if buf.len() >= ACCESS_LOG_WRITE {
+                    if out.write_all(&buf).is_err() {
+                        return;
+                    }
+                    buf.clear();
+                }
             }
-            line.push(b'\n');
-            if out.write_all(&line).is_err() {
-                return;
+            records.clear();
+            // Only this thread takes from the queue: not empty now, not empty below.
+            if rx.is_empty() {
+                break;
             }
-            lines.inc();
-            batch += 1;
-            next = rx.try_recv().ok();
+            rx.blocking_recv_many(&mut records, ACCESS_LOG_TAKE);
         }
-        if out.flush().is_err() {
+        if out.write_all(&buf).is_err() {
             return;
         }
+        buf.clear();
+        lines.inc_by(batch);
         progress.flushed.fetch_add(batch, Ordering::Release);
         // Let lines gather before the next batch: under load, waking for each line cost a
         // futex wake-up on the request path and a write(2) per line, about doubling the CPU per
         // request. An idle log still blocks in blocking_recv, with no periodic wake-ups.
-        std::thread::sleep(ACCESS_LOG_BATCH);
+        pause();
     }
 }
 
@@ -1079,27 +1147,24 @@ impl Finish {
                 attempt_spans: std::mem::take(&mut self.report.spans),
             });
         }
-        if let (Some(log), Some(logged)) = (&self.access_log, self.logged.as_deref()) {
+        // The last reader of what only the log needs: moved into the record, not cloned.
+        if let (Some(log), Some(logged)) = (&self.access_log, self.logged.take()) {
             let labels = &self.metrics.labels;
             log.record(AccessRecord {
                 time: self.started_wall,
                 ids: Some((self.trace.trace_id, self.trace.span_id)),
-                request_id: self.request_id.clone(),
+                request_id: self.request_id.take(),
                 direction: Arc::clone(&labels.direction),
                 service: Arc::clone(&labels.service),
                 route: Arc::clone(&labels.route),
                 method: Some(self.method.clone()),
-                // Copied, as for the span above.
+                // Copied, as for the span above, as plain text: parsing the copies again
+                // into an `Authority` and a `Uri` cost more than copying them.
                 authority: self
                     .authority
                     .as_ref()
-                    .map(detached_authority)
-                    .map(LoggedAuthority::Routed),
-                uri: Some(
-                    self.uri
-                        .as_ref()
-                        .map_or_else(|| Uri::from_static("/"), detached_target),
-                ),
+                    .map(|authority| LoggedAuthority::Text(authority.as_str().to_string())),
+                target: Some(logged_target(self.uri.as_ref())),
                 // 0: no response went out (as Envoy logs it).
                 status: if self.responded {
                     self.status.as_u16()
@@ -1122,14 +1187,14 @@ impl Finish {
                 response_bytes: bytes,
                 error,
                 peer: Some(self.peer),
-                user_agent: logged.user_agent.clone(),
+                user_agent: logged.user_agent,
                 http_version: version_name(logged.version),
                 upstream_seconds: self
                     .report
                     .answered
                     .then_some(logged.head_elapsed.as_secs_f64()),
                 grpc_status: self.grpc_status,
-                peer_identity: logged.peer_identity.clone(),
+                peer_identity: logged.peer_identity,
                 style: logged.style,
             });
         }
@@ -1146,6 +1211,15 @@ pub fn detached_target(uri: &Uri) -> Uri {
         })
         // No path (an authority-form CONNECT target): rare enough to share.
         .unwrap_or_else(|| uri.clone())
+}
+
+/// What an access-log line keeps of `uri`: its path and query (`/` without them, or without a
+/// URI), copied, for the reason [`detached_target`] gives.
+pub fn logged_target(uri: Option<&Uri>) -> Box<str> {
+    Box::from(
+        uri.and_then(Uri::path_and_query)
+            .map_or("/", |p| p.as_str()),
+    )
 }
 
 /// `authority` in bytes of its own (see [`detached_target`]).
@@ -1369,7 +1443,8 @@ mod tests {
                 .map_or("", Method::as_str)
                 .to_string(),
             authority: record.authority.as_ref().map(|a| a.as_str().to_string()),
-            path: logged_path(record.target(), record.style.query).into_owned(),
+            path: logged_path(record.target.as_deref().unwrap_or(""), record.style.query)
+                .into_owned(),
             status: record.status,
             response_flags: record.response_flags,
             upstream: record.upstream,
@@ -1422,7 +1497,7 @@ mod tests {
                 } else {
                     LoggedAuthority::Text((*text).to_string())
                 }),
-                uri: Some(Uri::from_static("/p/caf%C3%A9?token=s3cret&debug&x=")),
+                target: Some("/p/caf%C3%A9?token=s3cret&debug&x=".into()),
                 status: 503,
                 response_flags: ResponseFlag::ConnectFailure.code(),
                 upstream: Some("[fd00::7]:8080".parse().expect("address")),
@@ -1443,11 +1518,12 @@ mod tests {
                 },
             });
         }
-        for record in &records {
+        // One writer's cache over all of them, each twice: the second line of a record reuses
+        // what the first left in the cache.
+        let mut cache = LineCache::default();
+        for record in records.iter().flat_map(|record| [record, record]) {
             let mut out = Vec::new();
-            record
-                .write_to(&mut out, &mut TimeText::default())
-                .expect("written");
+            record.write_to(&mut out, &mut cache).expect("written");
             let line = String::from_utf8(out).expect("UTF-8");
             assert_eq!(line, reference_json(record));
         }
@@ -1464,7 +1540,7 @@ mod tests {
         record.style.text = true;
         let mut out = Vec::new();
         record
-            .write_to(&mut out, &mut TimeText::default())
+            .write_to(&mut out, &mut LineCache::default())
             .expect("written");
         let line = String::from_utf8(out).expect("UTF-8");
         assert!(
@@ -1473,5 +1549,135 @@ mod tests {
             ),
             "{line}"
         );
+    }
+}
+
+#[cfg(test)]
+mod writer_tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Keeps each write(2) the writer would make.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl std::io::Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("writes").push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Writes {
+        /// Lines per write.
+        fn lines(&self) -> Vec<usize> {
+            let writes = self.0.lock().expect("writes");
+            writes
+                .iter()
+                .map(|w| w.split(|&b| b == b'\n').count() - 1)
+                .collect()
+        }
+    }
+
+    fn record(error_len: usize) -> AccessRecord {
+        let peer = "127.0.0.1:9".parse().expect("address");
+        AccessRecord::malformed("inbound", peer, 400, "e".repeat(error_len))
+    }
+
+    fn counters() -> (prometheus::IntCounter, LogProgress) {
+        let lines = prometheus::IntCounter::new("lines", "lines").expect("counter");
+        (lines, LogProgress::default())
+    }
+
+    #[test]
+    fn what_is_queued_goes_out_in_one_write_and_all_of_it_before_the_writer_ends() {
+        let (tx, rx) = mpsc::channel(ACCESS_LOG_QUEUE);
+        for _ in 0..100 {
+            tx.try_send(record(10)).expect("queued");
+        }
+        // Closed with lines still queued, as when the last snapshot that logs goes.
+        drop(tx);
+        let writes = Writes::default();
+        let (lines, progress) = counters();
+        let mut pauses = 0;
+        write_access_log(rx, &mut writes.clone(), (&lines, &progress), || pauses += 1);
+        assert_eq!(writes.lines(), [100]);
+        assert_eq!(pauses, 1);
+        assert_eq!(lines.get(), 100);
+        assert_eq!(progress.flushed.load(Ordering::Acquire), 100);
+        for line in writes.0.lock().expect("writes")[0].split(|&b| b == b'\n') {
+            if !line.is_empty() {
+                serde_json::from_slice::<serde_json::Value>(line).expect("a JSON line");
+            }
+        }
+    }
+
+    #[test]
+    fn a_large_batch_is_written_in_chunks_that_end_at_a_line_end() {
+        let (tx, rx) = mpsc::channel(ACCESS_LOG_QUEUE);
+        // About 1,300 bytes a line: 300 lines are several chunks.
+        for _ in 0..300 {
+            tx.try_send(record(1_000)).expect("queued");
+        }
+        drop(tx);
+        let writes = Writes::default();
+        let (lines, progress) = counters();
+        write_access_log(rx, &mut writes.clone(), (&lines, &progress), || {});
+        let all = writes.0.lock().expect("writes").clone();
+        assert!(all.len() > 2, "{} writes", all.len());
+        for (i, write) in all.iter().enumerate() {
+            assert_eq!(write.last(), Some(&b'\n'), "write {i} ends a line");
+            if i + 1 < all.len() {
+                assert!(
+                    write.len() >= ACCESS_LOG_WRITE,
+                    "write {i}: {}",
+                    write.len()
+                );
+                assert!(
+                    write.len() < ACCESS_LOG_WRITE + 2_000,
+                    "write {i}: {}",
+                    write.len()
+                );
+            }
+        }
+        assert_eq!(writes.lines().iter().sum::<usize>(), 300);
+        assert_eq!(progress.flushed.load(Ordering::Acquire), 300);
+    }
+
+    #[test]
+    fn lines_that_come_while_the_writer_pauses_wait_for_its_next_batch() {
+        let (tx, rx) = mpsc::channel(ACCESS_LOG_QUEUE);
+        let writes = Writes::default();
+        // The writer tells when it pauses and waits to be let go: the test decides what is
+        // queued meanwhile.
+        let (paused_tx, paused) = std::sync::mpsc::channel();
+        let (resume, resume_rx) = std::sync::mpsc::channel::<()>();
+        let writer = {
+            let mut out = writes.clone();
+            std::thread::spawn(move || {
+                let (lines, progress) = counters();
+                write_access_log(rx, &mut out, (&lines, &progress), || {
+                    let _ = paused_tx.send(());
+                    let _ = resume_rx.recv();
+                });
+                progress.flushed.load(Ordering::Acquire)
+            })
+        };
+        let deadline = Duration::from_secs(10);
+        tx.try_send(record(10)).expect("queued");
+        paused.recv_timeout(deadline).expect("first batch written");
+        assert_eq!(writes.lines(), [1]);
+        for _ in 0..50 {
+            tx.try_send(record(10)).expect("queued");
+        }
+        resume.send(()).expect("writer waits");
+        paused.recv_timeout(deadline).expect("second batch written");
+        assert_eq!(writes.lines(), [1, 50]);
+        drop(tx);
+        resume.send(()).expect("writer waits");
+        assert_eq!(writer.join().expect("writer ends"), 51);
     }
 }
