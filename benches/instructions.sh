@@ -139,8 +139,11 @@ load() {
 count_instructions() {
     local name=$1 ready=$2 flag=$3 out=$TMP/callgrind-$1 pid ir ok
     shift 3
+    # The proxy's output (the access log of the (l) runs) goes to another directory than the
+    # policy file's: the proxy watches that directory, and would wake on every write to the log.
+    mkdir -p "$TMP/out"
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out.out" \
-        "$@" >"$out.stdout" 2>"$out.log" &
+        "$@" >"$TMP/out/callgrind-$1.stdout" 2>"$out.log" &
     pid=$!
     PIDS+=("$pid")
     wait_http "$ready" || die "$name not ready: $(tail -5 "$out.log")"

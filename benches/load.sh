@@ -417,9 +417,12 @@ start_proxy() {
         --outbound "$HOST:$PORT_OUTBOUND" --inbound "$HOST:$PORT_INBOUND" --admin "$HOST:$PORT_ADMIN"
         --drain-timeout 2s)
     note_cmd "${cmd[@]}"
-    start_bg "$TMP/proxy-$1.log" "${cmd[@]}"
+    # Its output (the access log of the (l) runs) goes to another directory than the policy
+    # file's: the proxy watches that directory, and would wake on every write to the log.
+    mkdir -p "$TMP/out"
+    start_bg "$TMP/out/proxy-$1.log" "${cmd[@]}"
     PROXY_PID=$LAST_PID
-    wait_port "$PROXY_PID" "$PORT_OUTBOUND" "$TMP/proxy-$1.log"
+    wait_port "$PROXY_PID" "$PORT_OUTBOUND" "$TMP/out/proxy-$1.log"
     curl -fsS -o /dev/null "http://$HOST:$PORT_ADMIN/ready" || die "outrider-proxy is not ready"
     local got
     got=$(curl -fsS -H "Host: bench" "http://$HOST:$PORT_OUTBOUND/") || die "no 200 through outrider-proxy"
