@@ -58,6 +58,9 @@ pub struct Applied {
     pub diff: String,
     /// Workloads whose merged policy changed, with their new hashes.
     pub workloads: Vec<WorkloadVersion>,
+    /// What was accepted but will do nothing yet, in words (absent when nothing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// A workload's merged policy identity.

@@ -808,6 +808,9 @@ async fn wait_for_acks(
 }
 
 fn print_applied(name: &str, applied: &Applied, dry_run: bool, colour: bool) {
+    for warning in &applied.warnings {
+        eprintln!("outriderctl: warning: {warning}");
+    }
     if applied.unchanged {
         println!(
             "{name}: unchanged (identical to the version in force, {})",

@@ -252,6 +252,59 @@ async fn an_applied_httproute_changes_live_routing_and_deleting_it_changes_it_ba
     }
 }
 
+/// An HTTPRoute whose parent Service no policy has is accepted (Kubernetes takes it too, and
+/// reports it not attached) but routes nothing: `apply` says so in a warning, the proxies'
+/// policy stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_httproute_whose_parent_no_policy_has_is_accepted_with_a_warning() {
+    let v1 = Upstream::echo(Proto::Http1, "v1").await;
+    let v2 = Upstream::echo(Proto::Http1, "v2").await;
+    let dirs = ControlDirs::new();
+    dirs.write("reviews.yaml", &policy(v1.addr, v2.addr));
+    let control = control::start_control(&dirs);
+    let proxy = spawn_proxy(TempDir::new(), &control.proxy_flags(&dirs, "checkout"));
+    wait_canary_at(&proxy, "v1").await;
+    let (_, config) = proxy.admin_get("/config").await;
+    let before: serde_json::Value = serde_json::from_str(&config).unwrap();
+
+    let docs = TempDir::new();
+    let file = docs.path.join("ratings.yaml");
+    std::fs::write(
+        &file,
+        CANARY.replace(
+            "      kind: Service\n      name: reviews\n",
+            "      kind: Service\n      name: ratings\n",
+        ),
+    )
+    .unwrap();
+    let out = apply(&control, &file).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let warned = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        warned.contains("warning:")
+            && warned.contains("HTTPRoute default/reviews")
+            && warned.contains("no policy has a service named `ratings`"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("pushed to no workload"),
+        "{}",
+        text(&out)
+    );
+
+    // Taken as a document, pushed to no proxy: the canary still goes to v1.
+    let (_, config) = proxy.admin_get("/config").await;
+    let after: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(after["version"], before["version"]);
+    assert_eq!(served_by(&proxy, "reviews", "/", true).await, "v1");
+
+    // Applied again unchanged: nothing new to warn about.
+    let out = apply(&control, &file).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(!text(&out).contains("warning:"), "{}", text(&out));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_httproute_it_cannot_honour_is_refused_with_its_place_and_nothing_is_pushed() {
     let v1 = Upstream::echo(Proto::Http1, "v1").await;

@@ -261,6 +261,7 @@ impl Engine {
                 }
             }
         }
+        outcome.warnings = unparented_routes(&outcome.accepted, &parsed);
         Plan {
             version,
             outcome,
@@ -628,4 +629,34 @@ pub(super) fn rejected_unmergeable(name: &str, message: String, from_file: bool)
         at_ms: now_ms(),
         from_file,
     }
+}
+
+/// Warnings for the Gateway API routes of the `accepted` documents whose parent Services no
+/// document of `parsed` has: accepted, as Kubernetes accepts such a route (and reports it not
+/// attached), but they route nothing until a policy defines one of those services.
+fn unparented_routes(accepted: &[String], parsed: &BTreeMap<String, Policy>) -> Vec<String> {
+    accepted
+        .iter()
+        .filter_map(|name| parsed.get(name).map(|policy| (name, policy)))
+        .flat_map(|(name, policy)| policy.gateway.iter().map(move |routes| (name, routes)))
+        .filter(|(_, routes)| {
+            !routes
+                .parents
+                .iter()
+                .any(|parent| parsed.values().any(|p| p.services.contains_key(parent)))
+        })
+        .map(|(name, routes)| {
+            format!(
+                "{name}: {} routes nothing yet: no policy has a service named {} (its \
+                 parentRefs); it applies to the workloads whose policy has one",
+                routes.title(),
+                routes
+                    .parents
+                    .iter()
+                    .map(|p| format!("`{p}`"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            )
+        })
+        .collect()
 }

@@ -171,6 +171,11 @@ impl Engine {
             None,
             Made::import(),
         )
-        .map(Some)
+        .map(|outcome| {
+            for warning in &outcome.warnings {
+                tracing::warn!("policy directory: {warning}");
+            }
+            Some(outcome)
+        })
     }
 }

@@ -89,6 +89,9 @@ pub struct Outcome {
     pub diffs: BTreeMap<String, String>,
     /// Workloads whose merged policy changed.
     pub workloads: Vec<WorkloadVersion>,
+    /// What was accepted but will do nothing yet (a Gateway API route whose parent Service no
+    /// document has), in words for the operator.
+    pub warnings: Vec<String>,
 }
 
 impl Outcome {
@@ -99,6 +102,7 @@ impl Outcome {
             unchanged: self.unchanged.iter().any(|n| n == name),
             diff: self.diffs.get(name).cloned().unwrap_or_default(),
             workloads: self.workloads.clone(),
+            warnings: self.warnings.clone(),
         }
     }
 }
