@@ -105,7 +105,11 @@ impl Observed {
     /// Hands `end` to the completion, unless it already had the end.
     fn complete(&mut self, end: End) {
         if let Some(completion) = self.completion.take() {
-            completion.complete(end, self.bytes);
+            let upstream = match &mut self.body {
+                ProxyBody::Upstream { body, .. } => Some(body),
+                _ => None,
+            };
+            completion.complete(end, self.bytes, upstream);
         }
     }
 }
@@ -192,18 +196,15 @@ impl ProxyBody {
         }
     }
 
-    /// Polls a frame, and says whether the body ended with it when `want_end` (or when the
-    /// idle timer needs to know anyway): asked at most once per frame, since an HTTP/2 body
-    /// answers under its connection's lock.
-    fn poll_ended(&mut self, cx: &mut Context<'_>, want_end: bool) -> Poll<(Polled, bool)> {
+    /// Polls a frame, and says whether the body ended with it (as the upstream body saw it:
+    /// asking `is_end_stream` again would cost an HTTP/2 body its connection's lock).
+    fn poll_ended(&mut self, cx: &mut Context<'_>) -> Poll<(Polled, bool)> {
         match self {
             Self::Upstream { body, idle, .. } => {
                 let mut ended = false;
                 let polled = match Pin::new(&mut *body).poll_frame(cx) {
                     Poll::Ready(frame) => {
-                        if want_end || idle.is_some() {
-                            ended = body.is_end_stream();
-                        }
+                        ended = body.ended();
                         if let Some(idle) = idle {
                             // The silence starts again, unless that was the last frame (most
                             // small responses): nothing is waited for after it.
@@ -241,8 +242,7 @@ impl Observed {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let want_end = this.completion.as_ref().is_some_and(Completion::wants_end);
-        let (polled, ended) = ready!(this.body.poll_ended(cx, want_end));
+        let (polled, ended) = ready!(this.body.poll_ended(cx));
         match &polled {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
@@ -255,8 +255,8 @@ impl Observed {
                     this.trailers = Some(read.then(|| outcome::grpc_code(trailers)).flatten());
                 }
                 // hyper stops polling a body whose length is reached, so the end is seen
-                // here rather than as a final `None` (asked only when it matters).
-                if ended && want_end {
+                // here rather than as a final `None`.
+                if ended {
                     let end = this.clean_end();
                     this.complete(end);
                 }
@@ -286,7 +286,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Observed(observed) => Pin::new(&mut **observed).poll_observed(cx),
-            body => body.poll_ended(cx, false).map(|(polled, _)| polled),
+            body => body.poll_ended(cx).map(|(polled, _)| polled),
         }
     }
 

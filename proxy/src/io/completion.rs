@@ -4,8 +4,7 @@
 //!
 //! 1. the circuit breaker's permit (the outcome, and the concurrency slot it held);
 //! 2. the outlier report of an endpoint whose outcome was deferred to the body (gRPC);
-//! 3. the pool return: not here yet, the upstream body gives its HTTP/1.1 connection back itself
-//!    when it sees its end ([`UpstreamBody`](super::pool::UpstreamBody));
+//! 3. the pool return of the upstream's HTTP/1.1 connection, when the body ended cleanly;
 //! 4. the metrics;
 //! 5. the access-log line;
 //! 6. the spans.
@@ -17,6 +16,7 @@
 
 use crate::core::errors::ErrorKind;
 use crate::io::outcome::{self, Watch};
+use crate::io::pool::UpstreamBody;
 use crate::policy::breaker::Outcome;
 use crate::telemetry::Finish;
 
@@ -58,14 +58,6 @@ impl Completion {
         Self { health, finish }
     }
 
-    /// Whether the end must be seen with the last frame rather than when the body is polled
-    /// past it or dropped: a breaker permit holds a concurrency slot until then, and hyper
-    /// stops polling a body whose length is reached. Asking costs an HTTP/2 body its
-    /// connection's lock, so it is asked only then.
-    pub fn wants_end(&self) -> bool {
-        self.health.is_some()
-    }
-
     /// Whether the gRPC status of trailers is read: the breaker or outlier detection may need
     /// it, and the span and access log show it for a gRPC request.
     pub fn wants_trailers(&self) -> bool {
@@ -74,14 +66,18 @@ impl Completion {
             || (finish.grpc && (finish.spans.is_some() || finish.logged.is_some()))
     }
 
-    /// Settles the exchange that ended as `end`, after `bytes` response body bytes.
-    pub fn complete(self, end: End, bytes: u64) {
+    /// Settles the exchange that ended as `end`, after `bytes` response body bytes, with
+    /// `upstream` the upstream's body when the response came from one.
+    pub fn complete(self, end: End, bytes: u64, upstream: Option<&mut UpstreamBody>) {
         let Self { health, mut finish } = self;
         // 1 and 2: the breaker permit, then the outlier report.
         if let Some(health) = health {
             settle_upstream(health, &end);
         }
-        // 3: the pool return is the upstream body's own, at its end (see the module's doc).
+        // 3: the pool return. A broken or unfinished body leaves its connection to close.
+        if let (Some(upstream), End::Clean | End::Trailers(_)) = (upstream, &end) {
+            upstream.release();
+        }
         let (cancelled, error) = match end {
             End::Clean => (false, None),
             End::Trailers(code) => {
