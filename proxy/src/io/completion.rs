@@ -176,6 +176,39 @@ mod tests {
         settle_upstream(watch, &reset);
     }
 
+    /// A 200 whose body ends as `end`, its permit from `breaker`.
+    fn ended(breaker: &Arc<CircuitBreaker>, end: End) {
+        let permit = breaker.try_acquire().ok();
+        let verdict = outcome::of_status(StatusCode::OK, None);
+        let watch = Watch::new(permit, verdict, None, None).expect("a permit to watch");
+        settle_upstream(watch, &end);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_grpc_status_in_the_trailers_decides() {
+        let b = breaker();
+        ended(&b, End::Trailers(Some(0)));
+        ended(&b, End::Trailers(None));
+        ended(&b, End::Clean);
+        assert_eq!(b.state(), BreakerState::Closed);
+        // UNAVAILABLE.
+        ended(&b, End::Trailers(Some(14)));
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_who_left_before_a_verdict_says_nothing_of_the_upstream() {
+        let b = breaker();
+        ended(&b, End::Dropped);
+        assert_eq!(b.state(), BreakerState::Closed);
+        // A 5xx head had decided: the caller leaving does not undo it.
+        let permit = b.try_acquire().ok();
+        let verdict = outcome::of_status(StatusCode::SERVICE_UNAVAILABLE, None);
+        let watch = Watch::new(permit, verdict, None, None).expect("a permit to watch");
+        settle_upstream(watch, &End::Dropped);
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_body_cut_for_the_callers_silence_is_not_the_upstreams_failure() {
         let b = breaker();
