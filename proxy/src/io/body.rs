@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,7 +13,8 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use crate::core::errors::{BoxError, ErrorKind};
-use crate::io::outcome::Watch;
+use crate::io::completion::{Completion, End};
+use crate::io::outcome::{self, Watch};
 use crate::io::pool::{UpstreamBody, UpstreamBodyError};
 use crate::policy::timeout::{self, Timer};
 use crate::telemetry::Finish;
@@ -40,6 +41,9 @@ pub fn failure_kind(error: &BoxError) -> ErrorKind {
     }
 }
 
+/// What polling a body gives: a frame, its failure, or its end.
+type Polled = Option<Result<Frame<Bytes>, BoxError>>;
+
 /// A response body sent to the downstream caller.
 #[derive(Debug)]
 pub enum ProxyBody {
@@ -49,33 +53,64 @@ pub enum ProxyBody {
         body: UpstreamBody,
         /// Cuts the body if no frame arrives in time.
         idle: Option<IdleTimer>,
-        /// Reports the exchange's outcome to the circuit breaker when the body ends.
+        /// The breaker permit and deferred endpoint of the exchange, carried from where the
+        /// response is made to [`Observed::wrap`], which hands them to the exchange's
+        /// completion. The body never settles them.
         watch: Option<Watch>,
     },
     /// Produced by the proxy; `None` once sent.
     Full(Option<Bytes>),
-    /// Any of the above, counted, and reported (metrics, access log, spans) when it ends.
+    /// Any of the above, counted, its end handed to the exchange's completion (breaker,
+    /// outlier detection, metrics, access log, spans).
     Observed(Box<Observed>),
 }
 
-/// A response body that reports its request when it ends, fails, or is dropped unfinished.
+/// A response body that sees how it ends (cleanly, with trailers, broken, or dropped
+/// unfinished) and hands that to its exchange's [`Completion`], once.
 pub struct Observed {
     /// The body sent.
     pub body: ProxyBody,
     /// Data bytes sent so far.
     pub bytes: u64,
-    /// The report; taken when it is made.
-    pub finish: Option<Finish>,
+    /// Trailers came, with their gRPC status if it was read.
+    pub trailers: Option<Option<u8>>,
+    /// What the end settles; taken when it comes.
+    pub completion: Option<Completion>,
 }
 
 impl Observed {
-    /// Wraps `body` to report with `finish`.
-    pub fn wrap(body: ProxyBody, finish: Finish) -> ProxyBody {
+    /// Wraps `body` to report with `finish`; an upstream body's breaker permit and deferred
+    /// endpoint move to the completion with it.
+    pub fn wrap(mut body: ProxyBody, finish: Finish) -> ProxyBody {
+        let health = match &mut body {
+            ProxyBody::Upstream { watch, .. } => watch.take(),
+            _ => None,
+        };
         ProxyBody::Observed(Box::new(Self {
             body,
             bytes: 0,
-            finish: Some(finish),
+            trailers: None,
+            completion: Some(Completion::new(finish, health)),
         }))
+    }
+
+    /// How a body that reached its end ended.
+    fn clean_end(&self) -> End {
+        match self.trailers {
+            Some(code) => End::Trailers(code),
+            None => End::Clean,
+        }
+    }
+
+    /// Hands `end` to the completion, unless it already had the end.
+    fn complete(&mut self, end: End) {
+        if let Some(completion) = self.completion.take() {
+            let upstream = match &mut self.body {
+                ProxyBody::Upstream { body, .. } => Some(body),
+                _ => None,
+            };
+            completion.complete(end, self.bytes, upstream);
+        }
     }
 }
 
@@ -90,28 +125,15 @@ impl std::fmt::Debug for Observed {
 
 impl Drop for Observed {
     fn drop(&mut self) {
-        if let Some(mut finish) = self.finish.take() {
-            // A body dropped before its end: the caller went away (a reset stream: a gRPC
-            // deadline or cancel; or a closed connection).
-            finish.cancelled = !self.body.is_end_stream();
-            finish.end(self.bytes, None);
-        }
-    }
-}
-
-impl Drop for ProxyBody {
-    fn drop(&mut self) {
-        // A body that was complete before anyone polled it (no content) still ends the
-        // exchange cleanly.
-        if let Self::Upstream {
-            body,
-            watch: Some(watch),
-            ..
-        } = self
-        {
-            if body.is_end_stream() {
-                watch.end();
-            }
+        if self.completion.is_some() {
+            // A body complete before anyone polled it (no content), or whose last frame
+            // hyper took without polling past it, ended; any other was dropped before its
+            // end: the caller went away.
+            let end = match self.body.is_end_stream() {
+                true => self.clean_end(),
+                false => End::Dropped,
+            };
+            self.complete(end);
         }
     }
 }
@@ -154,8 +176,9 @@ impl ProxyBody {
         Self::Full(Some(bytes))
     }
 
-    /// The upstream's body, bounded by `idle` when set, its end reported to `watch` if any.
-    /// `timer` is the exchange's timer, if it made one: the idle timeout reuses it.
+    /// The upstream's body, bounded by `idle` when set, carrying `watch` (if any) to the
+    /// exchange's completion ([`Observed::wrap`]). `timer` is the exchange's timer, if it made
+    /// one: the idle timeout reuses it.
     pub fn upstream(
         body: UpstreamBody,
         idle: Option<Duration>,
@@ -172,26 +195,16 @@ impl ProxyBody {
             watch,
         }
     }
-}
 
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            Self::Upstream { body, idle, watch } => {
-                // Whether the body ended with the frame polled, asked once: an HTTP/2 body
-                // answers under its connection's lock.
+    /// Polls a frame, and says whether the body ended with it (as the upstream body saw it:
+    /// asking `is_end_stream` again would cost an HTTP/2 body its connection's lock).
+    fn poll_ended(&mut self, cx: &mut Context<'_>) -> Poll<(Polled, bool)> {
+        match self {
+            Self::Upstream { body, idle, .. } => {
                 let mut ended = false;
                 let polled = match Pin::new(&mut *body).poll_frame(cx) {
                     Poll::Ready(frame) => {
-                        if idle.is_some() || watch.is_some() {
-                            ended = body.is_end_stream();
-                        }
+                        ended = body.ended();
                         if let Some(idle) = idle {
                             // The silence starts again, unless that was the last frame (most
                             // small responses): nothing is waited for after it.
@@ -211,57 +224,69 @@ impl Body for ProxyBody {
                         None => return Poll::Pending,
                     },
                 };
-                if let Some(watch) = watch {
-                    match &polled {
-                        Some(Ok(frame)) => {
-                            if let Some(trailers) = frame.trailers_ref() {
-                                watch.trailers(trailers);
-                            }
-                            // hyper stops polling a body whose length is reached, so the end
-                            // is seen here rather than as a final `None`.
-                            if ended {
-                                watch.end();
-                            }
-                        }
-                        Some(Err(_)) => watch.fail(),
-                        None => watch.end(),
-                    }
-                }
-                Poll::Ready(polled)
+                Poll::Ready((polled, ended))
             }
-            Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Full(bytes) => Poll::Ready((bytes.take().map(|b| Ok(Frame::data(b))), true)),
             Self::Observed(observed) => {
-                let polled = Pin::new(&mut observed.body).poll_frame(cx);
-                match &polled {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let Some(data) = frame.data_ref() {
-                            observed.bytes += data.len() as u64;
-                        } else if let (Some(trailers), Some(finish)) =
-                            (frame.trailers_ref(), &mut observed.finish)
-                        {
-                            let wanted = finish.spans.is_some() || finish.logged.is_some();
-                            if finish.grpc && wanted {
-                                if let Some(code) = crate::io::outcome::grpc_code(trailers) {
-                                    finish.grpc_status = Some(code);
-                                }
-                            }
-                        }
-                    }
-                    Poll::Ready(Some(Err(error))) => {
-                        if let Some(finish) = observed.finish.take() {
-                            let kind = failure_kind(error);
-                            finish.end(observed.bytes, Some((kind, error.to_string())));
-                        }
-                    }
-                    Poll::Ready(None) => {
-                        if let Some(finish) = observed.finish.take() {
-                            finish.end(observed.bytes, None);
-                        }
-                    }
-                    Poll::Pending => {}
-                }
-                polled
+                let polled = ready!(Pin::new(&mut **observed).poll_observed(cx));
+                Poll::Ready((polled, false))
             }
+        }
+    }
+}
+
+impl Observed {
+    /// Polls the body, counting what passes and handing its end to the completion.
+    fn poll_observed(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let (polled, ended) = ready!(this.body.poll_ended(cx));
+        match &polled {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    let read = this
+                        .completion
+                        .as_ref()
+                        .is_some_and(Completion::wants_trailers);
+                    this.trailers = Some(read.then(|| outcome::grpc_code(trailers)).flatten());
+                }
+                // hyper stops polling a body whose length is reached, so the end is seen
+                // here rather than as a final `None`.
+                if ended {
+                    let end = this.clean_end();
+                    this.complete(end);
+                }
+            }
+            Some(Err(error)) => {
+                if this.completion.is_some() {
+                    let end = End::Error(failure_kind(error), error.to_string());
+                    this.complete(end);
+                }
+            }
+            None => {
+                let end = this.clean_end();
+                this.complete(end);
+            }
+        }
+        Poll::Ready(polled)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Observed(observed) => Pin::new(&mut **observed).poll_observed(cx),
+            body => body.poll_ended(cx).map(|(polled, _)| polled),
         }
     }
 

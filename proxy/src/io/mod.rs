@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod classify;
+pub mod completion;
 pub mod connect;
 pub mod connection;
 pub mod detect;

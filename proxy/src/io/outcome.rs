@@ -3,11 +3,11 @@
 //! response headers (trailers-only responses) or in the trailers at the end of the body. 4xx
 //! and other gRPC statuses are the caller's problem, not the upstream's, and count as success.
 //!
-//! A verdict that needs the body (gRPC trailers, a reset mid-stream) is reached by a
-//! [`Watch`] that travels inside the response body and holds the breaker permit, so the
-//! request also counts against the concurrency limit until its body is done. With outlier
-//! detection, a gRPC response whose status is still to come also reports to its endpoint from
-//! there.
+//! A verdict that needs the body (gRPC trailers, a reset mid-stream) is reached when the body
+//! ends, by the exchange's completion ([`completion`](super::completion)), from a [`Watch`]
+//! that holds the breaker permit until then, so the request also counts against the
+//! concurrency limit until its body is done. With outlier detection, a gRPC response whose
+//! status is still to come also reports to its endpoint from there.
 
 use std::sync::Arc;
 
@@ -63,7 +63,8 @@ pub fn grpc(headers: &HeaderMap) -> Option<Outcome> {
     grpc_code(headers).map(of_grpc_code)
 }
 
-fn of_grpc_code(code: u8) -> Outcome {
+/// The outcome a gRPC status `code` gives.
+pub fn of_grpc_code(code: u8) -> Outcome {
     if GRPC_FAILURES.contains(&code) {
         Outcome::Failure
     } else {
@@ -84,14 +85,19 @@ pub fn is_grpc<B>(response: &Response<B>) -> bool {
 #[derive(Clone)]
 pub struct Deferred(pub Arc<Endpoint>);
 
-/// Carries a breaker permit, and an endpoint awaiting its outcome, through the response body
-/// until the exchange's outcome is known.
+/// Carries a breaker permit, and an endpoint awaiting its outcome, from the exchange to its
+/// completion ([`completion`](super::completion)), which settles them when the response body
+/// ends. It settles nothing itself: dropped unsettled, its permit is released without an
+/// outcome.
 pub struct Watch {
-    permit: Option<BreakerPermit>,
-    endpoint: Option<(Arc<Upstream>, Arc<Endpoint>)>,
-    verdict: Option<Outcome>,
+    /// The breaker's permit, holding a slot of the concurrency limit until the body is done.
+    pub permit: Option<BreakerPermit>,
+    /// An endpoint whose outcome outlier detection awaits (a deferred gRPC status).
+    pub endpoint: Option<(Arc<Upstream>, Arc<Endpoint>)>,
+    /// The outcome the response head gave, if it decided.
+    pub verdict: Option<Outcome>,
     /// Says whether the request body was cut for the caller's silence.
-    stall: Option<BodyStall>,
+    pub stall: Option<BodyStall>,
 }
 
 impl std::fmt::Debug for Watch {
@@ -123,89 +129,9 @@ impl Watch {
         })
     }
 
-    /// The body delivered trailers: a gRPC status there decides, unless the head already did.
-    pub fn trailers(&mut self, trailers: &HeaderMap) {
-        if self.verdict.is_none() {
-            self.verdict = grpc(trailers);
-        }
-    }
-
-    /// The body ended cleanly: the verdict so far, else success.
-    pub fn end(&mut self) {
-        let outcome = self.verdict.unwrap_or(Outcome::Success);
-        self.settle(outcome);
-    }
-
-    /// The body broke (reset, idle timeout): a failure whatever the head said, unless it broke
-    /// because the caller went silent mid-upload: that says nothing about the upstream, so
-    /// the outcome is left as the head gave it (see `Drop`).
-    pub fn fail(&mut self) {
-        if self.stall.as_ref().is_some_and(|s| s.stalled().is_some()) {
-            return;
-        }
-        self.settle(Outcome::Failure);
-    }
-
-    fn settle(&mut self, outcome: Outcome) {
-        if let Some(permit) = self.permit.take() {
-            permit.record(outcome);
-        }
-        if let Some((upstream, endpoint)) = self.endpoint.take() {
-            upstream.report(&endpoint, outcome);
-        }
-    }
-}
-
-impl Drop for Watch {
-    /// A body dropped before its end (the caller went away) keeps a verdict already reached;
-    /// with none, the permit is released without an outcome.
-    fn drop(&mut self) {
-        if let Some(outcome) = self.verdict {
-            self.settle(outcome);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use outrider_config::CircuitBreaker as BreakerConfig;
-
-    use super::*;
-    use crate::policy::breaker::{BreakerState, CircuitBreaker};
-
-    fn breaker() -> Arc<CircuitBreaker> {
-        let config = BreakerConfig {
-            consecutive_failures: Some(1),
-            failure_rate: None,
-            open_for: outrider_config::Duration::from_secs(10),
-            half_open_requests: 1,
-            max_open_for: outrider_config::Duration::from_secs(60),
-            max_concurrent_requests: None,
-            max_pending_requests: None,
-        };
-        Arc::new(CircuitBreaker::new("svc".into(), &config))
-    }
-
-    /// A 200 whose body then breaks, with the request body cut for the caller's silence or not.
-    fn broken_body(breaker: &Arc<CircuitBreaker>, stalled: bool) {
-        let stall = BodyStall::new(Duration::from_secs(1));
-        if stalled {
-            stall.set();
-        }
-        let permit = breaker.try_acquire().ok();
-        let mut watch = Watch::new(permit, of_status(StatusCode::OK, None), None, Some(stall))
-            .expect("a permit to watch");
-        watch.fail();
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_body_cut_for_the_callers_silence_is_not_the_upstreams_failure() {
-        let b = breaker();
-        broken_body(&b, true);
-        assert_eq!(b.state(), BreakerState::Closed);
-        broken_body(&b, false);
-        assert_eq!(b.state(), BreakerState::Open, "any other break is");
+    /// Whether the request body was cut for the caller's silence: a body that broke then says
+    /// nothing about the upstream.
+    pub fn stalled(&self) -> bool {
+        self.stall.as_ref().is_some_and(|s| s.stalled().is_some())
     }
 }

@@ -995,7 +995,8 @@ impl ExchangeReport {
 }
 
 /// Everything needed to report a request when its response body ends. Built once per
-/// request; dropped (with the report) when the body finishes or the caller goes away.
+/// request; read by the exchange's completion (`io::completion`) when the body ends or the
+/// caller goes away, or reported by its own drop when the caller left before the response.
 pub struct Finish {
     /// The matched target's metrics and labels.
     pub metrics: Arc<RouteMetrics>,
@@ -1040,8 +1041,8 @@ pub struct Finish {
     pub responded: bool,
     /// The caller left before the response ended.
     pub cancelled: bool,
-    /// Reported (by [`Finish::end`], or by the drop of an exchange whose caller left); built
-    /// `false`.
+    /// Reported (by the exchange's completion through [`Finish::ending`], or by the drop of
+    /// an exchange whose caller left before the response); built `false`.
     pub ended: bool,
     /// What only the access log reads, when it is on.
     pub logged: Option<Box<LoggedOnly>>,
@@ -1066,15 +1067,35 @@ pub struct LoggedOnly {
 impl Drop for Finish {
     fn drop(&mut self) {
         // A request whose handler was dropped before its response (an HTTP/2 caller's reset:
-        // a gRPC deadline or cancel) is reported here, as cancelled.
+        // a gRPC deadline or cancel) never reaches the exchange's completion: it is reported
+        // here, as cancelled, in the completion's order.
         if !self.ended {
-            self.cancelled = true;
-            self.report(0, None);
+            let mut ended = self.ending(0, true, None);
+            self.count(&ended);
+            self.log(&mut ended);
+            self.span(ended);
         }
-        // Here rather than in `end`, so a request whose handler was dropped is not counted
-        // in flight forever.
+        // Here rather than in the report, so a request whose handler was dropped is not
+        // counted in flight forever.
         self.metrics.traffic.active.dec();
     }
+}
+
+/// How a request ended, as its report reads it: worked out once by [`Finish::ending`], then
+/// read by the metrics ([`Finish::count`]), the access log ([`Finish::log`]) and the span
+/// ([`Finish::span`]).
+#[derive(Debug)]
+pub struct Ending {
+    /// Response body bytes sent.
+    bytes: u64,
+    /// From arrival to the end.
+    elapsed: Duration,
+    /// Who made the response, or that the caller left.
+    flag: ResponseFlag,
+    /// The kind of `error`.
+    error_kind: Option<ErrorKind>,
+    /// Why the exchange failed, if it did; taken by the last report that reads it.
+    error: Option<String>,
 }
 
 impl Finish {
@@ -1083,27 +1104,24 @@ impl Finish {
         metrics.traffic.active.inc();
     }
 
-    /// Reports the request: the response body ended after `bytes` bytes, with `error` (its
-    /// kind and text) when it did not end cleanly.
-    pub fn end(mut self, bytes: u64, error: Option<(ErrorKind, String)>) {
-        self.report(bytes, error);
-    }
-
-    fn report(&mut self, bytes: u64, error: Option<(ErrorKind, String)>) {
+    /// The request ended after `bytes` response body bytes: `cancelled` when the caller left
+    /// before the end, with `error` (its kind and text) when the body broke. Marks the request
+    /// reported; the three reports follow ([`Finish::count`], [`Finish::log`],
+    /// [`Finish::span`]).
+    pub fn ending(
+        &mut self,
+        bytes: u64,
+        cancelled: bool,
+        error: Option<(ErrorKind, String)>,
+    ) -> Ending {
         self.ended = true;
-        let elapsed = self.started.elapsed();
+        self.cancelled = cancelled;
         let flag = if self.cancelled || !self.responded {
             ResponseFlag::DownstreamCancelled
         } else {
             self.report.flag
         };
-        self.metrics.count_ended(&self.method, self.status, flag);
-        let traffic = &self.metrics.traffic;
-        // `outrider_request_bytes_total` is added to by the request body itself when it ends,
-        // which can be after this (an upstream answering before reading the whole body).
-        traffic.response_bytes.inc_by(bytes);
-        traffic.stream_duration.observe(elapsed.as_secs_f64());
-        let (error_kind, mut error) = match (self.cancelled, &self.report.error) {
+        let (error_kind, error) = match (self.cancelled, &self.report.error) {
             (true, _) => (
                 Some(ErrorKind::DownstreamDisconnect),
                 Some(format!(
@@ -1114,90 +1132,124 @@ impl Finish {
             (false, Some(reported)) => (self.report.error_kind, Some(reported.clone())),
             (false, None) => error.map_or((None, None), |(kind, text)| (Some(kind), Some(text))),
         };
-        if let Some(sink) = &self.spans {
-            // What the access log reads below is cloned; what only the span needs is moved.
-            let logged = self.access_log.is_some();
+        Ending {
+            bytes,
+            elapsed: self.started.elapsed(),
+            flag,
+            error_kind,
+            error,
+        }
+    }
+
+    /// The metrics: the request counted by status and flag, its response bytes and its time
+    /// to the end of the stream.
+    pub fn count(&self, ended: &Ending) {
+        self.metrics
+            .count_ended(&self.method, self.status, ended.flag);
+        let traffic = &self.metrics.traffic;
+        // `outrider_request_bytes_total` is added to by the request body itself when it ends,
+        // which can be after this (an upstream answering before reading the whole body).
+        traffic.response_bytes.inc_by(ended.bytes);
+        traffic.stream_duration.observe(ended.elapsed.as_secs_f64());
+    }
+
+    /// The access-log line, when the log is on.
+    /// What only the log needs is moved into the record (the span, next, does not read it).
+    pub fn log(&mut self, ended: &mut Ending) {
+        let (Some(log), Some(logged)) = (&self.access_log, self.logged.take()) else {
+            return;
+        };
+        // The span reads the error after the line: it is cloned only when a span follows.
+        let error = match self.spans {
+            Some(_) => ended.error.clone(),
+            None => ended.error.take(),
+        };
+        let labels = &self.metrics.labels;
+        log.record(AccessRecord {
+            time: self.started_wall,
+            ids: Some((self.trace.trace_id, self.trace.span_id)),
+            request_id: self.request_id.take(),
+            direction: Arc::clone(&labels.direction),
+            service: Arc::clone(&labels.service),
+            route: Arc::clone(&labels.route),
+            method: Some(self.method.clone()),
             // Copied, not shared: the request's URI and authority share the caller
             // connection's read buffer, which a queued record would keep alive for as long as
-            // it waits (a full queue's worth while the collector or stdout is slow).
-            let labels = &self.metrics.labels;
-            sink.record(span::RequestSpan {
-                server: self.server,
-                trace: self.trace.clone(),
-                started: self.started,
-                started_wall: self.started_wall,
-                elapsed,
-                method: self.method.clone(),
-                uri: self.uri.as_ref().map(detached_target),
-                authority: self.authority.as_ref().map(detached_authority),
-                version: self.report.version,
-                peer: self.peer,
-                endpoint: self.report.endpoint,
-                service: Arc::clone(&labels.service),
-                route: Arc::clone(&labels.route),
-                http_route: self.http_route.take(),
-                attempts: self.report.attempts,
-                status: self.responded.then_some(self.status),
-                grpc: self.grpc,
-                grpc_status: self.grpc_status,
-                error: if logged { error.clone() } else { error.take() },
-                error_kind,
-                cancelled: self.cancelled,
-                flag,
-                attempt_spans: std::mem::take(&mut self.report.spans),
-            });
-        }
-        // The last reader of what only the log needs: moved into the record, not cloned.
-        if let (Some(log), Some(logged)) = (&self.access_log, self.logged.take()) {
-            let labels = &self.metrics.labels;
-            log.record(AccessRecord {
-                time: self.started_wall,
-                ids: Some((self.trace.trace_id, self.trace.span_id)),
-                request_id: self.request_id.take(),
-                direction: Arc::clone(&labels.direction),
-                service: Arc::clone(&labels.service),
-                route: Arc::clone(&labels.route),
-                method: Some(self.method.clone()),
-                // Copied, as for the span above, as plain text: parsing the copies again
-                // into an `Authority` and a `Uri` cost more than copying them.
-                authority: self
-                    .authority
-                    .as_ref()
-                    .map(|authority| LoggedAuthority::Text(authority.as_str().to_string())),
-                target: Some(logged_target(self.uri.as_ref())),
-                // 0: no response went out (as Envoy logs it).
-                status: if self.responded {
-                    self.status.as_u16()
-                } else {
-                    0
-                },
-                response_flags: flag.code(),
-                upstream: self.report.endpoint,
-                attempts: self.report.attempts,
-                duration_seconds: elapsed.as_secs_f64(),
-                // Final whenever the upstream read the whole request before its response
-                // ended (the usual order: a byte reaches the upstream only after it is
-                // counted). An upstream that answers early (a 413, a streaming reply cut
-                // short) leaves the request body unfinished: the line then has the bytes
-                // that passed so far, while the metric gets the rest when the body ends.
-                request_bytes: self
-                    .request_bytes
-                    .as_ref()
-                    .map_or(0, |seen| seen.load(Ordering::Relaxed)),
-                response_bytes: bytes,
-                error,
-                peer: Some(self.peer),
-                user_agent: logged.user_agent,
-                http_version: version_name(logged.version),
-                upstream_seconds: self
-                    .report
-                    .answered
-                    .then_some(logged.head_elapsed.as_secs_f64()),
-                grpc_status: self.grpc_status,
-                peer_identity: logged.peer_identity,
-                style: logged.style,
-            });
-        }
+            // it waits (a full queue's worth while the collector or stdout is slow). Copied as
+            // plain text: parsing the copies again into an `Authority` and a `Uri` cost more
+            // than copying them.
+            authority: self
+                .authority
+                .as_ref()
+                .map(|authority| LoggedAuthority::Text(authority.as_str().to_string())),
+            target: Some(logged_target(self.uri.as_ref())),
+            // 0: no response went out (as Envoy logs it).
+            status: if self.responded {
+                self.status.as_u16()
+            } else {
+                0
+            },
+            response_flags: ended.flag.code(),
+            upstream: self.report.endpoint,
+            attempts: self.report.attempts,
+            duration_seconds: ended.elapsed.as_secs_f64(),
+            // Final whenever the upstream read the whole request before its response
+            // ended (the usual order: a byte reaches the upstream only after it is
+            // counted). An upstream that answers early (a 413, a streaming reply cut
+            // short) leaves the request body unfinished: the line then has the bytes
+            // that passed so far, while the metric gets the rest when the body ends.
+            request_bytes: self
+                .request_bytes
+                .as_ref()
+                .map_or(0, |seen| seen.load(Ordering::Relaxed)),
+            response_bytes: ended.bytes,
+            error,
+            peer: Some(self.peer),
+            user_agent: logged.user_agent,
+            http_version: version_name(logged.version),
+            upstream_seconds: self
+                .report
+                .answered
+                .then_some(logged.head_elapsed.as_secs_f64()),
+            grpc_status: self.grpc_status,
+            peer_identity: logged.peer_identity,
+            style: logged.style,
+        });
+    }
+
+    /// The request's spans (and its attempts'), when it is sampled and spans are exported.
+    /// What only the span needs is moved out of the report.
+    pub fn span(&mut self, ended: Ending) {
+        let Some(sink) = &self.spans else {
+            return;
+        };
+        let labels = &self.metrics.labels;
+        sink.record(span::RequestSpan {
+            server: self.server,
+            trace: self.trace.clone(),
+            started: self.started,
+            started_wall: self.started_wall,
+            elapsed: ended.elapsed,
+            method: self.method.clone(),
+            // Copied, as for the access log.
+            uri: self.uri.as_ref().map(detached_target),
+            authority: self.authority.as_ref().map(detached_authority),
+            version: self.report.version,
+            peer: self.peer,
+            endpoint: self.report.endpoint,
+            service: Arc::clone(&labels.service),
+            route: Arc::clone(&labels.route),
+            http_route: self.http_route.take(),
+            attempts: self.report.attempts,
+            status: self.responded.then_some(self.status),
+            grpc: self.grpc,
+            grpc_status: self.grpc_status,
+            error: ended.error,
+            error_kind: ended.error_kind,
+            cancelled: self.cancelled,
+            flag: ended.flag,
+            attempt_spans: std::mem::take(&mut self.report.spans),
+        });
     }
 }
 

@@ -154,8 +154,8 @@ impl SendAttempt for &Script {
 
     /// The body ends at once, cleanly: the breaker hears the exchange's verdict now.
     fn respond(_: (), _: Option<Duration>, watch: Option<Watch>, _: Timer) -> ProxyBody {
-        if let Some(mut watch) = watch {
-            watch.end();
+        if let Some(watch) = watch {
+            crate::io::completion::settle_upstream(watch, &crate::io::completion::End::Clean);
         }
         ProxyBody::empty()
     }

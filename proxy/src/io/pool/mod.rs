@@ -2,8 +2,9 @@
 //! time, or one multiplexed HTTP/2 connection.
 //!
 //! Each endpoint has its own pool, so unlike hyper-util's general client there is no key to hash
-//! per request, no connector to clone, and no task to spawn to return a connection: a response
-//! body gives its HTTP/1.1 connection back itself when it ends ([`UpstreamBody`]).
+//! per request, no connector to clone, and no task to spawn to return a connection: the
+//! exchange's completion gives a response body's HTTP/1.1 connection back when the body ends
+//! ([`UpstreamBody::release`]).
 //!
 //! An HTTP/1.1 request without a body (most of them) is exchanged by the request's own task on
 //! the connection (`direct`); one with a body, or asking for an upgrade, goes through hyper's
@@ -241,6 +242,7 @@ impl EndpointPool {
                             reuse,
                             trailers_seen: false,
                         },
+                        ended: false,
                     }));
                 }
                 Err(mut error) => match error.take_message() {
@@ -275,6 +277,7 @@ impl EndpointPool {
                             reuse: None,
                             trailers_seen: false,
                         },
+                        ended: false,
                     }))
                 }
                 Err(mut error) => match error.take_message() {
@@ -312,6 +315,7 @@ impl EndpointPool {
                     let pool = head.keep_alive.then(|| Arc::clone(self));
                     return Ok(head.response.map(|()| UpstreamBody {
                         kind: Kind::Direct { body, pool },
+                        ended: false,
                     }));
                 }
                 // The upstream closed an idle connection as we picked it (it did not say so in
@@ -488,10 +492,14 @@ async fn reap_idle(pool: Weak<EndpointPool>) {
     }
 }
 
-/// A response body from an endpoint. Its HTTP/1.1 connection goes back to the pool when the
-/// body ends; one dropped before its end leaves the connection to close.
+/// A response body from an endpoint. It only observes its end ([`UpstreamBody::ended`]); the
+/// exchange's completion gives its HTTP/1.1 connection back ([`UpstreamBody::release`]). One
+/// dropped at its end without a completion (an attempt's response a retry set aside) gives it
+/// back itself; one dropped before its end leaves the connection to close.
 pub struct UpstreamBody {
     kind: Kind,
+    /// The last frame was delivered (trailers, a frame that reached the length, or the end).
+    ended: bool,
 }
 
 enum Kind {
@@ -511,7 +519,15 @@ enum Kind {
 }
 
 impl UpstreamBody {
-    fn release(&mut self) {
+    /// The body delivered its last frame: cheaper to ask than [`Body::is_end_stream`] (an
+    /// HTTP/2 body answers that under its connection's lock), and known since that frame.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Gives the HTTP/1.1 connection back to its pool if the body was read to its end and the
+    /// connection can take another request; else (or a second time) nothing.
+    pub fn release(&mut self) {
         match &mut self.kind {
             Kind::Http { reuse, .. } => {
                 if let Some((pool, sender)) = reuse.take() {
@@ -548,7 +564,9 @@ impl std::fmt::Debug for UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        // A body complete before anyone read it (no content, HEAD) still frees its connection.
+        // A body that ended without reaching a completion (an attempt's response set aside by
+        // a retry, or complete before anyone read it: no content, HEAD) still frees its
+        // connection; after the completion's release this finds nothing to give back.
         if self.is_end_stream() {
             self.release();
         }
@@ -575,12 +593,11 @@ impl Body for UpstreamBody {
                     // A caller's server need not poll again after trailers, the last frame.
                     Some(Ok(frame)) if frame.is_trailers() => {
                         *trailers_seen = true;
-                        this.release();
+                        this.ended = true;
                     }
                     // hyper stops polling a body whose length is reached: the end is seen here.
-                    Some(Ok(_)) if body.is_end_stream() => this.release(),
-                    Some(Ok(_)) => {}
-                    None => this.release(),
+                    Some(Ok(_)) => this.ended = body.is_end_stream(),
+                    None => this.ended = true,
                     // A broken body leaves a broken connection.
                     Some(Err(_)) => *reuse = None,
                 }
@@ -588,9 +605,7 @@ impl Body for UpstreamBody {
             }
             Kind::Direct { body, .. } => {
                 let polled = ready!(body.poll_frame(cx));
-                if body.is_end_stream() {
-                    this.release();
-                }
+                this.ended = body.is_end_stream();
                 Poll::Ready(polled.map(|frame| frame.map_err(UpstreamBodyError::Direct)))
             }
         }
