@@ -1,0 +1,1087 @@
+//! The access log: one record per request, queued without waiting (dropped and counted when
+//! the queue is full) and formatted (JSON or text) on the writer thread, which writes lines in
+//! batches to stdout.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::header::HeaderValue;
+use http::uri::Authority;
+use http::Method;
+use outrider_config::QueryLogging;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::json;
+use super::{detached_authority, logged_target};
+use crate::core::errors::ResponseFlag;
+use crate::telemetry::metrics::TelemetryMetrics;
+use crate::trace::{SpanId, TraceContext, TraceId};
+
+/// How long the access-log writer lets lines gather after writing a batch: lines reach stdout
+/// at most this much later, and the queue ([`ACCESS_LOG_QUEUE`] lines) absorbs what arrives
+/// meanwhile up to hundreds of thousands of lines per second.
+const ACCESS_LOG_BATCH: Duration = Duration::from_millis(20);
+/// Bytes of access-log lines the writer gathers before a write(2).
+const ACCESS_LOG_WRITE: usize = 64 * 1024;
+/// Access-log records the writer takes from the queue at a time.
+const ACCESS_LOG_TAKE: usize = 64;
+/// Access-log lines waiting for the writer at most.
+pub const ACCESS_LOG_QUEUE: usize = 8192;
+
+/// One access-log line. Formatted (JSON or text, the query string redacted or not) on the
+/// writer thread, so the request path only moves or reference-counts what it already holds.
+#[derive(Debug)]
+pub struct AccessRecord {
+    /// When the request arrived; written RFC 3339 (UTC).
+    pub time: SystemTime,
+    /// Trace id and this proxy's span id for the request; absent for a request the parser
+    /// refused (written as empty strings).
+    pub ids: Option<(TraceId, SpanId)>,
+    /// `x-request-id`, its bytes kept (see [`lossless`]).
+    pub request_id: Option<HeaderValue>,
+    /// `inbound` or `outbound`.
+    pub direction: Arc<str>,
+    /// The service.
+    pub service: Arc<str>,
+    /// The route.
+    pub route: Arc<str>,
+    /// HTTP method; absent (written empty) for a request the parser refused.
+    pub method: Option<Method>,
+    /// Host / :authority.
+    pub authority: Option<LoggedAuthority>,
+    /// The request target's path and query as received (`/` when it has none), copied (see
+    /// [`logged_target`]); the query is redacted or dropped when written (`style`). Absent
+    /// (written empty) for a request the parser refused.
+    pub target: Option<Box<str>>,
+    /// Status sent to the caller.
+    pub status: u16,
+    /// Who made the response: `-` the upstream, else the proxy's reason (see [`ResponseFlag`]).
+    pub response_flags: &'static str,
+    /// The endpoint of the last attempt.
+    pub upstream: Option<SocketAddr>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Seconds from request received to end of response body.
+    pub duration_seconds: f64,
+    /// Request body bytes.
+    pub request_bytes: u64,
+    /// Response body bytes.
+    pub response_bytes: u64,
+    /// Why the request failed, if it did.
+    pub error: Option<String>,
+    /// The caller's address.
+    pub peer: Option<SocketAddr>,
+    /// `user-agent`, its bytes kept.
+    pub user_agent: Option<HeaderValue>,
+    /// The caller's HTTP version (`HTTP/1.1`, `HTTP/2`...).
+    pub http_version: Option<&'static str>,
+    /// Seconds from request received to the upstream's response headers; absent when no
+    /// upstream answered (the proxy made the response).
+    pub upstream_seconds: Option<f64>,
+    /// The gRPC status sent to the caller (trailers, or a trailers-only response's headers).
+    pub grpc_status: Option<u8>,
+    /// The mTLS SPIFFE id of the caller (inbound) or of the upstream (outbound), when known.
+    pub peer_identity: Option<HeaderValue>,
+    /// How the line is written.
+    pub style: AccessLogStyle,
+}
+
+/// A logged authority: the one routed, or the `Host` text of a request refused before routing
+/// (kept as sent even when it is no valid authority).
+#[derive(Debug)]
+pub enum LoggedAuthority {
+    /// As routed.
+    Routed(Authority),
+    /// As the caller sent it.
+    Text(String),
+}
+
+impl LoggedAuthority {
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Routed(authority) => authority.as_str(),
+            Self::Text(text) => text,
+        }
+    }
+}
+
+/// How access-log lines are written: the policy's `access_log` setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccessLogStyle {
+    /// JSON or text.
+    pub text: bool,
+    /// What `path` keeps of the query string.
+    pub query: QueryLogging,
+}
+
+impl AccessLogStyle {
+    /// The style `setting` asks for.
+    pub fn of(setting: &outrider_config::AccessLog) -> Self {
+        Self {
+            text: setting.format == outrider_config::AccessLogFormat::Text,
+            query: setting.query,
+        }
+    }
+}
+
+/// What a logged request target shows of its query (`query: redact | keep | drop`): redacted,
+/// each parameter keeps its name and a non-empty value becomes `REDACTED`
+/// (`/p?token=s3cret&debug&x=` is logged `/p?token=REDACTED&debug&x=`).
+pub fn logged_path(path: &str, query: QueryLogging) -> Cow<'_, str> {
+    // A byte search: `split_once('?')` cost more than the rest for a short path.
+    let Some(at) = path.bytes().position(|b| b == b'?') else {
+        return Cow::Borrowed(path);
+    };
+    let (before, params) = (&path[..at], &path[at + 1..]);
+    match query {
+        QueryLogging::Keep => Cow::Borrowed(path),
+        QueryLogging::Drop => Cow::Borrowed(before),
+        QueryLogging::Redact => {
+            let mut out = String::with_capacity(path.len() + 16);
+            out.push_str(before);
+            out.push('?');
+            for (i, param) in params.split('&').enumerate() {
+                if i > 0 {
+                    out.push('&');
+                }
+                match param.split_once('=') {
+                    Some((name, value)) if !value.is_empty() => {
+                        out.push_str(name);
+                        out.push_str("=REDACTED");
+                    }
+                    _ => out.push_str(param),
+                }
+            }
+            Cow::Owned(out)
+        }
+    }
+}
+
+/// A header value as text, losing nothing: valid UTF-8 as is, except that a backslash is
+/// written `\\`; every byte that is not part of valid UTF-8 is written `\xNN` (two lowercase
+/// hex digits). So `req-\xff` in the log is the bytes `req-` and 0xFF, and no two values log
+/// alike.
+pub fn lossless(bytes: &[u8]) -> Cow<'_, str> {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        if !text.contains('\\') {
+            return Cow::Borrowed(text);
+        }
+    }
+    let mut out = String::with_capacity(bytes.len() + 8);
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' {
+                out.push_str("\\\\");
+            } else {
+                out.push(c);
+            }
+        }
+        for byte in chunk.invalid() {
+            out.push_str("\\x");
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+    }
+    Cow::Owned(out)
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// `HTTP/1.1` and the like, for the access log.
+pub fn version_name(version: http::Version) -> Option<&'static str> {
+    Some(match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => return None,
+    })
+}
+
+impl AccessRecord {
+    /// The line of a request the proxy answered itself before routing (no route, bad
+    /// request): no upstream, no attempt.
+    pub fn refused<B, R: http_body::Body>(
+        req: &http::Request<B>,
+        caller: &crate::core::headers::Caller,
+        trace: &TraceContext,
+        labels: &crate::telemetry::metrics::RouteLabels,
+        (started, started_wall): (Instant, SystemTime),
+        response: &http::Response<R>,
+        (error, flag): (String, ResponseFlag),
+    ) -> Self {
+        let text = |v: &HeaderValue| {
+            v.to_str()
+                .ok()
+                .map(|t| LoggedAuthority::Text(t.to_string()))
+        };
+        Self {
+            time: started_wall,
+            ids: Some((trace.trace_id, trace.span_id)),
+            request_id: req
+                .headers()
+                .get(&crate::core::headers::REQUEST_ID)
+                .cloned(),
+            direction: Arc::clone(&labels.direction),
+            service: Arc::clone(&labels.service),
+            route: Arc::clone(&labels.route),
+            method: Some(req.method().clone()),
+            authority: req
+                .uri()
+                .authority()
+                .map(|a| LoggedAuthority::Routed(detached_authority(a)))
+                .or_else(|| req.headers().get(http::header::HOST).and_then(text)),
+            target: Some(logged_target(Some(req.uri()))),
+            status: response.status().as_u16(),
+            response_flags: flag.code(),
+            upstream: None,
+            attempts: 0,
+            duration_seconds: started.elapsed().as_secs_f64(),
+            request_bytes: 0,
+            response_bytes: response.body().size_hint().exact().unwrap_or(0),
+            error: Some(error),
+            peer: Some(caller.addr),
+            user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+            http_version: version_name(req.version()),
+            upstream_seconds: None,
+            // Read here rather than through io::outcome: telemetry sits below io.
+            grpc_status: response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+            peer_identity: caller.identity.clone(),
+            style: AccessLogStyle::default(),
+        }
+    }
+
+    /// The line of a request the HTTP/1 parser refused (malformed head, headers too large):
+    /// nothing of it is known but who sent it and what it was answered.
+    pub fn malformed(
+        direction: &'static str,
+        peer: SocketAddr,
+        status: u16,
+        error: String,
+    ) -> Self {
+        let none: Arc<str> = Arc::from("");
+        Self {
+            time: SystemTime::now(),
+            ids: None,
+            request_id: None,
+            direction: Arc::from(direction),
+            service: Arc::clone(&none),
+            route: none,
+            method: None,
+            authority: None,
+            target: None,
+            status,
+            response_flags: ResponseFlag::MalformedRequest.code(),
+            upstream: None,
+            attempts: 0,
+            duration_seconds: 0.0,
+            request_bytes: 0,
+            response_bytes: 0,
+            error: Some(error),
+            peer: Some(peer),
+            user_agent: None,
+            http_version: None,
+            upstream_seconds: None,
+            grpc_status: None,
+            peer_identity: None,
+            style: AccessLogStyle::default(),
+        }
+    }
+
+    /// Appends the line in its style (without the newline) to `out`; `cache` is the writer's.
+    fn write_to(&self, out: &mut Vec<u8>, cache: &mut LineCache) -> std::io::Result<()> {
+        let path = logged_path(self.target.as_deref().unwrap_or(""), self.style.query);
+        let time = cache.clock.rfc3339(self.time);
+        if self.style.text {
+            self.write_text(&time, &path, out)
+        } else {
+            self.write_json(&time, &path, out, &mut cache.labels);
+            Ok(())
+        }
+    }
+
+    /// The JSON form: one object, its fields in this order, absent ones `null`.
+    fn write_json(&self, time: &[u8; 27], path: &str, out: &mut Vec<u8>, labels: &mut Labels) {
+        let header = |out: &mut Vec<u8>, value: &HeaderValue| {
+            let bytes = value.as_bytes();
+            if !json::plain_ascii(out, bytes) {
+                json::string(out, &lossless(bytes));
+            }
+        };
+        out.reserve(768);
+        out.extend_from_slice(b"{\"time\":\"");
+        out.extend_from_slice(time);
+        out.extend_from_slice(b"\",\"trace_id\":\"");
+        // Both ids or neither: `…","span_id":"…` made on the stack.
+        let mut ids = *b"00000000000000000000000000000000\",\"span_id\":\"0000000000000000";
+        let ids: &[u8] = match self.ids {
+            Some((trace, span)) => {
+                hex(&mut ids[..32], &trace.0);
+                hex(&mut ids[45..], &span.0);
+                &ids
+            }
+            None => b"\",\"span_id\":\"",
+        };
+        out.extend_from_slice(ids);
+        out.extend_from_slice(b"\",\"request_id\":");
+        json::or_null(out, self.request_id.as_ref(), header);
+        out.extend_from_slice(labels.json(self));
+        out.extend_from_slice(b",\"method\":");
+        json::string(out, self.method.as_ref().map_or("", Method::as_str));
+        out.extend_from_slice(b",\"authority\":");
+        json::or_null(out, self.authority.as_ref(), |out, a| {
+            json::string(out, a.as_str())
+        });
+        out.extend_from_slice(b",\"path\":");
+        json::string(out, path);
+        out.extend_from_slice(b",\"status\":");
+        json::uint(out, u64::from(self.status));
+        out.extend_from_slice(b",\"response_flags\":");
+        json::string(out, self.response_flags);
+        out.extend_from_slice(b",\"upstream\":");
+        json::or_null(out, self.upstream.as_ref(), json::socket_addr);
+        out.extend_from_slice(b",\"attempts\":");
+        json::uint(out, u64::from(self.attempts));
+        out.extend_from_slice(b",\"duration_seconds\":");
+        json::float(out, self.duration_seconds);
+        out.extend_from_slice(b",\"request_bytes\":");
+        json::uint(out, self.request_bytes);
+        out.extend_from_slice(b",\"response_bytes\":");
+        json::uint(out, self.response_bytes);
+        out.extend_from_slice(b",\"error\":");
+        json::or_null(out, self.error.as_deref(), json::string);
+        out.extend_from_slice(b",\"peer\":");
+        json::or_null(out, self.peer.as_ref(), json::socket_addr);
+        out.extend_from_slice(b",\"user_agent\":");
+        json::or_null(out, self.user_agent.as_ref(), header);
+        out.extend_from_slice(b",\"http_version\":");
+        json::or_null(out, self.http_version, json::string);
+        out.extend_from_slice(b",\"upstream_seconds\":");
+        json::or_null(out, self.upstream_seconds, json::float);
+        out.extend_from_slice(b",\"grpc_status\":");
+        json::or_null(out, self.grpc_status, |out, code| {
+            json::uint(out, u64::from(code))
+        });
+        out.extend_from_slice(b",\"peer_identity\":");
+        json::or_null(out, self.peer_identity.as_ref(), header);
+        out.push(b'}');
+    }
+
+    /// The text form: `time direction service/route peer "METHOD path VERSION" status
+    /// duration`, then `key=value` for each field that is set, strings quoted.
+    fn write_text(
+        &self,
+        time: &[u8; 27],
+        path: &str,
+        out: &mut impl std::io::Write,
+    ) -> std::io::Result<()> {
+        out.write_all(time)?;
+        write!(
+            out,
+            " {} {}/{} {} \"{} {} {}\" {} {:.6}s",
+            self.direction,
+            dash(&self.service),
+            dash(&self.route),
+            self.peer.map_or_else(|| "-".to_string(), |p| p.to_string()),
+            dash(self.method.as_ref().map_or("", Method::as_str)),
+            quoted_inner(dash(path)),
+            self.http_version.unwrap_or("-"),
+            self.status,
+            self.duration_seconds,
+        )?;
+        write!(
+            out,
+            " response_flags={} request_bytes={} response_bytes={} attempts={}",
+            self.response_flags, self.request_bytes, self.response_bytes, self.attempts
+        )?;
+        if let Some(upstream) = self.upstream {
+            write!(out, " upstream={upstream}")?;
+        }
+        if let Some(seconds) = self.upstream_seconds {
+            write!(out, " upstream_seconds={seconds:.6}")?;
+        }
+        if let Some(code) = self.grpc_status {
+            write!(out, " grpc_status={code}")?;
+        }
+        if let Some(authority) = &self.authority {
+            write!(out, " authority=\"{}\"", quoted_inner(authority.as_str()))?;
+        }
+        for (name, value) in [
+            ("peer_identity", &self.peer_identity),
+            ("request_id", &self.request_id),
+            ("user_agent", &self.user_agent),
+        ] {
+            if let Some(value) = value {
+                write!(
+                    out,
+                    " {name}=\"{}\"",
+                    quoted_inner(&lossless(value.as_bytes()))
+                )?;
+            }
+        }
+        if let Some((trace, span)) = self.ids {
+            write!(
+                out,
+                " trace_id={} span_id={}",
+                trace.to_hex(),
+                span.to_hex()
+            )?;
+        }
+        if let Some(error) = &self.error {
+            write!(out, " error=\"{}\"", quoted_inner(error))?;
+        }
+        Ok(())
+    }
+}
+
+/// `bytes` in lowercase hex, filling `out` (twice as long).
+fn hex(out: &mut [u8], bytes: &[u8]) {
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
+    }
+}
+
+/// What the access-log writer keeps from line to line: most lines in a row share their second
+/// and their route.
+#[derive(Default)]
+struct LineCache {
+    clock: TimeText,
+    labels: Labels,
+}
+
+/// The JSON of the last line's direction, service and route (`,"direction":…,"route":…`),
+/// made again only when a line has other labels. They are told apart by address: the labels
+/// are held, so no other labels can take their place in memory meanwhile.
+#[derive(Default)]
+struct Labels {
+    of: Option<[Arc<str>; 3]>,
+    json: Vec<u8>,
+}
+
+impl Labels {
+    fn json(&mut self, record: &AccessRecord) -> &[u8] {
+        let labels = [&record.direction, &record.service, &record.route];
+        let same = self.of.as_ref().is_some_and(|of| {
+            of.iter()
+                .zip(labels)
+                .all(|(held, label)| Arc::ptr_eq(held, label))
+        });
+        if !same {
+            self.json.clear();
+            for (name, label) in [&b",\"direction\":"[..], b",\"service\":", b",\"route\":"]
+                .into_iter()
+                .zip(labels)
+            {
+                self.json.extend_from_slice(name);
+                json::string(&mut self.json, label);
+            }
+            self.of = Some(labels.map(Arc::clone));
+        }
+        &self.json
+    }
+}
+
+/// `-` for an empty field in the text form.
+fn dash(text: &str) -> &str {
+    if text.is_empty() {
+        "-"
+    } else {
+        text
+    }
+}
+
+/// `text` for inside double quotes: `"` and `\\` escaped with a backslash, control characters
+/// as `\xNN`, so a line is always one line and its quoted fields end where they seem to.
+fn quoted_inner(text: &str) -> Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c == '"' || c == '\\' || c.is_control())
+    {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() && c.is_ascii() => {
+                let byte = c as u8;
+                out.push_str("\\x");
+                out.push(char::from(HEX[usize::from(byte >> 4)]));
+                out.push(char::from(HEX[usize::from(byte & 0xf)]));
+            }
+            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Writes access-log lines to stdout from its own thread (stdout is a blocking file; a slow
+/// reader of it must stall that thread, never the runtime); the request path only
+/// `try_send`s into a bounded channel. The snapshots of policies that log share one; a proxy
+/// that does not log has neither the thread nor the queue, and once the last holder is gone
+/// the thread writes what is queued and ends.
+pub struct AccessLog {
+    queue: mpsc::Sender<AccessRecord>,
+    metrics: TelemetryMetrics,
+    progress: Arc<LogProgress>,
+}
+
+/// Lines queued and lines flushed to stdout, so a shutdown can wait for the last ones.
+#[derive(Default)]
+struct LogProgress {
+    queued: AtomicU64,
+    flushed: AtomicU64,
+}
+
+impl AccessLog {
+    /// Starts the writer thread.
+    pub fn start(metrics: TelemetryMetrics) -> std::io::Result<Self> {
+        // Tokio's bounded channel allocates its slots in blocks of 32 as lines queue up, so an
+        // idle log costs nothing; std's sync_channel allocated and touched all 8,192 slots
+        // (2.5 MiB) at once.
+        let (queue, rx) = mpsc::channel(ACCESS_LOG_QUEUE);
+        let lines = metrics.access_log_lines.clone();
+        let progress = Arc::new(LogProgress::default());
+        let writer_progress = Arc::clone(&progress);
+        let mut out = stdout_file();
+        let pause = || std::thread::sleep(ACCESS_LOG_BATCH);
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_access_log(rx, &mut out, (&lines, &writer_progress), pause))?;
+        Ok(Self {
+            queue,
+            metrics,
+            progress,
+        })
+    }
+
+    /// Queues a line, or drops and counts it when the writer is behind.
+    pub fn record(&self, record: AccessRecord) {
+        if self.queue.try_send(record).is_err() {
+            self.metrics.access_log_dropped.inc();
+        } else {
+            self.progress.queued.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits, at most `timeout`, until every line queued so far is flushed to stdout; whether
+    /// they were. For shutdown: the writer batches, so the last requests' lines would
+    /// otherwise die with the process.
+    pub async fn flushed(&self, timeout: Duration) -> bool {
+        let queued = self.progress.queued.load(Ordering::Relaxed);
+        let deadline = crate::policy::timeout::deadline_after(Instant::now(), timeout);
+        while self.progress.flushed.load(Ordering::Acquire) < queued {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
+    }
+}
+
+/// File descriptor 1 as a file, written straight: std's stdout is line-buffered whatever it
+/// is, and searched each buffer handed to it for its last newline. When there is no stdout,
+/// lines are discarded as std's stdout discards them.
+fn stdout_file() -> Box<dyn std::io::Write + Send> {
+    use std::os::fd::AsFd;
+    match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => Box::new(std::fs::File::from(fd)),
+        Err(_) => Box::new(std::io::sink()),
+    }
+}
+
+/// The writer thread: writes what is queued as one batch, calls `pause` (lines gather
+/// meanwhile), and again, until the queue is closed and empty.
+fn write_access_log(
+    mut rx: mpsc::Receiver<AccessRecord>,
+    out: &mut dyn std::io::Write,
+    (lines, progress): (&prometheus::IntCounter, &LogProgress),
+    mut pause: impl FnMut(),
+) {
+    // Lines are made in place in `buf`, written once it holds ACCESS_LOG_WRITE bytes or the
+    // batch ends: one write(2) for many lines, and a line is never split between two.
+    let mut buf = Vec::with_capacity(ACCESS_LOG_WRITE + 4096);
+    let mut cache = LineCache::default();
+    // Taken from the queue a few at a time: one move of each record and one release of queue
+    // slots for them all (a lock), where taking them one by one moved each several times.
+    let mut records = Vec::with_capacity(ACCESS_LOG_TAKE);
+    // A plain thread, outside the runtime: blocking_recv_many parks it until a line comes, and
+    // returns 0 once the queue is closed and empty.
+    while rx.blocking_recv_many(&mut records, ACCESS_LOG_TAKE) > 0 {
+        let mut batch = 0;
+        // Write everything already queued.
+        loop {
+            for record in &records {
+                let start = buf.len();
+                if record.write_to(&mut buf, &mut cache).is_ok() {
+                    buf.push(b'\n');
+                    batch += 1;
+                } else {
+                    buf.truncate(start);
+                }
+                if buf.len() >= ACCESS_LOG_WRITE {
+                    if out.write_all(&buf).is_err() {
+                        return;
+                    }
+                    buf.clear();
+                }
+            }
+            records.clear();
+            // Only this thread takes from the queue: not empty now, not empty below.
+            if rx.is_empty() {
+                break;
+            }
+            rx.blocking_recv_many(&mut records, ACCESS_LOG_TAKE);
+        }
+        if out.write_all(&buf).is_err() {
+            return;
+        }
+        buf.clear();
+        lines.inc_by(batch);
+        progress.flushed.fetch_add(batch, Ordering::Release);
+        // Let lines gather before the next batch: under load, waking for each line cost a
+        // futex wake-up on the request path and a write(2) per line, about doubling the CPU per
+        // request. An idle log still blocks in blocking_recv, with no periodic wake-ups.
+        pause();
+    }
+}
+
+/// RFC 3339 UTC with microseconds: `2023-11-14T22:13:20.123456Z`.
+pub fn rfc3339(at: SystemTime) -> String {
+    // Only ASCII digits and separators are written.
+    String::from_utf8_lossy(&TimeText::default().rfc3339(at)).into_owned()
+}
+
+/// RFC 3339 text of wall-clock times with the date and time to the second formatted once per
+/// second: the access-log writer's, whose lines mostly share their second (the calendar
+/// arithmetic cost more than the rest of the timestamp).
+#[derive(Default)]
+struct TimeText {
+    /// The second since the epoch `text` is of, if any yet.
+    second: Option<u64>,
+    /// `YYYY-MM-DDTHH:MM:SS`.
+    text: [u8; 19],
+}
+
+impl TimeText {
+    /// `at` in UTC with microseconds, as `2023-11-14T22:13:20.123456Z`.
+    fn rfc3339(&mut self, at: SystemTime) -> [u8; 27] {
+        let since = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let second = since.as_secs();
+        if self.second != Some(second) {
+            self.text = date_time_text(second);
+            self.second = Some(second);
+        }
+        let mut out = *b"0000-00-00T00:00:00.000000Z";
+        out[..19].copy_from_slice(&self.text);
+        digits(&mut out[20..26], i64::from(since.subsec_micros()));
+        out
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` (UTC) of `second` since the epoch.
+fn date_time_text(second: u64) -> [u8; 19] {
+    // Past year 9999 (out of `time`'s range) the epoch stands in; the clock is our own.
+    let date = i64::try_from(second)
+        .ok()
+        .and_then(|secs| time::OffsetDateTime::from_unix_timestamp(secs).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let (year, month, day) = date.to_calendar_date();
+    let (hour, minute, second) = date.to_hms();
+    let mut out = *b"0000-00-00T00:00:00";
+    let fields: [(usize, usize, i64); 6] = [
+        (0, 4, i64::from(year)),
+        (5, 2, i64::from(u8::from(month))),
+        (8, 2, i64::from(day)),
+        (11, 2, i64::from(hour)),
+        (14, 2, i64::from(minute)),
+        (17, 2, i64::from(second)),
+    ];
+    for (start, width, value) in fields {
+        digits(&mut out[start..start + width], value);
+    }
+    out
+}
+
+/// `value` in decimal filling `slot`, zero-padded (clamped to what fits).
+fn digits(slot: &mut [u8], value: i64) {
+    // Digit by digit: fmt's machinery cost several times the arithmetic.
+    let max = u32::try_from(slot.len())
+        .ok()
+        .and_then(|width| 10_i64.checked_pow(width))
+        .map_or(i64::MAX, |limit| limit - 1);
+    let mut value = value.clamp(0, max);
+    for slot in slot.iter_mut().rev() {
+        *slot = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        assert_eq!(rfc3339(at), "2023-11-14T22:13:20.123456Z");
+        assert_eq!(
+            rfc3339(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000Z"
+        );
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
+        let end_of_year = SystemTime::UNIX_EPOCH + Duration::from_micros(1_798_761_599_999_999);
+        assert_eq!(rfc3339(end_of_year), "2026-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn a_reused_clock_writes_what_a_fresh_one_writes() {
+        let mut clock = TimeText::default();
+        let base = 1_798_761_598_999_990_u64;
+        // Within a second, across seconds, a day and a year, backwards, and before the epoch.
+        let steps = [0, 5, 9, 10, 11, 500_000, 1_000_009, 1_000_010, 2_000_000, 3]
+            .map(|micros| SystemTime::UNIX_EPOCH + Duration::from_micros(base + micros));
+        let earlier = [
+            SystemTime::UNIX_EPOCH,
+            SystemTime::UNIX_EPOCH - Duration::from_secs(1),
+            SystemTime::UNIX_EPOCH + Duration::from_micros(999_999),
+        ];
+        for at in steps.into_iter().chain(earlier) {
+            let fresh = TimeText::default().rfc3339(at);
+            assert_eq!(clock.rfc3339(at), fresh, "{}", rfc3339(at));
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&clock.rfc3339(steps[7])),
+            "2027-01-01T00:00:00.000000Z"
+        );
+    }
+
+    #[test]
+    fn query_values_are_redacted_names_kept() {
+        let path = "/p?token=s3cret&debug&x=&a=b=c";
+        assert_eq!(
+            logged_path(path, QueryLogging::Redact),
+            "/p?token=REDACTED&debug&x=&a=REDACTED"
+        );
+        assert_eq!(logged_path(path, QueryLogging::Keep), path);
+        assert_eq!(logged_path(path, QueryLogging::Drop), "/p");
+        assert_eq!(logged_path("/p", QueryLogging::Redact), "/p");
+        assert_eq!(logged_path("/p?", QueryLogging::Redact), "/p?");
+    }
+
+    #[test]
+    fn header_bytes_are_logged_without_loss() {
+        assert_eq!(lossless(b"req-42"), "req-42");
+        assert_eq!(lossless(b"req-\xff"), "req-\\xff");
+        assert_eq!(
+            lossless(b"a\\xff"),
+            "a\\\\xff",
+            "a literal backslash is doubled"
+        );
+        assert_eq!(lossless("caf\u{e9}".as_bytes()), "caf\u{e9}");
+        assert_eq!(lossless(b"\xc3"), "\\xc3", "a cut-off UTF-8 sequence");
+    }
+
+    /// The line as the derived `Serialize` wrote it before the hand-written JSON: the
+    /// reference the writer is checked against.
+    #[derive(serde::Serialize)]
+    struct ReferenceLine {
+        time: String,
+        trace_id: String,
+        span_id: String,
+        request_id: Option<String>,
+        direction: String,
+        service: String,
+        route: String,
+        method: String,
+        authority: Option<String>,
+        path: String,
+        status: u16,
+        response_flags: &'static str,
+        upstream: Option<SocketAddr>,
+        attempts: u32,
+        duration_seconds: f64,
+        request_bytes: u64,
+        response_bytes: u64,
+        error: Option<String>,
+        peer: Option<SocketAddr>,
+        user_agent: Option<String>,
+        http_version: Option<&'static str>,
+        upstream_seconds: Option<f64>,
+        grpc_status: Option<u8>,
+        peer_identity: Option<String>,
+    }
+
+    fn reference_json(record: &AccessRecord) -> String {
+        let header =
+            |v: &Option<HeaderValue>| v.as_ref().map(|v| lossless(v.as_bytes()).into_owned());
+        let line = ReferenceLine {
+            time: rfc3339(record.time),
+            trace_id: record.ids.map(|(t, _)| t.to_hex()).unwrap_or_default(),
+            span_id: record.ids.map(|(_, s)| s.to_hex()).unwrap_or_default(),
+            request_id: header(&record.request_id),
+            direction: record.direction.to_string(),
+            service: record.service.to_string(),
+            route: record.route.to_string(),
+            method: record
+                .method
+                .as_ref()
+                .map_or("", Method::as_str)
+                .to_string(),
+            authority: record.authority.as_ref().map(|a| a.as_str().to_string()),
+            path: logged_path(record.target.as_deref().unwrap_or(""), record.style.query)
+                .into_owned(),
+            status: record.status,
+            response_flags: record.response_flags,
+            upstream: record.upstream,
+            attempts: record.attempts,
+            duration_seconds: record.duration_seconds,
+            request_bytes: record.request_bytes,
+            response_bytes: record.response_bytes,
+            error: record.error.clone(),
+            peer: record.peer,
+            user_agent: header(&record.user_agent),
+            http_version: record.http_version,
+            upstream_seconds: record.upstream_seconds,
+            grpc_status: record.grpc_status,
+            peer_identity: header(&record.peer_identity),
+        };
+        serde_json::to_string(&line).expect("serialized")
+    }
+
+    #[test]
+    fn json_lines_are_what_serde_json_wrote() {
+        let mut records = vec![AccessRecord::malformed(
+            "inbound",
+            "[::1]:9".parse().expect("address"),
+            431,
+            "headers too large: \"x\\y\"\n\u{1}\u{7f}".into(),
+        )];
+        let weird = [
+            "plain",
+            "quote \" backslash \\ tab\t nl\n cr\r \u{8}\u{c}\u{1f}",
+            "caf\u{e9} \u{2028} \u{1f600}",
+        ];
+        for (i, text) in weird.iter().enumerate() {
+            let header = HeaderValue::from_bytes(
+                text.replace(['\n', '\r', '\t', '\u{8}', '\u{c}', '\u{1f}'], "")
+                    .as_bytes(),
+            )
+            .expect("header");
+            let raw = HeaderValue::from_bytes(b"req-\xff\\x41").expect("header");
+            records.push(AccessRecord {
+                time: SystemTime::UNIX_EPOCH
+                    + Duration::from_micros(1_700_000_000_123_456 + i as u64),
+                ids: Some((TraceId([0xab; 16]), SpanId([0x01; 8]))),
+                request_id: Some(raw),
+                direction: Arc::from("outbound"),
+                service: Arc::from(*text),
+                route: Arc::from(""),
+                method: Some(Method::from_bytes(b"PURGE").expect("method")),
+                authority: Some(if i == 0 {
+                    LoggedAuthority::Routed(Authority::from_static("shop:8080"))
+                } else {
+                    LoggedAuthority::Text((*text).to_string())
+                }),
+                target: Some("/p/caf%C3%A9?token=s3cret&debug&x=".into()),
+                status: 503,
+                response_flags: ResponseFlag::ConnectFailure.code(),
+                upstream: Some("[fd00::7]:8080".parse().expect("address")),
+                attempts: 3,
+                duration_seconds: [0.000_012_3, 1e-7, 12.5][i],
+                request_bytes: u64::MAX,
+                response_bytes: 0,
+                error: Some((*text).to_string()),
+                peer: Some("10.1.2.3:65535".parse().expect("address")),
+                user_agent: Some(header),
+                http_version: Some("HTTP/2"),
+                upstream_seconds: Some([0.0, 3_600.000_001, f64::NAN][i]),
+                grpc_status: Some(14),
+                peer_identity: None,
+                style: AccessLogStyle {
+                    text: false,
+                    query: [QueryLogging::Redact, QueryLogging::Keep, QueryLogging::Drop][i],
+                },
+            });
+        }
+        // One writer's cache over all of them, each twice: the second line of a record reuses
+        // what the first left in the cache.
+        let mut cache = LineCache::default();
+        for record in records.iter().flat_map(|record| [record, record]) {
+            let mut out = Vec::new();
+            record.write_to(&mut out, &mut cache).expect("written");
+            let line = String::from_utf8(out).expect("UTF-8");
+            assert_eq!(line, reference_json(record));
+        }
+    }
+
+    #[test]
+    fn text_lines_quote_and_escape_what_could_break_them() {
+        let mut record = AccessRecord::malformed(
+            "inbound",
+            "127.0.0.1:9".parse().expect("address"),
+            400,
+            "bad \"head\"\nnext".into(),
+        );
+        record.style.text = true;
+        let mut out = Vec::new();
+        record
+            .write_to(&mut out, &mut LineCache::default())
+            .expect("written");
+        let line = String::from_utf8(out).expect("UTF-8");
+        assert!(
+            line.ends_with(
+                " inbound -/- 127.0.0.1:9 \"- - -\" 400 0.000000s response_flags=DPE request_bytes=0 response_bytes=0 attempts=0 error=\"bad \\\"head\\\"\\x0anext\""
+            ),
+            "{line}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod writer_tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Keeps each write(2) the writer would make.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl std::io::Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("writes").push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Writes {
+        /// Lines per write.
+        fn lines(&self) -> Vec<usize> {
+            let writes = self.0.lock().expect("writes");
+            writes
+                .iter()
+                .map(|w| w.split(|&b| b == b'\n').count() - 1)
+                .collect()
+        }
+    }
+
+    fn record(error_len: usize) -> AccessRecord {
+        let peer = "127.0.0.1:9".parse().expect("address");
+        AccessRecord::malformed("inbound", peer, 400, "e".repeat(error_len))
+    }
+
+    fn counters() -> (prometheus::IntCounter, LogProgress) {
+        let lines = prometheus::IntCounter::new("lines", "lines").expect("counter");
+        (lines, LogProgress::default())
+    }
+
+    #[test]
+    fn what_is_queued_goes_out_in_one_write_and_all_of_it_before_the_writer_ends() {
+        let (tx, rx) = mpsc::channel(ACCESS_LOG_QUEUE);
+        for _ in 0..100 {
+            tx.try_send(record(10)).expect("queued");
+        }
+        // Closed with lines still queued, as when the last snapshot that logs goes.
+        drop(tx);
+        let writes = Writes::default();
+        let (lines, progress) = counters();
+        let mut pauses = 0;
+        write_access_log(rx, &mut writes.clone(), (&lines, &progress), || pauses += 1);
+        assert_eq!(writes.lines(), [100]);
+        assert_eq!(pauses, 1);
+        assert_eq!(lines.get(), 100);
+        assert_eq!(progress.flushed.load(Ordering::Acquire), 100);
+        for line in writes.0.lock().expect("writes")[0].split(|&b| b == b'\n') {
+            if !line.is_empty() {
+                serde_json::from_slice::<serde_json::Value>(line).expect("a JSON line");
+            }
+        }
+    }
+
+    #[test]
+    fn a_large_batch_is_written_in_chunks_that_end_at_a_line_end() {
+        let (tx, rx) = mpsc::channel(ACCESS_LOG_QUEUE);
+        // About 1,300 bytes a line: 300 lines are several chunks.
+        for _ in 0..300 {
+            tx.try_send(record(1_000)).expect("queued");
+        }
+        drop(tx);
+        let writes = Writes::default();
+        let (lines, progress) = counters();
+        write_access_log(rx, &mut writes.clone(), (&lines, &progress), || {});
+        let all = writes.0.lock().expect("writes").clone();
+        assert!(all.len() > 2, "{} writes", all.len());
+        for (i, write) in all.iter().enumerate() {
+            assert_eq!(write.last(), Some(&b'\n'), "write {i} ends a line");
+            if i + 1 < all.len() {
+                assert!(
+                    write.len() >= ACCESS_LOG_WRITE,
+                    "write {i}: {}",
+                    write.len()
+                );
+                assert!(
+                    write.len() < ACCESS_LOG_WRITE + 2_000,
+                    "write {i}: {}",
+                    write.len()
+                );
+            }
+        }
+        assert_eq!(writes.lines().iter().sum::<usize>(), 300);
+        assert_eq!(progress.flushed.load(Ordering::Acquire), 300);
+    }
+
+    #[test]
+    fn lines_that_come_while_the_writer_pauses_wait_for_its_next_batch() {
+        let (tx, rx) = mpsc::channel(ACCESS_LOG_QUEUE);
+        let writes = Writes::default();
+        // The writer tells when it pauses and waits to be let go: the test decides what is
+        // queued meanwhile.
+        let (paused_tx, paused) = std::sync::mpsc::channel();
+        let (resume, resume_rx) = std::sync::mpsc::channel::<()>();
+        let writer = {
+            let mut out = writes.clone();
+            std::thread::spawn(move || {
+                let (lines, progress) = counters();
+                write_access_log(rx, &mut out, (&lines, &progress), || {
+                    let _ = paused_tx.send(());
+                    let _ = resume_rx.recv();
+                });
+                progress.flushed.load(Ordering::Acquire)
+            })
+        };
+        let deadline = Duration::from_secs(10);
+        tx.try_send(record(10)).expect("queued");
+        paused.recv_timeout(deadline).expect("first batch written");
+        assert_eq!(writes.lines(), [1]);
+        for _ in 0..50 {
+            tx.try_send(record(10)).expect("queued");
+        }
+        resume.send(()).expect("writer waits");
+        paused.recv_timeout(deadline).expect("second batch written");
+        assert_eq!(writes.lines(), [1, 50]);
+        drop(tx);
+        resume.send(()).expect("writer waits");
+        assert_eq!(writer.join().expect("writer ends"), 51);
+    }
+}
