@@ -143,7 +143,7 @@ count_instructions() {
     # policy file's: the proxy watches that directory, and would wake on every write to the log.
     mkdir -p "$TMP/out"
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out.out" \
-        "$@" >"$TMP/out/callgrind-$1.stdout" 2>"$out.log" &
+        "$@" >"$TMP/out/callgrind-$name.stdout" 2>"$out.log" &
     pid=$!
     PIDS+=("$pid")
     wait_http "$ready" || die "$name not ready: $(tail -5 "$out.log")"
