@@ -141,8 +141,17 @@ fn text(out: &std::process::Output) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_applied_httproute_changes_live_routing_and_deleting_it_changes_it_back() {
+/// The setup most tests share: echo upstreams `v1` and `v2`, [`policy`] in the control plane's
+/// watched directory, and a proxy subscribed as `checkout` that routes by it.
+struct Reviews {
+    control: control::Control,
+    proxy: Proxy,
+    _upstreams: (Upstream, Upstream),
+    _dirs: ControlDirs,
+}
+
+/// Starts [`Reviews`] and waits until its proxy routes canaries to `v1`.
+async fn reviews() -> Reviews {
     let v1 = Upstream::echo(Proto::Http1, "v1").await;
     let v2 = Upstream::echo(Proto::Http1, "v2").await;
     let dirs = ControlDirs::new();
@@ -150,6 +159,23 @@ async fn an_applied_httproute_changes_live_routing_and_deleting_it_changes_it_ba
     let control = control::start_control(&dirs);
     let proxy = spawn_proxy(TempDir::new(), &control.proxy_flags(&dirs, "checkout"));
     wait_canary_at(&proxy, "v1").await;
+    Reviews {
+        control,
+        proxy,
+        _upstreams: (v1, v2),
+        _dirs: dirs,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_applied_httproute_changes_live_routing_and_deleting_it_changes_it_back() {
+    // The upstreams and the directory are bound, not `..`: they live to the test's end.
+    let Reviews {
+        control,
+        proxy,
+        _upstreams,
+        _dirs,
+    } = reviews().await;
 
     let docs = TempDir::new();
     let file = docs.path.join("httproute.yaml");
@@ -257,13 +283,13 @@ async fn an_applied_httproute_changes_live_routing_and_deleting_it_changes_it_ba
 /// policy stays as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_httproute_whose_parent_no_policy_has_is_accepted_with_a_warning() {
-    let v1 = Upstream::echo(Proto::Http1, "v1").await;
-    let v2 = Upstream::echo(Proto::Http1, "v2").await;
-    let dirs = ControlDirs::new();
-    dirs.write("reviews.yaml", &policy(v1.addr, v2.addr));
-    let control = control::start_control(&dirs);
-    let proxy = spawn_proxy(TempDir::new(), &control.proxy_flags(&dirs, "checkout"));
-    wait_canary_at(&proxy, "v1").await;
+    // The upstreams and the directory are bound, not `..`: they live to the test's end.
+    let Reviews {
+        control,
+        proxy,
+        _upstreams,
+        _dirs,
+    } = reviews().await;
     let (_, config) = proxy.admin_get("/config").await;
     let before: serde_json::Value = serde_json::from_str(&config).unwrap();
 
@@ -307,13 +333,13 @@ async fn an_httproute_whose_parent_no_policy_has_is_accepted_with_a_warning() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_httproute_it_cannot_honour_is_refused_with_its_place_and_nothing_is_pushed() {
-    let v1 = Upstream::echo(Proto::Http1, "v1").await;
-    let v2 = Upstream::echo(Proto::Http1, "v2").await;
-    let dirs = ControlDirs::new();
-    dirs.write("reviews.yaml", &policy(v1.addr, v2.addr));
-    let control = control::start_control(&dirs);
-    let proxy = spawn_proxy(TempDir::new(), &control.proxy_flags(&dirs, "checkout"));
-    wait_canary_at(&proxy, "v1").await;
+    // The upstreams and the directory are bound, not `..`: they live to the test's end.
+    let Reviews {
+        control,
+        proxy,
+        _upstreams,
+        _dirs,
+    } = reviews().await;
     let before = control.status().await["version"].as_u64().unwrap();
 
     let docs = TempDir::new();
