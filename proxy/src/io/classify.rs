@@ -212,18 +212,7 @@ mod tests {
         ca_name: &str,
         name: &str,
     ) -> (String, rustls::pki_types::CertificateDer<'static>, Vec<u8>) {
-        let ca_key = rcgen::KeyPair::generate().expect("ca key");
-        let mut ca_params = rcgen::CertificateParams::default();
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, ca_name);
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
-        let ca = rcgen::Issuer::new(ca_params, ca_key);
+        let (ca_cert, ca) = crate::io::identity::test_ca(ca_name);
         let key = rcgen::KeyPair::generate().expect("key");
         let leaf = rcgen::CertificateParams::new(vec![name.to_string()])
             .expect("params")

@@ -283,19 +283,29 @@ impl Mesh {
 #[cfg(test)]
 pub(crate) type TestIdentity = (Arc<Mesh>, &'static str);
 
-/// Two mesh identities certified by one fresh CA, for tests of the layers that use them:
-/// (client, server).
+/// A fresh self-signed CA named `name`, for tests: its certificate, and the issuer that signs
+/// with it.
 #[cfg(test)]
-pub(crate) fn test_pair() -> (TestIdentity, TestIdentity) {
+pub(crate) fn test_ca(name: &str) -> (rcgen::Certificate, rcgen::Issuer<'static, rcgen::KeyPair>) {
     let ca_key = rcgen::KeyPair::generate().expect("ca key");
     let mut ca_params = rcgen::CertificateParams::default();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![
         rcgen::KeyUsagePurpose::KeyCertSign,
         rcgen::KeyUsagePurpose::DigitalSignature,
     ];
     let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
-    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    (ca_cert, rcgen::Issuer::new(ca_params, ca_key))
+}
+
+/// Two mesh identities certified by one fresh CA, for tests of the layers that use them:
+/// (client, server).
+#[cfg(test)]
+pub(crate) fn test_pair() -> (TestIdentity, TestIdentity) {
+    let (ca_cert, ca) = test_ca("test CA");
     let (client_id, server_id) = ("spiffe://td/ns/a/sa/client", "spiffe://td/ns/a/sa/server");
     let mesh = |id: &str| {
         let mesh = Mesh::new(&Metrics::new("test").expect("metrics")).expect("mesh");

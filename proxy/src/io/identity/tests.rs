@@ -40,15 +40,7 @@ pub(super) fn issue(
 
 #[tokio::test]
 async fn mesh_handshake_negotiates_x25519mlkem768_and_both_sides_see_the_peer_identity() {
-    let ca_key = rcgen::KeyPair::generate().expect("ca key");
-    let mut ca_params = rcgen::CertificateParams::default();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
-    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    let (ca_cert, ca) = test_ca("test CA");
     let (client_id, server_id) = ("spiffe://td/ns/a/sa/client", "spiffe://td/ns/a/sa/server");
 
     let client = Mesh::new(&Metrics::new("client").expect("metrics")).expect("mesh");
