@@ -133,6 +133,18 @@ async fn apply(control: &control::Control, file: &Path) -> std::process::Output 
     .await
 }
 
+/// Writes `text` as `docs/name` and applies that file.
+async fn apply_text(
+    control: &control::Control,
+    docs: &TempDir,
+    name: &str,
+    text: &str,
+) -> std::process::Output {
+    let file = docs.path.join(name);
+    std::fs::write(&file, text).unwrap();
+    apply(control, &file).await
+}
+
 fn text(out: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -294,16 +306,11 @@ async fn an_httproute_whose_parent_no_policy_has_is_accepted_with_a_warning() {
     let before: serde_json::Value = serde_json::from_str(&config).unwrap();
 
     let docs = TempDir::new();
-    let file = docs.path.join("ratings.yaml");
-    std::fs::write(
-        &file,
-        CANARY.replace(
-            "      kind: Service\n      name: reviews\n",
-            "      kind: Service\n      name: ratings\n",
-        ),
-    )
-    .unwrap();
-    let out = apply(&control, &file).await;
+    let ratings = CANARY.replace(
+        "      kind: Service\n      name: reviews\n",
+        "      kind: Service\n      name: ratings\n",
+    );
+    let out = apply_text(&control, &docs, "ratings.yaml", &ratings).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let warned = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
@@ -326,7 +333,7 @@ async fn an_httproute_whose_parent_no_policy_has_is_accepted_with_a_warning() {
     assert_eq!(served_by(&proxy, "reviews", "/", true).await, "v1");
 
     // Applied again unchanged: nothing new to warn about.
-    let out = apply(&control, &file).await;
+    let out = apply_text(&control, &docs, "ratings.yaml", &ratings).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(!text(&out).contains("warning:"), "{}", text(&out));
 }
@@ -343,14 +350,12 @@ async fn an_httproute_it_cannot_honour_is_refused_with_its_place_and_nothing_is_
     let before = control.status().await["version"].as_u64().unwrap();
 
     let docs = TempDir::new();
-    let file = docs.path.join("sticky.yaml");
     // Line 13, column 7: the first rule's sessionPersistence.
     let sticky = CANARY.replace(
         "      matches:\n        - headers:",
         "      sessionPersistence: { sessionName: s }\n      matches:\n        - headers:",
     );
-    std::fs::write(&file, &sticky).unwrap();
-    let out = apply(&control, &file).await;
+    let out = apply_text(&control, &docs, "sticky.yaml", &sticky).await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let said = text(&out);
     assert!(
@@ -361,13 +366,8 @@ async fn an_httproute_it_cannot_honour_is_refused_with_its_place_and_nothing_is_
 
     // A backend the workload's policy does not have: refused at composition, with the
     // backendRef's place.
-    let file = docs.path.join("unknown.yaml");
-    std::fs::write(
-        &file,
-        CANARY.replace("name: reviews-v1", "name: reviews-v9"),
-    )
-    .unwrap();
-    let out = apply(&control, &file).await;
+    let unknown = CANARY.replace("name: reviews-v1", "name: reviews-v9");
+    let out = apply_text(&control, &docs, "unknown.yaml", &unknown).await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let said = text(&out);
     assert!(
@@ -376,16 +376,11 @@ async fn an_httproute_it_cannot_honour_is_refused_with_its_place_and_nothing_is_
     );
 
     // A parent Gateway (north-south) is no mesh route.
-    let file = docs.path.join("gateway.yaml");
-    std::fs::write(
-        &file,
-        CANARY.replace(
-            "    - group: \"\"\n      kind: Service\n      name: reviews",
-            "    - name: edge",
-        ),
-    )
-    .unwrap();
-    let out = apply(&control, &file).await;
+    let gateway = CANARY.replace(
+        "    - group: \"\"\n      kind: Service\n      name: reviews",
+        "    - name: edge",
+    );
+    let out = apply_text(&control, &docs, "gateway.yaml", &gateway).await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("gateway.yaml:8:7"), "{}", text(&out));
 
