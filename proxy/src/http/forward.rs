@@ -39,7 +39,7 @@ use crate::policy::retry::{self, AttemptFailure, RetryPolicy};
 use crate::policy::timeout::{BodyStall, Deadlines, Expired, Timer};
 use crate::telemetry::metrics::RouteLabels;
 use crate::telemetry::routing::count;
-use crate::telemetry::span::RequestSpan;
+use crate::telemetry::span::{RequestSpan, SpanTarget};
 use crate::telemetry::{AccessRecord, AttemptSpan, ExchangeReport, Finish, LoggedOnly, SpanSink};
 use crate::trace::{SpanId, TraceContext};
 
@@ -276,8 +276,7 @@ fn refused_span<B>(
         started_wall,
         elapsed: started.elapsed(),
         method: req.method().clone(),
-        uri: Some(crate::telemetry::detached_target(req.uri())),
-        authority: authority.as_ref().map(crate::telemetry::detached_authority),
+        target: SpanTarget::new(Some(req.uri()), authority.as_ref()),
         version: Some(req.version()),
         peer,
         endpoint: None,

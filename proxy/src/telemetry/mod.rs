@@ -323,8 +323,7 @@ impl Finish {
             elapsed: ended.elapsed,
             method: self.method.clone(),
             // Copied, as for the access log.
-            uri: self.uri.as_ref().map(detached_target),
-            authority: self.authority.as_ref().map(detached_authority),
+            target: span::SpanTarget::new(self.uri.as_ref(), self.authority.as_ref()),
             version: self.report.version,
             peer: self.peer,
             endpoint: self.report.endpoint,
@@ -344,20 +343,9 @@ impl Finish {
     }
 }
 
-/// `uri`'s path and query (all a log line or span reads of it) in bytes of their own: a
-/// request's URI shares the caller connection's read buffer, which a queued record would
-/// otherwise keep alive until it is written or exported.
-pub fn detached_target(uri: &Uri) -> Uri {
-    uri.path_and_query()
-        .and_then(|target| {
-            Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(target.as_str().as_bytes())).ok()
-        })
-        // No path (an authority-form CONNECT target): rare enough to share.
-        .unwrap_or_else(|| uri.clone())
-}
-
 /// What an access-log line keeps of `uri`: its path and query (`/` without them, or without a
-/// URI), copied, for the reason [`detached_target`] gives.
+/// URI), copied: a request's URI shares the caller connection's read buffer, which a queued
+/// record would otherwise keep alive until it is written.
 pub fn logged_target(uri: Option<&Uri>) -> Box<str> {
     Box::from(
         uri.and_then(Uri::path_and_query)
@@ -365,7 +353,7 @@ pub fn logged_target(uri: Option<&Uri>) -> Box<str> {
     )
 }
 
-/// `authority` in bytes of its own (see [`detached_target`]).
+/// `authority` in bytes of its own (see [`logged_target`]).
 pub fn detached_authority(authority: &Authority) -> Authority {
     let copy = bytes::Bytes::copy_from_slice(authority.as_str().as_bytes());
     Authority::from_maybe_shared(copy).unwrap_or_else(|_| authority.clone())
@@ -376,22 +364,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn detached_targets_and_authorities_are_equal_copies() {
-        for target in ["http://shop:8080/p/q?token=1&x", "/", "/p?", "*"] {
-            let uri: Uri = target.parse().expect("uri");
-            let copy = detached_target(&uri);
-            assert_eq!(
-                (copy.path(), copy.query(), copy.path_and_query()),
-                (uri.path(), uri.query(), uri.path_and_query())
-            );
-            // `/` and `*` are static in both; the others are copies.
-            if target.len() > 1 {
-                let (copied, shared) = (copy.path().as_ptr(), uri.path().as_ptr());
-                assert_ne!(copied, shared, "{target}: a copy");
-            }
-        }
-        let connect = Uri::from_static("shop:443");
-        assert_eq!(detached_target(&connect).path(), connect.path());
+    fn detached_authorities_are_equal_copies() {
         for authority in ["shop", "shop:8080", "[::1]:9", "user@shop"] {
             let authority: Authority = authority.parse().expect("authority");
             let copy = detached_authority(&authority);

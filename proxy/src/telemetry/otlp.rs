@@ -272,33 +272,39 @@ impl Envelope {
 }
 
 /// Encodes the spans of `batch` as one `ExportTraceServiceRequest`: one `ResourceSpans` with
-/// one `ScopeSpans`, written directly (see [`RequestSpan::encode`]).
+/// one `ScopeSpans`, written directly (see [`RequestSpan::encode`]). The spans are written
+/// once, in place: room is left before them for the enclosing messages' keys and lengths,
+/// which are known only after, and the message starts where its head ends up.
 pub fn encode(batch: &[RequestSpan], envelope: &Envelope) -> Bytes {
-    // About 400 bytes per span; a guess, the vector grows if short.
-    let mut spans = Vec::with_capacity(batch.len() * 1024);
-    let mut scratch = Vec::with_capacity(1024);
+    // Keys and lengths of three nested fields (a key and a varint length of at most 10
+    // bytes each), the resource and the scope.
+    let room =
+        3 * 11 + pb::bytes_len(1, envelope.resource.len()) + pb::bytes_len(1, envelope.scope.len());
+    // About 900 bytes per request's spans; a guess, the vector grows if short.
+    let mut out = Vec::with_capacity(room + batch.len() * 1024 + envelope.schema_url.len() + 16);
+    out.resize(room, 0);
     for request in batch {
-        request.encode(&mut spans, &mut scratch);
+        request.encode(&mut out);
     }
+    let spans_len = out.len() - room;
     // ScopeSpans { scope = 1, spans = 2 (each already framed), schema_url = 3 (none) }
-    let scope_spans_len = pb::bytes_len(1, envelope.scope.len()) + spans.len();
+    let scope_spans_len = pb::bytes_len(1, envelope.scope.len()) + spans_len;
     // ResourceSpans { resource = 1, scope_spans = 2, schema_url = 3 }
     let mut resource_spans_len =
         pb::bytes_len(1, envelope.resource.len()) + pb::bytes_len(2, scope_spans_len);
     if !envelope.schema_url.is_empty() {
         resource_spans_len += pb::bytes_len(3, envelope.schema_url.len());
-    }
-    // ExportTraceServiceRequest { resource_spans = 1 }
-    let mut out = Vec::with_capacity(pb::bytes_len(1, resource_spans_len));
-    pb::header(&mut out, 1, resource_spans_len);
-    pb::bytes(&mut out, 1, &envelope.resource);
-    pb::header(&mut out, 2, scope_spans_len);
-    pb::bytes(&mut out, 1, &envelope.scope);
-    out.extend_from_slice(&spans);
-    if !envelope.schema_url.is_empty() {
         pb::bytes(&mut out, 3, envelope.schema_url.as_bytes());
     }
-    Bytes::from(out)
+    // ExportTraceServiceRequest { resource_spans = 1 }
+    let mut head = Vec::with_capacity(room);
+    pb::header(&mut head, 1, resource_spans_len);
+    pb::bytes(&mut head, 1, &envelope.resource);
+    pb::header(&mut head, 2, scope_spans_len);
+    pb::bytes(&mut head, 1, &envelope.scope);
+    let start = room - head.len();
+    out[start..room].copy_from_slice(&head);
+    Bytes::from(out).slice(start..)
 }
 
 /// A kept connection to the collector.

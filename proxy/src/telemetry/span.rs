@@ -43,10 +43,8 @@ pub struct RequestSpan {
     pub elapsed: Duration,
     /// Method.
     pub method: Method,
-    /// Request target as received.
-    pub uri: Option<Uri>,
-    /// Authority as routed.
-    pub authority: Option<Authority>,
+    /// Authority as routed and the request's path and query.
+    pub target: SpanTarget,
     /// HTTP version on this span's side: the caller's for a server span, the upstream's for a
     /// client span.
     pub version: Option<Version>,
@@ -105,15 +103,18 @@ impl RequestSpan {
     }
 
     /// Appends the request's span and its attempts' spans to `out`, each as a `spans` field
-    /// of an OTLP `ScopeSpans` message; `scratch` is reused between spans.
-    pub fn encode(&self, out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
-        scratch.clear();
-        self.encode_request_span(scratch);
-        pb::bytes(out, SCOPE_SPANS_SPANS, scratch);
+    /// of an OTLP `ScopeSpans` message, encoded in place.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        // Split once: every span of the request reports the same host.
+        let host = self.target.authority().map(host_and_port);
+        let mut ip = IpText::default();
+        let framed = pb::open(out, SCOPE_SPANS_SPANS);
+        self.encode_request_span(out, host, &mut ip);
+        pb::close(out, framed);
         for attempt in &self.attempt_spans {
-            scratch.clear();
-            self.encode_attempt(attempt, scratch);
-            pb::bytes(out, SCOPE_SPANS_SPANS, scratch);
+            let framed = pb::open(out, SCOPE_SPANS_SPANS);
+            self.encode_attempt(attempt, out, host.map(|(host, _)| host), &mut ip);
+            pb::close(out, framed);
         }
     }
 
@@ -158,17 +159,22 @@ impl RequestSpan {
         unix_nanos(self.started_wall).saturating_add(nanos(since))
     }
 
-    fn encode_attempt(&self, attempt: &AttemptSpan, out: &mut Vec<u8>) {
+    fn encode_attempt(
+        &self,
+        attempt: &AttemptSpan,
+        out: &mut Vec<u8>,
+        host: Option<&str>,
+        ip: &mut IpText,
+    ) {
         self.encode_head(out, attempt.span_id, Some(self.trace.span_id), false);
         pb::varint(out, 6, KIND_CLIENT);
         pb::fixed64(out, 7, self.wall_nanos(attempt.started));
         pb::fixed64(out, 8, self.wall_nanos(attempt.ended));
-        let mut ip = IpText::default();
         pb::attr_str(out, "http.request.method", method_name(&self.method));
-        pb::attr_str(out, "network.peer.address", ip.of(attempt.endpoint.ip()));
+        pb::attr_text(out, "network.peer.address", ip.of(attempt.endpoint.ip()));
         pb::attr_int(out, "network.peer.port", i64::from(attempt.endpoint.port()));
-        if let Some(authority) = &self.authority {
-            pb::attr_str(out, "server.address", authority.host());
+        if let Some(host) = host {
+            pb::attr_str(out, "server.address", host);
         }
         if attempt.number > 1 {
             pb::attr_int(
@@ -198,7 +204,12 @@ impl RequestSpan {
         pb::status(out, &status);
     }
 
-    fn encode_request_span(&self, out: &mut Vec<u8>) {
+    fn encode_request_span(
+        &self,
+        out: &mut Vec<u8>,
+        host: Option<(&str, Option<u16>)>,
+        ip: &mut IpText,
+    ) {
         let remote = self.trace.parent_id.is_some();
         self.encode_head(out, self.trace.span_id, self.trace.parent_id, remote);
         pb::varint(
@@ -214,8 +225,8 @@ impl RequestSpan {
         pb::fixed64(out, 7, start);
         pb::fixed64(out, 8, start.saturating_add(nanos(self.elapsed)));
         let method = method_name(&self.method);
-        let path = self.uri.as_ref().map_or("/", Uri::path);
-        let query = self.uri.as_ref().and_then(Uri::query).map(redact_query);
+        let path = self.target.path();
+        let query = self.target.query().map(redact_query);
         pb::attr_str(out, "http.request.method", method);
         pb::attr_str(out, "url.scheme", "http");
         pb::attr_str(out, "url.path", path);
@@ -232,24 +243,22 @@ impl RequestSpan {
         if let Some(version) = self.version.and_then(protocol_version) {
             pb::attr_str(out, "network.protocol.version", version);
         }
-        if let Some(authority) = &self.authority {
-            pb::attr_str(out, "server.address", authority.host());
+        if let Some((host, port)) = host {
+            pb::attr_str(out, "server.address", host);
             // Without a port in Host, the scheme's default one (the proxy speaks http to the
             // app and to its upstreams' sidecars; TLS origination is below url.scheme).
-            let port = authority.port_u16().unwrap_or(80);
-            pb::attr_int(out, "server.port", i64::from(port));
+            pb::attr_int(out, "server.port", i64::from(port.unwrap_or(80)));
         }
-        let mut ip = IpText::default();
         if self.server {
-            pb::attr_str(out, "client.address", ip.of(self.peer.ip()));
+            pb::attr_text(out, "client.address", ip.of(self.peer.ip()));
             if let Some(query) = &query {
                 pb::attr_str(out, "url.query", query);
             }
         } else {
-            if let Some(authority) = &self.authority {
+            if let Some(authority) = self.target.authority() {
                 let full = [
                     "http://",
-                    authority.as_str(),
+                    authority,
                     path,
                     if query.is_some() { "?" } else { "" },
                     query.as_deref().unwrap_or(""),
@@ -257,7 +266,7 @@ impl RequestSpan {
                 pb::attr_concat(out, "url.full", &full);
             }
             if let Some(endpoint) = self.endpoint {
-                pb::attr_str(out, "network.peer.address", ip.of(endpoint.ip()));
+                pb::attr_text(out, "network.peer.address", ip.of(endpoint.ip()));
                 pb::attr_int(out, "network.peer.port", i64::from(endpoint.port()));
             }
         }
@@ -341,50 +350,157 @@ fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// An IP address's text, formatted on the stack.
+/// A request's authority and target as its spans report them, copied into one allocation of
+/// their own when the exchange ends (the request's URI shares the caller connection's read
+/// buffer, which a queued span would otherwise keep alive) and not parsed again: the parts'
+/// bounds are kept, and the host is split off only when the span is encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpanTarget {
+    /// The authority, the path, then `?` and the query when there is one.
+    text: Box<str>,
+    /// Where the authority ends (0 without one).
+    authority_end: usize,
+    /// Where the path ends (the `?`, or the end).
+    path_end: usize,
+    has_query: bool,
+}
+
+impl SpanTarget {
+    /// `authority` as routed and `uri`'s path and query (the path is `/` without a URI, as
+    /// for a request refused before it was read whole).
+    pub fn new(uri: Option<&Uri>, authority: Option<&Authority>) -> Self {
+        let authority = authority.map_or("", Authority::as_str);
+        let path = uri.map_or("/", Uri::path);
+        let query = uri.and_then(Uri::query);
+        let query_len = query.map_or(0, |q| q.len() + 1);
+        let mut text = String::with_capacity(authority.len() + path.len() + query_len);
+        text.push_str(authority);
+        text.push_str(path);
+        if let Some(query) = query {
+            text.push('?');
+            text.push_str(query);
+        }
+        Self {
+            text: text.into_boxed_str(),
+            authority_end: authority.len(),
+            path_end: authority.len() + path.len(),
+            has_query: query.is_some(),
+        }
+    }
+
+    /// The authority, if the request had one.
+    pub fn authority(&self) -> Option<&str> {
+        let authority = self.text.get(..self.authority_end)?;
+        (!authority.is_empty()).then_some(authority)
+    }
+
+    /// The path (empty for an authority-form target).
+    pub fn path(&self) -> &str {
+        self.text
+            .get(self.authority_end..self.path_end)
+            .unwrap_or_default()
+    }
+
+    /// The query, without its `?`.
+    pub fn query(&self) -> Option<&str> {
+        let start = self.path_end.checked_add(1)?;
+        self.has_query.then(|| self.text.get(start..)).flatten()
+    }
+}
+
+/// An authority's host and port, read as [`Authority::host`] and [`Authority::port_u16`] read
+/// them (userinfo skipped; an IPv6 host keeps its brackets), without their string searches.
+fn host_and_port(authority: &str) -> (&str, Option<u16>) {
+    let host_port = match authority.bytes().rposition(|b| b == b'@') {
+        Some(at) => &authority[at + 1..],
+        None => authority,
+    };
+    let host = match host_port.as_bytes().first() {
+        Some(b'[') => match host_port.bytes().position(|b| b == b']') {
+            Some(end) => &host_port[..=end],
+            None => host_port,
+        },
+        _ => match host_port.bytes().position(|b| b == b':') {
+            Some(colon) => &host_port[..colon],
+            None => host_port,
+        },
+    };
+    let port = authority
+        .bytes()
+        .rposition(|b| b == b':')
+        .and_then(|colon| authority[colon + 1..].parse::<u16>().ok());
+    (host, port)
+}
+
+/// An IP address's text, formatted on the stack; the last one is kept, as a request's span
+/// and its attempt's usually name the same endpoint.
 struct IpText {
     buf: [u8; 48],
+    last: Option<(std::net::IpAddr, usize)>,
 }
+
+/// Each octet's decimal digits, left-aligned in three bytes, and how many there are.
+const OCTET_DIGITS: [([u8; 3], u8); 256] = {
+    let mut table = [([0u8; 3], 0u8); 256];
+    let mut octet = 0;
+    while octet < 256 {
+        let (hundreds, tens, ones) = (
+            b'0' + (octet / 100) as u8,
+            b'0' + (octet / 10 % 10) as u8,
+            b'0' + (octet % 10) as u8,
+        );
+        table[octet] = if octet >= 100 {
+            ([hundreds, tens, ones], 3)
+        } else if octet >= 10 {
+            ([tens, ones, 0], 2)
+        } else {
+            ([ones, 0, 0], 1)
+        };
+        octet += 1;
+    }
+    table
+};
 
 impl Default for IpText {
     fn default() -> Self {
-        Self { buf: [0; 48] }
+        Self {
+            buf: [0; 48],
+            last: None,
+        }
     }
 }
 
 impl IpText {
-    fn of(&mut self, ip: std::net::IpAddr) -> &str {
+    /// `ip`'s text (ASCII), as `Display` writes it.
+    fn of(&mut self, ip: std::net::IpAddr) -> &[u8] {
         use std::io::Write as _;
-        let written = match ip {
-            // Digit by digit: `fmt` cost more than the rest of the attribute.
-            std::net::IpAddr::V4(v4) => {
-                let mut at = 0;
-                for (i, octet) in v4.octets().into_iter().enumerate() {
-                    if i > 0 {
+        let written = match self.last {
+            Some((last, written)) if last == ip => written,
+            // From a table: `fmt` cost more than the rest of the attribute.
+            _ => match ip {
+                std::net::IpAddr::V4(v4) => {
+                    let mut at = 0;
+                    for octet in v4.octets() {
+                        let (digits, len) = OCTET_DIGITS[usize::from(octet)];
+                        // All three bytes: what follows the digits is overwritten next.
+                        self.buf[at..at + 3].copy_from_slice(&digits);
+                        at += usize::from(len);
                         self.buf[at] = b'.';
                         at += 1;
                     }
-                    let digits = [octet / 100, octet / 10 % 10, octet % 10];
-                    let skip = match octet {
-                        0..=9 => 2,
-                        10..=99 => 1,
-                        _ => 0,
-                    };
-                    for digit in &digits[skip..] {
-                        self.buf[at] = b'0' + digit;
-                        at += 1;
-                    }
+                    // Without the last dot.
+                    at - 1
                 }
-                at
-            }
-            std::net::IpAddr::V6(_) => {
-                let mut rest = &mut self.buf[..];
-                // The longest IPv6 text is 45 bytes: it fits.
-                let _ = write!(rest, "{ip}");
-                48 - rest.len()
-            }
+                std::net::IpAddr::V6(_) => {
+                    let mut rest = &mut self.buf[..];
+                    // The longest IPv6 text is 45 bytes: it fits.
+                    let _ = write!(rest, "{ip}");
+                    48 - rest.len()
+                }
+            },
         };
-        std::str::from_utf8(&self.buf[..written]).unwrap_or_default()
+        self.last = Some((ip, written));
+        &self.buf[..written]
     }
 }
 
@@ -403,29 +519,77 @@ pub(crate) mod pb {
     /// `Span.status`.
     const SPAN_STATUS: u32 = 15;
 
-    /// A varint; one byte below 128, the usual length of what a span holds.
+    /// A varint; one or two bytes below 16384, what nearly everything a span holds takes.
+    #[inline(always)]
     fn uvarint(out: &mut Vec<u8>, value: u64) {
-        match u8::try_from(value) {
-            Ok(byte) if byte < 0x80 => out.push(byte),
-            _ => encode_varint(value, out),
+        if value < 0x80 {
+            out.push(value as u8);
+        } else if value < 0x4000 {
+            out.extend_from_slice(&[value as u8 | 0x80, (value >> 7) as u8]);
+        } else {
+            encode_varint(value, out);
         }
     }
 
+    /// A length-delimited field being written in place: where its content starts.
+    pub struct Open(usize);
+
+    /// Starts a length-delimited field of `field` whose content is written next, then
+    /// [`close`]d. Two bytes are kept for its length, which a span's nearly always takes
+    /// (128 to 16383 bytes), so it is written in place rather than built aside and copied.
+    #[inline]
+    pub fn open(out: &mut Vec<u8>, field: u32) -> Open {
+        key(out, field, LEN);
+        out.extend_from_slice(&[0x80, 0x00]);
+        Open(out.len())
+    }
+
+    /// Writes the length of the field `open` started, now that its content is written.
+    #[inline]
+    pub fn close(out: &mut Vec<u8>, open: Open) {
+        let Open(start) = open;
+        let len = out.len() - start;
+        let len_at = start - 2;
+        if (0x80..0x4000).contains(&len) {
+            out[len_at] = len as u8 | 0x80;
+            out[len_at + 1] = (len >> 7) as u8;
+            return;
+        }
+        // Shorter or longer: the content moves to fit the length's real size (a padded
+        // varint is valid protobuf, but not what every collector's decoder is tested with).
+        let mut prefix = Vec::with_capacity(10);
+        uvarint(&mut prefix, len as u64);
+        match prefix.len() {
+            1 => {
+                out[len_at] = prefix[0];
+                out.copy_within(start.., len_at + 1);
+                out.truncate(len_at + 1 + len);
+            }
+            _ => {
+                out.splice(len_at..start, prefix);
+            }
+        }
+    }
+
+    #[inline(always)]
     fn key(out: &mut Vec<u8>, field: u32, wire: u32) {
         uvarint(out, u64::from(field << 3 | wire));
     }
 
+    #[inline(always)]
     fn key_len(field: u32) -> usize {
         encoded_len_varint(u64::from(field << 3))
     }
 
     /// The key and length of a length-delimited field whose `len` bytes follow.
+    #[inline]
     pub fn header(out: &mut Vec<u8>, field: u32, len: usize) {
         key(out, field, LEN);
         uvarint(out, len as u64);
     }
 
     /// A length-delimited field (bytes, string or an encoded message).
+    #[inline]
     pub fn bytes(out: &mut Vec<u8>, field: u32, value: &[u8]) {
         key(out, field, LEN);
         uvarint(out, value.len() as u64);
@@ -433,64 +597,90 @@ pub(crate) mod pb {
     }
 
     /// The length of a length-delimited field holding `len` bytes.
+    #[inline]
     pub fn bytes_len(field: u32, len: usize) -> usize {
         key_len(field) + encoded_len_varint(len as u64) + len
     }
 
     /// A varint field.
+    #[inline]
     pub fn varint(out: &mut Vec<u8>, field: u32, value: u64) {
         key(out, field, VARINT);
         uvarint(out, value);
     }
 
     /// A fixed64 field.
+    #[inline]
     pub fn fixed64(out: &mut Vec<u8>, field: u32, value: u64) {
         key(out, field, FIXED64);
         out.extend_from_slice(&value.to_le_bytes());
     }
 
     /// A fixed32 field.
+    #[inline]
     pub fn fixed32(out: &mut Vec<u8>, field: u32, value: u32) {
         key(out, field, FIXED32);
         out.extend_from_slice(&value.to_le_bytes());
     }
 
+    /// `Span.attributes` key, `KeyValue` length, its `key` field's key and length (`name`
+    /// follows), for an attribute whose `AnyValue` is `any_len` bytes: one-byte lengths when
+    /// the whole pair is under 128 bytes, as nearly every attribute is.
+    #[inline(always)]
+    fn attr_head(out: &mut Vec<u8>, name: &str, any_len: usize) {
+        // KeyValue { key = 1, value = 2 }
+        let pair_len = bytes_len(1, name.len()) + bytes_len(2, any_len);
+        out.reserve(pair_len + 3);
+        match u8::try_from(pair_len) {
+            Ok(short) if short < 0x80 => {
+                // `name.len() < pair_len`, so it is a one-byte length too.
+                out.extend_from_slice(&[(SPAN_ATTRIBUTES << 3 | LEN) as u8, short, 0x0a]);
+                out.push(name.len() as u8);
+            }
+            _ => {
+                key(out, SPAN_ATTRIBUTES, LEN);
+                uvarint(out, pair_len as u64);
+                header(out, 1, name.len());
+            }
+        }
+        // Inlined with a constant name: a few moves, not a call to memcpy.
+        out.extend_from_slice(name.as_bytes());
+        header(out, 2, any_len);
+    }
+
     /// A `KeyValue` attribute of a span whose string value is `parts` joined.
+    #[inline(always)]
     pub fn attr_concat(out: &mut Vec<u8>, name: &str, parts: &[&str]) {
         let text_len: usize = parts.iter().map(|part| part.len()).sum();
         // AnyValue { string_value = 1 }
-        let any_len = bytes_len(1, text_len);
-        // KeyValue { key = 1, value = 2 }
-        let pair_len = bytes_len(1, name.len()) + bytes_len(2, any_len);
-        key(out, SPAN_ATTRIBUTES, LEN);
-        uvarint(out, pair_len as u64);
-        bytes(out, 1, name.as_bytes());
-        key(out, 2, LEN);
-        uvarint(out, any_len as u64);
-        key(out, 1, LEN);
-        uvarint(out, text_len as u64);
+        attr_head(out, name, bytes_len(1, text_len));
+        header(out, 1, text_len);
         for part in parts {
             out.extend_from_slice(part.as_bytes());
         }
     }
 
     /// A `KeyValue` attribute of a span with a string value.
+    #[inline(always)]
     pub fn attr_str(out: &mut Vec<u8>, name: &str, value: &str) {
-        attr_concat(out, name, &[value]);
+        attr_text(out, name, value.as_bytes());
+    }
+
+    /// A `KeyValue` attribute of a span with a string value given as its UTF-8 bytes.
+    #[inline(always)]
+    pub fn attr_text(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+        // AnyValue { string_value = 1 }
+        attr_head(out, name, bytes_len(1, value.len()));
+        bytes(out, 1, value);
     }
 
     /// A `KeyValue` attribute of a span with an int value.
+    #[inline(always)]
     pub fn attr_int(out: &mut Vec<u8>, name: &str, value: i64) {
         // int64 is a varint of the two's complement.
         let value = value as u64;
         // AnyValue { int_value = 3 }
-        let any_len = key_len(3) + encoded_len_varint(value);
-        let pair_len = bytes_len(1, name.len()) + bytes_len(2, any_len);
-        key(out, SPAN_ATTRIBUTES, LEN);
-        uvarint(out, pair_len as u64);
-        bytes(out, 1, name.as_bytes());
-        key(out, 2, LEN);
-        uvarint(out, any_len as u64);
+        attr_head(out, name, key_len(3) + encoded_len_varint(value));
         varint(out, 3, value);
     }
 
@@ -629,7 +819,9 @@ pub(crate) mod tests {
             spans.push(self.reference_request_span(scope));
             let wall = |at: Instant| self.started_wall + at.saturating_duration_since(self.started);
             let method = method_name(&self.method);
-            let host = self.authority.as_ref().map(Authority::host);
+            // Parsed by `http`, to check the encoder's own split.
+            let authority = self.reference_authority();
+            let host = authority.as_ref().map(Authority::host);
             for attempt in attempts {
                 let mut attributes = vec![
                     KeyValue::new("http.request.method", method),
@@ -687,6 +879,12 @@ pub(crate) mod tests {
             spans
         }
 
+        fn reference_authority(&self) -> Option<Authority> {
+            self.target
+                .authority()
+                .map(|text| text.parse().expect("an authority"))
+        }
+
         fn reference_context(&self, span: SpanId) -> SpanContext {
             let mut flags = TraceFlags::SAMPLED;
             if self.trace.random {
@@ -712,8 +910,9 @@ pub(crate) mod tests {
 
         fn reference_request_span(&self, scope: &InstrumentationScope) -> SpanData {
             let method = method_name(&self.method);
-            let path = self.uri.as_ref().map_or("/", Uri::path);
-            let query = self.uri.as_ref().and_then(Uri::query).map(redact_query);
+            let path = self.target.path();
+            let query = self.target.query().map(redact_query);
+            let authority = self.reference_authority();
             let mut attributes = vec![
                 KeyValue::new("http.request.method", method),
                 KeyValue::new("url.scheme", "http"),
@@ -735,7 +934,7 @@ pub(crate) mod tests {
             if let Some(version) = self.version.and_then(protocol_version) {
                 attributes.push(KeyValue::new("network.protocol.version", version));
             }
-            if let Some(authority) = &self.authority {
+            if let Some(authority) = &authority {
                 attributes.push(KeyValue::new(
                     "server.address",
                     authority.host().to_string(),
@@ -751,7 +950,7 @@ pub(crate) mod tests {
                     attributes.push(KeyValue::new("url.query", query.clone()));
                 }
             } else {
-                if let Some(authority) = &self.authority {
+                if let Some(authority) = &authority {
                     let mut full = format!("http://{}{path}", authority.as_str());
                     if let Some(query) = &query {
                         let _ = write!(full, "?{query}");
@@ -862,8 +1061,7 @@ pub(crate) mod tests {
             started_wall: SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
             elapsed: Duration::from_micros(1_234),
             method: Method::GET,
-            uri: Some(Uri::from_static("/items/7")),
-            authority: Some(Authority::from_static("shop")),
+            target: target(Some("/items/7"), Some("shop")),
             version: Some(Version::HTTP_11),
             peer: "127.0.0.1:40000".parse().expect("address"),
             endpoint: Some("10.0.0.7:8080".parse().expect("address")),
@@ -880,6 +1078,13 @@ pub(crate) mod tests {
             flag: ResponseFlag::Upstream,
             attempt_spans: Vec::new(),
         }
+    }
+
+    fn target(uri: Option<&'static str>, authority: Option<&'static str>) -> SpanTarget {
+        SpanTarget::new(
+            uri.map(Uri::from_static).as_ref(),
+            authority.map(Authority::from_static).as_ref(),
+        )
     }
 
     fn attempt(span: &RequestSpan, number: u32, millis: u64) -> AttemptSpan {
@@ -908,8 +1113,7 @@ pub(crate) mod tests {
             http::HeaderValue::from_static("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"),
         );
         continued.trace = TraceContext::extract(&headers, &Sampler::parent_based(1.0));
-        continued.uri = Some(Uri::from_static("/p?token=s3cret&debug&x="));
-        continued.authority = Some(Authority::from_static("shop.internal:8443"));
+        continued.target = target(Some("/p?token=s3cret&debug&x="), Some("shop.internal:8443"));
         continued.http_route = Some(Arc::from("/p"));
         continued.version = Some(Version::HTTP_2);
         continued.attempts = 3;
@@ -933,19 +1137,27 @@ pub(crate) mod tests {
         headers.insert("traceparent", http::HeaderValue::from_static(parent));
         headers.insert("tracestate", http::HeaderValue::from_static("a@b=1,c=2"));
         level2.trace = TraceContext::extract(&headers, &Sampler::parent_based(1.0));
-        level2.uri = Some(Uri::from_static("/caf%C3%A9?q=1"));
+        level2.target = target(Some("/caf%C3%A9?q=1"), Some("[fd00::1]"));
         level2.peer = "[::1]:9".parse().expect("address");
         spans.push(level2);
 
         for (server, code) in [(true, 14), (true, 5), (false, 5), (false, 0)] {
             let mut grpc = request(server);
-            grpc.uri = Some(Uri::from_static("/echo.Echo/Unary"));
+            grpc.target = target(Some("/echo.Echo/Unary"), Some("user@echo:50051"));
             grpc.method = Method::POST;
             grpc.version = Some(Version::HTTP_2);
             grpc.grpc = true;
             grpc.grpc_status = Some(code);
             spans.push(grpc);
         }
+
+        let mut long = request(false);
+        let path = format!("/{}", "p".repeat(20_000));
+        long.target = SpanTarget::new(
+            Some(&Uri::try_from(path).expect("uri")),
+            Some(&Authority::from_static("shop")),
+        );
+        spans.push(long);
 
         let mut cancelled = request(true);
         cancelled.cancelled = true;
@@ -987,8 +1199,7 @@ pub(crate) mod tests {
             failed.error = reason.map(|(text, _)| text.to_string());
             failed.error_kind = reason.map(|(_, kind)| kind);
             failed.method = Method::from_bytes(b"PURGE").expect("method");
-            failed.authority = None;
-            failed.uri = None;
+            failed.target = target(None, None);
             failed.version = None;
             failed.endpoint = None;
             spans.push(failed);
@@ -1008,9 +1219,100 @@ pub(crate) mod tests {
                 .map(ProtoSpan::from)
                 .collect();
             let mut encoded = Vec::new();
-            span.encode(&mut encoded, &mut Vec::new());
+            span.encode(&mut encoded);
             let decoded = ScopeSpans::decode(&encoded[..]).expect("valid protobuf");
             assert_eq!(decoded.spans, expected, "{span:?}");
+        }
+    }
+
+    #[test]
+    fn a_span_target_reads_as_the_uri_and_authority_it_copies() {
+        for uri in [
+            "/",
+            "/p/q?token=1&x",
+            "/p?",
+            "http://shop:8080/a?b",
+            "*",
+            "shop:443",
+        ] {
+            let parsed = Uri::from_static(uri);
+            let copy = SpanTarget::new(Some(&parsed), None);
+            assert_eq!(
+                (copy.path(), copy.query(), copy.authority()),
+                (parsed.path(), parsed.query(), None),
+                "{uri}"
+            );
+        }
+        let none = SpanTarget::new(None, None);
+        assert_eq!((none.path(), none.query()), ("/", None));
+        let both = target(Some("/x?y=1"), Some("shop:81"));
+        assert_eq!(
+            (both.authority(), both.path(), both.query()),
+            (Some("shop:81"), "/x", Some("y=1"))
+        );
+    }
+
+    #[test]
+    fn hosts_and_ports_split_as_http_splits_them() {
+        for text in [
+            "shop",
+            "shop:8080",
+            "shop:",
+            "[::1]",
+            "[::1]:9",
+            "[fd00::7]:65535",
+            "user@shop",
+            "user:pw@shop:81",
+            "a@b@c:1",
+            "127.0.0.1:80",
+            "x:99999",
+        ] {
+            let Ok(authority) = text.parse::<Authority>() else {
+                continue;
+            };
+            assert_eq!(
+                host_and_port(text),
+                (authority.host(), authority.port_u16()),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn fields_written_in_place_get_their_shortest_length() {
+        for len in [0, 5, 127, 128, 300, 16383, 16384, 70_000] {
+            let content = vec![7u8; len];
+            let mut out = vec![1, 2, 3];
+            let open = pb::open(&mut out, 2);
+            out.extend_from_slice(&content);
+            pb::close(&mut out, open);
+            let mut expected = vec![1, 2, 3];
+            pb::bytes(&mut expected, 2, &content);
+            assert_eq!(out, expected, "{len}");
+        }
+    }
+
+    #[test]
+    fn long_attributes_take_multi_byte_lengths() {
+        let long = "v".repeat(300);
+        for (name, value) in [("k", long.as_str()), ("k", &long[..120]), ("k", "")] {
+            let mut out = Vec::new();
+            pb::attr_str(&mut out, name, value);
+            // `out` is the field of a span (tag 9, then the pair's length).
+            assert_eq!(out[0], 0x4a);
+            let (len, skip) = if out[1] < 0x80 {
+                (usize::from(out[1]), 2)
+            } else {
+                (usize::from(out[1] & 0x7f) | usize::from(out[2]) << 7, 3)
+            };
+            assert_eq!(out.len(), skip + len, "{}", value.len());
+            let pair = opentelemetry_proto::tonic::common::v1::KeyValue::decode(&out[skip..])
+                .expect("valid protobuf");
+            let text = match pair.value.and_then(|v| v.value) {
+                Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(t)) => t,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!((pair.key.as_str(), text.as_str()), (name, value));
         }
     }
 
@@ -1027,7 +1329,13 @@ pub(crate) mod tests {
             "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
         ] {
             let ip: std::net::IpAddr = ip.parse().expect("address");
-            assert_eq!(IpText::default().of(ip), ip.to_string());
+            assert_eq!(IpText::default().of(ip), ip.to_string().as_bytes());
+        }
+        // The kept text is the last address's, never an earlier one's.
+        let mut text = IpText::default();
+        for ip in ["10.0.0.1", "10.0.0.1", "::1", "10.0.0.22", "10.0.0.22"] {
+            let ip: std::net::IpAddr = ip.parse().expect("address");
+            assert_eq!(text.of(ip), ip.to_string().as_bytes());
         }
     }
 
