@@ -24,10 +24,16 @@ const SPAN_BATCH_DELAY: Duration = Duration::from_millis(500);
 /// Bound on one export try; a slow collector costs spans, never memory.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The span exporter could not be built from the policy.
+/// The span exporter could not be built from the policy, or its thread not started.
 #[derive(Debug, thiserror::Error)]
-#[error("tracing.otlp: {0}")]
-pub struct ExporterError(#[from] otlp::SetupError);
+pub enum ExporterError {
+    /// The collector settings are unusable.
+    #[error("tracing.otlp: {0}")]
+    Setup(#[from] otlp::SetupError),
+    /// The export thread or its runtime could not be started.
+    #[error("tracing.otlp: cannot start the export thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
 
 /// The span exporter in force: none, or one [`SpanSink`] for the policy's `tracing.otlp`.
 /// Replaced when a reload changes the collector settings; the old sink is flushed in the
@@ -99,19 +105,26 @@ impl Spans {
 /// Where sampled spans go: a bounded queue drained by a task that exports in batches over
 /// OTLP (gRPC or HTTP/protobuf, see [`otlp`]). While a batch is retried, new spans wait in the
 /// queue; when it is full they are dropped and counted.
+///
+/// The export task runs on a thread of its own (`outrider-otlp`, a one-thread runtime): on the
+/// request workers it waited its turn behind every busy connection at each step of an export
+/// (encode, write, read the answer), so under load a batch took tens of milliseconds and the
+/// queue overflowed with CPU to spare. On its own thread the kernel schedules it as soon as
+/// it wakes, and its work is the same.
 pub struct SpanSink {
     otlp: Otlp,
     queue: mpsc::Sender<span::RequestSpan>,
     /// Wakes the export task once a batch's worth is queued (see `export_loop`).
     batch_ready: Arc<tokio::sync::Notify>,
     metrics: TelemetryMetrics,
-    done: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Fires when the export thread has flushed and ended.
+    done: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl SpanSink {
-    /// Starts the export task for `otlp`; spans carry the resource `service.name` =
-    /// `workload` plus whatever `OTEL_RESOURCE_ATTRIBUTES` sets. Must run inside the runtime.
+    /// Starts the export thread for `otlp`; spans carry the resource `service.name` =
+    /// `workload` plus whatever `OTEL_RESOURCE_ATTRIBUTES` sets.
     pub fn start(
         otlp: &Otlp,
         workload: &str,
@@ -132,19 +145,31 @@ impl SpanSink {
         let (queue, rx) = mpsc::channel(SPAN_QUEUE);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let batch_ready = Arc::new(tokio::sync::Notify::new());
-        let task = tokio::spawn(export_loop(
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ExporterError::Thread)?;
+        let export = export_loop(
             collector,
             envelope,
             (rx, Arc::clone(&batch_ready)),
             stop_rx,
             metrics.clone(),
-        ));
+        );
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("outrider-otlp".to_string())
+            .spawn(move || {
+                runtime.block_on(export);
+                let _ = done_tx.send(());
+            })
+            .map_err(ExporterError::Thread)?;
         Ok(Self {
             otlp: otlp.clone(),
             queue,
             batch_ready,
             metrics,
-            done: std::sync::Mutex::new(Some(task)),
+            done: std::sync::Mutex::new(Some(done)),
             stop,
         })
     }
@@ -173,9 +198,9 @@ impl SpanSink {
     /// Exports what is queued and stops the exporter; bounded by `timeout`.
     pub async fn shutdown(&self, timeout: Duration) {
         let _ = self.stop.send(true);
-        let task = self.done.lock().ok().and_then(|mut t| t.take());
-        if let Some(task) = task {
-            if tokio::time::timeout(timeout, task).await.is_err() {
+        let done = self.done.lock().ok().and_then(|mut done| done.take());
+        if let Some(done) = done {
+            if tokio::time::timeout(timeout, done).await.is_err() {
                 tracing::warn!("span export did not finish before shutdown");
             }
         }
