@@ -45,7 +45,7 @@ mod tests;
 
 pub use files::ScannedFile;
 use health::StoreHealth;
-pub use proxies::expire_gone;
+pub use proxies::{expire_gone, Forgotten};
 pub use publish::Published;
 use publish::{republish, settle_versions};
 
