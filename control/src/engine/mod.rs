@@ -32,11 +32,13 @@ use crate::registry::Registry;
 use crate::store::{Source, State, Store, StoreError, StoredDoc, HISTORY_LEN};
 
 mod apply;
+mod commit;
 mod delete;
 mod files;
 mod health;
 mod history;
 mod persist;
+mod plan;
 mod proxies;
 mod publish;
 mod status;
