@@ -16,7 +16,6 @@ use tokio::io::{AsyncWriteExt, DuplexStream};
 
 use super::*;
 use crate::core::errors::ErrorKind;
-use crate::io::outcome::Watch;
 use crate::io::request_body::RequestBody;
 use crate::policy::breaker::BreakerState;
 use crate::policy::retry::AttemptFailure;
@@ -152,11 +151,7 @@ impl SendAttempt for &Script {
         }
     }
 
-    /// The body ends at once, cleanly: the breaker hears the exchange's verdict now.
-    fn respond(_: (), _: Option<Duration>, watch: Option<Watch>, _: Timer) -> ProxyBody {
-        if let Some(watch) = watch {
-            crate::io::completion::settle_upstream(watch, &crate::io::completion::End::Clean);
-        }
+    fn respond(_: (), _: Option<Duration>, _: Timer) -> ProxyBody {
         ProxyBody::empty()
     }
 }
@@ -232,7 +227,7 @@ async fn exchange(script: &Script, target: &Target, method: &str) -> Exchanged {
     let caller = Caller::new("127.0.0.1:9".parse().expect("addr"));
     let authority = Some(Authority::from_static("svc"));
     let start = Instant::now();
-    let response = forward(
+    let (response, health) = forward(
         script,
         (target, None),
         authority,
@@ -242,6 +237,10 @@ async fn exchange(script: &Script, target: &Target, method: &str) -> Exchanged {
         reporting,
     )
     .await;
+    // The body ends at once, cleanly: the breaker hears the exchange's verdict now.
+    if let Some(health) = health {
+        crate::io::completion::settle_upstream(health, &crate::io::completion::End::Clean);
+    }
     Exchanged {
         status: response.status(),
         attempts: response
