@@ -479,7 +479,8 @@ async fn forward<S: SendAttempt>(
                     BreakerRejection::Open => ProxyError::CircuitOpen(service),
                     BreakerRejection::ConcurrencyLimit => ProxyError::ConcurrencyLimit(service),
                 };
-                report.flag = error.flag();
+                // Its kind, like a rate limit's: the access log and span say why.
+                report.fail(&error);
                 return (rescue(&error, grpc), None);
             }
         },

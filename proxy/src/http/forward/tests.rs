@@ -521,3 +521,27 @@ async fn without_retries_a_refused_connection_goes_once_to_another_endpoint() {
     assert_eq!(done.report.error_kind, Some(ErrorKind::ConnectRefused));
     assert_eq!(script.count(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_refusal_is_reported_with_its_kind() {
+    let (_snapshot, target) = target(
+        "    circuit_breaker: { consecutive_failures: 1, open_for: 10s, max_concurrent_requests: 1 }\n",
+    );
+    let breaker = target.policy.breaker.as_ref().expect("breaker");
+    // One request in flight (its permit held here) fills the concurrency limit.
+    let in_flight = breaker.try_acquire().expect("a permit");
+    let script = Script::new([]);
+    let done = exchange(&script, &target, "GET").await;
+    assert_eq!(done.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(done.report.flag, ErrorKind::ConcurrencyLimit.flag());
+    assert_eq!(done.report.error_kind, Some(ErrorKind::ConcurrencyLimit));
+    // A failed request opens it; the next is refused as open, with that kind.
+    in_flight.record(Outcome::Failure);
+    assert_eq!(breaker.state(), BreakerState::Open);
+    let done = exchange(&script, &target, "GET").await;
+    assert_eq!(done.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(done.report.flag, ErrorKind::CircuitOpen.flag());
+    assert_eq!(done.report.error_kind, Some(ErrorKind::CircuitOpen));
+    assert!(done.report.error.is_some(), "the log line and span say why");
+    assert_eq!(script.count(), 0, "no attempt");
+}
