@@ -545,3 +545,56 @@ async fn a_breaker_refusal_is_reported_with_its_kind() {
     assert!(done.report.error.is_some(), "the log line and span say why");
     assert_eq!(script.count(), 0, "no attempt");
 }
+
+/// A request's report to `target`, as `serve` builds it (no access log, no spans), counted
+/// in flight.
+fn finish(target: &Target) -> Finish {
+    Finish::begin(&target.metrics);
+    Finish {
+        metrics: Arc::clone(&target.metrics),
+        spans: None,
+        access_log: None,
+        logged: None,
+        server: false,
+        started: Instant::now(),
+        started_wall: SystemTime::now(),
+        method: http::Method::GET,
+        uri: None,
+        authority: None,
+        peer: addr("127.0.0.1:9"),
+        request_id: None,
+        request_bytes: None,
+        status: StatusCode::OK,
+        report: ExchangeReport::default(),
+        http_route: None,
+        grpc: false,
+        grpc_status: None,
+        responded: false,
+        cancelled: false,
+        trace: TraceContext::extract(&http::HeaderMap::new(), &Sampler::default()),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_dropped_before_its_response_completes_as_dropped() {
+    let (_snapshot, target) =
+        target("    circuit_breaker: { consecutive_failures: 1, open_for: 10s }\n");
+    let breaker = target.policy.breaker.as_ref().expect("breaker");
+    let traffic = &target.metrics.traffic;
+    // The handler is dropped with its completion unsettled: the request is reported (its
+    // time to the end observed) and no longer in flight.
+    let completion = crate::io::completion::Completion::new(finish(&target));
+    assert_eq!(traffic.active.get(), 1);
+    drop(completion);
+    assert_eq!(traffic.active.get(), 0);
+    assert_eq!(traffic.stream_duration.get_sample_count(), 1);
+    // Through the completion's steps: a health it was handed is settled as `End::Dropped`
+    // (a verdict already reached, a 5xx head's, is kept), before the report.
+    let mut completion = crate::io::completion::Completion::new(finish(&target));
+    let verdict = outcome::of_status(StatusCode::SERVICE_UNAVAILABLE, None);
+    completion.watch(Watch::new(breaker.try_acquire().ok(), verdict, None, None));
+    drop(completion);
+    assert_eq!(breaker.state(), BreakerState::Open);
+    assert_eq!(traffic.stream_duration.get_sample_count(), 2);
+    assert_eq!(traffic.active.get(), 0);
+}
