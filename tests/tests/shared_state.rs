@@ -440,16 +440,22 @@ async fn post(control: &Control, path: &str, body: serde_json::Value) -> u16 {
 /// `control`'s `outrider_control_registered_endpoints{service="pay"}` (0 when absent),
 /// checked by promtool.
 async fn pay_endpoints(control: &Control) -> f64 {
+    let [pay] = registered_endpoints(control, ["pay"]).await;
+    pay
+}
+
+/// `control`'s `outrider_control_registered_endpoints` of each of `services` (0 when absent),
+/// read from one scrape, checked by promtool.
+async fn registered_endpoints<const N: usize>(control: &Control, services: [&str; N]) -> [f64; N] {
     let reply = control
         .request_with_token("GET", "/metrics", "", None)
         .await;
     let text = String::from_utf8(reply.body.to_vec()).unwrap();
     promtool_check(&text);
-    sample(
-        &text,
-        "outrider_control_registered_endpoints{service=\"pay\"}",
-    )
-    .unwrap_or(0.0)
+    services.map(|service| {
+        let name = format!("outrider_control_registered_endpoints{{service=\"{service}\"}}");
+        sample(&text, &name).unwrap_or(0.0)
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,9 +520,31 @@ async fn a_deregistration_through_another_replica_removes_the_registration_every
         "deregistered through another replica: gone from all 3 after {:?}",
         sent.elapsed()
     );
-    // And it stays gone (replica 1 and 2 no longer write it).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // And it stays gone: no replica writes it again (1 and 2 held it). Each replica writes
+    // its registrations to etcd from one loop, in order, and follows the others' in etcd's
+    // order; so a later registration through each (service `mark`), once all three are seen
+    // by a replica, comes after any write of pay-1 a replica still had in it. In the scrape
+    // that has all three, pay has only pay-2.
+    let marks = [
+        (&one, "mark-1", 7101),
+        (&two, "mark-2", 7102),
+        (&three, "mark-3", 7103),
+    ];
+    for (control, proxy, port) in marks {
+        let mark = serde_json::json!({"proxy": proxy, "services": ["mark"], "address": format!("127.0.0.1:{port}")});
+        assert_eq!(post(control, "/v1/register", mark).await, 200);
+    }
     for control in [&one, &two, &three] {
-        assert_eq!(pay_endpoints(control).await, 1.0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let [mark, pay] = loop {
+            let seen = registered_endpoints(control, ["mark", "pay"]).await;
+            if seen[0] == 3.0 || Instant::now() >= deadline {
+                break seen;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let logs = control.logs().join("\n");
+        assert_eq!(mark, 3.0, "the later registrations did not arrive:\n{logs}");
+        assert_eq!(pay, 1.0, "pay-1 came back:\n{logs}");
     }
 }

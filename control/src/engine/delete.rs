@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use super::apply::{
-    check_deadline, check_merges, rejected_unmergeable, FileSync, Made, Mode, Prepared, Unmergeable,
-};
+use super::apply::{check_deadline, Batch, Made};
+use super::commit::FileSync;
 use super::persist::Committer;
+use super::plan::{check_merges, rejected_unmergeable, Prepared, Unmergeable};
 use super::{load_policy, Engine, EngineError, Outcome};
 use crate::metrics::{ApplyResult, VersionCause};
 use crate::store::Source;
@@ -47,14 +47,11 @@ impl Engine {
                     upserted: BTreeMap::from([(name.to_string(), hash)]),
                 };
                 let cause = format!("delete {name} (back to its file)");
-                return self.apply_serialized(
-                    vec![change],
-                    &cause,
-                    Some(files),
-                    Mode::Commit,
+                return self.apply_serialized(Batch {
+                    files: Some(files),
                     deadline,
-                    Made::by(VersionCause::Delete),
-                );
+                    ..Batch::commit(vec![change], &cause, Made::by(VersionCause::Delete))
+                });
             }
             match inner.docs.get(name) {
                 // A rejected text that never was in force: deleting it clears the rejection.
@@ -99,13 +96,10 @@ impl Engine {
         let change = Prepared::Remove {
             name: name.to_string(),
         };
-        self.apply_serialized(
-            vec![change],
-            &format!("delete {name}"),
-            None,
-            Mode::Commit,
+        let cause = format!("delete {name}");
+        self.apply_serialized(Batch {
             deadline,
-            Made::by(VersionCause::Delete),
-        )
+            ..Batch::commit(vec![change], &cause, Made::by(VersionCause::Delete))
+        })
     }
 }

@@ -5,8 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use outrider_config::{Policy, PolicyError};
 
-use super::apply::{FileSync, Made, Mode, Prepared};
+use super::apply::{Batch, Made};
+use super::commit::FileSync;
 use super::persist::Committer;
+use super::plan::Prepared;
 use super::{load_policy, Engine, EngineError, Outcome};
 use crate::rejections::Rejections;
 use crate::store::Source;
@@ -163,14 +165,10 @@ impl Engine {
             gone_rejection(&mut inner.state.rejections);
         }
         drop(inner);
-        self.apply_serialized(
-            changes,
-            &cause,
-            Some(files),
-            Mode::Commit,
-            None,
-            Made::import(),
-        )
+        self.apply_serialized(Batch {
+            files: Some(files),
+            ..Batch::commit(changes, &cause, Made::import())
+        })
         .map(|outcome| {
             for warning in &outcome.warnings {
                 tracing::warn!("policy directory: {warning}");

@@ -32,11 +32,13 @@ use crate::registry::Registry;
 use crate::store::{Source, State, Store, StoreError, StoredDoc, HISTORY_LEN};
 
 mod apply;
+mod commit;
 mod delete;
 mod files;
 mod health;
 mod history;
 mod persist;
+mod plan;
 mod proxies;
 mod publish;
 mod status;
@@ -45,7 +47,7 @@ mod tests;
 
 pub use files::ScannedFile;
 use health::StoreHealth;
-pub use proxies::expire_gone;
+pub use proxies::{expire_gone, Forgotten};
 pub use publish::Published;
 use publish::{republish, settle_versions};
 

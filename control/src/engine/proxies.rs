@@ -71,9 +71,9 @@ impl Engine {
     /// Forgets what is gone, so made-up or departed names cannot grow the registry (and the
     /// work of every change) without bound: proxies whose last stream closed at least `after`
     /// ago, and workloads no stream has watched and no document has named for `after` (as
-    /// seen by the calls: call it every fraction of `after`). Returns (proxies, workloads)
-    /// forgotten.
-    pub fn expire(&self, after: std::time::Duration) -> (usize, usize) {
+    /// seen by the calls: call it every fraction of `after`). Returns how many of each it
+    /// forgot.
+    pub fn expire(&self, after: std::time::Duration) -> Forgotten {
         let now = tokio::time::Instant::now();
         let mut inner = self.lock();
         let named = named_workloads(&inner.parsed);
@@ -105,7 +105,10 @@ impl Engine {
         if expired_proxies > 0 {
             self.proxies_changed.notify_one();
         }
-        (expired_proxies, gone.len())
+        Forgotten {
+            proxies: expired_proxies,
+            workloads: gone.len(),
+        }
     }
 
     /// Records a proxy's ACK or NACK, if it comes from the proxy's live session and names a
@@ -158,6 +161,15 @@ impl Engine {
     }
 }
 
+/// What one [`Engine::expire`] forgot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    /// Proxies whose last stream closed long enough ago.
+    pub proxies: usize,
+    /// Workloads that no stream watched and no document named for long enough.
+    pub workloads: usize,
+}
+
 /// Runs [`Engine::expire`] every quarter of `after` (between 1 s and 30 s), forever: what is
 /// gone is forgotten between `after` and `after` plus that period after its last stream
 /// closed.
@@ -170,7 +182,7 @@ pub async fn expire_gone(engine: Arc<Engine>, after: std::time::Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (proxies, workloads) = engine.expire(after);
+        let Forgotten { proxies, workloads } = engine.expire(after);
         if proxies > 0 || workloads > 0 {
             tracing::info!(
                 proxies,

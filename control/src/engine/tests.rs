@@ -20,6 +20,11 @@ fn engine(tag: &str) -> (Engine, Dir) {
     (Engine::open(store).expect("engine"), Dir(dir))
 }
 
+/// What `expire` returns when it forgot `proxies` proxies and `workloads` workloads.
+fn forgot(proxies: usize, workloads: usize) -> Forgotten {
+    Forgotten { proxies, workloads }
+}
+
 fn upsert(name: &str, text: &str) -> Change {
     Change::Upsert {
         name: name.into(),
@@ -332,12 +337,12 @@ async fn gone_proxies_and_workloads_expire_after_the_last_stream_closed() {
 
     drop(ghost);
     engine.disconnected("p-ghost", ghost_session.connection);
-    assert_eq!(engine.expire(after), (0, 0));
+    assert_eq!(engine.expire(after), forgot(0, 0));
     tokio::time::advance(after - Duration::from_secs(1)).await;
-    assert_eq!(engine.expire(after), (0, 0));
+    assert_eq!(engine.expire(after), forgot(0, 0));
     assert_eq!(proxies(&engine), ["p-ghost", "p-live"]);
     tokio::time::advance(Duration::from_secs(1)).await;
-    assert_eq!(engine.expire(after), (1, 2));
+    assert_eq!(engine.expire(after), forgot(1, 2));
     assert_eq!(proxies(&engine), ["p-live"]);
     assert_eq!(published(&engine), ["*", "kept", "live"]);
     // A forgotten workload subscribed again gets the policy in force (the defaults').
@@ -346,7 +351,7 @@ async fn gone_proxies_and_workloads_expire_after_the_last_stream_closed() {
         engine.policy(DEFAULTS).content_hash
     );
     tokio::time::advance(after * 10).await;
-    assert_eq!(engine.expire(after), (0, 0));
+    assert_eq!(engine.expire(after), forgot(0, 0));
 }
 
 #[tokio::test(start_paused = true)]

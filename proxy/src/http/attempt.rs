@@ -12,7 +12,6 @@ use http::{Request, Response};
 use crate::core::errors::ProxyError;
 use crate::io::body::ProxyBody;
 use crate::io::classify;
-use crate::io::outcome::Watch;
 use crate::io::pool::{Unsent, UpstreamBody};
 use crate::io::request_body::RequestBody;
 use crate::io::upstream::Endpoint;
@@ -45,13 +44,9 @@ pub(crate) trait SendAttempt: Copy {
     ) -> impl Future<Output = Result<Response<Self::Body>, Failed>> + Send;
 
     /// The body handed to the caller for an attempt's `body`: cut after `idle` without a
-    /// frame, its end reported to `watch`; `timer` is the exchange's, for reuse.
-    fn respond(
-        body: Self::Body,
-        idle: Option<Duration>,
-        watch: Option<Watch>,
-        timer: Timer,
-    ) -> ProxyBody;
+    /// frame; `timer` is the exchange's, for reuse. Its end goes to the exchange's completion
+    /// (`io::completion`), which the exchange hands the response's health.
+    fn respond(body: Self::Body, idle: Option<Duration>, timer: Timer) -> ProxyBody;
 }
 
 /// The production sender: through the endpoint's connection pool.
@@ -79,12 +74,7 @@ impl SendAttempt for Pool {
         })
     }
 
-    fn respond(
-        body: UpstreamBody,
-        idle: Option<Duration>,
-        watch: Option<Watch>,
-        timer: Timer,
-    ) -> ProxyBody {
-        ProxyBody::upstream(body, idle, watch, timer)
+    fn respond(body: UpstreamBody, idle: Option<Duration>, timer: Timer) -> ProxyBody {
+        ProxyBody::upstream(body, idle, timer)
     }
 }

@@ -14,10 +14,9 @@ use tokio::time::Instant;
 
 use crate::core::errors::{BoxError, ErrorKind};
 use crate::io::completion::{Completion, End};
-use crate::io::outcome::{self, Watch};
+use crate::io::outcome;
 use crate::io::pool::{UpstreamBody, UpstreamBodyError};
 use crate::policy::timeout::{self, Timer};
-use crate::telemetry::Finish;
 
 /// A streaming response body went silent for longer than the idle timeout.
 #[derive(Debug, thiserror::Error)]
@@ -53,10 +52,6 @@ pub enum ProxyBody {
         body: UpstreamBody,
         /// Cuts the body if no frame arrives in time.
         idle: Option<IdleTimer>,
-        /// The breaker permit and deferred endpoint of the exchange, carried from where the
-        /// response is made to [`Observed::wrap`], which hands them to the exchange's
-        /// completion. The body never settles them.
-        watch: Option<Watch>,
     },
     /// Produced by the proxy; `None` once sent.
     Full(Option<Bytes>),
@@ -79,18 +74,13 @@ pub struct Observed {
 }
 
 impl Observed {
-    /// Wraps `body` to report with `finish`; an upstream body's breaker permit and deferred
-    /// endpoint move to the completion with it.
-    pub fn wrap(mut body: ProxyBody, finish: Finish) -> ProxyBody {
-        let health = match &mut body {
-            ProxyBody::Upstream { watch, .. } => watch.take(),
-            _ => None,
-        };
+    /// Wraps `body` to hand its end to `completion`.
+    pub fn wrap(body: ProxyBody, completion: Completion) -> ProxyBody {
         ProxyBody::Observed(Box::new(Self {
             body,
             bytes: 0,
             trailers: None,
-            completion: Some(Completion::new(finish, health)),
+            completion: Some(completion),
         }))
     }
 
@@ -176,15 +166,9 @@ impl ProxyBody {
         Self::Full(Some(bytes))
     }
 
-    /// The upstream's body, bounded by `idle` when set, carrying `watch` (if any) to the
-    /// exchange's completion ([`Observed::wrap`]). `timer` is the exchange's timer, if it made
-    /// one: the idle timeout reuses it.
-    pub fn upstream(
-        body: UpstreamBody,
-        idle: Option<Duration>,
-        watch: Option<Watch>,
-        timer: Timer,
-    ) -> Self {
+    /// The upstream's body, bounded by `idle` when set. `timer` is the exchange's timer, if
+    /// it made one: the idle timeout reuses it.
+    pub fn upstream(body: UpstreamBody, idle: Option<Duration>, timer: Timer) -> Self {
         Self::Upstream {
             body,
             idle: idle.map(|limit| IdleTimer {
@@ -192,7 +176,6 @@ impl ProxyBody {
                 since: Instant::now(),
                 timer,
             }),
-            watch,
         }
     }
 

@@ -9,15 +9,27 @@
 //! 5. the access-log line;
 //! 6. the spans.
 //!
-//! A new concern of the way back is a field of [`Completion`] and a step here. A request whose
-//! handler was dropped before its response has no body and no completion: its `Finish` reports
-//! it when dropped, in the same order (its breaker permit, still in the exchange, is released
-//! by its own drop).
+//! A new concern of the way back is a field of [`Completion`] and a step here.
+//!
+//! The completion exists from the moment the request is routed: the exchange writes its
+//! report into it, and hands it the response's health (its [`Watch`]) with the response. A
+//! request whose handler is dropped before any response (an HTTP/2 caller's reset: a gRPC
+//! deadline or cancel) drops its completion unfinished, which completes it as
+//! [`End::Dropped`]: the same steps in the same order. Its breaker permit, still in the
+//! exchange, is released without an outcome as the exchange is dropped, just before (the
+//! exchange borrows the completion, so it goes first).
+//!
+//! An exchange that fails before any response settles its permit with [`settle_failed`] as it
+//! answers for the upstream; that and step 1 go through [`settle_health`], the one place a
+//! breaker outcome is recorded.
 
-use crate::core::errors::ErrorKind;
+use std::sync::Arc;
+
+use crate::core::errors::{ErrorKind, ProxyError};
 use crate::io::outcome::{self, Watch};
 use crate::io::pool::UpstreamBody;
-use crate::policy::breaker::Outcome;
+use crate::io::upstream::{Endpoint, Upstream};
+use crate::policy::breaker::{BreakerPermit, Outcome};
 use crate::telemetry::Finish;
 
 /// How a response body ended, as the body saw it.
@@ -32,30 +44,50 @@ pub enum End {
     /// and text.
     Error(ErrorKind, String),
     /// It was dropped before its end: the caller went away (a reset stream: a gRPC deadline
-    /// or cancel; or a closed connection).
+    /// or cancel; or a closed connection), with or without a response.
     Dropped,
 }
 
-/// What waits for an exchange's end, settled once by [`Completion::complete`].
+/// What waits for an exchange's end, settled once by [`Completion::complete`] (or, dropped
+/// unsettled, as [`End::Dropped`]).
 pub struct Completion {
-    /// The breaker permit and the endpoint awaiting its outcome, when there are any.
+    /// The breaker permit and the endpoint awaiting its outcome, when there are any; handed
+    /// over with the response ([`Completion::watch`]).
     health: Option<Watch>,
     /// The request's report: metrics, access log, spans.
     finish: Finish,
+    /// Settled: its drop has nothing left to do.
+    settled: bool,
 }
 
 impl std::fmt::Debug for Completion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Completion")
             .field("health", &self.health)
+            .field("settled", &self.settled)
             .finish_non_exhaustive()
     }
 }
 
 impl Completion {
-    /// Settles `health` (if any) and reports with `finish` when the exchange ends.
-    pub fn new(finish: Finish, health: Option<Watch>) -> Self {
-        Self { health, finish }
+    /// The completion of a request that reports with `finish`; it has no response yet.
+    pub fn new(finish: Finish) -> Self {
+        Self {
+            health: None,
+            finish,
+            settled: false,
+        }
+    }
+
+    /// The request's report, for the exchange to fill in until the end.
+    pub fn finish_mut(&mut self) -> &mut Finish {
+        &mut self.finish
+    }
+
+    /// Settles `health` (the response's breaker permit and deferred endpoint, if any) when
+    /// the exchange ends.
+    pub fn watch(&mut self, health: Option<Watch>) {
+        self.health = health;
     }
 
     /// Whether the gRPC status of trailers is read: the breaker or outlier detection may need
@@ -68,16 +100,23 @@ impl Completion {
 
     /// Settles the exchange that ended as `end`, after `bytes` response body bytes, with
     /// `upstream` the upstream's body when the response came from one.
-    pub fn complete(self, end: End, bytes: u64, upstream: Option<&mut UpstreamBody>) {
-        let Self { health, mut finish } = self;
+    pub fn complete(mut self, end: End, bytes: u64, upstream: Option<&mut UpstreamBody>) {
+        self.settle(end, bytes, upstream);
+        // `self` drops here, and its `finish` with it: the request is no longer in flight.
+    }
+
+    /// The steps, in order (see the module's documentation).
+    fn settle(&mut self, end: End, bytes: u64, upstream: Option<&mut UpstreamBody>) {
+        self.settled = true;
         // 1 and 2: the breaker permit, then the outlier report.
-        if let Some(health) = health {
+        if let Some(health) = self.health.take() {
             settle_upstream(health, &end);
         }
         // 3: the pool return. A broken or unfinished body leaves its connection to close.
         if let (Some(upstream), End::Clean | End::Trailers(_)) = (upstream, &end) {
             upstream.release();
         }
+        let finish = &mut self.finish;
         let (cancelled, error) = match end {
             End::Clean => (false, None),
             End::Trailers(code) => {
@@ -96,7 +135,16 @@ impl Completion {
         finish.log(&mut ended);
         // 6: the spans.
         finish.span(ended);
-        // `finish` drops here: the request is no longer in flight.
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        // Unsettled: the request's handler was dropped before any response (the caller went
+        // away), or a body was dropped without handing over its end.
+        if !self.settled {
+            self.settle(End::Dropped, 0, None);
+        }
     }
 }
 
@@ -128,7 +176,25 @@ pub(crate) fn settle_upstream(health: Watch, end: &End) {
         // The caller went away: a verdict already reached is kept.
         End::Dropped => verdict,
     };
-    // 1: the breaker permit; without an outcome it is released (dropped) without one.
+    settle_health(permit, endpoint, outcome);
+}
+
+/// Settles the breaker permit of an exchange that failed before any response (the proxy
+/// answers for the upstream): the error's verdict ([`outcome::of_error`]), or none when it
+/// says nothing about the upstream. Outlier detection heard of it with the attempt.
+pub(crate) fn settle_failed(permit: Option<BreakerPermit>, error: &ProxyError) {
+    settle_health(permit, None, outcome::of_error(error));
+}
+
+/// The one place a breaker outcome is recorded: `permit` records `outcome` (without an
+/// outcome it is dropped: released unrecorded), then `endpoint`, awaiting it, is reported to
+/// outlier detection.
+fn settle_health(
+    permit: Option<BreakerPermit>,
+    endpoint: Option<(Arc<Upstream>, Arc<Endpoint>)>,
+    outcome: Option<Outcome>,
+) {
+    // 1: the breaker permit.
     if let (Some(permit), Some(outcome)) = (permit, outcome) {
         permit.record(outcome);
     }

@@ -492,6 +492,10 @@ impl BreakerPermit {
 
 impl Drop for BreakerPermit {
     fn drop(&mut self) {
+        // Not a second place where an outcome is settled (that is the exchange's completion,
+        // `io::completion`): a permit without an outcome to record (the caller left before a
+        // verdict, a failure that says nothing of the upstream, an exchange dropped mid-way)
+        // must still give back its slot and probe, or the breaker would leak them.
         if self.probe && !self.settled {
             self.breaker.release_probe(self.generation);
         }

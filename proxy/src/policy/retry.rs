@@ -140,13 +140,20 @@ impl RetryPolicy {
 
     /// Full-jitter backoff before retry number `retry` (1-based): U[0, min(max, base·2^(retry-1))).
     pub fn backoff(&self, retry: u32) -> Duration {
+        self.backoff_with(retry, |ceiling| fastrand::u64(..ceiling))
+    }
+
+    /// [`Self::backoff`] with its random draw from `below`, which is given the ceiling in
+    /// nanoseconds (never 0: a zero ceiling draws nothing) and returns a number of nanoseconds
+    /// under it. Production draws uniformly ([`Self::backoff`]); a test scripts the draws.
+    pub fn backoff_with(&self, retry: u32, below: impl FnOnce(u64) -> u64) -> Duration {
         let ceiling =
             backoff::ceiling(self.backoff_base, self.backoff_max, retry.saturating_sub(1));
         let nanos = backoff::nanos(ceiling);
         if nanos == 0 {
             return Duration::ZERO;
         }
-        Duration::from_nanos(fastrand::u64(..nanos))
+        Duration::from_nanos(below(nanos))
     }
 
     /// Whether a `Retry-After` of `asked` is waited for before the next attempt: only up to
@@ -315,6 +322,53 @@ mod tests {
             assert!(p.backoff(2) < Duration::from_millis(50));
             assert!(p.backoff(9) < Duration::from_millis(250));
         }
+    }
+
+    #[test]
+    fn backoff_is_the_draw_under_each_retrys_ceiling() {
+        // Defaults: base 25 ms, max 250 ms.
+        let p = policy(&[], false);
+        let draws = [0, 12_500_000, 49_999_999, 249_999_999, 1];
+        let retries = [1, 2, 2, 9, 40];
+        let mut ceilings = Vec::new();
+        let delays: Vec<_> = retries
+            .iter()
+            .zip(draws)
+            .map(|(&retry, draw)| {
+                p.backoff_with(retry, |ceiling| {
+                    ceilings.push(ceiling);
+                    draw
+                })
+            })
+            .collect();
+        let ns = Duration::from_nanos;
+        assert_eq!(
+            delays,
+            [
+                ns(0),
+                ns(12_500_000),
+                ns(49_999_999),
+                ns(249_999_999),
+                ns(1)
+            ]
+        );
+        let ms = 1_000_000;
+        assert_eq!(ceilings, [25 * ms, 50 * ms, 50 * ms, 250 * ms, 250 * ms]);
+        // A zero ceiling waits nothing and draws nothing.
+        let mut config = Retries {
+            attempts: 2,
+            on: Vec::new(),
+            status: Vec::new(),
+            grpc: Vec::new(),
+            backoff: outrider_config::Backoff::default(),
+            budget: outrider_config::RetryBudget::default(),
+            body_limit: outrider_config::ByteSize(1024),
+            max_retry_after: outrider_config::Duration::from_secs(30),
+        };
+        config.backoff.base = outrider_config::Duration::from_secs(0);
+        let zero = RetryPolicy::new(&config, false);
+        let drawn = zero.backoff_with(3, |_| panic!("a draw under a zero ceiling"));
+        assert_eq!(drawn, Duration::ZERO);
     }
 
     #[test]

@@ -86,8 +86,9 @@ impl ExchangeReport {
 }
 
 /// Everything needed to report a request when its response body ends. Built once per
-/// request; read by the exchange's completion (`io::completion`) when the body ends or the
-/// caller goes away, or reported by its own drop when the caller left before the response.
+/// request, owned by the exchange's completion (`io::completion`) from the start, which
+/// reports with it once, when the body ends or the caller goes away (with or without a
+/// response): the order of the reports is the completion's.
 pub struct Finish {
     /// The matched target's metrics and labels.
     pub metrics: Arc<RouteMetrics>,
@@ -132,9 +133,6 @@ pub struct Finish {
     pub responded: bool,
     /// The caller left before the response ended.
     pub cancelled: bool,
-    /// Reported (by the exchange's completion through [`Finish::ending`], or by the drop of
-    /// an exchange whose caller left before the response); built `false`.
-    pub ended: bool,
     /// What only the access log reads, when it is on.
     pub logged: Option<Box<LoggedOnly>>,
 }
@@ -157,17 +155,8 @@ pub struct LoggedOnly {
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        // A request whose handler was dropped before its response (an HTTP/2 caller's reset:
-        // a gRPC deadline or cancel) never reaches the exchange's completion: it is reported
-        // here, as cancelled, in the completion's order.
-        if !self.ended {
-            let mut ended = self.ending(0, true, None);
-            self.count(&ended);
-            self.log(&mut ended);
-            self.span(ended);
-        }
-        // Here rather than in the report, so a request whose handler was dropped is not
-        // counted in flight forever.
+        // Here rather than in the report, so that whatever ends the request (its completion,
+        // or a panic that unwinds past it) it is not counted in flight forever.
         self.metrics.traffic.active.dec();
     }
 }
@@ -196,16 +185,14 @@ impl Finish {
     }
 
     /// The request ended after `bytes` response body bytes: `cancelled` when the caller left
-    /// before the end, with `error` (its kind and text) when the body broke. Marks the request
-    /// reported; the three reports follow ([`Finish::count`], [`Finish::log`],
-    /// [`Finish::span`]).
+    /// before the end, with `error` (its kind and text) when the body broke. The three reports
+    /// follow ([`Finish::count`], [`Finish::log`], [`Finish::span`]).
     pub fn ending(
         &mut self,
         bytes: u64,
         cancelled: bool,
         error: Option<(ErrorKind, String)>,
     ) -> Ending {
-        self.ended = true;
         self.cancelled = cancelled;
         let flag = if self.cancelled || !self.responded {
             ResponseFlag::DownstreamCancelled

@@ -16,7 +16,6 @@ use tokio::io::{AsyncWriteExt, DuplexStream};
 
 use super::*;
 use crate::core::errors::ErrorKind;
-use crate::io::outcome::Watch;
 use crate::io::request_body::RequestBody;
 use crate::policy::breaker::BreakerState;
 use crate::policy::retry::AttemptFailure;
@@ -152,11 +151,7 @@ impl SendAttempt for &Script {
         }
     }
 
-    /// The body ends at once, cleanly: the breaker hears the exchange's verdict now.
-    fn respond(_: (), _: Option<Duration>, watch: Option<Watch>, _: Timer) -> ProxyBody {
-        if let Some(watch) = watch {
-            crate::io::completion::settle_upstream(watch, &crate::io::completion::End::Clean);
-        }
+    fn respond(_: (), _: Option<Duration>, _: Timer) -> ProxyBody {
         ProxyBody::empty()
     }
 }
@@ -232,7 +227,7 @@ async fn exchange(script: &Script, target: &Target, method: &str) -> Exchanged {
     let caller = Caller::new("127.0.0.1:9".parse().expect("addr"));
     let authority = Some(Authority::from_static("svc"));
     let start = Instant::now();
-    let response = forward(
+    let (response, health) = forward(
         script,
         (target, None),
         authority,
@@ -242,6 +237,10 @@ async fn exchange(script: &Script, target: &Target, method: &str) -> Exchanged {
         reporting,
     )
     .await;
+    // The body ends at once, cleanly: the breaker hears the exchange's verdict now.
+    if let Some(health) = health {
+        crate::io::completion::settle_upstream(health, &crate::io::completion::End::Clean);
+    }
     Exchanged {
         status: response.status(),
         attempts: response
@@ -521,4 +520,81 @@ async fn without_retries_a_refused_connection_goes_once_to_another_endpoint() {
     let done = exchange(&script, &target, "GET").await;
     assert_eq!(done.report.error_kind, Some(ErrorKind::ConnectRefused));
     assert_eq!(script.count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_refusal_is_reported_with_its_kind() {
+    let (_snapshot, target) = target(
+        "    circuit_breaker: { consecutive_failures: 1, open_for: 10s, max_concurrent_requests: 1 }\n",
+    );
+    let breaker = target.policy.breaker.as_ref().expect("breaker");
+    // One request in flight (its permit held here) fills the concurrency limit.
+    let in_flight = breaker.try_acquire().expect("a permit");
+    let script = Script::new([]);
+    let done = exchange(&script, &target, "GET").await;
+    assert_eq!(done.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(done.report.flag, ErrorKind::ConcurrencyLimit.flag());
+    assert_eq!(done.report.error_kind, Some(ErrorKind::ConcurrencyLimit));
+    // A failed request opens it; the next is refused as open, with that kind.
+    in_flight.record(Outcome::Failure);
+    assert_eq!(breaker.state(), BreakerState::Open);
+    let done = exchange(&script, &target, "GET").await;
+    assert_eq!(done.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(done.report.flag, ErrorKind::CircuitOpen.flag());
+    assert_eq!(done.report.error_kind, Some(ErrorKind::CircuitOpen));
+    assert!(done.report.error.is_some(), "the log line and span say why");
+    assert_eq!(script.count(), 0, "no attempt");
+}
+
+/// A request's report to `target`, as `serve` builds it (no access log, no spans), counted
+/// in flight.
+fn finish(target: &Target) -> Finish {
+    Finish::begin(&target.metrics);
+    Finish {
+        metrics: Arc::clone(&target.metrics),
+        spans: None,
+        access_log: None,
+        logged: None,
+        server: false,
+        started: Instant::now(),
+        started_wall: SystemTime::now(),
+        method: http::Method::GET,
+        uri: None,
+        authority: None,
+        peer: addr("127.0.0.1:9"),
+        request_id: None,
+        request_bytes: None,
+        status: StatusCode::OK,
+        report: ExchangeReport::default(),
+        http_route: None,
+        grpc: false,
+        grpc_status: None,
+        responded: false,
+        cancelled: false,
+        trace: TraceContext::extract(&http::HeaderMap::new(), &Sampler::default()),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_dropped_before_its_response_completes_as_dropped() {
+    let (_snapshot, target) =
+        target("    circuit_breaker: { consecutive_failures: 1, open_for: 10s }\n");
+    let breaker = target.policy.breaker.as_ref().expect("breaker");
+    let traffic = &target.metrics.traffic;
+    // The handler is dropped with its completion unsettled: the request is reported (its
+    // time to the end observed) and no longer in flight.
+    let completion = crate::io::completion::Completion::new(finish(&target));
+    assert_eq!(traffic.active.get(), 1);
+    drop(completion);
+    assert_eq!(traffic.active.get(), 0);
+    assert_eq!(traffic.stream_duration.get_sample_count(), 1);
+    // Through the completion's steps: a health it was handed is settled as `End::Dropped`
+    // (a verdict already reached, a 5xx head's, is kept), before the report.
+    let mut completion = crate::io::completion::Completion::new(finish(&target));
+    let verdict = outcome::of_status(StatusCode::SERVICE_UNAVAILABLE, None);
+    completion.watch(Watch::new(breaker.try_acquire().ok(), verdict, None, None));
+    drop(completion);
+    assert_eq!(breaker.state(), BreakerState::Open);
+    assert_eq!(traffic.stream_duration.get_sample_count(), 2);
+    assert_eq!(traffic.active.get(), 0);
 }

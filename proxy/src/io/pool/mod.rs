@@ -564,9 +564,10 @@ impl std::fmt::Debug for UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        // A body that ended without reaching a completion (an attempt's response set aside by
-        // a retry, or complete before anyone read it: no content, HEAD) still frees its
-        // connection; after the completion's release this finds nothing to give back.
+        // A safety net beside the completion's pool return (`io::completion`, step 3): a body
+        // that ended without reaching a completion (an attempt's response set aside by a
+        // retry, a mirror's response read to its end) still frees its connection; after the
+        // completion's release this finds nothing to give back.
         if self.is_end_stream() {
             self.release();
         }
