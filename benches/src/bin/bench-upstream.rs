@@ -1,6 +1,7 @@
 //! `bench-upstream`: the upstream of the load benchmark (`benches/load.sh`). A minimal hyper
 //! 1.x server on a current-thread Tokio runtime that answers every request, HTTP/1.1 or
-//! prior-knowledge h2c on the same port, with `200 OK` and the 13-byte body `hello, world\n`.
+//! prior-knowledge h2c on the same port, with `200 OK` and the 13-byte body `hello, world\n`, after
+//! reading the request body, if any.
 //!
 //! Usage: `bench-upstream [--listen ADDR]` (default `127.0.0.1:18080`).
 
@@ -11,8 +12,8 @@ use std::process::ExitCode;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Request, Response};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -53,7 +54,14 @@ fn parse_args() -> Result<Command, String> {
         .map_err(|e| format!("invalid --listen address {listen:?}: {e}"))
 }
 
-async fn answer(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    // A request body is read to its end before the answer, as a real server (the OTLP
+    // collector of `load.sh --observability`) reads it: answering first left the sender
+    // writing into a connection the server was about to drain or close.
+    let body = req.into_body();
+    if !body.is_end_stream() {
+        let _ = body.collect().await;
+    }
     let mut response = Response::new(Full::new(Bytes::from_static(BODY)));
     response
         .headers_mut()
