@@ -582,14 +582,14 @@ pub(crate) mod pb {
     }
 
     /// The key and length of a length-delimited field whose `len` bytes follow.
-    #[inline]
+    #[inline(always)]
     pub fn header(out: &mut Vec<u8>, field: u32, len: usize) {
         key(out, field, LEN);
         uvarint(out, len as u64);
     }
 
     /// A length-delimited field (bytes, string or an encoded message).
-    #[inline]
+    #[inline(always)]
     pub fn bytes(out: &mut Vec<u8>, field: u32, value: &[u8]) {
         key(out, field, LEN);
         uvarint(out, value.len() as u64);
@@ -603,21 +603,21 @@ pub(crate) mod pb {
     }
 
     /// A varint field.
-    #[inline]
+    #[inline(always)]
     pub fn varint(out: &mut Vec<u8>, field: u32, value: u64) {
         key(out, field, VARINT);
         uvarint(out, value);
     }
 
     /// A fixed64 field.
-    #[inline]
+    #[inline(always)]
     pub fn fixed64(out: &mut Vec<u8>, field: u32, value: u64) {
         key(out, field, FIXED64);
         out.extend_from_slice(&value.to_le_bytes());
     }
 
     /// A fixed32 field.
-    #[inline]
+    #[inline(always)]
     pub fn fixed32(out: &mut Vec<u8>, field: u32, value: u32) {
         key(out, field, FIXED32);
         out.extend_from_slice(&value.to_le_bytes());
