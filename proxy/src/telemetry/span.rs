@@ -519,13 +519,20 @@ pub(crate) mod pb {
     /// `Span.status`.
     const SPAN_STATUS: u32 = 15;
 
-    /// A varint; one or two bytes below 16384, what nearly everything a span holds takes.
+    /// A varint; one to three bytes below 2^21, what nearly everything a span holds takes
+    /// (lengths, status codes, ports).
     #[inline(always)]
     fn uvarint(out: &mut Vec<u8>, value: u64) {
         if value < 0x80 {
             out.push(value as u8);
         } else if value < 0x4000 {
             out.extend_from_slice(&[value as u8 | 0x80, (value >> 7) as u8]);
+        } else if value < 0x20_0000 {
+            out.extend_from_slice(&[
+                value as u8 | 0x80,
+                (value >> 7) as u8 | 0x80,
+                (value >> 14) as u8,
+            ]);
         } else {
             encode_varint(value, out);
         }
@@ -1289,6 +1296,29 @@ pub(crate) mod tests {
             let mut expected = vec![1, 2, 3];
             pb::bytes(&mut expected, 2, &content);
             assert_eq!(out, expected, "{len}");
+        }
+    }
+
+    #[test]
+    fn varints_are_what_prost_writes() {
+        for value in [
+            0,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            2_097_151,
+            2_097_152,
+            1 << 40,
+            u64::MAX,
+        ] {
+            let mut expected = Vec::new();
+            prost::encoding::encode_varint(value, &mut expected);
+            let mut out = Vec::new();
+            pb::varint(&mut out, 1, value);
+            assert_eq!(out[0], 0x08);
+            assert_eq!(out[1..], expected[..], "{value}");
         }
     }
 
