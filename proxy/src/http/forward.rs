@@ -464,7 +464,7 @@ async fn forward<S: SendAttempt>(
         }
         if let Some(status) = faults.abort {
             let error = ProxyError::FaultAbort(status);
-            report.flag = error.flag();
+            report.fail(&error);
             return (rescue(&error, grpc), None);
         }
     }

@@ -170,8 +170,13 @@ fn response(status: u16, retry_after: Option<u64>) -> Response<()> {
 /// The policy `service` (the YAML of service `svc`'s settings, indented under it) compiled,
 /// and its target for requests to `svc`.
 fn target(service: &str) -> (Snapshot, Arc<Target>) {
+    target_routed(service, "")
+}
+
+/// As [`target`], with `route` the YAML of the route's settings (indented under it).
+fn target_routed(service: &str, route: &str) -> (Snapshot, Arc<Target>) {
     let text = format!(
-        "services:\n  svc:\n    endpoints: [{A}, {B}]\n{service}routes:\n  - match: {{ authority: svc }}\n    service: svc\n"
+        "services:\n  svc:\n    endpoints: [{A}, {B}]\n{service}routes:\n  - match: {{ authority: svc }}\n    service: svc\n{route}"
     );
     let loaded = outrider_config::load("p.yaml", &text).expect("valid policy");
     let metrics = Metrics::new("test").expect("metrics");
@@ -542,6 +547,19 @@ async fn a_breaker_refusal_is_reported_with_its_kind() {
     assert_eq!(done.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(done.report.flag, ErrorKind::CircuitOpen.flag());
     assert_eq!(done.report.error_kind, Some(ErrorKind::CircuitOpen));
+    assert!(done.report.error.is_some(), "the log line and span say why");
+    assert_eq!(script.count(), 0, "no attempt");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_injected_abort_is_reported_with_its_kind() {
+    let (_snapshot, target) =
+        target_routed("", "    fault: { abort: { status: 503, percent: 100 } }\n");
+    let script = Script::new([]);
+    let done = exchange(&script, &target, "GET").await;
+    assert_eq!(done.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(done.report.flag, ErrorKind::FaultInjected.flag());
+    assert_eq!(done.report.error_kind, Some(ErrorKind::FaultInjected));
     assert!(done.report.error.is_some(), "the log line and span say why");
     assert_eq!(script.count(), 0, "no attempt");
 }
