@@ -238,16 +238,7 @@ async fn export_loop(
         let delay = tokio::time::sleep_until(Instant::now() + SPAN_BATCH_DELAY);
         tokio::pin!(delay);
         loop {
-            while batch.len() < SPAN_BATCH {
-                match rx.try_recv() {
-                    Ok(span) => batch.push(span),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        open = false;
-                        break;
-                    }
-                }
-            }
+            open = take_queued(&mut rx, &mut batch);
             if batch.len() == SPAN_BATCH || !open {
                 break;
             }
@@ -258,12 +249,7 @@ async fn export_loop(
             };
             if due {
                 // What came meanwhile goes in this batch.
-                while batch.len() < SPAN_BATCH {
-                    match rx.try_recv() {
-                        Ok(span) => batch.push(span),
-                        Err(_) => break,
-                    }
-                }
+                open = take_queued(&mut rx, &mut batch);
                 break;
             }
         }
@@ -278,6 +264,26 @@ async fn export_loop(
         }
     }
     export.send(&mut batch, &mut stop).await;
+}
+
+/// Moves what is queued into `batch`, up to [`SPAN_BATCH`], without waiting; whether the
+/// queue is still open. Taken together (`recv_many`), the queue's slots are given back at
+/// once: one at a time (`try_recv`), each took the queue's lock.
+fn take_queued(
+    rx: &mut mpsc::Receiver<span::RequestSpan>,
+    batch: &mut Vec<span::RequestSpan>,
+) -> bool {
+    use std::future::Future as _;
+    use std::task::{Context, Poll, Waker};
+    let room = SPAN_BATCH.saturating_sub(batch.len());
+    if room == 0 {
+        return true;
+    }
+    // Polled once: empty is `Pending`, not a wait (the loop waits on `batch_ready` and its
+    // timer, and a later `recv` registers the task's waker again).
+    let mut cx = Context::from_waker(Waker::noop());
+    let recv = std::pin::pin!(rx.recv_many(batch, room));
+    !matches!(recv.poll(&mut cx), Poll::Ready(0))
 }
 
 /// What exporting a batch needs, held by the export task.
@@ -308,5 +314,41 @@ impl Export<'_> {
                 self.metrics.spans_dropped.inc_by(n);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn queued_spans_are_taken_up_to_a_batch_without_waiting() {
+        let one = || span::tests::corpus().swap_remove(0);
+        let (tx, mut rx) = mpsc::channel(SPAN_BATCH + 3);
+        let mut batch = Vec::new();
+        // Empty: nothing taken, still open, and no wait.
+        assert!(take_queued(&mut rx, &mut batch));
+        assert!(batch.is_empty());
+        for _ in 0..SPAN_BATCH + 3 {
+            tx.try_send(one()).expect("room");
+        }
+        assert!(tx.try_send(one()).is_err(), "full");
+        assert!(take_queued(&mut rx, &mut batch));
+        assert_eq!(batch.len(), SPAN_BATCH, "a batch at most");
+        assert!(take_queued(&mut rx, &mut batch), "a full batch takes nothing");
+        assert_eq!(batch.len(), SPAN_BATCH);
+        batch.clear();
+        // The slots taken are free again.
+        for _ in 0..SPAN_BATCH {
+            tx.try_send(one()).expect("slots given back");
+        }
+        drop(tx);
+        // Closed: what is left is taken, a batch at a time, then the queue says so.
+        assert!(take_queued(&mut rx, &mut batch));
+        assert_eq!(batch.len(), SPAN_BATCH);
+        batch.clear();
+        assert!(take_queued(&mut rx, &mut batch));
+        assert_eq!(batch.len(), 3);
+        assert!(!take_queued(&mut rx, &mut batch), "closed and empty");
     }
 }
