@@ -9,14 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::header::HeaderValue;
-use http::uri::Authority;
 use http::Method;
 use outrider_config::QueryLogging;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::json;
-use super::{detached_authority, logged_target};
+use super::logged_target;
 use crate::core::errors::ResponseFlag;
 use crate::telemetry::metrics::TelemetryMetrics;
 use crate::trace::{SpanId, TraceContext, TraceId};
@@ -51,22 +50,18 @@ pub struct AccessRecord {
     pub route: Arc<str>,
     /// HTTP method; absent (written empty) for a request the parser refused.
     pub method: Option<Method>,
-    /// Host / :authority.
-    pub authority: Option<LoggedAuthority>,
-    /// The request target's path and query as received (`/` when it has none), copied (see
-    /// [`logged_target`]); the query is redacted or dropped when written (`style`). Absent
-    /// (written empty) for a request the parser refused.
-    pub target: Option<Box<str>>,
+    /// Host / :authority and the request target (see [`LoggedRequest`]).
+    pub request: LoggedRequest,
     /// Status sent to the caller.
     pub status: u16,
     /// Who made the response: `-` the upstream, else the proxy's reason (see [`ResponseFlag`]).
-    pub response_flags: &'static str,
+    pub response_flags: ResponseFlag,
     /// The endpoint of the last attempt.
     pub upstream: Option<SocketAddr>,
     /// Attempts made.
     pub attempts: u32,
-    /// Seconds from request received to end of response body.
-    pub duration_seconds: f64,
+    /// From request received to end of response body (written in seconds).
+    pub duration: Duration,
     /// Request body bytes.
     pub request_bytes: u64,
     /// Response body bytes.
@@ -79,9 +74,9 @@ pub struct AccessRecord {
     pub user_agent: Option<HeaderValue>,
     /// The caller's HTTP version (`HTTP/1.1`, `HTTP/2`...).
     pub http_version: Option<&'static str>,
-    /// Seconds from request received to the upstream's response headers; absent when no
-    /// upstream answered (the proxy made the response).
-    pub upstream_seconds: Option<f64>,
+    /// From request received to the upstream's response headers (written in seconds); absent
+    /// when no upstream answered (the proxy made the response).
+    pub upstream_duration: Option<Duration>,
     /// The gRPC status sent to the caller (trailers, or a trailers-only response's headers).
     pub grpc_status: Option<u8>,
     /// The mTLS SPIFFE id of the caller (inbound) or of the upstream (outbound), when known.
@@ -90,22 +85,44 @@ pub struct AccessRecord {
     pub style: AccessLogStyle,
 }
 
-/// A logged authority: the one routed, or the `Host` text of a request refused before routing
-/// (kept as sent even when it is no valid authority).
-#[derive(Debug)]
-pub enum LoggedAuthority {
-    /// As routed.
-    Routed(Authority),
-    /// As the caller sent it.
-    Text(String),
+/// A logged request's authority (Host / :authority) and target (its path and query as
+/// received, `/` when it has none; the query is redacted or dropped when written), copied
+/// into one allocation of their own: a request's URI and headers share the caller
+/// connection's read buffer, which a queued record would keep alive until it is written, and
+/// one allocation (freed by the writer thread) cost less than one for each.
+#[derive(Debug, Default)]
+pub struct LoggedRequest {
+    /// The authority, then the target.
+    text: Box<str>,
+    /// Where the authority ends in `text`; `None` when there is no authority.
+    authority: Option<usize>,
+    /// Whether there is a target (none, written empty, for a request the parser refused).
+    target: bool,
 }
 
-impl LoggedAuthority {
-    fn as_str(&self) -> &str {
-        match self {
-            Self::Routed(authority) => authority.as_str(),
-            Self::Text(text) => text,
+impl LoggedRequest {
+    /// Copies `authority` and `target`.
+    pub fn new(authority: Option<&str>, target: Option<&str>) -> Self {
+        let (a, t) = (authority.unwrap_or(""), target.unwrap_or(""));
+        let mut text = String::with_capacity(a.len() + t.len());
+        text.push_str(a);
+        text.push_str(t);
+        Self {
+            text: text.into_boxed_str(),
+            authority: authority.map(str::len),
+            target: target.is_some(),
         }
+    }
+
+    /// The authority, if there is one.
+    pub fn authority(&self) -> Option<&str> {
+        self.authority.and_then(|end| self.text.get(..end))
+    }
+
+    /// The target, if there is one.
+    pub fn target(&self) -> Option<&str> {
+        let start = self.authority.unwrap_or(0);
+        self.target.then(|| self.text.get(start..)).flatten()
     }
 }
 
@@ -215,11 +232,6 @@ impl AccessRecord {
         response: &http::Response<R>,
         (error, flag): (String, ResponseFlag),
     ) -> Self {
-        let text = |v: &HeaderValue| {
-            v.to_str()
-                .ok()
-                .map(|t| LoggedAuthority::Text(t.to_string()))
-        };
         Self {
             time: started_wall,
             ids: Some((trace.trace_id, trace.span_id)),
@@ -231,24 +243,27 @@ impl AccessRecord {
             service: Arc::clone(&labels.service),
             route: Arc::clone(&labels.route),
             method: Some(req.method().clone()),
-            authority: req
-                .uri()
-                .authority()
-                .map(|a| LoggedAuthority::Routed(detached_authority(a)))
-                .or_else(|| req.headers().get(http::header::HOST).and_then(text)),
-            target: Some(logged_target(Some(req.uri()))),
+            // The Host text of a request refused before routing is kept as sent, even when it
+            // is no valid authority.
+            request: LoggedRequest::new(
+                req.uri().authority().map(|a| a.as_str()).or_else(|| {
+                    let host = req.headers().get(http::header::HOST)?;
+                    host.to_str().ok()
+                }),
+                Some(logged_target(Some(req.uri()))),
+            ),
             status: response.status().as_u16(),
-            response_flags: flag.code(),
+            response_flags: flag,
             upstream: None,
             attempts: 0,
-            duration_seconds: started.elapsed().as_secs_f64(),
+            duration: started.elapsed(),
             request_bytes: 0,
             response_bytes: response.body().size_hint().exact().unwrap_or(0),
             error: Some(error),
             peer: Some(caller.addr),
             user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
             http_version: version_name(req.version()),
-            upstream_seconds: None,
+            upstream_duration: None,
             // Read here rather than through io::outcome: telemetry sits below io.
             grpc_status: response
                 .headers()
@@ -277,20 +292,19 @@ impl AccessRecord {
             service: Arc::clone(&none),
             route: none,
             method: None,
-            authority: None,
-            target: None,
+            request: LoggedRequest::default(),
             status,
-            response_flags: ResponseFlag::MalformedRequest.code(),
+            response_flags: ResponseFlag::MalformedRequest,
             upstream: None,
             attempts: 0,
-            duration_seconds: 0.0,
+            duration: Duration::ZERO,
             request_bytes: 0,
             response_bytes: 0,
             error: Some(error),
             peer: Some(peer),
             user_agent: None,
             http_version: None,
-            upstream_seconds: None,
+            upstream_duration: None,
             grpc_status: None,
             peer_identity: None,
             style: AccessLogStyle::default(),
@@ -299,7 +313,7 @@ impl AccessRecord {
 
     /// Appends the line in its style (without the newline) to `out`; `cache` is the writer's.
     fn write_to(&self, out: &mut Vec<u8>, cache: &mut LineCache) -> std::io::Result<()> {
-        let path = logged_path(self.target.as_deref().unwrap_or(""), self.style.query);
+        let path = logged_path(self.request.target().unwrap_or(""), self.style.query);
         let time = cache.clock.rfc3339(self.time);
         if self.style.text {
             self.write_text(&time, &path, out)
@@ -318,41 +332,41 @@ impl AccessRecord {
             }
         };
         out.reserve(768);
-        out.extend_from_slice(b"{\"time\":\"");
-        out.extend_from_slice(time);
-        out.extend_from_slice(b"\",\"trace_id\":\"");
-        // Both ids or neither: `…","span_id":"…` made on the stack.
-        let mut ids = *b"00000000000000000000000000000000\",\"span_id\":\"0000000000000000";
-        let ids: &[u8] = match self.ids {
+        match self.ids {
+            // The fixed-width start made on the stack and copied at once.
             Some((trace, span)) => {
-                hex(&mut ids[..32], &trace.0);
-                hex(&mut ids[45..], &span.0);
-                &ids
+                let mut head = *HEAD;
+                head[HEAD_TIME..HEAD_TIME + 27].copy_from_slice(time);
+                hex(&mut head[HEAD_TRACE..HEAD_TRACE + 32], &trace.0);
+                hex(&mut head[HEAD_SPAN..HEAD_SPAN + 16], &span.0);
+                out.extend_from_slice(&head);
             }
-            None => b"\",\"span_id\":\"",
-        };
-        out.extend_from_slice(ids);
-        out.extend_from_slice(b"\",\"request_id\":");
+            // Neither id: empty strings.
+            None => {
+                out.extend_from_slice(&HEAD[..HEAD_TIME]);
+                out.extend_from_slice(time);
+                out.extend_from_slice(b"\",\"trace_id\":\"\",\"span_id\":\"\",\"request_id\":");
+            }
+        }
         json::or_null(out, self.request_id.as_ref(), header);
         out.extend_from_slice(labels.json(self));
         out.extend_from_slice(b",\"method\":");
         json::string(out, self.method.as_ref().map_or("", Method::as_str));
         out.extend_from_slice(b",\"authority\":");
-        json::or_null(out, self.authority.as_ref(), |out, a| {
-            json::string(out, a.as_str())
-        });
+        json::or_null(out, self.request.authority(), json::string);
         out.extend_from_slice(b",\"path\":");
         json::string(out, path);
         out.extend_from_slice(b",\"status\":");
         json::uint(out, u64::from(self.status));
-        out.extend_from_slice(b",\"response_flags\":");
-        json::string(out, self.response_flags);
-        out.extend_from_slice(b",\"upstream\":");
+        // The flags' codes are capital letters and `-`: nothing to escape (a test checks).
+        out.extend_from_slice(b",\"response_flags\":\"");
+        out.extend_from_slice(self.response_flags.code().as_bytes());
+        out.extend_from_slice(b"\",\"upstream\":");
         json::or_null(out, self.upstream.as_ref(), json::socket_addr);
         out.extend_from_slice(b",\"attempts\":");
         json::uint(out, u64::from(self.attempts));
         out.extend_from_slice(b",\"duration_seconds\":");
-        json::float(out, self.duration_seconds);
+        json::seconds(out, self.duration);
         out.extend_from_slice(b",\"request_bytes\":");
         json::uint(out, self.request_bytes);
         out.extend_from_slice(b",\"response_bytes\":");
@@ -366,7 +380,7 @@ impl AccessRecord {
         out.extend_from_slice(b",\"http_version\":");
         json::or_null(out, self.http_version, json::string);
         out.extend_from_slice(b",\"upstream_seconds\":");
-        json::or_null(out, self.upstream_seconds, json::float);
+        json::or_null(out, self.upstream_duration, json::seconds);
         out.extend_from_slice(b",\"grpc_status\":");
         json::or_null(out, self.grpc_status, |out, code| {
             json::uint(out, u64::from(code))
@@ -396,24 +410,27 @@ impl AccessRecord {
             quoted_inner(dash(path)),
             self.http_version.unwrap_or("-"),
             self.status,
-            self.duration_seconds,
+            self.duration.as_secs_f64(),
         )?;
         write!(
             out,
             " response_flags={} request_bytes={} response_bytes={} attempts={}",
-            self.response_flags, self.request_bytes, self.response_bytes, self.attempts
+            self.response_flags.code(),
+            self.request_bytes,
+            self.response_bytes,
+            self.attempts
         )?;
         if let Some(upstream) = self.upstream {
             write!(out, " upstream={upstream}")?;
         }
-        if let Some(seconds) = self.upstream_seconds {
-            write!(out, " upstream_seconds={seconds:.6}")?;
+        if let Some(upstream) = self.upstream_duration {
+            write!(out, " upstream_seconds={:.6}", upstream.as_secs_f64())?;
         }
         if let Some(code) = self.grpc_status {
             write!(out, " grpc_status={code}")?;
         }
-        if let Some(authority) = &self.authority {
-            write!(out, " authority=\"{}\"", quoted_inner(authority.as_str()))?;
+        if let Some(authority) = self.request.authority() {
+            write!(out, " authority=\"{}\"", quoted_inner(authority))?;
         }
         for (name, value) in [
             ("peer_identity", &self.peer_identity),
@@ -442,6 +459,14 @@ impl AccessRecord {
         Ok(())
     }
 }
+
+/// The start of a JSON line with both ids, up to `request_id`'s value; the time and the ids
+/// are written over its zeros at [`HEAD_TIME`], [`HEAD_TRACE`] and [`HEAD_SPAN`].
+const HEAD: &[u8; 126] = b"{\"time\":\"0000-00-00T00:00:00.000000Z\",\"trace_id\":\"\
+    00000000000000000000000000000000\",\"span_id\":\"0000000000000000\",\"request_id\":";
+const HEAD_TIME: usize = 9;
+const HEAD_TRACE: usize = HEAD_TIME + 27 + 14;
+const HEAD_SPAN: usize = HEAD_TRACE + 32 + 13;
 
 /// `bytes` in lowercase hex, filling `out` (twice as long).
 fn hex(out: &mut [u8], bytes: &[u8]) {
@@ -846,21 +871,21 @@ mod tests {
                 .as_ref()
                 .map_or("", Method::as_str)
                 .to_string(),
-            authority: record.authority.as_ref().map(|a| a.as_str().to_string()),
-            path: logged_path(record.target.as_deref().unwrap_or(""), record.style.query)
+            authority: record.request.authority().map(str::to_string),
+            path: logged_path(record.request.target().unwrap_or(""), record.style.query)
                 .into_owned(),
             status: record.status,
-            response_flags: record.response_flags,
+            response_flags: record.response_flags.code(),
             upstream: record.upstream,
             attempts: record.attempts,
-            duration_seconds: record.duration_seconds,
+            duration_seconds: record.duration.as_secs_f64(),
             request_bytes: record.request_bytes,
             response_bytes: record.response_bytes,
             error: record.error.clone(),
             peer: record.peer,
             user_agent: header(&record.user_agent),
             http_version: record.http_version,
-            upstream_seconds: record.upstream_seconds,
+            upstream_seconds: record.upstream_duration.map(|d| d.as_secs_f64()),
             grpc_status: record.grpc_status,
             peer_identity: header(&record.peer_identity),
         };
@@ -880,45 +905,70 @@ mod tests {
             "quote \" backslash \\ tab\t nl\n cr\r \u{8}\u{c}\u{1f}",
             "caf\u{e9} \u{2028} \u{1f600}",
         ];
-        for (i, text) in weird.iter().enumerate() {
+        // Durations written from their nanoseconds (10 µs to 1 s) and through serde_json
+        // (the rest), at and beside the bounds.
+        let durations = [
+            Duration::from_nanos(12_300),
+            Duration::from_nanos(100),
+            Duration::from_millis(12_500),
+            Duration::ZERO,
+            Duration::from_nanos(9_999),
+            Duration::from_nanos(10_000),
+            Duration::from_nanos(999_999_999),
+            Duration::from_secs(1),
+            Duration::from_nanos(123_456_789),
+            Duration::MAX,
+        ];
+        let addresses = [
+            "[fd00::7]:8080",
+            "10.1.2.3:65535",
+            "0.0.0.0:0",
+            "192.168.100.255:80",
+        ];
+        for (i, duration) in durations.into_iter().enumerate() {
+            let text = weird[i % weird.len()];
             let header = HeaderValue::from_bytes(
                 text.replace(['\n', '\r', '\t', '\u{8}', '\u{c}', '\u{1f}'], "")
                     .as_bytes(),
             )
             .expect("header");
             let raw = HeaderValue::from_bytes(b"req-\xff\\x41").expect("header");
+            let address = |at: usize| addresses[at % addresses.len()].parse().expect("address");
             records.push(AccessRecord {
                 time: SystemTime::UNIX_EPOCH
                     + Duration::from_micros(1_700_000_000_123_456 + i as u64),
                 ids: Some((TraceId([0xab; 16]), SpanId([0x01; 8]))),
                 request_id: Some(raw),
                 direction: Arc::from("outbound"),
-                service: Arc::from(*text),
+                service: Arc::from(text),
                 route: Arc::from(""),
                 method: Some(Method::from_bytes(b"PURGE").expect("method")),
-                authority: Some(if i == 0 {
-                    LoggedAuthority::Routed(Authority::from_static("shop:8080"))
-                } else {
-                    LoggedAuthority::Text((*text).to_string())
-                }),
-                target: Some("/p/caf%C3%A9?token=s3cret&debug&x=".into()),
+                request: match i % 4 {
+                    0 => LoggedRequest::new(
+                        Some("shop:8080"),
+                        Some("/p/caf%C3%A9?token=s3cret&debug&x="),
+                    ),
+                    1 => LoggedRequest::new(Some(text), Some("/p/caf%C3%A9?token=s3cret&debug&x=")),
+                    2 => LoggedRequest::new(None, Some("/")),
+                    _ => LoggedRequest::new(Some(""), None),
+                },
                 status: 503,
-                response_flags: ResponseFlag::ConnectFailure.code(),
-                upstream: Some("[fd00::7]:8080".parse().expect("address")),
+                response_flags: ResponseFlag::ALL[i % ResponseFlag::ALL.len()],
+                upstream: Some(address(i)),
                 attempts: 3,
-                duration_seconds: [0.000_012_3, 1e-7, 12.5][i],
+                duration,
                 request_bytes: u64::MAX,
                 response_bytes: 0,
-                error: Some((*text).to_string()),
-                peer: Some("10.1.2.3:65535".parse().expect("address")),
+                error: Some(text.to_string()),
+                peer: Some(address(i + 1)),
                 user_agent: Some(header),
                 http_version: Some("HTTP/2"),
-                upstream_seconds: Some([0.0, 3_600.000_001, f64::NAN][i]),
+                upstream_duration: Some(durations[(i + 3) % durations.len()]),
                 grpc_status: Some(14),
                 peer_identity: None,
                 style: AccessLogStyle {
                     text: false,
-                    query: [QueryLogging::Redact, QueryLogging::Keep, QueryLogging::Drop][i],
+                    query: [QueryLogging::Redact, QueryLogging::Keep, QueryLogging::Drop][i % 3],
                 },
             });
         }
@@ -931,6 +981,34 @@ mod tests {
             let line = String::from_utf8(out).expect("UTF-8");
             assert_eq!(line, reference_json(record));
         }
+    }
+
+    #[test]
+    fn response_flag_codes_need_no_escape() {
+        // write_json copies them between quotes as they are.
+        for flag in ResponseFlag::ALL {
+            let mut out = Vec::new();
+            json::string(&mut out, flag.code());
+            assert_eq!(out, format!("\"{}\"", flag.code()).into_bytes());
+        }
+    }
+
+    #[test]
+    fn logged_requests_keep_their_authority_and_target_apart() {
+        let cases = [
+            (Some("shop:8080"), Some("/p?q=1")),
+            (Some(""), Some("/")),
+            (Some("[::1]:9"), Some("")),
+            (None, Some("/x")),
+            (Some("shop"), None),
+            (None, None),
+        ];
+        for (authority, target) in cases {
+            let logged = LoggedRequest::new(authority, target);
+            assert_eq!((logged.authority(), logged.target()), (authority, target));
+        }
+        let none = LoggedRequest::default();
+        assert_eq!((none.authority(), none.target()), (None, None));
     }
 
     #[test]
