@@ -122,9 +122,49 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// An unsigned integer in decimal.
 pub fn uint(out: &mut Vec<u8>, value: u64) {
-    let mut digits = [0u8; 20];
-    let start = decimal(&mut digits, value);
-    out.extend_from_slice(&digits[start..]);
+    // Most logged integers (statuses, attempts, small sizes) have up to three digits: written
+    // without the buffer and the copy of its variable length.
+    match value {
+        0..=9 => out.push(b'0' + value as u8),
+        10..=99 => out.extend_from_slice(&pair(value)),
+        100..=999 => {
+            let [tens, ones] = pair(value % 100);
+            out.extend_from_slice(&[b'0' + (value / 100) as u8, tens, ones]);
+        }
+        _ => {
+            let mut digits = [0u8; 20];
+            let start = decimal(&mut digits, value);
+            out.extend_from_slice(&digits[start..]);
+        }
+    }
+}
+
+/// The two digits of `value % 100`.
+pub fn pair(value: u64) -> [u8; 2] {
+    let at = (value % 100) as usize * 2;
+    [PAIRS[at], PAIRS[at + 1]]
+}
+
+/// `value` in decimal at the start of `slot` (at least five bytes); how many bytes it took.
+fn port(slot: &mut [u8], value: u16) -> usize {
+    let len = match value {
+        0..=9 => 1,
+        10..=99 => 2,
+        100..=999 => 3,
+        1_000..=9_999 => 4,
+        _ => 5,
+    };
+    let mut value = u64::from(value);
+    let mut end = len;
+    while end >= 2 {
+        slot[end - 2..end].copy_from_slice(&pair(value));
+        value /= 100;
+        end -= 2;
+    }
+    if end == 1 {
+        slot[0] = b'0' + value as u8;
+    }
+    len
 }
 
 /// `00` to `99`: integers are written two digits per division.
@@ -175,17 +215,24 @@ pub fn seconds(out: &mut Vec<u8>, duration: std::time::Duration) {
     if duration.as_secs() != 0 || nanos < 10_000 {
         return float(out, duration.as_secs_f64());
     }
-    // `0.` then the nine digits (below 1e9), zero-padded: `decimal` writes only the
-    // significant ones at the end and leaves the zeros before them.
-    let mut text = *b"00000000000000000000";
-    let _ = decimal(&mut text, u64::from(nanos));
-    text[10] = b'.';
+    // `0.` then the nine digits (below 1e9), zero-padded.
+    let mut text = *b"0.000000000\0\0\0\0\0";
+    let nanos = u64::from(nanos);
+    text[2] = b'0' + (nanos / 100_000_000) as u8;
+    for (i, at) in [3, 5, 7, 9].into_iter().enumerate() {
+        let [tens, ones] = pair(nanos / [1_000_000, 10_000, 100, 1][i]);
+        text[at] = tens;
+        text[at + 1] = ones;
+    }
     // nanos >= 10_000: one of the nine digits is not 0, so the text ends in one.
-    let end = text[11..]
-        .iter()
-        .rposition(|&digit| digit != b'0')
-        .map_or(text.len(), |last| 11 + last + 1);
-    out.extend_from_slice(&text[9..end]);
+    let mut end = 11;
+    while end > 3 && text[end - 1] == b'0' {
+        end -= 1;
+    }
+    // All of the buffer (a fixed-size copy, no call), then cut back to the text.
+    let len = out.len();
+    out.extend_from_slice(&text);
+    out.truncate(len + end);
 }
 
 /// `value` as JSON, `null` when absent.
@@ -216,13 +263,12 @@ pub fn socket_addr(out: &mut Vec<u8>, addr: &std::net::SocketAddr) {
             }
             // The last octet's `.` is the port's `:`.
             text[at - 1] = b':';
-            let mut port = [0u8; 20];
-            let start = decimal(&mut port, u64::from(v4.port()));
-            let port = &port[start..];
-            text[at..at + port.len()].copy_from_slice(port);
-            at += port.len();
+            at += port(&mut text[at..], v4.port());
             text[at] = b'"';
-            out.extend_from_slice(&text[..=at]);
+            // All of the buffer (a fixed-size copy, no call), then cut back to the text.
+            let len = out.len();
+            out.extend_from_slice(&text);
+            out.truncate(len + at + 1);
         }
         std::net::SocketAddr::V6(_) => display(out, addr),
     }
