@@ -87,42 +87,92 @@ pub struct AccessRecord {
 
 /// A logged request's authority (Host / :authority) and target (its path and query as
 /// received, `/` when it has none; the query is redacted or dropped when written), copied
-/// into one allocation of their own: a request's URI and headers share the caller
-/// connection's read buffer, which a queued record would keep alive until it is written, and
-/// one allocation (freed by the writer thread) cost less than one for each.
+/// into the record: a request's URI and headers share the caller connection's read buffer,
+/// which a queued record would keep alive until it is written. Up to [`LoggedRequest::INLINE`]
+/// bytes (the usual case) are kept in the record itself, longer ones in one allocation: one
+/// made on the request path and freed on the writer thread cost more than the copy.
 #[derive(Debug, Default)]
 pub struct LoggedRequest {
-    /// The authority, then the target.
-    text: Box<str>,
-    /// Where the authority ends in `text`; `None` when there is no authority.
+    /// The authority then the target, when they fit.
+    inline: Inline,
+    /// The authority then the target, when they do not fit inline.
+    heap: Option<Box<[u8]>>,
+    /// Their length inline.
+    len: usize,
+    /// Where the authority ends; `None` when there is no authority.
     authority: Option<usize>,
     /// Whether there is a target (none, written empty, for a request the parser refused).
     target: bool,
 }
 
+/// [`LoggedRequest`]'s room in the record.
+#[derive(Debug)]
+struct Inline([u8; LoggedRequest::INLINE]);
+
+impl Default for Inline {
+    fn default() -> Self {
+        Self([0; LoggedRequest::INLINE])
+    }
+}
+
 impl LoggedRequest {
+    /// Bytes of authority and target kept in the record itself.
+    pub const INLINE: usize = 64;
+
     /// Copies `authority` and `target`.
     pub fn new(authority: Option<&str>, target: Option<&str>) -> Self {
-        let (a, t) = (authority.unwrap_or(""), target.unwrap_or(""));
-        let mut text = String::with_capacity(a.len() + t.len());
-        text.push_str(a);
-        text.push_str(t);
+        let a = authority.unwrap_or("").as_bytes();
+        let t = target.unwrap_or("").as_bytes();
+        let len = a.len() + t.len();
+        let mut inline = Inline::default();
+        let heap = match inline.0.get_mut(..len) {
+            Some(room) => {
+                let (room_a, room_t) = room.split_at_mut(a.len());
+                room_a.copy_from_slice(a);
+                room_t.copy_from_slice(t);
+                None
+            }
+            None => Some([a, t].concat().into_boxed_slice()),
+        };
         Self {
-            text: text.into_boxed_str(),
+            inline,
+            heap,
+            len,
             authority: authority.map(str::len),
             target: target.is_some(),
         }
     }
 
+    /// The authority then the target, UTF-8 (copied from `str`s).
+    fn bytes(&self) -> &[u8] {
+        match &self.heap {
+            Some(heap) => heap,
+            None => self.inline.0.get(..self.len).unwrap_or_default(),
+        }
+    }
+
+    /// The authority's bytes, if there is one.
+    fn authority_bytes(&self) -> Option<&[u8]> {
+        self.authority.and_then(|end| self.bytes().get(..end))
+    }
+
+    /// The target's bytes, if there is one.
+    fn target_bytes(&self) -> Option<&[u8]> {
+        let start = self.authority.unwrap_or(0);
+        self.target.then(|| self.bytes().get(start..)).flatten()
+    }
+
     /// The authority, if there is one.
     pub fn authority(&self) -> Option<&str> {
-        self.authority.and_then(|end| self.text.get(..end))
+        // Always UTF-8: copied from a `str`.
+        self.authority_bytes()
+            .and_then(|bytes| std::str::from_utf8(bytes).ok())
     }
 
     /// The target, if there is one.
     pub fn target(&self) -> Option<&str> {
-        let start = self.authority.unwrap_or(0);
-        self.target.then(|| self.text.get(start..)).flatten()
+        self.target_bytes()
+            .and_then(|bytes| std::str::from_utf8(bytes).ok())
     }
 }
 
@@ -313,18 +363,18 @@ impl AccessRecord {
 
     /// Appends the line in its style (without the newline) to `out`; `cache` is the writer's.
     fn write_to(&self, out: &mut Vec<u8>, cache: &mut LineCache) -> std::io::Result<()> {
-        let path = logged_path(self.request.target().unwrap_or(""), self.style.query);
         let time = cache.clock.rfc3339(self.time);
         if self.style.text {
+            let path = logged_path(self.request.target().unwrap_or(""), self.style.query);
             self.write_text(&time, &path, out)
         } else {
-            self.write_json(&time, &path, out, &mut cache.labels);
+            self.write_json(&time, out, &mut cache.labels);
             Ok(())
         }
     }
 
     /// The JSON form: one object, its fields in this order, absent ones `null`.
-    fn write_json(&self, time: &[u8; 27], path: &str, out: &mut Vec<u8>, labels: &mut Labels) {
+    fn write_json(&self, time: &[u8; 27], out: &mut Vec<u8>, labels: &mut Labels) {
         let header = |out: &mut Vec<u8>, value: &HeaderValue| {
             let bytes = value.as_bytes();
             if !json::plain_ascii(out, bytes) {
@@ -353,9 +403,16 @@ impl AccessRecord {
         out.extend_from_slice(b",\"method\":");
         method(out, self.method.as_ref());
         out.extend_from_slice(b",\"authority\":");
-        json::or_null(out, self.request.authority(), json::string);
+        json::or_null(out, self.request.authority_bytes(), json::utf8);
         out.extend_from_slice(b",\"path\":");
-        json::string(out, path);
+        let target = self.request.target_bytes().unwrap_or_default();
+        // Copied as it is unless it has a query to redact or drop.
+        if target.contains(&b'?') {
+            let target = std::str::from_utf8(target).unwrap_or_default();
+            json::string(out, &logged_path(target, self.style.query));
+        } else {
+            json::utf8(out, target);
+        }
         out.extend_from_slice(b",\"status\":");
         json::uint(out, u64::from(self.status));
         // The flags' codes are capital letters and `-`: nothing to escape (a test checks).
@@ -1086,9 +1143,20 @@ mod tests {
             (Some("shop"), None),
             (None, None),
         ];
+        // Around the room kept in the record: inline, just fits, one byte more.
+        let long = "x".repeat(2 * LoggedRequest::INLINE);
+        let cases = cases.into_iter().chain([
+            (Some(&long[..10]), Some(&long[..LoggedRequest::INLINE - 10])),
+            (Some(&long[..10]), Some(&long[..LoggedRequest::INLINE - 9])),
+            (None, Some(&long[..LoggedRequest::INLINE])),
+            (Some(&long[..LoggedRequest::INLINE + 1]), None),
+            (Some(&long[..]), Some(&long[..])),
+        ]);
         for (authority, target) in cases {
             let logged = LoggedRequest::new(authority, target);
             assert_eq!((logged.authority(), logged.target()), (authority, target));
+            let len = authority.unwrap_or("").len() + target.unwrap_or("").len();
+            assert_eq!(logged.heap.is_some(), len > LoggedRequest::INLINE);
         }
         let none = LoggedRequest::default();
         assert_eq!((none.authority(), none.target()), (None, None));

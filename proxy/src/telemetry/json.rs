@@ -6,7 +6,12 @@
 /// serde_json's escapes: `"` and `\` with a backslash, the C0 controls that have a short form
 /// (`\b \t \n \f \r`) in it, the others as `\u00XX` (lowercase hex); everything else as is.
 pub fn string(out: &mut Vec<u8>, text: &str) {
-    let bytes = text.as_bytes();
+    utf8(out, text.as_bytes());
+}
+
+/// [`string`] of text kept as bytes (UTF-8, copied from a `str`): written as they are but
+/// for the escapes, so other bytes would make the line invalid UTF-8, not unsafe.
+pub fn utf8(out: &mut Vec<u8>, bytes: &[u8]) {
     // Most logged text has nothing to escape: found eight bytes at a time, then copied at once.
     let clean = clean_prefix(bytes, false);
     out.reserve(bytes.len() + 2);
@@ -236,6 +241,8 @@ pub fn seconds(out: &mut Vec<u8>, duration: std::time::Duration) {
 }
 
 /// `value` as JSON, `null` when absent.
+// Inlined: a call per field cost more than the choice it makes.
+#[inline(always)]
 pub fn or_null<T>(out: &mut Vec<u8>, value: Option<T>, write: impl FnOnce(&mut Vec<u8>, T)) {
     match value {
         Some(value) => write(out, value),
