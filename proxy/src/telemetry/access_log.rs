@@ -40,8 +40,6 @@ pub struct AccessRecord {
     /// Trace id and this proxy's span id for the request; absent for a request the parser
     /// refused (written as empty strings).
     pub ids: Option<(TraceId, SpanId)>,
-    /// `x-request-id`, its bytes kept (see [`lossless`]).
-    pub request_id: Option<HeaderValue>,
     /// `inbound` or `outbound`.
     pub direction: Arc<str>,
     /// The service.
@@ -50,7 +48,8 @@ pub struct AccessRecord {
     pub route: Arc<str>,
     /// HTTP method; absent (written empty) for a request the parser refused.
     pub method: Option<Method>,
-    /// Host / :authority and the request target (see [`LoggedRequest`]).
+    /// Host / :authority, the request target, `x-request-id`, `user-agent` and the peer's
+    /// identity (see [`LoggedRequest`]).
     pub request: LoggedRequest,
     /// Status sent to the caller.
     pub status: u16,
@@ -70,8 +69,6 @@ pub struct AccessRecord {
     pub error: Option<String>,
     /// The caller's address.
     pub peer: Option<SocketAddr>,
-    /// `user-agent`, its bytes kept.
-    pub user_agent: Option<HeaderValue>,
     /// The caller's HTTP version (`HTTP/1.1`, `HTTP/2`...).
     pub http_version: Option<&'static str>,
     /// From request received to the upstream's response headers (written in seconds); absent
@@ -79,31 +76,44 @@ pub struct AccessRecord {
     pub upstream_duration: Option<Duration>,
     /// The gRPC status sent to the caller (trailers, or a trailers-only response's headers).
     pub grpc_status: Option<u8>,
-    /// The mTLS SPIFFE id of the caller (inbound) or of the upstream (outbound), when known.
-    pub peer_identity: Option<HeaderValue>,
     /// How the line is written.
     pub style: AccessLogStyle,
 }
 
-/// A logged request's authority (Host / :authority) and target (its path and query as
-/// received, `/` when it has none; the query is redacted or dropped when written), copied
-/// into the record: a request's URI and headers share the caller connection's read buffer,
-/// which a queued record would keep alive until it is written. Up to [`LoggedRequest::INLINE`]
-/// bytes (the usual case) are kept in the record itself, longer ones in one allocation: one
-/// made on the request path and freed on the writer thread cost more than the copy.
+/// The text a record keeps of its request, each part optional: its authority (Host /
+/// :authority), its target (path and query as received, `/` when it has none; the query is
+/// redacted or dropped when written), `x-request-id`, `user-agent` (their bytes kept, see
+/// [`lossless`]) and the mTLS SPIFFE id of the caller (inbound) or of the upstream
+/// (outbound).
+///
+/// Copied, one part after the other: a request's URI and headers share the caller
+/// connection's read buffer, which a queued record would keep alive until it is written, and
+/// a header value freed on the writer thread (the last reference to its buffer) cost a
+/// cross-thread free. Up to [`LoggedRequest::INLINE`] bytes (the usual case) are kept in the
+/// record itself, more in one allocation.
 #[derive(Debug, Default)]
 pub struct LoggedRequest {
-    /// The authority then the target, when they fit.
+    /// The parts, when they fit.
     inline: Inline,
-    /// The authority then the target, when they do not fit inline.
+    /// The parts, when they do not fit inline.
     heap: Option<Box<[u8]>>,
-    /// Their length inline.
-    len: usize,
-    /// Where the authority ends; `None` when there is no authority.
-    authority: Option<usize>,
-    /// Whether there is a target (none, written empty, for a request the parser refused).
-    target: bool,
+    /// Where each part ends, in [`Part`] order.
+    ends: [usize; PARTS],
+    /// Which parts there are: bit `1 << part`.
+    present: u8,
 }
+
+/// The parts of a [`LoggedRequest`], in the order they are kept.
+#[derive(Clone, Copy)]
+enum Part {
+    Authority,
+    Target,
+    RequestId,
+    UserAgent,
+    PeerIdentity,
+}
+
+const PARTS: usize = 5;
 
 /// [`LoggedRequest`]'s room in the record.
 #[derive(Debug)]
@@ -116,50 +126,69 @@ impl Default for Inline {
 }
 
 impl LoggedRequest {
-    /// Bytes of authority and target kept in the record itself.
-    pub const INLINE: usize = 64;
+    /// Bytes of a request's text kept in the record itself.
+    pub const INLINE: usize = 128;
 
-    /// Copies `authority` and `target`.
-    pub fn new(authority: Option<&str>, target: Option<&str>) -> Self {
-        let a = authority.unwrap_or("").as_bytes();
-        let t = target.unwrap_or("").as_bytes();
-        let len = a.len() + t.len();
+    /// Copies `authority`, `target` and the `[x-request-id, user-agent, peer identity]`
+    /// header values.
+    pub fn new(
+        authority: Option<&str>,
+        target: Option<&str>,
+        [request_id, user_agent, peer_identity]: [Option<&HeaderValue>; 3],
+    ) -> Self {
+        let parts = [
+            authority.map(str::as_bytes),
+            target.map(str::as_bytes),
+            request_id.map(HeaderValue::as_bytes),
+            user_agent.map(HeaderValue::as_bytes),
+            peer_identity.map(HeaderValue::as_bytes),
+        ];
+        let len = parts.iter().flatten().map(|part| part.len()).sum();
         let mut inline = Inline::default();
-        let heap = match inline.0.get_mut(..len) {
-            Some(room) => {
-                let (room_a, room_t) = room.split_at_mut(a.len());
-                room_a.copy_from_slice(a);
-                room_t.copy_from_slice(t);
-                None
-            }
-            None => Some([a, t].concat().into_boxed_slice()),
+        let mut heap = None;
+        let room: &mut [u8] = match inline.0.get_mut(..len) {
+            Some(room) => room,
+            None => heap.insert(vec![0; len].into_boxed_slice()),
         };
+        let (mut ends, mut present, mut at) = ([0; PARTS], 0, 0);
+        for (i, part) in parts.into_iter().enumerate() {
+            if let Some(part) = part {
+                room[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+                present |= 1 << i;
+            }
+            ends[i] = at;
+        }
         Self {
             inline,
             heap,
-            len,
-            authority: authority.map(str::len),
-            target: target.is_some(),
+            ends,
+            present,
         }
     }
 
-    /// The authority then the target, UTF-8 (copied from `str`s).
-    fn bytes(&self) -> &[u8] {
-        match &self.heap {
+    /// The bytes of `part`, if there is one.
+    fn part(&self, part: Part) -> Option<&[u8]> {
+        let i = part as usize;
+        if self.present & (1 << i) == 0 {
+            return None;
+        }
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        let bytes: &[u8] = match &self.heap {
             Some(heap) => heap,
-            None => self.inline.0.get(..self.len).unwrap_or_default(),
-        }
+            None => &self.inline.0,
+        };
+        bytes.get(start..self.ends[i])
     }
 
-    /// The authority's bytes, if there is one.
+    /// The authority's bytes (UTF-8, copied from a `str`), if there is one.
     fn authority_bytes(&self) -> Option<&[u8]> {
-        self.authority.and_then(|end| self.bytes().get(..end))
+        self.part(Part::Authority)
     }
 
-    /// The target's bytes, if there is one.
+    /// The target's bytes (UTF-8, copied from a `str`), if there is one.
     fn target_bytes(&self) -> Option<&[u8]> {
-        let start = self.authority.unwrap_or(0);
-        self.target.then(|| self.bytes().get(start..)).flatten()
+        self.part(Part::Target)
     }
 
     /// The authority, if there is one.
@@ -173,6 +202,21 @@ impl LoggedRequest {
     pub fn target(&self) -> Option<&str> {
         self.target_bytes()
             .and_then(|bytes| std::str::from_utf8(bytes).ok())
+    }
+
+    /// `x-request-id`'s bytes, if it was sent.
+    pub fn request_id(&self) -> Option<&[u8]> {
+        self.part(Part::RequestId)
+    }
+
+    /// `user-agent`'s bytes, if it was sent.
+    pub fn user_agent(&self) -> Option<&[u8]> {
+        self.part(Part::UserAgent)
+    }
+
+    /// The peer's identity, if known.
+    pub fn peer_identity(&self) -> Option<&[u8]> {
+        self.part(Part::PeerIdentity)
     }
 }
 
@@ -285,10 +329,6 @@ impl AccessRecord {
         Self {
             time: started_wall,
             ids: Some((trace.trace_id, trace.span_id)),
-            request_id: req
-                .headers()
-                .get(&crate::core::headers::REQUEST_ID)
-                .cloned(),
             direction: Arc::clone(&labels.direction),
             service: Arc::clone(&labels.service),
             route: Arc::clone(&labels.route),
@@ -301,6 +341,11 @@ impl AccessRecord {
                     host.to_str().ok()
                 }),
                 Some(logged_target(Some(req.uri()))),
+                [
+                    req.headers().get(&crate::core::headers::REQUEST_ID),
+                    req.headers().get(http::header::USER_AGENT),
+                    caller.identity.as_ref(),
+                ],
             ),
             status: response.status().as_u16(),
             response_flags: flag,
@@ -311,7 +356,6 @@ impl AccessRecord {
             response_bytes: response.body().size_hint().exact().unwrap_or(0),
             error: Some(error),
             peer: Some(caller.addr),
-            user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
             http_version: version_name(req.version()),
             upstream_duration: None,
             // Read here rather than through io::outcome: telemetry sits below io.
@@ -320,7 +364,6 @@ impl AccessRecord {
                 .get("grpc-status")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok()),
-            peer_identity: caller.identity.clone(),
             style: AccessLogStyle::default(),
         }
     }
@@ -337,7 +380,6 @@ impl AccessRecord {
         Self {
             time: SystemTime::now(),
             ids: None,
-            request_id: None,
             direction: Arc::from(direction),
             service: Arc::clone(&none),
             route: none,
@@ -352,11 +394,9 @@ impl AccessRecord {
             response_bytes: 0,
             error: Some(error),
             peer: Some(peer),
-            user_agent: None,
             http_version: None,
             upstream_duration: None,
             grpc_status: None,
-            peer_identity: None,
             style: AccessLogStyle::default(),
         }
     }
@@ -375,8 +415,7 @@ impl AccessRecord {
 
     /// The JSON form: one object, its fields in this order, absent ones `null`.
     fn write_json(&self, time: &[u8; 27], out: &mut Vec<u8>, labels: &mut Labels) {
-        let header = |out: &mut Vec<u8>, value: &HeaderValue| {
-            let bytes = value.as_bytes();
+        let header = |out: &mut Vec<u8>, bytes: &[u8]| {
             if !json::plain_ascii(out, bytes) {
                 json::string(out, &lossless(bytes));
             }
@@ -398,7 +437,7 @@ impl AccessRecord {
                 out.extend_from_slice(b"\",\"trace_id\":\"\",\"span_id\":\"\",\"request_id\":");
             }
         }
-        json::or_null(out, self.request_id.as_ref(), header);
+        json::or_null(out, self.request.request_id(), header);
         out.extend_from_slice(labels.json(self));
         out.extend_from_slice(b",\"method\":");
         method(out, self.method.as_ref());
@@ -433,7 +472,7 @@ impl AccessRecord {
         out.extend_from_slice(b",\"peer\":");
         json::or_null(out, self.peer.as_ref(), json::socket_addr);
         out.extend_from_slice(b",\"user_agent\":");
-        json::or_null(out, self.user_agent.as_ref(), header);
+        json::or_null(out, self.request.user_agent(), header);
         out.extend_from_slice(b",\"http_version\":");
         json::or_null(out, self.http_version, json::string);
         out.extend_from_slice(b",\"upstream_seconds\":");
@@ -443,7 +482,7 @@ impl AccessRecord {
             json::uint(out, u64::from(code))
         });
         out.extend_from_slice(b",\"peer_identity\":");
-        json::or_null(out, self.peer_identity.as_ref(), header);
+        json::or_null(out, self.request.peer_identity(), header);
         out.push(b'}');
     }
 
@@ -490,16 +529,12 @@ impl AccessRecord {
             write!(out, " authority=\"{}\"", quoted_inner(authority))?;
         }
         for (name, value) in [
-            ("peer_identity", &self.peer_identity),
-            ("request_id", &self.request_id),
-            ("user_agent", &self.user_agent),
+            ("peer_identity", self.request.peer_identity()),
+            ("request_id", self.request.request_id()),
+            ("user_agent", self.request.user_agent()),
         ] {
             if let Some(value) = value {
-                write!(
-                    out,
-                    " {name}=\"{}\"",
-                    quoted_inner(&lossless(value.as_bytes()))
-                )?;
+                write!(out, " {name}=\"{}\"", quoted_inner(&lossless(value)))?;
             }
         }
         if let Some((trace, span)) = self.ids {
@@ -950,13 +985,12 @@ mod tests {
     }
 
     fn reference_json(record: &AccessRecord) -> String {
-        let header =
-            |v: &Option<HeaderValue>| v.as_ref().map(|v| lossless(v.as_bytes()).into_owned());
+        let header = |v: Option<&[u8]>| v.map(|v| lossless(v).into_owned());
         let line = ReferenceLine {
             time: rfc3339(record.time),
             trace_id: record.ids.map(|(t, _)| t.to_hex()).unwrap_or_default(),
             span_id: record.ids.map(|(_, s)| s.to_hex()).unwrap_or_default(),
-            request_id: header(&record.request_id),
+            request_id: header(record.request.request_id()),
             direction: record.direction.to_string(),
             service: record.service.to_string(),
             route: record.route.to_string(),
@@ -977,11 +1011,11 @@ mod tests {
             response_bytes: record.response_bytes,
             error: record.error.clone(),
             peer: record.peer,
-            user_agent: header(&record.user_agent),
+            user_agent: header(record.request.user_agent()),
             http_version: record.http_version,
             upstream_seconds: record.upstream_duration.map(|d| d.as_secs_f64()),
             grpc_status: record.grpc_status,
-            peer_identity: header(&record.peer_identity),
+            peer_identity: header(record.request.peer_identity()),
         };
         serde_json::to_string(&line).expect("serialized")
     }
@@ -1028,11 +1062,18 @@ mod tests {
             .expect("header");
             let raw = HeaderValue::from_bytes(b"req-\xff\\x41").expect("header");
             let address = |at: usize| addresses[at % addresses.len()].parse().expect("address");
+            let identity = HeaderValue::from_static("spiffe://cluster.local/ns/default/sa/shop");
+            // Past the room kept in the record with the rest.
+            let long_agent = HeaderValue::from_str(&"agent/1.0 ".repeat(20)).expect("header");
+            let headers = [
+                (i % 5 != 4).then_some(&raw),
+                Some(if i % 4 == 3 { &long_agent } else { &header }),
+                (i % 2 == 0).then_some(&identity),
+            ];
             records.push(AccessRecord {
                 time: SystemTime::UNIX_EPOCH
                     + Duration::from_micros(1_700_000_000_123_456 + i as u64),
                 ids: Some((TraceId([0xab; 16]), SpanId([0x01; 8]))),
-                request_id: Some(raw),
                 direction: Arc::from("outbound"),
                 service: Arc::from(text),
                 route: Arc::from(""),
@@ -1041,10 +1082,15 @@ mod tests {
                     0 => LoggedRequest::new(
                         Some("shop:8080"),
                         Some("/p/caf%C3%A9?token=s3cret&debug&x="),
+                        headers,
                     ),
-                    1 => LoggedRequest::new(Some(text), Some("/p/caf%C3%A9?token=s3cret&debug&x=")),
-                    2 => LoggedRequest::new(None, Some("/")),
-                    _ => LoggedRequest::new(Some(""), None),
+                    1 => LoggedRequest::new(
+                        Some(text),
+                        Some("/p/caf%C3%A9?token=s3cret&debug&x="),
+                        headers,
+                    ),
+                    2 => LoggedRequest::new(None, Some("/"), headers),
+                    _ => LoggedRequest::new(Some(""), None, headers),
                 },
                 status: 503,
                 response_flags: ResponseFlag::ALL[i % ResponseFlag::ALL.len()],
@@ -1055,11 +1101,9 @@ mod tests {
                 response_bytes: 0,
                 error: Some(text.to_string()),
                 peer: Some(address(i + 1)),
-                user_agent: Some(header),
                 http_version: Some("HTTP/2"),
                 upstream_duration: Some(durations[(i + 3) % durations.len()]),
                 grpc_status: Some(14),
-                peer_identity: None,
                 style: AccessLogStyle {
                     text: false,
                     query: [QueryLogging::Redact, QueryLogging::Keep, QueryLogging::Drop][i % 3],
@@ -1153,13 +1197,41 @@ mod tests {
             (Some(&long[..]), Some(&long[..])),
         ]);
         for (authority, target) in cases {
-            let logged = LoggedRequest::new(authority, target);
-            assert_eq!((logged.authority(), logged.target()), (authority, target));
-            let len = authority.unwrap_or("").len() + target.unwrap_or("").len();
-            assert_eq!(logged.heap.is_some(), len > LoggedRequest::INLINE);
+            let agent = HeaderValue::from_static("agent/1.0");
+            let id = HeaderValue::from_bytes(b"req-\xff").expect("header");
+            for headers in [[None, None, None], [Some(&id), Some(&agent), Some(&agent)]] {
+                let logged = LoggedRequest::new(authority, target, headers);
+                assert_eq!((logged.authority(), logged.target()), (authority, target));
+                let [request_id, user_agent, peer_identity] =
+                    headers.map(|h| h.map(HeaderValue::as_bytes));
+                assert_eq!(
+                    (
+                        logged.request_id(),
+                        logged.user_agent(),
+                        logged.peer_identity()
+                    ),
+                    (request_id, user_agent, peer_identity)
+                );
+                let len = [
+                    authority.map(str::as_bytes),
+                    target.map(str::as_bytes),
+                    request_id,
+                    user_agent,
+                    peer_identity,
+                ]
+                .into_iter()
+                .flatten()
+                .map(<[u8]>::len)
+                .sum::<usize>();
+                assert_eq!(logged.heap.is_some(), len > LoggedRequest::INLINE);
+            }
         }
         let none = LoggedRequest::default();
         assert_eq!((none.authority(), none.target()), (None, None));
+        assert_eq!(
+            (none.request_id(), none.user_agent(), none.peer_identity()),
+            (None, None, None)
+        );
     }
 
     #[test]

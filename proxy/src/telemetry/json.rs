@@ -223,12 +223,12 @@ pub fn seconds(out: &mut Vec<u8>, duration: std::time::Duration) {
     // `0.` then the nine digits (below 1e9), zero-padded.
     let mut text = *b"0.000000000\0\0\0\0\0";
     let nanos = u64::from(nanos);
+    // Divisions by constants: multiplications.
     text[2] = b'0' + (nanos / 100_000_000) as u8;
-    for (i, at) in [3, 5, 7, 9].into_iter().enumerate() {
-        let [tens, ones] = pair(nanos / [1_000_000, 10_000, 100, 1][i]);
-        text[at] = tens;
-        text[at + 1] = ones;
-    }
+    text[3..5].copy_from_slice(&pair(nanos / 1_000_000));
+    text[5..7].copy_from_slice(&pair(nanos / 10_000));
+    text[7..9].copy_from_slice(&pair(nanos / 100));
+    text[9..11].copy_from_slice(&pair(nanos));
     // nanos >= 10_000: one of the nine digits is not 0, so the text ends in one.
     let mut end = 11;
     while end > 3 && text[end - 1] == b'0' {
