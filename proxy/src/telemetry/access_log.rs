@@ -474,7 +474,7 @@ impl AccessRecord {
         out.extend_from_slice(b",\"user_agent\":");
         json::or_null(out, self.request.user_agent(), header);
         out.extend_from_slice(b",\"http_version\":");
-        json::or_null(out, self.http_version, json::string);
+        version(out, self.http_version);
         out.extend_from_slice(b",\"upstream_seconds\":");
         json::or_null(out, self.upstream_duration, json::seconds);
         out.extend_from_slice(b",\"grpc_status\":");
@@ -597,6 +597,18 @@ fn method(out: &mut Vec<u8>, method: Option<&Method>) {
         "OPTIONS" => b"\"OPTIONS\"",
         "PATCH" => b"\"PATCH\"",
         _ => return json::string(out, name),
+    };
+    out.extend_from_slice(quoted);
+}
+
+/// An HTTP version as JSON (`null` when unknown): the usual ones as constants, without
+/// [`json::string`]'s scan.
+fn version(out: &mut Vec<u8>, version: Option<&str>) {
+    let quoted: &[u8] = match version {
+        None => b"null",
+        Some("HTTP/1.1") => b"\"HTTP/1.1\"",
+        Some("HTTP/2") => b"\"HTTP/2\"",
+        Some(other) => return json::string(out, other),
     };
     out.extend_from_slice(quoted);
 }
@@ -1165,6 +1177,26 @@ mod tests {
         let mut out = Vec::new();
         method(&mut out, None);
         assert_eq!(out, b"\"\"");
+    }
+
+    #[test]
+    fn versions_are_written_as_json_strings() {
+        let versions = [
+            http::Version::HTTP_09,
+            http::Version::HTTP_10,
+            http::Version::HTTP_11,
+            http::Version::HTTP_2,
+            http::Version::HTTP_3,
+        ];
+        for name in versions.map(version_name).into_iter().chain([None]) {
+            let mut out = Vec::new();
+            version(&mut out, name);
+            assert_eq!(
+                out,
+                serde_json::to_vec(&name).expect("serialized"),
+                "{name:?}"
+            );
+        }
     }
 
     #[test]
