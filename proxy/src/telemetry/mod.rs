@@ -30,7 +30,7 @@ use crate::trace::{SpanId, TraceContext};
 
 pub use access_log::{
     logged_path, lossless, rfc3339, version_name, AccessLog, AccessLogStyle, AccessRecord,
-    LoggedAuthority, ACCESS_LOG_QUEUE,
+    LoggedRequest, ACCESS_LOG_QUEUE,
 };
 pub use export::{ExporterError, SpanSink, Spans, SPAN_QUEUE};
 
@@ -246,31 +246,35 @@ impl Finish {
         log.record(AccessRecord {
             time: self.started_wall,
             ids: Some((self.trace.trace_id, self.trace.span_id)),
-            request_id: self.request_id.take(),
             direction: Arc::clone(&labels.direction),
             service: Arc::clone(&labels.service),
             route: Arc::clone(&labels.route),
             method: Some(self.method.clone()),
-            // Copied, not shared: the request's URI and authority share the caller
+            // Copied, not shared: the request's URI, authority and headers share the caller
             // connection's read buffer, which a queued record would keep alive for as long as
-            // it waits (a full queue's worth while the collector or stdout is slow). Copied as
-            // plain text: parsing the copies again into an `Authority` and a `Uri` cost more
-            // than copying them.
-            authority: self
-                .authority
-                .as_ref()
-                .map(|authority| LoggedAuthority::Text(authority.as_str().to_string())),
-            target: Some(logged_target(self.uri.as_ref())),
+            // it waits (a full queue's worth while the collector or stdout is slow), and the
+            // writer thread freeing the last reference to a buffer cost a cross-thread free.
+            // Copied as plain text: parsing the copies again into an `Authority` and a `Uri`
+            // cost more than copying them.
+            request: LoggedRequest::new(
+                self.authority.as_ref().map(Authority::as_str),
+                Some(logged_target(self.uri.as_ref())),
+                [
+                    self.request_id.as_ref(),
+                    logged.user_agent.as_ref(),
+                    logged.peer_identity.as_ref(),
+                ],
+            ),
             // 0: no response went out (as Envoy logs it).
             status: if self.responded {
                 self.status.as_u16()
             } else {
                 0
             },
-            response_flags: ended.flag.code(),
+            response_flags: ended.flag,
             upstream: self.report.endpoint,
             attempts: self.report.attempts,
-            duration_seconds: ended.elapsed.as_secs_f64(),
+            duration: ended.elapsed,
             // Final whenever the upstream read the whole request before its response
             // ended (the usual order: a byte reaches the upstream only after it is
             // counted). An upstream that answers early (a 413, a streaming reply cut
@@ -283,14 +287,9 @@ impl Finish {
             response_bytes: ended.bytes,
             error,
             peer: Some(self.peer),
-            user_agent: logged.user_agent,
             http_version: version_name(logged.version),
-            upstream_seconds: self
-                .report
-                .answered
-                .then_some(logged.head_elapsed.as_secs_f64()),
+            upstream_duration: self.report.answered.then_some(logged.head_elapsed),
             grpc_status: self.grpc_status,
-            peer_identity: logged.peer_identity,
             style: logged.style,
         });
     }
@@ -331,36 +330,8 @@ impl Finish {
 }
 
 /// What an access-log line keeps of `uri`: its path and query (`/` without them, or without a
-/// URI), copied: a request's URI shares the caller connection's read buffer, which a queued
-/// record would otherwise keep alive until it is written.
-pub fn logged_target(uri: Option<&Uri>) -> Box<str> {
-    Box::from(
-        uri.and_then(Uri::path_and_query)
-            .map_or("/", |p| p.as_str()),
-    )
-}
-
-/// `authority` in bytes of its own (see [`logged_target`]).
-pub fn detached_authority(authority: &Authority) -> Authority {
-    let copy = bytes::Bytes::copy_from_slice(authority.as_str().as_bytes());
-    Authority::from_maybe_shared(copy).unwrap_or_else(|_| authority.clone())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn detached_authorities_are_equal_copies() {
-        for authority in ["shop", "shop:8080", "[::1]:9", "user@shop"] {
-            let authority: Authority = authority.parse().expect("authority");
-            let copy = detached_authority(&authority);
-            assert_eq!(copy, authority);
-            assert_eq!(
-                (copy.host(), copy.port_u16()),
-                (authority.host(), authority.port_u16())
-            );
-            assert_ne!(copy.as_str().as_ptr(), authority.as_str().as_ptr());
-        }
-    }
+/// URI); copied into the record by [`LoggedRequest::new`].
+pub fn logged_target(uri: Option<&Uri>) -> &str {
+    uri.and_then(Uri::path_and_query)
+        .map_or("/", |p| p.as_str())
 }
