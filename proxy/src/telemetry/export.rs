@@ -335,7 +335,10 @@ mod tests {
         assert!(tx.try_send(one()).is_err(), "full");
         assert!(take_queued(&mut rx, &mut batch));
         assert_eq!(batch.len(), SPAN_BATCH, "a batch at most");
-        assert!(take_queued(&mut rx, &mut batch), "a full batch takes nothing");
+        assert!(
+            take_queued(&mut rx, &mut batch),
+            "a full batch takes nothing"
+        );
         assert_eq!(batch.len(), SPAN_BATCH);
         batch.clear();
         // The slots taken are free again.
