@@ -19,8 +19,8 @@
 //! exchange, is released without an outcome as the exchange is dropped, just before (the
 //! exchange borrows the completion, so it goes first).
 //!
-//! An exchange that fails before any response settles its permit with [`settle_failed`] as it
-//! answers for the upstream; that and step 1 go through [`settle_health`], the one place a
+//! An exchange that fails before any response settles its permit with `settle_failed` as it
+//! answers for the upstream; that and step 1 go through `settle_health`, the one place a
 //! breaker outcome is recorded.
 
 use std::sync::Arc;
