@@ -281,8 +281,9 @@ pub fn socket_addr(out: &mut Vec<u8>, addr: &std::net::SocketAddr) {
     }
 }
 
-/// Each byte's decimal digits (one to three), then how many there are.
-const OCTETS: [[u8; 4]; 256] = {
+/// Each byte's decimal digits (one to three), then how many there are (IPv4 text here and in
+/// spans).
+pub(crate) const OCTETS: [[u8; 4]; 256] = {
     let mut table = [[0u8; 4]; 256];
     let mut value = 0;
     while value < 256 {

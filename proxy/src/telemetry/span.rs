@@ -439,28 +439,6 @@ struct IpText {
     last: Option<(std::net::IpAddr, usize)>,
 }
 
-/// Each octet's decimal digits, left-aligned in three bytes, and how many there are.
-const OCTET_DIGITS: [([u8; 3], u8); 256] = {
-    let mut table = [([0u8; 3], 0u8); 256];
-    let mut octet = 0;
-    while octet < 256 {
-        let (hundreds, tens, ones) = (
-            b'0' + (octet / 100) as u8,
-            b'0' + (octet / 10 % 10) as u8,
-            b'0' + (octet % 10) as u8,
-        );
-        table[octet] = if octet >= 100 {
-            ([hundreds, tens, ones], 3)
-        } else if octet >= 10 {
-            ([tens, ones, 0], 2)
-        } else {
-            ([ones, 0, 0], 1)
-        };
-        octet += 1;
-    }
-    table
-};
-
 impl Default for IpText {
     fn default() -> Self {
         Self {
@@ -481,10 +459,10 @@ impl IpText {
                 std::net::IpAddr::V4(v4) => {
                     let mut at = 0;
                     for octet in v4.octets() {
-                        let (digits, len) = OCTET_DIGITS[usize::from(octet)];
+                        let entry = super::json::OCTETS[usize::from(octet)];
                         // All three bytes: what follows the digits is overwritten next.
-                        self.buf[at..at + 3].copy_from_slice(&digits);
-                        at += usize::from(len);
+                        self.buf[at..at + 3].copy_from_slice(&entry[..3]);
+                        at += usize::from(entry[3]);
                         self.buf[at] = b'.';
                         at += 1;
                     }
