@@ -544,11 +544,7 @@ async fn a_breaker_refusal_is_reported_with_its_kind() {
     in_flight.record(Outcome::Failure);
     assert_eq!(breaker.state(), BreakerState::Open);
     let done = exchange(&script, &target, "GET").await;
-    assert_eq!(done.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(done.report.flag, ErrorKind::CircuitOpen.flag());
-    assert_eq!(done.report.error_kind, Some(ErrorKind::CircuitOpen));
-    assert!(done.report.error.is_some(), "the log line and span say why");
-    assert_eq!(script.count(), 0, "no attempt");
+    assert_refused(&done, &script, ErrorKind::CircuitOpen);
 }
 
 #[tokio::test(start_paused = true)]
@@ -557,9 +553,15 @@ async fn an_injected_abort_is_reported_with_its_kind() {
         target_routed("", "    fault: { abort: { status: 503, percent: 100 } }\n");
     let script = Script::new([]);
     let done = exchange(&script, &target, "GET").await;
+    assert_refused(&done, &script, ErrorKind::FaultInjected);
+}
+
+/// `done` was refused with a 503 before any attempt, and reports why as `kind`: its flag,
+/// its kind, and its text for the log line and span.
+fn assert_refused(done: &Exchanged, script: &Script, kind: ErrorKind) {
     assert_eq!(done.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(done.report.flag, ErrorKind::FaultInjected.flag());
-    assert_eq!(done.report.error_kind, Some(ErrorKind::FaultInjected));
+    assert_eq!(done.report.flag, kind.flag());
+    assert_eq!(done.report.error_kind, Some(kind));
     assert!(done.report.error.is_some(), "the log line and span say why");
     assert_eq!(script.count(), 0, "no attempt");
 }
